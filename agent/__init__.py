@@ -1,0 +1,17 @@
+"""The device agent: configuration, commands, logging."""
+
+from agent._commands import StatusFile, provision, run_boot_check, status, update
+from agent._config import AgentConfig, load_config
+from agent._log import JsonFormatter, setup_logging
+
+__all__ = [
+    "AgentConfig",
+    "JsonFormatter",
+    "StatusFile",
+    "load_config",
+    "provision",
+    "run_boot_check",
+    "setup_logging",
+    "status",
+    "update",
+]

@@ -1,0 +1,147 @@
+"""The device commands: provision, update, status, boot-check."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent._config import AgentConfig
+from trust import ModelRef, ProvisionReport, Tpm, TrustStore, write_atomic
+from trust.errors import ModelwardError, OperatorInputError
+from updater import BootResult, RequestsFetcher, UpdateResult, boot_check, update_once
+
+logger = logging.getLogger("modelward.agent")
+
+
+def _model_extra(ref: ModelRef | None) -> dict[str, str]:
+    if ref is None:
+        return {}
+    return {"model": ref.name, "version": ref.version, "fingerprint": ref.fingerprint}
+
+
+class StatusFile:
+    """``state_dir/status.json``: the last result and the last error, written atomically."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "status.json"
+
+    def read(self) -> dict[str, Any]:
+        """The stored status (empty if none)."""
+        try:
+            data = json.loads(self.path.read_bytes())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def record(self, *, error: ModelwardError | None, result: str | None) -> None:
+        """Store the outcome of a command."""
+        doc = self.read()
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        if error is not None:
+            doc["last_error"] = {"type": type(error).__name__, "message": str(error), "at": now}
+        else:
+            doc["last_result"] = {"message": result, "at": now}
+            doc["last_error"] = None
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+
+
+def open_store(cfg: AgentConfig) -> TrustStore:
+    """The device trust store on its TPM."""
+    return TrustStore(cfg.state_dir, Tpm(cfg.tcti))
+
+
+def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
+    """``agent provision``: TPM objects and root anchor (idempotent)."""
+    try:
+        root_bytes = root.read_bytes()
+    except OSError as e:
+        raise OperatorInputError(f"cannot read root metadata {root}: {e}") from e
+    cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    store = open_store(cfg)
+    try:
+        report = store.provision(root_bytes, str(root))
+    finally:
+        store.tpm.close()
+    logger.info(
+        "provisioned TPM at %s", cfg.tcti,
+        extra={"tcti": cfg.tcti, "srk_created": report.srk_created,
+               "identity_created": report.identity_created},
+    )
+    return report
+
+
+def update(cfg: AgentConfig) -> UpdateResult:
+    """``agent update --once``: one update attempt; the outcome goes to status.json."""
+    status = StatusFile(cfg.state_dir)
+    fetcher = RequestsFetcher(cfg.updater.https)
+    try:
+        store = open_store(cfg)
+        try:
+            result = update_once(
+                cfg.updater, store, fetcher,
+                on_step=lambda s: logger.debug("step %s", s, extra={"step": s}),
+            )
+        finally:
+            store.tpm.close()
+    except ModelwardError as e:
+        logger.error("update failed: %s", e, extra={"error": type(e).__name__,
+                                                    **_error_fields(e)})
+        status.record(error=e, result=None)
+        raise
+    finally:
+        fetcher.close()
+    logger.info(result.message, extra={"outcome": result.outcome.value,
+                                       **_model_extra(result.active)})
+    status.record(error=None, result=result.message)
+    return result
+
+
+def _error_fields(e: ModelwardError) -> dict[str, str]:
+    fields = {}
+    for k in ("model", "version", "target", "member", "path", "url"):
+        v = getattr(e, k, None)
+        if v:
+            fields[k] = str(v)
+    return fields
+
+
+def status(cfg: AgentConfig) -> dict[str, Any]:
+    """``agent status``: active and previous model (verified) and the last error."""
+    store = open_store(cfg)
+    try:
+        record = store.load()
+    finally:
+        store.tpm.close()
+
+    def ref(r: ModelRef | None) -> dict[str, str] | None:
+        return {"name": r.name, "version": r.version, "fingerprint": r.fingerprint} if r else None
+
+    return {
+        "active": ref(record.active),
+        "previous": ref(record.previous),
+        "last_error": StatusFile(cfg.state_dir).read().get("last_error"),
+    }
+
+
+def run_boot_check(cfg: AgentConfig) -> BootResult:
+    """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
+    status = StatusFile(cfg.state_dir)
+    try:
+        store = open_store(cfg)
+        try:
+            result = boot_check(cfg.state_dir, store)
+        finally:
+            store.tpm.close()
+    except ModelwardError as e:
+        logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
+        status.record(error=e, result=None)
+        raise
+    if result.fell_back:
+        logger.warning(result.message, extra={"fallback": True, **_model_extra(result.active)})
+        status.record(error=None, result=result.message)
+    else:
+        logger.info(result.message, extra=_model_extra(result.active))
+    return result

@@ -1,0 +1,7 @@
+"""``python -m modelward``."""
+
+import sys
+
+from modelward.cli import main
+
+sys.exit(main())

@@ -1,0 +1,181 @@
+"""Writing v1 bundles: manifest, model, test vectors, extra files."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from publisher.errors import OperatorInputError
+from trust import MerkleHasher
+from updater import MANIFEST, BundleFile, Manifest, SemVer, TensorSpec, check_member_path
+
+MODEL_NAME = "model.onnx"
+VECTORS_NAME = "vectors.npz"
+_READ = 1 << 20
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Knobs of ``bundle build``.
+
+    Attributes:
+        rtol, atol: tolerances the device's health check applies.
+        seed: seed of the generated test inputs.
+        provenance: free-form provenance recorded in the manifest.
+    """
+
+    rtol: float = 1e-4
+    atol: float = 1e-5
+    seed: int = 0
+    provenance: dict[str, Any] | None = None
+
+
+def _hash_file(path: Path, arcname: str) -> BundleFile:
+    sha = hashlib.sha256()
+    merkle = MerkleHasher()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ):
+            sha.update(chunk)
+            merkle.update(chunk)
+    return BundleFile(arcname, merkle.size, sha.hexdigest(), merkle.hexdigest())
+
+
+def _graph_io(model_path: Path) -> tuple[int, list[TensorSpec], list[TensorSpec]]:
+    import onnx
+    from onnx import helper
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises assorted types on bad files
+        raise OperatorInputError(f"{model_path} is not an ONNX model: {e}") from e
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    inits = {i.name for i in model.graph.initializer}
+
+    def spec(vi: Any) -> TensorSpec:
+        tt = vi.type.tensor_type
+        dims: list[int | str | None] = []
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            else:
+                dims.append(d.dim_param or None)
+        return TensorSpec(vi.name, str(helper.tensor_dtype_to_np_dtype(tt.elem_type)), tuple(dims))
+
+    inputs = [spec(v) for v in model.graph.input if v.name not in inits]
+    outputs = [spec(v) for v in model.graph.output]
+    return opset, inputs, outputs
+
+
+def generate_vectors(model_path: Path, inputs: Sequence[TensorSpec], seed: int, out: Path) -> None:
+    """Run the model on seeded random inputs and save inputs and outputs as ``.npz``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Any] = {}
+    for s in inputs:
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in s.shape]
+        dt = np.dtype(s.dtype)
+        if dt.kind == "f":
+            feeds[s.name] = rng.standard_normal(shape).astype(dt)
+        elif dt.kind in "iu":
+            feeds[s.name] = rng.integers(0, 10, size=shape).astype(dt)
+        elif dt.kind == "b":
+            feeds[s.name] = rng.integers(0, 2, size=shape).astype(dt)
+        else:
+            raise OperatorInputError(
+                f"cannot generate test inputs of dtype {s.dtype} for {s.name!r}",
+                hint="pass --vectors FILE.npz with input:<name> and output:<name> arrays",
+            )
+    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    outs = sess.run(names, feeds)
+    arrays = {f"input:{k}": v for k, v in feeds.items()}
+    arrays.update({f"output:{n}": v for n, v in zip(names, outs, strict=True)})
+    with open(out, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def build_bundle(
+    model: Path,
+    name: str,
+    version: str,
+    out: Path,
+    *,
+    vectors: Path | None = None,
+    extra: Sequence[tuple[Path, str]] = (),
+    options: BuildOptions | None = None,
+) -> Manifest:
+    """Write a v1 bundle to ``out``.
+
+    Args:
+        model: the ONNX model file.
+        name: model name (what devices are configured with).
+        version: semantic version.
+        out: bundle file to write.
+        vectors: ``.npz`` with ``input:<name>``/``output:<name>`` arrays; generated if None.
+        extra: more files as (source, path in bundle), e.g. provenance documents.
+        options: tolerances, seed, provenance.
+
+    Raises:
+        OperatorInputError: bad name, version, model or paths.
+    """
+    opts = options or BuildOptions()
+    try:
+        SemVer.parse(version)
+        check_member_path(name)
+        if "/" in name:
+            raise ValueError(f"model name {name!r} must not contain '/'")
+        for _, arc in extra:
+            check_member_path(arc)
+    except ValueError as e:
+        raise OperatorInputError(str(e)) from e
+    if not model.is_file():
+        raise OperatorInputError(f"model file {model} does not exist")
+    opset, inputs, outputs = _graph_io(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        if vectors is None:
+            vectors = Path(tmp) / VECTORS_NAME
+            generate_vectors(model, inputs, opts.seed, vectors)
+        sources = [(model, MODEL_NAME), (vectors, VECTORS_NAME), *extra]
+        arcs = [a for _, a in sources]
+        if len(set(arcs)) != len(arcs) or MANIFEST in arcs:
+            raise OperatorInputError(f"duplicate or reserved file names in the bundle: {arcs}")
+        files = tuple(_hash_file(src, arc) for src, arc in sources)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            created=datetime.now(UTC).replace(microsecond=0).isoformat(),
+            files=files,
+            model_path=MODEL_NAME,
+            opset=opset,
+            inputs=tuple(inputs),
+            outputs=tuple(outputs),
+            vectors=VECTORS_NAME,
+            rtol=opts.rtol,
+            atol=opts.atol,
+            provenance=opts.provenance or {},
+            requires={"agent": "0.1.0", "execution_providers": ["CPUExecutionProvider"]},
+        )
+        raw = manifest.to_bytes()
+        tmp_out = out.with_name(out.name + ".tmp")
+        with tarfile.open(tmp_out, "w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(_info(MANIFEST, len(raw)), io.BytesIO(raw))
+            for (src, arc), bf in zip(sources, files, strict=True):
+                with open(src, "rb") as f:
+                    tar.addfile(_info(arc, bf.size), f)
+        tmp_out.replace(out)
+    return manifest
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mode, ti.mtime, ti.uid, ti.gid = size, 0o644, 0, 0, 0
+    return ti

@@ -1,0 +1,222 @@
+"""A static TUF repository: ``REPO/metadata`` and ``REPO/targets``, consistent snapshots.
+
+Only what is served lives under ``REPO``; keys live in a separate directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from securesystemslib.signer import Signer
+from tuf.api.metadata import (
+    Metadata,
+    MetaFile,
+    Root,
+    Snapshot,
+    TargetFile,
+    Targets,
+    Timestamp,
+)
+from tuf.api.serialization.json import JSONSerializer
+
+from publisher._keys import ROLES, generate_key, is_inside, load_signer
+from publisher.errors import RepositoryStateError
+from trust import slot_fingerprint, write_atomic
+from updater import SemVer, extract_bundle
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """How long each role's metadata stays valid after signing."""
+
+    root: timedelta = timedelta(days=365)
+    targets: timedelta = timedelta(days=365)
+    snapshot: timedelta = timedelta(days=30)
+    timestamp: timedelta = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What :func:`publish_bundle` added."""
+
+    target_path: str
+    name: str
+    version: str
+    fingerprint: str
+    length: int
+    targets_version: int
+    timestamp_version: int
+
+
+def _now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def _serializer() -> JSONSerializer:
+    return JSONSerializer(compact=False)
+
+
+class Repository:
+    """A modelward TUF repository on disk.
+
+    Args:
+        repo: directory that is served (``metadata/`` and ``targets/``).
+        keys: directory holding the encrypted role keys (never under ``repo``).
+        passphrase: passphrase of the key files.
+        expiry: metadata lifetimes.
+    """
+
+    def __init__(
+        self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None
+    ) -> None:
+        if is_inside(keys, repo):
+            raise RepositoryStateError(
+                f"key directory {keys} is inside the served repository {repo}",
+                hint="keep keys outside REPO: everything under it is published",
+            )
+        self.repo, self.keys, self._passphrase = repo, keys, passphrase
+        self.metadata_dir = repo / "metadata"
+        self.targets_dir = repo / "targets"
+        self.expiry = expiry or Expiry()
+
+    # -- init -------------------------------------------------------------------
+
+    def init(self) -> Path:
+        """Create keys (threshold 1 each) and version 1 of all top-level metadata.
+
+        Returns:
+            Path of ``1.root.json`` (what devices are provisioned with).
+
+        Raises:
+            RepositoryStateError: the repository exists already.
+        """
+        if (self.metadata_dir / "timestamp.json").exists():
+            raise RepositoryStateError(f"{self.repo} already holds a TUF repository")
+        now = _now()
+        root = Root(expires=now + self.expiry.root, consistent_snapshot=True)
+        for role in ROLES:
+            root.add_key(generate_key(self.keys, role, self._passphrase), role)
+        self.targets_dir.mkdir(parents=True, exist_ok=True)
+        self._write(Metadata(root), "root", 1)
+        targets = Targets(version=1, expires=now + self.expiry.targets)
+        self._write(Metadata(targets), "targets", 1)
+        self._snapshot_and_timestamp(targets_version=1)
+        return self.metadata_dir / "1.root.json"
+
+    # -- reading -------------------------------------------------------------
+
+    def _load(self, filename: str) -> Metadata:  # type: ignore[type-arg]
+        path = self.metadata_dir / filename
+        try:
+            return Metadata.from_bytes(path.read_bytes())
+        except FileNotFoundError as e:
+            raise RepositoryStateError(
+                f"{path} is missing: is {self.repo} a repository made by `repo init`?"
+            ) from e
+
+    def latest_root_version(self) -> int:
+        """Highest ``N.root.json``."""
+        versions = [
+            int(m.group(1))
+            for p in self.metadata_dir.glob("*.root.json")
+            if (m := re.fullmatch(r"(\d+)\.root\.json", p.name))
+        ]
+        if not versions:
+            raise RepositoryStateError(f"no root metadata in {self.metadata_dir}")
+        return max(versions)
+
+    def current(self) -> tuple[Targets, Snapshot, Timestamp]:
+        """The published top-level targets, snapshot and timestamp."""
+        ts: Timestamp = self._load("timestamp.json").signed
+        snap: Snapshot = self._load(f"{ts.snapshot_meta.version}.snapshot.json").signed
+        targets: Targets = self._load(f"{snap.meta['targets.json'].version}.targets.json").signed
+        return targets, snap, ts
+
+    # -- writing -------------------------------------------------------------
+
+    def _write(self, md: Metadata, role: str, version: int | None) -> None:  # type: ignore[type-arg]
+        md.sign(self._signer(role))
+        name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        write_atomic(self.metadata_dir / name, md.to_bytes(_serializer()))
+
+    def _signer(self, role: str) -> Signer:
+        return load_signer(self.keys, role, self._passphrase)
+
+    def _snapshot_and_timestamp(self, targets_version: int) -> int:
+        now = _now()
+        try:
+            _, old_snap, old_ts = self.current()
+            snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
+        except RepositoryStateError:
+            snap_version, ts_version = 1, 1
+        snap = Snapshot(
+            version=snap_version,
+            expires=now + self.expiry.snapshot,
+            meta={"targets.json": MetaFile(version=targets_version)},
+        )
+        self._write(Metadata(snap), "snapshot", snap_version)
+        ts = Timestamp(
+            version=ts_version,
+            expires=now + self.expiry.timestamp,
+            snapshot_meta=MetaFile(version=snap_version),
+        )
+        self._write(Metadata(ts), "timestamp", None)
+        return ts_version
+
+    # -- publish -------------------------------------------------------------
+
+    def publish(self, bundle: Path) -> PublishResult:
+        """Verify a bundle, add it as a signed target and publish new metadata.
+
+        Raises:
+            BundleFormatError: the bundle is malformed.
+            RepositoryStateError: this model version is published already.
+        """
+        with open(bundle, "rb") as f:
+            manifest, entries = extract_bundle(f, None, str(bundle))
+        SemVer.parse(manifest.version)
+        fingerprint = slot_fingerprint(entries)
+        targets, _, _ = self.current()
+        for t in targets.targets.values():
+            field = t.custom.get("modelward", {}) if isinstance(t.custom, dict) else {}
+            if field.get("name") == manifest.name and field.get("version") == manifest.version:
+                raise RepositoryStateError(
+                    f"{manifest.name} {manifest.version} is published already ({t.path})",
+                    hint="publish a new version: devices only move forward",
+                )
+        target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
+        tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
+        tf.unrecognized_fields["custom"] = {
+            "modelward": {
+                "name": manifest.name,
+                "version": manifest.version,
+                "fingerprint": fingerprint,
+            }
+        }
+        dest = self.targets_dir / manifest.name / f"{tf.hashes['sha256']}.{manifest.name}-" \
+            f"{manifest.version}.tar"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".tmp")
+        shutil.copyfile(bundle, tmp)
+        tmp.replace(dest)
+        targets.targets[target_path] = tf
+        targets.version += 1
+        targets.expires = _now() + self.expiry.targets
+        self._write(Metadata(targets), "targets", targets.version)
+        ts_version = self._snapshot_and_timestamp(targets.version)
+        logger.info(
+            "published %s %s (fingerprint %s) as targets v%d",
+            manifest.name, manifest.version, fingerprint, targets.version,
+        )
+        return PublishResult(
+            target_path, manifest.name, manifest.version, fingerprint, tf.length,
+            targets.version, ts_version,
+        )
+

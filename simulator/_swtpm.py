@@ -1,0 +1,104 @@
+"""swtpm lifecycle: manufacture with swtpm_setup, serve on loopback, stop by pid."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from simulator._proc import free_port, read_pid, stop_pid, wait_for_port
+from simulator.errors import ServiceError
+
+
+@dataclass(frozen=True)
+class SwtpmHandle:
+    """A running swtpm."""
+
+    state: Path
+    port: int
+    pid: int
+
+    @property
+    def tcti(self) -> str:
+        """TCTI string for tpm2-pytss / tpm2-tools."""
+        return f"swtpm:host=127.0.0.1,port={self.port}"
+
+
+def _need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ServiceError(
+            f"{tool} is not installed", service="swtpm",
+            hint="apt-get install swtpm swtpm-tools (the README's set-up does this)",
+        )
+    return path
+
+
+def manufacture(state: Path) -> bool:
+    """Create the TPM state (EK) with swtpm_setup unless it exists; True if created.
+
+    The storage root key is left to ``modelward agent provision``, which creates the
+    TCG ECC P-256 SRK design.md names (swtpm_setup's ``--create-spk`` makes P-384).
+    """
+    state.mkdir(parents=True, exist_ok=True)
+    if (state / "tpm2-00.permall").exists():
+        return False
+    proc = subprocess.run(
+        [
+            _need("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--createek",
+            "--pcr-banks", "sha256", "--not-overwrite",
+        ],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0:
+        raise ServiceError(
+            f"swtpm_setup failed for {state}: {proc.stderr.strip() or proc.stdout.strip()}",
+            service="swtpm",
+        )
+    return True
+
+
+def start_swtpm(state: Path, port: int | None = None) -> SwtpmHandle:
+    """Start swtpm on 127.0.0.1 (server ``port``, control ``port+1``); manufacture first.
+
+    Idempotent: a swtpm already running for ``state`` is returned as it is.
+
+    Raises:
+        ServiceError: swtpm is missing or did not come up.
+    """
+    manufacture(state)
+    pid_file = state / "swtpm.pid"
+    port_file = state / "swtpm.port"
+    pid = read_pid(pid_file)
+    if pid is not None and port_file.exists():
+        return SwtpmHandle(state, int(port_file.read_text()), pid)
+    port = port or free_port(2)
+    log = state / "swtpm.log"
+    proc = subprocess.run(
+        [
+            _need("swtpm"), "socket", "--tpm2",
+            "--tpmstate", f"dir={state}",
+            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+            "--flags", "not-need-init,startup-clear",
+            "--daemon", "--pid", f"file={pid_file}", "--log", f"file={log},level=1",
+        ],
+        capture_output=True, text=True, check=False,
+    )
+    if proc.returncode != 0 or not wait_for_port(port):
+        raise ServiceError(
+            f"swtpm did not start on port {port}: {proc.stderr.strip()}",
+            service="swtpm", log=str(log),
+        )
+    port_file.write_text(str(port))
+    pid = read_pid(pid_file)
+    if pid is None:
+        raise ServiceError("swtpm started but wrote no pid file", service="swtpm", log=str(log))
+    return SwtpmHandle(state, port, pid)
+
+
+def stop_swtpm(state: Path) -> bool:
+    """Stop the swtpm serving ``state``; True if one was running."""
+    (state / "swtpm.port").unlink(missing_ok=True)
+    return stop_pid(state / "swtpm.pid")

@@ -1,0 +1,206 @@
+"""Shared fixtures: real swtpm, nginx HTTPS origin, TUF repository, onnx models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ["TSS2_LOG"] = "all+NONE"  # the TSS's own stderr chatter
+
+from agent import AgentConfig, load_config  # noqa: E402
+from agent import provision as agent_provision  # noqa: E402
+from agent import update as agent_update  # noqa: E402
+from publisher import BuildOptions, Repository, build_bundle  # noqa: E402
+from simulator import (  # noqa: E402
+    CertPair,
+    SwtpmHandle,
+    issue_cert,
+    make_ca,
+    make_linear_model,
+    start_origin,
+    start_swtpm,
+    stop_origin,
+    stop_swtpm,
+    write_device_config,
+)
+from trust import Tpm, TrustStore  # noqa: E402
+from updater import UpdateResult  # noqa: E402
+
+PASSPHRASE = b"modelward test passphrase"  # keys are generated per test, never committed
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertPair, CertPair]:
+    """A test CA and a server certificate for 127.0.0.1."""
+    d = tmp_path_factory.mktemp("pki")
+    ca = make_ca(d)
+    return ca, issue_cert(ca, d, "origin")
+
+
+@pytest.fixture
+def swtpm(tmp_path: Path) -> Iterator[SwtpmHandle]:
+    """A manufactured, running swtpm; stopped by pid afterwards."""
+    state = tmp_path / "tpm"
+    h = start_swtpm(state)
+    try:
+        yield h
+    finally:
+        stop_swtpm(state)
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """relative path -> sha256 (or link target) for everything below ``root``."""
+    out: dict[str, str] = {}
+    if not root.exists():
+        return out
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_symlink():
+            out[rel] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+@dataclass
+class DeviceState:
+    """Everything trusted on a device, for before/after comparisons."""
+
+    record: bytes
+    counter: int
+    anchor: bytes
+    current: str | None
+    slots: dict[str, str]
+    metadata: dict[str, str]
+
+
+@dataclass
+class World:
+    """A repository served by nginx and one provisioned swtpm device."""
+
+    tmp: Path
+    repo_dir: Path
+    keys: Path
+    repo: Repository
+    builds: Path
+    conf_path: Path
+    tpm: SwtpmHandle
+    origin_url: str
+    ca: CertPair
+
+    @property
+    def cfg(self) -> AgentConfig:
+        return load_config(self.conf_path)
+
+    @property
+    def state(self) -> Path:
+        return self.cfg.state_dir
+
+    def bundle(
+        self,
+        version: str,
+        seed: int,
+        *,
+        name: str = "classifier",
+        vectors_seed: int | None = None,
+        extra: list[tuple[Path, str]] | None = None,
+    ) -> Path:
+        """Build a bundle of a linear model; ``vectors_seed`` takes vectors from another model."""
+        model = make_linear_model(self.builds / f"{name}-{version}.onnx", seed)
+        vectors = None
+        if vectors_seed is not None:
+            other = make_linear_model(self.builds / f"other-{vectors_seed}.onnx", vectors_seed)
+            donor = self.builds / f"donor-{vectors_seed}.tar"
+            build_bundle(other, "donor", "0.0.1", donor)
+            vectors = self.builds / f"vectors-{vectors_seed}.npz"
+            subprocess.run(["tar", "-xf", str(donor), "-C", str(self.builds),
+                            "vectors.npz"], check=True)
+            (self.builds / "vectors.npz").rename(vectors)
+        out = self.builds / f"{name}-{version}.tar"
+        build_bundle(model, name, version, out, vectors=vectors, extra=extra or [],
+                     options=BuildOptions())
+        return out
+
+    def publish(self, version: str, seed: int, **kw: Any) -> Path:
+        """Build and publish; returns the published file on the origin."""
+        r = self.repo.publish(self.bundle(version, seed, **kw))
+        name = r.name
+        return next((self.repo_dir / "targets" / name).glob(f"*.{name}-{version}.tar"))
+
+    def update(self) -> UpdateResult:
+        return agent_update(self.cfg)
+
+    def store(self) -> TrustStore:
+        return TrustStore(self.state, Tpm(self.tpm.tcti))
+
+    def snapshot(self) -> DeviceState:
+        s = self.store()
+        try:
+            counter, anchor = s.tpm.read_counter(), s.tpm.read_anchor()
+        finally:
+            s.tpm.close()
+        cur = self.state / "current"
+        return DeviceState(
+            record=(self.state / "trust" / "record.json").read_bytes(),
+            counter=counter,
+            anchor=anchor,
+            current=os.readlink(cur) if cur.is_symlink() else None,
+            slots=tree_digest(self.state / "slots"),
+            metadata=tree_digest(self.state / "metadata"),
+        )
+
+    def active_version(self) -> str | None:
+        cur = self.state / "current"
+        if not cur.is_symlink():
+            return None
+        import json
+
+        return str(json.loads((cur / "manifest.json").read_bytes())["version"])
+
+    def cli(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run the real ``modelward`` command in a child process."""
+        e = dict(os.environ)
+        e.update(env or {})
+        return subprocess.run([sys.executable, "-m", "modelward", *argv], capture_output=True,
+                              text=True, env=e, timeout=300, check=False)
+
+
+@pytest.fixture
+def world(
+    tmp_path: Path, swtpm: SwtpmHandle, pki: tuple[CertPair, CertPair],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[World]:
+    """Repository (threshold-1 keys) served by nginx; a provisioned swtpm device."""
+    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
+    ca, server = pki
+    repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
+    builds.mkdir()
+    repo = Repository(repo_dir, keys, PASSPHRASE)
+    root = repo.init()
+    work = tmp_path / "origin"
+    origin = start_origin(repo_dir, work, server)
+    try:
+        conf = write_device_config(
+            tmp_path / "agent.toml", device_id="dev-1", state=tmp_path / "state",
+            tcti=swtpm.tcti, origin_url=origin.url, ca=ca.cert,
+        )
+        w = World(tmp_path, repo_dir, keys, repo, builds, conf, swtpm, origin.url, ca)
+        agent_provision(w.cfg, root)
+        yield w
+    finally:
+        stop_origin(work)
+
+
+def copytree(src: Path, dst: Path) -> None:
+    """Replace ``dst`` with a copy of ``src``."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst, symlinks=True)

@@ -1,0 +1,131 @@
+"""The modelward fingerprint (design.md "Fingerprint"), defined once for both sides.
+
+A file's fingerprint is the RFC 6962 Merkle tree hash over fixed 4 MiB leaves
+(``leaf = sha256(0x00 || chunk)``, ``node = sha256(0x01 || left || right)``); an
+empty file has ``sha256(b"")``. A slot's fingerprint is the sha256 of the canonical
+JSON list of ``[path, size, merkle_root]`` of its files, sorted by path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+LEAF_SIZE = 4 * 1024 * 1024  # bytes per Merkle leaf; fixed by the format
+
+
+def leaf_hash(chunk: bytes) -> bytes:
+    """Hash one leaf with RFC 6962 domain separation."""
+    return hashlib.sha256(b"\x00" + chunk).digest()
+
+
+def tree_hash(leaves: Sequence[bytes]) -> bytes:
+    """RFC 6962 Merkle tree hash (MTH) of already hashed leaves."""
+    n = len(leaves)
+    if n == 0:
+        return hashlib.sha256(b"").digest()
+    if n == 1:
+        return leaves[0]
+    k = 1 << ((n - 1).bit_length() - 1)  # largest power of two below n
+    return hashlib.sha256(b"\x01" + tree_hash(leaves[:k]) + tree_hash(leaves[k:])).digest()
+
+
+class MerkleHasher:
+    """Incremental Merkle root over a stream of any chunk sizes.
+
+    Memory is one leaf of buffered bytes plus 32 bytes per 4 MiB seen.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._leaves: list[bytes] = []
+        self.size = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        """Add ``data`` to the stream."""
+        self.size += len(data)
+        self._buf += data
+        while len(self._buf) >= LEAF_SIZE:
+            self._leaves.append(leaf_hash(bytes(self._buf[:LEAF_SIZE])))
+            del self._buf[:LEAF_SIZE]
+
+    def hexdigest(self) -> str:
+        """Merkle root of everything seen so far, as hex."""
+        leaves = list(self._leaves)
+        if self._buf:
+            leaves.append(leaf_hash(bytes(self._buf)))
+        return tree_hash(leaves).hex()
+
+
+def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+    """Size and Merkle root of a file, hashing leaves on a thread pool.
+
+    hashlib releases the GIL on large buffers, so leaves hash on every core while
+    the next one is read. At most ``2 * workers`` leaves are held at once.
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    own = pool is None
+    workers = os.cpu_count() or 1
+    ex = pool or ThreadPoolExecutor(max_workers=workers)
+    futures: list[Future[bytes]] = []
+    leaves: list[bytes] = []
+    size = 0
+    try:
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                chunk = f.read(LEAF_SIZE)
+                if not chunk:
+                    break
+                size += len(chunk)
+                futures.append(ex.submit(leaf_hash, chunk))
+                if len(futures) >= 2 * workers:
+                    leaves.append(futures.pop(0).result())
+        leaves.extend(fut.result() for fut in futures)
+    finally:
+        if own:
+            ex.shutdown()
+    return size, tree_hash(leaves).hex()
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a slot or bundle: relative path, size in bytes, Merkle root (hex)."""
+
+    path: str
+    size: int
+    merkle_root: str
+
+
+def slot_fingerprint(entries: Iterable[FileEntry]) -> str:
+    """The slot fingerprint: sha256 of the canonical JSON list of its files."""
+    rows = sorted([e.path, e.size, e.merkle_root] for e in entries)
+    canonical = json.dumps(rows, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def directory_entries(root: Path) -> list[FileEntry]:
+    """Entries for every file below ``root``; anything but plain files is an entry too.
+
+    A symlink, device or fifo gets a size of -1 and an empty root, so that it can
+    never match a fingerprint computed from a bundle (which has only plain files).
+    """
+    entries: list[FileEntry] = []
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            base = Path(dirpath)
+            for name in sorted(filenames) + [d for d in dirnames if (base / d).is_symlink()]:
+                p = base / name
+                rel = p.relative_to(root).as_posix()
+                if p.is_symlink() or not p.is_file():
+                    entries.append(FileEntry(rel, -1, ""))
+                    continue
+                size, root_hex = file_merkle_root(p, pool)
+                entries.append(FileEntry(rel, size, root_hex))
+    return entries

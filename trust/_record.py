@@ -1,0 +1,162 @@
+"""The trust record and the pure rules that decide which copy of it to believe.
+
+No I/O here: the store (``_store.py``) reads files and asks the TPM; these
+functions take bytes and numbers and decide, so tests can drive every crash
+window without a TPM or a disk (house style 1).
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from trust.errors import TrustRecordError, TrustRecordRollbackError
+
+_MAC_DOMAIN = b"modelward trust record v1\n"
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model installed in a slot, as recorded when it was verified."""
+
+    name: str
+    version: str
+    fingerprint: str
+    slot: str
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelRef:
+        """Parse one ``active``/``previous`` entry; raises KeyError/TypeError on bad shape."""
+        ref = cls(str(d["name"]), str(d["version"]), str(d["fingerprint"]), str(d["slot"]))
+        if ref.slot not in ("a", "b"):
+            raise ValueError(f"slot {ref.slot!r}")
+        return ref
+
+
+@dataclass(frozen=True)
+class TrustRecord:
+    """What the device trusts, bound to the TPM update counter.
+
+    ``active`` is None on a device that was provisioned and never installed a model.
+    """
+
+    counter: int
+    root_version: int
+    targets_version: int
+    active: ModelRef | None
+    previous: ModelRef | None
+
+    def to_json(self) -> dict[str, Any]:
+        """The record's canonical fields."""
+        return {
+            "counter": self.counter,
+            "root_version": self.root_version,
+            "targets_version": self.targets_version,
+            "active": asdict(self.active) if self.active else None,
+            "previous": asdict(self.previous) if self.previous else None,
+        }
+
+    def digest(self) -> bytes:
+        """What the TPM MACs: a domain-separated hash of the canonical JSON."""
+        canonical = json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(_MAC_DOMAIN + canonical.encode()).digest()
+
+    def successor(self, **changes: Any) -> TrustRecord:
+        """The next record: ``counter + 1`` and the given field changes."""
+        return replace(self, counter=self.counter + 1, **changes)
+
+
+def encode_record(record: TrustRecord, mac: bytes) -> bytes:
+    """Serialise a record with its MAC."""
+    doc = {"record": record.to_json(), "mac": mac.hex()}
+    return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def decode_record(data: bytes, path: str) -> tuple[TrustRecord, bytes]:
+    """Parse a record file into the record and its MAC.
+
+    Raises:
+        TrustRecordError: the file is not a well-formed record.
+    """
+    try:
+        doc = json.loads(data)
+        r = doc["record"]
+        rec = TrustRecord(
+            counter=int(r["counter"]),
+            root_version=int(r["root_version"]),
+            targets_version=int(r["targets_version"]),
+            active=ModelRef.from_dict(r["active"]) if r["active"] else None,
+            previous=ModelRef.from_dict(r["previous"]) if r["previous"] else None,
+        )
+        mac = bytes.fromhex(doc["mac"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise TrustRecordError(f"trust record {path} is malformed: {e}", path=path) from e
+    return rec, mac
+
+
+class Resolution(enum.Enum):
+    """What the store must do to the files after choosing a record."""
+
+    USE = "use"  # the record file is right; a pending file, if any, is stale
+    PROMOTE_PENDING = "promote"  # crash after the counter increment: rename pending over
+
+
+def choose_record(
+    current: bytes | None,
+    pending: bytes | None,
+    nv_counter: int,
+    mac_ok: Callable[[bytes, bytes], bool],
+    *,
+    current_path: str,
+    pending_path: str,
+) -> tuple[TrustRecord, Resolution]:
+    """Decide which trust record is authentic and current (design.md "Trust store").
+
+    Commit order is: write pending with counter+1, increment the NV counter,
+    rename pending over current. So exactly one authentic copy carries the NV
+    counter's value; any other state is tampering or rollback.
+
+    Args:
+        current: bytes of the record file, or None if it is missing.
+        pending: bytes of the ``.next`` file, or None.
+        nv_counter: the TPM update counter.
+        mac_ok: ``mac_ok(digest, mac)`` asks the TPM whether ``mac`` is its MAC of ``digest``.
+        current_path: for error messages.
+        pending_path: for error messages.
+
+    Raises:
+        TrustRecordError: no authentic record exists (missing, edited, wrong MAC).
+        TrustRecordRollbackError: the authentic record is older than the counter.
+    """
+    if pending is not None:
+        try:
+            prec, pmac = decode_record(pending, pending_path)
+        except TrustRecordError:
+            prec = None  # a torn pending write is harmless before the increment
+        if prec is not None and prec.counter == nv_counter and mac_ok(prec.digest(), pmac):
+            return prec, Resolution.PROMOTE_PENDING
+    if current is None:
+        raise TrustRecordError(
+            f"trust record {current_path} is missing",
+            path=current_path,
+            hint="the device must be re-provisioned by its operator",
+        )
+    rec, mac = decode_record(current, current_path)
+    if not mac_ok(rec.digest(), mac):
+        raise TrustRecordError(
+            f"trust record {current_path} was altered: its TPM MAC does not verify",
+            path=current_path,
+            hint="the device must be re-provisioned by its operator",
+        )
+    if rec.counter != nv_counter:
+        raise TrustRecordRollbackError(
+            f"trust record {current_path} has counter {rec.counter} but the TPM update "
+            f"counter is {nv_counter}: an older copy was put back",
+            path=current_path,
+            hint="the device must be re-provisioned by its operator",
+        )
+    return rec, Resolution.USE

@@ -1,0 +1,103 @@
+"""Errors of the trust store, and the roots every modelward error descends from.
+
+The roots say who is at fault, so that a caller (the CLI, the agent's journal, a
+status report) can tell an attack from a broken device from an operator mistake:
+
+* :class:`UntrustedRemoteError` - something that came from the network is wrong;
+* :class:`TransportError` - the network did not deliver;
+* :class:`LocalDeviceError` - this device's own state or hardware is at fault;
+* :class:`OperatorInputError` - the operator gave us something unusable.
+"""
+
+from __future__ import annotations
+
+
+class ModelwardError(Exception):
+    """Root of every error modelward raises on purpose.
+
+    Attributes:
+        hint: one line telling a person what to do about it, or "".
+    """
+
+    hint: str = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        if hint:
+            self.hint = hint
+
+
+class UntrustedRemoteError(ModelwardError):
+    """Data from the repository, origin or broker failed verification."""
+
+
+class TransportError(ModelwardError):
+    """The origin or broker could not be reached or did not answer in bounds."""
+
+
+class LocalDeviceError(ModelwardError):
+    """The device's own state, disk or TPM is missing, broken or tampered with."""
+
+
+class OperatorInputError(ModelwardError):
+    """A file, key, flag or configuration given by a person is not usable."""
+
+
+# --- TPM -------------------------------------------------------------------
+
+
+class TpmError(LocalDeviceError):
+    """A TPM command failed.
+
+    Attributes:
+        tcti: the TCTI string used to reach the TPM.
+        rc: the TSS2 response code, or None.
+    """
+
+    def __init__(self, message: str, *, tcti: str, rc: int | None = None, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.tcti = tcti
+        self.rc = rc
+
+
+class TpmUnavailableError(TpmError):
+    """The TPM named by the TCTI string cannot be opened or does not answer."""
+
+
+class TpmNotProvisionedError(TpmError):
+    """A trust-store object (NV index, key) is missing: run `modelward agent provision`."""
+
+
+class TpmLockoutError(TpmError):
+    """The TPM is in dictionary-attack lockout (0x921)."""
+
+
+# --- trust store -------------------------------------------------------------
+
+
+class TrustRecordError(LocalDeviceError):
+    """The on-disk trust record is missing, malformed or its TPM MAC does not verify.
+
+    Attributes:
+        path: the record file at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class TrustRecordRollbackError(TrustRecordError):
+    """The trust record is authentic but older than the TPM update counter says."""
+
+
+class RootAnchorError(LocalDeviceError):
+    """The trusted root.json on disk does not match the hash anchored in the TPM.
+
+    Attributes:
+        path: the root file at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path

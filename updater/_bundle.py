@@ -1,0 +1,305 @@
+"""Bundle format v1 (design.md "Bundle format"): manifest schema and safe, streaming extraction.
+
+A bundle is an uncompressed POSIX tar, ``manifest.json`` first, then exactly the
+files the manifest lists, as regular files. Extraction reads the tar as a stream
+(``r|``), so memory stays bounded whatever the bundle size, and refuses anything
+else before a byte of it reaches the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from trust import FileEntry, MerkleHasher
+from updater._semver import SemVer
+from updater.errors import BundleFormatError
+
+FORMAT = "modelward-bundle/1"
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
+MAX_FILES = 256
+COPY_CHUNK = 1 << 20  # 1 MiB per read while extracting
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file listed in the manifest."""
+
+    path: str
+    size: int
+    sha256: str
+    merkle_root: str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """An ONNX graph input or output: name, numpy dtype name, shape (None = dynamic)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str | None, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed ``manifest.json`` of a v1 bundle."""
+
+    name: str
+    version: str
+    created: str
+    files: tuple[BundleFile, ...]
+    model_path: str
+    opset: int
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    vectors: str
+    rtol: float
+    atol: float
+    provenance: dict[str, Any] = field(default_factory=dict)
+    requires: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest document."""
+
+        def spec(s: TensorSpec) -> dict[str, Any]:
+            return {"name": s.name, "dtype": s.dtype, "shape": list(s.shape)}
+
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "version": self.version,
+            "created": self.created,
+            "files": [
+                {"path": f.path, "size": f.size, "sha256": f.sha256, "merkle_root": f.merkle_root}
+                for f in self.files
+            ],
+            "model": {
+                "path": self.model_path,
+                "format": "onnx",
+                "opset": self.opset,
+                "inputs": [spec(s) for s in self.inputs],
+                "outputs": [spec(s) for s in self.outputs],
+            },
+            "checks": {"vectors": self.vectors, "rtol": self.rtol, "atol": self.atol},
+            "provenance": self.provenance,
+            "requires": self.requires,
+        }
+
+    def to_bytes(self) -> bytes:
+        """Serialised manifest (sorted keys, so it is reproducible)."""
+        return json.dumps(self.to_json(), sort_keys=True, indent=1).encode() + b"\n"
+
+
+def check_member_path(path: str) -> str:
+    """Validate a relative bundle path; returns it unchanged.
+
+    Raises:
+        ValueError: absolute, ``..``, empty component, backslash or control character.
+    """
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise ValueError(f"unsafe path {path!r}")
+    if any(ord(c) < 0x20 for c in path):
+        raise ValueError(f"unsafe path {path!r}")
+    parts = PurePosixPath(path).parts
+    if any(p in ("", ".", "..") for p in path.split("/")) or not parts:
+        raise ValueError(f"unsafe path {path!r}")
+    return path
+
+
+def _spec(d: Any) -> TensorSpec:
+    shape = tuple(None if s is None else s for s in d["shape"])
+    if not all(s is None or isinstance(s, int | str) for s in shape):
+        raise TypeError(f"shape {d['shape']!r}")
+    return TensorSpec(str(d["name"]), str(d["dtype"]), shape)
+
+
+def parse_manifest(data: bytes, bundle: str) -> Manifest:
+    """Parse and validate a manifest.
+
+    Raises:
+        BundleFormatError: not a valid v1 manifest (names the field at fault).
+    """
+    try:
+        d = json.loads(data)
+        if d.get("format") != FORMAT:
+            raise ValueError(f"format {d.get('format')!r} is not {FORMAT!r}")
+        SemVer.parse(d["version"])
+        files = []
+        for f in d["files"]:
+            size = f["size"]
+            if not isinstance(size, int) or size < 0:
+                raise ValueError(f"size of {f.get('path')!r}")
+            sha, mr = str(f["sha256"]), str(f["merkle_root"])
+            if len(sha) != 64 or len(mr) != 64:
+                raise ValueError(f"digests of {f.get('path')!r}")
+            files.append(BundleFile(check_member_path(str(f["path"])), size, sha, mr))
+        paths = [f.path for f in files]
+        if len(set(paths)) != len(paths) or MANIFEST in paths:
+            raise ValueError("duplicate file paths")
+        if len(files) > MAX_FILES:
+            raise ValueError(f"more than {MAX_FILES} files")
+        model, checks = d["model"], d["checks"]
+        if model.get("format") != "onnx":
+            raise ValueError(f"model format {model.get('format')!r}")
+        m = Manifest(
+            name=str(d["name"]),
+            version=str(d["version"]),
+            created=str(d["created"]),
+            files=tuple(files),
+            model_path=str(model["path"]),
+            opset=int(model["opset"]),
+            inputs=tuple(_spec(s) for s in model["inputs"]),
+            outputs=tuple(_spec(s) for s in model["outputs"]),
+            vectors=str(checks["vectors"]),
+            rtol=float(checks["rtol"]),
+            atol=float(checks["atol"]),
+            provenance=dict(d.get("provenance") or {}),
+            requires=dict(d.get("requires") or {}),
+        )
+        for needed in (m.model_path, m.vectors):
+            if needed not in paths:
+                raise ValueError(f"{needed!r} is referenced but not listed in files")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise BundleFormatError(
+            f"bundle {bundle}: invalid manifest: {e}", bundle=bundle, member=MANIFEST
+        ) from e
+    return m
+
+
+class _NullSink:
+    def write(self, data: bytes) -> int:
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def fileno(self) -> int:
+        return -1
+
+
+@contextlib.contextmanager
+def _sink(dest: Path | None) -> Iterator[Any]:
+    if dest is None:
+        yield _NullSink()
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "wb") as out:
+        yield out
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _copy_member(
+    src: IO[bytes], dest: Path | None, expected: BundleFile, bundle: str
+) -> FileEntry:
+    sha = hashlib.sha256()
+    merkle = MerkleHasher()
+    with _sink(dest) as out:
+        while chunk := src.read(COPY_CHUNK):
+            if merkle.size + len(chunk) > expected.size:
+                raise BundleFormatError(
+                    f"bundle {bundle}: {expected.path} is larger than the manifest says",
+                    bundle=bundle,
+                    member=expected.path,
+                )
+            sha.update(chunk)
+            merkle.update(chunk)
+            out.write(chunk)
+    if merkle.size != expected.size or sha.hexdigest() != expected.sha256:
+        raise BundleFormatError(
+            f"bundle {bundle}: {expected.path} does not match its manifest size/sha256",
+            bundle=bundle,
+            member=expected.path,
+        )
+    root = merkle.hexdigest()
+    if root != expected.merkle_root:
+        raise BundleFormatError(
+            f"bundle {bundle}: {expected.path} does not match its manifest merkle root",
+            bundle=bundle,
+            member=expected.path,
+        )
+    return FileEntry(expected.path, expected.size, root)
+
+
+def extract_bundle(
+    fileobj: IO[bytes], dest: Path | None, bundle: str
+) -> tuple[Manifest, list[FileEntry]]:
+    """Extract a bundle stream into the empty directory ``dest``, refusing anything unsafe.
+
+    Args:
+        fileobj: the bundle, read once from start to end.
+        dest: an existing, empty directory that nothing else writes to; None only
+            verifies (the publisher checks a bundle this way before signing it).
+        bundle: name for error messages.
+
+    Returns:
+        The manifest and the entries (manifest.json included) for the slot fingerprint.
+
+    Raises:
+        BundleFormatError: bad tar, bad manifest, or a member that is not a listed
+            regular file of the listed size and hashes. ``dest`` may then hold a
+            partial extraction; the caller discards it.
+        OSError: the disk refused a write.
+    """
+
+    def bad(msg: str, member: str = "") -> BundleFormatError:
+        return BundleFormatError(f"bundle {bundle}: {msg}", bundle=bundle, member=member)
+
+    try:
+        tar = tarfile.open(fileobj=fileobj, mode="r|")  # noqa: SIM115 - closed by `with` below
+    except tarfile.TarError as e:
+        raise bad(f"not a tar archive ({e})") from e
+    with tar:
+        try:
+            first = tar.next()
+            if first is None or first.name != MANIFEST:
+                raise bad(f"first member must be {MANIFEST}")
+            if not first.isreg() or first.size > MAX_MANIFEST_BYTES:
+                raise bad(f"{MANIFEST} must be a regular file under 1 MiB", MANIFEST)
+            src = tar.extractfile(first)
+            assert src is not None
+            raw = src.read()
+            manifest = parse_manifest(raw, bundle)
+            if dest is not None:
+                (dest / MANIFEST).write_bytes(raw)
+            mf_merkle = MerkleHasher()
+            mf_merkle.update(raw)
+            entries = [FileEntry(MANIFEST, len(raw), mf_merkle.hexdigest())]
+            listed = {f.path: f for f in manifest.files}
+            seen: set[str] = set()
+            while (member := tar.next()) is not None:
+                name = member.name
+                try:
+                    check_member_path(name)
+                except ValueError as e:
+                    raise bad(str(e), name) from e
+                if not member.isreg():
+                    raise bad(f"member {name!r} is not a regular file (link or device)", name)
+                if name in seen or name == MANIFEST:
+                    raise bad(f"duplicate member {name!r}", name)
+                if name not in listed:
+                    raise bad(f"member {name!r} is not listed in the manifest", name)
+                if member.size != listed[name].size:
+                    raise bad(f"member {name!r} has size {member.size}, manifest says "
+                              f"{listed[name].size}", name)
+                seen.add(name)
+                src = tar.extractfile(member)
+                assert src is not None
+                entries.append(
+                    _copy_member(src, dest / name if dest else None, listed[name], bundle)
+                )
+        except tarfile.TarError as e:
+            raise bad(f"corrupt tar archive ({e})") from e
+    missing = sorted(set(listed) - seen)
+    if missing:
+        raise bad(f"members missing from the archive: {', '.join(missing)}")
+    return manifest, entries

@@ -1,0 +1,131 @@
+"""HTTPS transport: a requests-based ``tuf.ngclient.FetcherInterface`` with Range resume."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import requests
+from tuf.api import exceptions as tuf_exc
+from tuf.ngclient import FetcherInterface
+
+from updater.errors import OperatorInputError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HttpsConfig:
+    """How the device reaches the HTTPS origin.
+
+    Attributes:
+        metadata_url: base URL of ``metadata/``.
+        targets_url: base URL of ``targets/``.
+        ca_file: PEM bundle of the CA(s) the origin must chain to (pinned); None for
+            the system store.
+        connect_timeout: seconds to establish a connection.
+        read_timeout: seconds without a byte before giving up.
+        chunk_size: bytes per read (64 KiB).
+    """
+
+    metadata_url: str
+    targets_url: str
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    chunk_size: int = 64 * 1024
+
+
+class RangeFetcher(FetcherInterface):
+    """A fetcher that can also continue a download from an offset (for staging resume)."""
+
+    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+        """Fetch ``url`` from byte ``offset``.
+
+        Returns:
+            The chunks, and the offset they actually start at (0 if the server
+            ignored the range and sends the whole file).
+
+        Raises:
+            tuf.api.exceptions.DownloadError: the transfer failed.
+        """
+        if offset == 0:
+            return self.fetch(url), 0
+        try:
+            return self._fetch_from(url, offset)
+        except tuf_exc.DownloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - FetcherInterface contract: wrap the rest
+            raise tuf_exc.DownloadError(f"Failed to download {url}") from e
+
+    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+        return self._fetch(url), 0
+
+
+class RequestsFetcher(RangeFetcher):
+    """HTTPS fetcher on a persistent ``requests.Session``, with the origin's CA pinned.
+
+    Raises:
+        OperatorInputError: a URL is not https:// or the CA file is missing.
+    """
+
+    def __init__(self, config: HttpsConfig) -> None:
+        for url in (config.metadata_url, config.targets_url):
+            if not url.startswith("https://"):
+                raise OperatorInputError(
+                    f"{url!r} is not an https:// URL", hint="modelward only fetches over TLS"
+                )
+        self._config = config
+        self._session = requests.Session()
+        # Pinning: the environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not widen
+        # whom we trust or where we connect; requests lets REQUESTS_CA_BUNDLE override
+        # Session.verify, so verify is also passed on every request.
+        self._session.trust_env = False
+        self._verify: str | bool = config.ca_file if config.ca_file is not None else True
+        self._session.headers["User-Agent"] = "modelward-agent"
+
+    def _get(self, url: str, headers: dict[str, str]) -> requests.Response:
+        cfg = self._config
+        try:
+            resp = self._session.get(
+                url,
+                stream=True,
+                timeout=(cfg.connect_timeout, cfg.read_timeout),
+                headers=headers,
+                allow_redirects=False,
+                verify=self._verify,
+            )
+        except requests.exceptions.SSLError as e:
+            raise tuf_exc.DownloadError(
+                f"TLS verification of {url} failed (is the origin's CA the pinned ca_file?)"
+            ) from e
+        except requests.RequestException as e:
+            raise tuf_exc.DownloadError(f"cannot reach {url}: {type(e).__name__}") from e
+        if resp.status_code not in (200, 206):
+            resp.close()
+            raise tuf_exc.DownloadHTTPError(
+                f"{url} answered HTTP {resp.status_code}", resp.status_code
+            )
+        return resp
+
+    def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_content(self._config.chunk_size)
+        except requests.RequestException as e:
+            raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
+        finally:
+            resp.close()
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        resp = self._get(url, {"Accept-Encoding": "identity"})
+        return self._chunks(resp, url)
+
+    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+        resp = self._get(url, {"Accept-Encoding": "identity", "Range": f"bytes={offset}-"})
+        start = offset if resp.status_code == 206 else 0
+        return self._chunks(resp, url), start
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self._session.close()

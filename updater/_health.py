@@ -1,0 +1,74 @@
+"""Health check: onnxruntime in a bounded child process."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from updater.errors import HealthCheckError
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Bounds of the health check.
+
+    Attributes:
+        timeout: seconds the child may run.
+        max_memory: address-space limit of the child in bytes (0 = none).
+        nice: niceness added to the child (heavy work runs at low priority).
+    """
+
+    timeout: float = 120.0
+    max_memory: int = 0
+    nice: int = 10
+
+
+def _limits(cfg: HealthConfig) -> None:  # runs in the child before exec
+    os.nice(cfg.nice)
+    if cfg.max_memory:
+        resource.setrlimit(resource.RLIMIT_AS, (cfg.max_memory, cfg.max_memory))
+
+
+def run_health_check(slot: Path, model: str, version: str, cfg: HealthConfig) -> str:
+    """Check that the model in ``slot`` loads and reproduces its test vectors.
+
+    Returns:
+        The child's one-line report.
+
+    Raises:
+        HealthCheckError: the model failed, the child crashed or ran out of time.
+    """
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "updater._healthchild", str(slot)],
+            capture_output=True,
+            timeout=cfg.timeout,
+            preexec_fn=lambda: _limits(cfg),  # noqa: PLW1509 - no threads touch it here
+            check=False,
+        )
+    except subprocess.TimeoutExpired as e:
+        raise HealthCheckError(
+            f"health check of {model} {version} took longer than {cfg.timeout:.0f}s",
+            model=model,
+            version=version,
+            detail="timeout",
+        ) from e
+    try:
+        report = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+        ok, detail = bool(report["ok"]), str(report["detail"])
+    except (ValueError, IndexError, KeyError, TypeError):
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
+        ok, detail = False, f"health check process exited {proc.returncode}: {tail[0]}"
+    if not ok or proc.returncode != 0:
+        raise HealthCheckError(
+            f"health check of {model} {version} failed: {detail}",
+            model=model,
+            version=version,
+            detail=detail,
+        )
+    return detail

@@ -1,0 +1,72 @@
+"""Health-check child process: ``python -m updater._healthchild SLOT_DIR``.
+
+Runs in its own process so that a model that crashes, hangs or eats memory in
+onnxruntime cannot take the agent down. Prints one JSON object
+``{"ok": bool, "detail": str}`` and exits 0 when the model reproduces its vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def check(slot: Path) -> tuple[bool, str]:
+    """Load the slot's model in onnxruntime and reproduce its test vectors."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from updater._bundle import MANIFEST, parse_manifest
+
+    manifest = parse_manifest((slot / MANIFEST).read_bytes(), str(slot))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    try:
+        sess = ort.InferenceSession(
+            str(slot / manifest.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        return False, f"onnxruntime cannot load {manifest.model_path}: {e}"
+    got_in = [(i.name) for i in sess.get_inputs()]
+    got_out = [(o.name) for o in sess.get_outputs()]
+    want_in = [s.name for s in manifest.inputs]
+    want_out = [s.name for s in manifest.outputs]
+    if got_in != want_in or got_out != want_out:
+        return False, (
+            f"model signature {got_in}->{got_out} differs from the manifest {want_in}->{want_out}"
+        )
+    with np.load(slot / manifest.vectors, allow_pickle=False) as vec:
+        feeds: dict[str, Any] = {n: vec[f"input:{n}"] for n in want_in}
+        expected = {n: vec[f"output:{n}"] for n in want_out}
+    try:
+        outs = sess.run(want_out, feeds)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises many unrelated types
+        return False, f"inference on the test vectors failed: {e}"
+    for name, got in zip(want_out, outs, strict=True):
+        exp = expected[name]
+        if got.shape != exp.shape:
+            return False, f"output {name!r} has shape {got.shape}, vectors say {exp.shape}"
+        if not np.allclose(got, exp, rtol=manifest.rtol, atol=manifest.atol):
+            worst = float(np.max(np.abs(got.astype("float64") - exp.astype("float64"))))
+            return False, (
+                f"output {name!r} differs from the test vectors (max abs diff {worst:.3g}, "
+                f"rtol={manifest.rtol}, atol={manifest.atol})"
+            )
+    return True, f"{len(want_out)} output(s) match the test vectors"
+
+
+def main() -> int:
+    """Entry point of the child."""
+    try:
+        ok, detail = check(Path(sys.argv[1]))
+    except Exception as e:  # noqa: BLE001 - report anything as a failed check, never crash silently
+        ok, detail = False, f"{type(e).__name__}: {e}"
+    print(json.dumps({"ok": ok, "detail": detail}))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""The update state machine: refresh → pick → download → extract → verify → health → commit.
+
+Decisions (which target, whether it is newer, which slot) are plain functions;
+``update_once`` and ``boot_check`` are the thin I/O around them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
+
+from trust import ModelRef, TrustRecord, TrustStore, directory_entries, slot_fingerprint
+from updater._bundle import extract_bundle
+from updater._fetcher import HttpsConfig, RangeFetcher
+from updater._health import HealthConfig, run_health_check
+from updater._semver import SemVer
+from updater._slots import SlotStore
+from updater._tuf import Candidate, TufSession, convert_tuf_error
+from updater.errors import (
+    FingerprintMismatchError,
+    NothingTrustedError,
+    RollbackError,
+    StagingError,
+    TargetHashError,
+)
+
+logger = logging.getLogger(__name__)
+
+_HASHES = {"sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b"}
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    """Everything one device needs to update.
+
+    Attributes:
+        state_dir: the agent's state directory (metadata, staging, slots, trust).
+        model: name of the model this device runs.
+        https: the HTTPS origin.
+        health: health-check bounds.
+        max_bundle_bytes: largest bundle the device accepts (8 GiB), on top of TUF's length.
+    """
+
+    state_dir: Path
+    model: str
+    https: HttpsConfig
+    health: HealthConfig = field(default_factory=HealthConfig)
+    max_bundle_bytes: int = 8 << 30
+
+
+class Outcome(enum.Enum):
+    """How an update attempt ended (errors are raised instead)."""
+
+    INSTALLED = "installed"
+    UP_TO_DATE = "up-to-date"
+
+
+@dataclass(frozen=True)
+class UpdateResult:
+    """Result of :func:`update_once`."""
+
+    outcome: Outcome
+    message: str
+    active: ModelRef | None
+
+
+def pick_newest(candidates: list[Candidate]) -> Candidate | None:
+    """The highest semantic version (ties: the lexically last target path)."""
+    if not candidates:
+        return None
+    return max(candidates, key=lambda c: (c.version, c.target.path))
+
+
+def is_newer(candidate: Candidate, active: ModelRef | None) -> bool:
+    """Whether installing ``candidate`` moves the device forward."""
+    return active is None or candidate.version > SemVer.parse(active.version)
+
+
+def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int) -> None:
+    """Refuse targets metadata older than the version the trust record saw.
+
+    TUF's own rollback check compares against the local metadata files, which a
+    local attacker can replace with older valid copies; the TPM-bound record cannot.
+
+    Raises:
+        RollbackError: ``targets_version`` is below the recorded one.
+    """
+    if targets_version < record.targets_version:
+        raise RollbackError(
+            f"targets metadata version {targets_version} is older than version "
+            f"{record.targets_version} in the trust record (rollback of metadata)",
+            what="targets",
+            trusted=str(record.targets_version),
+            offered=str(targets_version),
+        )
+
+
+class _Device:
+    """Paths of one device's state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.metadata = state_dir / "metadata"
+        self.staging = state_dir / "staging"
+        self.slots = SlotStore(state_dir)
+
+
+def download_to_staging(
+    session: TufSession,
+    fetcher: RangeFetcher,
+    target: TargetFile,
+    staging: Path,
+    max_bytes: int,
+) -> Path:
+    """Stream a target into staging, verifying its signed length and hashes in one pass.
+
+    A partial ``<sha256>.part`` from an earlier attempt is continued with a Range
+    request; its bytes are re-hashed from disk, never trusted as they are.
+
+    Raises:
+        TargetHashError: length or hash differ from the signed target entry.
+        DownloadFailedError: the transfer failed (the partial file is kept for resume).
+        StagingError: staging cannot be written.
+    """
+    unknown = set(target.hashes) - _HASHES
+    if unknown or not target.hashes:
+        raise TargetHashError(
+            f"target {target.path}: unsupported hash algorithms {sorted(unknown)}",
+            target=target.path,
+        )
+    if target.length > max_bytes:
+        raise TargetHashError(
+            f"target {target.path} is {target.length} bytes, over the device limit {max_bytes}",
+            target=target.path,
+        )
+    staging.mkdir(parents=True, exist_ok=True)
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
+    part = staging / f"{key}.part"
+    done = staging / f"{key}.bundle"
+    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+    offset = part.stat().st_size if part.exists() else 0
+    if offset > target.length:
+        part.unlink()
+        offset = 0
+    url = session.target_url(target)
+    try:
+        with open(part, "ab+") as out:
+            out.seek(0)
+            while offset and (chunk := out.read(1 << 20)):
+                for h in hashers.values():
+                    h.update(chunk)
+            chunks, start = fetcher.fetch_from(url, offset) if offset < target.length else (
+                iter(()), offset)
+            if start != offset:  # the origin ignored Range: start over
+                out.truncate(0)
+                hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+            out.seek(start)
+            received = start
+            for chunk in chunks:
+                received += len(chunk)
+                if received > target.length:
+                    raise TargetHashError(
+                        f"target {target.path}: origin sent more than the signed "
+                        f"{target.length} bytes",
+                        target=target.path,
+                    )
+                for h in hashers.values():
+                    h.update(chunk)
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+    except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
+        raise convert_tuf_error(e, f"download of {url}") from e
+    except OSError as e:
+        raise StagingError(f"cannot write staging file {part}: {e}") from e
+    except TargetHashError:
+        part.unlink(missing_ok=True)
+        raise
+    if received != target.length:
+        part.unlink(missing_ok=True)
+        raise TargetHashError(
+            f"target {target.path}: got {received} bytes, signed length is {target.length}",
+            target=target.path,
+        )
+    for alg, h in hashers.items():
+        if h.hexdigest() != target.hashes[alg]:
+            part.unlink(missing_ok=True)
+            raise TargetHashError(
+                f"target {target.path}: {alg} of the download does not match the signed "
+                "target (altered on the origin or in transit)",
+                target=target.path,
+            )
+    os.replace(part, done)
+    return done
+
+
+def update_once(
+    cfg: UpdaterConfig,
+    store: TrustStore,
+    fetcher: RangeFetcher,
+    *,
+    on_step: Callable[[str], None] = lambda step: None,
+) -> UpdateResult:
+    """One full update attempt; on any error nothing trusted moves.
+
+    Raises:
+        UntrustedRemoteError: metadata, bundle, fingerprint or health check rejected.
+        TransportError: the origin did not deliver.
+        LocalDeviceError: TPM, trust record or disk at fault.
+    """
+    dev = _Device(cfg.state_dir)
+    record = store.load()
+    on_step("checking")
+    session = TufSession(
+        dev.metadata, cfg.https.metadata_url, cfg.https.targets_url, fetcher, store.anchored_root()
+    )
+    session.refresh()
+    if session.root_version > record.root_version:
+        logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
+        store.rotate_root(session.root_bytes)
+    check_metadata_not_rolled_back(record, session.targets_version)
+    newest = pick_newest(session.candidates(cfg.model))
+    active = record.active
+    if newest is None or not is_newer(newest, active):
+        what = f"{active.name} {active.version}" if active else "nothing"
+        if newest is not None and active is not None and newest.version < SemVer.parse(
+            active.version
+        ):
+            logger.warning(
+                "repository offers %s %s, older than active %s; not installing",
+                newest.name, newest.version, active.version,
+            )
+        msg = f"nothing to do: {what} is active and no newer {cfg.model} is published"
+        return UpdateResult(Outcome.UP_TO_DATE, msg, active)
+
+    name, version = newest.name, str(newest.version)
+    logger.info("installing %s %s (fingerprint %s)", name, version, newest.fingerprint)
+    on_step("downloading")
+    staged = download_to_staging(
+        session, fetcher, newest.target, dev.staging, cfg.max_bundle_bytes
+    )
+    on_step("staged")
+    slot = SlotStore.other(active.slot if active else None)
+    incoming = dev.slots.fresh_incoming()
+    try:
+        with open(staged, "rb") as f:
+            manifest, entries = extract_bundle(f, incoming, newest.target.path)
+        if (manifest.name, manifest.version) != (name, version):
+            raise FingerprintMismatchError(
+                f"bundle says {manifest.name} {manifest.version}, its signed target says "
+                f"{name} {version}",
+                model=name, version=version, expected=newest.fingerprint, actual="",
+            )
+        fingerprint = slot_fingerprint(entries)
+        if fingerprint != newest.fingerprint:
+            raise FingerprintMismatchError(
+                f"{name} {version}: extracted fingerprint {fingerprint} differs from the "
+                f"signed {newest.fingerprint}",
+                model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
+            )
+        on_step("verified")
+        detail = run_health_check(incoming, name, version, cfg.health)
+        logger.info("health check of %s %s passed: %s", name, version, detail)
+        on_step("health-checked")
+    except BaseException:
+        dev.slots.discard_incoming()
+        staged.unlink(missing_ok=True)
+        raise
+    dev.slots.install_incoming(slot)
+    on_step("committing")
+    new_ref = ModelRef(name, version, fingerprint, slot)
+    store.commit(
+        record.successor(
+            root_version=session.root_version,
+            targets_version=session.targets_version,
+            active=new_ref,
+            previous=active,
+        )
+    )
+    dev.slots.activate(slot)
+    staged.unlink(missing_ok=True)
+    on_step("active")
+    return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
+
+
+@dataclass(frozen=True)
+class BootResult:
+    """Result of :func:`boot_check`."""
+
+    active: ModelRef
+    fell_back: bool
+    message: str
+
+
+def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
+    """Whether the slot's files still have the recorded fingerprint."""
+    path = slots.path(ref.slot)
+    if not path.is_dir():
+        return False, f"slot {ref.slot} is missing"
+    fp = slot_fingerprint(directory_entries(path))
+    return fp == ref.fingerprint, fp
+
+
+def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
+    """design.md "Boot": verify record and anchor, then the active slot, else fall back.
+
+    Raises:
+        NothingTrustedError: neither slot matches (or nothing was ever installed).
+        TrustRecordError, RootAnchorError, TpmError: the trust store itself is broken.
+    """
+    slots = SlotStore(state_dir)
+    record = store.load()
+    store.anchored_root()
+    active = record.active
+    if active is None:
+        raise NothingTrustedError("no model has been installed on this device yet")
+    ok, fp = slot_matches(slots, active)
+    if ok:
+        if slots.current_slot() != active.slot:
+            slots.activate(active.slot)
+        return BootResult(active, False, f"{active.name} {active.version} verified")
+    logger.error(
+        "active model %s %s (fingerprint %s) no longer matches: slot %s has %s",
+        active.name, active.version, active.fingerprint, active.slot, fp,
+    )
+    prev = record.previous
+    if prev is not None and slot_matches(slots, prev)[0]:
+        store.commit(record.successor(active=prev, previous=None))
+        slots.activate(prev.slot)
+        msg = (
+            f"active {active.name} {active.version} was altered; fell back to "
+            f"{prev.name} {prev.version} in slot {prev.slot}"
+        )
+        return BootResult(prev, True, msg)
+    raise NothingTrustedError(
+        f"active {active.name} {active.version} was altered and no trusted previous "
+        "model is left"
+    )

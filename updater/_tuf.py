@@ -1,0 +1,145 @@
+"""TUF session: python-tuf ngclient bootstrapped from the TPM-anchored root.
+
+All use of ngclient internals lives here (pinned: tuf < 8): the verified bytes of
+each new root (to rewrite the TPM anchor) and the trusted top-level targets.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
+from tuf.ngclient import Updater
+
+from updater._fetcher import RangeFetcher
+from updater._semver import SemVer
+from updater.errors import DownloadFailedError, MetadataError
+
+logger = logging.getLogger(__name__)
+
+
+class _AnchoredUpdater(Updater):
+    """ngclient Updater that remembers the verified bytes of the newest trusted root."""
+
+    latest_root: bytes = b""
+    latest_root_version: int = 0
+
+    def _persist_root(self, version: int, data: bytes) -> None:
+        # Called by ngclient only after the root verified (bootstrap or chained rotation).
+        super()._persist_root(version, data)
+        if version >= self.latest_root_version:
+            self.latest_root, self.latest_root_version = data, version
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A published model for this device: the TUF target and its signed modelward fields."""
+
+    target: TargetFile
+    name: str
+    version: SemVer
+    fingerprint: str
+
+
+def convert_tuf_error(e: Exception, what: str) -> Exception:
+    """Map python-tuf errors onto ours: transport vs untrusted remote."""
+    if isinstance(e, tuf_exc.DownloadHTTPError):
+        return DownloadFailedError(f"{what}: {e}", url=what, status=e.status_code)
+    if isinstance(e, tuf_exc.DownloadError):
+        return DownloadFailedError(f"{what}: {e}", url=what)
+    if isinstance(e, tuf_exc.RepositoryError):
+        return MetadataError(f"{what}: TUF metadata rejected: {type(e).__name__}: {e}")
+    return e
+
+
+class TufSession:
+    """One refresh of the device's TUF metadata.
+
+    Args:
+        metadata_dir: the device's TUF metadata cache.
+        metadata_url: base URL of the repository's metadata.
+        targets_url: base URL of its targets.
+        fetcher: the transport.
+        anchored_root: root.json bytes that the TPM anchors.
+    """
+
+    def __init__(
+        self,
+        metadata_dir: Path,
+        metadata_url: str,
+        targets_url: str,
+        fetcher: RangeFetcher,
+        anchored_root: bytes,
+    ) -> None:
+        metadata_dir.mkdir(parents=True, exist_ok=True)
+        self.targets_url = targets_url.rstrip("/") + "/"
+        try:
+            self._updater = _AnchoredUpdater(
+                str(metadata_dir),
+                metadata_url,
+                target_base_url=self.targets_url,
+                fetcher=fetcher,
+                bootstrap=anchored_root,
+            )
+        except (tuf_exc.RepositoryError, ValueError) as e:
+            raise MetadataError(f"anchored root cannot be loaded: {e}") from e
+
+    def refresh(self) -> None:
+        """Refresh top-level metadata (root chain, timestamp, snapshot, targets).
+
+        Raises:
+            MetadataError: the repository's metadata failed verification.
+            DownloadFailedError: the origin did not deliver.
+        """
+        try:
+            self._updater.refresh()
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            raise convert_tuf_error(e, "metadata refresh") from e
+
+    @property
+    def root_bytes(self) -> bytes:
+        """Verified bytes of the newest trusted root."""
+        return self._updater.latest_root
+
+    @property
+    def root_version(self) -> int:
+        """Version of the newest trusted root."""
+        return self._updater.latest_root_version
+
+    def _trusted(self) -> Any:
+        return self._updater._trusted_set  # noqa: SLF001 - see module docstring
+
+    @property
+    def targets_version(self) -> int:
+        """Version of the trusted top-level targets metadata."""
+        return int(self._trusted().targets.version)
+
+    def target_url(self, target: TargetFile) -> str:
+        """Download URL of a target, hash-prefixed under consistent snapshots."""
+        path = target.path
+        if self._trusted().root.consistent_snapshot:
+            digest = next(iter(target.hashes.values()))
+            dirname, sep, base = path.rpartition("/")
+            path = f"{dirname}{sep}{digest}.{base}"
+        return self.targets_url + path
+
+    def candidates(self, model: str) -> list[Candidate]:
+        """Signed targets that carry a well-formed ``modelward`` field for ``model``."""
+        found = []
+        targets: dict[str, TargetFile] = self._trusted().targets.targets
+        for path, t in targets.items():
+            field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+            if not isinstance(field, dict) or field.get("name") != model:
+                continue
+            try:
+                version = SemVer.parse(str(field["version"]))
+                fingerprint = str(field["fingerprint"])
+            except (KeyError, ValueError) as e:
+                logger.warning("ignoring target %s: malformed modelward field: %s", path, e)
+                continue
+            found.append(Candidate(t, model, version, fingerprint))
+        return found

@@ -1,0 +1,113 @@
+"""Errors of the updater. Roots are re-exported from :mod:`trust.errors`."""
+
+from __future__ import annotations
+
+from trust.errors import (
+    LocalDeviceError,
+    ModelwardError,
+    OperatorInputError,
+    TransportError,
+    UntrustedRemoteError,
+)
+
+__all__ = [
+    "BundleFormatError",
+    "DownloadFailedError",
+    "FingerprintMismatchError",
+    "HealthCheckError",
+    "LocalDeviceError",
+    "MetadataError",
+    "ModelwardError",
+    "NothingTrustedError",
+    "OperatorInputError",
+    "RollbackError",
+    "StagingError",
+    "TargetHashError",
+    "TransportError",
+    "UntrustedRemoteError",
+]
+
+
+class MetadataError(UntrustedRemoteError):
+    """TUF metadata from the repository failed verification (signature, expiry, version)."""
+
+
+class RollbackError(UntrustedRemoteError):
+    """Metadata or a model older than what the trust record holds was offered.
+
+    Attributes:
+        what: ``targets`` metadata or the model name.
+        trusted: the version the device trusts.
+        offered: the older version it was offered.
+    """
+
+    def __init__(self, message: str, *, what: str, trusted: str, offered: str) -> None:
+        super().__init__(message)
+        self.what, self.trusted, self.offered = what, trusted, offered
+
+
+class TargetHashError(UntrustedRemoteError):
+    """A downloaded bundle's length or hash differs from its signed TUF target entry.
+
+    Attributes:
+        target: the TUF target path.
+    """
+
+    def __init__(self, message: str, *, target: str) -> None:
+        super().__init__(message)
+        self.target = target
+
+
+class BundleFormatError(UntrustedRemoteError):
+    """A bundle is not a well-formed v1 bundle, or a member is unsafe or lies.
+
+    Attributes:
+        bundle: the bundle (target path or file).
+        member: the tar member at fault, or "".
+    """
+
+    def __init__(self, message: str, *, bundle: str, member: str = "") -> None:
+        super().__init__(message)
+        self.bundle, self.member = bundle, member
+
+
+class FingerprintMismatchError(UntrustedRemoteError):
+    """An extracted slot's fingerprint differs from the signed ``modelward`` field."""
+
+    def __init__(self, message: str, *, model: str, version: str, expected: str, actual: str):
+        super().__init__(message)
+        self.model, self.version, self.expected, self.actual = model, version, expected, actual
+
+
+class HealthCheckError(UntrustedRemoteError):
+    """The model did not load or did not reproduce its test vectors in onnxruntime.
+
+    Attributes:
+        model, version: the model at fault.
+        detail: what the child process reported.
+    """
+
+    def __init__(self, message: str, *, model: str, version: str, detail: str) -> None:
+        super().__init__(message)
+        self.model, self.version, self.detail = model, version, detail
+
+
+class DownloadFailedError(TransportError):
+    """The origin or broker did not deliver a file.
+
+    Attributes:
+        url: what was asked for.
+        status: the HTTP status, or None.
+    """
+
+    def __init__(self, message: str, *, url: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.url, self.status = url, status
+
+
+class StagingError(LocalDeviceError):
+    """The staging area or a slot could not be written (disk full, permissions)."""
+
+
+class NothingTrustedError(LocalDeviceError):
+    """Neither slot holds a model that matches the trust record."""
