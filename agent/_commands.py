@@ -36,12 +36,18 @@ class StatusFile:
             return {}
         return data if isinstance(data, dict) else {}
 
-    def record(self, *, error: ModelwardError | None, result: str | None) -> None:
-        """Store the outcome of a command."""
+    def record(
+        self, *, error: ModelwardError | None, result: str | None, error_type: str = ""
+    ) -> None:
+        """Store the outcome of a command; ``error_type`` names an event that is no exception."""
         doc = self.read()
         now = datetime.now(UTC).isoformat(timespec="seconds")
-        if error is not None:
-            doc["last_error"] = {"type": type(error).__name__, "message": str(error), "at": now}
+        if error is not None or error_type:
+            doc["last_error"] = {
+                "type": error_type or type(error).__name__,
+                "message": str(error) if error is not None else result,
+                "at": now,
+            }
         else:
             doc["last_result"] = {"message": result, "at": now}
             doc["last_error"] = None
@@ -141,7 +147,7 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
         raise
     if result.fell_back:
         logger.warning(result.message, extra={"fallback": True, **_model_extra(result.active)})
-        status.record(error=None, result=result.message)
+        status.record(error=None, result=result.message, error_type="ActiveModelAltered")
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result

@@ -166,7 +166,9 @@ class World:
 
         return str(json.loads((cur / "manifest.json").read_bytes())["version"])
 
-    def cli(self, *argv: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def cli(
+        self, *argv: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real ``modelward`` command in a child process."""
         e = dict(os.environ)
         e.update(env or {})

@@ -205,8 +205,9 @@ def test_wrong_ca_is_refused(world: World, tmp_path: Path) -> None:
 def test_root_rotation_updates_the_tpm_anchor(world: World) -> None:
     import hashlib
 
-    from publisher._keys import load_signer
     from tuf.api.metadata import Metadata, Root
+
+    from publisher._keys import load_signer
 
     world.publish("1.0.0", seed=1)
     world.update()

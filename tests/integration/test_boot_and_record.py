@@ -1,0 +1,139 @@
+"""Boot check and the TPM-bound trust record (issue #2 must-show 4 and 5)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import World
+from trust.errors import TrustRecordError, TrustRecordRollbackError
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _installed_v1_v2(w: World) -> None:
+    w.publish("1.0.0", seed=1)
+    w.update()
+    w.publish("2.0.0", seed=2)
+    w.update()
+    assert w.active_version() == "2.0.0"
+
+
+def test_boot_check_passes_on_untouched_model(world: World) -> None:
+    _installed_v1_v2(world)
+    before = world.snapshot()
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+    assert "2.0.0 verified" in r.stdout
+    assert world.snapshot() == before  # no NV write on a normal boot
+
+
+def test_byte_flip_falls_back_to_previous_slot(world: World) -> None:
+    _installed_v1_v2(world)
+    c = world.snapshot().counter
+    _flip(world.state / "current" / "model.onnx")
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+    assert "fell back to classifier 1.0.0" in r.stdout
+    assert world.active_version() == "1.0.0"
+    assert os.readlink(world.state / "current") == "slots/a"
+    rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
+    assert rec["active"]["version"] == "1.0.0" and rec["previous"] is None
+    assert world.snapshot().counter == c + 1
+    # The fallback is reported as the device's last error.
+    st = json.loads(world.cli("agent", "status", "--config", str(world.conf_path),
+                              "--json").stdout)
+    assert st["active"]["version"] == "1.0.0"
+    assert st["last_error"]["type"] == "ActiveModelAltered"
+    # And the next update heals the device: v2 goes back into the other slot.
+    world.update()
+    assert world.active_version() == "2.0.0"
+
+
+def test_extra_file_in_active_slot_is_a_mismatch(world: World) -> None:
+    _installed_v1_v2(world)
+    (world.state / "current" / "backdoor.py").write_text("print('hi')")
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0
+    assert world.active_version() == "1.0.0"
+
+
+def test_both_slots_altered_exits_nonzero_and_activates_nothing(world: World) -> None:
+    _installed_v1_v2(world)
+    _flip(world.state / "slots" / "a" / "model.onnx")
+    _flip(world.state / "slots" / "b" / "vectors.npz")
+    before = world.snapshot()
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 3
+    assert "no trusted previous model" in r.stderr
+    assert "Traceback" not in r.stderr
+    after = world.snapshot()
+    assert (after.record, after.counter, after.current) == (
+        before.record, before.counter, before.current)
+
+
+def test_missing_active_slot_falls_back(world: World) -> None:
+    _installed_v1_v2(world)
+    shutil.rmtree(world.state / "slots" / "b")
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0
+    assert world.active_version() == "1.0.0"
+
+
+def test_fresh_device_boot_check_says_nothing_installed(world: World) -> None:
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 3
+    assert "no model has been installed" in r.stderr
+
+
+def test_edited_trust_record_is_detected(world: World) -> None:
+    _installed_v1_v2(world)
+    path = world.state / "trust" / "record.json"
+    doc = json.loads(path.read_bytes())
+    doc["record"]["active"]["fingerprint"] = "0" * 64  # point trust at something else
+    path.write_text(json.dumps(doc))
+    edited = world.snapshot()
+    for argv in (("agent", "boot-check"), ("agent", "update", "--once")):
+        r = world.cli(*argv, "--config", str(world.conf_path))
+        assert r.returncode == 1
+        assert "TPM MAC does not verify" in r.stderr
+        assert "Traceback" not in r.stderr
+    with pytest.raises(TrustRecordError):
+        world.update()
+    after = world.snapshot()
+    assert (after.record, after.counter, after.current, after.slots) == (
+        edited.record, edited.counter, edited.current, edited.slots)
+
+
+def test_older_valid_trust_record_is_detected(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    old = (world.state / "trust" / "record.json").read_bytes()
+    world.publish("2.0.0", seed=2)
+    world.update()
+    (world.state / "trust" / "record.json").write_bytes(old)  # authentic, but stale
+    # ... together with the slot pointer, as a full rollback of the disk would do
+    before = world.snapshot()
+    with pytest.raises(TrustRecordRollbackError) as ei:
+        world.update()
+    assert "older copy was put back" in str(ei.value)
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 1 and "older copy" in r.stderr
+    assert world.snapshot() == before
+
+
+def test_deleted_trust_record_is_detected(world: World) -> None:
+    _installed_v1_v2(world)
+    (world.state / "trust" / "record.json").unlink()
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 1
+    assert "is missing" in r.stderr
+    assert world.active_version() == "2.0.0"
