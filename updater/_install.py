@@ -217,6 +217,8 @@ def update_once(
     """
     dev = _Device(cfg.state_dir)
     record = store.load()
+    if record.active and dev.slots.current_slot() != record.active.slot:
+        roll_forward(dev.slots, record.active)
     on_step("checking")
     session = TufSession(
         dev.metadata, cfg.https.metadata_url, cfg.https.targets_url, fetcher, store.anchored_root()
@@ -241,7 +243,10 @@ def update_once(
         return UpdateResult(Outcome.UP_TO_DATE, msg, active)
 
     name, version = newest.name, str(newest.version)
-    logger.info("installing %s %s (fingerprint %s)", name, version, newest.fingerprint)
+    logger.info(
+        "installing %s %s (fingerprint %s)", name, version, newest.fingerprint,
+        extra={"model": name, "version": version, "fingerprint": newest.fingerprint},
+    )
     on_step("downloading")
     staged = download_to_staging(
         session, fetcher, newest.target, dev.staging, cfg.max_bundle_bytes
@@ -267,13 +272,19 @@ def update_once(
             )
         on_step("verified")
         detail = run_health_check(incoming, name, version, cfg.health)
-        logger.info("health check of %s %s passed: %s", name, version, detail)
+        logger.info(
+            "health check of %s %s passed: %s", name, version, detail,
+            extra={"model": name, "version": version, "fingerprint": fingerprint},
+        )
         on_step("health-checked")
     except BaseException:
         dev.slots.discard_incoming()
         staged.unlink(missing_ok=True)
         raise
-    dev.slots.install_incoming(slot)
+    # Commit before moving the files into the slot: until the TPM counter moves, the
+    # inactive slot still holds what the record calls `previous`; after it moves, a
+    # crash leaves `.incoming` matching the record's active fingerprint, and boot_check
+    # completes the move (roll forward).
     on_step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
@@ -284,6 +295,8 @@ def update_once(
             previous=active,
         )
     )
+    on_step("committed")
+    dev.slots.install_incoming(slot)
     dev.slots.activate(slot)
     staged.unlink(missing_ok=True)
     on_step("active")
@@ -297,6 +310,28 @@ class BootResult:
     active: ModelRef
     fell_back: bool
     message: str
+
+
+def _fields(ref: ModelRef) -> dict[str, str]:
+    return {"model": ref.name, "version": ref.version, "fingerprint": ref.fingerprint}
+
+
+def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
+    """Complete an install that crashed after its commit: move ``.incoming`` into place.
+
+    Only when ``.incoming`` has exactly the fingerprint the trust record made active.
+    """
+    if not slots.incoming.is_dir():
+        return False
+    if slot_fingerprint(directory_entries(slots.incoming)) != active.fingerprint:
+        return False
+    logger.warning(
+        "completing the interrupted install of %s %s into slot %s",
+        active.name, active.version, active.slot, extra=_fields(active),
+    )
+    slots.install_incoming(active.slot)
+    slots.activate(active.slot)
+    return True
 
 
 def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
@@ -322,6 +357,8 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     if active is None:
         raise NothingTrustedError("no model has been installed on this device yet")
     ok, fp = slot_matches(slots, active)
+    if not ok:
+        ok = roll_forward(slots, active)
     if ok:
         if slots.current_slot() != active.slot:
             slots.activate(active.slot)
@@ -329,6 +366,7 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     logger.error(
         "active model %s %s (fingerprint %s) no longer matches: slot %s has %s",
         active.name, active.version, active.fingerprint, active.slot, fp,
+        extra=_fields(active),
     )
     prev = record.previous
     if prev is not None and slot_matches(slots, prev)[0]:

@@ -137,3 +137,45 @@ def test_deleted_trust_record_is_detected(world: World) -> None:
     assert r.returncode == 1
     assert "is missing" in r.stderr
     assert world.active_version() == "2.0.0"
+
+
+class _Crash(BaseException):
+    """Stands in for power loss at a named step."""
+
+
+def _crash_at(step: str):  # type: ignore[no-untyped-def]
+    def hook(s: str) -> None:
+        if s == step:
+            raise _Crash(step)
+    return hook
+
+
+@pytest.mark.parametrize("step", ["downloading", "staged", "verified", "health-checked",
+                                  "committing", "committed"])
+def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step: str) -> None:
+    from agent._commands import open_store
+    from updater import update_once
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    store = open_store(world.cfg)
+    try:
+        with pytest.raises(_Crash):
+            update_once(world.cfg.updater, store,
+                        __import__("updater").RequestsFetcher(world.cfg.updater.https),
+                        on_step=_crash_at(step))
+    finally:
+        store.tpm.close()
+    # Before the commit the device still trusts and runs v1; after it, v2 is trusted
+    # and boot-check completes the move.
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+    expected = "2.0.0" if step == "committed" else "1.0.0"
+    assert world.active_version() == expected
+    rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
+    assert rec["active"]["version"] == expected
+    # And an update afterwards converges on v2 either way.
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0

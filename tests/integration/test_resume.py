@@ -1,0 +1,55 @@
+"""A partial download in staging is resumed with a Range request, never trusted blindly."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from tests.conftest import World
+from updater.errors import TargetHashError
+
+
+def _bundle_requests(w: World) -> list[tuple[int, int]]:
+    """(status, body bytes) of every GET of a bundle in nginx's access log."""
+    log = (w.tmp / "origin" / "access.log").read_text()
+    return [(int(m.group(1)), int(m.group(2)))
+            for m in re.finditer(r'"GET /targets/\S+\.tar HTTP/1\.1" (\d+) (\d+)', log)]
+
+
+def _publish_big(w: World) -> tuple[bytes, str]:
+    pad = w.builds / "pad"
+    pad.write_bytes(os.urandom(8 << 20))
+    served = w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    sha = served.name.split(".", 1)[0]
+    return served.read_bytes(), sha
+
+
+def test_partial_download_resumes_from_staged_offset(world: World) -> None:
+    data, sha = _publish_big(world)
+    staging = world.state / "staging"
+    staging.mkdir(parents=True)
+    half = len(data) // 2
+    (staging / f"{sha}.part").write_bytes(data[:half])  # an earlier attempt's bytes
+    world.update()
+    assert world.active_version() == "1.0.0"
+    reqs = _bundle_requests(world)
+    assert reqs == [(206, len(data) - half)], reqs  # only the missing bytes came again
+    assert not list(staging.iterdir())
+
+
+def test_corrupt_partial_download_is_caught_and_discarded(world: World) -> None:
+    data, sha = _publish_big(world)
+    staging = world.state / "staging"
+    staging.mkdir(parents=True)
+    bad = bytearray(data[: len(data) // 2])
+    bad[100] ^= 0xFF  # tampered while the device was off
+    (staging / f"{sha}.part").write_bytes(bytes(bad))
+    with pytest.raises(TargetHashError):
+        world.update()
+    assert world.active_version() is None
+    assert not list(staging.iterdir())  # the poisoned part is gone
+    world.update()  # and the next attempt fetches it whole
+    assert world.active_version() == "1.0.0"
+    assert _bundle_requests(world)[-1] == (200, len(data))
