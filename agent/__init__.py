@@ -2,14 +2,17 @@
 
 from agent._commands import StatusFile, provision, run_boot_check, status, update
 from agent._config import AgentConfig, load_config
+from agent._daemon import Daemon, run_daemon
 from agent._log import JsonFormatter, setup_logging
 
 __all__ = [
     "AgentConfig",
+    "Daemon",
     "JsonFormatter",
     "StatusFile",
     "load_config",
     "provision",
+    "run_daemon",
     "run_boot_check",
     "setup_logging",
     "status",

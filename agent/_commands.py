@@ -10,8 +10,8 @@ from typing import Any
 
 from agent._config import AgentConfig
 from trust import ModelRef, ProvisionReport, Tpm, TrustStore, write_atomic
-from trust.errors import ModelwardError, OperatorInputError
-from updater import BootResult, RequestsFetcher, UpdateResult, boot_check, update_once
+from trust.errors import ModelwardError, OperatorInputError, TransportError
+from updater import BootResult, UpdateResult, boot_check, open_source, update_once
 
 logger = logging.getLogger("modelward.agent")
 
@@ -80,16 +80,17 @@ def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
 
 
 def update(cfg: AgentConfig) -> UpdateResult:
-    """``agent update --once``: one update attempt; the outcome goes to status.json."""
+    """``agent update --once``: one update attempt; the outcome goes to status.json.
+
+    With several transports configured ("auto"), a transport error on one (broker or
+    origin unreachable, a transfer that broke off) moves on to the next; a verification
+    failure does not, since the same repository would be offered again.
+    """
     status = StatusFile(cfg.state_dir)
-    fetcher = RequestsFetcher(cfg.updater.https)
     try:
         store = open_store(cfg)
         try:
-            result = update_once(
-                cfg.updater, store, fetcher,
-                on_step=lambda s: logger.debug("step %s", s, extra={"step": s}),
-            )
+            result = _update_with_fallback(cfg, store)
         finally:
             store.tpm.close()
     except ModelwardError as e:
@@ -97,12 +98,29 @@ def update(cfg: AgentConfig) -> UpdateResult:
                                                     **_error_fields(e)})
         status.record(error=e, result=None)
         raise
-    finally:
-        fetcher.close()
     logger.info(result.message, extra={"outcome": result.outcome.value,
                                        **_model_extra(result.active)})
     status.record(error=None, result=result.message)
     return result
+
+
+def _update_with_fallback(cfg: AgentConfig, store: TrustStore) -> UpdateResult:
+    order = cfg.updater.transports
+    for i, name in enumerate(order):
+        source = open_source(cfg.updater, name)
+        try:
+            return update_once(
+                cfg.updater, store, source,
+                on_step=lambda s: logger.debug("step %s", s, extra={"step": s}),
+            )
+        except TransportError as e:
+            if i + 1 == len(order):
+                raise
+            logger.warning("%s transport failed (%s); trying %s", name, e, order[i + 1],
+                           extra={"transport": name})
+        finally:
+            source.close()
+    raise AssertionError("no transport configured")  # load_config guarantees one
 
 
 def _error_fields(e: ModelwardError) -> dict[str, str]:

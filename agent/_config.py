@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from updater import HealthConfig, HttpsConfig, UpdaterConfig
+from updater import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
 
 _EXAMPLE = """\
 device_id = "dev-001"
@@ -17,10 +17,18 @@ state_dir = "/var/lib/modelward"
 tcti = "device:/dev/tpmrm0"
 model = "classifier"
 
+transport = "auto"            # "https", "mqtt", or "auto": both, in file order
+
 [https]
 metadata_url = "https://updates.example/metadata/"
 targets_url = "https://updates.example/targets/"
 ca_file = "/etc/modelward/origin-ca.pem"
+
+[mqtt]
+host = "broker.example"
+port = 8883
+ca_file = "/etc/modelward/broker-ca.pem"
+password_file = "/etc/modelward/mqtt-password"   # username defaults to device_id
 """
 
 
@@ -41,6 +49,7 @@ class AgentConfig:
     fleet: str
     tcti: str
     updater: UpdaterConfig
+    poll_interval: float = 3600.0
 
     @property
     def state_dir(self) -> Path:
@@ -73,35 +82,90 @@ def load_config(path: Path) -> AgentConfig:
         raise ConfigError(f"cannot read config {path}: {e}", path=str(path)) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}", path=str(path)) from e
-    https = doc.get("https")
-    if not isinstance(https, dict):
-        raise ConfigError(f"{path}: missing [https] section", path=str(path), key="https",
-                          hint=f"example configuration:\n{_EXAMPLE}")
-    ca = https.get("ca_file")
-    if ca is not None and not isinstance(ca, str):
-        raise ConfigError(f"{path}: 'https.ca_file' must be a string", path=str(path),
-                          key="https.ca_file")
     base = path.parent
+
+    def rel(p: str | None) -> str | None:
+        return None if p is None else str(base / p)
+
+    https_cfg = mqtt_cfg = None
+    if "https" in doc:
+        https = _section(doc, "https", path)
+        https_cfg = HttpsConfig(
+            metadata_url=_get(https, "metadata_url", str, path, "https."),
+            targets_url=_get(https, "targets_url", str, path, "https."),
+            ca_file=rel(_opt(https, "ca_file", path, "https.")),
+        )
+    device_id = _get(doc, "device_id", str, path)
+    fleet = _get(doc, "fleet", str, path)
+    if "mqtt" in doc:
+        mq = _section(doc, "mqtt", path)
+        password = _opt(mq, "password", path, "mqtt.")
+        pw_file = _opt(mq, "password_file", path, "mqtt.")
+        if pw_file is not None:
+            try:
+                password = (base / pw_file).read_text().strip()
+            except OSError as e:
+                raise ConfigError(f"{path}: cannot read mqtt.password_file: {e}",
+                                  path=str(path), key="mqtt.password_file") from e
+        mqtt_cfg = MqttConfig(
+            host=_get(mq, "host", str, path, "mqtt."),
+            port=_get(mq, "port", int, path, "mqtt."),
+            fleet=fleet,
+            client_name=_opt(mq, "username", path, "mqtt.") or device_id,
+            ca_file=rel(_opt(mq, "ca_file", path, "mqtt.")),
+            cert_file=rel(_opt(mq, "cert_file", path, "mqtt.")),
+            key_file=rel(_opt(mq, "key_file", path, "mqtt.")),
+            password=password,
+        )
+    configured = [k for k in doc if k in ("https", "mqtt")]
+    if not configured:
+        raise ConfigError(f"{path}: configure [https], [mqtt] or both", path=str(path),
+                          key="https", hint=f"example configuration:\n{_EXAMPLE}")
+    transport = doc.get("transport", "auto")
+    if transport == "auto":
+        order = tuple(configured)
+    elif transport in configured:
+        order = (transport,)
+    else:
+        raise ConfigError(
+            f"{path}: transport {transport!r} must be \"auto\" or a configured section "
+            f"({', '.join(configured)})", path=str(path), key="transport")
     health = doc.get("health", {})
     hcfg = HealthConfig(
         timeout=float(_get(health, "timeout", float, path, "health.")) if "timeout" in health
         else HealthConfig.timeout,
     )
+    agent = doc.get("agent", {})
     state_dir = Path(_get(doc, "state_dir", str, path))
     updater = UpdaterConfig(
         state_dir=state_dir if state_dir.is_absolute() else base / state_dir,
         model=_get(doc, "model", str, path),
-        https=HttpsConfig(
-            metadata_url=_get(https, "metadata_url", str, path, "https."),
-            targets_url=_get(https, "targets_url", str, path, "https."),
-            ca_file=str(base / ca) if ca else None,
-        ),
+        https=https_cfg,
+        mqtt=mqtt_cfg,
+        transports=order,
         health=hcfg,
     )
     return AgentConfig(
         path=path,
-        device_id=_get(doc, "device_id", str, path),
-        fleet=_get(doc, "fleet", str, path),
+        device_id=device_id,
+        fleet=fleet,
         tcti=_get(doc, "tcti", str, path),
         updater=updater,
+        poll_interval=float(_get(agent, "poll_interval", float, path, "agent."))
+        if "poll_interval" in agent else 3600.0,
     )
+
+
+def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    sec = doc[name]
+    if not isinstance(sec, dict):
+        raise ConfigError(f"{path}: [{name}] must be a table", path=str(path), key=name)
+    return sec
+
+
+def _opt(d: dict[str, Any], key: str, path: Path, prefix: str) -> str | None:
+    v = d.get(key)
+    if v is not None and not isinstance(v, str):
+        raise ConfigError(f"{path}: '{prefix}{key}' must be a string", path=str(path),
+                          key=f"{prefix}{key}")
+    return v

@@ -16,8 +16,12 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelward import __version__
+
+if TYPE_CHECKING:
+    from updater import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
@@ -76,13 +80,88 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from publisher import Repository
+    from publisher import Repository, announce
 
+    mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
     r = repo.publish(args.bundle)
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")
+    if mqtt is not None:
+        v = announce(args.repo, mqtt)
+        print(f"announced timestamp v{v} on {mqtt.topic('announce')}")
+    return EXIT_OK
+
+
+def _broker_config(args: argparse.Namespace, default_user: str) -> MqttConfig:
+    from trust.errors import OperatorInputError
+    from updater import MqttConfig
+    from updater._mqtt import parse_broker_url
+
+    if not args.broker or not args.fleet:
+        raise OperatorInputError("--broker and --fleet are required for MQTT")
+    host, port = parse_broker_url(args.broker)
+    password = None
+    if args.password_file:
+        try:
+            password = args.password_file.read_text().strip()
+        except OSError as e:
+            raise OperatorInputError(f"cannot read {args.password_file}: {e}") from e
+    return MqttConfig(
+        host=host, port=port, fleet=args.fleet, client_name=args.username or default_user,
+        ca_file=str(args.tls_ca) if args.tls_ca else None,
+        cert_file=str(args.cert) if args.cert else None,
+        key_file=str(args.key) if args.key else None,
+        password=password,
+    )
+
+
+def _add_broker_options(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("MQTT broker")
+    g.add_argument("--broker", required=required, help="mqtts://HOST:PORT")
+    g.add_argument("--fleet", required=required, help="fleet name (topic prefix)")
+    g.add_argument("--tls-ca", type=Path, help="CA of the broker's certificate (pinned)")
+    g.add_argument("--cert", type=Path, help="client certificate")
+    g.add_argument("--key", type=Path, help="client key")
+    g.add_argument("--username", help="MQTT username (default: the service's own)")
+    g.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+
+
+def _serve_mqtt(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from publisher import Bridge
+
+    bridge = Bridge(args.repo, _broker_config(args, "modelward-bridge"), group=args.group)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"serving {args.repo} for fleet {args.fleet} on {args.broker}", flush=True)
+    stop.wait()
+    bridge.close()
+    s = bridge.stats
+    print(f"stopped: {s.requests} requests, {s.served_bytes} bytes, {s.refused} refused")
+    return EXIT_OK
+
+
+def _announce(args: argparse.Namespace) -> int:
+    from publisher import announce
+
+    cfg = _broker_config(args, "modelward-operator")
+    v = announce(args.repo, cfg)
+    print(f"announced timestamp v{v} on {cfg.topic('announce')}")
+    return EXIT_OK
+
+
+def _fleet_broker_config(args: argparse.Namespace) -> int:
+    from publisher import write_broker_config
+
+    devices = [d for d in args.devices.split(",") if d]
+    bc = write_broker_config(args.fleet, devices, args.output)
+    print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
+    print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
 
 
@@ -111,6 +190,13 @@ def _agent_update(args: argparse.Namespace) -> int:
 
     result = update(load_config(args.config))
     print(result.message)
+    return EXIT_OK
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from agent import load_config, run_daemon
+
+    run_daemon(load_config(args.config))
     return EXIT_OK
 
 
@@ -206,7 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--repo", type=Path, required=True)
     pub.add_argument("--keys", type=Path, required=True)
     pub.add_argument("bundle", type=Path)
+    pub.add_argument("--announce", action="store_true",
+                     help="announce the new timestamp over MQTT afterwards")
+    _add_broker_options(pub, required=False)
     pub.set_defaults(func=_publish)
+
+    ann = sub.add_parser("announce", help="operator: publish the retained MQTT update hint")
+    ann.add_argument("--repo", type=Path, required=True)
+    _add_broker_options(ann, required=True)
+    ann.set_defaults(func=_announce)
+
+    srv = sub.add_parser("serve-mqtt", help="operator: answer device block requests over MQTT")
+    srv.add_argument("--repo", type=Path, required=True)
+    srv.add_argument("--group", default="modelward-bridges", help="shared-subscription group")
+    _add_broker_options(srv, required=True)
+    srv.set_defaults(func=_serve_mqtt)
+
+    fleet = sub.add_parser("fleet", help="operator: fleet and broker set-up")
+    fsub = fleet.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    f = fsub.add_parser("broker-config",
+                        help="mosquitto ACL, password file and per-device credentials")
+    f.add_argument("--fleet", required=True)
+    f.add_argument("--devices", required=True, help="comma-separated device ids")
+    f.add_argument("-o", "--output", type=Path, required=True)
+    f.set_defaults(func=_fleet_broker_config)
 
     agent = sub.add_parser("agent", help="device: provision, update, status, boot check")
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
@@ -219,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--once", action="store_true",
                    help="one attempt, then exit (what this command always does)")
     a.set_defaults(func=_agent_update)
+    a = asub.add_parser("run", help="the daemon: update on a poll timer and on announcements")
+    a.add_argument("--config", type=Path, required=True)
+    a.set_defaults(func=_agent_run)
     a = asub.add_parser("status", help="show the active and previous model and the last error")
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--json", action="store_true", help="one JSON object")

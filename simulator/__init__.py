@@ -1,5 +1,6 @@
 """Tester tooling: swtpm lifecycle, test PKI, nginx HTTPS origin, model factory, demo."""
 
+from simulator._broker import BrokerHandle, start_broker, stop_broker
 from simulator._demo import run_demo, write_device_config
 from simulator._models import make_linear_model
 from simulator._origin import OriginHandle, start_origin, stop_origin
@@ -8,6 +9,9 @@ from simulator._proc import free_port, wait_for_port
 from simulator._swtpm import SwtpmHandle, manufacture, start_swtpm, stop_swtpm
 
 __all__ = [
+    "BrokerHandle",
+    "start_broker",
+    "stop_broker",
     "CertPair",
     "OriginHandle",
     "SwtpmHandle",

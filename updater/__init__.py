@@ -15,17 +15,26 @@ from updater._health import HealthConfig, run_health_check
 from updater._install import (
     BootResult,
     Outcome,
+    Source,
     UpdaterConfig,
     UpdateResult,
     boot_check,
     download_to_staging,
+    open_source,
     update_once,
 )
+from updater._mqtt import AnnouncementListener, MqttConfig, MqttConnection, MqttFetcher
 from updater._semver import SemVer
 from updater._slots import SlotStore
 
 __all__ = [
     "FORMAT",
+    "AnnouncementListener",
+    "MqttConfig",
+    "MqttConnection",
+    "MqttFetcher",
+    "Source",
+    "open_source",
     "MANIFEST",
     "BootResult",
     "BundleFile",

@@ -19,14 +19,16 @@ from tuf.api.metadata import TargetFile
 
 from trust import ModelRef, TrustRecord, TrustStore, directory_entries, slot_fingerprint
 from updater._bundle import extract_bundle
-from updater._fetcher import HttpsConfig, RangeFetcher
+from updater._fetcher import HttpsConfig, RangeFetcher, RequestsFetcher
 from updater._health import HealthConfig, run_health_check
+from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttConfig, MqttFetcher
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
     FingerprintMismatchError,
     NothingTrustedError,
+    OperatorInputError,
     RollbackError,
     StagingError,
     TargetHashError,
@@ -44,16 +46,51 @@ class UpdaterConfig:
     Attributes:
         state_dir: the agent's state directory (metadata, staging, slots, trust).
         model: name of the model this device runs.
-        https: the HTTPS origin.
+        https: the HTTPS origin, if configured.
+        mqtt: the MQTT broker, if configured.
+        transports: which of them to use, in order of preference ("https", "mqtt");
+            later ones are tried when an earlier one fails to deliver.
         health: health-check bounds.
         max_bundle_bytes: largest bundle the device accepts (8 GiB), on top of TUF's length.
     """
 
     state_dir: Path
     model: str
-    https: HttpsConfig
+    https: HttpsConfig | None = None
+    mqtt: MqttConfig | None = None
+    transports: tuple[str, ...] = ("https",)
     health: HealthConfig = field(default_factory=HealthConfig)
     max_bundle_bytes: int = 8 << 30
+
+
+@dataclass
+class Source:
+    """One way to reach the repository: a transport and its base URLs."""
+
+    name: str
+    fetcher: RangeFetcher
+    metadata_url: str
+    targets_url: str
+
+    def close(self) -> None:
+        """Release connections."""
+        close = getattr(self.fetcher, "close", None)
+        if close is not None:
+            close()
+
+
+def open_source(cfg: UpdaterConfig, name: str) -> Source:
+    """Build the fetcher for transport ``name`` (no connection is made yet).
+
+    Raises:
+        OperatorInputError: the transport is not configured.
+    """
+    if name == "https" and cfg.https is not None:
+        return Source("https", RequestsFetcher(cfg.https), cfg.https.metadata_url,
+                      cfg.https.targets_url)
+    if name == "mqtt" and cfg.mqtt is not None:
+        return Source("mqtt", MqttFetcher(cfg.mqtt), MQTT_METADATA_URL, MQTT_TARGETS_URL)
+    raise OperatorInputError(f"transport {name!r} is not configured")
 
 
 class Outcome(enum.Enum):
@@ -204,7 +241,7 @@ def download_to_staging(
 def update_once(
     cfg: UpdaterConfig,
     store: TrustStore,
-    fetcher: RangeFetcher,
+    source: Source,
     *,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> UpdateResult:
@@ -220,8 +257,9 @@ def update_once(
     if record.active and dev.slots.current_slot() != record.active.slot:
         roll_forward(dev.slots, record.active)
     on_step("checking")
+    fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, cfg.https.metadata_url, cfg.https.targets_url, fetcher, store.anchored_root()
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, store.anchored_root()
     )
     session.refresh()
     if session.root_version > record.root_version:

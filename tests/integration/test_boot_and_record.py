@@ -154,7 +154,7 @@ def _crash_at(step: str):  # type: ignore[no-untyped-def]
                                   "committing", "committed"])
 def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step: str) -> None:
     from agent._commands import open_store
-    from updater import update_once
+    from updater import open_source, update_once
 
     world.publish("1.0.0", seed=1)
     world.update()
@@ -162,8 +162,7 @@ def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step:
     store = open_store(world.cfg)
     try:
         with pytest.raises(_Crash):
-            update_once(world.cfg.updater, store,
-                        __import__("updater").RequestsFetcher(world.cfg.updater.https),
+            update_once(world.cfg.updater, store, open_source(world.cfg.updater, "https"),
                         on_step=_crash_at(step))
     finally:
         store.tpm.close()
