@@ -74,6 +74,12 @@ class Bridge:
             raise FileNotFoundError(path)
         return real
 
+    def _read(self, path: str, offset: int, length: int) -> tuple[int, bytes]:
+        """Size of the file and up to ``length`` bytes from ``offset``."""
+        with open(self._resolve(path), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            return size, os.pread(f.fileno(), length, offset) if offset <= size else b""
+
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         device = msg.topic[len(self._prefix):] if msg.topic.startswith(self._prefix) else ""
         try:
@@ -98,14 +104,8 @@ class Bridge:
             if not (isinstance(path, str) and isinstance(offset, int)
                     and isinstance(length, int)) or offset < 0 or not 0 < length <= self.max_block:
                 raise ValueError("path/offset/length")
-            real = self._resolve(path)
-            with open(real, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                if offset > size:
-                    status = "416"
-                else:
-                    data = os.pread(f.fileno(), length, offset)
-                    status = "200"
+            size, data = self._read(path, offset, length)
+            status = "200" if offset <= size else "416"
         except FileNotFoundError:
             status = "404"
         except (ValueError, KeyError, TypeError) as e:

@@ -15,27 +15,41 @@ from simulator._origin import start_origin, stop_origin
 from simulator._pki import issue_cert, make_ca
 from simulator._swtpm import start_swtpm, stop_swtpm
 
-_CONFIG = """\
-device_id = "{device_id}"
-fleet = "demo"
-state_dir = "{state}"
-tcti = "{tcti}"
-model = "classifier"
-
-[https]
-metadata_url = "{url}/metadata/"
-targets_url = "{url}/targets/"
-ca_file = "{ca}"
-"""
-
 
 def write_device_config(
-    path: Path, *, device_id: str, state: Path, tcti: str, origin_url: str, ca: Path,
+    path: Path,
+    *,
+    device_id: str,
+    state: Path,
+    tcti: str,
+    origin_url: str | None = None,
+    ca: Path | None = None,
     model: str = "classifier",
+    fleet: str = "demo",
+    mqtt: dict[str, object] | None = None,
+    transport: str | None = None,
+    poll_interval: float | None = None,
 ) -> Path:
-    """Write an agent config for a simulated device."""
-    text = _CONFIG.format(device_id=device_id, state=state, tcti=tcti, url=origin_url, ca=ca)
-    path.write_text(text.replace('model = "classifier"', f'model = "{model}"'))
+    """Write an agent config for a simulated device; sections appear in argument order
+    (HTTPS first), which is the order ``transport = "auto"`` prefers."""
+    lines = [
+        f'device_id = "{device_id}"', f'fleet = "{fleet}"', f'state_dir = "{state}"',
+        f'tcti = "{tcti}"', f'model = "{model}"',
+    ]
+    if transport:
+        lines.append(f'transport = "{transport}"')
+    if poll_interval is not None:
+        lines += ["", "[agent]", f"poll_interval = {poll_interval}"]
+    if origin_url is not None:
+        lines += ["", "[https]", f'metadata_url = "{origin_url}/metadata/"',
+                  f'targets_url = "{origin_url}/targets/"']
+        if ca is not None:
+            lines.append(f'ca_file = "{ca}"')
+    if mqtt:
+        lines += ["", "[mqtt]"]
+        for k, v in mqtt.items():
+            lines.append(f'{k} = "{v}"' if isinstance(v, str | Path) else f"{k} = {v}")
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 

@@ -206,3 +206,98 @@ def copytree(src: Path, dst: Path) -> None:
     """Replace ``dst`` with a copy of ``src``."""
     shutil.rmtree(dst, ignore_errors=True)
     shutil.copytree(src, dst, symlinks=True)
+
+
+# --- MQTT ---------------------------------------------------------------------
+
+FLEET = "f1"
+
+
+@dataclass
+class MqttWorld(World):
+    """A World whose repository is also served over MQTT (mosquitto + serve-mqtt)."""
+
+    broker_work: Path = Path()
+    broker_port: int = 0
+    creds: dict[str, Path] | None = None
+    bridge: subprocess.Popen[str] | None = None
+    bridge_log: Path = Path()
+
+    def broker_args(self, user: str) -> list[str]:
+        assert self.creds is not None
+        return ["--broker", f"mqtts://127.0.0.1:{self.broker_port}", "--fleet", FLEET,
+                "--tls-ca", str(self.ca.cert), "--username", user,
+                "--password-file", str(self.creds[user])]
+
+    def mqtt_cfg(self, user: str) -> Any:
+        from updater import MqttConfig
+
+        assert self.creds is not None
+        return MqttConfig(host="127.0.0.1", port=self.broker_port, fleet=FLEET,
+                          client_name=user, ca_file=str(self.ca.cert),
+                          password=self.creds[user].read_text().strip())
+
+    def start_bridge(self) -> None:
+        self.bridge_log = self.tmp / f"bridge-{len(list(self.tmp.glob('bridge-*')))}.log"
+        log = open(self.bridge_log, "w")  # noqa: SIM115 - the child owns it
+        self.bridge = subprocess.Popen(
+            [sys.executable, "-m", "modelward", "-vv", "serve-mqtt", "--repo",
+             str(self.repo_dir), *self.broker_args("modelward-bridge")],
+            stdout=subprocess.PIPE, stderr=log, text=True,
+        )
+        assert self.bridge.stdout is not None
+        line = self.bridge.stdout.readline()
+        assert line.startswith("serving"), (line, self.bridge_log.read_text())
+
+    def stop_bridge(self) -> None:
+        if self.bridge is not None:
+            self.bridge.terminate()
+            self.bridge.wait(10)
+            self.bridge = None
+
+    def served_bytes(self, needle: str) -> int:
+        import re
+
+        total = 0
+        for line in self.bridge_log.read_text().splitlines():
+            if needle in line:
+                m = re.search(r"bytes=(\d+)", line)
+                total += int(m.group(1)) if m else 0
+        return total
+
+
+@pytest.fixture
+def mqtt_world(
+    tmp_path: Path, swtpm: SwtpmHandle, pki: tuple[CertPair, CertPair],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[MqttWorld]:
+    """Repository served only over MQTT (no HTTPS origin); device ``dev-1`` provisioned."""
+    from publisher import write_broker_config
+    from simulator import start_broker, stop_broker
+
+    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
+    ca, server = pki
+    repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
+    builds.mkdir()
+    repo = Repository(repo_dir, keys, PASSPHRASE)
+    root = repo.init()
+    bc = write_broker_config(FLEET, ["dev-1", "dev-2"], tmp_path / "broker-config")
+    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.passwords, bc.acl)
+    w: MqttWorld | None = None
+    try:
+        conf = write_device_config(
+            tmp_path / "agent.toml", device_id="dev-1", fleet=FLEET, state=tmp_path / "state",
+            tcti=swtpm.tcti, poll_interval=3600,
+            mqtt={"host": "127.0.0.1", "port": broker.port, "ca_file": str(ca.cert),
+                  "password_file": str(bc.credentials["dev-1"])},
+        )
+        w = MqttWorld(tmp_path, repo_dir, keys, repo, builds, conf, swtpm, "", ca,
+                      broker_work=tmp_path / "broker", broker_port=broker.port,
+                      creds=bc.credentials)
+        w.start_bridge()
+        agent_provision(w.cfg, root)
+        yield w
+    finally:
+        if w is not None:
+            w.stop_bridge()
+        stop_broker(tmp_path / "broker")

@@ -1,0 +1,325 @@
+"""MQTT transport on real mosquitto (TLS + ACL) and swtpm (issue #3 must-show 1-6)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from publisher import Bridge
+from simulator import stop_broker
+from tests.conftest import FLEET, MqttWorld
+from updater import MqttConnection, Outcome
+from updater.errors import DownloadFailedError, TargetHashError
+
+
+def _wait_for(pred: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_full_update_over_mqtt_only(mqtt_world: MqttWorld) -> None:
+    w = mqtt_world
+    assert w.cfg.updater.https is None and w.cfg.updater.transports == ("mqtt",)
+    w.publish("1.0.0", seed=1)
+    assert w.update().outcome is Outcome.INSTALLED
+    assert w.active_version() == "1.0.0"
+    w.publish("2.0.0", seed=2)
+    assert w.update().outcome is Outcome.INSTALLED
+    assert w.active_version() == "2.0.0"
+    before = w.snapshot()
+    assert w.update().outcome is Outcome.UP_TO_DATE
+    assert w.snapshot() == before
+    assert w.served_bytes("classifier-2.0.0.tar") > 0
+
+
+def test_missing_root_version_is_a_404_over_mqtt(mqtt_world: MqttWorld) -> None:
+    # TUF probes N+1.root.json on every refresh; the bridge must say "not found", not hang.
+    mqtt_world.publish("1.0.0", seed=1)
+    t = time.monotonic()
+    mqtt_world.update()
+    assert time.monotonic() - t < 20
+    assert '"path": "metadata/2.root.json"' in mqtt_world.bridge_log.read_text()
+    assert "status=404" in mqtt_world.bridge_log.read_text()
+
+
+def _daemon(w: MqttWorld) -> tuple[subprocess.Popen[str], Path]:
+    log = w.tmp / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelward", "-v", "agent", "run", "--config", str(w.conf_path)],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"), text=True,  # noqa: SIM115
+    )
+    return proc, log
+
+
+def _daemon_lines(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def test_announcement_triggers_update_and_forgery_only_refreshes(mqtt_world: MqttWorld) -> None:
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    proc, log = _daemon(w)
+    try:
+        _wait_for(lambda: w.active_version() == "1.0.0", 30, "the first update")
+        w.publish("2.0.0", seed=2)
+        time.sleep(3)  # the poll interval is an hour: nothing happens unannounced
+        assert w.active_version() == "1.0.0"
+        r = w.cli("announce", "--repo", str(w.repo_dir), *w.broker_args("modelward-operator"))
+        assert r.returncode == 0, r.stderr
+        assert "announced timestamp v3" in r.stdout
+        _wait_for(lambda: w.active_version() == "2.0.0", 30, "the announced update")
+
+        # A forged hint: valid JSON, wrong version, from an identity allowed to announce.
+        before = w.snapshot()
+        refreshes = sum("nothing to do" in d.get("msg", "") for d in _daemon_lines(log))
+        conn = MqttConnection(w.mqtt_cfg("modelward-operator"), "forger", [])
+        conn.publish(f"modelward/{FLEET}/announce",
+                     json.dumps({"timestamp_version": 999, "published_at": "x"}).encode(),
+                     retain=True, wait=True)
+        conn.close()
+        _wait_for(lambda: sum("nothing to do" in d.get("msg", "")
+                              for d in _daemon_lines(log)) > refreshes, 30, "the refresh")
+        assert any(d.get("timestamp_version") == 999 for d in _daemon_lines(log))
+        assert w.snapshot() == before  # nothing installed, nothing moved
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    assert any(d.get("msg") == "agent stopped" for d in _daemon_lines(log))
+
+
+class _AlteringBridge(Bridge):
+    def _read(self, path: str, offset: int, length: int) -> tuple[int, bytes]:
+        size, data = super()._read(path, offset, length)
+        if path.startswith("targets/") and data:
+            data = bytes([data[0] ^ 1]) + data[1:]
+        return size, data
+
+
+def test_bridge_altering_blocks_is_caught(mqtt_world: MqttWorld) -> None:
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    w.publish("2.0.0", seed=2)
+    w.stop_bridge()
+    evil = _AlteringBridge(w.repo_dir, w.mqtt_cfg("modelward-bridge"))
+    try:
+        before = w.snapshot()
+        with pytest.raises(TargetHashError):
+            w.update()
+        after = w.snapshot()
+        assert (after.record, after.counter, after.current, after.slots) == (
+            before.record, before.counter, before.current, before.slots)
+        assert w.active_version() == "1.0.0"
+    finally:
+        evil.close()
+
+
+def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: MqttWorld) -> None:
+    import os
+
+    from agent import update
+
+    w = mqtt_world
+    pad = w.builds / "pad"
+    pad.write_bytes(os.urandom(48 << 20))
+    served = w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    total = served.stat().st_size
+    staging = w.state / "staging"
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            update(w.cfg)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            errors.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    part = staging / f"{served.name.split('.', 1)[0]}.part"
+    _wait_for(lambda: part.exists() and part.stat().st_size > total // 3, 60, "a third")
+    stop_broker(w.broker_work)  # the broker goes away mid-download
+    t.join(60)
+    assert errors and isinstance(errors[0], DownloadFailedError), errors
+    staged = part.stat().st_size
+    assert 0 < staged < total
+    before_restart = w.served_bytes("classifier-1.0.0.tar")
+
+    conf = w.broker_work / "mosquitto.conf"
+    subprocess.run(["mosquitto", "-c", str(conf), "-d"], check=True)
+    time.sleep(2)  # the bridge reconnects by itself (paho's reconnect loop)
+    update(w.cfg)
+    assert w.active_version() == "1.0.0"
+    again = w.served_bytes("classifier-1.0.0.tar") - before_restart
+    missing = total - staged
+    print(f"bundle {total} B, staged {staged} B, re-served {again} B for {missing} missing")
+    assert missing <= again <= 1.1 * missing + (1 << 20)
+
+
+def test_garbage_on_the_response_topic_is_ignored(
+    mqtt_world: MqttWorld, caplog: pytest.LogCaptureFixture
+) -> None:
+    from updater._mqtt import publish_properties
+
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
+    stop = threading.Event()
+    # Only bridges may write response topics; a rogue or broken bridge does this:
+    rogue = MqttConnection(w.mqtt_cfg("modelward-bridge"), "rogue", [])
+
+    def flood() -> None:
+        i = 0
+        while not stop.is_set():
+            kind = i % 4
+            if kind == 0:
+                rogue.publish(topic, b"\x00garbage")  # no properties at all
+            elif kind == 1:
+                p = publish_properties()
+                p.CorrelationData = b"x" * 16  # someone else's correlation
+                p.UserProperty = [("status", "200"), ("offset", "0"), ("size", "5")]
+                rogue.publish(topic, b"hello", p)
+            elif kind == 2:
+                p = publish_properties()
+                p.CorrelationData = b"\xff" * 3
+                rogue.publish(topic, b"\x00" * (2 << 20), p)  # oversized
+            else:
+                p = publish_properties()
+                p.CorrelationData = b"y" * 16
+                p.UserProperty = [("status", "404")]
+                rogue.publish(topic, b"", p)
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=flood)
+    t.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="updater._mqtt"):
+            assert w.update().outcome is Outcome.INSTALLED
+    finally:
+        stop.set()
+        t.join()
+        rogue.close()
+    assert w.active_version() == "1.0.0"
+    assert any("unknown correlation data" in r.getMessage() for r in caplog.records)
+
+
+def _client(w: MqttWorld, user: str) -> tuple[mqtt.Client, dict[Any, Any], list[str]]:
+    got: list[str] = []
+    res: dict[Any, Any] = {}
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-acl",
+                    protocol=mqtt.MQTTv5)
+    c.tls_set(ca_certs=str(w.ca.cert))
+    assert w.creds is not None
+    c.username_pw_set(user, w.creds[user].read_text().strip())
+    c.on_publish = lambda _c, _u, mid, rc, _p: res.__setitem__(mid, rc)
+    c.on_message = lambda _c, _u, m: got.append(m.topic)
+    c.connect("127.0.0.1", w.broker_port)
+    c.loop_start()
+    return c, res, got
+
+
+def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
+    w = mqtt_world
+    f = f"modelward/{FLEET}"
+    b, bres, bgot = _client(w, "dev-2")
+    a, ares, agot = _client(w, "dev-1")
+    try:
+        time.sleep(0.5)
+        # B publishes its retained status; A tries to read B's status and responses.
+        info = b.publish(f"{f}/devices/dev-2/status", b"{}", qos=1, retain=True)
+        info.wait_for_publish(5)
+        assert not bres[info.mid].is_failure
+        a.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1),
+                     (f"{f}/devices/+/status", 1), (f"{f}/#", 1)])
+        b.subscribe(f"{f}/devices/dev-2/status", 1)
+        # A publishing its request as B, and announcing, are refused by the broker.
+        for topic in (f"{f}/repo/req/dev-2", f"{f}/announce", f"{f}/devices/dev-2/status",
+                      f"{f}/devices/dev-1/repo/resp"):
+            info = a.publish(topic, b"{}", qos=1)
+            info.wait_for_publish(5)
+            assert ares[info.mid].is_failure, topic
+            assert ares[info.mid].getName() == "Not authorized"
+        # B gets a response the bridge sends for a request of its own.
+        info = b.publish(f"{f}/repo/req/dev-2",
+                         json.dumps({"path": "metadata/1.root.json", "offset": 0,
+                                     "length": 100}).encode(), qos=1,
+                         properties=_props_for("dev-2"))
+        info.wait_for_publish(5)
+        time.sleep(1.5)
+        assert f"{f}/devices/dev-2/status" in bgot  # the control: B reads its own status
+        assert not [t for t in agot if "dev-2" in t], agot  # A saw nothing of B's
+    finally:
+        a.loop_stop()
+        b.loop_stop()
+
+
+def _props_for(device: str) -> Any:
+    from updater._mqtt import publish_properties
+
+    p = publish_properties()
+    p.ResponseTopic = f"modelward/{FLEET}/devices/{device}/repo/resp"
+    p.CorrelationData = b"c" * 16
+    return p
+
+
+def test_bridge_refuses_paths_outside_the_repository(mqtt_world: MqttWorld) -> None:
+    from updater import MqttFetcher
+
+    w = mqtt_world
+    (w.tmp / "secret.txt").write_text("not served")
+    f = MqttFetcher(w.mqtt_cfg("dev-1"))
+    try:
+        for url in ("mqtt://repo/../secret.txt", "mqtt://repo/metadata/../../secret.txt",
+                    "mqtt://repo/keys/root.pem", "mqtt://repo/metadata/nope.json"):
+            with pytest.raises(Exception) as ei:  # noqa: PT011 - either refusal is fine
+                b"".join(f.fetch(url))
+            assert "not found" in str(ei.value) or "status 400" in str(ei.value), url
+        assert b"".join(f.fetch("mqtt://repo/metadata/1.root.json")).startswith(b"{")
+    finally:
+        f.close()
+    assert "refusing a request" in w.bridge_log.read_text()
+
+
+def test_auto_transport_falls_back_to_mqtt(mqtt_world: MqttWorld) -> None:
+    w = mqtt_world
+    text = w.conf_path.read_text().replace(
+        "[mqtt]", '[https]\nmetadata_url = "https://127.0.0.1:1/metadata/"\n'
+                  'targets_url = "https://127.0.0.1:1/targets/"\n\n[mqtt]')
+    w.conf_path.write_text(text)
+    assert w.cfg.updater.transports == ("https", "mqtt")
+    w.publish("1.0.0", seed=1)
+    assert w.update().outcome is Outcome.INSTALLED  # https is down; mqtt delivers
+
+
+def test_broker_config_cli(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config", "--fleet",
+                        "f9", "--devices", "a,b", "-o", str(tmp_path)], capture_output=True,
+                       text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    acl = (tmp_path / "acl").read_text()
+    assert "pattern write modelward/f9/repo/req/%u" in acl
+    assert (tmp_path / "credentials" / "a").stat().st_mode & 0o077 == 0
+    bad = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config",
+                          "--fleet", "f9", "--devices", "a/#", "-o", str(tmp_path / "x")],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 1 and "must be 1-64" in bad.stderr
