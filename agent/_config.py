@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,17 @@ class AgentConfig:
     tcti: str
     updater: UpdaterConfig
     poll_interval: float = 3600.0
+
+    def with_transport(self, name: str) -> AgentConfig:
+        """This configuration restricted to one configured transport.
+
+        Raises:
+            ConfigError: that transport has no section in the file.
+        """
+        if getattr(self.updater, name, None) is None:
+            raise ConfigError(f"{self.path}: transport {name!r} is not configured",
+                              path=str(self.path), key=name)
+        return replace(self, updater=replace(self.updater, transports=(name,)))
 
     @property
     def state_dir(self) -> Path:

@@ -26,16 +26,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from publisher import Repository, build_bundle  # noqa: E402
+from publisher import Repository, build_bundle, write_broker_config  # noqa: E402
 from simulator import (  # noqa: E402
+    free_port,
     issue_cert,
     make_ca,
     make_linear_model,
+    start_broker,
     start_origin,
+    stop_broker,
     stop_origin,
 )
 from trust import file_merkle_root  # noqa: E402
-from updater import HttpsConfig, RequestsFetcher, download_to_staging  # noqa: E402
+from updater import (  # noqa: E402
+    HttpsConfig,
+    MqttConfig,
+    MqttFetcher,
+    RequestsFetcher,
+    download_to_staging,
+)
+from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL  # noqa: E402
 from updater._tuf import TufSession  # noqa: E402
 
 PASS = b"benchmark passphrase"
@@ -142,7 +152,18 @@ def main() -> int:
         bundle = work / "b.tar"
         build_bundle(model, "bench", "1.0.0", bundle, extra=[(blob, "data/blob.bin")])
         pub = repo.publish(bundle)
-        origin = start_origin(repo_dir, work / "origin", issue_cert(ca, pki, "origin"))
+        http_port = free_port()
+        server_cert = issue_cert(ca, pki, "origin")
+        origin = start_origin(repo_dir, work / "origin", server_cert,
+                              unsafe_plain_http_port=http_port)
+        bc = write_broker_config("bench", ["bench-dev"], work / "bc")
+        broker = start_broker(work / "broker", server_cert, ca.cert, bc.passwords, bc.acl)
+        bridge = subprocess.Popen(
+            [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(repo_dir),
+             "--broker", broker.url, "--fleet", "bench", "--tls-ca", str(ca.cert),
+             "--password-file", str(bc.credentials["modelward-bridge"])],
+            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
+        assert bridge.stdout is not None and bridge.stdout.readline().startswith("serving")
         try:
             url = origin.url
             served = next((repo_dir / "targets" / "bench").glob("*.tar"))
@@ -186,6 +207,34 @@ def main() -> int:
             report("HTTPS download + verify + stage (nginx on loopback)", res,
                    "ours: refresh+download+verify+stage", pub.length)
 
+            mq = MqttConfig(host="127.0.0.1", port=broker.port, fleet="bench",
+                            client_name="bench-dev", ca_file=str(ca.cert),
+                            password=bc.credentials["bench-dev"].read_text().strip())
+
+            def ours_mqtt() -> None:
+                d = Path(tempfile.mkdtemp(dir=work))
+                f = MqttFetcher(mq)
+                s = TufSession(d / "md", MQTT_METADATA_URL, MQTT_TARGETS_URL, f,
+                               root.read_bytes())
+                s.refresh()
+                t = s._trusted().targets.targets[pub.target_path]  # noqa: SLF001
+                download_to_staging(s, f, t, d / "staging", 1 << 40)
+                f.close()
+                shutil.rmtree(d)
+
+            def curl_http() -> None:
+                out = work / "curl.out"
+                subprocess.run(["curl", "-sS", "-o", str(out),
+                                f"http://127.0.0.1:{http_port}/targets/bench/{served.name}"],
+                               check=True)
+                out.unlink()
+
+            res = rounds({"ours: MQTT refresh+fetch+verify+stage": ours_mqtt,
+                          "ours: HTTPS refresh+fetch+verify+stage": ours,
+                          "curl -o over plain HTTP": curl_http}, args.rounds)
+            report("MQTT fetch + verify + stage (mosquitto TLS + serve-mqtt bridge)", res,
+                   "ours: MQTT refresh+fetch+verify+stage", pub.length)
+
             # 3. Peak RSS of download + extraction, small vs large bundle.
             small_pad = work / "small.bin"
             small_pad.write_bytes(os.urandom(16 << 20))
@@ -204,6 +253,9 @@ def main() -> int:
             a, b = hwm.values()
             print(f"  ratio large/small                  {b / a:7.3f}")
         finally:
+            bridge.terminate()
+            bridge.wait(10)
+            stop_broker(work / "broker")
             stop_origin(work / "origin")
     finally:
         shutil.rmtree(work, ignore_errors=True)

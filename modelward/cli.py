@@ -188,7 +188,10 @@ def _agent_provision(args: argparse.Namespace) -> int:
 def _agent_update(args: argparse.Namespace) -> int:
     from agent import load_config, update
 
-    result = update(load_config(args.config))
+    cfg = load_config(args.config)
+    if args.transport:
+        cfg = cfg.with_transport(args.transport)
+    result = update(cfg)
     print(result.message)
     return EXIT_OK
 
@@ -327,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--once", action="store_true",
                    help="one attempt, then exit (what this command always does)")
+    a.add_argument("--transport", choices=["https", "mqtt"],
+                   help="use only this configured transport for this run")
     a.set_defaults(func=_agent_update)
     a = asub.add_parser("run", help="the daemon: update on a poll timer and on announcements")
     a.add_argument("--config", type=Path, required=True)

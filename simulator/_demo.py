@@ -1,15 +1,22 @@
-"""End-to-end demo: publish v1 and v2 over HTTPS (nginx), update a swtpm device, tamper, boot."""
+"""End-to-end demo: v1 over HTTPS (nginx), v2 announced and fetched over MQTT (mosquitto),
+on a swtpm device; then a tampered model and the boot-time fallback."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shlex
 import shutil
-from collections.abc import Iterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from simulator._broker import start_broker, stop_broker
 from simulator._models import make_linear_model
 from simulator._origin import start_origin, stop_origin
 from simulator._pki import issue_cert, make_ca
@@ -67,18 +74,50 @@ def _run(*argv: str) -> int:
 
 
 @contextlib.contextmanager
-def _services(work: Path) -> Iterator[None]:
+def _services(work: Path) -> Iterator[list[subprocess.Popen[str]]]:
+    children: list[subprocess.Popen[str]] = []
     try:
-        yield
+        yield children
     finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+                child.wait(20)
+        stop_broker(work / "broker")
         stop_origin(work / "origin")
         stop_swtpm(work / "device" / "tpm")
+
+
+def _spawn(children: list[subprocess.Popen[str]], log: Path, *argv: str) -> subprocess.Popen[str]:
+    print("$ modelward " + shlex.join(argv) + f"   (in the background, log: {log})", flush=True)
+    child = subprocess.Popen([sys.executable, "-m", "modelward", *argv],
+                             stdout=subprocess.PIPE, stderr=open(log, "w"),  # noqa: SIM115
+                             text=True)
+    children.append(child)
+    return child
+
+
+def _wait(pred: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _active(state: Path) -> str | None:
+    try:
+        return str(json.loads((state / "current" / "manifest.json").read_bytes())["version"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def run_demo(work: Path) -> int:
     """Run the demo in ``work`` (recreated); returns 0 when every step behaved as expected."""
     work = work.resolve()
     if work.exists():
+        stop_broker(work / "broker")
         stop_origin(work / "origin")
         stop_swtpm(work / "device" / "tpm")
         shutil.rmtree(work)
@@ -93,7 +132,7 @@ def run_demo(work: Path) -> int:
         if not ok:
             failures.append(what)
 
-    with _services(work):
+    with _services(work) as children:
         _say("Operator: create a TUF repository (keys outside the served directory)")
         _run("repo", "init", "--repo", str(repo), "--keys", str(keys))
 
@@ -105,29 +144,65 @@ def run_demo(work: Path) -> int:
         _run("publish", "--repo", str(repo), "--keys", str(keys),
              str(builds / "classifier-1.0.0.tar"))
 
-        _say("Tester: serve the repository over HTTPS with nginx, start a swtpm device")
+        _say("Tester: serve the repository over HTTPS (nginx) and MQTT (mosquitto with TLS "
+             "and per-device ACLs, plus the serve-mqtt bridge); start a swtpm device")
         pki = work / "pki"
         pki.mkdir()
         ca = make_ca(pki)
-        origin = start_origin(repo, work / "origin", issue_cert(ca, pki, "origin"))
+        server = issue_cert(ca, pki, "server")
+        origin = start_origin(repo, work / "origin", server)
         print(f"  origin {origin.url} (pid {origin.pid}), CA pinned by the device: {ca.cert}")
+        _run("fleet", "broker-config", "--fleet", "demo", "--devices", "demo-001",
+             "-o", str(work / "broker-config"))
+        creds = work / "broker-config" / "credentials"
+        broker = start_broker(work / "broker", server, ca.cert,
+                              work / "broker-config" / "passwords", work / "broker-config" / "acl")
+        print(f"  mosquitto {broker.url} (pid {broker.pid})")
+        mqtt_args = ["--broker", broker.url, "--fleet", "demo", "--tls-ca", str(ca.cert)]
+        bridge = _spawn(children, work / "bridge.log", "serve-mqtt", "--repo", str(repo),
+                        *mqtt_args, "--password-file", str(creds / "modelward-bridge"))
+        assert bridge.stdout is not None
+        print("  " + bridge.stdout.readline().strip())
         tpm = start_swtpm(device / "tpm")
         print(f"  swtpm {tpm.tcti} (pid {tpm.pid})")
-        conf = write_device_config(device / "agent.toml", device_id="demo-001",
-                                   state=device / "state", tcti=tpm.tcti,
-                                   origin_url=origin.url, ca=ca.cert)
+        state = device / "state"
+        conf = write_device_config(
+            device / "agent.toml", device_id="demo-001", state=state, tcti=tpm.tcti,
+            origin_url=origin.url, ca=ca.cert, transport="mqtt", poll_interval=3600,
+            mqtt={"host": "127.0.0.1", "port": broker.port, "ca_file": str(ca.cert),
+                  "password_file": str(creds / "demo-001")},
+        )
+        print(f"  device config {conf}: HTTPS and MQTT; the daemon uses MQTT")
 
         _say("Device: provision the TPM trust store and anchor root.json in TPM NV")
         _run("agent", "provision", "--config", str(conf), "--root",
              str(repo / "metadata" / "1.root.json"))
 
-        _say("Device: update -> v1 (TUF refresh, download, verify, health check, commit)")
-        expect(_run("agent", "update", "--config", str(conf), "--once") == 0, "v1 installed")
+        _say("Device: update over HTTPS -> v1 (TUF refresh, download, verify, health check, "
+             "commit)")
+        expect(_run("agent", "update", "--config", str(conf), "--once", "--transport",
+                    "https") == 0, "v1 installed over HTTPS")
 
-        _say("Operator: publish v2; device updates again")
+        _say("Device: start the daemon; it listens for announcements on MQTT")
+        daemon_log = work / "agent.log"
+        _spawn(children, daemon_log, "agent", "run", "--config", str(conf))
+        time.sleep(2)
+
+        _say("Operator: publish v2 and announce it; the device fetches it over MQTT")
         _run("publish", "--repo", str(repo), "--keys", str(keys),
-             str(builds / "classifier-2.0.0.tar"))
-        expect(_run("agent", "update", "--config", str(conf), "--once") == 0, "v2 installed")
+             str(builds / "classifier-2.0.0.tar"), "--announce", *mqtt_args,
+             "--password-file", str(creds / "modelward-operator"))
+        expect(_wait(lambda: _active(state) == "2.0.0", 60), "v2 installed over MQTT")
+        for line in daemon_log.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                msg = json.loads(line).get("msg", "")
+                if any(w in msg for w in ("announcement", "installed", "installing")):
+                    print(f"  agent log: {msg}")
+        for child in children[1:]:
+            child.send_signal(signal.SIGTERM)
+            child.wait(20)
+        print("  daemon stopped")
+
         _say("Device: a third run finds nothing to do")
         expect(_run("agent", "update", "--config", str(conf), "--once") == 0, "nothing to do")
         _run("agent", "status", "--config", str(conf))

@@ -29,7 +29,7 @@ http {{
     default_type application/octet-stream;
     sendfile on;
     server {{
-        listen 127.0.0.1:{port} ssl;
+        listen 127.0.0.1:{port} ssl;{http_listen}
         ssl_certificate {cert};
         ssl_certificate_key {key};
         root {root};
@@ -54,8 +54,14 @@ class OriginHandle:
         return f"https://127.0.0.1:{self.port}"
 
 
-def start_origin(root: Path, work: Path, tls: CertPair, port: int | None = None) -> OriginHandle:
+def start_origin(
+    root: Path, work: Path, tls: CertPair, port: int | None = None,
+    unsafe_plain_http_port: int | None = None,
+) -> OriginHandle:
     """Serve ``root`` over HTTPS on 127.0.0.1 with nginx (daemonised, pid in ``work``).
+
+    ``unsafe_plain_http_port`` adds a plain-HTTP listener; only benchmarks use it, as the
+    "curl over HTTP" reference. Devices refuse http:// URLs.
 
     Raises:
         ServiceError: nginx is missing or did not come up.
@@ -70,8 +76,10 @@ def start_origin(root: Path, work: Path, tls: CertPair, port: int | None = None)
     # As root, nginx workers would drop to `nobody`, which cannot read private test dirs.
     user = "user root root;" if os.geteuid() == 0 else ""
     conf = work / "nginx.conf"
+    http_listen = (f"\n        listen 127.0.0.1:{unsafe_plain_http_port};"
+                   if unsafe_plain_http_port else "")
     conf.write_text(_CONF.format(user=user, work=work, port=port, cert=tls.cert, key=tls.key,
-                                 root=root.resolve()))
+                                 root=root.resolve(), http_listen=http_listen))
     proc = subprocess.run([nginx, "-p", str(work), "-c", str(conf)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not wait_for_port(port):

@@ -49,7 +49,7 @@ class MqttConfig:
         password: the password, read from a file at the entry point (never logged).
         keepalive: seconds.
         connect_timeout: seconds to wait for CONNACK/SUBACK.
-        block_size: bytes asked for per request (256 KiB).
+        block_size: bytes asked for per request (1 MiB, the bridge's limit).
         window: requests in flight at once.
         block_timeout: seconds before a block is asked for again.
         max_retries: how often one block is asked for again before giving up.
@@ -66,7 +66,7 @@ class MqttConfig:
     password: str | None = None
     keepalive: int = 30
     connect_timeout: float = 10.0
-    block_size: int = 256 * 1024
+    block_size: int = 1024 * 1024
     window: int = 16
     block_timeout: float = 5.0
     max_retries: int = 4

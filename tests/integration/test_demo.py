@@ -17,7 +17,9 @@ def test_demo_runs_and_every_step_behaves(tmp_path: Path) -> None:
     assert "UNEXPECTED" not in out
     for line in (
         "installed classifier 1.0.0",
-        "installed classifier 2.0.0",
+        "ok: v1 installed over HTTPS",
+        "agent log: announcement: timestamp version 3",
+        "ok: v2 installed over MQTT",
         "nothing to do",
         "fell back to classifier 1.0.0",
         "Demo finished: every step behaved as expected.",
@@ -26,14 +28,17 @@ def test_demo_runs_and_every_step_behaves(tmp_path: Path) -> None:
     # services were stopped by pid
     assert not (tmp_path / "demo" / "origin" / "nginx.pid").exists()
     assert not (tmp_path / "demo" / "device" / "tpm" / "swtpm.pid").exists()
+    assert not (tmp_path / "demo" / "broker" / "mosquitto.pid").exists()
 
 
 def test_cli_help_lists_every_group() -> None:
     r = subprocess.run([sys.executable, "-m", "modelward", "--help"], capture_output=True,
                        text=True, check=True)
-    for word in ("repo", "bundle", "publish", "agent", "sim", "Exit codes"):
+    for word in ("repo", "bundle", "publish", "announce", "serve-mqtt", "fleet", "agent", "sim",
+                 "Exit codes"):
         assert word in r.stdout
     for argv in (["agent", "update", "--help"], ["sim", "tpm", "start", "--help"],
-                 ["bundle", "build", "--help"]):
+                 ["bundle", "build", "--help"], ["serve-mqtt", "--help"],
+                 ["agent", "run", "--help"], ["fleet", "broker-config", "--help"]):
         assert subprocess.run([sys.executable, "-m", "modelward", *argv], capture_output=True,
                               check=False).returncode == 0
