@@ -80,6 +80,9 @@ class Bridge:
             size = os.fstat(f.fileno()).st_size
             return size, os.pread(f.fileno(), length, offset) if offset <= size else b""
 
+    def _send(self, topic: str, data: bytes, props: Any) -> None:
+        self._conn.publish(topic, data, props)
+
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         device = msg.topic[len(self._prefix):] if msg.topic.startswith(self._prefix) else ""
         try:
@@ -114,7 +117,7 @@ class Bridge:
         out = publish_properties()
         out.CorrelationData = corr
         out.UserProperty = [("status", status), ("offset", str(offset)), ("size", str(size))]
-        self._conn.publish(resp_topic, data, out)
+        self._send(resp_topic, data, out)
         self.stats.served_bytes += len(data)
         logger.debug("served %s status=%s offset=%d bytes=%d to %s",
                      msg.payload[:200].decode(errors="replace"), status, offset, len(data),

@@ -323,3 +323,72 @@ def test_broker_config_cli(tmp_path: Path) -> None:
                           "--fleet", "f9", "--devices", "a/#", "-o", str(tmp_path / "x")],
                          capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and "must be 1-64" in bad.stderr
+
+
+class _UnreliableBridge(Bridge):
+    """Drops, duplicates and reorders its answers (deterministically)."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        self.n = 0
+        self.held: tuple[str, bytes, Any] | None = None
+        self.dropped = self.duplicated = self.reordered = 0
+        super().__init__(*a, **kw)
+
+    def _send(self, topic: str, data: bytes, props: Any) -> None:
+        self.n += 1
+        if self.n % 7 == 3:
+            self.dropped += 1
+            return
+        if self.n % 5 == 1:
+            self.duplicated += 1
+            super()._send(topic, data, props)
+        if self.n % 4 == 2 and self.held is None:
+            self.held = (topic, data, props)  # sent after the next answer
+            self.reordered += 1
+            return
+        super()._send(topic, data, props)
+        if self.held is not None:
+            held, self.held = self.held, None
+            super()._send(*held)
+
+
+def test_fetcher_survives_lost_duplicated_and_reordered_blocks(mqtt_world: MqttWorld) -> None:
+    import dataclasses
+    import os
+
+    from updater import MqttFetcher
+
+    w = mqtt_world
+    pad = w.builds / "pad"
+    pad.write_bytes(os.urandom(12 << 20))
+    served = w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    w.stop_bridge()
+    bad = _UnreliableBridge(w.repo_dir, w.mqtt_cfg("modelward-bridge"))
+    cfg = dataclasses.replace(w.mqtt_cfg("dev-1"), block_size=256 << 10, block_timeout=0.5,
+                              window=8)
+    f = MqttFetcher(cfg)
+    try:
+        data = b"".join(f.fetch(f"mqtt://repo/targets/classifier/{served.name}"))
+    finally:
+        f.close()
+        bad.close()
+    assert data == served.read_bytes()
+    assert bad.dropped and bad.duplicated and bad.reordered
+
+
+def test_bridge_refuses_blocks_over_its_bound(mqtt_world: MqttWorld) -> None:
+    import dataclasses
+
+    from tuf.api.exceptions import DownloadHTTPError
+
+    from updater import MqttFetcher
+
+    w = mqtt_world
+    f = MqttFetcher(dataclasses.replace(w.mqtt_cfg("dev-1"), block_size=4 << 20))
+    try:
+        with pytest.raises(DownloadHTTPError) as ei:
+            b"".join(f.fetch("mqtt://repo/metadata/1.root.json"))
+        assert ei.value.status_code == 400
+    finally:
+        f.close()
+    assert "refusing a request from dev-1" in w.bridge_log.read_text()
