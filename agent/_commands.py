@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,6 +14,17 @@ from agent._config import AgentConfig
 from trust import ModelRef, ProvisionReport, Tpm, TrustStore, write_atomic
 from trust.errors import ModelwardError, OperatorInputError, TransportError
 from updater import BootResult, UpdateResult, boot_check, open_source, update_once
+from updater._idle import (
+    BusyFileSignal,
+    CpuIdleSignal,
+    Gate,
+    IdleSignal,
+    LoadSignal,
+    MainsPowerSignal,
+    MaintenanceWindowSignal,
+    TimeRange,
+)
+from updater._journal import Journal
 
 logger = logging.getLogger("modelward.agent")
 
@@ -79,7 +92,7 @@ def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
     return report
 
 
-def update(cfg: AgentConfig) -> UpdateResult:
+def update(cfg: AgentConfig, gate: Gate | None = None) -> UpdateResult:
     """``agent update --once``: one update attempt; the outcome goes to status.json.
 
     With several transports configured ("auto"), a transport error on one (broker or
@@ -90,7 +103,7 @@ def update(cfg: AgentConfig) -> UpdateResult:
     try:
         store = open_store(cfg)
         try:
-            result = _update_with_fallback(cfg, store)
+            result = _update_with_fallback(cfg, store, gate)
         finally:
             store.tpm.close()
     except ModelwardError as e:
@@ -104,13 +117,34 @@ def update(cfg: AgentConfig) -> UpdateResult:
     return result
 
 
-def _update_with_fallback(cfg: AgentConfig, store: TrustStore) -> UpdateResult:
+def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
+              heartbeat: Callable[[], None] = lambda: None) -> Gate:
+    """The idle gate for the configured ``[idle]`` signals."""
+    i = cfg.idle
+    signals: list[IdleSignal] = []
+    if i.busy_file is not None:
+        signals.append(BusyFileSignal(i.busy_file, i.max_queue_depth, i.busy_stale_after))
+    if i.min_cpu_idle is not None:
+        signals.append(CpuIdleSignal(i.min_cpu_idle, i.cpu_window))
+    if i.max_load is not None:
+        signals.append(LoadSignal(i.max_load))
+    if i.require_mains:
+        signals.append(MainsPowerSignal())
+    if i.windows:
+        signals.append(MaintenanceWindowSignal([TimeRange.parse(w) for w in i.windows]))
+    return Gate(signals, poll=i.poll, stop=stop, heartbeat=heartbeat)
+
+
+def _update_with_fallback(cfg: AgentConfig, store: TrustStore,
+                          gate: Gate | None = None) -> UpdateResult:
     order = cfg.updater.transports
+    journal = Journal(cfg.state_dir / "journal.json", kill_at=cfg.test_kill_at)
+    gate = gate or make_gate(cfg)
     for i, name in enumerate(order):
         source = open_source(cfg.updater, name)
         try:
             return update_once(
-                cfg.updater, store, source,
+                cfg.updater, store, source, journal=journal, gate=gate,
                 on_step=lambda s: logger.debug("step %s", s, extra={"step": s}),
             )
         except TransportError as e:

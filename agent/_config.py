@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,32 @@ password_file = "/etc/modelward/mqtt-password"   # username defaults to device_i
 
 
 @dataclass(frozen=True)
+class IdleConfig:
+    """``[idle]``: which signals must say "idle" before heavy work (all optional).
+
+    Attributes:
+        busy_file: file where the inference app writes its queue depth.
+        max_queue_depth: depth above which the app counts as busy.
+        busy_stale_after: seconds after which an unchanged busy file is ignored.
+        min_cpu_idle: least idle CPU share (0-1) over ``cpu_window`` seconds.
+        max_load: highest 1-minute load average.
+        require_mains: pause while on battery.
+        windows: local-time maintenance windows ``HH:MM-HH:MM``.
+        poll: seconds between checks while paused.
+    """
+
+    busy_file: Path | None = None
+    max_queue_depth: int = 0
+    busy_stale_after: float = 300.0
+    min_cpu_idle: float | None = None
+    cpu_window: float = 5.0
+    max_load: float | None = None
+    require_mains: bool = False
+    windows: tuple[str, ...] = ()
+    poll: float = 1.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """A device's configuration.
 
@@ -50,6 +76,8 @@ class AgentConfig:
     tcti: str
     updater: UpdaterConfig
     poll_interval: float = 3600.0
+    idle: IdleConfig = field(default_factory=lambda: IdleConfig())
+    test_kill_at: str | None = None
 
     def with_transport(self, name: str) -> AgentConfig:
         """This configuration restricted to one configured transport.
@@ -81,8 +109,11 @@ def _get(d: dict[str, Any], key: str, typ: type, path: Path, prefix: str = "") -
     return value
 
 
-def load_config(path: Path) -> AgentConfig:
+def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
     """Read and validate an agent configuration file.
+
+    ``test_kill_at`` is the test hook of the journal (the CLI passes
+    ``MODELWARD_TEST_KILL_AT``): SIGKILL the agent right after journaling that step.
 
     Raises:
         ConfigError: unreadable file, bad TOML, missing or mistyped setting.
@@ -147,6 +178,7 @@ def load_config(path: Path) -> AgentConfig:
         else HealthConfig.timeout,
     )
     agent = doc.get("agent", {})
+    idle = _idle(doc.get("idle", {}), path, base)
     state_dir = Path(_get(doc, "state_dir", str, path))
     updater = UpdaterConfig(
         state_dir=state_dir if state_dir.is_absolute() else base / state_dir,
@@ -164,6 +196,39 @@ def load_config(path: Path) -> AgentConfig:
         updater=updater,
         poll_interval=float(_get(agent, "poll_interval", float, path, "agent."))
         if "poll_interval" in agent else 3600.0,
+        idle=idle,
+        test_kill_at=test_kill_at,
+    )
+
+
+def _idle(d: dict[str, Any], path: Path, base: Path) -> IdleConfig:
+    from updater._idle import TimeRange
+
+    def num(key: str, default: float | None) -> float | None:
+        return float(_get(d, key, float, path, "idle.")) if key in d else default
+
+    windows = d.get("windows", [])
+    if not isinstance(windows, list) or not all(isinstance(w, str) for w in windows):
+        raise ConfigError(f"{path}: 'idle.windows' must be a list of \"HH:MM-HH:MM\"",
+                          path=str(path), key="idle.windows")
+    for w in windows:
+        try:
+            TimeRange.parse(w)
+        except ValueError as e:
+            raise ConfigError(f"{path}: idle.windows: {e}", path=str(path),
+                              key="idle.windows") from e
+    busy = _opt(d, "busy_file", path, "idle.")
+    return IdleConfig(
+        busy_file=base / busy if busy else None,
+        max_queue_depth=int(_get(d, "max_queue_depth", int, path, "idle."))
+        if "max_queue_depth" in d else 0,
+        busy_stale_after=num("busy_stale_after", 300.0) or 300.0,
+        min_cpu_idle=num("min_cpu_idle", None),
+        cpu_window=num("cpu_window", 5.0) or 5.0,
+        max_load=num("max_load", None),
+        require_mains=bool(d.get("require_mains", False)),
+        windows=tuple(windows),
+        poll=num("poll", 1.0) or 1.0,
     )
 
 

@@ -14,7 +14,7 @@ import threading
 import time
 from types import FrameType
 
-from agent._commands import update
+from agent._commands import make_gate, update
 from agent._config import AgentConfig
 from trust.errors import ModelwardError, TransportError
 from updater import AnnouncementListener
@@ -68,7 +68,7 @@ class Daemon:
             self.wake.clear()
             last_run = time.monotonic()
             try:
-                update(self.cfg)
+                update(self.cfg, make_gate(self.cfg, stop=self.stop))
                 backoff = 0.0
             except ModelwardError:
                 backoff = min(max(2 * backoff, 5.0), self.cfg.poll_interval)

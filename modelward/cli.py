@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from modelward import __version__
 
 if TYPE_CHECKING:
+    from agent import AgentConfig
     from updater import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
@@ -168,10 +169,17 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
 # --- device -----------------------------------------------------------------
 
 
-def _agent_provision(args: argparse.Namespace) -> int:
-    from agent import load_config, provision
+def _load(args: argparse.Namespace) -> AgentConfig:
+    from agent import load_config
 
-    cfg = load_config(args.config)
+    # The journal's test hook: SIGKILL the agent right after journaling this step.
+    return load_config(args.config, test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
+
+
+def _agent_provision(args: argparse.Namespace) -> int:
+    from agent import provision
+
+    cfg = _load(args)
     rep = provision(cfg, args.root)
 
     def word(created: bool) -> str:
@@ -186,9 +194,9 @@ def _agent_provision(args: argparse.Namespace) -> int:
 
 
 def _agent_update(args: argparse.Namespace) -> int:
-    from agent import load_config, update
+    from agent import update
 
-    cfg = load_config(args.config)
+    cfg = _load(args)
     if args.transport:
         cfg = cfg.with_transport(args.transport)
     result = update(cfg)
@@ -197,16 +205,16 @@ def _agent_update(args: argparse.Namespace) -> int:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from agent import load_config, run_daemon
+    from agent import run_daemon
 
-    run_daemon(load_config(args.config))
+    run_daemon(_load(args))
     return EXIT_OK
 
 
 def _agent_status(args: argparse.Namespace) -> int:
-    from agent import load_config, status
+    from agent import status
 
-    doc = status(load_config(args.config))
+    doc = status(_load(args))
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
@@ -219,11 +227,11 @@ def _agent_status(args: argparse.Namespace) -> int:
 
 
 def _agent_boot_check(args: argparse.Namespace) -> int:
-    from agent import load_config, run_boot_check
+    from agent import run_boot_check
     from updater.errors import NothingTrustedError
 
     try:
-        result = run_boot_check(load_config(args.config))
+        result = run_boot_check(_load(args))
     except NothingTrustedError as e:
         print(f"modelward: boot check: {e}", file=sys.stderr)
         return EXIT_NOTHING_TRUSTED

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, Any, cast
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
@@ -21,12 +22,15 @@ from trust import ModelRef, TrustRecord, TrustStore, directory_entries, slot_fin
 from updater._bundle import extract_bundle
 from updater._fetcher import HttpsConfig, RangeFetcher, RequestsFetcher
 from updater._health import HealthConfig, run_health_check
+from updater._idle import Gate
+from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttConfig, MqttFetcher
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
     FingerprintMismatchError,
+    ModelwardError,
     NothingTrustedError,
     OperatorInputError,
     RollbackError,
@@ -155,6 +159,8 @@ def download_to_staging(
     target: TargetFile,
     staging: Path,
     max_bytes: int,
+    *,
+    gate: Gate | None = None,
 ) -> Path:
     """Stream a target into staging, verifying its signed length and hashes in one pass.
 
@@ -181,6 +187,10 @@ def download_to_staging(
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     part = staging / f"{key}.part"
     done = staging / f"{key}.bundle"
+    if done.exists():  # staged by an attempt that was interrupted later: re-verify, reuse
+        if _matches(done, target):
+            return done
+        done.unlink()
     hashers = {alg: hashlib.new(alg) for alg in target.hashes}
     offset = part.stat().st_size if part.exists() else 0
     if offset > target.length:
@@ -201,6 +211,8 @@ def download_to_staging(
             out.seek(start)
             received = start
             for chunk in chunks:
+                if gate is not None:
+                    gate.checkpoint("download")
                 received += len(chunk)
                 if received > target.length:
                     raise TargetHashError(
@@ -238,11 +250,43 @@ def download_to_staging(
     return done
 
 
+def _matches(path: Path, target: TargetFile) -> bool:
+    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            for h in hashers.values():
+                h.update(chunk)
+    return size == target.length and all(
+        h.hexdigest() == target.hashes[alg] for alg, h in hashers.items())
+
+
+class _GatedReader:
+    """A file wrapper that passes the idle gate before every read (extraction pauses too)."""
+
+    def __init__(self, f: Any, gate: Gate) -> None:
+        self._f, self._gate = f, gate
+
+    def read(self, n: int = -1) -> bytes:
+        self._gate.checkpoint("verification")
+        data: bytes = self._f.read(n)
+        return data
+
+
+def _ref_fields(ref: ModelRef | None) -> dict[str, str]:
+    if ref is None:
+        return {}
+    return {"model": ref.name, "version": ref.version, "fingerprint": ref.fingerprint}
+
+
 def update_once(
     cfg: UpdaterConfig,
     store: TrustStore,
     source: Source,
     *,
+    journal: Journal | None = None,
+    gate: Gate | None = None,
     on_step: Callable[[str], None] = lambda step: None,
 ) -> UpdateResult:
     """One full update attempt; on any error nothing trusted moves.
@@ -253,10 +297,38 @@ def update_once(
         LocalDeviceError: TPM, trust record or disk at fault.
     """
     dev = _Device(cfg.state_dir)
+    journal = journal or Journal(cfg.state_dir / "journal.json")
+    gate = gate or Gate()
+    fields: dict[str, str] = {}
+
+    def step(name: str) -> None:
+        journal.enter(name, **fields)
+        on_step(name)
+
+    try:
+        return _attempt(cfg, store, source, dev, journal, gate, step, fields)
+    except ModelwardError as e:
+        last = journal.read()
+        journal.enter("failed", model=last.model, version=last.version,
+                      fingerprint=last.fingerprint, target=last.target,
+                      detail=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _attempt(
+    cfg: UpdaterConfig,
+    store: TrustStore,
+    source: Source,
+    dev: _Device,
+    journal: Journal,
+    gate: Gate,
+    step: Callable[[str], None],
+    fields: dict[str, str],
+) -> UpdateResult:
     record = store.load()
     if record.active and dev.slots.current_slot() != record.active.slot:
-        roll_forward(dev.slots, record.active)
-    on_step("checking")
+        record = reconcile(dev.slots, store, record)
+    step("checking")
     fetcher = source.fetcher
     session = TufSession(
         dev.metadata, source.metadata_url, source.targets_url, fetcher, store.anchored_root()
@@ -278,6 +350,7 @@ def update_once(
                 newest.name, newest.version, active.version,
             )
         msg = f"nothing to do: {what} is active and no newer {cfg.model} is published"
+        journal.enter("active" if active else "idle", **_ref_fields(active))
         return UpdateResult(Outcome.UP_TO_DATE, msg, active)
 
     name, version = newest.name, str(newest.version)
@@ -285,16 +358,21 @@ def update_once(
         "installing %s %s (fingerprint %s)", name, version, newest.fingerprint,
         extra={"model": name, "version": version, "fingerprint": newest.fingerprint},
     )
-    on_step("downloading")
+    fields.update(model=name, version=version, fingerprint=newest.fingerprint,
+                  target=newest.target.path)
+    gate.wait_idle("download")
+    step("downloading")
     staged = download_to_staging(
-        session, fetcher, newest.target, dev.staging, cfg.max_bundle_bytes
+        session, fetcher, newest.target, dev.staging, cfg.max_bundle_bytes, gate=gate
     )
-    on_step("staged")
+    step("staged")
     slot = SlotStore.other(active.slot if active else None)
     incoming = dev.slots.fresh_incoming()
     try:
+        gate.wait_idle("verification")
         with open(staged, "rb") as f:
-            manifest, entries = extract_bundle(f, incoming, newest.target.path)
+            manifest, entries = extract_bundle(cast(IO[bytes], _GatedReader(f, gate)),
+                                               incoming, newest.target.path)
         if (manifest.name, manifest.version) != (name, version):
             raise FingerprintMismatchError(
                 f"bundle says {manifest.name} {manifest.version}, its signed target says "
@@ -308,13 +386,14 @@ def update_once(
                 f"signed {newest.fingerprint}",
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
-        on_step("verified")
+        step("verified")
+        gate.wait_idle("health check")
         detail = run_health_check(incoming, name, version, cfg.health)
         logger.info(
             "health check of %s %s passed: %s", name, version, detail,
             extra={"model": name, "version": version, "fingerprint": fingerprint},
         )
-        on_step("health-checked")
+        step("health-checked")
     except BaseException:
         dev.slots.discard_incoming()
         staged.unlink(missing_ok=True)
@@ -323,7 +402,7 @@ def update_once(
     # inactive slot still holds what the record calls `previous`; after it moves, a
     # crash leaves `.incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
-    on_step("committing")
+    step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
         record.successor(
@@ -333,11 +412,11 @@ def update_once(
             previous=active,
         )
     )
-    on_step("committed")
+    step("committed")
     dev.slots.install_incoming(slot)
     dev.slots.activate(slot)
     staged.unlink(missing_ok=True)
-    on_step("active")
+    step("active")
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
 
 
@@ -381,6 +460,43 @@ def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
     return fp == ref.fingerprint, fp
 
 
+def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> TrustRecord:
+    """Make ``current`` agree with the trust record after an interruption.
+
+    Rolls a committed install forward from ``.incoming``, else verifies the recorded
+    active slot, else falls back to the previous one (committing that). Returns the
+    record in force afterwards.
+
+    Raises:
+        NothingTrustedError: no slot matches the record.
+    """
+    active = record.active
+    if active is None:
+        raise NothingTrustedError("no model has been installed on this device yet")
+    ok, fp = slot_matches(slots, active)
+    if not ok:
+        ok = roll_forward(slots, active)
+    if ok:
+        if slots.current_slot() != active.slot:
+            slots.activate(active.slot)
+        return record
+    logger.error(
+        "active model %s %s (fingerprint %s) no longer matches: slot %s has %s",
+        active.name, active.version, active.fingerprint, active.slot, fp,
+        extra=_fields(active),
+    )
+    prev = record.previous
+    if prev is not None and slot_matches(slots, prev)[0]:
+        new = record.successor(active=prev, previous=None)
+        store.commit(new)
+        slots.activate(prev.slot)
+        return new
+    raise NothingTrustedError(
+        f"active {active.name} {active.version} was altered and no trusted previous "
+        "model is left"
+    )
+
+
 def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     """design.md "Boot": verify record and anchor, then the active slot, else fall back.
 
@@ -391,31 +507,18 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     slots = SlotStore(state_dir)
     record = store.load()
     store.anchored_root()
-    active = record.active
-    if active is None:
-        raise NothingTrustedError("no model has been installed on this device yet")
-    ok, fp = slot_matches(slots, active)
-    if not ok:
-        ok = roll_forward(slots, active)
-    if ok:
-        if slots.current_slot() != active.slot:
-            slots.activate(active.slot)
+    after = reconcile(slots, store, record)
+    active = after.active
+    assert active is not None
+    journal = Journal(state_dir / "journal.json")
+    if journal.read().step not in ("active", "idle", "failed"):
+        journal.enter("active", **_ref_fields(active))  # an interrupted attempt is over
+    if after is record:
         return BootResult(active, False, f"{active.name} {active.version} verified")
-    logger.error(
-        "active model %s %s (fingerprint %s) no longer matches: slot %s has %s",
-        active.name, active.version, active.fingerprint, active.slot, fp,
-        extra=_fields(active),
+    old = record.active
+    assert old is not None
+    msg = (
+        f"active {old.name} {old.version} was altered; fell back to "
+        f"{active.name} {active.version} in slot {active.slot}"
     )
-    prev = record.previous
-    if prev is not None and slot_matches(slots, prev)[0]:
-        store.commit(record.successor(active=prev, previous=None))
-        slots.activate(prev.slot)
-        msg = (
-            f"active {active.name} {active.version} was altered; fell back to "
-            f"{prev.name} {prev.version} in slot {prev.slot}"
-        )
-        return BootResult(prev, True, msg)
-    raise NothingTrustedError(
-        f"active {active.name} {active.version} was altered and no trusted previous "
-        "model is left"
-    )
+    return BootResult(active, True, msg)

@@ -1,0 +1,78 @@
+"""The update journal: every state transition, written atomically before it happens.
+
+``state_dir/journal.json`` holds the step an attempt reached and what it is about. After
+a crash or power loss the next start reads it and resumes (staged bytes are kept) or
+rolls back (an unfinished extraction is discarded); ``current`` never points at a slot the
+trust record does not vouch for, because it moves only after the commit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trust import write_atomic
+
+# In order. "idle" is the resting state between attempts.
+STEPS = (
+    "checking",
+    "downloading",
+    "staged",
+    "verified",
+    "health-checked",
+    "committing",
+    "committed",
+    "active",
+)
+RESTING = ("idle", "active", "failed")
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One journaled state."""
+
+    step: str
+    model: str = ""
+    version: str = ""
+    fingerprint: str = ""
+    target: str = ""
+    detail: str = ""
+    at: str = ""
+
+
+class Journal:
+    """Atomic, one-entry journal of the current update attempt.
+
+    Args:
+        path: the journal file.
+        kill_at: test hook - SIGKILL this process right after journaling that step
+            (read from ``MODELWARD_TEST_KILL_AT`` at the entry point only).
+    """
+
+    def __init__(self, path: Path, kill_at: str | None = None) -> None:
+        self.path = path
+        self.kill_at = kill_at
+
+    def read(self) -> JournalEntry:
+        """The last journaled state (``idle`` if none or unreadable)."""
+        try:
+            doc: dict[str, Any] = json.loads(self.path.read_bytes())
+            return JournalEntry(**{k: str(v) for k, v in doc.items()
+                                   if k in JournalEntry.__dataclass_fields__})
+        except (OSError, ValueError, TypeError):
+            return JournalEntry("idle")
+
+    def enter(self, step: str, **fields: str) -> None:
+        """Record ``step`` durably (temp file, fsync, rename, fsync dir)."""
+        if step not in STEPS and step not in RESTING:
+            raise ValueError(f"unknown journal step {step!r}")
+        entry = JournalEntry(step, at=datetime.now(UTC).isoformat(timespec="milliseconds"),
+                             **fields)
+        write_atomic(self.path, json.dumps(asdict(entry), sort_keys=True).encode())
+        if self.kill_at == step:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook: power loss right here
