@@ -92,7 +92,8 @@ def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
     return report
 
 
-def update(cfg: AgentConfig, gate: Gate | None = None) -> UpdateResult:
+def update(cfg: AgentConfig, gate: Gate | None = None,
+           on_step: Callable[[str], None] = lambda s: None) -> UpdateResult:
     """``agent update --once``: one update attempt; the outcome goes to status.json.
 
     With several transports configured ("auto"), a transport error on one (broker or
@@ -103,7 +104,7 @@ def update(cfg: AgentConfig, gate: Gate | None = None) -> UpdateResult:
     try:
         store = open_store(cfg)
         try:
-            result = _update_with_fallback(cfg, store, gate)
+            result = _update_with_fallback(cfg, store, gate, on_step)
         finally:
             store.tpm.close()
     except ModelwardError as e:
@@ -135,8 +136,8 @@ def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
     return Gate(signals, poll=i.poll, stop=stop, heartbeat=heartbeat)
 
 
-def _update_with_fallback(cfg: AgentConfig, store: TrustStore,
-                          gate: Gate | None = None) -> UpdateResult:
+def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None = None,
+                          on_step: Callable[[str], None] = lambda s: None) -> UpdateResult:
     order = cfg.updater.transports
     journal = Journal(cfg.state_dir / "journal.json", kill_at=cfg.test_kill_at)
     gate = gate or make_gate(cfg)
@@ -144,8 +145,7 @@ def _update_with_fallback(cfg: AgentConfig, store: TrustStore,
         source = open_source(cfg.updater, name)
         try:
             return update_once(
-                cfg.updater, store, source, journal=journal, gate=gate,
-                on_step=lambda s: logger.debug("step %s", s, extra={"step": s}),
+                cfg.updater, store, source, journal=journal, gate=gate, on_step=on_step,
             )
         except TransportError as e:
             if i + 1 == len(order):

@@ -207,7 +207,7 @@ def _agent_update(args: argparse.Namespace) -> int:
 def _agent_run(args: argparse.Namespace) -> int:
     from agent import run_daemon
 
-    run_daemon(_load(args))
+    run_daemon(_load(args), os.environ)
     return EXIT_OK
 
 

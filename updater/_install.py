@@ -388,7 +388,7 @@ def _attempt(
             )
         step("verified")
         gate.wait_idle("health check")
-        detail = run_health_check(incoming, name, version, cfg.health)
+        detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
         logger.info(
             "health check of %s %s passed: %s", name, version, detail,
             extra={"model": name, "version": version, "fingerprint": fingerprint},
