@@ -1,6 +1,14 @@
 """The device agent: configuration, commands, logging."""
 
-from agent._commands import StatusFile, provision, run_boot_check, status, update
+from agent._commands import (
+    StatusFile,
+    enroll,
+    provision,
+    run_boot_check,
+    signed_report,
+    status,
+    update,
+)
 from agent._config import AgentConfig, load_config
 from agent._daemon import Daemon, run_daemon
 from agent._log import JsonFormatter, setup_logging
@@ -11,7 +19,9 @@ __all__ = [
     "JsonFormatter",
     "StatusFile",
     "load_config",
+    "enroll",
     "provision",
+    "signed_report",
     "run_daemon",
     "run_boot_check",
     "setup_logging",

@@ -5,15 +5,25 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig
-from trust import ModelRef, ProvisionReport, Tpm, TrustStore, write_atomic
+from agent._observe import Metrics, build_report, notify_activation
+from trust import (
+    ModelRef,
+    ProvisionReport,
+    Tpm,
+    TrustRecord,
+    TrustStore,
+    sign_report,
+    write_atomic,
+)
 from trust.errors import ModelwardError, OperatorInputError, TransportError
-from updater import BootResult, UpdateResult, boot_check, open_source, update_once
+from updater import BootResult, Outcome, UpdateResult, boot_check, open_source, update_once
 from updater._idle import (
     BusyFileSignal,
     CpuIdleSignal,
@@ -25,6 +35,13 @@ from updater._idle import (
     TimeRange,
 )
 from updater._journal import Journal
+from updater.errors import (
+    BundleFormatError,
+    FingerprintMismatchError,
+    HealthCheckError,
+    MetadataError,
+    TargetHashError,
+)
 
 logger = logging.getLogger("modelward.agent")
 
@@ -36,7 +53,7 @@ def _model_extra(ref: ModelRef | None) -> dict[str, str]:
 
 
 class StatusFile:
-    """``state_dir/status.json``: the last result and the last error, written atomically."""
+    """``state_dir/status.json``: last result, last error, last activation and counters."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "status.json"
@@ -49,22 +66,31 @@ class StatusFile:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def write(self, doc: dict[str, Any]) -> None:
+        """Replace it atomically."""
+        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+
     def record(
         self, *, error: ModelwardError | None, result: str | None, error_type: str = ""
     ) -> None:
         """Store the outcome of a command; ``error_type`` names an event that is no exception."""
         doc = self.read()
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        if error is not None or error_type:
-            doc["last_error"] = {
-                "type": error_type or type(error).__name__,
-                "message": str(error) if error is not None else result,
-                "at": now,
-            }
-        else:
-            doc["last_result"] = {"message": result, "at": now}
-            doc["last_error"] = None
-        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+        _note(doc, error=error, result=result, error_type=error_type)
+        self.write(doc)
+
+
+def _note(doc: dict[str, Any], *, error: ModelwardError | None, result: str | None,
+          error_type: str = "") -> None:
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    if error is not None or error_type:
+        doc["last_error"] = {
+            "type": error_type or type(error).__name__,
+            "message": str(error) if error is not None else result,
+            "at": now,
+        }
+    else:
+        doc["last_result"] = {"message": result, "at": now}
+        doc["last_error"] = None
 
 
 def open_store(cfg: AgentConfig) -> TrustStore:
@@ -94,28 +120,63 @@ def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
 
 def update(cfg: AgentConfig, gate: Gate | None = None,
            on_step: Callable[[str], None] = lambda s: None) -> UpdateResult:
-    """``agent update --once``: one update attempt; the outcome goes to status.json.
+    """``agent update --once``: one update attempt.
 
-    With several transports configured ("auto"), a transport error on one (broker or
-    origin unreachable, a transfer that broke off) moves on to the next; a verification
-    failure does not, since the same repository would be offered again.
+    The outcome, the counters and the activation notice go to status.json and the
+    Prometheus textfile.
     """
     status = StatusFile(cfg.state_dir)
+    doc = status.read()
+    metrics = Metrics.from_status(doc)
+    metrics.counters["attempts"] += 1
+    marks: dict[str, float] = {}
+
+    def step(name: str) -> None:
+        marks[name] = time.monotonic()
+        logger.debug("step %s", name, extra={"step": name})
+        on_step(name)
+
+    fetched: list[int] = []
     try:
         store = open_store(cfg)
         try:
-            result = _update_with_fallback(cfg, store, gate, on_step)
+            result = _update_with_fallback(cfg, store, gate, step, fetched)
         finally:
             store.tpm.close()
     except ModelwardError as e:
         logger.error("update failed: %s", e, extra={"error": type(e).__name__,
                                                     **_error_fields(e)})
-        status.record(error=e, result=None)
+        metrics.counters["failures"] += 1
+        if isinstance(e, MetadataError):
+            metrics.counters["signature_failures"] += 1
+        elif isinstance(e, _REJECTED):
+            metrics.counters["verification_failures"] += 1
+        metrics.counters["bytes_fetched"] += sum(fetched)
+        _note(doc, error=e, result=None)
+        _save(cfg, status, doc, metrics)
         raise
+    metrics.counters["bytes_fetched"] += sum(fetched)
+    metrics.last_success = time.time()
     logger.info(result.message, extra={"outcome": result.outcome.value,
                                        **_model_extra(result.active)})
-    status.record(error=None, result=result.message)
+    _note(doc, error=None, result=result.message)
+    if result.outcome is Outcome.INSTALLED and result.active is not None:
+        metrics.counters["installed"] += 1
+        if "staged" in marks and "health-checked" in marks:
+            metrics.verification_seconds = round(marks["health-checked"] - marks["staged"], 3)
+        doc["last_activation"] = notify_activation(cfg.activation, cfg.state_dir,
+                                                   result.active)
+    _save(cfg, status, doc, metrics)
     return result
+
+
+_REJECTED = (TargetHashError, BundleFormatError, FingerprintMismatchError, HealthCheckError)
+
+
+def _save(cfg: AgentConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics) -> None:
+    doc.update(metrics.to_status())
+    status.write(doc)
+    metrics.write_textfile(cfg.metrics_textfile or cfg.state_dir / "metrics.prom")
 
 
 def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
@@ -136,8 +197,8 @@ def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
     return Gate(signals, poll=i.poll, stop=stop, heartbeat=heartbeat)
 
 
-def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None = None,
-                          on_step: Callable[[str], None] = lambda s: None) -> UpdateResult:
+def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None,
+                          on_step: Callable[[str], None], fetched: list[int]) -> UpdateResult:
     order = cfg.updater.transports
     journal = Journal(cfg.state_dir / "journal.json", kill_at=cfg.test_kill_at)
     gate = gate or make_gate(cfg)
@@ -153,6 +214,7 @@ def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None
             logger.warning("%s transport failed (%s); trying %s", name, e, order[i + 1],
                            extra={"transport": name})
         finally:
+            fetched.append(source.fetcher.bytes_received)
             source.close()
     raise AssertionError("no transport configured")  # load_config guarantees one
 
@@ -184,6 +246,32 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
     }
 
 
+def enroll(cfg: AgentConfig) -> tuple[str, bytes]:
+    """``agent enroll``: the device id and its TPM identity public key (PEM)."""
+    tpm = Tpm(cfg.tcti)
+    try:
+        return cfg.device_id, tpm.identity_public_pem()
+    finally:
+        tpm.close()
+
+
+def signed_report(cfg: AgentConfig, state: str) -> bytes:
+    """This device's status report, signed by its TPM identity key."""
+    tpm = Tpm(cfg.tcti)
+    try:
+        store = TrustStore(cfg.state_dir, tpm)
+        try:
+            record: TrustRecord | None = store.load()
+        except ModelwardError as e:
+            logger.error("status report without a trusted record: %s", e)
+            record = None
+        report = build_report(cfg.device_id, cfg.fleet, record, state,
+                              StatusFile(cfg.state_dir).read())
+        return sign_report(report, tpm)
+    finally:
+        tpm.close()
+
+
 def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     status = StatusFile(cfg.state_dir)
@@ -199,7 +287,11 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
         raise
     if result.fell_back:
         logger.warning(result.message, extra={"fallback": True, **_model_extra(result.active)})
-        status.record(error=None, result=result.message, error_type="ActiveModelAltered")
+        doc = status.read()
+        metrics = Metrics.from_status(doc)
+        metrics.counters["fallbacks"] += 1
+        _note(doc, error=None, result=result.message, error_type="ActiveModelAltered")
+        _save(cfg, status, doc, metrics)
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result

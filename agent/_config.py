@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from agent._observe import ActivationConfig
 from agent.errors import ConfigError
 from updater import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
 
@@ -77,6 +78,8 @@ class AgentConfig:
     updater: UpdaterConfig
     poll_interval: float = 3600.0
     idle: IdleConfig = field(default_factory=lambda: IdleConfig())
+    activation: ActivationConfig = field(default_factory=lambda: ActivationConfig())
+    metrics_textfile: Path | None = None
     test_kill_at: str | None = None
 
     def with_transport(self, name: str) -> AgentConfig:
@@ -197,7 +200,25 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
         poll_interval=float(_get(agent, "poll_interval", float, path, "agent."))
         if "poll_interval" in agent else 3600.0,
         idle=idle,
+        activation=_activation(doc.get("activation", {}), path),
+        metrics_textfile=base / mt if (mt := _opt(doc.get("metrics", {}), "textfile", path,
+                                                  "metrics.")) else None,
         test_kill_at=test_kill_at,
+    )
+
+
+def _activation(d: dict[str, Any], path: Path) -> ActivationConfig:
+    cmd = d.get("command", [])
+    if isinstance(cmd, str) or not isinstance(cmd, list) or not all(
+            isinstance(c, str) for c in cmd):
+        raise ConfigError(f"{path}: 'activation.command' must be a list of strings "
+                          '(e.g. ["/usr/bin/app-reload", "--quick"])', path=str(path),
+                          key="activation.command")
+    return ActivationConfig(
+        command=tuple(cmd),
+        reload_unit=_opt(d, "reload_unit", path, "activation."),
+        restart=bool(d.get("restart", False)),
+        timeout=float(d.get("timeout", 30.0)),
     )
 
 

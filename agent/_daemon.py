@@ -16,7 +16,7 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
-from agent._commands import make_gate, update
+from agent._commands import make_gate, signed_report, update
 from agent._config import AgentConfig
 from agent._notify import Notifier
 from trust.errors import ModelwardError, TransportError
@@ -114,6 +114,7 @@ class Daemon:
                 backoff = min(max(2 * backoff, 5.0), self.cfg.poll_interval)
                 self.notifier.status(f"last attempt failed: {type(e).__name__}; "
                                      f"retrying in {backoff:.0f}s")
+            self.publish_status()
             # The poll timer carries jitter so a fleet does not refresh in lockstep.
             wait = backoff or self.cfg.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311
             logger.debug("next refresh in %.0fs unless announced", wait)
@@ -121,6 +122,21 @@ class Daemon:
         self.notifier.stopping()
         if self._listener is not None:
             self._listener.close()
+
+    def publish_status(self) -> None:
+        """Publish the signed status report, retained, if MQTT is configured."""
+        mq = self.cfg.updater.mqtt
+        if mq is None or self._listener is None:
+            return
+        from updater._journal import Journal
+
+        state = Journal(self.cfg.state_dir / "journal.json").read().step
+        try:
+            payload = signed_report(self.cfg, state)
+            self._listener.publish(mq.topic(f"devices/{self.cfg.device_id}/status"), payload,
+                                   retain=True)
+        except ModelwardError as e:
+            logger.warning("cannot publish the status report: %s", e)
 
     def _on_step(self, step: str) -> None:
         self.notifier.beat()

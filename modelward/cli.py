@@ -156,6 +156,32 @@ def _announce(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fleet_add_device(args: argparse.Namespace) -> int:
+    from publisher import add_device
+    from trust.errors import OperatorInputError
+
+    try:
+        pem = args.key.read_bytes()
+    except OSError as e:
+        raise OperatorInputError(f"cannot read {args.key}: {e}") from e
+    path = add_device(args.fleet_dir, args.device, pem)
+    print(f"enrolled {args.device}: {path}")
+    return EXIT_OK
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    from publisher import collect_status, format_table
+
+    rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
+                          wait=args.wait)
+    if args.json:
+        print(json.dumps([{"device": r.device_id, "verified": r.verified,
+                           "problem": r.problem, "report": r.report} for r in rows]))
+    else:
+        print(format_table(rows) if rows else "no status reports")
+    return EXIT_OK
+
+
 def _fleet_broker_config(args: argparse.Namespace) -> int:
     from publisher import write_broker_config
 
@@ -201,6 +227,18 @@ def _agent_update(args: argparse.Namespace) -> int:
         cfg = cfg.with_transport(args.transport)
     result = update(cfg)
     print(result.message)
+    return EXIT_OK
+
+
+def _agent_enroll(args: argparse.Namespace) -> int:
+    from agent import enroll
+
+    device, pem = enroll(_load(args))
+    if args.json:
+        print(json.dumps({"device_id": device, "public_key": pem.decode()}))
+    else:
+        print(f"device_id {device}")
+        print(pem.decode(), end="")
     return EXIT_OK
 
 
@@ -327,6 +365,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--devices", required=True, help="comma-separated device ids")
     f.add_argument("-o", "--output", type=Path, required=True)
     f.set_defaults(func=_fleet_broker_config)
+    f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key")
+    f.add_argument("--fleet-dir", type=Path, required=True, help="the operator's fleet registry")
+    f.add_argument("--device", required=True)
+    f.add_argument("--key", type=Path, required=True, help="PEM from `agent enroll`")
+    f.set_defaults(func=_fleet_add_device)
+    f = fsub.add_parser("status", help="verified table of the devices' signed status reports")
+    f.add_argument("--fleet-dir", type=Path, required=True)
+    f.add_argument("--wait", type=float, default=2.0, help="seconds to collect reports")
+    f.add_argument("--json", action="store_true")
+    _add_broker_options(f, required=True)
+    f.set_defaults(func=_fleet_status)
 
     agent = sub.add_parser("agent", help="device: provision, update, status, boot check")
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
@@ -341,6 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--transport", choices=["https", "mqtt"],
                    help="use only this configured transport for this run")
     a.set_defaults(func=_agent_update)
+    a = asub.add_parser("enroll", help="print the device id and its TPM identity public key")
+    a.add_argument("--config", type=Path, required=True)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_agent_enroll)
     a = asub.add_parser("run", help="the daemon: update on a poll timer and on announcements")
     a.add_argument("--config", type=Path, required=True)
     a.set_defaults(func=_agent_run)

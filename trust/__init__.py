@@ -10,10 +10,14 @@ from trust._fingerprint import (
     slot_fingerprint,
 )
 from trust._record import ModelRef, TrustRecord, choose_record, decode_record, encode_record
+from trust._report import ReportSignatureError, sign_report, verify_report
 from trust._store import TrustStore
 from trust._tpm import ProvisionReport, Tpm, TpmInterface
 
 __all__ = [
+    "ReportSignatureError",
+    "sign_report",
+    "verify_report",
     "LEAF_SIZE",
     "FileEntry",
     "MerkleHasher",

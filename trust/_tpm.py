@@ -81,6 +81,14 @@ class TpmInterface(abc.ABC):
     def mac(self, digest: bytes) -> bytes:
         """HMAC-SHA256 of ``digest`` under the TPM-derived state MAC key."""
 
+    @abc.abstractmethod
+    def sign(self, digest: bytes) -> bytes:
+        """DER ECDSA-P256 signature of a SHA-256 ``digest`` by the device identity key."""
+
+    @abc.abstractmethod
+    def identity_public_pem(self) -> bytes:
+        """PEM of the device identity key (for enrolment)."""
+
     def mac_ok(self, digest: bytes, mac: bytes) -> bool:
         """Whether ``mac`` is this TPM's MAC of ``digest`` (constant time)."""
         return _hmac.compare_digest(self.mac(digest), mac)
@@ -361,6 +369,21 @@ class Tpm(TpmInterface):
         with self._transient(h):
             out = self._call("HMAC", lambda: e.hmac(h, digest, t.TPM2_ALG.SHA256))
         return bytes(out)
+
+    def sign(self, digest: bytes) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+
+        t = self._types()
+        ident = self._nv(IDENTITY_HANDLE)
+        scheme = t.TPMT_SIG_SCHEME(scheme=t.TPM2_ALG.ECDSA)
+        scheme.details.any.hashAlg = t.TPM2_ALG.SHA256
+        # The identity key is unrestricted, so a NULL hash-check ticket is accepted.
+        ticket = t.TPMT_TK_HASHCHECK(tag=t.TPM2_ST.HASHCHECK, hierarchy=t.TPM2_RH.NULL)
+        sig = self._call("sign with identity key",
+                         lambda: self._esys.sign(ident, digest, scheme, ticket))
+        r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
+        s_ = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+        return bytes(encode_dss_signature(r, s_))
 
     def identity_public_pem(self) -> bytes:
         """PEM of the device identity key (for enrolment)."""

@@ -38,7 +38,13 @@ class HttpsConfig:
 
 
 class RangeFetcher(FetcherInterface):
-    """A fetcher that can also continue a download from an offset (for staging resume)."""
+    """A fetcher that can also continue a download from an offset (for staging resume).
+
+    Attributes:
+        bytes_received: payload bytes received so far (metrics).
+    """
+
+    bytes_received: int = 0
 
     def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
         """Fetch ``url`` from byte ``offset``.
@@ -111,7 +117,9 @@ class RequestsFetcher(RangeFetcher):
 
     def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
         try:
-            yield from resp.iter_content(self._config.chunk_size)
+            for chunk in resp.iter_content(self._config.chunk_size):
+                self.bytes_received += len(chunk)
+                yield chunk
         except requests.RequestException as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
         finally:

@@ -338,6 +338,7 @@ class MqttFetcher(RangeFetcher):
                 if not chunk and deliver < total:
                     raise tuf_exc.DownloadError(f"mqtt {path}: empty block at {deliver}")
                 deliver += len(chunk)
+                self.bytes_received += len(chunk)
                 yield chunk
 
     def _accept(
@@ -409,6 +410,14 @@ class AnnouncementListener:
         logger.info("announcement: timestamp version %d", version,
                     extra={"timestamp_version": version})
         self._cb(version)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish on the listener's connection (the device's status report).
+
+        Raises:
+            TransportError: refused or not acknowledged.
+        """
+        self._conn.publish(topic, payload, retain=retain, wait=True)
 
     def close(self) -> None:
         """Disconnect."""

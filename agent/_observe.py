@@ -1,0 +1,148 @@
+"""What the agent tells the outside: counters, Prometheus metrics, the signed status
+report, and the activation notice to the inference application."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from trust import ModelRef, TrustRecord, write_atomic
+
+logger = logging.getLogger("modelward.agent")
+
+COUNTERS = ("attempts", "installed", "failures", "fallbacks", "bytes_fetched",
+            "signature_failures", "verification_failures")
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """``[activation]``: how to tell the inference application about a new model.
+
+    Attributes:
+        command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
+            MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
+        reload_unit: systemd unit to reload (``restart = true``: restart) after a switch.
+        restart: restart instead of reload.
+        timeout: seconds each may take.
+    """
+
+    command: tuple[str, ...] = ()
+    reload_unit: str | None = None
+    restart: bool = False
+    timeout: float = 30.0
+
+
+def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> dict[str, Any]:
+    """Run the configured notices; returns ``{"ok": bool, "detail": str}`` (never raises)."""
+    env = dict(os.environ, MODELWARD_MODEL_DIR=str(state_dir / "current"),
+               MODELWARD_MODEL=ref.name, MODELWARD_VERSION=ref.version,
+               MODELWARD_FINGERPRINT=ref.fingerprint)
+    cmds: list[list[str]] = []
+    if cfg.command:
+        cmds.append(list(cfg.command))
+    if cfg.reload_unit:
+        cmds.append(["systemctl", "restart" if cfg.restart else "reload-or-restart",
+                     cfg.reload_unit])
+    details = []
+    ok = True
+    for cmd in cmds:
+        try:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                               timeout=cfg.timeout, check=False)
+            good = r.returncode == 0
+            details.append(f"{cmd[0]}: exit {r.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            good = False
+            details.append(f"{cmd[0]}: {type(e).__name__}: {e}")
+        ok = ok and good
+    result = {"ok": ok, "detail": "; ".join(details) or "nothing configured"}
+    log = logger.info if ok else logger.error
+    log("activation notice for %s %s: %s", ref.name, ref.version, result["detail"],
+        extra={"model": ref.name, "version": ref.version, "fingerprint": ref.fingerprint,
+               "activation_ok": ok})
+    return result
+
+
+@dataclass
+class Metrics:
+    """Counters and gauges, persisted in status.json so they survive restarts."""
+
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    last_success: float = 0.0
+    verification_seconds: float = 0.0
+
+    @classmethod
+    def from_status(cls, doc: dict[str, Any]) -> Metrics:
+        """Counters stored by an earlier run."""
+        m = cls()
+        for k, v in (doc.get("counters") or {}).items():
+            if k in m.counters and isinstance(v, int):
+                m.counters[k] = v
+        m.last_success = float(doc.get("last_success", 0.0) or 0.0)
+        m.verification_seconds = float(doc.get("verification_seconds", 0.0) or 0.0)
+        return m
+
+    def to_status(self) -> dict[str, Any]:
+        """What goes into status.json."""
+        return {"counters": self.counters, "last_success": self.last_success,
+                "verification_seconds": self.verification_seconds}
+
+    def prometheus(self) -> str:
+        """Text exposition format."""
+        c = self.counters
+        rows = [
+            ("modelward_update_attempts_total", "counter", "Update attempts.", c["attempts"]),
+            ("modelward_updates_installed_total", "counter", "Models installed.",
+             c["installed"]),
+            ("modelward_update_failures_total", "counter", "Failed update attempts.",
+             c["failures"]),
+            ("modelward_signature_failures_total", "counter",
+             "TUF metadata that failed verification.", c["signature_failures"]),
+            ("modelward_verification_failures_total", "counter",
+             "Bundles rejected (hash, format, fingerprint, health check).",
+             c["verification_failures"]),
+            ("modelward_fallbacks_total", "counter", "Boot-time fallbacks to the previous model.",
+             c["fallbacks"]),
+            ("modelward_bytes_fetched_total", "counter", "Bytes fetched from origin or broker.",
+             c["bytes_fetched"]),
+            ("modelward_last_success_timestamp_seconds", "gauge",
+             "Unix time of the last successful update attempt.", self.last_success),
+            ("modelward_verification_seconds", "gauge",
+             "Extraction, fingerprint and health check of the last install.",
+             self.verification_seconds),
+        ]
+        out = []
+        for name, kind, help_, value in rows:
+            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+        return "\n".join(out) + "\n"
+
+    def write_textfile(self, path: Path) -> None:
+        """Atomically replace the node_exporter textfile."""
+        write_atomic(path, self.prometheus().encode())
+
+
+def _ref(r: ModelRef | None) -> dict[str, str] | None:
+    return {"name": r.name, "version": r.version, "fingerprint": r.fingerprint} if r else None
+
+
+def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: str,
+                 status: dict[str, Any]) -> dict[str, Any]:
+    """The status report a device publishes (then signs)."""
+    return {
+        "device_id": device_id,
+        "fleet": fleet,
+        "active": _ref(record.active) if record else None,
+        "previous": _ref(record.previous) if record else None,
+        "state": state,
+        "last_error": status.get("last_error"),
+        "last_activation": status.get("last_activation"),
+        "counters": status.get("counters", {}),
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "uptime_s": round(time.monotonic()),
+    }
