@@ -1,30 +1,80 @@
-"""The device agent: configuration, commands, logging."""
+"""The device agent: configuration, commands, logging.
 
-from agent._commands import (
-    StatusFile,
-    enroll,
-    provision,
-    run_boot_check,
-    signed_report,
-    status,
-    update,
-)
-from agent._config import AgentConfig, load_config
-from agent._daemon import Daemon, run_daemon
-from agent._log import JsonFormatter, setup_logging
+Exports load on first use (PEP 562), so a process imports only what it touches: the
+idle agent daemon stays free of the TUF, TPM and HTTPS stacks.
+"""
 
-__all__ = [
-    "AgentConfig",
-    "Daemon",
-    "JsonFormatter",
-    "StatusFile",
-    "load_config",
-    "enroll",
-    "provision",
-    "signed_report",
-    "run_daemon",
-    "run_boot_check",
-    "setup_logging",
-    "status",
-    "update",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "AgentConfig": "agent._config",
+    "Daemon": "agent._daemon",
+    "JsonFormatter": "agent._log",
+    "StatusFile": "agent._commands",
+    "enroll": "agent._commands",
+    "load_config": "agent._config",
+    "provision": "agent._commands",
+    "run_boot_check": "agent._commands",
+    "run_daemon": "agent._daemon",
+    "setup_logging": "agent._log",
+    "signed_report": "agent._commands",
+    "status": "agent._commands",
+    "update": "agent._commands",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from agent._commands import (
+        StatusFile as StatusFile,
+    )
+    from agent._commands import (
+        enroll as enroll,
+    )
+    from agent._commands import (
+        provision as provision,
+    )
+    from agent._commands import (
+        run_boot_check as run_boot_check,
+    )
+    from agent._commands import (
+        signed_report as signed_report,
+    )
+    from agent._commands import (
+        status as status,
+    )
+    from agent._commands import (
+        update as update,
+    )
+    from agent._config import (
+        AgentConfig as AgentConfig,
+    )
+    from agent._config import (
+        load_config as load_config,
+    )
+    from agent._daemon import (
+        Daemon as Daemon,
+    )
+    from agent._daemon import (
+        run_daemon as run_daemon,
+    )
+    from agent._log import (
+        JsonFormatter as JsonFormatter,
+    )
+    from agent._log import (
+        setup_logging as setup_logging,
+    )

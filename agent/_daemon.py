@@ -1,26 +1,32 @@
 """``modelward agent run``: update on a poll timer and on MQTT announcements.
 
-Announcements are untrusted hints: each well-formed one wakes the loop for a TUF
-refresh (at most one per ``min_refresh_interval``), never more. Failures back off
-exponentially up to the poll interval. The last good model keeps serving throughout.
+The daemon itself only listens, keeps time, talks to systemd and publishes status
+reports; each update attempt runs in a child process (``agent._child``), so the idle
+daemon stays small and gets all memory back after every attempt.
+
+Announcements are untrusted hints: each well-formed one wakes the loop for a TUF refresh
+(at most one per ``min_refresh_interval``), never more. Failures back off exponentially up
+to the poll interval. The last good model keeps serving throughout.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from types import FrameType
 
-from agent._commands import make_gate, signed_report, update
 from agent._config import AgentConfig
 from agent._notify import Notifier
-from trust.errors import ModelwardError, TransportError
-from updater import AnnouncementListener
+from trust.errors import TransportError
+from updater._mqttconn import AnnouncementListener
 
 logger = logging.getLogger("modelward.agent")
 
@@ -51,21 +57,24 @@ class Daemon:
 
     Args:
         cfg: the agent configuration.
+        env: environment for the attempt processes.
         min_refresh_interval: seconds between two announcement-triggered refreshes.
+        notifier: systemd notification.
     """
 
-    def __init__(self, cfg: AgentConfig, min_refresh_interval: float = 2.0,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(self, cfg: AgentConfig, env: Mapping[str, str],
+                 min_refresh_interval: float = 2.0, notifier: Notifier | None = None) -> None:
         self.cfg = cfg
+        self.env = {k: v for k, v in env.items()
+                    if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
         self.notifier = notifier or Notifier({})
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.min_refresh_interval = min_refresh_interval
         self._listener: AnnouncementListener | None = None
-        self._announced = 0
+        self._child: subprocess.Popen[str] | None = None
 
     def _on_announce(self, version: int) -> None:
-        self._announced = version
         self.wake.set()
 
     def _ensure_listener(self) -> None:
@@ -81,6 +90,9 @@ class Daemon:
         """Stop after the current step (SIGTERM/SIGINT handler)."""
         self.stop.set()
         self.wake.set()
+        child = self._child
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
 
     def _sleep(self, seconds: float, event: threading.Event) -> None:
         """Wait for ``event`` up to ``seconds``, beating the watchdog in between."""
@@ -93,6 +105,69 @@ class Daemon:
                 return
             event.wait(min(step, left))
 
+    def attempt(self) -> tuple[int, bytes]:
+        """Run one update attempt in a child; returns (exit code, signed report)."""
+        beat_file = self.cfg.state_dir / ".heartbeat"
+        self.notifier.status("update: checking")
+        child = subprocess.Popen(
+            [sys.executable, "-m", "agent._child", str(self.cfg.path)],
+            stdout=subprocess.PIPE, text=True, env=self.env,
+        )
+        self._child = child
+        out: list[str] = []
+        reader = threading.Thread(target=lambda: out.extend(child.stdout or []), daemon=True)
+        reader.start()
+        limit = self.notifier.watchdog or 60.0
+        shown = ""
+        while True:
+            try:
+                code = child.wait(timeout=min(0.5, limit / 2))
+                break
+            except subprocess.TimeoutExpired:
+                try:
+                    fresh = time.time() - beat_file.stat().st_mtime < limit
+                except OSError:
+                    fresh = False
+                if fresh:  # the attempt makes progress: keep systemd's watchdog fed
+                    self.notifier.beat()
+                step = self._journal_line()
+                if step != shown:
+                    shown = step
+                    self.notifier.status(f"update: {step}")
+        reader.join(5)
+        self._child = None
+        report = out[-1].strip().encode() if out and out[-1].startswith("{") else b""
+        return code, report
+
+    def _journal_line(self) -> str:
+        """The child's journaled step, for STATUS= (the journal is the progress record)."""
+        try:
+            j = json.loads((self.cfg.state_dir / "journal.json").read_bytes())
+            return " ".join(str(j.get(k, "")) for k in ("step", "model", "version")).strip()
+        except (OSError, ValueError):
+            return "checking"
+
+    def _result_line(self) -> str:
+        try:
+            doc = json.loads((self.cfg.state_dir / "status.json").read_bytes())
+        except (OSError, ValueError):
+            return "idle"
+        err = doc.get("last_error")
+        if err:
+            return f"last attempt failed: {err.get('type')}"
+        return str((doc.get("last_result") or {}).get("message", "idle"))
+
+    def publish_status(self, report: bytes) -> None:
+        """Publish the child's signed status report, retained."""
+        mq = self.cfg.updater.mqtt
+        if mq is None or self._listener is None or not report:
+            return
+        try:
+            self._listener.publish(mq.topic(f"devices/{self.cfg.device_id}/status"), report,
+                                   retain=True)
+        except TransportError as e:
+            logger.warning("cannot publish the status report: %s", e)
+
     def run(self) -> None:
         """Loop until :meth:`request_stop`."""
         backoff = 0.0
@@ -103,18 +178,19 @@ class Daemon:
             since = time.monotonic() - last_run
             if since < self.min_refresh_interval:
                 self._sleep(self.min_refresh_interval - since, self.stop)
+            if self.stop.is_set():
+                break
             self.wake.clear()
             last_run = time.monotonic()
-            gate = make_gate(self.cfg, stop=self.stop, heartbeat=self.notifier.beat)
-            try:
-                result = update(self.cfg, gate, on_step=self._on_step)
+            code, report = self.attempt()
+            self.publish_status(report)
+            if code == 0:
                 backoff = 0.0
-                self.notifier.status(result.message)
-            except ModelwardError as e:
+                self.notifier.status(self._result_line())
+            else:
                 backoff = min(max(2 * backoff, 5.0), self.cfg.poll_interval)
-                self.notifier.status(f"last attempt failed: {type(e).__name__}; "
+                self.notifier.status(f"{self._result_line()} (exit {code}); "
                                      f"retrying in {backoff:.0f}s")
-            self.publish_status()
             # The poll timer carries jitter so a fleet does not refresh in lockstep.
             wait = backoff or self.cfg.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311
             logger.debug("next refresh in %.0fs unless announced", wait)
@@ -123,35 +199,17 @@ class Daemon:
         if self._listener is not None:
             self._listener.close()
 
-    def publish_status(self) -> None:
-        """Publish the signed status report, retained, if MQTT is configured."""
-        mq = self.cfg.updater.mqtt
-        if mq is None or self._listener is None:
-            return
-        from updater._journal import Journal
-
-        state = Journal(self.cfg.state_dir / "journal.json").read().step
-        try:
-            payload = signed_report(self.cfg, state)
-            self._listener.publish(mq.topic(f"devices/{self.cfg.device_id}/status"), payload,
-                                   retain=True)
-        except ModelwardError as e:
-            logger.warning("cannot publish the status report: %s", e)
-
-    def _on_step(self, step: str) -> None:
-        self.notifier.beat()
-        self.notifier.status(f"update: {step}")
-
 
 def run_daemon(cfg: AgentConfig, env: Mapping[str, str]) -> None:
     """Run the daemon in the foreground with SIGTERM/SIGINT handling.
 
     Args:
         cfg: the configuration.
-        env: the process environment (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``).
+        env: the process environment (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``; the rest is
+            passed to the attempt processes).
     """
     lower_priority()
-    d = Daemon(cfg, notifier=Notifier(env))
+    d = Daemon(cfg, env, notifier=Notifier(env))
     signal.signal(signal.SIGTERM, d.request_stop)
     signal.signal(signal.SIGINT, d.request_stop)
     logger.info("agent started for %s (model %s, transports %s)", cfg.device_id,

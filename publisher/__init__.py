@@ -1,28 +1,96 @@
-"""Operator tooling: repository, keys, bundle writer, publishing."""
+"""Operator tooling: repository, keys, bundle writer, publishing.
 
-from publisher._bridge import Bridge, announce
-from publisher._broker_config import BrokerConfig, write_broker_config
-from publisher._bundle_build import BuildOptions, build_bundle, generate_vectors
-from publisher._fleet import DeviceRow, add_device, collect_status, format_table
-from publisher._keys import ROLES, generate_key, load_signer
-from publisher._repo import Expiry, PublishResult, Repository
+Exports load on first use (PEP 562), so a process imports only what it touches: the
+idle agent daemon stays free of the TUF, TPM and HTTPS stacks.
+"""
 
-__all__ = [
-    "DeviceRow",
-    "add_device",
-    "collect_status",
-    "format_table",
-    "Bridge",
-    "BrokerConfig",
-    "announce",
-    "write_broker_config",
-    "ROLES",
-    "BuildOptions",
-    "Expiry",
-    "PublishResult",
-    "Repository",
-    "build_bundle",
-    "generate_key",
-    "generate_vectors",
-    "load_signer",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS: dict[str, str] = {
+    "Bridge": "publisher._bridge",
+    "BrokerConfig": "publisher._broker_config",
+    "BuildOptions": "publisher._bundle_build",
+    "DeviceRow": "publisher._fleet",
+    "Expiry": "publisher._repo",
+    "PublishResult": "publisher._repo",
+    "ROLES": "publisher._keys",
+    "Repository": "publisher._repo",
+    "add_device": "publisher._fleet",
+    "announce": "publisher._bridge",
+    "build_bundle": "publisher._bundle_build",
+    "collect_status": "publisher._fleet",
+    "format_table": "publisher._fleet",
+    "generate_key": "publisher._keys",
+    "generate_vectors": "publisher._bundle_build",
+    "load_signer": "publisher._keys",
+    "write_broker_config": "publisher._broker_config",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from publisher._bridge import (
+        Bridge as Bridge,
+    )
+    from publisher._bridge import (
+        announce as announce,
+    )
+    from publisher._broker_config import (
+        BrokerConfig as BrokerConfig,
+    )
+    from publisher._broker_config import (
+        write_broker_config as write_broker_config,
+    )
+    from publisher._bundle_build import (
+        BuildOptions as BuildOptions,
+    )
+    from publisher._bundle_build import (
+        build_bundle as build_bundle,
+    )
+    from publisher._bundle_build import (
+        generate_vectors as generate_vectors,
+    )
+    from publisher._fleet import (
+        DeviceRow as DeviceRow,
+    )
+    from publisher._fleet import (
+        add_device as add_device,
+    )
+    from publisher._fleet import (
+        collect_status as collect_status,
+    )
+    from publisher._fleet import (
+        format_table as format_table,
+    )
+    from publisher._keys import (
+        ROLES as ROLES,
+    )
+    from publisher._keys import (
+        generate_key as generate_key,
+    )
+    from publisher._keys import (
+        load_signer as load_signer,
+    )
+    from publisher._repo import (
+        Expiry as Expiry,
+    )
+    from publisher._repo import (
+        PublishResult as PublishResult,
+    )
+    from publisher._repo import (
+        Repository as Repository,
+    )

@@ -4,37 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import requests
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
 
+from updater._config import HttpsConfig
 from updater.errors import OperatorInputError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HttpsConfig:
-    """How the device reaches the HTTPS origin.
-
-    Attributes:
-        metadata_url: base URL of ``metadata/``.
-        targets_url: base URL of ``targets/``.
-        ca_file: PEM bundle of the CA(s) the origin must chain to (pinned); None for
-            the system store.
-        connect_timeout: seconds to establish a connection.
-        read_timeout: seconds without a byte before giving up.
-        chunk_size: bytes per read (64 KiB).
-    """
-
-    metadata_url: str
-    targets_url: str
-    ca_file: str | None = None
-    connect_timeout: float = 10.0
-    read_timeout: float = 30.0
-    chunk_size: int = 64 * 1024
 
 
 class RangeFetcher(FetcherInterface):

@@ -9,25 +9,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
+from updater._config import HealthConfig
 from updater.errors import HealthCheckError
-
-
-@dataclass(frozen=True)
-class HealthConfig:
-    """Bounds of the health check.
-
-    Attributes:
-        timeout: seconds the child may run.
-        max_memory: address-space limit of the child in bytes (0 = none).
-        nice: niceness added to the child (heavy work runs at low priority).
-    """
-
-    timeout: float = 120.0
-    max_memory: int = 0
-    nice: int = 10
 
 
 def _limits(cfg: HealthConfig) -> None:  # runs in the child before exec

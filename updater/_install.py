@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -20,11 +20,12 @@ from tuf.api.metadata import TargetFile
 
 from trust import ModelRef, TrustRecord, TrustStore, directory_entries, slot_fingerprint
 from updater._bundle import extract_bundle
-from updater._fetcher import HttpsConfig, RangeFetcher, RequestsFetcher
-from updater._health import HealthConfig, run_health_check
+from updater._config import UpdaterConfig
+from updater._fetcher import RangeFetcher, RequestsFetcher
+from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
-from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttConfig, MqttFetcher
+from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._tuf import Candidate, TufSession, convert_tuf_error
@@ -41,30 +42,6 @@ from updater.errors import (
 logger = logging.getLogger(__name__)
 
 _HASHES = {"sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b"}
-
-
-@dataclass(frozen=True)
-class UpdaterConfig:
-    """Everything one device needs to update.
-
-    Attributes:
-        state_dir: the agent's state directory (metadata, staging, slots, trust).
-        model: name of the model this device runs.
-        https: the HTTPS origin, if configured.
-        mqtt: the MQTT broker, if configured.
-        transports: which of them to use, in order of preference ("https", "mqtt");
-            later ones are tried when an earlier one fails to deliver.
-        health: health-check bounds.
-        max_bundle_bytes: largest bundle the device accepts (8 GiB), on top of TUF's length.
-    """
-
-    state_dir: Path
-    model: str
-    https: HttpsConfig | None = None
-    mqtt: MqttConfig | None = None
-    transports: tuple[str, ...] = ("https",)
-    health: HealthConfig = field(default_factory=HealthConfig)
-    max_bundle_bytes: int = 8 << 30
 
 
 @dataclass

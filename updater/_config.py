@@ -1,0 +1,115 @@
+"""Configuration of the updater's parts (house style 3): plain dataclasses, safe defaults,
+no I/O, cheap to import (the idle daemon loads only these and the MQTT connection)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HttpsConfig:
+    """How the device reaches the HTTPS origin.
+
+    Attributes:
+        metadata_url: base URL of ``metadata/``.
+        targets_url: base URL of ``targets/``.
+        ca_file: PEM bundle of the CA(s) the origin must chain to (pinned); None for
+            the system store.
+        connect_timeout: seconds to establish a connection.
+        read_timeout: seconds without a byte before giving up.
+        chunk_size: bytes per read (64 KiB).
+    """
+
+    metadata_url: str
+    targets_url: str
+    ca_file: str | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    chunk_size: int = 64 * 1024
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Bounds of the health check.
+
+    Attributes:
+        timeout: seconds the child may run.
+        max_memory: address-space limit of the child in bytes (0 = none).
+        nice: niceness added to the child (heavy work runs at low priority).
+    """
+
+    timeout: float = 120.0
+    max_memory: int = 0
+    nice: int = 10
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    """How to reach the broker, and the fetcher's bounds.
+
+    Attributes:
+        host, port: the broker (TLS).
+        fleet: topic prefix ``modelward/<fleet>/``.
+        client_name: MQTT username for a device (= device id), or a service user.
+        ca_file: CA the broker's certificate must chain to (pinned).
+        cert_file, key_file: client certificate, if the broker uses them.
+        password: the password, read from a file at the entry point (never logged).
+        keepalive: seconds.
+        connect_timeout: seconds to wait for CONNACK/SUBACK.
+        block_size: bytes asked for per request (1 MiB, the bridge's limit).
+        window: requests in flight at once.
+        block_timeout: seconds before a block is asked for again.
+        max_retries: how often one block is asked for again before giving up.
+        queue_limit: incoming messages buffered at most (more are dropped).
+    """
+
+    host: str
+    port: int
+    fleet: str
+    client_name: str
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    password: str | None = None
+    keepalive: int = 30
+    connect_timeout: float = 10.0
+    block_size: int = 1024 * 1024
+    window: int = 16
+    block_timeout: float = 5.0
+    max_retries: int = 4
+    queue_limit: int = 256
+
+    def topic(self, suffix: str) -> str:
+        """``modelward/<fleet>/<suffix>``."""
+        return f"modelward/{self.fleet}/{suffix}"
+
+    def __repr__(self) -> str:  # never print the password
+        return f"MqttConfig(host={self.host!r}, port={self.port}, fleet={self.fleet!r}, " \
+               f"client_name={self.client_name!r})"
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    """Everything one device needs to update.
+
+    Attributes:
+        state_dir: the agent's state directory (metadata, staging, slots, trust).
+        model: name of the model this device runs.
+        https: the HTTPS origin, if configured.
+        mqtt: the MQTT broker, if configured.
+        transports: which of them to use, in order of preference ("https", "mqtt");
+            later ones are tried when an earlier one fails to deliver.
+        health: health-check bounds.
+        max_bundle_bytes: largest bundle the device accepts (8 GiB), on top of TUF's length.
+    """
+
+    state_dir: Path
+    model: str
+    https: HttpsConfig | None = None
+    mqtt: MqttConfig | None = None
+    transports: tuple[str, ...] = ("https",)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    max_bundle_bytes: int = 8 << 30
+
+

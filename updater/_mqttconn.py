@@ -1,0 +1,195 @@
+"""MQTT connections (paho-mqtt, MQTT 5) and the announcement listener.
+
+Only paho here: the idle daemon imports this without the TUF or TPM stacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import ssl
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlparse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from updater._config import MqttConfig
+from updater.errors import TransportError
+
+logger = logging.getLogger(__name__)
+
+
+def parse_broker_url(url: str) -> tuple[str, int]:
+    """``mqtts://host:port`` -> (host, port); TLS only.
+
+    Raises:
+        TransportError: not an mqtts:// URL.
+    """
+    u = urlparse(url)
+    if u.scheme != "mqtts" or not u.hostname:
+        raise TransportError(f"broker URL {url!r} must look like mqtts://HOST:PORT",
+                             hint="modelward only talks to brokers over TLS")
+    return u.hostname, u.port or 8883
+
+
+class MqttConnection:
+    """A connected paho client with a clean error story.
+
+    Args:
+        cfg: connection settings.
+        client_id: MQTT client id (unique per connection).
+        subscriptions: topics (re)subscribed on every (re)connect, QoS 1.
+        on_message: called in paho's thread for every message.
+
+    Raises:
+        TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
+    """
+
+    def __init__(
+        self,
+        cfg: MqttConfig,
+        client_id: str,
+        subscriptions: list[str],
+        on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.connected = threading.Event()
+        self.lost = threading.Event()
+        self._subscribed = threading.Event()
+        self._error: str | None = None
+        self._acks: dict[int, Any] = {}
+        self._subs = subscriptions
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=mqtt.MQTTv5)
+        ctx = ssl.create_default_context(cafile=cfg.ca_file)
+        if cfg.cert_file:
+            ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+        c.tls_set_context(ctx)
+        c.username_pw_set(cfg.client_name, cfg.password)
+        c.max_inflight_messages_set(64)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
+        if on_message is not None:
+            c.on_message = lambda _c, _u, msg: on_message(msg)
+        self.client = c
+        where = f"{cfg.host}:{cfg.port}"
+        try:
+            c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
+        except ssl.SSLError as e:
+            raise TransportError(f"TLS with broker {where} failed: {e.reason}",
+                                 hint="is the broker's CA the configured ca_file?") from e
+        except OSError as e:
+            raise TransportError(f"cannot reach broker {where}: {e}") from e
+        c.loop_start()
+        if not self.connected.wait(cfg.connect_timeout) or self._error:
+            self.close()
+            raise TransportError(
+                f"broker {where} refused {cfg.client_name!r}: {self._error or 'no answer'}",
+                hint="check the username/password or client certificate and the broker ACL",
+            )
+        if subscriptions and not self._subscribed.wait(cfg.connect_timeout):
+            self.close()
+            raise TransportError(f"broker {where} did not confirm the subscriptions")
+
+    def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            self._error = str(rc)
+            self.connected.set()
+            return
+        self.lost.clear()
+        if self._subs:
+            c.subscribe([(t, 1) for t in self._subs])
+        self.connected.set()
+
+    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[Any], _p: Any) -> None:
+        bad = [str(r) for r in rcs if r.is_failure]
+        if bad:
+            logger.warning("broker refused a subscription: %s", bad)
+        self._subscribed.set()
+
+    def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
+        if rc.is_failure:
+            self._acks[mid] = rc
+
+    def _on_disconnect(self, _c: Any, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
+        self.lost.set()
+        if rc.is_failure:
+            logger.warning("lost the broker connection: %s", rc)
+
+    def publish(self, topic: str, payload: bytes, props: Properties | None = None,
+                retain: bool = False, wait: bool = False) -> None:
+        """Publish at QoS 1; with ``wait``, until the broker acknowledged it.
+
+        Raises:
+            TransportError: the broker refused it or did not acknowledge in time.
+        """
+        info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
+        if wait:
+            info.wait_for_publish(self.cfg.connect_timeout)
+            if not info.is_published():
+                raise TransportError(f"broker did not acknowledge the publish to {topic}")
+            refused = self._acks.pop(info.mid, None)
+            if refused is not None:
+                raise TransportError(f"broker refused the publish to {topic}: {refused}",
+                                     hint="check the broker ACL for this user")
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            raise TransportError(f"cannot publish to {topic}: {mqtt.error_string(info.rc)}")
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+
+
+def publish_properties() -> Properties:
+    """Empty MQTT 5 PUBLISH properties."""
+    return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+
+
+class AnnouncementListener:
+    """Calls ``on_announce(timestamp_version)`` for every well-formed announcement.
+
+    The announcement is an untrusted hint: it can only make the device refresh
+    sooner; TUF decides what, if anything, is new.
+    """
+
+    def __init__(self, cfg: MqttConfig, on_announce: Callable[[int], None]) -> None:
+        self._cb = on_announce
+        self._conn = MqttConnection(
+            cfg, f"{cfg.client_name}-listen-{secrets.token_hex(4)}", [cfg.topic("announce")],
+            self._on_message,
+        )
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            doc = json.loads(msg.payload)
+            version = doc["timestamp_version"]
+            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                raise ValueError("timestamp_version")
+        except (ValueError, KeyError, TypeError) as e:
+            logger.warning("ignoring a malformed announcement on %s: %s", msg.topic, e)
+            return
+        logger.info("announcement: timestamp version %d", version,
+                    extra={"timestamp_version": version})
+        self._cb(version)
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish on the listener's connection (the device's status report).
+
+        Raises:
+            TransportError: refused or not acknowledged.
+        """
+        self._conn.publish(topic, payload, retain=retain, wait=True)
+
+    def close(self) -> None:
+        """Disconnect."""
+        self._conn.close()
