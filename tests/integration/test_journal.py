@@ -66,3 +66,32 @@ def test_staged_bundle_is_reused_not_downloaded_again(world: World) -> None:
                      "--once").returncode == 0
     assert gets() == before  # re-verified from staging, not fetched again
     assert world.active_version() == "1.0.0"
+
+
+def test_daemon_survives_its_attempt_being_killed_and_converges(world: World) -> None:
+    import subprocess
+    import sys
+    import time
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    env = {"MODELWARD_TEST_KILL_AT": "committed"}
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "modelward", "agent", "run", "--config",
+                             str(world.conf_path)], env=dict(os.environ, **env),
+                            stderr=open(world.tmp / "d.log", "w"))  # noqa: SIM115
+    try:
+        end = time.monotonic() + 60
+        while not (world.active_version() == "2.0.0" and
+                   _journal(world).get("step") == "active"):
+            assert time.monotonic() < end, (world.tmp / "d.log").read_text()[-3000:]
+            assert proc.poll() is None  # the daemon itself never died
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    log = (world.tmp / "d.log").read_text()
+    assert "completing the interrupted install" in log  # rolled forward, not re-downloaded
+    assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0
