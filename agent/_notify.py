@@ -68,8 +68,11 @@ class Notifier:
         self._last_beat = time.monotonic()
 
     def stopping(self) -> None:
-        """STOPPING=1; ends the keep-alive."""
+        """Ends the keep-alive, then STOPPING=1 (so it is the last word)."""
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
         self.send("STOPPING=1")
 
     def _keepalive(self) -> None:
