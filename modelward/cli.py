@@ -61,6 +61,27 @@ def _repo_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repo_refresh(args: argparse.Namespace) -> int:
+    from publisher import Repository
+
+    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+    done = repo.refresh()
+    print(f"re-signed {', '.join(done)}")
+    return EXIT_OK
+
+
+def _repo_status(args: argparse.Namespace) -> int:
+    from publisher import Repository
+
+    repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
+    rows = repo.status()
+    print(f"{'ROLE':10} {'VERSION':>7}  {'EXPIRES':25} {'SIGNED':>7}  WARNING")
+    for r in rows:
+        print(f"{r.role:10} {r.version:>7}  {r.expires.isoformat():25} "
+              f"{r.signatures:>3}/{r.threshold:<3}  {r.warning}")
+    return EXIT_OK
+
+
 def _bundle_build(args: argparse.Namespace) -> int:
     from publisher import BuildOptions, build_bundle
     from trust.errors import OperatorInputError
@@ -320,6 +341,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="served directory (metadata/, targets/)")
     r.add_argument("--keys", type=Path, required=True, help="key directory, outside --repo")
     r.set_defaults(func=_repo_init)
+    r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_refresh)
+    r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_status)
 
     bundle = sub.add_parser("bundle", help="operator: build model bundles")
     bsub = bundle.add_subparsers(dest="cmd", required=True, metavar="ACTION")

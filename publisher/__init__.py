@@ -18,6 +18,7 @@ _EXPORTS: dict[str, str] = {
     "PublishResult": "publisher._repo",
     "ROLES": "publisher._keys",
     "Repository": "publisher._repo",
+    "RoleStatus": "publisher._repo",
     "add_device": "publisher._fleet",
     "announce": "publisher._bridge",
     "build_bundle": "publisher._bundle_build",
@@ -93,4 +94,7 @@ if TYPE_CHECKING:
     )
     from publisher._repo import (
         Repository as Repository,
+    )
+    from publisher._repo import (
+        RoleStatus as RoleStatus,
     )

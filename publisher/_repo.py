@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -43,6 +44,18 @@ class Expiry:
 
 
 @dataclass(frozen=True)
+class RoleStatus:
+    """One row of ``repo status``."""
+
+    role: str
+    version: int
+    expires: datetime
+    threshold: int
+    signatures: int
+    warning: str
+
+
+@dataclass(frozen=True)
 class PublishResult:
     """What :func:`publish_bundle` added."""
 
@@ -74,7 +87,8 @@ class Repository:
     """
 
     def __init__(
-        self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None
+        self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None,
+        clock: Callable[[], datetime] = _now,
     ) -> None:
         if is_inside(keys, repo):
             raise RepositoryStateError(
@@ -85,6 +99,7 @@ class Repository:
         self.metadata_dir = repo / "metadata"
         self.targets_dir = repo / "targets"
         self.expiry = expiry or Expiry()
+        self._clock = clock
 
     # -- init -------------------------------------------------------------------
 
@@ -99,7 +114,7 @@ class Repository:
         """
         if (self.metadata_dir / "timestamp.json").exists():
             raise RepositoryStateError(f"{self.repo} already holds a TUF repository")
-        now = _now()
+        now = self._clock()
         root = Root(expires=now + self.expiry.root, consistent_snapshot=True)
         for role in ROLES:
             root.add_key(generate_key(self.keys, role, self._passphrase), role)
@@ -150,7 +165,7 @@ class Repository:
         return load_signer(self.keys, role, self._passphrase)
 
     def _snapshot_and_timestamp(self, targets_version: int) -> int:
-        now = _now()
+        now = self._clock()
         try:
             _, old_snap, old_ts = self.current()
             snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
@@ -208,7 +223,7 @@ class Repository:
         tmp.replace(dest)
         targets.targets[target_path] = tf
         targets.version += 1
-        targets.expires = _now() + self.expiry.targets
+        targets.expires = self._clock() + self.expiry.targets
         self._write(Metadata(targets), "targets", targets.version)
         ts_version = self._snapshot_and_timestamp(targets.version)
         logger.info(
@@ -219,4 +234,53 @@ class Repository:
             target_path, manifest.name, manifest.version, fingerprint, tf.length,
             targets.version, ts_version,
         )
+
+    # -- expiry ---------------------------------------------------------------
+
+    def refresh(self, margin: timedelta | None = None) -> list[str]:
+        """Re-sign what expires within ``margin``: timestamp always, snapshot when due.
+
+        Safe to run from a timer: it needs only the online keys (timestamp, snapshot).
+
+        Returns:
+            The roles re-signed.
+        """
+        margin = margin if margin is not None else self.expiry.timestamp / 2
+        now = self._clock()
+        targets, snap, ts = self.current()
+        done = []
+        if snap.expires - now < margin:
+            snap.version += 1
+            snap.expires = now + self.expiry.snapshot
+            self._write(Metadata(snap), "snapshot", snap.version)
+            done.append("snapshot")
+        ts.version += 1
+        ts.expires = now + self.expiry.timestamp
+        ts.snapshot_meta = MetaFile(version=snap.version)
+        self._write(Metadata(ts), "timestamp", None)
+        done.append("timestamp")
+        if targets.expires - now < margin:
+            logger.warning("targets metadata expires %s: publish or re-sign it", targets.expires)
+        return done
+
+    def status(self, warn_within: timedelta = timedelta(days=3)) -> list[RoleStatus]:
+        """Version, expiry, threshold and signatures of each top-level role."""
+        now = self._clock()
+        root_md = self._load(f"{self.latest_root_version()}.root.json")
+        root: Root = root_md.signed
+        ts_md = self._load("timestamp.json")
+        snap_md = self._load(f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
+        tg_md = self._load(f"{snap_md.signed.meta['targets.json'].version}.targets.json")
+        rows = []
+        for name, md in (("root", root_md), ("targets", tg_md), ("snapshot", snap_md),
+                         ("timestamp", ts_md)):
+            role = root.roles[name]
+            valid = sum(1 for k in role.keyids if k in md.signatures)
+            left = md.signed.expires - now
+            rows.append(RoleStatus(
+                name, md.signed.version, md.signed.expires, role.threshold, valid,
+                "EXPIRED" if left.total_seconds() <= 0 else
+                (f"expires in {left}" if left < warn_within else ""),
+            ))
+        return rows
 
