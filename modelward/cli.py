@@ -61,6 +61,16 @@ def _repo_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repo_rotate(args: argparse.Namespace) -> int:
+    from publisher import Repository
+
+    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+    v = repo.rotate(args.role)
+    print(f"rotated the {args.role} key; root is now version {v} "
+          f"(devices follow it on their next refresh)")
+    return EXIT_OK
+
+
 def _repo_refresh(args: argparse.Namespace) -> int:
     from publisher import Repository
 
@@ -341,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="served directory (metadata/, targets/)")
     r.add_argument("--keys", type=Path, required=True, help="key directory, outside --repo")
     r.set_defaults(func=_repo_init)
+    r = rsub.add_parser("rotate", help="replace a role's key (root: chained, devices re-anchor)")
+    r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_rotate)
     r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)

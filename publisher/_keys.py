@@ -26,7 +26,16 @@ def generate_key(keys_dir: Path, role: str, passphrase: bytes) -> SSlibKey:
     Raises:
         KeyError_: a key file for the role exists already (never overwritten).
     """
-    path = key_path(keys_dir, role)
+    return generate_key_at(key_path(keys_dir, role), passphrase)
+
+
+def generate_key_at(path: Path, passphrase: bytes) -> SSlibKey:
+    """Create an encrypted ed25519 key file at ``path`` and return its public key.
+
+    Raises:
+        KeyError_: the file exists already (never overwritten).
+    """
+    keys_dir = path.parent
     if path.exists():
         raise KeyError_(f"key file {path} exists already; refusing to overwrite", path=str(path))
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -46,7 +55,15 @@ def load_signer(keys_dir: Path, role: str, passphrase: bytes) -> CryptoSigner:
     Raises:
         KeyError_: missing file, wrong passphrase or not an ed25519 key.
     """
-    path = key_path(keys_dir, role)
+    return load_signer_at(key_path(keys_dir, role), passphrase, role)
+
+
+def load_signer_at(path: Path, passphrase: bytes, role: str = "") -> CryptoSigner:
+    """Signer from an encrypted key file.
+
+    Raises:
+        KeyError_: missing file, wrong passphrase or not an ed25519 key.
+    """
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -55,7 +72,8 @@ def load_signer(keys_dir: Path, role: str, passphrase: bytes) -> CryptoSigner:
         priv = serialization.load_pem_private_key(data, password=passphrase)
     except (ValueError, TypeError) as e:
         raise KeyError_(
-            f"cannot decrypt the {role} key {path}: wrong passphrase or not a key file",
+            f"cannot decrypt the {role or 'signing'} key {path}: wrong passphrase or not a "
+            "key file",
             path=str(path),
             hint="set MODELWARD_KEY_PASSPHRASE or type the passphrase used at `repo init`",
         ) from e

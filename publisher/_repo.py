@@ -25,7 +25,15 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._keys import ROLES, generate_key, is_inside, load_signer
+from publisher._keys import (
+    ROLES,
+    generate_key,
+    generate_key_at,
+    is_inside,
+    key_path,
+    load_signer,
+    load_signer_at,
+)
 from publisher.errors import RepositoryStateError
 from trust import slot_fingerprint, write_atomic
 from updater import SemVer, extract_bundle
@@ -234,6 +242,57 @@ class Repository:
             target_path, manifest.name, manifest.version, fingerprint, tf.length,
             targets.version, ts_version,
         )
+
+    # -- rotation -------------------------------------------------------------
+
+    def rotate(self, role: str) -> int:
+        """Replace ``role``'s key with a new one; returns the new root version.
+
+        Root N+1 lists the new key; it is signed by the root keys of N and of N+1, so
+        devices chain to it by TUF's rules (and re-anchor it in their TPM). For the other
+        roles the role's metadata is then re-signed with the new key. The old key file
+        moves to ``KEYS/retired/``: it can no longer sign anything devices accept.
+
+        Raises:
+            RepositoryStateError: unknown role.
+        """
+        if role not in ROLES:
+            raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        now = self._clock()
+        version = self.latest_root_version()
+        root_md = self._load(f"{version}.root.json")
+        root: Root = root_md.signed
+        old_signer = self._signer(role)
+        old_root_signer = self._signer("root")
+        new_path = key_path(self.keys, role).with_suffix(".pem.new")
+        new_path.unlink(missing_ok=True)  # a rotation that crashed before it was used
+        new_key = generate_key_at(new_path, self._passphrase)
+        new_signer = load_signer_at(new_path, self._passphrase, role)
+        for keyid in list(root.roles[role].keyids):
+            root.revoke_key(keyid, role)
+        root.add_key(new_key, role)
+        root.version = version + 1
+        root.expires = now + self.expiry.root
+        md = Metadata(root)
+        md.sign(new_signer if role == "root" else old_root_signer, append=True)
+        if role == "root":
+            md.sign(old_signer, append=True)  # the previous root's threshold
+        write_atomic(self.metadata_dir / f"{root.version}.root.json", md.to_bytes(_serializer()))
+        retired = self.keys / "retired" / f"{role}-{old_signer.public_key.keyid[:16]}.pem"
+        retired.parent.mkdir(exist_ok=True, mode=0o700)
+        key_path(self.keys, role).replace(retired)
+        new_path.replace(key_path(self.keys, role))
+        if role == "targets":
+            targets, _, _ = self.current()
+            targets.version += 1
+            targets.expires = now + self.expiry.targets
+            self._write(Metadata(targets), "targets", targets.version)
+            self._snapshot_and_timestamp(targets.version)
+        elif role in ("snapshot", "timestamp"):
+            targets, _, _ = self.current()
+            self._snapshot_and_timestamp(targets.version)
+        logger.info("rotated the %s key: root v%d", role, root.version)
+        return int(root.version)
 
     # -- expiry ---------------------------------------------------------------
 

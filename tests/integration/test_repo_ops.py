@@ -48,3 +48,48 @@ def test_refresh_resigns_snapshot_only_when_due(world: World) -> None:
     assert len(list(md.glob("*.snapshot.json"))) == snaps + 1
     ts = json.loads((md / "timestamp.json").read_bytes())["signed"]
     assert ts["meta"]["snapshot.json"]["version"] == snaps + 1
+
+
+def test_device_offline_across_two_root_rotations_follows_and_reanchors(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    # The device is offline while the operator rotates root twice and the targets key once.
+    for role in ("root", "targets", "root"):
+        r = world.cli("repo", "rotate", role, "--repo", str(world.repo_dir),
+                      "--keys", str(world.keys))
+        assert r.returncode == 0, r.stderr
+    assert (world.repo_dir / "metadata" / "4.root.json").exists()
+    world.publish("2.0.0", seed=2)
+    world.update()
+    assert world.active_version() == "2.0.0"
+    newest = (world.repo_dir / "metadata" / "4.root.json").read_bytes()
+    assert world.snapshot().anchor == hashlib.sha256(newest).digest()
+    assert (world.state / "trust" / "root.json").read_bytes() == newest
+    rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
+    assert rec["root_version"] == 4
+    assert len(list((world.keys / "retired").glob("*.pem"))) == 3
+
+
+def test_retired_targets_key_cannot_publish(world: World) -> None:
+    from tuf.api.metadata import Metadata
+
+    from publisher._keys import load_signer_at
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.repo.rotate("targets")
+    retired = next((world.keys / "retired").glob("targets-*.pem"))
+    # The old (say, stolen) key signs a new targets version with a v9 entry.
+    md_dir = world.repo_dir / "metadata"
+    targets, _, _ = world.repo.current()
+    targets.version += 1
+    evil = Metadata(targets)
+    evil.sign(load_signer_at(retired, PASSPHRASE))
+    (md_dir / f"{targets.version}.targets.json").write_bytes(evil.to_bytes())
+    world.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001 - a mirror's view
+    before = world.snapshot()
+    with pytest.raises(MetadataError, match="targets"):
+        world.update()
+    after = world.snapshot()
+    assert (after.record, after.counter, after.current) == (
+        before.record, before.counter, before.current)
