@@ -183,9 +183,15 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
     agent = doc.get("agent", {})
     idle = _idle(doc.get("idle", {}), path, base)
     state_dir = Path(_get(doc, "state_dir", str, path))
+    channel = doc.get("channel", "stable")
+    if not isinstance(channel, str) or not channel:
+        raise ConfigError(f"{path}: 'channel' must be a non-empty string", path=str(path),
+                          key="channel")
     updater = UpdaterConfig(
         state_dir=state_dir if state_dir.is_absolute() else base / state_dir,
         model=_get(doc, "model", str, path),
+        device_id=device_id,
+        channel=channel,
         https=https_cfg,
         mqtt=mqtt_cfg,
         transports=order,

@@ -61,6 +61,28 @@ def _repo_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _rollout(args: argparse.Namespace) -> int:
+    from publisher import Repository
+    from trust.errors import OperatorInputError
+
+    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+    if args.action == "set":
+        if args.percent is None and not args.halt and not args.resume:
+            raise OperatorInputError("rollout set needs --percent, --halt or --resume")
+        v = repo.set_rollout(args.name, args.version, percent=args.percent,
+                             halted=True if args.halt else (False if args.resume else None))
+        what = "halted" if args.halt else f"at {args.percent}%" if args.percent is not None \
+            else "resumed"
+        print(f"{args.name} {args.version} {what}; targets v{v}")
+    elif args.action == "pin":
+        v = repo.pin(args.name, args.version)
+        print(f"{args.name} pinned to {args.version}; targets v{v}")
+    else:
+        v = repo.pin(args.name, None)
+        print(f"{args.name} unpinned; targets v{v}")
+    return EXIT_OK
+
+
 def _repo_rotate(args: argparse.Namespace) -> int:
     from publisher import Repository
 
@@ -116,7 +138,7 @@ def _publish(args: argparse.Namespace) -> int:
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
-    r = repo.publish(args.bundle)
+    r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout)
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")
@@ -385,10 +407,32 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--repo", type=Path, required=True)
     pub.add_argument("--keys", type=Path, required=True)
     pub.add_argument("bundle", type=Path)
+    pub.add_argument("--channel", default="stable", help="release channel (default: stable)")
+    pub.add_argument("--rollout", type=float, default=100.0, metavar="PCT",
+                     help="share of the channel's devices eligible at first (default: 100)")
     pub.add_argument("--announce", action="store_true",
                      help="announce the new timestamp over MQTT afterwards")
     _add_broker_options(pub, required=False)
     pub.set_defaults(func=_publish)
+
+    ro = sub.add_parser("rollout", help="operator: phased rollout, halt, pin-back")
+    rosub = ro.add_subparsers(dest="action", required=True, metavar="ACTION")
+    x = rosub.add_parser("set", help="change a release's rollout percentage, halt or resume it")
+    x.add_argument("name")
+    x.add_argument("version")
+    x.add_argument("--percent", type=float)
+    g = x.add_mutually_exclusive_group()
+    g.add_argument("--halt", action="store_true", help="no further device installs it")
+    g.add_argument("--resume", action="store_true")
+    x = rosub.add_parser("pin", help="devices on the channel run this version, even if older")
+    x.add_argument("name")
+    x.add_argument("version")
+    x = rosub.add_parser("unpin", help="back to the newest eligible release")
+    x.add_argument("name")
+    for x in rosub.choices.values():
+        x.add_argument("--repo", type=Path, required=True)
+        x.add_argument("--keys", type=Path, required=True)
+    ro.set_defaults(func=_rollout)
 
     ann = sub.add_parser("announce", help="operator: publish the retained MQTT update hint")
     ann.add_argument("--repo", type=Path, required=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from securesystemslib.signer import Signer
 from tuf.api.metadata import (
@@ -74,6 +75,11 @@ class PublishResult:
     length: int
     targets_version: int
     timestamp_version: int
+
+
+def _bp(percent: float) -> int:
+    """Percent as integer basis points: TUF's canonical JSON has no floats."""
+    return round(percent * 100)
 
 
 def _now() -> datetime:
@@ -195,8 +201,14 @@ class Repository:
 
     # -- publish -------------------------------------------------------------
 
-    def publish(self, bundle: Path) -> PublishResult:
+    def publish(self, bundle: Path, *, channel: str = "stable",
+                rollout: float = 100.0) -> PublishResult:
         """Verify a bundle, add it as a signed target and publish new metadata.
+
+        Args:
+            bundle: the bundle file.
+            channel: release channel devices follow (``channel`` in their config).
+            rollout: share of the channel's devices (0-100) eligible at first.
 
         Raises:
             BundleFormatError: the bundle is malformed.
@@ -205,6 +217,8 @@ class Repository:
         with open(bundle, "rb") as f:
             manifest, entries = extract_bundle(f, None, str(bundle))
         SemVer.parse(manifest.version)
+        if not 0.0 <= rollout <= 100.0:
+            raise RepositoryStateError(f"rollout {rollout} is not a percentage (0-100)")
         fingerprint = slot_fingerprint(entries)
         targets, _, _ = self.current()
         for t in targets.targets.values():
@@ -221,6 +235,9 @@ class Repository:
                 "name": manifest.name,
                 "version": manifest.version,
                 "fingerprint": fingerprint,
+                "channel": channel,
+                "rollout": {"basis_points": _bp(rollout), "halted": False},
+                "pinned": False,
             }
         }
         dest = self.targets_dir / manifest.name / f"{tf.hashes['sha256']}.{manifest.name}-" \
@@ -230,10 +247,7 @@ class Repository:
         shutil.copyfile(bundle, tmp)
         tmp.replace(dest)
         targets.targets[target_path] = tf
-        targets.version += 1
-        targets.expires = self._clock() + self.expiry.targets
-        self._write(Metadata(targets), "targets", targets.version)
-        ts_version = self._snapshot_and_timestamp(targets.version)
+        ts_version = self._commit_targets(targets)
         logger.info(
             "published %s %s (fingerprint %s) as targets v%d",
             manifest.name, manifest.version, fingerprint, targets.version,
@@ -242,6 +256,61 @@ class Repository:
             target_path, manifest.name, manifest.version, fingerprint, tf.length,
             targets.version, ts_version,
         )
+
+    def _commit_targets(self, targets: Targets) -> int:
+        """Sign the next targets version, then snapshot and timestamp; returns timestamp v."""
+        targets.version += 1
+        targets.expires = self._clock() + self.expiry.targets
+        self._write(Metadata(targets), "targets", targets.version)
+        return self._snapshot_and_timestamp(targets.version)
+
+    # -- rollouts ---------------------------------------------------------------
+
+    def _release_fields(self, targets: Targets, name: str, version: str) -> dict[str, Any]:
+        for t in targets.targets.values():
+            f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+            if isinstance(f, dict) and f.get("name") == name and f.get("version") == version:
+                return f
+        raise RepositoryStateError(f"{name} {version} is not published")
+
+    def set_rollout(self, name: str, version: str, *, percent: float | None = None,
+                    halted: bool | None = None) -> int:
+        """Change a release's rollout percentage or halt/resume it; returns targets version.
+
+        Raises:
+            RepositoryStateError: no such release, or not a percentage.
+        """
+        targets, _, _ = self.current()
+        f = self._release_fields(targets, name, version)
+        rollout = dict(f.get("rollout") or {"basis_points": 10000, "halted": False})
+        if percent is not None:
+            if not 0.0 <= percent <= 100.0:
+                raise RepositoryStateError(f"rollout {percent} is not a percentage (0-100)")
+            rollout["basis_points"] = _bp(percent)
+        if halted is not None:
+            rollout["halted"] = halted
+        f["rollout"] = rollout
+        self._commit_targets(targets)
+        return int(targets.version)
+
+    def pin(self, name: str, version: str | None) -> int:
+        """Pin ``name`` on its channel to ``version`` (None: unpin); returns targets version.
+
+        A pin is the operator's signed decision that devices run that version, even if
+        it is older than what they have.
+        """
+        targets, _, _ = self.current()
+        channel = None
+        if version is not None:
+            channel = self._release_fields(targets, name, version).get("channel", "stable")
+        for t in targets.targets.values():
+            f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+            if not isinstance(f, dict) or f.get("name") != name:
+                continue
+            if channel is None or f.get("channel", "stable") == channel:
+                f["pinned"] = version is not None and f.get("version") == version
+        self._commit_targets(targets)
+        return int(targets.version)
 
     # -- rotation -------------------------------------------------------------
 

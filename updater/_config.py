@@ -96,6 +96,8 @@ class UpdaterConfig:
     Attributes:
         state_dir: the agent's state directory (metadata, staging, slots, trust).
         model: name of the model this device runs.
+        device_id: this device (its rollout position).
+        channel: release channel it follows.
         https: the HTTPS origin, if configured.
         mqtt: the MQTT broker, if configured.
         transports: which of them to use, in order of preference ("https", "mqtt");
@@ -106,6 +108,8 @@ class UpdaterConfig:
 
     state_dir: Path
     model: str
+    device_id: str = ""
+    channel: str = "stable"
     https: HttpsConfig | None = None
     mqtt: MqttConfig | None = None
     transports: tuple[str, ...] = ("https",)

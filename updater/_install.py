@@ -26,6 +26,7 @@ from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
+from updater._rollout import Choice, choose_release
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._tuf import Candidate, TufSession, convert_tuf_error
@@ -90,16 +91,16 @@ class UpdateResult:
     active: ModelRef | None
 
 
-def pick_newest(candidates: list[Candidate]) -> Candidate | None:
-    """The highest semantic version (ties: the lexically last target path)."""
-    if not candidates:
-        return None
-    return max(candidates, key=lambda c: (c.version, c.target.path))
-
-
-def is_newer(candidate: Candidate, active: ModelRef | None) -> bool:
-    """Whether installing ``candidate`` moves the device forward."""
-    return active is None or candidate.version > SemVer.parse(active.version)
+def _should_install(choice: Choice | None, active: ModelRef | None) -> bool:
+    """Install a newer release, or a pinned one that differs from the active one."""
+    if choice is None:
+        return False
+    if active is None:
+        return True
+    current = SemVer.parse(active.version)
+    if choice.pinned:
+        return choice.release.version != current
+    return choice.release.version > current
 
 
 def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int) -> None:
@@ -315,20 +316,19 @@ def _attempt(
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
         store.rotate_root(session.root_bytes)
     check_metadata_not_rolled_back(record, session.targets_version)
-    newest = pick_newest(session.candidates(cfg.model))
+    choice = choose_release(session.candidates(cfg.model), cfg.device_id, cfg.channel)
     active = record.active
-    if newest is None or not is_newer(newest, active):
+    newest = choice.release if choice else None
+    if not isinstance(newest, Candidate) or not _should_install(choice, active):
         what = f"{active.name} {active.version}" if active else "nothing"
-        if newest is not None and active is not None and newest.version < SemVer.parse(
-            active.version
-        ):
-            logger.warning(
-                "repository offers %s %s, older than active %s; not installing",
-                newest.name, newest.version, active.version,
-            )
-        msg = f"nothing to do: {what} is active and no newer {cfg.model} is published"
+        msg = (f"nothing to do: {what} is active and no newer {cfg.model} is published "
+               f"for this device on channel {cfg.channel}")
         journal.enter("active" if active else "idle", **_ref_fields(active))
         return UpdateResult(Outcome.UP_TO_DATE, msg, active)
+    if choice is not None and choice.pinned and active is not None and \
+            newest.version < SemVer.parse(active.version):
+        logger.warning("the operator pinned %s %s: moving down from %s", newest.name,
+                       newest.version, active.version)
 
     name, version = newest.name, str(newest.version)
     logger.info(

@@ -43,6 +43,10 @@ class Candidate:
     name: str
     version: SemVer
     fingerprint: str
+    channel: str = "stable"
+    percent: float = 100.0
+    halted: bool = False
+    pinned: bool = False
 
 
 def convert_tuf_error(e: Exception, what: str) -> Exception:
@@ -138,8 +142,19 @@ class TufSession:
             try:
                 version = SemVer.parse(str(field["version"]))
                 fingerprint = str(field["fingerprint"])
-            except (KeyError, ValueError) as e:
+                rollout = field.get("rollout") or {}
+                bp = rollout.get("basis_points", 10000)
+                if not isinstance(bp, int) or isinstance(bp, bool):
+                    raise ValueError(f"rollout basis_points {bp!r}")
+                percent = bp / 100
+                if not 0.0 <= percent <= 100.0:
+                    raise ValueError(f"rollout percent {percent}")
+                cand = Candidate(t, model, version, fingerprint,
+                                 channel=str(field.get("channel", "stable")), percent=percent,
+                                 halted=bool(rollout.get("halted", False)),
+                                 pinned=bool(field.get("pinned", False)))
+            except (KeyError, ValueError, TypeError, AttributeError) as e:
                 logger.warning("ignoring target %s: malformed modelward field: %s", path, e)
                 continue
-            found.append(Candidate(t, model, version, fingerprint))
+            found.append(cand)
         return found

@@ -93,3 +93,67 @@ def test_retired_targets_key_cannot_publish(world: World) -> None:
     after = world.snapshot()
     assert (after.record, after.counter, after.current) == (
         before.record, before.counter, before.current)
+
+
+def _rollout(w: World, *argv: str) -> None:
+    r = w.cli("rollout", *argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
+    assert r.returncode == 0, r.stderr
+
+
+def test_phased_rollout_halt_and_signed_pin_back(world: World) -> None:
+    from tests.conftest import copytree
+    from updater._rollout import rollout_bucket
+    from updater.errors import RollbackError
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    # v2 goes to a share of devices that just misses this one.
+    share = rollout_bucket("dev-1", "classifier", "2.0.0") // 1
+    r = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                  "--rollout", str(share), str(world.bundle("2.0.0", seed=2)))
+    assert r.returncode == 0, r.stderr
+    assert "nothing to do" in world.update().message
+    assert world.active_version() == "1.0.0"
+    _rollout(world, "set", "classifier", "2.0.0", "--percent", str(share + 1))
+    world.update()
+    assert world.active_version() == "2.0.0"
+
+    # v3 is published to everyone but halted before this device gets to it.
+    world.publish("3.0.0", seed=3)
+    _rollout(world, "set", "classifier", "3.0.0", "--halt")
+    world.update()
+    assert world.active_version() == "2.0.0"  # not installed; nothing moved down either
+
+    # The operator pins back to v1: a signed decision, so the device moves down.
+    old_local, old_origin = world.tmp / "md-local", world.tmp / "md-origin"
+    _rollout(world, "pin", "classifier", "1.0.0")
+    world.update()
+    assert world.active_version() == "1.0.0"
+    copytree(world.state / "metadata", old_local)  # the pin era, for a replay later
+    copytree(world.repo_dir / "metadata", old_origin)
+    _rollout(world, "unpin", "classifier")
+    world.update()
+    assert world.active_version() == "2.0.0"  # v3 is still halted
+
+    # Replaying the pin-era metadata (device and mirror) cannot pin the device back.
+    copytree(old_origin, world.repo_dir / "metadata")
+    copytree(old_local, world.state / "metadata")
+    before = world.snapshot()
+    with pytest.raises(RollbackError):
+        world.update()
+    assert world.active_version() == "2.0.0"
+    assert world.snapshot().record == before.record
+
+
+def test_devices_follow_only_their_channel(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    r = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                  "--channel", "beta", str(world.bundle("2.0.0", seed=2)))
+    assert r.returncode == 0, r.stderr
+    world.update()
+    assert world.active_version() == "1.0.0"  # a stable device ignores beta
+    world.conf_path.write_text(world.conf_path.read_text().replace(
+        'model = "classifier"', 'model = "classifier"\nchannel = "beta"', 1))
+    world.update()
+    assert world.active_version() == "2.0.0"

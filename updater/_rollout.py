@@ -1,0 +1,72 @@
+"""Channels and phased rollouts: which published release a device may install.
+
+A release's signed ``modelward`` field carries ``channel``, ``rollout.basis_points``
+(integer hundredths of a percent: TUF's canonical JSON has no floats),
+``rollout.halted`` and ``pinned``. The rules, all pure:
+
+* a device considers only releases of its model on its channel;
+* eligibility: ``bucket(device, name, version) < percent``, where ``bucket`` is the first
+  8 bytes of ``sha256("modelward-rollout:<name>:<version>:<device>")`` scaled to [0, 100).
+  Deterministic per device and release, independent across releases, so raising the
+  percentage only ever adds devices;
+* a halted release is installed by no device that does not have it yet (those that have
+  it keep it: devices never move down on their own);
+* a pinned release is the operator's explicit, signed decision: devices install it even
+  when it is older than what they run. Replayed old metadata cannot pin anything back,
+  because the trust record refuses targets metadata older than it has seen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from updater._semver import SemVer
+
+
+def rollout_bucket(device_id: str, name: str, version: str) -> float:
+    """The device's position in [0, 100) for one release."""
+    h = hashlib.sha256(f"modelward-rollout:{name}:{version}:{device_id}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64 * 100
+
+
+class Release(Protocol):
+    """What the selection needs to know of a published release."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> SemVer: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def percent(self) -> float: ...
+    @property
+    def halted(self) -> bool: ...
+    @property
+    def pinned(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The release to install, and whether it is a pin (which may go down)."""
+
+    release: Release
+    pinned: bool
+
+
+def choose_release(
+    releases: Sequence[Release], device_id: str, channel: str
+) -> Choice | None:
+    """Pick what this device should run (None: nothing eligible)."""
+    mine = [r for r in releases if r.channel == channel]
+    pinned = [r for r in mine if r.pinned]
+    if pinned:
+        return Choice(max(pinned, key=lambda r: r.version), True)
+    eligible = [r for r in mine if not r.halted and
+                rollout_bucket(device_id, r.name, str(r.version)) < r.percent]
+    if not eligible:
+        return None
+    return Choice(max(eligible, key=lambda r: r.version), False)
