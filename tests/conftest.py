@@ -176,18 +176,25 @@ class World:
                               text=True, env=e, timeout=300, check=False)
 
 
+def _new_repo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Path, Path, Path, Repository, Path]:
+    """A fresh repository with threshold-1 keys: (repo dir, keys, builds, repo, root)."""
+    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
+    repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
+    builds.mkdir()
+    repo = Repository(repo_dir, keys, PASSPHRASE)
+    return repo_dir, keys, builds, repo, repo.init()
+
+
 @pytest.fixture
 def world(
     tmp_path: Path, swtpm: SwtpmHandle, pki: tuple[CertPair, CertPair],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[World]:
     """Repository (threshold-1 keys) served by nginx; a provisioned swtpm device."""
-    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
     ca, server = pki
-    repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
-    builds.mkdir()
-    repo = Repository(repo_dir, keys, PASSPHRASE)
-    root = repo.init()
+    repo_dir, keys, builds, repo, root = _new_repo(tmp_path, monkeypatch)
     work = tmp_path / "origin"
     origin = start_origin(repo_dir, work, server)
     try:
@@ -275,12 +282,8 @@ def mqtt_world(
     from publisher import write_broker_config
     from simulator import start_broker, stop_broker
 
-    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
     ca, server = pki
-    repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
-    builds.mkdir()
-    repo = Repository(repo_dir, keys, PASSPHRASE)
-    root = repo.init()
+    repo_dir, keys, builds, repo, root = _new_repo(tmp_path, monkeypatch)
     bc = write_broker_config(FLEET, ["dev-1", "dev-2"], tmp_path / "broker-config")
     broker = start_broker(tmp_path / "broker", server, ca.cert, bc.passwords, bc.acl)
     w: MqttWorld | None = None
