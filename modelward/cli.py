@@ -22,10 +22,38 @@ from modelward import __version__
 
 if TYPE_CHECKING:
     from agent import AgentConfig
+    from publisher import Repository
     from updater import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
+HSM_PIN_ENV = "MODELWARD_HSM_PIN"
+
+
+def _secrets(what: str) -> str:
+    """securesystemslib's secret prompts: the HSM PIN from the environment or a prompt."""
+    value = os.environ.get(HSM_PIN_ENV) if what == "pin" else None
+    if value is None:
+        value = getpass.getpass(f"{what}: ")
+    return value
+
+
+def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
+    from publisher import Repository
+
+    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets)
+
+
+def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
+    from trust.errors import OperatorInputError
+
+    out = {}
+    for pair in pairs or []:
+        role, sep, n = pair.partition("=")
+        if not sep or not n.isdigit():
+            raise OperatorInputError(f"{flag} {pair!r}: expected ROLE=N")
+        out[role] = int(n)
+    return out
 
 
 def _passphrase(confirm: bool) -> bytes:
@@ -52,20 +80,18 @@ def _passphrase(confirm: bool) -> bytes:
 
 
 def _repo_init(args: argparse.Namespace) -> int:
-    from publisher import Repository
-
-    repo = Repository(args.repo, args.keys, _passphrase(confirm=True))
-    root = repo.init()
+    repo = _repository(args, confirm=True)
+    root = repo.init(_role_numbers(args.threshold, "--threshold"),
+                     _role_numbers(args.keys_per_role, "--keys-per-role"))
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
     print(f"provision devices with {root}")
     return EXIT_OK
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from publisher import Repository
     from trust.errors import OperatorInputError
 
-    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+    repo = _repository(args)
     if args.action == "set":
         if args.percent is None and not args.halt and not args.resume:
             raise OperatorInputError("rollout set needs --percent, --halt or --resume")
@@ -83,10 +109,35 @@ def _rollout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _repo_rotate(args: argparse.Namespace) -> int:
-    from publisher import Repository
+def _repo_sign(args: argparse.Namespace) -> int:
+    have, need = _repository(args).sign_pending(args.role, args.key)
+    print(f"{args.role}: {have} of {need} signatures; published")
+    return EXIT_OK
 
-    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+
+def _repo_add_key(args: argparse.Namespace) -> int:
+    from trust.errors import OperatorInputError
+
+    repo = _repository(args)
+    if args.hsm_keyid is not None:
+        from securesystemslib.signer import HSMSigner
+
+        try:
+            uri, key = HSMSigner.import_(hsm_keyid=args.hsm_keyid, token_label=args.token_label,
+                                         secrets_handler=_secrets)
+        except (ValueError, OSError) as e:
+            raise OperatorInputError(f"cannot read key {args.hsm_keyid} from the HSM: {e}",
+                                     hint="set PYKCS11LIB to the PKCS#11 module") from e
+    else:
+        raise OperatorInputError("repo add-key needs --hsm-keyid")
+    v = repo.add_key(args.role, uri, key, threshold=args.threshold)
+    print(f"added {uri} ({key.keyid[:16]}) to {args.role}; root is now version {v}")
+    return EXIT_OK
+
+
+def _repo_rotate(args: argparse.Namespace) -> int:
+
+    repo = _repository(args)
     v = repo.rotate(args.role)
     print(f"rotated the {args.role} key; root is now version {v} "
           f"(devices follow it on their next refresh)")
@@ -94,9 +145,8 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
 
 def _repo_refresh(args: argparse.Namespace) -> int:
-    from publisher import Repository
 
-    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
+    repo = _repository(args)
     done = repo.refresh()
     print(f"re-signed {', '.join(done)}")
     return EXIT_OK
@@ -134,11 +184,12 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from publisher import Repository, announce
+    from publisher import announce
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
-    repo = Repository(args.repo, args.keys, _passphrase(confirm=False))
-    r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout)
+    repo = _repository(args)
+    r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
+                     sign_with=args.sign_with)
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")
@@ -372,7 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", type=Path, required=True,
                    help="served directory (metadata/, targets/)")
     r.add_argument("--keys", type=Path, required=True, help="key directory, outside --repo")
+    r.add_argument("--threshold", action="append", metavar="ROLE=N",
+                   help="signatures a role needs (default 1; repeatable)")
+    r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
+                   help="encrypted-file keys made for a role (default 1; repeatable)")
     r.set_defaults(func=_repo_init)
+    r = rsub.add_parser("sign", help="add a signature to metadata waiting for its threshold")
+    r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    r.add_argument("--key", required=True, metavar="URI",
+                   help="encfile:NAME.pem, hsm:N?label=L, or another securesystemslib URI")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_sign)
+    r = rsub.add_parser("add-key", help="add an HSM (PKCS#11) key to a role")
+    r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
+    r.add_argument("--hsm-keyid", type=int, help="CKA_ID of the key on the token")
+    r.add_argument("--token-label", help="PKCS#11 token label")
+    r.add_argument("--threshold", type=int, help="the role's new threshold")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_add_key)
     r = rsub.add_parser("rotate", help="replace a role's key (root: chained, devices re-anchor)")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--repo", type=Path, required=True)
@@ -408,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--keys", type=Path, required=True)
     pub.add_argument("bundle", type=Path)
     pub.add_argument("--channel", default="stable", help="release channel (default: stable)")
+    pub.add_argument("--sign-with", action="append", metavar="URI",
+                     help="targets key to sign with (repeatable; default: the first key)")
     pub.add_argument("--rollout", type=float, default=100.0, metavar="PCT",
                      help="share of the channel's devices eligible at first (default: 100)")
     pub.add_argument("--announce", action="store_true",

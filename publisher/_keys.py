@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from securesystemslib.signer import CryptoSigner, SSlibKey
+from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 
 from publisher.errors import KeyError_
 from trust import write_atomic
@@ -86,3 +88,71 @@ def is_inside(child: Path, parent: Path) -> bool:
     """Whether ``child`` is ``parent`` or below it (after resolving links)."""
     c, p = os.path.realpath(child), os.path.realpath(parent)
     return c == p or c.startswith(p.rstrip("/") + "/")
+
+
+ENCFILE = "encfile"  # our scheme: a passphrase-encrypted PKCS#8 file under the key directory
+
+
+class SignerRegistry:
+    """Which private key signs for which public key: ``KEYS/signers.json``, keyid -> URI.
+
+    URIs are ``encfile:<file in KEYS>`` or any scheme securesystemslib loads
+    (``hsm:``, ``gcpkms:``, ``awskms:``, ``azurekms:``, ``hv:``, ...). Private material
+    never enters the registry; a passphrase or PIN comes from ``secrets`` at signing time.
+
+    Args:
+        keys_dir: the key directory.
+        passphrase: passphrase of ``encfile:`` keys.
+        secrets: answers securesystemslib's secret prompts (e.g. ``"pin"`` for an HSM).
+    """
+
+    def __init__(self, keys_dir: Path, passphrase: bytes,
+                 secrets: Callable[[str], str] | None = None) -> None:
+        self.keys_dir = keys_dir
+        self.path = keys_dir / "signers.json"
+        self._passphrase = passphrase
+        self._secrets = secrets
+
+    def entries(self) -> dict[str, str]:
+        """keyid -> URI (keys made before the registry existed map to ``<role>.pem``)."""
+        try:
+            doc = json.loads(self.path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        return {str(k): str(v) for k, v in doc.items()}
+
+    def add(self, keyid: str, uri: str) -> None:
+        """Register the private key of ``keyid``."""
+        doc = self.entries()
+        doc[keyid] = uri
+        write_atomic(self.path, json.dumps(doc, indent=1, sort_keys=True).encode(), mode=0o600)
+
+    def keyid_for(self, uri: str) -> str:
+        """The keyid registered for ``uri``.
+
+        Raises:
+            KeyError_: no key with that URI.
+        """
+        for keyid, u in self.entries().items():
+            if u == uri:
+                return keyid
+        raise KeyError_(f"no key with URI {uri!r} in {self.path}", path=str(self.path),
+                        hint="`modelward repo status` lists the keys; add one with `repo add-key`")
+
+    def signer(self, uri: str, public_key: Key, role: str = "") -> Signer:
+        """Load the signer behind ``uri``.
+
+        Raises:
+            KeyError_: the key cannot be loaded (missing file, passphrase, PIN, device).
+        """
+        scheme, _, rest = uri.partition(":")
+        if scheme == ENCFILE:
+            path = self.keys_dir / rest
+            if not is_inside(path, self.keys_dir):
+                raise KeyError_(f"{uri} points outside {self.keys_dir}", path=str(path))
+            return load_signer_at(path, self._passphrase, role)
+        try:
+            return Signer.from_priv_key_uri(uri, public_key, self._secrets)
+        except (ValueError, OSError) as e:
+            raise KeyError_(f"cannot use key {uri}: {e}", path=uri,
+                            hint="for hsm: set PYKCS11LIB and MODELWARD_HSM_PIN") from e

@@ -14,7 +14,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from securesystemslib.signer import Signer
+from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
+from securesystemslib.signer import Key, Signer
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -27,8 +28,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from publisher._keys import (
+    ENCFILE,
     ROLES,
-    generate_key,
+    SignerRegistry,
     generate_key_at,
     is_inside,
     key_path,
@@ -50,6 +52,39 @@ class Expiry:
     targets: timedelta = timedelta(days=365)
     snapshot: timedelta = timedelta(days=30)
     timestamp: timedelta = timedelta(days=7)
+
+
+def _valid_signatures(md: Metadata, role: str, root: Root) -> int:  # type: ignore[type-arg]
+    """How many of ``role``'s keys signed ``md`` validly."""
+    n = 0
+    for keyid in root.roles[role].keyids:
+        sig = md.signatures.get(keyid)
+        if sig is None:
+            continue
+        try:
+            root.get_key(keyid).verify_signature(sig, md.signed_bytes)
+        except (UnverifiedSignatureError, VerificationError):
+            logger.warning("ignoring an invalid %s signature by key %s", role, keyid[:16])
+            continue
+        n += 1
+    return n
+
+
+class ThresholdNotMetError(RepositoryStateError):
+    """Metadata has fewer signatures than its role's threshold; it waits for more.
+
+    Attributes:
+        role, have, need: the role and its signature count and threshold.
+        pending: where the metadata waits.
+    """
+
+    def __init__(self, role: str, have: int, need: int, pending: Path) -> None:
+        super().__init__(
+            f"{role} metadata has {have} of the {need} signatures its threshold needs: "
+            f"{need - have} missing; it waits in {pending}",
+            hint=f"add signatures with `modelward repo sign {role} --key URI`",
+        )
+        self.role, self.have, self.need, self.pending = role, have, need, pending
 
 
 @dataclass(frozen=True)
@@ -102,7 +137,7 @@ class Repository:
 
     def __init__(
         self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None,
-        clock: Callable[[], datetime] = _now,
+        clock: Callable[[], datetime] = _now, secrets: Callable[[str], str] | None = None,
     ) -> None:
         if is_inside(keys, repo):
             raise RepositoryStateError(
@@ -114,29 +149,58 @@ class Repository:
         self.targets_dir = repo / "targets"
         self.expiry = expiry or Expiry()
         self._clock = clock
+        self.signers = SignerRegistry(keys, passphrase, secrets)
+        self.pending_dir = keys / "pending"
+        self._sign_with: list[str] | None = None  # explicit signer URIs for the next write
 
     # -- init -------------------------------------------------------------------
 
-    def init(self) -> Path:
-        """Create keys (threshold 1 each) and version 1 of all top-level metadata.
+    def init(self, thresholds: dict[str, int] | None = None,
+             key_counts: dict[str, int] | None = None) -> Path:
+        """Create keys and version 1 of all top-level metadata.
+
+        Args:
+            thresholds: signatures each role needs (default 1).
+            key_counts: encrypted-file keys made per role (default 1; more keys, e.g. in
+                an HSM, can be added with :meth:`add_key`).
 
         Returns:
             Path of ``1.root.json`` (what devices are provisioned with).
 
         Raises:
-            RepositoryStateError: the repository exists already.
+            RepositoryStateError: the repository exists, or a threshold is impossible.
         """
         if (self.metadata_dir / "timestamp.json").exists():
             raise RepositoryStateError(f"{self.repo} already holds a TUF repository")
+        thresholds, key_counts = thresholds or {}, key_counts or {}
+        for role in set(thresholds) | set(key_counts):
+            if role not in ROLES:
+                raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         now = self._clock()
         root = Root(expires=now + self.expiry.root, consistent_snapshot=True)
+        uris: list[str] = []
         for role in ROLES:
-            root.add_key(generate_key(self.keys, role, self._passphrase), role)
+            count = key_counts.get(role, 1)
+            if not 1 <= thresholds.get(role, 1) <= count:
+                raise RepositoryStateError(
+                    f"{role}: threshold {thresholds.get(role, 1)} needs at least that many "
+                    f"keys (--keys-per-role {role}=N); got {count}")
+            for i in range(count):
+                name = f"{role}.pem" if i == 0 else f"{role}-{i + 1}.pem"
+                key = generate_key_at(self.keys / name, self._passphrase)
+                root.add_key(key, role)
+                self.signers.add(key.keyid, f"{ENCFILE}:{name}")
+                uris.append(f"{ENCFILE}:{name}")
+            root.roles[role].threshold = thresholds.get(role, 1)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
-        self._write(Metadata(root), "root", 1)
-        targets = Targets(version=1, expires=now + self.expiry.targets)
-        self._write(Metadata(targets), "targets", 1)
-        self._snapshot_and_timestamp(targets_version=1)
+        self._sign_with = uris  # version 1 is signed by every key made here
+        try:
+            self._write(Metadata(root), "root", 1)
+            targets = Targets(version=1, expires=now + self.expiry.targets)
+            self._write(Metadata(targets), "targets", 1)
+            self._snapshot_and_timestamp(targets_version=1)
+        finally:
+            self._sign_with = None
         return self.metadata_dir / "1.root.json"
 
     # -- reading -------------------------------------------------------------
@@ -170,13 +234,106 @@ class Repository:
 
     # -- writing -------------------------------------------------------------
 
-    def _write(self, md: Metadata, role: str, version: int | None) -> None:  # type: ignore[type-arg]
-        md.sign(self._signer(role))
-        name = f"{role}.json" if version is None else f"{version}.{role}.json"
-        write_atomic(self.metadata_dir / name, md.to_bytes(_serializer()))
-
     def _signer(self, role: str) -> Signer:
         return load_signer(self.keys, role, self._passphrase)
+
+    def _trusted_root(self) -> Root:
+        root: Root = self._load(f"{self.latest_root_version()}.root.json").signed
+        return root
+
+    def _write(self, md: Metadata, role: str, version: int | None) -> None:  # type: ignore[type-arg]
+        """Sign ``md`` for ``role`` and publish it, or park it until the threshold is met.
+
+        Raises:
+            ThresholdNotMetError: fewer signatures than the role's threshold; the metadata
+                waits in ``KEYS/pending/`` for `repo sign`.
+        """
+        root = md.signed if role == "root" else self._trusted_root()
+        entries = self.signers.entries()
+        default = f"{ENCFILE}:{role}.pem"
+        # Explicit URIs count for the role they belong to; otherwise the role's default
+        # key (its first encrypted file, made at init) signs.
+        mine = [u for u in (self._sign_with or [])
+                if (k := next((k for k, v in entries.items() if v == u), None)) is not None
+                and k in root.roles[role].keyids]
+        for uri in mine or [default]:
+            keyid = next((k for k, u in entries.items() if u == uri), None)
+            if keyid is None:
+                md.sign(self._signer(role), append=True)  # a repository from before
+                continue
+            md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+        self._publish_or_park(md, role, version, root)
+
+    def _publish_or_park(self, md: Metadata, role: str, version: int | None,  # type: ignore[type-arg]
+                         root: Root) -> None:
+        name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        have = _valid_signatures(md, role, root)
+        need = root.roles[role].threshold
+        if have < need:
+            self.pending_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+            path = self.pending_dir / name
+            write_atomic(path, md.to_bytes(_serializer()))
+            raise ThresholdNotMetError(role, have, need, path)
+        write_atomic(self.metadata_dir / name, md.to_bytes(_serializer()))
+        (self.pending_dir / name).unlink(missing_ok=True)
+
+    def sign_pending(self, role: str, uri: str) -> tuple[int, int]:
+        """Add the signature of the key at ``uri`` to the pending ``role`` metadata.
+
+        When that meets the threshold, the metadata is published (for targets, with a
+        new snapshot and timestamp).
+
+        Returns:
+            (signatures now, threshold).
+
+        Raises:
+            RepositoryStateError: nothing pending for the role.
+            KeyError_: the key is not registered or cannot be used.
+            ThresholdNotMetError: still short (after adding this signature).
+        """
+        pending = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
+            self.pending_dir.is_dir() else []
+        if not pending:
+            raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
+        path = pending[-1]
+        md = Metadata.from_bytes(path.read_bytes())
+        root = md.signed if role == "root" else self._trusted_root()
+        keyid = self.signers.keyid_for(uri)
+        if keyid not in root.roles[role].keyids:
+            raise RepositoryStateError(f"{uri} is not a {role} key")
+        md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+        version = int(path.name.split(".", 1)[0])
+        self._publish_or_park(md, role, version, root)
+        path.unlink(missing_ok=True)
+        if role == "targets":
+            self._snapshot_and_timestamp(version)
+        return _valid_signatures(md, role, root), root.roles[role].threshold
+
+    def add_key(self, role: str, uri: str, public_key: Key,
+                threshold: int | None = None) -> int:
+        """Add a key (e.g. in an HSM) to ``role``, optionally with a new threshold.
+
+        Returns:
+            The new root version.
+
+        Raises:
+            RepositoryStateError: unknown role or impossible threshold.
+        """
+        if role not in ROLES:
+            raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        version = self.latest_root_version()
+        root = self._trusted_root()
+        root.add_key(public_key, role)
+        if threshold is not None:
+            if not 1 <= threshold <= len(root.roles[role].keyids):
+                raise RepositoryStateError(f"{role}: threshold {threshold} with "
+                                           f"{len(root.roles[role].keyids)} keys")
+            root.roles[role].threshold = threshold
+        root.version = version + 1
+        root.expires = self._clock() + self.expiry.root
+        self.signers.add(public_key.keyid, uri)
+        self._write(Metadata(root), "root", root.version)
+        return int(root.version)
 
     def _snapshot_and_timestamp(self, targets_version: int) -> int:
         now = self._clock()
@@ -202,13 +359,18 @@ class Repository:
     # -- publish -------------------------------------------------------------
 
     def publish(self, bundle: Path, *, channel: str = "stable",
-                rollout: float = 100.0) -> PublishResult:
+                rollout: float = 100.0, sign_with: list[str] | None = None) -> PublishResult:
         """Verify a bundle, add it as a signed target and publish new metadata.
 
         Args:
             bundle: the bundle file.
             channel: release channel devices follow (``channel`` in their config).
             rollout: share of the channel's devices (0-100) eligible at first.
+            sign_with: URIs of the targets keys to sign with (default: the role's first
+                key). Short of the threshold, the metadata waits for `repo sign`.
+
+        Raises:
+            ThresholdNotMetError: the targets threshold is not met yet.
 
         Raises:
             BundleFormatError: the bundle is malformed.
@@ -247,7 +409,11 @@ class Repository:
         shutil.copyfile(bundle, tmp)
         tmp.replace(dest)
         targets.targets[target_path] = tf
-        ts_version = self._commit_targets(targets)
+        self._sign_with = sign_with
+        try:
+            ts_version = self._commit_targets(targets)
+        finally:
+            self._sign_with = None
         logger.info(
             "published %s %s (fingerprint %s) as targets v%d",
             manifest.name, manifest.version, fingerprint, targets.version,
@@ -331,6 +497,10 @@ class Repository:
         version = self.latest_root_version()
         root_md = self._load(f"{version}.root.json")
         root: Root = root_md.signed
+        if len(root.roles[role].keyids) != 1:
+            raise RepositoryStateError(
+                f"{role} has {len(root.roles[role].keyids)} keys; `repo rotate` replaces a "
+                "single key (use `repo add-key` and a threshold change for key sets)")
         old_signer = self._signer(role)
         old_root_signer = self._signer("root")
         new_path = key_path(self.keys, role).with_suffix(".pem.new")
@@ -351,6 +521,8 @@ class Repository:
         retired.parent.mkdir(exist_ok=True, mode=0o700)
         key_path(self.keys, role).replace(retired)
         new_path.replace(key_path(self.keys, role))
+        self.signers.add(old_signer.public_key.keyid, f"{ENCFILE}:retired/{retired.name}")
+        self.signers.add(new_key.keyid, f"{ENCFILE}:{role}.pem")
         if role == "targets":
             targets, _, _ = self.current()
             targets.version += 1
