@@ -109,6 +109,12 @@ def _rollout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repo_delegate(args: argparse.Namespace) -> int:
+    key = _repository(args).delegate(args.name, args.paths)
+    print(f"delegated {', '.join(args.paths)} to role {args.name!r}; its key: {key}")
+    return EXIT_OK
+
+
 def _repo_sign(args: argparse.Namespace) -> int:
     have, need = _repository(args).sign_pending(args.role, args.key)
     print(f"{args.role}: {have} of {need} signatures; published")
@@ -189,7 +195,7 @@ def _publish(args: argparse.Namespace) -> int:
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     repo = _repository(args)
     r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
-                     sign_with=args.sign_with)
+                     sign_with=args.sign_with, role=args.role)
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")
@@ -428,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
                    help="encrypted-file keys made for a role (default 1; repeatable)")
     r.set_defaults(func=_repo_init)
+    r = rsub.add_parser("delegate", help="give a team its own key for some model paths")
+    r.add_argument("name", help="the delegated role (team) name")
+    r.add_argument("--paths", nargs="+", required=True, metavar="PATTERN",
+                   help='target path patterns, e.g. "detector/*"')
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_delegate)
     r = rsub.add_parser("sign", help="add a signature to metadata waiting for its threshold")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--key", required=True, metavar="URI",
@@ -478,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--keys", type=Path, required=True)
     pub.add_argument("bundle", type=Path)
     pub.add_argument("--channel", default="stable", help="release channel (default: stable)")
+    pub.add_argument("--role", help="publish as this delegated (team) role, with its key")
     pub.add_argument("--sign-with", action="append", metavar="URI",
                      help="targets key to sign with (repeatable; default: the first key)")
     pub.add_argument("--rollout", type=float, default=100.0, metavar="PCT",

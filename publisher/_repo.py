@@ -17,6 +17,8 @@ from typing import Any
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Key, Signer
 from tuf.api.metadata import (
+    DelegatedRole,
+    Delegations,
     Metadata,
     MetaFile,
     Root,
@@ -342,11 +344,10 @@ class Repository:
             snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
         except RepositoryStateError:
             snap_version, ts_version = 1, 1
-        snap = Snapshot(
-            version=snap_version,
-            expires=now + self.expiry.snapshot,
-            meta={"targets.json": MetaFile(version=targets_version)},
-        )
+        meta = {"targets.json": MetaFile(version=targets_version)}
+        meta.update({f"{name}.json": MetaFile(version=v)
+                     for name, v in self._delegated_versions().items()})
+        snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
         ts = Timestamp(
             version=ts_version,
@@ -358,8 +359,8 @@ class Repository:
 
     # -- publish -------------------------------------------------------------
 
-    def publish(self, bundle: Path, *, channel: str = "stable",
-                rollout: float = 100.0, sign_with: list[str] | None = None) -> PublishResult:
+    def publish(self, bundle: Path, *, channel: str = "stable", rollout: float = 100.0,
+                sign_with: list[str] | None = None, role: str | None = None) -> PublishResult:
         """Verify a bundle, add it as a signed target and publish new metadata.
 
         Args:
@@ -368,6 +369,7 @@ class Repository:
             rollout: share of the channel's devices (0-100) eligible at first.
             sign_with: URIs of the targets keys to sign with (default: the role's first
                 key). Short of the threshold, the metadata waits for `repo sign`.
+            role: a delegated role (a team) to publish as, with its own key.
 
         Raises:
             ThresholdNotMetError: the targets threshold is not met yet.
@@ -408,6 +410,10 @@ class Repository:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(bundle, tmp)
         tmp.replace(dest)
+        if role is not None:
+            ts_version = self._publish_delegated(role, target_path, tf)
+            return PublishResult(target_path, manifest.name, manifest.version, fingerprint,
+                                 tf.length, targets.version, ts_version)
         targets.targets[target_path] = tf
         self._sign_with = sign_with
         try:
@@ -428,6 +434,71 @@ class Repository:
         targets.version += 1
         targets.expires = self._clock() + self.expiry.targets
         self._write(Metadata(targets), "targets", targets.version)
+        return self._snapshot_and_timestamp(targets.version)
+
+    # -- delegations ------------------------------------------------------------
+
+    def _delegated_versions(self) -> dict[str, int]:
+        """Latest version on disk of each delegated targets role."""
+        out: dict[str, int] = {}
+        for p in self.metadata_dir.glob("*.json"):
+            m = re.fullmatch(r"(\d+)\.([A-Za-z0-9._-]+)\.json", p.name)
+            if m and m.group(2) not in ROLES:
+                out[m.group(2)] = max(out.get(m.group(2), 0), int(m.group(1)))
+        return out
+
+    def delegate(self, name: str, paths: list[str]) -> Path:
+        """Delegate target paths (e.g. ``detector/*``) to a new team role with its own key.
+
+        Returns:
+            The team's key file (an ``encfile:`` key under KEYS).
+
+        Raises:
+            RepositoryStateError: the name is taken or not usable.
+        """
+        if name in ROLES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
+            raise RepositoryStateError(f"{name!r} cannot be a delegated role name")
+        if not paths:
+            raise RepositoryStateError("a delegation needs at least one path pattern")
+        targets, _, _ = self.current()
+        if targets.delegations and targets.delegations.roles and \
+                name in targets.delegations.roles:
+            raise RepositoryStateError(f"role {name!r} is delegated already")
+        key_file = self.keys / f"delegated-{name}.pem"
+        key = generate_key_at(key_file, self._passphrase)
+        self.signers.add(key.keyid, f"{ENCFILE}:{key_file.name}")
+        if targets.delegations is None:
+            targets.delegations = Delegations(keys={}, roles={})
+        assert targets.delegations.roles is not None
+        targets.delegations.roles[name] = DelegatedRole(
+            name=name, keyids=[], threshold=1, terminating=True, paths=paths)
+        targets.add_key(key, name)
+        team = Targets(version=1, expires=self._clock() + self.expiry.targets)
+        self._write_delegated(Metadata(team), name, key_file)
+        self._commit_targets(targets)
+        return key_file
+
+    def _write_delegated(self, md: Metadata, name: str, key_file: Path) -> None:  # type: ignore[type-arg]
+        md.sign(load_signer_at(key_file, self._passphrase, name))
+        write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json",
+                     md.to_bytes(_serializer()))
+
+    def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
+        """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""
+        targets, _, _ = self.current()
+        dr = (targets.delegations.roles or {}).get(role) if targets.delegations else None
+        if dr is None:
+            raise RepositoryStateError(f"no delegated role {role!r} (see `repo delegate`)")
+        if not dr.is_delegated_path(target_path):
+            raise RepositoryStateError(
+                f"{target_path} is outside the paths delegated to {role!r} ({dr.paths})",
+                hint="a team key may publish only its own models")
+        version = self._delegated_versions()[role]
+        team: Targets = self._load(f"{version}.{role}.json").signed
+        team.targets[target_path] = tf
+        team.version += 1
+        team.expires = self._clock() + self.expiry.targets
+        self._write_delegated(Metadata(team), role, self.keys / f"delegated-{role}.pem")
         return self._snapshot_and_timestamp(targets.version)
 
     # -- rollouts ---------------------------------------------------------------

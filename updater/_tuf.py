@@ -131,11 +131,33 @@ class TufSession:
             path = f"{dirname}{sep}{digest}.{base}"
         return self.targets_url + path
 
+    def _all_targets(self) -> list[tuple[str, TargetFile]]:
+        """Top-level targets, then those of each delegated role (one level).
+
+        ngclient verifies a delegated role's metadata against the keys and threshold its
+        delegation names; a target it lists outside its delegated paths is ignored, as
+        TUF's path rules require (a team key cannot publish another team's model).
+        """
+        top = self._trusted().targets
+        out = list(top.targets.items())
+        roles = top.delegations.roles if top.delegations and top.delegations.roles else {}
+        for name, role in roles.items():
+            try:
+                delegated = self._updater._load_targets(name, "targets")  # noqa: SLF001
+            except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+                raise convert_tuf_error(e, f"delegated role {name}") from e
+            for path, t in delegated.targets.items():
+                if role.is_delegated_path(path):
+                    out.append((path, t))
+                else:
+                    logger.warning("ignoring %s: role %s may not list paths outside %s",
+                                   path, name, role.paths)
+        return out
+
     def candidates(self, model: str) -> list[Candidate]:
         """Signed targets that carry a well-formed ``modelward`` field for ``model``."""
         found = []
-        targets: dict[str, TargetFile] = self._trusted().targets.targets
-        for path, t in targets.items():
+        for path, t in self._all_targets():
             field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
             if not isinstance(field, dict) or field.get("name") != model:
                 continue
