@@ -10,11 +10,12 @@ Exit codes:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,26 @@ def _passphrase(confirm: bool) -> bytes:
 
 
 # --- operator ---------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A rich progress bar on a terminal; silence otherwise (logs, CI, pipes)."""
+    if not sys.stderr.isatty():
+        yield lambda _n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(what, total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def _repo_init(args: argparse.Namespace) -> int:
@@ -180,10 +201,14 @@ def _bundle_build(args: argparse.Namespace) -> int:
         if not sep:
             raise OperatorInputError(f"--extra {spec!r}: expected SRC:PATH_IN_BUNDLE")
         extra.append((Path(src), arc))
-    m = build_bundle(
-        args.model, args.name, args.version, args.output, vectors=args.vectors, extra=extra,
-        options=BuildOptions(rtol=args.rtol, atol=args.atol, seed=args.seed),
-    )
+    size = sum(p.stat().st_size for p in [args.model, *(src for src, _ in extra)]
+               if p.is_file())
+    with _progress("building", 2 * size) as advance:
+        m = build_bundle(
+            args.model, args.name, args.version, args.output, vectors=args.vectors,
+            extra=extra, options=BuildOptions(rtol=args.rtol, atol=args.atol, seed=args.seed),
+            progress=advance,
+        )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")
     return EXIT_OK
@@ -194,8 +219,10 @@ def _publish(args: argparse.Namespace) -> int:
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     repo = _repository(args)
-    r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
-                     sign_with=args.sign_with, role=args.role)
+    size = args.bundle.stat().st_size if args.bundle.is_file() else 0
+    with _progress("publishing", 3 * size) as advance:
+        r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
+                         sign_with=args.sign_with, role=args.role, progress=advance)
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")

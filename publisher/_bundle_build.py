@@ -6,7 +6,7 @@ import hashlib
 import io
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,13 +37,17 @@ class BuildOptions:
     provenance: dict[str, Any] | None = None
 
 
-def _hash_file(path: Path, arcname: str) -> BundleFile:
+Progress = Callable[[int], None]  # called with a byte count as work advances
+
+
+def _hash_file(path: Path, arcname: str, progress: Progress) -> BundleFile:
     sha = hashlib.sha256()
     merkle = MerkleHasher()
     with open(path, "rb") as f:
         while chunk := f.read(_READ):
             sha.update(chunk)
             merkle.update(chunk)
+            progress(len(chunk))
     return BundleFile(arcname, merkle.size, sha.hexdigest(), merkle.hexdigest())
 
 
@@ -112,6 +116,7 @@ def build_bundle(
     vectors: Path | None = None,
     extra: Sequence[tuple[Path, str]] = (),
     options: BuildOptions | None = None,
+    progress: Progress = lambda _n: None,
 ) -> Manifest:
     """Write a v1 bundle to ``out``.
 
@@ -123,6 +128,7 @@ def build_bundle(
         vectors: ``.npz`` with ``input:<name>``/``output:<name>`` arrays; generated if None.
         extra: more files as (source, path in bundle), e.g. provenance documents.
         options: tolerances, seed, provenance.
+        progress: called with byte counts (hashing, then writing: twice the input size).
 
     Raises:
         OperatorInputError: bad name, version, model or paths.
@@ -148,7 +154,7 @@ def build_bundle(
         arcs = [a for _, a in sources]
         if len(set(arcs)) != len(arcs) or MANIFEST in arcs:
             raise OperatorInputError(f"duplicate or reserved file names in the bundle: {arcs}")
-        files = tuple(_hash_file(src, arc) for src, arc in sources)
+        files = tuple(_hash_file(src, arc, progress) for src, arc in sources)
         manifest = Manifest(
             name=name,
             version=version,
@@ -171,6 +177,7 @@ def build_bundle(
             for (src, arc), bf in zip(sources, files, strict=True):
                 with open(src, "rb") as f:
                     tar.addfile(_info(arc, bf.size), f)
+                progress(bf.size)
         tmp_out.replace(out)
     return manifest
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, cast
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Key, Signer
@@ -54,6 +54,18 @@ class Expiry:
     targets: timedelta = timedelta(days=365)
     snapshot: timedelta = timedelta(days=30)
     timestamp: timedelta = timedelta(days=7)
+
+
+class _Counting:
+    """Reports bytes read through it."""
+
+    def __init__(self, f: Any, progress: Callable[[int], None]) -> None:
+        self._f, self._progress = f, progress
+
+    def read(self, n: int = -1) -> bytes:
+        data: bytes = self._f.read(n)
+        self._progress(len(data))
+        return data
 
 
 def _valid_signatures(md: Metadata, role: str, root: Root) -> int:  # type: ignore[type-arg]
@@ -360,7 +372,8 @@ class Repository:
     # -- publish -------------------------------------------------------------
 
     def publish(self, bundle: Path, *, channel: str = "stable", rollout: float = 100.0,
-                sign_with: list[str] | None = None, role: str | None = None) -> PublishResult:
+                sign_with: list[str] | None = None, role: str | None = None,
+                progress: Callable[[int], None] = lambda _n: None) -> PublishResult:
         """Verify a bundle, add it as a signed target and publish new metadata.
 
         Args:
@@ -370,6 +383,7 @@ class Repository:
             sign_with: URIs of the targets keys to sign with (default: the role's first
                 key). Short of the threshold, the metadata waits for `repo sign`.
             role: a delegated role (a team) to publish as, with its own key.
+            progress: called with byte counts (verifying, hashing, copying: 3x the size).
 
         Raises:
             ThresholdNotMetError: the targets threshold is not met yet.
@@ -379,7 +393,8 @@ class Repository:
             RepositoryStateError: this model version is published already.
         """
         with open(bundle, "rb") as f:
-            manifest, entries = extract_bundle(f, None, str(bundle))
+            manifest, entries = extract_bundle(
+                cast(IO[bytes], _Counting(f, progress)), None, str(bundle))
         SemVer.parse(manifest.version)
         if not 0.0 <= rollout <= 100.0:
             raise RepositoryStateError(f"rollout {rollout} is not a percentage (0-100)")
@@ -394,6 +409,7 @@ class Repository:
                 )
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
         tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
+        progress(tf.length)
         tf.unrecognized_fields["custom"] = {
             "modelward": {
                 "name": manifest.name,
@@ -410,6 +426,7 @@ class Repository:
         tmp = dest.with_name(dest.name + ".tmp")
         shutil.copyfile(bundle, tmp)
         tmp.replace(dest)
+        progress(tf.length)
         if role is not None:
             ts_version = self._publish_delegated(role, target_path, tf)
             return PublishResult(target_path, manifest.name, manifest.version, fingerprint,

@@ -100,3 +100,39 @@ def test_key_error_type(tmp_path: Path) -> None:
 
     with pytest.raises(KeyError_, match="cannot read"):
         load_signer(tmp_path, "root", PASSPHRASE)
+
+
+def test_progress_reports_every_byte(world: World, tmp_path: Path) -> None:
+    from publisher import build_bundle
+    from simulator import make_linear_model
+
+    pad = tmp_path / "pad.bin"
+    pad.write_bytes(os.urandom(3 << 20))
+    model = make_linear_model(tmp_path / "m.onnx", 1)
+    seen: list[int] = []
+    out = tmp_path / "b.tar"
+    m = build_bundle(model, "classifier", "1.0.0", out, extra=[(pad, "data/pad.bin")],
+                     progress=seen.append)
+    assert sum(seen) == 2 * sum(f.size for f in m.files)  # hashed once, written once
+    published: list[int] = []
+    world.repo.publish(out, progress=published.append)
+    assert sum(published) == 3 * out.stat().st_size  # verified, hashed, copied
+
+
+def test_progress_bar_on_a_terminal(world: World, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("script") is None:
+        pytest.skip("util-linux `script` missing")
+    from simulator import make_linear_model
+
+    model = make_linear_model(tmp_path / "m.onnx", 1)
+    cmd = (f"{sys.executable} -m modelward bundle build {model} --name c --version 1.0.0 "
+           f"-o {tmp_path / 'o.tar'}")
+    r = subprocess.run(["script", "-qec", cmd, "/dev/null"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0, r.stdout
+    assert "building" in r.stdout  # rich drew the bar (then cleared it)
+    assert "wrote" in r.stdout
