@@ -42,7 +42,9 @@ def _secrets(what: str) -> str:
 def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
     from publisher import Repository
 
-    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets)
+    # envvar: key URIs name variables of this environment, read here at the entry point.
+    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets,
+                      environ=dict(os.environ))
 
 
 def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
@@ -155,8 +157,16 @@ def _repo_add_key(args: argparse.Namespace) -> int:
         except (ValueError, OSError) as e:
             raise OperatorInputError(f"cannot read key {args.hsm_keyid} from the HSM: {e}",
                                      hint="set PYKCS11LIB to the PKCS#11 module") from e
+    elif args.uri and args.public_key:
+        from publisher._keys import public_key_from_pem
+
+        try:
+            pem = args.public_key.read_bytes()
+        except OSError as e:
+            raise OperatorInputError(f"cannot read {args.public_key}: {e}") from e
+        uri, key = args.uri, public_key_from_pem(pem)
     else:
-        raise OperatorInputError("repo add-key needs --hsm-keyid")
+        raise OperatorInputError("repo add-key needs --hsm-keyid, or --uri with --public-key")
     v = repo.add_key(args.role, uri, key, threshold=args.threshold)
     print(f"added {uri} ({key.keyid[:16]}) to {args.role}; root is now version {v}")
     return EXIT_OK
@@ -475,10 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_sign)
-    r = rsub.add_parser("add-key", help="add an HSM (PKCS#11) key to a role")
+    r = rsub.add_parser("add-key", help="add an HSM, KMS or envvar: key to a role")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--hsm-keyid", type=int, help="CKA_ID of the key on the token")
     r.add_argument("--token-label", help="PKCS#11 token label")
+    r.add_argument("--uri", help="any other signer URI: envvar:NAME, gcpkms:…, awskms:…, …")
+    r.add_argument("--public-key", type=Path, help="PEM public key of the --uri key")
     r.add_argument("--threshold", type=int, help="the role's new threshold")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)

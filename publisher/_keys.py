@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -84,6 +84,33 @@ def load_signer_at(path: Path, passphrase: bytes, role: str = "") -> CryptoSigne
     return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
 
 
+def _signer_from_pem(pem: bytes, passphrase: bytes, where: str) -> CryptoSigner:
+    """A signer for a PEM private key, encrypted with ``passphrase`` or not."""
+    for password in (None, passphrase):
+        try:
+            priv = serialization.load_pem_private_key(pem, password=password)
+            break
+        except TypeError:  # encrypted and no password given, or the reverse
+            continue
+        except ValueError as e:
+            raise KeyError_(f"{where} does not hold a usable private key", path=where) from e
+    else:
+        raise KeyError_(f"{where} does not hold a usable private key", path=where)
+    return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
+
+
+def public_key_from_pem(pem: bytes) -> SSlibKey:
+    """An SSlibKey for a PEM public key (ed25519, ECDSA, RSA).
+
+    Raises:
+        KeyError_: not a supported public key.
+    """
+    try:
+        return SSlibKey.from_crypto(serialization.load_pem_public_key(pem))
+    except (ValueError, TypeError) as e:
+        raise KeyError_(f"not a usable public key: {e}", path="public key") from e
+
+
 def is_inside(child: Path, parent: Path) -> bool:
     """Whether ``child`` is ``parent`` or below it (after resolving links)."""
     c, p = os.path.realpath(child), os.path.realpath(parent)
@@ -91,6 +118,7 @@ def is_inside(child: Path, parent: Path) -> bool:
 
 
 ENCFILE = "encfile"  # our scheme: a passphrase-encrypted PKCS#8 file under the key directory
+ENVVAR = "envvar"  # our scheme: a PEM private key (encrypted or not) in an environment variable
 
 
 class SignerRegistry:
@@ -107,11 +135,13 @@ class SignerRegistry:
     """
 
     def __init__(self, keys_dir: Path, passphrase: bytes,
-                 secrets: Callable[[str], str] | None = None) -> None:
+                 secrets: Callable[[str], str] | None = None,
+                 environ: Mapping[str, str] | None = None) -> None:
         self.keys_dir = keys_dir
         self.path = keys_dir / "signers.json"
         self._passphrase = passphrase
         self._secrets = secrets
+        self._environ = environ or {}
 
     def entries(self) -> dict[str, str]:
         """keyid -> URI (keys made before the registry existed map to ``<role>.pem``)."""
@@ -151,6 +181,12 @@ class SignerRegistry:
             if not is_inside(path, self.keys_dir):
                 raise KeyError_(f"{uri} points outside {self.keys_dir}", path=str(path))
             return load_signer_at(path, self._passphrase, role)
+        if scheme == ENVVAR:
+            pem = self._environ.get(rest)
+            if not pem:
+                raise KeyError_(f"environment variable {rest} (key {uri}) is not set",
+                                path=uri)
+            return _signer_from_pem(pem.encode(), self._passphrase, uri)
         try:
             return Signer.from_priv_key_uri(uri, public_key, self._secrets)
         except (ValueError, OSError) as e:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -152,6 +152,7 @@ class Repository:
     def __init__(
         self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None,
         clock: Callable[[], datetime] = _now, secrets: Callable[[str], str] | None = None,
+        environ: Mapping[str, str] | None = None,
     ) -> None:
         if is_inside(keys, repo):
             raise RepositoryStateError(
@@ -163,7 +164,7 @@ class Repository:
         self.targets_dir = repo / "targets"
         self.expiry = expiry or Expiry()
         self._clock = clock
-        self.signers = SignerRegistry(keys, passphrase, secrets)
+        self.signers = SignerRegistry(keys, passphrase, secrets, environ)
         self.pending_dir = keys / "pending"
         self._sign_with: list[str] | None = None  # explicit signer URIs for the next write
 

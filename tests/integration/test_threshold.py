@@ -119,3 +119,33 @@ def test_pending_metadata_is_not_served(threshold_world: World) -> None:
     assert not (w.repo_dir / "metadata" / "3.targets.json").exists()
     assert not any("pending" in p.relative_to(w.repo_dir).as_posix()
                    for p in w.repo_dir.rglob("*"))
+
+
+def test_envvar_key_joins_a_threshold(world: World, tmp_path: Path) -> None:
+    """A targets key handed in through an environment variable (e.g. from a CI secret)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pem = priv.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()).decode()
+    pub = tmp_path / "ci.pub.pem"
+    pub.write_bytes(priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    r = world.cli("repo", "add-key", "targets", "--uri", "envvar:CI_TARGETS_KEY",
+                  "--public-key", str(pub), "--threshold", "2", "--repo", str(world.repo_dir),
+                  "--keys", str(world.keys))
+    assert r.returncode == 0, r.stderr
+    bundle = world.bundle("1.0.0", seed=1)
+    short = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                      str(bundle))
+    assert short.returncode == 1 and "1 of the 2 signatures" in short.stderr
+    unset = world.cli("repo", "sign", "targets", "--key", "envvar:CI_TARGETS_KEY",
+                      "--repo", str(world.repo_dir), "--keys", str(world.keys))
+    assert unset.returncode == 1 and "CI_TARGETS_KEY" in unset.stderr
+    ok = world.cli("repo", "sign", "targets", "--key", "envvar:CI_TARGETS_KEY",
+                   "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                   env={"CI_TARGETS_KEY": pem})
+    assert ok.returncode == 0, ok.stderr
+    world.update()
+    assert world.active_version() == "1.0.0"
