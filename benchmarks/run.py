@@ -171,16 +171,18 @@ def main() -> int:
             https = HttpsConfig(f"{url}/metadata/", f"{url}/targets/", str(ca.cert),
                                 chunk_size=1 << 20)
 
-            def ours() -> None:
+            def fetch_once(f: RequestsFetcher | MqttFetcher, md_url: str, tg_url: str) -> None:
+                """What the agent does: TUF refresh, then stream + verify into staging."""
                 d = Path(tempfile.mkdtemp(dir=work))
-                f = RequestsFetcher(https)
-                s = TufSession(d / "md", https.metadata_url, https.targets_url, f,
-                               root.read_bytes())
+                s = TufSession(d / "md", md_url, tg_url, f, root.read_bytes())
                 s.refresh()
                 t = s._trusted().targets.targets[pub.target_path]  # noqa: SLF001
                 download_to_staging(s, f, t, d / "staging", 1 << 40)
                 f.close()
                 shutil.rmtree(d)
+
+            def ours() -> None:
+                fetch_once(RequestsFetcher(https), https.metadata_url, https.targets_url)
 
             def curl() -> None:
                 out = work / "curl.out"
@@ -212,15 +214,7 @@ def main() -> int:
                             password=bc.credentials["bench-dev"].read_text().strip())
 
             def ours_mqtt() -> None:
-                d = Path(tempfile.mkdtemp(dir=work))
-                f = MqttFetcher(mq)
-                s = TufSession(d / "md", MQTT_METADATA_URL, MQTT_TARGETS_URL, f,
-                               root.read_bytes())
-                s.refresh()
-                t = s._trusted().targets.targets[pub.target_path]  # noqa: SLF001
-                download_to_staging(s, f, t, d / "staging", 1 << 40)
-                f.close()
-                shutil.rmtree(d)
+                fetch_once(MqttFetcher(mq), MQTT_METADATA_URL, MQTT_TARGETS_URL)
 
             def curl_http() -> None:
                 out = work / "curl.out"
