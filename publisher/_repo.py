@@ -409,6 +409,8 @@ class Repository:
                     hint="publish a new version: devices only move forward",
                 )
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
+        if role is not None:  # refuse before anything reaches the served directory
+            self._check_delegation(targets, role, target_path)
         tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
         progress(tf.length)
         tf.unrecognized_fields["custom"] = {
@@ -501,9 +503,7 @@ class Repository:
         write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json",
                      md.to_bytes(_serializer()))
 
-    def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
-        """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""
-        targets, _, _ = self.current()
+    def _check_delegation(self, targets: Targets, role: str, target_path: str) -> None:
         dr = (targets.delegations.roles or {}).get(role) if targets.delegations else None
         if dr is None:
             raise RepositoryStateError(f"no delegated role {role!r} (see `repo delegate`)")
@@ -511,6 +511,11 @@ class Repository:
             raise RepositoryStateError(
                 f"{target_path} is outside the paths delegated to {role!r} ({dr.paths})",
                 hint="a team key may publish only its own models")
+
+    def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
+        """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""
+        targets, _, _ = self.current()
+        self._check_delegation(targets, role, target_path)
         version = self._delegated_versions()[role]
         team: Targets = self._load(f"{version}.{role}.json").signed
         team.targets[target_path] = tf

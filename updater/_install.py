@@ -468,9 +468,13 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
         store.commit(new)
         slots.activate(prev.slot)
         return new
+    # Record that nothing is trusted any more (one NV increment, like a fallback, and
+    # only once: the next boot finds active = None). Otherwise the record would keep
+    # naming the altered model as active and the next update would see nothing to do.
+    store.commit(record.successor(active=None, previous=None))
     raise NothingTrustedError(
         f"active {active.name} {active.version} was altered and no trusted previous "
-        "model is left"
+        "model is left; the next update installs the newest release again"
     )
 
 

@@ -76,8 +76,17 @@ def test_both_slots_altered_exits_nonzero_and_activates_nothing(world: World) ->
     assert "no trusted previous model" in r.stderr
     assert "Traceback" not in r.stderr
     after = world.snapshot()
-    assert (after.record, after.counter, after.current) == (
-        before.record, before.counter, before.current)
+    assert after.current == before.current  # nothing activated
+    rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
+    assert rec["active"] is None and rec["previous"] is None  # nothing is trusted now
+    assert after.counter == before.counter + 1
+    # A second boot: still exit 3, and no further NV write.
+    again = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert again.returncode == 3 and world.snapshot().counter == after.counter
+    # The next update heals the device: the newest release is installed and verified.
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0
 
 
 def test_missing_active_slot_falls_back(world: World) -> None:

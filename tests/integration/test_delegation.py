@@ -38,6 +38,7 @@ def test_team_cannot_publish_outside_its_paths(world: World) -> None:
                   str(world.keys), str(world.bundle("9.0.0", seed=9)))
     assert r.returncode == 1
     assert "outside the paths delegated to 'vision'" in r.stderr
+    assert not list((world.repo_dir / "targets").rglob("*9.0.0*"))  # nothing was served
 
 
 def test_device_ignores_a_team_listing_outside_its_paths(
