@@ -24,6 +24,8 @@ transport = "auto"            # "https", "mqtt", or "auto": both, in file order
 metadata_url = "https://updates.example/metadata/"
 targets_url = "https://updates.example/targets/"
 ca_file = "/etc/modelward/origin-ca.pem"
+# min_speed = 1024            # bytes/s averaged over min_speed_window; slower is aborted
+# min_speed_window = 60.0     # (slow-retrieval defence)
 
 [mqtt]
 host = "broker.example"
@@ -125,6 +127,9 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
         doc = tomllib.loads(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e}", path=str(path)) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): {e.reason}",
+                          path=str(path)) from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}", path=str(path)) from e
     base = path.parent
@@ -139,6 +144,10 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
             metadata_url=_get(https, "metadata_url", str, path, "https."),
             targets_url=_get(https, "targets_url", str, path, "https."),
             ca_file=rel(_opt(https, "ca_file", path, "https.")),
+            min_speed=int(_get(https, "min_speed", int, path, "https."))
+            if "min_speed" in https else HttpsConfig.min_speed,
+            min_speed_window=float(_get(https, "min_speed_window", float, path, "https."))
+            if "min_speed_window" in https else HttpsConfig.min_speed_window,
         )
     device_id = _get(doc, "device_id", str, path)
     fleet = _get(doc, "fleet", str, path)

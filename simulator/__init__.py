@@ -14,6 +14,7 @@ _EXPORTS: dict[str, str] = {
     "BrokerHandle": "simulator._broker",
     "CertPair": "simulator._pki",
     "OriginHandle": "simulator._origin",
+    "RepoAttacker": "simulator._attacks",
     "SwtpmHandle": "simulator._swtpm",
     "free_port": "simulator._proc",
     "issue_cert": "simulator._pki",
@@ -36,6 +37,9 @@ __getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 if TYPE_CHECKING:
+    from simulator._attacks import (
+        RepoAttacker as RepoAttacker,
+    )
     from simulator._broker import (
         BrokerHandle as BrokerHandle,
     )

@@ -36,6 +36,7 @@ def write_device_config(
     mqtt: dict[str, object] | None = None,
     transport: str | None = None,
     poll_interval: float | None = None,
+    https: dict[str, object] | None = None,
 ) -> Path:
     """Write an agent config for a simulated device; sections appear in argument order
     (HTTPS first), which is the order ``transport = "auto"`` prefers."""
@@ -52,12 +53,16 @@ def write_device_config(
                   f'targets_url = "{origin_url}/targets/"']
         if ca is not None:
             lines.append(f'ca_file = "{ca}"')
+        lines += _toml_items(https or {})
     if mqtt:
-        lines += ["", "[mqtt]"]
-        for k, v in mqtt.items():
-            lines.append(f'{k} = "{v}"' if isinstance(v, str | Path) else f"{k} = {v}")
+        lines += ["", "[mqtt]", *_toml_items(mqtt)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _toml_items(items: dict[str, object]) -> list[str]:
+    return [f'{k} = "{v}"' if isinstance(v, str | Path) else f"{k} = {v}"
+            for k, v in items.items()]
 
 
 def _say(text: str) -> None:

@@ -33,7 +33,7 @@ http {{
         ssl_certificate {cert};
         ssl_certificate_key {key};
         root {root};
-        autoindex off;
+        autoindex off;{limit}
         location / {{ try_files $uri =404; }}
     }}
 }}
@@ -56,12 +56,13 @@ class OriginHandle:
 
 def start_origin(
     root: Path, work: Path, tls: CertPair, port: int | None = None,
-    unsafe_plain_http_port: int | None = None,
+    unsafe_plain_http_port: int | None = None, limit_rate: int | None = None,
 ) -> OriginHandle:
     """Serve ``root`` over HTTPS on 127.0.0.1 with nginx (daemonised, pid in ``work``).
 
     ``unsafe_plain_http_port`` adds a plain-HTTP listener; only benchmarks use it, as the
-    "curl over HTTP" reference. Devices refuse http:// URLs.
+    "curl over HTTP" reference. Devices refuse http:// URLs. ``limit_rate`` (bytes/s per
+    connection) makes a slow origin for the slow-retrieval attack.
 
     Raises:
         ServiceError: nginx is missing or did not come up.
@@ -79,7 +80,9 @@ def start_origin(
     http_listen = (f"\n        listen 127.0.0.1:{unsafe_plain_http_port};"
                    if unsafe_plain_http_port else "")
     conf.write_text(_CONF.format(user=user, work=work, port=port, cert=tls.cert, key=tls.key,
-                                 root=root.resolve(), http_listen=http_listen))
+                                 root=root.resolve(), http_listen=http_listen,
+                                 limit=(f"\n        limit_rate {limit_rate};"
+                                        if limit_rate else "")))
     proc = subprocess.run([nginx, "-p", str(work), "-c", str(conf)],
                           capture_output=True, text=True, check=False)
     if proc.returncode != 0 or not wait_for_port(port):

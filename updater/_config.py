@@ -19,6 +19,10 @@ class HttpsConfig:
         connect_timeout: seconds to establish a connection.
         read_timeout: seconds without a byte before giving up.
         chunk_size: bytes per read (64 KiB).
+        min_speed: bytes per second a transfer must average over ``min_speed_window``
+            seconds; slower is a slow-retrieval attack (or a dead link) and is aborted.
+            A byte now and then defeats ``read_timeout`` alone.
+        min_speed_window: seconds over which ``min_speed`` is measured.
     """
 
     metadata_url: str
@@ -27,6 +31,8 @@ class HttpsConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     chunk_size: int = 64 * 1024
+    min_speed: int = 1024
+    min_speed_window: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 
 import requests
@@ -23,6 +24,12 @@ class RangeFetcher(FetcherInterface):
     """
 
     bytes_received: int = 0
+    last_url: str = ""
+
+    def fetch(self, url: str) -> Iterator[bytes]:
+        """Fetch ``url`` (remembered as :attr:`last_url`, for error messages)."""
+        self.last_url = url
+        return super().fetch(url)
 
     def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
         """Fetch ``url`` from byte ``offset``.
@@ -36,6 +43,7 @@ class RangeFetcher(FetcherInterface):
         """
         if offset == 0:
             return self.fetch(url), 0
+        self.last_url = url
         try:
             return self._fetch_from(url, offset)
         except tuf_exc.DownloadError:
@@ -94,9 +102,19 @@ class RequestsFetcher(RangeFetcher):
         return resp
 
     def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
+        cfg = self._config
+        window_start, window_bytes = time.monotonic(), 0
         try:
-            for chunk in resp.iter_content(self._config.chunk_size):
+            for chunk in resp.iter_content(cfg.chunk_size):
                 self.bytes_received += len(chunk)
+                window_bytes += len(chunk)
+                elapsed = time.monotonic() - window_start
+                if elapsed >= cfg.min_speed_window:
+                    if window_bytes < cfg.min_speed * elapsed:
+                        raise tuf_exc.SlowRetrievalError(
+                            f"{url} sent {window_bytes} bytes in {elapsed:.1f}s, under the "
+                            f"minimum of {cfg.min_speed} bytes/s (slow retrieval)")
+                    window_start, window_bytes = time.monotonic(), 0
                 yield chunk
         except requests.RequestException as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e

@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -317,6 +317,7 @@ def _attempt(
         store.rotate_root(session.root_bytes)
     check_metadata_not_rolled_back(record, session.targets_version)
     choice = choose_release(session.candidates(cfg.model), cfg.device_id, cfg.channel)
+    session.commit()  # the refresh verified as a whole: now it may persist
     active = record.active
     newest = choice.release if choice else None
     if not isinstance(newest, Candidate) or not _should_install(choice, active):
@@ -377,7 +378,7 @@ def _attempt(
         raise
     # Commit before moving the files into the slot: until the TPM counter moves, the
     # inactive slot still holds what the record calls `previous`; after it moves, a
-    # crash leaves `.incoming` matching the record's active fingerprint, and boot_check
+    # crash leaves `staging/incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
     step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
@@ -411,9 +412,9 @@ def _fields(ref: ModelRef) -> dict[str, str]:
 
 
 def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
-    """Complete an install that crashed after its commit: move ``.incoming`` into place.
+    """Complete an install that crashed after its commit: move ``staging/incoming`` into place.
 
-    Only when ``.incoming`` has exactly the fingerprint the trust record made active.
+    Only when ``staging/incoming`` has exactly the fingerprint the trust record made active.
     """
     if not slots.incoming.is_dir():
         return False
@@ -437,10 +438,37 @@ def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
     return fp == ref.fingerprint, fp
 
 
+def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> TrustRecord | None:
+    """The active model found intact in the other slot (slots swapped or renamed).
+
+    A fingerprint covers every path and byte of a slot, so a slot with the active
+    fingerprint holds exactly the trusted model, wherever it sits: the record is
+    re-committed with the slots as they are now, and that slot is activated.
+    """
+    active = record.active
+    assert active is not None
+    other = SlotStore.other(active.slot)
+    if not slot_matches(slots, replace(active, slot=other))[0]:
+        return None
+    prev = record.previous
+    if prev is not None:
+        prev = replace(prev, slot=active.slot)
+        if not slot_matches(slots, prev)[0]:
+            prev = None
+    logger.warning(
+        "active %s %s is intact but in slot %s, not %s (slots swapped?): re-recording",
+        active.name, active.version, other, active.slot, extra=_fields(active),
+    )
+    new = record.successor(active=replace(active, slot=other), previous=prev)
+    store.commit(new)
+    slots.activate(other)
+    return new
+
+
 def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> TrustRecord:
     """Make ``current`` agree with the trust record after an interruption.
 
-    Rolls a committed install forward from ``.incoming``, else verifies the recorded
+    Rolls a committed install forward from ``staging/incoming``, else verifies the recorded
     active slot, else falls back to the previous one (committing that). Returns the
     record in force afterwards.
 
@@ -457,6 +485,9 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
         if slots.current_slot() != active.slot:
             slots.activate(active.slot)
         return record
+    moved = _relocated(slots, store, record)
+    if moved is not None:
+        return moved
     logger.error(
         "active model %s %s (fingerprint %s) no longer matches: slot %s has %s",
         active.name, active.version, active.fingerprint, active.slot, fp,
@@ -498,6 +529,9 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
         return BootResult(active, False, f"{active.name} {active.version} verified")
     old = record.active
     assert old is not None
+    if old.fingerprint == active.fingerprint:
+        return BootResult(active, False, f"{active.name} {active.version} verified in slot "
+                          f"{active.slot} (it had moved from slot {old.slot})")
     msg = (
         f"active {old.name} {old.version} was altered; fell back to "
         f"{active.name} {active.version} in slot {active.slot}"

@@ -1,4 +1,8 @@
-"""A/B slot store: ``slots/a``, ``slots/b`` and the ``current`` symlink the app reads."""
+"""A/B slot store: ``slots/a``, ``slots/b`` and the ``current`` symlink the app reads.
+
+Extraction goes to ``staging/incoming`` (same file system, so moving it into a slot is a
+rename): until a bundle has passed every check, nothing outside ``staging/`` is written.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ class SlotStore:
     def __init__(self, state_dir: Path) -> None:
         self.root = state_dir / "slots"
         self.current = state_dir / "current"
-        self.incoming = self.root / ".incoming"
+        self.incoming = state_dir / "staging" / "incoming"
 
     def path(self, slot: str) -> Path:
         """Directory of ``slot``."""
@@ -43,9 +47,8 @@ class SlotStore:
 
     def fresh_incoming(self) -> Path:
         """An empty directory to extract into (discarding leftovers of a failed attempt)."""
-        self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.incoming, ignore_errors=True)
-        self.incoming.mkdir()
+        self.incoming.mkdir(parents=True)
         return self.incoming
 
     def discard_incoming(self) -> None:
@@ -55,6 +58,7 @@ class SlotStore:
     def install_incoming(self, slot: str) -> None:
         """Move the verified incoming directory into ``slot`` (which must not be active)."""
         dest = self.path(slot)
+        self.root.mkdir(parents=True, exist_ok=True)
         old = self.root / f".old-{slot}"
         shutil.rmtree(old, ignore_errors=True)
         if dest.exists():

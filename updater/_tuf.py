@@ -17,16 +17,43 @@ from tuf.ngclient import Updater
 
 from updater._fetcher import RangeFetcher
 from updater._semver import SemVer
-from updater.errors import DownloadFailedError, MetadataError
+from updater.errors import DownloadFailedError, MetadataError, StagingError
 
 logger = logging.getLogger(__name__)
 
 
 class _AnchoredUpdater(Updater):
-    """ngclient Updater that remembers the verified bytes of the newest trusted root."""
+    """ngclient Updater that remembers the verified bytes of the newest trusted root and
+    persists the other metadata as one set.
+
+    ngclient writes each role as soon as it verifies, so a refresh that fails half-way
+    (say, a mix-and-match targets file) leaves a newer timestamp and snapshot on disk.
+    Here they wait in memory until :meth:`commit_metadata`, called once the whole refresh
+    (and the delegated roles) verified: the device's metadata moves as a whole or not at
+    all. New roots are still written at once; they only move through the TPM anchor.
+    """
 
     latest_root: bytes = b""
     latest_root_version: int = 0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: dict[str, bytes] = {}
+        super().__init__(*args, **kwargs)
+
+    def _persist_metadata(self, rolename: str, data: bytes) -> None:
+        self._pending[rolename] = data
+
+    def _load_local_metadata(self, rolename: str) -> bytes:
+        if rolename in self._pending:
+            return self._pending[rolename]
+        data: bytes = super()._load_local_metadata(rolename)
+        return data
+
+    def commit_metadata(self) -> None:
+        """Write the metadata verified by this refresh (timestamp first)."""
+        for rolename, data in self._pending.items():
+            super()._persist_metadata(rolename, data)
+        self._pending.clear()
 
     def _persist_root(self, version: int, data: bytes) -> None:
         # Called by ngclient only after the root verified (bootstrap or chained rotation).
@@ -80,6 +107,7 @@ class TufSession:
         anchored_root: bytes,
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
+        self._fetcher = fetcher
         self.targets_url = targets_url.rstrip("/") + "/"
         try:
             self._updater = _AnchoredUpdater(
@@ -102,7 +130,20 @@ class TufSession:
         try:
             self._updater.refresh()
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
-            raise convert_tuf_error(e, "metadata refresh") from e
+            last = getattr(self._fetcher, "last_url", "")
+            raise convert_tuf_error(e, f"metadata refresh (at {last})" if last
+                                    else "metadata refresh") from e
+
+    def commit(self) -> None:
+        """Persist the metadata of this refresh; call once everything in it verified.
+
+        Raises:
+            StagingError: the metadata directory cannot be written.
+        """
+        try:
+            self._updater.commit_metadata()
+        except OSError as e:
+            raise StagingError(f"cannot write TUF metadata: {e}") from e
 
     @property
     def root_bytes(self) -> bytes:

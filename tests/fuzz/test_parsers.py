@@ -189,10 +189,14 @@ def configs(draw: Any) -> str:
 
 
 @FUZZ
-@given(st.one_of(configs(), st.text(max_size=200)))
-def test_config_loader(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+@given(st.one_of(configs(), st.text(max_size=200),
+                 st.binary(max_size=200)))  # atheris found b"\xf0": not UTF-8
+def test_config_loader(tmp_path_factory: pytest.TempPathFactory, text: str | bytes) -> None:
     path = _cfg_dir(tmp_path_factory) / "agent.toml"
-    path.write_text(text)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
     with contextlib.suppress(ConfigError):
         load_config(path)
 

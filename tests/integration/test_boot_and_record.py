@@ -187,3 +187,51 @@ def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step:
     world.update()
     assert world.active_version() == "2.0.0"
     assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0
+
+
+def test_swapped_slots_keep_serving_the_active_model(world: World) -> None:
+    """An attacker renames slots/a <-> slots/b: the active fingerprint is found intact in
+    the other slot, so the device serves it from there (no fallback, no data lost)."""
+    _installed_v1_v2(world)
+    c = world.snapshot().counter
+    slots = world.state / "slots"
+    os.rename(slots / "a", slots / "tmp")
+    os.rename(slots / "b", slots / "a")
+    os.rename(slots / "tmp", slots / "b")
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+    assert "2.0.0 verified in slot a (it had moved from slot b)" in r.stdout
+    assert world.active_version() == "2.0.0"
+    assert os.readlink(world.state / "current") == "slots/a"
+    rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
+    assert (rec["active"]["version"], rec["active"]["slot"]) == ("2.0.0", "a")
+    assert (rec["previous"]["version"], rec["previous"]["slot"]) == ("1.0.0", "b")
+    assert world.snapshot().counter == c + 1
+    # a second boot is a plain pass with no NV write
+    before = world.snapshot()
+    assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0
+    assert world.snapshot() == before
+
+
+def test_missing_root_anchor_is_refused_with_a_typed_error(world: World) -> None:
+    """The anchor NV index undefined (TPM owner access): the device trusts no root any
+    more; update and boot-check refuse, naming the index, and nothing is rewritten."""
+    import subprocess
+
+    from trust.errors import TpmNotProvisionedError
+
+    _installed_v1_v2(world)
+    before_files = {p: p.read_bytes() for p in (world.state / "trust").iterdir()}
+    cur = os.readlink(world.state / "current")
+    subprocess.run(["tpm2_nvundefine", "-C", "o", "0x01000100", "-T", world.tpm.tcti],
+                   check=True, capture_output=True)
+    world.publish("3.0.0", seed=3)
+    with pytest.raises(TpmNotProvisionedError, match="0x1000100|0x01000100"):
+        world.update()
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 1
+    assert "TpmNotProvisionedError" in r.stderr or "not provisioned" in r.stderr.lower(), \
+        r.stderr
+    assert {p: p.read_bytes() for p in (world.state / "trust").iterdir()} == before_files
+    assert os.readlink(world.state / "current") == cur
+    assert world.active_version() == "2.0.0"

@@ -97,7 +97,7 @@ def test_busy_mid_extraction_pauses_and_resumes(world: World) -> None:
     pad = world.builds / "pad"
     pad.write_bytes(os.urandom(64 << 20))
     world.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
-    incoming = world.state / "slots" / ".incoming"
+    incoming = world.state / "staging" / "incoming"
     sig = _Switch(when=lambda: _dir_bytes(incoming) >= 16 << 20)
     gate = Gate([sig], poll=0.05)
     t, out = _run(world, gate)

@@ -48,7 +48,7 @@ def test_sigkill_at_each_step_then_restart(world: World, step: str) -> None:
     j = _journal(world)
     assert j["step"] == "active" and j["version"] == "2.0.0"
     assert _record_active(world) == "2.0.0"
-    assert not (world.state / "slots" / ".incoming").exists()
+    assert not (world.state / "staging" / "incoming").exists()
     assert world.cli("agent", "boot-check", "--config", str(world.conf_path)).returncode == 0
 
 

@@ -113,7 +113,7 @@ def test_model_failing_its_vectors_is_never_activated(world: World) -> None:
     assert world.active_version() == "1.0.0"
     assert (after.record, after.counter, after.current, after.slots) == (
         before.record, before.counter, before.current, before.slots)
-    assert not (world.state / "slots" / ".incoming").exists()
+    assert not (world.state / "staging" / "incoming").exists()
     assert not (world.state / "slots" / "b").exists()
 
 
