@@ -22,7 +22,7 @@ from trust import (
     sign_report,
     write_atomic,
 )
-from trust.errors import ModelwardError, OperatorInputError, TransportError
+from trust.errors import ModelwardError, OperatorInputError, TpmUnavailableError, TransportError
 from updater import BootResult, Outcome, UpdateResult, boot_check, open_source, update_once
 from updater._idle import (
     BusyFileSignal,
@@ -153,7 +153,10 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
             metrics.counters["verification_failures"] += 1
         metrics.counters["bytes_fetched"] += sum(fetched)
         _note(doc, error=e, result=None)
-        _save(cfg, status, doc, metrics)
+        try:
+            _save(cfg, status, doc, metrics)
+        except OSError as se:  # a full disk must not hide the reason
+            logger.error("cannot write status.json: %s", se)
         raise
     metrics.counters["bytes_fetched"] += sum(fetched)
     metrics.last_success = time.time()
@@ -272,15 +275,38 @@ def signed_report(cfg: AgentConfig, state: str) -> bytes:
         tpm.close()
 
 
+def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None] = time.sleep
+                                ) -> BootResult:
+    """Boot-check, retried while the TPM does not answer, for up to ``cfg.tpm_wait`` s.
+
+    At boot the TPM may come up late (a driver, a resource manager, a swtpm); without it
+    nothing can be verified, so the model is not served until it answers.
+    """
+    deadline = time.monotonic() + cfg.tpm_wait
+    told = 0.0
+    while True:
+        try:
+            store = open_store(cfg)
+            try:
+                return boot_check(cfg.state_dir, store)
+            finally:
+                store.tpm.close()
+        except TpmUnavailableError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise
+            if time.monotonic() - told >= 10.0:
+                told = time.monotonic()
+                logger.warning("TPM unavailable, waiting up to %.0fs more: %s", left, e,
+                               extra={"error": type(e).__name__})
+            sleep(min(1.0, left))
+
+
 def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     status = StatusFile(cfg.state_dir)
     try:
-        store = open_store(cfg)
-        try:
-            result = boot_check(cfg.state_dir, store)
-        finally:
-            store.tpm.close()
+        result = _boot_check_waiting_for_tpm(cfg)
     except ModelwardError as e:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
         status.record(error=e, result=None)

@@ -71,6 +71,9 @@ class AgentConfig:
         fleet: fleet name (MQTT topic prefix).
         tcti: TPM TCTI string.
         updater: what the updater needs.
+        poll_interval: seconds between two refreshes without announcements.
+        tpm_wait: seconds boot-check waits for a TPM that does not answer (yet) before it
+            gives up; the model is never served unverified meanwhile.
     """
 
     path: Path
@@ -79,6 +82,7 @@ class AgentConfig:
     tcti: str
     updater: UpdaterConfig
     poll_interval: float = 3600.0
+    tpm_wait: float = 120.0
     idle: IdleConfig = field(default_factory=lambda: IdleConfig())
     activation: ActivationConfig = field(default_factory=lambda: ActivationConfig())
     metrics_textfile: Path | None = None
@@ -112,6 +116,17 @@ def _get(d: dict[str, Any], key: str, typ: type, path: Path, prefix: str = "") -
     if not isinstance(value, typ):
         raise ConfigError(f"{path}: {full!r} must be a {typ.__name__}", path=str(path), key=full)
     return value
+
+
+def _num(section: dict[str, Any], key: str, default: float, path: Path) -> float:
+    """An optional positive number of ``[mqtt]``."""
+    if key not in section:
+        return default
+    value = section[key]
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{path}: 'mqtt.{key}' must be a positive number", path=str(path),
+                          key=f"mqtt.{key}")
+    return float(value)
 
 
 def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
@@ -170,6 +185,9 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
             cert_file=rel(_opt(mq, "cert_file", path, "mqtt.")),
             key_file=rel(_opt(mq, "key_file", path, "mqtt.")),
             password=password,
+            connect_timeout=_num(mq, "connect_timeout", MqttConfig.connect_timeout, path),
+            block_timeout=_num(mq, "block_timeout", MqttConfig.block_timeout, path),
+            max_retries=int(_num(mq, "max_retries", MqttConfig.max_retries, path)),
         )
     configured = [k for k in doc if k in ("https", "mqtt")]
     if not configured:
@@ -214,6 +232,8 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
         updater=updater,
         poll_interval=float(_get(agent, "poll_interval", float, path, "agent."))
         if "poll_interval" in agent else 3600.0,
+        tpm_wait=float(_get(agent, "tpm_wait", float, path, "agent."))
+        if "tpm_wait" in agent else AgentConfig.tpm_wait,
         idle=idle,
         activation=_activation(doc.get("activation", {}), path),
         metrics_textfile=base / mt if (mt := _opt(doc.get("metrics", {}), "textfile", path,

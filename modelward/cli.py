@@ -16,6 +16,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -415,8 +416,11 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
     from agent import run_boot_check
     from updater.errors import NothingTrustedError
 
+    cfg = _load(args)
+    if args.tpm_wait is not None:
+        cfg = replace(cfg, tpm_wait=args.tpm_wait)
     try:
-        result = run_boot_check(_load(args))
+        result = run_boot_check(cfg)
     except NothingTrustedError as e:
         print(f"modelward: boot check: {e}", file=sys.stderr)
         return EXIT_NOTHING_TRUSTED
@@ -616,6 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(func=_agent_status)
     a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
     a.add_argument("--config", type=Path, required=True)
+    a.add_argument("--tpm-wait", type=float, metavar="SECONDS",
+                   help="how long to wait for a TPM that does not answer yet "
+                        "(default: [agent] tpm_wait, 120)")
     a.set_defaults(func=_agent_boot_check)
 
     sim = sub.add_parser("sim", help="tester: simulated TPMs and the end-to-end demo")

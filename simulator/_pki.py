@@ -37,7 +37,10 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def make_ca(directory: Path, cn: str = "modelward test CA") -> CertPair:
-    """Create a CA valid for one day in ``directory`` (ca.pem, ca.key)."""
+    """Create a CA valid for 90 days in ``directory`` (ca.pem, ca.key).
+
+    Clock-jump tests move the device a week ahead, past its metadata but not its TLS.
+    """
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
     cert = (
@@ -47,7 +50,7 @@ def make_ca(directory: Path, cn: str = "modelward test CA") -> CertPair:
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
+        .not_valid_after(now + timedelta(days=90))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -81,7 +84,7 @@ def issue_cert(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=1))
+        .not_valid_after(now + timedelta(days=90))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.ExtendedKeyUsage(

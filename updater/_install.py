@@ -7,9 +7,11 @@ Decisions (which target, whether it is newer, which slot) are plain functions;
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -175,6 +177,14 @@ def download_to_staging(
         part.unlink()
         offset = 0
     url = session.target_url(target)
+    # Room for the rest of the download and for the extracted copy, checked up front: a
+    # disk that fills up half-way also hurts the inference app sharing it.
+    need = (target.length - offset) + target.length
+    free = shutil.disk_usage(staging).free
+    if free < need:
+        raise StagingError(
+            f"not enough space for {target.path}: {free} bytes free in {staging}, "
+            f"{need} needed (the rest of the download and its extraction)")
     try:
         with open(part, "ab+") as out:
             out.seek(0)
@@ -206,6 +216,10 @@ def download_to_staging(
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         raise convert_tuf_error(e, f"download of {url}") from e
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # give the space back; a resume would not fit either
+            part.unlink(missing_ok=True)
+            raise StagingError(f"disk full while downloading {target.path} into {part}; "
+                               "the partial download was removed") from e
         raise StagingError(f"cannot write staging file {part}: {e}") from e
     except TargetHashError:
         part.unlink(missing_ok=True)
@@ -287,9 +301,12 @@ def update_once(
         return _attempt(cfg, store, source, dev, journal, gate, step, fields)
     except ModelwardError as e:
         last = journal.read()
-        journal.enter("failed", model=last.model, version=last.version,
-                      fingerprint=last.fingerprint, target=last.target,
-                      detail=f"{type(e).__name__}: {e}")
+        try:
+            journal.enter("failed", model=last.model, version=last.version,
+                          fingerprint=last.fingerprint, target=last.target,
+                          detail=f"{type(e).__name__}: {e}")
+        except OSError as je:  # a full disk must not hide the reason
+            logger.error("cannot journal the failure (%s): %s", je, e)
         raise
 
 
@@ -348,9 +365,14 @@ def _attempt(
     incoming = dev.slots.fresh_incoming()
     try:
         gate.wait_idle("verification")
-        with open(staged, "rb") as f:
-            manifest, entries = extract_bundle(cast(IO[bytes], _GatedReader(f, gate)),
-                                               incoming, newest.target.path)
+        try:
+            with open(staged, "rb") as f:
+                manifest, entries = extract_bundle(cast(IO[bytes], _GatedReader(f, gate)),
+                                                   incoming, newest.target.path)
+        except OSError as e:
+            full = " (disk full)" if e.errno == errno.ENOSPC else ""
+            raise StagingError(f"cannot extract {newest.target.path} into {incoming}"
+                               f"{full}: {e}") from e
         if (manifest.name, manifest.version) != (name, version):
             raise FingerprintMismatchError(
                 f"bundle says {manifest.name} {manifest.version}, its signed target says "
