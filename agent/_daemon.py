@@ -183,7 +183,10 @@ class Daemon:
             self.wake.clear()
             last_run = time.monotonic()
             code, report = self.attempt()
-            self.publish_status(report)
+            try:
+                self.publish_status(report)
+            except Exception:  # noqa: BLE001 - the daemon outlives any status-report bug
+                logger.exception("cannot publish the status report")
             if code == 0:
                 backoff = 0.0
                 self.notifier.status(self._result_line())

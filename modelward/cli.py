@@ -127,6 +127,9 @@ def _rollout(args: argparse.Namespace) -> int:
     elif args.action == "pin":
         v = repo.pin(args.name, args.version)
         print(f"{args.name} pinned to {args.version}; targets v{v}")
+    elif args.action == "withdraw":
+        v = repo.withdraw(args.name, args.version)
+        print(f"{args.name} {args.version} withdrawn; targets v{v}")
     else:
         v = repo.pin(args.name, None)
         print(f"{args.name} unpinned; targets v{v}")
@@ -446,6 +449,64 @@ def _sim_tpm_stop(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _sim_fleet(args: argparse.Namespace) -> int:
+    from simulator._fleet import Fleet, fleet_down, fleet_up
+
+    if args.action == "up":
+        fleet = fleet_up(args.dir, args.devices, poll_interval=args.poll, say=_say)
+        print(f"fleet of {len(fleet.devices)} up in {fleet.dir}")
+    elif args.action == "down":
+        stopped = fleet_down(args.dir)
+        print(f"stopped {len(stopped)}: {', '.join(stopped) or 'nothing was running'}")
+    elif args.action == "publish":
+        fleet = Fleet.load(args.dir)
+        version = fleet.publish(args.version)
+        print(f"published and announced classifier {version}")
+    else:
+        fleet = Fleet.load(args.dir)
+        rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
+                 "attempts": d.attempts(), "last_error": d.last_error()}
+                for d in fleet.devices]
+        if args.json:
+            print(json.dumps(rows, indent=1))
+        else:
+            print(f"{'device':10} {'over':6} {'active':10} {'attempts':>8}  last error")
+            for r in rows:
+                print(f"{r['device']:10} {r['transport']:6} {r['active'] or '-':10} "
+                      f"{r['attempts']:>8}  {r['last_error'] or '-'}")
+    return EXIT_OK
+
+
+def _sim_scenario(args: argparse.Namespace) -> int:
+    from simulator._fleet import Fleet
+    from simulator._scenarios import SCENARIOS, result_json, run, table
+
+    result = run(Fleet.load(args.dir), SCENARIOS[args.name], timeout=args.timeout, say=_say)
+    print(json.dumps(result_json(result), indent=1) if args.json else table([result]))
+    return EXIT_OK if result.ok else EXIT_ERROR
+
+
+def _sim_report(args: argparse.Namespace) -> int:
+    import datetime
+    import platform
+
+    from simulator._scenarios import run_report, table
+
+    results = run_report(args.dir, args.devices, say=_say if args.verbose else lambda s: None)
+    text = (f"Fleet of {args.devices} simulated devices (swtpm each; even ids over MQTT, odd "
+            f"over HTTPS), {platform.node()}, "
+            f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+            f"`modelward sim report --devices {args.devices}`.\n\n{table(results)}\n")
+    print(text)
+    if args.output is not None:
+        args.output.write_text(text)
+    return EXIT_OK if all(r.ok for r in results) else EXIT_ERROR
+
+
 def _sim_demo(args: argparse.Namespace) -> int:
     from simulator import run_demo
 
@@ -558,6 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("version")
     x = rosub.add_parser("unpin", help="back to the newest eligible release")
     x.add_argument("name")
+    x = rosub.add_parser("withdraw", help="take a bad release out of the signed targets")
+    x.add_argument("name")
+    x.add_argument("version")
     for x in rosub.choices.values():
         x.add_argument("--repo", type=Path, required=True)
         x.add_argument("--keys", type=Path, required=True)
@@ -625,7 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: [agent] tpm_wait, 120)")
     a.set_defaults(func=_agent_boot_check)
 
-    sim = sub.add_parser("sim", help="tester: simulated TPMs and the end-to-end demo")
+    from simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
+
+    sim = sub.add_parser("sim", help="tester: simulated TPMs and fleets, attacks, faults, demo")
     ssub = sim.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     tpm = ssub.add_parser("tpm", help="software TPM (swtpm)")
     tsub = tpm.add_subparsers(dest="tpm_cmd", required=True, metavar="ACTION")
@@ -636,6 +702,36 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("stop", help="stop by pid")
     t.add_argument("--state", type=Path, required=True)
     t.set_defaults(func=_sim_tpm_stop)
+    fl = ssub.add_parser("fleet", help="a simulated fleet: mosquitto, nginx, bridge, N agents")
+    flsub = fl.add_subparsers(dest="action", required=True, metavar="ACTION")
+    f = flsub.add_parser("up", help="start N devices (own swtpm and state dir each)")
+    f.add_argument("--devices", type=int, default=3)
+    f.add_argument("--poll", type=float, default=10.0,
+                   help="agents' poll interval in seconds (default: 10)")
+    f = flsub.add_parser("down", help="stop everything by pid")
+    f = flsub.add_parser("publish", help="build, publish and announce the next good release")
+    f.add_argument("--version", help="default: the next major version")
+    f = flsub.add_parser("status", help="what each device runs")
+    f.add_argument("--json", action="store_true")
+    for f in flsub.choices.values():
+        f.add_argument("--dir", type=Path, required=True, help="the fleet's directory")
+    fl.set_defaults(func=_sim_fleet)
+    for kind, names in (("attack", ATTACK_NAMES), ("fault", FAULT_NAMES)):
+        sc = ssub.add_parser(kind, help=f"apply one {kind} to the running fleet and report "
+                             "what each device did" + (", then clear it and await recovery"
+                                                       if kind == "fault" else ""))
+        sc.add_argument("name", choices=names)
+        sc.add_argument("--dir", type=Path, required=True, help="the fleet's directory")
+        sc.add_argument("--timeout", type=float, default=150.0,
+                        help="seconds to wait for the devices (default: 150)")
+        sc.add_argument("--json", action="store_true")
+        sc.set_defaults(func=_sim_scenario)
+    rp = ssub.add_parser("report", help="start a fleet, run every attack and fault, print "
+                         "the table (exit 1 if any scenario did not behave)")
+    rp.add_argument("--devices", type=int, default=3)
+    rp.add_argument("--dir", type=Path, default=Path("fleet-report"), help="work directory")
+    rp.add_argument("-o", "--output", type=Path, help="also write the table here")
+    rp.set_defaults(func=_sim_report)
     d = ssub.add_parser("demo", help="the end-to-end demo on loopback (swtpm + nginx)")
     d.add_argument("--dir", type=Path, default=Path("demo-run"), help="work directory")
     d.set_defaults(func=_sim_demo)

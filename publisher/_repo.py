@@ -553,6 +553,24 @@ class Repository:
         self._commit_targets(targets)
         return int(targets.version)
 
+    def withdraw(self, name: str, version: str) -> int:
+        """Take a release out of the signed targets (a bad build that got signed); returns
+        the targets version. Devices that installed it keep it until a newer or pinned
+        release reaches them; no device installs it any more.
+
+        Raises:
+            RepositoryStateError: no such release.
+        """
+        targets, _, _ = self.current()
+        self._release_fields(targets, name, version)
+        for path, t in list(targets.targets.items()):
+            f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+            if isinstance(f, dict) and f.get("name") == name and f.get("version") == version:
+                del targets.targets[path]
+        self._commit_targets(targets)
+        logger.info("withdrew %s %s as targets v%d", name, version, targets.version)
+        return int(targets.version)
+
     def pin(self, name: str, version: str | None) -> int:
         """Pin ``name`` on its channel to ``version`` (None: unpin); returns targets version.
 

@@ -132,7 +132,10 @@ class MqttConnection:
         """
         info = self.client.publish(topic, payload, qos=1, retain=retain, properties=props)
         if wait:
-            info.wait_for_publish(self.cfg.connect_timeout)
+            try:
+                info.wait_for_publish(self.cfg.connect_timeout)
+            except (RuntimeError, ValueError) as e:  # paho: not connected, queue full
+                raise TransportError(f"cannot publish to {topic}: {e}") from e
             if not info.is_published():
                 raise TransportError(f"broker did not acknowledge the publish to {topic}")
             refused = self._acks.pop(info.mid, None)

@@ -36,10 +36,11 @@ def test_boot_check_passes_on_untouched_model(world: World) -> None:
     assert world.snapshot() == before  # no NV write on a normal boot
 
 
-def test_byte_flip_falls_back_to_previous_slot(world: World) -> None:
+@pytest.mark.parametrize("member", ["model.onnx", "vectors.npz"])
+def test_byte_flip_falls_back_to_previous_slot(world: World, member: str) -> None:
     _installed_v1_v2(world)
     c = world.snapshot().counter
-    _flip(world.state / "current" / "model.onnx")
+    _flip(world.state / "current" / member)
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
     assert r.returncode == 0, r.stderr
     assert "fell back to classifier 1.0.0" in r.stdout

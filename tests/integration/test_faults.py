@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,8 +63,11 @@ def _same_trusted_state(w: World, before: DeviceState) -> None:
 def _daemon(w: World, poll: float = 2.0) -> Iterator[Path]:
     """``agent run`` in the background with a short poll timer; yields its log file."""
     text = w.conf_path.read_text()
-    if "[agent]" not in text:
-        w.conf_path.write_text(text + f"\n[agent]\npoll_interval = {poll}\n")
+    if "[agent]" in text:
+        text = re.sub(r"poll_interval = \S+", f"poll_interval = {poll}", text)
+    else:
+        text += f"\n[agent]\npoll_interval = {poll}\n"
+    w.conf_path.write_text(text)
     log = w.tmp / f"daemon-{time.monotonic_ns()}.log"
     with open(log, "w") as err:
         proc = subprocess.Popen([sys.executable, "-m", "modelward", "-v", "agent", "run",
@@ -107,12 +111,14 @@ def test_origin_down_then_back_daemon_recovers_by_itself(
 def test_broker_down_then_back_daemon_recovers_by_itself(mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     w.publish("1.0.0", seed=1)
-    w.update()
-    stop_broker(w.broker_work)
-    w.publish("2.0.0", seed=2)
-    before = w.snapshot()
     with _daemon(w) as log:
-        _wait(lambda: _attempts(w) >= 3, 90, "three failed attempts")
+        # the daemon is connected (announcements, status reports) when the broker goes
+        _wait(lambda: w.active_version() == "1.0.0" and _attempts(w) >= 2, 60, "v1")
+        stop_broker(w.broker_work)
+        w.publish("2.0.0", seed=2)
+        before = w.snapshot()
+        done = _attempts(w)
+        _wait(lambda: _attempts(w) >= done + 3, 90, "three failed attempts")
         assert w.active_version() == "1.0.0"
         _same_trusted_state(w, before)
         assert _last_error_type(w) in ("DownloadFailedError", "TransportError",

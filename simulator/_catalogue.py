@@ -1,0 +1,7 @@
+"""Names of the fleet scenarios (cheap to import: the CLI parser lists them)."""
+
+from __future__ import annotations
+
+ATTACK_NAMES = ("tampered-bundle", "forged-metadata", "rollback-metadata", "endless-metadata",
+                "mix-and-match", "bad-bundle", "failing-vectors", "tamper-model")
+FAULT_NAMES = ("origin-down", "broker-down", "bridge-down", "tpm-down")
