@@ -1,16 +1,18 @@
 """modelward benchmarks: ratios against the physical limit measured in the same run.
 
-    .venv/bin/python benchmarks/run.py [--size-mib 256] [--rounds 3]
+    .venv/bin/python benchmarks/run.py [--size-mib 512] [--boot-mib 1024] [--rounds 5]
+                                       [--only boot,https,mqtt,refresh,rss,health,latency]
 
 Each figure runs ours and its references interleaved in random order over several
 rounds, after touching and freeing ~1 GiB (these machines hand freed memory back to
 the host, so first touches are slow); it prints medians with min-max and the ratio.
-Not a test: nothing here asserts a time.
+Not a test: nothing here asserts a time. The idle daemon is ``benchmarks/idle_daemon.py``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -19,11 +21,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 from publisher import Repository, build_bundle, write_broker_config  # noqa: E402
@@ -34,21 +38,31 @@ from simulator import (  # noqa: E402
     make_linear_model,
     start_broker,
     start_origin,
+    start_swtpm,
     stop_broker,
     stop_origin,
+    stop_swtpm,
 )
-from trust import file_merkle_root  # noqa: E402
+from trust import (  # noqa: E402
+    ModelRef,
+    Tpm,
+    TrustStore,
+    directory_entries,
+    slot_fingerprint,
+)
 from updater import (  # noqa: E402
     HttpsConfig,
     MqttConfig,
     MqttFetcher,
     RequestsFetcher,
-    download_to_staging,
 )
+from updater._install import boot_check, download_and_extract  # noqa: E402
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL  # noqa: E402
 from updater._tuf import TufSession  # noqa: E402
 
 PASS = b"benchmark passphrase"
+SECTIONS = ("boot", "https", "mqtt", "refresh", "rss", "health", "latency")
+ROWS: list[tuple[str, str, str, str]] = []  # figure, ours, reference, ratio (for the table)
 
 
 def touch_memory(mib: int = 1024) -> None:
@@ -75,22 +89,38 @@ def rounds(cases: dict[str, Callable[[], object]], n: int) -> dict[str, list[flo
     return out
 
 
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
 def fmt(xs: list[float]) -> str:
-    return f"{statistics.median(xs):7.3f}s ({min(xs):.3f}-{max(xs):.3f})"
+    return f"{med(xs):.3f} s ({min(xs):.3f}-{max(xs):.3f})"
 
 
 def report(title: str, res: dict[str, list[float]], ours: str, size: int) -> None:
     print(f"\n{title}")
-    base = statistics.median(res[ours])
+    base = med(res[ours])
     for k, xs in res.items():
-        mibs = size / (1 << 20) / statistics.median(xs)
-        ratio = "" if k == ours else f"   time ours/this = {base / statistics.median(xs):.2f}"
-        print(f"  {k:34} {fmt(xs)}  {mibs:8.1f} MiB/s{ratio}")
+        mibs = size / (1 << 20) / med(xs) if size else 0
+        ratio = "" if k == ours else f"   time ours/this = {base / med(xs):.2f}"
+        rate = f"{mibs:8.1f} MiB/s" if size else ""
+        print(f"  {k:40} {fmt(xs)}  {rate}{ratio}")
+        if k != ours:
+            ROWS.append((title, f"{fmt(res[ours])}", f"{k}: {fmt(xs)}",
+                         f"{base / med(xs):.2f}"))
+
+
+def random_file(path: Path, mib: int) -> Path:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for i in range(mib):
+            f.write(block[i % 97:] + block[: i % 97])
+    return path
 
 
 def vmhwm_kib_of(code: str, *args: str) -> int:
     r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                       check=True, cwd=Path(__file__).resolve().parents[1])
+                       check=True, cwd=ROOT)
     m = re.search(r"HWM (\d+)", r.stdout)
     assert m, r.stdout + r.stderr
     return int(m.group(1))
@@ -100,159 +130,374 @@ _RSS_CHILD = """
 import os, re, sys
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 from pathlib import Path
-from updater import HttpsConfig, RequestsFetcher, download_to_staging, extract_bundle
+from updater import HttpsConfig, RequestsFetcher
+from updater._install import download_and_extract
 from updater._tuf import TufSession
 md, url, ca, root, stage, out, path = sys.argv[1:]
 f = RequestsFetcher(HttpsConfig(url + "/metadata/", url + "/targets/", ca))
 s = TufSession(Path(md), url + "/metadata/", url + "/targets/", f, Path(root).read_bytes())
 s.refresh()
 t = s._trusted().targets.targets[path]
-staged = download_to_staging(s, f, t, Path(stage), 1 << 40)
 Path(out).mkdir()
-with open(staged, "rb") as fh:
-    extract_bundle(fh, Path(out), path)
+download_and_extract(s, f, t, Path(stage), Path(out), 1 << 40)
 print("HWM", re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1))
 """
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size-mib", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
-    size = args.size_mib << 20
-    work = Path(tempfile.mkdtemp(prefix="modelward-bench-"))
-    print(f"modelward benchmarks: {os.cpu_count()} cores, {args.size_mib} MiB, "
-          f"{args.rounds} rounds, {time.strftime('%Y-%m-%d')}")
-    try:
-        # 1. Fingerprint (the boot check's hashing) vs sha256sum and openssl.
-        blob = work / "model.bin"
-        block = os.urandom(1 << 20)
-        with open(blob, "wb") as f:
-            for i in range(args.size_mib):
-                f.write(block[i % 97:] + block[: i % 97])
-        res = rounds({
-            "ours: merkle fingerprint": lambda: file_merkle_root(blob),
-            "sha256sum": lambda: subprocess.run(["sha256sum", str(blob)], check=True,
-                                                capture_output=True),
-            "openssl dgst -sha256": lambda: subprocess.run(
-                ["openssl", "dgst", "-sha256", str(blob)], check=True, capture_output=True),
-        }, args.rounds)
-        report("Fingerprint of one file (boot check hashing)", res, "ours: merkle fingerprint",
-               size)
+class Env:
+    """Repository, origin, broker and bridge shared by the sections."""
 
-        # 2. HTTPS download + verify + stage vs curl and plain python-tuf.
+    def __init__(self, work: Path) -> None:
+        self.work = work
         pki = work / "pki"
         pki.mkdir()
-        ca = make_ca(pki)
-        repo_dir = work / "repo"
-        repo = Repository(repo_dir, work / "keys", PASS)
-        root = repo.init()
-        model = make_linear_model(work / "m.onnx", 1)
-        bundle = work / "b.tar"
-        build_bundle(model, "bench", "1.0.0", bundle, extra=[(blob, "data/blob.bin")])
-        pub = repo.publish(bundle)
-        http_port = free_port()
-        server_cert = issue_cert(ca, pki, "origin")
-        origin = start_origin(repo_dir, work / "origin", server_cert,
-                              unsafe_plain_http_port=http_port)
-        bc = write_broker_config("bench", ["bench-dev"], work / "bc")
-        broker = start_broker(work / "broker", server_cert, ca.cert, bc.passwords, bc.acl)
-        bridge = subprocess.Popen(
-            [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(repo_dir),
-             "--broker", broker.url, "--fleet", "bench", "--tls-ca", str(ca.cert),
-             "--password-file", str(bc.credentials["modelward-bridge"])],
-            stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-        assert bridge.stdout is not None and bridge.stdout.readline().startswith("serving")
-        try:
-            url = origin.url
-            served = next((repo_dir / "targets" / "bench").glob("*.tar"))
-            target_url = f"{url}/targets/bench/{served.name}"
-            https = HttpsConfig(f"{url}/metadata/", f"{url}/targets/", str(ca.cert),
-                                chunk_size=1 << 20)
+        self.ca = make_ca(pki)
+        self.repo_dir = work / "repo"
+        self.repo = Repository(self.repo_dir, work / "keys", PASS)
+        self.root = self.repo.init()
+        self.model = make_linear_model(work / "m.onnx", 1)
+        self.http_port = free_port()
+        server = issue_cert(self.ca, pki, "origin")
+        self.origin = start_origin(self.repo_dir, work / "origin", server,
+                                   unsafe_plain_http_port=self.http_port)
+        self.url = self.origin.url
+        self.bc = write_broker_config("bench", ["bench-dev"], work / "bc")
+        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.passwords,
+                                   self.bc.acl)
+        self.bridge = subprocess.Popen(
+            [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(self.repo_dir),
+             "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),
+             "--password-file", str(self.bc.credentials["modelward-bridge"])],
+            stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        assert self.bridge.stdout is not None
+        assert self.bridge.stdout.readline().startswith("serving")
+        self.https = HttpsConfig(f"{self.url}/metadata/", f"{self.url}/targets/",
+                                 str(self.ca.cert), chunk_size=1 << 20)
+        self.n = 0
 
-            def fetch_once(f: RequestsFetcher | MqttFetcher, md_url: str, tg_url: str) -> None:
-                """What the agent does: TUF refresh, then stream + verify into staging."""
-                d = Path(tempfile.mkdtemp(dir=work))
-                s = TufSession(d / "md", md_url, tg_url, f, root.read_bytes())
-                s.refresh()
-                t = s._trusted().targets.targets[pub.target_path]  # noqa: SLF001
-                download_to_staging(s, f, t, d / "staging", 1 << 40)
-                f.close()
-                shutil.rmtree(d)
+    def mqtt(self, user: str) -> MqttConfig:
+        return MqttConfig(host="127.0.0.1", port=self.broker.port, fleet="bench",
+                          client_name=user, ca_file=str(self.ca.cert),
+                          password=self.bc.credentials[user].read_text().strip())
 
-            def ours() -> None:
-                fetch_once(RequestsFetcher(https), https.metadata_url, https.targets_url)
+    def publish(self, payload: Path, version: str) -> tuple[str, Path, int]:
+        bundle = self.work / f"b-{version}.tar"
+        build_bundle(self.model, "bench", version, bundle, extra=[(payload, "data/blob.bin")])
+        pub = self.repo.publish(bundle)
+        bundle.unlink()
+        served = next((self.repo_dir / "targets" / "bench").glob(f"*.bench-{version}.tar"))
+        return pub.target_path, served, pub.length
 
-            def curl() -> None:
-                out = work / "curl.out"
-                subprocess.run(["curl", "-sS", "--cacert", str(ca.cert), "-o", str(out),
-                                target_url], check=True)
-                out.unlink()
+    def close(self) -> None:
+        self.bridge.terminate()
+        self.bridge.wait(10)
+        stop_broker(self.work / "broker")
+        stop_origin(self.work / "origin")
 
-            def plain_tuf() -> None:
-                from tuf.ngclient import Updater
+    def fetch_once(self, f: RequestsFetcher | MqttFetcher, md_url: str, tg_url: str,
+                   path: str) -> None:
+        """What the agent does: TUF refresh, then one pass of download + verify + extract
+        into staging, then the fingerprint compare."""
+        d = Path(tempfile.mkdtemp(dir=self.work))
+        s = TufSession(d / "md", md_url, tg_url, f, self.root.read_bytes())
+        s.refresh()
+        t = s._trusted().targets.targets[path]  # noqa: SLF001
+        (d / "incoming").mkdir()
+        _, _, entries = download_and_extract(s, f, t, d / "staging", d / "incoming", 1 << 40)
+        assert slot_fingerprint(entries) == t.custom["modelward"]["fingerprint"]
+        f.close()
+        shutil.rmtree(d)
 
-                d = Path(tempfile.mkdtemp(dir=work))
-                os.environ["SSL_CERT_FILE"] = str(ca.cert)
-                u = Updater(str(d), f"{url}/metadata/", target_dir=str(d),
-                            target_base_url=f"{url}/targets/", bootstrap=root.read_bytes())
-                u.refresh()
-                info = u.get_targetinfo(pub.target_path)
-                assert info is not None
-                u.download_target(info, str(d / "b.tar"))
-                shutil.rmtree(d)
 
-            res = rounds({"ours: refresh+download+verify+stage": ours,
-                          "curl -o (HTTPS, same nginx)": curl,
-                          "plain python-tuf download_target": plain_tuf}, args.rounds)
-            report("HTTPS download + verify + stage (nginx on loopback)", res,
-                   "ours: refresh+download+verify+stage", pub.length)
+# --- sections -------------------------------------------------------------------------------
 
-            mq = MqttConfig(host="127.0.0.1", port=broker.port, fleet="bench",
-                            client_name="bench-dev", ca_file=str(ca.cert),
-                            password=bc.credentials["bench-dev"].read_text().strip())
 
-            def ours_mqtt() -> None:
-                fetch_once(MqttFetcher(mq), MQTT_METADATA_URL, MQTT_TARGETS_URL)
+def bench_boot(work: Path, mib: int, n: int) -> None:
+    """Boot check of a slot holding a ``mib`` MiB model vs openssl / sha256sum of it."""
+    state = work / "dev"
+    slot = state / "slots" / "a"
+    slot.mkdir(parents=True)
+    model = random_file(slot / "model.onnx", mib)
+    tpm = start_swtpm(work / "tpm")
+    try:
+        store = TrustStore(state, Tpm(tpm.tcti))
+        repo = Repository(work / "boot-repo", work / "boot-keys", PASS)
+        store.provision(repo.init().read_bytes(), "bench")
+        fp = slot_fingerprint(directory_entries(slot))
+        store.commit(store.load().successor(active=ModelRef("bench", "1.0.0", fp, "a")))
+        os.symlink("slots/a", state / "current")
+        res = rounds({
+            "ours: boot_check (TPM + fingerprint)": lambda: boot_check(state, store),
+            "ours: fingerprint only": lambda: slot_fingerprint(directory_entries(slot)),
+            "openssl dgst -sha256": lambda: subprocess.run(
+                ["openssl", "dgst", "-sha256", str(model)], check=True, capture_output=True),
+            "sha256sum": lambda: subprocess.run(["sha256sum", str(model)], check=True,
+                                                capture_output=True),
+        }, n)
+        report(f"Boot check of a {mib} MiB model", res, "ours: boot_check (TPM + fingerprint)",
+               mib << 20)
+        over = med(res["ours: boot_check (TPM + fingerprint)"]) - med(
+            res["ours: fingerprint only"])
+        print(f"  boot-check overhead beyond hashing: {over * 1000:.1f} ms (median difference)")
+        ROWS.append(("boot-check overhead beyond hashing", f"{over * 1000:.1f} ms", "", ""))
+        store.tpm.close()
+    finally:
+        stop_swtpm(work / "tpm")
 
-            def curl_http() -> None:
-                out = work / "curl.out"
-                subprocess.run(["curl", "-sS", "-o", str(out),
-                                f"http://127.0.0.1:{http_port}/targets/bench/{served.name}"],
-                               check=True)
-                out.unlink()
 
-            res = rounds({"ours: MQTT refresh+fetch+verify+stage": ours_mqtt,
-                          "ours: HTTPS refresh+fetch+verify+stage": ours,
-                          "curl -o over plain HTTP": curl_http}, args.rounds)
-            report("MQTT fetch + verify + stage (mosquitto TLS + serve-mqtt bridge)", res,
-                   "ours: MQTT refresh+fetch+verify+stage", pub.length)
+def bench_https(env: Env, path: str, served: Path, length: int, n: int) -> None:
+    target_url = f"{env.url}/targets/bench/{served.name}"
 
-            # 3. Peak RSS of download + extraction, small vs large bundle.
-            small_pad = work / "small.bin"
-            small_pad.write_bytes(os.urandom(16 << 20))
-            small_b = work / "small.tar"
-            build_bundle(model, "bench", "0.1.0", small_b, extra=[(small_pad, "data/b.bin")])
-            small_pub = repo.publish(small_b)
-            hwm = {}
-            for label, p in (("16 MiB bundle", small_pub), (f"{args.size_mib} MiB bundle", pub)):
-                d = Path(tempfile.mkdtemp(dir=work))
-                hwm[label] = vmhwm_kib_of(_RSS_CHILD, str(d / "md"), url, str(ca.cert),
-                                          str(root), str(d / "st"), str(d / "out"),
-                                          p.target_path)
-            print("\nPeak RSS of download + verify + extract (VmHWM of the process)")
-            for label, kib in hwm.items():
-                print(f"  {label:34} {kib / 1024:7.1f} MiB")
-            a, b = hwm.values()
-            print(f"  ratio large/small                  {b / a:7.3f}")
-        finally:
-            bridge.terminate()
-            bridge.wait(10)
-            stop_broker(work / "broker")
-            stop_origin(work / "origin")
+    def ours() -> None:
+        env.fetch_once(RequestsFetcher(env.https), env.https.metadata_url,
+                       env.https.targets_url, path)
+
+    def curl() -> None:
+        out = env.work / "curl.out"
+        subprocess.run(["curl", "-sS", "--cacert", str(env.ca.cert), "-o", str(out),
+                        target_url], check=True)
+        out.unlink()
+
+    def plain_tuf() -> None:
+        from tuf.ngclient import Updater
+
+        d = Path(tempfile.mkdtemp(dir=env.work))
+        os.environ["SSL_CERT_FILE"] = str(env.ca.cert)
+        u = Updater(str(d), f"{env.url}/metadata/", target_dir=str(d),
+                    target_base_url=f"{env.url}/targets/", bootstrap=env.root.read_bytes())
+        u.refresh()
+        info = u.get_targetinfo(path)
+        assert info is not None
+        u.download_target(info, str(d / "b.tar"))
+        shutil.rmtree(d)
+
+    res = rounds({"ours: refresh+download+verify+extract": ours,
+                  "curl -o (HTTPS, same nginx)": curl,
+                  "plain python-tuf download_target": plain_tuf}, n)
+    report(f"HTTPS download + verify + stage, {length >> 20} MiB bundle (nginx, loopback)",
+           res, "ours: refresh+download+verify+extract", length)
+
+
+def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
+    """The broker's own limit: publish the file in ``block`` messages at QoS 1 as the bridge,
+    receive them as the device (its ACL allows exactly this), until all have arrived."""
+    import paho.mqtt.client as mqtt
+
+    from updater._mqttconn import MqttConnection
+
+    topic = "modelward/bench/devices/bench-dev/repo/resp"
+    total = data_path.stat().st_size
+    got = [0]
+    done = threading.Event()
+
+    def on_message(_c: object, _u: object, msg: mqtt.MQTTMessage) -> None:
+        got[0] += len(msg.payload)
+        if got[0] >= total:
+            done.set()
+
+    sub = MqttConnection(env.mqtt("bench-dev"), f"bench-sub-{time.monotonic_ns()}", [topic])
+    sub.client.on_message = on_message
+    pub = MqttConnection(env.mqtt("modelward-bridge"), f"bench-pub-{time.monotonic_ns()}", [])
+    try:
+        window: list[object] = []
+        with open(data_path, "rb") as f:
+            while chunk := f.read(block):
+                window.append(pub.client.publish(topic, chunk, qos=1))
+                if len(window) >= 16:
+                    window.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
+        assert done.wait(120), f"received {got[0]} of {total}"
+    finally:
+        sub.close()
+        pub.close()
+
+
+def bench_mqtt(env: Env, path: str, served: Path, length: int, n: int) -> None:
+    def ours_mqtt() -> None:
+        env.fetch_once(MqttFetcher(env.mqtt("bench-dev")), MQTT_METADATA_URL,
+                       MQTT_TARGETS_URL, path)
+
+    def curl_http() -> None:
+        out = env.work / "curl.out"
+        subprocess.run(["curl", "-sS", "-o", str(out),
+                        f"http://127.0.0.1:{env.http_port}/targets/bench/{served.name}"],
+                       check=True)
+        out.unlink()
+
+    res = rounds({"ours: MQTT refresh+fetch+verify+extract": ours_mqtt,
+                  "raw paho QoS 1, 1 MiB messages": lambda: raw_paho_transfer(env, served),
+                  "curl -o over plain HTTP": curl_http}, n)
+    report(f"MQTT fetch + verify + stage, {length >> 20} MiB (mosquitto TLS + serve-mqtt)",
+           res, "ours: MQTT refresh+fetch+verify+extract", length)
+
+
+def bench_refresh(env: Env, n: int) -> None:
+    """A refresh with nothing new vs raw GETs of the same files on one connection."""
+    import requests
+
+    d = env.work / "refresh-md"
+    f = RequestsFetcher(env.https)
+    TufSession(d, env.https.metadata_url, env.https.targets_url, f,
+               env.root.read_bytes()).refresh()
+    root_v = env.repo.latest_root_version()
+
+    def ours() -> None:
+        TufSession(d, env.https.metadata_url, env.https.targets_url, f,
+                   env.root.read_bytes()).refresh()
+
+    session = requests.Session()
+    session.trust_env = False
+
+    def raw() -> None:
+        for name in (f"{root_v + 1}.root.json", "timestamp.json"):
+            session.get(f"{env.url}/metadata/{name}", verify=str(env.ca.cert)).content  # noqa: B018
+
+    ours()
+    raw()  # both connections warm
+    res = rounds({"ours: TUF refresh, nothing new": ours,
+                  "raw GETs (next root, timestamp), one connection": raw}, max(n, 20))
+    report("No-update refresh", res, "ours: TUF refresh, nothing new", 0)
+    f.close()
+
+
+def bench_rss(env: Env, sizes: list[int]) -> None:
+    hwm = {}
+    for i, mib in enumerate(sizes):
+        payload = random_file(env.work / f"rss-{mib}.bin", mib)
+        path, _, _ = env.publish(payload, f"0.{i + 1}.0")
+        payload.unlink()
+        d = Path(tempfile.mkdtemp(dir=env.work))
+        hwm[mib] = vmhwm_kib_of(_RSS_CHILD, str(d / "md"), env.url, str(env.ca.cert),
+                                str(env.root), str(d / "st"), str(d / "out"), path)
+        shutil.rmtree(d)
+    print("\nPeak RSS (VmHWM) of refresh + download + verify + extract")
+    for mib, kib in hwm.items():
+        print(f"  {mib:6} MiB bundle  {kib / 1024:7.1f} MiB")
+    a, b = hwm[sizes[0]], hwm[sizes[-1]]
+    print(f"  ratio {sizes[-1]} MiB / {sizes[0]} MiB: {b / a:.3f}")
+    ROWS.append((f"peak RSS, {sizes[0]} MiB vs {sizes[-1]} MiB bundle",
+                 f"{b / 1024:.1f} MiB", f"{a / 1024:.1f} MiB", f"{b / a:.3f}"))
+
+
+_ORT_LOAD = "import onnxruntime as ort, sys; ort.InferenceSession(sys.argv[1])"
+
+
+def bench_health(work: Path, n: int) -> None:
+    """Health check of a ~100 MB model vs a fresh process that only imports onnxruntime
+    and loads it."""
+    from publisher import BuildOptions
+    from updater import HealthConfig, extract_bundle
+    from updater._health import run_health_check
+
+    model = make_linear_model(work / "big.onnx", 3, in_dim=5000, out_dim=5000)
+    bundle = work / "big.tar"
+    build_bundle(model, "big", "1.0.0", bundle, options=BuildOptions())
+    slot = work / "big-slot"
+    slot.mkdir()
+    with open(bundle, "rb") as f:
+        extract_bundle(f, slot, "big")
+    size = (slot / "model.onnx").stat().st_size
+    res = rounds({
+        "ours: health check (child, vectors)": lambda: run_health_check(
+            slot, "big", "1.0.0", HealthConfig()),
+        "python -c 'import onnxruntime; load'": lambda: subprocess.run(
+            [sys.executable, "-c", _ORT_LOAD, str(slot / "model.onnx")], check=True),
+    }, n)
+    report(f"Health check of a {size / 1e6:.0f} MB model", res,
+           "ours: health check (child, vectors)", 0)
+
+
+def bench_latency(env: Env, work: Path, n: int) -> None:
+    """publish -> active over MQTT push, 1 MiB bundle: operator publishes with --announce;
+    a running daemon receives the announcement and installs."""
+    from agent import load_config
+    from agent import provision as agent_provision
+    from simulator import write_device_config
+
+    tpm = start_swtpm(work / "lat-tpm")
+    state = work / "lat-state"
+    conf = write_device_config(
+        work / "lat.toml", device_id="bench-dev", fleet="bench", state=state, tcti=tpm.tcti,
+        transport="mqtt", poll_interval=3600,
+        mqtt={"host": "127.0.0.1", "port": env.broker.port, "ca_file": str(env.ca.cert),
+              "password_file": str(env.bc.credentials["bench-dev"])})
+    agent_provision(load_config(conf), env.root)
+    log = open(work / "lat-agent.log", "w")  # noqa: SIM115
+    daemon = subprocess.Popen([sys.executable, "-m", "modelward", "agent", "run", "--config",
+                               str(conf)], stderr=log, cwd=ROOT)
+    times = []
+    try:
+        time.sleep(3)
+        payload = random_file(work / "lat.bin", 1)
+        for i in range(n):
+            version = f"5.{i}.0"
+            bundle = work / f"lat-{i}.tar"
+            build_bundle(env.model, "classifier", version, bundle,
+                         extra=[(payload, "data/blob.bin")])
+            t0 = time.perf_counter()
+            env.repo.publish(bundle)
+            from publisher import announce
+
+            announce(env.repo_dir, env.mqtt("modelward-operator"))
+            while True:
+                try:
+                    doc = json.loads((state / "current" / "manifest.json").read_bytes())
+                    if doc["version"] == version:
+                        break
+                except (OSError, ValueError):
+                    pass
+                time.sleep(0.02)
+            times.append(time.perf_counter() - t0)
+            time.sleep(2.5)  # the daemon's min refresh interval
+    finally:
+        daemon.terminate()
+        daemon.wait(30)
+        stop_swtpm(work / "lat-tpm")
+    print(f"\nPublish -> active over MQTT push, 1 MiB bundle: {fmt(times)}")
+    ROWS.append(("publish -> active (MQTT push, 1 MiB)", fmt(times), "", ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mib", type=int, default=512, help="HTTPS/MQTT bundle payload")
+    ap.add_argument("--boot-mib", type=int, default=1024, help="boot-check model size")
+    ap.add_argument("--rss-mib", default="128,2048", help="bundle sizes for peak RSS")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--only", default=",".join(SECTIONS),
+                    help=f"comma-separated sections of {','.join(SECTIONS)}")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    work = Path(tempfile.mkdtemp(prefix="modelward-bench-"))
+    print(f"modelward benchmarks: {os.cpu_count()} cores, {args.rounds} rounds, "
+          f"{time.strftime('%Y-%m-%d')}")
+    try:
+        if "boot" in only:
+            bench_boot(work, args.boot_mib, args.rounds)
+        if "health" in only:
+            bench_health(work, args.rounds)
+        if only & {"https", "mqtt", "refresh", "rss", "latency"}:
+            env = Env(work)
+            try:
+                if only & {"https", "mqtt"}:
+                    payload = random_file(work / "payload.bin", args.size_mib)
+                    path, served, length = env.publish(payload, "1.0.0")
+                    payload.unlink()
+                    if "https" in only:
+                        bench_https(env, path, served, length, args.rounds)
+                    if "mqtt" in only:
+                        bench_mqtt(env, path, served, length, args.rounds)
+                if "refresh" in only:
+                    bench_refresh(env, args.rounds)
+                if "rss" in only:
+                    bench_rss(env, [int(x) for x in args.rss_mib.split(",")])
+                if "latency" in only:
+                    bench_latency(env, work, args.rounds)
+            finally:
+                env.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print("\n| figure | ours | reference | time ours/ref |\n| --- | --- | --- | --- |")
+    for row in ROWS:
+        print("| " + " | ".join(row) + " |")
     return 0
 
 

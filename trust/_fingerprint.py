@@ -19,9 +19,11 @@ from pathlib import Path
 LEAF_SIZE = 4 * 1024 * 1024  # bytes per Merkle leaf; fixed by the format
 
 
-def leaf_hash(chunk: bytes) -> bytes:
-    """Hash one leaf with RFC 6962 domain separation."""
-    return hashlib.sha256(b"\x00" + chunk).digest()
+def leaf_hash(chunk: bytes | memoryview) -> bytes:
+    """Hash one leaf with RFC 6962 domain separation (no copy of the chunk)."""
+    h = hashlib.sha256(b"\x00")
+    h.update(chunk)
+    return h.digest()
 
 
 def tree_hash(leaves: Sequence[bytes]) -> bytes:
@@ -38,27 +40,34 @@ def tree_hash(leaves: Sequence[bytes]) -> bytes:
 class MerkleHasher:
     """Incremental Merkle root over a stream of any chunk sizes.
 
-    Memory is one leaf of buffered bytes plus 32 bytes per 4 MiB seen.
+    Nothing is buffered: the current leaf is a running sha256, so memory is 32 bytes
+    per 4 MiB seen and no byte is copied.
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._leaf = hashlib.sha256(b"\x00")
+        self._in_leaf = 0
         self._leaves: list[bytes] = []
         self.size = 0
 
     def update(self, data: bytes | memoryview) -> None:
         """Add ``data`` to the stream."""
-        self.size += len(data)
-        self._buf += data
-        while len(self._buf) >= LEAF_SIZE:
-            self._leaves.append(leaf_hash(bytes(self._buf[:LEAF_SIZE])))
-            del self._buf[:LEAF_SIZE]
+        view = memoryview(data).cast("B")
+        self.size += len(view)
+        while view:
+            take = min(len(view), LEAF_SIZE - self._in_leaf)
+            self._leaf.update(view[:take])
+            self._in_leaf += take
+            view = view[take:]
+            if self._in_leaf == LEAF_SIZE:
+                self._leaves.append(self._leaf.digest())
+                self._leaf, self._in_leaf = hashlib.sha256(b"\x00"), 0
 
     def hexdigest(self) -> str:
         """Merkle root of everything seen so far, as hex."""
         leaves = list(self._leaves)
-        if self._buf:
-            leaves.append(leaf_hash(bytes(self._buf)))
+        if self._in_leaf:
+            leaves.append(self._leaf.digest())
         return tree_hash(leaves).hex()
 
 

@@ -11,7 +11,9 @@ import errno
 import hashlib
 import logging
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,8 +22,15 @@ from typing import IO, Any, cast
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
-from trust import ModelRef, TrustRecord, TrustStore, directory_entries, slot_fingerprint
-from updater._bundle import extract_bundle
+from trust import (
+    FileEntry,
+    ModelRef,
+    TrustRecord,
+    TrustStore,
+    directory_entries,
+    slot_fingerprint,
+)
+from updater._bundle import Manifest, extract_bundle
 from updater._config import UpdaterConfig
 from updater._fetcher import RangeFetcher, RequestsFetcher
 from updater._health import run_health_check
@@ -33,6 +42,7 @@ from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
+    BundleFormatError,
     FingerprintMismatchError,
     ModelwardError,
     NothingTrustedError,
@@ -141,11 +151,14 @@ def download_to_staging(
     max_bytes: int,
     *,
     gate: Gate | None = None,
+    tee: Callable[[bytes], None] | None = None,
 ) -> Path:
     """Stream a target into staging, verifying its signed length and hashes in one pass.
 
     A partial ``<sha256>.part`` from an earlier attempt is continued with a Range
-    request; its bytes are re-hashed from disk, never trusted as they are.
+    request; its bytes are re-hashed from disk, never trusted as they are. ``tee`` gets
+    every byte of the bundle in order (the part's, then the network's), for extraction
+    in the same pass.
 
     Raises:
         TargetHashError: length or hash differ from the signed target entry.
@@ -188,14 +201,15 @@ def download_to_staging(
     try:
         with open(part, "ab+") as out:
             out.seek(0)
-            while offset and (chunk := out.read(1 << 20)):
-                for h in hashers.values():
-                    h.update(chunk)
             chunks, start = fetcher.fetch_from(url, offset) if offset < target.length else (
                 iter(()), offset)
             if start != offset:  # the origin ignored Range: start over
                 out.truncate(0)
-                hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+            while start and (chunk := out.read(1 << 20)):
+                for h in hashers.values():
+                    h.update(chunk)
+                if tee is not None:
+                    tee(chunk)
             out.seek(start)
             received = start
             for chunk in chunks:
@@ -211,6 +225,8 @@ def download_to_staging(
                 for h in hashers.values():
                     h.update(chunk)
                 out.write(chunk)
+                if tee is not None:
+                    tee(chunk)
             out.flush()
             os.fsync(out.fileno())
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
@@ -240,6 +256,127 @@ def download_to_staging(
             )
     os.replace(part, done)
     return done
+
+
+class _Aborted(Exception):
+    """The download side gave up: the extraction thread stops."""
+
+
+class _Pipe:
+    """Bundle bytes from the download loop to the extraction thread, bounded.
+
+    The download loop calls :meth:`feed`; ``extract_bundle`` in the other thread reads.
+    Once the reader is done (the tar's end, or a bad bundle), :meth:`feed` drops data: the
+    download still completes, so that its hash can tell a bad bundle from bytes altered
+    on the way, and trailing bytes are covered by that hash alone.
+    """
+
+    def __init__(self, depth: int = 64) -> None:
+        self._q: queue.Queue[bytes | None | type[_Aborted]] = queue.Queue(depth)
+        self._buf = memoryview(b"")
+        self.failed = threading.Event()  # set by the reader when it stops reading
+
+    def feed(self, chunk: bytes | None | type[_Aborted]) -> None:
+        """Hand over ``chunk``; blocks while the reader is behind, unless it stopped."""
+        while not self.failed.is_set():
+            try:
+                self._q.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def close(self, item: None | type[_Aborted] = None) -> None:
+        """End of data (``None``) or abort (``_Aborted``)."""
+        self.feed(item)
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            item = self._q.get()
+            if item is None:
+                self._q.put(None)  # stay at EOF
+                return b""
+            if item is _Aborted:
+                raise _Aborted
+            assert isinstance(item, bytes)
+            self._buf = memoryview(item)
+        n = len(self._buf) if n < 0 else n
+        out, self._buf = self._buf[:n], self._buf[n:]
+        return out.tobytes()
+
+
+def download_and_extract(
+    session: TufSession,
+    fetcher: RangeFetcher,
+    target: TargetFile,
+    staging: Path,
+    incoming: Path,
+    max_bytes: int,
+    *,
+    gate: Gate | None = None,
+) -> tuple[Path, Manifest, list[FileEntry]]:
+    """Download a target into staging and extract it into ``incoming`` in the same pass.
+
+    The bytes are hashed for TUF and written to the staged file in this thread while
+    another thread parses, extracts and hashes the members (hashlib releases the GIL, so
+    two cores work at once). Nothing is read twice. A bundle staged completely by an
+    earlier, interrupted attempt is re-verified and extracted from disk.
+
+    Raises:
+        TargetHashError: the bytes are not the signed target (checked before a bundle
+            error is believed: altered bytes are the origin's fault, not the bundle's).
+        BundleFormatError: the signed bundle itself is malformed.
+        DownloadFailedError, StagingError: as :func:`download_to_staging`.
+    """
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
+    done = staging / f"{key}.bundle"
+    if done.exists():
+        staged = download_to_staging(session, fetcher, target, staging, max_bytes, gate=gate)
+        try:
+            with open(staged, "rb") as f:
+                manifest, entries = extract_bundle(
+                    cast(IO[bytes], _GatedReader(f, gate or Gate())), incoming, target.path)
+        except BundleFormatError:
+            staged.unlink(missing_ok=True)
+            raise
+        except OSError as e:
+            staged.unlink(missing_ok=True)  # give the space back
+            raise _extraction_failed(e, target, incoming) from e
+        return staged, manifest, entries
+    pipe = _Pipe()
+    result: list[tuple[Manifest, list[FileEntry]]] = []
+    error: list[BaseException] = []
+
+    def extract() -> None:
+        try:
+            result.append(extract_bundle(cast(IO[bytes], pipe), incoming, target.path))
+        except BaseException as e:  # noqa: BLE001 - handed to the download thread
+            error.append(e)
+        finally:
+            pipe.failed.set()
+
+    worker = threading.Thread(target=extract, name="extract", daemon=True)
+    worker.start()
+    try:
+        staged = download_to_staging(session, fetcher, target, staging, max_bytes,
+                                     gate=gate, tee=pipe.feed)
+    except BaseException:
+        pipe.close(_Aborted)
+        worker.join()
+        raise
+    pipe.close()
+    worker.join()
+    if error:
+        staged.unlink(missing_ok=True)
+        failure = error[0]
+        if isinstance(failure, OSError):
+            raise _extraction_failed(failure, target, incoming) from failure
+        raise failure
+    return staged, *result[0]
+
+
+def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
+    full = " (disk full)" if e.errno == errno.ENOSPC else ""
+    return StagingError(f"cannot extract {target.path} into {incoming}{full}: {e}")
 
 
 def _matches(path: Path, target: TargetFile) -> bool:
@@ -357,22 +494,15 @@ def _attempt(
                   target=newest.target.path)
     gate.wait_idle("download")
     step("downloading")
-    staged = download_to_staging(
-        session, fetcher, newest.target, dev.staging, cfg.max_bundle_bytes, gate=gate
-    )
-    step("staged")
     slot = SlotStore.other(active.slot if active else None)
     incoming = dev.slots.fresh_incoming()
+    staged: Path | None = None
     try:
-        gate.wait_idle("verification")
-        try:
-            with open(staged, "rb") as f:
-                manifest, entries = extract_bundle(cast(IO[bytes], _GatedReader(f, gate)),
-                                                   incoming, newest.target.path)
-        except OSError as e:
-            full = " (disk full)" if e.errno == errno.ENOSPC else ""
-            raise StagingError(f"cannot extract {newest.target.path} into {incoming}"
-                               f"{full}: {e}") from e
+        staged, manifest, entries = download_and_extract(
+            session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
+            gate=gate,
+        )
+        step("staged")
         if (manifest.name, manifest.version) != (name, version):
             raise FingerprintMismatchError(
                 f"bundle says {manifest.name} {manifest.version}, its signed target says "
@@ -396,7 +526,8 @@ def _attempt(
         step("health-checked")
     except BaseException:
         dev.slots.discard_incoming()
-        staged.unlink(missing_ok=True)
+        if staged is not None:
+            staged.unlink(missing_ok=True)
         raise
     # Commit before moving the files into the slot: until the TPM counter moves, the
     # inactive slot still holds what the record calls `previous`; after it moves, a
@@ -415,6 +546,7 @@ def _attempt(
     step("committed")
     dev.slots.install_incoming(slot)
     dev.slots.activate(slot)
+    assert staged is not None
     staged.unlink(missing_ok=True)
     step("active")
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)

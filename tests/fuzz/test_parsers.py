@@ -5,30 +5,19 @@ reproducible, and may only succeed or raise its own typed error.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import struct
 import tarfile
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
-import paho.mqtt.client as mqtt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tuf.api import exceptions as tuf_exc
 
-from agent import load_config
-from agent.errors import ConfigError
-from trust import ReportSignatureError, verify_report
-from updater import MqttConfig, MqttFetcher, extract_bundle, parse_manifest
-from updater._mqttconn import AnnouncementListener
-from updater.errors import BundleFormatError
+from tests.fuzz import targets
 
 pytestmark = pytest.mark.fuzz
 # 10,000 examples per target (CI); FUZZ_EXAMPLES lowers it for a quick local run.
@@ -58,8 +47,7 @@ GOOD_MANIFEST: dict[str, Any] = {
                  st.dictionaries(st.sampled_from(sorted(GOOD_MANIFEST)), json_values)
                  .map(lambda d: json.dumps({**GOOD_MANIFEST, **d}).encode())))
 def test_manifest_parser(data: bytes) -> None:
-    with contextlib.suppress(BundleFormatError):
-        parse_manifest(data, "fuzz")
+    targets.manifest(data)
 
 
 def _tar(members: list[tuple[str, bytes, bytes]]) -> bytes:
@@ -91,12 +79,10 @@ member = st.tuples(
         lambda t: t[0][:t[1]] + bytes([t[2]]) + t[0][t[1] + 1:]),
 ))
 def test_tar_reader(data: bytes) -> None:
-    with contextlib.suppress(BundleFormatError):
-        extract_bundle(io.BytesIO(data), None, "fuzz")
+    targets.tar(data)
 
 
-CFG = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=64)
-SESSION = b"S" * 8
+SESSION = targets.SESSION
 
 
 @FUZZ
@@ -111,34 +97,13 @@ SESSION = b"S" * 8
 )
 def test_mqtt_block_decoding(corr: bytes | None, props: list[tuple[str, str]], payload: bytes,
                              pending: set[int], total: int | None) -> None:
-    msg = mqtt.MQTTMessage(topic=b"modelward/f/devices/d/repo/resp")
-    msg.payload = payload
-    msg.properties = SimpleNamespace(CorrelationData=corr, UserProperty=props)  # type: ignore[assignment]
-    fetcher = MqttFetcher(CFG)
-    try:
-        got = fetcher._accept(msg, SESSION, "p", dict.fromkeys(pending, (0.0, 0)),  # noqa: SLF001
-                              total)
-    except tuf_exc.DownloadError:
-        return
-    if got is not None:
-        off, data, size = got
-        assert off in pending and len(data) <= CFG.block_size and size >= 0
+    targets.mqtt_block(corr, props, payload, pending, total)
 
 
 @FUZZ
 @given(st.one_of(st.binary(max_size=200), json_values.map(lambda v: json.dumps(v).encode())))
 def test_announcement_decoding(payload: bytes) -> None:
-    seen: list[int] = []
-    listener = object.__new__(AnnouncementListener)
-    listener._cb = seen.append  # noqa: SLF001
-    msg = mqtt.MQTTMessage(topic=b"modelward/f/announce")
-    msg.payload = payload
-    listener._on_message(msg)  # noqa: SLF001 - never raises; a valid version or nothing
-    assert all(isinstance(v, int) and v >= 1 for v in seen)
-
-
-KEY = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
-    serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    targets.announcement(payload)
 
 
 @FUZZ
@@ -150,11 +115,7 @@ KEY = ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
          "signature": t[1]}).encode()),
 ))
 def test_status_report_verification(data: bytes) -> None:
-    try:
-        verify_report(data, KEY, "d")
-    except ReportSignatureError:
-        return
-    raise AssertionError("an unsigned report verified")
+    targets.report(data)
 
 
 def _toml_value(v: Any) -> str:
@@ -192,13 +153,7 @@ def configs(draw: Any) -> str:
 @given(st.one_of(configs(), st.text(max_size=200),
                  st.binary(max_size=200)))  # atheris found b"\xf0": not UTF-8
 def test_config_loader(tmp_path_factory: pytest.TempPathFactory, text: str | bytes) -> None:
-    path = _cfg_dir(tmp_path_factory) / "agent.toml"
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text)
-    with contextlib.suppress(ConfigError):
-        load_config(path)
+    targets.config(_cfg_dir(tmp_path_factory) / "agent.toml", text)
 
 
 _DIR: list[Path] = []
