@@ -30,7 +30,7 @@ from trust import (
     directory_entries,
     slot_fingerprint,
 )
-from updater._bundle import Manifest, extract_bundle
+from updater._bundle import Manifest, extract_bundle, fsync_tree
 from updater._config import UpdaterConfig
 from updater._fetcher import RangeFetcher, RequestsFetcher
 from updater._health import run_health_check
@@ -227,8 +227,8 @@ def download_to_staging(
                 out.write(chunk)
                 if tee is not None:
                     tee(chunk)
+            # No fsync: a staged file is re-verified against the signed hash before reuse.
             out.flush()
-            os.fsync(out.fileno())
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         raise convert_tuf_error(e, f"download of {url}") from e
     except OSError as e:
@@ -271,7 +271,7 @@ class _Pipe:
     on the way, and trailing bytes are covered by that hash alone.
     """
 
-    def __init__(self, depth: int = 64) -> None:
+    def __init__(self, depth: int = 8) -> None:
         self._q: queue.Queue[bytes | None | type[_Aborted]] = queue.Queue(depth)
         self._buf = memoryview(b"")
         self.failed = threading.Event()  # set by the reader when it stops reading
@@ -533,6 +533,7 @@ def _attempt(
     # inactive slot still holds what the record calls `previous`; after it moves, a
     # crash leaves `staging/incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
+    fsync_tree(incoming)  # durable before the record names it
     step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
