@@ -485,7 +485,8 @@ def _sim_scenario(args: argparse.Namespace) -> int:
     from simulator._fleet import Fleet
     from simulator._scenarios import SCENARIOS, result_json, run, table
 
-    result = run(Fleet.load(args.dir), SCENARIOS[args.name], timeout=args.timeout, say=_say)
+    say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else _say
+    result = run(Fleet.load(args.dir), SCENARIOS[args.name], timeout=args.timeout, say=say)
     print(json.dumps(result_json(result), indent=1) if args.json else table([result]))
     return EXIT_OK if result.ok else EXIT_ERROR
 

@@ -46,7 +46,7 @@ def test_fleet_of_10_keeps_its_model_under_attack_then_takes_a_good_update(
 
     r = _sim("attack", "tampered-bundle", "--dir", str(fleet_dir), "--json")
     assert r.returncode == 0, r.stdout + r.stderr
-    out = json.loads(r.stdout[r.stdout.index("{"):])
+    out = json.loads(r.stdout)  # progress goes to stderr with --json
     assert out["affected"] == out["aimed"] == 10
     assert out["data_lost"] == 0
     assert all(d["during"] == "1.0.0" and d["error"] == "TargetHashError"
