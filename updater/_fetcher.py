@@ -95,7 +95,16 @@ class RequestsFetcher(RangeFetcher):
         except requests.RequestException as e:
             raise tuf_exc.DownloadError(f"cannot reach {url}: {type(e).__name__}") from e
         if resp.status_code not in (200, 206):
-            resp.close()
+            # Read a small error body to its end, so that the connection goes back to the
+            # pool: every refresh asks for the next root and gets a 404, and closing it
+            # unread cost a new TLS handshake per refresh.
+            try:
+                if int(resp.headers.get("Content-Length", "-1")) in range(0, 65537):
+                    resp.content  # noqa: B018 - drained on purpose
+            except (requests.RequestException, ValueError):
+                pass
+            finally:
+                resp.close()
             raise tuf_exc.DownloadHTTPError(
                 f"{url} answered HTTP {resp.status_code}", resp.status_code
             )

@@ -239,3 +239,45 @@ def test_root_dropped_on_disk_is_not_trusted(world: World) -> None:
     with pytest.raises(RootAnchorError):
         world.update()
     assert world.snapshot().record == before.record
+
+
+def test_no_update_refresh_is_two_gets_on_one_connection(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refresh with nothing new asks for the next root (404) and the timestamp, on the
+    connection it already has: the 404 body is read so the connection is reused."""
+    import urllib3.connection
+
+    from updater import RequestsFetcher
+    from updater._tuf import TufSession
+
+    connects: list[object] = []
+    real_connect = urllib3.connection.HTTPSConnection.connect
+
+    def counting_connect(self: urllib3.connection.HTTPSConnection) -> None:
+        connects.append(self)
+        real_connect(self)
+
+    monkeypatch.setattr(urllib3.connection.HTTPSConnection, "connect", counting_connect)
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    https = world.cfg.updater.https
+    assert https is not None
+    fetcher = RequestsFetcher(https)
+    root = (world.state / "trust" / "root.json").read_bytes()
+    log = world.tmp / "origin" / "access.log"
+    connects.clear()  # the update above had its own fetcher
+    try:
+        for _ in range(3):
+            log.write_text("")
+            s = TufSession(world.state / "metadata", https.metadata_url, https.targets_url,
+                           fetcher, root)
+            s.refresh()
+            s.commit()
+            gets = [line.split('"')[1].split()[1].rsplit("/", 1)[1]
+                    for line in log.read_text().splitlines()]
+            assert gets == ["2.root.json", "timestamp.json"], gets
+        assert len(connects) == 1  # one TLS handshake for three refreshes
+    finally:
+        fetcher.close()
