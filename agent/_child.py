@@ -24,9 +24,11 @@ def main(argv: list[str]) -> int:
     from agent._commands import make_gate, signed_report, update
     from agent._config import load_config
     from agent._log import setup_logging
+    from agent._malloc import tune_malloc
     from trust.errors import ModelwardError
     from updater._journal import Journal
 
+    tune_malloc()
     setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")), json_lines=True)
     cfg = load_config(Path(argv[0]), test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
     stop = threading.Event()

@@ -61,6 +61,11 @@ from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL  # noqa: E402
 from updater._tuf import TufSession  # noqa: E402
 
 PASS = b"benchmark passphrase"
+# The in-process figures (ours and plain python-tuf alike) run under the allocator tuning
+# the agent's attempt process applies (agent/_malloc.py).
+from agent._malloc import tune_malloc  # noqa: E402
+
+tune_malloc()
 SECTIONS = ("boot", "https", "mqtt", "refresh", "rss", "health", "latency")
 ROWS: list[tuple[str, str, str, str]] = []  # figure, ours, reference, ratio (for the table)
 
@@ -129,6 +134,8 @@ def vmhwm_kib_of(code: str, *args: str) -> int:
 _RSS_CHILD = """
 import os, re, sys
 os.environ.setdefault("TSS2_LOG", "all+NONE")
+from agent._malloc import tune_malloc
+tune_malloc()
 from pathlib import Path
 from updater import HttpsConfig, RequestsFetcher
 from updater._install import download_and_extract

@@ -372,7 +372,9 @@ def _agent_provision(args: argparse.Namespace) -> int:
 
 def _agent_update(args: argparse.Namespace) -> int:
     from agent import update
+    from agent._malloc import tune_malloc
 
+    tune_malloc()  # a short-lived process: see agent/_malloc.py
     cfg = _load(args)
     if args.transport:
         cfg = cfg.with_transport(args.transport)
