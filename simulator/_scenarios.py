@@ -123,7 +123,6 @@ def _consistent(d: Device) -> bool:
 
     try:
         rec = json.loads((d.state / "trust" / "record.json").read_bytes())["record"]
-        journal = json.loads((d.state / "journal.json").read_bytes())
     except (OSError, ValueError, KeyError):
         return False
     active = rec.get("active")
@@ -131,7 +130,7 @@ def _consistent(d: Device) -> bool:
         return False
     current = d.state / "current"
     return (slot_fingerprint(directory_entries(current.resolve())) == active["fingerprint"]
-            and journal.get("step") in ("active", "idle", "failed"))
+            and _settled(d))
 
 
 def run(fleet: Fleet, sc: Scenario, *, timeout: float = 150.0,
