@@ -32,8 +32,7 @@ _EXPORTS: dict[str, str] = {
     "UpdateResult": "updater._install",
     "UpdaterConfig": "updater._config",
     "boot_check": "updater._install",
-    "check_member_path": "updater._bundle",
-    "download_to_staging": "updater._install",
+    "check_member_path": "updater._tarstream",
     "extract_bundle": "updater._bundle",
     "open_source": "updater._install",
     "parse_manifest": "updater._bundle",
@@ -60,9 +59,6 @@ if TYPE_CHECKING:
     )
     from updater._bundle import (
         TensorSpec as TensorSpec,
-    )
-    from updater._bundle import (
-        check_member_path as check_member_path,
     )
     from updater._bundle import (
         extract_bundle as extract_bundle,
@@ -107,9 +103,6 @@ if TYPE_CHECKING:
         boot_check as boot_check,
     )
     from updater._install import (
-        download_to_staging as download_to_staging,
-    )
-    from updater._install import (
         open_source as open_source,
     )
     from updater._install import (
@@ -129,4 +122,7 @@ if TYPE_CHECKING:
     )
     from updater._slots import (
         SlotStore as SlotStore,
+    )
+    from updater._tarstream import (
+        check_member_path as check_member_path,
     )

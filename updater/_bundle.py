@@ -2,35 +2,30 @@
 
 A bundle is an uncompressed POSIX tar, ``manifest.json`` first, then exactly the
 files the manifest lists, as regular files. Extraction reads the tar as a stream
-(``r|``), so memory stays bounded whatever the bundle size, and refuses anything
-else before a byte of it reaches the disk.
+(``updater._tarstream``), so memory stays bounded whatever the bundle size and member
+data is never copied in user space, and refuses anything else before a byte of it
+reaches the disk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
 from trust import FileEntry, MerkleHasher
 from updater._semver import SemVer
+from updater._stage import StageWriter
+from updater._tarstream import Member, Readable, TarFormatError, TarStream, check_member_path
 from updater.errors import BundleFormatError
 
 FORMAT = "modelward-bundle/1"
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 1 << 20  # 1 MiB
 MAX_FILES = 256
-# 64 KiB per read while extracting, and as tarfile's stream buffer: below glibc's mmap
-# threshold, so the transient buffers come from the heap and are reused. With 1 MiB reads,
-# every buffer was a fresh mmap whose pages the kernel had to fault in and zero (a third
-# of the extraction time was system time).
-COPY_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -102,22 +97,6 @@ class Manifest:
         return json.dumps(self.to_json(), sort_keys=True, indent=1).encode() + b"\n"
 
 
-def check_member_path(path: str) -> str:
-    """Validate a relative bundle path; returns it unchanged.
-
-    Raises:
-        ValueError: absolute, ``..``, empty component, backslash or control character.
-    """
-    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        raise ValueError(f"unsafe path {path!r}")
-    if any(ord(c) < 0x20 for c in path):
-        raise ValueError(f"unsafe path {path!r}")
-    parts = PurePosixPath(path).parts
-    if any(p in ("", ".", "..") for p in path.split("/")) or not parts:
-        raise ValueError(f"unsafe path {path!r}")
-    return path
-
-
 def _spec(d: Any) -> TensorSpec:
     shape = tuple(None if s is None else s for s in d["shape"])
     if not all(s is None or isinstance(s, int | str) for s in shape):
@@ -178,28 +157,6 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
     return m
 
 
-class _NullSink:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-    def fileno(self) -> int:
-        return -1
-
-
-@contextlib.contextmanager
-def _sink(dest: Path | None) -> Iterator[Any]:
-    if dest is None:
-        yield _NullSink()
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    with os.fdopen(fd, "wb") as out:
-        yield out  # made durable in one go before the commit (see fsync_tree)
-
-
 def fsync_tree(root: Path) -> None:
     """fsync every file and directory below ``root`` (before the trust record names it).
 
@@ -221,24 +178,24 @@ def fsync_tree(root: Path) -> None:
 
 
 def _copy_member(
-    src: IO[bytes], dest: Path | None, expected: BundleFile, bundle: str
+    tar: TarStream, member: Member, writer: StageWriter | None, expected: BundleFile,
+    bundle: str,
 ) -> FileEntry:
     sha = hashlib.sha256()
     merkle = MerkleHasher()
-    with _sink(dest) as out:
-        while chunk := src.read(COPY_CHUNK):
-            if merkle.size + len(chunk) > expected.size:
-                raise BundleFormatError(
-                    f"bundle {bundle}: {expected.path} is larger than the manifest says",
-                    bundle=bundle,
-                    member=expected.path,
-                )
+    sink = writer.open(member) if writer is not None else None
+    try:
+        for chunk in tar.data():
             sha.update(chunk)
             merkle.update(chunk)
-            out.write(chunk)
-    if merkle.size != expected.size or sha.hexdigest() != expected.sha256:
+            if sink is not None:
+                sink.write(chunk)
+    finally:
+        if sink is not None:
+            sink.close()
+    if sha.hexdigest() != expected.sha256:
         raise BundleFormatError(
-            f"bundle {bundle}: {expected.path} does not match its manifest size/sha256",
+            f"bundle {bundle}: {expected.path} does not match its manifest sha256",
             bundle=bundle,
             member=expected.path,
         )
@@ -253,15 +210,18 @@ def _copy_member(
 
 
 def extract_bundle(
-    fileobj: IO[bytes], dest: Path | None, bundle: str
+    fileobj: Readable, dest: Path | None, bundle: str, *, writer: StageWriter | None = None,
 ) -> tuple[Manifest, list[FileEntry]]:
     """Extract a bundle stream into the empty directory ``dest``, refusing anything unsafe.
 
     Args:
-        fileobj: the bundle, read once from start to end.
+        fileobj: the bundle, read once from start to end (``read(n)`` may return any
+            number of bytes up to ``n``; member data is never copied).
         dest: an existing, empty directory that nothing else writes to; None only
             verifies (the publisher checks a bundle this way before signing it).
         bundle: name for error messages.
+        writer: how to write (the installer's stage: skeleton, index, resume); by
+            default plain files in ``dest``.
 
     Returns:
         The manifest and the entries (manifest.json included) for the slot fingerprint.
@@ -276,52 +236,54 @@ def extract_bundle(
     def bad(msg: str, member: str = "") -> BundleFormatError:
         return BundleFormatError(f"bundle {bundle}: {msg}", bundle=bundle, member=member)
 
+    if writer is None and dest is not None:
+        writer = StageWriter(dest)
+    tar = TarStream(fileobj, writer.skeleton if writer is not None else None)
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|",  # noqa: SIM115 - closed by `with`
-                           bufsize=COPY_CHUNK)
-    except tarfile.TarError as e:
-        raise bad(f"not a tar archive ({e})") from e
-    with tar:
+        first = tar.next()
+        if first is None or first.name != MANIFEST:
+            raise bad(f"first member must be {MANIFEST}")
+        if not first.isreg() or first.size > MAX_MANIFEST_BYTES:
+            raise bad(f"{MANIFEST} must be a regular file under 1 MiB", MANIFEST)
+        sink = writer.open(first) if writer is not None else None
         try:
-            first = tar.next()
-            if first is None or first.name != MANIFEST:
-                raise bad(f"first member must be {MANIFEST}")
-            if not first.isreg() or first.size > MAX_MANIFEST_BYTES:
-                raise bad(f"{MANIFEST} must be a regular file under 1 MiB", MANIFEST)
-            src = tar.extractfile(first)
-            assert src is not None
-            raw = src.read()
-            manifest = parse_manifest(raw, bundle)
-            if dest is not None:
-                (dest / MANIFEST).write_bytes(raw)
-            mf_merkle = MerkleHasher()
-            mf_merkle.update(raw)
-            entries = [FileEntry(MANIFEST, len(raw), mf_merkle.hexdigest())]
-            listed = {f.path: f for f in manifest.files}
-            seen: set[str] = set()
-            while (member := tar.next()) is not None:
-                name = member.name
-                try:
-                    check_member_path(name)
-                except ValueError as e:
-                    raise bad(str(e), name) from e
-                if not member.isreg():
-                    raise bad(f"member {name!r} is not a regular file (link or device)", name)
-                if name in seen or name == MANIFEST:
-                    raise bad(f"duplicate member {name!r}", name)
-                if name not in listed:
-                    raise bad(f"member {name!r} is not listed in the manifest", name)
-                if member.size != listed[name].size:
-                    raise bad(f"member {name!r} has size {member.size}, manifest says "
-                              f"{listed[name].size}", name)
-                seen.add(name)
-                src = tar.extractfile(member)
-                assert src is not None
-                entries.append(
-                    _copy_member(src, dest / name if dest else None, listed[name], bundle)
-                )
-        except tarfile.TarError as e:
-            raise bad(f"corrupt tar archive ({e})") from e
+            raw = b"".join(tar.data())
+            if sink is not None:
+                sink.write(memoryview(raw))
+        finally:
+            if sink is not None:
+                sink.close()
+        manifest = parse_manifest(raw, bundle)
+        mf_merkle = MerkleHasher()
+        mf_merkle.update(raw)
+        entries = [FileEntry(MANIFEST, len(raw), mf_merkle.hexdigest())]
+        listed = {f.path: f for f in manifest.files}
+        seen: set[str] = set()
+        while (member := tar.next()) is not None:
+            name = member.name
+            try:
+                check_member_path(name)
+            except ValueError as e:
+                raise bad(str(e), name) from e
+            if not member.isreg():
+                raise bad(f"member {name!r} is not a regular file (link or device)", name)
+            if name in seen or name == MANIFEST:
+                raise bad(f"duplicate member {name!r}", name)
+            if name not in listed:
+                raise bad(f"member {name!r} is not listed in the manifest", name)
+            if member.size != listed[name].size:
+                raise bad(f"member {name!r} has size {member.size}, manifest says "
+                          f"{listed[name].size}", name)
+            seen.add(name)
+            entries.append(_copy_member(tar, member, writer, listed[name], bundle))
+        if writer is not None:
+            tar.drain()  # what follows the archive belongs to the skeleton too
+    except TarFormatError as e:
+        raise bad(f"corrupt tar archive ({e})" if tar.pos > 0 else f"not a tar archive ({e})") \
+            from e
+    finally:
+        if writer is not None:
+            writer.close()
     missing = sorted(set(listed) - seen)
     if missing:
         raise bad(f"members missing from the archive: {', '.join(missing)}")

@@ -10,14 +10,12 @@ import enum
 import errno
 import hashlib
 import logging
-import os
 import queue
 import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, Any, cast
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
@@ -40,9 +38,9 @@ from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
 from updater._rollout import Choice, choose_release
 from updater._semver import SemVer
 from updater._slots import SlotStore
+from updater._stage import Stage
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
-    BundleFormatError,
     FingerprintMismatchError,
     ModelwardError,
     NothingTrustedError,
@@ -143,28 +141,7 @@ class _Device:
         self.slots = SlotStore(state_dir)
 
 
-def download_to_staging(
-    session: TufSession,
-    fetcher: RangeFetcher,
-    target: TargetFile,
-    staging: Path,
-    max_bytes: int,
-    *,
-    gate: Gate | None = None,
-    tee: Callable[[bytes], None] | None = None,
-) -> Path:
-    """Stream a target into staging, verifying its signed length and hashes in one pass.
-
-    A partial ``<sha256>.part`` from an earlier attempt is continued with a Range
-    request; its bytes are re-hashed from disk, never trusted as they are. ``tee`` gets
-    every byte of the bundle in order (the part's, then the network's), for extraction
-    in the same pass.
-
-    Raises:
-        TargetHashError: length or hash differ from the signed target entry.
-        DownloadFailedError: the transfer failed (the partial file is kept for resume).
-        StagingError: staging cannot be written.
-    """
+def _check_target(target: TargetFile, max_bytes: int) -> None:
     unknown = set(target.hashes) - _HASHES
     if unknown or not target.hashes:
         raise TargetHashError(
@@ -176,86 +153,6 @@ def download_to_staging(
             f"target {target.path} is {target.length} bytes, over the device limit {max_bytes}",
             target=target.path,
         )
-    staging.mkdir(parents=True, exist_ok=True)
-    key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
-    part = staging / f"{key}.part"
-    done = staging / f"{key}.bundle"
-    if done.exists():  # staged by an attempt that was interrupted later: re-verify, reuse
-        if _matches(done, target):
-            return done
-        done.unlink()
-    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
-    offset = part.stat().st_size if part.exists() else 0
-    if offset > target.length:
-        part.unlink()
-        offset = 0
-    url = session.target_url(target)
-    # Room for the rest of the download and for the extracted copy, checked up front: a
-    # disk that fills up half-way also hurts the inference app sharing it.
-    need = (target.length - offset) + target.length
-    free = shutil.disk_usage(staging).free
-    if free < need:
-        raise StagingError(
-            f"not enough space for {target.path}: {free} bytes free in {staging}, "
-            f"{need} needed (the rest of the download and its extraction)")
-    try:
-        with open(part, "ab+") as out:
-            out.seek(0)
-            chunks, start = fetcher.fetch_from(url, offset) if offset < target.length else (
-                iter(()), offset)
-            if start != offset:  # the origin ignored Range: start over
-                out.truncate(0)
-            while start and (chunk := out.read(1 << 20)):
-                for h in hashers.values():
-                    h.update(chunk)
-                if tee is not None:
-                    tee(chunk)
-            out.seek(start)
-            received = start
-            for chunk in chunks:
-                if gate is not None:
-                    gate.checkpoint("download")
-                received += len(chunk)
-                if received > target.length:
-                    raise TargetHashError(
-                        f"target {target.path}: origin sent more than the signed "
-                        f"{target.length} bytes",
-                        target=target.path,
-                    )
-                for h in hashers.values():
-                    h.update(chunk)
-                out.write(chunk)
-                if tee is not None:
-                    tee(chunk)
-            # No fsync: a staged file is re-verified against the signed hash before reuse.
-            out.flush()
-    except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
-        raise convert_tuf_error(e, f"download of {url}") from e
-    except OSError as e:
-        if e.errno == errno.ENOSPC:  # give the space back; a resume would not fit either
-            part.unlink(missing_ok=True)
-            raise StagingError(f"disk full while downloading {target.path} into {part}; "
-                               "the partial download was removed") from e
-        raise StagingError(f"cannot write staging file {part}: {e}") from e
-    except TargetHashError:
-        part.unlink(missing_ok=True)
-        raise
-    if received != target.length:
-        part.unlink(missing_ok=True)
-        raise TargetHashError(
-            f"target {target.path}: got {received} bytes, signed length is {target.length}",
-            target=target.path,
-        )
-    for alg, h in hashers.items():
-        if h.hexdigest() != target.hashes[alg]:
-            part.unlink(missing_ok=True)
-            raise TargetHashError(
-                f"target {target.path}: {alg} of the download does not match the signed "
-                "target (altered on the origin or in transit)",
-                target=target.path,
-            )
-    os.replace(part, done)
-    return done
 
 
 class _Aborted(Exception):
@@ -265,18 +162,21 @@ class _Aborted(Exception):
 class _Pipe:
     """Bundle bytes from the download loop to the extraction thread, bounded.
 
-    The download loop calls :meth:`feed`; ``extract_bundle`` in the other thread reads.
-    Once the reader is done (the tar's end, or a bad bundle), :meth:`feed` drops data: the
-    download still completes, so that its hash can tell a bad bundle from bytes altered
-    on the way, and trailing bytes are covered by that hash alone.
+    The download loop calls :meth:`feed`; ``extract_bundle`` in the other thread reads
+    whole chunks, uncopied. Once the reader is done (a bad bundle), :meth:`feed` drops
+    data: the download still completes, so that its hash can tell a bad bundle from bytes
+    altered on the way.
     """
 
-    def __init__(self, depth: int = 8) -> None:
-        self._q: queue.Queue[bytes | None | type[_Aborted]] = queue.Queue(depth)
+    depth = 8
+
+    def __init__(self) -> None:
+        self._q: queue.Queue[bytes | memoryview | None | type[_Aborted]] = queue.Queue(
+            self.depth)
         self._buf = memoryview(b"")
         self.failed = threading.Event()  # set by the reader when it stops reading
 
-    def feed(self, chunk: bytes | None | type[_Aborted]) -> None:
+    def feed(self, chunk: bytes | memoryview | None | type[_Aborted]) -> None:
         """Hand over ``chunk``; blocks while the reader is behind, unless it stopped."""
         while not self.failed.is_set():
             try:
@@ -289,19 +189,19 @@ class _Pipe:
         """End of data (``None``) or abort (``_Aborted``)."""
         self.feed(item)
 
-    def read(self, n: int = -1) -> bytes:
+    def read(self, n: int = -1) -> memoryview:
         if not self._buf:
             item = self._q.get()
             if item is None:
                 self._q.put(None)  # stay at EOF
-                return b""
+                return memoryview(b"")
             if item is _Aborted:
                 raise _Aborted
-            assert isinstance(item, bytes)
+            assert isinstance(item, bytes | memoryview)
             self._buf = memoryview(item)
         n = len(self._buf) if n < 0 else n
         out, self._buf = self._buf[:n], self._buf[n:]
-        return out.tobytes()
+        return out
 
 
 def download_and_extract(
@@ -313,94 +213,139 @@ def download_and_extract(
     max_bytes: int,
     *,
     gate: Gate | None = None,
-) -> tuple[Path, Manifest, list[FileEntry]]:
-    """Download a target into staging and extract it into ``incoming`` in the same pass.
+) -> tuple[Stage, Manifest, list[FileEntry]]:
+    """Download a target and extract it into ``incoming`` in one pass, writing it once.
 
-    The bytes are hashed for TUF and written to the staged file in this thread while
-    another thread parses, extracts and hashes the members (hashlib releases the GIL, so
-    two cores work at once). Nothing is read twice. A bundle staged completely by an
-    earlier, interrupted attempt is re-verified and extracted from disk.
+    This thread receives the bytes and hashes them for TUF; another thread parses the
+    tar, hashes each member (sha256 and Merkle leaves) and writes it into ``incoming``,
+    with the rest of the tar going to the stage's skeleton (``updater._stage``); hashlib
+    releases the GIL, so two cores work at once. Nothing is read back. A download staged
+    by an earlier, interrupted attempt continues where it stopped (Range / offset); the
+    bytes it already has are rebuilt from the stage and hashed again, not fetched.
+
+    Returns:
+        The stage (skeleton and index; the caller forgets it once the files moved on),
+        the manifest and the fingerprint entries.
 
     Raises:
         TargetHashError: the bytes are not the signed target (checked before a bundle
             error is believed: altered bytes are the origin's fault, not the bundle's).
         BundleFormatError: the signed bundle itself is malformed.
-        DownloadFailedError, StagingError: as :func:`download_to_staging`.
+        DownloadFailedError: the transfer failed (the stage is kept for a resume).
+        StagingError: the stage cannot be written (disk full: the stage is removed).
     """
-    key = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
-    done = staging / f"{key}.bundle"
-    if done.exists():
-        staged = download_to_staging(session, fetcher, target, staging, max_bytes, gate=gate)
-        try:
-            with open(staged, "rb") as f:
-                manifest, entries = extract_bundle(
-                    cast(IO[bytes], _GatedReader(f, gate or Gate())), incoming, target.path)
-        except BundleFormatError:
-            staged.unlink(missing_ok=True)
-            raise
-        except OSError as e:
-            staged.unlink(missing_ok=True)  # give the space back
-            raise _extraction_failed(e, target, incoming) from e
-        return staged, manifest, entries
+    _check_target(target, max_bytes)
+    gate = gate or Gate()
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
+    stage = Stage(staging, incoming, key)
+    staging.mkdir(parents=True, exist_ok=True)
+    stage.clear_others()
+    offset = stage.resumable(target.length)
+    url = session.target_url(target)
+    # Room for the rest of the bundle, checked up front: a disk that fills up half-way
+    # also hurts the inference app sharing it.
+    need = target.length - offset
+    free = shutil.disk_usage(staging).free
+    if free < need:
+        stage.discard()
+        raise StagingError(
+            f"not enough space for {target.path}: {free} bytes free in {staging}, "
+            f"{need} needed")
+    try:
+        chunks, start = (fetcher.fetch_from(url, offset) if offset < target.length
+                         else (iter(()), offset))
+    except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
+        raise convert_tuf_error(e, f"download of {url}") from e
+    if start != offset:  # the origin ignored Range: start over
+        offset = 0
+    try:
+        writer = stage.writer(offset)
+    except OSError as e:
+        stage.discard()
+        raise _extraction_failed(e, target, incoming) from e
     pipe = _Pipe()
     result: list[tuple[Manifest, list[FileEntry]]] = []
     error: list[BaseException] = []
 
     def extract() -> None:
         try:
-            result.append(extract_bundle(cast(IO[bytes], pipe), incoming, target.path))
+            result.append(extract_bundle(pipe, incoming, target.path, writer=writer))
         except BaseException as e:  # noqa: BLE001 - handed to the download thread
             error.append(e)
         finally:
             pipe.failed.set()
 
+    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+    received = 0
     worker = threading.Thread(target=extract, name="extract", daemon=True)
     worker.start()
     try:
-        staged = download_to_staging(session, fetcher, target, staging, max_bytes,
-                                     gate=gate, tee=pipe.feed)
-    except BaseException:
+        for part in stage.prefix(offset):
+            gate.checkpoint("verification")
+            for h in hashers.values():
+                h.update(part)
+            pipe.feed(part)
+        received = offset
+        for chunk in chunks:
+            gate.checkpoint("download")
+            received += len(chunk)
+            if received > target.length:
+                raise TargetHashError(
+                    f"target {target.path}: origin sent more than the signed "
+                    f"{target.length} bytes",
+                    target=target.path,
+                )
+            for h in hashers.values():
+                h.update(chunk)
+            pipe.feed(chunk)
+            if error and isinstance(error[0], OSError):
+                break  # the disk refused: no point fetching the rest
+    except BaseException as e:
         pipe.close(_Aborted)
         worker.join()
+        if isinstance(e, tuf_exc.DownloadError | tuf_exc.RepositoryError):
+            raise convert_tuf_error(e, f"download of {url}") from e
+        if isinstance(e, OSError):  # rebuilding the prefix failed: start afresh next time
+            stage.discard()
+            raise StagingError(f"cannot read the staged download of {target.path}: {e}") \
+                from e
+        if isinstance(e, TargetHashError):
+            stage.discard()
         raise
     pipe.close()
     worker.join()
+    if error and isinstance(error[0], OSError):
+        stage.discard()  # give the space back
+        raise _extraction_failed(error[0], target, incoming) from error[0]
+    if received != target.length:
+        stage.discard()
+        raise TargetHashError(
+            f"target {target.path}: got {received} bytes, signed length is {target.length}",
+            target=target.path,
+        )
+    for alg, h in hashers.items():
+        if h.hexdigest() != target.hashes[alg]:
+            stage.discard()
+            raise TargetHashError(
+                f"target {target.path}: {alg} of the download does not match the signed "
+                "target (altered on the origin, in transit or in staging)",
+                target=target.path,
+            )
     if error:
-        staged.unlink(missing_ok=True)
+        stage.discard()  # also gives the space back after a full disk
         failure = error[0]
         if isinstance(failure, OSError):
             raise _extraction_failed(failure, target, incoming) from failure
         raise failure
-    return staged, *result[0]
+    stage.mark_done()
+    return stage, *result[0]
 
 
 def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
-    full = " (disk full)" if e.errno == errno.ENOSPC else ""
-    return StagingError(f"cannot extract {target.path} into {incoming}{full}: {e}")
-
-
-def _matches(path: Path, target: TargetFile) -> bool:
-    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-            for h in hashers.values():
-                h.update(chunk)
-    return size == target.length and all(
-        h.hexdigest() == target.hashes[alg] for alg, h in hashers.items())
-
-
-class _GatedReader:
-    """A file wrapper that passes the idle gate before every read (extraction pauses too)."""
-
-    def __init__(self, f: Any, gate: Gate) -> None:
-        self._f, self._gate = f, gate
-
-    def read(self, n: int = -1) -> bytes:
-        self._gate.checkpoint("verification")
-        data: bytes = self._f.read(n)
-        return data
+    if e.errno == errno.ENOSPC:
+        return StagingError(f"disk full while downloading and extracting {target.path} into "
+                            f"{incoming}; the partial download was removed: {e}")
+    return StagingError(f"cannot extract {target.path} into {incoming}: {e}")
 
 
 def _ref_fields(ref: ModelRef | None) -> dict[str, str]:
@@ -495,8 +440,8 @@ def _attempt(
     gate.wait_idle("download")
     step("downloading")
     slot = SlotStore.other(active.slot if active else None)
-    incoming = dev.slots.fresh_incoming()
-    staged: Path | None = None
+    incoming = dev.slots.incoming
+    staged: Stage | None = None
     try:
         staged, manifest, entries = download_and_extract(
             session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
@@ -525,9 +470,9 @@ def _attempt(
         )
         step("health-checked")
     except BaseException:
-        dev.slots.discard_incoming()
-        if staged is not None:
-            staged.unlink(missing_ok=True)
+        if staged is not None:  # verified, then refused (or interrupted): start afresh
+            staged.discard()
+        # else download_and_extract kept a partial download for a resume, or removed it
         raise
     # Commit before moving the files into the slot: until the TPM counter moves, the
     # inactive slot still holds what the record calls `previous`; after it moves, a
@@ -548,7 +493,7 @@ def _attempt(
     dev.slots.install_incoming(slot)
     dev.slots.activate(slot)
     assert staged is not None
-    staged.unlink(missing_ok=True)
+    staged.forget()
     step("active")
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
 

@@ -19,6 +19,7 @@ from publisher import Bridge
 from simulator import stop_broker
 from tests.conftest import FLEET, MqttWorld
 from updater import MqttConnection, Outcome
+from updater._stage import Stage
 from updater.errors import DownloadFailedError, TargetHashError
 
 
@@ -166,12 +167,12 @@ def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: Mqtt
     try:
         t = threading.Thread(target=run)
         t.start()
-        part = staging / f"{served.name.split('.', 1)[0]}.part"
-        _wait_for(lambda: part.exists() and part.stat().st_size > total // 3, 60, "a third")
+        stage = Stage(staging, staging / "incoming", served.name.split(".", 1)[0])
+        _wait_for(lambda: stage.resumable(total) > total // 3, 60, "a third")
         stop_broker(w.broker_work)  # the broker goes away mid-download
         t.join(60)
         assert errors and isinstance(errors[0], DownloadFailedError), errors
-        staged = part.stat().st_size
+        staged = stage.resumable(total)  # what the stage can rebuild
         assert 0 < staged < total
         before_restart = bridge.stats.served_bytes
 

@@ -7,7 +7,10 @@ import re
 
 import pytest
 
+from agent import update as agent_update
 from tests.conftest import World
+from updater._idle import Gate
+from updater._stage import Stage
 from updater.errors import TargetHashError
 
 
@@ -50,6 +53,60 @@ def test_corrupt_partial_download_is_caught_and_discarded(world: World) -> None:
         world.update()
     assert world.active_version() is None
     assert not list(staging.iterdir())  # the poisoned part is gone
+    world.update()  # and the next attempt fetches it whole
+    assert world.active_version() == "1.0.0"
+    assert _bundle_requests(world)[-1] == (200, len(data))
+
+
+class _Interrupted(Exception):
+    """The test breaks an attempt off half-way through its download."""
+
+
+class _StopAt(Gate):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def checkpoint(self, what: str) -> None:
+        self.n -= 1
+        if self.n == 0:
+            raise _Interrupted
+        super().checkpoint(what)
+
+
+def _interrupted_stage(w: World, data: bytes, sha: str) -> Stage:
+    with pytest.raises(_Interrupted):
+        agent_update(w.cfg, gate=_StopAt(40))  # 40 chunks of 64 KiB in
+    stage = Stage(w.state / "staging", w.state / "staging" / "incoming", sha)
+    assert 0 < stage.resumable(len(data)) < len(data)
+    return stage
+
+
+def test_interrupted_download_resumes_and_is_written_once(world: World) -> None:
+    data, sha = _publish_big(world)
+    stage = _interrupted_stage(world, data, sha)
+    have = stage.resumable(len(data))
+    world.update()
+    assert world.active_version() == "1.0.0"
+    assert _bundle_requests(world)[-1] == (206, len(data) - have)  # only what was missing
+    assert not list(stage.staging.iterdir())
+    slot = world.state / "current"
+    assert (slot / "data" / "pad.bin").read_bytes() == (world.builds / "pad").read_bytes()
+
+
+def test_stage_tampered_between_attempts_is_caught_and_discarded(world: World) -> None:
+    data, sha = _publish_big(world)
+    stage = _interrupted_stage(world, data, sha)
+    pad = stage.incoming / "data" / "pad.bin"
+    with open(pad, "r+b") as f:  # altered while the device was off
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(TargetHashError):
+        world.update()
+    assert world.active_version() is None
+    assert not list(stage.staging.iterdir())  # the poisoned stage is gone
     world.update()  # and the next attempt fetches it whole
     assert world.active_version() == "1.0.0"
     assert _bundle_requests(world)[-1] == (200, len(data))

@@ -1,0 +1,253 @@
+"""A streaming reader for the POSIX tar that bundles use, handing member data out uncopied.
+
+``tarfile`` in stream mode copies every byte several times (its stream buffer joins
+reads, its member reader slices them again) and hides where in the stream a member's
+data lies. This reader parses the headers with ``tarfile.TarInfo.frombuf`` (checksums,
+ustar prefixes) and pax extended headers itself, yields member data as ``memoryview``
+slices of the chunks it is fed, and reports every byte that is *not* member data to a
+``skeleton`` callback with its offset: headers, pax records, padding, the end-of-archive
+blocks and anything after them. Together with the member files, the skeleton is enough
+to rebuild the stream byte for byte (see ``updater._stage``).
+
+Only what a bundle may contain is understood: ustar and pax headers. GNU extensions and
+global pax headers are refused; what a member *is* (file, link, device) is left to the
+caller.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Protocol
+
+BLOCK = 512
+READ_SIZE = 1 << 20
+MAX_PAX_BYTES = 64 * 1024
+_REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
+_REFUSED = {
+    tarfile.XGLTYPE: "a global pax header",
+    tarfile.GNUTYPE_LONGNAME: "a GNU long name",
+    tarfile.GNUTYPE_LONGLINK: "a GNU long link",
+    tarfile.GNUTYPE_SPARSE: "a GNU sparse file",
+}
+
+
+class TarFormatError(Exception):
+    """The stream is not a tar archive this reader accepts (the message says why)."""
+
+
+class Readable(Protocol):
+    def read(self, n: int = -1, /) -> bytes | memoryview: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    """One archive member: its (pax-resolved) name, size, type and data offset."""
+
+    name: str
+    size: int
+    type: bytes
+    data_offset: int
+
+    def isreg(self) -> bool:
+        """A regular file (the only kind a bundle may hold)."""
+        return self.type in _REGULAR
+
+
+def check_member_path(path: str) -> str:
+    """Validate a relative bundle path; returns it unchanged.
+
+    Raises:
+        ValueError: absolute, ``..``, empty component, backslash or control character.
+    """
+    if not path or path.startswith("/") or "\\" in path or "\x00" in path:
+        raise ValueError(f"unsafe path {path!r}")
+    if any(ord(c) < 0x20 for c in path):
+        raise ValueError(f"unsafe path {path!r}")
+    parts = PurePosixPath(path).parts
+    if any(p in ("", ".", "..") for p in path.split("/")) or not parts:
+        raise ValueError(f"unsafe path {path!r}")
+    return path
+
+
+def _pad(size: int) -> int:
+    return -size % BLOCK
+
+
+def pax_records(raw: bytes) -> dict[str, str]:
+    """Parse pax extended header records (``"<len> <key>=<value>\\n"``).
+
+    Raises:
+        TarFormatError: a malformed record.
+    """
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(raw):
+        if raw[pos] == 0:  # NUL padding after the last record
+            if raw[pos:].count(0) != len(raw) - pos:
+                raise TarFormatError("garbage after the pax records")
+            break
+        space = raw.find(b" ", pos, pos + 21)
+        digits = raw[pos:space] if space > pos else b""
+        if not digits.isdigit():
+            raise TarFormatError("malformed pax record length")
+        end = pos + int(digits)
+        if end <= space + 1 or end > len(raw) or raw[end - 1] != 0x0A:
+            raise TarFormatError("malformed pax record")
+        key, eq, value = raw[space + 1:end - 1].partition(b"=")
+        if not eq or not key:
+            raise TarFormatError("malformed pax record")
+        try:
+            out[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise TarFormatError("pax record is not UTF-8") from e
+        pos = end
+    return out
+
+
+class TarStream:
+    """Pull-parse a tar stream from ``source.read`` (any chunk sizes).
+
+    Use :meth:`next` for each member, then iterate :meth:`data` to its end before the
+    next call; :meth:`drain` after the last member passes what follows to the skeleton.
+    A member's header bytes reach the skeleton only when its data is first asked for,
+    so a caller can record the member (the stage index) before any trace of it is on disk.
+    """
+
+    def __init__(
+        self, source: Readable, skeleton: Callable[[int, memoryview], None] | None = None
+    ) -> None:
+        self._source = source
+        self._skeleton = skeleton
+        self._view = memoryview(b"")
+        self._eof = False
+        self._held: list[tuple[int, bytes]] = []
+        self._pending: Member | None = None
+        self.pos = 0  # stream offset of the next unread byte
+        self.ended = False
+
+    # --- bytes ---------------------------------------------------------------------------
+
+    def _take(self, n: int) -> memoryview:
+        """Up to ``n`` bytes of the current chunk, uncopied; empty at the end of the stream."""
+        if not self._view:
+            if self._eof:
+                return self._view
+            data = self._source.read(READ_SIZE)
+            if not data:
+                self._eof = True
+                return memoryview(b"")
+            self._view = memoryview(data).cast("B")
+        out, self._view = self._view[:n], self._view[n:]
+        self.pos += len(out)
+        return out
+
+    def _exact(self, n: int) -> bytes:
+        """``n`` bytes (fewer only at the end of the stream), copied: headers only."""
+        parts: list[memoryview] = []
+        got = 0
+        while got < n and (view := self._take(n - got)):
+            parts.append(view)
+            got += len(view)
+        return b"".join(parts)
+
+    def _to_skeleton(self, pos: int, data: bytes | memoryview) -> None:
+        if self._skeleton is not None and data:
+            self._skeleton(pos, memoryview(data))
+
+    def _release_held(self) -> None:
+        for pos, data in self._held:
+            self._to_skeleton(pos, data)
+        self._held.clear()
+
+    # --- members -------------------------------------------------------------------------
+
+    def next(self) -> Member | None:
+        """The next member, or None at the end of the archive.
+
+        Raises:
+            TarFormatError: a bad or truncated header, or a refused extension.
+        """
+        if self._pending is not None:  # the caller skipped the data: pass it by
+            for _ in self.data():
+                pass
+        if self.ended:
+            return None
+        pax: dict[str, str] = {}
+        while True:
+            at = self.pos
+            block = self._exact(BLOCK)
+            if not block:
+                if pax:
+                    raise TarFormatError("the archive ends after an extended header")
+                if at == 0:
+                    raise TarFormatError("empty file")
+                self.ended = True
+                return None
+            if len(block) < BLOCK:
+                raise TarFormatError("truncated header")
+            self._held.append((at, block))
+            if block.count(0) == BLOCK:  # end-of-archive marker
+                if pax:
+                    raise TarFormatError("the archive ends after an extended header")
+                if at == 0:
+                    raise TarFormatError("empty archive")
+                self.ended = True
+                self._release_held()
+                return None
+            try:
+                info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+            except tarfile.HeaderError as e:
+                raise TarFormatError(f"bad header at offset {at} ({e})") from e
+            if info.type in _REFUSED:
+                raise TarFormatError(f"{_REFUSED[info.type]} at offset {at} (bundles are "
+                                     "POSIX tar)")
+            if info.type != tarfile.XHDTYPE:
+                break
+            if info.size > MAX_PAX_BYTES:
+                raise TarFormatError(f"extended header of {info.size} bytes at offset {at}")
+            raw_at = self.pos
+            raw = self._exact(info.size + _pad(info.size))
+            if len(raw) < info.size + _pad(info.size):
+                raise TarFormatError("truncated extended header")
+            self._held.append((raw_at, raw))
+            pax.update(pax_records(raw[:info.size]))
+        size = info.size
+        if "size" in pax:
+            if not pax["size"].isdigit():
+                raise TarFormatError(f"pax size {pax['size']!r} of {info.name!r}")
+            size = int(pax["size"])
+        self._pending = Member(pax.get("path", info.name), size, info.type, self.pos)
+        return self._pending
+
+    def data(self) -> Iterator[memoryview]:
+        """The pending member's data as uncopied slices; then its padding goes to the skeleton.
+
+        Raises:
+            TarFormatError: the stream ends inside the member.
+        """
+        member = self._pending
+        if member is None:
+            return
+        self._release_held()
+        left = member.size
+        while left:
+            view = self._take(min(left, READ_SIZE))
+            if not view:
+                raise TarFormatError(f"unexpected end of data in {member.name!r}")
+            left -= len(view)
+            yield view
+        pad_at = self.pos
+        padding = self._exact(_pad(member.size))
+        if len(padding) < _pad(member.size):
+            raise TarFormatError(f"unexpected end of data after {member.name!r}")
+        self._to_skeleton(pad_at, padding)
+        self._pending = None
+
+    def drain(self) -> None:
+        """After the end of the archive: pass every remaining byte to the skeleton."""
+        self._release_held()
+        while view := self._take(READ_SIZE):
+            self._to_skeleton(self.pos - len(view), view)
