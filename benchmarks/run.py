@@ -99,6 +99,8 @@ def med(xs: list[float]) -> float:
 
 
 def fmt(xs: list[float]) -> str:
+    if med(xs) < 0.1:  # short figures in milliseconds, to 0.1 ms
+        return f"{med(xs) * 1e3:.1f} ms ({min(xs) * 1e3:.1f}-{max(xs) * 1e3:.1f})"
     return f"{med(xs):.3f} s ({min(xs):.3f}-{max(xs):.3f})"
 
 

@@ -7,6 +7,7 @@ each new root (to rewrite the TPM anchor) and the trusted top-level targets.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +57,28 @@ class _AnchoredUpdater(Updater):
         self._pending.clear()
 
     def _persist_root(self, version: int, data: bytes) -> None:
-        # Called by ngclient only after the root verified (bootstrap or chained rotation).
-        super()._persist_root(version, data)
+        # Called by ngclient only after the root verified (bootstrap or chained rotation),
+        # on every start too: a root already on disk with these bytes is not written again
+        # (each no-update refresh rewrote it, a needless flash write).
+        path = Path(self._dir, "root_history", f"{version}.root.json")
+        try:
+            same = path.read_bytes() == data
+        except OSError:
+            same = False
+        if not same:
+            super()._persist_root(version, data)
         if version >= self.latest_root_version:
             self.latest_root, self.latest_root_version = data, version
+
+    def _update_root_symlink(self) -> None:
+        link = Path(self._dir, "root.json")
+        want = str(Path("root_history", f"{self._trusted_set.root.version}.root.json"))
+        try:
+            if os.readlink(link) == want:
+                return
+        except OSError:
+            pass
+        super()._update_root_symlink()
 
 
 @dataclass(frozen=True)

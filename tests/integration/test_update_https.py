@@ -268,6 +268,8 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
     root = (world.state / "trust" / "root.json").read_bytes()
     log = world.tmp / "origin" / "access.log"
     connects.clear()  # the update above had its own fetcher
+    md = world.state / "metadata"
+    on_disk = {p: p.lstat().st_mtime_ns for p in md.rglob("*")}
     try:
         for _ in range(3):
             log.write_text("")
@@ -279,5 +281,7 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
                     for line in log.read_text().splitlines()]
             assert gets == ["2.root.json", "timestamp.json"], gets
         assert len(connects) == 1  # one TLS handshake for three refreshes
+        # and nothing written: the root already on disk is not rewritten, nor its link
+        assert {p: p.lstat().st_mtime_ns for p in md.rglob("*")} == on_disk
     finally:
         fetcher.close()
