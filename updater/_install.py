@@ -13,7 +13,7 @@ import logging
 import queue
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -155,6 +155,39 @@ def _check_target(target: TargetFile, max_bytes: int) -> None:
         )
 
 
+class _Hasher:
+    """The target's TUF hashes, computed in a thread of their own.
+
+    hashlib releases the GIL, so the download loop only receives while this thread
+    hashes the bundle and the extraction thread hashes and writes its members: on two
+    cores, the receive loop was the bottleneck with the hash in it.
+    """
+
+    def __init__(self, algs: Iterable[str]) -> None:
+        self._hashers = {alg: hashlib.new(alg) for alg in algs}
+        self._q: queue.Queue[bytes | memoryview | None] = queue.Queue(_Pipe.depth)
+        self._thread = threading.Thread(target=self._run, name="hash", daemon=True)
+        self._thread.start()
+        self._digests: dict[str, str] | None = None
+
+    def _run(self) -> None:
+        while (chunk := self._q.get()) is not None:
+            for h in self._hashers.values():
+                h.update(chunk)
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        """Hash ``chunk`` (queued; blocks while the hash thread is behind)."""
+        self._q.put(chunk)
+
+    def digests(self) -> dict[str, str]:
+        """Finish: the hex digest of every bytes given, per algorithm."""
+        if self._digests is None:
+            self._q.put(None)
+            self._thread.join()
+            self._digests = {alg: h.hexdigest() for alg, h in self._hashers.items()}
+        return self._digests
+
+
 class _Aborted(Exception):
     """The download side gave up: the extraction thread stops."""
 
@@ -275,15 +308,14 @@ def download_and_extract(
         finally:
             pipe.failed.set()
 
-    hashers = {alg: hashlib.new(alg) for alg in target.hashes}
+    hasher = _Hasher(target.hashes)
     received = 0
     worker = threading.Thread(target=extract, name="extract", daemon=True)
     worker.start()
     try:
         for part in stage.prefix(offset):
             gate.checkpoint("verification")
-            for h in hashers.values():
-                h.update(part)
+            hasher.update(part)
             pipe.feed(part)
         received = offset
         for chunk in chunks:
@@ -295,14 +327,14 @@ def download_and_extract(
                     f"{target.length} bytes",
                     target=target.path,
                 )
-            for h in hashers.values():
-                h.update(chunk)
+            hasher.update(chunk)
             pipe.feed(chunk)
             if error and isinstance(error[0], OSError):
                 break  # the disk refused: no point fetching the rest
     except BaseException as e:
         pipe.close(_Aborted)
         worker.join()
+        hasher.digests()
         if isinstance(e, tuf_exc.DownloadError | tuf_exc.RepositoryError):
             raise convert_tuf_error(e, f"download of {url}") from e
         if isinstance(e, OSError):  # rebuilding the prefix failed: start afresh next time
@@ -314,6 +346,7 @@ def download_and_extract(
         raise
     pipe.close()
     worker.join()
+    digests = hasher.digests()
     if error and isinstance(error[0], OSError):
         stage.discard()  # give the space back
         raise _extraction_failed(error[0], target, incoming) from error[0]
@@ -323,8 +356,8 @@ def download_and_extract(
             f"target {target.path}: got {received} bytes, signed length is {target.length}",
             target=target.path,
         )
-    for alg, h in hashers.items():
-        if h.hexdigest() != target.hashes[alg]:
+    for alg, digest in digests.items():
+        if digest != target.hashes[alg]:
             stage.discard()
             raise TargetHashError(
                 f"target {target.path}: {alg} of the download does not match the signed "

@@ -16,12 +16,14 @@ per-file checks as fresh bytes, and any mismatch discards the stage.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from updater._tarstream import Member, check_member_path
 
@@ -99,21 +101,65 @@ class StageWriter:
 
 
 class MemberSink:
-    """A member file being written; the first ``skip`` bytes it is given are on disk already."""
+    """A member file being written; the first ``skip`` bytes it is given are on disk already.
+
+    Written behind: once a window of :data:`WRITE_BEHIND` bytes is full, its writeback
+    starts, and the window before it is waited for and dropped from the page cache. A
+    download then keeps at most two windows of dirty pages instead of the whole model
+    (the device's memory belongs to the inference app), the kernel recycles the same
+    pages instead of faulting in new ones (half the system time of a 512 MiB install on
+    the benchmark machine), and the fsync before the commit finds little left to do.
+    """
 
     def __init__(self, fd: int, skip: int) -> None:
         self._fd, self._skip = fd, skip
+        self._pos = 0  # file offset of the next byte given
+        self._synced = skip - skip % WRITE_BEHIND  # where the next window starts
 
     def write(self, data: memoryview) -> None:
         if self._skip:
             cut = min(self._skip, len(data))
             self._skip -= cut
+            self._pos += cut
             data = data[cut:]
         while data:
-            data = data[os.write(self._fd, data):]
+            n = os.write(self._fd, data)
+            data = data[n:]
+            self._pos += n
+        while self._pos - self._synced >= WRITE_BEHIND:
+            _write_behind(self._fd, self._synced)
+            self._synced += WRITE_BEHIND
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+WRITE_BEHIND = 8 << 20
+_SYNC_WRITE, _SYNC_WAIT = 2, 1 | 2 | 4  # SYNC_FILE_RANGE_WRITE; WAIT_BEFORE|WRITE|WAIT_AFTER
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):  # not glibc/Linux: plain buffered writes
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], fn)
+
+
+_sync_file_range = _load_sync_file_range()
+
+
+def _write_behind(fd: int, start: int) -> None:
+    """Start writeback of ``[start, start + WRITE_BEHIND)``; finish and drop the window before."""
+    if _sync_file_range is None:
+        return
+    _sync_file_range(fd, start, WRITE_BEHIND, _SYNC_WRITE)
+    if start >= WRITE_BEHIND:
+        prev = start - WRITE_BEHIND
+        if _sync_file_range(fd, prev, WRITE_BEHIND, _SYNC_WAIT) == 0:
+            os.posix_fadvise(fd, prev, WRITE_BEHIND, os.POSIX_FADV_DONTNEED)
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:

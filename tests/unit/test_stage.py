@@ -149,3 +149,39 @@ def test_other_targets_stages_are_cleared(bundle: bytes, tmp_path: Path) -> None
     new.clear_others()
     assert list(old.staging.iterdir()) == []
     assert new.resumable(len(bundle)) == 0
+
+
+def test_members_are_written_behind_without_filling_the_page_cache(tmp_path: Path) -> None:
+    """A big member leaves at most two windows of its pages cached (the device's memory
+    belongs to the inference app), and its bytes are all there."""
+    import io
+    import shutil
+    import subprocess
+
+    from updater._stage import WRITE_BEHIND, StageWriter
+    from updater._tarstream import Member, TarStream
+
+    if shutil.which("fincore") is None:
+        pytest.fail("fincore (util-linux) is needed to see the page cache")
+    payload = os.urandom(6 * WRITE_BEHIND + 12345)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("big.bin")
+        info.size = len(payload)
+        t.addfile(info, io.BytesIO(payload))
+    dest = tmp_path / "out"
+    dest.mkdir()
+    writer = StageWriter(dest)
+    tar = TarStream(io.BytesIO(buf.getvalue()))
+    member = tar.next()
+    assert isinstance(member, Member)
+    sink = writer.open(member)
+    for view in tar.data():
+        sink.write(view)
+    sink.close()
+    out = dest / "big.bin"
+    resident = int(subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(out)],
+        capture_output=True, text=True, check=True).stdout.split()[0])
+    assert resident <= 2 * WRITE_BEHIND + (1 << 20), resident
+    assert out.read_bytes() == payload
