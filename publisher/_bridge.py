@@ -21,7 +21,12 @@ import paho.mqtt.client as mqtt
 from publisher._broker_config import check_id
 from publisher.errors import OperatorInputError
 from updater import check_member_path
-from updater._mqtt import MqttConfig, MqttConnection, publish_properties
+from updater._mqtt import (
+    MqttConfig,
+    MqttConnection,
+    block_header,
+    publish_properties,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +45,17 @@ class BridgeStats:
 class Bridge:
     """Serve ``repo`` over MQTT for ``cfg.fleet``.
 
+    Blocks are answered in format 2 (a binary header in the payload) to devices that ask
+    for it, in format 1 (MQTT user properties) to the others.
+
     Args:
         repo: the repository directory (as served over HTTPS).
         cfg: broker connection (username is a bridge identity).
         group: shared-subscription group.
         max_block: largest block answered (1 MiB).
     """
+
+    formats: tuple[int, ...] = (1, 2)
 
     def __init__(self, repo: Path, cfg: MqttConfig, group: str = "modelward-bridges",
                  max_block: int = 1 << 20) -> None:
@@ -100,9 +110,11 @@ class Bridge:
                            "response topic other than its own", device)
             return
         self.stats.requests += 1
-        status, data, size, offset = "400", b"", 0, 0
+        status, data, size, offset, fmt = "400", b"", 0, 0, 1
         try:
             req = json.loads(msg.payload)
+            asked = req.get("format", 1) if isinstance(req, dict) else 1
+            fmt = 2 if asked == 2 and 2 in self.formats else 1
             path, offset, length = req["path"], req["offset"], req["length"]
             if not (isinstance(path, str) and isinstance(offset, int)
                     and isinstance(length, int)) or offset < 0 or not 0 < length <= self.max_block:
@@ -116,8 +128,13 @@ class Bridge:
             logger.warning("refusing a request from %s: %s", device, e)
         out = publish_properties()
         out.CorrelationData = corr
-        out.UserProperty = [("status", status), ("offset", str(offset)), ("size", str(size))]
-        self._send(resp_topic, data, out)
+        payload = data
+        if fmt == 2:  # the block's header in the payload (see updater._mqtt)
+            payload = block_header(int(status), offset, size) + data
+        else:
+            out.UserProperty = [("status", status), ("offset", str(offset)),
+                                ("size", str(size))]
+        self._send(resp_topic, payload, out)
         self.stats.served_bytes += len(data)
         logger.debug("served %s status=%s offset=%d bytes=%d to %s",
                      msg.payload[:200].decode(errors="replace"), status, offset, len(data),

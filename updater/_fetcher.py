@@ -31,7 +31,7 @@ class RangeFetcher(FetcherInterface):
         self.last_url = url
         return super().fetch(url)
 
-    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         """Fetch ``url`` from byte ``offset``.
 
         Returns:
@@ -51,7 +51,7 @@ class RangeFetcher(FetcherInterface):
         except Exception as e:  # noqa: BLE001 - FetcherInterface contract: wrap the rest
             raise tuf_exc.DownloadError(f"Failed to download {url}") from e
 
-    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         return self._fetch(url), 0
 
 
@@ -134,7 +134,7 @@ class RequestsFetcher(RangeFetcher):
         resp = self._get(url, {"Accept-Encoding": "identity"})
         return self._chunks(resp, url)
 
-    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+    def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         resp = self._get(url, {"Accept-Encoding": "identity", "Range": f"bytes={offset}-"})
         start = offset if resp.status_code == 206 else 0
         return self._chunks(resp, url), start

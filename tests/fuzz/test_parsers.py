@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.fuzz import targets
+from updater._mqtt import block_header
 
 pytestmark = pytest.mark.fuzz
 # 10,000 examples per target (CI); FUZZ_EXAMPLES lowers it for a quick local run.
@@ -91,7 +92,12 @@ SESSION = targets.SESSION
                    st.integers(0, 2**20).map(lambda o: SESSION + struct.pack(">Q", o))),
     props=st.lists(st.tuples(st.sampled_from(["status", "offset", "size", "x"]),
                              st.text(max_size=8)), max_size=5),
-    payload=st.binary(max_size=200),
+    payload=st.one_of(
+        st.binary(max_size=200),
+        st.tuples(st.sampled_from([200, 404, 416, 400, 0, 65535]), st.sampled_from([0, 64, 128, 7]),
+                  st.integers(0, 300), st.binary(max_size=200))
+        .map(lambda t: block_header(*t[:3]) + t[3]),  # format 2
+    ),
     pending=st.sets(st.sampled_from([0, 64, 128]), max_size=3),
     total=st.one_of(st.none(), st.integers(0, 300)),
 )

@@ -408,3 +408,42 @@ def test_bridge_refuses_blocks_over_its_bound(mqtt_world: MqttWorld) -> None:
     finally:
         f.close()
     assert "refusing a request from dev-1" in w.bridge_log.read_text()
+
+
+class _FormatOneBridge(Bridge):
+    """A bridge from before block format 2: status, offset and size as user properties."""
+
+    formats = (1,)
+
+
+class _RecordingBridge(Bridge):
+    sent: list[tuple[bytes, object]]
+
+    def _send(self, topic: str, data: bytes, props: Any) -> None:
+        self.sent.append((data[:64], getattr(props, "UserProperty", None)))
+        super()._send(topic, data, props)
+
+
+@pytest.mark.parametrize("bridge_cls", [_FormatOneBridge, _RecordingBridge])
+def test_blocks_in_either_format_install_the_same_model(
+    mqtt_world: MqttWorld, bridge_cls: type[Bridge],
+) -> None:
+    """A device reads format 2 (header in the payload) from a current bridge and format 1
+    (user properties) from an older one; the model and its fingerprint are the same."""
+    from updater._mqtt import BLOCK_HEADER, BLOCK_MAGIC
+
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    w.stop_bridge()
+    bridge = bridge_cls(w.repo_dir, w.mqtt_cfg("modelward-bridge"))
+    bridge.sent = []  # type: ignore[attr-defined]
+    try:
+        assert w.update().outcome is Outcome.INSTALLED
+    finally:
+        bridge.close()
+    assert w.active_version() == "1.0.0"
+    if bridge_cls is _RecordingBridge:
+        sent = bridge.sent  # type: ignore[attr-defined]
+        assert sent and all(head[:4] == BLOCK_MAGIC and props is None for head, props in sent)
+        statuses = {BLOCK_HEADER.unpack(head[:BLOCK_HEADER.size])[1] for head, _ in sent}
+        assert statuses == {200, 404}  # the blocks, and the next root that is not there
