@@ -181,7 +181,7 @@ class Env:
         assert self.bridge.stdout is not None
         assert self.bridge.stdout.readline().startswith("serving")
         self.https = HttpsConfig(f"{self.url}/metadata/", f"{self.url}/targets/",
-                                 str(self.ca.cert), chunk_size=1 << 20)
+                                 str(self.ca.cert))  # the device's defaults
         self.n = 0
 
     def mqtt(self, user: str) -> MqttConfig:

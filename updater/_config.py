@@ -18,7 +18,8 @@ class HttpsConfig:
             the system store.
         connect_timeout: seconds to establish a connection.
         read_timeout: seconds without a byte before giving up.
-        chunk_size: bytes per read (64 KiB).
+        chunk_size: largest read (1 MiB); reads start at 64 KiB and grow while the
+            link keeps them full.
         min_speed: bytes per second a transfer must average over ``min_speed_window``
             seconds; slower is a slow-retrieval attack (or a dead link) and is aborted.
             A byte now and then defeats ``read_timeout`` alone.
@@ -30,7 +31,7 @@ class HttpsConfig:
     ca_file: str | None = None
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
-    chunk_size: int = 64 * 1024
+    chunk_size: int = 1024 * 1024
     min_speed: int = 1024
     min_speed_window: float = 60.0
 

@@ -76,7 +76,7 @@ class _StopAt(Gate):
 
 def _interrupted_stage(w: World, data: bytes, sha: str) -> Stage:
     with pytest.raises(_Interrupted):
-        agent_update(w.cfg, gate=_StopAt(40))  # 40 chunks of 64 KiB in
+        agent_update(w.cfg, gate=_StopAt(6))  # reads of 64 KiB, 128 KiB, ... : ~2 MiB in
     stage = Stage(w.state / "staging", w.state / "staging" / "incoming", sha)
     assert 0 < stage.resumable(len(data)) < len(data)
     return stage
