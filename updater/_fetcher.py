@@ -35,6 +35,25 @@ class RangeFetcher(FetcherInterface):
         self.last_url = url
         return super().fetch(url)
 
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        """Download metadata into memory (ngclient's default goes through a temporary file
+        per request; TUF bounds every metadata file's length, so memory is bounded too).
+
+        Raises:
+            tuf.api.exceptions.DownloadLengthMismatchError: more than ``max_length`` bytes.
+            tuf.api.exceptions.DownloadError: the transfer failed.
+        """
+        chunks: list[bytes] = []
+        received = 0
+        for chunk in self.fetch(url):
+            received += len(chunk)
+            if received > max_length:
+                raise tuf_exc.DownloadLengthMismatchError(
+                    f"Downloaded {received} bytes exceeding the maximum allowed length of "
+                    f"{max_length}")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         """Fetch ``url`` from byte ``offset``.
 

@@ -201,7 +201,7 @@ class _Pipe:
     altered on the way.
     """
 
-    depth = 8
+    depth = 4  # reads of up to 1 MiB: enough to keep both threads busy, and bounded
 
     def __init__(self) -> None:
         self._q: queue.Queue[bytes | memoryview | None | type[_Aborted]] = queue.Queue(
