@@ -201,6 +201,8 @@ class TarStream:
                 info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
             except tarfile.HeaderError as e:
                 raise TarFormatError(f"bad header at offset {at} ({e})") from e
+            if info.size < 0:
+                raise TarFormatError(f"negative size at offset {at}")
             if info.type in _REFUSED:
                 raise TarFormatError(f"{_REFUSED[info.type]} at offset {at} (bundles are "
                                      "POSIX tar)")
@@ -216,7 +218,7 @@ class TarStream:
             pax.update(pax_records(raw[:info.size]))
         size = info.size
         if "size" in pax:
-            if not pax["size"].isdigit():
+            if not (pax["size"].isascii() and pax["size"].isdigit()):
                 raise TarFormatError(f"pax size {pax['size']!r} of {info.name!r}")
             size = int(pax["size"])
         self._pending = Member(pax.get("path", info.name), size, info.type, self.pos)

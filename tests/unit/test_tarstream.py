@@ -119,3 +119,30 @@ def test_malformed_pax_records(raw: bytes) -> None:
 
 def test_pax_records() -> None:
     assert pax_records(b"12 path=a/b\n11 size=42\n\0\0") == {"path": "a/b", "size": "42"}
+
+
+def _with_pax(records: dict[str, str], data: bytes = b"x") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t:
+        info = tarfile.TarInfo("a")
+        info.size = len(data)
+        info.pax_headers = records
+        t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("size", ["\u00b2", "-1", "1e3", ""])
+def test_pax_size_that_is_not_a_plain_number_is_refused(size: str) -> None:
+    tar = TarStream(_Chunks(_with_pax({"size": size}), [512]))
+    with pytest.raises(TarFormatError, match="pax size"):
+        tar.next()
+
+
+def test_negative_size_is_refused() -> None:
+    raw = bytearray(_tar([("a", b"")]))
+    raw[124:136] = b"\xff" * 12  # base-256 encoding of -1
+    raw[148:156] = b"        "
+    raw[148:155] = (b"%06o\0" % sum(raw[:512]))[:7]
+    tar = TarStream(_Chunks(bytes(raw), [512]))
+    with pytest.raises(TarFormatError, match="negative size"):
+        tar.next()
