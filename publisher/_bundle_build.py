@@ -7,13 +7,14 @@ import io
 import tarfile
 import tempfile
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from publisher.errors import OperatorInputError
-from trust import MerkleHasher
+from trust import file_merkle_root
 from updater import MANIFEST, BundleFile, Manifest, SemVer, TensorSpec, check_member_path
 
 MODEL_NAME = "model.onnx"
@@ -41,14 +42,22 @@ Progress = Callable[[int], None]  # called with a byte count as work advances
 
 
 def _hash_file(path: Path, arcname: str, progress: Progress) -> BundleFile:
-    sha = hashlib.sha256()
-    merkle = MerkleHasher()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ):
-            sha.update(chunk)
-            merkle.update(chunk)
-            progress(len(chunk))
-    return BundleFile(arcname, merkle.size, sha.hexdigest(), merkle.hexdigest())
+    """sha256 and Merkle root of a file, at once: the Merkle leaves are hashed on every
+    core from the page cache (``trust.file_merkle_root``) while this thread reads for the
+    sha256, so the two passes overlap instead of following each other."""
+    with ThreadPoolExecutor(max_workers=1) as ex:
+        merkle = ex.submit(file_merkle_root, path)
+        sha = hashlib.sha256()
+        read = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(_READ):
+                sha.update(chunk)
+                read += len(chunk)
+                progress(len(chunk))
+        size, root = merkle.result()
+    if size != read:
+        raise OperatorInputError(f"{path} changed while it was being hashed")
+    return BundleFile(arcname, size, sha.hexdigest(), root)
 
 
 def _graph_io(model_path: Path) -> tuple[int, list[TensorSpec], list[TensorSpec]]:
