@@ -249,10 +249,11 @@ def download_and_extract(
 ) -> tuple[Stage, Manifest, list[FileEntry]]:
     """Download a target and extract it into ``incoming`` in one pass, writing it once.
 
-    This thread receives the bytes and hashes them for TUF; another thread parses the
-    tar, hashes each member (sha256 and Merkle leaves) and writes it into ``incoming``,
-    with the rest of the tar going to the stage's skeleton (``updater._stage``); hashlib
-    releases the GIL, so two cores work at once. Nothing is read back. A download staged
+    This thread only receives; a hash thread computes the TUF hashes of the bundle, and an
+    extraction thread parses the tar, hashes each member (sha256 and Merkle leaves) and
+    writes it into ``incoming``, with the rest of the tar going to the stage's skeleton
+    (``updater._stage``); hashlib releases the GIL, so the cores work at once. Nothing
+    is read back. A download staged
     by an earlier, interrupted attempt continues where it stopped (Range / offset); the
     bytes it already has are rebuilt from the stage and hashed again, not fetched.
 
@@ -279,8 +280,7 @@ def download_and_extract(
     # also hurts the inference app sharing it.
     need = target.length - offset
     free = shutil.disk_usage(staging).free
-    if free < need:
-        stage.discard()
+    if free < need:  # (a partial stage is kept: it resumes once there is room)
         raise StagingError(
             f"not enough space for {target.path}: {free} bytes free in {staging}, "
             f"{need} needed")
