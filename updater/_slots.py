@@ -45,16 +45,6 @@ class SlotStore:
         name = Path(target).name
         return name if name in SLOTS else None
 
-    def fresh_incoming(self) -> Path:
-        """An empty directory to extract into (discarding leftovers of a failed attempt)."""
-        shutil.rmtree(self.incoming, ignore_errors=True)
-        self.incoming.mkdir(parents=True)
-        return self.incoming
-
-    def discard_incoming(self) -> None:
-        """Remove a failed extraction."""
-        shutil.rmtree(self.incoming, ignore_errors=True)
-
     def install_incoming(self, slot: str) -> None:
         """Move the verified incoming directory into ``slot`` (which must not be active)."""
         dest = self.path(slot)

@@ -77,9 +77,8 @@ class StageWriter:
         skip = self.resume_at - member.data_offset
         if skip <= 0 or self._kept.get(member.name) != member.data_offset:
             if self._index >= 0:
-                line = json.dumps({"path": member.name, "offset": member.data_offset,
-                                   "size": member.size}, separators=(",", ":"))
-                os.write(self._index, line.encode() + b"\n")
+                os.write(self._index,
+                         _index_line(member.name, member.data_offset, member.size))
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             return MemberSink(fd, 0)
@@ -160,6 +159,12 @@ def _write_behind(fd: int, start: int) -> None:
         prev = start - WRITE_BEHIND
         if _sync_file_range(fd, prev, WRITE_BEHIND, _SYNC_WAIT) == 0:
             os.posix_fadvise(fd, prev, WRITE_BEHIND, os.POSIX_FADV_DONTNEED)
+
+
+def _index_line(path: str, offset: int, size: int) -> bytes:
+    """One line of the stage index."""
+    return json.dumps({"path": path, "offset": offset, "size": size},
+                      separators=(",", ":")).encode() + b"\n"
 
 
 def _pwrite_all(fd: int, data: memoryview, pos: int) -> None:
@@ -279,9 +284,7 @@ class Stage:
             os.replace(self.done, self.part)
         kept = [e for e in self.entries() if e.offset < resume_at]
         tmp = self.index.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(
-            json.dumps({"path": e.path, "offset": e.offset, "size": e.size},
-                       separators=(",", ":")).encode() + b"\n" for e in kept))
+        tmp.write_bytes(b"".join(_index_line(e.path, e.offset, e.size) for e in kept))
         os.replace(tmp, self.index)
         os.truncate(self.part, resume_at)
         _prune(self.incoming, {e.path for e in kept})

@@ -103,8 +103,10 @@ def test_stage_tampered_between_attempts_is_caught_and_discarded(world: World) -
         byte = f.read(1)
         f.seek(1000)
         f.write(bytes([byte[0] ^ 0xFF]))
+    before = world.snapshot()
     with pytest.raises(TargetHashError):
         world.update()
+    assert world.snapshot() == before  # record, counter, anchor, current, slots, metadata
     assert world.active_version() is None
     assert not list(stage.staging.iterdir())  # the poisoned stage is gone
     world.update()  # and the next attempt fetches it whole
