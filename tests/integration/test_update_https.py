@@ -294,3 +294,37 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
         assert {p: p.lstat().st_mtime_ns for p in md.rglob("*")} == on_disk
     finally:
         fetcher.close()
+
+
+def test_an_unchanged_timestamp_is_verified_once_and_a_bad_one_never_skipped(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    calls: list[bytes] = []
+    orig = TrustedMetadataSet.update_timestamp
+
+    def counting(self: TrustedMetadataSet, data: bytes) -> object:
+        calls.append(data)
+        return orig(self, data)
+
+    monkeypatch.setattr(TrustedMetadataSet, "update_timestamp", counting)
+    assert world.update().outcome is Outcome.UP_TO_DATE
+    assert len(calls) == 1  # the local copy; the same bytes from the origin are not redone
+
+    # The same altered bytes on the device and on the origin: the local copy fails to
+    # verify, so the remote one is verified (and refused), never taken as "the same".
+    before = world.snapshot()
+    ts = json.loads((world.state / "metadata" / "timestamp.json").read_bytes())
+    ts["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    bad = json.dumps(ts).encode()
+    (world.state / "metadata" / "timestamp.json").write_bytes(bad)
+    (world.repo_dir / "metadata" / "timestamp.json").write_bytes(bad)
+    calls.clear()
+    with pytest.raises(MetadataError, match="timestamp"):
+        world.update()
+    assert calls == [bad, bad]
+    after = world.snapshot()
+    assert (after.record, after.counter, after.current, after.slots) == (
+        before.record, before.counter, before.current, before.slots)
