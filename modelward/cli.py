@@ -339,6 +339,8 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     devices = [d for d in args.devices.split(",") if d]
     bc = write_broker_config(args.fleet, devices, args.output)
     print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
+    print(f"wrote {args.output / 'modelward.conf'}: include it from mosquitto.conf (those two "
+          "files, no anonymous access, TCP_NODELAY, in-flight and queue limits)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
 
@@ -644,7 +646,8 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="operator: fleet and broker set-up")
     fsub = fleet.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     f = fsub.add_parser("broker-config",
-                        help="mosquitto ACL, password file and per-device credentials")
+                        help="mosquitto ACL, password file, settings fragment and per-device "
+                        "credentials")
     f.add_argument("--fleet", required=True)
     f.add_argument("--devices", required=True, help="comma-separated device ids")
     f.add_argument("-o", "--output", type=Path, required=True)

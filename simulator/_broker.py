@@ -8,6 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from publisher._broker_config import BROKER_SETTINGS
 from simulator._pki import CertPair
 from simulator._proc import free_port, read_pid, stop_pid, wait_for_port
 from simulator.errors import ServiceError
@@ -21,12 +22,8 @@ log_type error
 log_type warning
 log_type notice
 connection_messages true
-per_listener_settings false
-allow_anonymous false
-password_file {passwords}
+{settings}password_file {passwords}
 acl_file {acl}
-max_inflight_messages 64
-max_queued_messages 4096
 
 listener {port} 127.0.0.1
 protocol mqtt
@@ -69,7 +66,7 @@ def start_broker(
     user = "user root" if os.geteuid() == 0 else ""
     conf = work / "mosquitto.conf"
     conf.write_text(_CONF.format(user=user, work=work, passwords=passwords, acl=acl, port=port,
-                                 ca=ca, cert=tls.cert, key=tls.key))
+                                 ca=ca, cert=tls.cert, key=tls.key, settings=BROKER_SETTINGS))
     proc = subprocess.run([exe, "-c", str(conf), "-d"], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0 or not wait_for_port(port):

@@ -327,6 +327,23 @@ def test_auto_transport_falls_back_to_mqtt(mqtt_world: MqttWorld) -> None:
     assert w.update().outcome is Outcome.INSTALLED  # https is down; mqtt delivers
 
 
+def test_connections_send_small_packets_without_delay(mqtt_world: MqttWorld) -> None:
+    """Block requests and metadata answers are request/response: with Nagle's algorithm
+    each waited for a delayed ACK (~90 ms per metadata file). Both ends turn it off (the
+    broker through ``set_tcp_nodelay``, which every broker in these tests runs with)."""
+    import socket
+
+    conn = MqttConnection(mqtt_world.mqtt_cfg("modelward-bridge"), "nodelay-probe", [])
+    try:
+        sock = conn.client.socket()
+        assert isinstance(sock, socket.socket)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        conn.close()
+    conf = (mqtt_world.broker_work / "mosquitto.conf").read_text().splitlines()
+    assert "set_tcp_nodelay true" in conf
+
+
 def test_broker_config_cli(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config", "--fleet",
                         "f9", "--devices", "a,b", "-o", str(tmp_path)], capture_output=True,
@@ -335,6 +352,10 @@ def test_broker_config_cli(tmp_path: Path) -> None:
     acl = (tmp_path / "acl").read_text()
     assert "pattern write modelward/f9/repo/req/%u" in acl
     assert (tmp_path / "credentials" / "a").stat().st_mode & 0o077 == 0
+    settings = (tmp_path / "modelward.conf").read_text().splitlines()
+    assert "set_tcp_nodelay true" in settings and "allow_anonymous false" in settings
+    assert f"acl_file {(tmp_path / 'acl').resolve()}" in settings
+    assert f"password_file {(tmp_path / 'passwords').resolve()}" in settings
     bad = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config",
                           "--fleet", "f9", "--devices", "a/#", "-o", str(tmp_path / "x")],
                          capture_output=True, text=True, check=False)
