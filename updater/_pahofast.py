@@ -74,8 +74,11 @@ def _decode_publish(header: int, packet: bytes | bytearray,
                                  properties=properties, payload=payload)
 
 
-decode_publish = _packet.convert_exception(_decode_publish)
-stock_decode_publish = _packet.decode_publish
+# paho's own decoder, and ours wrapped in paho's error conversion (struct, index and
+# value errors become MalformedPacket); None where paho's internals are not the expected.
+stock_decode_publish = getattr(_packet, "decode_publish", None)
+_convert = getattr(_packet, "convert_exception", None)
+decode_publish = _convert(_decode_publish) if _convert is not None else None
 
 
 class Client(mqtt.Client):
@@ -89,9 +92,8 @@ class Client(mqtt.Client):
 
 def install() -> bool:
     """Use :func:`decode_publish` in paho; True when it is in place."""
-    if _packet.decode_publish is decode_publish:
-        return True
-    if getattr(_packet, "PublishPacket", None) is None:
+    if decode_publish is None or stock_decode_publish is None or getattr(
+            _packet, "PublishPacket", None) is None:
         logger.debug("paho internals differ; leaving its PUBLISH decoding as it is")
         return False
     _packet.decode_publish = decode_publish
