@@ -321,6 +321,7 @@ def test_an_unchanged_timestamp_is_verified_once_and_a_bad_one_never_skipped(
     bad = json.dumps(ts).encode()
     (world.state / "metadata" / "timestamp.json").write_bytes(bad)
     (world.repo_dir / "metadata" / "timestamp.json").write_bytes(bad)
+    tampered = tree_digest(world.state / "metadata")
     calls.clear()
     with pytest.raises(MetadataError, match="timestamp"):
         world.update()
@@ -328,3 +329,4 @@ def test_an_unchanged_timestamp_is_verified_once_and_a_bad_one_never_skipped(
     after = world.snapshot()
     assert (after.record, after.counter, after.current, after.slots) == (
         before.record, before.counter, before.current, before.slots)
+    assert after.metadata == tampered  # nothing persisted on top
