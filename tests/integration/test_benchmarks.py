@@ -1,0 +1,62 @@
+"""The benchmark command (issue #7's must-show) runs and judges every goal in its table.
+
+Not a timed test: tiny sizes and one round, and only the table's shape is asserted (each
+goal met, or missed by how much and why), never a time or a ratio.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Figure (start of the table row) -> how many goals its goal cell judges.
+GOALS = {
+    "Boot check": 1,  # vs openssl (the other references carry no goal)
+    "boot-check overhead": 1,
+    "HTTPS download": 2,  # vs curl, vs plain python-tuf
+    "MQTT fetch": 1,  # vs curl over HTTP
+    "resume after interruption, HTTPS": 1,
+    "resume after interruption, MQTT": 1,
+    "No-update refresh": 1,
+    "peak RSS": 2,  # <= 100 MiB; ratio <= 1.1
+    "idle daemon": 2,  # RSS; CPU
+}
+_VERDICT = re.compile(r"^[^:]+: (met|MISSED by \d+%( \(.+\))?)$")
+
+
+@pytest.mark.slow
+def test_benchmark_command_judges_every_goal(tmp_path: Path) -> None:
+    r = subprocess.run(
+        [sys.executable, "benchmarks/run.py", "--rounds", "1", "--touch-mib", "0",
+         "--size-mib", "4", "--boot-mib", "8", "--rss-mib", "4,8", "--idle-seconds", "2",
+         "--only", "boot,https,mqtt,resume,refresh,rss,idle"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = [line.strip("|").split(" | ") for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| figure", "| ---"))]
+    judged: dict[str, int] = {}
+    for row in rows:
+        figure, goal = row[0].strip(), row[-1].strip()
+        if not goal:
+            continue
+        parts = goal.split("; ")
+        for part in parts:  # "what: met" or "what: MISSED by N% (why)"
+            assert _VERDICT.match(part), (figure, part)
+            if part.split(": ", 1)[1].startswith("MISSED") and not figure.startswith(
+                    ("peak RSS", "idle", "resume", "boot-check")):  # absolute bounds
+                assert part.endswith(")"), f"a ratio goal missed without a reason: {part}"
+        key = next((k for k in GOALS if figure.startswith(k)), None)
+        assert key is not None, f"a judged figure the test does not know: {figure}"
+        judged[key] = judged.get(key, 0) + len(parts)
+    assert judged == GOALS, r.stdout[-3000:]
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("modelward-")]
+    assert not left, f"the benchmark left its work directories behind: {left}"
