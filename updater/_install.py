@@ -39,6 +39,7 @@ from updater._rollout import Choice, choose_release
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._stage import Stage
+from updater._statedir import check_state_dirs, plain_dir
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
     FingerprintMismatchError,
@@ -136,6 +137,7 @@ class _Device:
     """Paths of one device's state directory."""
 
     def __init__(self, state_dir: Path) -> None:
+        check_state_dirs(state_dir)  # nothing is read or written through a symlink
         self.metadata = state_dir / "metadata"
         self.staging = state_dir / "staging"
         self.slots = SlotStore(state_dir)
@@ -267,12 +269,13 @@ def download_and_extract(
         BundleFormatError: the signed bundle itself is malformed.
         DownloadFailedError: the transfer failed (the stage is kept for a resume).
         StagingError: the stage cannot be written (disk full: the stage is removed).
+        StateDirError: ``staging`` is a symlink or not a directory (nothing is touched).
     """
     _check_target(target, max_bytes)
     gate = gate or Gate()
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     stage = Stage(staging, incoming, key)
-    staging.mkdir(parents=True, exist_ok=True)
+    plain_dir(staging.parent, staging.name, create=True)
     stage.clear_others()
     offset = stage.resumable(target.length)
     url = session.target_url(target)
@@ -372,6 +375,30 @@ def download_and_extract(
         raise failure
     stage.mark_done()
     return stage, *result[0]
+
+
+def _verify_on_disk(incoming: Path, release: Candidate, when: str) -> None:
+    """The slot fingerprint re-derived from the files in ``incoming`` is the signed one.
+
+    The stream's hashes say what was received; this says what is on disk now, just before
+    it is used: a file planted or kept from an earlier attempt, changed after it was
+    written (or by the health check), a stray file, a link or a hard link all change it
+    (``directory_entries`` gives anything but a plain file an entry that never matches).
+
+    Raises:
+        FingerprintMismatchError: the files differ from the signed fingerprint.
+        StagingError: ``incoming`` is not a plain directory.
+    """
+    plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
+    fingerprint = slot_fingerprint(directory_entries(incoming))
+    if fingerprint != release.fingerprint:
+        raise FingerprintMismatchError(
+            f"{release.name} {release.version}: the files in {incoming} {when} have "
+            f"fingerprint {fingerprint}, not the signed {release.fingerprint} (changed on "
+            "disk after they were verified)",
+            model=release.name, version=str(release.version), expected=release.fingerprint,
+            actual=fingerprint,
+        )
 
 
 def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
@@ -494,6 +521,7 @@ def _attempt(
                 f"signed {newest.fingerprint}",
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
+        _verify_on_disk(incoming, newest, "before its health check")
         step("verified")
         gate.wait_idle("health check")
         detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
@@ -511,7 +539,13 @@ def _attempt(
     # inactive slot still holds what the record calls `previous`; after it moves, a
     # crash leaves `staging/incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
-    fsync_tree(incoming)  # durable before the record names it
+    try:
+        fsync_tree(incoming)  # durable before the record names it
+        _verify_on_disk(incoming, newest, "before its commit")
+    except BaseException:
+        assert staged is not None
+        staged.discard()
+        raise
     step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
@@ -549,9 +583,10 @@ def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
 
     Only when ``staging/incoming`` has exactly the fingerprint the trust record made active.
     """
-    if not slots.incoming.is_dir():
+    incoming = slots.incoming_dir()
+    if incoming is None:
         return False
-    if slot_fingerprint(directory_entries(slots.incoming)) != active.fingerprint:
+    if slot_fingerprint(directory_entries(incoming)) != active.fingerprint:
         return False
     logger.warning(
         "completing the interrupted install of %s %s into slot %s",
@@ -563,10 +598,16 @@ def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
 
 
 def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
-    """Whether the slot's files still have the recorded fingerprint."""
-    path = slots.path(ref.slot)
-    if not path.is_dir():
-        return False, f"slot {ref.slot} is missing"
+    """Whether the slot's files still have the recorded fingerprint.
+
+    A slot that is a symlink (to a copy, wherever) or not a directory never matches.
+
+    Raises:
+        StateDirError: ``slots`` itself is a symlink or not a directory.
+    """
+    path = slots.slot_dir(ref.slot)
+    if path is None:
+        return False, f"slot {ref.slot} is missing or not a plain directory"
     fp = slot_fingerprint(directory_entries(path))
     return fp == ref.fingerprint, fp
 
@@ -610,6 +651,7 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
     """
     active = record.active
     if active is None:
+        slots.deactivate()  # whatever `current` names, nothing trusted is there
         raise NothingTrustedError("no model has been installed on this device yet")
     ok, fp = slot_matches(slots, active)
     if not ok:
@@ -636,6 +678,7 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
     # only once: the next boot finds active = None). Otherwise the record would keep
     # naming the altered model as active and the next update would see nothing to do.
     store.commit(record.successor(active=None, previous=None))
+    slots.deactivate()  # the app finds no model rather than an untrusted one
     raise NothingTrustedError(
         f"active {active.name} {active.version} was altered and no trusted previous "
         "model is left; the next update installs the newest release again"
@@ -646,9 +689,13 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     """design.md "Boot": verify record and anchor, then the active slot, else fall back.
 
     Raises:
-        NothingTrustedError: neither slot matches (or nothing was ever installed).
+        NothingTrustedError: neither slot matches (or nothing was ever installed);
+            ``current`` is removed then.
+        StateDirError: ``slots``, ``staging``, ``metadata`` or ``trust`` is a symlink or
+            not a directory.
         TrustRecordError, RootAnchorError, TpmError: the trust store itself is broken.
     """
+    check_state_dirs(state_dir)  # a symlinked slots/, staging/, trust/: refused, untouched
     slots = SlotStore(state_dir)
     record = store.load()
     store.anchored_root()

@@ -22,6 +22,7 @@ __all__ = [
     "OperatorInputError",
     "RollbackError",
     "StagingError",
+    "StateDirError",
     "TargetHashError",
     "TransportError",
     "UntrustedRemoteError",
@@ -111,3 +112,18 @@ class StagingError(LocalDeviceError):
 
 class NothingTrustedError(LocalDeviceError):
     """Neither slot holds a model that matches the trust record."""
+
+
+class StateDirError(StagingError):
+    """A directory under the state directory is a symlink or not a directory.
+
+    Nothing is read, written or deleted through it: the agent works only inside its own
+    state directory.
+
+    Attributes:
+        path: the entry at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
