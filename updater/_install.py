@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable
@@ -53,6 +54,7 @@ from updater.errors import (
 
 logger = logging.getLogger(__name__)
 
+_HEX = re.compile(r"[0-9a-f]{32,128}")
 _HASHES = {"sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b"}
 
 
@@ -148,6 +150,14 @@ def _check_target(target: TargetFile, max_bytes: int) -> None:
     if unknown or not target.hashes:
         raise TargetHashError(
             f"target {target.path}: unsupported hash algorithms {sorted(unknown)}",
+            target=target.path,
+        )
+    # A digest names the stage's files (staging/<sha256>.part): signed is not enough, a
+    # delegated key could sign "../../x" (python-tuf does not check that it is hex).
+    bad = sorted(alg for alg, d in target.hashes.items() if not _HEX.fullmatch(d))
+    if bad:
+        raise TargetHashError(
+            f"target {target.path}: the {', '.join(bad)} digest is not lowercase hex",
             target=target.path,
         )
     if target.length > max_bytes:
@@ -373,6 +383,10 @@ def download_and_extract(
         if isinstance(failure, OSError):
             raise _extraction_failed(failure, target, incoming) from failure
         raise failure
+    stray = stage.drop_strays({e.path for e in result[0][1]})
+    if stray:
+        logger.warning("removed %d file(s) from %s that %s does not have: %s", len(stray),
+                       incoming, target.path, ", ".join(stray[:5]))
     stage.mark_done()
     return stage, *result[0]
 

@@ -126,15 +126,24 @@ class StageWriter:
         the stream (the verified bytes), replacing whatever lies at its path.
 
         Raises:
-            OSError: the file cannot be created (the disk refused, or a link is in the way).
+            OSError: the file cannot be created (the disk refused, or a link is in the way),
+                or the index gave this member another offset or size and the prefix was
+                read from its file (the stage is not one this agent wrote).
             StateDirError: a directory on the way is not a plain directory.
         """
         skip = self.resume_at - member.data_offset
         here = IndexEntry(member.name, member.data_offset, member.size)
+        kept = self._kept.get(member.name)
+        if skip > 0 and kept is not None and kept != here and kept.size > 0:
+            # (the prefix reads that file while this thread would replace it)
+            raise OSError(
+                f"the stage index says {member.name} has {kept.size} bytes at offset "
+                f"{kept.offset}, the bundle {member.size} at {member.data_offset}: the "
+                "stage was not written by this agent")
         parent = member.name.rpartition("/")[0]
         if parent:
             make_dirs(self.dest, parent)
-        if skip <= 0 or self._kept.get(member.name) != here:
+        if skip <= 0 or kept != here:
             if self._index >= 0:
                 os.write(self._index, _index_line(here.path, here.offset, here.size))
             remove_entry(self.dest / member.name)  # (its parents were just checked)
@@ -248,6 +257,8 @@ class Stage:
     """
 
     def __init__(self, staging: Path, incoming: Path, key: str) -> None:
+        if not key or "/" in key or key.startswith("."):  # (the installer allows hex only)
+            raise ValueError(f"stage key {key!r} is not a plain file name")
         self.staging, self.incoming, self.key = staging, incoming, key
         self.part = staging / f"{key}.part"
         self.done = staging / f"{key}.bundle"
@@ -360,6 +371,8 @@ class Stage:
                 if e is None or pos >= upto:
                     break
                 n = min(e.size, upto - pos)
+                if n == 0:  # (its file is not read: it may be rewritten meanwhile)
+                    continue
                 fd = open_below(self.incoming, e.path, os.O_RDONLY | os.O_NONBLOCK)
                 with open(fd, "rb", buffering=0) as f:
                     st = os.fstat(fd)
@@ -404,6 +417,13 @@ class Stage:
         _prune(self.incoming, {e.path for e in plan.kept})
         return StageWriter(self.incoming, self.part, self.index, resume_at,
                            {e.path: e for e in plan.kept})
+
+    def drop_strays(self, members: set[str]) -> list[str]:
+        """After a verified extraction: remove from ``incoming`` what is not a member (a
+        file an index listed but the bundle has not). Returns the paths removed."""
+        stray = sorted(set(_plain_files(self.incoming)) - members)
+        _prune(self.incoming, members)
+        return stray
 
     def mark_done(self) -> None:
         """The whole bundle verified: rename the skeleton."""

@@ -21,7 +21,7 @@ import pytest
 import updater._install as install
 from tests.conftest import World, tree_digest
 from trust import TrustStore
-from updater.errors import StateDirError
+from updater.errors import FingerprintMismatchError, StateDirError
 
 
 def _tar_files(data: bytes) -> dict[str, bytes]:
@@ -94,6 +94,39 @@ def test_planted_partial_stage_never_reaches_health_check_or_commit(
     assert not list((world.state / "staging").iterdir())
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("change", ["edit", "stray", "hardlink"])
+def test_files_changed_after_verification_are_not_committed(
+    world: World, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, change: str,
+) -> None:
+    """What the health check (or anyone) changes in incoming after the stream verified it
+    is caught by the fingerprint re-derived just before the commit."""
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    before = world.snapshot()
+    real_health = install.run_health_check
+
+    def health(slot: Path, *a: Any, **kw: Any) -> str:
+        detail = real_health(slot, *a, **kw)
+        if change == "edit":
+            with open(slot / "model.onnx", "r+b") as f:
+                f.write(b"\0")
+        elif change == "stray":
+            (slot / "run.py").write_text("import os\n")
+        else:
+            os.link(slot / "model.onnx", tmp_path / "handle")  # to change it later
+        return detail
+
+    monkeypatch.setattr(install, "run_health_check", health)
+    with pytest.raises(FingerprintMismatchError, match="before its commit"):
+        world.update()
+    after = world.snapshot()  # (the TUF metadata that verified, v2 signed, is kept)
+    assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    assert world.active_version() == "1.0.0"
+    assert not (world.state / "staging" / "incoming").exists()
 
 
 def _installed_v1_v2(w: World) -> dict[str, bytes]:
