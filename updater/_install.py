@@ -554,8 +554,9 @@ def _attempt(
     # crash leaves `staging/incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
     try:
-        fsync_tree(incoming)  # durable before the record names it
+        # (first: a fifo planted meanwhile would block fsync_tree's open, not this check)
         _verify_on_disk(incoming, newest, "before its commit")
+        fsync_tree(incoming)  # durable before the record names it
     except BaseException:
         assert staged is not None
         staged.discard()
@@ -705,11 +706,12 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     Raises:
         NothingTrustedError: neither slot matches (or nothing was ever installed);
             ``current`` is removed then.
-        StateDirError: ``slots``, ``staging``, ``metadata`` or ``trust`` is a symlink or
-            not a directory.
+        StateDirError: ``slots`` or ``trust`` is a symlink or not a directory.
         TrustRecordError, RootAnchorError, TpmError: the trust store itself is broken.
     """
-    check_state_dirs(state_dir)  # a symlinked slots/, staging/, trust/: refused, untouched
+    # Boot needs only slots/ and trust/ (a symlinked one is refused, nothing followed); a
+    # symlinked staging/ only means no roll-forward from it, so the model keeps serving.
+    check_state_dirs(state_dir, ("slots", "trust"))
     slots = SlotStore(state_dir)
     record = store.load()
     store.anchored_root()

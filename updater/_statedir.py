@@ -77,14 +77,15 @@ def plain_dir(base: Path, rel: str, *, create: bool = False) -> Path:
     return path
 
 
-def check_state_dirs(state_dir: Path) -> None:
-    """Refuse a state directory whose ``staging``, ``slots``, ``metadata`` or ``trust`` is
-    not a plain directory (a missing one is fine: it is created when needed).
+def check_state_dirs(state_dir: Path, names: tuple[str, ...] = TOP_DIRS) -> None:
+    """Refuse a state directory whose ``staging``, ``slots``, ``metadata`` or ``trust``
+    (or those of ``names``) is not a plain directory (a missing one is fine: it is
+    created when needed).
 
     Raises:
         StateDirError: names the first entry at fault.
     """
-    for name in TOP_DIRS:
+    for name in names:
         if os.path.lexists(state_dir / name):
             plain_dir(state_dir, name)
 
