@@ -37,6 +37,8 @@ from updater._statedir import is_plain_dir, make_dirs, open_below, plain_dir, re
 from updater._tarstream import Member, check_member_path
 
 _READ = 1 << 20
+#: An index longer than this is read only this far (a bundle has at most 257 members).
+MAX_INDEX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -312,7 +314,7 @@ class Stage:
         with open(fd, "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
                 return out
-            raw = f.read()
+            raw = f.read(MAX_INDEX_BYTES)  # (a planted huge index is cut, like a torn one)
         end = 0
         seen: set[str] = set()
         for line in raw.split(b"\n")[:-1]:

@@ -387,3 +387,16 @@ def test_an_index_entry_the_bundle_does_not_have_leaves_no_file(
     files, _origin, _fp = _run(tmp_path, signed)
     assert files == _members(signed)
     assert not (tmp_path / "staging" / "incoming" / "evil").exists()
+
+
+def test_a_huge_planted_index_is_read_only_to_its_bound(tmp_path: Path) -> None:
+    from updater._stage import MAX_INDEX_BYTES
+
+    stage = Stage(tmp_path / "staging", tmp_path / "staging" / "incoming", "k" * 64)
+    stage.staging.mkdir()
+    line = json.dumps({"path": "a", "offset": 512, "size": 1}).encode() + b"\n"
+    with open(stage.index, "wb") as f:
+        f.write(line)
+        f.truncate(8 << 30)  # 8 GiB, sparse
+    assert stage.entries() == [IndexEntry("a", 512, 1)]
+    assert MAX_INDEX_BYTES <= 1 << 20
