@@ -13,7 +13,7 @@ import json
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +139,69 @@ def slot_fingerprint(entries: Iterable[FileEntry]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: Directories deeper than this below a slot are not walked (and never match): no bundle
+#: needs them, and a planted chain of thousands would otherwise exhaust the stack.
+MAX_DEPTH = 64
+
+
+def walk_tree(root: Path, max_depth: int = MAX_DEPTH
+              ) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """Walk ``root`` without following any link and without recursion.
+
+    Yields ``(rel, dirs, others, dirfd)`` top-down for every directory: ``rel`` relative
+    to ``root`` (``"."`` first), the names of its real sub-directories (the caller may
+    remove names to skip them, as with ``os.walk``), the names of everything else (a
+    symlink to a directory included, and a directory deeper than ``max_depth``), and an
+    fd of the directory valid until the next step. Each directory is opened component by
+    component from ``root`` with ``O_NOFOLLOW``, so one swapped for a link is not entered.
+
+    Raises:
+        OSError: ``root`` is not a directory that can be opened.
+    """
+    stack = ["."]
+    while stack:
+        rel = stack.pop()
+        try:
+            fd = _open_dir(root, rel)
+        except OSError:
+            if rel == ".":
+                raise
+            continue  # (vanished or swapped for a link since it was listed)
+        try:
+            depth = 0 if rel == "." else rel.count("/") + 1
+            dirs: list[str] = []
+            others: list[str] = []
+            for name in sorted(os.listdir(fd)):
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode) and depth < max_depth:
+                    dirs.append(name)
+                else:
+                    others.append(name)
+            yield rel, dirs, others, fd
+        finally:
+            os.close(fd)
+        stack.extend(name if rel == "." else f"{rel}/{name}" for name in reversed(dirs))
+
+
+def _open_dir(root: Path, rel: str) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(root, flags)
+    if rel == ".":
+        return fd
+    try:
+        for part in rel.split("/"):
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def directory_entries(root: Path) -> list[FileEntry]:
     """Entries for every file below ``root``; anything but plain files is an entry too.
 
@@ -148,7 +211,8 @@ def directory_entries(root: Path) -> list[FileEntry]:
     (whose bytes could change through that other name after they were checked) gets a
     size of -1 and an empty root, so that it can never match a fingerprint computed from
     a bundle (which has only plain files). A ``root`` that is itself a symlink or not a
-    directory gives the single entry ``[".", -1, ""]``; a missing one, no entries.
+    directory gives the single entry ``[".", -1, ""]``; a missing one, no entries. A
+    directory deeper than :data:`MAX_DEPTH` is an entry of its own, never walked.
     """
     try:
         top = os.lstat(root)
@@ -158,25 +222,20 @@ def directory_entries(root: Path) -> list[FileEntry]:
         return [FileEntry(".", -1, "")]
     entries: list[FileEntry] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
-            base = Path(dirpath)
-            for name in sorted(filenames) + sorted(dirnames):
-                rel = (base / name).relative_to(root).as_posix()
-                entry = _plain_entry(rel, name, dirfd, pool)
-                if entry is not None:
-                    entries.append(entry)
+        for rel, _dirs, others, dirfd in walk_tree(root):
+            for name in others:
+                path = name if rel == "." else f"{rel}/{name}"
+                entries.append(_plain_entry(path, name, dirfd, pool))
     return entries
 
 
-def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> FileEntry | None:
-    """The entry of ``name`` in ``dirfd``; None for a real directory (walked on its own)."""
+def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> FileEntry:
+    """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
     bad = FileEntry(rel, -1, "")
     try:
         st = os.lstat(name, dir_fd=dirfd)
     except OSError:
         return bad
-    if stat.S_ISDIR(st.st_mode):
-        return None
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         return bad
     try:

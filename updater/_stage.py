@@ -26,14 +26,21 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from updater._statedir import is_plain_dir, make_dirs, open_below, plain_dir, remove_entry
+from trust._fingerprint import walk_tree
+from updater._statedir import (
+    is_plain_dir,
+    make_dirs,
+    open_below,
+    plain_dir,
+    remove_at,
+    remove_entry,
+)
 from updater._tarstream import Member, check_member_path
 
 _READ = 1 << 20
@@ -475,15 +482,14 @@ def _plain_files(root: Path) -> dict[str, int]:
     out: dict[str, int] = {}
     if not is_plain_dir(root):
         return out
-    for dirpath, _dirs, files, dirfd in os.fwalk(root, follow_symlinks=False):
-        rel = os.path.relpath(dirpath, root)
-        for name in files:
+    for rel, _dirs, others, dirfd in walk_tree(root):
+        for name in others:
             try:
                 st = os.lstat(name, dir_fd=dirfd)
             except OSError:
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                out[os.path.normpath(os.path.join(rel, name))] = st.st_size
+                out[name if rel == "." else f"{rel}/{name}"] = st.st_size
     return out
 
 
@@ -504,23 +510,17 @@ def _prune(root: Path, keep: set[str]) -> None:
     if not is_plain_dir(root):
         remove_entry(root)
         os.mkdir(root, 0o755)
-    dirs = {"."} | {str(p) for k in keep for p in Path(k).parents}
-    for dirpath, dirnames, filenames, dirfd in os.fwalk(root, follow_symlinks=False):
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            p = os.path.normpath(os.path.join(rel, name))
+    dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
+    for rel, subdirs, others, dirfd in walk_tree(root):
+        for name in others:
+            p = name if rel == "." else f"{rel}/{name}"
             try:
                 st = os.lstat(name, dir_fd=dirfd)
             except FileNotFoundError:
                 continue
             if p not in keep or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                os.unlink(name, dir_fd=dirfd)
-        for name in list(dirnames):
-            p = os.path.normpath(os.path.join(rel, name))
-            st = os.lstat(name, dir_fd=dirfd)
-            if not stat.S_ISDIR(st.st_mode):
-                os.unlink(name, dir_fd=dirfd)
-                dirnames.remove(name)
-            elif p not in dirs:
-                shutil.rmtree(name, dir_fd=dirfd)
-                dirnames.remove(name)
+                remove_at(dirfd, name)
+        for name in list(subdirs):
+            if (name if rel == "." else f"{rel}/{name}") not in dirs:
+                remove_at(dirfd, name)
+                subdirs.remove(name)

@@ -22,7 +22,6 @@ commit).
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
@@ -108,14 +107,67 @@ def remove_entry(path: Path) -> None:
     Raises:
         OSError: the entry cannot be removed.
     """
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        st = os.lstat(path)
+        remove_at(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def remove_at(dirfd: int, name: str) -> None:
+    """Remove the entry ``name`` of the directory ``dirfd`` (see :func:`remove_entry`).
+
+    A tree is removed without recursion and with two fds at a time, however deep it is
+    (a planted chain of thousands of directories must not exhaust the stack or the fds):
+    each sub-directory found is first moved up into the tree's top, then emptied.
+
+    Raises:
+        OSError: the entry cannot be removed.
+    """
+    try:
+        st = os.lstat(name, dir_fd=dirfd)
     except FileNotFoundError:
         return
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dirfd)
+        return
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    top = os.open(name, flags, dir_fd=dirfd)
+    try:
+        pending = ["."]
+        moved = 0
+        while pending:
+            cur = pending.pop()
+            fd = top if cur == "." else os.open(cur, flags, dir_fd=top)
+            try:
+                for entry in os.listdir(fd):
+                    est = os.lstat(entry, dir_fd=fd)
+                    if stat.S_ISDIR(est.st_mode):
+                        moved += 1
+                        flat = f".rm-{moved}"
+                        while _exists_at(top, flat):
+                            moved += 1
+                            flat = f".rm-{moved}"
+                        os.rename(entry, flat, src_dir_fd=fd, dst_dir_fd=top)
+                        pending.append(flat)
+                    else:
+                        os.unlink(entry, dir_fd=fd)
+            finally:
+                if fd != top:
+                    os.close(fd)
+        for entry in os.listdir(top):  # only the emptied, flattened directories are left
+            os.rmdir(entry, dir_fd=top)
+    finally:
+        os.close(top)
+    os.rmdir(name, dir_fd=dirfd)
+
+
+def _exists_at(dirfd: int, name: str) -> bool:
+    try:
+        os.lstat(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def make_dirs(base: Path, rel: str) -> Path:

@@ -400,3 +400,33 @@ def test_a_huge_planted_index_is_read_only_to_its_bound(tmp_path: Path) -> None:
         f.truncate(8 << 30)  # 8 GiB, sparse
     assert stage.entries() == [IndexEntry("a", 512, 1)]
     assert MAX_INDEX_BYTES <= 1 << 20
+
+
+def _deep(root: Path, depth: int) -> None:
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+
+
+def test_a_planted_chain_of_thousands_of_directories_is_walked_and_removed_without_recursion(
+    bundles: tuple[bytes, bytes], tmp_path: Path,
+) -> None:
+    signed, _evil = bundles
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    (slot / "f").write_bytes(b"x")
+    _deep(slot, 3000)
+    got = directory_entries(slot)  # no RecursionError; the deep part never matches
+    assert ("f", 1) in [(e.path, e.size) for e in got] and any(e.size == -1 for e in got)
+    index = [{"path": p, "offset": o, "size": n} for p, o, n in _offsets(signed)]
+    stage = _plant(tmp_path, signed, index, {})
+    _deep(stage.incoming, 3000)
+    (stage.incoming / "d" / ".rm-1").mkdir()  # (a name the remover itself uses)
+    files, _origin, _fp = _run(tmp_path, signed)
+    assert files == _members(signed)
+    remove_entry(slot)
+    assert not slot.exists()
