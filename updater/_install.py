@@ -48,6 +48,7 @@ from updater.errors import (
     NothingTrustedError,
     OperatorInputError,
     RollbackError,
+    StagedFilesChangedError,
     StagingError,
     TargetHashError,
 )
@@ -400,18 +401,17 @@ def _verify_on_disk(incoming: Path, release: Candidate, when: str) -> None:
     (``directory_entries`` gives anything but a plain file an entry that never matches).
 
     Raises:
-        FingerprintMismatchError: the files differ from the signed fingerprint.
-        StagingError: ``incoming`` is not a plain directory.
+        StagedFilesChangedError: the files differ from the signed fingerprint.
+        StateDirError: ``staging`` or ``incoming`` is not a plain directory.
     """
     plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
     fingerprint = slot_fingerprint(directory_entries(incoming))
     if fingerprint != release.fingerprint:
-        raise FingerprintMismatchError(
+        raise StagedFilesChangedError(
             f"{release.name} {release.version}: the files in {incoming} {when} have "
             f"fingerprint {fingerprint}, not the signed {release.fingerprint} (changed on "
-            "disk after they were verified)",
-            model=release.name, version=str(release.version), expected=release.fingerprint,
-            actual=fingerprint,
+            "disk after they were verified; discarded)",
+            path=str(incoming), expected=release.fingerprint, actual=fingerprint,
         )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "NothingTrustedError",
     "OperatorInputError",
     "RollbackError",
+    "StagedFilesChangedError",
     "StagingError",
     "StateDirError",
     "TargetHashError",
@@ -127,3 +128,19 @@ class StateDirError(StagingError):
     def __init__(self, message: str, *, path: str, hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.path = path
+
+
+class StagedFilesChangedError(StagingError):
+    """The files in ``staging/incoming`` no longer have the fingerprint the verified stream
+    gave them (changed, added or linked on disk after they were written). A fault of
+    this device's disk, not of the release: it is not remembered as a rejection.
+
+    Attributes:
+        path: the directory checked.
+        expected: the signed fingerprint.
+        actual: what the files have now.
+    """
+
+    def __init__(self, message: str, *, path: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.path, self.expected, self.actual = path, expected, actual

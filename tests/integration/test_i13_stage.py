@@ -21,7 +21,7 @@ import pytest
 import updater._install as install
 from tests.conftest import World, tree_digest
 from trust import TrustStore
-from updater.errors import FingerprintMismatchError, StateDirError
+from updater.errors import StagedFilesChangedError, StateDirError
 
 
 def _tar_files(data: bytes) -> dict[str, bytes]:
@@ -120,7 +120,7 @@ def test_files_changed_after_verification_are_not_committed(
         return detail
 
     monkeypatch.setattr(install, "run_health_check", health)
-    with pytest.raises(FingerprintMismatchError, match="before its commit"):
+    with pytest.raises(StagedFilesChangedError, match="before its commit"):
         world.update()
     after = world.snapshot()  # (the TUF metadata that verified, v2 signed, is kept)
     assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
