@@ -11,10 +11,13 @@ knows, so only its age can give it away (``STALE``).
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -276,32 +279,51 @@ def judge_fleet(payloads: dict[str, bytes], fleet_dir: Path, fleet: str, now: fl
     An empty payload (a cleared retained message) counts as no report.
 
     Raises:
-        OperatorInputError: the operator's fleet state is damaged.
+        OperatorInputError: no registry at ``fleet_dir``, or its fleet state is damaged.
     """
+    if not fleet_dir.is_dir():
+        raise OperatorInputError(f"no fleet registry at {fleet_dir}",
+                                 hint="enrol devices there with `fleet add-device`")
     enrolled = set(enrolled_devices(fleet_dir))
-    rows = []
-    for device in sorted(enrolled | {d for d, p in payloads.items() if p}):
-        payload = payloads.get(device, b"")
-        pem = None
-        if device in enrolled:
-            pem = (fleet_dir / "devices" / f"{device}.pem").read_bytes()
-        if not payload:
-            j = judge_report(None, "", seen=read_seen(fleet_dir, device), now=now,
-                             fleet=fleet, default_poll=default_poll)
-            rows.append(DeviceRow(device, False, j.detail, {}, j.flags))
-            continue
-        try:
-            report = verify_report(payload, pem, device)
-        except ReportSignatureError as e:
-            rows.append(DeviceRow(device, False, str(e), {}, (REJECTED,)))
-            continue
-        seen = read_seen(fleet_dir, device)
-        j = judge_report(report, report_digest(report), seen=seen, now=now, fleet=fleet,
+    with _seen_lock(fleet_dir):
+        return [_judge_device(device, payloads.get(device, b""), device in enrolled,
+                              fleet_dir, fleet, now, default_poll)
+                for device in sorted(enrolled | {d for d, p in payloads.items() if p})]
+
+
+@contextmanager
+def _seen_lock(fleet_dir: Path) -> Iterator[None]:
+    """Two ``fleet status`` runs at once must not move a device's newest seq back."""
+    d = fleet_dir / "seen"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OperatorInputError(f"cannot lock fleet state in {d}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _judge_device(device: str, payload: bytes, enrolled: bool, fleet_dir: Path, fleet: str,
+                  now: float, default_poll: float) -> DeviceRow:
+    pem = (fleet_dir / "devices" / f"{device}.pem").read_bytes() if enrolled else None
+    if not payload:
+        j = judge_report(None, "", seen=read_seen(fleet_dir, device), now=now, fleet=fleet,
                          default_poll=default_poll)
-        if j.seen is not None and j.seen != seen:
-            write_seen(fleet_dir, device, j.seen)
-        rows.append(DeviceRow(device, True, j.detail, report, j.flags))
-    return rows
+        return DeviceRow(device, False, j.detail, {}, j.flags)
+    try:
+        report = verify_report(payload, pem, device)
+    except ReportSignatureError as e:
+        return DeviceRow(device, False, str(e), {}, (REJECTED,))
+    seen = read_seen(fleet_dir, device)
+    j = judge_report(report, report_digest(report), seen=seen, now=now, fleet=fleet,
+                     default_poll=default_poll)
+    if j.seen is not None and j.seen != seen:
+        write_seen(fleet_dir, device, j.seen)
+    return DeviceRow(device, True, j.detail, report, j.flags)
 
 
 def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0,

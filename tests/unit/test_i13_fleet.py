@@ -253,3 +253,35 @@ def test_damaged_operator_state_is_named(tmp_path: Path) -> None:
         (fd / "seen" / "d1.json").write_bytes(junk)
         with pytest.raises(OperatorInputError, match="d1.json"):
             judge_fleet({"d1": _signed(k, "d1", 5)}, fd, "f1", NOW)
+
+
+def test_no_registry_is_an_operator_error(tmp_path: Path) -> None:
+    with pytest.raises(OperatorInputError, match="no fleet registry"):
+        judge_fleet({}, tmp_path / "nowhere", "f1", NOW)
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_concurrent_views_never_move_seen_back(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    import publisher._fleet as fleet_mod
+
+    real_write = fleet_mod.write_seen
+
+    def slow_write(fleet_dir: Path, device: str, seen: Seen) -> None:
+        time.sleep(0.02 if seen.seq < 20 else 0)  # older views finish last
+        real_write(fleet_dir, device, seen)
+
+    monkeypatch.setattr(fleet_mod, "write_seen", slow_write)
+    fd = tmp_path / "fleet"
+    k = _enrol(fd, "d1")
+    payloads = [_signed(k, "d1", n) for n in range(1, 21)]
+    threads = [threading.Thread(target=judge_fleet, args=({"d1": p}, fd, "f1", NOW))
+               for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert read_seen(fd, "d1") == Seen(20, report_digest(json.loads(payloads[-1])["report"]))
