@@ -204,7 +204,10 @@ def advance_sequence(state_dir: Path, now: float) -> int:
         ReportSequenceError: it cannot be persisted (then no report may be sent).
     """
     path = state_dir / SEQUENCE_FILE
-    seq = next_sequence(read_sequence(path), now)
+    try:
+        seq = next_sequence(read_sequence(path), now)
+    except ReportSequenceError as e:
+        raise ReportSequenceError(f"{e} ({path})", path=str(path)) from e
     try:
         write_atomic(path, f"{seq}\n".encode(), mode=0o600)
     except OSError as e:

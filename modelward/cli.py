@@ -322,7 +322,10 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
+    from trust.errors import OperatorInputError
 
+    if not args.poll_interval > 0:
+        raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
     if args.json:

@@ -187,6 +187,11 @@ def test_a_sequence_that_cannot_be_persisted_is_a_typed_error(tmp_path: Path) ->
     with pytest.raises(ReportSequenceError) as e:
         advance_sequence(tmp_path, NOW)
     assert e.value.path == str(tmp_path / SEQUENCE_FILE)
+    (tmp_path / SEQUENCE_FILE).rmdir()
+    (tmp_path / SEQUENCE_FILE).write_text(f"{MAX_SEQ}\n")  # planted: exhausted, no report
+    with pytest.raises(ReportSequenceError, match="exhausted") as e:
+        advance_sequence(tmp_path, NOW)
+    assert e.value.path == str(tmp_path / SEQUENCE_FILE)
 
 
 def test_build_report_carries_seq_time_poll_and_fleet() -> None:
@@ -285,3 +290,12 @@ def test_concurrent_views_never_move_seen_back(tmp_path: Path,
     for t in threads:
         t.join()
     assert read_seen(fd, "d1") == Seen(20, report_digest(json.loads(payloads[-1])["report"]))
+
+
+def test_cli_refuses_a_nonpositive_poll_interval(tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from modelward.cli import main
+
+    code = main(["fleet", "status", "--fleet-dir", str(tmp_path), "--broker",
+                 "mqtts://127.0.0.1:1", "--fleet", "f1", "--poll-interval", "0"])
+    assert code != 0 and "--poll-interval must be positive" in capsys.readouterr().err
