@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig
-from agent._observe import Metrics, build_report, notify_activation
+from agent._observe import Metrics, advance_sequence, build_report, notify_activation
 from trust import (
     ModelRef,
     ProvisionReport,
@@ -258,8 +258,16 @@ def enroll(cfg: AgentConfig) -> tuple[str, bytes]:
         tpm.close()
 
 
-def signed_report(cfg: AgentConfig, state: str) -> bytes:
-    """This device's status report, signed by its TPM identity key."""
+def signed_report(cfg: AgentConfig, state: str,
+                  clock: Callable[[], float] = time.time) -> bytes:
+    """This device's status report, signed by its TPM identity key.
+
+    Its sequence number is persisted before it is signed, so no number is ever sent twice
+    (trust/_report.py "Freshness").
+
+    Raises:
+        ReportSequenceError: the sequence number cannot be persisted.
+    """
     tpm = Tpm(cfg.tcti)
     try:
         store = TrustStore(cfg.state_dir, tpm)
@@ -268,8 +276,11 @@ def signed_report(cfg: AgentConfig, state: str) -> bytes:
         except ModelwardError as e:
             logger.error("status report without a trusted record: %s", e)
             record = None
+        now = clock()
         report = build_report(cfg.device_id, cfg.fleet, record, state,
-                              StatusFile(cfg.state_dir).read())
+                              StatusFile(cfg.state_dir).read(),
+                              seq=advance_sequence(cfg.state_dir, now), now=now,
+                              poll_interval=cfg.poll_interval)
         return sign_report(report, tpm)
     finally:
         tpm.close()

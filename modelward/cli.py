@@ -322,14 +322,18 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
+    from trust.errors import OperatorInputError
 
+    if not args.poll_interval > 0:
+        raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
-                          wait=args.wait)
+                          wait=args.wait, default_poll=args.poll_interval)
     if args.json:
-        print(json.dumps([{"device": r.device_id, "verified": r.verified,
-                           "problem": r.problem, "report": r.report} for r in rows]))
+        print(json.dumps([{"device": r.device_id, "status": r.status, "flags": list(r.flags),
+                           "verified": r.verified, "problem": r.problem, "report": r.report}
+                          for r in rows], allow_nan=False))
     else:
-        print(format_table(rows) if rows else "no status reports")
+        print(format_table(rows) if rows else "no enrolled devices and no status reports")
     return EXIT_OK
 
 
@@ -657,9 +661,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", required=True)
     f.add_argument("--key", type=Path, required=True, help="PEM from `agent enroll`")
     f.set_defaults(func=_fleet_add_device)
-    f = fsub.add_parser("status", help="verified table of the devices' signed status reports")
+    f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
+                        "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
     f.add_argument("--fleet-dir", type=Path, required=True)
     f.add_argument("--wait", type=float, default=2.0, help="seconds to collect reports")
+    f.add_argument("--poll-interval", type=float, default=3600.0,
+                   help="poll interval (s) of devices whose reports do not carry one; a "
+                   "report older than 3 of them is STALE")
     f.add_argument("--json", action="store_true")
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
