@@ -435,6 +435,9 @@ class Repository:
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
         if role is not None:  # refuse before anything reaches the served directory
             self._check_delegation(targets, role, target_path)
+            key_file = self.keys / f"delegated-{role}.pem"
+            if not key_file.exists():
+                raise TeamMustActError(role, f"publishing {target_path}", key_file)
         tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
         progress(tf.length)
         tf.unrecognized_fields["custom"] = {
