@@ -550,6 +550,11 @@ class Repository:
             raise RepositoryStateError(f"{name!r} cannot be a delegated role name")
         if not paths and not hash_prefixes:
             raise RepositoryStateError("a delegation needs at least one path pattern")
+        for pattern in paths or []:
+            if set(pattern.split("/", 1)[0]) & set("*?["):
+                logger.warning("delegation %s -> %s: pattern %r is not limited to one model's "
+                               "namespace (MODEL/...): the role may ship any model it matches",
+                               parent, name, pattern)
         targets, _, _ = self.current()
         parent_md: Metadata[Targets] = Metadata(targets) if parent == TOP else \
             self._role_md(parent)
@@ -596,12 +601,14 @@ class Repository:
     def _check_delegation(self, targets: Targets, role: str, target_path: str) -> None:
         """Devices must find ``target_path`` in ``role``: TUF's search for it ends there."""
         self._role_md(role)
-        hit = preorder_walk(target_path, self._loader(targets, (role, target_path)))
+        trail: list[str] = []
+        hit = preorder_walk(target_path, self._loader(targets, (role, target_path)),
+                            trail=trail)
         if hit is None or hit[0] != role:
-            where = "no role" if hit is None else f"role {hit[0]!r}"
+            where = f"from role {hit[0]!r}" if hit else "in none of the roles it reaches"
             raise RepositoryStateError(
                 f"{target_path} is outside the paths delegated to {role!r}: devices "
-                f"searching for it would take it from {where}",
+                f"searching for it (through {', '.join(trail)}) would take it {where}",
                 hint="a team key may publish only its own models")
 
     def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:

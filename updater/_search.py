@@ -282,11 +282,12 @@ def reachable_roles(model: str, load: Loader, max_delegations: int = 32) -> Reac
     return reach
 
 
-def preorder_walk(path: str, load: Loader,
-                  max_delegations: int = 32) -> tuple[str, TargetFile] | None:
+def preorder_walk(path: str, load: Loader, max_delegations: int = 32, *,
+                  trail: list[str] | None = None) -> tuple[str, TargetFile] | None:
     """TUF's target search for one path: the role that speaks for it and its entry.
 
-    The algorithm of ngclient's ``_preorder_depth_first_walk``, over ``load``.
+    The algorithm of ngclient's ``_preorder_depth_first_walk``, over ``load``; the
+    roles visited are appended to ``trail`` if given.
 
     Raises:
         whatever ``load`` raises.
@@ -298,6 +299,8 @@ def preorder_walk(path: str, load: Loader,
         if role in visited:
             continue
         targets = load(role, delegator)
+        if trail is not None:
+            trail.append(role)
         target = targets.targets.get(path)
         if target is not None:
             return role, target
