@@ -91,3 +91,21 @@ def test_withdraw_of_a_top_level_release_uncovering_a_team_copy(
     rel = [(f.path, f.role, f.target.custom["modelward"].get("withdrawn"))
            for f in repo.releases("m")]
     assert rel == [("m/again-1.0.0.tar", "targets", True)]
+
+
+def test_cli_delegates_from_a_team(repo: Repository, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from modelward.cli import main
+
+    monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASS.decode())
+    common = ["--repo", str(repo.repo), "--keys", str(repo.keys)]
+    assert main(["repo", "delegate", "vision", "--paths", "detector/*", "--non-terminating",
+                 *common]) == 0
+    assert main(["repo", "delegate", "edge", "--paths", "detector/e-*", "--parent", "vision",
+                 *common]) == 0
+    assert "by 'vision'" in capsys.readouterr().out
+    top = repo.current()[0].delegations
+    assert top is not None and top.roles is not None and not top.roles["vision"].terminating
+    vision = repo._role_md("vision").signed.delegations  # noqa: SLF001
+    assert vision is not None and vision.roles is not None
+    assert vision.roles["edge"].paths == ["detector/e-*"] and vision.roles["edge"].terminating
