@@ -50,9 +50,11 @@ class MemRepo:
         self.publish()
 
     def delegate(self, parent: str, name: str, *, paths: list[str] | None = None,
-                 hash_prefixes: list[str] | None = None, terminating: bool = False) -> None:
+                 hash_prefixes: list[str] | None = None, terminating: bool = False,
+                 key: CryptoSigner | None = None) -> None:
         """``parent`` delegates ``paths`` (or ``hash_prefixes``) to ``name`` (made if new,
-        with its own key; a second parent delegates to the same key)."""
+        with its own key; a second parent delegates to the same key unless ``key`` names
+        another, which then does not sign the role)."""
         if name not in self.signers:
             self.signers[name] = CryptoSigner.generate_ed25519()
         if name not in self.roles:
@@ -65,7 +67,7 @@ class MemRepo:
             name=name, keyids=[], threshold=1, terminating=terminating,
             paths=None if hash_prefixes is not None else (paths or []),
             path_hash_prefixes=hash_prefixes)
-        p.add_key(self.signers[name].public_key, name)
+        p.add_key((key or self.signers[name]).public_key, name)
 
     def add_target(self, role: str, path: str, data: bytes = b"x",
                    custom: dict[str, Any] | None = None) -> TargetFile:

@@ -135,7 +135,6 @@ class TufSession:
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
         self._fetcher = fetcher
-        self.roles_searched: list[str] = []
         self.targets_url = targets_url.rstrip("/") + "/"
         try:
             self._updater = _AnchoredUpdater(
@@ -210,7 +209,7 @@ class TufSession:
         """
         found, reach = find_releases(model, self._load_role,
                                      self._updater.config.max_delegations)
-        self.roles_searched = reach.roles()
+        logger.debug("releases of %s: %d found in roles %s", model, len(found), reach.roles())
         return found
 
     def candidates(self, model: str) -> list[Candidate]:

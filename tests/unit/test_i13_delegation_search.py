@@ -185,6 +185,45 @@ def test_a_role_that_fails_to_verify_ends_the_search(tmp_path: Path) -> None:
         s.search("m")
 
 
+def test_delegated_metadata_is_quoted_and_kept_as_ngclient_does(tmp_path: Path) -> None:
+    r = MemRepo()
+    r.delegate("targets", "team/a b", paths=["m/*"])
+    r.add_target("team/a b", "m/m-1.tar")
+    r.publish()
+    found, fetched = _search(r, tmp_path)
+    assert found == {"m/m-1.tar": "team/a b"} and fetched == ["team/a b"]
+    assert (tmp_path / "team%2Fa%20b.json").is_file()
+    # and a second session reads it from there: nothing fetched but the timestamp
+    s, f = _session(r, tmp_path)
+    assert [x.role for x in s.search("m")] == ["team/a b"]
+    assert f.roles_requested() == ["root", "timestamp"]
+
+
+def test_a_role_reached_through_a_parent_whose_keys_it_lacks(tmp_path: Path) -> None:
+    from securesystemslib.signer import CryptoSigner
+
+    from updater.errors import MetadataError
+
+    r = MemRepo()
+    r.delegate("targets", "left", paths=["m/a*"])
+    r.delegate("targets", "right", paths=["m/b*"])
+    r.delegate("left", "shared", paths=["m/a*"])
+    r.delegate("right", "shared", paths=["m/b*"], key=CryptoSigner.generate_ed25519())
+    r.add_target("shared", "m/a1.tar")
+    r.publish()
+    s, _ = _session(r, tmp_path / "a")
+    assert [x.path for x in s.search("m")] == ["m/a1.tar"]  # nothing listed needs `right`
+    r.add_target("shared", "m/b1.tar")
+    r.publish()
+    u = Updater(str(tmp_path / "ref"), METADATA_URL, target_base_url=TARGETS_URL,
+                fetcher=MemFetcher(r), bootstrap=r.root_bytes)
+    with pytest.raises(Exception) as ref:
+        u.get_targetinfo("m/b1.tar")  # ngclient: `shared` does not verify through `right`
+    s, _ = _session(r, tmp_path / "b")
+    with pytest.raises(MetadataError, match=type(ref.value).__name__):
+        s.search("m")
+
+
 # -- differential: the device's search against ngclient's, on random graphs ---------
 
 _PATTERNS = ["m/*", "m/a*", "m/a1.tar", "m/b*", "*/*", "x/*", "m/*.tar", "m/b2.tar", "m/?1*",
