@@ -22,7 +22,7 @@ from tuf.ngclient import Updater
 from updater._fetcher import RangeFetcher
 from updater._search import TOP, Found, find_releases
 from updater._semver import SemVer
-from updater.errors import DownloadFailedError, MetadataError
+from updater.errors import DownloadFailedError, MetadataError, StagingError
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +146,8 @@ class TufSession:
             )
         except (tuf_exc.RepositoryError, ValueError) as e:
             raise MetadataError(f"anchored root cannot be loaded: {e}") from e
+        except OSError as e:
+            raise _unwritable(metadata_dir, e) from e
 
     def refresh(self) -> None:
         """Refresh top-level metadata (root chain, timestamp, snapshot, targets).
@@ -153,6 +155,7 @@ class TufSession:
         Raises:
             MetadataError: the repository's metadata failed verification.
             DownloadFailedError: the origin did not deliver.
+            StagingError: verified metadata cannot be written to the metadata directory.
         """
         try:
             self._updater.refresh()
@@ -160,6 +163,8 @@ class TufSession:
             last = getattr(self._fetcher, "last_url", "")
             raise convert_tuf_error(e, f"metadata refresh (at {last})" if last
                                     else "metadata refresh") from e
+        except OSError as e:  # ngclient persists each role as it verifies
+            raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
 
     @property
     def root_bytes(self) -> bytes:
@@ -196,6 +201,8 @@ class TufSession:
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
             raise convert_tuf_error(e, f"delegated role {role} (delegated by {delegator})") \
                 from e
+        except OSError as e:
+            raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
         return targets
 
     def search(self, model: str) -> list[Found]:
@@ -206,6 +213,7 @@ class TufSession:
         Raises:
             MetadataError: a role the search reaches failed verification.
             DownloadFailedError: the origin did not deliver one.
+            StagingError: a verified role cannot be written to the metadata directory.
         """
         found, reach = find_releases(model, self._load_role,
                                      self._updater.config.max_delegations)
@@ -226,6 +234,10 @@ class TufSession:
             if cand is not None:
                 out.append(cand)
         return out
+
+
+def _unwritable(metadata_dir: Path, e: OSError) -> StagingError:
+    return StagingError(f"cannot write TUF metadata in {metadata_dir}: {e}")
 
 
 def _candidate(f: Found, model: str) -> Candidate | None:

@@ -224,6 +224,19 @@ def test_a_role_reached_through_a_parent_whose_keys_it_lacks(tmp_path: Path) -> 
         s.search("m")
 
 
+def test_metadata_that_cannot_be_written_is_a_typed_error(tmp_path: Path) -> None:
+    import shutil
+
+    from updater.errors import StagingError
+
+    r = MemRepo()
+    f = MemFetcher(r)
+    s = TufSession(tmp_path / "md", METADATA_URL, TARGETS_URL, f, r.root_bytes)
+    shutil.rmtree(tmp_path / "md")  # ngclient persists the timestamp as it verifies
+    with pytest.raises(StagingError, match="cannot write TUF metadata"):
+        s.refresh()
+
+
 # -- differential: the device's search against ngclient's, on random graphs ---------
 
 _PATTERNS = ["m/*", "m/a*", "m/a1.tar", "m/b*", "*/*", "x/*", "m/*.tar", "m/b2.tar", "m/?1*",
