@@ -51,6 +51,24 @@ def _snapshot_forged(w: World) -> Callable[[], None]:
     return a.restore
 
 
+def _snapshot_hash_mismatch(w: World) -> Callable[[], None]:
+    # A timestamp that pins the snapshot's length and hash, and snapshot bytes that differ
+    # from it (same signed content, re-serialized).
+    a = _attacker(w)
+    snap_name, _ = a.current_names()
+    real = (a.metadata / snap_name).read_bytes()
+    ts = a.load("timestamp.json")
+    ts.signed.snapshot_meta = MetaFile(version=ts.signed.snapshot_meta.version,
+                                       length=len(real),
+                                       hashes={"sha256": hashlib.sha256(real).hexdigest()})
+    ts.signatures.clear()
+    ts.sign(a.stolen("timestamp"))
+    a.serve(a.metadata / "timestamp.json", ts.to_bytes(JSONSerializer()))
+    a.serve(a.metadata / snap_name,
+            Metadata.from_bytes(real).to_bytes(JSONSerializer(compact=True)))
+    return a.restore
+
+
 def _targets_hash_mismatch(w: World) -> Callable[[], None]:
     # A snapshot that pins the targets file's length and hash (as the spec allows), and
     # targets bytes that differ from it (same signed content, re-serialized).
@@ -84,11 +102,13 @@ def _targets_expired(w: World) -> Callable[[], None]:
 CASES = {
     "snapshot-404": (_snapshot_404, DownloadFailedError, "snapshot"),
     "snapshot-forged": (_snapshot_forged, MetadataError, "snapshot"),
+    "snapshot-hash-mismatch": (_snapshot_hash_mismatch, MetadataError, "snapshot"),
     "targets-hash-mismatch": (_targets_hash_mismatch, MetadataError, "targets"),
     "targets-404": (_targets_404, DownloadFailedError, "targets"),
     "targets-expired": (_targets_expired, MetadataError, "targets"),
 }
 REASON = {"snapshot-forged": "UnsignedMetadataError",
+          "snapshot-hash-mismatch": "LengthOrHashMismatchError",
           "targets-hash-mismatch": "LengthOrHashMismatchError",
           "targets-expired": "ExpiredMetadataError"}
 
