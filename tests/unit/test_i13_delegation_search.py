@@ -308,3 +308,44 @@ def test_pure_walk_matches_on_loaded_roles() -> None:
     assert preorder_walk("m/1.tar", load) == ("a", roles["a"].targets["m/1.tar"])  # type: ignore[arg-type]
     found, _ = find_releases("m", load)  # type: ignore[arg-type]
     assert [(x.path, x.role) for x in found] == [("m/1.tar", "a")]
+
+
+def test_class_reasoning_is_sound_against_tufs_own_matcher() -> None:
+    """What the walk claims to know about patterns holds for every sample path."""
+    from tuf.api.metadata import DelegatedRole
+
+    from updater._search import (
+        _atom_implies,
+        _atom_possible,
+        _atom_universal,
+        _atoms_disjoint,
+        _Hash,
+        _Pattern,
+    )
+
+    pats = ["m/*", "m/a*", "m/a1.tar", "m/b*", "*/*", "x/*", "m/*.tar", "m/b2.tar", "m/?1*",
+            "*", "m/*/*", "m/[ab]*", "?/a*", "m/**", "m/a1.tar*"]
+    paths = [f"m/{a}{b}{c}" for a in ("a", "b", "c", "") for b in ("1", "2", "")
+             for c in (".tar", "")]
+    paths = [p for p in paths if p != "m/"]
+
+    def hit(atom: object, path: str) -> bool:
+        if isinstance(atom, _Pattern):
+            role = DelegatedRole("r", [], 1, False, paths=[atom.pattern])
+        else:
+            assert isinstance(atom, _Hash)
+            role = DelegatedRole("r", [], 1, False, path_hash_prefixes=sorted(atom.prefixes))
+        return role.is_delegated_path(path)
+
+    atoms: list[object] = [_Pattern(p) for p in pats]
+    atoms += [_Hash(frozenset({p})) for p in ("", "0", "a", "ab", "f")]
+    for a in atoms:
+        if not _atom_possible(a, "m"):  # type: ignore[arg-type]
+            assert not any(hit(a, p) for p in paths), a
+        if _atom_universal(a, "m"):  # type: ignore[arg-type]
+            assert all(hit(a, p) for p in paths), a
+        for b in atoms:
+            if _atoms_disjoint(a, b, "m"):  # type: ignore[arg-type]
+                assert not any(hit(a, p) and hit(b, p) for p in paths), (a, b)
+            if _atom_implies(a, b, "m"):  # type: ignore[arg-type]
+                assert all(hit(b, p) for p in paths if hit(a, p)), (a, b)
