@@ -137,8 +137,10 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def _repo_delegate(args: argparse.Namespace) -> int:
-    key = _repository(args).delegate(args.name, args.paths)
-    print(f"delegated {', '.join(args.paths)} to role {args.name!r}; its key: {key}")
+    key = _repository(args).delegate(args.name, args.paths, parent=args.parent,
+                                     terminating=not args.non_terminating)
+    print(f"delegated {', '.join(args.paths)} to role {args.name!r} (by {args.parent!r}); "
+          f"its key: {key}")
     return EXIT_OK
 
 
@@ -549,6 +551,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", help="the delegated role (team) name")
     r.add_argument("--paths", nargs="+", required=True, metavar="PATTERN",
                    help='target path patterns, e.g. "detector/*"')
+    r.add_argument("--parent", default="targets",
+                   help="the delegating role: top-level targets, or a team whose key is here")
+    r.add_argument("--non-terminating", action="store_true",
+                   help="let TUF's search go on to later roles for these paths")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_delegate)

@@ -448,8 +448,9 @@ def _attempt(
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
         store.rotate_root(session.root_bytes)
     check_metadata_not_rolled_back(record, session.targets_version)
+    # Decided only here, on the refresh and delegation search that verified as a whole
+    # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
     choice = choose_release(session.candidates(cfg.model), cfg.device_id, cfg.channel)
-    session.commit()  # the refresh verified as a whole: now it may persist
     active = record.active
     newest = choice.release if choice else None
     if not isinstance(newest, Candidate) or not _should_install(choice, active):

@@ -277,7 +277,6 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
             s = TufSession(world.state / "metadata", https.metadata_url, https.targets_url,
                            fetcher, root)
             s.refresh()
-            s.commit()
 
             def gets() -> list[str]:
                 return [line.split('"')[1].split()[1].rsplit("/", 1)[1]
