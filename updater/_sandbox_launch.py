@@ -138,6 +138,8 @@ def _prctl(what: str, option: int, arg: int) -> None:
 
 def _rlimits(limits: dict[str, int]) -> None:
     for name, value in limits.items():
+        if value < 0:  # setrlimit would read -1 as "unlimited"
+            raise Missing(f"RLIMIT_{name}", f"refusing the negative limit {value}")
         soft = hard = value
         if name == "CPU":
             hard = value + 5  # SIGXCPU at the soft limit, SIGKILL 5 s later
