@@ -634,7 +634,8 @@ def bench_health(work: Path, n: int) -> None:
     and loads it, and sandboxed vs unsandboxed (the sandbox's added cost)."""
     from publisher import BuildOptions
     from updater import HealthConfig, extract_bundle
-    from updater._health import run_health_check
+    from updater._health import health_policy, run_health_check
+    from updater._sandbox import run as sandbox_run
 
     model = make_linear_model(work / "big.onnx", 3, in_dim=5000, out_dim=5000)
     bundle = work / "big.tar"
@@ -655,6 +656,14 @@ def bench_health(work: Path, n: int) -> None:
     }, n)
     report(f"Health check of a {size / 1e6:.0f} MB model", res,
            "ours: health check (child, vectors)", 0)
+    # the sandbox's fixed cost, on a program that does nothing
+    policy = health_policy(slot, HealthConfig(), os.environ, 1 << 30)
+    res = rounds({
+        "ours: /usr/bin/true in the sandbox": lambda: sandbox_run(
+            ["/usr/bin/true"], policy, timeout=60),
+        "/usr/bin/true, bare": lambda: subprocess.run(["/usr/bin/true"], check=True),
+    }, n)
+    report("Sandbox start (fixed cost)", res, "ours: /usr/bin/true in the sandbox", 0)
 
 
 def bench_latency(env: Env, work: Path, n: int) -> None:

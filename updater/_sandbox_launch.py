@@ -8,7 +8,8 @@ What it sets up (all of it, or the program never runs):
 
 * ``PR_SET_NO_NEW_PRIVS``, ``PR_SET_PDEATHSIG`` (dies with the agent), ``oom_score_adj`` 1000
   (the kernel kills it before the inference app), niceness;
-* resource limits: address space, CPU seconds, file size, core size, open files;
+* resource limits: address space, CPU seconds, file size (0: also no memfd or shm growth),
+  core size, open files; then every capability dropped (root in CI cannot raise them back);
 * Landlock: the file system is read-only, and only the listed paths are visible at all (no
   state dir, no trust record, no credentials, no ``/dev/tpm*``); TCP bind/connect denied
   (ABI >= 4); abstract UNIX sockets and signals to processes outside the sandbox denied
@@ -40,7 +41,9 @@ from typing import Any
 EXIT_SANDBOX = 121
 
 PR_SET_PDEATHSIG = 1
+PR_CAPBSET_DROP = 24
 PR_SET_NO_NEW_PRIVS = 38
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
 SECCOMP_SET_MODE_FILTER = 1
 
 # Landlock (include/uapi/linux/landlock.h)
@@ -71,7 +74,7 @@ _COMMON_DENY = (
 _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (0xC000003E, {
         "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "kill": 62, "tgkill": 234,
-        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "seccomp": 317,
+        "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "seccomp": 317, "capset": 126,
         "landlock_create_ruleset": 444, "landlock_add_rule": 445, "landlock_restrict_self": 446,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "clone3": 435,
         "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_open": 434,
@@ -86,7 +89,7 @@ _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     }),
     "aarch64": (0xC00000B7, {
         "socket": 198, "clone": 220, "kill": 129, "tgkill": 131, "rt_sigqueueinfo": 138,
-        "rt_tgsigqueueinfo": 240, "seccomp": 277,
+        "rt_tgsigqueueinfo": 240, "seccomp": 277, "capset": 91,
         "landlock_create_ruleset": 444, "landlock_add_rule": 445, "landlock_restrict_self": 446,
         "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "clone3": 435,
         "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_open": 434,
@@ -134,6 +137,39 @@ def _arch() -> tuple[int, dict[str, int]]:
 def _prctl(what: str, option: int, arg: int) -> None:
     if _libc.prctl(option, ctypes.c_ulong(arg), 0, 0, 0) != 0:
         raise _err(what, f"prctl({option})")
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+def _cap_eff() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    raise Missing("capabilities", "no CapEff in /proc/self/status")
+
+
+def _drop_capabilities() -> None:
+    """Root (CI) drops every capability, so it cannot raise its limits again or bypass
+    anything; the unprivileged agent has none to drop."""
+    if _cap_eff() == 0:
+        return
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and \
+                ctypes.get_errno() != errno.EINVAL:  # EINVAL: past the kernel's last cap
+            raise _err("capabilities", f"prctl(PR_CAPBSET_DROP, {cap})")
+    hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    if _libc.syscall(_arch()[1]["capset"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        raise _err("capabilities", "capset(0)")
+    if _cap_eff() != 0:
+        raise Missing("capabilities", "capabilities are still effective after capset")
 
 
 def _rlimits(limits: dict[str, int]) -> None:
@@ -293,6 +329,7 @@ def apply(spec: dict[str, Any]) -> None:
     if spec.get("nice"):
         os.nice(int(spec["nice"]))
     _rlimits({str(k): int(v) for k, v in spec["rlimits"].items()})
+    _drop_capabilities()
     if not spec["isolate"]:  # [health] unsafe_no_sandbox: the limits only
         return
     _landlock(list(spec["read_exec"]), list(spec["read_only"]), list(spec["read_write"]))

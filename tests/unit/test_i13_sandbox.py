@@ -147,7 +147,7 @@ out = {}
 def attempt(name, fn):
     try:
         fn(); out[name] = "ok"
-    except (OSError, MemoryError) as e:
+    except (OSError, MemoryError, ValueError) as e:
         out[name] = type(e).__name__
 def fork():
     if os.fork() == 0:
@@ -164,6 +164,11 @@ attempt("read_proc_parent_environ",
         lambda: open("/proc/%d/environ" % os.getppid(), "rb").read())
 attempt("alloc_1g", lambda: bytearray(1 << 30))
 attempt("inherited_fd", lambda: os.fstat(int(sys.argv[1])))
+attempt("raise_as", lambda: resource.setrlimit(resource.RLIMIT_AS, (-1, -1)))
+def memfd():
+    fd = os.memfd_create("hog")
+    os.ftruncate(fd, 1 << 30)
+attempt("memfd_grow", memfd)
 out["as"] = resource.getrlimit(resource.RLIMIT_AS)[0]
 out["fsize"] = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
 out["cpu"] = resource.getrlimit(resource.RLIMIT_CPU)[0]
@@ -186,6 +191,8 @@ def test_probe_cannot_fork_signal_write_or_allocate_past_the_limit(tmp_path: Pat
     assert got["read_proc_parent_environ"] == "PermissionError", got
     assert got["alloc_1g"] == "MemoryError", got
     assert got["inherited_fd"] == "OSError", got
+    assert got["raise_as"] == "ValueError" or got["raise_as"] == "PermissionError", got
+    assert got["memfd_grow"] == "OSError", got  # RLIMIT_FSIZE 0: EFBIG
     assert (got["as"], got["fsize"]) == (512 << 20, 0) and got["cpu"] == 120, got
     assert not Path("/tmp/modelward-sandbox-probe").exists()
 
