@@ -197,3 +197,19 @@ def test_probe_in_health_sandbox_cannot_reach_network_tpm_or_trust_record(
     assert got["env"] == [], got
     assert world.snapshot() == before
     assert not (state / "current.new").exists() and not (state / "slots" / "evil").exists()
+
+
+def test_tpm2_tools_exec_from_the_health_sandbox_cannot_reach_the_tpm(world: World) -> None:
+    """A model that gets code execution may ``execve`` tpm2-tools (exec is allowed, the
+    sandbox is inherited): it cannot reach the swtpm; without the sandbox it can."""
+    before = world.snapshot()
+    incoming = world.state.resolve() / "staging" / "incoming"
+    incoming.mkdir(parents=True)
+    cfg = HealthConfig()
+    policy = health_policy(incoming, cfg, os.environ, memory_limit(cfg))
+    argv = ["/usr/bin/tpm2_getrandom", "-T", world.tpm.tcti, "--hex", "8"]
+    bare = run(argv, dataclasses.replace(policy, isolate=False), timeout=60)
+    assert bare.returncode == 0 and len(bare.stdout) == 16, bare
+    boxed = run(argv, policy, timeout=60)
+    assert boxed.returncode != 0 and boxed.stdout == b"", boxed
+    assert world.snapshot() == before
