@@ -70,7 +70,22 @@ _COMMON_DENY = (
     "kexec_file_load", "init_module", "finit_module", "delete_module", "reboot", "swapon",
     "swapoff", "acct", "quotactl", "open_by_handle_at", "name_to_handle_at", "move_mount",
     "fsopen", "fsmount", "fspick", "open_tree", "mount_setattr",
+    # Landlock does not cover these: truncate(2) before ABI 3, and metadata of any path
+    # (mode, owner, times, xattrs: a chmod 000 of the trust record is a denial of service)
+    "truncate", "chmod", "fchmod", "fchmodat", "fchmodat2", "chown", "fchown", "lchown",
+    "fchownat", "utime", "utimes", "futimesat", "utimensat", "setxattr", "lsetxattr",
+    "fsetxattr", "removexattr", "lremovexattr", "fremovexattr", "setxattrat", "removexattrat",
+    "inotify_init", "inotify_init1", "inotify_add_watch", "fanotify_init", "fanotify_mark",
+    # priority of other processes (PRIO_USER would slow the agent and the app)
+    "setpriority", "ioprio_set", "kcmp", "process_madvise", "process_mrelease",
 )
+# Calls that name a process in args[0]: only 0 (itself) or its own pid. Landlock's ptrace
+# rule does not cover these (prlimit64 on the agent could set its RLIMIT_NOFILE to 0).
+_SELF_ONLY = ("prlimit64", "sched_setaffinity", "sched_setscheduler", "sched_setparam",
+              "sched_setattr", "migrate_pages", "move_pages")
+# Same syscall numbers on every architecture (the unified table since Linux 5.x).
+_UNIFIED = {"fchmodat2": 452, "setxattrat": 463, "removexattrat": 466,
+            "process_madvise": 440, "process_mrelease": 448}
 _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
     "x86_64": (0xC000003E, {
         "socket": 41, "clone": 56, "fork": 57, "vfork": 58, "kill": 62, "tgkill": 234,
@@ -86,6 +101,15 @@ _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
         "swapon": 167, "swapoff": 168, "acct": 163, "quotactl": 179, "open_by_handle_at": 304,
         "name_to_handle_at": 303, "move_mount": 429, "fsopen": 430, "fsmount": 432,
         "fspick": 433, "open_tree": 428, "mount_setattr": 442, "ioperm": 173, "iopl": 172,
+        "truncate": 76, "chmod": 90, "fchmod": 91, "fchmodat": 268, "chown": 92,
+        "fchown": 93, "lchown": 94, "fchownat": 260, "utime": 132, "utimes": 235,
+        "futimesat": 261, "utimensat": 280, "setxattr": 188, "lsetxattr": 189,
+        "fsetxattr": 190, "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199,
+        "inotify_init": 253, "inotify_init1": 294, "inotify_add_watch": 254,
+        "fanotify_init": 300, "fanotify_mark": 301, "setpriority": 141, "ioprio_set": 251,
+        "kcmp": 312, "prlimit64": 302, "sched_setaffinity": 203, "sched_setscheduler": 144,
+        "sched_setparam": 142, "sched_setattr": 314, "migrate_pages": 256, "move_pages": 279,
+        **_UNIFIED,
     }),
     "aarch64": (0xC00000B7, {
         "socket": 198, "clone": 220, "kill": 129, "tgkill": 131, "rt_sigqueueinfo": 138,
@@ -101,6 +125,13 @@ _SYSCALLS: dict[str, tuple[int, dict[str, int]]] = {
         "swapon": 224, "swapoff": 225, "acct": 89, "quotactl": 60, "open_by_handle_at": 265,
         "name_to_handle_at": 264, "move_mount": 429, "fsopen": 430, "fsmount": 432,
         "fspick": 433, "open_tree": 428, "mount_setattr": 442,
+        "truncate": 45, "fchmod": 52, "fchmodat": 53, "fchown": 55, "fchownat": 54,
+        "utimensat": 88, "setxattr": 5, "lsetxattr": 6, "fsetxattr": 7, "removexattr": 14,
+        "lremovexattr": 15, "fremovexattr": 16, "inotify_init1": 26, "inotify_add_watch": 27,
+        "fanotify_init": 262, "fanotify_mark": 263, "setpriority": 140, "ioprio_set": 30,
+        "kcmp": 272, "prlimit64": 261, "sched_setaffinity": 122, "sched_setscheduler": 119,
+        "sched_setparam": 118, "sched_setattr": 274, "migrate_pages": 238, "move_pages": 239,
+        **_UNIFIED,
     }),
 }
 
@@ -262,13 +293,17 @@ def seccomp_program(arch: int, nr: dict[str, int], pid: int) -> bytes:
         if name in nr:
             prog.extend([_bpf(BPF_JEQ_K, nr[name], 0, 1), _bpf(BPF_RET_K, ret)])
 
-    def arg0_is(name: str, value: int, mask: bool = False) -> None:
-        # name(arg0, ...): allowed only if arg0 == value (or has the bits of value)
-        prog.extend([_bpf(BPF_JEQ_K, nr[name], 0, 4),
-                     _bpf(BPF_LD_W_ABS, 16),              # low 32 bits of args[0]
-                     _bpf(BPF_JSET_K if mask else BPF_JEQ_K, value, 0, 1),
-                     _bpf(BPF_RET_K, RET_ALLOW),
-                     _bpf(BPF_RET_K, eperm)])
+    def arg0_is(name: str, *values: int, mask: bool = False) -> None:
+        # name(arg0, ...): allowed only if args[0] is one of values (or has their bits);
+        # pids and clone flags fit in the low 32 bits, the high half must be 0
+        n = len(values)
+        prog.extend([_bpf(BPF_JEQ_K, nr[name], 0, 5 + n),   # not this call: next block
+                     _bpf(BPF_LD_W_ABS, 20),              # high 32 bits of args[0]
+                     _bpf(BPF_JEQ_K, 0, 0, 1 + n),
+                     _bpf(BPF_LD_W_ABS, 16)])             # low 32 bits of args[0]
+        for i, v in enumerate(values):
+            prog.append(_bpf(BPF_JSET_K if mask else BPF_JEQ_K, v, n - i, 0))
+        prog.extend([_bpf(BPF_RET_K, eperm), _bpf(BPF_RET_K, RET_ALLOW)])
 
     deny("socket", eacces)
     for name in ("io_uring_setup", "io_uring_enter", "io_uring_register", "clone3"):
@@ -279,6 +314,8 @@ def seccomp_program(arch: int, nr: dict[str, int], pid: int) -> bytes:
     arg0_is("clone", CLONE_THREAD, mask=True)             # threads yes, processes no
     for name in ("kill", "tgkill", "rt_sigqueueinfo", "rt_tgsigqueueinfo"):
         arg0_is(name, pid)                                # signals to itself only
+    for name in _SELF_ONLY:
+        arg0_is(name, 0, pid)
     prog.append(_bpf(BPF_RET_K, RET_ALLOW))
     return b"".join(prog)
 

@@ -169,6 +169,23 @@ def memfd():
     fd = os.memfd_create("hog")
     os.ftruncate(fd, 1 << 30)
 attempt("memfd_grow", memfd)
+ppid = os.getppid()
+attempt("prlimit_agent", lambda: resource.prlimit(ppid, resource.RLIMIT_NOFILE, (0, 0)))
+attempt("prlimit_self", lambda: resource.prlimit(0, resource.RLIMIT_CORE, (0, 0)))
+attempt("affinity_agent", lambda: os.sched_setaffinity(ppid, {0}))
+attempt("affinity_self", lambda: os.sched_setaffinity(0, os.sched_getaffinity(0)))
+attempt("renice_user", lambda: os.setpriority(os.PRIO_USER, os.getuid(), 19))
+attempt("chmod_staged", lambda: os.chmod(sys.argv[2], 0))
+attempt("truncate_staged", lambda: os.truncate(sys.argv[2], 0))
+attempt("utime_staged", lambda: os.utime(sys.argv[2], (0, 0)))
+import ctypes, platform
+from updater._sandbox_launch import _SYSCALLS
+libc = ctypes.CDLL(None, use_errno=True)
+def raw(name, *args):
+    if libc.syscall(_SYSCALLS[platform.machine()][1][name], *args) != 0:
+        raise OSError(ctypes.get_errno(), name)
+attempt("move_pages_agent", lambda: raw("move_pages", ppid, 0, None, None, None, 0))
+attempt("kill_minus_1", lambda: os.kill(-1, 0))
 out["as"] = resource.getrlimit(resource.RLIMIT_AS)[0]
 out["fsize"] = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
 out["cpu"] = resource.getrlimit(resource.RLIMIT_CPU)[0]
@@ -180,7 +197,9 @@ def test_probe_cannot_fork_signal_write_or_allocate_past_the_limit(tmp_path: Pat
     leak = os.open(tmp_path / "secret", os.O_CREAT | os.O_RDWR)
     os.set_inheritable(leak, True)  # even an inheritable fd of the agent is closed
     try:
-        done = run([sys.executable, "-c", _PROBE, str(leak)], _policy(tmp_path), timeout=60)
+        policy = _policy(tmp_path)
+        staged = str(Path(policy.read_only[0]) / "model.onnx")
+        done = run([sys.executable, "-c", _PROBE, str(leak), staged], policy, timeout=60)
     finally:
         os.close(leak)
     assert done.returncode == 0, done.stderr.decode()
@@ -195,6 +214,11 @@ def test_probe_cannot_fork_signal_write_or_allocate_past_the_limit(tmp_path: Pat
     assert got["memfd_grow"] == "OSError", got  # RLIMIT_FSIZE 0: EFBIG
     assert (got["as"], got["fsize"]) == (512 << 20, 0) and got["cpu"] == 120, got
     assert not Path("/tmp/modelward-sandbox-probe").exists()
+    for name in ("prlimit_agent", "affinity_agent", "renice_user", "chmod_staged",
+                 "truncate_staged", "utime_staged", "move_pages_agent", "kill_minus_1"):
+        assert got[name] == "PermissionError", (name, got)
+    assert got["prlimit_self"] == got["affinity_self"] == "ok", got
+    assert Path(staged).read_bytes() == b"staged" and Path(staged).stat().st_mode & 0o777
 
 
 def test_output_time_and_cpu_are_bounded(tmp_path: Path) -> None:
