@@ -295,3 +295,48 @@ def test_unit_bounds_memory_and_allows_the_sandbox_calls() -> None:
     launcher = (Path(__file__).resolve().parents[2] / "updater" / "_sandbox_launch.py")
     used = set(re.findall(r'nr\["(\w+)"\]', launcher.read_text()))
     assert used and used <= allowed, used - allowed
+
+
+# --- a kernel without Landlock or seccomp: fail closed, or run unsafe only when named --------
+
+_WRAPPER = """
+import sys
+sys.path.insert(0, {root!r})
+import updater._sandbox_launch as L
+{patch}
+sys.exit(L.main(sys.argv))
+"""
+
+
+@pytest.mark.parametrize("patch, missing", [
+    ("L.landlock_abi = lambda: 0", "landlock"),
+    ("L.SECCOMP_SET_MODE_FILTER = 99", "seccomp"),
+    ("L.PR_SET_NO_NEW_PRIVS = 9999", "no_new_privs"),
+])
+def test_health_check_fails_closed_when_an_isolation_is_missing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        patch: str, missing: str) -> None:
+    from publisher import BuildOptions, build_bundle
+    from simulator._models import make_linear_model
+    from updater import extract_bundle
+
+    wrapper = tmp_path / "launch.py"
+    wrapper.write_text(_WRAPPER.format(root=str(Path(__file__).resolve().parents[2]),
+                                       patch=patch))
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", wrapper)
+    bundle = tmp_path / "m.tar"
+    build_bundle(make_linear_model(tmp_path / "m.onnx", 1), "m", "1.0.0", bundle,
+                 options=BuildOptions())
+    slot = tmp_path / "state" / "staging" / "incoming"
+    slot.mkdir(parents=True)
+    with open(bundle, "rb") as f:
+        extract_bundle(f, slot, "m")
+    with pytest.raises(SandboxError) as e:
+        run_health_check(slot, "m", "1.0.0", HealthConfig(timeout=60))
+    assert e.value.missing == missing and missing in str(e.value), e.value
+    assert "unsafe_no_sandbox" in e.value.hint
+    if missing != "no_new_privs":  # the limits still apply: only Landlock/seccomp are skipped
+        with caplog.at_level(logging.WARNING):
+            assert "match" in run_health_check(
+                slot, "m", "1.0.0", HealthConfig(timeout=60, unsafe_no_sandbox=True))
+        assert "WITHOUT its sandbox" in caplog.text
