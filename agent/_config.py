@@ -258,9 +258,9 @@ def _health(d: Any, path: Path) -> HealthConfig:
         v = d.get(key)
         if v is None:
             return None
-        if isinstance(v, bool) or not isinstance(v, int | float) or v <= 0:
-            raise ConfigError(f"{path}: 'health.{key}' must be a positive number",
-                              path=str(path), key=f"health.{key}")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e6:
+            raise ConfigError(f"{path}: 'health.{key}' must be a number of seconds from 0 "
+                              "to 1e6", path=str(path), key=f"health.{key}")
         return float(v)
 
     unsafe = d.get("unsafe_no_sandbox", False)
@@ -289,7 +289,7 @@ def _bytes(v: Any, path: Path, key: str) -> int | None:
         n = v
     elif isinstance(v, str) and (m := _SIZE.fullmatch(v.strip())):
         n = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if n is None or n < (64 << 20):
+    if n is None or not (64 << 20) <= n <= (1 << 50):
         raise ConfigError(f"{path}: {key!r} must be a size of at least 64M (bytes, or a "
                           f"string like \"512M\" or \"2G\"), not {v!r}", path=str(path),
                           key=key)

@@ -212,7 +212,7 @@ def _rlimits(limits: dict[str, int]) -> None:
             hard = value + 5  # SIGXCPU at the soft limit, SIGKILL 5 s later
         try:
             resource.setrlimit(_RLIMITS[name], (soft, hard))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, OverflowError, KeyError) as e:
             raise Missing(f"RLIMIT_{name}", f"setrlimit({soft}, {hard}) failed: {e}") from e
 
 
@@ -389,6 +389,9 @@ def main(argv: list[str]) -> int:
     except OSError as e:
         os.write(status, json.dumps({"missing": "exec",
                                      "detail": f"cannot run {target[0]}: {e}"}).encode() + b"\n")
+    except Exception as e:  # noqa: BLE001 - any surprise is reported: never an unconfined run
+        os.write(status, json.dumps({"missing": "launcher", "detail": f"{type(e).__name__}: "
+                                     f"{e}"}).encode() + b"\n")
     return EXIT_SANDBOX
 
 
