@@ -96,6 +96,16 @@ def test_auto_max_memory_is_half_the_free_memory_capped() -> None:
     assert auto_max_memory(meminfo, "max", "123", cap=2 << 30) == 1000000 * 1024 // 2
 
 
+def test_default_memory_limit_is_below_what_is_free_and_below_3gib() -> None:
+    from updater._health import memory_limit
+
+    free = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
+               .group(1)) * 1024  # type: ignore[union-attr]
+    limit = memory_limit(HealthConfig())
+    assert 0 < limit <= min(free // 2 + (64 << 20), 2 << 30)  # 3 GiB cannot fit
+    assert memory_limit(HealthConfig(max_memory=5 << 30)) == 5 << 30
+
+
 def test_policy_hides_the_state_dir_and_secrets(tmp_path: Path) -> None:
     p = _policy(tmp_path)
     state = str((tmp_path / "state").resolve())
