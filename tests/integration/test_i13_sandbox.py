@@ -136,6 +136,7 @@ for dev in targets["devices"]:
 attempt("record_read", lambda: open(targets["record"], "rb").close())
 attempt("state_list", lambda: os.listdir(targets["state"]))
 attempt("config_read", lambda: open(targets["config"], "rb").close())
+attempt("mqtt_password_read", lambda: open(targets["password"], "rb").close())
 attempt("staged_read", lambda: open(targets["staged"], "rb").read())
 if targets["writes"]:  # only inside the sandbox: these would harm the device
     attempt("record_write", lambda: open(targets["record"], "r+b").close())
@@ -167,11 +168,14 @@ def test_probe_in_health_sandbox_cannot_reach_network_tpm_or_trust_record(
     monkeypatch.setenv("TSS2_TCTI", world.tpm.tcti)
     port = int(re.search(r"port=(\d+)", world.tpm.tcti).group(1))  # type: ignore[union-attr]
     listener = socket.create_server(("127.0.0.1", 0))
+    password = world.conf_path.parent / "mqtt-password"  # where [mqtt] password_file lives
+    password.write_text("device secret\n")
     devices = [p for p in ("/dev/tpm0", "/dev/tpmrm0", "/dev/kvm", "/dev/console", "/dev/zero")
                if Path(p).exists()]
     targets = {"listener": listener.getsockname()[1], "swtpm": port, "devices": devices,
                "record": str(state / "trust" / "record.json"), "state": str(state),
-               "config": str(world.conf_path), "staged": str(incoming / "model.onnx")}
+               "config": str(world.conf_path), "staged": str(incoming / "model.onnx"),
+               "password": str(password)}
     cfg = HealthConfig()
     policy = health_policy(incoming, cfg, os.environ, memory_limit(cfg))
     try:
@@ -181,6 +185,7 @@ def test_probe_in_health_sandbox_cannot_reach_network_tpm_or_trust_record(
                    bare_policy, timeout=60)
         free = json.loads(bare.stdout)
         assert free["tcp_listener"] == free["tcp_swtpm"] == free["record_read"] == "ok", free
+        assert free["mqtt_password_read"] == free["config_read"] == "ok", free
         assert free["env"], free
         done = run([sys.executable, "-c", _PROBE, json.dumps({**targets, "writes": True})],
                    policy, timeout=60)
@@ -192,6 +197,7 @@ def test_probe_in_health_sandbox_cannot_reach_network_tpm_or_trust_record(
     assert all(v in ("PermissionError", "FileNotFoundError") for v in denied.values()), got
     assert got["tcp_listener"] == got["tcp_swtpm"] == got["udp"] == "PermissionError", got
     assert got["record_write"] == got["record_read"] == "PermissionError", got
+    assert got["mqtt_password_read"] == got["config_read"] == "PermissionError", got
     assert all(got[f"dev:{d}"] == "PermissionError" for d in devices), got
     assert got["staged_read"] == "ok", got  # the read-only view of the staged files
     assert got["env"] == [], got
