@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,25 @@ class HttpsConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Bounds of the health check.
+    """Bounds of the health check, whose child runs in a sandbox (updater/_sandbox.py).
 
     Attributes:
-        timeout: seconds the child may run.
-        max_memory: address-space limit of the child in bytes (0 = none).
+        timeout: seconds the child may run (wall clock).
+        max_memory: address-space limit of the child in bytes (``RLIMIT_AS``); None: half
+            of the memory available when the check starts, at most ``DEFAULT_MEMORY_CAP``.
+        max_cpu_seconds: CPU-time limit of the child (``RLIMIT_CPU``); None: ``timeout``.
         nice: niceness added to the child (heavy work runs at low priority).
+        unsafe_no_sandbox: run the child with the limits only, without Landlock and
+            seccomp (a kernel without them); logs a warning at every check.
     """
 
+    DEFAULT_MEMORY_CAP: ClassVar[int] = 2 << 30  # bytes
+
     timeout: float = 120.0
-    max_memory: int = 0
+    max_memory: int | None = None
+    max_cpu_seconds: float | None = None
     nice: int = 10
+    unsafe_no_sandbox: bool = False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ __all__ = [
     "NothingTrustedError",
     "OperatorInputError",
     "RollbackError",
+    "SandboxError",
     "StagingError",
     "TargetHashError",
     "TransportError",
@@ -90,6 +91,19 @@ class HealthCheckError(UntrustedRemoteError):
     def __init__(self, message: str, *, model: str, version: str, detail: str) -> None:
         super().__init__(message)
         self.model, self.version, self.detail = model, version, detail
+
+
+class SandboxError(LocalDeviceError):
+    """The health check's sandbox could not be set up on this device; nothing was run.
+
+    Attributes:
+        missing: the isolation that is missing (``landlock``, ``seccomp``,
+            ``RLIMIT_AS``, ``no_new_privs``, ``policy``, ...).
+    """
+
+    def __init__(self, message: str, *, missing: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.missing = missing
 
 
 class DownloadFailedError(TransportError):
