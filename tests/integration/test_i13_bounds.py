@@ -195,3 +195,50 @@ def test_i13_junk_flood_on_the_response_topic_keeps_rss_bounded(
     assert _trusted(w.snapshot()) == _trusted(before)
     assert w.active_version() == "1.0.0"
     _boot_check_passes(w)
+
+
+def test_i13_broker_honours_the_maximum_packet_size_asked_for(mqtt_world: MqttWorld) -> None:
+    """mosquitto sends a client no packet over the Maximum Packet Size of its CONNECT."""
+    w = mqtt_world
+    topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
+    got: list[int] = []
+    dev = MqttConnection(w.mqtt_cfg("dev-1"), "i13-small", [topic],
+                         lambda m: got.append(len(m.payload)), max_packet_size=64 * 1024)
+    bridge = MqttConnection(w.mqtt_cfg("modelward-bridge"), "i13-bridge", [])
+    try:
+        for size in (32 * 1024, 4 * MIB, 128 * 1024, 1000):
+            bridge.publish(topic, b"j" * size, wait=True)
+        deadline = time.monotonic() + 5
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        bridge.close()
+        dev.close()
+    assert got == [32 * 1024, 1000]
+
+
+def test_i13_response_topic_is_subscribed_only_while_fetching(mqtt_world: MqttWorld) -> None:
+    """Between fetches the device receives nothing on its response topic."""
+    from updater import MqttFetcher
+
+    w = mqtt_world
+    topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
+    f = MqttFetcher(w.mqtt_cfg("dev-1"))
+    delivered: list[int] = []
+    real = f._deliver  # noqa: SLF001
+    f._deliver = lambda m: (delivered.append(len(m.payload)), real(m))[1]  # type: ignore[method-assign]  # noqa: SLF001
+    bridge = MqttConnection(w.mqtt_cfg("modelward-bridge"), "i13-bridge", [])
+    try:
+        assert f.download_bytes("mqtt://repo/metadata/1.root.json", 1 << 20).startswith(b"{")
+        answers = len(delivered)
+        assert answers >= 1
+        for _ in range(5):
+            bridge.publish(topic, b"j" * MIB, wait=True)
+        time.sleep(0.5)
+        assert len(delivered) == answers  # nothing came in after the fetch
+        assert f._inbox.bytes == 0  # noqa: SLF001
+        assert f.download_bytes("mqtt://repo/metadata/1.root.json", 1 << 20).startswith(b"{")
+    finally:
+        bridge.close()
+        f.close()
