@@ -231,8 +231,9 @@ def test_i13_response_topic_is_subscribed_only_while_fetching(mqtt_world: MqttWo
     bridge = MqttConnection(w.mqtt_cfg("modelward-bridge"), "i13-bridge", [])
     try:
         assert f.download_bytes("mqtt://repo/metadata/1.root.json", 1 << 20).startswith(b"{")
+        assert delivered
+        time.sleep(0.5)  # (UNSUBSCRIBE is not waited for; what races it the closed queue drops)
         answers = len(delivered)
-        assert answers >= 1
         for _ in range(5):
             bridge.publish(topic, b"j" * MIB, wait=True)
         time.sleep(0.5)
