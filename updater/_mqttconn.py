@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 _pahofast.install()  # fewer copies per received block (see the module)
 
 
+RECEIVE_MAXIMUM = 64  # QoS 1 messages the broker may send before their PUBACKs
+
+
 def parse_broker_url(url: str) -> tuple[str, int]:
     """``mqtts://host:port`` -> (host, port); TLS only.
 
@@ -98,6 +101,7 @@ class MqttConnection:
         where = f"{cfg.host}:{cfg.port}"
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.MaximumPacketSize = self.max_packet_size
+        props.ReceiveMaximum = RECEIVE_MAXIMUM  # unacknowledged QoS 1 messages in flight
         try:
             c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, properties=props)
         except ssl.SSLError as e:

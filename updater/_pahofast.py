@@ -96,9 +96,22 @@ class Client(mqtt.Client):
             message for this client); a packet that says it is larger ends the
             connection once its length is read, before a byte of its body is buffered
             (paho itself would collect any length up to 256 MiB).
+
+    A QoS 2 PUBLISH ends the connection too: nothing here subscribes above QoS 1, and paho
+    would hold every one until its PUBREL.
     """
 
     max_incoming_packet: int = 0
+
+    def _handle_publish(self) -> Any:
+        # modelward subscribes at QoS 1 only, so a QoS 2 PUBLISH breaks the protocol; paho
+        # would keep each one in memory until a PUBREL that a hostile broker never sends.
+        pkt = getattr(self, "_in_packet", None)
+        if isinstance(pkt, dict) and (int(pkt.get("command", 0)) & 0x06) >> 1 == 2:
+            logger.warning("the broker sent a QoS 2 message, above every subscription's "
+                           "QoS 1: disconnecting")
+            return mqtt.MQTT_ERR_PROTOCOL
+        return super()._handle_publish()
 
     def _sock_recv(self, bufsize: int) -> bytes:
         limit = self.max_incoming_packet

@@ -108,3 +108,10 @@ def test_a_packet_within_the_maximum_is_read() -> None:
     c, sock = _client(limit=64 * 1024, remaining=64 * 1024 - 4)
     assert c._sock_recv(100) == b"x" * 16  # noqa: SLF001
     assert sock.asked == [100]
+
+
+def test_a_qos2_publish_ends_the_connection_instead_of_being_held() -> None:
+    c, _ = _client(limit=0, remaining=0)
+    c._in_packet.update(command=0x34, packet=b"\x00\x01t\x00\x07\x00payload")  # noqa: SLF001
+    assert c._handle_publish() == mqtt.MQTT_ERR_PROTOCOL  # noqa: SLF001
+    assert not c._in_messages  # noqa: SLF001
