@@ -39,6 +39,7 @@ class IdleSignal(abc.ABC):
 
 BUSY_FILE_MAX_BYTES = 64  # a queue depth and a newline; more is not a signal
 BUSY_FILE_SKEW = 2.0  # seconds an mtime may lie ahead of the clock and still count
+BUSY_FILE_GRACE = 30.0  # seconds one unchanged file may hold no depth and still mean busy
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ class BusyFileSignal(IdleSignal):
     """The inference application's queue depth, written to a regular file.
 
     Busy when the depth exceeds ``max_depth``, or while the file is fresh but holds no
-    depth (an application mid-write). A file not rewritten for ``stale_after`` seconds, or
+    depth (an application mid-write), for at most :data:`BUSY_FILE_GRACE` seconds while it
+    stays unchanged (a file that never parses, such as a misconfigured ``/proc`` path whose
+    mtime is always recent, is then ignored). A file not rewritten for ``stale_after`` seconds, or
     whose mtime lies in the future, is ignored: a crashed application, or a clock or file
     set forward, cannot block updates forever. Anything that is not a regular file (a
     symlink, FIFO, device, directory) is not a signal the application writes: it is
@@ -150,6 +153,7 @@ class BusyFileSignal(IdleSignal):
             stale_after, clock
         self._key: tuple[int, int, int] | None = None
         self._depth: int | None = 0
+        self._bad_since = 0.0  # when the current unparsable content was first seen
         self._warned: str | None = None
 
     def _ignore(self, problem: str) -> None:
@@ -171,7 +175,8 @@ class BusyFileSignal(IdleSignal):
             self._ignore(f"it is a {r.kind}, not a regular file"
                          if not r.kind.startswith("unreadable") else f"it is {r.kind}")
             return None
-        age = self._clock() - r.mtime
+        now = self._clock()
+        age = now - r.mtime
         if age < -BUSY_FILE_SKEW:
             self._ignore("its mtime is in the future (counted as stale)")
             return None
@@ -180,9 +185,13 @@ class BusyFileSignal(IdleSignal):
         if r.key != self._key:
             self._key = r.key
             self._depth = parse_depth(r.head)
-        self._warned = None
+            self._bad_since = now
         if self._depth is None:
+            if now - self._bad_since > BUSY_FILE_GRACE:
+                self._ignore(f"it has held no queue depth for {BUSY_FILE_GRACE:.0f} s")
+                return None
             return f"application busy signal {self.path} is unreadable"
+        self._warned = None
         if self._depth > self.max_depth:
             return f"application queue depth {self._depth} > {self.max_depth}"
         return None

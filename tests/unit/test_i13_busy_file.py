@@ -169,3 +169,29 @@ def test_a_small_fresh_unparsable_file_is_busy_until_stale(tmp_path: Path) -> No
     ("٣".encode(), None), (b"\xff", None), (b"1" * (BUSY_FILE_MAX_BYTES + 1), None)])
 def test_parse_depth(head: bytes, depth: int | None) -> None:
     assert _idle.parse_depth(head) == depth
+
+
+def test_a_file_that_never_parses_stops_meaning_busy_after_a_grace(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    f = tmp_path / "busy"
+    f.write_text("Name: python\n")  # e.g. busy_file pointed at a /proc file by mistake
+    now = [time.time()]
+    s = BusyFileSignal(f, stale_after=1e9, clock=lambda: now[0])
+    assert "unreadable" in (s.busy() or "")
+    now[0] += _idle.BUSY_FILE_GRACE + 1
+    with caplog.at_level(logging.WARNING, "updater._idle"):
+        assert s.busy() is None
+        assert s.busy() is None
+    assert len(caplog.records) == 1 and "held no queue depth" in caplog.records[0].getMessage()
+    f.write_text("7\n")  # rewritten with a depth: a signal again
+    os.utime(f, (now[0], now[0]))
+    assert "queue depth 7" in (s.busy() or "")
+
+
+def test_a_proc_file_does_not_block_updates_for_good() -> None:
+    now = [time.time()]
+    s = BusyFileSignal(Path("/proc/self/stat"), clock=lambda: now[0])
+    s.busy()
+    now[0] += _idle.BUSY_FILE_GRACE + 1
+    assert s.busy() is None
