@@ -93,7 +93,6 @@ class MqttConnection:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
-        c.on_unsubscribe = self._on_unsubscribe
         c.on_publish = self._on_publish
         if on_message is not None:
             c.on_message = lambda _c, _u, msg: on_message(msg)
@@ -194,9 +193,6 @@ class MqttConnection:
         if bad:
             logger.warning("broker refused a subscription: %s", bad)
         self._subscribed.set()
-
-    def _on_unsubscribe(self, _c: Any, _u: Any, _mid: int, _rcs: Any, _p: Any) -> None:
-        pass
 
     def _on_publish(self, _c: Any, _u: Any, mid: int, rc: Any, _p: Any) -> None:
         if rc.is_failure:
