@@ -34,10 +34,9 @@ BLOCK = 512
 READ_SIZE = 1 << 20
 MAX_PAX_BYTES = 8 * 1024  # per member: a path of PATH_MAX and every other known key
 MAX_PAX_RECORDS = 16  # per member
-# Keys ``tarfile`` writes in PAX_FORMAT (ustar fields that do not fit) and that POSIX
-# defines for a regular file; nothing else is understood, so nothing else is accepted.
-PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime", "atime", "ctime", "uid", "gid",
-                      "uname", "gname"})
+# The keys ``tarfile``'s PAX writer (``bundle build``) emits for a member whose ustar
+# fields do not fit; nothing else is understood, so nothing else is accepted.
+PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime", "uid", "gid", "uname", "gname"})
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _REFUSED = {
     tarfile.XGLTYPE: "a global pax header",

@@ -115,7 +115,7 @@ def test_a_big_pax_header_is_refused_before_it_is_read() -> None:
     assert "offset 0" in ei.value.member
 
 
-@pytest.mark.parametrize("key", ["comment", "GNU.sparse.map", "GNU.sparse.size",
+@pytest.mark.parametrize("key", ["comment", "atime", "ctime", "GNU.sparse.map", "GNU.sparse.size",
                                  "SCHILY.xattr.user.x", "LIBARCHIVE.xattr.y", "hdrcharset",
                                  "charset", "k0", "PATH", "path "])
 def test_unknown_pax_keys_are_refused_naming_the_member(key: str) -> None:
