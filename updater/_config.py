@@ -60,6 +60,11 @@ class HealthConfig:
     unsafe_no_sandbox: bool = False
 
 
+# What a block response carries besides its bytes: fixed header, topic, properties
+# (correlation data, a format 1 bridge's user properties) and the format 2 block header.
+PACKET_OVERHEAD = 16 * 1024
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """How to reach the broker, and the fetcher's bounds.
@@ -78,6 +83,11 @@ class MqttConfig:
         block_timeout: seconds before a block is asked for again.
         max_retries: how often one block is asked for again before giving up.
         queue_limit: incoming messages buffered at most (more are dropped).
+        max_packet_size: the Maximum Packet Size sent on CONNECT, which the broker must
+            not exceed (0: one block plus :data:`PACKET_OVERHEAD`, see
+            :meth:`packet_limit`); a larger packet ends the connection.
+        queue_bytes: payload bytes buffered at most between the network thread and the
+            fetch (0: ``window`` packets); junk beyond it is dropped, counted and logged.
     """
 
     host: str
@@ -95,6 +105,16 @@ class MqttConfig:
     block_timeout: float = 5.0
     max_retries: int = 4
     queue_limit: int = 256
+    max_packet_size: int = 0
+    queue_bytes: int = 0
+
+    def packet_limit(self) -> int:
+        """The Maximum Packet Size this client asks for: a block, its header and topic."""
+        return self.max_packet_size or self.block_size + PACKET_OVERHEAD
+
+    def queue_byte_limit(self) -> int:
+        """The bound of the receive queue in bytes (room for a full window of blocks)."""
+        return self.queue_bytes or self.window * self.packet_limit()
 
     def topic(self, suffix: str) -> str:
         """``modelward/<fleet>/<suffix>``."""
