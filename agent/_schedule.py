@@ -1,0 +1,86 @@
+"""When the daemon runs its next update attempt: the poll timer, announcements, backoff.
+
+Pure: time comes in as arguments (``time.monotonic()`` in the daemon), so the rules are
+tested without sleeping (house style 1 and 11). The rules:
+
+* without failures, an attempt runs every ``poll_interval`` (with the caller's jitter),
+  and an announcement brings the next one forward to at most one per
+  ``min_refresh_interval``: a cheap metadata refresh, since a release this device
+  rejected is not downloaded again (``updater._rejections``);
+* an announcement that repeats the timestamp version of the last successful attempt
+  (the broker re-delivering a retained message on every reconnect) wakes nothing;
+* after a failed attempt, the next one waits ``backoff`` seconds: 5 s, doubling on each
+  failure in a row, up to ``poll_interval``. Announcements do not cut it short: they
+  can only make the attempt due at the end of the backoff (instead of at the next poll).
+  A broker, or anyone who can publish there, so cannot make a failing device hammer the
+  origin, nor reset its backoff by a flood. A success ends the backoff.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+BACKOFF_FLOOR = 5.0  # seconds after the first failure in a row
+
+
+@dataclass
+class Schedule:
+    """The daemon's timer state.
+
+    Args:
+        poll_interval: seconds between two attempts without announcements; also the
+            longest backoff.
+        min_refresh_interval: seconds between two announcement-triggered attempts.
+    """
+
+    poll_interval: float
+    min_refresh_interval: float = 2.0
+    backoff: float = 0.0  # seconds waited after the last failure (0: no failure)
+    _next_poll: float = -math.inf  # the timer's next attempt (start: at once)
+    _not_before: float = -math.inf  # end of the backoff
+    _last_start: float = -math.inf
+    _pending: int | None = None  # the newest version announced since the last start
+    _running: int | None = None  # the announced version the running attempt answers
+    _done: int | None = None  # the announced version the last successful attempt saw
+
+    def announce(self, version: int) -> bool:
+        """An announcement of timestamp ``version``; True if the loop should look again."""
+        if version == self._done and self._pending is None:
+            return False
+        self._pending = version if self._pending is None else max(self._pending, version)
+        return True
+
+    def due(self) -> float:
+        """When the next attempt may start (monotonic seconds; -inf: at once)."""
+        if self._pending is None:
+            return self._next_poll
+        soon = max(self._not_before, self._last_start + self.min_refresh_interval)
+        return min(self._next_poll, soon)
+
+    def started(self, now: float) -> None:
+        """An attempt starts at ``now``: it answers every announcement so far."""
+        self._last_start = now
+        self._running, self._pending = self._pending, None
+
+    def finished(self, ok: bool, now: float, jitter: float = 1.0) -> float:
+        """The attempt ended at ``now``; returns the seconds until the timer's next one.
+
+        Args:
+            ok: the attempt succeeded (installed, or found nothing to do).
+            now: monotonic seconds.
+            jitter: factor on the wait (0.9-1.1), so a fleet does not move in lockstep.
+        """
+        if ok:
+            self.backoff = 0.0
+            self._not_before = now
+            if self._running is not None:
+                self._done = self._running
+            wait = self.poll_interval * jitter
+        else:
+            self.backoff = min(max(2 * self.backoff, BACKOFF_FLOOR), self.poll_interval)
+            wait = self.backoff * jitter
+            self._not_before = now + wait
+        self._running = None
+        self._next_poll = now + wait
+        return wait
