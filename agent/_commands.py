@@ -264,7 +264,7 @@ def _rejections(cfg: AgentConfig, store: TrustStore) -> tuple[list[dict[str, Any
     except ModelwardError as e:
         return [], str(e)
     return [{"model": r.model, "version": r.version, "target": r.path,
-             "reason": r.reason, "kind": r.kind, "detail": r.detail,
+             "reason": r.reason, "detail": r.detail,
              "at": datetime.fromtimestamp(r.at, UTC).isoformat(timespec="seconds"),
              "retry_after": datetime.fromtimestamp(r.until, UTC).isoformat(timespec="seconds")}
             for r in entries if r.live(now)], None

@@ -505,7 +505,7 @@ def _attempt(
         )
         step("health-checked")
     except BaseException as e:
-        rejections.note_failure(newest.target, name, version, e)  # an UntrustedRemoteError
+        rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()
         # else download_and_extract kept a partial download for a resume, or removed it

@@ -1,22 +1,29 @@
 """Remembered rejections: a signed release that failed on this device is not tried again.
 
 A *release* here is a TUF target path together with its signed hashes. When an attempt
-that chose a release fails on something the remote side is at fault for (an
-:class:`~updater.errors.UntrustedRemoteError`), the release is remembered, and later
+that chose a release fails on the release itself, the release is remembered, and later
 attempts skip it until signed metadata changes it: another target path, or other hashes
-for that path. Transport errors (origin down, timeouts) are no rejection: they only back
-off (``agent._schedule``).
+for that path. "The release itself" means bytes that matched the signed hashes and then
+failed: a malformed bundle (:class:`~updater.errors.BundleFormatError`), a fingerprint
+that differs from the signed one (:class:`~updater.errors.FingerprintMismatchError`) or
+a failed health check (:class:`~updater.errors.HealthCheckError`). Trying those bytes
+again gives the same answer. (This holds because nothing left on disk from an earlier
+attempt reaches the fingerprint or the health check unverified, issue 13 "verify what
+you use": otherwise a disk attacker could plant files that fail, and reject a good
+release.)
 
-Two kinds, because they say different things about the release:
+What is *not* a rejection, and only backs off (``agent._schedule``):
 
-* ``release``: the bytes matched the signed hashes and then failed (bundle format,
-  fingerprint, health check). Trying them again gives the same answer, so the entry
-  holds until the metadata changes, or for :data:`RELEASE_TTL` at most (a health check
-  that timed out on a loaded device gets one more try a week later).
-* ``delivery``: the bytes were not the signed ones (hash or length mismatch). The origin,
-  the broker or the link is at fault, not the release, and may recover by itself: the
-  entry holds for :data:`DELIVERY_TTL`, so a bad origin costs one download an hour,
-  not one every few seconds.
+* transport errors (origin or broker down, timeouts): the release may be fine;
+* a hash or length mismatch (:class:`~updater.errors.TargetHashError`): the bytes were
+  not the signed ones, so it says nothing about the release. The origin, the broker,
+  the link or this device's own partial download (``staging``, on a disk an attacker may
+  write) is at fault, and may recover: remembering it would let a disk attacker, or an
+  origin for a moment, turn a good release into a rejected one. The daemon's backoff,
+  which announcements no longer cut short, bounds what a bad origin costs.
+
+An entry also expires after :data:`RELEASE_TTL` (a health check that timed out on a
+loaded device gets one more try a day later, and that is all a bad release costs).
 
 The file ``state_dir/rejections.json`` is MACed by the TPM (the trust record's key,
 through ``TpmInterface.mac``, over a digest with its own domain), written atomically,
@@ -49,7 +56,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from trust._atomic import write_atomic
-from trust.errors import LocalDeviceError, ModelwardError, UntrustedRemoteError
+from trust.errors import LocalDeviceError, ModelwardError
 from updater._rollout import Choice, Release, choose_release
 from updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
 
@@ -59,12 +66,10 @@ FILE_NAME = "rejections.json"
 MAX_ENTRIES = 16  # releases remembered; the oldest is dropped beyond
 MAX_FILE_BYTES = 64 * 1024  # bytes; 16 entries need about 16 KiB
 MAX_DETAIL = 300  # characters of the error message kept per entry
-RELEASE_TTL = 7 * 24 * 3600.0  # seconds a verified-but-failed release stays rejected
-DELIVERY_TTL = 3600.0  # seconds a release whose bytes did not match stays rejected
+RELEASE_TTL = 24 * 3600.0  # seconds a release that failed stays rejected at most
 _MAC_DOMAIN = b"modelward rejections v1\n"
-_KINDS = ("release", "delivery")
 # Failures of bytes that matched their signed hashes: properties of the release itself.
-_RELEASE_FAILURES = (BundleFormatError, FingerprintMismatchError, HealthCheckError)
+REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
 
 class RejectionsFileError(LocalDeviceError):
@@ -109,7 +114,6 @@ class Rejection:
     Attributes:
         path: the TUF target path.
         hashes: its signed hashes, sorted (algorithm, hex digest).
-        kind: ``release`` or ``delivery`` (module docstring).
         reason: the error class, e.g. ``HealthCheckError``.
         detail: the error message (shortened).
         model, version: what the signed fields called it.
@@ -119,7 +123,6 @@ class Rejection:
 
     path: str
     hashes: tuple[tuple[str, str], ...]
-    kind: str
     reason: str
     detail: str
     model: str
@@ -137,9 +140,9 @@ class Rejection:
 
     def to_json(self) -> dict[str, Any]:
         """The entry's fields, as stored."""
-        return {"path": self.path, "hashes": dict(self.hashes), "kind": self.kind,
-                "reason": self.reason, "detail": self.detail, "model": self.model,
-                "version": self.version, "at": self.at, "until": self.until}
+        return {"path": self.path, "hashes": dict(self.hashes), "reason": self.reason,
+                "detail": self.detail, "model": self.model, "version": self.version,
+                "at": self.at, "until": self.until}
 
     @classmethod
     def from_json(cls, d: object) -> Rejection:
@@ -148,10 +151,10 @@ class Rejection:
         Raises:
             ValueError: not exactly the fields :meth:`to_json` writes, with their types.
         """
-        if not isinstance(d, dict) or set(d) != {"path", "hashes", "kind", "reason", "detail",
-                                                 "model", "version", "at", "until"}:
+        if not isinstance(d, dict) or set(d) != {"path", "hashes", "reason", "detail", "model",
+                                                 "version", "at", "until"}:
             raise ValueError("an entry must have exactly the stored fields")
-        strs = ("path", "kind", "reason", "detail", "model", "version")
+        strs = ("path", "reason", "detail", "model", "version")
         if not all(isinstance(d[k], str) for k in strs):
             raise ValueError(f"{strs} must be strings")
         if not all(isinstance(d[k], int | float) and not isinstance(d[k], bool)
@@ -161,9 +164,7 @@ class Rejection:
         if not isinstance(h, dict) or not h or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in h.items()):
             raise ValueError("hashes must be a non-empty object of strings")
-        if d["kind"] not in _KINDS:
-            raise ValueError(f"kind {d['kind']!r}")
-        return cls(d["path"], tuple(sorted(h.items())), d["kind"], d["reason"],
+        return cls(d["path"], tuple(sorted(h.items())), d["reason"],
                    d["detail"][:MAX_DETAIL], d["model"], d["version"], float(d["at"]),
                    float(d["until"]))
 
@@ -176,15 +177,14 @@ def rejection_for(
 ) -> Rejection | None:
     """The rejection an attempt's failure on ``target`` earns, or None.
 
-    Only an :class:`UntrustedRemoteError` rejects: a transport or local error, an
-    interruption or a bug says nothing about the release.
+    Only a failure of the verified release itself rejects (:data:`REJECTING`): a hash
+    mismatch, a transport or local error, an interruption or a bug says nothing about
+    the release (module docstring).
     """
-    if not isinstance(error, UntrustedRemoteError):
+    if not isinstance(error, REJECTING):
         return None
-    kind = "release" if isinstance(error, _RELEASE_FAILURES) else "delivery"
-    ttl = RELEASE_TTL if kind == "release" else DELIVERY_TTL
-    return Rejection(target.path, _hashes(target), kind, type(error).__name__,
-                     str(error)[:MAX_DETAIL], model, version, now, now + ttl)
+    return Rejection(target.path, _hashes(target), type(error).__name__,
+                     str(error)[:MAX_DETAIL], model, version, now, now + RELEASE_TTL)
 
 
 def add(rejections: Sequence[Rejection], new: Rejection,

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from updater._rejections import (
-    DELIVERY_TTL,
     MAX_ENTRIES,
     MAX_FILE_BYTES,
     RELEASE_TTL,
@@ -94,28 +93,28 @@ class FakeTpm:
 # --- which errors reject ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("error,kind", [
-    (health(), "release"),
-    (BundleFormatError("bad", bundle="b"), "release"),
-    (FingerprintMismatchError("fp", model="m", version="v", expected="a", actual="b"),
-     "release"),
-    (TargetHashError("hash", target="t"), "delivery"),
-    (MetadataError("delegated role rejected"), "delivery"),
+@pytest.mark.parametrize("error", [
+    health(),
+    BundleFormatError("bad", bundle="b"),
+    FingerprintMismatchError("fp", model="m", version="v", expected="a", actual="b"),
 ])
-def test_untrusted_remote_errors_reject(error: BaseException, kind: str) -> None:
+def test_failures_of_the_verified_release_reject(error: BaseException) -> None:
     c = cand("2.0.0")
     r = rejection_for(c.target, "classifier", "2.0.0", error, NOW)
-    assert r is not None and r.kind == kind and r.reason == type(error).__name__
-    assert r.until == NOW + (RELEASE_TTL if kind == "release" else DELIVERY_TTL)
+    assert r is not None and r.reason == type(error).__name__
+    assert (r.at, r.until) == (NOW, NOW + RELEASE_TTL)
 
 
 @pytest.mark.parametrize("error", [
     DownloadFailedError("origin down", url="u"),  # transport: backoff, not a rejection
+    # not the signed bytes: the origin, the link or a planted partial download is at fault
+    TargetHashError("hash", target="t"),
+    MetadataError("delegated role rejected"),
     StagingError("disk full"),
     KeyboardInterrupt(),
     RuntimeError("bug"),
 ])
-def test_transport_local_and_interrupts_do_not_reject(error: BaseException) -> None:
+def test_hash_mismatch_transport_local_and_interrupts_do_not_reject(error: BaseException) -> None:
     assert rejection_for(cand("2.0.0").target, "classifier", "2.0.0", error, NOW) is None
 
 
@@ -173,9 +172,9 @@ def test_not_rejected_pin_wins() -> None:
 
 def test_expired_and_future_entries_do_not_hold() -> None:
     v2 = cand("2.0.0")
-    r = rej(v2, TargetHashError("x", target="t"))
-    assert choose_not_rejected([v2], [r], "d", "stable", NOW + DELIVERY_TTL)[0] is not None
-    assert choose_not_rejected([v2], [r], "d", "stable", NOW + DELIVERY_TTL - 1)[0] is None
+    r = rej(v2)
+    assert choose_not_rejected([v2], [r], "d", "stable", NOW + RELEASE_TTL)[0] is not None
+    assert choose_not_rejected([v2], [r], "d", "stable", NOW + RELEASE_TTL - 1)[0] is None
     # a clock set back before the rejection: the entry is not believed (one retry)
     assert choose_not_rejected([v2], [r], "d", "stable", NOW - 1)[0] is not None
 
@@ -223,10 +222,10 @@ def test_store_round_trip_and_the_tpm_mac(tmp_path: Path) -> None:
     assert not (tmp_path / "rejections.json").exists()
 
 
-def test_transport_failure_writes_nothing(tmp_path: Path) -> None:
+def test_transport_failure_and_hash_mismatch_write_nothing(tmp_path: Path) -> None:
     s = RejectionStore(tmp_path, FakeTpm(), clock=lambda: NOW)
-    s.note_failure(cand("2.0.0").target, "classifier", "2.0.0",
-                   DownloadFailedError("down", url="u"))
+    for e in (DownloadFailedError("down", url="u"), TargetHashError("x", target="t")):
+        s.note_failure(cand("2.0.0").target, "classifier", "2.0.0", e)
     assert not (tmp_path / "rejections.json").exists()
 
 
@@ -250,10 +249,10 @@ def test_disk_attacker_cannot_plant_a_rejection_of_a_good_release(tmp_path: Path
 def test_edited_entry_breaks_the_mac(tmp_path: Path) -> None:
     tpm = FakeTpm()
     RejectionStore(tmp_path, tpm, clock=lambda: NOW).note_failure(
-        cand("2.0.0").target, "classifier", "2.0.0", TargetHashError("x", target="t"))
+        cand("2.0.0").target, "classifier", "2.0.0", health())
     p = tmp_path / "rejections.json"
     doc = json.loads(p.read_bytes())
-    doc["rejections"][0]["until"] = NOW + 10 * RELEASE_TTL  # stretch a short rejection
+    doc["rejections"][0]["until"] = NOW + 100 * RELEASE_TTL  # hold the release back longer
     p.write_text(json.dumps(doc))
     with pytest.raises(RejectionsFileError, match="MAC"):
         RejectionStore(tmp_path, tpm).load()
