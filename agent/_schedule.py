@@ -7,6 +7,9 @@ tested without sleeping (house style 1 and 11). The rules:
   and an announcement brings the next one forward to at most one per
   ``min_refresh_interval``: a cheap metadata refresh, since a release this device
   rejected is not downloaded again (``updater._rejections``);
+* announcement-triggered attempts come in a burst of at most :data:`BURST`, then one per
+  :data:`REFILL` seconds (a token bucket): a broker flooding new versions costs a few
+  refreshes, then one every half minute, not one every two seconds forever;
 * an announcement that repeats the timestamp version of the last successful attempt
   (the broker re-delivering a retained message on every reconnect) wakes nothing;
 * after a failed attempt, the next one waits ``backoff`` seconds: 5 s, doubling on each
@@ -22,6 +25,8 @@ import math
 from dataclasses import dataclass
 
 BACKOFF_FLOOR = 5.0  # seconds after the first failure in a row
+BURST = 10  # announcement-triggered attempts in a row before they are spaced out
+REFILL = 30.0  # seconds to earn one more announcement-triggered attempt
 
 
 @dataclass
@@ -43,6 +48,8 @@ class Schedule:
     _pending: int | None = None  # the newest version announced since the last start
     _running: int | None = None  # the announced version the running attempt answers
     _done: int | None = None  # the announced version the last successful attempt saw
+    _tokens: float = BURST  # announcement-triggered attempts available now...
+    _tokens_at: float = -math.inf  # ...as of this time
 
     def announce(self, version: int) -> bool:
         """An announcement of timestamp ``version``; True if the loop should look again."""
@@ -56,10 +63,15 @@ class Schedule:
         if self._pending is None:
             return self._next_poll
         soon = max(self._not_before, self._last_start + self.min_refresh_interval)
+        if self._tokens < 1:
+            soon = max(soon, self._tokens_at + (1 - self._tokens) * REFILL)
         return min(self._next_poll, soon)
 
     def started(self, now: float) -> None:
         """An attempt starts at ``now``: it answers every announcement so far."""
+        if self._pending is not None and now < self._next_poll:  # brought forward: a token
+            self._tokens = min(BURST, self._tokens + (now - self._tokens_at) / REFILL) - 1
+            self._tokens_at = now
         self._last_start = now
         self._running, self._pending = self._pending, None
 

@@ -37,6 +37,10 @@ opened without following symlinks and parsed strictly. What the disk attacker ca
 * put back an older MACed copy: it can only name releases that really failed on this
   device, and every entry still expires at the time it was MACed with.
 
+With more failing releases signed at once than :data:`MAX_ENTRIES`, the oldest
+rejection is dropped and tried again; every such attempt fails, so the daemon's backoff
+(up to the poll interval) is what bounds the cost then.
+
 The rules are pure functions over (rejections, candidates, now); :class:`RejectionStore`
 is the thin I/O around them (house style 1).
 """
@@ -63,8 +67,8 @@ from updater.errors import BundleFormatError, FingerprintMismatchError, HealthCh
 logger = logging.getLogger(__name__)
 
 FILE_NAME = "rejections.json"
-MAX_ENTRIES = 16  # releases remembered; the oldest is dropped beyond
-MAX_FILE_BYTES = 64 * 1024  # bytes; 16 entries need about 16 KiB
+MAX_ENTRIES = 32  # releases remembered; the oldest is dropped beyond
+MAX_FILE_BYTES = 64 * 1024  # bytes; 32 entries of usual paths need about 25 KiB
 MAX_DETAIL = 300  # characters of the error message kept per entry
 RELEASE_TTL = 24 * 3600.0  # seconds a release that failed stays rejected at most
 _MAC_DOMAIN = b"modelward rejections v1\n"
@@ -370,8 +374,12 @@ class RejectionStore:
             TpmError: the TPM failed.
         """
         entries = tuple(rejections)
-        if entries:
-            write_atomic(self.path, encode(entries, self._tpm.mac(digest(entries))), 0o600)
+        while entries:
+            data = encode(entries, self._tpm.mac(digest(entries)))
+            if len(data) <= MAX_FILE_BYTES:  # (signed target paths have no length limit)
+                write_atomic(self.path, data, 0o600)
+                break
+            entries = entries[1:]  # the oldest goes, as beyond MAX_ENTRIES
         else:
             self.path.unlink(missing_ok=True)
         self._entries = entries

@@ -331,3 +331,14 @@ def test_a_failing_write_does_not_hide_the_error(tmp_path: Path) -> None:
     s = RejectionStore(tmp_path, BrokenTpm(), clock=lambda: NOW)
     s.note_failure(cand("2.0.0").target, "classifier", "2.0.0", health())  # logged only
     assert not (tmp_path / "rejections.json").exists()
+
+
+def test_huge_signed_paths_keep_the_file_within_its_bound(tmp_path: Path) -> None:
+    s = RejectionStore(tmp_path, FakeTpm(), clock=lambda: NOW)
+    for i in range(4):
+        long = T("classifier/" + str(i) * 30_000 + ".tar", {"sha256": str(i) * 64})
+        s.note_failure(long, "classifier", f"{i}.0.0", health())
+    data = (tmp_path / "rejections.json").read_bytes()
+    assert len(data) <= MAX_FILE_BYTES
+    kept = RejectionStore(tmp_path, FakeTpm()).load()  # still parses and verifies
+    assert kept and kept[-1].version == "3.0.0"  # the newest kept, the oldest dropped

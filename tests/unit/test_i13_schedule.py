@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from agent._schedule import BACKOFF_FLOOR, Schedule
+from agent._schedule import BACKOFF_FLOOR, BURST, REFILL, Schedule
 
 POLL = 3600.0
 
@@ -94,3 +94,25 @@ def test_jitter_applies_to_timer_and_backoff() -> None:
     assert s.finished(False, 0, 1.1) == BACKOFF_FLOOR * 1.1
     s.started(10)
     assert s.finished(True, 10, 0.9) == POLL * 0.9
+
+
+def test_flood_of_new_versions_is_spaced_out_after_a_burst() -> None:
+    s = Schedule(POLL)
+    run(s, 0, True)
+    now, starts = 1.0, []
+    for v in range(BURST + 5):  # the broker announces a new version all the time
+        s.announce(100 + v)
+        now = max(now, s.due())
+        starts.append(now)
+        run(s, now, True)
+        now += 1
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert all(g <= 3 for g in gaps[: BURST - 1])  # a burst of quick refreshes
+    assert all(g >= REFILL - 1 for g in gaps[BURST:])  # then one per REFILL seconds
+    # quiet for a while: the bucket fills again, and a genuine announcement is quick
+    now += BURST * REFILL
+    for v in range(BURST):
+        s.announce(9000 + v)
+        assert s.due() <= now
+        run(s, now, True)
+        now += 2
