@@ -162,3 +162,45 @@ def test_deleted_rejections_file_costs_one_retry_and_planted_one_is_ignored(
     update(w.cfg)
     assert w.active_version() == "3.0.0"
     assert w.served_bytes(good.name) == good.stat().st_size
+
+
+def test_announcement_flood_does_not_cut_the_backoff_after_a_transport_failure(
+    mqtt_world: MqttWorld,
+) -> None:
+    """The bridge is down (a transport error: no rejection); a broker floods announcements
+    of new versions: the daemon keeps its backoff (5 s, then 10 s) instead of retrying
+    every 2 s, and installs once the bridge is back."""
+    w = mqtt_world
+    w.conf_path.write_text(w.conf_path.read_text().replace(
+        "[mqtt]\n", "[mqtt]\nblock_timeout = 0.5\nmax_retries = 1\n"))
+    w.publish("1.0.0", seed=1)
+    w.update()
+    w.publish("2.0.0", seed=2)
+    w.stop_bridge()
+    before = w.snapshot()
+    log = w.tmp / "daemon.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelward", "-v", "agent", "run", "--config", str(w.conf_path)],
+        stdout=subprocess.DEVNULL, stderr=open(log, "w"), text=True,  # noqa: SIM115
+    )
+    try:
+        _wait(lambda: (_status(w).get("last_error") or {}).get("type") == "DownloadFailedError",
+              60, "the first failed attempt")
+        first = _attempts(w)
+        end = time.monotonic() + 10
+        v = 5000
+        while time.monotonic() < end:  # 10 s of announcements, 5 a second
+            _announce(w, v)
+            v += 1
+            time.sleep(0.2)
+        # Only the retry at the end of the 5 s backoff ran (every 2 s would be 4 or more).
+        assert _attempts(w) - first <= 2, _attempts(w) - first
+        assert not (w.state / "rejections.json").exists()  # a transport error rejects nothing
+        after = w.snapshot()
+        assert (after.record, after.counter, after.current, after.slots) == (
+            before.record, before.counter, before.current, before.slots)
+        w.start_bridge()
+        _wait(lambda: w.active_version() == "2.0.0", 60, "v2 once the bridge is back")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
