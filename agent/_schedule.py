@@ -52,10 +52,14 @@ class Schedule:
     _tokens_at: float = -math.inf  # ...as of this time
 
     def announce(self, version: int) -> bool:
-        """An announcement of timestamp ``version``; True if the loop should look again."""
-        if version == self._done and self._pending is None:
+        """An announcement of timestamp ``version``; True if the loop should look again
+        (only when the next attempt may move earlier: a flood wakes the loop once)."""
+        if self._pending is not None:
+            self._pending = max(self._pending, version)
             return False
-        self._pending = version if self._pending is None else max(self._pending, version)
+        if version == self._done:
+            return False
+        self._pending = version
         return True
 
     def due(self) -> float:
