@@ -187,8 +187,9 @@ def rejection_for(
     """
     if not isinstance(error, REJECTING):
         return None
-    return Rejection(target.path, _hashes(target), type(error).__name__,
-                     str(error)[:MAX_DETAIL], model, version, now, now + RELEASE_TTL)
+    detail = "".join(c if c.isprintable() else "?" for c in str(error)[:MAX_DETAIL])
+    return Rejection(target.path, _hashes(target), type(error).__name__, detail, model,
+                     version, now, now + RELEASE_TTL)
 
 
 def add(rejections: Sequence[Rejection], new: Rejection,
@@ -283,7 +284,7 @@ def decode(data: bytes, path: str, mac_ok: Callable[[bytes, bytes], bool]
         if not isinstance(doc["mac"], str):
             raise ValueError("mac must be a hex string")
         mac = bytes.fromhex(doc["mac"])
-    except (ValueError, TypeError, RecursionError) as e:
+    except (ValueError, TypeError, OverflowError, RecursionError) as e:
         raise RejectionsFileError(f"{path} is malformed: {e}", path=path) from e
     if not mac_ok(digest(out), mac):
         raise RejectionsFileError(f"{path} was altered: its TPM MAC does not verify",

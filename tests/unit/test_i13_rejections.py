@@ -275,6 +275,9 @@ def test_the_mac_is_domain_separated_from_the_trust_record(tmp_path: Path) -> No
     b'{"version": 1, "rejections": [{}], "mac": ""}',
     b'{"version": 1, "rejections": [], "mac": "", "extra": 1}',
     b"[" * 100_000,
+    b'{"version": 1, "rejections": [{"path": "p", "hashes": {"sha256": "x"}, "reason": "r",'
+    b' "detail": "", "model": "m", "version": "v", "at": 1' + b"0" * 400 + b', "until": 1}],'
+    b' "mac": ""}',
 ])
 def test_malformed_files_are_refused_by_type(body: bytes) -> None:
     with pytest.raises(RejectionsFileError):
@@ -342,3 +345,10 @@ def test_huge_signed_paths_keep_the_file_within_its_bound(tmp_path: Path) -> Non
     assert len(data) <= MAX_FILE_BYTES
     kept = RejectionStore(tmp_path, FakeTpm()).load()  # still parses and verifies
     assert kept and kept[-1].version == "3.0.0"  # the newest kept, the oldest dropped
+
+
+def test_the_stored_detail_is_short_and_printable() -> None:
+    e = HealthCheckError("bad \x1b[31mred\x1b[0m\n" + "x" * 1000, model="m", version="v",
+                         detail="")
+    r = rejection_for(cand("2.0.0").target, "m", "v", e, NOW)
+    assert r is not None and len(r.detail) <= 300 and r.detail.isprintable()
