@@ -70,6 +70,7 @@ def test_health_rejected_release_not_downloaded_again_across_announcements_and_r
     w.update()
     bad = w.publish("2.0.0", seed=2, vectors_seed=3)  # signed, but fails its test vectors
     size = bad.stat().st_size
+    start = w.snapshot()
     log = w.tmp / "daemon.log"
     proc = subprocess.Popen(
         [sys.executable, "-m", "modelward", "-v", "agent", "run", "--config", str(w.conf_path)],
@@ -80,7 +81,8 @@ def test_health_rejected_release_not_downloaded_again_across_announcements_and_r
               60, "the health check to fail")
         assert w.active_version() == "1.0.0"
         assert w.served_bytes(bad.name) == size  # downloaded once
-        before = w.snapshot()
+        before = w.snapshot()  # the failed attempt moved nothing but TUF metadata
+        assert _trusted(before)[:5] == _trusted(start)[:5]
         done = _attempts(w)
 
         # Five announcements (new versions each: they all wake the daemon), then a broker
