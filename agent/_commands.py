@@ -232,10 +232,13 @@ def _error_fields(e: ModelwardError) -> dict[str, str]:
 
 
 def status(cfg: AgentConfig) -> dict[str, Any]:
-    """``agent status``: active and previous model (verified) and the last error."""
+    """``agent status``: active and previous model (verified), the last error and the
+    releases this device rejected (``rejected``; ``rejections_problem`` when that file
+    cannot be believed)."""
     store = open_store(cfg)
     try:
         record = store.load()
+        rejected, problem = _rejections(cfg, store)
     finally:
         store.tpm.close()
 
@@ -246,7 +249,25 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
         "active": ref(record.active),
         "previous": ref(record.previous),
         "last_error": StatusFile(cfg.state_dir).read().get("last_error"),
+        "rejected": rejected,
+        "rejections_problem": problem,
     }
+
+
+def _rejections(cfg: AgentConfig, store: TrustStore) -> tuple[list[dict[str, Any]], str | None]:
+    """The rejections in force (MAC-verified), or why the file cannot be believed."""
+    from updater._rejections import RejectionStore
+
+    now = time.time()
+    try:
+        entries = RejectionStore(cfg.state_dir, store.tpm).load()
+    except ModelwardError as e:
+        return [], str(e)
+    return [{"model": r.model, "version": r.version, "target": r.path,
+             "reason": r.reason, "detail": r.detail,
+             "at": datetime.fromtimestamp(r.at, UTC).isoformat(timespec="seconds"),
+             "retry_after": datetime.fromtimestamp(r.until, UTC).isoformat(timespec="seconds")}
+            for r in entries if r.live(now)], None
 
 
 def enroll(cfg: AgentConfig) -> tuple[str, bytes]:

@@ -422,6 +422,11 @@ def _agent_status(args: argparse.Namespace) -> int:
         print(f"{key:9} " + (f"{m['name']} {m['version']}  {m['fingerprint']}" if m else "none"))
     err = doc["last_error"]
     print("last error " + (f"{err['type']}: {err['message']} ({err['at']})" if err else "none"))
+    for r in doc["rejected"]:  # releases not tried again until new signed metadata
+        print(f"rejected  {r['model']} {r['version']}  {r['target']}  {r['reason']} "
+              f"({r['at']}; retried after {r['retry_after']} unless re-signed)")
+    if doc["rejections_problem"]:
+        print(f"rejected  unknown: {doc['rejections_problem']}")
     return EXIT_OK
 
 

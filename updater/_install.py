@@ -35,7 +35,8 @@ from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rollout import Choice, choose_release
+from updater._rejections import RejectionStore
+from updater._rollout import Choice
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._stage import Stage
@@ -450,7 +451,8 @@ def _attempt(
     check_metadata_not_rolled_back(record, session.targets_version)
     # Decided only here, on the refresh and delegation search that verified as a whole
     # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
-    choice = choose_release(session.candidates(cfg.model), cfg.device_id, cfg.channel)
+    rejections = RejectionStore(cfg.state_dir, store.tpm)  # skips releases that failed here
+    choice = rejections.choose(session.candidates(cfg.model), cfg.device_id, cfg.channel)
     active = record.active
     newest = choice.release if choice else None
     if not isinstance(newest, Candidate) or not _should_install(choice, active):
@@ -503,7 +505,8 @@ def _attempt(
             extra={"model": name, "version": version, "fingerprint": fingerprint},
         )
         step("health-checked")
-    except BaseException:
+    except BaseException as e:
+        rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()
         # else download_and_extract kept a partial download for a resume, or removed it
