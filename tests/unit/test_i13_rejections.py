@@ -58,6 +58,8 @@ class C:
     halted: bool = False
     pinned: bool = False
     extra: dict[str, str] = field(default_factory=dict)
+    withdrawn: bool = False
+    role: str = "targets"
 
 
 def cand(version: str, digest: str = "", **kw: object) -> C:
