@@ -15,12 +15,23 @@ import logging
 from pathlib import Path
 
 from trust._atomic import rename_atomic, write_atomic
-from trust._record import Resolution, TrustRecord, choose_record, encode_record
+from trust._record import (
+    Heal,
+    Resolution,
+    RootResolution,
+    TrustRecord,
+    UseRecord,
+    choose_root,
+    encode_record,
+    genesis,
+    plan_record,
+)
 from trust._tpm import ProvisionReport, TpmInterface
 from trust.errors import (
     OperatorInputError,
     RootAnchorError,
     TpmNotProvisionedError,
+    TrustFileUnreadableError,
     TrustRecordError,
 )
 
@@ -105,9 +116,24 @@ class TrustStore:
             TrustRecordRollbackError: an older record was put back.
             TpmError: the TPM failed.
         """
+        plan = self.plan()
+        if isinstance(plan, Heal):
+            raise plan.reason
+        return plan.record
+
+    def plan(self) -> UseRecord | Heal:
+        """Read the record files and the counter and decide (``plan_record``).
+
+        A :class:`UseRecord` plan is carried out at once (a crash window repaired); a
+        :class:`Heal` plan changes nothing: :meth:`heal` carries it out.
+
+        Raises:
+            TrustFileUnreadableError: a record file exists but cannot be read.
+            TpmError: the TPM failed.
+        """
         current = _read_or_none(self.record_path)
         pending = _read_or_none(self.pending_path)
-        record, action = choose_record(
+        plan = plan_record(
             current,
             pending,
             self.tpm.read_counter(),
@@ -115,11 +141,39 @@ class TrustStore:
             current_path=str(self.record_path),
             pending_path=str(self.pending_path),
         )
-        if action is Resolution.PROMOTE_PENDING:
+        if isinstance(plan, Heal):
+            return plan
+        if plan.resolution is Resolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted commit of the trust record")
             rename_atomic(self.pending_path, self.record_path)
         elif pending is not None:
             self.pending_path.unlink()
+        return plan
+
+    def heal(self, plan: Heal, root_version: int) -> TrustRecord:
+        """Discard the record that cannot be believed: commit a genesis record.
+
+        The old record is not re-MACed and nothing in it is kept but the rollback floor
+        of an authentic copy (``plan.targets_floor``). Call only once :meth:`anchored_root`
+        succeeds (``root_version`` is its version). A crash at any step leaves a state
+        that plans a heal again, or the committed genesis record.
+
+        Raises:
+            TrustRecordError: the trust directory cannot be written.
+            TpmError: the TPM failed.
+        """
+        record = genesis(self.tpm.read_counter(), root_version, plan.targets_floor)
+        logger.warning(
+            "healing the trust store (%s): a genesis record at counter %d, targets floor %d; "
+            "the next install comes from the TPM-anchored root", plan.reason, record.counter,
+            record.targets_version,
+        )
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.commit(record)
+        except OSError as e:
+            raise TrustRecordError(f"cannot write the trust record {self.record_path}: {e}",
+                                   path=str(self.record_path)) from e
         return record
 
     def commit(self, record: TrustRecord) -> None:
@@ -150,20 +204,38 @@ class TrustStore:
             RootAnchorError: neither root file matches the anchor.
             TpmError: the TPM failed.
         """
-        anchor = self.tpm.read_anchor()
-        data = _read_or_none(self.root_path)
-        if data is not None and hashlib.sha256(data).digest() == anchor:
-            return data
-        pending = _read_or_none(self.root_pending_path)
-        if pending is not None and hashlib.sha256(pending).digest() == anchor:
+        root, action = choose_root(
+            _read_or_none(self.root_path),
+            _read_or_none(self.root_pending_path),
+            self.tpm.read_anchor(),
+            root_path=str(self.root_path),
+        )
+        if action is RootResolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted root rotation")
             rename_atomic(self.root_pending_path, self.root_path)
-            return pending
-        raise RootAnchorError(
-            f"trusted root {self.root_path} does not match the root anchor in the TPM",
-            path=str(self.root_path),
-            hint="the device must be re-provisioned by its operator",
-        )
+        return root
+
+    def restore_root(self, root_bytes: bytes) -> None:
+        """Put back the anchored root.json, recovered from anywhere: only the bytes whose
+        sha256 the TPM anchors are written.
+
+        Raises:
+            RootAnchorError: ``root_bytes`` are not the anchored root.
+            TrustRecordError: the trust directory cannot be written.
+            TpmError: the TPM failed.
+        """
+        if hashlib.sha256(root_bytes).digest() != self.tpm.read_anchor():
+            raise RootAnchorError(
+                f"recovered root metadata does not match the root anchor in the TPM "
+                f"(sha256 {hashlib.sha256(root_bytes).hexdigest()})", path=str(self.root_path))
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+            write_atomic(self.root_path, root_bytes)
+            self.root_pending_path.unlink(missing_ok=True)
+        except OSError as e:
+            raise TrustRecordError(f"cannot write {self.root_path}: {e}",
+                                   path=str(self.root_path)) from e
+        logger.warning("restored the TPM-anchored root %s", self.root_path)
 
     def rotate_root(self, new_root: bytes) -> None:
         """Anchor a newer root that TUF has already verified to chain from the anchored one.
@@ -184,4 +256,4 @@ def _read_or_none(path: Path) -> bytes | None:
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise TrustRecordError(f"cannot read {path}: {e}", path=str(path)) from e
+        raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e
