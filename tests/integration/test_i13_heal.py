@@ -82,6 +82,10 @@ def test_i13_heal_after_state_dir_put_back_from_older_copy(world: World) -> None
     world.update()
     at_v2 = world.snapshot()
     v2_record = _record(world)
+    # left in the old copy: metadata and a "partial download" the heal must not keep
+    (old / "metadata" / "planted.json").write_text("{}")
+    (old / "staging").mkdir(exist_ok=True)
+    (old / "staging" / "planted").write_text("x")
     copytree(old, world.state)  # consistent, authentic, older
     _boot_check_refuses(world, TrustRecordRollbackError)
 
@@ -96,6 +100,8 @@ def test_i13_heal_after_state_dir_put_back_from_older_copy(world: World) -> None
     assert isinstance(active, dict) and active["version"] == "2.0.0"
     assert rec["previous"] is None  # the v1 slot of the old copy was never re-trusted
     assert rec["targets_version"] == v2_record["targets_version"]
+    assert not (world.state / "metadata" / "planted.json").exists()
+    assert not (world.state / "staging" / "planted").exists()
     old_record = (old / "trust" / "record.json").read_bytes()
     assert healed.record != old_record
     # the old copy can never become current again
