@@ -17,7 +17,7 @@ import pytest
 
 from agent import run_boot_check
 from simulator import RepoAttacker
-from tests.conftest import PASSPHRASE, World, copytree
+from tests.conftest import PASSPHRASE, MqttWorld, World, copytree
 from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 from updater.errors import RollbackError, TrustStateLostError
 
@@ -189,3 +189,49 @@ def test_i13_heal_keeps_the_authentic_rollback_floor(world: World) -> None:
     assert _counter(world) == counter + 1  # the genesis record only
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
     assert r.returncode == 3
+
+
+def test_i13_heal_cannot_be_used_to_downgrade_with_expired_metadata(world: World) -> None:
+    """The disk is deleted (no floor is left) and the origin replays the metadata of v1:
+    a healed device trusts only what verifies from the TPM-anchored root, and the old
+    timestamp has expired, so nothing is installed and the heal can be done again."""
+    import time
+    from datetime import timedelta
+
+    from publisher import Repository
+    from publisher._repo import Expiry
+    from updater.errors import MetadataError
+
+    quick = Repository(world.repo_dir, world.keys, PASSPHRASE,
+                       expiry=Expiry(timestamp=timedelta(seconds=3)))
+    quick.publish(world.bundle("1.0.0", seed=1))
+    attacker = RepoAttacker(world.repo_dir, world.keys, PASSPHRASE)
+    served_v1 = attacker.snapshot_served()
+    t_v1 = time.monotonic()
+    world.repo.publish(world.bundle("2.0.0", seed=2))  # normal expiry
+    world.update()
+    counter = _counter(world)
+    shutil.rmtree(world.state)
+    attacker.replay(served_v1, *served_v1)
+    time.sleep(max(0.0, 3.5 - (time.monotonic() - t_v1)))
+    with pytest.raises(MetadataError, match="ExpiredMetadataError"):
+        world.update()
+    assert world.active_version() is None
+    rec = _record(world)
+    assert rec["active"] is None and _counter(world) == counter + 1
+    attacker.restore()  # the origin serves the operator's files again: the device moves on
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert _counter(world) == counter + 2  # no second heal: the genesis record was kept
+
+
+def test_i13_heal_over_mqtt_after_state_dir_deleted(mqtt_world: MqttWorld) -> None:
+    """The anchored root is recovered through the update's own transport (MQTT here)."""
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    counter = _counter(w)
+    shutil.rmtree(w.state)
+    _boot_check_refuses(w, TrustRecordError)
+    _heals_to(w, "1.0.0")
+    assert _counter(w) == counter + 2
