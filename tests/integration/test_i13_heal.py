@@ -235,3 +235,36 @@ def test_i13_heal_over_mqtt_after_state_dir_deleted(mqtt_world: MqttWorld) -> No
     _boot_check_refuses(w, TrustRecordError)
     _heals_to(w, "1.0.0")
     assert _counter(w) == counter + 2
+
+
+def test_i13_daemon_heals_after_state_dir_put_back(mqtt_world: MqttWorld) -> None:
+    """The daemon's first attempt heals too: no operator step, no provisioning."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    old = w.tmp / "state-at-v1"
+    shutil.copytree(w.state, old, symlinks=True)
+    w.publish("2.0.0", seed=2)
+    w.update()
+    counter = _counter(w)
+    copytree(old, w.state)
+    _boot_check_refuses(w, TrustRecordRollbackError)
+    with open(w.tmp / "daemon.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "modelward", "agent", "run",
+                                 "--config", str(w.conf_path)], stderr=log)
+        try:
+            end = time.monotonic() + 60
+            while w.active_version() != "2.0.0":
+                assert time.monotonic() < end, (w.tmp / "daemon.log").read_text()[-3000:]
+                time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+    r = w.cli("agent", "boot-check", "--config", str(w.conf_path))
+    assert r.returncode == 0, r.stderr
+    assert _counter(w) == counter + 2
