@@ -274,3 +274,49 @@ def test_heal_never_remacs_the_old_record(tmp_path: Path) -> None:
     _heal(state, store)
     doc = json.loads((state / "trust" / "record.json").read_bytes())
     assert doc["record"]["active"] is None and doc["record"]["counter"] == 10
+
+
+@pytest.mark.parametrize("plant", ["symlink", "directory", "fifo", "huge"])
+def test_planted_record_entry_is_not_followed_and_heals(tmp_path: Path, plant: str) -> None:
+    """A symlink (even to the authentic current record), a directory, a FIFO or a huge
+    file at record.json: never followed, never read whole, never blocking; it heals."""
+    state, store, tpm = _device(tmp_path, record=None, root=ROOT2)
+    rec_path = state / "trust" / "record.json"
+    real = tmp_path / "outside-record.json"
+    real.write_bytes(enc(R2.successor()))  # authentic and current (counter 6 + 1 - 1)
+    tpm.counter = R2.counter + 1
+    if plant == "symlink":
+        os.symlink(real, rec_path)
+    elif plant == "directory":
+        rec_path.mkdir()
+        (rec_path / "x").write_text("x")
+    elif plant == "fifo":
+        os.mkfifo(rec_path)
+    else:
+        with open(rec_path, "wb") as f:
+            f.truncate(1 << 30)  # sparse: a read of it all would take 1 GiB
+    p = store.plan()
+    assert isinstance(p, Heal)
+    assert str(rec_path) in str(p.reason)
+    rec = _heal(state, store)
+    assert rec.active is None and rec.counter == tpm.counter
+    assert real.read_bytes() == enc(R2.successor())  # the link's target is untouched
+    assert rec_path.is_file() and not rec_path.is_symlink()
+
+
+def test_symlinked_trust_dir_and_root_are_not_followed(tmp_path: Path) -> None:
+    state, store, tpm = _device(tmp_path, record=None, root=None)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "root.json").write_bytes(ROOT2)  # the anchored bytes, but not in state_dir
+    (elsewhere / "record.json").write_bytes(enc(R2))
+    (state / "trust").rmdir()
+    os.symlink(elsewhere, state / "trust")
+    with pytest.raises(RootAnchorError, match="not a directory"):
+        store.anchored_root()
+    fetcher = _Fetcher({"1.root.json": ROOT1, "2.root.json": ROOT2})
+    rec = trusted_record(store, fetcher, "https://o/m", state)
+    assert rec.active is None and len(fetcher.urls) == 2  # recovered over the network
+    assert (state / "trust").is_dir() and not (state / "trust").is_symlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["record.json", "root.json"]
+    assert (elsewhere / "record.json").read_bytes() == enc(R2)
