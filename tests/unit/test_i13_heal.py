@@ -295,7 +295,12 @@ def test_planted_record_entry_is_not_followed_and_heals(tmp_path: Path, plant: s
     else:
         with open(rec_path, "wb") as f:
             f.truncate(1 << 30)  # sparse: a read of it all would take 1 GiB
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
     p = store.plan()
+    grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grew < 64 * 1024, f"reading the record took {grew} KiB"
     assert isinstance(p, Heal)
     assert str(rec_path) in str(p.reason)
     rec = _heal(state, store)
