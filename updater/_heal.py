@@ -84,7 +84,9 @@ def recover_root(
             return data
     raise RootRecoveryError(
         f"none of the {tried} root versions at {base} has the sha256 {anchor.hex()} anchored "
-        "in the TPM", tried=tried)
+        "in the TPM", tried=tried,
+        hint="the device retries at the next update; if the operator re-created the "
+        "repository with other root keys, provision the device again with its new root")
 
 
 def _root_version(root: bytes) -> int:
@@ -111,8 +113,8 @@ def _remove(path: Path) -> None:
 
 def trusted_record(
     store: TrustStore, fetcher: RangeFetcher, metadata_url: str, state_dir: Path
-) -> TrustRecord:
-    """The trust record to start an attempt from, healing the device first if needed.
+) -> tuple[TrustRecord, bytes]:
+    """The trust record and anchored root to start an attempt from, healing first if needed.
 
     With an authentic, current record, only a lost root.json is recovered (the record,
     slots and metadata stay). Otherwise the device heals (module docstring).
@@ -131,8 +133,8 @@ def trusted_record(
         root = recover_root(fetcher, metadata_url, store.tpm.read_anchor())
         store.restore_root(root)
     if not isinstance(plan, Heal):
-        return plan.record
+        return plan.record, root
     logger.warning("the trust record cannot be believed (%s): healing", plan.reason)
     for name in _UNTRUSTED:
         _remove(state_dir / name)
-    return store.heal(plan, _root_version(root))
+    return store.heal(plan, _root_version(root)), root

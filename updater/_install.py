@@ -436,13 +436,13 @@ def _attempt(
     step: Callable[[str], None],
     fields: dict[str, str],
 ) -> UpdateResult:
-    record = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
+    record, root = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
     if record.active and dev.slots.current_slot() != record.active.slot:
         record = reconcile(dev.slots, store, record)
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, source.metadata_url, source.targets_url, fetcher, store.anchored_root()
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, root
     )
     session.refresh()
     if session.root_version > record.root_version:

@@ -122,8 +122,8 @@ class RootRecoveryError(MetadataError):
         tried: how many root versions (1.root.json, 2.root.json, ...) were fetched.
     """
 
-    def __init__(self, message: str, *, tried: int) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, tried: int, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
         self.tried = tried
 
 

@@ -30,6 +30,14 @@ def _counter(w: World) -> int:
         s.tpm.close()
 
 
+def _anchor(w: World) -> bytes:
+    s = w.store()
+    try:
+        return s.tpm.read_anchor()
+    finally:
+        s.tpm.close()
+
+
 def _record(w: World) -> dict[str, object]:
     doc = json.loads((w.state / "trust" / "record.json").read_bytes())
     rec = doc["record"]
@@ -52,7 +60,7 @@ def _files(root: Path) -> dict[str, bytes | str]:
 
 def _boot_check_refuses(w: World, cause: type[Exception]) -> None:
     """boot-check exits 3 saying the next update heals, and changes nothing trusted."""
-    before, counter = _files(w.state), _counter(w)
+    before, counter, anchor = _files(w.state), _counter(w), _anchor(w)
     r = w.cli("agent", "boot-check", "--config", str(w.conf_path))
     assert r.returncode == 3, r.stderr
     assert "heals the device from its TPM-anchored root" in r.stderr
@@ -60,7 +68,7 @@ def _boot_check_refuses(w: World, cause: type[Exception]) -> None:
     with pytest.raises(TrustStateLostError) as ei:
         run_boot_check(w.cfg)
     assert isinstance(ei.value.__cause__, cause)
-    assert (_files(w.state), _counter(w)) == (before, counter)
+    assert (_files(w.state), _counter(w), _anchor(w)) == (before, counter, anchor)
 
 
 def _heals_to(w: World, version: str) -> None:

@@ -203,7 +203,9 @@ def _device(tmp_path: Path, *, record: TrustRecord | None, root: bytes | None,
 
 
 def _heal(state: Path, store: TrustStore) -> TrustRecord:
-    return trusted_record(store, REPO, "https://o/metadata/", state)
+    record, root = trusted_record(store, REPO, "https://o/metadata/", state)
+    assert root == ROOT2
+    return record
 
 
 def test_believed_record_with_lost_root_keeps_everything_else(tmp_path: Path) -> None:
@@ -229,7 +231,7 @@ def test_older_record_heals_to_genesis(tmp_path: Path) -> None:
 def test_deleted_state_dir_heals(tmp_path: Path) -> None:
     state = tmp_path / "gone"
     tpm = _SoftTpm(A2, 6)
-    rec = trusted_record(TrustStore(state, tpm), REPO, "https://o/metadata", state)
+    rec, _ = trusted_record(TrustStore(state, tpm), REPO, "https://o/metadata", state)
     assert rec == genesis(6, 2, 0) and tpm.counter == 7
 
 
@@ -320,7 +322,7 @@ def test_symlinked_trust_dir_and_root_are_not_followed(tmp_path: Path) -> None:
     with pytest.raises(RootAnchorError, match="not a directory"):
         store.anchored_root()
     fetcher = _Fetcher({"1.root.json": ROOT1, "2.root.json": ROOT2})
-    rec = trusted_record(store, fetcher, "https://o/m", state)
+    rec, _ = trusted_record(store, fetcher, "https://o/m", state)
     assert rec.active is None and len(fetcher.urls) == 2  # recovered over the network
     assert (state / "trust").is_dir() and not (state / "trust").is_symlink()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["record.json", "root.json"]
