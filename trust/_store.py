@@ -137,7 +137,7 @@ class TrustStore:
             TpmError: the TPM failed.
         """
         current, bad = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
-        pending, _ = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+        pending, bad_pending = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
         plan = plan_record(
             current,
             pending,
@@ -152,10 +152,10 @@ class TrustStore:
                                           path=str(self.record_path), hint=HEAL_HINT)
                 return Heal(reason, plan.targets_floor)
             return plan
+        if bad or bad_pending:
+            self._writable_dir()  # else the next commit's renames could not land
         if plan.resolution is Resolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted commit of the trust record")
-            if bad:
-                self._writable_dir()
             rename_atomic(self.pending_path, self.record_path)
         elif pending is not None:
             self.pending_path.unlink()
@@ -216,7 +216,7 @@ class TrustStore:
             TpmError: the TPM failed.
         """
         root_file, bad = _read_file(self.dir, self.root_path.name, _ROOT_MAX)
-        pending, _ = _read_file(self.dir, self.root_pending_path.name, _ROOT_MAX)
+        pending, bad_pending = _read_file(self.dir, self.root_pending_path.name, _ROOT_MAX)
         try:
             root, action = choose_root(root_file, pending, self.tpm.read_anchor(),
                                        root_path=str(self.root_path))
@@ -225,6 +225,8 @@ class TrustStore:
                 raise
             raise RootAnchorError(f"trusted root {self.root_path} {bad}",
                                   path=str(self.root_path), hint=e.hint) from e
+        if bad_pending:
+            self._writable_dir()  # else a root rotation could not land
         if action is RootResolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted root rotation")
             if bad:

@@ -327,3 +327,14 @@ def test_symlinked_trust_dir_and_root_are_not_followed(tmp_path: Path) -> None:
     assert (state / "trust").is_dir() and not (state / "trust").is_symlink()
     assert sorted(p.name for p in elsewhere.iterdir()) == ["record.json", "root.json"]
     assert (elsewhere / "record.json").read_bytes() == enc(R2)
+
+
+def test_planted_pending_directory_is_cleared_for_the_next_commit(tmp_path: Path) -> None:
+    state, store, tpm = _device(tmp_path, record=R2, root=ROOT2)
+    (state / "trust" / "record.json.next").mkdir()
+    (state / "trust" / "root.json.next").mkdir()
+    assert _heal(state, store) == R2  # believed; the planted entries are removed
+    store.commit(R2.successor(active=None, previous=None))
+    store.rotate_root(ROOT1)
+    assert tpm.counter == 7 and store.load().active is None
+    assert (state / "trust" / "root.json").read_bytes() == ROOT1
