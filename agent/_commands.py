@@ -22,7 +22,15 @@ from trust import (
     sign_report,
     write_atomic,
 )
-from trust.errors import ModelwardError, OperatorInputError, TpmUnavailableError, TransportError
+from trust.errors import (
+    ModelwardError,
+    OperatorInputError,
+    RootAnchorError,
+    TpmUnavailableError,
+    TransportError,
+    TrustFileUnreadableError,
+    TrustRecordError,
+)
 from updater import BootResult, Outcome, UpdateResult, boot_check, open_source, update_once
 from updater._idle import (
     BusyFileSignal,
@@ -41,6 +49,7 @@ from updater.errors import (
     HealthCheckError,
     MetadataError,
     TargetHashError,
+    TrustStateLostError,
 )
 
 logger = logging.getLogger("modelward.agent")
@@ -338,7 +347,16 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     status = StatusFile(cfg.state_dir)
     try:
-        result = _boot_check_waiting_for_tpm(cfg)
+        try:
+            result = _boot_check_waiting_for_tpm(cfg)
+        except (TrustRecordError, RootAnchorError) as e:
+            if isinstance(e, TrustFileUnreadableError):
+                raise
+            # Not believed (older copy, altered, deleted): exit 3 like nothing trusted, so
+            # inference does not start; the next update heals from the TPM anchor.
+            raise TrustStateLostError(
+                f"{e}; nothing is trusted until the next `modelward agent update` heals the "
+                "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
         status.record(error=e, result=None)

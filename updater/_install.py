@@ -31,6 +31,7 @@ from trust import (
 from updater._bundle import Manifest, extract_bundle, fsync_tree
 from updater._config import UpdaterConfig
 from updater._fetcher import RangeFetcher, RequestsFetcher
+from updater._heal import trusted_record
 from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
@@ -436,13 +437,13 @@ def _attempt(
     step: Callable[[str], None],
     fields: dict[str, str],
 ) -> UpdateResult:
-    record = store.load()
+    record, root = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
     if record.active and dev.slots.current_slot() != record.active.slot:
         record = reconcile(dev.slots, store, record)
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, source.metadata_url, source.targets_url, fetcher, store.anchored_root()
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, root
     )
     session.refresh()
     if session.root_version > record.root_version:

@@ -22,9 +22,11 @@ __all__ = [
     "OperatorInputError",
     "RollbackError",
     "SandboxError",
+    "RootRecoveryError",
     "StagingError",
     "TargetHashError",
     "TransportError",
+    "TrustStateLostError",
     "UntrustedRemoteError",
 ]
 
@@ -125,3 +127,21 @@ class StagingError(LocalDeviceError):
 
 class NothingTrustedError(LocalDeviceError):
     """Neither slot holds a model that matches the trust record."""
+
+
+class RootRecoveryError(MetadataError):
+    """No root metadata the repository serves has the sha256 anchored in the TPM.
+
+    Attributes:
+        tried: how many root versions (1.root.json, 2.root.json, ...) were fetched.
+    """
+
+    def __init__(self, message: str, *, tried: int, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.tried = tried
+
+
+class TrustStateLostError(NothingTrustedError):
+    """The trust record or root.json on disk cannot be believed (older copy, altered,
+    deleted): nothing is served until the next update heals the device from its TPM
+    anchor."""
