@@ -16,7 +16,7 @@ import pytest
 
 from publisher import BuildOptions, build_bundle
 from tests.conftest import World
-from tests.unit.test_i13_sandbox_attacks import _ext_model, _vectors
+from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
 from updater._sandbox import Completed, SandboxPolicy, run
 from updater.errors import HealthCheckError
 
@@ -77,3 +77,37 @@ def test_compromised_child_report_crashes_the_update(
     assert _journal_step(world) == "failed"
     status = json.loads(Path(world.state / "status.json").read_bytes())
     assert status["last_error"]["type"] == "HealthCheckError", status
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 3 (Linux < 6.2): the child empties the staged model "
+                   "with open(O_RDONLY|O_TRUNC) and reports success; the agent commits "
+                   "staging/incoming without re-hashing it, so `current` serves an empty "
+                   "model under the signed fingerprint")
+def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import updater._health as health
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    published = world.publish("2.0.0", seed=2)
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
+
+    def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
+        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot)
+        code = ("import os, sys\n"
+                "os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"
+                "print('{\"ok\": true, \"detail\": \"1 output(s) match\"}')\n")
+        return run([sys.executable, "-c", code, argv[-1]], policy, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(health, "run", compromised)
+    world.update()
+    assert world.active_version() == "2.0.0"
+    import tarfile
+
+    with tarfile.open(published) as tar:
+        member = tar.extractfile("model.onnx")
+        assert member is not None
+        signed = member.read()
+    served = (world.state / "current" / "model.onnx").read_bytes()
+    assert served == signed, f"current serves {len(served)} bytes, signed {len(signed)}"

@@ -214,6 +214,42 @@ def test_child_cannot_reach_an_abstract_unix_socket_on_landlock_abi5(
     assert got == b"" and done.stdout != b"sent\n", (done, got)
 
 
+# --- code execution in the child: truncating what it may only read -------------------------
+
+# open(O_RDONLY | O_TRUNC) needs only Landlock's READ_FILE before ABI 3 (Linux < 6.2: Ubuntu
+# 22.04's 5.15, Debian 12's 6.1); the launcher denies truncate(2) for that case, not O_TRUNC.
+_OTRUNC = r"""
+import os, sys
+try:
+    os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_TRUNC))
+    print("opened")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_child_cannot_truncate_a_staged_file(state: Path) -> None:
+    if landlock_abi() < 3:
+        pytest.skip("this kernel has no Landlock truncate right (see the ABI 2 test)")
+    policy = _policy(state)
+    staged = Path(policy.read_only[0]) / "model.onnx"
+    done = _py(_OTRUNC, policy, str(staged))
+    assert done.stdout == b"PermissionError\n" and staged.read_bytes() == b"staged", done
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 3: open(O_RDONLY|O_TRUNC) empties any readable file "
+                   "the agent's user may write: the staged model the agent commits next (as "
+                   "root in CI: any root-owned file under /usr)")
+def test_child_cannot_truncate_a_staged_file_on_landlock_abi2(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, 2))
+    policy = _policy(state)
+    staged = Path(policy.read_only[0]) / "model.onnx"
+    done = _py(_OTRUNC, policy, str(staged))
+    assert staged.read_bytes() == b"staged", done  # today: b"", and "opened"
+
+
 # --- code execution in the child: memory that outlives it -----------------------------------
 
 _SHM_LEAK = r"""
