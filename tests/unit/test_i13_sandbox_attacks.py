@@ -250,6 +250,30 @@ def test_child_cannot_truncate_a_staged_file_on_landlock_abi2(
     assert staged.read_bytes() == b"staged", done  # today: b"", and "opened"
 
 
+_TCP = r"""
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("abi", [1, 3, 0])
+def test_tcp_stays_denied_on_older_landlock(state: Path, monkeypatch: pytest.MonkeyPatch,
+                                            abi: int) -> None:
+    """Below ABI 4 Landlock has no TCP rules; the seccomp filter on socket(2) holds alone."""
+    if abi:
+        monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, abi))
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        done = _py(_TCP, _policy(state), str(listener.getsockname()[1]))
+    finally:
+        listener.close()
+    assert done.stdout == b"PermissionError\n", done
+
+
 # --- code execution in the child: memory that outlives it -----------------------------------
 
 _SHM_LEAK = r"""
@@ -592,3 +616,49 @@ def test_deeply_nested_graph_is_a_typed_outcome(state: Path) -> None:
         assert "match" in run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=60))
     except HealthCheckError as e:
         assert e.detail
+
+
+# --- data only: the manifest, parsed by the agent (and the publisher) -----------------------
+
+
+def _nested_manifest_bundle(state: Path) -> Path:
+    """A bundle whose manifest (first member, < 1 MiB) nests 5000 JSON arrays."""
+    import io
+    import tarfile
+
+    from publisher import BuildOptions, build_bundle
+    from simulator._models import make_linear_model
+
+    good, evil = state / "good.tar", state / "evil.tar"
+    build_bundle(make_linear_model(state / "m.onnx", 1), "classifier", "2.0.0", good,
+                 options=BuildOptions())
+    with tarfile.open(good) as src, tarfile.open(evil, "w", format=tarfile.PAX_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == "manifest.json":
+                doc = data.decode()
+                data = doc.replace('"provenance": {}', '"provenance": {"x": ' + "[" * 5000 +
+                                   "]" * 5000 + "}").encode()
+                assert data != doc.encode() and len(data) < 1 << 20
+                info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    return evil
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError,
+                   reason="parse_manifest catches ValueError/KeyError/TypeError/AttributeError "
+                   "but not RecursionError: a signed bundle with a deeply nested manifest is a "
+                   "traceback out of agent update (after the hash check, which it passes), "
+                   "and out of the publisher's own check before signing")
+@pytest.mark.parametrize("where", ["device", "publisher"])
+def test_nested_manifest_is_a_bundle_format_error(state: Path, where: str) -> None:
+    from updater import extract_bundle
+    from updater.errors import BundleFormatError
+
+    bundle = _nested_manifest_bundle(state)
+    dest = None
+    if where == "device":
+        dest = state / "staging" / "incoming"
+        dest.mkdir(parents=True)
+    with open(bundle, "rb") as f, pytest.raises(BundleFormatError):
+        extract_bundle(f, dest, "classifier-2.0.0.tar")
