@@ -19,6 +19,7 @@ devices run, 5.15 / 6.1 / 6.6, have ABI 1 to 4, which behave the same for these 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -28,6 +29,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -109,11 +111,11 @@ from pathlib import Path
 import updater._sandbox as sb
 from updater import HealthConfig
 from updater._health import health_policy
-slot, launcher, code = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+slot, launcher, code, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 if launcher:
     sb.LAUNCHER = Path(launcher)
 policy = health_policy(slot, HealthConfig(), os.environ, 256 << 20)
-done = sb.run([sys.executable, "-c", code], policy, timeout=30)
+done = sb.run([sys.executable, "-c", code, *extra], policy, timeout=30)
 print("agent survived", done.returncode, flush=True)
 """
 
@@ -137,6 +139,57 @@ def test_sigio_signal_to_the_agent_refused_with_landlock_signal_scope(state: Pat
 def test_sigio_signal_to_the_agent_on_landlock_abi5(state: Path) -> None:
     agent = _agent_runs(_slot(state), _abi_launcher(state, 5), _SIGIO_KILL)
     assert agent.returncode == 0 and "agent survived" in agent.stdout, agent  # today: -9
+
+
+# The child clears the parent-death signal the launcher set (prctl is not filtered): when its
+# agent dies (SIGKILL, OOM, Ctrl-C on `agent update --once`, a crash), it lives on, holding
+# its memory, with no wall-clock limit (RLIMIT_CPU does not tick while it sleeps).
+_ORPHAN = r"""
+import ctypes, sys, time
+if sys.argv[1] == "clear":
+    ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)   # PR_SET_PDEATHSIG, 0
+time.sleep(60)
+"""
+
+
+def _with_marker(marker: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.parametrize("how", [
+    "keep",
+    pytest.param("clear", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="prctl(PR_SET_PDEATHSIG, 0) is allowed: the sandboxed child outlives a killed "
+        "agent, unbounded in wall time")),
+])
+def test_child_dies_with_its_agent(state: Path, how: str) -> None:
+    marker = f"a2-orphan-{os.getpid()}-{how}"
+    agent = subprocess.Popen([sys.executable, "-c", _AGENT, str(_slot(state)), "",
+                              _ORPHAN, how, marker], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    survivors: list[int] = []
+    try:
+        for _ in range(100):  # the sandboxed child is up (its argv carries the marker)
+            if [p for p in _with_marker(marker) if p != agent.pid]:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # past its prctl
+        agent.kill()
+        agent.wait()
+        time.sleep(1.0)
+        survivors = [p for p in _with_marker(marker) if p != agent.pid]
+    finally:
+        for pid in survivors:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+    assert survivors == [], f"sandboxed child {survivors} outlived its agent"
 
 
 # --- code execution in the child: local UNIX sockets ----------------------------------------
