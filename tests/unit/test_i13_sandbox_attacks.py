@@ -630,7 +630,9 @@ def test_endless_loop_model_is_stopped_by_the_timeout(state: Path) -> None:
     with pytest.raises(HealthCheckError) as e:
         run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=3),
                          heartbeat=lambda: beats.append(1))
-    assert "longer than 3s" in str(e.value) and len(beats) >= 3
+    # the wall clock or RLIMIT_CPU (also 3 s here) stops it, whichever comes first
+    assert re.search(r"longer than 3s|SIGXCPU|SIGKILL", str(e.value)), e.value
+    assert len(beats) >= 2
 
 
 def _nested_if_model(path: Path, depth: int) -> None:
