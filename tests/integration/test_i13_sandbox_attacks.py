@@ -1,0 +1,113 @@
+"""Issue 13, outside review of the health-check sandbox, end to end (real swtpm, nginx,
+onnxruntime): a signed but malicious release against a provisioned device.
+
+The unit-level attacks are in tests/unit/test_i13_sandbox_attacks.py; a test marked
+``xfail(strict=True)`` demonstrates an attack that works today.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from publisher import BuildOptions, build_bundle
+from tests.conftest import World
+from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
+from updater._sandbox import Completed, SandboxPolicy, run
+from updater.errors import HealthCheckError
+
+
+def _journal_step(w: World) -> str:
+    return str(json.loads((w.state / "journal.json").read_bytes()).get("step"))
+
+
+def test_signed_model_reading_the_trust_record_as_external_data_is_refused(
+        world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    before = world.snapshot()
+    record = world.state / "trust" / "record.json"
+    size = record.stat().st_size
+    vec = world.builds / "ext-vectors.npz"
+    _vectors(vec, **{"input:x": np.zeros(size, np.uint8), "output:y": np.zeros(size, np.uint8)})
+    bundle = world.builds / "classifier-2.0.0.tar"
+    build_bundle(_ext_model(world.builds / "ext.onnx", "../../trust/record.json", size),
+                 "classifier", "2.0.0", bundle, vectors=vec, options=BuildOptions())
+    world.repo.publish(bundle)
+    with pytest.raises(HealthCheckError) as e:
+        world.update()
+    assert (e.value.model, e.value.version) == ("classifier", "2.0.0")
+    assert "external data" in e.value.detail.lower(), e.value.detail
+    after = world.snapshot()
+    assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    assert world.active_version() == "1.0.0" and _journal_step(world) == "failed"
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="the child's one-line report is "
+                   "parsed with json.loads catching ValueError only: a nested line is a "
+                   "RecursionError traceback out of agent update, with no journal 'failed' "
+                   "step and no last_error in status.json")
+def test_compromised_child_report_crashes_the_update(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import updater._health as health
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    before = world.snapshot()
+    world.publish("2.0.0", seed=2)
+
+    def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
+        # the signed 2.0.0's model runs code in onnxruntime: it writes its own "report"
+        code = 'import sys; sys.stdout.write("[" * 4000 + "\\n")'
+        return run([sys.executable, "-c", code], policy, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(health, "run", compromised)
+    try:
+        with pytest.raises(HealthCheckError):
+            world.update()
+    finally:
+        after = world.snapshot()
+        assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+            before.record, before.counter, before.anchor, before.current, before.slots)
+    assert _journal_step(world) == "failed"
+    status = json.loads(Path(world.state / "status.json").read_bytes())
+    assert status["last_error"]["type"] == "HealthCheckError", status
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 3 (Linux < 6.2): the child empties the staged model "
+                   "with open(O_RDONLY|O_TRUNC) and reports success; the agent commits "
+                   "staging/incoming without re-hashing it, so `current` serves an empty "
+                   "model under the signed fingerprint")
+def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import updater._health as health
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    published = world.publish("2.0.0", seed=2)
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
+
+    def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
+        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot)
+        code = ("import os, sys\n"
+                "os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"
+                "print('{\"ok\": true, \"detail\": \"1 output(s) match\"}')\n")
+        return run([sys.executable, "-c", code, argv[-1]], policy, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(health, "run", compromised)
+    world.update()
+    assert world.active_version() == "2.0.0"
+    import tarfile
+
+    with tarfile.open(published) as tar:
+        member = tar.extractfile("model.onnx")
+        assert member is not None
+        signed = member.read()
+    served = (world.state / "current" / "model.onnx").read_bytes()
+    assert served == signed, f"current serves {len(served)} bytes, signed {len(signed)}"

@@ -1,0 +1,719 @@
+"""Issue 13, outside review of the health-check sandbox (updater/_sandbox.py,
+updater/_sandbox_launch.py, updater/_health.py): attacks by a signed but malicious model.
+
+Two kinds of attacker, both inside the threat model's "whatever onnxruntime lets a model do":
+
+* data only: the ONNX file, the test vectors and the manifest, run by the real health child
+  (real onnxruntime, real sandbox);
+* code execution in the child (an onnxruntime memory-safety bug, which is why there is a
+  sandbox at all): a small Python program run through the very launcher and policy the
+  health check uses (``health_policy`` + ``run``).
+
+A test marked ``xfail(strict=True)`` demonstrates an attack that works today; the assertion
+is the behaviour the sandbox should have, so the marker must go when it is fixed.
+
+"Older kernel": the launcher adapts to the Landlock ABI it finds. ``_abi_launcher`` runs the
+real launcher with ``landlock_abi()`` capped at 5 (Linux 6.10/6.11; the LTS kernels most edge
+devices run, 5.15 / 6.1 / 6.6, have ABI 1 to 4, which behave the same for these attacks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from updater import HealthConfig
+from updater._health import health_policy, parse_report, run_health_check
+from updater._sandbox import Completed, SandboxPolicy, run
+from updater._sandbox_launch import landlock_abi
+from updater.errors import HealthCheckError
+
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT = 256 << 20  # the child's RLIMIT_AS in these tests
+
+_ABI_WRAPPER = """
+import sys
+sys.path.insert(0, {root!r})
+import updater._sandbox_launch as L
+_real = L.landlock_abi
+L.landlock_abi = lambda: min(_real(), {abi})
+sys.exit(L.main(sys.argv))
+"""
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    """A short state dir under /tmp (UNIX socket paths are limited to 108 bytes)."""
+    d = Path(tempfile.mkdtemp(prefix="a2-", dir="/tmp")).resolve()
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _slot(state: Path) -> Path:
+    slot = state / "staging" / "incoming"
+    slot.mkdir(parents=True, exist_ok=True)
+    (slot / "model.onnx").write_bytes(b"staged")
+    (state / "trust").mkdir(exist_ok=True)
+    (state / "trust" / "record.json").write_bytes(b'{"secret": "trust record"}')
+    return slot
+
+
+def _policy(state: Path) -> SandboxPolicy:
+    return health_policy(_slot(state), HealthConfig(), os.environ, LIMIT)
+
+
+def _py(code: str, policy: SandboxPolicy, *args: str, timeout: float = 60) -> Completed:
+    return run([sys.executable, "-c", code, *args], policy, timeout=timeout)
+
+
+def _abi_launcher(tmp: Path, abi: int) -> Path:
+    wrapper = tmp / f"launch_abi{abi}.py"
+    wrapper.write_text(_ABI_WRAPPER.format(root=str(ROOT), abi=abi))
+    return wrapper
+
+
+# --- code execution in the child: signals to the agent -----------------------------------
+
+# F_SETOWN + F_SETSIG + O_ASYNC: the kernel itself sends the chosen signal to the owner when
+# the pipe becomes readable. No kill(2), so the seccomp filter's "signals to itself only"
+# does not see it; only Landlock's signal scope (ABI >= 6) covers file_send_sigiotask.
+_SIGIO_KILL = r"""
+import fcntl, os, signal
+r, w = os.pipe()
+fcntl.fcntl(r, fcntl.F_SETOWN, os.getppid())   # the agent's update-attempt process
+fcntl.fcntl(r, 10, signal.SIGKILL)              # F_SETSIG
+fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC)
+os.write(w, b"x")
+print("sent")
+"""
+
+# The "agent": a process that runs the sandboxed child and then says it survived. (The test
+# process must not be the target of a SIGKILL, so the agent is a child of the test.)
+_AGENT = r"""
+import os, sys
+from pathlib import Path
+import updater._sandbox as sb
+from updater import HealthConfig
+from updater._health import health_policy
+slot, launcher, code, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+if launcher:
+    sb.LAUNCHER = Path(launcher)
+policy = health_policy(slot, HealthConfig(), os.environ, 256 << 20)
+done = sb.run([sys.executable, "-c", code, *extra], policy, timeout=30)
+print("agent survived", done.returncode, flush=True)
+"""
+
+
+def _agent_runs(slot: Path, launcher: Path | None, code: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", _AGENT, str(slot), str(launcher or ""), code],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_sigio_signal_to_the_agent_refused_with_landlock_signal_scope(state: Path) -> None:
+    if landlock_abi() < 6:
+        pytest.skip("this kernel has no Landlock signal scope (see the ABI 5 test)")
+    agent = _agent_runs(_slot(state), None, _SIGIO_KILL)
+    assert agent.returncode == 0 and "agent survived 0" in agent.stdout, agent
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 6: F_SETOWN/F_SETSIG lets the child "
+                   "SIGKILL the agent (seccomp filters kill/tgkill only, not fcntl)")
+def test_sigio_signal_to_the_agent_on_landlock_abi5(state: Path) -> None:
+    agent = _agent_runs(_slot(state), _abi_launcher(state, 5), _SIGIO_KILL)
+    assert agent.returncode == 0 and "agent survived" in agent.stdout, agent  # today: -9
+
+
+# The child clears the parent-death signal the launcher set (prctl is not filtered): when its
+# agent dies (SIGKILL, OOM, Ctrl-C on `agent update --once`, a crash), it lives on, holding
+# its memory, with no wall-clock limit (RLIMIT_CPU does not tick while it sleeps).
+_ORPHAN = r"""
+import ctypes, sys, time
+if sys.argv[1] == "clear":
+    ctypes.CDLL(None).prctl(1, 0, 0, 0, 0)   # PR_SET_PDEATHSIG, 0
+time.sleep(60)
+"""
+
+
+def _with_marker(marker: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (p / "cmdline").read_bytes():
+                    pids.append(int(p.name))
+    return pids
+
+
+@pytest.mark.parametrize("how", [
+    "keep",
+    pytest.param("clear", marks=pytest.mark.xfail(
+        strict=True, raises=AssertionError,
+        reason="prctl(PR_SET_PDEATHSIG, 0) is allowed: the sandboxed child outlives a killed "
+        "agent, unbounded in wall time")),
+])
+def test_child_dies_with_its_agent(state: Path, how: str) -> None:
+    marker = f"a2-orphan-{os.getpid()}-{how}"
+    agent = subprocess.Popen([sys.executable, "-c", _AGENT, str(_slot(state)), "",
+                              _ORPHAN, how, marker], env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    survivors: list[int] = []
+    try:
+        for _ in range(100):  # the sandboxed child is up (its argv carries the marker)
+            if [p for p in _with_marker(marker) if p != agent.pid]:
+                break
+            time.sleep(0.1)
+        time.sleep(1.0)  # past its prctl
+        agent.kill()
+        agent.wait()
+        time.sleep(1.0)
+        survivors = [p for p in _with_marker(marker) if p != agent.pid]
+    finally:
+        for pid in survivors:
+            with contextlib.suppress(OSError):
+                os.kill(pid, 9)
+    assert survivors == [], f"sandboxed child {survivors} outlived its agent"
+
+
+# --- code execution in the child: local UNIX sockets ----------------------------------------
+
+# socket(2) is denied, socketpair(2) is not; a SOCK_DGRAM pair may sendto() any address.
+_DGRAM_SEND = r"""
+import socket, sys
+a, _ = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+try:
+    addr = sys.argv[1]
+    a.sendto(b"from the sandbox", "\0" + addr[1:] if addr.startswith("@") else addr)
+    print("sent")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def _listen(addr: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(addr)
+    s.setblocking(False)
+    return s
+
+
+def _received(s: socket.socket) -> bytes:
+    try:
+        return s.recv(100)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="socketpair(AF_UNIX, SOCK_DGRAM) + sendto reaches any "
+                   "named UNIX datagram socket (journald, /dev/log, sd_notify...), even one "
+                   "inside the hidden state dir: Landlock does not cover connect/sendto")
+def test_child_cannot_reach_a_named_unix_socket_in_the_state_dir(state: Path) -> None:
+    policy = _policy(state)
+    sock = _listen(str(state / "ctl.sock"))
+    try:
+        assert str(state) in policy.must_deny
+        done = _py(_DGRAM_SEND, policy, str(state / "ctl.sock"))
+        got = _received(sock)
+    finally:
+        sock.close()
+    assert done.returncode == 0, done
+    assert got == b"" and done.stdout != b"sent\n", (done, got)
+
+
+def test_child_cannot_reach_an_abstract_unix_socket(state: Path) -> None:
+    if landlock_abi() < 6:
+        pytest.skip("this kernel has no Landlock abstract-socket scope (see the ABI 5 test)")
+    name = f"\0modelward-a2-{os.getpid()}"
+    sock = _listen(name)
+    try:
+        done = _py(_DGRAM_SEND, _policy(state), "@" + name[1:])
+        got = _received(sock)
+    finally:
+        sock.close()
+    assert got == b"" and done.stdout == b"PermissionError\n", (done, got)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 6: the socketpair+sendto bypass of the "
+                   "socket(2) filter also reaches abstract UNIX sockets")
+def test_child_cannot_reach_an_abstract_unix_socket_on_landlock_abi5(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, 5))
+    name = f"\0modelward-a2-{os.getpid()}"
+    sock = _listen(name)
+    try:
+        done = _py(_DGRAM_SEND, _policy(state), "@" + name[1:])
+        got = _received(sock)
+    finally:
+        sock.close()
+    assert got == b"" and done.stdout != b"sent\n", (done, got)
+
+
+# --- code execution in the child: truncating what it may only read -------------------------
+
+# open(O_RDONLY | O_TRUNC) needs only Landlock's READ_FILE before ABI 3 (Linux < 6.2: Ubuntu
+# 22.04's 5.15, Debian 12's 6.1); the launcher denies truncate(2) for that case, not O_TRUNC.
+_OTRUNC = r"""
+import os, sys
+try:
+    os.close(os.open(sys.argv[1], os.O_RDONLY | os.O_TRUNC))
+    print("opened")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+def test_child_cannot_truncate_a_staged_file(state: Path) -> None:
+    if landlock_abi() < 3:
+        pytest.skip("this kernel has no Landlock truncate right (see the ABI 2 test)")
+    policy = _policy(state)
+    staged = Path(policy.read_only[0]) / "model.onnx"
+    done = _py(_OTRUNC, policy, str(staged))
+    assert done.stdout == b"PermissionError\n" and staged.read_bytes() == b"staged", done
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="Landlock ABI < 3: open(O_RDONLY|O_TRUNC) empties any readable file "
+                   "the agent's user may write: the staged model the agent commits next (as "
+                   "root in CI: any root-owned file under /usr)")
+def test_child_cannot_truncate_a_staged_file_on_landlock_abi2(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, 2))
+    policy = _policy(state)
+    staged = Path(policy.read_only[0]) / "model.onnx"
+    done = _py(_OTRUNC, policy, str(staged))
+    assert staged.read_bytes() == b"staged", done  # today: b"", and "opened"
+
+
+_TCP = r"""
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", int(sys.argv[1])), 2).close()
+    print("connected")
+except OSError as e:
+    print(type(e).__name__)
+"""
+
+
+@pytest.mark.parametrize("abi", [1, 3, 0])
+def test_tcp_stays_denied_on_older_landlock(state: Path, monkeypatch: pytest.MonkeyPatch,
+                                            abi: int) -> None:
+    """Below ABI 4 Landlock has no TCP rules; the seccomp filter on socket(2) holds alone."""
+    if abi:
+        monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, abi))
+    listener = socket.create_server(("127.0.0.1", 0))
+    try:
+        done = _py(_TCP, _policy(state), str(listener.getsockname()[1]))
+    finally:
+        listener.close()
+    assert done.stdout == b"PermissionError\n", done
+
+
+# --- code execution in the child: memory that outlives it -----------------------------------
+
+_SHM_LEAK = r"""
+import ctypes, json, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+libc.shmat.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+libc.shmdt.argtypes = [ctypes.c_void_p]
+seg, n = int(sys.argv[1]), int(sys.argv[2])
+ids = []
+for _ in range(n):
+    sid = libc.shmget(0, ctypes.c_size_t(seg), 0o1600)   # IPC_PRIVATE, IPC_CREAT | 0600
+    if sid < 0:
+        break
+    ids.append(sid)
+    addr = libc.shmat(sid, None, 0)
+    if not addr or addr == ctypes.c_void_p(-1).value:
+        break
+    ctypes.memset(addr, 1, seg)                          # resident, within RLIMIT_AS
+    libc.shmdt(addr)                                     # ... and no longer counted in it
+print(json.dumps(ids))
+"""
+
+
+def _shm_rss(ids: list[int]) -> int:
+    """Resident bytes of these System V segments (/proc/sysvipc/shm, read outside)."""
+    lines = Path("/proc/sysvipc/shm").read_text().splitlines()
+    head = lines[0].split()
+    total = 0
+    for line in lines[1:]:
+        row = dict(zip(head, line.split(), strict=False))
+        if int(row["shmid"]) in ids:
+            total += int(row["rss"])
+    return total
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="System V shm (shmget/shmat/shmdt) is not filtered: the "
+                   "child fills memory segment by segment past RLIMIT_AS, and the segments "
+                   "stay resident after it exits (until the IPC namespace goes)")
+def test_child_memory_does_not_outlive_it_or_exceed_max_memory(state: Path) -> None:
+    seg = 64 << 20
+    done = _py(_SHM_LEAK, _policy(state), str(seg), str(3 * LIMIT // seg))
+    ids: list[int] = []
+    try:
+        ids = json.loads(done.stdout or b"[]")
+        leaked = _shm_rss(ids)
+    finally:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for sid in ids:
+            libc.shmctl(sid, 0, None)  # IPC_RMID: clean up what the attack left
+    assert leaked == 0, f"{len(ids)} segments, {leaked >> 20} MiB resident after the child " \
+        f"exited (its RLIMIT_AS was {LIMIT >> 20} MiB)"
+
+
+# --- code execution in the child: threads ---------------------------------------------------
+
+_THREADS = r"""
+import sys, threading
+threading.stack_size(64 << 10)
+stop, n = threading.Event(), 0
+try:
+    for _ in range(int(sys.argv[1])):
+        threading.Thread(target=stop.wait, daemon=True).start()
+        n += 1
+except (RuntimeError, MemoryError):
+    pass
+print(n)
+stop.set()
+"""
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="no task limit in the sandbox (no RLIMIT_NPROC, no pids "
+                   "cgroup of its own): the child spawns threads without bound, each with "
+                   "kernel memory outside RLIMIT_AS; in the unit they eat the agent's TasksMax")
+def test_child_thread_count_is_bounded(state: Path) -> None:
+    done = _py(_THREADS, _policy(state), "300")
+    assert done.returncode == 0, done
+    assert int(done.stdout) < 300, done  # a health check runs with 1 intra/inter-op thread
+
+
+# --- code execution in the child: the result pipe -------------------------------------------
+
+_NESTED = 'import sys; sys.stdout.write("[" * 4000 + "\\n")'
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="parse_report catches ValueError "
+                   "only; json.loads of a deeply nested line raises RecursionError, a traceback "
+                   "in the agent instead of a HealthCheckError")
+def test_nested_report_is_a_failed_health_check_not_a_traceback(
+        state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import updater._health as health
+
+    def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
+        # the real sandbox and policy, the child's stdout is the attacker's (code execution)
+        return run([sys.executable, "-c", _NESTED], policy, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(health, "run", compromised)
+    with pytest.raises(HealthCheckError):
+        run_health_check(_slot(state), "classifier", "2.0.0", HealthConfig(timeout=60))
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason="see the test above")
+def test_parse_report_of_nested_json() -> None:
+    ok, detail = parse_report(Completed(0, b'{"ok": true, "detail": ' + b"[" * 4000 + b"\n",
+                                        b"", False))
+    assert not ok and detail
+
+
+# --- code execution in the child: what stays refused ----------------------------------------
+
+_REFUSED = r"""
+import ctypes, fcntl, json, os, platform, signal, sys
+from updater._sandbox_launch import _SYSCALLS
+nr = _SYSCALLS[platform.machine()][1]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+ppid, out = os.getppid(), {}
+def attempt(name, fn):
+    try:
+        fn(); out[name] = "ok"
+    except OSError as e:
+        out[name] = e.errno
+def raw(name, *args):
+    if libc.syscall(nr[name], *args) < 0:
+        raise OSError(ctypes.get_errno(), name)
+attempt("ptrace_attach_agent", lambda: raw("ptrace", 16, ppid, None, None))
+attempt("pidfd_open_agent", lambda: raw("pidfd_open", ppid, 0))
+buf = ctypes.create_string_buffer(8)
+iov = (ctypes.c_void_p * 2)(ctypes.cast(buf, ctypes.c_void_p), 8)
+attempt("vm_readv_agent", lambda: raw("process_vm_readv", ppid, iov, 1, iov, 1, 0))
+attempt("agent_mem", lambda: open(f"/proc/{ppid}/mem", "rb").read(1))
+attempt("agent_environ", lambda: open(f"/proc/{ppid}/environ", "rb").read(1))
+attempt("self_environ", lambda: open("/proc/self/environ", "rb").read(1))
+attempt("io_uring", lambda: raw("io_uring_setup", 4, ctypes.create_string_buffer(120)))
+attempt("vfork_clone", lambda: raw("clone", 0x4100 | 17, None, None, None, None))
+attempt("thread_clone_newnet", lambda: raw("clone", 0x40010f00, None, None, None, None))
+attempt("setuid_other", lambda: os.setuid(12345))
+attempt("symlink_in_slot_to_record", lambda: open(sys.argv[1], "rb").read(1))
+out["open_fds"] = []
+for fd in range(3, 64):
+    try:
+        os.fstat(fd)
+        out["open_fds"].append(fd)
+    except OSError:
+        pass
+print(json.dumps(out))
+"""
+
+
+def test_child_cannot_trace_read_or_exec_its_way_out(state: Path) -> None:
+    policy = _policy(state)
+    link = Path(policy.read_only[0]) / "record.link"
+    link.symlink_to(state / "trust" / "record.json")  # a disk attacker helping the model
+    done = _py(_REFUSED, policy, str(link))
+    assert done.returncode == 0, done.stderr.decode()
+    got = json.loads(done.stdout)
+    fds = got.pop("open_fds")
+    assert all(v != "ok" for v in got.values()), got
+    assert got["symlink_in_slot_to_record"] == got["agent_environ"] == 13, got  # EACCES
+    assert len(fds) <= 4, fds  # Python's own; nothing of the agent
+
+
+# --- data only: the real health child and onnxruntime ---------------------------------------
+
+
+def _bundle_slot(state: Path, model: Path, vectors: Path, extra: list[tuple[Path, str]]
+                 ) -> Path:
+    from publisher import BuildOptions, build_bundle
+    from updater import extract_bundle
+
+    slot = _slot(state)
+    (slot / "model.onnx").unlink()
+    bundle = state / "b.tar"
+    build_bundle(model, "classifier", "2.0.0", bundle, vectors=vectors, extra=extra,
+                 options=BuildOptions())
+    with open(bundle, "rb") as f:
+        extract_bundle(f, slot, "b")
+    return slot
+
+
+def _ext_model(path: Path, location: str, length: int) -> Path:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.zeros((length,), np.uint8), "W")
+    w.ClearField("raw_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", str(length))):
+        e = w.external_data.add()
+        e.key, e.value = k, v
+    g = helper.make_graph([helper.make_node("Add", ["W", "x"], ["y"])], "ext",
+                          [helper.make_tensor_value_info("x", TensorProto.UINT8, [length])],
+                          [helper.make_tensor_value_info("y", TensorProto.UINT8, [length])],
+                          initializer=[w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def _vectors(path: Path, **arrays: object) -> Path:
+    import numpy as np
+
+    np.savez(path, **arrays)  # type: ignore[arg-type]
+    return path
+
+
+@pytest.mark.parametrize("location", ["../../trust/record.json", "/etc/passwd",
+                                      "record.link"])
+def test_external_data_outside_the_slot_is_refused(state: Path, location: str) -> None:
+    import numpy as np
+
+    z = np.zeros(26, np.uint8)
+    slot = _bundle_slot(state, _ext_model(state / "m.onnx", location, 26),
+                        _vectors(state / "v.npz", **{"input:x": z, "output:y": z}), [])
+    (slot / "record.link").symlink_to(state / "trust" / "record.json")
+    with pytest.raises(HealthCheckError) as e:
+        run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=60,
+                                                                   max_memory=1 << 30))
+    assert "external data" in e.value.detail.lower(), e.value.detail
+
+
+def test_pickled_vectors_are_refused(state: Path) -> None:
+    import numpy as np
+
+    from simulator._models import make_linear_model
+
+    evil = np.array([{"__reduce__": "os.system"}], dtype=object)
+    slot = _bundle_slot(state, make_linear_model(state / "m.onnx", 1),
+                        _vectors(state / "v.npz", **{"input:x": evil, "output:y": evil}), [])
+    with pytest.raises(HealthCheckError) as e:
+        run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=60))
+    assert re.search(r"pickle|object", e.value.detail, re.I), e.value.detail
+
+
+def test_zip_bomb_vectors_are_bounded_by_max_memory(state: Path) -> None:
+    """An .npz member that inflates to 4x the child's memory limit (it compresses ~1000:1)."""
+    import numpy as np
+    from numpy.lib import format as npformat
+
+    from simulator._models import make_linear_model
+
+    n = (4 * LIMIT) // (8 * 4)
+    vec = state / "v.npz"
+    with zipfile.ZipFile(vec, "w", zipfile.ZIP_DEFLATED) as zf:
+        with zf.open("input:x.npy", "w", force_zip64=True) as f:
+            npformat.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False,
+                                                "shape": (n, 8)})
+            chunk = bytes(1 << 22)
+            for _ in range((n * 32) // len(chunk)):
+                f.write(chunk)
+        with zf.open("output:y.npy", "w") as f:
+            np.save(f, np.zeros((1, 4), np.float32))
+    assert vec.stat().st_size < LIMIT // 50
+    slot = _bundle_slot(state, make_linear_model(state / "m.onnx", 1), vec, [])
+    with pytest.raises(HealthCheckError) as e:
+        run_health_check(slot, "classifier", "2.0.0",
+                         HealthConfig(timeout=60, max_memory=LIMIT))
+    assert re.search(r"memory|alloc", e.value.detail, re.I), e.value.detail
+
+
+def _spin_model(path: Path) -> Path:
+    """y = x + Loop(10**12 times: acc + 1) * 0: reproduces y = x only after forever."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+         helper.make_node("Add", ["acc_in", "one"], ["acc_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+         helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")])
+    g = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "cond", "acc0"], ["acc"], body=body),
+         helper.make_node("Mul", ["acc", "zero"], ["z"]),
+         helper.make_node("Add", ["x", "z"], ["y"])], "spin",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array(10**12, np.int64), "trips"),
+                     numpy_helper.from_array(np.array(True), "cond"),
+                     numpy_helper.from_array(np.zeros(1, np.float32), "acc0"),
+                     numpy_helper.from_array(np.zeros(1, np.float32), "zero")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_endless_loop_model_is_stopped_by_the_timeout(state: Path) -> None:
+    import numpy as np
+
+    one = np.ones(1, np.float32)
+    slot = _bundle_slot(state, _spin_model(state / "m.onnx"),
+                        _vectors(state / "v.npz", **{"input:x": one, "output:y": one}), [])
+    beats: list[int] = []
+    with pytest.raises(HealthCheckError) as e:
+        run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=3),
+                         heartbeat=lambda: beats.append(1))
+    # the wall clock or RLIMIT_CPU (also 3 s here) stops it, whichever comes first
+    assert re.search(r"longer than 3s|SIGXCPU|SIGKILL", str(e.value)), e.value
+    assert len(beats) >= 2
+
+
+def _nested_if_model(path: Path, depth: int) -> None:
+    from onnx import TensorProto, helper
+
+    def leaf(d: int) -> object:
+        return helper.make_graph([helper.make_node("Identity", ["x"], [f"o{d}"])], f"leaf{d}",
+                                 [], [helper.make_tensor_value_info(f"o{d}", TensorProto.FLOAT,
+                                                                    [1])])
+
+    top = leaf(0)
+    for d in range(1, depth + 1):  # each level nests the previous one: linear size
+        top = helper.make_graph(
+            [helper.make_node("If", ["c"], [f"o{d}"], then_branch=top, else_branch=leaf(d))],
+            f"l{d}", [], [helper.make_tensor_value_info(f"o{d}", TensorProto.FLOAT, [1])])
+    g = helper.make_graph(list(top.node), "deep",  # type: ignore[attr-defined]
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+                           helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info(f"o{depth}", TensorProto.FLOAT, [1])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.write_bytes(m.SerializeToString())
+
+
+def test_deeply_nested_graph_is_a_typed_outcome(state: Path) -> None:
+    """30 nested If levels (protobuf's depth limit of 100 stops deeper ones from being built
+    or parsed at all): the check passes or fails with a typed error, never a traceback."""
+    import numpy as np
+
+    model = state / "m.onnx"
+    _nested_if_model(model, 30)
+    x = np.ones(1, np.float32)
+    slot = _bundle_slot(state, model, _vectors(state / "v.npz", **{
+        "input:x": x, "input:c": np.array(True), "output:o30": x}), [])
+    try:
+        assert "match" in run_health_check(slot, "classifier", "2.0.0", HealthConfig(timeout=60))
+    except HealthCheckError as e:
+        assert e.detail
+
+
+# --- data only: the manifest, parsed by the agent (and the publisher) -----------------------
+
+
+def _nested_manifest_bundle(state: Path) -> Path:
+    """A bundle whose manifest (first member, < 1 MiB) nests 5000 JSON arrays."""
+    import io
+    import tarfile
+
+    from publisher import BuildOptions, build_bundle
+    from simulator._models import make_linear_model
+
+    good, evil = state / "good.tar", state / "evil.tar"
+    build_bundle(make_linear_model(state / "m.onnx", 1), "classifier", "2.0.0", good,
+                 options=BuildOptions())
+    with tarfile.open(good) as src, tarfile.open(evil, "w", format=tarfile.PAX_FORMAT) as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read()  # type: ignore[union-attr]
+            if info.name == "manifest.json":
+                doc = data.decode()
+                data = doc.replace('"provenance": {}', '"provenance": {"x": ' + "[" * 5000 +
+                                   "]" * 5000 + "}").encode()
+                assert data != doc.encode() and len(data) < 1 << 20
+                info.size = len(data)
+            dst.addfile(info, io.BytesIO(data))
+    return evil
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError,
+                   reason="parse_manifest catches ValueError/KeyError/TypeError/AttributeError "
+                   "but not RecursionError: a signed bundle with a deeply nested manifest is a "
+                   "traceback out of agent update (after the hash check, which it passes), "
+                   "and out of the publisher's own check before signing")
+@pytest.mark.parametrize("where", ["device", "publisher"])
+def test_nested_manifest_is_a_bundle_format_error(state: Path, where: str) -> None:
+    from updater import extract_bundle
+    from updater.errors import BundleFormatError
+
+    bundle = _nested_manifest_bundle(state)
+    dest = None
+    if where == "device":
+        dest = state / "staging" / "incoming"
+        dest.mkdir(parents=True)
+    with open(bundle, "rb") as f, pytest.raises(BundleFormatError):
+        extract_bundle(f, dest, "classifier-2.0.0.tar")
