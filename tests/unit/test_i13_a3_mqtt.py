@@ -161,3 +161,79 @@ def test_a3_corr_offset_not_asked_for_is_ignored() -> None:
     session = b"S" * 8
     msg = _msg(block_header(200, 4096, 5000) + b"z" * 64, session + struct.pack(">Q", 4096))
     assert f._accept(msg, session, "p", {0: (0.0, 0)}, None) is None  # noqa: SLF001
+
+
+# --- what the fetcher holds while the download pauses ----------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A3 finding: the fetcher's two bounds add up: out-of-order blocks wait in _blocks' "
+    "'buffered' (up to window-1 blocks, 15 MiB) while the receive queue may hold another "
+    "queue_byte_limit (16 MiB + 16 x 16 KiB) of valid-session duplicates; whoever sees the "
+    "requests (broker, bridge identity) holds back one block, then floods duplicates while "
+    "the download loop pauses (idle gate, slow extraction): ~30 MiB held before anything "
+    "is verified"))
+def test_a3_held_back_block_and_duplicate_flood_stay_within_one_window() -> None:
+    import queue
+    import threading
+
+    mib = 1 << 20
+    cfg = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_timeout=30.0)
+    f = MqttFetcher(cfg)
+    size = cfg.window * mib
+    data = bytes(mib)
+    reqs: queue.Queue[tuple[int, bytes]] = queue.Queue()
+    paused, resume = threading.Event(), threading.Event()
+    accepted = [0]
+    real_accept = f._accept  # noqa: SLF001
+
+    def accept(*a: Any) -> Any:
+        got = real_accept(*a)
+        if got is not None:
+            accepted[0] += len(got[1])
+        return got
+
+    f._accept = accept  # type: ignore[method-assign,assignment]  # noqa: SLF001
+
+    def block(off: int, corr: bytes) -> Any:
+        return _msg(block_header(200, off, size) + data, corr)
+
+    class Conn(_Conn):
+        def publish(self, _topic: str, body: bytes, props: Any) -> None:
+            reqs.put((json.loads(body)["offset"], props.CorrelationData))
+
+    f._connection = lambda: Conn(f, None)  # type: ignore[assignment,method-assign,return-value]  # noqa: SLF001
+    held: list[int] = []
+    yielded = [0]
+
+    def broker() -> None:
+        corrs: dict[int, bytes] = {}
+        while len(corrs) < cfg.window:
+            off, corr = reqs.get(timeout=10)
+            corrs[off] = corr
+            if off == 0:
+                f._deliver(block(0, corr))  # noqa: SLF001
+            elif off != mib:  # hold block 1 back
+                f._deliver(block(off, corr))  # noqa: SLF001
+        while accepted[0] < (cfg.window - 1) * mib:  # blocks 0 and 2..15 taken in
+            threading.Event().wait(0.01)
+        f._deliver(block(mib, corrs[mib]))  # noqa: SLF001
+        paused.wait(10)  # the download loop now pauses on block 1
+        while f._inbox.put(block(2 * mib, corrs[2 * mib])):  # noqa: SLF001
+            pass
+        held.append(f._inbox.bytes + accepted[0] - yielded[0])  # noqa: SLF001
+        resume.set()
+
+    f._deliver = f._inbox.put  # type: ignore[assignment,method-assign]  # noqa: SLF001
+    t = threading.Thread(target=broker, daemon=True)
+    t.start()
+    chunks, _ = f.fetch_from("mqtt://repo/targets/x.tar", 0)
+    for chunk in chunks:
+        yielded[0] += len(chunk)
+        if yielded[0] == 2 * mib:  # the gate pauses (device busy) on the second block
+            paused.set()
+            resume.wait(10)
+    t.join(10)
+    assert yielded[0] == size
+    print(f"held by the fetcher during the pause: {held[0] / mib:.1f} MiB")
+    assert held[0] <= cfg.queue_byte_limit() + mib, held
