@@ -248,3 +248,28 @@ def test_a3_lying_206_is_taken_at_the_asked_offset(
     chunks, start = _fetcher(pki, srv.url).fetch_from(srv.url + "t.tar", 4000)
     assert start == 4000
     assert b"".join(chunks) == body
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "A3 finding: the error-body drain trusts Content-Length, but with Transfer-Encoding: "
+    "chunked as well urllib3 ignores Content-Length (RFC 7230 3.3.3) and resp.content "
+    "reads the whole chunked body: 10 in Content-Length, 64 MiB in chunks, all held in "
+    "memory (unbounded: the origin decides where the body ends)"))
+def test_a3_chunked_404_with_a_small_content_length_keeps_rss_bounded(
+    pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
+) -> None:
+    def script(conn: ssl.SSLSocket, _req: bytes) -> None:
+        conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        chunk = b"%x\r\n" % MIB + b"\0" * MIB + b"\r\n"
+        for _ in range(64):
+            conn.sendall(chunk)
+        conn.sendall(b"0\r\n\r\n")
+
+    plain = origin(_not_found(b"not found", None))
+    _, normal = _child_rss(plain.url, pki[0].cert)
+    bad = origin(script)
+    status, rss = _child_rss(bad.url, pki[0].cert)
+    assert status == "HTTP 404"
+    print(f"peak RSS: plain 404 {normal} KiB, chunked 404 {rss} KiB")
+    assert rss <= normal + 16 * 1024, (normal, rss)
