@@ -300,3 +300,31 @@ def test_a4_signed_report_does_not_carry_a_put_back_status_json(world: World) ->
     report = json.loads(signed_report(world.cfg, "idle"))["report"]
     assert report["last_error"] is not None
     assert report["counters"].get("failures", 0) >= 1
+
+
+@pytest.mark.parametrize("victim_size", [
+    "shorter",  # refused: not resumed into
+    pytest.param("longer", marks=pytest.mark.xfail(strict=True, reason=(
+        "Stage truncates staging/<sha256>.part in place (O_NOFOLLOW stops symlinks, not "
+        "hard links): a hard link planted there to a longer file outside state_dir is "
+        "truncated to the bundle's length"))),
+])
+def test_a4_hard_linked_partial_download_does_not_write_outside_state_dir(
+        world: World, victim_size: str) -> None:
+    import hashlib
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    published = world.publish("2.0.0", seed=2)
+    data = published.read_bytes()
+    key = hashlib.sha256(data).hexdigest()
+    victim = world.tmp / "victim-file"
+    size = len(data) // 2 if victim_size == "shorter" else len(data) * 3
+    victim.write_bytes(b"V" * size)
+    staging = world.state / "staging"
+    staging.mkdir(exist_ok=True)
+    os.link(victim, staging / f"{key}.part")
+    with contextlib.suppress(ModelwardError):
+        world.update()
+    assert victim.stat().st_size == size
+    assert victim.read_bytes() == b"V" * size
