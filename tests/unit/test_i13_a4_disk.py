@@ -176,3 +176,23 @@ def test_a4_rejections_from_another_device_are_refused(tmp_path: Path) -> None:
     entries = (_rej("m/m-2.tar", "2", now),)
     (tmp_path / "rejections.json").write_bytes(encode(entries, _Other().mac(digest(entries))))
     assert RejectionStore(tmp_path, _Tpm(), clock=lambda: now).entries() == ()
+
+
+@pytest.mark.parametrize("name", ["status.json", "journal.json", "rejections.json"])
+def test_a4_symlinked_state_files_are_replaced_not_written_through(
+        tmp_path: Path, name: str) -> None:
+    """Refused: writing status.json, journal.json or rejections.json over a planted symlink
+    replaces the link; the file outside state_dir keeps its bytes."""
+    state = tmp_path / "state"
+    state.mkdir()
+    outside = tmp_path / "outside"
+    outside.write_text("operator data\n")
+    os.symlink(outside, state / name)
+    if name == "status.json":
+        StatusFile(state).write({"x": 1})
+    elif name == "journal.json":
+        Journal(state / name).enter("checking")
+    else:
+        RejectionStore(state, _Tpm()).save((_rej("m/m-1.tar", "1", time.time()),))
+    assert outside.read_text() == "operator data\n"
+    assert not (state / name).is_symlink()
