@@ -366,9 +366,13 @@ def _agent_provision(args: argparse.Namespace) -> int:
 
     print(f"TPM at {cfg.tcti} provisioned for {cfg.device_id}:")
     print(f"  storage root key 0x81000001: {word(rep.srk_created)}")
-    print(f"  identity key     0x81000101: {word(rep.identity_created)}")
-    print(f"  root anchor      0x01000100: {word(rep.anchor_defined)}")
-    print(f"  update counter   0x01000110: {word(rep.counter_defined)}")
+    print(f"  identity key     0x81000102: {word(rep.identity_created)}")
+    print(f"  record-MAC key   0x81000103: {word(rep.mac_key_created)}")
+    print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
+    print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
+    if rep.migrated:
+        print("  migrated from the unauthorized objects of an older provisioning "
+              "(0x81000101, 0x01000100, 0x01000110 removed)")
     return EXIT_OK
 
 

@@ -4,7 +4,8 @@ Files under ``<state_dir>/trust/``:
 
 * ``record.json`` - the MACed trust record; ``record.json.next`` during a commit;
 * ``root.json`` - the root metadata whose sha256 is anchored in the TPM;
-  ``root.json.next`` during a root rotation.
+  ``root.json.next`` during a root rotation;
+* ``tpm.auth`` - the auth value of the TPM objects, mode 0600 (trust/_tpmauth.py).
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 from trust._atomic import rename_atomic, write_atomic
 from trust._record import Resolution, TrustRecord, choose_record, encode_record
-from trust._tpm import ProvisionReport, TpmInterface
+from trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
+from trust._tpmauth import ensure_auth
 from trust.errors import (
     OperatorInputError,
     RootAnchorError,
+    TpmError,
     TpmNotProvisionedError,
     TrustRecordError,
 )
@@ -49,23 +53,41 @@ class TrustStore:
         self.pending_path = self.dir / "record.json.next"
         self.root_path = self.dir / "root.json"
         self.root_pending_path = self.dir / "root.json.next"
+        tpm.use_auth_dir(self.dir)
 
     # -- provisioning -------------------------------------------------------
 
     def provision(self, root_bytes: bytes, root_source: str) -> ProvisionReport:
         """Provision the TPM and anchor ``root_bytes``; idempotent.
 
+        On a device provisioned before the TPM objects had an auth value, this migrates
+        it (docs/notes.md "TPM authorization"): the record is verified under the old
+        MAC key and counter, the new objects are created beside the old ones, the old
+        anchor value is carried over, the record is re-MACed under the new key with the
+        new counter, and only then are the old objects removed. Each step can be re-run
+        after a crash.
+
         Raises:
             OperatorInputError: the device is already anchored to a different root.
+            TpmAuthFileError: the auth file is unsafe (a link, not 0600, not ours).
+            TrustRecordError: the old record does not verify, so it cannot be migrated.
             TpmError: the TPM failed.
         """
         version = _root_version(root_bytes, root_source)
+        secret, _ = ensure_auth(self.dir)
+        self.tpm.set_auth(secret)
+        legacy = self.tpm.legacy()
+        old_record = self._legacy_record(legacy) if legacy is not None else None
         report = self.tpm.provision()
         digest = hashlib.sha256(root_bytes).digest()
         try:
             anchor: bytes | None = self.tpm.read_anchor()
         except TpmNotProvisionedError:
             anchor = None  # defined but never written
+        if anchor is None and legacy is not None:
+            anchor = legacy.read_anchor()
+            if anchor is not None:
+                self.tpm.write_anchor(anchor)  # the old anchor, perhaps of a rotated root
         if anchor is None:
             write_atomic(self.root_path, root_bytes)
             self.tpm.write_anchor(digest)
@@ -82,7 +104,9 @@ class TrustStore:
                 )
         elif not self.root_path.exists():
             write_atomic(self.root_path, root_bytes)
-        if not self.record_path.exists() and not self.pending_path.exists():
+        if old_record is not None:
+            self._remac(old_record)
+        elif not self.record_path.exists() and not self.pending_path.exists():
             genesis = TrustRecord(
                 counter=self.tpm.read_counter(),
                 root_version=version,
@@ -93,7 +117,42 @@ class TrustStore:
             write_atomic(self.record_path, encode_record(genesis, self.tpm.mac(genesis.digest())))
         else:
             self.load()  # provisioning again must not hide a broken record
+        if legacy is not None:
+            self.tpm.retire_legacy()
         return report
+
+    def _legacy_record(self, legacy: LegacyObjects) -> TrustRecord | None:
+        """The record as the old objects vouch for it; None if already re-MACed."""
+        current = _read_or_none(self.record_path)
+        pending = _read_or_none(self.pending_path)
+        if current is None and pending is None:
+            return None
+        try:
+            record, _ = choose_record(
+                current, pending, legacy.read_counter(), legacy.mac_ok,
+                current_path=str(self.record_path), pending_path=str(self.pending_path),
+            )
+        except TrustRecordError as e:
+            try:
+                self.tpm.read_counter()
+            except TpmError:
+                # No new objects yet: the old record is the only one, and it is bad.
+                raise TrustRecordError(
+                    f"cannot migrate: {e}", path=e.path,
+                    hint="the record was altered or rolled back; re-provision the device "
+                    "from a clean state",
+                ) from e
+            return None  # an earlier run re-MACed it already; load() checks it
+        return record
+
+    def _remac(self, old: TrustRecord) -> None:
+        """Bind the migrated record to the new counter and MAC key."""
+        counter = self.tpm.read_counter()
+        record = replace(old, counter=counter)
+        write_atomic(self.record_path, encode_record(record, self.tpm.mac(record.digest())))
+        self.pending_path.unlink(missing_ok=True)
+        logger.warning("trust record migrated to the authorized TPM objects (counter %d -> %d)",
+                       old.counter, counter)
 
     # -- trust record ---------------------------------------------------------
 

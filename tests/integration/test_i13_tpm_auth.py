@@ -1,0 +1,247 @@
+"""Issue 13 finding 8 / must-show 10: TPM objects only modelward can use (real swtpm).
+
+A second process talks to the device's swtpm with tpm2-tools, as any process that may open
+the TPM could (group ``tss``, the health-check child). It tries to move the counter,
+rewrite the anchor, forge a record MAC, sign as the device and lock the agent out; none of
+it works, nothing trusted moves, and the agent keeps working. Devices provisioned the old
+way (open objects) migrate with ``agent provision``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import World
+from tests.integration._i13_legacy_tpm import make_legacy
+from trust import Tpm, decode_record, encode_record
+from trust._tpm import (
+    ANCHOR_INDEX,
+    COUNTER_INDEX,
+    IDENTITY_HANDLE,
+    LEGACY_ANCHOR_INDEX,
+    LEGACY_COUNTER_INDEX,
+    LEGACY_IDENTITY_HANDLE,
+    LEGACY_MAC_KEY_LABEL,
+    MAC_KEY_HANDLE,
+    _TpmLegacy,
+)
+from trust._tpmauth import AUTH_FILE
+from trust.errors import TrustRecordError
+
+
+def _tools(world: World, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """tpm2-tools in another process, against the device's swtpm."""
+    env = dict(os.environ, TPM2TOOLS_TCTI=world.tpm.tcti)
+    return subprocess.run(list(argv), capture_output=True, text=True, env=env, cwd=cwd,
+                          timeout=60, check=False)
+
+
+def _refused(r: subprocess.CompletedProcess[str]) -> str:
+    assert r.returncode != 0, (r.args, r.stdout)
+    return r.stderr
+
+
+def _lockout_counter(world: World) -> int:
+    import tpm2_pytss as t
+
+    tpm = Tpm(world.tpm.tcti)
+    try:
+        _, data = tpm._esys.get_capability(t.TPM2_CAP.TPM_PROPERTIES,
+                                           t.TPM2_PT.LOCKOUT_COUNTER, 1)
+        return int(data.data.tpmProperties[0].value)
+    finally:
+        tpm.close()
+
+
+def _boot_check(world: World) -> subprocess.CompletedProcess[str]:
+    return world.cli("agent", "boot-check", "--config", str(world.conf_path))
+
+
+def test_second_tpm_client_cannot_move_counter_anchor_or_forge_record_mac(
+        world: World, tmp_path: Path) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    before = world.snapshot()
+    work = tmp_path / "attacker"
+    work.mkdir()
+    lockouts = _lockout_counter(world)
+
+    # 1. the counter: owner hierarchy (empty owner auth) and the index's own empty auth
+    for argv in (("tpm2_nvincrement", "-C", "o", f"{COUNTER_INDEX:#x}"),
+                 ("tpm2_nvincrement", f"{COUNTER_INDEX:#x}"),
+                 ("tpm2_nvincrement", "-C", "o", f"{LEGACY_COUNTER_INDEX:#x}")):
+        _refused(_tools(world, *argv, cwd=work))
+    # guessing the auth value: refused, and it never counts toward lockout (noDA)
+    for i in range(8):
+        _refused(_tools(world, "tpm2_nvincrement", "-P", f"guess{i}", f"{COUNTER_INDEX:#x}",
+                        cwd=work))
+
+    # 2. the anchor
+    (work / "evil").write_bytes(hashlib.sha256(b"attacker root").digest())
+    for argv in (("tpm2_nvwrite", "-C", "o", "-i", "evil", f"{ANCHOR_INDEX:#x}"),
+                 ("tpm2_nvwrite", "-i", "evil", f"{ANCHOR_INDEX:#x}"),
+                 ("tpm2_nvwrite", "-P", "guess", "-i", "evil", f"{ANCHOR_INDEX:#x}")):
+        _refused(_tools(world, *argv, cwd=work))
+    # reading stays open: the values are not secret
+    r = _tools(world, "tpm2_nvread", "-C", "o", "-s", "32", f"{ANCHOR_INDEX:#x}", "-o", "a",
+               cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "a").read_bytes() == before.anchor
+
+    # 3. the record MAC: the agent's key refuses to HMAC without its auth value ...
+    rec, _ = decode_record(before.record, "record.json")
+    assert rec.active is not None
+    forged_rec = replace(rec, active=replace(rec.active, version="9.9.9"),
+                         targets_version=rec.targets_version + 100)
+    (work / "digest").write_bytes(forged_rec.digest())
+    _refused(_tools(world, "tpm2_hmac", "-c", f"{MAC_KEY_HANDLE:#x}", "-g", "sha256",
+                    "-o", "mac", "digest", cwd=work))
+    # ... and the old fixed-label key can still be derived by anyone, but it is not it
+    # -u from a file is the raw TPMU_PUBLIC_ID: a TPM2B_DIGEST with a host-order size
+    label = hashlib.sha256(LEGACY_MAC_KEY_LABEL).digest()
+    (work / "unique").write_bytes(len(label).to_bytes(2, sys.byteorder) + label)
+    r = _tools(world, "tpm2_createprimary", "-C", "o", "-G", "hmac", "-g", "sha256",
+               "-a", "sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth",
+               "-u", "unique", "-c", "old.ctx", cwd=work)
+    assert r.returncode == 0, r.stderr
+    r = _tools(world, "tpm2_hmac", "-c", "old.ctx", "-g", "sha256", "-o", "mac", "digest",
+               cwd=work)
+    assert r.returncode == 0, r.stderr
+    forged_mac = (work / "mac").read_bytes()
+    tpm = Tpm(world.tpm.tcti)
+    try:  # exactly the MAC the old agent computed and accepted
+        assert forged_mac == _TpmLegacy(tpm).mac(forged_rec.digest())
+    finally:
+        tpm.close()
+    forged = encode_record(forged_rec, forged_mac)
+
+    # 4. the identity key that signs status reports
+    _refused(_tools(world, "tpm2_sign", "-c", f"{IDENTITY_HANDLE:#x}", "-g", "sha256",
+                    "-o", "sig", "digest", cwd=work))
+
+    assert world.snapshot() == before  # the TPM attacks moved nothing
+    assert _lockout_counter(world) == lockouts
+
+    # the forged record on disk (a disk attacker's help): not accepted
+    path = world.state / "trust" / "record.json"
+    path.write_bytes(forged)
+    forged_state = world.snapshot()
+    with pytest.raises(TrustRecordError, match="TPM MAC does not verify"):
+        world.store().load()
+    r = _boot_check(world)
+    assert r.returncode in (1, 3), r.stdout
+    assert "TPM MAC does not verify" in r.stderr and "Traceback" not in r.stderr
+    r = world.cli("agent", "update", "--once", "--config", str(world.conf_path))
+    assert r.returncode == 1 and "TPM MAC does not verify" in r.stderr, r.stderr
+    assert world.snapshot() == forged_state
+    assert world.active_version() == "1.0.0"
+
+    # the agent still works once its record is back
+    path.write_bytes(before.record)
+    world.publish("2.0.0", seed=2)
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert world.snapshot().counter == before.counter + 1
+    r = _boot_check(world)
+    assert r.returncode == 0, r.stderr
+    r = world.cli("agent", "status", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+
+
+def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    old_counter = make_legacy(world.tpm.tcti, world.state)
+    legacy_record = (world.state / "trust" / "record.json").read_bytes()
+    identity = Tpm(world.tpm.tcti)
+    old_pem = identity.identity_public_pem()
+    identity.close()
+
+    # the new agent does not trust the open objects: it names the fix
+    r = _boot_check(world)
+    assert r.returncode == 1
+    assert "older modelward" in r.stderr and "agent provision" in r.stderr, r.stderr
+    assert (world.state / "trust" / "record.json").read_bytes() == legacy_record
+
+    root = world.repo_dir / "metadata" / "1.root.json"
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert "migrated" in r.stdout
+
+    tpm = Tpm(world.tpm.tcti)
+    try:
+        import tpm2_pytss as t
+
+        _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x01000000, 64)
+        nv = set(data.data.handles)
+        _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x81000000, 64)
+        persistent = set(data.data.handles)
+        assert tpm.identity_public_pem() == old_pem  # enrolment stays valid
+    finally:
+        tpm.close()
+    assert {ANCHOR_INDEX, COUNTER_INDEX} <= nv
+    assert not {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} & nv
+    assert LEGACY_IDENTITY_HANDLE not in persistent
+    assert {IDENTITY_HANDLE, MAC_KEY_HANDLE} <= persistent
+    auth = world.state / "trust" / AUTH_FILE
+    assert auth.stat().st_mode & 0o777 == 0o600
+
+    migrated = world.snapshot()
+    rec, _ = decode_record(migrated.record, "record.json")
+    old, _ = decode_record(legacy_record, "record.json")
+    assert replace(rec, counter=old.counter) == old  # same content, new counter
+    assert rec.counter == migrated.counter
+    assert migrated.counter >= 1 and old.counter == old_counter
+    assert _boot_check(world).returncode == 0
+    assert world.active_version() == "1.0.0"
+
+    # provisioning again is a no-op
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("already present") == 5 and "migrated" not in r.stdout
+    assert world.snapshot() == migrated
+
+    # the old record, put back, no longer verifies; the migrated device updates
+    (world.state / "trust" / "record.json").write_bytes(legacy_record)
+    with pytest.raises(TrustRecordError):
+        world.store().load()
+    (world.state / "trust" / "record.json").write_bytes(migrated.record)
+    world.publish("2.0.0", seed=2)
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert _boot_check(world).returncode == 0
+    signed = world.cli("agent", "status", "--config", str(world.conf_path))
+    assert signed.returncode == 0, signed.stderr
+
+
+def test_migration_refuses_an_old_record_that_does_not_verify(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    make_legacy(world.tpm.tcti, world.state)
+    path = world.state / "trust" / "record.json"
+    doc = json.loads(path.read_bytes())
+    doc["record"]["active"]["version"] = "9.9.9"
+    path.write_text(json.dumps(doc))
+    edited = path.read_bytes()
+    root = world.repo_dir / "metadata" / "1.root.json"
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    assert r.returncode == 1
+    assert "cannot migrate" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert path.read_bytes() == edited
+    tpm = Tpm(world.tpm.tcti)
+    try:
+        import tpm2_pytss as t
+
+        _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x01000000, 64)
+        assert {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} <= set(data.data.handles)
+        assert COUNTER_INDEX not in set(data.data.handles)  # nothing new was created
+    finally:
+        tpm.close()
