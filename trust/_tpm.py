@@ -557,27 +557,32 @@ class Tpm(TpmInterface):
 
     def read_anchor(self) -> bytes:
         nv = self._obj(ANCHOR_INDEX)
-        data = self._call("read root anchor", lambda: self._esys.nv_read(nv, 32, 0, nv))
+        data = self._call(f"read root anchor {ANCHOR_INDEX:#x}",
+                          lambda: self._esys.nv_read(nv, 32, 0, nv))
         return bytes(data)
 
     def write_anchor(self, digest: bytes) -> None:
         nv = self._obj(ANCHOR_INDEX)
-        self._call("write root anchor", lambda: self._esys.nv_write(nv, digest, 0, nv))
+        self._call(f"write root anchor {ANCHOR_INDEX:#x}",
+                   lambda: self._esys.nv_write(nv, digest, 0, nv))
 
     def read_counter(self) -> int:
         nv = self._obj(COUNTER_INDEX)
-        data = self._call("read update counter", lambda: self._esys.nv_read(nv, 8, 0, nv))
+        data = self._call(f"read update counter {COUNTER_INDEX:#x}",
+                          lambda: self._esys.nv_read(nv, 8, 0, nv))
         return int.from_bytes(bytes(data), "big")
 
     def increment_counter(self) -> int:
         nv = self._obj(COUNTER_INDEX)
-        self._call("increment update counter", lambda: self._esys.nv_increment(nv, nv))
+        self._call(f"increment update counter {COUNTER_INDEX:#x}",
+                   lambda: self._esys.nv_increment(nv, nv))
         return self.read_counter()
 
     def mac(self, digest: bytes) -> bytes:
         t = self._types()
         key = self._obj(MAC_KEY_HANDLE)
-        out = self._call("HMAC", lambda: self._esys.hmac(key, digest, t.TPM2_ALG.SHA256))
+        out = self._call(f"HMAC with record-MAC key {MAC_KEY_HANDLE:#x}",
+                         lambda: self._esys.hmac(key, digest, t.TPM2_ALG.SHA256))
         return bytes(out)
 
     def sign(self, digest: bytes) -> bytes:
@@ -589,7 +594,7 @@ class Tpm(TpmInterface):
         scheme.details.any.hashAlg = t.TPM2_ALG.SHA256
         # The identity key is unrestricted, so a NULL hash-check ticket is accepted.
         ticket = t.TPMT_TK_HASHCHECK(tag=t.TPM2_ST.HASHCHECK, hierarchy=t.TPM2_RH.NULL)
-        sig = self._call("sign with identity key",
+        sig = self._call(f"sign with identity key {IDENTITY_HANDLE:#x}",
                          lambda: self._esys.sign(ident, digest, scheme, ticket))
         r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
         s_ = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")

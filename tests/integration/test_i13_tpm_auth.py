@@ -19,9 +19,10 @@ from pathlib import Path
 
 import pytest
 
+from simulator import SwtpmHandle
 from tests.conftest import World
 from tests.integration._i13_legacy_tpm import make_legacy
-from trust import Tpm, decode_record, encode_record
+from trust import Tpm, TrustStore, decode_record, encode_record
 from trust._tpm import (
     ANCHOR_INDEX,
     COUNTER_INDEX,
@@ -34,7 +35,7 @@ from trust._tpm import (
     _TpmLegacy,
 )
 from trust._tpmauth import AUTH_FILE
-from trust.errors import TrustRecordError
+from trust.errors import TpmAuthError, TpmError, TrustRecordError
 
 
 def _tools(world: World, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -83,6 +84,11 @@ def test_second_tpm_client_cannot_move_counter_anchor_or_forge_record_mac(
     for i in range(8):
         _refused(_tools(world, "tpm2_nvincrement", "-P", f"guess{i}", f"{COUNTER_INDEX:#x}",
                         cwd=work))
+    s = world.store()
+    try:  # the agent is not locked out by them
+        assert s.load().counter == before.counter
+    finally:
+        s.tpm.close()
 
     # 2. the anchor
     (work / "evil").write_bytes(hashlib.sha256(b"attacker root").digest())
@@ -243,5 +249,128 @@ def test_migration_refuses_an_old_record_that_does_not_verify(world: World) -> N
         _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x01000000, 64)
         assert {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} <= set(data.data.handles)
         assert COUNTER_INDEX not in set(data.data.handles)  # nothing new was created
+    finally:
+        tpm.close()
+
+
+def _squat_counter(tcti: str, auth: bytes, attrs: int | None = None) -> None:
+    """Another TPM client defines modelward's counter index first, with its own auth."""
+    import tpm2_pytss as t
+    from tpm2_pytss import ESAPI
+
+    e = ESAPI(tcti)
+    try:
+        N = t.TPMA_NV
+        a = attrs if attrs is not None else int(
+            N.AUTHWRITE | N.AUTHREAD | N.OWNERREAD | N.NO_DA
+            | (t.TPM2_NT.COUNTER << N.TPM2_NT_SHIFT))
+        pub = t.TPM2B_NV_PUBLIC(nvPublic=t.TPMS_NV_PUBLIC(
+            nvIndex=COUNTER_INDEX, nameAlg=t.TPM2_ALG.SHA256, attributes=a, dataSize=8))
+        e.nv_define_space(t.TPM2B_AUTH(auth), pub, t.ESYS_TR.OWNER)
+    finally:
+        e.close()
+
+
+@pytest.mark.parametrize("same_attrs", [True, False])
+def test_objects_planted_before_provisioning_are_refused(
+        swtpm: SwtpmHandle, tmp_path: Path, same_attrs: bool) -> None:
+    """A local TPM client that squats on modelward's handles with a value it knows does
+    not get a device that trusts them: provisioning refuses, naming the index."""
+    import tpm2_pytss as t
+
+    _squat_counter(swtpm.tcti, b"attacker knows this",
+                   None if same_attrs else int(t.TPMA_NV.OWNERWRITE | t.TPMA_NV.OWNERREAD
+                                               | (t.TPM2_NT.COUNTER << t.TPMA_NV.TPM2_NT_SHIFT)))
+    store = TrustStore(tmp_path / "state", Tpm(swtpm.tcti))
+    root = _root_json(tmp_path)
+    try:
+        with pytest.raises(TpmError, match="0x1000111") as ei:
+            store.provision(root, "root.json")
+        if same_attrs:
+            assert isinstance(ei.value, TpmAuthError)
+        assert not (store.record_path.exists())
+    finally:
+        store.tpm.close()
+
+
+def test_mac_key_planted_before_provisioning_is_refused(swtpm: SwtpmHandle,
+                                                        tmp_path: Path) -> None:
+    """An HMAC key the attacker made (its own auth) at the MAC-key handle is not used."""
+    import tpm2_pytss as t
+
+    setup = Tpm(swtpm.tcti, auth=b"attacker knows this")
+    try:
+        setup.provision()  # all objects, with the attacker's value
+        for index in (ANCHOR_INDEX, COUNTER_INDEX):
+            setup._esys.nv_undefine_space(setup._esys.tr_from_tpmpublic(index),
+                                          t.ESYS_TR.OWNER)
+        setup._esys.evict_control(t.ESYS_TR.OWNER,
+                                  setup._esys.tr_from_tpmpublic(IDENTITY_HANDLE), IDENTITY_HANDLE)
+    finally:
+        setup.close()
+    store = TrustStore(tmp_path / "state", Tpm(swtpm.tcti))
+    try:
+        with pytest.raises(TpmAuthError, match="HMAC"):
+            store.provision(_root_json(tmp_path), "root.json")
+        assert not store.record_path.exists()
+    finally:
+        store.tpm.close()
+
+
+def _root_json(tmp_path: Path) -> bytes:
+    from publisher import Repository
+    from tests.conftest import PASSPHRASE
+
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", PASSPHRASE)
+    return repo.init().read_bytes()
+
+
+class _Crash(BaseException):
+    """Stands in for power loss."""
+
+
+@pytest.mark.parametrize("step", ["before re-MAC", "before removing the old objects",
+                                  "after removing the old anchor"])
+def test_migration_interrupted_at_each_step_completes_on_the_next_run(
+        world: World, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    from agent import provision as agent_provision
+    from trust._store import TrustStore as Store
+    from trust._tpm import Tpm as RealTpm
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    make_legacy(world.tpm.tcti, world.state)
+    old, _ = decode_record((world.state / "trust" / "record.json").read_bytes(), "r")
+    root = world.repo_dir / "metadata" / "1.root.json"
+
+    def crash(*_: object) -> None:
+        raise _Crash(step)
+
+    with monkeypatch.context() as m:
+        if step == "before re-MAC":
+            m.setattr(Store, "_remac", crash)
+        elif step == "before removing the old objects":
+            m.setattr(RealTpm, "retire_legacy", crash)
+        else:
+            real_undefine = RealTpm._undefine
+
+            def undefine_then_crash(self: RealTpm, index: int) -> None:
+                real_undefine(self, index)
+                raise _Crash(step)
+            m.setattr(RealTpm, "_undefine", undefine_then_crash)
+        with pytest.raises(_Crash):
+            agent_provision(world.cfg, root)
+    agent_provision(world.cfg, root)  # the operator runs it again
+    after = world.snapshot()
+    rec, _ = decode_record(after.record, "r")
+    assert replace(rec, counter=old.counter) == old and rec.counter == after.counter
+    assert _boot_check(world).returncode == 0
+    assert world.active_version() == "1.0.0"
+    tpm = Tpm(world.tpm.tcti)
+    try:
+        import tpm2_pytss as t
+
+        _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x01000000, 64)
+        assert not {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} & set(data.data.handles)
     finally:
         tpm.close()
