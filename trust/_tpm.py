@@ -42,6 +42,8 @@ LEGACY_IDENTITY_HANDLE = 0x81000101
 LEGACY_ANCHOR_INDEX = 0x01000100
 LEGACY_COUNTER_INDEX = 0x01000110
 LEGACY_MAC_KEY_LABEL = b"modelward state MAC key v1"
+# The TPM owner password, for `agent provision` on a TPM whose owner hierarchy has one.
+OWNER_AUTH_ENV = "MODELWARD_TPM_OWNER_AUTH"
 
 _RC_NOT_INITIALIZED = 0x14A
 _RC_NV_DEFINED = 0x14C
@@ -285,7 +287,8 @@ class Tpm(TpmInterface):
                 tcti=self.tcti,
                 rc=rc,
                 hint="someone with TPM owner authorization redefined it, or the auth file "
-                "is from another provisioning; set a TPM owner password and re-provision",
+                "is from another provisioning; set a TPM owner password and re-provision "
+                f"(provisioning on a TPM with an owner password: set {OWNER_AUTH_ENV})",
             )
         return TpmError(f"TPM command {what} failed at {self.tcti!r}: {e}", tcti=self.tcti, rc=rc)
 
@@ -378,6 +381,7 @@ class Tpm(TpmInterface):
             TpmError: a handle holds something else, or the TPM failed.
         """
         self._secret()
+        self._use_owner_auth()
         self._handles.clear()
         migrated = self._exists(LEGACY_ANCHOR_INDEX) or self._exists(LEGACY_COUNTER_INDEX) \
             or self._exists(LEGACY_IDENTITY_HANDLE)
@@ -528,7 +532,19 @@ class Tpm(TpmInterface):
 
     # -- migration from the open objects --------------------------------------
 
+    def _use_owner_auth(self) -> None:
+        """Owner authorization for provisioning, if the TPM owner has a password.
+
+        Only provisioning and migration use the owner hierarchy; the agent's everyday
+        commands take the objects' own auth value, so the owner password need not be on
+        the device after provisioning (README "TPM").
+        """
+        owner = os.environ.get(OWNER_AUTH_ENV)
+        if owner:
+            self._esys.tr_set_auth(self._types().ESYS_TR.OWNER, owner.encode())
+
     def legacy(self) -> LegacyObjects | None:
+        self._use_owner_auth()
         if not (self._exists(LEGACY_ANCHOR_INDEX) or self._exists(LEGACY_COUNTER_INDEX)):
             return None
         return _TpmLegacy(self)

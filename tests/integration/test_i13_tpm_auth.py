@@ -374,3 +374,52 @@ def test_migration_interrupted_at_each_step_completes_on_the_next_run(
         assert not {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} & set(data.data.handles)
     finally:
         tpm.close()
+
+
+def test_owner_password_closes_the_owner_hierarchy_and_the_agent_needs_none(
+        world: World, tmp_path: Path) -> None:
+    """What README "TPM" recommends: after provisioning, set the owner password. A local
+    TPM client then cannot undefine or evict modelward's objects either, and the agent
+    (boot-check, update, provisioning again) works without knowing the password."""
+    world.publish("1.0.0", seed=1)
+    world.update()
+    work = tmp_path / "attacker"
+    work.mkdir()
+    r = _tools(world, "tpm2_changeauth", "-c", "owner", "operator-secret", cwd=work)
+    assert r.returncode == 0, r.stderr
+    before = world.snapshot()
+    _refused(_tools(world, "tpm2_nvundefine", "-C", "o", f"{COUNTER_INDEX:#x}", cwd=work))
+    _refused(_tools(world, "tpm2_nvundefine", "-C", "o", f"{ANCHOR_INDEX:#x}", cwd=work))
+    _refused(_tools(world, "tpm2_evictcontrol", "-C", "o", "-c", f"{MAC_KEY_HANDLE:#x}",
+                    cwd=work))
+    assert world.snapshot() == before
+    root = world.repo_dir / "metadata" / "1.root.json"
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert world.snapshot() == before
+    assert _boot_check(world).returncode == 0
+    world.publish("2.0.0", seed=2)
+    world.update()
+    assert world.active_version() == "2.0.0"
+
+
+def test_provisioning_a_tpm_whose_owner_has_a_password(swtpm: SwtpmHandle, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    env = dict(os.environ, TPM2TOOLS_TCTI=swtpm.tcti)
+    subprocess.run(["tpm2_changeauth", "-c", "owner", "operator-secret"], env=env,
+                   check=True, capture_output=True)
+    root = _root_json(tmp_path)
+    store = TrustStore(tmp_path / "state", Tpm(swtpm.tcti))
+    try:
+        with pytest.raises(TpmAuthError) as ei:
+            store.provision(root, "root.json")
+        assert "MODELWARD_TPM_OWNER_AUTH" in ei.value.hint
+    finally:
+        store.tpm.close()
+    monkeypatch.setenv("MODELWARD_TPM_OWNER_AUTH", "operator-secret")
+    store = TrustStore(tmp_path / "state", Tpm(swtpm.tcti))
+    try:
+        store.provision(root, "root.json")
+        assert store.load().counter == store.tpm.read_counter()
+    finally:
+        store.tpm.close()
