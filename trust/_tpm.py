@@ -499,11 +499,17 @@ class Tpm(TpmInterface):
                     nvIndex=index, nameAlg=t.TPM2_ALG.SHA256, attributes=attrs, dataSize=size
                 )
             )
-            h = self._call(f"define NV index {index:#x}",
-                           lambda: e.nv_define_space(t.TPM2B_AUTH(self._secret()), pub,
-                                                     t.ESYS_TR.OWNER))
-            e.tr_close(h)
-            defined = True
+            try:
+                h = self._call(f"define NV index {index:#x}",
+                               lambda: e.nv_define_space(t.TPM2B_AUTH(self._secret()), pub,
+                                                         t.ESYS_TR.OWNER))
+            except TpmError as ex:
+                if ex.rc is None or ex.rc & 0xFFF != _RC_NV_DEFINED:
+                    raise
+                # 0x14c: defined meanwhile by someone else; checked below like any other
+            else:
+                e.tr_close(h)
+                defined = True
         nv = self._obj(index)
         have, _ = self._call(f"read NV index {index:#x} public", lambda: e.nv_read_public(nv))
         have_attrs = int(have.nvPublic.attributes) & ~int(t.TPMA_NV.WRITTEN)
