@@ -5,7 +5,11 @@ Files under ``<state_dir>/trust/``:
 * ``record.json`` - the MACed trust record; ``record.json.next`` during a commit;
 * ``root.json`` - the root metadata whose sha256 is anchored in the TPM;
   ``root.json.next`` during a root rotation;
-* ``tpm.auth`` - the auth value of the TPM objects, mode 0600 (trust/_tpmauth.py).
+
+The auth value of the TPM objects lives outside the state directory, in
+``<state_dir>-tpm/tpm.auth`` (mode 0600, trust/_tpmauth.py): a state directory deleted or
+put back from a copy must not take the TPM objects' authorization with it, or the device
+could not heal (it would need a field visit).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 from trust._atomic import rename_atomic, write_atomic
 from trust._record import Resolution, TrustRecord, choose_record, encode_record
 from trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
-from trust._tpmauth import ensure_auth
+from trust._tpmauth import auth_dir_for, ensure_auth
 from trust.errors import (
     OperatorInputError,
     RootAnchorError,
@@ -44,16 +48,19 @@ class TrustStore:
     Args:
         state_dir: the agent's state directory.
         tpm: the device TPM.
+        auth_dir: where the TPM objects' auth value is kept; default
+            :func:`~trust._tpmauth.auth_dir_for` ``(state_dir)``.
     """
 
-    def __init__(self, state_dir: Path, tpm: TpmInterface) -> None:
+    def __init__(self, state_dir: Path, tpm: TpmInterface, auth_dir: Path | None = None) -> None:
         self.dir = state_dir / "trust"
+        self.auth_dir = auth_dir if auth_dir is not None else auth_dir_for(state_dir)
         self.tpm = tpm
         self.record_path = self.dir / "record.json"
         self.pending_path = self.dir / "record.json.next"
         self.root_path = self.dir / "root.json"
         self.root_pending_path = self.dir / "root.json.next"
-        tpm.use_auth_dir(self.dir)
+        tpm.use_auth_dir(self.auth_dir)
 
     # -- provisioning -------------------------------------------------------
 
@@ -74,7 +81,7 @@ class TrustStore:
             TpmError: the TPM failed.
         """
         version = _root_version(root_bytes, root_source)
-        secret, _ = ensure_auth(self.dir)
+        secret, _ = ensure_auth(self.auth_dir)
         self.tpm.set_auth(secret)
         legacy = self.tpm.legacy()
         old_record = self._legacy_record(legacy) if legacy is not None else None

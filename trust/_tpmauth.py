@@ -1,9 +1,11 @@
 """The auth value of modelward's TPM objects, in a file only the agent user can read.
 
 The TPM objects (root anchor, update counter, record-MAC key, identity key) take a
-random 32-byte authValue generated at provisioning. It lives in ``<trust dir>/tpm.auth``,
-mode 0600, owned by the agent user. Neither half is enough alone: a process that can
-open the TPM cannot read the file, and a copy of the file is useless without this TPM.
+random 32-byte authValue generated at provisioning. It lives in ``<state_dir>-tpm/tpm.auth``
+(e.g. ``/var/lib/modelward-tpm/tpm.auth``), mode 0600, owned by the agent user: outside the
+state directory, so that a state directory lost or rolled back still heals from the TPM.
+Neither half is enough alone: a process that can open the TPM cannot read the file, and a
+copy of the file is useless without this TPM.
 
 The file and its directory are opened without following symlinks and checked
 (regular file, owner, mode, exact size), so a planted link or a loosened mode is refused
@@ -26,6 +28,11 @@ _HINT_MIGRATE = (
     "run `modelward agent provision --config CONF --root ROOT_JSON`; on a device "
     "provisioned before TPM authorization existed, this migrates it"
 )
+
+
+def auth_dir_for(state_dir: Path) -> Path:
+    """The directory of the auth value for the device whose state is ``state_dir``."""
+    return state_dir.parent / f"{state_dir.name}-tpm"
 
 
 def _open_dir(directory: Path, *, create: bool) -> int:

@@ -23,7 +23,7 @@ from trust._tpm import (
     SRK_HANDLE,
     legacy_mac_key_template,
 )
-from trust._tpmauth import AUTH_FILE
+from trust._tpmauth import AUTH_FILE, auth_dir_for
 
 
 def _old_nv(e: Any, t: Any, index: int, size: int, *, counter: bool) -> Any:
@@ -83,5 +83,5 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
             encode_record(old, old_mac(e, t, old.digest())))
     finally:
         e.close()
-    (state_dir / "trust" / AUTH_FILE).unlink()
+    (auth_dir_for(state_dir) / AUTH_FILE).unlink()
     return counter

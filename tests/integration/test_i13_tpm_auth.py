@@ -34,7 +34,7 @@ from trust._tpm import (
     MAC_KEY_HANDLE,
     _TpmLegacy,
 )
-from trust._tpmauth import AUTH_FILE
+from trust._tpmauth import AUTH_FILE, auth_dir_for
 from trust.errors import TpmAuthError, TpmError, TrustRecordError
 
 
@@ -197,7 +197,7 @@ def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
     assert not {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} & nv
     assert LEGACY_IDENTITY_HANDLE not in persistent
     assert {IDENTITY_HANDLE, MAC_KEY_HANDLE} <= persistent
-    auth = world.state / "trust" / AUTH_FILE
+    auth = auth_dir_for(world.state) / AUTH_FILE
     assert auth.stat().st_mode & 0o777 == 0o600
 
     migrated = world.snapshot()
@@ -423,3 +423,25 @@ def test_provisioning_a_tpm_whose_owner_has_a_password(swtpm: SwtpmHandle, tmp_p
         assert store.load().counter == store.tpm.read_counter()
     finally:
         store.tpm.close()
+
+
+def test_auth_value_survives_the_loss_of_the_state_dir(world: World) -> None:
+    """The auth value lives outside ``state_dir``: a deleted state directory (a disk
+    attacker, must-show 9) leaves the TPM objects usable, so the device can heal."""
+    import shutil
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    before = world.snapshot()
+    assert not (world.state / "trust" / AUTH_FILE).exists()
+    shutil.rmtree(world.state)
+    s = world.store()
+    try:
+        assert s.tpm.read_counter() == before.counter
+        assert s.tpm.read_anchor() == before.anchor
+        assert s.tpm.mac(b"\0" * 32)
+    finally:
+        s.tpm.close()
+    r = _boot_check(world)
+    assert r.returncode != 0, r.stdout
+    assert "TpmAuth" not in r.stderr and AUTH_FILE not in r.stderr, r.stderr
