@@ -37,7 +37,15 @@ def auth_dir_for(state_dir: Path) -> Path:
 
 def _open_dir(directory: Path, *, create: bool) -> int:
     if create:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as e:
+            raise TpmAuthFileError(
+                f"cannot create the TPM auth directory {directory}: {e}",
+                path=str(directory / AUTH_FILE),
+                hint="create it for the agent user (0700), e.g. `systemd-tmpfiles --create "
+                "modelward.tmpfiles.conf`, and run `agent provision` as that user",
+            ) from e
     try:
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError as e:

@@ -87,3 +87,11 @@ def test_file_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(d / AUTH_FILE, 65534, 65534)
     with pytest.raises(TpmAuthFileError, match="belongs to uid 65534"):
         read_auth(d)
+
+
+def test_uncreatable_directory_is_a_typed_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(TpmAuthFileError, match="cannot create the TPM auth directory") as ei:
+        ensure_auth(blocker / "tpm")
+    assert "tmpfiles" in ei.value.hint
