@@ -359,7 +359,7 @@ def _agent_provision(args: argparse.Namespace) -> int:
     from agent import provision
 
     cfg = _load(args)
-    rep = provision(cfg, args.root)
+    rep = provision(cfg, args.root, keep_identity=args.keep_identity)
 
     def word(created: bool) -> str:
         return "created" if created else "already present"
@@ -373,6 +373,9 @@ def _agent_provision(args: argparse.Namespace) -> int:
     if rep.migrated:
         print("  migrated from the unauthorized objects of an older provisioning "
               "(0x81000101, 0x01000100, 0x01000110 removed)")
+    if rep.identity_replaced:
+        print("  the identity key is new (any TPM client could use the old one): re-enrol "
+              "with `agent enroll` and `fleet add-device`, or migrate with --keep-identity")
     return EXIT_OK
 
 
@@ -673,6 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--root", type=Path, required=True, help="the repository's root.json")
+    a.add_argument("--keep-identity", action="store_true",
+                   help="migrating an older device: keep its enrolled identity key pair "
+                   "(see README \"TPM\" for the risk) instead of making a new one")
     a.set_defaults(func=_agent_provision)
     a = asub.add_parser("update", help="check for a newer model and install it")
     a.add_argument("--config", type=Path, required=True)

@@ -64,7 +64,8 @@ class TrustStore:
 
     # -- provisioning -------------------------------------------------------
 
-    def provision(self, root_bytes: bytes, root_source: str) -> ProvisionReport:
+    def provision(self, root_bytes: bytes, root_source: str, *,
+                  keep_identity: bool = False) -> ProvisionReport:
         """Provision the TPM and anchor ``root_bytes``; idempotent.
 
         On a device provisioned before the TPM objects had an auth value, this migrates
@@ -72,7 +73,8 @@ class TrustStore:
         MAC key and counter, the new objects are created beside the old ones, the old
         anchor value is carried over, the record is re-MACed under the new key with the
         new counter, and only then are the old objects removed. Each step can be re-run
-        after a crash.
+        after a crash. The old identity key is replaced by a new one (re-enrol the device)
+        unless ``keep_identity``.
 
         Raises:
             OperatorInputError: the device is already anchored to a different root.
@@ -85,7 +87,7 @@ class TrustStore:
         self.tpm.set_auth(secret)
         legacy = self.tpm.legacy()
         old_record = self._legacy_record(legacy) if legacy is not None else None
-        report = self.tpm.provision()
+        report = self.tpm.provision(keep_identity=keep_identity)
         digest = hashlib.sha256(root_bytes).digest()
         try:
             anchor: bytes | None = self.tpm.read_anchor()

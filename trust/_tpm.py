@@ -67,6 +67,7 @@ class ProvisionReport:
     identity_public_pem: bytes
     mac_key_created: bool = False
     migrated: bool = False  # the open objects of an older provisioning were found
+    identity_replaced: bool = False  # migration made a new identity key: re-enrol it
 
 
 class LegacyObjects(abc.ABC):
@@ -95,8 +96,12 @@ class TpmInterface(abc.ABC):
     tcti: str
 
     @abc.abstractmethod
-    def provision(self) -> ProvisionReport:
-        """Create or reuse SRK, identity key, MAC key, root-anchor and counter NV indices."""
+    def provision(self, *, keep_identity: bool = False) -> ProvisionReport:
+        """Create or reuse SRK, identity key, MAC key, root-anchor and counter NV indices.
+
+        ``keep_identity``: when migrating, keep the old identity key pair (its enrolment)
+        instead of creating a new key (docs/notes.md "TPM authorization").
+        """
 
     @abc.abstractmethod
     def read_anchor(self) -> bytes:
@@ -369,7 +374,7 @@ class Tpm(TpmInterface):
 
     # -- provisioning -----------------------------------------------------
 
-    def provision(self) -> ProvisionReport:
+    def provision(self, *, keep_identity: bool = False) -> ProvisionReport:
         """Create or check every object; needs the auth value (:meth:`set_auth`).
 
         Objects already in place are checked, not rewritten: their attributes must be
@@ -386,14 +391,16 @@ class Tpm(TpmInterface):
         migrated = self._exists(LEGACY_ANCHOR_INDEX) or self._exists(LEGACY_COUNTER_INDEX) \
             or self._exists(LEGACY_IDENTITY_HANDLE)
         srk, srk_created = self._provision_srk()
-        identity_created = self._provision_identity(srk)
+        had_legacy_identity = self._exists(LEGACY_IDENTITY_HANDLE)
+        identity_created = self._provision_identity(srk, keep_identity=keep_identity)
         mac_key_created = self._provision_mac_key(srk)
         anchor_defined = self._provision_nv(ANCHOR_INDEX, 32, counter=False)
         counter_defined = self._provision_nv(COUNTER_INDEX, 8, counter=True)
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
-                               ipub.to_pem(), mac_key_created, migrated)
+                               ipub.to_pem(), mac_key_created, migrated,
+                               identity_created and had_legacy_identity and not keep_identity)
 
     def _provision_srk(self) -> tuple[Any, bool]:
         t = self._types()
@@ -447,17 +454,18 @@ class Tpm(TpmInterface):
                 hint="free the handle (tpm2_evictcontrol) and run `agent provision` again",
             )
 
-    def _provision_identity(self, srk: Any) -> bool:
+    def _provision_identity(self, srk: Any, *, keep_identity: bool) -> bool:
         t = self._types()
         e = self._esys
         if self._exists(IDENTITY_HANDLE):
             self._check_key(IDENTITY_HANDLE, "identity key", t.TPM2_ALG.ECC, allow_da=True)
             self.sign(b"\0" * 32)  # takes our auth value
             return False
-        if self._exists(LEGACY_IDENTITY_HANDLE):
+        if keep_identity and self._exists(LEGACY_IDENTITY_HANDLE):
             # Keep the enrolled key pair: give it the auth value (TPM2_ObjectChangeAuth
             # with its empty admin auth) and persist the result at the new handle. Its
-            # attributes cannot change, so it stays DA-protected (docs/notes.md).
+            # attributes cannot change, so it stays DA-protected. Not the default: any
+            # TPM client could have made its own copy of the old key (docs/notes.md).
             old = self._call("open old identity key",
                              lambda: e.tr_from_tpmpublic(LEGACY_IDENTITY_HANDLE))
             pub, _, _ = self._call("read old identity key", lambda: e.read_public(old))

@@ -162,7 +162,9 @@ def test_second_tpm_client_cannot_move_counter_anchor_or_forge_record_mac(
     assert r.returncode == 0, r.stderr
 
 
-def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
+@pytest.mark.parametrize("keep_identity", [False, True])
+def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: Path,
+                                                        keep_identity: bool) -> None:
     world.publish("1.0.0", seed=1)
     world.update()
     old_counter = make_legacy(world.tpm.tcti, world.state)
@@ -178,9 +180,12 @@ def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
     assert (world.state / "trust" / "record.json").read_bytes() == legacy_record
 
     root = world.repo_dir / "metadata" / "1.root.json"
-    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    keep = ("--keep-identity",) if keep_identity else ()
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root),
+                  *keep)
     assert r.returncode == 0, r.stderr
     assert "migrated" in r.stdout
+    assert ("re-enrol" in r.stdout) is not keep_identity, r.stdout
 
     tpm = Tpm(world.tpm.tcti)
     try:
@@ -190,7 +195,8 @@ def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
         nv = set(data.data.handles)
         _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x81000000, 64)
         persistent = set(data.data.handles)
-        assert tpm.identity_public_pem() == old_pem  # enrolment stays valid
+        # a new key by default: any TPM client could have copied the old one
+        assert (tpm.identity_public_pem() == old_pem) is keep_identity
     finally:
         tpm.close()
     assert {ANCHOR_INDEX, COUNTER_INDEX} <= nv
@@ -199,6 +205,14 @@ def test_old_style_device_migrates_with_agent_provision(world: World) -> None:
     assert {IDENTITY_HANDLE, MAC_KEY_HANDLE} <= persistent
     auth = auth_dir_for(world.state) / AUTH_FILE
     assert auth.stat().st_mode & 0o777 == 0o600
+    work = tmp_path / "attacker"
+    work.mkdir()
+    (work / "digest").write_bytes(b"\1" * 32)
+    for argv in (("tpm2_sign", "-c", f"{IDENTITY_HANDLE:#x}", "-g", "sha256", "-o", "sig",
+                  "digest"),
+                 ("tpm2_nvincrement", "-C", "o", f"{COUNTER_INDEX:#x}"),
+                 ("tpm2_nvincrement", f"{COUNTER_INDEX:#x}")):
+        _refused(_tools(world, *argv, cwd=work))
 
     migrated = world.snapshot()
     rec, _ = decode_record(migrated.record, "record.json")
