@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig
-from agent._observe import Metrics, build_report, notify_activation
+from agent._observe import Metrics, advance_sequence, build_report, notify_activation
 from trust import (
     ModelRef,
     ProvisionReport,
@@ -22,7 +22,15 @@ from trust import (
     sign_report,
     write_atomic,
 )
-from trust.errors import ModelwardError, OperatorInputError, TpmUnavailableError, TransportError
+from trust.errors import (
+    ModelwardError,
+    OperatorInputError,
+    RootAnchorError,
+    TpmUnavailableError,
+    TransportError,
+    TrustFileUnreadableError,
+    TrustRecordError,
+)
 from updater import BootResult, Outcome, UpdateResult, boot_check, open_source, update_once
 from updater._idle import (
     BusyFileSignal,
@@ -41,6 +49,7 @@ from updater.errors import (
     HealthCheckError,
     MetadataError,
     TargetHashError,
+    TrustStateLostError,
 )
 
 logger = logging.getLogger("modelward.agent")
@@ -232,10 +241,13 @@ def _error_fields(e: ModelwardError) -> dict[str, str]:
 
 
 def status(cfg: AgentConfig) -> dict[str, Any]:
-    """``agent status``: active and previous model (verified) and the last error."""
+    """``agent status``: active and previous model (verified), the last error and the
+    releases this device rejected (``rejected``; ``rejections_problem`` when that file
+    cannot be believed)."""
     store = open_store(cfg)
     try:
         record = store.load()
+        rejected, problem = _rejections(cfg, store)
     finally:
         store.tpm.close()
 
@@ -246,7 +258,25 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
         "active": ref(record.active),
         "previous": ref(record.previous),
         "last_error": StatusFile(cfg.state_dir).read().get("last_error"),
+        "rejected": rejected,
+        "rejections_problem": problem,
     }
+
+
+def _rejections(cfg: AgentConfig, store: TrustStore) -> tuple[list[dict[str, Any]], str | None]:
+    """The rejections in force (MAC-verified), or why the file cannot be believed."""
+    from updater._rejections import RejectionStore
+
+    now = time.time()
+    try:
+        entries = RejectionStore(cfg.state_dir, store.tpm).load()
+    except ModelwardError as e:
+        return [], str(e)
+    return [{"model": r.model, "version": r.version, "target": r.path,
+             "reason": r.reason, "detail": r.detail,
+             "at": datetime.fromtimestamp(r.at, UTC).isoformat(timespec="seconds"),
+             "retry_after": datetime.fromtimestamp(r.until, UTC).isoformat(timespec="seconds")}
+            for r in entries if r.live(now)], None
 
 
 def enroll(cfg: AgentConfig) -> tuple[str, bytes]:
@@ -258,8 +288,16 @@ def enroll(cfg: AgentConfig) -> tuple[str, bytes]:
         tpm.close()
 
 
-def signed_report(cfg: AgentConfig, state: str) -> bytes:
-    """This device's status report, signed by its TPM identity key."""
+def signed_report(cfg: AgentConfig, state: str,
+                  clock: Callable[[], float] = time.time) -> bytes:
+    """This device's status report, signed by its TPM identity key.
+
+    Its sequence number is persisted before it is signed, so no number is ever sent twice
+    (trust/_report.py "Freshness").
+
+    Raises:
+        ReportSequenceError: the sequence number cannot be persisted.
+    """
     tpm = Tpm(cfg.tcti)
     try:
         store = TrustStore(cfg.state_dir, tpm)
@@ -268,8 +306,11 @@ def signed_report(cfg: AgentConfig, state: str) -> bytes:
         except ModelwardError as e:
             logger.error("status report without a trusted record: %s", e)
             record = None
+        now = clock()
         report = build_report(cfg.device_id, cfg.fleet, record, state,
-                              StatusFile(cfg.state_dir).read())
+                              StatusFile(cfg.state_dir).read(),
+                              seq=advance_sequence(cfg.state_dir, now), now=now,
+                              poll_interval=cfg.poll_interval)
         return sign_report(report, tpm)
     finally:
         tpm.close()
@@ -306,7 +347,16 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     status = StatusFile(cfg.state_dir)
     try:
-        result = _boot_check_waiting_for_tpm(cfg)
+        try:
+            result = _boot_check_waiting_for_tpm(cfg)
+        except (TrustRecordError, RootAnchorError) as e:
+            if isinstance(e, TrustFileUnreadableError):
+                raise
+            # Not believed (older copy, altered, deleted): exit 3 like nothing trusted, so
+            # inference does not start; the next update heals from the TPM anchor.
+            raise TrustStateLostError(
+                f"{e}; nothing is trusted until the next `modelward agent update` heals the "
+                "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
         status.record(error=e, result=None)

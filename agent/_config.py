@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -202,11 +203,7 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
         raise ConfigError(
             f"{path}: transport {transport!r} must be \"auto\" or a configured section "
             f"({', '.join(configured)})", path=str(path), key="transport")
-    health = doc.get("health", {})
-    hcfg = HealthConfig(
-        timeout=float(_get(health, "timeout", float, path, "health.")) if "timeout" in health
-        else HealthConfig.timeout,
-    )
+    hcfg = _health(doc.get("health", {}), path)
     agent = doc.get("agent", {})
     idle = _idle(doc.get("idle", {}), path, base)
     state_dir = Path(_get(doc, "state_dir", str, path))
@@ -240,6 +237,63 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
                                                   "metrics.")) else None,
         test_kill_at=test_kill_at,
     )
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_HEALTH_KEYS = {"timeout", "max_memory", "max_cpu_seconds", "nice", "unsafe_no_sandbox"}
+
+
+def _health(d: Any, path: Path) -> HealthConfig:
+    """``[health]``: the bounds of the sandboxed health check."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: [health] must be a table", path=str(path), key="health")
+    unknown = sorted(set(d) - _HEALTH_KEYS)
+    if unknown:  # a typo in a safety setting must not silently mean the default
+        raise ConfigError(f"{path}: unknown setting 'health.{unknown[0]}' (known: "
+                          f"{', '.join(sorted(_HEALTH_KEYS))})", path=str(path),
+                          key=f"health.{unknown[0]}")
+
+    def positive(key: str) -> float | None:
+        v = d.get(key)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e6:
+            raise ConfigError(f"{path}: 'health.{key}' must be a number of seconds from 0 "
+                              "to 1e6", path=str(path), key=f"health.{key}")
+        return float(v)
+
+    unsafe = d.get("unsafe_no_sandbox", False)
+    nice = d.get("nice", HealthConfig.nice)
+    if not isinstance(unsafe, bool):
+        raise ConfigError(f"{path}: 'health.unsafe_no_sandbox' must be true or false",
+                          path=str(path), key="health.unsafe_no_sandbox")
+    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
+        raise ConfigError(f"{path}: 'health.nice' must be an integer from 0 to 19",
+                          path=str(path), key="health.nice")
+    return HealthConfig(
+        timeout=positive("timeout") or HealthConfig.timeout,
+        max_memory=_bytes(d.get("max_memory"), path, "health.max_memory"),
+        max_cpu_seconds=positive("max_cpu_seconds"),
+        nice=nice,
+        unsafe_no_sandbox=unsafe,
+    )
+
+
+def _bytes(v: Any, path: Path, key: str) -> int | None:
+    """A size: bytes as an integer, or a string such as ``"512M"`` / ``"2GiB"``."""
+    if v is None:
+        return None
+    n: float | None = None
+    if isinstance(v, int) and not isinstance(v, bool):
+        n = v
+    elif isinstance(v, str) and (m := _SIZE.fullmatch(v.strip())):
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if n is None or not (64 << 20) <= n <= (1 << 50):
+        raise ConfigError(f"{path}: {key!r} must be a size of at least 64M (bytes, or a "
+                          f"string like \"512M\" or \"2G\"), not {v!r}", path=str(path),
+                          key=key)
+    return int(n)
 
 
 def _activation(d: dict[str, Any], path: Path) -> ActivationConfig:

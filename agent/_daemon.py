@@ -6,7 +6,8 @@ daemon stays small and gets all memory back after every attempt.
 
 Announcements are untrusted hints: each well-formed one wakes the loop for a TUF refresh
 (at most one per ``min_refresh_interval``), never more. Failures back off exponentially up
-to the poll interval. The last good model keeps serving throughout.
+to the poll interval, and announcements or reconnects do not cut a backoff short
+(``agent._schedule`` has the rules). The last good model keeps serving throughout.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from types import FrameType
 
 from agent._config import AgentConfig
 from agent._notify import Notifier
+from agent._schedule import Schedule
 from trust.errors import TransportError
 from updater._mqttconn import AnnouncementListener
 
@@ -71,11 +73,16 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.min_refresh_interval = min_refresh_interval
+        self.schedule = Schedule(cfg.poll_interval, min_refresh_interval)
+        self._lock = threading.Lock()  # the schedule, between the loop and MQTT's thread
         self._listener: AnnouncementListener | None = None
         self._child: subprocess.Popen[str] | None = None
 
     def _on_announce(self, version: int) -> None:
-        self.wake.set()
+        with self._lock:
+            look = self.schedule.announce(version)
+        if look:
+            self.wake.set()
 
     def _ensure_listener(self) -> None:
         mq = self.cfg.updater.mqtt
@@ -170,34 +177,34 @@ class Daemon:
 
     def run(self) -> None:
         """Loop until :meth:`request_stop`."""
-        backoff = 0.0
-        last_run = 0.0
         self.notifier.ready(f"started; model {self.cfg.updater.model}")
         while not self.stop.is_set():
             self._ensure_listener()
-            since = time.monotonic() - last_run
-            if since < self.min_refresh_interval:
-                self._sleep(self.min_refresh_interval - since, self.stop)
-            if self.stop.is_set():
-                break
             self.wake.clear()
-            last_run = time.monotonic()
+            with self._lock:
+                due = self.schedule.due()
+            left = due - time.monotonic()
+            if left > 0:
+                self._sleep(left, self.wake)  # an announcement or stop: look again
+                continue
+            with self._lock:
+                self.schedule.started(time.monotonic())
             code, report = self.attempt()
             try:
                 self.publish_status(report)
             except Exception:  # noqa: BLE001 - the daemon outlives any status-report bug
                 logger.exception("cannot publish the status report")
+            # The timer carries jitter so a fleet does not refresh in lockstep.
+            jitter = random.uniform(0.9, 1.1)  # noqa: S311
+            with self._lock:
+                wait = self.schedule.finished(code == 0, time.monotonic(), jitter)
             if code == 0:
-                backoff = 0.0
                 self.notifier.status(self._result_line())
             else:
-                backoff = min(max(2 * backoff, 5.0), self.cfg.poll_interval)
                 self.notifier.status(f"{self._result_line()} (exit {code}); "
-                                     f"retrying in {backoff:.0f}s")
-            # The poll timer carries jitter so a fleet does not refresh in lockstep.
-            wait = backoff or self.cfg.poll_interval * random.uniform(0.9, 1.1)  # noqa: S311
-            logger.debug("next refresh in %.0fs unless announced", wait)
-            self._sleep(wait, self.wake)
+                                     f"retrying in {wait:.0f}s")
+            logger.debug("next refresh in %.0fs", wait,
+                         extra={"backoff": self.schedule.backoff})
         self.notifier.stopping()
         if self._listener is not None:
             self._listener.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trust import ModelRef, TrustRecord, write_atomic
+from trust._report import MAX_SEQ, ReportSequenceError, next_sequence
 
 logger = logging.getLogger("modelward.agent")
 
@@ -132,17 +134,83 @@ def _ref(r: ModelRef | None) -> dict[str, str] | None:
 
 
 def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: str,
-                 status: dict[str, Any]) -> dict[str, Any]:
-    """The status report a device publishes (then signs)."""
+                 status: dict[str, Any], *, seq: int, now: float,
+                 poll_interval: float) -> dict[str, Any]:
+    """The status report a device publishes (then signs).
+
+    Args:
+        seq: its sequence number, already persisted (:func:`advance_sequence`).
+        now: when it is signed (seconds since the epoch).
+        poll_interval: the device's poll interval in seconds: the operator calls a report
+            older than three of them stale.
+    """
     return {
         "device_id": device_id,
         "fleet": fleet,
+        "seq": seq,
+        "poll_interval": poll_interval,
         "active": _ref(record.active) if record else None,
         "previous": _ref(record.previous) if record else None,
         "state": state,
         "last_error": status.get("last_error"),
         "last_activation": status.get("last_activation"),
         "counters": status.get("counters", {}),
-        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "uptime_s": round(time.monotonic()),
     }
+
+
+SEQUENCE_FILE = "report-seq"
+_SEQ_READ_BYTES = 32  # "9007199254740991\n" and some slack
+
+
+def read_sequence(path: Path) -> int:
+    """The last persisted report sequence number; 0 if absent or not believable.
+
+    Opened without following a link and without blocking (a FIFO planted there must not
+    hang the agent); at most a few bytes are read. A lost or garbled file costs nothing:
+    :func:`~trust._report.next_sequence` has the clock as its floor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return 0
+    except OSError as e:
+        logger.warning("report sequence file %s unreadable, the clock is the floor: %s",
+                       path, e)
+        return 0
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            logger.warning("report sequence file %s is not a regular file", path)
+            return 0
+        data = os.read(fd, _SEQ_READ_BYTES + 1)
+    except OSError as e:
+        logger.warning("report sequence file %s unreadable: %s", path, e)
+        return 0
+    finally:
+        os.close(fd)
+    text = data.strip()
+    if (len(data) > _SEQ_READ_BYTES or not text.isdigit() or len(text) > 16
+            or int(text) > MAX_SEQ):
+        logger.warning("report sequence file %s is garbled, the clock is the floor", path)
+        return 0
+    return int(text)
+
+
+def advance_sequence(state_dir: Path, now: float) -> int:
+    """Take the next report sequence number and persist it before anyone sees it.
+
+    Raises:
+        ReportSequenceError: it cannot be persisted (then no report may be sent).
+    """
+    path = state_dir / SEQUENCE_FILE
+    try:
+        seq = next_sequence(read_sequence(path), now)
+    except ReportSequenceError as e:
+        raise ReportSequenceError(f"{e} ({path})", path=str(path)) from e
+    try:
+        write_atomic(path, f"{seq}\n".encode(), mode=0o600)
+    except OSError as e:
+        raise ReportSequenceError(f"cannot persist report sequence {seq} in {path}: {e}",
+                                  path=str(path)) from e
+    return seq

@@ -91,6 +91,9 @@ GOALS = [
      "1.8x curl's time"),
     ("No-update refresh", "raw GETs", "time", 2.0,
      "ngclient loads and verifies the local root, timestamp, snapshot, targets (~3 ms)"),
+    ("Health check", "bare", "time", 1.25,
+     "the sandbox launcher is one more Python start (-I -S) plus Landlock and seccomp "
+     "setup and its self-check"),
 ]
 
 
@@ -564,11 +567,10 @@ def bench_refresh(env: Env, n: int) -> None:
     root_v = env.repo.latest_root_version()
 
     def refresh(d: Path, fetcher: RangeFetcher) -> None:
-        # what the agent does: refresh, then persist the verified set
+        # what the agent does (ngclient persists each role as it verifies)
         s = TufSession(d, env.https.metadata_url, env.https.targets_url, fetcher,
                        env.root.read_bytes())
         s.refresh()
-        s.commit()
 
     def ours() -> None:
         refresh(env.work / "refresh-md", f)
@@ -628,10 +630,11 @@ _ORT_LOAD = "import onnxruntime as ort, sys; ort.InferenceSession(sys.argv[1])"
 
 def bench_health(work: Path, n: int) -> None:
     """Health check of a ~100 MB model vs a fresh process that only imports onnxruntime
-    and loads it."""
+    and loads it, and sandboxed vs unsandboxed (the sandbox's added cost)."""
     from publisher import BuildOptions
     from updater import HealthConfig, extract_bundle
-    from updater._health import run_health_check
+    from updater._health import health_policy, run_health_check
+    from updater._sandbox import run as sandbox_run
 
     model = make_linear_model(work / "big.onnx", 3, in_dim=5000, out_dim=5000)
     bundle = work / "big.tar"
@@ -644,11 +647,22 @@ def bench_health(work: Path, n: int) -> None:
     res = rounds({
         "ours: health check (child, vectors)": lambda: run_health_check(
             slot, "big", "1.0.0", HealthConfig()),
+        "same child, bare (no launcher, no limits)": lambda: subprocess.run(
+            [sys.executable, "-m", "updater._healthchild", str(slot)], check=True,
+            capture_output=True),
         "python -c 'import onnxruntime; load'": lambda: subprocess.run(
             [sys.executable, "-c", _ORT_LOAD, str(slot / "model.onnx")], check=True),
     }, n)
     report(f"Health check of a {size / 1e6:.0f} MB model", res,
            "ours: health check (child, vectors)", 0)
+    # the sandbox's fixed cost, on a program that does nothing
+    policy = health_policy(slot, HealthConfig(), os.environ, 1 << 30)
+    res = rounds({
+        "ours: /usr/bin/true in the sandbox": lambda: sandbox_run(
+            ["/usr/bin/true"], policy, timeout=60),
+        "/usr/bin/true, bare": lambda: subprocess.run(["/usr/bin/true"], check=True),
+    }, n)
+    report("Sandbox start (fixed cost)", res, "ours: /usr/bin/true in the sandbox", 0)
 
 
 def bench_latency(env: Env, work: Path, n: int) -> None:

@@ -137,8 +137,10 @@ def _rollout(args: argparse.Namespace) -> int:
 
 
 def _repo_delegate(args: argparse.Namespace) -> int:
-    key = _repository(args).delegate(args.name, args.paths)
-    print(f"delegated {', '.join(args.paths)} to role {args.name!r}; its key: {key}")
+    key = _repository(args).delegate(args.name, args.paths, parent=args.parent,
+                                     terminating=not args.non_terminating)
+    print(f"delegated {', '.join(args.paths)} to role {args.name!r} (by {args.parent!r}); "
+          f"its key: {key}")
     return EXIT_OK
 
 
@@ -322,14 +324,18 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
+    from trust.errors import OperatorInputError
 
+    if not args.poll_interval > 0:
+        raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
-                          wait=args.wait)
+                          wait=args.wait, default_poll=args.poll_interval)
     if args.json:
-        print(json.dumps([{"device": r.device_id, "verified": r.verified,
-                           "problem": r.problem, "report": r.report} for r in rows]))
+        print(json.dumps([{"device": r.device_id, "status": r.status, "flags": list(r.flags),
+                           "verified": r.verified, "problem": r.problem, "report": r.report}
+                          for r in rows], allow_nan=False))
     else:
-        print(format_table(rows) if rows else "no status reports")
+        print(format_table(rows) if rows else "no enrolled devices and no status reports")
     return EXIT_OK
 
 
@@ -373,6 +379,9 @@ def _agent_provision(args: argparse.Namespace) -> int:
     if rep.migrated:
         print("  migrated from the unauthorized objects of an older provisioning "
               "(0x81000101, 0x01000100, 0x01000110 removed)")
+    if rep.record_heals:
+        print("  the trust record did not verify under the old objects and was not carried "
+              "over: the next `agent update` heals the device from the anchored root")
     if rep.identity_replaced:
         print("  the identity key is new (any TPM client could use the old one): re-enrol "
               "with `agent enroll` and `fleet add-device`, or migrate with --keep-identity")
@@ -423,6 +432,11 @@ def _agent_status(args: argparse.Namespace) -> int:
         print(f"{key:9} " + (f"{m['name']} {m['version']}  {m['fingerprint']}" if m else "none"))
     err = doc["last_error"]
     print("last error " + (f"{err['type']}: {err['message']} ({err['at']})" if err else "none"))
+    for r in doc["rejected"]:  # releases not tried again until new signed metadata
+        print(f"rejected  {r['model']} {r['version']}  {r['target']}  {r['reason']} "
+              f"({r['at']}; retried after {r['retry_after']} unless re-signed)")
+    if doc["rejections_problem"]:
+        print(f"rejected  unknown: {doc['rejections_problem']}")
     return EXIT_OK
 
 
@@ -552,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("name", help="the delegated role (team) name")
     r.add_argument("--paths", nargs="+", required=True, metavar="PATTERN",
                    help='target path patterns, e.g. "detector/*"')
+    r.add_argument("--parent", default="targets",
+                   help="the delegating role: top-level targets, or a team whose key is here")
+    r.add_argument("--non-terminating", action="store_true",
+                   help="let TUF's search go on to later roles for these paths")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_delegate)
@@ -664,9 +682,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--device", required=True)
     f.add_argument("--key", type=Path, required=True, help="PEM from `agent enroll`")
     f.set_defaults(func=_fleet_add_device)
-    f = fsub.add_parser("status", help="verified table of the devices' signed status reports")
+    f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
+                        "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
     f.add_argument("--fleet-dir", type=Path, required=True)
     f.add_argument("--wait", type=float, default=2.0, help="seconds to collect reports")
+    f.add_argument("--poll-interval", type=float, default=3600.0,
+                   help="poll interval (s) of devices whose reports do not carry one; a "
+                   "report older than 3 of them is STALE")
     f.add_argument("--json", action="store_true")
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)

@@ -1,10 +1,25 @@
-"""The operator's fleet registry (enrolled identity keys) and the fleet status view."""
+"""The operator's fleet registry (enrolled identity keys) and the fleet status view.
+
+``fleet status`` believes a signed report only as the device's *current* state when it is
+fresh: signed for this fleet, with a sequence number above the newest one seen from that
+device (persisted in ``fleet_dir/seen/<id>.json``), and signed less than three poll
+intervals ago. Otherwise the row is flagged ``REPLAYED``, ``STALE``, ``FUTURE`` or
+``OTHER_FLEET``; an enrolled device without a report is ``MISSING``. A replay of a report
+the operator never saw (sent and overwritten between two runs) is newer than anything it
+knows, so only its age can give it away (``STALE``).
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from publisher._broker_config import check_id
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
+from trust._report import MAX_SEQ, report_digest
 from updater._mqtt import MqttConfig, MqttConnection
 
 
@@ -36,21 +52,205 @@ def add_device(fleet_dir: Path, device_id: str, public_pem: bytes) -> Path:
     return path
 
 
+STALE_POLLS = 3  # a report older than this many poll intervals is STALE
+MAX_CLOCK_SKEW = 300.0  # s a report may be dated ahead of the operator's clock
+DEFAULT_POLL_INTERVAL = 3600.0  # s, the agent's default, for reports that carry none
+_SEEN_MAX_BYTES = 4096
+
+OK = "ok"
+REJECTED = "REJECTED"
+MISSING = "MISSING"
+OTHER_FLEET = "OTHER_FLEET"
+REPLAYED = "REPLAYED"
+FUTURE = "FUTURE"
+STALE = "STALE"
+
+
+@dataclass(frozen=True)
+class Seen:
+    """The newest report the operator has seen from one device (persisted per device).
+
+    Attributes:
+        seq: its sequence number.
+        digest: :func:`trust._report.report_digest` of it.
+    """
+
+    seq: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """How fresh a verified report is.
+
+    Attributes:
+        flags: empty when the report is current; else some of OTHER_FLEET, REPLAYED,
+            FUTURE, STALE, MISSING, in that order.
+        detail: why, for people.
+        seen: the newest report seen once this one is taken into account.
+    """
+
+    flags: tuple[str, ...]
+    detail: str
+    seen: Seen | None
+
+
+def _seq_of(report: dict[str, Any]) -> int | None:
+    seq = report.get("seq")
+    if isinstance(seq, int) and not isinstance(seq, bool) and 0 <= seq <= MAX_SEQ:
+        return seq
+    return None
+
+
+def _time_of(report: dict[str, Any]) -> float | None:
+    at = report.get("at")
+    if not isinstance(at, str) or len(at) > 64:
+        return None
+    try:
+        t = datetime.fromisoformat(at)
+    except ValueError:
+        return None
+    return t.timestamp() if t.tzinfo is not None else None
+
+
+def _poll_of(report: dict[str, Any], default: float) -> float:
+    p = report.get("poll_interval")
+    if isinstance(p, int | float) and not isinstance(p, bool) and 0 < p < 10**9:
+        return float(p)
+    return default
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def judge_report(report: dict[str, Any] | None, digest: str, *, seen: Seen | None,
+                 now: float, fleet: str,
+                 default_poll: float = DEFAULT_POLL_INTERVAL) -> Judgement:
+    """Decide whether a device's verified report is its current state (pure).
+
+    Args:
+        report: the verified report, or None when the device's topic holds none (never
+            sent, or cleared by an empty retained message).
+        digest: ``report_digest(report)`` ("" when there is none).
+        seen: the newest report seen before from this device, if any.
+        now: the operator's clock, seconds since the epoch.
+        fleet: the fleet whose topics the report came from.
+        default_poll: the poll interval of a report that carries none.
+
+    Returns:
+        The flags; ``seen`` moves forward only for an in-fleet report, not dated in the
+        future, with a higher sequence number.
+    """
+    if report is None:
+        detail = "no status report"
+        if seen is not None:
+            detail += f" (seq {seen.seq} was seen before: cleared or lost)"
+        return Judgement((MISSING,), detail, seen)
+    flags: list[str] = []
+    details: list[str] = []
+    if report.get("fleet") != fleet:
+        flags.append(OTHER_FLEET)
+        details.append(f"signed for fleet {str(report.get('fleet'))[:40]!r}, not {fleet!r}")
+    seq = _seq_of(report)
+    if seq is None:
+        flags.append(REPLAYED)
+        details.append("no sequence number: cannot be told from a replay")
+    elif seen is not None and seq < seen.seq:
+        flags.append(REPLAYED)
+        details.append(f"seq {seq} is older than seq {seen.seq} seen before")
+    elif seen is not None and seq == seen.seq and digest != seen.digest:
+        flags.append(REPLAYED)
+        details.append(f"seq {seq} was seen before on another report")
+    at = _time_of(report)
+    poll = _poll_of(report, default_poll)
+    if at is None:
+        flags.append(STALE)
+        details.append("no valid signing time")
+    elif at > now + MAX_CLOCK_SKEW:
+        flags.append(FUTURE)
+        details.append(f"dated {_age(at - now)} ahead of this clock")
+    elif now - at > STALE_POLLS * poll:
+        flags.append(STALE)
+        details.append(f"{_age(now - at)} old, poll interval {_age(poll)}")
+    newer = (seq is not None and OTHER_FLEET not in flags and FUTURE not in flags
+             and (seen is None or seq > seen.seq))
+    return Judgement(tuple(flags), "; ".join(details),
+                     Seen(seq, digest) if newer and seq is not None else seen)
+
+
 @dataclass(frozen=True)
 class DeviceRow:
-    """One line of ``fleet status``."""
+    """One line of ``fleet status``.
+
+    Attributes:
+        device_id: the device (enrolled, or named by the topic).
+        verified: the report's signature verified with the device's enrolled key.
+        problem: why it is not ``ok`` ("" when it is).
+        report: the verified report ({} when there is none).
+        flags: REJECTED, MISSING, OTHER_FLEET, REPLAYED, FUTURE, STALE; empty when ok.
+    """
 
     device_id: str
     verified: bool
     problem: str
     report: dict[str, Any]
+    flags: tuple[str, ...] = ()
+
+    @property
+    def status(self) -> str:
+        """The first flag, or ``ok``."""
+        return self.flags[0] if self.flags else OK
 
 
-def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0) -> list[DeviceRow]:
-    """Read the retained status reports of the fleet and verify each one.
+def _seen_path(fleet_dir: Path, device: str) -> Path:
+    return fleet_dir / "seen" / f"{device}.json"
 
-    Reports that fail verification are returned flagged, never trusted.
+
+def read_seen(fleet_dir: Path, device: str) -> Seen | None:
+    """The newest report seen from ``device``, from the operator's fleet state.
+
+    Raises:
+        OperatorInputError: the file exists but is not one this tool wrote.
     """
+    path = _seen_path(fleet_dir, device)
+    try:
+        with path.open("rb") as f:
+            data = f.read(_SEEN_MAX_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise OperatorInputError(f"cannot read fleet state {path}: {e}") from e
+    try:
+        doc = json.loads(data)
+        seq, digest = doc["seq"], doc["digest"]
+        if (len(data) > _SEEN_MAX_BYTES or not isinstance(seq, int) or isinstance(seq, bool)
+                or not isinstance(digest, str)):
+            raise ValueError("fields")
+    except (ValueError, KeyError, TypeError) as e:
+        raise OperatorInputError(
+            f"fleet state {path} is damaged ({e}); delete it to trust the next report "
+            f"of {device} as its newest") from e
+    return Seen(seq, digest)
+
+
+def write_seen(fleet_dir: Path, device: str, seen: Seen) -> None:
+    """Persist the newest report seen from ``device`` (atomically)."""
+    write_atomic(_seen_path(fleet_dir, device),
+                 json.dumps({"seq": seen.seq, "digest": seen.digest}).encode())
+
+
+def enrolled_devices(fleet_dir: Path) -> list[str]:
+    """The ids of every enrolled device (``fleet_dir/devices/<id>.pem``)."""
+    d = fleet_dir / "devices"
+    return sorted(p.name[:-len(".pem")] for p in d.glob("*.pem")) if d.is_dir() else []
+
+
+def collect_reports(cfg: MqttConfig, wait: float = 2.0) -> dict[str, bytes]:
+    """The retained status payloads of the fleet, by device id (the last one received)."""
     prefix = cfg.topic("devices/")
     got: dict[str, bytes] = {}
     lock = threading.Lock()
@@ -66,16 +266,79 @@ def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0) -> list[
         time.sleep(wait)
     finally:
         conn.close()
-    rows = []
-    for device, payload in sorted(got.items()):
-        key_path = fleet_dir / "devices" / f"{device}.pem"
-        pem = key_path.read_bytes() if key_path.exists() else None
-        try:
-            report = verify_report(payload, pem, device)
-            rows.append(DeviceRow(device, True, "", report))
-        except ReportSignatureError as e:
-            rows.append(DeviceRow(device, False, str(e), {}))
-    return rows
+    with lock:
+        return dict(got)
+
+
+def judge_fleet(payloads: dict[str, bytes], fleet_dir: Path, fleet: str, now: float,
+                default_poll: float = DEFAULT_POLL_INTERVAL) -> list[DeviceRow]:
+    """One row per enrolled device and per other device that sent something.
+
+    Verifies each payload with the device's enrolled key, judges its freshness against
+    the newest report seen before (``fleet_dir/seen/<id>.json``), and moves that forward.
+    An empty payload (a cleared retained message) counts as no report.
+
+    Raises:
+        OperatorInputError: no registry at ``fleet_dir``, or its fleet state is damaged.
+    """
+    if not fleet_dir.is_dir():
+        raise OperatorInputError(f"no fleet registry at {fleet_dir}",
+                                 hint="enrol devices there with `fleet add-device`")
+    enrolled = set(enrolled_devices(fleet_dir))
+    with _seen_lock(fleet_dir):
+        return [_judge_device(device, payloads.get(device, b""), device in enrolled,
+                              fleet_dir, fleet, now, default_poll)
+                for device in sorted(enrolled | {d for d, p in payloads.items() if p})]
+
+
+@contextmanager
+def _seen_lock(fleet_dir: Path) -> Iterator[None]:
+    """Two ``fleet status`` runs at once must not move a device's newest seq back."""
+    d = fleet_dir / "seen"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise OperatorInputError(f"cannot lock fleet state in {d}: {e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _judge_device(device: str, payload: bytes, enrolled: bool, fleet_dir: Path, fleet: str,
+                  now: float, default_poll: float) -> DeviceRow:
+    pem = (fleet_dir / "devices" / f"{device}.pem").read_bytes() if enrolled else None
+    if not payload:
+        j = judge_report(None, "", seen=read_seen(fleet_dir, device), now=now, fleet=fleet,
+                         default_poll=default_poll)
+        return DeviceRow(device, False, j.detail, {}, j.flags)
+    try:
+        report = verify_report(payload, pem, device)
+    except ReportSignatureError as e:
+        return DeviceRow(device, False, str(e), {}, (REJECTED,))
+    seen = read_seen(fleet_dir, device)
+    j = judge_report(report, report_digest(report), seen=seen, now=now, fleet=fleet,
+                     default_poll=default_poll)
+    if j.seen is not None and j.seen != seen:
+        write_seen(fleet_dir, device, j.seen)
+    return DeviceRow(device, True, j.detail, report, j.flags)
+
+
+def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0,
+                   clock: Callable[[], float] = time.time,
+                   default_poll: float = DEFAULT_POLL_INTERVAL) -> list[DeviceRow]:
+    """Read the retained status reports of the fleet, verify and judge each one.
+
+    Reports that fail verification are returned flagged, never trusted; every enrolled
+    device gets a row, ``MISSING`` when it has no report.
+
+    Raises:
+        OperatorInputError: the operator's fleet state is damaged.
+    """
+    return judge_fleet(collect_reports(cfg, wait), fleet_dir, cfg.fleet, clock(),
+                       default_poll)
 
 
 def format_table(rows: list[DeviceRow]) -> str:
@@ -84,19 +347,31 @@ def format_table(rows: list[DeviceRow]) -> str:
     def model(m: Any) -> str:
         return f"{m['name']} {m['version']}" if isinstance(m, dict) else "-"
 
-    head = ("DEVICE", "SIGNATURE", "ACTIVE", "PREVIOUS", "STATE", "LAST ERROR", "AT")
+    head = ("DEVICE", "SIGNATURE", "REPORT", "ACTIVE", "PREVIOUS", "STATE", "LAST ERROR",
+            "AT", "SEQ")
     lines = [head]
     for r in rows:
         rep = r.report
         err = rep.get("last_error") or {}
+        if r.verified:
+            signature = "ok"
+        elif REJECTED in r.flags:
+            signature = f"REJECTED: {r.problem}"
+        else:
+            signature = "-"
+        freshness = OK if not r.flags else ",".join(r.flags)
+        if r.flags and REJECTED not in r.flags:
+            freshness += f": {r.problem}"
         lines.append((
             r.device_id,
-            "ok" if r.verified else f"REJECTED: {r.problem}",
+            signature,
+            freshness,
             model(rep.get("active")) if r.verified else "-",
             model(rep.get("previous")) if r.verified else "-",
             str(rep.get("state", "-")) if r.verified else "-",
             str(err.get("type", "-")) if r.verified else "-",
             str(rep.get("at", "-")) if r.verified else "-",
+            str(rep.get("seq", "-")) if r.verified else "-",
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()

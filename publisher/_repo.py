@@ -5,6 +5,7 @@ Only what is served lives under ``REPO``; keys live in a separate directory.
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 import shutil
@@ -42,6 +43,7 @@ from publisher._keys import (
 from publisher.errors import RepositoryStateError
 from trust import slot_fingerprint, write_atomic
 from updater import SemVer, extract_bundle
+from updater._search import TOP, Found, find_releases, preorder_walk
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +103,22 @@ class ThresholdNotMetError(RepositoryStateError):
         self.role, self.have, self.need, self.pending = role, have, need, pending
 
 
+class TeamMustActError(RepositoryStateError):
+    """A change needs a delegated role's key, and this key directory does not hold it.
+
+    Attributes:
+        role: the delegated role whose key must sign.
+    """
+
+    def __init__(self, role: str, what: str, key_file: Path) -> None:
+        super().__init__(
+            f"{what} needs the key of delegated role {role!r}, which is not in {key_file.parent}"
+            f": the team holding role {role!r} must do it",
+            hint=f"ask the {role!r} team, or act as the operator: `modelward rollout` "
+                 "halts, pins or withdraws a team's release from the top-level targets")
+        self.role = role
+
+
 @dataclass(frozen=True)
 class RoleStatus:
     """One row of ``repo status``."""
@@ -124,6 +142,11 @@ class PublishResult:
     length: int
     targets_version: int
     timestamp_version: int
+
+
+def _fields(t: TargetFile) -> dict[str, Any]:
+    f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+    return f if isinstance(f, dict) else {}
 
 
 def _bp(percent: float) -> int:
@@ -401,16 +424,20 @@ class Repository:
             raise RepositoryStateError(f"rollout {rollout} is not a percentage (0-100)")
         fingerprint = slot_fingerprint(entries)
         targets, _, _ = self.current()
-        for t in targets.targets.values():
-            field = t.custom.get("modelward", {}) if isinstance(t.custom, dict) else {}
-            if field.get("name") == manifest.name and field.get("version") == manifest.version:
+        for found in self.releases(manifest.name, targets):
+            field = _fields(found.target)
+            if field.get("version") == manifest.version:
                 raise RepositoryStateError(
-                    f"{manifest.name} {manifest.version} is published already ({t.path})",
+                    f"{manifest.name} {manifest.version} is published already ({found.path}, "
+                    f"role {found.role!r}{', withdrawn' if field.get('withdrawn') else ''})",
                     hint="publish a new version: devices only move forward",
                 )
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
         if role is not None:  # refuse before anything reaches the served directory
             self._check_delegation(targets, role, target_path)
+            key_file = self.keys / f"delegated-{role}.pem"
+            if not key_file.exists():
+                raise TeamMustActError(role, f"publishing {target_path}", key_file)
         tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
         progress(tf.length)
         tf.unrecognized_fields["custom"] = {
@@ -467,89 +494,174 @@ class Repository:
                 out[m.group(2)] = max(out.get(m.group(2), 0), int(m.group(1)))
         return out
 
-    def delegate(self, name: str, paths: list[str]) -> Path:
-        """Delegate target paths (e.g. ``detector/*``) to a new team role with its own key.
+    def _role_md(self, role: str) -> Metadata[Targets]:
+        """The newest version on disk of a delegated role's metadata."""
+        version = self._delegated_versions().get(role)
+        if version is None:
+            raise RepositoryStateError(f"no delegated role {role!r} (see `repo delegate`)")
+        md: Metadata[Targets] = self._load(f"{version}.{role}.json")
+        return md
+
+    def _loader(self, targets: Targets,
+                extra: tuple[str, str] | None = None) -> Callable[[str, str], Targets]:
+        """Roles as devices load them, from this repository's own files (``targets``
+        standing for the top-level role; ``extra`` = (role, path) pretends the role lists
+        the path)."""
+
+        def load(role: str, _delegator: str) -> Targets:
+            t = targets if role == TOP else self._role_md(role).signed
+            if extra is not None and extra[0] == role:
+                t = copy.copy(t)
+                t.targets = {**t.targets, extra[1]: TargetFile(1, {"sha256": "00"}, extra[1])}
+            return t
+
+        return load
+
+    def releases(self, name: str, targets: Targets | None = None) -> list[Found]:
+        """The targets under ``name/`` as devices find them: TUF's delegation search, each
+        path taken from the role that search ends at (operator tombstones included)."""
+        targets = targets if targets is not None else self.current()[0]
+        found, _ = find_releases(name, self._loader(targets))
+        return [f for f in found if _fields(f.target).get("name") == name]
+
+    def _release(self, targets: Targets, name: str, version: str) -> list[Found]:
+        out = [f for f in self.releases(name, targets)
+               if _fields(f.target).get("version") == version
+               and not _fields(f.target).get("withdrawn")]
+        if not out:
+            raise RepositoryStateError(f"{name} {version} is not published")
+        return out
+
+    def delegate(self, name: str, paths: list[str] | None = None, *, parent: str = TOP,
+                 terminating: bool = True, hash_prefixes: list[str] | None = None) -> Path:
+        """Delegate target paths (e.g. ``detector/*``) or hash prefixes to a team role.
+
+        ``parent`` is the delegating role (the top-level targets, or a delegated role
+        whose key is in KEYS). A role delegated by a second parent keeps its key.
 
         Returns:
             The team's key file (an ``encfile:`` key under KEYS).
 
         Raises:
-            RepositoryStateError: the name is taken or not usable.
+            RepositoryStateError: the name is taken or not usable, or no paths.
+            TeamMustActError: the parent's key is not here.
         """
         if name in ROLES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
             raise RepositoryStateError(f"{name!r} cannot be a delegated role name")
-        if not paths:
+        if not paths and not hash_prefixes:
             raise RepositoryStateError("a delegation needs at least one path pattern")
+        for pattern in paths or []:
+            if set(pattern.split("/", 1)[0]) & set("*?["):
+                logger.warning("delegation %s -> %s: pattern %r is not limited to one model's "
+                               "namespace (MODEL/...): the role may ship any model it matches",
+                               parent, name, pattern)
         targets, _, _ = self.current()
-        if targets.delegations and targets.delegations.roles and \
-                name in targets.delegations.roles:
-            raise RepositoryStateError(f"role {name!r} is delegated already")
+        parent_md: Metadata[Targets] = Metadata(targets) if parent == TOP else \
+            self._role_md(parent)
+        delegating = parent_md.signed
+        if delegating.delegations and delegating.delegations.roles and \
+                name in delegating.delegations.roles:
+            raise RepositoryStateError(f"role {name!r} is delegated already by {parent!r}")
         key_file = self.keys / f"delegated-{name}.pem"
-        key = generate_key_at(key_file, self._passphrase)
-        self.signers.add(key.keyid, f"{ENCFILE}:{key_file.name}")
-        if targets.delegations is None:
-            targets.delegations = Delegations(keys={}, roles={})
-        assert targets.delegations.roles is not None
-        targets.delegations.roles[name] = DelegatedRole(
-            name=name, keyids=[], threshold=1, terminating=True, paths=paths)
-        targets.add_key(key, name)
-        team = Targets(version=1, expires=self._clock() + self.expiry.targets)
-        self._write_delegated(Metadata(team), name, key_file)
-        self._commit_targets(targets)
+        exists = name in self._delegated_versions()
+        if exists:
+            if not key_file.exists():
+                raise TeamMustActError(name, f"delegating to role {name!r} again", key_file)
+            key = load_signer_at(key_file, self._passphrase, name).public_key
+        else:
+            key = generate_key_at(key_file, self._passphrase)
+            self.signers.add(key.keyid, f"{ENCFILE}:{key_file.name}")
+        if delegating.delegations is None:
+            delegating.delegations = Delegations(keys={}, roles={})
+        assert delegating.delegations.roles is not None
+        delegating.delegations.roles[name] = DelegatedRole(
+            name=name, keyids=[], threshold=1, terminating=terminating,
+            paths=None if hash_prefixes else paths, path_hash_prefixes=hash_prefixes or None)
+        delegating.add_key(key, name)
+        if not exists:
+            team = Targets(version=1, expires=self._clock() + self.expiry.targets)
+            self._write_delegated(Metadata(team), name, key_file)
+        if parent == TOP:
+            self._commit_targets(targets)
+        else:
+            delegating.version += 1
+            delegating.expires = self._clock() + self.expiry.targets
+            self._write_delegated(parent_md, parent, self.keys / f"delegated-{parent}.pem")
+            self._snapshot_and_timestamp(targets.version)
         return key_file
 
     def _write_delegated(self, md: Metadata, name: str, key_file: Path) -> None:  # type: ignore[type-arg]
+        if not key_file.exists():
+            raise TeamMustActError(name, f"signing {name} metadata", key_file)
+        md.signatures.clear()
         md.sign(load_signer_at(key_file, self._passphrase, name))
         write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json",
                      md.to_bytes(_serializer()))
 
     def _check_delegation(self, targets: Targets, role: str, target_path: str) -> None:
-        dr = (targets.delegations.roles or {}).get(role) if targets.delegations else None
-        if dr is None:
-            raise RepositoryStateError(f"no delegated role {role!r} (see `repo delegate`)")
-        if not dr.is_delegated_path(target_path):
+        """Devices must find ``target_path`` in ``role``: TUF's search for it ends there."""
+        self._role_md(role)
+        trail: list[str] = []
+        hit = preorder_walk(target_path, self._loader(targets, (role, target_path)),
+                            trail=trail)
+        if hit is None or hit[0] != role:
+            where = f"from role {hit[0]!r}" if hit else "in none of the roles it reaches"
             raise RepositoryStateError(
-                f"{target_path} is outside the paths delegated to {role!r} ({dr.paths})",
+                f"{target_path} is outside the paths delegated to {role!r}: devices "
+                f"searching for it (through {', '.join(trail)}) would take it {where}",
                 hint="a team key may publish only its own models")
 
     def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
         """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""
         targets, _, _ = self.current()
         self._check_delegation(targets, role, target_path)
-        version = self._delegated_versions()[role]
-        team: Targets = self._load(f"{version}.{role}.json").signed
+        md = self._role_md(role)
+        team = md.signed
         team.targets[target_path] = tf
         team.version += 1
         team.expires = self._clock() + self.expiry.targets
-        self._write_delegated(Metadata(team), role, self.keys / f"delegated-{role}.pem")
+        self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")
         return self._snapshot_and_timestamp(targets.version)
 
     # -- rollouts ---------------------------------------------------------------
+    #
+    # The operator decides in the top-level targets, which TUF's search consults before
+    # any delegated role: a team's release is halted, re-phased, pinned or withdrawn by an
+    # entry for its path there (same length and hashes, the operator's modelward fields),
+    # which shadows the team's own entry on every device; no team key is needed.
 
-    def _release_fields(self, targets: Targets, name: str, version: str) -> dict[str, Any]:
-        for t in targets.targets.values():
-            f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
-            if isinstance(f, dict) and f.get("name") == name and f.get("version") == version:
-                return f
-        raise RepositoryStateError(f"{name} {version} is not published")
+    def _operator_entry(self, targets: Targets, found: Found) -> dict[str, Any]:
+        """The top-level entry for a release (copied from its team's role if needed);
+        returns its modelward fields, to edit in place."""
+        if found.role != TOP:
+            tf = TargetFile.from_dict(copy.deepcopy(found.target.to_dict()), found.path)
+            targets.targets[found.path] = tf
+            logger.info("%s: the operator's decision goes into the top-level targets, over "
+                        "role %s", found.path, found.role)
+        f = targets.targets[found.path].custom.get("modelward")
+        assert isinstance(f, dict)
+        return f
 
     def set_rollout(self, name: str, version: str, *, percent: float | None = None,
                     halted: bool | None = None) -> int:
         """Change a release's rollout percentage or halt/resume it; returns targets version.
 
+        Works on a team's release too (see above).
+
         Raises:
             RepositoryStateError: no such release, or not a percentage.
         """
         targets, _, _ = self.current()
-        f = self._release_fields(targets, name, version)
-        rollout = dict(f.get("rollout") or {"basis_points": 10000, "halted": False})
-        if percent is not None:
-            if not 0.0 <= percent <= 100.0:
-                raise RepositoryStateError(f"rollout {percent} is not a percentage (0-100)")
-            rollout["basis_points"] = _bp(percent)
-        if halted is not None:
-            rollout["halted"] = halted
-        f["rollout"] = rollout
+        if percent is not None and not 0.0 <= percent <= 100.0:
+            raise RepositoryStateError(f"rollout {percent} is not a percentage (0-100)")
+        for found in self._release(targets, name, version):
+            f = self._operator_entry(targets, found)
+            rollout = dict(f.get("rollout") or {"basis_points": 10000, "halted": False})
+            if percent is not None:
+                rollout["basis_points"] = _bp(percent)
+            if halted is not None:
+                rollout["halted"] = halted
+            f["rollout"] = rollout
         self._commit_targets(targets)
         return int(targets.version)
 
@@ -558,15 +670,20 @@ class Repository:
         the targets version. Devices that installed it keep it until a newer or pinned
         release reaches them; no device installs it any more.
 
+        A top-level release is removed; a team's release (or one the removal would
+        uncover) gets an operator tombstone (``withdrawn``) in the top-level targets.
+
         Raises:
             RepositoryStateError: no such release.
         """
         targets, _, _ = self.current()
-        self._release_fields(targets, name, version)
-        for path, t in list(targets.targets.items()):
-            f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
-            if isinstance(f, dict) and f.get("name") == name and f.get("version") == version:
-                del targets.targets[path]
+        for found in self._release(targets, name, version):
+            if found.role == TOP:
+                del targets.targets[found.path]
+        for found in [f for f in self.releases(name, targets)
+                      if _fields(f.target).get("version") == version]:
+            if found.role != TOP:
+                self._operator_entry(targets, found)["withdrawn"] = True
         self._commit_targets(targets)
         logger.info("withdrew %s %s as targets v%d", name, version, targets.version)
         return int(targets.version)
@@ -575,15 +692,19 @@ class Repository:
         """Pin ``name`` on its channel to ``version`` (None: unpin); returns targets version.
 
         A pin is the operator's signed decision that devices run that version, even if
-        it is older than what they have.
+        it is older than what they have; it beats any pin of a delegated role.
         """
         targets, _, _ = self.current()
         channel = None
         if version is not None:
-            channel = self._release_fields(targets, name, version).get("channel", "stable")
-        for t in targets.targets.values():
+            releases = self._release(targets, name, version)
+            channel = _fields(releases[0].target).get("channel", "stable")
+            for found in releases:
+                self._operator_entry(targets, found)
+        for path, t in targets.targets.items():
             f = t.custom.get("modelward") if isinstance(t.custom, dict) else None
-            if not isinstance(f, dict) or f.get("name") != name:
+            if not isinstance(f, dict) or f.get("name") != name or \
+                    not path.startswith(f"{name}/"):
                 continue
             if channel is None or f.get("channel", "stable") == channel:
                 f["pinned"] = version is not None and f.get("version") == version

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from trust.errors import TrustRecordError, TrustRecordRollbackError
+from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 
 _MAC_DOMAIN = b"modelward trust record v1\n"
+
+HEAL_HINT = ("the next `modelward agent update` heals the device from the TPM-anchored root "
+             "(no operator step); until then nothing is served")
 
 
 @dataclass(frozen=True)
@@ -143,20 +146,125 @@ def choose_record(
         raise TrustRecordError(
             f"trust record {current_path} is missing",
             path=current_path,
-            hint="the device must be re-provisioned by its operator",
+            hint=HEAL_HINT,
         )
     rec, mac = decode_record(current, current_path)
     if not mac_ok(rec.digest(), mac):
         raise TrustRecordError(
             f"trust record {current_path} was altered: its TPM MAC does not verify",
             path=current_path,
-            hint="the device must be re-provisioned by its operator",
+            hint=HEAL_HINT,
         )
     if rec.counter != nv_counter:
         raise TrustRecordRollbackError(
             f"trust record {current_path} has counter {rec.counter} but the TPM update "
             f"counter is {nv_counter}: an older copy was put back",
             path=current_path,
-            hint="the device must be re-provisioned by its operator",
+            hint=HEAL_HINT,
         )
     return rec, Resolution.USE
+
+
+# --- healing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UseRecord:
+    """The record is authentic and current: use it (after ``resolution`` on the files)."""
+
+    record: TrustRecord
+    resolution: Resolution
+
+
+@dataclass(frozen=True)
+class Heal:
+    """The record cannot be believed: start again from the TPM-anchored root.
+
+    Nothing in the old record is accepted: not its models, slots, or counter. The
+    device continues as a freshly provisioned one would, with a genesis record bound
+    to the next TPM counter value (:func:`genesis`).
+
+    Attributes:
+        reason: why the record is not believed (missing, malformed, altered, older).
+        targets_floor: the highest targets version found in a copy whose TPM MAC verifies
+            (an older record put back is still *authentic*: the device saw that targets
+            version verified, so newer metadata cannot be below it). 0 when no copy is
+            authentic: the disk's rollback floor is then lost (design.md "Healing").
+    """
+
+    reason: TrustRecordError
+    targets_floor: int
+
+
+def plan_record(
+    current: bytes | None,
+    pending: bytes | None,
+    nv_counter: int,
+    mac_ok: Callable[[bytes, bytes], bool],
+    *,
+    current_path: str,
+    pending_path: str,
+) -> UseRecord | Heal:
+    """:func:`choose_record`, with every way of not believing the record turned into a
+    :class:`Heal` plan instead of an error a device cannot leave without an operator.
+    """
+    try:
+        return UseRecord(*choose_record(current, pending, nv_counter, mac_ok,
+                                        current_path=current_path, pending_path=pending_path))
+    except TrustRecordError as e:
+        return Heal(e, _authentic_floor((current, pending), mac_ok))
+
+
+def _authentic_floor(copies: tuple[bytes | None, ...],
+                     mac_ok: Callable[[bytes, bytes], bool]) -> int:
+    floor = 0
+    for data in copies:
+        if data is None:
+            continue
+        try:
+            rec, mac = decode_record(data, "")
+        except TrustRecordError:
+            continue
+        if mac_ok(rec.digest(), mac):
+            floor = max(floor, rec.targets_version)
+    return floor
+
+
+def genesis(nv_counter: int, root_version: int, targets_floor: int) -> TrustRecord:
+    """The record a heal commits: nothing installed, bound to the next counter value.
+
+    Committing it moves the TPM counter (like any commit), so the record that was not
+    believed, and every copy of it, can never verify as current again.
+    """
+    return TrustRecord(counter=nv_counter + 1, root_version=root_version,
+                       targets_version=targets_floor, active=None, previous=None)
+
+
+class RootResolution(enum.Enum):
+    """What the store must do to the root files after matching them to the anchor."""
+
+    USE = "use"
+    PROMOTE_PENDING = "promote"  # crash during a root rotation, after the NV write
+
+
+def choose_root(
+    root: bytes | None,
+    pending: bytes | None,
+    anchor: bytes,
+    *,
+    root_path: str,
+) -> tuple[bytes, RootResolution]:
+    """The root file whose sha256 the TPM anchors.
+
+    Raises:
+        RootAnchorError: neither file matches (deleted or replaced); the root bytes can be
+            recovered from the repository by the same rule (updater._heal).
+    """
+    if root is not None and hashlib.sha256(root).digest() == anchor:
+        return root, RootResolution.USE
+    if pending is not None and hashlib.sha256(pending).digest() == anchor:
+        return pending, RootResolution.PROMOTE_PENDING
+    what = "is missing" if root is None else "does not match the root anchor in the TPM"
+    raise RootAnchorError(f"trusted root {root_path} {what}", path=root_path,
+                          hint="the next `modelward agent update` fetches the anchored root "
+                          "from the repository again (only bytes with the anchored sha256)")

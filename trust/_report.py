@@ -3,6 +3,19 @@
 Wire format (one JSON object): ``{"report": {...}, "alg": "ecdsa-p256-sha256",
 "signature": base64(DER)}``; the signature covers a domain-separated SHA-256 of the
 canonical JSON of ``report``. Defined once here for both the device and the operator.
+
+Freshness (design.md "Threat model": one device's credentials must not replay fleet state
+undetected): every report carries ``seq``, a number the device never issues twice, ``at``
+(UTC, when it was signed), ``poll_interval`` (seconds; a live device reports at least that
+often) and ``fleet``. The device persists each ``seq`` before the report leaves it.
+:func:`next_sequence` takes the larger of the persisted number + 1 and the wall clock in
+milliseconds, so a disk attacker who rolls the sequence file back (or deletes the state
+directory) cannot make the device reissue a number: the clock floor is already past every
+number issued before, since reports come far less often than once a millisecond. The TPM
+update counter is no floor here: it moves only on installs, and an NV write per report
+would wear the TPM (NV_RATE). What is left: an attacker who rolls back both the disk and
+the device clock can make it reuse numbers; the operator then sees ``REPLAYED`` (see
+``publisher/_fleet.py``), a false alarm, never a silent acceptance.
 """
 
 from __future__ import annotations
@@ -17,11 +30,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from trust._tpm import TpmInterface
-from trust.errors import UntrustedRemoteError
+from trust.errors import LocalDeviceError, UntrustedRemoteError
 
 ALG = "ecdsa-p256-sha256"
 _DOMAIN = b"modelward status report v1\n"
 MAX_REPORT_BYTES = 64 * 1024
+MAX_SEQ = 2**53 - 1  # the largest integer every JSON reader keeps exact
 
 
 class ReportSignatureError(UntrustedRemoteError):
@@ -36,6 +50,40 @@ class ReportSignatureError(UntrustedRemoteError):
         self.device = device
 
 
+class ReportSequenceError(LocalDeviceError):
+    """The device cannot persist the next report sequence number, so it sends no report.
+
+    Attributes:
+        path: the sequence file.
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+def next_sequence(last: int, now: float) -> int:
+    """The sequence number of the next report: above ``last`` and not below the clock.
+
+    Args:
+        last: the last persisted number (0 if none or unreadable).
+        now: wall-clock time, seconds since the epoch.
+
+    Raises:
+        ReportSequenceError: the sequence is exhausted (``last`` is at :data:`MAX_SEQ`).
+    """
+    seq = max(last + 1, int(now * 1000))
+    if seq > MAX_SEQ:
+        raise ReportSequenceError(f"report sequence {last} is exhausted", path="")
+    return seq
+
+
+def report_digest(report: dict[str, Any]) -> str:
+    """Hex digest of what a report's signature covers (the same report, signed again,
+    keeps it; ECDSA signatures differ each time)."""
+    return _digest(report).hex()
+
+
 def _digest(report: dict[str, Any]) -> bytes:
     canonical = json.dumps(report, sort_keys=True, separators=(",", ":")).encode()
     return hashlib.sha256(_DOMAIN + canonical).digest()
@@ -46,6 +94,10 @@ def sign_report(report: dict[str, Any], tpm: TpmInterface) -> bytes:
     sig = tpm.sign(_digest(report))
     doc = {"report": report, "alg": ALG, "signature": base64.b64encode(sig).decode()}
     return json.dumps(doc, sort_keys=True).encode()
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")  # NaN/Infinity would break strict JSON output
 
 
 def verify_report(data: bytes, public_pem: bytes | None, topic_device: str) -> dict[str, Any]:
@@ -62,7 +114,7 @@ def verify_report(data: bytes, public_pem: bytes | None, topic_device: str) -> d
     if len(data) > MAX_REPORT_BYTES:
         raise ReportSignatureError("report too large", device=topic_device)
     try:
-        doc = json.loads(data)
+        doc = json.loads(data, parse_constant=_no_constant)
         report, sig = doc["report"], base64.b64decode(doc["signature"], validate=True)
         if doc.get("alg") != ALG or not isinstance(report, dict):
             raise ValueError("alg/report")

@@ -14,21 +14,37 @@ could not heal (it would need a field visit).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
+import os
+import shutil
+import stat
 from dataclasses import replace
 from pathlib import Path
 
 from trust._atomic import rename_atomic, write_atomic
-from trust._record import Resolution, TrustRecord, choose_record, encode_record
+from trust._record import (
+    HEAL_HINT,
+    Heal,
+    Resolution,
+    RootResolution,
+    TrustRecord,
+    UseRecord,
+    choose_record,
+    choose_root,
+    encode_record,
+    genesis,
+    plan_record,
+)
 from trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
 from trust._tpmauth import auth_dir_for, ensure_auth
 from trust.errors import (
     OperatorInputError,
     RootAnchorError,
-    TpmError,
     TpmNotProvisionedError,
+    TrustFileUnreadableError,
     TrustRecordError,
 )
 
@@ -79,7 +95,7 @@ class TrustStore:
         Raises:
             OperatorInputError: the device is already anchored to a different root.
             TpmAuthFileError: the auth file is unsafe (a link, not 0600, not ours).
-            TrustRecordError: the old record does not verify, so it cannot be migrated.
+            TrustRecordError: the record (of a device not being migrated) is broken.
             TpmError: the TPM failed.
         """
         version = _root_version(root_bytes, root_source)
@@ -94,7 +110,7 @@ class TrustStore:
         except TpmNotProvisionedError:
             anchor = None  # defined but never written
         if anchor is None and legacy is not None:
-            anchor = legacy.read_anchor()
+            anchor = self._legacy_anchor(legacy, digest)
             if anchor is not None:
                 self.tpm.write_anchor(anchor)  # the old anchor, perhaps of a rotated root
         if anchor is None:
@@ -115,15 +131,24 @@ class TrustStore:
             write_atomic(self.root_path, root_bytes)
         if old_record is not None:
             self._remac(old_record)
+        elif legacy is not None and (self.record_path.exists() or self.pending_path.exists()):
+            try:
+                self.load()  # re-MACed by an earlier, interrupted run
+            except TrustRecordError as e:
+                # Altered or rolled back before migration: not carried over. The device
+                # heals on its next update, from the anchored root (finding 7).
+                logger.warning("migration: the trust record is not believable (%s); the "
+                               "next update heals it", e)
+                report = replace(report, record_heals=True)
         elif not self.record_path.exists() and not self.pending_path.exists():
-            genesis = TrustRecord(
+            first = TrustRecord(
                 counter=self.tpm.read_counter(),
                 root_version=version,
                 targets_version=0,
                 active=None,
                 previous=None,
             )
-            write_atomic(self.record_path, encode_record(genesis, self.tpm.mac(genesis.digest())))
+            write_atomic(self.record_path, encode_record(first, self.tpm.mac(first.digest())))
         else:
             self.load()  # provisioning again must not hide a broken record
         if legacy is not None:
@@ -131,9 +156,10 @@ class TrustStore:
         return report
 
     def _legacy_record(self, legacy: LegacyObjects) -> TrustRecord | None:
-        """The record as the old objects vouch for it; None if already re-MACed."""
-        current = _read_or_none(self.record_path)
-        pending = _read_or_none(self.pending_path)
+        """The record as the old objects vouch for it, or None (none, or not believable:
+        altered, rolled back, or re-MACed by an earlier run)."""
+        current, _ = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
+        pending, _ = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
         if current is None and pending is None:
             return None
         try:
@@ -142,17 +168,27 @@ class TrustStore:
                 current_path=str(self.record_path), pending_path=str(self.pending_path),
             )
         except TrustRecordError as e:
-            try:
-                self.tpm.read_counter()
-            except TpmError:
-                # No new objects yet: the old record is the only one, and it is bad.
-                raise TrustRecordError(
-                    f"cannot migrate: {e}", path=e.path,
-                    hint="the record was altered or rolled back; re-provision the device "
-                    "from a clean state",
-                ) from e
-            return None  # an earlier run re-MACed it already; load() checks it
+            logger.warning("migration: the record does not verify under the old objects: %s",
+                           e)
+            return None
         return record
+
+    def _legacy_anchor(self, legacy: LegacyObjects, root_digest: bytes) -> bytes | None:
+        """The old anchor, if it agrees with the device's root or the operator's.
+
+        Any TPM client could write the old anchor, so it is carried over only when it is
+        the hash of the operator's root or of the root.json the device holds; otherwise
+        the operator's root is anchored.
+        """
+        old = legacy.read_anchor()
+        if old is None or old == root_digest:
+            return old
+        on_disk, _ = _read_file(self.dir, self.root_path.name, _ROOT_MAX)
+        if on_disk is not None and hashlib.sha256(on_disk).digest() == old:
+            return old
+        logger.warning("migration: the old root anchor matches no root on the device; "
+                       "anchoring the root given to provisioning")
+        return None
 
     def _remac(self, old: TrustRecord) -> None:
         """Bind the migrated record to the new counter and MAC key."""
@@ -173,9 +209,24 @@ class TrustStore:
             TrustRecordRollbackError: an older record was put back.
             TpmError: the TPM failed.
         """
-        current = _read_or_none(self.record_path)
-        pending = _read_or_none(self.pending_path)
-        record, action = choose_record(
+        plan = self.plan()
+        if isinstance(plan, Heal):
+            raise plan.reason
+        return plan.record
+
+    def plan(self) -> UseRecord | Heal:
+        """Read the record files and the counter and decide (``plan_record``).
+
+        A :class:`UseRecord` plan is carried out at once (a crash window repaired); a
+        :class:`Heal` plan changes nothing: :meth:`heal` carries it out.
+
+        Raises:
+            TrustFileUnreadableError: a record file exists but cannot be read.
+            TpmError: the TPM failed.
+        """
+        current, bad = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
+        pending, bad_pending = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+        plan = plan_record(
             current,
             pending,
             self.tpm.read_counter(),
@@ -183,11 +234,45 @@ class TrustStore:
             current_path=str(self.record_path),
             pending_path=str(self.pending_path),
         )
-        if action is Resolution.PROMOTE_PENDING:
+        if isinstance(plan, Heal):
+            if bad:
+                reason = TrustRecordError(f"trust record {self.record_path} {bad}",
+                                          path=str(self.record_path), hint=HEAL_HINT)
+                return Heal(reason, plan.targets_floor)
+            return plan
+        if bad or bad_pending:
+            self._writable_dir()  # else the next commit's renames could not land
+        if plan.resolution is Resolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted commit of the trust record")
             rename_atomic(self.pending_path, self.record_path)
         elif pending is not None:
             self.pending_path.unlink()
+        return plan
+
+    def heal(self, plan: Heal, root_version: int) -> TrustRecord:
+        """Discard the record that cannot be believed: commit a genesis record.
+
+        The old record is not re-MACed and nothing in it is kept but the rollback floor
+        of an authentic copy (``plan.targets_floor``). Call only once :meth:`anchored_root`
+        succeeds (``root_version`` is its version). A crash at any step leaves a state
+        that plans a heal again, or the committed genesis record.
+
+        Raises:
+            TrustRecordError: the trust directory cannot be written.
+            TpmError: the TPM failed.
+        """
+        record = genesis(self.tpm.read_counter(), root_version, plan.targets_floor)
+        logger.warning(
+            "healing the trust store (%s): a genesis record at counter %d, targets floor %d; "
+            "the next install comes from the TPM-anchored root", plan.reason, record.counter,
+            record.targets_version,
+        )
+        try:
+            self._writable_dir()
+            self.commit(record)
+        except OSError as e:
+            raise TrustRecordError(f"cannot write the trust record {self.record_path}: {e}",
+                                   path=str(self.record_path)) from e
         return record
 
     def commit(self, record: TrustRecord) -> None:
@@ -218,20 +303,46 @@ class TrustStore:
             RootAnchorError: neither root file matches the anchor.
             TpmError: the TPM failed.
         """
-        anchor = self.tpm.read_anchor()
-        data = _read_or_none(self.root_path)
-        if data is not None and hashlib.sha256(data).digest() == anchor:
-            return data
-        pending = _read_or_none(self.root_pending_path)
-        if pending is not None and hashlib.sha256(pending).digest() == anchor:
+        root_file, bad = _read_file(self.dir, self.root_path.name, _ROOT_MAX)
+        pending, bad_pending = _read_file(self.dir, self.root_pending_path.name, _ROOT_MAX)
+        try:
+            root, action = choose_root(root_file, pending, self.tpm.read_anchor(),
+                                       root_path=str(self.root_path))
+        except RootAnchorError as e:
+            if not bad:
+                raise
+            raise RootAnchorError(f"trusted root {self.root_path} {bad}",
+                                  path=str(self.root_path), hint=e.hint) from e
+        if bad_pending:
+            self._writable_dir()  # else a root rotation could not land
+        if action is RootResolution.PROMOTE_PENDING:
             logger.warning("completing an interrupted root rotation")
+            if bad:
+                self._writable_dir()
             rename_atomic(self.root_pending_path, self.root_path)
-            return pending
-        raise RootAnchorError(
-            f"trusted root {self.root_path} does not match the root anchor in the TPM",
-            path=str(self.root_path),
-            hint="the device must be re-provisioned by its operator",
-        )
+        return root
+
+    def restore_root(self, root_bytes: bytes) -> None:
+        """Put back the anchored root.json, recovered from anywhere: only the bytes whose
+        sha256 the TPM anchors are written.
+
+        Raises:
+            RootAnchorError: ``root_bytes`` are not the anchored root.
+            TrustRecordError: the trust directory cannot be written.
+            TpmError: the TPM failed.
+        """
+        if hashlib.sha256(root_bytes).digest() != self.tpm.read_anchor():
+            raise RootAnchorError(
+                f"recovered root metadata does not match the root anchor in the TPM "
+                f"(sha256 {hashlib.sha256(root_bytes).hexdigest()})", path=str(self.root_path))
+        try:
+            self._writable_dir()
+            write_atomic(self.root_path, root_bytes)
+            self.root_pending_path.unlink(missing_ok=True)
+        except OSError as e:
+            raise TrustRecordError(f"cannot write {self.root_path}: {e}",
+                                   path=str(self.root_path)) from e
+        logger.warning("restored the TPM-anchored root %s", self.root_path)
 
     def rotate_root(self, new_root: bytes) -> None:
         """Anchor a newer root that TUF has already verified to chain from the anchored one.
@@ -239,17 +350,91 @@ class TrustStore:
         A crash between the steps leaves either the old anchor with the old file or
         the new anchor with ``root.json.next``; :meth:`anchored_root` resolves both.
         """
-        if _read_or_none(self.root_path) == new_root:
+        if _read_file(self.dir, self.root_path.name, _ROOT_MAX)[0] == new_root:
             return
         write_atomic(self.root_pending_path, new_root)
         self.tpm.write_anchor(hashlib.sha256(new_root).digest())
         rename_atomic(self.root_pending_path, self.root_path)
 
 
-def _read_or_none(path: Path) -> bytes | None:
+    def _writable_dir(self) -> None:
+        """Make the trust directory a real directory whose store file names hold nothing but
+        regular files: a symlink, directory or FIFO planted there is removed (never
+        followed), so that the atomic renames of a heal or a repair can land.
+
+        Raises:
+            OSError: it cannot be made so.
+        """
+        try:
+            st: os.stat_result | None = os.lstat(self.dir)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            logger.warning("removing %s: not a directory", self.dir)
+            os.unlink(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        for path in (self.record_path, self.pending_path, self.root_path,
+                     self.root_pending_path):
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(mode):
+                continue
+            logger.warning("removing %s: not a regular file", path)
+            if stat.S_ISDIR(mode):
+                shutil.rmtree(path)  # does not follow links inside
+            else:
+                path.unlink()
+
+
+_RECORD_MAX = 64 * 1024  # bytes; a record is about 1 kB
+_ROOT_MAX = 512_000  # bytes, as ngclient's root_max_length
+
+
+def _read_file(directory: Path, name: str, limit: int) -> tuple[bytes | None, str]:
+    """Read ``directory/name`` without following a symlink at either, at most ``limit``
+    bytes.
+
+    Returns:
+        The bytes (None if missing or not believable), and "" or what is wrong with the
+        entry: a symlink, not a regular file, too large. Such an entry was planted (the
+        agent writes only regular files): the caller treats it as not believable.
+
+    Raises:
+        TrustFileUnreadableError: an I/O or permission error.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        return path.read_bytes()
+        dfd = os.open(directory, flags | os.O_DIRECTORY)
     except FileNotFoundError:
-        return None
+        return None, ""
     except OSError as e:
-        raise TrustRecordError(f"cannot read {path}: {e}", path=str(path)) from e
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            return None, f"is unusable: {directory} is not a directory (a symlink?)"
+        raise TrustFileUnreadableError(f"cannot open {directory}: {e}",
+                                       path=str(directory)) from e
+    path = directory / name
+    try:
+        try:
+            fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=dfd)
+        except FileNotFoundError:
+            return None, ""
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                return None, "is a symlink"
+            raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None, "is not a regular file"
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = f.read(limit + 1)
+        except OSError as e:
+            raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e
+        finally:
+            os.close(fd)
+    finally:
+        os.close(dfd)
+    if len(data) > limit:
+        return None, f"is over {limit} bytes"
+    return data, ""

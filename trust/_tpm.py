@@ -68,6 +68,7 @@ class ProvisionReport:
     mac_key_created: bool = False
     migrated: bool = False  # the open objects of an older provisioning were found
     identity_replaced: bool = False  # migration made a new identity key: re-enrol it
+    record_heals: bool = False  # migration found no believable record: the next update heals
 
 
 class LegacyObjects(abc.ABC):

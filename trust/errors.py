@@ -107,6 +107,11 @@ class TrustRecordError(LocalDeviceError):
         self.path = path
 
 
+class TrustFileUnreadableError(TrustRecordError):
+    """A trust-store file exists but cannot be read (permissions, I/O error, not a file):
+    unlike a missing, altered or older record, healing cannot fix it."""
+
+
 class TrustRecordRollbackError(TrustRecordError):
     """The trust record is authentic but older than the TPM update counter says."""
 

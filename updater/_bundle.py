@@ -279,8 +279,8 @@ def extract_bundle(
         if writer is not None:
             tar.drain()  # what follows the archive belongs to the skeleton too
     except TarFormatError as e:
-        raise bad(f"corrupt tar archive ({e})" if tar.pos > 0 else f"not a tar archive ({e})") \
-            from e
+        raise bad(f"corrupt tar archive ({e})" if tar.pos > 0 else f"not a tar archive ({e})",
+                  e.member) from e
     finally:
         if writer is not None:
             writer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,30 @@ class HttpsConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Bounds of the health check.
+    """Bounds of the health check, whose child runs in a sandbox (updater/_sandbox.py).
 
     Attributes:
-        timeout: seconds the child may run.
-        max_memory: address-space limit of the child in bytes (0 = none).
+        timeout: seconds the child may run (wall clock).
+        max_memory: address-space limit of the child in bytes (``RLIMIT_AS``); None: half
+            of the memory available when the check starts, at most ``DEFAULT_MEMORY_CAP``.
+        max_cpu_seconds: CPU-time limit of the child (``RLIMIT_CPU``); None: ``timeout``.
         nice: niceness added to the child (heavy work runs at low priority).
+        unsafe_no_sandbox: run the child with the limits only, without Landlock and
+            seccomp (a kernel without them); logs a warning at every check.
     """
 
+    DEFAULT_MEMORY_CAP: ClassVar[int] = 2 << 30  # bytes
+
     timeout: float = 120.0
-    max_memory: int = 0
+    max_memory: int | None = None
+    max_cpu_seconds: float | None = None
     nice: int = 10
+    unsafe_no_sandbox: bool = False
+
+
+# What a block response carries besides its bytes: fixed header, topic, properties
+# (correlation data, a format 1 bridge's user properties) and the format 2 block header.
+PACKET_OVERHEAD = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,11 @@ class MqttConfig:
         block_timeout: seconds before a block is asked for again.
         max_retries: how often one block is asked for again before giving up.
         queue_limit: incoming messages buffered at most (more are dropped).
+        max_packet_size: the Maximum Packet Size sent on CONNECT, which the broker must
+            not exceed (0: one block plus :data:`PACKET_OVERHEAD`, see
+            :meth:`packet_limit`); a larger packet ends the connection.
+        queue_bytes: payload bytes buffered at most between the network thread and the
+            fetch (0: ``window`` packets); junk beyond it is dropped, counted and logged.
     """
 
     host: str
@@ -86,6 +105,16 @@ class MqttConfig:
     block_timeout: float = 5.0
     max_retries: int = 4
     queue_limit: int = 256
+    max_packet_size: int = 0
+    queue_bytes: int = 0
+
+    def packet_limit(self) -> int:
+        """The Maximum Packet Size this client asks for: a block, its header and topic."""
+        return self.max_packet_size or self.block_size + PACKET_OVERHEAD
+
+    def queue_byte_limit(self) -> int:
+        """The bound of the receive queue in bytes (room for a full window of blocks)."""
+        return self.queue_bytes or self.window * self.packet_limit()
 
     def topic(self, suffix: str) -> str:
         """``modelward/<fleet>/<suffix>``."""

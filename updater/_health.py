@@ -1,24 +1,127 @@
-"""Health check: onnxruntime in a bounded child process."""
+"""Health check: onnxruntime in a sandboxed child process (updater/_sandbox.py).
+
+The child runs a signed but possibly malicious model. It gets a read-only view of the staged
+files and of the system's libraries, bounded memory, CPU time and output, no network, no
+TPM, no credentials and nothing it can write; its one-line report is untrusted input,
+parsed strictly.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
-import resource
-import subprocess
+import signal
 import sys
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from updater._config import HealthConfig
+from updater._sandbox import (
+    Completed,
+    SandboxPolicy,
+    auto_max_memory,
+    python_read_paths,
+    run,
+    scrubbed_env,
+    tpm_devices,
+)
 from updater.errors import HealthCheckError
 
+logger = logging.getLogger(__name__)
 
-def _limits(cfg: HealthConfig) -> None:  # runs in the child before exec
-    os.nice(cfg.nice)
-    if cfg.max_memory:
-        resource.setrlimit(resource.RLIMIT_AS, (cfg.max_memory, cfg.max_memory))
+MAX_REPORT = 4096        # bytes of stdout the child may write (one JSON line)
+MAX_STDERR = 64 * 1024   # bytes of its diagnostics kept
+MAX_DETAIL = 500         # characters of its detail shown in messages
+
+
+def health_policy(slot: Path, cfg: HealthConfig, environ: Mapping[str, str],
+                  max_memory: int) -> SandboxPolicy:
+    """The sandbox of a health check of ``slot`` (pure, given the environment)."""
+    slot = Path(os.path.realpath(slot))
+    hidden = [str(p) for p in slot.parents if p != Path("/")]  # state dir, staging, ...
+    return SandboxPolicy(
+        read_exec=python_read_paths(environ),
+        read_only=(str(slot),),
+        must_deny=(*hidden, *tpm_devices()),
+        max_memory=max_memory,
+        max_cpu_seconds=math.ceil(cfg.max_cpu_seconds or cfg.timeout),
+        nice=cfg.nice,
+        env=scrubbed_env(environ),
+        isolate=not cfg.unsafe_no_sandbox,
+    )
+
+
+def memory_limit(cfg: HealthConfig) -> int:
+    """``cfg.max_memory``, or the default from what the device has free now."""
+    if cfg.max_memory is not None:
+        return cfg.max_memory
+    return auto_max_memory(_read("/proc/meminfo") or "", *_cgroup_memory(),
+                           cap=HealthConfig.DEFAULT_MEMORY_CAP)
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read(1 << 16)
+    except OSError:
+        return None
+
+
+def _cgroup_memory() -> tuple[str | None, str | None]:
+    rel = next((line[3:] for line in (_read("/proc/self/cgroup") or "").splitlines()
+                if line.startswith("0::")), None)
+    if rel is None:
+        return None, None
+    base = "/sys/fs/cgroup" + rel.strip()
+    return _read(base + "/memory.max"), _read(base + "/memory.current")
+
+
+def parse_report(done: Completed) -> tuple[bool, str]:
+    """Judge the child's untrusted output: ``(ok, detail)``.
+
+    Passes only if it exited 0 and wrote exactly one line ``{"ok": true, "detail": str}``.
+    """
+    if done.timed_out:
+        return False, "timeout"
+    if done.overflow:
+        return False, f"the health check process {done.overflow}"
+    ok, detail = False, ""
+    try:
+        text = done.stdout.decode("utf-8")
+        if not text.endswith("\n") or text.count("\n") != 1:
+            raise ValueError("not one line")
+        report = json.loads(text)
+        if not isinstance(report, dict) or set(report) != {"ok", "detail"} or \
+                not isinstance(report["ok"], bool) or not isinstance(report["detail"], str):
+            raise ValueError("not a report")
+        ok, detail = report["ok"], _printable(report["detail"])
+    except ValueError:
+        ok, detail = False, ""
+    if done.returncode != 0 or not detail:
+        ok = False
+        detail = detail or f"health check process {_ended(done.returncode)}: {_tail(done)}"
+    return ok, detail
+
+
+def _ended(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exited {returncode}"
+
+
+def _tail(done: Completed) -> str:
+    lines = done.stderr.decode(errors="replace").strip().splitlines()
+    return _printable(lines[-1]) if lines else "no output"
+
+
+def _printable(text: str) -> str:
+    clean = "".join(c if c.isprintable() else "?" for c in text)
+    return clean[:MAX_DETAIL] + ("..." if len(clean) > MAX_DETAIL else "")
 
 
 def run_health_check(
@@ -37,41 +140,25 @@ def run_health_check(
         The child's one-line report.
 
     Raises:
-        HealthCheckError: the model failed, the child crashed or ran out of time.
+        HealthCheckError: the model failed, the child crashed, ran out of memory or time.
+        SandboxError: the sandbox could not be set up; the model was not run.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "updater._healthchild", str(slot)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=lambda: _limits(cfg),  # noqa: PLW1509 - no threads touch it here
-    )
-    deadline = time.monotonic() + cfg.timeout
-    while True:
-        heartbeat()
-        try:
-            stdout, stderr = proc.communicate(
-                timeout=min(1.0, max(0.01, deadline - time.monotonic())))
-            break
-        except subprocess.TimeoutExpired as e:
-            if time.monotonic() < deadline:
-                continue
-            proc.kill()
-            proc.communicate()
-            raise HealthCheckError(
-                f"health check of {model} {version} took longer than {cfg.timeout:.0f}s",
-                model=model,
-                version=version,
-                detail="timeout",
-            ) from e
-    try:
-        report = json.loads(stdout.decode().strip().splitlines()[-1])
-        ok, detail = bool(report["ok"]), str(report["detail"])
-    except (ValueError, IndexError, KeyError, TypeError):
-        tail = stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
-        ok, detail = False, f"health check process exited {proc.returncode}: {tail[0]}"
-    if not ok or proc.returncode != 0:
+    if cfg.unsafe_no_sandbox:
+        logger.warning(
+            "health check of %s %s runs WITHOUT its sandbox ([health] unsafe_no_sandbox): "
+            "the model's code can reach the network, the TPM and the agent's files",
+            model, version, extra={"model": model, "version": version})
+    policy = health_policy(slot, cfg, os.environ, memory_limit(cfg))
+    done = run([sys.executable, "-P", "-m", "updater._healthchild", policy.read_only[0]],
+               policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
+               max_stderr=MAX_STDERR)
+    ok, detail = parse_report(done)
+    if not ok:
+        what = (f"took longer than {cfg.timeout:.0f}s" if done.timed_out
+                else f"failed: {detail}")
         raise HealthCheckError(
-            f"health check of {model} {version} failed: {detail}",
+            f"health check of {model} {version} {what} (limits: {policy.max_memory} bytes "
+            f"of memory, {policy.max_cpu_seconds} s of CPU)",
             model=model,
             version=version,
             detail=detail,

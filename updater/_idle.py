@@ -8,8 +8,10 @@ all of them. Tests and other environments inject their own.
 from __future__ import annotations
 
 import abc
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,37 +37,161 @@ class IdleSignal(abc.ABC):
         """A reason the device is busy now, or None."""
 
 
-class BusyFileSignal(IdleSignal):
-    """The inference application's queue depth, written to a file.
+BUSY_FILE_MAX_BYTES = 64  # a queue depth and a newline; more is not a signal
+BUSY_FILE_SKEW = 2.0  # seconds an mtime may lie ahead of the clock and still count
+BUSY_FILE_GRACE = 30.0  # seconds one unchanged file may hold no depth and still mean busy
 
-    Busy when the depth exceeds ``max_depth`` or the file is unreadable; a file not
-    rewritten for ``stale_after`` seconds is ignored (the application is gone), so a
-    crashed application cannot block updates forever.
+
+@dataclass(frozen=True)
+class BusyFileReading:
+    """What one look at ``busy_file`` saw (no decision yet).
+
+    Attributes:
+        kind: "missing", "regular", "oversized" (a regular file longer than
+            :data:`BUSY_FILE_MAX_BYTES`, not read), or what else is there ("symlink",
+            "FIFO", "device", "directory", "socket", "unreadable (<errno text>)").
+        mtime: the regular file's mtime (seconds), else 0.
+        size: the regular file's size, else 0.
+        key: (mtime_ns, size, inode) of the regular file, to skip unchanged re-reads.
+        head: at most :data:`BUSY_FILE_MAX_BYTES` + 1 leading bytes of the regular file.
+    """
+
+    kind: str
+    mtime: float = 0.0
+    size: int = 0
+    key: tuple[int, int, int] = (0, 0, 0)
+    head: bytes = b""
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISREG(mode):
+        return "regular"
+    if stat.S_ISLNK(mode):
+        return "symlink"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    return "socket" if stat.S_ISSOCK(mode) else "special file"
+
+
+def read_busy_file(path: Path, known: tuple[int, int, int] | None = None) -> BusyFileReading:
+    """Look at ``path`` without following a link, blocking or reading more than a few bytes.
+
+    ``lstat`` first, so a FIFO or device is never opened; then ``open`` with
+    ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat`` on what was opened (it may have been swapped
+    since), then one ``read`` of at most :data:`BUSY_FILE_MAX_BYTES` + 1 bytes, skipped when
+    ``known`` already matches the file (``head`` is then empty).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return BusyFileReading("missing")
+    except OSError as e:
+        return BusyFileReading(f"unreadable ({e.strerror})")
+    if not stat.S_ISREG(st.st_mode):
+        return BusyFileReading(_kind(st.st_mode))
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        return BusyFileReading("missing")
+    except OSError as e:
+        return BusyFileReading("symlink" if e.errno == errno.ELOOP
+                               else f"unreadable ({e.strerror})")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return BusyFileReading(_kind(st.st_mode))
+        if st.st_size > BUSY_FILE_MAX_BYTES:
+            return BusyFileReading("oversized", st.st_mtime, size=st.st_size)
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        head = b"" if key == known else os.read(fd, BUSY_FILE_MAX_BYTES + 1)
+    except OSError as e:
+        return BusyFileReading(f"unreadable ({e.strerror})")
+    finally:
+        os.close(fd)
+    return BusyFileReading("regular", st.st_mtime, st.st_size, key, head)
+
+
+def parse_depth(head: bytes) -> int | None:
+    """The queue depth in a busy file's first bytes, or None when they are not one."""
+    if len(head) > BUSY_FILE_MAX_BYTES:
+        return None
+    try:
+        fields = head.decode("ascii").split()
+        depth = int(fields[0]) if fields and fields[0].isdigit() else None
+    except UnicodeDecodeError:
+        return None
+    return depth
+
+
+class BusyFileSignal(IdleSignal):
+    """The inference application's queue depth, written to a regular file.
+
+    Busy when the depth exceeds ``max_depth``, or while the file is fresh but holds no
+    depth (an application mid-write), for at most :data:`BUSY_FILE_GRACE` seconds while it
+    stays unchanged (a file that never parses, such as a misconfigured ``/proc`` path whose
+    mtime is always recent, is then ignored). A file not rewritten for ``stale_after`` seconds, or
+    whose mtime lies in the future, is ignored: a crashed application, or a clock or file
+    set forward, cannot block updates forever. Anything that is not a regular file (a
+    symlink, FIFO, device, directory) is not a signal the application writes: it is
+    ignored with one warning, so it can neither hang the gate nor block updates; so is a
+    file longer than :data:`BUSY_FILE_MAX_BYTES`, which is never read (no depth is that
+    long). At most :data:`BUSY_FILE_MAX_BYTES` + 1 bytes are ever read.
+
+    Ignoring a broken signal is the safe side: it can at most let heavy work run while
+    the application is busy (it runs niced and paced), whereas trusting it could stop
+    updates for good or hang the agent until the watchdog kills it.
     """
 
     def __init__(self, path: Path, max_depth: int = 0, stale_after: float = 300.0,
                  clock: Callable[[], float] = time.time) -> None:
         self.path, self.max_depth, self.stale_after, self._clock = path, max_depth, \
             stale_after, clock
-        self._key: tuple[int, int] | None = None
+        self._key: tuple[int, int, int] | None = None
         self._depth: int | None = 0
+        self._bad_since = 0.0  # when the current unparsable content was first seen
+        self._warned: str | None = None
+
+    def _ignore(self, problem: str) -> None:
+        if problem != self._warned:
+            logger.warning("ignoring busy_file %s: %s", self.path, problem,
+                           extra={"busy_file": str(self.path), "problem": problem})
+            self._warned = problem
 
     def busy(self) -> str | None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
+        r = read_busy_file(self.path, self._key)
+        if r.kind == "missing":
+            self._warned = None
             return None
-        if self._clock() - st.st_mtime > self.stale_after:
+        if r.kind == "oversized":
+            self._ignore(f"it holds {r.size} bytes, more than a queue depth "
+                         f"({BUSY_FILE_MAX_BYTES} at most)")
             return None
-        key = (st.st_mtime_ns, st.st_size)
-        if key != self._key:
-            self._key = key
-            try:
-                self._depth = int(self.path.read_text().split()[0])
-            except (OSError, ValueError, IndexError):
-                self._depth = None
+        if r.kind != "regular":
+            self._ignore(f"it is a {r.kind}, not a regular file"
+                         if not r.kind.startswith("unreadable") else f"it is {r.kind}")
+            return None
+        now = self._clock()
+        age = now - r.mtime
+        if age < -BUSY_FILE_SKEW:
+            self._ignore("its mtime is in the future (counted as stale)")
+            return None
+        if age > self.stale_after:
+            return None
+        if r.key != self._key:
+            self._key = r.key
+            self._depth = parse_depth(r.head)
+            self._bad_since = now
         if self._depth is None:
+            if now - self._bad_since > BUSY_FILE_GRACE:
+                self._ignore(f"it has held no queue depth for {BUSY_FILE_GRACE:.0f} s")
+                return None
             return f"application busy signal {self.path} is unreadable"
+        self._warned = None
         if self._depth > self.max_depth:
             return f"application queue depth {self._depth} > {self.max_depth}"
         return None

@@ -31,11 +31,13 @@ from trust import (
 from updater._bundle import Manifest, extract_bundle, fsync_tree
 from updater._config import UpdaterConfig
 from updater._fetcher import RangeFetcher, RequestsFetcher
+from updater._heal import trusted_record
 from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rollout import Choice, choose_release
+from updater._rejections import RejectionStore
+from updater._rollout import Choice
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._stage import Stage
@@ -435,21 +437,23 @@ def _attempt(
     step: Callable[[str], None],
     fields: dict[str, str],
 ) -> UpdateResult:
-    record = store.load()
+    record, root = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
     if record.active and dev.slots.current_slot() != record.active.slot:
         record = reconcile(dev.slots, store, record)
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, source.metadata_url, source.targets_url, fetcher, store.anchored_root()
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, root
     )
     session.refresh()
     if session.root_version > record.root_version:
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
         store.rotate_root(session.root_bytes)
     check_metadata_not_rolled_back(record, session.targets_version)
-    choice = choose_release(session.candidates(cfg.model), cfg.device_id, cfg.channel)
-    session.commit()  # the refresh verified as a whole: now it may persist
+    # Decided only here, on the refresh and delegation search that verified as a whole
+    # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
+    rejections = RejectionStore(cfg.state_dir, store.tpm)  # skips releases that failed here
+    choice = rejections.choose(session.candidates(cfg.model), cfg.device_id, cfg.channel)
     active = record.active
     newest = choice.release if choice else None
     if not isinstance(newest, Candidate) or not _should_install(choice, active):
@@ -502,7 +506,8 @@ def _attempt(
             extra={"model": name, "version": version, "fingerprint": fingerprint},
         )
         step("health-checked")
-    except BaseException:
+    except BaseException as e:
+        rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()
         # else download_and_extract kept a partial download for a resume, or removed it

@@ -3,8 +3,15 @@ announcement listener are in ``_mqttconn``).
 
 TUF verifies whatever arrives, so this transport needs no trust of its own; it only
 has to be robust: lost, duplicated, reordered, oversized and foreign messages are
-dropped or re-requested, memory is bounded by ``window * block_size``, and a lost
-connection ends the attempt (what is staged is resumed next time).
+dropped or re-requested, and a lost connection ends the attempt (what is staged is
+resumed next time).
+
+Memory is bounded before anything is verified, whoever else may publish on the
+device's response topic (the bridge's identity, the broker itself): the broker is asked
+on CONNECT for packets of at most one block (``MqttConfig.packet_limit``) and a larger one
+ends the connection; the receive queue holds at most ``MqttConfig.queue_byte_limit``
+bytes, junk beyond it is dropped, counted and logged; and the response topic is
+subscribed only while a fetch runs, so nothing is received between fetches.
 """
 
 from __future__ import annotations
@@ -14,7 +21,9 @@ import logging
 import queue
 import secrets
 import struct
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from urllib.parse import urlparse
 
@@ -72,6 +81,75 @@ def _user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
     return {str(k): str(v) for k, v in pairs}
 
 
+class Inbox:
+    """The receive queue between paho's thread and the fetch, bounded in messages and bytes.
+
+    :meth:`put` never blocks the network thread: what does not fit is dropped and
+    counted (the first drop of a fetch is logged at once, the count when it ends).
+    """
+
+    def __init__(self, max_messages: int, max_bytes: int) -> None:
+        self.max_messages, self.max_bytes = max_messages, max_bytes
+        self._q: deque[mqtt.MQTTMessage] = deque()
+        self._bytes = 0
+        self._cv = threading.Condition()
+        self.dropped = self.dropped_bytes = 0
+        self.open = False  # only a running fetch receives
+
+    @property
+    def bytes(self) -> int:
+        """Payload bytes queued now."""
+        return self._bytes
+
+    def put(self, msg: mqtt.MQTTMessage) -> bool:
+        """Queue ``msg``; False (dropped, counted) when closed or full."""
+        size = len(msg.payload)
+        with self._cv:
+            if not self.open or len(self._q) >= self.max_messages or \
+                    self._bytes + size > self.max_bytes:
+                self.dropped += 1
+                self.dropped_bytes += size
+                first = self.dropped == 1 and self.open
+            else:
+                self._q.append(msg)
+                self._bytes += size
+                self._cv.notify()
+                return True
+        if first:
+            logger.warning("dropping messages on %s: receive queue full (%d bytes, at most "
+                           "%d)", msg.topic, self._bytes, self.max_bytes)
+        return False
+
+    def get(self, timeout: float) -> mqtt.MQTTMessage:
+        """The oldest message.
+
+        Raises:
+            queue.Empty: none within ``timeout`` seconds.
+        """
+        with self._cv:
+            if not self._q and not self._cv.wait_for(lambda: bool(self._q), timeout):
+                raise queue.Empty
+            msg = self._q.popleft()
+            self._bytes -= len(msg.payload)
+            return msg
+
+    def start(self) -> None:
+        """A fetch begins: empty the queue and the counts, and accept messages."""
+        with self._cv:
+            self._q.clear()
+            self._bytes = 0
+            self.dropped = self.dropped_bytes = 0
+            self.open = True
+
+    def stop(self) -> tuple[int, int]:
+        """The fetch ended: drop what is queued, accept nothing; (dropped, bytes) during it."""
+        with self._cv:
+            self.open = False
+            self._q.clear()
+            self._bytes = 0
+            return self.dropped, self.dropped_bytes
+
+
 class MqttFetcher(RangeFetcher):
     """Fetch repository files over MQTT in blocks: ``modelward/<fleet>/repo/req/<id>``.
 
@@ -83,15 +161,12 @@ class MqttFetcher(RangeFetcher):
         self.cfg = cfg
         self._resp_topic = cfg.topic(f"devices/{cfg.client_name}/repo/resp")
         self._req_topic = cfg.topic(f"repo/req/{cfg.client_name}")
-        self._inbox: queue.Queue[mqtt.MQTTMessage] = queue.Queue(cfg.queue_limit)
+        self._inbox = Inbox(cfg.queue_limit, cfg.queue_byte_limit())
         self._conn: MqttConnection | None = None
         self.requested_bytes = 0  # what this fetcher asked for (tests, benchmarks)
 
     def _deliver(self, msg: mqtt.MQTTMessage) -> None:
-        try:
-            self._inbox.put_nowait(msg)
-        except queue.Full:
-            logger.warning("dropping a message on %s: receive queue full", msg.topic)
+        self._inbox.put(msg)
 
     def _connection(self) -> MqttConnection:
         if self._conn is None or self._conn.lost.is_set():
@@ -99,7 +174,7 @@ class MqttFetcher(RangeFetcher):
                 self._conn.close()
             self._conn = MqttConnection(
                 self.cfg, f"{self.cfg.client_name}-fetch-{secrets.token_hex(4)}",
-                [self._resp_topic], self._deliver,
+                [], self._deliver,
             )
         return self._conn
 
@@ -120,7 +195,24 @@ class MqttFetcher(RangeFetcher):
             conn = self._connection()
         except TransportError as e:
             raise tuf_exc.DownloadError(str(e)) from e
-        return self._blocks(conn, u.path.lstrip("/"), offset), offset
+        return self._subscribed(conn, u.path.lstrip("/"), offset), offset
+
+    def _subscribed(self, conn: MqttConnection, path: str, start: int) -> Iterator[memoryview]:
+        """:meth:`_blocks` with the response topic subscribed only while it runs."""
+        self._inbox.start()
+        try:
+            try:
+                conn.subscribe(self._resp_topic)
+            except TransportError as e:
+                raise tuf_exc.DownloadError(f"mqtt {path}: {e}") from e
+            yield from self._blocks(conn, path, start)
+        finally:
+            conn.unsubscribe(self._resp_topic)
+            dropped, size = self._inbox.stop()
+            if dropped:
+                logger.warning("dropped %d messages (%d bytes) on %s while fetching %s: "
+                               "receive queue full", dropped, size, self._resp_topic, path,
+                               extra={"dropped": dropped, "dropped_bytes": size})
 
     def _request(self, conn: MqttConnection, session: bytes, path: str, off: int) -> None:
         props = publish_properties()
@@ -141,8 +233,6 @@ class MqttFetcher(RangeFetcher):
         buffered: dict[int, memoryview] = {}
         total: int | None = None
         next_off, deliver = start, start
-        while self._inbox.qsize():  # leftovers of an earlier fetch are stale
-            self._inbox.get_nowait()
 
         def ask(off: int, attempts: int) -> None:
             pending[off] = (time.monotonic() + cfg.block_timeout, attempts)

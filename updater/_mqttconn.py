@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 _pahofast.install()  # fewer copies per received block (see the module)
 
 
+RECEIVE_MAXIMUM = 64  # QoS 1 messages the broker may send before their PUBACKs
+
+
 def parse_broker_url(url: str) -> tuple[str, int]:
     """``mqtts://host:port`` -> (host, port); TLS only.
 
@@ -47,8 +50,12 @@ class MqttConnection:
     Args:
         cfg: connection settings.
         client_id: MQTT client id (unique per connection).
-        subscriptions: topics (re)subscribed on every (re)connect, QoS 1.
+        subscriptions: topics (re)subscribed on every (re)connect, QoS 1 (more with
+            :meth:`subscribe`, fewer with :meth:`unsubscribe`).
         on_message: called in paho's thread for every message.
+        max_packet_size: the Maximum Packet Size sent on CONNECT (default
+            ``cfg.packet_limit()``): the broker sends no larger packet, and a larger
+            one ends the connection before it is buffered.
 
     Raises:
         TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
@@ -60,14 +67,20 @@ class MqttConnection:
         client_id: str,
         subscriptions: list[str],
         on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+        max_packet_size: int | None = None,
     ) -> None:
         self.cfg = cfg
+        self.max_packet_size = max_packet_size or cfg.packet_limit()
         self.connected = threading.Event()
         self.lost = threading.Event()
         self._subscribed = threading.Event()
         self._error: str | None = None
         self._acks: dict[int, Any] = {}
-        self._subs = subscriptions
+        self._subs = list(subscriptions)
+        self._sub_acks: dict[int, tuple[threading.Event, list[str]]] = {}
+        self._early_acks: dict[int, list[str]] = {}  # SUBACKs of subscribe() before its wait
+        self._initial_mid: int | None = None
+        self._lock = threading.Lock()
         c = _pahofast.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
                              protocol=mqtt.MQTTv5)
         ctx = ssl.create_default_context(cafile=cfg.ca_file)
@@ -76,6 +89,7 @@ class MqttConnection:
         c.tls_set_context(ctx)
         c.username_pw_set(cfg.client_name, cfg.password)
         c.max_inflight_messages_set(64)
+        c.max_incoming_packet = self.max_packet_size
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_subscribe = self._on_subscribe
@@ -84,8 +98,11 @@ class MqttConnection:
             c.on_message = lambda _c, _u, msg: on_message(msg)
         self.client = c
         where = f"{cfg.host}:{cfg.port}"
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = self.max_packet_size
+        props.ReceiveMaximum = RECEIVE_MAXIMUM  # unacknowledged QoS 1 messages in flight
         try:
-            c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive)
+            c.connect(cfg.host, cfg.port, keepalive=cfg.keepalive, properties=props)
         except ssl.SSLError as e:
             raise TransportError(f"TLS with broker {where} failed: {e.reason}",
                                  hint="is the broker's CA the configured ca_file?") from e
@@ -103,6 +120,52 @@ class MqttConnection:
             self.close()
             raise TransportError(f"broker {where} did not confirm the subscriptions")
 
+    def subscribe(self, topic: str) -> None:
+        """Subscribe to ``topic`` (QoS 1) until :meth:`unsubscribe`; waits for the SUBACK.
+
+        Raises:
+            TransportError: not connected, refused, or no SUBACK in time.
+        """
+        done = threading.Event()
+        result: list[str] = []
+        with self._lock:
+            if topic not in self._subs:
+                self._subs.append(topic)
+        rc, mid = self.client.subscribe([(topic, 1)])  # (not under the lock: paho's own)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:  # the SUBACK may have come already
+                early = self._early_acks.pop(mid, None)
+                if early is None:
+                    self._sub_acks[mid] = (done, result)
+            if early is not None:
+                result.extend(early)
+                done.set()
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            self._forget(topic)
+            raise TransportError(f"cannot subscribe to {topic}: {mqtt.error_string(rc)}")
+        if not done.wait(self.cfg.connect_timeout):
+            self._sub_acks.pop(mid, None)
+            self._forget(topic)
+            raise TransportError(f"broker did not confirm the subscription to {topic}")
+        if result:
+            self._forget(topic)
+            raise TransportError(f"broker refused the subscription to {topic}: {result[0]}",
+                                 hint="check the broker ACL for this user")
+
+    def unsubscribe(self, topic: str) -> None:
+        """Stop receiving ``topic`` (not waited for: what is still in flight is the
+        receiver's to drop). Never raises: a lost connection has no subscriptions."""
+        self._forget(topic)
+        try:
+            self.client.unsubscribe(topic)
+        except (OSError, ValueError) as e:  # pragma: no cover - paho reports by rc
+            logger.debug("unsubscribe from %s: %s", topic, e)
+
+    def _forget(self, topic: str) -> None:
+        with self._lock:
+            if topic in self._subs:
+                self._subs.remove(topic)
+
     def _on_connect(self, c: mqtt.Client, _u: Any, _f: Any, rc: Any, _p: Any) -> None:
         if rc.is_failure:
             self._error = str(rc)
@@ -110,12 +173,23 @@ class MqttConnection:
             return
         self.lost.clear()
         _no_delay(c)  # a reconnect has a new socket
-        if self._subs:
-            c.subscribe([(t, 1) for t in self._subs])
+        with self._lock:
+            subs = list(self._subs)
+        if subs:
+            self._initial_mid = c.subscribe([(t, 1) for t in subs])[1]
         self.connected.set()
 
-    def _on_subscribe(self, _c: Any, _u: Any, _mid: int, rcs: list[Any], _p: Any) -> None:
+    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[Any], _p: Any) -> None:
         bad = [str(r) for r in rcs if r.is_failure]
+        with self._lock:
+            waiter = self._sub_acks.pop(mid, None)
+            if waiter is None and mid != self._initial_mid:
+                self._early_acks[mid] = bad
+                return
+        if waiter is not None:
+            waiter[1].extend(bad)
+            waiter[0].set()
+            return
         if bad:
             logger.warning("broker refused a subscription: %s", bad)
         self._subscribed.set()
@@ -181,6 +255,9 @@ def publish_properties() -> Properties:
     return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
+ANNOUNCE_MAX_PACKET = 64 * 1024  # an announcement is a line of JSON
+
+
 class AnnouncementListener:
     """Calls ``on_announce(timestamp_version)`` for every well-formed announcement.
 
@@ -192,7 +269,7 @@ class AnnouncementListener:
         self._cb = on_announce
         self._conn = MqttConnection(
             cfg, f"{cfg.client_name}-listen-{secrets.token_hex(4)}", [cfg.topic("announce")],
-            self._on_message,
+            self._on_message, max_packet_size=ANNOUNCE_MAX_PACKET,
         )
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:

@@ -81,8 +81,48 @@ _convert = getattr(_packet, "convert_exception", None)
 decode_publish = _convert(_decode_publish) if _convert is not None else None
 
 
+class PacketTooLarge(OSError):
+    """The broker sent a packet larger than the Maximum Packet Size asked for on CONNECT."""
+
+
 class Client(mqtt.Client):
-    """paho's client, with outgoing packets queued as memoryviews (no copy per write)."""
+    """paho's client, with outgoing packets queued as memoryviews (no copy per write), and
+    incoming packets bounded.
+
+    Attributes:
+        max_incoming_packet: the largest packet (fixed header included) this client
+            accepts, 0 for no bound; set it to the Maximum Packet Size sent on CONNECT.
+            A broker must not send more (MQTT 5, 3.1.2.11.4; mosquitto drops such a
+            message for this client); a packet that says it is larger ends the
+            connection once its length is read, before a byte of its body is buffered
+            (paho itself would collect any length up to 256 MiB).
+
+    A QoS 2 PUBLISH ends the connection too: nothing here subscribes above QoS 1, and paho
+    would hold every one until its PUBREL.
+    """
+
+    max_incoming_packet: int = 0
+
+    def _handle_publish(self) -> Any:
+        # modelward subscribes at QoS 1 only, so a QoS 2 PUBLISH breaks the protocol; paho
+        # would keep each one in memory until a PUBREL that a hostile broker never sends.
+        pkt = getattr(self, "_in_packet", None)
+        if isinstance(pkt, dict) and (int(pkt.get("command", 0)) & 0x06) >> 1 == 2:
+            logger.warning("the broker sent a QoS 2 message, above every subscription's "
+                           "QoS 1: disconnecting")
+            return mqtt.MQTT_ERR_PROTOCOL
+        return super()._handle_publish()
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        limit = self.max_incoming_packet
+        pkt = getattr(self, "_in_packet", None)
+        if limit and isinstance(pkt, dict) and pkt.get("have_remaining"):
+            size = 1 + len(pkt.get("remaining_count", ())) + int(pkt.get("remaining_length", 0))
+            if size > limit:
+                logger.warning("the broker sent a packet of %d bytes, more than the %d this "
+                               "client accepts: disconnecting", size, limit)
+                raise PacketTooLarge(f"packet of {size} bytes > maximum {limit}")
+        return super()._sock_recv(bufsize)
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: Any = None) -> Any:

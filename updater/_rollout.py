@@ -13,7 +13,13 @@ A release's signed ``modelward`` field carries ``channel``, ``rollout.basis_poin
   it keep it: devices never move down on their own);
 * a pinned release is the operator's explicit, signed decision: devices install it even
   when it is older than what they run. Replayed old metadata cannot pin anything back,
-  because the trust record refuses targets metadata older than it has seen.
+  because the trust record refuses targets metadata older than it has seen;
+* the operator's top-level decisions win over a delegated role's for the same model: a
+  release (name and version) that the top-level targets list is taken from there only
+  (an entry the operator copied there to halt, re-phase, pin or withdraw a team's
+  release shadows the team's own), and a top-level pin beats any delegated pin;
+* a release marked ``withdrawn`` (the operator's tombstone for a team's release) is
+  installed by no device.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from updater._semver import SemVer
+
+OPERATOR = "targets"  # the top-level targets role
 
 
 def rollout_bucket(device_id: str, name: str, version: str) -> float:
@@ -47,6 +55,10 @@ class Release(Protocol):
     def halted(self) -> bool: ...
     @property
     def pinned(self) -> bool: ...
+    @property
+    def withdrawn(self) -> bool: ...
+    @property
+    def role(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -61,8 +73,9 @@ def choose_release(
     releases: Sequence[Release], device_id: str, channel: str
 ) -> Choice | None:
     """Pick what this device should run (None: nothing eligible)."""
-    mine = [r for r in releases if r.channel == channel]
-    pinned = [r for r in mine if r.pinned]
+    mine = [r for r in operator_first(releases) if r.channel == channel]
+    pinned = [r for r in mine if r.pinned and r.role == OPERATOR] or \
+        [r for r in mine if r.pinned]
     if pinned:
         return Choice(max(pinned, key=lambda r: r.version), True)
     eligible = [r for r in mine if not r.halted and
@@ -70,3 +83,11 @@ def choose_release(
     if not eligible:
         return None
     return Choice(max(eligible, key=lambda r: r.version), False)
+
+
+def operator_first(releases: Sequence[Release]) -> list[Release]:
+    """The releases in force: for a version the operator lists, only the operator's
+    entries; withdrawn ones dropped."""
+    operator = {r.version for r in releases if r.role == OPERATOR}
+    return [r for r in releases if (r.role == OPERATOR or r.version not in operator)
+            and not r.withdrawn]

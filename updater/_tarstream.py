@@ -12,6 +12,14 @@ to rebuild the stream byte for byte (see ``updater._stage``).
 Only what a bundle may contain is understood: ustar and pax headers. GNU extensions and
 global pax headers are refused; what a member *is* (file, link, device) is left to the
 caller.
+
+Everything is bounded before it is verified (the stream is read before its TUF hash is
+known to match): each member has at most one pax extended header, of at most
+:data:`MAX_PAX_BYTES` bytes and :data:`MAX_PAX_RECORDS` records, each with a key from
+:data:`PAX_KEYS` (what ``tarfile``'s PAX writer, and so the publisher, emits) and none
+twice. What the reader holds at any time is then a few blocks plus one such header,
+whatever the stream's length: a stream made only of pax headers is refused at its
+second one instead of being collected.
 """
 
 from __future__ import annotations
@@ -24,7 +32,11 @@ from typing import Protocol
 
 BLOCK = 512
 READ_SIZE = 1 << 20
-MAX_PAX_BYTES = 64 * 1024
+MAX_PAX_BYTES = 8 * 1024  # per member: a path of PATH_MAX and every other known key
+MAX_PAX_RECORDS = 16  # per member
+# The keys ``tarfile``'s PAX writer (``bundle build``) emits for a member whose ustar
+# fields do not fit; nothing else is understood, so nothing else is accepted.
+PAX_KEYS = frozenset({"path", "linkpath", "size", "mtime", "uid", "gid", "uname", "gname"})
 _REGULAR = (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE)
 _REFUSED = {
     tarfile.XGLTYPE: "a global pax header",
@@ -35,7 +47,16 @@ _REFUSED = {
 
 
 class TarFormatError(Exception):
-    """The stream is not a tar archive this reader accepts (the message says why)."""
+    """The stream is not a tar archive this reader accepts (the message says why).
+
+    Attributes:
+        member: the member at fault as far as it is known (its pax or ustar name, or
+            ``"<extended header at offset N>"``), or "".
+    """
+
+    def __init__(self, message: str, *, member: str = "") -> None:
+        super().__init__(message)
+        self.member = member
 
 
 class Readable(Protocol):
@@ -76,33 +97,47 @@ def _pad(size: int) -> int:
     return -size % BLOCK
 
 
-def pax_records(raw: bytes) -> dict[str, str]:
+def pax_records(raw: bytes, member: str = "") -> dict[str, str]:
     """Parse pax extended header records (``"<len> <key>=<value>\\n"``).
 
+    At most :data:`MAX_PAX_RECORDS` records, each key from :data:`PAX_KEYS` and none twice.
+
     Raises:
-        TarFormatError: a malformed record.
+        TarFormatError: a malformed, unknown, repeated or surplus record (naming
+            ``member``).
     """
     out: dict[str, str] = {}
+
+    def bad(msg: str) -> TarFormatError:
+        return TarFormatError(msg, member=out.get("path", member))
+
     pos = 0
     while pos < len(raw):
         if raw[pos] == 0:  # NUL padding after the last record
             if raw[pos:].count(0) != len(raw) - pos:
-                raise TarFormatError("garbage after the pax records")
+                raise bad("garbage after the pax records")
             break
         space = raw.find(b" ", pos, pos + 21)
         digits = raw[pos:space] if space > pos else b""
         if not digits.isdigit():
-            raise TarFormatError("malformed pax record length")
+            raise bad("malformed pax record length")
         end = pos + int(digits)
         if end <= space + 1 or end > len(raw) or raw[end - 1] != 0x0A:
-            raise TarFormatError("malformed pax record")
+            raise bad("malformed pax record")
         key, eq, value = raw[space + 1:end - 1].partition(b"=")
         if not eq or not key:
-            raise TarFormatError("malformed pax record")
+            raise bad("malformed pax record")
         try:
-            out[key.decode("utf-8")] = value.decode("utf-8")
+            k, v = key.decode("utf-8"), value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise TarFormatError("pax record is not UTF-8") from e
+            raise bad("pax record is not UTF-8") from e
+        if k not in PAX_KEYS:
+            raise bad(f"unknown pax key {k[:64]!r}")
+        if k in out:
+            raise bad(f"pax key {k!r} given twice")
+        if len(out) >= MAX_PAX_RECORDS:
+            raise bad(f"more than {MAX_PAX_RECORDS} pax records")
+        out[k] = v
         pos = end
     return out
 
@@ -176,6 +211,7 @@ class TarStream:
         if self.ended:
             return None
         pax: dict[str, str] = {}
+        pax_at = -1  # offset of this member's extended header, if it has one
         while True:
             at = self.pos
             block = self._exact(BLOCK)
@@ -208,18 +244,26 @@ class TarStream:
                                      "POSIX tar)")
             if info.type != tarfile.XHDTYPE:
                 break
+            where = f"<extended header at offset {at}>"
+            if pax_at >= 0:
+                raise TarFormatError(
+                    f"a second extended header at offset {at} for one member (the first "
+                    f"at {pax_at})", member=pax.get("path", where))
+            pax_at = at
             if info.size > MAX_PAX_BYTES:
-                raise TarFormatError(f"extended header of {info.size} bytes at offset {at}")
+                raise TarFormatError(f"extended header of {info.size} bytes at offset {at} "
+                                     f"(at most {MAX_PAX_BYTES})", member=where)
             raw_at = self.pos
             raw = self._exact(info.size + _pad(info.size))
             if len(raw) < info.size + _pad(info.size):
-                raise TarFormatError("truncated extended header")
+                raise TarFormatError("truncated extended header", member=where)
             self._held.append((raw_at, raw))
-            pax.update(pax_records(raw[:info.size]))
+            pax = pax_records(raw[:info.size], where)
         size = info.size
         if "size" in pax:
             if not (pax["size"].isascii() and pax["size"].isdigit()):
-                raise TarFormatError(f"pax size {pax['size']!r} of {info.name!r}")
+                raise TarFormatError(f"pax size {pax['size']!r} of {info.name!r}",
+                                     member=pax.get("path", info.name))
             size = int(pax["size"])
         self._pending = Member(pax.get("path", info.name), size, info.type, self.pos)
         return self._pending
@@ -238,13 +282,15 @@ class TarStream:
         while left:
             view = self._take(min(left, READ_SIZE))
             if not view:
-                raise TarFormatError(f"unexpected end of data in {member.name!r}")
+                raise TarFormatError(f"unexpected end of data in {member.name!r}",
+                                     member=member.name)
             left -= len(view)
             yield view
         pad_at = self.pos
         padding = self._exact(_pad(member.size))
         if len(padding) < _pad(member.size):
-            raise TarFormatError(f"unexpected end of data after {member.name!r}")
+            raise TarFormatError(f"unexpected end of data after {member.name!r}",
+                                 member=member.name)
         self._to_skeleton(pad_at, padding)
         self._pending = None
 

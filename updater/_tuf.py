@@ -1,7 +1,10 @@
 """TUF session: python-tuf ngclient bootstrapped from the TPM-anchored root.
 
 All use of ngclient internals lives here (pinned: tuf < 8): the verified bytes of
-each new root (to rewrite the TPM anchor) and the trusted top-level targets.
+each new root (to rewrite the TPM anchor), the trusted top-level targets, and
+``_load_targets`` for the delegated roles the search in :mod:`updater._search` reaches
+(the public ``get_targetinfo`` needs the exact target path, which a device looking for
+the releases of its model does not know).
 """
 
 from __future__ import annotations
@@ -13,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from tuf.api import exceptions as tuf_exc
-from tuf.api.metadata import TargetFile, Timestamp
+from tuf.api.metadata import TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
 from updater._fetcher import RangeFetcher
+from updater._search import TOP, Found, find_releases
 from updater._semver import SemVer
 from updater.errors import DownloadFailedError, MetadataError, StagingError
 
@@ -24,37 +28,18 @@ logger = logging.getLogger(__name__)
 
 
 class _AnchoredUpdater(Updater):
-    """ngclient Updater that remembers the verified bytes of the newest trusted root and
-    persists the other metadata as one set.
+    """ngclient Updater that remembers the verified bytes of the newest trusted root.
 
-    ngclient writes each role as soon as it verifies, so a refresh that fails half-way
-    (say, a mix-and-match targets file) leaves a newer timestamp and snapshot on disk.
-    Here they wait in memory until :meth:`commit_metadata`, called once the whole refresh
-    (and the delegated roles) verified: the device's metadata moves as a whole or not at
-    all. New roots are still written at once; they only move through the TPM anchor.
+    Everything else is ngclient's client workflow as the TUF specification has it: each
+    role is persisted as soon as it verifies (a refresh that fails at snapshot keeps the
+    new timestamp), delegated roles under their URL-quoted names. The device's install
+    decision does not depend on what is on disk: it is taken only after the whole
+    refresh and the delegation search verified in memory, and the TPM-bound trust record
+    keeps a floor for the targets version that older files on disk cannot lower.
     """
 
     latest_root: bytes = b""
     latest_root_version: int = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._pending: dict[str, bytes] = {}
-        super().__init__(*args, **kwargs)
-
-    def _persist_metadata(self, rolename: str, data: bytes) -> None:
-        self._pending[rolename] = data
-
-    def _load_local_metadata(self, rolename: str) -> bytes:
-        if rolename in self._pending:
-            return self._pending[rolename]
-        data: bytes = super()._load_local_metadata(rolename)
-        return data
-
-    def commit_metadata(self) -> None:
-        """Write the metadata verified by this refresh (timestamp first)."""
-        for rolename, data in self._pending.items():
-            super()._persist_metadata(rolename, data)
-        self._pending.clear()
 
     def _persist_root(self, version: int, data: bytes) -> None:
         # Called by ngclient only after the root verified (bootstrap or chained rotation),
@@ -114,6 +99,8 @@ class Candidate:
     percent: float = 100.0
     halted: bool = False
     pinned: bool = False
+    withdrawn: bool = False
+    role: str = TOP  # the role that speaks for the target path ("targets": the operator)
 
 
 def convert_tuf_error(e: Exception, what: str) -> Exception:
@@ -159,6 +146,8 @@ class TufSession:
             )
         except (tuf_exc.RepositoryError, ValueError) as e:
             raise MetadataError(f"anchored root cannot be loaded: {e}") from e
+        except OSError as e:
+            raise _unwritable(metadata_dir, e) from e
 
     def refresh(self) -> None:
         """Refresh top-level metadata (root chain, timestamp, snapshot, targets).
@@ -166,6 +155,7 @@ class TufSession:
         Raises:
             MetadataError: the repository's metadata failed verification.
             DownloadFailedError: the origin did not deliver.
+            StagingError: verified metadata cannot be written to the metadata directory.
         """
         try:
             self._updater.refresh()
@@ -173,17 +163,8 @@ class TufSession:
             last = getattr(self._fetcher, "last_url", "")
             raise convert_tuf_error(e, f"metadata refresh (at {last})" if last
                                     else "metadata refresh") from e
-
-    def commit(self) -> None:
-        """Persist the metadata of this refresh; call once everything in it verified.
-
-        Raises:
-            StagingError: the metadata directory cannot be written.
-        """
-        try:
-            self._updater.commit_metadata()
-        except OSError as e:
-            raise StagingError(f"cannot write TUF metadata: {e}") from e
+        except OSError as e:  # ngclient persists each role as it verifies
+            raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
 
     @property
     def root_bytes(self) -> bytes:
@@ -212,52 +193,80 @@ class TufSession:
             path = f"{dirname}{sep}{digest}.{base}"
         return self.targets_url + path
 
-    def _all_targets(self) -> list[tuple[str, TargetFile]]:
-        """Top-level targets, then those of each delegated role (one level).
+    def _load_role(self, role: str, delegator: str) -> Targets:
+        """A delegated role's metadata, verified against ``delegator``'s delegation (ngclient
+        loads the local copy, else fetches the version the snapshot names)."""
+        try:
+            targets: Targets = self._updater._load_targets(role, delegator)  # noqa: SLF001
+        except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
+            raise convert_tuf_error(e, f"delegated role {role} (delegated by {delegator})") \
+                from e
+        except OSError as e:
+            raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
+        return targets
 
-        ngclient verifies a delegated role's metadata against the keys and threshold its
-        delegation names; a target it lists outside its delegated paths is ignored, as
-        TUF's path rules require (a team key cannot publish another team's model).
+    def search(self, model: str) -> list[Found]:
+        """Targets at ``model/<file>`` as TUF's delegation search finds them.
+
+        Loads (and persists) only the delegated roles the search reaches for such paths.
+
+        Raises:
+            MetadataError: a role the search reaches failed verification.
+            DownloadFailedError: the origin did not deliver one.
+            StagingError: a verified role cannot be written to the metadata directory.
         """
-        top = self._trusted().targets
-        out = list(top.targets.items())
-        roles = top.delegations.roles if top.delegations and top.delegations.roles else {}
-        for name, role in roles.items():
-            try:
-                delegated = self._updater._load_targets(name, "targets")  # noqa: SLF001
-            except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
-                raise convert_tuf_error(e, f"delegated role {name}") from e
-            for path, t in delegated.targets.items():
-                if role.is_delegated_path(path):
-                    out.append((path, t))
-                else:
-                    logger.warning("ignoring %s: role %s may not list paths outside %s",
-                                   path, name, role.paths)
-        return out
+        found, reach = find_releases(model, self._load_role,
+                                     self._updater.config.max_delegations)
+        logger.debug("releases of %s: %d found in roles %s", model, len(found), reach.roles())
+        return found
 
     def candidates(self, model: str) -> list[Candidate]:
-        """Signed targets that carry a well-formed ``modelward`` field for ``model``."""
-        found = []
-        for path, t in self._all_targets():
-            field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
-            if not isinstance(field, dict) or field.get("name") != model:
-                continue
-            try:
-                version = SemVer.parse(str(field["version"]))
-                fingerprint = str(field["fingerprint"])
-                rollout = field.get("rollout") or {}
-                bp = rollout.get("basis_points", 10000)
-                if not isinstance(bp, int) or isinstance(bp, bool):
-                    raise ValueError(f"rollout basis_points {bp!r}")
-                percent = bp / 100
-                if not 0.0 <= percent <= 100.0:
-                    raise ValueError(f"rollout percent {percent}")
-                cand = Candidate(t, model, version, fingerprint,
-                                 channel=str(field.get("channel", "stable")), percent=percent,
-                                 halted=bool(rollout.get("halted", False)),
-                                 pinned=bool(field.get("pinned", False)))
-            except (KeyError, ValueError, TypeError, AttributeError) as e:
-                logger.warning("ignoring target %s: malformed modelward field: %s", path, e)
-                continue
-            found.append(cand)
-        return found
+        """Releases of ``model``: targets under ``model/`` whose signed ``modelward``
+        field is well-formed and names ``model`` (any other name is ignored and logged:
+        a role's authority is over paths, so the path decides which model it is).
+
+        Raises:
+            MetadataError, DownloadFailedError: as :meth:`search`.
+        """
+        out = []
+        for f in self.search(model):
+            cand = _candidate(f, model)
+            if cand is not None:
+                out.append(cand)
+        return out
+
+
+def _unwritable(metadata_dir: Path, e: OSError) -> StagingError:
+    return StagingError(f"cannot write TUF metadata in {metadata_dir}: {e}")
+
+
+def _candidate(f: Found, model: str) -> Candidate | None:
+    t = f.target
+    field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
+    if not isinstance(field, dict):
+        logger.warning("ignoring target %s (role %s): no modelward field", f.path, f.role)
+        return None
+    if field.get("name") != model:
+        logger.warning("ignoring target %s (role %s): its signed fields name model %r, "
+                       "its path is in the namespace of %r", f.path, f.role,
+                       field.get("name"), model)
+        return None
+    try:
+        version = SemVer.parse(str(field["version"]))
+        fingerprint = str(field["fingerprint"])
+        rollout = field.get("rollout") or {}
+        bp = rollout.get("basis_points", 10000)
+        if not isinstance(bp, int) or isinstance(bp, bool):
+            raise ValueError(f"rollout basis_points {bp!r}")
+        percent = bp / 100
+        if not 0.0 <= percent <= 100.0:
+            raise ValueError(f"rollout percent {percent}")
+        return Candidate(t, model, version, fingerprint,
+                         channel=str(field.get("channel", "stable")), percent=percent,
+                         halted=bool(rollout.get("halted", False)),
+                         pinned=bool(field.get("pinned", False)),
+                         withdrawn=bool(field.get("withdrawn", False)), role=f.role)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        logger.warning("ignoring target %s (role %s): malformed modelward field: %s",
+                       f.path, f.role, e)
+        return None

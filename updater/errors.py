@@ -21,9 +21,12 @@ __all__ = [
     "NothingTrustedError",
     "OperatorInputError",
     "RollbackError",
+    "SandboxError",
+    "RootRecoveryError",
     "StagingError",
     "TargetHashError",
     "TransportError",
+    "TrustStateLostError",
     "UntrustedRemoteError",
 ]
 
@@ -92,6 +95,19 @@ class HealthCheckError(UntrustedRemoteError):
         self.model, self.version, self.detail = model, version, detail
 
 
+class SandboxError(LocalDeviceError):
+    """The health check's sandbox could not be set up on this device; nothing was run.
+
+    Attributes:
+        missing: the isolation that is missing (``landlock``, ``seccomp``,
+            ``RLIMIT_AS``, ``no_new_privs``, ``policy``, ...).
+    """
+
+    def __init__(self, message: str, *, missing: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.missing = missing
+
+
 class DownloadFailedError(TransportError):
     """The origin or broker did not deliver a file.
 
@@ -111,3 +127,21 @@ class StagingError(LocalDeviceError):
 
 class NothingTrustedError(LocalDeviceError):
     """Neither slot holds a model that matches the trust record."""
+
+
+class RootRecoveryError(MetadataError):
+    """No root metadata the repository serves has the sha256 anchored in the TPM.
+
+    Attributes:
+        tried: how many root versions (1.root.json, 2.root.json, ...) were fetched.
+    """
+
+    def __init__(self, message: str, *, tried: int, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.tried = tried
+
+
+class TrustStateLostError(NothingTrustedError):
+    """The trust record or root.json on disk cannot be believed (older copy, altered,
+    deleted): nothing is served until the next update heals the device from its TPM
+    anchor."""

@@ -142,7 +142,8 @@ SECTIONS = {"https": ["metadata_url", "targets_url", "ca_file"],
             "mqtt": ["host", "port", "ca_file", "password", "username"],
             "idle": ["busy_file", "max_queue_depth", "min_cpu_idle", "windows", "poll"],
             "activation": ["command", "reload_unit", "restart"], "agent": ["poll_interval"],
-            "health": ["timeout"], "metrics": ["textfile"]}
+            "health": ["timeout", "max_memory", "max_cpu_seconds", "nice", "unsafe_no_sandbox"],
+            "metrics": ["textfile"]}
 
 
 @st.composite

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,7 +18,7 @@ import pytest
 from publisher import Repository
 from publisher._repo import Expiry
 from simulator import RepoAttacker, issue_cert, start_origin, stop_origin, write_device_config
-from tests.conftest import PASSPHRASE, DeviceState, World
+from tests.conftest import PASSPHRASE, DeviceState, World, tree_digest
 from updater import Outcome
 from updater.errors import DownloadFailedError, MetadataError, TargetHashError
 
@@ -188,7 +189,17 @@ def test_mix_and_match_of_targets_versions_is_refused(world: World) -> None:
     a.mix_and_match(older)  # validly signed targets v(n-1) served as v(n)
     with pytest.raises(MetadataError, match="BadVersionNumberError"):
         world.update()
-    assert_nothing_moved(world, before)
+    # TUF's client workflow persists each role as soon as it verifies (issue 13): the new
+    # timestamp and snapshot verified and are kept; the mixed-in targets is not; nothing
+    # else moved.
+    after = world.snapshot()
+    assert after == replace(before, metadata=after.metadata)
+    served = tree_digest(world.repo_dir / "metadata")
+    assert after.metadata["timestamp.json"] == served["timestamp.json"]
+    snap = json.loads((world.repo_dir / "metadata" / "timestamp.json").read_bytes())
+    version = snap["signed"]["meta"]["snapshot.json"]["version"]
+    assert after.metadata["snapshot.json"] == served[f"{version}.snapshot.json"]
+    assert after.metadata["targets.json"] == before.metadata["targets.json"]
 
 
 def test_slow_retrieval_is_aborted(world: World) -> None:

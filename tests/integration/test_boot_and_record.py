@@ -111,16 +111,21 @@ def test_edited_trust_record_is_detected(world: World) -> None:
     doc["record"]["active"]["fingerprint"] = "0" * 64  # point trust at something else
     path.write_text(json.dumps(doc))
     edited = world.snapshot()
-    for argv in (("agent", "boot-check"), ("agent", "update", "--once")):
-        r = world.cli(*argv, "--config", str(world.conf_path))
-        assert r.returncode == 1
-        assert "TPM MAC does not verify" in r.stderr
-        assert "Traceback" not in r.stderr
-    with pytest.raises(TrustRecordError):
-        world.update()
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 3  # nothing is served from it (issue 13: the update heals)
+    assert "TPM MAC does not verify" in r.stderr
+    assert "Traceback" not in r.stderr
+    store = world.store()
+    try:
+        with pytest.raises(TrustRecordError):
+            store.load()
+    finally:
+        store.tpm.close()
     after = world.snapshot()
     assert (after.record, after.counter, after.current, after.slots) == (
         edited.record, edited.counter, edited.current, edited.slots)
+    world.update()  # heals: the edited record is discarded, never re-MACed
+    assert json.loads(path.read_bytes())["record"]["active"]["fingerprint"] != "0" * 64
 
 
 def test_older_valid_trust_record_is_detected(world: World) -> None:
@@ -132,11 +137,15 @@ def test_older_valid_trust_record_is_detected(world: World) -> None:
     (world.state / "trust" / "record.json").write_bytes(old)  # authentic, but stale
     # ... together with the slot pointer, as a full rollback of the disk would do
     before = world.snapshot()
-    with pytest.raises(TrustRecordRollbackError) as ei:
-        world.update()
+    store = world.store()
+    try:
+        with pytest.raises(TrustRecordRollbackError) as ei:
+            store.load()
+    finally:
+        store.tpm.close()
     assert "older copy was put back" in str(ei.value)
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
-    assert r.returncode == 1 and "older copy" in r.stderr
+    assert r.returncode == 3 and "older copy" in r.stderr
     assert world.snapshot() == before
 
 
@@ -144,7 +153,7 @@ def test_deleted_trust_record_is_detected(world: World) -> None:
     _installed_v1_v2(world)
     (world.state / "trust" / "record.json").unlink()
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
-    assert r.returncode == 1
+    assert r.returncode == 3
     assert "is missing" in r.stderr
     assert world.active_version() == "2.0.0"
 

@@ -145,17 +145,26 @@ def test_second_tpm_client_cannot_move_counter_anchor_or_forge_record_mac(
     r = _boot_check(world)
     assert r.returncode in (1, 3), r.stdout
     assert "TPM MAC does not verify" in r.stderr and "Traceback" not in r.stderr
-    r = world.cli("agent", "update", "--once", "--config", str(world.conf_path))
-    assert r.returncode == 1 and "TPM MAC does not verify" in r.stderr, r.stderr
     assert world.snapshot() == forged_state
+    # the next update does not believe it either: it heals from the TPM-anchored root
+    # (finding 7) and none of the forged content survives
+    r = world.cli("agent", "update", "--once", "--config", str(world.conf_path))
+    assert "TPM MAC does not verify" in r.stderr, r.stderr
+    s = world.store()
+    try:
+        healed = s.load()
+    finally:
+        s.tpm.close()
+    assert healed.active is not None and healed.active.version == "1.0.0"
+    assert healed.targets_version < forged_rec.targets_version
+    assert path.read_bytes() != forged
     assert world.active_version() == "1.0.0"
 
-    # the agent still works once its record is back
-    path.write_bytes(before.record)
+    # the agent still works
     world.publish("2.0.0", seed=2)
     world.update()
     assert world.active_version() == "2.0.0"
-    assert world.snapshot().counter == before.counter + 1
+    assert world.snapshot().counter > before.counter
     r = _boot_check(world)
     assert r.returncode == 0, r.stderr
     r = world.cli("agent", "status", "--config", str(world.conf_path))
@@ -242,7 +251,11 @@ def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: 
     assert signed.returncode == 0, signed.stderr
 
 
-def test_migration_refuses_an_old_record_that_does_not_verify(world: World) -> None:
+def test_migration_of_an_altered_old_record_does_not_carry_it_over_and_heals(
+        world: World) -> None:
+    """An old record that does not verify under the old objects (edited before the
+    migration) is not re-MACed: the device migrates, boot-check refuses the record, and
+    the next update heals from the anchored root to the newest signed release."""
     world.publish("1.0.0", seed=1)
     world.update()
     make_legacy(world.tpm.tcti, world.state)
@@ -253,18 +266,42 @@ def test_migration_refuses_an_old_record_that_does_not_verify(world: World) -> N
     edited = path.read_bytes()
     root = world.repo_dir / "metadata" / "1.root.json"
     r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
-    assert r.returncode == 1
-    assert "cannot migrate" in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert path.read_bytes() == edited
-    tpm = Tpm(world.tpm.tcti)
+    assert r.returncode == 0, r.stderr
+    assert "not carried over" in r.stdout and "Traceback" not in r.stderr, r.stdout
+    assert path.read_bytes() == edited  # never MACed under the new key
+    with pytest.raises(TrustRecordError):
+        world.store().load()
+    assert _boot_check(world).returncode != 0
+    world.update()  # heals
+    assert world.active_version() == "1.0.0"
+    s = world.store()
     try:
-        import tpm2_pytss as t
-
-        _, data = tpm._esys.get_capability(t.TPM2_CAP.HANDLES, 0x01000000, 64)
-        assert {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} <= set(data.data.handles)
-        assert COUNTER_INDEX not in set(data.data.handles)  # nothing new was created
+        rec = s.load()
     finally:
-        tpm.close()
+        s.tpm.close()
+    assert rec.active is not None and rec.active.version == "1.0.0"
+    assert _boot_check(world).returncode == 0
+
+
+def test_migration_does_not_carry_over_an_old_anchor_no_root_matches(world: World) -> None:
+    """Any TPM client could write the old anchor: one that matches neither the operator's
+    root nor the device's root.json is not carried over."""
+    import tpm2_pytss as t
+    from tpm2_pytss import ESAPI
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    make_legacy(world.tpm.tcti, world.state)
+    e = ESAPI(world.tpm.tcti)
+    try:  # what any process could do to an old device
+        e.nv_write(e.tr_from_tpmpublic(LEGACY_ANCHOR_INDEX), b"\xee" * 32, 0, t.ESYS_TR.OWNER)
+    finally:
+        e.close()
+    root = world.repo_dir / "metadata" / "1.root.json"
+    r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
+    assert r.returncode == 0, r.stderr
+    assert world.snapshot().anchor == hashlib.sha256(root.read_bytes()).digest()
+    assert _boot_check(world).returncode == 0
 
 
 def _squat_counter(tcti: str, auth: bytes, attrs: int | None = None) -> None:

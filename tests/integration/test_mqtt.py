@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -197,7 +198,9 @@ def test_garbage_on_the_response_topic_is_ignored(
     from updater._mqtt import publish_properties
 
     w = mqtt_world
-    w.publish("1.0.0", seed=1)
+    pad = w.builds / "pad"  # a bundle of several blocks: the response topic is subscribed
+    pad.write_bytes(os.urandom(6 << 20))  # only while a fetch runs (issue 13)
+    w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
     topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
     stop = threading.Event()
     # Only bridges may write response topics; a rogue or broken bridge does this:
@@ -224,7 +227,7 @@ def test_garbage_on_the_response_topic_is_ignored(
                 p.UserProperty = [("status", "404")]
                 rogue.publish(topic, b"", p)
             i += 1
-            time.sleep(0.01)
+            time.sleep(0.002)
 
     t = threading.Thread(target=flood)
     t.start()

@@ -35,6 +35,8 @@ class R:
     percent: float = 100.0
     halted: bool = False
     pinned: bool = False
+    withdrawn: bool = False
+    role: str = "targets"
 
 
 def v(s: str) -> SemVer:
