@@ -496,3 +496,39 @@ def test_auth_value_survives_the_loss_of_the_state_dir(world: World) -> None:
     r = _boot_check(world)
     assert r.returncode != 0, r.stdout
     assert "TpmAuth" not in r.stderr and AUTH_FILE not in r.stderr, r.stderr
+
+
+_READ_PROBE = """
+import json, sys
+try:
+    with open(sys.argv[1], "rb") as f:
+        f.read()
+    print(json.dumps("ok"))
+except OSError as e:
+    print(json.dumps(type(e).__name__))
+"""
+
+
+def test_health_sandbox_cannot_read_the_auth_value(world: World) -> None:
+    """The signed-but-malicious model runs as the agent user; the health sandbox (finding
+    9) must keep it from the auth value, or it could use the TPM objects."""
+    import dataclasses
+
+    from updater import HealthConfig
+    from updater._health import health_policy, memory_limit
+    from updater._sandbox import run
+
+    world.publish("1.0.0", seed=1)
+    world.update()
+    state = world.state.resolve()
+    slot = state / "slots" / os.readlink(state / "current").split("/")[-1]
+    auth = auth_dir_for(state) / AUTH_FILE
+    assert auth.exists()
+    cfg = HealthConfig()
+    policy = health_policy(slot, cfg, os.environ, memory_limit(cfg))
+    bare = run([sys.executable, "-c", _READ_PROBE, str(auth)],
+               dataclasses.replace(policy, isolate=False, env=dict(os.environ)), timeout=60)
+    assert json.loads(bare.stdout) == "ok"  # the probe can fail
+    done = run([sys.executable, "-c", _READ_PROBE, str(auth)], policy, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout) in ("PermissionError", "FileNotFoundError")
