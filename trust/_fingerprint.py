@@ -12,7 +12,8 @@ import hashlib
 import json
 import mmap
 import os
-from collections.abc import Iterable, Sequence
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,21 +94,29 @@ def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tupl
     Raises:
         OSError: the file cannot be read.
     """
+    with open(path, "rb") as f:
+        return fd_merkle_root(f.fileno(), pool)
+
+
+def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+    """:func:`file_merkle_root` of the open file ``fd`` (its size as of now).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
     own = pool is None
     workers = os.cpu_count() or 1
     ex = pool or ThreadPoolExecutor(max_workers=workers)
     futures: list[Future[bytes]] = []
     leaves: list[bytes] = []
     try:
-        with open(path, "rb") as f:
-            fd = f.fileno()
-            size = os.fstat(fd).st_size
-            for offset in range(0, size, LEAF_SIZE):
-                futures.append(ex.submit(_mapped_leaf, fd, offset,
-                                         min(LEAF_SIZE, size - offset)))
-                if len(futures) >= 2 * workers:
-                    leaves.append(futures.pop(0).result())
-            leaves.extend(fut.result() for fut in futures)
+        size = os.fstat(fd).st_size
+        for offset in range(0, size, LEAF_SIZE):
+            futures.append(ex.submit(_mapped_leaf, fd, offset,
+                                     min(LEAF_SIZE, size - offset)))
+            if len(futures) >= 2 * workers:
+                leaves.append(futures.pop(0).result())
+        leaves.extend(fut.result() for fut in futures)
     finally:
         if own:
             ex.shutdown()
@@ -130,22 +139,117 @@ def slot_fingerprint(entries: Iterable[FileEntry]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+#: Directories deeper than this below a slot are not walked (and never match): no bundle
+#: needs them, and a planted chain of thousands would otherwise exhaust the stack.
+MAX_DEPTH = 64
+
+
+def walk_tree(root: Path, max_depth: int = MAX_DEPTH
+              ) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """Walk ``root`` without following any link and without recursion.
+
+    Yields ``(rel, dirs, others, dirfd)`` top-down for every directory: ``rel`` relative
+    to ``root`` (``"."`` first), the names of its real sub-directories (the caller may
+    remove names to skip them, as with ``os.walk``), the names of everything else (a
+    symlink to a directory included, and a directory deeper than ``max_depth``), and an
+    fd of the directory valid until the next step. Each directory is opened component by
+    component from ``root`` with ``O_NOFOLLOW``, so one swapped for a link is not entered.
+
+    Raises:
+        OSError: ``root`` is not a directory that can be opened.
+    """
+    stack = ["."]
+    while stack:
+        rel = stack.pop()
+        try:
+            fd = _open_dir(root, rel)
+        except OSError:
+            if rel == ".":
+                raise
+            continue  # (vanished or swapped for a link since it was listed)
+        try:
+            depth = 0 if rel == "." else rel.count("/") + 1
+            dirs: list[str] = []
+            others: list[str] = []
+            for name in sorted(os.listdir(fd)):
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                if stat.S_ISDIR(st.st_mode) and depth < max_depth:
+                    dirs.append(name)
+                else:
+                    others.append(name)
+            yield rel, dirs, others, fd
+        finally:
+            os.close(fd)
+        stack.extend(name if rel == "." else f"{rel}/{name}" for name in reversed(dirs))
+
+
+def _open_dir(root: Path, rel: str) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    fd = os.open(root, flags)
+    if rel == ".":
+        return fd
+    try:
+        for part in rel.split("/"):
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def directory_entries(root: Path) -> list[FileEntry]:
     """Entries for every file below ``root``; anything but plain files is an entry too.
 
-    A symlink, device or fifo gets a size of -1 and an empty root, so that it can
-    never match a fingerprint computed from a bundle (which has only plain files).
+    Nothing is followed: the tree is walked through directory fds (``os.fwalk``) and each
+    file is opened ``O_NOFOLLOW`` and checked with ``fstat`` to be the regular file that
+    was listed. A symlink, device, fifo, socket or a regular file with another hard link
+    (whose bytes could change through that other name after they were checked) gets a
+    size of -1 and an empty root, so that it can never match a fingerprint computed from
+    a bundle (which has only plain files). A ``root`` that is itself a symlink or not a
+    directory gives the single entry ``[".", -1, ""]``; a missing one, no entries. A
+    directory deeper than :data:`MAX_DEPTH` is an entry of its own, never walked.
     """
+    try:
+        top = os.lstat(root)
+    except FileNotFoundError:
+        return []
+    if not stat.S_ISDIR(top.st_mode):
+        return [FileEntry(".", -1, "")]
     entries: list[FileEntry] = []
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            base = Path(dirpath)
-            for name in sorted(filenames) + [d for d in dirnames if (base / d).is_symlink()]:
-                p = base / name
-                rel = p.relative_to(root).as_posix()
-                if p.is_symlink() or not p.is_file():
-                    entries.append(FileEntry(rel, -1, ""))
-                    continue
-                size, root_hex = file_merkle_root(p, pool)
-                entries.append(FileEntry(rel, size, root_hex))
+        for rel, _dirs, others, dirfd in walk_tree(root):
+            for name in others:
+                path = name if rel == "." else f"{rel}/{name}"
+                entries.append(_plain_entry(path, name, dirfd, pool))
     return entries
+
+
+def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> FileEntry:
+    """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
+    bad = FileEntry(rel, -1, "")
+    try:
+        st = os.lstat(name, dir_fd=dirfd)
+    except OSError:
+        return bad
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        return bad
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
+    except OSError:
+        return bad
+    try:
+        now = os.fstat(fd)
+        if not stat.S_ISREG(now.st_mode) or now.st_nlink != 1 or \
+                (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return bad
+        size, root_hex = fd_merkle_root(fd, pool)
+    except OSError:
+        return bad
+    finally:
+        os.close(fd)
+    return FileEntry(rel, size, root_hex)

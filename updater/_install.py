@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import queue
+import re
 import shutil
 import threading
 from collections.abc import Callable, Iterable
@@ -41,6 +42,7 @@ from updater._rollout import Choice
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._stage import Stage
+from updater._statedir import check_state_dirs, plain_dir
 from updater._tuf import Candidate, TufSession, convert_tuf_error
 from updater.errors import (
     FingerprintMismatchError,
@@ -48,12 +50,14 @@ from updater.errors import (
     NothingTrustedError,
     OperatorInputError,
     RollbackError,
+    StagedFilesChangedError,
     StagingError,
     TargetHashError,
 )
 
 logger = logging.getLogger(__name__)
 
+_HEX = re.compile(r"[0-9a-f]{32,128}")
 _HASHES = {"sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b"}
 
 
@@ -138,6 +142,7 @@ class _Device:
     """Paths of one device's state directory."""
 
     def __init__(self, state_dir: Path) -> None:
+        check_state_dirs(state_dir)  # nothing is read or written through a symlink
         self.metadata = state_dir / "metadata"
         self.staging = state_dir / "staging"
         self.slots = SlotStore(state_dir)
@@ -148,6 +153,14 @@ def _check_target(target: TargetFile, max_bytes: int) -> None:
     if unknown or not target.hashes:
         raise TargetHashError(
             f"target {target.path}: unsupported hash algorithms {sorted(unknown)}",
+            target=target.path,
+        )
+    # A digest names the stage's files (staging/<sha256>.part): signed is not enough, a
+    # delegated key could sign "../../x" (python-tuf does not check that it is hex).
+    bad = sorted(alg for alg, d in target.hashes.items() if not _HEX.fullmatch(d))
+    if bad:
+        raise TargetHashError(
+            f"target {target.path}: the {', '.join(bad)} digest is not lowercase hex",
             target=target.path,
         )
     if target.length > max_bytes:
@@ -269,12 +282,13 @@ def download_and_extract(
         BundleFormatError: the signed bundle itself is malformed.
         DownloadFailedError: the transfer failed (the stage is kept for a resume).
         StagingError: the stage cannot be written (disk full: the stage is removed).
+        StateDirError: ``staging`` is a symlink or not a directory (nothing is touched).
     """
     _check_target(target, max_bytes)
     gate = gate or Gate()
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     stage = Stage(staging, incoming, key)
-    staging.mkdir(parents=True, exist_ok=True)
+    plain_dir(staging.parent, staging.name, create=True)
     stage.clear_others()
     offset = stage.resumable(target.length)
     url = session.target_url(target)
@@ -372,8 +386,35 @@ def download_and_extract(
         if isinstance(failure, OSError):
             raise _extraction_failed(failure, target, incoming) from failure
         raise failure
+    stray = stage.drop_strays({e.path for e in result[0][1]})
+    if stray:
+        logger.warning("removed %d file(s) from %s that %s does not have: %s", len(stray),
+                       incoming, target.path, ", ".join(stray[:5]))
     stage.mark_done()
     return stage, *result[0]
+
+
+def _verify_on_disk(incoming: Path, release: Candidate, when: str) -> None:
+    """The slot fingerprint re-derived from the files in ``incoming`` is the signed one.
+
+    The stream's hashes say what was received; this says what is on disk now, just before
+    it is used: a file planted or kept from an earlier attempt, changed after it was
+    written (or by the health check), a stray file, a link or a hard link all change it
+    (``directory_entries`` gives anything but a plain file an entry that never matches).
+
+    Raises:
+        StagedFilesChangedError: the files differ from the signed fingerprint.
+        StateDirError: ``staging`` or ``incoming`` is not a plain directory.
+    """
+    plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
+    fingerprint = slot_fingerprint(directory_entries(incoming))
+    if fingerprint != release.fingerprint:
+        raise StagedFilesChangedError(
+            f"{release.name} {release.version}: the files in {incoming} {when} have "
+            f"fingerprint {fingerprint}, not the signed {release.fingerprint} (changed on "
+            "disk after they were verified; discarded)",
+            path=str(incoming), expected=release.fingerprint, actual=fingerprint,
+        )
 
 
 def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
@@ -498,6 +539,7 @@ def _attempt(
                 f"signed {newest.fingerprint}",
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
+        _verify_on_disk(incoming, newest, "before its health check")
         step("verified")
         gate.wait_idle("health check")
         detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
@@ -516,7 +558,14 @@ def _attempt(
     # inactive slot still holds what the record calls `previous`; after it moves, a
     # crash leaves `staging/incoming` matching the record's active fingerprint, and boot_check
     # completes the move (roll forward).
-    fsync_tree(incoming)  # durable before the record names it
+    try:
+        # (first: a fifo planted meanwhile would block fsync_tree's open, not this check)
+        _verify_on_disk(incoming, newest, "before its commit")
+        fsync_tree(incoming)  # durable before the record names it
+    except BaseException:
+        assert staged is not None
+        staged.discard()
+        raise
     step("committing")
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
@@ -554,9 +603,10 @@ def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
 
     Only when ``staging/incoming`` has exactly the fingerprint the trust record made active.
     """
-    if not slots.incoming.is_dir():
+    incoming = slots.incoming_dir()
+    if incoming is None:
         return False
-    if slot_fingerprint(directory_entries(slots.incoming)) != active.fingerprint:
+    if slot_fingerprint(directory_entries(incoming)) != active.fingerprint:
         return False
     logger.warning(
         "completing the interrupted install of %s %s into slot %s",
@@ -568,10 +618,16 @@ def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
 
 
 def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
-    """Whether the slot's files still have the recorded fingerprint."""
-    path = slots.path(ref.slot)
-    if not path.is_dir():
-        return False, f"slot {ref.slot} is missing"
+    """Whether the slot's files still have the recorded fingerprint.
+
+    A slot that is a symlink (to a copy, wherever) or not a directory never matches.
+
+    Raises:
+        StateDirError: ``slots`` itself is a symlink or not a directory.
+    """
+    path = slots.slot_dir(ref.slot)
+    if path is None:
+        return False, f"slot {ref.slot} is missing or not a plain directory"
     fp = slot_fingerprint(directory_entries(path))
     return fp == ref.fingerprint, fp
 
@@ -615,6 +671,7 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
     """
     active = record.active
     if active is None:
+        slots.deactivate()  # whatever `current` names, nothing trusted is there
         raise NothingTrustedError("no model has been installed on this device yet")
     ok, fp = slot_matches(slots, active)
     if not ok:
@@ -641,6 +698,7 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
     # only once: the next boot finds active = None). Otherwise the record would keep
     # naming the altered model as active and the next update would see nothing to do.
     store.commit(record.successor(active=None, previous=None))
+    slots.deactivate()  # the app finds no model rather than an untrusted one
     raise NothingTrustedError(
         f"active {active.name} {active.version} was altered and no trusted previous "
         "model is left; the next update installs the newest release again"
@@ -651,9 +709,14 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     """design.md "Boot": verify record and anchor, then the active slot, else fall back.
 
     Raises:
-        NothingTrustedError: neither slot matches (or nothing was ever installed).
+        NothingTrustedError: neither slot matches (or nothing was ever installed);
+            ``current`` is removed then.
+        StateDirError: ``slots`` or ``trust`` is a symlink or not a directory.
         TrustRecordError, RootAnchorError, TpmError: the trust store itself is broken.
     """
+    # Boot needs only slots/ and trust/ (a symlinked one is refused, nothing followed); a
+    # symlinked staging/ only means no roll-forward from it, so the model keeps serving.
+    check_state_dirs(state_dir, ("slots", "trust"))
     slots = SlotStore(state_dir)
     record = store.load()
     store.anchored_root()

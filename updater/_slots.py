@@ -2,17 +2,30 @@
 
 Extraction goes to ``staging/incoming`` (same file system, so moving it into a slot is a
 rename): until a bundle has passed every check, nothing outside ``staging/`` is written.
+
+``current`` is exactly the relative link ``slots/a`` or ``slots/b``: anything else (a link
+elsewhere, even to a copy of a slot, an absolute link, a directory, a file) is not a slot,
+and :meth:`SlotStore.activate` replaces it. A slot is a plain directory under a plain
+``slots`` (``updater._statedir``): a symlinked slot never matches a fingerprint, and a
+symlinked ``slots`` is refused with a StateDirError.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from trust import fsync_dir, symlink_atomic
+from updater._statedir import is_plain_dir, plain_dir, remove_entry
 
 SLOTS = ("a", "b")
+LINKS = {f"slots/{s}": s for s in SLOTS}
+
+
+def slot_of_link(target: str | None) -> str | None:
+    """The slot a ``current`` link target names: only ``slots/a`` or ``slots/b`` exactly."""
+    return LINKS.get(target) if target is not None else None
 
 
 class SlotStore:
@@ -23,6 +36,7 @@ class SlotStore:
     """
 
     def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
         self.root = state_dir / "slots"
         self.current = state_dir / "current"
         self.incoming = state_dir / "staging" / "incoming"
@@ -36,27 +50,88 @@ class SlotStore:
         """The slot that is not ``slot`` (``a`` when nothing is active)."""
         return "b" if slot == "a" else "a"
 
-    def current_slot(self) -> str | None:
-        """Slot that ``current`` points at, or None."""
+    def check(self) -> None:
+        """Refuse a ``slots`` that is a symlink or not a directory (a missing one is fine).
+
+        Raises:
+            StateDirError: names ``slots``.
+        """
+        if os.path.lexists(self.root):
+            plain_dir(self.state_dir, "slots")
+
+    def slot_dir(self, slot: str) -> Path | None:
+        """``slots/<slot>`` if it is a plain directory under a plain ``slots``, else None.
+
+        Raises:
+            StateDirError: ``slots`` itself is a symlink or not a directory.
+        """
+        self.check()
+        path = self.path(slot)
+        return path if is_plain_dir(path) else None
+
+    def incoming_dir(self) -> Path | None:
+        """``staging/incoming`` if it and ``staging`` are plain directories, else None."""
+        staging = self.incoming.parent
+        if is_plain_dir(staging) and is_plain_dir(self.incoming):
+            return self.incoming
+        return None
+
+    def current_target(self) -> str | None:
+        """What ``current`` is: its link target, or None when it is missing or no link."""
         try:
-            target = os.readlink(self.current)
+            st = os.lstat(self.current)
         except OSError:
             return None
-        name = Path(target).name
-        return name if name in SLOTS else None
+        if not stat.S_ISLNK(st.st_mode):
+            return None
+        try:
+            return os.readlink(self.current)
+        except OSError:
+            return None
+
+    def current_slot(self) -> str | None:
+        """Slot that ``current`` points at (exactly ``slots/a`` or ``slots/b``), or None."""
+        return slot_of_link(self.current_target())
 
     def install_incoming(self, slot: str) -> None:
-        """Move the verified incoming directory into ``slot`` (which must not be active)."""
+        """Move the verified incoming directory into ``slot`` (which must not be active).
+
+        Raises:
+            StateDirError: ``slots`` or ``staging`` is not a plain directory.
+        """
+        plain_dir(self.state_dir, "staging")
+        plain_dir(self.state_dir, "staging/incoming")
+        plain_dir(self.state_dir, "slots", create=True)
         dest = self.path(slot)
-        self.root.mkdir(parents=True, exist_ok=True)
         old = self.root / f".old-{slot}"
-        shutil.rmtree(old, ignore_errors=True)
-        if dest.exists():
-            os.replace(dest, old)
+        remove_entry(old)
+        if os.path.lexists(dest):
+            os.replace(dest, old)  # (renames a link itself, never what it points at)
         os.replace(self.incoming, dest)
         fsync_dir(self.root)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_entry(old)
 
     def activate(self, slot: str) -> None:
-        """Point ``current`` at ``slot`` atomically."""
+        """Point ``current`` at ``slot`` atomically (replacing whatever ``current`` is)."""
+        try:
+            st = os.lstat(self.current)
+        except FileNotFoundError:
+            st = None
+        if st is not None and stat.S_ISDIR(st.st_mode):  # no link can replace a directory
+            aside = self.state_dir / f".current.{os.getpid()}.bad"
+            remove_entry(aside)
+            os.replace(self.current, aside)
+            remove_entry(aside)
         symlink_atomic(f"slots/{slot}", self.current)
+
+    def deactivate(self) -> None:
+        """Remove ``current`` (whatever it is; a link is removed, never followed)."""
+        try:
+            st = os.lstat(self.current)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.activate("a")  # moves the directory aside and removes it
+            st = os.lstat(self.current)
+        os.unlink(self.current)
+        fsync_dir(self.state_dir)

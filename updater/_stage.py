@@ -11,7 +11,14 @@ those bytes are hashed again (a sha256 state cannot be saved) but neither fetche
 written again.
 
 Nothing here is trusted: a rebuilt prefix goes through the same TUF hash and the same
-per-file checks as fresh bytes, and any mismatch discards the stage.
+per-file checks as fresh bytes, and any mismatch discards the stage. What is *kept* on
+disk is exactly what was hashed: the resume is planned (:func:`plan_resume`, a pure
+function) over what was observed without following a link (plain regular files with one
+link, sizes from ``lstat``), only the files the plan reads the prefix from survive
+(everything else in ``incoming`` goes), and a kept file is continued only when its index
+line agrees with the member's tar header in path, offset *and* size; any other member
+is written whole from the verified stream. The installer re-derives the slot fingerprint
+from ``incoming`` before the health check and the commit on top of this.
 """
 
 from __future__ import annotations
@@ -19,15 +26,26 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
-from collections.abc import Callable, Iterator
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from trust._fingerprint import walk_tree
+from updater._statedir import (
+    is_plain_dir,
+    make_dirs,
+    open_below,
+    plain_dir,
+    remove_at,
+    remove_entry,
+)
 from updater._tarstream import Member, check_member_path
 
 _READ = 1 << 20
+#: An index longer than this is read only this far (a bundle has at most 257 members).
+MAX_INDEX_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,48 @@ class IndexEntry:
     path: str
     offset: int
     size: int
+
+
+@dataclass(frozen=True)
+class ResumePlan:
+    """Where a download continues, and the members whose files the prefix is read from."""
+
+    offset: int
+    kept: tuple[IndexEntry, ...]
+
+
+def plan_resume(skeleton: int | None, entries: Sequence[IndexEntry],
+                files: Mapping[str, int], length: int) -> ResumePlan:
+    """How many leading bytes of a ``length``-byte bundle the stage can rebuild.
+
+    Args:
+        skeleton: size of the skeleton, None when there is none (or it is not a plain
+            file).
+        entries: the index, in order.
+        files: size of every plain file in ``incoming`` (regular, one link, reached
+            without a symlink), by path; a file absent here has no bytes.
+        length: the signed length.
+
+    Returns:
+        The offset, and the index entries below it whose files hold the member bytes
+        of the prefix (the member cut short included).
+    """
+    if skeleton is None:
+        return ResumePlan(0, ())
+    kept: list[IndexEntry] = []
+    end = skeleton
+    for e in entries:
+        if skeleton < e.offset:  # the header before this member is not all there
+            end = skeleton
+            break
+        kept.append(e)
+        have = files.get(e.path, 0)
+        if have < e.size:
+            end = e.offset + have
+            break
+        end = max(e.offset + e.size, skeleton)
+    offset = min(end, length)
+    return ResumePlan(offset, tuple(e for e in kept if e.offset < offset))
 
 
 class StageWriter:
@@ -49,10 +109,10 @@ class StageWriter:
     """
 
     def __init__(self, dest: Path, skeleton: Path | None = None, index: Path | None = None,
-                 resume_at: int = 0, kept: dict[str, int] | None = None) -> None:
+                 resume_at: int = 0, kept: Mapping[str, IndexEntry] | None = None) -> None:
         self.dest = dest
         self.resume_at = resume_at
-        self._kept = kept or {}
+        self._kept = dict(kept or {})
         self._skel = -1
         self._index = -1
         if skeleton is not None and index is not None:
@@ -70,25 +130,48 @@ class StageWriter:
     def open(self, member: Member) -> MemberSink:
         """The sink for ``member``'s data (indexed first, so a crash cannot orphan it).
 
+        A file is continued only when the prefix was rebuilt from it: its index entry has
+        this member's path, data offset and size. Any other member is written whole from
+        the stream (the verified bytes), replacing whatever lies at its path.
+
         Raises:
-            OSError: the file cannot be created (it exists, or the disk refused).
+            OSError: the file cannot be created (the disk refused, or a link is in the way),
+                or the index gave this member another offset or size and the prefix was
+                read from its file (the stage is not one this agent wrote).
+            StateDirError: a directory on the way is not a plain directory.
         """
-        path = self.dest / member.name
         skip = self.resume_at - member.data_offset
-        if skip <= 0 or self._kept.get(member.name) != member.data_offset:
+        here = IndexEntry(member.name, member.data_offset, member.size)
+        kept = self._kept.get(member.name)
+        if skip > 0 and kept is not None and kept != here and kept.size > 0:
+            # (the prefix reads that file while this thread would replace it)
+            raise OSError(
+                f"the stage index says {member.name} has {kept.size} bytes at offset "
+                f"{kept.offset}, the bundle {member.size} at {member.data_offset}: the "
+                "stage was not written by this agent")
+        parent = member.name.rpartition("/")[0]
+        if parent:
+            make_dirs(self.dest, parent)
+        if skip <= 0 or kept != here:
             if self._index >= 0:
-                os.write(self._index,
-                         _index_line(member.name, member.data_offset, member.size))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                os.write(self._index, _index_line(here.path, here.offset, here.size))
+            remove_entry(self.dest / member.name)  # (its parents were just checked)
+            fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                            0o644)
             return MemberSink(fd, 0)
         # Resumed inside or after this member: its file holds exactly the bytes rebuilt.
         have = min(skip, member.size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        if os.fstat(fd).st_size != have:  # (an unneeded truncate would still touch mtime)
-            os.ftruncate(fd, have)
-        os.lseek(fd, have, os.SEEK_SET)
+        fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OSError(f"{self.dest / member.name} is not a plain file any more")
+            if st.st_size != have:  # (an unneeded truncate would still touch mtime)
+                os.ftruncate(fd, have)
+            os.lseek(fd, have, os.SEEK_SET)
+        except BaseException:
+            os.close(fd)
+            raise
         return MemberSink(fd, have)
 
     def close(self) -> None:
@@ -178,46 +261,69 @@ class Stage:
 
     Files: ``<key>.part`` (skeleton while downloading), ``<key>.bundle`` (the same once
     the whole bundle verified), ``<key>.index``, and the member files in ``incoming``.
+    ``staging`` must be a plain directory (checked by every method that touches it);
+    ``incoming`` is scratch: anything there that is not a plain directory is removed.
     """
 
     def __init__(self, staging: Path, incoming: Path, key: str) -> None:
+        if not key or "/" in key or key.startswith("."):  # (the installer allows hex only)
+            raise ValueError(f"stage key {key!r} is not a plain file name")
         self.staging, self.incoming, self.key = staging, incoming, key
         self.part = staging / f"{key}.part"
         self.done = staging / f"{key}.bundle"
         self.index = staging / f"{key}.index"
 
+    def _check(self) -> None:
+        """Refuse a ``staging`` that is a symlink or not a directory (StateDirError)."""
+        if os.path.lexists(self.staging):
+            plain_dir(self.staging.parent, self.staging.name)
+
     @property
     def skeleton(self) -> Path:
         """The skeleton file, whichever name it has now."""
-        return self.done if self.done.exists() else self.part
+        return self.done if os.path.lexists(self.done) else self.part
 
     def exists(self) -> bool:
         """Whether a download of this target was staged (partly or whole)."""
-        return self.done.exists() or self.part.exists()
+        return os.path.lexists(self.done) or os.path.lexists(self.part)
 
     def clear_others(self) -> None:
-        """Remove the stages of other targets: one download is staged at a time."""
-        if not self.staging.is_dir():
+        """Remove the stages of other targets, and anything else that is not this stage:
+        one download is staged at a time. Links are removed, never followed.
+
+        Raises:
+            StateDirError: ``staging`` is a symlink or not a directory.
+        """
+        if not os.path.lexists(self.staging):
             return
+        self._check()
         mine = {self.part.name, self.done.name, self.index.name, self.incoming.name}
-        for p in self.staging.iterdir():
-            if p.name not in mine:
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+        for name in os.listdir(self.staging):
+            if name not in mine:
+                remove_entry(self.staging / name)
+        for p in (self.part, self.done, self.index):
+            if os.path.lexists(p) and _plain_size(p) is None:
+                self.discard()  # a link or a directory where a stage file belongs
+                return
+        if os.path.lexists(self.incoming) and not is_plain_dir(self.incoming):
+            remove_entry(self.incoming)
         if not self.exists():
-            self.index.unlink(missing_ok=True)
-            shutil.rmtree(self.incoming, ignore_errors=True)
+            self.discard()
 
     def entries(self) -> list[IndexEntry]:
-        """The index, up to its first unreadable line (a torn last line is normal)."""
+        """The index, up to its first unreadable line (a torn last line is normal), or its
+        first line that repeats a path or goes back."""
         out: list[IndexEntry] = []
         try:
-            raw = self.index.read_bytes()
+            fd = os.open(self.index, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return out
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return out
+            raw = f.read(MAX_INDEX_BYTES)  # (a planted huge index is cut, like a torn one)
         end = 0
+        seen: set[str] = set()
         for line in raw.split(b"\n")[:-1]:
             try:
                 d = json.loads(line)
@@ -225,47 +331,62 @@ class Stage:
                                int(d["size"]))
             except (ValueError, KeyError, TypeError):
                 break
-            if e.offset < end or e.size < 0:
+            if e.offset < end or e.size < 0 or e.path in seen:
                 break
             out.append(e)
+            seen.add(e.path)
             end = e.offset + e.size
         return out
 
-    def resumable(self, length: int) -> int:
-        """How many leading bytes of the bundle the stage can rebuild (sizes only, no reads)."""
-        if not self.exists():
-            return 0
-        skel_size = self.skeleton.stat().st_size
-        pos = 0
-        for e in self.entries():
-            if skel_size < e.offset:  # the header before this member is not all there
-                return min(skel_size, length)
-            have = _file_size(self.incoming / e.path)
-            if have < e.size:
-                return min(e.offset + have, length)
-            pos = e.offset + e.size
-        return min(max(pos, skel_size), length)
+    def _plan(self, length: int) -> ResumePlan:
+        """Observe the stage without following links, then plan (pure) the resume."""
+        self._check()
+        return plan_resume(_plain_size(self.skeleton), self.entries(),
+                           _plain_files(self.incoming), length)
 
-    def prefix(self, upto: int) -> Iterator[memoryview]:
-        """The bundle's bytes ``[0, upto)`` rebuilt from skeleton, index and files.
+    def resumable(self, length: int) -> int:
+        """How many leading bytes of the bundle the stage can rebuild (sizes only, no reads).
 
         Raises:
-            OSError: a file shrank or vanished since :meth:`resumable` measured it.
+            StateDirError: ``staging`` is a symlink or not a directory.
         """
-        entries = iter(self.entries())
+        if not self.exists():
+            return 0
+        return self._plan(length).offset
+
+    def prefix(self, upto: int) -> Iterator[memoryview]:
+        """The bundle's bytes ``[0, upto)`` rebuilt from skeleton and the plain files that
+        the resume plan keeps (the same plan :meth:`writer` kept them by).
+
+        Raises:
+            OSError: a file shrank, vanished or was replaced by a link since it was
+                measured.
+        """
+        if upto <= 0:
+            return
+        plan = self._plan(upto)
+        if plan.offset != upto:
+            raise OSError(f"the stage in {self.staging} changed since it was measured")
+        entries = iter(plan.kept)
         pos = 0
-        with open(self.skeleton, "rb", buffering=0) as skel:
+        skel = _open_plain(self.skeleton)
+        with open(skel, "rb", buffering=0) as sf:
             while pos < upto:
                 e = next(entries, None)
                 gap_end = min(upto, e.offset if e is not None else upto)
-                skel.seek(pos)
-                yield from _read_range(skel, gap_end - pos, self.skeleton)
+                sf.seek(pos)
+                yield from _read_range(sf, gap_end - pos, self.skeleton)
                 pos = gap_end
                 if e is None or pos >= upto:
                     break
                 n = min(e.size, upto - pos)
-                fd = os.open(self.incoming / e.path, os.O_RDONLY | os.O_NOFOLLOW)
+                if n == 0:  # (its file is not read: it may be rewritten meanwhile)
+                    continue
+                fd = open_below(self.incoming, e.path, os.O_RDONLY | os.O_NONBLOCK)
                 with open(fd, "rb", buffering=0) as f:
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                        raise OSError(f"{self.incoming / e.path} is not a plain file any more")
                     yield from _read_range(f, n, self.incoming / e.path)
                 pos += n
 
@@ -273,47 +394,103 @@ class Stage:
         """Open the stage for writing, continuing at ``resume_at`` (0: start afresh).
 
         What lies beyond ``resume_at`` goes: the skeleton is cut there, index lines of
-        later members are dropped, and files of no kept member are removed.
+        later members are dropped, and everything in ``incoming`` that is not a file the
+        prefix is rebuilt from is removed (links are removed, never followed).
+
+        Raises:
+            OSError: the stage changed since :meth:`resumable` measured it, or the disk
+                refused.
+            StateDirError: ``staging`` is a symlink or not a directory.
         """
         if resume_at == 0:
             self.discard()
-            self.staging.mkdir(parents=True, exist_ok=True)
-            self.incoming.mkdir(parents=True)
+            plain_dir(self.staging.parent, self.staging.name, create=True)
+            os.mkdir(self.incoming, 0o755)
             return StageWriter(self.incoming, self.part, self.index)
-        if self.done.exists():
+        if os.path.lexists(self.done):
             os.replace(self.done, self.part)
-        kept = [e for e in self.entries() if e.offset < resume_at]
+        plan = self._plan(resume_at)
+        if plan.offset != resume_at:
+            raise OSError(f"the stage in {self.staging} changed since it was measured")
         tmp = self.index.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(_index_line(e.path, e.offset, e.size) for e in kept))
+        remove_entry(tmp)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with open(fd, "wb") as f:
+            f.write(b"".join(_index_line(e.path, e.offset, e.size) for e in plan.kept))
         os.replace(tmp, self.index)
-        os.truncate(self.part, resume_at)
-        _prune(self.incoming, {e.path for e in kept})
+        fd = _open_plain(self.part, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, resume_at)
+        finally:
+            os.close(fd)
+        _prune(self.incoming, {e.path for e in plan.kept})
         return StageWriter(self.incoming, self.part, self.index, resume_at,
-                           {e.path: e.offset for e in kept})
+                           {e.path: e for e in plan.kept})
+
+    def drop_strays(self, members: set[str]) -> list[str]:
+        """After a verified extraction: remove from ``incoming`` what is not a member (a
+        file an index listed but the bundle has not). Returns the paths removed."""
+        stray = sorted(set(_plain_files(self.incoming)) - members)
+        _prune(self.incoming, members)
+        return stray
 
     def mark_done(self) -> None:
         """The whole bundle verified: rename the skeleton."""
         os.replace(self.part, self.done)
 
     def discard(self) -> None:
-        """Remove skeleton, index and the extracted files."""
-        for p in (self.part, self.done, self.index):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(self.incoming, ignore_errors=True)
+        """Remove skeleton, index and the extracted files (links removed, not followed).
+
+        Raises:
+            StateDirError: ``staging`` is a symlink or not a directory.
+        """
+        if not os.path.lexists(self.staging):
+            return
+        self._check()
+        for p in (self.part, self.done, self.index, self.incoming):
+            remove_entry(p)
 
     def forget(self) -> None:
         """Remove skeleton and index only (the files moved on into a slot, or are discarded
         by the caller)."""
+        self._check()
         for p in (self.part, self.done, self.index):
-            p.unlink(missing_ok=True)
+            remove_entry(p)
 
 
-def _file_size(path: Path) -> int:
+def _plain_size(path: Path) -> int | None:
+    """Size of ``path`` if it is a regular file with one link (not followed), else None."""
     try:
         st = os.lstat(path)
     except OSError:
-        return 0
-    return st.st_size if os.path.isfile(path) and not os.path.islink(path) else 0
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 else None
+
+
+def _open_plain(path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open a stage file that must be a plain regular file (no link followed)."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(f"{path} is not a plain file")
+    return fd
+
+
+def _plain_files(root: Path) -> dict[str, int]:
+    """Size of every plain file below ``root`` reached without following a link, by path."""
+    out: dict[str, int] = {}
+    if not is_plain_dir(root):
+        return out
+    for rel, _dirs, others, dirfd in walk_tree(root):
+        for name in others:
+            try:
+                st = os.lstat(name, dir_fd=dirfd)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                out[name if rel == "." else f"{rel}/{name}"] = st.st_size
+    return out
 
 
 def _read_range(f: object, n: int, path: Path) -> Iterator[memoryview]:
@@ -327,24 +504,23 @@ def _read_range(f: object, n: int, path: Path) -> Iterator[memoryview]:
 
 
 def _prune(root: Path, keep: set[str]) -> None:
-    """Remove from ``root`` everything that is not a kept regular file or a directory on the
-    way to one (a resumed extraction creates the rest afresh, O_EXCL)."""
-    root.mkdir(parents=True, exist_ok=True)
-    dirs = {str(Path(k).parent) for k in keep} | {"."}
-    dirs |= {str(p) for k in keep for p in Path(k).parents}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = os.path.relpath(dirpath, root)
-        for name in filenames:
-            p = os.path.normpath(os.path.join(rel, name))
-            full = os.path.join(dirpath, name)
-            if p not in keep or os.path.islink(full):
-                os.unlink(full)
-        for name in list(dirnames):
-            p = os.path.normpath(os.path.join(rel, name))
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                os.unlink(full)
-                dirnames.remove(name)
-            elif p not in dirs:
-                shutil.rmtree(full)
-                dirnames.remove(name)
+    """Remove from ``root`` everything that is not a kept plain file or a directory on the
+    way to one (a resumed extraction creates the rest afresh, O_EXCL). Walked through
+    directory fds; a link is removed, never followed."""
+    if not is_plain_dir(root):
+        remove_entry(root)
+        os.mkdir(root, 0o755)
+    dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
+    for rel, subdirs, others, dirfd in walk_tree(root):
+        for name in others:
+            p = name if rel == "." else f"{rel}/{name}"
+            try:
+                st = os.lstat(name, dir_fd=dirfd)
+            except FileNotFoundError:
+                continue
+            if p not in keep or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                remove_at(dirfd, name)
+        for name in list(subdirs):
+            if (name if rel == "." else f"{rel}/{name}") not in dirs:
+                remove_at(dirfd, name)
+                subdirs.remove(name)

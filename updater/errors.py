@@ -23,7 +23,9 @@ __all__ = [
     "RollbackError",
     "SandboxError",
     "RootRecoveryError",
+    "StagedFilesChangedError",
     "StagingError",
+    "StateDirError",
     "TargetHashError",
     "TransportError",
     "TrustStateLostError",
@@ -127,6 +129,37 @@ class StagingError(LocalDeviceError):
 
 class NothingTrustedError(LocalDeviceError):
     """Neither slot holds a model that matches the trust record."""
+
+
+class StateDirError(StagingError):
+    """A directory under the state directory is a symlink or not a directory.
+
+    Nothing is read, written or deleted through it: the agent works only inside its own
+    state directory.
+
+    Attributes:
+        path: the entry at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class StagedFilesChangedError(StagingError):
+    """The files in ``staging/incoming`` no longer have the fingerprint the verified stream
+    gave them (changed, added or linked on disk after they were written). A fault of
+    this device's disk, not of the release: it is not remembered as a rejection.
+
+    Attributes:
+        path: the directory checked.
+        expected: the signed fingerprint.
+        actual: what the files have now.
+    """
+
+    def __init__(self, message: str, *, path: str, expected: str, actual: str) -> None:
+        super().__init__(message)
+        self.path, self.expected, self.actual = path, expected, actual
 
 
 class RootRecoveryError(MetadataError):

@@ -77,7 +77,7 @@ def test_both_slots_altered_exits_nonzero_and_activates_nothing(world: World) ->
     assert "no trusted previous model" in r.stderr
     assert "Traceback" not in r.stderr
     after = world.snapshot()
-    assert after.current == before.current  # nothing activated
+    assert after.current is None  # nothing activated: the altered slot is not served (#13)
     rec = json.loads((world.state / "trust" / "record.json").read_bytes())["record"]
     assert rec["active"] is None and rec["previous"] is None  # nothing is trusted now
     assert after.counter == before.counter + 1
