@@ -107,8 +107,8 @@ def open_store(cfg: AgentConfig) -> TrustStore:
     return TrustStore(cfg.state_dir, Tpm(cfg.tcti))
 
 
-def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
-    """``agent provision``: TPM objects and root anchor (idempotent)."""
+def provision(cfg: AgentConfig, root: Path, *, keep_identity: bool = False) -> ProvisionReport:
+    """``agent provision``: TPM objects and root anchor (idempotent; migrates old devices)."""
     try:
         root_bytes = root.read_bytes()
     except OSError as e:
@@ -116,7 +116,7 @@ def provision(cfg: AgentConfig, root: Path) -> ProvisionReport:
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
     store = open_store(cfg)
     try:
-        report = store.provision(root_bytes, str(root))
+        report = store.provision(root_bytes, str(root), keep_identity=keep_identity)
     finally:
         store.tpm.close()
     logger.info(

@@ -365,16 +365,26 @@ def _agent_provision(args: argparse.Namespace) -> int:
     from agent import provision
 
     cfg = _load(args)
-    rep = provision(cfg, args.root)
+    rep = provision(cfg, args.root, keep_identity=args.keep_identity)
 
     def word(created: bool) -> str:
         return "created" if created else "already present"
 
     print(f"TPM at {cfg.tcti} provisioned for {cfg.device_id}:")
     print(f"  storage root key 0x81000001: {word(rep.srk_created)}")
-    print(f"  identity key     0x81000101: {word(rep.identity_created)}")
-    print(f"  root anchor      0x01000100: {word(rep.anchor_defined)}")
-    print(f"  update counter   0x01000110: {word(rep.counter_defined)}")
+    print(f"  identity key     0x81000102: {word(rep.identity_created)}")
+    print(f"  record-MAC key   0x81000103: {word(rep.mac_key_created)}")
+    print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
+    print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
+    if rep.migrated:
+        print("  migrated from the unauthorized objects of an older provisioning "
+              "(0x81000101, 0x01000100, 0x01000110 removed)")
+    if rep.record_heals:
+        print("  the trust record did not verify under the old objects and was not carried "
+              "over: the next `agent update` heals the device from the anchored root")
+    if rep.identity_replaced:
+        print("  the identity key is new (any TPM client could use the old one): re-enrol "
+              "with `agent enroll` and `fleet add-device`, or migrate with --keep-identity")
     return EXIT_OK
 
 
@@ -688,6 +698,9 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--root", type=Path, required=True, help="the repository's root.json")
+    a.add_argument("--keep-identity", action="store_true",
+                   help="migrating an older device: keep its enrolled identity key pair "
+                   "(see README \"TPM\" for the risk) instead of making a new one")
     a.set_defaults(func=_agent_provision)
     a = asub.add_parser("update", help="check for a newer model and install it")
     a.add_argument("--config", type=Path, required=True)

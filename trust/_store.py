@@ -4,7 +4,12 @@ Files under ``<state_dir>/trust/``:
 
 * ``record.json`` - the MACed trust record; ``record.json.next`` during a commit;
 * ``root.json`` - the root metadata whose sha256 is anchored in the TPM;
-  ``root.json.next`` during a root rotation.
+  ``root.json.next`` during a root rotation;
+
+The auth value of the TPM objects lives outside the state directory, in
+``<state_dir>-tpm/tpm.auth`` (mode 0600, trust/_tpmauth.py): a state directory deleted or
+put back from a copy must not take the TPM objects' authorization with it, or the device
+could not heal (it would need a field visit).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import logging
 import os
 import shutil
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 from trust._atomic import rename_atomic, write_atomic
@@ -26,12 +32,14 @@ from trust._record import (
     RootResolution,
     TrustRecord,
     UseRecord,
+    choose_record,
     choose_root,
     encode_record,
     genesis,
     plan_record,
 )
-from trust._tpm import ProvisionReport, TpmInterface
+from trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
+from trust._tpmauth import auth_dir_for, ensure_auth
 from trust.errors import (
     OperatorInputError,
     RootAnchorError,
@@ -56,32 +64,55 @@ class TrustStore:
     Args:
         state_dir: the agent's state directory.
         tpm: the device TPM.
+        auth_dir: where the TPM objects' auth value is kept; default
+            :func:`~trust._tpmauth.auth_dir_for` ``(state_dir)``.
     """
 
-    def __init__(self, state_dir: Path, tpm: TpmInterface) -> None:
+    def __init__(self, state_dir: Path, tpm: TpmInterface, auth_dir: Path | None = None) -> None:
         self.dir = state_dir / "trust"
+        self.auth_dir = auth_dir if auth_dir is not None else auth_dir_for(state_dir)
         self.tpm = tpm
         self.record_path = self.dir / "record.json"
         self.pending_path = self.dir / "record.json.next"
         self.root_path = self.dir / "root.json"
         self.root_pending_path = self.dir / "root.json.next"
+        tpm.use_auth_dir(self.auth_dir)
 
     # -- provisioning -------------------------------------------------------
 
-    def provision(self, root_bytes: bytes, root_source: str) -> ProvisionReport:
+    def provision(self, root_bytes: bytes, root_source: str, *,
+                  keep_identity: bool = False) -> ProvisionReport:
         """Provision the TPM and anchor ``root_bytes``; idempotent.
+
+        On a device provisioned before the TPM objects had an auth value, this migrates
+        it (docs/notes.md "TPM authorization"): the record is verified under the old
+        MAC key and counter, the new objects are created beside the old ones, the old
+        anchor value is carried over, the record is re-MACed under the new key with the
+        new counter, and only then are the old objects removed. Each step can be re-run
+        after a crash. The old identity key is replaced by a new one (re-enrol the device)
+        unless ``keep_identity``.
 
         Raises:
             OperatorInputError: the device is already anchored to a different root.
+            TpmAuthFileError: the auth file is unsafe (a link, not 0600, not ours).
+            TrustRecordError: the record (of a device not being migrated) is broken.
             TpmError: the TPM failed.
         """
         version = _root_version(root_bytes, root_source)
-        report = self.tpm.provision()
+        secret, _ = ensure_auth(self.auth_dir)
+        self.tpm.set_auth(secret)
+        legacy = self.tpm.legacy()
+        old_record = self._legacy_record(legacy) if legacy is not None else None
+        report = self.tpm.provision(keep_identity=keep_identity)
         digest = hashlib.sha256(root_bytes).digest()
         try:
             anchor: bytes | None = self.tpm.read_anchor()
         except TpmNotProvisionedError:
             anchor = None  # defined but never written
+        if anchor is None and legacy is not None:
+            anchor = self._legacy_anchor(legacy, digest)
+            if anchor is not None:
+                self.tpm.write_anchor(anchor)  # the old anchor, perhaps of a rotated root
         if anchor is None:
             write_atomic(self.root_path, root_bytes)
             self.tpm.write_anchor(digest)
@@ -98,18 +129,75 @@ class TrustStore:
                 )
         elif not self.root_path.exists():
             write_atomic(self.root_path, root_bytes)
-        if not self.record_path.exists() and not self.pending_path.exists():
-            genesis = TrustRecord(
+        if old_record is not None:
+            self._remac(old_record)
+        elif legacy is not None and (self.record_path.exists() or self.pending_path.exists()):
+            try:
+                self.load()  # re-MACed by an earlier, interrupted run
+            except TrustRecordError as e:
+                # Altered or rolled back before migration: not carried over. The device
+                # heals on its next update, from the anchored root (finding 7).
+                logger.warning("migration: the trust record is not believable (%s); the "
+                               "next update heals it", e)
+                report = replace(report, record_heals=True)
+        elif not self.record_path.exists() and not self.pending_path.exists():
+            first = TrustRecord(
                 counter=self.tpm.read_counter(),
                 root_version=version,
                 targets_version=0,
                 active=None,
                 previous=None,
             )
-            write_atomic(self.record_path, encode_record(genesis, self.tpm.mac(genesis.digest())))
+            write_atomic(self.record_path, encode_record(first, self.tpm.mac(first.digest())))
         else:
             self.load()  # provisioning again must not hide a broken record
+        if legacy is not None:
+            self.tpm.retire_legacy()
         return report
+
+    def _legacy_record(self, legacy: LegacyObjects) -> TrustRecord | None:
+        """The record as the old objects vouch for it, or None (none, or not believable:
+        altered, rolled back, or re-MACed by an earlier run)."""
+        current, _ = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
+        pending, _ = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+        if current is None and pending is None:
+            return None
+        try:
+            record, _ = choose_record(
+                current, pending, legacy.read_counter(), legacy.mac_ok,
+                current_path=str(self.record_path), pending_path=str(self.pending_path),
+            )
+        except TrustRecordError as e:
+            logger.warning("migration: the record does not verify under the old objects: %s",
+                           e)
+            return None
+        return record
+
+    def _legacy_anchor(self, legacy: LegacyObjects, root_digest: bytes) -> bytes | None:
+        """The old anchor, if it agrees with the device's root or the operator's.
+
+        Any TPM client could write the old anchor, so it is carried over only when it is
+        the hash of the operator's root or of the root.json the device holds; otherwise
+        the operator's root is anchored.
+        """
+        old = legacy.read_anchor()
+        if old is None or old == root_digest:
+            return old
+        on_disk, _ = _read_file(self.dir, self.root_path.name, _ROOT_MAX)
+        if on_disk is not None and hashlib.sha256(on_disk).digest() == old:
+            return old
+        logger.warning("migration: the old root anchor matches no root on the device; "
+                       "anchoring the root given to provisioning")
+        return None
+
+    def _remac(self, old: TrustRecord) -> None:
+        """Bind the migrated record to the new counter and MAC key."""
+        counter = self.tpm.read_counter()
+        record = replace(old, counter=counter)
+        write_atomic(self.record_path, encode_record(record, self.tpm.mac(record.digest())))
+        self.pending_path.unlink(missing_ok=True)
+        logger.warning("trust record migrated to the authorized TPM objects (counter %d -> %d)",
+                       old.counter, counter)
 
     # -- trust record ---------------------------------------------------------
 

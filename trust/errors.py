@@ -72,6 +72,26 @@ class TpmLockoutError(TpmError):
     """The TPM is in dictionary-attack lockout (0x921)."""
 
 
+class TpmAuthError(TpmError):
+    """The TPM refused modelward's authorization for one of its objects (0x9a2, 0x98e).
+
+    The object at the handle does not take this device's auth value: someone with owner
+    authorization redefined it, or the auth file belongs to another provisioning.
+    """
+
+
+class TpmAuthFileError(LocalDeviceError):
+    """The file holding the TPM objects' auth value is missing, unsafe or malformed.
+
+    Attributes:
+        path: the auth file at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
 # --- trust store -------------------------------------------------------------
 
 

@@ -233,10 +233,10 @@ def test_missing_root_anchor_is_refused_with_a_typed_error(world: World) -> None
     _installed_v1_v2(world)
     before_files = {p: p.read_bytes() for p in (world.state / "trust").iterdir()}
     cur = os.readlink(world.state / "current")
-    subprocess.run(["tpm2_nvundefine", "-C", "o", "0x01000100", "-T", world.tpm.tcti],
+    subprocess.run(["tpm2_nvundefine", "-C", "o", "0x01000101", "-T", world.tpm.tcti],
                    check=True, capture_output=True)
     world.publish("3.0.0", seed=3)
-    with pytest.raises(TpmNotProvisionedError, match="0x1000100|0x01000100"):
+    with pytest.raises(TpmNotProvisionedError, match="0x1000101|0x01000101"):
         world.update()
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
     assert r.returncode == 1

@@ -225,6 +225,8 @@ def small_disk(world: World) -> Iterator[Path]:
         world.publish("1.0.0", seed=1)
         world.update()
         subprocess.run(["cp", "-a", str(world.state), str(mnt / "state")], check=True)
+        # the TPM auth value sits beside the state dir (README "TPM") and moves with it
+        subprocess.run(["cp", "-a", f"{world.state}-tpm", str(mnt / "state-tpm")], check=True)
         world.conf_path.write_text(world.conf_path.read_text().replace(
             f'state_dir = "{world.state}"', f'state_dir = "{mnt / "state"}"'))
         assert world.state == mnt / "state"

@@ -14,7 +14,7 @@ import pytest
 from simulator import SwtpmHandle, start_swtpm, stop_swtpm
 from tests.conftest import World
 from trust import Tpm
-from trust._tpm import ANCHOR_INDEX, COUNTER_INDEX, IDENTITY_HANDLE, SRK_HANDLE
+from trust._tpm import ANCHOR_INDEX, COUNTER_INDEX, IDENTITY_HANDLE, MAC_KEY_HANDLE, SRK_HANDLE
 from trust.errors import TpmNotProvisionedError, TpmUnavailableError
 
 
@@ -25,7 +25,7 @@ def test_provisioning_twice_is_harmless(world: World) -> None:
     root = world.repo_dir / "metadata" / "1.root.json"
     r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("already present") == 4
+    assert r.stdout.count("already present") == 5
     assert world.snapshot() == before  # record, counter, anchor, slots untouched
 
 
@@ -46,12 +46,12 @@ def test_provisioning_with_another_root_is_refused(world: World, tmp_path: Path)
 def test_provision_creates_the_design_layout(world: World) -> None:
     import tpm2_pytss as t
 
-    tpm = Tpm(world.tpm.tcti)
+    tpm = world.store().tpm
     try:
         esys = tpm._esys
         _, data = esys.get_capability(t.TPM2_CAP.HANDLES, 0x81000000, 32)
         persistent = set(data.data.handles)
-        assert {SRK_HANDLE, IDENTITY_HANDLE} <= persistent
+        assert {SRK_HANDLE, IDENTITY_HANDLE, MAC_KEY_HANDLE} <= persistent
         srk = esys.tr_from_tpmpublic(SRK_HANDLE)
         pub, _, _ = esys.read_public(srk)
         assert pub.publicArea.type == t.TPM2_ALG.ECC
@@ -71,16 +71,17 @@ def test_provision_creates_the_design_layout(world: World) -> None:
 
 
 def test_state_mac_survives_a_tpm_restart(swtpm: SwtpmHandle) -> None:
-    tpm = Tpm(swtpm.tcti)
+    auth = os.urandom(32)
+    tpm = Tpm(swtpm.tcti, auth=auth)
     tpm.provision()
     mac = tpm.mac(b"\x01" * 32)
     counter = tpm.read_counter()
     tpm.close()
     stop_swtpm(swtpm.state)
     h = start_swtpm(swtpm.state)  # a reboot: TPM2_Startup(CLEAR)
-    tpm = Tpm(h.tcti)
+    tpm = Tpm(h.tcti, auth=auth)
     try:
-        assert tpm.mac(b"\x01" * 32) == mac  # re-derived, same key
+        assert tpm.mac(b"\x01" * 32) == mac  # the persistent key, same MAC
         assert tpm.mac(b"\x02" * 32) != mac
         assert tpm.read_counter() == counter  # non-orderly NV survives
         assert tpm.increment_counter() == counter + 1
@@ -89,7 +90,7 @@ def test_state_mac_survives_a_tpm_restart(swtpm: SwtpmHandle) -> None:
 
 
 def test_unprovisioned_tpm_is_named(swtpm: SwtpmHandle) -> None:
-    tpm = Tpm(swtpm.tcti)
+    tpm = Tpm(swtpm.tcti, auth=os.urandom(32))
     try:
         with pytest.raises(TpmNotProvisionedError, match="not provisioned") as ei:
             tpm.read_counter()
@@ -99,7 +100,7 @@ def test_unprovisioned_tpm_is_named(swtpm: SwtpmHandle) -> None:
 
 
 def test_many_operations_do_not_leak_transient_handles(swtpm: SwtpmHandle) -> None:
-    tpm = Tpm(swtpm.tcti)
+    tpm = Tpm(swtpm.tcti, auth=os.urandom(32))
     try:
         tpm.provision()
         for i in range(20):  # swtpm has 3 object slots and no resource manager
