@@ -46,3 +46,22 @@ def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: Wo
         assert "cls-team" in str(e)  # what happens today: the team's role blocks the pin
         raise
     assert world.active_version() == "2.0.0"
+
+
+@pytest.mark.xfail(strict=True, reason="WORKS: the operator's halt copies the team's entry, "
+                   "`pinned: true` included, into the top-level targets: it becomes an "
+                   "operator pin (beating the operator's pin of 2.0.0) and pins ignore "
+                   "`halted`, so the halted team release is installed")
+def test_attack_operator_halt_of_a_team_pin_ships_it(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.publish("2.0.0", seed=2)
+    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3), pinned=True)
+    world.update()
+    assert world.active_version() == "2.0.0"  # the operator's pin wins over the team's
+    _cli_ok(world, "rollout", "set", "classifier", "3.0.0", "--halt")
+    before = world.snapshot()
+    r = world.update()
+    assert world.active_version() == "2.0.0", r.message
+    assert world.snapshot().record == before.record

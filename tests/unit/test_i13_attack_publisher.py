@@ -136,3 +136,36 @@ def test_team_cannot_make_pin_act_on_another_models_release(
         repo.pin("classifier", "9.0.0")
     assert [f.path for f in repo.releases("classifier")] == [
         "classifier/classifier-1.0.0.tar"]
+
+
+def _device_choice(repo: Repository) -> str | None:
+    """What a classifier device on `stable` picks from the repository's current view."""
+    from updater._rollout import choose_release
+    from updater._tuf import _candidate
+
+    cands = [c for f in repo.releases("classifier")
+             if (c := _candidate(f, "classifier")) is not None]
+    choice = choose_release(cands, "dev-1", "stable")
+    return str(choice.release.version) if choice else None
+
+
+@pytest.mark.xfail(strict=True, reason="WORKS: `rollout set --halt` copies the team's entry "
+                   "into the top-level targets with the team's `pinned: true`, which makes it "
+                   "an operator pin (beating the operator's own pin), and pins ignore `halted`:"
+                   " halting a team's pinned release ships it to the whole fleet")
+@pytest.mark.parametrize("operator_pin", [True, False])
+def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
+    repo: Repository, tmp_path: Path, operator_pin: bool
+) -> None:
+    from simulator._teams import team_sign
+
+    repo.publish(_bundle(tmp_path, "1.0.0", 1))
+    repo.publish(_bundle(tmp_path, "2.0.0", 2))
+    if operator_pin:
+        repo.pin("classifier", "2.0.0")
+    repo.delegate("cls-team", ["classifier/*"])
+    team_sign(repo, "cls-team", _bundle(tmp_path, "3.0.0", 3), pinned=True)
+    before = _device_choice(repo)
+    assert before == ("2.0.0" if operator_pin else "3.0.0")
+    repo.set_rollout("classifier", "3.0.0", halted=True)  # the operator stops 3.0.0
+    assert _device_choice(repo) != "3.0.0"
