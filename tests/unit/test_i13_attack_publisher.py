@@ -169,3 +169,19 @@ def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
     assert before == ("2.0.0" if operator_pin else "3.0.0")
     repo.set_rollout("classifier", "3.0.0", halted=True)  # the operator stops 3.0.0
     assert _device_choice(repo) != "3.0.0"
+
+
+@pytest.mark.xfail(strict=True, reason="WORKS: a team lists one version twice (two paths, two "
+                   "bundles); `rollout pin` pins every entry of that version without saying "
+                   "so, and devices take whichever path sorts first: the operator pins bytes "
+                   "it never named")
+def test_attack_pin_of_an_ambiguous_version(repo: Repository, tmp_path: Path) -> None:
+    from simulator._teams import team_sign
+
+    repo.publish(_bundle(tmp_path, "1.0.0", 1))
+    repo.delegate("cls-team", ["classifier/*"])
+    team_sign(repo, "cls-team", _bundle(tmp_path, "3.0.0", 3))  # the one reviewed
+    team_sign(repo, "cls-team", _bundle(tmp_path, "3.0.0", 66),
+              path="classifier/a-classifier-3.0.0.tar")  # its twin, sorting first
+    with pytest.raises(RepositoryStateError, match="a-classifier-3.0.0.tar"):
+        repo.pin("classifier", "3.0.0")

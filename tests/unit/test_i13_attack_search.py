@@ -217,9 +217,9 @@ def test_attack_pattern_algebra_is_quadratic(tmp_path: Path,
 
 
 @pytest.mark.xfail(strict=True, reason="WORKS: find_releases runs one full walk per listed "
-                   "path: work = paths x depth x delegations per role (a 3 MB team tree "
-                   "costs ~1e9 pattern matches; ngclient pays depth x delegations once per "
-                   "path the client asks for)")
+                   "path: work = paths x depth x delegations per role (30 chained roles "
+                   "x 2000 delegations + 20000 paths, ~6 MB, cost ~1e9 pattern "
+                   "matches; ngclient pays depth x delegations once per path asked for)")
 def test_attack_per_path_walks_multiply(tmp_path: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     depth, width, listed = 10, 200, 200
