@@ -354,3 +354,43 @@ def test_origin_oversized_team_role_is_cut_off(tmp_path: Path) -> None:
     with pytest.raises(Exception) as e:
         s.search("m")
     assert type(e.value).__module__.startswith("updater"), repr(e.value)
+
+
+# -- refused: wider differential (more roles, diamonds, cycles, empty hash prefixes) ----
+
+_FP = ["m/*", "m/a*", "m/a1.tar", "m/b*", "*/*", "x/*", "m/*.tar", "m/b2.tar", "m/?1*", "*",
+       "m/*/*", "m/[ab]*", "m/[!a]*", "m/*1*", "?/*", "m/a?.tar", "[m]/*", "m/a1.tar*", "m/**"]
+_FPATHS = ["m/a1.tar", "m/a2.tar", "m/b1.tar", "m/b2.tar", "x/a1.tar", "m/c1.tar",
+           "m/a1.tarx", "m/ab", "m/1"]
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_wider_graphs_agree_with_ngclient(seed: int, tmp_path: Path) -> None:
+    import random
+
+    rng = random.Random(1000 + seed)
+    r = MemRepo()
+    names = [f"r{i}" for i in range(rng.randint(2, 12))]
+    for i, n in enumerate(names):
+        parent = rng.choice(["targets", "targets", *names[:i]])
+        if rng.random() < 0.25:
+            prefixes = [_h(rng.choice(_FPATHS))[:rng.randint(0, 2)]
+                        for _ in range(rng.randint(1, 2))]
+            r.delegate(parent, n, hash_prefixes=prefixes, terminating=rng.random() < 0.5)
+        else:
+            r.delegate(parent, n, paths=rng.sample(_FP, rng.randint(1, 3)),
+                       terminating=rng.random() < 0.5)
+    for _ in range(rng.randint(0, 6)):
+        a, b = rng.choice(["targets", *names]), rng.choice(names)
+        if a != b:
+            r.delegate(a, b, paths=rng.sample(_FP, rng.randint(1, 2)),
+                       terminating=rng.random() < 0.4)
+    for n in ["targets", *names]:
+        for p in rng.sample(_FPATHS, rng.randint(0, 4)):
+            r.add_target(n, p, f"{n}:{p}".encode())
+    r.publish()
+    s, _ = _session(r, tmp_path / "dev")
+    mine = {x.path: x.target for x in s.search("m")}
+    for i, p in enumerate(x for x in _FPATHS if x.startswith("m/")):
+        want = _ngclient(r, tmp_path / f"ref{i}").get_targetinfo(p)
+        assert mine.get(p) == want, (seed, p)
