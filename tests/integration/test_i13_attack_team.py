@@ -1,0 +1,67 @@
+"""Outside attack review of issue 13 finding 1 through swtpm, nginx and the real CLI.
+
+``xfail(strict=True)``: the attack WORKS today (the assertions say what should happen).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from simulator._teams import team_sign
+from tests.conftest import World
+from updater.errors import MetadataError
+
+
+def _cli_ok(w: World, *argv: str) -> str:
+    r = w.cli(*argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.xfail(strict=True, reason="WORKS: the classifier team's key re-signs its role "
+                   "already expired; every device's search fails on that role, so the "
+                   "operator's pin back to 2.0.0 never reaches the fleet (stock ngclient "
+                   "resolves the top-level path without the team's role)")
+def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.publish("2.0.0", seed=2)
+    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3))
+    world.update()
+    assert world.active_version() == "3.0.0"
+    # The team's 3.0.0 is bad; before the operator acts, the (compromised) team key
+    # publishes its role expired. The operator pins the fleet back to 2.0.0.
+    repo = world.repo
+    md = repo._role_md("cls-team")  # noqa: SLF001 - attacker tooling
+    md.signed.version += 1
+    md.signed.expires = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
+    repo._write_delegated(md, "cls-team", repo.keys / "delegated-cls-team.pem")  # noqa: SLF001
+    repo._snapshot_and_timestamp(repo.current()[0].version)  # noqa: SLF001
+    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    try:
+        world.update()
+    except MetadataError as e:
+        assert "cls-team" in str(e)  # what happens today: the team's role blocks the pin
+        raise
+    assert world.active_version() == "2.0.0"
+
+
+@pytest.mark.xfail(strict=True, reason="WORKS: the operator's halt copies the team's entry, "
+                   "`pinned: true` included, into the top-level targets: it becomes an "
+                   "operator pin (beating the operator's pin of 2.0.0) and pins ignore "
+                   "`halted`, so the halted team release is installed")
+def test_attack_operator_halt_of_a_team_pin_ships_it(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.publish("2.0.0", seed=2)
+    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3), pinned=True)
+    world.update()
+    assert world.active_version() == "2.0.0"  # the operator's pin wins over the team's
+    _cli_ok(world, "rollout", "set", "classifier", "3.0.0", "--halt")
+    before = world.snapshot()
+    r = world.update()
+    assert world.active_version() == "2.0.0", r.message
+    assert world.snapshot().record == before.record
