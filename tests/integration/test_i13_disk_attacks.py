@@ -1,0 +1,179 @@
+"""Issue 13 review (a5): the device's disk attacking "verify what you use, when you use it"
+and "never open a path in state_dir through a symlink", through swtpm + nginx + onnxruntime.
+
+A test marked ``xfail(strict=True)`` demonstrates an attack that works on this branch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import updater._install as install
+from tests.conftest import World
+from updater.errors import HealthCheckError, StagedFilesChangedError
+
+
+def _tar_files(data: bytes) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            f = t.extractfile(m)
+            assert f is not None
+            out[m.name] = f.read()
+    return out
+
+
+def _tree_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _overwrite(root: Path, files: dict[str, bytes]) -> None:
+    """What a process writing the disk does: new bytes in place (same inode, one link)."""
+    for name, data in files.items():
+        with open(root / name, "r+b") as f:
+            f.truncate(0)
+            f.write(data)
+
+
+def _boot_check(w: World, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "modelward", "agent", "boot-check", "--config",
+         str(w.conf_path)], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "verified by path, used by path: files replaced after _verify_on_disk('before its "
+    "health check') are what the sandboxed health check loads"))
+def test_files_swapped_between_verification_and_health_check_are_not_health_checked(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    v2 = _tar_files(world.publish("2.0.0", seed=2).read_bytes())
+    evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())  # healthy on its own
+    seen: list[dict[str, bytes]] = []
+    real_health = install.run_health_check
+
+    def health(slot: Path, *a: Any, **kw: Any) -> str:
+        _overwrite(slot, evil)  # the disk, right after the pre-health-check verification
+        seen.append(_tree_files(slot))
+        return real_health(slot, *a, **kw)
+
+    monkeypatch.setattr(install, "run_health_check", health)
+    with pytest.raises(StagedFilesChangedError):  # (caught, but only before the commit)
+        world.update()
+    assert seen == [v2]  # fails: onnxruntime loaded the attacker's bytes
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a health-check failure on bytes changed after verification is blamed on the "
+    "signed release and remembered (TPM-MACed): the disk gets a genuine release "
+    "rejected for good"))
+def test_files_corrupted_before_health_check_do_not_get_the_release_rejected(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    real_health = install.run_health_check
+
+    def health(slot: Path, *a: Any, **kw: Any) -> str:
+        _overwrite(slot, {"model.onnx": b"not a model"})
+        return real_health(slot, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(install, "run_health_check", health)
+        with pytest.raises((HealthCheckError, StagedFilesChangedError)) as e:
+            world.update()
+    # The right answer is StagedFilesChangedError (a local fault); the release is fine.
+    assert isinstance(e.value, StagedFilesChangedError), type(e.value).__name__
+    world.update()  # the disk stopped meddling: the genuine v2 installs
+    assert world.active_version() == "2.0.0"
+
+
+def _swap_after_commit_check(world: World, monkeypatch: pytest.MonkeyPatch,
+                             evil: dict[str, bytes]) -> None:
+    real_fsync = install.fsync_tree
+
+    def fsync_tree(root: Path) -> None:  # runs right after _verify_on_disk('before commit')
+        _overwrite(root, evil)
+        real_fsync(root)
+
+    monkeypatch.setattr(install, "fsync_tree", fsync_tree)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "nothing re-derives the fingerprint after the pre-commit check: bytes changed between "
+    "it and the rename into the slot are committed, moved in and served via current "
+    "until the next boot-check"))
+def test_files_swapped_after_the_commit_check_are_not_served(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    v2 = _tar_files(world.publish("2.0.0", seed=2).read_bytes())
+    evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())
+    _swap_after_commit_check(world, monkeypatch, evil)
+    with contextlib.suppress(StagedFilesChangedError):  # (a post-rename check's error)
+        world.update()
+    assert _tree_files(world.state / "current") == v2  # fails: the attacker's bytes
+
+
+def test_files_swapped_after_the_commit_check_are_caught_by_boot_check(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused (at the next boot): boot-check re-derives the fingerprint and falls back."""
+    v1 = _tar_files(world.publish("1.0.0", seed=1).read_bytes())
+    world.update()
+    world.publish("2.0.0", seed=2)
+    evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())
+    _swap_after_commit_check(world, monkeypatch, evil)
+    world.update()
+    assert _tree_files(world.state / "current") == evil  # (the window above)
+    r = _boot_check(world)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert os.readlink(world.state / "current") == "slots/a"
+    assert _tree_files(world.state / "current") == v1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Journal.read follows journal.json (Path.read_bytes): a symlink to a fifo outside "
+    "state_dir blocks boot-check for ever (to /dev/zero: memory exhaustion)"))
+def test_journal_symlinked_to_a_fifo_outside_does_not_hang_boot_check(
+    world: World, tmp_path: Path,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    fifo = tmp_path / "outside.fifo"
+    os.mkfifo(fifo)
+    journal = world.state / "journal.json"
+    journal.unlink()
+    journal.symlink_to(fifo)
+    r = _boot_check(world, timeout=30)  # fails: subprocess.TimeoutExpired
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent._child's heartbeat is Path.touch(): it follows a planted .heartbeat symlink "
+    "and creates (or touches) a file anywhere the agent may write"))
+def test_heartbeat_symlink_creates_nothing_outside_state_dir(
+    world: World, tmp_path: Path,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    outside = tmp_path / "outside" / "nologin"  # e.g. /etc/nologin as the agent's user
+    outside.parent.mkdir()
+    (world.state / ".heartbeat").symlink_to(outside)
+    r = subprocess.run([sys.executable, "-m", "agent._child", str(world.conf_path)],
+                       capture_output=True, text=True, timeout=120, check=False)
+    assert "Traceback" not in r.stderr, r.stderr
+    assert not outside.exists()  # fails: the agent created it
