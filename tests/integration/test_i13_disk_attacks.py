@@ -177,3 +177,26 @@ def test_heartbeat_symlink_creates_nothing_outside_state_dir(
                        capture_output=True, text=True, timeout=120, check=False)
     assert "Traceback" not in r.stderr, r.stderr
     assert not outside.exists()  # fails: the agent created it
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "symlink_atomic's temporary name .current.<pid>.tmp is predictable and removed with "
+    "unlink(): a directory planted there makes activate() raise IsADirectoryError, an "
+    "untyped traceback from boot-check on every boot (the pid of an early-boot unit is "
+    "predictable, and an offline disk can hold one such directory per pid)"))
+def test_a_directory_at_current_tmp_does_not_stop_boot_check_from_healing(
+    world: World,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    before = world.snapshot()
+    (world.state / "current").unlink()  # the disk deletes current ...
+    planted = world.state / f".current.{os.getpid()}.tmp"  # ... and plants its temp name
+    (planted / "keep").mkdir(parents=True)
+    store = world.store()
+    try:
+        install.boot_check(world.state, store)  # fails: IsADirectoryError
+    finally:
+        store.tpm.close()
+    assert os.readlink(world.state / "current") == "slots/a"
+    assert world.snapshot() == before
