@@ -200,3 +200,21 @@ def test_a_directory_at_current_tmp_does_not_stop_boot_check_from_healing(
         store.tpm.close()
     assert os.readlink(world.state / "current") == "slots/a"
     assert world.snapshot() == before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "journal.json planted as a directory: Journal.enter's os.replace raises "
+    "IsADirectoryError, which is no ModelwardError: `agent update` dies with a traceback "
+    "on every attempt and the device never updates"))
+def test_journal_planted_as_a_directory_gives_a_typed_error_or_is_replaced(
+    world: World,
+) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    journal = world.state / "journal.json"
+    journal.unlink()
+    (journal / "x").mkdir(parents=True)
+    r = world.cli("agent", "update", "--once", "--config", str(world.conf_path))
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert world.active_version() == "2.0.0"

@@ -186,3 +186,79 @@ def test_activate_over_a_current_tmp_symlink_does_not_follow(tmp_path: Path) -> 
     SlotStore(tmp_path).activate("a")
     assert os.readlink(tmp_path / "current") == "slots/a"
     assert outside.read_text() == "keep\n"
+
+
+# --- stage files hard-linked to files outside state_dir ----------------------------------
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    from publisher import build_bundle
+    from simulator import make_linear_model
+
+    d = tmp_path_factory.mktemp("b")
+    (d / "pad.bin").write_bytes(os.urandom(1 << 20))
+    build_bundle(make_linear_model(d / "m.onnx", seed=1), "clf", "1.0.0", d / "b.tar",
+                 extra=[(d / "pad.bin", "data/pad.bin")])
+    return (d / "b.tar").read_bytes()
+
+
+@pytest.mark.parametrize("which", ["part", "bundle", "index", "incoming/model.onnx",
+                                   "incoming/data/pad.bin"])
+def test_stage_files_hard_linked_to_outside_files_are_never_written(
+    signed: bytes, tmp_path: Path, which: str,
+) -> None:
+    """Refused: a stage file that is a second name of a file outside ``state_dir`` (a hard
+    link, same file system) is removed, never opened for writing; the outside file keeps
+    its bytes, and the stage gets the signed ones."""
+    from tests.unit.test_i13_stage import _members, _offsets, _plant, _run
+
+    index = [{"path": p, "offset": o, "size": n} for p, o, n in _offsets(signed)]
+    stage = _plant(tmp_path, signed[: len(signed) // 2], index, _members(signed))
+    if which == "bundle":
+        os.replace(stage.part, stage.done)
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"precious " * 1000)
+    name = {"part": stage.part, "bundle": stage.done, "index": stage.index}.get(
+        which, stage.staging / which)
+    name.unlink()
+    os.link(outside, name)
+    files, _origin, _fp = _run(tmp_path, signed)
+    assert files == _members(signed)
+    assert outside.read_bytes() == b"precious " * 1000
+
+
+def test_hidden_files_and_dirs_in_a_slot_change_the_fingerprint(tmp_path: Path) -> None:
+    """Refused: dot-files are listed like any other file."""
+    slot = _slot(tmp_path / "a")
+    before = _fp(slot)
+    (slot / ".hidden").write_bytes(b"")
+    assert _fp(slot) != before
+    (slot / ".hidden").unlink()
+    (slot / ".d").mkdir()
+    (slot / ".d" / "x").write_bytes(b"")
+    assert _fp(slot) != before
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "directory_entries has no bound on the entries of a slot: a bundle has at most 257 "
+    "members, yet every planted file is listed, opened and hashed, and each costs a "
+    "FileEntry in memory (millions of empty files planted in a slot or incoming exhaust "
+    "boot-check's memory and time before it can fall back)"))
+def test_a_slot_with_thousands_of_planted_files_is_refused_after_a_bounded_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import trust._fingerprint as fpmod
+
+    slot = _slot(tmp_path / "a")
+    for i in range(5000):
+        (slot / f"f{i}").write_bytes(b"")
+    opened = [0]
+    real = fpmod._plain_entry
+
+    def counted(*a: object) -> object:
+        opened[0] += 1
+        return real(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fpmod, "_plain_entry", counted)
+    directory_entries(slot)
+    assert opened[0] <= 300  # fails: 5003
