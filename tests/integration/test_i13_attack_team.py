@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from simulator._teams import team_sign
 from tests.conftest import World
 from updater.errors import MetadataError
