@@ -109,14 +109,7 @@ class _Hash:
     prefixes: frozenset[str]
 
 
-@dataclass(frozen=True)
-class _Opaque:
-    """A set decided only per path (a succinct hash bin)."""
-
-    name: str
-
-
-_Atom = _Pattern | _Hash | _Opaque
+_Atom = _Pattern | _Hash
 # A delegation's matcher: a union of atoms (any pattern of the role, or its prefixes).
 _Union = frozenset[_Atom]
 

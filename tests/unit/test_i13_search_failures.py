@@ -261,3 +261,20 @@ def test_rekeyed_team_file_is_not_used_but_operator_decisions_work(
         repo.set_rollout("classifier", "3.0.0", halted=True)
     repo.pin("classifier", "1.0.0")
     assert _device_choice(repo) == "1.0.0"
+
+
+# -- the caps only ever over-approximate -------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_capped_class_algebra_still_agrees_with_ngclient(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With every cap of the class algebra at 1 (nearly every class approximated), the
+    random delegation graphs still give exactly ngclient's answer for each path."""
+    import updater._search as search_mod
+    from tests.unit.test_i13_attack_search import test_wider_graphs_agree_with_ngclient
+
+    for cap in ("_MAX_ATOMS", "_MAX_UNIONS", "_MAX_CLAIMS"):
+        monkeypatch.setattr(search_mod, cap, 1)
+    test_wider_graphs_agree_with_ngclient(seed, tmp_path)
