@@ -21,7 +21,7 @@ from tuf.api.metadata import TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
 from updater._fetcher import RangeFetcher
-from updater._search import TOP, Found, Reach, find_releases
+from updater._search import TOP, Found, Reach, SearchBudgetError, find_releases
 from updater._semver import SemVer
 from updater.errors import DownloadFailedError, MetadataError, StagingError
 
@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ROLE_NAME = 128  # characters of a delegated role name the device accepts
 _NAME_MAX = 255  # bytes of a file name (ngclient stores a role as quote(name).json)
+MAX_DELEGATED_BYTES = 16 * 2**20  # delegated metadata one search may hold in memory
 
 
 class _AnchoredUpdater(Updater):
@@ -139,6 +140,7 @@ class TufSession:
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
         self._fetcher = fetcher
+        self._searching, self._search_bytes = "", 0  # the search under way, bytes loaded
         self.targets_url = targets_url.rstrip("/") + "/"
         try:
             self._updater = _AnchoredUpdater(
@@ -208,6 +210,10 @@ class TufSession:
         """
         what = f"delegated role {role[:64]}{'...' if len(role) > 64 else ''} " \
             f"(delegated by {delegator[:64]})"
+        if self._search_bytes > MAX_DELEGATED_BYTES:
+            raise SearchBudgetError(self._searching, f"{what} not loaded: the roles loaded "
+                                    f"already hold {self._search_bytes} bytes, over the "
+                                    f"{MAX_DELEGATED_BYTES} one search may hold")
         if len(role) > MAX_ROLE_NAME or \
                 len(urllib.parse.quote(role, "").encode()) + len(".json") > _NAME_MAX:
             raise MetadataError(f"{what}: a role name of {len(role)} characters is longer "
@@ -218,9 +224,15 @@ class TufSession:
             raise convert_tuf_error(e, what) from e
         except OSError as e:
             raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
+        try:  # ngclient persisted what it verified: its size is what the role holds
+            self._search_bytes += os.stat(Path(self._updater._dir,  # noqa: SLF001
+                                               f"{urllib.parse.quote(role, '')}.json")).st_size
+        except OSError:
+            self._search_bytes += self._updater.config.targets_max_length
         return targets
 
     def _find(self, model: str) -> tuple[list[Found], Reach]:
+        self._searching, self._search_bytes = model, 0
         found, reach = find_releases(model, self._load_role,
                                      self._updater.config.max_delegations,
                                      skip=(MetadataError, DownloadFailedError))

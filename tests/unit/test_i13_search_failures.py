@@ -278,3 +278,30 @@ def test_capped_class_algebra_still_agrees_with_ngclient(
     for cap in ("_MAX_ATOMS", "_MAX_UNIONS", "_MAX_CLAIMS"):
         monkeypatch.setattr(search_mod, cap, 1)
     test_wider_graphs_agree_with_ngclient(seed, tmp_path)
+
+
+def test_delegated_metadata_held_by_one_search_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A team key fans out into many large sub-roles (each under ngclient's per-role
+    cap): past the byte bound no further role is fetched, a typed error says so, and
+    the operator's top-level release stays."""
+    import updater._tuf as tuf_mod
+
+    monkeypatch.setattr(tuf_mod, "MAX_DELEGATED_BYTES", 20_000)
+    r = MemRepo()
+    r.add_target("targets", "m/m-1.0.0.tar", custom=_mw("1.0.0", pinned=True))
+    r.delegate("targets", "team", paths=["m/*"])
+    for i in range(20):
+        r.delegate("team", f"sub{i}", paths=["m/*"])
+        for j in range(30):
+            r.add_target(f"sub{i}", f"m/s{i}-{j}.tar", custom=_mw(f"2.{i}.{j}"))
+    r.publish()
+    s, f = _session(r, tmp_path / "a")
+    with pytest.raises(SearchBudgetError, match="not loaded"):
+        s.search("m")
+    fetched = f.roles_requested()[TOPLEVEL:]
+    assert "team" in fetched and len(fetched) < 10, fetched
+    s, _ = _session(r, tmp_path / "b")
+    choice = choose_release(s.candidates("m"), "dev-1", "stable")
+    assert choice is not None and str(choice.release.version) == "1.0.0"
