@@ -17,6 +17,7 @@ from typing import IO, Any, cast
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Key, Signer
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     DelegatedRole,
     Delegations,
@@ -28,6 +29,7 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
+from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from publisher._keys import (
@@ -251,6 +253,8 @@ class Repository:
             raise RepositoryStateError(
                 f"{path} is missing: is {self.repo} a repository made by `repo init`?"
             ) from e
+        except DeserializationError as e:
+            raise RepositoryStateError(f"{path} is not TUF metadata: {e}") from e
 
     def latest_root_version(self) -> int:
         """Highest ``N.root.json``."""
@@ -506,10 +510,37 @@ class Repository:
                 extra: tuple[str, str] | None = None) -> Callable[[str, str], Targets]:
         """Roles as devices load them, from this repository's own files (``targets``
         standing for the top-level role; ``extra`` = (role, path) pretends the role lists
-        the path)."""
+        the path).
 
-        def load(role: str, _delegator: str) -> Targets:
-            t = targets if role == TOP else self._role_md(role).signed
+        Each delegated role's newest file is verified against the keys and threshold its
+        delegator (loaded and verified before it) gives it, as a device would: a file in
+        the served directory that the team's key did not sign is never used (and never
+        copied into the operator-signed top-level targets).
+
+        The loader raises RepositoryStateError for a role that is missing or does not
+        verify.
+        """
+        verified: dict[str, Targets] = {TOP: targets}
+
+        def load(role: str, delegator: str) -> Targets:
+            t = verified.get(role)
+            if t is None:
+                parent = verified.get(delegator)
+                if parent is None:
+                    raise RepositoryStateError(
+                        f"delegated role {role!r}: its delegator {delegator!r} is not loaded")
+                md = self._role_md(role)
+                if not isinstance(md.signed, Targets):
+                    raise RepositoryStateError(f"delegated role {role!r}: its metadata is "
+                                               f"{md.signed.type}, not targets")
+                try:
+                    parent.verify_delegate(role, md.signed_bytes, md.signatures)
+                except (UnsignedMetadataError, ValueError) as e:
+                    raise RepositoryStateError(
+                        f"delegated role {role!r} (version {md.signed.version}) is not signed "
+                        f"by the keys {delegator!r} delegates it to: {e}",
+                        hint=f"the {role!r} team must re-sign its metadata") from e
+                t = verified[role] = md.signed
             if extra is not None and extra[0] == role:
                 t = copy.copy(t)
                 t.targets = {**t.targets, extra[1]: TargetFile(1, {"sha256": "00"}, extra[1])}
@@ -520,17 +551,43 @@ class Repository:
     def releases(self, name: str, targets: Targets | None = None) -> list[Found]:
         """The targets under ``name/`` as devices find them: TUF's delegation search, each
         path taken from the role that search ends at (operator tombstones included)."""
+        return self._releases(name, targets)[0]
+
+    def _releases(self, name: str, targets: Targets | None = None
+                  ) -> tuple[list[Found], list[Exception]]:
+        """:meth:`releases`, and why some paths were left out: a delegated role that is
+        missing or does not verify removes only the paths its search speaks for (the
+        operator's top-level releases never depend on a team's role)."""
         targets = targets if targets is not None else self.current()[0]
-        found, _ = find_releases(name, self._loader(targets))
-        return [f for f in found if _fields(f.target).get("name") == name]
+        found, reach = find_releases(name, self._loader(targets),
+                                     skip=(RepositoryStateError,))
+        for e in reach.errors:
+            logger.warning("releases of %s: some left out: %s", name, e)
+        return [f for f in found if _fields(f.target).get("name") == name], reach.errors
 
     def _release(self, targets: Targets, name: str, version: str) -> list[Found]:
-        out = [f for f in self.releases(name, targets)
-               if _fields(f.target).get("version") == version
-               and not _fields(f.target).get("withdrawn")]
+        """The entries in force for ``name`` ``version``, as devices see them: only the
+        operator's when the top-level targets list that version (tombstones included)."""
+        found, errors = self._releases(name, targets)
+        mine = [f for f in found if _fields(f.target).get("version") == version]
+        if any(f.role == TOP for f in mine):
+            mine = [f for f in mine if f.role == TOP]
+        out = [f for f in mine if not _fields(f.target).get("withdrawn")]
         if not out:
-            raise RepositoryStateError(f"{name} {version} is not published")
+            why = " (withdrawn: an operator tombstone)" if mine else ""
+            left = "; ".join(str(e) for e in errors)
+            raise RepositoryStateError(f"{name} {version} is not published{why}"
+                                       + (f" (left out: {left})" if left else ""))
         return out
+
+    @staticmethod
+    def _unambiguous(found: list[Found], name: str, version: str, what: str) -> None:
+        paths = sorted({f.path for f in found})
+        if len(paths) > 1:
+            raise RepositoryStateError(
+                f"{what} {name} {version}: that version is listed at {len(paths)} paths "
+                f"({', '.join(paths)}), with different bytes; refusing to choose",
+                hint="withdraw the version (every path), and publish a new one once")
 
     def delegate(self, name: str, paths: list[str] | None = None, *, parent: str = TOP,
                  terminating: bool = True, hash_prefixes: list[str] | None = None) -> Path:
@@ -635,6 +692,9 @@ class Repository:
         returns its modelward fields, to edit in place."""
         if found.role != TOP:
             tf = TargetFile.from_dict(copy.deepcopy(found.target.to_dict()), found.path)
+            field = tf.custom.get("modelward") if isinstance(tf.custom, dict) else None
+            if isinstance(field, dict):
+                field["pinned"] = False  # only the operator's own `pin` pins
             targets.targets[found.path] = tf
             logger.info("%s: the operator's decision goes into the top-level targets, over "
                         "role %s", found.path, found.role)
@@ -654,7 +714,10 @@ class Repository:
         targets, _, _ = self.current()
         if percent is not None and not 0.0 <= percent <= 100.0:
             raise RepositoryStateError(f"rollout {percent} is not a percentage (0-100)")
-        for found in self._release(targets, name, version):
+        releases = self._release(targets, name, version)
+        if percent is not None or halted is False:  # halting every entry is always safe
+            self._unambiguous(releases, name, version, "rollout set")
+        for found in releases:
             f = self._operator_entry(targets, found)
             rollout = dict(f.get("rollout") or {"basis_points": 10000, "halted": False})
             if percent is not None:
@@ -670,20 +733,20 @@ class Repository:
         the targets version. Devices that installed it keep it until a newer or pinned
         release reaches them; no device installs it any more.
 
-        A top-level release is removed; a team's release (or one the removal would
-        uncover) gets an operator tombstone (``withdrawn``) in the top-level targets.
+        Every entry of that version (the operator's own and a team's, at any path) gets
+        an operator tombstone (``withdrawn``) in the top-level targets, which stays: the
+        version can never be published again, by the operator or by a team.
 
         Raises:
             RepositoryStateError: no such release.
         """
         targets, _, _ = self.current()
-        for found in self._release(targets, name, version):
-            if found.role == TOP:
-                del targets.targets[found.path]
+        self._release(targets, name, version)
         for found in [f for f in self.releases(name, targets)
                       if _fields(f.target).get("version") == version]:
-            if found.role != TOP:
-                self._operator_entry(targets, found)["withdrawn"] = True
+            f = self._operator_entry(targets, found)
+            f["withdrawn"] = True
+            f["pinned"] = False
         self._commit_targets(targets)
         logger.info("withdrew %s %s as targets v%d", name, version, targets.version)
         return int(targets.version)
@@ -698,6 +761,7 @@ class Repository:
         channel = None
         if version is not None:
             releases = self._release(targets, name, version)
+            self._unambiguous(releases, name, version, "pin")
             channel = _fields(releases[0].target).get("channel", "stable")
             for found in releases:
                 self._operator_entry(targets, found)

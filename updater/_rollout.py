@@ -12,7 +12,9 @@ A release's signed ``modelward`` field carries ``channel``, ``rollout.basis_poin
 * a halted release is installed by no device that does not have it yet (those that have
   it keep it: devices never move down on their own);
 * a pinned release is the operator's explicit, signed decision: devices install it even
-  when it is older than what they run. Replayed old metadata cannot pin anything back,
+  when it is older than what they run. A halted pin pins nothing (halting wins: the
+  operator stopped that release); a team's pin counts only while no operator pin
+  exists for the channel, halted or not. Replayed old metadata cannot pin anything back,
   because the trust record refuses targets metadata older than it has seen;
 * the operator's top-level decisions win over a delegated role's for the same model: a
   release (name and version) that the top-level targets list is taken from there only
@@ -74,8 +76,9 @@ def choose_release(
 ) -> Choice | None:
     """Pick what this device should run (None: nothing eligible)."""
     mine = [r for r in operator_first(releases) if r.channel == channel]
-    pinned = [r for r in mine if r.pinned and r.role == OPERATOR] or \
+    pins = [r for r in mine if r.pinned and r.role == OPERATOR] or \
         [r for r in mine if r.pinned]
+    pinned = [r for r in pins if not r.halted]
     if pinned:
         return Choice(max(pinned, key=lambda r: r.version), True)
     eligible = [r for r in mine if not r.halted and

@@ -22,6 +22,18 @@ verified ``Targets`` (the caller does the I/O and the TUF verification):
    ``path_hash_prefixes`` through ``Delegations.get_roles_for_target``, at most
    ``max_delegations`` visited roles, cycles skipped). Only the role that search ends at
    speaks for the path; a listing in any other role is ignored.
+
+The top-level targets decide first: a path they list is theirs without any delegated
+role (TUF's search visits them first for every path), so an operator's pin, halt or
+tombstone never depends on a team's metadata. A delegated role that fails to load
+(expired, unsigned, missing, a name no file may have) removes only the paths whose
+search passes through it; :class:`Reach` records it, typed, and the caller decides.
+
+All the work is bounded: at most :data:`MAX_ROLES` roles loaded, succinct hash bins
+never enumerated past :data:`MAX_BINS` (a path is resolved to its one bin directly), the
+class algebra capped in atoms and over-approximated past the caps, and a total work
+budget for each step; past it the search stops with a :class:`SearchBudgetError`
+recorded, keeping what the top-level targets decide.
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from tuf.api.metadata import DelegatedRole, Root, SuccinctRoles, TargetFile, Targets
+from tuf.api.metadata import DelegatedRole, Root, TargetFile, Targets
+
+from updater.errors import MetadataError
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +55,35 @@ Loader = Callable[[str, str], Targets]
 """``load(role, delegator)``: the role's metadata, verified against the delegator's keys."""
 
 _WILD = frozenset("*?[")
-_STEPS_PER_ROLE = 8  # visits (role, class of paths) per loaded role, against blow-ups
+MAX_ROLES = 1024  # roles one search for a model's releases may load
+MAX_BINS = 1024  # succinct hash bins enumerated to find releases (2**10)
+MAX_WORK = 1_000_000  # elementary steps (pattern comparisons, matches) per phase
+_MAX_ATOMS = 16  # patterns of one delegation the class algebra reasons about exactly
+_MAX_UNIONS = 8  # delegations along one chain reasoned about exactly
+_MAX_CLAIMS = 64  # terminating siblings subtracted exactly
+
+
+class SearchBudgetError(MetadataError):
+    """The delegation search for a model's releases needs more work than it may do.
+
+    Attributes:
+        model: the model searched for.
+    """
+
+    def __init__(self, model: str, what: str) -> None:
+        super().__init__(f"delegation search for {model}/: {what}: the delegated metadata "
+                         "is too large to search (the top-level targets still apply)")
+        self.model = model
+
+
+class _Budget:
+    def __init__(self, model: str, limit: int, what: str) -> None:
+        self.model, self.left, self.what = model, limit, what
+
+    def spend(self, n: int) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise SearchBudgetError(self.model, f"{self.what}: work bound reached")
 
 
 def in_namespace(path: str, model: str) -> bool:
@@ -67,14 +109,7 @@ class _Hash:
     prefixes: frozenset[str]
 
 
-@dataclass(frozen=True)
-class _Opaque:
-    """A set decided only per path (a succinct hash bin)."""
-
-    name: str
-
-
-_Atom = _Pattern | _Hash | _Opaque
+_Atom = _Pattern | _Hash
 # A delegation's matcher: a union of atoms (any pattern of the role, or its prefixes).
 _Union = frozenset[_Atom]
 
@@ -150,36 +185,52 @@ class _Class:
     """Paths ``model/<x>`` in every union of ``within`` and in none of ``claimed``.
 
     ``claimed`` holds what terminating roles took: each entry is the class of paths a
-    terminating role matched (a conjunction of unions).
+    terminating role matched (a conjunction of unions). ``approx``: a constraint was
+    left out (past the caps), so the class may hold more paths than the search reaches
+    with (a superset: a role too many is loaded, never one too few).
     """
 
     within: frozenset[_Union] = frozenset()
     claimed: frozenset[frozenset[_Union]] = frozenset()
+    approx: bool = False
 
     def narrow(self, u: _Union) -> _Class:
-        return _Class(self.within | {u}, self.claimed)
+        if len(u) > _MAX_ATOMS or len(self.within) >= _MAX_UNIONS:
+            return _Class(self.within, self.claimed, True)
+        return _Class(self.within | {u}, self.claimed, self.approx)
 
     def without(self, taken: frozenset[_Union]) -> _Class:
-        return _Class(self.within, self.claimed | {taken})
+        if len(self.claimed) >= _MAX_CLAIMS or any(len(t) > _MAX_ATOMS for t in taken):
+            return _Class(self.within, self.claimed, True)
+        return _Class(self.within, self.claimed | {taken}, self.approx)
 
-    def _implies(self, u: _Union, model: str) -> bool:
+    @property
+    def exact(self) -> bool:
+        """The class is exactly the paths the search gets here with, no holes."""
+        return not self.claimed and not self.approx
+
+    def _implies(self, u: _Union, model: str, budget: _Budget) -> bool:
+        budget.spend(len(u) * (1 + sum(len(w) for w in self.within)))
         return any(_atom_universal(a, model) for a in u) or \
             any(_union_implies(w, u, model) for w in self.within)
 
-    def empty(self, model: str) -> bool:
+    def empty(self, model: str, budget: _Budget) -> bool:
         """Provably empty (False when unsure)."""
         within = list(self.within)
+        budget.spend(1 + sum(len(u) for u in within))
         if any(not any(_atom_possible(a, model) for a in u) for u in within):
             return True
         for i, u in enumerate(within):
             for w in within[i + 1:]:
+                budget.spend(len(u) * len(w))
                 if all(_atoms_disjoint(a, b, model) for a in u for b in w):
                     return True
-        return any(all(self._implies(t, model) for t in taken) for taken in self.claimed)
+        return any(all(self._implies(t, model, budget) for t in taken)
+                   for taken in self.claimed)
 
-    def covered_by(self, u: _Union, model: str) -> bool:
+    def covered_by(self, u: _Union, model: str, budget: _Budget) -> bool:
         """Provably: every path of this class matches ``u``."""
-        return self._implies(u, model)
+        return self._implies(u, model, budget)
 
 
 # -- the search --------------------------------------------------------------------
@@ -187,107 +238,202 @@ class _Class:
 
 @dataclass
 class Reach:
-    """What :func:`reachable_roles` loaded.
+    """What the search loaded, and what it could not use.
 
     Attributes:
         loaded: (delegator, role) -> verified metadata, in load order.
-        truncated: the bound on visited roles stopped the walk early.
+        failed: (delegator, role) -> why the role could not be used (its error); the
+            paths whose search passes through it are left out.
+        errors: every error that left paths out (role failures, work bounds), in order.
+        truncated: a bound stopped the search early.
     """
 
     loaded: dict[tuple[str, str], Targets] = field(default_factory=dict)
+    failed: dict[tuple[str, str], Exception] = field(default_factory=dict)
+    errors: list[Exception] = field(default_factory=list)
     truncated: bool = False
 
     def roles(self) -> list[str]:
         """Names of the roles loaded, in order, each once."""
         return list(dict.fromkeys(role for _, role in self.loaded))
 
-
-def _children(targets: Targets) -> Iterator[tuple[str, bool, _Union]]:
-    d = targets.delegations
-    if d is None:
-        return
-    if d.roles is not None:
-        for role in d.roles.values():
-            yield role.name, role.terminating, _matcher(role)
-    elif d.succinct_roles is not None:
-        succinct: SuccinctRoles = d.succinct_roles
-        for name in succinct.get_roles():  # TAP 15: every bin is terminating
-            yield name, True, frozenset({_Opaque(name)})
+    def _error(self, e: Exception) -> None:
+        if not any(x is e for x in self.errors):
+            self.errors.append(e)
 
 
 class _Memo:
-    def __init__(self, load: Loader, reach: Reach) -> None:
-        self._load, self.reach = load, reach
+    """``load`` once per (delegator, role); a failure is remembered (and raised again)
+    when it is one of ``skip``."""
+
+    def __init__(self, load: Loader, reach: Reach,
+                 skip: tuple[type[Exception], ...]) -> None:
+        self._load, self.reach, self._skip = load, reach, skip
 
     def __call__(self, role: str, delegator: str) -> Targets:
         key = (delegator, role)
+        if key in self.reach.failed:
+            raise self.reach.failed[key]
         if key not in self.reach.loaded:
-            self.reach.loaded[key] = self._load(role, delegator)
+            try:
+                self.reach.loaded[key] = self._load(role, delegator)
+            except self._skip as e:
+                self.reach.failed[key] = e
+                self.reach._error(e)  # noqa: SLF001
+                logger.warning("delegated role %s (delegated by %s) cannot be used; the "
+                               "paths its search speaks for are left out: %s",
+                               role, delegator, e)
+                raise
         return self.reach.loaded[key]
 
 
-def reachable_roles(model: str, load: Loader, max_delegations: int = 32) -> Reach:
+def _children(targets: Targets) -> Iterator[tuple[str, bool, _Union]]:
+    d = targets.delegations
+    if d is not None and d.roles is not None:
+        for role in d.roles.values():
+            yield role.name, role.terminating, _matcher(role)
+
+
+def reachable_roles(model: str, load: Loader, max_delegations: int = 32, *,
+                    skip: tuple[type[Exception], ...] = (),
+                    reach: Reach | None = None) -> Reach:
     """Load every role TUF's search can reach for a path ``model/<x>``.
 
     Mirrors ngclient's walk (a stack, children pushed in reverse order, each role
     visited once per class of paths, which also ends cycles) over classes of paths. A
     role is loaded once, through the first delegator that reaches it: this step only
     decides what to fetch; :func:`preorder_walk` verifies each role through the
-    delegator that the search for a given path goes through. At most
-    ``max_delegations`` + 1 roles are loaded (ngclient's bound for one path).
+    delegator that the search for a given path goes through. ``max_delegations`` is
+    ngclient's bound for one path: a role deeper than that in the delegation graph is
+    visited by no path's search, so it is not loaded; otherwise the bound applies per
+    path (in :func:`preorder_walk`). Here at most :data:`MAX_ROLES` roles are loaded
+    and :data:`MAX_WORK` steps spent.
 
-    Raises:
-        whatever ``load`` raises (metadata that fails to verify ends the search).
+    A role whose load raises one of ``skip`` is recorded in ``Reach.failed`` and not
+    searched further; any other error propagates.
     """
-    reach = Reach()
+    reach = reach if reach is not None else Reach()
+    memo = load if isinstance(load, _Memo) else _Memo(load, reach, skip)
+    budget = _Budget(model, MAX_WORK, "finding the roles to load")
     by_role: dict[str, Targets] = {}
-    stack: list[tuple[str, str, _Class]] = [(TOP, Root.type, _Class())]
+    stack: list[_Entry] = [(TOP, Root.type, _Class(), 0)]
     seen: set[tuple[str, _Class]] = set()
-    steps = 0
-    while stack:
-        role, delegator, cls = stack.pop()
-        if (role, cls) in seen or cls.empty(model):
-            continue
-        steps += 1
-        if role not in by_role and len(by_role) > max_delegations or \
-                steps > _STEPS_PER_ROLE * (max_delegations + 1):
-            reach.truncated = True
-            logger.warning("delegation search for %s/: bound of %d roles reached; %s and "
-                           "%d more not visited", model, max_delegations, role, len(stack))
-            break
-        seen.add((role, cls))
-        if role not in by_role:
-            by_role[role] = reach.loaded[(delegator, role)] = load(role, delegator)
-        push: list[tuple[str, str, _Class]] = []
-        for child, terminating, matcher in _children(by_role[role]):
-            sub = cls.narrow(matcher)
-            if sub.empty(model):
+    try:
+        while stack:
+            role, delegator, cls, level = stack.pop()
+            budget.spend(1)
+            if (role, cls) in seen or level > max_delegations or cls.empty(model, budget):
                 continue
-            push.append((child, role, sub))
-            if not terminating:
-                continue
-            # TUF: the search for a path that a terminating role matches goes no further
-            # than that role: not to later siblings, not back up. Pending visits lose
-            # those paths; that is exact only when this class has no holes of its own.
-            exact = not cls.claimed
-            if cls.covered_by(matcher, model):
-                if exact:
-                    stack = [(r, d, c.without(cls.within)) for r, d, c in stack]
-                break
-            if exact:
-                stack = [(r, d, c.without(sub.within)) for r, d, c in stack]
-            cls = cls.without(frozenset({matcher}))
-        push.reverse()
-        stack.extend(push)
+            seen.add((role, cls))
+            if role not in by_role:
+                if len(by_role) >= MAX_ROLES:
+                    raise SearchBudgetError(model, f"more than {MAX_ROLES} roles to load "
+                                            f"({role} and {len(stack)} more not visited)")
+                try:
+                    by_role[role] = memo(role, delegator)
+                except skip:
+                    continue
+            push = _visit(model, role, by_role[role], cls, stack, budget, reach)
+            stack.extend((r, d, c, level + 1) for r, d, c in reversed(push))
+    except SearchBudgetError as e:
+        reach.truncated = True
+        reach._error(e)  # noqa: SLF001
+        logger.warning("%s", e)
     return reach
 
 
+_Entry = tuple[str, str, "_Class", int]  # role, delegator, class of paths, depth
+
+
+def _visit(model: str, role: str, targets: Targets, cls: _Class,
+           stack: list[_Entry], budget: _Budget,
+           reach: Reach) -> list[tuple[str, str, _Class]]:
+    """The children of ``role`` to visit (in order); edits ``stack`` for terminating ones."""
+    push: list[tuple[str, str, _Class]] = []
+    d = targets.delegations
+    if d is not None and d.succinct_roles is not None:
+        # TAP 15: every path hashes to exactly one bin, and every bin is terminating: the
+        # delegation covers the whole class and ends the search for it.
+        bins = d.succinct_roles
+        if 2 ** bins.bit_length > MAX_BINS:
+            e = SearchBudgetError(model, f"role {role} delegates to {2 ** bins.bit_length} "
+                                  f"succinct hash bins, more than the {MAX_BINS} searched "
+                                  "for releases")
+            reach._error(e)  # noqa: SLF001
+            logger.warning("%s", e)
+        else:
+            budget.spend(2 ** bins.bit_length)
+            push = [(name, role, cls) for name in bins.get_roles()]
+        if cls.exact:
+            stack[:] = [(r, dg, c.without(cls.within), lv) for r, dg, c, lv in stack]
+        return push
+    for child, terminating, matcher in _children(targets):
+        sub = cls.narrow(matcher)
+        if sub.empty(model, budget):
+            continue
+        push.append((child, role, sub))
+        if not terminating:
+            continue
+        # TUF: the search for a path that a terminating role matches goes no further
+        # than that role: not to later siblings, not back up. Pending visits lose
+        # those paths; that is exact only when this class has no holes of its own.
+        budget.spend(len(stack))
+        if cls.covered_by(matcher, model, budget):
+            if cls.exact:
+                stack[:] = [(r, dg, c.without(cls.within), lv) for r, dg, c, lv in stack]
+            break
+        if cls.exact and sub.exact:
+            stack[:] = [(r, dg, c.without(sub.within), lv) for r, dg, c, lv in stack]
+        cls = cls.without(frozenset({matcher}))
+    return push
+
+
+class _Index:
+    """Per role and model, the delegations that can match some ``model/<x>`` (computed
+    once, so each path's search looks only at those)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[int, tuple[Targets, dict[str, list[DelegatedRole]]]] = {}
+
+    def relevant(self, targets: Targets, model: str, budget: _Budget | None
+                 ) -> list[DelegatedRole]:
+        d = targets.delegations
+        if d is None or d.roles is None:
+            return []
+        entry = self._cache.setdefault(id(targets), (targets, {}))
+        if model not in entry[1]:
+            if budget is not None:
+                budget.spend(len(d.roles))
+            entry[1][model] = [r for r in d.roles.values()
+                               if any(_atom_possible(a, model) for a in _matcher(r))]
+        return entry[1][model]
+
+
+def _roles_for_target(targets: Targets, path: str, index: _Index | None,
+                      budget: _Budget | None) -> Iterator[tuple[str, bool]]:
+    d = targets.delegations
+    if d is None:
+        return
+    parts = path.split("/")
+    if d.succinct_roles is not None or index is None or len(parts) != 2:
+        yield from d.get_roles_for_target(path)
+        return
+    candidates = index.relevant(targets, parts[0], budget)
+    if budget is not None:
+        budget.spend(len(candidates))
+    for role in candidates:
+        if role.is_delegated_path(path):
+            yield role.name, role.terminating
+
+
 def preorder_walk(path: str, load: Loader, max_delegations: int = 32, *,
-                  trail: list[str] | None = None) -> tuple[str, TargetFile] | None:
+                  trail: list[str] | None = None, _index: _Index | None = None,
+                  _budget: _Budget | None = None) -> tuple[str, TargetFile] | None:
     """TUF's target search for one path: the role that speaks for it and its entry.
 
-    The algorithm of ngclient's ``_preorder_depth_first_walk``, over ``load``; the
-    roles visited are appended to ``trail`` if given.
+    The algorithm of ngclient's ``_preorder_depth_first_walk``, over ``load`` (at most
+    ``max_delegations`` roles visited for this path); the roles visited are appended to
+    ``trail`` if given.
 
     Raises:
         whatever ``load`` raises.
@@ -305,15 +451,14 @@ def preorder_walk(path: str, load: Loader, max_delegations: int = 32, *,
         if target is not None:
             return role, target
         visited.add(role)
-        if targets.delegations is not None:
-            children: list[tuple[str, str]] = []
-            for child, terminating in targets.delegations.get_roles_for_target(path):
-                children.append((child, role))
-                if terminating:
-                    to_visit = []
-                    break
-            children.reverse()
-            to_visit.extend(children)
+        children: list[tuple[str, str]] = []
+        for child, terminating in _roles_for_target(targets, path, _index, _budget):
+            children.append((child, role))
+            if terminating:
+                to_visit = []
+                break
+        children.reverse()
+        to_visit.extend(children)
     return None
 
 
@@ -326,27 +471,48 @@ class Found:
     role: str
 
 
-def find_releases(model: str, load: Loader,
-                  max_delegations: int = 32) -> tuple[list[Found], Reach]:
+def find_releases(model: str, load: Loader, max_delegations: int = 32, *,
+                  skip: tuple[type[Exception], ...] = ()) -> tuple[list[Found], Reach]:
     """Every target at ``model/<x>`` as TUF's search finds it, loading only reached roles.
 
-    Listings that the search does not end at (a role outside its delegated paths, one
-    hidden by a terminating sibling, one shadowed by an earlier role) are left out and
-    logged.
+    The top-level targets' own listings first (no delegated role can change them). Then
+    each path a reached role lists, by the per-path search. Listings that the search
+    does not end at (a role outside its delegated paths, one hidden by a terminating
+    sibling, one shadowed by an earlier role) are left out and logged; so is a path
+    whose search passes through a role that failed to load with one of ``skip`` (see
+    ``Reach.failed``), or that the work bound did not reach (``Reach.errors``).
 
     Raises:
-        whatever ``load`` raises.
+        whatever ``load`` raises other than ``skip`` (the top-level role included).
     """
-    reach = reachable_roles(model, load, max_delegations)
-    memo = _Memo(load, reach)
+    reach = Reach()
+    memo = _Memo(load, reach, skip)
+    top = load(TOP, Root.type)
+    reach.loaded[(Root.type, TOP)] = top
+    found = [Found(p, t, TOP) for p, t in sorted(top.targets.items())
+             if in_namespace(p, model)]
+    reachable_roles(model, memo, max_delegations, skip=skip, reach=reach)
     listed: dict[str, set[str]] = {}
     for (_, role), targets in list(reach.loaded.items()):
+        if role == TOP:
+            continue
         for path in targets.targets:
-            if in_namespace(path, model):
+            if in_namespace(path, model) and path not in top.targets:
                 listed.setdefault(path, set()).add(role)
-    found = []
-    for path in sorted(listed):
-        hit = preorder_walk(path, memo, max_delegations)
+    index = _Index()
+    budget = _Budget(model, MAX_WORK, "resolving the paths listed")
+    for n, path in enumerate(sorted(listed)):
+        try:
+            hit = preorder_walk(path, memo, max_delegations, _index=index, _budget=budget)
+        except skip as e:
+            logger.warning("ignoring %s: its delegation search passes through a role that "
+                           "cannot be used: %s", path, e)
+            continue
+        except SearchBudgetError as e:
+            reach.truncated = True
+            reach._error(e)  # noqa: SLF001
+            logger.warning("%s; %d listed paths not resolved", e, len(listed) - n)
+            break
         if hit is None:
             logger.warning("ignoring %s: listed by %s, which TUF's delegation search does "
                            "not reach for it", path, ", ".join(sorted(listed[path])))
@@ -355,4 +521,5 @@ def find_releases(model: str, load: Loader,
         for other in sorted(listed[path] - {role}):
             logger.info("%s: %s speaks for it, not %s", path, role, other)
         found.append(Found(path, target, role))
+    found.sort(key=lambda f: f.path)
     return found, reach

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,11 +21,15 @@ from tuf.api.metadata import TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
 from updater._fetcher import RangeFetcher
-from updater._search import TOP, Found, find_releases
+from updater._search import TOP, Found, Reach, SearchBudgetError, find_releases
 from updater._semver import SemVer
 from updater.errors import DownloadFailedError, MetadataError, StagingError
 
 logger = logging.getLogger(__name__)
+
+MAX_ROLE_NAME = 128  # characters of a delegated role name the device accepts
+_NAME_MAX = 255  # bytes of a file name (ngclient stores a role as quote(name).json)
+MAX_DELEGATED_BYTES = 16 * 2**20  # delegated metadata one search may hold in memory
 
 
 class _AnchoredUpdater(Updater):
@@ -135,6 +140,7 @@ class TufSession:
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
         self._fetcher = fetcher
+        self._searching, self._search_bytes = "", 0  # the search under way, bytes loaded
         self.targets_url = targets_url.rstrip("/") + "/"
         try:
             self._updater = _AnchoredUpdater(
@@ -195,29 +201,58 @@ class TufSession:
 
     def _load_role(self, role: str, delegator: str) -> Targets:
         """A delegated role's metadata, verified against ``delegator``'s delegation (ngclient
-        loads the local copy, else fetches the version the snapshot names)."""
+        loads the local copy, else fetches the version the snapshot names).
+
+        Raises:
+            MetadataError: the role failed verification, or its name is longer than
+                :data:`MAX_ROLE_NAME` or than a file name may be (a repository's fault,
+                not the device's disk).
+        """
+        what = f"delegated role {role[:64]}{'...' if len(role) > 64 else ''} " \
+            f"(delegated by {delegator[:64]})"
+        if self._search_bytes > MAX_DELEGATED_BYTES:
+            raise SearchBudgetError(self._searching, f"{what} not loaded: the roles loaded "
+                                    f"already hold {self._search_bytes} bytes, over the "
+                                    f"{MAX_DELEGATED_BYTES} one search may hold")
+        if len(role) > MAX_ROLE_NAME or \
+                len(urllib.parse.quote(role, "").encode()) + len(".json") > _NAME_MAX:
+            raise MetadataError(f"{what}: a role name of {len(role)} characters is longer "
+                                f"than the {MAX_ROLE_NAME} a device accepts")
         try:
             targets: Targets = self._updater._load_targets(role, delegator)  # noqa: SLF001
         except (tuf_exc.RepositoryError, tuf_exc.DownloadError) as e:
-            raise convert_tuf_error(e, f"delegated role {role} (delegated by {delegator})") \
-                from e
+            raise convert_tuf_error(e, what) from e
         except OSError as e:
             raise _unwritable(Path(self._updater._dir), e) from e  # noqa: SLF001
+        try:  # ngclient persisted what it verified: its size is what the role holds
+            self._search_bytes += os.stat(Path(self._updater._dir,  # noqa: SLF001
+                                               f"{urllib.parse.quote(role, '')}.json")).st_size
+        except OSError:
+            self._search_bytes += self._updater.config.targets_max_length
         return targets
 
+    def _find(self, model: str) -> tuple[list[Found], Reach]:
+        self._searching, self._search_bytes = model, 0
+        found, reach = find_releases(model, self._load_role,
+                                     self._updater.config.max_delegations,
+                                     skip=(MetadataError, DownloadFailedError))
+        logger.debug("releases of %s: %d found in roles %s", model, len(found), reach.roles())
+        return found, reach
+
     def search(self, model: str) -> list[Found]:
-        """Targets at ``model/<file>`` as TUF's delegation search finds them.
+        """Targets at ``model/<file>`` as TUF's delegation search finds them (strict).
 
         Loads (and persists) only the delegated roles the search reaches for such paths.
 
         Raises:
-            MetadataError: a role the search reaches failed verification.
+            MetadataError: a role the search reaches failed verification, or the search
+                hit its work bound (:class:`updater._search.SearchBudgetError`).
             DownloadFailedError: the origin did not deliver one.
             StagingError: a verified role cannot be written to the metadata directory.
         """
-        found, reach = find_releases(model, self._load_role,
-                                     self._updater.config.max_delegations)
-        logger.debug("releases of %s: %d found in roles %s", model, len(found), reach.roles())
+        found, reach = self._find(model)
+        if reach.errors:
+            raise reach.errors[0]
         return found
 
     def candidates(self, model: str) -> list[Candidate]:
@@ -225,11 +260,22 @@ class TufSession:
         field is well-formed and names ``model`` (any other name is ignored and logged:
         a role's authority is over paths, so the path decides which model it is).
 
+        A delegated role that cannot be used (expired, bad signature, not delivered, too
+        much work) leaves out only the paths its search speaks for; the top-level targets
+        (the operator's pins, halts and tombstones) always apply. Only when nothing at
+        all is found is the first such error raised.
+
         Raises:
-            MetadataError, DownloadFailedError: as :meth:`search`.
+            MetadataError, DownloadFailedError: no release found, and a role failed.
+            StagingError: as :meth:`search`.
         """
+        found, reach = self._find(model)
+        if reach.errors and not found:
+            raise reach.errors[0]
+        for e in reach.errors:
+            logger.warning("releases of %s: some left out: %s", model, e)
         out = []
-        for f in self.search(model):
+        for f in found:
             cand = _candidate(f, model)
             if cand is not None:
                 out.append(cand)

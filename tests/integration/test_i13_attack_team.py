@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-import pytest
-
 from simulator._teams import team_sign
 from tests.conftest import World
 from updater.errors import MetadataError
@@ -20,10 +18,6 @@ def _cli_ok(w: World, *argv: str) -> str:
     return r.stdout
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: the classifier team's key re-signs its role "
-                   "already expired; every device's search fails on that role, so the "
-                   "operator's pin back to 2.0.0 never reaches the fleet (stock ngclient "
-                   "resolves the top-level path without the team's role)")
 def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.publish("2.0.0", seed=2)
@@ -48,10 +42,6 @@ def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: Wo
     assert world.active_version() == "2.0.0"
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: the operator's halt copies the team's entry, "
-                   "`pinned: true` included, into the top-level targets: it becomes an "
-                   "operator pin (beating the operator's pin of 2.0.0) and pins ignore "
-                   "`halted`, so the halted team release is installed")
 def test_attack_operator_halt_of_a_team_pin_ships_it(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.publish("2.0.0", seed=2)

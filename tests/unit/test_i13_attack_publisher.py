@@ -43,10 +43,6 @@ def _team_resigns(repo: Repository, role: str, edit: object) -> None:
     repo._snapshot_and_timestamp(repo.current()[0].version)  # noqa: SLF001
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: the team key delegates to a role that is not "
-                   "in the repository; Repository.releases loads every reachable role, so "
-                   "the operator can no longer pin/halt/withdraw ANY release of the model, "
-                   "its own top-level ones included")
 @pytest.mark.parametrize("action", ["pin", "halt", "withdraw"])
 def test_attack_team_ghost_subrole_blocks_operator_decisions(
     repo: Repository, tmp_path: Path, action: str
@@ -71,10 +67,6 @@ def test_attack_team_ghost_subrole_blocks_operator_decisions(
         repo.withdraw("classifier", "2.0.0")
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: the publisher reads delegated metadata from "
-                   "REPO/metadata without verifying it (newest file by name, no signature or "
-                   "delegator check): an entry no device would accept is copied into the "
-                   "operator-signed top-level targets by `rollout set/pin`")
 def test_attack_unverified_team_file_is_laundered_into_top_level(
     repo: Repository, tmp_path: Path
 ) -> None:
@@ -100,9 +92,6 @@ def test_attack_unverified_team_file_is_laundered_into_top_level(
     assert path not in top.targets or top.targets[path].hashes != tf.hashes
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: withdrawing the operator's own release deletes "
-                   "it without a tombstone, so a team may publish that very (name, version) "
-                   "again and every device installs the withdrawn release")
 def test_attack_team_republishes_an_operator_withdrawn_release(
     repo: Repository, tmp_path: Path
 ) -> None:
@@ -149,10 +138,6 @@ def _device_choice(repo: Repository) -> str | None:
     return str(choice.release.version) if choice else None
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: `rollout set --halt` copies the team's entry "
-                   "into the top-level targets with the team's `pinned: true`, which makes it "
-                   "an operator pin (beating the operator's own pin), and pins ignore `halted`:"
-                   " halting a team's pinned release ships it to the whole fleet")
 @pytest.mark.parametrize("operator_pin", [True, False])
 def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
     repo: Repository, tmp_path: Path, operator_pin: bool
@@ -171,10 +156,6 @@ def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
     assert _device_choice(repo) != "3.0.0"
 
 
-@pytest.mark.xfail(strict=True, reason="WORKS: a team lists one version twice (two paths, two "
-                   "bundles); `rollout pin` pins every entry of that version without saying "
-                   "so, and devices take whichever path sorts first: the operator pins bytes "
-                   "it never named")
 def test_attack_pin_of_an_ambiguous_version(repo: Repository, tmp_path: Path) -> None:
     from simulator._teams import team_sign
 

@@ -90,7 +90,8 @@ def test_withdraw_of_a_top_level_release_uncovering_a_team_copy(
     repo.withdraw("m", "1.0.0")
     rel = [(f.path, f.role, f.target.custom["modelward"].get("withdrawn"))
            for f in repo.releases("m")]
-    assert rel == [("m/again-1.0.0.tar", "targets", True)]
+    # Both paths get a top-level tombstone (the operator's own stays: issue 13 attack 10).
+    assert rel == [("m/again-1.0.0.tar", "targets", True), ("m/m-1.0.0.tar", "targets", True)]
 
 
 def test_cli_delegates_from_a_team(repo: Repository, monkeypatch: pytest.MonkeyPatch,
