@@ -9,7 +9,14 @@ What it sets up (all of it, or the program never runs):
 * ``PR_SET_NO_NEW_PRIVS``, ``PR_SET_PDEATHSIG`` (dies with the agent), ``oom_score_adj`` 1000
   (the kernel kills it before the inference app), niceness;
 * resource limits: address space, CPU seconds, file size (0: also no memfd or shm growth),
-  core size, open files; then every capability dropped (root in CI cannot raise them back);
+  core size, open files; then every capability dropped (root in CI cannot raise them back;
+  see below for the one a root agent's child keeps);
+* a bound on its tasks (threads): ``RLIMIT_NPROC``, set to what its real uid runs now plus
+  ``max_tasks``. The kernel never applies it to real uid 0, so a root agent's child moves
+  to ``task_uid`` (nobody) for good, keeping only ``CAP_DAC_READ_SEARCH`` to read the paths
+  Landlock allows (as root without capabilities could); an unprivileged agent's child keeps
+  the agent's uid, and threads the agent starts meanwhile come out of its budget (a
+  health check then fails: closed). A pids cgroup would need systemd delegation;
 * Landlock: the file system is read-only, and only the listed paths are visible at all (no
   state dir, no trust record, no credentials, no ``/dev/tpm*``); TCP bind/connect denied
   (ABI >= 4); abstract UNIX sockets and signals to processes outside the sandbox denied
@@ -28,9 +35,10 @@ What it sets up (all of it, or the program never runs):
 
 Then it proves the result: each ``must_deny`` path must fail to open, ``socket(2)`` of
 ``AF_INET``, ``AF_INET6``, ``AF_UNIX`` and ``AF_NETLINK`` must fail, and so must
-``socketpair``, ``F_SETOWN``, clearing ``PDEATHSIG``, ``shmget`` and ``O_TRUNC``. On any failure it writes one JSON line
-``{"missing": WHAT, "detail": TEXT}`` to the status fd and exits 121. On success the status
-fd closes at ``execve`` (it is close-on-exec) with nothing written.
+``socketpair``, ``F_SETOWN``, clearing ``PDEATHSIG``, ``shmget`` and ``O_TRUNC``. On any
+failure it writes one JSON line ``{"missing": WHAT, "detail": TEXT}`` to the status fd and
+exits 121. On success the status fd closes at ``execve`` (it is close-on-exec) with nothing
+written.
 """
 
 from __future__ import annotations
@@ -214,20 +222,99 @@ def _cap_eff() -> int:
     raise Missing("capabilities", "no CapEff in /proc/self/status")
 
 
+def _drop_bounding_set() -> None:
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and \
+                ctypes.get_errno() != errno.EINVAL:  # EINVAL: past the kernel's last cap
+            raise _err("capabilities", f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
 def _drop_capabilities() -> None:
     """Root (CI) drops every capability, so it cannot raise its limits again or bypass
     anything; the unprivileged agent has none to drop."""
     if _cap_eff() == 0:
         return
-    for cap in range(64):
-        if _libc.prctl(PR_CAPBSET_DROP, ctypes.c_ulong(cap), 0, 0, 0) != 0 and \
-                ctypes.get_errno() != errno.EINVAL:  # EINVAL: past the kernel's last cap
-            raise _err("capabilities", f"prctl(PR_CAPBSET_DROP, {cap})")
+    _drop_bounding_set()
     hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
     if _libc.syscall(_arch()[1]["capset"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
         raise _err("capabilities", "capset(0)")
     if _cap_eff() != 0:
         raise Missing("capabilities", "capabilities are still effective after capset")
+
+
+PR_SET_KEEPCAPS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE = 8, 47, 2
+CAP_DAC_READ_SEARCH = 2
+
+
+def _capset(caps: int) -> None:
+    hdr, data = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0), (_CapData * 2)()
+    data[0].effective = data[0].permitted = data[0].inheritable = caps
+    if _libc.syscall(_arch()[1]["capset"], ctypes.byref(hdr), ctypes.byref(data)) != 0:
+        raise _err("capabilities", f"capset({caps:#x})")
+
+
+def task_limit(statuses: list[str], uid: int, max_tasks: int) -> int:
+    """``RLIMIT_NPROC`` that leaves this process ``max_tasks`` tasks (itself included).
+
+    The kernel counts every task whose real uid is ``uid`` against it, so the limit is what
+    the others have now plus ``max_tasks``. Args: ``statuses``, the ``/proc/PID/status`` of
+    the processes (this one included: the caller is single-threaded).
+    """
+    tasks = 0
+    for text in statuses:
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        try:
+            if int(fields["Uid"].split()[0]) == uid:
+                tasks += int(fields["Threads"])
+        except (KeyError, ValueError, IndexError):
+            continue
+    return max(tasks - 1, 0) + max_tasks
+
+
+def _statuses() -> list[str]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/status") as f:
+                    out.append(f.read())
+            except OSError:
+                continue  # gone, or hidden (ProtectProc=invisible hides other users only)
+    return out
+
+
+def _bound_tasks(max_tasks: int, task_uid: int) -> None:
+    """Bound its tasks (threads) with ``RLIMIT_NPROC``; it counts by real uid and never for
+    real uid 0, so root moves to ``task_uid`` for good (no uid calls after the seccomp
+    filter). Root keeps only ``CAP_DAC_READ_SEARCH`` (ambient, it survives ``execve``): it reads
+    the paths Landlock lets it read, as root without capabilities did; every other capability
+    and the whole bounding set are gone. An unprivileged agent keeps its uid."""
+    if os.getuid() == 0:
+        try:
+            _capset((1 << CAP_DAC_READ_SEARCH) | _cap_eff())  # inheritable, while we may
+            _drop_bounding_set()
+            _prctl("capabilities", PR_SET_KEEPCAPS, 1)
+            os.setgroups([])
+            os.setresgid(task_uid, task_uid, task_uid)
+            os.setresuid(task_uid, task_uid, task_uid)
+        except OSError as e:
+            raise Missing("RLIMIT_NPROC", f"root cannot move to uid {task_uid} (RLIMIT_NPROC "
+                          f"does not count for uid 0): {e}") from e
+        _capset(1 << CAP_DAC_READ_SEARCH)
+        if _libc.prctl(PR_CAP_AMBIENT, ctypes.c_ulong(PR_CAP_AMBIENT_RAISE),
+                       ctypes.c_ulong(CAP_DAC_READ_SEARCH), 0, 0) != 0:
+            raise _err("capabilities", "prctl(PR_CAP_AMBIENT_RAISE, CAP_DAC_READ_SEARCH)")
+        if _cap_eff() != 1 << CAP_DAC_READ_SEARCH:
+            raise Missing("capabilities", "more than CAP_DAC_READ_SEARCH after capset")
+    else:
+        _drop_capabilities()
+    limit = task_limit(_statuses(), os.getuid(), max_tasks)
+    try:
+        resource.setrlimit(resource.RLIMIT_NPROC, (limit, limit))
+    except (OSError, ValueError) as e:
+        raise Missing("RLIMIT_NPROC", f"setrlimit({limit}) failed: {e}") from e
+    if os.getuid() == 0 or resource.getrlimit(resource.RLIMIT_NPROC)[1] != limit:
+        raise Missing("RLIMIT_NPROC", "the task bound does not hold")
 
 
 def _rlimits(limits: dict[str, int]) -> None:
@@ -530,9 +617,13 @@ def apply(spec: dict[str, Any]) -> None:
     if spec.get("nice"):
         os.nice(int(spec["nice"]))
     _rlimits({str(k): int(v) for k, v in spec["rlimits"].items()})
-    _drop_capabilities()
     if not spec["isolate"]:  # [health] unsafe_no_sandbox: the limits only
+        _drop_capabilities()
         return
+    _bound_tasks(int(spec["max_tasks"]), int(spec["task_uid"]))
+    _prctl("pdeathsig", PR_SET_PDEATHSIG, 9)  # a new euid cleared it
+    if os.getppid() != spec["parent"]:
+        raise Missing("pdeathsig", "the agent exited before the sandbox was up")
     _landlock(list(spec["read_exec"]), list(spec["read_only"]), list(spec["read_write"]))
     _seccomp()
     _prove(list(spec["must_deny"]))
