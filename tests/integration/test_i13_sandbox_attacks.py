@@ -8,6 +8,7 @@ The unit-level attacks are in tests/unit/test_i13_sandbox_attacks.py; a test mar
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +90,9 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
     monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
 
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
-        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot)
+        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot); the
+        # model file as if the child had the agent's uid (a root agent's child is nobody)
+        os.chmod(argv[-1] + "/model.onnx", 0o666)  # noqa: S103
         code = ("import os, sys\n"
                 "try:\n"
                 "    os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"

@@ -78,6 +78,15 @@ def _policy(state: Path) -> SandboxPolicy:
     return health_policy(_slot(state), HealthConfig(), os.environ, LIMIT)
 
 
+def _writable_by_the_child(slot: Path) -> None:
+    """A root agent's child runs as nobody (the thread bound), so file modes alone would
+    stop it; an unprivileged agent's child has the agent's uid and owns the staged files.
+    Make them writable to everyone so that only the sandbox stands in the way."""
+    slot.chmod(0o777)
+    for f in slot.iterdir():
+        f.chmod(0o666)
+
+
 def _py(code: str, policy: SandboxPolicy, *args: str, timeout: float = 60) -> Completed:
     return run([sys.executable, "-c", code, *args], policy, timeout=timeout)
 
@@ -114,8 +123,8 @@ ioc_pgrp = lambda r: fcntl.ioctl(r, 0x8902, struct.pack("i", ppid))  # SIOCSPGRP
 ioc_async = lambda r: fcntl.ioctl(r, 0x5452, struct.pack("i", 1))   # FIOASYNC
 attempt("fcntl", own, sig, setfl)
 attempt("fcntl_ex", own_ex, sig, setfl)
-attempt("ioctl", ioc_own, sig, ioc_async)
-attempt("ioctl_pgrp", ioc_pgrp, sig, ioc_async)
+attempt("ioctl", ioc_own, ioc_async)               # SIGIO's default action kills too
+attempt("ioctl_pgrp", ioc_pgrp, ioc_async)
 attempt("sig_async_only", sig, setfl)
 print(" ".join(out))
 """
@@ -228,6 +237,8 @@ def _listen(addr: str) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(addr)
     s.setblocking(False)
+    if not addr.startswith("\0"):
+        os.chmod(addr, 0o777)  # noqa: S103 - as if the child had the agent's uid
     return s
 
 
@@ -296,6 +307,7 @@ def test_child_cannot_truncate_a_staged_file(state: Path) -> None:
         pytest.skip("this kernel has no Landlock truncate right (see the ABI 2 test)")
     policy = _policy(state)
     staged = Path(policy.read_only[0]) / "model.onnx"
+    _writable_by_the_child(staged.parent)
     done = _py(_OTRUNC, policy, str(staged))
     assert done.stdout == b"PermissionError\n" and staged.read_bytes() == b"staged", done
 
@@ -305,6 +317,7 @@ def test_child_cannot_truncate_a_staged_file_on_landlock_abi2(
     monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, 2))
     policy = _policy(state)
     staged = Path(policy.read_only[0]) / "model.onnx"
+    _writable_by_the_child(staged.parent)
     done = _py(_OTRUNC, policy, str(staged))
     assert staged.read_bytes() == b"staged", done  # today: b"", and "opened"
 
@@ -758,6 +771,7 @@ def test_no_open_flag_changes_a_staged_file(state: Path, monkeypatch: pytest.Mon
         monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(state, abi))
     policy = _policy(state)
     staged = Path(policy.read_only[0]) / "model.onnx"
+    _writable_by_the_child(staged.parent)
     done = _py(_OPEN_VARIANTS, policy, str(staged.parent))
     assert done.returncode == 0, done
     got = json.loads(done.stdout)
