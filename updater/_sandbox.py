@@ -15,9 +15,11 @@ cannot be set up, :class:`~updater.errors.SandboxError` names it; only an explic
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -30,6 +32,7 @@ from updater.errors import SandboxError
 
 LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
 EXIT_SANDBOX = 121  # the launcher's exit status when it refused to run the program
+TASK_UID = 65534   # "nobody": the real uid of a root agent's child (RLIMIT_NPROC, see below)
 
 # Read-only, executable: the system's libraries and Python. Nothing under them is a secret.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
@@ -56,6 +59,10 @@ class SandboxPolicy:
         nice: niceness added.
         env: its whole environment.
         isolate: Landlock and seccomp; False only for ``unsafe_no_sandbox``.
+        max_tasks: its threads, itself included (``RLIMIT_NPROC`` above what its real uid
+            runs at the start; threads the agent's user starts meanwhile count too).
+        task_uid: the real uid a root agent's child moves to, since the kernel never applies
+            ``RLIMIT_NPROC`` to uid 0 (an unprivileged agent's child keeps the agent's uid).
     """
 
     read_exec: tuple[str, ...]
@@ -69,6 +76,8 @@ class SandboxPolicy:
     nice: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     isolate: bool = True
+    max_tasks: int = 16
+    task_uid: int = TASK_UID
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,7 @@ def _spec(policy: SandboxPolicy) -> str:
                     "NOFILE": policy.max_open_files},
         "read_exec": list(policy.read_exec), "read_only": list(policy.read_only),
         "read_write": list(policy.read_write), "must_deny": list(policy.must_deny),
+        "max_tasks": policy.max_tasks, "task_uid": policy.task_uid,
     })
 
 
@@ -187,10 +197,14 @@ def spawn(argv: Sequence[str], policy: SandboxPolicy) -> subprocess.Popen[bytes]
         os.close(status_w)
     try:
         report = _read_status(status_r, proc)
+    except BaseException:
+        kill_group(proc)
+        proc.communicate()
+        raise
     finally:
         os.close(status_r)
     if report is not None:
-        proc.kill()
+        kill_group(proc)
         proc.communicate()
         what, detail = report
         raise SandboxError(f"health-check sandbox incomplete: {what}: {detail}", missing=what,
@@ -242,6 +256,31 @@ def run(argv: Sequence[str], policy: SandboxPolicy, *, timeout: float,
         SandboxError: see :func:`spawn`.
     """
     proc = spawn(argv, policy)
+    try:
+        return _supervise(proc, timeout, heartbeat, max_stdout, max_stderr)
+    except BaseException:  # the agent's own failure (watchdog, Ctrl-C): the child goes too
+        kill_group(proc)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5.0)
+        raise
+    finally:
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's process group (its own session, see :func:`spawn`) while the
+    child is not reaped yet (after that its pid, and so the group id, may be reused)."""
+    if proc.returncode is None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
+
+
+def _supervise(proc: subprocess.Popen[bytes], timeout: float, heartbeat: Callable[[], None],
+               max_stdout: int, max_stderr: int) -> Completed:
     assert proc.stdout is not None and proc.stderr is not None
     limits = {proc.stdout.fileno(): max_stdout, proc.stderr.fileno(): max_stderr}
     names = {proc.stdout.fileno(): "stdout", proc.stderr.fileno(): "stderr"}
@@ -271,11 +310,9 @@ def run(argv: Sequence[str], policy: SandboxPolicy, *, timeout: float,
             if overflow:
                 break
     if timed_out or overflow:
-        proc.kill()
+        kill_group(proc)
     returncode = _reap(proc, heartbeat)
     stdout, stderr = bytes(out[proc.stdout.fileno()]), bytes(out[proc.stderr.fileno()])
-    proc.stdout.close()
-    proc.stderr.close()
     return Completed(returncode, stdout, stderr, timed_out, overflow)
 
 
@@ -285,7 +322,7 @@ def _reap(proc: subprocess.Popen[bytes], heartbeat: Callable[[], None]) -> int:
         try:
             return proc.wait(timeout=1.0)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            kill_group(proc)
 
 
 def tpm_devices(dev: Iterable[str] = ("/dev",)) -> tuple[str, ...]:

@@ -8,6 +8,7 @@ The unit-level attacks are in tests/unit/test_i13_sandbox_attacks.py; a test mar
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from publisher import BuildOptions, build_bundle
 from tests.conftest import World
 from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
 from updater._sandbox import Completed, SandboxPolicy, run
-from updater.errors import HealthCheckError, StagedFilesChangedError
+from updater.errors import HealthCheckError
 
 
 def _journal_step(w: World) -> str:
@@ -89,20 +90,26 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
     monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
 
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
-        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot)
+        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot); the
+        # model file as if the child had the agent's uid (a root agent's child is nobody)
+        os.chmod(argv[-1] + "/model.onnx", 0o666)  # noqa: S103
         code = ("import os, sys\n"
-                "os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"
-                "print('{\"ok\": true, \"detail\": \"1 output(s) match\"}')\n")
+                "try:\n"
+                "    os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"
+                "    print('{\"ok\": true, \"detail\": \"1 output(s) match\"}')\n"
+                "except OSError as e:\n"
+                "    print('{\"ok\": false, \"detail\": \"truncate: errno %d\"}' % e.errno)\n")
         return run([sys.executable, "-c", code, argv[-1]], policy, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(health, "run", compromised)
     before = world.snapshot()
-    # the slot fingerprint is derived again from the bytes before the commit: the emptied
-    # model is never committed, and 1.0.0 keeps serving
-    with pytest.raises(StagedFilesChangedError, match="changed on disk after they were"):
+    # the seccomp filter refuses O_TRUNC (Landlock ABI 2 has no truncate right); had it not,
+    # the slot fingerprint derived again before the commit would refuse the emptied model
+    with pytest.raises(HealthCheckError) as e:
         world.update()
+    assert e.value.detail == "truncate: errno 1", e.value.detail  # EPERM
     after = world.snapshot()
     assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
         before.record, before.counter, before.anchor, before.current, before.slots)
-    assert world.active_version() == "1.0.0"
+    assert world.active_version() == "1.0.0" and _journal_step(world) == "failed"
     assert published.exists()
