@@ -39,21 +39,26 @@ class _HeaderDeadlineConnection(HTTPSConnection):
 
     def getresponse(self) -> Any:  # noqa: D102 - as urllib3's
         sock = self.sock
-        timer = None
+        timer, cut = None, threading.Event()
         if isinstance(sock, socket.socket):
-            timer = threading.Timer(self.header_timeout, _cut, (sock,))
+            timer = threading.Timer(self.header_timeout, _cut, (sock, cut))
             timer.daemon = True
             timer.start()
         try:
-            return super().getresponse()
+            resp = super().getresponse()
         finally:
             if timer is not None:
                 timer.cancel()
+        if cut.is_set():  # (headers cut short parse as complete: not an answer)
+            resp.close()
+            raise TimeoutError(f"no complete response headers within {self.header_timeout}s")
+        return resp
 
 
-def _cut(sock: socket.socket) -> None:
-    """End a transfer from another thread: the blocked read returns, with an error."""
+def _cut(sock: socket.socket, cut: threading.Event) -> None:
+    """End a transfer from another thread: the blocked read returns."""
     logger.warning("the origin sent no complete response headers in time: disconnecting")
+    cut.set()
     with contextlib.suppress(OSError):
         socket.socket.shutdown(sock, socket.SHUT_RDWR)  # (not SSLSocket's: no TLS state)
 
