@@ -238,3 +238,45 @@ def test_control_packets_over_the_control_bound_end_the_connection(
             c._sock_recv(10)  # noqa: SLF001
     else:
         assert c._sock_recv(10) == b""  # noqa: SLF001
+
+
+def test_trickled_tls_handshake_ends_at_header_timeout(
+    pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
+) -> None:
+    """Refused already: a proxy in front of a real TLS origin passes the server's handshake
+    bytes on one at a time (each gap under the timeouts); CPython's ssl bounds the whole
+    handshake by the socket timeout, so it ends there (a ReadTimeout)."""
+    srv = origin(lambda conn, _req: conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"))
+    lsock = socket.create_server(("127.0.0.1", 0))
+    port = lsock.getsockname()[1]
+    stop = threading.Event()
+
+    def pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while not stop.is_set():
+                data = src.recv(1 if delay else 65536)
+                if not data:
+                    return
+                dst.sendall(data)
+                time.sleep(delay)
+        except OSError:
+            return
+
+    def proxy() -> None:
+        try:
+            client, _ = lsock.accept()
+        except OSError:
+            return
+        upstream = socket.create_connection(("127.0.0.1", srv.port))
+        threading.Thread(target=pump, args=(client, upstream, 0.0), daemon=True).start()
+        pump(upstream, client, 0.05)
+
+    threading.Thread(target=proxy, daemon=True).start()
+    url = f"https://127.0.0.1:{port}/"
+    f = _fetcher(pki, url, connect_timeout=2.0, read_timeout=2.0, header_timeout=1.5)
+    t0 = time.monotonic()
+    err = _within(10, lambda: f.download_bytes(url + "timestamp.json", 1000))
+    stop.set()
+    lsock.close()
+    assert isinstance(err, tuf_exc.DownloadError), err
+    assert time.monotonic() - t0 < 6
