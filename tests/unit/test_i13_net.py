@@ -280,3 +280,14 @@ def test_trickled_tls_handshake_ends_at_header_timeout(
     lsock.close()
     assert isinstance(err, tuf_exc.DownloadError), err
     assert time.monotonic() - t0 < 6
+
+
+def test_agent_config_sets_the_https_deadlines(tmp_path: Any) -> None:
+    from agent import load_config
+    from tests.unit.test_config import GOOD
+
+    p = tmp_path / "a.toml"
+    p.write_text(GOOD + "header_timeout = 5.0\nmetadata_timeout = 40\n")
+    https = load_config(p).updater.https
+    assert https is not None
+    assert (https.header_timeout, https.metadata_timeout) == (5.0, 40.0)
