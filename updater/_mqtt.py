@@ -10,8 +10,11 @@ Memory is bounded before anything is verified, whoever else may publish on the
 device's response topic (the bridge's identity, the broker itself): the broker is asked
 on CONNECT for packets of at most one block (``MqttConfig.packet_limit``) and a larger one
 ends the connection; the receive queue holds at most ``MqttConfig.queue_byte_limit``
-bytes, junk beyond it is dropped, counted and logged; and the response topic is
-subscribed only while a fetch runs, so nothing is received between fetches.
+bytes, junk beyond it is dropped, counted and logged, and the blocks the fetch holds
+back (out of order, or handed on while its consumer pauses) count against the same
+budget; control packets (SUBACK...) over 1 KiB end the connection (``_pahofast``); and the
+response topic is subscribed only while a fetch runs, so nothing is received between
+fetches.
 """
 
 from __future__ import annotations
