@@ -27,6 +27,8 @@ targets_url = "https://updates.example/targets/"
 ca_file = "/etc/modelward/origin-ca.pem"
 # min_speed = 1024            # bytes/s averaged over min_speed_window; slower is aborted
 # min_speed_window = 60.0     # (slow-retrieval defence)
+# header_timeout = 30.0       # seconds from a request to its last response header
+# metadata_timeout = 120.0    # seconds one metadata file may take in all
 
 [mqtt]
 host = "broker.example"
@@ -164,6 +166,10 @@ def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
             if "min_speed" in https else HttpsConfig.min_speed,
             min_speed_window=float(_get(https, "min_speed_window", float, path, "https."))
             if "min_speed_window" in https else HttpsConfig.min_speed_window,
+            header_timeout=float(_get(https, "header_timeout", float, path, "https."))
+            if "header_timeout" in https else HttpsConfig.header_timeout,
+            metadata_timeout=float(_get(https, "metadata_timeout", float, path, "https."))
+            if "metadata_timeout" in https else HttpsConfig.metadata_timeout,
         )
     device_id = _get(doc, "device_id", str, path)
     fleet = _get(doc, "fleet", str, path)

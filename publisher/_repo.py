@@ -6,6 +6,7 @@ Only what is served lives under ``REPO``; keys live in a separate directory.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import re
 import shutil
@@ -377,6 +378,18 @@ class Repository:
         self._write(Metadata(root), "root", root.version)
         return int(root.version)
 
+    def _signed_meta(self, role: str, version: int) -> MetaFile:
+        """The MetaFile for the published ``<version>.<role>.json``, with its length and
+        SHA-256: a device then downloads no more than that length and checks the hash
+        before it parses the file (without them it takes up to its configured maximum of
+        whatever the origin sends, and parses it before any signature check)."""
+        try:
+            data = (self.metadata_dir / f"{version}.{role}.json").read_bytes()
+        except FileNotFoundError:  # not published here (parked for signatures): by version
+            return MetaFile(version=version)
+        return MetaFile(version=version, length=len(data),
+                        hashes={"sha256": hashlib.sha256(data).hexdigest()})
+
     def _snapshot_and_timestamp(self, targets_version: int) -> int:
         now = self._clock()
         try:
@@ -384,7 +397,7 @@ class Repository:
             snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
         except RepositoryStateError:
             snap_version, ts_version = 1, 1
-        meta = {"targets.json": MetaFile(version=targets_version)}
+        meta = {"targets.json": self._signed_meta("targets", targets_version)}
         meta.update({f"{name}.json": MetaFile(version=v)
                      for name, v in self._delegated_versions().items()})
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
@@ -392,7 +405,7 @@ class Repository:
         ts = Timestamp(
             version=ts_version,
             expires=now + self.expiry.timestamp,
-            snapshot_meta=MetaFile(version=snap_version),
+            snapshot_meta=self._signed_meta("snapshot", snap_version),
         )
         self._write(Metadata(ts), "timestamp", None)
         return ts_version
@@ -853,7 +866,7 @@ class Repository:
             done.append("snapshot")
         ts.version += 1
         ts.expires = now + self.expiry.timestamp
-        ts.snapshot_meta = MetaFile(version=snap.version)
+        ts.snapshot_meta = self._signed_meta("snapshot", snap.version)
         self._write(Metadata(ts), "timestamp", None)
         done.append("timestamp")
         if targets.expires - now < margin:

@@ -25,6 +25,10 @@ class HttpsConfig:
             seconds; slower is a slow-retrieval attack (or a dead link) and is aborted.
             A byte now and then defeats ``read_timeout`` alone.
         min_speed_window: seconds over which ``min_speed`` is measured.
+        header_timeout: seconds from a request to the end of its response headers (a
+            header trickled a byte at a time defeats ``read_timeout``).
+        metadata_timeout: seconds one metadata file may take in all (they are small; a
+            bundle is bounded by ``min_speed``).
     """
 
     metadata_url: str
@@ -35,6 +39,8 @@ class HttpsConfig:
     chunk_size: int = 1024 * 1024
     min_speed: int = 1024
     min_speed_window: float = 60.0
+    header_timeout: float = 30.0
+    metadata_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +64,34 @@ class HealthConfig:
     max_cpu_seconds: float | None = None
     nice: int = 10
     unsafe_no_sandbox: bool = False
+
+
+@dataclass(frozen=True)
+class TufConfig:
+    """Bounds of the TUF metadata the device downloads before it can verify it (python-tuf
+    ngclient parses a file whole before its signatures are checked: junk JSON costs ~20x
+    its size in Python objects).
+
+    The repository signs the length and hashes of snapshot (in timestamp) and of targets
+    (in snapshot), so those downloads are bounded by the signed length and hash-checked
+    before they are parsed; these bounds apply to what has no signed length: root,
+    timestamp, and a repository from before lengths were signed.
+
+    Attributes:
+        root_max_length: bytes of one root.json (ngclient's default: 512000).
+        timestamp_max_length: bytes of timestamp.json (ngclient's default: 16384).
+        snapshot_max_length: bytes of snapshot.json without a signed length (ngclient's
+            default: 2000000).
+        targets_max_length: bytes of a targets (or delegated role's) file without a
+            signed length (ngclient's default: 5000000).
+        max_delegations: roles one delegation search may visit.
+    """
+
+    root_max_length: int = 128 * 1024  # bytes
+    timestamp_max_length: int = 16 * 1024  # bytes
+    snapshot_max_length: int = 512 * 1024  # bytes
+    targets_max_length: int = 2 * 1024 * 1024  # bytes
+    max_delegations: int = 32
 
 
 # What a block response carries besides its bytes: fixed header, topic, properties
@@ -139,6 +173,7 @@ class UpdaterConfig:
         transports: which of them to use, in order of preference ("https", "mqtt");
             later ones are tried when an earlier one fails to deliver.
         health: health-check bounds.
+        tuf: bounds of the TUF metadata downloads.
         max_bundle_bytes: largest bundle the device accepts (8 GiB), on top of TUF's length.
     """
 
@@ -150,6 +185,7 @@ class UpdaterConfig:
     mqtt: MqttConfig | None = None
     transports: tuple[str, ...] = ("https",)
     health: HealthConfig = field(default_factory=HealthConfig)
+    tuf: TufConfig = field(default_factory=TufConfig)
     max_bundle_bytes: int = 8 << 30
 
 

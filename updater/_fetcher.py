@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import requests
 import urllib3
+from requests.adapters import HTTPAdapter
 from tuf.api import exceptions as tuf_exc
 from tuf.ngclient import FetcherInterface
+from urllib3.connection import HTTPSConnection
+from urllib3.connectionpool import HTTPSConnectionPool
 
 from updater._config import HttpsConfig
 from updater.errors import OperatorInputError
@@ -18,6 +25,80 @@ logger = logging.getLogger(__name__)
 
 _FIRST_READ = 64 * 1024
 _SMALLEST_READ = 16 * 1024
+_LONGEST_CHUNK = 1.0  # seconds a chunk is gathered at most before it is handed on
+_ERROR_BODY_MAX = 4096  # bytes of an error answer read (to reuse the connection), at most
+
+
+class _HeaderDeadlineConnection(HTTPSConnection):
+    """An HTTPS connection whose response headers must all arrive within
+    ``header_timeout`` seconds of the request: the socket is shut down when they do not.
+    ``read_timeout`` bounds only the gap between two bytes, and a status line and header
+    lines trickled a byte at a time stay under it for hours."""
+
+    header_timeout: float = 30.0
+
+    def getresponse(self) -> Any:  # noqa: D102 - as urllib3's
+        sock = self.sock
+        timer, cut = None, threading.Event()
+        if isinstance(sock, socket.socket):
+            timer = threading.Timer(self.header_timeout, _cut, (sock, cut))
+            timer.daemon = True
+            timer.start()
+        try:
+            resp = super().getresponse()
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if cut.is_set():  # (headers cut short parse as complete: not an answer)
+            resp.close()
+            raise TimeoutError(f"no complete response headers within {self.header_timeout}s")
+        return resp
+
+
+def _cut(sock: socket.socket, cut: threading.Event) -> None:
+    """End a transfer from another thread: the blocked read returns."""
+    logger.warning("the origin sent no complete response headers in time: disconnecting")
+    cut.set()
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)  # (not SSLSocket's: no TLS state)
+
+
+class _HeaderDeadlineAdapter(HTTPAdapter):
+    """requests' adapter with :class:`_HeaderDeadlineConnection` for https://."""
+
+    def __init__(self, header_timeout: float) -> None:
+        self._header_timeout = header_timeout
+        super().__init__()
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:  # noqa: D102
+        super().init_poolmanager(*args, **kwargs)
+        conn_cls = type("HeaderDeadlineConnection", (_HeaderDeadlineConnection,),
+                        {"header_timeout": self._header_timeout})
+        pool_cls = type("HeaderDeadlinePool", (HTTPSConnectionPool,),
+                        {"ConnectionCls": conn_cls})
+        self.poolmanager.pool_classes_by_scheme = {
+            **self.poolmanager.pool_classes_by_scheme, "https": pool_cls}
+
+
+def _drain_error_body(resp: requests.Response) -> None:
+    """Read a small error body to its end, so that the connection goes back to the pool
+    (every refresh asks for the next root and gets a 404; closing it unread cost a new TLS
+    handshake per refresh); close any other.
+
+    Only a plain body of a stated ``Content-Length`` of at most :data:`_ERROR_BODY_MAX`
+    bytes is read, raw: never decoded (a 64 KiB gzip body was 64 MiB once inflated), and
+    never a chunked one (``Transfer-Encoding`` overrides ``Content-Length``: the origin
+    alone decides where it ends).
+    """
+    try:
+        length = resp.headers.get("Content-Length", "")
+        if "Transfer-Encoding" not in resp.headers and length.isascii() and \
+                length.isdecimal() and len(length) <= 5 and int(length) <= _ERROR_BODY_MAX:
+            resp.raw.read(int(length), decode_content=False)
+    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
+        pass
+    finally:
+        resp.close()
 
 
 class RangeFetcher(FetcherInterface):
@@ -29,6 +110,7 @@ class RangeFetcher(FetcherInterface):
 
     bytes_received: int = 0
     last_url: str = ""
+    metadata_timeout: float = 120.0  # seconds one metadata download may take in all
 
     def fetch(self, url: str) -> Iterator[bytes]:
         """Fetch ``url`` (remembered as :attr:`last_url`, for error messages)."""
@@ -39,13 +121,22 @@ class RangeFetcher(FetcherInterface):
         """Download metadata into memory (ngclient's default goes through a temporary file
         per request; TUF bounds every metadata file's length, so memory is bounded too).
 
+        A transport yields at least every ``read_timeout`` (HTTPS: every second or so), so
+        :attr:`metadata_timeout` bounds the whole download.
+
         Raises:
             tuf.api.exceptions.DownloadLengthMismatchError: more than ``max_length`` bytes.
+            tuf.api.exceptions.SlowRetrievalError: longer than :attr:`metadata_timeout`.
             tuf.api.exceptions.DownloadError: the transfer failed.
         """
         chunks: list[bytes] = []
         received = 0
+        deadline = time.monotonic() + self.metadata_timeout
         for chunk in self.fetch(url):
+            if time.monotonic() > deadline:
+                raise tuf_exc.SlowRetrievalError(
+                    f"{url}: {received + len(chunk)} bytes after {self.metadata_timeout:.0f}s"
+                    f", the most one metadata file may take (slow retrieval)")
             received += len(chunk)
             if received > max_length:
                 raise tuf_exc.DownloadLengthMismatchError(
@@ -92,11 +183,13 @@ class RequestsFetcher(RangeFetcher):
                     f"{url!r} is not an https:// URL", hint="modelward only fetches over TLS"
                 )
         self._config = config
+        self.metadata_timeout = config.metadata_timeout
         self._session = requests.Session()
         # Pinning: the environment (REQUESTS_CA_BUNDLE, proxies, .netrc) must not widen
         # whom we trust or where we connect; requests lets REQUESTS_CA_BUNDLE override
         # Session.verify, so verify is also passed on every request.
         self._session.trust_env = False
+        self._session.mount("https://", _HeaderDeadlineAdapter(config.header_timeout))
         self._verify: str | bool = config.ca_file if config.ca_file is not None else True
         self._session.headers["User-Agent"] = "modelward-agent"
 
@@ -118,53 +211,61 @@ class RequestsFetcher(RangeFetcher):
         except requests.RequestException as e:
             raise tuf_exc.DownloadError(f"cannot reach {url}: {type(e).__name__}") from e
         if resp.status_code not in (200, 206):
-            # Read a small error body to its end, so that the connection goes back to the
-            # pool: every refresh asks for the next root and gets a 404, and closing it
-            # unread cost a new TLS handshake per refresh.
-            try:
-                if int(resp.headers.get("Content-Length", "-1")) in range(0, 65537):
-                    resp.content  # noqa: B018 - drained on purpose
-            except (requests.RequestException, ValueError):
-                pass
-            finally:
-                resp.close()
+            _drain_error_body(resp)
             raise tuf_exc.DownloadHTTPError(
                 f"{url} answered HTTP {resp.status_code}", resp.status_code
             )
         return resp
 
     def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
-        """The body in reads that adapt to the link: each read that fills in under 50 ms
+        """The body in chunks that adapt to the link: one that fills in under 50 ms
         doubles the next (up to ``chunk_size``), one that takes over a second halves it.
 
-        Big reads cost far less per byte (a 512 MiB bundle: 3.3 s in 64 KiB reads, 1.7 s
-        in 1 MiB reads); small ones keep the slow-retrieval check responsive, since a read
-        returns only once it is full.
+        Big chunks cost far less per byte (a 512 MiB bundle: 3.3 s in 64 KiB reads, 1.7 s
+        in 1 MiB reads). A chunk is gathered from reads that return what has arrived
+        (``read1``), never waiting for a full one: the slow-retrieval check runs after
+        every read (at least every ``read_timeout``), and a chunk is handed on after at
+        most a second however little it holds, so that the caller's heartbeat goes on. A
+        plain ``read(size)`` returned only once full: a byte every 0.2 s held its 64 KiB
+        for 3.6 h, under ``read_timeout`` and never measured against ``min_speed``.
+
+        Raises:
+            tuf.api.exceptions.SlowRetrievalError: under ``min_speed`` over a window.
+            tuf.api.exceptions.DownloadError: the transfer broke off.
         """
         cfg = self._config
         size = min(_FIRST_READ, cfg.chunk_size)
         window_start, window_bytes = time.monotonic(), 0
+        raw = resp.raw
         try:
             while True:
-                started = time.monotonic()
-                chunk = resp.raw.read(size, decode_content=False)
-                if not chunk:
+                started = now = time.monotonic()
+                parts: list[bytes] = []
+                have = 0
+                while have < size and now - started <= _LONGEST_CHUNK:
+                    part = raw.read1(size - have, decode_content=False)
+                    if not part:
+                        break
+                    parts.append(part)
+                    have += len(part)
+                    window_bytes += len(part)
+                    now = time.monotonic()
+                    elapsed = now - window_start
+                    if elapsed >= cfg.min_speed_window:
+                        if window_bytes < cfg.min_speed * elapsed:
+                            raise tuf_exc.SlowRetrievalError(
+                                f"{url} sent {window_bytes} bytes in {elapsed:.1f}s, under "
+                                f"the minimum of {cfg.min_speed} bytes/s (slow retrieval)")
+                        window_start, window_bytes = now, 0
+                if not parts:
                     break
-                took = time.monotonic() - started
-                if took < 0.05:
+                took = now - started
+                if have >= size and took < 0.05:
                     size = min(size * 2, cfg.chunk_size)
                 elif took > 1.0:
                     size = max(size // 2, _SMALLEST_READ)
-                self.bytes_received += len(chunk)
-                window_bytes += len(chunk)
-                elapsed = time.monotonic() - window_start
-                if elapsed >= cfg.min_speed_window:
-                    if window_bytes < cfg.min_speed * elapsed:
-                        raise tuf_exc.SlowRetrievalError(
-                            f"{url} sent {window_bytes} bytes in {elapsed:.1f}s, under the "
-                            f"minimum of {cfg.min_speed} bytes/s (slow retrieval)")
-                    window_start, window_bytes = time.monotonic(), 0
-                yield chunk
+                self.bytes_received += have
+                yield parts[0] if len(parts) == 1 else b"".join(parts)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
         finally:

@@ -484,7 +484,7 @@ def _attempt(
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, source.metadata_url, source.targets_url, fetcher, root
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, root, cfg.tuf
     )
     session.refresh()
     if session.root_version > record.root_version:

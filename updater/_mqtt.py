@@ -10,8 +10,11 @@ Memory is bounded before anything is verified, whoever else may publish on the
 device's response topic (the bridge's identity, the broker itself): the broker is asked
 on CONNECT for packets of at most one block (``MqttConfig.packet_limit``) and a larger one
 ends the connection; the receive queue holds at most ``MqttConfig.queue_byte_limit``
-bytes, junk beyond it is dropped, counted and logged; and the response topic is
-subscribed only while a fetch runs, so nothing is received between fetches.
+bytes, junk beyond it is dropped, counted and logged, and the blocks the fetch holds
+back (out of order, or handed on while its consumer pauses) count against the same
+budget; control packets (SUBACK...) over 1 KiB end the connection (``_pahofast``); and the
+response topic is subscribed only while a fetch runs, so nothing is received between
+fetches.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def block_header(status: int, offset: int, size: int) -> bytes:
     return BLOCK_HEADER.pack(BLOCK_MAGIC, status, offset, size)
 
 
+def _is_status(text: str) -> bool:
+    """An HTTP-like status: 1 to 3 ASCII digits (``str.isdigit`` alone also takes "\u00b2"
+    and 5000 digits, on which ``int`` raises)."""
+    return 0 < len(text) <= 3 and text.isascii() and text.isdecimal()
+
+
 def _user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
     props = getattr(msg, "properties", None)
     pairs = getattr(props, "UserProperty", None) or []
@@ -95,6 +104,7 @@ class Inbox:
         self._cv = threading.Condition()
         self.dropped = self.dropped_bytes = 0
         self.open = False  # only a running fetch receives
+        self._held = 0  # bytes the fetch holds already (blocks waiting for their turn)
 
     @property
     def bytes(self) -> int:
@@ -106,7 +116,7 @@ class Inbox:
         size = len(msg.payload)
         with self._cv:
             if not self.open or len(self._q) >= self.max_messages or \
-                    self._bytes + size > self.max_bytes:
+                    self._bytes + self._held + size > self.max_bytes:
                 self.dropped += 1
                 self.dropped_bytes += size
                 first = self.dropped == 1 and self.open
@@ -133,11 +143,18 @@ class Inbox:
             self._bytes -= len(msg.payload)
             return msg
 
+    def hold(self, size: int) -> None:
+        """The fetch now holds ``size`` bytes taken from the queue (out-of-order blocks):
+        they count against the same ``max_bytes``, so queue and fetch together stay
+        within one bound, however long the fetch's consumer pauses."""
+        with self._cv:
+            self._held = size
+
     def start(self) -> None:
         """A fetch begins: empty the queue and the counts, and accept messages."""
         with self._cv:
             self._q.clear()
-            self._bytes = 0
+            self._bytes = self._held = 0
             self.dropped = self.dropped_bytes = 0
             self.open = True
 
@@ -146,7 +163,7 @@ class Inbox:
         with self._cv:
             self.open = False
             self._q.clear()
-            self._bytes = 0
+            self._bytes = self._held = 0
             return self.dropped, self.dropped_bytes
 
 
@@ -231,6 +248,7 @@ class MqttFetcher(RangeFetcher):
         session = secrets.token_bytes(8)
         pending: dict[int, tuple[float, int]] = {}  # offset -> (deadline, attempts)
         buffered: dict[int, memoryview] = {}
+        held = 0  # bytes in buffered
         total: int | None = None
         next_off, deliver = start, start
 
@@ -274,13 +292,19 @@ class MqttFetcher(RangeFetcher):
                                                 f"the end ({total} bytes)")
             del pending[off]
             buffered[off] = data
+            held += len(data)
             while deliver in buffered:
                 chunk = buffered.pop(deliver)
+                held -= len(chunk)
                 if not chunk and deliver < total:
                     raise tuf_exc.DownloadError(f"mqtt {path}: empty block at {deliver}")
                 deliver += len(chunk)
                 self.bytes_received += len(chunk)
+                # While the consumer holds this chunk (and may pause: the idle gate, a slow
+                # extraction), the queue may take only what the budget leaves.
+                self._inbox.hold(held + len(chunk))
                 yield chunk
+            self._inbox.hold(held)
 
     def _accept(
         self,
@@ -323,7 +347,7 @@ class MqttFetcher(RangeFetcher):
         if status == "404":
             raise tuf_exc.DownloadHTTPError(f"mqtt {path}: not found", 404)
         if status != "200":
-            if status.isdigit():
+            if _is_status(status):
                 raise tuf_exc.DownloadHTTPError(f"mqtt {path}: status {status}", int(status))
             logger.warning("ignoring a block of %s without a valid status", path)
             return None

@@ -179,12 +179,25 @@ class MqttConnection:
             self._initial_mid = c.subscribe([(t, 1) for t in subs])[1]
         self.connected.set()
 
-    def _on_subscribe(self, _c: Any, _u: Any, mid: int, rcs: list[Any], _p: Any) -> None:
-        bad = [str(r) for r in rcs if r.is_failure]
+    def _on_subscribe(self, c: Any, _u: Any, mid: int, rcs: list[Any], _p: Any) -> None:
+        # One reason code per topic asked for, and a subscribe asks for a few: the first
+        # failures say enough (a hostile broker may send many).
+        bad = [str(r) for r in rcs[:_MAX_REASONS] if r.is_failure]
         with self._lock:
             waiter = self._sub_acks.pop(mid, None)
             if waiter is None and mid != self._initial_mid:
-                self._early_acks[mid] = bad
+                # The SUBACK of a subscribe() that has not registered its wait yet: its
+                # packet id is one of the last few paho handed out. Any other id was never
+                # used for a subscribe in flight: a broker's invention, ignored.
+                if _recent_mid(c, mid):
+                    for old in [m for m in self._early_acks if not _recent_mid(c, m)]:
+                        del self._early_acks[old]
+                    while len(self._early_acks) >= _MAX_EARLY_ACKS:  # the oldest first
+                        del self._early_acks[next(iter(self._early_acks))]
+                    self._early_acks[mid] = bad
+                else:
+                    logger.warning("ignoring a SUBACK for packet id %d, which no pending "
+                                   "subscription uses", mid)
                 return
         if waiter is not None:
             waiter[1].extend(bad)
@@ -231,6 +244,20 @@ class MqttConnection:
             self.client.disconnect()
         finally:
             self.client.loop_stop()
+
+
+_MAX_REASONS = 8  # reason codes of one SUBACK looked at
+_MAX_EARLY_ACKS = 16  # SUBACKs kept for subscribe() calls about to wait (one per thread)
+_RECENT_MIDS = 64  # how far back a packet id may be for an early SUBACK
+
+
+def _recent_mid(c: Any, mid: int) -> bool:
+    """Whether ``mid`` is one of the last :data:`_RECENT_MIDS` packet ids paho generated
+    (paho counts them 1..65535, then wraps)."""
+    last = getattr(c, "_last_mid", None)
+    if not isinstance(last, int):  # paho internals differ: keep the size bound only
+        return True
+    return 0 <= (last - mid) % 65535 < _RECENT_MIDS
 
 
 def _no_delay(c: mqtt.Client) -> None:

@@ -82,7 +82,16 @@ decode_publish = _convert(_decode_publish) if _convert is not None else None
 
 
 class PacketTooLarge(OSError):
-    """The broker sent a packet larger than the Maximum Packet Size asked for on CONNECT."""
+    """The broker sent a packet larger than the Maximum Packet Size asked for on CONNECT,
+    or a control packet (anything but PUBLISH) larger than :data:`MAX_CONTROL_PACKET`."""
+
+
+# The largest packet other than a PUBLISH this client accepts (fixed header included).
+# modelward subscribes to one or two topics at a time, so a SUBACK carries a reason code or
+# two; CONNACK, PUBACK and DISCONNECT carry a reason string at most. paho builds one heavy
+# object per SUBACK reason-code byte (~2.4 KiB each: a 64 KiB SUBACK cost 150 MiB), so a
+# larger control packet ends the connection before its body is read.
+MAX_CONTROL_PACKET = 1024
 
 
 class Client(mqtt.Client):
@@ -95,7 +104,8 @@ class Client(mqtt.Client):
             A broker must not send more (MQTT 5, 3.1.2.11.4; mosquitto drops such a
             message for this client); a packet that says it is larger ends the
             connection once its length is read, before a byte of its body is buffered
-            (paho itself would collect any length up to 256 MiB).
+            (paho itself would collect any length up to 256 MiB). Any other packet is
+            bounded by :data:`MAX_CONTROL_PACKET` as well.
 
     A QoS 2 PUBLISH ends the connection too: nothing here subscribes above QoS 1, and paho
     would hold every one until its PUBREL.
@@ -118,6 +128,8 @@ class Client(mqtt.Client):
         pkt = getattr(self, "_in_packet", None)
         if limit and isinstance(pkt, dict) and pkt.get("have_remaining"):
             size = 1 + len(pkt.get("remaining_count", ())) + int(pkt.get("remaining_length", 0))
+            if (int(pkt.get("command", 0)) & 0xF0) != PacketTypes.PUBLISH << 4:
+                limit = min(limit, MAX_CONTROL_PACKET)
             if size > limit:
                 logger.warning("the broker sent a packet of %d bytes, more than the %d this "
                                "client accepts: disconnecting", size, limit)

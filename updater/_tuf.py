@@ -19,7 +19,9 @@ from typing import Any
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
+from tuf.ngclient import UpdaterConfig as NgConfig
 
+from updater._config import TufConfig
 from updater._fetcher import RangeFetcher
 from updater._search import TOP, Found, Reach, SearchBudgetError, find_releases
 from updater._semver import SemVer
@@ -128,6 +130,7 @@ class TufSession:
         targets_url: base URL of its targets.
         fetcher: the transport.
         anchored_root: root.json bytes that the TPM anchors.
+        limits: bounds of the metadata downloads (what has no signed length).
     """
 
     def __init__(
@@ -137,8 +140,10 @@ class TufSession:
         targets_url: str,
         fetcher: RangeFetcher,
         anchored_root: bytes,
+        limits: TufConfig | None = None,
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
+        lim = limits or TufConfig()
         self._fetcher = fetcher
         self._searching, self._search_bytes = "", 0  # the search under way, bytes loaded
         self.targets_url = targets_url.rstrip("/") + "/"
@@ -149,6 +154,11 @@ class TufSession:
                 target_base_url=self.targets_url,
                 fetcher=fetcher,
                 bootstrap=anchored_root,
+                config=NgConfig(root_max_length=lim.root_max_length,
+                                timestamp_max_length=lim.timestamp_max_length,
+                                snapshot_max_length=lim.snapshot_max_length,
+                                targets_max_length=lim.targets_max_length,
+                                max_delegations=lim.max_delegations),
             )
         except (tuf_exc.RepositoryError, ValueError) as e:
             raise MetadataError(f"anchored root cannot be loaded: {e}") from e

@@ -94,11 +94,6 @@ def _fetcher(pki: tuple[CertPair, CertPair], url: str, **kw: float) -> RequestsF
 # --- slowloris: one byte now and then ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: _chunks measures min_speed only after resp.raw.read(size) returns, and a "
-    "read returns only once it is full (64 KiB first): a byte every 0.2 s (read_timeout 2 s) "
-    "blocks the first read for ~3.6 h; the slow-retrieval check never runs, the attempt "
-    "hangs with no heartbeat"))
 def test_a3_trickled_body_is_a_slow_retrieval_error_within_the_window(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -181,10 +176,6 @@ def _not_found(body: bytes, encoding: str | None) -> Script:
     return script
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: RequestsFetcher._get drains a non-200/206 answer of Content-Length <= 64 KiB "
-    "with resp.content, which decodes Content-Encoding although Accept-Encoding: identity was "
-    "asked: 64 KiB of gzip become 64 MiB in memory, on every refresh (the next root is a 404)"))
 def test_a3_gzip_bomb_in_a_404_body_keeps_rss_bounded(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -250,11 +241,6 @@ def test_a3_lying_206_is_taken_at_the_asked_offset(
     assert b"".join(chunks) == body
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: the error-body drain trusts Content-Length, but with Transfer-Encoding: "
-    "chunked as well urllib3 ignores Content-Length (RFC 7230 3.3.3) and resp.content "
-    "reads the whole chunked body: 10 in Content-Length, 64 MiB in chunks, all held in "
-    "memory (unbounded: the origin decides where the body ends)"))
 def test_a3_chunked_404_with_a_small_content_length_keeps_rss_bounded(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
