@@ -37,7 +37,7 @@ from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rejections import RejectionStore
+from updater._rejections import REJECTING, RejectionStore
 from updater._rollout import Choice
 from updater._semver import SemVer
 from updater._slots import SlotStore
@@ -52,6 +52,7 @@ from updater.errors import (
     RollbackError,
     StagedFilesChangedError,
     StagingError,
+    StateDirError,
     TargetHashError,
 )
 
@@ -520,6 +521,7 @@ def _attempt(
     slot = SlotStore.other(active.slot if active else None)
     incoming = dev.slots.incoming
     staged: Stage | None = None
+    verified = False  # the files in incoming matched the signed fingerprint (read back)
     try:
         staged, manifest, entries = download_and_extract(
             session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
@@ -540,6 +542,7 @@ def _attempt(
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
         _verify_on_disk(incoming, newest, "before its health check")
+        verified = True
         step("verified")
         gate.wait_idle("health check")
         detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
@@ -549,6 +552,15 @@ def _attempt(
         )
         step("health-checked")
     except BaseException as e:
+        if verified and isinstance(e, REJECTING):
+            # The health check read the files by path: bytes changed on disk meanwhile
+            # are this device's fault, not the release's (never remembered as rejected).
+            try:
+                _verify_on_disk(incoming, newest, "after its failed health check")
+            except (StagedFilesChangedError, StateDirError) as changed:
+                assert staged is not None
+                staged.discard()
+                raise changed from e
         rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()
