@@ -648,23 +648,33 @@ def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trus
     """The active model found intact in the other slot (slots swapped or renamed).
 
     A fingerprint covers every path and byte of a slot, so a slot with the active
-    fingerprint holds exactly the trusted model, wherever it sits: the record is
-    re-committed with the slots as they are now, and that slot is activated.
+    fingerprint holds exactly the trusted model, wherever it sits. The directories are
+    put back where the record says by rename, and the record is left as it is: a disk
+    that swaps the slots before every boot must not cost an NV write per boot. Only when
+    they cannot be put back is the record re-committed with the slots as they are (one
+    NV increment).
     """
     active = record.active
     assert active is not None
     other = SlotStore.other(active.slot)
     if not slot_matches(slots, replace(active, slot=other))[0]:
         return None
+    try:
+        slots.move_back(other, active.slot)
+    except OSError as e:
+        logger.warning("cannot move slot %s back to %s (%s): re-recording", other,
+                       active.slot, e, extra=_fields(active))
+    else:  # (a rename keeps every byte: the fingerprint just verified still holds)
+        logger.warning(
+            "active %s %s was intact but in slot %s, not %s (slots swapped?): moved back",
+            active.name, active.version, other, active.slot, extra=_fields(active))
+        slots.activate(active.slot)
+        return record
     prev = record.previous
     if prev is not None:
         prev = replace(prev, slot=active.slot)
         if not slot_matches(slots, prev)[0]:
             prev = None
-    logger.warning(
-        "active %s %s is intact but in slot %s, not %s (slots swapped?): re-recording",
-        active.name, active.version, other, active.slot, extra=_fields(active),
-    )
     new = record.successor(active=replace(active, slot=other), previous=prev)
     store.commit(new)
     slots.activate(other)
