@@ -120,21 +120,27 @@ def _should_install(choice: Choice | None, active: ModelRef | None) -> bool:
     return choice.release.version > current
 
 
-def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int) -> None:
-    """Refuse targets metadata older than the version the trust record saw.
+def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int,
+                                   tpm_floor: int = 0) -> None:
+    """Refuse targets metadata older than the version the trust record or the TPM saw.
 
     TUF's own rollback check compares against the local metadata files, which a
     local attacker can replace with older valid copies; the TPM-bound record cannot.
+    ``tpm_floor`` (the highest targets version installed, kept in the TPM) also holds
+    after a heal from an older, authentic copy of the disk.
 
     Raises:
-        RollbackError: ``targets_version`` is below the recorded one.
+        RollbackError: ``targets_version`` is below the recorded one or the TPM floor.
     """
-    if targets_version < record.targets_version:
+    floor = max(record.targets_version, tpm_floor)
+    if targets_version < floor:
+        where = ("the trust record" if floor == record.targets_version
+                 else "the TPM's targets floor")
         raise RollbackError(
             f"targets metadata version {targets_version} is older than version "
-            f"{record.targets_version} in the trust record (rollback of metadata)",
+            f"{floor} in {where} (rollback of metadata)",
             what="targets",
-            trusted=str(record.targets_version),
+            trusted=str(floor),
             offered=str(targets_version),
         )
 
@@ -491,7 +497,7 @@ def _attempt(
     if session.root_version > record.root_version:
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
         store.rotate_root(session.root_bytes)
-    check_metadata_not_rolled_back(record, session.targets_version)
+    check_metadata_not_rolled_back(record, session.targets_version, store.targets_floor())
     # Decided only here, on the refresh and delegation search that verified as a whole
     # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
     rejections = RejectionStore(cfg.state_dir, store.tpm)  # skips releases that failed here
@@ -579,6 +585,9 @@ def _attempt(
         staged.discard()
         raise
     step("committing")
+    # Before the commit (at most one NV write, only when the version rises): a crash in
+    # between leaves a floor of metadata that verified, never one below an install.
+    store.raise_targets_floor(session.targets_version)
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
         record.successor(

@@ -21,13 +21,21 @@ from agent import update as agent_update
 from simulator import RepoAttacker
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 from trust.errors import ModelwardError
-from updater.errors import HealthCheckError, StagedFilesChangedError
+from updater.errors import HealthCheckError, RollbackError, StagedFilesChangedError
 
 
 def _counter(w: World) -> int:
     s = w.store()
     try:
         return s.tpm.read_counter()
+    finally:
+        s.tpm.close()
+
+
+def _floor(w: World) -> int:
+    s = w.store()
+    try:
+        return s.targets_floor()
     finally:
         s.tpm.close()
 
@@ -160,11 +168,10 @@ def test_a4_incoming_swapped_after_verification_is_not_served(world: World) -> N
 # --- heal: downgrade and NV wear -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="heal keeps only the floor of the (older) authentic "
-                   "copy; an origin replaying the still-unexpired metadata of that time "
-                   "moves the device below what it ran (v3 -> v2)")
 def test_a4_heal_from_older_copy_with_replayed_metadata_does_not_downgrade(
         world: World) -> None:
+    """The TPM keeps the highest targets version installed (FLOOR_INDEX): the heal from an
+    authentic older copy starts from it, so the replayed v2-era metadata is a rollback."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
@@ -176,11 +183,21 @@ def test_a4_heal_from_older_copy_with_replayed_metadata_does_not_downgrade(
     world.publish("3.0.0", seed=3)
     world.update()
     assert world.active_version() == "3.0.0"
+    floor = _floor(world)
+    assert floor == json.loads((world.state / "trust" / "record.json").read_bytes())[
+        "record"]["targets_version"]
+    before = world.snapshot()
     copytree(copy, world.state)  # authentic, older
     attacker.replay(served_v2, *served_v2)  # validly signed, not expired
-    with contextlib.suppress(ModelwardError):  # a typed refusal is fine
+    with pytest.raises(RollbackError, match="rollback of metadata"):
         world.update()
     assert world.active_version() != "2.0.0"
+    after = world.snapshot()
+    assert after.counter == before.counter + 1  # the heal's genesis record only
+    assert after.anchor == before.anchor
+    assert _floor(world) == floor  # not lowered
+    rec = json.loads(after.record)["record"]
+    assert rec["active"] is None and rec["targets_version"] == floor
 
 
 def test_a4_heal_nv_cost_is_two_increments_per_attempt_and_bounded(world: World) -> None:
