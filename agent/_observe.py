@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from trust import ModelRef, TrustRecord, write_atomic
-from trust._report import MAX_SEQ, ReportSequenceError, next_sequence
+from trust._report import MAX_SEQ, ReportSequenceError, next_sequence, sequence_believable
 
 logger = logging.getLogger("modelward.agent")
 
@@ -204,8 +204,12 @@ def advance_sequence(state_dir: Path, now: float) -> int:
         ReportSequenceError: it cannot be persisted (then no report may be sent).
     """
     path = state_dir / SEQUENCE_FILE
+    last = read_sequence(path)
+    if not sequence_believable(last, now):
+        logger.warning("report sequence %d in %s is far ahead of the clock (planted, or the "
+                       "clock stepped back): not believed, the clock is the floor", last, path)
     try:
-        seq = next_sequence(read_sequence(path), now)
+        seq = next_sequence(last, now)
     except ReportSequenceError as e:
         raise ReportSequenceError(f"{e} ({path})", path=str(path)) from e
     try:

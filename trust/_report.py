@@ -11,7 +11,10 @@ often) and ``fleet``. The device persists each ``seq`` before the report leaves 
 :func:`next_sequence` takes the larger of the persisted number + 1 and the wall clock in
 milliseconds, so a disk attacker who rolls the sequence file back (or deletes the state
 directory) cannot make the device reissue a number: the clock floor is already past every
-number issued before, since reports come far less often than once a millisecond. The TPM
+number issued before, since reports come far less often than once a millisecond. A
+persisted number more than :data:`SEQ_SLACK_MS` ahead of the clock is not believed (the
+clock is used, and the agent logs it): the disk could otherwise silence the device or get
+its fresh reports flagged as replayed. The TPM
 update counter is no floor here: it moves only on installs, and an NV write per report
 would wear the TPM (NV_RATE). What is left: an attacker who rolls back both the disk and
 the device clock can make it reuse numbers; the operator then sees ``REPLAYED`` (see
@@ -62,19 +65,39 @@ class ReportSequenceError(LocalDeviceError):
         self.path = path
 
 
+SEQ_SLACK_MS = 10 * 60 * 1000  # how far ahead of the clock a persisted number is believed
+
+
+def sequence_believable(last: int, now: float) -> bool:
+    """Whether a persisted ``last`` could have been issued by this device by ``now``.
+
+    Every number issued is at most the clock then plus the few that fell in the same
+    millisecond, so one far above the clock (beyond :data:`SEQ_SLACK_MS`) was planted: a
+    disk that writes ``MAX_SEQ`` would silence the device, and one that writes "in 30
+    days", then deletes it, would have the operator flag every genuine report
+    ``REPLAYED`` for 30 days.
+    """
+    return last <= int(now * 1000) + SEQ_SLACK_MS
+
+
 def next_sequence(last: int, now: float) -> int:
     """The sequence number of the next report: above ``last`` and not below the clock.
+
+    A ``last`` that is not :func:`sequence_believable` is ignored: the clock is the floor
+    then. (A device whose clock stepped back by more than the slack may reissue numbers;
+    the operator sees ``REPLAYED`` then, a false alarm, never a silent acceptance.)
 
     Args:
         last: the last persisted number (0 if none or unreadable).
         now: wall-clock time, seconds since the epoch.
 
     Raises:
-        ReportSequenceError: the sequence is exhausted (``last`` is at :data:`MAX_SEQ`).
+        ReportSequenceError: the sequence is exhausted (the clock is past :data:`MAX_SEQ`).
     """
-    seq = max(last + 1, int(now * 1000))
+    floor = int(now * 1000)
+    seq = max(last + 1, floor) if sequence_believable(last, now) else floor
     if seq > MAX_SEQ:
-        raise ReportSequenceError(f"report sequence {last} is exhausted", path="")
+        raise ReportSequenceError(f"report sequence {seq} is exhausted", path="")
     return seq
 
 

@@ -153,6 +153,11 @@ class TrustStore:
             self.load()  # provisioning again must not hide a broken record
         if legacy is not None:
             self.tpm.retire_legacy()
+        if not report.record_heals:  # (an existing device: its floor starts at its record)
+            try:
+                self.raise_targets_floor(self.load().targets_version)
+            except TrustRecordError as e:
+                logger.warning("targets floor not seeded, the record is not believable: %s", e)
         return report
 
     def _legacy_record(self, legacy: LegacyObjects) -> TrustRecord | None:
@@ -261,7 +266,10 @@ class TrustStore:
             TrustRecordError: the trust directory cannot be written.
             TpmError: the TPM failed.
         """
-        record = genesis(self.tpm.read_counter(), root_version, plan.targets_floor)
+        # The floor of an authentic older copy is not enough: the TPM keeps the highest
+        # targets version ever installed (an origin may replay that copy's metadata).
+        floor = max(plan.targets_floor, self.targets_floor())
+        record = genesis(self.tpm.read_counter(), root_version, floor)
         logger.warning(
             "healing the trust store (%s): a genesis record at counter %d, targets floor %d; "
             "the next install comes from the TPM-anchored root", plan.reason, record.counter,
@@ -274,6 +282,23 @@ class TrustStore:
             raise TrustRecordError(f"cannot write the trust record {self.record_path}: {e}",
                                    path=str(self.record_path)) from e
         return record
+
+    def targets_floor(self) -> int:
+        """The highest top-level targets version this device installed (TPM-kept).
+
+        Raises:
+            TpmError: the TPM failed, or the floor index does not take the auth value.
+        """
+        return self.tpm.read_targets_floor()
+
+    def raise_targets_floor(self, version: int) -> None:
+        """Raise the TPM-kept floor to ``version``; an NV write only when it rises.
+
+        Raises:
+            TpmError: the TPM failed.
+        """
+        if version > self.tpm.read_targets_floor():
+            self.tpm.write_targets_floor(version)
 
     def commit(self, record: TrustRecord) -> None:
         """Make ``record`` the trusted one, bound to the next TPM counter value.

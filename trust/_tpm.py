@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import hmac as _hmac
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,12 +31,17 @@ from trust.errors import (
     TpmUnavailableError,
 )
 
+logger = logging.getLogger(__name__)
+
 SRK_HANDLE = 0x81000001
 # The objects modelward uses, each with the device's auth value (trust/_tpmauth.py).
 IDENTITY_HANDLE = 0x81000102
 MAC_KEY_HANDLE = 0x81000103
 ANCHOR_INDEX = 0x01000101
 COUNTER_INDEX = 0x01000111
+# The highest top-level targets version ever installed (issue 13 a4): a heal from an older
+# copy of the disk must not accept the older, still unexpired metadata an origin replays.
+FLOOR_INDEX = 0x01000121
 # The open objects of devices provisioned before TPM authorization (issue 13, finding 8):
 # read once by `agent provision` to migrate the device, then removed.
 LEGACY_IDENTITY_HANDLE = 0x81000101
@@ -135,6 +141,17 @@ class TpmInterface(abc.ABC):
     def mac_ok(self, digest: bytes, mac: bytes) -> bool:
         """Whether ``mac`` is this TPM's MAC of ``digest`` (constant time)."""
         return _hmac.compare_digest(self.mac(digest), mac)
+
+    def read_targets_floor(self) -> int:
+        """The highest targets version installed, kept in the TPM (0: none or no index).
+
+        This default is for TPMs that keep no floor (test doubles); :class:`Tpm` keeps it
+        in NV index :data:`FLOOR_INDEX`.
+        """
+        return 0
+
+    def write_targets_floor(self, version: int) -> None:  # noqa: B027 - optional hook
+        """Raise the floor to ``version`` (callers only ever raise it)."""
 
     def use_auth_dir(self, directory: Path) -> None:  # noqa: B027 - optional hook
         """Take the objects' auth value from ``directory`` (read on first use)."""
@@ -397,6 +414,7 @@ class Tpm(TpmInterface):
         mac_key_created = self._provision_mac_key(srk)
         anchor_defined = self._provision_nv(ANCHOR_INDEX, 32, counter=False)
         counter_defined = self._provision_nv(COUNTER_INDEX, 8, counter=True)
+        self._provision_nv(FLOOR_INDEX, 8, counter=False)  # (devices from before: added)
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
@@ -608,6 +626,28 @@ class Tpm(TpmInterface):
         self._call(f"increment update counter {COUNTER_INDEX:#x}",
                    lambda: self._esys.nv_increment(nv, nv))
         return self.read_counter()
+
+    def read_targets_floor(self) -> int:
+        """The floor in :data:`FLOOR_INDEX`; 0 when never written, or when the index is
+        not defined yet (a device provisioned before it: `agent provision` adds it)."""
+        if not self._exists(FLOOR_INDEX):
+            logger.warning("TPM NV index %#x (targets floor) is not defined: run `agent "
+                           "provision` once to add it", FLOOR_INDEX)
+            return 0
+        nv = self._obj(FLOOR_INDEX)
+        try:
+            data = self._call(f"read targets floor {FLOOR_INDEX:#x}",
+                              lambda: self._esys.nv_read(nv, 8, 0, nv))
+        except TpmNotProvisionedError:
+            return 0  # defined, never written
+        return int.from_bytes(bytes(data), "big")
+
+    def write_targets_floor(self, version: int) -> None:
+        if not self._exists(FLOOR_INDEX):  # (warned by read_targets_floor)
+            return
+        nv = self._obj(FLOOR_INDEX)
+        self._call(f"write targets floor {FLOOR_INDEX:#x}",
+                   lambda: self._esys.nv_write(nv, version.to_bytes(8, "big"), 0, nv))
 
     def mac(self, digest: bytes) -> bytes:
         t = self._types()

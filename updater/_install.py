@@ -37,7 +37,7 @@ from updater._health import run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rejections import RejectionStore
+from updater._rejections import REJECTING, RejectionStore
 from updater._rollout import Choice
 from updater._semver import SemVer
 from updater._slots import SlotStore
@@ -52,6 +52,7 @@ from updater.errors import (
     RollbackError,
     StagedFilesChangedError,
     StagingError,
+    StateDirError,
     TargetHashError,
 )
 
@@ -119,21 +120,27 @@ def _should_install(choice: Choice | None, active: ModelRef | None) -> bool:
     return choice.release.version > current
 
 
-def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int) -> None:
-    """Refuse targets metadata older than the version the trust record saw.
+def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int,
+                                   tpm_floor: int = 0) -> None:
+    """Refuse targets metadata older than the version the trust record or the TPM saw.
 
     TUF's own rollback check compares against the local metadata files, which a
     local attacker can replace with older valid copies; the TPM-bound record cannot.
+    ``tpm_floor`` (the highest targets version installed, kept in the TPM) also holds
+    after a heal from an older, authentic copy of the disk.
 
     Raises:
-        RollbackError: ``targets_version`` is below the recorded one.
+        RollbackError: ``targets_version`` is below the recorded one or the TPM floor.
     """
-    if targets_version < record.targets_version:
+    floor = max(record.targets_version, tpm_floor)
+    if targets_version < floor:
+        where = ("the trust record" if floor == record.targets_version
+                 else "the TPM's targets floor")
         raise RollbackError(
             f"targets metadata version {targets_version} is older than version "
-            f"{record.targets_version} in the trust record (rollback of metadata)",
+            f"{floor} in {where} (rollback of metadata)",
             what="targets",
-            trusted=str(record.targets_version),
+            trusted=str(floor),
             offered=str(targets_version),
         )
 
@@ -490,7 +497,7 @@ def _attempt(
     if session.root_version > record.root_version:
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
         store.rotate_root(session.root_bytes)
-    check_metadata_not_rolled_back(record, session.targets_version)
+    check_metadata_not_rolled_back(record, session.targets_version, store.targets_floor())
     # Decided only here, on the refresh and delegation search that verified as a whole
     # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
     rejections = RejectionStore(cfg.state_dir, store.tpm)  # skips releases that failed here
@@ -520,6 +527,7 @@ def _attempt(
     slot = SlotStore.other(active.slot if active else None)
     incoming = dev.slots.incoming
     staged: Stage | None = None
+    verified = False  # the files in incoming matched the signed fingerprint (read back)
     try:
         staged, manifest, entries = download_and_extract(
             session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
@@ -540,6 +548,7 @@ def _attempt(
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
         _verify_on_disk(incoming, newest, "before its health check")
+        verified = True
         step("verified")
         gate.wait_idle("health check")
         detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
@@ -549,6 +558,15 @@ def _attempt(
         )
         step("health-checked")
     except BaseException as e:
+        if verified and isinstance(e, REJECTING):
+            # The health check read the files by path: bytes changed on disk meanwhile
+            # are this device's fault, not the release's (never remembered as rejected).
+            try:
+                _verify_on_disk(incoming, newest, "after its failed health check")
+            except (StagedFilesChangedError, StateDirError) as changed:
+                assert staged is not None
+                staged.discard()
+                raise changed from e
         rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()
@@ -567,6 +585,9 @@ def _attempt(
         staged.discard()
         raise
     step("committing")
+    # Before the commit (at most one NV write, only when the version rises): a crash in
+    # between leaves a floor of metadata that verified, never one below an install.
+    store.raise_targets_floor(session.targets_version)
     new_ref = ModelRef(name, version, fingerprint, slot)
     store.commit(
         record.successor(
@@ -636,23 +657,33 @@ def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trus
     """The active model found intact in the other slot (slots swapped or renamed).
 
     A fingerprint covers every path and byte of a slot, so a slot with the active
-    fingerprint holds exactly the trusted model, wherever it sits: the record is
-    re-committed with the slots as they are now, and that slot is activated.
+    fingerprint holds exactly the trusted model, wherever it sits. The directories are
+    put back where the record says by rename, and the record is left as it is: a disk
+    that swaps the slots before every boot must not cost an NV write per boot. Only when
+    they cannot be put back is the record re-committed with the slots as they are (one
+    NV increment).
     """
     active = record.active
     assert active is not None
     other = SlotStore.other(active.slot)
     if not slot_matches(slots, replace(active, slot=other))[0]:
         return None
+    try:
+        slots.move_back(other, active.slot)
+    except OSError as e:
+        logger.warning("cannot move slot %s back to %s (%s): re-recording", other,
+                       active.slot, e, extra=_fields(active))
+    else:  # (a rename keeps every byte: the fingerprint just verified still holds)
+        logger.warning(
+            "active %s %s was intact but in slot %s, not %s (slots swapped?): moved back",
+            active.name, active.version, other, active.slot, extra=_fields(active))
+        slots.activate(active.slot)
+        return record
     prev = record.previous
     if prev is not None:
         prev = replace(prev, slot=active.slot)
         if not slot_matches(slots, prev)[0]:
             prev = None
-    logger.warning(
-        "active %s %s is intact but in slot %s, not %s (slots swapped?): re-recording",
-        active.name, active.version, other, active.slot, extra=_fields(active),
-    )
     new = record.successor(active=replace(active, slot=other), previous=prev)
     store.commit(new)
     slots.activate(other)

@@ -12,6 +12,9 @@ symlinked ``slots`` is refused with a StateDirError.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
 import os
 import stat
 from pathlib import Path
@@ -26,6 +29,33 @@ LINKS = {f"slots/{s}": s for s in SLOTS}
 def slot_of_link(target: str | None) -> str | None:
     """The slot a ``current`` link target names: only ``slots/a`` or ``slots/b`` exactly."""
     return LINKS.get(target) if target is not None else None
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _exchange_at(dirfd: int, a: str, b: str) -> bool:
+    """Swap the entries ``a`` and ``b`` of ``dirfd`` atomically (renameat2 RENAME_EXCHANGE).
+
+    Returns False when the kernel, libc or file system cannot (the caller renames instead).
+
+    Raises:
+        OSError: the exchange failed for another reason.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(dirfd, a.encode(), dirfd, b.encode(), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), a)
 
 
 class SlotStore:
@@ -110,6 +140,33 @@ class SlotStore:
         os.replace(self.incoming, dest)
         fsync_dir(self.root)
         remove_entry(old)
+
+    def move_back(self, found: str, slot: str) -> None:
+        """Put the directory found at ``slots/<found>`` back at ``slots/<slot>`` by rename.
+
+        Whatever is at ``slots/<slot>`` goes to ``slots/<found>`` (the two are exchanged
+        atomically where the kernel can; else by three renames through ``slots/.swap``).
+        No byte is copied and nothing trusted is written: the trust record keeps naming
+        the slots it named.
+
+        Raises:
+            StateDirError: ``slots`` is not a plain directory.
+            OSError: a rename failed.
+        """
+        plain_dir(self.state_dir, "slots")
+        src, dest, tmp = self.path(found), self.path(slot), self.root / ".swap"
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            if not os.path.lexists(dest):
+                os.rename(src, dest)
+            elif not _exchange_at(fd, found, slot):
+                remove_entry(tmp)
+                os.rename(dest, tmp)
+                os.rename(src, dest)
+                os.rename(tmp, src)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def activate(self, slot: str) -> None:
         """Point ``current`` at ``slot`` atomically (replacing whatever ``current`` is)."""

@@ -15,6 +15,7 @@ from trust import Tpm, TrustStore, encode_record
 from trust._tpm import (
     ANCHOR_INDEX,
     COUNTER_INDEX,
+    FLOOR_INDEX,
     IDENTITY_HANDLE,
     LEGACY_ANCHOR_INDEX,
     LEGACY_COUNTER_INDEX,
@@ -61,6 +62,8 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
     try:
         for index in (ANCHOR_INDEX, COUNTER_INDEX):
             e.nv_undefine_space(e.tr_from_tpmpublic(index), t.ESYS_TR.OWNER)
+        # (an old-style device never had the targets-floor index)
+        e.nv_undefine_space(e.tr_from_tpmpublic(FLOOR_INDEX), t.ESYS_TR.OWNER)
         for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE):
             e.evict_control(t.ESYS_TR.OWNER, e.tr_from_tpmpublic(handle), handle)
         nv = _old_nv(e, t, LEGACY_ANCHOR_INDEX, 32, counter=False)

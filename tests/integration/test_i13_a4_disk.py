@@ -21,13 +21,21 @@ from agent import update as agent_update
 from simulator import RepoAttacker
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 from trust.errors import ModelwardError
-from updater.errors import HealthCheckError
+from updater.errors import HealthCheckError, RollbackError, StagedFilesChangedError
 
 
 def _counter(w: World) -> int:
     s = w.store()
     try:
         return s.tpm.read_counter()
+    finally:
+        s.tpm.close()
+
+
+def _floor(w: World) -> int:
+    s = w.store()
+    try:
+        return s.targets_floor()
     finally:
         s.tpm.close()
 
@@ -128,16 +136,21 @@ def _corrupt_after_verified(w: World, how: str) -> object:
     return on_step
 
 
-@pytest.mark.xfail(strict=True, reason="the health check reads staging/incoming by path "
-                   "after the fingerprint was checked; a disk write in between fails the "
-                   "check and the GOOD release is remembered as rejected for 24 h")
 def test_a4_incoming_changed_after_verification_does_not_reject_a_good_release(
         world: World) -> None:
+    """Bytes changed in staging/incoming during the health check are a local fault
+    (StagedFilesChangedError), never a rejection of the signed release."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
-    with pytest.raises(HealthCheckError):
+    before = world.snapshot()
+    with pytest.raises(StagedFilesChangedError, match="after its failed health check"):
         agent_update(world.cfg, on_step=_corrupt_after_verified(world, "break"))  # type: ignore[arg-type]
+    after = world.snapshot()
+    assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    assert world.active_version() == "1.0.0"
+    assert not (world.state / "staging" / "incoming").exists()  # discarded
     world.update()  # no more tampering: the good, signed v2 must install
     assert world.active_version() == "2.0.0"
 
@@ -155,11 +168,10 @@ def test_a4_incoming_swapped_after_verification_is_not_served(world: World) -> N
 # --- heal: downgrade and NV wear -----------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="heal keeps only the floor of the (older) authentic "
-                   "copy; an origin replaying the still-unexpired metadata of that time "
-                   "moves the device below what it ran (v3 -> v2)")
 def test_a4_heal_from_older_copy_with_replayed_metadata_does_not_downgrade(
         world: World) -> None:
+    """The TPM keeps the highest targets version installed (FLOOR_INDEX): the heal from an
+    authentic older copy starts from it, so the replayed v2-era metadata is a rollback."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
@@ -171,11 +183,21 @@ def test_a4_heal_from_older_copy_with_replayed_metadata_does_not_downgrade(
     world.publish("3.0.0", seed=3)
     world.update()
     assert world.active_version() == "3.0.0"
+    floor = _floor(world)
+    assert floor == json.loads((world.state / "trust" / "record.json").read_bytes())[
+        "record"]["targets_version"]
+    before = world.snapshot()
     copytree(copy, world.state)  # authentic, older
     attacker.replay(served_v2, *served_v2)  # validly signed, not expired
-    with contextlib.suppress(ModelwardError):  # a typed refusal is fine
+    with pytest.raises(RollbackError, match="rollback of metadata"):
         world.update()
     assert world.active_version() != "2.0.0"
+    after = world.snapshot()
+    assert after.counter == before.counter + 1  # the heal's genesis record only
+    assert after.anchor == before.anchor
+    assert _floor(world) == floor  # not lowered
+    rec = json.loads(after.record)["record"]
+    assert rec["active"] is None and rec["targets_version"] == floor
 
 
 def test_a4_heal_nv_cost_is_two_increments_per_attempt_and_bounded(world: World) -> None:
@@ -194,15 +216,14 @@ def test_a4_heal_nv_cost_is_two_increments_per_attempt_and_bounded(world: World)
     assert _counter(world) == c
 
 
-@pytest.mark.xfail(strict=True, reason="boot-check re-commits the record (1 NV increment) "
-                   "whenever the slots were swapped (_relocated): a disk attacker swapping "
-                   "slots/a and slots/b before every boot writes NV on every boot")
 def test_a4_swapped_slots_do_not_write_nv_on_every_boot(world: World) -> None:
+    """Swapping slots/a and slots/b before every boot: boot-check puts them back by
+    rename; the record, the counter, the slots and `current` do not move."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
     world.update()
-    c = _counter(world)
+    before = world.snapshot()
     slots = world.state / "slots"
     for _ in range(3):
         os.rename(slots / "a", slots / "tmp")
@@ -210,7 +231,19 @@ def test_a4_swapped_slots_do_not_write_nv_on_every_boot(world: World) -> None:
         os.rename(slots / "tmp", slots / "b")
         res = run_boot_check(world.cfg)
         assert res.active.version == "2.0.0"
-    assert _counter(world) <= c + 1  # at most once, never once per boot
+        assert not res.fell_back
+        assert world.snapshot() == before  # no NV write, slots back where recorded
+    # only one slot present, in the wrong place: moved back too, still no NV write
+    os.rename(slots / "a", world.tmp / "prev-aside")
+    os.rename(slots / "b", slots / "a")
+    assert run_boot_check(world.cfg).active.version == "2.0.0"
+    assert _counter(world) == before.counter
+    assert os.readlink(world.state / "current") == "slots/b"
+    # and an update still works from there
+    world.publish("3.0.0", seed=3)
+    world.update()
+    assert world.active_version() == "3.0.0"
+    assert run_boot_check(world.cfg).active.version == "3.0.0"
 
 
 # --- crashes and hangs on planted files ----------------------------------------------

@@ -173,8 +173,8 @@ def test_i13_heal_after_root_json_lost(world: World, how: str) -> None:
 
 def test_i13_heal_keeps_the_authentic_rollback_floor(world: World) -> None:
     """The disk puts back a copy taken at v2 and the origin replays the v1 metadata: the
-    old record is not believed, but its (MAC-verified) targets version stays the floor, so
-    the heal does not let the replay move the device down to v1."""
+    old record is not believed, but its (MAC-verified) targets version stays a floor, and
+    the TPM's (v3's) is the genesis record's, so the replay cannot move the device down."""
     world.publish("1.0.0", seed=1)
     world.update()
     attacker = RepoAttacker(world.repo_dir, world.keys, PASSPHRASE)
@@ -183,10 +183,10 @@ def test_i13_heal_keeps_the_authentic_rollback_floor(world: World) -> None:
     world.update()
     copy = world.tmp / "state-at-v2"
     shutil.copytree(world.state, copy, symlinks=True)
-    floor = _record(world)["targets_version"]
     world.publish("3.0.0", seed=3)
     world.update()
     counter = _counter(world)
+    floor = _record(world)["targets_version"]  # v3's: the TPM keeps it (FLOOR_INDEX)
     copytree(copy, world.state)
     attacker.replay(served_v1, *served_v1)
     with pytest.raises(RollbackError):

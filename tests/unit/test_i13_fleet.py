@@ -29,7 +29,13 @@ from publisher._fleet import (
 )
 from tests.unit.test_report import _SoftKey
 from trust import ReportSignatureError, sign_report, verify_report
-from trust._report import MAX_SEQ, ReportSequenceError, next_sequence, report_digest
+from trust._report import (
+    MAX_SEQ,
+    SEQ_SLACK_MS,
+    ReportSequenceError,
+    next_sequence,
+    report_digest,
+)
 from trust.errors import OperatorInputError
 
 NOW = 1_800_000_000.0  # the operator's injected clock
@@ -143,9 +149,13 @@ def test_no_report_is_missing_and_says_when_one_was_seen() -> None:
 def test_next_sequence_rises_and_has_the_clock_as_floor() -> None:
     assert next_sequence(0, NOW) == int(NOW * 1000)
     assert next_sequence(int(NOW * 1000), NOW) == int(NOW * 1000) + 1  # same ms
-    assert next_sequence(10**13, NOW) == 10**13 + 1  # clock behind (RTC-less boot)
+    ahead = int(NOW * 1000) + SEQ_SLACK_MS
+    assert next_sequence(ahead, NOW) == ahead + 1  # clock a little behind: believed
+    # far ahead of the clock (planted by the disk, or an RTC-less boot): the clock is used
+    assert next_sequence(ahead + 1, NOW) == int(NOW * 1000)
+    assert next_sequence(MAX_SEQ, NOW) == int(NOW * 1000)
     with pytest.raises(ReportSequenceError):
-        next_sequence(MAX_SEQ, NOW)
+        next_sequence(0, (MAX_SEQ + 1) / 1000)
 
 
 def test_sequence_persists_before_use_and_survives_restart_and_rollback(
@@ -188,9 +198,10 @@ def test_a_sequence_that_cannot_be_persisted_is_a_typed_error(tmp_path: Path) ->
         advance_sequence(tmp_path, NOW)
     assert e.value.path == str(tmp_path / SEQUENCE_FILE)
     (tmp_path / SEQUENCE_FILE).rmdir()
-    (tmp_path / SEQUENCE_FILE).write_text(f"{MAX_SEQ}\n")  # planted: exhausted, no report
+    (tmp_path / SEQUENCE_FILE).write_text(f"{MAX_SEQ}\n")  # planted: not believed
+    assert advance_sequence(tmp_path, NOW) == int(NOW * 1000)
     with pytest.raises(ReportSequenceError, match="exhausted") as e:
-        advance_sequence(tmp_path, NOW)
+        advance_sequence(tmp_path, (MAX_SEQ + 1) / 1000)  # only a clock past MAX_SEQ
     assert e.value.path == str(tmp_path / SEQUENCE_FILE)
 
 
