@@ -75,10 +75,6 @@ def test_files_swapped_between_verification_and_health_check_are_not_health_chec
     assert seen == [v2]  # fails: onnxruntime loaded the attacker's bytes
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a health-check failure on bytes changed after verification is blamed on the "
-    "signed release and remembered (TPM-MACed): the disk gets a genuine release "
-    "rejected for good"))
 def test_files_corrupted_before_health_check_do_not_get_the_release_rejected(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
