@@ -29,6 +29,13 @@ def _text(v: object) -> bool:
     return v is None or isinstance(v, str)
 
 
+def _cut(v: str | None) -> str | None:
+    return v[:MAX_TEXT] if v is not None else None
+
+
+MAX_TEXT = 4096  # characters of a message kept (the signed report copies it)
+
+
 def clean_status(doc: object) -> dict[str, Any]:
     """The fields of a status.json document that have the types the agent writes; the
     rest is dropped (schema check of an unauthenticated file)."""
@@ -40,14 +47,14 @@ def clean_status(doc: object) -> dict[str, Any]:
         out["last_error"] = None
     elif isinstance(err, dict) and isinstance(err.get("type"), str) and \
             _text(err.get("message")) and _text(err.get("at")):
-        out["last_error"] = {k: err.get(k) for k in ("type", "message", "at")}
+        out["last_error"] = {k: _cut(err.get(k)) for k in ("type", "message", "at")}
     res = doc.get("last_result")
     if isinstance(res, dict) and _text(res.get("message")) and _text(res.get("at")):
-        out["last_result"] = {"message": res.get("message"), "at": res.get("at")}
+        out["last_result"] = {"message": _cut(res.get("message")), "at": _cut(res.get("at"))}
     act = doc.get("last_activation")
     if isinstance(act, dict) and isinstance(act.get("ok"), bool) and \
             isinstance(act.get("detail"), str):
-        out["last_activation"] = {"ok": act["ok"], "detail": act["detail"]}
+        out["last_activation"] = {"ok": act["ok"], "detail": _cut(act["detail"])}
     counters = doc.get("counters")
     if isinstance(counters, dict):
         out["counters"] = {k: v for k, v in counters.items() if k in COUNTERS

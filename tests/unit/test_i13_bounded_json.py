@@ -77,6 +77,15 @@ def test_anything_else_that_is_not_plain_json_is_one_error(doc: bytes) -> None:
         _loads(doc)
 
 
+def test_only_utf8_bytes() -> None:
+    """UTF-16/32 (which json.loads would detect) could hide brackets from the scan."""
+    with pytest.raises(UntrustedJsonError, match="not UTF-8"):
+        _loads('{"a": 1}'.encode("utf-16"))
+    with pytest.raises(UntrustedJsonError, match="not UTF-8"):
+        _loads(("[" * 40 + "]" * 40).encode("utf-32-le"))
+    assert _loads('{"\u00e9": "é"}'.encode()) == {"é": "é"}
+
+
 def test_size_is_checked_first() -> None:
     with pytest.raises(UntrustedJsonError, match="over 10 bytes"):
         _loads(b"[" + b"1," * 10 + b"1]", max_bytes=10)
@@ -269,6 +278,15 @@ def test_local_state_readers_fall_back_on_anything_planted(tmp_path: Path) -> No
         "last_error": {"type": "X", "message": None, "at": "t"},
         "last_activation": {"ok": True, "detail": "d"},
     }
+
+
+def test_status_messages_are_cut(tmp_path: Path) -> None:
+    from agent._status import MAX_TEXT, read_status
+
+    (tmp_path / "status.json").write_text(json.dumps(
+        {"last_error": {"type": "E", "message": "m" * 50_000, "at": "t"}}))
+    err = read_status(tmp_path / "status.json")["last_error"]
+    assert err["type"] == "E" and len(err["message"]) == MAX_TEXT
 
 
 def test_daemon_status_lines_survive_plants(tmp_path: Path) -> None:
