@@ -81,8 +81,10 @@ def test_only_utf8_bytes() -> None:
     """UTF-16/32 (which json.loads would detect) could hide brackets from the scan."""
     with pytest.raises(UntrustedJsonError, match="not UTF-8"):
         _loads('{"a": 1}'.encode("utf-16"))
-    with pytest.raises(UntrustedJsonError, match="not UTF-8"):
+    with pytest.raises(UntrustedJsonError):  # (valid UTF-8 with NULs: its brackets count)
         _loads(("[" * 40 + "]" * 40).encode("utf-32-le"))
+    with pytest.raises(UntrustedJsonError, match="not valid JSON"):
+        _loads("[1]".encode("utf-32-le"))
     assert _loads('{"\u00e9": "é"}'.encode()) == {"é": "é"}
 
 
