@@ -13,6 +13,7 @@ from typing import Any
 
 from agent._config import AgentConfig
 from agent._observe import Metrics, advance_sequence, build_report, notify_activation
+from agent._status import read_status
 from trust import (
     ModelRef,
     ProvisionReport,
@@ -68,12 +69,9 @@ class StatusFile:
         self.path = state_dir / "status.json"
 
     def read(self) -> dict[str, Any]:
-        """The stored status (empty if none)."""
-        try:
-            data = json.loads(self.path.read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        """The stored status (empty if none or unreadable), with only the known fields of
+        the expected types (the file carries no MAC: the disk may have written anything)."""
+        return read_status(self.path)
 
     def write(self, doc: dict[str, Any]) -> None:
         """Replace it atomically."""

@@ -12,7 +12,6 @@ to the poll interval, and announcements or reconnects do not cut a backoff short
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -27,7 +26,10 @@ from types import FrameType
 from agent._config import AgentConfig
 from agent._notify import Notifier
 from agent._schedule import Schedule
+from agent._status import read_status
+from trust._bounded import read_json_file
 from trust.errors import TransportError
+from updater._journal import MAX_JOURNAL_BYTES
 from updater._mqttconn import AnnouncementListener
 
 logger = logging.getLogger("modelward.agent")
@@ -149,20 +151,21 @@ class Daemon:
     def _journal_line(self) -> str:
         """The child's journaled step, for STATUS= (the journal is the progress record)."""
         try:
-            j = json.loads((self.cfg.state_dir / "journal.json").read_bytes())
-            return " ".join(str(j.get(k, "")) for k in ("step", "model", "version")).strip()
-        except (OSError, ValueError):
+            j = read_json_file(self.cfg.state_dir / "journal.json", MAX_JOURNAL_BYTES,
+                               max_depth=1)
+        except (OSError, ValueError):  # UnsafeFileError, UntrustedJsonError
             return "checking"
+        if not isinstance(j, dict):
+            return "checking"
+        return " ".join(v for k in ("step", "model", "version")
+                        if isinstance(v := j.get(k), str)).strip()[:200] or "checking"
 
     def _result_line(self) -> str:
-        try:
-            doc = json.loads((self.cfg.state_dir / "status.json").read_bytes())
-        except (OSError, ValueError):
-            return "idle"
+        doc = read_status(self.cfg.state_dir / "status.json")
         err = doc.get("last_error")
         if err:
-            return f"last attempt failed: {err.get('type')}"
-        return str((doc.get("last_result") or {}).get("message", "idle"))
+            return f"last attempt failed: {err['type']}"[:200]
+        return str((doc.get("last_result") or {}).get("message") or "idle")[:200]
 
     def publish_status(self, report: bytes) -> None:
         """Publish the child's signed status report, retained."""

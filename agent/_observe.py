@@ -13,13 +13,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent._status import COUNTERS as COUNTERS
+from agent._status import clean_status
 from trust import ModelRef, TrustRecord, write_atomic
 from trust._report import MAX_SEQ, ReportSequenceError, next_sequence, sequence_believable
 
 logger = logging.getLogger("modelward.agent")
 
-COUNTERS = ("attempts", "installed", "failures", "fallbacks", "bytes_fetched",
-            "signature_failures", "verification_failures")
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,11 @@ class Metrics:
     def from_status(cls, doc: dict[str, Any]) -> Metrics:
         """Counters stored by an earlier run."""
         m = cls()
-        for k, v in (doc.get("counters") or {}).items():
-            if k in m.counters and isinstance(v, int):
-                m.counters[k] = v
-        m.last_success = float(doc.get("last_success", 0.0) or 0.0)
-        m.verification_seconds = float(doc.get("verification_seconds", 0.0) or 0.0)
+        doc = clean_status(doc)  # whatever the caller read: only the types written
+        for k, v in doc.get("counters", {}).items():
+            m.counters[k] = v
+        m.last_success = float(doc.get("last_success", 0.0))
+        m.verification_seconds = float(doc.get("verification_seconds", 0.0))
         return m
 
     def to_status(self) -> dict[str, Any]:

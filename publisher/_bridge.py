@@ -20,6 +20,7 @@ import paho.mqtt.client as mqtt
 
 from publisher._broker_config import check_id
 from publisher.errors import OperatorInputError
+from trust._bounded import loads_bounded
 from updater import check_member_path
 from updater._mqtt import (
     MqttConfig,
@@ -29,6 +30,7 @@ from updater._mqtt import (
 )
 
 logger = logging.getLogger(__name__)
+MAX_REQUEST_BYTES = 16 * 1024  # a request is one short line of JSON
 
 SERVED_DIRS = ("metadata", "targets")
 
@@ -112,7 +114,8 @@ class Bridge:
         self.stats.requests += 1
         status, data, size, offset, fmt = "400", b"", 0, 0, 1
         try:
-            req = json.loads(msg.payload)
+            req = loads_bounded(msg.payload, max_bytes=MAX_REQUEST_BYTES, max_depth=2,
+                                what=f"the request on {msg.topic}")
             asked = req.get("format", 1) if isinstance(req, dict) else 1
             fmt = 2 if asked == 2 and 2 in self.formats else 1
             path, offset, length = req["path"], req["offset"], req["length"]
@@ -149,9 +152,10 @@ def announce(repo: Path, cfg: MqttConfig) -> int:
         TransportError: the broker refused or did not acknowledge.
     """
     try:
-        doc = json.loads((repo / "metadata" / "timestamp.json").read_bytes())
+        doc = loads_bounded((repo / "metadata" / "timestamp.json").read_bytes(),
+                            max_bytes=1 << 20, what="timestamp.json")
         version = int(doc["signed"]["version"])
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise OperatorInputError(f"{repo}/metadata/timestamp.json is unreadable: {e}") from e
     from datetime import UTC, datetime
 

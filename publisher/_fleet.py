@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from publisher._broker_config import check_id
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
+from trust._bounded import loads_bounded
 from trust._report import MAX_SEQ, report_digest
 from updater._mqtt import MqttConfig, MqttConnection
 
@@ -225,7 +226,7 @@ def read_seen(fleet_dir: Path, device: str) -> Seen | None:
     except OSError as e:
         raise OperatorInputError(f"cannot read fleet state {path}: {e}") from e
     try:
-        doc = json.loads(data)
+        doc = loads_bounded(data, max_bytes=_SEEN_MAX_BYTES, max_depth=1, what=str(path))
         seq, digest = doc["seq"], doc["digest"]
         if (len(data) > _SEEN_MAX_BYTES or not isinstance(seq, int) or isinstance(seq, bool)
                 or not isinstance(digest, str)):

@@ -13,6 +13,7 @@ from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 
 from publisher.errors import KeyError_
 from trust import write_atomic
+from trust._bounded import loads_bounded
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -146,9 +147,16 @@ class SignerRegistry:
     def entries(self) -> dict[str, str]:
         """keyid -> URI (keys made before the registry existed map to ``<role>.pem``)."""
         try:
-            doc = json.loads(self.path.read_bytes())
+            doc = loads_bounded(self.path.read_bytes(), max_bytes=1 << 20, max_depth=1,
+                                what=str(self.path))
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as e:
+            raise KeyError_(f"cannot read the key registry {self.path}: {e}",
+                            path=str(self.path)) from e
+        if not isinstance(doc, dict):
+            raise KeyError_(f"the key registry {self.path} is not a JSON object",
+                            path=str(self.path))
         return {str(k): str(v) for k, v in doc.items()}
 
     def add(self, keyid: str, uri: str) -> None:

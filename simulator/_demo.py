@@ -4,7 +4,6 @@ on a swtpm device; then a tampered model and the boot-time fallback."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shlex
@@ -21,6 +20,7 @@ from simulator._models import make_linear_model
 from simulator._origin import start_origin, stop_origin
 from simulator._pki import issue_cert, make_ca
 from simulator._swtpm import start_swtpm, stop_swtpm
+from trust._bounded import loads_bounded, read_json_file
 
 
 def write_device_config(
@@ -113,8 +113,8 @@ def _wait(pred: Callable[[], bool], timeout: float) -> bool:
 
 def _active(state: Path) -> str | None:
     try:
-        return str(json.loads((state / "current" / "manifest.json").read_bytes())["version"])
-    except (OSError, ValueError, KeyError):
+        return str(read_json_file(state / "current" / "manifest.json", 1 << 20)["version"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -199,8 +199,9 @@ def run_demo(work: Path) -> int:
              "--password-file", str(creds / "modelward-operator"))
         expect(_wait(lambda: _active(state) == "2.0.0", 60), "v2 installed over MQTT")
         for line in daemon_log.read_text().splitlines():
-            with contextlib.suppress(ValueError):
-                msg = json.loads(line).get("msg", "")
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                msg = str(loads_bounded(line, max_bytes=1 << 16, what="a log line")
+                          .get("msg", ""))
                 if any(w in msg for w in ("announcement", "installed", "installing")):
                     print(f"  agent log: {msg}")
         for child in children[1:]:

@@ -36,6 +36,7 @@ from simulator._pki import CertPair, issue_cert, make_ca
 from simulator._proc import read_pid, stop_pid
 from simulator._swtpm import start_swtpm, stop_swtpm
 from simulator.errors import ServiceError
+from trust._bounded import loads_bounded, read_json_file
 
 FLEET = "sim"
 MODEL = "classifier"
@@ -64,11 +65,9 @@ class Device:
 
     def status(self) -> dict[str, Any]:
         """The device's status.json (empty when unreadable)."""
-        try:
-            doc = json.loads((self.state / "status.json").read_bytes())
-        except (OSError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
+        from agent._status import read_status
+
+        return read_status(self.state / "status.json")
 
     def attempts(self) -> int:
         c = self.status().get("counters") or {}
@@ -76,9 +75,9 @@ class Device:
 
     def active(self) -> str | None:
         try:
-            return str(json.loads((self.state / "current" / "manifest.json").read_bytes())[
+            return str(read_json_file(self.state / "current" / "manifest.json", 1 << 20)[
                 "version"])
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, TypeError):
             return None
 
     def last_error(self) -> str | None:
@@ -140,7 +139,9 @@ class Fleet:
         """
         directory = directory.resolve()
         try:
-            doc = json.loads((directory / "fleet.json").read_bytes())
+            doc = read_json_file(directory / "fleet.json", 1 << 20)
+            if not isinstance(doc, dict):
+                raise ValueError("fleet.json is missing or not an object")
             passphrase = (directory / "passphrase").read_text().strip()
         except (OSError, ValueError) as e:
             raise ServiceError(f"no simulated fleet in {directory}: {e}", service="fleet",
@@ -201,7 +202,8 @@ class Fleet:
         history = self.dir / "history"
         history.mkdir(exist_ok=True)
         ts = self.repo / "metadata" / "timestamp.json"
-        version_ts = json.loads(ts.read_bytes())["signed"]["version"]
+        version_ts = loads_bounded(ts.read_bytes(), max_bytes=1 << 20, what=str(ts))[
+            "signed"]["version"]
         shutil.copyfile(ts, history / f"timestamp-{version_ts}.json")
         self.published.append(version)
         self.save()

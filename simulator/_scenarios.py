@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -17,6 +16,7 @@ from simulator._attacks import RepoAttacker
 from simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
 from simulator._fleet import Device, Fleet, wait_for
 from simulator.errors import ServiceError
+from trust._bounded import read_json_file
 
 TRANSPORT_ERRORS = frozenset({"DownloadFailedError", "TransportError"})
 
@@ -122,8 +122,8 @@ def _consistent(d: Device) -> bool:
     from trust import directory_entries, slot_fingerprint
 
     try:
-        rec = json.loads((d.state / "trust" / "record.json").read_bytes())["record"]
-    except (OSError, ValueError, KeyError):
+        rec = read_json_file(d.state / "trust" / "record.json", 1 << 16)["record"]
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     active = rec.get("active")
     if active is None:
@@ -170,9 +170,9 @@ def run(fleet: Fleet, sc: Scenario, *, timeout: float = 150.0,
 
 def _settled(d: Device) -> bool:
     try:
-        return json.loads((d.state / "journal.json").read_bytes()).get("step") in (
+        return read_json_file(d.state / "journal.json", 1 << 16).get("step") in (
             "active", "idle", "failed")
-    except (OSError, ValueError):
+    except (OSError, ValueError, AttributeError):
         return False
 
 

@@ -14,7 +14,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from trust._bounded import loads_bounded
 from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
+
+RECORD_MAX_BYTES = 64 * 1024  # bytes; a record is about 1 kB
 
 _MAC_DOMAIN = b"modelward trust record v1\n"
 
@@ -86,7 +89,7 @@ def decode_record(data: bytes, path: str) -> tuple[TrustRecord, bytes]:
         TrustRecordError: the file is not a well-formed record.
     """
     try:
-        doc = json.loads(data)
+        doc = loads_bounded(data, max_bytes=RECORD_MAX_BYTES, what=path)
         r = doc["record"]
         rec = TrustRecord(
             counter=int(r["counter"]),

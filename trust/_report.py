@@ -32,6 +32,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
+from trust._bounded import loads_bounded
 from trust._tpm import TpmInterface
 from trust.errors import LocalDeviceError, UntrustedRemoteError
 
@@ -137,7 +138,7 @@ def verify_report(data: bytes, public_pem: bytes | None, topic_device: str) -> d
     if len(data) > MAX_REPORT_BYTES:
         raise ReportSignatureError("report too large", device=topic_device)
     try:
-        doc = json.loads(data, parse_constant=_no_constant)
+        doc = loads_bounded(data, max_bytes=MAX_REPORT_BYTES, what=f"{topic_device}'s report")
         report, sig = doc["report"], base64.b64decode(doc["signature"], validate=True)
         if doc.get("alg") != ALG or not isinstance(report, dict):
             raise ValueError("alg/report")

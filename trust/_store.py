@@ -14,9 +14,7 @@ could not heal (it would need a field visit).
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,8 +23,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from trust._atomic import rename_atomic, write_atomic
+from trust._bounded import UnsafeFileError, loads_bounded, read_bounded
 from trust._record import (
     HEAL_HINT,
+    RECORD_MAX_BYTES,
     Heal,
     Resolution,
     RootResolution,
@@ -53,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 def _root_version(root_bytes: bytes, path: str) -> int:
     try:
-        return int(json.loads(root_bytes)["signed"]["version"])
+        return int(loads_bounded(root_bytes, max_bytes=_ROOT_MAX, what=path)
+                   ["signed"]["version"])
     except (ValueError, KeyError, TypeError) as e:
         raise OperatorInputError(f"{path} is not TUF root metadata: {e}") from e
 
@@ -413,7 +414,7 @@ class TrustStore:
                 path.unlink()
 
 
-_RECORD_MAX = 64 * 1024  # bytes; a record is about 1 kB
+_RECORD_MAX = RECORD_MAX_BYTES
 _ROOT_MAX = 512_000  # bytes, as ngclient's root_max_length
 
 
@@ -429,37 +430,10 @@ def _read_file(directory: Path, name: str, limit: int) -> tuple[bytes | None, st
     Raises:
         TrustFileUnreadableError: an I/O or permission error.
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        dfd = os.open(directory, flags | os.O_DIRECTORY)
-    except FileNotFoundError:
-        return None, ""
-    except OSError as e:
-        if e.errno in (errno.ELOOP, errno.ENOTDIR):
-            return None, f"is unusable: {directory} is not a directory (a symlink?)"
-        raise TrustFileUnreadableError(f"cannot open {directory}: {e}",
-                                       path=str(directory)) from e
     path = directory / name
     try:
-        try:
-            fd = os.open(name, flags | os.O_NONBLOCK, dir_fd=dfd)
-        except FileNotFoundError:
-            return None, ""
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                return None, "is a symlink"
-            raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None, "is not a regular file"
-            with os.fdopen(os.dup(fd), "rb") as f:
-                data = f.read(limit + 1)
-        except OSError as e:
-            raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e
-        finally:
-            os.close(fd)
-    finally:
-        os.close(dfd)
-    if len(data) > limit:
-        return None, f"is over {limit} bytes"
-    return data, ""
+        return read_bounded(path, limit, parent_nofollow=True), ""
+    except UnsafeFileError as e:
+        return None, e.reason
+    except OSError as e:
+        raise TrustFileUnreadableError(f"cannot read {path}: {e}", path=str(path)) from e

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trust import FileEntry, MerkleHasher
+from trust._bounded import loads_bounded
 from updater._semver import SemVer
 from updater._stage import StageWriter
 from updater._tarstream import Member, Readable, TarFormatError, TarStream, check_member_path
@@ -111,7 +112,7 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
         BundleFormatError: not a valid v1 manifest (names the field at fault).
     """
     try:
-        d = json.loads(data)
+        d = loads_bounded(data, max_bytes=MAX_MANIFEST_BYTES, what=f"{bundle}: manifest.json")
         if d.get("format") != FORMAT:
             raise ValueError(f"format {d.get('format')!r} is not {FORMAT!r}")
         SemVer.parse(d["version"])

@@ -20,7 +20,6 @@ The decisions are in ``trust._record`` (``plan_record``, ``choose_root``); this 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 
 from trust import TrustRecord, TrustStore
+from trust._bounded import loads_bounded
 from trust._record import Heal
 from trust.errors import RootAnchorError
 from updater._fetcher import RangeFetcher
@@ -91,7 +91,8 @@ def recover_root(
 
 def _root_version(root: bytes) -> int:
     try:
-        return int(json.loads(root)["signed"]["version"])
+        return int(loads_bounded(root, max_bytes=ROOT_MAX_BYTES, what="the anchored root")
+                   ["signed"]["version"])
     except (ValueError, KeyError, TypeError) as e:
         raise MetadataError(f"the anchored root is not TUF root metadata: {e}") from e
 

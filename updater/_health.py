@@ -8,7 +8,6 @@ parsed strictly.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -17,6 +16,7 @@ import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from trust._bounded import loads_bounded
 from updater._config import HealthConfig
 from updater._sandbox import (
     Completed,
@@ -92,7 +92,8 @@ def parse_report(done: Completed) -> tuple[bool, str]:
         text = done.stdout.decode("utf-8")
         if not text.endswith("\n") or text.count("\n") != 1:
             raise ValueError("not one line")
-        report = json.loads(text)
+        report = loads_bounded(text, max_bytes=64 * 1024, max_depth=2,
+                               what="the health check's report")
         if not isinstance(report, dict) or set(report) != {"ok", "detail"} or \
                 not isinstance(report["ok"], bool) or not isinstance(report["detail"], str):
             raise ValueError("not a report")

@@ -14,9 +14,9 @@ import signal
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from trust import write_atomic
+from trust._bounded import read_json_file
 
 # In order. "idle" is the resting state between attempts.
 STEPS = (
@@ -30,6 +30,7 @@ STEPS = (
     "active",
 )
 RESTING = ("idle", "active", "failed")
+MAX_JOURNAL_BYTES = 64 * 1024  # an entry is a few hundred bytes
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,13 @@ class Journal:
     def read(self) -> JournalEntry:
         """The last journaled state (``idle`` if none or unreadable)."""
         try:
-            doc: dict[str, Any] = json.loads(self.path.read_bytes())
-            return JournalEntry(**{k: str(v) for k, v in doc.items()
-                                   if k in JournalEntry.__dataclass_fields__})
-        except (OSError, ValueError, TypeError):
+            doc = read_json_file(self.path, MAX_JOURNAL_BYTES, max_depth=1)
+        except (OSError, ValueError):  # UnsafeFileError, UntrustedJsonError
             return JournalEntry("idle")
+        if not isinstance(doc, dict) or not isinstance(doc.get("step"), str):
+            return JournalEntry("idle")
+        return JournalEntry(**{k: v for k, v in doc.items()
+                               if k in JournalEntry.__dataclass_fields__ and isinstance(v, str)})
 
     def enter(self, step: str, **fields: str) -> None:
         """Record ``step`` durably (temp file, fsync, rename, fsync dir)."""

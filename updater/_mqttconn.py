@@ -5,7 +5,6 @@ Only paho here: the idle daemon imports this without the TUF or TPM stacks.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import socket
@@ -19,6 +18,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from trust._bounded import loads_bounded
 from updater import _pahofast
 from updater._config import MqttConfig
 from updater.errors import TransportError
@@ -43,6 +43,19 @@ def parse_broker_url(url: str) -> tuple[str, int]:
                              hint="modelward only talks to brokers over TLS")
     return u.hostname, u.port or 8883
 
+
+
+def guarded(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` for paho's network thread: whatever it raises is logged, never re-raised
+    (paho would re-raise it in its loop and the thread would end: no message, no ack and
+    no reconnect after that)."""
+    def call(*args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as e:  # noqa: BLE001 - the thread must live on
+            logger.error("MQTT callback %s failed: %s: %s",
+                         getattr(fn, "__name__", "?"), type(e).__name__, str(e)[:200])
+    return call
 
 class MqttConnection:
     """A connected paho client with a clean error story.
@@ -90,12 +103,13 @@ class MqttConnection:
         c.username_pw_set(cfg.client_name, cfg.password)
         c.max_inflight_messages_set(64)
         c.max_incoming_packet = self.max_packet_size
-        c.on_connect = self._on_connect
-        c.on_disconnect = self._on_disconnect
-        c.on_subscribe = self._on_subscribe
-        c.on_publish = self._on_publish
+        # every callback guarded: an exception would end paho's network thread (deaf client)
+        c.on_connect = guarded(self._on_connect)
+        c.on_disconnect = guarded(self._on_disconnect)
+        c.on_subscribe = guarded(self._on_subscribe)
+        c.on_publish = guarded(self._on_publish)
         if on_message is not None:
-            c.on_message = lambda _c, _u, msg: on_message(msg)
+            c.on_message = guarded(lambda _c, _u, msg: on_message(msg))
         self.client = c
         where = f"{cfg.host}:{cfg.port}"
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -301,7 +315,8 @@ class AnnouncementListener:
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
-            doc = json.loads(msg.payload)
+            doc = loads_bounded(msg.payload, max_bytes=ANNOUNCE_MAX_PACKET, max_depth=2,
+                                what=f"the announcement on {msg.topic}")
             version = doc["timestamp_version"]
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("timestamp_version")

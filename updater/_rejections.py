@@ -47,12 +47,9 @@ is the thin I/O around them (house style 1).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
-import os
-import stat
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,6 +57,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from trust._atomic import write_atomic
+from trust._bounded import UnsafeFileError, loads_bounded
+from trust._bounded import read_bounded as read_bounded_file
 from trust.errors import LocalDeviceError, ModelwardError
 from updater._rollout import Choice, Release, choose_release
 from updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
@@ -272,7 +271,7 @@ def decode(data: bytes, path: str, mac_ok: Callable[[bytes, bytes], bool]
     if len(data) > MAX_FILE_BYTES:
         raise RejectionsFileError(f"{path} is over {MAX_FILE_BYTES} bytes", path=path)
     try:
-        doc = json.loads(data)
+        doc = loads_bounded(data, max_bytes=MAX_FILE_BYTES, what=path)
         if not isinstance(doc, dict) or set(doc) != {"version", "rejections", "mac"}:
             raise ValueError("expected exactly version, rejections and mac")
         if doc["version"] != 1:
@@ -299,30 +298,11 @@ def read_bounded(path: Path, limit: int = MAX_FILE_BYTES) -> bytes | None:
         RejectionsFileError: not a regular file, over ``limit`` bytes, or unreadable.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        what = "a symlink" if e.errno == errno.ELOOP else str(e)
-        raise RejectionsFileError(f"cannot open {path}: {what}", path=str(path)) from e
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RejectionsFileError(f"{path} is not a regular file", path=str(path))
-        if st.st_size > limit:
-            raise RejectionsFileError(f"{path} is over {limit} bytes", path=str(path))
-        chunks, left = [], limit + 1
-        while left > 0 and (chunk := os.read(fd, left)):
-            chunks.append(chunk)
-            left -= len(chunk)
+        return read_bounded_file(path, limit)
+    except UnsafeFileError as e:
+        raise RejectionsFileError(str(e), path=str(path)) from e
     except OSError as e:
         raise RejectionsFileError(f"cannot read {path}: {e}", path=str(path)) from e
-    finally:
-        os.close(fd)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise RejectionsFileError(f"{path} is over {limit} bytes", path=str(path))
-    return data
 
 
 class _Mac(Protocol):

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from trust._bounded import loads_bounded, read_bounded
 from trust._fingerprint import walk_tree
 from updater._statedir import (
     is_plain_dir,
@@ -314,19 +315,16 @@ class Stage:
         """The index, up to its first unreadable line (a torn last line is normal), or its
         first line that repeats a path or goes back."""
         out: list[IndexEntry] = []
-        try:
-            fd = os.open(self.index, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+        try:  # (a planted huge index is cut, like a torn one)
+            raw = read_bounded(self.index, MAX_INDEX_BYTES, cut=True) or b""
+        except OSError:  # UnsafeFileError: a link, a FIFO, ...
             return out
-        with open(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return out
-            raw = f.read(MAX_INDEX_BYTES)  # (a planted huge index is cut, like a torn one)
         end = 0
         seen: set[str] = set()
         for line in raw.split(b"\n")[:-1]:
             try:
-                d = json.loads(line)
+                d = loads_bounded(line, max_bytes=MAX_INDEX_BYTES, max_depth=1,
+                                  what=str(self.index))
                 e = IndexEntry(check_member_path(str(d["path"])), int(d["offset"]),
                                int(d["size"]))
             except (ValueError, KeyError, TypeError):

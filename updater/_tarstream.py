@@ -261,7 +261,8 @@ class TarStream:
             pax = pax_records(raw[:info.size], where)
         size = info.size
         if "size" in pax:
-            if not (pax["size"].isascii() and pax["size"].isdigit()):
+            if not (pax["size"].isascii() and pax["size"].isdigit()
+                    and len(pax["size"]) <= 18):  # (int() refuses over 4300 digits)
                 raise TarFormatError(f"pax size {pax['size']!r} of {info.name!r}",
                                      member=pax.get("path", info.name))
             size = int(pax["size"])

@@ -34,11 +34,6 @@ def _trusted(s: DeviceState) -> tuple[object, ...]:
     return s.record, s.counter, s.anchor, s.current, s.slots
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: boot_check -> Journal.read lets json's RecursionError through: a "
-    "journal.json of 100 KB of '[' (planted by the disk attacker) makes boot-check exit 1 "
-    "with a traceback although record, counter and slot verify, so the inference service "
-    "(ordered after boot-check) does not start"))
 def test_a3_nested_journal_does_not_fail_boot_check(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.update()
@@ -94,10 +89,6 @@ def test_a3_bridge_status_that_is_no_number_is_a_typed_error(mqtt_world: MqttWor
     assert last == "DownloadFailedError"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: AnnouncementListener._on_message lets json's RecursionError through; "
-    "paho re-raises it in its loop thread, which ends: the device hears no announcement "
-    "after one nested (here retained) payload, on every reconnect too"))
 def test_a3_nested_announcement_does_not_deafen_the_listener(mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     topic = f"modelward/{FLEET}/announce"

@@ -49,10 +49,6 @@ def test_signed_model_reading_the_trust_record_as_external_data_is_refused(
     assert world.active_version() == "1.0.0" and _journal_step(world) == "failed"
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason="the child's one-line report is "
-                   "parsed with json.loads catching ValueError only: a nested line is a "
-                   "RecursionError traceback out of agent update, with no journal 'failed' "
-                   "step and no last_error in status.json")
 def test_compromised_child_report_crashes_the_update(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     import updater._health as health

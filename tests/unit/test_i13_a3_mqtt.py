@@ -127,12 +127,6 @@ def _listener() -> tuple[AnnouncementListener, list[int]]:
     return listener, got
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "A3 finding: AnnouncementListener._on_message catches ValueError/KeyError/TypeError "
-    "only; json.loads of a 2 KiB announcement of nested '[' raises RecursionError (a "
-    "RuntimeError), which paho re-raises in its network thread (suppress_exceptions is "
-    "off): the listener's loop thread dies, so no further announcement is heard and the "
-    "status report can no longer be published"))
 def test_a3_deeply_nested_announcement_is_ignored() -> None:
     listener, got = _listener()
     listener._on_message(_msg(b"[" * 2000, b""))  # noqa: SLF001

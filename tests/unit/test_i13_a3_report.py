@@ -14,12 +14,6 @@ from trust import ReportSignatureError, verify_report
 NESTED = b"[" * 5000  # within MAX_REPORT_BYTES (64 KiB)
 
 
-@pytest.mark.xfail(strict=True, raises=RecursionError, reason=(
-    "A3 finding: verify_report catches ValueError/KeyError/TypeError around json.loads; "
-    "a 5 KB retained report of nested '[' on one device's status topic raises "
-    "RecursionError, which _judge_device does not catch: `modelward fleet status` dies "
-    "with a traceback for the whole fleet (the device-credential attacker crashes the "
-    "operator's tool)"))
 def test_a3_nested_status_report_is_a_rejected_row(tmp_path: Path) -> None:
     with pytest.raises(ReportSignatureError):
         verify_report(NESTED, None, "dev-1")

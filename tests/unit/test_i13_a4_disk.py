@@ -114,17 +114,11 @@ def _returns_within(fn: Callable[[], object], fifo: Path, seconds: float = 3.0) 
     return not hung
 
 
-@pytest.mark.xfail(strict=True, reason="Journal.read uses Path.read_bytes (follows links, "
-                   "blocks, unbounded): a FIFO at journal.json hangs boot-check (inference "
-                   "never starts; a symlink to /dev/zero would exhaust memory)")
 def test_a4_fifo_at_journal_json_does_not_hang(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "journal.json")
     assert _returns_within(Journal(tmp_path / "journal.json").read, tmp_path / "journal.json")
 
 
-@pytest.mark.xfail(strict=True, reason="StatusFile.read uses Path.read_bytes: a FIFO at "
-                   "status.json hangs `agent update`, boot-check's error path and the status "
-                   "report")
 def test_a4_fifo_at_status_json_does_not_hang(tmp_path: Path) -> None:
     os.mkfifo(tmp_path / "status.json")
     assert _returns_within(StatusFile(tmp_path).read, tmp_path / "status.json")
