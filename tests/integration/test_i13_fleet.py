@@ -125,15 +125,17 @@ def test_report_older_than_three_poll_intervals_is_STALE(mqtt_world: MqttWorld) 
     w = mqtt_world
     fleet_dir = _enrol(w)
     before = w.snapshot()
-    # Time is injected into the device's signing clock: reports signed 2 and 3 poll
-    # intervals + 1 min ago, each with a fresh sequence number.
-    _publish_as_device(w, signed_report(w.cfg, "idle", clock=lambda: time.time() - 2 * POLL))
-    assert _status(w, fleet_dir)["dev-1"]["status"] == "ok"
+    # Time is injected into the device's signing clock: a report signed 3 poll intervals
+    # + 1 min ago, then one signed 2 intervals ago (the clock only moves forward: a clock
+    # stepped back by more than the slack is not a floor the device believes, see
+    # trust/_report.py).
     _publish_as_device(w, signed_report(w.cfg, "idle",
                                         clock=lambda: time.time() - 3 * POLL - 60))
     row = _status(w, fleet_dir)["dev-1"]
     assert (row["verified"], row["status"]) == (True, "STALE")
     assert "poll interval 1.0h" in row["problem"]
+    _publish_as_device(w, signed_report(w.cfg, "idle", clock=lambda: time.time() - 2 * POLL))
+    assert _status(w, fleet_dir)["dev-1"]["status"] == "ok"
     assert w.snapshot() == before
 
 

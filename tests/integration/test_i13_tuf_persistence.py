@@ -107,7 +107,9 @@ CASES = {
     "targets-404": (_targets_404, DownloadFailedError, "targets"),
     "targets-expired": (_targets_expired, MetadataError, "targets"),
 }
-REASON = {"snapshot-forged": "UnsignedMetadataError",
+# The timestamp signs the snapshot's length and hash, so a snapshot re-signed by another
+# key is refused by that hash before its signature is looked at.
+REASON = {"snapshot-forged": "LengthOrHashMismatchError",
           "snapshot-hash-mismatch": "LengthOrHashMismatchError",
           "targets-hash-mismatch": "LengthOrHashMismatchError",
           "targets-expired": "ExpiredMetadataError"}
