@@ -148,7 +148,7 @@ MAX_DEPTH = 64
 #: files): a tree with more entries never matches, and is not walked past one more.
 MAX_ENTRIES = 257
 
-#: The modes a slot's files and directories may have: at most ``0644`` / ``0755`` (no
+#: The modes a slot's files and directories may have: at most ``0644`` / ``2755`` (no
 #: write for group or others, no set-id, sticky or executable file bits) and at least
 #: readable (and, for a directory, searchable) by the owner and the group, through which
 #: the inference app reads ``current/`` (systemd/). The agent creates them ``0640`` /
@@ -156,14 +156,15 @@ MAX_ENTRIES = 257
 #: world-writable model could be rewritten after boot-check by any local user, a set-id
 #: file is no model, and a file the group cannot read is one the app cannot load.
 FILE_MODES = (0o440, 0o644)  # (required bits, allowed bits)
-DIR_MODES = (0o750, 0o755)
+DIR_MODES = (0o750, 0o2755)  # (set-gid: made so under a set-gid state_dir, harmless)
 
 
-def mode_ok(mode: int) -> bool:
-    """Whether a slot's file or directory with ``st_mode`` ``mode`` has acceptable bits."""
+def mode_ok(mode: int, *, top: bool = False) -> bool:
+    """Whether a slot's file or directory with ``st_mode`` ``mode`` has acceptable bits
+    (for the slot directory itself, ``top``: only that nobody else may write it)."""
     need, allowed = DIR_MODES if stat.S_ISDIR(mode) else FILE_MODES
     bits = stat.S_IMODE(mode)
-    return bits & ~allowed == 0 and bits & need == need
+    return bits & ~allowed == 0 and (top or bits & need == need)
 
 
 def walk_tree(root: Path, max_depth: int = MAX_DEPTH,
@@ -248,7 +249,7 @@ def directory_entries(root: Path) -> list[FileEntry]:
     Also never matching (a bundle holds only plain files, created with known modes): a
     sub-directory that cannot be opened (its files would be hidden from the fingerprint
     while another uid reads them), an empty sub-directory, a file or directory (``root``
-    included) whose mode fails :func:`mode_ok`, and a tree of more than
+    included: writable only by its owner) whose mode fails :func:`mode_ok`, and a tree of more than
     :data:`MAX_ENTRIES` entries, whose walk stops there (one more, never-matching entry
     ends the list: planted millions cost no time or memory).
     """
@@ -259,7 +260,7 @@ def directory_entries(root: Path) -> list[FileEntry]:
     if not stat.S_ISDIR(top.st_mode):
         return [FileEntry(".", -1, "")]
     entries: list[FileEntry] = []
-    if not mode_ok(top.st_mode):
+    if not mode_ok(top.st_mode, top=True):
         entries.append(FileEntry(".", -1, ""))
 
     def unopenable(rel: str) -> None:
