@@ -27,6 +27,7 @@ def main(argv: list[str]) -> int:
     from agent._malloc import tune_malloc
     from trust.errors import ModelwardError
     from updater._journal import Journal
+    from updater._statedir import touch_plain
 
     tune_malloc()
     setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")), json_lines=True)
@@ -40,11 +41,11 @@ def main(argv: list[str]) -> int:
         now = time.monotonic()
         if now - last[0] >= 1.0:
             last[0] = now
-            beat_file.touch()
+            touch_plain(beat_file)
 
-    heartbeat()
     code = 0
     try:
+        heartbeat()
         update(cfg, make_gate(cfg, stop=stop, heartbeat=heartbeat),
                on_step=lambda _s: heartbeat())
     except ModelwardError:

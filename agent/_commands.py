@@ -74,7 +74,14 @@ class StatusFile:
         return read_status(self.path)
 
     def write(self, doc: dict[str, Any]) -> None:
-        """Replace it atomically."""
+        """Replace it atomically (a directory planted there is removed first).
+
+        Raises:
+            StateDirError: a directory there cannot be removed.
+        """
+        from updater._statedir import clear_for_file
+
+        clear_for_file(self.path)
         write_atomic(self.path, json.dumps(doc, indent=1).encode())
 
     def record(

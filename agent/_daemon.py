@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -134,7 +135,9 @@ class Daemon:
                 break
             except subprocess.TimeoutExpired:
                 try:
-                    fresh = time.time() - beat_file.stat().st_mtime < limit
+                    beat = os.lstat(beat_file)  # (a link's target is not the beat)
+                    fresh = stat.S_ISREG(beat.st_mode) and \
+                        -1.0 < time.time() - beat.st_mtime < limit  # (future: stale)
                 except OSError:
                     fresh = False
                 if fresh:  # the attempt makes progress: keep systemd's watchdog fed

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -49,9 +51,28 @@ def rename_atomic(src: Path, dst: Path) -> None:
 
 
 def symlink_atomic(target: str, link: Path) -> None:
-    """Point the symlink ``link`` at ``target`` atomically (create + rename over)."""
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, link)
+    """Point the symlink ``link`` at ``target`` atomically (create + rename over).
+
+    The new link is made under a fresh random name next to ``link`` (never an existing
+    entry: whatever the disk planted at a predictable name is neither removed nor in the
+    way), then renamed over ``link`` (a link or file there is replaced, never followed).
+
+    Raises:
+        OSError: the directory is not writable, or ``link`` is a directory.
+    """
+    for _ in range(100):
+        tmp = link.with_name(f".{link.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            os.symlink(target, tmp)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name next to {link}")
+    try:
+        os.replace(tmp, link)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     fsync_dir(link.parent)

@@ -9,11 +9,12 @@ JSON list of ``[path, size, merkle_root]`` of its files, sorted by path.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,8 +144,32 @@ def slot_fingerprint(entries: Iterable[FileEntry]) -> str:
 #: needs them, and a planted chain of thousands would otherwise exhaust the stack.
 MAX_DEPTH = 64
 
+#: A bundle has at most this many members (its manifest and ``updater._bundle.MAX_FILES``
+#: files): a tree with more entries never matches, and is not walked past one more.
+MAX_ENTRIES = 257
 
-def walk_tree(root: Path, max_depth: int = MAX_DEPTH
+#: The modes a slot's files and directories may have: at most ``0644`` / ``2755`` (no
+#: write for group or others, no set-id, sticky or executable file bits) and at least
+#: readable (and, for a directory, searchable) by the owner and the group, through which
+#: the inference app reads ``current/`` (systemd/). The agent creates them ``0640`` /
+#: ``0750`` exactly (``updater._statedir``); anything else was set by someone else: a
+#: world-writable model could be rewritten after boot-check by any local user, a set-id
+#: file is no model, and a file the group cannot read is one the app cannot load.
+FILE_MODES = (0o440, 0o644)  # (required bits, allowed bits)
+DIR_MODES = (0o750, 0o2755)  # (set-gid: made so under a set-gid state_dir, harmless)
+
+
+def mode_ok(mode: int, *, top: bool = False) -> bool:
+    """Whether a slot's file or directory with ``st_mode`` ``mode`` has acceptable bits
+    (for the slot directory itself, ``top``: only that nobody else may write it)."""
+    need, allowed = DIR_MODES if stat.S_ISDIR(mode) else FILE_MODES
+    bits = stat.S_IMODE(mode)
+    return bits & ~allowed == 0 and (top or bits & need == need)
+
+
+def walk_tree(root: Path, max_depth: int = MAX_DEPTH,
+              on_error: Callable[[str], None] | None = None,
+              max_names: int | None = None,
               ) -> Iterator[tuple[str, list[str], list[str], int]]:
     """Walk ``root`` without following any link and without recursion.
 
@@ -154,6 +179,9 @@ def walk_tree(root: Path, max_depth: int = MAX_DEPTH
     symlink to a directory included, and a directory deeper than ``max_depth``), and an
     fd of the directory valid until the next step. Each directory is opened component by
     component from ``root`` with ``O_NOFOLLOW``, so one swapped for a link is not entered.
+    A sub-directory that cannot be opened (vanished, swapped for a link, or not readable
+    by this uid) is not yielded; ``on_error(rel)`` is called for it. With ``max_names``,
+    at most that many names of one directory are read (which ones is unspecified).
 
     Raises:
         OSError: ``root`` is not a directory that can be opened.
@@ -166,12 +194,16 @@ def walk_tree(root: Path, max_depth: int = MAX_DEPTH
         except OSError:
             if rel == ".":
                 raise
-            continue  # (vanished or swapped for a link since it was listed)
+            if on_error is not None:
+                on_error(rel)
+            continue
         try:
             depth = 0 if rel == "." else rel.count("/") + 1
             dirs: list[str] = []
             others: list[str] = []
-            for name in sorted(os.listdir(fd)):
+            with os.scandir(fd) as it:
+                names = sorted(itertools.islice((e.name for e in it), max_names))
+            for name in names:
                 try:
                     st = os.lstat(name, dir_fd=fd)
                 except FileNotFoundError:
@@ -213,6 +245,13 @@ def directory_entries(root: Path) -> list[FileEntry]:
     a bundle (which has only plain files). A ``root`` that is itself a symlink or not a
     directory gives the single entry ``[".", -1, ""]``; a missing one, no entries. A
     directory deeper than :data:`MAX_DEPTH` is an entry of its own, never walked.
+
+    Also never matching (a bundle holds only plain files, created with known modes): a
+    sub-directory that cannot be opened (its files would be hidden from the fingerprint
+    while another uid reads them), an empty sub-directory, a file or directory (``root``
+    included: writable only by its owner) whose mode fails :func:`mode_ok`, and a tree of more than
+    :data:`MAX_ENTRIES` entries, whose walk stops there (one more, never-matching entry
+    ends the list: planted millions cost no time or memory).
     """
     try:
         top = os.lstat(root)
@@ -221,9 +260,29 @@ def directory_entries(root: Path) -> list[FileEntry]:
     if not stat.S_ISDIR(top.st_mode):
         return [FileEntry(".", -1, "")]
     entries: list[FileEntry] = []
+    if not mode_ok(top.st_mode, top=True):
+        entries.append(FileEntry(".", -1, ""))
+
+    def unopenable(rel: str) -> None:
+        entries.append(FileEntry(rel, -1, ""))
+
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        for rel, _dirs, others, dirfd in walk_tree(root):
+        for rel, dirs, others, dirfd in walk_tree(root, on_error=unopenable,
+                                                  max_names=MAX_ENTRIES + 1):
+            if len(entries) > MAX_ENTRIES:
+                entries.append(FileEntry(f"{rel}/", -1, ""))
+                return entries  # (the walk stops: never a match)
+            if rel != ".":
+                try:
+                    st = os.fstat(dirfd)
+                except OSError:
+                    st = None
+                if st is None or not mode_ok(st.st_mode) or not (dirs or others):
+                    entries.append(FileEntry(rel, -1, ""))
             for name in others:
+                if len(entries) >= MAX_ENTRIES:
+                    entries.append(FileEntry(f"{rel}/{name}", -1, ""))
+                    return entries  # (the walk stops: never a match)
                 path = name if rel == "." else f"{rel}/{name}"
                 entries.append(_plain_entry(path, name, dirfd, pool))
     return entries
@@ -236,7 +295,7 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> F
         st = os.lstat(name, dir_fd=dirfd)
     except OSError:
         return bad
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not mode_ok(st.st_mode):
         return bad
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
@@ -244,8 +303,8 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> F
         return bad
     try:
         now = os.fstat(fd)
-        if not stat.S_ISREG(now.st_mode) or now.st_nlink != 1 or \
-                (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+        if not stat.S_ISREG(now.st_mode) or now.st_nlink != 1 or not mode_ok(now.st_mode) \
+                or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return bad
         size, root_hex = fd_merkle_root(fd, pool)
     except OSError:

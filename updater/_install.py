@@ -6,6 +6,7 @@ Decisions (which target, whether it is newer, which slot) are plain functions;
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import hashlib
@@ -599,11 +600,35 @@ def _attempt(
     )
     step("committed")
     dev.slots.install_incoming(slot)
-    dev.slots.activate(slot)
     assert staged is not None
+    _check_moved(dev.slots, store, new_ref, staged)  # (bytes changed since the check above)
+    dev.slots.activate(slot)
     staged.forget()
     step("active")
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
+
+
+def _check_moved(slots: SlotStore, store: TrustStore, ref: ModelRef, staged: Stage) -> None:
+    """The committed slot, re-derived from its files after the move, before ``current``
+    names it: bytes changed after the pre-commit check are never served. If they did
+    change, the record names a slot that does not match, so it is reconciled as at boot
+    (falls back to the previous model, or to none) and the stage is discarded.
+
+    Raises:
+        StagedFilesChangedError: the slot's files differ from the committed fingerprint.
+    """
+    ok, fp = slot_matches(slots, ref)
+    if ok:
+        return
+    with contextlib.suppress(NothingTrustedError):  # (then no model is served: recorded)
+        reconcile(slots, store, store.load())
+    staged.discard()
+    raise StagedFilesChangedError(
+        f"{ref.name} {ref.version}: slot {ref.slot} has fingerprint {fp} after the move, "
+        f"not the committed {ref.fingerprint} (changed on disk after the commit check; "
+        "not activated, fell back)",
+        path=str(slots.path(ref.slot)), expected=ref.fingerprint, actual=fp,
+    )
 
 
 @dataclass(frozen=True)

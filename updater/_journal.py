@@ -17,6 +17,7 @@ from pathlib import Path
 
 from trust import write_atomic
 from trust._bounded import read_json_file
+from updater._statedir import clear_for_file
 
 # In order. "idle" is the resting state between attempts.
 STEPS = (
@@ -71,11 +72,20 @@ class Journal:
                                if k in JournalEntry.__dataclass_fields__ and isinstance(v, str)})
 
     def enter(self, step: str, **fields: str) -> None:
-        """Record ``step`` durably (temp file, fsync, rename, fsync dir)."""
+        """Record ``step`` durably (temp file, fsync, rename, fsync dir).
+
+        A directory planted at the journal's path is removed first (the journal is no
+        trusted state; see :func:`updater._statedir.clear_for_file`).
+
+        Raises:
+            StateDirError: the journal's path holds a directory that cannot be removed.
+            OSError: the journal cannot be written (disk full).
+        """
         if step not in STEPS and step not in RESTING:
             raise ValueError(f"unknown journal step {step!r}")
         entry = JournalEntry(step, at=datetime.now(UTC).isoformat(timespec="milliseconds"),
                              **fields)
+        clear_for_file(self.path)
         write_atomic(self.path, json.dumps(asdict(entry), sort_keys=True).encode())
         if self.kill_at == step:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: power loss right here

@@ -12,15 +12,18 @@ symlinked ``slots`` is refused with a StateDirError.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import os
+import secrets
 import stat
 from pathlib import Path
 
 from trust import fsync_dir, symlink_atomic
 from updater._statedir import is_plain_dir, plain_dir, remove_entry
+from updater.errors import StateDirError
 
 SLOTS = ("a", "b")
 LINKS = {f"slots/{s}": s for s in SLOTS}
@@ -169,17 +172,27 @@ class SlotStore:
             os.close(fd)
 
     def activate(self, slot: str) -> None:
-        """Point ``current`` at ``slot`` atomically (replacing whatever ``current`` is)."""
+        """Point ``current`` at ``slot`` atomically (replacing whatever ``current`` is).
+
+        Raises:
+            StateDirError: ``current`` cannot be replaced (names it).
+        """
         try:
-            st = os.lstat(self.current)
-        except FileNotFoundError:
-            st = None
-        if st is not None and stat.S_ISDIR(st.st_mode):  # no link can replace a directory
-            aside = self.state_dir / f".current.{os.getpid()}.bad"
-            remove_entry(aside)
-            os.replace(self.current, aside)
-            remove_entry(aside)
-        symlink_atomic(f"slots/{slot}", self.current)
+            try:
+                st = os.lstat(self.current)
+            except FileNotFoundError:
+                st = None
+            aside = None
+            if st is not None and stat.S_ISDIR(st.st_mode):  # no link replaces a directory
+                aside = self.state_dir / f".current.{secrets.token_hex(8)}.bad"
+                os.replace(self.current, aside)  # (a fresh name: nothing is replaced)
+            symlink_atomic(f"slots/{slot}", self.current)
+            if aside is not None:
+                with contextlib.suppress(OSError):  # (what cannot go stays aside, unused)
+                    remove_entry(aside)
+        except OSError as e:
+            raise StateDirError(f"cannot point {self.current} at slots/{slot}: {e}",
+                                path=str(self.current)) from e
 
     def deactivate(self) -> None:
         """Remove ``current`` (whatever it is; a link is removed, never followed)."""

@@ -35,6 +35,7 @@ from typing import cast
 from trust._bounded import loads_bounded, read_bounded
 from trust._fingerprint import walk_tree
 from updater._statedir import (
+    DIR_MODE,
     is_plain_dir,
     make_dirs,
     open_below,
@@ -157,12 +158,11 @@ class StageWriter:
             if self._index >= 0:
                 os.write(self._index, _index_line(here.path, here.offset, here.size))
             remove_entry(self.dest / member.name)  # (its parents were just checked)
-            fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL,
-                            0o644)
+            fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             return MemberSink(fd, 0)
         # Resumed inside or after this member: its file holds exactly the bytes rebuilt.
         have = min(skip, member.size)
-        fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT, 0o644)
+        fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -403,7 +403,8 @@ class Stage:
         if resume_at == 0:
             self.discard()
             plain_dir(self.staging.parent, self.staging.name, create=True)
-            os.mkdir(self.incoming, 0o755)
+            os.mkdir(self.incoming, DIR_MODE)
+            os.chmod(self.incoming, DIR_MODE)  # (whatever the umask; just made, not a link)
             return StageWriter(self.incoming, self.part, self.index)
         if os.path.lexists(self.done):
             os.replace(self.done, self.part)
@@ -507,7 +508,8 @@ def _prune(root: Path, keep: set[str]) -> None:
     directory fds; a link is removed, never followed."""
     if not is_plain_dir(root):
         remove_entry(root)
-        os.mkdir(root, 0o755)
+        os.mkdir(root, DIR_MODE)
+        os.chmod(root, DIR_MODE)
     dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
     for rel, subdirs, others, dirfd in walk_tree(root):
         for name in others:

@@ -30,6 +30,12 @@ from updater.errors import StateDirError
 #: The directories directly under ``state_dir`` that the agent reads, writes and deletes in.
 TOP_DIRS = ("staging", "slots", "metadata", "trust")
 
+#: Mode of every directory the agent creates on the way to a slot, whatever the umask:
+#: the inference app reads ``current/`` through the group (systemd/: ``StateDirectoryMode
+#: =0750``, ``UMask=0027``, the app in group ``modelward``). Files get :data:`FILE_MODE`.
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+
 
 def _kind(mode: int) -> str:
     if stat.S_ISLNK(mode):
@@ -39,12 +45,13 @@ def _kind(mode: int) -> str:
     return "not a directory"
 
 
-def plain_dir(base: Path, rel: str, *, create: bool = False) -> Path:
+def plain_dir(base: Path, rel: str, *, create: bool = False, mode: int = DIR_MODE) -> Path:
     """``base / rel``, checked to be a real directory all the way down from ``base``.
 
     Each component below ``base`` is ``lstat``-ed: a symlink (wherever it points), a file
     or anything else that is not a directory is refused. Missing components are created
-    (mode 0700) when ``create`` is set.
+    when ``create`` is set, with mode ``mode`` exactly (set through the new directory's
+    fd, so neither the umask nor a swapped-in link changes it).
 
     Raises:
         StateDirError: a component is not a plain directory (names it), or is missing and
@@ -59,8 +66,13 @@ def plain_dir(base: Path, rel: str, *, create: bool = False) -> Path:
             if not create:
                 raise StateDirError(f"{path} is missing", path=str(path)) from None
             try:
-                os.mkdir(path, 0o700)
-                st = os.lstat(path)
+                os.mkdir(path, 0o700)  # (widened below, once it is known to be ours)
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+                try:
+                    os.fchmod(fd, mode)
+                    st = os.fstat(fd)
+                finally:
+                    os.close(fd)
             except OSError as e:
                 raise StateDirError(f"cannot create {path}: {e}", path=str(path)) from e
         except OSError as e:
@@ -95,6 +107,60 @@ def is_plain_dir(path: Path) -> bool:
         return stat.S_ISDIR(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def clear_for_file(path: Path) -> None:
+    """Make room for a file the agent writes at ``path`` (journal, status: no trusted
+    state), healing what the disk planted: a directory there (which no rename can
+    replace) is removed through directory fds, never following a link inside it. A link,
+    file or anything else is left for the rename over it (which replaces it, unfollowed).
+
+    Raises:
+        StateDirError: the directory at ``path`` cannot be removed (names it).
+    """
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            remove_entry(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise StateDirError(f"{path} is a directory that cannot be removed: {e}",
+                            path=str(path), hint=f"remove {path}") from e
+
+
+def touch_plain(path: Path) -> None:
+    """Set the mtime of the plain file ``path`` to now, creating it (a heartbeat).
+
+    Opened ``O_NOFOLLOW | O_NONBLOCK`` and checked with ``fstat``: a symlink (wherever it
+    points), a directory, a fifo or a file with another hard link is removed (the entry,
+    never what it names) and a plain file made in its place; nothing outside the
+    directory of ``path`` is created or touched.
+
+    Raises:
+        StateDirError: ``path`` cannot be made a plain file (names it).
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    for _ in range(3):
+        try:
+            fd = os.open(path, flags, FILE_MODE)
+        except OSError:  # (a link: ELOOP; a directory: EISDIR; a fifo nobody reads: ENXIO)
+            fd = -1
+        if fd >= 0:
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    os.utime(fd)
+                    return
+            except OSError as e:
+                raise StateDirError(f"cannot touch {path}: {e}", path=str(path)) from e
+            finally:
+                os.close(fd)
+        try:
+            remove_entry(path)
+        except OSError as e:
+            raise StateDirError(f"cannot replace {path}: {e}", path=str(path)) from e
+    raise StateDirError(f"{path} keeps being replaced by something that is no plain file",
+                        path=str(path))
 
 
 def remove_entry(path: Path) -> None:
@@ -179,11 +245,14 @@ def make_dirs(base: Path, rel: str) -> Path:
     return plain_dir(base, rel, create=True)
 
 
-def open_below(root: Path, rel: str, flags: int, mode: int = 0o600) -> int:
+def open_below(root: Path, rel: str, flags: int, mode: int = FILE_MODE) -> int:
     """Open ``root / rel`` without following a symlink anywhere below ``root``.
 
     ``root`` itself is opened ``O_NOFOLLOW | O_DIRECTORY``, then each directory of ``rel``
     relative to the one before it, then the last component with ``flags | O_NOFOLLOW``.
+    With ``O_CREAT`` the file gets mode ``mode`` exactly (``fchmod`` of the opened fd: a
+    new file whatever the umask, and a kept one whatever the disk set; boot-check refuses
+    a slot file with other modes, see ``trust._fingerprint``).
 
     Raises:
         OSError: a component is a symlink (``ELOOP``/``ENOTDIR``), missing or unreadable.
@@ -195,6 +264,16 @@ def open_below(root: Path, rel: str, flags: int, mode: int = 0o600) -> int:
             nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nxt
-        return os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+        out = os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+        if flags & os.O_CREAT:
+            try:
+                st = os.fstat(out)
+                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (chmod no other name)
+                    raise OSError(f"{root / rel} is not a plain file")
+                os.fchmod(out, mode)
+            except BaseException:
+                os.close(out)
+                raise
+        return out
     finally:
         os.close(fd)

@@ -6,7 +6,6 @@ A test marked ``xfail(strict=True)`` demonstrates an attack that works on this b
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import subprocess
@@ -108,34 +107,50 @@ def _swap_after_commit_check(world: World, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(install, "fsync_tree", fsync_tree)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "nothing re-derives the fingerprint after the pre-commit check: bytes changed between "
-    "it and the rename into the slot are committed, moved in and served via current "
-    "until the next boot-check"))
 def test_files_swapped_after_the_commit_check_are_not_served(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    world.publish("1.0.0", seed=1)
+    """Refused: the slot is re-derived after the move into it and before ``current``
+    names it; the committed record is reconciled as at boot (back to v1, ``current``
+    unchanged), and the next attempt installs the signed v2."""
+    v1 = _tar_files(world.publish("1.0.0", seed=1).read_bytes())
     world.update()
     v2 = _tar_files(world.publish("2.0.0", seed=2).read_bytes())
     evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())
-    _swap_after_commit_check(world, monkeypatch, evil)
-    with contextlib.suppress(StagedFilesChangedError):  # (a post-rename check's error)
-        world.update()
-    assert _tree_files(world.state / "current") == v2  # fails: the attacker's bytes
+    before = world.snapshot()
+    with monkeypatch.context() as m:
+        _swap_after_commit_check(world, m, evil)
+        with pytest.raises(StagedFilesChangedError, match="after the move"):
+            world.update()
+    after = world.snapshot()
+    assert after.current == before.current == "slots/a"
+    assert _tree_files(world.state / "current") == v1
+    assert world.active_version() == "1.0.0"
+    assert after.anchor == before.anchor  # (the TUF metadata refreshed: v2 is signed)
+    store = world.store()
+    try:
+        rec = store.load()
+    finally:
+        store.tpm.close()
+    assert rec.active is not None and rec.active.version == "1.0.0"
+    assert rec.active.slot == "a"
+    world.update()
+    assert _tree_files(world.state / "current") == v2
 
 
 def test_files_swapped_after_the_commit_check_are_caught_by_boot_check(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Refused (at the next boot): boot-check re-derives the fingerprint and falls back."""
+    """Refused (by the update, and again at the next boot): boot-check re-derives the
+    fingerprint and keeps the fallback."""
     v1 = _tar_files(world.publish("1.0.0", seed=1).read_bytes())
     world.update()
     world.publish("2.0.0", seed=2)
     evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())
     _swap_after_commit_check(world, monkeypatch, evil)
-    world.update()
-    assert _tree_files(world.state / "current") == evil  # (the window above)
+    with pytest.raises(StagedFilesChangedError):
+        world.update()
+    assert _tree_files(world.state / "current") != evil  # (the window is closed)
     r = _boot_check(world)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert os.readlink(world.state / "current") == "slots/a"
@@ -156,12 +171,10 @@ def test_journal_symlinked_to_a_fifo_outside_does_not_hang_boot_check(
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent._child's heartbeat is Path.touch(): it follows a planted .heartbeat symlink "
-    "and creates (or touches) a file anywhere the agent may write"))
 def test_heartbeat_symlink_creates_nothing_outside_state_dir(
     world: World, tmp_path: Path,
 ) -> None:
+    """Refused: the heartbeat is opened O_NOFOLLOW; the planted link is replaced."""
     world.publish("1.0.0", seed=1)
     outside = tmp_path / "outside" / "nologin"  # e.g. /etc/nologin as the agent's user
     outside.parent.mkdir()
@@ -172,14 +185,10 @@ def test_heartbeat_symlink_creates_nothing_outside_state_dir(
     assert not outside.exists()  # fails: the agent created it
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "symlink_atomic's temporary name .current.<pid>.tmp is predictable and removed with "
-    "unlink(): a directory planted there makes activate() raise IsADirectoryError, an "
-    "untyped traceback from boot-check on every boot (the pid of an early-boot unit is "
-    "predictable, and an offline disk can hold one such directory per pid)"))
 def test_a_directory_at_current_tmp_does_not_stop_boot_check_from_healing(
     world: World,
 ) -> None:
+    """Refused: the temporary link gets a fresh random name; the planted one is unused."""
     world.publish("1.0.0", seed=1)
     world.update()
     before = world.snapshot()
@@ -195,13 +204,10 @@ def test_a_directory_at_current_tmp_does_not_stop_boot_check_from_healing(
     assert world.snapshot() == before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "journal.json planted as a directory: Journal.enter's os.replace raises "
-    "IsADirectoryError, which is no ModelwardError: `agent update` dies with a traceback "
-    "on every attempt and the device never updates"))
 def test_journal_planted_as_a_directory_gives_a_typed_error_or_is_replaced(
     world: World,
 ) -> None:
+    """Healed: the journal is no trusted state; the directory is removed (unfollowed)."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
@@ -245,14 +251,10 @@ def test_a_symlink_swapped_in_before_the_health_check_reads_nothing_outside(
         before.record, before.counter, before.current, before.slots)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "regression of the state-dir checks: plain_dir(create=True) makes slots/ (and, via "
-    "make_dirs, every sub-directory of a bundle) mode 0700, ignoring the umask; with the "
-    "shipped units (UMask=0027, the app reading through group modelward) boot-check "
-    "exits 0 while the app cannot reach current/ (main created them with the umask)"))
 def test_the_app_group_can_reach_every_directory_of_the_active_slot(
     world: World, tmp_path: Path,
 ) -> None:
+    """Fixed: directories are made 0750 and files 0640 exactly, whatever the umask."""
     extra = tmp_path / "labels.txt"
     extra.write_text("cat\ndog\n")
     world.publish("1.0.0", seed=1, extra=[(extra, "data/labels.txt")])

@@ -68,9 +68,6 @@ def test_index_with_a_very_long_name_and_huge_numbers_is_bounded(tmp_path: Path)
     assert 0 <= stage.resumable(1000) <= 1000  # planned within the signed length
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the fingerprint lists files only: an empty directory (or a tree of them) planted in a "
-    "trusted slot leaves it unchanged, so the app sees entries no signature covers"))
 def test_an_empty_directory_planted_in_a_slot_changes_the_fingerprint(tmp_path: Path) -> None:
     slot = _slot(tmp_path / "a")
     before = _fp(slot)
@@ -78,10 +75,6 @@ def test_an_empty_directory_planted_in_a_slot_changes_the_fingerprint(tmp_path: 
     assert _fp(slot) != before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "permission bits are not in the fingerprint: a world-writable (or setuid) file in the "
-    "trusted slot passes boot-check, and any local user can rewrite the served model "
-    "after it; a 0600 one passes too, though the app (group modelward) cannot read it"))
 @pytest.mark.parametrize("mode", [0o666, 0o6777, 0o600])
 def test_mode_bits_planted_on_a_slot_file_change_the_fingerprint(
     tmp_path: Path, mode: int,
@@ -105,10 +98,6 @@ def world_readable_tmp() -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root to chown and setpriv to drop to another uid")
-@pytest.mark.xfail(strict=True, reason=(
-    "walk_tree silently skips a directory it cannot open: the agent runs as User=modelward, "
-    "so a directory the disk makes unreadable to that uid (owner root, mode 0700) hides "
-    "files from the fingerprint while an app running as another uid reads them"))
 def test_a_directory_the_agent_cannot_open_changes_the_fingerprint(
     world_readable_tmp: Path,
 ) -> None:
@@ -161,9 +150,6 @@ def test_status_file_symlinked_out_is_not_followed(tmp_path: Path) -> None:
     assert not _blocks(StatusFile(tmp_path / "state").read, fifo)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "symlink_atomic unlinks its predictable temp name .current.<pid>.tmp: a directory "
-    "there makes activate() raise IsADirectoryError (untyped)"))
 def test_activate_with_a_directory_at_the_temp_name(tmp_path: Path) -> None:
     (tmp_path / "slots" / "a").mkdir(parents=True)
     (tmp_path / f".current.{os.getpid()}.tmp" / "x").mkdir(parents=True)
@@ -242,11 +228,6 @@ def test_hidden_files_and_dirs_in_a_slot_change_the_fingerprint(tmp_path: Path) 
     assert _fp(slot) != before
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "directory_entries has no bound on the entries of a slot: a bundle has at most 257 "
-    "members, yet every planted file is listed, opened and hashed, and each costs a "
-    "FileEntry in memory (millions of empty files planted in a slot or incoming exhaust "
-    "boot-check's memory and time before it can fall back)"))
 def test_a_slot_with_thousands_of_planted_files_is_refused_after_a_bounded_walk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
