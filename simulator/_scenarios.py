@@ -46,6 +46,8 @@ class Scenario:
         observe: what to record as a device's "error" instead of its ``status.json``
             (a label the scenario computed: a boot-check exit code, a flag in
             ``fleet status``, the outcome of a TPM command).
+        says: what the observed column says an aimed device did (default from
+            ``outcome``).
     """
 
     name: str
@@ -58,6 +60,7 @@ class Scenario:
     boot: bool = False
     outcome: str = "refuse"
     observe: Callable[[Fleet, Device], str | None] | None = None
+    says: str = ""
 
 
 @dataclass
@@ -129,6 +132,8 @@ class ScenarioResult:
         label = f" ({', '.join(errors)})" if errors else ""
         if sc.boot and sc.observe is None:
             text = f"{n} fell back to their previous model at boot"
+        elif sc.says:
+            text = f"{n} {sc.says}{label}"
         elif sc.boot:
             text = f"{n} came up on a verified model{label}"
         elif sc.outcome == "install":
@@ -460,6 +465,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         version = fleet.next_version()
         bundle = fleet.build(version, seed=fleet.next_major * 7)
         evil = fleet.build(f"{version}-evil", seed=668)
+        _stop_agents(fleet)  # no poll between the publish and the plant
         fleet.repository().publish(bundle)
         served = next((fleet.repo / "targets" / "classifier").glob(f"*.classifier-{version}.tar"))
         signed, sha = served.read_bytes(), served.name.split(".", 1)[0]
@@ -470,7 +476,6 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
             index = "".join(json.dumps({"path": m.name, "offset": m.offset_data, "size": 0})
                             + "\n" for m in t.getmembers())
         planted["evil"] = evil_files["model.onnx"].hex()
-        _stop_agents(fleet)
         for d in fleet.devices:  # index of empty members, the public bytes, own model
             staging = d.state / "staging"
             incoming = staging / "incoming"
@@ -497,7 +502,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         "planted-stage", "attack", "a partial stage planted on each disk (empty-member "
         "index, the public bundle as .part, the attacker's model in staging/incoming): "
         "the update completes with the signed bytes", frozenset(), plant_apply,
-        outcome="install", observe=plant_observe)
+        outcome="install", observe=plant_observe,
+        says="installed the signed release, not the planted files")
 
     # 3. the disk: `current` repointed outside the slots, then a reboot -----------------
     repointed: dict[str, str | None] = {}
@@ -530,7 +536,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         frozenset({"boot-check exit 0, current -> slots/a",
                    "boot-check exit 0, current -> slots/b"}),
         repoint_apply, lambda f: _restart_and_announce(f), boot=True,
-        observe=_labels(repointed))
+        observe=_labels(repointed),
+        says="had `current` restored at boot")
 
     # 4. the disk: a symlinked staging directory ---------------------------------------
     def symlink_apply(fleet: Fleet) -> str:
@@ -666,7 +673,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         "replayed-status", "attack", "an older, validly signed status report re-published "
         "retained with each device's own credentials: `fleet status` shows REPLAYED",
         frozenset({"fleet status REPLAYED"}), replay_apply, replay_clear, outcome="install",
-        observe=_labels(replay))
+        observe=_labels(replay),
+        says="flagged, then installed the next release")
 
     # 8. the disk: the whole state dir put back from an older copy -----------------------
     rolled: dict[str, str | None] = {}
@@ -692,7 +700,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         "state-rollback", "attack", "the whole state dir put back from an older consistent "
         "copy, then a reboot: boot-check exits 3; the daemon heals to the newest release "
         "with no operator step", frozenset({"boot-check exit 3"}), rollback_apply,
-        lambda f: _restart_and_announce(f), boot=True, observe=_labels(rolled))
+        lambda f: _restart_and_announce(f), boot=True, observe=_labels(rolled),
+        says="refused the old state at boot, inference not started")
 
     # 9. a second local TPM client --------------------------------------------------------
     tpm: dict[str, str | None] = {}
@@ -722,7 +731,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         "tpm-second-client", "attack", "a second process on each swtpm tries "
         "tpm2_nvincrement on the counter and tpm2_nvwrite on the root anchor: refused; "
         "the next release installs", frozenset({"TPM commands refused"}), tpm_apply,
-        outcome="install", observe=_labels(tpm))
+        outcome="install", observe=_labels(tpm),
+        says="kept counter and anchor, then installed the next release")
 
     # 10. a signed model allocating far beyond max_memory -------------------------------
     hog: dict[str, Any] = {}
@@ -739,13 +749,14 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
 
     def hog_observe(fleet: Fleet, d: Device) -> str | None:
         if "retried" not in hog:  # announce twice more: a remembered rejection holds
+            hog["errors"] = {x.id: x.last_error() for x in fleet.devices}
             before = {x.id: _health_rejections(x) for x in fleet.devices}
             for _ in range(2):
                 fleet.announce()
                 time.sleep(4)
             hog["retried"] = {x.id: _health_rejections(x) - before[x.id]
                               for x in fleet.devices}
-        err = d.last_error()
+        err = hog["errors"][d.id]
         n = hog["retried"][d.id]
         return err if n == 0 else f"{err}, RETRIED {n}x"
 
@@ -790,7 +801,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         "busy-fifo", "attack", "the inference app's busy_file replaced by a FIFO: the idle "
         "gate neither hangs nor blocks; the release installs",
         frozenset({"busy_file ignored"}), busy_apply, busy_clear, outcome="install",
-        observe=busy_observe)
+        observe=busy_observe,
+        says="installed the release past the FIFO")
 
 
 def _restart_and_announce(fleet: Fleet) -> None:
