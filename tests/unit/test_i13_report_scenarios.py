@@ -63,6 +63,8 @@ def test_i13_install_ignore_and_boot_outcomes() -> None:
     assert _result(ignore, DeviceOutcome("d", "mqtt", "1.0.0", "1.0.0", None), goal="1.0.0").ok
     assert not _result(ignore, DeviceOutcome("d", "mqtt", "1.0.0", "104.0.0", None),
                        goal="1.0.0").ok
+    assert not _result(ignore, DeviceOutcome("d", "mqtt", "1.0.0", "1.0.0", "MetadataError"),
+                       goal="1.0.0").ok  # an error is no "ignored": a team role broke it
     boot = SCENARIOS["state-rollback"]
     assert _result(boot, DeviceOutcome("d", "mqtt", "1.0.0", "1.0.0", "boot-check exit 3")).ok
     assert not _result(boot, DeviceOutcome("d", "mqtt", "1.0.0", "1.0.0",
