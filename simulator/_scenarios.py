@@ -559,13 +559,14 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
             return "OUTSIDE FILE DELETED"
         return d.last_error()
 
-    def symlink_clear(fleet: Fleet) -> None:
+    def symlink_clear(fleet: Fleet) -> str:  # then the release refused meanwhile installs
         for d in fleet.devices:
             staging = d.state / "staging"
             if staging.is_symlink():
                 staging.unlink()
             staging.mkdir(mode=0o700, exist_ok=True)
         fleet.announce()
+        return _newest(fleet)
 
     out["symlinked-staging"] = Scenario(
         "symlinked-staging", "attack", "`staging` replaced by a symlink to a directory "
