@@ -195,3 +195,25 @@ class RepoAttacker:
                          1)
         return target_path
 
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n".encode()
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def pax_headers(length: int) -> bytes:
+    """``length`` bytes made only of pax extended headers, each 60 KiB of small distinct
+    records (what once made the reader hold ~11x the stream): served by an origin under
+    a signed release's name, or signed by a compromised pipeline."""
+    import tarfile
+
+    records = b"".join(_pax_record(f"k{i:016d}", "v") for i in range(60 * 1024 // 22))
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(records)
+    one = info.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)
+    data = one * (length // len(one))
+    return data + b"\0" * (length - len(data))

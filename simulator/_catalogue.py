@@ -3,5 +3,9 @@
 from __future__ import annotations
 
 ATTACK_NAMES = ("tampered-bundle", "forged-metadata", "rollback-metadata", "endless-metadata",
-                "mix-and-match", "bad-bundle", "failing-vectors", "tamper-model")
+                "mix-and-match", "bad-bundle", "failing-vectors", "tamper-model",
+                # issue 13
+                "team-other-model", "planted-stage", "current-outside", "symlinked-staging",
+                "pax-bundle", "mqtt-junk-flood", "replayed-status", "state-rollback",
+                "tpm-second-client", "memory-hog", "busy-fifo")
 FAULT_NAMES = ("origin-down", "broker-down", "bridge-down", "tpm-down")

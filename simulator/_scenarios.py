@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
+import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -12,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator._attacks import RepoAttacker
+from simulator._attacks import RepoAttacker, pax_headers
 from simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
-from simulator._fleet import Device, Fleet, wait_for
+from simulator._fleet import MODEL, Device, Fleet, wait_for
 from simulator.errors import ServiceError
-from trust._bounded import read_json_file
+from trust._bounded import loads_bounded, read_json_file
 
 TRANSPORT_ERRORS = frozenset({"DownloadFailedError", "TransportError"})
 
@@ -36,6 +39,16 @@ class Scenario:
             release and publishes a good one: then it returns that release).
         affects: which devices it is aimed at (the rest must carry on normally).
         boot: the scenario is seen at boot (devices are rebooted: boot-check), not at update.
+        outcome: what an aimed device must do: ``refuse`` (report one of ``errors`` and
+            keep its model), ``ignore`` (make an attempt, report no error, keep its model),
+            ``install`` (install the release ``apply`` returned, reporting none of
+            the errors, or one of ``errors`` when ``observe`` labels it) or, with
+            ``boot``, come up on a verified model.
+        observe: what to record as a device's "error" instead of its ``status.json``
+            (a label the scenario computed: a boot-check exit code, a flag in
+            ``fleet status``, the outcome of a TPM command).
+        says: what the observed column says an aimed device did (default from
+            ``outcome``).
     """
 
     name: str
@@ -46,6 +59,9 @@ class Scenario:
     clear: Callable[[Fleet], str | None] = lambda f: None
     affects: Callable[[Device], bool] = lambda d: True
     boot: bool = False
+    outcome: str = "refuse"
+    observe: Callable[[Fleet, Device], str | None] | None = None
+    says: str = ""
 
 
 @dataclass
@@ -70,14 +86,30 @@ class ScenarioResult:
     target: str
     seconds_to_recover: float | None = None
     aimed_ids: set[str] = field(default_factory=set)
+    goal: str | None = None
+
+    def _as_expected(self, o: DeviceOutcome) -> bool:
+        sc = self.scenario
+        if sc.boot:
+            return o.error in sc.errors and o.during is not None
+        if sc.outcome == "install":
+            return o.during == self.goal and (o.error in sc.errors or (
+                o.error is None and not sc.errors))
+        if sc.outcome == "ignore":
+            return o.error is None and o.during == o.before
+        return o.error in sc.errors and o.during == o.before
 
     @property
     def affected(self) -> list[DeviceOutcome]:
-        """Aimed devices that refused with an expected error and kept their model (at
-        boot: fell back to their previous one)."""
+        """Aimed devices that did what the scenario expects (refused with an expected
+        error and kept their model; at boot: came up on a verified one; ...)."""
+        return [o for o in self.devices if o.id in self.aimed_ids and self._as_expected(o)]
+
+    @property
+    def unexpected(self) -> list[DeviceOutcome]:
+        """Aimed devices that did not."""
         return [o for o in self.devices if o.id in self.aimed_ids
-                and o.error in self.scenario.errors
-                and (o.during is not None if self.scenario.boot else o.during == o.before)]
+                and not self._as_expected(o)]
 
     @property
     def aimed(self) -> int:
@@ -94,16 +126,33 @@ class ScenarioResult:
         return aimed_ok and recovered and self.lost == 0
 
     def observed(self) -> str:
+        sc = self.scenario
         errors = sorted({o.error for o in self.affected if o.error})
         kept = sum(1 for o in self.devices if o.during == o.before)
-        text = f"{len(self.affected)}/{self.aimed} refused ({', '.join(errors) or '-'})"
-        if self.scenario.boot:
-            return f"{len(self.affected)}/{self.aimed} fell back to their previous model at boot"
-        others = [o for o in self.devices if o.id not in self.aimed_ids]
-        if others:
-            moved = sum(1 for o in others if o.during != o.before)
-            return text + f" and kept their model; {moved}/{len(others)} others updated"
-        return text + f"; {kept}/{len(self.devices)} kept their model"
+        n = f"{len(self.affected)}/{self.aimed}"
+        label = f" ({', '.join(errors)})" if errors else ""
+        if sc.boot and sc.observe is None:
+            text = f"{n} fell back to their previous model at boot"
+        elif sc.says:
+            text = f"{n} {sc.says}{label}"
+        elif sc.boot:
+            text = f"{n} came up on a verified model{label}"
+        elif sc.outcome == "install":
+            text = f"{n} installed {self.goal}{label}"
+        elif sc.outcome == "ignore":
+            text = f"{n} ignored it (no error); {kept}/{len(self.devices)} kept their model"
+        else:
+            text = f"{n} refused ({', '.join(errors) or '-'})"
+            others = [o for o in self.devices if o.id not in self.aimed_ids]
+            if others:
+                moved = sum(1 for o in others if o.during != o.before)
+                text += f" and kept their model; {moved}/{len(others)} others updated"
+            else:
+                text += f"; {kept}/{len(self.devices)} kept their model"
+        if self.unexpected:  # shown, never hidden
+            text += "; NOT AS EXPECTED: " + ", ".join(
+                f"{o.id} on {o.during} ({o.error or 'no error'})" for o in self.unexpected)
+        return text
 
     def recovered(self) -> str:
         n = sum(1 for o in self.devices if o.after == self.target)
@@ -142,15 +191,22 @@ def run(fleet: Fleet, sc: Scenario, *, timeout: float = 150.0,
     aimed = [d for d in fleet.devices if sc.affects(d)]
     others = [d for d in fleet.devices if not sc.affects(d)]
 
+    goal = target
+
     def reacted(d: Device) -> bool:
         if sc.boot:
             return True
-        return d.attempts() > base[d.id][0] and (
-            d.last_error() in sc.errors or d.active() != base[d.id][1])
+        if sc.outcome == "install":
+            return d.active() == goal and _settled(d)
+        tried = d.attempts() > base[d.id][0]
+        if sc.outcome == "ignore":
+            return tried
+        return tried and (d.last_error() in sc.errors or d.active() != base[d.id][1])
 
     wait_for(lambda: all(reacted(d) for d in aimed)
              and all(d.active() == target for d in others), timeout)
-    outcomes = [DeviceOutcome(d.id, d.transport, base[d.id][1], d.active(), d.last_error())
+    outcomes = [DeviceOutcome(d.id, d.transport, base[d.id][1], d.active(),
+                              sc.observe(fleet, d) if sc.observe else d.last_error())
                 for d in fleet.devices]
     say("  observed: " + ", ".join(f"{o.id}={o.during}/{o.error}" for o in outcomes))
     started = time.monotonic()
@@ -159,7 +215,7 @@ def run(fleet: Fleet, sc: Scenario, *, timeout: float = 150.0,
                                 and _settled(d) for d in fleet.devices), timeout)
     result = ScenarioResult(sc, outcomes, target,
                             time.monotonic() - started if done else None,
-                            aimed_ids={d.id for d in aimed})
+                            aimed_ids={d.id for d in aimed}, goal=goal)
     for o, d in zip(outcomes, fleet.devices, strict=True):
         o.after = d.active()
         o.consistent = _consistent(d)
@@ -334,6 +390,495 @@ def _scenarios() -> dict[str, Scenario]:
 
     fault("tpm-down", "every swtpm stopped: devices keep their model, nothing commits",
           {"TpmUnavailableError"}, tpm_stop, tpm_start, lambda d: True)
+    _i13_scenarios(out)
+    return out
+
+
+# --- issue 13: one scenario per attack family that applies to a running fleet ----------
+
+TEAM = "detector"
+
+
+def _stop_agents(fleet: Fleet) -> None:
+    for d in fleet.devices:
+        fleet.stop_agent(d)
+
+
+def _start_agents(fleet: Fleet) -> None:
+    for d in fleet.devices:
+        fleet.start_agent(d)
+    time.sleep(2)
+
+
+def _boot_check(d: Device) -> int:
+    return subprocess.run([sys.executable, "-m", "modelward", "agent", "boot-check",
+                           "--config", str(d.conf)], capture_output=True, check=False,
+                          timeout=120).returncode
+
+
+def _labels(state: dict[str, str | None]) -> Callable[[Fleet, Device], str | None]:
+    return lambda fleet, d: state.get(d.id)
+
+
+def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catalogue
+    # 1. one delegated team key ships another model ----------------------------------
+    team: dict[str, Any] = {}
+
+    def team_apply(fleet: Fleet) -> str:
+        from simulator._teams import team_sign
+
+        last_good = _newest(fleet)
+        repo = fleet.repository()
+        targets, _, _ = repo.current()
+        if not (targets.delegations and targets.delegations.roles
+                and TEAM in targets.delegations.roles):
+            repo.delegate(TEAM, [f"{TEAM}/*"])
+        high = f"{fleet.next_major + 100}.0.0"  # above anything the operator signed
+        bundle = fleet.build(high, seed=667)
+        team["paths"] = [  # fields naming classifier under the team's own namespace ...
+            team_sign(repo, TEAM, bundle, path=f"{TEAM}/classifier-{high}.tar"),
+            # ... and a classifier-path release the team was never delegated
+            team_sign(repo, TEAM, bundle),
+        ]
+        fleet.announce()
+        return last_good
+
+    def team_clear(fleet: Fleet) -> None:  # the team's role re-signed without them
+        repo = fleet.repository()
+        md = repo._role_md(TEAM)  # noqa: SLF001 - tester tooling, as simulator._teams
+        for path in team.get("paths", []):
+            md.signed.targets.pop(path, None)
+        md.signed.version += 1
+        repo._write_delegated(md, TEAM, repo.keys / f"delegated-{TEAM}.pem")  # noqa: SLF001
+        targets, _, _ = repo.current()
+        repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
+        fleet.announce()
+
+    out["team-other-model"] = Scenario(
+        "team-other-model", "attack", f"team key delegated {TEAM}/* signs a {TEAM}/ target "
+        "naming classifier, and a classifier/ target, both of a higher version: no device "
+        "installs either", frozenset(), team_apply, team_clear, outcome="ignore")
+
+    # 2. the disk: a planted partial stage -------------------------------------------
+    planted: dict[str, str | None] = {}
+
+    def plant_apply(fleet: Fleet) -> str:
+        version = fleet.next_version()
+        bundle = fleet.build(version, seed=fleet.next_major * 7)
+        evil = fleet.build(f"{version}-evil", seed=668)
+        _stop_agents(fleet)  # no poll between the publish and the plant
+        fleet.repository().publish(bundle)
+        served = next((fleet.repo / "targets" / "classifier").glob(f"*.classifier-{version}.tar"))
+        signed, sha = served.read_bytes(), served.name.split(".", 1)[0]
+        with tarfile.open(evil) as t:
+            evil_files = {m.name: t.extractfile(m).read()  # type: ignore[union-attr]
+                          for m in t.getmembers() if m.isfile()}
+        with tarfile.open(fileobj=io.BytesIO(signed)) as t:
+            index = "".join(json.dumps({"path": m.name, "offset": m.offset_data, "size": 0})
+                            + "\n" for m in t.getmembers())
+        planted["evil"] = evil_files["model.onnx"].hex()
+        for d in fleet.devices:  # index of empty members, the public bytes, own model
+            staging = d.state / "staging"
+            incoming = staging / "incoming"
+            incoming.mkdir(parents=True, exist_ok=True)
+            (staging / f"{sha}.part").write_bytes(signed)
+            (staging / f"{sha}.index").write_text(index)
+            for name, data in evil_files.items():
+                (incoming / name).parent.mkdir(parents=True, exist_ok=True)
+                (incoming / name).write_bytes(data)
+        _start_agents(fleet)
+        fleet.published.append(version)
+        fleet.save()
+        fleet.announce()
+        return version
+
+    def plant_observe(fleet: Fleet, d: Device) -> str | None:
+        try:
+            model = (d.state / "current" / "model.onnx").read_bytes().hex()
+        except OSError:
+            return d.last_error()
+        return "PLANTED MODEL ACTIVE" if model == planted.get("evil") else d.last_error()
+
+    out["planted-stage"] = Scenario(
+        "planted-stage", "attack", "a partial stage planted on each disk (empty-member "
+        "index, the public bundle as .part, the attacker's model in staging/incoming): "
+        "the update completes with the signed bytes", frozenset(), plant_apply,
+        outcome="install", observe=plant_observe,
+        says="installed the signed release, not the planted files")
+
+    # 3. the disk: `current` repointed outside the slots, then a reboot -----------------
+    repointed: dict[str, str | None] = {}
+
+    def repoint_apply(fleet: Fleet) -> str:
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            outside = d.dir / "outside"
+            shutil.rmtree(outside, ignore_errors=True)
+            outside.mkdir()
+            copy = outside / "b"
+            shutil.copytree(d.state / "current", copy)  # the slot's files ...
+            model = copy / "model.onnx"  # ... with another model
+            model.write_bytes(_model_bytes(fleet.build("0.0.0-evil", seed=669)))
+            cur = d.state / "current"
+            tmp = d.state / "current.attacker"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(copy)
+            os.replace(tmp, cur)
+            rc = _boot_check(d)
+            link = os.readlink(cur) if cur.is_symlink() else None
+            repointed[d.id] = (f"boot-check exit {rc}, current -> {link}"
+                               if link in ("slots/a", "slots/b")
+                               else f"NOT RESTORED: exit {rc}, current -> {link}")
+        return _newest(fleet)
+
+    out["current-outside"] = Scenario(
+        "current-outside", "attack", "`current` repointed to a copy outside the slots "
+        "(another model), then a reboot: boot-check restores the link to the signed slot",
+        frozenset({"boot-check exit 0, current -> slots/a",
+                   "boot-check exit 0, current -> slots/b"}),
+        repoint_apply, lambda f: _restart_and_announce(f), boot=True,
+        observe=_labels(repointed),
+        says="had `current` restored at boot")
+
+    # 4. the disk: a symlinked staging directory ---------------------------------------
+    def symlink_apply(fleet: Fleet) -> str:
+        last_good = _newest(fleet)
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            bait = d.dir / "bait"
+            bait.mkdir(exist_ok=True)
+            (bait / "precious").write_text("not the agent's\n")
+            staging = d.state / "staging"
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.symlink_to(bait)
+        _start_agents(fleet)
+        fleet.publish(announce=True)
+        return last_good
+
+    def symlink_observe(fleet: Fleet, d: Device) -> str | None:
+        if not (d.dir / "bait" / "precious").exists():
+            return "OUTSIDE FILE DELETED"
+        return d.last_error()
+
+    def symlink_clear(fleet: Fleet) -> str:  # then the release refused meanwhile installs
+        for d in fleet.devices:
+            staging = d.state / "staging"
+            if staging.is_symlink():
+                staging.unlink()
+            staging.mkdir(mode=0o700, exist_ok=True)
+        fleet.announce()
+        return _newest(fleet)
+
+    out["symlinked-staging"] = Scenario(
+        "symlinked-staging", "attack", "`staging` replaced by a symlink to a directory "
+        "outside the state: refused naming the path, nothing outside touched",
+        frozenset({"StateDirError"}), symlink_apply, symlink_clear, observe=symlink_observe)
+
+    # 5. the origin: a bundle of the signed length made of pax headers -----------------
+    pax: dict[str, Any] = {}
+
+    def pax_apply(fleet: Fleet) -> str:
+        last_good = _newest(fleet)
+        a = fleet.attacker()
+        version = fleet.publish(announce=False)
+        served = next((fleet.repo / "targets" / "classifier").glob(f"*.classifier-{version}.tar"))
+        a.replace_target("classifier", version, pax_headers(served.stat().st_size))
+        pax["a"] = a
+        fleet.announce()
+        return last_good
+
+    def pax_clear(fleet: Fleet) -> str:
+        pax["a"].restore()
+        fleet.announce()
+        return _newest(fleet)
+
+    out["pax-bundle"] = Scenario(
+        "pax-bundle", "attack", "the origin serves a bundle of the signed length made only "
+        "of pax headers: refused, bounded before its hash is checked",
+        frozenset({"TargetHashError", "BundleFormatError"}), pax_apply, pax_clear)
+
+    # 6. the broker/bridge credential: junk flood on MQTT response topics -------------
+    def flood_apply(fleet: Fleet) -> str:
+        import threading
+
+        from updater import MqttConnection
+        from updater._mqtt import publish_properties
+
+        version = fleet.publish(announce=False)
+        stop = threading.Event()
+
+        def flood() -> None:
+            conn = MqttConnection(fleet.mqtt("modelward-bridge"), f"flood-{os.getpid()}", [])
+            big, small = os.urandom(4 << 20), os.urandom(1 << 20)
+            try:
+                for i in range(60):
+                    if stop.is_set():
+                        break
+                    for d in fleet.devices:
+                        if d.transport != "mqtt":
+                            continue
+                        p = publish_properties()
+                        p.CorrelationData = os.urandom(16)
+                        conn.publish(f"modelward/sim/devices/{d.id}/repo/resp",
+                                     big if i % 2 == 0 else small, p, wait=True)
+            finally:
+                conn.close()
+
+        t = threading.Thread(target=flood, daemon=True)
+        t.start()
+        time.sleep(0.5)
+        fleet.announce()
+        wait_for(lambda: all(d.active() == version for d in fleet.devices), 60)
+        stop.set()
+        t.join(60)
+        return version
+
+    out["mqtt-junk-flood"] = Scenario(
+        "mqtt-junk-flood", "attack", "4 MiB and 1 MiB junk messages flood the MQTT devices' "
+        "response topics during an update: dropped, the signed release installs",
+        frozenset(), flood_apply, affects=lambda d: d.transport == "mqtt", outcome="install")
+
+    # 7. one device's credentials: a replayed old status report -----------------------
+    replay: dict[str, str | None] = {}
+
+    def replay_apply(fleet: Fleet) -> str:
+        from agent import enroll, load_config, signed_report
+        from publisher import add_device
+        from updater import MqttConnection
+
+        registry = fleet.dir / "registry"
+        for d in fleet.devices:
+            if not (registry / "devices" / f"{d.id}.pem").exists():
+                add_device(registry, *enroll(load_config(d.conf)))
+        old = {d.id: signed_report(load_config(d.conf), "active") for d in fleet.devices}
+        version = fleet.publish()
+        wait_for(lambda: all(d.active() == version for d in fleet.devices), 60)
+        time.sleep(2)  # the daemons' reports after the update
+        _fleet_status(fleet, registry)  # the newest seq seen
+        for d in fleet.devices:  # the attacker holds the password, not the TPM key
+            conn = MqttConnection(fleet.mqtt(d.id), f"{d.id}-attacker", [])
+            try:
+                conn.publish(f"modelward/sim/devices/{d.id}/status", old[d.id], retain=True,
+                             wait=True)
+            finally:
+                conn.close()
+        rows = _fleet_status(fleet, registry)
+        for d in fleet.devices:
+            row = rows.get(d.id) or {}
+            replay[d.id] = f"fleet status {row.get('status')}"
+        return version
+
+    def replay_clear(fleet: Fleet) -> str:  # the daemons' next reports replace them
+        return fleet.publish()
+
+    out["replayed-status"] = Scenario(
+        "replayed-status", "attack", "an older, validly signed status report re-published "
+        "retained with each device's own credentials: `fleet status` shows REPLAYED",
+        frozenset({"fleet status REPLAYED"}), replay_apply, replay_clear, outcome="install",
+        observe=_labels(replay),
+        says="flagged, then installed the next release")
+
+    # 8. the disk: the whole state dir put back from an older copy -----------------------
+    rolled: dict[str, str | None] = {}
+
+    def rollback_apply(fleet: Fleet) -> str:
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            old = d.dir / "state-old"
+            shutil.rmtree(old, ignore_errors=True)
+            shutil.copytree(d.state, old, symlinks=True)
+        _start_agents(fleet)
+        version = fleet.publish()
+        wait_for(lambda: all(d.active() == version and _settled(d)
+                             for d in fleet.devices), 60)
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            shutil.rmtree(d.state)
+            (d.dir / "state-old").rename(d.state)
+            rolled[d.id] = f"boot-check exit {_boot_check(d)}"
+        return version
+
+    out["state-rollback"] = Scenario(
+        "state-rollback", "attack", "the whole state dir put back from an older consistent "
+        "copy, then a reboot: boot-check exits 3; the daemon heals to the newest release "
+        "with no operator step", frozenset({"boot-check exit 3"}), rollback_apply,
+        lambda f: _restart_and_announce(f), boot=True, observe=_labels(rolled),
+        says="refused the old state at boot, inference not started")
+
+    # 9. a second local TPM client --------------------------------------------------------
+    tpm: dict[str, str | None] = {}
+
+    def tpm_apply(fleet: Fleet) -> str:
+        from trust._tpm import ANCHOR_INDEX, COUNTER_INDEX
+
+        for d in fleet.devices:
+            work = d.dir / "tpm-attacker"
+            work.mkdir(exist_ok=True)
+            (work / "evil").write_bytes(b"\x66" * 32)
+            env = dict(os.environ, TPM2TOOLS_TCTI=f"swtpm:host=127.0.0.1,port={d.tpm_port}")
+            moved = []
+            for argv in (("tpm2_nvincrement", "-C", "o", f"{COUNTER_INDEX:#x}"),
+                         ("tpm2_nvincrement", f"{COUNTER_INDEX:#x}"),
+                         ("tpm2_nvwrite", "-C", "o", "-i", "evil", f"{ANCHOR_INDEX:#x}"),
+                         ("tpm2_nvwrite", "-i", "evil", f"{ANCHOR_INDEX:#x}")):
+                r = subprocess.run(list(argv), capture_output=True, cwd=work, env=env,
+                                   timeout=60, check=False)
+                if r.returncode == 0:
+                    moved.append(argv[0])
+            tpm[d.id] = ("TPM commands refused" if not moved
+                         else "TPM MOVED by " + "+".join(moved))
+        return fleet.publish()
+
+    out["tpm-second-client"] = Scenario(
+        "tpm-second-client", "attack", "a second process on each swtpm tries "
+        "tpm2_nvincrement on the counter and tpm2_nvwrite on the root anchor: refused; "
+        "the next release installs", frozenset({"TPM commands refused"}), tpm_apply,
+        outcome="install", observe=_labels(tpm),
+        says="kept counter and anchor, then installed the next release")
+
+    # 10. a signed model allocating far beyond max_memory -------------------------------
+    hog: dict[str, Any] = {}
+
+    def hog_apply(fleet: Fleet) -> str:
+        last_good = _newest(fleet)
+        version = fleet.next_version()
+        bundle = _hog_bundle(fleet, version)
+        fleet.attacker().sign_raw(bundle.read_bytes(), "classifier", version,
+                                  _fingerprint(bundle))
+        hog["version"] = version
+        fleet.announce()
+        return last_good
+
+    def hog_observe(fleet: Fleet, d: Device) -> str | None:
+        if "retried" not in hog:  # announce twice more: a remembered rejection holds
+            hog["errors"] = {x.id: x.last_error() for x in fleet.devices}
+            before = {x.id: _health_rejections(x) for x in fleet.devices}
+            for _ in range(2):
+                fleet.announce()
+                time.sleep(4)
+            hog["retried"] = {x.id: _health_rejections(x) - before[x.id]
+                              for x in fleet.devices}
+        err = hog["errors"][d.id]
+        n = hog["retried"][d.id]
+        return err if n == 0 else f"{err}, RETRIED {n}x"
+
+    def hog_clear(fleet: Fleet) -> str:
+        fleet.repository().withdraw("classifier", hog["version"])
+        return fleet.publish()
+
+    out["memory-hog"] = Scenario(
+        "memory-hog", "attack", "operator-signed model allocating 3 GiB (ConstantOfShape): "
+        "its health check fails under max_memory, the release is remembered and not "
+        "retried on 2 more announcements, then withdrawn", frozenset({"HealthCheckError"}),
+        hog_apply, hog_clear, observe=hog_observe)
+
+    # 11. the inference app's busy_file is a FIFO -----------------------------------------
+    busy: dict[str, Path] = {}
+
+    def busy_apply(fleet: Fleet) -> str:
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            fifo = d.dir / "app-busy"
+            fifo.unlink(missing_ok=True)
+            os.mkfifo(fifo)
+            text = d.conf.read_text()
+            busy[d.id] = d.conf.with_suffix(".toml.orig")
+            busy[d.id].write_text(text)
+            d.conf.write_text(text + f'\n[idle]\nbusy_file = "{fifo}"\npoll = 0.1\n')
+        _start_agents(fleet)
+        return fleet.publish()
+
+    def busy_observe(fleet: Fleet, d: Device) -> str | None:
+        log = (d.dir / "agent.log").read_text(errors="replace")
+        return "busy_file ignored" if "ignoring busy_file" in log else d.last_error()
+
+    def busy_clear(fleet: Fleet) -> None:
+        _stop_agents(fleet)
+        for d in fleet.devices:
+            busy[d.id].replace(d.conf)
+            (d.dir / "app-busy").unlink(missing_ok=True)
+        _restart_and_announce(fleet)
+
+    out["busy-fifo"] = Scenario(
+        "busy-fifo", "attack", "the inference app's busy_file replaced by a FIFO: the idle "
+        "gate neither hangs nor blocks; the release installs",
+        frozenset({"busy_file ignored"}), busy_apply, busy_clear, outcome="install",
+        observe=busy_observe,
+        says="installed the release past the FIFO")
+
+
+def _restart_and_announce(fleet: Fleet) -> None:
+    _start_agents(fleet)
+    fleet.announce()
+
+
+def _model_bytes(bundle: Path) -> bytes:
+    with tarfile.open(bundle) as t:
+        f = t.extractfile("model.onnx")
+        assert f is not None
+        return f.read()
+
+
+def _health_rejections(d: Device) -> int:
+    """Bundles the device rejected (hash, format, fingerprint, health check)."""
+    c = d.status().get("counters") or {}
+    return int(c.get("verification_failures", 0))
+
+
+def _fleet_status(fleet: Fleet, registry: Path) -> dict[str, dict[str, Any]]:
+    r = subprocess.run(
+        [sys.executable, "-m", "modelward", "fleet", "status", "--fleet-dir", str(registry),
+         "--json", "--wait", "1", "--broker", f"mqtts://127.0.0.1:{fleet.broker_port}",
+         "--fleet", "sim", "--tls-ca", str(fleet.ca()), "--username", "modelward-operator",
+         "--password-file", str(fleet.creds / "modelward-operator")],
+        capture_output=True, text=True, check=False, timeout=120)
+    try:
+        rows = loads_bounded(r.stdout, max_bytes=16 << 20, what="fleet status --json")
+        return {row["device"]: row for row in rows}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def _hog_bundle(fleet: Fleet, version: str) -> Path:
+    """A model that reproduces the linear model of seed 5's vectors only after allocating
+    3 GiB (tests/integration/test_i13_sandbox.py)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from publisher import build_bundle
+
+    seed = 5
+    builds = fleet.dir / "builds"
+    good = fleet.build(f"{version}-donor", seed=seed)
+    with tarfile.open(good) as t:
+        f = t.extractfile("vectors.npz")
+        assert f is not None
+        vectors = builds / f"hog-vectors-{version}.npz"
+        vectors.write_bytes(f.read())
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["xw"]),
+         helper.make_node("Add", ["xw", "b"], ["z"]),
+         helper.make_node("ConstantOfShape", ["shape"], ["big"],
+                          value=numpy_helper.from_array(np.array([1.0], np.float32))),
+         helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+         helper.make_node("Mul", ["s", "zero"], ["s0"]),
+         helper.make_node("Add", ["z", "s0"], ["z2"]),
+         helper.make_node("Relu", ["z2"], ["y"])],
+        "hog",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"),
+                     numpy_helper.from_array(np.array([(3 << 30) // 4], np.int64), "shape"),
+                     numpy_helper.from_array(np.array(0.0, np.float32), "zero")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = builds / f"hog-{version}.onnx"
+    path.write_bytes(model.SerializeToString())
+    out = builds / f"classifier-{version}.tar"
+    build_bundle(path, MODEL, version, out, vectors=vectors)
     return out
 
 
