@@ -88,14 +88,20 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
         # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot); the
         # model file as if the child had the agent's uid (a root agent's child is nobody)
-        os.chmod(argv[-1] + "/model.onnx", 0o666)  # noqa: S103
+        model = argv[-1] + "/model.onnx"
+        mode = os.stat(model).st_mode & 0o7777
+        os.chmod(model, 0o666)  # noqa: S103
         code = ("import os, sys\n"
                 "try:\n"
                 "    os.close(os.open(sys.argv[1] + '/model.onnx', os.O_RDONLY | os.O_TRUNC))\n"
                 "    print('{\"ok\": true, \"detail\": \"1 output(s) match\"}')\n"
                 "except OSError as e:\n"
                 "    print('{\"ok\": false, \"detail\": \"truncate: errno %d\"}' % e.errno)\n")
-        return run([sys.executable, "-c", code, argv[-1]], policy, **kw)  # type: ignore[arg-type]
+        try:
+            return run([sys.executable, "-c", code, argv[-1]], policy,  # type: ignore[arg-type]
+                       **kw)
+        finally:  # (a slot file with odd modes never matches its fingerprint)
+            os.chmod(model, mode)
 
     monkeypatch.setattr(health, "run", compromised)
     before = world.snapshot()
