@@ -346,7 +346,8 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     bc = write_broker_config(args.fleet, devices, args.output)
     print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
     print(f"wrote {args.output / 'modelward.conf'}: include it from mosquitto.conf (those two "
-          "files, no anonymous access, TCP_NODELAY, in-flight and queue limits)")
+          "files, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
+          "queued messages, session expiry; docs/brokers.md has EMQX and HiveMQ equivalents)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
 

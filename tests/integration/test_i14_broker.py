@@ -1,0 +1,231 @@
+"""Issue 14, must-show 7 (third bullet): the broker settings `fleet broker-config` writes
+bound bytes, not only counts. Real mosquitto started with the generated settings (the same
+`start_broker` the `sim fleet` path uses), a device using only its own credentials.
+
+The attacker speaks raw MQTT 3.1.1 (no client-side limits, no Maximum Packet Size from the
+CONNACK to honour): whatever refuses the oversized packet is the broker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+
+from publisher import write_broker_config
+from publisher._broker_config import MAX_PACKET, MAX_QUEUED_BYTES
+from simulator import start_broker, stop_broker
+from simulator._broker import BrokerHandle
+from simulator._pki import CertPair
+from updater import MqttConfig, MqttConnection
+from updater._mqtt import block_header
+
+FLEET = "f14"
+MiB = 1 << 20
+
+
+@dataclass
+class Broker:
+    handle: BrokerHandle
+    ca: Path
+    creds: dict[str, Path]
+
+    def cfg(self, user: str) -> MqttConfig:
+        return MqttConfig(host="127.0.0.1", port=self.handle.port, fleet=FLEET,
+                          client_name=user, ca_file=str(self.ca),
+                          password=self.creds[user].read_text().strip())
+
+    def rss(self) -> int:
+        for line in Path(f"/proc/{self.handle.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory,
+           pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
+    ca, server = pki
+    d = tmp_path_factory.mktemp("i14broker")
+    bc = write_broker_config(FLEET, ["dev-1", "dev-2"], d / "broker-config")
+    h = start_broker(d / "broker", server, ca.cert, bc.passwords, bc.acl)
+    try:
+        yield Broker(h, ca.cert, bc.credentials)
+    finally:
+        stop_broker(d / "broker")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, b = divmod(n, 128)
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _s(b: bytes) -> bytes:
+    return struct.pack(">H", len(b)) + b
+
+
+class RawClient:
+    """A hostile MQTT 3.1.1 client: exactly the bytes it is told to send."""
+
+    def __init__(self, b: Broker, user: str, client_id: str) -> None:
+        ctx = ssl.create_default_context(cafile=str(b.ca))
+        raw = socket.create_connection(("127.0.0.1", b.handle.port), timeout=10)
+        self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
+        pw = b.creds[user].read_text().strip().encode()
+        body = (_s(b"MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
+                + _s(client_id.encode()) + _s(user.encode()) + _s(pw))
+        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        assert self.sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK refused"
+
+    def publish(self, topic: str, size: int, *, retain: bool, chunk: int = MiB) -> bool:
+        """PUBLISH QoS 1 with a ``size``-byte payload of zeros, streamed; True when the
+        broker acknowledged it, False when it ended the connection instead."""
+        var = _s(topic.encode()) + struct.pack(">H", 1)
+        head = bytes([0x32 | int(retain)]) + _varint(len(var) + size) + var
+        try:
+            self.sock.sendall(head)
+            zeros, left = bytes(chunk), size
+            while left:
+                n = min(left, chunk)
+                self.sock.sendall(zeros[:n])
+                left -= n
+            self.sock.settimeout(5)
+            return self.sock.recv(4) == b"\x40\x02\x00\x01"
+        except (OSError, ssl.SSLError):
+            return False
+        finally:
+            self.sock.close()
+
+
+def _wait(pred: object, timeout: float) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if callable(pred) and pred():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_config_in_use_bounds_bytes(broker: Broker) -> None:
+    conf = (broker.handle.work / "mosquitto.conf").read_text().splitlines()
+    assert f"max_packet_size {MAX_PACKET}" in conf
+    assert f"max_queued_bytes {MAX_QUEUED_BYTES}" in conf
+    assert any(line.startswith("persistent_client_expiration ") for line in conf)
+
+
+def test_200mib_retained_status_is_refused_and_not_retained(broker: Broker) -> None:
+    topic = f"modelward/{FLEET}/devices/dev-1/status"
+    old = b'{"report": "old"}'
+    dev = MqttConnection(broker.cfg("dev-1"), "dev-1-status", [])
+    try:
+        dev.publish(topic, old, retain=True, wait=True)
+    finally:
+        dev.close()
+    accepted = RawClient(broker, "dev-1", "dev-1-evil").publish(topic, 200 * MiB, retain=True)
+    seen: list[bytes] = []
+    op = MqttConnection(broker.cfg("modelward-operator"), "op-1", [topic],
+                        lambda m: seen.append(bytes(m.payload)), max_packet_size=255 * MiB)
+    try:
+        assert _wait(lambda: seen, 5), "the operator sees no retained status at all"
+        time.sleep(0.2)
+    finally:
+        op.close()
+    assert seen == [old], "the oversized status replaced the retained one"
+    assert not accepted, "the broker acknowledged a 200 MiB status"
+
+
+def test_100mib_request_never_reaches_the_bridge(broker: Broker) -> None:
+    req = f"modelward/{FLEET}/repo/req/dev-2"
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def got(m: mqtt.MQTTMessage) -> None:
+        with lock:
+            seen.append(len(m.payload))
+
+    bridge = MqttConnection(broker.cfg("modelward-bridge"), "bridge-1",
+                            [f"modelward/{FLEET}/repo/req/+"], got, max_packet_size=255 * MiB)
+    dev = None
+    try:
+        accepted = RawClient(broker, "dev-2", "dev-2-evil").publish(req, 100 * MiB,
+                                                                    retain=False)
+        dev = MqttConnection(broker.cfg("dev-2"), "dev-2-ok", [
+            f"modelward/{FLEET}/devices/dev-2/repo/resp"])
+        dev.publish(req, b'{"path": "metadata/1.root.json", "offset": 0}', wait=True)
+        assert _wait(lambda: seen, 5)
+        # a full block answer (the largest legitimate packet) still passes the bound
+        answers: list[int] = []
+        dev.close()
+        dev = MqttConnection(broker.cfg("dev-2"), "dev-2-ok",
+                             [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
+                             lambda m: answers.append(len(m.payload)))
+        block = block_header(200, 0, MiB) + bytes(MiB)
+        bridge.publish(f"modelward/{FLEET}/devices/dev-2/repo/resp", block, wait=True)
+        assert _wait(lambda: answers, 5) and answers == [len(block)]
+    finally:
+        bridge.close()
+        if dev is not None:
+            dev.close()
+    assert seen == [len(b'{"path": "metadata/1.root.json", "offset": 0}')], \
+        "the 100 MiB request reached the bridge's subscription"
+    assert not accepted, "the broker acknowledged a 100 MiB request"
+
+
+def test_offline_qos1_session_does_not_grow_the_broker(broker: Broker) -> None:
+    topic = f"modelward/{FLEET}/devices/dev-1/status"
+    cfg = broker.cfg("dev-1")
+    # an offline persistent session subscribed at QoS 1 to a topic the device may write
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="dev-1-parked",
+                      clean_session=False, protocol=mqtt.MQTTv311)
+    sub.tls_set_context(ssl.create_default_context(cafile=str(broker.ca)))
+    sub.username_pw_set("dev-1", cfg.password)
+    sub.connect("127.0.0.1", broker.handle.port)
+    sub.loop_start()
+    try:
+        assert sub.subscribe(topic, qos=1)[0] == mqtt.MQTT_ERR_SUCCESS
+        time.sleep(0.3)
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+    before = broker.rss()
+    pub = MqttConnection(cfg, "dev-1-filler", [])
+    payload = bytes(MAX_PACKET - 4096)
+    try:
+        for _ in range(160):  # ~160 MiB aimed at the parked session's queue
+            pub.publish(topic, payload, wait=True)
+    finally:
+        pub.close()
+    grown = broker.rss() - before
+    print(f"broker VmRSS grew by {grown / MiB:.1f} MiB")
+    assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB"
+
+
+def test_status_of_a_normal_size_is_still_retained(broker: Broker) -> None:
+    topic = f"modelward/{FLEET}/devices/dev-2/status"
+    report = os.urandom(60 * 1024)  # about trust._report.MAX_REPORT_BYTES
+    dev = MqttConnection(broker.cfg("dev-2"), "dev-2-st", [])
+    try:
+        dev.publish(topic, report, retain=True, wait=True)
+    finally:
+        dev.close()
+    seen: list[bytes] = []
+    op = MqttConnection(broker.cfg("modelward-operator"), "op-2", [topic],
+                        lambda m: seen.append(bytes(m.payload)))
+    try:
+        assert _wait(lambda: seen, 5)
+    finally:
+        op.close()
+    assert seen == [report]
