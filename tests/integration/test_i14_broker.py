@@ -89,10 +89,12 @@ class RawClient:
                 + _s(client_id.encode()) + _s(user.encode()) + _s(pw))
         self.sock.sendall(b"\x10" + _varint(len(body)) + body)
         assert self.sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK refused"
+        self.sent = 0  # payload bytes the broker took before it ended the connection
 
     def publish(self, topic: str, size: int, *, retain: bool, chunk: int = MiB) -> bool:
         """PUBLISH QoS 1 with a ``size``-byte payload of zeros, streamed; True when the
         broker acknowledged it, False when it ended the connection instead."""
+        self.sent = 0
         var = _s(topic.encode()) + struct.pack(">H", 1)
         head = bytes([0x32 | int(retain)]) + _varint(len(var) + size) + var
         try:
@@ -102,6 +104,7 @@ class RawClient:
                 n = min(left, chunk)
                 self.sock.sendall(zeros[:n])
                 left -= n
+                self.sent += n
             self.sock.settimeout(5)
             return self.sock.recv(4) == b"\x40\x02\x00\x01"
         except (OSError, ssl.SSLError):
@@ -134,7 +137,9 @@ def test_200mib_retained_status_is_refused_and_not_retained(broker: Broker) -> N
         dev.publish(topic, old, retain=True, wait=True)
     finally:
         dev.close()
-    accepted = RawClient(broker, "dev-1", "dev-1-evil").publish(topic, 200 * MiB, retain=True)
+    evil = RawClient(broker, "dev-1", "dev-1-evil")
+    accepted = evil.publish(topic, 200 * MiB, retain=True)
+    assert evil.sent < 32 * MiB, f"the broker read {evil.sent >> 20} MiB of the packet"
     seen: list[bytes] = []
     op = MqttConnection(broker.cfg("modelward-operator"), "op-1", [topic],
                         lambda m: seen.append(bytes(m.payload)), max_packet_size=255 * MiB)
