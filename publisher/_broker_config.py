@@ -78,15 +78,17 @@ pattern readwrite {f}/devices/%u/status
 # an announcement (64 KiB) fit far inside it. A larger packet ends the sender's
 # connection before mosquitto buffers it, so nothing oversized is forwarded or
 # retained: mosquitto 2.0 has no separate limit for retained messages, the packet size
-# is their bound. Per client, in-flight and queued QoS 1 bytes are bounded to one
-# window of blocks each, so an offline (or never-acknowledging) session holds at most
-# ~2 windows whatever its owner publishes; sessions that ask never to expire expire
-# after ``SESSION_EXPIRY`` (modelward clients use clean sessions and need none).
+# is their bound. Per client, queued QoS 1 bytes hold one window of blocks (what a
+# device asks for at once) and in-flight bytes four blocks (the rest of a window waits
+# in the queue, stored once; an in-flight packet is also held serialized per connection,
+# so a connection that never reads costs ~2x its in-flight bytes): an offline or stuck
+# session holds ~1-1.5 windows whatever its owner publishes. Sessions that ask never to
+# expire expire after ``SESSION_EXPIRY`` (modelward clients use clean sessions).
 _DEVICE = MqttConfig(host="", port=0, fleet="", client_name="")  # a device's defaults
 BLOCK_SIZE = _DEVICE.block_size
 MAX_PACKET = _DEVICE.packet_limit()
 WINDOW = _DEVICE.window
-MAX_INFLIGHT_BYTES = WINDOW * MAX_PACKET
+MAX_INFLIGHT_BYTES = 4 * MAX_PACKET
 MAX_QUEUED_BYTES = WINDOW * MAX_PACKET
 SESSION_EXPIRY = "1h"
 MAX_KEEPALIVE = 300
