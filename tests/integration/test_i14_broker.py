@@ -136,6 +136,9 @@ def test_config_in_use_bounds_bytes(broker: Broker) -> None:
     assert f"max_packet_size {MAX_PACKET}" in conf
     assert f"max_queued_bytes {MAX_QUEUED_BYTES}" in conf
     assert any(line.startswith("persistent_client_expiration ") for line in conf)
+    # the installed mosquitto takes every option as it is: no error, nothing deprecated
+    log = (broker.handle.work / "mosquitto.log").read_text().lower()
+    assert "error" not in log and "deprecat" not in log and "unknown" not in log, log
 
 
 def test_200mib_retained_status_is_refused_and_not_retained(broker: Broker) -> None:
