@@ -201,6 +201,27 @@ def test_100mib_request_never_reaches_the_bridge(broker: Broker) -> None:
     assert not accepted, "the broker acknowledged a 100 MiB request"
 
 
+def test_a_subscriber_asking_for_small_packets_never_gets_a_large_one(broker: Broker) -> None:
+    """What a bridge gains by asking for small packets on CONNECT (MQTT 5 Maximum Packet
+    Size): mosquitto drops, for that subscriber only, a request that fits the broker's
+    bound but not the subscriber's."""
+    req = f"modelward/{FLEET}/repo/req/dev-1"
+    seen: list[int] = []
+    bridge = MqttConnection(broker.cfg("modelward-bridge"), "bridge-small",
+                            [f"modelward/{FLEET}/repo/req/+"],
+                            lambda m: seen.append(len(m.payload)), max_packet_size=4096)
+    dev = MqttConnection(broker.cfg("dev-1"), "dev-1-big", [])
+    try:
+        dev.publish(req, bytes(512 * 1024), wait=True)  # accepted by the broker...
+        dev.publish(req, b'{"path": "x", "offset": 0, "length": 1}', wait=True)
+        assert _wait(lambda: seen, 5)
+        time.sleep(0.1)
+    finally:
+        dev.close()
+        bridge.close()
+    assert seen == [len(b'{"path": "x", "offset": 0, "length": 1}')]  # ...never delivered
+
+
 def _park_sessions(b: Broker, topic: str, n: int) -> None:
     """``n`` offline persistent sessions of dev-1, each subscribed at QoS 1 to ``topic``."""
     for i in range(n):
