@@ -346,7 +346,8 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     bc = write_broker_config(args.fleet, devices, args.output)
     print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
     print(f"wrote {args.output / 'modelward.conf'}: include it from mosquitto.conf (those two "
-          "files, no anonymous access, TCP_NODELAY, in-flight and queue limits)")
+          "files, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
+          "queued messages, session expiry; docs/brokers.md has EMQX and HiveMQ equivalents)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
 
@@ -782,16 +783,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     args = build_parser().parse_args(argv)
     from agent import setup_logging
+    from agent._log import escape_text
     from trust.errors import ModelwardError
 
+    # JSON lines for the agent, and for any command whose stderr is the journal
+    # (`repo refresh`, `serve-mqtt` under systemd); escaped text otherwise
     setup_logging(args.verbose + (1 if args.group == "agent" else 0),
                   json_lines=args.group == "agent")
     try:
         return int(args.func(args))
     except ModelwardError as e:
-        print(f"modelward: error: {e}", file=sys.stderr)
+        # an error may quote what a device or the origin sent: controls escaped, and a
+        # line break only ever starts an indented continuation, never a line of its own
+        text = escape_text(str(e), keep_newlines=True).replace("\n", "\n  ")
+        print(f"modelward: error: {text}", file=sys.stderr)
         if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
+            print(f"hint: {escape_text(e.hint)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
