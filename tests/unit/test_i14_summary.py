@@ -407,3 +407,96 @@ def test_pending_version_not_its_file_name() -> None:
 def test_stale_pending_is_refused(published: int) -> None:
     with pytest.raises(PendingMetadataError, match="is published already: it is stale"):
         check_pending(PATH, _bytes(_pending(2)), "targets", _root(), published)
+
+
+# --- on disk: the review and the signing see the same bytes -------------------------------
+
+PASS = b"unit test passphrase"
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """targets 2-of-2 (two key files); classifier 1.0.0 pending with one signature."""
+    from publisher import BuildOptions, Repository, build_bundle
+    from publisher._repo import ThresholdNotMetError
+    from simulator import make_linear_model
+
+    base = tmp_path_factory.mktemp("review")
+    r = Repository(base / "repo", base / "keys", PASS)
+    r.init({"targets": 2}, {"targets": 2})
+    model = make_linear_model(base / "m.onnx", 1)
+    build_bundle(model, "classifier", "1.0.0", base / "b.tar", options=BuildOptions())
+    with pytest.raises(ThresholdNotMetError):
+        r.publish(base / "b.tar")
+    return base
+
+
+@pytest.fixture
+def disk(template: Path, tmp_path: Path) -> Any:
+    import shutil
+
+    from publisher import Repository
+    shutil.copytree(template, tmp_path / "w")
+    return Repository(tmp_path / "w" / "repo", tmp_path / "w" / "keys", PASS)
+
+
+def _tree(d: Path) -> dict[str, bytes]:
+    return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+def test_review_then_sign_publishes(disk: Any) -> None:
+    pending, lines = disk.review_pending("targets")
+    assert pending.path.name == "2.targets.json"
+    assert any("model classifier version 1.0.0 fingerprint" in x for x in lines)
+    assert disk.sign_pending("targets", "encfile:targets-2.pem", reviewed=pending.digest) == (2, 2)
+    assert (disk.metadata_dir / "2.targets.json").exists()
+
+
+def test_file_swapped_between_review_and_sign_is_refused(disk: Any) -> None:
+    """A disk attacker replaces the pending file after the signer read its summary (here
+    with an unsigned one, whose own check would pass): the reviewed digest refuses it."""
+    pending, _ = disk.review_pending("targets")
+    doc = json.loads(pending.path.read_bytes())
+    doc["signatures"] = []
+    doc["signed"]["targets"]["evil/evil-9.9.9.tar"] = doc["signed"]["targets"].pop(
+        "classifier/classifier-1.0.0.tar")
+    pending.path.write_bytes(json.dumps(doc).encode())
+    swapped, before = pending.path.read_bytes(), _tree(disk.repo)
+    from publisher._summary import PendingReviewError
+
+    with pytest.raises(PendingReviewError, match="changed after its summary was shown"):
+        disk.sign_pending("targets", "encfile:targets-2.pem", reviewed=pending.digest)
+    assert pending.path.read_bytes() == swapped and _tree(disk.repo) == before
+    # Shown again, the summary names what the attacker added.
+    _, lines = disk.review_pending("targets")
+    assert any(x.startswith("  + evil/evil-9.9.9.tar: model classifier") for x in lines)
+    assert lines[-1] == "  already signed by 0 key(s)"
+
+
+def test_edited_after_first_signature_refused_by_sign_pending_itself(disk: Any) -> None:
+    """Through the API too (no review): nothing published, the file left as it is."""
+    path = disk.pending_dir / "2.targets.json"
+    doc = json.loads(path.read_bytes())
+    t = doc["signed"]["targets"]["classifier/classifier-1.0.0.tar"]
+    t["custom"]["modelward"]["rollout"]["basis_points"] = 10000
+    t["custom"]["modelward"]["channel"] = "beta"
+    path.write_bytes(json.dumps(doc).encode())
+    edited, before = path.read_bytes(), _tree(disk.repo)
+    with pytest.raises(PendingChangedError) as e:
+        disk.sign_pending("targets", "encfile:targets-2.pem")
+    assert str(path) in str(e.value)
+    assert path.read_bytes() == edited and _tree(disk.repo) == before
+
+
+def test_pending_older_than_published_is_refused(disk: Any) -> None:
+    """A pending file replayed after a newer version was published would overwrite it."""
+    old = (disk.pending_dir / "2.targets.json").read_bytes()
+    disk.sign_pending("targets", "encfile:targets-2.pem")
+    (disk.pending_dir / "2.targets.json").write_bytes(old)
+    before = _tree(disk.repo)
+    with pytest.raises(PendingMetadataError, match="stale"):
+        disk.review_pending("targets")
+    with pytest.raises(PendingMetadataError, match="stale"):
+        disk.sign_pending("targets", "encfile:targets-2.pem")
+    assert _tree(disk.repo) == before
