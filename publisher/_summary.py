@@ -117,7 +117,8 @@ def check_pending(path: Path, data: bytes, role: str, trusted_root: Root,
     """Decide whether the pending ``data`` (read from ``path``) may get another signature.
 
     Refused: more than :data:`MAX_PENDING` bytes, not metadata, another role's type, a
-    version other than the file name's, not newer than the published one, or any
+    version other than the file name's, not newer than the published one (a root: not
+    the next one, the only one TUF clients load next), or any
     signature that does not verify over these bytes with a key of the trusted root (for
     root also of the pending root itself).
 
@@ -146,6 +147,12 @@ def check_pending(path: Path, data: bytes, role: str, trusted_root: Root,
             f"{path} is {role} version {md.signed.version}, but version {published_version} "
             "is published already: it is stale (publishing it would replace or roll back "
             "published metadata)", path=path)
+    if role == "root" and published_version is not None and \
+            md.signed.version != published_version + 1:
+        raise PendingMetadataError(
+            f"{path} is root version {md.signed.version}, but devices trusting the published "
+            f"version {published_version} load only version {published_version + 1} next",
+            path=path)
     keys: dict[str, Key] = dict(trusted_root.keys)
     if isinstance(md.signed, Root):
         keys.update(md.signed.keys)

@@ -286,3 +286,20 @@ def test_missing_delegated_role_file_is_left_out_with_a_warning(
         rows = repo.status()
     assert {r.role for r in rows} == {"root", "targets", "snapshot", "timestamp"}
     assert "delegated role 'vision'" in caplog.text
+
+
+@pytest.mark.parametrize("content", [b"[" * 200_000, b'{"signed": {"_type": "snapshot"}}',
+                                     b"\x1b]0;owned\x07"])
+def test_hostile_team_metadata_file_does_not_break_status_or_refresh(
+        world: tuple[Repository, Clock], content: bytes,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A team (or whoever writes the served directory) replaces its role's file: status
+    and refresh go on for every other role, and say what is wrong with that one."""
+    repo, clock = world
+    (path,) = repo.metadata_dir.glob("*.vision.json")
+    path.write_bytes(content)
+    clock.now = T0 + 336 * DAY
+    with caplog.at_level(logging.WARNING):
+        assert {r.role for r in repo.status()} == {"root", "targets", "snapshot", "timestamp"}
+        assert repo.refresh() == ["snapshot", "timestamp"]
+    assert "delegated role 'vision'" in caplog.text and "\x1b" not in caplog.text

@@ -500,3 +500,11 @@ def test_pending_older_than_published_is_refused(disk: Any) -> None:
     with pytest.raises(PendingMetadataError, match="stale"):
         disk.sign_pending("targets", "encfile:targets-2.pem")
     assert _tree(disk.repo) == before
+
+
+@pytest.mark.parametrize("version", [3, 7])
+def test_pending_root_that_skips_a_version_is_refused(version: int) -> None:
+    md = Metadata(_root(version))
+    md.sign(SIGNERS["root"])
+    with pytest.raises(PendingMetadataError, match="load only version 2 next"):
+        check_pending(Path(f"/k/pending/{version}.root.json"), _bytes(md), "root", _root(1), 1)
