@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -126,6 +127,12 @@ def check_pending(path: Path, data: bytes, role: str, trusted_root: Root,
         PendingMetadataError: naming the file and the reason.
         PendingChangedError: a signature on it fails: it was edited after signing.
     """
+    if not re.fullmatch(rf"[0-9]{{1,12}}\.{role}\.json", path.name):
+        # Not a name the repository writes; and the name is printed from here on.
+        raise PendingMetadataError(
+            f"{escape(str(path.parent))}/{escape(path.name)} is not a pending {role} file "
+            f"(VERSION.{role}.json)", path=path,
+            hint=f"remove it from {escape(str(path.parent))}")
     if len(data) > MAX_PENDING:
         raise PendingMetadataError(f"{path} is {len(data)} bytes, more than {MAX_PENDING}",
                                    path=path)

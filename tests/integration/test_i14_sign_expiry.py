@@ -65,6 +65,17 @@ def _sign(w: World, *extra: str, env: dict[str, str], stdin: int | None = subpro
                 stdin=stdin)
 
 
+def _on_terminal(w: World, answer: bytes, env: dict[str, str]
+                 ) -> subprocess.CompletedProcess[str]:
+    master, slave = pty.openpty()
+    try:
+        os.write(master, answer)
+        return _sign(w, env=env, stdin=slave)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_i14_repo_sign_prints_the_change_and_asks(world: World, tmp_path: Path) -> None:
     env = _pending_targets(world, tmp_path)
     pending = world.keys / "pending" / "3.targets.json"
@@ -81,21 +92,15 @@ def test_i14_repo_sign_prints_the_change_and_asks(world: World, tmp_path: Path) 
             f"fingerprint {fields['fingerprint']} channel stable rollout 100%") in r.stdout
     assert "already signed by 1 key(s)" in r.stdout
     # On a terminal the signer declines.
-    master, slave = pty.openpty()
-    try:
-        os.write(master, b"n\n")
-        r = _sign(world, env=env, stdin=slave)
-    finally:
-        os.close(master)
-        os.close(slave)
+    r = _on_terminal(world, b"n\n", env)
     assert r.returncode == 1 and "the signer did not confirm" in r.stderr
     assert "sign this targets metadata with envvar:CI_KEY? [y/N]" in r.stdout
     assert pending.read_bytes() == parked and tree_digest(world.repo_dir) == served
     assert world.update().outcome.value == "up-to-date"
     assert world.snapshot() == before
 
-    # Confirmed: published, and the device installs what the summary showed.
-    r = _sign(world, "--yes", env=env)
+    # Confirmed on the terminal: published, and the device installs what it showed.
+    r = _on_terminal(world, b"y\n", env)
     assert r.returncode == 0, r.stderr
     assert "2 of 2 signatures; published" in r.stdout and not pending.exists()
     world.update()

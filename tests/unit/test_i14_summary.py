@@ -508,3 +508,22 @@ def test_pending_root_that_skips_a_version_is_refused(version: int) -> None:
     md.sign(SIGNERS["root"])
     with pytest.raises(PendingMetadataError, match="load only version 2 next"):
         check_pending(Path(f"/k/pending/{version}.root.json"), _bytes(md), "root", _root(1), 1)
+
+
+@pytest.mark.parametrize("name", ["x\x1b]0;owned\x07.targets.json", "2.targets.json.targets.json",
+                                  "02x.targets.json", "9" * 13 + ".targets.json"])
+def test_pending_file_not_named_by_the_repository_is_refused(name: str) -> None:
+    with pytest.raises(PendingMetadataError, match="is not a pending targets file") as e:
+        check_pending(Path("/k/pending") / name, _bytes(_pending()), "targets", _root(), 1)
+    assert "\x1b" not in str(e.value) and "\x1b" not in e.value.hint
+
+
+def test_planted_pending_file_with_a_hostile_name_on_disk(disk: Any) -> None:
+    """It sorts after the real one, so it is the one `repo sign` would take: refused."""
+    planted = disk.pending_dir / "x\x1b[8m.targets.json"
+    planted.write_bytes((disk.pending_dir / "2.targets.json").read_bytes())
+    with pytest.raises(PendingMetadataError, match="is not a pending targets file") as e:
+        disk.review_pending("targets")
+    assert "\x1b" not in str(e.value)
+    with pytest.raises(PendingMetadataError):
+        disk.sign_pending("targets", "encfile:targets-2.pem")
