@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import (
     DelegatedRole,
@@ -527,3 +529,30 @@ def test_planted_pending_file_with_a_hostile_name_on_disk(disk: Any) -> None:
     assert "\x1b" not in str(e.value)
     with pytest.raises(PendingMetadataError):
         disk.sign_pending("targets", "encfile:targets-2.pem")
+
+
+# --- properties ------------------------------------------------------------------------
+
+_json = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+                     lambda inner: st.lists(inner, max_size=3) |
+                     st.dictionaries(st.text(max_size=8), inner, max_size=3), max_leaves=8)
+_field = st.sampled_from(["name", "version", "fingerprint", "channel", "rollout", "pinned",
+                          "withdrawn", "x\x1b"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text())
+def test_escape_output_is_always_one_printable_line(text: str) -> None:
+    _all_printable([escape(text)])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(_field, _json, max_size=7), st.dictionaries(_field, _json, max_size=7),
+       st.text(min_size=1, max_size=30))
+def test_summary_of_any_custom_fields_is_printable(a: dict[str, Any], b: dict[str, Any],
+                                                    path: str) -> None:
+    old, new = TargetFile(1, {"sha256": "00"}, path), TargetFile(2, {"sha256": "01"}, path)
+    old.unrecognized_fields["custom"] = {"modelward": a}
+    new.unrecognized_fields["custom"] = {"modelward": b}
+    for pair in ((_targets(1, old), _targets(2, new)), (_targets(1), _targets(2, new))):
+        _all_printable(summarize("targets", *pair))
