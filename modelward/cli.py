@@ -104,9 +104,15 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def _repo_init(args: argparse.Namespace) -> int:
+    from publisher._expiry import parse_assignments, save_expiry
+
+    lifetimes = parse_assignments(args.expiry or [], "--expiry")
     repo = _repository(args, confirm=True)
+    repo.expiry = repo.expiry.changed(lifetimes)
     root = repo.init(_role_numbers(args.threshold, "--threshold"),
                      _role_numbers(args.keys_per_role, "--keys-per-role"))
+    if lifetimes:
+        save_expiry(args.keys, repo.expiry)
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
     print(f"provision devices with {root}")
     return EXIT_OK
@@ -145,7 +151,24 @@ def _repo_delegate(args: argparse.Namespace) -> int:
 
 
 def _repo_sign(args: argparse.Namespace) -> int:
-    have, need = _repository(args).sign_pending(args.role, args.key)
+    from trust.errors import OperatorInputError
+
+    repo = _repository(args)
+    pending, lines = repo.review_pending(args.role)  # refuses a file edited after signing
+    print(f"pending {pending.path} (sha256 {pending.digest[:16]}), compared with what is "
+          "published:")
+    print("\n".join(lines), flush=True)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise OperatorInputError("not signed: no terminal to confirm on",
+                                     hint="read the summary above, then pass --yes to sign it")
+        try:
+            answer = input(f"sign this {args.role} metadata with {args.key}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise OperatorInputError("not signed: the signer did not confirm")
+    have, need = repo.sign_pending(args.role, args.key, reviewed=pending.digest)
     print(f"{args.role}: {have} of {need} signatures; published")
     return EXIT_OK
 
@@ -190,19 +213,46 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 def _repo_refresh(args: argparse.Namespace) -> int:
 
     repo = _repository(args)
-    done = repo.refresh()
+    done = repo.refresh()  # logs a WARNING for each role inside its expiry window
     print(f"re-signed {', '.join(done)}")
+    return EXIT_OK
+
+
+def _repo_set_expiry(args: argparse.Namespace) -> int:
+    from publisher import Repository
+    from publisher._expiry import TOP_ROLES, format_duration, parse_assignments
+    from trust.errors import OperatorInputError
+
+    lifetimes = parse_assignments(args.lifetimes, "set-expiry")
+    windows = parse_assignments(args.warn or [], "--warn")
+    if not lifetimes and not windows:
+        raise OperatorInputError("repo set-expiry needs ROLE=DURATION or --warn ROLE=DURATION")
+    repo = Repository(args.repo, args.keys, b"unused: set-expiry signs nothing")
+    path = repo.set_expiry(lifetimes, windows)
+    print(f"wrote {path}; metadata signed from now on uses:")
+    for role in TOP_ROLES:
+        print(f"  {role:10} lifetime {format_duration(repo.expiry.lifetime(role)):>8}  "
+              f"warned {format_duration(repo.expiry.window(role))} ahead")
     return EXIT_OK
 
 
 def _repo_status(args: argparse.Namespace) -> int:
     from publisher import Repository
+    from publisher._summary import escape
 
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
+    repo.expiry_warnings()  # the same warnings as log lines
+    if args.json:
+        print(json.dumps([{"role": r.role, "version": r.version,
+                           "expires": r.expires.isoformat(), "threshold": r.threshold,
+                           "signatures": r.signatures, "warning": r.warning,
+                           "warn_within_seconds": int(r.window.total_seconds())}
+                          for r in rows], allow_nan=False, indent=2))
+        return EXIT_OK
     print(f"{'ROLE':10} {'VERSION':>7}  {'EXPIRES':25} {'SIGNED':>7}  WARNING")
-    for r in rows:
-        print(f"{r.role:10} {r.version:>7}  {r.expires.isoformat():25} "
+    for r in rows:  # a delegated role's name is a team's string
+        print(f"{escape(r.role, 64):10} {r.version:>7}  {r.expires.isoformat():25} "
               f"{r.signatures:>3}/{r.threshold:<3}  {r.warning}")
     return EXIT_OK
 
@@ -562,6 +612,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signatures a role needs (default 1; repeatable)")
     r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
                    help="encrypted-file keys made for a role (default 1; repeatable)")
+    r.add_argument("--expiry", action="append", metavar="ROLE=DURATION",
+                   help="metadata lifetime, e.g. timestamp=1d, root=365d (repeatable; "
+                        "kept in KEYS/expiry.json, see `repo set-expiry`)")
     r.set_defaults(func=_repo_init)
     r = rsub.add_parser("delegate", help="give a team its own key for some model paths")
     r.add_argument("name", help="the delegated role (team) name")
@@ -578,6 +631,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--key", required=True, metavar="URI",
                    help="encfile:NAME.pem, hsm:N?label=L, or another securesystemslib URI")
+    r.add_argument("--yes", action="store_true",
+                   help="sign without asking (the change summary is still printed)")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_sign)
@@ -601,9 +656,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_refresh)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
+    r.add_argument("--json", action="store_true", help="one JSON array of the rows")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_status)
+    r = rsub.add_parser("set-expiry", help="change metadata lifetimes and expiry warnings")
+    r.add_argument("lifetimes", nargs="*", metavar="ROLE=DURATION",
+                   help="e.g. timestamp=1d targets=180d (units w, d, h, m, s)")
+    r.add_argument("--warn", action="append", metavar="ROLE=DURATION",
+                   help="warn this long before ROLE expires (defaults: root and targets "
+                        "30d, snapshot 1d, timestamp 6h)")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_set_expiry)
 
     bundle = sub.add_parser("bundle", help="operator: build model bundles")
     bsub = bundle.add_subparsers(dest="cmd", required=True, metavar="ACTION")
