@@ -1,0 +1,71 @@
+"""Device-supplied text made safe for an operator's terminal (issue 14 finding 6).
+
+Everything a device (or anyone with its credentials) controls, a report's strings, a
+topic's device id, an error message, a simulated device's status file, is passed through
+:func:`escape` before an operator tool prints it. A terminal acts on control and format
+characters: ``ESC ] 0 ; ... BEL`` retitles the window, ``ESC [ 8 m`` hides what follows,
+a newline or ``U+2028`` forges a row, ``U+202E`` reverses the text after it, zero-width
+characters make two different ids look alike, and a lone surrogate cannot even be encoded
+(``print`` raises). :func:`escape` replaces each such character with a visible escape, so
+what is printed is printable and on one line, and the same input always prints the same.
+
+Escaped: every character of Unicode category Cc (C0, DEL, C1), Cf (format: bidi controls,
+zero-width, BOM, tags, ...), Cs (surrogates), Co (private use), Cn (unassigned: their
+meaning may change), Zl and Zp (line and paragraph separators), every Zs space other than
+U+0020 (look-alike spacing), and the backslash itself (so an escape in the output always
+came from this function, never from the device). Nothing else is changed.
+
+This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+ELLIPSIS = "..."
+DEFAULT_LIMIT = 200  # characters of one device-supplied value in a table cell
+
+
+def _escape_char(c: str) -> str:
+    if c in _SHORT:
+        return _SHORT[c]
+    if c == " " or unicodedata.category(c) not in _ESCAPED_CATEGORIES:
+        return c
+    n = ord(c)
+    if n <= 0xFF:
+        return f"\\x{n:02x}"
+    if n <= 0xFFFF:
+        return f"\\u{n:04x}"
+    return f"\\U{n:08x}"
+
+
+def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
+    """``text`` (``str()`` of it if it is not a string) with every control and format
+    character escaped, and cut to about ``limit`` characters (pure).
+
+    Args:
+        text: what a device supplied.
+        limit: the most characters of output before the cut (the cut never splits an
+            escape; ``...`` is appended); None for no cut.
+
+    Returns:
+        A string of printable characters only, with no line break.
+    """
+    s = text if isinstance(text, str) else str(text)
+    out: list[str] = []
+    used = 0
+    for c in s:
+        piece = _escape_char(c)
+        if limit is not None and used + len(piece) > limit:
+            out.append(ELLIPSIS)
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def is_clean(text: str) -> bool:
+    """Whether ``text`` would print unchanged by :func:`escape` (without a cut)."""
+    return all(_escape_char(c) == c for c in text)
