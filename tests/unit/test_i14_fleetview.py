@@ -50,12 +50,14 @@ HIDE = "\x1b[8m"
 FORGED_ROW = "\ndev-9  ok  ok  classifier 6.6.6"
 
 
-def good_report(device: str, seq: int = 5, **changes: Any) -> dict[str, Any]:
-    """What ``agent._observe.build_report`` writes for a device on MODEL."""
+def good_report(device: str, seq: int = 5, now: float = NOW, **changes: Any
+                ) -> dict[str, Any]:
+    """What ``agent._observe.build_report`` writes for a device on MODEL, signed at
+    ``now - 10``."""
     status = {"last_error": {"type": "FetchError", "message": "origin down", "at": AT},
               "last_activation": {"ok": True, "detail": "activated"},
               "counters": {"attempts": 3, "installed": 1, "failures": 1}}
-    r = build_report(device, FLEET, None, "active", status, seq=seq, now=NOW - 10,
+    r = build_report(device, FLEET, None, "active", status, seq=seq, now=now - 10,
                      poll_interval=60.0)
     r["active"] = dict(MODEL)
     r.update(changes)
@@ -154,10 +156,10 @@ WIRE_ATTACKS = {"NaN poll interval": _nan, "Infinity counter": _inf_counter,
                 "70 KiB report": _oversize}
 
 
-def hostile_strings_report(device: str, seq: int = 5) -> dict[str, Any]:
+def hostile_strings_report(device: str, seq: int = 5, now: float = NOW) -> dict[str, Any]:
     """A report of the right shape whose strings try to take over the operator's terminal."""
     return good_report(
-        device, seq,
+        device, seq, now,
         state=OSC_RETITLE + "active",
         active={"name": HIDE + "classifier", "version": "1.0.0\u202e0.9",
                 "fingerprint": "sha256:\u200b" + "ab" * 8},
