@@ -492,7 +492,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         print(f"published and announced classifier {version}")
     else:
         fleet = Fleet.load(args.dir)
-        from publisher._display import escape
+        from publisher._display import escape, escape_id
 
         rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
                  "attempts": d.attempts(), "last_error": d.last_error()}
@@ -502,7 +502,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         else:  # active and last error come from the device's disk: escaped
             print(f"{'device':10} {'over':6} {'active':10} {'attempts':>8}  last error")
             for r in rows:
-                print(f"{escape(r['device'], 64):10} {escape(r['transport'], 8):6} "
+                print(f"{escape_id(r['device']):10} {escape_id(r['transport'], 8):6} "
                       f"{escape(r['active'] or '-', 64):10} {r['attempts']:>8}  "
                       f"{escape(r['last_error'] or '-')}")
     return EXIT_OK

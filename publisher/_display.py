@@ -66,6 +66,30 @@ def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
     return "".join(out)
 
 
+def _ascii_char(c: str) -> str:
+    n = ord(c)
+    if n < 0x7F:
+        return c
+    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+
+def escape_id(text: object, limit: int | None = 64) -> str:
+    """:func:`escape`, and every non-ASCII character escaped too (pure): for identifiers
+    (device ids named by a topic), where ``dеv-1`` with a Cyrillic ``е`` must not look
+    like ``dev-1``. Enrolled ids are ASCII (``check_id``) and print unchanged."""
+    s = text if isinstance(text, str) else str(text)
+    out: list[str] = []
+    used = 0
+    for c in s:
+        piece = "".join(_ascii_char(e) for e in _escape_char(c))
+        if limit is not None and used + len(piece) > limit:
+            out.append(ELLIPSIS)
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
 def is_clean(text: str) -> bool:
     """Whether ``text`` would print unchanged by :func:`escape` (without a cut)."""
     return all(_escape_char(c) == c for c in text)

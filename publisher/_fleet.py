@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from publisher._broker_config import check_id
-from publisher._display import escape
+from publisher._display import escape, escape_id
 from publisher._report_schema import ReportSchemaError, check_report
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
@@ -381,7 +381,7 @@ def format_table(rows: list[DeviceRow]) -> str:
         if r.flags and REJECTED not in r.flags:
             freshness += f": {escape(r.problem)}"
         lines.append((
-            escape(r.device_id, 64),
+            escape_id(r.device_id),
             signature,
             freshness,
             model(rep.get("active")),

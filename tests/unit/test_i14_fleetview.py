@@ -420,3 +420,70 @@ def test_any_signed_shape_is_ok_or_one_rejected_row_never_an_exception(
     assert row.verified or row.flags == (REJECTED,)
     _assert_table_safe(format_table([row]), ["evil"])
     _strict_loads(rows_json([row]))
+
+
+# -- attacks tried on the change -----------------------------------------------------------
+
+def test_broker_named_look_alike_device_id_is_told_apart(tmp_path: Path) -> None:
+    """The broker (not a device: the ACL keeps each to its own topic) names a look-alike
+    ``dеv-1`` (Cyrillic ``е``) with a zero-width joiner: its row does not look like
+    ``dev-1``'s."""
+    fd, keys = _registry(tmp_path, ["dev-1"])
+    fake = "d\u0435v-1\u200d"
+    rows = judge_fleet({"dev-1": sign_report(good_report("dev-1"), keys["dev-1"]),
+                        fake: sign_report(good_report(fake), keys["dev-1"])},
+                       fd, FLEET, NOW, 3600.0)
+    lines = format_table(rows).split("\n")
+    assert lines[1].startswith("dev-1 ") and lines[2].startswith("d\\u0435v-1\\u200d ")
+    assert "not enrolled" in lines[2] and all(c < "\x7f" for c in lines[2].split(" ")[0])
+    _assert_safe(lines[2])
+
+
+def test_a_hostile_unknown_field_name_is_escaped_in_the_reason(tmp_path: Path) -> None:
+    fd, keys = _registry(tmp_path, ["evil"])
+    rows = judge_fleet({"evil": sign_report(
+        good_report("evil", counters={OSC_RETITLE + "\n" * 50: 1}), keys["evil"])},
+        fd, FLEET, NOW, 3600.0)
+    assert rows[0].status == REJECTED and "\\x1b]0;pwned\\x07\\n" in rows[0].problem
+    _assert_table_safe(format_table(rows), ["evil"])
+
+
+def test_a_64_kib_wall_of_bidi_and_escapes_is_cut_quickly(tmp_path: Path) -> None:
+    import time
+
+    fd, keys = _registry(tmp_path, ["evil"])
+    wall = "\u202e\x1b[8m" * 5000
+    report = good_report("evil", state=wall[:256], last_error={"type": wall[:256],
+                                                                "message": wall[:4096]})
+    t = time.monotonic()
+    rows = judge_fleet({"evil": sign_report(report, keys["evil"])}, fd, FLEET, NOW, 3600.0)
+    table = format_table(rows)
+    assert time.monotonic() - t < 1.0
+    assert max(len(line) for line in table.split("\n")) < 1000
+    _assert_table_safe(table, ["evil"])
+
+
+def test_sim_fleet_status_escapes_what_a_device_disk_holds(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelward.cli import main
+
+    dev = tmp_path / "dev-1"
+    (dev / "state" / "current").mkdir(parents=True)
+    (dev / "state" / "status.json").write_text(json.dumps(
+        {"last_error": {"type": "E" + FORGED_ROW + OSC_RETITLE, "message": None, "at": None},
+         "counters": {"attempts": 2}}))
+    (dev / "state" / "current" / "manifest.json").write_text(json.dumps(
+        {"version": HIDE + "9.9.9\u202e"}))
+    (tmp_path / "passphrase").write_text("x\n")
+    (tmp_path / "fleet.json").write_text(json.dumps(
+        {"devices": [{"id": "dev-1", "dir": str(dev), "transport": "mqtt", "tpm_port": 0}],
+         "origin_port": 1, "broker_port": 2}))
+    assert main(["sim", "fleet", "status", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = out.rstrip("\n").split("\n")
+    assert len(lines) == 2 and lines[1].startswith("dev-1 ")
+    _assert_safe(lines[1])
+    assert "\\x1b[8m9.9.9\\u202e" in lines[1] and "\\x1b]0;pwned\\x07" in lines[1]
+    assert main(["sim", "fleet", "status", "--dir", str(tmp_path), "--json"]) == 0
+    doc = _strict_loads(capsys.readouterr().out)
+    assert doc[0]["active"] == HIDE + "9.9.9\u202e"
