@@ -12,8 +12,10 @@ what is printed is printable and on one line, and the same input always prints t
 Escaped: every character of Unicode category Cc (C0, DEL, C1), Cf (format: bidi controls,
 zero-width, BOM, tags, ...), Cs (surrogates), Co (private use), Cn (unassigned: their
 meaning may change), Zl and Zp (line and paragraph separators), every Zs space other than
-U+0020 (look-alike spacing), and the backslash itself (so an escape in the output always
-came from this function, never from the device). Nothing else is changed.
+U+0020 (look-alike spacing), every combining mark after the first
+:data:`MAX_COMBINING` on one character ("Zalgo" text stacks marks until they cover the rows
+above and below), and the backslash itself (so an escape in the output always came from
+this function, never from the device). Nothing else is changed.
 
 This module imports nothing of the project.
 """
@@ -21,11 +23,31 @@ This module imports nothing of the project.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Iterator
 
 _ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_COMBINING = frozenset({"Mn", "Me"})
+MAX_COMBINING = 2  # combining marks kept on one character ("e\u0301" stays as it is)
 ELLIPSIS = "..."
 DEFAULT_LIMIT = 200  # characters of one device-supplied value in a table cell
+
+
+def _hex(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+
+def _pieces(s: str) -> Iterator[str]:
+    """``s`` escaped, one piece per character (lazily: a cut stops the scan)."""
+    marks = 0
+    for c in s:
+        if unicodedata.category(c) in _COMBINING:
+            marks += 1
+            yield c if marks <= MAX_COMBINING else _hex(c)
+        else:
+            marks = 0
+            yield _escape_char(c)
 
 
 def _escape_char(c: str) -> str:
@@ -33,12 +55,7 @@ def _escape_char(c: str) -> str:
         return _SHORT[c]
     if c == " " or unicodedata.category(c) not in _ESCAPED_CATEGORIES:
         return c
-    n = ord(c)
-    if n <= 0xFF:
-        return f"\\x{n:02x}"
-    if n <= 0xFFFF:
-        return f"\\u{n:04x}"
-    return f"\\U{n:08x}"
+    return _hex(c)
 
 
 def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
@@ -56,8 +73,7 @@ def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
     s = text if isinstance(text, str) else str(text)
     out: list[str] = []
     used = 0
-    for c in s:
-        piece = _escape_char(c)
+    for piece in _pieces(s):
         if limit is not None and used + len(piece) > limit:
             out.append(ELLIPSIS)
             break
@@ -67,10 +83,7 @@ def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
 
 
 def _ascii_char(c: str) -> str:
-    n = ord(c)
-    if n < 0x7F:
-        return c
-    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+    return c if ord(c) < 0x7F else _hex(c)
 
 
 def escape_id(text: object, limit: int | None = 64) -> str:
@@ -80,8 +93,8 @@ def escape_id(text: object, limit: int | None = 64) -> str:
     s = text if isinstance(text, str) else str(text)
     out: list[str] = []
     used = 0
-    for c in s:
-        piece = "".join(_ascii_char(e) for e in _escape_char(c))
+    for p in _pieces(s):
+        piece = "".join(_ascii_char(e) for e in p)
         if limit is not None and used + len(piece) > limit:
             out.append(ELLIPSIS)
             break
@@ -92,4 +105,4 @@ def escape_id(text: object, limit: int | None = 64) -> str:
 
 def is_clean(text: str) -> bool:
     """Whether ``text`` would print unchanged by :func:`escape` (without a cut)."""
-    return all(_escape_char(c) == c for c in text)
+    return all(p == c for p, c in zip(_pieces(text), text, strict=True))

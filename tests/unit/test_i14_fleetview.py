@@ -175,6 +175,7 @@ _UNSAFE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 def _assert_safe(s: str) -> None:
     assert all(unicodedata.category(c) not in _UNSAFE for c in s), ascii(s)
+    assert not re.search("[\u0300-\u036f\u0488\u0489]{3}", s), ascii(s)  # no mark stacks
     assert all(c == " " or unicodedata.category(c) != "Zs" for c in s), ascii(s)
     assert "\n" not in s and "\r" not in s and "\x1b" not in s
     s.encode("utf-8")  # strict: a lone surrogate would raise here (and in print)
@@ -215,6 +216,15 @@ def test_every_control_and_format_character_is_escaped(bad: str) -> None:
                                   "emoji 🙂", "a b", "x=1;y=[2]", "", "e\u0301"])
 def test_printable_text_is_unchanged(text: str) -> None:
     assert escape(text, None) == text and is_clean(text)
+
+
+def test_stacked_combining_marks_are_escaped_after_two() -> None:
+    zalgo = "e" + "\u0301\u0316\u0489" * 30  # acute, grave below, enclosing millions sign
+    out = escape(zalgo, None)
+    assert out.startswith("e\u0301\u0316\\u0489\\u0301")
+    assert sum(unicodedata.category(c) in {"Mn", "Me"} for c in out) == 2
+    assert _unescape(out) == zalgo
+    assert escape("a\u0301b\u0301\u0302c", None) == "a\u0301b\u0301\u0302c"  # kept
 
 
 def test_backslash_is_escaped_so_an_escape_always_came_from_escape() -> None:
