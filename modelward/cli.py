@@ -329,6 +329,8 @@ def _fleet_status(args: argparse.Namespace) -> int:
 
     if not args.poll_interval > 0:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
+    if not 0 <= args.wait <= 3600:  # also NaN
+        raise OperatorInputError(f"--wait must be 0 to 3600 seconds, not {args.wait}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
     if args.json:

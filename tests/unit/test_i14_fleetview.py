@@ -497,3 +497,15 @@ def test_sim_fleet_status_escapes_what_a_device_disk_holds(
     assert main(["sim", "fleet", "status", "--dir", str(tmp_path), "--json"]) == 0
     doc = _strict_loads(capsys.readouterr().out)
     assert doc[0]["active"] == HIDE + "9.9.9\u202e"
+
+
+@pytest.mark.parametrize("wait", ["nan", "-1", "inf", "1e9"])
+def test_cli_refuses_a_wait_that_is_not_a_sane_number_of_seconds(
+        tmp_path: Path, wait: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from modelward.cli import main
+
+    code = main(["fleet", "status", "--fleet-dir", str(tmp_path), "--wait", wait,
+                 "--broker", "mqtts://127.0.0.1:1", "--fleet", FLEET, "--username", "u",
+                 "--password-file", "/dev/null"])
+    err = capsys.readouterr().err
+    assert code != 0 and "--wait must be 0 to 3600 seconds" in err and "Traceback" not in err
