@@ -374,16 +374,17 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
+    from publisher._fleet import rows_json
     from trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
+    if not 0 <= args.wait <= 3600:  # also NaN
+        raise OperatorInputError(f"--wait must be 0 to 3600 seconds, not {args.wait}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
     if args.json:
-        print(json.dumps([{"device": r.device_id, "status": r.status, "flags": list(r.flags),
-                           "verified": r.verified, "problem": r.problem, "report": r.report}
-                          for r in rows], allow_nan=False))
+        print(rows_json(rows))  # strict JSON; the table escapes every device string
     else:
         print(format_table(rows) if rows else "no enrolled devices and no status reports")
     return EXIT_OK
@@ -544,16 +545,19 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         print(f"published and announced classifier {version}")
     else:
         fleet = Fleet.load(args.dir)
+        from publisher._display import escape, escape_id
+
         rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
                  "attempts": d.attempts(), "last_error": d.last_error()}
                 for d in fleet.devices]
         if args.json:
-            print(json.dumps(rows, indent=1))
-        else:
+            print(json.dumps(rows, indent=1, allow_nan=False))
+        else:  # active and last error come from the device's disk: escaped
             print(f"{'device':10} {'over':6} {'active':10} {'attempts':>8}  last error")
             for r in rows:
-                print(f"{r['device']:10} {r['transport']:6} {r['active'] or '-':10} "
-                      f"{r['attempts']:>8}  {r['last_error'] or '-'}")
+                print(f"{escape_id(r['device']):10} {escape_id(r['transport'], 8):6} "
+                      f"{escape(r['active'] or '-', 64):10} {r['attempts']:>8}  "
+                      f"{escape(r['last_error'] or '-')}")
     return EXIT_OK
 
 
