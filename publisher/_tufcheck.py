@@ -5,23 +5,27 @@ Before the repository writes a file clients fetch (a new ``N.root.json``, or
 would-be published state is verified with python-tuf's own ``TrustedMetadataSet``, as a
 fresh device provisioned with ``1.root.json`` would: the root chain (each step meeting the
 previous and its own threshold), then timestamp, snapshot (length, hashes), targets
-(length, hashes) and every delegated role the snapshot lists, all signatures, versions
-and expiry (at the repository's clock). Versions are also compared with what is published
-now, as a device that already holds it would.
+(length, hashes), all signatures, versions and expiry (at the repository's clock).
+Versions are also compared with what is published now, as a device that already holds it
+would. Delegated roles a client would reject are logged (a client loads one only when its
+search reaches it; a broken team role costs only its own paths).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 
 from tuf.api import exceptions
-from tuf.api.metadata import Metadata, Targets
+from tuf.api.metadata import Metadata, Snapshot, Targets
 from tuf.api.serialization import DeserializationError
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
 from publisher.errors import RepositoryStateError
+
+logger = logging.getLogger(__name__)
 
 Reader = Callable[[str], bytes | None]  # file name in metadata/ -> bytes (None: absent)
 
@@ -85,25 +89,37 @@ def check_state(read: Reader, now: datetime, published: Reader | None = None) ->
         snap = tms.update_snapshot(_need(read, name))
         name = f"{snap.meta['targets.json'].version}.targets.json"
         tms.update_targets(_need(read, name))
-        queue: list[tuple[str, Targets]] = [("targets", tms.targets)]
-        seen = {"targets"}
-        while queue:
-            parent, t = queue.pop(0)
-            if t.delegations is None or t.delegations.roles is None:
-                continue
-            for role in t.delegations.roles:
-                meta = snap.meta.get(f"{role}.json")
-                if role in seen or meta is None:
-                    continue
-                seen.add(role)
-                name = f"{meta.version}.{role}.json"
-                queue.append((role, tms.update_delegated_targets(_need(read, name), role,
-                                                                 parent)))
     except (exceptions.RepositoryError, DeserializationError, KeyError) as e:
         raise StockClientWouldRejectError(name, f"{type(e).__name__}: {e}") from e
+    _warn_delegated(read, tms, snap)
     if published is not None:
         _no_rollback(published, ts.version, ts.snapshot_meta.version,
                      {k: m.version for k, m in snap.meta.items()})
+
+
+def _warn_delegated(read: Reader, tms: TrustedMetadataSet, snap: Snapshot) -> None:
+    """Delegated roles a client would reject, logged: a client loads one only when its
+    search reaches it, and a broken team role costs only the paths it speaks for (an
+    operator re-keying a team leaves the team's file unusable until the team re-signs)."""
+    queue: list[tuple[str, Targets]] = [("targets", tms.targets)]
+    seen = {"targets"}
+    while queue:
+        parent, t = queue.pop(0)
+        if t.delegations is None or t.delegations.roles is None:
+            continue
+        for role in t.delegations.roles:
+            meta = snap.meta.get(f"{role}.json")
+            if role in seen or meta is None:
+                continue
+            seen.add(role)
+            name = f"{meta.version}.{role}.json"
+            try:
+                queue.append((role, tms.update_delegated_targets(_need(read, name), role,
+                                                                 parent)))
+            except (exceptions.RepositoryError, DeserializationError,
+                    StockClientWouldRejectError) as e:
+                logger.warning("delegated role %s (%s): clients will not use it: %s", role,
+                               name, e)
 
 
 def _no_rollback(published: Reader, ts_version: int, snap_version: int,
