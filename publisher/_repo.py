@@ -442,6 +442,24 @@ class Repository:
         logger.info("root v%d published%s", new.version,
                     f"; re-signed {', '.join(plan)}" if plan else "")
 
+    def complete_root_change(self) -> bool:
+        """Finish a root change that was published but not completed (a crash between
+        writing ``N.root.json`` and re-signing what it re-keys); returns whether there
+        was one. Run before every root change; idempotent.
+        """
+        version = self.latest_root_version()
+        if version < 2:
+            return False
+        new = self._trusted_root()
+        plan = self._resign_plan(new)
+        if not plan:
+            return False
+        previous: Root = self._load(f"{version - 1}.root.json").signed
+        logger.warning("root v%d was published but %s not re-signed: completing it", version,
+                       ", ".join(plan))
+        self._finish_root_change(previous, new, plan)
+        return True
+
     def _refuse_if_root_pending(self, version: int) -> None:
         path = self.pending_dir / f"{version}.root.json"
         if path.exists():
@@ -503,6 +521,7 @@ class Repository:
         """
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        self.complete_root_change()
         version = self.latest_root_version()
         self._refuse_if_root_pending(version + 1)
         root = self._trusted_root()
@@ -948,6 +967,7 @@ class Repository:
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         now = self._clock()
+        self.complete_root_change()
         version = self.latest_root_version()
         root = self._trusted_root()
         if len(root.roles[role].keyids) != 1:

@@ -278,3 +278,36 @@ def test_stock_client_rejects_what_the_gate_rejects(tmp_path: Path) -> None:
     shutil.copy(repo.pending_dir / "2.root.json", repo.metadata_dir / "2.root.json")
     with pytest.raises(RepositoryError, match="signed by 1/2"):
         stock_refresh(repo.repo)
+
+
+def test_crash_after_root_publish_is_completed_by_the_next_change(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = _repo(tmp_path, root_threshold=1)
+
+    def crash(*_a: object) -> None:
+        raise KeyboardInterrupt  # the power goes after N.root.json is written
+
+    monkeypatch.setattr(Repository, "_finish_root_change", crash)
+    with pytest.raises(KeyboardInterrupt):
+        repo.rotate("targets")
+    monkeypatch.undo()
+    with pytest.raises(RepositoryError, match="targets was signed by 0/1"):
+        stock_refresh(repo.repo)  # devices are stuck until the change completes
+    with pytest.raises(StockClientWouldRejectError):  # and nothing builds on the gap
+        repo.refresh()
+    assert repo.rotate("snapshot") == 3  # the next root change completes it first
+    assert stock_refresh(repo.repo) == 3
+    assert repo.complete_root_change() is False
+
+
+def test_a_root_dropped_into_metadata_blocks_every_write(tmp_path: Path) -> None:
+    """A disk attacker (or a copy by hand) puts a half-signed root where clients look:
+    the gate names it on the next write, and nothing is built on it."""
+    repo = _repo(tmp_path)
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    shutil.copy(repo.pending_dir / "2.root.json", repo.metadata_dir / "2.root.json")
+    ts = (repo.metadata_dir / "timestamp.json").read_bytes()
+    with pytest.raises(StockClientWouldRejectError, match=r"2\.root\.json.*signed by 1/2"):
+        repo.refresh()
+    assert (repo.metadata_dir / "timestamp.json").read_bytes() == ts
