@@ -311,3 +311,31 @@ def test_a_root_dropped_into_metadata_blocks_every_write(tmp_path: Path) -> None
     with pytest.raises(StockClientWouldRejectError, match=r"2\.root\.json.*signed by 1/2"):
         repo.refresh()
     assert (repo.metadata_dir / "timestamp.json").read_bytes() == ts
+
+
+def test_a_team_key_cannot_stand_in_for_a_root_key(tmp_path: Path) -> None:
+    """One team key: its holder tries to supply the missing root signature."""
+    repo = _repo(tmp_path)
+    repo.delegate("cls-team", ["classifier/*"])
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    for uri in ("encfile:delegated-cls-team.pem", "encfile:snapshot.pem"):
+        with pytest.raises(RepositoryStateError, match="is not a root key"):
+            repo.sign_pending("root", uri)
+    from publisher.errors import KeyError_
+
+    with pytest.raises(KeyError_, match="no key with URI"):
+        repo.sign_pending("root", "encfile:../elsewhere.pem")
+    assert repo.latest_root_version() == 1
+    assert stock_refresh(repo.repo) == 1
+
+
+def test_careless_operator_cannot_stack_root_changes(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    pending = (repo.pending_dir / "2.root.json").read_bytes()
+    with pytest.raises(RepositoryStateError, match="already waiting"):
+        repo.rotate("snapshot")
+    assert (repo.pending_dir / "2.root.json").read_bytes() == pending  # kept as it was
+    assert len(list((repo.keys / "rotating").glob("snapshot-*.pem"))) == 0
