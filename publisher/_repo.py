@@ -352,6 +352,12 @@ class Repository:
         (:mod:`publisher._tufcheck`).
         """
         name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        if version is not None and (self.metadata_dir / name).exists():
+            raise RepositoryStateError(
+                f"{name} is published already: a published version is never rewritten "
+                "(devices may hold it)",
+                hint=f"the pending {role} metadata is stale; delete it from "
+                     f"{self.pending_dir} and redo the change")
         if role == "root":
             self._publish_root(md, name)
             return

@@ -185,7 +185,7 @@ def test_stale_pending_root_cannot_be_replayed(tmp_path: Path) -> None:
     (repo.pending_dir / "3.root.json").unlink()
     (repo.pending_dir / "2.root.json").write_bytes(stale)  # the old, half-signed v2 back
     before = tree_digest(repo.metadata_dir)
-    with pytest.raises(RepositoryStateError, match="cannot follow the published root v2"):
+    with pytest.raises(RepositoryStateError, match="2.root.json is published already"):
         repo.sign_pending("root", "encfile:root-2.pem")
     assert tree_digest(repo.metadata_dir) == before
 
@@ -339,3 +339,19 @@ def test_careless_operator_cannot_stack_root_changes(tmp_path: Path) -> None:
         repo.rotate("snapshot")
     assert (repo.pending_dir / "2.root.json").read_bytes() == pending  # kept as it was
     assert len(list((repo.keys / "rotating").glob("snapshot-*.pem"))) == 0
+
+
+def test_a_published_version_is_never_rewritten(tmp_path: Path) -> None:
+    """A stale pending file of an already published version (here: a root, signed again)
+    cannot overwrite what devices may hold."""
+    repo = _repo(tmp_path)
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    stale = (repo.pending_dir / "2.root.json").read_bytes()
+    repo.sign_pending("root", "encfile:root-2.pem")
+    published = (repo.metadata_dir / "2.root.json").read_bytes()
+    md = Metadata.from_bytes(stale)
+    md.sign(load_signer_at(repo.keys / "root-2.pem", PW), append=True)
+    with pytest.raises(RepositoryStateError, match="published already"):
+        repo._publish_or_park(md, "root", 2, md.signed)  # noqa: SLF001
+    assert (repo.metadata_dir / "2.root.json").read_bytes() == published
