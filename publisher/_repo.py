@@ -352,7 +352,7 @@ class Repository:
         (:mod:`publisher._tufcheck`).
         """
         name = f"{role}.json" if version is None else f"{version}.{role}.json"
-        if version is not None and (self.metadata_dir / name).exists():
+        if version is not None and self._is_published(role, version):
             raise RepositoryStateError(
                 f"{name} is published already: a published version is never rewritten "
                 "(devices may hold it)",
@@ -370,6 +370,21 @@ class Repository:
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
         write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / name).unlink(missing_ok=True)
+
+    def _is_published(self, role: str, version: int) -> bool:
+        """Whether clients may hold ``<version>.<role>.json``: a root on disk (clients probe
+        for the next one), a snapshot or targets version up to the one referenced now (a
+        higher one on disk is an orphan of a refused write, which may be replaced)."""
+        if role == "root":
+            return (self.metadata_dir / f"{version}.root.json").exists()
+        if role not in ("snapshot", "targets"):
+            return False
+        try:
+            _, snap, ts = self.current()
+        except RepositoryStateError:
+            return False
+        return version <= (ts.snapshot_meta.version if role == "snapshot" else
+                           snap.meta["targets.json"].version)
 
     def _publish_root(self, md: Metadata[Root], name: str) -> None:
         new = md.signed

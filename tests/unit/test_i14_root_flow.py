@@ -355,3 +355,21 @@ def test_a_published_version_is_never_rewritten(tmp_path: Path) -> None:
     with pytest.raises(RepositoryStateError, match="published already"):
         repo._publish_or_park(md, "root", 2, md.signed)  # noqa: SLF001
     assert (repo.metadata_dir / "2.root.json").read_bytes() == published
+
+
+def test_a_refused_publish_leaves_nothing_that_blocks_the_next(tmp_path: Path) -> None:
+    """The gate refuses the timestamp; the unreferenced targets/snapshot it leaves are
+    replaced by the next good write, never served."""
+    repo = _repo(tmp_path, root_threshold=1)
+    repo.rotate("targets")
+    retired = next((repo.keys / "retired").glob("targets-*.pem"))
+    targets, _, _ = repo.current()
+    targets.version += 1
+    evil = Metadata(targets)
+    evil.sign(load_signer_at(retired, PW))
+    (repo.metadata_dir / f"{targets.version}.targets.json").write_bytes(evil.to_bytes())
+    with pytest.raises(StockClientWouldRejectError):
+        repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
+    repo.publish(_bundle(tmp_path, "1.0.0", 1))
+    assert stock_refresh(repo.repo) == 2
+    assert repo.current()[0].version == targets.version
