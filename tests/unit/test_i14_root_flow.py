@@ -373,3 +373,15 @@ def test_a_refused_publish_leaves_nothing_that_blocks_the_next(tmp_path: Path) -
     repo.publish(_bundle(tmp_path, "1.0.0", 1))
     assert stock_refresh(repo.repo) == 2
     assert repo.current()[0].version == targets.version
+
+
+def test_the_same_root_key_twice_counts_once(tmp_path: Path) -> None:
+    """A careless operator (or one holder of one root key) signs the parked root again."""
+    repo = _repo(tmp_path)
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    for _ in range(2):
+        with pytest.raises(RootNotPublishableError) as e:
+            repo.sign_pending("root", "encfile:root.pem")
+        assert [g.have for g in e.value.gaps] == [1, 1]
+    assert repo.latest_root_version() == 1
