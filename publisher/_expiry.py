@@ -24,10 +24,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from publisher.errors import OperatorInputError, RepositoryStateError
 from trust import write_atomic
+from trust._bounded import loads_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -128,16 +128,10 @@ class Expiry:
         Raises:
             RepositoryStateError: naming ``where`` and what is wrong.
         """
-        if len(data) > MAX_FILE:
-            raise RepositoryStateError(f"{where} is {len(data)} bytes, more than {MAX_FILE}")
-
-        def no_constant(c: str) -> Any:
-            raise ValueError(f"{c} is not JSON")
-
         try:
-            doc = json.loads(data, parse_constant=no_constant)
-        except (ValueError, RecursionError) as e:
-            raise RepositoryStateError(f"{where} is not JSON: {e}",
+            doc = loads_bounded(data, max_bytes=MAX_FILE, max_depth=3, what=where)
+        except ValueError as e:
+            raise RepositoryStateError(f"{where} is not usable: {e}",
                                        hint="fix or remove it, or use `repo set-expiry`") from e
         if not isinstance(doc, dict) or not set(doc) <= {"lifetimes", "warn_within"}:
             raise RepositoryStateError(f"{where}: expected an object with lifetimes and "

@@ -48,12 +48,19 @@ from publisher._keys import (
     SignerRegistry,
     generate_key_at,
     is_inside,
-    key_path,
     load_signer,
     load_signer_at,
 )
+from publisher._rootflow import (
+    RootNotPublishableError,
+    default_uri,
+    entries_keyid,
+    retire_key_files,
+    root_gaps,
+)
 from publisher._summary import Pending, PendingReviewError, check_pending, summarize
-from publisher.errors import RepositoryStateError
+from publisher._tufcheck import check_root_chain, check_state
+from publisher.errors import KeyError_, RepositoryStateError
 from trust import slot_fingerprint, write_atomic
 from updater import SemVer, extract_bundle
 from updater._search import TOP, Found, find_releases, preorder_walk
@@ -288,45 +295,209 @@ class Repository:
     def _write(self, md: Metadata, role: str, version: int | None) -> None:  # type: ignore[type-arg]
         """Sign ``md`` for ``role`` and publish it, or park it until the threshold is met.
 
+        For root, the previous root's root keys may sign too (TUF needs both thresholds).
+
         Raises:
             ThresholdNotMetError: fewer signatures than the role's threshold; the metadata
                 waits in ``KEYS/pending/`` for `repo sign`.
+            RootNotPublishableError: a root short of either threshold (parked likewise).
         """
         root = md.signed if role == "root" else self._trusted_root()
+        keys = self._role_keys(role, root)
         entries = self.signers.entries()
-        default = f"{ENCFILE}:{role}.pem"
+        by_uri = {u: k for k, u in entries.items()}
         # Explicit URIs count for the role they belong to; otherwise the role's default
-        # key (its first encrypted file, made at init) signs.
-        mine = [u for u in (self._sign_with or [])
-                if (k := next((k for k, v in entries.items() if v == u), None)) is not None
-                and k in root.roles[role].keyids]
-        for uri in mine or [default]:
-            keyid = next((k for k, u in entries.items() if u == uri), None)
+        # key (its first encrypted file, made at init, as the published root lists it).
+        mine = [u for u in (self._sign_with or []) if by_uri.get(u) in keys]
+        for uri in mine or [default_uri(role, keys, entries)]:
+            keyid = by_uri.get(uri)
             if keyid is None:
                 md.sign(self._signer(role), append=True)  # a repository from before
                 continue
-            md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+            md.sign(self.signers.signer(uri, keys[keyid], role), append=True)
         self._publish_or_park(md, role, version, root)
+
+    def _role_keys(self, role: str, root: Root) -> dict[str, Key]:
+        """keyid -> key of the keys that may sign ``role`` metadata under ``root``; for a
+        new root also the published root's root keys."""
+        keys = {k: root.get_key(k) for k in root.roles[role].keyids}
+        if role == "root" and root.version > 1:
+            previous = self._trusted_root()
+            keys.update({k: previous.get_key(k) for k in previous.roles[role].keyids
+                         if k not in keys})
+        return keys
+
+    def _reader(self, name: str, data: bytes) -> Callable[[str], bytes | None]:
+        """metadata/ as it would be with ``data`` written as ``name``."""
+        def read(n: str) -> bytes | None:
+            if n == name:
+                return data
+            try:
+                return (self.metadata_dir / n).read_bytes()
+            except FileNotFoundError:
+                return None
+        return read
+
+    def _park(self, md: Metadata, name: str) -> Path:  # type: ignore[type-arg]
+        self.pending_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.pending_dir / name
+        write_atomic(path, md.to_bytes(_serializer()))
+        return path
 
     def _publish_or_park(self, md: Metadata, role: str, version: int | None,  # type: ignore[type-arg]
                          root: Root) -> None:
+        """Publish ``md`` if devices would accept it; park it if it lacks signatures.
+
+        Root N+1 needs root N's threshold and its own (:func:`root_gaps`); every write
+        clients fetch (a root, ``timestamp.json``) first passes the stock-client gate
+        (:mod:`publisher._tufcheck`).
+        """
         name = f"{role}.json" if version is None else f"{version}.{role}.json"
+        if version is not None and self._is_published(role, version):
+            raise RepositoryStateError(
+                f"{name} is published already: a published version is never rewritten "
+                "(devices may hold it)",
+                hint=f"the pending {role} metadata is stale; delete it from "
+                     f"{self.pending_dir} and redo the change")
+        if role == "root":
+            self._publish_root(md, name)
+            return
         have = _valid_signatures(md, role, root)
         need = root.roles[role].threshold
         if have < need:
-            self.pending_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-            path = self.pending_dir / name
-            write_atomic(path, md.to_bytes(_serializer()))
-            raise ThresholdNotMetError(role, have, need, path)
-        write_atomic(self.metadata_dir / name, md.to_bytes(_serializer()))
+            raise ThresholdNotMetError(role, have, need, self._park(md, name))
+        data = md.to_bytes(_serializer())
+        if name == "timestamp.json":
+            check_state(self._reader(name, data), self._clock(), self._reader("", b""))
+        write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / name).unlink(missing_ok=True)
+
+    def _is_published(self, role: str, version: int) -> bool:
+        """Whether clients may hold ``<version>.<role>.json``: a root on disk (clients probe
+        for the next one), a snapshot or targets version up to the one referenced now (a
+        higher one on disk is an orphan of a refused write, which may be replaced)."""
+        if role == "root":
+            return (self.metadata_dir / f"{version}.root.json").exists()
+        if role not in ("snapshot", "targets"):
+            return False
+        try:
+            _, snap, ts = self.current()
+        except RepositoryStateError:
+            return False
+        return version <= (ts.snapshot_meta.version if role == "snapshot" else
+                           snap.meta["targets.json"].version)
+
+    def _publish_root(self, md: Metadata[Root], name: str) -> None:
+        new = md.signed
+        previous = self._trusted_root() if new.version > 1 else None
+        gaps = root_gaps(previous, md)
+        if gaps:
+            raise RootNotPublishableError(new.version, gaps, self.signers.entries(),
+                                          self._park(md, name))
+        data = md.to_bytes(_serializer())
+        check_root_chain(self._reader(name, data), self._clock())
+        plan = {} if previous is None else self._resign_plan(new)
+        if any(len(uris) < new.roles[r].threshold for r, uris in plan.items()):
+            path = self._park(md, name)
+            short = "; ".join(f"{r} needs {new.roles[r].threshold} of its new keys, "
+                              f"{len(u)} can sign here" for r, u in plan.items()
+                              if len(u) < new.roles[r].threshold)
+            raise RepositoryStateError(
+                f"root v{new.version} is signed, but the metadata it re-keys cannot be "
+                f"re-signed here: {short}; the root waits in {path}",
+                hint="make those keys usable (passphrase, HSM PIN, envvar), then "
+                     "`modelward repo sign root --key URI` publishes it")
+        write_atomic(self.metadata_dir / name, data)
+        (self.pending_dir / name).unlink(missing_ok=True)
+        if previous is not None:
+            self._finish_root_change(previous, new, plan)
+
+    def _resign_plan(self, new: Root) -> dict[str, list[str]]:
+        """Roles whose published metadata root ``new`` no longer accepts, each with the
+        URIs of its new keys that can sign here (only as many as its threshold)."""
+        targets, snap, ts = self.current()
+        published = {"targets": f"{targets.version}.targets.json",
+                     "snapshot": f"{snap.version}.snapshot.json", "timestamp": "timestamp.json"}
+        entries = self.signers.entries()
+        plan: dict[str, list[str]] = {}
+        for role, filename in published.items():
+            md = self._load(filename)
+            if _valid_signatures(md, role, new) >= new.roles[role].threshold:
+                continue
+            keys = {k: new.get_key(k) for k in new.roles[role].keyids}
+            first = default_uri(role, keys, entries)
+            uris = [first] + sorted(entries[k] for k in keys
+                                    if k in entries and entries[k] != first)
+            usable: list[str] = []
+            for uri in uris:
+                if len(usable) >= new.roles[role].threshold:
+                    break
+                keyid = entries_keyid(entries, uri)
+                if keyid is None or keyid not in keys:
+                    continue
+                try:
+                    self.signers.signer(uri, keys[keyid], role)
+                except KeyError_ as e:
+                    logger.warning("%s key %s cannot sign here: %s", role, uri, e)
+                    continue
+                usable.append(uri)
+            plan[role] = usable
+        return plan
+
+    def _finish_root_change(self, previous: Root, new: Root,
+                            plan: dict[str, list[str]]) -> None:
+        """After root ``new`` is published: file the keys it retired, then re-sign what it
+        re-keyed (targets: a new version; snapshot and timestamp follow)."""
+        retire_key_files(self.keys, self.signers, previous, new)
+        saved = self._sign_with
+        try:
+            if "targets" in plan:
+                targets, _, _ = self.current()
+                self._sign_with = plan["targets"]
+                self._commit_targets(targets)
+            elif plan:
+                targets, _, _ = self.current()
+                self._sign_with = None
+                self._snapshot_and_timestamp(targets.version)
+        finally:
+            self._sign_with = saved
+        logger.info("root v%d published%s", new.version,
+                    f"; re-signed {', '.join(plan)}" if plan else "")
+
+    def complete_root_change(self) -> bool:
+        """Finish a root change that was published but not completed (a crash between
+        writing ``N.root.json`` and re-signing what it re-keys); returns whether there
+        was one. Run before every root change; idempotent.
+        """
+        version = self.latest_root_version()
+        if version < 2:
+            return False
+        new = self._trusted_root()
+        plan = self._resign_plan(new)
+        if not plan:
+            return False
+        previous: Root = self._load(f"{version - 1}.root.json").signed
+        logger.warning("root v%d was published but %s not re-signed: completing it", version,
+                       ", ".join(plan))
+        self._finish_root_change(previous, new, plan)
+        return True
+
+    def _refuse_if_root_pending(self, version: int) -> None:
+        path = self.pending_dir / f"{version}.root.json"
+        if path.exists():
+            raise RepositoryStateError(
+                f"root v{version} is already waiting for signatures in {path}",
+                hint="sign it (`modelward repo sign root --key URI`), or delete that file "
+                     "to abandon it (the keys in use stay valid)")
 
     def sign_pending(self, role: str, uri: str, reviewed: str | None = None) -> tuple[int, int]:
         """Add the signature of the key at ``uri`` to the pending ``role`` metadata.
 
         When that meets the threshold, the metadata is published (for targets, with a
-        new snapshot and timestamp). ``reviewed``: the digest of the pending file the
-        signer saw (:meth:`review_pending`); another file is refused.
+        new snapshot and timestamp; for root, once it meets the previous root's threshold
+        and its own, the change completes: re-keyed roles are re-signed). ``reviewed``: the
+        digest of the pending file the signer saw (:meth:`review_pending`); another file is
+        refused.
 
         Returns:
             (signatures now, threshold).
@@ -337,18 +508,16 @@ class Repository:
             ThresholdNotMetError: still short (after adding this signature).
             PendingMetadataError: the pending file is not signable as it is (edited after
                 it was signed, stale, not the reviewed bytes).
+            RootNotPublishableError: a root still short of either threshold.
         """
-        pending = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
-            self.pending_dir.is_dir() else []
-        if not pending:
-            raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
-        path = pending[-1]
+        path = self._pending_path(role)
         md = self._check_pending(role, path, path.read_bytes(), reviewed).md
         root = md.signed if role == "root" else self._trusted_root()
         keyid = self.signers.keyid_for(uri)
-        if keyid not in root.roles[role].keyids:
+        keys = self._role_keys(role, root)
+        if keyid not in keys:
             raise RepositoryStateError(f"{uri} is not a {role} key")
-        md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+        md.sign(self.signers.signer(uri, keys[keyid], role), append=True)
         version = int(path.name.split(".", 1)[0])
         self._publish_or_park(md, role, version, root)
         path.unlink(missing_ok=True)
@@ -360,15 +529,21 @@ class Repository:
                 threshold: int | None = None) -> int:
         """Add a key (e.g. in an HSM) to ``role``, optionally with a new threshold.
 
+        Root N+1 goes through the pending flow: it is published only with the threshold
+        of root N's keys and its own (else RootNotPublishableError; `repo sign root`).
+
         Returns:
             The new root version.
 
         Raises:
             RepositoryStateError: unknown role or impossible threshold.
+            RootNotPublishableError: root N+1 waits for more root signatures.
         """
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        self.complete_root_change()
         version = self.latest_root_version()
+        self._refuse_if_root_pending(version + 1)
         root = self._trusted_root()
         root.add_key(public_key, role)
         if threshold is not None:
@@ -797,55 +972,51 @@ class Repository:
     def rotate(self, role: str) -> int:
         """Replace ``role``'s key with a new one; returns the new root version.
 
-        Root N+1 lists the new key; it is signed by the root keys of N and of N+1, so
-        devices chain to it by TUF's rules (and re-anchor it in their TPM). For the other
-        roles the role's metadata is then re-signed with the new key. The old key file
-        moves to ``KEYS/retired/``: it can no longer sign anything devices accept.
+        Root N+1 lists the new key and goes through the pending flow: it is published
+        only once it carries root N's threshold and its own (for root itself, the new
+        key signs too). Until then the old key stays the one in use and the new key
+        waits, registered, in ``KEYS/rotating/``: an abandoned or crashed rotation
+        changes nothing devices see. Once root N+1 is published the role's metadata is
+        re-signed with the new key (targets: a new version, snapshot, timestamp) and the
+        old key file moves to ``KEYS/retired/``.
 
         Raises:
-            RepositoryStateError: unknown role.
+            RepositoryStateError: unknown role, several keys, or a root change pending.
+            RootNotPublishableError: root N+1 waits for more root signatures.
         """
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
         now = self._clock()
+        self.complete_root_change()
         version = self.latest_root_version()
-        root_md = self._load(f"{version}.root.json")
-        root: Root = root_md.signed
+        root = self._trusted_root()
         if len(root.roles[role].keyids) != 1:
             raise RepositoryStateError(
                 f"{role} has {len(root.roles[role].keyids)} keys; `repo rotate` replaces a "
                 "single key (use `repo add-key` and a threshold change for key sets)")
-        old_signer = self._signer(role)
-        old_root_signer = self._signer("root")
-        new_path = key_path(self.keys, role).with_suffix(".pem.new")
-        new_path.unlink(missing_ok=True)  # a rotation that crashed before it was used
-        new_key = generate_key_at(new_path, self._passphrase)
-        new_signer = load_signer_at(new_path, self._passphrase, role)
+        self._refuse_if_root_pending(version + 1)
+        rotating = self.keys / "rotating"
+        tmp = rotating / f"{role}-new.pem"
+        tmp.unlink(missing_ok=True)  # a rotation that crashed before it was registered
+        new_key = generate_key_at(tmp, self._passphrase)
+        final = rotating / f"{role}-{new_key.keyid[:16]}.pem"
+        tmp.replace(final)
+        new_uri = f"{ENCFILE}:rotating/{final.name}"
+        self.signers.add(new_key.keyid, new_uri)
+        entries = self.signers.entries()
+        old_root_uri = default_uri("root", {k: root.get_key(k) for k in
+                                            root.roles["root"].keyids}, entries)
         for keyid in list(root.roles[role].keyids):
             root.revoke_key(keyid, role)
         root.add_key(new_key, role)
         root.version = version + 1
         root.expires = now + self.expiry.root
-        md = Metadata(root)
-        md.sign(new_signer if role == "root" else old_root_signer, append=True)
-        if role == "root":
-            md.sign(old_signer, append=True)  # the previous root's threshold
-        write_atomic(self.metadata_dir / f"{root.version}.root.json", md.to_bytes(_serializer()))
-        retired = self.keys / "retired" / f"{role}-{old_signer.public_key.keyid[:16]}.pem"
-        retired.parent.mkdir(exist_ok=True, mode=0o700)
-        key_path(self.keys, role).replace(retired)
-        new_path.replace(key_path(self.keys, role))
-        self.signers.add(old_signer.public_key.keyid, f"{ENCFILE}:retired/{retired.name}")
-        self.signers.add(new_key.keyid, f"{ENCFILE}:{role}.pem")
-        if role == "targets":
-            targets, _, _ = self.current()
-            targets.version += 1
-            targets.expires = now + self.expiry.targets
-            self._write(Metadata(targets), "targets", targets.version)
-            self._snapshot_and_timestamp(targets.version)
-        elif role in ("snapshot", "timestamp"):
-            targets, _, _ = self.current()
-            self._snapshot_and_timestamp(targets.version)
+        saved = self._sign_with
+        self._sign_with = [old_root_uri] + ([new_uri] if role == "root" else [])
+        try:
+            self._write(Metadata(root), "root", root.version)
+        finally:
+            self._sign_with = saved
         logger.info("rotated the %s key: root v%d", role, root.version)
         return int(root.version)
 
@@ -953,6 +1124,23 @@ class Repository:
 
     # -- review before signing ----------------------------------------------------
 
+    def _pending_path(self, role: str) -> Path:
+        """The pending ``role`` file `repo sign` shows and signs: the highest version.
+
+        Raises:
+            RepositoryStateError: nothing pending for the role.
+            PendingMetadataError: a file for the role not named ``N.<role>.json`` (planted:
+                it is named, escaped, and nothing is signed until it is removed).
+        """
+        found = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
+            self.pending_dir.is_dir() else []
+        if not found:
+            raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
+        for p in found:
+            if not re.fullmatch(rf"[1-9][0-9]{{0,15}}\.{role}\.json", p.name):
+                check_pending(p, b"", role, self._trusted_root(), None)  # raises, naming it
+        return max(found, key=lambda p: int(p.name.split(".", 1)[0]))
+
     def _check_pending(self, role: str, path: Path, data: bytes,
                        reviewed: str | None = None) -> Pending:
         """The pending file checked against the published metadata (see check_pending),
@@ -978,11 +1166,7 @@ class Repository:
             RepositoryStateError: nothing pending for the role.
             PendingMetadataError: the pending file may not be signed (see check_pending).
         """
-        pending = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
-            self.pending_dir.is_dir() else []
-        if not pending:
-            raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
-        path = pending[-1]
+        path = self._pending_path(role)
         checked = self._check_pending(role, path, path.read_bytes())
         if role == "root":
             old: Metadata[Any] | None = self._load(f"{self.latest_root_version()}.root.json")

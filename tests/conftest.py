@@ -32,6 +32,7 @@ from simulator import (  # noqa: E402
     stop_swtpm,
     write_device_config,
 )
+from tests._stock_tuf import changed_repo, stock_refresh  # noqa: E402
 from trust import Tpm, TrustStore  # noqa: E402
 from updater import UpdateResult  # noqa: E402
 
@@ -133,6 +134,7 @@ class World:
     def publish(self, version: str, seed: int, **kw: Any) -> Path:
         """Build and publish; returns the published file on the origin."""
         r = self.repo.publish(self.bundle(version, seed, **kw))
+        stock_refresh(self.repo_dir)  # what is published, a stock TUF client accepts
         name = r.name
         return next((self.repo_dir / "targets" / name).glob(f"*.{name}-{version}.tar"))
 
@@ -172,8 +174,12 @@ class World:
         """Run the real ``modelward`` command in a child process."""
         e = dict(os.environ)
         e.update(env or {})
-        return subprocess.run([sys.executable, "-m", "modelward", *argv], capture_output=True,
-                              text=True, env=e, timeout=300, check=False)
+        r = subprocess.run([sys.executable, "-m", "modelward", *argv], capture_output=True,
+                           text=True, env=e, timeout=300, check=False)
+        changed = changed_repo(argv) if r.returncode == 0 else None
+        if changed is not None:  # issue 14: a stock TUF client accepts every change
+            stock_refresh(changed)
+        return r
 
 
 def _new_repo(

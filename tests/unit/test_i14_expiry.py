@@ -120,8 +120,8 @@ def test_json_round_trip() -> None:
 
 
 @pytest.mark.parametrize(("data", "match"), [
-    (b" " * 5000, "more than 4096"),
-    (b"[" * 3000, "not JSON"),
+    (b" " * 5000, "over 4096 bytes"),
+    (b"[" * 3000, "nested deeper"),
     (b'{"lifetimes": {"timestamp": NaN}}', "not JSON"),
     (b'{"lifetimes": {"timestamp": Infinity}}', "not JSON"),
     (b"[]", "expected an object"),
@@ -135,7 +135,7 @@ def test_json_round_trip() -> None:
     (b'{"lifetimes": {"vision": 86400}}', "not a role's whole number"),
     (b'{"lifetimes": {"timestamp": 315360000}}', "timestamp lifetime"),
     (b'{"warn_within": {"root": 315360000}}', "root warning window"),
-    (b"\xff\xfe", "not JSON"),
+    (b"\xff\xfe", "not UTF-8"),
 ])
 def test_from_json_refuses(data: bytes, match: str) -> None:
     with pytest.raises(RepositoryStateError, match=match) as e:
@@ -150,7 +150,7 @@ def test_load_and_save(tmp_path: Path) -> None:
     assert path.name == EXPIRY_FILE and path.stat().st_mode & 0o077 == 0
     assert load_expiry(tmp_path / "keys") == e
     path.write_bytes(b"x" * 10_000_000)  # read bounded
-    with pytest.raises(RepositoryStateError, match="more than 4096"):
+    with pytest.raises(RepositoryStateError, match="over 4096 bytes"):
         load_expiry(tmp_path / "keys")
 
 
