@@ -30,6 +30,11 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 MIN_PASSPHRASE_CHARS = 12  # new key files; loading an existing file accepts any length
 PBKDF2_MIN_ITERATIONS = 600_000  # OWASP 2023 floor for PBKDF2-HMAC-SHA256
+# Ceilings for what a key file may ask of the machine that opens it: a file that names
+# scrypt N=2**24 makes the loader allocate 16 GiB and run for minutes (measured: 250 s).
+MAX_SCRYPT_LANE_BYTES = 256 << 20  # 128 * r * N: 256 MiB, 16x the default
+MAX_SCRYPT_COST = 2**25  # N * r * p: about 50x the default (a few seconds)
+MAX_PBKDF2_ITERATIONS = 10_000_000  # about 1 s of PBKDF2-HMAC-SHA256
 
 _PBES2 = "1.2.840.113549.1.5.13"
 _SCRYPT = "1.3.6.1.4.1.11591.4.11"
@@ -88,6 +93,17 @@ class KdfInfo:
             return self.scrypt.cost() >= floor.cost() and self.scrypt.n >= floor.n
         return self.kind == "pbkdf2" and self.iterations >= PBKDF2_MIN_ITERATIONS and \
             self.prf in ("hmacWithSHA256", "hmacWithSHA512")
+
+    def excess(self) -> str:
+        """Why opening the file would cost more than a key file may ask, or ""."""
+        if self.kind == "scrypt" and self.scrypt is not None:
+            lane = 128 * self.scrypt.r * self.scrypt.n
+            if lane > MAX_SCRYPT_LANE_BYTES or self.scrypt.cost() > MAX_SCRYPT_COST:
+                return f"{self.describe()} needs {lane >> 20} MiB per lane and " \
+                       f"{self.scrypt.cost()} block operations"
+        if self.kind == "pbkdf2" and self.iterations > MAX_PBKDF2_ITERATIONS:
+            return f"{self.describe()} is more than {MAX_PBKDF2_ITERATIONS}"
+        return ""
 
     def describe(self) -> str:
         """One line for an operator: ``scrypt N=16384 r=8 p=5`` or ``PBKDF2 2048 ...``."""

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 
-from publisher._keyfile import MIN_PASSPHRASE_CHARS, encrypt_scrypt
+from publisher._keyfile import MIN_PASSPHRASE_CHARS, KeyFileFormatError, encrypt_scrypt, kdf_of
 from publisher._passphrases import (
     PASSPHRASE_ENV,
     Passphrase,
@@ -142,6 +142,14 @@ def decrypt_key(data: bytes, secret: bytes, role: str, path: Path) -> ed25519.Ed
     if cached is not None:
         return cached
     try:
+        excess = kdf_of(data).excess()
+    except KeyFileFormatError as e:
+        raise KeyError_(f"the {role or 'signing'} key {path} is damaged: {e}",
+                        path=str(path)) from e
+    if excess:  # a damaged or planted file must not take the machine's memory and time
+        raise KeyError_(f"refusing to open the {role or 'signing'} key {path}: {excess}",
+                        path=str(path))
+    try:
         priv = serialization.load_pem_private_key(data, password=secret)
     except (ValueError, TypeError) as e:
         raise KeyError_(
@@ -178,11 +186,13 @@ def load_signer_at(path: Path, passphrase: Passphrase, role: str = "") -> Crypto
     return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
 
 
-def _signer_from_pem(pem: bytes, passphrase: bytes, where: str) -> CryptoSigner:
-    """A signer for a PEM private key, encrypted with ``passphrase`` or not."""
+def _signer_from_pem(pem: bytes, passphrase: Callable[[], bytes], where: str) -> CryptoSigner:
+    """A signer for a PEM private key, encrypted with ``passphrase()`` or not (asked for
+    only when the key is encrypted)."""
     for password in (None, passphrase):
         try:
-            priv = serialization.load_pem_private_key(pem, password=password)
+            priv = serialization.load_pem_private_key(
+                pem, password=None if password is None else password())
             break
         except TypeError:  # encrypted and no password given, or the reverse
             continue
@@ -287,7 +297,7 @@ class SignerRegistry:
             if not pem:
                 raise KeyError_(f"environment variable {rest} (key {uri}) is not set",
                                 path=uri)
-            return _signer_from_pem(pem.encode(), self._passphrase(role), uri)
+            return _signer_from_pem(pem.encode(), lambda: self._passphrase(role), uri)
         try:
             return Signer.from_priv_key_uri(uri, public_key, self._secrets)
         except (ValueError, OSError) as e:

@@ -54,15 +54,17 @@ class RekeyStep:
 
 
 def key_files(keys_dir: Path) -> list[Path]:
-    """The private key files of a key directory (public keys and other files skipped)."""
+    """The private key files of a key directory (public keys and other files skipped;
+    a damaged private key file is kept, so that rekeying it fails by name)."""
     out = []
     for path in sorted([*keys_dir.glob("*.pem"), *keys_dir.glob("retired/*.pem")]):
         if path.is_file() and not path.is_symlink():
             try:
-                kind = kdf_of(path.read_bytes()).kind
-            except (OSError, KeyFileFormatError):
+                data = path.read_bytes()
+            except OSError:
                 continue
-            if kind != "unknown":
+            if b"-----BEGIN PRIVATE KEY-----" in data or \
+                    b"-----BEGIN ENCRYPTED PRIVATE KEY-----" in data:
                 out.append(path)
     return out
 
@@ -101,7 +103,11 @@ def rekey(keys_dir: Path, current: PassphraseProvider, new: PassphraseProvider,
         if roles is not None and role not in roles:
             continue
         data = path.read_bytes()
-        before = kdf_of(data)
+        try:
+            before = kdf_of(data)
+        except KeyFileFormatError as e:
+            raise KeyError_(f"the {role} key {path} is damaged: {e}; nothing was rekeyed",
+                            path=str(path)) from e
         fresh = new(role)
         check_new_passphrase(fresh, role)
         priv, opens_with_new = _open(data, before, fresh, current, role, path)

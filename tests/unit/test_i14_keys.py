@@ -89,7 +89,8 @@ def test_key_load_time_stays_well_under_a_second(tmp_path: Path) -> None:
     assert took < 1.0
 
 
-def test_old_pbkdf2_2048_files_are_recognised_as_weak_and_still_load(tmp_path: Path) -> None:
+def test_old_pbkdf2_2048_files_are_recognised_as_weak_and_still_load(tmp_path: Path,
+        cheap: ScryptParams) -> None:
     path = tmp_path / "root.pem"
     generate_key_at(path, b"abc" * 4)
     _legacy(path, b"abc" * 4, b"abc")  # an old file with a 3-character passphrase
@@ -133,7 +134,8 @@ def test_short_team_passphrase_is_refused_at_delegate(tmp_path: Path,
     assert tree_digest(tmp_path / "repo") == before
 
 
-def test_passphrase_length_counts_characters_not_bytes(tmp_path: Path) -> None:
+def test_passphrase_length_counts_characters_not_bytes(tmp_path: Path,
+        cheap: ScryptParams) -> None:
     with pytest.raises(WeakPassphraseError):
         generate_key_at(tmp_path / "root.pem", "ääääää".encode())  # 12 bytes, 6 characters
     generate_key_at(tmp_path / "root.pem", ("ä" * 12).encode())
@@ -213,7 +215,8 @@ def test_team_sharing_the_root_passphrase_is_warned_about(
     assert "MODELWARD_KEY_PASSPHRASE_VISION" in caplog.text
 
 
-def test_wrong_passphrase_is_one_line_naming_role_and_variables(tmp_path: Path) -> None:
+def test_wrong_passphrase_is_one_line_naming_role_and_variables(tmp_path: Path,
+        cheap: ScryptParams) -> None:
     generate_key_at(tmp_path / "snapshot.pem", GOOD.encode())
     _uncached()
     with pytest.raises(KeyError_) as e:
@@ -363,3 +366,62 @@ def test_rekey_encrypts_a_plain_private_key_and_skips_public_keys(tmp_path: Path
     assert [(s.path.name, s.action) for s in rekey(tmp_path, pw, pw)] == \
         [("targets.pem", "upgrade")]
     assert kdf_of((tmp_path / "targets.pem").read_bytes()).kind == "scrypt"
+
+
+# --- attacks --------------------------------------------------------------------------
+
+
+def _planted(n: int, r: int = 8, p: int = 1) -> bytes:
+    """A key file whose scrypt parameters make every opener allocate 128*r*n bytes."""
+    import base64
+
+    from publisher import _keyfile as k
+
+    der = k._seq(k._seq(k._oid(k._PBES2), k._seq(
+        k._seq(k._oid(k._SCRYPT), k._seq(k._octets(os.urandom(16)), k._int(n), k._int(r),
+                                         k._int(p))),
+        k._seq(k._oid(k._AES256_CBC), k._octets(os.urandom(16))))), k._octets(os.urandom(48)))
+    return (b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n" + base64.encodebytes(der) +
+            b"-----END ENCRYPTED PRIVATE KEY-----\n")
+
+
+@pytest.mark.parametrize(("n", "r", "p"), [(2**24, 8, 1), (2**14, 8, 2**20), (2**30, 1, 1)])
+def test_planted_key_file_with_huge_kdf_cost_is_refused_at_once(
+        tmp_path: Path, n: int, r: int, p: int) -> None:
+    # the disk, or a key file handed over by a team: without a ceiling the loader spends
+    # 16 GiB and minutes (measured 250 s for N=2**24) before it says "wrong passphrase"
+    (tmp_path / "root.pem").write_bytes(_planted(n, r, p))
+    t0 = time.perf_counter()
+    with pytest.raises(KeyError_, match="refusing to open the root key"):
+        load_signer_at(tmp_path / "root.pem", GOOD.encode())
+    with pytest.raises(KeyError_, match="refusing to open the root key"):
+        rekey(tmp_path, EnvPassphrases({"MODELWARD_KEY_PASSPHRASE": GOOD}),
+              EnvPassphrases({"MODELWARD_KEY_PASSPHRASE": GOOD}))
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_damaged_key_file_is_a_typed_error_and_rekey_changes_nothing(
+        tmp_path: Path, cheap: ScryptParams) -> None:
+    pw = EnvPassphrases({"MODELWARD_KEY_PASSPHRASE": GOOD})
+    generate_key_at(tmp_path / "targets.pem", pw, "targets")
+    _legacy(tmp_path / "targets.pem", GOOD.encode())
+    good = (tmp_path / "targets.pem").read_bytes()
+    (tmp_path / "root.pem").write_bytes(good[:60] + b"\n-----END ENCRYPTED PRIVATE KEY-----\n")
+    before = tree_digest(tmp_path)
+    with pytest.raises(KeyError_, match="root key .* damaged"):
+        load_signer_at(tmp_path / "root.pem", pw)
+    with pytest.raises(KeyError_, match="root key .* damaged"):
+        rekey(tmp_path, pw, pw)
+    assert tree_digest(tmp_path) == before
+
+
+def test_team_named_like_root_is_refused_before_any_key_file(
+        tmp_path: Path, cheap: ScryptParams) -> None:
+    pw = EnvPassphrases({"MODELWARD_KEY_PASSPHRASE": GOOD,
+                         "MODELWARD_KEY_PASSPHRASE_ROOT": ROOT_PW})
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", pw)
+    repo.init()
+    before = tree_digest(tmp_path)
+    with pytest.raises(KeyError_, match="would share MODELWARD_KEY_PASSPHRASE_ROOT"):
+        repo.delegate("Root", ["root-model/*"])
+    assert tree_digest(tmp_path) == before
