@@ -425,3 +425,14 @@ def test_team_named_like_root_is_refused_before_any_key_file(
     with pytest.raises(KeyError_, match="would share MODELWARD_KEY_PASSPHRASE_ROOT"):
         repo.delegate("Root", ["root-model/*"])
     assert tree_digest(tmp_path) == before
+
+
+def test_a_key_opened_once_still_needs_its_passphrase_next_time(
+        tmp_path: Path, cheap: ScryptParams) -> None:
+    # keys are decrypted once per process: the cache must never stand in for the passphrase
+    path = tmp_path / "delegated-vision.pem"
+    generate_key_at(path, TEAM_PW.encode())
+    load_signer_at(path, TEAM_PW.encode())
+    for wrong in (ROOT_PW.encode(), b"", TEAM_PW.encode()[:-1]):
+        with pytest.raises(KeyError_, match="cannot decrypt the vision key"):
+            load_signer_at(path, wrong)
