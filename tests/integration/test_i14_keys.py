@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography.hazmat.primitives import serialization
 
+from modelward.cli import build_parser
 from publisher import build_bundle
 from simulator import make_linear_model
 from tests.conftest import PASSPHRASE, World, tree_digest
@@ -47,11 +49,18 @@ def _scrypt_params(path: Path) -> list[str]:
     return [line.rsplit(":", 1)[1] for line in asn1.splitlines() if "INTEGER" in line][:3]
 
 
+def test_init_help_encourages_offline_root_and_targets(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["repo", "init", "--help"])
+    helptext = capsys.readouterr().out
+    assert "offline" in helptext and "HSM" in helptext and "separate machine" in helptext
+    assert "MODELWARD_KEY_PASSPHRASE_ROOT" in helptext
+
+
 def test_init_per_role_passphrases_and_a_team_key_root_cannot_open(tmp_path: Path) -> None:
     repo, keys = tmp_path / "repo", tmp_path / "keys"
     where = ("--repo", str(repo), "--keys", str(keys))
-    helptext = _cli("repo", "init", "--help", env={}).stdout
-    assert "offline" in helptext and "HSM" in helptext and "separate machine" in helptext
 
     short = _cli("repo", "init", *where, env={**PER_ROLE,
                                                "MODELWARD_KEY_PASSPHRASE_TARGETS": "2short"})
