@@ -45,7 +45,13 @@ def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
     from publisher import Repository
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
-    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets,
+    keys: Path = args.keys
+
+    def new_key(role: str) -> bool:  # a prompted passphrase for a new key file: ask twice
+        return confirm or not any((keys / n).exists() for n in (f"{role}.pem",
+                                                                 f"delegated-{role}.pem"))
+
+    return Repository(args.repo, args.keys, _passphrase(confirm=new_key), secrets=_secrets,
                       environ=dict(os.environ))
 
 
@@ -61,7 +67,7 @@ def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
     return out
 
 
-def _passphrase(confirm: bool, *, new: bool = False,
+def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
                 fallback: PassphraseProvider | None = None) -> PassphraseProvider:
     """Passphrases per role: MODELWARD_KEY_PASSPHRASE_<ROLE>, MODELWARD_KEY_PASSPHRASE, or a
     prompt per role on a terminal (``new``: ``repo rekey``'s MODELWARD_NEW_KEY_PASSPHRASE*)."""

@@ -66,7 +66,8 @@ class EnvPassphrases:
     Args:
         environ: the environment (read once, at the entry point).
         prompt: asks a person (``getpass.getpass``), or None when not on a terminal.
-        confirm: ask twice (new keys, at ``repo init``).
+        confirm: ask twice: always (``repo init``), or for the roles a callable names (those
+            without a key file yet, e.g. a team at ``repo delegate``).
         prefix: the variables' name prefix.
         fallback: used when neither variable is set and there is no prompt (``repo rekey``:
             the new passphrase defaults to the current one).
@@ -74,7 +75,8 @@ class EnvPassphrases:
     """
 
     def __init__(self, environ: Mapping[str, str], prompt: Callable[[str], str] | None = None,
-                 *, confirm: bool = False, prefix: str = PASSPHRASE_ENV,
+                 *, confirm: bool | Callable[[str], bool] = False,
+                 prefix: str = PASSPHRASE_ENV,
                  fallback: PassphraseProvider | None = None,
                  what: str = "passphrase") -> None:
         self._environ = dict(environ)
@@ -125,7 +127,8 @@ class EnvPassphrases:
     def _ask(self, role: str) -> bytes:
         assert self._prompt is not None
         first = self._prompt(f"{self._what} for the {role} key: ")
-        if self._confirm and self._prompt(f"the {role} {self._what} again: ") != first:
+        twice = self._confirm(role) if callable(self._confirm) else self._confirm
+        if twice and self._prompt(f"the {role} {self._what} again: ") != first:
             raise OperatorInputError(f"the two {role} {self._what}s differ")
         if not first:
             raise OperatorInputError(f"an empty {self._what} for the {role} key is not allowed")

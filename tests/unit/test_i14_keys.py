@@ -436,3 +436,17 @@ def test_a_key_opened_once_still_needs_its_passphrase_next_time(
     for wrong in (ROOT_PW.encode(), b"", TEAM_PW.encode()[:-1]):
         with pytest.raises(KeyError_, match="cannot decrypt the vision key"):
             load_signer_at(path, wrong)
+
+
+def test_prompt_asks_twice_only_for_the_roles_the_policy_names() -> None:
+    asked: list[str] = []
+
+    def prompt(text: str) -> str:
+        asked.append(text)
+        return "same answer, twelve+"
+
+    pw = EnvPassphrases({}, prompt, confirm=lambda role: role == "vision")  # a new team key
+    pw("targets")
+    pw("vision")
+    assert asked == ["passphrase for the targets key: ", "passphrase for the vision key: ",
+                     "the vision passphrase again: "]
