@@ -25,6 +25,7 @@ from modelward import __version__
 if TYPE_CHECKING:
     from agent import AgentConfig
     from publisher import Repository
+    from publisher._passphrases import PassphraseProvider
     from updater import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
@@ -44,7 +45,13 @@ def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
     from publisher import Repository
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
-    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets,
+    keys: Path = args.keys
+
+    def new_key(role: str) -> bool:  # a prompted passphrase for a new key file: ask twice
+        return confirm or not any((keys / n).exists() for n in (f"{role}.pem",
+                                                                 f"delegated-{role}.pem"))
+
+    return Repository(args.repo, args.keys, _passphrase(confirm=new_key), secrets=_secrets,
                       environ=dict(os.environ))
 
 
@@ -60,24 +67,18 @@ def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
     return out
 
 
-def _passphrase(confirm: bool) -> bytes:
-    from trust.errors import OperatorInputError
+def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
+                fallback: PassphraseProvider | None = None) -> PassphraseProvider:
+    """Passphrases per role: MODELWARD_KEY_PASSPHRASE_<ROLE>, MODELWARD_KEY_PASSPHRASE, or a
+    prompt per role on a terminal (``new``: ``repo rekey``'s MODELWARD_NEW_KEY_PASSPHRASE*)."""
+    from publisher._passphrases import NEW_PASSPHRASE_ENV, EnvPassphrases
 
-    value = os.environ.get(PASSPHRASE_ENV)
-    if value is not None:
-        if not value:
-            raise OperatorInputError(f"{PASSPHRASE_ENV} is empty")
-        return value.encode()
-    if not sys.stdin.isatty():
-        raise OperatorInputError(
-            "no key passphrase: set MODELWARD_KEY_PASSPHRASE or run on a terminal"
-        )
-    first = getpass.getpass("key passphrase: ")
-    if confirm and getpass.getpass("again: ") != first:
-        raise OperatorInputError("the passphrases differ")
-    if not first:
-        raise OperatorInputError("an empty passphrase is not allowed")
-    return first.encode()
+    prompt = getpass.getpass if sys.stdin.isatty() else None
+    if new:  # prompted only for `repo rekey --new-passphrase`, else the variables or fallback
+        prompt = prompt if fallback is None else None
+        return EnvPassphrases(os.environ, prompt, confirm=True, prefix=NEW_PASSPHRASE_ENV,
+                              fallback=fallback, what="new passphrase")
+    return EnvPassphrases(os.environ, prompt, confirm=confirm, prefix=PASSPHRASE_ENV)
 
 
 # --- operator ---------------------------------------------------------------
@@ -115,6 +116,39 @@ def _repo_init(args: argparse.Namespace) -> int:
         save_expiry(args.keys, repo.expiry)
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
     print(f"provision devices with {root}")
+    print(_OFFLINE_ADVICE)
+    return EXIT_OK
+
+
+_OFFLINE_ADVICE = """\
+Keep the root and targets keys offline: they decide what every device trusts.
+  - best: an HSM (`repo add-key ROLE --hsm-keyid N`), or
+  - move KEYS/root*.pem and KEYS/targets*.pem to a separate machine that is not on the
+    network, and sign there (`repo sign`, `publish`, `rotate`, `delegate`);
+  - the online host that runs `repo refresh` needs only snapshot and timestamp keys.
+Give each role its own passphrase (12 characters at least): MODELWARD_KEY_PASSPHRASE_ROOT,
+_TARGETS, _SNAPSHOT, _TIMESTAMP and _<TEAM> for a delegated team, falling back to
+MODELWARD_KEY_PASSPHRASE (or one prompt per role on a terminal). Older key files are
+upgraded to scrypt with `repo rekey`."""
+
+
+def _repo_rekey(args: argparse.Namespace) -> int:
+    from publisher._rekey import rekey
+    from trust.errors import OperatorInputError
+
+    current = _passphrase(confirm=False)
+    if args.new_passphrase and not sys.stdin.isatty():
+        raise OperatorInputError("--new-passphrase prompts on a terminal; without one set "
+                                 "MODELWARD_NEW_KEY_PASSPHRASE[_<ROLE>]")
+    new = _passphrase(False, new=True, fallback=None if args.new_passphrase else current)
+    steps = rekey(args.keys, current, new, set(args.roles) if args.roles else None)
+    for step in steps:
+        after = f"scrypt N={step.params.n} r={step.params.r} p={step.params.p}" \
+            if step.params else "unchanged"
+        print(f"{step.path.relative_to(args.keys)} ({step.role}): {step.before.describe()} "
+              f"-> {step.action} ({after})")
+    if not steps:
+        print(f"no key files to rekey in {args.keys}")
     return EXIT_OK
 
 
@@ -608,7 +642,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     repo = sub.add_parser("repo", help="operator: manage the TUF repository")
     rsub = repo.add_subparsers(dest="cmd", required=True, metavar="ACTION")
-    r = rsub.add_parser("init", help="create keys and a new repository")
+    r = rsub.add_parser("init", help="create keys and a new repository",
+                        description="Create the role keys and version 1 of the metadata.",
+                        epilog=_OFFLINE_ADVICE,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("--repo", type=Path, required=True,
                    help="served directory (metadata/, targets/)")
     r.add_argument("--keys", type=Path, required=True, help="key directory, outside --repo")
@@ -655,6 +692,18 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_rotate)
+    r = rsub.add_parser("rekey", help="re-encrypt key files with scrypt (and new passphrases)",
+                        description="Rewrite every encrypted key file under KEYS (or those "
+                        "of ROLE...) as scrypt PKCS#8, atomically and mode 0600. Files "
+                        "already at the current KDF are kept; new passphrases come from "
+                        "MODELWARD_NEW_KEY_PASSPHRASE[_<ROLE>] or --new-passphrase prompts, "
+                        "else each file keeps its passphrase.")
+    r.add_argument("roles", nargs="*", metavar="ROLE",
+                   help="top-level roles or team names (default: every key file)")
+    r.add_argument("--new-passphrase", action="store_true",
+                   help="prompt for a new passphrase per role")
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_rekey)
     r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -11,6 +12,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 
+from publisher._keyfile import MIN_PASSPHRASE_CHARS, KeyFileFormatError, encrypt_scrypt, kdf_of
+from publisher._passphrases import (
+    PASSPHRASE_ENV,
+    Passphrase,
+    as_provider,
+    env_var,
+)
 from publisher.errors import KeyError_
 from trust import write_atomic
 from trust._bounded import loads_bounded
@@ -18,41 +26,91 @@ from trust._bounded import loads_bounded
 ROLES = ("root", "targets", "snapshot", "timestamp")
 
 
+class WeakPassphraseError(KeyError_):
+    """A passphrase for a new key file (``repo init``, ``delegate``, ``rotate``,
+    ``rekey``) is shorter than the minimum.
+
+    Attributes:
+        role: the role or team whose passphrase it is.
+        length: its length in characters.
+    """
+
+    def __init__(self, role: str, length: int) -> None:
+        super().__init__(
+            f"the passphrase for the {role} key has {length} characters; new key files need "
+            f"at least {MIN_PASSPHRASE_CHARS}", path=role,
+            hint=f"set {_variables(role)} to a longer passphrase (several random words)")
+        self.role, self.length = role, length
+
+
 def key_path(keys_dir: Path, role: str) -> Path:
     """Where a role's private key lives."""
     return keys_dir / f"{role}.pem"
 
 
-def generate_key(keys_dir: Path, role: str, passphrase: bytes) -> SSlibKey:
+def generate_key(keys_dir: Path, role: str, passphrase: Passphrase) -> SSlibKey:
     """Create an encrypted ed25519 key file for ``role`` and return its public key.
 
     Raises:
         KeyError_: a key file for the role exists already (never overwritten).
+        WeakPassphraseError: the role's passphrase is shorter than the minimum.
     """
-    return generate_key_at(key_path(keys_dir, role), passphrase)
+    return generate_key_at(key_path(keys_dir, role), passphrase, role)
 
 
-def generate_key_at(path: Path, passphrase: bytes) -> SSlibKey:
+def role_of_key_file(path: Path) -> str:
+    """The role whose passphrase opens ``path``, from the names this package gives files:
+    ``ROLE.pem``, ``ROLE-N.pem``, ``ROLE.pem.new``, ``retired/ROLE-KEYID.pem`` and
+    ``delegated-TEAM.pem``.
+
+    Raises:
+        KeyError_: a name that follows none of these.
+    """
+    name = path.name.removesuffix(".new")
+    if name.startswith("delegated-") and name.endswith(".pem"):
+        return name[len("delegated-"):-len(".pem")]
+    head = re.split(r"[-.]", name, maxsplit=1)[0]
+    if head in ROLES and name.endswith(".pem"):
+        return head
+    raise KeyError_(f"cannot tell which role the key file {path} belongs to", path=str(path))
+
+
+def check_new_passphrase(passphrase: bytes, role: str) -> None:
+    """Refuse a passphrase too short for a new key file (existing files load with any).
+
+    Raises:
+        WeakPassphraseError: fewer than :data:`MIN_PASSPHRASE_CHARS` characters.
+    """
+    chars = len(passphrase.decode("utf-8", errors="replace"))
+    if chars < MIN_PASSPHRASE_CHARS:
+        raise WeakPassphraseError(role, chars)
+
+
+def generate_key_at(path: Path, passphrase: Passphrase, role: str = "") -> SSlibKey:
     """Create an encrypted ed25519 key file at ``path`` and return its public key.
+
+    The file is PKCS#8 encrypted with scrypt (see ``publisher._keyfile``) under ``role``'s
+    passphrase (``role`` defaults to the one the file name says).
 
     Raises:
         KeyError_: the file exists already (never overwritten).
+        WeakPassphraseError: the passphrase is shorter than the minimum.
     """
     keys_dir = path.parent
     if path.exists():
         raise KeyError_(f"key file {path} exists already; refusing to overwrite", path=str(path))
+    role = role or role_of_key_file(path)
+    secret = as_provider(passphrase)(role)
+    check_new_passphrase(secret, role)
     keys_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     priv = ed25519.Ed25519PrivateKey.generate()
-    pem = priv.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.BestAvailableEncryption(passphrase),
-    )
+    pem = encrypt_scrypt(priv, secret)
     write_atomic(path, pem, mode=0o600)
+    _remember(pem, secret, priv)
     return SSlibKey.from_crypto(priv.public_key())
 
 
-def load_signer(keys_dir: Path, role: str, passphrase: bytes) -> CryptoSigner:
+def load_signer(keys_dir: Path, role: str, passphrase: Passphrase) -> CryptoSigner:
     """Signer for ``role`` from its encrypted key file.
 
     Raises:
@@ -61,8 +119,60 @@ def load_signer(keys_dir: Path, role: str, passphrase: bytes) -> CryptoSigner:
     return load_signer_at(key_path(keys_dir, role), passphrase, role)
 
 
-def load_signer_at(path: Path, passphrase: bytes, role: str = "") -> CryptoSigner:
-    """Signer from an encrypted key file.
+# A key file is decrypted once per process: a pure function of (file bytes, passphrase),
+# so the cache can only ever return what decrypting again would. Bounded; in memory only.
+_DECRYPTED: dict[tuple[bytes, bytes], ed25519.Ed25519PrivateKey] = {}
+_DECRYPTED_MAX = 64
+
+
+def _remember(pem: bytes, secret: bytes, priv: ed25519.Ed25519PrivateKey) -> None:
+    if len(_DECRYPTED) >= _DECRYPTED_MAX:
+        _DECRYPTED.pop(next(iter(_DECRYPTED)))
+    _DECRYPTED[(pem, secret)] = priv
+
+
+def decrypt_key(data: bytes, secret: bytes, role: str, path: Path) -> ed25519.Ed25519PrivateKey:
+    """The ed25519 private key in the PEM ``data`` of the key file ``path``.
+
+    Raises:
+        KeyError_: wrong passphrase (one line naming the role and where its passphrase
+            comes from), a damaged file, or not an ed25519 key.
+    """
+    cached = _DECRYPTED.get((data, secret))
+    if cached is not None:
+        return cached
+    try:
+        excess = kdf_of(data).excess()
+    except KeyFileFormatError as e:
+        raise KeyError_(f"the {role or 'signing'} key {path} is damaged: {e}",
+                        path=str(path)) from e
+    if excess:  # a damaged or planted file must not take the machine's memory and time
+        raise KeyError_(f"refusing to open the {role or 'signing'} key {path}: {excess}",
+                        path=str(path))
+    try:
+        priv = serialization.load_pem_private_key(data, password=secret)
+    except (ValueError, TypeError) as e:
+        raise KeyError_(
+            f"cannot decrypt the {role or 'signing'} key {path}: wrong passphrase (from "
+            f"{_variables(role)} or the prompt) or a damaged key file",
+            path=str(path),
+        ) from e
+    if not isinstance(priv, ed25519.Ed25519PrivateKey):
+        raise KeyError_(f"{path} is not an ed25519 key", path=str(path))
+    _remember(data, secret, priv)
+    return priv
+
+
+def _variables(role: str) -> str:
+    try:
+        return f"{env_var(role)} / {PASSPHRASE_ENV}"
+    except KeyError_:
+        return PASSPHRASE_ENV
+
+
+def load_signer_at(path: Path, passphrase: Passphrase, role: str = "") -> CryptoSigner:
+    """Signer from an encrypted key file, opened with ``role``'s passphrase (``role``
+    defaults to the one the file name says).
 
     Raises:
         KeyError_: missing file, wrong passphrase or not an ed25519 key.
@@ -71,25 +181,18 @@ def load_signer_at(path: Path, passphrase: bytes, role: str = "") -> CryptoSigne
         data = path.read_bytes()
     except OSError as e:
         raise KeyError_(f"cannot read the {role} key {path}: {e}", path=str(path)) from e
-    try:
-        priv = serialization.load_pem_private_key(data, password=passphrase)
-    except (ValueError, TypeError) as e:
-        raise KeyError_(
-            f"cannot decrypt the {role or 'signing'} key {path}: wrong passphrase or not a "
-            "key file",
-            path=str(path),
-            hint="set MODELWARD_KEY_PASSPHRASE or type the passphrase used at `repo init`",
-        ) from e
-    if not isinstance(priv, ed25519.Ed25519PrivateKey):
-        raise KeyError_(f"{path} is not an ed25519 key", path=str(path))
+    role = role or role_of_key_file(path)
+    priv = decrypt_key(data, as_provider(passphrase)(role), role, path)
     return CryptoSigner(priv, SSlibKey.from_crypto(priv.public_key()))
 
 
-def _signer_from_pem(pem: bytes, passphrase: bytes, where: str) -> CryptoSigner:
-    """A signer for a PEM private key, encrypted with ``passphrase`` or not."""
+def _signer_from_pem(pem: bytes, passphrase: Callable[[], bytes], where: str) -> CryptoSigner:
+    """A signer for a PEM private key, encrypted with ``passphrase()`` or not (asked for
+    only when the key is encrypted)."""
     for password in (None, passphrase):
         try:
-            priv = serialization.load_pem_private_key(pem, password=password)
+            priv = serialization.load_pem_private_key(
+                pem, password=None if password is None else password())
             break
         except TypeError:  # encrypted and no password given, or the reverse
             continue
@@ -131,16 +234,16 @@ class SignerRegistry:
 
     Args:
         keys_dir: the key directory.
-        passphrase: passphrase of ``encfile:`` keys.
+        passphrase: passphrases of ``encfile:`` keys per role (or one for all).
         secrets: answers securesystemslib's secret prompts (e.g. ``"pin"`` for an HSM).
     """
 
-    def __init__(self, keys_dir: Path, passphrase: bytes,
+    def __init__(self, keys_dir: Path, passphrase: Passphrase,
                  secrets: Callable[[str], str] | None = None,
                  environ: Mapping[str, str] | None = None) -> None:
         self.keys_dir = keys_dir
         self.path = keys_dir / "signers.json"
-        self._passphrase = passphrase
+        self._passphrase = as_provider(passphrase)
         self._secrets = secrets
         self._environ = environ or {}
 
@@ -194,7 +297,7 @@ class SignerRegistry:
             if not pem:
                 raise KeyError_(f"environment variable {rest} (key {uri}) is not set",
                                 path=uri)
-            return _signer_from_pem(pem.encode(), self._passphrase, uri)
+            return _signer_from_pem(pem.encode(), lambda: self._passphrase(role), uri)
         try:
             return Signer.from_priv_key_uri(uri, public_key, self._secrets)
         except (ValueError, OSError) as e:

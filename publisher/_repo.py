@@ -46,11 +46,13 @@ from publisher._keys import (
     ENCFILE,
     ROLES,
     SignerRegistry,
+    check_new_passphrase,
     generate_key_at,
     is_inside,
     load_signer,
     load_signer_at,
 )
+from publisher._passphrases import Passphrase, as_provider
 from publisher._rootflow import (
     RootNotPublishableError,
     default_uri,
@@ -179,12 +181,13 @@ class Repository:
     Args:
         repo: directory that is served (``metadata/`` and ``targets/``).
         keys: directory holding the encrypted role keys (never under ``repo``).
-        passphrase: passphrase of the key files.
+        passphrase: passphrases of the key files: a provider (role or team name -> bytes,
+            e.g. ``EnvPassphrases``), or one value for every role.
         expiry: metadata lifetimes.
     """
 
     def __init__(
-        self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None,
+        self, repo: Path, keys: Path, passphrase: Passphrase, expiry: Expiry | None = None,
         clock: Callable[[], datetime] = _now, secrets: Callable[[str], str] | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -193,12 +196,13 @@ class Repository:
                 f"key directory {keys} is inside the served repository {repo}",
                 hint="keep keys outside REPO: everything under it is published",
             )
-        self.repo, self.keys, self._passphrase = repo, keys, passphrase
+        self.repo, self.keys = repo, keys
+        self._passphrase = as_provider(passphrase)
         self.metadata_dir = repo / "metadata"
         self.targets_dir = repo / "targets"
         self.expiry = expiry or load_expiry(keys)  # KEYS/expiry.json: `repo set-expiry`
         self._clock = clock
-        self.signers = SignerRegistry(keys, passphrase, secrets, environ)
+        self.signers = SignerRegistry(keys, self._passphrase, secrets, environ)
         self.pending_dir = keys / "pending"
         self._sign_with: list[str] | None = None  # explicit signer URIs for the next write
 
@@ -225,6 +229,8 @@ class Repository:
         for role in set(thresholds) | set(key_counts):
             if role not in ROLES:
                 raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        for role in ROLES:  # every passphrase before the first key file is written
+            check_new_passphrase(self._passphrase(role), role)
         now = self._clock()
         root = Root(expires=now + self.expiry.root, consistent_snapshot=True)
         uris: list[str] = []
@@ -236,7 +242,7 @@ class Repository:
                     f"keys (--keys-per-role {role}=N); got {count}")
             for i in range(count):
                 name = f"{role}.pem" if i == 0 else f"{role}-{i + 1}.pem"
-                key = generate_key_at(self.keys / name, self._passphrase)
+                key = generate_key_at(self.keys / name, self._passphrase, role)
                 root.add_key(key, role)
                 self.signers.add(key.keyid, f"{ENCFILE}:{name}")
                 uris.append(f"{ENCFILE}:{name}")
@@ -818,7 +824,7 @@ class Repository:
                 raise TeamMustActError(name, f"delegating to role {name!r} again", key_file)
             key = load_signer_at(key_file, self._passphrase, name).public_key
         else:
-            key = generate_key_at(key_file, self._passphrase)
+            key = generate_key_at(key_file, self._passphrase, name)
             self.signers.add(key.keyid, f"{ENCFILE}:{key_file.name}")
         if delegating.delegations is None:
             delegating.delegations = Delegations(keys={}, roles={})
@@ -998,7 +1004,7 @@ class Repository:
         rotating = self.keys / "rotating"
         tmp = rotating / f"{role}-new.pem"
         tmp.unlink(missing_ok=True)  # a rotation that crashed before it was registered
-        new_key = generate_key_at(tmp, self._passphrase)
+        new_key = generate_key_at(tmp, self._passphrase, role)
         final = rotating / f"{role}-{new_key.keyid[:16]}.pem"
         tmp.replace(final)
         new_uri = f"{ENCFILE}:rotating/{final.name}"

@@ -20,6 +20,7 @@ from agent import AgentConfig, load_config  # noqa: E402
 from agent import provision as agent_provision  # noqa: E402
 from agent import update as agent_update  # noqa: E402
 from publisher import BuildOptions, Repository, build_bundle  # noqa: E402
+from publisher._keyfile import ScryptParams  # noqa: E402
 from simulator import (  # noqa: E402
     CertPair,
     SwtpmHandle,
@@ -187,6 +188,9 @@ def _new_repo(
 ) -> tuple[Path, Path, Path, Repository, Path]:
     """A fresh repository with threshold-1 keys: (repo dir, keys, builds, repo, root)."""
     monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
+    # Test speed: these throwaway keys use a cheap scrypt (about 1 ms, not 0.1 s, per use,
+    # here and in every CLI child that opens them); the real cost is tested in test_i14_keys.
+    monkeypatch.setattr("publisher._keyfile.DEFAULT_SCRYPT", ScryptParams(2**10, 8, 1))
     repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
     builds.mkdir()
     repo = Repository(repo_dir, keys, PASSPHRASE)
