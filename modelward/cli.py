@@ -42,10 +42,15 @@ def _secrets(what: str) -> str:
 
 def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
     from publisher import Repository
+    from publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
-    return Repository(args.repo, args.keys, _passphrase(confirm=confirm), secrets=_secrets,
+    passphrase = _passphrase(confirm=confirm)
+    repo = Repository(args.repo, args.keys, passphrase, secrets=_secrets,
                       environ=dict(os.environ))
+    online = getattr(args, "online_dir", None) or os.environ.get(ONLINE_DIR_ENV)
+    return attach(repo, Path(online) if online else None,
+                  env_passphrases(os.environ, lambda: passphrase), _secrets, os.environ)
 
 
 def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
@@ -108,6 +113,9 @@ def _repo_init(args: argparse.Namespace) -> int:
     root = repo.init(_role_numbers(args.threshold, "--threshold"),
                      _role_numbers(args.keys_per_role, "--keys-per-role"))
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
+    if args.online_dir:
+        print(f"snapshot and timestamp keys in {args.online_dir}: move that directory to the "
+              "online host (README \"Production layout\"); keep the key directory offline")
     print(f"provision devices with {root}")
     return EXIT_OK
 
@@ -188,8 +196,22 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
 
 def _repo_refresh(args: argparse.Namespace) -> int:
+    from publisher import Repository
+    from publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
+    from trust.errors import OperatorInputError
 
-    repo = _repository(args)
+    online = args.online_dir or (Path(os.environ[ONLINE_DIR_ENV])
+                                 if os.environ.get(ONLINE_DIR_ENV) else None)
+    if online is not None and args.keys is None:
+        # The online host: only the online directory, never the offline key directory.
+        repo = attach(Repository(args.repo, online, b"", secrets=_secrets,
+                                 environ=dict(os.environ)), online,
+                      env_passphrases(os.environ, lambda: _passphrase(confirm=False)),
+                      _secrets, os.environ)
+    elif args.keys is None:
+        raise OperatorInputError("repo refresh needs --online-dir (the online host) or --keys")
+    else:
+        repo = _repository(args)
     done = repo.refresh()
     print(f"re-signed {', '.join(done)}")
     return EXIT_OK
@@ -561,6 +583,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signatures a role needs (default 1; repeatable)")
     r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
                    help="encrypted-file keys made for a role (default 1; repeatable)")
+    r.add_argument("--online-dir", type=Path, metavar="DIR",
+                   help="put the snapshot and timestamp keys here, apart from --keys (the "
+                        "online host's directory; passphrases MODELWARD_KEY_PASSPHRASE_SNAPSHOT "
+                        "and _TIMESTAMP)")
     r.set_defaults(func=_repo_init)
     r = rsub.add_parser("delegate", help="give a team its own key for some model paths")
     r.add_argument("name", help="the delegated role (team) name")
@@ -597,7 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_repo_rotate)
     r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
     r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--keys", type=Path, help="key directory (single-machine layout)")
+    r.add_argument("--online-dir", type=Path, metavar="DIR",
+                   help="the online keys only (the online host; KEYS is never opened)")
     r.set_defaults(func=_repo_refresh)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
     r.add_argument("--repo", type=Path, required=True)

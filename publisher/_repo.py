@@ -43,6 +43,15 @@ from publisher._keys import (
     load_signer,
     load_signer_at,
 )
+from publisher._online import (
+    OnlineKeys,
+    after_init,
+    key_home,
+    newest_signed_targets,
+    online_elsewhere,
+    refuse_rotate,
+)
+from publisher._online import refresh as _online_refresh
 from publisher.errors import RepositoryStateError
 from trust import slot_fingerprint, write_atomic
 from updater import SemVer, extract_bundle
@@ -173,7 +182,12 @@ class Repository:
         keys: directory holding the encrypted role keys (never under ``repo``).
         passphrase: passphrase of the key files.
         expiry: metadata lifetimes.
+
+    ``online`` (set by :func:`publisher._online.attach`): the directory of the snapshot and
+    timestamp keys, apart from ``keys`` (README "Production layout").
     """
+
+    online: OnlineKeys | None = None
 
     def __init__(
         self, repo: Path, keys: Path, passphrase: bytes, expiry: Expiry | None = None,
@@ -226,11 +240,12 @@ class Repository:
                 raise RepositoryStateError(
                     f"{role}: threshold {thresholds.get(role, 1)} needs at least that many "
                     f"keys (--keys-per-role {role}=N); got {count}")
+            home = key_home(self, role)  # snapshot, timestamp: maybe the online directory
             for i in range(count):
                 name = f"{role}.pem" if i == 0 else f"{role}-{i + 1}.pem"
-                key = generate_key_at(self.keys / name, self._passphrase)
+                key = generate_key_at(home.dir / name, home.passphrase())
                 root.add_key(key, role)
-                self.signers.add(key.keyid, f"{ENCFILE}:{name}")
+                home.registry.add(key.keyid, f"{ENCFILE}:{name}")
                 uris.append(f"{ENCFILE}:{name}")
             root.roles[role].threshold = thresholds.get(role, 1)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
@@ -242,6 +257,7 @@ class Repository:
             self._snapshot_and_timestamp(targets_version=1)
         finally:
             self._sign_with = None
+        after_init(self)
         return self.metadata_dir / "1.root.json"
 
     # -- reading -------------------------------------------------------------
@@ -273,12 +289,15 @@ class Repository:
         ts: Timestamp = self._load("timestamp.json").signed
         snap: Snapshot = self._load(f"{ts.snapshot_meta.version}.snapshot.json").signed
         targets: Targets = self._load(f"{snap.meta['targets.json'].version}.targets.json").signed
+        if online_elsewhere(self):  # signed here, not yet in the online host's snapshot
+            targets = newest_signed_targets(self, targets)
         return targets, snap, ts
 
     # -- writing -------------------------------------------------------------
 
     def _signer(self, role: str) -> Signer:
-        return load_signer(self.keys, role, self._passphrase)
+        home = key_home(self, role)
+        return load_signer(home.dir, role, home.passphrase())
 
     def _trusted_root(self) -> Root:
         root: Root = self._load(f"{self.latest_root_version()}.root.json").signed
@@ -292,7 +311,8 @@ class Repository:
                 waits in ``KEYS/pending/`` for `repo sign`.
         """
         root = md.signed if role == "root" else self._trusted_root()
-        entries = self.signers.entries()
+        registry = key_home(self, role).registry
+        entries = registry.entries()
         default = f"{ENCFILE}:{role}.pem"
         # Explicit URIs count for the role they belong to; otherwise the role's default
         # key (its first encrypted file, made at init) signs.
@@ -304,7 +324,7 @@ class Repository:
             if keyid is None:
                 md.sign(self._signer(role), append=True)  # a repository from before
                 continue
-            md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+            md.sign(registry.signer(uri, root.get_key(keyid), role), append=True)
         self._publish_or_park(md, role, version, root)
 
     def _publish_or_park(self, md: Metadata, role: str, version: int | None,  # type: ignore[type-arg]
@@ -341,10 +361,11 @@ class Repository:
         path = pending[-1]
         md = Metadata.from_bytes(path.read_bytes())
         root = md.signed if role == "root" else self._trusted_root()
-        keyid = self.signers.keyid_for(uri)
+        registry = key_home(self, role).registry
+        keyid = registry.keyid_for(uri)
         if keyid not in root.roles[role].keyids:
             raise RepositoryStateError(f"{uri} is not a {role} key")
-        md.sign(self.signers.signer(uri, root.get_key(keyid), role), append=True)
+        md.sign(registry.signer(uri, root.get_key(keyid), role), append=True)
         version = int(path.name.split(".", 1)[0])
         self._publish_or_park(md, role, version, root)
         path.unlink(missing_ok=True)
@@ -374,7 +395,7 @@ class Repository:
             root.roles[role].threshold = threshold
         root.version = version + 1
         root.expires = self._clock() + self.expiry.root
-        self.signers.add(public_key.keyid, uri)
+        key_home(self, role).registry.add(public_key.keyid, uri)
         self._write(Metadata(root), "root", root.version)
         return int(root.version)
 
@@ -391,6 +412,10 @@ class Repository:
                         hashes={"sha256": hashlib.sha256(data).hexdigest()})
 
     def _snapshot_and_timestamp(self, targets_version: int) -> int:
+        if online_elsewhere(self):
+            logger.warning("targets v%d signed; the online host's `repo refresh` lists it in "
+                           "the next snapshot and timestamp", targets_version)
+            return int(self.current()[2].version)
         now = self._clock()
         try:
             _, old_snap, old_ts = self.current()
@@ -803,6 +828,7 @@ class Repository:
         """
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        refuse_rotate(self, role)
         now = self._clock()
         version = self.latest_root_version()
         root_md = self._load(f"{version}.root.json")
@@ -857,6 +883,9 @@ class Repository:
         """
         margin = margin if margin is not None else self.expiry.timestamp / 2
         now = self._clock()
+        if self.online is not None or online_elsewhere(self):
+            key_home(self, "timestamp")  # refused here without the online directory
+            return _online_refresh(self, margin, now)
         targets, snap, ts = self.current()
         done = []
         if snap.expires - now < margin:
