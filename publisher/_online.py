@@ -412,10 +412,15 @@ def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
     """On the offline side of the two-machine layout: the newest targets this machine signed,
     which the online host may not have put in a snapshot yet (so the next change builds on
     it, never on an older version)."""
-    root = repo._trusted_root()
-    verified, top = verified_versions(repo.metadata_dir, root, published.version)
-    return top if top is not None and verified.get("targets", 0) > published.version \
-        else published
+    newest = published
+    for v in range(repo.latest_root_version(), 0, -1):  # signed under any root of ours
+        md = _read(repo.metadata_dir / f"{v}.root.json")
+        if md is None or not isinstance(md.signed, Root):
+            continue
+        _, top = verified_versions(repo.metadata_dir, md.signed, newest.version + 1)
+        if top is not None and top.version > newest.version:
+            newest = top
+    return newest
 
 
 def attach(repo: Repository, online_dir: Path | None, passphrases: Passphrases,
