@@ -333,3 +333,23 @@ def test_online_refresh_signature_threshold(lay: Layout) -> None:
     pub = serialization.load_pem_private_key(
         (lay.online_dir / "timestamp.pem").read_bytes(), PASS["timestamp"]).public_key()
     assert pub is not None
+
+
+def test_added_online_key_is_registered_online_and_signs(lay: Layout) -> None:
+    """`repo add-key snapshot` with the online directory (MODELWARD_ONLINE_DIR): the URI goes
+    to ONLINE/signers.json, never KEYS; root v2 chains and refresh signs with both keys."""
+    extra = CryptoSigner.generate_ed25519()
+    pem = extra._private_key.private_bytes(  # noqa: SLF001 - a test key
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
+    assert both.add_key("snapshot", "envvar:SNAP2", extra.public_key) == 2
+    assert extra.public_key.keyid in json.loads((lay.online_dir / "signers.json").read_text())
+    assert extra.public_key.keyid not in json.loads((lay.keys / "signers.json").read_text())
+    online = attach(Repository(lay.repo_dir, lay.online_dir, b""), lay.online_dir, _pw,
+                    environ={"SNAP2": pem})
+    lay.offline.publish(lay.bundle("1.0.0"))
+    online.refresh()
+    ts = lay.md("timestamp.json").signed
+    snap = lay.md(f"{ts.snapshot_meta.version}.snapshot.json")
+    assert extra.public_key.keyid in snap.signatures and len(snap.signatures) == 2
