@@ -353,3 +353,31 @@ def test_added_online_key_is_registered_online_and_signs(lay: Layout) -> None:
     ts = lay.md("timestamp.json").signed
     snap = lay.md(f"{ts.snapshot_meta.version}.snapshot.json")
     assert extra.public_key.keyid in snap.signatures and len(snap.signatures) == 2
+
+
+def test_cli_refresh_pointed_at_the_offline_keys_is_refused(lay: Layout) -> None:
+    """The careless operator gives the timer KEYS as its online directory."""
+    ts = (lay.repo_dir / "metadata" / "timestamp.json").read_bytes()
+    r = subprocess.run([sys.executable, "-m", "modelward", "repo", "refresh", "--repo",
+                        str(lay.repo_dir), "--online-dir", str(lay.keys)], capture_output=True,
+                       text=True, env={"MODELWARD_KEY_PASSPHRASE": OFFLINE.decode(),
+                                       "PATH": "/usr/bin"}, check=False)
+    assert r.returncode == 1 and r.stderr.startswith("modelward: error: ")
+    assert "Traceback" not in r.stderr
+    assert (lay.repo_dir / "metadata" / "timestamp.json").read_bytes() == ts
+
+
+def test_deep_or_huge_targets_file_is_ignored(lay: Layout) -> None:
+    """The origin drops unparseable newer targets: refresh logs and goes on."""
+    (lay.repo_dir / "metadata" / "2.targets.json").write_bytes(b"[" * 100_000)
+    (lay.repo_dir / "metadata" / "3.targets.json").write_bytes(b" " * (17 << 20))
+    assert lay.online().refresh() == ["timestamp"]
+    assert lay.snapshot_meta() == {"targets.json": 1}
+
+
+def test_online_key_symlinked_to_an_offline_key_is_refused(lay: Layout) -> None:
+    """The disk of the online host: signers.json or a key file pointing into KEYS."""
+    (lay.online_dir / "timestamp.pem").unlink()
+    (lay.online_dir / "timestamp.pem").symlink_to(lay.keys / "root.pem")
+    with pytest.raises(KeyError_, match="points outside"):
+        lay.online().refresh()
