@@ -29,6 +29,7 @@ from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
+from tuf.api.serialization.json import JSONSerializer
 
 from publisher._keys import ENCFILE, ROLES, SignerRegistry, is_inside
 from publisher.errors import KeyError_, RepositoryStateError
@@ -273,11 +274,12 @@ def trusted_root(online_dir: Path, metadata_dir: Path) -> Root:
         root = new.signed
 
 
-def verified_versions(metadata_dir: Path, root: Root, targets_floor: int
+def verified_versions(metadata_dir: Path, root: Root, targets_floor: int,
+                      log: Callable[..., None] = logger.warning
                       ) -> tuple[dict[str, int], Targets | None]:
     """The newest targets (at least ``targets_floor``) signed by root's targets threshold,
     and the newest version of every role it delegates to (transitively) that verifies
-    through its delegator.
+    through its delegator (``log``: where files that do not verify are reported).
 
     Returns:
         ({"targets": v, role: v, ...}, the verified targets or None).
@@ -293,7 +295,7 @@ def verified_versions(metadata_dir: Path, root: Root, targets_floor: int
                 raise ValueError("not targets metadata of that version")
             root.verify_delegate("targets", md.signed_bytes, md.signatures)
         except (UnsignedMetadataError, ValueError) as e:
-            logger.warning("ignoring %s.targets.json: not signed by the targets keys of "
+            log("ignoring %s.targets.json: not signed by the targets keys of "
                            "root v%d: %s", v, root.version, e)
             continue
         out["targets"], top = v, md.signed
@@ -316,7 +318,7 @@ def verified_versions(metadata_dir: Path, root: Root, targets_floor: int
                         raise ValueError("not targets metadata of that version")
                     parent.verify_delegate(name, md.signed_bytes, md.signatures)
                 except (UnsignedMetadataError, ValueError) as e:
-                    logger.warning("ignoring %s.%s.json: not signed by the keys its "
+                    log("ignoring %s.%s.json: not signed by the keys its "
                                    "delegator gives role %r: %s", v, name, name, e)
                     continue
                 out[name] = v
@@ -325,10 +327,13 @@ def verified_versions(metadata_dir: Path, root: Root, targets_floor: int
     return out, top
 
 
-def _sign(repo: Repository, md: Metadata[Any], role: str, root: Root,
-          version: int | None) -> None:
-    """Sign with every key of ``role`` in the verified ``root`` that the online directory
-    registers, then publish (or park short of the threshold)."""
+def _signers(repo: Repository, role: str, root: Root) -> list[Signer]:
+    """Every key of ``role`` in the verified ``root`` that the online directory registers,
+    loaded (passphrase, PIN) before anything is written.
+
+    Raises:
+        KeyError_: none registered, or one cannot be loaded.
+    """
     home = key_home(repo, role)
     entries = home.registry.entries()
     keyids = [k for k in root.roles[role].keyids if k in entries]
@@ -338,9 +343,27 @@ def _sign(repo: Repository, md: Metadata[Any], role: str, root: Root,
             path=str(home.registry.path),
             hint=f"register the new {role} key there (`repo add-key` with "
                  f"{ONLINE_DIR_ENV})")
-    for keyid in keyids:
-        md.sign(home.registry.signer(entries[keyid], root.get_key(keyid), role), append=True)
-    repo._publish_or_park(md, role, version, root)
+    return [home.registry.signer(entries[keyid], root.get_key(keyid), role)
+            for keyid in keyids]
+
+
+def _publish(repo: Repository, md: Metadata[Any], role: str, root: Root,
+             signers: list[Signer], name: str) -> None:
+    """Sign and write ``metadata/name``; short of the threshold nothing is written (the
+    online directory is read-only to the refresh unit: nothing can wait there).
+
+    Raises:
+        RepositoryStateError: the registered keys do not meet the role's threshold.
+    """
+    for signer in signers:
+        md.sign(signer, append=True)
+    try:
+        root.verify_delegate(role, md.signed_bytes, md.signatures)
+    except UnsignedMetadataError as e:
+        raise RepositoryStateError(
+            f"{role}: the keys in the online directory do not meet its threshold in root "
+            f"v{root.version}: {e}", hint=f"register more {role} keys there") from e
+    write_atomic(repo.metadata_dir / name, md.to_bytes(JSONSerializer(compact=False)))
 
 
 def refuse_offline_keys(online_dir: Path, root: Root) -> None:
@@ -384,6 +407,7 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     previous = {name.removesuffix(".json"): m.version for name, m in snap.meta.items()}
     verified, top = verified_versions(repo.metadata_dir, root, previous.get("targets", 1))
     new_meta = next_snapshot_meta(previous, verified)
+    keys = {role: _signers(repo, role, root) for role in ONLINE_ROLES}
     done = []
     if new_meta is not None or snap.expires - now < margin:
         meta = new_meta or previous
@@ -395,11 +419,12 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
                         meta={f"{name}.json": (repo._signed_meta(name, v) if name == "targets"
                                                else MetaFile(version=v))
                               for name, v in meta.items()})
-        _sign(repo, Metadata(snap), "snapshot", root, snap.version)
+        _publish(repo, Metadata(snap), "snapshot", root, keys["snapshot"],
+                 f"{snap.version}.snapshot.json")
         done.append("snapshot")
     ts = Timestamp(version=ts.version + 1, expires=now + repo.expiry.timestamp,
                    snapshot_meta=repo._signed_meta("snapshot", snap.version))
-    _sign(repo, Metadata(ts), "timestamp", root, None)
+    _publish(repo, Metadata(ts), "timestamp", root, keys["timestamp"], "timestamp.json")
     done.append("timestamp")
     shown = top if top is not None else targets
     if shown.expires - now < margin:
@@ -417,7 +442,8 @@ def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
         md = _read(repo.metadata_dir / f"{v}.root.json")
         if md is None or not isinstance(md.signed, Root):
             continue
-        _, top = verified_versions(repo.metadata_dir, md.signed, newest.version + 1)
+        _, top = verified_versions(repo.metadata_dir, md.signed, newest.version + 1,
+                                   log=logger.debug)
         if top is not None and top.version > newest.version:
             newest = top
     return newest

@@ -381,3 +381,35 @@ def test_online_key_symlinked_to_an_offline_key_is_refused(lay: Layout) -> None:
     (lay.online_dir / "timestamp.pem").symlink_to(lay.keys / "root.pem")
     with pytest.raises(KeyError_, match="points outside"):
         lay.online().refresh()
+
+
+def _metadata_files(lay: Layout) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()}
+
+
+def test_wrong_timestamp_passphrase_writes_nothing(lay: Layout) -> None:
+    """Both online keys load before anything is written: no snapshot without a timestamp."""
+    lay.offline.publish(lay.bundle("1.0.0"))
+    before = _metadata_files(lay)
+    wrong = {**PASS, "timestamp": b"not the timestamp passphrase"}
+    online = attach(Repository(lay.repo_dir, lay.online_dir, b""), lay.online_dir,
+                    wrong.__getitem__)
+    with pytest.raises(KeyError_, match="cannot decrypt the timestamp key"):
+        online.refresh()
+    assert _metadata_files(lay) == before
+
+
+def test_online_threshold_not_met_writes_nothing(lay: Layout) -> None:
+    """Timestamp threshold 2, one key in the online directory: a typed error, no file (the
+    unit's online directory is read-only: nothing can wait there for more signatures)."""
+    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
+    other = CryptoSigner.generate_ed25519().public_key
+    both.add_key("timestamp", "envvar:ELSEWHERE", other, threshold=2)
+    doc = json.loads((lay.online_dir / "signers.json").read_text())
+    del doc[other.keyid]  # that key is held on another host
+    (lay.online_dir / "signers.json").write_text(json.dumps(doc))
+    before = _metadata_files(lay)
+    with pytest.raises(RepositoryStateError, match="do not meet its threshold in root v2"):
+        lay.online().refresh()
+    assert _metadata_files(lay) == before
+    assert not (lay.online_dir / "pending").exists()
