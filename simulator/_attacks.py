@@ -197,7 +197,8 @@ class RepoAttacker:
 
 
 
-def _pax_record(key: str, value: str) -> bytes:
+def pax_record(key: str, value: str) -> bytes:
+    """One pax extended-header record ``"<len> key=value\n"``."""
     body = f" {key}={value}\n".encode()
     n = len(body) + 1
     while len(str(n)) + len(body) != n:
@@ -211,7 +212,7 @@ def pax_headers(length: int) -> bytes:
     a signed release's name, or signed by a compromised pipeline."""
     import tarfile
 
-    records = b"".join(_pax_record(f"k{i:016d}", "v") for i in range(60 * 1024 // 22))
+    records = b"".join(pax_record(f"k{i:016d}", "v") for i in range(60 * 1024 // 22))
     info = tarfile.TarInfo("././@PaxHeader")
     info.type, info.size = tarfile.XHDTYPE, len(records)
     one = info.tobuf(tarfile.USTAR_FORMAT) + records + b"\0" * (-len(records) % 512)

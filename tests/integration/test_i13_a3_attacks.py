@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import time
 from typing import Any
 
 import pytest
 
 from simulator import RepoAttacker
+from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
 from updater import MqttConnection
 from updater._mqtt import publish_properties
@@ -109,31 +107,13 @@ def test_a3_nested_announcement_does_not_deafen_the_listener(mqtt_world: MqttWor
     assert got == [7]
 
 
-_RSS_WRAPPER = (  # VmHWM (as in test_i13_bounds)
-    "import re, sys\n"
-    "from modelward.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
-
-
-def _update_rss(w: World) -> tuple[int, int, str]:
-    r = subprocess.run(
-        [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config", str(w.conf_path),
-         "--once"], capture_output=True, text=True, check=False, timeout=300)
-    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
-    assert m, r.stderr
-    return r.returncode, int(m.group(1)), r.stderr
-
 
 @pytest.mark.parametrize("role", ["snapshot", "targets"])
 def test_a3_junk_metadata_of_the_default_max_length_keeps_rss_bounded(
     world: World, role: str,
 ) -> None:
     world.publish("1.0.0", seed=1)
-    rc, normal, err = _update_rss(world)
+    rc, normal, err = update_peak_rss(world.conf_path)
     assert rc == 0, err
     world.publish("2.0.0", seed=2)
     a = RepoAttacker(world.repo_dir, world.keys, PASSPHRASE)
@@ -144,7 +124,7 @@ def test_a3_junk_metadata_of_the_default_max_length_keeps_rss_bounded(
     a.serve(world.repo_dir / "metadata" / (snap_name if role == "snapshot" else targets_name),
             junk)
     before = world.snapshot()
-    rc, rss, err = _update_rss(world)
+    rc, rss, err = update_peak_rss(world.conf_path)
     assert rc == 1, err
     assert "Traceback" not in err, err[-600:]
     assert _trusted(world.snapshot()) == _trusted(before)

@@ -8,23 +8,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from simulator._teams import team_sign
+from tests._helpers import repo_cli_ok, team_release_installed
 from tests.conftest import World
 from updater.errors import MetadataError
 
 
-def _cli_ok(w: World, *argv: str) -> str:
-    r = w.cli(*argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: World) -> None:
-    world.publish("1.0.0", seed=1)
-    world.publish("2.0.0", seed=2)
-    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
-    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3))
-    world.update()
-    assert world.active_version() == "3.0.0"
+    team_release_installed(world)
     # The team's 3.0.0 is bad; before the operator acts, the (compromised) team key
     # publishes its role expired. The operator pins the fleet back to 2.0.0.
     repo = world.repo
@@ -33,7 +23,7 @@ def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: Wo
     md.signed.expires = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=1)
     repo._write_delegated(md, "cls-team", repo.keys / "delegated-cls-team.pem")  # noqa: SLF001
     repo._snapshot_and_timestamp(repo.current()[0].version)  # noqa: SLF001
-    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    repo_cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
     try:
         world.update()
     except MetadataError as e:
@@ -45,12 +35,12 @@ def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: Wo
 def test_attack_operator_halt_of_a_team_pin_ships_it(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.publish("2.0.0", seed=2)
-    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
-    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    repo_cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    repo_cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
     team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3), pinned=True)
     world.update()
     assert world.active_version() == "2.0.0"  # the operator's pin wins over the team's
-    _cli_ok(world, "rollout", "set", "classifier", "3.0.0", "--halt")
+    repo_cli_ok(world, "rollout", "set", "classifier", "3.0.0", "--halt")
     before = world.snapshot()
     r = world.update()
     assert world.active_version() == "2.0.0", r.message

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -30,6 +27,8 @@ from pathlib import Path
 import pytest
 
 from simulator import RepoAttacker
+from simulator._attacks import pax_record
+from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
 from updater import MqttConnection
 from updater._mqtt import publish_properties
@@ -38,25 +37,6 @@ from updater._tarstream import BLOCK
 MIB = 1 << 20
 SLACK_KIB = 16 * 1024  # the issue's bound: normal peak + 16 MiB
 PAD_MIB = 48
-
-_RSS_WRAPPER = (  # VmHWM, not ru_maxrss, which survives execve (see test_memory.py)
-    "import re, sys\n"
-    "from modelward.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
-
-
-def _update(w: World) -> tuple[int, int, str]:
-    """``agent update --once`` in a child: (exit code, peak RSS in KiB, stderr)."""
-    r = subprocess.run(
-        [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config", str(w.conf_path),
-         "--once"], capture_output=True, text=True, check=False, timeout=300)
-    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
-    assert m, r.stderr
-    return r.returncode, int(m.group(1)), r.stderr
 
 
 def _padding(path: Path, mib: int) -> Path:
@@ -72,18 +52,10 @@ def _install_normally(w: World, version: str, seed: int, mib: int) -> int:
     pad = _padding(w.builds / f"pad-{version}", mib)
     w.publish(version, seed=seed, extra=[(pad, "data/pad.bin")])
     pad.unlink()
-    rc, rss, err = _update(w)
+    rc, rss, err = update_peak_rss(w.conf_path)
     assert rc == 0, err
     assert w.active_version() == version
     return rss
-
-
-def _record(key: str, value: str) -> bytes:
-    body = f" {key}={value}\n".encode()
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
 
 
 def _xheader(records: bytes) -> bytes:
@@ -96,9 +68,9 @@ def pax_only(length: int, header: str) -> bytes:
     """``length`` bytes of pax headers: "big" ones (60 KiB of small distinct records, what
     made the old reader hold ~7x the stream) or "small" ones (one record each)."""
     if header == "big":
-        recs = b"".join(_record(f"k{i:016d}", "v") for i in range(60 * 1024 // 22))
+        recs = b"".join(pax_record(f"k{i:016d}", "v") for i in range(60 * 1024 // 22))
     else:
-        recs = _record("path", "model.onnx")
+        recs = pax_record("path", "model.onnx")
     one = _xheader(recs)
     data = one * (length // len(one))
     return data + b"\0" * (length - len(data))
@@ -133,7 +105,7 @@ def test_i13_pax_header_bundle_of_the_signed_length_is_refused_with_bounded_rss(
         a.sign_raw(pax_only(PAD_MIB * MIB + 10 * BLOCK, header), "classifier", "2.0.0",
                    "0" * 64)
     before = world.snapshot()
-    rc, rss, err = _update(world)
+    rc, rss, err = update_peak_rss(world.conf_path)
     assert rc == 1, err
     if attacker == "origin":  # the hash is checked before a bundle error is believed
         assert _last_error(world) == "TargetHashError", err
@@ -182,7 +154,7 @@ def test_i13_junk_flood_on_the_response_topic_keeps_rss_bounded(
     t.start()
     time.sleep(0.5)  # the flood is on before the device connects
     try:
-        rc, rss, err = _update(w)
+        rc, rss, err = update_peak_rss(w.conf_path)
     finally:
         stop.set()
         t.join(60)

@@ -6,37 +6,22 @@ one warning, so the update goes through."""
 from __future__ import annotations
 
 import os
-import re
 import subprocess
-import sys
 import time
 
 import pytest
 
+from tests._helpers import update_peak_rss
 from tests.conftest import World
-
-_RSS_WRAPPER = (  # VmHWM of the child itself (see test_memory.py)
-    "import re, sys\n"
-    "from modelward.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
 
 
 def _update(w: World) -> tuple[int, str]:
     try:
-        r = subprocess.run(
-            [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config",
-             str(w.conf_path), "--once"], capture_output=True, text=True, check=False,
-            timeout=60)
+        rc, rss, err = update_peak_rss(w.conf_path, timeout=60)
     except subprocess.TimeoutExpired:
         pytest.fail("agent update --once hung on busy_file")
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
-    assert m, r.stderr
-    return int(m.group(1)), r.stderr
+    assert rc == 0, err
+    return rss, err
 
 
 def test_i13_busy_file_that_is_no_signal_neither_hangs_nor_blocks_the_update(

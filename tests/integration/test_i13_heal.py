@@ -17,6 +17,7 @@ import pytest
 
 from agent import run_boot_check
 from simulator import RepoAttacker
+from tests._helpers import publish_root_v2
 from tests.conftest import PASSPHRASE, MqttWorld, World, copytree
 from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 from updater.errors import RollbackError, TrustStateLostError
@@ -140,18 +141,9 @@ def test_i13_heal_after_root_json_lost(world: World, how: str) -> None:
     """9c: root.json alone deleted or replaced, after a root rotation (so the anchored root
     is 2.root.json): the record is still authentic, so it is kept; only the root is
     fetched again, by its anchored sha256."""
-    from tuf.api.metadata import Metadata, Root
-
-    from publisher._keys import load_signer
-
     world.publish("1.0.0", seed=1)
     world.update()
-    md = world.repo_dir / "metadata"
-    root_md = Metadata[Root].from_bytes((md / "1.root.json").read_bytes())
-    root_md.signed.version = 2
-    root_md.signatures.clear()
-    root_md.sign(load_signer(world.keys, "root", PASSPHRASE))
-    (md / "2.root.json").write_bytes(root_md.to_bytes())
+    publish_root_v2(world.repo_dir, world.keys, PASSPHRASE)
     world.publish("2.0.0", seed=2)
     world.update()
     before = world.snapshot()
@@ -161,7 +153,8 @@ def test_i13_heal_after_root_json_lost(world: World, how: str) -> None:
     if how == "deleted":
         root.unlink()
     else:
-        root.write_bytes((md / "1.root.json").read_bytes())  # valid, signed, older root
+        old = world.repo_dir / "metadata" / "1.root.json"
+        root.write_bytes(old.read_bytes())  # valid, signed, older root
     _boot_check_refuses(world, RootAnchorError)
 
     _heals_to(world, "2.0.0")

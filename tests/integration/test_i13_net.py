@@ -8,37 +8,17 @@ device's lowered ``TufConfig`` maxima instead of ngclient's defaults.
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
-
 from tuf.api.metadata import Metadata, MetaFile
 
 from simulator import RepoAttacker
+from tests._helpers import update_peak_rss
 from tests.conftest import PASSPHRASE, DeviceState, World
 from updater._config import TufConfig
-
-_RSS_WRAPPER = (
-    "import re, sys\n"
-    "from modelward.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
 
 
 def _trusted(s: DeviceState) -> tuple[object, ...]:
     return s.record, s.counter, s.anchor, s.current, s.slots
 
-
-def _update_rss(w: World) -> tuple[int, int, str]:
-    r = subprocess.run(
-        [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config", str(w.conf_path),
-         "--once"], capture_output=True, text=True, check=False, timeout=300)
-    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
-    assert m, r.stderr
-    return r.returncode, int(m.group(1)), r.stderr
 
 
 def _strip_signed_lengths(a: RepoAttacker) -> None:
@@ -75,7 +55,7 @@ def test_junk_targets_within_the_device_bound_is_refused_by_the_signed_length(
     """Junk of the device's own targets maximum (not ngclient's): only the signed length
     keeps it from being parsed (~20x in objects)."""
     world.publish("1.0.0", seed=1)
-    rc, normal, err = _update_rss(world)
+    rc, normal, err = update_peak_rss(world.conf_path)
     assert rc == 0, err
     world.publish("2.0.0", seed=2)
     a = RepoAttacker(world.repo_dir, world.keys, PASSPHRASE)
@@ -83,7 +63,7 @@ def test_junk_targets_within_the_device_bound_is_refused_by_the_signed_length(
     limit = TufConfig().targets_max_length
     a.serve(a.metadata / targets_name, b"[" + b"{}," * ((limit - 3) // 3) + b"{}]")
     before = world.snapshot()
-    rc, rss, err = _update_rss(world)
+    rc, rss, err = update_peak_rss(world.conf_path)
     assert rc == 1, err
     assert "Traceback" not in err, err[-600:]
     assert "DownloadLengthMismatch" in err or "length" in err.lower(), err[-600:]
@@ -96,7 +76,7 @@ def test_repository_without_signed_lengths_still_updates_and_is_bounded(world: W
     """A repository from before signed lengths: the update works; junk over the device's
     lowered bound (3 MB, under ngclient's 5 MB default) is refused before it is parsed."""
     world.publish("1.0.0", seed=1)
-    rc, normal, err = _update_rss(world)
+    rc, normal, err = update_peak_rss(world.conf_path)
     assert rc == 0, err
     world.publish("2.0.0", seed=2)
     a = RepoAttacker(world.repo_dir, world.keys, PASSPHRASE)
@@ -105,13 +85,13 @@ def test_repository_without_signed_lengths_still_updates_and_is_bounded(world: W
     good = (a.metadata / targets_name).read_bytes()
     a.serve(a.metadata / targets_name, b"[" + b"{}," * 1_000_000 + b"{}]")
     before = world.snapshot()
-    rc, rss, err = _update_rss(world)
+    rc, rss, err = update_peak_rss(world.conf_path)
     assert rc == 1, err
     assert "Traceback" not in err, err[-600:]
     assert _trusted(world.snapshot()) == _trusted(before)
     assert world.active_version() == "1.0.0"
     assert rss <= normal + 16 * 1024, (normal, rss)
     a.serve(a.metadata / targets_name, good)
-    rc, _, err = _update_rss(world)
+    rc, _, err = update_peak_rss(world.conf_path)
     assert rc == 0, err
     assert world.active_version() == "2.0.0"

@@ -11,24 +11,14 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import DelegatedRole, Delegations
 
 from simulator._teams import team_sign
+from tests._helpers import repo_cli_ok, team_release_installed
 from tests.conftest import World
-
-
-def _cli_ok(w: World, *argv: str) -> str:
-    r = w.cli(*argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def test_team_ghost_and_overlong_subroles_do_not_block_the_operators_pin(
     world: World
 ) -> None:
-    world.publish("1.0.0", seed=1)
-    world.publish("2.0.0", seed=2)
-    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
-    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3))
-    world.update()
-    assert world.active_version() == "3.0.0"
+    team_release_installed(world)
     # The (compromised) team key: sub-roles that cannot be loaded, listed before 3.0.0's
     # own entry would matter, for every classifier path.
     repo = world.repo
@@ -41,7 +31,7 @@ def test_team_ghost_and_overlong_subroles_do_not_block_the_operators_pin(
     repo._write_delegated(md, "cls-team", repo.keys / "delegated-cls-team.pem")  # noqa: SLF001
     repo._snapshot_and_timestamp(repo.current()[0].version)  # noqa: SLF001
     before = world.snapshot()
-    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")  # the publisher is not blocked
+    repo_cli_ok(world, "rollout", "pin", "classifier", "2.0.0")  # the publisher is not blocked
     r = world.update()
     assert world.active_version() == "2.0.0", r.message
     after = world.snapshot()
@@ -55,8 +45,8 @@ def test_team_cannot_republish_an_operator_withdrawn_version(world: World) -> No
     world.update()
     bad = world.bundle("2.0.0", seed=2)
     world.repo.publish(bad)
-    _cli_ok(world, "rollout", "withdraw", "classifier", "2.0.0")
-    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    repo_cli_ok(world, "rollout", "withdraw", "classifier", "2.0.0")
+    repo_cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
     r = world.cli("publish", str(bad), "--role", "cls-team", "--repo",
                   str(world.repo_dir), "--keys", str(world.keys))
     assert r.returncode != 0 and "withdrawn" in r.stderr, r.stderr

@@ -10,18 +10,13 @@ from dataclasses import replace
 import pytest
 
 from simulator._teams import team_sign
+from tests._helpers import repo_cli_ok
 from tests.conftest import DeviceState, World
 
 
 def _as(w: World, model: str) -> None:
     w.conf_path.write_text(w.conf_path.read_text().replace(
         'model = "classifier"', f'model = "{model}"'))
-
-
-def _cli_ok(w: World, *argv: str) -> str:
-    r = w.cli(*argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
 
 
 def _requested(w: World, since: int) -> list[str]:
@@ -46,7 +41,7 @@ def test_team_release_naming_another_model_is_installed_by_no_device(
 ) -> None:
     world.publish("1.0.0", seed=1)
     world.update()
-    _cli_ok(world, "repo", "delegate", "vision", "--paths", "detector/*")
+    repo_cli_ok(world, "repo", "delegate", "vision", "--paths", "detector/*")
     # The team's key signs, under its own detector/ paths, a release whose signed
     # fields name the classifier, newer than anything: a real, installable bundle.
     team_sign(world.repo, "vision", world.bundle("9.0.0", seed=9),
@@ -74,8 +69,8 @@ def test_team_pin_does_not_override_the_operators_pin(world: World) -> None:
     world.update()
     assert world.active_version() == "2.0.0"
     # The operator lets a team publish classifiers too, and pins the fleet to 2.0.0.
-    _cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
-    _cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
+    repo_cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    repo_cli_ok(world, "rollout", "pin", "classifier", "2.0.0")
     world.update()
     before = world.snapshot()
     # The team publishes 0.0.1 pinned (a downgrade) and a pinned re-signing of 2.0.0's
@@ -89,15 +84,15 @@ def test_team_pin_does_not_override_the_operators_pin(world: World) -> None:
 
 def test_operator_withdraws_and_halts_a_team_release(world: World) -> None:
     _as(world, "detector")
-    _cli_ok(world, "repo", "delegate", "vision", "--paths", "detector/*")
+    repo_cli_ok(world, "repo", "delegate", "vision", "--paths", "detector/*")
     for v, seed in (("1.0.0", 1), ("2.0.0", 2), ("3.0.0", 3)):
-        _cli_ok(world, "publish", "--role", "vision",
+        repo_cli_ok(world, "publish", "--role", "vision",
                 str(world.bundle(v, seed=seed, name="detector")))
     # 3.0.0 and 2.0.0 turn out bad; the operator acts without the team's key.
     (world.keys / "delegated-vision.pem").rename(world.tmp / "team-holds-its-key.pem")
-    out = _cli_ok(world, "rollout", "withdraw", "detector", "3.0.0")
+    out = repo_cli_ok(world, "rollout", "withdraw", "detector", "3.0.0")
     assert "withdrawn" in out
-    _cli_ok(world, "rollout", "set", "detector", "2.0.0", "--halt")
+    repo_cli_ok(world, "rollout", "set", "detector", "2.0.0", "--halt")
     world.update()
     assert world.active_version() == "1.0.0"
     before = world.snapshot()

@@ -3,25 +3,12 @@
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests._helpers import update_peak_rss
 from tests.conftest import World
-
-# VmHWM, not ru_maxrss: ru_maxrss survives execve, so a child forked from a large
-# pytest process would report the parent's peak instead of its own.
-_RSS_WRAPPER = (
-    "import re, sys\n"
-    "from modelward.cli import main\n"
-    "rc = main(sys.argv[1:])\n"
-    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
-    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
-    "sys.exit(rc)\n"
-)
 
 
 def _padding(path: Path, mib: int) -> Path:
@@ -33,15 +20,9 @@ def _padding(path: Path, mib: int) -> Path:
 
 
 def _update_rss_kib(w: World) -> int:
-    r = subprocess.run(
-        [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config", str(w.conf_path),
-         "--once"],
-        capture_output=True, text=True, check=False, timeout=600,
-    )
-    assert r.returncode == 0, r.stderr
-    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
-    assert m, r.stderr
-    return int(m.group(1))
+    rc, rss, err = update_peak_rss(w.conf_path, timeout=600)
+    assert rc == 0, err
+    return rss
 
 
 @pytest.mark.slow

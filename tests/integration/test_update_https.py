@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests._helpers import publish_root_v2
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 from updater import Outcome
 from updater.errors import (
@@ -206,18 +207,9 @@ def test_wrong_ca_is_refused(world: World, tmp_path: Path) -> None:
 def test_root_rotation_updates_the_tpm_anchor(world: World) -> None:
     import hashlib
 
-    from tuf.api.metadata import Metadata, Root
-
-    from publisher._keys import load_signer
-
     world.publish("1.0.0", seed=1)
     world.update()
-    md = world.repo_dir / "metadata"
-    root_md = Metadata[Root].from_bytes((md / "1.root.json").read_bytes())
-    root_md.signed.version = 2
-    root_md.signatures.clear()
-    root_md.sign(load_signer(world.keys, "root", PASSPHRASE))
-    (md / "2.root.json").write_bytes(root_md.to_bytes())
+    publish_root_v2(world.repo_dir, world.keys, PASSPHRASE)
     world.publish("2.0.0", seed=2)
     world.update()
     snap = world.snapshot()

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -73,18 +73,6 @@ class Origin:
         self._sock.close()
         self._t.join(5)
 
-
-@pytest.fixture
-def origin(pki: tuple[CertPair, CertPair]) -> Iterator[Callable[[Script], Origin]]:
-    made: list[Origin] = []
-
-    def make(script: Script) -> Origin:
-        made.append(Origin(pki[1], script))
-        return made[-1]
-
-    yield make
-    for o in made:
-        o.close()
 
 
 def _fetcher(pki: tuple[CertPair, CertPair], url: str, **kw: float) -> RequestsFetcher:

@@ -14,24 +14,17 @@ import tarfile
 
 import pytest
 
+from simulator._attacks import pax_record
 from updater._bundle import extract_bundle
 from updater._tarstream import BLOCK
 from updater.errors import BundleFormatError
-
-
-def _record(key: str, value: str) -> bytes:
-    body = f" {key}={value}\n".encode()
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
 
 
 def _member(name: str, data: bytes, type_: bytes = tarfile.REGTYPE,
             pax: list[tuple[str, str]] | None = None) -> bytes:
     out = b""
     if pax is not None:
-        recs = b"".join(_record(k, v) for k, v in pax)
+        recs = b"".join(pax_record(k, v) for k, v in pax)
         x = tarfile.TarInfo("././@PaxHeader")
         x.type, x.size = tarfile.XHDTYPE, len(recs)
         out += x.tobuf(tarfile.USTAR_FORMAT) + recs + b"\0" * (-len(recs) % BLOCK)

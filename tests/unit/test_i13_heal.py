@@ -7,7 +7,6 @@ sha256 over a fake fetcher, and the heal's I/O with a software TPM: every crash 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import os
 from collections.abc import Iterator
@@ -16,27 +15,13 @@ from pathlib import Path
 import pytest
 from tuf.api import exceptions as tuf_exc
 
+from tests.unit.test_record import enc, mac, ok
 from trust import ModelRef, TpmInterface, TrustRecord, TrustStore, encode_record
 from trust._record import Heal, RootResolution, UseRecord, choose_root, genesis, plan_record
 from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 from updater._fetcher import RangeFetcher
 from updater._heal import recover_root, trusted_record
 from updater.errors import DownloadFailedError, RootRecoveryError
-
-KEY = b"k" * 32
-
-
-def mac(d: bytes) -> bytes:
-    return hmac.new(KEY, d, hashlib.sha256).digest()
-
-
-def ok(d: bytes, m: bytes) -> bool:
-    return hmac.compare_digest(mac(d), m)
-
-
-def enc(r: TrustRecord) -> bytes:
-    return encode_record(r, mac(r.digest()))
-
 
 R1 = TrustRecord(5, 1, 3, ModelRef("m", "1.0.0", "f1" * 32, "a"), None)
 R2 = R1.successor(targets_version=4, active=ModelRef("m", "2.0.0", "f2" * 32, "b"),

@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -23,19 +23,6 @@ from simulator import CertPair
 from tests.unit.test_i13_a3_https import Origin, Script, _fetcher
 from updater import _pahofast
 from updater._mqttconn import _MAX_EARLY_ACKS, MqttConnection
-
-
-@pytest.fixture
-def origin(pki: tuple[CertPair, CertPair]) -> Iterator[Callable[[Script], Origin]]:
-    made: list[Origin] = []
-
-    def make(script: Script) -> Origin:
-        made.append(Origin(pki[1], script))
-        return made[-1]
-
-    yield make
-    for o in made:
-        o.close()
 
 
 def _within(seconds: float, fn: Callable[[], object]) -> BaseException | None:

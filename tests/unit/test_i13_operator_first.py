@@ -2,26 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from updater import SemVer
+from tests._helpers import R, v
 from updater._rollout import choose_release, operator_first
-
-
-@dataclass(frozen=True)
-class R:
-    name: str
-    version: SemVer
-    channel: str = "stable"
-    percent: float = 100.0
-    halted: bool = False
-    pinned: bool = False
-    withdrawn: bool = False
-    role: str = "targets"
-
-
-def v(s: str) -> SemVer:
-    return SemVer.parse(s)
 
 
 def test_top_level_pin_beats_a_team_pin_either_way() -> None:

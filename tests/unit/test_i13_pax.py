@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from simulator._attacks import pax_record
 from updater._bundle import extract_bundle
 from updater._tarstream import (
     BLOCK,
@@ -25,14 +26,6 @@ from updater._tarstream import (
     pax_records,
 )
 from updater.errors import BundleFormatError
-
-
-def _record(key: str, value: str) -> bytes:
-    body = f" {key}={value}\n".encode()
-    n = len(body) + 1
-    while len(str(n)) + len(body) != n:
-        n += 1
-    return str(n).encode() + body
 
 
 def _xheader(records: bytes, name: str = "././@PaxHeader") -> bytes:
@@ -56,10 +49,10 @@ def _pax_only(length: int, header_bytes: int = 60 * 1024) -> bytes:
     while len(out) < length:
         recs = bytearray()
         if header_bytes < 1024:
-            recs += _record("path", f"p{i}")
+            recs += pax_record("path", f"p{i}")
             i += 1
         while len(recs) < header_bytes and header_bytes >= 1024:
-            recs += _record(f"k{i:016d}", "v")
+            recs += pax_record(f"k{i:016d}", "v")
             i += 1
         out += _xheader(bytes(recs))
     return bytes(out[:length - length % BLOCK])
@@ -108,7 +101,7 @@ def test_a_stream_of_pax_headers_is_refused_at_once_with_bounded_memory(
 
 
 def test_a_big_pax_header_is_refused_before_it_is_read() -> None:
-    recs = _record("path", "a" * (MAX_PAX_BYTES + 10))
+    recs = pax_record("path", "a" * (MAX_PAX_BYTES + 10))
     raw = _xheader(recs) + _member("a" * 10, b"x") + b"\0" * 1024
     with pytest.raises(TarFormatError, match=r"extended header of \d+ bytes") as ei:
         list(_walk(TarStream(io.BytesIO(raw))))
@@ -119,7 +112,7 @@ def test_a_big_pax_header_is_refused_before_it_is_read() -> None:
                                  "SCHILY.xattr.user.x", "LIBARCHIVE.xattr.y", "hdrcharset",
                                  "charset", "k0", "PATH", "path "])
 def test_unknown_pax_keys_are_refused_naming_the_member(key: str) -> None:
-    recs = _record("path", "model.onnx") + _record(key, "1")
+    recs = pax_record("path", "model.onnx") + pax_record(key, "1")
     raw = _xheader(recs) + _member("model.onnx", b"x") + b"\0" * 1024
     with pytest.raises(TarFormatError, match="unknown pax key") as ei:
         list(_walk(TarStream(io.BytesIO(raw))))
@@ -127,14 +120,14 @@ def test_unknown_pax_keys_are_refused_naming_the_member(key: str) -> None:
 
 
 def test_a_repeated_pax_key_is_refused() -> None:
-    recs = _record("path", "a.bin") + _record("path", "b.bin")
+    recs = pax_record("path", "a.bin") + pax_record("path", "b.bin")
     with pytest.raises(TarFormatError, match="given twice") as ei:
         pax_records(recs)
     assert ei.value.member == "a.bin"
 
 
 def test_two_extended_headers_for_one_member_are_refused() -> None:
-    raw = (_xheader(_record("path", "a.bin")) + _xheader(_record("mtime", "1"))
+    raw = (_xheader(pax_record("path", "a.bin")) + _xheader(pax_record("mtime", "1"))
            + _member("a.bin", b"x") + b"\0" * 1024)
     with pytest.raises(TarFormatError, match="second extended header") as ei:
         list(_walk(TarStream(io.BytesIO(raw))))

@@ -205,18 +205,7 @@ def test_halt_then_resume_of_a_team_pin_is_no_operator_pin(repo: Repository,
 
 
 def test_halted_operator_pin_pins_nothing_and_no_team_pin_takes_over() -> None:
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class R:
-        name: str
-        version: SemVer
-        channel: str = "stable"
-        percent: float = 100.0
-        halted: bool = False
-        pinned: bool = False
-        withdrawn: bool = False
-        role: str = "targets"
+    from tests._helpers import R
 
     op = R("m", SemVer.parse("1.0.0"), pinned=True, halted=True)
     team = R("m", SemVer.parse("0.5.0"), pinned=True, role="team")

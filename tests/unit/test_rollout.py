@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from updater import SemVer
+from tests._helpers import R, v
 from updater._rollout import choose_release, rollout_bucket
 
 IDS = [f"device-{i:04d}" for i in range(200)]
@@ -25,22 +23,6 @@ def test_each_release_draws_its_own_devices() -> None:
     a = {d for d in IDS if rollout_bucket(d, "m", "1.0.0") < 10}
     b = {d for d in IDS if rollout_bucket(d, "m", "2.0.0") < 10}
     assert a != b
-
-
-@dataclass(frozen=True)
-class R:
-    name: str
-    version: SemVer
-    channel: str = "stable"
-    percent: float = 100.0
-    halted: bool = False
-    pinned: bool = False
-    withdrawn: bool = False
-    role: str = "targets"
-
-
-def v(s: str) -> SemVer:
-    return SemVer.parse(s)
 
 
 def test_selection_rules() -> None:

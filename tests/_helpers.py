@@ -1,0 +1,90 @@
+"""Helpers shared by several test files (not fixtures: those live in conftest.py)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from updater import SemVer
+
+if TYPE_CHECKING:
+    from tests.conftest import World
+
+# VmHWM, not ru_maxrss: ru_maxrss survives execve, so a child forked from a large
+# pytest process would report the parent's peak instead of its own.
+_RSS_WRAPPER = (
+    "import re, sys\n"
+    "from modelward.cli import main\n"
+    "rc = main(sys.argv[1:])\n"
+    "hwm = re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)\n"
+    "print('MAXRSS_KIB', hwm, file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
+def update_peak_rss(conf_path: Path, timeout: float = 300) -> tuple[int, int, str]:
+    """``modelward agent update --once`` in a child: (exit code, its peak RSS in KiB,
+    stderr). Raises ``subprocess.TimeoutExpired`` when it hangs."""
+    r = subprocess.run(
+        [sys.executable, "-c", _RSS_WRAPPER, "agent", "update", "--config", str(conf_path),
+         "--once"], capture_output=True, text=True, check=False, timeout=timeout)
+    m = re.search(r"MAXRSS_KIB (\d+)", r.stderr)
+    assert m, r.stderr
+    return r.returncode, int(m.group(1)), r.stderr
+
+
+@dataclass(frozen=True)
+class R:
+    """A release as the rollout rules see it (updater._rollout.Release)."""
+
+    name: str
+    version: SemVer
+    channel: str = "stable"
+    percent: float = 100.0
+    halted: bool = False
+    pinned: bool = False
+    withdrawn: bool = False
+    role: str = "targets"
+
+
+def v(s: str) -> SemVer:
+    return SemVer.parse(s)
+
+
+def publish_root_v2(repo_dir: Path, keys: Path, passphrase: bytes) -> None:
+    """Write ``2.root.json``: version 1's root, re-signed by the root key (a rotation that
+    changes no key, behind the repository tools' back)."""
+    from tuf.api.metadata import Metadata, Root
+
+    from publisher._keys import load_signer
+
+    md = repo_dir / "metadata"
+    root_md = Metadata[Root].from_bytes((md / "1.root.json").read_bytes())
+    root_md.signed.version = 2
+    root_md.signatures.clear()
+    root_md.sign(load_signer(keys, "root", passphrase))
+    (md / "2.root.json").write_bytes(root_md.to_bytes())
+
+
+def repo_cli_ok(w: World, *argv: str) -> str:
+    """Run ``modelward <argv> --repo R --keys K`` for the world's repository; its stdout."""
+    r = w.cli(*argv, "--repo", str(w.repo_dir), "--keys", str(w.keys))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def team_release_installed(w: World) -> None:
+    """Operator releases 1.0.0 and 2.0.0, then team ``cls-team`` (``classifier/*``)
+    publishes 3.0.0 and the device installs it."""
+    from simulator._teams import team_sign
+
+    w.publish("1.0.0", seed=1)
+    w.publish("2.0.0", seed=2)
+    repo_cli_ok(w, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    team_sign(w.repo, "cls-team", w.bundle("3.0.0", seed=3))
+    w.update()
+    assert w.active_version() == "3.0.0"
