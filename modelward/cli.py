@@ -50,7 +50,7 @@ def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
                       environ=dict(os.environ))
     online = getattr(args, "online_dir", None) or os.environ.get(ONLINE_DIR_ENV)
     return attach(repo, Path(online) if online else None,
-                  env_passphrases(os.environ, lambda: passphrase), _secrets, os.environ)
+                  env_passphrases(os.environ, lambda _role: passphrase), _secrets, os.environ)
 
 
 def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
@@ -206,7 +206,7 @@ def _repo_refresh(args: argparse.Namespace) -> int:
         # The online host: only the online directory, never the offline key directory.
         repo = attach(Repository(args.repo, online, b"", secrets=_secrets,
                                  environ=dict(os.environ)), online,
-                      env_passphrases(os.environ, lambda: _passphrase(confirm=False)),
+                      env_passphrases(os.environ, lambda _role: _passphrase(confirm=False)),
                       _secrets, os.environ)
     elif args.keys is None:
         raise OperatorInputError("repo refresh needs --online-dir (the online host) or --keys")

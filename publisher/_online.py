@@ -55,10 +55,10 @@ Passphrases = Callable[[str], bytes]
 
 
 def env_passphrases(environ: Mapping[str, str],
-                    fallback: Callable[[], bytes] | None = None) -> Passphrases:
+                    fallback: Passphrases | None = None) -> Passphrases:
     """Per-role passphrases: ``MODELWARD_KEY_PASSPHRASE_<ROLE>``, else the systemd credential
     ``key-passphrase-<role>`` in ``$CREDENTIALS_DIRECTORY``, else ``fallback`` (the generic
-    passphrase).
+    passphrase provider, asked with the role).
 
     Raises (from the returned callable):
         KeyError_: no passphrase for the role, or an empty one.
@@ -85,7 +85,7 @@ def env_passphrases(environ: Mapping[str, str],
                                 f"{CREDENTIAL.format(role=role)} (LoadCredential=)")
             logger.warning("no %s: the %s key uses the generic passphrase (%s), which also "
                            "opens the offline keys", var, role, PASSPHRASE_ENV)
-            return fallback()
+            return fallback(role)
         if not value:
             raise KeyError_(f"the {role} passphrase ({where}) is empty", path=where)
         return value.encode()
@@ -132,11 +132,11 @@ class _RoleRegistry(SignerRegistry):
 
 @dataclass(frozen=True)
 class Home:
-    """Where a role's keys live: their directory, registry and passphrase."""
+    """Where a role's keys live: their directory, registry and passphrases (role -> bytes)."""
 
     dir: Path
     registry: SignerRegistry
-    passphrase: Callable[[], bytes]
+    passphrases: Passphrases
 
 
 def key_home(repo: Repository, role: str) -> Home:
@@ -148,12 +148,12 @@ def key_home(repo: Repository, role: str) -> Home:
     """
     online = repo.online
     if role in ONLINE_ROLES and online is not None:
-        return Home(online.dir, online.registry(role), lambda: online.passphrases(role))
+        return Home(online.dir, online.registry(role), online.passphrases)
     if role in ONLINE_ROLES and online_elsewhere(repo):
         raise RepositoryStateError(
             f"the {role} key lives in the online directory, not in {repo.keys}",
             hint=f"run this on the online host, or pass --online-dir / {ONLINE_DIR_ENV}")
-    return Home(repo.keys, repo.signers, lambda: repo._passphrase)
+    return Home(repo.keys, repo.signers, lambda _role: repo._passphrase)
 
 
 def online_elsewhere(repo: Repository) -> bool:

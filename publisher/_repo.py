@@ -243,7 +243,7 @@ class Repository:
             home = key_home(self, role)  # snapshot, timestamp: maybe the online directory
             for i in range(count):
                 name = f"{role}.pem" if i == 0 else f"{role}-{i + 1}.pem"
-                key = generate_key_at(home.dir / name, home.passphrase())
+                key = generate_key_at(home.dir / name, home.passphrases(role))
                 root.add_key(key, role)
                 home.registry.add(key.keyid, f"{ENCFILE}:{name}")
                 uris.append(f"{ENCFILE}:{name}")
@@ -297,7 +297,7 @@ class Repository:
 
     def _signer(self, role: str) -> Signer:
         home = key_home(self, role)
-        return load_signer(home.dir, role, home.passphrase())
+        return load_signer(home.dir, role, home.passphrases(role))
 
     def _trusted_root(self) -> Root:
         root: Root = self._load(f"{self.latest_root_version()}.root.json").signed

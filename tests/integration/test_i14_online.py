@@ -197,11 +197,17 @@ def test_refresh_never_opens_the_key_directory(tmp_path: Path) -> None:
     if shutil.which("strace") is None:
         pytest.skip("strace missing")
     keys, online, repo_dir = tmp_path / "keys", tmp_path / "online", tmp_path / "repo"
-    attach(Repository(repo_dir, keys, OFFLINE), online, PASS.__getitem__).init()
     trace = tmp_path / "trace"
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(WORKTREE), "TSS2_LOG": "all+NONE",
            "MODELWARD_KEY_PASSPHRASE_SNAPSHOT": PASS["snapshot"].decode(),
            "MODELWARD_KEY_PASSPHRASE_TIMESTAMP": PASS["timestamp"].decode()}
+    init = subprocess.run([sys.executable, "-m", "modelward", "repo", "init", "--repo",
+                           str(repo_dir), "--keys", str(keys), "--online-dir", str(online)],
+                          capture_output=True, text=True, timeout=120, check=False,
+                          env={**env, "MODELWARD_KEY_PASSPHRASE": OFFLINE.decode()})
+    assert init.returncode == 0, init.stderr
+    assert "move that directory to the online host" in init.stdout
+    assert sorted(p.name for p in online.glob("*.pem")) == ["snapshot.pem", "timestamp.pem"]
     r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=%file", "-o", str(trace),
                         sys.executable, "-m", "modelward", "repo", "refresh", "--repo",
                         str(repo_dir), "--online-dir", str(online)],

@@ -155,7 +155,7 @@ def test_env_passphrases_per_role_then_credential_then_generic(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "key-passphrase-timestamp").write_text("from the credential\n")
     get = env_passphrases({"MODELWARD_KEY_PASSPHRASE_SNAPSHOT": "snap",
-                           "CREDENTIALS_DIRECTORY": str(tmp_path)}, lambda: b"generic")
+                           "CREDENTIALS_DIRECTORY": str(tmp_path)}, lambda _r: b"generic")
     assert get("snapshot") == b"snap"
     assert get("timestamp") == b"from the credential"
     with caplog.at_level(logging.WARNING):
