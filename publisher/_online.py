@@ -415,7 +415,9 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
             if v != previous.get(name):
                 logger.info("refresh: snapshot lists %s v%d (was %s)", name, v,
                             previous.get(name))
-        snap = Snapshot(version=snap.version + 1, expires=now + repo.expiry.snapshot,
+        # never over an existing N.snapshot.json (a stale timestamp.json copied back)
+        version = max([snap.version, *_versions(repo.metadata_dir, "snapshot")]) + 1
+        snap = Snapshot(version=version, expires=now + repo.expiry.snapshot,
                         meta={f"{name}.json": (repo._signed_meta(name, v) if name == "targets"
                                                else MetaFile(version=v))
                               for name, v in meta.items()})

@@ -413,3 +413,17 @@ def test_online_threshold_not_met_writes_nothing(lay: Layout) -> None:
         lay.online().refresh()
     assert _metadata_files(lay) == before
     assert not (lay.online_dir / "pending").exists()
+
+
+def test_stale_timestamp_copied_back_never_overwrites_a_snapshot(lay: Layout) -> None:
+    """The careless operator copies the offline machine's old timestamp.json over the served
+    one: the next snapshot takes a new file name, never an existing one."""
+    stale = (lay.repo_dir / "metadata" / "timestamp.json").read_bytes()
+    lay.offline.publish(lay.bundle("1.0.0"))
+    lay.online().refresh()  # 2.snapshot.json
+    second = (lay.repo_dir / "metadata" / "2.snapshot.json").read_bytes()
+    (lay.repo_dir / "metadata" / "timestamp.json").write_bytes(stale)
+    lay.online().refresh()
+    assert (lay.repo_dir / "metadata" / "2.snapshot.json").read_bytes() == second
+    assert lay.snapshot_meta() == {"targets.json": 2}
+    assert lay.md("timestamp.json").signed.snapshot_meta.version == 3
