@@ -427,3 +427,13 @@ def test_stale_timestamp_copied_back_never_overwrites_a_snapshot(lay: Layout) ->
     assert (lay.repo_dir / "metadata" / "2.snapshot.json").read_bytes() == second
     assert lay.snapshot_meta() == {"targets.json": 2}
     assert lay.md("timestamp.json").signed.snapshot_meta.version == 3
+
+
+def test_signed_targets_replayed_under_a_higher_name_is_ignored(lay: Layout) -> None:
+    """The origin copies the genuine 2.targets.json to 5.targets.json: its signatures verify,
+    but the name is not its version, so the snapshot does not claim v5."""
+    lay.offline.publish(lay.bundle("1.0.0"))
+    meta = lay.repo_dir / "metadata"
+    (meta / "5.targets.json").write_bytes((meta / "2.targets.json").read_bytes())
+    lay.online().refresh()
+    assert lay.snapshot_meta() == {"targets.json": 2}
