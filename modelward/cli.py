@@ -109,9 +109,15 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def _repo_init(args: argparse.Namespace) -> int:
+    from publisher._expiry import parse_assignments, save_expiry
+
+    lifetimes = parse_assignments(args.expiry or [], "--expiry")
     repo = _repository(args, confirm=True)
+    repo.expiry = repo.expiry.changed(lifetimes)
     root = repo.init(_role_numbers(args.threshold, "--threshold"),
                      _role_numbers(args.keys_per_role, "--keys-per-role"))
+    if lifetimes:
+        save_expiry(args.keys, repo.expiry)
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
     if args.online_dir:
         print(f"snapshot and timestamp keys in {args.online_dir}: move that directory to the "
@@ -153,7 +159,24 @@ def _repo_delegate(args: argparse.Namespace) -> int:
 
 
 def _repo_sign(args: argparse.Namespace) -> int:
-    have, need = _repository(args).sign_pending(args.role, args.key)
+    from trust.errors import OperatorInputError
+
+    repo = _repository(args)
+    pending, lines = repo.review_pending(args.role)  # refuses a file edited after signing
+    print(f"pending {pending.path} (sha256 {pending.digest[:16]}), compared with what is "
+          "published:")
+    print("\n".join(lines), flush=True)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise OperatorInputError("not signed: no terminal to confirm on",
+                                     hint="read the summary above, then pass --yes to sign it")
+        try:
+            answer = input(f"sign this {args.role} metadata with {args.key}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            raise OperatorInputError("not signed: the signer did not confirm")
+    have, need = repo.sign_pending(args.role, args.key, reviewed=pending.digest)
     print(f"{args.role}: {have} of {need} signatures; published")
     return EXIT_OK
 
@@ -212,19 +235,46 @@ def _repo_refresh(args: argparse.Namespace) -> int:
         raise OperatorInputError("repo refresh needs --online-dir (the online host) or --keys")
     else:
         repo = _repository(args)
-    done = repo.refresh()
+    done = repo.refresh()  # logs a WARNING for each role inside its expiry window
     print(f"re-signed {', '.join(done)}")
+    return EXIT_OK
+
+
+def _repo_set_expiry(args: argparse.Namespace) -> int:
+    from publisher import Repository
+    from publisher._expiry import TOP_ROLES, format_duration, parse_assignments
+    from trust.errors import OperatorInputError
+
+    lifetimes = parse_assignments(args.lifetimes, "set-expiry")
+    windows = parse_assignments(args.warn or [], "--warn")
+    if not lifetimes and not windows:
+        raise OperatorInputError("repo set-expiry needs ROLE=DURATION or --warn ROLE=DURATION")
+    repo = Repository(args.repo, args.keys, b"unused: set-expiry signs nothing")
+    path = repo.set_expiry(lifetimes, windows)
+    print(f"wrote {path}; metadata signed from now on uses:")
+    for role in TOP_ROLES:
+        print(f"  {role:10} lifetime {format_duration(repo.expiry.lifetime(role)):>8}  "
+              f"warned {format_duration(repo.expiry.window(role))} ahead")
     return EXIT_OK
 
 
 def _repo_status(args: argparse.Namespace) -> int:
     from publisher import Repository
+    from publisher._summary import escape
 
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
+    repo.expiry_warnings()  # the same warnings as log lines
+    if args.json:
+        print(json.dumps([{"role": r.role, "version": r.version,
+                           "expires": r.expires.isoformat(), "threshold": r.threshold,
+                           "signatures": r.signatures, "warning": r.warning,
+                           "warn_within_seconds": int(r.window.total_seconds())}
+                          for r in rows], allow_nan=False, indent=2))
+        return EXIT_OK
     print(f"{'ROLE':10} {'VERSION':>7}  {'EXPIRES':25} {'SIGNED':>7}  WARNING")
-    for r in rows:
-        print(f"{r.role:10} {r.version:>7}  {r.expires.isoformat():25} "
+    for r in rows:  # a delegated role's name is a team's string
+        print(f"{escape(r.role, 64):10} {r.version:>7}  {r.expires.isoformat():25} "
               f"{r.signatures:>3}/{r.threshold:<3}  {r.warning}")
     return EXIT_OK
 
@@ -346,16 +396,17 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
+    from publisher._fleet import rows_json
     from trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
+    if not 0 <= args.wait <= 3600:  # also NaN
+        raise OperatorInputError(f"--wait must be 0 to 3600 seconds, not {args.wait}")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
     if args.json:
-        print(json.dumps([{"device": r.device_id, "status": r.status, "flags": list(r.flags),
-                           "verified": r.verified, "problem": r.problem, "report": r.report}
-                          for r in rows], allow_nan=False))
+        print(rows_json(rows))  # strict JSON; the table escapes every device string
     else:
         print(format_table(rows) if rows else "no enrolled devices and no status reports")
     return EXIT_OK
@@ -368,7 +419,8 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     bc = write_broker_config(args.fleet, devices, args.output)
     print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
     print(f"wrote {args.output / 'modelward.conf'}: include it from mosquitto.conf (those two "
-          "files, no anonymous access, TCP_NODELAY, in-flight and queue limits)")
+          "files, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
+          "queued messages, session expiry; docs/brokers.md has EMQX and HiveMQ equivalents)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
 
@@ -515,16 +567,19 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         print(f"published and announced classifier {version}")
     else:
         fleet = Fleet.load(args.dir)
+        from publisher._display import escape, escape_id
+
         rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
                  "attempts": d.attempts(), "last_error": d.last_error()}
                 for d in fleet.devices]
         if args.json:
-            print(json.dumps(rows, indent=1))
-        else:
+            print(json.dumps(rows, indent=1, allow_nan=False))
+        else:  # active and last error come from the device's disk: escaped
             print(f"{'device':10} {'over':6} {'active':10} {'attempts':>8}  last error")
             for r in rows:
-                print(f"{r['device']:10} {r['transport']:6} {r['active'] or '-':10} "
-                      f"{r['attempts']:>8}  {r['last_error'] or '-'}")
+                print(f"{escape_id(r['device']):10} {escape_id(r['transport'], 8):6} "
+                      f"{escape(r['active'] or '-', 64):10} {r['attempts']:>8}  "
+                      f"{escape(r['last_error'] or '-')}")
     return EXIT_OK
 
 
@@ -583,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="signatures a role needs (default 1; repeatable)")
     r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
                    help="encrypted-file keys made for a role (default 1; repeatable)")
+    r.add_argument("--expiry", action="append", metavar="ROLE=DURATION",
+                   help="metadata lifetime, e.g. timestamp=1d, root=365d (repeatable; "
+                        "kept in KEYS/expiry.json, see `repo set-expiry`)")
     r.add_argument("--online-dir", type=Path, metavar="DIR",
                    help="put the snapshot and timestamp keys here, apart from --keys (the "
                         "online host's directory; passphrases MODELWARD_KEY_PASSPHRASE_SNAPSHOT "
@@ -603,6 +661,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--key", required=True, metavar="URI",
                    help="encfile:NAME.pem, hsm:N?label=L, or another securesystemslib URI")
+    r.add_argument("--yes", action="store_true",
+                   help="sign without asking (the change summary is still printed)")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_sign)
@@ -628,9 +688,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the online keys only (the online host; KEYS is never opened)")
     r.set_defaults(func=_repo_refresh)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
+    r.add_argument("--json", action="store_true", help="one JSON array of the rows")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_status)
+    r = rsub.add_parser("set-expiry", help="change metadata lifetimes and expiry warnings")
+    r.add_argument("lifetimes", nargs="*", metavar="ROLE=DURATION",
+                   help="e.g. timestamp=1d targets=180d (units w, d, h, m, s)")
+    r.add_argument("--warn", action="append", metavar="ROLE=DURATION",
+                   help="warn this long before ROLE expires (defaults: root and targets "
+                        "30d, snapshot 1d, timestamp 6h)")
+    r.add_argument("--repo", type=Path, required=True)
+    r.add_argument("--keys", type=Path, required=True)
+    r.set_defaults(func=_repo_set_expiry)
 
     bundle = sub.add_parser("bundle", help="operator: build model bundles")
     bsub = bundle.add_subparsers(dest="cmd", required=True, metavar="ACTION")
@@ -810,16 +880,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     args = build_parser().parse_args(argv)
     from agent import setup_logging
+    from agent._log import escape_text
     from trust.errors import ModelwardError
 
+    # JSON lines for the agent, and for any command whose stderr is the journal
+    # (`repo refresh`, `serve-mqtt` under systemd); escaped text otherwise
     setup_logging(args.verbose + (1 if args.group == "agent" else 0),
                   json_lines=args.group == "agent")
     try:
         return int(args.func(args))
     except ModelwardError as e:
-        print(f"modelward: error: {e}", file=sys.stderr)
+        # an error may quote what a device or the origin sent: controls escaped, and a
+        # line break only ever starts an indented continuation, never a line of its own
+        text = escape_text(str(e), keep_newlines=True).replace("\n", "\n  ")
+        print(f"modelward: error: {text}", file=sys.stderr)
         if e.hint:
-            print(f"hint: {e.hint}", file=sys.stderr)
+            print(f"hint: {escape_text(e.hint)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130

@@ -15,7 +15,7 @@ _EXPORTS: dict[str, str] = {
     "BrokerConfig": "publisher._broker_config",
     "BuildOptions": "publisher._bundle_build",
     "DeviceRow": "publisher._fleet",
-    "Expiry": "publisher._repo",
+    "Expiry": "publisher._expiry",
     "PublishResult": "publisher._repo",
     "ROLES": "publisher._keys",
     "Repository": "publisher._repo",
@@ -57,6 +57,9 @@ if TYPE_CHECKING:
     from publisher._bundle_build import (
         generate_vectors as generate_vectors,
     )
+    from publisher._expiry import (
+        Expiry as Expiry,
+    )
     from publisher._fleet import (
         DeviceRow as DeviceRow,
     )
@@ -77,9 +80,6 @@ if TYPE_CHECKING:
     )
     from publisher._keys import (
         load_signer as load_signer,
-    )
-    from publisher._repo import (
-        Expiry as Expiry,
     )
     from publisher._repo import (
         PublishResult as PublishResult,

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from publisher.errors import OperatorInputError
 from trust import write_atomic
+from updater._config import MqttConfig
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BRIDGE_USER = "modelward-bridge"
@@ -69,12 +70,39 @@ pattern readwrite {f}/devices/%u/status
 # every block request and small metadata answer is a request/response, and with Nagle's
 # algorithm each waited ~40 ms for the delayed ACK of the one before (a refresh over
 # MQTT took 90 ms per file instead of 2 ms). 1 MiB blocks, 16 in flight per device.
-BROKER_SETTINGS = """\
+#
+# Byte bounds (issue 14: one device's credentials must not be able to grow the broker):
+# the largest packet anyone legitimately sends is a bridge's block answer (one block plus
+# its header, topic and properties, the same bound a device asks for on CONNECT), so
+# ``max_packet_size`` is that; a device's status report (``trust._report``, 64 KiB) and
+# an announcement (64 KiB) fit far inside it. A larger packet ends the sender's
+# connection before mosquitto buffers it, so nothing oversized is forwarded or
+# retained: mosquitto 2.0 has no separate limit for retained messages, the packet size
+# is their bound. Per client, queued QoS 1 bytes hold one window of blocks (what a
+# device asks for at once) and in-flight bytes four blocks (the rest of a window waits
+# in the queue, stored once; an in-flight packet is also held serialized per connection,
+# so a connection that never reads costs ~2x its in-flight bytes): an offline or stuck
+# session holds ~1-1.5 windows whatever its owner publishes. Sessions that ask never to
+# expire expire after ``SESSION_EXPIRY`` (modelward clients use clean sessions).
+_DEVICE = MqttConfig(host="", port=0, fleet="", client_name="")  # a device's defaults
+BLOCK_SIZE = _DEVICE.block_size
+MAX_PACKET = _DEVICE.packet_limit()
+WINDOW = _DEVICE.window
+MAX_INFLIGHT_BYTES = 4 * MAX_PACKET
+MAX_QUEUED_BYTES = WINDOW * MAX_PACKET
+SESSION_EXPIRY = "1h"
+MAX_KEEPALIVE = 300
+BROKER_SETTINGS = f"""\
 allow_anonymous false
 per_listener_settings false
 set_tcp_nodelay true
+max_packet_size {MAX_PACKET}
 max_inflight_messages 64
+max_inflight_bytes {MAX_INFLIGHT_BYTES}
 max_queued_messages 4096
+max_queued_bytes {MAX_QUEUED_BYTES}
+persistent_client_expiration {SESSION_EXPIRY}
+max_keepalive {MAX_KEEPALIVE}
 """
 
 

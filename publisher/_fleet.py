@@ -7,6 +7,13 @@ intervals ago. Otherwise the row is flagged ``REPLAYED``, ``STALE``, ``FUTURE`` 
 ``OTHER_FLEET``; an enrolled device without a report is ``MISSING``. A replay of a report
 the operator never saw (sent and overwritten between two runs) is newer than anything it
 knows, so only its age can give it away (``STALE``).
+
+Device data is hostile even when it is signed (issue 14 finding 6): a report is cut at
+:data:`~trust._report.MAX_REPORT_BYTES` as it arrives, parsed only with a size and depth
+bound, verified, then schema-checked (:func:`publisher._report_schema.check_report`); a
+report that fails any step is one ``REJECTED`` row with a short escaped reason, never a
+failed command. Every device-supplied string is escaped (:func:`publisher._display.escape`)
+in the table, and the ``--json`` form (:func:`rows_json`) is strict JSON.
 """
 
 from __future__ import annotations
@@ -28,10 +35,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from publisher._broker_config import check_id
+from publisher._display import escape, escape_id
+from publisher._report_schema import ReportSchemaError, check_report
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
 from trust._bounded import loads_bounded
-from trust._report import MAX_SEQ, report_digest
+from trust._report import MAX_REPORT_BYTES, MAX_SEQ, report_digest
 from updater._mqtt import MqttConfig, MqttConnection
 
 
@@ -189,9 +198,10 @@ class DeviceRow:
 
     Attributes:
         device_id: the device (enrolled, or named by the topic).
-        verified: the report's signature verified with the device's enrolled key.
-        problem: why it is not ``ok`` ("" when it is).
-        report: the verified report ({} when there is none).
+        verified: the report's signature verified with the device's enrolled key and its
+            content passed the schema check.
+        problem: why it is not ``ok`` ("" when it is); escaped, at most ~200 characters.
+        report: the verified, schema-checked report ({} when there is none).
         flags: REJECTED, MISSING, OTHER_FLEET, REPLAYED, FUTURE, STALE; empty when ok.
     """
 
@@ -259,7 +269,9 @@ def collect_reports(cfg: MqttConfig, wait: float = 2.0) -> dict[str, bytes]:
     def on_message(msg: mqtt.MQTTMessage) -> None:
         if msg.topic.startswith(prefix) and msg.topic.endswith("/status"):
             with lock:
-                got[msg.topic[len(prefix):-len("/status")]] = bytes(msg.payload)
+                # cut as it arrives: verify_report refuses what is over the bound
+                got[msg.topic[len(prefix):-len("/status")]] = bytes(
+                    msg.payload[:MAX_REPORT_BYTES + 1])
 
     conn = MqttConnection(cfg, f"{cfg.client_name}-status-{time.monotonic_ns() % 10**6}",
                           [cfg.topic("devices/+/status")], on_message)
@@ -318,7 +330,11 @@ def _judge_device(device: str, payload: bytes, enrolled: bool, fleet_dir: Path, 
     try:
         report = verify_report(payload, pem, device)
     except ReportSignatureError as e:
-        return DeviceRow(device, False, str(e), {}, (REJECTED,))
+        return DeviceRow(device, False, escape(e), {}, (REJECTED,))
+    try:
+        check_report(report)
+    except ReportSchemaError as e:  # validly signed, but not what a device writes
+        return DeviceRow(device, False, escape(f"signed, but {e}"), {}, (REJECTED,))
     seen = read_seen(fleet_dir, device)
     j = judge_report(report, report_digest(report), seen=seen, now=now, fleet=fleet,
                      default_poll=default_poll)
@@ -343,37 +359,61 @@ def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0,
 
 
 def format_table(rows: list[DeviceRow]) -> str:
-    """A plain table for people."""
+    """A plain table for people; every device-supplied string is escaped and cut."""
 
     def model(m: Any) -> str:
-        return f"{m['name']} {m['version']}" if isinstance(m, dict) else "-"
+        return f"{escape(m['name'], 64)} {escape(m['version'], 64)}" \
+            if isinstance(m, dict) else "-"
 
     head = ("DEVICE", "SIGNATURE", "REPORT", "ACTIVE", "PREVIOUS", "STATE", "LAST ERROR",
             "AT", "SEQ")
     lines = [head]
     for r in rows:
-        rep = r.report
+        rep = r.report if r.verified else {}
         err = rep.get("last_error") or {}
         if r.verified:
             signature = "ok"
         elif REJECTED in r.flags:
-            signature = f"REJECTED: {r.problem}"
+            signature = f"REJECTED: {escape(r.problem)}"
         else:
             signature = "-"
         freshness = OK if not r.flags else ",".join(r.flags)
         if r.flags and REJECTED not in r.flags:
-            freshness += f": {r.problem}"
+            freshness += f": {escape(r.problem)}"
         lines.append((
-            r.device_id,
+            escape_id(r.device_id),
             signature,
             freshness,
-            model(rep.get("active")) if r.verified else "-",
-            model(rep.get("previous")) if r.verified else "-",
-            str(rep.get("state", "-")) if r.verified else "-",
-            str(err.get("type", "-")) if r.verified else "-",
-            str(rep.get("at", "-")) if r.verified else "-",
-            str(rep.get("seq", "-")) if r.verified else "-",
+            model(rep.get("active")),
+            model(rep.get("previous")),
+            escape(rep.get("state", "-"), 64),
+            escape(err.get("type", "-"), 64),
+            escape(rep.get("at", "-"), 64),
+            escape(rep.get("seq", "-"), 64),
         ))
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in lines)
+
+
+def row_json(r: DeviceRow) -> dict[str, Any]:
+    """One row of ``fleet status --json``."""
+    return {"device": r.device_id, "status": r.status, "flags": list(r.flags),
+            "verified": r.verified, "problem": r.problem, "report": r.report}
+
+
+def rows_json(rows: list[DeviceRow]) -> str:
+    """``fleet status --json``: strict JSON (no NaN or Infinity, ASCII only).
+
+    The schema check leaves only finite numbers; a row that still would not encode
+    strictly is shown ``REJECTED`` in its place rather than failing the command.
+    """
+    out: list[str] = []
+    for r in rows:
+        try:
+            out.append(json.dumps(row_json(r), allow_nan=False))
+        except (ValueError, TypeError, RecursionError) as e:
+            bad = DeviceRow(r.device_id, False, escape(f"not encodable as JSON: {e}"), {},
+                            (REJECTED,))
+            out.append(json.dumps(row_json(bad), allow_nan=False))
+    return "[" + ", ".join(out) + "]"

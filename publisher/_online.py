@@ -31,6 +31,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timest
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
 from publisher._keys import ENCFILE, ROLES, SignerRegistry, is_inside
 from publisher.errors import KeyError_, RepositoryStateError
 from trust import write_atomic
@@ -185,9 +186,20 @@ def after_init(repo: Repository) -> None:
         return
     anchor = (repo.metadata_dir / "1.root.json").read_bytes()
     write_atomic(repo.online.dir / ANCHOR_FILE, anchor, mode=0o600)
+    save_expiry(repo.online.dir, repo.expiry)  # the online host's lifetimes and windows
     layout = {"online_roles": list(ONLINE_ROLES),
               "online_dir_at_init": str(repo.online.dir.resolve())}
     write_atomic(repo.keys / LAYOUT_FILE, json.dumps(layout, indent=1).encode(), mode=0o600)
+
+
+def mirror_expiry(repo: Repository, expiry: Expiry) -> None:
+    """``repo set-expiry``: the online host signs snapshot and timestamp with the lifetimes
+    in ``ONLINE/expiry.json``."""
+    if repo.online is not None:
+        save_expiry(repo.online.dir, expiry)
+    elif online_elsewhere(repo):
+        logger.warning("copy %s to the online directory: its refresh signs snapshot and "
+                       "timestamp with the lifetimes found there", repo.keys / EXPIRY_FILE)
 
 
 def refuse_rotate(repo: Repository, role: str) -> None:
@@ -403,9 +415,9 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     assert online is not None
     root = trusted_root(online.dir, repo.metadata_dir)
     refuse_offline_keys(online.dir, root)
-    targets, snap, ts = repo.current()
+    _, snap, ts = repo.current()
     previous = {name.removesuffix(".json"): m.version for name, m in snap.meta.items()}
-    verified, top = verified_versions(repo.metadata_dir, root, previous.get("targets", 1))
+    verified, _ = verified_versions(repo.metadata_dir, root, previous.get("targets", 1))
     new_meta = next_snapshot_meta(previous, verified)
     keys = {role: _signers(repo, role, root) for role in ONLINE_ROLES}
     done = []
@@ -428,10 +440,7 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
                    snapshot_meta=repo._signed_meta("snapshot", snap.version))
     _publish(repo, Metadata(ts), "timestamp", root, keys["timestamp"], "timestamp.json")
     done.append("timestamp")
-    shown = top if top is not None else targets
-    if shown.expires - now < margin:
-        logger.warning("targets metadata expires %s: publish or re-sign it on the offline "
-                       "machine", shown.expires)
+    repo.expiry_warnings()  # root, targets, teams: for the offline machine to act on
     return done
 
 

@@ -33,6 +33,15 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from publisher._expiry import (
+    Expiry as Expiry,  # re-exported: `from publisher._repo import Expiry` keeps working
+)
+from publisher._expiry import (
+    ExpiryWarning,
+    expiry_warnings,
+    load_expiry,
+    save_expiry,
+)
 from publisher._keys import (
     ENCFILE,
     ROLES,
@@ -47,27 +56,19 @@ from publisher._online import (
     OnlineKeys,
     after_init,
     key_home,
+    mirror_expiry,
     newest_signed_targets,
     online_elsewhere,
     refuse_rotate,
 )
 from publisher._online import refresh as _online_refresh
+from publisher._summary import Pending, PendingReviewError, check_pending, summarize
 from publisher.errors import RepositoryStateError
 from trust import slot_fingerprint, write_atomic
 from updater import SemVer, extract_bundle
 from updater._search import TOP, Found, find_releases, preorder_walk
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Expiry:
-    """How long each role's metadata stays valid after signing."""
-
-    root: timedelta = timedelta(days=365)
-    targets: timedelta = timedelta(days=365)
-    snapshot: timedelta = timedelta(days=30)
-    timestamp: timedelta = timedelta(days=7)
 
 
 class _Counting:
@@ -141,6 +142,7 @@ class RoleStatus:
     threshold: int
     signatures: int
     warning: str
+    window: timedelta = timedelta(0)  # warned this long before expiry
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ class Repository:
         self.repo, self.keys, self._passphrase = repo, keys, passphrase
         self.metadata_dir = repo / "metadata"
         self.targets_dir = repo / "targets"
-        self.expiry = expiry or Expiry()
+        self.expiry = expiry or load_expiry(keys)  # KEYS/expiry.json: `repo set-expiry`
         self._clock = clock
         self.signers = SignerRegistry(keys, passphrase, secrets, environ)
         self.pending_dir = keys / "pending"
@@ -340,11 +342,12 @@ class Repository:
         write_atomic(self.metadata_dir / name, md.to_bytes(_serializer()))
         (self.pending_dir / name).unlink(missing_ok=True)
 
-    def sign_pending(self, role: str, uri: str) -> tuple[int, int]:
+    def sign_pending(self, role: str, uri: str, reviewed: str | None = None) -> tuple[int, int]:
         """Add the signature of the key at ``uri`` to the pending ``role`` metadata.
 
         When that meets the threshold, the metadata is published (for targets, with a
-        new snapshot and timestamp).
+        new snapshot and timestamp). ``reviewed``: the digest of the pending file the
+        signer saw (:meth:`review_pending`); another file is refused.
 
         Returns:
             (signatures now, threshold).
@@ -353,13 +356,15 @@ class Repository:
             RepositoryStateError: nothing pending for the role.
             KeyError_: the key is not registered or cannot be used.
             ThresholdNotMetError: still short (after adding this signature).
+            PendingMetadataError: the pending file is not signable as it is (edited after
+                it was signed, stale, not the reviewed bytes).
         """
         pending = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
             self.pending_dir.is_dir() else []
         if not pending:
             raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
         path = pending[-1]
-        md = Metadata.from_bytes(path.read_bytes())
+        md = self._check_pending(role, path, path.read_bytes(), reviewed).md
         root = md.signed if role == "root" else self._trusted_root()
         registry = key_home(self, role).registry
         keyid = registry.keyid_for(uri)
@@ -873,20 +878,41 @@ class Repository:
 
     # -- expiry ---------------------------------------------------------------
 
+    def set_expiry(self, lifetimes: Mapping[str, timedelta] | None = None,
+                   windows: Mapping[str, timedelta] | None = None) -> Path:
+        """Change and persist (``KEYS/expiry.json``) lifetimes and warning windows; they
+        apply to metadata signed from now on (``repo refresh``, publish, rotate, ...).
+
+        Returns:
+            The file written.
+
+        Raises:
+            OperatorInputError: an unknown role or a duration out of bounds.
+        """
+        expiry = self.expiry.changed(lifetimes, windows)
+        path = save_expiry(self.keys, expiry)
+        mirror_expiry(self, expiry)
+        self.expiry = expiry
+        return path
+
     def refresh(self, margin: timedelta | None = None) -> list[str]:
-        """Re-sign what expires within ``margin``: timestamp always, snapshot when due.
+        """Re-sign what expires soon: timestamp always, snapshot within ``margin`` (by
+        default its warning window, at least half the timestamp's lifetime).
 
         Safe to run from a timer: it needs only the online keys (timestamp, snapshot).
+        Every role still inside its warning window afterwards (root, targets, delegated
+        roles: they need offline or team keys) is logged as a WARNING.
 
         Returns:
             The roles re-signed.
         """
-        margin = margin if margin is not None else self.expiry.timestamp / 2
+        if margin is None:
+            margin = max(self.expiry.timestamp / 2, self.expiry.window("snapshot"))
         now = self._clock()
         if self.online is not None or online_elsewhere(self):
             key_home(self, "timestamp")  # refused here without the online directory
             return _online_refresh(self, margin, now)
-        targets, snap, ts = self.current()
+        _, snap, ts = self.current()
         done = []
         if snap.expires - now < margin:
             snap.version += 1
@@ -898,28 +924,102 @@ class Repository:
         ts.snapshot_meta = self._signed_meta("snapshot", snap.version)
         self._write(Metadata(ts), "timestamp", None)
         done.append("timestamp")
-        if targets.expires - now < margin:
-            logger.warning("targets metadata expires %s: publish or re-sign it", targets.expires)
+        self.expiry_warnings()
         return done
 
-    def status(self, warn_within: timedelta = timedelta(days=3)) -> list[RoleStatus]:
-        """Version, expiry, threshold and signatures of each top-level role."""
+    def expiry_warnings(self) -> list[ExpiryWarning]:
+        """Every role (delegated ones too) whose published metadata expires within its
+        window; each is logged as a WARNING."""
+        rows = self.status()
+        found = expiry_warnings(((r.role, r.version, r.expires) for r in rows), self._clock(),
+                                self.expiry)
+        for w in found:
+            logger.warning("%s", w.message())
+        return found
+
+    def status(self) -> list[RoleStatus]:
+        """Version, expiry, threshold and signatures of each top-level and delegated role
+        (as the published snapshot lists them), with its expiry warning."""
         now = self._clock()
         root_md = self._load(f"{self.latest_root_version()}.root.json")
         root: Root = root_md.signed
         ts_md = self._load("timestamp.json")
-        snap_md = self._load(f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
+        snap_md: Metadata[Snapshot] = self._load(
+            f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
         tg_md = self._load(f"{snap_md.signed.meta['targets.json'].version}.targets.json")
+        found: list[tuple[str, Metadata[Any], int, list[str]]] = [
+            (name, md, root.roles[name].threshold, root.roles[name].keyids)
+            for name, md in (("root", root_md), ("targets", tg_md), ("snapshot", snap_md),
+                             ("timestamp", ts_md))]
+        # Delegated roles, each with the keys its delegator gives it.
+        delegated: dict[str, DelegatedRole] = {}
+        queue: list[Targets] = [tg_md.signed]
+        loaded: dict[str, Metadata[Any]] = {}
+        while queue:
+            t = queue.pop(0)
+            for r in (t.delegations.roles or {}).values() if t.delegations else ():
+                delegated.setdefault(r.name, r)
+                meta = snap_md.signed.meta.get(f"{r.name}.json")
+                if meta is None or r.name in loaded:
+                    continue
+                try:
+                    md = self._load(f"{meta.version}.{r.name}.json")
+                except RepositoryStateError as e:
+                    logger.warning("delegated role %r: %s", r.name, e)
+                    continue
+                if isinstance(md.signed, Targets):
+                    loaded[r.name] = md
+                    queue.append(md.signed)
+        for name, md in loaded.items():
+            found.append((name, md, delegated[name].threshold, delegated[name].keyids))
         rows = []
-        for name, md in (("root", root_md), ("targets", tg_md), ("snapshot", snap_md),
-                         ("timestamp", ts_md)):
-            role = root.roles[name]
-            valid = sum(1 for k in role.keyids if k in md.signatures)
-            left = md.signed.expires - now
+        for name, md, threshold, keyids in found:
+            expires = md.signed.expires
+            warn = expiry_warnings([(name, md.signed.version, expires)], now, self.expiry)
             rows.append(RoleStatus(
-                name, md.signed.version, md.signed.expires, role.threshold, valid,
-                "EXPIRED" if left.total_seconds() <= 0 else
-                (f"expires in {left}" if left < warn_within else ""),
-            ))
+                name, md.signed.version, expires, threshold,
+                sum(1 for k in keyids if k in md.signatures),
+                warn[0].short() if warn else "", self.expiry.window(name)))
         return rows
 
+    # -- review before signing ----------------------------------------------------
+
+    def _check_pending(self, role: str, path: Path, data: bytes,
+                       reviewed: str | None = None) -> Pending:
+        """The pending file checked against the published metadata (see check_pending),
+        and, when given, against the digest of the bytes the signer reviewed."""
+        if role == "root":
+            published: int | None = self.latest_root_version()
+        else:
+            targets, snap, ts = self.current()
+            published = {"targets": targets, "snapshot": snap, "timestamp": ts}[role].version
+        pending = check_pending(path, data, role, self._trusted_root(), published)
+        if reviewed is not None and pending.digest != reviewed:
+            raise PendingReviewError(
+                f"{path} changed after its summary was shown: refusing to sign what was not "
+                "reviewed (nothing published, the file is left as it is)", path=path,
+                hint="run `repo sign` again and read the new summary")
+        return pending
+
+    def review_pending(self, role: str) -> tuple[Pending, list[str]]:
+        """The pending ``role`` metadata, checked, and what it changes compared with what
+        is published (lines for the signer; untrusted strings escaped).
+
+        Raises:
+            RepositoryStateError: nothing pending for the role.
+            PendingMetadataError: the pending file may not be signed (see check_pending).
+        """
+        pending = sorted(self.pending_dir.glob(f"*.{role}.json")) if \
+            self.pending_dir.is_dir() else []
+        if not pending:
+            raise RepositoryStateError(f"no {role} metadata is waiting for signatures")
+        path = pending[-1]
+        checked = self._check_pending(role, path, path.read_bytes())
+        if role == "root":
+            old: Metadata[Any] | None = self._load(f"{self.latest_root_version()}.root.json")
+        else:
+            ts_md = self._load("timestamp.json")
+            snap_md = self._load(f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
+            old = {"timestamp": ts_md, "snapshot": snap_md}.get(role) or self._load(
+                f"{snap_md.signed.meta['targets.json'].version}.targets.json")
+        return checked, summarize(role, old, checked.md, self._clock())

@@ -8,7 +8,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from publisher._broker_config import BROKER_SETTINGS
+from publisher._broker_config import settings_text
 from simulator._pki import CertPair
 from simulator._proc import free_port, read_pid, stop_pid, wait_for_port
 from simulator.errors import ServiceError
@@ -22,9 +22,7 @@ log_type error
 log_type warning
 log_type notice
 connection_messages true
-{settings}password_file {passwords}
-acl_file {acl}
-
+{settings}
 listener {port} 127.0.0.1
 protocol mqtt
 cafile {ca}
@@ -65,8 +63,10 @@ def start_broker(
     # As root mosquitto would drop to user `mosquitto`, which cannot read private test dirs.
     user = "user root" if os.geteuid() == 0 else ""
     conf = work / "mosquitto.conf"
-    conf.write_text(_CONF.format(user=user, work=work, passwords=passwords, acl=acl, port=port,
-                                 ca=ca, cert=tls.cert, key=tls.key, settings=BROKER_SETTINGS))
+    # the very fragment `fleet broker-config` writes to modelward.conf (settings, files)
+    settings = settings_text(acl.resolve(), passwords.resolve())
+    conf.write_text(_CONF.format(user=user, work=work, port=port, ca=ca, cert=tls.cert,
+                                 key=tls.key, settings=settings))
     proc = subprocess.run([exe, "-c", str(conf), "-d"], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0 or not wait_for_port(port):

@@ -40,6 +40,9 @@ ALG = "ecdsa-p256-sha256"
 _DOMAIN = b"modelward status report v1\n"
 MAX_REPORT_BYTES = 64 * 1024
 MAX_SEQ = 2**53 - 1  # the largest integer every JSON reader keeps exact
+# {"report": {"active": {...}}} nests 3 deep; one more lets a slightly wrong shape reach
+# the schema check (publisher/_report_schema.py) and be named there
+MAX_REPORT_DEPTH = 4
 
 
 class ReportSignatureError(UntrustedRemoteError):
@@ -138,7 +141,8 @@ def verify_report(data: bytes, public_pem: bytes | None, topic_device: str) -> d
     if len(data) > MAX_REPORT_BYTES:
         raise ReportSignatureError("report too large", device=topic_device)
     try:
-        doc = loads_bounded(data, max_bytes=MAX_REPORT_BYTES, what=f"{topic_device}'s report")
+        doc = loads_bounded(data, max_bytes=MAX_REPORT_BYTES, max_depth=MAX_REPORT_DEPTH,
+                            what="the report")
         report, sig = doc["report"], base64.b64decode(doc["signature"], validate=True)
         if doc.get("alg") != ALG or not isinstance(report, dict):
             raise ValueError("alg/report")

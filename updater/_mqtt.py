@@ -317,7 +317,7 @@ class MqttFetcher(RangeFetcher):
         """Validate one response; None (and a log line) for anything to ignore."""
         corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         if not isinstance(corr, bytes) or len(corr) != 16 or corr[:8] != session:
-            logger.warning("ignoring a message on %s with unknown correlation data", msg.topic)
+            logger.warning("ignoring a message on %r with unknown correlation data", msg.topic)
             return None
         off = struct.unpack(">Q", corr[8:])[0]
         if off not in pending:

@@ -321,7 +321,7 @@ class AnnouncementListener:
             if not isinstance(version, int) or isinstance(version, bool) or version < 1:
                 raise ValueError("timestamp_version")
         except (ValueError, KeyError, TypeError) as e:
-            logger.warning("ignoring a malformed announcement on %s: %s", msg.topic, e)
+            logger.warning("ignoring a malformed announcement on %r: %s", msg.topic, e)
             return
         logger.info("announcement: timestamp version %d", version,
                     extra={"timestamp_version": version})

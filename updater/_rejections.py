@@ -391,7 +391,7 @@ class RejectionStore:
         new = rejection_for(target, model, version, error, self._clock())
         if new is None:
             return
-        logger.warning("remembering the rejection of %s %s (target %s): %s", model, version,
+        logger.warning("remembering the rejection of %r %r (target %r): %s", model, version,
                        target.path, new.reason,
                        extra={"model": model, "version": version, "target": target.path,
                               "reason": new.reason})

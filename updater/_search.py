@@ -280,7 +280,7 @@ class _Memo:
             except self._skip as e:
                 self.reach.failed[key] = e
                 self.reach._error(e)  # noqa: SLF001
-                logger.warning("delegated role %s (delegated by %s) cannot be used; the "
+                logger.warning("delegated role %r (delegated by %r) cannot be used; the "
                                "paths its search speaks for are left out: %s",
                                role, delegator, e)
                 raise
@@ -505,7 +505,7 @@ def find_releases(model: str, load: Loader, max_delegations: int = 32, *,
         try:
             hit = preorder_walk(path, memo, max_delegations, _index=index, _budget=budget)
         except skip as e:
-            logger.warning("ignoring %s: its delegation search passes through a role that "
+            logger.warning("ignoring %r: its delegation search passes through a role that "
                            "cannot be used: %s", path, e)
             continue
         except SearchBudgetError as e:
@@ -514,12 +514,12 @@ def find_releases(model: str, load: Loader, max_delegations: int = 32, *,
             logger.warning("%s; %d listed paths not resolved", e, len(listed) - n)
             break
         if hit is None:
-            logger.warning("ignoring %s: listed by %s, which TUF's delegation search does "
-                           "not reach for it", path, ", ".join(sorted(listed[path])))
+            logger.warning("ignoring %r: listed by %r, which TUF's delegation search does "
+                           "not reach for it", path, sorted(listed[path]))
             continue
         role, target = hit
         for other in sorted(listed[path] - {role}):
-            logger.info("%s: %s speaks for it, not %s", path, role, other)
+            logger.info("%r: %r speaks for it, not %r", path, role, other)
         found.append(Found(path, target, role))
     found.sort(key=lambda f: f.path)
     return found, reach

@@ -300,10 +300,10 @@ def _candidate(f: Found, model: str) -> Candidate | None:
     t = f.target
     field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
     if not isinstance(field, dict):
-        logger.warning("ignoring target %s (role %s): no modelward field", f.path, f.role)
+        logger.warning("ignoring target %r (role %r): no modelward field", f.path, f.role)
         return None
     if field.get("name") != model:
-        logger.warning("ignoring target %s (role %s): its signed fields name model %r, "
+        logger.warning("ignoring target %r (role %r): its signed fields name model %r, "
                        "its path is in the namespace of %r", f.path, f.role,
                        field.get("name"), model)
         return None
@@ -323,6 +323,6 @@ def _candidate(f: Found, model: str) -> Candidate | None:
                          pinned=bool(field.get("pinned", False)),
                          withdrawn=bool(field.get("withdrawn", False)), role=f.role)
     except (KeyError, ValueError, TypeError, AttributeError) as e:
-        logger.warning("ignoring target %s (role %s): malformed modelward field: %s",
+        logger.warning("ignoring target %r (role %r): malformed modelward field: %s",
                        f.path, f.role, e)
         return None

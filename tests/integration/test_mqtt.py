@@ -17,6 +17,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from publisher import Bridge
+from publisher._broker_config import MAX_PACKET
 from simulator import stop_broker
 from tests.conftest import FLEET, MqttWorld
 from updater import MqttConnection, Outcome
@@ -220,7 +221,9 @@ def test_garbage_on_the_response_topic_is_ignored(
             elif kind == 2:
                 p = publish_properties()
                 p.CorrelationData = b"\xff" * 3
-                rogue.publish(topic, b"\x00" * (2 << 20), p)  # oversized
+                # the largest the broker admits (a 2 MiB one ends the rogue's connection:
+                # max_packet_size, tests/integration/test_i14_broker.py)
+                rogue.publish(topic, b"\x00" * (MAX_PACKET - 1024), p)
             else:
                 p = publish_properties()
                 p.CorrelationData = b"y" * 16

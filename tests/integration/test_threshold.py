@@ -95,7 +95,7 @@ def test_two_of_three_with_an_hsm_key(threshold_world: World) -> None:
     assert w.active_version() is None
 
     hsm_uri = f"hsm:7?label={LABEL}"
-    two = w.cli("repo", "sign", "targets", "--key", hsm_uri, "--repo", str(w.repo_dir),
+    two = w.cli("repo", "sign", "targets", "--yes", "--key", hsm_uri, "--repo", str(w.repo_dir),
                 "--keys", str(w.keys))
     assert two.returncode == 0, two.stderr
     assert "2 of 2 signatures" in two.stdout
@@ -140,10 +140,10 @@ def test_envvar_key_joins_a_threshold(world: World, tmp_path: Path) -> None:
     short = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
                       str(bundle))
     assert short.returncode == 1 and "1 of the 2 signatures" in short.stderr
-    unset = world.cli("repo", "sign", "targets", "--key", "envvar:CI_TARGETS_KEY",
+    unset = world.cli("repo", "sign", "targets", "--yes", "--key", "envvar:CI_TARGETS_KEY",
                       "--repo", str(world.repo_dir), "--keys", str(world.keys))
     assert unset.returncode == 1 and "CI_TARGETS_KEY" in unset.stderr
-    ok = world.cli("repo", "sign", "targets", "--key", "envvar:CI_TARGETS_KEY",
+    ok = world.cli("repo", "sign", "targets", "--yes", "--key", "envvar:CI_TARGETS_KEY",
                    "--repo", str(world.repo_dir), "--keys", str(world.keys),
                    env={"CI_TARGETS_KEY": pem})
     assert ok.returncode == 0, ok.stderr

@@ -437,3 +437,38 @@ def test_signed_targets_replayed_under_a_higher_name_is_ignored(lay: Layout) -> 
     (meta / "5.targets.json").write_bytes((meta / "2.targets.json").read_bytes())
     lay.online().refresh()
     assert lay.snapshot_meta() == {"targets.json": 2}
+
+
+def test_lifetimes_reach_the_online_host_and_refresh_warns(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`repo init --expiry` lifetimes are in ONLINE/expiry.json, so the online host signs
+    with them; its refresh warns for the offline roles inside their windows."""
+    from datetime import UTC, datetime, timedelta
+
+    keys, online_dir, repo_dir = tmp_path / "keys", tmp_path / "online", tmp_path / "repo"
+    init = attach(Repository(repo_dir, keys, OFFLINE), online_dir, _pw)
+    init.expiry = init.expiry.changed({"timestamp": timedelta(hours=12),
+                                       "targets": timedelta(days=40)},
+                                      {"targets": timedelta(days=39)})
+    init.init()
+    later = datetime.now(UTC).replace(microsecond=0) + timedelta(days=2)  # targets: 38 d left
+    online = attach(Repository(repo_dir, online_dir, b"", clock=lambda: later), online_dir,
+                    _pw)
+    assert online.expiry.timestamp == timedelta(hours=12)
+    with caplog.at_level(logging.WARNING):
+        online.refresh()
+    ts = Metadata.from_bytes((repo_dir / "metadata" / "timestamp.json").read_bytes()).signed
+    assert ts.expires - later == timedelta(hours=12)
+    assert "targets" in caplog.text and "expires" in caplog.text
+
+
+def test_set_expiry_offline_says_to_copy_it(lay: Layout, caplog: pytest.LogCaptureFixture
+                                            ) -> None:
+    from datetime import timedelta
+
+    with caplog.at_level(logging.WARNING):
+        lay.offline.set_expiry({"snapshot": timedelta(days=3)})
+    assert "copy" in caplog.text and "expiry.json" in caplog.text
+    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
+    both.set_expiry({"snapshot": timedelta(days=4)})
+    assert lay.online().expiry.snapshot == timedelta(days=4)

@@ -1,0 +1,108 @@
+"""Device-supplied text made safe for an operator's terminal (issue 14 finding 6).
+
+Everything a device (or anyone with its credentials) controls, a report's strings, a
+topic's device id, an error message, a simulated device's status file, is passed through
+:func:`escape` before an operator tool prints it. A terminal acts on control and format
+characters: ``ESC ] 0 ; ... BEL`` retitles the window, ``ESC [ 8 m`` hides what follows,
+a newline or ``U+2028`` forges a row, ``U+202E`` reverses the text after it, zero-width
+characters make two different ids look alike, and a lone surrogate cannot even be encoded
+(``print`` raises). :func:`escape` replaces each such character with a visible escape, so
+what is printed is printable and on one line, and the same input always prints the same.
+
+Escaped: every character of Unicode category Cc (C0, DEL, C1), Cf (format: bidi controls,
+zero-width, BOM, tags, ...), Cs (surrogates), Co (private use), Cn (unassigned: their
+meaning may change), Zl and Zp (line and paragraph separators), every Zs space other than
+U+0020 (look-alike spacing), every combining mark after the first
+:data:`MAX_COMBINING` on one character ("Zalgo" text stacks marks until they cover the rows
+above and below), and the backslash itself (so an escape in the output always came from
+this function, never from the device). Nothing else is changed.
+
+This module imports nothing of the project.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Iterator
+
+_ESCAPED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"})
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_COMBINING = frozenset({"Mn", "Me"})
+MAX_COMBINING = 2  # combining marks kept on one character ("e\u0301" stays as it is)
+ELLIPSIS = "..."
+DEFAULT_LIMIT = 200  # characters of one device-supplied value in a table cell
+
+
+def _hex(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n <= 0xFF else f"\\u{n:04x}" if n <= 0xFFFF else f"\\U{n:08x}"
+
+
+def _pieces(s: str) -> Iterator[str]:
+    """``s`` escaped, one piece per character (lazily: a cut stops the scan)."""
+    marks = 0
+    for c in s:
+        if unicodedata.category(c) in _COMBINING:
+            marks += 1
+            yield c if marks <= MAX_COMBINING else _hex(c)
+        else:
+            marks = 0
+            yield _escape_char(c)
+
+
+def _escape_char(c: str) -> str:
+    if c in _SHORT:
+        return _SHORT[c]
+    if c == " " or unicodedata.category(c) not in _ESCAPED_CATEGORIES:
+        return c
+    return _hex(c)
+
+
+def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
+    """``text`` (``str()`` of it if it is not a string) with every control and format
+    character escaped, and cut to about ``limit`` characters (pure).
+
+    Args:
+        text: what a device supplied.
+        limit: the most characters of output before the cut (the cut never splits an
+            escape; ``...`` is appended); None for no cut.
+
+    Returns:
+        A string of printable characters only, with no line break.
+    """
+    s = text if isinstance(text, str) else str(text)
+    out: list[str] = []
+    used = 0
+    for piece in _pieces(s):
+        if limit is not None and used + len(piece) > limit:
+            out.append(ELLIPSIS)
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def _ascii_char(c: str) -> str:
+    return c if ord(c) < 0x7F else _hex(c)
+
+
+def escape_id(text: object, limit: int | None = 64) -> str:
+    """:func:`escape`, and every non-ASCII character escaped too (pure): for identifiers
+    (device ids named by a topic), where ``dеv-1`` with a Cyrillic ``е`` must not look
+    like ``dev-1``. Enrolled ids are ASCII (``check_id``) and print unchanged."""
+    s = text if isinstance(text, str) else str(text)
+    out: list[str] = []
+    used = 0
+    for p in _pieces(s):
+        piece = "".join(_ascii_char(e) for e in p)
+        if limit is not None and used + len(piece) > limit:
+            out.append(ELLIPSIS)
+            break
+        out.append(piece)
+        used += len(piece)
+    return "".join(out)
+
+
+def is_clean(text: str) -> bool:
+    """Whether ``text`` would print unchanged by :func:`escape` (without a cut)."""
+    return all(p == c for p, c in zip(_pieces(text), text, strict=True))
