@@ -16,33 +16,23 @@ import json
 import logging
 import os
 import sys
-import unicodedata
 from datetime import UTC, datetime
 from typing import TextIO
 
+from trust._display import escape
+
 _STD = set(vars(logging.makeLogRecord({})))
-# C0/C1 controls, format characters (bidi overrides, zero-width...), line/paragraph
-# separators, surrogates and unassigned code points
-_UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
-
-
-def _escape_char(c: str) -> str:
-    n = ord(c)
-    if n < 0x100:
-        return f"\\x{n:02x}"
-    return f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
 
 
 def escape_text(text: str, *, keep_newlines: bool = False) -> str:
-    """``text`` with every control, format and separator character escaped (a backslash
-    stays as it is); with ``keep_newlines``, ``\\n`` is kept (a traceback's lines)."""
-    if text.isprintable() and text.isascii():
+    """``text`` with every control, format and separator character escaped
+    (:func:`trust._display.escape`); with ``keep_newlines``, ``\\n`` is kept (a
+    traceback's lines)."""
+    if text.isprintable() and text.isascii() and "\\" not in text:
         return text
-    return "".join(
-        c if (c == "\n" and keep_newlines) or unicodedata.category(c) not in _UNSAFE
-        else _escape_char(c)
-        for c in text
-    )
+    if keep_newlines:
+        return "\n".join(escape(line, None) for line in text.split("\n"))
+    return escape(text, None)
 
 
 class JsonFormatter(logging.Formatter):

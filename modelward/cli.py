@@ -567,7 +567,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         print(f"published and announced classifier {version}")
     else:
         fleet = Fleet.load(args.dir)
-        from publisher._display import escape, escape_id
+        from trust._display import escape, escape_id
 
         rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
                  "attempts": d.attempts(), "last_error": d.last_error()}

@@ -35,11 +35,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from publisher._broker_config import check_id
-from publisher._display import escape, escape_id
 from publisher._report_schema import ReportSchemaError, check_report
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
 from trust._bounded import loads_bounded
+from trust._display import escape, escape_id
 from trust._report import MAX_REPORT_BYTES, MAX_SEQ, report_digest
 from updater._mqtt import MqttConfig, MqttConnection
 

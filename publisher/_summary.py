@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -34,34 +33,16 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 
 from publisher.errors import RepositoryStateError
+from trust import _display as display
 
 MAX_PENDING = 64 * 1024 * 1024  # bytes: a pending metadata file (a large targets role)
 MAX_SHOWN = 200  # characters of one untrusted string on the terminal
 
-# Unicode categories a terminal acts on or that hide text: controls (ESC, CR, BEL), format
-# characters (bidi overrides, zero-width joiners), separators other than the space,
-# surrogates, private use and unassigned code points.
-_HIDDEN = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp", "Zs"}
-
-
 def escape(value: object, limit: int = MAX_SHOWN) -> str:
-    """``value`` as one printable line: control and format characters as ``\\xNN`` /
-    ``\\uNNNN``, a backslash doubled, and anything past ``limit`` characters cut with
-    the count of what is left out."""
+    """``value`` (JSON of it if it is not a string) as one printable line
+    (:func:`trust._display.escape`)."""
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
-    out = []
-    for ch in text[:limit]:
-        if ch == "\\":
-            out.append("\\\\")
-        elif ch != " " and unicodedata.category(ch) in _HIDDEN:
-            n = ord(ch)
-            out.append(f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000
-                       else f"\\U{n:08x}")
-        else:
-            out.append(ch)
-    if len(text) > limit:
-        out.append(f"…[+{len(text) - limit} characters]")
-    return "".join(out)
+    return display.escape(text, limit)
 
 
 # --- pending file checks -------------------------------------------------------------

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent._observe import build_report
-from publisher._display import escape, is_clean
 from publisher._fleet import (
     REJECTED,
     _judge_device,
@@ -38,6 +37,7 @@ from publisher._fleet import (
 from publisher._report_schema import ReportSchemaError, check_report
 from tests.unit.test_report import _SoftKey
 from trust import ReportSignatureError, sign_report, verify_report
+from trust._display import escape, is_clean
 from trust._report import _DOMAIN, ALG
 
 NOW = 1_800_000_000.0

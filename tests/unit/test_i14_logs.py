@@ -53,7 +53,7 @@ def test_text_line_is_one_line_and_escaped() -> None:
     out = TextFormatter().format(_record("ignoring a request on %s", HOSTILE))
     assert "\n" not in out
     _clean(out)
-    assert "\\x0a" in out and "\\x1b[8m" in out and "\\u202e" in out and "\\u2028" in out
+    assert "\\n" in out and "\\x1b[8m" in out and "\\u202e" in out and "\\u2028" in out
     assert out.startswith("ignoring a request on dev-9")
 
 
@@ -81,7 +81,7 @@ def test_text_formatter_does_not_reuse_a_raw_cached_traceback() -> None:
 def test_escape_text_leaves_only_printable(text: str) -> None:
     out = escape_text(text)
     assert out.isprintable()
-    if text.isascii() and text.isprintable():
+    if text.isascii() and text.isprintable() and "\\" not in text:
         assert out == text
     assert escape_text("naïve café") == "naïve café"
 

@@ -1,4 +1,4 @@
-"""Device-supplied text made safe for an operator's terminal (issue 14 finding 6).
+"""Untrusted text made safe for a terminal or a log line (issue 14 finding 6).
 
 Everything a device (or anyone with its credentials) controls, a report's strings, a
 topic's device id, an error message, a simulated device's status file, is passed through
