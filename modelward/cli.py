@@ -220,17 +220,18 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
 def _repo_refresh(args: argparse.Namespace) -> int:
     from publisher import Repository
-    from publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
+    from publisher._online import ONLINE_DIR_ENV, attach, credential_secrets, env_passphrases
     from trust.errors import OperatorInputError
 
+    secrets = credential_secrets(os.environ, _secrets)
     online = args.online_dir or (Path(os.environ[ONLINE_DIR_ENV])
                                  if os.environ.get(ONLINE_DIR_ENV) else None)
     if online is not None and args.keys is None:
         # The online host: only the online directory, never the offline key directory.
-        repo = attach(Repository(args.repo, online, b"", secrets=_secrets,
+        repo = attach(Repository(args.repo, online, b"", secrets=secrets,
                                  environ=dict(os.environ)), online,
                       env_passphrases(os.environ, lambda _role: _passphrase(confirm=False)),
-                      _secrets, os.environ)
+                      secrets, os.environ)
     elif args.keys is None:
         raise OperatorInputError("repo refresh needs --online-dir (the online host) or --keys")
     else:

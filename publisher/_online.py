@@ -94,6 +94,20 @@ def env_passphrases(environ: Mapping[str, str],
     return get
 
 
+def credential_secrets(environ: Mapping[str, str],
+                       fallback: Callable[[str], str]) -> Callable[[str], str]:
+    """securesystemslib's secret prompts (``"pin"`` of an HSM key) from the systemd
+    credential ``hsm-pin`` when there is one (a timer has no terminal), else ``fallback``."""
+
+    def get(what: str) -> str:
+        creds = environ.get("CREDENTIALS_DIRECTORY")
+        if what == "pin" and creds and (Path(creds) / "hsm-pin").is_file():
+            return (Path(creds) / "hsm-pin").read_text().rstrip("\n")
+        return fallback(what)
+
+    return get
+
+
 @dataclass
 class OnlineKeys:
     """The online directory: the snapshot and timestamp keys and their registry.

@@ -167,6 +167,17 @@ def test_env_passphrases_per_role_then_credential_then_generic(
         env_passphrases({"MODELWARD_KEY_PASSPHRASE_SNAPSHOT": ""})("snapshot")
 
 
+def test_hsm_pin_from_the_credential(tmp_path: Path) -> None:
+    from publisher._online import credential_secrets
+
+    asked: list[str] = []
+    get = credential_secrets({"CREDENTIALS_DIRECTORY": str(tmp_path)},
+                             lambda what: asked.append(what) or "prompted")
+    assert get("pin") == "prompted" and asked == ["pin"]
+    (tmp_path / "hsm-pin").write_text("1234\n")
+    assert get("pin") == "1234" and asked == ["pin"]
+
+
 # --- the pure decision -------------------------------------------------------------
 
 
