@@ -43,6 +43,7 @@ def _secrets(what: str) -> str:
 
 def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
     from publisher import Repository
+    from publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
     keys: Path = args.keys
@@ -51,8 +52,12 @@ def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
         return confirm or not any((keys / n).exists() for n in (f"{role}.pem",
                                                                  f"delegated-{role}.pem"))
 
-    return Repository(args.repo, args.keys, _passphrase(confirm=new_key), secrets=_secrets,
+    passphrase = _passphrase(confirm=new_key)
+    repo = Repository(args.repo, args.keys, passphrase, secrets=_secrets,
                       environ=dict(os.environ))
+    online = getattr(args, "online_dir", None) or os.environ.get(ONLINE_DIR_ENV)
+    return attach(repo, Path(online) if online else None,
+                  env_passphrases(os.environ, passphrase), _secrets, os.environ)
 
 
 def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
@@ -115,6 +120,9 @@ def _repo_init(args: argparse.Namespace) -> int:
     if lifetimes:
         save_expiry(args.keys, repo.expiry)
     print(f"created TUF repository in {args.repo} (keys in {args.keys})")
+    if args.online_dir:
+        print(f"snapshot and timestamp keys in {args.online_dir}: move that directory to the "
+              "online host (README \"Production layout\"); keep the key directory offline")
     print(f"provision devices with {root}")
     print(_OFFLINE_ADVICE)
     return EXIT_OK
@@ -245,8 +253,23 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
 
 def _repo_refresh(args: argparse.Namespace) -> int:
+    from publisher import Repository
+    from publisher._online import ONLINE_DIR_ENV, attach, credential_secrets, env_passphrases
+    from trust.errors import OperatorInputError
 
-    repo = _repository(args)
+    secrets = credential_secrets(os.environ, _secrets)
+    online = args.online_dir or (Path(os.environ[ONLINE_DIR_ENV])
+                                 if os.environ.get(ONLINE_DIR_ENV) else None)
+    if online is not None and args.keys is None:
+        # The online host: only the online directory, never the offline key directory.
+        repo = attach(Repository(args.repo, online, b"", secrets=secrets,
+                                 environ=dict(os.environ)), online,
+                      env_passphrases(os.environ, _passphrase(confirm=False)),
+                      secrets, os.environ)
+    elif args.keys is None:
+        raise OperatorInputError("repo refresh needs --online-dir (the online host) or --keys")
+    else:
+        repo = _repository(args)
     done = repo.refresh()  # logs a WARNING for each role inside its expiry window
     print(f"re-signed {', '.join(done)}")
     return EXIT_OK
@@ -656,6 +679,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--expiry", action="append", metavar="ROLE=DURATION",
                    help="metadata lifetime, e.g. timestamp=1d, root=365d (repeatable; "
                         "kept in KEYS/expiry.json, see `repo set-expiry`)")
+    r.add_argument("--online-dir", type=Path, metavar="DIR",
+                   help="put the snapshot and timestamp keys here, apart from --keys (the "
+                        "online host's directory; passphrases MODELWARD_KEY_PASSPHRASE_SNAPSHOT "
+                        "and _TIMESTAMP)")
     r.set_defaults(func=_repo_init)
     r = rsub.add_parser("delegate", help="give a team its own key for some model paths")
     r.add_argument("name", help="the delegated role (team) name")
@@ -706,7 +733,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_repo_rekey)
     r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
     r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--keys", type=Path, help="key directory (single-machine layout)")
+    r.add_argument("--online-dir", type=Path, metavar="DIR",
+                   help="the online keys only (the online host; KEYS is never opened)")
     r.set_defaults(func=_repo_refresh)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
     r.add_argument("--json", action="store_true", help="one JSON array of the rows")

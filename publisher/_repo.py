@@ -52,6 +52,16 @@ from publisher._keys import (
     load_signer,
     load_signer_at,
 )
+from publisher._online import (
+    OnlineKeys,
+    after_init,
+    key_home,
+    mirror_expiry,
+    newest_signed_targets,
+    online_elsewhere,
+    refuse_rotate,
+)
+from publisher._online import refresh as _online_refresh
 from publisher._passphrases import Passphrase, as_provider
 from publisher._rootflow import (
     RootNotPublishableError,
@@ -184,7 +194,12 @@ class Repository:
         passphrase: passphrases of the key files: a provider (role or team name -> bytes,
             e.g. ``EnvPassphrases``), or one value for every role.
         expiry: metadata lifetimes.
+
+    ``online`` (set by :func:`publisher._online.attach`): the directory of the snapshot and
+    timestamp keys, apart from ``keys`` (README "Production layout").
     """
+
+    online: OnlineKeys | None = None
 
     def __init__(
         self, repo: Path, keys: Path, passphrase: Passphrase, expiry: Expiry | None = None,
@@ -240,11 +255,12 @@ class Repository:
                 raise RepositoryStateError(
                     f"{role}: threshold {thresholds.get(role, 1)} needs at least that many "
                     f"keys (--keys-per-role {role}=N); got {count}")
+            home = key_home(self, role)  # snapshot, timestamp: maybe the online directory
             for i in range(count):
                 name = f"{role}.pem" if i == 0 else f"{role}-{i + 1}.pem"
-                key = generate_key_at(self.keys / name, self._passphrase, role)
+                key = generate_key_at(home.dir / name, home.passphrases, role)
                 root.add_key(key, role)
-                self.signers.add(key.keyid, f"{ENCFILE}:{name}")
+                home.registry.add(key.keyid, f"{ENCFILE}:{name}")
                 uris.append(f"{ENCFILE}:{name}")
             root.roles[role].threshold = thresholds.get(role, 1)
         self.targets_dir.mkdir(parents=True, exist_ok=True)
@@ -256,6 +272,7 @@ class Repository:
             self._snapshot_and_timestamp(targets_version=1)
         finally:
             self._sign_with = None
+        after_init(self)
         return self.metadata_dir / "1.root.json"
 
     # -- reading -------------------------------------------------------------
@@ -287,12 +304,15 @@ class Repository:
         ts: Timestamp = self._load("timestamp.json").signed
         snap: Snapshot = self._load(f"{ts.snapshot_meta.version}.snapshot.json").signed
         targets: Targets = self._load(f"{snap.meta['targets.json'].version}.targets.json").signed
+        if online_elsewhere(self):  # signed here, not yet in the online host's snapshot
+            targets = newest_signed_targets(self, targets)
         return targets, snap, ts
 
     # -- writing -------------------------------------------------------------
 
     def _signer(self, role: str) -> Signer:
-        return load_signer(self.keys, role, self._passphrase)
+        home = key_home(self, role)
+        return load_signer(home.dir, role, home.passphrases(role))
 
     def _trusted_root(self) -> Root:
         root: Root = self._load(f"{self.latest_root_version()}.root.json").signed
@@ -309,8 +329,9 @@ class Repository:
             RootNotPublishableError: a root short of either threshold (parked likewise).
         """
         root = md.signed if role == "root" else self._trusted_root()
+        registry = key_home(self, role).registry
         keys = self._role_keys(role, root)
-        entries = self.signers.entries()
+        entries = registry.entries()
         by_uri = {u: k for k, u in entries.items()}
         # Explicit URIs count for the role they belong to; otherwise the role's default
         # key (its first encrypted file, made at init, as the published root lists it).
@@ -320,7 +341,7 @@ class Repository:
             if keyid is None:
                 md.sign(self._signer(role), append=True)  # a repository from before
                 continue
-            md.sign(self.signers.signer(uri, keys[keyid], role), append=True)
+            md.sign(registry.signer(uri, keys[keyid], role), append=True)
         self._publish_or_park(md, role, version, root)
 
     def _role_keys(self, role: str, root: Root) -> dict[str, Key]:
@@ -519,11 +540,12 @@ class Repository:
         path = self._pending_path(role)
         md = self._check_pending(role, path, path.read_bytes(), reviewed).md
         root = md.signed if role == "root" else self._trusted_root()
-        keyid = self.signers.keyid_for(uri)
+        registry = key_home(self, role).registry
+        keyid = registry.keyid_for(uri)
         keys = self._role_keys(role, root)
         if keyid not in keys:
             raise RepositoryStateError(f"{uri} is not a {role} key")
-        md.sign(self.signers.signer(uri, keys[keyid], role), append=True)
+        md.sign(registry.signer(uri, keys[keyid], role), append=True)
         version = int(path.name.split(".", 1)[0])
         self._publish_or_park(md, role, version, root)
         path.unlink(missing_ok=True)
@@ -559,7 +581,7 @@ class Repository:
             root.roles[role].threshold = threshold
         root.version = version + 1
         root.expires = self._clock() + self.expiry.root
-        self.signers.add(public_key.keyid, uri)
+        key_home(self, role).registry.add(public_key.keyid, uri)
         self._write(Metadata(root), "root", root.version)
         return int(root.version)
 
@@ -576,6 +598,10 @@ class Repository:
                         hashes={"sha256": hashlib.sha256(data).hexdigest()})
 
     def _snapshot_and_timestamp(self, targets_version: int) -> int:
+        if online_elsewhere(self):
+            logger.warning("targets v%d signed; the online host's `repo refresh` lists it in "
+                           "the next snapshot and timestamp", targets_version)
+            return int(self.current()[2].version)
         now = self._clock()
         try:
             _, old_snap, old_ts = self.current()
@@ -992,6 +1018,7 @@ class Repository:
         """
         if role not in ROLES:
             raise RepositoryStateError(f"unknown role {role!r}; one of {', '.join(ROLES)}")
+        refuse_rotate(self, role)
         now = self._clock()
         self.complete_root_change()
         version = self.latest_root_version()
@@ -1041,6 +1068,7 @@ class Repository:
         """
         expiry = self.expiry.changed(lifetimes, windows)
         path = save_expiry(self.keys, expiry)
+        mirror_expiry(self, expiry)
         self.expiry = expiry
         return path
 
@@ -1058,6 +1086,9 @@ class Repository:
         if margin is None:
             margin = max(self.expiry.timestamp / 2, self.expiry.window("snapshot"))
         now = self._clock()
+        if self.online is not None or online_elsewhere(self):
+            key_home(self, "timestamp")  # refused here without the online directory
+            return _online_refresh(self, margin, now)
         _, snap, ts = self.current()
         done = []
         if snap.expires - now < margin:

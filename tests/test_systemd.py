@@ -49,3 +49,62 @@ def test_agent_unit_runs_unprivileged_with_tpm_and_watchdog() -> None:
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     sysusers = (UNITS / "modelward.sysusers.conf").read_text()
     assert "u modelward" in sysusers and "m modelward tss" in sysusers
+
+
+# --- the online host's refresh unit (issue 14, must-show 4) ---------------------------
+
+REFRESH = "modelward-repo-refresh.service"
+
+
+def test_refresh_unit_verifies(tmp_path: Path) -> None:
+    r = subprocess.run(["systemd-analyze", "verify", str(_installed_copy(tmp_path, REFRESH))],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr
+
+
+def test_refresh_unit_exposure_is_at_most_2_5() -> None:
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(UNITS / REFRESH)],
+                       capture_output=True, text=True, check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.5, r.stdout
+
+
+def test_refresh_unit_sees_only_the_online_directory() -> None:
+    """Parsed from the unit: the online directory read-only, the metadata writable, and
+    every place an offline key directory may lie on a single machine hidden."""
+    from publisher._online import CREDENTIAL
+    from tests._i14_online_unit import directives, exec_args, view
+
+    d = directives()
+    argv = exec_args(d)
+    online, repo = argv[argv.index("--online-dir") + 1], argv[argv.index("--repo") + 1]
+    assert "--keys" not in argv and argv[1:3] == ["repo", "refresh"]
+    assert view(online, d) == "ro"
+    assert view(f"{online}/snapshot.pem", d) == "ro"
+    assert view(f"{repo}/metadata", d) == "rw"
+    assert view(f"{repo}/targets", d) == "hidden"  # refresh needs no bundles
+    for keys in ("/var/lib/modelward-keys", "/var/lib/modelward/keys", "/srv/modelward-keys",
+                 "/etc/modelward/keys", "/root/keys", "/home/operator/keys",
+                 "/opt/modelward/keys", "/mnt/usb/keys", "/media/usb/keys", "/tmp/keys",
+                 "/etc/credstore/modelward-key-passphrase-root"):
+        assert view(keys, d) == "hidden", keys
+    # passphrases only as credentials, one per online role, never in the environment
+    creds = {c.split(":")[0] for c in d["LoadCredential"]}
+    assert creds == {CREDENTIAL.format(role=r) for r in ("snapshot", "timestamp")}
+    assert "Environment" not in d and "EnvironmentFile" not in d
+    assert d["PrivateNetwork"] == ["yes"] and d["IPAddressDeny"] == ["any"]
+    assert d["User"] == ["modelward-repo"] and d["CapabilityBoundingSet"] == []
+    sysusers = (UNITS / "modelward-repo.sysusers.conf").read_text()
+    assert "u modelward-repo" in sysusers
+
+
+def test_refresh_unit_view_model_catches_a_widened_unit() -> None:
+    """The view model is not vacuous: without the TemporaryFileSystem= line a key directory
+    under /var is visible."""
+    from tests._i14_online_unit import UNIT, directives, view
+
+    text = "\n".join(ln for ln in UNIT.read_text().splitlines()
+                     if not ln.startswith("TemporaryFileSystem="))
+    assert view("/var/lib/modelward-keys", directives(text)) == "ro"
