@@ -70,10 +70,14 @@ def escape(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
     Returns:
         A string of printable characters only, with no line break.
     """
-    s = text if isinstance(text, str) else str(text)
+    return _cut(_pieces(text if isinstance(text, str) else str(text)), limit)
+
+
+def _cut(pieces: Iterator[str], limit: int | None) -> str:
+    """The pieces joined, cut before the piece that would pass ``limit`` characters."""
     out: list[str] = []
     used = 0
-    for piece in _pieces(s):
+    for piece in pieces:
         if limit is not None and used + len(piece) > limit:
             out.append(ELLIPSIS)
             break
@@ -91,16 +95,7 @@ def escape_id(text: object, limit: int | None = 64) -> str:
     (device ids named by a topic), where ``dеv-1`` with a Cyrillic ``е`` must not look
     like ``dev-1``. Enrolled ids are ASCII (``check_id``) and print unchanged."""
     s = text if isinstance(text, str) else str(text)
-    out: list[str] = []
-    used = 0
-    for p in _pieces(s):
-        piece = "".join(_ascii_char(e) for e in p)
-        if limit is not None and used + len(piece) > limit:
-            out.append(ELLIPSIS)
-            break
-        out.append(piece)
-        used += len(piece)
-    return "".join(out)
+    return _cut(("".join(_ascii_char(e) for e in p) for p in _pieces(s)), limit)
 
 
 def is_clean(text: str) -> bool:
