@@ -139,12 +139,13 @@ def _corrupt_after_verified(w: World, how: str) -> object:
 def test_a4_incoming_changed_after_verification_does_not_reject_a_good_release(
         world: World) -> None:
     """Bytes changed in staging/incoming during the health check are a local fault
-    (StagedFilesChangedError), never a rejection of the signed release."""
+    (StagedFilesChangedError), never a rejection of the signed release: the health check
+    passed on the sealed copies of the verified bytes, and the commit check refuses."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
     before = world.snapshot()
-    with pytest.raises(StagedFilesChangedError, match="after its failed health check"):
+    with pytest.raises(StagedFilesChangedError, match="before its commit"):
         agent_update(world.cfg, on_step=_corrupt_after_verified(world, "break"))  # type: ignore[arg-type]
     after = world.snapshot()
     assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
