@@ -398,7 +398,9 @@ class Repository:
         except RepositoryStateError:
             snap_version, ts_version = 1, 1
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
-        meta.update({f"{name}.json": MetaFile(version=v)
+        # Every delegated role too, with its length and hash: a device downloads at most
+        # that many bytes of a team's role and checks them before it parses anything.
+        meta.update({f"{name}.json": self._signed_meta(name, v)
                      for name, v in self._delegated_versions().items()})
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
