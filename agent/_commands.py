@@ -441,10 +441,13 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
                 "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
-        with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
-            doc = status.read(store.tpm if store else None)
-            _note(doc, error=e, result=None)
-            _save(cfg, status, doc, Metrics.from_status(doc), store)
+        try:
+            with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
+                doc = status.read(store.tpm if store else None)
+                _note(doc, error=e, result=None)
+                _save(cfg, status, doc, Metrics.from_status(doc), store)
+        except (OSError, ModelwardError) as se:  # the reason must not be hidden
+            logger.error("cannot write status.json: %s", se)
         raise
     if result.fell_back:
         logger.warning(result.message, extra={"fallback": True, **_model_extra(result.active)})
