@@ -194,3 +194,26 @@ def test_the_health_child_cannot_open_the_stage_by_path(tmp_path: Path) -> None:
     import sys
     done = run([sys.executable, "-P", "-c", code], policy, timeout=60)
     assert done.returncode != 0 and b"PermissionError" in done.stderr, done.stderr
+
+
+def test_the_fingerprint_hook_contract(tmp_path: Path) -> None:
+    """``directory_entries(root, hook)``: the entry is the hash of the fd the hook returns,
+    None never matches, and a non-OSError from the hook propagates (no silent mismatch)."""
+    from trust import FileEntry
+
+    root = _tree(tmp_path / "in", {"a": b"x"})
+    assert directory_entries(root, lambda rel, fd, st: None) == [FileEntry("a", -1, "")]
+    other = tmp_path / "other"
+    other.write_bytes(b"yy")
+    with open(other, "rb") as f:
+        got = directory_entries(root, lambda rel, fd, st: f.fileno())
+    assert got[0].size == 2  # hashed from what the hook handed back
+
+    class Boom(Exception):
+        pass
+
+    def boom(rel: str, fd: int, st: os.stat_result) -> int:
+        raise Boom
+
+    with pytest.raises(Boom):
+        directory_entries(root, boom)
