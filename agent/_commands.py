@@ -443,9 +443,7 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
         try:
             with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
-                doc = status.read(store.tpm if store else None)
-                _note(doc, error=e, result=None)
-                _save(cfg, status, doc, Metrics.from_status(doc), store)
+                status.record(error=e, result=None, tpm=store.tpm if store else None)
         except (OSError, ModelwardError) as se:  # the reason must not be hidden
             logger.error("cannot write status.json: %s", se)
         raise
