@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent._config import AgentConfig
 from agent._observe import Metrics, advance_sequence, build_report, notify_activation
-from agent._status import read_status
+from agent._status import (
+    MAX_STATUS_BYTES,
+    clean_status,
+    read_status,
+    sealed_status,
+    verified_status,
+)
 from trust import (
     ModelRef,
     ProvisionReport,
@@ -23,6 +30,8 @@ from trust import (
     sign_report,
     write_atomic,
 )
+from trust._bounded import read_json_file
+from trust._tpm import TpmInterface
 from trust.errors import (
     ModelwardError,
     OperatorInputError,
@@ -63,34 +72,60 @@ def _model_extra(ref: ModelRef | None) -> dict[str, str]:
 
 
 class StatusFile:
-    """``state_dir/status.json``: last result, last error, last activation and counters."""
+    """``state_dir/status.json``: last result, last error, last activation and counters,
+    MACed by the TPM for its update counter (``agent._status``)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "status.json"
 
-    def read(self) -> dict[str, Any]:
-        """The stored status (empty if none or unreadable), with only the known fields of
-        the expected types (the file carries no MAC: the disk may have written anything)."""
-        return read_status(self.path)
+    def read(self, tpm: TpmInterface | None = None) -> dict[str, Any]:
+        """The stored status, with only the known fields of the expected types.
 
-    def write(self, doc: dict[str, Any]) -> None:
-        """Replace it atomically (a directory planted there is removed first).
+        With ``tpm``: only if its MAC verifies for the TPM's update counter now (else empty,
+        logged). Without: unauthenticated, for display only (the disk may have written
+        anything there).
+        """
+        if tpm is None:
+            return read_status(self.path)
+        try:
+            raw = read_json_file(self.path, MAX_STATUS_BYTES, max_depth=4)
+            doc, why = verified_status(raw, tpm.read_counter(), tpm.mac_ok)
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # UnsafeFileError, UntrustedJsonError
+            doc, why = {}, str(e)
+        if why:
+            logger.warning("not believing %s: %s", self.path, why)
+        return doc
+
+    def write(self, doc: dict[str, Any], tpm: TpmInterface | None = None) -> None:
+        """Replace it atomically (a directory planted there is removed first), MACed when
+        ``tpm`` is given (without, no reader that matters believes it).
 
         Raises:
             StateDirError: a directory there cannot be removed.
         """
         from updater._statedir import clear_for_file
 
+        out = sealed_status(doc, tpm.read_counter(), tpm.mac) if tpm is not None else doc
         clear_for_file(self.path)
-        write_atomic(self.path, json.dumps(doc, indent=1).encode())
+        write_atomic(self.path, json.dumps(out, indent=1).encode())
 
     def record(
-        self, *, error: ModelwardError | None, result: str | None, error_type: str = ""
+        self, *, error: ModelwardError | None, result: str | None, error_type: str = "",
+        tpm: TpmInterface | None = None,
     ) -> None:
         """Store the outcome of a command; ``error_type`` names an event that is no exception."""
-        doc = self.read()
+        doc = self.read(tpm)
         _note(doc, error=error, result=result, error_type=error_type)
-        self.write(doc)
+        self.write(doc, tpm)
+
+
+#: The status this process wrote last, per state directory (its own attempt's outcome):
+#: what the signed report says, since an older MACed copy of status.json from the same
+#: counter value could have been put back meanwhile. Absent: this process ran no attempt
+#: (then only a verified file counts).
+_own_status: dict[Path, dict[str, Any]] = {}
 
 
 def _note(doc: dict[str, Any], *, error: ModelwardError | None, result: str | None,
@@ -140,9 +175,8 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
     Prometheus textfile.
     """
     status = StatusFile(cfg.state_dir)
-    doc = status.read()
-    metrics = Metrics.from_status(doc)
-    metrics.counters["attempts"] += 1
+    doc: dict[str, Any] = {}
+    metrics = Metrics()
     marks: dict[str, float] = {}
 
     def step(name: str) -> None:
@@ -151,48 +185,67 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
         on_step(name)
 
     fetched: list[int] = []
+    store: TrustStore | None = None
     try:
-        store = open_store(cfg)
         try:
+            store = open_store(cfg)
+            doc = status.read(store.tpm)
+            metrics = Metrics.from_status(doc)
+            metrics.counters["attempts"] += 1
             result = _update_with_fallback(cfg, store, gate, step, fetched)
-        finally:
-            store.tpm.close()
-    except ModelwardError as e:
-        logger.error("update failed: %s", e, extra={"error": type(e).__name__,
-                                                    **_error_fields(e)})
-        metrics.counters["failures"] += 1
-        if isinstance(e, MetadataError):
-            metrics.counters["signature_failures"] += 1
-        elif isinstance(e, _REJECTED):
-            metrics.counters["verification_failures"] += 1
+        except ModelwardError as e:
+            if store is None:
+                metrics.counters["attempts"] += 1
+            logger.error("update failed: %s", e, extra={"error": type(e).__name__,
+                                                        **_error_fields(e)})
+            metrics.counters["failures"] += 1
+            if isinstance(e, MetadataError):
+                metrics.counters["signature_failures"] += 1
+            elif isinstance(e, _REJECTED):
+                metrics.counters["verification_failures"] += 1
+            metrics.counters["bytes_fetched"] += sum(fetched)
+            _note(doc, error=e, result=None)
+            try:
+                _save(cfg, status, doc, metrics, store)
+            except OSError as se:  # a full disk must not hide the reason
+                logger.error("cannot write status.json: %s", se)
+            raise
         metrics.counters["bytes_fetched"] += sum(fetched)
-        _note(doc, error=e, result=None)
-        try:
-            _save(cfg, status, doc, metrics)
-        except OSError as se:  # a full disk must not hide the reason
-            logger.error("cannot write status.json: %s", se)
-        raise
-    metrics.counters["bytes_fetched"] += sum(fetched)
-    metrics.last_success = time.time()
-    logger.info(result.message, extra={"outcome": result.outcome.value,
-                                       **_model_extra(result.active)})
-    _note(doc, error=None, result=result.message)
-    if result.outcome is Outcome.INSTALLED and result.active is not None:
-        metrics.counters["installed"] += 1
-        if "staged" in marks and "health-checked" in marks:
-            metrics.verification_seconds = round(marks["health-checked"] - marks["staged"], 3)
-        doc["last_activation"] = notify_activation(cfg.activation, cfg.state_dir,
-                                                   result.active)
-    _save(cfg, status, doc, metrics)
-    return result
+        metrics.last_success = time.time()
+        logger.info(result.message, extra={"outcome": result.outcome.value,
+                                           **_model_extra(result.active)})
+        _note(doc, error=None, result=result.message)
+        if result.outcome is Outcome.INSTALLED and result.active is not None:
+            metrics.counters["installed"] += 1
+            if "staged" in marks and "health-checked" in marks:
+                metrics.verification_seconds = round(
+                    marks["health-checked"] - marks["staged"], 3)
+            doc["last_activation"] = notify_activation(cfg.activation, cfg.state_dir,
+                                                       result.active)
+        _save(cfg, status, doc, metrics, store)
+        return result
+    finally:
+        if store is not None:
+            store.tpm.close()
 
 
 _REJECTED = (TargetHashError, BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
 
-def _save(cfg: AgentConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics) -> None:
+def _save(cfg: AgentConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics,
+          store: TrustStore | None) -> None:
+    """Write status.json (MACed if the TPM answers) and the metrics; what was written is
+    this process's own status (:data:`_own_status`)."""
     doc.update(metrics.to_status())
-    status.write(doc)
+    _own_status[cfg.state_dir] = clean_status(doc)
+    tpm = store.tpm if store is not None else None
+    try:
+        status.write(doc, tpm)
+    except ModelwardError as e:  # (the TPM stopped answering: no MAC, not believed later)
+        if tpm is None:
+            raise
+        logger.error("cannot MAC status.json, written without: %s", e)
+        status.write(doc)
     metrics.write_textfile(cfg.metrics_textfile or cfg.state_dir / "metrics.prom")
 
 
@@ -253,6 +306,7 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
     try:
         record = store.load()
         rejected, problem = _rejections(cfg, store)
+        last_error = StatusFile(cfg.state_dir).read(store.tpm).get("last_error")
     finally:
         store.tpm.close()
 
@@ -262,7 +316,7 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
     return {
         "active": ref(record.active),
         "previous": ref(record.previous),
-        "last_error": StatusFile(cfg.state_dir).read().get("last_error"),
+        "last_error": last_error,
         "rejected": rejected,
         "rejections_problem": problem,
     }
@@ -312,8 +366,12 @@ def signed_report(cfg: AgentConfig, state: str,
             logger.error("status report without a trusted record: %s", e)
             record = None
         now = clock()
-        report = build_report(cfg.device_id, cfg.fleet, record, state,
-                              StatusFile(cfg.state_dir).read(),
+        # This process's own attempt, else only a file the TPM's MAC vouches for (never an
+        # unauthenticated status.json, nor one from before the last install).
+        own = _own_status.get(cfg.state_dir)
+        if own is None:
+            own = StatusFile(cfg.state_dir).read(tpm)
+        report = build_report(cfg.device_id, cfg.fleet, record, state, own,
                               seq=advance_sequence(cfg.state_dir, now), now=now,
                               poll_interval=cfg.poll_interval)
         return sign_report(report, tpm)
@@ -348,6 +406,25 @@ def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None]
             sleep(min(1.0, left))
 
 
+@contextlib.contextmanager
+def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore | None]:
+    """The trust store for a status write after boot-check, or None if the TPM does not
+    answer (or ``skip``: it just did not); the status is then written without a MAC, and
+    not believed later."""
+    try:
+        if skip:
+            raise TpmUnavailableError("the TPM did not answer the boot check", tcti=cfg.tcti)
+        store = open_store(cfg)
+    except ModelwardError as e:
+        logger.warning("status.json written without a MAC: %s", e)
+        yield None
+        return
+    try:
+        yield store
+    finally:
+        store.tpm.close()
+
+
 def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     status = StatusFile(cfg.state_dir)
@@ -364,15 +441,20 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
                 "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
         logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
-        status.record(error=e, result=None)
+        try:
+            with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
+                status.record(error=e, result=None, tpm=store.tpm if store else None)
+        except (OSError, ModelwardError) as se:  # the reason must not be hidden
+            logger.error("cannot write status.json: %s", se)
         raise
     if result.fell_back:
         logger.warning(result.message, extra={"fallback": True, **_model_extra(result.active)})
-        doc = status.read()
-        metrics = Metrics.from_status(doc)
-        metrics.counters["fallbacks"] += 1
-        _note(doc, error=None, result=result.message, error_type="ActiveModelAltered")
-        _save(cfg, status, doc, metrics)
+        with _store_or_none(cfg) as store:
+            doc = status.read(store.tpm if store else None)
+            metrics = Metrics.from_status(doc)
+            metrics.counters["fallbacks"] += 1
+            _note(doc, error=None, result=result.message, error_type="ActiveModelAltered")
+            _save(cfg, status, doc, metrics, store)
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result

@@ -1,13 +1,26 @@
 """``state_dir/status.json`` read back: bounded, and only the fields of the types the agent
-writes (the file carries no MAC, so the disk may have written anything there).
+writes.
 
-Kept free of the TUF, TPM and crypto stacks: the idle daemon reads it for its STATUS= line.
+The file carries ``auth``: the TPM's MAC (the trust record's key, through
+``TpmInterface.mac``, over a digest with its own domain) of its cleaned fields together with
+the TPM update counter at the time it was written. :func:`verified_status` believes it only
+when that MAC verifies for the counter the TPM holds now: an edited or planted file, and a
+copy put back from before the last install (or fallback), say nothing. What the MAC cannot
+tell (no NV write per attempt, which would wear the TPM): an older copy from the same
+counter value. So the signed status report takes the outcome of the attempt it reports on
+from the memory of the process that made it (``agent._commands``), never from the disk.
+
+Kept free of the TUF, TPM and crypto stacks (the TPM comes in as two callables): the idle
+daemon reads the file, unauthenticated, for its STATUS= line only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +86,41 @@ def read_status(path: Path) -> dict[str, Any]:
         logger.warning("ignoring %s: %s", path, e)
         return {}
     return clean_status(data)
+
+
+AUTH = "auth"  # {"counter": int, "mac": hex}
+_DOMAIN = b"modelward status v1\n"
+
+
+def status_digest(doc: object, counter: int) -> bytes:
+    """What the MAC of a status document covers: its cleaned fields and ``counter``."""
+    canonical = json.dumps({"counter": counter, "status": clean_status(doc)}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(_DOMAIN + canonical.encode()).digest()
+
+
+def sealed_status(doc: object, counter: int, mac: Callable[[bytes], bytes]) -> dict[str, Any]:
+    """``doc`` cleaned, with its ``auth`` for the TPM update counter ``counter``."""
+    out = clean_status(doc)
+    out[AUTH] = {"counter": counter, "mac": mac(status_digest(out, counter)).hex()}
+    return out
+
+
+def verified_status(doc: object, counter: int,
+                    mac_ok: Callable[[bytes, bytes], bool]) -> tuple[dict[str, Any], str]:
+    """``(fields, "")`` when ``doc``'s ``auth`` verifies for the TPM's ``counter`` now, else
+    ``({}, why)``: nothing of it is believed."""
+    auth = doc.get(AUTH) if isinstance(doc, dict) else None
+    if not isinstance(auth, dict) or type(auth.get("counter")) is not int or \
+            not isinstance(auth.get("mac"), str):
+        return {}, "it carries no MAC"
+    try:
+        tag = bytes.fromhex(auth["mac"])
+    except ValueError:
+        return {}, "its MAC is not hex"
+    if auth["counter"] != counter:
+        return {}, (f"it was written at update counter {auth['counter']}, the TPM is at "
+                    f"{counter} (a copy from before the last install or fallback)")
+    if len(tag) != 32 or not mac_ok(status_digest(doc, counter), tag):
+        return {}, "its MAC does not verify (altered or not written by this device)"
+    return clean_status(doc), ""

@@ -628,6 +628,18 @@ def bench_rss(env: Env, sizes: list[int]) -> None:
 _ORT_LOAD = "import onnxruntime as ort, sys; ort.InferenceSession(sys.argv[1])"
 
 
+def _bare_child(slot: Path) -> None:
+    """The health child on sealed copies of ``slot``, without the sandbox."""
+    import json
+
+    from updater._health import health_inputs
+    from updater._sealed import seal_slot
+
+    with seal_slot(slot, health_inputs("model.onnx", "vectors.npz")) as sealed:
+        subprocess.run([sys.executable, "-m", "updater._healthchild", json.dumps(sealed.fds)],
+                       check=True, capture_output=True, pass_fds=tuple(sealed.fds.values()))
+
+
 def bench_health(work: Path, n: int) -> None:
     """Health check of a ~100 MB model vs a fresh process that only imports onnxruntime
     and loads it, and sandboxed vs unsandboxed (the sandbox's added cost)."""
@@ -647,9 +659,7 @@ def bench_health(work: Path, n: int) -> None:
     res = rounds({
         "ours: health check (child, vectors)": lambda: run_health_check(
             slot, "big", "1.0.0", HealthConfig()),
-        "same child, bare (no launcher, no limits)": lambda: subprocess.run(
-            [sys.executable, "-m", "updater._healthchild", str(slot)], check=True,
-            capture_output=True),
+        "same child, bare (no launcher, no limits)": lambda: _bare_child(slot),
         "python -c 'import onnxruntime; load'": lambda: subprocess.run(
             [sys.executable, "-c", _ORT_LOAD, str(slot / "model.onnx")], check=True),
     }, n)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
@@ -430,8 +430,7 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
         # never over an existing N.snapshot.json (a stale timestamp.json copied back)
         version = max([snap.version, *_versions(repo.metadata_dir, "snapshot")]) + 1
         snap = Snapshot(version=version, expires=now + repo.expiry.snapshot,
-                        meta={f"{name}.json": (repo._signed_meta(name, v) if name == "targets"
-                                               else MetaFile(version=v))
+                        meta={f"{name}.json": repo._signed_meta(name, v)  # length, sha256
                               for name, v in meta.items()})
         _publish(repo, Metadata(snap), "snapshot", root, keys["snapshot"],
                  f"{snap.version}.snapshot.json")

@@ -71,6 +71,7 @@ from publisher._rootflow import (
     root_gaps,
 )
 from publisher._summary import Pending, PendingReviewError, check_pending, summarize
+from publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
 from publisher._tufcheck import check_root_chain, check_state
 from publisher.errors import KeyError_, RepositoryStateError
 from trust import slot_fingerprint, write_atomic
@@ -609,7 +610,9 @@ class Repository:
         except RepositoryStateError:
             snap_version, ts_version = 1, 1
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
-        meta.update({f"{name}.json": MetaFile(version=v)
+        # Every delegated role too, with its length and hash: a device downloads at most
+        # that many bytes of a team's role and checks them before it parses anything.
+        meta.update({f"{name}.json": self._signed_meta(name, v)
                      for name, v in self._delegated_versions().items()})
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
@@ -663,6 +666,7 @@ class Repository:
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
         if role is not None:  # refuse before anything reaches the served directory
             self._check_delegation(targets, role, target_path)
+            self._check_not_expired_on_the_way(targets, role, target_path)
             key_file = self.keys / f"delegated-{role}.pem"
             if not key_file.exists():
                 raise TeamMustActError(role, f"publishing {target_path}", key_file)
@@ -891,6 +895,20 @@ class Repository:
                 f"{target_path} is outside the paths delegated to {role!r}: devices "
                 f"searching for it (through {', '.join(trail)}) would take it {where}",
                 hint="a team key may publish only its own models")
+
+    def _check_not_expired_on_the_way(self, targets: Targets, role: str,
+                                      target_path: str) -> None:
+        """No delegated role devices visit on the way to ``target_path`` has expired.
+
+        Raises:
+            TeamRoleExpiredError: one has (names it and when).
+        """
+        trail: list[str] = []
+        preorder_walk(target_path, self._loader(targets, (role, target_path)), trail=trail)
+        hit = expired_on_the_way(trail, role, lambda r: self._role_md(r).signed.expires,
+                                 self._clock())
+        if hit is not None:
+            raise TeamRoleExpiredError(hit[0], hit[1], role, target_path)
 
     def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
         """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""

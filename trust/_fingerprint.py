@@ -234,7 +234,12 @@ def _open_dir(root: Path, rel: str) -> int:
     return fd
 
 
-def directory_entries(root: Path) -> list[FileEntry]:
+#: ``directory_entries``'s ``hook``: given a plain file's path, its open fd and ``fstat``,
+#: the fd whose bytes are to be hashed instead (a sealed copy), or None (never matches).
+FileHook = Callable[[str, int, os.stat_result], "int | None"]
+
+
+def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntry]:
     """Entries for every file below ``root``; anything but plain files is an entry too.
 
     Nothing is followed: the tree is walked through directory fds (``os.fwalk``) and each
@@ -252,6 +257,10 @@ def directory_entries(root: Path) -> list[FileEntry]:
     included: writable only by its owner) whose mode fails :func:`mode_ok`, and a tree of more than
     :data:`MAX_ENTRIES` entries, whose walk stops there (one more, never-matching entry
     ends the list: planted millions cost no time or memory).
+
+    With ``hook``, each plain file's entry is computed from the fd ``hook`` returns for it
+    (``updater._sealed`` hands back a sealed in-memory copy of the bytes, so what was hashed
+    is what is used); an exception from ``hook`` that is not an ``OSError`` propagates.
     """
     try:
         top = os.lstat(root)
@@ -284,11 +293,12 @@ def directory_entries(root: Path) -> list[FileEntry]:
                     entries.append(FileEntry(f"{rel}/{name}", -1, ""))
                     return entries  # (the walk stops: never a match)
                 path = name if rel == "." else f"{rel}/{name}"
-                entries.append(_plain_entry(path, name, dirfd, pool))
+                entries.append(_plain_entry(path, name, dirfd, pool, hook))
     return entries
 
 
-def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> FileEntry:
+def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor,
+                 hook: FileHook | None = None) -> FileEntry:
     """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
     bad = FileEntry(rel, -1, "")
     try:
@@ -306,7 +316,10 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor) -> F
         if not stat.S_ISREG(now.st_mode) or now.st_nlink != 1 or not mode_ok(now.st_mode) \
                 or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
             return bad
-        size, root_hex = fd_merkle_root(fd, pool)
+        hashed = fd if hook is None else hook(rel, fd, now)
+        if hashed is None:
+            return bad
+        size, root_hex = fd_merkle_root(hashed, pool)
     except OSError:
         return bad
     finally:

@@ -1,22 +1,27 @@
 """Health check: onnxruntime in a sandboxed child process (updater/_sandbox.py).
 
-The child runs a signed but possibly malicious model. It gets a read-only view of the staged
-files and of the system's libraries, bounded memory, CPU time and output, no network, no
-TPM, no credentials and nothing it can write; its one-line report is untrusted input,
-parsed strictly.
+The child runs a signed but possibly malicious model. It gets sealed in-memory copies of
+the staged files it needs (``updater._sealed``: the very bytes whose fingerprint was
+checked; it never opens a path of the stage, which it cannot even see), a read-only view of
+the system's libraries, bounded memory, CPU time and output, no network, no TPM, no
+credentials and nothing it can write; its one-line report is untrusted input, parsed
+strictly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from trust._bounded import loads_bounded
+from updater._bundle import MANIFEST, parse_manifest
 from updater._config import HealthConfig
 from updater._sandbox import (
     Completed,
@@ -27,7 +32,8 @@ from updater._sandbox import (
     scrubbed_env,
     tpm_devices,
 )
-from updater.errors import HealthCheckError
+from updater._sealed import SealedFiles, seal_slot
+from updater.errors import BundleFormatError, HealthCheckError
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,14 @@ def health_policy(slot: Path, cfg: HealthConfig, environ: Mapping[str, str],
         env=scrubbed_env(environ),
         isolate=not cfg.unsafe_no_sandbox,
     )
+
+
+def child_policy(slot: Path, cfg: HealthConfig, environ: Mapping[str, str],
+                 max_memory: int) -> SandboxPolicy:
+    """The sandbox the health child runs in: :func:`health_policy`, with the stage itself
+    hidden too (the child loads only the sealed copies it is handed)."""
+    policy = health_policy(slot, cfg, environ, max_memory)
+    return replace(policy, read_only=(), must_deny=(*policy.read_only, *policy.must_deny))
 
 
 def memory_limit(cfg: HealthConfig) -> int:
@@ -125,17 +139,25 @@ def _printable(text: str) -> str:
     return clean[:MAX_DETAIL] + ("..." if len(clean) > MAX_DETAIL else "")
 
 
+def health_inputs(manifest_model_path: str, manifest_vectors: str) -> tuple[str, ...]:
+    """The files of a bundle the health child reads (handed over sealed)."""
+    return tuple(dict.fromkeys((MANIFEST, manifest_model_path, manifest_vectors)))
+
+
 def run_health_check(
     slot: Path, model: str, version: str, cfg: HealthConfig,
-    heartbeat: Callable[[], None] = lambda: None,
+    heartbeat: Callable[[], None] = lambda: None, *, sealed: SealedFiles | None = None,
 ) -> str:
     """Check that the model in ``slot`` loads and reproduces its test vectors.
 
     Args:
-        slot: the extracted, fingerprint-checked bundle.
+        slot: the extracted bundle; hidden from the child, which loads from ``sealed``.
         model, version: for messages.
         cfg: bounds.
         heartbeat: called about once a second while the child runs (watchdog).
+        sealed: sealed copies of the health inputs whose fingerprint the caller verified
+            (``updater._sealed.seal_verified``); None: copied from ``slot`` here, unverified
+            (benchmarks and tests).
 
     Returns:
         The child's one-line report.
@@ -149,10 +171,23 @@ def run_health_check(
             "health check of %s %s runs WITHOUT its sandbox ([health] unsafe_no_sandbox): "
             "the model's code can reach the network, the TPM and the agent's files",
             model, version, extra={"model": model, "version": version})
-    policy = health_policy(slot, cfg, os.environ, memory_limit(cfg))
-    done = run([sys.executable, "-P", "-m", "updater._healthchild", policy.read_only[0]],
-               policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
-               max_stderr=MAX_STDERR)
+    policy = child_policy(slot, cfg, os.environ, memory_limit(cfg))
+    own = sealed is None
+    if sealed is None:
+        try:
+            m = parse_manifest((slot / MANIFEST).read_bytes(), str(slot))
+            names = health_inputs(m.model_path, m.vectors)
+        except (OSError, BundleFormatError):
+            names = (MANIFEST,)  # (the child reports what is missing)
+        sealed = seal_slot(slot, names)
+    try:
+        fds = dict(sealed.fds)
+        done = run([sys.executable, "-P", "-m", "updater._healthchild", json.dumps(fds)],
+                   policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
+                   max_stderr=MAX_STDERR, pass_fds=tuple(fds.values()))
+    finally:
+        if own:
+            sealed.close()
     ok, detail = parse_report(done)
     if not ok:
         what = (f"took longer than {cfg.timeout:.0f}s" if done.timed_out

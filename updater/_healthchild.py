@@ -1,32 +1,51 @@
-"""Health-check child process: ``python -m updater._healthchild SLOT_DIR``.
+"""Health-check child process: ``python -m updater._healthchild FDS_JSON``.
 
 Runs in its own process so that a model that crashes, hangs or eats memory in
 onnxruntime cannot take the agent down. Prints one JSON object
 ``{"ok": bool, "detail": str}`` and exits 0 when the model reproduces its vectors.
+
+``FDS_JSON`` maps the bundle's relative paths (the manifest, the model, the vectors) to
+inherited descriptors: sealed in-memory copies of the bytes the agent verified
+(``updater._sealed``). Nothing is opened by path: the stage on disk may have changed since,
+and the sandbox hides it anyway.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def check(slot: Path) -> tuple[bool, str]:
-    """Load the slot's model in onnxruntime and reproduce its test vectors."""
+def _open(fds: dict[str, int], name: str) -> IO[bytes]:
+    if name not in fds:
+        raise FileNotFoundError(f"{name} was not handed over")
+    f = os.fdopen(os.dup(fds[name]), "rb")
+    f.seek(0)
+    return f
+
+
+def _read(fds: dict[str, int], name: str) -> bytes:
+    with _open(fds, name) as f:
+        return f.read()
+
+
+def check(fds: dict[str, int]) -> tuple[bool, str]:
+    """Load the model in onnxruntime and reproduce its test vectors, from ``fds``."""
     import numpy as np
     import onnxruntime as ort
 
     from updater._bundle import MANIFEST, parse_manifest
 
-    manifest = parse_manifest((slot / MANIFEST).read_bytes(), str(slot))
+    manifest = parse_manifest(_read(fds, MANIFEST), "the verified bundle")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     opts.inter_op_num_threads = 1
     try:
         sess = ort.InferenceSession(
-            str(slot / manifest.model_path), sess_options=opts, providers=["CPUExecutionProvider"]
+            _read(fds, manifest.model_path), sess_options=opts,
+            providers=["CPUExecutionProvider"],
         )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises many unrelated types
         return False, f"onnxruntime cannot load {manifest.model_path}: {e}"
@@ -38,7 +57,7 @@ def check(slot: Path) -> tuple[bool, str]:
         return False, (
             f"model signature {got_in}->{got_out} differs from the manifest {want_in}->{want_out}"
         )
-    with np.load(slot / manifest.vectors, allow_pickle=False) as vec:
+    with _open(fds, manifest.vectors) as vf, np.load(vf, allow_pickle=False) as vec:
         feeds: dict[str, Any] = {n: vec[f"input:{n}"] for n in want_in}
         expected = {n: vec[f"output:{n}"] for n in want_out}
     try:
@@ -61,7 +80,13 @@ def check(slot: Path) -> tuple[bool, str]:
 def main() -> int:
     """Entry point of the child."""
     try:
-        ok, detail = check(Path(sys.argv[1]))
+        from trust._bounded import loads_bounded
+
+        fds = loads_bounded(sys.argv[1], max_bytes=4096, max_depth=1, what="the descriptors")
+        if not isinstance(fds, dict) or not all(
+                isinstance(k, str) and type(v) is int for k, v in fds.items()):
+            raise ValueError("the argument is not a map of names to descriptors")
+        ok, detail = check(fds)
     except Exception as e:  # noqa: BLE001 - report anything as a failed check, never crash silently
         ok, detail = False, f"{type(e).__name__}: {e}"
     print(json.dumps({"ok": ok, "detail": detail}))

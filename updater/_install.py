@@ -34,12 +34,13 @@ from updater._bundle import Manifest, extract_bundle, fsync_tree
 from updater._config import UpdaterConfig
 from updater._fetcher import RangeFetcher, RequestsFetcher
 from updater._heal import trusted_record
-from updater._health import run_health_check
+from updater._health import health_inputs, run_health_check
 from updater._idle import Gate
 from updater._journal import Journal
 from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rejections import REJECTING, RejectionStore
+from updater._rejections import RejectionStore
 from updater._rollout import Choice
+from updater._sealed import SealedFiles, seal_verified
 from updater._semver import SemVer
 from updater._slots import SlotStore
 from updater._stage import Stage
@@ -53,7 +54,6 @@ from updater.errors import (
     RollbackError,
     StagedFilesChangedError,
     StagingError,
-    StateDirError,
     TargetHashError,
 )
 
@@ -425,6 +425,22 @@ def _verify_on_disk(incoming: Path, release: Candidate, when: str) -> None:
         )
 
 
+def _seal_on_disk(incoming: Path, release: Candidate, manifest: Manifest,
+                  entries: list[FileEntry], when: str) -> SealedFiles:
+    """Sealed copies of the health check's inputs from ``incoming``, whose fingerprint
+    (those copies' bytes and the other files as read) is the signed one.
+
+    Raises:
+        StagedFilesChangedError: the files differ from the signed fingerprint.
+        StateDirError: ``staging`` or ``incoming`` is not a plain directory.
+        StagingError: no memory for the copies.
+    """
+    plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
+    return seal_verified(incoming, health_inputs(manifest.model_path, manifest.vectors),
+                         {e.path: e.size for e in entries}, release.fingerprint,
+                         f"{release.name} {release.version}", when)
+
+
 def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
     if e.errno == errno.ENOSPC:
         return StagingError(f"disk full while downloading and extracting {target.path} into "
@@ -528,7 +544,6 @@ def _attempt(
     slot = SlotStore.other(active.slot if active else None)
     incoming = dev.slots.incoming
     staged: Stage | None = None
-    verified = False  # the files in incoming matched the signed fingerprint (read back)
     try:
         staged, manifest, entries = download_and_extract(
             session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
@@ -548,26 +563,22 @@ def _attempt(
                 f"signed {newest.fingerprint}",
                 model=name, version=version, expected=newest.fingerprint, actual=fingerprint,
             )
-        _verify_on_disk(incoming, newest, "before its health check")
-        verified = True
-        step("verified")
-        gate.wait_idle("health check")
-        detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat)
+        # The health check's inputs, copied once from the files on disk into sealed
+        # memory and fingerprinted from those copies: the child loads exactly the bytes
+        # verified here (a disk that rewrites the stage afterwards changes nothing it sees).
+        sealed = _seal_on_disk(incoming, newest, manifest, entries, "before its health check")
+        with sealed:
+            step("verified")
+            gate.wait_idle("health check")
+            detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat,
+                                      sealed=sealed)
         logger.info(
             "health check of %s %s passed: %s", name, version, detail,
             extra={"model": name, "version": version, "fingerprint": fingerprint},
         )
         step("health-checked")
     except BaseException as e:
-        if verified and isinstance(e, REJECTING):
-            # The health check read the files by path: bytes changed on disk meanwhile
-            # are this device's fault, not the release's (never remembered as rejected).
-            try:
-                _verify_on_disk(incoming, newest, "after its failed health check")
-            except (StagedFilesChangedError, StateDirError) as changed:
-                assert staged is not None
-                staged.discard()
-                raise changed from e
+        # (a failure of the sealed, verified bytes is the release's own: see REJECTING)
         rejections.note_failure(newest.target, name, version, e)  # if the release failed
         if staged is not None:  # verified, then refused (or interrupted): start afresh
             staged.discard()

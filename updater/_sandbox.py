@@ -168,11 +168,13 @@ def _spec(policy: SandboxPolicy) -> str:
     })
 
 
-def spawn(argv: Sequence[str], policy: SandboxPolicy) -> subprocess.Popen[bytes]:
+def spawn(argv: Sequence[str], policy: SandboxPolicy,
+          pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
     """Start ``argv`` in the sandbox; returns once the sandbox is up and ``argv`` runs.
 
     ``argv[0]`` is a path (no ``PATH`` search). Its stdin is ``/dev/null``, stdout and
-    stderr are pipes, every other descriptor of the agent is closed.
+    stderr are pipes, every other descriptor of the agent is closed but ``pass_fds``
+    (sealed, read-only copies of its inputs: ``updater._sealed``), which keep their numbers.
 
     Raises:
         SandboxError: an isolation could not be set up (``missing`` names it), or the
@@ -187,7 +189,7 @@ def spawn(argv: Sequence[str], policy: SandboxPolicy) -> subprocess.Popen[bytes]
             [sys.executable, "-I", "-S", "-B", str(LAUNCHER), _spec(policy), str(status_w),
              "--", *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            close_fds=True, pass_fds=(status_w,), env=dict(policy.env), cwd="/",
+            close_fds=True, pass_fds=(status_w, *pass_fds), env=dict(policy.env), cwd="/",
             start_new_session=True,
         )
     except OSError as e:
@@ -242,7 +244,7 @@ def _read_status(fd: int, proc: subprocess.Popen[bytes]) -> tuple[str, str] | No
 
 def run(argv: Sequence[str], policy: SandboxPolicy, *, timeout: float,
         heartbeat: Callable[[], None] = lambda: None, max_stdout: int = 64 * 1024,
-        max_stderr: int = 64 * 1024) -> Completed:
+        max_stderr: int = 64 * 1024, pass_fds: Sequence[int] = ()) -> Completed:
     """Run ``argv`` in the sandbox to its end, with bounded time and output.
 
     Args:
@@ -251,11 +253,12 @@ def run(argv: Sequence[str], policy: SandboxPolicy, *, timeout: float,
         timeout: wall-clock seconds before it is killed.
         heartbeat: called about once a second while it runs (watchdog).
         max_stdout, max_stderr: bytes kept; writing more kills it (``overflow``).
+        pass_fds: descriptors it inherits (see :func:`spawn`).
 
     Raises:
         SandboxError: see :func:`spawn`.
     """
-    proc = spawn(argv, policy)
+    proc = spawn(argv, policy, pass_fds)
     try:
         return _supervise(proc, timeout, heartbeat, max_stdout, max_stderr)
     except BaseException:  # the agent's own failure (watchdog, Ctrl-C): the child goes too

@@ -139,12 +139,13 @@ def _corrupt_after_verified(w: World, how: str) -> object:
 def test_a4_incoming_changed_after_verification_does_not_reject_a_good_release(
         world: World) -> None:
     """Bytes changed in staging/incoming during the health check are a local fault
-    (StagedFilesChangedError), never a rejection of the signed release."""
+    (StagedFilesChangedError), never a rejection of the signed release: the health check
+    passed on the sealed copies of the verified bytes, and the commit check refuses."""
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
     before = world.snapshot()
-    with pytest.raises(StagedFilesChangedError, match="after its failed health check"):
+    with pytest.raises(StagedFilesChangedError, match="before its commit"):
         agent_update(world.cfg, on_step=_corrupt_after_verified(world, "break"))  # type: ignore[arg-type]
     after = world.snapshot()
     assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
@@ -304,10 +305,10 @@ def test_a4_fifo_at_journal_json_does_not_hang_real_boot_check(world: World) -> 
     assert world.active_version() == "1.0.0"
 
 
-@pytest.mark.xfail(strict=True, reason="signed_report copies last_error/last_activation/"
-                   "counters from status.json, which the disk can put back: the TPM signs a "
-                   "fresh report (new seq, new `at`) carrying a stale state")
 def test_a4_signed_report_does_not_carry_a_put_back_status_json(world: World) -> None:
+    """Refused: the report says what the attempt that signs it saw (its process's own
+    status), never what status.json says now; and a status.json that its TPM MAC does not
+    vouch for (see test_i13_status_auth.py) is not believed at all."""
     from agent._commands import signed_report
     world.publish("1.0.0", seed=1)
     world.update()

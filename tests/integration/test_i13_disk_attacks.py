@@ -50,28 +50,44 @@ def _boot_check(w: World, timeout: float = 60) -> subprocess.CompletedProcess[st
          str(w.conf_path)], capture_output=True, text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "verified by path, used by path: files replaced after _verify_on_disk('before its "
-    "health check') are what the sandboxed health check loads"))
+def _sealed_bytes(sealed: Any) -> dict[str, bytes]:
+    return {name: os.pread(fd, os.fstat(fd).st_size, 0) for name, fd in sealed.fds.items()}
+
+
 def test_files_swapped_between_verification_and_health_check_are_not_health_checked(
     world: World, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Refused: the health check's inputs are copied once into sealed memory and
+    fingerprinted from the copies; the child loads those, never a path, so the disk's swap
+    right after the check is not what onnxruntime sees (the swapped-in model fails v2's
+    vectors: loading it would be a HealthCheckError). The swap is then caught before the
+    commit, and nothing trusted moves."""
     world.publish("1.0.0", seed=1)
     world.update()
     v2 = _tar_files(world.publish("2.0.0", seed=2).read_bytes())
-    evil = _tar_files(world.bundle("2.0.0", seed=666).read_bytes())  # healthy on its own
+    evil = {"model.onnx": _tar_files(world.bundle("2.0.0", seed=666).read_bytes())["model.onnx"]}
+    before = world.snapshot()
     seen: list[dict[str, bytes]] = []
+    passed: list[str] = []
     real_health = install.run_health_check
 
     def health(slot: Path, *a: Any, **kw: Any) -> str:
         _overwrite(slot, evil)  # the disk, right after the pre-health-check verification
-        seen.append(_tree_files(slot))
-        return real_health(slot, *a, **kw)
+        assert _tree_files(slot)["model.onnx"] == evil["model.onnx"]
+        seen.append(_sealed_bytes(kw["sealed"]))  # what the child is handed
+        passed.append(real_health(slot, *a, **kw))
+        return passed[-1]
 
     monkeypatch.setattr(install, "run_health_check", health)
-    with pytest.raises(StagedFilesChangedError):  # (caught, but only before the commit)
+    with pytest.raises(StagedFilesChangedError, match="before its commit") as e:
         world.update()
-    assert seen == [v2]  # fails: onnxruntime loaded the attacker's bytes
+    assert e.value.__cause__ is None
+    assert seen == [{k: v2[k] for k in ("manifest.json", "model.onnx", "vectors.npz")}]
+    assert len(passed) == 1 and "match" in passed[0]  # onnxruntime checked the signed v2
+    after = world.snapshot()
+    assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    assert world.active_version() == "1.0.0"
 
 
 def test_files_corrupted_before_health_check_do_not_get_the_release_rejected(

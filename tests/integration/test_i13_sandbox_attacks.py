@@ -86,9 +86,11 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
     monkeypatch.setattr("updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
 
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
-        # the signed 2.0.0's model runs code in onnxruntime (argv[-1] is the slot); the
-        # model file as if the child had the agent's uid (a root agent's child is nobody)
-        model = argv[-1] + "/model.onnx"
+        # the signed 2.0.0's model runs code in onnxruntime; the staged model file as if
+        # the child had the agent's uid (a root agent's child is nobody). (The child gets
+        # sealed copies and cannot see the stage at all; seccomp refuses O_TRUNC first.)
+        slot = os.path.realpath(world.state / "staging" / "incoming")
+        model = slot + "/model.onnx"
         mode = os.stat(model).st_mode & 0o7777
         os.chmod(model, 0o666)  # noqa: S103
         code = ("import os, sys\n"
@@ -98,7 +100,7 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
                 "except OSError as e:\n"
                 "    print('{\"ok\": false, \"detail\": \"truncate: errno %d\"}' % e.errno)\n")
         try:
-            return run([sys.executable, "-c", code, argv[-1]], policy,  # type: ignore[arg-type]
+            return run([sys.executable, "-c", code, slot], policy,  # type: ignore[arg-type]
                        **kw)
         finally:  # (a slot file with odd modes never matches its fingerprint)
             os.chmod(model, mode)
