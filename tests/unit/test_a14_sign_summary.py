@@ -249,3 +249,19 @@ def test_a14_root_with_a_new_keyid_signature_from_unknown_key_is_refused() -> No
     with pytest.raises(PendingChangedError):
         check_pending(Path("/k/pending/2.root.json"),
                       md.to_bytes(JSONSerializer()), "root", _root(1), 1)
+
+
+@pytest.mark.xfail(strict=True, reason="the device reads `rollout or {}` (a falsy rollout is "
+                   "100%; a missing basis_points is 10000), but the summary prints the raw "
+                   "value: 'rollout 0' / 'rollout false' / 'rollout null' read as 'nobody "
+                   "yet' while every device takes the release (_summary._rollout vs "
+                   "updater._tuf._candidate)")
+@pytest.mark.parametrize("rollout", [0, False, "", {}, {"halted": False}])
+def test_a14_rollout_shown_as_the_device_reads_it(rollout: Any) -> None:
+    new = _target("classifier/classifier-2.0.0.tar", version="2.0.0")
+    new.unrecognized_fields["custom"]["modelward"]["rollout"] = rollout
+    cand = _candidate(Found(new.path, new, "targets"), "classifier")
+    assert cand is not None and cand.percent == 100.0 and not cand.halted
+    lines = summarize("targets", _targets(1), _targets(2, new))
+    added = [x for x in lines if x.startswith("  + ")]
+    assert len(added) == 1 and "rollout 100%" in added[0], added
