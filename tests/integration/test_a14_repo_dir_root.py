@@ -13,7 +13,6 @@ import copy
 import json
 from pathlib import Path
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from tuf.api.metadata import Metadata, Root
@@ -22,10 +21,6 @@ from tests.conftest import World
 from tests.integration.test_a14_sign_keyswap import _as, _env, _rk, _ship_evil
 
 
-@pytest.mark.xfail(strict=True, reason="the publisher trusts the newest N.root.json in the "
-                   "served directory without verifying it (Repository._trusted_root/_load, "
-                   "add_key, rotate): an edited 1.root.json is re-signed by the real root key "
-                   "as root v2, handing targets/snapshot/timestamp to the attacker")
 def test_a14_edited_published_root_is_not_signed_onwards(world: World,
                                                         tmp_path: Path) -> None:
     w = world
