@@ -116,10 +116,10 @@ class BridgeLimits:
             is forgotten first).
     """
 
-    requests_per_s: float = 400.0
-    request_burst: int = 400
-    bytes_per_s: float = 64 << 20
-    byte_burst: int = 64 << 20
+    requests_per_s: float = 50.0  # a fetch asks for ~16 a second, a refresh for a few
+    request_burst: int = 100
+    bytes_per_s: float = 16 << 20
+    byte_burst: int = 16 << 20
     device_queue: int = 32
     queued_bytes: int = 256 << 20
     send_bytes: int = 4 << 20
