@@ -39,7 +39,11 @@ def test_i14_deep_json_and_out_of_range_offset_leave_the_bridge_serving(
     evil = Flooder(w.mqtt_cfg("dev-2"), FLOOD_FILE, _flood_file(w, 4 * MIB))
     try:
         for payload in [
-            b"[" * 100_000,  # RecursionError in json.loads (issue 14)
+            # RecursionError in json.loads (issue 14). 100,000 bytes exceed the Maximum
+            # Packet Size the bridge asks for on CONNECT: the broker does not even forward
+            # it. 15,000 do reach the bridge and its parser.
+            b"[" * 100_000,
+            b"[" * 15_000,
             json.dumps({"path": FLOOD_FILE, "offset": 2 ** 64, "length": MIB,
                         "format": 2}).encode(),  # struct.error outside the try (issue 14)
             json.dumps({"path": FLOOD_FILE, "offset": 2 ** 63, "length": MIB}).encode(),
@@ -49,9 +53,10 @@ def test_i14_deep_json_and_out_of_range_offset_leave_the_bridge_serving(
         ]:
             evil.send_raw(payload)
         deadline = time.monotonic() + 10
-        while evil.statuses.get(400, 0) < 5 and time.monotonic() < deadline:
+        while evil.received < 6 and time.monotonic() < deadline:  # of 7
             time.sleep(0.05)
-        assert evil.statuses.get(400, 0) >= 5, evil.statuses  # each refused with a 400
+        # each refused with a 400 (the forged path: refused, or not found)
+        assert evil.statuses in ({400: 6}, {400: 5, 404: 1}), evil.statuses
     finally:
         evil.stop()
     assert w.bridge.poll() is None  # the bridge process lives
@@ -59,7 +64,7 @@ def test_i14_deep_json_and_out_of_range_offset_leave_the_bridge_serving(
     r = w.update()  # and the bridge still serves another device
     assert r.outcome is Outcome.INSTALLED and w.active_version() == "1.0.0"
     log = w.bridge_log.read_text()
-    assert "refusing a request from dev-2" in log
+    assert "refusing a request from dev-2" in log and "nested deeper than" in log
     assert "Traceback" not in log and "RecursionError" not in log
     assert "\n2026 INFO forged" not in log  # device bytes are logged as repr() only
 
