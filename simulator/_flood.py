@@ -100,13 +100,15 @@ class Flooder:
 
     def _run(self, rate: float) -> None:
         blocks = max(1, self.size // self.block)
+        bodies = [json.dumps({"path": self.path, "offset": b * self.block,
+                              "length": self.block, "format": 2}).encode()
+                  for b in range(blocks)]
+        props = _props(self.resp_topic)  # the same for all: the attacker's CPU is not ours
         i = 0
         start = time.monotonic()
         while not self._stop.is_set():
-            body = json.dumps({"path": self.path, "offset": (i % blocks) * self.block,
-                               "length": self.block, "format": 2}).encode()
-            self.conn.client.publish(self.req_topic, body, qos=0,
-                                     properties=_props(self.resp_topic))
+            self.conn.client.publish(self.req_topic, bodies[i % blocks], qos=0,
+                                     properties=props)
             i += 1
             self.sent = i
             ahead = i / rate - (time.monotonic() - start)
