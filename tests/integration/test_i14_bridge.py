@@ -104,3 +104,26 @@ def test_i14_flood_keeps_bridge_memory_bounded_and_another_device_fast(
     assert evil.statuses.get(429, 0) > 0  # and refused beyond them
     assert hwm < 200 * MIB
     assert f <= 2 * b, (b, f)
+
+
+def test_i14_honest_device_over_its_byte_budget_backs_off_and_installs(
+    mqtt_world: MqttWorld,
+) -> None:
+    """The refusal a device gets beyond its budget (429) is a pause, not a failure: a real
+    update of a 24 MiB bundle through a bridge allowing 8 MiB/s installs."""
+    from publisher._bridge import Bridge
+    from publisher._fairness import BridgeLimits
+
+    w = mqtt_world
+    pad = w.builds / "pad"
+    pad.write_bytes(os.urandom(24 * MIB))
+    w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    w.stop_bridge()
+    bridge = Bridge(w.repo_dir, w.mqtt_cfg("modelward-bridge"),
+                    limits=BridgeLimits(bytes_per_s=8 * MIB, byte_burst=4 * MIB))
+    try:
+        r = w.update()
+    finally:
+        bridge.close()
+    assert r.outcome is Outcome.INSTALLED and w.active_version() == "1.0.0"
+    assert bridge.stats.refused > 0  # it was refused on the way, and backed off

@@ -444,3 +444,30 @@ def test_i14_busy_pause_grows_and_is_capped() -> None:
 
     assert 0.025 <= busy_pause(1) <= 0.075
     assert all(0.5 <= busy_pause(n) <= 1.5 for n in (6, 20, 10 ** 6))
+
+
+@pytest.mark.parametrize("bad", [["--device-queue", "0"], ["--device-mib-per-s", "-1"],
+                                 ["--device-requests-per-s", "0"], ["--send-queue-mib", "0"]])
+def test_i14_serve_mqtt_refuses_limits_that_serve_nobody(
+    tmp_path: Path, bad: list[str], capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A careless operator: a zero or negative bound is one line naming the options."""
+    from modelward.cli import EXIT_ERROR, main
+
+    (tmp_path / "metadata").mkdir()
+    rc = main(["serve-mqtt", "--repo", str(tmp_path), "--broker", "mqtts://127.0.0.1:1",
+               "--fleet", "f", *bad])
+    err = capsys.readouterr().err
+    assert rc == EXIT_ERROR and "must be positive" in err and "Traceback" not in err
+
+
+def test_i14_one_device_on_many_connections_shares_one_budget(tmp_path: Path) -> None:
+    """The budget is keyed by the request topic (which the ACL ties to the credentials),
+    not by the MQTT client id: more connections buy a device nothing."""
+    h = _Harness(tmp_path, BridgeLimits(requests_per_s=0.001, request_burst=10))
+    try:
+        for i in range(30):
+            h.request("flood", _req(), corr=f"conn-{i}".encode())  # 30 "connections"
+        assert h.bridge.stats.dropped == 20
+    finally:
+        h.close()
