@@ -496,3 +496,32 @@ def test_i14_bridge_unit_restarts_on_failure_and_verifies(tmp_path: Path) -> Non
                        capture_output=True, text=True, check=False)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
     assert m and float(m.group(1)) <= 2.5, r.stdout
+
+
+def test_i14_a_device_cannot_aim_answers_at_another_device(harness: _Harness) -> None:
+    """The response goes to the requester's own topic only; asking for another device's
+    is refused unanswered (the ACL also keeps each device to its own request topic)."""
+    msg = mqtt.MQTTMessage(topic=b"modelward/f/repo/req/evil")
+    msg.payload = _req()
+    msg.properties = SimpleNamespace(  # type: ignore[assignment]
+        CorrelationData=b"c" * 16, ResponseTopic=RESP.format("dev-1"))
+    harness.bridge._on_message(msg)  # noqa: SLF001
+    harness.request("evil", _req(), corr=b"x" * 65)  # oversized correlation data
+    harness.request("dev-1", _req())
+    assert harness.wait(1) == [("dev-1", 200, 0, b"R" * 64)]
+    time.sleep(0.2)
+    assert len(harness.sent) == 1 and harness.bridge.stats.refused == 2
+
+
+@pytest.mark.parametrize("path", ["metadata/../../etc/passwd", "/etc/passwd", "keys/root.pem",
+                                  "metadata/link", "targets", "metadata/\x00"])
+def test_i14_paths_outside_the_served_files_are_refused(
+    harness: _Harness, tmp_path: Path, path: str,
+) -> None:
+    (tmp_path / "metadata" / "link").symlink_to("/etc/passwd")
+    harness.request("evil", _req(path=path))
+    harness.request("dev-1", _req())
+    sent = harness.wait(2)
+    evil = [s for s in sent if s[0] == "evil"]
+    assert len(evil) == 1 and evil[0][1] in (400, 404) and evil[0][3] == b""
+    assert ("dev-1", 200, 0, b"R" * 64) in sent
