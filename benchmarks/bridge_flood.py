@@ -16,12 +16,12 @@ flooded latency <= 2x the baseline, bridge peak RSS (VmHWM) < 200 MiB. Not a tes
 2026-12-01, the 2-core machine shared by 8 sessions, 2 rounds of 20: broker's limit
 6.4 ms, honest device alone 8.7 ms, during a 1,000 requests/s flood 9.9 ms (1.14x),
 during 3,000/s 12.8-19.5 ms (1.14-2.24x across runs); bridge VmHWM 52 MiB (idle 44 MiB);
-the flooder gets its 16 MiB/s and 429s beyond. Not met: at 5,000 QoS 0 requests/s the
-bridge keeps up (~70 us a request, a third of a core) but mosquitto disconnects it
-("disconnected due to out of memory": its queue to the bridge), so every device's
-requests are lost until it reconnects. Mosquitto has no per-client publish rate limit;
-EMQX has (``messages_rate``, ``bytes_rate`` per listener). The bridge cannot bound what
-the broker queues for it.
+the flooder gets its 16 MiB/s and 429s beyond. Not met: at 10,000 QoS 0 requests/s (one
+Python flooder's most here) the bridge falls behind (it takes ~8,000 requests/s on this
+shared machine, ~30-70 us each including the blocks it serves): the requests queue at
+the broker, and the honest device's blocks take 0.4-1.7 s, then time out. Only the
+broker can refuse a device's messages before they reach the bridge: mosquitto 2.0 has no
+per-client publish rate limit; EMQX has (``messages_rate``, ``bytes_rate``).
 """
 
 from __future__ import annotations
