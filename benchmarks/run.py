@@ -274,7 +274,10 @@ class Env:
         self.bridge = subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(self.repo_dir),
              "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),
-             "--password-file", str(self.bc.credentials["modelward-bridge"])],
+             "--password-file", str(self.bc.credentials["modelward-bridge"]),
+             # the transport's own limit, not the per-device budget (16 MiB/s by default,
+             # issue 14; benchmarks/bridge_flood.py measures that)
+             "--device-mib-per-s", "0", "--device-requests-per-s", "100000"],
             stdout=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.bridge.stdout is not None
         assert self.bridge.stdout.readline().startswith("serving")

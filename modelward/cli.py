@@ -390,20 +390,29 @@ def _add_broker_options(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _serve_mqtt(args: argparse.Namespace) -> int:
+    import logging
     import signal
     import threading
 
     from publisher import Bridge
+    from publisher._fairness import limits_from_args
 
-    bridge = Bridge(args.repo, _broker_config(args, "modelward-bridge"), group=args.group)
+    bridge = Bridge(args.repo, _broker_config(args, "modelward-bridge"), group=args.group,
+                    limits=limits_from_args(args))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"serving {args.repo} for fleet {args.fleet} on {args.broker}", flush=True)
-    stop.wait()
+    dead = None
+    while dead is None and not stop.wait(1.0):
+        dead = bridge.healthy()  # a dead network thread: exit, so systemd restarts us
     bridge.close()
     s = bridge.stats
-    print(f"stopped: {s.requests} requests, {s.served_bytes} bytes, {s.refused} refused")
+    print(f"stopped: {s.requests} requests, {s.served_bytes} bytes, {s.refused} refused, "
+          f"{s.dropped} dropped")
+    if dead is not None:
+        logging.getLogger("modelward.serve-mqtt").error("exiting: %s", dead)
+        return EXIT_ERROR
     return EXIT_OK
 
 
@@ -813,6 +822,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve-mqtt", help="operator: answer device block requests over MQTT")
     srv.add_argument("--repo", type=Path, required=True)
     srv.add_argument("--group", default="modelward-bridges", help="shared-subscription group")
+    from publisher._fairness import add_limit_options
+
+    add_limit_options(srv)
     _add_broker_options(srv, required=True)
     srv.set_defaults(func=_serve_mqtt)
 

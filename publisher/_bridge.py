@@ -4,6 +4,18 @@ Stateless: any number of bridges share one subscription (``$share/<group>/...``)
 each request is answered from the files as they are. It serves only regular files under
 ``metadata/`` and ``targets/`` of the repository, at most ``max_block`` bytes a request,
 and answers only on the requesting device's own response topic.
+
+One device cannot take it down (issue 14). paho's network thread only admits: it checks
+the topic and correlation data, takes a token from the device's request bucket (none
+left: dropped unanswered), parses the bounded request (:func:`parse_request`: every
+field's type and range) and queues it for that device, within the device's byte bucket
+and queue and the bridge's bounds (else a small 429/503 answer, after which the device
+backs off and asks again). One worker thread serves the queues round-robin and reads the
+next block only while the send queue (bytes handed to the broker, not yet acknowledged)
+has room, so memory stays bounded and a flooding device waits behind itself. Whatever a
+handler raises is logged as one line and answered 500; :meth:`Bridge.healthy` is False
+once the network thread or the worker has ended, and ``serve-mqtt`` then exits non-zero
+so that systemd restarts it.
 """
 
 from __future__ import annotations
@@ -12,6 +24,8 @@ import json
 import logging
 import os
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +33,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from publisher._broker_config import check_id
+from publisher._fairness import (
+    MAX_REQUEST_BYTES,
+    BadRequestError,
+    BlockRequest,
+    BridgeLimits,
+    Scheduler,
+    parse_request,
+)
 from publisher.errors import OperatorInputError
 from trust._bounded import loads_bounded
 from updater import check_member_path
@@ -29,10 +51,13 @@ from updater._mqtt import (
     publish_properties,
 )
 
+__all__ = ["MAX_REQUEST_BYTES", "Bridge", "BridgeLimits", "BridgeStats", "announce"]
+
 logger = logging.getLogger(__name__)
-MAX_REQUEST_BYTES = 16 * 1024  # a request is one short line of JSON
 
 SERVED_DIRS = ("metadata", "targets")
+REQUEST_PACKET_LIMIT = MAX_REQUEST_BYTES + 4096  # a request, its topic and properties
+SEND_TIMEOUT = 30.0  # an unacknowledged block stops counting against the send queue
 
 
 @dataclass
@@ -41,7 +66,17 @@ class BridgeStats:
 
     requests: int = 0
     served_bytes: int = 0
-    refused: int = 0
+    refused: int = 0  # answered 4xx/5xx
+    dropped: int = 0  # over a device's request rate: not answered
+    errors: int = 0  # a handler raised (answered 500)
+
+
+@dataclass(frozen=True)
+class _Job:
+    device: str
+    resp_topic: str
+    corr: bytes
+    req: BlockRequest
 
 
 class Bridge:
@@ -55,27 +90,195 @@ class Bridge:
         cfg: broker connection (username is a bridge identity).
         group: shared-subscription group.
         max_block: largest block answered (1 MiB).
+        limits: per-device and global bounds (see :class:`BridgeLimits`).
+        connect: connect to the broker (False: tests drive :meth:`_on_message`).
     """
 
     formats: tuple[int, ...] = (1, 2)
 
     def __init__(self, repo: Path, cfg: MqttConfig, group: str = "modelward-bridges",
-                 max_block: int = 1 << 20) -> None:
+                 max_block: int = 1 << 20, limits: BridgeLimits | None = None,
+                 connect: bool = True) -> None:
         if not (repo / "metadata").is_dir():
             raise OperatorInputError(f"{repo} is not a repository (no metadata/)")
         self.repo = repo.resolve()
         self.cfg = cfg
         self.max_block = max_block
+        self.limits = limits or BridgeLimits()
         self.stats = BridgeStats()
         self._prefix = cfg.topic("repo/req/")
-        self._conn = MqttConnection(
-            cfg, f"{cfg.client_name}-{os.getpid()}-{threading.get_ident() % 10000}",
-            [f"$share/{group}/{cfg.topic('repo/req/+')}"], self._on_message,
-        )
+        self._sched: Scheduler[_Job] = Scheduler(self.limits)
+        self._sent: deque[tuple[Any, int, float]] = deque()  # (info, bytes, when)
+        self._sent_bytes = 0
+        self._sent_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._conn: MqttConnection | None = None
+        self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
+        self._worker.start()
+        if connect:
+            try:
+                self._conn = MqttConnection(
+                    cfg, f"{cfg.client_name}-{os.getpid()}-{threading.get_ident() % 10000}",
+                    [f"$share/{group}/{cfg.topic('repo/req/+')}"], self._on_message,
+                    max_packet_size=REQUEST_PACKET_LIMIT,
+                )
+            except BaseException:
+                self._stop.set()
+                raise
 
     def close(self) -> None:
-        """Disconnect."""
-        self._conn.close()
+        """Stop the worker and disconnect."""
+        self._stop.set()
+        self._worker.join(5)
+        if self._conn is not None:
+            self._conn.close()
+
+    def healthy(self) -> str | None:
+        """None while the worker and paho's network thread run, else what has ended."""
+        if not self._worker.is_alive():
+            return "the bridge worker thread has ended"
+        if self._conn is not None:
+            t = getattr(self._conn.client, "_thread", None)
+            if not isinstance(t, threading.Thread) or not t.is_alive():
+                return "paho's network thread has ended"
+        return None
+
+    # --- the network thread: admission only ---------------------------------------
+
+    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        try:
+            self._admit(msg)
+        except Exception as e:  # noqa: BLE001 - one request must not end the thread
+            self.stats.errors += 1
+            logger.error("bridge: admitting a request on %r failed: %s: %r",
+                         str(getattr(msg, "topic", "?"))[:200], type(e).__name__,
+                         str(e)[:200])
+
+    def _admit(self, msg: mqtt.MQTTMessage) -> None:
+        topic = msg.topic
+        device = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
+        try:
+            check_id("device id", device)
+        except OperatorInputError:
+            logger.warning("ignoring a request on %r", topic[:200])
+            return
+        now = time.monotonic()
+        if not self._sched.allow(device, now):
+            self.stats.dropped += 1
+            if self._sched.may_log(device, now):
+                logger.warning("dropping requests from %s: over %g requests/s", device,
+                               self.limits.requests_per_s,
+                               extra={"device": device, "dropped": self.stats.dropped})
+            return
+        resp_topic = self.cfg.topic(f"devices/{device}/repo/resp")
+        props: Any = getattr(msg, "properties", None)
+        corr = getattr(props, "CorrelationData", None)
+        asked_topic = getattr(props, "ResponseTopic", resp_topic)
+        if not isinstance(corr, bytes) or len(corr) > 64 or asked_topic != resp_topic:
+            self.stats.refused += 1
+            if self._sched.may_log(device, now):
+                logger.warning("refusing a request from %s: missing correlation data or a "
+                               "response topic other than its own", device)
+            return
+        self.stats.requests += 1
+        try:
+            req = parse_request(msg.payload, self.max_block, f"the request on {topic}")
+        except BadRequestError as e:  # answered in format 1, which every device reads
+            self._refuse(device, resp_topic, corr, 1, 400, str(e), now)
+            return
+        job = _Job(device, resp_topic, corr, req)
+        refusal = self._sched.offer(device, job, req.length, now)
+        if refusal is not None:
+            self._refuse(device, resp_topic, corr, req.format, refusal[0], refusal[1], now,
+                         offset=req.offset)
+
+    def _refuse(self, device: str, resp_topic: str, corr: bytes, fmt: int, status: int,
+                why: str, now: float, offset: int = 0) -> None:
+        self.stats.refused += 1
+        if self._sched.may_log(device, now):
+            logger.warning("refusing a request from %s: %d %r", device, status, why[:200],
+                           extra={"device": device, "status": status})
+        self._answer(resp_topic, corr, 2 if fmt == 2 and 2 in self.formats else 1,
+                     status, offset, 0, b"")
+
+    # --- the worker: round-robin service ----------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            if self._conn is not None and self._conn.lost.is_set():
+                # The devices' fetches over the lost connection have ended (or re-ask
+                # after their timeout): what they queued is answered to nobody.
+                dropped = self._sched.clear()
+                if dropped:
+                    logger.info("connection lost: dropped %d queued requests", dropped)
+                self._stop.wait(0.1)
+                continue
+            job = self._sched.take(0.5)
+            if job is None:
+                continue
+            self._wait_for_room()
+            try:
+                self._serve(job)
+            except Exception as e:  # noqa: BLE001 - one request must not end the worker
+                self.stats.errors += 1
+                logger.error("bridge: serving %r to %s failed: %s: %r", job.req.path[:200],
+                             job.device, type(e).__name__, str(e)[:200],
+                             extra={"device": job.device, "status": 500})
+                try:
+                    self._answer(job.resp_topic, job.corr, 1, 500, 0, 0, b"")
+                except Exception as e2:  # noqa: BLE001 - nothing more to do for it
+                    logger.error("bridge: cannot answer %s: %s", job.device,
+                                 type(e2).__name__)
+
+    def _wait_for_room(self) -> None:
+        """Until the send queue has room for a block (or the bridge stops)."""
+        while not self._stop.is_set():
+            with self._sent_lock:
+                now = time.monotonic()
+                while self._sent and (_published(self._sent[0][0]) or
+                                      now - self._sent[0][2] > SEND_TIMEOUT):
+                    self._sent_bytes -= self._sent.popleft()[1]
+                if self._sent_bytes + self.max_block <= self.limits.send_bytes or \
+                        not self._sent:
+                    return
+                oldest = self._sent[0][0]
+            try:
+                oldest.wait_for_publish(0.05)
+            except (RuntimeError, ValueError):  # published while not connected (see
+                self._stop.wait(0.01)  # _published): paho re-sends it on the reconnect
+
+    def _serve(self, job: _Job) -> None:
+        req = job.req
+        status, data, size = 400, b"", 0
+        fmt = 2 if req.format == 2 and 2 in self.formats else 1
+        try:
+            size, data = self._read(req.path, req.offset, req.length)
+            status = 200 if req.offset <= size else 416
+        except FileNotFoundError:
+            status = 404
+        except (ValueError, OSError) as e:
+            self.stats.refused += 1
+            if self._sched.may_log(job.device, time.monotonic()):
+                logger.warning("refusing a request from %s: %r", job.device, str(e)[:200])
+        self._answer(job.resp_topic, job.corr, fmt, status, req.offset, size, data)
+        self.stats.served_bytes += len(data)
+        logger.debug("served path=%r status=%d offset=%d bytes=%d to %s", req.path, status,
+                     req.offset, len(data), job.device,
+                     extra={"device": job.device, "status": status, "bytes": len(data)})
+
+    def _answer(self, topic: str, corr: bytes, fmt: int, status: int, offset: int,
+                size: int, data: bytes) -> None:
+        out = publish_properties()
+        out.CorrelationData = corr
+        payload = data
+        if fmt == 2:  # the block's header in the payload (see updater._mqtt)
+            payload = block_header(status, offset, size) + data
+        else:
+            out.UserProperty = [("status", str(status)), ("offset", str(offset)),
+                                ("size", str(size))]
+        self._send(topic, payload, out)
+
+    # --- I/O -----------------------------------------------------------------------
 
     def _resolve(self, path: str) -> Path:
         check_member_path(path)
@@ -93,55 +296,25 @@ class Bridge:
             return size, os.pread(f.fileno(), length, offset) if offset <= size else b""
 
     def _send(self, topic: str, data: bytes, props: Any) -> None:
-        self._conn.publish(topic, data, props)
+        if self._conn is None:
+            return
+        info = self._conn.client.publish(topic, data, qos=1, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            logger.warning("publishing to %s: %s (paho keeps it queued)", topic,
+                           mqtt.error_string(info.rc))
+        with self._sent_lock:
+            self._sent.append((info, len(data), time.monotonic()))
+            self._sent_bytes += len(data)
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        device = msg.topic[len(self._prefix):] if msg.topic.startswith(self._prefix) else ""
-        try:
-            check_id("device id", device)
-        except OperatorInputError:
-            logger.warning("ignoring a request on %s", msg.topic)
-            return
-        resp_topic = self.cfg.topic(f"devices/{device}/repo/resp")
-        props: Any = getattr(msg, "properties", None)
-        corr = getattr(props, "CorrelationData", None)
-        asked_topic = getattr(props, "ResponseTopic", resp_topic)
-        if not isinstance(corr, bytes) or len(corr) > 64 or asked_topic != resp_topic:
-            self.stats.refused += 1
-            logger.warning("refusing a request from %s: missing correlation data or a "
-                           "response topic other than its own", device)
-            return
-        self.stats.requests += 1
-        status, data, size, offset, fmt = "400", b"", 0, 0, 1
-        try:
-            req = loads_bounded(msg.payload, max_bytes=MAX_REQUEST_BYTES, max_depth=2,
-                                what=f"the request on {msg.topic}")
-            asked = req.get("format", 1) if isinstance(req, dict) else 1
-            fmt = 2 if asked == 2 and 2 in self.formats else 1
-            path, offset, length = req["path"], req["offset"], req["length"]
-            if not (isinstance(path, str) and isinstance(offset, int)
-                    and isinstance(length, int)) or offset < 0 or not 0 < length <= self.max_block:
-                raise ValueError("path/offset/length")
-            size, data = self._read(path, offset, length)
-            status = "200" if offset <= size else "416"
-        except FileNotFoundError:
-            status = "404"
-        except (ValueError, KeyError, TypeError) as e:
-            self.stats.refused += 1
-            logger.warning("refusing a request from %s: %s", device, e)
-        out = publish_properties()
-        out.CorrelationData = corr
-        payload = data
-        if fmt == 2:  # the block's header in the payload (see updater._mqtt)
-            payload = block_header(int(status), offset, size) + data
-        else:
-            out.UserProperty = [("status", status), ("offset", str(offset)),
-                                ("size", str(size))]
-        self._send(resp_topic, payload, out)
-        self.stats.served_bytes += len(data)
-        logger.debug("served %s status=%s offset=%d bytes=%d to %s",
-                     msg.payload[:200].decode(errors="replace"), status, offset, len(data),
-                     device, extra={"device": device, "status": status, "bytes": len(data)})
+
+def _published(info: Any) -> bool:
+    """Whether the broker acknowledged the message of ``info``. A message published while
+    the connection was down keeps ``rc`` NO_CONN, on which ``is_published`` raises even
+    after paho re-sent it on the reconnect and the broker acknowledged it."""
+    try:
+        return bool(info.is_published())
+    except (RuntimeError, ValueError):
+        return bool(getattr(info, "_published", False))
 
 
 def announce(repo: Path, cfg: MqttConfig) -> int:

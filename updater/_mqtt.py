@@ -78,6 +78,25 @@ def block_header(status: int, offset: int, size: int) -> bytes:
     return BLOCK_HEADER.pack(BLOCK_MAGIC, status, offset, size)
 
 
+BUSY_STATUSES = ("429", "503")  # the bridge is over a limit: ask again after a pause
+MAX_BUSY = 40  # "busy" answers for one block before the fetch gives up (~30 s of pauses)
+
+
+class _Busy(Exception):  # noqa: N818 - internal signal, never leaves this module
+    """The bridge answered a block with 429/503."""
+
+    def __init__(self, offset: int) -> None:
+        super().__init__(offset)
+        self.offset = offset
+
+
+def busy_pause(refusals: int) -> float:
+    """Seconds to wait before asking again after the ``refusals``-th busy answer for a
+    block: 50 ms doubling to 1 s, with jitter so devices do not ask in step."""
+    base: float = min(1.0, 0.05 * 2 ** min(refusals - 1, 5))
+    return base * (0.5 + secrets.randbelow(1000) / 1000)
+
+
 def _is_status(text: str) -> bool:
     """An HTTP-like status: 1 to 3 ASCII digits (``str.isdigit`` alone also takes "\u00b2"
     and 5000 digits, on which ``int`` raises)."""
@@ -247,6 +266,8 @@ class MqttFetcher(RangeFetcher):
         cfg = self.cfg
         session = secrets.token_bytes(8)
         pending: dict[int, tuple[float, int]] = {}  # offset -> (deadline, attempts)
+        busy: dict[int, int] = {}  # offset -> busy answers (a pause, not a lost answer)
+        paused: set[int] = set()  # offsets waiting out a busy answer
         buffered: dict[int, memoryview] = {}
         held = 0  # bytes in buffered
         total: int | None = None
@@ -268,7 +289,10 @@ class MqttFetcher(RangeFetcher):
                     next_off += cfg.block_size
             now = time.monotonic()
             for off, (deadline, attempts) in list(pending.items()):
-                if deadline <= now:
+                if deadline <= now and off in paused:
+                    paused.discard(off)
+                    ask(off, attempts)  # the pause is over: not a retry
+                elif deadline <= now:
                     if attempts >= cfg.max_retries:
                         raise tuf_exc.DownloadError(
                             f"mqtt {path}: no answer for offset {off} after "
@@ -281,7 +305,17 @@ class MqttFetcher(RangeFetcher):
                 msg = self._inbox.get(timeout=min(wait, 0.5))
             except queue.Empty:
                 continue
-            got = self._accept(msg, session, path, pending, total)
+            try:
+                got = self._accept(msg, session, path, pending, total)
+            except _Busy as b:
+                n = busy[b.offset] = busy.get(b.offset, 0) + 1
+                if n > MAX_BUSY:
+                    raise tuf_exc.DownloadError(
+                        f"mqtt {path}: the bridge stayed busy for offset {b.offset} "
+                        f"({n} refusals)") from None
+                pending[b.offset] = (time.monotonic() + busy_pause(n), pending[b.offset][1])
+                paused.add(b.offset)
+                continue
             if got is None:
                 continue
             off, data, size = got
@@ -291,6 +325,7 @@ class MqttFetcher(RangeFetcher):
                     raise tuf_exc.DownloadError(f"mqtt {path}: resume offset {start} is past "
                                                 f"the end ({total} bytes)")
             del pending[off]
+            paused.discard(off)
             buffered[off] = data
             held += len(data)
             while deliver in buffered:
@@ -346,6 +381,8 @@ class MqttFetcher(RangeFetcher):
             return None
         if status == "404":
             raise tuf_exc.DownloadHTTPError(f"mqtt {path}: not found", 404)
+        if status in BUSY_STATUSES:
+            raise _Busy(off)
         if status != "200":
             if _is_status(status):
                 raise tuf_exc.DownloadHTTPError(f"mqtt {path}: status {status}", int(status))

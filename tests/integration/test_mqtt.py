@@ -55,7 +55,7 @@ def test_missing_root_version_is_a_404_over_mqtt(mqtt_world: MqttWorld) -> None:
     t = time.monotonic()
     mqtt_world.update()
     assert time.monotonic() - t < 20
-    assert '"path": "metadata/2.root.json"' in mqtt_world.bridge_log.read_text()
+    assert "path='metadata/2.root.json'" in mqtt_world.bridge_log.read_text()
     assert "status=404" in mqtt_world.bridge_log.read_text()
 
 

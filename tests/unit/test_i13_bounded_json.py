@@ -222,21 +222,23 @@ def test_call_sites_turn_nesting_into_their_typed_error(tmp_path: Path) -> None:
         read_seen(tmp_path, "d")
 
 
-def test_bridge_refuses_a_nested_request() -> None:
+def test_bridge_refuses_a_nested_request(tmp_path: Path) -> None:
     from publisher._bridge import Bridge
+    from updater import MqttConfig
 
-    b = object.__new__(Bridge)
+    (tmp_path / "metadata").mkdir()
+    b = Bridge(tmp_path, MqttConfig(host="h", port=1, fleet="f", client_name="br"),
+               connect=False)
     sent: list[tuple[str, bytes]] = []
-    b.cfg = SimpleNamespace(topic=lambda s: f"modelward/f/{s}")  # type: ignore[assignment]
-    b._prefix = "modelward/f/repo/req/"  # noqa: SLF001
-    b.max_block = 1 << 20
-    b.stats = __import__("publisher._bridge", fromlist=["BridgeStats"]).BridgeStats()
     b._send = lambda t, d, p: sent.append((t, d))  # type: ignore[method-assign]  # noqa: SLF001
     msg = mqtt.MQTTMessage(topic=b"modelward/f/repo/req/dev-1")
     msg.payload = b'{"path": ' + b"[" * 3000
     msg.properties = SimpleNamespace(  # type: ignore[assignment]
         CorrelationData=b"c" * 16, ResponseTopic="modelward/f/devices/dev-1/repo/resp")
-    b._on_message(msg)  # noqa: SLF001
+    try:
+        b._on_message(msg)  # noqa: SLF001
+    finally:
+        b.close()
     assert b.stats.refused == 1 and len(sent) == 1  # a 400 answer, no traceback
 
 

@@ -1,0 +1,281 @@
+"""What the bridge decides about a request, apart from MQTT: parsing, limits, fairness.
+
+Pure over the time it is given (``now``), so every decision is unit-tested without a
+broker:
+
+* :func:`parse_request` bounds the size before parsing and checks every field's type and
+  range (a path, an offset below 2**63, a length of one block at most, format 1 or 2).
+* :class:`TokenBucket`: ``rate`` tokens a second, at most ``burst`` saved up.
+* :class:`Scheduler`: per device a request bucket, a byte bucket and a queue of at most
+  ``device_queue`` requests; all queues together ask for at most ``queued_bytes``.
+  :meth:`Scheduler.take` serves the devices round-robin, one request each in turn, and a
+  device whose queue was empty first, so a device that floods waits behind itself,
+  never in front of another device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from trust._bounded import loads_bounded
+
+MAX_REQUEST_BYTES = 16 * 1024  # a request is one short line of JSON
+MAX_PATH_CHARS = 1024
+MAX_OFFSET = (1 << 63) - 1  # what a file offset (off_t) can be
+FORMATS = (1, 2)
+
+
+class BadRequestError(ValueError):
+    """A request that is not one block request; the message names the field at fault."""
+
+
+@dataclass(frozen=True)
+class BlockRequest:
+    """One validated block request."""
+
+    path: str
+    offset: int
+    length: int
+    format: int
+
+
+def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
+    v = req.get(name)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise BadRequestError(f"{name} must be an integer, not {type(v).__name__}")
+    if not low <= v <= high:
+        raise BadRequestError(f"{name} {v if abs(v) < 1 << 70 else '(huge)'} is outside "
+                              f"{low}..{high}")
+    return v
+
+
+def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> BlockRequest:
+    """The request in ``payload``: ``{"path", "offset", "length"[, "format"]}``.
+
+    Raises:
+        BadRequestError: too large (checked before parsing), too deep, not JSON, not an
+            object, or a field of the wrong type or out of range.
+    """
+    if len(payload) > MAX_REQUEST_BYTES:
+        raise BadRequestError(f"{what} has {len(payload)} bytes (at most "
+                              f"{MAX_REQUEST_BYTES})")
+    try:
+        req = loads_bounded(payload, max_bytes=MAX_REQUEST_BYTES, max_depth=2, what=what)
+    except ValueError as e:  # UntrustedJsonError
+        raise BadRequestError(str(e)) from e
+    if not isinstance(req, dict):
+        raise BadRequestError(f"{what} is a JSON {type(req).__name__}, not an object")
+    path = req.get("path")
+    if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_CHARS:
+        raise BadRequestError(f"path must be a string of 1-{MAX_PATH_CHARS} characters")
+    fmt = req.get("format", 1)
+    if fmt not in FORMATS or isinstance(fmt, bool) or not isinstance(fmt, int):
+        raise BadRequestError(f"format must be one of {FORMATS}")
+    return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
+                        _int_field(req, "length", 1, max_block), fmt)
+
+
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved; starts full."""
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self.at = burst, now
+
+    def take(self, n: float, now: float) -> bool:
+        """Take ``n`` tokens if there are; whether it did. A rate of 0 is no limit."""
+        if self.rate <= 0:
+            return True
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if n > self.tokens:
+            return False
+        self.tokens -= n
+        return True
+
+
+@dataclass(frozen=True)
+class BridgeLimits:
+    """What one device may ask of the bridge, and what all of them may together.
+
+    Args:
+        requests_per_s, request_burst: requests a device may send (beyond: dropped
+            unanswered; a device that sends more is not following the protocol).
+        bytes_per_s, byte_burst: bytes a device may ask for (beyond: refused with 429,
+            and the device backs off). 0: no byte limit.
+        device_queue: requests queued for one device at once (beyond: 429). The device
+            keeps ``MqttConfig.window`` (16) in flight; a few more are its re-requests.
+        queued_bytes: bytes all queued requests ask for together (beyond: 503).
+        send_bytes: bytes handed to the broker and not yet acknowledged (the send queue;
+            the bridge reads the next block only when there is room).
+        devices: devices whose buckets are remembered (the least recently seen idle one
+            is forgotten first).
+    """
+
+    requests_per_s: float = 50.0  # a fetch asks for ~16 a second, a refresh for a few
+    request_burst: int = 100
+    bytes_per_s: float = 16 << 20
+    byte_burst: int = 16 << 20
+    device_queue: int = 32
+    queued_bytes: int = 256 << 20
+    send_bytes: int = 4 << 20
+    devices: int = 10_000
+
+
+J = TypeVar("J")
+
+
+@dataclass
+class _Device(Generic[J]):
+    requests: TokenBucket
+    bytes: TokenBucket
+    logs: TokenBucket  # refusal log lines: one a second, a few saved
+    queue: deque[tuple[J, int]] = field(default_factory=deque)
+
+
+class Scheduler(Generic[J]):
+    """Per-device admission and round-robin service (thread-safe).
+
+    :meth:`allow` and :meth:`offer` run in the network thread and never block;
+    :meth:`take` runs in the worker.
+    """
+
+    def __init__(self, limits: BridgeLimits) -> None:
+        self.limits = limits
+        self._devices: OrderedDict[str, _Device[J]] = OrderedDict()
+        self._ready: OrderedDict[str, None] = OrderedDict()  # devices with queued jobs
+        self._queued_bytes = 0
+        self._cv = threading.Condition()
+
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes asked for by all queued requests."""
+        return self._queued_bytes
+
+    def queued(self, device: str) -> int:
+        """Requests queued for ``device``."""
+        with self._cv:
+            d = self._devices.get(device)
+            return len(d.queue) if d is not None else 0
+
+    def _device(self, device: str, now: float) -> _Device[J] | None:
+        d = self._devices.get(device)
+        if d is not None:
+            self._devices.move_to_end(device)
+            return d
+        if len(self._devices) >= self.limits.devices:
+            idle = next((k for k, v in self._devices.items() if not v.queue), None)
+            if idle is None:
+                return None
+            del self._devices[idle]
+        lim = self.limits
+        d = _Device(TokenBucket(lim.requests_per_s, lim.request_burst, now),
+                    TokenBucket(lim.bytes_per_s, lim.byte_burst, now),
+                    TokenBucket(1.0, 5, now))
+        self._devices[device] = d
+        return d
+
+    def allow(self, device: str, now: float) -> bool:
+        """Whether ``device`` may send another request now (its request bucket)."""
+        with self._cv:
+            d = self._device(device, now)
+            return d is not None and d.requests.take(1, now)
+
+    def may_log(self, device: str, now: float) -> bool:
+        """Whether a refusal of ``device`` may be logged now (one a second, 5 saved)."""
+        with self._cv:
+            d = self._device(device, now)
+            return d is not None and d.logs.take(1, now)
+
+    def offer(self, device: str, job: J, cost: int, now: float) -> tuple[int, str] | None:
+        """Queue ``job`` (asking for ``cost`` bytes) for ``device``; None when queued,
+        else the refusal (429 for this device's limits, 503 for the bridge's)."""
+        lim = self.limits
+        with self._cv:
+            d = self._device(device, now)
+            if d is None:
+                return 503, f"more than {lim.devices} devices have requests queued"
+            if len(d.queue) >= lim.device_queue:
+                return 429, f"{len(d.queue)} requests queued already"
+            if self._queued_bytes + cost > lim.queued_bytes:
+                return 503, f"the bridge has {self._queued_bytes} bytes queued"
+            if not d.bytes.take(cost, now):
+                return 429, f"over {lim.bytes_per_s:.0f} bytes/s"
+            d.queue.append((job, cost))
+            self._queued_bytes += cost
+            if device not in self._ready:
+                # A device with nothing queued goes first (a sparse flow: one metadata
+                # file, the first block of a fetch), ahead of the backlogged ones.
+                self._ready[device] = None
+                self._ready.move_to_end(device, last=False)
+            self._cv.notify()
+            return None
+
+    def clear(self) -> int:
+        """Drop every queued job; how many there were."""
+        with self._cv:
+            n = 0
+            for d in self._devices.values():
+                n += len(d.queue)
+                d.queue.clear()
+            self._ready.clear()
+            self._queued_bytes = 0
+            return n
+
+    def take(self, timeout: float) -> J | None:
+        """The next job, one device after another; None after ``timeout`` with none."""
+        with self._cv:
+            if not self._ready and not self._cv.wait_for(lambda: bool(self._ready), timeout):
+                return None
+            device = next(iter(self._ready))
+            del self._ready[device]
+            d = self._devices[device]
+            job, cost = d.queue.popleft()
+            self._queued_bytes -= cost
+            if d.queue:
+                self._ready[device] = None  # to the back of the round
+            return job
+
+
+def add_limit_options(p: argparse.ArgumentParser) -> None:
+    """``serve-mqtt``'s options for :class:`BridgeLimits`."""
+    d = BridgeLimits()
+    g = p.add_argument_group("limits per device (one device cannot take the bridge down)")
+    g.add_argument("--device-requests-per-s", type=float, default=d.requests_per_s,
+                   metavar="N", help="requests a second per device; more are dropped "
+                   f"(default {d.requests_per_s:g})")
+    g.add_argument("--device-mib-per-s", type=float, default=d.bytes_per_s / (1 << 20),
+                   metavar="MIB", help="MiB a second a device may ask for, 0 for no limit; "
+                   f"more are refused with 429 (default {d.bytes_per_s / (1 << 20):g})")
+    g.add_argument("--device-queue", type=int, default=d.device_queue, metavar="N",
+                   help=f"requests queued per device (default {d.device_queue})")
+    g.add_argument("--send-queue-mib", type=float, default=d.send_bytes / (1 << 20),
+                   metavar="MIB", help="MiB handed to the broker and not yet acknowledged "
+                   f"(default {d.send_bytes / (1 << 20):g})")
+
+
+def limits_from_args(args: argparse.Namespace) -> BridgeLimits:
+    """The :class:`BridgeLimits` of ``serve-mqtt``'s options.
+
+    Raises:
+        OperatorInputError: a negative or zero bound.
+    """
+    from trust.errors import OperatorInputError
+
+    rps, mib = args.device_requests_per_s, args.device_mib_per_s
+    queue, send = args.device_queue, args.send_queue_mib
+    if not (rps > 0 and mib >= 0 and queue > 0 and send > 0):
+        raise OperatorInputError("--device-requests-per-s, --device-queue and "
+                                 "--send-queue-mib must be positive, --device-mib-per-s "
+                                 "positive or 0")
+    d = BridgeLimits()
+    burst = max(1, int(rps))
+    return BridgeLimits(requests_per_s=rps, request_burst=burst,
+                        bytes_per_s=mib * (1 << 20),
+                        byte_burst=max(int(mib * (1 << 20)), 2 << 20) if mib else 0,
+                        device_queue=queue, queued_bytes=d.queued_bytes,
+                        send_bytes=max(int(send * (1 << 20)), 1), devices=d.devices)
