@@ -2,6 +2,8 @@
 device, with only its own credentials, stalls every other device's block requests with a
 few requests the bridge's bounded parser takes quadratic time to refuse
 (``trust._bounded.json_depth``: ``"\\"\\"\\"...`` never closed, ~16 KiB each).
+Also: a device that joins the bridges' fixed shared-subscription group loses half of another
+device's requests.
 
 The depth pre-scan runs in the bridge's one network thread before anything else, so each
 such request holds every other device's answers for ~0.5 s; eight of them, a few seconds.
@@ -62,3 +64,45 @@ def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
         dev1.close()
         dev2.close()
     assert latency < max(1.0, 2 * baseline), (baseline, latency)
+
+
+@pytest.mark.xfail(strict=True, reason="dev-1 joins the bridges' fixed shared-subscription "
+                   "group ($share/modelward-bridges/...): mosquitto grants it and drops the "
+                   "share dev-1 may not read, so ~half of dev-2's block requests go unanswered")
+def test_one_device_in_the_bridges_share_group_loses_no_request_of_another(
+        mqtt_world: MqttWorld) -> None:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    w = mqtt_world
+    assert w.creds is not None
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1-thief",
+                        protocol=mqtt.MQTTv5)
+    thief.username_pw_set("dev-1", w.creds["dev-1"].read_text().strip())
+    thief.tls_set(ca_certs=str(w.ca.cert))
+    thief.connect("127.0.0.1", w.broker_port, 30)
+    thief.loop_start()
+    got: queue.Queue[bytes] = queue.Queue()
+    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+                          [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
+                          lambda m: got.put(bytes(m.properties.CorrelationData)))
+    answered = 0
+    try:
+        thief.subscribe(f"$share/modelward-bridges/modelward/{FLEET}/repo/req/+", qos=1)
+        time.sleep(0.5)
+        req = b'{"path": "metadata/1.root.json", "offset": 0, "length": 64, "format": 2}'
+        for i in range(10):
+            dev2.publish(f"modelward/{FLEET}/repo/req/dev-2", req,
+                         _props("dev-2", b"r%d" % i), wait=True)
+        end = time.monotonic() + 3
+        while answered < 10 and time.monotonic() < end:
+            try:
+                got.get(timeout=0.2)
+                answered += 1
+            except queue.Empty:
+                pass
+    finally:
+        dev2.close()
+        thief.disconnect()
+        thief.loop_stop()
+    assert answered == 10, f"{answered}/10 of dev-2's requests answered"
