@@ -9,6 +9,12 @@ device's requests, finds on delivery that the ACL denies it, and drops them: wit
 connection half of dev-2's requests never reach the bridge; with N connections (mosquitto
 cannot bound them per user) N/(N+1) of the fleet's requests are lost.
 
+Worked (strict xfail): ``max_queued_bytes`` counts payload bytes, not properties. A
+QoS 1 PUBLISH with an empty payload and ~200,000 empty user properties (1 MiB, inside
+``max_packet_size``) queued for the device's own parked session costs mosquitto ~12 MiB
+(one allocation per property): 20 of them grew it by 245 MiB, 40 by 489 MiB, linearly, up
+to ``max_queued_messages`` 4096 (~49 GiB).
+
 Resisted (passing tests, coverage):
 
 * a will message on another device's status topic (retained, empty: it would clear that
@@ -25,6 +31,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -33,7 +40,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from simulator._pki import CertPair
-from tests.integration.test_i14_broker import FLEET, Broker, _broker, _s, _varint
+from tests.integration.test_a14_device_props import _recv_packet
+from tests.integration.test_i14_broker import (
+    FLEET,
+    Broker,
+    MiB,
+    _broker,
+    _park_sessions,
+    _s,
+    _varint,
+)
 
 T = f"modelward/{FLEET}"
 
@@ -149,3 +165,46 @@ def test_wildcard_subscriptions_deliver_nothing_of_another_device(broker: Broker
     _publish(broker, "dev-2", f"{T}/devices/dev-2/status", b"dev-2 report", retain=True)
     got = _collect(broker, "dev-1", sub, 0.5)
     assert not [t for t, _ in got if "dev-2" in t], got
+
+
+@pytest.fixture
+def fresh_broker(tmp_path: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
+    yield from _broker(tmp_path, pki)
+
+
+def _publish_property_packets(b: Broker, n_msgs: int, n_props: int = 200_000) -> int:
+    """Raw MQTT 5 as dev-1: ``n_msgs`` QoS 1 PUBLISHes on its own status topic, empty
+    payload, ``n_props`` empty user properties each; the number acknowledged."""
+    ctx = ssl.create_default_context(cafile=str(b.ca))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", b.handle.port), 20),
+                           server_hostname="127.0.0.1")
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    body = (_s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00"
+            + _s(b"dev-1-props") + _s(b"dev-1") + _s(pw))
+    acks = 0
+    try:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        assert _recv_packet(sock)[2] == 0
+        props = b"\x26\x00\x00\x00\x00" * n_props
+        topic = f"{T}/devices/dev-1/status".encode()
+        for i in range(n_msgs):
+            var = _s(topic) + struct.pack(">H", i + 1) + _varint(len(props)) + props
+            sock.sendall(b"\x32" + _varint(len(var)) + var)
+            acks += _recv_packet(sock)[0] == 0x40
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return acks
+
+
+@pytest.mark.xfail(strict=True, reason="max_queued_bytes does not count properties: 12 "
+                   "property-only 1 MiB packets for a parked session grow mosquitto ~150 MiB")
+def test_property_only_packets_for_a_parked_session_do_not_grow_the_broker(
+        fresh_broker: Broker) -> None:
+    _park_sessions(fresh_broker, f"{T}/devices/dev-1/status", 1)
+    before = fresh_broker.rss()
+    _publish_property_packets(fresh_broker, 12)
+    time.sleep(0.3)
+    grown = fresh_broker.rss() - before
+    assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB for 12 MiB sent"
