@@ -6,7 +6,10 @@ Worked (strict xfail): a request whose ``path`` is ~16 KiB of characters that
 ``\\\\U000f0000``, 11 characters) is refused with ``{path!r} is outside metadata/ ...`` and
 logged whole at WARNING (the default level): one ~44 KiB line per 16 KiB request, one per
 request with no bound on their rate, so one device writes the journal ~2.7x faster than
-it sends. The escape itself holds: still one line, nothing raw, no forged record.
+it sends. DEL (0x7f, allowed raw in JSON) does better: one request byte, five log
+characters, a ~75 KiB JSON line that journald (LineMax= 48K by default) splits into two
+entries, the second starting with text the device chose. The escape itself holds: still
+one line, nothing raw.
 """
 
 from __future__ import annotations
@@ -100,3 +103,37 @@ def test_one_device_cannot_write_the_log_faster_than_it_sends(tmp_path: Any) -> 
     logged = sum(len(TextFormatter().format(r)) + 1 for r in recs)
     sent = 100 * len(_hostile_request())
     assert logged <= min(sent // 4, 256 * 1024), (logged, sent)
+
+
+JOURNALD_LINE_MAX = 48 * 1024  # journald.conf LineMax= default: a longer line is split
+FORGED = "update failed on dev-2: signature of dev-2's report does not verify"
+
+
+def _del_wall_request() -> bytes:
+    """DEL (0x7f) is allowed raw in a JSON string and passes check_member_path; repr()
+    makes it ``\\x7f`` and the escape (or the JSON encoder) doubles the backslash: one
+    request byte becomes five log characters."""
+    body = {"path": "\x7f" * 15000 + FORGED, "offset": 0, "length": 1}
+    data = json.dumps(body, ensure_ascii=False).encode()
+    assert len(data) <= MAX_REQUEST_BYTES
+    return data
+
+
+@pytest.mark.xfail(strict=True, reason="Bridge._on_message logs a 16 KiB path of DEL "
+                   "whole: a ~75 KiB JSON line that journald (LineMax 48K) splits, the next "
+                   "entry starting with whatever the device put there")
+def test_a_refused_request_is_one_journal_entry(tmp_path: Any) -> None:
+    b = _bridge(tmp_path)
+    cap = _Capture()
+    log = logging.getLogger("publisher._bridge")
+    log.addHandler(cap)
+    try:
+        b._on_message(_request("dev-1", _del_wall_request()))
+    finally:
+        log.removeHandler(cap)
+    (rec,) = cap.records
+    line = JsonFormatter().format(rec).encode()
+    json.loads(line)
+    assert len(line) <= JOURNALD_LINE_MAX, (
+        f"{len(line)} bytes: the journal's second entry would be "
+        f"{line[JOURNALD_LINE_MAX:JOURNALD_LINE_MAX + 60]!r}")

@@ -12,7 +12,9 @@ Worked (strict xfail, the assertions say what should happen):
 * the broker names a topic device id with runs of spaces: ``escape_id`` keeps U+0020, so
   the DEVICE cell of that row reads like a whole ``ok`` row;
 * column widths are ``len()``, not display width: fullwidth characters (two columns) and
-  kept combining marks (zero) shift the rest of the device's row out of its columns.
+  kept combining marks (zero) shift the rest of the device's row out of its columns;
+* the table is printed in the locale's encoding, strictly: under a non-UTF-8 locale one
+  device's CJK string ends ``fleet status`` in ``UnicodeEncodeError`` for the fleet.
 """
 
 from __future__ import annotations
