@@ -15,6 +15,12 @@ QoS 1 PUBLISH with an empty payload and ~200,000 empty user properties (1 MiB, i
 (one allocation per property): 20 of them grew it by 245 MiB, 40 by 489 MiB, linearly, up
 to ``max_queued_messages`` 4096 (~49 GiB).
 
+Worked (strict xfail): subscriptions are not bounded and not checked against the ACL at
+SUBSCRIBE: mosquitto grants (SUBACK 0) any filter, even ``x/...`` that matches no topic the
+device may read, and keeps it. 100 filters of 60 KB on one connection grew it by ~12 MiB,
+linearly; nothing in the generated config (or docs/brokers.md) bounds their number, and a
+persistent session keeps them for ``persistent_client_expiration`` after the device leaves.
+
 Resisted (passing tests, coverage):
 
 * a will message on another device's status topic (retained, empty: it would clear that
@@ -208,3 +214,30 @@ def test_property_only_packets_for_a_parked_session_do_not_grow_the_broker(
     time.sleep(0.3)
     grown = fresh_broker.rss() - before
     assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB for 12 MiB sent"
+
+
+@pytest.mark.xfail(strict=True, reason="mosquitto grants dev-1 any subscription filter (no "
+                   "ACL check at SUBSCRIBE, no count bound): 100 filters of 60 KB grow it "
+                   "~12 MiB, without limit")
+def test_subscriptions_outside_the_acl_do_not_grow_the_broker(fresh_broker: Broker) -> None:
+    b = fresh_broker
+    ctx = ssl.create_default_context(cafile=str(b.ca))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", b.handle.port), 20),
+                           server_hostname="127.0.0.1")
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    body = (_s(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 60) + _s(b"dev-1-subs")
+            + _s(b"dev-1") + _s(pw))
+    codes: list[int] = []
+    try:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        assert _recv_packet(sock) == b"\x20\x00\x00"
+        before = b.rss()
+        for i in range(100):
+            var = struct.pack(">H", i + 1) + _s(f"x/{i}/".encode() + b"a" * 60000) + b"\x00"
+            sock.sendall(b"\x82" + _varint(len(var)) + var)
+        codes = [_recv_packet(sock)[-1] for _ in range(100)]
+        time.sleep(0.2)
+        grown = b.rss() - before
+    finally:
+        sock.close()
+    assert grown < 3 * MiB, f"broker grew by {grown / MiB:.1f} MiB; SUBACK codes {set(codes)}"
