@@ -6,7 +6,7 @@ Also: a device that joins the bridges' fixed shared-subscription group loses hal
 device's requests.
 
 The depth pre-scan runs in the bridge's one network thread before anything else, so each
-such request holds every other device's answers for ~0.5 s; eight of them, a few seconds.
+such request holds every other device's answers for ~0.5 s; twelve of them, ~6 s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from tests.conftest import FLEET, MqttWorld
 from updater import MqttConnection
 from updater._mqtt import publish_properties
 
-N_SLOW = 8
+N_SLOW = 12
 
 
 def _props(device: str, corr: bytes):  # type: ignore[no-untyped-def]
@@ -42,7 +42,7 @@ def _block_latency(conn: MqttConnection, got: queue.Queue[bytes], corr: bytes) -
 
 
 @pytest.mark.xfail(strict=True, reason="json_depth is quadratic on unclosed escaped quotes: "
-                   "8 requests of 16 KiB from dev-1 hold the bridge's thread for seconds and "
+                   "12 requests of 16 KiB from dev-1 hold the bridge's thread for seconds and "
                    "dev-2's block waits behind them")
 def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
         mqtt_world: MqttWorld) -> None:
