@@ -3,7 +3,8 @@ device, with only its own credentials, stalls every other device's block request
 few requests the bridge's bounded parser takes quadratic time to refuse
 (``trust._bounded.json_depth``: ``"\\"\\"\\"...`` never closed, ~16 KiB each).
 Also: a device that joins the bridges' fixed shared-subscription group loses half of another
-device's requests.
+device's requests; and a request it retains on its own topic is handed again to every
+bridge that (re)subscribes.
 
 The depth pre-scan runs in the bridge's one network thread before anything else, so each
 such request holds every other device's answers for ~0.5 s; twelve of them, ~6 s.
@@ -106,3 +107,35 @@ def test_one_device_in_the_bridges_share_group_loses_no_request_of_another(
         thief.disconnect()
         thief.loop_stop()
     assert answered == 10, f"{answered}/10 of dev-2's requests answered"
+
+
+@pytest.mark.xfail(strict=True, reason="the ACL lets dev-1 retain a message on its request "
+                   "topic and mosquitto 2.0 hands retained messages to the bridges' shared "
+                   "subscription: every restarted bridge parses dev-1's slow request again")
+def test_a_retained_slow_request_does_not_reach_a_restarted_bridge(
+        mqtt_world: MqttWorld) -> None:
+    """dev-1 retains a slow-to-parse request on its own request topic (``pattern write``
+    allows retain). Every bridge that (re)subscribes, after a restart or a reconnect, is
+    handed it first, even after dev-1 is gone or its credentials revoked; with the
+    property-heavy PUBLISH of test_a14_device_props that is a minute per start."""
+    w = mqtt_world
+    dev1 = MqttConnection(w.mqtt_cfg("dev-1"), "dev-1-retainer", [])
+    slow = b'"' + b'\\"' * ((MAX_REQUEST_BYTES - 1) // 2)
+    try:
+        dev1.publish(f"modelward/{FLEET}/repo/req/dev-1", slow, _props("dev-1", b"ret"),
+                     retain=True, wait=True)
+    finally:
+        dev1.close()
+    time.sleep(1.0)  # the running bridge refuses it once
+    w.stop_bridge()
+    w.start_bridge()
+    got: queue.Queue[bytes] = queue.Queue()
+    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-after-restart",
+                          [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
+                          lambda m: got.put(bytes(m.properties.CorrelationData)))
+    try:
+        latency = _block_latency(dev2, got, b"first")
+    finally:
+        dev2.close()
+    assert "from dev-1" not in w.bridge_log.read_text(), "restarted bridge got dev-1's request"
+    assert latency < 0.3, latency
