@@ -17,6 +17,7 @@ from publisher import Repository
 from publisher._keys import load_signer_at
 from tests.integration.test_i14_online import PASS, OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
+from updater import Outcome
 from updater.errors import MetadataError
 
 
@@ -75,3 +76,17 @@ def test_online_host_ships_a_model_through_the_next_offline_publish(
     assert r.returncode == 0, r.stderr
     w.update()
     assert w.active_version() == "1.1.0"  # never the online host's 9.9.9
+
+
+def test_planted_huge_snapshot_file_name_does_not_freeze_the_device(
+        online_world: OnlineWorld) -> None:
+    """The origin plants an empty ``10**200.snapshot.json``: the refresh numbers its next
+    snapshot above it (so it never overwrites a file); the device still follows."""
+    w = online_world
+    w.update()
+    (w.repo_dir / "metadata" / f"{10 ** 200}.snapshot.json").write_bytes(b"")
+    w.publish("1.0.0", seed=1)
+    r = w.refresh_as_unit()
+    assert r.returncode == 0, r.stderr
+    assert w.update().outcome is Outcome.INSTALLED
+    assert w.active_version() == "1.0.0"
