@@ -28,10 +28,11 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
-from publisher import Repository
+from publisher import Repository, build_bundle
 from publisher._keys import load_signer_at
 from publisher._online import attach
 from publisher.errors import RepositoryStateError
+from simulator import make_linear_model
 from tests.unit.test_i14_online import (
     OFFLINE,
     PASS,
@@ -437,3 +438,29 @@ def test_offline_publish_survives_a_huge_root_file_name(tmp_path: Path) -> None:
     except subprocess.TimeoutExpired:
         pytest.fail("the offline publish hung on 1000000000.root.json")
     assert r.returncode == 0 and "done" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.xfail(strict=True, reason="Repository._delegated_versions (publisher/_repo.py) "
+                   "lists the highest N.<team>.json on disk, unverified, in the snapshot that "
+                   "the single-machine operator's publish signs, and the online refresh "
+                   "(next_snapshot_meta) never lowers it: the origin, with no key, plants "
+                   "99.team.json and the team's releases are gone from every device for good")
+def test_planted_team_file_never_enters_the_operators_snapshot(
+        lay: Layout, tmp_path: Path) -> None:
+    def operator() -> Repository:
+        return attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
+
+    operator().delegate("team", ["detector/*"])
+    det = tmp_path / "detector.tar"
+    build_bundle(make_linear_model(tmp_path / "detector.onnx", 5), "detector", "1.0.0", det)
+    operator().publish(det, role="team")  # team v2
+    md = lay.md("2.team.json")
+    md.signed.version = 99
+    md.signatures.clear()
+    lay.write(md, "99.team.json")  # the origin: unsigned
+    operator().publish(lay.bundle("1.0.0"))
+    (lay.repo_dir / "metadata" / "99.team.json").unlink()  # and it cleans up
+    lay.online().refresh()
+    assert lay.snapshot_meta()["team.json"] == 2
+    assert stock_client_refresh(lay, tmp_path).get_targetinfo(
+        "detector/detector-1.0.0.tar") is not None
