@@ -464,3 +464,44 @@ def test_planted_team_file_never_enters_the_operators_snapshot(
     assert lay.snapshot_meta()["team.json"] == 2
     assert stock_client_refresh(lay, tmp_path).get_targetinfo(
         "detector/detector-1.0.0.tar") is not None
+
+
+def _carry_as_readme_says(src: Path, dst: Path) -> None:
+    """README "Production layout": ``rsync -a --ignore-existing --exclude timestamp.json
+    --exclude '*.snapshot.json'`` from the offline copy to the served repository."""
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if p.is_dir() or p.name == "timestamp.json" or p.name.endswith(".snapshot.json"):
+            continue
+        out = dst / rel
+        if not out.exists() and not out.is_symlink():  # --ignore-existing
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(p, out)
+
+
+@pytest.mark.xfail(strict=True, reason="the README's carry command (rsync --ignore-existing) "
+                   "never replaces a file the origin planted first: unsigned 2..40.targets.json "
+                   "in the served metadata/ keep every genuine targets file of those versions "
+                   "out, and the online refresh (_online.py:verified_versions) only logs "
+                   "'ignoring' and exits 0: new releases and withdraws never reach devices")
+def test_preplanted_targets_names_do_not_block_the_readme_carry(tmp_path: Path) -> None:
+    off, served = tmp_path / "offline-repo", tmp_path / "served"
+    keys, online_dir = tmp_path / "keys", tmp_path / "online"
+    attach(Repository(off, keys, OFFLINE), online_dir, _pw).init()
+    shutil.copytree(off, served)
+    md1 = Metadata.from_bytes((served / "metadata" / "1.targets.json").read_bytes())
+    for v in range(2, 41):  # the origin: unsigned placeholders for the next versions
+        md1.signed.version = v
+        md1.signatures.clear()
+        (served / "metadata" / f"{v}.targets.json").write_bytes(md1.to_bytes())
+    offline = Repository(off, keys, OFFLINE)
+    lay = Layout.__new__(Layout)  # only for bundle()
+    lay.tmp, lay.n = tmp_path, 0
+    offline.publish(Layout.bundle(lay, "1.0.0"))  # offline: 2.targets.json
+    _carry_as_readme_says(off, served)
+    online = attach(Repository(served, online_dir, b""), online_dir, _pw)
+    online.refresh()
+    ts = Metadata.from_bytes((served / "metadata" / "timestamp.json").read_bytes()).signed
+    snap = Metadata.from_bytes(
+        (served / "metadata" / f"{ts.snapshot_meta.version}.snapshot.json").read_bytes()).signed
+    assert snap.meta["targets.json"].version == 2
