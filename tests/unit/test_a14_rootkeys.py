@@ -34,6 +34,13 @@ from tests._stock_tuf import stock_refresh
 PW = b"unit test passphrase"
 
 
+@pytest.fixture(autouse=True)
+def _cheap_scrypt(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Test speed: throwaway keys with a cheap scrypt (as tests/conftest.py's _new_repo);
+    the ceilings tested here are constants, not the default."""
+    monkeypatch.setattr(kf, "DEFAULT_SCRYPT", kf.ScryptParams(2**10, 8, 1))
+
+
 def _repo(tmp: Path, root_threshold: int = 1, **kw: object) -> Repository:
     r = Repository(tmp / "repo", tmp / "keys", PW, **kw)  # type: ignore[arg-type]
     r.init({"root": root_threshold}, {"root": root_threshold})
