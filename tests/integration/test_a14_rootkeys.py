@@ -16,7 +16,9 @@ import pytest
 import publisher._keys as keys_mod
 import publisher._repo as repo_mod
 from publisher import Repository
+from tests._stock_tuf import stock_refresh
 from tests.conftest import PASSPHRASE, World
+from updater import Outcome
 
 
 class Crash(BaseException):
@@ -61,3 +63,32 @@ def test_ctrl_c_in_snapshot_rotation_then_cli_retry_keeps_the_device_updating(
     assert w.active_version() == "2.0.0"
     root = json.loads((w.state / "trust" / "root.json").read_bytes())["signed"]
     assert root["version"] == w.repo.latest_root_version()
+
+
+@pytest.mark.xfail(strict=True, reason="`repo add-key timestamp --uri envvar:X --threshold 2` "
+                   "(X set): root v2 is published, the timestamp is signed by one key and "
+                   "parked, the device stops updating and no repo command recovers "
+                   "(publisher/_repo.py _finish_root_change, refresh, _pending_path)")
+def test_cli_add_timestamp_key_threshold_two_keeps_the_device_updating(
+        world: World, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    w = world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    priv = ed25519.Ed25519PrivateKey.generate()
+    pub = tmp_path / "ts2.pub.pem"
+    pub.write_bytes(priv.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    env = {"TS2": priv.private_bytes(serialization.Encoding.PEM,
+                                     serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()).decode()}
+    where = ["--repo", str(w.repo_dir), "--keys", str(w.keys)]
+    r = w.cli("repo", "add-key", "timestamp", "--uri", "envvar:TS2", "--public-key", str(pub),
+              "--threshold", "2", *where, env=env)
+    assert "Traceback" not in r.stderr
+    w.cli("repo", "refresh", *where, env=env)  # the timer, with both keys
+    stock_refresh(w.repo_dir)  # a stock TUF client still accepts what is served
+    assert w.update().outcome is Outcome.UP_TO_DATE  # and the device still refreshes
+    assert w.active_version() == "1.0.0"

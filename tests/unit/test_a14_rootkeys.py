@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from securesystemslib.signer import CryptoSigner
 
 import publisher._keys as keys_mod
 import publisher._repo as repo_mod
@@ -348,3 +349,68 @@ def test_team_key_gets_no_root_signature_after_a_late_registry_swap(tmp_path: Pa
         with pytest.raises(KeyError_, match="cannot decrypt the root key"):
             team.sign_pending("root", uri)
     assert repo.latest_root_version() == 1
+
+
+# -- careless operator: a second online key with threshold 2 --------------------------------
+
+def _envvar_key() -> tuple[CryptoSigner, str]:
+    s = CryptoSigner.generate_ed25519()
+    pem = s._private_key.private_bytes(  # noqa: SLF001 - a test key
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()
+    return s, pem
+
+
+@pytest.mark.parametrize("role", ["snapshot", "timestamp"])
+@pytest.mark.xfail(strict=True, reason="`repo add-key snapshot|timestamp --threshold 2` with "
+                   "both keys usable: root v2 is published, then the re-keyed role is signed "
+                   "by the default key only (_finish_root_change drops the plan's URIs for "
+                   "snapshot/timestamp); devices are stranded, refresh signs one key, and a "
+                   "parked timestamp.json is not found by `repo sign timestamp`")
+def test_add_online_key_with_threshold_two_keeps_devices_updating(
+        tmp_path: Path, role: str) -> None:
+    extra, pem = _envvar_key()
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", PW, environ={"EXTRA": pem})
+    repo.init()
+    with contextlib.suppress(RepositoryStateError):  # refusing up front is fine
+        repo.add_key(role, "envvar:EXTRA", extra.public_key, threshold=2)
+    assert stock_refresh(repo.repo) == repo.latest_root_version()
+    repo.refresh()
+    assert stock_refresh(repo.repo) == repo.latest_root_version()
+
+
+def test_add_targets_key_with_threshold_two_publishes_both_signatures(tmp_path: Path) -> None:
+    """Resists (targets): the plan's URIs sign the re-keyed targets."""
+    extra, pem = _envvar_key()
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", PW, environ={"EXTRA": pem})
+    repo.init()
+    assert repo.add_key("targets", "envvar:EXTRA", extra.public_key, threshold=2) == 2
+    assert stock_refresh(repo.repo) == 2
+    repo.refresh()
+    assert stock_refresh(repo.repo) == 2
+    without = Repository(repo.repo, repo.keys, PW)  # EXTRA gone: parks, publishes nothing
+    with pytest.raises(RepositoryStateError):
+        without.pin("classifier", None)
+    assert stock_refresh(repo.repo) == 2
+
+
+def test_abandoned_rotation_then_add_key_then_rotate(tmp_path: Path) -> None:
+    """Resists: a parked targets rotation is abandoned (pending file deleted, its key left in
+    KEYS/rotating/), then add-key root --threshold 1 (both old signatures), then a rotation
+    that publishes: the abandoned key never signs, devices follow each step."""
+    repo = _repo(tmp_path, root_threshold=2)
+    with pytest.raises(RootNotPublishableError):
+        repo.rotate("targets")
+    abandoned = next((repo.keys / "rotating").glob("targets-*.pem"))
+    (repo.pending_dir / "2.root.json").unlink()
+    extra, _ = _envvar_key()
+    with pytest.raises(RootNotPublishableError):
+        repo.add_key("root", "envvar:OFFLINE", extra.public_key, threshold=1)
+    repo.sign_pending("root", "encfile:root-2.pem")
+    assert stock_refresh(repo.repo) == 2
+    assert repo.rotate("targets") == 3
+    assert stock_refresh(repo.repo) == 3
+    targets, _, _ = repo.current()
+    md = json.loads((repo.metadata_dir / f"{targets.version}.targets.json").read_bytes())
+    abandoned_id = load_signer_at(abandoned, PW, "targets").public_key.keyid
+    assert abandoned_id not in {s["keyid"] for s in md["signatures"]}
