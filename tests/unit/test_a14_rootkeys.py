@@ -414,3 +414,19 @@ def test_abandoned_rotation_then_add_key_then_rotate(tmp_path: Path) -> None:
     md = json.loads((repo.metadata_dir / f"{targets.version}.targets.json").read_bytes())
     abandoned_id = load_signer_at(abandoned, PW, "targets").public_key.keyid
     assert abandoned_id not in {s["keyid"] for s in md["signatures"]}
+
+
+@pytest.mark.xfail(strict=True, reason="`repo init --threshold timestamp=2`: every refresh "
+                   "signs with one key and parks KEYS/pending/timestamp.json, which `repo "
+                   "sign timestamp` never finds (_pending_path globs *.timestamp.json): the "
+                   "timestamp cannot be renewed and every device strands when it expires")
+def test_timestamp_threshold_two_can_still_be_renewed(tmp_path: Path) -> None:
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", PW)
+    repo.init({"timestamp": 2}, {"timestamp": 2})
+    before = repo.current()[2].version
+    with contextlib.suppress(RepositoryStateError):
+        repo.refresh()  # the timer
+    if repo.current()[2].version == before:  # parked: the second holder signs it
+        repo.sign_pending("timestamp", "encfile:timestamp-2.pem")
+    assert repo.current()[2].version == before + 1
+    assert stock_refresh(repo.repo) == 1
