@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from simulator._flood import Prober
+from simulator._flood import Prober, vm_hwm, vm_rss
 from tests.conftest import MqttWorld
 from updater._mqttconn import MqttConnection, publish_properties
 
@@ -61,19 +61,23 @@ def test_a14_user_properties_stall_the_bridge_for_another_device(
             stop.wait(max(0.0, t + i / 25 - time.monotonic()))
 
     flooder = threading.Thread(target=flood, daemon=True)
+    broker = int((w.broker_work / "mosquitto.pid").read_text().split()[0])
     try:
         honest.latencies(3, pause=0.02)  # warm up
         base = statistics.median(honest.latencies(10, pause=0.02))
+        broker_before = vm_rss(broker)
         flooder.start()
         time.sleep(0.5)
         flooded = [honest.once(offset=0, timeout=2.0) for _ in range(4)]
+        broker_grown = vm_rss(broker) - broker_before
     finally:
         stop.set()
         flooder.join(5)
         evil.close()
         honest.close()
     print(f"dev-1 baseline {base * 1e3:.1f} ms; during the property flood "
-          f"{[(s, round(dt * 1e3)) for s, dt in flooded]}")
+          f"{[(s, round(dt * 1e3)) for s, dt in flooded]} (status, ms); bridge VmHWM "
+          f"{vm_hwm(w.bridge.pid) >> 20} MiB; mosquitto grew {broker_grown >> 10} KiB")
     assert w.bridge.poll() is None
     assert all(s == 200 for s, _ in flooded), flooded
     assert statistics.median(dt for _, dt in flooded) <= max(2 * base, 0.1), (base, flooded)
