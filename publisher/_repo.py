@@ -448,11 +448,11 @@ class Repository:
                      "snapshot": f"{snap.version}.snapshot.json", "timestamp": "timestamp.json"}
         plan: dict[str, list[str]] = {}
         for role, filename in published.items():
-            registry = key_home(self, role).registry  # online roles: the online directory
-            entries = registry.entries()
             md = self._load(filename)
             if _valid_signatures(md, role, new) >= new.roles[role].threshold:
                 continue
+            registry = key_home(self, role).registry  # online roles: the online directory
+            entries = registry.entries()
             keys = {k: new.get_key(k) for k in new.roles[role].keyids}
             first = default_uri(role, keys, entries)
             uris = [first] + sorted(entries[k] for k in keys
