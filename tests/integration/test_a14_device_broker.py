@@ -21,6 +21,13 @@ device may read, and keeps it. 100 filters of 60 KB on one connection grew it by
 linearly; nothing in the generated config (or docs/brokers.md) bounds their number, and a
 persistent session keeps them for ``persistent_client_expiration`` after the device leaves.
 
+Fixed (issue 14, f14-broker): the bridges' group is now a secret derived from the bridge's
+credential (``publisher._bridge.share_group``; this file's bridge client uses it, dev-1 the
+old constant); the ACL lets a device read no topic it writes (``pattern write`` on its
+status), so nothing it publishes is queued for a session of its own, and
+``max_queued_messages`` is ``max(64, devices + 16)``. Still open (marker kept, documented
+in docs/brokers.md): mosquitto 2.0 cannot check or count subscriptions.
+
 Resisted (passing tests, coverage):
 
 * a will message on another device's status topic (retained, empty: it would clear that

@@ -9,6 +9,7 @@ acknowledges and drops such a packet: another device's block latency stays put.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import socket
 import ssl
@@ -17,7 +18,13 @@ import time
 
 from publisher._bridge import REQUEST_PACKET_LIMIT
 from tests.conftest import FLEET, MqttWorld
-from tests.integration.test_a14_device_props import _block_latency, _recv_packet, _s, _varint
+from tests.integration.test_a14_device_props import (
+    _block_latency,
+    _props,
+    _recv_packet,
+    _s,
+    _varint,
+)
 from updater import MqttConnection
 
 N_PACKETS = 40
@@ -68,3 +75,50 @@ def test_i14_a_flood_of_property_packed_requests_does_not_stall_the_bridge(
     assert w.bridge is not None and w.bridge.poll() is None  # still serving
     assert latency < max(0.5, 2 * baseline), (baseline, latency, took)
     assert "dropping a PUBLISH from the broker" in w.bridge_log.read_text()
+
+
+def test_i14_a_device_in_share_groups_of_its_own_takes_no_request_of_another(
+        mqtt_world: MqttWorld) -> None:
+    """Self-attack on the secret group: dev-1 subscribes to the request topics in the old
+    fixed group, in a group of its own and without a group; the bridges' group is none of
+    them, so every one of dev-2's requests is answered and dev-1 receives nothing."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from publisher._bridge import share_group
+
+    w = mqtt_world
+    assert w.creds is not None
+    assert share_group(w.mqtt_cfg("modelward-bridge")) != "modelward-bridges"
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1-groups",
+                        protocol=mqtt.MQTTv5)
+    thief.username_pw_set("dev-1", w.creds["dev-1"].read_text().strip())
+    thief.tls_set(ca_certs=str(w.ca.cert))
+    stolen: list[str] = []
+    thief.on_message = lambda _c, _u, m: stolen.append(m.topic)
+    thief.connect("127.0.0.1", w.broker_port, 30)
+    thief.loop_start()
+    got: queue.Queue[bytes] = queue.Queue()
+    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+                          [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
+                          lambda m: got.put(bytes(m.properties.CorrelationData)))
+    try:
+        req = f"modelward/{FLEET}/repo/req/+"
+        thief.subscribe([(f"$share/modelward-bridges/{req}", 1), (f"$share/mine/{req}", 1),
+                         (f"$share/modelward-bridges-0/{req}", 1), (req, 1)])
+        time.sleep(0.5)
+        body = b'{"path": "metadata/1.root.json", "offset": 0, "length": 64, "format": 2}'
+        for i in range(10):
+            dev2.publish(f"modelward/{FLEET}/repo/req/dev-2", body,
+                         _props("dev-2", b"r%d" % i), wait=True)
+        answered: set[bytes] = set()
+        end = time.monotonic() + 3
+        while len(answered) < 10 and time.monotonic() < end:
+            with contextlib.suppress(queue.Empty):
+                answered.add(got.get(timeout=0.2))
+    finally:
+        dev2.close()
+        thief.disconnect()
+        thief.loop_stop()
+    assert len(answered) == 10, f"{len(answered)}/10 of dev-2's requests answered"
+    assert stolen == []
