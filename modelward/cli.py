@@ -821,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve-mqtt", help="operator: answer device block requests over MQTT")
     srv.add_argument("--repo", type=Path, required=True)
-    srv.add_argument("--group", default="modelward-bridges", help="shared-subscription group")
+    srv.add_argument("--group", help="shared-subscription group, a secret of at least 20 "
+                     "characters (default: derived from the bridge's password or key)")
     from publisher._fairness import add_limit_options
 
     add_limit_options(srv)
