@@ -12,7 +12,8 @@ what is printed is printable and on one line, and the same input always prints t
 Escaped: every character of Unicode category Cc (C0, DEL, C1), Cf (format: bidi controls,
 zero-width, BOM, tags, ...), Cs (surrogates), Co (private use), Cn (unassigned: their
 meaning may change), Zl and Zp (line and paragraph separators), every Zs space other than
-U+0020 (look-alike spacing), every combining mark after the first
+U+0020 (look-alike spacing), a combining mark at the start (it would combine with what
+is printed before the value), every combining mark after the first
 :data:`MAX_COMBINING` on one character ("Zalgo" text stacks marks until they cover the rows
 above and below), and the backslash itself (so an escape in the output always came from
 this function, never from the device). Nothing else is changed.
@@ -40,15 +41,19 @@ def _hex(c: str) -> str:
 
 
 def _pieces(s: str) -> Iterator[str]:
-    """``s`` escaped, one piece per character (lazily: a cut stops the scan)."""
-    marks = 0
+    """``s`` escaped, one piece per character (lazily: a cut stops the scan). A mark
+    with no character of ``s`` kept before it (at the start, after an escape) is
+    escaped: it would combine with whatever is printed there (a column's padding, a
+    quote, the last character of an escape)."""
+    marks = MAX_COMBINING
     for c in s:
         if unicodedata.category(c) in _COMBINING:
             marks += 1
             yield c if marks <= MAX_COMBINING else _hex(c)
         else:
-            marks = 0
-            yield _escape_char(c)
+            piece = _escape_char(c)
+            marks = 0 if piece == c else MAX_COMBINING
+            yield piece
 
 
 def printed_widths(s: str) -> Iterator[int]:
