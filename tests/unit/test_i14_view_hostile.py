@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from agent._log import (
@@ -260,9 +260,10 @@ def _columns(line: str) -> list[str]:
     return cols
 
 
-@settings(max_examples=120, deadline=None,
+@settings(max_examples=50, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(state=_CELL_TEXT, name=_CELL_TEXT)
+@example(state="x  ok  ok", name="\u6d3b   \u0301b")
 def test_every_row_lines_up_with_the_header_and_has_no_double_space_in_a_cell(
         tmp_path_factory: pytest.TempPathFactory, state: str, name: str) -> None:
     fd, keys = _registry(tmp_path_factory.mktemp("f"), ["dev-1", "dev-2"])
