@@ -372,3 +372,36 @@ def test_a_combining_mark_without_its_own_base_is_escaped(text: str) -> None:
     out = escape(text, None)
     assert all(unicodedata.category(c) not in {"Mn", "Me"} for c in out), ascii(out)
     assert escape("e\u0301", None) == "e\u0301" and escape("a \u0301", None) == "a \u0301"
+
+
+# -- attacks tried on these fixes (each resisted) -------------------------------------------
+
+@pytest.mark.parametrize("hidden", ['"\\\\"' + "[" * 100, '"\\\\\\""' + "[" * 100,
+                                    '["\\"]"' + "[" * 100, '{"a\\\\":' + "[" * 100])
+def test_escapes_cannot_hide_nesting_from_the_prescan(hidden: str) -> None:
+    """A string ending in an escaped backslash, or quotes escaped inside it, does not
+    swallow the brackets after it: the deep tail is still refused by its depth."""
+    with pytest.raises(UntrustedJsonError, match="nested deeper"):
+        loads_bounded(hidden.encode(), max_bytes=KIB64, max_depth=32, what="x")
+
+
+def test_a_device_cannot_spell_the_tables_own_escapes(tmp_path: Path) -> None:
+    """A state of literal ``x\\x20\\x20ok`` shows its backslashes doubled: what the
+    table escaped and what the device wrote never look alike."""
+    fd, keys = _registry(tmp_path, ["dev-1"])
+    rows = judge_fleet({"dev-1": sign_report(good_report("dev-1", state="x\\x20\\x20ok"),
+                                             keys["dev-1"])}, fd, FLEET, NOW, 3600.0)
+    table = format_table(rows)
+    assert "x\\\\x20\\\\x20ok" in table
+    assert re.search(r"(?<!\\)\\x20", table) is None  # no single-backslash \x20 from it
+
+
+def test_a_topic_id_of_any_length_is_one_cut_token(tmp_path: Path) -> None:
+    fd, keys = _registry(tmp_path, ["dev-1"])
+    long_id = "a b\u3000" * 5000
+    rows = judge_fleet({"dev-1": sign_report(good_report("dev-1"), keys["dev-1"]),
+                        long_id: b"{}"}, fd, FLEET, NOW, 3600.0)
+    line = format_table(rows).split("\n")[1]
+    first = line.split("  ")[0]
+    assert first.endswith("...") and len(first) <= 70 and " " not in first
+    assert len(line) < 1000
