@@ -232,9 +232,10 @@ class Bridge:
                 self._serve(job)
             except Exception as e:  # noqa: BLE001 - one request must not end the worker
                 self.stats.errors += 1
-                logger.error("bridge: serving %r to %s failed: %s: %r", job.req.path[:200],
-                             job.device, type(e).__name__, str(e)[:200],
-                             extra={"device": job.device, "status": 500})
+                if self._sched.may_log(job.device, time.monotonic()):  # counted in stats
+                    logger.error("bridge: serving %r to %s failed: %s: %r",
+                                 job.req.path[:200], job.device, type(e).__name__,
+                                 str(e)[:200], extra={"device": job.device, "status": 500})
                 try:
                     self._answer(job.resp_topic, job.corr, 1, 500, 0, 0, b"")
                 except Exception as e2:  # noqa: BLE001 - nothing more to do for it
