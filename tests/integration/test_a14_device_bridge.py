@@ -15,8 +15,6 @@ from __future__ import annotations
 import queue
 import time
 
-import pytest
-
 from publisher._bridge import MAX_REQUEST_BYTES
 from tests.conftest import FLEET, MqttWorld
 from updater import MqttConnection
