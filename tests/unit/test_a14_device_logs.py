@@ -59,7 +59,7 @@ def _request(device: str, payload: bytes) -> Any:
     p.CorrelationData = b"c" * 16
     p.ResponseTopic = CFG.topic(f"devices/{device}/repo/resp")
     return SimpleNamespace(topic=CFG.topic(f"repo/req/{device}"), payload=payload,
-                           properties=p)
+                           properties=p, retain=False)
 
 
 def _hostile_request() -> bytes:
