@@ -108,6 +108,12 @@ class Bridge:
                  connect: bool = True) -> None:
         if not (repo / "metadata").is_dir():
             raise OperatorInputError(f"{repo} is not a repository (no metadata/)")
+        for d in SERVED_DIRS:  # followed by nothing below (see _open): say so at once
+            if (repo / d).is_symlink():
+                raise OperatorInputError(
+                    f"{repo / d} is a symlink; the bridge follows no symlink below the "
+                    "repository: give --repo the directory that holds the real metadata/ "
+                    "and targets/")
         self.repo = repo.resolve()
         self.cfg = cfg
         self.max_block = max_block
@@ -161,9 +167,11 @@ class Bridge:
             with self._sent_lock:
                 if not self._errors_log.take(1, time.monotonic()):
                     return
+            # the raw topic bytes (msg.topic decodes them, and may raise again here)
+            raw = getattr(msg, "_topic", None)
             logger.error("bridge: admitting a request on %r failed: %s: %r",
-                         str(getattr(msg, "topic", "?"))[:200], type(e).__name__,
-                         str(e)[:200])
+                         raw[:200] if isinstance(raw, bytes) else "?", type(e).__name__,
+                         _cut(e))
 
     def _admit(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
@@ -352,6 +360,14 @@ class Bridge:
             now = time.monotonic()
             self._sent.prune(now)  # whoever sends releases what was acknowledged
             self._sent.add(info, len(data), now)
+
+
+def _cut(e: BaseException) -> str:
+    """The start of ``e``'s message, whatever its ``__str__`` does."""
+    try:
+        return str(e)[:200]
+    except Exception:  # noqa: BLE001 - a log line must not raise
+        return "?"
 
 
 def _published(info: Any) -> bool:

@@ -20,6 +20,7 @@ import pytest
 from publisher import _bridge as bridge_mod
 from publisher._bridge import SENT_ENTRIES, Bridge
 from publisher._fairness import BridgeLimits, SendQueue
+from publisher.errors import OperatorInputError
 from updater import MqttConfig
 from updater._mqtt import BLOCK_HEADER
 
@@ -184,6 +185,18 @@ def test_i14_no_symlink_anywhere_below_the_repository_is_followed(tmp_path: Path
         b.close()
 
 
+def test_i14_a_symlinked_served_directory_is_refused_at_start(tmp_path: Path) -> None:
+    """A careless operator: targets/ a symlink to another disk. Nothing below the
+    repository is followed, so the bridge says so at start instead of answering 404."""
+    repo = tmp_path / "repo"
+    (repo / "metadata").mkdir(parents=True)
+    (tmp_path / "disk").mkdir()
+    (repo / "targets").symlink_to(tmp_path / "disk")
+    with pytest.raises(OperatorInputError, match=r"targets is a symlink"):
+        Bridge(repo, MqttConfig(host="", port=0, fleet="f", client_name="br"),
+               connect=False)
+
+
 # --- exception paths: answered, counted, logged at most ~1/s -----------------------
 
 def test_i14_a_raising_admission_is_cheap_and_its_log_bounded(
@@ -191,17 +204,31 @@ def test_i14_a_raising_admission_is_cheap_and_its_log_bounded(
 ) -> None:
     b, _ = _bridge(tmp_path / "repo", requests_per_s=1e9, request_burst=10**9)
 
+    class Nasty(RuntimeError):
+        def __str__(self) -> str:
+            raise ValueError("no message for you")
+
     def boom(*_a: Any) -> Any:
-        raise RuntimeError("x" * 100_000)
+        raise Nasty() if _a[0] == b"[]" else RuntimeError("x" * 100_000)
 
     monkeypatch.setattr(bridge_mod, "parse_request", boom)
     try:
         t = time.perf_counter()
+        # first (the log's bucket is full): a topic that is not UTF-8 (msg.topic raises
+        # in _admit), and an exception whose __str__ raises
+        m = mqtt.MQTTMessage(topic=b"modelward/f/repo/req/\xff\xfe")
+        b._on_message(m)
+        m = mqtt.MQTTMessage(topic=b"modelward/f/repo/req/dev-2")
+        m.payload = b"[]"
+        m.properties = SimpleNamespace(CorrelationData=b"c",  # type: ignore[assignment]
+                                       ResponseTopic=f"{PREFIX}/devices/dev-2/repo/resp")
+        b._on_message(m)
+        assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 2
         for i in range(2000):
             b._on_message(_msg(b"{}", i))
         dt = time.perf_counter() - t
         errors = [r for r in caplog.records if r.levelname == "ERROR"]
-        assert b.stats.errors == 2000
+        assert b.stats.errors == 2002
         assert len(errors) <= 6, len(errors)
         assert all(len(r.getMessage()) < 600 for r in errors)
         assert dt < 2.0, dt
