@@ -8,20 +8,118 @@ characters: the JSON formatter escapes them (``json.dumps`` with ASCII output), 
 text formatter escapes them as ``\\xNN`` / ``\\uNNNN`` (:func:`escape_text`). So a
 newline cannot forge a log line, and ``ESC[...`` or an OSC sequence never reaches the
 terminal or the journal viewer raw.
+
+And a record is bounded, so that one request cannot write kilobytes of log, nor split
+into two journal entries (journald cuts a line at ``LineMax=``, 48K by default, and the
+second entry would start with text the device chose): every logged value (an argument of
+the message, a structured field) is cut at :data:`MAX_VALUE` characters as printed, the
+message at :data:`MAX_MESSAGE`, a traceback at :data:`MAX_TRACEBACK`, each cut saying how
+much it dropped; a JSON line stays under :data:`MAX_JSON_LINE` whatever it carries.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from typing import TextIO
+from typing import Any, TextIO
 
-from trust._display import escape
+from trust._display import escape, printed_widths
 
 _STD = set(vars(logging.makeLogRecord({})))
+
+MAX_VALUE = 200  # characters of one logged value, as printed (escaped)
+MAX_MESSAGE = 4096  # characters of one record's message, as printed
+MAX_TRACEBACK = 8192  # characters of a traceback (exception messages quote devices)
+MAX_JSON_LINE = 32 * 1024  # one JSON line: below journald's LineMax= (48K)
+
+
+def cut_to(text: str, limit: int, widths: Iterable[int]) -> str:
+    """``text`` cut before the character that would take its printed form (``widths``:
+    the printed length of each character in turn) past ``limit``, saying how much was cut
+    (pure)."""
+    used = 0
+    for i, w in enumerate(widths):
+        used += w
+        if used > limit:
+            return f"{text[:i]}... [{len(text) - i} of {len(text)} characters cut]"
+    return text
+
+
+def cut_printed(text: str, limit: int = MAX_VALUE) -> str:
+    """``text`` cut so that its escaped form (:func:`escape_text`) is at most about
+    ``limit`` characters (pure)."""
+    if len(text) <= limit and text.isascii() and text.isprintable() and "\\" not in text:
+        return text
+    return cut_to(text, limit, printed_widths(text))
+
+
+def _json_width(c: str) -> int:
+    n = ord(c)
+    if 0x20 <= n < 0x7F:
+        return 2 if c in '"\\' else 1
+    return 12 if n > 0xFFFF else 6  # \uNNNN, a surrogate pair for astral (\n: 2, at most)
+
+
+def cut_json(text: str, limit: int) -> str:
+    """``text`` cut so that it is at most about ``limit`` characters inside an ASCII JSON
+    string (pure)."""
+    if len(text) <= limit // 12:
+        return text
+    return cut_to(text, limit, map(_json_width, text))
+
+
+class _Cut:
+    """A logged argument: ``%s`` and ``%r`` of it are cut at :data:`MAX_VALUE`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        return cut_printed(str(self.value))
+
+    def __repr__(self) -> str:
+        return cut_printed(repr(self.value))
+
+
+def _bounded_arg(v: object) -> object:
+    return v if isinstance(v, numbers.Number) or v is None else _Cut(v)
+
+
+def bounded_message(record: logging.LogRecord) -> str:
+    """``record.getMessage()`` with every argument cut at :data:`MAX_VALUE` and the whole
+    at :data:`MAX_MESSAGE` characters as printed (a format that does not fit its
+    arguments is shown with them, not raised)."""
+    msg = str(record.msg)
+    args: Any = record.args
+    if args:
+        bounded: Any = ({k: _bounded_arg(v) for k, v in args.items()}
+                        if isinstance(args, Mapping)
+                        else tuple(_bounded_arg(a) for a in args))
+        try:
+            msg = msg % bounded
+        except (TypeError, ValueError, KeyError):
+            msg = f"{msg} % {bounded!r}"
+    return cut_printed(msg, MAX_MESSAGE)
+
+
+def _bounded_field(v: object) -> object:
+    if v is None or isinstance(v, bool | int | float):
+        return v
+    if isinstance(v, str):
+        return cut_json(v, MAX_VALUE)
+    try:
+        if len(json.dumps(v, default=str)) <= MAX_VALUE:
+            return v
+    except (TypeError, ValueError, RecursionError):
+        pass
+    return cut_json(str(v), MAX_VALUE)
 
 
 def escape_text(text: str, *, keep_newlines: bool = False) -> str:
@@ -40,16 +138,22 @@ class JsonFormatter(logging.Formatter):
     control or format character of a logged value is ever written raw."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {
+        doc: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "msg": cut_json(bounded_message(record), MAX_MESSAGE),
         }
-        doc.update({k: v for k, v in vars(record).items() if k not in _STD and k != "message"})
+        doc.update({k: _bounded_field(v) for k, v in vars(record).items()
+                    if k not in _STD and k != "message"})
         if record.exc_info and record.levelno >= logging.ERROR:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str, ensure_ascii=True)
+            doc["exc"] = cut_json(self.formatException(record.exc_info), MAX_TRACEBACK)
+        line = json.dumps(doc, default=str, ensure_ascii=True)
+        if len(line) > MAX_JSON_LINE:  # many fields: keep what says what happened
+            line = json.dumps({k: doc[k] for k in ("ts", "level", "logger", "msg")}
+                              | {"cut": f"{len(line)} characters of fields"},
+                              ensure_ascii=True)
+        return line
 
 
 class TextFormatter(logging.Formatter):
@@ -61,12 +165,13 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         # not Formatter.format: it would reuse a traceback text another formatter cached
-        record.message = record.getMessage()
+        record.message = bounded_message(record)
         out = escape_text(self.formatMessage(record))
         if record.exc_info:
-            out += _indented(self.formatException(record.exc_info))
+            out += _indented(cut_printed(self.formatException(record.exc_info),
+                                         MAX_TRACEBACK))
         if record.stack_info:
-            out += _indented(self.formatStack(record.stack_info))
+            out += _indented(cut_printed(self.formatStack(record.stack_info), MAX_TRACEBACK))
         return out
 
 

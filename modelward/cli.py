@@ -441,6 +441,7 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 def _fleet_status(args: argparse.Namespace) -> int:
     from publisher import collect_status, format_table
     from publisher._fleet import rows_json
+    from trust._display import for_encoding
     from trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
@@ -452,7 +453,9 @@ def _fleet_status(args: argparse.Namespace) -> int:
     if args.json:
         print(rows_json(rows))  # strict JSON; the table escapes every device string
     else:
-        print(format_table(rows) if rows else "no enrolled devices and no status reports")
+        text = format_table(rows) if rows else "no enrolled devices and no status reports"
+        # under LANG=C / ISO-8859-1 one device's CJK state must not end the command
+        print(for_encoding(text, getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
 
 
@@ -821,7 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = sub.add_parser("serve-mqtt", help="operator: answer device block requests over MQTT")
     srv.add_argument("--repo", type=Path, required=True)
-    srv.add_argument("--group", default="modelward-bridges", help="shared-subscription group")
+    srv.add_argument("--group", help="shared-subscription group, a secret of at least 20 "
+                     "characters (default: derived from the bridge's password or key)")
     from publisher._fairness import add_limit_options
 
     add_limit_options(srv)

@@ -1,10 +1,11 @@
 """``modelward serve-mqtt``: answers block requests from the static repository.
 
-Stateless: any number of bridges share one subscription (``$share/<group>/...``), and
+Stateless: any number of bridges share one subscription (``$share/<group>/...``, the
+group a secret: :func:`share_group`), and
 each request is answered from the files as they are. It serves only regular files under
 ``metadata/`` and ``targets/`` of the repository, reached without following a symlink
-(the publisher writes none; see :meth:`Bridge._open`), at most ``max_block`` bytes a request,
-and answers only on the requesting device's own response topic.
+(the publisher writes none; see :meth:`Bridge._open`), at most ``max_block`` bytes a
+request, and answers only on the requesting device's own response topic.
 
 One device cannot take it down (issue 14). paho's network thread only admits: it checks
 the topic and correlation data, takes a token from the device's request bucket (none
@@ -22,6 +23,7 @@ so that systemd restarts it.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -55,7 +57,8 @@ from updater._mqtt import (
     publish_properties,
 )
 
-__all__ = ["MAX_REQUEST_BYTES", "Bridge", "BridgeLimits", "BridgeStats", "announce"]
+__all__ = ["MAX_REQUEST_BYTES", "Bridge", "BridgeLimits", "BridgeStats", "announce",
+           "share_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +98,8 @@ class Bridge:
     Args:
         repo: the repository directory (as served over HTTPS).
         cfg: broker connection (username is a bridge identity).
-        group: shared-subscription group.
+        group: shared-subscription group, a secret (see :func:`share_group`); None: the
+            one derived from the bridge's own credential.
         max_block: largest block answered (1 MiB).
         limits: per-device and global bounds (see :class:`BridgeLimits`).
         connect: connect to the broker (False: tests drive :meth:`_on_message`).
@@ -103,7 +107,7 @@ class Bridge:
 
     formats: tuple[int, ...] = (1, 2)
 
-    def __init__(self, repo: Path, cfg: MqttConfig, group: str = "modelward-bridges",
+    def __init__(self, repo: Path, cfg: MqttConfig, group: str | None = None,
                  max_block: int = 1 << 20, limits: BridgeLimits | None = None,
                  connect: bool = True) -> None:
         if not (repo / "metadata").is_dir():
@@ -133,7 +137,8 @@ class Bridge:
             try:
                 self._conn = MqttConnection(
                     cfg, f"{cfg.client_name}-{os.getpid()}-{threading.get_ident() % 10000}",
-                    [f"$share/{group}/{cfg.topic('repo/req/+')}"], self._on_message,
+                    [f"$share/{share_group(cfg, group)}/{cfg.topic('repo/req/+')}"],
+                    self._on_message,
                     max_packet_size=REQUEST_PACKET_LIMIT,
                 )
             except BaseException:
@@ -175,6 +180,12 @@ class Bridge:
 
     def _admit(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
+        if msg.retain:
+            # A request a device retained on its own topic would be handed to every bridge
+            # that (re)subscribes, long after the device asked (or lost its credentials):
+            # no device retains a request, so none is answered or parsed.
+            logger.debug("ignoring a retained message on %r", topic[:200])
+            return
         device = topic[len(self._prefix):] if topic.startswith(self._prefix) else ""
         try:
             check_id("device id", device)
@@ -247,8 +258,8 @@ class Bridge:
                 self._serve(job)
             except Exception as e:  # noqa: BLE001 - one request must not end the worker
                 self.stats.errors += 1
-                if self._sched.may_log(job.device, time.monotonic()):
-                        logger.error("bridge: serving %r to %s failed: %s: %r",
+                if self._sched.may_log(job.device, time.monotonic()):  # counted in stats
+                    logger.error("bridge: serving %r to %s failed: %s: %r",
                                  job.req.path[:200], job.device, type(e).__name__,
                                  str(e)[:200], extra={"device": job.device, "status": 500})
                 try:
@@ -368,6 +379,45 @@ def _cut(e: BaseException) -> str:
         return str(e)[:200]
     except Exception:  # noqa: BLE001 - a log line must not raise
         return "?"
+
+
+MIN_GROUP_CHARS = 20
+
+
+def share_group(cfg: MqttConfig, group: str | None = None) -> str:
+    """The bridges' shared-subscription group name.
+
+    mosquitto (2.0: ``acl_file`` checks no SUBSCRIBE) grants a device
+    ``$share/<group>/<fleet>/repo/req/+`` and then drops, on its read ACL, the share of
+    every other device's requests it hands that device: a device that knows the group
+    silently eats part of the fleet's requests. So the name is a secret: by default
+    derived from the bridge's own credential (the password ``fleet broker-config``
+    generates into ``credentials/modelward-bridge``, else its client key), so that
+    every bridge with that credential joins one group and no device can name it.
+
+    Raises:
+        OperatorInputError: an explicit ``group`` shorter than :data:`MIN_GROUP_CHARS`
+            or not an MQTT-safe name, or no credential to derive one from.
+    """
+    if group is not None:
+        check_id("shared-subscription group", group)
+        if len(group) < MIN_GROUP_CHARS:
+            raise OperatorInputError(
+                f"shared-subscription group {group!r} is guessable: a device that names it "
+                f"takes a share of every device's requests; use at least {MIN_GROUP_CHARS} "
+                "random characters, or leave it out (derived from the bridge password)")
+        return group
+    secret: bytes | None = cfg.password.encode() if cfg.password else None
+    if secret is None and cfg.key_file:
+        try:
+            secret = Path(cfg.key_file).read_bytes()
+        except OSError as e:
+            raise OperatorInputError(f"cannot read the bridge key {cfg.key_file}: {e}") from e
+    if not secret:
+        raise OperatorInputError("the bridge has no password or client key to derive its "
+                                 "shared-subscription group from: pass --group SECRET")
+    digest = hashlib.sha256(b"modelward bridge share group\0" + secret).hexdigest()
+    return f"modelward-bridges-{digest[:32]}"
 
 
 def _published(info: Any) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from publisher._report_schema import ReportSchemaError, check_report
 from publisher.errors import OperatorInputError
 from trust import ReportSignatureError, verify_report, write_atomic
 from trust._bounded import loads_bounded
-from trust._display import escape, escape_id
+from trust._display import display_width, escape, escape_id, pad
 from trust._report import MAX_REPORT_BYTES, MAX_SEQ, report_digest
 from updater._mqtt import MqttConfig, MqttConnection
 
@@ -358,8 +359,19 @@ def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0,
                        default_poll)
 
 
+_SPACES = re.compile(" {2,}")
+
+
+def _cell(text: str) -> str:
+    """A cell never holds the column separator (two spaces): in a run of spaces all but
+    the first are escaped, so a device's ``x  ok  ok`` cannot read as more cells."""
+    return _SPACES.sub(lambda m: " " + "\\x20" * (len(m.group()) - 1), text)
+
+
 def format_table(rows: list[DeviceRow]) -> str:
-    """A plain table for people; every device-supplied string is escaped and cut."""
+    """A plain table for people; every device-supplied string is escaped and cut, device
+    ids to the enrolled-id alphabet (:func:`~trust._display.escape_id`), no cell holds two
+    spaces in a row (the column separator), and the columns line up by display width."""
 
     def model(m: Any) -> str:
         return f"{escape(m['name'], 64)} {escape(m['version'], 64)}" \
@@ -391,9 +403,12 @@ def format_table(rows: list[DeviceRow]) -> str:
             escape(rep.get("at", "-"), 64),
             escape(rep.get("seq", "-"), 64),
         ))
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                     for row in lines)
+    # padded by terminal columns, not characters: a fullwidth name (two columns each) or
+    # kept combining marks (none) must not move the rest of a row out of its columns
+    cells = [[_cell(c) for c in row] for row in lines]
+    widths = [max(display_width(row[i]) for row in cells) for i in range(len(head))]
+    return "\n".join("  ".join(pad(c, w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
 
 
 def row_json(r: DeviceRow) -> dict[str, Any]:
@@ -403,7 +418,8 @@ def row_json(r: DeviceRow) -> dict[str, Any]:
 
 
 def rows_json(rows: list[DeviceRow]) -> str:
-    """``fleet status --json``: strict JSON (no NaN or Infinity, ASCII only).
+    """``fleet status --json``: strict JSON (no NaN or Infinity, no lone surrogate, ASCII
+    only).
 
     The schema check leaves only finite numbers; a row that still would not encode
     strictly is shown ``REJECTED`` in its place rather than failing the command.
@@ -411,9 +427,14 @@ def rows_json(rows: list[DeviceRow]) -> str:
     out: list[str] = []
     for r in rows:
         try:
-            out.append(json.dumps(row_json(r), allow_nan=False))
-        except (ValueError, TypeError, RecursionError) as e:
-            bad = DeviceRow(r.device_id, False, escape(f"not encodable as JSON: {e}"), {},
-                            (REJECTED,))
+            doc = row_json(r)
+            # I-JSON (RFC 7493): every string UTF-8 text; a lone surrogate (which the
+            # schema refuses in a report, but a topic's id or a future field could carry)
+            # would be written "\\ud800", and strict readers refuse the whole output
+            json.dumps(doc, allow_nan=False, ensure_ascii=False).encode("utf-8")
+            out.append(json.dumps(doc, allow_nan=False))
+        except (ValueError, TypeError, RecursionError) as e:  # UnicodeError: ValueError
+            bad = DeviceRow(escape(r.device_id, None), False,
+                            escape(f"not encodable as JSON: {e}"), {}, (REJECTED,))
             out.append(json.dumps(row_json(bad), allow_nan=False))
     return "[" + ", ".join(out) + "]"

@@ -446,12 +446,13 @@ class Repository:
         targets, snap, ts = self.current()
         published = {"targets": f"{targets.version}.targets.json",
                      "snapshot": f"{snap.version}.snapshot.json", "timestamp": "timestamp.json"}
-        entries = self.signers.entries()
         plan: dict[str, list[str]] = {}
         for role, filename in published.items():
             md = self._load(filename)
             if _valid_signatures(md, role, new) >= new.roles[role].threshold:
                 continue
+            registry = key_home(self, role).registry  # online roles: the online directory
+            entries = registry.entries()
             keys = {k: new.get_key(k) for k in new.roles[role].keyids}
             first = default_uri(role, keys, entries)
             uris = [first] + sorted(entries[k] for k in keys
@@ -464,7 +465,7 @@ class Repository:
                 if keyid is None or keyid not in keys:
                     continue
                 try:
-                    self.signers.signer(uri, keys[keyid], role)
+                    registry.signer(uri, keys[keyid], role)
                 except KeyError_ as e:
                     logger.warning("%s key %s cannot sign here: %s", role, uri, e)
                     continue

@@ -3,10 +3,12 @@
 A valid signature says only that the device's key signed the bytes; one device's
 credentials (its TPM key) sign whatever that device wants. So a verified report is still
 hostile input: every field must be of the type and size ``agent._observe.build_report``
-writes, numbers finite and within what every JSON reader keeps exact, and no other field
-may be present (the report is a closed schema: ship the operator tool before devices that
-send a new field). :func:`check_report` is pure and raises :class:`ReportSchemaError`
-naming the first field at fault; ``fleet status`` then shows one ``REJECTED`` row.
+writes, strings UTF-8 text (no lone surrogate, which ``json.loads`` accepts as
+``"\\ud800"`` and strict readers refuse), numbers finite and within what every JSON
+reader keeps exact, and no other field may be present (the report is a closed schema:
+ship the operator tool before devices that send a new field). :func:`check_report` is
+pure and raises :class:`ReportSchemaError` naming the first field at fault; ``fleet
+status`` then shows one ``REJECTED`` row.
 
 Optional fields (``seq``, ``fleet``, ``at``, ``poll_interval``, ...) may be absent: the
 freshness judgement flags a report without them. When present they must be well typed.
@@ -60,6 +62,11 @@ def _string(field: str, v: object, limit: int, *, nullable: bool = False) -> Non
         raise ReportSchemaError(field, f"is {_type_name(v)}, not a string")
     if len(v) > limit:
         raise ReportSchemaError(field, f"is over {limit} characters")
+    try:  # json.loads makes "\\ud800" a lone surrogate: not text, not I-JSON (RFC 7493)
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ReportSchemaError(field, f"has a lone surrogate (U+{ord(v[e.start]):04X} at "
+                                f"character {e.start}): not UTF-8 text") from e
 
 
 def _integer(field: str, v: object, limit: int = MAX_INT) -> None:

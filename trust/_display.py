@@ -12,7 +12,8 @@ what is printed is printable and on one line, and the same input always prints t
 Escaped: every character of Unicode category Cc (C0, DEL, C1), Cf (format: bidi controls,
 zero-width, BOM, tags, ...), Cs (surrogates), Co (private use), Cn (unassigned: their
 meaning may change), Zl and Zp (line and paragraph separators), every Zs space other than
-U+0020 (look-alike spacing), every combining mark after the first
+U+0020 (look-alike spacing), a combining mark at the start (it would combine with what
+is printed before the value), every combining mark after the first
 :data:`MAX_COMBINING` on one character ("Zalgo" text stacks marks until they cover the rows
 above and below), and the backslash itself (so an escape in the output always came from
 this function, never from the device). Nothing else is changed.
@@ -31,6 +32,7 @@ _COMBINING = frozenset({"Mn", "Me"})
 MAX_COMBINING = 2  # combining marks kept on one character ("e\u0301" stays as it is)
 ELLIPSIS = "..."
 DEFAULT_LIMIT = 200  # characters of one device-supplied value in a table cell
+_WIDE = frozenset({"W", "F"})
 
 
 def _hex(c: str) -> str:
@@ -39,15 +41,25 @@ def _hex(c: str) -> str:
 
 
 def _pieces(s: str) -> Iterator[str]:
-    """``s`` escaped, one piece per character (lazily: a cut stops the scan)."""
-    marks = 0
+    """``s`` escaped, one piece per character (lazily: a cut stops the scan). A mark
+    with no character of ``s`` kept before it (at the start, after an escape) is
+    escaped: it would combine with whatever is printed there (a column's padding, a
+    quote, the last character of an escape)."""
+    marks = MAX_COMBINING
     for c in s:
         if unicodedata.category(c) in _COMBINING:
             marks += 1
             yield c if marks <= MAX_COMBINING else _hex(c)
         else:
-            marks = 0
-            yield _escape_char(c)
+            piece = _escape_char(c)
+            marks = 0 if piece == c else MAX_COMBINING
+            yield piece
+
+
+def printed_widths(s: str) -> Iterator[int]:
+    """The length of each character of ``s`` once escaped by :func:`escape`, in turn
+    (lazily): what a cut that must bound the printed form counts."""
+    return (len(p) for p in _pieces(s))
 
 
 def _escape_char(c: str) -> str:
@@ -86,16 +98,48 @@ def _cut(pieces: Iterator[str], limit: int | None) -> str:
     return "".join(out)
 
 
-def _ascii_char(c: str) -> str:
-    return c if ord(c) < 0x7F else _hex(c)
+ID_ALPHABET = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+
+
+def _id_char(c: str) -> str:
+    return c if c in ID_ALPHABET else "\\\\" if c == "\\" else _hex(c)
 
 
 def escape_id(text: object, limit: int | None = 64) -> str:
-    """:func:`escape`, and every non-ASCII character escaped too (pure): for identifiers
-    (device ids named by a topic), where ``dеv-1`` with a Cyrillic ``е`` must not look
-    like ``dev-1``. Enrolled ids are ASCII (``check_id``) and print unchanged."""
+    """``text`` with every character outside the enrolled-id alphabet ``[A-Za-z0-9._-]``
+    escaped (pure), and cut like :func:`escape`: for identifiers (device ids named by a
+    topic, which the broker or a device chose). A space (``dev-9  ok  ok``) cannot make
+    one id look like a row's cells, nor ``dеv-1`` with a Cyrillic ``е`` like ``dev-1``.
+    Enrolled ids (``check_id``) print unchanged; the output is one token of ASCII."""
     s = text if isinstance(text, str) else str(text)
-    return _cut(("".join(_ascii_char(e) for e in p) for p in _pieces(s)), limit)
+    return _cut((_id_char(c) for c in s), limit)
+
+
+def display_width(text: str) -> int:
+    """The terminal columns ``text`` takes (pure; for text :func:`escape` has made
+    printable): East Asian wide and fullwidth characters two, combining marks none,
+    everything else one."""
+    if text.isascii():
+        return len(text)
+    return sum(0 if unicodedata.category(c) in _COMBINING or unicodedata.combining(c)
+               else 2 if unicodedata.east_asian_width(c) in _WIDE else 1 for c in text)
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` followed by spaces up to ``width`` terminal columns (pure)."""
+    return text + " " * (width - display_width(text))
+
+
+def for_encoding(text: str, encoding: str | None) -> str:
+    """``text`` with every character ``encoding`` (a stream's; None: UTF-8) cannot write
+    replaced by its ``\\uNNNN`` escape (pure): printing it under a non-UTF-8 locale
+    (``LANG=C``, ISO-8859-1) never raises ``UnicodeEncodeError``. Text from
+    :func:`escape` has its backslashes doubled, so such an escape is never the device's."""
+    enc = encoding or "utf-8"
+    try:
+        return text.encode(enc, "backslashreplace").decode(enc)
+    except LookupError:  # an encoding Python does not know: ASCII is safe everywhere
+        return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def is_clean(text: str) -> bool:

@@ -17,6 +17,14 @@ Here:
 - :class:`Client` queues outgoing packets as a ``memoryview``, so a partial write
   slices without copying.
 
+- :func:`check_properties` bounds a PUBLISH's MQTT 5 properties (count and bytes) in one
+  linear pass before paho's ``Properties.unpack`` sees them: that copies the rest of the
+  block for each property it reads, so one 375 KiB packet of 75,000 empty user properties
+  held the receiver's network thread ~6 s (issue 14). :func:`decode_publish` refuses such
+  a packet (``PropertiesTooLarge``), and :class:`Client` acknowledges and drops it before
+  decoding, so one hostile PUBLISH (a request to the bridge, a retained status for
+  ``fleet status``) costs microseconds and leaves the connection up.
+
 Both touch paho internals, hence the pin ``paho-mqtt>=2.0,<3``; :func:`install` leaves
 paho as it is when the internals are not the expected ones.
 """
@@ -24,6 +32,7 @@ paho as it is when the internals are not the expected ones.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -39,6 +48,106 @@ logger = logging.getLogger(__name__)
 # binary value states its own 2-byte length); it is handed that much more, so that it
 # sees exactly what it saw in the whole packet.
 _PROPERTY_OVERREAD = 4 + 2 + 0xFFFF
+
+# What modelward's PUBLISHes carry: CorrelationData (<= 64 bytes), ResponseTopic (a topic
+# of two <= 64-character ids), at most three UserProperty pairs (a format-1 block answer:
+# status, offset, size), and what a broker adds (MessageExpiryInterval, a
+# SubscriptionIdentifier or two). Far inside these bounds; anything beyond is hostile.
+MAX_PROPERTY_BYTES = 4096
+MAX_PROPERTIES = 16
+MAX_USER_PROPERTIES = 8
+
+# MQTT 5 property identifiers by value type (MQTT 5, 2.2.2.2).
+_FIXED = {**dict.fromkeys((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), 1),
+          **dict.fromkeys((0x13, 0x21, 0x22, 0x23), 2),
+          **dict.fromkeys((0x02, 0x11, 0x18, 0x27), 4)}
+_VARINT = frozenset({0x0B})
+_COUNTED = frozenset({0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F})  # one length
+_PAIR = 0x26
+
+
+class PropertiesTooLarge(MalformedPacket):
+    """A PUBLISH whose MQTT 5 property block is larger, or has more properties or user
+    properties, than :data:`MAX_PROPERTY_BYTES` / :data:`MAX_PROPERTIES` /
+    :data:`MAX_USER_PROPERTIES` allow (or is cut short or unknown within them)."""
+
+
+class _Unparsable(Exception):
+    """The property block is malformed: paho's own decoding is left to refuse it."""
+
+
+def _varint(view: memoryview, pos: int) -> tuple[int, int]:
+    """A variable byte integer at ``pos``: (value, position after it)."""
+    value = 0
+    for i in range(4):
+        if pos + i >= len(view):
+            raise _Unparsable
+        b = view[pos + i]
+        value |= (b & 0x7F) << (7 * i)
+        if not b & 0x80:
+            return value, pos + i + 1
+    raise _Unparsable
+
+
+def check_properties(view: memoryview, pos: int) -> int:
+    """Check the property block of a PUBLISH that starts at ``pos`` of ``view`` (the
+    packet after its fixed header): its size and, walking it once, the number of
+    properties and user properties. Returns the position after the block.
+
+    A block that is cut short, runs a value past its end or has an unknown identifier is
+    left to paho (the walk stops there): paho decides what it makes of it, as it always
+    did, and the size bound keeps its walk short.
+
+    Raises:
+        PropertiesTooLarge: over a bound.
+    """
+    try:
+        length, start = _varint(view, pos)
+    except _Unparsable:
+        return pos
+    if length > MAX_PROPERTY_BYTES:
+        raise PropertiesTooLarge(f"PUBLISH property block of {length} bytes, more than "
+                                 f"the {MAX_PROPERTY_BYTES} accepted")
+    end = start + length
+    p, count, users = start, 0, 0
+    try:
+        while p < min(end, len(view)):
+            ident = view[p]
+            p += 1
+            count += 1
+            if count > MAX_PROPERTIES:
+                raise PropertiesTooLarge(f"PUBLISH with more than {MAX_PROPERTIES} properties")
+            if ident in _FIXED:
+                p += _FIXED[ident]
+            elif ident in _VARINT:
+                _, p = _varint(view, p)
+            elif ident in _COUNTED or ident == _PAIR:
+                for _ in range(2 if ident == _PAIR else 1):
+                    if p + 2 > len(view):
+                        raise _Unparsable
+                    p += 2 + ((view[p] << 8) | view[p + 1])
+                if ident == _PAIR:
+                    users += 1
+                    if users > MAX_USER_PROPERTIES:
+                        raise PropertiesTooLarge(
+                            f"PUBLISH with more than {MAX_USER_PROPERTIES} user properties")
+            else:
+                raise _Unparsable
+    except _Unparsable:
+        pass
+    return end
+
+
+def _properties_start(view: memoryview, header: int) -> int:
+    """Where a PUBLISH's property block starts (after topic and packet id)."""
+    if len(view) < 2:
+        raise MalformedPacket("PUBLISH shorter than its topic length")
+    pos = 2 + ((view[0] << 8) | view[1])
+    if (header & 0x06) >> 1 > 0:
+        pos += 2
+    if pos > len(view):
+        raise MalformedPacket("PUBLISH shorter than its topic and packet id")
+    return pos
 
 
 def _decode_publish(header: int, packet: bytes | bytearray,
@@ -63,6 +172,7 @@ def _decode_publish(header: int, packet: bytes | bytearray,
             pos += 2
         properties = None
         if protocol == MQTTProtocolVersion.MQTTv5:
+            check_properties(view, pos)  # linear, before paho's quadratic walk
             length, width = VariableByteIntegers.decode(  # type: ignore[no-untyped-call]
                 bytes(view[pos:pos + 4]))
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
@@ -121,7 +231,35 @@ class Client(mqtt.Client):
             logger.warning("the broker sent a QoS 2 message, above every subscription's "
                            "QoS 1: disconnecting")
             return mqtt.MQTT_ERR_PROTOCOL
+        if isinstance(pkt, dict) and self._protocol == mqtt.MQTTv5:
+            header = int(pkt.get("command", 0))
+            with memoryview(pkt.get("packet", b"")) as view:
+                try:
+                    start = _properties_start(view, header)
+                except MalformedPacket:  # paho's own decoding refuses it as it would
+                    start = -1
+                if start >= 0:
+                    try:
+                        check_properties(view, start)
+                    except PropertiesTooLarge as e:
+                        return self._drop_publish(header, view, e)
         return super()._handle_publish()
+
+    _last_drop_log = 0.0
+
+    def _drop_publish(self, header: int, view: memoryview, why: MalformedPacket) -> Any:
+        """Acknowledge (QoS 1) and drop a PUBLISH refused before decoding: the broker
+        does not send it again, nothing reads it, and the connection stays up (a retained
+        one would otherwise end every new connection's first subscription)."""
+        now = time.monotonic()
+        if now - self._last_drop_log > 10.0:  # a flood of them: one line per 10 s
+            self._last_drop_log = now
+            logger.warning("dropping a PUBLISH from the broker: %s", why)
+        if (header & 0x06) >> 1 == 1 and len(view) >= 2:
+            pos = 2 + ((view[0] << 8) | view[1])
+            if pos + 2 <= len(view):
+                return self._send_puback((view[pos] << 8) | view[pos + 1])
+        return mqtt.MQTT_ERR_SUCCESS
 
     def _sock_recv(self, bufsize: int) -> bytes:
         limit = self.max_incoming_packet

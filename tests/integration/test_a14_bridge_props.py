@@ -16,8 +16,6 @@ import statistics
 import threading
 import time
 
-import pytest
-
 from simulator._flood import Prober, vm_hwm, vm_rss
 from tests.conftest import MqttWorld
 from updater._mqttconn import MqttConnection, publish_properties
@@ -35,10 +33,6 @@ def _heavy_props(resp_topic: str) -> object:
     return p
 
 
-@pytest.mark.xfail(strict=True, reason="a14-bridge: 25 user-property-heavy requests/s "
-                   "from one device (each dropped or refused only after paho decoded ~3,800 "
-                   "user properties in the bridge's network thread) stall the bridge: the "
-                   "honest device's blocks take seconds or time out")
 def test_a14_user_properties_stall_the_bridge_for_another_device(
     mqtt_world: MqttWorld,
 ) -> None:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import queue
 import time
 
-import pytest
-
 from publisher._bridge import MAX_REQUEST_BYTES
 from tests.conftest import FLEET, MqttWorld
 from updater import MqttConnection
@@ -42,9 +40,6 @@ def _block_latency(conn: MqttConnection, got: queue.Queue[bytes], corr: bytes) -
             return time.monotonic() - t
 
 
-@pytest.mark.xfail(strict=True, reason="json_depth is quadratic on unclosed escaped quotes: "
-                   "12 requests of 16 KiB from dev-1 hold the bridge's thread for seconds and "
-                   "dev-2's block waits behind them")
 def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world
@@ -67,9 +62,6 @@ def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
     assert latency < max(1.0, 2 * baseline), (baseline, latency)
 
 
-@pytest.mark.xfail(strict=True, reason="dev-1 joins the bridges' fixed shared-subscription "
-                   "group ($share/modelward-bridges/...): mosquitto grants it and drops the "
-                   "share dev-1 may not read, so ~half of dev-2's block requests go unanswered")
 def test_one_device_in_the_bridges_share_group_loses_no_request_of_another(
         mqtt_world: MqttWorld) -> None:
     import paho.mqtt.client as mqtt
@@ -109,9 +101,6 @@ def test_one_device_in_the_bridges_share_group_loses_no_request_of_another(
     assert answered == 10, f"{answered}/10 of dev-2's requests answered"
 
 
-@pytest.mark.xfail(strict=True, reason="the ACL lets dev-1 retain a message on its request "
-                   "topic and mosquitto 2.0 hands retained messages to the bridges' shared "
-                   "subscription: every restarted bridge parses dev-1's slow request again")
 def test_a_retained_slow_request_does_not_reach_a_restarted_bridge(
         mqtt_world: MqttWorld) -> None:
     """dev-1 retains a slow-to-parse request on its own request topic (``pattern write``

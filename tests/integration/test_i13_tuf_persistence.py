@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import timedelta
@@ -93,9 +94,12 @@ def _targets_404(w: World) -> Callable[[], None]:
 
 
 def _targets_expired(w: World) -> Callable[[], None]:
-    # Re-signed now with a zero lifetime: expired the moment a device looks.
-    short = Repository(w.repo_dir, w.keys, PASSPHRASE, expiry=Expiry(targets=timedelta(0)))
+    # Re-signed now with a 2 s lifetime (the repository refuses to publish what is expired
+    # already): expired by the time the device looks.
+    short = Repository(w.repo_dir, w.keys, PASSPHRASE,
+                       expiry=Expiry(targets=timedelta(seconds=2)))
     short.set_rollout("classifier", "2.0.0", percent=100.0)
+    time.sleep(2.1)
     return lambda: w.repo.set_rollout("classifier", "2.0.0", percent=100.0)
 
 

@@ -137,7 +137,10 @@ def test_config_in_use_bounds_bytes(broker: Broker) -> None:
     assert f"max_queued_bytes {MAX_QUEUED_BYTES}" in conf
     assert any(line.startswith("persistent_client_expiration ") for line in conf)
     # the installed mosquitto takes every option as it is: no error, nothing deprecated
-    log = (broker.handle.work / "mosquitto.log").read_text().lower()
+    # (the broker is shared by this module's tests: their clients' own failures don't count)
+    log = "\n".join(line for line in
+                    (broker.handle.work / "mosquitto.log").read_text().lower().splitlines()
+                    if "client connection from" not in line and "socket error" not in line)
     assert "error" not in log and "deprecat" not in log and "unknown" not in log, log
 
 

@@ -50,7 +50,8 @@ HONEST = ["dev-1", "dev-2"]
 SHAPES = {"evil-noname": dict(ODD_SHAPES)["active without name"],
           "evil-errstr": dict(ODD_SHAPES)["last_error as a string"],
           "evil-huge": dict(ODD_SHAPES)["counter huge"],
-          "evil-list": dict(ODD_SHAPES)["counters as a list"]}
+          "evil-list": dict(ODD_SHAPES)["counters as a list"],
+          "evil-surrogate": dict(ODD_SHAPES)["lone surrogate in state"]}
 WIRES = {"evil-nan": WIRE_ATTACKS["NaN poll interval"],
          "evil-deep": WIRE_ATTACKS["20000-deep JSON"]}
 TTY = "evil-tty"
@@ -151,8 +152,9 @@ def test_hostile_signed_reports_are_rejected_rows_escaped_and_strict_json_and_ex
     assert "last_error is a string, not an object" in rows["evil-errstr"]
     assert "nested deeper than 4" in rows["evil-deep"]
     assert "NaN is not JSON" in rows["evil-nan"]
+    assert "report field state has a lone surrogate (U+D800" in rows["evil-surrogate"]
     assert "\\x1b]0;pwned\\x07active" in tty and "\\x1b[8mclassifier" in tty
-    assert "1.0.0\\u202e0.9" in tty and "E\\ndev-9  ok  ok  classifier 6.6.6" in tty
+    assert "1.0.0\\u202e0.9" in tty and "E\\ndev-9 \\x20ok \\x20ok \\x20classifier 6.6.6" in tty
 
     js = fleet.status("--json")
     assert js.returncode == 0, js.stderr

@@ -273,7 +273,7 @@ def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
         assert not bres[info.mid].is_failure
         a.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1),
                      (f"{f}/devices/+/status", 1), (f"{f}/#", 1)])
-        b.subscribe(f"{f}/devices/dev-2/status", 1)
+        b.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1)])
         # A publishing its request as B, and announcing, are refused by the broker.
         for topic in (f"{f}/repo/req/dev-2", f"{f}/announce", f"{f}/devices/dev-2/status",
                       f"{f}/devices/dev-1/repo/resp"):
@@ -288,7 +288,10 @@ def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
                          properties=_props_for("dev-2"))
         info.wait_for_publish(5)
         time.sleep(1.5)
-        assert f"{f}/devices/dev-2/status" in bgot  # the control: B reads its own status
+        assert f"{f}/devices/dev-2/repo/resp" in bgot  # the control: B reads its answer
+        # ... but not its own status: a device reads no topic it writes (issue 14: else
+        # it fills its own parked sessions with whatever it publishes)
+        assert f"{f}/devices/dev-2/status" not in bgot, bgot
         assert not [t for t in agot if "dev-2" in t], agot  # A saw nothing of B's
     finally:
         a.loop_stop()

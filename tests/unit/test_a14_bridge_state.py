@@ -61,7 +61,7 @@ def _msg(device: str, payload: bytes, corr: bytes = b"c" * 16,
     props = SimpleNamespace(CorrelationData=corr,
                             ResponseTopic=resp or f"{PREFIX}/devices/{device}/repo/resp")
     return SimpleNamespace(topic=f"{PREFIX}/repo/req/{device}", payload=payload,
-                           properties=props)
+                           properties=props, retain=False)
 
 
 def _req(path: str, offset: int = 0, length: int = 1 << 20) -> bytes:

@@ -61,7 +61,7 @@ def _msg(payload: bytes, i: int, device: str = "dev-2") -> Any:
     props = SimpleNamespace(CorrelationData=i.to_bytes(4, "big"),
                             ResponseTopic=f"{PREFIX}/devices/{device}/repo/resp")
     return SimpleNamespace(topic=f"{PREFIX}/repo/req/{device}", payload=payload,
-                           properties=props)
+                           properties=props, retain=False)
 
 
 def _req(path: str, length: int = 100) -> bytes:

@@ -117,6 +117,10 @@ ODD_SHAPES: list[tuple[str, dict[str, Any]]] = [
     ("at as a number", {"at": NOW}),
     ("fleet as a dict", {"fleet": {"name": FLEET}}),
     ("uptime as a float", {"uptime_s": 1.5}),
+    # a lone surrogate ("\\ud800" in the JSON) is not text: --json could not carry it
+    ("lone surrogate in state", {"state": "active\ud800"}),
+    ("lone surrogate in a model", {"previous": {**MODEL, "fingerprint": "\udc80"}}),
+    ("lone surrogate in last_error", {"last_error": {"type": "E", "message": "x\udfff"}}),
 ]
 
 # (label, wire from a key and a device id): refused before or while parsing
@@ -163,7 +167,7 @@ def hostile_strings_report(device: str, seq: int = 5, now: float = NOW) -> dict[
         state=OSC_RETITLE + "active",
         active={"name": HIDE + "classifier", "version": "1.0.0\u202e0.9",
                 "fingerprint": "sha256:\u200b" + "ab" * 8},
-        previous={"name": "x" + FORGED_ROW, "version": "\r\x00\x9b2J", "fingerprint": "\ud800"},
+        previous={"name": "x" + FORGED_ROW, "version": "\r\x00\x9b2J", "fingerprint": "\ue000"},
         last_error={"type": "E" + FORGED_ROW, "message": "\x1b[2J\x1b[H", "at": "\u2028"},
     )
 
@@ -357,7 +361,7 @@ def test_hostile_strings_are_shown_escaped_and_kept_exact_in_json(tmp_path: Path
     rows = judge_fleet(payloads, fd, FLEET, NOW, 3600.0)
     table = _check_view(rows, {**honest, "evil": evil_report})  # shape is right: ok
     for shown in ("\\x1b]0;pwned\\x07active", "\\x1b[8mclassifier", "1.0.0\\u202e0.9",
-                  "E\\ndev-9  ok  ok  classifier 6.6.6"):
+                  "E\\ndev-9 \\x20ok \\x20ok \\x20classifier 6.6.6"):
         assert shown in table
     out = rows_json(rows)
     assert all(" " <= c <= "~" for c in out)  # ASCII only: nothing raw reaches a terminal

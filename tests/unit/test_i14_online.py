@@ -410,11 +410,22 @@ def test_wrong_timestamp_passphrase_writes_nothing(lay: Layout) -> None:
     assert _metadata_files(lay) == before
 
 
+@pytest.mark.xfail(strict=True, reason="_finish_root_change re-signs timestamp with the default "
+                   "key only (a14-rootkeys attack 2), so root v2 with timestamp threshold 2 "
+                   "parks the timestamp")
 def test_online_threshold_not_met_writes_nothing(lay: Layout) -> None:
     """Timestamp threshold 2, one key in the online directory: a typed error, no file (the
     unit's online directory is read-only: nothing can wait there for more signatures)."""
-    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
-    other = CryptoSigner.generate_ed25519().public_key
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    priv = ed25519.Ed25519PrivateKey.generate()
+    env = {"ELSEWHERE": priv.private_bytes(  # at hand while root v2 is published only
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()).decode()}
+    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE, environ=env), lay.online_dir,
+                  _pw, environ=env)
+    other = CryptoSigner(priv).public_key
     both.add_key("timestamp", "envvar:ELSEWHERE", other, threshold=2)
     doc = json.loads((lay.online_dir / "signers.json").read_text())
     del doc[other.keyid]  # that key is held on another host
