@@ -3,8 +3,9 @@
 Stateless: any number of bridges share one subscription (``$share/<group>/...``, the
 group a secret: :func:`share_group`), and
 each request is answered from the files as they are. It serves only regular files under
-``metadata/`` and ``targets/`` of the repository, at most ``max_block`` bytes a request,
-and answers only on the requesting device's own response topic.
+``metadata/`` and ``targets/`` of the repository, reached without following a symlink
+(the publisher writes none; see :meth:`Bridge._open`), at most ``max_block`` bytes a
+request, and answers only on the requesting device's own response topic.
 
 One device cannot take it down (issue 14). paho's network thread only admits: it checks
 the topic and correlation data, takes a token from the device's request bucket (none
@@ -21,13 +22,14 @@ so that systemd restarts it.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import stat
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,8 @@ from publisher._fairness import (
     BlockRequest,
     BridgeLimits,
     Scheduler,
+    SendQueue,
+    TokenBucket,
     parse_request,
 )
 from publisher.errors import OperatorInputError
@@ -61,6 +65,9 @@ logger = logging.getLogger(__name__)
 SERVED_DIRS = ("metadata", "targets")
 REQUEST_PACKET_LIMIT = MAX_REQUEST_BYTES + 4096  # a request, its topic and properties
 SEND_TIMEOUT = 30.0  # an unacknowledged block stops counting against the send queue
+SENT_ENTRIES = 1024  # answers awaiting their PUBACK (beyond: refusals are not sent)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 @dataclass
@@ -105,6 +112,12 @@ class Bridge:
                  connect: bool = True) -> None:
         if not (repo / "metadata").is_dir():
             raise OperatorInputError(f"{repo} is not a repository (no metadata/)")
+        for d in SERVED_DIRS:  # followed by nothing below (see _open): say so at once
+            if (repo / d).is_symlink():
+                raise OperatorInputError(
+                    f"{repo / d} is a symlink; the bridge follows no symlink below the "
+                    "repository: give --repo the directory that holds the real metadata/ "
+                    "and targets/")
         self.repo = repo.resolve()
         self.cfg = cfg
         self.max_block = max_block
@@ -112,9 +125,10 @@ class Bridge:
         self.stats = BridgeStats()
         self._prefix = cfg.topic("repo/req/")
         self._sched: Scheduler[_Job] = Scheduler(self.limits)
-        self._sent: deque[tuple[Any, int, float]] = deque()  # (info, bytes, when)
-        self._sent_bytes = 0
+        self._sent: SendQueue[Any] = SendQueue(SENT_ENTRIES, self.limits.send_bytes,
+                                               SEND_TIMEOUT, _published)  # paho's infos
         self._sent_lock = threading.Lock()
+        self._errors_log = TokenBucket(1.0, 5, time.monotonic())  # admission failures
         self._stop = threading.Event()
         self._conn: MqttConnection | None = None
         self._worker = threading.Thread(target=self._work, name="bridge-worker", daemon=True)
@@ -155,9 +169,14 @@ class Bridge:
             self._admit(msg)
         except Exception as e:  # noqa: BLE001 - one request must not end the thread
             self.stats.errors += 1
+            with self._sent_lock:
+                if not self._errors_log.take(1, time.monotonic()):
+                    return
+            # the raw topic bytes (msg.topic decodes them, and may raise again here)
+            raw = getattr(msg, "_topic", None)
             logger.error("bridge: admitting a request on %r failed: %s: %r",
-                         str(getattr(msg, "topic", "?"))[:200], type(e).__name__,
-                         str(e)[:200])
+                         raw[:200] if isinstance(raw, bytes) else "?", type(e).__name__,
+                         _cut(e))
 
     def _admit(self, msg: mqtt.MQTTMessage) -> None:
         topic = msg.topic
@@ -209,6 +228,11 @@ class Bridge:
         if self._sched.may_log(device, now):
             logger.warning("refusing a request from %s: %d %r", device, status, why[:200],
                            extra={"device": device, "status": status})
+        with self._sent_lock:
+            room = self._sent.room_for_refusal(now)
+        if not room:  # as many answers as SENT_ENTRIES await their PUBACK: the device
+            self.stats.dropped += 1  # re-asks after its timeout
+            return
         self._answer(resp_topic, corr, 2 if fmt == 2 and 2 in self.formats else 1,
                      status, offset, 0, b"")
 
@@ -225,7 +249,9 @@ class Bridge:
                 self._stop.wait(0.1)
                 continue
             job = self._sched.take(0.5)
-            if job is None:
+            if job is None:  # idle: release what the broker acknowledged meanwhile
+                with self._sent_lock:
+                    self._sent.prune(time.monotonic())
                 continue
             self._wait_for_room()
             try:
@@ -239,21 +265,18 @@ class Bridge:
                 try:
                     self._answer(job.resp_topic, job.corr, 1, 500, 0, 0, b"")
                 except Exception as e2:  # noqa: BLE001 - nothing more to do for it
-                    logger.error("bridge: cannot answer %s: %s", job.device,
-                                 type(e2).__name__)
+                    if self._sched.may_log(job.device, time.monotonic()):
+                        logger.error("bridge: cannot answer %s: %s", job.device,
+                                     type(e2).__name__)
 
     def _wait_for_room(self) -> None:
         """Until the send queue has room for a block (or the bridge stops)."""
         while not self._stop.is_set():
             with self._sent_lock:
-                now = time.monotonic()
-                while self._sent and (_published(self._sent[0][0]) or
-                                      now - self._sent[0][2] > SEND_TIMEOUT):
-                    self._sent_bytes -= self._sent.popleft()[1]
-                if self._sent_bytes + self.max_block <= self.limits.send_bytes or \
-                        not self._sent:
-                    return
-                oldest = self._sent[0][0]
+                room = self._sent.room(self.max_block, time.monotonic())
+                oldest = self._sent.oldest()
+            if room or oldest is None:
+                return
             try:
                 oldest.wait_for_publish(0.05)
             except (RuntimeError, ValueError):  # published while not connected (see
@@ -292,20 +315,50 @@ class Bridge:
 
     # --- I/O -----------------------------------------------------------------------
 
-    def _resolve(self, path: str) -> Path:
+    def _open(self, path: str) -> int:
+        """A descriptor of the regular file ``path`` under metadata/ or targets/.
+
+        Opened one component at a time from the repository's directory, none of them
+        followed if it is a symlink (``O_NOFOLLOW``): the publisher writes no symlinks
+        there, so one is refused wherever it points (a loop, another file of the
+        repository, outside it), and so are a FIFO, device or directory (``O_NONBLOCK``,
+        then ``fstat``). Nothing but these two typed refusals leaves here.
+
+        Raises:
+            ValueError: an unsafe path, or one outside metadata/ and targets/ (400).
+            FileNotFoundError: no such regular file, reached without a symlink (404).
+        """
         check_member_path(path)
-        if path.split("/", 1)[0] not in SERVED_DIRS:
+        parts = path.split("/")
+        if parts[0] not in SERVED_DIRS or len(parts) < 2:
             raise ValueError(f"{path!r} is outside metadata/ and targets/")
-        real = (self.repo / path).resolve()
-        if not str(real).startswith(str(self.repo) + "/") or not real.is_file():
-            raise FileNotFoundError(path)
-        return real
+        fd = -1
+        try:
+            d = os.open(self.repo, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                for name in parts[:-1]:
+                    sub = os.open(name, _DIR_FLAGS, dir_fd=d)
+                    os.close(d)
+                    d = sub
+                fd = os.open(parts[-1], _FILE_FLAGS, dir_fd=d)
+            finally:
+                os.close(d)
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            return fd
+        except (OSError, ValueError) as e:  # ELOOP, ENOTDIR, ENOENT, a surrogate, ...
+            if fd >= 0:
+                os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "no such regular file", path) from e
 
     def _read(self, path: str, offset: int, length: int) -> tuple[int, bytes]:
         """Size of the file and up to ``length`` bytes from ``offset``."""
-        with open(self._resolve(path), "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return size, os.pread(f.fileno(), length, offset) if offset <= size else b""
+        fd = self._open(path)
+        try:
+            size = os.fstat(fd).st_size
+            return size, os.pread(fd, length, offset) if offset <= size else b""
+        finally:
+            os.close(fd)
 
     def _send(self, topic: str, data: bytes, props: Any) -> None:
         if self._conn is None:
@@ -315,8 +368,17 @@ class Bridge:
             logger.warning("publishing to %s: %s (paho keeps it queued)", topic,
                            mqtt.error_string(info.rc))
         with self._sent_lock:
-            self._sent.append((info, len(data), time.monotonic()))
-            self._sent_bytes += len(data)
+            now = time.monotonic()
+            self._sent.prune(now)  # whoever sends releases what was acknowledged
+            self._sent.add(info, len(data), now)
+
+
+def _cut(e: BaseException) -> str:
+    """The start of ``e``'s message, whatever its ``__str__`` does."""
+    try:
+        return str(e)[:200]
+    except Exception:  # noqa: BLE001 - a log line must not raise
+        return "?"
 
 
 MIN_GROUP_CHARS = 20

@@ -11,6 +11,9 @@ broker:
   :meth:`Scheduler.take` serves the devices round-robin, one request each in turn, and a
   device whose queue was empty first, so a device that floods waits behind itself,
   never in front of another device.
+* :class:`SendQueue`: the answers handed to the broker and not yet acknowledged, bounded
+  by count and bytes; an acknowledged one is released at the next send or prune,
+  whoever sends it (a refusal from the network thread, a block from the worker).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -239,6 +243,67 @@ class Scheduler(Generic[J]):
             if d.queue:
                 self._ready[device] = None  # to the back of the round
             return job
+
+
+T = TypeVar("T")
+
+
+class SendQueue(Generic[T]):
+    """Answers handed to the broker, until acknowledged (``done``) or ``timeout`` old.
+
+    Bounded: at most ``max_entries`` answers and ``max_bytes`` bytes (one block more
+    when it is empty, so that a block larger than the bound still goes out). A refusal
+    that finds no room is not sent (:meth:`room_for_refusal`); the device re-asks after
+    its timeout.
+    Not thread-safe: the bridge holds its lock around every call.
+    """
+
+    def __init__(self, max_entries: int, max_bytes: int, timeout: float,
+                 done: Callable[[T], bool]) -> None:
+        self.max_entries, self.max_bytes, self.timeout = max_entries, max_bytes, timeout
+        self._done = done
+        self._q: deque[tuple[T, int, float]] = deque()
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def __iter__(self) -> Iterator[tuple[T, int, float]]:
+        """(answer, bytes, sent at) of those still counted."""
+        return iter(list(self._q))
+
+    def prune(self, now: float) -> None:
+        """Release the acknowledged and the timed-out answers at the front; when the
+        queue is still full, every acknowledged one (an unacknowledged block in front
+        must not keep the acknowledged refusals behind it)."""
+        q = self._q
+        while q and (now - q[0][2] > self.timeout or self._done(q[0][0])):
+            self.bytes -= q.popleft()[1]
+        if len(q) >= self.max_entries:
+            keep = [e for e in q if not self._done(e[0])]
+            self.bytes = sum(e[1] for e in keep)
+            self._q = deque(keep)
+
+    def room(self, n: int, now: float) -> bool:
+        """Whether an answer of ``n`` bytes may be sent now (prunes first)."""
+        self.prune(now)
+        return not self._q or (len(self._q) < self.max_entries and
+                               self.bytes + n <= self.max_bytes)
+
+    def room_for_refusal(self, now: float) -> bool:
+        """Whether a refusal (a few dozen bytes) may be sent now: bounded by count only,
+        so that blocks filling the bytes do not silence the refusals (prunes first)."""
+        self.prune(now)
+        return len(self._q) < self.max_entries
+
+    def add(self, item: T, n: int, now: float) -> None:
+        """Count ``item`` (``n`` bytes), sent at ``now``, until it is acknowledged."""
+        self._q.append((item, n, now))
+        self.bytes += n
+
+    def oldest(self) -> T | None:
+        """The answer sent first of those still counted."""
+        return self._q[0][0] if self._q else None
 
 
 def add_limit_options(p: argparse.ArgumentParser) -> None:

@@ -13,16 +13,10 @@ from __future__ import annotations
 import secrets
 import time
 
-import pytest
-
 from tests.conftest import MqttWorld
 from updater._mqttconn import MqttConnection, publish_properties
 
 
-@pytest.mark.xfail(strict=True, reason="a14-bridge: acknowledged refusal answers stay in "
-                   "Bridge._sent until a job is served (Bridge._send appends, only "
-                   "_wait_for_room frees): a device's bad requests grow the bridge forever "
-                   "in a quiet fleet")
 def test_a14_acknowledged_refusals_do_not_accumulate(mqtt_world: MqttWorld) -> None:
     from publisher._bridge import Bridge
 

@@ -316,8 +316,7 @@ def test_i14_send_queue_is_bounded_in_bytes(tmp_path: Path) -> None:
         info = Info()
         infos.append(info)
         with b._sent_lock:  # noqa: SLF001
-            b._sent.append((info, len(data), time.monotonic()))  # noqa: SLF001
-            b._sent_bytes += len(data)  # noqa: SLF001
+            b._sent.add(info, len(data), time.monotonic())  # noqa: SLF001
 
     b._send = send  # type: ignore[method-assign]  # noqa: SLF001
     try:
