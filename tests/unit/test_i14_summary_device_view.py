@@ -255,3 +255,44 @@ def test_i14_pending_with_nan_is_refused() -> None:
     with pytest.raises(PendingMetadataError, match="canonical"):
         check_pending(Path("/k/pending/2.targets.json"), json.dumps(doc).encode(), "targets",
                       _root(), 1)
+
+
+# --- self-attacks (f14-summary), each resisted ------------------------------------------
+
+
+def test_i14_duplicate_json_keys_are_shown_as_the_published_bytes_will_say() -> None:
+    """``"pinned": false, "pinned": true``: the summary, the signature and the published
+    (re-serialised) bytes all use the last value, the one devices see."""
+    text = _bytes(_targets(2, _target())).decode().replace(
+        '"pinned": false', '"pinned": false, "pinned": true')
+    checked = check_pending(Path("/k/pending/2.targets.json"), text.encode(), "targets",
+                            _root(), 1, _targets(1))
+    assert any("PINNED" in x for x in summarize("targets", _targets(1), checked.md))
+    assert b'"pinned":true' in checked.md.to_bytes()
+
+
+def test_i14_trusted_keyid_with_an_extra_field_is_refused() -> None:
+    new = _root(2)
+    rid = S["root"].public_key.keyid
+    k = S["root"].public_key
+    new.keys[rid] = SSlibKey(rid, k.keytype, k.scheme, k.keyval, {"x-hsm": "uri"})
+    md = Metadata(new)
+    md.sign(S["root"])
+    with pytest.raises(PendingMetadataError, match="another key behind keyid"):
+        check_pending(Path("/k/pending/2.root.json"), _bytes(md), "root", _root(), 1)
+
+
+def test_i14_succinct_bins_with_a_key_missing_from_the_table_say_so() -> None:
+    d = Delegations({}, succinct_roles=SuccinctRoles(["cd" * 32], 1, 2, "bin"))
+    lines = summarize("targets", _targets(1), _targets(2, delegations=d))
+    assert any("NOT IN THE KEY TABLE" in x and "4 hash bins" in x for x in lines), lines
+
+
+def test_i14_hostile_delegation_name_is_one_escaped_line() -> None:
+    kid = S["vision"].public_key.keyid
+    name = "vision\n  + delegation to ok: paths [\"a/*\"]\x1b[8m"
+    d = Delegations({kid: S["vision"].public_key},
+                    {name: DelegatedRole(name, [kid], 1, True, ["*"])})
+    lines = summarize("targets", _targets(1), _targets(2, delegations=d))
+    assert sum(1 for x in lines if x.startswith("  + delegation")) == 1, lines
+    assert all("\n" not in x and "\x1b" not in x for x in lines)
