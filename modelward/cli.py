@@ -277,14 +277,20 @@ def _repo_refresh(args: argparse.Namespace) -> int:
 
 def _repo_set_expiry(args: argparse.Namespace) -> int:
     from publisher import Repository
-    from publisher._expiry import TOP_ROLES, format_duration, parse_assignments
+    from publisher._expiry import (
+        TOP_ROLES,
+        format_duration,
+        load_expiry_to_replace,
+        parse_assignments,
+    )
     from trust.errors import OperatorInputError
 
     lifetimes = parse_assignments(args.lifetimes, "set-expiry")
     windows = parse_assignments(args.warn or [], "--warn")
     if not lifetimes and not windows:
         raise OperatorInputError("repo set-expiry needs ROLE=DURATION or --warn ROLE=DURATION")
-    repo = Repository(args.repo, args.keys, b"unused: set-expiry signs nothing")
+    repo = Repository(args.repo, args.keys, b"unused: set-expiry signs nothing",
+                      expiry=load_expiry_to_replace(args.keys))  # a corrupt file is replaced
     path = repo.set_expiry(lifetimes, windows)
     print(f"wrote {path}; metadata signed from now on uses:")
     for role in TOP_ROLES:

@@ -36,9 +36,19 @@ EXPIRY_FILE = "expiry.json"
 MAX_FILE = 4096  # bytes: a handful of integers
 REFRESH_INTERVAL = timedelta(hours=6)  # systemd/modelward-repo-refresh.timer
 
-# Bounds of a lifetime: below an hour the refresh timer cannot keep up; above these a
-# stolen online key (timestamp, snapshot) or a stale root stays usable for too long.
+# Bounds of a lifetime. Below: the timestamp needs an hour at least (warned below two
+# timer intervals); the snapshot must outlive two refresh intervals (the timer re-signs it)
+# and the timestamp pointing at it; root and targets are re-signed only with offline keys
+# (refresh never does), so a lifetime of hours stops every device soon after each publish.
+# Above these a stolen online key (timestamp, snapshot) or a stale root stays usable for
+# too long.
 MIN_LIFETIME = timedelta(hours=1)
+MIN_ROLE_LIFETIME = {
+    "root": timedelta(days=7),
+    "targets": timedelta(days=7),
+    "snapshot": 2 * REFRESH_INTERVAL,
+    "timestamp": MIN_LIFETIME,
+}
 MAX_LIFETIME = {
     "root": timedelta(days=5 * 366),
     "targets": timedelta(days=5 * 366),
@@ -95,21 +105,34 @@ class Expiry:
         return out
 
     def check(self) -> None:
-        """Refuse lifetimes out of bounds and windows that would always warn.
+        """Refuse lifetimes out of bounds (:data:`MIN_ROLE_LIFETIME`,
+        :data:`MAX_LIFETIME`), a snapshot that expires before the timestamp pointing at it,
+        and windows that would always warn.
 
         Raises:
             OperatorInputError: naming the role and the bound.
         """
         for role in TOP_ROLES:
             life, window = self.lifetime(role), self.window(role)
-            if not MIN_LIFETIME <= life <= MAX_LIFETIME[role]:
+            low, high = MIN_ROLE_LIFETIME[role], MAX_LIFETIME[role]
+            if not low <= life <= high:
+                why = {"root": "; only the offline root keys re-sign it",
+                       "targets": "; only the offline targets keys re-sign it",
+                       "snapshot": f"; the refresh timer re-signs it every "
+                                   f"{format_duration(REFRESH_INTERVAL)}"}.get(role, "")
                 raise OperatorInputError(
                     f"{role} lifetime {format_duration(life)} is out of bounds: "
-                    f"{format_duration(MIN_LIFETIME)} to {format_duration(MAX_LIFETIME[role])}")
+                    f"{format_duration(low)} to {format_duration(high)}"
+                    + (why if life < low else ""))
             if not timedelta(0) <= window < life:
                 raise OperatorInputError(
                     f"{role} warning window {format_duration(window)} must be shorter than "
                     f"its lifetime {format_duration(life)} (else it always warns)")
+        if self.snapshot < self.timestamp:
+            raise OperatorInputError(
+                f"snapshot lifetime {format_duration(self.snapshot)} is shorter than the "
+                f"timestamp lifetime {format_duration(self.timestamp)}: a timestamp still "
+                "valid would point devices at an expired snapshot")
         if self.timestamp < 2 * REFRESH_INTERVAL:
             logger.warning("timestamp lifetime %s: the refresh timer runs every %s, so one "
                            "failed run lets devices see an expired timestamp",
@@ -217,6 +240,17 @@ def load_expiry(keys: Path) -> Expiry:
     return Expiry.from_json(data, str(path))
 
 
+def load_expiry_to_replace(keys: Path) -> Expiry:
+    """What ``repo set-expiry`` starts from: ``KEYS/expiry.json``, or the defaults when
+    there is none or it is unusable (logged: the command then overwrites it, which is
+    what the hint of a corrupt file tells the operator to do)."""
+    try:
+        return load_expiry(keys)
+    except RepositoryStateError as e:
+        logger.warning("%s; replacing it: lifetimes not given now are the defaults", e)
+        return Expiry()
+
+
 def save_expiry(keys: Path, expiry: Expiry) -> Path:
     """Write ``KEYS/expiry.json`` atomically; returns its path."""
     expiry.check()
@@ -272,4 +306,5 @@ def expiry_warnings(roles: Iterable[tuple[str, int, datetime]], now: datetime,
 
 
 __all__ = ["EXPIRY_FILE", "Expiry", "ExpiryWarning", "expiry_warnings", "format_duration",
-           "load_expiry", "parse_assignments", "parse_duration", "save_expiry"]
+           "load_expiry", "load_expiry_to_replace", "parse_assignments", "parse_duration",
+           "save_expiry"]

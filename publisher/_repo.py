@@ -70,7 +70,13 @@ from publisher._rootflow import (
     retire_key_files,
     root_gaps,
 )
-from publisher._summary import Pending, PendingReviewError, check_pending, summarize
+from publisher._summary import (
+    Pending,
+    PendingReviewError,
+    check_pending,
+    read_pending,
+    summarize,
+)
 from publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
 from publisher._tufcheck import check_root_chain, check_state
 from publisher.errors import KeyError_, RepositoryStateError
@@ -540,7 +546,7 @@ class Repository:
             RootNotPublishableError: a root still short of either threshold.
         """
         path = self._pending_path(role)
-        md = self._check_pending(role, path, path.read_bytes(), reviewed).md
+        md = self._check_pending(role, path, read_pending(path), reviewed).md
         root = md.signed if role == "root" else self._trusted_root()
         registry = key_home(self, role).registry
         keyid = registry.keyid_for(uri)
@@ -1206,7 +1212,8 @@ class Repository:
         else:
             targets, snap, ts = self.current()
             published = {"targets": targets, "snapshot": snap, "timestamp": ts}[role].version
-        pending = check_pending(path, data, role, self._trusted_root(), published)
+        pending = check_pending(path, data, role, self._trusted_root(), published,
+                                self._published_md(role))
         if reviewed is not None and pending.digest != reviewed:
             raise PendingReviewError(
                 f"{path} changed after its summary was shown: refusing to sign what was not "
@@ -1223,12 +1230,21 @@ class Repository:
             PendingMetadataError: the pending file may not be signed (see check_pending).
         """
         path = self._pending_path(role)
-        checked = self._check_pending(role, path, path.read_bytes())
+        checked = self._check_pending(role, path, read_pending(path))
+        return checked, summarize(role, self._published_md(role), checked.md, self._clock())
+
+    def _published_md(self, role: str) -> Metadata:  # type: ignore[type-arg]
+        """The published ``role`` metadata a pending one replaces (root: the newest)."""
         if role == "root":
-            old: Metadata[Any] | None = self._load(f"{self.latest_root_version()}.root.json")
-        else:
-            ts_md = self._load("timestamp.json")
-            snap_md = self._load(f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
-            old = {"timestamp": ts_md, "snapshot": snap_md}.get(role) or self._load(
-                f"{snap_md.signed.meta['targets.json'].version}.targets.json")
-        return checked, summarize(role, old, checked.md, self._clock())
+            return self._load(f"{self.latest_root_version()}.root.json")
+        ts_md = self._load("timestamp.json")
+        if role == "timestamp":
+            return ts_md
+        snap_md = self._load(f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
+        if role == "snapshot":
+            return snap_md
+        meta = snap_md.signed.meta.get("targets.json")
+        if meta is None:
+            raise RepositoryStateError(f"the published snapshot v{snap_md.signed.version} "
+                                       "lists no targets.json")
+        return self._load(f"{meta.version}.targets.json")

@@ -23,6 +23,7 @@ from tuf.ngclient import UpdaterConfig as NgConfig
 
 from updater._config import TufConfig
 from updater._fetcher import RangeFetcher
+from updater._fields import modelward_field, read_fields
 from updater._search import TOP, Found, Reach, SearchBudgetError, find_releases
 from updater._semver import SemVer
 from updater.errors import DownloadFailedError, MetadataError, StagingError
@@ -298,8 +299,8 @@ def _unwritable(metadata_dir: Path, e: OSError) -> StagingError:
 
 def _candidate(f: Found, model: str) -> Candidate | None:
     t = f.target
-    field = t.custom.get("modelward") if isinstance(t.custom, dict) else None
-    if not isinstance(field, dict):
+    field = modelward_field(t.custom)
+    if field is None:
         logger.warning("ignoring target %r (role %r): no modelward field", f.path, f.role)
         return None
     if field.get("name") != model:
@@ -308,21 +309,11 @@ def _candidate(f: Found, model: str) -> Candidate | None:
                        field.get("name"), model)
         return None
     try:
-        version = SemVer.parse(str(field["version"]))
-        fingerprint = str(field["fingerprint"])
-        rollout = field.get("rollout") or {}
-        bp = rollout.get("basis_points", 10000)
-        if not isinstance(bp, int) or isinstance(bp, bool):
-            raise ValueError(f"rollout basis_points {bp!r}")
-        percent = bp / 100
-        if not 0.0 <= percent <= 100.0:
-            raise ValueError(f"rollout percent {percent}")
-        return Candidate(t, model, version, fingerprint,
-                         channel=str(field.get("channel", "stable")), percent=percent,
-                         halted=bool(rollout.get("halted", False)),
-                         pinned=bool(field.get("pinned", False)),
-                         withdrawn=bool(field.get("withdrawn", False)), role=f.role)
+        r = read_fields(field)  # the same reading the signer's summary shows
     except (KeyError, ValueError, TypeError, AttributeError) as e:
         logger.warning("ignoring target %r (role %r): malformed modelward field: %s",
                        f.path, f.role, e)
         return None
+    return Candidate(t, model, r.version, r.fingerprint, channel=r.channel,
+                     percent=r.percent, halted=r.halted, pinned=r.pinned,
+                     withdrawn=r.withdrawn, role=f.role)

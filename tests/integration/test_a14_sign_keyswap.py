@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, SSlibKey
@@ -56,7 +55,7 @@ def _park_root_v2(w: World, tmp: Path) -> str:
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     r = w.cli("repo", "add-key", "root", "--uri", "envvar:ROOT2", "--public-key",
               str(tmp / "k3.pub.pem"), "--threshold", "2", *_rk(w), env=_env())
-    assert r.returncode == 1 and "1 of the 2 signatures" in r.stderr, r.stderr
+    assert r.returncode == 1 and "pending/2.root.json" in r.stderr, r.stderr
     parked = Metadata[Root].from_bytes((w.keys / "pending" / "2.root.json").read_bytes())
     new = [k for k in parked.signed.roles["root"].keyids
            if k not in Metadata[Root].from_bytes(
@@ -65,11 +64,6 @@ def _park_root_v2(w: World, tmp: Path) -> str:
     return new[0]
 
 
-@pytest.mark.xfail(strict=True, reason="a pending root that keeps every keyid but swaps the "
-                   "keys behind them (targets/snapshot/timestamp, and the new root key) is "
-                   "summarised as just the expected change, its forged 'first signature' "
-                   "verifies against the pending root's own key table, and once signed the "
-                   "device installs the attacker's model")
 def test_a14_pending_root_with_swapped_keys_behind_same_keyids(world: World,
                                                                 tmp_path: Path) -> None:
     w = world
@@ -107,7 +101,11 @@ def test_a14_pending_root_with_swapped_keys_behind_same_keyids(world: World,
 
 
 def summary_of(w: World) -> list[str]:
+    """The summary lines `repo sign` shows (none: it refused the file, with a typed
+    error and no traceback)."""
     r = w.cli("repo", "sign", "root", "--key", "encfile:root.pem", *_rk(w), env=_env())
+    if r.returncode == 1 and "Traceback" not in r.stderr and "refusing to sign" in r.stderr:
+        return []
     assert "not signed: no terminal" in r.stderr, r.stderr
     return [x for x in r.stdout.splitlines()[1:] if "expires" not in x]
 

@@ -181,9 +181,6 @@ def test_a14_snapshot_threshold_two_keeps_devices_updating(template2: Path,
 # --- lifetimes that stop devices ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a snapshot lifetime shorter than the 6 h refresh "
-                   "interval is accepted without a word (Expiry.check warns only about the "
-                   "timestamp): devices see an expired snapshot most of the time")
 def test_a14_snapshot_lifetime_shorter_than_refresh_interval_warns(
         world: tuple[Repository, Clock]) -> None:
     repo, _ = world
@@ -192,9 +189,6 @@ def test_a14_snapshot_lifetime_shorter_than_refresh_interval_warns(
     assert refused or ("snapshot" in r.stderr and "6h" in r.stderr), (r.stdout, r.stderr)
 
 
-@pytest.mark.xfail(strict=True, reason="a snapshot lifetime shorter than the timestamp's is "
-                   "accepted silently: a timestamp that is still valid points at an expired "
-                   "snapshot after one missed refresh (Expiry.check)")
 def test_a14_snapshot_shorter_than_timestamp_warns(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         try:
@@ -281,9 +275,6 @@ def test_a14_snapshot_without_targets_entry_is_a_clean_error(
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="a corrupt KEYS/expiry.json's hint says 'use `repo "
-                   "set-expiry`', but set-expiry itself loads the file first and fails the "
-                   "same way (Repository.__init__ -> load_expiry): the hint is a dead end")
 def test_a14_set_expiry_repairs_a_corrupt_expiry_file(world: tuple[Repository, Clock]
                                                       ) -> None:
     repo, _ = world
@@ -295,11 +286,6 @@ def test_a14_set_expiry_repairs_a_corrupt_expiry_file(world: tuple[Repository, C
     assert _cli(repo, "repo", "status").returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason="root and targets lifetimes down to 1 h are accepted "
-                   "silently, though only offline keys re-sign them (refresh never does): "
-                   "every device stops a couple of hours after each publish "
-                   "(publisher/_expiry.py: MIN_LIFETIME is one bound for every role, "
-                   "Expiry.check warns only about the timestamp)")
 @pytest.mark.parametrize("role", ["root", "targets"])
 def test_a14_offline_role_lifetime_of_hours_warns(world: tuple[Repository, Clock],
                                                   role: str) -> None:
