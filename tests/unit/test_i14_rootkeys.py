@@ -248,3 +248,16 @@ def test_rekey_reaches_registry_named_files_but_never_outside(tmp_path: Path) ->
     rekey(repo.keys, lambda _r: PW, lambda r: fresh if r == "targets" else PW)
     load_signer_at(repo.keys / "elsewhere" / "targets-a.pem", fresh, "targets")
     load_signer_at(outside, PW, "root")  # untouched
+
+
+def test_pre_publish_gate_refuses_an_expired_newest_root(tmp_path: Path) -> None:
+    """The stock-client gate itself (publisher._tufcheck) refuses an expired newest root,
+    whatever path wrote it."""
+    from publisher._tufcheck import StockClientWouldRejectError, check_root_chain
+
+    repo = _repo(tmp_path)
+    data = (repo.metadata_dir / "1.root.json").read_bytes()
+    files = {"1.root.json": data}
+    check_root_chain(files.get, _now())
+    with pytest.raises(StockClientWouldRejectError, match="1.root.json"):
+        check_root_chain(files.get, _now() + timedelta(days=3660))
