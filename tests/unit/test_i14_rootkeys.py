@@ -261,3 +261,15 @@ def test_pre_publish_gate_refuses_an_expired_newest_root(tmp_path: Path) -> None
     check_root_chain(files.get, _now())
     with pytest.raises(StockClientWouldRejectError, match="1.root.json"):
         check_root_chain(files.get, _now() + timedelta(days=3660))
+
+
+def test_timestamp_threshold_two_skips_an_unusable_key_for_a_usable_one(
+        tmp_path: Path) -> None:
+    """Timestamp 2-of-3, one registered key unusable here (its file gone): the refresh
+    signs with the two usable ones and publishes."""
+    repo = _repo(tmp_path, {"timestamp": 2}, {"timestamp": 3})
+    (repo.keys / "timestamp-2.pem").rename(tmp_path / "carried-away.pem")
+    before = repo.current()[2].version
+    repo.refresh()
+    assert repo.current()[2].version == before + 1
+    assert stock_refresh(repo.repo) == 1
