@@ -341,10 +341,16 @@ class Repository:
         # role's default key; for the online roles (signed from a timer, nobody to add a
         # second signature) as many registered keys as the threshold needs.
         mine = [u for u in (self._sign_with or []) if by_uri.get(u) in keys]
-        if not mine:
-            need = root.roles[role].threshold if role in ("snapshot", "timestamp") else 1
-            mine = signing_uris(role, keys, entries, need)
+        explicit = bool(mine)  # each given key must sign
+        need = len(mine) or (root.roles[role].threshold if role in ("snapshot", "timestamp")
+                             else 1)
+        if not mine:  # candidates in order; the unusable ones are skipped below
+            mine = signing_uris(role, keys, entries, len(keys))
+        signed = 0
         for uri in mine:
+            if signed >= need:
+                break
+            signed += 1
             keyid = by_uri.get(uri)
             if keyid is None:  # a repository from before the registry: <role>.pem
                 signer = self._signer(role)
@@ -354,9 +360,10 @@ class Repository:
             try:
                 md.sign(registry.signer(uri, keys[keyid], role), append=True)
             except KeyError_:
-                if uri == mine[0]:
+                if explicit or uri == mine[0]:
                     raise
-                logger.warning("%s key %s cannot sign here; fewer signatures", role, uri)
+                signed -= 1
+                logger.warning("%s key %s cannot sign here; trying the next", role, uri)
         self._publish_or_park(md, role, version, root)
 
     def _role_keys(self, role: str, root: Root) -> dict[str, Key]:
