@@ -32,7 +32,10 @@ MIN_PASSPHRASE_CHARS = 12  # new key files; loading an existing file accepts any
 PBKDF2_MIN_ITERATIONS = 600_000  # OWASP 2023 floor for PBKDF2-HMAC-SHA256
 # Ceilings for what a key file may ask of the machine that opens it: a file that names
 # scrypt N=2**24 makes the loader allocate 16 GiB and run for minutes (measured: 250 s).
-MAX_SCRYPT_LANE_BYTES = 256 << 20  # 128 * r * N: 256 MiB, 16x the default
+# Memory is counted over every lane as OpenSSL allocates it: 128 * r * (N + p + 2) bytes
+# (V, 128 * r * (N + 2), plus B, 128 * r * p); a file with a small N and a huge r * p
+# otherwise passes a per-lane bound and takes gigabytes.
+MAX_SCRYPT_LANE_BYTES = 256 << 20  # 128 * r * (N + p + 2): 256 MiB, 16x the default
 MAX_SCRYPT_COST = 2**25  # N * r * p: about 50x the default (a few seconds)
 MAX_PBKDF2_ITERATIONS = 10_000_000  # about 1 s of PBKDF2-HMAC-SHA256
 
@@ -59,8 +62,13 @@ class ScryptParams:
     p: int = 5
 
     def cost(self) -> int:
-        """Work relative to other settings (the attacker's cost per guess)."""
+        """Work relative to other settings (the attacker's cost per guess): every lane
+        runs N * r block operations."""
         return self.n * self.r * self.p
+
+    def memory(self) -> int:
+        """Bytes OpenSSL allocates to derive with these parameters (all lanes)."""
+        return 128 * self.r * (self.n + self.p + 2)
 
 
 DEFAULT_SCRYPT = ScryptParams()
@@ -97,9 +105,10 @@ class KdfInfo:
     def excess(self) -> str:
         """Why opening the file would cost more than a key file may ask, or ""."""
         if self.kind == "scrypt" and self.scrypt is not None:
-            lane = 128 * self.scrypt.r * self.scrypt.n
-            if lane > MAX_SCRYPT_LANE_BYTES or self.scrypt.cost() > MAX_SCRYPT_COST:
-                return f"{self.describe()} needs {lane >> 20} MiB per lane and " \
+            memory = self.scrypt.memory()
+            if min(self.scrypt.n, self.scrypt.r, self.scrypt.p) < 1 or \
+                    memory > MAX_SCRYPT_LANE_BYTES or self.scrypt.cost() > MAX_SCRYPT_COST:
+                return f"{self.describe()} needs {memory >> 20} MiB and " \
                        f"{self.scrypt.cost()} block operations"
         if self.kind == "pbkdf2" and self.iterations > MAX_PBKDF2_ITERATIONS:
             return f"{self.describe()} is more than {MAX_PBKDF2_ITERATIONS}"
@@ -205,13 +214,20 @@ def _expect(item: tuple[int, bytes], tag: int, what: str) -> bytes:
 
 
 def pem_blocks(pem: bytes) -> tuple[str, bytes]:
-    """(label, DER) of the first PEM block.
+    """(label, DER) of the file's one PEM block.
+
+    A key file holds exactly one block: the parameters read here must be those of the
+    block ``cryptography`` decrypts, and OpenSSL's PEM reader skips blocks it does not
+    want (a decoy block before the key would otherwise hide the key's KDF cost).
 
     Raises:
-        KeyFileFormatError: no PEM block, or its base64 is broken.
+        KeyFileFormatError: no PEM block, more than one, or its base64 is broken.
     """
+    begins = pem.count(b"-----BEGIN")
+    if begins > 1:
+        raise KeyFileFormatError(f"{begins} PEM blocks; a key file holds exactly one")
     m = _PEM_RE.search(pem)
-    if m is None:
+    if m is None or begins != 1:
         raise KeyFileFormatError("no PEM block")
     try:
         return m.group(1).decode(), base64.b64decode(b"".join(m.group(2).split()),
@@ -229,8 +245,8 @@ def kdf_of(pem: bytes) -> KdfInfo:
     label, der = pem_blocks(pem)
     if label == "PRIVATE KEY":
         return KdfInfo("unencrypted")
-    if label != _PEM_ENCRYPTED:
-        return KdfInfo("unknown")
+    if label != _PEM_ENCRYPTED:  # any other block: cryptography might run its own KDF
+        raise KeyFileFormatError(f"a {label} block, not a PKCS#8 private key")
     info = _items(_expect(_read(der)[:2], 0x30, "EncryptedPrivateKeyInfo"))
     alg = _items(_expect(info[0], 0x30, "encryptionAlgorithm"))
     if _oid_str(_expect(alg[0], 0x06, "algorithm")) != _PBES2 or len(alg) < 2:

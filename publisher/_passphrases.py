@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from publisher.errors import KeyError_, OperatorInputError
 
@@ -53,6 +53,24 @@ def env_suffix(role: str) -> str:
             "key; a team's passphrase must be its own", path=role,
             hint="delegate to a team name that differs from every top-level role")
     return suffix
+
+
+def check_team_variable(name: str, teams: Iterable[str]) -> None:
+    """A new team's passphrase variable must be its own: ``cls-team`` and ``cls_team``
+    (or ``Cls-Team``) would both read ``MODELWARD_KEY_PASSPHRASE_CLS_TEAM``, and one
+    team's passphrase would open the other team's key.
+
+    Raises:
+        KeyError_: ``name`` maps to a top-level role's variable or to an existing team's.
+    """
+    suffix = env_suffix(name)
+    for team in teams:
+        if team != name and team not in TOP_LEVEL and env_suffix(team) == suffix:
+            raise KeyError_(
+                f"team {name!r} would share {PASSPHRASE_ENV}_{suffix} with team {team!r}; "
+                "a team's passphrase must be its own", path=name,
+                hint="delegate to a name that differs from every team's in more than case "
+                     "and punctuation")
 
 
 def env_var(role: str, prefix: str = PASSPHRASE_ENV) -> str:

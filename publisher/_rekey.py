@@ -1,6 +1,7 @@
 """``repo rekey``: rewrite key files with the current KDF, and optionally new passphrases.
 
-Every encrypted key file under KEYS (``*.pem`` and ``retired/*.pem``) is planned first:
+Every encrypted key file under KEYS (``*.pem``, ``retired/``, ``rotating/``, and any file
+the registry names) is planned first:
 each is opened (with its new passphrase if it opens with that, else with its current one),
 so a wrong passphrase for any role changes nothing. Then each file that needs it is
 rewritten atomically (mode 0600) as scrypt PKCS#8 and read back before it replaces the old.
@@ -28,7 +29,14 @@ from publisher._keyfile import (
     encrypt_scrypt,
     kdf_of,
 )
-from publisher._keys import check_new_passphrase, decrypt_key, role_of_key_file
+from publisher._keys import (
+    ENCFILE,
+    SignerRegistry,
+    check_new_passphrase,
+    decrypt_key,
+    is_inside,
+    role_of_key_file,
+)
 from publisher._passphrases import PassphraseProvider
 from publisher.errors import KeyError_
 from trust import write_atomic
@@ -54,11 +62,23 @@ class RekeyStep:
 
 
 def key_files(keys_dir: Path) -> list[Path]:
-    """The private key files of a key directory (public keys and other files skipped;
+    """The private key files of a key directory: ``*.pem``, ``retired/*.pem``,
+    ``rotating/*.pem`` (the key of a parked rotation, about to take over) and every
+    ``encfile:`` file the registry names inside KEYS (public keys and other files skipped;
     a damaged private key file is kept, so that rekeying it fails by name)."""
     out = []
-    for path in sorted([*keys_dir.glob("*.pem"), *keys_dir.glob("retired/*.pem")]):
-        if path.is_file() and not path.is_symlink():
+    found = {*keys_dir.glob("*.pem"), *keys_dir.glob("retired/*.pem"),
+             *keys_dir.glob("rotating/*.pem")}
+    try:
+        entries = SignerRegistry(keys_dir, b"").entries()
+    except KeyError_:
+        entries = {}
+    for uri in entries.values():
+        scheme, _, rest = uri.partition(":")
+        if scheme == ENCFILE and is_inside(keys_dir / rest, keys_dir):
+            found.add(keys_dir / rest)
+    for path in sorted(found):
+        if path.is_file() and not path.is_symlink() and is_inside(path, keys_dir):
             try:
                 data = path.read_bytes()
             except OSError:

@@ -62,13 +62,15 @@ from publisher._online import (
     refuse_rotate,
 )
 from publisher._online import refresh as _online_refresh
-from publisher._passphrases import Passphrase, as_provider
+from publisher._passphrases import Passphrase, as_provider, check_team_variable
 from publisher._rootflow import (
     RootNotPublishableError,
     default_uri,
     entries_keyid,
+    refuse_expired_root,
     retire_key_files,
     root_gaps,
+    signing_uris,
 )
 from publisher._summary import (
     Pending,
@@ -340,15 +342,34 @@ class Repository:
         keys = self._role_keys(role, root)
         entries = registry.entries()
         by_uri = {u: k for k, u in entries.items()}
-        # Explicit URIs count for the role they belong to; otherwise the role's default
-        # key (its first encrypted file, made at init, as the published root lists it).
+        # Explicit URIs count for the role they belong to. Otherwise keys chosen by keyid
+        # among those the root lists (never a file name for a key it no longer lists): the
+        # role's default key; for the online roles (signed from a timer, nobody to add a
+        # second signature) as many registered keys as the threshold needs.
         mine = [u for u in (self._sign_with or []) if by_uri.get(u) in keys]
-        for uri in mine or [default_uri(role, keys, entries)]:
+        explicit = bool(mine)  # each given key must sign
+        need = len(mine) or (root.roles[role].threshold if role in ("snapshot", "timestamp")
+                             else 1)
+        if not mine:  # candidates in order; the unusable ones are skipped below
+            mine = signing_uris(role, keys, entries, len(keys))
+        signed = 0
+        for uri in mine:
+            if signed >= need:
+                break
+            signed += 1
             keyid = by_uri.get(uri)
-            if keyid is None:
-                md.sign(self._signer(role), append=True)  # a repository from before
+            if keyid is None:  # a repository from before the registry: <role>.pem
+                signer = self._signer(role)
+                if signer.public_key.keyid in keys:
+                    md.sign(signer, append=True)
                 continue
-            md.sign(registry.signer(uri, keys[keyid], role), append=True)
+            try:
+                md.sign(registry.signer(uri, keys[keyid], role), append=True)
+            except KeyError_:
+                if explicit or uri == mine[0]:
+                    raise
+                signed -= 1
+                logger.warning("%s key %s cannot sign here; trying the next", role, uri)
         self._publish_or_park(md, role, version, root)
 
     def _role_keys(self, role: str, root: Root) -> dict[str, Key]:
@@ -398,13 +419,14 @@ class Repository:
             return
         have = _valid_signatures(md, role, root)
         need = root.roles[role].threshold
-        if have < need:
-            raise ThresholdNotMetError(role, have, need, self._park(md, name))
+        if have < need:  # parked as VERSION.<role>.json (timestamp too), as `repo sign` finds it
+            raise ThresholdNotMetError(role, have, need, self._park(
+                md, f"{md.signed.version}.{role}.json"))
         data = md.to_bytes(_serializer())
         if name == "timestamp.json":
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
         write_atomic(self.metadata_dir / name, data)
-        (self.pending_dir / name).unlink(missing_ok=True)
+        (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
 
     def _is_published(self, role: str, version: int) -> bool:
         """Whether clients may hold ``<version>.<role>.json``: a root on disk (clients probe
@@ -424,6 +446,7 @@ class Repository:
     def _publish_root(self, md: Metadata[Root], name: str) -> None:
         new = md.signed
         previous = self._trusted_root() if new.version > 1 else None
+        refuse_expired_root(new, self._clock(), self.pending_dir / name)
         gaps = root_gaps(previous, md)
         if gaps:
             raise RootNotPublishableError(new.version, gaps, self.signers.entries(),
@@ -457,7 +480,11 @@ class Repository:
             md = self._load(filename)
             if _valid_signatures(md, role, new) >= new.roles[role].threshold:
                 continue
-            registry = key_home(self, role).registry  # online roles: the online directory
+            try:  # the keys of the role's home (the online directory for online roles)
+                registry = key_home(self, role).registry
+            except RepositoryStateError:
+                plan[role] = []  # not here: the root cannot be completed on this machine
+                continue
             entries = registry.entries()
             keys = {k: new.get_key(k) for k in new.roles[role].keyids}
             first = default_uri(role, keys, entries)
@@ -486,13 +513,14 @@ class Repository:
         retire_key_files(self.keys, self.signers, previous, new)
         saved = self._sign_with
         try:
+            # Every re-keyed role signs with the plan's keys (each write takes the URIs of
+            # its own role's keys); a role outside the plan with its default keys.
+            self._sign_with = [u for uris in plan.values() for u in uris]
             if "targets" in plan:
                 targets, _, _ = self.current()
-                self._sign_with = plan["targets"]
                 self._commit_targets(targets)
             elif plan:
                 targets, _, _ = self.current()
-                self._sign_with = None
                 self._snapshot_and_timestamp(targets.version)
         finally:
             self._sign_with = saved
@@ -555,7 +583,7 @@ class Repository:
             raise RepositoryStateError(f"{uri} is not a {role} key")
         md.sign(registry.signer(uri, keys[keyid], role), append=True)
         version = int(path.name.split(".", 1)[0])
-        self._publish_or_park(md, role, version, root)
+        self._publish_or_park(md, role, None if role == "timestamp" else version, root)
         path.unlink(missing_ok=True)
         if role == "targets":
             self._snapshot_and_timestamp(version)
@@ -840,6 +868,8 @@ class Repository:
         """
         if name in ROLES or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", name):
             raise RepositoryStateError(f"{name!r} cannot be a delegated role name")
+        check_team_variable(name, [*self._delegated_versions(), *(
+            p.name[len("delegated-"):-len(".pem")] for p in self.keys.glob("delegated-*.pem"))])
         if not paths and not hash_prefixes:
             raise RepositoryStateError("a delegation needs at least one path pattern")
         for pattern in paths or []:

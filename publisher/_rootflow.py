@@ -11,13 +11,14 @@ import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
 from securesystemslib.signer import Key
 from tuf.api.metadata import Metadata, Root
 
-from publisher._keys import ENCFILE, ROLES, SignerRegistry
+from publisher._keys import ENCFILE, ROLES, SignerRegistry, is_inside
 from publisher.errors import RepositoryStateError
 
 logger = logging.getLogger(__name__)
@@ -129,55 +130,161 @@ class RootNotPublishableError(RepositoryStateError):
         self.have, self.need = gaps[0].have, gaps[0].need
 
 
+class RootExpiredError(RepositoryStateError):
+    """A new root that is already expired (it waited too long for signatures): every
+    device would reject it, so it is never published.
+
+    Attributes:
+        version: the root's version.
+        expires: when it expired.
+        pending: where it waits (to be deleted and the change made again).
+    """
+
+    def __init__(self, version: int, expires: datetime, pending: Path) -> None:
+        super().__init__(
+            f"root v{version} expired at {expires.isoformat()} while it waited for "
+            "signatures: devices would reject it; it is not published",
+            hint=f"delete {pending} and make the change again (`repo rotate`, `repo "
+                 "add-key`): the new root gets a fresh expiry")
+        self.version, self.expires, self.pending = version, expires, pending
+
+
+def refuse_expired_root(root: Root, now: datetime, pending: Path) -> None:
+    """Raises RootExpiredError if ``root`` is expired at ``now``."""
+    if root.is_expired(now):
+        raise RootExpiredError(root.version, root.expires, pending)
+
+
 def entries_keyid(entries: Mapping[str, str], uri: str) -> str | None:
     """The keyid registered for ``uri`` (None: not registered)."""
     return next((k for k, u in entries.items() if u == uri), None)
 
 
 def default_uri(role: str, keys: Mapping[str, Key], entries: Mapping[str, str]) -> str:
-    """The key that signs ``role`` when no URI is given: ``encfile:<role>.pem`` while the
-    root in force lists it (or no registry knows it: a repository from before), else the
-    first registered encrypted file among ``keys`` (a key rotated in, still in
-    ``KEYS/rotating/``)."""
+    """The URI of the key that signs ``role`` when none is given, chosen by keyid among
+    ``keys`` (the keys the root in force lists for the role): the one registered as
+    ``encfile:<role>.pem`` if it is among them, else the first registered encrypted file
+    among them (a key rotated in, still in ``KEYS/rotating/``), else any registered one.
+    ``encfile:<role>.pem`` only when no key of the role is registered at all (a repository
+    from before the registry; :meth:`Repository._write` checks that file's keyid)."""
     preferred = f"{ENCFILE}:{role}.pem"
-    keyid = entries_keyid(entries, preferred)
-    if keyid is None or keyid in keys:
+    mine = [entries[k] for k in keys if k in entries]
+    if preferred in mine:
         return preferred
-    files = sorted(entries[k] for k in keys if k in entries and
-                   entries[k].startswith(f"{ENCFILE}:"))
-    return files[0] if files else preferred
+    files = sorted(u for u in mine if u.startswith(f"{ENCFILE}:"))
+    return (files or sorted(mine) or [preferred])[0]
+
+
+def signing_uris(role: str, keys: Mapping[str, Key], entries: Mapping[str, str],
+                 need: int) -> list[str]:
+    """URIs of up to ``need`` keys among ``keys`` (by keyid), the default one first: the
+    candidates to sign ``role`` metadata with when no URIs are given."""
+    first = default_uri(role, keys, entries)
+    rest = sorted(entries[k] for k in keys if k in entries and entries[k] != first)
+    return ([first] + rest)[:max(need, 1)]
+
+
+class UnsafeKeyPathError(RepositoryStateError):
+    """A registry entry names a key file outside KEYS (``..``, an absolute path, a
+    symbolic link): it is never moved, renamed or deleted.
+
+    Attributes:
+        uri: the registry entry.
+    """
+
+    def __init__(self, uri: str, why: str) -> None:
+        super().__init__(f"the key registry entry {uri!r} {why}; the file is left alone",
+                         hint="fix KEYS/signers.json: encfile: URIs name files inside KEYS")
+        self.uri = uri
+
+
+def key_file_inside(keys_dir: Path, rest: str) -> Path:
+    """The file an ``encfile:`` URI names, checked to lie inside ``keys_dir``.
+
+    Raises:
+        UnsafeKeyPathError: absolute, with a ``..`` part, a symbolic link, or resolving
+            outside ``keys_dir``.
+    """
+    parts = Path(rest).parts
+    uri = f"{ENCFILE}:{rest}"
+    if not rest or Path(rest).is_absolute() or ".." in parts or "\\" in rest:
+        raise UnsafeKeyPathError(uri, "is not a plain path inside KEYS")
+    path = keys_dir / rest
+    here = keys_dir
+    for part in parts:
+        here = here / part
+        if here.is_symlink():
+            raise UnsafeKeyPathError(uri, f"goes through the symbolic link {here}")
+    if not is_inside(path, keys_dir):
+        raise UnsafeKeyPathError(uri, f"resolves outside {keys_dir}")
+    return path
 
 
 def _move(registry: SignerRegistry, keyid: str, src: Path, dst: Path) -> None:
-    """Move a key file and its registry entry; a crash at any step leaves the file under
-    the name the registry gives (a hard link first, the old name dropped last)."""
+    """Move a key file and its registry entry. Idempotent, and a crash at any step leaves
+    every registered name pointing at its key: a hard link first, then the registry,
+    the old name dropped last; run again, it finishes a move it finds half done.
+
+    Raises:
+        UnsafeKeyPathError: ``dst`` exists and is another file (never overwritten).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not dst.exists():
         os.link(src, dst)
+    elif not os.path.samefile(src, dst):
+        raise UnsafeKeyPathError(f"{ENCFILE}:{dst.relative_to(registry.keys_dir)}",
+                                 f"is taken by another file than {src}")
     registry.add(keyid, f"{ENCFILE}:{dst.relative_to(registry.keys_dir).as_posix()}")
     src.unlink()
+
+
+def _unregistered(keys_dir: Path, path: Path, entries: Mapping[str, str]) -> bool:
+    return f"{ENCFILE}:{path.relative_to(keys_dir).as_posix()}" not in entries.values()
 
 
 def retire_key_files(keys_dir: Path, registry: SignerRegistry, previous: Root,
                      new: Root) -> None:
     """After ``new`` is published: key files of keys it no longer lists move to
     ``KEYS/retired/``; keys it brought in from ``KEYS/rotating/`` take the role's
-    default name (``<role>.pem``) once that is free."""
+    default name (``<role>.pem``) once that is free.
+
+    Idempotent and crash-safe: run again (``complete_root_change``), it finishes what a
+    crash left half done; a ``<role>.pem`` that no registry entry names and that is the
+    same file as a retired key (left by a crash) is dropped. Files outside KEYS are never
+    touched (:func:`key_file_inside`). Signing never depends on these names: keys are
+    chosen by keyid through the registry.
+    """
     in_use = {k for r in ROLES for k in new.roles[r].keyids}
     for role in ROLES:
+        dst = keys_dir / f"{role}.pem"
         entries = registry.entries()
         for keyid in previous.roles[role].keyids:
             uri = entries.get(keyid, "")
             scheme, _, rest = uri.partition(":")
-            if keyid in in_use or scheme != ENCFILE or rest.startswith("retired/"):
+            if keyid in in_use or scheme != ENCFILE:
                 continue
-            src = keys_dir / rest
-            if src.exists():
+            try:
+                src = key_file_inside(keys_dir, rest)
+            except UnsafeKeyPathError as e:
+                logger.warning("%s", e)
+                continue
+            if not rest.startswith("retired/") and src.exists():
                 _move(registry, keyid, src, keys_dir / "retired" / f"{role}-{keyid[:16]}.pem")
+                src = keys_dir / "retired" / f"{role}-{keyid[:16]}.pem"
+            entries = registry.entries()
+            if dst.is_file() and not dst.is_symlink() and src.exists() and \
+                    os.path.samefile(dst, src) and _unregistered(keys_dir, dst, entries):
+                dst.unlink()  # a stale <role>.pem: the retired key under the default name
         entries = registry.entries()
         for keyid in new.roles[role].keyids:
             scheme, _, rest = entries.get(keyid, "").partition(":")
-            dst = keys_dir / f"{role}.pem"
-            if scheme == ENCFILE and rest.startswith("rotating/") and not dst.exists() \
-                    and (keys_dir / rest).exists():
-                _move(registry, keyid, keys_dir / rest, dst)
+            if scheme != ENCFILE or not rest.startswith("rotating/"):
+                continue
+            try:
+                src = key_file_inside(keys_dir, rest)
+            except UnsafeKeyPathError as e:
+                logger.warning("%s", e)
+                continue
+            if src.exists() and (not dst.exists() or (
+                    not dst.is_symlink() and os.path.samefile(src, dst))):
+                _move(registry, keyid, src, dst)

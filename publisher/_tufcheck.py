@@ -68,10 +68,18 @@ def _root_chain(read: Reader, now: datetime) -> TrustedMetadataSet:
 def check_root_chain(read: Reader, now: datetime) -> None:
     """Every ``N.root.json`` chains from ``1.root.json`` by TUF's rules.
 
+    The newest root must not be expired at ``now`` either: a client that reaches it
+    refuses to go on (a root parked until after its expiry).
+
     Raises:
-        StockClientWouldRejectError: naming the first root that does not.
+        StockClientWouldRejectError: naming the first root that does not, or the newest
+            root when it is expired.
     """
-    _root_chain(read, now)
+    tms = _root_chain(read, now)
+    if tms.root.is_expired(now):
+        raise StockClientWouldRejectError(
+            f"{tms.root.version}.root.json",
+            f"it expired at {tms.root.expires.isoformat()}")
 
 
 def check_state(read: Reader, now: datetime, published: Reader | None = None) -> None:

@@ -25,11 +25,6 @@ class Crash(BaseException):
     """The operator's Ctrl-C."""
 
 
-@pytest.mark.xfail(strict=True, reason="Ctrl-C while `repo rotate snapshot` files the keys, "
-                   "then `repo rotate snapshot` again: root v3 is published, the snapshot is "
-                   "signed by the retired key (stale KEYS/snapshot.pem hard link), the device "
-                   "never updates again (publisher/_rootflow.py retire_key_files, _move; "
-                   "default_uri)")
 def test_ctrl_c_in_snapshot_rotation_then_cli_retry_keeps_the_device_updating(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     w = world
@@ -65,10 +60,6 @@ def test_ctrl_c_in_snapshot_rotation_then_cli_retry_keeps_the_device_updating(
     assert root["version"] == w.repo.latest_root_version()
 
 
-@pytest.mark.xfail(strict=True, reason="`repo add-key timestamp --uri envvar:X --threshold 2` "
-                   "(X set): root v2 is published, the timestamp is signed by one key and "
-                   "parked, the device stops updating and no repo command recovers "
-                   "(publisher/_repo.py _finish_root_change, refresh, _pending_path)")
 def test_cli_add_timestamp_key_threshold_two_keeps_the_device_updating(
         world: World, tmp_path: Path) -> None:
     from cryptography.hazmat.primitives import serialization

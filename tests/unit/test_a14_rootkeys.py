@@ -83,10 +83,6 @@ def crash_on(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Callable[[Pa
 # -- careless operator: Ctrl-C, then the same command again ---------------------------------
 
 @pytest.mark.parametrize("role", ["snapshot", "timestamp"])
-@pytest.mark.xfail(strict=True, reason="a Ctrl-C while `repo rotate snapshot|timestamp` "
-                   "files the keys, then the same command again: the stale hard link "
-                   "<role>.pem (by then a retired key) signs, root v3 is published and every "
-                   "device is stranded; no repo command recovers")
 def test_ctrl_c_in_online_role_rotation_then_retry_keeps_devices_updating(
         tmp_path: Path, role: str,
         crash_on: Callable[[Callable[[Path, bytes], bool]], None]) -> None:
@@ -154,10 +150,6 @@ def test_ctrl_c_at_every_write_of_a_rotation_then_retry(
 
 # -- careless operator: a late second signer ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="a parked root that expired while it waited for its "
-                   "second signature is published (the pre-publish gate checks only the "
-                   "chain, not expiry): every device rejects the expired root, and every "
-                   "later root change is refused by the gate")
 def test_expired_pending_root_is_not_published(tmp_path: Path) -> None:
     repo = _repo(tmp_path, root_threshold=2)
     repo.set_expiry({"root": timedelta(days=7)}, {"root": timedelta(days=1)})
@@ -194,9 +186,6 @@ def test_targets_rotation_in_the_two_machine_layout_never_strands(tmp_path: Path
 
 # -- write access to KEYS: signers.json -----------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="retire_key_files follows a registry URI out of KEYS "
-                   "(encfile:../repo/metadata/timestamp.json): the operator's next rotation "
-                   "moves the served timestamp.json into KEYS/retired and devices strand")
 def test_registry_uri_outside_keys_is_never_moved(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
     old = repo._trusted_root().roles["targets"].keyids[0]  # noqa: SLF001
@@ -244,9 +233,6 @@ def _planted(n: int, r: int, p: int) -> bytes:
             b"-----END ENCRYPTED PRIVATE KEY-----\n")
 
 
-@pytest.mark.xfail(strict=True, reason="a decoy PEM block before the key hides its scrypt "
-                   "parameters from the ceiling check (kdf_of reads the first block, "
-                   "cryptography decrypts the next): p=400 took 17 s, p=2**16 is ~45 min")
 def test_decoy_pem_block_does_not_hide_scrypt_cost(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     huge = _planted(2**14, 8, 2**16)
@@ -264,9 +250,6 @@ def test_decoy_pem_block_does_not_hide_scrypt_cost(
     assert calls == []  # refused before any key derivation
 
 
-@pytest.mark.xfail(strict=True, reason="the scrypt ceiling bounds 128*r*N (one lane) but "
-                   "OpenSSL allocates 128*r*(N+p+2): N=2 r=2**20 p=4 passes and took 1.5 GiB "
-                   "RSS and 5 s (the ceiling is 256 MiB)")
 def test_scrypt_ceiling_counts_every_lane() -> None:
     info = kf.kdf_of(_planted(2, 2**20, 4))
     assert info.excess()  # > MAX_SCRYPT_LANE_BYTES of memory in all
@@ -288,9 +271,6 @@ def test_planted_huge_scrypt_behind_a_registry_uri_is_refused_fast(tmp_path: Pat
 
 # -- one delegated team: passphrase variables ------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="team names cls-team and cls_team map to the same "
-                   "MODELWARD_KEY_PASSPHRASE_CLS_TEAM: one team's passphrase opens the other "
-                   "team's key file, silently (env_suffix checks only top-level roles)")
 def test_two_teams_never_share_a_passphrase_variable(tmp_path: Path) -> None:
     env = {"MODELWARD_KEY_PASSPHRASE": PW.decode(),
            "MODELWARD_KEY_PASSPHRASE_CLS_TEAM": "team passphrase of cls-team"}
@@ -319,9 +299,6 @@ def test_team_named_like_a_top_level_role_is_refused(tmp_path: Path) -> None:
 
 # -- careless operator: rekey during a parked rotation --------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="`repo rekey` skips KEYS/rotating/: the key of a "
-                   "parked rotation keeps the old (compromised) passphrase and becomes "
-                   "targets.pem with it once the root is signed")
 def test_rekey_reaches_the_key_of_a_parked_rotation(tmp_path: Path) -> None:
     repo = _repo(tmp_path, root_threshold=2)
     with pytest.raises(RootNotPublishableError):
@@ -362,11 +339,6 @@ def _envvar_key() -> tuple[CryptoSigner, str]:
 
 
 @pytest.mark.parametrize("role", ["snapshot", "timestamp"])
-@pytest.mark.xfail(strict=True, reason="`repo add-key snapshot|timestamp --threshold 2` with "
-                   "both keys usable: root v2 is published, then the re-keyed role is signed "
-                   "by the default key only (_finish_root_change drops the plan's URIs for "
-                   "snapshot/timestamp); devices are stranded, refresh signs one key, and a "
-                   "parked timestamp.json is not found by `repo sign timestamp`")
 def test_add_online_key_with_threshold_two_keeps_devices_updating(
         tmp_path: Path, role: str) -> None:
     extra, pem = _envvar_key()
@@ -416,10 +388,6 @@ def test_abandoned_rotation_then_add_key_then_rotate(tmp_path: Path) -> None:
     assert abandoned_id not in {s["keyid"] for s in md["signatures"]}
 
 
-@pytest.mark.xfail(strict=True, reason="`repo init --threshold timestamp=2`: every refresh "
-                   "signs with one key and parks KEYS/pending/timestamp.json, which `repo "
-                   "sign timestamp` never finds (_pending_path globs *.timestamp.json): the "
-                   "timestamp cannot be renewed and every device strands when it expires")
 def test_timestamp_threshold_two_can_still_be_renewed(tmp_path: Path) -> None:
     repo = Repository(tmp_path / "repo", tmp_path / "keys", PW)
     repo.init({"timestamp": 2}, {"timestamp": 2})
