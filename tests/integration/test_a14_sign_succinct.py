@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Delegations, Metadata, SuccinctRoles, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
@@ -21,12 +20,6 @@ from trust import slot_fingerprint
 from updater import extract_bundle
 
 
-@pytest.mark.xfail(strict=True, reason="a succinct hash-bin delegation to the attacker's key "
-                   "added to a pending targets file is not in the summary "
-                   "(_summary._delegation_lines reads only Delegations.roles), and "
-                   "_snapshot_and_timestamp lists the bin files planted in metadata/ "
-                   "(Repository._delegated_versions): the device installs the attacker's "
-                   "model")
 def test_a14_succinct_bins_in_pending_targets_ship_the_attackers_model(
         world: World, tmp_path: Path) -> None:
     w = world
