@@ -174,3 +174,42 @@ def test_status_shows_a_failing_signature_and_refresh_refuses(repo: Repository) 
     assert rows["snapshot"].warning.startswith("SIGNATURE DOES NOT VERIFY")
     assert rows["targets"].warning == "" and rows["targets"].signatures == 1
     _refused(repo, rf"{snap.version}\.snapshot\.json")
+
+
+def test_old_team_file_replayed_under_a_higher_name_is_ignored(repo: Repository) -> None:
+    real = repo._role_md("vision")  # noqa: SLF001
+    old = (repo.metadata_dir / f"{real.signed.version}.vision.json").read_bytes()
+    (repo.metadata_dir / "7.vision.json").write_bytes(old)  # genuine bytes, says v1
+    repo._commit_targets(repo.current()[0])  # noqa: SLF001
+    assert repo.current()[1].meta["vision.json"].version == real.signed.version
+
+
+def test_served_root_of_the_anchor_version_deleted_is_named(repo: Repository) -> None:
+    (repo.metadata_dir / "1.root.json").unlink()
+    _refused(repo, r"1\.root\.json is missing")
+
+
+@pytest.mark.parametrize("content", [b"{", b'{"timestamp": "9"}', b"[]", b'{"snapshot": -1}',
+                                     b"[" * 5000])
+def test_corrupt_state_file_is_a_typed_error(repo: Repository, content: bytes) -> None:
+    (repo.keys / STATE_FILE).write_bytes(content)
+    _refused(repo, STATE_FILE)
+
+
+def test_online_host_refuses_an_edited_snapshot(tmp_path: Path) -> None:
+    """The online host (its own anchor, ONLINE/root.json) verifies the same way: an edited
+    snapshot is never re-signed by the online keys."""
+    from tests.unit.test_i14_online import Layout
+
+    lay = Layout(tmp_path)
+    lay.offline.publish(lay.bundle("1.0.0"))
+    lay.online().refresh()
+    ts = lay.md("timestamp.json").signed
+    path = lay.repo_dir / "metadata" / f"{ts.snapshot_meta.version}.snapshot.json"
+    doc = json.loads(path.read_bytes())
+    doc["signed"]["meta"] = {"targets.json": {"version": 1}}
+    path.write_text(json.dumps(doc))
+    before = {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()}
+    with pytest.raises(RepositoryStateError, match=path.name):
+        lay.online().refresh()
+    assert {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()} == before
