@@ -213,3 +213,27 @@ def test_online_host_refuses_an_edited_snapshot(tmp_path: Path) -> None:
     with pytest.raises(RepositoryStateError, match=path.name):
         lay.online().refresh()
     assert {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()} == before
+
+
+def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timestamp(
+        tmp_path: Path) -> None:
+    from publisher._repo import ThresholdNotMetError
+
+    clock = Clock()
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", PASS, clock=clock)
+    repo.init(thresholds={"snapshot": 2}, key_counts={"snapshot": 2})
+    clock.now = T0 + timedelta(days=29, hours=1)  # the snapshot is inside its window
+    versions: list[int] = []
+    parked: list[bytes] = []
+    for _ in range(2):
+        with pytest.raises(ThresholdNotMetError, match="1 of the 2"):
+            repo.refresh()
+        versions.append(repo.current()[2].version)
+        parked.append((repo.pending_dir / "2.snapshot.json").read_bytes())
+        assert repo.current()[2].expires > clock.now + timedelta(hours=12)
+        clock.now += timedelta(hours=6)
+    assert versions[1] == versions[0] + 1
+    assert parked[1] == parked[0]  # the second refresh left the waiting one as it was
+    assert [p.name for p in repo.pending_dir.iterdir()] == ["2.snapshot.json"]
+    repo.sign_pending("snapshot", "encfile:snapshot-2.pem")
+    assert repo.current()[2].snapshot_meta.version == 2
