@@ -28,14 +28,13 @@ from typing import TYPE_CHECKING, Any
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
-from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
 from publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
 from publisher._keys import ROLES, SignerRegistry, is_inside
+from publisher._served import ServedFileError, load, read_file, root_chain, trusted_chain
 from publisher.errors import KeyError_, RepositoryStateError
 from trust import write_atomic
-from trust._bounded import loads_bounded
 
 if TYPE_CHECKING:
     from publisher._repo import Repository
@@ -49,7 +48,6 @@ ANCHOR_FILE = "root.json"  # in ONLINE: the root the online host trusts (from `r
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name
 ONLINE_DIR_ENV = "MODELWARD_ONLINE_DIR"
 CREDENTIAL = "key-passphrase-{role}"  # systemd credential name (LoadCredential=)
-MAX_METADATA = 16 << 20  # bytes: largest metadata file refresh reads
 
 Passphrases = Callable[[str], bytes]
 """role -> passphrase of its key file (the i14 per-role providers plug in here)."""
@@ -233,20 +231,13 @@ def next_snapshot_meta(previous: Mapping[str, int], verified: Mapping[str, int]
 
 
 def _read(path: Path) -> Metadata[Any] | None:
+    """A metadata file of the served directory (no symlink, bounded: publisher._served), or
+    None when it is absent or unusable (logged)."""
     try:
-        data = path.read_bytes()
-    except OSError:
+        return load(path) if read_file(path) is not None else None
+    except ServedFileError as e:
+        logger.warning("ignoring %s", e)
         return None
-    if len(data) > MAX_METADATA:
-        logger.warning("ignoring %s: %d bytes", path, len(data))
-        return None
-    try:
-        loads_bounded(data, max_bytes=MAX_METADATA, max_depth=64, what=str(path))
-        md: Metadata[Any] = Metadata.from_bytes(data)
-    except (ValueError, DeserializationError) as e:
-        logger.warning("ignoring %s: not TUF metadata: %s", path, e)
-        return None
-    return md
 
 
 def _versions(metadata_dir: Path, role: str) -> list[int]:
@@ -268,22 +259,8 @@ def trusted_root(online_dir: Path, metadata_dir: Path) -> Root:
         raise RepositoryStateError(
             f"{anchor} is missing or not root metadata: the online host trusts no root",
             hint="copy the root from `repo init --online-dir` (ONLINE/root.json)")
-    root: Root = md.signed
-    while True:
-        nxt = metadata_dir / f"{root.version + 1}.root.json"
-        new = _read(nxt)
-        if new is None:
-            return root
-        try:
-            if not isinstance(new.signed, Root) or new.signed.version != root.version + 1:
-                raise ValueError("not the next root version")
-            root.verify_delegate("root", new.signed_bytes, new.signatures)
-            new.signed.verify_delegate("root", new.signed_bytes, new.signatures)
-        except (UnsignedMetadataError, ValueError) as e:
-            logger.warning("ignoring %s: it does not chain to root v%d: %s", nxt,
-                           root.version, e)
-            return root
-        root = new.signed
+    root: Root = root_chain(md, metadata_dir, strict=False)[-1].signed
+    return root
 
 
 def verified_versions(metadata_dir: Path, root: Root, targets_floor: int,
@@ -314,12 +291,31 @@ def verified_versions(metadata_dir: Path, root: Root, targets_floor: int,
         break
     if top is None:
         return out, None
+    out.update(verified_delegations(metadata_dir, top, log)[0])
+    return out, top
+
+
+def verified_delegations(metadata_dir: Path, top: Targets,
+                         log: Callable[..., None] = logger.warning
+                         ) -> tuple[dict[str, int], dict[str, Metadata[Targets]]]:
+    """The newest version of every role the verified ``top`` delegates to (transitively,
+    by name: a succinct hash-bin delegation is not followed) that verifies through its
+    delegator; files that do not verify are reported to ``log`` and never listed.
+
+    Returns:
+        ({role: version}, {role: its verified metadata}).
+    """
+    out: dict[str, int] = {}
+    mds: dict[str, Metadata[Targets]] = {}
     queue: list[Targets] = [top]
     while queue:
         parent = queue.pop(0)
-        if parent.delegations is None or not parent.delegations.roles:
+        if parent.delegations is None:
             continue
-        for name in parent.delegations.roles:
+        if parent.delegations.succinct_roles is not None:
+            log("ignoring a succinct (hash-bin) delegation: modelward lists only roles "
+                "delegated by name")
+        for name in parent.delegations.roles or {}:
             if name in out or name in ROLES:
                 continue
             for v in _versions(metadata_dir, name):
@@ -331,12 +327,12 @@ def verified_versions(metadata_dir: Path, root: Root, targets_floor: int,
                     parent.verify_delegate(name, md.signed_bytes, md.signatures)
                 except (UnsignedMetadataError, ValueError) as e:
                     log("ignoring %s.%s.json: not signed by the keys its "
-                                   "delegator gives role %r: %s", v, name, name, e)
+                        "delegator gives role %r: %s", v, name, name, e)
                     continue
-                out[name] = v
+                out[name], mds[name] = v, md
                 queue.append(md.signed)
                 break
-    return out, top
+    return out, mds
 
 
 def _signers(repo: Repository, role: str, root: Root) -> list[Signer]:
@@ -448,10 +444,7 @@ def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
     which the online host may not have put in a snapshot yet (so the next change builds on
     it, never on an older version)."""
     newest = published
-    for v in range(repo.latest_root_version(), 0, -1):  # signed under any root of ours
-        md = _read(repo.metadata_dir / f"{v}.root.json")
-        if md is None or not isinstance(md.signed, Root):
-            continue
+    for md in reversed(trusted_chain(repo)):  # the verified roots, from the anchor in KEYS
         _, top = verified_versions(repo.metadata_dir, md.signed, newest.version + 1,
                                    log=logger.debug)
         if top is not None and top.version > newest.version:

@@ -60,6 +60,7 @@ from publisher._online import (
     newest_signed_targets,
     online_elsewhere,
     refuse_rotate,
+    verified_delegations,
 )
 from publisher._online import refresh as _online_refresh
 from publisher._passphrases import Passphrase, as_provider, check_team_variable
@@ -72,6 +73,17 @@ from publisher._rootflow import (
     root_gaps,
     signing_uris,
 )
+from publisher._served import (
+    ServedFileError,
+    View,
+    read_file,
+    save_anchor,
+    save_floors,
+    trusted_chain,
+    verified_view,
+    verify_role,
+)
+from publisher._served import load as served_load
 from publisher._summary import (
     Pending,
     PendingReviewError,
@@ -286,33 +298,51 @@ class Repository:
 
     # -- reading -------------------------------------------------------------
 
+    def _view(self, *, strict: bool = True) -> View:
+        """The published state, verified from the trust anchor (publisher._served)."""
+        return verified_view(self, strict=strict)
+
     def _load(self, filename: str) -> Metadata:  # type: ignore[type-arg]
-        path = self.metadata_dir / filename
-        try:
-            return Metadata.from_bytes(path.read_bytes())
-        except FileNotFoundError as e:
-            raise RepositoryStateError(
-                f"{path} is missing: is {self.repo} a repository made by `repo init`?"
-            ) from e
-        except DeserializationError as e:
-            raise RepositoryStateError(f"{path} is not TUF metadata: {e}") from e
+        """A published file, verified: ``N.root.json`` of the verified root chain, or the
+        ``timestamp.json`` / snapshot / targets of the verified published state.
+
+        Raises:
+            RepositoryStateError: it is not part of the verified published state (a
+                ServedFileError names a file that does not verify).
+        """
+        m = re.fullmatch(r"([0-9]{1,16})\.root\.json", filename)
+        if m:
+            for root_md in trusted_chain(self):
+                if root_md.signed.version == int(m.group(1)):
+                    return root_md
+            raise RepositoryStateError(f"{filename} is not in the verified root chain")
+        view = self._view()
+        for md in (view.timestamp, view.snapshot, view.targets):
+            name = "timestamp.json" if md.signed.type == "timestamp" else \
+                f"{md.signed.version}.{md.signed.type}.json"
+            if name == filename:
+                return md
+        m = re.fullmatch(r"([0-9]{1,16})\.targets\.json", filename)
+        if m and online_elsewhere(self) and int(m.group(1)) > view.targets.signed.version:
+            # signed here, not yet in the online host's snapshot: verified by its keys
+            return verify_role(self.metadata_dir / filename, "targets", view.roots)
+        raise RepositoryStateError(f"{self.metadata_dir / filename} is not part of the "
+                                   "verified published state")
 
     def latest_root_version(self) -> int:
-        """Highest ``N.root.json``."""
-        versions = [
-            int(m.group(1))
-            for p in self.metadata_dir.glob("*.root.json")
-            if (m := re.fullmatch(r"(\d+)\.root\.json", p.name))
-        ]
-        if not versions:
-            raise RepositoryStateError(f"no root metadata in {self.metadata_dir}")
-        return max(versions)
+        """The newest root of the verified chain (from the trust anchor outside REPO)."""
+        return int(trusted_chain(self)[-1].signed.version)
 
     def current(self) -> tuple[Targets, Snapshot, Timestamp]:
-        """The published top-level targets, snapshot and timestamp."""
-        ts: Timestamp = self._load("timestamp.json").signed
-        snap: Snapshot = self._load(f"{ts.snapshot_meta.version}.snapshot.json").signed
-        targets: Targets = self._load(f"{snap.meta['targets.json'].version}.targets.json").signed
+        """The published top-level targets, snapshot and timestamp, verified.
+
+        Raises:
+            ServedFileError: naming a published file that does not verify.
+        """
+        view = self._view()
+        ts: Timestamp = view.timestamp.signed
+        snap: Snapshot = view.snapshot.signed
+        targets: Targets = view.targets.signed
         if online_elsewhere(self):  # signed here, not yet in the online host's snapshot
             targets = newest_signed_targets(self, targets)
         return targets, snap, ts
@@ -324,7 +354,8 @@ class Repository:
         return load_signer(home.dir, role, home.passphrases(role))
 
     def _trusted_root(self) -> Root:
-        root: Root = self._load(f"{self.latest_root_version()}.root.json").signed
+        """The newest root of the verified chain (a fresh copy: callers edit it)."""
+        root: Root = trusted_chain(self)[-1].signed
         return root
 
     def _write(self, md: Metadata, role: str, version: int | None) -> None:  # type: ignore[type-arg]
@@ -387,10 +418,7 @@ class Repository:
         def read(n: str) -> bytes | None:
             if n == name:
                 return data
-            try:
-                return (self.metadata_dir / n).read_bytes()
-            except FileNotFoundError:
-                return None
+            return read_file(self.metadata_dir / n)
         return read
 
     def _park(self, md: Metadata, name: str) -> Path:  # type: ignore[type-arg]
@@ -427,6 +455,12 @@ class Repository:
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
         write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
+        if name == "timestamp.json":  # what devices may hold now: never served lower
+            snap_v = md.signed.snapshot_meta.version
+            snap_md = served_load(self.metadata_dir / f"{snap_v}.snapshot.json")  # the gate
+            targets = snap_md.signed.meta.get("targets.json")  # passed it just now
+            save_floors(self, {"timestamp": md.signed.version, "snapshot": snap_v,
+                               "targets": targets.version if targets else 0})
 
     def _is_published(self, role: str, version: int) -> bool:
         """Whether clients may hold ``<version>.<role>.json``: a root on disk (clients probe
@@ -468,6 +502,7 @@ class Repository:
         (self.pending_dir / name).unlink(missing_ok=True)
         if previous is not None:
             self._finish_root_change(previous, new, plan)
+        save_anchor(self, data)  # the change is complete: trusted from now on
 
     def _resign_plan(self, new: Root) -> dict[str, list[str]]:
         """Roles whose published metadata root ``new`` no longer accepts, each with the
@@ -543,6 +578,9 @@ class Repository:
         logger.warning("root v%d was published but %s not re-signed: completing it", version,
                        ", ".join(plan))
         self._finish_root_change(previous, new, plan)
+        data = read_file(self.metadata_dir / f"{version}.root.json")
+        assert data is not None  # verified just now, in the chain
+        save_anchor(self, data)
         return True
 
     def _refuse_if_root_pending(self, version: int) -> None:
@@ -587,7 +625,17 @@ class Repository:
         path.unlink(missing_ok=True)
         if role == "targets":
             self._snapshot_and_timestamp(version)
+        if role == "snapshot":  # devices reach a snapshot only through the timestamp
+            self._timestamp_for(version)
         return _valid_signatures(md, role, root), root.roles[role].threshold
+
+    def _timestamp_for(self, snapshot_version: int) -> None:
+        """Sign and publish the next timestamp, pointing at ``snapshot_version``."""
+        ts = self.current()[2]
+        ts.version += 1
+        ts.expires = self._clock() + self.expiry.timestamp
+        ts.snapshot_meta = self._signed_meta("snapshot", snapshot_version)
+        self._write(Metadata(ts), "timestamp", None)
 
     def add_key(self, role: str, uri: str, public_key: Key,
                 threshold: int | None = None) -> int:
@@ -626,9 +674,8 @@ class Repository:
         SHA-256: a device then downloads no more than that length and checks the hash
         before it parses the file (without them it takes up to its configured maximum of
         whatever the origin sends, and parses it before any signature check)."""
-        try:
-            data = (self.metadata_dir / f"{version}.{role}.json").read_bytes()
-        except FileNotFoundError:  # not published here (parked for signatures): by version
+        data = read_file(self.metadata_dir / f"{version}.{role}.json")
+        if data is None:  # not published here (parked for signatures): by version
             return MetaFile(version=version)
         return MetaFile(version=version, length=len(data),
                         hashes={"sha256": hashlib.sha256(data).hexdigest()})
@@ -639,16 +686,22 @@ class Repository:
                            "the next snapshot and timestamp", targets_version)
             return int(self.current()[2].version)
         now = self._clock()
-        try:
+        listed: dict[str, MetaFile] = {}
+        if read_file(self.metadata_dir / "timestamp.json") is None:  # `repo init`
+            snap_version, ts_version = 1, 1
+        else:  # a published state that does not verify is an error, never a fresh start
             _, old_snap, old_ts = self.current()
             snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
-        except RepositoryStateError:
-            snap_version, ts_version = 1, 1
+            listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most
         # that many bytes of a team's role and checks them before it parses anything.
-        meta.update({f"{name}.json": self._signed_meta(name, v)
-                     for name, v in self._delegated_versions().items()})
+        # Only versions that verify through the delegation tree of these targets; a role
+        # listed before stays listed (clients refuse a snapshot that drops or lowers one).
+        meta.update(listed)
+        for name, v in self._delegated_versions(self._written_targets(targets_version)).items():
+            if v > (m.version if (m := listed.get(f"{name}.json")) else 0):
+                meta[f"{name}.json"] = self._signed_meta(name, v)
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
         ts = Timestamp(
@@ -752,21 +805,40 @@ class Repository:
 
     # -- delegations ------------------------------------------------------------
 
-    def _delegated_versions(self) -> dict[str, int]:
-        """Latest version on disk of each delegated targets role."""
-        out: dict[str, int] = {}
-        for p in self.metadata_dir.glob("*.json"):
-            m = re.fullmatch(r"(\d+)\.([A-Za-z0-9._-]+)\.json", p.name)
-            if m and m.group(2) not in ROLES:
-                out[m.group(2)] = max(out.get(m.group(2), 0), int(m.group(1)))
-        return out
+    def _written_targets(self, version: int) -> Targets:
+        """``<version>.targets.json`` as written, verified by the trusted root's targets keys.
+
+        Raises:
+            ServedFileError: it does not verify.
+        """
+        path = self.metadata_dir / f"{version}.targets.json"
+        md = verify_role(path, "targets", trusted_chain(self))
+        targets: Targets = md.signed
+        return targets
+
+    def _delegations(self, targets: Targets | None = None
+                     ) -> tuple[dict[str, int], dict[str, Metadata[Targets]]]:
+        """Each role in the delegation tree of the verified ``targets`` (default: the
+        published ones) with its newest version that verifies through its delegator; a
+        file merely present in metadata/ is never listed."""
+        top = targets if targets is not None else self.current()[0]
+        return verified_delegations(self.metadata_dir, top, log=logger.debug)
+
+    def _delegated_versions(self, targets: Targets | None = None) -> dict[str, int]:
+        """Latest verified version of each delegated targets role (see _delegations)."""
+        return self._delegations(targets)[0]
 
     def _role_md(self, role: str) -> Metadata[Targets]:
-        """The newest version on disk of a delegated role's metadata."""
-        version = self._delegated_versions().get(role)
-        if version is None:
-            raise RepositoryStateError(f"no delegated role {role!r} (see `repo delegate`)")
-        md: Metadata[Targets] = self._load(f"{version}.{role}.json")
+        """The newest verified version of a delegated role's metadata.
+
+        Raises:
+            RepositoryStateError: the role is not delegated, or no file of it verifies.
+        """
+        md = self._delegations()[1].get(role)
+        if md is None:
+            raise RepositoryStateError(
+                f"no delegated role {role!r} with metadata signed by the keys its delegator "
+                "gives it (see `repo delegate`)")
         return md
 
     def _loader(self, targets: Targets,
@@ -1145,19 +1217,40 @@ class Repository:
             key_home(self, "timestamp")  # refused here without the online directory
             return _online_refresh(self, margin, now)
         _, snap, ts = self.current()
-        done = []
-        if snap.expires - now < margin:
+        published, done = snap.version, []
+        waiting = self._waiting_snapshot(published)
+        if waiting is None and snap.expires - now < margin:
             snap.version += 1
             snap.expires = now + self.expiry.snapshot
-            self._write(Metadata(snap), "snapshot", snap.version)
-            done.append("snapshot")
+            try:
+                self._write(Metadata(snap), "snapshot", snap.version)
+                published = snap.version
+                done.append("snapshot")
+            except ThresholdNotMetError as e:  # it waits; the timestamp is still renewed
+                waiting = e
         ts.version += 1
         ts.expires = now + self.expiry.timestamp
-        ts.snapshot_meta = self._signed_meta("snapshot", snap.version)
+        ts.snapshot_meta = self._signed_meta("snapshot", published)
         self._write(Metadata(ts), "timestamp", None)
         done.append("timestamp")
         self.expiry_warnings()
+        if waiting is not None:
+            raise waiting
         return done
+
+    def _waiting_snapshot(self, published: int) -> ThresholdNotMetError | None:
+        """A newer snapshot parked for signatures (refresh parks no second one), as the
+        error that says what it waits for."""
+        path = self.pending_dir / f"{published + 1}.snapshot.json"
+        data = read_file(path)
+        if data is None:
+            return None
+        root = self._trusted_root()
+        try:
+            have = _valid_signatures(Metadata.from_bytes(data), "snapshot", root)
+        except (DeserializationError, ValueError):
+            have = 0
+        return ThresholdNotMetError("snapshot", have, root.roles["snapshot"].threshold, path)
 
     def expiry_warnings(self) -> list[ExpiryWarning]:
         """Every role (delegated ones too) whose published metadata expires within its
@@ -1173,45 +1266,55 @@ class Repository:
         """Version, expiry, threshold and signatures of each top-level and delegated role
         (as the published snapshot lists them), with its expiry warning."""
         now = self._clock()
-        root_md = self._load(f"{self.latest_root_version()}.root.json")
+        view = self._view(strict=False)  # a signature that fails is a row that says so
+        root_md = view.roots[-1]
         root: Root = root_md.signed
-        ts_md = self._load("timestamp.json")
-        snap_md: Metadata[Snapshot] = self._load(
-            f"{ts_md.signed.snapshot_meta.version}.snapshot.json")
-        tg_md = self._load(f"{snap_md.signed.meta['targets.json'].version}.targets.json")
-        found: list[tuple[str, Metadata[Any], int, list[str]]] = [
-            (name, md, root.roles[name].threshold, root.roles[name].keyids)
+        snap_md, tg_md = view.snapshot, view.targets
+        found: list[tuple[str, Metadata[Any], int, list[str], int]] = [
+            (name, md, root.roles[name].threshold, root.roles[name].keyids,
+             _valid_signatures(md, name, root) if name not in view.invalid else 0)
             for name, md in (("root", root_md), ("targets", tg_md), ("snapshot", snap_md),
-                             ("timestamp", ts_md))]
-        # Delegated roles, each with the keys its delegator gives it.
-        delegated: dict[str, DelegatedRole] = {}
+                             ("timestamp", view.timestamp))]
+        invalid = dict(view.invalid)
+        # Delegated roles of the verified tree, at the version the snapshot lists, each
+        # verified with the keys its delegator gives it.
         queue: list[Targets] = [tg_md.signed]
-        loaded: dict[str, Metadata[Any]] = {}
+        seen: set[str] = set()
         while queue:
             t = queue.pop(0)
             for r in (t.delegations.roles or {}).values() if t.delegations else ():
-                delegated.setdefault(r.name, r)
                 meta = snap_md.signed.meta.get(f"{r.name}.json")
-                if meta is None or r.name in loaded:
+                if meta is None or r.name in seen or r.name in ROLES:
                     continue
+                seen.add(r.name)
+                path = self.metadata_dir / f"{meta.version}.{r.name}.json"
                 try:
-                    md = self._load(f"{meta.version}.{r.name}.json")
+                    md = served_load(path)
+                    if not isinstance(md.signed, Targets) or md.signed.version != meta.version:
+                        raise ServedFileError(path, f"is not {r.name} v{meta.version}")
                 except RepositoryStateError as e:
                     logger.warning("delegated role %r: %s", r.name, e)
                     continue
-                if isinstance(md.signed, Targets):
-                    loaded[r.name] = md
+                have = sum(1 for k in r.keyids if k in md.signatures)
+                try:
+                    t.verify_delegate(r.name, md.signed_bytes, md.signatures)
                     queue.append(md.signed)
-        for name, md in loaded.items():
-            found.append((name, md, delegated[name].threshold, delegated[name].keyids))
+                except (UnsignedMetadataError, ValueError) as e:
+                    invalid[r.name] = f"{path}: not signed by the keys its delegator gives it"
+                    logger.warning("delegated role %r: %s", r.name, e)
+                    have = 0
+                found.append((r.name, md, r.threshold, r.keyids, have))
         rows = []
-        for name, md, threshold, keyids in found:
+        for name, md, threshold, _keyids, signatures in found:
             expires = md.signed.expires
             warn = expiry_warnings([(name, md.signed.version, expires)], now, self.expiry)
+            text = warn[0].short() if warn else ""
+            if name in invalid:
+                logger.warning("%s", invalid[name])
+                text = "SIGNATURE DOES NOT VERIFY" + (f"; {text}" if text else "")
             rows.append(RoleStatus(
-                name, md.signed.version, expires, threshold,
-                sum(1 for k in keyids if k in md.signatures),
-                warn[0].short() if warn else "", self.expiry.window(name)))
+                name, md.signed.version, expires, threshold, signatures, text,
+                self.expiry.window(name)))
         return rows
 
     # -- review before signing ----------------------------------------------------

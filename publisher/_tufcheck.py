@@ -52,7 +52,10 @@ def _need(read: Reader, name: str) -> bytes:
 
 
 def _root_chain(read: Reader, now: datetime) -> TrustedMetadataSet:
-    tms = TrustedMetadataSet(_need(read, "1.root.json"), EnvelopeType.METADATA)
+    try:
+        tms = TrustedMetadataSet(_need(read, "1.root.json"), EnvelopeType.METADATA)
+    except (exceptions.RepositoryError, DeserializationError) as e:
+        raise StockClientWouldRejectError("1.root.json", f"{type(e).__name__}: {e}") from e
     tms.reference_time = now
     version = 2
     while (data := read(f"{version}.root.json")) is not None:

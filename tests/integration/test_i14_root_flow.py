@@ -100,13 +100,17 @@ def test_rotate_targets_parks_until_the_second_root_key_signs(root2_world: World
         w.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
     # ... and a device refuses them when a mirror serves them anyway.
     mirror = Repository(w.repo_dir, w.keys, PASSPHRASE)
+    floors = (w.keys / "published.json").read_bytes()  # what this tool published
     import publisher._repo as repo_mod
 
     gate, repo_mod.check_state = repo_mod.check_state, lambda *_a, **_k: None  # type: ignore[assignment]
+    verify, repo_mod.verify_role = repo_mod.verify_role, (  # type: ignore[assignment]
+        lambda path, *_a: repo_mod.served_load(path))  # the mirror checks no signature
     try:
         mirror._snapshot_and_timestamp(targets.version)  # noqa: SLF001
     finally:
         repo_mod.check_state = gate  # type: ignore[assignment]
+        repo_mod.verify_role = verify  # type: ignore[assignment]
     with pytest.raises(MetadataError, match="targets"):
         w.update()
     after = w.snapshot()
@@ -115,6 +119,7 @@ def test_rotate_targets_parks_until_the_second_root_key_signs(root2_world: World
     # (that mirror signed with the online keys; undo its timestamp on both sides)
     copytree(saved, w.repo_dir / "metadata")
     copytree(local, w.state / "metadata")
+    (w.keys / "published.json").write_bytes(floors)  # else: refused as a rollback
 
     # While root v2 waits, the old key still publishes, and the device installs.
     w.publish("2.0.0", seed=2)

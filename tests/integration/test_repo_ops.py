@@ -75,6 +75,7 @@ def test_retired_targets_key_cannot_publish(world: World,
     from tuf.api.metadata import Metadata
 
     from publisher._keys import load_signer_at
+    from publisher._served import load as served_load
     from publisher._tufcheck import StockClientWouldRejectError
 
     world.publish("1.0.0", seed=1)
@@ -93,6 +94,8 @@ def test_retired_targets_key_cannot_publish(world: World,
         world.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
     # ... so a mirror holding the online keys does it, past the gate: the device refuses.
     monkeypatch.setattr("publisher._repo.check_state", lambda *_a, **_k: None)
+    monkeypatch.setattr("publisher._repo.verify_role",  # the mirror checks no signature
+                        lambda path, *_a: served_load(path))
     world.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001 - a mirror's view
     before = world.snapshot()
     with pytest.raises(MetadataError, match="targets"):
