@@ -113,7 +113,7 @@ def test_stopped_swtpm_gives_a_diagnosis_not_a_traceback(world: World) -> None:
     stop_swtpm(world.tpm.state)
     for argv in (
         ("agent", "update", "--once"),
-        ("agent", "boot-check"),
+        ("agent", "boot-check", "--tpm-wait", "1"),  # (the default waits 120 s for a TPM)
         ("agent", "status"),
     ):
         r = world.cli(*argv, "--config", str(world.conf_path))
