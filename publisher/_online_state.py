@@ -1,0 +1,275 @@
+"""The online host's own state, and the bounded, verified reads its refresh makes.
+
+``ONLINE/state/`` (writable by the refresh unit, the rest of ``ONLINE`` is read-only):
+
+- ``root.json``: the highest root the host verified along the chain from ``ONLINE/root.json``
+  (each root N+1 by root N's threshold and its own); the next run starts there, so a root
+  file corrupted or removed later in the served directory never takes it back.
+- ``refresh.json``: the snapshot and timestamp versions it last signed and the snapshot's
+  role list (versions, lengths, hashes): the floor of the next refresh. A ``timestamp.json``
+  or snapshot copied back, or planted, cannot lower it or put a role in.
+
+Every file of the served directory is opened without following symlinks and without
+blocking, must be a regular file, and is read at most ``MAX_METADATA + 1`` bytes from the
+descriptor before anything is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
+from tuf.api.serialization import DeserializationError
+
+from publisher.errors import RepositoryStateError
+from trust import write_atomic
+from trust._bounded import loads_bounded
+
+logger = logging.getLogger(__name__)
+
+MAX_METADATA = 16 << 20  # bytes: largest metadata file refresh reads
+MAX_DEPTH = 64
+MAX_ROOTS_PER_RUN = 64  # root versions verified in one run (the rest: the next run)
+MAX_CANDIDATES = 256  # N.<role>.json files tried, newest first, for one role
+STATE_DIR = "state"
+STATE_ROOT = "root.json"
+STATE_FILE = "refresh.json"
+
+
+class OnlineStateError(RepositoryStateError):
+    """A file the online host's refresh relies on does not verify, or its own state is
+    unusable: nothing is signed.
+
+    Attributes:
+        path: the file at fault.
+    """
+
+    def __init__(self, path: Path, why: str, hint: str = "") -> None:
+        super().__init__(f"{path} {why}", hint=hint)
+        self.path = path
+
+
+# --- bounded reads ---------------------------------------------------------------------
+
+
+def read_regular(path: Path, limit: int = MAX_METADATA) -> bytes | None:
+    """The bytes of the regular file ``path`` (no symlink followed, never blocking, at most
+    ``limit`` bytes read), or None when absent.
+
+    Raises:
+        OnlineStateError: a symlink, FIFO, device or directory; larger than ``limit``;
+            unreadable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as e:  # ELOOP: a symlink; ENXIO, EACCES, ...
+        raise OnlineStateError(path, f"cannot be opened as a plain file: {e.strerror}") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OnlineStateError(path, "is not a regular file")
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    except OSError as e:
+        raise OnlineStateError(path, f"cannot be read: {e.strerror}") from e
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise OnlineStateError(path, f"is larger than {limit} bytes")
+    return data
+
+
+def parse(path: Path, data: bytes) -> Metadata[Any]:
+    """TUF metadata from unverified bytes, nesting bounded before the parse.
+
+    Raises:
+        OnlineStateError: not JSON within bounds, or not TUF metadata.
+    """
+    try:
+        loads_bounded(data, max_bytes=MAX_METADATA, max_depth=MAX_DEPTH, what=str(path))
+        md: Metadata[Any] = Metadata.from_bytes(data)
+    except (ValueError, DeserializationError) as e:
+        raise OnlineStateError(path, f"is not TUF metadata: {e}") from e
+    return md
+
+
+def read_or_ignore(path: Path, log: Callable[..., None] = logger.warning
+                   ) -> tuple[Metadata[Any], bytes] | None:
+    """``path`` parsed with its bytes, or None (absent, or unusable: ``log``-ged)."""
+    try:
+        data = read_regular(path)
+        return None if data is None else (parse(path, data), data)
+    except OnlineStateError as e:
+        log("ignoring %s", e)
+        return None
+
+
+def versions(metadata_dir: Path, role: str) -> list[int]:
+    """The versions of the ``N.<role>.json`` files present, newest first (names only)."""
+    pat = re.compile(rf"([1-9]\d{{0,30}})\.{re.escape(role)}\.json")
+    return sorted((int(m.group(1)) for p in metadata_dir.glob(f"*.{role}.json")
+                   if (m := pat.fullmatch(p.name))), reverse=True)
+
+
+def meta_of(version: int, data: bytes) -> MetaFile:
+    """The snapshot/timestamp entry for verified bytes: version, length, sha256."""
+    return MetaFile(version=version, length=len(data),
+                    hashes={"sha256": hashlib.sha256(data).hexdigest()})
+
+
+# --- the root chain ----------------------------------------------------------------------
+
+
+def chain_from(anchor: Root, metadata_dir: Path, max_steps: int = MAX_ROOTS_PER_RUN
+               ) -> list[tuple[Root, bytes]]:
+    """The roots after ``anchor`` that chain from it by TUF's rules, in order; at most
+    ``max_steps`` (the rest: logged, for the next run). Only files present are visited.
+
+    Raises:
+        OnlineStateError: a root file newer than the newest verified one that does not
+            chain (a gap before it, unreadable, not root N+1, or short of the threshold of
+            root N or of its own): never a silent fall-back to the older root.
+    """
+    newer = sorted(v for v in versions(metadata_dir, "root") if v > anchor.version)
+    out: list[tuple[Root, bytes]] = []
+    root = anchor
+    for v in newer:
+        if len(out) >= max_steps:
+            logger.warning("verified %d root versions in this run (up to v%d); the next run "
+                           "goes on from there", max_steps, root.version)
+            break
+        path = metadata_dir / f"{v}.root.json"
+        hint = ("remove or replace it with the root the offline machine signed; the online "
+                "host signs nothing until the root chain verifies")
+        if v != root.version + 1:
+            raise OnlineStateError(path, f"does not chain to root v{root.version}: "
+                                         f"{root.version + 1}.root.json is missing", hint)
+        data = read_regular(path)
+        if data is None:  # removed since the listing
+            break
+        md = parse(path, data)
+        try:
+            if not isinstance(md.signed, Root) or md.signed.version != v:
+                raise ValueError(f"not root metadata of version {v}")
+            root.verify_delegate("root", md.signed_bytes, md.signatures)
+            md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+        except (UnsignedMetadataError, ValueError) as e:
+            raise OnlineStateError(path, f"does not chain to root v{root.version}: {e}",
+                                   hint) from e
+        root = md.signed
+        out.append((root, data))
+    return out
+
+
+def load_root(path: Path) -> Root | None:
+    """A root file of the host's own (anchor or state), or None when absent.
+
+    Raises:
+        OnlineStateError: present but unusable.
+    """
+    data = read_regular(path)
+    if data is None:
+        return None
+    md = parse(path, data)
+    if not isinstance(md.signed, Root):
+        raise OnlineStateError(path, "is not root metadata")
+    root: Root = md.signed
+    return root
+
+
+# --- the refresh floor -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What the online host signed last: nothing it signs next is lower or equal."""
+
+    timestamp: int
+    snapshot: int
+    meta: dict[str, MetaFile]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"timestamp": self.timestamp, "snapshot": self.snapshot,
+                           "meta": {k: m.to_dict() for k, m in self.meta.items()}},
+                          indent=1, sort_keys=True).encode()
+
+
+def load_floor(path: Path) -> Floor | None:
+    """``ONLINE/state/refresh.json``, or None when absent.
+
+    Raises:
+        OnlineStateError: present but unusable (never silently ignored: it is the floor).
+    """
+    data = read_regular(path, 1 << 20)
+    if data is None:
+        return None
+    try:
+        doc = loads_bounded(data, max_bytes=1 << 20, max_depth=8, what=str(path))
+        ts, snap, meta = doc["timestamp"], doc["snapshot"], doc["meta"]
+        if not (isinstance(ts, int) and isinstance(snap, int) and isinstance(meta, dict)):
+            raise TypeError("timestamp, snapshot: integers; meta: an object")
+        return Floor(ts, snap, {str(k): MetaFile.from_dict(dict(m)) for k, m in meta.items()})
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise OnlineStateError(path, f"is not the online host's refresh state: {e}",
+                               "restore it from a backup of the online directory") from e
+
+
+def save(path: Path, data: bytes) -> None:
+    """Replace a state file atomically.
+
+    Raises:
+        OnlineStateError: the state directory is not writable.
+    """
+    try:
+        write_atomic(path, data, mode=0o600)
+    except OSError as e:
+        raise OnlineStateError(path, f"cannot be written: {e.strerror}",
+                               "the refresh keeps its state in ONLINE/state (writable by "
+                               "the unit: BindPaths=, tmpfiles)") from e
+
+
+def verified_served(metadata_dir: Path, root: Root) -> tuple[int, int, dict[str, MetaFile]] | None:
+    """The served timestamp and the snapshot it names, if both verify under ``root`` (the
+    snapshot also by the length and hash the timestamp gives): (ts v, snapshot v, its meta).
+    None when they do not (logged)."""
+    got = read_or_ignore(metadata_dir / "timestamp.json")
+    if got is None:
+        return None
+    ts_md, _ = got
+    try:
+        if not isinstance(ts_md.signed, Timestamp):
+            raise ValueError("timestamp.json is not timestamp metadata")
+        root.verify_delegate("timestamp", ts_md.signed_bytes, ts_md.signatures)
+        sm: MetaFile = ts_md.signed.snapshot_meta
+        name = f"{sm.version}.snapshot.json"
+        got = read_or_ignore(metadata_dir / name)
+        if got is None:
+            raise ValueError(f"{name} is missing or unusable")
+        snap_md, data = got
+        sm.verify_length_and_hashes(data)
+        if not isinstance(snap_md.signed, Snapshot) or snap_md.signed.version != sm.version:
+            raise ValueError(f"{name} is not snapshot metadata of that version")
+        root.verify_delegate("snapshot", snap_md.signed_bytes, snap_md.signatures)
+    except (UnsignedMetadataError, LengthOrHashMismatchError, ValueError) as e:
+        logger.warning("the served timestamp/snapshot do not verify under root v%d (%s): "
+                       "not built on", root.version, e)
+        return None
+    meta: Mapping[str, MetaFile] = snap_md.signed.meta
+    return int(ts_md.signed.version), int(sm.version), dict(meta)
