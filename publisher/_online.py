@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,12 +26,26 @@ from typing import TYPE_CHECKING, Any
 
 from securesystemslib.signer import Signer
 from tuf.api.exceptions import UnsignedMetadataError
-from tuf.api.metadata import Metadata, Root, Snapshot, Targets, Timestamp
+from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
 from publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
 from publisher._keys import ROLES, SignerRegistry, is_inside
-from publisher._served import ServedFileError, load, read_file, root_chain, trusted_chain
+from publisher._online_state import (
+    MAX_CANDIDATES,
+    STATE_DIR,
+    STATE_FILE,
+    STATE_ROOT,
+    Floor,
+    OnlineStateError,
+    load_floor,
+    load_root,
+    meta_of,
+    read_or_ignore,
+    save,
+    verified_served,
+)
+from publisher._served import ServedFileError, parse, trusted_chain, versions, walk_roots
 from publisher.errors import KeyError_, RepositoryStateError
 from trust import write_atomic
 
@@ -184,6 +197,12 @@ def after_init(repo: Repository) -> None:
         return
     anchor = (repo.metadata_dir / "1.root.json").read_bytes()
     write_atomic(repo.online.dir / ANCHOR_FILE, anchor, mode=0o600)
+    # the refresh's floor: what init signed with the online keys (ONLINE/state)
+    served = verified_served(repo.metadata_dir, parse(repo.metadata_dir / "1.root.json",
+                                                      anchor).signed)
+    assert served is not None  # just signed here
+    (repo.online.dir / STATE_DIR).mkdir(mode=0o700, exist_ok=True)
+    save(repo.online.dir / STATE_DIR / STATE_FILE, Floor(*served).to_bytes())
     save_expiry(repo.online.dir, repo.expiry)  # the online host's lifetimes and windows
     layout = {"online_roles": list(ONLINE_ROLES),
               "online_dir_at_init": str(repo.online.dir.resolve())}
@@ -230,83 +249,91 @@ def next_snapshot_meta(previous: Mapping[str, int], verified: Mapping[str, int]
     return out if out != dict(previous) else None
 
 
-def _read(path: Path) -> Metadata[Any] | None:
-    """A metadata file of the served directory (no symlink, bounded: publisher._served), or
-    None when it is absent or unusable (logged)."""
-    try:
-        return load(path) if read_file(path) is not None else None
-    except ServedFileError as e:
-        logger.warning("ignoring %s", e)
-        return None
+def _read(path: Path, log: Callable[..., None] = logger.warning) -> Metadata[Any] | None:
+    """A served metadata file, bounded and not through a symlink (None: absent or unusable,
+    ``log``-ged)."""
+    got = read_or_ignore(path, log)
+    return None if got is None else got[0]
 
 
-def _versions(metadata_dir: Path, role: str) -> list[int]:
-    return sorted((int(m.group(1)) for p in metadata_dir.glob(f"*.{role}.json")
-                   if (m := re.fullmatch(rf"(\d+)\.{re.escape(role)}\.json", p.name))),
-                  reverse=True)
-
-
-def trusted_root(online_dir: Path, metadata_dir: Path) -> Root:
-    """The newest root reached from ``ONLINE/root.json`` by TUF's rules (each N+1 signed by
-    the threshold of N and of itself); a root on disk that does not chain is ignored.
+def online_anchor(online_dir: Path) -> Metadata[Root]:
+    """The root the online host trusts: its state (the highest it verified) or, before the
+    first refresh, ``ONLINE/root.json`` from ``repo init``.
 
     Raises:
-        RepositoryStateError: the anchor is missing or unusable.
+        RepositoryStateError: neither is usable root metadata.
     """
     anchor = online_dir / ANCHOR_FILE
-    md = _read(anchor)
-    if md is None or not isinstance(md.signed, Root):
+    state = online_dir / STATE_DIR / STATE_ROOT
+    try:
+        first, kept = load_root(anchor), load_root(state)
+    except ServedFileError as e:
+        raise RepositoryStateError(f"{e}: the online host trusts no root",
+                                   hint="copy the root from `repo init --online-dir` "
+                                        "(ONLINE/root.json)") from e
+    if kept is not None and (first is None or kept.signed.version >= first.signed.version):
+        return kept
+    if first is None:
         raise RepositoryStateError(
             f"{anchor} is missing or not root metadata: the online host trusts no root",
             hint="copy the root from `repo init --online-dir` (ONLINE/root.json)")
-    root: Root = root_chain(md, metadata_dir, strict=False)[-1].signed
+    return first
+
+
+def trusted_root(online_dir: Path, metadata_dir: Path) -> Root:
+    """The newest root reached from the online host's anchor by TUF's rules (each N+1
+    signed by the threshold of N and of itself), at most ``MAX_ROOTS_PER_RUN`` further per
+    run; kept as the next anchor in ``ONLINE/state/root.json`` (atomically).
+
+    Raises:
+        RepositoryStateError: the anchor is missing or unusable.
+        ServedFileError: a newer root file does not chain (named; never a fall-back to
+            the older root).
+        OnlineStateError: the state cannot be written.
+    """
+    root: Root = online_anchor(online_dir).signed
+    chain = walk_roots(root, metadata_dir)
+    if chain:
+        md, data = chain[-1]
+        root = md.signed
+        save(online_dir / STATE_DIR / STATE_ROOT, data)
+        logger.info("refresh: trusts root v%d", root.version)
     return root
 
 
-def verified_versions(metadata_dir: Path, root: Root, targets_floor: int,
-                      log: Callable[..., None] = logger.warning
-                      ) -> tuple[dict[str, int], Targets | None]:
-    """The newest targets (at least ``targets_floor``) signed by root's targets threshold,
-    and the newest version of every role it delegates to (transitively) that verifies
-    through its delegator (``log``: where files that do not verify are reported).
-
-    Returns:
-        ({"targets": v, role: v, ...}, the verified targets or None).
-    """
-    out: dict[str, int] = {}
-    top: Targets | None = None
-    for v in _versions(metadata_dir, "targets"):
-        if v < targets_floor:
+def _newest(metadata_dir: Path, name: str, floor: int, delegator: Root | Targets,
+            log: Callable[..., None]) -> tuple[Metadata[Targets], bytes] | None:
+    """The newest ``N.<name>.json`` (N >= ``floor``) that ``delegator`` accepts for role
+    ``name``, with the bytes verified; at most ``MAX_CANDIDATES`` files tried, newest
+    first (files that do not verify: ``log``-ged)."""
+    for tried, v in enumerate(versions(metadata_dir, name)):
+        if v < floor:
             break
-        md = _read(metadata_dir / f"{v}.targets.json")
+        if tried >= MAX_CANDIDATES:
+            log("ignoring %s.json files below v%d: %d newer ones do not verify", name,
+                v, MAX_CANDIDATES)
+            break
+        got = read_or_ignore(metadata_dir / f"{v}.{name}.json", log)
         try:
-            if md is None or not isinstance(md.signed, Targets) or md.signed.version != v:
+            if got is None or not isinstance(got[0].signed, Targets) or \
+                    got[0].signed.version != v:
                 raise ValueError("not targets metadata of that version")
-            root.verify_delegate("targets", md.signed_bytes, md.signatures)
+            delegator.verify_delegate(name, got[0].signed_bytes, got[0].signatures)
         except (UnsignedMetadataError, ValueError) as e:
-            log("ignoring %s.targets.json: not signed by the targets keys of "
-                           "root v%d: %s", v, root.version, e)
+            by = f"of root v{delegator.version}" if name == "targets" else \
+                f"its delegator gives role {name!r}"
+            log("ignoring %s.%s.json: not signed by the keys %s: %s", v, name, by, e)
             continue
-        out["targets"], top = v, md.signed
-        break
-    if top is None:
-        return out, None
-    out.update(verified_delegations(metadata_dir, top, log)[0])
-    return out, top
+        return got
+    return None
 
 
-def verified_delegations(metadata_dir: Path, top: Targets,
-                         log: Callable[..., None] = logger.warning
-                         ) -> tuple[dict[str, int], dict[str, Metadata[Targets]]]:
-    """The newest version of every role the verified ``top`` delegates to (transitively,
-    by name: a succinct hash-bin delegation is not followed) that verifies through its
-    delegator; files that do not verify are reported to ``log`` and never listed.
-
-    Returns:
-        ({role: version}, {role: its verified metadata}).
-    """
-    out: dict[str, int] = {}
-    mds: dict[str, Metadata[Targets]] = {}
+def _delegated(metadata_dir: Path, top: Targets, log: Callable[..., None]
+               ) -> dict[str, tuple[Metadata[Targets], bytes]]:
+    """Every role the verified ``top`` delegates to (transitively, by name: a succinct
+    hash-bin delegation is not followed), with its newest file that verifies through its
+    delegator (:func:`_newest`)."""
+    out: dict[str, tuple[Metadata[Targets], bytes]] = {}
     queue: list[Targets] = [top]
     while queue:
         parent = queue.pop(0)
@@ -318,21 +345,48 @@ def verified_delegations(metadata_dir: Path, top: Targets,
         for name in parent.delegations.roles or {}:
             if name in out or name in ROLES:
                 continue
-            for v in _versions(metadata_dir, name):
-                md = _read(metadata_dir / f"{v}.{name}.json")
-                try:
-                    if md is None or not isinstance(md.signed, Targets) or \
-                            md.signed.version != v:
-                        raise ValueError("not targets metadata of that version")
-                    parent.verify_delegate(name, md.signed_bytes, md.signatures)
-                except (UnsignedMetadataError, ValueError) as e:
-                    log("ignoring %s.%s.json: not signed by the keys its "
-                        "delegator gives role %r: %s", v, name, name, e)
-                    continue
-                out[name], mds[name] = v, md
-                queue.append(md.signed)
-                break
-    return out, mds
+            found = _newest(metadata_dir, name, 1, parent, log)
+            if found is not None:
+                out[name] = found
+                queue.append(found[0].signed)
+    return out
+
+
+def verified_meta(metadata_dir: Path, root: Root, targets_floor: int,
+                  log: Callable[..., None] = logger.warning
+                  ) -> tuple[dict[str, MetaFile], Targets | None]:
+    """The newest targets (at least ``targets_floor``) signed by root's targets threshold,
+    and the newest version of every role it delegates to (transitively) that verifies
+    through its delegator (``log``: where files that do not verify are reported); each
+    with the length and hash of the bytes verified. At most ``MAX_CANDIDATES`` files are
+    tried per role, newest first.
+
+    Returns:
+        ({"targets": MetaFile, role: MetaFile, ...}, the verified targets or None).
+    """
+    got = _newest(metadata_dir, "targets", targets_floor, root, log)
+    if got is None:
+        return {}, None
+    top: Targets = got[0].signed
+    out = {"targets": meta_of(top.version, got[1])}
+    for name, (md, data) in _delegated(metadata_dir, top, log).items():
+        out[name] = meta_of(md.signed.version, data)
+    return out, top
+
+
+def verified_delegations(metadata_dir: Path, top: Targets,
+                         log: Callable[..., None] = logger.warning
+                         ) -> tuple[dict[str, int], dict[str, Metadata[Targets]]]:
+    """The newest version of every role the verified ``top`` delegates to that verifies
+    through its delegator (:func:`_delegated`); files that do not verify are reported to
+    ``log`` and never listed.
+
+    Returns:
+        ({role: version}, {role: its verified metadata}).
+    """
+    tree = _delegated(metadata_dir, top, log)
+    return ({n: md.signed.version for n, (md, _) in tree.items()},
+            {n: md for n, (md, _) in tree.items()})
 
 
 def _signers(repo: Repository, role: str, root: Root) -> list[Signer]:
@@ -355,10 +409,9 @@ def _signers(repo: Repository, role: str, root: Root) -> list[Signer]:
             for keyid in keyids]
 
 
-def _publish(repo: Repository, md: Metadata[Any], role: str, root: Root,
-             signers: list[Signer], name: str) -> None:
-    """Sign and write ``metadata/name``; short of the threshold nothing is written (the
-    online directory is read-only to the refresh unit: nothing can wait there).
+def _sign(md: Metadata[Any], role: str, root: Root, signers: list[Signer]) -> bytes:
+    """Sign ``md``; its bytes once it meets ``role``'s threshold (nothing is written here:
+    the online directory is read-only to the refresh unit, nothing can wait there).
 
     Raises:
         RepositoryStateError: the registered keys do not meet the role's threshold.
@@ -371,15 +424,22 @@ def _publish(repo: Repository, md: Metadata[Any], role: str, root: Root,
         raise RepositoryStateError(
             f"{role}: the keys in the online directory do not meet its threshold in root "
             f"v{root.version}: {e}", hint=f"register more {role} keys there") from e
-    write_atomic(repo.metadata_dir / name, md.to_bytes(JSONSerializer(compact=False)))
+    return md.to_bytes(JSONSerializer(compact=False))
+
+
+MAX_ONLINE_ENTRIES = 4096  # files and directories refuse_offline_keys looks at
+_KEYS_MARKERS = ("signers.json", LAYOUT_FILE)
 
 
 def refuse_offline_keys(online_dir: Path, root: Root) -> None:
-    """The online directory must hold no offline key: a careless copy of KEYS would hand
-    root and targets to the exposed host.
+    """The online directory must hold no offline key, at any depth: a careless copy of KEYS
+    (or of a backup of it) would hand root and targets to the exposed host. Only the
+    top level may hold key files and a registry; a deeper key file, registry or KEYS
+    marker (``layout.json``) is refused, and so is a directory of more than
+    ``MAX_ONLINE_ENTRIES`` entries (not walked further).
 
     Raises:
-        RepositoryStateError: naming the offline key found.
+        RepositoryStateError: naming the offline key (or the copy of KEYS) found.
     """
     offline = {k: r for r in OFFLINE_ROLES for k in root.roles[r].keyids}
     entries = SignerRegistry(online_dir, b"").entries()
@@ -389,67 +449,180 @@ def refuse_offline_keys(online_dir: Path, root: Root) -> None:
                 f"{online_dir} registers a {offline[keyid]} key ({uri}): the online "
                 "directory must hold only the snapshot and timestamp keys",
                 hint="move it back to the offline key directory")
-    for p in sorted(online_dir.glob("*.pem")):
-        if p.stem.split("-")[0] in OFFLINE_ROLES or p.name.startswith("delegated-"):
+    hint = "move it to the offline key directory"
+    if (online_dir / LAYOUT_FILE).exists():
+        raise RepositoryStateError(
+            f"{online_dir / LAYOUT_FILE} marks a key directory (KEYS): the online "
+            "directory must hold only the snapshot and timestamp keys", hint=hint)
+    seen = 0
+    for top, dirs, files in os.walk(online_dir, onerror=None, followlinks=False):
+        here = Path(top)
+        seen += len(dirs) + len(files)
+        if seen > MAX_ONLINE_ENTRIES:
             raise RepositoryStateError(
-                f"{p} looks like an offline key: the online directory must hold only the "
-                "snapshot and timestamp keys", hint="move it to the offline key directory")
+                f"{online_dir} holds more than {MAX_ONLINE_ENTRIES} entries: the online "
+                "directory must hold only the snapshot and timestamp keys",
+                hint="remove what is not the online keys, signers.json, root.json, "
+                     "expiry.json and state/")
+        dirs.sort()
+        for name in sorted(files):
+            p = here / name
+            nested = here != online_dir
+            if name.endswith(".pem") and (nested or name.split("-")[0].removesuffix(
+                    ".pem") in OFFLINE_ROLES or name.startswith("delegated-")):
+                raise RepositoryStateError(
+                    f"{p} looks like an offline key: the online directory must hold only "
+                    "the snapshot and timestamp keys", hint=hint)
+            if nested and name in _KEYS_MARKERS:
+                raise RepositoryStateError(
+                    f"{p} looks like a copy of a key directory: the online directory "
+                    "must hold only the snapshot and timestamp keys", hint=hint)
+
+
+def _previous(repo: Repository, online_dir: Path, root: Root) -> Floor:
+    """What the next snapshot and timestamp build on: the online host's own record of what
+    it last signed, or the served timestamp and snapshot when they verify under ``root``
+    and are newer (the single-machine layout's operator commands sign them too); never an
+    unverified file.
+
+    Raises:
+        OnlineStateError: neither exists (an online directory from before the state, and
+            a served timestamp that does not verify), or the record is unusable.
+    """
+    path = online_dir / STATE_DIR / STATE_FILE
+    floor = load_floor(path)
+    served = verified_served(repo.metadata_dir, root)
+    if served is not None and (floor is None or served[1] > floor.snapshot):
+        ts_v, snap_v, meta = served
+        return Floor(max(ts_v, floor.timestamp if floor else 0), snap_v, meta)
+    if floor is None:
+        raise OnlineStateError(
+            path, "is missing and the served timestamp.json does not verify: the online "
+                  "host does not know what it signed before",
+            hint="restore ONLINE/state from a backup, or the served timestamp.json and "
+                 "snapshot the online keys signed")
+    if served is not None and served[0] > floor.timestamp:
+        return Floor(served[0], floor.snapshot, floor.meta)
+    return floor
 
 
 def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     """``repo refresh`` with the online directory: snapshot the newest verified targets and
-    delegated roles (or re-sign the snapshot when due), then the timestamp.
+    delegated roles (or re-sign the snapshot when due), then the timestamp; record what it
+    signed in ``ONLINE/state`` before writing it (the floor of the next run).
 
     Returns:
         The roles re-signed.
 
     Raises:
-        RepositoryStateError: no trusted root, or the online directory holds offline keys.
+        RepositoryStateError: no trusted root, a root that does not chain, the online
+            directory holds offline keys, or its state is unusable.
         KeyError_: an online key cannot be loaded.
     """
     online = repo.online
     assert online is not None
     root = trusted_root(online.dir, repo.metadata_dir)
     refuse_offline_keys(online.dir, root)
-    _, snap, ts = repo.current()
-    previous = {name.removesuffix(".json"): m.version for name, m in snap.meta.items()}
-    verified, _ = verified_versions(repo.metadata_dir, root, previous.get("targets", 1))
-    new_meta = next_snapshot_meta(previous, verified)
+    prev = _previous(repo, online.dir, root)
+    previous = {name.removesuffix(".json"): m.version for name, m in prev.meta.items()}
+    verified, _ = verified_meta(repo.metadata_dir, root, previous.get("targets", 1))
+    new_meta = next_snapshot_meta(previous, {k: m.version for k, m in verified.items()})
     keys = {role: _signers(repo, role, root) for role in ONLINE_ROLES}
     done = []
-    if new_meta is not None or snap.expires - now < margin:
-        meta = new_meta or previous
-        for name, v in meta.items():
+    snap_version, snap_entry, meta = prev.snapshot, None, prev.meta
+    out: list[tuple[str, bytes]] = []
+    snap_expires = _snapshot_expires(repo, prev)
+    if new_meta is not None or snap_expires is None or snap_expires - now < margin:
+        meta = dict(prev.meta)
+        for name, v in (new_meta or previous).items():
             if v != previous.get(name):
                 logger.info("refresh: snapshot lists %s v%d (was %s)", name, v,
                             previous.get(name))
-        # never over an existing N.snapshot.json (a stale timestamp.json copied back)
-        version = max([snap.version, *_versions(repo.metadata_dir, "snapshot")]) + 1
-        snap = Snapshot(version=version, expires=now + repo.expiry.snapshot,
-                        meta={f"{name}.json": repo._signed_meta(name, v)  # length, sha256
-                              for name, v in meta.items()})
-        _publish(repo, Metadata(snap), "snapshot", root, keys["snapshot"],
-                 f"{snap.version}.snapshot.json")
+                meta[f"{name}.json"] = verified[name]
+        # above the floor, and never over an existing N.snapshot.json
+        snap_version = max([prev.snapshot, *versions(repo.metadata_dir, "snapshot")[:1]]) + 1
+        snap = Snapshot(version=snap_version, expires=now + repo.expiry.snapshot, meta=meta)
+        data = _sign(Metadata(snap), "snapshot", root, keys["snapshot"])
+        out.append((f"{snap_version}.snapshot.json", data))
+        snap_entry = meta_of(snap_version, data)
         done.append("snapshot")
-    ts = Timestamp(version=ts.version + 1, expires=now + repo.expiry.timestamp,
-                   snapshot_meta=repo._signed_meta("snapshot", snap.version))
-    _publish(repo, Metadata(ts), "timestamp", root, keys["timestamp"], "timestamp.json")
+    if snap_entry is None:
+        got = read_or_ignore(repo.metadata_dir / f"{snap_version}.snapshot.json")
+        snap_entry = meta_of(snap_version, got[1]) if got is not None else \
+            MetaFile(version=snap_version)
+    ts = Timestamp(version=prev.timestamp + 1, expires=now + repo.expiry.timestamp,
+                   snapshot_meta=snap_entry)
+    out.append(("timestamp.json", _sign(Metadata(ts), "timestamp", root, keys["timestamp"])))
     done.append("timestamp")
+    save(online.dir / STATE_DIR / STATE_FILE,
+         Floor(ts.version, snap_version, dict(meta)).to_bytes())
+    for name, data in out:
+        write_atomic(repo.metadata_dir / name, data)
     repo.expiry_warnings()  # root, targets, teams: for the offline machine to act on
     return done
+
+
+def _snapshot_expires(repo: Repository, prev: Floor) -> datetime | None:
+    """When the snapshot ``prev`` names expires (None: its file is gone or unusable, or it
+    is not the one the online host signed: re-sign it)."""
+    got = read_or_ignore(repo.metadata_dir / f"{prev.snapshot}.snapshot.json")
+    if got is None or not isinstance(got[0].signed, Snapshot) or \
+            got[0].signed.version != prev.snapshot or \
+            {k: m.version for k, m in got[0].signed.meta.items()} != \
+            {k: m.version for k, m in prev.meta.items()}:
+        return None
+    expires: datetime = got[0].signed.expires
+    return expires
 
 
 def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
     """On the offline side of the two-machine layout: the newest targets this machine signed,
     which the online host may not have put in a snapshot yet (so the next change builds on
-    it, never on an older version)."""
-    newest = published
-    for md in reversed(trusted_chain(repo)):  # the verified roots, from the anchor in KEYS
-        _, top = verified_versions(repo.metadata_dir, md.signed, newest.version + 1,
-                                   log=logger.debug)
-        if top is not None and top.version > newest.version:
-            newest = top
-    return newest
+    it, never on an older version). Only targets signed by the targets keys of the newest
+    root that chains (TUF's rules) from the offline anchor (``KEYS/trusted-root.json``,
+    :func:`publisher._served.trusted_chain`) count: never a retired key (:func:`_head`),
+    never an unchained root.
+
+    Raises:
+        ServedFileError: the anchor is unusable, or a newer root does not chain (named).
+    """
+    roots = [md.signed for md in trusted_chain(repo)]
+    return _head(repo.metadata_dir, roots, published)
+
+
+def _head(metadata_dir: Path, roots: list[Root], published: Targets) -> Targets:
+    """The newest targets above ``published`` that the newest root of ``roots`` whose
+    targets keys signed anything newer accepts. A root's keys are retired once the root
+    after it has signed the published targets: from the newest root back, a root whose
+    keys signed ``published`` ends the search (a key dropped by a rotation cannot sign a
+    newer head); one that did not (a rotation not yet followed by new targets) hands on to
+    the root before it.
+    """
+    candidates: list[Metadata[Any]] = []
+    for v in versions(metadata_dir, "targets"):
+        if v <= published.version or len(candidates) >= MAX_CANDIDATES:
+            break
+        md = _read(metadata_dir / f"{v}.targets.json", logger.debug)
+        if md is not None and isinstance(md.signed, Targets) and md.signed.version == v:
+            candidates.append(md)
+    pub = _read(metadata_dir / f"{published.version}.targets.json", logger.debug)
+    if pub is not None and pub.signed.to_dict() != published.to_dict():
+        pub = None
+    for root in reversed(roots):
+        for md in candidates:
+            try:
+                root.verify_delegate("targets", md.signed_bytes, md.signatures)
+            except UnsignedMetadataError:
+                continue
+            found: Targets = md.signed
+            return found
+        if pub is not None:
+            try:
+                root.verify_delegate("targets", pub.signed_bytes, pub.signatures)
+            except UnsignedMetadataError:
+                continue
+            return published
+    return published
 
 
 def attach(repo: Repository, online_dir: Path | None, passphrases: Passphrases,

@@ -6,7 +6,8 @@ published metadata goes through :func:`verified_view`:
 
 - the root chain, verified from a trust anchor kept OUTSIDE the served directory
   (``KEYS/trusted-root.json``: the latest root whose change this tool completed; on the
-  online host ``ONLINE/root.json``); a repository made before the anchor existed is
+  online host the highest root it verified, ``ONLINE/state/root.json``, else
+  ``ONLINE/root.json``); a repository made before the anchor existed is
   bootstrapped once from ``1.root.json``, with a warning;
 - then ``timestamp.json`` -> snapshot -> targets, each by its role's signatures in the
   newest root (or, while a root change is being completed, the root before it, which
@@ -26,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -48,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 MAX_METADATA = 16 << 20  # bytes: the largest metadata file the operator's tools read
 MAX_DEPTH = 64
+MAX_ROOTS_PER_RUN = 64  # root versions the online refresh verifies in one run
+MAX_OFFLINE_ROOTS = 1024  # the offline side keeps no partial walk: a larger bound
 TRUSTED_ROOT_FILE = "trusted-root.json"  # in KEYS: the root this tool trusts
 STATE_FILE = "published.json"  # in KEYS: the versions this tool last published
 MAX_STATE = 4096
@@ -62,34 +66,38 @@ class ServedFileError(StockClientWouldRejectError):
         path: the file at fault (``filename``: its name).
     """
 
-    def __init__(self, path: Path, why: str) -> None:
+    def __init__(self, path: Path, why: str, hint: str = "") -> None:
         RepositoryStateError.__init__(
             self, f"{path} {why}; refusing to sign anything from it",
-            hint="the served directory was changed by someone other than this tool (or a "
-                 "copy went wrong): restore it from the operator's last published state")
+            hint=hint or "the served directory was changed by someone other than this tool "
+                         "(or a copy went wrong): restore it from the operator's last "
+                         "published state")
         self.path, self.filename = path, path.name
 
 
 def read_file(path: Path, limit: int = MAX_METADATA) -> bytes | None:
-    """The bytes of a regular file, opened without following a symlink, at most ``limit``.
+    """The bytes of a regular file, opened without following a symlink and without
+    blocking (a FIFO), at most ``limit + 1`` bytes read from the descriptor.
 
     Returns:
         None when the file does not exist.
 
     Raises:
-        ServedFileError: a symlink, not a regular file, too big or unreadable.
+        ServedFileError: a symlink, FIFO, device or directory; too big; unreadable.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
-    except OSError as e:  # ELOOP: a symlink
+    except OSError as e:  # ELOOP: a symlink; ENXIO, EACCES, ...
         raise ServedFileError(path, f"cannot be opened as a plain file ({e.strerror})") from e
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ServedFileError(path, "is not a regular file")
-        data = f.read(limit + 1)
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise ServedFileError(path, "is not a regular file")
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise ServedFileError(path, f"cannot be read ({e.strerror})") from e
     if len(data) > limit:
         raise ServedFileError(path, f"is larger than {limit} bytes")
     return data
@@ -124,47 +132,73 @@ def load(path: Path) -> Metadata[Any]:
 # --- the root chain ----------------------------------------------------------------
 
 
-def _next_root(root: Root, path: Path) -> Metadata[Root] | None:
-    """``path`` (root v+1) if it chains from ``root`` by TUF's rules, None if absent.
+def versions(metadata_dir: Path, role: str) -> list[int]:
+    """The versions of the ``N.<role>.json`` files present, newest first (names only)."""
+    pat = re.compile(rf"([1-9]\d{{0,30}})\.{re.escape(role)}\.json")
+    return sorted((int(m.group(1)) for p in metadata_dir.glob(f"*.{role}.json")
+                   if (m := pat.fullmatch(p.name))), reverse=True)
+
+
+def walk_roots(anchor: Root, metadata_dir: Path, *, strict: bool = True,
+               max_steps: int | None = None) -> list[tuple[Metadata[Root], bytes]]:
+    """The roots after ``anchor`` that chain from it by TUF's rules (root N+1 signed by
+    the threshold of root N and of its own), in order, with the bytes verified; at most
+    ``max_steps`` (default ``MAX_ROOTS_PER_RUN``; the rest: logged, for the next run).
+    Only files present are visited.
+
+    ``strict``: a root file newer than the newest verified one that does not chain (a gap
+    before it, unreadable, not root N+1, short of a threshold) is an error, never a silent
+    fall-back to the older root; else it is logged and the chain ends before it.
 
     Raises:
-        ServedFileError: present but does not chain.
+        ServedFileError: (strict) naming the root that does not chain.
     """
-    md = load(path) if read_file(path) is not None else None
-    if md is None:
-        return None
-    try:
-        if not isinstance(md.signed, Root) or md.signed.version != root.version + 1:
-            raise ValueError(f"not root metadata of version {root.version + 1}")
-        root.verify_delegate("root", md.signed_bytes, md.signatures)
-        md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
-    except (UnsignedMetadataError, ValueError) as e:
-        raise ServedFileError(path, f"does not chain to root v{root.version}: {e}") from e
-    return md
-
-
-def root_chain(anchor: Metadata[Root], metadata_dir: Path, *, strict: bool = True
-               ) -> list[Metadata[Root]]:
-    """The anchor, then each ``N.root.json`` after it that chains (previous root's threshold
-    and its own). ``strict``: a root on disk that does not chain is an error (else it is
-    logged and the chain ends before it).
-
-    Raises:
-        ServedFileError: (strict) a root that does not chain.
-    """
-    chain = [anchor]
-    while True:
-        path = metadata_dir / f"{chain[-1].signed.version + 1}.root.json"
+    limit = MAX_ROOTS_PER_RUN if max_steps is None else max_steps
+    out: list[tuple[Metadata[Root], bytes]] = []
+    root = anchor
+    hint = ("remove it, or replace it with the root the offline machine signed; nothing "
+            "is signed until the root chain verifies")
+    for v in sorted(v for v in versions(metadata_dir, "root") if v > anchor.version):
+        if len(out) >= limit:
+            logger.warning("verified %d root versions in this run (up to v%d); the next run "
+                           "goes on from there", limit, root.version)
+            break
+        path = metadata_dir / f"{v}.root.json"
         try:
-            nxt = _next_root(chain[-1].signed, path)
+            if v != root.version + 1:
+                raise ServedFileError(path, f"does not chain to root v{root.version}: "
+                                            f"{root.version + 1}.root.json is missing", hint)
+            data = read_file(path)
+            if data is None:  # removed since the listing
+                break
+            md = parse(path, data)
+            try:
+                if not isinstance(md.signed, Root) or md.signed.version != v:
+                    raise ValueError(f"not root metadata of version {v}")
+                root.verify_delegate("root", md.signed_bytes, md.signatures)
+                md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+            except (UnsignedMetadataError, ValueError) as e:
+                raise ServedFileError(path, f"does not chain to root v{root.version}: {e}",
+                                      hint) from e
         except ServedFileError as e:
             if strict:
                 raise
             logger.warning("ignoring %s", e)
-            return chain
-        if nxt is None:
-            return chain
-        chain.append(nxt)
+            break
+        root = md.signed
+        out.append((md, data))
+    return out
+
+
+def root_chain(anchor: Metadata[Root], metadata_dir: Path, *, strict: bool = True,
+               max_steps: int | None = None) -> list[Metadata[Root]]:
+    """The anchor, then the roots :func:`walk_roots` verifies after it.
+
+    Raises:
+        ServedFileError: (strict) a root that does not chain.
+    """
+    walked = walk_roots(anchor.signed, metadata_dir, strict=strict, max_steps=max_steps)
+    return [anchor, *(md for md, _ in walked)]
 
 
 def anchor_path(repo: Repository) -> Path:
@@ -176,12 +210,13 @@ def anchor_path(repo: Repository) -> Path:
 
 
 def _anchor(repo: Repository) -> Metadata[Root]:
+    if repo.online is not None:  # the highest root the online host verified (its state)
+        from publisher._online import online_anchor
+
+        return online_anchor(repo.online.dir)
     path = anchor_path(repo)
     data = read_file(path)
     if data is None:
-        if repo.online is not None:
-            raise ServedFileError(path, "is missing: the online host trusts no root (copy "
-                                        "the root from `repo init --online-dir`)")
         first = repo.metadata_dir / "1.root.json"
         logger.warning("%s is missing (a repository made before it existed): trusting %s "
                        "once, as found in the served directory, and keeping it as the "
@@ -222,14 +257,14 @@ def trusted_chain(repo: Repository) -> list[Metadata[Root]]:
         ServedFileError: naming the root at fault.
     """
     anchor = _anchor(repo)
-    strict = repo.online is None  # the online host only ignores a root that does not chain
-    if strict:
-        served = repo.metadata_dir / f"{anchor.signed.version}.root.json"
-        md = load(served)
-        if md.signed.to_dict() != anchor.signed.to_dict():
-            raise ServedFileError(served, f"differs from the trusted root in "
-                                          f"{anchor_path(repo)}")
-    return root_chain(anchor, repo.metadata_dir, strict=strict)
+    if repo.online is not None:  # its state may be ahead of a served root removed later
+        return root_chain(anchor, repo.metadata_dir)
+    served = repo.metadata_dir / f"{anchor.signed.version}.root.json"
+    md = load(served)
+    if md.signed.to_dict() != anchor.signed.to_dict():
+        raise ServedFileError(served, f"differs from the trusted root in "
+                                      f"{anchor_path(repo)}")
+    return root_chain(anchor, repo.metadata_dir, max_steps=MAX_OFFLINE_ROOTS)
 
 
 # --- timestamp -> snapshot -> targets ---------------------------------------------------
@@ -276,9 +311,12 @@ class View:
                                    f"(v{self.roots[0].signed.version}..v{self.root.version})")
 
 
-def _verify(md: Metadata[Any], role: str, roots: list[Metadata[Root]], path: Path) -> None:
+def _verify(md: Metadata[Any], role: str, roots: list[Metadata[Root]], path: Path,
+            *, any_root: bool = False) -> None:
     """``md`` meets ``role``'s threshold in the newest root or, while a root change is
-    being completed (re-keyed metadata not re-signed yet), in the root before it.
+    being completed (re-keyed metadata not re-signed yet), in the root before it;
+    ``any_root``: in any root of ``roots`` (the offline side of the two-machine layout,
+    whose online host may not have re-signed since several root changes).
 
     Raises:
         ServedFileError: it does not.
@@ -287,17 +325,39 @@ def _verify(md: Metadata[Any], role: str, roots: list[Metadata[Root]], path: Pat
         roots[-1].signed.verify_delegate(role, md.signed_bytes, md.signatures)
         return
     except UnsignedMetadataError as e:
-        if len(roots) < 2:
-            raise ServedFileError(path, f"is not signed by the {role} keys of root "
-                                        f"v{roots[-1].signed.version}: {e}") from e
         why = str(e)
-    try:
-        roots[-2].signed.verify_delegate(role, md.signed_bytes, md.signatures)
-    except UnsignedMetadataError as e:
-        raise ServedFileError(path, f"is not signed by the {role} keys of root "
-                                    f"v{roots[-1].signed.version}: {why}") from e
-    logger.info("%s is signed under root v%d (root v%d's change is not completed)", path,
-                roots[-2].signed.version, roots[-1].signed.version)
+    for older in reversed(roots[:-1] if any_root else roots[-2:-1]):
+        try:
+            older.signed.verify_delegate(role, md.signed_bytes, md.signatures)
+        except UnsignedMetadataError:
+            continue
+        logger.info("%s is signed under root v%d (root v%d's change is not completed)",
+                    path, older.signed.version, roots[-1].signed.version)
+        return
+    raise ServedFileError(path, f"is not signed by the {role} keys of root "
+                                f"v{roots[-1].signed.version}: {why}")
+
+
+def _older_roots(anchor: Metadata[Root], metadata_dir: Path) -> list[Metadata[Root]]:
+    """The roots before ``anchor``, oldest first, as far back as each root N verifies
+    (self-signed, and its threshold signed root N+1); at most ``MAX_OFFLINE_ROOTS``."""
+    out: list[Metadata[Root]] = []
+    nxt = anchor
+    for _ in range(MAX_OFFLINE_ROOTS):
+        v = nxt.signed.version - 1
+        path = metadata_dir / f"{v}.root.json"
+        try:
+            md = load(path) if v >= 1 else None
+            if md is None or not isinstance(md.signed, Root) or md.signed.version != v:
+                break
+            md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
+            md.signed.verify_delegate("root", nxt.signed_bytes, nxt.signatures)
+        except (ServedFileError, UnsignedMetadataError) as e:
+            logger.debug("root chain before v%d ends: %s", nxt.signed.version, e)
+            break
+        out.insert(0, md)
+        nxt = md
+    return out
 
 
 def verify_role(path: Path, role: str, roots: list[Metadata[Root]]) -> Metadata[Any]:
@@ -360,13 +420,17 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
         RepositoryStateError: the state file is corrupt, or a version is lower than this
             tool published.
     """
+    from publisher._online import online_elsewhere
+
     roots = trusted_chain(repo)
     invalid: dict[str, str] = {}
     mdir = repo.metadata_dir
+    lagging = online_elsewhere(repo)  # the online host may not have refreshed since
+    signers = [*_older_roots(roots[0], mdir), *roots] if lagging else roots
 
     def verify(md: Metadata[Any], role: str, path: Path) -> None:
         try:
-            _verify(md, role, roots, path)
+            _verify(md, role, signers, path, any_root=lagging)
         except ServedFileError as e:
             if strict:
                 raise

@@ -4,24 +4,14 @@ through tests/_i14_online_unit.py's model of the unit's directives."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests._i14_online_unit import directives, view
 
 
-@pytest.mark.xfail(strict=True, reason="systemd/modelward-repo-refresh.service hides /media "
-                   "and /mnt but not /run/media, where udisks2 (GNOME, Fedora, Arch) mounts "
-                   "the removable media the README suggests for KEYS on a single machine: "
-                   "the unit's view keeps it (read-only); only file modes stand in the way")
 def test_removable_media_keys_are_out_of_the_units_view() -> None:
     d = directives()
     assert view("/run/media/operator/KEYS/root.pem", d) == "hidden"
 
 
-@pytest.mark.xfail(strict=True, reason="systemd/modelward-repo-refresh.service is a oneshot "
-                   "with no TimeoutStartSec= (infinite for oneshot) and no MemoryMax=: one "
-                   "FIFO or sparse file in metadata/ (see test_a14_online_trust) hangs or "
-                   "swells the refresh, the timer never starts it again, the timestamp expires")
 def test_refresh_unit_bounds_its_run_time_and_memory() -> None:
     d = directives()
     assert d.get("TimeoutStartSec") not in (None, ["infinity"], ["0"])

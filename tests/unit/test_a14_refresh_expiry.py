@@ -62,6 +62,15 @@ def template2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
+def _hold_elsewhere(keys: Path, uri: str) -> str:
+    """The key ``uri`` is held by another person: not in this machine's registry (a
+    registered key signs every time). Returns the registry to put back when they come."""
+    text = (keys / "signers.json").read_text()
+    doc = json.loads(text)
+    (keys / "signers.json").write_text(json.dumps({k: u for k, u in doc.items() if u != uri}))
+    return text
+
+
 def _copy(src: Path, tmp: Path) -> tuple[Repository, Clock]:
     shutil.copytree(src, tmp / "w")
     clock = Clock()
@@ -150,10 +159,12 @@ def test_a14_snapshot_threshold_two_keeps_devices_updating(template2: Path,
                                                            tmp_path: Path) -> None:
     repo, clock = _copy(template2, tmp_path)
     clock.now = T0 + 29 * DAY + timedelta(hours=1)  # snapshot inside its window
+    registry = _hold_elsewhere(repo.keys, "encfile:snapshot-2.pem")
     with pytest.raises(ThresholdNotMetError):
         repo.refresh()
     _, ts = _published(repo)
     timestamp_fresh = ts.signed.expires > clock.now + timedelta(hours=12)
+    (repo.keys / "signers.json").write_text(registry)  # the second key holder comes
     checked, _ = repo.review_pending("snapshot")
     repo.sign_pending("snapshot", "encfile:snapshot-2.pem", reviewed=checked.digest)
     snap, ts = _published(repo)

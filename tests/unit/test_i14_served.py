@@ -196,23 +196,27 @@ def test_corrupt_state_file_is_a_typed_error(repo: Repository, content: bytes) -
     _refused(repo, STATE_FILE)
 
 
-def test_online_host_refuses_an_edited_snapshot(tmp_path: Path) -> None:
-    """The online host (its own anchor, ONLINE/root.json) verifies the same way: an edited
-    snapshot is never re-signed by the online keys."""
+def test_online_host_never_re_signs_an_edited_snapshot(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The online host verifies the same way: an edited snapshot is never re-signed by the
+    online keys; it builds on its own record of what it signed (ONLINE/state/refresh.json),
+    so the edit neither lowers a role nor puts one in."""
     from tests.unit.test_i14_online import Layout
 
     lay = Layout(tmp_path)
     lay.offline.publish(lay.bundle("1.0.0"))
     lay.online().refresh()
+    signed = lay.snapshot_meta()
     ts = lay.md("timestamp.json").signed
     path = lay.repo_dir / "metadata" / f"{ts.snapshot_meta.version}.snapshot.json"
     doc = json.loads(path.read_bytes())
     doc["signed"]["meta"] = {"targets.json": {"version": 1}}
     path.write_text(json.dumps(doc))
-    before = {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()}
-    with pytest.raises(RepositoryStateError, match=path.name):
+    with caplog.at_level(logging.WARNING):
         lay.online().refresh()
-    assert {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()} == before
+    assert "do not verify" in caplog.text
+    assert lay.snapshot_meta() == signed  # not the edited role list
+    assert lay.md("timestamp.json").signed.snapshot_meta.version > ts.snapshot_meta.version
 
 
 def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timestamp(
@@ -222,6 +226,9 @@ def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timest
     clock = Clock()
     repo = Repository(tmp_path / "repo", tmp_path / "keys", PASS, clock=clock)
     repo.init(thresholds={"snapshot": 2}, key_counts={"snapshot": 2})
+    registry = (tmp_path / "keys" / "signers.json").read_text()
+    (tmp_path / "keys" / "signers.json").write_text(json.dumps(  # held by someone else
+        {k: u for k, u in json.loads(registry).items() if u != "encfile:snapshot-2.pem"}))
     clock.now = T0 + timedelta(days=29, hours=1)  # the snapshot is inside its window
     versions: list[int] = []
     parked: list[bytes] = []
@@ -235,5 +242,6 @@ def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timest
     assert versions[1] == versions[0] + 1
     assert parked[1] == parked[0]  # the second refresh left the waiting one as it was
     assert [p.name for p in repo.pending_dir.iterdir()] == ["2.snapshot.json"]
+    (tmp_path / "keys" / "signers.json").write_text(registry)  # its holder comes
     repo.sign_pending("snapshot", "encfile:snapshot-2.pem")
     assert repo.current()[2].snapshot_meta.version == 2
