@@ -77,6 +77,7 @@ from publisher._served import (
     ServedFileError,
     View,
     read_file,
+    record_signed_targets,
     save_anchor,
     save_floors,
     trusted_chain,
@@ -454,6 +455,8 @@ class Repository:
         if name == "timestamp.json":
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
         write_atomic(self.metadata_dir / name, data)
+        if role == "targets":
+            record_signed_targets(self.keys, md.signed.version, data)
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
         if name == "timestamp.json":  # what devices may hold now: never served lower
             snap_v = md.signed.snapshot_meta.version

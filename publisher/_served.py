@@ -56,6 +56,8 @@ TRUSTED_ROOT_FILE = "trusted-root.json"  # in KEYS: the root this tool trusts
 STATE_FILE = "published.json"  # in KEYS: the versions this tool last published
 MAX_STATE = 4096
 FLOOR_ROLES = ("timestamp", "snapshot", "targets")
+SIGNED_FILE = "signed-targets.json"  # in KEYS: version -> sha256 of targets this tool wrote
+KEEP_SIGNED = 16
 
 
 class ServedFileError(StockClientWouldRejectError):
@@ -409,6 +411,32 @@ def save_floors(repo: Repository, floors: Mapping[str, int]) -> None:
     write_atomic(repo.keys / STATE_FILE, json.dumps(new).encode(), mode=0o600)
 
 
+def signed_targets(keys: Path) -> dict[int, str]:
+    """``KEYS/signed-targets.json``: the last targets files this tool wrote, version ->
+    sha256 (an unreadable or odd file counts as empty: it only ever widens trust in bytes
+    this tool wrote itself)."""
+    path = keys / SIGNED_FILE
+    try:
+        data = read_file(path, MAX_STATE)
+        doc = loads_bounded(data, max_bytes=MAX_STATE, max_depth=2, what=str(path)) \
+            if data is not None else {}
+    except (ValueError, ServedFileError):
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {int(k): v for k, v in doc.items()
+            if isinstance(k, str) and k.isdigit() and isinstance(v, str)}
+
+
+def record_signed_targets(keys: Path, version: int, data: bytes) -> None:
+    """Remember that this tool wrote ``<version>.targets.json`` with these bytes."""
+    known = signed_targets(keys)
+    known[version] = hashlib.sha256(data).hexdigest()
+    keep = dict(sorted(known.items())[-KEEP_SIGNED:])
+    write_atomic(keys / SIGNED_FILE, json.dumps({str(k): v for k, v in keep.items()}).encode(),
+                 mode=0o600)
+
+
 def verified_view(repo: Repository, *, strict: bool = True) -> View:
     """The published state, verified from the trust anchor (module docstring).
 
@@ -428,8 +456,15 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
     lagging = online_elsewhere(repo)  # the online host may not have refreshed since
     signers = [*_older_roots(roots[0], mdir), *roots] if lagging else roots
 
-    def verify(md: Metadata[Any], role: str, path: Path) -> None:
+    def verify(md: Metadata[Any], role: str, path: Path, data: bytes) -> None:
         try:
+            if lagging and role == "targets":
+                # Targets the offline side builds on: its own bytes, or signed under the
+                # newest root (never a retired targets key of an older root).
+                if signed_targets(repo.keys).get(md.signed.version) != \
+                        hashlib.sha256(data).hexdigest():
+                    _verify(md, role, roots, path)
+                return
             _verify(md, role, signers, path, any_root=lagging)
         except ServedFileError as e:
             if strict:
@@ -454,7 +489,7 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
         if meta is not None and md.signed.version != meta.version:
             raise ServedFileError(path, f"says version {md.signed.version}, not "
                                         f"{meta.version}")
-        verify(md, role, path)
+        verify(md, role, path, data)
         return md
 
     ts = fetch("timestamp.json", "timestamp", None)

@@ -131,6 +131,27 @@ def test_offline_publish_ignores_targets_signed_by_a_retired_key(
     assert stock_client_refresh(lay, tmp_path).get_targetinfo(EVIL) is None
 
 
+def test_online_host_with_a_retired_targets_key_cannot_seed_the_next_offline_publish(
+        lay: Layout, tmp_path: Path) -> None:
+    """The online host's keys and a leaked targets key retired by two rotations in a row:
+    its served head (targets signed by the retired key, snapshot and timestamp by the real
+    online keys) is never what the offline side builds on. Only bytes the offline side
+    wrote itself, or targets signed under the newest root, are."""
+    leaked = load_signer_at(lay.keys / "targets.pem", OFFLINE, "targets")
+    lay.offline.publish(lay.bundle("1.0.0"))
+    lay.online().refresh()
+    lay.offline.rotate("targets")
+    lay.offline.rotate("targets")  # the online host has not refreshed in between
+    snap = load_signer_at(lay.online_dir / "snapshot.pem", PASS["snapshot"], "snapshot")
+    ts = load_signer_at(lay.online_dir / "timestamp.pem", PASS["timestamp"], "timestamp")
+    _plant_forged_head(lay, {"targets": leaked, "snapshot": snap, "timestamp": ts}, 40)
+    try:
+        r = lay.offline.publish(lay.bundle("1.1.0"))
+    except RepositoryStateError:
+        return  # refusing to build on unverified targets is fine too
+    assert EVIL not in lay.md(f"{r.targets_version}.targets.json").signed.targets
+
+
 def test_offline_publish_ignores_targets_under_an_unchained_root(
         lay: Layout, tmp_path: Path) -> None:
     lay.offline.publish(lay.bundle("1.0.0"))
