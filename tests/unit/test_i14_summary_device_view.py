@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,8 @@ from tuf.api.metadata import (
     Delegations,
     Metadata,
     MetaFile,
-    Root,
     Snapshot,
     SuccinctRoles,
-    TargetFile,
-    Targets,
 )
 from tuf.api.serialization.json import JSONSerializer
 
@@ -35,40 +31,13 @@ from publisher._summary import (
     read_pending,
     summarize,
 )
+from tests.unit.test_a14_sign_summary import NOW, _changes, _root, _target, _targets
+from tests.unit.test_a14_sign_summary import S as _S
 from updater._fields import noncanonical
 from updater._search import Found
 from updater._tuf import _candidate
 
-NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-FP = "ab" * 32
-S = {r: CryptoSigner.generate_ed25519() for r in ("root", "targets", "snapshot", "timestamp",
-                                                  "vision", "audio", "new")}
-
-
-def _root(version: int = 1) -> Root:
-    root = Root(version=version, expires=NOW + timedelta(days=365))
-    for role in ("root", "targets", "snapshot", "timestamp"):
-        root.add_key(S[role].public_key, role)
-    return root
-
-
-def _target(path: str = "classifier/classifier-1.0.0.tar", **fields: Any) -> TargetFile:
-    tf = TargetFile(100, {"sha256": "11" * 32}, path)
-    tf.unrecognized_fields["custom"] = {"modelward": {
-        "name": path.split("/")[0], "version": "1.0.0", "fingerprint": FP,
-        "channel": "stable", "rollout": {"basis_points": 10000, "halted": False},
-        "pinned": False, **fields}}
-    return tf
-
-
-def _targets(version: int, *targets: TargetFile,
-             delegations: Delegations | None = None) -> Metadata[Targets]:
-    return Metadata(Targets(version=version, expires=NOW + timedelta(days=365),
-                            targets={t.path: t for t in targets}, delegations=delegations))
-
-
-def _changes(lines: list[str]) -> list[str]:
-    return [x for x in lines[2:-1] if not x.startswith("  no other change")]
+S = {**_S, "new": CryptoSigner.generate_ed25519()}
 
 
 def _bytes(md: Metadata[Any]) -> bytes:
