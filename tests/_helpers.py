@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -88,3 +89,13 @@ def team_release_installed(w: World) -> None:
     team_sign(w.repo, "cls-team", w.bundle("3.0.0", seed=3))
     w.update()
     assert w.active_version() == "3.0.0"
+
+
+class Clock:
+    """A settable clock for a Repository (``clock=``); starts at ``now``."""
+
+    def __init__(self, now: datetime | None = None) -> None:
+        self.now = now or datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now

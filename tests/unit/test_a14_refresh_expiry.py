@@ -26,19 +26,12 @@ from tuf.api.metadata import Metadata, Snapshot, Timestamp
 from publisher import Repository
 from publisher._expiry import Expiry
 from publisher._repo import ThresholdNotMetError
+from tests._helpers import Clock
 
 PASS = b"a14 operator unit passphrase"
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +66,7 @@ def _hold_elsewhere(keys: Path, uri: str) -> str:
 
 def _copy(src: Path, tmp: Path) -> tuple[Repository, Clock]:
     shutil.copytree(src, tmp / "w")
-    clock = Clock()
+    clock = Clock(T0)
     return Repository(tmp / "w" / "repo", tmp / "w" / "keys", PASS, clock=clock), clock
 
 

@@ -24,19 +24,12 @@ from publisher._expiry import (
     save_expiry,
 )
 from publisher.errors import OperatorInputError, RepositoryStateError
+from tests._helpers import Clock
 
 PASS = b"unit test passphrase"
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
 TIMER = Path(__file__).resolve().parents[2] / "systemd" / "modelward-repo-refresh.timer"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 # --- pure ----------------------------------------------------------------------------
@@ -196,7 +189,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def world(template: Path, tmp_path: Path) -> tuple[Repository, Clock]:
     shutil.copytree(template, tmp_path / "w")
-    clock = Clock()
+    clock = Clock(T0)
     return Repository(tmp_path / "w" / "repo", tmp_path / "w" / "keys", PASS,
                       clock=clock), clock
 

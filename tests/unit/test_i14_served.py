@@ -24,17 +24,10 @@ from publisher._served import (
     read_file,
 )
 from publisher.errors import RepositoryStateError
+from tests._helpers import Clock
 
 PASS = b"i14 served unit passphrase"
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        return self.now
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +42,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def repo(template: Path, tmp_path: Path) -> Repository:
     shutil.copytree(template, tmp_path / "w", symlinks=True)
-    clock = Clock()
+    clock = Clock(T0)
     clock.now = T0 + timedelta(minutes=5)
     return Repository(tmp_path / "w" / "repo", tmp_path / "w" / "keys", PASS, clock=clock)
 
@@ -223,7 +216,7 @@ def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timest
         tmp_path: Path) -> None:
     from publisher._repo import ThresholdNotMetError
 
-    clock = Clock()
+    clock = Clock(T0)
     repo = Repository(tmp_path / "repo", tmp_path / "keys", PASS, clock=clock)
     repo.init(thresholds={"snapshot": 2}, key_counts={"snapshot": 2})
     registry = (tmp_path / "keys" / "signers.json").read_text()
