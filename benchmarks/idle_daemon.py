@@ -63,7 +63,7 @@ def measure_idle(seconds: float) -> tuple[float, int, int]:
         pki.mkdir()
         ca = make_ca(pki)
         server = issue_cert(ca, pki, "server")
-        repo = Repository(work / "repo", work / "keys", b"bench")
+        repo = Repository(work / "repo", work / "keys", b"idle-daemon bench passphrase")
         root = repo.init()
         model = make_linear_model(work / "m.onnx", 1)
         build_bundle(model, "classifier", "1.0.0", work / "b.tar")
