@@ -112,6 +112,9 @@ class KdfInfo:
                        f"{self.scrypt.cost()} block operations"
         if self.kind == "pbkdf2" and self.iterations > MAX_PBKDF2_ITERATIONS:
             return f"{self.describe()} is more than {MAX_PBKDF2_ITERATIONS}"
+        if self.kind == "unknown":  # PBES1, PKCS#12 PBE, another KDF: cost unbounded here
+            return "an encryption scheme other than PBES2 with scrypt or PBKDF2, whose cost " \
+                   "cannot be bounded before it runs"
         return ""
 
     def describe(self) -> str:
@@ -247,6 +250,13 @@ def kdf_of(pem: bytes) -> KdfInfo:
         return KdfInfo("unencrypted")
     if label != _PEM_ENCRYPTED:  # any other block: cryptography might run its own KDF
         raise KeyFileFormatError(f"a {label} block, not a PKCS#8 private key")
+    try:
+        return _encrypted_kdf(der)
+    except IndexError as e:  # a structure with fewer items than PKCS#8 has
+        raise KeyFileFormatError("a truncated EncryptedPrivateKeyInfo") from e
+
+
+def _encrypted_kdf(der: bytes) -> KdfInfo:
     info = _items(_expect(_read(der)[:2], 0x30, "EncryptedPrivateKeyInfo"))
     alg = _items(_expect(info[0], 0x30, "encryptionAlgorithm"))
     if _oid_str(_expect(alg[0], 0x06, "algorithm")) != _PBES2 or len(alg) < 2:

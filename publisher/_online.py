@@ -45,6 +45,7 @@ from publisher._online_state import (
     save,
     verified_served,
 )
+from publisher._passphrases import PASSPHRASE_ENV, PassphraseProvider, env_var
 from publisher._served import ServedFileError, parse, trusted_chain, versions, walk_roots
 from publisher.errors import KeyError_, RepositoryStateError
 from trust import write_atomic
@@ -58,12 +59,10 @@ ONLINE_ROLES = ("snapshot", "timestamp")
 OFFLINE_ROLES = tuple(r for r in ROLES if r not in ONLINE_ROLES)
 LAYOUT_FILE = "layout.json"  # in KEYS: this repository's online keys live elsewhere
 ANCHOR_FILE = "root.json"  # in ONLINE: the root the online host trusts (from `repo init`)
-PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name
 ONLINE_DIR_ENV = "MODELWARD_ONLINE_DIR"
 CREDENTIAL = "key-passphrase-{role}"  # systemd credential name (LoadCredential=)
 
-Passphrases = Callable[[str], bytes]
-"""role -> passphrase of its key file (the i14 per-role providers plug in here)."""
+Passphrases = PassphraseProvider  # role -> passphrase of its key file
 
 
 def env_passphrases(environ: Mapping[str, str],
@@ -77,7 +76,7 @@ def env_passphrases(environ: Mapping[str, str],
     """
 
     def get(role: str) -> bytes:
-        var = f"{PASSPHRASE_ENV}_{role.upper().replace('-', '_')}"
+        var = env_var(role)  # the same name the offline side's provider reads
         value = environ.get(var)
         where = var
         if value is None and environ.get("CREDENTIALS_DIRECTORY"):
@@ -531,8 +530,8 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     done = []
     snap_version, snap_entry, meta = prev.snapshot, None, prev.meta
     out: list[tuple[str, bytes]] = []
-    snap_expires = _snapshot_expires(repo, prev)
-    if new_meta is not None or snap_expires is None or snap_expires - now < margin:
+    reusable = _reusable_snapshot(repo, prev, root)
+    if new_meta is not None or reusable is None or reusable[0] - now < margin:
         meta = dict(prev.meta)
         for name, v in (new_meta or previous).items():
             if v != previous.get(name):
@@ -547,9 +546,8 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
         snap_entry = meta_of(snap_version, data)
         done.append("snapshot")
     if snap_entry is None:
-        got = read_or_ignore(repo.metadata_dir / f"{snap_version}.snapshot.json")
-        snap_entry = meta_of(snap_version, got[1]) if got is not None else \
-            MetaFile(version=snap_version)
+        assert reusable is not None  # else the snapshot was re-signed above
+        snap_entry = reusable[1]
     ts = Timestamp(version=prev.timestamp + 1, expires=now + repo.expiry.timestamp,
                    snapshot_meta=snap_entry)
     out.append(("timestamp.json", _sign(Metadata(ts), "timestamp", root, keys["timestamp"])))
@@ -562,17 +560,29 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     return done
 
 
-def _snapshot_expires(repo: Repository, prev: Floor) -> datetime | None:
-    """When the snapshot ``prev`` names expires (None: its file is gone or unusable, or it
-    is not the one the online host signed: re-sign it)."""
+def _reusable_snapshot(repo: Repository, prev: Floor, root: Root
+                       ) -> tuple[datetime, MetaFile] | None:
+    """The snapshot ``prev`` names, when it may be reused: its expiry and the entry (length,
+    hash) of the very bytes checked. None (re-sign it): its file is gone or unusable, not
+    the one the online host signed (versions differ), or not signed by root's snapshot
+    keys (planted with a far expiry, it would otherwise never be re-signed and the
+    timestamps would pin it)."""
     got = read_or_ignore(repo.metadata_dir / f"{prev.snapshot}.snapshot.json")
-    if got is None or not isinstance(got[0].signed, Snapshot) or \
-            got[0].signed.version != prev.snapshot or \
-            {k: m.version for k, m in got[0].signed.meta.items()} != \
+    if got is None:
+        return None
+    md, data = got
+    if not isinstance(md.signed, Snapshot) or md.signed.version != prev.snapshot or \
+            {k: m.version for k, m in md.signed.meta.items()} != \
             {k: m.version for k, m in prev.meta.items()}:
         return None
-    expires: datetime = got[0].signed.expires
-    return expires
+    try:
+        root.verify_delegate("snapshot", md.signed_bytes, md.signatures)
+    except UnsignedMetadataError:
+        logger.warning("re-signing the snapshot: %s.snapshot.json is not signed by the "
+                       "snapshot keys", prev.snapshot)
+        return None
+    expires: datetime = md.signed.expires
+    return expires, meta_of(prev.snapshot, data)
 
 
 def newest_signed_targets(repo: Repository, published: Targets) -> Targets:

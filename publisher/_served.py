@@ -425,7 +425,7 @@ def signed_targets(keys: Path) -> dict[int, str]:
     if not isinstance(doc, dict):
         return {}
     return {int(k): v for k, v in doc.items()
-            if isinstance(k, str) and k.isdigit() and isinstance(v, str)}
+            if isinstance(k, str) and k.isascii() and k.isdigit() and isinstance(v, str)}
 
 
 def record_signed_targets(keys: Path, version: int, data: bytes) -> None:

@@ -115,6 +115,10 @@ def check_properties(view: memoryview, pos: int) -> int:
             ident = view[p]
             p += 1
             count += 1
+            if ident & 0x80:  # paho reads identifiers as variable byte integers: a
+                # non-minimal one (A6 00 is a user property) would pass this walk uncounted
+                raise PropertiesTooLarge("PUBLISH property identifier in a multi-byte "
+                                         "encoding (every MQTT 5 identifier fits one byte)")
             if count > MAX_PROPERTIES:
                 raise PropertiesTooLarge(f"PUBLISH with more than {MAX_PROPERTIES} properties")
             if ident in _FIXED:

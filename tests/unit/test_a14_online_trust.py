@@ -479,3 +479,23 @@ def test_preplanted_targets_names_do_not_block_the_readme_carry(tmp_path: Path) 
     snap = Metadata.from_bytes(
         (served / "metadata" / f"{ts.snapshot_meta.version}.snapshot.json").read_bytes()).signed
     assert snap.meta["targets.json"].version == 2
+
+
+def test_planted_snapshot_of_the_same_versions_is_never_pinned(lay: Layout) -> None:
+    """Review finding: someone who can write the served directory replaces the current
+    snapshot with one of the same versions and a far expiry, signed by another key. The
+    online host must not keep it (and pin its hash in every timestamp): it re-signs."""
+    import hashlib
+    from datetime import timedelta
+
+    lay.offline.publish(lay.bundle("1.0.0"))
+    lay.online().refresh()
+    v = lay.md("timestamp.json").signed.snapshot_meta.version
+    snap = lay.md(f"{v}.snapshot.json").signed
+    snap.expires = snap.expires + timedelta(days=3650)
+    _write(lay, snap, f"{v}.snapshot.json", CryptoSigner.generate_ed25519())
+    lay.online().refresh()
+    ts = lay.md("timestamp.json").signed
+    assert ts.snapshot_meta.version > v  # re-signed, not reused
+    served = (lay.repo_dir / "metadata" / f"{ts.snapshot_meta.version}.snapshot.json")
+    assert ts.snapshot_meta.hashes == {"sha256": hashlib.sha256(served.read_bytes()).hexdigest()}

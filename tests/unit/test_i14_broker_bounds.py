@@ -93,6 +93,9 @@ def test_what_modelward_sends_is_inside_the_bounds_and_decodes_as_paho() -> None
     (b"\x01\x00" * (MAX_PROPERTIES + 1), f"more than {MAX_PROPERTIES} properties"),
     (b"\x09" + struct.pack("!H", MAX_PROPERTY_BYTES - 2) + b"a" * (MAX_PROPERTY_BYTES - 2),
      f"property block of {MAX_PROPERTY_BYTES + 1} bytes"),
+    # review finding: A6 00 is a user property to paho (identifiers are variable byte
+    # integers); uncounted, ~680 of them fit the byte bound
+    (b"\xa6\x00\x00\x00\x00\x00" * 600, "multi-byte encoding"),
 ])
 def test_hostile_property_blocks_are_refused_in_linear_time(props: bytes, why: str) -> None:
     body = _publish(props)

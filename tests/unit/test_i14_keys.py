@@ -450,3 +450,34 @@ def test_prompt_asks_twice_only_for_the_roles_the_policy_names() -> None:
     pw("vision")
     assert asked == ["passphrase for the targets key: ", "passphrase for the vision key: ",
                      "the vision passphrase again: "]
+
+
+def _pem(der: bytes) -> bytes:
+    import base64
+
+    return (b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n" + base64.encodebytes(der)
+            + b"-----END ENCRYPTED PRIVATE KEY-----\n")
+
+
+def test_a_scheme_whose_cost_cannot_be_bounded_is_refused_before_it_runs(
+        tmp_path: Path) -> None:
+    """Review finding: PBES1 / PKCS#12 PBE (which OpenSSL decrypts) or an unknown KDF has no
+    cost this module can bound, so a planted file could ask for billions of iterations."""
+    from publisher._keyfile import _octets, _oid, _seq
+
+    pbes1 = _seq(_seq(_oid("1.2.840.113549.1.5.3"), _seq(_octets(b"s" * 8))),
+                 _octets(b"\0" * 48))  # pbeWithMD5AndDES-CBC
+    path = tmp_path / "targets.pem"
+    path.write_bytes(_pem(pbes1))
+    assert kdf_of(path.read_bytes()).kind == "unknown"
+    with pytest.raises(KeyError_, match="cannot be bounded"):
+        load_signer_at(path, b"x" * 12, "targets")
+
+
+@pytest.mark.parametrize("der", [b"\x30\x00", b"\x30\x02\x30\x00", b"\x30\x04\x30\x02\x06\x00"])
+def test_a_truncated_encrypted_key_is_a_typed_error_not_a_traceback(
+        tmp_path: Path, der: bytes) -> None:
+    path = tmp_path / "targets.pem"
+    path.write_bytes(_pem(der))
+    with pytest.raises(KeyError_, match="damaged"):
+        load_signer_at(path, b"x" * 12, "targets")
