@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from tuf.api.serialization import DeserializationError
 from publisher._tufcheck import StockClientWouldRejectError
 from publisher.errors import RepositoryStateError
 from trust import write_atomic
-from trust._bounded import loads_bounded
+from trust._bounded import UnsafeFileError, loads_bounded, read_bounded
 
 if TYPE_CHECKING:
     from publisher._repo import Repository
@@ -78,8 +77,8 @@ class ServedFileError(StockClientWouldRejectError):
 
 
 def read_file(path: Path, limit: int = MAX_METADATA) -> bytes | None:
-    """The bytes of a regular file, opened without following a symlink and without
-    blocking (a FIFO), at most ``limit + 1`` bytes read from the descriptor.
+    """The bytes of a regular file, at most ``limit`` (:func:`trust._bounded.read_bounded`:
+    no symlink followed, a FIFO does not block, at most ``limit + 1`` bytes read).
 
     Returns:
         None when the file does not exist.
@@ -88,21 +87,14 @@ def read_file(path: Path, limit: int = MAX_METADATA) -> bytes | None:
         ServedFileError: a symlink, FIFO, device or directory; too big; unreadable.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    except OSError as e:  # ELOOP: a symlink; ENXIO, EACCES, ...
+        return read_bounded(path, limit)
+    except UnsafeFileError as e:
+        why = e.reason
+        raise ServedFileError(path, f"is larger than {limit} bytes" if why.startswith("is over")
+                              else f"cannot be opened as a plain file ({why})"
+                              if "symlink" in why else why) from e
+    except OSError as e:  # ENXIO, EACCES, ENOTDIR, EIO, ...
         raise ServedFileError(path, f"cannot be opened as a plain file ({e.strerror})") from e
-    try:
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise ServedFileError(path, "is not a regular file")
-            data = f.read(limit + 1)
-    except OSError as e:
-        raise ServedFileError(path, f"cannot be read ({e.strerror})") from e
-    if len(data) > limit:
-        raise ServedFileError(path, f"is larger than {limit} bytes")
-    return data
 
 
 def parse(path: Path, data: bytes) -> Metadata[Any]:
