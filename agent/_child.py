@@ -1,4 +1,4 @@
-"""One update attempt in its own process: ``python -m agent._child CONFIG``.
+"""One update attempt in its own process: ``python -m modelward.agent._child CONFIG``.
 
 The daemon stays small while idle (no TUF, TPM or HTTPS stack loaded) and gets all
 memory back after each attempt; a crash here cannot take the daemon down. This process
@@ -21,13 +21,13 @@ os.environ.setdefault("TSS2_LOG", "all+NONE")
 
 def main(argv: list[str]) -> int:
     """Entry point; ``argv`` is ``[config_path]``."""
-    from agent._commands import make_gate, signed_report, update
-    from agent._config import load_config
-    from agent._log import setup_logging
-    from agent._malloc import tune_malloc
-    from trust.errors import ModelwardError
-    from updater._journal import Journal
-    from updater._statedir import touch_plain
+    from modelward.agent._commands import make_gate, signed_report, update
+    from modelward.agent._config import load_config
+    from modelward.agent._log import setup_logging
+    from modelward.agent._malloc import tune_malloc
+    from modelward.trust.errors import ModelwardError
+    from modelward.updater._journal import Journal
+    from modelward.updater._statedir import touch_plain
 
     tune_malloc()
     setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")), json_lines=True)

@@ -12,27 +12,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent._config import AgentConfig
-from agent._observe import Metrics, advance_sequence, build_report, notify_activation
-from agent._status import (
+from modelward.agent._config import AgentConfig
+from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
+from modelward.agent._status import (
     MAX_STATUS_BYTES,
     clean_status,
     read_status,
     sealed_status,
     verified_status,
 )
-from trust import (
-    ModelRef,
-    ProvisionReport,
-    Tpm,
-    TrustRecord,
-    TrustStore,
-    sign_report,
-    write_atomic,
-)
-from trust._bounded import read_json_file
-from trust._tpm import TpmInterface
-from trust.errors import (
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import read_json_file
+from modelward.trust._record import ModelRef, TrustRecord
+from modelward.trust._report import sign_report
+from modelward.trust._store import TrustStore
+from modelward.trust._tpm import ProvisionReport, Tpm, TpmInterface
+from modelward.trust.errors import (
     ModelwardError,
     OperatorInputError,
     RootAnchorError,
@@ -41,8 +36,7 @@ from trust.errors import (
     TrustFileUnreadableError,
     TrustRecordError,
 )
-from updater import BootResult, Outcome, UpdateResult, boot_check, open_source, update_once
-from updater._idle import (
+from modelward.updater._idle import (
     BusyFileSignal,
     CpuIdleSignal,
     Gate,
@@ -52,8 +46,16 @@ from updater._idle import (
     MaintenanceWindowSignal,
     TimeRange,
 )
-from updater._journal import Journal
-from updater.errors import (
+from modelward.updater._install import (
+    BootResult,
+    Outcome,
+    UpdateResult,
+    boot_check,
+    open_source,
+    update_once,
+)
+from modelward.updater._journal import Journal
+from modelward.updater.errors import (
     BundleFormatError,
     FingerprintMismatchError,
     HealthCheckError,
@@ -73,7 +75,7 @@ def _model_extra(ref: ModelRef | None) -> dict[str, str]:
 
 class StatusFile:
     """``state_dir/status.json``: last result, last error, last activation and counters,
-    MACed by the TPM for its update counter (``agent._status``)."""
+    MACed by the TPM for its update counter (``modelward.agent._status``)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / "status.json"
@@ -105,7 +107,7 @@ class StatusFile:
         Raises:
             StateDirError: a directory there cannot be removed.
         """
-        from updater._statedir import clear_for_file
+        from modelward.updater._statedir import clear_for_file
 
         out = sealed_status(doc, tpm.read_counter(), tpm.mac) if tpm is not None else doc
         clear_for_file(self.path)
@@ -324,7 +326,7 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
 
 def _rejections(cfg: AgentConfig, store: TrustStore) -> tuple[list[dict[str, Any]], str | None]:
     """The rejections in force (MAC-verified), or why the file cannot be believed."""
-    from updater._rejections import RejectionStore
+    from modelward.updater._rejections import RejectionStore
 
     now = time.time()
     try:

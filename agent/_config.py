@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from agent._observe import ActivationConfig
-from agent.errors import ConfigError
-from updater import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
+from modelward.agent._observe import ActivationConfig
+from modelward.agent.errors import ConfigError
+from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
 
 _EXAMPLE = """\
 device_id = "dev-001"
@@ -318,7 +318,7 @@ def _activation(d: dict[str, Any], path: Path) -> ActivationConfig:
 
 
 def _idle(d: dict[str, Any], path: Path, base: Path) -> IdleConfig:
-    from updater._idle import TimeRange
+    from modelward.updater._idle import TimeRange
 
     def num(key: str, default: float | None) -> float | None:
         return float(_get(d, key, float, path, "idle.")) if key in d else default

@@ -1,13 +1,13 @@
 """``modelward agent run``: update on a poll timer and on MQTT announcements.
 
 The daemon itself only listens, keeps time, talks to systemd and publishes status
-reports; each update attempt runs in a child process (``agent._child``), so the idle
+reports; each update attempt runs in a child process (``modelward.agent._child``), so the idle
 daemon stays small and gets all memory back after every attempt.
 
 Announcements are untrusted hints: each well-formed one wakes the loop for a TUF refresh
 (at most one per ``min_refresh_interval``), never more. Failures back off exponentially up
 to the poll interval, and announcements or reconnects do not cut a backoff short
-(``agent._schedule`` has the rules). The last good model keeps serving throughout.
+(``modelward.agent._schedule`` has the rules). The last good model keeps serving throughout.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
-from agent._config import AgentConfig
-from agent._notify import Notifier
-from agent._schedule import Schedule
-from agent._status import read_status
-from trust._bounded import read_json_file
-from trust.errors import TransportError
-from updater._journal import MAX_JOURNAL_BYTES
-from updater._mqttconn import AnnouncementListener
+from modelward.agent._config import AgentConfig
+from modelward.agent._notify import Notifier
+from modelward.agent._schedule import Schedule
+from modelward.agent._status import read_status
+from modelward.trust._bounded import read_json_file
+from modelward.trust.errors import TransportError
+from modelward.updater._journal import MAX_JOURNAL_BYTES
+from modelward.updater._mqttconn import AnnouncementListener
 
 logger = logging.getLogger("modelward.agent")
 
@@ -120,7 +120,7 @@ class Daemon:
         beat_file = self.cfg.state_dir / ".heartbeat"
         self.notifier.status("update: checking")
         child = subprocess.Popen(
-            [sys.executable, "-m", "agent._child", str(self.cfg.path)],
+            [sys.executable, "-I", "-m", "modelward.agent._child", str(self.cfg.path)],
             stdout=subprocess.PIPE, text=True, env=self.env,
         )
         self._child = child

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from trust._display import escape, printed_widths
+from modelward.trust._display import escape, printed_widths
 
 _STD = set(vars(logging.makeLogRecord({})))
 
@@ -124,7 +124,7 @@ def _bounded_field(v: object) -> object:
 
 def escape_text(text: str, *, keep_newlines: bool = False) -> str:
     """``text`` with every control, format and separator character escaped
-    (:func:`trust._display.escape`); with ``keep_newlines``, ``\\n`` is kept (a
+    (:func:`modelward.trust._display.escape`); with ``keep_newlines``, ``\\n`` is kept (a
     traceback's lines)."""
     if text.isprintable() and text.isascii() and "\\" not in text:
         return text

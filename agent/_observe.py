@@ -13,10 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent._status import COUNTERS as COUNTERS
-from agent._status import clean_status
-from trust import ModelRef, TrustRecord, write_atomic
-from trust._report import MAX_SEQ, ReportSequenceError, next_sequence, sequence_believable
+from modelward.agent._status import COUNTERS as COUNTERS
+from modelward.agent._status import clean_status
+from modelward.trust._atomic import write_atomic
+from modelward.trust._record import ModelRef, TrustRecord
+from modelward.trust._report import MAX_SEQ, ReportSequenceError, next_sequence, sequence_believable
 
 logger = logging.getLogger("modelward.agent")
 
@@ -169,7 +170,7 @@ def read_sequence(path: Path) -> int:
 
     Opened without following a link and without blocking (a FIFO planted there must not
     hang the agent); at most a few bytes are read. A lost or garbled file costs nothing:
-    :func:`~trust._report.next_sequence` has the clock as its floor.
+    :func:`~modelward.trust._report.next_sequence` has the clock as its floor.
     """
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -8,7 +8,7 @@ when that MAC verifies for the counter the TPM holds now: an edited or planted f
 copy put back from before the last install (or fallback), say nothing. What the MAC cannot
 tell (no NV write per attempt, which would wear the TPM): an older copy from the same
 counter value. So the signed status report takes the outcome of the attempt it reports on
-from the memory of the process that made it (``agent._commands``), never from the disk.
+from the memory of the process that made it (``modelward.agent._commands``), never from the disk.
 
 Kept free of the TUF, TPM and crypto stacks (the TPM comes in as two callables): the idle
 daemon reads the file, unauthenticated, for its STATUS= line only.
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from trust._bounded import read_json_file
+from modelward.trust._bounded import read_json_file
 
 logger = logging.getLogger("modelward.agent")
 

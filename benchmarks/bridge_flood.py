@@ -42,11 +42,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from publisher import write_broker_config  # noqa: E402
-from simulator import issue_cert, make_ca, start_broker, stop_broker  # noqa: E402
-from simulator._flood import Flooder, Prober, vm_hwm, vm_rss  # noqa: E402
-from updater import MqttConfig  # noqa: E402
-from updater._mqttconn import MqttConnection  # noqa: E402
+from modelward.publisher._broker_config import write_broker_config  # noqa: E402
+from modelward.simulator._broker import start_broker, stop_broker  # noqa: E402
+from modelward.simulator._flood import Flooder, Prober, vm_hwm, vm_rss  # noqa: E402
+from modelward.simulator._pki import issue_cert, make_ca
+from modelward.updater._config import MqttConfig  # noqa: E402
+from modelward.updater._mqttconn import MqttConnection  # noqa: E402
 
 MIB = 1 << 20
 FILE = "targets/flood.bin"

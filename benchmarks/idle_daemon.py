@@ -25,20 +25,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from agent import load_config, provision, update  # noqa: E402
-from publisher import Repository, build_bundle, write_broker_config  # noqa: E402
-from simulator import (  # noqa: E402
-    issue_cert,
-    make_ca,
-    make_linear_model,
-    start_broker,
-    start_origin,
-    start_swtpm,
-    stop_broker,
-    stop_origin,
-    stop_swtpm,
-    write_device_config,
-)
+from modelward.agent._commands import provision, update  # noqa: E402
+from modelward.agent._config import load_config
+from modelward.publisher._broker_config import write_broker_config  # noqa: E402
+from modelward.publisher._bundle_build import build_bundle
+from modelward.publisher._repo import Repository
+from modelward.simulator._broker import start_broker, stop_broker
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import issue_cert, make_ca
+from modelward.simulator._swtpm import start_swtpm, stop_swtpm
 
 
 def _proc(pid: int) -> tuple[float, int]:

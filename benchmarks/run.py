@@ -33,42 +33,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TSS2_LOG", "all+NONE")
 
-from publisher import Repository, build_bundle, write_broker_config  # noqa: E402
-from simulator import (  # noqa: E402
-    free_port,
-    issue_cert,
-    make_ca,
-    make_linear_model,
-    start_broker,
-    start_origin,
-    start_swtpm,
-    stop_broker,
-    stop_origin,
-    stop_swtpm,
-)
-from trust import (  # noqa: E402
-    ModelRef,
-    Tpm,
-    TrustStore,
-    directory_entries,
-    slot_fingerprint,
-)
-from updater import (  # noqa: E402
-    HttpsConfig,
-    MqttConfig,
-    MqttFetcher,
-    RangeFetcher,
-    RequestsFetcher,
-)
-from updater._idle import Gate  # noqa: E402
-from updater._install import boot_check, download_and_extract  # noqa: E402
-from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL  # noqa: E402
-from updater._tuf import TufSession  # noqa: E402
+from modelward.publisher._broker_config import write_broker_config  # noqa: E402
+from modelward.publisher._bundle_build import build_bundle
+from modelward.publisher._repo import Repository
+from modelward.simulator._broker import start_broker, stop_broker
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import issue_cert, make_ca
+from modelward.simulator._proc import free_port
+from modelward.simulator._swtpm import start_swtpm, stop_swtpm
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
+from modelward.trust._record import ModelRef
+from modelward.trust._store import TrustStore
+from modelward.trust._tpm import Tpm
+from modelward.updater._config import HttpsConfig, MqttConfig
+from modelward.updater._fetcher import RangeFetcher, RequestsFetcher
+from modelward.updater._idle import Gate  # noqa: E402
+from modelward.updater._install import boot_check, download_and_extract  # noqa: E402
+from modelward.updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher  # noqa: E402
+from modelward.updater._tuf import TufSession  # noqa: E402
 
 PASS = b"benchmark passphrase"
 # The in-process figures (ours and plain python-tuf alike) run under the allocator tuning
 # the agent's attempt process applies (agent/_malloc.py).
-from agent._malloc import tune_malloc  # noqa: E402
+from modelward.agent._malloc import tune_malloc  # noqa: E402
 
 tune_malloc()
 SECTIONS = ("boot", "https", "mqtt", "resume", "refresh", "rss", "health", "latency", "idle")
@@ -234,12 +222,13 @@ def vmhwm_kib_of(code: str, *args: str) -> int:
 _RSS_CHILD = """
 import os, re, sys
 os.environ.setdefault("TSS2_LOG", "all+NONE")
-from agent._malloc import tune_malloc
+from modelward.agent._malloc import tune_malloc
 tune_malloc()
 from pathlib import Path
-from updater import HttpsConfig, RequestsFetcher
-from updater._install import download_and_extract
-from updater._tuf import TufSession
+from modelward.updater._config import HttpsConfig
+from modelward.updater._fetcher import RequestsFetcher
+from modelward.updater._install import download_and_extract
+from modelward.updater._tuf import TufSession
 md, url, ca, root, stage, out, path = sys.argv[1:]
 f = RequestsFetcher(HttpsConfig(url + "/metadata/", url + "/targets/", ca))
 s = TufSession(Path(md), url + "/metadata/", url + "/targets/", f, Path(root).read_bytes())
@@ -424,7 +413,7 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
     receive them as the device (its ACL allows exactly this), until all have arrived."""
     import paho.mqtt.client as mqtt
 
-    from updater._mqttconn import MqttConnection
+    from modelward.updater._mqttconn import MqttConnection
 
     topic = "modelward/bench/devices/bench-dev/repo/resp"
     total = data_path.stat().st_size
@@ -635,21 +624,23 @@ def _bare_child(slot: Path) -> None:
     """The health child on sealed copies of ``slot``, without the sandbox."""
     import json
 
-    from updater._health import health_inputs
-    from updater._sealed import seal_slot
+    from modelward.updater._health import health_inputs
+    from modelward.updater._sealed import seal_slot
 
     with seal_slot(slot, health_inputs("model.onnx", "vectors.npz")) as sealed:
-        subprocess.run([sys.executable, "-m", "updater._healthchild", json.dumps(sealed.fds)],
+        subprocess.run([sys.executable, "-I", "-m", "modelward.updater._healthchild",
+                        json.dumps(sealed.fds)],
                        check=True, capture_output=True, pass_fds=tuple(sealed.fds.values()))
 
 
 def bench_health(work: Path, n: int) -> None:
     """Health check of a ~100 MB model vs a fresh process that only imports onnxruntime
     and loads it, and sandboxed vs unsandboxed (the sandbox's added cost)."""
-    from publisher import BuildOptions
-    from updater import HealthConfig, extract_bundle
-    from updater._health import health_policy, run_health_check
-    from updater._sandbox import run as sandbox_run
+    from modelward.publisher._bundle_build import BuildOptions
+    from modelward.updater._bundle import extract_bundle
+    from modelward.updater._config import HealthConfig
+    from modelward.updater._health import health_policy, run_health_check
+    from modelward.updater._sandbox import run as sandbox_run
 
     model = make_linear_model(work / "big.onnx", 3, in_dim=5000, out_dim=5000)
     bundle = work / "big.tar"
@@ -681,9 +672,9 @@ def bench_health(work: Path, n: int) -> None:
 def bench_latency(env: Env, work: Path, n: int) -> None:
     """publish -> active over MQTT push, 1 MiB bundle: operator publishes with --announce;
     a running daemon receives the announcement and installs."""
-    from agent import load_config
-    from agent import provision as agent_provision
-    from simulator import write_device_config
+    from modelward.agent._commands import provision as agent_provision
+    from modelward.agent._config import load_config
+    from modelward.simulator._demo import write_device_config
 
     tpm = start_swtpm(work / "lat-tpm")
     state = work / "lat-state"
@@ -707,7 +698,7 @@ def bench_latency(env: Env, work: Path, n: int) -> None:
                          extra=[(payload, "data/blob.bin")])
             t0 = time.perf_counter()
             env.repo.publish(bundle)
-            from publisher import announce
+            from modelward.publisher._bridge import announce
 
             announce(env.repo_dir, env.mqtt("modelward-operator"))
             while True:

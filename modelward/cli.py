@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 from modelward import __version__
 
 if TYPE_CHECKING:
-    from agent import AgentConfig
-    from publisher import Repository
-    from publisher._passphrases import PassphraseProvider
-    from updater import MqttConfig
+    from modelward.agent._config import AgentConfig
+    from modelward.publisher._passphrases import PassphraseProvider
+    from modelward.publisher._repo import Repository
+    from modelward.updater._config import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
@@ -42,8 +42,8 @@ def _secrets(what: str) -> str:
 
 
 def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
-    from publisher import Repository
-    from publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
+    from modelward.publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
+    from modelward.publisher._repo import Repository
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
     keys: Path = args.keys
@@ -61,7 +61,7 @@ def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
 
 
 def _role_numbers(pairs: list[str] | None, flag: str) -> dict[str, int]:
-    from trust.errors import OperatorInputError
+    from modelward.trust.errors import OperatorInputError
 
     out = {}
     for pair in pairs or []:
@@ -76,7 +76,7 @@ def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
                 fallback: PassphraseProvider | None = None) -> PassphraseProvider:
     """Passphrases per role: MODELWARD_KEY_PASSPHRASE_<ROLE>, MODELWARD_KEY_PASSPHRASE, or a
     prompt per role on a terminal (``new``: ``repo rekey``'s MODELWARD_NEW_KEY_PASSPHRASE*)."""
-    from publisher._passphrases import NEW_PASSPHRASE_ENV, EnvPassphrases
+    from modelward.publisher._passphrases import NEW_PASSPHRASE_ENV, EnvPassphrases
 
     prompt = getpass.getpass if sys.stdin.isatty() else None
     if new:  # prompted only for `repo rekey --new-passphrase`, else the variables or fallback
@@ -110,7 +110,7 @@ def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def _repo_init(args: argparse.Namespace) -> int:
-    from publisher._expiry import parse_assignments, save_expiry
+    from modelward.publisher._expiry import parse_assignments, save_expiry
 
     lifetimes = parse_assignments(args.expiry or [], "--expiry")
     repo = _repository(args, confirm=True)
@@ -141,8 +141,8 @@ upgraded to scrypt with `repo rekey`."""
 
 
 def _repo_rekey(args: argparse.Namespace) -> int:
-    from publisher._rekey import rekey
-    from trust.errors import OperatorInputError
+    from modelward.publisher._rekey import rekey
+    from modelward.trust.errors import OperatorInputError
 
     current = _passphrase(confirm=False)
     if args.new_passphrase and not sys.stdin.isatty():
@@ -161,7 +161,7 @@ def _repo_rekey(args: argparse.Namespace) -> int:
 
 
 def _rollout(args: argparse.Namespace) -> int:
-    from trust.errors import OperatorInputError
+    from modelward.trust.errors import OperatorInputError
 
     repo = _repository(args)
     if args.action == "set":
@@ -193,7 +193,7 @@ def _repo_delegate(args: argparse.Namespace) -> int:
 
 
 def _repo_sign(args: argparse.Namespace) -> int:
-    from trust.errors import OperatorInputError
+    from modelward.trust.errors import OperatorInputError
 
     repo = _repository(args)
     pending, lines = repo.review_pending(args.role)  # refuses a file edited after signing
@@ -216,7 +216,7 @@ def _repo_sign(args: argparse.Namespace) -> int:
 
 
 def _repo_add_key(args: argparse.Namespace) -> int:
-    from trust.errors import OperatorInputError
+    from modelward.trust.errors import OperatorInputError
 
     repo = _repository(args)
     if args.hsm_keyid is not None:
@@ -229,7 +229,7 @@ def _repo_add_key(args: argparse.Namespace) -> int:
             raise OperatorInputError(f"cannot read key {args.hsm_keyid} from the HSM: {e}",
                                      hint="set PYKCS11LIB to the PKCS#11 module") from e
     elif args.uri and args.public_key:
-        from publisher._keys import public_key_from_pem
+        from modelward.publisher._keys import public_key_from_pem
 
         try:
             pem = args.public_key.read_bytes()
@@ -253,9 +253,14 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
 
 def _repo_refresh(args: argparse.Namespace) -> int:
-    from publisher import Repository
-    from publisher._online import ONLINE_DIR_ENV, attach, credential_secrets, env_passphrases
-    from trust.errors import OperatorInputError
+    from modelward.publisher._online import (
+        ONLINE_DIR_ENV,
+        attach,
+        credential_secrets,
+        env_passphrases,
+    )
+    from modelward.publisher._repo import Repository
+    from modelward.trust.errors import OperatorInputError
 
     secrets = credential_secrets(os.environ, _secrets)
     online = args.online_dir or (Path(os.environ[ONLINE_DIR_ENV])
@@ -276,14 +281,14 @@ def _repo_refresh(args: argparse.Namespace) -> int:
 
 
 def _repo_set_expiry(args: argparse.Namespace) -> int:
-    from publisher import Repository
-    from publisher._expiry import (
+    from modelward.publisher._expiry import (
         TOP_ROLES,
         format_duration,
         load_expiry_to_replace,
         parse_assignments,
     )
-    from trust.errors import OperatorInputError
+    from modelward.publisher._repo import Repository
+    from modelward.trust.errors import OperatorInputError
 
     lifetimes = parse_assignments(args.lifetimes, "set-expiry")
     windows = parse_assignments(args.warn or [], "--warn")
@@ -300,8 +305,8 @@ def _repo_set_expiry(args: argparse.Namespace) -> int:
 
 
 def _repo_status(args: argparse.Namespace) -> int:
-    from publisher import Repository
-    from publisher._summary import escape
+    from modelward.publisher._repo import Repository
+    from modelward.publisher._summary import escape
 
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
@@ -321,8 +326,8 @@ def _repo_status(args: argparse.Namespace) -> int:
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
-    from publisher import BuildOptions, build_bundle
-    from trust.errors import OperatorInputError
+    from modelward.publisher._bundle_build import BuildOptions, build_bundle
+    from modelward.trust.errors import OperatorInputError
 
     extra = []
     for spec in args.extra or []:
@@ -344,7 +349,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
-    from publisher import announce
+    from modelward.publisher._bridge import announce
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     repo = _repository(args)
@@ -362,9 +367,9 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _broker_config(args: argparse.Namespace, default_user: str) -> MqttConfig:
-    from trust.errors import OperatorInputError
-    from updater import MqttConfig
-    from updater._mqtt import parse_broker_url
+    from modelward.trust.errors import OperatorInputError
+    from modelward.updater._config import MqttConfig
+    from modelward.updater._mqtt import parse_broker_url
 
     if not args.broker or not args.fleet:
         raise OperatorInputError("--broker and --fleet are required for MQTT")
@@ -400,8 +405,8 @@ def _serve_mqtt(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from publisher import Bridge
-    from publisher._fairness import limits_from_args
+    from modelward.publisher._bridge import Bridge
+    from modelward.publisher._fairness import limits_from_args
 
     bridge = Bridge(args.repo, _broker_config(args, "modelward-bridge"), group=args.group,
                     limits=limits_from_args(args))
@@ -423,7 +428,7 @@ def _serve_mqtt(args: argparse.Namespace) -> int:
 
 
 def _announce(args: argparse.Namespace) -> int:
-    from publisher import announce
+    from modelward.publisher._bridge import announce
 
     cfg = _broker_config(args, "modelward-operator")
     v = announce(args.repo, cfg)
@@ -432,8 +437,8 @@ def _announce(args: argparse.Namespace) -> int:
 
 
 def _fleet_add_device(args: argparse.Namespace) -> int:
-    from publisher import add_device
-    from trust.errors import OperatorInputError
+    from modelward.publisher._fleet import add_device
+    from modelward.trust.errors import OperatorInputError
 
     try:
         pem = args.key.read_bytes()
@@ -445,10 +450,9 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
 
 
 def _fleet_status(args: argparse.Namespace) -> int:
-    from publisher import collect_status, format_table
-    from publisher._fleet import rows_json
-    from trust._display import for_encoding
-    from trust.errors import OperatorInputError
+    from modelward.publisher._fleet import collect_status, format_table, rows_json
+    from modelward.trust._display import for_encoding
+    from modelward.trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
@@ -466,7 +470,7 @@ def _fleet_status(args: argparse.Namespace) -> int:
 
 
 def _fleet_broker_config(args: argparse.Namespace) -> int:
-    from publisher import write_broker_config
+    from modelward.publisher._broker_config import write_broker_config
 
     devices = [d for d in args.devices.split(",") if d]
     bc = write_broker_config(args.fleet, devices, args.output)
@@ -482,14 +486,14 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> AgentConfig:
-    from agent import load_config
+    from modelward.agent._config import load_config
 
     # The journal's test hook: SIGKILL the agent right after journaling this step.
     return load_config(args.config, test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
 
 
 def _agent_provision(args: argparse.Namespace) -> int:
-    from agent import provision
+    from modelward.agent._commands import provision
 
     cfg = _load(args)
     rep = provision(cfg, args.root, keep_identity=args.keep_identity)
@@ -516,8 +520,8 @@ def _agent_provision(args: argparse.Namespace) -> int:
 
 
 def _agent_update(args: argparse.Namespace) -> int:
-    from agent import update
-    from agent._malloc import tune_malloc
+    from modelward.agent._commands import update
+    from modelward.agent._malloc import tune_malloc
 
     tune_malloc()  # a short-lived process: see agent/_malloc.py
     cfg = _load(args)
@@ -529,7 +533,7 @@ def _agent_update(args: argparse.Namespace) -> int:
 
 
 def _agent_enroll(args: argparse.Namespace) -> int:
-    from agent import enroll
+    from modelward.agent._commands import enroll
 
     device, pem = enroll(_load(args))
     if args.json:
@@ -541,14 +545,14 @@ def _agent_enroll(args: argparse.Namespace) -> int:
 
 
 def _agent_run(args: argparse.Namespace) -> int:
-    from agent import run_daemon
+    from modelward.agent._daemon import run_daemon
 
     run_daemon(_load(args), os.environ)
     return EXIT_OK
 
 
 def _agent_status(args: argparse.Namespace) -> int:
-    from agent import status
+    from modelward.agent._commands import status
 
     doc = status(_load(args))
     if args.json:
@@ -568,8 +572,8 @@ def _agent_status(args: argparse.Namespace) -> int:
 
 
 def _agent_boot_check(args: argparse.Namespace) -> int:
-    from agent import run_boot_check
-    from updater.errors import NothingTrustedError
+    from modelward.agent._commands import run_boot_check
+    from modelward.updater.errors import NothingTrustedError
 
     cfg = _load(args)
     if args.tpm_wait is not None:
@@ -587,7 +591,7 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
 
 
 def _sim_tpm_start(args: argparse.Namespace) -> int:
-    from simulator import start_swtpm
+    from modelward.simulator._swtpm import start_swtpm
 
     h = start_swtpm(args.state, args.port)
     print(h.tcti)
@@ -595,7 +599,7 @@ def _sim_tpm_start(args: argparse.Namespace) -> int:
 
 
 def _sim_tpm_stop(args: argparse.Namespace) -> int:
-    from simulator import stop_swtpm
+    from modelward.simulator._swtpm import stop_swtpm
 
     print("stopped" if stop_swtpm(args.state) else "not running")
     return EXIT_OK
@@ -606,7 +610,7 @@ def _say(text: str) -> None:
 
 
 def _sim_fleet(args: argparse.Namespace) -> int:
-    from simulator._fleet import Fleet, fleet_down, fleet_up
+    from modelward.simulator._fleet import Fleet, fleet_down, fleet_up
 
     if args.action == "up":
         fleet = fleet_up(args.dir, args.devices, poll_interval=args.poll, say=_say)
@@ -620,7 +624,7 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         print(f"published and announced classifier {version}")
     else:
         fleet = Fleet.load(args.dir)
-        from trust._display import escape, escape_id
+        from modelward.trust._display import escape, escape_id
 
         rows = [{"device": d.id, "transport": d.transport, "active": d.active(),
                  "attempts": d.attempts(), "last_error": d.last_error()}
@@ -637,8 +641,8 @@ def _sim_fleet(args: argparse.Namespace) -> int:
 
 
 def _sim_scenario(args: argparse.Namespace) -> int:
-    from simulator._fleet import Fleet
-    from simulator._scenarios import SCENARIOS, result_json, run, table
+    from modelward.simulator._fleet import Fleet
+    from modelward.simulator._scenarios import SCENARIOS, result_json, run, table
 
     say = (lambda text: print(text, file=sys.stderr, flush=True)) if args.json else _say
     result = run(Fleet.load(args.dir), SCENARIOS[args.name], timeout=args.timeout, say=say)
@@ -650,7 +654,7 @@ def _sim_report(args: argparse.Namespace) -> int:
     import datetime
     import platform
 
-    from simulator._scenarios import run_report, table
+    from modelward.simulator._scenarios import run_report, table
 
     results = run_report(args.dir, args.devices, say=_say if args.verbose else lambda s: None)
     text = (f"Fleet of {args.devices} simulated devices (swtpm each; even ids over MQTT, odd "
@@ -664,7 +668,7 @@ def _sim_report(args: argparse.Namespace) -> int:
 
 
 def _sim_demo(args: argparse.Namespace) -> int:
-    from simulator import run_demo
+    from modelward.simulator._demo import run_demo
 
     return run_demo(args.dir)
 
@@ -832,7 +836,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--repo", type=Path, required=True)
     srv.add_argument("--group", help="shared-subscription group, a secret of at least 20 "
                      "characters (default: derived from the bridge's password or key)")
-    from publisher._fairness import add_limit_options
+    from modelward.publisher._fairness import add_limit_options
 
     add_limit_options(srv)
     _add_broker_options(srv, required=True)
@@ -897,7 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: [agent] tpm_wait, 120)")
     a.set_defaults(func=_agent_boot_check)
 
-    from simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
+    from modelward.simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
 
     sim = sub.add_parser("sim", help="tester: simulated TPMs and fleets, attacks, faults, demo")
     ssub = sim.add_subparsers(dest="cmd", required=True, metavar="ACTION")
@@ -951,9 +955,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The TSS libraries print their own warnings to stderr; our errors say it better.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     args = build_parser().parse_args(argv)
-    from agent import setup_logging
-    from agent._log import escape_text
-    from trust.errors import ModelwardError
+    from modelward.agent._log import escape_text, setup_logging
+    from modelward.trust.errors import ModelwardError
 
     # JSON lines for the agent, and for any command whose stderr is the journal
     # (`repo refresh`, `serve-mqtt` under systemd); escaped text otherwise

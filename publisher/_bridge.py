@@ -36,8 +36,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from publisher._broker_config import check_id
-from publisher._fairness import (
+from modelward.publisher._broker_config import check_id
+from modelward.publisher._fairness import (
     MAX_REQUEST_BYTES,
     BadRequestError,
     BlockRequest,
@@ -47,15 +47,10 @@ from publisher._fairness import (
     TokenBucket,
     parse_request,
 )
-from publisher.errors import OperatorInputError
-from trust._bounded import loads_bounded
-from updater import check_member_path
-from updater._mqtt import (
-    MqttConfig,
-    MqttConnection,
-    block_header,
-    publish_properties,
-)
+from modelward.publisher.errors import OperatorInputError
+from modelward.trust._bounded import loads_bounded
+from modelward.updater._mqtt import MqttConfig, MqttConnection, block_header, publish_properties
+from modelward.updater._tarstream import check_member_path
 
 __all__ = ["MAX_REQUEST_BYTES", "Bridge", "BridgeLimits", "BridgeStats", "announce",
            "share_group"]
@@ -306,7 +301,7 @@ class Bridge:
         out = publish_properties()
         out.CorrelationData = corr
         payload = data
-        if fmt == 2:  # the block's header in the payload (see updater._mqtt)
+        if fmt == 2:  # the block's header in the payload (see modelward.updater._mqtt)
             payload = block_header(status, offset, size) + data
         else:
             out.UserProperty = [("status", str(status)), ("offset", str(offset)),

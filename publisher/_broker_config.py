@@ -15,7 +15,7 @@ own sessions, so it cannot fill a parked session of its own with whatever it sen
 (mosquitto 2.0 bounds queued payload bytes but not property bytes, ~12 MiB of broker
 memory for one 1 MiB packet of empty user properties). No ACL can stop a device from
 *retaining* on its request topic (mosquitto has no per-topic retain setting): the bridge
-ignores retained requests (``publisher._bridge``).
+ignores retained requests (``modelward.publisher._bridge``).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from publisher.errors import OperatorInputError
-from trust import write_atomic
-from updater._config import MqttConfig
+from modelward.publisher.errors import OperatorInputError
+from modelward.trust._atomic import write_atomic
+from modelward.updater._config import MqttConfig
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 BRIDGE_USER = "modelward-bridge"
@@ -81,7 +81,7 @@ pattern write {f}/devices/%u/status
 # Byte bounds (issue 14: one device's credentials must not be able to grow the broker):
 # the largest packet anyone legitimately sends is a bridge's block answer (one block plus
 # its header, topic and properties, the same bound a device asks for on CONNECT), so
-# ``max_packet_size`` is that; a device's status report (``trust._report``, 64 KiB) and
+# ``max_packet_size`` is that; a device's status report (``modelward.trust._report``, 64 KiB) and
 # an announcement (64 KiB) fit far inside it. A larger packet ends the sender's
 # connection before mosquitto buffers it, so nothing oversized is forwarded or
 # retained: mosquitto 2.0 has no separate limit for retained messages, the packet size

@@ -13,9 +13,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from publisher.errors import OperatorInputError
-from trust import file_merkle_root
-from updater import MANIFEST, BundleFile, Manifest, SemVer, TensorSpec, check_member_path
+from modelward.publisher.errors import OperatorInputError
+from modelward.trust._fingerprint import file_merkle_root
+from modelward.updater._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
+from modelward.updater._semver import SemVer
+from modelward.updater._tarstream import check_member_path
 
 MODEL_NAME = "model.onnx"
 VECTORS_NAME = "vectors.npz"

@@ -25,9 +25,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from publisher.errors import OperatorInputError, RepositoryStateError
-from trust import write_atomic
-from trust._bounded import loads_bounded
+from modelward.publisher.errors import OperatorInputError, RepositoryStateError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import loads_bounded
 
 logger = logging.getLogger(__name__)
 

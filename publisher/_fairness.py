@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from trust._bounded import loads_bounded
+from modelward.trust._bounded import loads_bounded
 
 MAX_REQUEST_BYTES = 16 * 1024  # a request is one short line of JSON
 MAX_PATH_CHARS = 1024
@@ -329,7 +329,7 @@ def limits_from_args(args: argparse.Namespace) -> BridgeLimits:
     Raises:
         OperatorInputError: a negative or zero bound.
     """
-    from trust.errors import OperatorInputError
+    from modelward.trust.errors import OperatorInputError
 
     rps, mib = args.device_requests_per_s, args.device_mib_per_s
     queue, send = args.device_queue, args.send_queue_mib

@@ -9,8 +9,8 @@ the operator never saw (sent and overwritten between two runs) is newer than any
 knows, so only its age can give it away (``STALE``).
 
 Device data is hostile even when it is signed (issue 14 finding 6): a report is cut at
-:data:`~trust._report.MAX_REPORT_BYTES` as it arrives, parsed only with a size and depth
-bound, verified, then schema-checked (:func:`publisher._report_schema.check_report`); a
+:data:`~modelward.trust._report.MAX_REPORT_BYTES` as it arrives, parsed only with a size and depth
+bound, verified, then schema-checked (:func:`modelward.publisher._report_schema.check_report`); a
 report that fails any step is one ``REJECTED`` row with a short escaped reason, never a
 failed command. Every device-supplied string is escaped (:func:`publisher._display.escape`)
 in the table, and the ``--json`` form (:func:`rows_json`) is strict JSON.
@@ -35,14 +35,20 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from publisher._broker_config import check_id
-from publisher._report_schema import ReportSchemaError, check_report
-from publisher.errors import OperatorInputError
-from trust import ReportSignatureError, verify_report, write_atomic
-from trust._bounded import loads_bounded
-from trust._display import display_width, escape, escape_id, pad
-from trust._report import MAX_REPORT_BYTES, MAX_SEQ, report_digest
-from updater._mqtt import MqttConfig, MqttConnection
+from modelward.publisher._broker_config import check_id
+from modelward.publisher._report_schema import ReportSchemaError, check_report
+from modelward.publisher.errors import OperatorInputError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import loads_bounded
+from modelward.trust._display import display_width, escape, escape_id, pad
+from modelward.trust._report import (
+    MAX_REPORT_BYTES,
+    MAX_SEQ,
+    ReportSignatureError,
+    report_digest,
+    verify_report,
+)
+from modelward.updater._mqtt import MqttConfig, MqttConnection
 
 
 def add_device(fleet_dir: Path, device_id: str, public_pem: bytes) -> Path:
@@ -83,7 +89,7 @@ class Seen:
 
     Attributes:
         seq: its sequence number.
-        digest: :func:`trust._report.report_digest` of it.
+        digest: :func:`modelward.trust._report.report_digest` of it.
     """
 
     seq: int
@@ -370,7 +376,7 @@ def _cell(text: str) -> str:
 
 def format_table(rows: list[DeviceRow]) -> str:
     """A plain table for people; every device-supplied string is escaped and cut, device
-    ids to the enrolled-id alphabet (:func:`~trust._display.escape_id`), no cell holds two
+    ids to the enrolled-id alphabet (:func:`~modelward.trust._display.escape_id`), no cell holds two
     spaces in a row (the column separator), and the columns line up by display width."""
 
     def model(m: Any) -> str:

@@ -128,7 +128,7 @@ class KdfInfo:
 
 class KeyFileFormatError(ValueError):
     """Bytes that are not a PKCS#8 structure this module understands (internal signal;
-    callers convert it to a :class:`publisher.errors.KeyError_` naming the file)."""
+    callers convert it to a :class:`modelward.publisher.errors.KeyError_` naming the file)."""
 
 
 # --- DER, the few types PKCS#8 needs ----------------------------------------

@@ -12,16 +12,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from securesystemslib.signer import CryptoSigner, Key, Signer, SSlibKey
 
-from publisher._keyfile import MIN_PASSPHRASE_CHARS, KeyFileFormatError, encrypt_scrypt, kdf_of
-from publisher._passphrases import (
-    PASSPHRASE_ENV,
-    Passphrase,
-    as_provider,
-    env_var,
+from modelward.publisher._keyfile import (
+    MIN_PASSPHRASE_CHARS,
+    KeyFileFormatError,
+    encrypt_scrypt,
+    kdf_of,
 )
-from publisher.errors import KeyError_
-from trust import write_atomic
-from trust._bounded import loads_bounded
+from modelward.publisher._passphrases import PASSPHRASE_ENV, Passphrase, as_provider, env_var
+from modelward.publisher.errors import KeyError_
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import loads_bounded
 
 ROLES = ("root", "targets", "snapshot", "timestamp")
 
@@ -89,7 +89,7 @@ def check_new_passphrase(passphrase: bytes, role: str) -> None:
 def generate_key_at(path: Path, passphrase: Passphrase, role: str = "") -> SSlibKey:
     """Create an encrypted ed25519 key file at ``path`` and return its public key.
 
-    The file is PKCS#8 encrypted with scrypt (see ``publisher._keyfile``) under ``role``'s
+    The file is PKCS#8 encrypted with scrypt (see ``modelward.publisher._keyfile``) under ``role``'s
     passphrase (``role`` defaults to the one the file name says).
 
     Raises:

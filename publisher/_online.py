@@ -29,9 +29,9 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
-from publisher._keys import ROLES, SignerRegistry, is_inside
-from publisher._online_state import (
+from modelward.publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
+from modelward.publisher._keys import ROLES, SignerRegistry, is_inside
+from modelward.publisher._online_state import (
     MAX_CANDIDATES,
     STATE_DIR,
     STATE_FILE,
@@ -45,13 +45,13 @@ from publisher._online_state import (
     save,
     verified_served,
 )
-from publisher._passphrases import PASSPHRASE_ENV, PassphraseProvider, env_var
-from publisher._served import ServedFileError, parse, trusted_chain, versions, walk_roots
-from publisher.errors import KeyError_, RepositoryStateError
-from trust import write_atomic
+from modelward.publisher._passphrases import PASSPHRASE_ENV, PassphraseProvider, env_var
+from modelward.publisher._served import ServedFileError, parse, trusted_chain, versions, walk_roots
+from modelward.publisher.errors import KeyError_, RepositoryStateError
+from modelward.trust._atomic import write_atomic
 
 if TYPE_CHECKING:
-    from publisher._repo import Repository
+    from modelward.publisher._repo import Repository
 
 logger = logging.getLogger(__name__)
 
@@ -590,7 +590,7 @@ def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
     which the online host may not have put in a snapshot yet (so the next change builds on
     it, never on an older version). Only targets signed by the targets keys of the newest
     root that chains (TUF's rules) from the offline anchor (``KEYS/trusted-root.json``,
-    :func:`publisher._served.trusted_chain`) count: never a retired key (:func:`_head`),
+    :func:`modelward.publisher._served.trusted_chain`) count: never a retired key (:func:`_head`),
     never an unchained root.
 
     Raises:

@@ -9,9 +9,9 @@
   role list (versions, lengths, hashes): the floor of the next refresh. A ``timestamp.json``
   or snapshot copied back, or planted, cannot lower it or put a role in.
 
-Every file is read through :func:`publisher._served.read_file` (no symlink followed, never
+Every file is read through :func:`modelward.publisher._served.read_file` (no symlink followed, never
 blocking, regular files only, bounded before anything is parsed); the root chain is
-:func:`publisher._served.walk_roots`.
+:func:`modelward.publisher._served.walk_roots`.
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Any
 from tuf.api.exceptions import LengthOrHashMismatchError, UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Timestamp
 
-from publisher._served import ServedFileError, parse, read_file
-from publisher.errors import RepositoryStateError
-from trust import write_atomic
-from trust._bounded import loads_bounded
+from modelward.publisher._served import ServedFileError, parse, read_file
+from modelward.publisher.errors import RepositoryStateError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import loads_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class OnlineStateError(RepositoryStateError):
         self.path = path
 
 
-# --- reads of the served directory (publisher._served: bounded, no symlink) -------------
+# --- reads of the served directory (modelward.publisher._served: bounded, no symlink) -------------
 
 
 def read_or_ignore(path: Path, log: Callable[..., None] = logger.warning

@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable, Mapping
 
-from publisher.errors import KeyError_, OperatorInputError
+from modelward.publisher.errors import KeyError_, OperatorInputError
 
 logger = logging.getLogger(__name__)
 

@@ -21,15 +21,15 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from publisher import _keyfile
-from publisher._keyfile import (
+from modelward.publisher import _keyfile
+from modelward.publisher._keyfile import (
     KdfInfo,
     KeyFileFormatError,
     ScryptParams,
     encrypt_scrypt,
     kdf_of,
 )
-from publisher._keys import (
+from modelward.publisher._keys import (
     ENCFILE,
     SignerRegistry,
     check_new_passphrase,
@@ -37,9 +37,9 @@ from publisher._keys import (
     is_inside,
     role_of_key_file,
 )
-from publisher._passphrases import PassphraseProvider
-from publisher.errors import KeyError_
-from trust import write_atomic
+from modelward.publisher._passphrases import PassphraseProvider
+from modelward.publisher.errors import KeyError_
+from modelward.trust._atomic import write_atomic
 
 
 @dataclass(frozen=True)

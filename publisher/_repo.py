@@ -33,16 +33,9 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._expiry import (
-    Expiry as Expiry,  # re-exported: `from publisher._repo import Expiry` keeps working
-)
-from publisher._expiry import (
-    ExpiryWarning,
-    expiry_warnings,
-    load_expiry,
-    save_expiry,
-)
-from publisher._keys import (
+from modelward.publisher._expiry import Expiry as Expiry
+from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
+from modelward.publisher._keys import (
     ENCFILE,
     ROLES,
     SignerRegistry,
@@ -52,7 +45,7 @@ from publisher._keys import (
     load_signer,
     load_signer_at,
 )
-from publisher._online import (
+from modelward.publisher._online import (
     OnlineKeys,
     after_init,
     key_home,
@@ -62,9 +55,9 @@ from publisher._online import (
     refuse_rotate,
     verified_delegations,
 )
-from publisher._online import refresh as _online_refresh
-from publisher._passphrases import Passphrase, as_provider, check_team_variable
-from publisher._rootflow import (
+from modelward.publisher._online import refresh as _online_refresh
+from modelward.publisher._passphrases import Passphrase, as_provider, check_team_variable
+from modelward.publisher._rootflow import (
     RootNotPublishableError,
     default_uri,
     entries_keyid,
@@ -73,7 +66,7 @@ from publisher._rootflow import (
     root_gaps,
     signing_uris,
 )
-from publisher._served import (
+from modelward.publisher._served import (
     ServedFileError,
     View,
     read_file,
@@ -84,20 +77,22 @@ from publisher._served import (
     verified_view,
     verify_role,
 )
-from publisher._served import load as served_load
-from publisher._summary import (
+from modelward.publisher._served import load as served_load
+from modelward.publisher._summary import (
     Pending,
     PendingReviewError,
     check_pending,
     read_pending,
     summarize,
 )
-from publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
-from publisher._tufcheck import check_root_chain, check_state
-from publisher.errors import KeyError_, RepositoryStateError
-from trust import slot_fingerprint, write_atomic
-from updater import SemVer, extract_bundle
-from updater._search import TOP, Found, find_releases, preorder_walk
+from modelward.publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
+from modelward.publisher._tufcheck import check_root_chain, check_state
+from modelward.publisher.errors import KeyError_, RepositoryStateError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import extract_bundle
+from modelward.updater._search import TOP, Found, find_releases, preorder_walk
+from modelward.updater._semver import SemVer
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +295,7 @@ class Repository:
     # -- reading -------------------------------------------------------------
 
     def _view(self, *, strict: bool = True) -> View:
-        """The published state, verified from the trust anchor (publisher._served)."""
+        """The published state, verified from the trust anchor (modelward.publisher._served)."""
         return verified_view(self, strict=strict)
 
     def _load(self, filename: str) -> Metadata:  # type: ignore[type-arg]
@@ -434,7 +429,7 @@ class Repository:
 
         Root N+1 needs root N's threshold and its own (:func:`root_gaps`); every write
         clients fetch (a root, ``timestamp.json``) first passes the stock-client gate
-        (:mod:`publisher._tufcheck`).
+        (:mod:`modelward.publisher._tufcheck`).
         """
         name = f"{role}.json" if version is None else f"{version}.{role}.json"
         if version is not None and self._is_published(role, version):

@@ -2,7 +2,7 @@
 
 A valid signature says only that the device's key signed the bytes; one device's
 credentials (its TPM key) sign whatever that device wants. So a verified report is still
-hostile input: every field must be of the type and size ``agent._observe.build_report``
+hostile input: every field must be of the type and size ``modelward.agent._observe.build_report``
 writes, strings UTF-8 text (no lone surrogate, which ``json.loads`` accepts as
 ``"\\ud800"`` and strict readers refuse), numbers finite and within what every JSON
 reader keeps exact, and no other field may be present (the report is a closed schema:
@@ -20,12 +20,12 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from agent._status import COUNTERS as _AGENT_COUNTERS
-from agent._status import MAX_TEXT
-from trust._report import MAX_SEQ
-from trust.errors import UntrustedRemoteError
+from modelward.agent._status import COUNTERS as _AGENT_COUNTERS
+from modelward.agent._status import MAX_TEXT
+from modelward.trust._report import MAX_SEQ
+from modelward.trust.errors import UntrustedRemoteError
 
-MAX_ID = 64  # device ids and fleet names (publisher._broker_config.check_id)
+MAX_ID = 64  # device ids and fleet names (modelward.publisher._broker_config.check_id)
 MAX_SHORT = 256  # model name, version, fingerprint, state, time stamps
 MAX_INT = MAX_SEQ  # counters, uptime: exact in every JSON reader
 MAX_POLL = 10**9  # seconds

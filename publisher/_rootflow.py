@@ -18,8 +18,8 @@ from securesystemslib.exceptions import UnverifiedSignatureError, VerificationEr
 from securesystemslib.signer import Key
 from tuf.api.metadata import Metadata, Root
 
-from publisher._keys import ENCFILE, ROLES, SignerRegistry, is_inside
-from publisher.errors import RepositoryStateError
+from modelward.publisher._keys import ENCFILE, ROLES, SignerRegistry, is_inside
+from modelward.publisher.errors import RepositoryStateError
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ published metadata goes through :func:`verified_view`:
 
 A file that fails is a :class:`ServedFileError` naming it; nothing is signed from it.
 Delegated roles come only from the delegation tree of verified targets
-(:func:`publisher._online.verified_delegations`), never from files merely present.
+(:func:`modelward.publisher._online.verified_delegations`), never from files merely present.
 """
 
 from __future__ import annotations
@@ -37,13 +37,13 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization import DeserializationError
 
-from publisher._tufcheck import StockClientWouldRejectError
-from publisher.errors import RepositoryStateError
-from trust import write_atomic
-from trust._bounded import UnsafeFileError, loads_bounded, read_bounded
+from modelward.publisher._tufcheck import StockClientWouldRejectError
+from modelward.publisher.errors import RepositoryStateError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import UnsafeFileError, loads_bounded, read_bounded
 
 if TYPE_CHECKING:
-    from publisher._repo import Repository
+    from modelward.publisher._repo import Repository
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def root_chain(anchor: Metadata[Root], metadata_dir: Path, *, strict: bool = Tru
 
 def anchor_path(repo: Repository) -> Path:
     """Where the root this machine trusts is kept (never under the served directory)."""
-    from publisher._online import ANCHOR_FILE
+    from modelward.publisher._online import ANCHOR_FILE
 
     return repo.online.dir / ANCHOR_FILE if repo.online is not None else \
         repo.keys / TRUSTED_ROOT_FILE
@@ -205,7 +205,7 @@ def anchor_path(repo: Repository) -> Path:
 
 def _anchor(repo: Repository) -> Metadata[Root]:
     if repo.online is not None:  # the highest root the online host verified (its state)
-        from publisher._online import online_anchor
+        from modelward.publisher._online import online_anchor
 
         return online_anchor(repo.online.dir)
     path = anchor_path(repo)
@@ -234,7 +234,7 @@ def _anchor(repo: Repository) -> Metadata[Root]:
 def save_anchor(repo: Repository, root_bytes: bytes) -> None:
     """Keep ``root_bytes`` (a root whose change this tool just completed) as the trust
     anchor of the key directory (and, at ``repo init --online-dir``, of the online one)."""
-    from publisher._online import ANCHOR_FILE
+    from modelward.publisher._online import ANCHOR_FILE
 
     online = repo.online
     if online is None or os.path.realpath(online.dir) != os.path.realpath(repo.keys):
@@ -440,7 +440,7 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
         RepositoryStateError: the state file is corrupt, or a version is lower than this
             tool published.
     """
-    from publisher._online import online_elsewhere
+    from modelward.publisher._online import online_elsewhere
 
     roots = trusted_chain(repo)
     invalid: dict[str, str] = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import datetime
 
-from publisher.errors import RepositoryStateError
+from modelward.publisher.errors import RepositoryStateError
 
 
 class TeamRoleExpiredError(RepositoryStateError):

@@ -23,7 +23,7 @@ from tuf.api.serialization import DeserializationError
 from tuf.ngclient._internal.trusted_metadata_set import TrustedMetadataSet
 from tuf.ngclient.config import EnvelopeType
 
-from publisher.errors import RepositoryStateError
+from modelward.publisher.errors import RepositoryStateError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trust.errors import ModelwardError, OperatorInputError
+from modelward.trust.errors import ModelwardError, OperatorInputError
 
 __all__ = ["KeyError_", "ModelwardError", "OperatorInputError", "RepositoryStateError"]
 

@@ -18,9 +18,9 @@ from securesystemslib.signer import CryptoSigner, Signer
 from tuf.api.metadata import Metadata, MetaFile, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._keys import load_signer_at
-from trust import slot_fingerprint
-from updater import extract_bundle
+from modelward.publisher._keys import load_signer_at
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import extract_bundle
 
 
 def _serialize(md: Metadata) -> bytes:  # type: ignore[type-arg]

@@ -8,10 +8,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from publisher._broker_config import settings_text
-from simulator._pki import CertPair
-from simulator._proc import free_port, read_pid, stop_pid, wait_for_port
-from simulator.errors import ServiceError
+from modelward.publisher._broker_config import settings_text
+from modelward.simulator._pki import CertPair
+from modelward.simulator._proc import free_port, read_pid, stop_pid, wait_for_port
+from modelward.simulator.errors import ServiceError
 
 _CONF = """\
 {user}

@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from simulator._broker import start_broker, stop_broker
-from simulator._models import make_linear_model
-from simulator._origin import start_origin, stop_origin
-from simulator._pki import issue_cert, make_ca
-from simulator._swtpm import start_swtpm, stop_swtpm
-from trust._bounded import loads_bounded, read_json_file
+from modelward.simulator._broker import start_broker, stop_broker
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import issue_cert, make_ca
+from modelward.simulator._swtpm import start_swtpm, stop_swtpm
+from modelward.trust._bounded import loads_bounded, read_json_file
 
 
 def write_device_config(

@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator._attacks import RepoAttacker
-from simulator._broker import start_broker, stop_broker
-from simulator._demo import write_device_config
-from simulator._models import make_linear_model
-from simulator._origin import start_origin, stop_origin
-from simulator._pki import CertPair, issue_cert, make_ca
-from simulator._proc import read_pid, stop_pid
-from simulator._swtpm import start_swtpm, stop_swtpm
-from simulator.errors import ServiceError
-from trust._bounded import loads_bounded, read_json_file
+from modelward.simulator._attacks import RepoAttacker
+from modelward.simulator._broker import start_broker, stop_broker
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import CertPair, issue_cert, make_ca
+from modelward.simulator._proc import read_pid, stop_pid
+from modelward.simulator._swtpm import start_swtpm, stop_swtpm
+from modelward.simulator.errors import ServiceError
+from modelward.trust._bounded import loads_bounded, read_json_file
 
 FLEET = "sim"
 MODEL = "classifier"
@@ -65,7 +65,7 @@ class Device:
 
     def status(self) -> dict[str, Any]:
         """The device's status.json (empty when unreadable)."""
-        from agent._status import read_status
+        from modelward.agent._status import read_status
 
         return read_status(self.state / "status.json")
 
@@ -153,12 +153,12 @@ class Fleet:
 
     # -- operator ---------------------------------------------------------------------
     def repository(self) -> Any:
-        from publisher import Repository
+        from modelward.publisher._repo import Repository
 
         return Repository(self.repo, self.keys, self.passphrase.encode())
 
     def mqtt(self, user: str) -> Any:
-        from updater import MqttConfig
+        from modelward.updater._config import MqttConfig
 
         return MqttConfig(host="127.0.0.1", port=self.broker_port, fleet=FLEET,
                           client_name=user, ca_file=str(self.ca()),
@@ -166,7 +166,7 @@ class Fleet:
 
     def build(self, version: str, seed: int, *, vectors_from: int | None = None) -> Path:
         """A bundle of a fresh linear model (optionally with another model's vectors)."""
-        from publisher import build_bundle
+        from modelward.publisher._bundle_build import build_bundle
 
         builds = self.dir / "builds"
         builds.mkdir(exist_ok=True)
@@ -213,8 +213,8 @@ class Fleet:
 
     def announce(self) -> bool:
         """Announce the current timestamp; False when the broker is unreachable."""
-        from publisher import announce
-        from trust.errors import TransportError
+        from modelward.publisher._bridge import announce
+        from modelward.trust.errors import TransportError
 
         try:
             announce(self.repo, self.mqtt("modelward-operator"))
@@ -283,9 +283,10 @@ def fleet_up(directory: Path, devices: int, *, poll_interval: float = 10.0,
     Raises:
         ServiceError: a service did not start, or a fleet runs there already.
     """
-    from agent import load_config
-    from agent import provision as agent_provision
-    from publisher import Repository, write_broker_config
+    from modelward.agent._commands import provision as agent_provision
+    from modelward.agent._config import load_config
+    from modelward.publisher._broker_config import write_broker_config
+    from modelward.publisher._repo import Repository
 
     directory = directory.resolve()
     if (directory / "fleet.json").exists():

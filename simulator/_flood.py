@@ -25,9 +25,9 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
-from updater._config import MqttConfig
-from updater._mqtt import BLOCK_HEADER
-from updater._mqttconn import MqttConnection, publish_properties
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import BLOCK_HEADER
+from modelward.updater._mqttconn import MqttConnection, publish_properties
 
 
 def vm_hwm(pid: int) -> int:

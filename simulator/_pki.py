@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from trust import write_atomic
+from modelward.trust._atomic import write_atomic
 
 
 @dataclass(frozen=True)

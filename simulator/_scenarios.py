@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator._attacks import RepoAttacker, pax_headers
-from simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
-from simulator._fleet import MODEL, Device, Fleet, wait_for
-from simulator.errors import ServiceError
-from trust._bounded import loads_bounded, read_json_file
+from modelward.simulator._attacks import RepoAttacker, pax_headers
+from modelward.simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
+from modelward.simulator._fleet import MODEL, Device, Fleet, wait_for
+from modelward.simulator.errors import ServiceError
+from modelward.trust._bounded import loads_bounded, read_json_file
 
 TRANSPORT_ERRORS = frozenset({"DownloadFailedError", "TransportError"})
 
@@ -168,7 +168,7 @@ def _consistent(d: Device) -> bool:
     """``current`` holds what the device's trust record calls active, and its journal is
     settled (no step left half-done). The record's MAC is the device's own business at
     boot; this is the outside view."""
-    from trust import directory_entries, slot_fingerprint
+    from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 
     try:
         rec = read_json_file(d.state / "trust" / "record.json", 1 << 16)["record"]
@@ -240,8 +240,8 @@ def _newest(fleet: Fleet) -> str:
 
 
 def _fingerprint(bundle: Path) -> str:
-    from trust import slot_fingerprint
-    from updater import extract_bundle
+    from modelward.trust._fingerprint import slot_fingerprint
+    from modelward.updater._bundle import extract_bundle
 
     with open(bundle, "rb") as f:
         return slot_fingerprint(extract_bundle(f, None, str(bundle))[1])
@@ -425,7 +425,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
     team: dict[str, Any] = {}
 
     def team_apply(fleet: Fleet) -> str:
-        from simulator._teams import team_sign
+        from modelward.simulator._teams import team_sign
 
         last_good = _newest(fleet)
         repo = fleet.repository()
@@ -445,7 +445,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
 
     def team_clear(fleet: Fleet) -> None:  # the team's role re-signed without them
         repo = fleet.repository()
-        md = repo._role_md(TEAM)  # noqa: SLF001 - tester tooling, as simulator._teams
+        md = repo._role_md(TEAM)  # noqa: SLF001 - tester tooling, as modelward.simulator._teams
         for path in team.get("paths", []):
             md.signed.targets.pop(path, None)
         md.signed.version += 1
@@ -601,8 +601,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
     def flood_apply(fleet: Fleet) -> str:
         import threading
 
-        from updater import MqttConnection
-        from updater._mqtt import publish_properties
+        from modelward.updater._mqtt import publish_properties
+        from modelward.updater._mqttconn import MqttConnection
 
         version = fleet.publish(announce=False)
         stop = threading.Event()
@@ -642,9 +642,10 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
     replay: dict[str, str | None] = {}
 
     def replay_apply(fleet: Fleet) -> str:
-        from agent import enroll, load_config, signed_report
-        from publisher import add_device
-        from updater import MqttConnection
+        from modelward.agent._commands import enroll, signed_report
+        from modelward.agent._config import load_config
+        from modelward.publisher._fleet import add_device
+        from modelward.updater._mqttconn import MqttConnection
 
         registry = fleet.dir / "registry"
         for d in fleet.devices:
@@ -709,7 +710,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
     tpm: dict[str, str | None] = {}
 
     def tpm_apply(fleet: Fleet) -> str:
-        from trust._tpm import ANCHOR_INDEX, COUNTER_INDEX
+        from modelward.trust._tpm import ANCHOR_INDEX, COUNTER_INDEX
 
         for d in fleet.devices:
             work = d.dir / "tpm-attacker"
@@ -845,7 +846,7 @@ def _hog_bundle(fleet: Fleet, version: str) -> Path:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from publisher import build_bundle
+    from modelward.publisher._bundle_build import build_bundle
 
     seed = 5
     builds = fleet.dir / "builds"
@@ -895,7 +896,7 @@ def wait_all_on(fleet: Fleet, version: str, timeout: float = 180.0) -> bool:
 def run_report(directory: Path, devices: int,
                say: Callable[[str], None] = lambda s: None) -> list[ScenarioResult]:
     """Start a fleet, give it two good releases, run every scenario, stop the fleet."""
-    from simulator._fleet import fleet_down, fleet_up
+    from modelward.simulator._fleet import fleet_down, fleet_up
 
     fleet = fleet_up(directory, devices, say=say)
     results = []

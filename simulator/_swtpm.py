@@ -7,8 +7,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from simulator._proc import free_port, read_pid, stop_pid, wait_for_port
-from simulator.errors import ServiceError
+from modelward.simulator._proc import free_port, read_pid, stop_pid, wait_for_port
+from modelward.simulator.errors import ServiceError
 
 
 @dataclass(frozen=True)

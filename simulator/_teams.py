@@ -12,9 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from publisher import Repository
-from trust import slot_fingerprint
-from updater import extract_bundle
+from modelward.publisher._repo import Repository
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import extract_bundle
 
 
 def team_sign(repo: Repository, role: str, bundle: Path, *, path: str | None = None,

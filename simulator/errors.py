@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trust.errors import LocalDeviceError
+from modelward.trust.errors import LocalDeviceError
 
 __all__ = ["ServiceError"]
 

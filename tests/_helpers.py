@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from updater import SemVer
+from modelward.updater._semver import SemVer
 
 if TYPE_CHECKING:
     from tests.conftest import World
@@ -40,7 +40,7 @@ def update_peak_rss(conf_path: Path, timeout: float = 300) -> tuple[int, int, st
 
 @dataclass(frozen=True)
 class R:
-    """A release as the rollout rules see it (updater._rollout.Release)."""
+    """A release as the rollout rules see it (modelward.updater._rollout.Release)."""
 
     name: str
     version: SemVer
@@ -61,7 +61,7 @@ def publish_root_v2(repo_dir: Path, keys: Path, passphrase: bytes) -> None:
     changes no key, behind the repository tools' back)."""
     from tuf.api.metadata import Metadata, Root
 
-    from publisher._keys import load_signer
+    from modelward.publisher._keys import load_signer
 
     md = repo_dir / "metadata"
     root_md = Metadata[Root].from_bytes((md / "1.root.json").read_bytes())
@@ -81,7 +81,7 @@ def repo_cli_ok(w: World, *argv: str) -> str:
 def team_release_installed(w: World) -> None:
     """Operator releases 1.0.0 and 2.0.0, then team ``cls-team`` (``classifier/*``)
     publishes 3.0.0 and the device installs it."""
-    from simulator._teams import team_sign
+    from modelward.simulator._teams import team_sign
 
     w.publish("1.0.0", seed=1)
     w.publish("2.0.0", seed=2)

@@ -16,26 +16,21 @@ import pytest
 
 os.environ["TSS2_LOG"] = "all+NONE"  # the TSS's own stderr chatter
 
-from agent import AgentConfig, load_config  # noqa: E402
-from agent import provision as agent_provision  # noqa: E402
-from agent import update as agent_update  # noqa: E402
-from publisher import BuildOptions, Repository, build_bundle  # noqa: E402
-from publisher._keyfile import ScryptParams  # noqa: E402
-from simulator import (  # noqa: E402
-    CertPair,
-    SwtpmHandle,
-    issue_cert,
-    make_ca,
-    make_linear_model,
-    start_origin,
-    start_swtpm,
-    stop_origin,
-    stop_swtpm,
-    write_device_config,
-)
+from modelward.agent._commands import provision as agent_provision  # noqa: E402
+from modelward.agent._commands import update as agent_update  # noqa: E402
+from modelward.agent._config import AgentConfig, load_config  # noqa: E402
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._keyfile import ScryptParams  # noqa: E402
+from modelward.publisher._repo import Repository  # noqa: E402
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import CertPair, issue_cert, make_ca
+from modelward.simulator._swtpm import SwtpmHandle, start_swtpm, stop_swtpm
+from modelward.trust._store import TrustStore  # noqa: E402
+from modelward.trust._tpm import Tpm
+from modelward.updater._install import UpdateResult  # noqa: E402
 from tests._stock_tuf import changed_repo, stock_refresh  # noqa: E402
-from trust import Tpm, TrustStore  # noqa: E402
-from updater import UpdateResult  # noqa: E402
 
 PASSPHRASE = b"modelward test passphrase"  # keys are generated per test, never committed
 
@@ -190,7 +185,7 @@ def _new_repo(
     monkeypatch.setenv("MODELWARD_KEY_PASSPHRASE", PASSPHRASE.decode())
     # Test speed: these throwaway keys use a cheap scrypt (about 1 ms, not 0.1 s, per use,
     # here and in every CLI child that opens them); the real cost is tested in test_i14_keys.
-    monkeypatch.setattr("publisher._keyfile.DEFAULT_SCRYPT", ScryptParams(2**10, 8, 1))
+    monkeypatch.setattr("modelward.publisher._keyfile.DEFAULT_SCRYPT", ScryptParams(2**10, 8, 1))
     repo_dir, keys, builds = tmp_path / "repo", tmp_path / "keys", tmp_path / "builds"
     builds.mkdir()
     repo = Repository(repo_dir, keys, PASSPHRASE)
@@ -247,7 +242,7 @@ class MqttWorld(World):
                 "--password-file", str(self.creds[user])]
 
     def mqtt_cfg(self, user: str) -> Any:
-        from updater import MqttConfig
+        from modelward.updater._config import MqttConfig
 
         assert self.creds is not None
         return MqttConfig(host="127.0.0.1", port=self.broker_port, fleet=FLEET,
@@ -289,8 +284,8 @@ def mqtt_world(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[MqttWorld]:
     """Repository served only over MQTT (no HTTPS origin); device ``dev-1`` provisioned."""
-    from publisher import write_broker_config
-    from simulator import start_broker, stop_broker
+    from modelward.publisher._broker_config import write_broker_config
+    from modelward.simulator._broker import start_broker, stop_broker
 
     ca, server = pki
     repo_dir, keys, builds, repo, root = _new_repo(tmp_path, monkeypatch)

@@ -74,7 +74,7 @@ def test_refresh_unit_exposure_is_at_most_2_5() -> None:
 def test_refresh_unit_sees_only_the_online_directory() -> None:
     """Parsed from the unit: the online directory read-only, the metadata writable, and
     every place an offline key directory may lie on a single machine hidden."""
-    from publisher._online import CREDENTIAL
+    from modelward.publisher._online import CREDENTIAL
     from tests._i14_online_unit import directives, exec_args, view
 
     d = directives()

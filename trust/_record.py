@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from trust._bounded import loads_bounded
-from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
+from modelward.trust._bounded import loads_bounded
+from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 
 RECORD_MAX_BYTES = 64 * 1024  # bytes; a record is about 1 kB
 
@@ -261,7 +261,7 @@ def choose_root(
 
     Raises:
         RootAnchorError: neither file matches (deleted or replaced); the root bytes can be
-            recovered from the repository by the same rule (updater._heal).
+            recovered from the repository by the same rule (modelward.updater._heal).
     """
     if root is not None and hashlib.sha256(root).digest() == anchor:
         return root, RootResolution.USE

@@ -32,9 +32,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from trust._bounded import loads_bounded
-from trust._tpm import TpmInterface
-from trust.errors import LocalDeviceError, UntrustedRemoteError
+from modelward.trust._bounded import loads_bounded
+from modelward.trust._tpm import TpmInterface
+from modelward.trust.errors import LocalDeviceError, UntrustedRemoteError
 
 ALG = "ecdsa-p256-sha256"
 _DOMAIN = b"modelward status report v1\n"

@@ -22,9 +22,9 @@ import stat
 from dataclasses import replace
 from pathlib import Path
 
-from trust._atomic import rename_atomic, write_atomic
-from trust._bounded import UnsafeFileError, loads_bounded, read_bounded
-from trust._record import (
+from modelward.trust._atomic import rename_atomic, write_atomic
+from modelward.trust._bounded import UnsafeFileError, loads_bounded, read_bounded
+from modelward.trust._record import (
     HEAL_HINT,
     RECORD_MAX_BYTES,
     Heal,
@@ -38,9 +38,9 @@ from trust._record import (
     genesis,
     plan_record,
 )
-from trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
-from trust._tpmauth import auth_dir_for, ensure_auth
-from trust.errors import (
+from modelward.trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
+from modelward.trust._tpmauth import auth_dir_for, ensure_auth
+from modelward.trust.errors import (
     OperatorInputError,
     RootAnchorError,
     TpmNotProvisionedError,
@@ -66,7 +66,7 @@ class TrustStore:
         state_dir: the agent's state directory.
         tpm: the device TPM.
         auth_dir: where the TPM objects' auth value is kept; default
-            :func:`~trust._tpmauth.auth_dir_for` ``(state_dir)``.
+            :func:`~modelward.trust._tpmauth.auth_dir_for` ``(state_dir)``.
     """
 
     def __init__(self, state_dir: Path, tpm: TpmInterface, auth_dir: Path | None = None) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from trust.errors import (
+from modelward.trust.errors import (
     TpmAuthError,
     TpmError,
     TpmLockoutError,
@@ -250,7 +250,7 @@ class Tpm(TpmInterface):
                     hint="open the TPM through the trust store (TrustStore) so the auth "
                     "file is used",
                 )
-            from trust._tpmauth import read_auth
+            from modelward.trust._tpmauth import read_auth
 
             self._auth = read_auth(self._auth_dir)
         return self._auth

@@ -19,7 +19,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from trust.errors import TpmAuthFileError
+from modelward.trust.errors import TpmAuthFileError
 
 AUTH_FILE = "tpm.auth"
 AUTH_SIZE = 32

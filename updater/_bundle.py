@@ -2,7 +2,7 @@
 
 A bundle is an uncompressed POSIX tar, ``manifest.json`` first, then exactly the
 files the manifest lists, as regular files. Extraction reads the tar as a stream
-(``updater._tarstream``), so memory stays bounded whatever the bundle size and member
+(``modelward.updater._tarstream``), so memory stays bounded whatever the bundle size and member
 data is never copied in user space, and refuses anything else before a byte of it
 reaches the disk.
 """
@@ -16,12 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trust import FileEntry, MerkleHasher
-from trust._bounded import loads_bounded
-from updater._semver import SemVer
-from updater._stage import StageWriter
-from updater._tarstream import Member, Readable, TarFormatError, TarStream, check_member_path
-from updater.errors import BundleFormatError
+from modelward.trust._bounded import loads_bounded
+from modelward.trust._fingerprint import FileEntry, MerkleHasher
+from modelward.updater._semver import SemVer
+from modelward.updater._stage import StageWriter
+from modelward.updater._tarstream import (
+    Member,
+    Readable,
+    TarFormatError,
+    TarStream,
+    check_member_path,
+)
+from modelward.updater.errors import BundleFormatError
 
 FORMAT = "modelward-bundle/1"
 MANIFEST = "manifest.json"

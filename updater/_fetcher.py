@@ -18,8 +18,8 @@ from tuf.ngclient import FetcherInterface
 from urllib3.connection import HTTPSConnection
 from urllib3.connectionpool import HTTPSConnectionPool
 
-from updater._config import HttpsConfig
-from updater.errors import OperatorInputError
+from modelward.updater._config import HttpsConfig
+from modelward.updater.errors import OperatorInputError
 
 logger = logging.getLogger(__name__)
 

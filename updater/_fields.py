@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from updater._semver import SemVer
+from modelward.updater._semver import SemVer
 
 FLAGS = ("pinned", "withdrawn")
 KNOWN = ("name", "version", "fingerprint", "channel", "rollout", *FLAGS)

@@ -28,13 +28,13 @@ from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
 
-from trust import TrustRecord, TrustStore
-from trust._bounded import loads_bounded
-from trust._record import Heal
-from trust.errors import RootAnchorError
-from updater._fetcher import RangeFetcher
-from updater._tuf import convert_tuf_error
-from updater.errors import MetadataError, RootRecoveryError, StagingError
+from modelward.trust._bounded import loads_bounded
+from modelward.trust._record import Heal, TrustRecord
+from modelward.trust._store import TrustStore
+from modelward.trust.errors import RootAnchorError
+from modelward.updater._fetcher import RangeFetcher
+from modelward.updater._tuf import convert_tuf_error
+from modelward.updater.errors import MetadataError, RootRecoveryError, StagingError
 
 logger = logging.getLogger(__name__)
 

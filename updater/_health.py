@@ -1,7 +1,7 @@
 """Health check: onnxruntime in a sandboxed child process (updater/_sandbox.py).
 
 The child runs a signed but possibly malicious model. It gets sealed in-memory copies of
-the staged files it needs (``updater._sealed``: the very bytes whose fingerprint was
+the staged files it needs (``modelward.updater._sealed``: the very bytes whose fingerprint was
 checked; it never opens a path of the stage, which it cannot even see), a read-only view of
 the system's libraries, bounded memory, CPU time and output, no network, no TPM, no
 credentials and nothing it can write; its one-line report is untrusted input, parsed
@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from trust._bounded import loads_bounded
-from updater._bundle import MANIFEST, parse_manifest
-from updater._config import HealthConfig
-from updater._sandbox import (
+from modelward.trust._bounded import loads_bounded
+from modelward.updater._bundle import MANIFEST, parse_manifest
+from modelward.updater._config import HealthConfig
+from modelward.updater._sandbox import (
     Completed,
     SandboxPolicy,
     auto_max_memory,
@@ -32,8 +32,8 @@ from updater._sandbox import (
     scrubbed_env,
     tpm_devices,
 )
-from updater._sealed import SealedFiles, seal_slot
-from updater.errors import BundleFormatError, HealthCheckError
+from modelward.updater._sealed import SealedFiles, seal_slot
+from modelward.updater.errors import BundleFormatError, HealthCheckError
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def run_health_check(
         sealed = seal_slot(slot, names)
     try:
         fds = dict(sealed.fds)
-        done = run([sys.executable, "-P", "-m", "updater._healthchild", json.dumps(fds)],
+        done = run([sys.executable, "-I", "-m", "modelward.updater._healthchild", json.dumps(fds)],
                    policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
                    max_stderr=MAX_STDERR, pass_fds=tuple(fds.values()))
     finally:

@@ -1,4 +1,4 @@
-"""Health-check child process: ``python -m updater._healthchild FDS_JSON``.
+"""Health-check child process: ``python -m modelward.updater._healthchild FDS_JSON``.
 
 Runs in its own process so that a model that crashes, hangs or eats memory in
 onnxruntime cannot take the agent down. Prints one JSON object
@@ -36,7 +36,7 @@ def check(fds: dict[str, int]) -> tuple[bool, str]:
     import numpy as np
     import onnxruntime as ort
 
-    from updater._bundle import MANIFEST, parse_manifest
+    from modelward.updater._bundle import MANIFEST, parse_manifest
 
     manifest = parse_manifest(_read(fds, MANIFEST), "the verified bundle")
     opts = ort.SessionOptions()
@@ -80,7 +80,7 @@ def check(fds: dict[str, int]) -> tuple[bool, str]:
 def main() -> int:
     """Entry point of the child."""
     try:
-        from trust._bounded import loads_bounded
+        from modelward.trust._bounded import loads_bounded
 
         fds = loads_bounded(sys.argv[1], max_bytes=4096, max_depth=1, what="the descriptors")
         if not isinstance(fds, dict) or not all(

@@ -20,7 +20,7 @@ from datetime import datetime
 from datetime import time as dtime
 from pathlib import Path
 
-from updater.errors import LocalDeviceError
+from modelward.updater.errors import LocalDeviceError
 
 logger = logging.getLogger(__name__)
 

@@ -22,31 +22,26 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
-from trust import (
-    FileEntry,
-    ModelRef,
-    TrustRecord,
-    TrustStore,
-    directory_entries,
-    slot_fingerprint,
-)
-from updater._bundle import Manifest, extract_bundle, fsync_tree
-from updater._config import UpdaterConfig
-from updater._fetcher import RangeFetcher, RequestsFetcher
-from updater._heal import trusted_record
-from updater._health import health_inputs, run_health_check
-from updater._idle import Gate
-from updater._journal import Journal
-from updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from updater._rejections import RejectionStore
-from updater._rollout import Choice
-from updater._sealed import SealedFiles, seal_verified
-from updater._semver import SemVer
-from updater._slots import SlotStore
-from updater._stage import Stage
-from updater._statedir import check_state_dirs, plain_dir
-from updater._tuf import Candidate, TufSession, convert_tuf_error
-from updater.errors import (
+from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
+from modelward.trust._record import ModelRef, TrustRecord
+from modelward.trust._store import TrustStore
+from modelward.updater._bundle import Manifest, extract_bundle, fsync_tree
+from modelward.updater._config import UpdaterConfig
+from modelward.updater._fetcher import RangeFetcher, RequestsFetcher
+from modelward.updater._heal import trusted_record
+from modelward.updater._health import health_inputs, run_health_check
+from modelward.updater._idle import Gate
+from modelward.updater._journal import Journal
+from modelward.updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
+from modelward.updater._rejections import RejectionStore
+from modelward.updater._rollout import Choice
+from modelward.updater._sealed import SealedFiles, seal_verified
+from modelward.updater._semver import SemVer
+from modelward.updater._slots import SlotStore
+from modelward.updater._stage import Stage
+from modelward.updater._statedir import check_state_dirs, plain_dir
+from modelward.updater._tuf import Candidate, TufSession, convert_tuf_error
+from modelward.updater.errors import (
     FingerprintMismatchError,
     ModelwardError,
     NothingTrustedError,
@@ -275,7 +270,7 @@ def download_and_extract(
     This thread only receives; a hash thread computes the TUF hashes of the bundle, and an
     extraction thread parses the tar, hashes each member (sha256 and Merkle leaves) and
     writes it into ``incoming``, with the rest of the tar going to the stage's skeleton
-    (``updater._stage``); hashlib releases the GIL, so the cores work at once. Nothing
+    (``modelward.updater._stage``); hashlib releases the GIL, so the cores work at once. Nothing
     is read back. A download staged
     by an earlier, interrupted attempt continues where it stopped (Range / offset); the
     bytes it already has are rebuilt from the stage and hashed again, not fetched.

@@ -33,15 +33,15 @@ from urllib.parse import urlparse
 import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_exc
 
-from updater._config import MqttConfig
-from updater._fetcher import RangeFetcher
-from updater._mqttconn import (
+from modelward.updater._config import MqttConfig
+from modelward.updater._fetcher import RangeFetcher
+from modelward.updater._mqttconn import (
     AnnouncementListener,
     MqttConnection,
     parse_broker_url,
     publish_properties,
 )
-from updater.errors import TransportError
+from modelward.updater.errors import TransportError
 
 __all__ = [
     "MQTT_METADATA_URL",

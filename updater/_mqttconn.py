@@ -18,10 +18,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from trust._bounded import loads_bounded
-from updater import _pahofast
-from updater._config import MqttConfig
-from updater.errors import TransportError
+from modelward.trust._bounded import loads_bounded
+from modelward.updater import _pahofast
+from modelward.updater._config import MqttConfig
+from modelward.updater.errors import TransportError
 
 logger = logging.getLogger(__name__)
 

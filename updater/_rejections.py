@@ -4,18 +4,18 @@ A *release* here is a TUF target path together with its signed hashes. When an a
 that chose a release fails on the release itself, the release is remembered, and later
 attempts skip it until signed metadata changes it: another target path, or other hashes
 for that path. "The release itself" means bytes that matched the signed hashes and then
-failed: a malformed bundle (:class:`~updater.errors.BundleFormatError`), a fingerprint
-that differs from the signed one (:class:`~updater.errors.FingerprintMismatchError`) or
-a failed health check (:class:`~updater.errors.HealthCheckError`). Trying those bytes
+failed: a malformed bundle (:class:`~modelward.updater.errors.BundleFormatError`), a fingerprint
+that differs from the signed one (:class:`~modelward.updater.errors.FingerprintMismatchError`) or
+a failed health check (:class:`~modelward.updater.errors.HealthCheckError`). Trying those bytes
 again gives the same answer. (This holds because nothing left on disk from an earlier
 attempt reaches the fingerprint or the health check unverified, issue 13 "verify what
 you use": otherwise a disk attacker could plant files that fail, and reject a good
 release.)
 
-What is *not* a rejection, and only backs off (``agent._schedule``):
+What is *not* a rejection, and only backs off (``modelward.agent._schedule``):
 
 * transport errors (origin or broker down, timeouts): the release may be fine;
-* a hash or length mismatch (:class:`~updater.errors.TargetHashError`): the bytes were
+* a hash or length mismatch (:class:`~modelward.updater.errors.TargetHashError`): the bytes were
   not the signed ones, so it says nothing about the release. The origin, the broker,
   the link or this device's own partial download (``staging``, on a disk an attacker may
   write) is at fault, and may recover: remembering it would let a disk attacker, or an
@@ -56,12 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from trust._atomic import write_atomic
-from trust._bounded import UnsafeFileError, loads_bounded
-from trust._bounded import read_bounded as read_bounded_file
-from trust.errors import LocalDeviceError, ModelwardError
-from updater._rollout import Choice, Release, choose_release
-from updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import UnsafeFileError, loads_bounded
+from modelward.trust._bounded import read_bounded as read_bounded_file
+from modelward.trust.errors import LocalDeviceError, ModelwardError
+from modelward.updater._rollout import Choice, Release, choose_release
+from modelward.updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
 
 logger = logging.getLogger(__name__)
 

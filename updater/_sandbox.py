@@ -2,14 +2,14 @@
 
 The agent holds the TPM, the trust record, the slots, ``current`` and the MQTT credentials;
 a signed but malicious model runs code in onnxruntime. :func:`run` starts ``argv`` through
-:mod:`updater._sandbox_launch`, which confines itself with resource limits, Landlock and
+:mod:`modelward.updater._sandbox_launch`, which confines itself with resource limits, Landlock and
 seccomp and proves the confinement before it ``execve``s ``argv``. Nothing here needs
 privileges or namespaces, so it works for the unprivileged agent in its systemd unit
 (``RestrictNamespaces=yes``) as well as for root in CI.
 
 The decisions are pure (:func:`policy_problem`, :func:`auto_max_memory`,
 :func:`scrubbed_env`); :func:`spawn` and :func:`run` are the I/O around them. If an isolation
-cannot be set up, :class:`~updater.errors.SandboxError` names it; only an explicit
+cannot be set up, :class:`~modelward.updater.errors.SandboxError` names it; only an explicit
 ``isolate=False`` (``[health] unsafe_no_sandbox = true``) runs with the limits alone.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from updater.errors import SandboxError
+from modelward.updater.errors import SandboxError
 
 LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
 EXIT_SANDBOX = 121  # the launcher's exit status when it refused to run the program

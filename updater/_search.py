@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from tuf.api.metadata import DelegatedRole, Root, TargetFile, Targets
 
-from updater.errors import MetadataError
+from modelward.updater.errors import MetadataError
 
 logger = logging.getLogger(__name__)
 

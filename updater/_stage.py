@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from trust._bounded import loads_bounded, read_bounded
-from trust._fingerprint import walk_tree
-from updater._statedir import (
+from modelward.trust._bounded import loads_bounded, read_bounded
+from modelward.trust._fingerprint import walk_tree
+from modelward.updater._statedir import (
     DIR_MODE,
     is_plain_dir,
     make_dirs,
@@ -43,7 +43,7 @@ from updater._statedir import (
     remove_at,
     remove_entry,
 )
-from updater._tarstream import Member, check_member_path
+from modelward.updater._tarstream import Member, check_member_path
 
 _READ = 1 << 20
 #: An index longer than this is read only this far (a bundle has at most 257 members).

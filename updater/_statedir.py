@@ -8,7 +8,7 @@ write to nor delete in that other place: every directory on the way is checked w
 ``lstat`` to be a real directory before it is used (:func:`plain_dir`), and removal never
 follows a link (:func:`remove_entry`; ``shutil.rmtree`` works through directory fds and
 refuses a symlinked top). A symlinked top-level directory is refused with a
-:class:`~updater.errors.StateDirError` naming it; it is not "repaired" by deleting what
+:class:`~modelward.updater.errors.StateDirError` naming it; it is not "repaired" by deleting what
 it points at.
 
 What remains: a process that writes the state directory *while* the agent works could
@@ -25,7 +25,7 @@ import os
 import stat
 from pathlib import Path
 
-from updater.errors import StateDirError
+from modelward.updater.errors import StateDirError
 
 #: The directories directly under ``state_dir`` that the agent reads, writes and deletes in.
 TOP_DIRS = ("staging", "slots", "metadata", "trust")
@@ -252,7 +252,7 @@ def open_below(root: Path, rel: str, flags: int, mode: int = FILE_MODE) -> int:
     relative to the one before it, then the last component with ``flags | O_NOFOLLOW``.
     With ``O_CREAT`` the file gets mode ``mode`` exactly (``fchmod`` of the opened fd: a
     new file whatever the umask, and a kept one whatever the disk set; boot-check refuses
-    a slot file with other modes, see ``trust._fingerprint``).
+    a slot file with other modes, see ``modelward.trust._fingerprint``).
 
     Raises:
         OSError: a component is a symlink (``ELOOP``/``ENOTDIR``), missing or unreadable.

@@ -1,8 +1,8 @@
-"""Errors of the updater. Roots are re-exported from :mod:`trust.errors`."""
+"""Errors of the updater. Roots are re-exported from :mod:`modelward.trust.errors`."""
 
 from __future__ import annotations
 
-from trust.errors import (
+from modelward.trust.errors import (
     LocalDeviceError,
     ModelwardError,
     OperatorInputError,

@@ -17,8 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from modelward.updater._mqtt import block_header
 from tests.fuzz import targets
-from updater._mqtt import block_header
 
 pytestmark = pytest.mark.fuzz
 # 10,000 examples per target (CI); FUZZ_EXAMPLES lowers it for a quick local run.

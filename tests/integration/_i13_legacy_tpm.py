@@ -11,8 +11,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from trust import Tpm, TrustStore, encode_record
-from trust._tpm import (
+from modelward.trust._record import encode_record
+from modelward.trust._store import TrustStore
+from modelward.trust._tpm import (
     ANCHOR_INDEX,
     COUNTER_INDEX,
     FLOOR_INDEX,
@@ -22,9 +23,10 @@ from trust._tpm import (
     LEGACY_IDENTITY_HANDLE,
     MAC_KEY_HANDLE,
     SRK_HANDLE,
+    Tpm,
     legacy_mac_key_template,
 )
-from trust._tpmauth import AUTH_FILE, auth_dir_for
+from modelward.trust._tpmauth import AUTH_FILE, auth_dir_for
 
 
 def _old_nv(e: Any, t: Any, index: int, size: int, *, counter: bool) -> Any:

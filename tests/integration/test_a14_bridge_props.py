@@ -16,9 +16,9 @@ import statistics
 import threading
 import time
 
-from simulator._flood import Prober, vm_hwm, vm_rss
+from modelward.simulator._flood import Prober, vm_hwm, vm_rss
+from modelward.updater._mqttconn import MqttConnection, publish_properties
 from tests.conftest import MqttWorld
-from updater._mqttconn import MqttConnection, publish_properties
 
 FLOOD_FILE = "targets/flood.bin"
 MIB = 1 << 20

@@ -13,12 +13,12 @@ from __future__ import annotations
 import secrets
 import time
 
+from modelward.updater._mqttconn import MqttConnection, publish_properties
 from tests.conftest import MqttWorld
-from updater._mqttconn import MqttConnection, publish_properties
 
 
 def test_a14_acknowledged_refusals_do_not_accumulate(mqtt_world: MqttWorld) -> None:
-    from publisher._bridge import Bridge
+    from modelward.publisher._bridge import Bridge
 
     w = mqtt_world
     w.stop_bridge()

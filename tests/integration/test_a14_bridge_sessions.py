@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from simulator._flood import Flooder, vm_rss
+from modelward.simulator._flood import Flooder, vm_rss
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import MqttWorld
-from updater._mqttconn import MqttConnection
 
 FLOOD_FILE = "targets/flood.bin"
 MIB = 1 << 20
@@ -69,6 +69,6 @@ def test_a14_one_device_many_unread_sessions_grow_the_broker(mqtt_world: MqttWor
 
 
 def _props(resp_topic: str) -> object:
-    from simulator._flood import _props as p
+    from modelward.simulator._flood import _props as p
 
     return p(resp_topic)

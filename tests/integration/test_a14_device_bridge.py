@@ -1,7 +1,7 @@
 """Attack 14, real stack (mosquitto with the generated config, the real `serve-mqtt`): one
 device, with only its own credentials, stalls every other device's block requests with a
 few requests the bridge's bounded parser takes quadratic time to refuse
-(``trust._bounded.json_depth``: ``"\\"\\"\\"...`` never closed, ~16 KiB each).
+(``modelward.trust._bounded.json_depth``: ``"\\"\\"\\"...`` never closed, ~16 KiB each).
 Also: a device that joins the bridges' fixed shared-subscription group loses half of another
 device's requests; and a request it retains on its own topic is handed again to every
 bridge that (re)subscribes.
@@ -15,10 +15,10 @@ from __future__ import annotations
 import queue
 import time
 
-from publisher._bridge import MAX_REQUEST_BYTES
+from modelward.publisher._bridge import MAX_REQUEST_BYTES
+from modelward.updater._mqtt import publish_properties
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
-from updater import MqttConnection
-from updater._mqtt import publish_properties
 
 N_SLOW = 12
 

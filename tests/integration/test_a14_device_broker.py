@@ -52,8 +52,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from publisher._bridge import share_group
-from simulator._pki import CertPair
+from modelward.publisher._bridge import share_group
+from modelward.simulator._pki import CertPair
 from tests.integration.test_a14_device_props import _recv_packet
 from tests.integration.test_i14_broker import (
     FLEET,

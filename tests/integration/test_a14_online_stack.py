@@ -13,12 +13,12 @@ import pytest
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher import Repository
-from publisher._keys import load_signer_at
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._repo import Repository
+from modelward.updater._install import Outcome
+from modelward.updater.errors import MetadataError
 from tests.integration.test_i14_online import PASS, OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
-from updater import Outcome
-from updater.errors import MetadataError
 
 
 def _dump(md: Metadata, path: Path) -> None:  # type: ignore[type-arg]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-import publisher._keys as keys_mod
-import publisher._repo as repo_mod
-from publisher import Repository
+import modelward.publisher._keys as keys_mod
+import modelward.publisher._repo as repo_mod
+from modelward.publisher._repo import Repository
+from modelward.updater._install import Outcome
 from tests._stock_tuf import stock_refresh
 from tests.conftest import PASSPHRASE, World
-from updater import Outcome
 
 
 class Crash(BaseException):

@@ -20,9 +20,9 @@ from securesystemslib.signer import CryptoSigner, SSlibKey
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import extract_bundle
 from tests.conftest import PASSPHRASE, World
-from trust import slot_fingerprint
-from updater import extract_bundle
 
 
 def _rk(w: World) -> list[str]:

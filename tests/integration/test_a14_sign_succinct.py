@@ -14,10 +14,10 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import Delegations, Metadata, SuccinctRoles, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import extract_bundle
 from tests.conftest import World
 from tests.integration.test_a14_sign_hidden_pin import _rk, _sign, _two_signers
-from trust import slot_fingerprint
-from updater import extract_bundle
 
 
 def test_a14_succinct_bins_in_pending_targets_ship_the_attackers_model(

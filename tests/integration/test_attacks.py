@@ -15,12 +15,14 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from publisher import Repository
-from publisher._repo import Expiry
-from simulator import RepoAttacker, issue_cert, start_origin, stop_origin, write_device_config
+from modelward.publisher._repo import Expiry, Repository
+from modelward.simulator._attacks import RepoAttacker
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import issue_cert
+from modelward.updater._install import Outcome
+from modelward.updater.errors import DownloadFailedError, MetadataError, TargetHashError
 from tests.conftest import PASSPHRASE, DeviceState, World, tree_digest
-from updater import Outcome
-from updater.errors import DownloadFailedError, MetadataError, TargetHashError
 
 
 def _attacker(w: World) -> RepoAttacker:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from modelward.trust.errors import TrustRecordError, TrustRecordRollbackError
 from tests.conftest import World
-from trust.errors import TrustRecordError, TrustRecordRollbackError
 
 
 def _flip(path: Path) -> None:
@@ -172,8 +172,8 @@ def _crash_at(step: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("step", ["downloading", "staged", "verified", "health-checked",
                                   "committing", "committed"])
 def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step: str) -> None:
-    from agent._commands import open_store
-    from updater import open_source, update_once
+    from modelward.agent._commands import open_store
+    from modelward.updater._install import open_source, update_once
 
     world.publish("1.0.0", seed=1)
     world.update()
@@ -226,7 +226,7 @@ def test_missing_root_anchor_is_refused_with_a_typed_error(world: World) -> None
     more; update and boot-check refuse, naming the index, and nothing is rewritten."""
     import subprocess
 
-    from trust.errors import TpmNotProvisionedError
+    from modelward.trust.errors import TpmNotProvisionedError
 
     _installed_v1_v2(world)
     before_files = {p: p.read_bytes() for p in (world.state / "trust").iterdir()}

@@ -14,9 +14,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from simulator import start_origin, stop_origin
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
-from updater import MqttConnection
 
 
 def _wait(pred: Callable[[], bool], timeout: float = 60) -> None:

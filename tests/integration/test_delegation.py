@@ -9,7 +9,7 @@ import shutil
 import pytest
 from tuf.api.metadata import Metadata, TargetFile
 
-from publisher._keys import load_signer_at
+from modelward.publisher._keys import load_signer_at
 from tests.conftest import PASSPHRASE, World
 
 
@@ -70,7 +70,7 @@ def test_device_ignores_a_team_listing_outside_its_paths(
     before = world.snapshot()
     log = world.tmp / "origin" / "access.log"
     seen = len(log.read_text().splitlines())
-    with caplog.at_level(logging.WARNING, logger="updater._tuf"):
+    with caplog.at_level(logging.WARNING, logger="modelward.updater._tuf"):
         result = world.update()
     assert "nothing to do" in result.message
     assert world.active_version() == "1.0.0"

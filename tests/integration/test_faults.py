@@ -21,15 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from agent import update as agent_update
-from simulator import CertPair, start_origin, start_swtpm, stop_origin, stop_swtpm
-from simulator._broker import stop_broker
+from modelward.agent._commands import update as agent_update
+from modelward.simulator._broker import stop_broker
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import CertPair
+from modelward.simulator._swtpm import start_swtpm, stop_swtpm
+from modelward.trust.errors import TpmUnavailableError
+from modelward.updater._idle import Gate
+from modelward.updater._install import Outcome
+from modelward.updater._stage import Stage
+from modelward.updater.errors import DownloadFailedError, StagingError
 from tests.conftest import DeviceState, MqttWorld, World
-from trust.errors import TpmUnavailableError
-from updater import Outcome
-from updater._idle import Gate
-from updater._stage import Stage
-from updater.errors import DownloadFailedError, StagingError
 
 
 def _status(w: World) -> dict[str, object]:

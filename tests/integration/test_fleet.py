@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from simulator._fleet import Fleet, pids_alive
-from simulator._scenarios import wait_all_on
+from modelward.simulator._fleet import Fleet, pids_alive
+from modelward.simulator._scenarios import wait_all_on
 
 
 def _sim(*argv: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:

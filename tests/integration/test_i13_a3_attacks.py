@@ -20,12 +20,11 @@ from typing import Any
 
 import pytest
 
-from simulator import RepoAttacker
+from modelward.simulator._attacks import RepoAttacker
+from modelward.updater._mqtt import publish_properties
+from modelward.updater._mqttconn import AnnouncementListener, MqttConnection
 from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
-from updater import MqttConnection
-from updater._mqtt import publish_properties
-from updater._mqttconn import AnnouncementListener
 
 
 def _trusted(s: DeviceState) -> tuple[object, ...]:

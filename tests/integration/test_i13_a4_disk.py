@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import run_boot_check
-from agent import update as agent_update
-from simulator import RepoAttacker
+from modelward.agent._commands import run_boot_check
+from modelward.agent._commands import update as agent_update
+from modelward.simulator._attacks import RepoAttacker
+from modelward.trust.errors import ModelwardError
+from modelward.updater.errors import HealthCheckError, RollbackError, StagedFilesChangedError
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
-from trust.errors import ModelwardError
-from updater.errors import HealthCheckError, RollbackError, StagedFilesChangedError
 
 
 def _counter(w: World) -> int:
@@ -309,7 +309,7 @@ def test_a4_signed_report_does_not_carry_a_put_back_status_json(world: World) ->
     """Refused: the report says what the attempt that signs it saw (its process's own
     status), never what status.json says now; and a status.json that its TPM MAC does not
     vouch for (see test_i13_status_auth.py) is not believed at all."""
-    from agent._commands import signed_report
+    from modelward.agent._commands import signed_report
     world.publish("1.0.0", seed=1)
     world.update()
     good_status = (world.state / "status.json").read_bytes()

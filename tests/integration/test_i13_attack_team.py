@@ -7,10 +7,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from simulator._teams import team_sign
+from modelward.simulator._teams import team_sign
+from modelward.updater.errors import MetadataError
 from tests._helpers import repo_cli_ok, team_release_installed
 from tests.conftest import World
-from updater.errors import MetadataError
 
 
 def test_attack_expired_team_role_keeps_the_fleet_on_the_teams_release(world: World) -> None:

@@ -12,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from agent import enroll
-from publisher import add_device
+from modelward.agent._commands import enroll
+from modelward.publisher._fleet import add_device
+from modelward.updater._mqtt import publish_properties
+from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.errors import BundleFormatError
 from tests.conftest import FLEET, DeviceState, MqttWorld, World
-from updater import MqttConnection
-from updater._mqtt import publish_properties
-from updater.errors import BundleFormatError
 
 
 def _trusted(s: DeviceState) -> tuple[object, ...]:
@@ -28,9 +28,9 @@ def test_signed_bundle_with_a_nested_manifest_is_a_bundle_format_error(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """A compromised pipeline (or one team key) signs a bundle whose manifest nests 5000
     arrays: the device refuses it with BundleFormatError, not a RecursionError."""
-    import publisher._repo as repo_mod
+    import modelward.publisher._repo as repo_mod
+    from modelward.updater._bundle import extract_bundle
     from tests.unit.test_i13_sandbox_attacks import _nested_manifest_bundle
-    from updater import extract_bundle
 
     world.publish("1.0.0", seed=1)
     world.update()

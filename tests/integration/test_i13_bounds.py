@@ -26,13 +26,12 @@ from pathlib import Path
 
 import pytest
 
-from simulator import RepoAttacker
-from simulator._attacks import pax_record
+from modelward.simulator._attacks import RepoAttacker, pax_record
+from modelward.updater._mqtt import publish_properties
+from modelward.updater._mqttconn import MqttConnection
+from modelward.updater._tarstream import BLOCK
 from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
-from updater import MqttConnection
-from updater._mqtt import publish_properties
-from updater._tarstream import BLOCK
 
 MIB = 1 << 20
 SLACK_KIB = 16 * 1024  # the issue's bound: normal peak + 16 MiB
@@ -193,7 +192,7 @@ def test_i13_broker_honours_the_maximum_packet_size_asked_for(mqtt_world: MqttWo
 
 def test_i13_response_topic_is_subscribed_only_while_fetching(mqtt_world: MqttWorld) -> None:
     """Between fetches the device receives nothing on its response topic."""
-    from updater import MqttFetcher
+    from modelward.updater._mqtt import MqttFetcher
 
     w = mqtt_world
     topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"

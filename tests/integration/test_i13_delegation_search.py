@@ -19,9 +19,9 @@ device installs shows the search's answer, and nginx's access log which roles it
 
 from __future__ import annotations
 
-from simulator._teams import team_sign
+from modelward.simulator._teams import team_sign
+from modelward.updater._install import Outcome
 from tests.conftest import World
-from updater import Outcome
 
 
 def _requested(w: World, since: int) -> list[str]:

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-import updater._install as install
+import modelward.updater._install as install
+from modelward.updater.errors import HealthCheckError, StagedFilesChangedError
 from tests.conftest import World
-from updater.errors import HealthCheckError, StagedFilesChangedError
 
 
 def _tar_files(data: bytes) -> dict[str, bytes]:
@@ -195,7 +195,7 @@ def test_heartbeat_symlink_creates_nothing_outside_state_dir(
     outside = tmp_path / "outside" / "nologin"  # e.g. /etc/nologin as the agent's user
     outside.parent.mkdir()
     (world.state / ".heartbeat").symlink_to(outside)
-    r = subprocess.run([sys.executable, "-m", "agent._child", str(world.conf_path)],
+    r = subprocess.run([sys.executable, "-m", "modelward.agent._child", str(world.conf_path)],
                        capture_output=True, text=True, timeout=120, check=False)
     assert "Traceback" not in r.stderr, r.stderr
     assert not outside.exists()  # fails: the agent created it

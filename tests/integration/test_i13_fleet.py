@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agent import enroll, signed_report
-from agent._observe import SEQUENCE_FILE
-from publisher import add_device
+from modelward.agent._commands import enroll, signed_report
+from modelward.agent._observe import SEQUENCE_FILE
+from modelward.publisher._fleet import add_device
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
-from updater import MqttConnection
 
 POLL = 3600.0  # mqtt_world's agent poll_interval
 
@@ -161,7 +161,7 @@ def test_attempt_process_persists_a_sequence_that_a_rolled_back_file_cannot_reus
     w = mqtt_world
 
     def attempt() -> int:
-        r = subprocess.run([sys.executable, "-m", "agent._child", str(w.conf_path)],
+        r = subprocess.run([sys.executable, "-m", "modelward.agent._child", str(w.conf_path)],
                            capture_output=True, text=True, timeout=120, check=False)
         report = json.loads(r.stdout.splitlines()[-1])["report"]
         assert report["poll_interval"] == POLL and report["fleet"] == FLEET

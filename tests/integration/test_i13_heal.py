@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import run_boot_check
-from simulator import RepoAttacker
+from modelward.agent._commands import run_boot_check
+from modelward.simulator._attacks import RepoAttacker
+from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
+from modelward.updater.errors import RollbackError, TrustStateLostError
 from tests._helpers import publish_root_v2
 from tests.conftest import PASSPHRASE, MqttWorld, World, copytree
-from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
-from updater.errors import RollbackError, TrustStateLostError
 
 
 def _counter(w: World) -> int:
@@ -199,9 +199,8 @@ def test_i13_heal_cannot_be_used_to_downgrade_with_expired_metadata(world: World
     import time
     from datetime import timedelta
 
-    from publisher import Repository
-    from publisher._repo import Expiry
-    from updater.errors import MetadataError
+    from modelward.publisher._repo import Expiry, Repository
+    from modelward.updater.errors import MetadataError
 
     quick = Repository(world.repo_dir, world.keys, PASSPHRASE,
                        expiry=Expiry(timestamp=timedelta(seconds=3)))

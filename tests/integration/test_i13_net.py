@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from tuf.api.metadata import Metadata, MetaFile
 
-from simulator import RepoAttacker
+from modelward.simulator._attacks import RepoAttacker
+from modelward.updater._config import TufConfig
 from tests._helpers import update_peak_rss
 from tests.conftest import PASSPHRASE, DeviceState, World
-from updater._config import TufConfig
 
 
 def _trusted(s: DeviceState) -> tuple[object, ...]:

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from simulator import stop_broker
-from simulator._proc import wait_for_port
+from modelward.simulator._broker import stop_broker
+from modelward.simulator._proc import wait_for_port
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import FLEET, DeviceState, MqttWorld
-from updater import MqttConnection
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -127,8 +127,8 @@ def test_deleted_rejections_file_costs_one_retry_and_planted_one_is_ignored(
 ) -> None:
     """The disk attacker: deleting the file gives one more download, no more; a planted
     file (no TPM MAC) does not hold back a good release."""
-    from agent import update
-    from updater.errors import HealthCheckError
+    from modelward.agent._commands import update
+    from modelward.updater.errors import HealthCheckError
 
     w = mqtt_world
     w.publish("1.0.0", seed=1)

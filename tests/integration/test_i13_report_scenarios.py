@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from simulator._fleet import Fleet, fleet_down, fleet_up, pids_alive
-from simulator._scenarios import SCENARIOS, run, wait_all_on
+from modelward.simulator._fleet import Fleet, fleet_down, fleet_up, pids_alive
+from modelward.simulator._scenarios import SCENARIOS, run, wait_all_on
 
 
 @pytest.fixture(scope="module")

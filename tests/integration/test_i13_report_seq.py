@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import time
 
-from agent._commands import signed_report
-from agent._observe import SEQUENCE_FILE
-from publisher._fleet import REPLAYED, judge_report
+from modelward.agent._commands import signed_report
+from modelward.agent._observe import SEQUENCE_FILE
+from modelward.publisher._fleet import REPLAYED, judge_report
+from modelward.trust._report import MAX_SEQ, report_digest
 from tests.conftest import World
-from trust._report import MAX_SEQ, report_digest
 
 
 def test_a4_planted_report_seq_is_not_believed_by_a_real_device(world: World) -> None:

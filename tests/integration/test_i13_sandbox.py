@@ -23,13 +23,13 @@ from pathlib import Path
 
 import pytest
 
-from publisher import BuildOptions, build_bundle
-from simulator._models import make_linear_model
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.simulator._models import make_linear_model
+from modelward.updater._config import HealthConfig
+from modelward.updater._health import health_policy, memory_limit
+from modelward.updater._sandbox import run
+from modelward.updater.errors import HealthCheckError
 from tests.conftest import World
-from updater import HealthConfig
-from updater._health import health_policy, memory_limit
-from updater._sandbox import run
-from updater.errors import HealthCheckError
 
 LIMIT = 512 << 20
 

@@ -8,9 +8,9 @@ import os
 import threading
 from pathlib import Path
 
-from agent import update as agent_update
+from modelward.agent._commands import update as agent_update
+from modelward.updater.errors import StagedFilesChangedError
 from tests.conftest import World
-from updater.errors import StagedFilesChangedError
 
 
 def test_what_the_disk_plants_before_the_seal_is_refused_without_reading_it(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import DelegatedRole, Delegations
 
-from simulator._teams import team_sign
+from modelward.simulator._teams import team_sign
 from tests._helpers import repo_cli_ok, team_release_installed
 from tests.conftest import World
 

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-import updater._install as install
+import modelward.updater._install as install
+from modelward.trust._store import TrustStore
+from modelward.updater.errors import StagedFilesChangedError, StateDirError
 from tests.conftest import World, tree_digest
-from trust import TrustStore
-from updater.errors import StagedFilesChangedError, StateDirError
 
 
 def _tar_files(data: bytes) -> dict[str, bytes]:

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-import agent._commands as commands
+import modelward.agent._commands as commands
+from modelward.updater.errors import HealthCheckError
 from tests.conftest import World
-from updater.errors import HealthCheckError
 
 
 def _report(world: World, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:

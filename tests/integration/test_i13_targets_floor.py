@@ -9,8 +9,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from modelward.trust._tpm import FLOOR_INDEX
 from tests.conftest import World
-from trust._tpm import FLOOR_INDEX
 
 
 def _floor(w: World) -> int:

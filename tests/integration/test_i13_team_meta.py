@@ -9,8 +9,8 @@ import json
 
 import pytest
 
+from modelward.trust.errors import ModelwardError
 from tests.conftest import World
-from trust.errors import ModelwardError
 
 
 def _assert_pinned(world: World, name: str) -> None:

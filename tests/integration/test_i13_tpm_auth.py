@@ -19,11 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from simulator import SwtpmHandle
-from tests.conftest import World
-from tests.integration._i13_legacy_tpm import make_legacy
-from trust import Tpm, TrustStore, decode_record, encode_record
-from trust._tpm import (
+from modelward.simulator._swtpm import SwtpmHandle
+from modelward.trust._record import decode_record, encode_record
+from modelward.trust._store import TrustStore
+from modelward.trust._tpm import (
     ANCHOR_INDEX,
     COUNTER_INDEX,
     IDENTITY_HANDLE,
@@ -32,10 +31,13 @@ from trust._tpm import (
     LEGACY_IDENTITY_HANDLE,
     LEGACY_MAC_KEY_LABEL,
     MAC_KEY_HANDLE,
+    Tpm,
     _TpmLegacy,
 )
-from trust._tpmauth import AUTH_FILE, auth_dir_for
-from trust.errors import TpmAuthError, TpmError, TrustRecordError
+from modelward.trust._tpmauth import AUTH_FILE, auth_dir_for
+from modelward.trust.errors import TpmAuthError, TpmError, TrustRecordError
+from tests.conftest import World
+from tests.integration._i13_legacy_tpm import make_legacy
 
 
 def _tools(world: World, *argv: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -369,7 +371,7 @@ def test_mac_key_planted_before_provisioning_is_refused(swtpm: SwtpmHandle,
 
 
 def _root_json(tmp_path: Path) -> bytes:
-    from publisher import Repository
+    from modelward.publisher._repo import Repository
     from tests.conftest import PASSPHRASE
 
     repo = Repository(tmp_path / "repo", tmp_path / "keys", PASSPHRASE)
@@ -384,9 +386,9 @@ class _Crash(BaseException):
                                   "after removing the old anchor"])
 def test_migration_interrupted_at_each_step_completes_on_the_next_run(
         world: World, monkeypatch: pytest.MonkeyPatch, step: str) -> None:
-    from agent import provision as agent_provision
-    from trust._store import TrustStore as Store
-    from trust._tpm import Tpm as RealTpm
+    from modelward.agent._commands import provision as agent_provision
+    from modelward.trust._store import TrustStore as Store
+    from modelward.trust._tpm import Tpm as RealTpm
 
     world.publish("1.0.0", seed=1)
     world.update()
@@ -514,9 +516,9 @@ def test_health_sandbox_cannot_read_the_auth_value(world: World) -> None:
     9) must keep it from the auth value, or it could use the TPM objects."""
     import dataclasses
 
-    from updater import HealthConfig
-    from updater._health import health_policy, memory_limit
-    from updater._sandbox import run
+    from modelward.updater._config import HealthConfig
+    from modelward.updater._health import health_policy, memory_limit
+    from modelward.updater._sandbox import run
 
     world.publish("1.0.0", seed=1)
     world.update()

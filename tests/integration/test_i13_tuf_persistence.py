@@ -19,12 +19,11 @@ import pytest
 from tuf.api.metadata import Metadata, MetaFile
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher import Repository
-from publisher._repo import Expiry
-from simulator import RepoAttacker
+from modelward.publisher._repo import Expiry, Repository
+from modelward.simulator._attacks import RepoAttacker
+from modelward.updater._install import Outcome
+from modelward.updater.errors import DownloadFailedError, MetadataError
 from tests.conftest import PASSPHRASE, World, tree_digest
-from updater import Outcome
-from updater.errors import DownloadFailedError, MetadataError
 
 
 def _attacker(w: World) -> RepoAttacker:

@@ -12,9 +12,9 @@ import os
 import statistics
 import time
 
-from simulator._flood import Flooder, Prober, vm_hwm
+from modelward.simulator._flood import Flooder, Prober, vm_hwm
+from modelward.updater._install import Outcome
 from tests.conftest import MqttWorld
-from updater import Outcome
 
 FLOOD_FILE = "targets/flood.bin"
 MIB = 1 << 20
@@ -111,8 +111,8 @@ def test_i14_honest_device_over_its_byte_budget_backs_off_and_installs(
 ) -> None:
     """The refusal a device gets beyond its budget (429) is a pause, not a failure: a real
     update of a 24 MiB bundle through a bridge allowing 8 MiB/s installs."""
-    from publisher._bridge import Bridge
-    from publisher._fairness import BridgeLimits
+    from modelward.publisher._bridge import Bridge
+    from modelward.publisher._fairness import BridgeLimits
 
     w = mqtt_world
     pad = w.builds / "pad"

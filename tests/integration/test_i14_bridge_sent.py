@@ -15,9 +15,9 @@ import tracemalloc
 import paho.mqtt.client as mqtt
 import pytest
 
-from simulator._flood import Flooder
+from modelward.simulator._flood import Flooder
+from modelward.updater._install import Outcome
 from tests.conftest import MqttWorld
-from updater import Outcome
 
 RATE = 40.0  # requests a second, under the 50 a device may send
 
@@ -28,7 +28,7 @@ def test_i14_acknowledged_refusals_and_symlink_requests_leave_nothing_held(
     """120 answers the broker acknowledged (100 refusals sent from paho's thread, 20 quiet
     404s for symlinks the worker would not follow) are all released with nobody else
     served; the bridge's traced memory does not grow with them; dev-1 then updates."""
-    from publisher._bridge import Bridge
+    from modelward.publisher._bridge import Bridge
 
     w = mqtt_world
     w.publish("1.0.0", seed=1)

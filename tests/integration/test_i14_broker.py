@@ -21,13 +21,12 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
-from publisher import write_broker_config
-from publisher._broker_config import MAX_PACKET, MAX_QUEUED_BYTES
-from simulator import start_broker, stop_broker
-from simulator._broker import BrokerHandle
-from simulator._pki import CertPair
-from updater import MqttConfig, MqttConnection
-from updater._mqtt import block_header
+from modelward.publisher._broker_config import MAX_PACKET, MAX_QUEUED_BYTES, write_broker_config
+from modelward.simulator._broker import BrokerHandle, start_broker, stop_broker
+from modelward.simulator._pki import CertPair
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import block_header
+from modelward.updater._mqttconn import MqttConnection
 
 FLEET = "f14"
 MiB = 1 << 20
@@ -322,7 +321,7 @@ def test_an_oversized_connect_needs_no_credentials_to_be_refused(broker: Broker)
 
 def test_status_of_a_normal_size_is_still_retained(broker: Broker) -> None:
     topic = f"modelward/{FLEET}/devices/dev-2/status"
-    report = os.urandom(60 * 1024)  # about trust._report.MAX_REPORT_BYTES
+    report = os.urandom(60 * 1024)  # about modelward.trust._report.MAX_REPORT_BYTES
     dev = MqttConnection(broker.cfg("dev-2"), "dev-2-st", [])
     try:
         dev.publish(topic, report, retain=True, wait=True)

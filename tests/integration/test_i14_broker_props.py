@@ -3,7 +3,7 @@
 MQTT 5 user properties, each inside the bridge's ~20 KiB Maximum Packet Size (so mosquitto
 forwards it). paho's ``Properties.unpack`` is quadratic (and copies its 64 KiB overread on
 every property): ~0.1 s of the bridge's network thread per packet, before any per-device
-budget applies. ``updater._pahofast`` bounds the property block in one linear pass and
+budget applies. ``modelward.updater._pahofast`` bounds the property block in one linear pass and
 acknowledges and drops such a packet: another device's block latency stays put.
 """
 
@@ -16,7 +16,8 @@ import ssl
 import struct
 import time
 
-from publisher._bridge import REQUEST_PACKET_LIMIT
+from modelward.publisher._bridge import REQUEST_PACKET_LIMIT
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 from tests.integration.test_a14_device_props import (
     _block_latency,
@@ -25,7 +26,6 @@ from tests.integration.test_a14_device_props import (
     _s,
     _varint,
 )
-from updater import MqttConnection
 
 N_PACKETS = 40
 
@@ -85,7 +85,7 @@ def test_i14_a_device_in_share_groups_of_its_own_takes_no_request_of_another(
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from publisher._bridge import share_group
+    from modelward.publisher._bridge import share_group
 
     w = mqtt_world
     assert w.creds is not None

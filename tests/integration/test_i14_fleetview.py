@@ -26,10 +26,15 @@ from typing import Any
 
 import pytest
 
-from publisher import add_device, write_broker_config
-from simulator import start_broker, stop_broker
-from simulator._pki import CertPair
-from simulator._swtpm import SwtpmHandle
+from modelward.publisher._broker_config import write_broker_config
+from modelward.publisher._fleet import add_device
+from modelward.simulator._broker import start_broker, stop_broker
+from modelward.simulator._pki import CertPair
+from modelward.simulator._swtpm import SwtpmHandle
+from modelward.trust._report import sign_report
+from modelward.trust._tpm import Tpm
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqttconn import MqttConnection
 from tests.conftest import tree_digest
 from tests.unit.test_i14_fleetview import (
     FORGED_ROW,
@@ -41,9 +46,6 @@ from tests.unit.test_i14_fleetview import (
     hostile_strings_report,
 )
 from tests.unit.test_report import _SoftKey
-from trust import sign_report
-from trust._tpm import Tpm
-from updater import MqttConfig, MqttConnection
 
 FLEET = "f1"
 HONEST = ["dev-1", "dev-2"]

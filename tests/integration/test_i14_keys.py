@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from modelward.cli import build_parser
-from publisher import build_bundle
-from simulator import make_linear_model
+from modelward.publisher._bundle_build import build_bundle
+from modelward.simulator._models import make_linear_model
 from tests.conftest import PASSPHRASE, World, tree_digest
 
 PER_ROLE = {

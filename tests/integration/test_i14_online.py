@@ -22,16 +22,19 @@ import pytest
 from tuf.api.metadata import Metadata, MetaFile, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
-from agent import provision as agent_provision
-from publisher import Repository
-from publisher._keys import load_signer_at
-from publisher._online import CREDENTIAL, attach
-from publisher._tufcheck import StockClientWouldRejectError
-from simulator import CertPair, SwtpmHandle, start_origin, stop_origin, write_device_config
+from modelward.agent._commands import provision as agent_provision
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._online import CREDENTIAL, attach
+from modelward.publisher._repo import Repository
+from modelward.publisher._tufcheck import StockClientWouldRejectError
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._pki import CertPair
+from modelward.simulator._swtpm import SwtpmHandle
+from modelward.updater._install import Outcome
+from modelward.updater.errors import MetadataError
 from tests._i14_online_unit import confine_script, directives, exec_args
 from tests.conftest import World
-from updater import Outcome
-from updater.errors import MetadataError
 
 OFFLINE = b"offline passphrase for root+targets"
 PASS = {"snapshot": b"online snapshot passphrase", "timestamp": b"online timestamp passphrase"}

@@ -9,10 +9,10 @@ import os
 
 import pytest
 
+from modelward.updater._install import Outcome
+from modelward.updater.errors import MetadataError
 from tests.integration.test_i14_online import OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
-from updater import Outcome
-from updater.errors import MetadataError
 
 
 def test_unchained_root_and_fifo_stop_the_unit_with_a_typed_error(

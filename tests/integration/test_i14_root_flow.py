@@ -14,14 +14,16 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata
 
-from agent import provision as agent_provision
-from publisher import Repository
-from publisher._tufcheck import StockClientWouldRejectError
-from simulator import SwtpmHandle, start_origin, stop_origin, write_device_config
+from modelward.agent._commands import provision as agent_provision
+from modelward.publisher._repo import Repository
+from modelward.publisher._tufcheck import StockClientWouldRejectError
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._swtpm import SwtpmHandle
+from modelward.updater._install import Outcome
+from modelward.updater.errors import MetadataError
 from tests._stock_tuf import stock_refresh
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
-from updater import Outcome
-from updater.errors import MetadataError
 
 
 @pytest.fixture
@@ -86,7 +88,7 @@ def test_rotate_targets_parks_until_the_second_root_key_signs(root2_world: World
 
     # The new targets key does not count yet: targets it signs are never published ...
     new_key = next((w.keys / "rotating").glob("targets-*.pem"))
-    from publisher._keys import load_signer_at
+    from modelward.publisher._keys import load_signer_at
 
     targets, _, _ = w.repo.current()
     targets.version += 1
@@ -101,7 +103,7 @@ def test_rotate_targets_parks_until_the_second_root_key_signs(root2_world: World
     # ... and a device refuses them when a mirror serves them anyway.
     mirror = Repository(w.repo_dir, w.keys, PASSPHRASE)
     floors = (w.keys / "published.json").read_bytes()  # what this tool published
-    import publisher._repo as repo_mod
+    import modelward.publisher._repo as repo_mod
 
     gate, repo_mod.check_state = repo_mod.check_state, lambda *_a, **_k: None  # type: ignore[assignment]
     verify, repo_mod.verify_role = repo_mod.verify_role, (  # type: ignore[assignment]

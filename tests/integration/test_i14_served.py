@@ -1,4 +1,4 @@
-"""Issue 14, the served directory (publisher._served), through the real CLI and a real
+"""Issue 14, the served directory (modelward.publisher._served), through the real CLI and a real
 device (swtpm, nginx): whoever writes ``REPO/metadata`` cannot make the operator's tools
 sign onwards from an edit, and cannot freeze the fleet with a planted file.
 """

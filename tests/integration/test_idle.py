@@ -11,12 +11,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent import update
+from modelward.agent._commands import update
+from modelward.updater._idle import Gate, IdleSignal
+from modelward.updater._install import Outcome, _Pipe
+from modelward.updater._stage import Stage
 from tests.conftest import World
-from updater import Outcome
-from updater._idle import Gate, IdleSignal
-from updater._install import _Pipe
-from updater._stage import Stage
 
 
 def _bundle_gets(w: World) -> list[tuple[int, int]]:

@@ -8,8 +8,8 @@ import signal
 
 import pytest
 
+from modelward.updater._journal import STEPS
 from tests.conftest import World
-from updater._journal import STEPS
 
 
 def _journal(w: World) -> dict[str, str]:

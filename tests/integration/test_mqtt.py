@@ -16,13 +16,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from publisher import Bridge
-from publisher._broker_config import MAX_PACKET
-from simulator import stop_broker
+from modelward.publisher._bridge import Bridge
+from modelward.publisher._broker_config import MAX_PACKET
+from modelward.simulator._broker import stop_broker
+from modelward.updater._install import Outcome
+from modelward.updater._mqttconn import MqttConnection
+from modelward.updater._stage import Stage
+from modelward.updater.errors import DownloadFailedError, TargetHashError
 from tests.conftest import FLEET, MqttWorld
-from updater import MqttConnection, Outcome
-from updater._stage import Stage
-from updater.errors import DownloadFailedError, TargetHashError
 
 
 def _wait_for(pred: Any, timeout: float, what: str) -> None:
@@ -148,7 +149,7 @@ class _SlowBridge(Bridge):
 def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: MqttWorld) -> None:
     import os
 
-    from agent import update
+    from modelward.agent._commands import update
 
     w = mqtt_world
     pad = w.builds / "pad"
@@ -196,7 +197,7 @@ def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: Mqtt
 def test_garbage_on_the_response_topic_is_ignored(
     mqtt_world: MqttWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from updater._mqtt import publish_properties
+    from modelward.updater._mqtt import publish_properties
 
     w = mqtt_world
     pad = w.builds / "pad"  # a bundle of several blocks: the response topic is subscribed
@@ -235,7 +236,7 @@ def test_garbage_on_the_response_topic_is_ignored(
     t = threading.Thread(target=flood)
     t.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="updater._mqtt"):
+        with caplog.at_level(logging.WARNING, logger="modelward.updater._mqtt"):
             assert w.update().outcome is Outcome.INSTALLED
     finally:
         stop.set()
@@ -299,7 +300,7 @@ def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
 
 
 def _props_for(device: str) -> Any:
-    from updater._mqtt import publish_properties
+    from modelward.updater._mqtt import publish_properties
 
     p = publish_properties()
     p.ResponseTopic = f"modelward/{FLEET}/devices/{device}/repo/resp"
@@ -308,7 +309,7 @@ def _props_for(device: str) -> Any:
 
 
 def test_bridge_refuses_paths_outside_the_repository(mqtt_world: MqttWorld) -> None:
-    from updater import MqttFetcher
+    from modelward.updater._mqtt import MqttFetcher
 
     w = mqtt_world
     (w.tmp / "secret.txt").write_text("not served")
@@ -402,7 +403,7 @@ def test_fetcher_survives_lost_duplicated_and_reordered_blocks(mqtt_world: MqttW
     import dataclasses
     import os
 
-    from updater import MqttFetcher
+    from modelward.updater._mqtt import MqttFetcher
 
     w = mqtt_world
     pad = w.builds / "pad"
@@ -427,7 +428,7 @@ def test_bridge_refuses_blocks_over_its_bound(mqtt_world: MqttWorld) -> None:
 
     from tuf.api.exceptions import DownloadHTTPError
 
-    from updater import MqttFetcher
+    from modelward.updater._mqtt import MqttFetcher
 
     w = mqtt_world
     f = MqttFetcher(dataclasses.replace(w.mqtt_cfg("dev-1"), block_size=4 << 20))
@@ -460,7 +461,7 @@ def test_blocks_in_either_format_install_the_same_model(
 ) -> None:
     """A device reads format 2 (header in the payload) from a current bridge and format 1
     (user properties) from an older one; the model and its fingerprint are the same."""
-    from updater._mqtt import BLOCK_HEADER, BLOCK_MAGIC
+    from modelward.updater._mqtt import BLOCK_HEADER, BLOCK_MAGIC
 
     w = mqtt_world
     w.publish("1.0.0", seed=1)

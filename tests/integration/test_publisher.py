@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from publisher import Repository
-from publisher.errors import KeyError_, RepositoryStateError
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import KeyError_, RepositoryStateError
 from tests.conftest import PASSPHRASE, World
 
 
@@ -85,7 +85,7 @@ def test_stock_python_tuf_client_reads_the_repository(world: World, tmp_path: Pa
 
 
 def test_bundle_build_cli_refuses_bad_version(world: World, tmp_path: Path) -> None:
-    from simulator import make_linear_model
+    from modelward.simulator._models import make_linear_model
 
     m = make_linear_model(tmp_path / "m.onnx", 1)
     r = world.cli("bundle", "build", str(m), "--name", "x", "--version", "1.0", "-o",
@@ -96,15 +96,15 @@ def test_bundle_build_cli_refuses_bad_version(world: World, tmp_path: Path) -> N
 
 
 def test_key_error_type(tmp_path: Path) -> None:
-    from publisher import load_signer
+    from modelward.publisher._keys import load_signer
 
     with pytest.raises(KeyError_, match="cannot read"):
         load_signer(tmp_path, "root", PASSPHRASE)
 
 
 def test_progress_reports_every_byte(world: World, tmp_path: Path) -> None:
-    from publisher import build_bundle
-    from simulator import make_linear_model
+    from modelward.publisher._bundle_build import build_bundle
+    from modelward.simulator._models import make_linear_model
 
     pad = tmp_path / "pad.bin"
     pad.write_bytes(os.urandom(3 << 20))
@@ -126,7 +126,7 @@ def test_progress_bar_on_a_terminal(world: World, tmp_path: Path) -> None:
 
     if shutil.which("script") is None:
         pytest.skip("util-linux `script` missing")
-    from simulator import make_linear_model
+    from modelward.simulator._models import make_linear_model
 
     model = make_linear_model(tmp_path / "m.onnx", 1)
     cmd = (f"{sys.executable} -m modelward bundle build {model} --name c --version 1.0.0 "

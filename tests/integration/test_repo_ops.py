@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from publisher import Repository
+from modelward.publisher._repo import Repository
+from modelward.updater.errors import MetadataError
 from tests.conftest import PASSPHRASE, World
-from updater.errors import MetadataError
 
 
 def test_expired_timestamp_is_refused_until_refresh(world: World) -> None:
@@ -74,9 +74,9 @@ def test_retired_targets_key_cannot_publish(world: World,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     from tuf.api.metadata import Metadata
 
-    from publisher._keys import load_signer_at
-    from publisher._served import load as served_load
-    from publisher._tufcheck import StockClientWouldRejectError
+    from modelward.publisher._keys import load_signer_at
+    from modelward.publisher._served import load as served_load
+    from modelward.publisher._tufcheck import StockClientWouldRejectError
 
     world.publish("1.0.0", seed=1)
     world.update()
@@ -93,8 +93,8 @@ def test_retired_targets_key_cannot_publish(world: World,
     with pytest.raises(StockClientWouldRejectError, match="targets was signed by 0/1"):
         world.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
     # ... so a mirror holding the online keys does it, past the gate: the device refuses.
-    monkeypatch.setattr("publisher._repo.check_state", lambda *_a, **_k: None)
-    monkeypatch.setattr("publisher._repo.verify_role",  # the mirror checks no signature
+    monkeypatch.setattr("modelward.publisher._repo.check_state", lambda *_a, **_k: None)
+    monkeypatch.setattr("modelward.publisher._repo.verify_role",  # the mirror checks no signature
                         lambda path, *_a: served_load(path))
     world.repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001 - a mirror's view
     before = world.snapshot()
@@ -111,9 +111,9 @@ def _rollout(w: World, *argv: str) -> None:
 
 
 def test_phased_rollout_halt_and_signed_pin_back(world: World) -> None:
+    from modelward.updater._rollout import rollout_bucket
+    from modelward.updater.errors import RollbackError
     from tests.conftest import copytree
-    from updater._rollout import rollout_bucket
-    from updater.errors import RollbackError
 
     world.publish("1.0.0", seed=1)
     world.update()

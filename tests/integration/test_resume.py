@@ -7,11 +7,11 @@ import re
 
 import pytest
 
-from agent import update as agent_update
+from modelward.agent._commands import update as agent_update
+from modelward.updater._idle import Gate
+from modelward.updater._stage import Stage
+from modelward.updater.errors import TargetHashError
 from tests.conftest import World
-from updater._idle import Gate
-from updater._stage import Stage
-from updater.errors import TargetHashError
 
 
 def _bundle_requests(w: World) -> list[tuple[int, int]]:

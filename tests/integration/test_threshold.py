@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import provision as agent_provision
-from publisher import Repository
-from simulator import SwtpmHandle, start_origin, stop_origin, write_device_config
+from modelward.agent._commands import provision as agent_provision
+from modelward.publisher._repo import Repository
+from modelward.simulator._demo import write_device_config
+from modelward.simulator._origin import start_origin, stop_origin
+from modelward.simulator._swtpm import SwtpmHandle
 from tests.conftest import PASSPHRASE, World
 
 SOFTHSM_LIB = "/usr/lib/softhsm/libsofthsm2.so"

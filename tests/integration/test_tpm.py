@@ -11,11 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from simulator import SwtpmHandle, start_swtpm, stop_swtpm
+from modelward.simulator._swtpm import SwtpmHandle, start_swtpm, stop_swtpm
+from modelward.trust._tpm import (
+    ANCHOR_INDEX,
+    COUNTER_INDEX,
+    IDENTITY_HANDLE,
+    MAC_KEY_HANDLE,
+    SRK_HANDLE,
+    Tpm,
+)
+from modelward.trust.errors import TpmNotProvisionedError, TpmUnavailableError
 from tests.conftest import World
-from trust import Tpm
-from trust._tpm import ANCHOR_INDEX, COUNTER_INDEX, IDENTITY_HANDLE, MAC_KEY_HANDLE, SRK_HANDLE
-from trust.errors import TpmNotProvisionedError, TpmUnavailableError
 
 
 def test_provisioning_twice_is_harmless(world: World) -> None:
@@ -145,7 +151,7 @@ def test_unreadable_device_names_the_tss_group() -> None:
         node.write_bytes(b"")
         node.chmod(0o600)  # root-only, like /dev/tpmrm0 without the tss group
         code = (
-            "import os; from trust._tpm import _diagnose_unavailable as d;"
+            "import os; from modelward.trust._tpm import _diagnose_unavailable as d;"
             "os.setgid(65534); os.setuid(65534);"
             f"c, h = d('device:{node}'); print(c); print(h)"
         )

@@ -8,16 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from tests._helpers import publish_root_v2
-from tests.conftest import PASSPHRASE, World, copytree, tree_digest
-from updater import Outcome
-from updater.errors import (
+from modelward.updater._install import Outcome
+from modelward.updater.errors import (
     DownloadFailedError,
     HealthCheckError,
     MetadataError,
     RollbackError,
     TargetHashError,
 )
+from tests._helpers import publish_root_v2
+from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 
 
 def _record(w: World) -> dict[str, object]:
@@ -182,7 +182,7 @@ def test_origin_down_is_a_transport_error_and_nothing_moves(world: World) -> Non
     world.publish("1.0.0", seed=1)
     world.update()
     before = world.snapshot()
-    from simulator import stop_origin
+    from modelward.simulator._origin import stop_origin
 
     stop_origin(world.tmp / "origin")
     with pytest.raises(DownloadFailedError):
@@ -191,7 +191,7 @@ def test_origin_down_is_a_transport_error_and_nothing_moves(world: World) -> Non
 
 
 def test_wrong_ca_is_refused(world: World, tmp_path: Path) -> None:
-    from simulator import make_ca
+    from modelward.simulator._pki import make_ca
 
     other = tmp_path / "other-ca"
     other.mkdir()
@@ -229,7 +229,7 @@ def test_root_dropped_on_disk_is_not_trusted(world: World) -> None:
     root.write_text(json.dumps(doc))
     import hashlib
 
-    from trust.errors import RootAnchorError
+    from modelward.trust.errors import RootAnchorError
 
     store = world.store()
     try:
@@ -250,8 +250,8 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
     connection it already has: the 404 body is read so the connection is reused."""
     import urllib3.connection
 
-    from updater import RequestsFetcher
-    from updater._tuf import TufSession
+    from modelward.updater._fetcher import RequestsFetcher
+    from modelward.updater._tuf import TufSession
 
     connects: list[object] = []
     real_connect = urllib3.connection.HTTPSConnection.connect

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from simulator import CertPair
+from modelward.simulator._pki import CertPair
 from tests.unit.test_i13_a3_https import Origin, Script
 
 

@@ -1,5 +1,5 @@
 """Attack 14 (one compromised device) on the logs its strings reach: the bridge's refusal
-warnings, formatted by ``agent._log`` (text and JSON).
+warnings, formatted by ``modelward.agent._log`` (text and JSON).
 
 Worked (strict xfail): a request whose ``path`` is ~16 KiB of characters that
 ``repr()`` and the escape both expand (supplementary private use: 4 UTF-8 bytes become
@@ -20,9 +20,9 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
-from agent._log import JsonFormatter, TextFormatter
-from publisher._bridge import MAX_REQUEST_BYTES, Bridge
-from updater._mqtt import MqttConfig, publish_properties
+from modelward.agent._log import JsonFormatter, TextFormatter
+from modelward.publisher._bridge import MAX_REQUEST_BYTES, Bridge
+from modelward.updater._mqtt import MqttConfig, publish_properties
 
 FLEET = "f1"
 CFG = MqttConfig(host="", port=0, fleet=FLEET, client_name="bridge")
@@ -72,7 +72,7 @@ def _hostile_request() -> bytes:
 def _logged(tmp: Any, n: int) -> list[logging.LogRecord]:
     b = _bridge(tmp)
     cap = _Capture()
-    log = logging.getLogger("publisher._bridge")
+    log = logging.getLogger("modelward.publisher._bridge")
     log.addHandler(cap)
     old = log.level
     log.setLevel(logging.WARNING)
@@ -125,7 +125,7 @@ def _del_wall_request() -> bytes:
 def test_a_refused_request_is_one_journal_entry(tmp_path: Any) -> None:
     b = _bridge(tmp_path)
     cap = _Capture()
-    log = logging.getLogger("publisher._bridge")
+    log = logging.getLogger("modelward.publisher._bridge")
     log.addHandler(cap)
     try:
         b._on_message(_request("dev-1", _del_wall_request()))

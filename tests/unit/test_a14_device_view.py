@@ -4,7 +4,7 @@ named) on ``fleet status`` and the bounded JSON parser it shares with the bridge
 Worked (strict xfail, the assertions say what should happen):
 
 * a report of escaped quotes (``"\\"\\"\\"...``, never closed) costs the depth pre-scan of
-  ``trust._bounded.json_depth`` quadratic time: the string regex is retried from every
+  ``modelward.trust._bounded.json_depth`` quadratic time: the string regex is retried from every
   quote and each try runs to the end (64 KiB: ~10 s per ``fleet status``; a 16 KiB bridge
   request ~0.5 s of the bridge's network thread), before the signature is checked;
 * a lone surrogate (``"\\ud800"``) in a signed report goes into ``--json`` as it is: not
@@ -27,12 +27,11 @@ from typing import Any
 
 import pytest
 
-from publisher._bridge import MAX_REQUEST_BYTES
-from publisher._fleet import REJECTED, _judge_device, format_table, judge_fleet, rows_json
+from modelward.publisher._bridge import MAX_REQUEST_BYTES
+from modelward.publisher._fleet import REJECTED, _judge_device, format_table, judge_fleet, rows_json
+from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+from modelward.trust._report import MAX_REPORT_BYTES, MAX_REPORT_DEPTH, sign_report
 from tests.unit.test_i14_fleetview import FLEET, NOW, _registry, good_report
-from trust import sign_report
-from trust._bounded import UntrustedJsonError, loads_bounded
-from trust._report import MAX_REPORT_BYTES, MAX_REPORT_DEPTH
 
 
 def _escaped_quotes(size: int) -> bytes:
@@ -161,7 +160,7 @@ def _status_under_latin1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     import io
     import sys
 
-    import publisher
+    import modelward.publisher._fleet as publisher
     from modelward.cli import main
 
     fd, keys = _registry(tmp_path, ["dev-1", "dev-2"])

@@ -28,11 +28,12 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 
-from publisher import Repository, build_bundle
-from publisher._keys import load_signer_at
-from publisher._online import attach
-from publisher.errors import RepositoryStateError
-from simulator import make_linear_model
+from modelward.publisher._bundle_build import build_bundle
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._online import attach
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import RepositoryStateError
+from modelward.simulator._models import make_linear_model
 from tests.unit.test_i14_online import (
     OFFLINE,
     PASS,
@@ -398,7 +399,7 @@ _ROOT_NAME_PROBE = textwrap.dedent("""
     import shutil, sys
     from pathlib import Path
     sys.path.insert(0, {worktree!r})
-    from publisher.errors import RepositoryStateError
+    from modelward.publisher.errors import RepositoryStateError
     from tests.unit.test_i14_online import Layout
     lay = Layout(Path({tmp!r}))
     md = lay.repo_dir / "metadata"

@@ -17,8 +17,8 @@ import pytest
 from tuf.api.metadata import Metadata, TargetFile, Targets
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher import Repository
-from publisher._summary import PendingMetadataError, PendingReviewError
+from modelward.publisher._repo import Repository
+from modelward.publisher._summary import PendingMetadataError, PendingReviewError
 
 PASS = b"a14 operator unit passphrase"
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,8 +63,8 @@ def _cli(base: Path, *argv: str) -> subprocess.CompletedProcess[str]:
 _CHILD = textwrap.dedent("""
     import re, resource, sys
     from pathlib import Path
-    from publisher import Repository
-    from publisher._summary import PendingMetadataError
+    from modelward.publisher._repo import Repository
+    from modelward.publisher._summary import PendingMetadataError
     vm = int(re.search(r"VmSize:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
     cap = vm * 1024 + 256 * 1024 * 1024  # 256 MiB more than after the imports
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))

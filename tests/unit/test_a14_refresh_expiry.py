@@ -23,9 +23,8 @@ import pytest
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Snapshot, Timestamp
 
-from publisher import Repository
-from publisher._expiry import Expiry
-from publisher._repo import ThresholdNotMetError
+from modelward.publisher._expiry import Expiry
+from modelward.publisher._repo import Repository, ThresholdNotMetError
 from tests._helpers import Clock
 
 PASS = b"a14 operator unit passphrase"

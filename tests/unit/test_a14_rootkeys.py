@@ -20,16 +20,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from securesystemslib.signer import CryptoSigner
 
-import publisher._keys as keys_mod
-import publisher._repo as repo_mod
-from publisher import Repository
-from publisher import _keyfile as kf
-from publisher._keys import decrypt_key, load_signer_at
-from publisher._passphrases import EnvPassphrases
-from publisher._rekey import rekey
-from publisher._repo import _now
-from publisher._rootflow import RootNotPublishableError
-from publisher.errors import KeyError_, RepositoryStateError
+import modelward.publisher._keys as keys_mod
+import modelward.publisher._repo as repo_mod
+from modelward.publisher import _keyfile as kf
+from modelward.publisher._keys import decrypt_key, load_signer_at
+from modelward.publisher._passphrases import EnvPassphrases
+from modelward.publisher._rekey import rekey
+from modelward.publisher._repo import Repository, _now
+from modelward.publisher._rootflow import RootNotPublishableError
+from modelward.publisher.errors import KeyError_, RepositoryStateError
 from tests._stock_tuf import stock_refresh
 
 PW = b"unit test passphrase"

@@ -30,9 +30,14 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._summary import PendingChangedError, PendingMetadataError, check_pending, summarize
-from updater._search import Found
-from updater._tuf import _candidate
+from modelward.publisher._summary import (
+    PendingChangedError,
+    PendingMetadataError,
+    check_pending,
+    summarize,
+)
+from modelward.updater._search import Found
+from modelward.updater._tuf import _candidate
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 FP = "ab" * 32

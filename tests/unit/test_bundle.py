@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from publisher import build_bundle
-from simulator import make_linear_model
-from trust import slot_fingerprint
-from updater import MANIFEST, extract_bundle
-from updater.errors import BundleFormatError
+from modelward.publisher._bundle_build import build_bundle
+from modelward.simulator._models import make_linear_model
+from modelward.trust._fingerprint import slot_fingerprint
+from modelward.updater._bundle import MANIFEST, extract_bundle
+from modelward.updater.errors import BundleFormatError
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_good_bundle_extracts_with_fingerprint(good: Path, tmp_path: Path) -> No
     assert manifest.name == "clf" and manifest.version == "1.0.0"
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) \
         == ["docs/notes.txt", MANIFEST, "model.onnx", "vectors.npz"]
-    from trust import directory_entries
+    from modelward.trust._fingerprint import directory_entries
 
     assert slot_fingerprint(entries) == slot_fingerprint(directory_entries(tmp_path))
 

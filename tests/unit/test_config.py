@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import load_config
-from agent.errors import ConfigError
+from modelward.agent._config import load_config
+from modelward.agent.errors import ConfigError
 
 GOOD = """\
 device_id = "d"
@@ -57,8 +57,8 @@ def test_bad_toml(tmp_path: Path) -> None:
 
 
 def test_plain_http_is_refused(tmp_path: Path) -> None:
-    from updater import RequestsFetcher
-    from updater.errors import OperatorInputError
+    from modelward.updater._fetcher import RequestsFetcher
+    from modelward.updater.errors import OperatorInputError
 
     p = tmp_path / "a.toml"
     p.write_text(GOOD.replace("https://o/metadata/", "http://o/metadata/"))

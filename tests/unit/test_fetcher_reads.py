@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 
-from updater import HttpsConfig, RequestsFetcher
-from updater import _fetcher as fetcher_mod
+from modelward.updater import _fetcher as fetcher_mod
+from modelward.updater._config import HttpsConfig
+from modelward.updater._fetcher import RequestsFetcher
 
 
 class _Raw:

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from trust import LEAF_SIZE, FileEntry, MerkleHasher, file_merkle_root, slot_fingerprint
-from trust._fingerprint import directory_entries, tree_hash
+from modelward.trust._fingerprint import (
+    LEAF_SIZE,
+    FileEntry,
+    MerkleHasher,
+    directory_entries,
+    file_merkle_root,
+    slot_fingerprint,
+    tree_hash,
+)
 
 
 def _reference_mth(data: bytes) -> bytes:

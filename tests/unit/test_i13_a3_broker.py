@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from simulator import CertPair
+from modelward.simulator._pki import CertPair
 
 MIB = 1 << 20
 FLOOD = 20
@@ -117,8 +117,8 @@ class FakeBroker:
 
 _CHILD = """
 import re, sys, threading
-from updater import MqttConfig
-from updater._mqttconn import AnnouncementListener
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqttconn import AnnouncementListener
 port, ca = int(sys.argv[1]), sys.argv[2]
 got = threading.Event()
 cfg = MqttConfig(host="127.0.0.1", port=port, fleet="f", client_name="dev-1", ca_file=ca,

@@ -17,13 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent._commands import StatusFile
-from agent._daemon import Daemon
-from trust._record import decode_record
-from trust.errors import TrustRecordError
-from updater._idle import BusyFileSignal
-from updater._journal import Journal
-from updater._stage import Stage
+from modelward.agent._commands import StatusFile
+from modelward.agent._daemon import Daemon
+from modelward.trust._record import decode_record
+from modelward.trust.errors import TrustRecordError
+from modelward.updater._idle import BusyFileSignal
+from modelward.updater._journal import Journal
+from modelward.updater._stage import Stage
 
 NESTED = b"[" * 100_000
 MIB = 1 << 20
@@ -67,14 +67,14 @@ import re, sys
 from pathlib import Path
 what, path = sys.argv[1], Path(sys.argv[2])
 if what == "journal":
-    from updater._journal import Journal
+    from modelward.updater._journal import Journal
     Journal(path).read()
 elif what == "index":
-    from updater._stage import Stage
+    from modelward.updater._stage import Stage
     s = Stage(path.parent, path.parent / "incoming", "k")
     s.entries()
 elif what == "status":
-    from agent._commands import StatusFile
+    from modelward.agent._commands import StatusFile
     StatusFile(path.parent).read()
 print('MAXRSS_KIB', re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read()).group(1))
 """

@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from tuf.api import exceptions as tuf_exc
 
-from simulator import CertPair
-from updater import HttpsConfig, RequestsFetcher
+from modelward.simulator._pki import CertPair
+from modelward.updater._config import HttpsConfig
+from modelward.updater._fetcher import RequestsFetcher
 
 MIB = 1 << 20
 
@@ -132,7 +133,8 @@ def test_a3_silent_origin_hits_read_timeout(
 _CHILD = """
 import re, sys
 from tuf.api import exceptions as tuf_exc
-from updater import HttpsConfig, RequestsFetcher
+from modelward.updater._config import HttpsConfig
+from modelward.updater._fetcher import RequestsFetcher
 url, ca = sys.argv[1], sys.argv[2]
 f = RequestsFetcher(HttpsConfig(url, url, ca_file=ca))
 try:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from publisher._fleet import _judge_device
-from trust import ReportSignatureError, verify_report
+from modelward.publisher._fleet import _judge_device
+from modelward.trust._report import ReportSignatureError, verify_report
 
 NESTED = b"[" * 5000  # within MAX_REPORT_BYTES (64 KiB)
 

@@ -14,10 +14,10 @@ import tarfile
 
 import pytest
 
-from simulator._attacks import pax_record
-from updater._bundle import extract_bundle
-from updater._tarstream import BLOCK
-from updater.errors import BundleFormatError
+from modelward.simulator._attacks import pax_record
+from modelward.updater._bundle import extract_bundle
+from modelward.updater._tarstream import BLOCK
+from modelward.updater.errors import BundleFormatError
 
 
 def _member(name: str, data: bytes, type_: bytes = tarfile.REGTYPE,

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from agent._commands import StatusFile
-from agent._observe import SEQUENCE_FILE, advance_sequence, read_sequence
-from trust._report import MAX_SEQ
-from updater._journal import Journal
-from updater._rejections import (
+from modelward.agent._commands import StatusFile
+from modelward.agent._observe import SEQUENCE_FILE, advance_sequence, read_sequence
+from modelward.trust._report import MAX_SEQ
+from modelward.updater._journal import Journal
+from modelward.updater._rejections import (
     Rejection,
     RejectionsFileError,
     RejectionStore,
@@ -55,8 +55,8 @@ def test_a4_planted_max_report_seq_does_not_silence_the_device(tmp_path: Path) -
 
 def test_a4_planted_future_report_seq_does_not_make_fresh_reports_look_replayed(
         tmp_path: Path) -> None:
-    from publisher._fleet import REPLAYED, judge_report
-    from trust._report import report_digest
+    from modelward.publisher._fleet import REPLAYED, judge_report
+    from modelward.trust._report import report_digest
 
     now = time.time()
     ahead = int((now + 30 * 86400) * 1000)

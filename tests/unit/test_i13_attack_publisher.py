@@ -14,9 +14,10 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.metadata import DelegatedRole, Delegations, TargetFile
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher import BuildOptions, Repository, build_bundle
-from publisher.errors import RepositoryStateError
-from simulator import make_linear_model
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import RepositoryStateError
+from modelward.simulator._models import make_linear_model
 
 PASS = b"unit test passphrase"
 
@@ -87,7 +88,7 @@ def test_attack_unverified_team_file_is_laundered_into_top_level(
     md.sign(CryptoSigner.generate_ed25519())
     (repo.metadata_dir / f"{md.signed.version}.cls-team.json").write_bytes(
         md.to_bytes(JSONSerializer()))
-    # The file is never used (publisher._served): the decision, refused or made, is about
+    # The file is never used (modelward.publisher._served): the decision, refused or made, is about
     # the team's verified entry only.
     with contextlib.suppress(RepositoryStateError):
         repo.set_rollout("classifier", "3.0.0", percent=50)
@@ -132,8 +133,8 @@ def test_team_cannot_make_pin_act_on_another_models_release(
 
 def _device_choice(repo: Repository) -> str | None:
     """What a classifier device on `stable` picks from the repository's current view."""
-    from updater._rollout import choose_release
-    from updater._tuf import _candidate
+    from modelward.updater._rollout import choose_release
+    from modelward.updater._tuf import _candidate
 
     cands = [c for f in repo.releases("classifier")
              if (c := _candidate(f, "classifier")) is not None]
@@ -145,7 +146,7 @@ def _device_choice(repo: Repository) -> str | None:
 def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
     repo: Repository, tmp_path: Path, operator_pin: bool
 ) -> None:
-    from simulator._teams import team_sign
+    from modelward.simulator._teams import team_sign
 
     repo.publish(_bundle(tmp_path, "1.0.0", 1))
     repo.publish(_bundle(tmp_path, "2.0.0", 2))
@@ -160,7 +161,7 @@ def test_attack_halting_a_team_pin_turns_it_into_an_operator_pin(
 
 
 def test_attack_pin_of_an_ambiguous_version(repo: Repository, tmp_path: Path) -> None:
-    from simulator._teams import team_sign
+    from modelward.simulator._teams import team_sign
 
     repo.publish(_bundle(tmp_path, "1.0.0", 1))
     repo.delegate("cls-team", ["classifier/*"])

@@ -26,12 +26,12 @@ from tuf.api.metadata import (
 )
 from tuf.ngclient import Updater
 
-import updater._search as search_mod
-from simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from updater._rollout import choose_release
-from updater._search import SearchBudgetError, in_namespace
-from updater._tuf import Candidate, TufSession
-from updater.errors import MetadataError
+import modelward.updater._search as search_mod
+from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
+from modelward.updater._rollout import choose_release
+from modelward.updater._search import SearchBudgetError, in_namespace
+from modelward.updater._tuf import Candidate, TufSession
+from modelward.updater.errors import MetadataError
 
 TOPLEVEL = 4  # root, timestamp, snapshot, targets
 
@@ -331,7 +331,7 @@ def test_origin_oversized_team_role_is_cut_off(tmp_path: Path) -> None:
     s, _ = _session(r, tmp_path)
     with pytest.raises(Exception) as e:
         s.search("m")
-    assert type(e.value).__module__.startswith("updater"), repr(e.value)
+    assert type(e.value).__module__.startswith("modelward.updater"), repr(e.value)
 
 
 # -- refused: wider differential (more roles, diamonds, cycles, empty hash prefixes) ----

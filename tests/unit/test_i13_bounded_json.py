@@ -1,6 +1,6 @@
 """Issue 13 "bounded before verified" / "trust nothing on disk": the one JSON parser for
-unverified bytes (trust._bounded.loads_bounded) and the one reader of state-dir files
-(trust._bounded.read_bounded), and every call site that meets untrusted JSON.
+unverified bytes (modelward.trust._bounded.loads_bounded) and the one reader of state-dir files
+(modelward.trust._bounded.read_bounded), and every call site that meets untrusted JSON.
 
 Attackers: the origin and a signed-but-malicious bundle (manifest), the health child
 (report line), the broker / one device credential (announcements, status reports, bridge
@@ -23,7 +23,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from trust._bounded import (
+from modelward.trust._bounded import (
     DEFAULT_MAX_DEPTH,
     UnsafeFileError,
     UntrustedJsonError,
@@ -178,20 +178,19 @@ NESTED = b"[" * 5000
 
 
 def test_call_sites_turn_nesting_into_their_typed_error(tmp_path: Path) -> None:
-    from publisher._fleet import read_seen
-    from publisher._keys import SignerRegistry
-    from publisher.errors import KeyError_, OperatorInputError
-    from trust import ReportSignatureError
-    from trust._record import decode_record
-    from trust._report import verify_report
-    from trust._store import _root_version as store_root_version
-    from trust.errors import TrustRecordError
-    from updater._bundle import parse_manifest
-    from updater._heal import _root_version as heal_root_version
-    from updater._health import parse_report
-    from updater._rejections import RejectionsFileError, decode
-    from updater._sandbox import Completed
-    from updater.errors import BundleFormatError, MetadataError
+    from modelward.publisher._fleet import read_seen
+    from modelward.publisher._keys import SignerRegistry
+    from modelward.publisher.errors import KeyError_, OperatorInputError
+    from modelward.trust._record import decode_record
+    from modelward.trust._report import ReportSignatureError, verify_report
+    from modelward.trust._store import _root_version as store_root_version
+    from modelward.trust.errors import TrustRecordError
+    from modelward.updater._bundle import parse_manifest
+    from modelward.updater._heal import _root_version as heal_root_version
+    from modelward.updater._health import parse_report
+    from modelward.updater._rejections import RejectionsFileError, decode
+    from modelward.updater._sandbox import Completed
+    from modelward.updater.errors import BundleFormatError, MetadataError
 
     cases: list[tuple[Callable[[], object], type[Exception]]] = [
         (lambda: parse_manifest(NESTED, "b.tar"), BundleFormatError),
@@ -214,7 +213,7 @@ def test_call_sites_turn_nesting_into_their_typed_error(tmp_path: Path) -> None:
     (tmp_path / "signers.json").write_bytes(b"[1]")
     with pytest.raises(KeyError_):
         SignerRegistry(tmp_path, None).entries()  # type: ignore[arg-type]
-    from publisher._fleet import _seen_path
+    from modelward.publisher._fleet import _seen_path
     seen = _seen_path(tmp_path, "d")
     seen.parent.mkdir(parents=True, exist_ok=True)
     seen.write_bytes(b"[" * 4000)
@@ -223,8 +222,8 @@ def test_call_sites_turn_nesting_into_their_typed_error(tmp_path: Path) -> None:
 
 
 def test_bridge_refuses_a_nested_request(tmp_path: Path) -> None:
-    from publisher._bridge import Bridge
-    from updater import MqttConfig
+    from modelward.publisher._bridge import Bridge
+    from modelward.updater._config import MqttConfig
 
     (tmp_path / "metadata").mkdir()
     b = Bridge(tmp_path, MqttConfig(host="h", port=1, fleet="f", client_name="br"),
@@ -243,9 +242,9 @@ def test_bridge_refuses_a_nested_request(tmp_path: Path) -> None:
 
 
 def test_local_state_readers_fall_back_on_anything_planted(tmp_path: Path) -> None:
-    from agent._commands import StatusFile
-    from agent._observe import Metrics
-    from updater._journal import Journal
+    from modelward.agent._commands import StatusFile
+    from modelward.agent._observe import Metrics
+    from modelward.updater._journal import Journal
 
     j, s = tmp_path / "journal.json", tmp_path / "status.json"
     plants: list[bytes] = [NESTED, b"[1]", b'"x"', b'{"step": 7}', b'{"step": ["idle"]}',
@@ -285,7 +284,7 @@ def test_local_state_readers_fall_back_on_anything_planted(tmp_path: Path) -> No
 
 
 def test_status_messages_are_cut(tmp_path: Path) -> None:
-    from agent._status import MAX_TEXT, read_status
+    from modelward.agent._status import MAX_TEXT, read_status
 
     (tmp_path / "status.json").write_text(json.dumps(
         {"last_error": {"type": "E", "message": "m" * 50_000, "at": "t"}}))
@@ -294,7 +293,7 @@ def test_status_messages_are_cut(tmp_path: Path) -> None:
 
 
 def test_daemon_status_lines_survive_plants(tmp_path: Path) -> None:
-    from agent._daemon import Daemon
+    from modelward.agent._daemon import Daemon
 
     d = object.__new__(Daemon)
     d.cfg = SimpleNamespace(state_dir=tmp_path)  # type: ignore[assignment]
@@ -313,7 +312,7 @@ def test_daemon_status_lines_survive_plants(tmp_path: Path) -> None:
 
 
 def test_guarded_callbacks_never_raise() -> None:
-    from updater._mqttconn import guarded
+    from modelward.updater._mqttconn import guarded
 
     def boom(*_a: object) -> None:
         raise RecursionError("deep")
@@ -327,7 +326,7 @@ def test_guarded_callbacks_never_raise() -> None:
 
 
 def test_announcement_listener_ignores_nesting_and_constants() -> None:
-    from updater._mqttconn import AnnouncementListener
+    from modelward.updater._mqttconn import AnnouncementListener
 
     got: list[int] = []
     listener = object.__new__(AnnouncementListener)
@@ -363,5 +362,5 @@ def test_no_unbounded_json_loads_in_the_product() -> None:
                         and isinstance(node.func.value, ast.Name) \
                         and node.func.value.id == "json":
                     found.append(f"{rel}:{node.lineno}")
-    assert found == [], "use trust._bounded.loads_bounded for untrusted JSON: " + \
+    assert found == [], "use modelward.trust._bounded.loads_bounded for untrusted JSON: " + \
         ", ".join(found)

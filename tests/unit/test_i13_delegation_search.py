@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from tuf.ngclient import Updater
 
-from simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from updater._search import TOP, find_releases, preorder_walk, reachable_roles
-from updater._tuf import TufSession
+from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
+from modelward.updater._search import TOP, find_releases, preorder_walk, reachable_roles
+from modelward.updater._tuf import TufSession
 
 TOPLEVEL = ["root", "timestamp", "snapshot", "targets"]
 
@@ -170,7 +170,7 @@ def test_visited_roles_are_bounded(tmp_path: Path) -> None:
 def test_a_role_that_fails_to_verify_ends_the_search(tmp_path: Path) -> None:
     from tuf.api.metadata import Metadata
 
-    from updater.errors import MetadataError
+    from modelward.updater.errors import MetadataError
 
     r = MemRepo()
     r.delegate("targets", "team", paths=["m/*"])
@@ -202,7 +202,7 @@ def test_delegated_metadata_is_quoted_and_kept_as_ngclient_does(tmp_path: Path) 
 def test_a_role_reached_through_a_parent_whose_keys_it_lacks(tmp_path: Path) -> None:
     from securesystemslib.signer import CryptoSigner
 
-    from updater.errors import MetadataError
+    from modelward.updater.errors import MetadataError
 
     r = MemRepo()
     r.delegate("targets", "left", paths=["m/a*"])
@@ -227,7 +227,7 @@ def test_a_role_reached_through_a_parent_whose_keys_it_lacks(tmp_path: Path) -> 
 def test_metadata_that_cannot_be_written_is_a_typed_error(tmp_path: Path) -> None:
     import shutil
 
-    from updater.errors import StagingError
+    from modelward.updater.errors import StagingError
 
     r = MemRepo()
     f = MemFetcher(r)
@@ -314,7 +314,7 @@ def test_class_reasoning_is_sound_against_tufs_own_matcher() -> None:
     """What the walk claims to know about patterns holds for every sample path."""
     from tuf.api.metadata import DelegatedRole
 
-    from updater._search import (
+    from modelward.updater._search import (
         _atom_implies,
         _atom_possible,
         _atom_universal,

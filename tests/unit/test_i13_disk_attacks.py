@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from agent._commands import StatusFile
-from trust import directory_entries, slot_fingerprint
-from updater._journal import Journal
-from updater._slots import SlotStore
-from updater._stage import Stage
+from modelward.agent._commands import StatusFile
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
+from modelward.updater._journal import Journal
+from modelward.updater._slots import SlotStore
+from modelward.updater._stage import Stage
 
 KEY = "ab" * 32
 REPO = Path(__file__).resolve().parents[2]
@@ -102,8 +102,9 @@ def test_a_directory_the_agent_cannot_open_changes_the_fingerprint(
     world_readable_tmp: Path,
 ) -> None:
     slot = _slot(world_readable_tmp / "a")
-    code = ("import sys; from pathlib import Path; from trust import directory_entries, "
-            "slot_fingerprint; print(slot_fingerprint(directory_entries(Path(sys.argv[1]))))")
+    code = ("import sys; from pathlib import Path; from modelward.trust._fingerprint import "
+            "directory_entries, slot_fingerprint; "
+            "print(slot_fingerprint(directory_entries(Path(sys.argv[1]))))")
 
     def fp_as_agent() -> str:
         r = subprocess.run(
@@ -172,8 +173,8 @@ def test_activate_over_a_current_tmp_symlink_does_not_follow(tmp_path: Path) -> 
 
 @pytest.fixture(scope="module")
 def signed(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    from publisher import build_bundle
-    from simulator import make_linear_model
+    from modelward.publisher._bundle_build import build_bundle
+    from modelward.simulator._models import make_linear_model
 
     d = tmp_path_factory.mktemp("b")
     (d / "pad.bin").write_bytes(os.urandom(1 << 20))
@@ -231,7 +232,7 @@ def test_hidden_files_and_dirs_in_a_slot_change_the_fingerprint(tmp_path: Path) 
 def test_a_slot_with_thousands_of_planted_files_is_refused_after_a_bounded_walk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import trust._fingerprint as fpmod
+    import modelward.trust._fingerprint as fpmod
 
     slot = _slot(tmp_path / "a")
     for i in range(5000):

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent._commands import StatusFile
-from trust import directory_entries, slot_fingerprint, symlink_atomic
-from trust._fingerprint import MAX_ENTRIES
-from updater._journal import Journal
-from updater._slots import SlotStore
-from updater._statedir import open_below, plain_dir, touch_plain
-from updater.errors import StateDirError
+from modelward.agent._commands import StatusFile
+from modelward.trust._atomic import symlink_atomic
+from modelward.trust._fingerprint import MAX_ENTRIES, directory_entries, slot_fingerprint
+from modelward.updater._journal import Journal
+from modelward.updater._slots import SlotStore
+from modelward.updater._statedir import open_below, plain_dir, touch_plain
+from modelward.updater.errors import StateDirError
 
 
 @pytest.fixture

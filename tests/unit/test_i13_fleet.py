@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from agent._observe import SEQUENCE_FILE, advance_sequence, build_report, read_sequence
-from publisher._fleet import (
+from modelward.agent._observe import SEQUENCE_FILE, advance_sequence, build_report, read_sequence
+from modelward.publisher._fleet import (
     FUTURE,
     MISSING,
     OTHER_FLEET,
@@ -27,16 +27,18 @@ from publisher._fleet import (
     judge_report,
     read_seen,
 )
-from tests.unit.test_report import _SoftKey
-from trust import ReportSignatureError, sign_report, verify_report
-from trust._report import (
+from modelward.trust._report import (
     MAX_SEQ,
     SEQ_SLACK_MS,
     ReportSequenceError,
+    ReportSignatureError,
     next_sequence,
     report_digest,
+    sign_report,
+    verify_report,
 )
-from trust.errors import OperatorInputError
+from modelward.trust.errors import OperatorInputError
+from tests.unit.test_report import _SoftKey
 
 NOW = 1_800_000_000.0  # the operator's injected clock
 POLL = 60.0
@@ -282,7 +284,7 @@ def test_concurrent_views_never_move_seen_back(tmp_path: Path,
     import threading
     import time
 
-    import publisher._fleet as fleet_mod
+    import modelward.publisher._fleet as fleet_mod
 
     real_write = fleet_mod.write_seen
 

@@ -15,13 +15,24 @@ from pathlib import Path
 import pytest
 from tuf.api import exceptions as tuf_exc
 
+from modelward.trust._record import (
+    Heal,
+    ModelRef,
+    RootResolution,
+    TrustRecord,
+    UseRecord,
+    choose_root,
+    encode_record,
+    genesis,
+    plan_record,
+)
+from modelward.trust._store import TrustStore
+from modelward.trust._tpm import TpmInterface
+from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
+from modelward.updater._fetcher import RangeFetcher
+from modelward.updater._heal import recover_root, trusted_record
+from modelward.updater.errors import DownloadFailedError, RootRecoveryError
 from tests.unit.test_record import enc, mac, ok
-from trust import ModelRef, TpmInterface, TrustRecord, TrustStore, encode_record
-from trust._record import Heal, RootResolution, UseRecord, choose_root, genesis, plan_record
-from trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
-from updater._fetcher import RangeFetcher
-from updater._heal import recover_root, trusted_record
-from updater.errors import DownloadFailedError, RootRecoveryError
 
 R1 = TrustRecord(5, 1, 3, ModelRef("m", "1.0.0", "f1" * 32, "a"), None)
 R2 = R1.successor(targets_version=4, active=ModelRef("m", "2.0.0", "f2" * 32, "b"),

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 from tuf.api import exceptions as tuf_exc
 
-from simulator import CertPair
+from modelward.simulator._pki import CertPair
+from modelward.updater import _pahofast
+from modelward.updater._mqttconn import _MAX_EARLY_ACKS, MqttConnection
 from tests.unit.test_i13_a3_https import Origin, Script, _fetcher
-from updater import _pahofast
-from updater._mqttconn import _MAX_EARLY_ACKS, MqttConnection
 
 
 def _within(seconds: float, fn: Callable[[], object]) -> BaseException | None:
@@ -270,7 +270,7 @@ def test_trickled_tls_handshake_ends_at_header_timeout(
 
 
 def test_agent_config_sets_the_https_deadlines(tmp_path: Any) -> None:
-    from agent import load_config
+    from modelward.agent._config import load_config
     from tests.unit.test_config import GOOD
 
     p = tmp_path / "a.toml"

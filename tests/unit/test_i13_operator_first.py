@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from modelward.updater._rollout import choose_release, operator_first
 from tests._helpers import R, v
-from updater._rollout import choose_release, operator_first
 
 
 def test_top_level_pin_beats_a_team_pin_either_way() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from simulator._attacks import pax_record
-from updater._bundle import extract_bundle
-from updater._tarstream import (
+from modelward.simulator._attacks import pax_record
+from modelward.updater._bundle import extract_bundle
+from modelward.updater._tarstream import (
     BLOCK,
     MAX_PAX_BYTES,
     PAX_KEYS,
@@ -25,7 +25,7 @@ from updater._tarstream import (
     TarStream,
     pax_records,
 )
-from updater.errors import BundleFormatError
+from modelward.updater.errors import BundleFormatError
 
 
 def _xheader(records: bytes, name: str = "././@PaxHeader") -> bytes:

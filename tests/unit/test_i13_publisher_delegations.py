@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from publisher import BuildOptions, Repository, build_bundle
-from publisher._repo import TeamMustActError
-from publisher.errors import RepositoryStateError
-from simulator import make_linear_model
-from simulator._teams import team_sign
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._repo import Repository, TeamMustActError
+from modelward.publisher.errors import RepositoryStateError
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._teams import team_sign
 
 PASS = b"unit test passphrase"
 

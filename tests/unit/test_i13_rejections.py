@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from updater._rejections import (
+from modelward.updater._rejections import (
     MAX_ENTRIES,
     MAX_FILE_BYTES,
     RELEASE_TTL,
@@ -26,8 +26,8 @@ from updater._rejections import (
     read_bounded,
     rejection_for,
 )
-from updater._semver import SemVer
-from updater.errors import (
+from modelward.updater._semver import SemVer
+from modelward.updater.errors import (
     BundleFormatError,
     DownloadFailedError,
     FingerprintMismatchError,
@@ -232,7 +232,7 @@ def test_transport_failure_and_hash_mismatch_write_nothing(tmp_path: Path) -> No
 
 
 def _plant(tmp_path: Path, entries: list[Rejection], key: bytes) -> None:
-    from updater._rejections import digest
+    from modelward.updater._rejections import digest
 
     data = encode(entries, hmac.new(key, digest(entries), "sha256").digest())
     (tmp_path / "rejections.json").write_bytes(data)
@@ -261,8 +261,8 @@ def test_edited_entry_breaks_the_mac(tmp_path: Path) -> None:
 
 
 def test_the_mac_is_domain_separated_from_the_trust_record(tmp_path: Path) -> None:
-    from trust import TrustRecord
-    from updater._rejections import digest
+    from modelward.trust._record import TrustRecord
+    from modelward.updater._rejections import digest
 
     rec = TrustRecord(counter=1, root_version=1, targets_version=1, active=None,
                       previous=None)
@@ -329,7 +329,7 @@ def test_save_replaces_a_planted_symlink_not_its_target(tmp_path: Path) -> None:
 def test_a_failing_write_does_not_hide_the_error(tmp_path: Path) -> None:
     class BrokenTpm(FakeTpm):
         def mac(self, digest: bytes) -> bytes:
-            from trust.errors import TpmError
+            from modelward.trust.errors import TpmError
 
             raise TpmError("gone", tcti="x")
 

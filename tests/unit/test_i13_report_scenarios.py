@@ -5,8 +5,8 @@ never counted as expected. The scenarios themselves run in `modelward sim report
 
 from __future__ import annotations
 
-from simulator._catalogue import ATTACK_NAMES
-from simulator._scenarios import SCENARIOS, DeviceOutcome, Scenario, ScenarioResult, table
+from modelward.simulator._catalogue import ATTACK_NAMES
+from modelward.simulator._scenarios import SCENARIOS, DeviceOutcome, Scenario, ScenarioResult, table
 
 I13 = {  # issue-13 finding -> scenario
     "1 team key ships another model": "team-other-model",

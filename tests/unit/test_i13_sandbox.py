@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from agent import load_config
-from agent.errors import ConfigError
-from updater import HealthConfig
-from updater._health import health_policy, parse_report, run_health_check
-from updater._sandbox import (
+from modelward.agent._config import load_config
+from modelward.agent.errors import ConfigError
+from modelward.updater._config import HealthConfig
+from modelward.updater._health import health_policy, parse_report, run_health_check
+from modelward.updater._sandbox import (
     Completed,
     SandboxPolicy,
     auto_max_memory,
@@ -30,7 +30,7 @@ from updater._sandbox import (
     run,
     scrubbed_env,
 )
-from updater.errors import HealthCheckError, SandboxError
+from modelward.updater.errors import HealthCheckError, SandboxError
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "modelward-agent.service"
 
@@ -97,7 +97,7 @@ def test_auto_max_memory_is_half_the_free_memory_capped() -> None:
 
 
 def test_default_memory_limit_is_below_what_is_free_and_below_3gib() -> None:
-    from updater._health import memory_limit
+    from modelward.updater._health import memory_limit
 
     free = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
                .group(1)) * 1024  # type: ignore[union-attr]
@@ -189,7 +189,7 @@ attempt("chmod_staged", lambda: os.chmod(sys.argv[2], 0))
 attempt("truncate_staged", lambda: os.truncate(sys.argv[2], 0))
 attempt("utime_staged", lambda: os.utime(sys.argv[2], (0, 0)))
 import ctypes, platform
-from updater._sandbox_launch import _SYSCALLS
+from modelward.updater._sandbox_launch import _SYSCALLS
 libc = ctypes.CDLL(None, use_errno=True)
 def raw(name, *args):
     if libc.syscall(_SYSCALLS[platform.machine()][1][name], *args) != 0:
@@ -312,7 +312,7 @@ def test_unit_bounds_memory_and_allows_the_sandbox_calls() -> None:
 _WRAPPER = """
 import sys
 sys.path.insert(0, {root!r})
-import updater._sandbox_launch as L
+import modelward.updater._sandbox_launch as L
 {patch}
 sys.exit(L.main(sys.argv))
 """
@@ -326,14 +326,14 @@ sys.exit(L.main(sys.argv))
 def test_health_check_fails_closed_when_an_isolation_is_missing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
         patch: str, missing: str) -> None:
-    from publisher import BuildOptions, build_bundle
-    from simulator._models import make_linear_model
-    from updater import extract_bundle
+    from modelward.publisher._bundle_build import BuildOptions, build_bundle
+    from modelward.simulator._models import make_linear_model
+    from modelward.updater._bundle import extract_bundle
 
     wrapper = tmp_path / "launch.py"
     wrapper.write_text(_WRAPPER.format(root=str(Path(__file__).resolve().parents[2]),
                                        patch=patch))
-    monkeypatch.setattr("updater._sandbox.LAUNCHER", wrapper)
+    monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", wrapper)
     bundle = tmp_path / "m.tar"
     build_bundle(make_linear_model(tmp_path / "m.onnx", 1), "m", "1.0.0", bundle,
                  options=BuildOptions())

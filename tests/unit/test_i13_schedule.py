@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from agent._schedule import BACKOFF_FLOOR, BURST, REFILL, Schedule
+from modelward.agent._schedule import BACKOFF_FLOOR, BURST, REFILL, Schedule
 
 POLL = 3600.0
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trust import directory_entries, slot_fingerprint
-from updater._sealed import SEALS, copy_sealed, seal_slot, seal_verified
-from updater.errors import StagedFilesChangedError
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
+from modelward.updater._sealed import SEALS, copy_sealed, seal_slot, seal_verified
+from modelward.updater.errors import StagedFilesChangedError
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -143,9 +143,9 @@ def test_seal_verified_refuses_when_a_health_input_is_not_in_the_tree(tmp_path: 
 
 
 def _real_slot(tmp_path: Path, seed: int = 1) -> Path:
-    from publisher import BuildOptions, build_bundle
-    from simulator._models import make_linear_model
-    from updater import extract_bundle
+    from modelward.publisher._bundle_build import BuildOptions, build_bundle
+    from modelward.simulator._models import make_linear_model
+    from modelward.updater._bundle import extract_bundle
 
     bundle = tmp_path / f"m{seed}.tar"
     build_bundle(make_linear_model(tmp_path / f"m{seed}.onnx", seed), "m", "1.0.0", bundle,
@@ -161,8 +161,8 @@ def test_the_health_child_loads_the_sealed_bytes_not_the_disk(tmp_path: Path) ->
     """Through the real sandbox and onnxruntime: after sealing, the disk gets another
     model (it fails these vectors) in place; the check still passes on the sealed bytes.
     Mutation: ignoring ``sealed`` (loading from the slot) fails it."""
-    from updater._config import HealthConfig
-    from updater._health import health_inputs, run_health_check
+    from modelward.updater._config import HealthConfig
+    from modelward.updater._health import health_inputs, run_health_check
 
     slot = _real_slot(tmp_path)
     other = _real_slot(tmp_path, seed=2)
@@ -182,9 +182,9 @@ def test_the_health_child_loads_the_sealed_bytes_not_the_disk(tmp_path: Path) ->
 def test_the_health_child_cannot_open_the_stage_by_path(tmp_path: Path) -> None:
     """The sandbox of the real health check hides the stage itself: a child that tries to
     read it gets nothing (the launcher proves each hidden path fails to open)."""
-    from updater._config import HealthConfig
-    from updater._health import child_policy, memory_limit
-    from updater._sandbox import run
+    from modelward.updater._config import HealthConfig
+    from modelward.updater._health import child_policy, memory_limit
+    from modelward.updater._sandbox import run
 
     slot = _real_slot(tmp_path)
     cfg = HealthConfig(timeout=60)
@@ -199,7 +199,7 @@ def test_the_health_child_cannot_open_the_stage_by_path(tmp_path: Path) -> None:
 def test_the_fingerprint_hook_contract(tmp_path: Path) -> None:
     """``directory_entries(root, hook)``: the entry is the hash of the fd the hook returns,
     None never matches, and a non-OSError from the hook propagates (no silent mismatch)."""
-    from trust import FileEntry
+    from modelward.trust._fingerprint import FileEntry
 
     root = _tree(tmp_path / "in", {"a": b"x"})
     assert directory_entries(root, lambda rel, fd, st: None) == [FileEntry("a", -1, "")]

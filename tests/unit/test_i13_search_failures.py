@@ -4,7 +4,7 @@ The next moves of the attackers after the committed attacks were refused: a brok
 role must remove only the paths its subtree could speak for (never hand them to a later
 sibling), bounds are typed errors that keep the operator's top-level decisions, and the
 operator's halt/resume/withdraw of a team's release never becomes a pin or a re-publish.
-In memory (simulator._tufmem) and on a publisher repository on disk.
+In memory (modelward.simulator._tufmem) and on a publisher repository on disk.
 """
 
 from __future__ import annotations
@@ -17,16 +17,17 @@ from typing import Any
 import pytest
 from tuf.api.metadata import DelegatedRole
 
-from publisher import BuildOptions, Repository, build_bundle
-from publisher.errors import RepositoryStateError
-from simulator import make_linear_model
-from simulator._teams import team_sign
-from simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from updater import SemVer
-from updater._rollout import choose_release
-from updater._search import SearchBudgetError
-from updater._tuf import TufSession
-from updater.errors import MetadataError
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import RepositoryStateError
+from modelward.simulator._models import make_linear_model
+from modelward.simulator._teams import team_sign
+from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
+from modelward.updater._rollout import choose_release
+from modelward.updater._search import SearchBudgetError
+from modelward.updater._semver import SemVer
+from modelward.updater._tuf import TufSession
+from modelward.updater.errors import MetadataError
 
 TOPLEVEL = 4
 
@@ -182,7 +183,7 @@ def _bundle(tmp: Path, version: str, seed: int) -> Path:
 
 
 def _device_choice(repo: Repository) -> str | None:
-    from updater._tuf import _candidate
+    from modelward.updater._tuf import _candidate
 
     cands = [c for f in repo.releases("classifier")
              if (c := _candidate(f, "classifier")) is not None]
@@ -261,7 +262,7 @@ def test_capped_class_algebra_still_agrees_with_ngclient(
 ) -> None:
     """With every cap of the class algebra at 1 (nearly every class approximated), the
     random delegation graphs still give exactly ngclient's answer for each path."""
-    import updater._search as search_mod
+    import modelward.updater._search as search_mod
     from tests.unit.test_i13_attack_search import test_wider_graphs_agree_with_ngclient
 
     for cap in ("_MAX_ATOMS", "_MAX_UNIONS", "_MAX_CLAIMS"):
@@ -275,7 +276,7 @@ def test_delegated_metadata_held_by_one_search_is_bounded(
     """A team key fans out into many large sub-roles (each under ngclient's per-role
     cap): past the byte bound no further role is fetched, a typed error says so, and
     the operator's top-level release stays."""
-    import updater._tuf as tuf_mod
+    import modelward.updater._tuf as tuf_mod
 
     monkeypatch.setattr(tuf_mod, "MAX_DELEGATED_BYTES", 20_000)
     r = MemRepo()

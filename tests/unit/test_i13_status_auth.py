@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from agent._status import AUTH, sealed_status, status_digest, verified_status
+from modelward.agent._status import AUTH, sealed_status, status_digest, verified_status
 
 KEY = b"k" * 32
 

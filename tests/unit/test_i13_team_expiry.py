@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from publisher import BuildOptions, Repository, build_bundle
-from publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
-from simulator import make_linear_model
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._repo import Repository
+from modelward.publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
+from modelward.simulator._models import make_linear_model
 
 PASS = b"unit test passphrase"
 PAST = datetime(2020, 1, 1, tzinfo=UTC)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trust._tpmauth import AUTH_FILE, AUTH_SIZE, ensure_auth, read_auth
-from trust.errors import TpmAuthFileError
+from modelward.trust._tpmauth import AUTH_FILE, AUTH_SIZE, ensure_auth, read_auth
+from modelward.trust.errors import TpmAuthFileError
 
 
 def test_created_once_private_and_reused(tmp_path: Path) -> None:

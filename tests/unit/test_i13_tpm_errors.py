@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from trust._tpm import Tpm
-from trust.errors import (
+from modelward.trust._tpm import Tpm
+from modelward.trust.errors import (
     TpmAuthError,
     TpmError,
     TpmLockoutError,

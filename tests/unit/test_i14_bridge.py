@@ -1,6 +1,6 @@
 """Issue 14, must-show 7 (the bridge): one device cannot take the bridge down.
 
-The pure decisions (:mod:`publisher._fairness`) and the bridge without a broker
+The pure decisions (:mod:`modelward.publisher._fairness`) and the bridge without a broker
 (``connect=False``: requests go straight into ``_on_message``, answers are recorded), then
 the device's handling of a busy answer with a fake connection.
 """
@@ -18,8 +18,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from publisher._bridge import Bridge
-from publisher._fairness import (
+from modelward.publisher._bridge import Bridge
+from modelward.publisher._fairness import (
     MAX_REQUEST_BYTES,
     BadRequestError,
     BridgeLimits,
@@ -27,8 +27,8 @@ from publisher._fairness import (
     TokenBucket,
     parse_request,
 )
-from updater import MqttConfig, MqttFetcher
-from updater._mqtt import BLOCK_HEADER, block_header
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import BLOCK_HEADER, MqttFetcher, block_header
 
 RESP = "modelward/f/devices/{}/repo/resp"
 
@@ -73,7 +73,7 @@ def test_i14_bad_requests_are_a_typed_error(payload: bytes) -> None:
 
 
 def test_i14_request_size_is_bounded_before_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import publisher._fairness as fairness
+    import modelward.publisher._fairness as fairness
 
     def never(*_a: Any, **_k: Any) -> Any:
         raise AssertionError("parsed")
@@ -251,7 +251,7 @@ def test_i14_logs_carry_no_raw_device_bytes(
     harness: _Harness, caplog: pytest.LogCaptureFixture,
 ) -> None:
     forged = "metadata/x\n2026-12-01 INFO served everything\x1b]0;owned\x07\u202e"
-    with caplog.at_level(logging.DEBUG, logger="publisher._bridge"):
+    with caplog.at_level(logging.DEBUG, logger="modelward.publisher._bridge"):
         harness.request("dev-1", _req(path=forged))
         harness.request("dev-1", json.dumps({"path": forged, "offset": "\n"}).encode())
         harness.wait(2)
@@ -356,7 +356,7 @@ def test_i14_healthy_reports_a_dead_network_thread(tmp_path: Path) -> None:
 def test_i14_serve_mqtt_exits_non_zero_when_the_bridge_dies(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    import publisher
+    import modelward.publisher._bridge as publisher
     from modelward.cli import EXIT_ERROR, main
 
     class Dying:
@@ -414,7 +414,7 @@ def _fetch(answer: Any) -> tuple[bytes, _Conn]:
 
 
 def test_i14_device_backs_off_on_429_and_gets_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import updater._mqtt as m
+    import modelward.updater._mqtt as m
 
     monkeypatch.setattr(m, "busy_pause", lambda n: 0.01)
     data = bytes(range(200))
@@ -431,7 +431,7 @@ def test_i14_device_backs_off_on_429_and_gets_the_file(monkeypatch: pytest.Monke
 def test_i14_device_gives_up_on_a_bridge_that_stays_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuf.api import exceptions as tuf_exc
 
-    import updater._mqtt as m
+    import modelward.updater._mqtt as m
 
     monkeypatch.setattr(m, "busy_pause", lambda n: 0.001)
     with pytest.raises(tuf_exc.DownloadError, match="stayed busy"):
@@ -439,7 +439,7 @@ def test_i14_device_gives_up_on_a_bridge_that_stays_busy(monkeypatch: pytest.Mon
 
 
 def test_i14_busy_pause_grows_and_is_capped() -> None:
-    from updater._mqtt import busy_pause
+    from modelward.updater._mqtt import busy_pause
 
     assert 0.025 <= busy_pause(1) <= 0.075
     assert all(0.5 <= busy_pause(n) <= 1.5 for n in (6, 20, 10 ** 6))

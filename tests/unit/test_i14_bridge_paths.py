@@ -17,12 +17,12 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from publisher import _bridge as bridge_mod
-from publisher._bridge import SENT_ENTRIES, Bridge
-from publisher._fairness import BridgeLimits, SendQueue
-from publisher.errors import OperatorInputError
-from updater import MqttConfig
-from updater._mqtt import BLOCK_HEADER
+from modelward.publisher import _bridge as bridge_mod
+from modelward.publisher._bridge import SENT_ENTRIES, Bridge
+from modelward.publisher._fairness import BridgeLimits, SendQueue
+from modelward.publisher.errors import OperatorInputError
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import BLOCK_HEADER
 
 PREFIX = "modelward/f"
 

@@ -5,19 +5,20 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-from publisher import Bridge, write_broker_config
-from publisher._broker_config import (
+from modelward.publisher._bridge import Bridge
+from modelward.publisher._broker_config import (
     BLOCK_SIZE,
     BROKER_SETTINGS,
     MAX_INFLIGHT_BYTES,
     MAX_PACKET,
     MAX_QUEUED_BYTES,
     settings_text,
+    write_broker_config,
 )
-from trust._report import MAX_REPORT_BYTES
-from updater import MqttConfig
-from updater._mqtt import BLOCK_HEADER
-from updater._mqttconn import ANNOUNCE_MAX_PACKET
+from modelward.trust._report import MAX_REPORT_BYTES
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import BLOCK_HEADER
+from modelward.updater._mqttconn import ANNOUNCE_MAX_PACKET
 
 MQTT_MAX = 268_435_455  # the largest packet MQTT can express
 

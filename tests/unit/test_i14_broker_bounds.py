@@ -21,8 +21,8 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from publisher._bridge import Bridge, share_group
-from publisher._broker_config import (
+from modelward.publisher._bridge import Bridge, share_group
+from modelward.publisher._broker_config import (
     BROKER_SETTINGS,
     MAX_QUEUED_MESSAGES,
     WINDOW,
@@ -30,9 +30,10 @@ from publisher._broker_config import (
     queued_messages,
     write_broker_config,
 )
-from publisher.errors import OperatorInputError
-from updater import MqttConfig, _pahofast
-from updater._pahofast import (
+from modelward.publisher.errors import OperatorInputError
+from modelward.updater import _pahofast
+from modelward.updater._config import MqttConfig
+from modelward.updater._pahofast import (
     MAX_PROPERTIES,
     MAX_PROPERTY_BYTES,
     MAX_USER_PROPERTIES,

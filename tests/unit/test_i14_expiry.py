@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from publisher import Repository
-from publisher._expiry import (
+from modelward.publisher._expiry import (
     EXPIRY_FILE,
     Expiry,
     expiry_warnings,
@@ -23,7 +22,8 @@ from publisher._expiry import (
     parse_duration,
     save_expiry,
 )
-from publisher.errors import OperatorInputError, RepositoryStateError
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import OperatorInputError, RepositoryStateError
 from tests._helpers import Clock
 
 PASS = b"unit test passphrase"
@@ -209,7 +209,7 @@ def test_status_warns_every_role_inside_its_window(
     assert set(rows) == {"root", "targets", "snapshot", "timestamp", "vision"}
     assert {r for r, row in rows.items() if row.warning} == warned
     assert rows["vision"].threshold == 1 and rows["vision"].signatures == 1
-    with caplog.at_level(logging.WARNING, logger="publisher._expiry"):
+    with caplog.at_level(logging.WARNING, logger="modelward.publisher._expiry"):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             found = repo.expiry_warnings()

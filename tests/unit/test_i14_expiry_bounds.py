@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from publisher._expiry import (
+from modelward.publisher._expiry import (
     REFRESH_INTERVAL,
     Expiry,
     load_expiry,
     load_expiry_to_replace,
 )
-from publisher.errors import RepositoryStateError
-from trust.errors import OperatorInputError
+from modelward.publisher.errors import RepositoryStateError
+from modelward.trust.errors import OperatorInputError
 
 DAY = timedelta(days=1)
 

@@ -2,7 +2,7 @@
 as hostile even when it is validly signed.
 
 Reports are signed with a software P-256 key exactly as the device's TPM identity key signs
-them (``trust._report.sign_report``), or, for wire forms ``json.dumps`` cannot produce
+them (``modelward.trust._report.sign_report``), or, for wire forms ``json.dumps`` cannot produce
 (deep nesting, ``1e400``), with a hand-built canonical text and the same domain-separated
 digest. Each goes through the real pure pipeline: ``verify_report`` (size and depth bound
 before parsing, signature), ``check_report`` (schema), ``judge_report``, ``format_table``
@@ -25,8 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent._observe import build_report
-from publisher._fleet import (
+from modelward.agent._observe import build_report
+from modelward.publisher._fleet import (
     REJECTED,
     _judge_device,
     add_device,
@@ -34,11 +34,10 @@ from publisher._fleet import (
     judge_fleet,
     rows_json,
 )
-from publisher._report_schema import ReportSchemaError, check_report
+from modelward.publisher._report_schema import ReportSchemaError, check_report
+from modelward.trust._display import escape, is_clean
+from modelward.trust._report import _DOMAIN, ALG, ReportSignatureError, sign_report, verify_report
 from tests.unit.test_report import _SoftKey
-from trust import ReportSignatureError, sign_report, verify_report
-from trust._display import escape, is_clean
-from trust._report import _DOMAIN, ALG
 
 NOW = 1_800_000_000.0
 FLEET = "f1"
@@ -52,7 +51,7 @@ FORGED_ROW = "\ndev-9  ok  ok  classifier 6.6.6"
 
 def good_report(device: str, seq: int = 5, now: float = NOW, **changes: Any
                 ) -> dict[str, Any]:
-    """What ``agent._observe.build_report`` writes for a device on MODEL, signed at
+    """What ``modelward.agent._observe.build_report`` writes for a device on MODEL, signed at
     ``now - 10``."""
     status = {"last_error": {"type": "FetchError", "message": "origin down", "at": AT},
               "last_activation": {"ok": True, "detail": "activated"},
@@ -399,7 +398,7 @@ def test_a_schema_rejected_report_does_not_move_the_seen_sequence(tmp_path: Path
 
 
 def test_rows_json_never_writes_nan_even_if_a_row_carries_one(tmp_path: Path) -> None:
-    from publisher._fleet import DeviceRow
+    from modelward.publisher._fleet import DeviceRow
 
     rows = [DeviceRow("d1", True, "", {"device_id": "d1", "x": math.nan}),
             DeviceRow("d2", True, "", {"device_id": "d2", "seq": 1})]

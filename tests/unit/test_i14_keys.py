@@ -12,18 +12,18 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from publisher import Repository
-from publisher import _keys as keys_mod
-from publisher._keyfile import ScryptParams, encrypt_scrypt, kdf_of
-from publisher._keys import (
+from modelward.publisher import _keys as keys_mod
+from modelward.publisher._keyfile import ScryptParams, encrypt_scrypt, kdf_of
+from modelward.publisher._keys import (
     WeakPassphraseError,
     generate_key_at,
     load_signer_at,
     role_of_key_file,
 )
-from publisher._passphrases import EnvPassphrases, env_var
-from publisher._rekey import choose_action, rekey
-from publisher.errors import KeyError_, OperatorInputError
+from modelward.publisher._passphrases import EnvPassphrases, env_var
+from modelward.publisher._rekey import choose_action, rekey
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import KeyError_, OperatorInputError
 from tests.conftest import tree_digest
 
 GOOD = "a long enough passphrase"
@@ -35,7 +35,7 @@ def cheap(monkeypatch: pytest.MonkeyPatch) -> ScryptParams:
     """A cheaper scrypt for tests about passphrases and rekeying, not about the KDF cost
     (the format tests above use the real default)."""
     params = ScryptParams(2**10, 8, 1)
-    monkeypatch.setattr("publisher._keyfile.DEFAULT_SCRYPT", params)
+    monkeypatch.setattr("modelward.publisher._keyfile.DEFAULT_SCRYPT", params)
     return params
 
 
@@ -375,7 +375,7 @@ def _planted(n: int, r: int = 8, p: int = 1) -> bytes:
     """A key file whose scrypt parameters make every opener allocate 128*r*n bytes."""
     import base64
 
-    from publisher import _keyfile as k
+    from modelward.publisher import _keyfile as k
 
     der = k._seq(k._seq(k._oid(k._PBES2), k._seq(
         k._seq(k._oid(k._SCRYPT), k._seq(k._octets(os.urandom(16)), k._int(n), k._int(r),
@@ -463,7 +463,7 @@ def test_a_scheme_whose_cost_cannot_be_bounded_is_refused_before_it_runs(
         tmp_path: Path) -> None:
     """Review finding: PBES1 / PKCS#12 PBE (which OpenSSL decrypts) or an unknown KDF has no
     cost this module can bound, so a planted file could ask for billions of iterations."""
-    from publisher._keyfile import _octets, _oid, _seq
+    from modelward.publisher._keyfile import _octets, _oid, _seq
 
     pbes1 = _seq(_seq(_oid("1.2.840.113549.1.5.3"), _seq(_octets(b"s" * 8))),
                  _octets(b"\0" * 48))  # pbeWithMD5AndDES-CBC

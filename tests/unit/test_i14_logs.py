@@ -13,7 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from agent._log import JsonFormatter, TextFormatter, escape_text, setup_logging, stream_is_journal
+from modelward.agent._log import (
+    JsonFormatter,
+    TextFormatter,
+    escape_text,
+    setup_logging,
+    stream_is_journal,
+)
 
 # a device id / payload a hostile device (or team key, or origin) could make us log
 HOSTILE = ('dev-9\n{"level": "error", "msg": "update failed on dev-2"}'
@@ -128,7 +134,8 @@ def test_operator_commands_log_json_under_journald(
 
     def fake(args: object) -> int:
         seen.extend(h.formatter for h in logging.getLogger().handlers)
-        logging.getLogger("publisher._bridge").warning("refusing a request from %s", HOSTILE)
+        log = logging.getLogger("modelward.publisher._bridge")
+        log.warning("refusing a request from %s", HOSTILE)
         return 0
 
     monkeypatch.setattr(cli, "_fleet_broker_config", fake)
@@ -160,7 +167,7 @@ def test_cli_error_lines_are_escaped(
     root_logging: None,
 ) -> None:
     from modelward import cli
-    from publisher.errors import OperatorInputError
+    from modelward.publisher.errors import OperatorInputError
 
     def fake(args: object) -> int:
         raise OperatorInputError(f"device {HOSTILE} is odd", hint=f"ask {HOSTILE}")

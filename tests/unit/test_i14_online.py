@@ -20,17 +20,18 @@ from tuf.api.serialization.json import JSONSerializer
 from tuf.ngclient import Updater
 from tuf.ngclient.fetcher import FetcherInterface
 
-from publisher import Repository, build_bundle
-from publisher._keys import load_signer_at
-from publisher._online import (
+from modelward.publisher._bundle_build import build_bundle
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._online import (
     ANCHOR_FILE,
     LAYOUT_FILE,
     attach,
     env_passphrases,
     next_snapshot_meta,
 )
-from publisher.errors import KeyError_, RepositoryStateError
-from simulator import make_linear_model
+from modelward.publisher._repo import Repository
+from modelward.publisher.errors import KeyError_, RepositoryStateError
+from modelward.simulator._models import make_linear_model
 
 OFFLINE = b"offline passphrase, root and targets"
 PASS = {"snapshot": b"snapshot passphrase online", "timestamp": b"timestamp passphrase online"}
@@ -168,7 +169,7 @@ def test_env_passphrases_per_role_then_credential_then_generic(
 
 
 def test_hsm_pin_from_the_credential(tmp_path: Path) -> None:
-    from publisher._online import credential_secrets
+    from modelward.publisher._online import credential_secrets
 
     asked: list[str] = []
     get = credential_secrets({"CREDENTIALS_DIRECTORY": str(tmp_path)},

@@ -12,15 +12,10 @@ from pathlib import Path
 import pytest
 from tuf.api.metadata import Metadata, Targets
 
-import publisher._served
-from publisher._keys import load_signer_at
-from publisher._online_state import (
-    STATE_DIR,
-    STATE_FILE,
-    STATE_ROOT,
-    OnlineStateError,
-)
-from publisher.errors import RepositoryStateError
+import modelward.publisher._served
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._online_state import STATE_DIR, STATE_FILE, STATE_ROOT, OnlineStateError
+from modelward.publisher.errors import RepositoryStateError
 from tests.unit.test_a14_online_trust import EVIL, _evil_entry
 from tests.unit.test_i14_online import OFFLINE, Layout, stock_client_refresh
 
@@ -61,7 +56,7 @@ def test_root_chain_walk_is_capped_per_run_and_resumes(
     lay.offline.publish(lay.bundle("1.0.0"))
     lay.offline.rotate("targets")  # root v2
     lay.offline.rotate("targets")  # root v3
-    monkeypatch.setattr(publisher._served, "MAX_ROOTS_PER_RUN", 1)
+    monkeypatch.setattr(modelward.publisher._served, "MAX_ROOTS_PER_RUN", 1)
     with caplog.at_level(logging.WARNING):
         lay.online().refresh()
     assert "verified 1 root versions" in caplog.text
@@ -148,7 +143,7 @@ def test_nested_registry_without_key_files_is_refused(lay: Layout) -> None:
 
 def test_online_dir_with_too_many_entries_is_refused(lay: Layout,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("publisher._online.MAX_ONLINE_ENTRIES", 20)
+    monkeypatch.setattr("modelward.publisher._online.MAX_ONLINE_ENTRIES", 20)
     deep = lay.online_dir / "junk"
     for i in range(25):
         (deep / str(i)).mkdir(parents=True)

@@ -18,13 +18,14 @@ from securesystemslib.signer import CryptoSigner
 from tuf.api.exceptions import RepositoryError
 from tuf.api.metadata import Metadata, Root
 
-from publisher import BuildOptions, Repository, build_bundle
-from publisher._keys import load_signer_at
-from publisher._rootflow import RootNotPublishableError, root_gaps
-from publisher._summary import PendingChangedError
-from publisher._tufcheck import StockClientWouldRejectError, check_state
-from publisher.errors import RepositoryStateError
-from simulator import make_linear_model
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._repo import Repository
+from modelward.publisher._rootflow import RootNotPublishableError, root_gaps
+from modelward.publisher._summary import PendingChangedError
+from modelward.publisher._tufcheck import StockClientWouldRejectError, check_state
+from modelward.publisher.errors import RepositoryStateError
+from modelward.simulator._models import make_linear_model
 from tests._stock_tuf import stock_refresh
 from tests.conftest import tree_digest
 
@@ -322,7 +323,7 @@ def test_a_team_key_cannot_stand_in_for_a_root_key(tmp_path: Path) -> None:
     for uri in ("encfile:delegated-cls-team.pem", "encfile:snapshot.pem"):
         with pytest.raises(RepositoryStateError, match="is not a root key"):
             repo.sign_pending("root", uri)
-    from publisher.errors import KeyError_
+    from modelward.publisher.errors import KeyError_
 
     with pytest.raises(KeyError_, match="no key with URI"):
         repo.sign_pending("root", "encfile:../elsewhere.pem")

@@ -14,20 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from publisher import Repository
-from publisher import _keyfile as kf
-from publisher._keys import load_signer_at
-from publisher._passphrases import EnvPassphrases, check_team_variable
-from publisher._rekey import key_files, rekey
-from publisher._repo import ThresholdNotMetError, _now
-from publisher._rootflow import (
+from modelward.publisher import _keyfile as kf
+from modelward.publisher._keys import load_signer_at
+from modelward.publisher._passphrases import EnvPassphrases, check_team_variable
+from modelward.publisher._rekey import key_files, rekey
+from modelward.publisher._repo import Repository, ThresholdNotMetError, _now
+from modelward.publisher._rootflow import (
     RootExpiredError,
     RootNotPublishableError,
     UnsafeKeyPathError,
     key_file_inside,
     retire_key_files,
 )
-from publisher.errors import KeyError_
+from modelward.publisher.errors import KeyError_
 from tests._stock_tuf import stock_refresh
 
 PW = b"unit test passphrase"
@@ -251,9 +250,9 @@ def test_rekey_reaches_registry_named_files_but_never_outside(tmp_path: Path) ->
 
 
 def test_pre_publish_gate_refuses_an_expired_newest_root(tmp_path: Path) -> None:
-    """The stock-client gate itself (publisher._tufcheck) refuses an expired newest root,
+    """The stock-client gate itself (modelward.publisher._tufcheck) refuses an expired newest root,
     whatever path wrote it."""
-    from publisher._tufcheck import StockClientWouldRejectError, check_root_chain
+    from modelward.publisher._tufcheck import StockClientWouldRejectError, check_root_chain
 
     repo = _repo(tmp_path)
     data = (repo.metadata_dir / "1.root.json").read_bytes()

@@ -1,5 +1,5 @@
 """The served ``metadata/`` directory is hostile input to the operator's tools
-(publisher._served): every read is verified from the anchor in KEYS, and a file that fails
+(modelward.publisher._served): every read is verified from the anchor in KEYS, and a file that fails
 is a typed error naming it, with nothing signed.
 
 Attackers: whoever writes the served tree (origin, CDN sync), a careless operator.
@@ -16,14 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from publisher import Repository
-from publisher._served import (
-    STATE_FILE,
-    TRUSTED_ROOT_FILE,
-    ServedFileError,
-    read_file,
-)
-from publisher.errors import RepositoryStateError
+from modelward.publisher._repo import Repository
+from modelward.publisher._served import STATE_FILE, TRUSTED_ROOT_FILE, ServedFileError, read_file
+from modelward.publisher.errors import RepositoryStateError
 from tests._helpers import Clock
 
 PASS = b"i14 served unit passphrase"
@@ -214,7 +209,7 @@ def test_online_host_never_re_signs_an_edited_snapshot(
 
 def test_snapshot_threshold_two_refresh_parks_one_snapshot_and_renews_the_timestamp(
         tmp_path: Path) -> None:
-    from publisher._repo import ThresholdNotMetError
+    from modelward.publisher._repo import ThresholdNotMetError
 
     clock = Clock(T0)
     repo = Repository(tmp_path / "repo", tmp_path / "keys", PASS, clock=clock)

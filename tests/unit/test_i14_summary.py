@@ -27,7 +27,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._summary import (
+from modelward.publisher._summary import (
     MAX_PENDING,
     PendingChangedError,
     PendingMetadataError,
@@ -419,9 +419,9 @@ PASS = b"unit test passphrase"
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """targets 2-of-2 (two key files); classifier 1.0.0 pending with one signature."""
-    from publisher import BuildOptions, Repository, build_bundle
-    from publisher._repo import ThresholdNotMetError
-    from simulator import make_linear_model
+    from modelward.publisher._bundle_build import BuildOptions, build_bundle
+    from modelward.publisher._repo import Repository, ThresholdNotMetError
+    from modelward.simulator._models import make_linear_model
 
     base = tmp_path_factory.mktemp("review")
     r = Repository(base / "repo", base / "keys", PASS)
@@ -437,7 +437,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def disk(template: Path, tmp_path: Path) -> Any:
     import shutil
 
-    from publisher import Repository
+    from modelward.publisher._repo import Repository
     shutil.copytree(template, tmp_path / "w")
     return Repository(tmp_path / "w" / "repo", tmp_path / "w" / "keys", PASS)
 
@@ -465,7 +465,7 @@ def test_file_swapped_between_review_and_sign_is_refused(disk: Any) -> None:
         "classifier/classifier-1.0.0.tar")
     pending.path.write_bytes(json.dumps(doc).encode())
     swapped, before = pending.path.read_bytes(), _tree(disk.repo)
-    from publisher._summary import PendingReviewError
+    from modelward.publisher._summary import PendingReviewError
 
     with pytest.raises(PendingReviewError, match="changed after its summary was shown"):
         disk.sign_pending("targets", "encfile:targets-2.pem", reviewed=pending.digest)

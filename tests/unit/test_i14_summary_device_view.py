@@ -24,18 +24,18 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from publisher._summary import (
+from modelward.publisher._summary import (
     MAX_PENDING,
     PendingMetadataError,
     check_pending,
     read_pending,
     summarize,
 )
+from modelward.updater._fields import noncanonical
+from modelward.updater._search import Found
+from modelward.updater._tuf import _candidate
 from tests.unit.test_a14_sign_summary import NOW, _changes, _root, _target, _targets
 from tests.unit.test_a14_sign_summary import S as _S
-from updater._fields import noncanonical
-from updater._search import Found
-from updater._tuf import _candidate
 
 S = {**_S, "new": CryptoSigner.generate_ed25519()}
 

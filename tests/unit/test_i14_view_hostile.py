@@ -28,19 +28,19 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from agent._log import (
+from modelward.agent._log import (
     MAX_MESSAGE,
     MAX_VALUE,
     JsonFormatter,
     TextFormatter,
     bounded_message,
 )
-from publisher._fleet import REJECTED, DeviceRow, format_table, judge_fleet, rows_json
-from publisher._report_schema import ReportSchemaError, check_report
+from modelward.publisher._fleet import REJECTED, DeviceRow, format_table, judge_fleet, rows_json
+from modelward.publisher._report_schema import ReportSchemaError, check_report
+from modelward.trust._bounded import UntrustedJsonError, json_depth, loads_bounded
+from modelward.trust._display import ID_ALPHABET, display_width, escape_id, for_encoding
+from modelward.trust._report import sign_report
 from tests.unit.test_i14_fleetview import FLEET, MODEL, NOW, _registry, good_report
-from trust import sign_report
-from trust._bounded import UntrustedJsonError, json_depth, loads_bounded
-from trust._display import ID_ALPHABET, display_width, escape_id, for_encoding
 
 KIB64 = 64 * 1024
 
@@ -146,7 +146,8 @@ EXPANDING = ["\U000f0000", "\x7f", "\x1b", "\u6d3b", "\\", '"', "\u202e", "e\u03
 def _rec(msg: str, *args: object, exc: BaseException | None = None,
          **extra: object) -> logging.LogRecord:
     info = (type(exc), exc, exc.__traceback__) if exc is not None else None
-    r = logging.LogRecord("publisher._bridge", logging.ERROR, __file__, 1, msg, args, info)
+    r = logging.LogRecord("modelward.publisher._bridge", logging.ERROR, __file__, 1, msg, args,
+                          info)
     for k, v in extra.items():
         setattr(r, k, v)
     return r
@@ -203,7 +204,7 @@ def test_the_bridge_refusal_logs_of_one_device_are_rate_limited(tmp_path: Path) 
 
     b = _bridge(tmp_path)
     cap = _Capture()
-    log = logging.getLogger("publisher._bridge")
+    log = logging.getLogger("modelward.publisher._bridge")
     log.addHandler(cap)
     try:
         for i in range(200):
@@ -297,7 +298,7 @@ def test_for_encoding_never_raises_and_keeps_what_encodes(encoding: str) -> None
 @pytest.mark.parametrize("encoding", ["ascii", "iso-8859-1"])
 def test_fleet_status_prints_the_fleet_under_a_non_utf8_locale(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, encoding: str) -> None:
-    import publisher
+    import modelward.publisher._fleet as publisher
     from modelward.cli import main
 
     fd, keys = _registry(tmp_path, ["dev-1", "dev-2"])
@@ -367,7 +368,7 @@ def test_a_row_that_would_carry_a_lone_surrogate_into_json_is_rejected_in_its_pl
                          ids=ascii)
 def test_a_combining_mark_without_its_own_base_is_escaped(text: str) -> None:
     """It would sit on the column padding (or the escape) before it, moving the cell."""
-    from trust._display import escape
+    from modelward.trust._display import escape
 
     out = escape(text, None)
     assert all(unicodedata.category(c) not in {"Mn", "Me"} for c in out), ascii(out)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from updater._idle import (
+from modelward.updater._idle import (
     BusyFileSignal,
     CpuIdleSignal,
     Gate,

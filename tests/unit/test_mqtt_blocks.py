@@ -10,8 +10,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from tuf.api import exceptions as tuf_exc
 
-from updater import MqttConfig, MqttFetcher
-from updater._mqtt import block_header
+from modelward.updater._config import MqttConfig
+from modelward.updater._mqtt import MqttFetcher, block_header
 
 CFG = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=64)
 SESSION = b"S" * 8

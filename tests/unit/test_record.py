@@ -7,9 +7,8 @@ import hmac
 
 import pytest
 
-from trust import ModelRef, TrustRecord, choose_record, encode_record
-from trust._record import Resolution
-from trust.errors import TrustRecordError, TrustRecordRollbackError
+from modelward.trust._record import ModelRef, Resolution, TrustRecord, choose_record, encode_record
+from modelward.trust.errors import TrustRecordError, TrustRecordRollbackError
 
 KEY = b"k" * 32
 

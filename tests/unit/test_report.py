@@ -8,8 +8,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from agent._observe import Metrics
-from trust import ReportSignatureError, TpmInterface, sign_report, verify_report
+from modelward.agent._observe import Metrics
+from modelward.trust._report import ReportSignatureError, sign_report, verify_report
+from modelward.trust._tpm import TpmInterface
 
 
 class _SoftKey(TpmInterface):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from modelward.updater._rollout import choose_release, rollout_bucket
 from tests._helpers import R, v
-from updater._rollout import choose_release, rollout_bucket
 
 IDS = [f"device-{i:04d}" for i in range(200)]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from updater import SemVer
+from modelward.updater._semver import SemVer
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from publisher import build_bundle
-from simulator import make_linear_model
-from trust import directory_entries, slot_fingerprint
-from updater import extract_bundle
-from updater._stage import Stage
+from modelward.publisher._bundle_build import build_bundle
+from modelward.simulator._models import make_linear_model
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
+from modelward.updater._bundle import extract_bundle
+from modelward.updater._stage import Stage
 
 
 class _Cut(Exception):
@@ -158,8 +158,8 @@ def test_members_are_written_behind_without_filling_the_page_cache(tmp_path: Pat
     import shutil
     import subprocess
 
-    from updater._stage import WRITE_BEHIND, StageWriter
-    from updater._tarstream import Member, TarStream
+    from modelward.updater._stage import WRITE_BEHIND, StageWriter
+    from modelward.updater._tarstream import Member, TarStream
 
     if shutil.which("fincore") is None:
         pytest.fail("fincore (util-linux) is needed to see the page cache")
