@@ -190,6 +190,35 @@ def test_installed_modelward_agent_help(installed: Installed) -> None:
     assert "provision" in r.stdout and "boot-check" in r.stdout
 
 
+def test_installed_files_are_roots_and_not_writable_by_others(installed: Installed) -> None:
+    """The agent runs as modelward: nothing it (or any other user) may write is executed."""
+    bad = []
+    for p in [PREFIX, *PREFIX.rglob("*")]:
+        st = p.lstat()
+        if st.st_uid != 0 or st.st_gid != 0:
+            bad.append(f"{p}: owner {st.st_uid}:{st.st_gid}")
+        if not p.is_symlink() and st.st_mode & 0o022:
+            bad.append(f"{p}: mode {oct(st.st_mode)}")
+    assert bad == [], bad[:5]
+
+
+def test_installed_command_ignores_the_working_directory_and_pythonpath(
+    installed: Installed, tmp_path: Path,
+) -> None:
+    """A planted ``modelward`` package (and ``agent``/``_child`` modules) in the working
+    directory or on PYTHONPATH is never imported by the installed command."""
+    marker = tmp_path / "planted-ran"
+    for pkg in ("modelward", "agent", "updater"):
+        (tmp_path / pkg).mkdir()
+        (tmp_path / pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "agent" / "_child.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    env = dict(ENV, PYTHONPATH=str(tmp_path))
+    r = subprocess.run([str(BIN), "agent", "--help"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+
+
 def test_installed_venv_has_no_operator_dependencies(installed: Installed) -> None:
     """Must-show 2: the venv is modelward[device]; onnx, rich and pkcs11 are absent."""
     py = str(PREFIX / "bin" / "python3")

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -120,10 +121,11 @@ def test_activation_path_unit_watches_the_file_the_agent_replaces() -> None:
     # only a running inference unit is reloaded: a stopped one stays stopped
     assert svc["ExecStart"] == ["/usr/bin/systemctl try-reload-or-restart %i.service"]
     assert "User" not in svc  # systemd's own client, no polkit involved
-    # the file exists from installation on, so the first activation is seen
+    # Nothing as root acts on a name inside the agent's directory (a link planted there by
+    # whoever has the agent's uid): the file is the agent's alone. Its first appearance
+    # triggers the path unit too (PathChanged= fires when existence flips).
     tmpfiles = (SYSTEMD / "modelward.tmpfiles.conf").read_text()
-    assert re.search(rf"^f /var/lib/modelward/{ACTIVATED_FILE} 0640 modelward modelward",
-                     tmpfiles, re.M)
+    assert ACTIVATED_FILE not in tmpfiles
 
 
 def test_metrics_directory_is_writable_by_the_agent_unit() -> None:
@@ -189,3 +191,17 @@ def test_unwritable_metrics_textfile_is_one_warning(tmp_path: Path,
     assert len(warnings) == 1 and "metrics textfile" in warnings[0].getMessage()
     assert Metrics().write_textfile(tmp_path / "metrics.prom") is True
     assert os.path.getsize(tmp_path / "metrics.prom") > 0
+
+
+def test_build_deb_names_a_missing_wheelhouse_in_one_line(tmp_path: Path) -> None:
+    script = SYSTEMD.parent / "scripts" / "build-deb"
+    r = subprocess.run([str(script), "-o", str(tmp_path), "--wheelhouse",
+                        str(tmp_path / "nowhere")], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"build-deb: no wheelhouse at {tmp_path / 'nowhere'} (run scripts/setup)"]
+    r = subprocess.run([str(script), "--frobnicate"], capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == 2 and "unknown argument --frobnicate" in r.stderr
+    assert list(tmp_path.iterdir()) == []
