@@ -247,55 +247,78 @@ def _wait_for(pred: object, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def _as_agent(*argv: str) -> list[str]:
+    """``argv`` as the unit runs it: user modelward (groups modelward, tss), umask 0027."""
+    return ["setpriv", "--reuid=modelward", "--regid=modelward", "--init-groups", "--",
+            "sh", "-c", 'umask 027; exec "$@"', "sh", *argv]
+
+
 def test_installed_agent_provisions_updates_boot_checks_and_runs(
     installed: Installed, mqtt_world: MqttWorld, pki: tuple[CertPair, CertPair],
     tmp_path: Path,
 ) -> None:
-    """Must-show 2 through the real stack, with the INSTALLED binary only: a fresh swtpm
-    provisioned by it, an update over HTTPS (nginx), the boot check, then the daemon
+    """Must-show 2 through the real stack, with the INSTALLED binary only, as the user
+    modelward in the directories the package made (/var/lib/modelward and -tpm): a fresh
+    swtpm provisioned by it, an update over HTTPS (nginx), the boot check, then the daemon
     installing an update announced over MQTT (mosquitto + serve-mqtt)."""
     w = mqtt_world
     ca, server = pki
     origin = start_origin(w.repo_dir, tmp_path / "origin-i15", server)
     tpm = start_swtpm(tmp_path / "tpm-i15")
-    state = tmp_path / "state-i15"
+    etc = Path("/etc/modelward")
     assert w.creds is not None
+    shutil.copy(ca.cert, etc / "i15-ca.pem")
+    password = etc / "i15-mqtt-password"
+    shutil.copy(w.creds["dev-2"], password)
+    shutil.chown(password, "modelward", "modelward")
+    password.chmod(0o600)  # the agent's credential: not readable by its group
+    root = etc / "i15-root.json"
     conf = write_device_config(
-        tmp_path / "agent-i15.toml", device_id="dev-2", fleet=FLEET, state=state,
-        tcti=tpm.tcti, origin_url=origin.url, ca=ca.cert, poll_interval=3600,
-        mqtt={"host": "127.0.0.1", "port": w.broker_port, "ca_file": str(ca.cert),
-              "password_file": str(w.creds["dev-2"])})
+        etc / "i15-agent.toml", device_id="dev-2", fleet=FLEET, state=STATE,
+        tcti=tpm.tcti, origin_url=origin.url, ca=etc / "i15-ca.pem", poll_interval=3600,
+        mqtt={"host": "127.0.0.1", "port": w.broker_port, "ca_file": str(etc / "i15-ca.pem"),
+              "password_file": str(password)})
     daemon: subprocess.Popen[str] | None = None
     try:
         w.publish("1.0.0", seed=1)
-        root = w.repo_dir / "metadata" / "1.root.json"
-        r = _run(str(BIN), "agent", "provision", "--config", str(conf), "--root", str(root))
+        shutil.copy(w.repo_dir / "metadata" / "1.root.json", root)
+        r = _run(*_as_agent(str(BIN), "agent", "provision", "--config", str(conf),
+                            "--root", str(root)))
         assert r.returncode == 0, r.stderr
         assert "provisioned" in r.stdout and "already present" not in r.stdout
-        r = _run(str(BIN), "agent", "update", "--config", str(conf), "--once")
+        auth = next(Path("/var/lib/modelward-tpm").iterdir())
+        assert auth.owner() == "modelward" and auth.stat().st_mode & 0o777 == 0o600
+        r = _run(*_as_agent(str(BIN), "agent", "update", "--config", str(conf), "--once"))
         assert r.returncode == 0, r.stderr
-        assert _active(state) == "1.0.0"
-        r = _run(str(BIN), "agent", "boot-check", "--config", str(conf))
+        assert _active(STATE) == "1.0.0"
+        r = _run(*_as_agent(str(BIN), "agent", "boot-check", "--config", str(conf)))
         assert r.returncode == 0, r.stderr
         assert "Traceback" not in r.stderr
 
         log = tmp_path / "daemon-i15.log"
         with open(log, "w") as f:
-            daemon = subprocess.Popen([str(BIN), "-v", "agent", "run", "--config", str(conf)],
-                                      stdout=subprocess.DEVNULL, stderr=f, env=ENV, text=True)
+            daemon = subprocess.Popen(
+                _as_agent(str(BIN), "-v", "agent", "run", "--config", str(conf)),
+                stdout=subprocess.DEVNULL, stderr=f, env=ENV, text=True)
         # its first attempt finds 1.0.0 current; only the announcement brings 2.0.0
         _wait_for(lambda: "nothing to do" in log.read_text(), 30, "the first attempt")
         w.publish("2.0.0", seed=2)
         a = w.cli("announce", "--repo", str(w.repo_dir), *w.broker_args("modelward-operator"))
         assert a.returncode == 0, a.stderr
-        _wait_for(lambda: _active(state) == "2.0.0", 40, "the announced update")
+        _wait_for(lambda: _active(STATE) == "2.0.0", 40, "the announced update")
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(20) == 0, log.read_text()
         daemon = None
         # the activation notice the path unit watches names the new model
-        activated = json.loads((state / ACTIVATED_FILE).read_text())
+        activated = json.loads((STATE / ACTIVATED_FILE).read_text())
         assert activated["version"] == "2.0.0"
         assert "Traceback" not in log.read_text()
+        # everything the agent made is its own (nothing root-owned that the unit could not
+        # rewrite); others cannot enter the 0750 directory (some files in it are 0644)
+        for p in [STATE, *STATE.rglob("*")]:
+            assert p.owner() == "modelward" and p.group() == "modelward", p
+            assert p.is_symlink() or p.lstat().st_mode & 0o002 == 0, p
+        assert STATE.stat().st_mode & 0o777 == 0o750
     finally:
         if daemon is not None:
             daemon.kill()
@@ -309,9 +332,11 @@ def test_remove_keeps_the_state_directory(installed: Installed) -> None:
     keep = STATE / "keep-me"
     keep.write_text("a trusted model would be here\n")
     tpm_dir = Path("/var/lib/modelward-tpm")
+    before = _tree(STATE) | _tree(tpm_dir)
     r = _apt("remove", "modelward-agent")
     assert r.returncode == 0, r.stdout + r.stderr
     assert keep.read_text() == "a trusted model would be here\n"
+    assert _tree(STATE) | _tree(tpm_dir) == before  # (the record and model, if installed)
     assert STATE.is_dir() and tpm_dir.is_dir()
     assert not PREFIX.exists()
     assert not BIN.exists() and not BIN.is_symlink()
@@ -320,3 +345,10 @@ def test_remove_keeps_the_state_directory(installed: Installed) -> None:
     r = _apt("purge", "modelward-agent")
     assert r.returncode == 0, r.stdout + r.stderr
     assert keep.is_file() and not Path("/etc/modelward/agent.toml").exists()
+    assert _tree(STATE) | _tree(tpm_dir) == before
+
+
+def _tree(root: Path) -> dict[str, str]:
+    from tests.conftest import tree_digest
+
+    return {f"{root}/{k}": v for k, v in tree_digest(root).items()}
