@@ -39,7 +39,15 @@ def _read(dir_fd: int, name: str) -> bytes:
 
 def load(model_dir: str) -> dict[str, Any]:
     """The slot's manifest and model, read through one directory fd (one consistent slot)."""
-    dir_fd = os.open(model_dir, os.O_RDONLY | os.O_DIRECTORY)  # follows `current` once
+    link = os.readlink(model_dir)  # `current` is exactly slots/a or slots/b, nothing else
+    if link not in ("slots/a", "slots/b"):
+        raise ValueError(f"{model_dir} -> {link!r} is not a modelward slot")
+    nofollow = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+    slots = os.open(os.path.join(os.path.dirname(model_dir), "slots"), nofollow)
+    try:
+        dir_fd = os.open(link[-1], nofollow, dir_fd=slots)
+    finally:
+        os.close(slots)
     try:
         manifest = json.loads(_read(dir_fd, "manifest.json"))
         path = manifest["model"]["path"]

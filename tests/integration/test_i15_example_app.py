@@ -85,21 +85,20 @@ def test_i15_app_reloads_on_activation_and_never_serves_the_tampered_model(
     assert got["sha256"] != bad_sha and got["version"] == "2.0.0"
     np.testing.assert_allclose(got["output"], v2_out)
 
-    # Boot-check falls back to v1; the app follows within a bound and serves v1's outputs.
-    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
-    assert r.returncode == 0 and "fell back to classifier 1.0.0" in r.stdout, r.stderr
-    served(app, world, "1.0.0")
-    assert f"(sha256 {bad_sha})" not in app.log.read_text()  # never "serving" it
-
-    # A restarted app on the tampered slot (had it been made active) refuses to serve at all.
-    (world.tmp / "bad").symlink_to(world.state / "slots" / "b")
-    fresh = start_app(world.tmp / "bad", world.tmp / "busy2", world.tmp / "app2.log")
+    # An app (re)started before the boot check, on the tampered slot, serves nothing.
+    fresh = start_app(world.state / "current", world.tmp / "busy2", world.tmp / "app2.log")
     try:
         assert fresh.info().get("status") == 503
         assert fresh.infer(X).get("status") == 503
         assert "its manifest says" in fresh.log.read_text()
     finally:
         stop_app(fresh.pid, fresh.proc)
+
+    # Boot-check falls back to v1; the app follows within a bound and serves v1's outputs.
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0 and "fell back to classifier 1.0.0" in r.stdout, r.stderr
+    served(app, world, "1.0.0")
+    assert f"(sha256 {bad_sha})" not in app.log.read_text()  # never "serving" it
 
 
 def _wait_log(app: AppHandle, needle: str, timeout: float = 5.0) -> None:
