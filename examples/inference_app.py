@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -32,8 +33,10 @@ log = logging.getLogger("inference")
 def _read(dir_fd: int, name: str) -> bytes:
     if name.startswith("/") or ".." in name.split("/"):
         raise ValueError(f"manifest names the model {name!r}, not a file in the slot")
-    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dir_fd)
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dir_fd)
     with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or device would hang or never end
+            raise ValueError(f"{name} is not a regular file")
         return f.read()
 
 
