@@ -97,10 +97,14 @@ class App:
     def busy(self, delta: int) -> None:
         with self.lock:
             self.depth += delta
-            if BUSY_FILE:  # a regular file, replaced whole: the agent never sees half of it
+            if not BUSY_FILE:
+                return
+            try:  # a regular file, replaced whole: the agent never sees half of it
                 with open(BUSY_FILE + ".tmp", "w") as f:
                     f.write(f"{self.depth}\n")
                 os.replace(BUSY_FILE + ".tmp", BUSY_FILE)
+            except OSError as e:  # serving (and reloading) matter more than the signal
+                log.warning("cannot write %s: %s", BUSY_FILE, e)
 
     def watch(self) -> None:
         while True:

@@ -180,6 +180,10 @@ def test_busy_file_is_what_the_agents_idle_gate_reads(
     assert busy.read_text() == "1\n" and not Path(str(busy) + ".tmp").exists()
     app.busy(-1)
     assert gate.busy() is None
+    monkeypatch.setattr(ia, "BUSY_FILE", str(tmp_path / "gone" / "queue-depth"))
+    app.busy(+1)  # an unwritable signal is logged; serving and reloading go on
+    app.busy(-1)
+    assert app.depth == 0
 
 
 def test_http_answers_bad_requests_with_a_json_error(
