@@ -75,10 +75,11 @@ def _say(text: str) -> None:
 
 
 def _run(*argv: str) -> int:
-    from modelward.cli import main
-
+    """Run one ``modelward`` command as its own process, as a person would (isolated:
+    the working directory cannot shadow a module; the simulator never imports the CLI)."""
     print("$ modelward " + shlex.join(argv), flush=True)
-    code = main(list(argv))
+    code = subprocess.run([sys.executable, "-I", "-m", "modelward", *argv],
+                          check=False).returncode
     print(f"  (exit {code})", flush=True)
     return code
 
@@ -100,7 +101,7 @@ def _services(work: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 def _spawn(children: list[subprocess.Popen[str]], log: Path, *argv: str) -> subprocess.Popen[str]:
     print("$ modelward " + shlex.join(argv) + f"   (in the background, log: {log})", flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "modelward", *argv],
+    child = subprocess.Popen([sys.executable, "-I", "-m", "modelward", *argv],
                              stdout=subprocess.PIPE, stderr=open(log, "w"),  # noqa: SIM115
                              text=True)
     children.append(child)
