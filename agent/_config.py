@@ -221,3 +221,17 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
         metrics_textfile=r.get("metrics", "textfile"),
         test_kill_at=test_kill_at,
     )
+
+
+def check_config(path: Path | None = None) -> list[str]:
+    """``agent check-config``: load and validate like every command does, then the
+    effective configuration, every key with its value (defaults marked, secrets
+    ``<set>``).
+
+    Raises:
+        ConfigError: the first key at fault.
+    """
+    path = DEFAULT_CONFIG if path is None else path
+    r = validate(read_document(path), path)
+    cfg = build_config(r)
+    return [*r.lines(), "", f"# transports in order: {', '.join(cfg.updater.transports)}"]

@@ -339,7 +339,7 @@ def validate(doc: dict[str, Any], path: Path) -> Resolved:
             URL that is not https://host/..., a file that is not a readable regular file).
     """
     _unknown(doc, path)
-    base = path.parent
+    base = path.absolute().parent  # the daemon's paths must not depend on its cwd
     values: dict[str, dict[str, Any]] = {}
     given: set[tuple[str, str]] = set()
     present = {TOP} | {s for s in SCHEMA if s in doc}
