@@ -456,7 +456,7 @@ def _url(v: str, err: Callable[[str], ConfigError]) -> str:
         _ = u.port  # raises ValueError on a bad port
     except ValueError as e:
         raise err(f"{v!r} is not a URL: {e}") from e
-    if u.scheme != "https":
+    if not v.startswith("https://"):  # literally, as the fetcher checks it
         raise err(f"{v!r} is not an https:// URL (modelward only fetches over TLS)")
     if not host:
         raise err(f"{v!r} has no host")
