@@ -133,7 +133,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timeout": _secs(ActivationConfig.timeout, hi=86400),
     },
     "metrics": {
-        "textfile": Key("path", note="no metrics file"),
+        "textfile": Key("path", note="STATE_DIR/metrics.prom"),
     },
 }
 
