@@ -291,7 +291,9 @@ def read_secret(path: Path, section: str, key: str, config: Path) -> str:
         return _read_regular(path, MAX_SECRET_BYTES).decode("utf-8").strip()
     except OSError as e:
         raise _err(config, section, key, f"cannot read {path}: {e.strerror or e}") from e
-    except ValueError as e:  # also UnicodeDecodeError
+    except UnicodeDecodeError as e:  # (its text would quote a byte of the secret)
+        raise _err(config, section, key, f"{path} is not UTF-8 text") from e
+    except ValueError as e:
         raise _err(config, section, key, f"{path}: {e}") from e
 
 
@@ -369,6 +371,8 @@ def _blame(path: Path, section: str, key: str) -> Callable[[str], ConfigError]:
 def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> Any:
     """The checked (and converted) value of one key."""
     kind = spec.kind
+    if spec.secret and not isinstance(v, str):
+        raise err(f"must be a string, not {type(v).__name__} (value not shown: a secret)")
     if kind == "bool":
         if not isinstance(v, bool):
             raise err(f"must be true or false, not {_show(v)}")

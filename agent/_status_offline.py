@@ -16,6 +16,7 @@ from typing import Any
 from modelward.agent._config import AgentConfig
 from modelward.agent._status import read_status
 from modelward.trust._bounded import UnsafeFileError, read_bounded
+from modelward.trust._display import escape
 from modelward.trust._record import RECORD_MAX_BYTES, ModelRef, decode_record
 from modelward.trust.errors import ModelwardError
 
@@ -57,7 +58,7 @@ def unverified_status(cfg: AgentConfig, why: str) -> dict[str, Any]:
         problem = f"cannot read {path}: {e.strerror or e}"
     except ModelwardError as e:  # TrustRecordError: malformed
         problem = str(e)
-    return {
+    doc: dict[str, Any] = _escaped({
         "verified": False,
         "unverified": f"{UNVERIFIED} ({why})",
         "active": active,
@@ -65,7 +66,20 @@ def unverified_status(cfg: AgentConfig, why: str) -> dict[str, Any]:
         "record_problem": problem,
         "last_error": read_status(cfg.state_dir / "status.json").get("last_error"),
         **_rejections(cfg.state_dir),
-    }
+    })
+    return doc
+
+
+def _escaped(v: Any) -> Any:
+    """Every string with control and format characters escaped: the disk wrote them, and
+    a line break or a terminal escape must not print a line of its own (``verified ...``)."""
+    if isinstance(v, str):
+        return escape(v, 512)
+    if isinstance(v, dict):
+        return {k: _escaped(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_escaped(x) for x in v]
+    return v
 
 
 def _rejections(state_dir: Path) -> dict[str, Any]:

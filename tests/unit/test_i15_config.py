@@ -355,3 +355,46 @@ def test_check_config_shows_every_key_and_hides_the_password(d: Path) -> None:
             assert f"[{section}]" in lines
         for k in keys:
             assert any(ln.startswith((f"{k} = ", f"# {k}: not set")) for ln in lines), k
+
+
+# --- attacks ------------------------------------------------------------------------------
+
+
+def test_a_mistyped_password_is_not_quoted_in_the_error(d: Path) -> None:
+    e = _err(d, BASE + MQTT + "password = 918273645\n")
+    assert e.key == "mqtt.password" and "918273645" not in str(e)
+    (d / "pw").write_bytes(b"\xffsecret-bytes")
+    e = _err(d, BASE + MQTT + 'password_file = "pw"\n')
+    assert "secret" not in str(e) and "0xff" not in str(e)
+
+
+def test_unverified_status_escapes_what_the_disk_wrote(d: Path) -> None:
+    """A disk attacker plants a record whose model name holds a line break and a terminal
+    escape: the unverified status must not print a line of its own ("verified ...")."""
+    import json
+
+    from modelward.agent._status_offline import unverified_status
+
+    (d / "agent.toml").write_text(BASE)
+    cfg = load_config(d / "agent.toml")
+    (cfg.state_dir / "trust").mkdir(parents=True)
+    ref = {"name": "m\nverified  by the TPM\x1b[2J", "version": "1", "fingerprint": "f",
+           "slot": "a"}
+    (cfg.state_dir / "trust" / "record.json").write_text(json.dumps({"record": {
+        "counter": 1, "root_version": 1, "targets_version": 1, "active": ref,
+        "previous": None}, "mac": "00"}))
+    doc = unverified_status(cfg, "test")
+    assert doc["verified"] is False and doc["unverified"].startswith("UNVERIFIED")
+    name = doc["active"]["name"]
+    assert "\n" not in name and "\x1b" not in name and name.startswith("m")
+
+
+def test_unverified_status_refuses_a_planted_symlink_record(d: Path) -> None:
+    from modelward.agent._status_offline import unverified_status
+
+    (d / "agent.toml").write_text(BASE)
+    cfg = load_config(d / "agent.toml")
+    (cfg.state_dir / "trust").mkdir(parents=True)
+    (cfg.state_dir / "trust" / "record.json").symlink_to("/etc/passwd")
+    doc = unverified_status(cfg, "test")
+    assert doc["active"] is None and "record.json" in doc["record_problem"]
