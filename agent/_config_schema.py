@@ -10,7 +10,6 @@ looked at (``stat``, never read, except the bounded config file itself).
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -21,7 +20,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
@@ -299,6 +297,8 @@ def read_secret(path: Path, section: str, key: str, config: Path) -> str:
 
 def suggest(word: str, candidates: list[str]) -> str:
     """``"; did you mean X?"`` for the closest candidate, or ""."""
+    import difflib  # only on a mistake: not on the boot path
+
     close = difflib.get_close_matches(word, candidates, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else ""
 
@@ -317,9 +317,9 @@ def _unknown(doc: dict[str, Any], path: Path) -> None:
                     raise _err(path, name, key, "unknown key" + _elsewhere(key, name))
             continue
         if isinstance(value, dict):
-            close = difflib.get_close_matches(name, sections, n=1, cutoff=0.6)
+            close = suggest(name, sections)  # "; did you mean health?"
             raise _err(path, name, "", "unknown section"
-                       + (f"; did you mean [{close[0]}]?" if close else
+                       + (close.replace("mean ", "mean [").replace("?", "]?") if close else
                           f" (known: {', '.join(f'[{s}]' for s in sections)})"))
         raise _err(path, TOP, name, "unknown key" + _elsewhere(name, TOP))
 
@@ -454,6 +454,8 @@ def _size(v: Any, err: Callable[[str], ConfigError]) -> int:
 
 
 def _url(v: str, err: Callable[[str], ConfigError]) -> str:
+    from urllib.parse import urlsplit  # ~2 ms, only for a device with [https]
+
     try:
         u = urlsplit(v)
         host = u.hostname
