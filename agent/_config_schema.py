@@ -238,6 +238,9 @@ def read_document(path: Path) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path} is not valid TOML: {e}", path=str(path), hint=hint) from e
+    except (ValueError, RecursionError) as e:  # an integer of 4301 digits; [[[[... nested
+        raise ConfigError(f"{path} is not a usable TOML file: {str(e)[:100]}", path=str(path),
+                          hint=hint) from e
 
 
 def _open_regular(path: Path) -> int:
@@ -423,7 +426,9 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
 
 
 def _show(v: Any) -> str:
-    return f"{type(v).__name__} {v!r}"[:80]
+    """``int 5`` or ``str '60'``, cut (a value of 4000 digits is no message)."""
+    text = repr(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else "a huge number"
+    return f"{type(v).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _number(spec: Key, v: Any, err: Callable[[str], ConfigError]) -> float | int:
@@ -432,11 +437,13 @@ def _number(spec: Key, v: Any, err: Callable[[str], ConfigError]) -> float | int
     ok = isinstance(v, int) if spec.kind == "int" else isinstance(v, int | float)
     if isinstance(v, bool) or not ok:
         raise err(f"must be {want}, not {_show(v)}")
-    if not math.isfinite(v) or (lo is not None and (v < lo or (spec.lo_open and v == lo))) \
+    bad = isinstance(v, float) and not math.isfinite(v)  # nan, inf
+    if bad or (lo is not None and (v < lo or (spec.lo_open and v == lo))) \
             or (hi is not None and v > hi):
         low = "" if lo is None else (f"above {lo:g}" if spec.lo_open else f"at least {lo:g}")
         high = "" if hi is None else f"at most {hi:g}"
-        raise err(f"must be {want} {' and '.join(x for x in (low, high) if x)}, not {v!r}")
+        raise err(f"must be {want} {' and '.join(x for x in (low, high) if x)}, not "
+                  f"{_show(v).split(' ', 1)[1]}")
     return v if spec.kind == "int" else float(v)
 
 

@@ -398,3 +398,20 @@ def test_unverified_status_refuses_a_planted_symlink_record(d: Path) -> None:
     (cfg.state_dir / "trust" / "record.json").symlink_to("/etc/passwd")
     doc = unverified_status(cfg, "test")
     assert doc["active"] is None and "record.json" in doc["record_problem"]
+
+
+@pytest.mark.parametrize("text", [
+    "device_id = 1" + "9" * 5000 + "\n",  # tomllib: ValueError, not TOMLDecodeError
+    "a = " + "[" * 100_000 + "]" * 100_000 + "\n",  # RecursionError
+    "a = " + "{b = " * 20_000 + "1" + "}" * 20_000 + "\n",
+])
+def test_toml_that_breaks_the_parser_is_a_config_error(d: Path, text: str) -> None:
+    p = d / "agent.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="not a usable TOML file"):
+        read_document(p)
+
+
+def test_a_huge_integer_value_is_refused_briefly(d: Path) -> None:
+    e = _err(d, _sub("agent", "poll_interval = 1" + "0" * 300))
+    assert e.key == "agent.poll_interval" and len(str(e)) < 400
