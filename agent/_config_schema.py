@@ -387,6 +387,8 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
     if kind in ("strs", "windows"):
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise err(f"must be a list of strings, not {_show(v)}")
+        if not all(x and "\0" not in x for x in v):
+            raise err("must be a list of non-empty strings without NUL")
         if kind == "windows":
             from modelward.updater._idle import TimeRange
 
