@@ -262,10 +262,43 @@ def test_a_symlink_to_a_file_is_fine(d: Path) -> None:
     load_config(d / "agent.toml")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 file")
-def test_unreadable_ca_file(d: Path) -> None:
-    (d / "ca.pem").chmod(0)
-    assert "Permission denied" in str(_err(d, BASE))
+def test_unreadable_ca_file() -> None:
+    """A mode-000 ca_file, loaded by an unprivileged user (root reads anything: as root,
+    the check runs in a forked child that drops to nobody)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="i15-unreadable-"))  # not under root's 0700 tmp
+    try:
+        d.chmod(0o755)
+        (d / "ca.pem").write_text("pem")
+        (d / "ca.pem").chmod(0)
+        (d / "agent.toml").write_text(BASE)
+        (d / "agent.toml").chmod(0o644)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os.close(r)
+            try:
+                if os.geteuid() == 0:
+                    os.setgid(65534)
+                    os.setuid(65534)
+                try:
+                    load_config(d / "agent.toml")
+                    msg = "loaded"
+                except ConfigError as e:
+                    msg = f"{e.key}|{e}"
+                os.write(w, msg.encode())
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            got = f.read().decode()
+        os.waitpid(pid, 0)
+        assert got.startswith("https.ca_file|") and "Permission denied" in got, got
+    finally:
+        import shutil
+
+        shutil.rmtree(d)
 
 
 def test_mqtt_password_rules(d: Path) -> None:
