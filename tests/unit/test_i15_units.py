@@ -24,7 +24,7 @@ from modelward.trust._record import ModelRef
 
 SYSTEMD = Path(__file__).resolve().parents[2] / "systemd"
 DROPIN = SYSTEMD / "examples" / "inference.service.d" / "modelward.conf"
-UNITS = sorted(p for p in SYSTEMD.iterdir()
+UNITS = sorted(p for d in (SYSTEMD, SYSTEMD / "examples") for p in d.iterdir()
                if p.suffix in (".service", ".path", ".timer")) + [DROPIN]
 
 
