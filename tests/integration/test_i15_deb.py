@@ -148,6 +148,9 @@ def test_deb_name_depends_and_contents(installed: Installed) -> None:
                  "modelward-activate@.path", "modelward-activate@.service"):
         assert (UNITDIR / unit).is_file(), unit
     assert Path("/usr/lib/sysusers.d/modelward.conf").is_file()
+    examples = Path("/usr/share/modelward/examples")
+    for f in ("inference.service.d/modelward.conf", "inference_app.py", "inference.service"):
+        assert (examples / f).is_file(), f
     assert Path("/usr/lib/tmpfiles.d/modelward.conf").is_file()
     conffiles = subprocess.run(["dpkg-query", "--control-show", "modelward-agent",
                                 "conffiles"], capture_output=True, text=True, check=True)
