@@ -974,3 +974,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a package of another role's extra: one line (modelward._extras)
+        from modelward._extras import missing_package_line
+
+        line = missing_package_line(e, args)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_ERROR

@@ -95,7 +95,7 @@ def _services(work: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 def _spawn(children: list[subprocess.Popen[str]], log: Path, *argv: str) -> subprocess.Popen[str]:
     print("$ modelward " + shlex.join(argv) + f"   (in the background, log: {log})", flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "modelward", *argv],
+    child = subprocess.Popen([sys.executable, "-I", "-m", "modelward", *argv],
                              stdout=subprocess.PIPE, stderr=open(log, "w"),  # noqa: SIM115
                              text=True)
     children.append(child)
