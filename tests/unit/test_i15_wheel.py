@@ -11,7 +11,9 @@ venv), the way scripts/build-deb and benchmarks/install_size.py build it.
 from __future__ import annotations
 
 import ast
+import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -30,9 +32,13 @@ SKIP_DIRS = {".venv", "build", ".git", "__pycache__", ".mypy_cache", ".ruff_cach
 
 
 def build_wheel(out: Path) -> Path:
-    """The project's wheel, built offline into ``out``."""
+    """The project's wheel, built offline into ``out`` from a clean copy of the tree (a
+    worktree's stale ``build/lib`` would otherwise end up in it: setuptools reuses it)."""
+    src = out / "src"
+    shutil.copytree(ROOT, src, symlinks=True, ignore=shutil.ignore_patterns(*SKIP_DIRS,
+                                                                              "*.egg-info"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                    "--no-build-isolation", "--no-index", "-w", str(out), str(ROOT)],
+                    "--no-build-isolation", "--no-index", "-w", str(out), str(src)],
                    check=True, capture_output=True, timeout=120)
     (wheel,) = out.glob("modelward-*.whl")
     return wheel
@@ -126,21 +132,28 @@ _SHELL_M = re.compile(rf"-m\s+({'|'.join(PACKAGES)})(?:\.|\s|$)")
 
 def tree_files(suffixes: tuple[str, ...], scripts: bool = False) -> list[Path]:
     out = []
-    for p in ROOT.rglob("*"):
-        rel = p.relative_to(ROOT).parts
-        if SKIP_DIRS & set(rel) or (rel[0] == "modelward" and len(rel) > 1 and rel[1] in BARE):
-            continue  # (modelward/<pkg> are the symlinks to the same folders)
-        script = scripts and not p.suffix and "scripts" in rel
-        if p.is_file() and (p.suffix in suffixes or script):
-            out.append(p)
+    for top, dirs, files in os.walk(ROOT):
+        here = Path(top)
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.endswith(".egg-info")
+                   and not (here == ROOT / "modelward" and d in BARE)]
+        # (modelward/<pkg> are the symlinks to the same folders)
+        for f in files:
+            p = here / f
+            script = scripts and not p.suffix and "scripts" in p.relative_to(ROOT).parts
+            if p.suffix in suffixes or script:
+                out.append(p)
     return out
 
 
 def bare_imports(source: str, where: str) -> list[str]:
     """Bare imports in a module: statements, code strings (``python -c``), ``-m X`` args."""
     tree = ast.parse(source, where)
+    docs = {id(n.value) for n in ast.walk(tree)  # docstrings and other bare strings: prose
+            if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
     bad = []
     for node in ast.walk(tree):
+        if id(node) in docs:
+            continue
         if isinstance(node, ast.Import):
             bad += [f"{where}:{node.lineno}: import {a.name}" for a in node.names
                     if a.name.partition(".")[0] in BARE]
@@ -181,4 +194,38 @@ def test_no_script_or_unit_runs_a_bare_module() -> None:
         for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
             if _SHELL_M.search(line) or (p.suffix != ".md" and _CODE_IMPORT.search(line)):
                 bad.append(f"{p.relative_to(ROOT)}:{n}: {line.strip()}")
+    assert not bad, "\n".join(bad)
+
+
+def unisolated_children(source: str, where: str) -> list[str]:
+    """``[sys.executable, ...]`` argument lists that do not start the child with ``-I``."""
+    bad = []
+    for node in ast.walk(ast.parse(source, where)):
+        if not isinstance(node, ast.List | ast.Tuple) or not node.elts:
+            continue
+        first = node.elts[0]
+        if not (isinstance(first, ast.Attribute) and first.attr == "executable"
+                and isinstance(first.value, ast.Name) and first.value.id == "sys"):
+            continue
+        flags = []
+        for e in node.elts[1:]:
+            if not (isinstance(e, ast.Constant) and isinstance(e.value, str)
+                    and e.value.startswith("-") and e.value != "-m"):
+                break
+            flags.append(e.value)
+        if "-I" not in flags:
+            bad.append(f"{where}:{node.lineno}: a Python child without -I")
+    return bad
+
+
+def test_every_python_child_of_the_shipped_code_starts_isolated() -> None:
+    """Not only the agent's two children: the simulator's agents, bridges and boot checks
+    too (``python -m modelward`` from a directory holding ``modelward/`` ran that)."""
+    assert len(unisolated_children(
+        "import sys\nA = [sys.executable, '-m', 'x']\nB = [sys.executable, '-I', '-m', 'x']\n"
+        "C = (sys.executable, '-S', 'f.py')\n", "x.py")) == 2
+    bad = []
+    for pkg in (*PACKAGES, "modelward"):
+        for p in sorted((ROOT / pkg).glob("*.py")):
+            bad += unisolated_children(p.read_text(), f"{pkg}/{p.name}")
     assert not bad, "\n".join(bad)
