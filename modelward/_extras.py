@@ -10,6 +10,7 @@ naming the package and what to install (:func:`missing_package_line`, used by
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 # import name -> (distribution, its extra); extra None: the command's role decides (both the
@@ -34,6 +35,14 @@ PACKAGES: dict[str, tuple[str, str | None]] = {
 }
 # the CLI's command groups by role; every other group is an operator's
 ROLE_OF_GROUP = {"agent": "device", "sim": "sim"}
+
+
+def installed(name: str) -> bool:
+    """Whether the top-level module ``name`` can be imported here (not importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def install_hint(distribution: str, extra: str | None, group: str | None) -> str:

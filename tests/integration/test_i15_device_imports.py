@@ -25,7 +25,7 @@ import pytest
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import CertPair
 from tests._i15_blockvenv import block_venv
-from tests.conftest import MqttWorld
+from tests.conftest import MqttWorld, _new_repo
 
 DEVICE_ABSENT = ("onnx", "rich", "pygments", "pkcs11", "modelward.simulator",
                  "modelward.publisher")
@@ -120,11 +120,11 @@ def test_operator_command_without_its_extra_is_one_line(
     model = make_linear_model(tmp_path / "m.onnx", 1)
     py = block_venv(tmp_path / "venv", (absent,))
     env = {"MODELWARD_KEY_PASSPHRASE": "modelward test passphrase", "MODELWARD_HSM_PIN": "1"}
-    # repo init needs none of onnx, rich, pkcs11 (the online host need not install them)
-    r = _run(py, tmp_path, "repo", "init", "--repo", str(tmp_path / "repo"), "--keys",
-             str(tmp_path / "keys"), cwd=tmp_path,
-             env={**env, "MW_BLOCK": "onnx,rich,pygments,pkcs11"})
-    assert r.returncode == 0, r.stderr
+    if argv[0] == "repo":  # repo init needs none of onnx, rich, pkcs11 (the online host's)
+        r = _run(py, tmp_path, "repo", "init", "--repo", str(tmp_path / "repo"), "--keys",
+                 str(tmp_path / "keys"), cwd=tmp_path,
+                 env={**env, "MW_BLOCK": "onnx,rich,pygments,pkcs11"})
+        assert r.returncode == 0, r.stderr
     r = _run(py, tmp_path, *(a.format(model=model, tmp=tmp_path) for a in argv), cwd=tmp_path,
              env=env)
     assert r.returncode == 1
@@ -133,3 +133,40 @@ def test_operator_command_without_its_extra_is_one_line(
     assert len(lines) == 1, r.stderr
     assert package in lines[0] and "pip install 'modelward[operator]'" in lines[0], lines
     assert f"`modelward {argv[0]} {argv[1]}`" in lines[0]
+
+
+def test_publish_on_a_terminal_without_rich_has_no_bar_and_works(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The online host installs the core alone: `publish` on its terminal draws no bar."""
+    from modelward.publisher._bundle_build import build_bundle
+    from modelward.simulator._models import make_linear_model
+
+    bundle = tmp_path / "c.tar"
+    build_bundle(make_linear_model(tmp_path / "m.onnx", 1), "c", "1.0.0", bundle)
+    py = block_venv(tmp_path / "venv", ("onnx", "rich", "pygments", "pkcs11"))
+    repo_dir, keys, *_ = _new_repo(tmp_path, monkeypatch)  # (cheap test keys, in-process)
+    repo = ("--repo", str(repo_dir), "--keys", str(keys))
+    env = {"MODELWARD_KEY_PASSPHRASE": os.environ["MODELWARD_KEY_PASSPHRASE"]}
+    leader, follower = os.openpty()  # stderr a terminal: where the bar would be drawn
+    try:
+        r = subprocess.run([str(py), "-I", "-m", "modelward", "publish", *repo, str(bundle)],
+                           stdout=subprocess.PIPE, stderr=follower, text=True, timeout=120,
+                           env={**os.environ, **env, "MW_BLOCK_MARKERS": str(tmp_path)},
+                           cwd=tmp_path, check=False)
+        os.close(follower)
+        follower = -1
+        err = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child's side is closed
+                break
+            if not chunk:
+                break
+            err += chunk
+    finally:
+        os.close(leader)
+        if follower >= 0:
+            os.close(follower)
+    assert r.returncode == 0, err.decode(errors="replace")
+    assert "published c 1.0.0" in r.stdout
