@@ -229,3 +229,31 @@ def test_every_python_child_of_the_shipped_code_starts_isolated() -> None:
         for p in sorted((ROOT / pkg).glob("*.py")):
             bad += unisolated_children(p.read_text(), f"{pkg}/{p.name}")
     assert not bad, "\n".join(bad)
+
+
+def test_installed_wheel_holds_modelward_alone_and_its_command_runs(
+        wheel: zipfile.ZipFile, tmp_path: Path) -> None:
+    """Installed (no dependencies: the namespace is the question) into an empty venv:
+    site-packages gains ``modelward`` and its dist-info, nothing else, no symlink; the
+    console script and the by-path launcher work from there."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    (site,) = venv.glob("lib/python*/site-packages")
+    assert not list(site.iterdir())
+    assert wheel.filename is not None
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"),
+                    "install", "-q", "--no-deps", "--no-index", wheel.filename],
+                   check=True, capture_output=True, timeout=120)
+    names = sorted(p.name for p in site.iterdir())
+    assert names[0] == "modelward" and len(names) == 2
+    assert re.fullmatch(r"modelward-[^/]+\.dist-info", names[1])
+    assert not [p for p in (site / "modelward").rglob("*") if p.is_symlink()]
+    r = subprocess.run([str(venv / "bin" / "modelward"), "agent", "--help"], cwd="/",
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 0 and "boot-check" in r.stdout, r.stderr
+    r = subprocess.run([str(venv / "bin" / "python"), "-I", "-c",
+                        "from modelward.updater._sandbox import LAUNCHER; print(LAUNCHER)"],
+                       cwd="/", capture_output=True, text=True, timeout=60, check=True)
+    launcher = Path(r.stdout.strip())
+    assert launcher.is_file() and launcher.is_relative_to(site)
