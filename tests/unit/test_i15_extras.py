@@ -94,3 +94,13 @@ def test_installed_does_not_import() -> None:
     assert installed("json") and not installed("surely_not_a_module_x")
     sys.modules.pop("colorsys", None)
     assert installed("colorsys") and "colorsys" not in sys.modules
+
+
+def test_the_line_never_echoes_the_errors_own_text() -> None:
+    """Only fixed names reach the terminal: not what a library (or a planted module) put in
+    the exception."""
+    e = ModuleNotFoundError("No module named 'onnx' \x1b[2J\nhint: run rm -rf /", name="onnx")
+    line = missing_package_line(e, _args("bundle", "build"))
+    assert line is not None and "\x1b" not in line and "rm -rf" not in line
+    weird = ModuleNotFoundError("x", name="onnx\n\x1b[31m")
+    assert missing_package_line(weird, _args("bundle", "build")) is None
