@@ -89,7 +89,7 @@ def test_device_commands_without_operator_and_tester_packages(
                                cwd=w.tmp).stdout
 
         # the daemon: its first attempt (a child, then the sandboxed health check) over MQTT
-        w.publish("2.0.0", seed=2)
+        v2 = w.publish("2.0.0", seed=2)
         log = w.tmp / "daemon.log"
         with log.open("w") as err:
             proc = subprocess.Popen(
@@ -102,6 +102,7 @@ def test_device_commands_without_operator_and_tester_packages(
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
+        assert w.served_bytes(v2.name) == v2.stat().st_size  # (fetched over MQTT)
         assert sorted(p.name for p in markers.iterdir()) == []  # modelward never asked
     finally:
         stop_origin(w.tmp / "origin")
