@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -149,25 +150,28 @@ def test_publish_on_a_terminal_without_rich_has_no_bar_and_works(
     repo = ("--repo", str(repo_dir), "--keys", str(keys))
     env = {"MODELWARD_KEY_PASSPHRASE": os.environ["MODELWARD_KEY_PASSPHRASE"]}
     leader, follower = os.openpty()  # stderr a terminal: where the bar would be drawn
+    err: list[bytes] = []
+
+    def drain() -> None:  # (a full terminal buffer would block the child)
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the child's side is closed
+                return
+            if not chunk:
+                return
+            err.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
     try:
         r = subprocess.run([str(py), "-I", "-m", "modelward", "publish", *repo, str(bundle)],
                            stdout=subprocess.PIPE, stderr=follower, text=True, timeout=120,
                            env={**os.environ, **env, "MW_BLOCK_MARKERS": str(tmp_path)},
                            cwd=tmp_path, check=False)
-        os.close(follower)
-        follower = -1
-        err = b""
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the child's side is closed
-                break
-            if not chunk:
-                break
-            err += chunk
     finally:
+        os.close(follower)
+        reader.join(10)
         os.close(leader)
-        if follower >= 0:
-            os.close(follower)
-    assert r.returncode == 0, err.decode(errors="replace")
+    assert r.returncode == 0, b"".join(err).decode(errors="replace")
     assert "published c 1.0.0" in r.stdout
