@@ -13,6 +13,7 @@ included. An attempt by modelward's own code also leaves a marker, so a swallowe
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import CertPair
 from tests._i15_blockvenv import block_venv
-from tests.conftest import MqttWorld, _new_repo
+from tests.conftest import MqttWorld, World, _new_repo
 
 DEVICE_ABSENT = ("onnx", "rich", "pygments", "pkcs11", "modelward.simulator",
                  "modelward.publisher")
@@ -175,3 +176,29 @@ def test_publish_on_a_terminal_without_rich_has_no_bar_and_works(
         os.close(leader)
     assert r.returncode == 0, b"".join(err).decode(errors="replace")
     assert "published c 1.0.0" in r.stdout
+
+
+def test_a_device_without_onnxruntime_rejects_no_release(world: World) -> None:
+    """A careless install (`pip install modelward`, no [device]): the health check cannot run.
+    That is the device's fault, so it is a typed local error naming the package, nothing
+    trusted moves and the signed release is not remembered as rejected: once onnxruntime
+    is installed, the next attempt installs it."""
+    w = world
+    py = block_venv(w.tmp / "venv", ("onnxruntime",))
+    w.publish("1.0.0", seed=1)
+    before = w.snapshot()
+    r = _run(py, w.tmp, "agent", "update", "--once", "--config", str(w.conf_path), cwd=w.tmp)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "modelward: error: health check of classifier 1.0.0 cannot run: the Python " \
+        "package onnxruntime is not installed on this device" in r.stderr, r.stderr
+    assert "hint: pip install 'modelward[device]'" in r.stderr
+    assert "HealthCheckError" not in r.stderr and "rejection" not in r.stderr
+    after = w.snapshot()
+    assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    st = w.cli("agent", "status", "--config", str(w.conf_path), "--json")
+    assert st.returncode == 0, st.stderr
+    doc = json.loads(st.stdout)
+    assert doc["rejected"] == [] and doc["last_error"]["type"] == "SandboxError"
+    w.update()  # onnxruntime back (this process): the same release installs
+    assert w.active_version() == "1.0.0"

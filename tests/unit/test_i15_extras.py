@@ -104,3 +104,12 @@ def test_the_line_never_echoes_the_errors_own_text() -> None:
     assert line is not None and "\x1b" not in line and "rm -rf" not in line
     weird = ModuleNotFoundError("x", name="onnx\n\x1b[31m")
     assert missing_package_line(weird, _args("bundle", "build")) is None
+
+
+def test_missing_health_package_finds_without_importing() -> None:
+    from modelward.updater._health import HEALTH_PACKAGES, missing_health_package
+
+    assert HEALTH_PACKAGES == ("onnxruntime", "numpy")
+    assert missing_health_package() is None  # the dev venv has [device]
+    assert missing_health_package(("json", "surely_not_a_module_x", "numpy")) == \
+        "surely_not_a_module_x"
