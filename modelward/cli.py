@@ -91,8 +91,11 @@ def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
 
 @contextlib.contextmanager
 def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on a terminal; silence otherwise (logs, CI, pipes)."""
-    if not sys.stderr.isatty():
+    """A rich progress bar on a terminal; silence otherwise (logs, CI, pipes), and where
+    rich (of [operator]) is not installed: the online host's `publish`."""
+    from modelward._extras import installed
+
+    if not sys.stderr.isatty() or not installed("rich"):
         yield lambda _n: None
         return
     from rich.progress import (
@@ -990,3 +993,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a package of another role's extra: one line (modelward._extras)
+        from modelward._extras import missing_package_line
+
+        line = missing_package_line(e, args)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_ERROR
