@@ -198,8 +198,8 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
         except ModelwardError as e:
             if store is None:
                 metrics.counters["attempts"] += 1
-            logger.error("update failed: %s", e, extra={"error": type(e).__name__,
-                                                        **_error_fields(e)})
+            # not logged here: the caller that handles it reports it, once (the CLI's
+            # error line, the daemon child's "update failed" record)
             metrics.counters["failures"] += 1
             if isinstance(e, MetadataError):
                 metrics.counters["signature_failures"] += 1
@@ -289,15 +289,6 @@ def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None
             fetched.append(source.fetcher.bytes_received)
             source.close()
     raise AssertionError("no transport configured")  # load_config guarantees one
-
-
-def _error_fields(e: ModelwardError) -> dict[str, str]:
-    fields = {}
-    for k in ("model", "version", "target", "member", "path", "url"):
-        v = getattr(e, k, None)
-        if v:
-            fields[k] = str(v)
-    return fields
 
 
 def status(cfg: AgentConfig) -> dict[str, Any]:
@@ -442,7 +433,7 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
                 f"{e}; nothing is trusted until the next `modelward agent update` heals the "
                 "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
-        logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
+        # reported once, by the caller (the CLI's error line or record)
         try:
             with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
                 status.record(error=e, result=None, tpm=store.tpm if store else None)
