@@ -1017,9 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "auto"
     if args.log_format not in LOG_FORMATS:
-        from modelward.agent._log import escape_text
-
-        print(f"modelward: error: ${LOG_FORMAT_ENV} {escape_text(repr(args.log_format))}: not "
+        print(f"modelward: error: ${LOG_FORMAT_ENV} {args.log_format!r}: not "  # (repr: escaped)
               f"one of {', '.join(LOG_FORMATS)}; hint: see `modelward --help`", file=sys.stderr)
         return EXIT_USAGE
     fmt = setup_logging(args.verbose + (1 if args.group == "agent" else 0), args.log_format)
