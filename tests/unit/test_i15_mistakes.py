@@ -75,7 +75,8 @@ def _env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     root.setLevel(level)
 
 
-# (subcommand path, argv after it with {placeholders} of Files, what the line must name)
+# (subcommand path, argv after it with {placeholders} of Files, what the line must name).
+# A number's case also gives a bad directory: should its check go, nothing starts.
 Case = tuple[str, list[str], str]
 
 R = ["--repo", "{repo}", "--keys", "{keys}"]
@@ -195,18 +196,18 @@ CASES: list[Case] = [
     ("agent boot-check", ["--config", "{conf}", "--tpm-wait", "-1"], "--tpm-wait"),
     # sim
     ("sim tpm start", ["--state", "{under_file}"], "{under_file}"),
-    ("sim tpm start", ["--state", "{tmp}/tpm", "--port", "99999"], "--port"),
+    ("sim tpm start", ["--state", "{under_file}", "--port", "99999"], "--port"),
     ("sim tpm stop", ["--state", "{under_file}"], "{under_file}"),
     ("sim fleet up", ["--dir", "{under_file}"], "{under_file}"),
-    ("sim fleet up", ["--dir", "{tmp}/fl", "--devices", "0"], "--devices"),
-    ("sim fleet up", ["--dir", "{tmp}/fl", "--poll", "nan"], "--poll"),
+    ("sim fleet up", ["--dir", "{under_file}", "--devices", "0"], "--devices"),
+    ("sim fleet up", ["--dir", "{under_file}", "--poll", "nan"], "--poll"),
     ("sim fleet down", ["--dir", "{missing}"], "{missing}"),
     ("sim fleet publish", ["--dir", "{fleet}"], "{fleet}"),
     ("sim fleet status", ["--dir", "{under_file}"], "{under_file}"),
     ("sim attack", ["rollback-metadata", "--dir", "{fleet}"], "{fleet}"),
     ("sim attack", ["rollback-metadata", "--dir", "{fleet}", "--timeout", "nan"], "--timeout"),
     ("sim fault", ["origin-down", "--dir", "{missing}"], "{missing}"),
-    ("sim report", ["--devices", "0", "--dir", "{tmp}/rp"], "--devices"),
+    ("sim report", ["--devices", "0", "--dir", "{under_file}"], "--devices"),
     ("sim report", ["--dir", "{under_file}"], "{under_file}"),
     ("sim demo", ["--dir", "{under_file}"], "{under_file}"),
 ]
@@ -259,3 +260,44 @@ def test_a_mistake_is_one_line_with_a_hint(
     assert line.startswith("modelward"), line
     assert _fill(names, files) in line, line
     assert "; hint: " in line, line
+
+
+# -- a careless or hostile operator input ---------------------------------------------
+
+
+def test_a_path_with_terminal_controls_is_one_escaped_line(
+    files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = files.tmp / "ca\x1b[2J\r\u202e.pem"
+    code, out, err = run_main(["announce", "--repo", str(files.repo), "--broker",
+                               "mqtts://127.0.0.1:9", "--fleet", "f", "--tls-ca", str(hostile)],
+                              capsys)
+    assert code == 1 and len(err.splitlines()) == 1
+    for raw in ("\x1b", "\r", "\u202e"):
+        assert raw not in err
+    assert "\\x1b[2J\\r\\u202e.pem" in err
+
+
+def test_a_path_with_a_newline_cannot_start_a_line_of_its_own(
+    files: Files, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = run_main(["repo", "rekey", "--keys",
+                             str(files.tmp / "x\nmodelward: ok: signed")], capsys)
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0].startswith("modelward: error: --keys ")
+    assert all(line.startswith("  ") for line in lines[1:]), lines
+
+
+@pytest.mark.parametrize("flag", ["--public-key", "--password-file"])
+def test_an_endless_file_is_read_bounded(
+    files: Files, capsys: pytest.CaptureFixture[str], flag: str
+) -> None:
+    argv = (["repo", "add-key", "targets", "--uri", "envvar:X", "--public-key", "/dev/zero",
+             "--repo", str(files.repo), "--keys", str(files.keys)] if flag == "--public-key"
+            else ["announce", "--repo", str(files.repo), "--broker", "mqtts://127.0.0.1:9",
+                  "--fleet", "f", "--password-file", "/dev/zero"])
+    code, _, err = run_main(argv, capsys)
+    assert code == 1
+    (line,) = err.splitlines()
+    assert f"{flag} /dev/zero: larger than" in line and "; hint: " in line
