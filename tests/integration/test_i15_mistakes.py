@@ -123,13 +123,21 @@ def test_i15_a_failed_update_is_one_line_and_moves_nothing(world: World) -> None
     assert all(line.startswith("<") and json.loads(line[3:]) for line in lines)
     assert w.snapshot() == before
 
-    # the daemon's attempt process reports it once too ("update failed"), for people
-    r2 = subprocess.run([sys.executable, "-I", "-m", "modelward.agent._child",
-                         str(w.conf_path)], capture_output=True, text=True, timeout=60,
-                        check=False, env={k: v for k, v in os.environ.items()
-                                          if k != "JOURNAL_STREAM"})
-    assert r2.returncode == 1
-    failed = [line for line in r2.stderr.splitlines() if "timestamp" in line]
-    assert len(failed) == 1 and " ERROR agent: update failed: " in failed[0], r2.stderr
-    assert "Traceback" not in r2.stderr
+    # the daemon's attempt process reports it once too ("update failed"), for people and
+    # in the format the daemon passes it (--log-format json)
+    for fmt in ("auto", "json"):
+        env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+        r2 = subprocess.run([sys.executable, "-I", "-m", "modelward.agent._child",
+                             str(w.conf_path)], capture_output=True, text=True, timeout=60,
+                            check=False, env={**env, "MODELWARD_LOG_FORMAT": fmt})
+        assert r2.returncode == 1
+        failed = [line for line in r2.stderr.splitlines() if "timestamp" in line]
+        assert len(failed) == 1, r2.stderr
+        if fmt == "json":
+            doc = json.loads(failed[0])
+            assert doc["msg"].startswith("update failed: ") and doc["priority"] == 3
+            assert doc["error"] == "MetadataError" and doc["logger"] == "modelward.agent"
+        else:
+            assert " ERROR agent: update failed: " in failed[0]
+        assert "Traceback" not in r2.stderr
     assert w.snapshot() == before

@@ -263,3 +263,20 @@ def test_no_passphrase_or_password_in_any_log_or_error(
     for secret in (PASSPHRASE, PASSPHRASE[::-1], "mqtt-password-never-shown"):
         assert secret not in out and secret not in err
     assert (keys / "timestamp.pem").read_bytes().decode(errors="replace") not in err
+
+
+@pytest.mark.parametrize(("argv", "fmt"), [([], "auto"), (["--log-format", "json"], "json"),
+                                           (["--log-format", "human"], "human")])
+def test_the_daemon_passes_its_log_format_to_its_attempt_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], fmt: str
+) -> None:
+    import modelward.agent._daemon as daemon
+    from modelward.simulator._demo import write_device_config
+
+    conf = write_device_config(tmp_path / "a.toml", device_id="d", state=tmp_path / "s",
+                               tcti="swtpm:host=127.0.0.1,port=9",
+                               origin_url="https://127.0.0.1:9")
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(daemon, "run_daemon", lambda cfg, env: seen.update(env))
+    assert cli.main([*argv, "agent", "run", "--config", str(conf)]) == 0
+    assert seen["MODELWARD_LOG_FORMAT"] == fmt

@@ -213,6 +213,13 @@ CASES: list[Case] = [
 ]
 
 
+# Subcommands other branches of issue 15 add: walked once they exist.
+COMING: list[Case] = [
+    ("agent check-config", ["--config", "{missing}"], "{missing}"),
+    ("agent check-config", ["--config", "{garbage}"], "{garbage}"),
+]
+
+
 def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Iterator[str]:
     """Every runnable subcommand of ``parser``, as "group action ..."."""
     subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
@@ -224,13 +231,20 @@ def leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) -> Itera
             yield from leaves(sub, (*path, name))
 
 
+def _every() -> set[str]:
+    return set(leaves(cli.build_parser()))
+
+
+CASES += [c for c in COMING if c[0] in _every()]
+
+
 def _fill(text: str, f: Files) -> str:
     return text.format(**{k: str(v) for k, v in vars(f).items()})
 
 
 def test_every_subcommand_is_walked() -> None:
     walked = {path for path, _, _ in CASES}
-    every = set(leaves(cli.build_parser()))
+    every = _every()
     assert every - walked == set(), "subcommands with no mistake case"
     assert walked - every == set(), "cases of subcommands that do not exist"
 
