@@ -280,3 +280,43 @@ def test_the_daemon_passes_its_log_format_to_its_attempt_processes(
     monkeypatch.setattr(daemon, "run_daemon", lambda cfg, env: seen.update(env))
     assert cli.main([*argv, "agent", "run", "--config", str(conf)]) == 0
     assert seen["MODELWARD_LOG_FORMAT"] == fmt
+
+
+# -- attacks: what a device, the origin or a team key chose reaches our lines -------------
+
+FORGED = ("dev-9\n2026-12-01 18:00:00 INFO agent: installed classifier 9.9.9"
+          "\x1b[2J\x1b]0;pwned\x07\r\u202e\u2028")
+
+
+def test_a_human_log_line_cannot_be_forged_or_carry_controls() -> None:
+    r = logging.LogRecord("modelward.publisher._bridge", logging.WARNING, __file__, 1,
+                          "refusing a request from %s", (FORGED,), None)
+    line = HumanFormatter().format(r)
+    assert "\n" not in line and HUMAN.match(line)
+    for raw in ("\x1b", "\x07", "\r", "\u202e", "\u2028"):
+        assert raw not in line
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_an_error_quoting_the_origin_is_one_record_that_forges_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], fmt: str,
+    tmp_path: Path,
+) -> None:
+    from modelward.updater.errors import MetadataError
+
+    def fake(args: Any) -> int:
+        raise MetadataError(f"timestamp from the origin: {FORGED}")
+
+    monkeypatch.setattr(cli, "_fleet_add_device", fake)
+    assert cli.main(["--log-format", fmt, "fleet", "add-device", "--fleet-dir", str(tmp_path),
+                     "--device", "d", "--key", "k"]) == 1
+    err = capsys.readouterr().err
+    for raw in ("\x1b", "\x07", "\r", "\u202e", "\u2028"):
+        assert raw not in err
+    lines = err.splitlines()
+    if fmt == "json":
+        (line,) = lines
+        assert FORGED in json.loads(line)["msg"]  # kept exactly, escaped on the wire
+    else:  # the quoted line break only starts an indented continuation
+        assert lines[0].startswith("modelward: error: ")
+        assert all(line.startswith("  ") for line in lines[1:]) and len(lines) == 2
