@@ -298,21 +298,21 @@ def error_line(prefix: str, message: str, hint: str) -> str:
 
 def report_error(e: BaseException, *, fmt: str, prefix: str = "modelward: error",
                  hint: str = "", traceback: bool = False,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, message: str = "") -> None:
     """Report the error that ends a command, once: one line on stderr for people
     (``fmt`` ``human``), one JSON record (error type, hint and the error's fields)
     otherwise, and always a record of ``logger`` when one is given (the daemon's child).
     ``traceback``: the exception's traceback too (``--debug``; an internal error in
-    JSON, where the journal keeps it)."""
+    JSON, where the journal keeps it). ``message``: said instead of ``str(e)``."""
     hint = hint or str(getattr(e, "hint", "") or "")
     if fmt == "json" or logger is not None:
         log = logger or logging.getLogger("modelward")
         log.error("%s: %s" + ("; hint: %s" if hint else ""), prefix.removeprefix("modelward: "),
-                  e, *([hint] if hint else []),
+                  message or e, *([hint] if hint else []),
                   extra=error_fields(e) | ({"hint": hint} if hint else {}),
                   exc_info=e if traceback else None)
         return
-    print(error_line(prefix, str(e), hint), file=sys.stderr, flush=True)
+    print(error_line(prefix, message or str(e), hint), file=sys.stderr, flush=True)
     if traceback:
         import traceback as tb
 

@@ -1032,7 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except OSError as e:  # a file or socket no check caught: its name and the reason
         what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
-        report_error(OSError(what), fmt=fmt, traceback=args.debug,
+        report_error(e, fmt=fmt, traceback=args.debug, message=what,
                      hint="check that path and its permissions")
         return EXIT_ERROR
     except ValueError as e:  # e.g. undecodable bytes in a file no check caught
