@@ -222,3 +222,27 @@ def output_file(flag: str, path: Path) -> Path:
         raise OperatorInputError(f"{flag} {path}: is a directory",
                                  hint="give the path of the file to write")
     return path
+
+
+MAX_ROOT_BYTES = 1 << 20  # a root.json; the trust store bounds it again
+
+
+def root_metadata(flag: str, path: Path) -> None:
+    """``path`` holds JSON TUF root metadata (by its shape; the trust store verifies it).
+
+    Raises:
+        OperatorInputError: unreadable, not JSON, or not root metadata.
+    """
+    import json
+
+    raw = read_file(flag, path, MAX_ROOT_BYTES)
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError) as e:  # (UnicodeDecodeError is a ValueError)
+        raise OperatorInputError(f"{flag} {path}: not JSON ({e})",
+                                 hint="give the repository's root.json (metadata/1.root.json)"
+                                 ) from e
+    signed = doc.get("signed") if isinstance(doc, dict) else None
+    if not isinstance(signed, dict) or signed.get("_type") != "root":
+        raise OperatorInputError(f"{flag} {path}: not TUF root metadata",
+                                 hint="give the repository's root.json (metadata/1.root.json)")

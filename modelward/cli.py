@@ -519,9 +519,11 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 
 def _agent_provision(args: argparse.Namespace) -> int:
+    from modelward._inputs import root_metadata
     from modelward.agent._commands import provision
 
     cfg = _load(args)
+    root_metadata("--root", args.root)  # before the TPM is touched
     rep = provision(cfg, args.root, keep_identity=args.keep_identity)
 
     def word(created: bool) -> str:

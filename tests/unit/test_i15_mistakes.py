@@ -192,6 +192,11 @@ CASES: list[Case] = [
                         ("enroll", []), ("run", []), ("status", []), ("boot-check", []))
       for p in ("{missing}", "{adir}", "{under_file}", "{garbage}")],
     ("agent provision", ["--config", "{conf}", "--root", "{missing}"], "{missing}"),
+    ("agent provision", ["--config", "{conf}", "--root", "{garbage}"], "{garbage}"),
+    ("agent provision", ["--config", "{conf}", "--root", "{adir}"], "{adir}"),
+    ("agent enroll", ["--config", "{conf}"], "swtpm:host=127.0.0.1,port=9"),
+    ("agent boot-check", ["--config", "{conf}", "--tpm-wait", "0"],
+     "swtpm:host=127.0.0.1,port=9"),
     ("agent boot-check", ["--config", "{conf}", "--tpm-wait", "nan"], "--tpm-wait"),
     ("agent boot-check", ["--config", "{conf}", "--tpm-wait", "-1"], "--tpm-wait"),
     # sim
