@@ -361,8 +361,8 @@ def _bundle_build(args: argparse.Namespace) -> int:
     with _progress("building", 2 * size) as advance:
         m = build_bundle(
             args.model, args.name, args.version, args.output, vectors=args.vectors,
-            extra=extra, options=BuildOptions(rtol=args.rtol, atol=args.atol, seed=args.seed),
-            progress=advance,
+            extra=extra, progress=advance, options=BuildOptions(
+                rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True),
         )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")

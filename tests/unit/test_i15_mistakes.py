@@ -35,6 +35,7 @@ class Files:
     conf: Path  # a valid agent config (its TPM is not running)
     bundle: Path  # a file that is not a bundle
     fleet: Path  # a directory that holds no fleet
+    model: Path  # a valid ONNX model
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,13 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
     (t / "adir").mkdir()
     (t / "garbage").write_bytes(b"\xff\x00{not [json] = toml -----BEGIN nothing\n")
     (t / "fleet").mkdir()
+    from modelward.publisher._bundle_build import _graph_io, generate_vectors
+    from modelward.simulator._models import make_linear_model
+
+    for name, seed in (("model", 1), ("other", 2)):  # vectors of each
+        make_linear_model(t / f"{name}.onnx", seed)
+        generate_vectors(t / f"{name}.onnx", _graph_io(t / f"{name}.onnx")[1], 0,
+                         t / f"{name}.npz")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("modelward.publisher._keyfile.DEFAULT_SCRYPT", ScryptParams(2**10, 8, 1))
         Repository(t / "repo", t / "keys", PASSPHRASE.encode()).init()
@@ -54,7 +62,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Files]:
                                tcti="swtpm:host=127.0.0.1,port=9", origin_url="https://127.0.0.1:9",
                                ca=t / "ca.pem")
     yield Files(t, t / "missing.file", t / "afile" / "below", t / "adir", t / "garbage",
-                t / "repo", t / "keys", conf, t / "garbage", t / "fleet")
+                t / "repo", t / "keys", conf, t / "garbage", t / "fleet",
+                t / "model.onnx")
 
 
 PASSPHRASE = "modelward test passphrase"
@@ -126,6 +135,14 @@ CASES: list[Case] = [
      "{adir}"),
     ("bundle build", ["{garbage}", "--name", "m", "--version", "1.0.0", "--vectors",
                       "{missing}", "-o", "{tmp}/o.tar"], "{missing}"),
+    ("bundle build", ["{model}", "--name", "m", "--version", "1.0.0", "--vectors",
+                      "{garbage}", "-o", "{tmp}/o.tar"], "{garbage}"),
+    ("bundle build", ["{model}", "--name", "m", "--version", "1.0.0", "--vectors",
+                      "{model}", "-o", "{tmp}/o.tar"], "{model}"),
+    ("bundle build", ["{model}", "--name", "m", "--version", "1.0.0", "--vectors",
+                      "{tmp}/other.npz", "-o", "{tmp}/o.tar"], "{tmp}/other.npz"),
+    ("bundle build", ["{model}", "--name", "m", "--version", "not-semver", "-o",
+                      "{tmp}/o.tar"], "not-semver"),
     ("bundle build", ["{garbage}", "--name", "m", "--version", "1.0.0", "--rtol", "nan",
                       "-o", "{tmp}/o.tar"], "--rtol"),
     ("bundle build", ["{garbage}", "--name", "m", "--version", "1.0.0", "--extra",
@@ -320,3 +337,12 @@ def test_an_endless_file_is_read_bounded(
     assert code == 1
     (line,) = err.splitlines()
     assert f"{flag} /dev/zero: larger than" in line and "; hint: " in line
+
+
+def test_the_models_own_vectors_still_build(files: Files,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    out = files.tmp / "own.tar"
+    code, stdout, err = run_main(["bundle", "build", str(files.model), "--name", "m",
+                                  "--version", "1.0.0", "--vectors", str(files.tmp / "model.npz"),
+                                  "-o", str(out)], capsys)
+    assert code == 0 and out.is_file(), err
