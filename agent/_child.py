@@ -27,8 +27,8 @@ def main(argv: list[str]) -> int:
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
     from modelward.agent._malloc import tune_malloc
     from modelward.trust.errors import ModelwardError
-    from modelward.updater._journal import Journal
-    from modelward.updater._statedir import touch_plain
+    from modelward.updater.install._journal import Journal
+    from modelward.updater.install._statedir import touch_plain
 
     tune_malloc()
     fmt = os.environ.get(LOG_FORMAT_ENV, "auto")  # the daemon's --log-format

@@ -36,7 +36,15 @@ from modelward.trust.errors import (
     TrustFileUnreadableError,
     TrustRecordError,
 )
-from modelward.updater._idle import (
+from modelward.updater.errors import (
+    BundleFormatError,
+    FingerprintMismatchError,
+    HealthCheckError,
+    MetadataError,
+    TargetHashError,
+    TrustStateLostError,
+)
+from modelward.updater.idle import (
     BusyFileSignal,
     CpuIdleSignal,
     Gate,
@@ -46,7 +54,7 @@ from modelward.updater._idle import (
     MaintenanceWindowSignal,
     TimeRange,
 )
-from modelward.updater._install import (
+from modelward.updater.install._install import (
     BootResult,
     Outcome,
     UpdateResult,
@@ -54,15 +62,7 @@ from modelward.updater._install import (
     open_source,
     update_once,
 )
-from modelward.updater._journal import Journal
-from modelward.updater.errors import (
-    BundleFormatError,
-    FingerprintMismatchError,
-    HealthCheckError,
-    MetadataError,
-    TargetHashError,
-    TrustStateLostError,
-)
+from modelward.updater.install._journal import Journal
 
 logger = logging.getLogger("modelward.agent")
 
@@ -107,7 +107,7 @@ class StatusFile:
         Raises:
             StateDirError: a directory there cannot be removed.
         """
-        from modelward.updater._statedir import clear_for_file
+        from modelward.updater.install._statedir import clear_for_file
 
         out = sealed_status(doc, tpm.read_counter(), tpm.mac) if tpm is not None else doc
         clear_for_file(self.path)
@@ -326,7 +326,7 @@ def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:
 
 def _rejections(cfg: AgentConfig, store: TrustStore) -> tuple[list[dict[str, Any]], str | None]:
     """The rejections in force (MAC-verified), or why the file cannot be believed."""
-    from modelward.updater._rejections import RejectionStore
+    from modelward.updater.install._rejections import RejectionStore
 
     now = time.time()
     try:

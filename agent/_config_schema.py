@@ -390,7 +390,7 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
         if not all(x and "\0" not in x for x in v):
             raise err("must be a list of non-empty strings without NUL")
         if kind == "windows":
-            from modelward.updater._idle import TimeRange
+            from modelward.updater.idle import TimeRange
 
             for w in v:
                 try:

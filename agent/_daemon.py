@@ -30,8 +30,8 @@ from modelward.agent._schedule import Schedule
 from modelward.agent._status import read_status
 from modelward.trust._bounded import read_json_file
 from modelward.trust.errors import TransportError
-from modelward.updater._journal import MAX_JOURNAL_BYTES
-from modelward.updater._mqttconn import AnnouncementListener
+from modelward.updater.install._journal import MAX_JOURNAL_BYTES
+from modelward.updater.transport._mqttconn import AnnouncementListener
 
 logger = logging.getLogger("modelward.agent")
 

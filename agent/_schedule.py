@@ -6,7 +6,7 @@ tested without sleeping (house style 1 and 11). The rules:
 * without failures, an attempt runs every ``poll_interval`` (with the caller's jitter),
   and an announcement brings the next one forward to at most one per
   ``min_refresh_interval``: a cheap metadata refresh, since a release this device
-  rejected is not downloaded again (``modelward.updater._rejections``);
+  rejected is not downloaded again (``modelward.updater.install._rejections``);
 * announcement-triggered attempts come in a burst of at most :data:`BURST`, then one per
   :data:`REFILL` seconds (a token bucket): a broker flooding new versions costs a few
   refreshes, then one every half minute, not one every two seconds forever;

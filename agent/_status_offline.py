@@ -83,7 +83,7 @@ def _escaped(v: Any) -> Any:
 
 
 def _rejections(state_dir: Path) -> dict[str, Any]:
-    from modelward.updater._rejections import RejectionStore
+    from modelward.updater.install._rejections import RejectionStore
 
     now = time.time()
     try:

@@ -29,8 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run as bench  # noqa: E402
 
 from modelward.trust._fingerprint import FileEntry, MerkleHasher  # noqa: E402
-from modelward.updater import _bundle, _install, _stage
-from modelward.updater._fetcher import RequestsFetcher
+from modelward.updater.bundle import _bundle
+from modelward.updater.install import _install, _stage
+from modelward.updater.transport._fetcher import RequestsFetcher
 
 VARIANTS = ("full", "no-tuf-hash", "no-file-sha256", "no-merkle", "no-write", "none")
 

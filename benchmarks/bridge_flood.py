@@ -47,7 +47,7 @@ from modelward.simulator._broker import start_broker, stop_broker  # noqa: E402
 from modelward.simulator._flood import Flooder, Prober, vm_hwm, vm_rss  # noqa: E402
 from modelward.simulator._pki import issue_cert, make_ca
 from modelward.updater._config import MqttConfig  # noqa: E402
-from modelward.updater._mqttconn import MqttConnection  # noqa: E402
+from modelward.updater.transport._mqttconn import MqttConnection  # noqa: E402
 
 MIB = 1 << 20
 FILE = "targets/flood.bin"

@@ -47,11 +47,11 @@ from modelward.trust._record import ModelRef
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import Tpm
 from modelward.updater._config import HttpsConfig, MqttConfig
-from modelward.updater._fetcher import RangeFetcher, RequestsFetcher
-from modelward.updater._idle import Gate  # noqa: E402
-from modelward.updater._install import boot_check, download_and_extract  # noqa: E402
-from modelward.updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher  # noqa: E402
-from modelward.updater._tuf import TufSession  # noqa: E402
+from modelward.updater.idle import Gate  # noqa: E402
+from modelward.updater.install._install import boot_check, download_and_extract  # noqa: E402
+from modelward.updater.install._tuf import TufSession  # noqa: E402
+from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
+from modelward.updater.transport._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher  # noqa: E402
 
 PASS = b"benchmark passphrase"
 # The in-process figures (ours and plain python-tuf alike) run under the allocator tuning
@@ -226,9 +226,9 @@ from modelward.agent._malloc import tune_malloc
 tune_malloc()
 from pathlib import Path
 from modelward.updater._config import HttpsConfig
-from modelward.updater._fetcher import RequestsFetcher
-from modelward.updater._install import download_and_extract
-from modelward.updater._tuf import TufSession
+from modelward.updater.transport._fetcher import RequestsFetcher
+from modelward.updater.install._install import download_and_extract
+from modelward.updater.install._tuf import TufSession
 md, url, ca, root, stage, out, path = sys.argv[1:]
 f = RequestsFetcher(HttpsConfig(url + "/metadata/", url + "/targets/", ca))
 s = TufSession(Path(md), url + "/metadata/", url + "/targets/", f, Path(root).read_bytes())
@@ -413,7 +413,7 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
     receive them as the device (its ACL allows exactly this), until all have arrived."""
     import paho.mqtt.client as mqtt
 
-    from modelward.updater._mqttconn import MqttConnection
+    from modelward.updater.transport._mqttconn import MqttConnection
 
     topic = "modelward/bench/devices/bench-dev/repo/resp"
     total = data_path.stat().st_size
@@ -624,11 +624,11 @@ def _bare_child(slot: Path) -> None:
     """The health child on sealed copies of ``slot``, without the sandbox."""
     import json
 
-    from modelward.updater._health import health_inputs
-    from modelward.updater._sealed import seal_slot
+    from modelward.updater.install._health import health_inputs
+    from modelward.updater.install._sealed import seal_slot
 
     with seal_slot(slot, health_inputs("model.onnx", "vectors.npz")) as sealed:
-        subprocess.run([sys.executable, "-I", "-m", "modelward.updater._healthchild",
+        subprocess.run([sys.executable, "-I", "-m", "modelward.updater.install._healthchild",
                         json.dumps(sealed.fds)],
                        check=True, capture_output=True, pass_fds=tuple(sealed.fds.values()))
 
@@ -637,10 +637,10 @@ def bench_health(work: Path, n: int) -> None:
     """Health check of a ~100 MB model vs a fresh process that only imports onnxruntime
     and loads it, and sandboxed vs unsandboxed (the sandbox's added cost)."""
     from modelward.publisher._bundle_build import BuildOptions
-    from modelward.updater._bundle import extract_bundle
     from modelward.updater._config import HealthConfig
-    from modelward.updater._health import health_policy, run_health_check
-    from modelward.updater._sandbox import run as sandbox_run
+    from modelward.updater.bundle._bundle import extract_bundle
+    from modelward.updater.install._health import health_policy, run_health_check
+    from modelward.updater.install._sandbox import run as sandbox_run
 
     model = make_linear_model(work / "big.onnx", 3, in_dim=5000, out_dim=5000)
     bundle = work / "big.tar"

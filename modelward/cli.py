@@ -395,7 +395,7 @@ def _publish(args: argparse.Namespace) -> int:
 def _broker_config(args: argparse.Namespace, default_user: str) -> MqttConfig:
     from modelward.trust.errors import OperatorInputError
     from modelward.updater._config import MqttConfig
-    from modelward.updater._mqtt import parse_broker_url
+    from modelward.updater.transport._mqtt import parse_broker_url
 
     if not args.broker or not args.fleet:
         raise OperatorInputError("--broker and --fleet are required for MQTT")

@@ -50,8 +50,13 @@ from modelward.publisher._fairness import (
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust import _display as display
 from modelward.trust._bounded import loads_bounded, read_bounded
-from modelward.updater._mqtt import MqttConfig, MqttConnection, block_header, publish_properties
-from modelward.updater._tarstream import check_member_path
+from modelward.updater.bundle._tarstream import check_member_path
+from modelward.updater.transport._mqtt import (
+    MqttConfig,
+    MqttConnection,
+    block_header,
+    publish_properties,
+)
 
 __all__ = ["MAX_REQUEST_BYTES", "Bridge", "BridgeLimits", "BridgeStats", "announce",
            "share_group"]
@@ -302,7 +307,7 @@ class Bridge:
         out = publish_properties()
         out.CorrelationData = corr
         payload = data
-        if fmt == 2:  # the block's header in the payload (see modelward.updater._mqtt)
+        if fmt == 2:  # the block's header in the payload (see modelward.updater.transport._mqtt)
             payload = block_header(status, offset, size) + data
         else:
             out.UserProperty = [("status", str(status)), ("offset", str(offset)),

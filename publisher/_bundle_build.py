@@ -15,9 +15,9 @@ from typing import Any
 
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._fingerprint import file_merkle_root
-from modelward.updater._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
-from modelward.updater._semver import SemVer
-from modelward.updater._tarstream import check_member_path
+from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
+from modelward.updater.bundle._semver import SemVer
+from modelward.updater.bundle._tarstream import check_member_path
 
 MODEL_NAME = "model.onnx"
 VECTORS_NAME = "vectors.npz"

@@ -48,7 +48,7 @@ from modelward.trust._report import (
     report_digest,
     verify_report,
 )
-from modelward.updater._mqtt import MqttConfig, MqttConnection
+from modelward.updater.transport._mqtt import MqttConfig, MqttConnection
 
 
 def add_device(fleet_dir: Path, device_id: str, public_pem: bytes, source: str = "") -> Path:

@@ -90,9 +90,9 @@ from modelward.publisher._tufcheck import check_root_chain, check_state
 from modelward.publisher.errors import KeyError_, RepositoryStateError
 from modelward.trust._atomic import write_atomic
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import extract_bundle
-from modelward.updater._search import TOP, Found, find_releases, preorder_walk
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._bundle import extract_bundle
+from modelward.updater.bundle._semver import SemVer
+from modelward.updater.install._search import TOP, Found, find_releases, preorder_walk
 
 logger = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from tuf.api.serialization import DeserializationError, SerializationError
 from modelward.publisher.errors import RepositoryStateError
 from modelward.trust import _display as display
 from modelward.trust._bounded import UnsafeFileError, read_bounded
-from modelward.updater._fields import KNOWN, modelward_field, noncanonical, read_fields
+from modelward.updater.bundle._fields import KNOWN, modelward_field, noncanonical, read_fields
 
 MAX_PENDING = 64 * 1024 * 1024  # bytes: a pending metadata file (a large targets role)
 MAX_SHOWN = 200  # characters of one untrusted string on the terminal
@@ -158,7 +158,7 @@ def _check_keys(path: Path, new: Any, trusted_root: Root, published: Any) -> Non
 
 def _check_fields(path: Path, new: Targets, published: Targets | None) -> None:
     """A new or changed target's modelward fields must mean what they say: devices would
-    read a ``"pinned": 1`` as a pin (:func:`modelward.updater._fields.noncanonical`).
+    read a ``"pinned": 1`` as a pin (:func:`modelward.updater.bundle._fields.noncanonical`).
 
     Raises:
         PendingMetadataError: naming the target and the field.
@@ -370,7 +370,7 @@ def _root_lines(old: Root | None, new: Root) -> list[str]:
 
 
 def _facets(path: str, t: TargetFile) -> dict[str, Any]:
-    """A target as a device acts on it (:func:`modelward.updater._fields.read_fields`, the reading
+    """A target as a device acts on it (:func:`updater.bundle._fields.read_fields`, the reading
     the device uses), plus everything else it carries, each as a comparable value."""
     out: dict[str, Any] = {"bytes": t.length, "hashes": dict(t.hashes)}
     field = modelward_field(t.custom)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modelward.simulator.errors import ServiceError
+from modelward.trust._bounded import loads_bounded
 
 APP = Path(__file__).resolve().parents[1] / "examples" / "inference_app.py"
 SERVED = ("model", "version", "sha256")
@@ -56,13 +57,17 @@ class AppHandle:
             time.sleep(0.1)
 
 
+MAX_ANSWER = 1 << 20  # an answer of the example app is a few hundred bytes
+
+
 def _http(url: str, body: bytes | None) -> dict[str, Any]:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=10) as r:  # noqa: S310 - our loopback URL
-            doc = json.loads(r.read())
+            doc = loads_bounded(r.read(MAX_ANSWER + 1), max_bytes=MAX_ANSWER, what=url)
     except urllib.error.HTTPError as e:
-        doc = json.loads(e.read())
-        doc["status"] = e.code
+        doc = loads_bounded(e.read(MAX_ANSWER + 1), max_bytes=MAX_ANSWER, what=url)
+        if isinstance(doc, dict):
+            doc["status"] = e.code
     return doc if isinstance(doc, dict) else {"error": f"not an object: {doc!r}"}
 
 

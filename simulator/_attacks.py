@@ -20,7 +20,7 @@ from tuf.api.serialization.json import JSONSerializer
 
 from modelward.publisher._keys import load_signer_at
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import extract_bundle
+from modelward.updater.bundle._bundle import extract_bundle
 
 
 def _serialize(md: Metadata) -> bytes:  # type: ignore[type-arg]

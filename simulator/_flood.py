@@ -26,8 +26,8 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import BLOCK_HEADER
-from modelward.updater._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqtt import BLOCK_HEADER
+from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
 
 
 def vm_hwm(pid: int) -> int:

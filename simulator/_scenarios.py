@@ -241,7 +241,7 @@ def _newest(fleet: Fleet) -> str:
 
 def _fingerprint(bundle: Path) -> str:
     from modelward.trust._fingerprint import slot_fingerprint
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
 
     with open(bundle, "rb") as f:
         return slot_fingerprint(extract_bundle(f, None, str(bundle))[1])
@@ -601,8 +601,8 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
     def flood_apply(fleet: Fleet) -> str:
         import threading
 
-        from modelward.updater._mqtt import publish_properties
-        from modelward.updater._mqttconn import MqttConnection
+        from modelward.updater.transport._mqtt import publish_properties
+        from modelward.updater.transport._mqttconn import MqttConnection
 
         version = fleet.publish(announce=False)
         stop = threading.Event()
@@ -645,7 +645,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         from modelward.agent._commands import enroll, signed_report
         from modelward.agent._config import load_config
         from modelward.publisher._fleet import add_device
-        from modelward.updater._mqttconn import MqttConnection
+        from modelward.updater.transport._mqttconn import MqttConnection
 
         registry = fleet.dir / "registry"
         for d in fleet.devices:

@@ -14,7 +14,7 @@ from typing import Any
 
 from modelward.publisher._repo import Repository
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import extract_bundle
+from modelward.updater.bundle._bundle import extract_bundle
 
 
 def team_sign(repo: Repository, role: str, bundle: Path, *, path: str | None = None,

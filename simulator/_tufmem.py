@@ -26,7 +26,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization.json import JSONSerializer
 
-from modelward.updater._fetcher import RangeFetcher
+from modelward.updater.transport._fetcher import RangeFetcher
 
 METADATA_URL = "mem://repo/metadata/"
 TARGETS_URL = "mem://repo/targets/"

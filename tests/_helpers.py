@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._semver import SemVer
 
 if TYPE_CHECKING:
     from tests.conftest import World
@@ -40,7 +40,7 @@ def update_peak_rss(conf_path: Path, timeout: float = 300) -> tuple[int, int, st
 
 @dataclass(frozen=True)
 class R:
-    """A release as the rollout rules see it (modelward.updater._rollout.Release)."""
+    """A release as the rollout rules see it (modelward.updater.rollout.Release)."""
 
     name: str
     version: SemVer

@@ -29,7 +29,7 @@ from modelward.simulator._pki import CertPair, issue_cert, make_ca
 from modelward.simulator._swtpm import SwtpmHandle, start_swtpm, stop_swtpm
 from modelward.trust._store import TrustStore  # noqa: E402
 from modelward.trust._tpm import Tpm
-from modelward.updater._install import UpdateResult  # noqa: E402
+from modelward.updater.install._install import UpdateResult  # noqa: E402
 from tests._stock_tuf import changed_repo, stock_refresh  # noqa: E402
 
 PASSPHRASE = b"modelward test passphrase"  # keys are generated per test, never committed

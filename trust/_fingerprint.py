@@ -144,7 +144,7 @@ def slot_fingerprint(entries: Iterable[FileEntry]) -> str:
 #: needs them, and a planted chain of thousands would otherwise exhaust the stack.
 MAX_DEPTH = 64
 
-#: A bundle has at most this many members (its manifest and ``modelward.updater._bundle.MAX_FILES``
+#: A bundle has at most this many members (its manifest and ``updater.bundle._bundle.MAX_FILES``
 #: files): a tree with more entries never matches, and is not walked past one more.
 MAX_ENTRIES = 257
 
@@ -152,7 +152,7 @@ MAX_ENTRIES = 257
 #: write for group or others, no set-id, sticky or executable file bits) and at least
 #: readable (and, for a directory, searchable) by the owner and the group, through which
 #: the inference app reads ``current/`` (systemd/). The agent creates them ``0640`` /
-#: ``0750`` exactly (``modelward.updater._statedir``); anything else was set by someone else: a
+#: ``0750`` exactly (``updater.install._statedir``); anything else was set by someone else: a
 #: world-writable model could be rewritten after boot-check by any local user, a set-id
 #: file is no model, and a file the group cannot read is one the app cannot load.
 FILE_MODES = (0o440, 0o644)  # (required bits, allowed bits)
@@ -259,7 +259,7 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     ends the list: planted millions cost no time or memory).
 
     With ``hook``, each plain file's entry is computed from the fd ``hook`` returns for it
-    (``updater._sealed`` hands back a sealed in-memory copy of the bytes, so what was hashed
+    (``updater.install._sealed`` hands back a sealed in-memory copy of the bytes, so what was hashed
     is what is used); an exception from ``hook`` that is not an ``OSError`` propagates.
     """
     try:

@@ -261,7 +261,7 @@ def choose_root(
 
     Raises:
         RootAnchorError: neither file matches (deleted or replaced); the root bytes can be
-            recovered from the repository by the same rule (modelward.updater._heal).
+            recovered from the repository by the same rule (modelward.updater.install._heal).
     """
     if root is not None and hashlib.sha256(root).digest() == anchor:
         return root, RootResolution.USE

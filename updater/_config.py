@@ -45,7 +45,7 @@ class HttpsConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Bounds of the health check, whose child runs in a sandbox (updater/_sandbox.py).
+    """Bounds of the health check, whose child runs in a sandbox (updater/install/_sandbox.py).
 
     Attributes:
         timeout: seconds the child may run (wall clock).

@@ -17,11 +17,11 @@ from tuf.api import exceptions as tuf_exc
 from modelward.agent._config import load_config
 from modelward.agent.errors import ConfigError
 from modelward.trust._report import ReportSignatureError, verify_report
-from modelward.updater._bundle import extract_bundle, parse_manifest
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import MqttFetcher
-from modelward.updater._mqttconn import AnnouncementListener
+from modelward.updater.bundle._bundle import extract_bundle, parse_manifest
 from modelward.updater.errors import BundleFormatError
+from modelward.updater.transport._mqtt import MqttFetcher
+from modelward.updater.transport._mqttconn import AnnouncementListener
 
 MQTT_CFG = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=64)
 SESSION = b"S" * 8

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from modelward.updater._mqtt import block_header
+from modelward.updater.transport._mqtt import block_header
 from tests.fuzz import targets
 
 pytestmark = pytest.mark.fuzz

@@ -17,7 +17,7 @@ import threading
 import time
 
 from modelward.simulator._flood import Prober, vm_hwm, vm_rss
-from modelward.updater._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
 from tests.conftest import MqttWorld
 
 FLOOD_FILE = "targets/flood.bin"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import secrets
 import time
 
-from modelward.updater._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
 from tests.conftest import MqttWorld
 
 

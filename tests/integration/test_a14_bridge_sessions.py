@@ -18,7 +18,7 @@ import time
 import pytest
 
 from modelward.simulator._flood import Flooder, vm_rss
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import MqttWorld
 
 FLOOD_FILE = "targets/flood.bin"

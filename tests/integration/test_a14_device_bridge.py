@@ -16,8 +16,8 @@ import queue
 import time
 
 from modelward.publisher._bridge import MAX_REQUEST_BYTES
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 
 N_SLOW = 12

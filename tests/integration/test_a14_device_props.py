@@ -2,7 +2,7 @@
 device, with only its own credentials, sends a PUBLISH whose MQTT 5 properties are tens of
 thousands of empty user properties (5 bytes each, far inside ``max_packet_size``).
 mosquitto forwards user properties as MQTT 5 requires, and every paho receiver parses them
-with paho's ``Properties.unpack`` (still used by ``modelward.updater._pahofast.decode_publish``),
+with paho's ``Properties.unpack`` (still used by ``updater.transport._pahofast.decode_publish``),
 which copies the rest of the properties for each one it reads: quadratic, ~4 s for 60,000,
 ~6-7 s for 75,000 (375 KiB, measured here), ~60 s and more for the ~200,000 a 1 MiB packet
 holds, in the receiver's network thread.
@@ -11,7 +11,7 @@ holds, in the receiver's network thread.
 * retained on its own ``status`` topic it stalls every ``fleet status``: the operator's
   network thread parses it on each run, so the command overruns ``--wait``.
 
-Fixed (issue 14, f14-broker): ``modelward.updater._pahofast`` bounds a PUBLISH's property block
+Fixed (issue 14, f14-broker): ``updater.transport._pahofast`` bounds a PUBLISH's property block
 (4 KiB, 16 properties, 8 user properties) in one linear pass before paho sees it; the
 client acknowledges and drops such a packet (~0.1 ms instead of ~6-18 s).
 """
@@ -25,8 +25,8 @@ import struct
 import time
 
 from modelward.publisher._fleet import collect_reports
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 
 N_PROPS = 75_000

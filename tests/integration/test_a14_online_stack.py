@@ -15,8 +15,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from modelward.publisher._keys import load_signer_at
 from modelward.publisher._repo import Repository
-from modelward.updater._install import Outcome
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._install import Outcome
 from tests.integration.test_i14_online import PASS, OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
 

@@ -16,7 +16,7 @@ import pytest
 import modelward.publisher._keys as keys_mod
 import modelward.publisher._repo as repo_mod
 from modelward.publisher._repo import Repository
-from modelward.updater._install import Outcome
+from modelward.updater.install._install import Outcome
 from tests._stock_tuf import stock_refresh
 from tests.conftest import PASSPHRASE, World
 

@@ -21,7 +21,7 @@ from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, TargetFile, Tar
 from tuf.api.serialization.json import JSONSerializer
 
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import extract_bundle
+from modelward.updater.bundle._bundle import extract_bundle
 from tests.conftest import PASSPHRASE, World
 
 

@@ -15,7 +15,7 @@ from tuf.api.metadata import Delegations, Metadata, SuccinctRoles, TargetFile, T
 from tuf.api.serialization.json import JSONSerializer
 
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import extract_bundle
+from modelward.updater.bundle._bundle import extract_bundle
 from tests.conftest import World
 from tests.integration.test_a14_sign_hidden_pin import _rk, _sign, _two_signers
 

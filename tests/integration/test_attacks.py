@@ -20,8 +20,8 @@ from modelward.simulator._attacks import RepoAttacker
 from modelward.simulator._demo import write_device_config
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import issue_cert
-from modelward.updater._install import Outcome
 from modelward.updater.errors import DownloadFailedError, MetadataError, TargetHashError
+from modelward.updater.install._install import Outcome
 from tests.conftest import PASSPHRASE, DeviceState, World, tree_digest
 
 

@@ -19,7 +19,7 @@ import pytest
 from modelward.simulator._attacks import RepoAttacker
 from modelward.simulator._models import make_linear_model
 from modelward.trust._fingerprint import MerkleHasher, slot_fingerprint
-from modelward.updater._bundle import MANIFEST, extract_bundle
+from modelward.updater.bundle._bundle import MANIFEST, extract_bundle
 from modelward.updater.errors import BundleFormatError, HealthCheckError
 from tests.conftest import PASSPHRASE, World, tree_digest
 from tests.unit.test_bundle import CASES, Mutate, _members, _tar

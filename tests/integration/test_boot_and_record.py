@@ -173,7 +173,7 @@ def _crash_at(step: str):  # type: ignore[no-untyped-def]
                                   "committing", "committed"])
 def test_crash_at_each_install_step_leaves_a_trusted_current(world: World, step: str) -> None:
     from modelward.agent._commands import open_store
-    from modelward.updater._install import open_source, update_once
+    from modelward.updater.install._install import open_source, update_once
 
     world.publish("1.0.0", seed=1)
     world.update()

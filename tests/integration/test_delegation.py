@@ -70,7 +70,7 @@ def test_device_ignores_a_team_listing_outside_its_paths(
     before = world.snapshot()
     log = world.tmp / "origin" / "access.log"
     seen = len(log.read_text().splitlines())
-    with caplog.at_level(logging.WARNING, logger="modelward.updater._tuf"):
+    with caplog.at_level(logging.WARNING, logger="modelward.updater.install._tuf"):
         result = world.update()
     assert "nothing to do" in result.message
     assert world.active_version() == "1.0.0"

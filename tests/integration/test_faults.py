@@ -27,10 +27,10 @@ from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import CertPair
 from modelward.simulator._swtpm import start_swtpm, stop_swtpm
 from modelward.trust.errors import TpmUnavailableError
-from modelward.updater._idle import Gate
-from modelward.updater._install import Outcome
-from modelward.updater._stage import Stage
 from modelward.updater.errors import DownloadFailedError, StagingError
+from modelward.updater.idle import Gate
+from modelward.updater.install._install import Outcome
+from modelward.updater.install._stage import Stage
 from tests.conftest import DeviceState, MqttWorld, World
 
 

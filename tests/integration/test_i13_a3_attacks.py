@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 
 from modelward.simulator._attacks import RepoAttacker
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import AnnouncementListener, MqttConnection
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import AnnouncementListener, MqttConnection
 from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
 

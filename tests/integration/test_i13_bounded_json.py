@@ -14,9 +14,9 @@ import pytest
 
 from modelward.agent._commands import enroll
 from modelward.publisher._fleet import add_device
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import MqttConnection
 from modelward.updater.errors import BundleFormatError
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, DeviceState, MqttWorld, World
 
 
@@ -29,7 +29,7 @@ def test_signed_bundle_with_a_nested_manifest_is_a_bundle_format_error(
     """A compromised pipeline (or one team key) signs a bundle whose manifest nests 5000
     arrays: the device refuses it with BundleFormatError, not a RecursionError."""
     import modelward.publisher._repo as repo_mod
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
     from tests.unit.test_i13_sandbox_attacks import _nested_manifest_bundle
 
     world.publish("1.0.0", seed=1)

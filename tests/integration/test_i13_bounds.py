@@ -27,9 +27,9 @@ from pathlib import Path
 import pytest
 
 from modelward.simulator._attacks import RepoAttacker, pax_record
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import MqttConnection
-from modelward.updater._tarstream import BLOCK
+from modelward.updater.bundle._tarstream import BLOCK
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
 
@@ -192,7 +192,7 @@ def test_i13_broker_honours_the_maximum_packet_size_asked_for(mqtt_world: MqttWo
 
 def test_i13_response_topic_is_subscribed_only_while_fetching(mqtt_world: MqttWorld) -> None:
     """Between fetches the device receives nothing on its response topic."""
-    from modelward.updater._mqtt import MqttFetcher
+    from modelward.updater.transport._mqtt import MqttFetcher
 
     w = mqtt_world
     topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"

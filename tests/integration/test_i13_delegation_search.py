@@ -20,7 +20,7 @@ device installs shows the search's answer, and nginx's access log which roles it
 from __future__ import annotations
 
 from modelward.simulator._teams import team_sign
-from modelward.updater._install import Outcome
+from modelward.updater.install._install import Outcome
 from tests.conftest import World
 
 

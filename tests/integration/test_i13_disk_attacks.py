@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-import modelward.updater._install as install
+import modelward.updater.install._install as install
 from modelward.updater.errors import HealthCheckError, StagedFilesChangedError
 from tests.conftest import World
 

@@ -19,7 +19,7 @@ from typing import Any
 from modelward.agent._commands import enroll, signed_report
 from modelward.agent._observe import SEQUENCE_FILE
 from modelward.publisher._fleet import add_device
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 
 POLL = 3600.0  # mqtt_world's agent poll_interval

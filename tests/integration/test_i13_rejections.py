@@ -17,7 +17,7 @@ import pytest
 
 from modelward.simulator._broker import stop_broker
 from modelward.simulator._proc import wait_for_port
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, DeviceState, MqttWorld
 
 

@@ -1,5 +1,5 @@
 """Issue 13 must-show 11: the health check's child runs a signed but malicious model in a
-sandbox (updater/_sandbox.py).
+sandbox (updater/install/_sandbox.py).
 
 Real swtpm, nginx origin and onnxruntime. (a) A signed model whose graph allocates 3 GiB
 fails its health check under ``[health] max_memory``; trusted state does not move and the
@@ -26,9 +26,9 @@ import pytest
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
 from modelward.simulator._models import make_linear_model
 from modelward.updater._config import HealthConfig
-from modelward.updater._health import health_policy, memory_limit
-from modelward.updater._sandbox import run
 from modelward.updater.errors import HealthCheckError
+from modelward.updater.install._health import health_policy, memory_limit
+from modelward.updater.install._sandbox import run
 from tests.conftest import World
 
 LIMIT = 512 << 20

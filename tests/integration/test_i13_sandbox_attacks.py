@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
-from modelward.updater._sandbox import Completed, SandboxPolicy, run
 from modelward.updater.errors import HealthCheckError
+from modelward.updater.install._sandbox import Completed, SandboxPolicy, run
 from tests.conftest import World
 from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
 
@@ -51,7 +51,7 @@ def test_signed_model_reading_the_trust_record_as_external_data_is_refused(
 
 def test_compromised_child_report_crashes_the_update(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelward.updater._health as health
+    import modelward.updater.install._health as health
 
     world.publish("1.0.0", seed=1)
     world.update()
@@ -78,12 +78,12 @@ def test_compromised_child_report_crashes_the_update(
 
 def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelward.updater._health as health
+    import modelward.updater.install._health as health
 
     world.publish("1.0.0", seed=1)
     world.update()
     published = world.publish("2.0.0", seed=2)
-    monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
+    monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER", _abi_launcher(world.tmp, 2))
 
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
         # the signed 2.0.0's model runs code in onnxruntime; the staged model file as if

@@ -1,4 +1,4 @@
-"""Issue 13, the disk attacking the sealed health-check inputs (updater/_sealed.py) through
+"""Issue 13, the disk attacking the sealed health-check inputs (updater/install/_sealed.py) through
 swtpm + nginx + onnxruntime: what the disk plants in the stage between extraction and the
 seal is refused without blocking and without being read into memory."""
 

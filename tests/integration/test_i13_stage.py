@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-import modelward.updater._install as install
+import modelward.updater.install._install as install
 from modelward.trust._store import TrustStore
 from modelward.updater.errors import StagedFilesChangedError, StateDirError
 from tests.conftest import World, tree_digest

@@ -55,7 +55,7 @@ def test_team_release_naming_another_model_is_installed_by_no_device(
 
     # A detector device does reach it, and ignores (and logs) the mislabelled release.
     _as(world, "detector")
-    with caplog.at_level(logging.WARNING, logger="modelward.updater._tuf"):
+    with caplog.at_level(logging.WARNING, logger="modelward.updater.install._tuf"):
         r = world.update()
     assert "nothing to do" in r.message and world.active_version() == "1.0.0"
     assert any("detector/x.tar" in m and "name model 'classifier'" in m

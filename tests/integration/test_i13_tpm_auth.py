@@ -517,8 +517,8 @@ def test_health_sandbox_cannot_read_the_auth_value(world: World) -> None:
     import dataclasses
 
     from modelward.updater._config import HealthConfig
-    from modelward.updater._health import health_policy, memory_limit
-    from modelward.updater._sandbox import run
+    from modelward.updater.install._health import health_policy, memory_limit
+    from modelward.updater.install._sandbox import run
 
     world.publish("1.0.0", seed=1)
     world.update()

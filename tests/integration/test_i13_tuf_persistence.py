@@ -21,8 +21,8 @@ from tuf.api.serialization.json import JSONSerializer
 
 from modelward.publisher._repo import Expiry, Repository
 from modelward.simulator._attacks import RepoAttacker
-from modelward.updater._install import Outcome
 from modelward.updater.errors import DownloadFailedError, MetadataError
+from modelward.updater.install._install import Outcome
 from tests.conftest import PASSPHRASE, World, tree_digest
 
 

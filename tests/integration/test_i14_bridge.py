@@ -14,7 +14,7 @@ import os
 import time
 
 from modelward.simulator._flood import Flooder
-from modelward.updater._install import Outcome
+from modelward.updater.install._install import Outcome
 from tests.conftest import MqttWorld
 
 FLOOD_FILE = "targets/flood.bin"

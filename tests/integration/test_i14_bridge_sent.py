@@ -16,7 +16,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from modelward.simulator._flood import Flooder
-from modelward.updater._install import Outcome
+from modelward.updater.install._install import Outcome
 from tests.conftest import MqttWorld
 
 RATE = 40.0  # requests a second, under the 50 a device may send

@@ -25,8 +25,8 @@ from modelward.publisher._broker_config import MAX_PACKET, MAX_QUEUED_BYTES, wri
 from modelward.simulator._broker import BrokerHandle, start_broker, stop_broker
 from modelward.simulator._pki import CertPair
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import block_header
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqtt import block_header
+from modelward.updater.transport._mqttconn import MqttConnection
 
 FLEET = "f14"
 MiB = 1 << 20

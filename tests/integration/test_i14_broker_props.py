@@ -3,7 +3,7 @@
 MQTT 5 user properties, each inside the bridge's ~20 KiB Maximum Packet Size (so mosquitto
 forwards it). paho's ``Properties.unpack`` is quadratic (and copies its 64 KiB overread on
 every property): ~0.1 s of the bridge's network thread per packet, before any per-device
-budget applies. ``modelward.updater._pahofast`` bounds the property block in one linear pass and
+budget applies. ``updater.transport._pahofast`` bounds the property block in one linear pass and
 acknowledges and drops such a packet: another device's block latency stays put.
 """
 
@@ -17,7 +17,7 @@ import struct
 import time
 
 from modelward.publisher._bridge import REQUEST_PACKET_LIMIT
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 from tests.integration.test_a14_device_props import (
     _block_latency,

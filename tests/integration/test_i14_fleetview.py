@@ -34,7 +34,7 @@ from modelward.simulator._swtpm import SwtpmHandle
 from modelward.trust._report import sign_report
 from modelward.trust._tpm import Tpm
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import tree_digest
 from tests.unit.test_i14_fleetview import (
     FORGED_ROW,

@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 import time
 
-from modelward.updater._mqtt import publish_properties
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqtt import publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 
 FORGED = "served metadata/2.root.json status=200 offset=0 bytes=9999999 to dev-2"

@@ -31,8 +31,8 @@ from modelward.simulator._demo import write_device_config
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import CertPair
 from modelward.simulator._swtpm import SwtpmHandle
-from modelward.updater._install import Outcome
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._install import Outcome
 from tests._i14_online_unit import confine_script, directives, exec_args
 from tests.conftest import World
 

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from modelward.updater._install import Outcome
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._install import Outcome
 from tests.integration.test_i14_online import OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
 

@@ -20,8 +20,8 @@ from modelward.publisher._tufcheck import StockClientWouldRejectError
 from modelward.simulator._demo import write_device_config
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._swtpm import SwtpmHandle
-from modelward.updater._install import Outcome
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._install import Outcome
 from tests._stock_tuf import stock_refresh
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 

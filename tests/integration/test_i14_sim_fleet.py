@@ -27,7 +27,7 @@ import pytest
 
 from modelward.simulator._fleet import Fleet
 from modelward.simulator._flood import Flooder, Prober, vm_hwm
-from modelward.updater._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.integration.test_i14_broker import Broker, RawClient
 
 MIB = 1 << 20

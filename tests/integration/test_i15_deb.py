@@ -229,7 +229,7 @@ def test_installed_venv_has_no_operator_dependencies(installed: Installed) -> No
         r = _run(py, "-I", "-c", f"import {mod}")
         assert r.returncode != 0 and f"No module named '{mod}'" in r.stderr, (mod, r.stderr)
     r = _run(py, "-I", "-c", "import tpm2_pytss, onnxruntime, numpy, tuf, paho.mqtt, "
-             "modelward.agent._daemon, modelward.updater._health")
+             "modelward.agent._daemon, modelward.updater.install._health")
     assert r.returncode == 0, r.stderr
 
 

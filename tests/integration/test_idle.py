@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from modelward.agent._commands import update
-from modelward.updater._idle import Gate, IdleSignal
-from modelward.updater._install import Outcome, _Pipe
-from modelward.updater._stage import Stage
+from modelward.updater.idle import Gate, IdleSignal
+from modelward.updater.install._install import Outcome, _Pipe
+from modelward.updater.install._stage import Stage
 from tests.conftest import World
 
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from modelward.updater._journal import STEPS
+from modelward.updater.install._journal import STEPS
 from tests.conftest import World
 
 

@@ -19,10 +19,10 @@ import pytest
 from modelward.publisher._bridge import Bridge
 from modelward.publisher._broker_config import MAX_PACKET
 from modelward.simulator._broker import stop_broker
-from modelward.updater._install import Outcome
-from modelward.updater._mqttconn import MqttConnection
-from modelward.updater._stage import Stage
 from modelward.updater.errors import DownloadFailedError, TargetHashError
+from modelward.updater.install._install import Outcome
+from modelward.updater.install._stage import Stage
+from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
 
 
@@ -198,7 +198,7 @@ def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: Mqtt
 def test_garbage_on_the_response_topic_is_ignored(
     mqtt_world: MqttWorld, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from modelward.updater._mqtt import publish_properties
+    from modelward.updater.transport._mqtt import publish_properties
 
     w = mqtt_world
     pad = w.builds / "pad"  # a bundle of several blocks: the response topic is subscribed
@@ -237,7 +237,7 @@ def test_garbage_on_the_response_topic_is_ignored(
     t = threading.Thread(target=flood)
     t.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="modelward.updater._mqtt"):
+        with caplog.at_level(logging.WARNING, logger="modelward.updater.transport._mqtt"):
             assert w.update().outcome is Outcome.INSTALLED
     finally:
         stop.set()
@@ -301,7 +301,7 @@ def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
 
 
 def _props_for(device: str) -> Any:
-    from modelward.updater._mqtt import publish_properties
+    from modelward.updater.transport._mqtt import publish_properties
 
     p = publish_properties()
     p.ResponseTopic = f"modelward/{FLEET}/devices/{device}/repo/resp"
@@ -310,7 +310,7 @@ def _props_for(device: str) -> Any:
 
 
 def test_bridge_refuses_paths_outside_the_repository(mqtt_world: MqttWorld) -> None:
-    from modelward.updater._mqtt import MqttFetcher
+    from modelward.updater.transport._mqtt import MqttFetcher
 
     w = mqtt_world
     (w.tmp / "secret.txt").write_text("not served")
@@ -404,7 +404,7 @@ def test_fetcher_survives_lost_duplicated_and_reordered_blocks(mqtt_world: MqttW
     import dataclasses
     import os
 
-    from modelward.updater._mqtt import MqttFetcher
+    from modelward.updater.transport._mqtt import MqttFetcher
 
     w = mqtt_world
     pad = w.builds / "pad"
@@ -429,7 +429,7 @@ def test_bridge_refuses_blocks_over_its_bound(mqtt_world: MqttWorld) -> None:
 
     from tuf.api.exceptions import DownloadHTTPError
 
-    from modelward.updater._mqtt import MqttFetcher
+    from modelward.updater.transport._mqtt import MqttFetcher
 
     w = mqtt_world
     f = MqttFetcher(dataclasses.replace(w.mqtt_cfg("dev-1"), block_size=4 << 20))
@@ -462,7 +462,7 @@ def test_blocks_in_either_format_install_the_same_model(
 ) -> None:
     """A device reads format 2 (header in the payload) from a current bridge and format 1
     (user properties) from an older one; the model and its fingerprint are the same."""
-    from modelward.updater._mqtt import BLOCK_HEADER, BLOCK_MAGIC
+    from modelward.updater.transport._mqtt import BLOCK_HEADER, BLOCK_MAGIC
 
     w = mqtt_world
     w.publish("1.0.0", seed=1)

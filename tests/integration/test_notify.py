@@ -49,7 +49,7 @@ def test_daemon_sends_ready_status_watchdog_and_stopping(world: World) -> None:
     s.close()
     assert code == 0
     assert msgs[0] == "READY=1"
-    from modelward.updater._journal import STEPS
+    from modelward.updater.install._journal import STEPS
 
     progress = [m for m in msgs if m.startswith("STATUS=update: ")]
     assert progress, msgs  # relayed from the attempt's journal while it runs

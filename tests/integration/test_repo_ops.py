@@ -111,8 +111,8 @@ def _rollout(w: World, *argv: str) -> None:
 
 
 def test_phased_rollout_halt_and_signed_pin_back(world: World) -> None:
-    from modelward.updater._rollout import rollout_bucket
     from modelward.updater.errors import RollbackError
+    from modelward.updater.rollout import rollout_bucket
     from tests.conftest import copytree
 
     world.publish("1.0.0", seed=1)

@@ -8,9 +8,9 @@ import re
 import pytest
 
 from modelward.agent._commands import update as agent_update
-from modelward.updater._idle import Gate
-from modelward.updater._stage import Stage
 from modelward.updater.errors import TargetHashError
+from modelward.updater.idle import Gate
+from modelward.updater.install._stage import Stage
 from tests.conftest import World
 
 

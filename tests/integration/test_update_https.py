@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from modelward.updater._install import Outcome
 from modelward.updater.errors import (
     DownloadFailedError,
     HealthCheckError,
@@ -16,6 +15,7 @@ from modelward.updater.errors import (
     RollbackError,
     TargetHashError,
 )
+from modelward.updater.install._install import Outcome
 from tests._helpers import publish_root_v2
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
 
@@ -250,8 +250,8 @@ def test_no_update_refresh_is_two_gets_on_one_connection(
     connection it already has: the 404 body is read so the connection is reused."""
     import urllib3.connection
 
-    from modelward.updater._fetcher import RequestsFetcher
-    from modelward.updater._tuf import TufSession
+    from modelward.updater.install._tuf import TufSession
+    from modelward.updater.transport._fetcher import RequestsFetcher
 
     connects: list[object] = []
     real_connect = urllib3.connection.HTTPSConnection.connect

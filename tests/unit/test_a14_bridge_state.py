@@ -19,8 +19,8 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from modelward.publisher._bridge import Bridge
 from modelward.publisher._fairness import BridgeLimits, Scheduler
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import BLOCK_HEADER
-from modelward.updater._mqttconn import publish_properties
+from modelward.updater.transport._mqtt import BLOCK_HEADER
+from modelward.updater.transport._mqttconn import publish_properties
 
 FLEET = "f"
 PREFIX = f"modelward/{FLEET}"
@@ -102,7 +102,7 @@ def test_a14_decoding_one_request_is_cheap_whatever_its_properties() -> None:
     """~3,800 empty user properties in a 20 KiB request (within the bridge's packet limit):
     paho's own decoder takes 40-90 ms on it (quadratic); the decoder our clients run
     refuses it in one linear pass before paho sees it."""
-    from modelward.updater import _pahofast
+    from modelward.updater.transport import _pahofast
 
     topic = f"{PREFIX}/repo/req/dev-2".encode()
     p = publish_properties()

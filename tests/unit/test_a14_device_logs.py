@@ -22,7 +22,7 @@ from typing import Any
 
 from modelward.agent._log import JsonFormatter, TextFormatter
 from modelward.publisher._bridge import MAX_REQUEST_BYTES, Bridge
-from modelward.updater._mqtt import MqttConfig, publish_properties
+from modelward.updater.transport._mqtt import MqttConfig, publish_properties
 
 FLEET = "f1"
 CFG = MqttConfig(host="", port=0, fleet=FLEET, client_name="bridge")

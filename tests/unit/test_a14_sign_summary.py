@@ -36,8 +36,8 @@ from modelward.publisher._summary import (
     check_pending,
     summarize,
 )
-from modelward.updater._search import Found
-from modelward.updater._tuf import _candidate
+from modelward.updater.install._search import Found
+from modelward.updater.install._tuf import _candidate
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 FP = "ab" * 32

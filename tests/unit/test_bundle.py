@@ -13,7 +13,7 @@ import pytest
 from modelward.publisher._bundle_build import build_bundle
 from modelward.simulator._models import make_linear_model
 from modelward.trust._fingerprint import slot_fingerprint
-from modelward.updater._bundle import MANIFEST, extract_bundle
+from modelward.updater.bundle._bundle import MANIFEST, extract_bundle
 from modelward.updater.errors import BundleFormatError
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from modelward.updater import _fetcher as fetcher_mod
 from modelward.updater._config import HttpsConfig
-from modelward.updater._fetcher import RequestsFetcher
+from modelward.updater.transport import _fetcher as fetcher_mod
+from modelward.updater.transport._fetcher import RequestsFetcher
 
 
 class _Raw:

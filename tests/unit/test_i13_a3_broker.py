@@ -118,7 +118,7 @@ class FakeBroker:
 _CHILD = """
 import re, sys, threading
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqttconn import AnnouncementListener
+from modelward.updater.transport._mqttconn import AnnouncementListener
 port, ca = int(sys.argv[1]), sys.argv[2]
 got = threading.Event()
 cfg = MqttConfig(host="127.0.0.1", port=port, fleet="f", client_name="dev-1", ca_file=ca,

@@ -21,9 +21,9 @@ from modelward.agent._commands import StatusFile
 from modelward.agent._daemon import Daemon
 from modelward.trust._record import decode_record
 from modelward.trust.errors import TrustRecordError
-from modelward.updater._idle import BusyFileSignal
-from modelward.updater._journal import Journal
-from modelward.updater._stage import Stage
+from modelward.updater.idle import BusyFileSignal
+from modelward.updater.install._journal import Journal
+from modelward.updater.install._stage import Stage
 
 NESTED = b"[" * 100_000
 MIB = 1 << 20
@@ -67,10 +67,10 @@ import re, sys
 from pathlib import Path
 what, path = sys.argv[1], Path(sys.argv[2])
 if what == "journal":
-    from modelward.updater._journal import Journal
+    from modelward.updater.install._journal import Journal
     Journal(path).read()
 elif what == "index":
-    from modelward.updater._stage import Stage
+    from modelward.updater.install._stage import Stage
     s = Stage(path.parent, path.parent / "incoming", "k")
     s.entries()
 elif what == "status":

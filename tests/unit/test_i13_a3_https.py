@@ -24,7 +24,7 @@ from tuf.api import exceptions as tuf_exc
 
 from modelward.simulator._pki import CertPair
 from modelward.updater._config import HttpsConfig
-from modelward.updater._fetcher import RequestsFetcher
+from modelward.updater.transport._fetcher import RequestsFetcher
 
 MIB = 1 << 20
 
@@ -134,7 +134,7 @@ _CHILD = """
 import re, sys
 from tuf.api import exceptions as tuf_exc
 from modelward.updater._config import HttpsConfig
-from modelward.updater._fetcher import RequestsFetcher
+from modelward.updater.transport._fetcher import RequestsFetcher
 url, ca = sys.argv[1], sys.argv[2]
 f = RequestsFetcher(HttpsConfig(url, url, ca_file=ca))
 try:

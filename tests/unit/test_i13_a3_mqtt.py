@@ -18,8 +18,8 @@ import pytest
 from tuf.api import exceptions as tuf_exc
 
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import MqttFetcher, block_header
-from modelward.updater._mqttconn import AnnouncementListener
+from modelward.updater.transport._mqtt import MqttFetcher, block_header
+from modelward.updater.transport._mqttconn import AnnouncementListener
 
 CFG = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=64,
                  block_timeout=0.2, max_retries=1)

@@ -15,8 +15,8 @@ import tarfile
 import pytest
 
 from modelward.simulator._attacks import pax_record
-from modelward.updater._bundle import extract_bundle
-from modelward.updater._tarstream import BLOCK
+from modelward.updater.bundle._bundle import extract_bundle
+from modelward.updater.bundle._tarstream import BLOCK
 from modelward.updater.errors import BundleFormatError
 
 

@@ -20,8 +20,8 @@ import pytest
 from modelward.agent._commands import StatusFile
 from modelward.agent._observe import SEQUENCE_FILE, advance_sequence, read_sequence
 from modelward.trust._report import MAX_SEQ
-from modelward.updater._journal import Journal
-from modelward.updater._rejections import (
+from modelward.updater.install._journal import Journal
+from modelward.updater.install._rejections import (
     Rejection,
     RejectionsFileError,
     RejectionStore,

@@ -133,8 +133,8 @@ def test_team_cannot_make_pin_act_on_another_models_release(
 
 def _device_choice(repo: Repository) -> str | None:
     """What a classifier device on `stable` picks from the repository's current view."""
-    from modelward.updater._rollout import choose_release
-    from modelward.updater._tuf import _candidate
+    from modelward.updater.install._tuf import _candidate
+    from modelward.updater.rollout import choose_release
 
     cands = [c for f in repo.releases("classifier")
              if (c := _candidate(f, "classifier")) is not None]

@@ -26,12 +26,12 @@ from tuf.api.metadata import (
 )
 from tuf.ngclient import Updater
 
-import modelward.updater._search as search_mod
+import modelward.updater.install._search as search_mod
 from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from modelward.updater._rollout import choose_release
-from modelward.updater._search import SearchBudgetError, in_namespace
-from modelward.updater._tuf import Candidate, TufSession
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._search import SearchBudgetError, in_namespace
+from modelward.updater.install._tuf import Candidate, TufSession
+from modelward.updater.rollout import choose_release
 
 TOPLEVEL = 4  # root, timestamp, snapshot, targets
 

@@ -185,12 +185,12 @@ def test_call_sites_turn_nesting_into_their_typed_error(tmp_path: Path) -> None:
     from modelward.trust._report import ReportSignatureError, verify_report
     from modelward.trust._store import _root_version as store_root_version
     from modelward.trust.errors import TrustRecordError
-    from modelward.updater._bundle import parse_manifest
-    from modelward.updater._heal import _root_version as heal_root_version
-    from modelward.updater._health import parse_report
-    from modelward.updater._rejections import RejectionsFileError, decode
-    from modelward.updater._sandbox import Completed
+    from modelward.updater.bundle._bundle import parse_manifest
     from modelward.updater.errors import BundleFormatError, MetadataError
+    from modelward.updater.install._heal import _root_version as heal_root_version
+    from modelward.updater.install._health import parse_report
+    from modelward.updater.install._rejections import RejectionsFileError, decode
+    from modelward.updater.install._sandbox import Completed
 
     cases: list[tuple[Callable[[], object], type[Exception]]] = [
         (lambda: parse_manifest(NESTED, "b.tar"), BundleFormatError),
@@ -244,7 +244,7 @@ def test_bridge_refuses_a_nested_request(tmp_path: Path) -> None:
 def test_local_state_readers_fall_back_on_anything_planted(tmp_path: Path) -> None:
     from modelward.agent._commands import StatusFile
     from modelward.agent._observe import Metrics
-    from modelward.updater._journal import Journal
+    from modelward.updater.install._journal import Journal
 
     j, s = tmp_path / "journal.json", tmp_path / "status.json"
     plants: list[bytes] = [NESTED, b"[1]", b'"x"', b'{"step": 7}', b'{"step": ["idle"]}',
@@ -312,7 +312,7 @@ def test_daemon_status_lines_survive_plants(tmp_path: Path) -> None:
 
 
 def test_guarded_callbacks_never_raise() -> None:
-    from modelward.updater._mqttconn import guarded
+    from modelward.updater.transport._mqttconn import guarded
 
     def boom(*_a: object) -> None:
         raise RecursionError("deep")
@@ -326,7 +326,7 @@ def test_guarded_callbacks_never_raise() -> None:
 
 
 def test_announcement_listener_ignores_nesting_and_constants() -> None:
-    from modelward.updater._mqttconn import AnnouncementListener
+    from modelward.updater.transport._mqttconn import AnnouncementListener
 
     got: list[int] = []
     listener = object.__new__(AnnouncementListener)
@@ -344,8 +344,9 @@ def test_announcement_listener_ignores_nesting_and_constants() -> None:
 # json.loads calls that do not meet bytes an attacker of the threat model controls
 _ALLOWED = {
     "trust/_bounded.py",  # the helper itself
-    "updater/_sandbox_launch.py",  # argv[1]: the spec the agent itself passes to the launcher
-    "updater/_sandbox.py",  # _read_status: the launcher's own message before execve (8 KiB)
+    # argv[1]: the spec the agent itself passes to the launcher
+    "updater/install/_sandbox_launch.py",
+    "updater/install/_sandbox.py",  # _read_status: the launcher's own message before execve (8 KiB)
 }
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from modelward.updater import _idle
-from modelward.updater._idle import BUSY_FILE_MAX_BYTES, BusyFileSignal, Gate, read_busy_file
+from modelward.updater import idle as _idle
+from modelward.updater.idle import BUSY_FILE_MAX_BYTES, BusyFileSignal, Gate, read_busy_file
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ def test_a_future_mtime_counts_as_stale(tmp_path: Path, caplog: pytest.LogCaptur
     future = time.time() + 3600
     os.utime(f, (future, future))
     s = BusyFileSignal(f, stale_after=60)
-    with caplog.at_level(logging.WARNING, "modelward.updater._idle"):
+    with caplog.at_level(logging.WARNING, "modelward.updater.idle"):
         assert s.busy() is None
         assert s.busy() is None
     assert [r.getMessage() for r in caplog.records].count(
@@ -77,7 +77,7 @@ def test_a_fifo_neither_hangs_nor_is_opened(
     monkeypatch.setattr(os, "open", lambda p, *a, **k: (opened.append(str(p)),
                                                         real_open(p, *a, **k))[1])
     s = BusyFileSignal(f)
-    with caplog.at_level(logging.WARNING, "modelward.updater._idle"):
+    with caplog.at_level(logging.WARNING, "modelward.updater.idle"):
         for _ in range(3):
             assert _bounded(s.busy) is None
     assert str(f) not in opened
@@ -180,7 +180,7 @@ def test_a_file_that_never_parses_stops_meaning_busy_after_a_grace(
     s = BusyFileSignal(f, stale_after=1e9, clock=lambda: now[0])
     assert "unreadable" in (s.busy() or "")
     now[0] += _idle.BUSY_FILE_GRACE + 1
-    with caplog.at_level(logging.WARNING, "modelward.updater._idle"):
+    with caplog.at_level(logging.WARNING, "modelward.updater.idle"):
         assert s.busy() is None
         assert s.busy() is None
     assert len(caplog.records) == 1 and "held no queue depth" in caplog.records[0].getMessage()

@@ -15,8 +15,8 @@ import pytest
 from tuf.ngclient import Updater
 
 from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from modelward.updater._search import TOP, find_releases, preorder_walk, reachable_roles
-from modelward.updater._tuf import TufSession
+from modelward.updater.install._search import TOP, find_releases, preorder_walk, reachable_roles
+from modelward.updater.install._tuf import TufSession
 
 TOPLEVEL = ["root", "timestamp", "snapshot", "targets"]
 
@@ -314,7 +314,7 @@ def test_class_reasoning_is_sound_against_tufs_own_matcher() -> None:
     """What the walk claims to know about patterns holds for every sample path."""
     from tuf.api.metadata import DelegatedRole
 
-    from modelward.updater._search import (
+    from modelward.updater.install._search import (
         _atom_implies,
         _atom_possible,
         _atom_universal,

@@ -18,9 +18,9 @@ import pytest
 
 from modelward.agent._commands import StatusFile
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
-from modelward.updater._journal import Journal
-from modelward.updater._slots import SlotStore
-from modelward.updater._stage import Stage
+from modelward.updater.install._journal import Journal
+from modelward.updater.install._slots import SlotStore
+from modelward.updater.install._stage import Stage
 
 KEY = "ab" * 32
 REPO = Path(__file__).resolve().parents[2]

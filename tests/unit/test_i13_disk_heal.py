@@ -15,10 +15,10 @@ import pytest
 from modelward.agent._commands import StatusFile
 from modelward.trust._atomic import symlink_atomic
 from modelward.trust._fingerprint import MAX_ENTRIES, directory_entries, slot_fingerprint
-from modelward.updater._journal import Journal
-from modelward.updater._slots import SlotStore
-from modelward.updater._statedir import open_below, plain_dir, touch_plain
 from modelward.updater.errors import StateDirError
+from modelward.updater.install._journal import Journal
+from modelward.updater.install._slots import SlotStore
+from modelward.updater.install._statedir import open_below, plain_dir, touch_plain
 
 
 @pytest.fixture

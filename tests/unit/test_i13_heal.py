@@ -29,9 +29,9 @@ from modelward.trust._record import (
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import TpmInterface
 from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
-from modelward.updater._fetcher import RangeFetcher
-from modelward.updater._heal import recover_root, trusted_record
 from modelward.updater.errors import DownloadFailedError, RootRecoveryError
+from modelward.updater.install._heal import recover_root, trusted_record
+from modelward.updater.transport._fetcher import RangeFetcher
 from tests.unit.test_record import enc, mac, ok
 
 R1 = TrustRecord(5, 1, 3, ModelRef("m", "1.0.0", "f1" * 32, "a"), None)

@@ -12,8 +12,8 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from modelward.updater._config import PACKET_OVERHEAD, MqttConfig
-from modelward.updater._mqtt import Inbox, MqttFetcher
-from modelward.updater._pahofast import Client, PacketTooLarge
+from modelward.updater.transport._mqtt import Inbox, MqttFetcher
+from modelward.updater.transport._pahofast import Client, PacketTooLarge
 
 
 def _msg(size: int, topic: bytes = b"modelward/f/devices/d/repo/resp") -> mqtt.MQTTMessage:
@@ -48,7 +48,7 @@ def test_the_queue_is_bounded_in_bytes_and_drops_are_counted_and_logged_once(
 ) -> None:
     box = Inbox(1000, 3 << 20)
     box.start()
-    with caplog.at_level(logging.WARNING, "modelward.updater._mqtt"):
+    with caplog.at_level(logging.WARNING, "modelward.updater.transport._mqtt"):
         kept = [box.put(_msg(1 << 20)) for _ in range(150)]
     assert kept.count(True) == 3 and box.bytes == 3 << 20
     assert box.dropped == 147 and box.dropped_bytes == 147 << 20

@@ -20,8 +20,8 @@ import pytest
 from tuf.api import exceptions as tuf_exc
 
 from modelward.simulator._pki import CertPair
-from modelward.updater import _pahofast
-from modelward.updater._mqttconn import _MAX_EARLY_ACKS, MqttConnection
+from modelward.updater.transport import _pahofast
+from modelward.updater.transport._mqttconn import _MAX_EARLY_ACKS, MqttConnection
 from tests.unit.test_i13_a3_https import Origin, Script, _fetcher
 
 

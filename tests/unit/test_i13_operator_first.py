@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelward.updater._rollout import choose_release, operator_first
+from modelward.updater.rollout import choose_release, operator_first
 from tests._helpers import R, v
 
 

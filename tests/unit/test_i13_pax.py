@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from modelward.simulator._attacks import pax_record
-from modelward.updater._bundle import extract_bundle
-from modelward.updater._tarstream import (
+from modelward.updater.bundle._bundle import extract_bundle
+from modelward.updater.bundle._tarstream import (
     BLOCK,
     MAX_PAX_BYTES,
     PAX_KEYS,

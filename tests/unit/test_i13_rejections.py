@@ -11,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from modelward.updater._rejections import (
+from modelward.updater.bundle._semver import SemVer
+from modelward.updater.errors import (
+    BundleFormatError,
+    DownloadFailedError,
+    FingerprintMismatchError,
+    HealthCheckError,
+    MetadataError,
+    StagingError,
+    TargetHashError,
+)
+from modelward.updater.install._rejections import (
     MAX_ENTRIES,
     MAX_FILE_BYTES,
     RELEASE_TTL,
@@ -25,16 +35,6 @@ from modelward.updater._rejections import (
     prune,
     read_bounded,
     rejection_for,
-)
-from modelward.updater._semver import SemVer
-from modelward.updater.errors import (
-    BundleFormatError,
-    DownloadFailedError,
-    FingerprintMismatchError,
-    HealthCheckError,
-    MetadataError,
-    StagingError,
-    TargetHashError,
 )
 
 NOW = 1_800_000_000.0
@@ -232,7 +232,7 @@ def test_transport_failure_and_hash_mismatch_write_nothing(tmp_path: Path) -> No
 
 
 def _plant(tmp_path: Path, entries: list[Rejection], key: bytes) -> None:
-    from modelward.updater._rejections import digest
+    from modelward.updater.install._rejections import digest
 
     data = encode(entries, hmac.new(key, digest(entries), "sha256").digest())
     (tmp_path / "rejections.json").write_bytes(data)
@@ -262,7 +262,7 @@ def test_edited_entry_breaks_the_mac(tmp_path: Path) -> None:
 
 def test_the_mac_is_domain_separated_from_the_trust_record(tmp_path: Path) -> None:
     from modelward.trust._record import TrustRecord
-    from modelward.updater._rejections import digest
+    from modelward.updater.install._rejections import digest
 
     rec = TrustRecord(counter=1, root_version=1, targets_version=1, active=None,
                       previous=None)

@@ -1,5 +1,6 @@
-"""Issue 13, finding 9: the health-check sandbox's pieces (updater/_sandbox.py,
-updater/_sandbox_launch.py, updater/_health.py, the [health] config, the agent unit).
+"""Issue 13, finding 9: the health-check sandbox's pieces (updater/install/_sandbox.py,
+updater/install/_sandbox_launch.py, updater/install/_health.py, the [health] config, the
+agent unit).
 
 Pure decisions are tested directly; the launcher is run for real (Landlock and seccomp on
 this kernel) with small probe programs, no TPM or network service needed.
@@ -20,8 +21,9 @@ import pytest
 from modelward.agent._config import load_config
 from modelward.agent.errors import ConfigError
 from modelward.updater._config import HealthConfig
-from modelward.updater._health import health_policy, parse_report, run_health_check
-from modelward.updater._sandbox import (
+from modelward.updater.errors import HealthCheckError, SandboxError
+from modelward.updater.install._health import health_policy, parse_report, run_health_check
+from modelward.updater.install._sandbox import (
     Completed,
     SandboxPolicy,
     auto_max_memory,
@@ -30,7 +32,6 @@ from modelward.updater._sandbox import (
     run,
     scrubbed_env,
 )
-from modelward.updater.errors import HealthCheckError, SandboxError
 
 UNIT = Path(__file__).resolve().parents[2] / "systemd" / "modelward-agent.service"
 
@@ -97,7 +98,7 @@ def test_auto_max_memory_is_half_the_free_memory_capped() -> None:
 
 
 def test_default_memory_limit_is_below_what_is_free_and_below_3gib() -> None:
-    from modelward.updater._health import memory_limit
+    from modelward.updater.install._health import memory_limit
 
     free = int(re.search(r"MemAvailable:\s+(\d+)", Path("/proc/meminfo").read_text())
                .group(1)) * 1024  # type: ignore[union-attr]
@@ -191,7 +192,7 @@ attempt("chmod_staged", lambda: os.chmod(sys.argv[2], 0))
 attempt("truncate_staged", lambda: os.truncate(sys.argv[2], 0))
 attempt("utime_staged", lambda: os.utime(sys.argv[2], (0, 0)))
 import ctypes, platform
-from modelward.updater._sandbox_launch import _SYSCALLS
+from modelward.updater.install._sandbox_launch import _SYSCALLS
 libc = ctypes.CDLL(None, use_errno=True)
 def raw(name, *args):
     if libc.syscall(_SYSCALLS[platform.machine()][1][name], *args) != 0:
@@ -304,7 +305,7 @@ def test_unit_bounds_memory_and_allows_the_sandbox_calls() -> None:
     assert re.search(r"^MemoryMax=\d+%$", text, re.M)
     assert "OOMPolicy=continue" in text  # a child killed for memory does not stop the agent
     allowed = set(re.findall(r"^SystemCallFilter=([a-z_ 0-9]+)$", text, re.M)[0].split())
-    launcher = (Path(__file__).resolve().parents[2] / "updater" / "_sandbox_launch.py")
+    launcher = (Path(__file__).resolve().parents[2] / "updater" / "install" / "_sandbox_launch.py")
     used = set(re.findall(r'nr\["(\w+)"\]', launcher.read_text()))
     assert used and used <= allowed, used - allowed
 
@@ -314,7 +315,7 @@ def test_unit_bounds_memory_and_allows_the_sandbox_calls() -> None:
 _WRAPPER = """
 import sys
 sys.path.insert(0, {root!r})
-import modelward.updater._sandbox_launch as L
+import modelward.updater.install._sandbox_launch as L
 {patch}
 sys.exit(L.main(sys.argv))
 """
@@ -330,12 +331,12 @@ def test_health_check_fails_closed_when_an_isolation_is_missing(
         patch: str, missing: str) -> None:
     from modelward.publisher._bundle_build import BuildOptions, build_bundle
     from modelward.simulator._models import make_linear_model
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
 
     wrapper = tmp_path / "launch.py"
     wrapper.write_text(_WRAPPER.format(root=str(Path(__file__).resolve().parents[2]),
                                        patch=patch))
-    monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", wrapper)
+    monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER", wrapper)
     bundle = tmp_path / "m.tar"
     build_bundle(make_linear_model(tmp_path / "m.onnx", 1), "m", "1.0.0", bundle,
                  options=BuildOptions())

@@ -1,5 +1,6 @@
-"""Issue 13, outside review of the health-check sandbox (updater/_sandbox.py,
-updater/_sandbox_launch.py, updater/_health.py): attacks by a signed but malicious model.
+"""Issue 13, outside review of the health-check sandbox (updater/install/_sandbox.py,
+updater/install/_sandbox_launch.py, updater/install/_health.py): attacks by a signed but
+malicious model.
 
 Two kinds of attacker, both inside the threat model's "whatever onnxruntime lets a model do":
 
@@ -37,10 +38,10 @@ from pathlib import Path
 import pytest
 
 from modelward.updater._config import HealthConfig
-from modelward.updater._health import health_policy, parse_report, run_health_check
-from modelward.updater._sandbox import Completed, SandboxPolicy, run, spawn
-from modelward.updater._sandbox_launch import landlock_abi
 from modelward.updater.errors import HealthCheckError
+from modelward.updater.install._health import health_policy, parse_report, run_health_check
+from modelward.updater.install._sandbox import Completed, SandboxPolicy, run, spawn
+from modelward.updater.install._sandbox_launch import landlock_abi
 
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 256 << 20  # the child's RLIMIT_AS in these tests
@@ -48,7 +49,7 @@ LIMIT = 256 << 20  # the child's RLIMIT_AS in these tests
 _ABI_WRAPPER = """
 import sys
 sys.path.insert(0, {root!r})
-import modelward.updater._sandbox_launch as L
+import modelward.updater.install._sandbox_launch as L
 _real = L.landlock_abi
 L.landlock_abi = lambda: min(_real(), {abi})
 sys.exit(L.main(sys.argv))
@@ -134,9 +135,9 @@ print(" ".join(out))
 _AGENT = r"""
 import os, sys
 from pathlib import Path
-import modelward.updater._sandbox as sb
+import modelward.updater.install._sandbox as sb
 from modelward.updater._config import HealthConfig
-from modelward.updater._health import health_policy
+from modelward.updater.install._health import health_policy
 slot, launcher, code, extra = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 if launcher:
     sb.LAUNCHER = Path(launcher)
@@ -277,7 +278,7 @@ def test_child_cannot_reach_an_abstract_unix_socket(state: Path) -> None:
 
 def test_child_cannot_reach_an_abstract_unix_socket_on_landlock_abi5(
         state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", _abi_launcher(state, 5))
+    monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER", _abi_launcher(state, 5))
     name = f"\0modelward-a2-{os.getpid()}"
     sock = _listen(name)
     try:
@@ -314,7 +315,7 @@ def test_child_cannot_truncate_a_staged_file(state: Path) -> None:
 
 def test_child_cannot_truncate_a_staged_file_on_landlock_abi2(
         state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", _abi_launcher(state, 2))
+    monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER", _abi_launcher(state, 2))
     policy = _policy(state)
     staged = Path(policy.read_only[0]) / "model.onnx"
     _writable_by_the_child(staged.parent)
@@ -337,7 +338,8 @@ def test_tcp_stays_denied_on_older_landlock(state: Path, monkeypatch: pytest.Mon
                                             abi: int) -> None:
     """Below ABI 4 Landlock has no TCP rules; the seccomp filter on socket(2) holds alone."""
     if abi:
-        monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", _abi_launcher(state, abi))
+        monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER",
+                            _abi_launcher(state, abi))
     listener = socket.create_server(("127.0.0.1", 0))
     try:
         done = _py(_TCP, _policy(state), str(listener.getsockname()[1]))
@@ -427,7 +429,7 @@ _NESTED = 'import sys; sys.stdout.write("[" * 4000 + "\\n")'
 
 def test_nested_report_is_a_failed_health_check_not_a_traceback(
         state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelward.updater._health as health
+    import modelward.updater.install._health as health
 
     def compromised(argv: list[str], policy: SandboxPolicy, **kw: object) -> Completed:
         # the real sandbox and policy, the child's stdout is the attacker's (code execution)
@@ -448,7 +450,7 @@ def test_parse_report_of_nested_json() -> None:
 
 _REFUSED = r"""
 import ctypes, fcntl, json, os, platform, signal, sys
-from modelward.updater._sandbox_launch import _SYSCALLS
+from modelward.updater.install._sandbox_launch import _SYSCALLS
 nr = _SYSCALLS[platform.machine()][1]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -504,7 +506,7 @@ def test_child_cannot_trace_read_or_exec_its_way_out(state: Path) -> None:
 def _bundle_slot(state: Path, model: Path, vectors: Path, extra: list[tuple[Path, str]]
                  ) -> Path:
     from modelward.publisher._bundle_build import BuildOptions, build_bundle
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
 
     slot = _slot(state)
     (slot / "model.onnx").unlink()
@@ -709,7 +711,7 @@ def _nested_manifest_bundle(state: Path) -> Path:
 
 @pytest.mark.parametrize("where", ["device", "publisher"])
 def test_nested_manifest_is_a_bundle_format_error(state: Path, where: str) -> None:
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
     from modelward.updater.errors import BundleFormatError
 
     bundle = _nested_manifest_bundle(state)
@@ -725,7 +727,7 @@ def test_nested_manifest_is_a_bundle_format_error(state: Path, where: str) -> No
 
 _OPEN_VARIANTS = r"""
 import ctypes, json, os, platform, sys
-from modelward.updater._sandbox_launch import _SYSCALLS
+from modelward.updater.install._sandbox_launch import _SYSCALLS
 nr = _SYSCALLS[platform.machine()][1]
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -759,7 +761,8 @@ def test_no_open_flag_changes_a_staged_file(state: Path, monkeypatch: pytest.Mon
     """Every open that could empty or create a file is refused by seccomp, whatever the
     Landlock ABI (2: Debian 12's 6.1 has no truncate right); plain reads still work."""
     if abi:
-        monkeypatch.setattr("modelward.updater._sandbox.LAUNCHER", _abi_launcher(state, abi))
+        monkeypatch.setattr("modelward.updater.install._sandbox.LAUNCHER",
+                            _abi_launcher(state, abi))
     policy = _policy(state)
     staged = Path(policy.read_only[0]) / "model.onnx"
     _writable_by_the_child(staged.parent)
@@ -836,7 +839,7 @@ def test_only_dac_read_search_survives_into_the_child(state: Path) -> None:
 ])
 def test_task_limit_counts_what_its_real_uid_runs(statuses: list[str], uid: int,
                                                    want: int) -> None:
-    from modelward.updater._sandbox_launch import task_limit
+    from modelward.updater.install._sandbox_launch import task_limit
 
     assert task_limit(statuses, uid, 16) == want
 

@@ -1,6 +1,6 @@
 """Issue 13, "verify what you use, when you use it": the health check's inputs are sealed
-in-memory copies of the bytes whose fingerprint was checked (updater/_sealed.py), and the
-health child loads from them, never from a path (updater/_healthchild.py)."""
+in-memory copies of the bytes whose fingerprint was checked (updater/install/_sealed.py), and the
+health child loads from them, never from a path (updater/install/_healthchild.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
-from modelward.updater._sealed import SEALS, copy_sealed, seal_slot, seal_verified
 from modelward.updater.errors import StagedFilesChangedError
+from modelward.updater.install._sealed import SEALS, copy_sealed, seal_slot, seal_verified
 
 
 def _tree(root: Path, files: dict[str, bytes]) -> Path:
@@ -145,7 +145,7 @@ def test_seal_verified_refuses_when_a_health_input_is_not_in_the_tree(tmp_path: 
 def _real_slot(tmp_path: Path, seed: int = 1) -> Path:
     from modelward.publisher._bundle_build import BuildOptions, build_bundle
     from modelward.simulator._models import make_linear_model
-    from modelward.updater._bundle import extract_bundle
+    from modelward.updater.bundle._bundle import extract_bundle
 
     bundle = tmp_path / f"m{seed}.tar"
     build_bundle(make_linear_model(tmp_path / f"m{seed}.onnx", seed), "m", "1.0.0", bundle,
@@ -162,7 +162,7 @@ def test_the_health_child_loads_the_sealed_bytes_not_the_disk(tmp_path: Path) ->
     model (it fails these vectors) in place; the check still passes on the sealed bytes.
     Mutation: ignoring ``sealed`` (loading from the slot) fails it."""
     from modelward.updater._config import HealthConfig
-    from modelward.updater._health import health_inputs, run_health_check
+    from modelward.updater.install._health import health_inputs, run_health_check
 
     slot = _real_slot(tmp_path)
     other = _real_slot(tmp_path, seed=2)
@@ -183,8 +183,8 @@ def test_the_health_child_cannot_open_the_stage_by_path(tmp_path: Path) -> None:
     """The sandbox of the real health check hides the stage itself: a child that tries to
     read it gets nothing (the launcher proves each hidden path fails to open)."""
     from modelward.updater._config import HealthConfig
-    from modelward.updater._health import child_policy, memory_limit
-    from modelward.updater._sandbox import run
+    from modelward.updater.install._health import child_policy, memory_limit
+    from modelward.updater.install._sandbox import run
 
     slot = _real_slot(tmp_path)
     cfg = HealthConfig(timeout=60)

@@ -23,11 +23,11 @@ from modelward.publisher.errors import RepositoryStateError
 from modelward.simulator._models import make_linear_model
 from modelward.simulator._teams import team_sign
 from modelward.simulator._tufmem import METADATA_URL, TARGETS_URL, MemFetcher, MemRepo
-from modelward.updater._rollout import choose_release
-from modelward.updater._search import SearchBudgetError
-from modelward.updater._semver import SemVer
-from modelward.updater._tuf import TufSession
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import MetadataError
+from modelward.updater.install._search import SearchBudgetError
+from modelward.updater.install._tuf import TufSession
+from modelward.updater.rollout import choose_release
 
 TOPLEVEL = 4
 
@@ -183,7 +183,7 @@ def _bundle(tmp: Path, version: str, seed: int) -> Path:
 
 
 def _device_choice(repo: Repository) -> str | None:
-    from modelward.updater._tuf import _candidate
+    from modelward.updater.install._tuf import _candidate
 
     cands = [c for f in repo.releases("classifier")
              if (c := _candidate(f, "classifier")) is not None]
@@ -262,7 +262,7 @@ def test_capped_class_algebra_still_agrees_with_ngclient(
 ) -> None:
     """With every cap of the class algebra at 1 (nearly every class approximated), the
     random delegation graphs still give exactly ngclient's answer for each path."""
-    import modelward.updater._search as search_mod
+    import modelward.updater.install._search as search_mod
     from tests.unit.test_i13_attack_search import test_wider_graphs_agree_with_ngclient
 
     for cap in ("_MAX_ATOMS", "_MAX_UNIONS", "_MAX_CLAIMS"):
@@ -276,7 +276,7 @@ def test_delegated_metadata_held_by_one_search_is_bounded(
     """A team key fans out into many large sub-roles (each under ngclient's per-role
     cap): past the byte bound no further role is fetched, a typed error says so, and
     the operator's top-level release stays."""
-    import modelward.updater._tuf as tuf_mod
+    import modelward.updater.install._tuf as tuf_mod
 
     monkeypatch.setattr(tuf_mod, "MAX_DELEGATED_BYTES", 20_000)
     r = MemRepo()

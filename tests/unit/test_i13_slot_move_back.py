@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from modelward.updater import _slots
-from modelward.updater._slots import SlotStore
+from modelward.updater.install import _slots
+from modelward.updater.install._slots import SlotStore
 
 
 def _slots_with(tmp_path: Path, a: str | None, b: str | None) -> SlotStore:

@@ -19,11 +19,11 @@ from tuf.api.metadata import TargetFile
 from modelward.publisher._bundle_build import build_bundle
 from modelward.simulator._models import make_linear_model
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
-from modelward.updater._install import download_and_extract
-from modelward.updater._slots import SlotStore, slot_of_link
-from modelward.updater._stage import IndexEntry, ResumePlan, Stage, plan_resume
-from modelward.updater._statedir import check_state_dirs, plain_dir, remove_entry
 from modelward.updater.errors import StagingError, StateDirError, TargetHashError
+from modelward.updater.install._install import download_and_extract
+from modelward.updater.install._slots import SlotStore, slot_of_link
+from modelward.updater.install._stage import IndexEntry, ResumePlan, Stage, plan_resume
+from modelward.updater.install._statedir import check_state_dirs, plain_dir, remove_entry
 
 
 class _Origin:
@@ -390,7 +390,7 @@ def test_an_index_entry_the_bundle_does_not_have_leaves_no_file(
 
 
 def test_a_huge_planted_index_is_read_only_to_its_bound(tmp_path: Path) -> None:
-    from modelward.updater._stage import MAX_INDEX_BYTES
+    from modelward.updater.install._stage import MAX_INDEX_BYTES
 
     stage = Stage(tmp_path / "staging", tmp_path / "staging" / "incoming", "k" * 64)
     stage.staging.mkdir()

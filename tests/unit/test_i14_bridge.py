@@ -28,7 +28,7 @@ from modelward.publisher._fairness import (
     parse_request,
 )
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import BLOCK_HEADER, MqttFetcher, block_header
+from modelward.updater.transport._mqtt import BLOCK_HEADER, MqttFetcher, block_header
 
 RESP = "modelward/f/devices/{}/repo/resp"
 
@@ -414,7 +414,7 @@ def _fetch(answer: Any) -> tuple[bytes, _Conn]:
 
 
 def test_i14_device_backs_off_on_429_and_gets_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
-    import modelward.updater._mqtt as m
+    import modelward.updater.transport._mqtt as m
 
     monkeypatch.setattr(m, "busy_pause", lambda n: 0.01)
     data = bytes(range(200))
@@ -431,7 +431,7 @@ def test_i14_device_backs_off_on_429_and_gets_the_file(monkeypatch: pytest.Monke
 def test_i14_device_gives_up_on_a_bridge_that_stays_busy(monkeypatch: pytest.MonkeyPatch) -> None:
     from tuf.api import exceptions as tuf_exc
 
-    import modelward.updater._mqtt as m
+    import modelward.updater.transport._mqtt as m
 
     monkeypatch.setattr(m, "busy_pause", lambda n: 0.001)
     with pytest.raises(tuf_exc.DownloadError, match="stayed busy"):
@@ -439,7 +439,7 @@ def test_i14_device_gives_up_on_a_bridge_that_stays_busy(monkeypatch: pytest.Mon
 
 
 def test_i14_busy_pause_grows_and_is_capped() -> None:
-    from modelward.updater._mqtt import busy_pause
+    from modelward.updater.transport._mqtt import busy_pause
 
     assert 0.025 <= busy_pause(1) <= 0.075
     assert all(0.5 <= busy_pause(n) <= 1.5 for n in (6, 20, 10 ** 6))

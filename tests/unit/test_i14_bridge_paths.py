@@ -22,7 +22,7 @@ from modelward.publisher._bridge import SENT_ENTRIES, Bridge
 from modelward.publisher._fairness import BridgeLimits, SendQueue
 from modelward.publisher.errors import OperatorInputError
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import BLOCK_HEADER
+from modelward.updater.transport._mqtt import BLOCK_HEADER
 
 PREFIX = "modelward/f"
 

@@ -17,8 +17,8 @@ from modelward.publisher._broker_config import (
 )
 from modelward.trust._report import MAX_REPORT_BYTES
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import BLOCK_HEADER
-from modelward.updater._mqttconn import ANNOUNCE_MAX_PACKET
+from modelward.updater.transport._mqtt import BLOCK_HEADER
+from modelward.updater.transport._mqttconn import ANNOUNCE_MAX_PACKET
 
 MQTT_MAX = 268_435_455  # the largest packet MQTT can express
 

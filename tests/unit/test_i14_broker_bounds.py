@@ -31,9 +31,9 @@ from modelward.publisher._broker_config import (
     write_broker_config,
 )
 from modelward.publisher.errors import OperatorInputError
-from modelward.updater import _pahofast
 from modelward.updater._config import MqttConfig
-from modelward.updater._pahofast import (
+from modelward.updater.transport import _pahofast
+from modelward.updater.transport._pahofast import (
     MAX_PROPERTIES,
     MAX_PROPERTY_BYTES,
     MAX_USER_PROPERTIES,

@@ -31,9 +31,9 @@ from modelward.publisher._summary import (
     read_pending,
     summarize,
 )
-from modelward.updater._fields import noncanonical
-from modelward.updater._search import Found
-from modelward.updater._tuf import _candidate
+from modelward.updater.bundle._fields import noncanonical
+from modelward.updater.install._search import Found
+from modelward.updater.install._tuf import _candidate
 from tests.unit.test_a14_sign_summary import NOW, _changes, _root, _target, _targets
 from tests.unit.test_a14_sign_summary import S as _S
 

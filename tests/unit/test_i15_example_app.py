@@ -26,7 +26,7 @@ import pytest
 
 from modelward.simulator._app import APP
 from modelward.simulator._models import make_linear_model
-from modelward.updater._idle import BusyFileSignal
+from modelward.updater.idle import BusyFileSignal
 
 
 @pytest.fixture(scope="module")

@@ -107,7 +107,7 @@ def test_the_line_never_echoes_the_errors_own_text() -> None:
 
 
 def test_missing_health_package_finds_without_importing() -> None:
-    from modelward.updater._health import HEALTH_PACKAGES, missing_health_package
+    from modelward.updater.install._health import HEALTH_PACKAGES, missing_health_package
 
     assert HEALTH_PACKAGES == ("onnxruntime", "numpy")
     assert missing_health_package() is None  # the dev venv has [device]

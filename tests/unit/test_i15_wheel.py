@@ -102,7 +102,7 @@ def test_files_opened_by_path_are_shipped(wheel: zipfile.ZipFile) -> None:
                 target = f"{mod.rsplit('/', 1)[0]}/{rel}"
                 found.append(target)
                 assert target in names, f"{mod} opens {rel} by path; not in the wheel"
-    assert "modelward/updater/_sandbox_launch.py" in found  # the launcher runs as a script
+    assert "modelward/updater/install/_sandbox_launch.py" in found  # the launcher runs as a script
 
 
 def test_entry_point_and_extras(wheel: zipfile.ZipFile) -> None:
@@ -275,7 +275,7 @@ def test_installed_wheel_holds_modelward_alone_and_its_command_runs(
                        capture_output=True, text=True, timeout=60, check=False)
     assert r.returncode == 0 and "boot-check" in r.stdout, r.stderr
     r = subprocess.run([str(venv / "bin" / "python"), "-I", "-c",
-                        "from modelward.updater._sandbox import LAUNCHER; print(LAUNCHER)"],
+                        "from modelward.updater.install._sandbox import LAUNCHER; print(LAUNCHER)"],
                        cwd="/", capture_output=True, text=True, timeout=60, check=True)
     launcher = Path(r.stdout.strip())
     assert launcher.is_file() and launcher.is_relative_to(site)

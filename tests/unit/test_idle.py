@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from modelward.updater._idle import (
+from modelward.updater.idle import (
     BusyFileSignal,
     CpuIdleSignal,
     Gate,

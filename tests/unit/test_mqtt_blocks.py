@@ -11,7 +11,7 @@ import pytest
 from tuf.api import exceptions as tuf_exc
 
 from modelward.updater._config import MqttConfig
-from modelward.updater._mqtt import MqttFetcher, block_header
+from modelward.updater.transport._mqtt import MqttFetcher, block_header
 
 CFG = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=64)
 SESSION = b"S" * 8

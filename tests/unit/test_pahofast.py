@@ -1,5 +1,5 @@
-"""The copy-saving PUBLISH decoder and send queue (``updater._pahofast``) behave exactly as
-paho's own: same packets, same errors, the same bytes on the wire."""
+"""The copy-saving PUBLISH decoder and send queue (``updater.transport._pahofast``) behave
+exactly as paho's own: same packets, same errors, the same bytes on the wire."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from modelward.updater import _pahofast
+from modelward.updater.transport import _pahofast
 
 EXAMPLES = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "10000")) // 10,
                     deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -105,7 +105,7 @@ def test_a_block_is_copied_once() -> None:
 def test_installed_for_the_process() -> None:
     from paho.mqtt import _packet
 
-    import modelward.updater._mqttconn  # noqa: F401 - installs on import
+    import modelward.updater.transport._mqttconn  # noqa: F401 - installs on import
 
     assert _packet.decode_publish is _pahofast.decode_publish
     assert _pahofast.install()

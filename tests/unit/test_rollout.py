@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from modelward.updater._rollout import choose_release, rollout_bucket
+from modelward.updater.rollout import choose_release, rollout_bucket
 from tests._helpers import R, v
 
 IDS = [f"device-{i:04d}" for i in range(200)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._semver import SemVer
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ import pytest
 from modelward.publisher._bundle_build import build_bundle
 from modelward.simulator._models import make_linear_model
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
-from modelward.updater._bundle import extract_bundle
-from modelward.updater._stage import Stage
+from modelward.updater.bundle._bundle import extract_bundle
+from modelward.updater.install._stage import Stage
 
 
 class _Cut(Exception):
@@ -158,8 +158,8 @@ def test_members_are_written_behind_without_filling_the_page_cache(tmp_path: Pat
     import shutil
     import subprocess
 
-    from modelward.updater._stage import WRITE_BEHIND, StageWriter
-    from modelward.updater._tarstream import Member, TarStream
+    from modelward.updater.bundle._tarstream import Member, TarStream
+    from modelward.updater.install._stage import WRITE_BEHIND, StageWriter
 
     if shutil.which("fincore") is None:
         pytest.fail("fincore (util-linux) is needed to see the page cache")

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from modelward.updater._tarstream import TarFormatError, TarStream, pax_records
+from modelward.updater.bundle._tarstream import TarFormatError, TarStream, pax_records
 
 
 class _Chunks:

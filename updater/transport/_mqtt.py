@@ -34,14 +34,14 @@ import paho.mqtt.client as mqtt
 from tuf.api import exceptions as tuf_exc
 
 from modelward.updater._config import MqttConfig
-from modelward.updater._fetcher import RangeFetcher
-from modelward.updater._mqttconn import (
+from modelward.updater.errors import TransportError
+from modelward.updater.transport._fetcher import RangeFetcher
+from modelward.updater.transport._mqttconn import (
     AnnouncementListener,
     MqttConnection,
     parse_broker_url,
     publish_properties,
 )
-from modelward.updater.errors import TransportError
 
 __all__ = [
     "MQTT_METADATA_URL",

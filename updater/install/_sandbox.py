@@ -2,7 +2,7 @@
 
 The agent holds the TPM, the trust record, the slots, ``current`` and the MQTT credentials;
 a signed but malicious model runs code in onnxruntime. :func:`run` starts ``argv`` through
-:mod:`modelward.updater._sandbox_launch`, which confines itself with resource limits, Landlock and
+:mod:`updater.install._sandbox_launch`, which confines itself with resource limits, Landlock and
 seccomp and proves the confinement before it ``execve``s ``argv``. Nothing here needs
 privileges or namespaces, so it works for the unprivileged agent in its systemd unit
 (``RestrictNamespaces=yes``) as well as for root in CI.
@@ -98,6 +98,15 @@ class Completed:
     overflow: str = ""
 
 
+def _package_roots() -> list[str]:
+    """Where ``modelward`` and its subpackages live: in a source tree the subpackages are
+    symlinks to the top-level folders, so both the links' and their targets' places."""
+    import modelward
+
+    top = Path(modelward.__file__).parent
+    return [str(top.parent), *(str(p.resolve()) for p in top.iterdir() if p.is_symlink())]
+
+
 def python_read_paths(environ: Mapping[str, str]) -> tuple[str, ...]:
     """The system paths plus what this Python needs: prefixes, stdlib, site-packages, and
     the code this agent runs from (the ``modelward`` package's root). ``PYTHONPATH`` is not
@@ -105,7 +114,7 @@ def python_read_paths(environ: Mapping[str, str]) -> tuple[str, ...]:
     paths = [p for p in SYSTEM_READ if Path(p).exists()]
     py = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
           os.path.dirname(os.path.realpath(sys.executable)),
-          str(Path(__file__).resolve().parents[1])]
+          *_package_roots()]
     py += [v for k, v in sysconfig.get_paths().items() if k in
            ("stdlib", "platstdlib", "purelib", "platlib")]
     for p in py:
@@ -174,7 +183,7 @@ def spawn(argv: Sequence[str], policy: SandboxPolicy,
 
     ``argv[0]`` is a path (no ``PATH`` search). Its stdin is ``/dev/null``, stdout and
     stderr are pipes, every other descriptor of the agent is closed but ``pass_fds``
-    (sealed, read-only copies of its inputs: ``updater._sealed``), which keep their numbers.
+    (sealed, read-only copies of its inputs: ``updater.install._sealed``), which keep their numbers.
 
     Raises:
         SandboxError: an isolation could not be set up (``missing`` names it), or the

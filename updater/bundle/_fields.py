@@ -1,6 +1,6 @@
 """The signed ``modelward`` fields of a target, as a device acts on them (pure).
 
-One reading for everyone: the device's candidate selection (:func:`updater._tuf._candidate`)
+One reading for everyone: the device's candidate selection (:func:`updater.install._tuf._candidate`)
 and the signer's summary (:mod:`publisher._summary`) both call :func:`read_fields`, so what
 a signer is shown is what a device will do. :func:`noncanonical` says where the raw fields
 differ from the form the repository writes (``"pinned": 1`` read as a pin, ``"rollout": 0``
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._semver import SemVer
 
 FLAGS = ("pinned", "withdrawn")
 KNOWN = ("name", "version", "fingerprint", "channel", "rollout", *FLAGS)

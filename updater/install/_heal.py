@@ -32,9 +32,9 @@ from modelward.trust._bounded import loads_bounded
 from modelward.trust._record import Heal, TrustRecord
 from modelward.trust._store import TrustStore
 from modelward.trust.errors import RootAnchorError
-from modelward.updater._fetcher import RangeFetcher
-from modelward.updater._tuf import convert_tuf_error
 from modelward.updater.errors import MetadataError, RootRecoveryError, StagingError
+from modelward.updater.install._tuf import convert_tuf_error
+from modelward.updater.transport._fetcher import RangeFetcher
 
 logger = logging.getLogger(__name__)
 

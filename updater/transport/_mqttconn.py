@@ -19,9 +19,9 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from modelward.trust._bounded import loads_bounded
-from modelward.updater import _pahofast
 from modelward.updater._config import MqttConfig
 from modelward.updater.errors import TransportError
+from modelward.updater.transport import _pahofast
 
 logger = logging.getLogger(__name__)
 

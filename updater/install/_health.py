@@ -1,7 +1,7 @@
-"""Health check: onnxruntime in a sandboxed child process (updater/_sandbox.py).
+"""Health check: onnxruntime in a sandboxed child process (updater/install/_sandbox.py).
 
 The child runs a signed but possibly malicious model. It gets sealed in-memory copies of
-the staged files it needs (``modelward.updater._sealed``: the very bytes whose fingerprint was
+the staged files it needs (``updater.install._sealed``: the very bytes whose fingerprint was
 checked; it never opens a path of the stage, which it cannot even see), a read-only view of
 the system's libraries, bounded memory, CPU time and output, no network, no TPM, no
 credentials and nothing it can write; its one-line report is untrusted input, parsed
@@ -22,9 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from modelward.trust._bounded import loads_bounded
-from modelward.updater._bundle import MANIFEST, parse_manifest
 from modelward.updater._config import HealthConfig
-from modelward.updater._sandbox import (
+from modelward.updater.bundle._bundle import MANIFEST, parse_manifest
+from modelward.updater.errors import BundleFormatError, HealthCheckError, SandboxError
+from modelward.updater.install._sandbox import (
     Completed,
     SandboxPolicy,
     auto_max_memory,
@@ -33,8 +34,7 @@ from modelward.updater._sandbox import (
     scrubbed_env,
     tpm_devices,
 )
-from modelward.updater._sealed import SealedFiles, seal_slot
-from modelward.updater.errors import BundleFormatError, HealthCheckError, SandboxError
+from modelward.updater.install._sealed import SealedFiles, seal_slot
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def run_health_check(
         cfg: bounds.
         heartbeat: called about once a second while the child runs (watchdog).
         sealed: sealed copies of the health inputs whose fingerprint the caller verified
-            (``updater._sealed.seal_verified``); None: copied from ``slot`` here, unverified
+            (``updater.install._sealed.seal_verified``); None: copied from ``slot`` here, unverified
             (benchmarks and tests).
 
     Returns:
@@ -206,7 +206,8 @@ def run_health_check(
         sealed = seal_slot(slot, names)
     try:
         fds = dict(sealed.fds)
-        done = run([sys.executable, "-I", "-m", "modelward.updater._healthchild", json.dumps(fds)],
+        done = run([sys.executable, "-I", "-m", "modelward.updater.install._healthchild",
+                    json.dumps(fds)],
                    policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
                    max_stderr=MAX_STDERR, pass_fds=tuple(fds.values()))
     finally:

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._semver import SemVer
 
 OPERATOR = "targets"  # the top-level targets role
 

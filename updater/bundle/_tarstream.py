@@ -7,7 +7,7 @@ ustar prefixes) and pax extended headers itself, yields member data as ``memoryv
 slices of the chunks it is fed, and reports every byte that is *not* member data to a
 ``skeleton`` callback with its offset: headers, pax records, padding, the end-of-archive
 blocks and anything after them. Together with the member files, the skeleton is enough
-to rebuild the stream byte for byte (see ``modelward.updater._stage``).
+to rebuild the stream byte for byte (see ``modelward.updater.install._stage``).
 
 Only what a bundle may contain is understood: ustar and pax headers. GNU extensions and
 global pax headers are refused; what a member *is* (file, link, device) is left to the

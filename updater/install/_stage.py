@@ -34,7 +34,8 @@ from typing import cast
 
 from modelward.trust._bounded import loads_bounded, read_bounded
 from modelward.trust._fingerprint import walk_tree
-from modelward.updater._statedir import (
+from modelward.updater.bundle._tarstream import Member, check_member_path
+from modelward.updater.install._statedir import (
     DIR_MODE,
     is_plain_dir,
     make_dirs,
@@ -43,7 +44,6 @@ from modelward.updater._statedir import (
     remove_at,
     remove_entry,
 )
-from modelward.updater._tarstream import Member, check_member_path
 
 _READ = 1 << 20
 #: An index longer than this is read only this far (a bundle has at most 257 members).

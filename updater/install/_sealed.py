@@ -8,7 +8,7 @@ fingerprint does (``trust._fingerprint.directory_entries``: every directory and 
 health check needs, copies the bytes of that one open file into a memfd, seals it against
 any change (``F_SEAL_WRITE``, ``SHRINK``, ``GROW``, ``SEAL``) and hashes the *sealed copy*.
 The slot fingerprint computed that way is compared with the signed one; the health child
-then receives the sealed fds and never opens a path (``modelward.updater._healthchild``).
+then receives the sealed fds and never opens a path (``modelward.updater.install._healthchild``).
 
 Bounded: a file is copied only when its size is the one the verified stream gave it (a
 file grown or swapped for a sparse giant is never read into memory), and never more than

@@ -2,7 +2,7 @@
 
 A bundle is an uncompressed POSIX tar, ``manifest.json`` first, then exactly the
 files the manifest lists, as regular files. Extraction reads the tar as a stream
-(``modelward.updater._tarstream``), so memory stays bounded whatever the bundle size and member
+(``updater.bundle._tarstream``), so memory stays bounded whatever the bundle size and member
 data is never copied in user space, and refuses anything else before a byte of it
 reaches the disk.
 """
@@ -18,9 +18,8 @@ from typing import Any
 
 from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import FileEntry, MerkleHasher
-from modelward.updater._semver import SemVer
-from modelward.updater._stage import StageWriter
-from modelward.updater._tarstream import (
+from modelward.updater.bundle._semver import SemVer
+from modelward.updater.bundle._tarstream import (
     Member,
     Readable,
     TarFormatError,
@@ -28,6 +27,7 @@ from modelward.updater._tarstream import (
     check_member_path,
 )
 from modelward.updater.errors import BundleFormatError
+from modelward.updater.install._stage import StageWriter
 
 FORMAT = "modelward-bundle/1"
 MANIFEST = "manifest.json"

@@ -6,7 +6,7 @@ rename): until a bundle has passed every check, nothing outside ``staging/`` is 
 ``current`` is exactly the relative link ``slots/a`` or ``slots/b``: anything else (a link
 elsewhere, even to a copy of a slot, an absolute link, a directory, a file) is not a slot,
 and :meth:`SlotStore.activate` replaces it. A slot is a plain directory under a plain
-``slots`` (``modelward.updater._statedir``): a symlinked slot never matches a fingerprint, and a
+``slots`` (``updater.install._statedir``): a symlinked slot never matches a fingerprint, and a
 symlinked ``slots`` is refused with a StateDirError.
 """
 
@@ -22,8 +22,8 @@ import stat
 from pathlib import Path
 
 from modelward.trust._atomic import fsync_dir, symlink_atomic
-from modelward.updater._statedir import is_plain_dir, plain_dir, remove_entry
 from modelward.updater.errors import StateDirError
+from modelward.updater.install._statedir import is_plain_dir, plain_dir, remove_entry
 
 SLOTS = ("a", "b")
 LINKS = {f"slots/{s}": s for s in SLOTS}

@@ -2,7 +2,7 @@
 
 All use of ngclient internals lives here (pinned: tuf < 8): the verified bytes of
 each new root (to rewrite the TPM anchor), the trusted top-level targets, and
-``_load_targets`` for the delegated roles the search in :mod:`modelward.updater._search` reaches
+``_load_targets`` for the delegated roles the search in :mod:`updater.install._search` reaches
 (the public ``get_targetinfo`` needs the exact target path, which a device looking for
 the releases of its model does not know).
 """
@@ -22,11 +22,11 @@ from tuf.ngclient import Updater
 from tuf.ngclient import UpdaterConfig as NgConfig
 
 from modelward.updater._config import TufConfig
-from modelward.updater._fetcher import RangeFetcher
-from modelward.updater._fields import modelward_field, read_fields
-from modelward.updater._search import TOP, Found, Reach, SearchBudgetError, find_releases
-from modelward.updater._semver import SemVer
+from modelward.updater.bundle._fields import modelward_field, read_fields
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import DownloadFailedError, MetadataError, StagingError
+from modelward.updater.install._search import TOP, Found, Reach, SearchBudgetError, find_releases
+from modelward.updater.transport._fetcher import RangeFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ class TufSession:
 
         Raises:
             MetadataError: a role the search reaches failed verification, or the search
-                hit its work bound (:class:`modelward.updater._search.SearchBudgetError`).
+                hit its work bound (:class:`modelward.updater.install._search.SearchBudgetError`).
             DownloadFailedError: the origin did not deliver one.
             StagingError: a verified role cannot be written to the metadata directory.
         """

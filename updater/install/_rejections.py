@@ -60,8 +60,8 @@ from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import UnsafeFileError, loads_bounded
 from modelward.trust._bounded import read_bounded as read_bounded_file
 from modelward.trust.errors import LocalDeviceError, ModelwardError
-from modelward.updater._rollout import Choice, Release, choose_release
 from modelward.updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
+from modelward.updater.rollout import Choice, Release, choose_release
 
 logger = logging.getLogger(__name__)
 

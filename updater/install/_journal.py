@@ -17,7 +17,7 @@ from pathlib import Path
 
 from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
-from modelward.updater._statedir import clear_for_file
+from modelward.updater.install._statedir import clear_for_file
 
 # In order. "idle" is the resting state between attempts.
 STEPS = (
@@ -75,7 +75,7 @@ class Journal:
         """Record ``step`` durably (temp file, fsync, rename, fsync dir).
 
         A directory planted at the journal's path is removed first (the journal is no
-        trusted state; see :func:`modelward.updater._statedir.clear_for_file`).
+        trusted state; see :func:`modelward.updater.install._statedir.clear_for_file`).
 
         Raises:
             StateDirError: the journal's path holds a directory that cannot be removed.

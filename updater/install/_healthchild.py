@@ -1,4 +1,4 @@
-"""Health-check child process: ``python -m modelward.updater._healthchild FDS_JSON``.
+"""Health-check child process: ``python -m modelward.updater.install._healthchild FDS_JSON``.
 
 Runs in its own process so that a model that crashes, hangs or eats memory in
 onnxruntime cannot take the agent down. Prints one JSON object
@@ -6,7 +6,7 @@ onnxruntime cannot take the agent down. Prints one JSON object
 
 ``FDS_JSON`` maps the bundle's relative paths (the manifest, the model, the vectors) to
 inherited descriptors: sealed in-memory copies of the bytes the agent verified
-(``updater._sealed``). Nothing is opened by path: the stage on disk may have changed since,
+(``updater.install._sealed``). Nothing is opened by path: the stage on disk may have changed since,
 and the sandbox hides it anyway.
 """
 
@@ -36,7 +36,7 @@ def check(fds: dict[str, int]) -> tuple[bool, str]:
     import numpy as np
     import onnxruntime as ort
 
-    from modelward.updater._bundle import MANIFEST, parse_manifest
+    from modelward.updater.bundle._bundle import MANIFEST, parse_manifest
 
     manifest = parse_manifest(_read(fds, MANIFEST), "the verified bundle")
     opts = ort.SessionOptions()

@@ -25,22 +25,9 @@ from tuf.api.metadata import TargetFile
 from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
-from modelward.updater._bundle import Manifest, extract_bundle, fsync_tree
 from modelward.updater._config import UpdaterConfig
-from modelward.updater._fetcher import RangeFetcher, RequestsFetcher
-from modelward.updater._heal import trusted_record
-from modelward.updater._health import health_inputs, run_health_check
-from modelward.updater._idle import Gate
-from modelward.updater._journal import Journal
-from modelward.updater._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
-from modelward.updater._rejections import RejectionStore
-from modelward.updater._rollout import Choice
-from modelward.updater._sealed import SealedFiles, seal_verified
-from modelward.updater._semver import SemVer
-from modelward.updater._slots import SlotStore
-from modelward.updater._stage import Stage
-from modelward.updater._statedir import check_state_dirs, plain_dir
-from modelward.updater._tuf import Candidate, TufSession, convert_tuf_error
+from modelward.updater.bundle._bundle import Manifest, extract_bundle, fsync_tree
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import (
     FingerprintMismatchError,
     ModelwardError,
@@ -51,6 +38,19 @@ from modelward.updater.errors import (
     StagingError,
     TargetHashError,
 )
+from modelward.updater.idle import Gate
+from modelward.updater.install._heal import trusted_record
+from modelward.updater.install._health import health_inputs, run_health_check
+from modelward.updater.install._journal import Journal
+from modelward.updater.install._rejections import RejectionStore
+from modelward.updater.install._sealed import SealedFiles, seal_verified
+from modelward.updater.install._slots import SlotStore
+from modelward.updater.install._stage import Stage
+from modelward.updater.install._statedir import check_state_dirs, plain_dir
+from modelward.updater.install._tuf import Candidate, TufSession, convert_tuf_error
+from modelward.updater.rollout import Choice
+from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
+from modelward.updater.transport._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def download_and_extract(
     This thread only receives; a hash thread computes the TUF hashes of the bundle, and an
     extraction thread parses the tar, hashes each member (sha256 and Merkle leaves) and
     writes it into ``incoming``, with the rest of the tar going to the stage's skeleton
-    (``modelward.updater._stage``); hashlib releases the GIL, so the cores work at once. Nothing
+    (``updater.install._stage``); hashlib releases the GIL, so the cores work at once. Nothing
     is read back. A download staged
     by an earlier, interrupted attempt continues where it stopped (Range / offset); the
     bytes it already has are rebuilt from the stage and hashed again, not fetched.

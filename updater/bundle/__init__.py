@@ -1,0 +1,3 @@
+"""The bundle format, pure and fuzzed: manifest, tar reader, semver, the signed
+custom fields of a TUF target.
+"""
