@@ -165,10 +165,6 @@ def test_expired_pending_root_is_not_published(tmp_path: Path) -> None:
 
 # -- careless operator: the two-machine layout ----------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason="in the online/offline layout `repo rotate targets` "
-                   "publishes root v2 at once while snapshot and timestamp still list the "
-                   "old-key targets: devices reject everything until the online host's next "
-                   "refresh (hours)")
 def test_targets_rotation_in_the_two_machine_layout_never_strands(tmp_path: Path) -> None:
     from tests.unit.test_i14_online import Layout
 

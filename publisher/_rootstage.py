@@ -1,0 +1,293 @@
+"""Root changes in the two-machine layout: staged by the offline side, published by the
+online host together with the snapshot and timestamp that go with them.
+
+A root N+1 that re-keys role metadata (a targets rotation, a threshold change) makes the
+published targets, snapshot or timestamp unverifiable the moment devices see it. In the
+two-machine layout only the online host signs snapshot and timestamp, so the offline side
+cannot publish N+1 and the metadata that goes with it at once. Instead:
+
+1. The offline side (:func:`stage`) keeps root N+1, fully signed (root N's threshold and
+   its own), in ``KEYS/staged/`` and copies it to ``metadata/staged/`` (a name no client
+   fetches). The re-keyed targets are signed anew by the keys of root N *and* of root N+1
+   (:func:`cosign`), so they verify under either; so is every targets it signs until N+1
+   is published. Root N stays the root in force on both machines.
+2. The online refresh (:func:`staged_root`) takes root N+1 only if it chains from the root
+   it trusts (TUF's rules; never a root the offline root keys did not sign) and picks the
+   newest targets that verify under both roots. It signs snapshot and timestamp with the
+   keys of both roots, checks each step with a stock client (:mod:`._tufcheck`) and writes
+   ``N.snapshot.json``, ``timestamp.json`` and only then ``N+1.root.json``. A device
+   fetching at any instant sees a consistent set: before the timestamp, the old state
+   under root N; after it, targets that verify under root N (a device that walked the
+   root chain a moment before) and under root N+1.
+3. The offline side's next command (:func:`finish`) sees N+1 in the verified chain: the
+   retired keys' files move to ``KEYS/retired/``, the staged copies go, and N+1 becomes its
+   anchor. Only then are the retired keys no longer used to sign.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from securesystemslib.exceptions import UnverifiedSignatureError, VerificationError
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
+from tuf.api.serialization.json import JSONSerializer
+
+from modelward.publisher._online_state import read_or_ignore
+from modelward.publisher._rootflow import retire_key_files, root_gaps, signing_uris
+from modelward.publisher._served import parse, read_file, save_anchor
+from modelward.publisher.errors import KeyError_, RepositoryStateError
+from modelward.trust._atomic import write_atomic
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from modelward.publisher._repo import Repository
+
+logger = logging.getLogger(__name__)
+
+STAGE_DIR = "staged"  # KEYS/staged/N.root.json (trusted copy), metadata/staged/ (for the host)
+
+
+class StagedRootError(RepositoryStateError):
+    """A root change is staged for the online host and not yet published: another root
+    change now would fork it.
+
+    Attributes:
+        version: the staged root's version.
+        path: the offline side's copy.
+    """
+
+    def __init__(self, version: int, path: Path) -> None:
+        super().__init__(
+            f"root v{version} is staged ({path}) and waits for the online host's `repo "
+            "refresh`, which publishes it with the snapshot and timestamp that go with it",
+            hint="run `modelward repo refresh --online-dir ONLINE` on the online host (or "
+                 "wait for its timer), then make the next root change")
+        self.version, self.path = version, path
+
+
+def _name(version: int) -> str:
+    return f"{version}.root.json"
+
+
+def _real_dir(path: Path) -> Path:
+    """``path`` as a directory of its own (made if absent), never through a symlink.
+
+    Raises:
+        RepositoryStateError: it is a symbolic link or not a directory.
+    """
+    try:
+        path.mkdir(mode=0o755 if path.parent.name == "metadata" else 0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as e:
+        raise RepositoryStateError(f"cannot make {path}: {e.strerror}") from e
+    if not stat.S_ISDIR(st.st_mode):
+        raise RepositoryStateError(f"{path} is not a directory (a symbolic link?): the "
+                                   "staged root is not written through it",
+                                   hint=f"remove {path}")
+    return path
+
+
+def _verify_next(md: Metadata[Any], trusted: Root, now: datetime) -> str | None:
+    """Why ``md`` is not root ``trusted.version + 1`` signed by TUF's rules (None: it is)."""
+    if not isinstance(md.signed, Root):
+        return "is not root metadata"
+    if md.signed.version != trusted.version + 1:
+        return f"is root v{md.signed.version}, not v{trusted.version + 1}"
+    try:
+        gaps = root_gaps(trusted, md)
+    except RepositoryStateError as e:
+        return str(e)
+    if gaps:
+        return f"lacks root signatures ({gaps[0].have} of {gaps[0].need} by root " \
+               f"v{gaps[0].version}'s keys)"
+    if md.signed.is_expired(now):
+        return f"expired at {md.signed.expires.isoformat()}"
+    return None
+
+
+# --- the offline side ----------------------------------------------------------------
+
+
+def active(repo: Repository) -> tuple[Metadata[Root], bytes] | None:
+    """The offline side's staged root N+1 (N: the newest root of its verified chain), read
+    from its own copy in ``KEYS/staged/`` and verified; None when there is none.
+
+    Raises:
+        RepositoryStateError: the copy is there but does not verify (named).
+    """
+    version = repo.latest_root_version() + 1
+    path = repo.keys / STAGE_DIR / _name(version)
+    data = read_file(path)
+    if data is None:
+        return None
+    md = parse(path, data)
+    why = _verify_next(md, repo._trusted_root(), repo._clock())  # noqa: SLF001
+    if why is not None:
+        raise RepositoryStateError(f"the staged root {path} {why}",
+                                   hint=f"delete {path} and make the root change again")
+    return md, data
+
+
+def refuse_if_staged(repo: Repository, version: int) -> None:
+    """Raises StagedRootError if root ``version`` is staged (a second root change)."""
+    path = repo.keys / STAGE_DIR / _name(version)
+    if path.exists():
+        raise StagedRootError(version, path)
+
+
+def stage(repo: Repository, md: Metadata[Root], data: bytes, plan: dict[str, list[str]]
+          ) -> None:
+    """Stage root N+1 (fully signed) for the online host, instead of publishing it: the
+    trusted copy in KEYS first, then the targets signed by both roots' keys, then the copy
+    the online host reads. Idempotent (:func:`resume` redoes what a crash left).
+
+    Raises:
+        RepositoryStateError: the re-keyed targets cannot be signed here by the new keys.
+    """
+    new = md.signed
+    if "targets" in plan and len(plan["targets"]) < new.roles["targets"].threshold:
+        raise RepositoryStateError(
+            f"root v{new.version} is signed, but the targets it re-keys cannot be signed "
+            f"here: {new.roles['targets'].threshold} of its new keys are needed, "
+            f"{len(plan['targets'])} can sign; nothing was staged",
+            hint="make those keys usable (passphrase, HSM PIN, envvar), then "
+                 "`modelward repo sign root --key URI`")
+    write_atomic(_real_dir(repo.keys / STAGE_DIR) / _name(new.version), data, mode=0o600)
+    (repo.pending_dir / _name(new.version)).unlink(missing_ok=True)
+    resume(repo)
+
+
+def resume(repo: Repository) -> bool:
+    """Make sure a staged root has what the online host needs: targets that verify under
+    it (and the root in force), and its copy in ``metadata/staged/``. Returns whether a
+    root is staged."""
+    got = active(repo)
+    if got is None:
+        return False
+    md, data = got
+    targets, _, _ = repo.current()
+    head = repo.metadata_dir / f"{targets.version}.targets.json"
+    head_data = read_file(head)
+    ok = False
+    if head_data is not None:
+        head_md = parse(head, head_data)
+        try:
+            md.signed.verify_delegate("targets", head_md.signed_bytes, head_md.signatures)
+            ok = True
+        except UnsignedMetadataError:
+            ok = False
+    if not ok:  # signed by both roots' keys (cosign), numbered above the head
+        repo._commit_targets(targets)  # noqa: SLF001
+    write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR) / _name(md.signed.version), data)
+    logger.warning("root v%d is staged: the online host's next `repo refresh` publishes it "
+                   "with the snapshot and timestamp; until then root v%d stays in force",
+                   md.signed.version, md.signed.version - 1)
+    return True
+
+
+def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
+    """While a root N+1 is staged, top-level targets are signed by its keys as well, up to
+    its threshold, so they verify under root N and under N+1."""
+    if role != "targets":
+        return
+    got = active(repo)
+    if got is None:
+        return
+    staged = got[0].signed
+    keys = {k: staged.get_key(k) for k in staged.roles[role].keyids}
+
+    def valid() -> set[str]:
+        out = set()
+        for k, key in keys.items():
+            sig = md.signatures.get(k)
+            if sig is None:
+                continue
+            try:
+                key.verify_signature(sig, md.signed_bytes)
+                out.add(k)
+            except (UnverifiedSignatureError, VerificationError):
+                continue
+        return out
+
+    need = staged.roles[role].threshold
+    entries = repo.signers.entries()
+    for uri in signing_uris(role, keys, entries, len(keys)):
+        have = valid()
+        if len(have) >= need:
+            break
+        keyid = next((k for k, u in entries.items() if u == uri), None)
+        if keyid is None or keyid not in keys or keyid in have:
+            continue
+        try:
+            md.sign(repo.signers.signer(uri, keys[keyid], role), append=True)
+        except KeyError_ as e:
+            logger.warning("%s key %s cannot sign here: %s", role, uri, e)
+    if len(valid()) < need:
+        raise RepositoryStateError(
+            f"targets v{md.signed.version} would not verify under the staged root "
+            f"v{staged.version} ({len(valid())} of its {need} targets keys can sign here)",
+            hint="make the new targets keys usable (passphrase, HSM PIN), then retry")
+
+
+def finish(repo: Repository) -> bool:
+    """After the online host published a staged root: file the keys it retired, drop the
+    staged copies, keep it as the anchor. Returns whether a staged root was finished."""
+    base = repo.keys / STAGE_DIR
+    if not base.is_dir() or base.is_symlink():
+        return False
+    chain = None
+    done = False
+    for path in sorted(base.glob("*.root.json")):
+        try:
+            version = int(path.name.split(".", 1)[0])
+        except ValueError:
+            continue
+        if chain is None:
+            from modelward.publisher._served import trusted_chain
+            chain = {md.signed.version: md for md in trusted_chain(repo)}
+        if version not in chain:
+            continue
+        data = read_file(path)
+        published = chain[version]
+        if data is None or parse(path, data).signed.to_dict() != published.signed.to_dict():
+            logger.warning("root v%d was published but is not the root staged here (%s)",
+                           version, path)
+        else:
+            retire_key_files(repo.keys, repo.signers, chain[version - 1].signed,
+                             published.signed)
+            save_anchor(repo, published.to_bytes(JSONSerializer(compact=False)))
+            logger.info("root v%d, staged here, is published: retired keys filed", version)
+        path.unlink(missing_ok=True)
+        (repo.metadata_dir / STAGE_DIR / path.name).unlink(missing_ok=True)
+        done = True
+    return done
+
+
+# --- the online host -------------------------------------------------------------------
+
+
+def staged_root(metadata_dir: Path, trusted: Root, now: datetime
+                ) -> tuple[Metadata[Root], bytes] | None:
+    """Root ``trusted.version + 1`` staged in ``metadata/staged/``, if it chains from
+    ``trusted`` by TUF's rules and is not expired; None otherwise (logged)."""
+    base = metadata_dir / STAGE_DIR
+    path = base / _name(trusted.version + 1)
+    if not base.is_dir() or base.is_symlink():
+        return None
+    got = read_or_ignore(path)
+    if got is None:
+        return None
+    md, data = got
+    why = _verify_next(md, trusted, now)
+    if why is not None:
+        logger.warning("ignoring the staged root %s: it %s", path, why)
+        return None
+    root_md: Metadata[Root] = md
+    return root_md, data
+
