@@ -196,6 +196,7 @@ def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
     its threshold, so they verify under root N and under N+1."""
     if role != "targets":
         return
+    finish(repo)  # a staged root the online host published since: its keys only now
     got = active(repo)
     if got is None:
         return
