@@ -501,6 +501,9 @@ class Repository:
                 f"re-signed here: {short}; the root waits in {path}",
                 hint="make those keys usable (passphrase, HSM PIN, envvar), then "
                      "`modelward repo sign root --key URI` publishes it")
+        if plan:  # re-keyed metadata signed by both roots' keys first, the root last
+            rootstage.stage(self, md, data, plan)
+            return
         write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / name).unlink(missing_ok=True)
         if previous is not None:

@@ -39,13 +39,15 @@ from tuf.api.serialization.json import JSONSerializer
 
 from modelward.publisher._online_state import read_or_ignore
 from modelward.publisher._rootflow import retire_key_files, root_gaps, signing_uris
-from modelward.publisher._served import parse, read_file, save_anchor
+from modelward.publisher._served import parse, read_file, save_anchor, trusted_chain
+from modelward.publisher._tufcheck import check_root_chain, check_state
 from modelward.publisher.errors import KeyError_, RepositoryStateError
 from modelward.trust._atomic import write_atomic
 
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from modelward.publisher._keys import SignerRegistry
     from modelward.publisher._repo import Repository
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,18 @@ class StagedRootError(RepositoryStateError):
             hint="run `modelward repo refresh --online-dir ONLINE` on the online host (or "
                  "wait for its timer), then make the next root change")
         self.version, self.path = version, path
+
+
+def online_elsewhere(repo: Repository) -> bool:
+    from modelward.publisher._online import online_elsewhere as elsewhere  # imports this
+
+    return elsewhere(repo)
+
+
+def _registry(repo: Repository, role: str) -> SignerRegistry:
+    from modelward.publisher._online import key_home  # imports this module
+
+    return key_home(repo, role).registry
 
 
 def _name(version: int) -> str:
@@ -143,9 +157,10 @@ def refuse_if_staged(repo: Repository, version: int) -> None:
 
 def stage(repo: Repository, md: Metadata[Root], data: bytes, plan: dict[str, list[str]]
           ) -> None:
-    """Stage root N+1 (fully signed) for the online host, instead of publishing it: the
-    trusted copy in KEYS first, then the targets signed by both roots' keys, then the copy
-    the online host reads. Idempotent (:func:`resume` redoes what a crash left).
+    """Stage root N+1 (fully signed), whose keys no longer accept the published ``plan``
+    roles: the trusted copy in KEYS first, then (:func:`resume`) the re-keyed metadata
+    signed by both roots' keys, then the root is published (single machine) or copied
+    for the online host. Idempotent: :func:`resume` redoes what a crash left.
 
     Raises:
         RepositoryStateError: the re-keyed targets cannot be signed here by the new keys.
@@ -163,44 +178,113 @@ def stage(repo: Repository, md: Metadata[Root], data: bytes, plan: dict[str, lis
     resume(repo)
 
 
+def _accepts(root: Root, role: str, path: Path) -> bool:
+    data = read_file(path)
+    if data is None:
+        return False
+    md = parse(path, data)
+    try:
+        root.verify_delegate(role, md.signed_bytes, md.signatures)
+    except UnsignedMetadataError:
+        return False
+    return True
+
+
 def resume(repo: Repository) -> bool:
-    """Make sure a staged root has what the online host needs: targets that verify under
-    it (and the root in force), and its copy in ``metadata/staged/``. Returns whether a
-    root is staged."""
+    """Carry a staged root on: the re-keyed metadata signed anew by both roots' keys
+    (:func:`cosign`), then, on the machine that signs snapshot and timestamp, the root
+    published after them (:func:`_publish_here`); in the two-machine layout's offline side,
+    the copy in ``metadata/staged/`` for the online host. Returns whether a root is still
+    staged (waiting for the online host)."""
     got = active(repo)
     if got is None:
         return False
     md, data = got
-    targets, _, _ = repo.current()
-    head = repo.metadata_dir / f"{targets.version}.targets.json"
-    head_data = read_file(head)
-    ok = False
-    if head_data is not None:
-        head_md = parse(head, head_data)
-        try:
-            md.signed.verify_delegate("targets", head_md.signed_bytes, head_md.signatures)
-            ok = True
-        except UnsignedMetadataError:
-            ok = False
-    if not ok:  # signed by both roots' keys (cosign), numbered above the head
-        repo._commit_targets(targets)  # noqa: SLF001
-    write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR) / _name(md.signed.version), data)
-    logger.warning("root v%d is staged: the online host's next `repo refresh` publishes it "
-                   "with the snapshot and timestamp; until then root v%d stays in force",
-                   md.signed.version, md.signed.version - 1)
-    return True
+    new = md.signed
+    if online_elsewhere(repo):
+        targets, _, _ = repo.current()
+        if not _accepts(new, "targets", repo.metadata_dir / f"{targets.version}.targets.json"):
+            repo._commit_targets(targets)  # noqa: SLF001 - by both roots' keys (cosign)
+        write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR) / _name(new.version), data)
+        logger.warning("root v%d is staged: the online host's next `repo refresh` publishes "
+                       "it with the snapshot and timestamp; until then root v%d stays in "
+                       "force", new.version, new.version - 1)
+        return True
+    _publish_here(repo, md, data)
+    return False
+
+
+def _publish_here(repo: Repository, md: Metadata[Root], data: bytes) -> None:
+    """This machine signs every role: targets, snapshot, timestamp anew (by both roots'
+    keys) where root N+1 does not accept the published ones, each step through the
+    stock-client gate; N+1.root.json last, then :func:`finish`."""
+    new = md.signed
+    plan = repo._resign_plan(new)  # noqa: SLF001
+    saved = repo._sign_with  # noqa: SLF001
+    try:
+        repo._sign_with = [u for uris in plan.values() for u in uris]  # noqa: SLF001
+        targets, _, _ = repo.current()
+        if "targets" in plan:
+            repo._commit_targets(targets)  # noqa: SLF001
+        elif plan:
+            repo._snapshot_and_timestamp(targets.version)  # noqa: SLF001
+    except KeyError_ as e:  # a key of root N cannot sign any more (its file is gone)
+        logger.warning("root v%d's keys cannot co-sign here (%s): root v%d is published "
+                       "first, then the metadata it re-keys", new.version - 1, e,
+                       new.version)
+        repo._sign_with = saved  # noqa: SLF001
+        _publish_root_first(repo, md, data, plan)
+        return
+    finally:
+        repo._sign_with = saved  # noqa: SLF001
+    left = repo._resign_plan(new)  # noqa: SLF001
+    if left:
+        raise RepositoryStateError(
+            f"root v{new.version} is staged, but {', '.join(left)} could not be signed here "
+            "by its keys; it is not published",
+            hint="make those keys usable (passphrase, HSM PIN), then run the change again")
+    name = _name(new.version)
+
+    def read(n: str) -> bytes | None:
+        return data if n == name else read_file(repo.metadata_dir / n)
+
+    check_state(read, repo._clock(), lambda n: read_file(repo.metadata_dir / n))  # noqa: SLF001
+    write_atomic(repo.metadata_dir / name, data)
+    finish(repo)
+
+
+def _publish_root_first(repo: Repository, md: Metadata[Root], data: bytes,
+                        plan: dict[str, list[str]]) -> None:
+    """The order of old, when root N's keys cannot sign: N+1.root.json, then the re-keyed
+    metadata by N+1's keys (a device fetching in between retries on its next check)."""
+    name = _name(md.signed.version)
+
+    def read(n: str) -> bytes | None:
+        return data if n == name else read_file(repo.metadata_dir / n)
+
+    check_root_chain(read, repo._clock())  # noqa: SLF001
+    previous = repo._trusted_root()  # noqa: SLF001
+    write_atomic(repo.metadata_dir / name, data)
+    repo._finish_root_change(previous, md.signed, plan)  # noqa: SLF001
+    finish(repo)
 
 
 def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
-    """While a root N+1 is staged, top-level targets are signed by its keys as well, up to
-    its threshold, so they verify under root N and under N+1."""
-    if role != "targets":
+    """While a root N+1 is staged, targets (and, where this machine signs them, snapshot
+    and timestamp) are signed by its keys as well, up to its threshold, so they verify
+    under root N and under N+1."""
+    if role not in ("targets", "snapshot", "timestamp"):
         return
-    finish(repo)  # a staged root the online host published since: its keys only now
+    elsewhere = online_elsewhere(repo)
+    if role != "targets" and elsewhere:
+        return
+    if elsewhere:
+        finish(repo)  # a staged root the online host published since: its keys only now
     got = active(repo)
     if got is None:
         return
     staged = got[0].signed
+    registry = _registry(repo, role)
     keys = {k: staged.get_key(k) for k in staged.roles[role].keyids}
 
     def valid() -> set[str]:
@@ -217,7 +301,7 @@ def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
         return out
 
     need = staged.roles[role].threshold
-    entries = repo.signers.entries()
+    entries = registry.entries()
     for uri in signing_uris(role, keys, entries, len(keys)):
         have = valid()
         if len(have) >= need:
@@ -226,14 +310,14 @@ def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
         if keyid is None or keyid not in keys or keyid in have:
             continue
         try:
-            md.sign(repo.signers.signer(uri, keys[keyid], role), append=True)
+            md.sign(registry.signer(uri, keys[keyid], role), append=True)
         except KeyError_ as e:
             logger.warning("%s key %s cannot sign here: %s", role, uri, e)
     if len(valid()) < need:
         raise RepositoryStateError(
-            f"targets v{md.signed.version} would not verify under the staged root "
-            f"v{staged.version} ({len(valid())} of its {need} targets keys can sign here)",
-            hint="make the new targets keys usable (passphrase, HSM PIN), then retry")
+            f"{role} v{md.signed.version} would not verify under the staged root "
+            f"v{staged.version} ({len(valid())} of its {need} {role} keys can sign here)",
+            hint=f"make the new {role} keys usable (passphrase, HSM PIN), then retry")
 
 
 def finish(repo: Repository) -> bool:
@@ -250,7 +334,6 @@ def finish(repo: Repository) -> bool:
         except ValueError:
             continue
         if chain is None:
-            from modelward.publisher._served import trusted_chain
             chain = {md.signed.version: md for md in trusted_chain(repo)}
         if version not in chain:
             continue

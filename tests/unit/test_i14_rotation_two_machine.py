@@ -321,3 +321,39 @@ def test_staged_directory_planted_as_a_symlink_is_not_written_through(
     assert list(elsewhere.iterdir()) == []
     assert stock_refresh(lay.repo_dir) == 1
     assert read_file(lay.repo_dir / MD / "2.root.json") is None
+
+
+# --- the same order on one machine ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["targets", "snapshot", "timestamp"])
+def test_single_machine_rotation_is_consistent_at_every_instant(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, role: str) -> None:
+    """Without an online host the same order holds: the re-keyed metadata by both roots'
+    keys first, N+1.root.json last (before, a device fetching between the root and the
+    re-signed role was refused, and a crash there stranded every device)."""
+    import modelward.publisher._repo as repo_mod
+    import modelward.publisher._rootstage as stage_mod
+
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", OFFLINE)
+    repo.init()
+    d = repo.metadata_dir
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+    states = [files()]
+    for mod in (repo_mod, stage_mod):
+        real = mod.write_atomic
+
+        def record(path: Path, data: bytes, real: Any = real, **kw: Any) -> None:
+            real(path, data, **kw)
+            if path.parent == d:
+                states.append(files())
+
+        monkeypatch.setattr(mod, "write_atomic", record)
+    assert repo.rotate(role) == 2
+    assert len(states) >= 3 and "2.root.json" not in states[-2]
+    _mixed_ok(states, repo._clock())  # noqa: SLF001
+    assert stock_refresh(repo.repo) == 2
+    assert not (repo.keys / STAGE_DIR / "2.root.json").exists()
