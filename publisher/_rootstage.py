@@ -22,6 +22,12 @@ cannot publish N+1 and the metadata that goes with it at once. Instead:
 3. The offline side's next command (:func:`finish`) sees N+1 in the verified chain: the
    retired keys' files move to ``KEYS/retired/``, the staged copies go, and N+1 becomes its
    anchor. Only then are the retired keys no longer used to sign.
+
+A machine that signs every role (one machine, or KEYS with the online directory) goes
+through the same order at once (:func:`_publish_here`): re-keyed targets, snapshot and
+timestamp by both roots' keys, each through the gate, then ``N+1.root.json``, then
+:func:`finish`. A staged root cannot be taken back (it is signed): a second root change
+waits until it is published.
 """
 
 from __future__ import annotations
@@ -375,3 +381,12 @@ def staged_root(metadata_dir: Path, trusted: Root, now: datetime
     root_md: Metadata[Root] = md
     return root_md, data
 
+
+
+def outcome(repo: Repository, version: int) -> str:
+    """What became of root ``version`` after a root change, for the operator."""
+    if (repo.keys / STAGE_DIR / _name(version)).exists():
+        return (f"root v{version} is staged: the online host's next `repo refresh` "
+                "publishes it with the snapshot and timestamp; until then the keys in use "
+                "stay valid")
+    return f"root is now version {version} (devices follow it on their next refresh)"

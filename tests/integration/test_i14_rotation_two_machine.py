@@ -11,7 +11,7 @@ from tuf.api.metadata import Metadata, Root
 
 from modelward.updater._install import Outcome
 from tests._stock_tuf import stock_refresh
-from tests.integration.test_i14_online import OnlineWorld
+from tests.integration.test_i14_online import OFFLINE, OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
 from tests.integration.test_i14_online import pytestmark as _online_mark
 
@@ -41,7 +41,10 @@ def test_targets_rotation_in_the_two_machine_layout_strands_no_device(
     before = w.snapshot()
 
     # during: root v2 staged offline, the online host has not refreshed yet
-    assert w.repo.rotate("targets") == 2
+    r = w.cli("repo", "rotate", "targets", "--repo", str(w.repo_dir), "--keys", str(w.keys),
+              env={"MODELWARD_KEY_PASSPHRASE": OFFLINE.decode()})  # the offline machine
+    assert r.returncode == 0, r.stderr
+    assert "root v2 is staged: the online host's next `repo refresh` publishes it" in r.stdout
     assert not (w.repo_dir / "metadata" / "2.root.json").exists()
     assert stock_refresh(w.repo_dir) == 1
     assert w.update().outcome is Outcome.UP_TO_DATE
