@@ -599,8 +599,10 @@ def _refresh(repo: Repository, margin: timedelta, now: datetime, root: Root,
                 logger.info("refresh: snapshot lists %s v%d (was %s)", name, v,
                             previous.get(name))
                 meta[f"{name}.json"] = verified[name]
-        # above the floor, and never over an existing N.snapshot.json
-        snap_version = max([prev.snapshot, *versions(repo.metadata_dir, "snapshot")[:1]]) + 1
+        # Right above the floor: a file already there under that name was never named by
+        # a timestamp this host signed (the floor is saved before each write), so it is
+        # replaced; a planted N.snapshot.json never raises the version devices follow.
+        snap_version = prev.snapshot + 1
         snap = Snapshot(version=snap_version, expires=now + repo.expiry.snapshot, meta=meta)
         data = _sign(Metadata(snap), "snapshot", roots, keys["snapshot"])
         out.append((f"{snap_version}.snapshot.json", data))
