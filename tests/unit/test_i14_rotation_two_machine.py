@@ -357,3 +357,22 @@ def test_single_machine_rotation_is_consistent_at_every_instant(
     _mixed_ok(states, repo._clock())  # noqa: SLF001
     assert stock_refresh(repo.repo) == 2
     assert not (repo.keys / STAGE_DIR / "2.root.json").exists()
+
+
+def test_online_host_hiding_the_published_root_never_brings_the_old_key_back(
+        lay: Layout) -> None:
+    """Root v2 published and finished offline; the online host then removes 2.root.json
+    from the served directory: the offline side refuses (typed), and signs nothing with the
+    retired key."""
+    lay.offline.publish(lay.bundle("1.0.0"))
+    old = set(_root(lay, 1).roles["targets"].keyids)
+    lay.offline.rotate("targets")
+    lay.online().refresh()
+    lay.offline.publish(lay.bundle("1.1.0"))  # finishes: anchored at v2
+    (lay.repo_dir / MD / "2.root.json").unlink()
+    before = _files(lay)
+    with pytest.raises(RepositoryStateError):
+        lay.offline.publish(lay.bundle("1.2.0"))
+    after = _files(lay)
+    for name in set(after) - set(before):
+        assert not _keyids(lay.md(name)) & old
