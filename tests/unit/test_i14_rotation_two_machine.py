@@ -152,8 +152,7 @@ def test_release_added_before_the_refresh_is_signed_by_both_keys(lay: Layout) ->
     lay.offline.rotate("targets")
     r = lay.offline.publish(lay.bundle("1.1.0"))
     md = lay.md(f"{r.targets_version}.targets.json")
-    for v in (1,):
-        _root(lay, v).verify_delegate("targets", md.signed_bytes, md.signatures)
+    _root(lay, 1).verify_delegate("targets", md.signed_bytes, md.signatures)
     staged = Metadata[Root].from_bytes(_staged(lay).read_bytes()).signed
     staged.verify_delegate("targets", md.signed_bytes, md.signatures)
     assert stock_refresh(lay.repo_dir) == 1
@@ -332,26 +331,9 @@ def test_single_machine_rotation_is_consistent_at_every_instant(
     """Without an online host the same order holds: the re-keyed metadata by both roots'
     keys first, N+1.root.json last (before, a device fetching between the root and the
     re-signed role was refused, and a crash there stranded every device)."""
-    import modelward.publisher._repo as repo_mod
-    import modelward.publisher._rootstage as stage_mod
-
     repo = Repository(tmp_path / "repo", tmp_path / "keys", OFFLINE)
     repo.init()
-    d = repo.metadata_dir
-
-    def files() -> dict[str, bytes]:
-        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
-
-    states = [files()]
-    for mod in (repo_mod, stage_mod):
-        real = mod.write_atomic
-
-        def record(path: Path, data: bytes, real: Any = real, **kw: Any) -> None:
-            real(path, data, **kw)
-            if path.parent == d:
-                states.append(files())
-
-        monkeypatch.setattr(mod, "write_atomic", record)
+    states = _record_writes(monkeypatch, repo.metadata_dir)
     assert repo.rotate(role) == 2
     assert len(states) >= 3 and "2.root.json" not in states[-2]
     _mixed_ok(states, repo._clock())  # noqa: SLF001
@@ -376,3 +358,45 @@ def test_online_host_hiding_the_published_root_never_brings_the_old_key_back(
     after = _files(lay)
     for name in set(after) - set(before):
         assert not _keyids(lay.md(name)) & old
+
+
+def _record_writes(monkeypatch: pytest.MonkeyPatch, d: Path) -> list[dict[str, bytes]]:
+    import modelward.publisher._repo as repo_mod
+    import modelward.publisher._rootstage as stage_mod
+
+    def files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+    states = [files()]
+    for mod in (repo_mod, stage_mod):
+        real = mod.write_atomic
+
+        def record(path: Path, data: bytes, real: Any = real, **kw: Any) -> None:
+            real(path, data, **kw)
+            if path.parent == d:
+                states.append(files())
+
+        monkeypatch.setattr(mod, "write_atomic", record)
+    return states
+
+
+@pytest.mark.parametrize("role", ["snapshot", "timestamp"])
+def test_online_key_threshold_change_is_consistent_at_every_instant(
+        lay: Layout, monkeypatch: pytest.MonkeyPatch, role: str) -> None:
+    """`repo add-key snapshot|timestamp --threshold 2`: refused on the offline machine
+    (the key lives in the online directory; nothing written); on a machine with both
+    directories, the online role is re-signed by both key sets before N+1.root.json."""
+    key = generate_key_at(lay.online_dir / f"{role}-2.pem", _pw, role)
+    before = _files(lay)
+    with pytest.raises(RepositoryStateError, match="online directory"):
+        lay.offline.add_key(role, f"encfile:{role}-2.pem", key, threshold=2)
+    assert _files(lay) == before and lay.offline.latest_root_version() == 1
+    both = attach(Repository(lay.repo_dir, lay.keys, OFFLINE), lay.online_dir, _pw)
+    states = _record_writes(monkeypatch, lay.repo_dir / MD)
+    assert both.add_key(role, f"encfile:{role}-2.pem", key, threshold=2) == 2
+    assert "2.root.json" not in states[-2]
+    _mixed_ok(states, both._clock())  # noqa: SLF001
+    assert stock_refresh(lay.repo_dir) == 2
+    monkeypatch.undo()
+    lay.online().refresh()  # the online host alone: both keys sign
+    assert stock_refresh(lay.repo_dir) == 2
