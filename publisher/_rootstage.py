@@ -75,14 +75,16 @@ class StagedRootError(RepositoryStateError):
             f"root v{version} is staged ({path}) and waits for the online host's `repo "
             "refresh`, which publishes it with the snapshot and timestamp that go with it",
             hint="run `modelward repo refresh --online-dir ONLINE` on the online host (or "
-                 "wait for its timer), then make the next root change")
+                 "wait for its timer), then make the next root change; a staged root is "
+                 "signed and cannot be taken back")
         self.version, self.path = version, path
 
 
-def online_elsewhere(repo: Repository) -> bool:
-    from modelward.publisher._online import online_elsewhere as elsewhere  # imports this
+def _elsewhere(repo: Repository) -> bool:
+    """Whether this machine's online keys live elsewhere (the two-machine offline side)."""
+    from modelward.publisher._online import online_elsewhere  # it imports this module
 
-    return elsewhere(repo)
+    return online_elsewhere(repo)
 
 
 def _registry(repo: Repository, role: str) -> SignerRegistry:
@@ -95,14 +97,14 @@ def _name(version: int) -> str:
     return f"{version}.root.json"
 
 
-def _real_dir(path: Path) -> Path:
+def _real_dir(path: Path, mode: int = 0o700) -> Path:
     """``path`` as a directory of its own (made if absent), never through a symlink.
 
     Raises:
         RepositoryStateError: it is a symbolic link or not a directory.
     """
     try:
-        path.mkdir(mode=0o755 if path.parent.name == "metadata" else 0o700, exist_ok=True)
+        path.mkdir(mode=mode, exist_ok=True)
         st = os.lstat(path)
     except OSError as e:
         raise RepositoryStateError(f"cannot make {path}: {e.strerror}") from e
@@ -207,11 +209,12 @@ def resume(repo: Repository) -> bool:
         return False
     md, data = got
     new = md.signed
-    if online_elsewhere(repo):
+    if _elsewhere(repo):
         targets, _, _ = repo.current()
         if not _accepts(new, "targets", repo.metadata_dir / f"{targets.version}.targets.json"):
             repo._commit_targets(targets)  # noqa: SLF001 - by both roots' keys (cosign)
-        write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR) / _name(new.version), data)
+        write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR, 0o755) / _name(new.version),
+                     data)
         logger.warning("root v%d is staged: the online host's next `repo refresh` publishes "
                        "it with the snapshot and timestamp; until then root v%d stays in "
                        "force", new.version, new.version - 1)
@@ -281,7 +284,7 @@ def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
     under root N and under N+1."""
     if role not in ("targets", "snapshot", "timestamp"):
         return
-    elsewhere = online_elsewhere(repo)
+    elsewhere = _elsewhere(repo)
     if role != "targets" and elsewhere:
         return
     if elsewhere:

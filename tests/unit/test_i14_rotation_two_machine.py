@@ -193,10 +193,10 @@ def test_crash_before_the_copy_for_the_online_host_is_resumed(
     lay.offline.publish(lay.bundle("1.0.0"))
     real = stage_mod._real_dir  # noqa: SLF001
 
-    def crash(path: Path) -> Path:
+    def crash(path: Path, mode: int = 0o700) -> Path:
         if path.parent.name == MD:
             raise KeyboardInterrupt
-        return real(path)
+        return real(path, mode)
 
     monkeypatch.setattr(stage_mod, "_real_dir", crash)
     with pytest.raises(KeyboardInterrupt):
