@@ -45,7 +45,13 @@ from tuf.api.serialization.json import JSONSerializer
 
 from modelward.publisher._online_state import read_or_ignore
 from modelward.publisher._rootflow import retire_key_files, root_gaps, signing_uris
-from modelward.publisher._served import parse, read_file, save_anchor, trusted_chain
+from modelward.publisher._served import (
+    ServedFileError,
+    parse,
+    read_file,
+    save_anchor,
+    trusted_chain,
+)
 from modelward.publisher._tufcheck import check_root_chain, check_state
 from modelward.publisher.errors import KeyError_, RepositoryStateError
 from modelward.trust._atomic import write_atomic
@@ -213,14 +219,24 @@ def resume(repo: Repository) -> bool:
         targets, _, _ = repo.current()
         if not _accepts(new, "targets", repo.metadata_dir / f"{targets.version}.targets.json"):
             repo._commit_targets(targets)  # noqa: SLF001 - by both roots' keys (cosign)
-        write_atomic(_real_dir(repo.metadata_dir / STAGE_DIR, 0o755) / _name(new.version),
-                     data)
+        _copy_for_the_host(repo, new.version, data)
         logger.warning("root v%d is staged: the online host's next `repo refresh` publishes "
                        "it with the snapshot and timestamp; until then root v%d stays in "
                        "force", new.version, new.version - 1)
         return True
     _publish_here(repo, md, data)
     return False
+
+
+def _copy_for_the_host(repo: Repository, version: int, data: bytes) -> None:
+    """``metadata/staged/N.root.json``, written unless it holds ``data`` already.
+
+    Raises:
+        RepositoryStateError: ``metadata/staged`` is not a directory of its own.
+    """
+    path = _real_dir(repo.metadata_dir / STAGE_DIR, 0o755) / _name(version)
+    if read_file(path) != data:
+        write_atomic(path, data)
 
 
 def _publish_here(repo: Repository, md: Metadata[Root], data: bytes) -> None:
@@ -293,6 +309,12 @@ def cosign(repo: Repository, md: Metadata[Any], role: str) -> None:
     if got is None:
         return
     staged = got[0].signed
+    if elsewhere:  # the copy removed from the served side (the origin): put back
+        try:
+            _copy_for_the_host(repo, staged.version, got[1])
+        except (RepositoryStateError, ServedFileError, OSError) as e:
+            logger.warning("the staged root v%d could not be copied for the online host: "
+                           "%s", staged.version, e)
     registry = _registry(repo, role)
     keys = {k: staged.get_key(k) for k in staged.roles[role].keyids}
 

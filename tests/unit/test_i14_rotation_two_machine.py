@@ -400,3 +400,25 @@ def test_online_key_threshold_change_is_consistent_at_every_instant(
     monkeypatch.undo()
     lay.online().refresh()  # the online host alone: both keys sign
     assert stock_refresh(lay.repo_dir) == 2
+
+
+def test_origin_removing_or_blocking_the_staged_copy_stops_nothing(lay: Layout) -> None:
+    """The origin deletes metadata/staged/2.root.json: the offline side's next release
+    puts it back; it plants a file named ``staged``: offline publishing goes on (warned),
+    and the root waits (the operator removes the file; the next release copies it)."""
+    lay.offline.publish(lay.bundle("1.0.0"))
+    lay.offline.rotate("targets")
+    _staged(lay).unlink()
+    lay.offline.publish(lay.bundle("1.1.0"))
+    assert _staged(lay).is_file()
+    _staged(lay).unlink()
+    _staged(lay).parent.rmdir()
+    _staged(lay).parent.write_bytes(b"")
+    r = lay.offline.publish(lay.bundle("1.2.0"))
+    assert lay.online().refresh() == ["snapshot", "timestamp"]  # under root v1
+    assert stock_refresh(lay.repo_dir) == 1
+    _staged(lay).parent.unlink()
+    lay.offline.publish(lay.bundle("1.3.0"))
+    assert lay.online().refresh()[0] == "root"
+    assert stock_refresh(lay.repo_dir) == 2
+    assert lay.snapshot_meta()["targets.json"] == r.targets_version + 1
