@@ -7,6 +7,8 @@ next release as soon as it is signed with the new key only."""
 
 from __future__ import annotations
 
+import json
+
 from tuf.api.metadata import Metadata, Root
 
 from modelward.updater._install import Outcome
@@ -22,6 +24,11 @@ def _root(w: OnlineWorld, v: int) -> Root:
     r: Root = Metadata[Root].from_bytes(
         (w.repo_dir / "metadata" / f"{v}.root.json").read_bytes()).signed
     return r
+
+
+def _device_root(w: OnlineWorld) -> int:
+    doc = json.loads((w.state / "trust" / "root.json").read_bytes())
+    return int(doc["signed"]["version"])
 
 
 def _refresh(w: OnlineWorld) -> str:
@@ -73,14 +80,25 @@ def test_targets_rotation_in_the_two_machine_layout_strands_no_device(
 def test_second_refresh_and_release_during_the_window_on_the_device(
         online_world: OnlineWorld) -> None:
     """The careless operator: a release added before the refresh (signed by both keys),
-    then the refresh run twice; the device installs the release once, stock agrees."""
+    the staged root not carried at first, then the refresh run twice. The device installs
+    the release under root v1, keeps it across root v2 (its cached targets verify under
+    both), and stock python-tuf agrees at each step."""
     w = online_world
     w.update()
     w.repo.rotate("targets")
     w.publish("1.0.0", seed=1)
     assert w.update().outcome is Outcome.UP_TO_DATE  # not in a snapshot yet
+    staged, held = w.repo_dir / "metadata" / "staged", w.tmp / "staged-not-carried"
+    staged.rename(held)
+    _refresh(w)
+    assert stock_refresh(w.repo_dir) == 1
+    assert w.update().outcome is Outcome.INSTALLED
+    assert w.active_version() == "1.0.0" and _device_root(w) == 1
+    before = w.snapshot()
+    held.rename(staged)
     _refresh(w)
     _refresh(w)
     assert stock_refresh(w.repo_dir) == 2
-    assert w.update().outcome is Outcome.INSTALLED
-    assert w.active_version() == "1.0.0"
+    assert w.update().outcome is Outcome.UP_TO_DATE
+    assert w.active_version() == "1.0.0" and _device_root(w) == 2
+    assert w.snapshot().current == before.current
