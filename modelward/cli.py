@@ -253,7 +253,9 @@ def _repo_add_key(args: argparse.Namespace) -> int:
     else:
         raise OperatorInputError("repo add-key needs --hsm-keyid, or --uri with --public-key")
     v = repo.add_key(args.role, uri, key, threshold=args.threshold)
-    print(f"added {uri} ({key.keyid[:16]}) to {args.role}; root is now version {v}")
+    from modelward.publisher._rootstage import outcome
+
+    print(f"added {uri} ({key.keyid[:16]}) to {args.role}; {outcome(repo, v)}")
     return EXIT_OK
 
 
@@ -261,8 +263,9 @@ def _repo_rotate(args: argparse.Namespace) -> int:
 
     repo = _repository(args)
     v = repo.rotate(args.role)
-    print(f"rotated the {args.role} key; root is now version {v} "
-          f"(devices follow it on their next refresh)")
+    from modelward.publisher._rootstage import outcome
+
+    print(f"rotated the {args.role} key; {outcome(repo, v)}")
     return EXIT_OK
 
 

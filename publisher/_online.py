@@ -29,6 +29,7 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot, Targets, Timestamp
 from tuf.api.serialization.json import JSONSerializer
 
+from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import EXPIRY_FILE, Expiry, save_expiry
 from modelward.publisher._keys import ROLES, SignerRegistry, is_inside
 from modelward.publisher._online_state import (
@@ -46,7 +47,15 @@ from modelward.publisher._online_state import (
     verified_served,
 )
 from modelward.publisher._passphrases import PASSPHRASE_ENV, PassphraseProvider, env_var
-from modelward.publisher._served import ServedFileError, parse, trusted_chain, versions, walk_roots
+from modelward.publisher._served import (
+    ServedFileError,
+    parse,
+    read_file,
+    trusted_chain,
+    versions,
+    walk_roots,
+)
+from modelward.publisher._tufcheck import check_state
 from modelward.publisher.errors import KeyError_, RepositoryStateError
 from modelward.trust._atomic import write_atomic
 
@@ -301,10 +310,11 @@ def trusted_root(online_dir: Path, metadata_dir: Path) -> Root:
 
 
 def _newest(metadata_dir: Path, name: str, floor: int, delegator: Root | Targets,
-            log: Callable[..., None]) -> tuple[Metadata[Targets], bytes] | None:
-    """The newest ``N.<name>.json`` (N >= ``floor``) that ``delegator`` accepts for role
-    ``name``, with the bytes verified; at most ``MAX_CANDIDATES`` files tried, newest
-    first (files that do not verify: ``log``-ged)."""
+            log: Callable[..., None], also: tuple[Root, ...] = ()
+            ) -> tuple[Metadata[Targets], bytes] | None:
+    """The newest ``N.<name>.json`` (N >= ``floor``) that ``delegator`` (and each root of
+    ``also``: a staged root) accepts for role ``name``, with the bytes verified; at most
+    ``MAX_CANDIDATES`` files tried, newest first (files that do not verify: ``log``-ged)."""
     for tried, v in enumerate(versions(metadata_dir, name)):
         if v < floor:
             break
@@ -317,10 +327,12 @@ def _newest(metadata_dir: Path, name: str, floor: int, delegator: Root | Targets
             if got is None or not isinstance(got[0].signed, Targets) or \
                     got[0].signed.version != v:
                 raise ValueError("not targets metadata of that version")
-            delegator.verify_delegate(name, got[0].signed_bytes, got[0].signatures)
+            for checker in (delegator, *also):
+                checker.verify_delegate(name, got[0].signed_bytes, got[0].signatures)
         except (UnsignedMetadataError, ValueError) as e:
             by = f"of root v{delegator.version}" if name == "targets" else \
                 f"its delegator gives role {name!r}"
+            by += "".join(f" and of the staged root v{r.version}" for r in also)
             log("ignoring %s.%s.json: not signed by the keys %s: %s", v, name, by, e)
             continue
         return got
@@ -352,7 +364,7 @@ def _delegated(metadata_dir: Path, top: Targets, log: Callable[..., None]
 
 
 def verified_meta(metadata_dir: Path, root: Root, targets_floor: int,
-                  log: Callable[..., None] = logger.warning
+                  log: Callable[..., None] = logger.warning, also: tuple[Root, ...] = ()
                   ) -> tuple[dict[str, MetaFile], Targets | None]:
     """The newest targets (at least ``targets_floor``) signed by root's targets threshold,
     and the newest version of every role it delegates to (transitively) that verifies
@@ -363,7 +375,7 @@ def verified_meta(metadata_dir: Path, root: Root, targets_floor: int,
     Returns:
         ({"targets": MetaFile, role: MetaFile, ...}, the verified targets or None).
     """
-    got = _newest(metadata_dir, "targets", targets_floor, root, log)
+    got = _newest(metadata_dir, "targets", targets_floor, root, log, also)
     if got is None:
         return {}, None
     top: Targets = got[0].signed
@@ -388,41 +400,48 @@ def verified_delegations(metadata_dir: Path, top: Targets,
             {n: md for n, (md, _) in tree.items()})
 
 
-def _signers(repo: Repository, role: str, root: Root) -> list[Signer]:
-    """Every key of ``role`` in the verified ``root`` that the online directory registers,
-    loaded (passphrase, PIN) before anything is written.
+def _signers(repo: Repository, role: str, roots: list[Root]) -> list[Signer]:
+    """Every key of ``role`` in the verified ``roots`` (the root in force, and a staged
+    one) that the online directory registers, loaded (passphrase, PIN) before anything
+    is written.
 
     Raises:
-        KeyError_: none registered, or one cannot be loaded.
+        KeyError_: none of a root's keys registered, or one cannot be loaded.
     """
     home = key_home(repo, role)
     entries = home.registry.entries()
-    keyids = [k for k in root.roles[role].keyids if k in entries]
-    if not keyids:
-        raise KeyError_(
-            f"{home.registry.path} holds none of the {role} keys root v{root.version} lists",
-            path=str(home.registry.path),
-            hint=f"register the new {role} key there (`repo add-key` with "
-                 f"{ONLINE_DIR_ENV})")
-    return [home.registry.signer(entries[keyid], root.get_key(keyid), role)
-            for keyid in keyids]
+    out: dict[str, Signer] = {}
+    for root in roots:
+        keyids = [k for k in root.roles[role].keyids if k in entries]
+        if not keyids:
+            raise KeyError_(
+                f"{home.registry.path} holds none of the {role} keys root v{root.version} "
+                "lists", path=str(home.registry.path),
+                hint=f"register the new {role} key there (`repo add-key` with "
+                     f"{ONLINE_DIR_ENV})")
+        for keyid in keyids:
+            if keyid not in out:
+                out[keyid] = home.registry.signer(entries[keyid], root.get_key(keyid), role)
+    return list(out.values())
 
 
-def _sign(md: Metadata[Any], role: str, root: Root, signers: list[Signer]) -> bytes:
-    """Sign ``md``; its bytes once it meets ``role``'s threshold (nothing is written here:
-    the online directory is read-only to the refresh unit, nothing can wait there).
+def _sign(md: Metadata[Any], role: str, roots: list[Root], signers: list[Signer]) -> bytes:
+    """Sign ``md``; its bytes once it meets ``role``'s threshold in each of ``roots``
+    (nothing is written here: the online directory is read-only to the refresh unit,
+    nothing can wait there).
 
     Raises:
         RepositoryStateError: the registered keys do not meet the role's threshold.
     """
     for signer in signers:
         md.sign(signer, append=True)
-    try:
-        root.verify_delegate(role, md.signed_bytes, md.signatures)
-    except UnsignedMetadataError as e:
-        raise RepositoryStateError(
-            f"{role}: the keys in the online directory do not meet its threshold in root "
-            f"v{root.version}: {e}", hint=f"register more {role} keys there") from e
+    for root in roots:
+        try:
+            root.verify_delegate(role, md.signed_bytes, md.signatures)
+        except UnsignedMetadataError as e:
+            raise RepositoryStateError(
+                f"{role}: the keys in the online directory do not meet its threshold in "
+                f"root v{root.version}: {e}", hint=f"register more {role} keys there") from e
     return md.to_bytes(JSONSerializer(compact=False))
 
 
@@ -510,8 +529,14 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     delegated roles (or re-sign the snapshot when due), then the timestamp; record what it
     signed in ``ONLINE/state`` before writing it (the floor of the next run).
 
+    A root the offline side staged (:mod:`modelward.publisher._rootstage`) that chains
+    from the trusted root is published with them, last, once the whole set verifies for a
+    stock client before and after it; if it cannot be yet (no targets verify under both
+    roots, its online keys are not registered here), the refresh goes on under the root
+    in force and says why.
+
     Returns:
-        The roles re-signed.
+        The roles re-signed (``root`` too when a staged root was published).
 
     Raises:
         RepositoryStateError: no trusted root, a root that does not chain, the online
@@ -522,15 +547,51 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
     assert online is not None
     root = trusted_root(online.dir, repo.metadata_dir)
     refuse_offline_keys(online.dir, root)
+    staged = rootstage.staged_root(repo.metadata_dir, root, now)
+    if staged is not None:
+        try:
+            refuse_offline_keys(online.dir, staged[0].signed)
+            return _refresh(repo, margin, now, root, staged)
+        except (RepositoryStateError, KeyError_) as e:
+            if isinstance(e, OnlineStateError):
+                raise
+            logger.error("root v%d is staged but not published by this refresh: %s",
+                         staged[0].signed.version, e)
+    return _refresh(repo, margin, now, root, None)
+
+
+def _overlay(metadata_dir: Path, files: list[tuple[str, bytes]]
+             ) -> Callable[[str], bytes | None]:
+    """metadata/ as a client would see it with ``files`` written."""
+    new = dict(files)
+
+    def read(name: str) -> bytes | None:
+        return new[name] if name in new else read_file(metadata_dir / name)
+
+    return read
+
+
+def _refresh(repo: Repository, margin: timedelta, now: datetime, root: Root,
+             staged: tuple[Metadata[Root], bytes] | None) -> list[str]:
+    online = repo.online
+    assert online is not None
+    also = () if staged is None else (staged[0].signed,)
+    roots = [root, *also]
     prev = _previous(repo, online.dir, root)
     previous = {name.removesuffix(".json"): m.version for name, m in prev.meta.items()}
-    verified, _ = verified_meta(repo.metadata_dir, root, previous.get("targets", 1))
+    verified, _ = verified_meta(repo.metadata_dir, root, previous.get("targets", 1),
+                                also=also)
+    if staged is not None and "targets" not in verified:
+        raise RepositoryStateError(
+            f"no targets at or above v{previous.get('targets', 1)} verify under root "
+            f"v{root.version} and the staged root v{staged[0].signed.version}",
+            hint="the offline side signs them (`repo rotate`, `repo publish` there)")
     new_meta = next_snapshot_meta(previous, {k: m.version for k, m in verified.items()})
-    keys = {role: _signers(repo, role, root) for role in ONLINE_ROLES}
+    keys = {role: _signers(repo, role, roots) for role in ONLINE_ROLES}
     done = []
     snap_version, snap_entry, meta = prev.snapshot, None, prev.meta
     out: list[tuple[str, bytes]] = []
-    reusable = _reusable_snapshot(repo, prev, root)
+    reusable = None if staged is not None else _reusable_snapshot(repo, prev, root)
     if new_meta is not None or reusable is None or reusable[0] - now < margin:
         meta = dict(prev.meta)
         for name, v in (new_meta or previous).items():
@@ -538,10 +599,12 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
                 logger.info("refresh: snapshot lists %s v%d (was %s)", name, v,
                             previous.get(name))
                 meta[f"{name}.json"] = verified[name]
-        # above the floor, and never over an existing N.snapshot.json
-        snap_version = max([prev.snapshot, *versions(repo.metadata_dir, "snapshot")[:1]]) + 1
+        # Right above the floor: a file already there under that name was never named by
+        # a timestamp this host signed (the floor is saved before each write), so it is
+        # replaced; a planted N.snapshot.json never raises the version devices follow.
+        snap_version = prev.snapshot + 1
         snap = Snapshot(version=snap_version, expires=now + repo.expiry.snapshot, meta=meta)
-        data = _sign(Metadata(snap), "snapshot", root, keys["snapshot"])
+        data = _sign(Metadata(snap), "snapshot", roots, keys["snapshot"])
         out.append((f"{snap_version}.snapshot.json", data))
         snap_entry = meta_of(snap_version, data)
         done.append("snapshot")
@@ -550,12 +613,21 @@ def refresh(repo: Repository, margin: timedelta, now: datetime) -> list[str]:
         snap_entry = reusable[1]
     ts = Timestamp(version=prev.timestamp + 1, expires=now + repo.expiry.timestamp,
                    snapshot_meta=snap_entry)
-    out.append(("timestamp.json", _sign(Metadata(ts), "timestamp", root, keys["timestamp"])))
+    out.append(("timestamp.json", _sign(Metadata(ts), "timestamp", roots, keys["timestamp"])))
     done.append("timestamp")
+    if staged is not None:  # what a client sees after the timestamp, and after the root
+        published = _overlay(repo.metadata_dir, [])
+        check_state(_overlay(repo.metadata_dir, out), now, published)
+        out.append((f"{staged[0].signed.version}.root.json", staged[1]))
+        check_state(_overlay(repo.metadata_dir, out), now, published)
+        done.insert(0, "root")
     save(online.dir / STATE_DIR / STATE_FILE,
          Floor(ts.version, snap_version, dict(meta)).to_bytes())
-    for name, data in out:
+    for name, data in out:  # snapshot, timestamp, then the staged root
         write_atomic(repo.metadata_dir / name, data)
+    if staged is not None:
+        save(online.dir / STATE_DIR / STATE_ROOT, staged[1])
+        logger.warning("refresh: published the staged root v%d", staged[0].signed.version)
     repo.expiry_warnings()  # root, targets, teams: for the offline machine to act on
     return done
 

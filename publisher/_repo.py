@@ -33,6 +33,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
 from modelward.publisher._keys import (
@@ -397,6 +398,7 @@ class Repository:
                     raise
                 signed -= 1
                 logger.warning("%s key %s cannot sign here; trying the next", role, uri)
+        rootstage.cosign(self, md, role)  # a staged root's keys too (two-machine layout)
         self._publish_or_park(md, role, version, root)
 
     def _role_keys(self, role: str, root: Root) -> dict[str, Key]:
@@ -486,6 +488,9 @@ class Repository:
         data = md.to_bytes(_serializer())
         check_root_chain(self._reader(name, data), self._clock())
         plan = {} if previous is None else self._resign_plan(new)
+        if plan and online_elsewhere(self):  # the online host publishes it, with its files
+            rootstage.stage(self, md, data, plan)
+            return
         if any(len(uris) < new.roles[r].threshold for r, uris in plan.items()):
             path = self._park(md, name)
             short = "; ".join(f"{r} needs {new.roles[r].threshold} of its new keys, "
@@ -496,6 +501,9 @@ class Repository:
                 f"re-signed here: {short}; the root waits in {path}",
                 hint="make those keys usable (passphrase, HSM PIN, envvar), then "
                      "`modelward repo sign root --key URI` publishes it")
+        if plan:  # re-keyed metadata signed by both roots' keys first, the root last
+            rootstage.stage(self, md, data, plan)
+            return
         write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / name).unlink(missing_ok=True)
         if previous is not None:
@@ -565,6 +573,9 @@ class Repository:
         writing ``N.root.json`` and re-signing what it re-keys); returns whether there
         was one. Run before every root change; idempotent.
         """
+        rootstage.finish(self)  # published by the online host: retire, re-anchor
+        if rootstage.resume(self):  # staged, not yet published
+            return False
         version = self.latest_root_version()
         if version < 2:
             return False
@@ -582,6 +593,7 @@ class Repository:
         return True
 
     def _refuse_if_root_pending(self, version: int) -> None:
+        rootstage.refuse_if_staged(self, version)
         path = self.pending_dir / f"{version}.root.json"
         if path.exists():
             raise RepositoryStateError(

@@ -215,15 +215,16 @@ def _anchor(repo: Repository) -> Metadata[Root]:
         logger.warning("%s is missing (a repository made before it existed): trusting %s "
                        "once, as found in the served directory, and keeping it as the "
                        "anchor", path, first)
-        md = load(first)
+        data = read_file(first)  # read once: the bytes checked are the bytes kept
+        if data is None:
+            raise ServedFileError(first, "is missing")
+        md = parse(first, data)
         try:
             if not isinstance(md.signed, Root) or md.signed.version != 1:
                 raise ValueError("not root metadata of version 1")
             md.signed.verify_delegate("root", md.signed_bytes, md.signatures)
         except (UnsignedMetadataError, ValueError) as e:
             raise ServedFileError(first, f"is not a self-signed root v1: {e}") from e
-        data = read_file(first)
-        assert data is not None
         write_atomic(path, data, mode=0o600)
     md = parse(path, data)
     if not isinstance(md.signed, Root):

@@ -81,7 +81,8 @@ def test_online_host_ships_a_model_through_the_next_offline_publish(
 def test_planted_huge_snapshot_file_name_does_not_freeze_the_device(
         online_world: OnlineWorld) -> None:
     """The origin plants an empty ``10**200.snapshot.json``: the refresh numbers its next
-    snapshot above it (so it never overwrites a file); the device still follows."""
+    snapshot right above its own floor (the planted name raises nothing); the device
+    still follows."""
     w = online_world
     w.update()
     (w.repo_dir / "metadata" / f"{10 ** 200}.snapshot.json").write_bytes(b"")

@@ -15,6 +15,7 @@ import pytest
 
 import modelward.publisher._keys as keys_mod
 import modelward.publisher._repo as repo_mod
+import modelward.publisher._rootstage as stage_mod
 from modelward.publisher._repo import Repository
 from modelward.updater.install._install import Outcome
 from tests._stock_tuf import stock_refresh
@@ -45,10 +46,12 @@ def test_ctrl_c_in_snapshot_rotation_then_cli_retry_keeps_the_device_updating(
 
     monkeypatch.setattr(repo_mod, "write_atomic", write)
     monkeypatch.setattr(keys_mod, "write_atomic", write)
+    monkeypatch.setattr(stage_mod, "write_atomic", write)  # N.root.json (rootstage)
     with pytest.raises(Crash):
         w.repo.rotate("snapshot")
     monkeypatch.setattr(repo_mod, "write_atomic", real)
     monkeypatch.setattr(keys_mod, "write_atomic", real)
+    monkeypatch.setattr(stage_mod, "write_atomic", real)
     where = ["--repo", str(w.repo_dir), "--keys", str(w.keys)]
     r = w.cli("repo", "rotate", "snapshot", *where)  # the operator runs it again
     assert "Traceback" not in r.stderr

@@ -32,6 +32,7 @@ from modelward.publisher._bundle_build import build_bundle
 from modelward.publisher._keys import load_signer_at
 from modelward.publisher._online import attach
 from modelward.publisher._repo import Repository
+from modelward.publisher._rootstage import StagedRootError
 from modelward.publisher.errors import RepositoryStateError
 from modelward.simulator._models import make_linear_model
 from tests.unit.test_i14_online import (
@@ -142,7 +143,11 @@ def test_online_host_with_a_retired_targets_key_cannot_seed_the_next_offline_pub
     lay.offline.publish(lay.bundle("1.0.0"))
     lay.online().refresh()
     lay.offline.rotate("targets")
-    lay.offline.rotate("targets")  # the online host has not refreshed in between
+    with pytest.raises(StagedRootError):  # the online host has not refreshed in between
+        lay.offline.rotate("targets")
+    lay.online().refresh()  # publishes root v2
+    lay.offline.rotate("targets")  # root v3 staged: the leaked key is retired twice over
+    lay.online().refresh()
     snap = load_signer_at(lay.online_dir / "snapshot.pem", PASS["snapshot"], "snapshot")
     ts = load_signer_at(lay.online_dir / "timestamp.pem", PASS["timestamp"], "timestamp")
     _plant_forged_head(lay, {"targets": leaked, "snapshot": snap, "timestamp": ts}, 40)
@@ -317,17 +322,25 @@ def test_new_targets_without_their_root_are_left_out_with_a_warning(
     refresh still signs a timestamp, lists nothing it cannot verify, and says why."""
     lay.offline.publish(lay.bundle("1.0.0"))
     lay.online().refresh()  # targets v2
-    lay.offline.rotate("targets")  # root v2, targets v3 under the new key
-    lay.offline.publish(lay.bundle("1.1.0"))  # v4 under the new key
+    lay.offline.rotate("targets")  # root v2 staged, targets v3 by the old and new keys
+    lay.offline.publish(lay.bundle("1.1.0"))  # v4 by both too, while v2 is staged
     held = lay.tmp / "2.root.json"  # what the online host sees: root v2 not carried
-    (lay.repo_dir / "metadata" / "2.root.json").rename(held)
+    (lay.repo_dir / "metadata" / "staged" / "2.root.json").rename(held)
+    good = lay.md("4.targets.json")
+    bad = Metadata.from_dict(good.to_dict())  # v5 by the new key only: no root to trust it
+    bad.signed.version = 5
+    bad.signatures.clear()
+    new_key = next((lay.keys / "rotating").glob("targets-*.pem"))
+    bad.sign(load_signer_at(new_key, OFFLINE, "targets"))
+    lay.write(bad, "5.targets.json")
     with caplog.at_level(logging.WARNING):
         done = lay.online().refresh()
-    assert done == ["timestamp"]
-    assert "ignoring 4.targets.json" in caplog.text and "root v1" in caplog.text
-    held.rename(lay.repo_dir / "metadata" / "2.root.json")
-    lay.online().refresh()
+    assert done == ["snapshot", "timestamp"]  # v4 verifies under root v1: listed
     assert lay.snapshot_meta() == {"targets.json": 4}
+    assert "ignoring 5.targets.json" in caplog.text and "root v1" in caplog.text
+    held.rename(lay.repo_dir / "metadata" / "staged" / "2.root.json")
+    assert lay.online().refresh() == ["root", "snapshot", "timestamp"]
+    assert lay.snapshot_meta() == {"targets.json": 4}  # by both keys: still listed
 
 
 def test_online_registry_naming_a_retired_offline_key_file_is_refused(lay: Layout) -> None:

@@ -222,8 +222,8 @@ def test_refresh_needs_no_key_directory(lay: Layout) -> None:
 def test_targets_rotation_offline_is_followed_by_the_online_chain(
         lay: Layout, tmp_path: Path) -> None:
     lay.offline.publish(lay.bundle("1.0.0"))
-    lay.offline.rotate("targets")  # root v2 (root key), targets v3 (the new key)
-    assert lay.online().refresh() == ["snapshot", "timestamp"]
+    lay.offline.rotate("targets")  # root v2 staged, targets v3 (the old and the new key)
+    assert lay.online().refresh() == ["root", "snapshot", "timestamp"]
     assert lay.snapshot_meta() == {"targets.json": 3}
     assert stock_client_refresh(lay, tmp_path).get_targetinfo(
         "classifier/classifier-1.0.0.tar") is not None

@@ -54,8 +54,8 @@ def test_root_chain_walk_is_capped_per_run_and_resumes(
         lay: Layout, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     lay.offline.publish(lay.bundle("1.0.0"))
-    lay.offline.rotate("targets")  # root v2
-    lay.offline.rotate("targets")  # root v3
+    lay.offline.rotate("root")  # root v2 (nothing re-keyed: published at once)
+    lay.offline.rotate("root")  # root v3
     monkeypatch.setattr(modelward.publisher._served, "MAX_ROOTS_PER_RUN", 1)
     with caplog.at_level(logging.WARNING):
         lay.online().refresh()
@@ -65,7 +65,7 @@ def test_root_chain_walk_is_capped_per_run_and_resumes(
     lay.online().refresh()
     assert Metadata.from_bytes((lay.online_dir / STATE_DIR / STATE_ROOT).read_bytes()
                                ).signed.version == 3
-    assert lay.snapshot_meta() == {"targets.json": 4}
+    assert lay.snapshot_meta() == {"targets.json": 2}
 
 
 def test_corrupt_floor_is_a_typed_error_and_nothing_is_written(lay: Layout) -> None:
