@@ -11,7 +11,7 @@ import json
 
 from tuf.api.metadata import Metadata, Root
 
-from modelward.updater._install import Outcome
+from modelward.updater.install._install import Outcome
 from tests._stock_tuf import stock_refresh
 from tests.integration.test_i14_online import OFFLINE, OnlineWorld
 from tests.integration.test_i14_online import online_world as online_world  # noqa: F401
