@@ -673,8 +673,8 @@ def _sim_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
+def _top_parser() -> argparse.ArgumentParser:
+    """The top-level parser and its global options, without the commands."""
     p = argparse.ArgumentParser(
         prog="modelward",
         description="Over-the-air updates of ML models, verified with TUF and a TPM.",
@@ -683,6 +683,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"modelward {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (repeatable)")
+    return p
+
+
+AGENT_HELP = "device: provision, update, status, boot check"
+
+
+def _add_boot_check(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
+    a.add_argument("--config", type=Path, required=True)
+    a.add_argument("--tpm-wait", type=float, metavar="SECONDS",
+                   help="how long to wait for a TPM that does not answer yet "
+                        "(default: [agent] tpm_wait, 120)")
+    a.set_defaults(func=_agent_boot_check)
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: for ``agent boot-check``, one that has only that command.
+
+    Building every command's parser imports operator and tester modules (choices, option
+    groups); boot-check runs before inference on every boot and loads only what booting
+    needs (issue 15, tests/integration/test_i15_boot_imports.py).
+    """
+    words = [a for a in argv if not a.startswith("-")]
+    if words[:2] != ["agent", "boot-check"]:
+        return build_parser()
+    p = _top_parser()
+    sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    agent = sub.add_parser("agent", help=AGENT_HELP)
+    _add_boot_check(agent.add_subparsers(dest="cmd", required=True, metavar="ACTION"))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     repo = sub.add_parser("repo", help="operator: manage the TUF repository")
@@ -867,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
 
-    agent = sub.add_parser("agent", help="device: provision, update, status, boot check")
+    agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
     a.add_argument("--config", type=Path, required=True)
@@ -894,12 +929,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--config", type=Path, required=True)
     a.add_argument("--json", action="store_true", help="one JSON object")
     a.set_defaults(func=_agent_status)
-    a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
-    a.add_argument("--config", type=Path, required=True)
-    a.add_argument("--tpm-wait", type=float, metavar="SECONDS",
-                   help="how long to wait for a TPM that does not answer yet "
-                        "(default: [agent] tpm_wait, 120)")
-    a.set_defaults(func=_agent_boot_check)
+    _add_boot_check(asub)
 
     from modelward.simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
 
@@ -954,7 +984,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code."""
     # The TSS libraries print their own warnings to stderr; our errors say it better.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser_for(argv).parse_args(argv)
     from modelward.agent._log import escape_text, setup_logging
     from modelward.trust.errors import ModelwardError
 

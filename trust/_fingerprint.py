@@ -11,11 +11,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,26 +74,44 @@ class MerkleHasher:
         return tree_hash(leaves).hex()
 
 
-def _mapped_leaf(fd: int, offset: int, length: int) -> bytes:
-    """Hash one leaf straight from the page cache (no copy into a Python buffer)."""
-    m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+def hash_workers() -> int:
+    """Threads that hash leaves: one per core this process may run on (hashlib releases
+    the GIL while it hashes, so each of them keeps a core busy)."""
     try:
-        m.madvise(mmap.MADV_SEQUENTIAL)
-        with memoryview(m) as view:
-            return leaf_hash(view)
-    finally:
-        m.close()
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (not Linux)
+        return os.cpu_count() or 1
+
+
+class FileChangedError(OSError):
+    """A file was shorter than its size when its leaves were read (it shrank meanwhile)."""
+
+
+def _read_leaf(fd: int, offset: int, length: int, buf: bytearray) -> bytes:
+    """Hash the leaf of ``length`` bytes at ``offset`` of ``fd``, read with ``preadv``
+    into ``buf`` (so a file truncated meanwhile is a short read, never a fault as a
+    mapping of it would be).
+
+    Raises:
+        FileChangedError: the file ends before ``offset + length``.
+        OSError: it cannot be read.
+    """
+    with memoryview(buf) as whole, whole[:length] as view:
+        got = 0
+        while got < length:
+            n = os.preadv(fd, [view[got:]], offset + got)
+            if n == 0:
+                raise FileChangedError(
+                    f"file ended at {offset + got} bytes, before {offset + length}")
+            got += n
+        return leaf_hash(view)
 
 
 def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
     """Size and Merkle root of a file, hashing leaves on a thread pool.
 
-    Each leaf is mapped (mmap), hashed and unmapped by a worker: hashlib releases the
-    GIL, so every core hashes, nothing is copied, and at most ``2 * workers`` leaves
-    (8 MiB per core) are mapped at once.
-
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read, or shrank while it was read.
     """
     with open(path, "rb") as f:
         return fd_merkle_root(f.fileno(), pool)
@@ -102,24 +120,45 @@ def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tupl
 def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
     """:func:`file_merkle_root` of the open file ``fd`` (its size as of now).
 
+    A file of one leaf is hashed in this thread. A longer one is hashed by
+    :func:`hash_workers` tasks on ``pool`` (or on a pool of its own): task ``k`` reads
+    leaves ``k, k + n, k + 2n, ...`` with ``preadv`` into one buffer of its own and hashes
+    them without the GIL, so every core hashes, and at most one leaf per task (4 MiB) is
+    in memory whatever the file's size. It returns only when no task touches ``fd`` any
+    more, also after an error.
+
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read, or shrank while it was read
+            (:class:`FileChangedError`).
     """
-    own = pool is None
-    workers = os.cpu_count() or 1
-    ex = pool or ThreadPoolExecutor(max_workers=workers)
-    futures: list[Future[bytes]] = []
-    leaves: list[bytes] = []
+    size = os.fstat(fd).st_size
+    if size <= LEAF_SIZE:
+        return size, tree_hash([_read_leaf(fd, 0, size, bytearray(size))] if size else []).hex()
+    count = -(-size // LEAF_SIZE)
+    leaves: list[bytes] = [b""] * count
+    tasks = min(hash_workers(), count)
+    failed = threading.Event()
+
+    def hash_stripe(first: int) -> None:
+        buf = bytearray(LEAF_SIZE)
+        for i in range(first, count, tasks):
+            if failed.is_set():
+                return
+            offset = i * LEAF_SIZE
+            try:
+                leaves[i] = _read_leaf(fd, offset, min(LEAF_SIZE, size - offset), buf)
+            except BaseException:
+                failed.set()
+                raise
+
+    ex = pool or ThreadPoolExecutor(max_workers=tasks, thread_name_prefix="merkle")
     try:
-        size = os.fstat(fd).st_size
-        for offset in range(0, size, LEAF_SIZE):
-            futures.append(ex.submit(_mapped_leaf, fd, offset,
-                                     min(LEAF_SIZE, size - offset)))
-            if len(futures) >= 2 * workers:
-                leaves.append(futures.pop(0).result())
-        leaves.extend(fut.result() for fut in futures)
+        futures = [ex.submit(hash_stripe, k) for k in range(tasks)]
+        wait(futures)
+        for fut in futures:
+            fut.result()  # (the first error, if any)
     finally:
-        if own:
+        if pool is None:
             ex.shutdown()
     return size, tree_hash(leaves).hex()
 
@@ -275,7 +314,7 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     def unopenable(rel: str) -> None:
         entries.append(FileEntry(rel, -1, ""))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    with ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="merkle") as pool:
         for rel, dirs, others, dirfd in walk_tree(root, on_error=unopenable,
                                                   max_names=MAX_ENTRIES + 1):
             if len(entries) > MAX_ENTRIES:
