@@ -87,24 +87,31 @@ class FileChangedError(OSError):
     """A file was shorter than its size when its leaves were read (it shrank meanwhile)."""
 
 
+#: Bytes read at a time into a hashing task's buffer: small enough to stay in the core's
+#: cache between the copy from the page cache and the hash (cheaper than hashing straight
+#: from a 4 MiB mapping: less CPU, no page faults, no TLB shootdowns at unmap).
+READ_SIZE = 256 * 1024
+
+
 def _read_leaf(fd: int, offset: int, length: int, buf: bytearray) -> bytes:
     """Hash the leaf of ``length`` bytes at ``offset`` of ``fd``, read with ``preadv``
-    into ``buf`` (so a file truncated meanwhile is a short read, never a fault as a
-    mapping of it would be).
+    into ``buf`` piece by piece (so a file truncated meanwhile is a short read, never a
+    fault as a mapping of it would be).
 
     Raises:
         FileChangedError: the file ends before ``offset + length``.
         OSError: it cannot be read.
     """
-    with memoryview(buf) as whole, whole[:length] as view:
-        got = 0
-        while got < length:
-            n = os.preadv(fd, [view[got:]], offset + got)
+    h = hashlib.sha256(b"\x00")
+    end = offset + length
+    with memoryview(buf) as view:
+        while offset < end:
+            n = os.preadv(fd, [view[:min(len(view), end - offset)]], offset)
             if n == 0:
-                raise FileChangedError(
-                    f"file ended at {offset + got} bytes, before {offset + length}")
-            got += n
-        return leaf_hash(view)
+                raise FileChangedError(f"file ended at {offset} bytes, before {end}")
+            h.update(view[:n])
+            offset += n
+    return h.digest()
 
 
 def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
@@ -122,10 +129,10 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
 
     A file of one leaf is hashed in this thread. A longer one is hashed by
     :func:`hash_workers` tasks on ``pool`` (or on a pool of its own): task ``k`` reads
-    leaves ``k, k + n, k + 2n, ...`` with ``preadv`` into one buffer of its own and hashes
-    them without the GIL, so every core hashes, and at most one leaf per task (4 MiB) is
-    in memory whatever the file's size. It returns only when no task touches ``fd`` any
-    more, also after an error.
+    leaves ``k, k + n, k + 2n, ...`` with ``preadv`` into one buffer of its own
+    (:data:`READ_SIZE`) and hashes them without the GIL, so every core hashes, and the
+    memory is one buffer per task whatever the file's size. It returns only when no task
+    touches ``fd`` any more, also after an error.
 
     Raises:
         OSError: the file cannot be read, or shrank while it was read
@@ -133,14 +140,15 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
     """
     size = os.fstat(fd).st_size
     if size <= LEAF_SIZE:
-        return size, tree_hash([_read_leaf(fd, 0, size, bytearray(size))] if size else []).hex()
+        leaf = _read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))
+        return size, tree_hash([leaf] if size else []).hex()
     count = -(-size // LEAF_SIZE)
     leaves: list[bytes] = [b""] * count
     tasks = min(hash_workers(), count)
     failed = threading.Event()
 
     def hash_stripe(first: int) -> None:
-        buf = bytearray(LEAF_SIZE)
+        buf = bytearray(READ_SIZE)
         for i in range(first, count, tasks):
             if failed.is_set():
                 return
