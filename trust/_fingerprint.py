@@ -15,9 +15,12 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 LEAF_SIZE = 4 * 1024 * 1024  # bytes per Merkle leaf; fixed by the format
 
@@ -142,6 +145,8 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
     if size <= LEAF_SIZE:
         leaf = _read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))
         return size, tree_hash([leaf] if size else []).hex()
+    from concurrent.futures import ThreadPoolExecutor, wait
+
     count = -(-size // LEAF_SIZE)
     leaves: list[bytes] = [b""] * count
     tasks = min(hash_workers(), count)
@@ -322,7 +327,8 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     def unopenable(rel: str) -> None:
         entries.append(FileEntry(rel, -1, ""))
 
-    with ThreadPoolExecutor(max_workers=hash_workers(), thread_name_prefix="merkle") as pool:
+    pool = _Pool()
+    try:
         for rel, dirs, others, dirfd in walk_tree(root, on_error=unopenable,
                                                   max_names=MAX_ENTRIES + 1):
             if len(entries) > MAX_ENTRIES:
@@ -341,10 +347,32 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
                     return entries  # (the walk stops: never a match)
                 path = name if rel == "." else f"{rel}/{name}"
                 entries.append(_plain_entry(path, name, dirfd, pool, hook))
+    finally:
+        pool.close()
     return entries
 
 
-def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor,
+class _Pool:
+    """The hashing threads of :func:`directory_entries`, started for the first file of more
+    than one leaf (a slot of small files, as at most boots of small models, needs none)."""
+
+    def __init__(self) -> None:
+        self._ex: ThreadPoolExecutor | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._ex is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ex = ThreadPoolExecutor(max_workers=hash_workers(),
+                                          thread_name_prefix="merkle")
+        return self._ex
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown()
+
+
+def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
                  hook: FileHook | None = None) -> FileEntry:
     """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
     bad = FileEntry(rel, -1, "")
@@ -366,7 +394,7 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor,
         hashed = fd if hook is None else hook(rel, fd, now)
         if hashed is None:
             return bad
-        size, root_hex = fd_merkle_root(hashed, pool)
+        size, root_hex = fd_merkle_root(hashed, pool.get() if now.st_size > LEAF_SIZE else None)
     except OSError:
         return bad
     finally:
