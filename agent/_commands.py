@@ -302,11 +302,19 @@ def _error_fields(e: ModelwardError) -> dict[str, str]:
     return fields
 
 
-def status(cfg: AgentConfig) -> dict[str, Any]:
+def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:
     """``agent status``: active and previous model (verified), the last error and the
     releases this device rejected (``rejected``; ``rejections_problem`` when that file
-    cannot be believed)."""
-    store = open_store(cfg)
+    cannot be believed). Without a TPM (none at ``cfg.tcti``, or not ``use_tpm``): the
+    files as they are on disk, marked unverified (``agent/_status_offline.py``)."""
+    from modelward.agent._status_offline import unverified_status
+
+    if not use_tpm:
+        return unverified_status(cfg, "--no-tpm")
+    try:
+        store = open_store(cfg)
+    except TpmUnavailableError as e:
+        return unverified_status(cfg, str(e))
     try:
         record = store.load()
         rejected, problem = _rejections(cfg, store)
@@ -318,6 +326,7 @@ def status(cfg: AgentConfig) -> dict[str, Any]:
         return {"name": r.name, "version": r.version, "fingerprint": r.fingerprint} if r else None
 
     return {
+        "verified": True,
         "active": ref(record.active),
         "previous": ref(record.previous),
         "last_error": last_error,

@@ -1,41 +1,23 @@
-"""Agent configuration: one TOML file, read only at the entry point."""
+"""Agent configuration: one TOML file, read only at the entry point (its schema and checks:
+``_config_schema.py``)."""
 
 from __future__ import annotations
 
-import re
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
+from modelward.agent._config_schema import (
+    DEFAULT_CONFIG,
+    HINT,
+    TOP,
+    Resolved,
+    read_document,
+    read_secret,
+    validate,
+)
 from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
-
-_EXAMPLE = """\
-device_id = "dev-001"
-fleet = "demo"
-state_dir = "/var/lib/modelward"
-tcti = "device:/dev/tpmrm0"
-model = "classifier"
-
-transport = "auto"            # "https", "mqtt", or "auto": both, in file order
-
-[https]
-metadata_url = "https://updates.example/metadata/"
-targets_url = "https://updates.example/targets/"
-ca_file = "/etc/modelward/origin-ca.pem"
-# min_speed = 1024            # bytes/s averaged over min_speed_window; slower is aborted
-# min_speed_window = 60.0     # (slow-retrieval defence)
-# header_timeout = 30.0       # seconds from a request to its last response header
-# metadata_timeout = 120.0    # seconds one metadata file may take in all
-
-[mqtt]
-host = "broker.example"
-port = 8883
-ca_file = "/etc/modelward/broker-ca.pem"
-password_file = "/etc/modelward/mqtt-password"   # username defaults to device_id
-"""
 
 
 @dataclass(frozen=True)
@@ -108,256 +90,148 @@ class AgentConfig:
         return self.updater.state_dir
 
 
-def _get(d: dict[str, Any], key: str, typ: type, path: Path, prefix: str = "") -> Any:
-    full = f"{prefix}{key}"
-    if key not in d:
-        raise ConfigError(f"{path}: missing setting {full!r}", path=str(path), key=full,
-                          hint=f"example configuration:\n{_EXAMPLE}")
-    value = d[key]
-    if typ is float and isinstance(value, int):
-        value = float(value)
-    if not isinstance(value, typ):
-        raise ConfigError(f"{path}: {full!r} must be a {typ.__name__}", path=str(path), key=full)
-    return value
+def load_config(path: Path | None = None, *, test_kill_at: str | None = None) -> AgentConfig:
+    """Read and validate an agent configuration file (default ``/etc/modelward/agent.toml``).
 
-
-def _num(section: dict[str, Any], key: str, default: float, path: Path) -> float:
-    """An optional positive number of ``[mqtt]``."""
-    if key not in section:
-        return default
-    value = section[key]
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{path}: 'mqtt.{key}' must be a positive number", path=str(path),
-                          key=f"mqtt.{key}")
-    return float(value)
-
-
-def load_config(path: Path, *, test_kill_at: str | None = None) -> AgentConfig:
-    """Read and validate an agent configuration file.
+    Every key is checked when it loads (``_config_schema.SCHEMA``): an unknown key or
+    section, a wrong type, a number out of bounds, a URL that is not https://, a file that
+    cannot be read is a :class:`ConfigError` naming the key.
 
     ``test_kill_at`` is the test hook of the journal (the CLI passes
     ``MODELWARD_TEST_KILL_AT``): SIGKILL the agent right after journaling that step.
 
     Raises:
-        ConfigError: unreadable file, bad TOML, missing or mistyped setting.
+        ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
-    try:
-        doc = tomllib.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {path}: {e}", path=str(path)) from e
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not UTF-8 text (byte {e.start}): {e.reason}",
-                          path=str(path)) from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path} is not valid TOML: {e}", path=str(path)) from e
-    base = path.parent
+    path = DEFAULT_CONFIG if path is None else path
+    return build_config(validate(read_document(path), path), test_kill_at=test_kill_at)
 
-    def rel(p: str | None) -> str | None:
-        return None if p is None else str(base / p)
 
+def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig:
+    """The configuration from validated values (every key read through ``r.get``).
+
+    Raises:
+        ConfigError: a rule across keys (no transport section, a transport that is not
+            configured, both ``password`` and ``password_file``).
+    """
+    path = r.path
+    device_id: str = r.get(TOP, "device_id")
+    fleet: str = r.get(TOP, "fleet")
     https_cfg = mqtt_cfg = None
-    if "https" in doc:
-        https = _section(doc, "https", path)
+    if "https" in r.present:
+        ca = r.get("https", "ca_file")
         https_cfg = HttpsConfig(
-            metadata_url=_get(https, "metadata_url", str, path, "https."),
-            targets_url=_get(https, "targets_url", str, path, "https."),
-            ca_file=rel(_opt(https, "ca_file", path, "https.")),
-            min_speed=int(_get(https, "min_speed", int, path, "https."))
-            if "min_speed" in https else HttpsConfig.min_speed,
-            min_speed_window=float(_get(https, "min_speed_window", float, path, "https."))
-            if "min_speed_window" in https else HttpsConfig.min_speed_window,
-            header_timeout=float(_get(https, "header_timeout", float, path, "https."))
-            if "header_timeout" in https else HttpsConfig.header_timeout,
-            metadata_timeout=float(_get(https, "metadata_timeout", float, path, "https."))
-            if "metadata_timeout" in https else HttpsConfig.metadata_timeout,
+            metadata_url=r.get("https", "metadata_url"),
+            targets_url=r.get("https", "targets_url"),
+            ca_file=str(ca) if ca is not None else None,
+            min_speed=r.get("https", "min_speed"),
+            min_speed_window=r.get("https", "min_speed_window"),
+            header_timeout=r.get("https", "header_timeout"),
+            metadata_timeout=r.get("https", "metadata_timeout"),
         )
-    device_id = _get(doc, "device_id", str, path)
-    fleet = _get(doc, "fleet", str, path)
-    if "mqtt" in doc:
-        mq = _section(doc, "mqtt", path)
-        password = _opt(mq, "password", path, "mqtt.")
-        pw_file = _opt(mq, "password_file", path, "mqtt.")
+    if "mqtt" in r.present:
+        password: str | None = r.get("mqtt", "password")
+        pw_file: Path | None = r.get("mqtt", "password_file")
         if pw_file is not None:
-            try:
-                password = (base / pw_file).read_text().strip()
-            except OSError as e:
-                raise ConfigError(f"{path}: cannot read mqtt.password_file: {e}",
-                                  path=str(path), key="mqtt.password_file") from e
+            if password is not None:
+                raise ConfigError(f"{path}: [mqtt] password_file: set password or "
+                                  "password_file, not both", path=str(path),
+                                  key="mqtt.password_file")
+            password = read_secret(pw_file, "mqtt", "password_file", path)
+        cert, key = r.get("mqtt", "cert_file"), r.get("mqtt", "key_file")
+        if (cert is None) != (key is None):
+            missing = "key_file" if key is None else "cert_file"
+            raise ConfigError(f"{path}: [mqtt] {missing}: missing (cert_file and key_file "
+                              "go together)", path=str(path), key=f"mqtt.{missing}")
+        mq_ca = r.get("mqtt", "ca_file")
         mqtt_cfg = MqttConfig(
-            host=_get(mq, "host", str, path, "mqtt."),
-            port=_get(mq, "port", int, path, "mqtt."),
+            host=r.get("mqtt", "host"),
+            port=r.get("mqtt", "port"),
             fleet=fleet,
-            client_name=_opt(mq, "username", path, "mqtt.") or device_id,
-            ca_file=rel(_opt(mq, "ca_file", path, "mqtt.")),
-            cert_file=rel(_opt(mq, "cert_file", path, "mqtt.")),
-            key_file=rel(_opt(mq, "key_file", path, "mqtt.")),
+            client_name=r.get("mqtt", "username") or device_id,
+            ca_file=str(mq_ca) if mq_ca is not None else None,
+            cert_file=str(cert) if cert is not None else None,
+            key_file=str(key) if key is not None else None,
             password=password,
-            connect_timeout=_num(mq, "connect_timeout", MqttConfig.connect_timeout, path),
-            block_timeout=_num(mq, "block_timeout", MqttConfig.block_timeout, path),
-            max_retries=int(_num(mq, "max_retries", MqttConfig.max_retries, path)),
+            connect_timeout=r.get("mqtt", "connect_timeout"),
+            block_timeout=r.get("mqtt", "block_timeout"),
+            max_retries=r.get("mqtt", "max_retries"),
         )
-    configured = [k for k in doc if k in ("https", "mqtt")]
+    configured = [k for k in ("https", "mqtt") if k in r.present]
     if not configured:
         raise ConfigError(f"{path}: configure [https], [mqtt] or both", path=str(path),
-                          key="https", hint=f"example configuration:\n{_EXAMPLE}")
-    transport = doc.get("transport", "auto")
+                          key="https", hint=HINT)
+    if "https" in configured and "mqtt" in configured and \
+            r.section_order.index("mqtt") < r.section_order.index("https"):
+        configured.reverse()  # "auto" tries them in file order
+    transport: str = r.get(TOP, "transport")
     if transport == "auto":
         order = tuple(configured)
     elif transport in configured:
         order = (transport,)
     else:
         raise ConfigError(
-            f"{path}: transport {transport!r} must be \"auto\" or a configured section "
-            f"({', '.join(configured)})", path=str(path), key="transport")
-    hcfg = _health(doc.get("health", {}), path)
-    agent = doc.get("agent", {})
-    idle = _idle(doc.get("idle", {}), path, base)
-    state_dir = Path(_get(doc, "state_dir", str, path))
-    channel = doc.get("channel", "stable")
-    if not isinstance(channel, str) or not channel:
-        raise ConfigError(f"{path}: 'channel' must be a non-empty string", path=str(path),
-                          key="channel")
+            f"{path}: transport: {transport!r} is not configured (configured: "
+            f"{', '.join(f'[{c}]' for c in configured)}; or \"auto\")", path=str(path),
+            key="transport")
+    health = HealthConfig(
+        timeout=r.get("health", "timeout"),
+        max_memory=r.get("health", "max_memory"),
+        max_cpu_seconds=r.get("health", "max_cpu_seconds"),
+        nice=r.get("health", "nice"),
+        unsafe_no_sandbox=r.get("health", "unsafe_no_sandbox"),
+    )
     updater = UpdaterConfig(
-        state_dir=state_dir if state_dir.is_absolute() else base / state_dir,
-        model=_get(doc, "model", str, path),
+        state_dir=r.get(TOP, "state_dir"),
+        model=r.get(TOP, "model"),
         device_id=device_id,
-        channel=channel,
+        channel=r.get(TOP, "channel"),
         https=https_cfg,
         mqtt=mqtt_cfg,
         transports=order,
-        health=hcfg,
+        health=health,
+    )
+    idle = IdleConfig(
+        busy_file=r.get("idle", "busy_file"),
+        max_queue_depth=r.get("idle", "max_queue_depth"),
+        busy_stale_after=r.get("idle", "busy_stale_after"),
+        min_cpu_idle=r.get("idle", "min_cpu_idle"),
+        cpu_window=r.get("idle", "cpu_window"),
+        max_load=r.get("idle", "max_load"),
+        require_mains=r.get("idle", "require_mains"),
+        windows=r.get("idle", "windows"),
+        poll=r.get("idle", "poll"),
+    )
+    activation = ActivationConfig(
+        command=r.get("activation", "command"),
+        reload_unit=r.get("activation", "reload_unit"),
+        restart=r.get("activation", "restart"),
+        timeout=r.get("activation", "timeout"),
     )
     return AgentConfig(
         path=path,
         device_id=device_id,
         fleet=fleet,
-        tcti=_get(doc, "tcti", str, path),
+        tcti=r.get(TOP, "tcti"),
         updater=updater,
-        poll_interval=float(_get(agent, "poll_interval", float, path, "agent."))
-        if "poll_interval" in agent else 3600.0,
-        tpm_wait=float(_get(agent, "tpm_wait", float, path, "agent."))
-        if "tpm_wait" in agent else AgentConfig.tpm_wait,
+        poll_interval=r.get("agent", "poll_interval"),
+        tpm_wait=r.get("agent", "tpm_wait"),
         idle=idle,
-        activation=_activation(doc.get("activation", {}), path),
-        metrics_textfile=base / mt if (mt := _opt(doc.get("metrics", {}), "textfile", path,
-                                                  "metrics.")) else None,
+        activation=activation,
+        metrics_textfile=r.get("metrics", "textfile"),
         test_kill_at=test_kill_at,
     )
 
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-_HEALTH_KEYS = {"timeout", "max_memory", "max_cpu_seconds", "nice", "unsafe_no_sandbox"}
+def check_config(path: Path | None = None) -> list[str]:
+    """``agent check-config``: load and validate like every command does, then the
+    effective configuration, every key with its value (defaults marked, secrets
+    ``<set>``).
 
-
-def _health(d: Any, path: Path) -> HealthConfig:
-    """``[health]``: the bounds of the sandboxed health check."""
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: [health] must be a table", path=str(path), key="health")
-    unknown = sorted(set(d) - _HEALTH_KEYS)
-    if unknown:  # a typo in a safety setting must not silently mean the default
-        raise ConfigError(f"{path}: unknown setting 'health.{unknown[0]}' (known: "
-                          f"{', '.join(sorted(_HEALTH_KEYS))})", path=str(path),
-                          key=f"health.{unknown[0]}")
-
-    def positive(key: str) -> float | None:
-        v = d.get(key)
-        if v is None:
-            return None
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v <= 1e6:
-            raise ConfigError(f"{path}: 'health.{key}' must be a number of seconds from 0 "
-                              "to 1e6", path=str(path), key=f"health.{key}")
-        return float(v)
-
-    unsafe = d.get("unsafe_no_sandbox", False)
-    nice = d.get("nice", HealthConfig.nice)
-    if not isinstance(unsafe, bool):
-        raise ConfigError(f"{path}: 'health.unsafe_no_sandbox' must be true or false",
-                          path=str(path), key="health.unsafe_no_sandbox")
-    if isinstance(nice, bool) or not isinstance(nice, int) or not 0 <= nice <= 19:
-        raise ConfigError(f"{path}: 'health.nice' must be an integer from 0 to 19",
-                          path=str(path), key="health.nice")
-    return HealthConfig(
-        timeout=positive("timeout") or HealthConfig.timeout,
-        max_memory=_bytes(d.get("max_memory"), path, "health.max_memory"),
-        max_cpu_seconds=positive("max_cpu_seconds"),
-        nice=nice,
-        unsafe_no_sandbox=unsafe,
-    )
-
-
-def _bytes(v: Any, path: Path, key: str) -> int | None:
-    """A size: bytes as an integer, or a string such as ``"512M"`` / ``"2GiB"``."""
-    if v is None:
-        return None
-    n: float | None = None
-    if isinstance(v, int) and not isinstance(v, bool):
-        n = v
-    elif isinstance(v, str) and (m := _SIZE.fullmatch(v.strip())):
-        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if n is None or not (64 << 20) <= n <= (1 << 50):
-        raise ConfigError(f"{path}: {key!r} must be a size of at least 64M (bytes, or a "
-                          f"string like \"512M\" or \"2G\"), not {v!r}", path=str(path),
-                          key=key)
-    return int(n)
-
-
-def _activation(d: dict[str, Any], path: Path) -> ActivationConfig:
-    cmd = d.get("command", [])
-    if isinstance(cmd, str) or not isinstance(cmd, list) or not all(
-            isinstance(c, str) for c in cmd):
-        raise ConfigError(f"{path}: 'activation.command' must be a list of strings "
-                          '(e.g. ["/usr/bin/app-reload", "--quick"])', path=str(path),
-                          key="activation.command")
-    return ActivationConfig(
-        command=tuple(cmd),
-        reload_unit=_opt(d, "reload_unit", path, "activation."),
-        restart=bool(d.get("restart", False)),
-        timeout=float(d.get("timeout", 30.0)),
-    )
-
-
-def _idle(d: dict[str, Any], path: Path, base: Path) -> IdleConfig:
-    from modelward.updater._idle import TimeRange
-
-    def num(key: str, default: float | None) -> float | None:
-        return float(_get(d, key, float, path, "idle.")) if key in d else default
-
-    windows = d.get("windows", [])
-    if not isinstance(windows, list) or not all(isinstance(w, str) for w in windows):
-        raise ConfigError(f"{path}: 'idle.windows' must be a list of \"HH:MM-HH:MM\"",
-                          path=str(path), key="idle.windows")
-    for w in windows:
-        try:
-            TimeRange.parse(w)
-        except ValueError as e:
-            raise ConfigError(f"{path}: idle.windows: {e}", path=str(path),
-                              key="idle.windows") from e
-    busy = _opt(d, "busy_file", path, "idle.")
-    return IdleConfig(
-        busy_file=base / busy if busy else None,
-        max_queue_depth=int(_get(d, "max_queue_depth", int, path, "idle."))
-        if "max_queue_depth" in d else 0,
-        busy_stale_after=num("busy_stale_after", 300.0) or 300.0,
-        min_cpu_idle=num("min_cpu_idle", None),
-        cpu_window=num("cpu_window", 5.0) or 5.0,
-        max_load=num("max_load", None),
-        require_mains=bool(d.get("require_mains", False)),
-        windows=tuple(windows),
-        poll=num("poll", 1.0) or 1.0,
-    )
-
-
-def _section(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
-    sec = doc[name]
-    if not isinstance(sec, dict):
-        raise ConfigError(f"{path}: [{name}] must be a table", path=str(path), key=name)
-    return sec
-
-
-def _opt(d: dict[str, Any], key: str, path: Path, prefix: str) -> str | None:
-    v = d.get(key)
-    if v is not None and not isinstance(v, str):
-        raise ConfigError(f"{path}: '{prefix}{key}' must be a string", path=str(path),
-                          key=f"{prefix}{key}")
-    return v
+    Raises:
+        ConfigError: the first key at fault.
+    """
+    path = DEFAULT_CONFIG if path is None else path
+    r = validate(read_document(path), path)
+    cfg = build_config(r)
+    return [*r.lines(), "", f"# transports in order: {', '.join(cfg.updater.transports)}"]

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from modelward.trust._bounded import read_json_file
+from modelward.trust._report_fields import COUNTERS as COUNTERS
+from modelward.trust._report_fields import MAX_TEXT as MAX_TEXT
 
 logger = logging.getLogger("modelward.agent")
 
-COUNTERS = ("attempts", "installed", "failures", "fallbacks", "bytes_fetched",
-            "signature_failures", "verification_failures")
 MAX_STATUS_BYTES = 64 * 1024  # status.json is about 1 kB
 
 
@@ -46,7 +46,6 @@ def _cut(v: str | None) -> str | None:
     return v[:MAX_TEXT] if v is not None else None
 
 
-MAX_TEXT = 4096  # characters of a message kept (the signed report copies it)
 
 
 def clean_status(doc: object) -> dict[str, Any]:

@@ -554,10 +554,14 @@ def _agent_run(args: argparse.Namespace) -> int:
 def _agent_status(args: argparse.Namespace) -> int:
     from modelward.agent._commands import status
 
-    doc = status(_load(args))
+    doc = status(_load(args), use_tpm=not args.no_tpm)
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
+    if not doc["verified"]:
+        print(doc["unverified"])
+        if doc["record_problem"]:
+            print(f"record    {doc['record_problem']}")
     for key in ("active", "previous"):
         m = doc[key]
         print(f"{key:9} " + (f"{m['name']} {m['version']}  {m['fingerprint']}" if m else "none"))
@@ -568,6 +572,16 @@ def _agent_status(args: argparse.Namespace) -> int:
               f"({r['at']}; retried after {r['retry_after']} unless re-signed)")
     if doc["rejections_problem"]:
         print(f"rejected  unknown: {doc['rejections_problem']}")
+    if doc["verified"]:
+        print("verified  by the TPM (trust record MAC and update counter)")
+    return EXIT_OK
+
+
+def _agent_check_config(args: argparse.Namespace) -> int:
+    from modelward.agent._config import check_config
+
+    for line in check_config(args.config):
+        print(line)
     return EXIT_OK
 
 
@@ -689,9 +703,13 @@ def _top_parser() -> argparse.ArgumentParser:
 AGENT_HELP = "device: provision, update, status, boot check"
 
 
+def _add_config_option(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--config", type=Path, metavar="PATH",
+                   help="the agent configuration (default: /etc/modelward/agent.toml)")
+
+
 def _add_boot_check(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
-    a.add_argument("--config", type=Path, required=True)
     a.add_argument("--tpm-wait", type=float, metavar="SECONDS",
                    help="how long to wait for a TPM that does not answer yet "
                         "(default: [agent] tpm_wait, 120)")
@@ -711,7 +729,9 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
     agent = sub.add_parser("agent", help=AGENT_HELP)
-    _add_boot_check(agent.add_subparsers(dest="cmd", required=True, metavar="ACTION"))
+    asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    _add_boot_check(asub)
+    _add_config_option(asub.choices["boot-check"])
     return p
 
 
@@ -905,31 +925,33 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
-    a.add_argument("--config", type=Path, required=True)
     a.add_argument("--root", type=Path, required=True, help="the repository's root.json")
     a.add_argument("--keep-identity", action="store_true",
                    help="migrating an older device: keep its enrolled identity key pair "
                    "(see README \"TPM\" for the risk) instead of making a new one")
     a.set_defaults(func=_agent_provision)
     a = asub.add_parser("update", help="check for a newer model and install it")
-    a.add_argument("--config", type=Path, required=True)
     a.add_argument("--once", action="store_true",
                    help="one attempt, then exit (what this command always does)")
     a.add_argument("--transport", choices=["https", "mqtt"],
                    help="use only this configured transport for this run")
     a.set_defaults(func=_agent_update)
     a = asub.add_parser("enroll", help="print the device id and its TPM identity public key")
-    a.add_argument("--config", type=Path, required=True)
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_agent_enroll)
     a = asub.add_parser("run", help="the daemon: update on a poll timer and on announcements")
-    a.add_argument("--config", type=Path, required=True)
     a.set_defaults(func=_agent_run)
     a = asub.add_parser("status", help="show the active and previous model and the last error")
-    a.add_argument("--config", type=Path, required=True)
     a.add_argument("--json", action="store_true", help="one JSON object")
+    a.add_argument("--no-tpm", action="store_true", help="do not use the TPM: show the "
+                   "files on disk, marked UNVERIFIED (also what happens when it is absent)")
     a.set_defaults(func=_agent_status)
     _add_boot_check(asub)
+    a = asub.add_parser("check-config", help="validate the config and print every setting "
+                        "with its effective value (secrets as <set>)")
+    a.set_defaults(func=_agent_check_config)
+    for a in asub.choices.values():  # every agent command reads the same file
+        _add_config_option(a)
 
     from modelward.simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
 

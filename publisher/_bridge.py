@@ -48,7 +48,8 @@ from modelward.publisher._fairness import (
     parse_request,
 )
 from modelward.publisher.errors import OperatorInputError
-from modelward.trust._bounded import loads_bounded
+from modelward.trust import _display as display
+from modelward.trust._bounded import loads_bounded, read_bounded
 from modelward.updater._mqtt import MqttConfig, MqttConnection, block_header, publish_properties
 from modelward.updater._tarstream import check_member_path
 
@@ -432,12 +433,19 @@ def announce(repo: Path, cfg: MqttConfig) -> int:
         OperatorInputError: no timestamp metadata in ``repo``.
         TransportError: the broker refused or did not acknowledge.
     """
+    path = repo / "metadata" / "timestamp.json"
     try:
-        doc = loads_bounded((repo / "metadata" / "timestamp.json").read_bytes(),
-                            max_bytes=1 << 20, what="timestamp.json")
-        version = int(doc["signed"]["version"])
+        data = read_bounded(path, 1 << 20)  # no symlink followed, no FIFO waited on
+        if data is None:
+            raise FileNotFoundError(f"{path} does not exist")
+        version = loads_bounded(data, max_bytes=1 << 20, what="timestamp.json")[
+            "signed"]["version"]
+        if type(version) is not int or version < 1:
+            raise ValueError(f"its version is {version!r}, not a positive integer")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise OperatorInputError(f"{repo}/metadata/timestamp.json is unreadable: {e}") from e
+        raise OperatorInputError(f"{display.escape(str(path))} is unreadable: "
+                                 f"{display.escape(str(e))}",
+                                 hint="publish a release first (`modelward publish`)") from e
     from datetime import UTC, datetime
 
     body = json.dumps({"timestamp_version": version,

@@ -20,9 +20,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from modelward.agent._status import COUNTERS as _AGENT_COUNTERS
-from modelward.agent._status import MAX_TEXT
 from modelward.trust._report import MAX_SEQ
+from modelward.trust._report_fields import COUNTERS as _AGENT_COUNTERS
+from modelward.trust._report_fields import MAX_TEXT
 from modelward.trust.errors import UntrustedRemoteError
 
 MAX_ID = 64  # device ids and fleet names (modelward.publisher._broker_config.check_id)

@@ -9,12 +9,9 @@ it reaches a terminal.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +37,7 @@ from tuf.api.serialization import DeserializationError, SerializationError
 
 from modelward.publisher.errors import RepositoryStateError
 from modelward.trust import _display as display
+from modelward.trust._bounded import UnsafeFileError, read_bounded
 from modelward.updater._fields import KNOWN, modelward_field, noncanonical, read_fields
 
 MAX_PENDING = 64 * 1024 * 1024  # bytes: a pending metadata file (a large targets role)
@@ -102,33 +100,17 @@ def read_pending(path: Path) -> bytes:
     """
     shown = escape(str(path))
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as e:
-        why = "it is a symbolic link (not followed)" if e.errno == errno.ELOOP else \
-            escape(e.strerror or str(e))
-        raise PendingMetadataError(f"cannot read pending file {shown}: {why}",
+        data = read_bounded(path, MAX_PENDING + 1, cut=True)
+    except UnsafeFileError as e:
+        raise PendingMetadataError(f"cannot read pending file {shown}: it {e.reason}",
                                    path=path) from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) \
-                else "a device or special file"
-            raise PendingMetadataError(f"pending file {shown} is {kind}, not a regular file",
-                                       path=path)
-        chunks: list[bytes] = []
-        left = MAX_PENDING + 1
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
     except OSError as e:
         raise PendingMetadataError(f"cannot read pending file {shown}: "
                                    f"{escape(e.strerror or str(e))}", path=path) from e
-    finally:
-        os.close(fd)
+    if data is None:
+        raise PendingMetadataError(f"cannot read pending file {shown}: it does not exist",
+                                   path=path)
+    return data
 
 
 @dataclass(frozen=True)

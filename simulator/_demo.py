@@ -4,6 +4,7 @@ on a swtpm device; then a tampered model and the boot-time fallback."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shlex
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from modelward.simulator._app import AppHandle, start_app, stop_app
 from modelward.simulator._broker import start_broker, stop_broker
 from modelward.simulator._models import make_linear_model
 from modelward.simulator._origin import start_origin, stop_origin
@@ -37,6 +39,7 @@ def write_device_config(
     transport: str | None = None,
     poll_interval: float | None = None,
     https: dict[str, object] | None = None,
+    idle: dict[str, object] | None = None,
 ) -> Path:
     """Write an agent config for a simulated device; sections appear in argument order
     (HTTPS first), which is the order ``transport = "auto"`` prefers."""
@@ -56,6 +59,8 @@ def write_device_config(
         lines += _toml_items(https or {})
     if mqtt:
         lines += ["", "[mqtt]", *_toml_items(mqtt)]
+    if idle:
+        lines += ["", "[idle]", *_toml_items(idle)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -70,10 +75,11 @@ def _say(text: str) -> None:
 
 
 def _run(*argv: str) -> int:
-    from modelward.cli import main
-
+    """Run one ``modelward`` command as its own process, as a person would (isolated:
+    the working directory cannot shadow a module; the simulator never imports the CLI)."""
     print("$ modelward " + shlex.join(argv), flush=True)
-    code = main(list(argv))
+    code = subprocess.run([sys.executable, "-I", "-m", "modelward", *argv],
+                          check=False).returncode
     print(f"  (exit {code})", flush=True)
     return code
 
@@ -95,7 +101,7 @@ def _services(work: Path) -> Iterator[list[subprocess.Popen[str]]]:
 
 def _spawn(children: list[subprocess.Popen[str]], log: Path, *argv: str) -> subprocess.Popen[str]:
     print("$ modelward " + shlex.join(argv) + f"   (in the background, log: {log})", flush=True)
-    child = subprocess.Popen([sys.executable, "-m", "modelward", *argv],
+    child = subprocess.Popen([sys.executable, "-I", "-m", "modelward", *argv],
                              stdout=subprocess.PIPE, stderr=open(log, "w"),  # noqa: SIM115
                              text=True)
     children.append(child)
@@ -116,6 +122,25 @@ def _active(state: Path) -> str | None:
         return str(read_json_file(state / "current" / "manifest.json", 1 << 20)["version"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+_X = [[(i - 3.5) / 4 for i in range(8)]]  # one input row for the example app
+
+
+def _app_log(app: AppHandle) -> str:
+    return app.log.read_text(errors="replace")
+
+
+def _served(app: AppHandle, version: str, trusted: dict[str, str],
+            expect: Callable[[bool, str], None], tampered: str = "") -> None:
+    """Ask the app; check it serves ``version`` from the operator's bytes, not ``tampered``."""
+    app.wait_for(version)
+    got = app.infer(_X)
+    sha = str(got.get("sha256", ""))
+    print(f"  app answered: {got.get('model')} {got.get('version')} sha256 {sha[:16]}... "
+          f"output {[round(v, 3) for v in got.get('output', [[]])[0]]}", flush=True)
+    expect(got.get("version") == version and sha == trusted.get(version) and sha != tampered,
+           f"the app serves {version}, the bytes the operator built")
 
 
 def run_demo(work: Path) -> int:
@@ -176,8 +201,10 @@ def run_demo(work: Path) -> int:
             origin_url=origin.url, ca=ca.cert, transport="mqtt", poll_interval=3600,
             mqtt={"host": "127.0.0.1", "port": broker.port, "ca_file": str(ca.cert),
                   "password_file": str(creds / "demo-001")},
+            idle={"busy_file": str(device / "app-busy"), "poll": 0.2},
         )
-        print(f"  device config {conf}: HTTPS and MQTT; the daemon uses MQTT")
+        print(f"  device config {conf}: HTTPS and MQTT; the daemon uses MQTT; its idle gate "
+              f"reads the inference app's queue depth from {device / 'app-busy'}")
 
         _say("Device: provision the TPM trust store and anchor root.json in TPM NV")
         _run("agent", "provision", "--config", str(conf), "--root",
@@ -188,9 +215,20 @@ def run_demo(work: Path) -> int:
         expect(_run("agent", "update", "--config", str(conf), "--once", "--transport",
                     "https") == 0, "v1 installed over HTTPS")
 
+        _say("Device: start the example inference app (examples/inference_app.py) on "
+             f"{state / 'current'}")
+        # The trusted record of what may be served: the sha256 of the model files the
+        # operator built. Every answer must name one of them, for the version it claims.
+        trusted = {v: hashlib.sha256((builds / f"classifier-{v}.onnx").read_bytes()).hexdigest()
+                   for v in ("1.0.0", "2.0.0")}
+        app = start_app(state / "current", device / "app-busy", work / "app.log")
+        children.append(app.proc)
+        print(f"  app {app.url} (pid {app.pid}), log {work / 'app.log'}")
+        _served(app, "1.0.0", trusted, expect)
+
         _say("Device: start the daemon; it listens for announcements on MQTT")
         daemon_log = work / "agent.log"
-        _spawn(children, daemon_log, "agent", "run", "--config", str(conf))
+        daemon = _spawn(children, daemon_log, "agent", "run", "--config", str(conf))
         time.sleep(2)
 
         _say("Operator: publish v2 and announce it; the device fetches it over MQTT")
@@ -204,9 +242,9 @@ def run_demo(work: Path) -> int:
                           .get("msg", ""))
                 if any(w in msg for w in ("announcement", "installed", "installing")):
                     print(f"  agent log: {msg}")
-        for child in children[1:]:
-            child.send_signal(signal.SIGTERM)
-            child.wait(20)
+        _served(app, "2.0.0", trusted, expect)
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(20)
         print("  daemon stopped")
 
         _say("Device: a third run finds nothing to do")
@@ -222,6 +260,12 @@ def run_demo(work: Path) -> int:
         data[len(data) // 2] ^= 0xFF
         model_file.write_bytes(bytes(data))
         print(f"  flipped byte {len(data) // 2} of {model_file}")
+        tampered = hashlib.sha256(bytes(data)).hexdigest()
+        print("  the app is asked to reload (SIGHUP) while the tampered model is active:")
+        app.reload()
+        expect(_wait(lambda: "its manifest says" in _app_log(app), 5),
+               "the app refused the tampered bytes (they differ from the manifest's sha256)")
+        _served(app, "2.0.0", trusted, expect, tampered)
 
         _say("Device reboots: boot-check finds the mismatch and falls back to v1")
         expect(_run("agent", "boot-check", "--config", str(conf)) == 0, "fell back, exit 0")
@@ -229,10 +273,18 @@ def run_demo(work: Path) -> int:
         target = os.readlink(device / "state" / "current")
         expect("1.0.0" in (device / "state" / target / "manifest.json").read_text(),
                f"current -> {target} holds v1")
+        _served(app, "1.0.0", trusted, expect, tampered)
 
         _say("Device: the next update reinstalls v2 into the other slot")
         expect(_run("agent", "update", "--config", str(conf), "--once") == 0, "v2 reinstalled")
         _run("agent", "status", "--config", str(conf))
+        _served(app, "2.0.0", trusted, expect, tampered)
+        expect(f"(sha256 {tampered})" not in _app_log(app),
+               "the app never served the tampered model")
+        stop_app(app.pid, app.proc)
+        print(f"  app (pid {app.pid}) stopped; its log:")
+        for line in _app_log(app).splitlines():
+            print(f"    {line}")
 
     _say("Services stopped. " + ("Demo finished: every step behaved as expected."
                                  if not failures else f"FAILED: {failures}"))

@@ -136,6 +136,11 @@ def loads_bounded(data: bytes | bytearray | str, *, max_bytes: int, what: str,
                                  what=what) from e
 
 
+def _kind(mode: int) -> str:
+    return ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device or special file")
+
+
 def read_bounded(path: Path, limit: int, *, single_link: bool = False,
                  parent_nofollow: bool = False, cut: bool = False) -> bytes | None:
     """The bytes of ``path`` (None if it does not exist), at most ``limit``.
@@ -180,12 +185,12 @@ def read_bounded(path: Path, limit: int, *, single_link: bool = False,
             return None
         except OSError as e:
             if e.errno == errno.ELOOP:
-                raise UnsafeFileError(path, "is a symlink") from e
+                raise UnsafeFileError(path, "is a symlink (not followed)") from e
             raise
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
-                raise UnsafeFileError(path, "is not a regular file")
+                raise UnsafeFileError(path, f"is not a regular file ({_kind(st.st_mode)})")
             if single_link and st.st_nlink != 1:
                 raise UnsafeFileError(path, f"has {st.st_nlink} hard links")
             if st.st_size > limit and not cut:

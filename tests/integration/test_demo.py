@@ -23,8 +23,15 @@ def test_demo_runs_and_every_step_behaves(tmp_path: Path) -> None:
         "nothing to do",
         "fell back to classifier 1.0.0",
         "Demo finished: every step behaved as expected.",
+        # issue 15: the example inference app switches models, never to the tampered one
+        "ok: the app refused the tampered bytes",
+        "ok: the app never served the tampered model",
     ):
         assert line in out, line
+    served = [ln.split()[3] for ln in out.splitlines() if ln.startswith("  app answered: ")]
+    assert served == ["1.0.0", "2.0.0", "2.0.0", "1.0.0", "2.0.0"], out
+    assert out.count("ok: the app serves") == 5
+    assert not (tmp_path / "demo" / "device" / "app-busy").exists()  # the app was stopped
     # services were stopped by pid
     assert not (tmp_path / "demo" / "origin" / "nginx.pid").exists()
     assert not (tmp_path / "demo" / "device" / "tpm" / "swtpm.pid").exists()

@@ -120,7 +120,6 @@ def test_stopped_swtpm_gives_a_diagnosis_not_a_traceback(world: World) -> None:
     for argv in (
         ("agent", "update", "--once"),
         ("agent", "boot-check", "--tpm-wait", "1"),  # (the default waits 120 s for a TPM)
-        ("agent", "status"),
     ):
         r = world.cli(*argv, "--config", str(world.conf_path))
         assert r.returncode == 1, argv
@@ -131,6 +130,11 @@ def test_stopped_swtpm_gives_a_diagnosis_not_a_traceback(world: World) -> None:
         assert world.tpm.tcti in diag[0]
         assert "not running or not reachable" in diag[0]
         assert any("modelward sim tpm start" in line for line in first)
+    # `agent status` shows the files, UNVERIFIED, with the same diagnosis (issue 15)
+    r = world.cli("agent", "status", "--config", str(world.conf_path))
+    assert r.returncode == 0 and "Traceback" not in r.stderr
+    assert r.stdout.startswith("UNVERIFIED") and world.tpm.tcti in r.stdout.splitlines()[0]
+    assert "not running or not reachable" in r.stdout.splitlines()[0]
 
 
 def test_missing_device_node_names_device_and_group(tmp_path: Path) -> None:

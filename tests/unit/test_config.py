@@ -25,6 +25,7 @@ ca_file = "ca.pem"
 def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     p = tmp_path / "a.toml"
     p.write_text(GOOD)
+    (tmp_path / "ca.pem").write_text("x")
     cfg = load_config(p)
     assert cfg.state_dir == tmp_path / "state"
     assert cfg.updater.https.ca_file == str(tmp_path / "ca.pem")
@@ -42,6 +43,7 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
 )
 def test_missing_or_mistyped_setting_is_named(tmp_path: Path, text: str, key: str) -> None:
     p = tmp_path / "a.toml"
+    (tmp_path / "ca.pem").write_text("x")
     p.write_text(text)
     with pytest.raises(ConfigError) as ei:
         load_config(p)
@@ -56,11 +58,10 @@ def test_bad_toml(tmp_path: Path) -> None:
         load_config(p)
 
 
-def test_plain_http_is_refused(tmp_path: Path) -> None:
-    from modelward.updater._fetcher import RequestsFetcher
-    from modelward.updater.errors import OperatorInputError
-
+def test_plain_http_is_refused_when_the_config_loads(tmp_path: Path) -> None:
     p = tmp_path / "a.toml"
+    (tmp_path / "ca.pem").write_text("x")
     p.write_text(GOOD.replace("https://o/metadata/", "http://o/metadata/"))
-    with pytest.raises(OperatorInputError, match="not an https"):
-        RequestsFetcher(load_config(p).updater.https)
+    with pytest.raises(ConfigError, match="not an https") as ei:  # at load, not at update
+        load_config(p)
+    assert ei.value.key == "https.metadata_url"

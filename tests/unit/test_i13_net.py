@@ -275,6 +275,7 @@ def test_agent_config_sets_the_https_deadlines(tmp_path: Any) -> None:
 
     p = tmp_path / "a.toml"
     p.write_text(GOOD + "header_timeout = 5.0\nmetadata_timeout = 40\n")
+    (tmp_path / "ca.pem").write_text("x")  # a ca_file must exist when the config loads
     https = load_config(p).updater.https
     assert https is not None
     assert (https.header_timeout, https.metadata_timeout) == (5.0, 40.0)

@@ -208,7 +208,7 @@ def test_i14_pending_reader_refuses_special_files_and_bounds_the_read(tmp_path: 
     os.mkfifo(fifo)
     d.mkdir()
     link.symlink_to("/dev/zero")
-    for p, why in ((fifo, "FIFO"), (d, "directory"), (link, "symbolic link")):
+    for p, why in ((fifo, "FIFO"), (d, "directory"), (link, "symlink")):
         with pytest.raises(PendingMetadataError, match=why):
             read_pending(p)
     with open(big, "wb") as f:

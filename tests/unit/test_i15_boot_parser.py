@@ -40,7 +40,7 @@ def test_boot_check_parses_as_with_the_full_parser(argv: list[str]) -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    ["agent", "boot-check"],  # --config missing
+    ["agent", "boot-check"],  # (--config: the default path)
     ["agent", "boot-check", "--config", "a", "--tpm-wait", "soon"],
     ["agent", "boot-check", "--config", "a", "--unknown"],
     ["agent", "boot-check", "--help"],
