@@ -87,7 +87,7 @@ def hash_workers() -> int:
 
 
 class FileChangedError(OSError):
-    """A file was shorter than its size when its leaves were read (it shrank meanwhile)."""
+    """A file's size changed while its leaves were read."""
 
 
 #: Bytes read at a time into a hashing task's buffer: small enough to stay in the core's
@@ -138,13 +138,20 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
     touches ``fd`` any more, also after an error.
 
     Raises:
-        OSError: the file cannot be read, or shrank while it was read
+        OSError: the file cannot be read, or changed size while it was read
             (:class:`FileChangedError`).
     """
     size = os.fstat(fd).st_size
     if size <= LEAF_SIZE:
-        leaf = _read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))
-        return size, tree_hash([leaf] if size else []).hex()
+        leaves = [_read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))] if size else []
+    else:
+        leaves = _striped_leaves(fd, size, pool)
+    if os.fstat(fd).st_size != size:  # (grew meanwhile: what was hashed is not the file)
+        raise FileChangedError(f"file changed size from {size} bytes while it was hashed")
+    return size, tree_hash(leaves).hex()
+
+
+def _striped_leaves(fd: int, size: int, pool: ThreadPoolExecutor | None) -> list[bytes]:
     from concurrent.futures import ThreadPoolExecutor, wait
 
     count = -(-size // LEAF_SIZE)
@@ -173,7 +180,7 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
     finally:
         if pool is None:
             ex.shutdown()
-    return size, tree_hash(leaves).hex()
+    return leaves
 
 
 @dataclass(frozen=True)

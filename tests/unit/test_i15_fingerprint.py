@@ -151,6 +151,25 @@ def test_file_that_shrinks_while_hashed_is_an_error_not_a_crash(tmp_path: Path,
     assert issubclass(FileChangedError, OSError)  # callers' `except OSError` holds
 
 
+@pytest.mark.parametrize("size", [100, 3 * LEAF_SIZE])
+def test_file_that_grows_while_hashed_is_an_error(tmp_path: Path, size: int,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bytes appended while the leaves are read: the root of the first ``size`` bytes is
+    not the file's (it would vouch for a file that has more), so it is an error too."""
+    p = tmp_path / "m"
+    p.write_bytes(b"\x05" * size)
+    real = fpm._read_leaf  # noqa: SLF001
+
+    def growing(fd: int, offset: int, length: int, buf: bytearray) -> bytes:
+        with open(p, "ab") as f:
+            f.write(b"more")
+        return real(fd, offset, length, buf)
+
+    monkeypatch.setattr(fpm, "_read_leaf", growing)
+    with open(p, "rb") as f, pytest.raises(FileChangedError, match="changed size"):
+        fd_merkle_root(f.fileno())
+
+
 def test_shrunk_file_in_a_slot_never_matches(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     slot = tmp_path / "slot"
