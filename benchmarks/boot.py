@@ -1,7 +1,7 @@
 """Whole-process cost of ``modelward agent boot-check`` (issue 15, must-show 6).
 
     .venv/bin/python benchmarks/boot.py [--rounds 30] [--big-mib 1024] [--big-rounds 5]
-        [--idle-seconds 60]
+        [--idle-seconds 60] [--compare REV]
 
 What the boot unit runs before inference may start, timed as a process (interpreter
 start, imports, config, TPM, hashing, exit), interleaved in random order with its
@@ -34,6 +34,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +160,41 @@ def split_process(cmd: list[str]) -> tuple[float, list[tuple[str, float]], float
     return sum(s for _, s in tops), tops[:8], total
 
 
+def compare(work: Path, rev: str, conf: Path, n: int) -> tuple[str, str, str, str, str]:
+    """The 1 KiB boot-check of revision ``rev`` against this tree's, each run as
+    ``python -S -m modelward`` with only its tree and this environment's site-packages on
+    the path (no site, no editable finder: the same start-up for both), from ``work``."""
+    tree = work / "rev"
+    tree.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    for pkg in ("modelward", "agent", "updater", "trust", "publisher", "simulator"):
+        compileall.compile_dir(str(tree / pkg), quiet=1)
+    site = sysconfig.get_paths()["purelib"]
+    cmd = [sys.executable, "-S", "-m", "modelward", "agent", "boot-check", "--config",
+           str(conf)]
+    res: Sample = {"then": [], "now": []}
+    for _ in range(n):
+        for k in random.sample(list(res), 2):
+            env = {**ENV, "PYTHONPATH": f"{tree if k == 'then' else ROOT}:{site}"}
+            t = time.perf_counter()
+            p = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+            _, status, ru = os.wait4(p.pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, k
+            res[k].append((time.perf_counter() - t, ru.ru_utime + ru.ru_stime))
+    w = {k: [a for a, _ in v] for k, v in res.items()}
+    c = {k: [b for _, b in v] for k, v in res.items()}
+    print(f"boot-check of {rev} (python -S): wall {fmt(w['then'])}, CPU {fmt(c['then'])}; "
+          f"this tree: wall {fmt(w['now'])}, CPU {fmt(c['now'])}")
+    return (f"boot-check process, 1 KiB model, this tree vs {rev} (both `python -S`)",
+            f"{fmt(w['now'])}; CPU {fmt(c['now'])}",
+            f"{rev}: {fmt(w['then'])}; CPU {fmt(c['then'])}",
+            f"{med(w['now']) / med(w['then']):.2f} (CPU {med(c['now']) / med(c['then']):.2f})",
+            "")
+
+
 def judge(ok: bool, what: str, short: float) -> str:
     return f"{what}: " + ("met" if ok else f"MISSED by {short:.0%}")
 
@@ -170,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-rounds", type=int, default=5)
     ap.add_argument("--idle-seconds", type=float, default=60.0,
                     help="idle daemon period (0: skip)")
+    ap.add_argument("--compare", metavar="REV",
+                    help="also time the boot-check of git revision REV against this tree's")
     args = ap.parse_args(argv)
     compileall.compile_dir(str(ROOT / "modelward"), quiet=1)
     for pkg in ("agent", "updater", "trust"):  # (the package-dir folders behind the links)
@@ -225,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"{split}. Importing tpm2_pytss alone (which imports most of "
                          f"cryptography, x509 included) takes +{floor:.0f} ms of the "
                          f"+{over:.0f} ms over `python -c pass`.")
+
+        if args.compare:
+            rows.append(compare(work, args.compare, tiny, args.rounds))
 
         res = rounds({"boot": boot_big, "openssl": openssl}, args.big_rounds)
         w_big = [w for w, _ in res["boot"]]
