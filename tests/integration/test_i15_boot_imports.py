@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from modelward.simulator._swtpm import stop_swtpm
 from tests.conftest import World
 
 #: What booting never needs: the network, TUF and its signers (with pkcs11), MQTT, the
@@ -44,8 +45,8 @@ def forbidden_in(modules: set[str]) -> list[str]:
                   if any(m == f or m.startswith(f + ".") for f in FORBIDDEN))
 
 
-def _boot_check(world: World) -> tuple[subprocess.CompletedProcess[str], set[str]]:
-    r, mods = imported_by(["agent", "boot-check", "--config", str(world.conf_path)])
+def _boot_check(world: World, *extra: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    r, mods = imported_by(["agent", "boot-check", "--config", str(world.conf_path), *extra])
     assert "Traceback" not in r.stderr, r.stderr
     assert set(NEEDED) <= mods, sorted(set(NEEDED) - mods)
     return r, mods
@@ -57,7 +58,7 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def test_boot_check_match_and_fallback_import_nothing_but_booting(world: World) -> None:
+def test_boot_check_imports_nothing_but_booting(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
@@ -93,6 +94,13 @@ def test_boot_check_match_and_fallback_import_nothing_but_booting(world: World) 
     assert "no trusted previous model" in r.stderr
     assert forbidden_in(mods) == []
     assert world.snapshot().current is None
+
+    # The TPM does not answer (the error path, a status written without a MAC): the same.
+    stop_swtpm(world.tpm.state)
+    r, mods = _boot_check(world, "--tpm-wait", "0")
+    assert r.returncode == 1, r.stderr
+    assert "not running or not reachable" in r.stderr
+    assert forbidden_in(mods) == []
 
 
 def test_importtime_parse_sees_a_forbidden_import() -> None:
