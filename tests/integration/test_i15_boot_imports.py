@@ -73,6 +73,20 @@ def test_boot_check_imports_nothing_but_booting(world: World) -> None:
     assert forbidden_in(mods) == []
     assert world.snapshot() == before
 
+    # Run as the boot unit runs it (the installed entry point, not -I) from a directory
+    # holding planted modules of the names it imports: none of them is executed.
+    planted = world.tmp / "planted"
+    (planted / "modelward").mkdir(parents=True)
+    marker = world.tmp / "planted-ran"
+    for name in ("tpm2_pytss.py", "hashlib.py", "logging.py", "modelward/__init__.py"):
+        (planted / name).write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    script = Path(sys.executable).parent / "modelward"
+    r = subprocess.run([str(script), "agent", "boot-check", "--config", str(world.conf_path)],
+                       cwd=planted, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0, r.stderr
+    assert "2.0.0 verified" in r.stdout
+    assert not marker.exists(), marker.read_text()
+
     # The active model was altered: the fallback (a record commit, a status write with
     # its metrics) stays as lean.
     _flip(world.state / "current" / "model.onnx")
