@@ -9,6 +9,7 @@ status report as its last line of output.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -23,14 +24,16 @@ def main(argv: list[str]) -> int:
     """Entry point; ``argv`` is ``[config_path]``."""
     from modelward.agent._commands import make_gate, signed_report, update
     from modelward.agent._config import load_config
-    from modelward.agent._log import setup_logging
+    from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
     from modelward.agent._malloc import tune_malloc
     from modelward.trust.errors import ModelwardError
     from modelward.updater._journal import Journal
     from modelward.updater._statedir import touch_plain
 
     tune_malloc()
-    setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")), json_lines=True)
+    fmt = os.environ.get(LOG_FORMAT_ENV, "auto")  # the daemon's --log-format
+    fmt = setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")),
+                        fmt if fmt in LOG_FORMATS else "auto")
     cfg = load_config(Path(argv[0]), test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -48,8 +51,10 @@ def main(argv: list[str]) -> int:
         heartbeat()
         update(cfg, make_gate(cfg, stop=stop, heartbeat=heartbeat),
                on_step=lambda _s: heartbeat())
-    except ModelwardError:
-        code = 1  # logged and recorded by update()
+    except ModelwardError as e:
+        code = 1  # recorded in status.json by update(); reported here, once
+        report_error(e, fmt=fmt, prefix="update failed",
+                     logger=logging.getLogger("modelward.agent"))
     if cfg.updater.mqtt is not None:
         try:
             state = Journal(cfg.state_dir / "journal.json").read().step

@@ -187,8 +187,8 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
         except ModelwardError as e:
             if store is None:
                 metrics.counters["attempts"] += 1
-            logger.error("update failed: %s", e, extra={"error": type(e).__name__,
-                                                        **_error_fields(e)})
+            # not logged here: the caller that handles it reports it, once (the CLI's
+            # error line, the daemon child's "update failed" record)
             metrics.counters["failures"] += 1
             if isinstance(e, MetadataError):
                 metrics.counters["signature_failures"] += 1
@@ -291,15 +291,6 @@ def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None
             fetched.append(source.fetcher.bytes_received)
             source.close()
     raise AssertionError("no transport configured")  # load_config guarantees one
-
-
-def _error_fields(e: ModelwardError) -> dict[str, str]:
-    fields = {}
-    for k in ("model", "version", "target", "member", "path", "url"):
-        v = getattr(e, k, None)
-        if v:
-            fields[k] = str(v)
-    return fields
 
 
 def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:
@@ -424,9 +415,10 @@ def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore 
     """The trust store for a status write after boot-check, or None if the TPM does not
     answer (or ``skip``: it just did not); the status is then written without a MAC, and
     not believed later."""
+    if skip:  # the TPM just failed: the error that ends the command says so, once
+        yield None
+        return
     try:
-        if skip:
-            raise TpmUnavailableError("the TPM did not answer the boot check", tcti=cfg.tcti)
         store = open_store(cfg)
     except ModelwardError as e:
         logger.warning("status.json written without a MAC: %s", e)
@@ -453,7 +445,7 @@ def run_boot_check(cfg: AgentConfig) -> BootResult:
                 f"{e}; nothing is trusted until the next `modelward agent update` heals the "
                 "device from its TPM-anchored root (no operator step needed)") from e
     except ModelwardError as e:
-        logger.error("boot check failed: %s", e, extra={"error": type(e).__name__})
+        # reported once, by the caller (the CLI's error line or record)
         try:
             with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
                 status.record(error=e, result=None, tpm=store.tpm if store else None)

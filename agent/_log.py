@@ -1,5 +1,20 @@
-"""Logging set-up for the entry point: JSON lines for the agent and for every command under
-journald, plain text for people.
+"""Logging set-up for the entry point: lines for people on a terminal, JSON lines for
+journald.
+
+The format (``--log-format``, else ``$MODELWARD_LOG_FORMAT``, else ``auto``):
+
+* ``human``: ``2026-12-01 18:00:00 WARNING agent: ...``, one escaped line a record;
+* ``json``: one JSON object a line with ``ts``, ``level``, ``priority`` (the syslog level
+  number journald uses: 3 error, 4 warning, 6 info, 7 debug), ``logger``, ``msg`` and the
+  record's fields;
+* ``auto``: ``json`` when stderr is systemd's journal stream (``$JOURNAL_STREAM`` names the
+  ``device:inode`` of stderr, systemd.exec(5)), ``human`` otherwise, agent or not.
+
+When stderr is the journal, every line also starts with ``<N>`` (sd-daemon(3)): journald
+takes it as the entry's PRIORITY, so ``journalctl -p warning`` selects our warnings.
+
+Errors that end a command are reported once, by the entry point (:func:`report_error`):
+library code raises them and does not log them too.
 
 Log records carry strings that devices, the origin, a team key or the broker chose (device
 ids, topics, target paths, role names, exception messages quoting them). Whatever the
@@ -141,6 +156,7 @@ class JsonFormatter(logging.Formatter):
         doc: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
+            "priority": syslog_priority(record.levelno),
             "logger": record.name,
             "msg": cut_json(bounded_message(record), MAX_MESSAGE),
         }
@@ -181,7 +197,7 @@ def _indented(text: str) -> str:
     return "".join(f"\n  {line}" for line in escape_text(text, keep_newlines=True).split("\n"))
 
 
-def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> bool:
+def stream_is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) -> bool:
     """Whether ``stream`` is systemd's journal stream: ``$JOURNAL_STREAM`` names the
     ``device:inode`` of the socket systemd connected (systemd.exec(5)); the variable
     alone is not enough, a child may inherit it with its stderr redirected elsewhere."""
@@ -196,12 +212,108 @@ def stream_is_journal(stream: TextIO, environ: dict[str, str] | None = None) -> 
     return (st.st_dev, st.st_ino) == (int(dev), int(ino))
 
 
-def setup_logging(verbosity: int, json_lines: bool) -> None:
-    """Configure the root logger once, at the entry point: JSON lines when asked for
-    (the agent) and whenever stderr is the journal (operator commands run by systemd:
-    ``repo refresh``, ``serve-mqtt``), escaped plain text otherwise."""
+LOG_FORMATS = ("auto", "human", "json")
+LOG_FORMAT_ENV = "MODELWARD_LOG_FORMAT"  # the default of --log-format; the daemon's child
+
+
+def syslog_priority(levelno: int) -> int:
+    """The syslog level number of a logging level (journald's PRIORITY=): 2 critical,
+    3 error, 4 warning, 6 info, 7 debug (pure)."""
+    for floor, priority in ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+                            (logging.INFO, 6)):
+        if levelno >= floor:
+            return priority
+    return 7
+
+
+class HumanFormatter(TextFormatter):
+    """``2026-12-01 18:00:00 WARNING agent: message`` (local time; the logger's name
+    without its ``modelward.`` prefix), escaped like :class:`TextFormatter`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created).strftime("%Y-%m-%d %H:%M:%S")
+        name = record.name.removeprefix("modelward.")
+        return f"{when} {record.levelname} {escape_text(name)}: {super().format(record)}"
+
+
+class _JournalPrefix(logging.Formatter):
+    """``<N>`` before each record (sd-daemon(3)): journald reads it as the PRIORITY."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{syslog_priority(record.levelno)}>{self.inner.format(record)}"
+
+
+def resolve_format(fmt: str, stream: TextIO, environ: Mapping[str, str] | None = None) -> str:
+    """``human`` or ``json`` for ``fmt`` (one of :data:`LOG_FORMATS`; ``auto``: json when
+    ``stream`` is the journal)."""
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    return "json" if stream_is_journal(stream, environ) else "human"
+
+
+def setup_logging(verbosity: int, fmt: str = "auto") -> str:
+    """Configure the root logger once, at the entry point, for stderr in format ``fmt``
+    (see the module's docstring); returns the format used, ``human`` or ``json``."""
     level = logging.WARNING - 10 * verbosity
     handler = logging.StreamHandler(sys.stderr)
-    as_json = json_lines or stream_is_journal(sys.stderr)
-    handler.setFormatter(JsonFormatter() if as_json else TextFormatter())
+    used = resolve_format(fmt, sys.stderr)
+    inner: logging.Formatter = JsonFormatter() if used == "json" else HumanFormatter()
+    handler.setFormatter(_JournalPrefix(inner) if stream_is_journal(sys.stderr) else inner)
     logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler], force=True)
+    return used
+
+
+# --- the error that ends a command --------------------------------------------
+
+_FIELDS = ("model", "version", "target", "member", "path", "url")
+
+
+def error_fields(e: BaseException) -> dict[str, str]:
+    """The log fields of an error: its type, its hint and the fields it carries (model,
+    version, target, member, path, url) that are set."""
+    fields = {"error": type(e).__name__}
+    for k in _FIELDS:
+        v = getattr(e, k, None)
+        if v:
+            fields[k] = str(v)
+    hint = getattr(e, "hint", "")
+    if hint:
+        fields["hint"] = str(hint)
+    return fields
+
+
+def error_line(prefix: str, message: str, hint: str) -> str:
+    """``PREFIX: MESSAGE; hint: HINT`` escaped: one line, unless the message has line
+    breaks, which only ever start an indented continuation (an error may quote what a
+    device or the origin sent)."""
+    text = escape_text(message, keep_newlines=True).replace("\n", "\n  ")
+    return f"{prefix}: {text}" + (f"; hint: {escape_text(hint)}" if hint else "")
+
+
+def report_error(e: BaseException, *, fmt: str, prefix: str = "modelward: error",
+                 hint: str = "", traceback: bool = False,
+                 logger: logging.Logger | None = None, message: str = "") -> None:
+    """Report the error that ends a command, once: one line on stderr for people
+    (``fmt`` ``human``), one JSON record (error type, hint and the error's fields)
+    otherwise, and always a record of ``logger`` when one is given (the daemon's child).
+    ``traceback``: the exception's traceback too (``--debug``; an internal error in
+    JSON, where the journal keeps it). ``message``: said instead of ``str(e)``."""
+    hint = hint or str(getattr(e, "hint", "") or "")
+    if fmt == "json" or logger is not None:
+        log = logger or logging.getLogger("modelward")
+        log.error("%s: %s" + ("; hint: %s" if hint else ""), prefix.removeprefix("modelward: "),
+                  message or e, *([hint] if hint else []),
+                  extra=error_fields(e) | ({"hint": hint} if hint else {}),
+                  exc_info=e if traceback else None)
+        return
+    print(error_line(prefix, message or str(e), hint), file=sys.stderr, flush=True)
+    if traceback:
+        import traceback as tb
+
+        print("".join(tb.format_exception(e)), end="", file=sys.stderr)

@@ -3,6 +3,7 @@ report, and the activation notice to the inference application."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -30,8 +31,10 @@ class ActivationConfig:
     Attributes:
         command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
             MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
-        reload_unit: systemd unit to reload (``restart = true``: restart) after a switch.
-        restart: restart instead of reload.
+        reload_unit: not run any more: the agent is unprivileged and systemctl would need a
+            polkit rule. ``modelward-activate@UNIT.path`` (systemd) reloads the unit when
+            :data:`ACTIVATED_FILE` changes; a configured value is reported as not done.
+        restart: (with ``reload_unit``) no effect.
         timeout: seconds each may take.
     """
 
@@ -39,6 +42,22 @@ class ActivationConfig:
     reload_unit: str | None = None
     restart: bool = False
     timeout: float = 30.0
+
+
+ACTIVATED_FILE = "activated"
+"""``state_dir/activated``: replaced after each switch (the model's name, version and
+fingerprint); ``systemd/modelward-activate@.path`` watches it."""
+
+
+def write_activated(state_dir: Path, ref: ModelRef) -> str | None:
+    """Replace :data:`ACTIVATED_FILE`; ``None``, or why it could not be written (never
+    raises: the model is installed either way)."""
+    doc = {"name": ref.name, "version": ref.version, "fingerprint": ref.fingerprint}
+    try:
+        write_atomic(state_dir / ACTIVATED_FILE, (json.dumps(doc) + "\n").encode(), mode=0o640)
+    except OSError as e:
+        return f"{state_dir / ACTIVATED_FILE}: {e}"
+    return None
 
 
 def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> dict[str, Any]:
@@ -49,11 +68,16 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
     cmds: list[list[str]] = []
     if cfg.command:
         cmds.append(list(cfg.command))
-    if cfg.reload_unit:
-        cmds.append(["systemctl", "restart" if cfg.restart else "reload-or-restart",
-                     cfg.reload_unit])
     details = []
     ok = True
+    if (problem := write_activated(state_dir, ref)) is not None:
+        ok = False
+        details.append(f"activated: {problem}")
+    if cfg.reload_unit:
+        ok = False
+        details.append(f"reload_unit {cfg.reload_unit}: not run (systemctl needs privileges "
+                       f"the agent does not have); enable "
+                       f"modelward-activate@{cfg.reload_unit.removesuffix('.service')}.path")
     for cmd in cmds:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True,
@@ -125,9 +149,17 @@ class Metrics:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
         return "\n".join(out) + "\n"
 
-    def write_textfile(self, path: Path) -> None:
-        """Atomically replace the node_exporter textfile."""
-        write_atomic(path, self.prometheus().encode())
+    def write_textfile(self, path: Path) -> bool:
+        """Atomically replace the node_exporter textfile; a failure (a read-only or missing
+        directory, a full disk) is one warning, never an error: metrics are not part of an
+        install. Returns whether it was written."""
+        try:
+            write_atomic(path, self.prometheus().encode())
+        except OSError as e:
+            logger.warning("cannot write the metrics textfile %s: %s", path, e,
+                           extra={"metrics_textfile": str(path), "problem": str(e)})
+            return False
+        return True
 
 
 def _ref(r: ModelRef | None) -> dict[str, str] | None:

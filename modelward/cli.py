@@ -2,9 +2,11 @@
 
 Exit codes:
   0  success (``agent update``: installed, or nothing to do)
-  1  a modelward error: the one-line diagnosis says what is at fault and a hint
-  2  usage error
+  1  a modelward error: one line says what is at fault, with a hint
+  2  usage error (one line naming the argument)
   3  ``agent boot-check``: no trusted model is left; do not start inference
+  70 an internal error, a bug: one line; its traceback with --debug (under journald, in
+     the JSON record)
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
     from modelward.publisher._repo import Repository
     from modelward.updater._config import MqttConfig
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED = 0, 1, 2, 3
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED, EXIT_BUG = 0, 1, 2, 3, 70
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 HSM_PIN_ENV = "MODELWARD_HSM_PIN"
 
@@ -42,11 +44,15 @@ def _secrets(what: str) -> str:
 
 
 def _repository(args: argparse.Namespace, confirm: bool = False) -> Repository:
+    from modelward._inputs import existing_dir
     from modelward.publisher._online import ONLINE_DIR_ENV, attach, env_passphrases
     from modelward.publisher._repo import Repository
 
     # envvar: key URIs name variables of this environment, read here at the entry point.
     keys: Path = args.keys
+    if not confirm:  # (only `repo init` makes them)
+        existing_dir("--repo", args.repo)
+        existing_dir("--keys", keys)
 
     def new_key(role: str) -> bool:  # a prompted passphrase for a new key file: ask twice
         return confirm or not any((keys / n).exists() for n in (f"{role}.pem",
@@ -91,8 +97,11 @@ def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
 
 @contextlib.contextmanager
 def _progress(what: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar on a terminal; silence otherwise (logs, CI, pipes)."""
-    if not sys.stderr.isatty():
+    """A rich progress bar on a terminal; silence otherwise (logs, CI, pipes), and where
+    rich (of [operator]) is not installed: the online host's `publish`."""
+    from modelward._extras import installed
+
+    if not sys.stderr.isatty() or not installed("rich"):
         yield lambda _n: None
         return
     from rich.progress import (
@@ -141,9 +150,11 @@ upgraded to scrypt with `repo rekey`."""
 
 
 def _repo_rekey(args: argparse.Namespace) -> int:
+    from modelward._inputs import existing_dir
     from modelward.publisher._rekey import rekey
     from modelward.trust.errors import OperatorInputError
 
+    existing_dir("--keys", args.keys)
     current = _passphrase(confirm=False)
     if args.new_passphrase and not sys.stdin.isatty():
         raise OperatorInputError("--new-passphrase prompts on a terminal; without one set "
@@ -229,13 +240,16 @@ def _repo_add_key(args: argparse.Namespace) -> int:
             raise OperatorInputError(f"cannot read key {args.hsm_keyid} from the HSM: {e}",
                                      hint="set PYKCS11LIB to the PKCS#11 module") from e
     elif args.uri and args.public_key:
+        from modelward._inputs import read_file
         from modelward.publisher._keys import public_key_from_pem
+        from modelward.publisher.errors import KeyError_
 
+        pem = read_file("--public-key", args.public_key)
         try:
-            pem = args.public_key.read_bytes()
-        except OSError as e:
-            raise OperatorInputError(f"cannot read {args.public_key}: {e}") from e
-        uri, key = args.uri, public_key_from_pem(pem)
+            uri, key = args.uri, public_key_from_pem(pem)
+        except KeyError_ as e:
+            raise KeyError_(f"--public-key {args.public_key}: {e}", path=str(args.public_key),
+                            hint="give the PEM public key of the --uri key") from e
     else:
         raise OperatorInputError("repo add-key needs --hsm-keyid, or --uri with --public-key")
     v = repo.add_key(args.role, uri, key, threshold=args.threshold)
@@ -281,6 +295,7 @@ def _repo_refresh(args: argparse.Namespace) -> int:
 
 
 def _repo_set_expiry(args: argparse.Namespace) -> int:
+    from modelward._inputs import existing_dir
     from modelward.publisher._expiry import (
         TOP_ROLES,
         format_duration,
@@ -294,6 +309,8 @@ def _repo_set_expiry(args: argparse.Namespace) -> int:
     windows = parse_assignments(args.warn or [], "--warn")
     if not lifetimes and not windows:
         raise OperatorInputError("repo set-expiry needs ROLE=DURATION or --warn ROLE=DURATION")
+    existing_dir("--repo", args.repo)
+    existing_dir("--keys", args.keys)
     repo = Repository(args.repo, args.keys, b"unused: set-expiry signs nothing",
                       expiry=load_expiry_to_replace(args.keys))  # a corrupt file is replaced
     path = repo.set_expiry(lifetimes, windows)
@@ -305,9 +322,11 @@ def _repo_set_expiry(args: argparse.Namespace) -> int:
 
 
 def _repo_status(args: argparse.Namespace) -> int:
+    from modelward._inputs import existing_dir
     from modelward.publisher._repo import Repository
     from modelward.publisher._summary import escape
 
+    existing_dir("--repo", args.repo)
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
     repo.expiry_warnings()  # the same warnings as log lines
@@ -326,22 +345,27 @@ def _repo_status(args: argparse.Namespace) -> int:
 
 
 def _bundle_build(args: argparse.Namespace) -> int:
+    from modelward._inputs import output_file, readable_file
     from modelward.publisher._bundle_build import BuildOptions, build_bundle
     from modelward.trust.errors import OperatorInputError
 
+    readable_file("MODEL", args.model)
+    if args.vectors is not None:
+        readable_file("--vectors", args.vectors)
     extra = []
     for spec in args.extra or []:
         src, sep, arc = spec.partition(":")
         if not sep:
             raise OperatorInputError(f"--extra {spec!r}: expected SRC:PATH_IN_BUNDLE")
-        extra.append((Path(src), arc))
+        extra.append((readable_file("--extra", Path(src)), arc))
+    output_file("-o", args.output)
     size = sum(p.stat().st_size for p in [args.model, *(src for src, _ in extra)]
                if p.is_file())
     with _progress("building", 2 * size) as advance:
         m = build_bundle(
             args.model, args.name, args.version, args.output, vectors=args.vectors,
-            extra=extra, options=BuildOptions(rtol=args.rtol, atol=args.atol, seed=args.seed),
-            progress=advance,
+            extra=extra, progress=advance, options=BuildOptions(
+                rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True),
         )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")
@@ -349,9 +373,11 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    from modelward._inputs import readable_file
     from modelward.publisher._bridge import announce
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
+    readable_file("BUNDLE", args.bundle)
     repo = _repository(args)
     size = args.bundle.stat().st_size if args.bundle.is_file() else 0
     with _progress("publishing", 3 * size) as advance:
@@ -373,13 +399,18 @@ def _broker_config(args: argparse.Namespace, default_user: str) -> MqttConfig:
 
     if not args.broker or not args.fleet:
         raise OperatorInputError("--broker and --fleet are required for MQTT")
+    from modelward._inputs import read_file, tls_files
+
     host, port = parse_broker_url(args.broker)
+    tls_files(args.tls_ca, args.cert, args.key)
     password = None
     if args.password_file:
+        raw = read_file("--password-file", args.password_file, 4096)
         try:
-            password = args.password_file.read_text().strip()
-        except OSError as e:
-            raise OperatorInputError(f"cannot read {args.password_file}: {e}") from e
+            password = raw.decode().strip()
+        except UnicodeDecodeError as e:
+            raise OperatorInputError(f"--password-file {args.password_file}: not UTF-8 text",
+                                     hint="the file holds the password alone") from e
     return MqttConfig(
         host=host, port=port, fleet=args.fleet, client_name=args.username or default_user,
         ca_file=str(args.tls_ca) if args.tls_ca else None,
@@ -437,14 +468,12 @@ def _announce(args: argparse.Namespace) -> int:
 
 
 def _fleet_add_device(args: argparse.Namespace) -> int:
+    from modelward._inputs import creatable_dir, read_file
     from modelward.publisher._fleet import add_device
-    from modelward.trust.errors import OperatorInputError
 
-    try:
-        pem = args.key.read_bytes()
-    except OSError as e:
-        raise OperatorInputError(f"cannot read {args.key}: {e}") from e
-    path = add_device(args.fleet_dir, args.device, pem)
+    pem = read_file("--key", args.key)
+    creatable_dir("--fleet-dir", args.fleet_dir)
+    path = add_device(args.fleet_dir, args.device, pem, source=f"--key {args.key}")
     print(f"enrolled {args.device}: {path}")
     return EXIT_OK
 
@@ -493,9 +522,11 @@ def _load(args: argparse.Namespace) -> AgentConfig:
 
 
 def _agent_provision(args: argparse.Namespace) -> int:
+    from modelward._inputs import root_metadata
     from modelward.agent._commands import provision
 
     cfg = _load(args)
+    root_metadata("--root", args.root)  # before the TPM is touched
     rep = provision(cfg, args.root, keep_identity=args.keep_identity)
 
     def word(created: bool) -> str:
@@ -546,8 +577,10 @@ def _agent_enroll(args: argparse.Namespace) -> int:
 
 def _agent_run(args: argparse.Namespace) -> int:
     from modelward.agent._daemon import run_daemon
+    from modelward.agent._log import LOG_FORMAT_ENV
 
-    run_daemon(_load(args), os.environ)
+    # the attempt processes log in the same format (auto: they share this stderr)
+    run_daemon(_load(args), {**os.environ, LOG_FORMAT_ENV: args.log_format})
     return EXIT_OK
 
 
@@ -595,7 +628,10 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
     try:
         result = run_boot_check(cfg)
     except NothingTrustedError as e:
-        print(f"modelward: boot check: {e}", file=sys.stderr)
+        from modelward.agent._log import report_error
+
+        report_error(e, fmt=args.log_used, prefix="modelward: boot check",
+                     traceback=args.debug)
         return EXIT_NOTHING_TRUSTED
     print(result.message)
     return EXIT_OK
@@ -624,8 +660,11 @@ def _say(text: str) -> None:
 
 
 def _sim_fleet(args: argparse.Namespace) -> int:
+    from modelward._inputs import existing_dir
     from modelward.simulator._fleet import Fleet, fleet_down, fleet_up
 
+    if args.action != "up":
+        existing_dir("--dir", args.dir)
     if args.action == "up":
         fleet = fleet_up(args.dir, args.devices, poll_interval=args.poll, say=_say)
         print(f"fleet of {len(fleet.devices)} up in {fleet.dir}")
@@ -689,7 +728,9 @@ def _sim_demo(args: argparse.Namespace) -> int:
 
 def _top_parser() -> argparse.ArgumentParser:
     """The top-level parser and its global options, without the commands."""
-    p = argparse.ArgumentParser(
+    from modelward._inputs import OneLineParser
+
+    p = OneLineParser(
         prog="modelward",
         description="Over-the-air updates of ML models, verified with TUF and a TPM.",
         epilog=__doc__.split("\n\n", 1)[1] if __doc__ else None,
@@ -697,6 +738,12 @@ def _top_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"modelward {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="more output (repeatable)")
+    p.add_argument("--log-format", choices=["auto", "human", "json"],
+                   help="log lines for people, or JSON lines with a journald priority "
+                   "(default: $MODELWARD_LOG_FORMAT, else auto: json when stderr is the "
+                   "journal)")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of an error (for a bug report)")
     return p
 
 
@@ -709,8 +756,10 @@ def _add_config_option(a: argparse.ArgumentParser) -> None:
 
 
 def _add_boot_check(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from modelward._inputs import number
+
     a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
-    a.add_argument("--tpm-wait", type=float, metavar="SECONDS",
+    a.add_argument("--tpm-wait", type=number(0, 86400), metavar="SECONDS",
                    help="how long to wait for a TPM that does not answer yet "
                         "(default: [agent] tpm_wait, 120)")
     a.set_defaults(func=_agent_boot_check)
@@ -723,10 +772,19 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     groups); boot-check runs before inference on every boot and loads only what booting
     needs (issue 15, tests/integration/test_i15_boot_imports.py).
     """
-    words = [a for a in argv if not a.startswith("-")]
-    if words[:2] != ["agent", "boot-check"]:
-        return build_parser()
     p = _top_parser()
+    takes_value = {o for a in p._actions if a.nargs != 0 for o in a.option_strings}
+    words: list[str] = []
+    args = iter(argv)
+    for arg in args:  # the first two words, skipping the global options and their values
+        if arg in takes_value:
+            next(args, None)
+        elif not arg.startswith("-"):
+            words.append(arg)
+        if len(words) == 2:
+            break
+    if words != ["agent", "boot-check"]:
+        return build_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
     agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
@@ -737,6 +795,8 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    from modelward._inputs import number, whole
+
     p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
@@ -787,7 +847,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--token-label", help="PKCS#11 token label")
     r.add_argument("--uri", help="any other signer URI: envvar:NAME, gcpkms:…, awskms:…, …")
     r.add_argument("--public-key", type=Path, help="PEM public key of the --uri key")
-    r.add_argument("--threshold", type=int, help="the role's new threshold")
+    r.add_argument("--threshold", type=whole(1), help="the role's new threshold")
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--keys", type=Path, required=True)
     r.set_defaults(func=_repo_add_key)
@@ -839,8 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz with input:<name>/output:<name> arrays; "
                    "generated with onnxruntime if absent")
     b.add_argument("--extra", action="append", metavar="SRC:PATH", help="add a file (repeatable)")
-    b.add_argument("--rtol", type=float, default=1e-4)
-    b.add_argument("--atol", type=float, default=1e-5)
+    b.add_argument("--rtol", type=number(0), default=1e-4)
+    b.add_argument("--atol", type=number(0), default=1e-5)
     b.add_argument("--seed", type=int, default=0, help="seed of generated test inputs")
     b.add_argument("-o", "--output", type=Path, required=True)
     b.set_defaults(func=_bundle_build)
@@ -853,7 +913,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("--role", help="publish as this delegated (team) role, with its key")
     pub.add_argument("--sign-with", action="append", metavar="URI",
                      help="targets key to sign with (repeatable; default: the first key)")
-    pub.add_argument("--rollout", type=float, default=100.0, metavar="PCT",
+    pub.add_argument("--rollout", type=number(0, 100), default=100.0, metavar="PCT",
                      help="share of the channel's devices eligible at first (default: 100)")
     pub.add_argument("--announce", action="store_true",
                      help="announce the new timestamp over MQTT afterwards")
@@ -865,7 +925,7 @@ def build_parser() -> argparse.ArgumentParser:
     x = rosub.add_parser("set", help="change a release's rollout percentage, halt or resume it")
     x.add_argument("name")
     x.add_argument("version")
-    x.add_argument("--percent", type=float)
+    x.add_argument("--percent", type=number(0, 100))
     g = x.add_mutually_exclusive_group()
     g.add_argument("--halt", action="store_true", help="no further device installs it")
     g.add_argument("--resume", action="store_true")
@@ -914,8 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
     f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
                         "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
     f.add_argument("--fleet-dir", type=Path, required=True)
-    f.add_argument("--wait", type=float, default=2.0, help="seconds to collect reports")
-    f.add_argument("--poll-interval", type=float, default=3600.0,
+    f.add_argument("--wait", type=number(0, 3600), default=2.0,
+                   help="seconds to collect reports")
+    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
                    help="poll interval (s) of devices whose reports do not carry one; a "
                    "report older than 3 of them is STALE")
     f.add_argument("--json", action="store_true")
@@ -961,7 +1022,7 @@ def build_parser() -> argparse.ArgumentParser:
     tsub = tpm.add_subparsers(dest="tpm_cmd", required=True, metavar="ACTION")
     t = tsub.add_parser("start", help="manufacture (first time) and start; prints the TCTI")
     t.add_argument("--state", type=Path, required=True)
-    t.add_argument("--port", type=int, help="server port (control port is +1)")
+    t.add_argument("--port", type=whole(1, 65534), help="server port (control port is +1)")
     t.set_defaults(func=_sim_tpm_start)
     t = tsub.add_parser("stop", help="stop by pid")
     t.add_argument("--state", type=Path, required=True)
@@ -969,8 +1030,8 @@ def build_parser() -> argparse.ArgumentParser:
     fl = ssub.add_parser("fleet", help="a simulated fleet: mosquitto, nginx, bridge, N agents")
     flsub = fl.add_subparsers(dest="action", required=True, metavar="ACTION")
     f = flsub.add_parser("up", help="start N devices (own swtpm and state dir each)")
-    f.add_argument("--devices", type=int, default=3)
-    f.add_argument("--poll", type=float, default=10.0,
+    f.add_argument("--devices", type=whole(1, 1000), default=3)
+    f.add_argument("--poll", type=number(0, above=True), default=10.0,
                    help="agents' poll interval in seconds (default: 10)")
     f = flsub.add_parser("down", help="stop everything by pid")
     f = flsub.add_parser("publish", help="build, publish and announce the next good release")
@@ -986,13 +1047,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                        if kind == "fault" else ""))
         sc.add_argument("name", choices=names)
         sc.add_argument("--dir", type=Path, required=True, help="the fleet's directory")
-        sc.add_argument("--timeout", type=float, default=150.0,
+        sc.add_argument("--timeout", type=number(0, above=True), default=150.0,
                         help="seconds to wait for the devices (default: 150)")
         sc.add_argument("--json", action="store_true")
         sc.set_defaults(func=_sim_scenario)
     rp = ssub.add_parser("report", help="start a fleet, run every attack and fault, print "
                          "the table (exit 1 if any scenario did not behave)")
-    rp.add_argument("--devices", type=int, default=3)
+    rp.add_argument("--devices", type=whole(1, 1000), default=3)
     rp.add_argument("--dir", type=Path, default=Path("fleet-report"), help="work directory")
     rp.add_argument("-o", "--output", type=Path, help="also write the table here")
     rp.set_defaults(func=_sim_report)
@@ -1003,27 +1064,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code."""
+    """Run the CLI; returns the exit code.
+
+    Every error ends in one line (and a hint) on stderr, or one JSON record under
+    journald: a modelward error (exit 1); an ``OSError`` or ``ValueError`` that escaped
+    the checks where input is read, which names what it can (exit 1, and the hint says
+    how to report it if no input is at fault); anything else is a bug (exit 70). The
+    traceback is shown with ``--debug``; under journald, a bug's traceback is in its
+    record.
+    """
     # The TSS libraries print their own warnings to stderr; our errors say it better.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
+    from modelward._inputs import mark_commands
+
     argv = sys.argv[1:] if argv is None else argv
-    args = _parser_for(argv).parse_args(argv)
-    from modelward.agent._log import escape_text, setup_logging
+    parser = mark_commands(_parser_for(argv))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line), --help, --version
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
     from modelward.trust.errors import ModelwardError
 
-    # JSON lines for the agent, and for any command whose stderr is the journal
-    # (`repo refresh`, `serve-mqtt` under systemd); escaped text otherwise
-    setup_logging(args.verbose + (1 if args.group == "agent" else 0),
-                  json_lines=args.group == "agent")
+    args.log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "auto"
+    if args.log_format not in LOG_FORMATS:
+        print(f"modelward: error: ${LOG_FORMAT_ENV} {args.log_format!r}: not "  # (repr: escaped)
+              f"one of {', '.join(LOG_FORMATS)}; hint: see `modelward --help`", file=sys.stderr)
+        return EXIT_USAGE
+    fmt = setup_logging(args.verbose + (1 if args.group == "agent" else 0), args.log_format)
+    args.log_used = fmt
+    help_hint = f"see `{getattr(args, 'command_prog', 'modelward')} --help`"
     try:
         return int(args.func(args))
     except ModelwardError as e:
-        # an error may quote what a device or the origin sent: controls escaped, and a
-        # line break only ever starts an indented continuation, never a line of its own
-        text = escape_text(str(e), keep_newlines=True).replace("\n", "\n  ")
-        print(f"modelward: error: {text}", file=sys.stderr)
-        if e.hint:
-            print(f"hint: {escape_text(e.hint)}", file=sys.stderr)
+        report_error(e, fmt=fmt, hint=e.hint or help_hint, traceback=args.debug)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - each kind gets one line, never silent
+        from modelward._extras import missing_package_line
+
+        line = missing_package_line(e, args)  # a package of another role's extra
+        if line is not None:
+            print(line, file=sys.stderr)
+            return EXIT_ERROR
+        if isinstance(e, OSError):  # a file or socket no check caught: name and reason
+            what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)
+            report_error(e, fmt=fmt, traceback=args.debug, message=what,
+                         hint="check that path and its permissions")
+            return EXIT_ERROR
+        if isinstance(e, ValueError):  # e.g. undecodable bytes in a file no check caught
+            report_error(e, fmt=fmt, traceback=args.debug or fmt == "json",
+                         hint="check the files and arguments given; if none is at fault, "
+                         "this is a bug: rerun with --debug and report it")
+            return EXIT_ERROR
+        report_error(e, fmt=fmt, prefix=f"modelward: internal error: {type(e).__name__}",
+                     traceback=args.debug or fmt == "json",
+                     hint="this is a bug: rerun with --debug for the traceback and report it")
+        return EXIT_BUG

@@ -32,12 +32,15 @@ class BuildOptions:
         rtol, atol: tolerances the device's health check applies.
         seed: seed of the generated test inputs.
         provenance: free-form provenance recorded in the manifest.
+        check_vectors: given vectors must pass the device's health check here (what
+            `bundle build` does; tests that build bad bundles on purpose leave it off).
     """
 
     rtol: float = 1e-4
     atol: float = 1e-5
     seed: int = 0
     provenance: dict[str, Any] | None = None
+    check_vectors: bool = False
 
 
 Progress = Callable[[int], None]  # called with a byte count as work advances
@@ -121,6 +124,48 @@ def generate_vectors(model_path: Path, inputs: Sequence[TensorSpec], seed: int, 
         np.savez(f, **arrays)
 
 
+def check_vectors(model_path: Path, vectors: Path, inputs: Sequence[TensorSpec],
+                  outputs: Sequence[TensorSpec], rtol: float, atol: float) -> None:
+    """The device's health check, before publishing: ``vectors`` is an ``.npz`` (no
+    pickles) holding exactly ``input:<name>`` for the model's inputs and ``output:<name>``
+    for its outputs, and the model computes those outputs within ``rtol``/``atol``.
+
+    Raises:
+        OperatorInputError: naming ``--vectors`` and what does not fit.
+    """
+    import zipfile
+
+    import numpy as np
+    import onnxruntime as ort
+
+    where = f"--vectors {vectors}"
+    hint = "give an .npz with input:<name> and output:<name> arrays of this model"
+    try:
+        with np.load(vectors, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise OperatorInputError(f"{where}: not a NumPy .npz file ({e})", hint=hint) from e
+    want = {f"input:{s.name}" for s in inputs} | {f"output:{s.name}" for s in outputs}
+    if set(arrays) != want:
+        raise OperatorInputError(f"{where}: holds {sorted(arrays)}, the model needs "
+                                 f"{sorted(want)}", hint=hint)
+    try:
+        sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        got = sess.run([s.name for s in outputs],
+                       {s.name: arrays[f"input:{s.name}"] for s in inputs})
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own assorted types
+        raise OperatorInputError(f"{where}: the model does not run on these inputs: {e}",
+                                 hint=hint) from e
+    for s, out in zip(outputs, got, strict=True):
+        expected = arrays[f"output:{s.name}"]
+        if np.shape(out) != np.shape(expected) or not np.allclose(out, expected, rtol=rtol,
+                                                                  atol=atol):
+            raise OperatorInputError(f"{where}: output {s.name!r} is not what the model "
+                                     f"computes (rtol {rtol}, atol {atol})",
+                                     hint="vectors of another model? regenerate them, or "
+                                     "leave --vectors out")
+
+
 def build_bundle(
     model: Path,
     name: str,
@@ -164,6 +209,8 @@ def build_bundle(
         if vectors is None:
             vectors = Path(tmp) / VECTORS_NAME
             generate_vectors(model, inputs, opts.seed, vectors)
+        elif opts.check_vectors:  # what the device will check, before it is published
+            check_vectors(model, vectors, inputs, outputs, opts.rtol, opts.atol)
         sources = [(model, MODEL_NAME), (vectors, VECTORS_NAME), *extra]
         arcs = [a for _, a in sources]
         if len(set(arcs)) != len(arcs) or MANIFEST in arcs:

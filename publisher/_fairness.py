@@ -333,10 +333,10 @@ def limits_from_args(args: argparse.Namespace) -> BridgeLimits:
 
     rps, mib = args.device_requests_per_s, args.device_mib_per_s
     queue, send = args.device_queue, args.send_queue_mib
-    if not (rps > 0 and mib >= 0 and queue > 0 and send > 0):
+    if not (0 < rps < 1e9 and 0 <= mib < 1e9 and queue > 0 and 0 < send < 1e9):  # NaN, inf
         raise OperatorInputError("--device-requests-per-s, --device-queue and "
                                  "--send-queue-mib must be positive, --device-mib-per-s "
-                                 "positive or 0")
+                                 "positive or 0 (and below 1e9)")
     d = BridgeLimits()
     burst = max(1, int(rps))
     return BridgeLimits(requests_per_s=rps, request_burst=burst,

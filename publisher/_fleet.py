@@ -51,19 +51,23 @@ from modelward.trust._report import (
 from modelward.updater._mqtt import MqttConfig, MqttConnection
 
 
-def add_device(fleet_dir: Path, device_id: str, public_pem: bytes) -> Path:
-    """Record a device's enrolled TPM identity key (``fleet_dir/devices/<id>.pem``).
+def add_device(fleet_dir: Path, device_id: str, public_pem: bytes, source: str = "") -> Path:
+    """Record a device's enrolled TPM identity key (``fleet_dir/devices/<id>.pem``);
+    ``source`` names where the key came from, in errors (``--key FILE``).
 
     Raises:
         OperatorInputError: bad id, or not a P-256 public key.
     """
     check_id("device id", device_id)
+    where = f" ({source})" if source else ""
     try:
         key = serialization.load_pem_public_key(public_pem)
     except ValueError as e:
-        raise OperatorInputError(f"the key for {device_id} is not a PEM public key") from e
+        raise OperatorInputError(f"the key for {device_id}{where} is not a PEM public key",
+                                 hint="give the PEM that `agent enroll` printed") from e
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
-        raise OperatorInputError(f"the key for {device_id} is not an ECC P-256 key")
+        raise OperatorInputError(f"the key for {device_id}{where} is not an ECC P-256 key",
+                                 hint="give the PEM that `agent enroll` printed")
     path = fleet_dir / "devices" / f"{device_id}.pem"
     write_atomic(path, public_pem)
     return path

@@ -228,7 +228,8 @@ def run_demo(work: Path) -> int:
 
         _say("Device: start the daemon; it listens for announcements on MQTT")
         daemon_log = work / "agent.log"
-        daemon = _spawn(children, daemon_log, "agent", "run", "--config", str(conf))
+        daemon = _spawn(children, daemon_log, "--log-format", "json", "agent", "run",
+                        "--config", str(conf))  # JSON lines: read below
         time.sleep(2)
 
         _say("Operator: publish v2 and announce it; the device fetches it over MQTT")

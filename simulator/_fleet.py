@@ -245,7 +245,7 @@ class Fleet:
         out_file = self.dir / "bridge.out"
         with open(self.dir / "bridge.log", "a") as log, open(out_file, "w") as out:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "modelward", "-v", "serve-mqtt", "--repo",
+                [sys.executable, "-I", "-m", "modelward", "-v", "serve-mqtt", "--repo",
                  str(self.repo), "--broker", f"mqtts://127.0.0.1:{self.broker_port}",
                  "--fleet", FLEET, "--tls-ca", str(self.ca()), "--username",
                  "modelward-bridge", "--password-file", str(self.creds / "modelward-bridge")],
@@ -268,7 +268,7 @@ class Fleet:
     def start_agent(self, d: Device) -> None:
         with open(d.dir / "agent.log", "a") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "modelward", "-v", "agent", "run", "--config",
+                [sys.executable, "-I", "-m", "modelward", "-v", "agent", "run", "--config",
                  str(d.conf)], stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
         (d.dir / "agent.pid").write_text(str(proc.pid))
 

@@ -346,7 +346,7 @@ def _scenarios() -> dict[str, Scenario]:
             data = bytearray(model.read_bytes())
             data[len(data) // 2] ^= 0xFF
             model.write_bytes(bytes(data))
-            subprocess.run([sys.executable, "-m", "modelward", "agent", "boot-check",
+            subprocess.run([sys.executable, "-I", "-m", "modelward", "agent", "boot-check",
                             "--config", str(d.conf)], capture_output=True, check=False,
                            timeout=120)
         return _newest(fleet)
@@ -411,7 +411,7 @@ def _start_agents(fleet: Fleet) -> None:
 
 
 def _boot_check(d: Device) -> int:
-    return subprocess.run([sys.executable, "-m", "modelward", "agent", "boot-check",
+    return subprocess.run([sys.executable, "-I", "-m", "modelward", "agent", "boot-check",
                            "--config", str(d.conf)], capture_output=True, check=False,
                           timeout=120).returncode
 
@@ -828,7 +828,7 @@ def _health_rejections(d: Device) -> int:
 
 def _fleet_status(fleet: Fleet, registry: Path) -> dict[str, dict[str, Any]]:
     r = subprocess.run(
-        [sys.executable, "-m", "modelward", "fleet", "status", "--fleet-dir", str(registry),
+        [sys.executable, "-I", "-m", "modelward", "fleet", "status", "--fleet-dir", str(registry),
          "--json", "--wait", "1", "--broker", f"mqtts://127.0.0.1:{fleet.broker_port}",
          "--fleet", "sim", "--tls-ca", str(fleet.ca()), "--username", "modelward-operator",
          "--password-file", str(fleet.creds / "modelward-operator")],

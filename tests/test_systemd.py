@@ -51,6 +51,29 @@ def test_agent_unit_runs_unprivileged_with_tpm_and_watchdog() -> None:
     assert "u modelward" in sysusers and "m modelward tss" in sysusers
 
 
+# --- the activation notice (issue 15): a template, verified as an instance -------------
+
+@pytest.mark.parametrize("unit", ["modelward-activate@.path", "modelward-activate@.service"])
+def test_activation_units_verify(tmp_path: Path, unit: str) -> None:
+    for name in ("modelward-activate@.path", "modelward-activate@.service"):
+        (tmp_path / name).write_text((UNITS / name).read_text())
+    inst = tmp_path / unit.replace("@.", "@inference.")
+    r = subprocess.run(["systemd-analyze", "verify", str(inst)],
+                       capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "", r.stderr
+
+
+def test_activation_service_exposure_is_at_most_2_5(tmp_path: Path) -> None:
+    inst = tmp_path / "modelward-activate@inference.service"
+    inst.write_text((UNITS / "modelward-activate@.service").read_text())
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(inst)],
+                       capture_output=True, text=True, check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.5, r.stdout
+
+
 # --- the online host's refresh unit (issue 14, must-show 4) ---------------------------
 
 REFRESH = "modelward-repo-refresh.service"

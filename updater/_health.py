@@ -10,6 +10,7 @@ strictly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -33,7 +34,7 @@ from modelward.updater._sandbox import (
     tpm_devices,
 )
 from modelward.updater._sealed import SealedFiles, seal_slot
-from modelward.updater.errors import BundleFormatError, HealthCheckError
+from modelward.updater.errors import BundleFormatError, HealthCheckError, SandboxError
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,21 @@ def health_inputs(manifest_model_path: str, manifest_vectors: str) -> tuple[str,
     return tuple(dict.fromkeys((MANIFEST, manifest_model_path, manifest_vectors)))
 
 
+# what the child imports to run the model: the device extra's (modelward[device])
+HEALTH_PACKAGES = ("onnxruntime", "numpy")
+
+
+def missing_health_package(names: tuple[str, ...] = HEALTH_PACKAGES) -> str | None:
+    """The first of ``names`` this Python cannot import (found, not imported), or None."""
+    for name in names:
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None
+
+
 def run_health_check(
     slot: Path, model: str, version: str, cfg: HealthConfig,
     heartbeat: Callable[[], None] = lambda: None, *, sealed: SealedFiles | None = None,
@@ -164,8 +180,16 @@ def run_health_check(
 
     Raises:
         HealthCheckError: the model failed, the child crashed, ran out of memory or time.
-        SandboxError: the sandbox could not be set up; the model was not run.
+        SandboxError: the sandbox could not be set up, or a package the check needs is not
+            installed (``missing`` names it); the model was not run, so it is no rejection.
     """
+    absent = missing_health_package()
+    if absent is not None:  # the device's fault, never the release's: not remembered
+        raise SandboxError(
+            f"health check of {model} {version} cannot run: the Python package {absent} is "
+            "not installed on this device", missing=absent,
+            hint="pip install 'modelward[device]' (the health check runs the model with "
+                 "onnxruntime)")
     if cfg.unsafe_no_sandbox:
         logger.warning(
             "health check of %s %s runs WITHOUT its sandbox ([health] unsafe_no_sandbox): "

@@ -41,7 +41,14 @@ def parse_broker_url(url: str) -> tuple[str, int]:
     if u.scheme != "mqtts" or not u.hostname:
         raise TransportError(f"broker URL {url!r} must look like mqtts://HOST:PORT",
                              hint="modelward only talks to brokers over TLS")
-    return u.hostname, u.port or 8883
+    try:
+        port = u.port  # (a ValueError for a port that is no number, or out of range)
+    except ValueError as e:
+        raise TransportError(f"broker URL {url!r}: the port is not a number from 1 to "
+                             "65535", hint="write it as mqtts://HOST:PORT") from e
+    if port == 0:
+        raise TransportError(f"broker URL {url!r}: port 0", hint="write it as mqtts://HOST:PORT")
+    return u.hostname, port or 8883
 
 
 

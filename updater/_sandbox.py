@@ -38,7 +38,7 @@ TASK_UID = 65534   # "nobody": the real uid of a root agent's child (RLIMIT_NPRO
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
                "/proc/cpuinfo", "/sys/devices/system/cpu", "/dev/urandom")
 # Variables a child may see; everything else (TCTI, passphrases, tokens, ...) is dropped.
-ENV_KEEP = ("LANG", "LC_ALL", "LC_CTYPE", "TZ", "PYTHONPATH")
+ENV_KEEP = ("LANG", "LC_ALL", "LC_CTYPE", "TZ")  # the child runs -I: no PYTHONPATH
 ENV_SET = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PYTHONDONTWRITEBYTECODE": "1",
            "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -100,14 +100,14 @@ class Completed:
 
 def python_read_paths(environ: Mapping[str, str]) -> tuple[str, ...]:
     """The system paths plus what this Python needs: prefixes, stdlib, site-packages, and
-    the code this agent runs from (``PYTHONPATH``, the ``updater`` package's root)."""
+    the code this agent runs from (the ``modelward`` package's root). ``PYTHONPATH`` is not
+    among them: the child runs ``python -I``, which ignores it."""
     paths = [p for p in SYSTEM_READ if Path(p).exists()]
     py = [sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
           os.path.dirname(os.path.realpath(sys.executable)),
           str(Path(__file__).resolve().parents[1])]
     py += [v for k, v in sysconfig.get_paths().items() if k in
            ("stdlib", "platstdlib", "purelib", "platlib")]
-    py += [p for p in environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     for p in py:
         real = os.path.realpath(p)
         if Path(real).exists() and real not in paths:
@@ -146,7 +146,7 @@ def auto_max_memory(meminfo: str, cgroup_max: str | None, cgroup_current: str | 
 def policy_problem(policy: SandboxPolicy) -> str:
     """Why ``policy`` would not hide what it must hide ("" if it does).
 
-    A readable path that contains a ``must_deny`` path (say a ``PYTHONPATH`` entry that holds
+    A readable path that contains a ``must_deny`` path (say a site-packages that holds
     the state directory) would expose the trust record and the credentials.
     """
     for d in policy.must_deny:

@@ -102,7 +102,8 @@ class SandboxError(LocalDeviceError):
 
     Attributes:
         missing: the isolation that is missing (``landlock``, ``seccomp``,
-            ``RLIMIT_AS``, ``no_new_privs``, ``policy``, ...).
+            ``RLIMIT_AS``, ``no_new_privs``, ``policy``, ...), or the package the check
+            needs that is not installed (``onnxruntime``, ``numpy``: ``modelward[device]``).
     """
 
     def __init__(self, message: str, *, missing: str, hint: str = "") -> None:

@@ -63,7 +63,8 @@ def test_missing_root_version_is_a_404_over_mqtt(mqtt_world: MqttWorld) -> None:
 def _daemon(w: MqttWorld) -> tuple[subprocess.Popen[str], Path]:
     log = w.tmp / "daemon.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelward", "-v", "agent", "run", "--config", str(w.conf_path)],
+        [sys.executable, "-m", "modelward", "-v", "--log-format", "json", "agent", "run",
+         "--config", str(w.conf_path)],
         stdout=subprocess.DEVNULL, stderr=open(log, "w"), text=True,  # noqa: SIM115
     )
     return proc, log

@@ -120,9 +120,11 @@ def test_policy_hides_the_state_dir_and_secrets(tmp_path: Path) -> None:
     assert e.value.missing == "policy"
     env = scrubbed_env({"TPM2TOOLS_TCTI": "swtpm:port=1", "MODELWARD_KEY_PASSPHRASE": "x",
                         "PYTHONPATH": "/p", "LANG": "C", "AWS_SECRET": "y"})
-    assert set(env) == {"PYTHONPATH", "LANG", "PATH", "HOME", "PYTHONDONTWRITEBYTECODE",
+    assert set(env) == {"LANG", "PATH", "HOME", "PYTHONDONTWRITEBYTECODE",
                         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
     assert all(not r.startswith(state) for r in python_read_paths(os.environ))
+    # the child runs -I: a PYTHONPATH pointing anywhere (the state dir) grants nothing
+    assert state not in python_read_paths({**os.environ, "PYTHONPATH": state})
 
 
 # --- the launcher, for real ----------------------------------------------------------------

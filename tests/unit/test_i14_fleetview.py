@@ -511,4 +511,6 @@ def test_cli_refuses_a_wait_that_is_not_a_sane_number_of_seconds(
                  "--broker", "mqtts://127.0.0.1:1", "--fleet", FLEET, "--username", "u",
                  "--password-file", "/dev/null"])
     err = capsys.readouterr().err
-    assert code != 0 and "--wait must be 0 to 3600 seconds" in err and "Traceback" not in err
+    # issue 15: a usage error (exit 2) in one line, naming the argument
+    assert code == 2 and "argument --wait" in err and "at most 3600" in err
+    assert "Traceback" not in err and len(err.splitlines()) == 1

@@ -143,10 +143,11 @@ def test_operator_commands_log_json_under_journald(
     assert cli.main(["fleet", "broker-config", "--fleet", "f", "--devices", "a",
                      "-o", str(tmp_path / "bc")]) == 0
     sys.stderr.flush()
-    assert seen and all(isinstance(f, JsonFormatter) for f in seen)
+    # issue 15: under the journal each line starts with its syslog priority, <4> a warning
+    assert seen and all(isinstance(getattr(f, "inner", None), JsonFormatter) for f in seen)
     lines = path.read_text().splitlines()
-    assert len(lines) == 1
-    assert json.loads(lines[0])["msg"] == f"refusing a request from {HOSTILE}"
+    assert len(lines) == 1 and lines[0].startswith("<4>{")
+    assert json.loads(lines[0][3:])["msg"] == f"refusing a request from {HOSTILE}"
 
 
 def test_operator_commands_log_escaped_text_on_a_terminal(
@@ -155,7 +156,7 @@ def test_operator_commands_log_escaped_text_on_a_terminal(
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     err = io.StringIO()
     monkeypatch.setattr(sys, "stderr", err)
-    setup_logging(0, json_lines=False)
+    setup_logging(0, "auto")  # issue 15: human lines, not the journal
     logging.getLogger("x").warning("ignoring %s", HOSTILE)
     out = err.getvalue()
     assert out.count("\n") == 1 and out.endswith("\n")
@@ -178,7 +179,8 @@ def test_cli_error_lines_are_escaped(
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert lines[0].startswith("modelward: error: device dev-9")
-    assert all(line.startswith(("modelward: error:", "  ", "hint:")) for line in lines), lines
-    assert sum(line.startswith("hint:") for line in lines) == 1
+    # issue 15: the hint ends the error's (last) line, "; hint: ..."
+    assert all(line.startswith(("modelward: error:", "  ")) for line in lines), lines
+    assert err.count("; hint: ask dev-9") == 1 and lines[-1].endswith("evil\\u2028forged\\x00\\x85")
     for c in RAW[1:]:
         assert c not in err

@@ -17,6 +17,8 @@ BOOT_ARGVS = [
     ["-vv", "agent", "boot-check", "--config", "a.toml", "--tpm-wait", "3"],
     ["agent", "boot-check", "--tpm-wait=0.5", "--config=a.toml"],
     ["--verbose", "agent", "boot-check", "--config", "agent"],
+    ["--log-format", "json", "agent", "boot-check", "--config", "a.toml"],
+    ["--log-format=human", "--debug", "-v", "agent", "boot-check"],
 ]
 
 
@@ -42,6 +44,8 @@ def test_boot_check_parses_as_with_the_full_parser(argv: list[str]) -> None:
 @pytest.mark.parametrize("argv", [
     ["agent", "boot-check"],  # (--config: the default path)
     ["agent", "boot-check", "--config", "a", "--tpm-wait", "soon"],
+    ["agent", "boot-check", "--tpm-wait", "-1"],
+    ["--log-format", "xml", "agent", "boot-check"],
     ["agent", "boot-check", "--config", "a", "--unknown"],
     ["agent", "boot-check", "--help"],
     ["--version", "agent", "boot-check"],
@@ -55,6 +59,7 @@ def test_boot_check_errors_and_help_are_the_same(argv: list[str]) -> None:
     ["agent", "--help"],
     ["sim", "attack", "tamper-model", "--dir", "x"],
     ["agent", "update", "--config", "boot-check"],
+    ["--log-format", "agent", "boot-check"],  # ("agent" is the format's value)
     [],
 ])
 def test_every_other_command_gets_the_full_parser(argv: list[str]) -> None:
