@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelward.agent._config import AgentConfig
 from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
@@ -44,25 +44,12 @@ from modelward.updater.errors import (
     TargetHashError,
     TrustStateLostError,
 )
-from modelward.updater.idle import (
-    BusyFileSignal,
-    CpuIdleSignal,
-    Gate,
-    IdleSignal,
-    LoadSignal,
-    MainsPowerSignal,
-    MaintenanceWindowSignal,
-    TimeRange,
-)
-from modelward.updater.install._install import (
-    BootResult,
-    Outcome,
-    UpdateResult,
-    boot_check,
-    open_source,
-    update_once,
-)
+from modelward.updater.install._boot import BootResult, boot_check
 from modelward.updater.install._journal import Journal
+
+if TYPE_CHECKING:  # (imported where used: `agent boot-check` loads neither, issue 15)
+    from modelward.updater.idle import Gate
+    from modelward.updater.install._install import UpdateResult
 
 logger = logging.getLogger("modelward.agent")
 
@@ -176,6 +163,8 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
     The outcome, the counters and the activation notice go to status.json and the
     Prometheus textfile.
     """
+    from modelward.updater.install._install import Outcome
+
     status = StatusFile(cfg.state_dir)
     doc: dict[str, Any] = {}
     metrics = Metrics()
@@ -254,6 +243,17 @@ def _save(cfg: AgentConfig, status: StatusFile, doc: dict[str, Any], metrics: Me
 def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
               heartbeat: Callable[[], None] = lambda: None) -> Gate:
     """The idle gate for the configured ``[idle]`` signals."""
+    from modelward.updater.idle import (
+        BusyFileSignal,
+        CpuIdleSignal,
+        Gate,
+        IdleSignal,
+        LoadSignal,
+        MainsPowerSignal,
+        MaintenanceWindowSignal,
+        TimeRange,
+    )
+
     i = cfg.idle
     signals: list[IdleSignal] = []
     if i.busy_file is not None:
@@ -271,6 +271,8 @@ def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
 
 def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None,
                           on_step: Callable[[str], None], fetched: list[int]) -> UpdateResult:
+    from modelward.updater.install._install import open_source, update_once
+
     order = cfg.updater.transports
     journal = Journal(cfg.state_dir / "journal.json", kill_at=cfg.test_kill_at)
     gate = gate or make_gate(cfg)

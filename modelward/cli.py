@@ -729,9 +729,9 @@ def _sim_demo(args: argparse.Namespace) -> int:
     return run_demo(args.dir)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (exposed for tests and docs)."""
-    from modelward._inputs import OneLineParser, number, whole
+def _top_parser() -> argparse.ArgumentParser:
+    """The top-level parser and its global options, without the commands."""
+    from modelward._inputs import OneLineParser
 
     p = OneLineParser(
         prog="modelward",
@@ -747,6 +747,60 @@ def build_parser() -> argparse.ArgumentParser:
                    "journal)")
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of an error (for a bug report)")
+    return p
+
+
+AGENT_HELP = "device: provision, update, status, boot check"
+
+
+def _add_config_option(a: argparse.ArgumentParser) -> None:
+    a.add_argument("--config", type=Path, metavar="PATH",
+                   help="the agent configuration (default: /etc/modelward/agent.toml)")
+
+
+def _add_boot_check(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from modelward._inputs import number
+
+    a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
+    a.add_argument("--tpm-wait", type=number(0, 86400), metavar="SECONDS",
+                   help="how long to wait for a TPM that does not answer yet "
+                        "(default: [agent] tpm_wait, 120)")
+    a.set_defaults(func=_agent_boot_check)
+
+
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser for ``argv``: for ``agent boot-check``, one that has only that command.
+
+    Building every command's parser imports operator and tester modules (choices, option
+    groups); boot-check runs before inference on every boot and loads only what booting
+    needs (issue 15, tests/integration/test_i15_boot_imports.py).
+    """
+    p = _top_parser()
+    takes_value = {o for a in p._actions if a.nargs != 0 for o in a.option_strings}
+    words: list[str] = []
+    args = iter(argv)
+    for arg in args:  # the first two words, skipping the global options and their values
+        if arg in takes_value:
+            next(args, None)
+        elif not arg.startswith("-"):
+            words.append(arg)
+        if len(words) == 2:
+            break
+    if words != ["agent", "boot-check"]:
+        return build_parser()
+    sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
+    agent = sub.add_parser("agent", help=AGENT_HELP)
+    asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    _add_boot_check(asub)
+    _add_config_option(asub.choices["boot-check"])
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    from modelward._inputs import number, whole
+
+    p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
 
     repo = sub.add_parser("repo", help="operator: manage the TUF repository")
@@ -932,7 +986,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
 
-    agent = sub.add_parser("agent", help="device: provision, update, status, boot check")
+    agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
     a.add_argument("--root", type=Path, required=True, help="the repository's root.json")
@@ -956,17 +1010,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-tpm", action="store_true", help="do not use the TPM: show the "
                    "files on disk, marked UNVERIFIED (also what happens when it is absent)")
     a.set_defaults(func=_agent_status)
-    a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
-    a.add_argument("--tpm-wait", type=number(0, 86400), metavar="SECONDS",
-                   help="how long to wait for a TPM that does not answer yet "
-                        "(default: [agent] tpm_wait, 120)")
-    a.set_defaults(func=_agent_boot_check)
+    _add_boot_check(asub)
     a = asub.add_parser("check-config", help="validate the config and print every setting "
                         "with its effective value (secrets as <set>)")
     a.set_defaults(func=_agent_check_config)
     for a in asub.choices.values():  # every agent command reads the same file
-        a.add_argument("--config", type=Path, metavar="PATH",
-                       help="the agent configuration (default: /etc/modelward/agent.toml)")
+        _add_config_option(a)
 
     from modelward.simulator._catalogue import ATTACK_NAMES, FAULT_NAMES
 
@@ -1031,7 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     from modelward._inputs import mark_commands
 
-    parser = mark_commands(build_parser())
+    argv = sys.argv[1:] if argv is None else argv
+    parser = mark_commands(_parser_for(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (one line), --help, --version

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from modelward.publisher.errors import OperatorInputError
-from modelward.trust._fingerprint import file_merkle_root
+from modelward.trust._fingerprint import FileChangedError, file_merkle_root
 from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import check_member_path
@@ -59,7 +59,10 @@ def _hash_file(path: Path, arcname: str, progress: Progress) -> BundleFile:
                 sha.update(chunk)
                 read += len(chunk)
                 progress(len(chunk))
-        size, root = merkle.result()
+        try:
+            size, root = merkle.result()
+        except FileChangedError as e:
+            raise OperatorInputError(f"{path} changed while it was being hashed") from e
     if size != read:
         raise OperatorInputError(f"{path} changed while it was being hashed")
     return BundleFile(arcname, size, sha.hexdigest(), root)

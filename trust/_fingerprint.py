@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from concurrent.futures import ThreadPoolExecutor
 
 LEAF_SIZE = 4 * 1024 * 1024  # bytes per Merkle leaf; fixed by the format
 
@@ -74,26 +77,51 @@ class MerkleHasher:
         return tree_hash(leaves).hex()
 
 
-def _mapped_leaf(fd: int, offset: int, length: int) -> bytes:
-    """Hash one leaf straight from the page cache (no copy into a Python buffer)."""
-    m = mmap.mmap(fd, length, access=mmap.ACCESS_READ, offset=offset)
+def hash_workers() -> int:
+    """Threads that hash leaves: one per core this process may run on (hashlib releases
+    the GIL while it hashes, so each of them keeps a core busy)."""
     try:
-        m.madvise(mmap.MADV_SEQUENTIAL)
-        with memoryview(m) as view:
-            return leaf_hash(view)
-    finally:
-        m.close()
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # (not Linux)
+        return os.cpu_count() or 1
+
+
+class FileChangedError(OSError):
+    """A file's size changed while its leaves were read."""
+
+
+#: Bytes read at a time into a hashing task's buffer: small enough to stay in the core's
+#: cache between the copy from the page cache and the hash (cheaper than hashing straight
+#: from a 4 MiB mapping: less CPU, no page faults, no TLB shootdowns at unmap).
+READ_SIZE = 256 * 1024
+
+
+def _read_leaf(fd: int, offset: int, length: int, buf: bytearray) -> bytes:
+    """Hash the leaf of ``length`` bytes at ``offset`` of ``fd``, read with ``preadv``
+    into ``buf`` piece by piece (so a file truncated meanwhile is a short read, never a
+    fault as a mapping of it would be).
+
+    Raises:
+        FileChangedError: the file ends before ``offset + length``.
+        OSError: it cannot be read.
+    """
+    h = hashlib.sha256(b"\x00")
+    end = offset + length
+    with memoryview(buf) as view:
+        while offset < end:
+            n = os.preadv(fd, [view[:min(len(view), end - offset)]], offset)
+            if n == 0:
+                raise FileChangedError(f"file ended at {offset} bytes, before {end}")
+            h.update(view[:n])
+            offset += n
+    return h.digest()
 
 
 def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
     """Size and Merkle root of a file, hashing leaves on a thread pool.
 
-    Each leaf is mapped (mmap), hashed and unmapped by a worker: hashlib releases the
-    GIL, so every core hashes, nothing is copied, and at most ``2 * workers`` leaves
-    (8 MiB per core) are mapped at once.
-
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read, or shrank while it was read.
     """
     with open(path, "rb") as f:
         return fd_merkle_root(f.fileno(), pool)
@@ -102,26 +130,57 @@ def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tupl
 def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
     """:func:`file_merkle_root` of the open file ``fd`` (its size as of now).
 
+    A file of one leaf is hashed in this thread. A longer one is hashed by
+    :func:`hash_workers` tasks on ``pool`` (or on a pool of its own): task ``k`` reads
+    leaves ``k, k + n, k + 2n, ...`` with ``preadv`` into one buffer of its own
+    (:data:`READ_SIZE`) and hashes them without the GIL, so every core hashes, and the
+    memory is one buffer per task whatever the file's size. It returns only when no task
+    touches ``fd`` any more, also after an error.
+
     Raises:
-        OSError: the file cannot be read.
+        OSError: the file cannot be read, or changed size while it was read
+            (:class:`FileChangedError`).
     """
-    own = pool is None
-    workers = os.cpu_count() or 1
-    ex = pool or ThreadPoolExecutor(max_workers=workers)
-    futures: list[Future[bytes]] = []
-    leaves: list[bytes] = []
-    try:
-        size = os.fstat(fd).st_size
-        for offset in range(0, size, LEAF_SIZE):
-            futures.append(ex.submit(_mapped_leaf, fd, offset,
-                                     min(LEAF_SIZE, size - offset)))
-            if len(futures) >= 2 * workers:
-                leaves.append(futures.pop(0).result())
-        leaves.extend(fut.result() for fut in futures)
-    finally:
-        if own:
-            ex.shutdown()
+    size = os.fstat(fd).st_size
+    if size <= LEAF_SIZE:
+        leaves = [_read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))] if size else []
+    else:
+        leaves = _striped_leaves(fd, size, pool)
+    if os.fstat(fd).st_size != size:  # (grew meanwhile: what was hashed is not the file)
+        raise FileChangedError(f"file changed size from {size} bytes while it was hashed")
     return size, tree_hash(leaves).hex()
+
+
+def _striped_leaves(fd: int, size: int, pool: ThreadPoolExecutor | None) -> list[bytes]:
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    count = -(-size // LEAF_SIZE)
+    leaves: list[bytes] = [b""] * count
+    tasks = min(hash_workers(), count)
+    failed = threading.Event()
+
+    def hash_stripe(first: int) -> None:
+        buf = bytearray(READ_SIZE)
+        for i in range(first, count, tasks):
+            if failed.is_set():
+                return
+            offset = i * LEAF_SIZE
+            try:
+                leaves[i] = _read_leaf(fd, offset, min(LEAF_SIZE, size - offset), buf)
+            except BaseException:
+                failed.set()
+                raise
+
+    ex = pool or ThreadPoolExecutor(max_workers=tasks, thread_name_prefix="merkle")
+    try:
+        futures = [ex.submit(hash_stripe, k) for k in range(tasks)]
+        wait(futures)
+        for fut in futures:
+            fut.result()  # (the first error, if any)
+    finally:
+        if pool is None:
+            ex.shutdown()
+    return leaves
 
 
 @dataclass(frozen=True)
@@ -275,7 +334,8 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     def unopenable(rel: str) -> None:
         entries.append(FileEntry(rel, -1, ""))
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    pool = _Pool()
+    try:
         for rel, dirs, others, dirfd in walk_tree(root, on_error=unopenable,
                                                   max_names=MAX_ENTRIES + 1):
             if len(entries) > MAX_ENTRIES:
@@ -294,10 +354,32 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
                     return entries  # (the walk stops: never a match)
                 path = name if rel == "." else f"{rel}/{name}"
                 entries.append(_plain_entry(path, name, dirfd, pool, hook))
+    finally:
+        pool.close()
     return entries
 
 
-def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor,
+class _Pool:
+    """The hashing threads of :func:`directory_entries`, started for the first file of more
+    than one leaf (a slot of small files, as at most boots of small models, needs none)."""
+
+    def __init__(self) -> None:
+        self._ex: ThreadPoolExecutor | None = None
+
+    def get(self) -> ThreadPoolExecutor:
+        if self._ex is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._ex = ThreadPoolExecutor(max_workers=hash_workers(),
+                                          thread_name_prefix="merkle")
+        return self._ex
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown()
+
+
+def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
                  hook: FileHook | None = None) -> FileEntry:
     """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
     bad = FileEntry(rel, -1, "")
@@ -319,7 +401,7 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: ThreadPoolExecutor,
         hashed = fd if hook is None else hook(rel, fd, now)
         if hashed is None:
             return bad
-        size, root_hex = fd_merkle_root(hashed, pool)
+        size, root_hex = fd_merkle_root(hashed, pool.get() if now.st_size > LEAF_SIZE else None)
     except OSError:
         return bad
     finally:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,4 +87,6 @@ class Journal:
         clear_for_file(self.path)
         write_atomic(self.path, json.dumps(asdict(entry), sort_keys=True).encode())
         if self.kill_at == step:
+            import signal
+
             os.kill(os.getpid(), signal.SIGKILL)  # test hook: power loss right here

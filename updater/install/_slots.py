@@ -13,8 +13,6 @@ symlinked ``slots`` is refused with a StateDirError.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import os
 import secrets
@@ -45,6 +43,9 @@ def _exchange_at(dirfd: int, a: str, b: str) -> bool:
     Raises:
         OSError: the exchange failed for another reason.
     """
+    import ctypes  # (here: boot-check rarely swaps slots back, issue 15's lean boot)
+    import ctypes.util
+
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         renameat2 = libc.renameat2
