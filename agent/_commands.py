@@ -24,7 +24,6 @@ from modelward.agent._status import (
 from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
 from modelward.trust._record import ModelRef, TrustRecord
-from modelward.trust._report import sign_report
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import ProvisionReport, Tpm, TpmInterface
 from modelward.trust.errors import (
@@ -378,6 +377,8 @@ def signed_report(cfg: AgentConfig, state: str,
         report = build_report(cfg.device_id, cfg.fleet, record, state, own,
                               seq=advance_sequence(cfg.state_dir, now), now=now,
                               poll_interval=cfg.poll_interval)
+        from modelward.trust._report import sign_report  # (the crypto stack: not at boot)
+
         return sign_report(report, tpm)
     finally:
         tpm.close()

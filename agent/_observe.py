@@ -18,7 +18,12 @@ from modelward.agent._status import COUNTERS as COUNTERS
 from modelward.agent._status import clean_status
 from modelward.trust._atomic import write_atomic
 from modelward.trust._record import ModelRef, TrustRecord
-from modelward.trust._report import MAX_SEQ, ReportSequenceError, next_sequence, sequence_believable
+from modelward.trust._report_seq import (
+    MAX_SEQ,
+    ReportSequenceError,
+    next_sequence,
+    sequence_believable,
+)
 
 logger = logging.getLogger("modelward.agent")
 

@@ -33,13 +33,17 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from modelward.trust._bounded import loads_bounded
+from modelward.trust._report_seq import MAX_SEQ as MAX_SEQ
+from modelward.trust._report_seq import SEQ_SLACK_MS as SEQ_SLACK_MS
+from modelward.trust._report_seq import ReportSequenceError as ReportSequenceError
+from modelward.trust._report_seq import next_sequence as next_sequence
+from modelward.trust._report_seq import sequence_believable as sequence_believable
 from modelward.trust._tpm import TpmInterface
-from modelward.trust.errors import LocalDeviceError, UntrustedRemoteError
+from modelward.trust.errors import UntrustedRemoteError
 
 ALG = "ecdsa-p256-sha256"
 _DOMAIN = b"modelward status report v1\n"
 MAX_REPORT_BYTES = 64 * 1024
-MAX_SEQ = 2**53 - 1  # the largest integer every JSON reader keeps exact
 # {"report": {"active": {...}}} nests 3 deep; one more lets a slightly wrong shape reach
 # the schema check (publisher/_report_schema.py) and be named there
 MAX_REPORT_DEPTH = 4
@@ -57,52 +61,6 @@ class ReportSignatureError(UntrustedRemoteError):
         self.device = device
 
 
-class ReportSequenceError(LocalDeviceError):
-    """The device cannot persist the next report sequence number, so it sends no report.
-
-    Attributes:
-        path: the sequence file.
-    """
-
-    def __init__(self, message: str, *, path: str) -> None:
-        super().__init__(message)
-        self.path = path
-
-
-SEQ_SLACK_MS = 10 * 60 * 1000  # how far ahead of the clock a persisted number is believed
-
-
-def sequence_believable(last: int, now: float) -> bool:
-    """Whether a persisted ``last`` could have been issued by this device by ``now``.
-
-    Every number issued is at most the clock then plus the few that fell in the same
-    millisecond, so one far above the clock (beyond :data:`SEQ_SLACK_MS`) was planted: a
-    disk that writes ``MAX_SEQ`` would silence the device, and one that writes "in 30
-    days", then deletes it, would have the operator flag every genuine report
-    ``REPLAYED`` for 30 days.
-    """
-    return last <= int(now * 1000) + SEQ_SLACK_MS
-
-
-def next_sequence(last: int, now: float) -> int:
-    """The sequence number of the next report: above ``last`` and not below the clock.
-
-    A ``last`` that is not :func:`sequence_believable` is ignored: the clock is the floor
-    then. (A device whose clock stepped back by more than the slack may reissue numbers;
-    the operator sees ``REPLAYED`` then, a false alarm, never a silent acceptance.)
-
-    Args:
-        last: the last persisted number (0 if none or unreadable).
-        now: wall-clock time, seconds since the epoch.
-
-    Raises:
-        ReportSequenceError: the sequence is exhausted (the clock is past :data:`MAX_SEQ`).
-    """
-    floor = int(now * 1000)
-    seq = max(last + 1, floor) if sequence_believable(last, now) else floor
-    if seq > MAX_SEQ:
-        raise ReportSequenceError(f"report sequence {seq} is exhausted", path="")
-    return seq
 
 
 def report_digest(report: dict[str, Any]) -> str:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from modelward.trust._tpmimport import import_tpm2_pytss
 from modelward.trust.errors import (
     TpmAuthError,
     TpmError,
@@ -216,7 +217,8 @@ class Tpm(TpmInterface):
     """
 
     def __init__(self, tcti: str, retries: int = 5, auth: bytes | None = None) -> None:
-        from tpm2_pytss import ESAPI, TSS2_Exception
+        t = import_tpm2_pytss()
+        ESAPI, TSS2_Exception = t.ESAPI, t.TSS2_Exception  # noqa: N806 - the library's names
 
         self.tcti = tcti
         self._retries = retries
@@ -330,9 +332,7 @@ class Tpm(TpmInterface):
             self._esys.flush_context(handle)
 
     def _types(self) -> Any:
-        import tpm2_pytss as t
-
-        return t
+        return import_tpm2_pytss()
 
     def _obj(self, handle: int, *, authorized: bool = True) -> Any:
         """ESYS handle of a persistent object or NV index, with the auth value set."""
@@ -724,7 +724,7 @@ class _TpmLegacy(LegacyObjects):
 
 def legacy_mac_key_template() -> Any:
     """The public template the old MAC key was derived from (public: anyone can)."""
-    import tpm2_pytss as t
+    t = import_tpm2_pytss()
 
     A = t.TPMA_OBJECT
     tmpl = t.TPM2B_PUBLIC.parse(

@@ -25,6 +25,8 @@ FORBIDDEN = (
     "modelward.updater.install._install", "modelward.updater.install._tuf",
     "modelward.updater.transport._fetcher", "modelward.updater.transport._mqtt",
     "modelward.updater.install._health", "modelward.updater.bundle._bundle",
+    # tpm2-pytss's software crypto helpers (trust/_tpmimport.py defers them: never called)
+    "tpm2_pytss.internal.crypto", "cryptography.x509",
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
 NEEDED = ("tpm2_pytss", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",
