@@ -45,12 +45,12 @@ from modelward.publisher._keys import (
     load_signer,
     load_signer_at,
 )
+from modelward.publisher._offline_base import current_view, record_head
 from modelward.publisher._online import (
     OnlineKeys,
     after_init,
     key_home,
     mirror_expiry,
-    newest_signed_targets,
     online_elsewhere,
     refuse_rotate,
     verified_delegations,
@@ -217,6 +217,7 @@ class Repository:
     """
 
     online: OnlineKeys | None = None
+    signed_now = 0  # the targets version this command wrote (its snapshot is to follow)
 
     def __init__(
         self, repo: Path, keys: Path, passphrase: Passphrase, expiry: Expiry | None = None,
@@ -335,12 +336,10 @@ class Repository:
         Raises:
             ServedFileError: naming a published file that does not verify.
         """
-        view = self._view()
+        # the targets: on the offline side its own newest signed ones (_offline_base)
+        view, targets = current_view(self)
         ts: Timestamp = view.timestamp.signed
         snap: Snapshot = view.snapshot.signed
-        targets: Targets = view.targets.signed
-        if online_elsewhere(self):  # signed here, not yet in the online host's snapshot
-            targets = newest_signed_targets(self, targets)
         return targets, snap, ts
 
     # -- writing -------------------------------------------------------------
@@ -452,6 +451,8 @@ class Repository:
         write_atomic(self.metadata_dir / name, data)
         if role == "targets":
             record_signed_targets(self.keys, md.signed.version, data)
+            record_head(self.keys, md.signed.version, data)  # what the next change builds on
+            self.signed_now = md.signed.version
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
         if name == "timestamp.json":  # what devices may hold now: never served lower
             snap_v = md.signed.snapshot_meta.version
@@ -469,11 +470,13 @@ class Repository:
         if role not in ("snapshot", "targets"):
             return False
         try:
-            _, snap, ts = self.current()
+            targets, snap, ts = self.current()
         except RepositoryStateError:
             return False
+        # targets: up to the version the next change builds on (its own signed history on
+        # the offline side; a snapshot naming a higher, forged one does not block it)
         return version <= (ts.snapshot_meta.version if role == "snapshot" else
-                           snap.meta["targets.json"].version)
+                           targets.version)
 
     def _publish_root(self, md: Metadata[Root], name: str) -> None:
         new = md.signed

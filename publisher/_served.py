@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -429,11 +429,18 @@ def record_signed_targets(keys: Path, version: int, data: bytes) -> None:
                  mode=0o600)
 
 
-def verified_view(repo: Repository, *, strict: bool = True) -> View:
+def verified_view(repo: Repository, *, strict: bool = True,
+                  targets_fault: Callable[[RepositoryStateError], Metadata[Targets]]
+                  | None = None) -> View:
     """The published state, verified from the trust anchor (module docstring).
 
     ``strict=False`` (``repo status``): a signature that does not verify is recorded in
     :attr:`View.invalid` instead of raised; anything else still raises.
+
+    ``targets_fault`` (the offline side, which builds on its own signed targets,
+    :mod:`modelward.publisher._offline_base`): when the targets the snapshot names do not
+    verify or are older than this tool published, it is called with that error and gives
+    the targets of the view instead (or raises).
 
     Raises:
         ServedFileError: naming the file that does not verify.
@@ -491,15 +498,22 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
     if tmeta is None:
         raise ServedFileError(mdir / f"{snap_meta.version}.snapshot.json",
                               "lists no targets.json")
-    targets = fetch(f"{tmeta.version}.targets.json", "targets", tmeta)
-    if repo.online is None:
-        floors = load_floors(repo.keys)
-        have = {"timestamp": ts.signed.version, "snapshot": snap.signed.version,
-                "targets": targets.signed.version}
-        for role, v in have.items():
-            if v < floors.get(role, 0):
-                raise RepositoryStateError(
-                    f"the served {role} is v{v}, older than the v{floors[role]} this tool "
-                    f"published ({repo.keys / STATE_FILE}): a rollback of {mdir}",
-                    hint="restore the served directory from the operator's last state")
+    floors = load_floors(repo.keys) if repo.online is None else {}
+
+    def check_floor(role: str, v: int) -> None:
+        if v < floors.get(role, 0):
+            raise RepositoryStateError(
+                f"the served {role} is v{v}, older than the v{floors[role]} this tool "
+                f"published ({repo.keys / STATE_FILE}): a rollback of {mdir}",
+                hint="restore the served directory from the operator's last state")
+
+    check_floor("timestamp", ts.signed.version)
+    check_floor("snapshot", snap.signed.version)
+    try:
+        targets = fetch(f"{tmeta.version}.targets.json", "targets", tmeta)
+        check_floor("targets", targets.signed.version)
+    except RepositoryStateError as e:
+        if targets_fault is None:
+            raise
+        targets = targets_fault(e)
     return View(roots, ts, snap, targets, invalid)

@@ -1,0 +1,261 @@
+"""What the offline side builds its next targets on: its own signed history, never the
+online host's word.
+
+The offline side (the command that holds ``KEYS`` and signs targets: the single-machine
+layout with ``MODELWARD_ONLINE_DIR``, the offline machine of the two-machine layout, or a
+repository without an online directory) keeps the bytes of the newest top-level targets it
+signed in ``KEYS/targets-head.json``. Its next targets are built on the newest of:
+
+- that head (its own bytes; a root change may be pending, so any root of the verified chain
+  may have signed it);
+- the targets the served snapshot names, only when they are those very bytes or are signed
+  by the targets keys of the newest root of the chain from ``KEYS/trusted-root.json`` (the
+  operator's key: e.g. ``KEYS`` was restored from an older backup);
+- a newer ``N.targets.json`` in ``metadata/`` those keys signed
+  (:func:`modelward.publisher._online.newest_signed_targets`' rules).
+
+Whatever the online host (snapshot and timestamp keys, write access to ``metadata/``) does,
+its snapshot can only make the offline side warn: a snapshot naming targets older than the
+head (a withdraw hidden), targets that do not verify, a targets file removed or swapped. The
+next targets version is one above the head, the warning names the online host's file, and
+the next snapshot (the single-machine publish itself, or the online host's next
+``repo refresh``) lists the offline side's targets again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root, Targets
+
+from modelward.publisher._online import _head, online_elsewhere
+from modelward.publisher._online_state import MAX_CANDIDATES, read_or_ignore
+from modelward.publisher._served import (
+    MAX_OFFLINE_ROOTS,
+    TRUSTED_ROOT_FILE,
+    ServedFileError,
+    parse,
+    read_file,
+    root_chain,
+    signed_targets,
+    trusted_chain,
+    verified_view,
+    versions,
+)
+from modelward.publisher.errors import RepositoryStateError
+from modelward.trust._atomic import write_atomic
+
+if TYPE_CHECKING:
+    from modelward.publisher._repo import Repository
+    from modelward.publisher._served import View
+
+logger = logging.getLogger(__name__)
+
+HEAD_FILE = "targets-head.json"  # in KEYS: the newest top-level targets this tool signed
+
+
+class OwnTargetsError(RepositoryStateError):
+    """``KEYS/targets-head.json`` is not targets metadata the verified roots signed.
+
+    Attributes:
+        path: the file at fault.
+    """
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path} {why}",
+                         hint="restore KEYS from a backup, or remove the file to build on "
+                              "the published targets the targets keys signed")
+        self.path = path
+
+
+def offline_side(repo: Repository) -> bool:
+    """Whether this command holds the offline key directory (it signs targets): not the
+    online host, whose key directory is its online directory."""
+    online = repo.online
+    return online is None or os.path.realpath(online.dir) != os.path.realpath(repo.keys)
+
+
+def record_head(keys: Path, version: int, data: bytes) -> None:
+    """Keep ``data`` (``<version>.targets.json`` this tool just wrote) as the head, unless
+    the head is newer already."""
+    path = keys / HEAD_FILE
+    try:
+        old = read_file(path)
+        if old is not None and parse(path, old).signed.version > version:
+            return
+    except ServedFileError as e:
+        logger.warning("replacing %s: %s", path, e)
+    write_atomic(path, data, mode=0o600)
+
+
+def offline_roots(repo: Repository) -> list[Metadata[Root]]:
+    """The verified root chain from the offline side's own anchor (``KEYS/trusted-root.json``,
+    also in the single-machine layout, never the online host's ``ONLINE/state/root.json``,
+    which the refresh unit may write).
+
+    Raises:
+        ServedFileError: the anchor is unusable, or a newer root does not chain.
+    """
+    if repo.online is None:
+        return trusted_chain(repo)
+    path = repo.keys / TRUSTED_ROOT_FILE
+    data = read_file(path)
+    if data is None:  # a key directory from before the anchor
+        return trusted_chain(repo)
+    anchor = parse(path, data)
+    if not isinstance(anchor.signed, Root):
+        raise ServedFileError(path, "is not root metadata")
+    return root_chain(anchor, repo.metadata_dir, max_steps=MAX_OFFLINE_ROOTS)
+
+
+def _signed_by(md: Metadata[Any], roots: list[Root]) -> bool:
+    for root in roots:
+        try:
+            root.verify_delegate("targets", md.signed_bytes, md.signatures)
+        except UnsignedMetadataError:
+            continue
+        return True
+    return False
+
+
+def own_head(repo: Repository, roots: list[Root]) -> tuple[Metadata[Targets], bytes] | None:
+    """The newest targets this tool signed: ``KEYS/targets-head.json``, else (a key directory
+    from before it) the newest ``N.targets.json`` in ``metadata/`` whose bytes
+    ``KEYS/signed-targets.json`` records; None when neither.
+
+    Raises:
+        OwnTargetsError: the head is not targets metadata any root of ``roots`` signed.
+    """
+    path = repo.keys / HEAD_FILE
+    try:
+        data = read_file(path)
+        md = parse(path, data) if data is not None else None
+    except ServedFileError as e:
+        raise OwnTargetsError(path, f"is unusable: {e}") from e
+    if data is not None and md is not None:
+        if not isinstance(md.signed, Targets):
+            raise OwnTargetsError(path, "is not targets metadata")
+        if not _signed_by(md, roots):
+            raise OwnTargetsError(path, "is not signed by the targets keys of any root of "
+                                        f"the verified chain (v{roots[0].version}.."
+                                        f"v{roots[-1].version})")
+        return md, data
+    for v, sha in sorted(signed_targets(repo.keys).items(), reverse=True):
+        p = repo.metadata_dir / f"{v}.targets.json"
+        try:
+            got = read_file(p)
+            if got is None or hashlib.sha256(got).hexdigest() != sha:
+                continue
+            old = parse(p, got)
+        except ServedFileError:
+            continue
+        if isinstance(old.signed, Targets) and old.signed.version == v:
+            return old, got
+    return None
+
+
+def base_targets(repo: Repository, view: View, own: tuple[Metadata[Targets], bytes] | None,
+                 fault: RepositoryStateError | None, roots: list[Root]) -> Targets:
+    """The targets the next change builds on (module docstring), and the warnings that say
+    why it is not the served one. ``view.targets`` is the served targets (or, after
+    ``fault``, the head already)."""
+    head = own[0] if own is not None else None
+    snap_name = f"{view.snapshot.signed.version}.snapshot.json"
+    snap_path = repo.metadata_dir / snap_name
+    served: Metadata[Targets] | None = None if fault is not None else view.targets
+    if served is not None and head is not None and \
+            served.signed.to_dict() != head.signed.to_dict():
+        try:  # not this tool's bytes: only the operator's current targets keys count
+            roots[-1].verify_delegate("targets", served.signed_bytes, served.signatures)
+        except UnsignedMetadataError as e:
+            fault = ServedFileError(
+                repo.metadata_dir / f"{served.signed.version}.targets.json",
+                f"(named by {snap_name}) is not the targets this tool signed, nor signed by "
+                f"the targets keys of root v{roots[-1].version}: {e}")
+            served = None
+    lagging = online_elsewhere(repo)
+    if fault is not None:
+        assert head is not None  # else the fault was raised
+        logger.warning("the served snapshot %s is not what this tool signed: %s; building "
+                       "on this tool's own targets v%d (%s); %s", snap_path, fault,
+                       head.signed.version, repo.keys / HEAD_FILE,
+                       "the online host's next `repo refresh` lists them" if lagging else
+                       "the next snapshot, signed now, lists them")
+    base = head
+    if served is not None and (base is None or served.signed.version > base.signed.version):
+        if head is not None:
+            logger.warning("%s holds targets v%d, older than the published v%d the targets "
+                           "keys signed (KEYS restored from an older backup, or signed "
+                           "elsewhere?): building on v%d", repo.keys / HEAD_FILE,
+                           head.signed.version, served.signed.version, served.signed.version)
+        base = served
+    elif served is not None and head is not None and \
+            served.signed.version < head.signed.version:
+        just_signed = head.signed.version == repo.signed_now  # its snapshot is to follow
+        (logger.debug if just_signed else logger.info if lagging else logger.warning)(
+            "the served snapshot %s lists targets v%d, older than the v%d this tool signed "
+            "(%s)%s; building on v%d", snap_path, served.signed.version, head.signed.version,
+            repo.keys / HEAD_FILE, " (the online host has not refreshed since)" if lagging
+            else ": the snapshot is not what this tool signed (the online host rolled it "
+                 "back?), the next snapshot, signed now, lists it again", head.signed.version)
+    assert base is not None
+    if head is None:  # a key directory from before the head: the earlier rules
+        return _head(repo.metadata_dir, roots, base.signed)
+    found = newer_targets(repo.metadata_dir, roots[-1], base.signed.version)
+    if found is None:
+        return base.signed
+    logger.warning("%s holds targets v%d; building on v%d, which the targets keys of root "
+                   "v%d signed (KEYS restored from an older backup, or signed elsewhere?)",
+                   repo.keys / HEAD_FILE, head.signed.version, found.version, roots[-1].version)
+    return found
+
+
+def newer_targets(metadata_dir: Path, root: Root, above: int) -> Targets | None:
+    """The newest ``N.targets.json`` (N > ``above``) the targets keys of ``root`` signed (never
+    an older root's: a retired key); at most ``MAX_CANDIDATES`` files tried, newest first,
+    each bounded and not through a symlink."""
+    for tried, v in enumerate(versions(metadata_dir, "targets")):
+        if v <= above or tried >= MAX_CANDIDATES:
+            break
+        got = read_or_ignore(metadata_dir / f"{v}.targets.json", logger.debug)
+        if got is None or not isinstance(got[0].signed, Targets) or got[0].signed.version != v:
+            continue
+        try:
+            root.verify_delegate("targets", got[0].signed_bytes, got[0].signatures)
+        except UnsignedMetadataError:
+            continue
+        found: Targets = got[0].signed
+        return found
+    return None
+
+
+def current_view(repo: Repository) -> tuple[View, Targets]:
+    """The verified published state and the targets the next change builds on: on the
+    offline side :func:`base_targets`, on the online host the served targets.
+
+    Raises:
+        ServedFileError: a published file that does not verify (the targets only when this
+            tool has no signed targets of its own to build on).
+        OwnTargetsError: ``KEYS/targets-head.json`` is unusable.
+    """
+    if not offline_side(repo):
+        view = verified_view(repo)
+        return view, view.targets.signed
+    chain = offline_roots(repo)
+    roots = [md.signed for md in chain]
+    own = own_head(repo, roots)
+    faults: list[RepositoryStateError] = []
+
+    def fallback(e: RepositoryStateError) -> Metadata[Targets]:
+        if own is None:
+            raise e
+        faults.append(e)
+        return own[0]
+
+    view = verified_view(repo, targets_fault=fallback)
+    return view, base_targets(repo, view, own, faults[0] if faults else None, roots)
