@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 HEAD_FILE = "targets-head.json"  # in KEYS: the newest top-level targets this tool signed
+MAX_TARGETS_VERSION = 2**53 - 1  # the largest integer every JSON reader keeps exact
 
 
 class OwnTargetsError(RepositoryStateError):
@@ -70,6 +72,24 @@ class OwnTargetsError(RepositoryStateError):
         super().__init__(f"{path} {why}",
                          hint="restore KEYS from a backup, or remove the file to build on "
                               "the published targets the targets keys signed")
+        self.path = path
+
+
+class OnlineHostFaultError(RepositoryStateError):
+    """The snapshot the online keys signed names a targets version so high that no targets
+    above it can be published: devices that took it refuse every lower version.
+
+    Attributes:
+        path: the snapshot at fault.
+    """
+
+    def __init__(self, path: Path, version: int) -> None:
+        super().__init__(
+            f"{path} (signed by the online keys) names targets v{version}: no targets "
+            f"version above it can be published (at most v{MAX_TARGETS_VERSION})",
+            hint="the online host is compromised: rotate the snapshot and timestamp keys "
+                 "(`repo add-key`, then remove the old ones; devices then drop what those "
+                 "keys signed) and remove that snapshot and timestamp.json")
         self.path = path
 
 
@@ -169,6 +189,7 @@ def base_targets(repo: Repository, view: View, own: tuple[Metadata[Targets], byt
     snap_path = repo.metadata_dir / snap_name
     served: Metadata[Targets] | None = None if fault is not None else view.targets
     if served is not None and head is not None and \
+            served.signed.version >= head.signed.version and \
             served.signed.to_dict() != head.signed.to_dict():
         try:  # not this tool's bytes: only the operator's current targets keys count
             roots[-1].verify_delegate("targets", served.signed_bytes, served.signatures)
@@ -201,18 +222,27 @@ def base_targets(repo: Repository, view: View, own: tuple[Metadata[Targets], byt
             "the served snapshot %s lists targets v%d, older than the v%d this tool signed "
             "(%s)%s; building on v%d", snap_path, served.signed.version, head.signed.version,
             repo.keys / HEAD_FILE, " (the online host has not refreshed since)" if lagging
-            else ": the snapshot is not what this tool signed (the online host rolled it "
-                 "back?), the next snapshot, signed now, lists it again", head.signed.version)
+            else ": the snapshot is not what this tool signed (a publish that did not "
+                 "finish, or the online host rolled it back), the next snapshot, signed now, "
+                 "lists it again", head.signed.version)
     assert base is not None
     if head is None:  # a key directory from before the head: the earlier rules
         return _head(repo.metadata_dir, roots, base.signed)
     found = newer_targets(repo.metadata_dir, roots[-1], base.signed.version)
-    if found is None:
-        return base.signed
-    logger.warning("%s holds targets v%d; building on v%d, which the targets keys of root "
-                   "v%d signed (KEYS restored from an older backup, or signed elsewhere?)",
-                   repo.keys / HEAD_FILE, head.signed.version, found.version, roots[-1].version)
-    return found
+    if found is not None:
+        logger.warning("%s holds targets v%d; building on v%d, which the targets keys of "
+                       "root v%d signed (KEYS restored from an older backup, or signed "
+                       "elsewhere?)", repo.keys / HEAD_FILE, head.signed.version,
+                       found.version, roots[-1].version)
+    out = found or base.signed
+    named = view.snapshot.signed.meta["targets.json"].version
+    if named > out.version + 1:  # numbered up to it: devices that took that snapshot follow
+        if named > MAX_TARGETS_VERSION:
+            raise OnlineHostFaultError(snap_path, named)
+        logger.warning("numbering the next targets v%d, as %s names (devices that took that "
+                       "snapshot refuse any lower version)", named, snap_path)
+        out.version = named - 1
+    return out
 
 
 def newer_targets(metadata_dir: Path, root: Root, above: int) -> Targets | None:
@@ -259,3 +289,21 @@ def current_view(repo: Repository) -> tuple[View, Targets]:
 
     view = verified_view(repo, targets_fault=fallback)
     return view, base_targets(repo, view, own, faults[0] if faults else None, roots)
+
+
+def own_targets_md(repo: Repository, filename: str) -> Metadata[Targets] | None:
+    """``filename`` as this tool signed it, when it names the head in KEYS (the offline side
+    builds on it even when the served snapshot names another, or the served copy was
+    swapped); else None.
+
+    Raises:
+        OwnTargetsError: the head is unusable.
+        ServedFileError: the offline root chain does not verify.
+    """
+    m = re.fullmatch(r"([0-9]{1,16})\.targets\.json", filename)
+    if m is None or not offline_side(repo):
+        return None
+    own = own_head(repo, [md.signed for md in offline_roots(repo)])
+    if own is None or own[0].signed.version != int(m.group(1)):
+        return None
+    return own[0]

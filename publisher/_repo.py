@@ -45,7 +45,7 @@ from modelward.publisher._keys import (
     load_signer,
     load_signer_at,
 )
-from modelward.publisher._offline_base import current_view, record_head
+from modelward.publisher._offline_base import current_view, own_targets_md, record_head
 from modelward.publisher._online import (
     OnlineKeys,
     after_init,
@@ -323,6 +323,9 @@ class Repository:
         if m and online_elsewhere(self) and int(m.group(1)) > view.targets.signed.version:
             # signed here, not yet in the online host's snapshot: verified by its keys
             return verify_role(self.metadata_dir / filename, "targets", view.roots)
+        own = own_targets_md(self, filename)  # what the offline side builds on
+        if own is not None:
+            return own
         raise RepositoryStateError(f"{self.metadata_dir / filename} is not part of the "
                                    "verified published state")
 
