@@ -37,12 +37,9 @@ from tuf.api.metadata import Metadata, Root, Targets
 from modelward.publisher._online import _head, online_elsewhere
 from modelward.publisher._online_state import MAX_CANDIDATES, read_or_ignore
 from modelward.publisher._served import (
-    MAX_OFFLINE_ROOTS,
-    TRUSTED_ROOT_FILE,
     ServedFileError,
     parse,
     read_file,
-    root_chain,
     signed_targets,
     trusted_chain,
     verified_view,
@@ -116,21 +113,12 @@ def record_head(keys: Path, version: int, data: bytes) -> None:
 def offline_roots(repo: Repository) -> list[Metadata[Root]]:
     """The verified root chain from the offline side's own anchor (``KEYS/trusted-root.json``,
     also in the single-machine layout, never the online host's ``ONLINE/state/root.json``,
-    which the refresh unit may write).
+    which the refresh unit may write: :func:`modelward.publisher._served.trusted_chain`).
 
     Raises:
         ServedFileError: the anchor is unusable, or a newer root does not chain.
     """
-    if repo.online is None:
-        return trusted_chain(repo)
-    path = repo.keys / TRUSTED_ROOT_FILE
-    data = read_file(path)
-    if data is None:  # a key directory from before the anchor
-        return trusted_chain(repo)
-    anchor = parse(path, data)
-    if not isinstance(anchor.signed, Root):
-        raise ServedFileError(path, "is not root metadata")
-    return root_chain(anchor, repo.metadata_dir, max_steps=MAX_OFFLINE_ROOTS)
+    return trusted_chain(repo)
 
 
 def _signed_by(md: Metadata[Any], roots: list[Root]) -> bool:

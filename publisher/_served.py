@@ -195,16 +195,27 @@ def root_chain(anchor: Metadata[Root], metadata_dir: Path, *, strict: bool = Tru
     return [anchor, *(md for md, _ in walked)]
 
 
+def _online_anchor(repo: Repository) -> bool:
+    """Whether this command trusts the online host's anchor: on the online host, never on
+    the offline side of the single-machine layout (KEYS and MODELWARD_ONLINE_DIR), which
+    has its own ``KEYS/trusted-root.json`` (the refresh unit may write ``ONLINE/state``)."""
+    online = repo.online
+    if online is None:
+        return False
+    return os.path.realpath(online.dir) == os.path.realpath(repo.keys) or \
+        not (repo.keys / TRUSTED_ROOT_FILE).is_file()
+
+
 def anchor_path(repo: Repository) -> Path:
     """Where the root this machine trusts is kept (never under the served directory)."""
     from modelward.publisher._online import ANCHOR_FILE
 
-    return repo.online.dir / ANCHOR_FILE if repo.online is not None else \
-        repo.keys / TRUSTED_ROOT_FILE
+    return repo.online.dir / ANCHOR_FILE if repo.online is not None and \
+        _online_anchor(repo) else repo.keys / TRUSTED_ROOT_FILE
 
 
 def _anchor(repo: Repository) -> Metadata[Root]:
-    if repo.online is not None:  # the highest root the online host verified (its state)
+    if repo.online is not None and _online_anchor(repo):  # the highest it verified (state)
         from modelward.publisher._online import online_anchor
 
         return online_anchor(repo.online.dir)
@@ -251,7 +262,7 @@ def trusted_chain(repo: Repository) -> list[Metadata[Root]]:
         ServedFileError: naming the root at fault.
     """
     anchor = _anchor(repo)
-    if repo.online is not None:  # its state may be ahead of a served root removed later
+    if _online_anchor(repo):  # its state may be ahead of a served root removed later
         return root_chain(anchor, repo.metadata_dir)
     served = repo.metadata_dir / f"{anchor.signed.version}.root.json"
     md = load(served)
