@@ -35,9 +35,16 @@ from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets
 
 from modelward.publisher._online import _head, online_elsewhere
-from modelward.publisher._online_state import MAX_CANDIDATES, read_or_ignore
+from modelward.publisher._online_state import (
+    MAX_CANDIDATES,
+    STATE_DIR,
+    STATE_FILE,
+    load_floor,
+    read_or_ignore,
+)
 from modelward.publisher._served import (
     ServedFileError,
+    load_floors,
     parse,
     read_file,
     signed_targets,
@@ -80,10 +87,10 @@ class OnlineHostFaultError(RepositoryStateError):
         path: the snapshot at fault.
     """
 
-    def __init__(self, path: Path, version: int) -> None:
+    def __init__(self, path: Path, version: int, what: str = "targets") -> None:
         super().__init__(
-            f"{path} (signed by the online keys) names targets v{version}: no targets "
-            f"version above it can be published (at most v{MAX_TARGETS_VERSION})",
+            f"{path} (written by the online host) names {what} v{version}: no version "
+            f"above it can be published (at most v{MAX_TARGETS_VERSION})",
             hint="the online host is compromised: rotate the snapshot and timestamp keys "
                  "(`repo add-key`, then remove the old ones; devices then drop what those "
                  "keys signed) and remove that snapshot and timestamp.json")
@@ -295,3 +302,34 @@ def own_targets_md(repo: Repository, filename: str) -> Metadata[Targets] | None:
     if own is None or own[0].signed.version != int(m.group(1)):
         return None
     return own[0]
+
+
+def next_versions(repo: Repository, snapshot: int, timestamp: int) -> tuple[int, int]:
+    """The snapshot and timestamp versions the offline side signs next (the single-machine
+    layout and a repository without an online directory): above the served ones
+    (``snapshot``, ``timestamp``), above what this tool published (``KEYS/published.json``)
+    and, with an online directory, above what its refresh signed (``ONLINE/state``): a
+    replayed older ``timestamp.json`` never makes it rewrite a version devices may hold.
+
+    Raises:
+        OnlineHostFaultError: a version beyond what can be published.
+    """
+    floors = load_floors(repo.keys)
+    snap_v, ts_v = max(snapshot, floors.get("snapshot", 0)), \
+        max(timestamp, floors.get("timestamp", 0))
+    if repo.online is not None:
+        path = repo.online.dir / STATE_DIR / STATE_FILE
+        try:
+            got = load_floor(path)
+        except RepositoryStateError as e:
+            logger.warning("ignoring the online host's record: %s", e)
+            got = None
+        if got is not None:
+            if max(got.snapshot, got.timestamp) > MAX_TARGETS_VERSION:
+                raise OnlineHostFaultError(path, max(got.snapshot, got.timestamp), "versions")
+            if got.snapshot > snap_v or got.timestamp > ts_v:
+                logger.warning("the served timestamp.json is older than the online host "
+                               "signed (%s: timestamp v%d, snapshot v%d): a replay; signing "
+                               "above them", path, got.timestamp, got.snapshot)
+            snap_v, ts_v = max(snap_v, got.snapshot), max(ts_v, got.timestamp)
+    return snap_v + 1, ts_v + 1

@@ -45,7 +45,12 @@ from modelward.publisher._keys import (
     load_signer,
     load_signer_at,
 )
-from modelward.publisher._offline_base import current_view, own_targets_md, record_head
+from modelward.publisher._offline_base import (
+    current_view,
+    next_versions,
+    own_targets_md,
+    record_head,
+)
 from modelward.publisher._online import (
     OnlineKeys,
     after_init,
@@ -695,7 +700,8 @@ class Repository:
             snap_version, ts_version = 1, 1
         else:  # a published state that does not verify is an error, never a fresh start
             _, old_snap, old_ts = self.current()
-            snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
+            # above the served versions and this side's records: never one devices hold
+            snap_version, ts_version = next_versions(self, old_snap.version, old_ts.version)
             listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most

@@ -406,9 +406,12 @@ def load_floors(keys: Path) -> dict[str, int]:
 
 
 def save_floors(repo: Repository, floors: Mapping[str, int]) -> None:
-    """Record what this tool just published (only where this machine keeps state)."""
-    if repo.online is not None:
-        return  # the online directory is read-only to the refresh unit
+    """Record what this tool just published (only where this machine keeps state: never
+    on the online host, whose key directory is its online directory, read-only to the
+    refresh unit; the single-machine layout's KEYS does)."""
+    online = repo.online
+    if online is not None and os.path.realpath(online.dir) == os.path.realpath(repo.keys):
+        return
     old = load_floors(repo.keys)
     new = {r: max(old.get(r, 0), floors.get(r, 0)) for r in FLOOR_ROLES}
     write_atomic(repo.keys / STATE_FILE, json.dumps(new).encode(), mode=0o600)
@@ -518,8 +521,9 @@ def verified_view(repo: Repository, *, strict: bool = True,
                 f"published ({repo.keys / STATE_FILE}): a rollback of {mdir}",
                 hint="restore the served directory from the operator's last state")
 
-    check_floor("timestamp", ts.signed.version)
-    check_floor("snapshot", snap.signed.version)
+    if not lagging:  # the offline machine of the two-machine layout signs neither
+        check_floor("timestamp", ts.signed.version)
+        check_floor("snapshot", snap.signed.version)
     try:
         targets = fetch(f"{tmeta.version}.targets.json", "targets", tmeta)
         check_floor("targets", targets.signed.version)

@@ -202,6 +202,26 @@ def test_served_copy_of_the_head_changed_the_head_in_keys_is_used(
     assert "3.targets.json" in text and "is not what this tool signed" in text
 
 
+def test_replayed_old_timestamp_never_makes_the_publish_rewrite_a_held_version(
+        lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The online host puts back timestamp v1 (genuine, signed by the timestamp key): the
+    single-machine publish signs snapshot and timestamp above every version it and the
+    refresh signed, and never rewrites a published N.snapshot.json."""
+    first = (lay.repo_dir / "metadata" / "timestamp.json").read_bytes()
+    released(lay, lambda: single(lay))
+    lay.online().refresh()
+    held = {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").glob("*.snapshot.json")}
+    ts_before = lay.md("timestamp.json").signed.version
+    (lay.repo_dir / "metadata" / "timestamp.json").write_bytes(first)
+    with caplog.at_level(logging.WARNING, LOG):
+        r = single(lay).publish(lay.bundle("1.1.0"))
+    assert r.timestamp_version > ts_before
+    assert "older than the online host signed" in caplog.text
+    for name, data in held.items():
+        assert (lay.repo_dir / "metadata" / name).read_bytes() == data, name
+    assert stock_client_refresh(lay, tmp_path).get_targetinfo(NEW) is not None
+
+
 def test_forged_online_state_root_is_not_the_offline_sides_anchor(
         lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The refresh unit may write ONLINE/state/: it puts a root there under which its own
