@@ -202,6 +202,29 @@ def test_served_copy_of_the_head_changed_the_head_in_keys_is_used(
     assert "3.targets.json" in text and "is not what this tool signed" in text
 
 
+@pytest.mark.parametrize("anchor", ["v2", "v1-crash-before-the-anchor-moved"])
+def test_targets_signed_by_the_retired_targets_key_never_seed_the_publish(
+        lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture, anchor: str) -> None:
+    """The online host holds the targets key that `repo rotate targets` retired (root v2):
+    its targets v5 (the withdraw undone, EVIL added) verify under root v1, which the
+    served view still accepts while KEYS/trusted-root.json is v1 (a crash before the root
+    change completed); the offline side builds on its own v4, never on those."""
+    leaked = load_signer_at(lay.keys / "targets.pem", OFFLINE, "targets")
+    released(lay, lambda: single(lay))
+    assert single(lay).rotate("targets") == 2  # targets v4 under the new key
+    if anchor != "v2":
+        shutil.copyfile(lay.root_path, lay.keys / "trusted-root.json")
+    snap, _ = online_keys(lay)
+    pub = lay.md("4.targets.json").signed
+    entries = dict(pub.targets)
+    entries[OLD].custom["modelward"].pop("withdrawn")
+    sign_write(lay, Targets(version=5, expires=pub.expires,
+                            targets={**entries, EVIL: evil_entry()}), "5.targets.json", leaked)
+    point_snapshot_at(lay, MetaFile(version=5))
+    text = after_next_publish(lay, lambda: single(lay), tmp_path, caplog, want=5)
+    assert "500.snapshot.json is not what this tool signed" in text and "5.targets.json" in text
+
+
 def test_replayed_old_timestamp_never_makes_the_publish_rewrite_a_held_version(
         lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The online host puts back timestamp v1 (genuine, signed by the timestamp key): the
