@@ -203,12 +203,16 @@ def base_targets(repo: Repository, view: View, own: tuple[Metadata[Targets], byt
                        "the online host's next `repo refresh` lists them" if lagging else
                        "the next snapshot, signed now, lists them")
     base = head
-    if served is not None and (base is None or served.signed.version > base.signed.version):
-        if head is not None:
-            logger.warning("%s holds targets v%d, older than the published v%d the targets "
-                           "keys signed (KEYS restored from an older backup, or signed "
-                           "elsewhere?): building on v%d", repo.keys / HEAD_FILE,
-                           head.signed.version, served.signed.version, served.signed.version)
+    if served is not None and (base is None or served.signed.version > base.signed.version
+                               or served.signed.to_dict() != base.signed.to_dict()
+                               and served.signed.version == base.signed.version):
+        if head is not None:  # signed by the targets keys (checked above): what devices hold
+            logger.warning("%s holds targets v%d, %s the published v%d the targets keys "
+                           "signed (KEYS restored from an older backup, or signed "
+                           "elsewhere?): building on the published v%d",
+                           repo.keys / HEAD_FILE, head.signed.version,
+                           "other than" if served.signed.version == head.signed.version
+                           else "older than", served.signed.version, served.signed.version)
         base = served
     elif served is not None and head is not None and \
             served.signed.version < head.signed.version:

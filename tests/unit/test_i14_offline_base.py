@@ -322,6 +322,20 @@ def test_keys_restored_from_an_old_backup_builds_on_the_newest_operator_signed_t
     assert f"{HEAD_FILE} holds targets v2, older than the published v3" in text
 
 
+def test_keys_restored_and_a_fork_of_the_same_version_builds_on_the_published_one(
+        lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The head in KEYS is a v3 other than the published v3 (both by the targets key: two
+    copies of KEYS signed): the next targets build on the published one, which devices hold."""
+    released(lay, lambda: single(lay))
+    key = load_signer_at(lay.keys / "targets.pem", OFFLINE, "targets")
+    fork = Metadata(lay.md("2.targets.json").signed)
+    fork.signed.version = 3
+    fork.sign(key)
+    (lay.keys / HEAD_FILE).write_bytes(fork.to_bytes())
+    text = after_next_publish(lay, lambda: single(lay), tmp_path, caplog)
+    assert f"{HEAD_FILE} holds targets v3, other than the published v3" in text
+
+
 def test_keys_restored_and_the_snapshot_rolled_back_still_finds_the_newest_signed(
         lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Both at once: the backup's head is v2 and the online host points the snapshot at v2;
