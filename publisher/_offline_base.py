@@ -337,3 +337,28 @@ def next_versions(repo: Repository, snapshot: int, timestamp: int) -> tuple[int,
                                "above them", path, got.timestamp, got.snapshot)
             snap_v, ts_v = max(snap_v, got.snapshot), max(ts_v, got.timestamp)
     return snap_v + 1, ts_v + 1
+
+
+def restore_head(repo: Repository, version: int) -> None:
+    """Before a snapshot names ``<version>.targets.json``: when that is the head in KEYS and
+    the served copy is not its bytes (removed, swapped, a symlink), put the head back (this
+    tool's own signed bytes; a device can hold no other file of that version, as no other
+    verifies), with a warning naming the file."""
+    path = repo.metadata_dir / f"{version}.targets.json"
+    try:
+        data = read_file(repo.keys / HEAD_FILE)
+        if data is None or parse(repo.keys / HEAD_FILE, data).signed.version != version:
+            return
+    except ServedFileError:
+        return  # the head itself is unusable: own_head reports it
+    try:
+        served = read_file(path)
+    except ServedFileError:
+        served = None  # a symlink, a FIFO, too big: replaced
+    if served == data:
+        return
+    logger.warning("%s is not the targets v%d this tool signed (%s): putting the signed "
+                   "bytes back", path, version, repo.keys / HEAD_FILE)
+    if path.is_symlink():
+        path.unlink()
+    write_atomic(path, data)

@@ -245,6 +245,31 @@ def test_replayed_old_timestamp_never_makes_the_publish_rewrite_a_held_version(
     assert stock_client_refresh(lay, tmp_path).get_targetinfo(NEW) is not None
 
 
+@pytest.mark.parametrize("how", ["swapped", "removed", "symlink"])
+def test_team_publish_after_the_head_copy_changed_puts_the_signed_head_back(
+        lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """A team's publish signs no new top-level targets: its snapshot names the head, whose
+    served copy the online host changed; the head's own bytes are put back first, so the
+    snapshot never pins the hash of the online host's file (or of none)."""
+    single(lay).delegate("team-a", ["classifier/*"])  # targets v2
+    path = lay.repo_dir / "metadata" / "2.targets.json"
+    signed = path.read_bytes()
+    if how == "swapped":
+        forged_targets(lay, 2, "2.targets.json")
+    elif how == "removed":
+        path.unlink()
+    else:
+        (tmp_path / "elsewhere.json").write_bytes(b"{}")
+        path.unlink()
+        os.symlink(tmp_path / "elsewhere.json", path)
+    with caplog.at_level(logging.WARNING, LOG):
+        single(lay).publish(lay.bundle("1.0.0"), role="team-a")
+    assert "2.targets.json is not the targets v2 this tool signed" in caplog.text
+    assert not path.is_symlink() and path.read_bytes() == signed
+    assert (tmp_path / "elsewhere.json").read_bytes() == b"{}" if how == "symlink" else True
+    assert stock_client_refresh(lay, tmp_path).get_targetinfo(OLD) is not None
+
+
 def test_forged_online_state_root_is_not_the_offline_sides_anchor(
         lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The refresh unit may write ONLINE/state/: it puts a root there under which its own
