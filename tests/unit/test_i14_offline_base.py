@@ -173,6 +173,22 @@ def test_snapshot_naming_a_targets_version_beyond_any_is_a_typed_error(
     assert {p.name: p.read_bytes() for p in (lay.repo_dir / "metadata").iterdir()} == before
 
 
+def test_snapshot_version_at_the_json_bound_is_a_typed_error_not_a_corrupt_floor(
+        lay: Layout) -> None:
+    """The online host signs snapshot and timestamp v2^53-1: the single-machine publish
+    refuses to sign above them (KEYS/published.json would no longer read back) with a typed
+    error naming the served timestamp; no snapshot or timestamp is written."""
+    released(lay, lambda: single(lay))
+    point_snapshot_at(lay, MetaFile(version=3), version=2**53 - 1)
+    ts = (lay.repo_dir / "metadata" / "timestamp.json").read_bytes()
+    snaps = sorted(p.name for p in (lay.repo_dir / "metadata").glob("*.snapshot.json"))
+    with pytest.raises(OnlineHostFaultError, match="timestamp.json"):
+        single(lay).publish(lay.bundle("1.1.0"))
+    assert (lay.repo_dir / "metadata" / "timestamp.json").read_bytes() == ts
+    assert sorted(p.name for p in (lay.repo_dir / "metadata").glob("*.snapshot.json")) == snaps
+    single(lay).current()  # the floors still read back
+
+
 def test_planted_huge_targets_names_are_not_the_next_version(
         lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     released(lay, lambda: single(lay))
