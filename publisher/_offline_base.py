@@ -336,6 +336,9 @@ def next_versions(repo: Repository, snapshot: int, timestamp: int) -> tuple[int,
                                "signed (%s: timestamp v%d, snapshot v%d): a replay; signing "
                                "above them", path, got.timestamp, got.snapshot)
             snap_v, ts_v = max(snap_v, got.snapshot), max(ts_v, got.timestamp)
+    if max(snap_v, ts_v) >= MAX_TARGETS_VERSION:  # never a floor that reads back corrupt
+        raise OnlineHostFaultError(repo.metadata_dir / "timestamp.json", max(snap_v, ts_v),
+                                   "snapshot or timestamp")
     return snap_v + 1, ts_v + 1
 
 

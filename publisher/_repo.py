@@ -50,6 +50,7 @@ from modelward.publisher._offline_base import (
     next_versions,
     own_targets_md,
     record_head,
+    restore_head,
 )
 from modelward.publisher._online import (
     OnlineKeys,
@@ -703,6 +704,7 @@ class Repository:
             # above the served versions and this side's records: never one devices hold
             snap_version, ts_version = next_versions(self, old_snap.version, old_ts.version)
             listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
+        restore_head(self, targets_version)  # the served copy, as this tool signed it
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most
         # that many bytes of a team's role and checks them before it parses anything.
