@@ -46,12 +46,18 @@ from modelward.publisher._keys import (
     load_signer,
     load_signer_at,
 )
+from modelward.publisher._offline_base import (
+    current_view,
+    next_versions,
+    own_targets_md,
+    record_head,
+    restore_head,
+)
 from modelward.publisher._online import (
     OnlineKeys,
     after_init,
     key_home,
     mirror_expiry,
-    newest_signed_targets,
     online_elsewhere,
     refuse_rotate,
     verified_delegations,
@@ -218,6 +224,7 @@ class Repository:
     """
 
     online: OnlineKeys | None = None
+    signed_now = 0  # the targets version this command wrote (its snapshot is to follow)
 
     def __init__(
         self, repo: Path, keys: Path, passphrase: Passphrase, expiry: Expiry | None = None,
@@ -323,6 +330,9 @@ class Repository:
         if m and online_elsewhere(self) and int(m.group(1)) > view.targets.signed.version:
             # signed here, not yet in the online host's snapshot: verified by its keys
             return verify_role(self.metadata_dir / filename, "targets", view.roots)
+        own = own_targets_md(self, filename)  # what the offline side builds on
+        if own is not None:
+            return own
         raise RepositoryStateError(f"{self.metadata_dir / filename} is not part of the "
                                    "verified published state")
 
@@ -336,12 +346,10 @@ class Repository:
         Raises:
             ServedFileError: naming a published file that does not verify.
         """
-        view = self._view()
+        # the targets: on the offline side its own newest signed ones (_offline_base)
+        view, targets = current_view(self)
         ts: Timestamp = view.timestamp.signed
         snap: Snapshot = view.snapshot.signed
-        targets: Targets = view.targets.signed
-        if online_elsewhere(self):  # signed here, not yet in the online host's snapshot
-            targets = newest_signed_targets(self, targets)
         return targets, snap, ts
 
     # -- writing -------------------------------------------------------------
@@ -454,6 +462,8 @@ class Repository:
         write_atomic(self.metadata_dir / name, data)
         if role == "targets":
             record_signed_targets(self.keys, md.signed.version, data)
+            record_head(self.keys, md.signed.version, data)  # what the next change builds on
+            self.signed_now = md.signed.version
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
         if name == "timestamp.json":  # what devices may hold now: never served lower
             snap_v = md.signed.snapshot_meta.version
@@ -471,11 +481,13 @@ class Repository:
         if role not in ("snapshot", "targets"):
             return False
         try:
-            _, snap, ts = self.current()
+            targets, snap, ts = self.current()
         except RepositoryStateError:
             return False
+        # targets: up to the version the next change builds on (its own signed history on
+        # the offline side; a snapshot naming a higher, forged one does not block it)
         return version <= (ts.snapshot_meta.version if role == "snapshot" else
-                           snap.meta["targets.json"].version)
+                           targets.version)
 
     def _publish_root(self, md: Metadata[Root], name: str) -> None:
         new = md.signed
@@ -701,8 +713,10 @@ class Repository:
             snap_version, ts_version = 1, 1
         else:  # a published state that does not verify is an error, never a fresh start
             _, old_snap, old_ts = self.current()
-            snap_version, ts_version = old_snap.version + 1, old_ts.version + 1
+            # above the served versions and this side's records: never one devices hold
+            snap_version, ts_version = next_versions(self, old_snap.version, old_ts.version)
             listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
+        restore_head(self, targets_version)  # the served copy, as this tool signed it
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most
         # that many bytes of a team's role and checks them before it parses anything.

@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -195,16 +195,27 @@ def root_chain(anchor: Metadata[Root], metadata_dir: Path, *, strict: bool = Tru
     return [anchor, *(md for md, _ in walked)]
 
 
+def _online_anchor(repo: Repository) -> bool:
+    """Whether this command trusts the online host's anchor: on the online host, never on
+    the offline side of the single-machine layout (KEYS and MODELWARD_ONLINE_DIR), which
+    has its own ``KEYS/trusted-root.json`` (the refresh unit may write ``ONLINE/state``)."""
+    online = repo.online
+    if online is None:
+        return False
+    return os.path.realpath(online.dir) == os.path.realpath(repo.keys) or \
+        not (repo.keys / TRUSTED_ROOT_FILE).is_file()
+
+
 def anchor_path(repo: Repository) -> Path:
     """Where the root this machine trusts is kept (never under the served directory)."""
     from modelward.publisher._online import ANCHOR_FILE
 
-    return repo.online.dir / ANCHOR_FILE if repo.online is not None else \
-        repo.keys / TRUSTED_ROOT_FILE
+    return repo.online.dir / ANCHOR_FILE if repo.online is not None and \
+        _online_anchor(repo) else repo.keys / TRUSTED_ROOT_FILE
 
 
 def _anchor(repo: Repository) -> Metadata[Root]:
-    if repo.online is not None:  # the highest root the online host verified (its state)
+    if repo.online is not None and _online_anchor(repo):  # the highest it verified (state)
         from modelward.publisher._online import online_anchor
 
         return online_anchor(repo.online.dir)
@@ -252,7 +263,7 @@ def trusted_chain(repo: Repository) -> list[Metadata[Root]]:
         ServedFileError: naming the root at fault.
     """
     anchor = _anchor(repo)
-    if repo.online is not None:  # its state may be ahead of a served root removed later
+    if _online_anchor(repo):  # its state may be ahead of a served root removed later
         return root_chain(anchor, repo.metadata_dir)
     served = repo.metadata_dir / f"{anchor.signed.version}.root.json"
     md = load(served)
@@ -396,9 +407,12 @@ def load_floors(keys: Path) -> dict[str, int]:
 
 
 def save_floors(repo: Repository, floors: Mapping[str, int]) -> None:
-    """Record what this tool just published (only where this machine keeps state)."""
-    if repo.online is not None:
-        return  # the online directory is read-only to the refresh unit
+    """Record what this tool just published (only where this machine keeps state: never
+    on the online host, whose key directory is its online directory, read-only to the
+    refresh unit; the single-machine layout's KEYS does)."""
+    online = repo.online
+    if online is not None and os.path.realpath(online.dir) == os.path.realpath(repo.keys):
+        return
     old = load_floors(repo.keys)
     new = {r: max(old.get(r, 0), floors.get(r, 0)) for r in FLOOR_ROLES}
     write_atomic(repo.keys / STATE_FILE, json.dumps(new).encode(), mode=0o600)
@@ -430,11 +444,18 @@ def record_signed_targets(keys: Path, version: int, data: bytes) -> None:
                  mode=0o600)
 
 
-def verified_view(repo: Repository, *, strict: bool = True) -> View:
+def verified_view(repo: Repository, *, strict: bool = True,
+                  targets_fault: Callable[[RepositoryStateError], Metadata[Targets]]
+                  | None = None) -> View:
     """The published state, verified from the trust anchor (module docstring).
 
     ``strict=False`` (``repo status``): a signature that does not verify is recorded in
     :attr:`View.invalid` instead of raised; anything else still raises.
+
+    ``targets_fault`` (the offline side, which builds on its own signed targets,
+    :mod:`modelward.publisher._offline_base`): when the targets the snapshot names do not
+    verify or are older than this tool published, it is called with that error and gives
+    the targets of the view instead (or raises).
 
     Raises:
         ServedFileError: naming the file that does not verify.
@@ -492,15 +513,23 @@ def verified_view(repo: Repository, *, strict: bool = True) -> View:
     if tmeta is None:
         raise ServedFileError(mdir / f"{snap_meta.version}.snapshot.json",
                               "lists no targets.json")
-    targets = fetch(f"{tmeta.version}.targets.json", "targets", tmeta)
-    if repo.online is None:
-        floors = load_floors(repo.keys)
-        have = {"timestamp": ts.signed.version, "snapshot": snap.signed.version,
-                "targets": targets.signed.version}
-        for role, v in have.items():
-            if v < floors.get(role, 0):
-                raise RepositoryStateError(
-                    f"the served {role} is v{v}, older than the v{floors[role]} this tool "
-                    f"published ({repo.keys / STATE_FILE}): a rollback of {mdir}",
-                    hint="restore the served directory from the operator's last state")
+    floors = load_floors(repo.keys) if repo.online is None else {}
+
+    def check_floor(role: str, v: int) -> None:
+        if v < floors.get(role, 0):
+            raise RepositoryStateError(
+                f"the served {role} is v{v}, older than the v{floors[role]} this tool "
+                f"published ({repo.keys / STATE_FILE}): a rollback of {mdir}",
+                hint="restore the served directory from the operator's last state")
+
+    if not lagging:  # the offline machine of the two-machine layout signs neither
+        check_floor("timestamp", ts.signed.version)
+        check_floor("snapshot", snap.signed.version)
+    try:
+        targets = fetch(f"{tmeta.version}.targets.json", "targets", tmeta)
+        check_floor("targets", targets.signed.version)
+    except RepositoryStateError as e:
+        if targets_fault is None:
+            raise
+        targets = targets_fault(e)
     return View(roots, ts, snap, targets, invalid)
