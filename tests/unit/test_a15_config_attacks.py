@@ -276,3 +276,70 @@ def test_env_of_cli_call_one_line(d: Path, capsys: pytest.CaptureFixture[str],
     err = capsys.readouterr().err
     assert rc in (1, 2)
     assert err.count("\n") == 1 and "\x1b" not in err
+
+
+# --- careless operator, round 2: keys that point into each other's places -------------
+
+
+@pytest.mark.xfail(strict=True, reason="[idle] windows = ['00:00+01:00-02:00'] loads (time."
+                   "fromisoformat takes a UTC offset) and the maintenance-window gate then "
+                   "raises TypeError comparing naive and aware times: updater/idle.py:"
+                   "TimeRange.parse, checked only by parsing in _config_schema._check")
+@pytest.mark.parametrize("window", ["00:00+01:00-02:00", "00:00-01:00-02:00",
+                                    "00:00Z-23:00"])
+def test_window_with_utc_offset_refused_or_harmless(d: Path, window: str) -> None:
+    from datetime import datetime
+
+    from modelward.updater.idle import MaintenanceWindowSignal, TimeRange
+
+    p = _cfg(d, BASE + f'[idle]\nwindows = ["{window}"]\n')
+    try:
+        cfg = load_config(p)
+    except ConfigError as e:
+        assert e.key == "idle.windows"
+        return
+    sig = MaintenanceWindowSignal([TimeRange.parse(w) for w in cfg.idle.windows],
+                                  now=lambda: datetime(2026, 1, 1, 0, 30))
+    sig.busy()  # must not raise
+
+
+@pytest.mark.xfail(strict=True, reason="[idle] windows = ['00:00-00:00'] (meant as all day) "
+                   "loads as an empty window: the device is never idle, never updates: "
+                   "_config_schema._check kind windows")
+def test_empty_window_refused(d: Path) -> None:
+    e = _load_err(d, BASE + '[idle]\nwindows = ["00:00-00:00"]\n')
+    assert e.key == "idle.windows"
+
+
+@pytest.mark.xfail(strict=True, reason="state_dir = '.' (the config's own directory) loads: "
+                   "whoever may write the state directory may then rewrite agent.toml: no "
+                   "cross-key check in _config.build_config")
+def test_config_file_inside_state_dir_refused(d: Path) -> None:
+    e = _load_err(d, BASE.replace('"state"', '"."'))
+    assert e.key == "state_dir"
+
+
+@pytest.mark.xfail(strict=True, reason="[https] ca_file inside the state directory loads: a "
+                   "disk attacker who writes the state dir swaps the TLS trust anchor: no "
+                   "cross-key check in _config.build_config")
+def test_ca_file_inside_state_dir_refused(d: Path) -> None:
+    (d / "state" / "ca.pem").write_text("pem")
+    e = _load_err(d, BASE.replace('ca_file = "ca.pem"', 'ca_file = "state/ca.pem"'))
+    assert e.key == "https.ca_file"
+
+
+@pytest.mark.xfail(strict=True, reason="[metrics] textfile = the config file itself loads; "
+                   "the first metrics write replaces agent.toml and the next start fails: "
+                   "no cross-key check in _config.build_config")
+def test_metrics_textfile_over_config_refused(d: Path) -> None:
+    e = _load_err(d, BASE + '[metrics]\ntextfile = "agent.toml"\n')
+    assert e.key == "metrics.textfile"
+
+
+@pytest.mark.xfail(strict=True, reason="an existing world-writable state_dir (mode 0777, as "
+                   "under /tmp) loads; any local user may plant its files: the 'path' kind "
+                   "of _config_schema._check never looks at the directory")
+def test_world_writable_state_dir_refused(d: Path) -> None:
+    os.chmod(d / "state", 0o777)  # noqa: S103 - the careless operator's mode
+    e = _load_err(d, BASE)
+    assert e.key == "state_dir"
