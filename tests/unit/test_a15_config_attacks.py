@@ -76,7 +76,7 @@ def _status_out(d: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 @pytest.mark.xfail(strict=True, reason="a planted rejections.json whose until/at is 1e300 "
                    "crashes `agent status --no-tpm` (OverflowError, exit 70): "
                    "_status_offline._rejections calls datetime.fromtimestamp unbounded")
-@pytest.mark.parametrize(("at", "until"), [(1.0, 1e300), (-1e300, 1e300)])
+@pytest.mark.parametrize(("at", "until"), [(1.0, 1e300), (-1e300, 1e300), (1.0, 1e12)])
 def test_offline_status_survives_out_of_range_rejection_times(
         d: Path, at: float, until: float) -> None:
     _record(d)
@@ -343,3 +343,40 @@ def test_world_writable_state_dir_refused(d: Path) -> None:
     os.chmod(d / "state", 0o777)  # noqa: S103 - the careless operator's mode
     e = _load_err(d, BASE)
     assert e.key == "state_dir"
+
+
+# --- argument files (modelward/_inputs.py) ---------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="a FIFO nobody writes passes readable_file (opened "
+                   "O_NONBLOCK) and read_file then blocks forever in a plain open: "
+                   "modelward/_inputs.py:read_file (also tls_files' load_verify_locations)")
+@pytest.mark.parametrize("which", ["read_file", "tls_ca"])
+def test_argument_fifo_without_writer_does_not_hang(tmp_path: Path, which: str) -> None:
+    import threading
+
+    from modelward._inputs import read_file, tls_files
+    from modelward.trust.errors import OperatorInputError
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | None] = []
+
+    def call() -> None:
+        try:
+            if which == "read_file":
+                read_file("--root", fifo)
+            else:
+                tls_files(fifo, None, None)
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            outcome.append(e)
+
+    t = threading.Thread(target=call, daemon=True)
+    t.start()
+    t.join(2.0)
+    if t.is_alive():  # unblock the reader, then fail
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        t.join(5.0)
+        pytest.fail("blocked on a FIFO without a writer")
+    assert outcome and isinstance(outcome[0], OperatorInputError)
