@@ -263,3 +263,37 @@ def test_json_bug_record_keeps_the_bugs_own_traceback(
     assert code == cli.EXIT_BUG
     doc = json.loads(err.splitlines()[0])
     assert "RuntimeError: the real bug is here" in doc["exc"]
+
+
+@pytest.mark.xfail(strict=True, reason="cli.main: a usage error (argparse, via "
+                   "_inputs.mark_commands) and a bad $MODELWARD_LOG_FORMAT are printed before "
+                   "setup_logging, as plain text: under journald (a unit's ExecStart with a "
+                   "bad option from its EnvironmentFile) no JSON, no <3>, default priority")
+@pytest.mark.parametrize("extra_env,argv", [
+    ({}, ["agent", "check-config", "--bogus"]),
+    ({_log.LOG_FORMAT_ENV: "jsonl"}, ["agent", "check-config", "--config", "/nonexistent"]),
+])
+def test_usage_error_under_journal_is_a_record(tmp_path: Path, extra_env: dict[str, str],
+                                               argv: list[str]) -> None:
+    out = tmp_path / "stderr"
+    with out.open("w") as f:
+        st = os.fstat(f.fileno())
+        env = {**{k: v for k, v in os.environ.items() if k != _log.LOG_FORMAT_ENV},
+               "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}", **extra_env}
+        r = subprocess.run([str(SCRIPT), *argv], env=env, stdout=subprocess.DEVNULL,
+                           stderr=f, timeout=60, check=False)
+    assert r.returncode == cli.EXIT_USAGE
+    line = out.read_text().splitlines()[0]
+    assert line.startswith("<3>{"), line
+    assert json.loads(line[3:])["priority"] == 3
+
+
+@pytest.mark.xfail(strict=True, reason="_log._bounded_field passes every int through: the "
+                   "broker's announcement timestamp_version (a 4000-digit int that "
+                   "loads_bounded accepts) is logged whole as a field, not cut at MAX_VALUE")
+def test_int_field_is_bounded() -> None:
+    rec = logging.LogRecord("modelward.updater", logging.INFO, __file__, 1,
+                            "announcement: timestamp version %d", (10 ** 3999,), None)
+    rec.timestamp_version = 10 ** 3999
+    doc = json.loads(_log.JsonFormatter().format(rec))
+    assert len(json.dumps(doc["timestamp_version"])) <= _log.MAX_VALUE + 40
