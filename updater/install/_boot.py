@@ -22,6 +22,7 @@ from modelward.updater.errors import NothingTrustedError
 from modelward.updater.install._journal import Journal
 from modelward.updater.install._slots import SlotStore
 from modelward.updater.install._statedir import check_state_dirs
+from modelward.updater.plan import boot_outcome
 
 logger = logging.getLogger(__name__)
 
@@ -177,15 +178,5 @@ def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
     journal = Journal(state_dir / "journal.json")
     if journal.read().step not in ("active", "idle", "failed"):
         journal.enter("active", **_fields(active))  # an interrupted attempt is over
-    if after is record:
-        return BootResult(active, False, f"{active.name} {active.version} verified")
-    old = record.active
-    assert old is not None
-    if old.fingerprint == active.fingerprint:
-        return BootResult(active, False, f"{active.name} {active.version} verified in slot "
-                          f"{active.slot} (it had moved from slot {old.slot})")
-    msg = (
-        f"active {old.name} {old.version} was altered; fell back to "
-        f"{active.name} {active.version} in slot {active.slot}"
-    )
-    return BootResult(active, True, msg)
+    fell_back, message = boot_outcome(record.active, active, moved=after is not record)
+    return BootResult(active, fell_back, message)

@@ -24,7 +24,7 @@ from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
 from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
-from modelward.trust._record import ModelRef, TrustRecord
+from modelward.trust._record import ModelRef
 from modelward.trust._store import TrustStore
 from modelward.updater._config import UpdaterConfig
 from modelward.updater.bundle._bundle import Manifest, extract_bundle, fsync_tree
@@ -34,7 +34,6 @@ from modelward.updater.errors import (
     ModelwardError,
     NothingTrustedError,
     OperatorInputError,
-    RollbackError,
     StagedFilesChangedError,
     StagingError,
     TargetHashError,
@@ -52,7 +51,7 @@ from modelward.updater.install._slots import SlotStore
 from modelward.updater.install._stage import Stage
 from modelward.updater.install._statedir import check_state_dirs, plain_dir
 from modelward.updater.install._tuf import Candidate, TufSession, convert_tuf_error
-from modelward.updater.rollout import Choice
+from modelward.updater.plan import check_metadata_not_rolled_back, should_install
 from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
 from modelward.updater.transport._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
 
@@ -108,41 +107,6 @@ class UpdateResult:
     active: ModelRef | None
 
 
-def _should_install(choice: Choice | None, active: ModelRef | None) -> bool:
-    """Install a newer release, or a pinned one that differs from the active one."""
-    if choice is None:
-        return False
-    if active is None:
-        return True
-    current = SemVer.parse(active.version)
-    if choice.pinned:
-        return choice.release.version != current
-    return choice.release.version > current
-
-
-def check_metadata_not_rolled_back(record: TrustRecord, targets_version: int,
-                                   tpm_floor: int = 0) -> None:
-    """Refuse targets metadata older than the version the trust record or the TPM saw.
-
-    TUF's own rollback check compares against the local metadata files, which a
-    local attacker can replace with older valid copies; the TPM-bound record cannot.
-    ``tpm_floor`` (the highest targets version installed, kept in the TPM) also holds
-    after a heal from an older, authentic copy of the disk.
-
-    Raises:
-        RollbackError: ``targets_version`` is below the recorded one or the TPM floor.
-    """
-    floor = max(record.targets_version, tpm_floor)
-    if targets_version < floor:
-        where = ("the trust record" if floor == record.targets_version
-                 else "the TPM's targets floor")
-        raise RollbackError(
-            f"targets metadata version {targets_version} is older than version "
-            f"{floor} in {where} (rollback of metadata)",
-            what="targets",
-            trusted=str(floor),
-            offered=str(targets_version),
-        )
 
 
 class _Device:
@@ -520,7 +484,7 @@ def _attempt(
     choice = rejections.choose(session.candidates(cfg.model), cfg.device_id, cfg.channel)
     active = record.active
     newest = choice.release if choice else None
-    if not isinstance(newest, Candidate) or not _should_install(choice, active):
+    if not isinstance(newest, Candidate) or not should_install(choice, active):
         what = f"{active.name} {active.version}" if active else "nothing"
         msg = (f"nothing to do: {what} is active and no newer {cfg.model} is published "
                f"for this device on channel {cfg.channel}")
