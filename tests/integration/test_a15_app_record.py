@@ -68,3 +68,19 @@ def test_a15_app_never_serves_a_slot_the_trust_record_does_not_name(
         stop_app(fresh.pid, fresh.proc)
     assert got.get("version") == "1.0.0", got
     assert fresh_got.get("version") != "6.6.6", fresh_got
+
+
+@pytest.mark.xfail(strict=True, reason="a disk attacker who swaps slots/a and slots/b (two "
+                   "renames, `current` untouched) rolls the running app back to the previous "
+                   "model: App.poll reloads whatever manifest `current` now holds, never "
+                   "asking whether the trust record names it active")
+def test_a15_app_swapped_slots_do_not_roll_the_app_back(world: World, app: AppHandle) -> None:
+    world.publish("2.0.0", seed=2)
+    world.update()
+    assert app.wait_for("2.0.0")["version"] == "2.0.0"
+    slots = world.state / "slots"
+    os.rename(slots / "a", slots / "tmp")
+    os.rename(slots / "b", slots / "a")
+    os.rename(slots / "tmp", slots / "b")
+    got = app.wait_for("1.0.0", timeout=3.0)
+    assert got.get("version") == "2.0.0", got
