@@ -295,3 +295,23 @@ def test_a15_app_many_idle_connections_do_not_starve_clients(
             t.join()
         for s in socks:
             s.close()
+
+
+@pytest.mark.xfail(strict=True, reason="when the agent removes `current` (boot-check/reconcile "
+                   "deactivate: 'the app finds no model rather than an untrusted one'), the "
+                   "running app keeps serving the model it loaded, here a self-consistent "
+                   "model a disk attacker put in the slot: App.poll keeps self.active on any "
+                   "load failure, also when `current` no longer exists")
+def test_a15_app_stops_serving_when_current_is_removed(tmp_path: Path, run_app) -> None:  # type: ignore[no-untyped-def]
+    state = state_with(tmp_path, linear_bytes(tmp_path, 1), "1.0.0")
+    app = run_app(state)
+    assert app.info()["version"] == "1.0.0"
+    evil = tmp_path / "evil"
+    write_slot(evil, linear_bytes(tmp_path, 666), "6.6.6")
+    os.chmod(evil, 0o750)  # noqa: S103 - as a slot
+    os.rename(state / "slots" / "a", tmp_path / "old-a")
+    os.rename(evil, state / "slots" / "a")  # (a new manifest inode: the app reloads)
+    assert app.wait_for("6.6.6", timeout=3.0)["version"] == "6.6.6"
+    (state / "current").unlink()  # what SlotStore.deactivate does when nothing is trusted
+    time.sleep(1.5)  # (more than one poll)
+    assert app.info().get("status") == 503, app.info()
