@@ -348,9 +348,6 @@ def test_world_writable_state_dir_refused(d: Path) -> None:
 # --- argument files (modelward/_inputs.py) ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a FIFO nobody writes passes readable_file (opened "
-                   "O_NONBLOCK) and read_file then blocks forever in a plain open: "
-                   "modelward/_inputs.py:read_file (also tls_files' load_verify_locations)")
 @pytest.mark.parametrize("which", ["read_file", "tls_ca"])
 def test_argument_fifo_without_writer_does_not_hang(tmp_path: Path, which: str) -> None:
     import threading
