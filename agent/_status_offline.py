@@ -20,7 +20,7 @@ from typing import Any
 from modelward.agent._config import AgentConfig
 from modelward.agent._status import read_status
 from modelward.trust._bounded import UnsafeFileError, read_bounded
-from modelward.trust._display import ID_ALPHABET, display_width, escape
+from modelward.trust._display import ID_ALPHABET, display_width, escape, escape_id
 from modelward.trust._record import RECORD_MAX_BYTES, ModelRef, decode_record
 from modelward.trust.errors import ModelwardError
 
@@ -52,7 +52,7 @@ def _ident(v: object) -> str:
     character outside ``[A-Za-z0-9._-/+:@=,~]`` escaped (so no space: it cannot hold a
     phrase of words, nor padding to wrap a row), and cut short."""
     s = v if isinstance(v, str) else str(v)
-    return _cut("".join(c if c in _IDENT else escape(c, None) for c in s), IDENT_LIMIT)
+    return _cut("".join(c if c in _IDENT else escape_id(c, None) for c in s), IDENT_LIMIT)
 
 
 def _text(v: object, limit: int = TEXT_LIMIT) -> str:
@@ -183,20 +183,23 @@ def _rows(label: str, text: str) -> list[str]:
     """``label`` and escaped ``text`` as rows of at most :data:`ROW` columns: a long
     value goes on under the label, each row starting with ``|``, so no row of the
     terminal starts with what the disk wrote (it never wraps on its own)."""
-    rows: list[str] = []
-    row, used = "", 0
-    lead = max(_LABEL, len(label) + 1)
-    room = ROW - lead
+    rows: list[list[str]] = [[]]
+    used = 0
+    room = ROW - max(_LABEL, len(label) + 1)
     for t in _tokens(text):
-        w = display_width(t)
-        if used + w > room and row:
-            rows.append(row)
-            row, used = "", 0
+        row = rows[-1]
+        if used + display_width(t) > room and row:
+            # break after the row's last space if there is one in its second half
+            cut = next((i + 1 for i in range(len(row) - 1, len(row) // 2, -1)
+                        if row[i] == " "), len(row))
+            rows[-1], rest = row[:cut], row[cut:]
+            rows.append(rest)
+            used = sum(display_width(x) for x in rest)
             room = ROW - _LABEL - 2
-        row += t
-        used += w
-    rows.append(row)
-    return [f"{label:9} {rows[0]}", *(f"{'':9} | {r}" for r in rows[1:])]
+        rows[-1].append(t)
+        used += display_width(t)
+    lines = ["".join(r) for r in rows]
+    return [f"{label:9} {lines[0]}", *(f"{'':9} | {r}" for r in lines[1:])]
 
 
 def status_lines(doc: dict[str, Any]) -> list[str]:
