@@ -218,3 +218,19 @@ def test_verified_rows_are_escaped_too() -> None:
         last_error={"type": "T", "message": " " * 80 + "verified  by the TPM", "at": "a"}))
     assert sum("verified  by the TPM" in ln for ln in lines) == 1  # the real last line
     assert all(ln.startswith(LABELS) for ln in lines[:-1])
+
+
+def test_unverified_status_writes_nothing(d: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Nothing of the disk is believed, and nothing is written: every file as it was."""
+    _record(d, name="m" + " " * 70 + FORGED)
+    _rejection(d, until=1e300)
+    _last_error(d, message=FORGED)
+
+    def snap() -> dict[str, tuple[bytes, int]]:
+        return {str(p): (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in sorted(d.rglob("*")) if p.is_file()}
+
+    before = snap()
+    _out(d, capsys)
+    _out(d, capsys, "--json")
+    assert snap() == before
