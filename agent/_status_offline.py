@@ -179,13 +179,13 @@ def _rejections(state_dir: Path) -> dict[str, Any]:
     return {"rejected": shown, "rejections_problem": None if problem is None else _text(problem)}
 
 
-def _rows(label: str, text: str) -> list[str]:
-    """``label`` and escaped ``text`` as rows of at most :data:`ROW` columns: a long
-    value goes on under the label, each row starting with ``|``, so no row of the
-    terminal starts with what the disk wrote (it never wraps on its own)."""
+def _rows(label: str, text: str, width: int = ROW) -> list[str]:
+    """``label`` and escaped ``text`` as rows of at most ``width`` columns: a long value
+    goes on under the label, each row starting with ``|``, so no row of the terminal
+    starts with what the disk wrote (it never wraps on its own)."""
     rows: list[list[str]] = [[]]
     used = 0
-    room = ROW - max(_LABEL, len(label) + 1)
+    room = width - max(_LABEL, len(label) + 1)
     for t in _tokens(text):
         row = rows[-1]
         if used + display_width(t) > room and row:
@@ -195,21 +195,27 @@ def _rows(label: str, text: str) -> list[str]:
             rows[-1], rest = row[:cut], row[cut:]
             rows.append(rest)
             used = sum(display_width(x) for x in rest)
-            room = ROW - _LABEL - 2
+            room = width - _LABEL - 2
         rows[-1].append(t)
         used += display_width(t)
     lines = ["".join(r) for r in rows]
     return [f"{label:9} {lines[0]}", *(f"{'':9} | {r}" for r in lines[1:])]
 
 
-def status_lines(doc: dict[str, Any]) -> list[str]:
-    """The text of ``agent status`` for ``doc`` (from ``agent._commands.status``).
+def status_lines(doc: dict[str, Any], width: int = ROW) -> list[str]:
+    """The text of ``agent status`` for ``doc`` (from ``agent._commands.status``), in
+    rows of at most ``width`` columns (:data:`ROW` at most, 40 at least: a terminal's
+    width less one, so that no row wraps on it).
 
     Unverified (no TPM): the notice first and last, every value on a labelled row, as
     :func:`unverified_status` escaped it. Verified: the same rows, escaped here (the
     names come from signed metadata, which one team key controls), and the line that
     says the TPM verified them, printed for ``verified`` true only."""
     verified = doc["verified"] is True
+    width = min(max(width, 40), ROW)
+
+    def rows(label: str, text: str) -> list[str]:
+        return _rows(label, text, width)
 
     def ident(v: object) -> str:
         return _ident(v) if verified else str(v)
@@ -221,21 +227,21 @@ def status_lines(doc: dict[str, Any]) -> list[str]:
     if not verified:
         out.append(str(doc["unverified"]))
         if doc.get("record_problem"):
-            out += _rows("record", str(doc["record_problem"]))
+            out += rows("record", str(doc["record_problem"]))
     for key in ("active", "previous"):
         m = doc[key]
-        out += _rows(key, f"{ident(m['name'])} {ident(m['version'])}  "
+        out += rows(key, f"{ident(m['name'])} {ident(m['version'])}  "
                           f"{ident(m['fingerprint'])}" if m else "none")
     err = doc["last_error"]
-    out += _rows("last error", f"{text(err['type'])}: {text(err['message'])} "
+    out += rows("last error", f"{text(err['type'])}: {text(err['message'])} "
                                f"({text(err['at'])})" if err else "none")
     for r in doc["rejected"]:  # releases not tried again until new signed metadata
-        out += _rows("rejected", f"{ident(r['model'])} {ident(r['version'])}  "
+        out += rows("rejected", f"{ident(r['model'])} {ident(r['version'])}  "
                                  f"{ident(r['target'])}  {ident(r['reason'])} "
                                  f"({text(r['at'])}; retried after {text(r['retry_after'])} "
                                  "unless re-signed)")
     if doc["rejections_problem"]:
-        out += _rows("rejected", f"unknown: {text(doc['rejections_problem'])}")
+        out += rows("rejected", f"unknown: {text(doc['rejections_problem'])}")
     if verified:
         out.append("verified  by the TPM (trust record MAC and update counter)")
     else:

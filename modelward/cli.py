@@ -595,7 +595,10 @@ def _agent_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
-    for line in status_lines(doc):  # escaped, labelled rows; "verified" only from the TPM
+    import shutil
+
+    width = shutil.get_terminal_size().columns - 1  # (80 when not a terminal)
+    for line in status_lines(doc, width):  # escaped, labelled rows; "verified": TPM only
         print(line)
     return EXIT_OK
 

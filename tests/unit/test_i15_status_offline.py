@@ -234,3 +234,19 @@ def test_unverified_status_writes_nothing(d: Path, capsys: pytest.CaptureFixture
     _out(d, capsys)
     _out(d, capsys, "--json")
     assert snap() == before
+
+
+@pytest.mark.parametrize("columns", [50, 60, 200, 10])
+def test_rows_fit_a_narrow_terminal(d: Path, capsys: pytest.CaptureFixture[str],
+                                    monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """On a 50-column terminal a 78-column row would wrap and start a row with the
+    disk's text: rows follow the terminal's width (less one; 40 to 78)."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    _record(d, name="n" * 200)
+    _last_error(d, message=("word " * 40) + FORGED)
+    _rejection(d, detail=FORGED)
+    lines = _out(d, capsys)
+    _assert_unforgeable(lines)
+    limit = min(max(columns - 1, 40), ROW)
+    assert all(display_width(ln) <= limit for ln in lines[1:-1]), lines
+    assert max(display_width(ln) for ln in lines[1:-1]) >= limit - 8
