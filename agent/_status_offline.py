@@ -225,7 +225,7 @@ def status_lines(doc: dict[str, Any], width: int = ROW) -> list[str]:
 
     out: list[str] = []
     if not verified:
-        out.append(str(doc["unverified"]))
+        out.append(str(doc.get("unverified", UNVERIFIED)))
         if doc.get("record_problem"):
             out += rows("record", str(doc["record_problem"]))
     for key in ("active", "previous"):
