@@ -76,6 +76,37 @@ def _fault(flag: str, path: Path, e: OSError) -> OperatorInputError:
                               hint="check the path: it must name an existing, readable file")
 
 
+def _open_checked(flag: str, path: Path, *, regular: bool = False) -> int:
+    """A descriptor of ``path`` opened for reading once, without blocking (a FIFO with no
+    writer opens at once), and checked by ``fstat`` of that descriptor: what is checked is
+    what is read, even if the path is swapped in between.
+
+    Raises:
+        OperatorInputError: it cannot be opened, is a directory or not a regular file (a
+            character device or a pipe is accepted unless ``regular``).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except IsADirectoryError as e:
+        raise OperatorInputError(f"{flag} {path}: is a directory",
+                                 hint="give the path of the file itself") from e
+    except OSError as e:
+        raise _fault(flag, path, e) from e
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError as e:
+        os.close(fd)
+        raise _fault(flag, path, e) from e
+    # (a character device or a pipe too: --password-file /dev/stdin)
+    if not (stat.S_ISREG(mode) or (not regular and (stat.S_ISCHR(mode)
+                                                    or stat.S_ISFIFO(mode)))):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OperatorInputError(f"{flag} {path}: is {kind}",
+                                 hint="give the path of the file itself")
+    return fd
+
+
 def readable_file(flag: str, path: Path) -> Path:
     """``path`` if it names a file this process can open for reading (a regular file, a
     character device or a pipe).
@@ -84,35 +115,60 @@ def readable_file(flag: str, path: Path) -> Path:
         OperatorInputError: it does not exist, is not a regular file, or cannot be read;
             the message names ``flag`` and the path.
     """
-    try:
-        st = path.stat()
-    except OSError as e:
-        raise _fault(flag, path, e) from e
-    # (a character device or a pipe too: --password-file /dev/stdin)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise OperatorInputError(f"{flag} {path}: is {kind}",
-                                 hint="give the path of the file itself")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise _fault(flag, path, e) from e
-    os.close(fd)
+    os.close(_open_checked(flag, path))
     return path
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    """Up to ``limit`` + 1 bytes of ``fd`` (until end of file)."""
+    chunks: list[bytes] = []
+    got = 0
+    while got <= limit:
+        chunk = os.read(fd, limit + 1 - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks)
+
+
+def _read_stream(flag: str, path: Path, fd: int, limit: int) -> bytes:
+    """A pipe's or character device's bytes: what is there now, then (blocking) the rest
+    until end of file; a FIFO at end of file at once has no writer and is refused."""
+    try:
+        first = os.read(fd, limit + 1)
+    except BlockingIOError:  # a writer is there, nothing written yet: wait for it
+        first = None
+    if first == b"":
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OperatorInputError(f"{flag} {path}: a pipe with no writer (nothing to "
+                                     "read)", hint="write to the pipe, or give a file")
+        return first  # /dev/null
+    os.set_blocking(fd, True)
+    if first is None:
+        return _read_fd(fd, limit)
+    return first if len(first) > limit else first + _read_fd(fd, limit - len(first))
 
 
 def read_file(flag: str, path: Path, limit: int = 1 << 20) -> bytes:
     """The bytes of the (small) file ``path`` named by ``flag``, at most ``limit``.
 
+    The file is opened once (:func:`_open_checked`) and read from that descriptor. A pipe
+    or character device is read as it comes (blocking only once a writer is there); a
+    FIFO nobody has open for writing is refused rather than waited on forever.
+
     Raises:
-        OperatorInputError: unreadable (see :func:`readable_file`) or larger than ``limit``.
+        OperatorInputError: unreadable (see :func:`readable_file`), a FIFO without a
+            writer, or larger than ``limit``.
     """
-    readable_file(flag, path)
+    fd = _open_checked(flag, path)
     try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)
+        data = _read_fd(fd, limit) if stat.S_ISREG(os.fstat(fd).st_mode) \
+            else _read_stream(flag, path, fd, limit)
     except OSError as e:
         raise _fault(flag, path, e) from e
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise OperatorInputError(f"{flag} {path}: larger than {limit} bytes",
                                  hint="is this the right file?")
@@ -160,39 +216,57 @@ def creatable_dir(flag: str, path: Path) -> Path:
     return path
 
 
+def _fd_path(fd: int, path: Path) -> str:
+    """A name that opens the very file ``fd`` is open on (Linux ``/proc``), else ``path``."""
+    return f"/proc/self/fd/{fd}" if Path("/proc/self/fd").is_dir() else str(path)
+
+
 def tls_files(ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """``--tls-ca``, ``--cert`` and ``--key`` are readable and hold what they should: a
     PEM CA certificate, and a client certificate with its key (loaded as the TLS
     connection will load them, so a mistake shows here, naming the file, and not as a
-    failed connection).
+    failed connection). Each must be a regular file: the connection opens it again by
+    its path, so a pipe would be read twice (or block, with no writer); each is opened
+    once without blocking and loaded through that descriptor.
 
     Raises:
-        OperatorInputError: a file is unreadable, or not PEM of the right kind.
+        OperatorInputError: a file is unreadable, not a regular file, or not PEM of the
+            right kind.
     """
     import ssl
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     if ca is not None:
-        readable_file("--tls-ca", ca)
+        fd = _open_checked("--tls-ca", ca, regular=True)
         try:
-            ctx.load_verify_locations(cafile=str(ca))
+            ctx.load_verify_locations(cafile=_fd_path(fd, ca))
         except (ssl.SSLError, OSError, ValueError) as e:
             raise OperatorInputError(f"--tls-ca {ca}: not a PEM CA certificate ({e})",
                                      hint="give the CA that signed the broker's "
                                      "certificate, in PEM") from e
+        finally:
+            os.close(fd)
     if (cert is None) != (key is None):
         raise OperatorInputError("--cert and --key go together",
                                  hint="give the client certificate and its key")
     if cert is not None and key is not None:
-        readable_file("--cert", cert)
-        readable_file("--key", key)
+        cfd = _open_checked("--cert", cert, regular=True)
         try:
-            ctx.load_cert_chain(str(cert), str(key), password=lambda: b"")
+            kfd = _open_checked("--key", key, regular=True)
+        except OperatorInputError:
+            os.close(cfd)
+            raise
+        try:
+            ctx.load_cert_chain(_fd_path(cfd, cert), _fd_path(kfd, key),
+                                password=lambda: b"")
         except (ssl.SSLError, OSError, ValueError) as e:
             raise OperatorInputError(f"--cert {cert} / --key {key}: not a PEM certificate "
                                      f"and its unencrypted key ({e})",
                                      hint="give the client certificate and the key it "
                                      "certifies, in PEM") from e
+        finally:
+            os.close(cfd)
+            os.close(kfd)
 
 
 def mark_commands(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

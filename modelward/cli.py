@@ -589,27 +589,17 @@ def _agent_run(args: argparse.Namespace) -> int:
 
 def _agent_status(args: argparse.Namespace) -> int:
     from modelward.agent._commands import status
+    from modelward.agent._status_offline import status_lines
 
     doc = status(_load(args), use_tpm=not args.no_tpm)
     if args.json:
         print(json.dumps(doc))
         return EXIT_OK
-    if not doc["verified"]:
-        print(doc["unverified"])
-        if doc["record_problem"]:
-            print(f"record    {doc['record_problem']}")
-    for key in ("active", "previous"):
-        m = doc[key]
-        print(f"{key:9} " + (f"{m['name']} {m['version']}  {m['fingerprint']}" if m else "none"))
-    err = doc["last_error"]
-    print("last error " + (f"{err['type']}: {err['message']} ({err['at']})" if err else "none"))
-    for r in doc["rejected"]:  # releases not tried again until new signed metadata
-        print(f"rejected  {r['model']} {r['version']}  {r['target']}  {r['reason']} "
-              f"({r['at']}; retried after {r['retry_after']} unless re-signed)")
-    if doc["rejections_problem"]:
-        print(f"rejected  unknown: {doc['rejections_problem']}")
-    if doc["verified"]:
-        print("verified  by the TPM (trust record MAC and update counter)")
+    import shutil
+
+    width = shutil.get_terminal_size().columns - 1  # (80 when not a terminal)
+    for line in status_lines(doc, width):  # escaped, labelled rows; "verified": TPM only
+        print(line)
     return EXIT_OK
 
 

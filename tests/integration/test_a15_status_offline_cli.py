@@ -44,10 +44,6 @@ def _status(cfg: Path, *flags: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="a planted rejections.json (until=1e300, no valid MAC "
-                   "needed) makes `agent status` on a TPM-less device exit 70 'internal "
-                   "error: OverflowError': agent/_status_offline.py:_rejections "
-                   "(datetime.fromtimestamp unbounded)")
 @pytest.mark.parametrize("flags", [("--no-tpm",), ()])
 def test_status_without_tpm_survives_planted_rejections(tmp_path: Path,
                                                         flags: tuple[str, ...]) -> None:
@@ -57,10 +53,6 @@ def test_status_without_tpm_survives_planted_rejections(tmp_path: Path,
     assert "internal error" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="a planted record's model name padded with spaces "
-                   "puts the VERIFIED line's text into `agent status --no-tpm` (wraps to a "
-                   "row of its own on an 80-column terminal): cli._agent_status prints "
-                   "unverified fields after only control characters are escaped")
 def test_status_without_tpm_has_no_verified_text(tmp_path: Path) -> None:
     forged = "m" + " " * 69 + "verified  by the TPM (trust record MAC and update counter)"
     cfg = _plant(tmp_path, 2.0, name=forged)  # (an expired rejection: not shown)
