@@ -296,10 +296,11 @@ def format_traceback(e: BaseException, limit: int = MAX_TRACEBACK,
     own = "\n".join(cut_text(line, MAX_MESSAGE // 4) for line in own_lines)
     own = cut_text(own, limit * 3 // 4) if cut else _cut_escaped(own, limit * 3 // 4)
     full = "".join(te.format(chain=True)).rstrip("\n")
-    causes = full[:-len("\n".join(own_lines))] if full.endswith(own_lines[-1]) else ""
+    own_raw = "\n".join(own_lines)
+    causes = full[:-len(own_raw)] if full.endswith(own_raw) else ""
     if not causes.strip():
         return own
-    return cut_text(causes.rstrip("\n"), max(limit - len(own), limit // 8)) + "\n" + own
+    return cut_text(causes.rstrip("\n"), max(limit - len(own), limit // 8)) + "\n\n" + own
 
 
 def _cut_escaped(text: str, limit: int) -> str:
