@@ -360,14 +360,17 @@ class HumanFormatter(TextFormatter):
 
 
 class _JournalPrefix(logging.Formatter):
-    """``<N>`` before each record (sd-daemon(3)): journald reads it as the PRIORITY."""
+    """``<N>`` before each record (sd-daemon(3)): journald reads it as the PRIORITY;
+    before each line of a record that has several (a traceback's), as journald makes an
+    entry of each line."""
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{syslog_priority(record.levelno)}>{self.inner.format(record)}"
+        mark = f"<{syslog_priority(record.levelno)}>"
+        return mark + self.inner.format(record).replace("\n", "\n" + mark)
 
 
 def resolve_format(fmt: str, stream: TextIO, environ: Mapping[str, str] | None = None) -> str:

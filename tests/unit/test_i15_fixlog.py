@@ -234,3 +234,26 @@ def test_usage_error_for_people_is_unchanged(
     assert cli.main(["agent", "check-config", "--bogus"]) == cli.EXIT_USAGE
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("modelward: error: unrecognized arguments: --bogus; hint: ")
+
+
+def test_every_line_of_a_journal_record_has_its_priority() -> None:
+    e = _chained("own\n<0>x", "cause")
+    rec = logging.LogRecord("modelward.agent", logging.ERROR, __file__, 1, "update failed",
+                            None, (type(e), e, e.__traceback__))
+    lines = _log._JournalPrefix(_log.HumanFormatter()).format(rec).split("\n")
+    assert len(lines) > 3 and all(line.startswith("<3>") for line in lines)
+    assert all(not RECORD_LIKE.match(line[3:]) for line in lines[1:]), lines
+
+
+def test_a_percent_in_an_error_message_is_kept_as_it_is() -> None:
+    buf = io.StringIO()
+    h = logging.StreamHandler(buf)
+    h.setFormatter(_log.JsonFormatter())
+    log = logging.getLogger("modelward.fixlogtest2")
+    log.addHandler(h)
+    log.propagate = False
+    try:
+        _log.report_error(ModelwardError("100%s %d %(x)s done"), fmt="json", logger=log)
+    finally:
+        log.removeHandler(h)
+    assert json.loads(buf.getvalue())["msg"] == "error: 100%s %d %(x)s done"
