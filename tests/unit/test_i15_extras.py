@@ -8,6 +8,7 @@ import argparse
 import pytest
 from securesystemslib.exceptions import UnsupportedLibraryError
 
+from modelward import _extras
 from modelward._extras import PACKAGES, installed, missing_package_line
 
 
@@ -34,7 +35,10 @@ def _missing(name: str) -> ModuleNotFoundError:
     ("tpm2_pytss", "sim", "report", "tpm2-pytss", "[sim]"),
 ])
 def test_the_line_names_the_package_and_the_extra_of_the_role(
-        module: str, group: str, cmd: str | None, dist: str, extra: str) -> None:
+        module: str, group: str, cmd: str | None, dist: str, extra: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # a dotted name: as if the package itself were not installed (else a broken install)
+    monkeypatch.setattr(_extras, "installed", lambda _name: False)
     line = missing_package_line(_missing(module), _args(group, cmd))
     assert line is not None and "\n" not in line
     assert line.startswith("modelward: error: `modelward " + " ".join(filter(None, (group, cmd))))
@@ -42,7 +46,8 @@ def test_the_line_names_the_package_and_the_extra_of_the_role(
     assert line.endswith(f"pip install 'modelward{extra}'")
 
 
-def test_a_missing_core_dependency_says_reinstall() -> None:
+def test_a_missing_core_dependency_says_reinstall(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_extras, "installed", lambda _name: False)  # as if tuf were not
     line = missing_package_line(_missing("tuf.ngclient"), _args("agent", "update"))
     assert line is not None and "pip install --force-reinstall modelward" in line
     assert "tuf" in line
