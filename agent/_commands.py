@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from modelward.agent._config import AgentConfig
 from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
+from modelward.agent._owner import check_state_owner
 from modelward.agent._status import (
     MAX_STATUS_BYTES,
     clean_status,
@@ -137,6 +138,7 @@ def open_store(cfg: AgentConfig) -> TrustStore:
 
 def provision(cfg: AgentConfig, root: Path, *, keep_identity: bool = False) -> ProvisionReport:
     """``agent provision``: TPM objects and root anchor (idempotent; migrates old devices)."""
+    check_state_owner(cfg.state_dir, "agent provision")  # (before the TPM is touched)
     try:
         root_bytes = root.read_bytes()
     except OSError as e:
@@ -164,6 +166,7 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
     """
     from modelward.updater.install._install import Outcome
 
+    check_state_owner(cfg.state_dir, "agent update")
     status = StatusFile(cfg.state_dir)
     doc: dict[str, Any] = {}
     metrics = Metrics()
@@ -433,6 +436,7 @@ def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore 
 
 def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
+    check_state_owner(cfg.state_dir, "agent boot-check")  # (nothing written: not recorded)
     status = StatusFile(cfg.state_dir)
     try:
         try:

@@ -224,6 +224,9 @@ def run_daemon(cfg: AgentConfig, env: Mapping[str, str]) -> None:
         env: the process environment (``NOTIFY_SOCKET``, ``WATCHDOG_USEC``; the rest is
             passed to the attempt processes).
     """
+    from modelward.agent._owner import check_state_owner
+
+    check_state_owner(cfg.state_dir, "agent run")
     lower_priority()
     d = Daemon(cfg, env, notifier=Notifier(env))
     signal.signal(signal.SIGTERM, d.request_stop)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelward.trust.errors import ModelwardError, OperatorInputError
 
-__all__ = ["ConfigError", "ModelwardError"]
+__all__ = ["ConfigError", "ModelwardError", "StateOwnerError"]
 
 
 class ConfigError(OperatorInputError):
@@ -18,3 +18,20 @@ class ConfigError(OperatorInputError):
     def __init__(self, message: str, *, path: str, key: str = "", hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.path, self.key = path, key
+
+
+class StateOwnerError(OperatorInputError):
+    """An agent command that writes the device's state runs as another user than the one
+    who owns it (``sudo modelward agent provision``): refused before anything is written.
+
+    Attributes:
+        path: the directory at fault (the state or TPM auth directory, or the one it
+            would be created in).
+        owner: the user who owns it ("" if it could not be inspected).
+        uid: its uid (-1 if it could not be inspected).
+    """
+
+    def __init__(self, message: str, *, path: str, owner: str, uid: int,
+                 hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path, self.owner, self.uid = path, owner, uid

@@ -9,7 +9,6 @@ import copy
 import hashlib
 import logging
 import re
-import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -95,7 +94,7 @@ from modelward.publisher._summary import (
 from modelward.publisher._team_expiry import TeamRoleExpiredError, expired_on_the_way
 from modelward.publisher._tufcheck import check_root_chain, check_state
 from modelward.publisher.errors import KeyError_, RepositoryStateError
-from modelward.trust._atomic import write_atomic
+from modelward.trust._atomic import copy_atomic, write_atomic
 from modelward.trust._fingerprint import slot_fingerprint
 from modelward.updater.bundle._bundle import extract_bundle
 from modelward.updater.bundle._semver import SemVer
@@ -797,9 +796,7 @@ class Repository:
         dest = self.targets_dir / manifest.name / f"{tf.hashes['sha256']}.{manifest.name}-" \
             f"{manifest.version}.tar"
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".tmp")
-        shutil.copyfile(bundle, tmp)
-        tmp.replace(dest)
+        copy_atomic(bundle, dest)  # (a fresh temporary name: a link planted there is not followed)
         progress(tf.length)
         if role is not None:
             ts_version = self._publish_delegated(role, target_path, tf)

@@ -230,7 +230,7 @@ def _move(registry: SignerRegistry, keyid: str, src: Path, dst: Path) -> None:
     """
     dst.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     if not dst.exists():
-        os.link(src, dst)
+        os.link(src, dst, follow_symlinks=False)  # (the key file's name, never a link's target)
     elif not os.path.samefile(src, dst):
         raise UnsafeKeyPathError(f"{ENCFILE}:{dst.relative_to(registry.keys_dir)}",
                                  f"is taken by another file than {src}")

@@ -16,7 +16,6 @@ Finally each device's trust record is checked against its ``current`` slot: that
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import subprocess
@@ -36,6 +35,7 @@ from modelward.simulator._pki import CertPair, issue_cert, make_ca
 from modelward.simulator._proc import read_pid, stop_pid
 from modelward.simulator._swtpm import start_swtpm, stop_swtpm
 from modelward.simulator.errors import ServiceError
+from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import loads_bounded, read_json_file
 
 FLEET = "sim"
@@ -294,8 +294,7 @@ def fleet_up(directory: Path, devices: int, *, poll_interval: float = 10.0,
                            hint="`modelward sim fleet down --dir DIR` first")
     directory.mkdir(parents=True, exist_ok=True)
     passphrase = secrets.token_hex(16)
-    (directory / "passphrase").write_text(passphrase + "\n")
-    os.chmod(directory / "passphrase", 0o600)
+    write_atomic(directory / "passphrase", (passphrase + "\n").encode(), mode=0o600)
     ids = [f"dev-{i:03d}" for i in range(1, devices + 1)]
     fleet = Fleet(directory, [Device(i, directory / "devices" / i,
                                      "mqtt" if n % 2 == 0 else "https")

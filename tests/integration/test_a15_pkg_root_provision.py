@@ -26,8 +26,6 @@ from tests.conftest import _new_repo
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="provisions as root")
 
 
-@pytest.mark.xfail(strict=True, reason="provision as root succeeds and leaves root-owned "
-                   "files in the agent user's state and -tpm directories")
 def test_root_provision_into_agent_owned_state(
     tmp_path: Path, swtpm: SwtpmHandle, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

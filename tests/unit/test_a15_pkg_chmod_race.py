@@ -33,8 +33,6 @@ def _swap_on_fsync(monkeypatch: pytest.MonkeyPatch, directory: Path, victim: Pat
     monkeypatch.setattr(_atomic.os, "fsync", fsync)
 
 
-@pytest.mark.xfail(strict=True, reason="write_atomic chmods its temporary file by name: "
-                   "a link swapped in by the directory's owner makes the chmod hit its target")
 def test_write_atomic_chmod_does_not_follow_swapped_link(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

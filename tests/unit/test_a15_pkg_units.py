@@ -37,10 +37,6 @@ def _conditions(name: str) -> list[str]:
     return [f"{k}={v}" for k, v in u["Unit"].items() if k.startswith("Condition")]
 
 
-@pytest.mark.xfail(strict=True, reason="modelward-bootcheck.service has "
-                   "ConditionPathExists=/etc/modelward/agent.toml: without the config the "
-                   "check is skipped, its job succeeds and the Requires= inference unit "
-                   "starts on an unverified model")
 def test_boot_check_is_never_skipped() -> None:
     assert _conditions("modelward-bootcheck.service") == []
 

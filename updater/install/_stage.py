@@ -36,9 +36,9 @@ from modelward.trust._bounded import loads_bounded, read_bounded
 from modelward.trust._fingerprint import walk_tree
 from modelward.updater.bundle._tarstream import Member, check_member_path
 from modelward.updater.install._statedir import (
-    DIR_MODE,
     is_plain_dir,
     make_dirs,
+    mkdir_exact,
     open_below,
     plain_dir,
     remove_at,
@@ -403,8 +403,7 @@ class Stage:
         if resume_at == 0:
             self.discard()
             plain_dir(self.staging.parent, self.staging.name, create=True)
-            os.mkdir(self.incoming, DIR_MODE)
-            os.chmod(self.incoming, DIR_MODE)  # (whatever the umask; just made, not a link)
+            mkdir_exact(self.incoming)  # (whatever the umask; a swapped-in link: refused)
             return StageWriter(self.incoming, self.part, self.index)
         if os.path.lexists(self.done):
             os.replace(self.done, self.part)
@@ -508,8 +507,7 @@ def _prune(root: Path, keep: set[str]) -> None:
     directory fds; a link is removed, never followed."""
     if not is_plain_dir(root):
         remove_entry(root)
-        os.mkdir(root, DIR_MODE)
-        os.chmod(root, DIR_MODE)
+        mkdir_exact(root)
     dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
     for rel, subdirs, others, dirfd in walk_tree(root):
         for name in others:

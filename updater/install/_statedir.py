@@ -66,13 +66,7 @@ def plain_dir(base: Path, rel: str, *, create: bool = False, mode: int = DIR_MOD
             if not create:
                 raise StateDirError(f"{path} is missing", path=str(path)) from None
             try:
-                os.mkdir(path, 0o700)  # (widened below, once it is known to be ours)
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-                try:
-                    os.fchmod(fd, mode)
-                    st = os.fstat(fd)
-                finally:
-                    os.close(fd)
+                st = mkdir_exact(path, mode)
             except OSError as e:
                 raise StateDirError(f"cannot create {path}: {e}", path=str(path)) from e
         except OSError as e:
@@ -86,6 +80,28 @@ def plain_dir(base: Path, rel: str, *, create: bool = False, mode: int = DIR_MOD
                      "creates it again",
             )
     return path
+
+
+def mkdir_exact(path: Path, mode: int = DIR_MODE) -> os.stat_result:
+    """Create the directory ``path`` with mode ``mode`` exactly (whatever the umask).
+
+    Made 0700, then widened through its own fd, opened ``O_NOFOLLOW | O_DIRECTORY``: if
+    whoever else writes the parent swaps the new directory for a link, that open fails
+    and nothing the link points at is chmod-ed (a chmod by name would follow it).
+
+    Returns:
+        the new directory's ``fstat``.
+
+    Raises:
+        OSError: it exists, cannot be made, or was replaced by something else.
+    """
+    os.mkdir(path, 0o700)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def check_state_dirs(state_dir: Path, names: tuple[str, ...] = TOP_DIRS) -> None:
