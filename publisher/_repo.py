@@ -459,11 +459,12 @@ class Repository:
         data = md.to_bytes(_serializer())
         if name == "timestamp.json":
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
-        write_atomic(self.metadata_dir / name, data)
-        if role == "targets":
+        if role == "targets":  # KEYS first: a crash before the served copy leaves the head
+            # ahead (restore_head puts it back), never a served targets the head lacks
             record_signed_targets(self.keys, md.signed.version, data)
             record_head(self.keys, md.signed.version, data)  # what the next change builds on
             self.signed_now = md.signed.version
+        write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
         if name == "timestamp.json":  # what devices may hold now: never served lower
             snap_v = md.signed.snapshot_meta.version
