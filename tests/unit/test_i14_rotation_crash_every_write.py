@@ -23,6 +23,7 @@ import modelward.publisher
 from modelward.publisher import _keyfile as kf
 from modelward.publisher._repo import Repository
 from modelward.publisher._rootflow import RootNotPublishableError
+from modelward.publisher.errors import RepositoryStateError
 from modelward.trust import _atomic
 from tests._stock_tuf import stock_refresh
 from tests.unit.test_i14_online import OFFLINE, Layout, _pw, attach
@@ -109,8 +110,7 @@ def test_crash_at_every_write_then_retry(tmp_path: Path, role: str, layout: str,
         before = stock_refresh(repo.repo)
         names = crash_at(k)
         try:
-            with contextlib.suppress(RootNotPublishableError):
-                repo.rotate(role)
+            _retry(repo, role)  # root: the crash may come in `repo sign root` as well
         except Crash:
             pass
         else:
@@ -158,3 +158,40 @@ def test_crash_in_targets_rotation_then_publish_instead(
         repo = _again(repo)
         repo.complete_root_change()
         assert stock_refresh(repo.repo) == repo.latest_root_version(), (k, names)
+
+
+def test_two_machine_targets_rotation_crash_at_every_write_then_retry(
+        tmp_path: Path, crash_at: Callable[[int], list[str]]) -> None:
+    """The offline side's `repo rotate targets`, then the online host's `repo refresh`,
+    as one sequence: a Ctrl-C at any write of either, the same command again, and devices
+    end on root v2 with targets its new key signed."""
+    k = 0
+    while True:
+        k += 1
+        lay = Layout(tmp_path / f"k{k}")
+        lay.online().refresh()
+        names = crash_at(k)
+        step = "rotate"
+        try:
+            with contextlib.suppress(RepositoryStateError):  # waiting for the online host
+                lay.offline.rotate("targets")
+            step = "refresh"
+            lay.online().refresh()
+        except Crash:
+            pass
+        else:
+            break
+        assert stock_refresh(lay.repo_dir) >= 1, (k, names)
+        crash_at(0)
+        offline = Repository(lay.repo_dir, lay.keys, OFFLINE)
+        if step == "rotate":
+            with contextlib.suppress(RepositoryStateError):
+                offline.rotate("targets")
+        lay.online().refresh()
+        offline = Repository(lay.repo_dir, lay.keys, OFFLINE)
+        offline.complete_root_change()  # the offline side's next command files the old key
+        assert stock_refresh(lay.repo_dir) == offline.latest_root_version() >= 2, (k, names)
+        root = offline._trusted_root()  # noqa: SLF001
+        targets = offline._load(f"{offline.current()[0].version}.targets.json")  # noqa: SLF001
+        root.verify_delegate("targets", targets.signed_bytes, targets.signatures)
+    assert k > 5
