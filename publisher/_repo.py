@@ -458,11 +458,12 @@ class Repository:
         data = md.to_bytes(_serializer())
         if name == "timestamp.json":
             check_state(self._reader(name, data), self._clock(), self._reader("", b""))
-        write_atomic(self.metadata_dir / name, data)
-        if role == "targets":
+        if role == "targets":  # KEYS first: a crash before the served copy leaves the head
+            # ahead (restore_head puts it back), never a served targets the head lacks
             record_signed_targets(self.keys, md.signed.version, data)
             record_head(self.keys, md.signed.version, data)  # what the next change builds on
             self.signed_now = md.signed.version
+        write_atomic(self.metadata_dir / name, data)
         (self.pending_dir / f"{md.signed.version}.{role}.json").unlink(missing_ok=True)
         if name == "timestamp.json":  # what devices may hold now: never served lower
             snap_v = md.signed.snapshot_meta.version
@@ -523,14 +524,22 @@ class Repository:
 
     def _resign_plan(self, new: Root) -> dict[str, list[str]]:
         """Roles whose published metadata root ``new`` no longer accepts, each with the
-        URIs of its new keys that can sign here (only as many as its threshold)."""
-        targets, snap, ts = self.current()
+        URIs of its new keys that can sign here (only as many as its threshold).
+
+        Targets count as accepted only when both the targets the next change builds on
+        (on the offline side its own head, ``KEYS/targets-head.json``) and the targets the
+        served snapshot names (what devices hold) verify under ``new``: after a crash
+        between a re-keyed targets and the snapshot that lists it, the head is co-signed
+        but devices still see the old one."""
+        view, targets = current_view(self)
+        snap = view.snapshot.signed
         published = {"targets": f"{targets.version}.targets.json",
                      "snapshot": f"{snap.version}.snapshot.json", "timestamp": "timestamp.json"}
         plan: dict[str, list[str]] = {}
         for role, filename in published.items():
-            md = self._load(filename)
-            if _valid_signatures(md, role, new) >= new.roles[role].threshold:
+            mds = [self._load(filename)] + ([view.targets] if role == "targets" else [])
+            if all(_valid_signatures(md, role, new) >= new.roles[role].threshold
+                   for md in mds):
                 continue
             try:  # the keys of the role's home (the online directory for online roles)
                 registry = key_home(self, role).registry
