@@ -179,10 +179,8 @@ from modelward.cli import _parser_for, build_parser  # noqa: E402
     ["agent", "boot-check", "--log-format", "json"],
     ["--bogus", "agent", "boot-check"],
     ["-x", "agent", "boot-check"],
-    pytest.param(["--", "agent", "boot-check"], marks=pytest.mark.xfail(
-        strict=True, reason="cosmetic: the lean parser's usage error lists only 'agent' as "
-        "a COMMAND choice (cli._parser_for treats '--' as an option and picks the lean "
-        "parser)")),
+    ["--", "agent", "boot-check"],
+    ["--log-format", "json", "--", "agent", "boot-check"],
     ["agent", "boot-check", "--tpm-wait", "1e9"],
     ["agent", "boot-check", "--tpm-wait", "nan"],
     ["agent", "boot-check", "--tpm", "3", "--conf", "a"],
