@@ -141,7 +141,10 @@ class App:
                 return st.st_ino, st.st_mtime_ns, st.st_size
             except OSError:
                 return None
-        link = os.readlink(MODEL_DIR) if os.path.islink(MODEL_DIR) else None
+        try:
+            link: str | None = os.readlink(MODEL_DIR)
+        except OSError:  # (gone, or not a link: the watch thread must not die of it)
+            link = None
         return (link, ident(os.path.join(MODEL_DIR, "manifest.json")),
                 ident(os.path.join(os.path.dirname(MODEL_DIR), "trust", "record.json")))
 

@@ -118,3 +118,19 @@ def test_i15_no_believable_record_stops_the_running_app(
         rec.write_text(json.dumps(doc))
     app.poll()
     assert app.active is None
+
+
+def test_i15_current_replaced_by_a_directory_never_serves_it(
+    ia: ModuleType, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(ia, "MODEL_DIR", str(state / "current"))
+    app = ia.App()
+    app.poll()
+    evil = slot(tmp_path / "x", "b", "6.6.6", 666)
+    (state / "current").unlink()
+    shutil.copytree(evil, state / "current")  # (not a link: readlink fails, the watch goes on)
+    app.poll()
+    assert app.active["version"] == "2.0.0"  # (what the record still names)
+    fresh = ia.App()
+    fresh.poll()
+    assert fresh.active is None
