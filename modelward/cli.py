@@ -772,6 +772,8 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     words: list[str] = []
     args = iter(argv)
     for arg in args:  # the first two words, skipping the global options and their values
+        if arg == "--":  # (everything after is a word: rare, the full parser says it right)
+            return build_parser()
         if arg in takes_value:
             next(args, None)
         elif not arg.startswith("-"):

@@ -264,8 +264,8 @@ def run_demo(work: Path) -> int:
         tampered = hashlib.sha256(bytes(data)).hexdigest()
         print("  the app is asked to reload (SIGHUP) while the tampered model is active:")
         app.reload()
-        expect(_wait(lambda: "its manifest says" in _app_log(app), 5),
-               "the app refused the tampered bytes (they differ from the manifest's sha256)")
+        expect(_wait(lambda: "does not have the fingerprint" in _app_log(app), 5),
+               "the app refused the tampered bytes (not the trust record's fingerprint)")
         _served(app, "2.0.0", trusted, expect, tampered)
 
         _say("Device reboots: boot-check finds the mismatch and falls back to v1")

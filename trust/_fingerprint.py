@@ -127,7 +127,8 @@ def file_merkle_root(path: Path, pool: ThreadPoolExecutor | None = None) -> tupl
         return fd_merkle_root(f.fileno(), pool)
 
 
-def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int, str]:
+def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None,
+                   max_bytes: int | None = None) -> tuple[int, str]:
     """:func:`file_merkle_root` of the open file ``fd`` (its size as of now).
 
     A file of one leaf is hashed in this thread. A longer one is hashed by
@@ -135,13 +136,16 @@ def fd_merkle_root(fd: int, pool: ThreadPoolExecutor | None = None) -> tuple[int
     leaves ``k, k + n, k + 2n, ...`` with ``preadv`` into one buffer of its own
     (:data:`READ_SIZE`) and hashes them without the GIL, so every core hashes, and the
     memory is one buffer per task whatever the file's size. It returns only when no task
-    touches ``fd`` any more, also after an error.
+    touches ``fd`` any more, also after an error (one that cannot start a thread too).
 
     Raises:
         OSError: the file cannot be read, or changed size while it was read
-            (:class:`FileChangedError`).
+            (:class:`FileChangedError`), is larger than ``max_bytes``, or no hashing
+            thread could be started.
     """
     size = os.fstat(fd).st_size
+    if max_bytes is not None and size > max_bytes:  # (grew since the caller checked)
+        raise FileChangedError(f"file of {size} bytes, more than {max_bytes}")
     if size <= LEAF_SIZE:
         leaves = [_read_leaf(fd, 0, size, bytearray(min(size, READ_SIZE)))] if size else []
     else:
@@ -172,9 +176,16 @@ def _striped_leaves(fd: int, size: int, pool: ThreadPoolExecutor | None) -> list
                 raise
 
     ex = pool or ThreadPoolExecutor(max_workers=tasks, thread_name_prefix="merkle")
+    futures = []
     try:
-        futures = [ex.submit(hash_stripe, k) for k in range(tasks)]
-        wait(futures)
+        try:
+            for k in range(tasks):
+                futures.append(ex.submit(hash_stripe, k))
+        except RuntimeError as e:  # (no thread could be started: interpreter or OS limit)
+            failed.set()
+            raise OSError(f"cannot start a hashing thread: {e}") from e
+        finally:
+            wait(futures)  # (no task touches fd once this returns, also after an error)
         for fut in futures:
             fut.result()  # (the first error, if any)
     finally:
@@ -293,6 +304,12 @@ def _open_dir(root: Path, rel: str) -> int:
     return fd
 
 
+#: A file larger than this never matches and is not read: no bundle holds one (a bundle is
+#: at most ``updater._config.Config.max_bundle_bytes``, 8 GiB), and hashing a planted sparse
+#: terabyte would hold the boot check for hours.
+MAX_FILE_BYTES = 8 << 30
+
+
 #: ``directory_entries``'s ``hook``: given a plain file's path, its open fd and ``fstat``,
 #: the fd whose bytes are to be hashed instead (a sealed copy), or None (never matches).
 FileHook = Callable[[str, int, os.stat_result], "int | None"]
@@ -315,7 +332,8 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     while another uid reads them), an empty sub-directory, a file or directory (``root``
     included: writable only by its owner) whose mode fails :func:`mode_ok`, and a tree of more than
     :data:`MAX_ENTRIES` entries, whose walk stops there (one more, never-matching entry
-    ends the list: planted millions cost no time or memory).
+    ends the list: planted millions cost no time or memory), and a file of more than
+    :data:`MAX_FILE_BYTES` (not read: a planted sparse terabyte costs no time either).
 
     With ``hook``, each plain file's entry is computed from the fd ``hook`` returns for it
     (``updater.install._sealed`` hands back a sealed in-memory copy of the bytes, so what was hashed
@@ -387,7 +405,8 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
         st = os.lstat(name, dir_fd=dirfd)
     except OSError:
         return bad
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not mode_ok(st.st_mode):
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not mode_ok(st.st_mode) \
+            or st.st_size > MAX_FILE_BYTES:
         return bad
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dirfd)
@@ -396,12 +415,14 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
     try:
         now = os.fstat(fd)
         if not stat.S_ISREG(now.st_mode) or now.st_nlink != 1 or not mode_ok(now.st_mode) \
-                or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+                or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) \
+                or now.st_size > MAX_FILE_BYTES:
             return bad
         hashed = fd if hook is None else hook(rel, fd, now)
         if hashed is None:
             return bad
-        size, root_hex = fd_merkle_root(hashed, pool.get() if now.st_size > LEAF_SIZE else None)
+        size, root_hex = fd_merkle_root(hashed, pool.get() if now.st_size > LEAF_SIZE else None,
+                                        MAX_FILE_BYTES)
     except OSError:
         return bad
     finally:

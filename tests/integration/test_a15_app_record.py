@@ -49,10 +49,6 @@ def _plant(w: World) -> None:
     os.replace(tmp, w.state / "current")
 
 
-@pytest.mark.xfail(strict=True, reason="the app trusts any slot `current` names whose model "
-                   "matches that slot's own manifest: it never compares with the trust "
-                   "record (trust/record.json active name/version/slot or the slot "
-                   "fingerprint); inference_app.load / App.poll")
 def test_a15_app_never_serves_a_slot_the_trust_record_does_not_name(
     world: World, app: AppHandle,
 ) -> None:
@@ -70,10 +66,6 @@ def test_a15_app_never_serves_a_slot_the_trust_record_does_not_name(
     assert fresh_got.get("version") != "6.6.6", fresh_got
 
 
-@pytest.mark.xfail(strict=True, reason="a disk attacker who swaps slots/a and slots/b (two "
-                   "renames, `current` untouched) rolls the running app back to the previous "
-                   "model: App.poll reloads whatever manifest `current` now holds, never "
-                   "asking whether the trust record names it active")
 def test_a15_app_swapped_slots_do_not_roll_the_app_back(world: World, app: AppHandle) -> None:
     world.publish("2.0.0", seed=2)
     world.update()

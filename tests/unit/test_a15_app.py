@@ -21,6 +21,7 @@ import pytest
 
 from modelward.simulator._app import AppHandle, start_app, stop_app
 from modelward.simulator._models import make_linear_model
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 
 X = np.linspace(-1.0, 1.0, 16, dtype=np.float32).reshape(2, 8).tolist()
 
@@ -56,10 +57,24 @@ def write_slot(slot: Path, model_bytes: bytes, version: str, model_path: str = "
     }))
 
 
+def write_record(state: Path, slot: str, version: str) -> None:
+    """The trust record as the agent leaves it naming ``slot`` active (the app cannot check
+    the TPM MAC: a dummy)."""
+    fp = slot_fingerprint(directory_entries(state / "slots" / slot))
+    active = {"name": "classifier", "version": version, "slot": slot, "fingerprint": fp}
+    (state / "trust").mkdir(exist_ok=True)
+    tmp = state / "trust" / "record.json.tmp"
+    tmp.write_text(json.dumps({"mac": "00", "record": {
+        "counter": 1, "root_version": 1, "targets_version": 1, "active": active,
+        "previous": None}}))
+    tmp.replace(state / "trust" / "record.json")
+
+
 def state_with(tmp: Path, model_bytes: bytes, version: str = "1.0.0", **kw: object) -> Path:
     state = tmp / "state"
     write_slot(state / "slots" / "a", model_bytes, version, **kw)  # type: ignore[arg-type]
     os.symlink("slots/a", state / "current")
+    write_record(state, "a", version)
     return state
 
 
@@ -96,9 +111,6 @@ def _busy(tmp: Path) -> str:
 # --- a signed but malicious model -------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a valid model whose output is huge (Tile) makes the "
-                   "app build and send a reply of tens of MB per 256-byte request: no bound "
-                   "on the output size in inference_app.Handler.do_POST")
 def test_a15_app_huge_output_is_refused_not_sent(tmp_path: Path, run_app) -> None:  # type: ignore[no-untyped-def]
     state = state_with(tmp_path, make_tile_model(tmp_path / "tile.onnx", 200_000).read_bytes())
     app = run_app(state)
@@ -115,9 +127,6 @@ def test_a15_app_huge_output_is_refused_not_sent(tmp_path: Path, run_app) -> Non
 # --- a disk attacker on the slot ---------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="O_NOFOLLOW guards only the last component: a "
-                   "manifest naming 'lnk/model.onnx', lnk a symlink out of the slot, makes "
-                   "the app load a model from outside the slot (inference_app._read)")
 def test_a15_app_never_reads_a_model_through_a_symlinked_directory(
     tmp_path: Path, run_app,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -154,10 +163,6 @@ def test_a15_app_fifo_model_does_not_hang_the_app(tmp_path: Path, run_app) -> No
 # --- a local client of the app ------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a client dribbling a POST body (1 byte per second, "
-                   "under Handler.timeout = 5 s per recv) keeps the queue depth at 1 for as "
-                   "long as it likes: BUSY_FILE holds every update (idle.Gate waits without "
-                   "bound); inference_app.Handler.do_POST counts it before the body arrives")
 def test_a15_app_slow_body_does_not_hold_the_busy_signal(tmp_path: Path, run_app) -> None:  # type: ignore[no-untyped-def]
     app = run_app(state_with(tmp_path, linear_bytes(tmp_path)))
     s = socket.create_connection(_hostport(app))
@@ -166,7 +171,8 @@ def test_a15_app_slow_body_does_not_hold_the_busy_signal(tmp_path: Path, run_app
         t0 = time.monotonic()
         held_at = None
         while time.monotonic() - t0 < 7.0:
-            s.sendall(b" ")
+            with contextlib.suppress(OSError):  # (fixapp: the app may cut it: right too)
+                s.sendall(b" ")
             time.sleep(0.8)
             if _busy(tmp_path) == "1\n":
                 held_at = time.monotonic() - t0
@@ -225,9 +231,6 @@ def make_log_model(path: Path) -> Path:
     return path
 
 
-@pytest.mark.xfail(strict=True, reason="a model whose output holds NaN/Infinity makes the app "
-                   "answer 200 with the bare tokens NaN / -Infinity, which is not JSON (RFC "
-                   "8259): inference_app.Handler._reply uses json.dumps(allow_nan=True)")
 def test_a15_app_answers_only_valid_json(tmp_path: Path, run_app) -> None:  # type: ignore[no-untyped-def]
     app = run_app(state_with(tmp_path, make_log_model(tmp_path / "log.onnx").read_bytes()))
     conn = http.client.HTTPConnection(*_hostport(app), timeout=10)
@@ -241,10 +244,6 @@ def test_a15_app_answers_only_valid_json(tmp_path: Path, run_app) -> None:  # ty
     json.loads(body, parse_constant=strict)
 
 
-@pytest.mark.xfail(strict=True, reason="unbounded connections: a local client holding as many "
-                   "idle connections as the app may open fds (each thread waits up to "
-                   "Handler.timeout per recv, renewed by one byte) leaves accept() failing with "
-                   "EMFILE, and other clients go unanswered (ThreadingHTTPServer, no cap)")
 def test_a15_app_many_idle_connections_do_not_starve_clients(
     tmp_path: Path, run_app,  # type: ignore[no-untyped-def]
 ) -> None:
@@ -297,11 +296,6 @@ def test_a15_app_many_idle_connections_do_not_starve_clients(
             s.close()
 
 
-@pytest.mark.xfail(strict=True, reason="when the agent removes `current` (boot-check/reconcile "
-                   "deactivate: 'the app finds no model rather than an untrusted one'), the "
-                   "running app keeps serving the model it loaded, here a self-consistent "
-                   "model a disk attacker put in the slot: App.poll keeps self.active on any "
-                   "load failure, also when `current` no longer exists")
 def test_a15_app_stops_serving_when_current_is_removed(tmp_path: Path, run_app) -> None:  # type: ignore[no-untyped-def]
     state = state_with(tmp_path, linear_bytes(tmp_path, 1), "1.0.0")
     app = run_app(state)
@@ -311,7 +305,9 @@ def test_a15_app_stops_serving_when_current_is_removed(tmp_path: Path, run_app) 
     os.chmod(evil, 0o750)  # noqa: S103 - as a slot
     os.rename(state / "slots" / "a", tmp_path / "old-a")
     os.rename(evil, state / "slots" / "a")  # (a new manifest inode: the app reloads)
-    assert app.wait_for("6.6.6", timeout=3.0)["version"] == "6.6.6"
+    # (fixapp: the attacker's slot is not the one the trust record names: never served; the
+    # test first asked for 6.6.6 to be served, to show the app kept it after `current` went)
+    assert app.wait_for("6.6.6", timeout=2.0)["version"] == "1.0.0"
     (state / "current").unlink()  # what SlotStore.deactivate does when nothing is trusted
     time.sleep(1.5)  # (more than one poll)
     assert app.info().get("status") == 503, app.info()

@@ -108,11 +108,6 @@ def test_a15_worker_error_is_a_non_matching_entry(
     assert [(e.path, e.size) for e in directory_entries(slot)] == [("model.onnx", -1)]
 
 
-@pytest.mark.xfail(strict=True, reason="when the pool cannot start a thread (submit raises "
-                   "RuntimeError: thread exhaustion), _striped_leaves returns at once while the "
-                   "task already submitted still preadv()s the fd its caller is about to close "
-                   "(fd_merkle_root's 'returns only when no task touches fd' is broken), and "
-                   "the RuntimeError escapes directory_entries instead of a non-matching entry")
 def test_a15_thread_start_failure_waits_for_submitted_tasks(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -148,10 +143,6 @@ def test_a15_thread_start_failure_waits_for_submitted_tasks(
         pool.shutdown()
 
 
-@pytest.mark.xfail(strict=True, reason="a sparse file of 1 TiB in a slot (a disk attacker, no "
-                   "disk space used) is read and hashed leaf by leaf: boot-check takes hours "
-                   "before inference may start; directory_entries/_plain_entry bound the "
-                   "entries but never the bytes (no size cap, no st_blocks check)")
 def test_a15_huge_sparse_file_does_not_stall_the_boot_check(tmp_path: Path) -> None:
     slot = _slot(tmp_path)
     p = _file(slot / "model.onnx", b"")
@@ -188,10 +179,8 @@ from modelward.cli import _parser_for, build_parser  # noqa: E402
     ["agent", "boot-check", "--log-format", "json"],
     ["--bogus", "agent", "boot-check"],
     ["-x", "agent", "boot-check"],
-    pytest.param(["--", "agent", "boot-check"], marks=pytest.mark.xfail(
-        strict=True, reason="cosmetic: the lean parser's usage error lists only 'agent' as "
-        "a COMMAND choice (cli._parser_for treats '--' as an option and picks the lean "
-        "parser)")),
+    ["--", "agent", "boot-check"],
+    ["--log-format", "json", "--", "agent", "boot-check"],
     ["agent", "boot-check", "--tpm-wait", "1e9"],
     ["agent", "boot-check", "--tpm-wait", "nan"],
     ["agent", "boot-check", "--tpm", "3", "--conf", "a"],

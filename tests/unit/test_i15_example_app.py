@@ -17,7 +17,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,6 +25,7 @@ import pytest
 
 from modelward.simulator._app import APP
 from modelward.simulator._models import make_linear_model
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 from modelward.updater.idle import BusyFileSignal
 
 
@@ -50,7 +50,20 @@ def slot(state: Path, name: str, version: str, seed: int) -> Path:
     return d
 
 
+def record(state: Path, name: str) -> None:
+    """What the agent commits before it flips `current` (fixapp): the trust record naming
+    slot ``name`` active with its fingerprint, the active one before as previous."""
+    rec = state / "trust" / "record.json"
+    old = json.loads(rec.read_text())["record"]["active"] if rec.exists() else None
+    version = json.loads((state / "slots" / name / "manifest.json").read_text())["version"]
+    active = {"name": "classifier", "version": version, "slot": name,
+              "fingerprint": slot_fingerprint(directory_entries(state / "slots" / name))}
+    rec.parent.mkdir(exist_ok=True)
+    rec.write_text(json.dumps({"mac": "00", "record": {"active": active, "previous": old}}))
+
+
 def activate(state: Path, name: str) -> None:
+    record(state, name)
     tmp = state / "current.tmp"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(f"slots/{name}")
@@ -153,13 +166,15 @@ def test_a_failed_reload_keeps_serving_the_old_model_and_a_good_one_swaps(
     app = ia.App()
     app.poll()
     assert app.active["version"] == "1.0.0"
-    (state / "slots/b/model.onnx").write_bytes(b"not onnx")  # b no longer matches
     activate(state, "b")
-    app.poll()
+    (state / "slots/b/model.onnx").write_bytes(b"not onnx")  # b no longer matches
+    (state / "slots/b/manifest.json").touch()
+    app.poll()  # (a, the record's previous: kept during the activation)
     assert app.active["version"] == "1.0.0"
     assert "still serving classifier 1.0.0" in caplog.text
     shutil.rmtree(state / "slots/b")
     slot(state, "b", "3.0.0", 3)  # a new directory: the manifest's inode changes
+    record(state, "b")
     app.poll()
     assert app.active["version"] == "3.0.0"
     app.poll()  # unchanged: no reload
@@ -198,7 +213,7 @@ def test_http_answers_bad_requests_with_a_json_error(
         pass
 
     H.app = app
-    server = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    server = ia.Server(("127.0.0.1", 0), H)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/"
 
