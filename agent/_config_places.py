@@ -3,9 +3,11 @@
 ``_config_schema.validate`` checks each key alone; :func:`check_places` runs after every
 key resolved, before the loader reads a secret or builds anything:
 
-- the state directory: a directory if it exists, writable only by its owner (the agent
-  or root), and no existing directory above it that another user may rename it in
-  (writable by group or others without the sticky bit, or owned by another user);
+- the config file (it names the commands the agent runs): writable only by its owner
+  (the agent or root); the state directory: a directory if it exists, writable only by
+  its owner; neither, nor any file the agent trusts, under an existing directory where
+  another user may replace it (writable by group or others without the sticky bit, or
+  owned by another user);
 - keys pointing into each other's places: no file the agent trusts (the config itself,
   a CA, the client certificate and key, the password file) inside the state directory or
   the TPM auth directory (whoever writes those would choose it), the inference
@@ -70,6 +72,7 @@ def check_places(r: Resolved) -> None:
         ConfigError: the first problem, naming the key (and the other key) and the file.
     """
     state: Path = r.values[TOP]["state_dir"]
+    _config_file(r)
     _state_dir(r, state)
     _cross(r, state)
     _secrets(r)
@@ -95,19 +98,39 @@ def _state_dir(r: Resolved, state: Path) -> None:
                         "models, status)", hint=f"chmod go-w {state} (the package uses 750)")
         if owner := foreign_owner(st, root_ok=True):
             raise _fail(r, TOP, "state_dir", f"{state} {owner}")
-    for parent in Path(os.path.realpath(state)).parents:
+    if problem := _replaceable(state):
+        raise _fail(r, TOP, "state_dir", f"{state}: {problem}, who could replace the state "
+                    "directory", hint="chmod go-w that directory, or choose another state_dir")
+
+
+def _replaceable(p: Path) -> str | None:
+    """Why another user could rename or replace ``p``: an existing directory above it
+    writable by group or others without the sticky bit, or owned by another user."""
+    for parent in Path(os.path.realpath(p)).parents:
         try:
             pst = os.stat(parent)
         except OSError:
             continue  # not there yet: the agent (or tmpfiles) creates it
-        sticky = pst.st_mode & stat.S_ISVTX
-        if pst.st_mode & 0o022 and not sticky:
-            raise _fail(r, TOP, "state_dir", f"{state}: the directory {parent} above it has "
-                        f"mode {_mode(pst)}: group or others could replace the state "
-                        "directory", hint=f"chmod go-w {parent}, or choose another state_dir")
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            return f"the directory {parent} above it has mode {_mode(pst)}: group or others"
         if owner := foreign_owner(pst, root_ok=True):
-            raise _fail(r, TOP, "state_dir", f"{state}: the directory {parent} above it "
-                        f"{owner}, who could replace the state directory")
+            return f"the directory {parent} above it {owner}"
+    return None
+
+
+def _config_file(r: Resolved) -> None:
+    """The config names the commands the agent runs ([activation] command): only its
+    owner (the agent's user or root) may change it or the directories above it."""
+    try:
+        st = os.stat(r.path)
+    except OSError as e:
+        raise ConfigError(f"cannot look at config {r.path}: {e}", path=str(r.path)) from e
+    problem = (f"has mode {_mode(st)}: group or others may change it" if st.st_mode & 0o022
+               else foreign_owner(st, root_ok=True) or _replaceable(r.path))
+    if problem:
+        raise ConfigError(f"config {r.path} {problem}, and with it the commands the agent "
+                          "runs", path=str(r.path),
+                          hint=f"chmod go-w {r.path} (the package installs it 644 root)")
 
 
 def _cross(r: Resolved, state: Path) -> None:
@@ -121,6 +144,9 @@ def _cross(r: Resolved, state: Path) -> None:
                     hint="keep the config in /etc/modelward, outside the state directory")
     files = [(s, k, p) for s, k in TRUSTED_FILES if (p := r.values[s][k]) is not None]
     for s, k, p in files:
+        if problem := _replaceable(p):
+            raise _fail(r, s, k, f"{p}: {problem}, who could replace this file the agent "
+                        "trusts", hint="keep it in /etc/modelward")
         for d, name, who in places:
             if _inside(p, d):
                 raise _fail(r, s, k, f"{p} is inside {name} ({d}): {who} would choose this "

@@ -297,3 +297,27 @@ def test_the_packaged_example_loads_under_these_rules(tmp_path: Path) -> None:
     os.chmod(conf, 0o644)  # as the deb installs it (no inline password)
     cfg = load_config(conf)
     assert cfg.state_dir == root / "var/lib/modelward"
+
+
+# --- the config file itself and the directories above trusted files -------------------
+
+
+@pytest.mark.parametrize("mode", [0o664, 0o646, 0o666])
+def test_config_writable_by_others_refused(d: Path, mode: int) -> None:
+    p = d / "agent.toml"
+    p.write_text(BASE)
+    os.chmod(p, mode)
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert str(p) in str(ei.value) and f"{mode:o}" in str(ei.value)
+
+
+def test_config_or_trusted_file_in_a_replaceable_directory_refused(d: Path) -> None:
+    (d / "pub").mkdir()
+    os.chmod(d / "pub", 0o777)  # noqa: S103 - the careless operator's mode
+    (d / "pub" / "ca.pem").write_text("pem")
+    e = _err(d, BASE.replace('ca_file = "ca.pem"', 'ca_file = "pub/ca.pem"'))
+    assert e.key == "https.ca_file" and str(d / "pub") in str(e)
+    with pytest.raises(ConfigError, match="pub"):
+        _load(d, BASE.replace('"state"', '"../state"').replace('"ca.pem"', '"../ca.pem"'),
+              name="pub/agent.toml")
