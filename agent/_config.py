@@ -112,8 +112,11 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
 
     Raises:
         ConfigError: a rule across keys (no transport section, a transport that is not
-            configured, both ``password`` and ``password_file``).
+            configured, both ``password`` and ``password_file``; ``_config_places``).
     """
+    from modelward.agent._config_places import check_places
+
+    check_places(r)  # across keys, and the places they name (before a secret is read)
     path = r.path
     device_id: str = r.get(TOP, "device_id")
     fleet: str = r.get(TOP, "fleet")

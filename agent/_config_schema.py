@@ -23,6 +23,7 @@ from typing import Any
 
 from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
+from modelward.trust._display import escape
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig
 
 DEFAULT_CONFIG = Path("/etc/modelward/agent.toml")
@@ -196,10 +197,17 @@ def _toml(value: Any) -> str:
 
 
 def where(section: str, key: str = "") -> str:
-    """How a message names a key: ``[https] ca_file``, ``device_id``, ``[helth]``."""
+    """How a message names a key: ``[https] ca_file``, ``device_id``, ``[helth]``; an
+    unknown key or section is the file's text, escaped (one line, printable)."""
+    section, key = escape(section, 80), escape(key, 80)
     if section == TOP:
         return key
     return f"[{section}] {key}" if key else f"[{section}]"
+
+
+def quoted(v: str) -> str:
+    """A value of the file in a message: quoted, escaped (one printable line), cut."""
+    return f"'{escape(v, 120)}'"
 
 
 def dotted(section: str, key: str) -> str:
@@ -396,23 +404,24 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
                 try:
                     TimeRange.parse(w)
                 except ValueError as e:
-                    raise err(f"{w!r} is not HH:MM-HH:MM: {e}") from e
+                    raise err(f"{quoted(w)} is not HH:MM-HH:MM: {e}") from e
         return tuple(v)
     if not isinstance(v, str):
         raise err(f"must be a string, not {_show(v)}")
     if not v or any(ord(c) < 0x20 or ord(c) == 0x7f for c in v):
         raise err("must be a non-empty string without control characters")
     if kind == "name" and not _NAME.fullmatch(v):
-        raise err(f"{v!r} must be letters, digits, '.', '_' or '-' (at most 128), "
+        raise err(f"{quoted(v)} must be letters, digits, '.', '_' or '-' (at most 128), "
                   "starting with a letter or digit")
     if kind == "enum" and v not in spec.choices:
-        raise err(f"{v!r} must be one of {', '.join(repr(c) for c in spec.choices)}"
+        raise err(f"{quoted(v)} must be one of {', '.join(repr(c) for c in spec.choices)}"
                   + suggest(v, list(spec.choices)))
-    if kind == "host" and ("://" in v or not _HOST.fullmatch(v)):
-        raise err(f"{v!r} must be a host name or address (the port goes in 'port'; the "
-                  "connection is always TLS)")
+    if kind == "host":
+        return _host(v, err)
     if kind == "url":
         return _url(v, err)
+    if v.startswith("~"):  # the agent runs as its own user: whose home would it be?
+        raise err(f"{quoted(v)}: '~' is not expanded; write the absolute path")
     if kind == "path":
         return base / v
     if kind == "file":
@@ -458,25 +467,61 @@ def _size(v: Any, err: Callable[[str], ConfigError]) -> int:
         n = float(m.group(1)) * _UNITS[m.group(2).upper()]
     if n is None or not MIN_MEMORY <= n <= (1 << 50):
         raise err(f"must be a size of at least 64M (bytes, or a string like \"512M\" or "
-                  f"\"2G\"), not {v!r}")
+                  f"\"2G\"), not {_show(v)}")
     return int(n)
 
 
+def _redacted(v: str) -> str:
+    """A URL as a message may show it: everything between ``scheme://`` and the last
+    ``@`` (a userinfo, however the password is spelled) replaced."""
+    if "@" not in v:
+        return quoted(v)
+    scheme, sep, rest = v.partition("://")
+    head = scheme + sep if sep else ""
+    return quoted(head + "<credentials>@" + (rest if sep else v).rpartition("@")[2])
+
+
 def _url(v: str, err: Callable[[str], ConfigError]) -> str:
+    """An ``https://host[:port]/...`` base URL; no userinfo, whitespace, port 0, query or
+    fragment (each refused naming the URL with any userinfo redacted)."""
     from urllib.parse import urlsplit  # ~2 ms, only for a device with [https]
 
+    shown = _redacted(v)
+    if "@" in v:  # before parsing: a password with '/' or ':' splits the URL anywhere
+        raise err(f"{shown}: credentials do not belong in a URL (they would be logged); "
+                  "a '@' is refused anywhere in it")
+    if any(c.isspace() for c in v):
+        raise err(f"{shown} contains whitespace (percent-encode a space in a path; a "
+                  "copy-paste may have added it at either end)")
     try:
         u = urlsplit(v)
         host = u.hostname
-        _ = u.port  # raises ValueError on a bad port
+        port = u.port  # raises ValueError on a bad port
     except ValueError as e:
-        raise err(f"{v!r} is not a URL: {e}") from e
+        raise err(f"{shown} is not a URL: {e}") from e
     if not v.startswith("https://"):  # literally, as the fetcher checks it
-        raise err(f"{v!r} is not an https:// URL (modelward only fetches over TLS)")
+        raise err(f"{shown} is not an https:// URL (modelward only fetches over TLS)")
     if not host:
-        raise err(f"{v!r} has no host")
-    if u.username is not None or u.password is not None:
-        raise err(f"{v!r}: credentials do not belong in a URL (they would be logged)")
-    if u.query or u.fragment:
-        raise err(f"{v!r}: a base URL has no query or fragment")
+        raise err(f"{shown} has no host")
+    if port == 0:
+        raise err(f"{shown}: port 0 is no port (leave it out for 443)")
+    if u.query or u.fragment or "?" in v or "#" in v:
+        raise err(f"{shown}: a base URL has no query or fragment")
+    return v
+
+
+def _host(v: str, err: Callable[[str], ConfigError]) -> str:
+    """A host name, an IPv4 address or an IPv6 address without brackets; never
+    ``host:port`` or a URL."""
+    import ipaddress
+
+    hint = "(the port goes in 'port'; the connection is always TLS)"
+    if "://" in v or not _HOST.fullmatch(v):
+        raise err(f"{quoted(v)} must be a host name or address {hint}")
+    if ":" in v or "[" in v or "]" in v:
+        try:
+            ipaddress.IPv6Address(v)
+        except ValueError as e:
+            raise err(f"{quoted(v)} looks like host:port or a bracketed address; write the "
+                      f"host name or address alone {hint}") from e
     return v

@@ -19,6 +19,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from modelward.trust._secret_file import foreign_owner, loose_mode
 from modelward.trust.errors import TpmAuthFileError
 
 AUTH_FILE = "tpm.auth"
@@ -63,15 +64,12 @@ def _check(fd: int, path: Path) -> None:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         raise TpmAuthFileError(f"TPM auth file {path} is not a regular file", path=str(path))
-    if st.st_uid != os.geteuid():
+    if owner := foreign_owner(st, root_ok=False):
+        raise TpmAuthFileError(f"TPM auth file {path} {owner}", path=str(path))
+    if mode := loose_mode(st):
         raise TpmAuthFileError(
-            f"TPM auth file {path} belongs to uid {st.st_uid}, not to the agent "
-            f"(uid {os.geteuid()})", path=str(path))
-    if st.st_mode & 0o077:
-        raise TpmAuthFileError(
-            f"TPM auth file {path} has mode {stat.S_IMODE(st.st_mode):o}; it must be 600 "
-            "(the value may have leaked: re-provision the TPM objects)",
-            path=str(path), hint=f"chmod 600 {path} if you are sure nobody read it")
+            f"TPM auth file {path} {mode} (the value may have leaked: re-provision the TPM "
+            "objects)", path=str(path), hint=f"chmod 600 {path} if you are sure nobody read it")
     if st.st_size != AUTH_SIZE:
         raise TpmAuthFileError(
             f"TPM auth file {path} has {st.st_size} bytes, not {AUTH_SIZE}", path=str(path))

@@ -11,6 +11,7 @@ import abc
 import errno
 import logging
 import os
+import re
 import stat
 import threading
 import time
@@ -267,6 +268,9 @@ class MainsPowerSignal(IdleSignal):
         return None
 
 
+_RANGE = re.compile(r"\s*([0-9]{1,2}):([0-9]{2})\s*-\s*([0-9]{1,2}):([0-9]{2})\s*", re.ASCII)
+
+
 @dataclass(frozen=True)
 class TimeRange:
     """A local-time range ``HH:MM-HH:MM``; may wrap past midnight."""
@@ -276,15 +280,23 @@ class TimeRange:
 
     @classmethod
     def parse(cls, text: str) -> TimeRange:
-        """Parse ``HH:MM-HH:MM``.
+        """Parse ``HH:MM-HH:MM`` (local time, no seconds, no UTC offset: the gate compares
+        naive local times); ``HH:MM-HH:MM`` with both ends equal is refused (it would be
+        an empty window, or all day: say which by leaving ``windows`` out).
 
         Raises:
-            ValueError: not that form.
+            ValueError: not that form, a time out of range, or an empty window.
         """
-        a, sep, b = text.partition("-")
-        if not sep:
-            raise ValueError(f"maintenance window {text!r} is not HH:MM-HH:MM")
-        return cls(dtime.fromisoformat(a.strip()), dtime.fromisoformat(b.strip()))
+        m = _RANGE.fullmatch(text)
+        if m is None:
+            raise ValueError("not HH:MM-HH:MM (24-hour local time, no seconds, no UTC offset)")
+        h1, m1, h2, m2 = (int(g) for g in m.groups())
+        if h1 > 23 or h2 > 23 or m1 > 59 or m2 > 59:
+            raise ValueError("a time out of range (00:00 to 23:59)")
+        if (h1, m1) == (h2, m2):
+            raise ValueError("start and end are equal: an empty window (for always, leave "
+                             "windows out)")
+        return cls(dtime(h1, m1), dtime(h2, m2))
 
     def contains(self, t: dtime) -> bool:
         """Whether ``t`` falls in the range."""

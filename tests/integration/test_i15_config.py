@@ -4,6 +4,7 @@ config mistakes caught at load (before any TPM or network step, nothing moves), 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ def test_i15_check_config_prints_every_key_and_hides_secrets(tmp_path: Path) -> 
         'device_id = "d1"\nfleet = "f"\nstate_dir = "state"\ntcti = "swtpm:port=1"\n'
         'model = "m"\n[mqtt]\nhost = "broker.example"\nport = 8883\nca_file = "ca.pem"\n'
         'password = "hunter2-secret"\n[agent]\npoll_interval = 60\n')
+    os.chmod(conf, 0o640)  # an inline password in a world-readable config is refused
     r = _cli("agent", "check-config", "--config", str(conf))
     assert r.returncode == 0, r.stderr
     out = r.stdout

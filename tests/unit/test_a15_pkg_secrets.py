@@ -32,16 +32,12 @@ def test_private_config_with_inline_password_loads(tmp_path: Path) -> None:
     assert load_config(cfg) is not None
 
 
-@pytest.mark.xfail(strict=True, reason="an inline [mqtt] password in a world-readable "
-                   "agent.toml (the package ships it 0644) is accepted without a word")
 def test_inline_password_in_world_readable_config_refused(tmp_path: Path) -> None:
     cfg = _config(tmp_path, {"password": "s3cret"})
     with pytest.raises(ConfigError):
         load_config(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="a world-readable [mqtt] password_file is read "
-                   "and used; the example's 'modelward, 0600' is never checked")
 def test_world_readable_password_file_refused(tmp_path: Path) -> None:
     pw = tmp_path / "mqtt-password"
     pw.write_text("s3cret\n")
@@ -51,8 +47,6 @@ def test_world_readable_password_file_refused(tmp_path: Path) -> None:
         load_config(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="a world-readable [mqtt] key_file (the device's "
-                   "TLS client key) is accepted")
 def test_world_readable_client_key_refused(tmp_path: Path) -> None:
     key = tmp_path / "client.key"
     key.write_text("-----BEGIN PRIVATE KEY-----\nMAA=\n-----END PRIVATE KEY-----\n")
@@ -64,9 +58,6 @@ def test_world_readable_client_key_refused(tmp_path: Path) -> None:
         load_config(cfg)
 
 
-@pytest.mark.xfail(strict=True, reason="a group-readable [mqtt] password_file (0640) is "
-                   "accepted: with group modelward the inference app (its drop-in's "
-                   "SupplementaryGroups=modelward) reads the agent's broker password")
 def test_group_readable_password_file_refused(tmp_path: Path) -> None:
     pw = tmp_path / "mqtt-password"
     pw.write_text("s3cret\n")

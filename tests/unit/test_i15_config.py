@@ -303,6 +303,7 @@ def test_unreadable_ca_file() -> None:
 
 def test_mqtt_password_rules(d: Path) -> None:
     (d / "pw").write_text("s3cret\n")
+    os.chmod(d / "pw", 0o600)  # a secret (test_i15_config_places)
     (d / "agent.toml").write_text(BASE + MQTT + 'password_file = "pw"\n')
     mq = load_config(d / "agent.toml").updater.mqtt
     assert mq is not None and mq.password == "s3cret"
@@ -356,6 +357,9 @@ def test_default_path() -> None:
 def _every_key(d: Path) -> str:
     (d / "pw").write_text("p")
     (d / "c.pem").write_text("c")
+    os.chmod(d / "pw", 0o600)  # secrets, and places that do not overlap (_config_places)
+    own = {"password_file": '"pw"', "key_file": '"pw"', "busy_file": '"busy"',
+           "textfile": '"m.prom"'}
     values = {"int": "1", "number": "1", "bool": "true", "size": '"128M"', "strs": '["a"]',
               "windows": '["01:00-02:00"]', "url": '"https://h/x/"', "file": '"c.pem"',
               "path": '"p"', "enum": '"auto"', "host": '"h"', "name": '"n"', "str": '"s"'}
@@ -366,7 +370,7 @@ def _every_key(d: Path) -> str:
         for k, spec in keys.items():
             if (section, k) == ("mqtt", "password"):
                 continue  # not with password_file
-            out.append(f"{k} = {values[spec.kind]}")
+            out.append(f"{k} = {own.get(k, values[spec.kind])}")
     return "\n".join(out) + "\n"
 
 
@@ -381,6 +385,7 @@ def test_the_loader_reads_exactly_the_schema(d: Path) -> None:
 
 def test_check_config_shows_every_key_and_hides_the_password(d: Path) -> None:
     (d / "agent.toml").write_text(BASE + MQTT + 'password = "hunter2"\n')
+    os.chmod(d / "agent.toml", 0o640)  # inline password: not in a world-readable config
     lines = check_config(d / "agent.toml")
     text = "\n".join(lines)
     assert "hunter2" not in text and "password = <set>" in text
@@ -398,6 +403,7 @@ def test_a_mistyped_password_is_not_quoted_in_the_error(d: Path) -> None:
     e = _err(d, BASE + MQTT + "password = 918273645\n")
     assert e.key == "mqtt.password" and "918273645" not in str(e)
     (d / "pw").write_bytes(b"\xffsecret-bytes")
+    os.chmod(d / "pw", 0o600)
     e = _err(d, BASE + MQTT + 'password_file = "pw"\n')
     assert "secret" not in str(e) and "0xff" not in str(e)
 
