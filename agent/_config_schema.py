@@ -300,8 +300,9 @@ def read_secret(path: Path, section: str, key: str, config: Path) -> str:
         return _read_regular(path, MAX_SECRET_BYTES).decode("utf-8").strip()
     except OSError as e:
         raise _err(config, section, key, f"cannot read {path}: {e.strerror or e}") from e
-    except UnicodeDecodeError as e:  # (its text would quote a byte of the secret)
-        raise _err(config, section, key, f"{path} is not UTF-8 text") from e
+    except UnicodeDecodeError:  # no cause chained: its text quotes a byte of the secret and
+        # its offset, which a --debug traceback would print
+        raise _err(config, section, key, f"{path} is not UTF-8 text") from None
     except ValueError as e:
         raise _err(config, section, key, f"{path}: {e}") from e
 

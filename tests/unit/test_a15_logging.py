@@ -257,9 +257,6 @@ def test_int_field_is_bounded() -> None:
     assert len(json.dumps(doc["timestamp_version"])) <= _log.MAX_VALUE + 40
 
 
-@pytest.mark.xfail(strict=True, reason="_config_schema.read_secret raises ConfigError from "
-                   "the UnicodeDecodeError: --debug prints the chained cause, which quotes a "
-                   "byte of the MQTT password file and its offset in the password")
 def test_debug_does_not_quote_the_mqtt_password(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_bytes(b"correct-horse\xfebattery-staple")
