@@ -96,7 +96,10 @@ def _state_dir(r: Resolved, state: Path) -> None:
             raise _fail(r, TOP, "state_dir", f"{state} has mode {_mode(st)}: writable by "
                         "group or others, who could plant its files (trust record, staged "
                         "models, status)", hint=f"chmod go-w {state} (the package uses 750)")
-        if owner := foreign_owner(st, root_ok=True):
+        # (root reading a state dir its agent user owns is fine here: `check-config` and
+        # `status` run so; the commands that write refuse root, naming the owner and the
+        # `runuser` to type: agent/_owner.py)
+        if os.geteuid() != 0 and (owner := foreign_owner(st, root_ok=True)):
             raise _fail(r, TOP, "state_dir", f"{state} {owner}")
     if problem := _replaceable(state):
         raise _fail(r, TOP, "state_dir", f"{state}: {problem}, who could replace the state "

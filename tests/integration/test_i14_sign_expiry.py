@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import shutil
 import subprocess
 import sys
@@ -143,8 +144,10 @@ def cli_repo(tmp_path: Path) -> list[str]:
 
 
 def _warned(stderr: str) -> set[str]:
-    return {line.split(" ", 1)[0] for line in stderr.splitlines()
-            if " metadata v" in line and ("inside its" in line or "EXPIRED" in line)}
+    # a log line: "<time> WARNING <logger>: <role> metadata vN (...) expires in ..."
+    return {m.group(1) for line in stderr.splitlines()
+            if ("inside its" in line or "EXPIRED" in line)
+            and (m := re.search(r"(?:^|: )(\S+) metadata v\d", line))}
 
 
 @pytest.mark.skipif(shutil.which("faketime") is None, reason="faketime missing")

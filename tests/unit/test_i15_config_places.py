@@ -218,7 +218,19 @@ def test_state_dir_under_a_replaceable_parent(d: Path) -> None:
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
 def test_state_dir_or_parent_owned_by_another_user(d: Path) -> None:
     os.chown(d / "state", 65534, -1)
-    assert "uid 65534" in str(_err(d, BASE))
+    if os.geteuid() == 0:  # root may read it (check-config, status); writing is refused,
+        # naming the owner and the runuser to type (agent/_owner.py)
+        from modelward.agent._config import load_config
+        from modelward.agent._owner import check_state_owner
+        from modelward.agent.errors import StateOwnerError
+
+        (d / "agent.toml").write_text(BASE)
+        cfg = load_config(d / "agent.toml")
+        with pytest.raises(StateOwnerError, match="belongs to nobody") as e:
+            check_state_owner(cfg.state_dir, "agent update")
+        assert "runuser -u nobody" in e.value.hint
+    else:
+        assert "uid 65534" in str(_err(d, BASE))
     os.chown(d / "state", 0, -1)
     (d / "home").mkdir(mode=0o755)
     (d / "home" / "state").mkdir(mode=0o700)
