@@ -21,6 +21,7 @@ def _config(tmp_path: Path) -> Path:
     conf.write_text(f'device_id = "dev-1"\nfleet = "demo"\nstate_dir = "{tmp_path}/st"\n'
                     'tcti = "swtpm:port=1"\nmodel = "classifier"\ntransport = "mqtt"\n\n'
                     '[mqtt]\nhost = "localhost"\nport = 8883\npassword = "pw-secret-1"\n')
+    conf.chmod(0o640)  # an inline password only in a config others cannot read
     return conf
 
 
