@@ -76,6 +76,18 @@ class BundleFormatError(UntrustedRemoteError):
         self.bundle, self.member = bundle, member
 
 
+class ChunkIndexError(UntrustedRemoteError):
+    """A release's chunk index is malformed, or not the index of its bundle.
+
+    Attributes:
+        index: the index (target path or file).
+    """
+
+    def __init__(self, message: str, *, index: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+
 class FingerprintMismatchError(UntrustedRemoteError):
     """An extracted slot's fingerprint differs from the signed ``modelward`` field."""
 
