@@ -375,6 +375,12 @@ def _bundle_build(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _bundle_diff(args: argparse.Namespace) -> int:
+    from modelward.publisher._bundlediff import run
+
+    return run(args)
+
+
 def _publish(args: argparse.Namespace) -> int:
     from modelward._inputs import readable_file
     from modelward.publisher._bridge import announce
@@ -389,6 +395,10 @@ def _publish(args: argparse.Namespace) -> int:
     print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
     print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
           f"timestamp v{r.timestamp_version}")
+    print(f"chunk index {r.index_path}" if r.index_path else "no chunk index (devices fetch "
+          "the whole bundle; see the warning above)")
+    for e in r.estimates:  # what a device on each earlier release fetches
+        print(e.text())
     if mqtt is not None:
         v = announce(args.repo, mqtt)
         print(f"announced timestamp v{v} on {mqtt.topic('announce')}")
@@ -901,6 +911,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of generated test inputs")
     b.add_argument("-o", "--output", type=Path, required=True)
     b.set_defaults(func=_bundle_build)
+    d = bsub.add_parser("diff", help="bytes a device on OLD fetches for NEW (chunk index)")
+    d.add_argument("old", type=Path, metavar="OLD", help="the earlier bundle file")
+    d.add_argument("new", type=Path, metavar="NEW", help="the new bundle file")
+    d.add_argument("--json", action="store_true", help="one JSON object")
+    d.set_defaults(func=_bundle_diff)
 
     pub = sub.add_parser("publish", help="operator: sign and publish a bundle")
     pub.add_argument("--repo", type=Path, required=True)

@@ -35,6 +35,7 @@ from tuf.api.serialization.json import JSONSerializer
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
+from modelward.publisher._indexpub import FetchEstimate, VerifiedStream, add_index, estimates
 from modelward.publisher._keys import (
     ENCFILE,
     ROLES,
@@ -188,6 +189,8 @@ class PublishResult:
     length: int
     targets_version: int
     timestamp_version: int
+    index_path: str | None = None  # its chunk index target (None: published without one)
+    estimates: tuple[FetchEstimate, ...] = ()  # what devices on earlier releases fetch
 
 
 def _fields(t: TargetFile) -> dict[str, Any]:
@@ -767,9 +770,10 @@ class Repository:
             BundleFormatError: the bundle is malformed.
             RepositoryStateError: this model version is published already.
         """
-        with open(bundle, "rb") as f:
-            manifest, entries = extract_bundle(
-                cast(IO[bytes], _Counting(f, progress)), None, str(bundle))
+        with open(bundle, "rb") as f:  # (hashing the bytes verified: the index is cut from them)
+            verified = VerifiedStream(_Counting(f, progress))
+            manifest, entries = extract_bundle(cast(IO[bytes], verified), None, str(bundle))
+            verified.finish()
         SemVer.parse(manifest.version)
         if not 0.0 <= rollout <= 100.0:
             raise RepositoryStateError(f"rollout {rollout} is not a percentage (0-100)")
@@ -790,7 +794,7 @@ class Repository:
             key_file = self.keys / f"delegated-{role}.pem"
             if not key_file.exists():
                 raise TeamMustActError(role, f"publishing {target_path}", key_file)
-        tf = TargetFile.from_file(target_path, str(bundle), ["sha256"])
+        tf = verified.target_file(target_path)
         progress(tf.length)
         tf.unrecognized_fields["custom"] = {
             "modelward": {
@@ -807,11 +811,19 @@ class Repository:
         dest.parent.mkdir(parents=True, exist_ok=True)
         copy_atomic(bundle, dest)  # (a fresh temporary name: a link planted there is not followed)
         progress(tf.length)
+        index = add_index(self.targets_dir, dest, tf, (lambda p: None) if role is None else
+                          lambda p: self._check_delegation(targets, role, p))
+        views = estimates(self.targets_dir, self.releases(manifest.name, targets),
+                          [targets, *(md.signed for md in self._delegations(targets)[1].values())],
+                          index, tf.length, _fields)
+        ipath = index.target.path if index.target is not None else None
         if role is not None:
-            ts_version = self._publish_delegated(role, target_path, tf)
+            ts_version = self._publish_delegated(role, target_path, tf, index.target)
             return PublishResult(target_path, manifest.name, manifest.version, fingerprint,
-                                 tf.length, targets.version, ts_version)
+                                 tf.length, targets.version, ts_version, ipath, views)
         targets.targets[target_path] = tf
+        if index.target is not None:  # (same targets version: one signing)
+            targets.targets[index.target.path] = index.target
         self._sign_with = sign_with
         try:
             ts_version = self._commit_targets(targets)
@@ -823,7 +835,7 @@ class Repository:
         )
         return PublishResult(
             target_path, manifest.name, manifest.version, fingerprint, tf.length,
-            targets.version, ts_version,
+            targets.version, ts_version, ipath, views,
         )
 
     def _commit_targets(self, targets: Targets) -> int:
@@ -1049,13 +1061,17 @@ class Repository:
         if hit is not None:
             raise TeamRoleExpiredError(hit[0], hit[1], role, target_path)
 
-    def _publish_delegated(self, role: str, target_path: str, tf: TargetFile) -> int:
-        """Add ``tf`` to the delegated ``role``; returns the new timestamp version."""
+    def _publish_delegated(self, role: str, target_path: str, tf: TargetFile,
+                           index: TargetFile | None = None) -> int:
+        """Add ``tf`` (and its chunk ``index``) to the delegated ``role``; returns the new
+        timestamp version."""
         targets, _, _ = self.current()
         self._check_delegation(targets, role, target_path)
         md = self._role_md(role)
         team = md.signed
         team.targets[target_path] = tf
+        if index is not None:
+            team.targets[index.path] = index
         team.version += 1
         team.expires = self._clock() + self.expiry.targets
         self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")

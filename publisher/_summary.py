@@ -35,6 +35,7 @@ from tuf.api.metadata import (
 )
 from tuf.api.serialization import DeserializationError, SerializationError
 
+from modelward.publisher._indexpub import indexed_bundle
 from modelward.publisher.errors import RepositoryStateError
 from modelward.trust import _display as display
 from modelward.trust._bounded import UnsafeFileError, read_bounded
@@ -376,7 +377,9 @@ def _facets(path: str, t: TargetFile) -> dict[str, Any]:
     field = modelward_field(t.custom)
     parts = path.split("/")
     model = parts[0] if len(parts) == 2 and parts[1] else None
-    if field is None:
+    if field is None and (bundle := indexed_bundle(t)) is not None:
+        out["devices"] = f"chunk index of {bundle} (not a release)"
+    elif field is None:
         out["devices"] = "IGNORED by devices: no modelward field"
     else:
         try:

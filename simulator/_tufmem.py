@@ -80,6 +80,22 @@ class MemRepo:
         self.served[f"{TARGETS_URL}{d}/{tf.hashes['sha256']}.{base}"] = data
         return tf
 
+    def add_release(self, role: str, path: str, bundle: bytes,
+                    custom: dict[str, Any] | None = None, *, index: bytes | None = None,
+                    with_index: bool = True) -> tuple[TargetFile, TargetFile | None]:
+        """List a bundle at ``path`` in ``role`` and, as ``Repository.publish`` does, its
+        chunk index next to it (``index``: these bytes instead of the real index, e.g. a
+        forged one; ``with_index=False``: none, as a release from before indexes)."""
+        from modelward.publisher._indexpub import INDEX_FIELD, index_of_bytes
+        from modelward.updater.bundle._chunkindex import index_path
+
+        tf = self.add_target(role, path, bundle, custom)
+        if not with_index:
+            return tf, None
+        data = index if index is not None else index_of_bytes(bundle).to_bytes()
+        return tf, self.add_target(role, index_path(path), data,
+                                   {INDEX_FIELD: {"bundle": path}})
+
     def publish(self) -> None:
         """Sign every role at a new version and serve it (consistent snapshots)."""
         self.version += 1

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelward.trust._bounded import UntrustedJsonError, loads_bounded
-from modelward.trust._fingerprint import FileEntry, slot_fingerprint
-from modelward.updater.bundle._bundle import Manifest, parse_manifest
+from modelward.trust._fingerprint import FileEntry, MerkleHasher, slot_fingerprint
+from modelward.updater.bundle._bundle import MANIFEST, Manifest, parse_manifest
 from modelward.updater.bundle._tarstream import check_member_path
 from modelward.updater.errors import BundleFormatError, ChunkIndexError
 
@@ -97,8 +97,15 @@ class ChunkIndex:
 
     @property
     def fingerprint(self) -> str:
-        """The slot fingerprint the index's files make (compare with the signed one)."""
-        return slot_fingerprint(FileEntry(f.path, f.size, f.merkle_root) for f in self.files)
+        """The slot fingerprint the index's files make (compare with the signed one).
+
+        The slot holds ``manifest.json`` too, so its entry is in the fingerprint, as in
+        ``extract_bundle``'s entries (the manifest's own Merkle root, from its bytes).
+        """
+        m = MerkleHasher()
+        m.update(self.manifest_bytes)
+        return slot_fingerprint([FileEntry(MANIFEST, len(self.manifest_bytes), m.hexdigest()),
+                                 *(FileEntry(f.path, f.size, f.merkle_root) for f in self.files)])
 
     @property
     def chunk_count(self) -> int:

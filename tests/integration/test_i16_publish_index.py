@@ -1,0 +1,177 @@
+"""Issue 16, operator side: `publish` signs a chunk index next to each bundle.
+
+Real repository on disk, served by the world fixture's nginx; a stock python-tuf client
+downloads and verifies both targets. Careless-operator attacks: a manifest that lies, a
+bundle changed between verify and cut, the same version twice, a withdrawn release.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from modelward.publisher._indexpub import INDEX_FIELD
+from modelward.publisher.errors import OperatorInputError, RepositoryStateError
+from modelward.updater.bundle._chunkindex import index_path, parse_index
+from modelward.updater.errors import BundleFormatError
+from tests._stock_tuf import stock_refresh
+from tests.conftest import World
+
+MODEL = "classifier"
+
+
+def _blob(path: Path, seed: int, size: int = 1 << 20) -> Path:
+    """Incompressible file data, the same for the same seed (a model's frozen layers)."""
+    path.write_bytes(random.Random(seed).randbytes(size))
+    return path
+
+
+def _release(w: World, version: str, seed: int, blob_seed: int) -> Path:
+    """A bundle of a small model plus a 1 MiB file that ``blob_seed`` decides."""
+    blob = _blob(w.builds / f"blob-{blob_seed}.bin", blob_seed)
+    return w.bundle(version, seed, extra=[(blob, "weights.bin")])
+
+
+def _served(w: World) -> dict[str, bytes]:
+    return {str(p.relative_to(w.repo_dir)): p.read_bytes()
+            for p in sorted(w.repo_dir.rglob("*")) if p.is_file()}
+
+
+def _targets(w: World) -> dict[str, dict[str, object]]:
+    v = w.repo.current()[0].version
+    md = json.loads((w.repo_dir / "metadata" / f"{v}.targets.json").read_bytes())
+    return dict(md["signed"]["targets"])
+
+
+def _stock_download(w: World, tmp: Path, paths: list[str]) -> dict[str, bytes]:
+    """A stock python-tuf ngclient over nginx (HTTPS): refresh, then download and verify."""
+    from tuf.ngclient import Updater
+
+    ca = str(w.ca.cert)
+    os.environ["REQUESTS_CA_BUNDLE"] = ca
+    os.environ["SSL_CERT_FILE"] = ca
+    try:
+        md = tmp / "stock-md"
+        md.mkdir(exist_ok=True)
+        up = Updater(str(md), f"{w.origin_url}/metadata/", target_dir=str(tmp),
+                     target_base_url=f"{w.origin_url}/targets/",
+                     bootstrap=(w.repo_dir / "metadata" / "1.root.json").read_bytes())
+        up.refresh()
+        out = {}
+        for p in paths:
+            info = up.get_targetinfo(p)
+            assert info is not None, p
+            out[p] = Path(up.download_target(info, str(tmp / p.replace("/", "_")))).read_bytes()
+        return out
+    finally:
+        os.environ.pop("REQUESTS_CA_BUNDLE", None)
+        os.environ.pop("SSL_CERT_FILE", None)
+
+
+def test_publish_signs_the_index_in_the_same_targets_version(world: World, tmp_path: Path
+                                                            ) -> None:
+    r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    assert r1.estimates == ()  # (no earlier release)
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7))  # a small fine-tune
+    stock_refresh(world.repo_dir)
+    assert r2.targets_version == r1.targets_version + 1  # bundle and index: one signing
+    targets = _targets(world)
+    for r in (r1, r2):
+        assert r.index_path == index_path(r.target_path)
+        entry = targets[r.index_path]
+        assert entry["custom"] == {INDEX_FIELD: {"bundle": r.target_path}}
+    got = _stock_download(world, tmp_path, [r2.target_path, index_path(r2.target_path)])
+    ix = parse_index(got[index_path(r2.target_path)], "index")
+    bundle = got[r2.target_path]
+    assert ix.bundle_length == len(bundle) == targets[r2.target_path]["length"]
+    assert ix.bundle_sha256 == hashlib.sha256(bundle).hexdigest() \
+        == targets[r2.target_path]["hashes"]["sha256"]  # type: ignore[index]
+    assert ix.fingerprint == targets[r2.target_path]["custom"]["modelward"]["fingerprint"]  # type: ignore[index]
+    # the operator view: a device on 1.0.0 fetches the small model, not the 1 MiB blob
+    (e,) = r2.estimates
+    assert e.version == "1.0.0" and e.fetch is not None and e.note == ""
+    assert e.fetch < r2.length // 4, e.text()
+    assert e.index_length == targets[r2.index_path]["length"]
+    # the index target is never a release: releases(), withdraw and pin behave as before
+    assert sorted(f.path for f in world.repo.releases(MODEL)) == \
+        [r1.target_path, r2.target_path]
+
+
+def test_publish_cli_prints_what_devices_fetch(world: World) -> None:
+    world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    r = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                  str(_release(world, "1.1.0", 2, blob_seed=7)))
+    assert r.returncode == 0, r.stderr
+    assert "chunk index classifier/classifier-1.1.0.tar.chunks.json" in r.stdout
+    line = next(x for x in r.stdout.splitlines() if x.startswith("devices on 1.0.0"))
+    assert " KiB of 1.0 MiB (index " in line, line  # a fine-tune: the model, not the blob
+    # an unrelated model (every byte differs): about the full bundle
+    r3 = world.repo.publish(_release(world, "2.0.0", 3, blob_seed=8))
+    for e in r3.estimates:
+        assert e.fetch is not None and 0.95 * e.full < e.fetch < 1.05 * e.full, e.text()
+
+
+def test_a_manifest_that_lies_is_refused_and_nothing_is_served(world: World) -> None:
+    good = _release(world, "1.0.0", 1, blob_seed=7)
+    liar = world.builds / "liar.tar"
+    with tarfile.open(good) as src, tarfile.open(liar, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name == "weights.bin":
+                data = bytes([data[0] ^ 1]) + data[1:]  # the manifest's sha256 is now a lie
+            dst.addfile(m, io.BytesIO(data))
+    before = _served(world)
+    with pytest.raises(BundleFormatError):
+        world.repo.publish(liar)
+    assert _served(world) == before  # no bundle, no index, no metadata
+
+
+def test_a_bundle_changed_between_verify_and_cut_is_refused(world: World,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    import modelward.publisher._repo as repo_mod
+
+    world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    swap = world.builds / "swap.tar"  # another valid bundle of the same version
+    swap.write_bytes(_release(world, "1.1.0", 5, blob_seed=9).read_bytes())
+    verified = _release(world, "1.1.0", 2, blob_seed=7)
+    real_copy = repo_mod.copy_atomic
+
+    def copy_then(src: Path, dst: Path, mode: int = 0o644) -> None:  # the swap: after verify
+        real_copy(swap, dst, mode)
+
+    monkeypatch.setattr(repo_mod, "copy_atomic", copy_then)
+    before = _served(world)
+    with pytest.raises(OperatorInputError, match="not the one verified"):
+        world.repo.publish(verified)
+    assert _served(world) == before
+    stock_refresh(world.repo_dir)
+
+
+def test_careless_operator_same_version_twice_and_withdrawn(world: World) -> None:
+    r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    before = _served(world)
+    with pytest.raises(RepositoryStateError, match="published already"):
+        world.repo.publish(_release(world, "1.0.0", 2, blob_seed=8))
+    assert _served(world) == before
+    world.repo.withdraw(MODEL, "1.0.0")
+    targets = _targets(world)
+    assert targets[r1.target_path]["custom"]["modelward"]["withdrawn"] is True  # type: ignore[index]
+    assert r1.index_path is not None and "modelward" not in targets[r1.index_path]["custom"]  # type: ignore[operator]
+    with pytest.raises(RepositoryStateError, match="published already"):
+        world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))  # not even the same bytes
+    with pytest.raises(RepositoryStateError, match="withdrawn"):
+        world.repo.pin(MODEL, "1.0.0")
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7))
+    (e,) = r2.estimates  # devices that installed 1.0.0 keep it: they are counted
+    assert e.withdrawn and e.fetch is not None and e.fetch < r2.length // 4
+    assert "(withdrawn)" in e.text()
+    world.repo.pin(MODEL, "1.1.0")
+    stock_refresh(world.repo_dir)
