@@ -175,3 +175,56 @@ def test_careless_operator_same_version_twice_and_withdrawn(world: World) -> Non
     assert "(withdrawn)" in e.text()
     world.repo.pin(MODEL, "1.1.0")
     stock_refresh(world.repo_dir)
+
+
+def test_a_team_publish_gets_its_index_in_the_teams_metadata(world: World, tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture
+                                                             ) -> None:
+    world.repo.delegate("team", ["classifier/*"])
+    r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7), role="team")
+    world.repo.withdraw(MODEL, "1.0.0")  # an operator tombstone over the team's entry
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7), role="team")
+    stock_refresh(world.repo_dir)
+    team = world.repo._role_md("team").signed  # noqa: SLF001 - the team's signed metadata
+    for r in (r1, r2):
+        assert r.index_path is not None and r.index_path in team.targets
+        assert r.index_path not in _targets(world)  # (not in the top-level targets)
+    got = _stock_download(world, tmp_path, [r2.target_path, index_path(r2.target_path)])
+    ix = parse_index(got[index_path(r2.target_path)], "index")
+    ix.check_bundle(len(got[r2.target_path]), {
+        "sha256": hashlib.sha256(got[r2.target_path]).hexdigest()}, "bundle")
+    (e,) = r2.estimates  # 1.0.0's index is found in the team's role, under the tombstone
+    assert e.withdrawn and e.note == "" and e.fetch is not None and e.fetch < r2.length // 4
+    # a team whose delegation does not reach the index path: the bundle alone, and a warning
+    world.repo.delegate("narrow", ["detector/*.tar"])
+    caplog.set_level("WARNING")
+    r3 = world.repo.publish(_release_named(world, "detector", "1.0.0"), role="narrow")
+    assert r3.index_path is None and "without a chunk index" in caplog.text
+    stock_refresh(world.repo_dir)
+
+
+def _release_named(w: World, name: str, version: str) -> Path:
+    blob = _blob(w.builds / "blob-7.bin", 7)
+    return w.bundle(version, 1, name=name, extra=[(blob, "weights.bin")])
+
+
+def test_an_earlier_release_without_an_index_is_cut_from_its_bundle(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelward.publisher._repo as repo_mod
+    from modelward.publisher._indexpub import NewIndex
+
+    with monkeypatch.context() as m:  # a release from before indexes existed
+        m.setattr(repo_mod, "add_index", lambda *a, **k: NewIndex(None, None))
+        r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    assert r1.index_path is None and index_path(r1.target_path) not in _targets(world)
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7))
+    (e,) = r2.estimates
+    assert e.fetch is not None and e.fetch < r2.length // 4
+    assert e.note == "it has no chunk index: cut from its bundle", e.note
+    # its bundle gone from the served directory: "full bundle", said so
+    next((world.repo_dir / "targets" / MODEL).glob("*.classifier-1.0.0.tar")).unlink()
+    r3 = world.repo.publish(_release(world, "1.2.0", 3, blob_seed=7))
+    e1 = next(x for x in r3.estimates if x.version == "1.0.0")
+    assert e1.fetch is None and "full bundle" in e1.text() and "not in the served" in e1.note
+    e2 = next(x for x in r3.estimates if x.version == "1.1.0")
+    assert e2.fetch is not None and e2.fetch < r3.length // 4

@@ -196,7 +196,8 @@ def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> 
     add up to its size; no more than :data:`MAX_CHUNKS` chunks; files (and the manifest)
     lie inside the bundle, in order, without overlapping; paths are safe and unique; the
     embedded manifest is a valid v1 manifest whose files are exactly the index's files
-    (path, size, sha256, Merkle root), in the same order.
+    (path, size, sha256, Merkle root), in the same order; and the bytes are the
+    canonical serialisation (:meth:`ChunkIndex.to_bytes`) of what was parsed.
 
     Raises:
         ChunkIndexError: any of the above fails (the message names the field at fault).
@@ -271,7 +272,11 @@ def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> 
             BundleFormatError) as e:  # (BundleFormatError: of the embedded manifest)
         raise ChunkIndexError(f"{what}: invalid chunk index: {str(e)[:300]}",
                               index=what) from e
-    return ChunkIndex(length, sha, chunking, m_off, m_bytes, manifest, tuple(files))
+    ix = ChunkIndex(length, sha, chunking, m_off, m_bytes, manifest, tuple(files))
+    if ix.to_bytes() != data:  # one encoding per index: no unknown nested field, no slack
+        raise ChunkIndexError(f"{what}: invalid chunk index: not in its canonical form "
+                              "(as the publisher writes it)", index=what)
+    return ix
 
 
 def fetch_bytes(new: ChunkIndex, held: Iterable[bytes]) -> int:
