@@ -198,8 +198,9 @@ def test_offline_publishes_then_online_refresh_lists_them(lay: Layout, tmp_path:
     r2 = lay.offline.publish(lay.bundle("1.1.0"))  # builds on the unsnapshotted v2
     assert r2.targets_version == 3
     assert lay.snapshot_meta() == {"targets.json": 1}  # no online key offline
-    assert sorted(lay.md("3.targets.json").signed.targets) == [
-        "classifier/classifier-1.0.0.tar", "classifier/classifier-1.1.0.tar"]
+    assert sorted(lay.md("3.targets.json").signed.targets) == [  # (each with its index)
+        "classifier/classifier-1.0.0.tar", "classifier/classifier-1.0.0.tar.chunks.json",
+        "classifier/classifier-1.1.0.tar", "classifier/classifier-1.1.0.tar.chunks.json"]
     assert lay.online().refresh() == ["snapshot", "timestamp"]
     assert lay.snapshot_meta() == {"targets.json": 3}
     u = stock_client_refresh(lay, tmp_path)
