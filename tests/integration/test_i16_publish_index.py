@@ -133,26 +133,64 @@ def test_a_manifest_that_lies_is_refused_and_nothing_is_served(world: World) -> 
     assert _served(world) == before  # no bundle, no index, no metadata
 
 
+@pytest.mark.parametrize("when", ["after verify", "during the copy"])
 def test_a_bundle_changed_between_verify_and_cut_is_refused(world: World,
-                                                            monkeypatch: pytest.MonkeyPatch
-                                                            ) -> None:
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            when: str) -> None:
     import modelward.publisher._repo as repo_mod
 
     world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
     swap = world.builds / "swap.tar"  # another valid bundle of the same version
     swap.write_bytes(_release(world, "1.1.0", 5, blob_seed=9).read_bytes())
     verified = _release(world, "1.1.0", 2, blob_seed=7)
-    real_copy = repo_mod.copy_atomic
+    real_copy, real_extract = repo_mod.copy_atomic, repo_mod.extract_bundle
 
-    def copy_then(src: Path, dst: Path, mode: int = 0o644) -> None:  # the swap: after verify
+    def copy_then(src: Path, dst: Path, mode: int = 0o644) -> None:
         real_copy(swap, dst, mode)
 
-    monkeypatch.setattr(repo_mod, "copy_atomic", copy_then)
+    def extract_then(*a: object, **k: object) -> object:
+        out = real_extract(*a, **k)  # type: ignore[arg-type]
+        verified.write_bytes(swap.read_bytes())  # (the open file reads the new bytes on)
+        return out
+
+    if when == "during the copy":
+        monkeypatch.setattr(repo_mod, "copy_atomic", copy_then)
+    else:
+        monkeypatch.setattr(repo_mod, "extract_bundle", extract_then)
     before = _served(world)
     with pytest.raises(OperatorInputError, match="not the one verified"):
         world.repo.publish(verified)
-    assert _served(world) == before
+    assert _served(world) == before  # neither bundle nor index nor metadata
     stock_refresh(world.repo_dir)
+
+
+def test_a_link_planted_at_the_index_name_is_not_followed(world: World, tmp_path: Path
+                                                          ) -> None:
+    from modelward.publisher._indexpub import index_of_bytes, index_target, served_name
+
+    bundle = _release(world, "1.0.0", 1, blob_seed=7)
+    tf = index_target(index_of_bytes(bundle.read_bytes()).to_bytes(),
+                      f"{MODEL}/{MODEL}-1.0.0.tar")
+    dest = served_name(world.repo_dir / "targets", tf)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    dest.symlink_to(victim)
+    r = world.repo.publish(bundle)
+    assert r.index_path == tf.path
+    assert victim.read_bytes() == b"keep" and not dest.is_symlink()
+    assert dest.stat().st_size == tf.length
+
+
+def test_a_tampered_earlier_index_is_not_believed(world: World) -> None:
+    r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    served = next((world.repo_dir / "targets" / MODEL).glob("*.classifier-1.0.0.tar.chunks.json"))
+    served.write_bytes(served.read_bytes().replace(b'"size":', b'"size": ', 1))
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7))
+    (e,) = r2.estimates  # (from its bundle, whose signed hash still holds)
+    assert "not usable" in e.note and "cut from its bundle" in e.note, e.note
+    assert e.fetch is not None and e.fetch < r2.length // 4
+    assert r1.index_path is not None
 
 
 def test_careless_operator_same_version_twice_and_withdrawn(world: World) -> None:
