@@ -184,13 +184,23 @@ def test_a_link_planted_at_the_index_name_is_not_followed(world: World, tmp_path
 
 def test_a_tampered_earlier_index_is_not_believed(world: World) -> None:
     r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
-    served = next((world.repo_dir / "targets" / MODEL).glob("*.classifier-1.0.0.tar.chunks.json"))
-    served.write_bytes(served.read_bytes().replace(b'"size":', b'"size": ', 1))
-    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=7))
-    (e,) = r2.estimates  # (from its bundle, whose signed hash still holds)
-    assert "not usable" in e.note and "cut from its bundle" in e.note, e.note
-    assert e.fetch is not None and e.fetch < r2.length // 4
-    assert r1.index_path is not None
+    r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=8))  # other weights
+    d = world.repo_dir / "targets" / MODEL
+    served = next(d.glob("*.classifier-1.0.0.tar.chunks.json"))
+    # a valid index that names 1.0.0's bundle but lists 1.1.0's chunks: only its signed
+    # hash tells it apart (believed, devices on 1.0.0 would "hold" all of 1.2.0's weights)
+    forged = json.loads(next(d.glob("*.classifier-1.1.0.tar.chunks.json")).read_bytes())
+    forged["bundle"] = {"length": r1.length,
+                        "sha256": _targets(world)[r1.target_path]["hashes"]["sha256"]}  # type: ignore[index]
+    served.write_bytes(json.dumps(forged, sort_keys=True, separators=(",", ":")).encode()
+                       + b"\n")
+    parse_index(served.read_bytes(), "forged")  # (it parses)
+    r3 = world.repo.publish(_release(world, "1.2.0", 3, blob_seed=8))
+    e1 = next(x for x in r3.estimates if x.version == "1.0.0")
+    assert "not usable" in e1.note and "cut from its bundle" in e1.note, e1.note
+    assert e1.fetch is not None and e1.fetch > 0.9 * r3.length, e1.text()
+    e2 = next(x for x in r3.estimates if x.version == "1.1.0")
+    assert e2.fetch is not None and e2.fetch < r3.length // 4 and r2.index_path
 
 
 def test_careless_operator_same_version_twice_and_withdrawn(world: World) -> None:
