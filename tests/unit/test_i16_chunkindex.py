@@ -191,6 +191,23 @@ def _bounded(call: Callable[[], object]) -> None:
 def test_the_built_index_parses(built: tuple[ChunkIndex, bytes]) -> None:
     ix, data = built
     assert parse_index(data, "ix") == ix
+
+
+def test_the_index_fingerprint_is_the_signed_one(tmp_path: Path) -> None:
+    """What publish signs (``slot_fingerprint`` of extract_bundle's entries, manifest.json
+    included) is what a device derives from the index; else no index is ever used."""
+    import hashlib
+
+    from modelward.trust._fingerprint import slot_fingerprint
+    from modelward.updater.bundle._bundle import extract_bundle
+
+    out = tmp_path / "b.tar"
+    build_bundle(make_linear_model(tmp_path / "m.onnx", 2), "classifier", "1.0.0", out,
+                 options=BuildOptions())
+    with open(out, "rb") as f:
+        _, entries = extract_bundle(f, None, "b")
+    ix = build_index(out, hashlib.sha256(out.read_bytes()).hexdigest())
+    assert ix.fingerprint == slot_fingerprint(entries)
     # (a device on the same release fetches nothing; a device with nothing, every byte once)
     assert fetch_bytes(ix, chunk_hashes(ix)) == 0
     assert fetch_bytes(ix, ()) <= ix.data_bytes
