@@ -34,6 +34,7 @@ from modelward.publisher._chunking import build_index
 from modelward.publisher._served import ServedFileError, read_file
 from modelward.publisher.errors import OperatorInputError, RepositoryStateError
 from modelward.trust._atomic import write_atomic
+from modelward.trust._display import escape
 from modelward.updater.bundle._chunkindex import (
     MAX_INDEX_BYTES,
     ChunkIndex,
@@ -43,6 +44,7 @@ from modelward.updater.bundle._chunkindex import (
     is_index_path,
     parse_index,
 )
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import ChunkIndexError
 
 if TYPE_CHECKING:
@@ -55,6 +57,8 @@ INDEX_FIELD = "modelward-chunk-index"
 #: An earlier release without an index is cut from its bundle up to this size (bytes);
 #: above it the estimate is "full bundle" (cutting reads and hashes the whole file).
 MAX_REBUILD_BYTES = 2 << 30
+#: Estimates for at most this many earlier releases (the newest): each may read a file.
+MAX_ESTIMATES = 10
 
 
 class VerifiedStream:
@@ -102,12 +106,13 @@ class FetchEstimate:
                 "withdrawn": self.withdrawn}
 
     def text(self) -> str:
-        """One line for the operator."""
-        what = f"devices on {self.version}" + (" (withdrawn)" if self.withdrawn else "")
+        """One line for the operator (the version is a team's signed string: escaped)."""
+        what = f"devices on {escape(self.version, 64)}" + \
+            (" (withdrawn)" if self.withdrawn else "")
         if self.fetch is None:
-            return f"{what} fetch the full bundle, {human(self.full)} ({self.note})"
+            return f"{what} fetch the full bundle, {human(self.full)} ({escape(self.note)})"
         return (f"{what} fetch {human(self.fetch)} of {human(self.full)} (index "
-                f"{human(self.index_length)})" + (f"; {self.note}" if self.note else ""))
+                f"{human(self.index_length)})" + (f"; {escape(self.note)}" if self.note else ""))
 
 
 def human(n: int) -> str:
@@ -256,13 +261,24 @@ def _read_index(path: Path, tf: TargetFile) -> ChunkIndex:
     return parse_index(data, tf.path)
 
 
+def _newest(found: Sequence[Found], fields: Callable[[TargetFile], dict[str, Any]]
+            ) -> list[Found]:
+    def key(f: Found) -> tuple[int, SemVer]:
+        try:
+            return 1, SemVer.parse(str(fields(f.target).get("version")))
+        except ValueError:
+            return 0, SemVer(0, 0, 0)  # (not a version devices would install: last)
+
+    return sorted(found, key=key, reverse=True)
+
+
 def estimates(targets_dir: Path, earlier: Sequence[Found], roles: Sequence[Targets],
               new: NewIndex, full: int, fields: Callable[[TargetFile], dict[str, Any]]
               ) -> tuple[FetchEstimate, ...]:
     """One :class:`FetchEstimate` per earlier release (``earlier``: as devices find them)."""
     length = new.target.length if new.target is not None else 0
     out = []
-    for found in earlier:
+    for found in _newest(earlier, fields)[:MAX_ESTIMATES]:
         f = fields(found.target)
         version = str(f.get("version", "?"))
         if new.index is None:

@@ -276,3 +276,31 @@ def test_an_earlier_release_without_an_index_is_cut_from_its_bundle(
     assert e1.fetch is None and "full bundle" in e1.text() and "not in the served" in e1.note
     e2 = next(x for x in r3.estimates if x.version == "1.1.0")
     assert e2.fetch is not None and e2.fetch < r3.length // 4
+
+
+def test_a_team_signed_version_string_is_escaped_in_the_estimates(world: World) -> None:
+    from modelward.simulator._teams import team_sign
+
+    world.repo.delegate("team", ["classifier/*"])  # one team key, used by its holder
+    team_sign(world.repo, "team", _release(world, "1.0.0", 1, blob_seed=7),
+              path=f"{MODEL}/evil.tar", version="9.9.9\x1b]0;pwned\x07\x1b[2J")
+    r = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
+                  str(_release(world, "1.1.0", 2, blob_seed=7)))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "devices on 9.9.9\\x1b]0;pwned" in r.stdout, r.stdout
+
+
+def test_an_index_a_device_would_refuse_is_not_published(world: World,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture
+                                                         ) -> None:
+    from modelward.updater.bundle import _chunkindex
+
+    monkeypatch.setattr(_chunkindex, "MAX_CHUNKS", 2)  # (as a bundle of ~100 GiB would)
+    caplog.set_level("WARNING")
+    r = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
+    assert r.index_path is None and "without a chunk index" in caplog.text
+    assert index_path(r.target_path) not in _targets(world)
+    assert not list((world.repo_dir / "targets" / MODEL).glob("*.chunks.json"))
+    stock_refresh(world.repo_dir)
