@@ -15,6 +15,7 @@ from typing import IO, Any, cast
 
 from modelward.publisher._chunking import build_index
 from modelward.publisher._indexpub import VerifiedStream, human
+from modelward.trust._display import escape
 from modelward.updater.bundle._bundle import extract_bundle
 from modelward.updater.bundle._chunkindex import ChunkIndex, chunk_hashes, fetch_bytes
 
@@ -44,10 +45,10 @@ class BundleDiff:
 
     def lines(self) -> list[str]:
         """For the operator."""
-        o, n = self.old.manifest, self.new.manifest
-        other = "" if o.name == n.name else f" (another model: {o.name})"
+        o, n = self.old.manifest, self.new.manifest  # (a team's bundles: names escaped)
+        other = "" if o.name == n.name else f" (another model: {escape(o.name, 64)})"
         return [
-            f"{n.name} {o.version} -> {n.version}{other}",
+            f"{escape(n.name, 64)} {o.version} -> {n.version}{other}",
             f"devices on {o.version} fetch {human(self.fetch)} of {human(self.new.bundle_length)}"
             f" (index {human(self.index_length)})",
             f"chunks: {self.reused[0]} reused ({human(self.reused[1])}), {self.fresh[0]} new "

@@ -124,3 +124,24 @@ def test_the_in_memory_harness_serves_a_release_and_its_index(bundles: dict[str,
     ix.check_bundle(tf.length, dict(tf.hashes), "bundle")
     assert ix.bundle_sha256 == hashlib.sha256(data).hexdigest()
     assert u.get_targetinfo(index_path("classifier/classifier-0.9.0.tar")) is None
+
+
+def test_bundle_diff_escapes_a_hostile_model_name(bundles: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+    import tarfile
+
+    evil = tmp_path / "evil.tar"  # a team's bundle whose manifest names "\x1b[2J..."
+    with tarfile.open(bundles["v2"]) as src, \
+            tarfile.open(evil, "w", format=tarfile.USTAR_FORMAT) as dst:
+        for m in src.getmembers():
+            data = src.extractfile(m).read()  # type: ignore[union-attr]
+            if m.name == "manifest.json":
+                doc = json.loads(data)
+                doc["name"] = "x\x1b]0;pwned\x07\x1b[2J"
+                data = json.dumps(doc).encode()
+                m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    assert main(["bundle", "diff", str(bundles["v1"]), str(evil)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "pwned" in out
