@@ -27,6 +27,17 @@ from tests.conftest import World
 MODEL = "classifier"
 
 
+@pytest.fixture
+def pub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    """The operator's side only (a repository on disk, no origin, no device): for the
+    tests that need no nginx; the stock-client tests use ``world``."""
+    from tests.conftest import _new_repo
+
+    repo_dir, keys, builds, repo, _ = _new_repo(tmp_path, monkeypatch)
+    return World(tmp_path, repo_dir, keys, repo, builds, tmp_path / "unused.toml",
+                 None, "", None)  # type: ignore[arg-type]
+
+
 def _blob(path: Path, seed: int, size: int = 1 << 20) -> Path:
     """Incompressible file data, the same for the same seed (a model's frozen layers)."""
     path.write_bytes(random.Random(seed).randbytes(size))
@@ -104,7 +115,8 @@ def test_publish_signs_the_index_in_the_same_targets_version(world: World, tmp_p
         [r1.target_path, r2.target_path]
 
 
-def test_publish_cli_prints_what_devices_fetch(world: World) -> None:
+def test_publish_cli_prints_what_devices_fetch(pub: World) -> None:
+    world = pub
     world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
     r = world.cli("publish", "--repo", str(world.repo_dir), "--keys", str(world.keys),
                   str(_release(world, "1.1.0", 2, blob_seed=7)))
@@ -118,7 +130,8 @@ def test_publish_cli_prints_what_devices_fetch(world: World) -> None:
         assert e.fetch is not None and 0.95 * e.full < e.fetch < 1.05 * e.full, e.text()
 
 
-def test_a_manifest_that_lies_is_refused_and_nothing_is_served(world: World) -> None:
+def test_a_manifest_that_lies_is_refused_and_nothing_is_served(pub: World) -> None:
+    world = pub
     good = _release(world, "1.0.0", 1, blob_seed=7)
     liar = world.builds / "liar.tar"
     with tarfile.open(good) as src, tarfile.open(liar, "w", format=tarfile.USTAR_FORMAT) as dst:
@@ -134,9 +147,10 @@ def test_a_manifest_that_lies_is_refused_and_nothing_is_served(world: World) -> 
 
 
 @pytest.mark.parametrize("when", ["after verify", "during the copy"])
-def test_a_bundle_changed_between_verify_and_cut_is_refused(world: World,
+def test_a_bundle_changed_between_verify_and_cut_is_refused(pub: World,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             when: str) -> None:
+    world = pub
     import modelward.publisher._repo as repo_mod
 
     world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
@@ -164,8 +178,9 @@ def test_a_bundle_changed_between_verify_and_cut_is_refused(world: World,
     stock_refresh(world.repo_dir)
 
 
-def test_a_link_planted_at_the_index_name_is_not_followed(world: World, tmp_path: Path
+def test_a_link_planted_at_the_index_name_is_not_followed(pub: World, tmp_path: Path
                                                           ) -> None:
+    world = pub
     from modelward.publisher._indexpub import index_of_bytes, index_target, served_name
 
     bundle = _release(world, "1.0.0", 1, blob_seed=7)
@@ -182,7 +197,8 @@ def test_a_link_planted_at_the_index_name_is_not_followed(world: World, tmp_path
     assert dest.stat().st_size == tf.length
 
 
-def test_a_tampered_earlier_index_is_not_believed(world: World) -> None:
+def test_a_tampered_earlier_index_is_not_believed(pub: World) -> None:
+    world = pub
     r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
     r2 = world.repo.publish(_release(world, "1.1.0", 2, blob_seed=8))  # other weights
     d = world.repo_dir / "targets" / MODEL
@@ -203,7 +219,8 @@ def test_a_tampered_earlier_index_is_not_believed(world: World) -> None:
     assert e2.fetch is not None and e2.fetch < r3.length // 4 and r2.index_path
 
 
-def test_careless_operator_same_version_twice_and_withdrawn(world: World) -> None:
+def test_careless_operator_same_version_twice_and_withdrawn(pub: World) -> None:
+    world = pub
     r1 = world.repo.publish(_release(world, "1.0.0", 1, blob_seed=7))
     before = _served(world)
     with pytest.raises(RepositoryStateError, match="published already"):
@@ -257,7 +274,8 @@ def _release_named(w: World, name: str, version: str) -> Path:
 
 
 def test_an_earlier_release_without_an_index_is_cut_from_its_bundle(
-        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+        pub: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world = pub
     import modelward.publisher._repo as repo_mod
     from modelward.publisher._indexpub import NewIndex
 
@@ -269,16 +287,27 @@ def test_an_earlier_release_without_an_index_is_cut_from_its_bundle(
     (e,) = r2.estimates
     assert e.fetch is not None and e.fetch < r2.length // 4
     assert e.note == "it has no chunk index: cut from its bundle", e.note
+    # its bundle replaced by a link (to a copy of it): not followed, "full bundle"
+    old = next((world.repo_dir / "targets" / MODEL).glob("*.classifier-1.0.0.tar"))
+    copy = world.builds / "old-copy.tar"
+    copy.write_bytes(old.read_bytes())
+    old.unlink()
+    old.symlink_to(copy)
+    r21 = world.repo.publish(_release(world, "1.1.1", 4, blob_seed=7))
+    e0 = next(x for x in r21.estimates if x.version == "1.0.0")
+    assert e0.fetch is None and "is not its signed bundle" in e0.note, e0.note
     # its bundle gone from the served directory: "full bundle", said so
-    next((world.repo_dir / "targets" / MODEL).glob("*.classifier-1.0.0.tar")).unlink()
+    old.unlink()
     r3 = world.repo.publish(_release(world, "1.2.0", 3, blob_seed=7))
     e1 = next(x for x in r3.estimates if x.version == "1.0.0")
     assert e1.fetch is None and "full bundle" in e1.text() and "not in the served" in e1.note
     e2 = next(x for x in r3.estimates if x.version == "1.1.0")
     assert e2.fetch is not None and e2.fetch < r3.length // 4
+    assert [x.version for x in r3.estimates] == ["1.1.1", "1.1.0", "1.0.0"]  # newest first
 
 
-def test_a_team_signed_version_string_is_escaped_in_the_estimates(world: World) -> None:
+def test_a_team_signed_version_string_is_escaped_in_the_estimates(pub: World) -> None:
+    world = pub
     from modelward.simulator._teams import team_sign
 
     world.repo.delegate("team", ["classifier/*"])  # one team key, used by its holder
@@ -291,10 +320,11 @@ def test_a_team_signed_version_string_is_escaped_in_the_estimates(world: World) 
     assert "devices on 9.9.9\\x1b]0;pwned" in r.stdout, r.stdout
 
 
-def test_an_index_a_device_would_refuse_is_not_published(world: World,
+def test_an_index_a_device_would_refuse_is_not_published(pub: World,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture
                                                          ) -> None:
+    world = pub
     from modelward.updater.bundle import _chunkindex
 
     monkeypatch.setattr(_chunkindex, "MAX_CHUNKS", 2)  # (as a bundle of ~100 GiB would)
