@@ -68,7 +68,7 @@ def check_ranges(ranges: Sequence[Range]) -> None:
             raise ValueError(f"range {i} is not an (offset, length) pair: {r!r}")
         off, ln = r
         if not (isinstance(off, int) and isinstance(ln, int)) or off < 0 or ln < 1 or \
-                off + ln > 2**63:
+                off + ln >= 2**63:
             raise ValueError(f"range {i} ({r!r}) is not an offset >= 0 and a length >= 1")
         if off < end:
             raise ValueError(f"range {i} ({r!r}) overlaps or precedes range {i - 1}")
