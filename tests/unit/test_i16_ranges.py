@@ -499,3 +499,22 @@ def test_mqtt_random_ranges_match() -> None:
     assert got == _want(ranges)
     _check_spans(spans, ranges)
     assert sum(n for _, n in conn.asked) == sum(n for _, n in ranges)
+
+
+def test_pace_stays_under_the_bridge_rate_over_every_interval() -> None:
+    """40/s in bursts of 20 never exceeds serve-mqtt's 50/s in bursts of 50 (its
+    TokenBucket, the same arithmetic), whatever the device's timing."""
+    from modelward.publisher._fairness import TokenBucket
+    from modelward.updater.transport._mqtt import Pace
+
+    rnd = random.Random(3)
+    for _ in range(20):
+        now = 100.0
+        pace, bridge = Pace(40.0, now), TokenBucket(50.0, 50, now)
+        for _ in range(2000):
+            now += rnd.choice([0.0, 0.0, 0.001, 0.01, 0.02, 0.3])
+            if pace.take(now):
+                assert bridge.take(1, now)
+            else:
+                assert pace.wait() > 0
+    assert Pace(0, 0.0).take(0.0) and Pace(0, 0.0).wait() == 0.0

@@ -110,6 +110,34 @@ def _user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
     return {str(k): str(v) for k, v in pairs}
 
 
+class Pace:
+    """A token bucket: at most ``rate`` events a second, in bursts of half a second's
+    worth (``rate`` 0: unlimited). Time is passed in.
+
+    ``serve-mqtt`` allows ``--device-requests-per-s`` (50) in bursts of as many: 40 a
+    second in bursts of 20 stays under it over every interval, with room for a refresh."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate / 2)
+        self.tokens, self.last = self.burst, now
+
+    def take(self, now: float) -> bool:
+        """Spend a token if one is there."""
+        if self.rate <= 0:
+            return True
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next token (after a refused :meth:`take`)."""
+        return 0.0 if self.rate <= 0 else max(0.001, (1 - self.tokens) / self.rate)
+
+
 class Inbox:
     """The receive queue between paho's thread and the fetch, bounded in messages and bytes.
 
@@ -452,6 +480,9 @@ class MqttFetcher(RangeFetcher):
         held = 0
         total: int | None = None
         nxt = deliver = 0  # indices into plan: the next to ask for, to hand on
+        # Small ranges mean many requests a second: paced under the bridge's rate, over
+        # which it drops them unanswered (each then waits out block_timeout).
+        pace = Pace(cfg.range_requests_per_s, time.monotonic())
 
         def ask(off: int, attempts: int) -> None:
             pending[off] = (time.monotonic() + cfg.block_timeout, attempts)
@@ -461,7 +492,11 @@ class MqttFetcher(RangeFetcher):
             if conn.lost.is_set():
                 raise tuf_exc.DownloadError(f"mqtt {path}: broker connection lost at "
                                             f"offset {plan[deliver][0]}")
+            paced = 0.0
             while nxt < len(plan) and len(pending) + len(buffered) < cfg.window:
+                if not pace.take(time.monotonic()):
+                    paced = pace.wait()
+                    break
                 ask(plan[nxt][0], 0)
                 nxt += 1
             now = time.monotonic()
@@ -479,7 +514,7 @@ class MqttFetcher(RangeFetcher):
             wait = max(0.0, min(d for d, _ in pending.values()) - time.monotonic()) \
                 if pending else cfg.block_timeout
             try:
-                msg = self._inbox.get(timeout=min(wait, 0.5))
+                msg = self._inbox.get(timeout=min(wait, 0.5, paced or 0.5))
             except queue.Empty:
                 continue
             try:
