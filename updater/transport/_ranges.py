@@ -36,7 +36,7 @@ MERGE_SLACK = 64 * 1024  # unrequested bytes one batch may bring (coalesced part
 MERGE_SLACK_SHARE = 16  # ... 1/16 of the batch's requested bytes
 
 Range = tuple[int, int]  # (offset, length)
-Piece = tuple[int, memoryview]  # (offset in the file, bytes)
+Piece = tuple[int, memoryview | bytes]  # (offset in the file, bytes): the brief's API
 
 _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")
 _CONTENT_RANGE = re.compile(rb"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
