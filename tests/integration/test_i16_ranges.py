@@ -250,6 +250,8 @@ HOSTILE: dict[str, tuple[Answer, str]] = {
         "whole file, of 1000 bytes"),
     "a 200 cut short": (
         lambda rs: (200, {}, iter([DATA[:1000]])), "the body ended at 1000"),
+    "a malformed Content-Length": (
+        lambda rs: (206, {**_MP, "Content-Length": "-1"}, iter([b""])), "Content-Length"),
     "a gzip body": (
         lambda rs: (206, {**_MP, "Content-Encoding": "gzip", "Content-Length": "10"},
                     iter([b"x" * 10])), "gzip"),
@@ -400,3 +402,22 @@ def test_mqtt_ranges_are_served_exactly(mqtt_world: MqttWorld) -> None:
     assert w.served_bytes("r.bin") == payload + 5  # the refused range: its 5 bytes
     assert "dropping requests" not in w.bridge_log.read_text()  # under its request rate
 
+
+
+def test_an_origin_that_stops_honouring_ranges_mid_fetch(
+        origin: _Origin, pki: tuple[CertPair, CertPair]) -> None:
+    """A 206 for the first batch, then a 200: the later batches come from that whole
+    file, each requested byte once."""
+    calls = []
+
+    def answer(rs: list[tuple[int, int]]) -> tuple[int, dict[str, str], Iterator[bytes]]:
+        calls.append(rs)
+        if len(calls) == 1:
+            return _multipart(_honest)(rs)
+        return 200, {"Content-Length": str(len(DATA))}, iter([DATA])
+
+    origin.answer = answer
+    ranges = [(i * 1000, 10) for i in range(MAX_BATCH_RANGES * 3)]  # three batches
+    f = _https(origin.url, pki[0].cert, read_timeout=5)
+    assert _fetch(f, origin.url + "/x", ranges) == _want(ranges)
+    assert len(calls) == 2 and f.bytes_received == sum(n for _, n in ranges)

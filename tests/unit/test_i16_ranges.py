@@ -38,6 +38,7 @@ from modelward.updater.transport._ranges import (
 
 DATA = random.Random(16).randbytes(200_000)
 B = b"00000000000000000001"
+_CLOSE = b"\r\n--" + B + b"--\r\n"
 RANGES = [(10, 100), (500, 1000), (5000, 1), (70_000, 20_000), (199_000, 1000)]
 
 
@@ -161,6 +162,10 @@ def test_bad_content_ranges_are_refused(value: str) -> None:
         parse_content_range(value)
 
 
+def test_content_range_unit_is_case_insensitive() -> None:
+    assert parse_content_range("Bytes 1-2/3").last == 2
+
+
 def test_content_range_with_unknown_total() -> None:
     cr = parse_content_range(" bytes 0-9/* ")
     assert (cr.first, cr.last, cr.total) == (0, 9, None)
@@ -187,6 +192,16 @@ def test_transport_padding_after_a_boundary_is_allowed() -> None:
     assert _read(body, RANGES[:1])[0] == _want(RANGES[:1])
 
 
+def test_a_delimiter_inside_a_part_s_data_is_data() -> None:
+    """Parts are delimited by their Content-Range's length, never by scanning for the
+    boundary: a file that holds the delimiter (an origin that knows the boundary it will
+    use) cannot end or start a part."""
+    evil = b"\r\n--" + B + b"\r\nContent-Range: bytes 0-9/200000\r\n\r\n" + b"x" * 10
+    body = _part(10, 10 + len(evil) - 1, data=evil) + _CLOSE
+    got, _ = _read(body, [(10, len(evil))], 5)
+    assert got == evil
+
+
 def test_a_coalesced_part_yields_only_the_requested_bytes() -> None:
     ranges = [(10, 100), (200, 50), (300, 10), (5000, 10)]
     body = _part(10, 309) + _part(5000, 5009) + b"\r\n--" + B + b"--\r\n"
@@ -203,8 +218,6 @@ def test_a_coalesced_part_beyond_the_slack_is_refused() -> None:
 
 
 # --- the multipart reader: a malicious origin ------------------------------------
-
-_CLOSE = b"\r\n--" + B + b"--\r\n"
 
 HOSTILE: dict[str, tuple[bytes, str]] = {
     "an extra part": (_nginx(RANGES)[:-len(_CLOSE)] + _part(0, 5) + _CLOSE, "beyond"),

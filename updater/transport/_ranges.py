@@ -39,7 +39,8 @@ Range = tuple[int, int]  # (offset, length)
 Piece = tuple[int, memoryview | bytes]  # (offset in the file, bytes): the brief's API
 
 _BCHARS = re.compile(r"[0-9A-Za-z'()+_,\-./:=?]{1,70}")
-_CONTENT_RANGE = re.compile(rb"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)")
+_CONTENT_RANGE = re.compile(rb"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19}|\*)",
+                            re.IGNORECASE)  # (range units compare case-insensitively)
 
 
 class RangeAnswerError(tuf_exc.DownloadError):
