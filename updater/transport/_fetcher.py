@@ -218,6 +218,8 @@ class RangeFetcher(FetcherInterface):
         native way; the in-memory harness): what lies between them is read and dropped."""
         chunks, pos = self.fetch_from(url, ranges[0][0])
         cover = Cover(ranges)
+        if pos > ranges[0][0]:
+            raise RangeAnswerError(f"a stream from {pos}, past the range at {ranges[0][0]}")
         try:
             for chunk in chunks:
                 view = memoryview(chunk)[:max(0, cover.last_end - pos)]
