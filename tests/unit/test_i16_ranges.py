@@ -14,6 +14,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tuf.api import exceptions as tuf_exc
 
 from modelward.updater._config import MqttConfig
@@ -531,3 +533,40 @@ def test_pace_stays_under_the_bridge_rate_over_every_interval() -> None:
             else:
                 assert pace.wait() > 0
     assert Pace(0, 0.0).take(0.0) and Pace(0, 0.0).wait() == 0.0
+
+
+# --- property: any mangling of an honest body -------------------------------------
+
+_HONEST = _nginx(RANGES[:3])
+
+
+@settings(max_examples=400, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(_HONEST)), st.integers(0, 2),
+                                st.binary(min_size=0, max_size=8)), max_size=4),
+       cut=st.integers(0, len(_HONEST)), step=st.integers(1, 5000))
+def test_any_mangled_body_gives_requested_bytes_or_a_typed_error(
+        edits: list[tuple[int, int, bytes]], cut: int, step: int) -> None:
+    """Flipped, inserted, deleted bytes and truncation: the reader hands on only bytes
+    inside the requested ranges, each at most once and in order, buffers at most a part
+    header, and fails with RangeAnswerError and nothing else."""
+    body = bytearray(_HONEST)
+    for at, kind, data in edits:
+        if kind == 0:
+            body[at:at] = data
+        elif kind == 1:
+            del body[at:at + len(data) + 1]
+        else:
+            body[at:at + len(data)] = data
+    body = body[:max(cut, len(body) // 2)]
+    r = ByteRangesReader(B, RANGES[:3])
+    last_end = -1
+    try:
+        for i in range(0, len(body), step):
+            for off, piece in r.feed(bytes(body[i:i + step])):
+                assert any(o <= off and off + len(piece) <= o + n for o, n in RANGES[:3])
+                assert off >= last_end  # in order, never twice
+                last_end = off + len(piece)
+            assert len(r._buf) <= MAX_PART_HEADER + 4 + MAX_PREAMBLE  # noqa: SLF001
+        r.finish()
+    except RangeAnswerError:
+        pass
