@@ -570,3 +570,9 @@ def test_any_mangled_body_gives_requested_bytes_or_a_typed_error(
         r.finish()
     except RangeAnswerError:
         pass
+
+
+def test_a_part_after_the_last_range_is_refused_before_its_header_is_read() -> None:
+    body = _nginx(RANGES[:1])[:-len(_CLOSE)] + b"\r\n--" + B + b"\r\nX: " + b"x" * 5000
+    with pytest.raises(RangeAnswerError, match="beyond the 1 requested"):
+        _read(body, RANGES[:1], 64)
