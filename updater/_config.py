@@ -122,6 +122,9 @@ class MqttConfig:
             :meth:`packet_limit`); a larger packet ends the connection.
         queue_bytes: payload bytes buffered at most between the network thread and the
             fetch (0: ``window`` packets); junk beyond it is dropped, counted and logged.
+        range_requests_per_s: block requests a range fetch sends per second at most, in
+            bursts of 0.5 s' worth (the bridge drops what is over its per-device rate, 50/s
+            by default, and a dropped block waits out ``block_timeout``); 0: unpaced.
     """
 
     host: str
@@ -141,6 +144,7 @@ class MqttConfig:
     queue_limit: int = 256
     max_packet_size: int = 0
     queue_bytes: int = 0
+    range_requests_per_s: float = 40.0
 
     def packet_limit(self) -> int:
         """The Maximum Packet Size this client asks for: a block, its header and topic."""

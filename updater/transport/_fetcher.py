@@ -7,7 +7,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import requests
@@ -20,6 +20,20 @@ from urllib3.connectionpool import HTTPSConnectionPool
 
 from modelward.updater._config import HttpsConfig
 from modelward.updater.errors import OperatorInputError
+from modelward.updater.transport._ranges import (
+    ByteRangesReader,
+    Cover,
+    Piece,
+    Range,
+    RangeAnswerError,
+    batch_ranges,
+    check_ranges,
+    framing_bound,
+    merge_slack,
+    parse_boundary,
+    parse_content_range,
+    range_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +120,12 @@ class RangeFetcher(FetcherInterface):
 
     Attributes:
         bytes_received: payload bytes received so far (metrics).
+        range_skipped: bytes received for :meth:`fetch_ranges` that were not asked for
+            (multipart framing, gaps of coalesced parts, an origin that ignores ranges).
     """
 
     bytes_received: int = 0
+    range_skipped: int = 0
     last_url: str = ""
     metadata_timeout: float = 120.0  # seconds one metadata download may take in all
 
@@ -168,6 +185,62 @@ class RangeFetcher(FetcherInterface):
     def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         return self._fetch(url), 0
 
+    def fetch_ranges(self, url: str, ranges: Sequence[Range]) -> Iterator[Piece]:
+        """The bytes of ``url`` in ``ranges`` ((offset, length) pairs, sorted,
+        non-overlapping): (offset, data) pieces that cover each range exactly, in order, and
+        nothing outside them. Memory stays bounded (a piece is at most one read).
+
+        Raises:
+            ValueError: ``ranges`` breaks that contract (at once, not while iterating).
+            tuf.api.exceptions.DownloadError: while iterating: the transfer failed or the
+                origin's answer does not match the ranges (:class:`RangeAnswerError`).
+        """
+        check_ranges(ranges)
+        self.last_url = url
+        return self._guarded_ranges(url, list(ranges))
+
+    def _guarded_ranges(self, url: str, ranges: list[Range]) -> Iterator[Piece]:
+        if not ranges:
+            return
+        try:
+            yield from self._fetch_ranges(url, ranges)
+        except RangeAnswerError as e:
+            if e.url:
+                raise
+            raise RangeAnswerError(str(e), url) from e
+        except tuf_exc.DownloadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - FetcherInterface contract: wrap the rest
+            raise tuf_exc.DownloadError(f"Failed to download {url}") from e
+
+    def _fetch_ranges(self, url: str, ranges: list[Range]) -> Iterator[Piece]:
+        """Ranges from one stream that starts at the first one (a transport without a
+        native way; the in-memory harness): what lies between them is read and dropped."""
+        chunks, pos = self.fetch_from(url, ranges[0][0])
+        cover = Cover(ranges)
+        if pos > ranges[0][0]:
+            raise RangeAnswerError(f"a stream from {pos}, past the range at {ranges[0][0]}")
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)[:max(0, cover.last_end - pos)]
+                yield from cover.pieces(pos, view)
+                pos += len(view)
+                if cover.done:
+                    break
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        self.range_skipped += cover.skipped
+        if not cover.done:
+            raise RangeAnswerError(f"the file ended at {pos}, before the end of the range "
+                                   f"at {ranges[cover.index][0]}")
+
+    def _counted(self, pieces: Iterable[Piece]) -> Iterator[Piece]:
+        for off, data in pieces:
+            self.bytes_received += len(data)
+            yield off, data
+
 
 class RequestsFetcher(RangeFetcher):
     """HTTPS fetcher on a persistent ``requests.Session``, with the origin's CA pinned.
@@ -217,7 +290,8 @@ class RequestsFetcher(RangeFetcher):
             )
         return resp
 
-    def _chunks(self, resp: requests.Response, url: str) -> Iterator[bytes]:
+    def _chunks(self, resp: requests.Response, url: str, limit: int | None = None,
+                count: bool = True) -> Iterator[bytes]:
         """The body in chunks that adapt to the link: one that fills in under 50 ms
         doubles the next (up to ``chunk_size``), one that takes over a second halves it.
 
@@ -229,6 +303,9 @@ class RequestsFetcher(RangeFetcher):
         plain ``read(size)`` returned only once full: a byte every 0.2 s held its 64 KiB
         for 3.6 h, under ``read_timeout`` and never measured against ``min_speed``.
 
+        At most ``limit`` bytes are read (None: to the end); ``count``: add them to
+        :attr:`bytes_received` (range answers count only the requested bytes).
+
         Raises:
             tuf.api.exceptions.SlowRetrievalError: under ``min_speed`` over a window.
             tuf.api.exceptions.DownloadError: the transfer broke off.
@@ -237,13 +314,17 @@ class RequestsFetcher(RangeFetcher):
         size = min(_FIRST_READ, cfg.chunk_size)
         window_start, window_bytes = time.monotonic(), 0
         raw = resp.raw
+        left = -1 if limit is None else limit  # (-1: no limit)
         try:
-            while True:
+            while left:
                 started = now = time.monotonic()
                 parts: list[bytes] = []
                 have = 0
                 while have < size and now - started <= _LONGEST_CHUNK:
-                    part = raw.read1(size - have, decode_content=False)
+                    want = size - have if left < 0 else min(size - have, left - have)
+                    if not want:
+                        break
+                    part = raw.read1(want, decode_content=False)
                     if not part:
                         break
                     parts.append(part)
@@ -264,8 +345,13 @@ class RequestsFetcher(RangeFetcher):
                     size = min(size * 2, cfg.chunk_size)
                 elif took > 1.0:
                     size = max(size // 2, _SMALLEST_READ)
-                self.bytes_received += have
+                if count:
+                    self.bytes_received += have
+                if left > 0:
+                    left -= have
                 yield parts[0] if len(parts) == 1 else b"".join(parts)
+            if limit is not None and raw.length_remaining == 0:
+                raw.read(0, decode_content=False)  # at the end: the connection is reused
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
         finally:
@@ -280,6 +366,127 @@ class RequestsFetcher(RangeFetcher):
         start = offset if resp.status_code == 206 else 0
         return self._chunks(resp, url), start
 
+    def _fetch_ranges(self, url: str, ranges: list[Range]) -> Iterator[Piece]:
+        """Multi-range requests of :func:`batch_ranges`, each answer streamed."""
+        done = 0
+        for batch in batch_ranges(ranges):
+            resp = self._get(url, {"Accept-Encoding": "identity",
+                                   "Range": range_header(batch)})
+            if resp.status_code == 200:
+                logger.warning("%s ignores Range requests: reading it from the start up to "
+                               "the last range's end", url)
+                yield from self._ranges_of_whole(resp, url, ranges[done:])
+                return
+            yield from self._ranges_of_partial(resp, url, batch)
+            done += len(batch)
+
+    def _ranges_of_whole(self, resp: requests.Response, url: str,
+                         ranges: list[Range]) -> Iterator[Piece]:
+        """A 200 (the origin ignored the ranges): the requested bytes, up to the last."""
+        cover = Cover(ranges)
+        pos = 0
+        try:
+            _check_identity(resp)
+            length = _content_length(resp)
+            if length is not None and length < cover.last_end:
+                raise RangeAnswerError(f"the origin sends the whole file, of {length} bytes, "
+                                       f"and the ranges end at {cover.last_end}")
+            for chunk in self._chunks(resp, url, limit=cover.last_end, count=False):
+                yield from self._counted(cover.pieces(pos, memoryview(chunk)))
+                pos += len(chunk)
+        finally:
+            resp.close()
+            self.range_skipped += cover.skipped
+        if not cover.done:
+            raise RangeAnswerError(f"the body ended at {pos}, before the end of the range "
+                                   f"at {ranges[cover.index][0]}")
+
+    def _ranges_of_partial(self, resp: requests.Response, url: str,
+                           batch: list[Range]) -> Iterator[Piece]:
+        """A 206: one part (``Content-Range``) or ``multipart/byteranges``."""
+        try:
+            _check_identity(resp)
+            if "Content-Range" in resp.headers:
+                yield from self._single_part(resp, url, batch)
+            else:
+                yield from self._multipart(resp, url, batch)
+        finally:
+            resp.close()
+
+    def _single_part(self, resp: requests.Response, url: str,
+                     batch: list[Range]) -> Iterator[Piece]:
+        if resp.headers.get("Content-Type", "").lower().startswith("multipart/"):
+            raise RangeAnswerError("a multipart 206 with a Content-Range header")
+        cr = parse_content_range(resp.headers["Content-Range"])
+        cover = Cover(batch)
+        last = cover.span_for(cr)
+        span = cr.last + 1 - cr.first
+        if last != len(batch) - 1:
+            raise RangeAnswerError(f"one range, bytes {cr.first}-{cr.last}, answers only "
+                                   f"{last + 1} of the {len(batch)} ranges asked")
+        if span - sum(ln for _, ln in batch) > merge_slack(batch):
+            raise RangeAnswerError(f"bytes {cr.first}-{cr.last} coalesce more unrequested "
+                                   "bytes than allowed")
+        length = _content_length(resp)
+        if length is not None and length != span:
+            raise RangeAnswerError(f"a Content-Length of {length} for bytes "
+                                   f"{cr.first}-{cr.last}")
+        pos = cr.first
+        for chunk in self._chunks(resp, url, limit=span, count=False):
+            yield from self._counted(cover.pieces(pos, memoryview(chunk)))
+            pos += len(chunk)
+        self.range_skipped += cover.skipped
+        if pos <= cr.last:
+            raise RangeAnswerError(f"the body ended at {pos}, before the end of bytes "
+                                   f"{cr.first}-{cr.last}")
+
+    def _multipart(self, resp: requests.Response, url: str,
+                   batch: list[Range]) -> Iterator[Piece]:
+        boundary = parse_boundary(resp.headers.get("Content-Type", ""))
+        reader = ByteRangesReader(boundary, batch)
+        asked = sum(ln for _, ln in batch)
+        bound = asked + merge_slack(batch) + framing_bound(batch, boundary)
+        length = _content_length(resp)
+        if length is not None and length > bound:
+            raise RangeAnswerError(f"a multipart body of {length} bytes for {asked} bytes "
+                                   f"in {len(batch)} ranges (at most {bound})")
+        got, before = 0, self.bytes_received
+        for chunk in self._chunks(resp, url, limit=bound if length is None else length,
+                                  count=False):
+            got += len(chunk)
+            yield from self._counted(reader.feed(chunk))
+            if reader.done and length is None:
+                break
+        self.range_skipped += got - (self.bytes_received - before)
+        if not reader.done and got >= bound:
+            raise RangeAnswerError(f"a multipart body over {bound} bytes for {asked} bytes "
+                                   f"in {len(batch)} ranges")
+        reader.finish()
+
     def close(self) -> None:
         """Close pooled connections."""
         self._session.close()
+
+
+def _check_identity(resp: requests.Response) -> None:
+    """Refuse an encoded body (identity was asked for: offsets count raw bytes)."""
+    enc = resp.headers.get("Content-Encoding", "identity").strip().lower()
+    if enc not in ("", "identity"):
+        raise RangeAnswerError(f"a body in Content-Encoding {enc[:40]!r} (asked: identity)")
+
+
+def _content_length(resp: requests.Response) -> int | None:
+    """The stated Content-Length (None: none, or chunked).
+
+    Raises:
+        RangeAnswerError: not a decimal number.
+    """
+    if "Transfer-Encoding" in resp.headers:
+        return None
+    value = resp.headers.get("Content-Length")
+    if value is None:
+        return None
+    value = value.strip()
+    if not (value.isascii() and value.isdecimal() and len(value) <= 19):
+        raise RangeAnswerError(f"a malformed Content-Length {value[:40]!r}")
+    return int(value)

@@ -42,6 +42,7 @@ from modelward.updater.transport._mqttconn import (
     parse_broker_url,
     publish_properties,
 )
+from modelward.updater.transport._ranges import Piece, Range
 
 __all__ = [
     "MQTT_METADATA_URL",
@@ -107,6 +108,34 @@ def _user_props(msg: mqtt.MQTTMessage) -> dict[str, str]:
     props = getattr(msg, "properties", None)
     pairs = getattr(props, "UserProperty", None) or []
     return {str(k): str(v) for k, v in pairs}
+
+
+class Pace:
+    """A token bucket: at most ``rate`` events a second, in bursts of half a second's
+    worth (``rate`` 0: unlimited). Time is passed in.
+
+    ``serve-mqtt`` allows ``--device-requests-per-s`` (50) in bursts of as many: 40 a
+    second in bursts of 20 stays under it over every interval, with room for a refresh."""
+
+    def __init__(self, rate: float, now: float) -> None:
+        self.rate = rate
+        self.burst = max(1.0, rate / 2)
+        self.tokens, self.last = self.burst, now
+
+    def take(self, now: float) -> bool:
+        """Spend a token if one is there."""
+        if self.rate <= 0:
+            return True
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+    def wait(self) -> float:
+        """Seconds until the next token (after a refused :meth:`take`)."""
+        return 0.0 if self.rate <= 0 else max(0.001, (1 - self.tokens) / self.rate)
 
 
 class Inbox:
@@ -250,13 +279,14 @@ class MqttFetcher(RangeFetcher):
                                "receive queue full", dropped, size, self._resp_topic, path,
                                extra={"dropped": dropped, "dropped_bytes": size})
 
-    def _request(self, conn: MqttConnection, session: bytes, path: str, off: int) -> None:
+    def _request(self, conn: MqttConnection, session: bytes, path: str, off: int,
+                 length: int | None = None) -> None:
         props = publish_properties()
         props.ResponseTopic = self._resp_topic
         props.CorrelationData = _corr(session, off)
-        body = json.dumps({"path": path, "offset": off, "length": self.cfg.block_size,
-                           "format": 2})
-        self.requested_bytes += self.cfg.block_size
+        length = self.cfg.block_size if length is None else length
+        body = json.dumps({"path": path, "offset": off, "length": length, "format": 2})
+        self.requested_bytes += length
         try:
             conn.publish(self._req_topic, body.encode(), props)
         except TransportError as e:
@@ -348,8 +378,12 @@ class MqttFetcher(RangeFetcher):
         path: str,
         pending: dict[int, tuple[float, int]],
         total: int | None,
+        asked: dict[int, int] | None = None,
     ) -> tuple[int, memoryview, int] | None:
-        """Validate one response; None (and a log line) for anything to ignore."""
+        """Validate one response; None (and a log line) for anything to ignore.
+
+        ``asked``: offset -> the length asked for (a range fetch); None: a block each.
+        """
         corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
         if not isinstance(corr, bytes) or len(corr) != 16 or corr[:8] != session:
             logger.warning("ignoring a message on %r with unknown correlation data", msg.topic)
@@ -390,11 +424,123 @@ class MqttFetcher(RangeFetcher):
             return None
         if total is not None and size != total:
             raise tuf_exc.DownloadError(f"mqtt {path}: file size changed during the download")
-        expected = max(0, min(self.cfg.block_size, size - off))
+        if asked is None:
+            expected = max(0, min(self.cfg.block_size, size - off))
+        else:
+            expected = asked[off]
+            if off + expected > size:
+                raise tuf_exc.DownloadError(f"mqtt {path}: the file has {size} bytes, the "
+                                            f"range asked at {off} ends at {off + expected}")
         if len(payload) != expected:
             logger.warning("ignoring a block of %s at %d with %d bytes (expected %d)",
                            path, off, len(payload), expected)
             return None
         return off, payload, size
 
+    # --- ranges -----------------------------------------------------------------------
 
+    def _fetch_ranges(self, url: str, ranges: list[Range]) -> Iterator[Piece]:
+        """Each range in blocks of at most ``block_size`` (offset and length), through the
+        same window of requests as a whole file."""
+        u = urlparse(url)
+        if u.scheme != "mqtt":
+            raise tuf_exc.DownloadError(f"{url} is not an mqtt:// URL")
+        try:
+            conn = self._connection()
+        except TransportError as e:
+            raise tuf_exc.DownloadError(str(e)) from e
+        path = u.path.lstrip("/")
+        plan = [(off, min(self.cfg.block_size, o + ln - off))
+                for o, ln in ranges for off in range(o, o + ln, self.cfg.block_size)]
+        self._inbox.start()
+        try:
+            try:
+                conn.subscribe(self._resp_topic)
+            except TransportError as e:
+                raise tuf_exc.DownloadError(f"mqtt {path}: {e}") from e
+            yield from self._range_blocks(conn, path, plan)
+        finally:
+            conn.unsubscribe(self._resp_topic)
+            dropped, size = self._inbox.stop()
+            if dropped:
+                logger.warning("dropped %d messages (%d bytes) on %s while fetching ranges "
+                               "of %s: receive queue full", dropped, size, self._resp_topic,
+                               path, extra={"dropped": dropped, "dropped_bytes": size})
+
+    def _range_blocks(self, conn: MqttConnection, path: str,
+                      plan: list[tuple[int, int]]) -> Iterator[Piece]:
+        """The blocks of ``plan`` ((offset, length), in order), ``window`` in flight."""
+        cfg = self.cfg
+        session = secrets.token_bytes(8)
+        asked = dict(plan)
+        pending: dict[int, tuple[float, int]] = {}  # offset -> (deadline, attempts)
+        busy: dict[int, int] = {}
+        paused: set[int] = set()
+        buffered: dict[int, memoryview] = {}
+        held = 0
+        total: int | None = None
+        nxt = deliver = 0  # indices into plan: the next to ask for, to hand on
+        # Small ranges mean many requests a second: paced under the bridge's rate, over
+        # which it drops them unanswered (each then waits out block_timeout).
+        pace = Pace(cfg.range_requests_per_s, time.monotonic())
+
+        def ask(off: int, attempts: int) -> None:
+            pending[off] = (time.monotonic() + cfg.block_timeout, attempts)
+            self._request(conn, session, path, off, asked[off])
+
+        while deliver < len(plan):
+            if conn.lost.is_set():
+                raise tuf_exc.DownloadError(f"mqtt {path}: broker connection lost at "
+                                            f"offset {plan[deliver][0]}")
+            paced = 0.0
+            while nxt < len(plan) and len(pending) + len(buffered) < cfg.window:
+                if not pace.take(time.monotonic()):
+                    paced = pace.wait()
+                    break
+                ask(plan[nxt][0], 0)
+                nxt += 1
+            now = time.monotonic()
+            for off, (deadline, attempts) in list(pending.items()):
+                if deadline <= now and off in paused:
+                    paused.discard(off)
+                    ask(off, attempts)
+                elif deadline <= now:
+                    if attempts >= cfg.max_retries:
+                        raise tuf_exc.DownloadError(
+                            f"mqtt {path}: no answer for offset {off} after "
+                            f"{attempts + 1} requests")
+                    logger.info("re-requesting %s at offset %d", path, off)
+                    ask(off, attempts + 1)
+            wait = max(0.0, min(d for d, _ in pending.values()) - time.monotonic()) \
+                if pending else cfg.block_timeout
+            try:
+                msg = self._inbox.get(timeout=min(wait, 0.5, paced or 0.5))
+            except queue.Empty:
+                continue
+            try:
+                got = self._accept(msg, session, path, pending, total, asked)
+            except _Busy as b:
+                n = busy[b.offset] = busy.get(b.offset, 0) + 1
+                if n > MAX_BUSY:
+                    raise tuf_exc.DownloadError(
+                        f"mqtt {path}: the bridge stayed busy for offset {b.offset} "
+                        f"({n} refusals)") from None
+                pending[b.offset] = (time.monotonic() + busy_pause(n), pending[b.offset][1])
+                paused.add(b.offset)
+                continue
+            if got is None:
+                continue
+            off, data, total = got
+            del pending[off]
+            paused.discard(off)
+            buffered[off] = data
+            held += len(data)
+            while deliver < len(plan) and plan[deliver][0] in buffered:
+                start = plan[deliver][0]
+                chunk = buffered.pop(start)
+                held -= len(chunk)
+                deliver += 1
+                self.bytes_received += len(chunk)
+                self._inbox.hold(held + len(chunk))  # (as in _blocks)
+                yield start, chunk
+            self._inbox.hold(held)
