@@ -1,0 +1,51 @@
+"""Attack (issue 16, a team key holder): a range fetch over MQTT plans every
+block of every range before it asks for the first (``_fetch_ranges``: ``plan`` and
+``asked``, a tuple and a dict entry per block): the memory grows with the bytes asked, not
+with the window in flight. A team signs a large target and an index whose chunks a device
+does not hold; one range of 1 GiB at 4 KiB blocks is 256 Ki blocks planned at once (~40 MiB;
+1 TiB at the default 1 MiB blocks: 1 Mi blocks, ~156 MiB)."""
+
+from __future__ import annotations
+
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from modelward.updater._config import MqttConfig
+from modelward.updater.transport._mqtt import MqttFetcher
+from tests.unit.test_i16_ranges import BS, _FakeConn
+
+
+class _Zeros:
+    """A file of ``n`` zero bytes, without holding them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, s: slice) -> bytes:
+        return bytes(min(s.stop, self.n) - s.start)
+
+
+@pytest.mark.xfail(strict=True, reason="MqttFetcher._fetch_ranges builds the whole block plan "
+                   "(and the offset->length dict) before the first request: 256 Ki blocks "
+                   "cost ~40 MiB before one byte arrives (updater/transport/_mqtt.py)")
+def test_an_mqtt_range_fetch_plans_in_bounded_memory() -> None:
+    size = 1 << 30
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4)
+    f = MqttFetcher(c)
+    conn: Any = _FakeConn(f, _Zeros(size), lambda r, corr, a: a)  # type: ignore[arg-type]
+    f._conn = conn  # noqa: SLF001
+    tracemalloc.start()
+    try:
+        it = f.fetch_ranges("mqtt://repo/targets/x", [(0, size)])
+        off, piece = next(it)
+        _, peak = tracemalloc.get_traced_memory()
+        it.close()  # type: ignore[attr-defined]
+    finally:
+        tracemalloc.stop()
+    assert off == 0 and len(piece) == BS
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB before the first block was handed on"
