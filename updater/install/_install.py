@@ -39,6 +39,7 @@ from modelward.updater.errors import (
     TargetHashError,
 )
 from modelward.updater.idle import Gate
+from modelward.updater.install import _delta
 from modelward.updater.install._boot import BootResult as BootResult
 from modelward.updater.install._boot import boot_check as boot_check
 from modelward.updater.install._boot import reconcile, slot_matches
@@ -508,11 +509,21 @@ def _attempt(
     incoming = dev.slots.incoming
     staged: Stage | None = None
     try:
-        staged, manifest, entries = download_and_extract(
-            session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
-            gate=gate,
-        )
+        _check_target(newest.target, cfg.max_bundle_bytes)  # (before either path uses it)
+        staged, manifest, entries, index, delta = _delta.fetch_release(
+            session, fetcher, _delta.Release(newest.target, name, version,
+                                             newest.fingerprint, newest.role),
+            cfg.state_dir, dev.staging, incoming, _delta.slot_bases(cfg.state_dir,
+                                                                    dev.slots.root, [
+                (label, ref.slot, ref.fingerprint)
+                for label, ref in (("active", active), ("previous", record.previous))
+                if ref is not None]),
+            gate, lambda: download_and_extract(session, fetcher, newest.target, dev.staging,
+                                               incoming, cfg.max_bundle_bytes, gate=gate))
+        if delta:
+            fields["detail"] = delta
         step("staged")
+        fields.pop("detail", None)
         if (manifest.name, manifest.version) != (name, version):
             raise FingerprintMismatchError(
                 f"bundle says {manifest.name} {manifest.version}, its signed target says "
@@ -579,6 +590,8 @@ def _attempt(
     dev.slots.activate(slot)
     staged.forget()
     step("active")
+    if index is not None:  # where the next delta finds this slot's chunks (a hint only)
+        _delta.write_hint(cfg.state_dir, index, [active.fingerprint] if active else [])
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
 
 
