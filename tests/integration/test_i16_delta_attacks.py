@@ -177,3 +177,43 @@ def test_planted_hint_and_links_in_the_stage_are_not_believed_nor_followed(
     assert fetched == fetch_bytes(ix2, {c.sha256 for f in ix1.files for c in f.chunks})
     journal = json.loads((world.state / "journal.json").read_bytes())
     assert journal["step"] == "active"
+
+
+def test_delta_files_changed_before_the_seal_fall_back_to_the_whole_bundle(
+        world: World, delta_log: logging.Handler, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The disk changes a file after its chunks were hashed (or a signed index lies about
+    the files): the fingerprint from disk is the anchor, and the whole bundle comes once."""
+    from modelward.updater.install import _delta
+
+    _, ix1, b2, ix2 = _v1_then_v2(world)
+    real = _delta.assemble
+
+    def racing(*a, **kw):  # type: ignore[no-untyped-def]
+        out = real(*a, **kw)
+        m = out[0].incoming / "model.onnx"
+        blob = bytearray(m.read_bytes())
+        blob[100] ^= 1  # after the chunk was hashed, before the seal
+        m.write_bytes(bytes(blob))
+        return out
+
+    monkeypatch.setattr(_delta, "assemble", racing)
+    with caplog.at_level(logging.WARNING, "modelward.updater.install._install"):
+        world.update()
+    assert world.active_version() == "2.0.0"
+    assert "the delta's files are not the signed ones" in caplog.text
+    assert bundle_gets(world, "2.0.0")[-1] == (200, b2.stat().st_size, "")
+    r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert r.returncode == 0, r.stderr
+
+
+def test_index_missing_on_the_origin_falls_back_to_the_whole_bundle(
+        world: World, delta_log: logging.Handler) -> None:
+    _, ix1, b2, ix2 = _v1_then_v2(world)
+    next(b2.parent.glob("*.chunks.json")).unlink()  # (v1's and v2's: whichever first)
+    for p in b2.parent.glob("*.chunks.json"):
+        p.unlink()
+    world.update()
+    assert world.active_version() == "2.0.0"
+    assert "whole bundle" in (world.tmp / "delta.log").read_text()
+    assert bundle_gets(world, "2.0.0") == [(200, b2.stat().st_size, "")]

@@ -510,6 +510,11 @@ def _attempt(
     staged: Stage | None = None
     try:
         _check_target(newest.target, cfg.max_bundle_bytes)  # (before either path uses it)
+
+        def whole() -> tuple[Stage, Manifest, list[FileEntry]]:
+            return download_and_extract(session, fetcher, newest.target, dev.staging,
+                                        incoming, cfg.max_bundle_bytes, gate=gate)
+
         staged, manifest, entries, index, delta = _delta.fetch_release(
             session, fetcher, _delta.Release(newest.target, name, version,
                                              newest.fingerprint, newest.role),
@@ -518,8 +523,7 @@ def _attempt(
                 (label, ref.slot, ref.fingerprint)
                 for label, ref in (("active", active), ("previous", record.previous))
                 if ref is not None]),
-            gate, lambda: download_and_extract(session, fetcher, newest.target, dev.staging,
-                                               incoming, cfg.max_bundle_bytes, gate=gate))
+            gate, whole)
         if delta:
             fields["detail"] = delta
         step("staged")
@@ -540,7 +544,20 @@ def _attempt(
         # The health check's inputs, copied once from the files on disk into sealed
         # memory and fingerprinted from those copies: the child loads exactly the bytes
         # verified here (a disk that rewrites the stage afterwards changes nothing it sees).
-        sealed = _seal_on_disk(incoming, newest, manifest, entries, "before its health check")
+        try:
+            sealed = _seal_on_disk(incoming, newest, manifest, entries,
+                                   "before its health check")
+        except StagedFilesChangedError as e:
+            if not delta:
+                raise
+            # (assembled from chunks that matched their signed hashes, yet not the signed
+            # files: an index that lies, or a disk that changed them; the whole bundle once)
+            logger.warning("%s %s: the delta's files are not the signed ones (%s): whole "
+                           "bundle", name, version, e)
+            staged.discard()
+            staged, manifest, entries = whole()
+            sealed = _seal_on_disk(incoming, newest, manifest, entries,
+                                   "before its health check")
         with sealed:
             step("verified")
             gate.wait_idle("health check")
