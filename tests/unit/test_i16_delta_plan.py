@@ -326,3 +326,64 @@ def test_index_targets_are_no_candidates_and_not_warned_about(
     with caplog.at_level(logging.DEBUG):
         assert _candidate(Found(path, t, "targets"), "classifier") is None
     assert not caplog.records
+
+
+# -- transports that misbehave -------------------------------------------------------------
+
+
+class _Liar(_Fake):
+    """fetch_ranges that sends what ``shape`` makes of the honest pieces."""
+
+    def __init__(self, data: bytes, shape: str) -> None:
+        super().__init__(data, native=True)
+        self.shape = shape
+
+    def _ranges(self, url: str, ranges: Sequence[tuple[int, int]]
+                ) -> Iterator[tuple[int, bytes]]:
+        pieces = list(super()._ranges(url, ranges))
+        if self.shape == "reordered":
+            pieces[0], pieces[1] = pieces[1], pieces[0]
+        elif self.shape == "outside":  # a byte before the range
+            off, data = pieces[0]
+            pieces[0] = (off - 1, self.data[off - 1:off] + data)
+        elif self.shape == "short":
+            pieces = pieces[:-1]
+        elif self.shape == "overlong":
+            off, data = pieces[-1]
+            pieces[-1] = (off, data + b"x")
+        yield from pieces
+
+
+@pytest.mark.parametrize("shape", ["reordered", "outside", "short", "overlong"])
+def test_a_transport_that_sends_other_bytes_is_refused(tmp_path: Path, release,  # type: ignore[no-untyped-def]
+                                                       shape: str) -> None:
+    from tuf.api import exceptions as tuf_exc
+
+    bundle, ix, tf = release
+    with pytest.raises(tuf_exc.DownloadError):
+        _assemble(tmp_path, ix, tf, _Liar(bundle.read_bytes(), shape))
+
+
+def test_an_origin_ignoring_range_is_no_delta(tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+
+    class _NoRange(_Fake):
+        def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes], int]:
+            return super().fetch_from(url, 0)[0], 0
+
+    with pytest.raises(_delta.DeltaUnavailable):
+        _assemble(tmp_path, ix, tf, _NoRange(bundle.read_bytes()))
+
+
+def test_a_fifo_or_link_in_the_base_slot_is_skipped(tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    os.mkfifo(slot / ix.files[0].path)  # nobody writes it: a read would block
+    (slot / ix.files[1].path).symlink_to(bundle)
+    sizes = {ix.files[0].path: 1 << 30, ix.files[1].path: 1 << 30}  # (as if measured)
+    base = Base("active", sizes, None)
+    _, _, _, stats = _assemble(tmp_path, ix, tf, _Fake(bundle.read_bytes(), native=True),
+                               [(base, slot)])
+    assert stats.held_bytes == 0 and stats.fetched_bytes == ix.data_bytes
+    assert _delta.plain_sizes(slot) == {}

@@ -24,7 +24,10 @@ health check's inputs) must be the signed one before the health check, and again
 the commit. That is also why reading a held chunk and then writing it is no TOCTOU hole:
 a base slot or a stage file rewritten after its chunk was hashed changes the bytes on
 disk, and the fingerprint derived from disk after assembly no longer matches (the stage
-is discarded, nothing trusted moves).
+is discarded, nothing trusted moves, and the installer takes the whole bundle once). A
+held chunk is read once, hashed, and the very bytes hashed are written: not
+``copy_file_range`` after the hash, which would copy what the disk holds by then, and
+would save little for chunks of at most 256 KiB that were read anyway.
 
 Nothing the disk holds is trusted: hints are read bounded and without following a link,
 used only when their fingerprint is the slot's recorded one, and every chunk they locate
@@ -626,9 +629,11 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     buf = bytearray()
     nxt = 0  # index into starts of the next chunk expected
     ranges = [(r.offset, r.length) for r in stats.ranges]
+    track = _Cover(ranges, url)
     try:
         for off, piece in iter_ranges(fetcher, url, ranges):
             view = memoryview(piece).cast("B")
+            track.piece(off, len(view))  # (in order, inside the ranges, or refused)
             pos = off
             while view:
                 if cur is None:
@@ -653,8 +658,40 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
             settle(0)  # (what came and matched stays, for the next attempt to verify)
         raise
     settle(0)
+    track.done()
     if cur is not None or nxt != len(starts):
         raise tuf_exc.DownloadError(f"{url}: the ranges ended before every chunk came")
+
+
+class _Cover:
+    """Checks that a transport's pieces cover the requested ranges exactly, in order."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], url: str) -> None:
+        self._ranges, self._url = list(ranges), url
+        self._i, self._pos = 0, ranges[0][0] if ranges else 0
+
+    def piece(self, off: int, n: int) -> None:
+        """Raises tuf DownloadError: the piece is not where the next bytes belong."""
+        if n == 0:
+            return
+        if self._i < len(self._ranges):
+            start, length = self._ranges[self._i]
+            if self._pos == start + length and self._i + 1 < len(self._ranges):
+                self._i += 1
+                start, length = self._ranges[self._i]
+                self._pos = start
+            if off == self._pos and off + n <= start + length:
+                self._pos += n
+                return
+        raise tuf_exc.DownloadError(f"{self._url}: the transport sent bytes {off}-"
+                                    f"{off + n - 1}, not the next of the ranges asked for")
+
+    def done(self) -> None:
+        """Raises tuf DownloadError: a range did not come whole."""
+        if self._ranges and (self._i != len(self._ranges) - 1 or
+                             self._pos != sum(self._ranges[-1])):
+            raise tuf_exc.DownloadError(f"{self._url}: the ranges asked for did not all "
+                                        "come")
 
 
 def _digest(data: bytes | bytearray) -> bytes:
