@@ -87,3 +87,11 @@ def bundle_gets(w: Any, version: str) -> list[tuple[int, int, str]]:
     pat = rf'"GET /targets/classifier/\w+\.classifier-{re.escape(version)}\.tar HTTP/1\.1" ' \
         r'(\d+) (\d+)'
     return [(int(m.group(1)), int(m.group(2)), "") for m in re.finditer(pat, log)]
+
+
+def drop_index(repo: Repository, repo_dir: Path, bundle_target: str) -> None:
+    """Make ``bundle_target`` a release as published before issue 16: no index target."""
+    targets, _, _ = repo.current()
+    if targets.targets.pop(index_path(bundle_target), None) is not None:
+        repo._commit_targets(targets)  # noqa: SLF001 - the publisher's own signing step
+        stock_refresh(repo_dir)

@@ -19,7 +19,7 @@ from modelward.updater.bundle._chunkindex import ChunkIndex, fetch_bytes, index_
 from modelward.updater.errors import TargetHashError
 from modelward.updater.install._delta import hint_path, index_fingerprint
 from tests.conftest import World
-from tests.integration._i16_delta import bundle_gets, publish
+from tests.integration._i16_delta import bundle_gets, drop_index, publish
 from tests.integration.test_resume import _Interrupted, _StopAt
 
 
@@ -188,7 +188,8 @@ def test_delta_files_changed_before_the_seal_fall_back_to_the_whole_bundle(
 
 def test_no_index_or_index_gone_installs_the_whole_bundle(
         world: World, delta_log: logging.Handler) -> None:
-    world.publish("1.0.0", seed=1)  # published before issue 16: no index
+    world.publish("1.0.0", seed=1)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-1.0.0.tar")  # an old one
     world.update()
     assert world.active_version() == "1.0.0"
     gets = re.findall(r'"GET (/targets/\S+\.tar) HTTP/1\.1" (\d+)',
