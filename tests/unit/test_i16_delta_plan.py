@@ -387,3 +387,18 @@ def test_a_fifo_or_link_in_the_base_slot_is_skipped(tmp_path: Path, release) -> 
                                [(base, slot)])
     assert stats.held_bytes == 0 and stats.fetched_bytes == ix.data_bytes
     assert _delta.plain_sizes(slot) == {}
+
+
+@pytest.mark.parametrize("plant", ["dirlink", "file"])
+def test_a_planted_hint_directory_is_neither_written_through_nor_fatal(
+        tmp_path: Path, release, plant: str) -> None:  # type: ignore[no-untyped-def]
+    _, ix, _ = release
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    if plant == "dirlink":
+        (tmp_path / "chunks").symlink_to(outside)
+    else:
+        (tmp_path / "chunks").write_bytes(b"x")
+    write_hint(tmp_path, ix, [])  # logged, not raised: the install is committed already
+    assert os.listdir(outside) == []
+    assert read_hint(tmp_path, _delta.index_fingerprint(ix)) is None

@@ -340,7 +340,7 @@ def write_hint(state_dir: Path, ix: ChunkIndex, keep: Iterable[str]) -> None:
         for name in os.listdir(d):
             if name.removesuffix(".json") not in wanted or not name.endswith(".json"):
                 remove_entry(d / name)
-    except OSError as e:  # (StateDirError is one)
+    except (OSError, StagingError) as e:  # (StateDirError: a link or a file at chunks/)
         logger.warning("cannot store the chunk hint of %s: %s", fp, e)
 
 
