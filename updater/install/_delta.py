@@ -46,6 +46,7 @@ import logging
 import os
 import shutil
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,7 +69,7 @@ from modelward.updater.bundle._bundle import MANIFEST, Manifest
 from modelward.updater.bundle._chunkindex import MAX_INDEX_BYTES, ChunkIndex, parse_index
 from modelward.updater.errors import ChunkIndexError, StagingError, TargetHashError
 from modelward.updater.idle import Gate
-from modelward.updater.install._stage import Stage
+from modelward.updater.install._stage import WRITE_BEHIND, Stage, _write_behind
 from modelward.updater.install._statedir import (
     FILE_MODE,
     is_plain_dir,
@@ -399,6 +400,8 @@ class _Files:
         self.incoming, self.roots = incoming, roots
         self.out: dict[str, int] = {}
         self._in: dict[tuple[str, str], int | None] = {}
+        self._lock = threading.Lock()  # (reads run on the hash threads)
+        self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
 
     def open_out(self, path: str, size: int) -> None:
         """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
@@ -425,9 +428,10 @@ class _Files:
             fd: int | None = self.out.get(p.path)
         else:
             key = (p.root, p.path)
-            if key not in self._in:
-                self._in[key] = _open_plain_below(self.roots[p.root], p.path)
-            fd = self._in[key]
+            with self._lock:
+                if key not in self._in:
+                    self._in[key] = _open_plain_below(self.roots[p.root], p.path)
+                fd = self._in[key]
         if fd is None:
             return None
         try:
@@ -442,6 +446,13 @@ class _Files:
         while view:
             w = os.pwrite(fd, view, pos)
             view, pos = view[w:], pos + w
+        # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
+        # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
+        synced = self._synced.get(p.path, 0)
+        while pos - synced >= WRITE_BEHIND:
+            _write_behind(fd, synced)
+            synced += WRITE_BEHIND
+        self._synced[p.path] = synced
 
     def close(self) -> None:
         for fd in [*self.out.values(), *self._in.values()]:
