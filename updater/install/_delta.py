@@ -40,6 +40,7 @@ it again and fetches only what is still missing.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
@@ -573,35 +574,42 @@ def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, g
         return None
 
     held: set[bytes] = set()
-    batch: list[Need] = []
-    size = 0
+    pending: collections.deque[tuple[Need, Future[tuple[Place, bytes] | None]]] = \
+        collections.deque()
+    inflight = since = 0
 
-    def flush() -> None:
-        for n, got in zip(batch, pool.map(look, batch), strict=True):
-            if got is None:
-                continue
-            src, data = got
-            for d in n.dests:
-                if d != src:
-                    files.write(d, data)
-                else:
-                    stats.in_place_bytes += n.length
-            held.add(n.sha256)
-            stats.held_bytes += n.length
-            stats.held_chunks += 1
-        batch.clear()
+    def take(limit: int) -> None:
+        nonlocal inflight, since
+        while pending and inflight > limit:
+            n, fut = pending.popleft()
+            inflight -= n.length
+            got = fut.result()
+            if got is not None:
+                src, data = got
+                for d in n.dests:
+                    if d != src:
+                        files.write(d, data)
+                    else:
+                        stats.in_place_bytes += n.length
+                held.add(n.sha256)
+                stats.held_bytes += n.length
+                stats.held_chunks += 1
+            since += n.length
+            if since >= BATCH_BYTES:
+                gate.checkpoint("delta: local chunks")
+                since = 0
 
-    for n in needs:
-        if not n.sources:
-            continue
-        batch.append(n)
-        size += n.length
-        if size >= BATCH_BYTES:
-            gate.checkpoint("delta: local chunks")
-            flush()
-            size = 0
+    try:
+        for n in needs:
+            if n.sources:  # (read and hashed on the pool while earlier ones are written)
+                pending.append((n, pool.submit(look, n)))
+                inflight += n.length
+                take(BATCH_BYTES)
+        take(0)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
     gate.checkpoint("delta: local chunks")
-    flush()
     return held
 
 
