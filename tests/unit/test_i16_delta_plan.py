@@ -402,3 +402,88 @@ def test_a_planted_hint_directory_is_neither_written_through_nor_fatal(
     write_hint(tmp_path, ix, [])  # logged, not raised: the install is committed already
     assert os.listdir(outside) == []
     assert read_hint(tmp_path, _delta.index_fingerprint(ix)) is None
+
+
+# -- fetch_release: when the delta is used, and when the whole bundle comes -------------------
+
+
+class _Session:
+    def __init__(self, ix: ChunkIndex | None, role: str = "targets",
+                 data: bytes | None = None) -> None:
+        self.ix, self.role, self.data = ix, role, data
+
+    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
+        if self.ix is None:
+            return None
+        data = self.data if self.data is not None else self.ix.to_bytes()
+        return TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()}, path), \
+            self.role
+
+    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
+        return self.data if self.data is not None else self.ix.to_bytes()  # type: ignore[union-attr]
+
+    def target_url(self, target: TargetFile) -> str:
+        return "https://o/" + target.path
+
+
+def _release(ix: ChunkIndex, tf: TargetFile, role: str = "targets") -> _delta.Release:
+    return _delta.Release(tf, "classifier", "1.0.0", _delta.index_fingerprint(ix), role)
+
+
+@pytest.mark.parametrize("case", ["no index", "other role", "garbage", "other release"])
+def test_no_usable_index_takes_the_whole_bundle(tmp_path: Path, release, case: str) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+    session = {"no index": _Session(None), "other role": _Session(ix, role="team-b"),
+               "garbage": _Session(ix, data=b"{}"),
+               "other release": _Session(ix)}[case]
+    rel = _release(ix, tf)
+    if case == "other release":
+        rel = _delta.Release(tf, "classifier", "1.0.1", rel.fingerprint, rel.role)
+    calls: list[int] = []
+
+    def whole():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return "stage", "manifest", []
+
+    st = tmp_path / "state"
+    st.mkdir()
+    out = _delta.fetch_release(session, _Fake(bundle.read_bytes()), rel, st,  # type: ignore[arg-type]
+                               st / "staging", st / "staging" / "incoming", [], Gate(), whole)
+    assert calls == [1] and out[3] is None and out[4] == ""
+
+
+@pytest.mark.parametrize(("status", "resumes"), [(None, True), (503, True), (416, False),
+                                                 (404, False)])
+def test_a_failed_transfer_resumes_and_a_refused_range_takes_the_whole_bundle(
+        tmp_path: Path, release, status: int | None, resumes: bool) -> None:  # type: ignore[no-untyped-def]
+    from tuf.api import exceptions as tuf_exc
+
+    from modelward.updater.errors import DownloadFailedError
+
+    bundle, ix, tf = release
+
+    class _Broken(_Fake):
+        def _ranges(self, url, ranges):  # type: ignore[no-untyped-def]
+            yield from list(super()._ranges(url, ranges))[:2]
+            if status is None:
+                raise tuf_exc.DownloadError("connection reset")
+            raise tuf_exc.DownloadHTTPError("no", status)
+
+    calls: list[int] = []
+    st = tmp_path / "state"
+    st.mkdir()
+
+    def run():  # type: ignore[no-untyped-def]
+        return _delta.fetch_release(
+            _Session(ix), _Broken(bundle.read_bytes(), native=True), _release(ix, tf), st,
+            st / "staging", st / "staging" / "incoming", [], Gate(),
+            lambda: (calls.append(1), ("s", "m", []))[1])  # type: ignore[arg-type]
+
+    if resumes:
+        with pytest.raises(DownloadFailedError):
+            run()
+        assert calls == []
+        assert (st / "staging" / "incoming" / "manifest.json").is_file()  # kept, to resume
+    else:
+        run()
+        assert calls == [1]
