@@ -487,3 +487,28 @@ def test_a_failed_transfer_resumes_and_a_refused_range_takes_the_whole_bundle(
     else:
         run()
         assert calls == [1]
+
+
+@pytest.mark.parametrize("plant", ["hardlink", "incoming-link", "staging-junk"])
+def test_the_stage_never_writes_into_what_the_disk_linked_there(
+        tmp_path: Path, release, plant: str) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+    slot = tmp_path / "slot"  # stands for the active slot
+    slot.mkdir()
+    victim = slot / ix.files[0].path
+    victim.write_bytes(b"v" * 1000)
+    staging = tmp_path / "state" / "staging"
+    staging.mkdir(parents=True)
+    incoming = staging / "incoming"
+    if plant == "hardlink":  # the active slot's file, hard-linked into the stage
+        incoming.mkdir()
+        os.link(victim, incoming / ix.files[0].path)
+    elif plant == "incoming-link":  # the stage itself a link to the slot
+        incoming.symlink_to(slot)
+    else:
+        (staging / "x.part").symlink_to(victim)
+        (staging / "junk").mkdir()
+    _assemble(tmp_path, ix, tf, _Fake(bundle.read_bytes(), native=True))
+    assert victim.read_bytes() == b"v" * 1000 and os.stat(victim).st_nlink == 1
+    assert sorted(os.listdir(slot)) == [ix.files[0].path]
+    assert os.listdir(staging) == ["incoming"] and not incoming.is_symlink()
