@@ -146,7 +146,7 @@ def check_usable(ix: ChunkIndex, target: TargetFile, fingerprint: str, name: str
 # -- planning (pure) ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Place:
     """A chunk-sized span of a file: in ``root`` ("incoming" or a base's name)."""
 
@@ -155,7 +155,7 @@ class Place:
     offset: int  # in the file
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Need:
     """One distinct chunk of the new release."""
 
