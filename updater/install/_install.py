@@ -39,6 +39,7 @@ from modelward.updater.errors import (
     TargetHashError,
 )
 from modelward.updater.idle import Gate
+from modelward.updater.install import _delta
 from modelward.updater.install._boot import BootResult as BootResult
 from modelward.updater.install._boot import boot_check as boot_check
 from modelward.updater.install._boot import reconcile, slot_matches
@@ -508,11 +509,25 @@ def _attempt(
     incoming = dev.slots.incoming
     staged: Stage | None = None
     try:
-        staged, manifest, entries = download_and_extract(
-            session, fetcher, newest.target, dev.staging, incoming, cfg.max_bundle_bytes,
-            gate=gate,
-        )
+        _check_target(newest.target, cfg.max_bundle_bytes)  # (before either path uses it)
+
+        def whole() -> tuple[Stage, Manifest, list[FileEntry]]:
+            return download_and_extract(session, fetcher, newest.target, dev.staging,
+                                        incoming, cfg.max_bundle_bytes, gate=gate)
+
+        staged, manifest, entries, index, delta = _delta.fetch_release(
+            session, fetcher, _delta.Release(newest.target, name, version,
+                                             newest.fingerprint, newest.role),
+            cfg.state_dir, dev.staging, incoming, _delta.slot_bases(cfg.state_dir,
+                                                                    dev.slots.root, [
+                (label, ref.slot, ref.fingerprint)
+                for label, ref in (("active", active), ("previous", record.previous))
+                if ref is not None]),
+            gate, whole)
+        if delta:
+            fields["detail"] = delta
         step("staged")
+        fields.pop("detail", None)
         if (manifest.name, manifest.version) != (name, version):
             raise FingerprintMismatchError(
                 f"bundle says {manifest.name} {manifest.version}, its signed target says "
@@ -529,7 +544,20 @@ def _attempt(
         # The health check's inputs, copied once from the files on disk into sealed
         # memory and fingerprinted from those copies: the child loads exactly the bytes
         # verified here (a disk that rewrites the stage afterwards changes nothing it sees).
-        sealed = _seal_on_disk(incoming, newest, manifest, entries, "before its health check")
+        try:
+            sealed = _seal_on_disk(incoming, newest, manifest, entries,
+                                   "before its health check")
+        except StagedFilesChangedError as e:
+            if not delta:
+                raise
+            # (assembled from chunks that matched their signed hashes, yet not the signed
+            # files: an index that lies, or a disk that changed them; the whole bundle once)
+            logger.warning("%s %s: the delta's files are not the signed ones (%s): whole "
+                           "bundle", name, version, e)
+            staged.discard()
+            staged, manifest, entries = whole()
+            sealed = _seal_on_disk(incoming, newest, manifest, entries,
+                                   "before its health check")
         with sealed:
             step("verified")
             gate.wait_idle("health check")
@@ -579,6 +607,8 @@ def _attempt(
     dev.slots.activate(slot)
     staged.forget()
     step("active")
+    if index is not None:  # where the next delta finds this slot's chunks (a hint only)
+        _delta.write_hint(cfg.state_dir, index, [active.fingerprint] if active else [])
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
 
 

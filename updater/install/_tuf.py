@@ -22,9 +22,15 @@ from tuf.ngclient import Updater
 from tuf.ngclient import UpdaterConfig as NgConfig
 
 from modelward.updater._config import TufConfig
+from modelward.updater.bundle._chunkindex import is_index_path
 from modelward.updater.bundle._fields import modelward_field, read_fields
 from modelward.updater.bundle._semver import SemVer
-from modelward.updater.errors import DownloadFailedError, MetadataError, StagingError
+from modelward.updater.errors import (
+    DownloadFailedError,
+    MetadataError,
+    StagingError,
+    TargetHashError,
+)
 from modelward.updater.install._search import TOP, Found, Reach, SearchBudgetError, find_releases
 from modelward.updater.transport._fetcher import RangeFetcher
 
@@ -147,6 +153,7 @@ class TufSession:
         lim = limits or TufConfig()
         self._fetcher = fetcher
         self._searching, self._search_bytes = "", 0  # the search under way, bytes loaded
+        self._found: dict[str, list[Found]] = {}  # the last search of each model
         self.targets_url = targets_url.rstrip("/") + "/"
         try:
             self._updater = _AnchoredUpdater(
@@ -247,6 +254,7 @@ class TufSession:
         found, reach = find_releases(model, self._load_role,
                                      self._updater.config.max_delegations,
                                      skip=(MetadataError, DownloadFailedError))
+        self._found[model] = found
         logger.debug("releases of %s: %d found in roles %s", model, len(found), reach.roles())
         return found, reach
 
@@ -293,12 +301,54 @@ class TufSession:
         return out
 
 
+    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
+        """The target at ``path`` (in ``model``'s namespace) and the role that speaks for it,
+        as the same delegation search that found the releases found it; None if absent.
+
+        Raises:
+            As :meth:`search`, when no search of ``model`` ran in this session yet.
+        """
+        found = self._found.get(model)
+        if found is None:
+            found = self.search(model)
+        for f in found:
+            if f.path == path:
+                return f.target, f.role
+        return None
+
+    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
+        """A small target's bytes, downloaded within its signed length (refused over
+        ``max_bytes``) and checked against its signed length and hashes.
+
+        Raises:
+            TargetHashError: it is over ``max_bytes``, or its digests are not hex.
+            MetadataError: the bytes are not the signed target (forged or altered).
+            DownloadFailedError: the origin did not deliver.
+        """
+        if target.length > max_bytes:
+            raise TargetHashError(f"target {target.path} is {target.length} bytes, over "
+                                  f"the {max_bytes} the device reads", target=target.path)
+        if not target.hashes or any(len(d) < 32 or d.strip("0123456789abcdef")
+                                    for d in target.hashes.values()):
+            raise TargetHashError(f"target {target.path}: a digest is not lowercase hex",
+                                  target=target.path)
+        url = self.target_url(target)
+        try:
+            data = self._fetcher.download_bytes(url, target.length)
+            target.verify_length_and_hashes(data)
+        except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
+            raise convert_tuf_error(e, f"download of {url}") from e
+        return data
+
+
 def _unwritable(metadata_dir: Path, e: OSError) -> StagingError:
     return StagingError(f"cannot write TUF metadata in {metadata_dir}: {e}")
 
 
 def _candidate(f: Found, model: str) -> Candidate | None:
     t = f.target
+    if is_index_path(f.path):  # a release's chunk index: no release itself
+        return None
     field = modelward_field(t.custom)
     if field is None:
         logger.warning("ignoring target %r (role %r): no modelward field", f.path, f.role)

@@ -1,0 +1,839 @@
+"""Delta install: assemble a release from the chunks the device holds and those it fetches.
+
+design.md "Chunk index and delta updates". The signed chunk index of the release (a TUF
+target of its own, verified by length and hash, bound to the bundle by its signed length,
+sha256 and fingerprint) lists every file's chunks. The device:
+
+1. plans, over facts it reads now (:func:`plan_needs`, pure): for every distinct chunk,
+   where it may already lie: at its own place in ``staging/incoming`` (an interrupted
+   attempt), in the active or previous slot (located by the *hint*, the index of that
+   slot's release stored after its commit under ``state_dir/chunks/<fingerprint>.json``,
+   or, without one, at the same path and file offset);
+2. reads each such candidate, hashes it and writes it into ``staging/incoming`` only when
+   its sha256 is the index's (a chunk repeated within the release is written at each of
+   its places, fetched once);
+3. fetches what is left as coalesced byte ranges of the bundle (:func:`coalesce`, pure),
+   hashes every chunk as it arrives (a thread pool: hashlib releases the GIL) and writes
+   it only when it matches; a mismatch is a :class:`DeltaChunkError` naming the file and
+   the chunk, and nothing of that chunk is written.
+
+Each received byte is hashed once (the chunk's sha256): no whole-bundle sha256, no
+per-file sha256, no Merkle tree while receiving. The anchor is the installer's next step,
+unchanged: the slot fingerprint re-derived from the files on disk (sealed copies of the
+health check's inputs) must be the signed one before the health check, and again before
+the commit. That is also why reading a held chunk and then writing it is no TOCTOU hole:
+a base slot or a stage file rewritten after its chunk was hashed changes the bytes on
+disk, and the fingerprint derived from disk after assembly no longer matches (the stage
+is discarded, nothing trusted moves, and the installer takes the whole bundle once). A
+held chunk is read once, hashed, and the very bytes hashed are written: not
+``copy_file_range`` after the hash, which would copy what the disk holds by then, and
+would save little for chunks of at most 256 KiB that were read anyway.
+
+Nothing the disk holds is trusted: hints are read bounded and without following a link,
+used only when their fingerprint is the slot's recorded one, and every chunk they locate
+is hashed before use; files in ``incoming`` are continued only as plain files with one
+link, opened without following links (:mod:`updater.install._statedir`).
+
+An interrupted attempt leaves what it wrote in ``staging/incoming``; the next one hashes
+it again and fetches only what is still missing.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import stat
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
+
+from modelward.trust._atomic import write_atomic
+from modelward.trust._bounded import read_bounded
+from modelward.trust._fingerprint import (
+    FileEntry,
+    MerkleHasher,
+    hash_workers,
+    slot_fingerprint,
+    walk_tree,
+)
+from modelward.updater.bundle._bundle import MANIFEST, Manifest
+from modelward.updater.bundle._chunkindex import MAX_INDEX_BYTES, ChunkIndex, parse_index
+from modelward.updater.errors import ChunkIndexError, StagingError, TargetHashError
+from modelward.updater.idle import Gate
+from modelward.updater.install._stage import WRITE_BEHIND, Stage, _write_behind
+from modelward.updater.install._statedir import (
+    FILE_MODE,
+    is_plain_dir,
+    make_dirs,
+    mkdir_exact,
+    open_below,
+    plain_dir,
+    remove_entry,
+)
+
+logger = logging.getLogger(__name__)
+
+#: A gap of at most this many bytes between two fetched chunks is fetched too, so that
+#: both come in one range (a tar header and padding between two files is 512-1023).
+MAX_GAP = 4096
+#: Candidate places read for one chunk at most (each is read and hashed).
+MAX_SOURCES = 4
+#: Bytes of held chunks read and hashed in one batch (on every core), and of fetched
+#: chunks hashed at once: bounds memory whatever the index says.
+BATCH_BYTES = 8 << 20
+HINTS = "chunks"  # state_dir/chunks/<fingerprint>.json
+
+
+class DeltaChunkError(TargetHashError):
+    """A fetched chunk is not the one the signed index names (altered on the origin or in
+    transit). Nothing of it was written."""
+
+    def __init__(self, message: str, *, target: str, file: str, chunk: int) -> None:
+        super().__init__(message, target=target)
+        self.file, self.chunk = file, chunk
+
+
+class DeltaUnavailable(Exception):  # noqa: N818 - a reason, not an error the user sees
+    """The delta path cannot be used for this release: the caller takes the whole bundle."""
+
+
+def index_fingerprint(ix: ChunkIndex) -> str:
+    """The slot fingerprint the release's files make: the manifest and every file.
+
+    (``ChunkIndex.fingerprint`` leaves out ``manifest.json``, which a slot holds and the
+    signed fingerprint covers.)
+    """
+    return slot_fingerprint(entries_of(ix))
+
+
+def entries_of(ix: ChunkIndex) -> list[FileEntry]:
+    """The fingerprint entries of the release the index describes (manifest first)."""
+    m = MerkleHasher()
+    m.update(ix.manifest_bytes)
+    return [FileEntry(MANIFEST, len(ix.manifest_bytes), m.hexdigest()),
+            *(FileEntry(f.path, f.size, f.merkle_root) for f in ix.files)]
+
+
+def check_usable(ix: ChunkIndex, target: TargetFile, fingerprint: str, name: str,
+                 version: str) -> None:
+    """The verified index describes this release (pure).
+
+    Raises:
+        ChunkIndexError: it indexes another bundle, another fingerprint or another
+            name/version.
+    """
+    ix.check_bundle(target.length, dict(target.hashes), target.path)
+    fp = index_fingerprint(ix)
+    if fp != fingerprint:
+        raise ChunkIndexError(f"{target.path}: the chunk index makes fingerprint {fp}, the "
+                              f"signed one is {fingerprint}", index=target.path)
+    if (ix.manifest.name, ix.manifest.version) != (name, version):
+        raise ChunkIndexError(f"{target.path}: the chunk index's manifest says "
+                              f"{ix.manifest.name} {ix.manifest.version}, the target "
+                              f"{name} {version}", index=target.path)
+
+
+# -- planning (pure) ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """A chunk-sized span of a file: in ``root`` ("incoming" or a base's name)."""
+
+    root: str
+    path: str
+    offset: int  # in the file
+
+
+@dataclass(frozen=True, slots=True)
+class Need:
+    """One distinct chunk of the new release."""
+
+    sha256: bytes
+    length: int
+    bundle_offset: int  # of its first occurrence: what is fetched
+    file: str  # (for messages) the first file it is in, and its index there
+    number: int
+    dests: tuple[Place, ...]  # every place in incoming it goes to
+    sources: tuple[Place, ...]  # where it may already be held, best first
+
+
+@dataclass(frozen=True)
+class Base:
+    """A slot that may hold chunks: the sizes of its plain files, its hint if usable."""
+
+    name: str
+    sizes: Mapping[str, int]
+    hint: ChunkIndex | None = None
+
+
+def plan_needs(new: ChunkIndex, incoming: Mapping[str, int],
+               bases: Sequence[Base]) -> list[Need]:
+    """Every distinct chunk of ``new`` with the places it may be held (pure).
+
+    Args:
+        new: the verified index of the release.
+        incoming: sizes of the plain files in ``staging/incoming``.
+        bases: the active and previous slots.
+
+    Returns:
+        One :class:`Need` per distinct sha256, in the order of first occurrence. Sources,
+        best first: the chunk's own place in ``incoming`` (nothing to write), another of its
+        places there, then each base: where its hint has that sha256 or, without a hint,
+        the same path at the same file offset. At most :data:`MAX_SOURCES`; only places
+        inside the file as measured.
+    """
+    hinted: list[dict[bytes, list[Place]]] = []
+    for b in bases:
+        where: dict[bytes, list[Place]] = {}
+        if b.hint is not None:
+            for f in b.hint.files:
+                for c in f.chunks:
+                    spots = where.setdefault(c.sha256, [])
+                    if len(spots) < 2:
+                        spots.append(Place(b.name, f.path, f.file_offset(c)))
+        hinted.append(where)
+    order: list[bytes] = []
+    dests: dict[bytes, list[Place]] = {}
+    first: dict[bytes, tuple[int, int, str, int]] = {}
+    for f in new.files:
+        for j, c in enumerate(f.chunks):
+            if c.sha256 not in dests:
+                order.append(c.sha256)
+                dests[c.sha256] = []
+                first[c.sha256] = (c.length, c.offset, f.path, j)
+            dests[c.sha256].append(Place("incoming", f.path, f.file_offset(c)))
+    out: list[Need] = []
+    for sha in order:
+        length, offset, file, number = first[sha]
+        places = dests[sha]
+        sources: list[Place] = [p for p in places
+                                if incoming.get(p.path, -1) >= p.offset + length]
+        for b, where in zip(bases, hinted, strict=True):
+            if b.hint is not None:
+                cands = where.get(sha, [])
+            else:
+                cands = [Place(b.name, p.path, p.offset) for p in places]
+            sources += [p for p in cands if b.sizes.get(p.path, -1) >= p.offset + length]
+        uniq = list(dict.fromkeys(sources))[:MAX_SOURCES]
+        out.append(Need(sha, length, offset, file, number, tuple(places), tuple(uniq)))
+    return out
+
+
+@dataclass(frozen=True)
+class Range:
+    """A byte range of the bundle to fetch, and how many of its bytes are gaps."""
+
+    offset: int
+    length: int
+    gap_bytes: int = 0
+
+
+def coalesce(spans: Iterable[tuple[int, int]], max_gap: int = MAX_GAP) -> list[Range]:
+    """Merge ``(offset, length)`` spans of the bundle into ranges (pure): adjacent ones,
+    and ones apart by at most ``max_gap`` bytes (counted as gap bytes: fetched, unused)."""
+    out: list[Range] = []
+    for off, n in sorted(spans):
+        if out:
+            last = out[-1]
+            end = last.offset + last.length
+            if off < end:
+                raise ValueError(f"spans overlap at {off}")
+            if off - end <= max_gap:
+                out[-1] = Range(last.offset, off + n - last.offset,
+                                last.gap_bytes + off - end)
+                continue
+        out.append(Range(off, n))
+    return out
+
+
+@dataclass
+class DeltaStats:
+    """What a delta install did (for the log, the journal and tests)."""
+
+    held_bytes: int = 0  # chunk bytes taken from the device
+    in_place_bytes: int = 0  # of those, already at their place in incoming
+    fetched_bytes: int = 0  # chunk bytes fetched (each distinct chunk once)
+    gap_bytes: int = 0  # bytes fetched between chunks to save requests
+    requests: int = 0  # ranges asked for (a fetcher may put several in one request)
+    fetched_chunks: int = 0
+    held_chunks: int = 0
+    ranges: list[Range] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (f"delta: {self.held_bytes} bytes held, {self.fetched_bytes} fetched "
+                f"(+{self.gap_bytes} gap bytes) in {self.requests} requests")
+
+
+# -- observing the disk --------------------------------------------------------------------
+
+
+def plain_sizes(root: Path) -> dict[str, int]:
+    """Size of every plain file (regular, one link) below ``root``, reached without
+    following a link; empty if ``root`` is not a plain directory."""
+    out: dict[str, int] = {}
+    if not is_plain_dir(root):
+        return out
+    try:
+        for rel, _dirs, others, dirfd in walk_tree(root):
+            for name in others:
+                try:
+                    st = os.lstat(name, dir_fd=dirfd)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    out[name if rel == "." else f"{rel}/{name}"] = st.st_size
+    except OSError:
+        return {}
+    return out
+
+
+def hint_path(state_dir: Path, fingerprint: str) -> Path:
+    """Where the hint of the release with ``fingerprint`` is kept."""
+    return state_dir / HINTS / f"{fingerprint}.json"
+
+
+def read_hint(state_dir: Path, fingerprint: str) -> ChunkIndex | None:
+    """The stored index of the release with ``fingerprint``, if it is a plain file, at
+    most :data:`MAX_INDEX_BYTES`, valid and of that fingerprint; else None (logged).
+
+    Untrusted: it only says where to look; what it locates is hashed before use.
+    """
+    if not _HEX64(fingerprint) or not is_plain_dir(state_dir / HINTS):
+        return None
+    path = hint_path(state_dir, fingerprint)
+    try:
+        data = read_bounded(path, MAX_INDEX_BYTES, single_link=True)
+        if data is None:
+            return None
+        ix = parse_index(data, str(path))
+    except (OSError, ChunkIndexError) as e:
+        logger.info("ignoring the chunk hint %s: %s", path, e)
+        return None
+    if index_fingerprint(ix) != fingerprint:
+        logger.info("ignoring the chunk hint %s: it is of another release", path)
+        return None
+    return ix
+
+
+def _HEX64(s: str) -> bool:  # noqa: N802
+    return len(s) == 64 and not s.strip("0123456789abcdef")
+
+
+def write_hint(state_dir: Path, ix: ChunkIndex, keep: Iterable[str]) -> None:
+    """Store ``ix`` as the hint of its release and remove every other hint than those of
+    the fingerprints ``keep`` (the active and previous slots). Best effort: a failure is
+    logged (the next delta then looks at the same offsets instead)."""
+    fp = index_fingerprint(ix)
+    wanted = {fp, *keep}
+    try:
+        d = plain_dir(state_dir, HINTS, create=True)
+        write_atomic(hint_path(state_dir, fp), ix.to_bytes(), FILE_MODE)
+        for name in os.listdir(d):
+            if name.removesuffix(".json") not in wanted or not name.endswith(".json"):
+                remove_entry(d / name)
+    except (OSError, StagingError) as e:  # (StateDirError: a link or a file at chunks/)
+        logger.warning("cannot store the chunk hint of %s: %s", fp, e)
+
+
+# -- assembling ----------------------------------------------------------------------------
+
+
+class RangeSource(Protocol):
+    """What the delta path needs of a transport (``RangeFetcher``)."""
+
+    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
+        ...
+
+
+def iter_ranges(fetcher: RangeSource, url: str, ranges: Sequence[tuple[int, int]]
+                ) -> Iterator[tuple[int, memoryview | bytes]]:
+    """``fetcher.fetch_ranges`` where the transport has it; else each range by
+    ``fetch_from`` from its offset, stopped after its length.
+
+    Yields ``(offset, data)`` pieces covering each range exactly, in order.
+
+    Raises:
+        DeltaUnavailable: the origin ignored a Range (sent the file from its start).
+        tuf.api.exceptions.DownloadError: the transfer failed.
+    """
+    native: Callable[..., Iterator[tuple[int, memoryview | bytes]]] | None = \
+        getattr(fetcher, "fetch_ranges", None)
+    if native is not None:
+        yield from native(url, ranges)
+        return
+    for off, n in ranges:
+        chunks, start = fetcher.fetch_from(url, off)
+        try:
+            if start != off:
+                raise DeltaUnavailable(f"the origin ignored the range at {off} of {url}")
+            pos = off
+            for piece in chunks:
+                take = min(len(piece), off + n - pos)
+                if take > 0:
+                    yield pos, memoryview(piece)[:take]
+                    pos += take
+                if pos >= off + n:
+                    break
+            if pos < off + n:
+                raise tuf_exc.DownloadError(f"{url} ended at {pos}, inside the range "
+                                            f"{off}+{n}")
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+
+class _Files:
+    """The files being assembled in ``incoming``, and the base files read from."""
+
+    def __init__(self, incoming: Path, roots: Mapping[str, Path]) -> None:
+        self.incoming, self.roots = incoming, roots
+        self.out: dict[str, int] = {}
+        self._in: dict[tuple[str, str], int | None] = {}
+        self._lock = threading.Lock()  # (reads run on the hash threads)
+        self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
+
+    def open_out(self, path: str, size: int) -> None:
+        """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
+        parent = path.rpartition("/")[0]
+        if parent:
+            make_dirs(self.incoming, parent)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK
+        try:
+            fd = open_below(self.incoming, path, flags)
+        except OSError:  # (a link or something else planted since it was measured)
+            remove_entry(self.incoming / path)
+            fd = open_below(self.incoming, path, flags | os.O_EXCL)
+        try:
+            if os.fstat(fd).st_size != size:
+                os.ftruncate(fd, size)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.out[path] = fd
+
+    def read(self, p: Place, n: int) -> bytes | None:
+        """``n`` bytes at ``p``, or None (missing, not a plain file, short)."""
+        if p.root == "incoming":
+            fd: int | None = self.out.get(p.path)
+        else:
+            key = (p.root, p.path)
+            with self._lock:
+                if key not in self._in:
+                    self._in[key] = _open_plain_below(self.roots[p.root], p.path)
+                fd = self._in[key]
+        if fd is None:
+            return None
+        try:
+            data = os.pread(fd, n, p.offset)
+        except OSError:
+            return None
+        return data if len(data) == n else None
+
+    def write(self, p: Place, data: bytes | bytearray | memoryview) -> None:
+        fd = self.out[p.path]
+        view, pos = memoryview(data), p.offset
+        while view:
+            w = os.pwrite(fd, view, pos)
+            view, pos = view[w:], pos + w
+        # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
+        # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
+        synced = self._synced.get(p.path, 0)
+        while pos - synced >= WRITE_BEHIND:
+            _write_behind(fd, synced)
+            synced += WRITE_BEHIND
+        self._synced[p.path] = synced
+
+    def close(self) -> None:
+        for fd in [*self.out.values(), *self._in.values()]:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.out.clear()
+        self._in.clear()
+
+
+def _open_plain_below(root: Path, rel: str) -> int | None:
+    try:
+        fd = open_below(root, rel, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def _prepare(staging: Path, incoming: Path, key: str, paths: set[str]) -> Stage:
+    """``staging`` with nothing but ``incoming`` (a plain directory with nothing but plain
+    files at the release's paths, and the directories on the way)."""
+    plain_dir(staging.parent, staging.name, create=True)
+    for name in os.listdir(staging):
+        if name != incoming.name:
+            remove_entry(staging / name)
+    if os.path.lexists(incoming) and not is_plain_dir(incoming):
+        remove_entry(incoming)
+    if not os.path.lexists(incoming):
+        mkdir_exact(incoming)
+    stage = Stage(staging, incoming, key)
+    stray = stage.drop_strays(paths)  # (links, hard links, FIFOs: removed, not followed)
+    if stray:
+        logger.info("removed %d file(s) from %s that the release has not: %s", len(stray),
+                    incoming, ", ".join(stray[:5]))
+    return stage
+
+
+def assemble(
+    ix: ChunkIndex,
+    target: TargetFile,
+    url: str,
+    fetcher: RangeSource,
+    staging: Path,
+    incoming: Path,
+    bases: Sequence[tuple[Base, Path]],
+    gate: Gate,
+    *,
+    max_gap: int = MAX_GAP,
+) -> tuple[Stage, Manifest, list[FileEntry], DeltaStats]:
+    """Assemble the release ``ix`` describes in ``incoming`` (see the module docstring).
+
+    Returns:
+        The stage (to discard or forget as the installer does), the manifest, the
+        fingerprint entries (the index's: the installer re-derives them from disk) and
+        what was held and fetched.
+
+    Raises:
+        DeltaChunkError: a fetched chunk is not the signed one (nothing of it written).
+        DeltaUnavailable: the transport cannot fetch ranges of this bundle.
+        tuf.api.exceptions.DownloadError: the transfer failed (what is written stays, for
+            the next attempt to verify again).
+        StagingError: the disk refused.
+        StateDirError: a directory on the way is not a plain directory.
+    """
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
+    paths = {MANIFEST, *(f.path for f in ix.files)}
+    stage = _prepare(staging, incoming, key, paths)
+    have = plain_sizes(incoming)
+    needs = plan_needs(ix, have, [b for b, _ in bases])
+    stats = DeltaStats()
+    need_room = sum(f.size for f in ix.files) + len(ix.manifest_bytes) - sum(
+        min(have.get(p, 0), s) for p, s in
+        [(MANIFEST, len(ix.manifest_bytes)), *((f.path, f.size) for f in ix.files)])
+    free = shutil.disk_usage(staging).free
+    if free < need_room:
+        raise StagingError(f"not enough space for {target.path}: {free} bytes free in "
+                           f"{staging}, {need_room} needed")
+    files = _Files(incoming, {b.name: root for b, root in bases})
+    try:
+        try:
+            files.open_out(MANIFEST, len(ix.manifest_bytes))
+            files.write(Place("incoming", MANIFEST, 0), ix.manifest_bytes)
+            for f in ix.files:
+                files.open_out(f.path, f.size)
+        except OSError as e:
+            raise StagingError(f"cannot write {target.path} into {incoming}: {e}") from e
+        with ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash") as pool:
+            held = _take_held(needs, files, pool, gate, stats)
+            todo = [n for n in needs if n.sha256 not in held]
+            stats.ranges = coalesce(((n.bundle_offset, n.length) for n in todo), max_gap)
+            stats.requests = len(stats.ranges)
+            stats.gap_bytes = sum(r.gap_bytes for r in stats.ranges)
+            _fetch(todo, stats, files, pool, gate, fetcher, url, target)
+    except OSError as e:
+        if isinstance(e, StagingError):
+            raise
+        raise StagingError(f"cannot assemble {target.path} in {incoming}: {e}") from e
+    finally:
+        files.close()
+    return stage, ix.manifest, entries_of(ix), stats
+
+
+def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, gate: Gate,
+               stats: DeltaStats) -> set[bytes]:
+    """Read, hash and write the chunks the device holds; the sha256s found."""
+
+    def look(n: Need) -> tuple[Place, bytes] | None:
+        for src in n.sources:
+            data = files.read(src, n.length)
+            if data is not None and hashlib.sha256(data).digest() == n.sha256:
+                return src, data
+        return None
+
+    held: set[bytes] = set()
+    pending: collections.deque[tuple[Need, Future[tuple[Place, bytes] | None]]] = \
+        collections.deque()
+    inflight = since = 0
+
+    def take(limit: int) -> None:
+        nonlocal inflight, since
+        while pending and inflight > limit:
+            n, fut = pending.popleft()
+            inflight -= n.length
+            got = fut.result()
+            if got is not None:
+                src, data = got
+                for d in n.dests:
+                    if d != src:
+                        files.write(d, data)
+                    else:
+                        stats.in_place_bytes += n.length
+                held.add(n.sha256)
+                stats.held_bytes += n.length
+                stats.held_chunks += 1
+            since += n.length
+            if since >= BATCH_BYTES:
+                gate.checkpoint("delta: local chunks")
+                since = 0
+
+    try:
+        for n in needs:
+            if n.sources:  # (read and hashed on the pool while earlier ones are written)
+                pending.append((n, pool.submit(look, n)))
+                inflight += n.length
+                take(BATCH_BYTES)
+        take(0)
+    finally:
+        for _, fut in pending:
+            fut.cancel()
+    gate.checkpoint("delta: local chunks")
+    return held
+
+
+def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadPoolExecutor,
+           gate: Gate, fetcher: RangeSource, url: str, target: TargetFile) -> None:
+    """Fetch the chunks ``todo``: hash each as it arrives, write it only if it matches.
+
+    At most :data:`BATCH_BYTES` of received chunks wait for their hash at a time. When the
+    transfer fails or is interrupted, the chunks received and matched so far are written
+    (the next attempt hashes them again in place and fetches the rest).
+    """
+    if not todo:
+        return
+    by_off = {n.bundle_offset: n for n in todo}
+    starts = sorted(by_off)
+    pending: list[tuple[Need, bytearray, Future[bytes]]] = []
+    inflight = 0
+
+    def settle(limit: int) -> None:
+        nonlocal inflight
+        while pending and inflight > limit:
+            n, buf, fut = pending.pop(0)
+            inflight -= n.length
+            if fut.result() != n.sha256:
+                raise DeltaChunkError(
+                    f"{target.path}: chunk {n.number} of {n.file} (bytes {n.bundle_offset}"
+                    f"-{n.bundle_offset + n.length - 1} of the bundle) does not match the "
+                    "signed chunk index (altered on the origin or in transit); nothing of "
+                    "it was written", target=target.path, file=n.file, chunk=n.number)
+            for d in n.dests:
+                files.write(d, buf)
+            stats.fetched_bytes += n.length
+            stats.fetched_chunks += 1
+
+    cur: Need | None = None
+    buf = bytearray()
+    nxt = 0  # index into starts of the next chunk expected
+    ranges = [(r.offset, r.length) for r in stats.ranges]
+    track = _Cover(ranges, url)
+    try:
+        for off, piece in iter_ranges(fetcher, url, ranges):
+            view = memoryview(piece).cast("B")
+            track.piece(off, len(view))  # (in order, inside the ranges, or refused)
+            pos = off
+            while view:
+                if cur is None:
+                    if nxt < len(starts) and pos <= starts[nxt] < pos + len(view):
+                        skip = starts[nxt] - pos  # (a gap)
+                        view, pos = view[skip:], starts[nxt]
+                        cur, buf = by_off[starts[nxt]], bytearray()
+                        nxt += 1
+                    else:
+                        break  # all gap
+                take = min(len(view), cur.length - len(buf))
+                buf += view[:take]
+                view, pos = view[take:], pos + take
+                if len(buf) == cur.length:
+                    pending.append((cur, buf, pool.submit(_digest, buf)))
+                    inflight += cur.length
+                    cur = None
+                    settle(BATCH_BYTES)
+                    gate.checkpoint("delta: download")
+    except BaseException:
+        with contextlib.suppress(DeltaChunkError):
+            settle(0)  # (what came and matched stays, for the next attempt to verify)
+        raise
+    settle(0)
+    track.done()
+    if cur is not None or nxt != len(starts):
+        raise tuf_exc.DownloadError(f"{url}: the ranges ended before every chunk came")
+
+
+class _Cover:
+    """Checks that a transport's pieces cover the requested ranges exactly, in order."""
+
+    def __init__(self, ranges: Sequence[tuple[int, int]], url: str) -> None:
+        self._ranges, self._url = list(ranges), url
+        self._i, self._pos = 0, ranges[0][0] if ranges else 0
+
+    def piece(self, off: int, n: int) -> None:
+        """Raises tuf DownloadError: the piece is not where the next bytes belong."""
+        if n == 0:
+            return
+        if self._i < len(self._ranges):
+            start, length = self._ranges[self._i]
+            if self._pos == start + length and self._i + 1 < len(self._ranges):
+                self._i += 1
+                start, length = self._ranges[self._i]
+                self._pos = start
+            if off == self._pos and off + n <= start + length:
+                self._pos += n
+                return
+        raise tuf_exc.DownloadError(f"{self._url}: the transport sent bytes {off}-"
+                                    f"{off + n - 1}, not the next of the ranges asked for")
+
+    def done(self) -> None:
+        """Raises tuf DownloadError: a range did not come whole."""
+        if self._ranges and (self._i != len(self._ranges) - 1 or
+                             self._pos != sum(self._ranges[-1])):
+            raise tuf_exc.DownloadError(f"{self._url}: the ranges asked for did not all "
+                                        "come")
+
+
+def _digest(data: bytes | bytearray) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+# -- the installer's step ------------------------------------------------------------------
+
+
+class IndexSource(Protocol):
+    """What the delta path needs of the TUF session."""
+
+    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None: ...
+
+    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes: ...
+
+    def target_url(self, target: TargetFile) -> str: ...
+
+
+@dataclass(frozen=True)
+class Release:
+    """The chosen release, as the installer knows it."""
+
+    target: TargetFile
+    name: str
+    version: str
+    fingerprint: str
+    role: str
+
+
+def verified_index(session: IndexSource, release: Release) -> ChunkIndex:
+    """The release's chunk index: found by the same TUF search, signed by the release's own
+    role, downloaded within its signed length (at most :data:`MAX_INDEX_BYTES`) and hash,
+    parsed bounded, and describing exactly this release.
+
+    Raises:
+        DeltaUnavailable: no index is published for it, or another role signed it.
+        ChunkIndexError: the index is invalid or describes another bundle or release.
+        MetadataError: its bytes are not the signed target (forged or altered).
+        DownloadFailedError: the origin did not deliver it.
+    """
+    from modelward.updater.bundle._chunkindex import index_path
+
+    path = index_path(release.target.path)
+    found = session.find_target(release.name, path)
+    if found is None:
+        raise DeltaUnavailable(f"no chunk index {path} is published")
+    target, role = found
+    if role != release.role:
+        raise DeltaUnavailable(f"the chunk index {path} is signed by role {role!r}, the "
+                               f"release by {release.role!r}")
+    data = session.fetch_target_bytes(target, MAX_INDEX_BYTES)
+    ix = parse_index(data, path)
+    check_usable(ix, release.target, release.fingerprint, release.name, release.version)
+    return ix
+
+
+Fetched = tuple[Stage, Manifest, list[FileEntry]]
+
+
+def fetch_release(
+    session: IndexSource,
+    fetcher: RangeSource,
+    release: Release,
+    state_dir: Path,
+    staging: Path,
+    incoming: Path,
+    bases: Sequence[tuple[Base, Path]],
+    gate: Gate,
+    whole: Callable[[], Fetched],
+) -> tuple[Stage, Manifest, list[FileEntry], ChunkIndex | None, str]:
+    """The release's files in ``incoming``: by delta when its signed index can be used,
+    else (or when the delta fails for anything but the transport) by ``whole`` (the
+    whole-bundle download). Returns the index used (for the slot's hint) and the delta's
+    log line ("" on the whole-bundle path).
+
+    Raises:
+        What ``whole`` raises; a transfer failure of the delta (DownloadFailedError) and
+        an interruption (what is written stays for a resume).
+    """
+    from modelward.updater.errors import DownloadFailedError, ModelwardError
+    from modelward.updater.install._tuf import convert_tuf_error
+
+    what = f"{release.name} {release.version}"
+    try:
+        ix = verified_index(session, release)
+    except (DeltaUnavailable, ModelwardError) as e:
+        logger.info("%s: whole bundle (%s)", what, e)
+        return (*whole(), None, "")
+    url = session.target_url(release.target)
+    try:
+        stage, manifest, entries, stats = assemble(ix, release.target, url, fetcher, staging,
+                                                   incoming, bases, gate)
+    except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
+        err = convert_tuf_error(e, f"download of {url}")
+        if isinstance(err, DownloadFailedError) and _transient(err.status):
+            raise err from e  # (the transfer: the next attempt resumes the delta)
+        logger.warning("%s: delta refused (%s): whole bundle", what, err)
+        return (*whole(), ix, "")
+    except (DeltaUnavailable, DeltaChunkError) as e:
+        logger.warning("%s: delta refused (%s): whole bundle", what, e)
+        return (*whole(), ix, "")
+    line = stats.line()
+    logger.info("%s: %s", what, line, extra={"model": release.name,
+                                             "version": release.version})
+    return stage, manifest, entries, ix, line
+
+
+def _transient(status: int | None) -> bool:
+    """A transfer failure the next attempt may not meet (no answer, 408, 429, 5xx), not
+    an origin that cannot serve ranges of this bundle (another 4xx)."""
+    return status is None or status in (408, 429) or status >= 500
+
+
+def slot_bases(state_dir: Path, slots_root: Path,
+               refs: Iterable[tuple[str, str, str]]) -> list[tuple[Base, Path]]:
+    """The bases a delta may take chunks from: ``(label, slot, fingerprint)`` of the
+    active and previous slots that are plain directories, with their hints if usable."""
+    out: list[tuple[Base, Path]] = []
+    for label, slot, fp in refs:
+        try:
+            root = plain_dir(slots_root.parent, f"{slots_root.name}/{slot}")
+        except OSError:
+            continue
+        out.append((Base(label, plain_sizes(root), read_hint(state_dir, fp)), root))
+    return out
