@@ -5,6 +5,7 @@ every chunk is held (bounded reads), ENOSPC while assembling (a typed error)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -209,3 +210,28 @@ def test_a_hint_claiming_every_chunk_is_held_costs_bounded_reads(
     _, _, _, stats = _assemble(tmp_path, ix, tf, fake, bases)
     assert stats.held_bytes == 0 and stats.fetched_bytes == ix.data_bytes
     assert read[0] <= MAX_SOURCES * ix.data_bytes  # a few passes, not the sparse TiB
+
+
+@pytest.mark.xfail(strict=True, reason="_Files.open_out opens incoming/<path> with "
+                   "open_below, whose root (state_dir/staging/incoming) is resolved by name: "
+                   "a staging/ swapped for a link after _prepare's check makes the delta "
+                   "truncate and write a file outside state_dir")
+def test_staging_swapped_for_a_link_after_prepare_writes_nothing_outside(
+        tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+    staging = tmp_path / "state" / "staging"
+    victim = tmp_path / "victim"  # another app's directory, with a file of a release's name
+    (victim / "incoming").mkdir(parents=True)
+    (victim / "incoming" / "manifest.json").write_bytes(b"the other app's data")
+    real = _delta._prepare
+
+    def racing(*a, **kw):  # type: ignore[no-untyped-def]
+        stage = real(*a, **kw)
+        shutil.rmtree(staging)  # the disk attacker wins the race here
+        staging.symlink_to(victim)
+        return stage
+
+    monkeypatch.setattr(_delta, "_prepare", racing)
+    with contextlib.suppress(Exception):  # (a refusal is fine, a write outside is not)
+        _assemble(tmp_path, ix, tf, _Fake(bundle.read_bytes()))
+    assert (victim / "incoming" / "manifest.json").read_bytes() == b"the other app's data"
