@@ -235,3 +235,24 @@ def test_staging_swapped_for_a_link_after_prepare_writes_nothing_outside(
     with contextlib.suppress(Exception):  # (a refusal is fine, a write outside is not)
         _assemble(tmp_path, ix, tf, _Fake(bundle.read_bytes()))
     assert (victim / "incoming" / "manifest.json").read_bytes() == b"the other app's data"
+
+
+@pytest.mark.xfail(strict=True, reason="_open_plain_below opens the base slot's root "
+                   "(state_dir/slots/a) by name with O_NOFOLLOW on its last component only: "
+                   "a slots/ swapped for a link after slot_bases' check is followed, and the "
+                   "agent reads (and hashes) files outside state_dir")
+def test_slots_swapped_for_a_link_after_slot_bases_is_not_read_through(
+        tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    bundle, ix, tf = release
+    state = tmp_path / "state"
+    slot = state / "slots" / "a"
+    slot.mkdir(parents=True)
+    data = bundle.read_bytes()
+    for f in ix.files:
+        (slot / f.path).write_bytes(data[f.data_offset:f.data_offset + f.size])
+    outside = tmp_path / "outside"
+    (state / "slots").rename(outside)  # the same files, now outside state_dir
+    (state / "slots").symlink_to(outside)  # (swapped after the bases were measured)
+    base = Base("active", _delta.plain_sizes(outside / "a"), ix)
+    _, _, _, stats = _assemble(tmp_path, ix, tf, _Fake(data), [(base, slot)])
+    assert stats.held_bytes == 0  # nothing read through the link
