@@ -256,3 +256,16 @@ def test_slots_swapped_for_a_link_after_slot_bases_is_not_read_through(
     base = Base("active", _delta.plain_sizes(outside / "a"), ix)
     _, _, _, stats = _assemble(tmp_path, ix, tf, _Fake(data), [(base, slot)])
     assert stats.held_bytes == 0  # nothing read through the link
+
+
+def test_a_hint_write_cut_by_power_loss_is_ignored_then_pruned(tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
+    _, ix, _ = release
+    fp = _delta.index_fingerprint(ix)
+    d = tmp_path / "chunks"
+    d.mkdir()
+    blob = ix.to_bytes()
+    (d / f".{fp}.json.k3j2.tmp").write_bytes(blob[:len(blob) // 2])  # write_atomic's temp
+    (d / f"{fp}.json").write_bytes(blob[:len(blob) // 2])  # (a filesystem without rename order)
+    assert read_hint(tmp_path, fp) is None  # cut: not believed
+    write_hint(tmp_path, ix, [])
+    assert os.listdir(d) == [f"{fp}.json"] and read_hint(tmp_path, fp) == ix
