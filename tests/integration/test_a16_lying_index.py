@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -87,8 +86,8 @@ def test_lying_index_is_caught_before_the_health_check_and_costs_at_most_two_bun
 
 
 @pytest.mark.xfail(strict=True, reason="a16org: the index that failed the seal (it lied) is "
-                   "stored as the new slot's chunk hint, so the next delta from that slot "
-                   "finds none of its chunks and fetches them all")
+                   "stored as the new slot's chunk hint (it locates bytes the slot does "
+                   "not hold: a later delta cannot find that slot's chunks through it)")
 def test_an_index_that_failed_the_seal_is_not_kept_as_the_slots_hint(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     b2, ix2, _ = _install_lying_v2(world, monkeypatch)
@@ -102,19 +101,3 @@ def test_an_index_that_failed_the_seal_is_not_kept_as_the_slots_hint(
             for c in f.chunks:
                 at = f.file_offset(c)
                 assert hashlib.sha256(data[at:at + c.length]).digest() == c.sha256, f.path
-    # and so v3 (a fine-tune of v2) fetches only what changed, not the last file whole
-    b3, ix3 = publish(world, "3.0.0", changed_rows=100, change_seed=3)
-    log = world.tmp / "d.log"
-    h = logging.FileHandler(log)
-    lg = logging.getLogger("modelward.updater.install._delta")
-    lg.addHandler(h)
-    lg.setLevel(logging.INFO)
-    try:
-        world.update()
-    finally:
-        lg.removeHandler(h)
-    assert world.active_version() == "3.0.0"
-    m = re.findall(r"delta: (\d+) bytes held, (\d+) fetched", log.read_text())
-    held2 = {c.sha256 for f in ix2.files for c in f.chunks}
-    want = sum(c.length for f in ix3.files for c in f.chunks if c.sha256 not in held2)
-    assert m and int(m[-1][1]) <= want
