@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -101,3 +102,38 @@ def test_an_index_that_failed_the_seal_is_not_kept_as_the_slots_hint(
             for c in f.chunks:
                 at = f.file_offset(c)
                 assert hashlib.sha256(data[at:at + c.length]).digest() == c.sha256, f.path
+
+
+@pytest.mark.xfail(strict=True, reason="a16org: a signed index that failed the seal is not "
+                   "remembered (updater/install/_install.py: _attempt falls back, "
+                   "_rejections REJECTING has no such case): when the whole bundle then fails "
+                   "its hash, every poll fetches the delta again and then the whole bundle "
+                   "(twice the bundle per poll on a metered link)")
+def test_a_lying_index_and_a_bad_whole_bundle_cost_the_delta_once(world: World) -> None:
+    from modelward.updater.errors import TargetHashError
+
+    publish(world, "1.0.0")
+    world.update()
+    b2, ix2 = publish(world, "2.0.0", changed_rows=100)
+    data = bytearray(b2.read_bytes())
+    lie = _lying(ix2, bytes(data))
+    last = lie.files[-1]
+    assert last.data_offset + last.size < len(data) - 1
+    data[-1] ^= 1  # no chunk covers it: the chunks still match, the bundle's hash does not
+    b2.write_bytes(bytes(data))
+    _sign_index(world, "classifier/classifier-2.0.0.tar", lie)
+    before = world.snapshot()
+    log = world.tmp / "origin" / "access.log"
+    polls = []
+    for _ in range(2):
+        start = len(log.read_text())
+        with pytest.raises(TargetHashError):
+            world.update()
+        polls.append(re.findall(r'"GET /targets/classifier/\w+\.classifier-2\.0\.0\.tar '
+                                r'HTTP/1\.1" (\d+) (\d+)', log.read_text()[start:]))
+    s = world.snapshot()
+    assert (s.record, s.counter, s.anchor, s.current, s.slots) == (
+        before.record, before.counter, before.anchor, before.current, before.slots)
+    assert world.active_version() == "1.0.0"
+    assert any(st == "206" for st, _ in polls[0])  # the first poll tried the delta
+    assert not any(st == "206" for st, _ in polls[1]), polls  # the second: not again
