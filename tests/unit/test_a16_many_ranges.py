@@ -74,3 +74,49 @@ def test_a_delta_never_asks_more_requests_than_the_whole_bundle(tmp_path: Path) 
         return  # (the whole bundle instead: fine)
     assert stats.fetched_bytes <= ix.data_bytes
     assert fake.ranges <= whole_blocks, (fake.ranges, whole_blocks)
+
+
+def test_the_many_ranges_never_ask_more_bytes_than_the_bundle(tmp_path: Path) -> None:
+    """(Resisted: the ranges are disjoint chunks and gaps of the bundle.)"""
+    data, ix, tf = _release()
+    asked: list[tuple[int, int]] = []
+
+    class _Asked(_Counting):
+        def fetch_ranges(self, url, ranges):  # type: ignore[no-untyped-def]
+            asked.extend(ranges)
+            yield from super().fetch_ranges(url, ranges)
+
+    staging = tmp_path / "staging"
+    _, _, _, stats = _delta.assemble(ix, tf, "u", _Asked(data), staging,  # type: ignore[arg-type]
+                                     staging / "incoming", [], Gate())
+    assert sum(n for _, n in asked) <= len(data)
+    assert stats.fetched_bytes == sum(
+        c.length for c in {c.sha256: c for c in ix.files[0].chunks}.values())
+
+
+def test_chunks_claimed_held_everywhere_read_the_disk_at_most_max_sources_times(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(Resisted: a team index whose every chunk "may be held" at many places, a stage
+    and a base slot full of other bytes: each distinct chunk is read at most MAX_SOURCES
+    times, then fetched.)"""
+    data, ix, tf = _release()
+    f = ix.files[0]
+    staging = tmp_path / "staging"
+    (staging / "incoming").mkdir(parents=True)
+    (staging / "incoming" / "m").write_bytes(b"\1" * f.size)  # (an earlier attempt's)
+    slot = tmp_path / "slot"
+    slot.mkdir()
+    (slot / "m").write_bytes(b"\2" * f.size)
+    read: list[int] = []
+    real = _delta._Files.read  # noqa: SLF001
+
+    def counting(self, p, n):  # type: ignore[no-untyped-def]
+        read.append(n)
+        return real(self, p, n)
+
+    monkeypatch.setattr(_delta._Files, "read", counting)  # noqa: SLF001
+    base = _delta.Base("active", _delta.plain_sizes(slot), None)
+    _, _, _, stats = _delta.assemble(ix, tf, "u", _Counting(data), staging,  # type: ignore[arg-type]
+                                     staging / "incoming", [(base, slot)], Gate())
+    assert stats.held_bytes == 0
+    assert sum(read) <= _delta.MAX_SOURCES * f.size
