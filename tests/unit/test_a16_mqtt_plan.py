@@ -10,8 +10,6 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
-import pytest
-
 from modelward.updater._config import MqttConfig
 from modelward.updater.transport._mqtt import MqttFetcher
 from tests.unit.test_i16_ranges import BS, _FakeConn
@@ -30,9 +28,6 @@ class _Zeros:
         return bytes(min(s.stop, self.n) - s.start)
 
 
-@pytest.mark.xfail(strict=True, reason="MqttFetcher._fetch_ranges builds the whole block plan "
-                   "(and the offset->length dict) before the first request: 256 Ki blocks "
-                   "cost ~40 MiB before one byte arrives (updater/transport/_mqtt.py)")
 def test_an_mqtt_range_fetch_plans_in_bounded_memory() -> None:
     size = 1 << 30
     c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4)
