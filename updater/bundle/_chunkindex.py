@@ -272,7 +272,9 @@ def _obj(v: Any, what: str) -> dict[str, Any]:
 _HEAD = re.compile(rb'\{"bundle":\{"length":([1-9][0-9]{0,15}),"sha256":"[0-9a-f]{64}"\},'
                    rb'"chunking":')
 _CHUNKS_KEY = b'"chunks":['
-_ENTRY = re.compile(rb'\[(0|[1-9][0-9]{0,15}),([1-9][0-9]{0,7}),"([0-9a-f]{64})"\]')
+#: One chunk of a list, then ``,`` before the next or the list's ``]`` (not consumed).
+_ENTRY = re.compile(rb'\[(0|[1-9][0-9]{0,15}),([1-9][0-9]{0,7}),"([0-9a-f]{64})"\]'
+                    rb'(?:,(?=\[)|(?=\]))')
 
 
 def _chunk_list(data: bytes, p: int, budget: int, what: str
@@ -281,15 +283,21 @@ def _chunk_list(data: bytes, p: int, budget: int, what: str
     chunk 1 to ``MAX_CHUNK_BYTES`` long and all but the last ``MIN_CHUNK_BYTES`` or
     longer, at most ``budget`` of them): its first offset, the chunks' ends, their
     sha256s and where the list's ``]`` is."""
+    # (no ']' inside a chunk: a list ends at its first '"]]', or at once when empty)
+    close = p if data[p:p + 1] == b"]" else data.find(b'"]]', p) + 2
+    if close < p:
+        raise ValueError(f"{what} does not end")
+    count = data.count(b'"]', p, close)
+    if count > budget:
+        raise ValueError(f"more chunks than a device accepts for this bundle ({budget})")
     ends: array[int] = array("Q")
     hashes = bytearray()  # (grown 32 bytes at a time: never twice the list's size)
     first = pos = -1
-    last = 0
-    match = _ENTRY.match
-    while data[p:p + 1] != b"]":
-        m = match(data, p)
-        if m is None:
-            raise ValueError(f"{what}: chunk {len(ends)} is not [offset, length, sha256]")
+    last, at = 0, p
+    append, unhexlify = ends.append, binascii.unhexlify
+    for m in _ENTRY.finditer(data, p, close + 1):
+        if m.start() != at:
+            break
         off, n = int(m[1]), int(m[2])
         if pos < 0:
             first = pos = off
@@ -302,16 +310,14 @@ def _chunk_list(data: bytes, p: int, budget: int, what: str
         if n > MAX_CHUNK_BYTES:
             raise ValueError(f"{what}: chunk {len(ends)} is {n} bytes (at most "
                              f"{MAX_CHUNK_BYTES})")
-        if len(ends) >= budget:
-            raise ValueError(f"more chunks than a device accepts for this bundle ({budget})")
         pos += n
         last = n
-        ends.append(pos)
-        hashes += binascii.unhexlify(m[3])
-        p = m.end()
-        if data[p:p + 2] == b",[":
-            p += 1
-    return first, ends, hashes, p
+        append(pos)
+        hashes += unhexlify(m[3])
+        at = m.end()
+    if at != close:
+        raise ValueError(f"{what}: chunk {len(ends)} is not [offset, length, sha256]")
+    return first, ends, hashes, close
 
 
 def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> ChunkIndex:
