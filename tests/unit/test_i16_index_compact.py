@@ -96,3 +96,8 @@ def test_upper_case_hex_in_a_chunk_is_refused(ix: ChunkIndex) -> None:
     data = ix.to_bytes()
     c = ix.files[-1].chunks[0].sha256.hex().encode()
     _refused(data.replace(c, c.upper(), 1))
+
+
+def test_an_index_given_as_a_bytearray_or_memoryview_parses(ix: ChunkIndex) -> None:
+    data = ix.to_bytes()
+    assert parse_index(bytearray(data), "ba") == parse_index(memoryview(data), "mv") == ix  # type: ignore[arg-type]

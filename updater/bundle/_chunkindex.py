@@ -340,6 +340,8 @@ def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> 
     Raises:
         ChunkIndexError: any of the above fails (the message names the field at fault).
     """
+    if not isinstance(data, bytes):  # (bytearray, memoryview: read as bytes)
+        data = bytes(data)
     try:
         if len(data) > max_bytes:
             raise ValueError(f"the index is over {max_bytes} bytes")
