@@ -10,8 +10,10 @@ from __future__ import annotations
 import tracemalloc
 from typing import Any
 
+import pytest
+
 from modelward.updater._config import MqttConfig
-from modelward.updater.transport._mqtt import MqttFetcher
+from modelward.updater.transport._mqtt import MqttFetcher, block_header
 from tests.unit.test_i16_ranges import BS, _FakeConn
 
 
@@ -44,3 +46,44 @@ def test_an_mqtt_range_fetch_plans_in_bounded_memory() -> None:
         tracemalloc.stop()
     assert off == 0 and len(piece) == BS
     assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB before the first block was handed on"
+
+
+def test_a_bridge_busy_once_for_every_block_leaves_nothing_behind(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the attacker tries next (a broker or a hostile bridge): answer "busy" once for
+    every block. The per-block state of a block handed on is dropped with it: memory stays
+    flat however many blocks are asked."""
+    import modelward.updater.transport._mqtt as mqtt_mod
+
+    monkeypatch.setattr(mqtt_mod, "busy_pause", lambda n: 0.0)
+    n = 2500
+    size = n * BS
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4,
+                   range_requests_per_s=1e9)
+    f = MqttFetcher(c)
+    refused: set[int] = set()  # (bounded: each offset is dropped on its second answer)
+
+    def busy_once(req: dict[str, Any], corr: bytes, answers: list[bytes]) -> list[bytes]:
+        conn.asked.clear()  # (the fake's own log)
+        conn.corr.clear()
+        if req["offset"] in refused:
+            refused.discard(req["offset"])
+            return answers
+        refused.add(req["offset"])
+        return [block_header(503, req["offset"], size)]
+
+    conn: Any = _FakeConn(f, _Zeros(size), busy_once)  # type: ignore[arg-type]
+    f._conn = conn  # noqa: SLF001
+    it = f.fetch_ranges("mqtt://repo/targets/x", [(0, size)])
+    tracemalloc.start()
+    try:
+        got, samples = 0, []
+        for _, piece in it:
+            got += len(piece)
+            if got % (100 * BS) == 0:
+                samples.append(tracemalloc.get_traced_memory()[0])
+    finally:
+        tracemalloc.stop()
+    assert got == size
+    grown = min(samples[-5:]) - min(samples[2:7])  # (the least held: transients aside)
+    assert grown < 40_000, f"{grown} bytes more after {n - 700} more blocks"

@@ -547,6 +547,7 @@ class MqttFetcher(RangeFetcher):
             while order and order[0] in buffered:
                 start = order.popleft()
                 del asked[start]
+                busy.pop(start, None)  # (nothing of a block handed on is kept)
                 chunk = buffered.pop(start)
                 held -= len(chunk)
                 self.bytes_received += len(chunk)
