@@ -101,3 +101,12 @@ def test_upper_case_hex_in_a_chunk_is_refused(ix: ChunkIndex) -> None:
 def test_an_index_given_as_a_bytearray_or_memoryview_parses(ix: ChunkIndex) -> None:
     data = ix.to_bytes()
     assert parse_index(bytearray(data), "ba") == parse_index(memoryview(data), "mv") == ix  # type: ignore[arg-type]
+
+
+def test_an_index_claiming_another_bundle_length_is_refused_before_it_is_parsed(
+        ix: ChunkIndex) -> None:
+    """A team index that claims a larger bundle (a larger budget) than the signed one."""
+    data = ix.to_bytes()
+    assert parse_index(data, "ix", bundle_length=ix.bundle_length) == ix
+    with pytest.raises(ChunkIndexError, match="not this one"):
+        parse_index(data, "ix", bundle_length=ix.bundle_length - 1)

@@ -320,7 +320,8 @@ def _chunk_list(data: bytes, p: int, budget: int, what: str
     return first, ends, hashes, close
 
 
-def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> ChunkIndex:
+def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES,
+                bundle_length: int | None = None) -> ChunkIndex:
     """Parse and validate a chunk index, bounded before anything is believed.
 
     Checks, before any JSON is parsed: the canonical head, then the length against what
@@ -333,6 +334,10 @@ def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> 
     whose files are exactly the index's files (path, size, sha256, Merkle root), in the
     same order; and the bytes are the canonical serialisation
     (:meth:`ChunkIndex.to_bytes`) of what was parsed.
+
+    ``bundle_length``: the signed length of the bundle target the index is for, when the
+    caller knows it: an index of any other length is refused before its budget is
+    computed (so the budget is the signed bundle's, not one the index claims).
 
     The chunk lists are read with a strict pattern into compact arrays (40 bytes a chunk)
     and never become JSON objects; ``json`` parses only the rest (the skeleton).
@@ -350,6 +355,9 @@ def parse_index(data: bytes, what: str, *, max_bytes: int = MAX_INDEX_BYTES) -> 
             raise ValueError("it does not begin as the publisher writes an index "
                              '({"bundle":{"length":...,"sha256":...},"chunking":...)')
         claimed = _int(int(head[1]), "bundle.length", 1)
+        if bundle_length is not None and claimed != bundle_length:
+            raise ValueError(f"it indexes a {claimed}-byte bundle, not this one "
+                             f"({bundle_length} bytes)")
         if len(data) > index_budget(claimed):
             raise ValueError(f"{len(data)} bytes is more than a device accepts of the index "
                              f"of a {claimed}-byte bundle ({index_budget(claimed)})")
