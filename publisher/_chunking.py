@@ -6,21 +6,25 @@ model moves later bytes without changing their chunks, and a fine-tune that rewr
 the last layers leaves every earlier chunk as it was. Fixed-size chunks (the 4 MiB
 Merkle leaves) would change every chunk after an insertion.
 
-The bundle is read through ``mmap`` and cut and hashed in place: nothing is copied, and
-the chunks are hashed on every core (hashlib releases the GIL).
+The bundle is read once, in order, with ordinary reads (never ``mmap``: a file the operator
+rewrites or truncates meanwhile would kill the process with SIGBUS): its tar headers are
+parsed, every byte goes into the whole-bundle sha256, and each file's data is cut a window
+at a time. A chunk is kept only once the bytes after its start reach ``MAX_CHUNK`` (or the
+file's end), so the cut is the one FastCDC makes over the whole file. The chunks are hashed
+on every core (hashlib releases the GIL). The index describes exactly the bytes hashed:
+when they are not the bytes verified, the cut is refused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._fingerprint import hash_workers
-from modelward.updater.bundle._bundle import MANIFEST, parse_manifest
+from modelward.updater.bundle._bundle import MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
 from modelward.updater.bundle._chunkindex import (
     ALGORITHM,
     AVG_CHUNK,
@@ -31,83 +35,133 @@ from modelward.updater.bundle._chunkindex import (
     IndexedFile,
     make_index,
 )
-from modelward.updater.bundle._tarstream import Member, TarStream
+from modelward.updater.bundle._tarstream import Member, Readable, TarFormatError, TarStream
+from modelward.updater.errors import BundleFormatError
+
+#: Bytes of a file's data cut at once (at least ``MAX_CHUNK``); what the cut holds.
+WINDOW = 16 << 20
 
 
-class _MapReader:
-    """A ``read`` over a memory map, handing out uncopied slices."""
+class _HashingReader:
+    """``read`` from a file, hashing (and counting) every byte handed out."""
 
-    def __init__(self, view: memoryview) -> None:
-        self._view, self._pos = view, 0
+    def __init__(self, source: Readable) -> None:
+        self._source = source
+        self.sha = hashlib.sha256()
+        self.count = 0
 
-    def read(self, n: int = -1, /) -> memoryview:
-        n = len(self._view) - self._pos if n < 0 else n
-        out = self._view[self._pos:self._pos + n]
-        self._pos += len(out)
-        return out
+    def read(self, n: int = -1, /) -> bytes | memoryview:
+        data = self._source.read(n)
+        self.sha.update(data)
+        self.count += len(data)
+        return data
 
-
-def _members(view: memoryview) -> list[Member]:
-    stream = TarStream(_MapReader(view))
-    out: list[Member] = []
-    while (m := stream.next()) is not None:
-        out.append(m)  # (next() passes by the member's data)
-    return out
+    def finish(self) -> None:
+        """Read (and hash) to the end of the file."""
+        while self.read(1 << 20):
+            pass
 
 
 def cut(view: memoryview, base: int, pool: ThreadPoolExecutor) -> list[Chunk]:
-    """FastCDC chunks of ``view`` (a file's data at bundle offset ``base``), hashed."""
+    """FastCDC chunks of ``view`` (a file's whole data at bundle offset ``base``), hashed."""
+    chunks, used = _cut_window(view, base, True, pool)
+    assert used == len(view)
+    return chunks
+
+
+def _cut_window(view: memoryview, base: int, final: bool, pool: ThreadPoolExecutor
+                ) -> tuple[list[Chunk], int]:
+    """The chunks of ``view`` (bundle offset ``base``) that the rest of the file cannot
+    change (all of them when ``final``: the file ends there), hashed; and the bytes used."""
     from pyfastcdc import FastCDC  # (operator extra; a device never cuts)
 
     cdc = FastCDC(AVG_CHUNK, min_size=MIN_CHUNK, max_size=MAX_CHUNK)
-    spans = [(c.offset, c.length) for c in cdc.cut_buf(view)] if len(view) else []
+    spans: list[tuple[int, int]] = []
+    if len(view):
+        for c in cdc.cut_buf(view):
+            if not final and len(view) - c.offset < MAX_CHUNK:
+                break  # (its end may depend on bytes not read yet)
+            spans.append((c.offset, c.length))
+        del c  # (it holds a slice of view)
     digests = pool.map(lambda s: hashlib.sha256(view[s[0]:s[0] + s[1]]).digest(), spans)
-    return [Chunk(base + off, n, d) for (off, n), d in zip(spans, digests, strict=True)]
+    chunks = [Chunk(base + off, n, d) for (off, n), d in zip(spans, digests, strict=True)]
+    return chunks, sum(n for _, n in spans)
+
+
+def _cut_member(stream: TarStream, member: Member, pool: ThreadPoolExecutor) -> list[Chunk]:
+    """The chunks of the pending member's data, read from ``stream`` a window at a time."""
+    out: list[Chunk] = []
+    buf, base, left = bytearray(), member.data_offset, member.size
+    for piece in stream.data():
+        buf += piece
+        left -= len(piece)
+        if len(buf) < max(WINDOW, MAX_CHUNK) and left:
+            continue
+        view = memoryview(buf)
+        try:
+            chunks, used = _cut_window(view, base, not left, pool)
+            rest = bytearray(view[used:])
+        finally:
+            view.release()
+        out += chunks
+        buf, base = rest, base + used
+    return out
 
 
 def build_index(bundle: Path, sha256: str) -> ChunkIndex:
     """The chunk index of a bundle that ``extract_bundle`` has verified (sha256 given).
 
     Raises:
-        OperatorInputError: the bundle changed since it was verified, or is not laid out
-            as ``bundle build`` writes it (the manifest first, then its files in order).
+        OperatorInputError: the bundle changed since it was verified (its bytes do not hash
+            to ``sha256``), or is not laid out as ``bundle build`` writes it (the manifest
+            first, then its files in order).
     """
     what = str(bundle)
     with open(bundle, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise OperatorInputError(f"{bundle} is empty")
-        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                return _index(view, size, sha256, what)
-            finally:
-                view.release()
+        return _index(f, size, sha256, what)
 
 
-def _index(view: memoryview, size: int, sha256: str, what: str) -> ChunkIndex:
-    members = _members(view)
-    if not members or members[0].name != MANIFEST:
-        raise OperatorInputError(f"{what}: {MANIFEST} is not the first member")
-    first = members[0]
-    manifest_bytes = bytes(view[first.data_offset:first.data_offset + first.size])
-    manifest = parse_manifest(manifest_bytes, what)
-    by_name = {m.name: m for m in members[1:]}
-    if [m.name for m in members[1:]] != [f.path for f in manifest.files]:
-        raise OperatorInputError(f"{what}: the members are not the manifest's files in order")
-    whole = hashlib.sha256(view).hexdigest()
-    if whole != sha256:
-        raise OperatorInputError(f"{what} changed while it was being published")
-    files: list[IndexedFile] = []
-    with ThreadPoolExecutor(hash_workers()) as pool:
-        for mf in manifest.files:
-            m = by_name[mf.path]
-            data = view[m.data_offset:m.data_offset + m.size]
-            try:
+def _index(source: Readable, size: int, sha256: str, what: str) -> ChunkIndex:
+    reader = _HashingReader(source)
+
+    def changed() -> OperatorInputError:
+        return OperatorInputError(f"{what} changed while it was being published")
+
+    def layout(message: str) -> OperatorInputError:
+        reader.finish()  # (a file that changed is reported as changed, not as mislaid)
+        return changed() if reader.sha.hexdigest() != sha256 else OperatorInputError(message)
+
+    stream = TarStream(reader)
+    try:
+        first = stream.next()
+        if first is None or first.name != MANIFEST or first.size > MAX_MANIFEST_BYTES:
+            raise layout(f"{what}: {MANIFEST} is not the first member")
+        manifest_offset = first.data_offset
+        manifest_bytes = b"".join(bytes(v) for v in stream.data())
+        try:
+            manifest = parse_manifest(manifest_bytes, what)
+        except BundleFormatError:
+            raise layout(f"{what}: {MANIFEST} is not a valid manifest") from None
+        order = f"{what}: the members are not the manifest's files in order"
+        files: list[IndexedFile] = []
+        with ThreadPoolExecutor(hash_workers()) as pool:
+            for mf in manifest.files:
+                m = stream.next()
+                if m is None or m.name != mf.path:
+                    raise layout(order)
                 files.append(IndexedFile(mf.path, mf.size, mf.sha256, mf.merkle_root,
-                                         m.data_offset, tuple(cut(data, m.data_offset, pool))))
-            finally:
-                data.release()
-    return make_index(size, sha256, first.data_offset, manifest_bytes, files,
+                                         m.data_offset, tuple(_cut_member(stream, m, pool))))
+        if stream.next() is not None:
+            raise layout(order)
+        stream.drain()
+    except TarFormatError as e:  # (it was verified: a tar error now means it changed)
+        raise changed() from e
+    reader.finish()
+    if reader.count != size or reader.sha.hexdigest() != sha256:
+        raise changed()
+    return make_index(size, sha256, manifest_offset, manifest_bytes, files,
                       {"algorithm": ALGORITHM, "min": MIN_CHUNK, "avg": AVG_CHUNK,
                        "max": MAX_CHUNK}, what=what)

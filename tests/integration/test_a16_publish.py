@@ -108,9 +108,6 @@ def test_publish_while_another_publish_runs_loses_nothing(pub: World,
     assert again.index_path is not None and second.index_path is not None
 
 
-@pytest.mark.xfail(strict=True, reason="bundle diff dies of SIGBUS (rc -7) when the operator's "
-                   "file shrinks while it is cut: build_index reads it through mmap "
-                   "(publisher/_chunking.py:build_index), after extract_bundle verified it")
 def test_bundle_diff_of_a_file_rewritten_in_place_is_refused_not_a_crash(pub: World
                                                                          ) -> None:
     b = _release(pub, "1.0.0", 1, blob_seed=7)

@@ -450,8 +450,9 @@ class MqttFetcher(RangeFetcher):
         except TransportError as e:
             raise tuf_exc.DownloadError(str(e)) from e
         path = u.path.lstrip("/")
-        plan = [(off, min(self.cfg.block_size, o + ln - off))
-                for o, ln in ranges for off in range(o, o + ln, self.cfg.block_size)]
+        bs = self.cfg.block_size
+        plan = ((off, min(bs, o + ln - off))  # (lazy: planned as the window moves on)
+                for o, ln in ranges for off in range(o, o + ln, bs))
         self._inbox.start()
         try:
             try:
@@ -468,18 +469,23 @@ class MqttFetcher(RangeFetcher):
                                path, extra={"dropped": dropped, "dropped_bytes": size})
 
     def _range_blocks(self, conn: MqttConnection, path: str,
-                      plan: list[tuple[int, int]]) -> Iterator[Piece]:
-        """The blocks of ``plan`` ((offset, length), in order), ``window`` in flight."""
+                      plan: Iterator[tuple[int, int]]) -> Iterator[Piece]:
+        """The blocks of ``plan`` ((offset, length), in order), ``window`` in flight.
+
+        Only the blocks asked for and not yet handed on are held (``order``, ``asked``):
+        memory follows the window, not the bytes asked.
+        """
         cfg = self.cfg
         session = secrets.token_bytes(8)
-        asked = dict(plan)
+        asked: dict[int, int] = {}  # offset -> length, of the blocks in ``order``
+        order: deque[int] = deque()  # offsets asked for and not yet handed on, in order
+        upcoming = next(plan, None)
         pending: dict[int, tuple[float, int]] = {}  # offset -> (deadline, attempts)
         busy: dict[int, int] = {}
         paused: set[int] = set()
         buffered: dict[int, memoryview] = {}
         held = 0
         total: int | None = None
-        nxt = deliver = 0  # indices into plan: the next to ask for, to hand on
         # Small ranges mean many requests a second: paced under the bridge's rate, over
         # which it drops them unanswered (each then waits out block_timeout).
         pace = Pace(cfg.range_requests_per_s, time.monotonic())
@@ -488,17 +494,20 @@ class MqttFetcher(RangeFetcher):
             pending[off] = (time.monotonic() + cfg.block_timeout, attempts)
             self._request(conn, session, path, off, asked[off])
 
-        while deliver < len(plan):
+        while order or upcoming is not None:
             if conn.lost.is_set():
+                at = order[0] if order or upcoming is None else upcoming[0]
                 raise tuf_exc.DownloadError(f"mqtt {path}: broker connection lost at "
-                                            f"offset {plan[deliver][0]}")
+                                            f"offset {at}")
             paced = 0.0
-            while nxt < len(plan) and len(pending) + len(buffered) < cfg.window:
+            while upcoming is not None and len(pending) + len(buffered) < cfg.window:
                 if not pace.take(time.monotonic()):
                     paced = pace.wait()
                     break
-                ask(plan[nxt][0], 0)
-                nxt += 1
+                asked[upcoming[0]] = upcoming[1]
+                order.append(upcoming[0])
+                ask(upcoming[0], 0)
+                upcoming = next(plan, None)
             now = time.monotonic()
             for off, (deadline, attempts) in list(pending.items()):
                 if deadline <= now and off in paused:
@@ -535,11 +544,12 @@ class MqttFetcher(RangeFetcher):
             paused.discard(off)
             buffered[off] = data
             held += len(data)
-            while deliver < len(plan) and plan[deliver][0] in buffered:
-                start = plan[deliver][0]
+            while order and order[0] in buffered:
+                start = order.popleft()
+                del asked[start]
+                busy.pop(start, None)  # (nothing of a block handed on is kept)
                 chunk = buffered.pop(start)
                 held -= len(chunk)
-                deliver += 1
                 self.bytes_received += len(chunk)
                 self._inbox.hold(held + len(chunk))  # (as in _blocks)
                 yield start, chunk
