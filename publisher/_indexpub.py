@@ -284,15 +284,41 @@ def estimate(version: str, new: ChunkIndex | None, index_length: int, full: int,
                          index_length, note, withdrawn)
 
 
-def old_index(targets_dir: Path, bundle: Found, resolved: Mapping[str, Found]
+@dataclass(frozen=True)
+class Resolved:
+    """The targets under a model's name as devices find them, and who signed what.
+
+    Attributes:
+        found: path -> the target TUF's delegation search returns for it (the role it
+            ends at).
+        listings: role -> the targets its verified metadata lists (the roles the search
+            loaded).
+    """
+
+    found: Mapping[str, Found]
+    listings: Mapping[str, Mapping[str, TargetFile]]
+
+    def signed(self, role: str, bundle: Found) -> bool:
+        """Whether ``role`` signed exactly ``bundle``'s bytes: it is the role devices take
+        the release from, or it lists the same path with the same length and hashes (a
+        team's release under an operator's tombstone or pin)."""
+        if role == bundle.role:
+            return True
+        t = self.listings.get(role, {}).get(bundle.path)
+        return t is not None and t.length == bundle.target.length and \
+            t.hashes == bundle.target.hashes
+
+
+def old_index(targets_dir: Path, bundle: Found, resolved: Resolved
               ) -> tuple[ChunkIndex | None, str]:
     """The chunks of an earlier release: from its signed index, else cut from its bundle.
 
-    ``resolved``: the targets under the model's name as devices find them (TUF's
-    delegation search, each path from the role the search ends at). The release's index
-    is the target at ``index_path(bundle)`` there, signed by the role that signed the
-    release: a listing in any other role (a team outside its delegation, or another
-    team's index of the operator's release) is not the release's index.
+    The release's index is the target at ``index_path(bundle)`` as devices find it
+    (``resolved``: TUF's delegation search, each path from the role the search ends at),
+    from a role that signed the release's very bytes (:meth:`Resolved.signed`): a
+    listing the search does not end at (a team outside its delegation), or an index by
+    a role that never signed the release (another team's "index" of the operator's
+    release), is not the release's index.
 
     Nothing read from the served directory is believed before it matches the signed
     metadata: the index file its target's length and sha256, the index the old bundle's
@@ -303,11 +329,11 @@ def old_index(targets_dir: Path, bundle: Found, resolved: Mapping[str, Found]
     """
     why = "it has no chunk index"
     tf = bundle.target
-    ifound = resolved.get(index_path(bundle.path))
+    ifound = resolved.found.get(index_path(bundle.path))
     if ifound is not None and indexed_bundle(ifound.target) == bundle.path:
-        if ifound.role != bundle.role:
-            why = (f"its chunk index is signed by role {escape(ifound.role, 64)}, not by "
-                   f"{escape(bundle.role, 64)} which signed the release")
+        if not resolved.signed(ifound.role, bundle):
+            why = (f"its chunk index is signed by role {escape(ifound.role, 64)}, which did "
+                   f"not sign the release (role {escape(bundle.role, 64)})")
         else:
             try:
                 ix = _read_index(served_name(targets_dir, ifound.target), ifound.target)
@@ -353,7 +379,7 @@ def _newest(found: Sequence[Found], fields: Callable[[TargetFile], dict[str, Any
     return sorted(found, key=key, reverse=True)
 
 
-def estimates(targets_dir: Path, earlier: Sequence[Found], resolved: Mapping[str, Found],
+def estimates(targets_dir: Path, earlier: Sequence[Found], resolved: Resolved,
               new: NewIndex, full: int, fields: Callable[[TargetFile], dict[str, Any]]
               ) -> tuple[FetchEstimate, ...]:
     """One :class:`FetchEstimate` per earlier release (``earlier``: as devices find them;

@@ -37,6 +37,7 @@ from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
 from modelward.publisher._indexpub import (
     FetchEstimate,
+    Resolved,
     VerifiedStream,
     add_index,
     estimates,
@@ -818,7 +819,7 @@ class Repository:
         index = add_index(self.targets_dir, dest, tf, (lambda p: None) if role is None else
                           lambda p: self._check_delegation(targets, role, p))
         resolved = self._resolved(manifest.name, targets)  # (indexes too, as devices find them)
-        views = estimates(self.targets_dir, [f for f in resolved.values() if
+        views = estimates(self.targets_dir, [f for f in resolved.found.values() if
                                              _fields(f.target).get("name") == manifest.name],
                           resolved, index, tf.length, _fields)
         ipath = index.target.path if index.target is not None else None
@@ -935,11 +936,14 @@ class Repository:
         path taken from the role that search ends at (operator tombstones included)."""
         return self._releases(name, targets)[0]
 
-    def _resolved(self, name: str, targets: Targets) -> dict[str, Found]:
+    def _resolved(self, name: str, targets: Targets) -> Resolved:
         """Every target under ``name/`` (chunk indexes too), each from the role TUF's
-        delegation search ends at (see :meth:`_releases` for what is left out)."""
-        found, _ = find_releases(name, self._loader(targets), skip=(RepositoryStateError,))
-        return {f.path: f for f in found}
+        delegation search ends at (see :meth:`_releases` for what is left out), and what
+        each role the search loaded lists."""
+        found, reach = find_releases(name, self._loader(targets),
+                                     skip=(RepositoryStateError,))
+        return Resolved({f.path: f for f in found},
+                        {role: t.targets for (_, role), t in reach.loaded.items()})
 
     def _releases(self, name: str, targets: Targets | None = None
                   ) -> tuple[list[Found], list[Exception]]:
