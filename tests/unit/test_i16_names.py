@@ -125,3 +125,24 @@ def test_publish_lines_escape_what_the_bundle_names() -> None:
     out = "\n".join(publish_lines(r))
     assert "\x1b" not in out and "\x07" not in out and out.count("\n") == 2
     assert "pwned" in out
+
+
+def test_the_device_extraction_refuses_the_name_before_any_file(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    from modelward.updater.bundle._bundle import extract_bundle
+
+    raw = _manifest("../../escape")
+    bio = io.BytesIO()
+    with tarfile.open(fileobj=bio, mode="w", format=tarfile.USTAR_FORMAT) as t:
+        for name, data in ((MANIFEST, raw), ("model.onnx", b"m"), ("vectors.npz", b"v")):
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            t.addfile(ti, io.BytesIO(data))
+    dest = tmp_path / "slot"
+    dest.mkdir()
+    bio.seek(0)
+    with pytest.raises(BundleFormatError, match="model name"):
+        extract_bundle(bio, dest, "classifier/classifier-1.0.0.tar")
+    assert [p.name for p in tmp_path.rglob("*") if p != dest] in ([], [MANIFEST])
