@@ -25,6 +25,7 @@ from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.trust._display import escape
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig
+from modelward.updater.bundle._names import MODEL_NAME
 
 DEFAULT_CONFIG = Path("/etc/modelward/agent.toml")
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few hundred bytes
@@ -136,7 +137,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
 }
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # no MQTT wildcard, no '/'
+_NAME = MODEL_NAME  # (one rule: what `bundle build` and the manifest parser accept)
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -384,6 +384,7 @@ def _bundle_diff(args: argparse.Namespace) -> int:
 def _publish(args: argparse.Namespace) -> int:
     from modelward._inputs import readable_file
     from modelward.publisher._bridge import announce
+    from modelward.publisher._indexpub import publish_lines
 
     mqtt = _broker_config(args, "modelward-operator") if args.announce else None
     readable_file("BUNDLE", args.bundle)
@@ -392,13 +393,7 @@ def _publish(args: argparse.Namespace) -> int:
     with _progress("publishing", 3 * size) as advance:
         r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
                          sign_with=args.sign_with, role=args.role, progress=advance)
-    print(f"published {r.name} {r.version} as {r.target_path} ({r.length} bytes)")
-    print(f"fingerprint {r.fingerprint}; targets v{r.targets_version}, "
-          f"timestamp v{r.timestamp_version}")
-    print(f"chunk index {r.index_path}" if r.index_path else "no chunk index (devices fetch "
-          "the whole bundle; see the warning above)")
-    for e in r.estimates:  # what a device on each earlier release fetches
-        print(e.text())
+    print("\n".join(publish_lines(r)))  # (escaped; and what earlier releases fetch)
     if mqtt is not None:
         v = announce(args.repo, mqtt)
         print(f"announced timestamp v{v} on {mqtt.topic('announce')}")

@@ -16,6 +16,7 @@ from typing import Any
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._fingerprint import FileChangedError, file_merkle_root
 from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
+from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import check_member_path
 
@@ -195,9 +196,7 @@ def build_bundle(
     opts = options or BuildOptions()
     try:
         SemVer.parse(version)
-        check_member_path(name)
-        if "/" in name:
-            raise ValueError(f"model name {name!r} must not contain '/'")
+        check_model_name(name)  # (the rule devices and the manifest parser apply)
         for _, arc in extra:
             check_member_path(arc)
     except ValueError as e:

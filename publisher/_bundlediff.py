@@ -48,9 +48,9 @@ class BundleDiff:
         o, n = self.old.manifest, self.new.manifest  # (a team's bundles: names escaped)
         other = "" if o.name == n.name else f" (another model: {escape(o.name, 64)})"
         return [
-            f"{escape(n.name, 64)} {o.version} -> {n.version}{other}",
-            f"devices on {o.version} fetch {human(self.fetch)} of {human(self.new.bundle_length)}"
-            f" (index {human(self.index_length)})",
+            f"{escape(n.name, 64)} {escape(o.version, 64)} -> {escape(n.version, 64)}{other}",
+            f"devices on {escape(o.version, 64)} fetch {human(self.fetch)} of "
+            f"{human(self.new.bundle_length)} (index {human(self.index_length)})",
             f"chunks: {self.reused[0]} reused ({human(self.reused[1])}), {self.fresh[0]} new "
             f"({human(self.fresh[1])})",
         ]

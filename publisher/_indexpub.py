@@ -22,13 +22,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuf.api.metadata import TargetFile, Targets
+from tuf.api.metadata import TargetFile
 
 from modelward.publisher._chunking import build_index
 from modelward.publisher._served import ServedFileError, read_file
@@ -44,10 +45,13 @@ from modelward.updater.bundle._chunkindex import (
     is_index_path,
     parse_index,
 )
+from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._semver import SemVer
+from modelward.updater.bundle._tarstream import check_member_path
 from modelward.updater.errors import ChunkIndexError
 
 if TYPE_CHECKING:
+    from modelward.publisher._repo import PublishResult
     from modelward.updater.install._search import Found
 
 logger = logging.getLogger(__name__)
@@ -59,6 +63,7 @@ INDEX_FIELD = "modelward-chunk-index"
 MAX_REBUILD_BYTES = 2 << 30
 #: Estimates for at most this many earlier releases (the newest): each may read a file.
 MAX_ESTIMATES = 10
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class VerifiedStream:
@@ -115,6 +120,18 @@ class FetchEstimate:
                 f"{human(self.index_length)})" + (f"; {escape(self.note)}" if self.note else ""))
 
 
+def publish_lines(r: PublishResult) -> list[str]:
+    """What ``modelward publish`` prints. The name, version and paths come from the
+    bundle (a team's, maybe): escaped, like every line the operator view prints."""
+    lines = [f"published {escape(r.name, 128)} {escape(r.version, 64)} as "
+             f"{escape(r.target_path)} ({r.length} bytes)",
+             f"fingerprint {escape(r.fingerprint, 64)}; targets v{r.targets_version}, "
+             f"timestamp v{r.timestamp_version}",
+             f"chunk index {escape(r.index_path)}" if r.index_path else
+             "no chunk index (devices fetch the whole bundle; see the warning above)"]
+    return lines + [e.text() for e in r.estimates]
+
+
 def human(n: int) -> str:
     """Bytes as the operator reads them: ``41 KiB``, ``2.6 MiB``."""
     if n < 1024:
@@ -127,9 +144,45 @@ def human(n: int) -> str:
 
 
 def served_name(targets_dir: Path, tf: TargetFile) -> Path:
-    """Where the served directory holds a target (consistent snapshots: hash-prefixed)."""
-    d, _, base = tf.path.rpartition("/")
-    return targets_dir / d / f"{tf.hashes['sha256']}.{base}"
+    """Where the served directory holds a target (consistent snapshots: hash-prefixed).
+
+    Only a path ``<model>/<file>`` (a model name as :func:`check_model_name` accepts it,
+    one safe component) with a hex sha256 has a place there: whatever else a signed
+    target names (a team's metadata, a manifest's name) never leads out of
+    ``targets_dir``.
+
+    Raises:
+        RepositoryStateError: the target has no such place (names it, escaped).
+    """
+    d, _, base = tf.path.partition("/")
+    sha = tf.hashes.get("sha256", "")
+    try:
+        check_model_name(d)
+        check_member_path(base)
+        if "/" in base or not _HEX64.fullmatch(sha):
+            raise ValueError("not <model>/<file> with a sha256")
+    except ValueError as e:
+        raise RepositoryStateError(
+            f"target {escape(tf.path, 120)} has no place in the served directory: {e}",
+            hint="a target is <model>/<file>, the model a name `bundle build` accepts") from e
+    return targets_dir / d / f"{sha}.{base}"
+
+
+def served_dest(targets_dir: Path, tf: TargetFile) -> Path:
+    """:func:`served_name`, its directory made: where a target is written.
+
+    Raises:
+        RepositoryStateError: as served_name, or the model's directory leads out of the
+            served directory (a link planted there): nothing is written.
+    """
+    dest = served_name(targets_dir, tf)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not dest.parent.resolve().is_relative_to(targets_dir.resolve()):
+        raise RepositoryStateError(
+            f"{escape(str(dest.parent), 200)} leads out of the served directory "
+            f"{escape(str(targets_dir), 200)} (a link?): nothing written there",
+            hint="each model's directory under REPO/targets must be a plain directory")
+    return dest
 
 
 def index_target(index_bytes: bytes, bundle_path: str) -> TargetFile:
@@ -180,6 +233,11 @@ def add_index(targets_dir: Path, served_bundle: Path, bundle_tf: TargetFile,
     try:
         ix = build_index(served_bundle, bundle_tf.hashes["sha256"])
     except OperatorInputError as e:
+        if _holds(served_bundle, bundle_tf):  # a valid layout the index cannot describe
+            logger.warning("%s: published without a chunk index (devices fetch the whole "
+                           "bundle): the index cannot describe its layout: %s",
+                           bundle_tf.path, e)
+            return NewIndex(None, None)
         served_bundle.unlink(missing_ok=True)  # (the name: a link is removed, not followed)
         raise OperatorInputError(
             f"{bundle_tf.path}: the bundle copied into the served directory is not the one "
@@ -191,12 +249,25 @@ def add_index(targets_dir: Path, served_bundle: Path, bundle_tf: TargetFile,
         return NewIndex(None, None)
     data = ix.to_bytes()
     tf = index_target(data, bundle_tf.path)
-    dest = served_name(targets_dir, tf)
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = served_dest(targets_dir, tf)
     write_atomic(dest, data)  # (a fresh temporary name: a link planted there is not followed)
     logger.info("%s: chunk index %s, %d chunks, %d bytes", bundle_tf.path, tf.path,
                 ix.chunk_count, len(data))
     return NewIndex(tf, ix)
+
+
+def _holds(path: Path, tf: TargetFile) -> bool:
+    """Whether the file at ``path`` is exactly the bytes of ``tf`` (length, sha256)."""
+    sha = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != tf.length:
+                return False
+            while block := f.read(1 << 20):
+                sha.update(block)
+    except OSError:
+        return False
+    return sha.hexdigest() == tf.hashes["sha256"]
 
 
 # -- the operator view ------------------------------------------------------------
@@ -213,9 +284,41 @@ def estimate(version: str, new: ChunkIndex | None, index_length: int, full: int,
                          index_length, note, withdrawn)
 
 
-def old_index(targets_dir: Path, bundle: TargetFile, roles: Iterable[Targets]
+@dataclass(frozen=True)
+class Resolved:
+    """The targets under a model's name as devices find them, and who signed what.
+
+    Attributes:
+        found: path -> the target TUF's delegation search returns for it (the role it
+            ends at).
+        listings: role -> the targets its verified metadata lists (the roles the search
+            loaded).
+    """
+
+    found: Mapping[str, Found]
+    listings: Mapping[str, Mapping[str, TargetFile]]
+
+    def signed(self, role: str, bundle: Found) -> bool:
+        """Whether ``role`` signed exactly ``bundle``'s bytes: it is the role devices take
+        the release from, or it lists the same path with the same length and hashes (a
+        team's release under an operator's tombstone or pin)."""
+        if role == bundle.role:
+            return True
+        t = self.listings.get(role, {}).get(bundle.path)
+        return t is not None and t.length == bundle.target.length and \
+            t.hashes == bundle.target.hashes
+
+
+def old_index(targets_dir: Path, bundle: Found, resolved: Resolved
               ) -> tuple[ChunkIndex | None, str]:
     """The chunks of an earlier release: from its signed index, else cut from its bundle.
+
+    The release's index is the target at ``index_path(bundle)`` as devices find it
+    (``resolved``: TUF's delegation search, each path from the role the search ends at),
+    from a role that signed the release's very bytes (:meth:`Resolved.signed`): a
+    listing the search does not end at (a team outside its delegation), or an index by
+    a role that never signed the release (another team's "index" of the operator's
+    release), is not the release's index.
 
     Nothing read from the served directory is believed before it matches the signed
     metadata: the index file its target's length and sha256, the index the old bundle's
@@ -225,29 +328,33 @@ def old_index(targets_dir: Path, bundle: TargetFile, roles: Iterable[Targets]
         The index (None: unknown) and how it was found, or why not.
     """
     why = "it has no chunk index"
-    ipath = index_path(bundle.path)
-    for t in roles:
-        itf = t.targets.get(ipath)
-        if itf is None or indexed_bundle(itf) != bundle.path:
-            continue
-        try:
-            ix = _read_index(served_name(targets_dir, itf), itf)
-            ix.check_bundle(bundle.length, dict(bundle.hashes), itf.path)
-            return ix, ""
-        except (ChunkIndexError, ServedFileError) as e:
-            why = f"its chunk index is not usable: {e}"
-            break
-    src = served_name(targets_dir, bundle)
+    tf = bundle.target
+    ifound = resolved.found.get(index_path(bundle.path))
+    if ifound is not None and indexed_bundle(ifound.target) == bundle.path:
+        if not resolved.signed(ifound.role, bundle):
+            why = (f"its chunk index is signed by role {escape(ifound.role, 64)}, which did "
+                   f"not sign the release (role {escape(bundle.role, 64)})")
+        else:
+            try:
+                ix = _read_index(served_name(targets_dir, ifound.target), ifound.target)
+                ix.check_bundle(tf.length, dict(tf.hashes), ifound.path)
+                return ix, ""
+            except (ChunkIndexError, ServedFileError, RepositoryStateError) as e:
+                why = f"its chunk index is not usable: {e}"
+    try:
+        src = served_name(targets_dir, tf)
+    except RepositoryStateError as e:
+        return None, f"{why}, and its bundle has no place in the served directory ({e})"
     try:
         st = os.lstat(src)
     except OSError as e:
         return None, f"{why}, and its bundle is not in the served directory ({e.strerror})"
-    if not stat.S_ISREG(st.st_mode) or st.st_size != bundle.length:
+    if not stat.S_ISREG(st.st_mode) or st.st_size != tf.length:
         return None, f"{why}, and {src.name} is not its signed bundle"
-    if bundle.length > MAX_REBUILD_BYTES:
+    if tf.length > MAX_REBUILD_BYTES:
         return None, f"{why}, and its bundle is over {human(MAX_REBUILD_BYTES)}"
     try:
-        return build_index(src, bundle.hashes["sha256"]), f"{why}: cut from its bundle"
+        return build_index(src, tf.hashes["sha256"]), f"{why}: cut from its bundle"
     except (OperatorInputError, ChunkIndexError, OSError) as e:
         return None, f"{why}, and its bundle could not be cut: {e}"
 
@@ -272,10 +379,11 @@ def _newest(found: Sequence[Found], fields: Callable[[TargetFile], dict[str, Any
     return sorted(found, key=key, reverse=True)
 
 
-def estimates(targets_dir: Path, earlier: Sequence[Found], roles: Sequence[Targets],
+def estimates(targets_dir: Path, earlier: Sequence[Found], resolved: Resolved,
               new: NewIndex, full: int, fields: Callable[[TargetFile], dict[str, Any]]
               ) -> tuple[FetchEstimate, ...]:
-    """One :class:`FetchEstimate` per earlier release (``earlier``: as devices find them)."""
+    """One :class:`FetchEstimate` per earlier release (``earlier``: as devices find them;
+    ``resolved``: every target under the model's name, likewise; see :func:`old_index`)."""
     length = new.target.length if new.target is not None else 0
     out = []
     for found in _newest(earlier, fields)[:MAX_ESTIMATES]:
@@ -285,7 +393,7 @@ def estimates(targets_dir: Path, earlier: Sequence[Found], roles: Sequence[Targe
             out.append(estimate(version, None, 0, full, None,
                                 withdrawn=bool(f.get("withdrawn"))))
             continue
-        old, note = old_index(targets_dir, found.target, roles)
+        old, note = old_index(targets_dir, found, resolved)
         out.append(estimate(version, new.index, length, full, old, note,
                             withdrawn=bool(f.get("withdrawn"))))
     return tuple(out)

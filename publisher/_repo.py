@@ -35,7 +35,14 @@ from tuf.api.serialization.json import JSONSerializer
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
-from modelward.publisher._indexpub import FetchEstimate, VerifiedStream, add_index, estimates
+from modelward.publisher._indexpub import (
+    FetchEstimate,
+    Resolved,
+    VerifiedStream,
+    add_index,
+    estimates,
+    served_dest,
+)
 from modelward.publisher._keys import (
     ENCFILE,
     ROLES,
@@ -806,16 +813,15 @@ class Repository:
                 "pinned": False,
             }
         }
-        dest = self.targets_dir / manifest.name / f"{tf.hashes['sha256']}.{manifest.name}-" \
-            f"{manifest.version}.tar"
-        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest = served_dest(self.targets_dir, tf)  # (never out of the served targets)
         copy_atomic(bundle, dest)  # (a fresh temporary name: a link planted there is not followed)
         progress(tf.length)
         index = add_index(self.targets_dir, dest, tf, (lambda p: None) if role is None else
                           lambda p: self._check_delegation(targets, role, p))
-        views = estimates(self.targets_dir, self.releases(manifest.name, targets),
-                          [targets, *(md.signed for md in self._delegations(targets)[1].values())],
-                          index, tf.length, _fields)
+        resolved = self._resolved(manifest.name, targets)  # (indexes too, as devices find them)
+        views = estimates(self.targets_dir, [f for f in resolved.found.values() if
+                                             _fields(f.target).get("name") == manifest.name],
+                          resolved, index, tf.length, _fields)
         ipath = index.target.path if index.target is not None else None
         if role is not None:
             ts_version = self._publish_delegated(role, target_path, tf, index.target)
@@ -929,6 +935,15 @@ class Repository:
         """The targets under ``name/`` as devices find them: TUF's delegation search, each
         path taken from the role that search ends at (operator tombstones included)."""
         return self._releases(name, targets)[0]
+
+    def _resolved(self, name: str, targets: Targets) -> Resolved:
+        """Every target under ``name/`` (chunk indexes too), each from the role TUF's
+        delegation search ends at (see :meth:`_releases` for what is left out), and what
+        each role the search loaded lists."""
+        found, reach = find_releases(name, self._loader(targets),
+                                     skip=(RepositoryStateError,))
+        return Resolved({f.path: f for f in found},
+                        {role: t.targets for (_, role), t in reach.loaded.items()})
 
     def _releases(self, name: str, targets: Targets | None = None
                   ) -> tuple[list[Found], list[Exception]]:

@@ -61,10 +61,6 @@ def _reordered(src: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.xfail(strict=True, reason="publish refuses a valid bundle whose members are "
-                   "not in manifest order, saying it 'is not the one verified' / changed "
-                   "while published (add_index treats build_index's layout error as a "
-                   "swap); before issue 16 it published")
 def test_a_valid_bundle_in_another_member_order_publishes(pub: World) -> None:
     b = _reordered(_release(pub, "1.0.0", 1, blob_seed=7), pub.builds / "reordered.tar")
     r = pub.repo.publish(b)  # the bundle alone (devices fetch it whole) or with an index
@@ -136,11 +132,6 @@ def test_bundle_diff_of_a_file_rewritten_in_place_is_refused_not_a_crash(pub: Wo
 # -- a team key holder -------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="old_index believes an index target from any role "
-                   "(the first that lists the path), not from the role TUF's search for the "
-                   "path ends at: a team signs, outside its delegation, an 'index' of the "
-                   "operator's earlier release and sets the publish estimate "
-                   "(publisher/_indexpub.py:old_index)")
 def test_a_team_cannot_forge_the_index_of_anothers_release(pub: World,
                                                            monkeypatch: pytest.MonkeyPatch
                                                            ) -> None:
@@ -201,10 +192,6 @@ def _renamed(src: Path, dest: Path, name: str) -> Path:
     return dest
 
 
-@pytest.mark.xfail(strict=True, reason="publish takes the manifest's model name unchecked into "
-                   "paths: a name '../escape' writes the bundle to REPO/escape/ and the chunk "
-                   "index (add_index -> served_name, new in issue 16) to REPO/, outside the "
-                   "served targets (with '../../..' anywhere the operator can write)")
 def test_a_model_name_with_dotdot_writes_nothing_outside_the_served_targets(pub: World
                                                                             ) -> None:
     b = _renamed(_release(pub, "1.0.0", 1, blob_seed=7), pub.builds / "dotdot.tar",
@@ -220,9 +207,6 @@ def test_a_model_name_with_dotdot_writes_nothing_outside_the_served_targets(pub:
     assert outside == [], outside
 
 
-@pytest.mark.xfail(strict=True, reason="`modelward publish` prints a team bundle's model name "
-                   "raw: terminal escapes in the 'published ...' line and in the new 'chunk "
-                   "index ...' line (publisher CLI; estimates and bundle diff escape it)")
 def test_publish_prints_no_terminal_escape_from_a_model_name(pub: World) -> None:
     name = "a\x1b]0;pwned\x07"
     b = _renamed(_release(pub, "1.0.0", 1, blob_seed=7), pub.builds / "esc.tar", name)

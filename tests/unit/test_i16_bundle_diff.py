@@ -142,6 +142,8 @@ def test_bundle_diff_escapes_a_hostile_model_name(bundles: dict[str, Path], tmp_
                 data = json.dumps(doc).encode()
                 m.size = len(data)
             dst.addfile(m, io.BytesIO(data))
-    assert main(["bundle", "diff", str(bundles["v1"]), str(evil)]) == 0
-    out = capsys.readouterr().out
-    assert "\x1b" not in out and "\x07" not in out and "pwned" in out
+    # refused (fixpub: the manifest parser applies the model-name rule), printed escaped
+    assert main(["bundle", "diff", str(bundles["v1"]), str(evil)]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "invalid manifest: model name" in err and "pwned" in err
+    assert "\x1b" not in err and "\x07" not in err

@@ -18,6 +18,7 @@ from typing import Any
 
 from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import FileEntry, MerkleHasher
+from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import (
     Member,
@@ -140,7 +141,7 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
         if model.get("format") != "onnx":
             raise ValueError(f"model format {model.get('format')!r}")
         m = Manifest(
-            name=str(d["name"]),
+            name=check_model_name(d["name"]),  # (a path component of everything it names)
             version=str(d["version"]),
             created=str(d["created"]),
             files=tuple(files),

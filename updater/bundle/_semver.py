@@ -31,7 +31,7 @@ class SemVer:
         Raises:
             ValueError: not a semantic version.
         """
-        m = _SEMVER.match(text)
+        m = _SEMVER.fullmatch(text)  # (match: '$' would let a final newline through)
         if not m:
             raise ValueError(f"{text!r} is not a semantic version (MAJOR.MINOR.PATCH)")
         pre = tuple(m.group(4).split(".")) if m.group(4) else ()

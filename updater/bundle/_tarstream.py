@@ -81,12 +81,14 @@ def check_member_path(path: str) -> str:
     """Validate a relative bundle path; returns it unchanged.
 
     Raises:
-        ValueError: absolute, ``..``, empty component, backslash or control character.
+        ValueError: absolute, ``..``, empty component, backslash, or a character that is
+            not printable (control, format, separator other than the space: a path is
+            printed by the operator's tools and logged by devices).
     """
     if not path or path.startswith("/") or "\\" in path or "\x00" in path:
-        raise ValueError(f"unsafe path {path!r}")
-    if any(ord(c) < 0x20 for c in path):
-        raise ValueError(f"unsafe path {path!r}")
+        raise ValueError(f"unsafe path {ascii(path)}")
+    if not path.isprintable():
+        raise ValueError(f"unsafe path {ascii(path)}")
     parts = PurePosixPath(path).parts
     if any(p in ("", ".", "..") for p in path.split("/")) or not parts:
         raise ValueError(f"unsafe path {path!r}")
