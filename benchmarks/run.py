@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--size-mib 512] [--boot-mib 1024] [--rounds 5]
         [--idle-seconds 60] [--touch-mib 1024]
-        [--only boot,https,mqtt,resume,refresh,rss,health,latency,idle]
+        [--delta-mib 256] [--delta-rss-mib 128,512,2048]
+        [--only boot,https,mqtt,resume,refresh,rss,health,latency,idle,delta]
 
 Each figure runs ours and its references interleaved in random order over several
 rounds, after touching and freeing ~1 GiB (these machines hand freed memory back to
@@ -59,7 +60,8 @@ PASS = b"benchmark passphrase"
 from modelward.agent._malloc import tune_malloc  # noqa: E402
 
 tune_malloc()
-SECTIONS = ("boot", "https", "mqtt", "resume", "refresh", "rss", "health", "latency", "idle")
+SECTIONS = ("boot", "https", "mqtt", "resume", "refresh", "rss", "health", "latency", "idle",
+            "delta")
 ROWS: list[tuple[str, ...]] = []  # figure, ours, reference, ratio, goal (for the table)
 # Issue #7's goals: (figure, reference, kind, bound, why a miss happens). "time": ours/ref
 # at most bound; "throughput": ref/ours (our share of the reference's throughput) at least
@@ -726,6 +728,10 @@ def main() -> int:
     ap.add_argument("--boot-mib", type=int, default=1024, help="boot-check model size")
     ap.add_argument("--rss-mib", default="128,2048", help="bundle sizes for peak RSS")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--delta-mib", type=int, default=256,
+                    help="model size of the delta section (benchmarks/delta.py)")
+    ap.add_argument("--delta-rss-mib", default="",
+                    help="model sizes for the delta section's flat-RSS figure")
     ap.add_argument("--idle-seconds", type=float, default=60.0, help="idle daemon period")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections of {','.join(SECTIONS)}")
@@ -742,7 +748,7 @@ def main() -> int:
             bench_boot(work, args.boot_mib, args.rounds)
         if "health" in only:
             bench_health(work, args.rounds)
-        if only & {"https", "mqtt", "resume", "refresh", "rss", "latency"}:
+        if only & {"https", "mqtt", "resume", "refresh", "rss", "latency", "delta"}:
             env = Env(work)
             try:
                 if only & {"https", "mqtt", "resume"}:
@@ -761,6 +767,14 @@ def main() -> int:
                     bench_rss(env, [int(x) for x in args.rss_mib.split(",")])
                 if "latency" in only:
                     bench_latency(env, work, args.rounds)
+                if "delta" in only:  # issue 16, benchmarks/delta.py
+                    from delta import bench_delta
+
+                    ROWS.extend(bench_delta(
+                        env, work, args.delta_mib, args.rounds,
+                        rss_mib=[int(x) for x in args.delta_rss_mib.split(",") if x],
+                        touch_mib=TOUCH_MIB, raw_paho=raw_paho_transfer,
+                        cpu_seconds=cpu_seconds))
             finally:
                 env.close()
         if "idle" in only:
