@@ -681,10 +681,19 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
             mq.append(r)
 
         def do_paho() -> None:
-            _touch(touch_mib)
-            t0 = time.perf_counter()
-            raw_paho(env, served)
-            paho.append(time.perf_counter() - t0)
+            # The broker drops QoS 1 messages beyond a client's queue bound (issue 14) when
+            # the subscriber falls behind (a load spike on shared cores): then try again.
+            for attempt in range(3):
+                _touch(touch_mib)
+                t0 = time.perf_counter()
+                try:
+                    raw_paho(env, served)
+                except AssertionError as e:
+                    print(f"  raw paho attempt {attempt + 1} lost messages ({e}), again")
+                    continue
+                paho.append(time.perf_counter() - t0)
+                return
+            raise RuntimeError("raw paho lost messages three times")
 
         for _ in range(n):
             order = [do_mqtt, do_paho]
