@@ -266,6 +266,7 @@ class Run:
     ranged: int  # of which requests answered 206 (Range)
     delta_logged: bool
     version: str | None
+    phases: dict[str, float] = field(default_factory=dict)  # from the agent's step marks
 
 
 class Wire:
@@ -312,6 +313,20 @@ class Wire:
             if m:
                 out.append((m[2], int(m[3]), int(m[4]), m[6]))
         return out
+
+
+# Phases of an install, between the agent's step marks (its log, `-v`).
+PHASES = (("refresh + pick", "checking", "downloading"),
+          ("download + verify + stage", "downloading", "staged"),
+          ("seal + verify", "staged", "verified"),
+          ("health check", "verified", "health-checked"),
+          ("commit", "health-checked", "active"))
+
+
+def phases_text(runs: list[Run]) -> str:
+    """Median seconds of each phase of ``runs``."""
+    names = [n for n, _, _ in PHASES if all(n in r.phases for r in runs)]
+    return ", ".join(f"{n} {med([r.phases[n] for r in runs]):.2f} s" for n in names)
 
 
 def _hwm_kib(pid: int) -> int | None:
@@ -427,17 +442,16 @@ class Device:
                 marks[doc["step"]] = doc["ts"]
             if str(doc.get("msg", "")).startswith("delta:") or "delta:" in str(doc.get("msg")):
                 delta_logged = True
-        download = None
-        if "downloading" in marks and "staged" in marks:
-            from datetime import datetime
+        from datetime import datetime
 
-            download = (datetime.fromisoformat(marks["staged"])
-                        - datetime.fromisoformat(marks["downloading"])).total_seconds()
+        at = {k: datetime.fromisoformat(v).timestamp() for k, v in marks.items()}
+        phases = {name: at[b] - at[a] for name, a, b in PHASES if a in at and b in at}
+        download = phases.get("download + verify + stage")
         reqs = wire.since(mark)
         log.unlink()
         return Run(wall, ru.ru_utime + ru.ru_stime, hwm[0], ru.ru_maxrss, download,
                    sum(r[2] for r in reqs), sum(r[2] for r in reqs if r[1] == 206),
-                   delta_logged, self.version())
+                   delta_logged, self.version(), phases)
 
 
 # --- measuring --------------------------------------------------------------------------------
@@ -508,7 +522,7 @@ def _pair_rounds(dev: Device, wire: Wire, version: str, n: int, touch_mib: int,
 
 def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3,
                 rss_mib: list[int] | None = None, touch_mib: int = 1024,
-                raw_paho: Callable[[Any, Path], None] | None = None,
+                raw_paho: Callable[..., None] | None = None,
                 cpu_seconds: Callable[..., float] | None = None) -> list[tuple[str, ...]]:
     """The delta section: returns the table's rows (figure, ours, reference, ratio, goal)."""
     from modelward.publisher._bundle_build import build_bundle
@@ -607,6 +621,8 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
               f"CPU {med([r.cpu for r in fulls]):.2f} s, RSS "
               f"{med([r.hwm_kib for r in fulls]) / 1024:.1f} MiB (health check child "
               f"{med([r.tree_maxrss_kib for r in fulls]) / 1024:.0f} MiB)")
+        print(f"    phases, v1 -> v2: {phases_text(deltas)}")
+        print(f"    phases, full install: {phases_text(fulls)}")
         why = ("no delta path in this tree: the device fetched the whole bundle"
                if not delta_mod and not is_delta else
                "the device fetched the whole bundle" if not is_delta else
@@ -630,7 +646,10 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
         tratio = med(wall_d) / med(wall_f)
         cpu_d, cpu_f = med([r.cpu for r in deltas]), med([r.cpu for r in fulls])
         tgoal = ""
+        fixed = [r.phases["health check"] for r in fulls if "health check" in r.phases]
         twhy = (f"CPU {cpu_d:.2f} s against {cpu_f:.2f} s for the full install"
+                + (f", whose health check alone took {med(fixed):.2f} s of {med(wall_f):.2f} s"
+                   if fixed else "")
                 + (", no delta path in this tree: the update is a full install" if not is_delta
                    else ""))
         if key == "a":
@@ -669,6 +688,7 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
         mq: list[Run] = []
         paho: list[float] = []
         broker_cpu: list[float] = []
+        windows: list[int] = []
 
         def do_mqtt() -> None:
             dev.restore("empty")
@@ -682,18 +702,20 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
 
         def do_paho() -> None:
             # The broker drops QoS 1 messages beyond a client's queue bound (issue 14) when
-            # the subscriber falls behind (a load spike on shared cores): then try again.
-            for attempt in range(3):
+            # the subscriber falls behind (a load spike on shared cores): then again, with
+            # fewer messages in flight (the window is printed).
+            for window in (16, 16, 8, 8, 4):
                 _touch(touch_mib)
                 t0 = time.perf_counter()
                 try:
-                    raw_paho(env, served)
+                    raw_paho(env, served, window=window)
                 except AssertionError as e:
-                    print(f"  raw paho attempt {attempt + 1} lost messages ({e}), again")
+                    print(f"  raw paho (window {window}) lost messages ({e}), again")
                     continue
                 paho.append(time.perf_counter() - t0)
+                windows.append(window)
                 return
-            raise RuntimeError("raw paho lost messages three times")
+            print("  raw paho lost messages at every window: no MQTT reference this round")
 
         for _ in range(n):
             order = [do_mqtt, do_paho]
@@ -703,16 +725,22 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
         all_runs += mq
         dl = [r.download for r in mq if r.download is not None]
         ours_s = dl if dl else [r.wall for r in mq]
-        share = med(paho) / med(ours_s)
         cpu = med([r.cpu for r in mq])
         bcpu = f", broker + bridge {med(broker_cpu):.2f} CPU-s" if broker_cpu else ""
+        if paho:
+            share = med(paho) / med(ours_s)
+            ref = (f"raw paho QoS 1, 1 MiB messages, same broker (window "
+                   f"{','.join(map(str, sorted(set(windows))))}): {fmt_s(paho)}")
+            goal = verdict("throughput >= 0.8x raw paho", share >= 0.8, 1 - share / 0.8,
+                           f"CPU-bound: device tree {cpu:.2f} CPU-s{bcpu} on {cores} cores")
+        else:  # (not a verdict: the test's table check fails on it, as it should)
+            share, paho = 0.0, [0.0]
+            ref = "raw paho: lost messages at every window (the broker's queue bound)"
+            goal = "throughput >= 0.8x raw paho: not measured in this run"
         rows.append((
             f"delta full install over MQTT, {size_mib} MiB (fetch + verify + stage)",
             f"{fmt_s(ours_s)}; whole process {fmt_s([r.wall for r in mq])}, CPU {cpu:.2f} s",
-            f"raw paho QoS 1, 1 MiB messages, same broker: {fmt_s(paho)}",
-            f"{share:.2f}x throughput",
-            verdict("throughput >= 0.8x raw paho", share >= 0.8, 1 - share / 0.8,
-                    f"CPU-bound: device tree {cpu:.2f} CPU-s{bcpu} on {cores} cores")))
+            ref, f"{share:.2f}x throughput", goal))
         print(f"  full install over MQTT: fetch + verify + stage {fmt_s(ours_s)} vs raw paho "
               f"{fmt_s(paho)}: {share:.2f}x")
 

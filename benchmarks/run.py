@@ -410,9 +410,11 @@ def bench_https(env: Env, path: str, served: Path, length: int, n: int) -> None:
           f"one SHA-256 pass {sha:.2f} s; floor on {cores} cores {floor:.2f} s")
 
 
-def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
+def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
+                      window: int = 16) -> None:
     """The broker's own limit: publish the file in ``block`` messages at QoS 1 as the bridge,
-    receive them as the device (its ACL allows exactly this), until all have arrived."""
+    receive them as the device (its ACL allows exactly this), until all have arrived.
+    ``window``: messages published and not yet acknowledged by the broker."""
     import paho.mqtt.client as mqtt
 
     from modelward.updater.transport._mqttconn import MqttConnection
@@ -431,13 +433,16 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
     sub.client.on_message = on_message
     pub = MqttConnection(env.mqtt("modelward-bridge"), f"bench-pub-{time.monotonic_ns()}", [])
     try:
-        window: list[object] = []
+        pending: list[object] = []
         with open(data_path, "rb") as f:
             while chunk := f.read(block):
-                window.append(pub.client.publish(topic, chunk, qos=1))
-                if len(window) >= 16:
-                    window.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
-        assert done.wait(120), f"received {got[0]} of {total}"
+                pending.append(pub.client.publish(topic, chunk, qos=1))
+                if len(pending) >= window:
+                    pending.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
+        last = -1
+        while not done.wait(5):  # all published: arrivals stop short only if some were lost
+            assert got[0] != last, f"received {got[0]} of {total}"
+            last = got[0]
     finally:
         sub.close()
         pub.close()
