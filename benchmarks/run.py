@@ -411,10 +411,12 @@ def bench_https(env: Env, path: str, served: Path, length: int, n: int) -> None:
 
 
 def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
-                      window: int = 16) -> None:
+                      window: int = 16, paced: bool = False) -> None:
     """The broker's own limit: publish the file in ``block`` messages at QoS 1 as the bridge,
     receive them as the device (its ACL allows exactly this), until all have arrived.
-    ``window``: messages published and not yet acknowledged by the broker."""
+    ``window``: messages published and not yet acknowledged by the broker; ``paced``: nor
+    yet received by the subscriber (end-to-end, as the device's block window is), so a
+    subscriber that falls behind never overflows its bounded queue at the broker."""
     import paho.mqtt.client as mqtt
 
     from modelward.updater.transport._mqttconn import MqttConnection
@@ -435,8 +437,12 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
     try:
         pending: list[object] = []
         with open(data_path, "rb") as f:
+            sent = 0
             while chunk := f.read(block):
+                while paced and sent - got[0] >= window * block:
+                    time.sleep(0.0002)
                 pending.append(pub.client.publish(topic, chunk, qos=1))
+                sent += len(chunk)
                 if len(pending) >= window:
                     pending.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
         last = -1
