@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/run.py [--size-mib 512] [--boot-mib 1024] [--rounds 5]
         [--idle-seconds 60] [--touch-mib 1024]
-        [--only boot,https,mqtt,resume,refresh,rss,health,latency,idle]
+        [--delta-mib 256] [--delta-rss-mib 128,512,2048]
+        [--only boot,https,mqtt,resume,refresh,rss,health,latency,idle,delta]
 
 Each figure runs ours and its references interleaved in random order over several
 rounds, after touching and freeing ~1 GiB (these machines hand freed memory back to
@@ -59,7 +60,8 @@ PASS = b"benchmark passphrase"
 from modelward.agent._malloc import tune_malloc  # noqa: E402
 
 tune_malloc()
-SECTIONS = ("boot", "https", "mqtt", "resume", "refresh", "rss", "health", "latency", "idle")
+SECTIONS = ("boot", "https", "mqtt", "resume", "refresh", "rss", "health", "latency", "idle",
+            "delta")
 ROWS: list[tuple[str, ...]] = []  # figure, ours, reference, ratio, goal (for the table)
 # Issue #7's goals: (figure, reference, kind, bound, why a miss happens). "time": ours/ref
 # at most bound; "throughput": ref/ours (our share of the reference's throughput) at least
@@ -408,9 +410,13 @@ def bench_https(env: Env, path: str, served: Path, length: int, n: int) -> None:
           f"one SHA-256 pass {sha:.2f} s; floor on {cores} cores {floor:.2f} s")
 
 
-def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
+def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
+                      window: int = 16, paced: bool = False) -> None:
     """The broker's own limit: publish the file in ``block`` messages at QoS 1 as the bridge,
-    receive them as the device (its ACL allows exactly this), until all have arrived."""
+    receive them as the device (its ACL allows exactly this), until all have arrived.
+    ``window``: messages published and not yet acknowledged by the broker; ``paced``: nor
+    yet received by the subscriber (end-to-end, as the device's block window is), so a
+    subscriber that falls behind never overflows its bounded queue at the broker."""
     import paho.mqtt.client as mqtt
 
     from modelward.updater.transport._mqttconn import MqttConnection
@@ -429,13 +435,20 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20) -> None:
     sub.client.on_message = on_message
     pub = MqttConnection(env.mqtt("modelward-bridge"), f"bench-pub-{time.monotonic_ns()}", [])
     try:
-        window: list[object] = []
+        pending: list[object] = []
         with open(data_path, "rb") as f:
+            sent = 0
             while chunk := f.read(block):
-                window.append(pub.client.publish(topic, chunk, qos=1))
-                if len(window) >= 16:
-                    window.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
-        assert done.wait(120), f"received {got[0]} of {total}"
+                while paced and sent - got[0] >= window * block:
+                    time.sleep(0.0002)
+                pending.append(pub.client.publish(topic, chunk, qos=1))
+                sent += len(chunk)
+                if len(pending) >= window:
+                    pending.pop(0).wait_for_publish(30)  # type: ignore[attr-defined]
+        last = -1
+        while not done.wait(5):  # all published: arrivals stop short only if some were lost
+            assert got[0] != last, f"received {got[0]} of {total}"
+            last = got[0]
     finally:
         sub.close()
         pub.close()
@@ -726,6 +739,10 @@ def main() -> int:
     ap.add_argument("--boot-mib", type=int, default=1024, help="boot-check model size")
     ap.add_argument("--rss-mib", default="128,2048", help="bundle sizes for peak RSS")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--delta-mib", type=int, default=256,
+                    help="model size of the delta section (benchmarks/delta.py)")
+    ap.add_argument("--delta-rss-mib", default="",
+                    help="model sizes for the delta section's flat-RSS figure")
     ap.add_argument("--idle-seconds", type=float, default=60.0, help="idle daemon period")
     ap.add_argument("--only", default=",".join(SECTIONS),
                     help=f"comma-separated sections of {','.join(SECTIONS)}")
@@ -742,7 +759,7 @@ def main() -> int:
             bench_boot(work, args.boot_mib, args.rounds)
         if "health" in only:
             bench_health(work, args.rounds)
-        if only & {"https", "mqtt", "resume", "refresh", "rss", "latency"}:
+        if only & {"https", "mqtt", "resume", "refresh", "rss", "latency", "delta"}:
             env = Env(work)
             try:
                 if only & {"https", "mqtt", "resume"}:
@@ -761,6 +778,14 @@ def main() -> int:
                     bench_rss(env, [int(x) for x in args.rss_mib.split(",")])
                 if "latency" in only:
                     bench_latency(env, work, args.rounds)
+                if "delta" in only:  # issue 16, benchmarks/delta.py
+                    from delta import bench_delta
+
+                    ROWS.extend(bench_delta(
+                        env, work, args.delta_mib, args.rounds,
+                        rss_mib=[int(x) for x in args.delta_rss_mib.split(",") if x],
+                        touch_mib=TOUCH_MIB, raw_paho=raw_paho_transfer,
+                        cpu_seconds=cpu_seconds))
             finally:
                 env.close()
         if "idle" in only:
