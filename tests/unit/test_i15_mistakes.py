@@ -128,6 +128,9 @@ CASES: list[Case] = [
     ("repo set-expiry", ["timestamp=1d", "--repo", "{repo}", "--keys", "{under_file}"],
      "{under_file}"),
     # bundle
+    ("bundle diff", ["{missing}", "{garbage}"], "{missing}"),
+    ("bundle diff", ["{garbage}", "{garbage}"], "{garbage}"),
+    ("bundle diff", ["{adir}", "{adir}"], "{adir}"),
     ("bundle build", ["{missing}", "--name", "m", "--version", "1.0.0", "-o", "{tmp}/o.tar"],
      "{missing}"),
     ("bundle build", ["{garbage}", "--name", "m", "--version", "1.0.0", "-o", "{tmp}/o.tar"],
