@@ -9,6 +9,7 @@ import json
 import random
 import struct
 import threading
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -389,7 +390,9 @@ class _FakeConn:
     def deliver(self, payload: bytes, corr: bytes) -> None:
         msg = mqtt.MQTTMessage(topic=b"modelward/f/devices/d/repo/resp")
         msg.payload = payload
-        msg.properties = type("P", (), {"CorrelationData": corr})()  # type: ignore[assignment]
+        # (one namespace object, not a class per message: classes pile up in the type
+        # machinery and would show as memory growth in the bounded-memory tests)
+        msg.properties = types.SimpleNamespace(CorrelationData=corr)  # type: ignore[assignment]
         self.f._inbox.put(msg)  # noqa: SLF001
 
 
