@@ -92,6 +92,9 @@ MAX_SOURCES = 4
 #: chunks hashed at once: bounds memory whatever the index says.
 BATCH_BYTES = 8 << 20
 HINTS = "chunks"  # state_dir/chunks/<fingerprint>.json
+#: Bytes of one request (the MQTT block, ``MqttConfig.block_size``): a delta takes no more
+#: requests of this size than the whole bundle (:func:`cap_requests`).
+REQUEST_BYTES = 1 << 20
 
 
 class DeltaChunkError(TargetHashError):
@@ -254,6 +257,51 @@ def coalesce(spans: Iterable[tuple[int, int]], max_gap: int = MAX_GAP) -> list[R
                                 last.gap_bytes + off - end)
                 continue
         out.append(Range(off, n))
+    return out
+
+
+def cap_requests(ranges: Sequence[Range], bundle_length: int,
+                 unit: int = REQUEST_BYTES) -> list[Range]:
+    """``ranges`` merged across their smallest gaps until they take no more requests of at
+    most ``unit`` bytes than the whole bundle does (pure).
+
+    The whole bundle takes ``ceil(bundle_length / unit)`` requests (MQTT blocks; HTTPS
+    asks for several ranges at once, so fewer there). An index may scatter its changed
+    chunks (a fine-tune of every other tensor, or a team key holder's index of legal
+    chunk sizes apart by a little more than :data:`MAX_GAP`): one request per chunk would
+    then cost more time than the whole bundle (MQTT paces range requests). Merging keeps
+    the largest gaps out, so the bytes added are the fewest for that count; the result
+    never asks for more bytes than the bundle has (all merged: one range, inside it).
+    """
+    def cost(n: int) -> int:
+        return -(-n // unit)
+
+    limit = max(1, cost(bundle_length))
+    total = sum(cost(r.length) for r in ranges)
+    if total <= limit:
+        return list(ranges)
+    k = len(ranges)
+    hi = list(range(k))  # at a group's first range: its last
+    lo = list(range(k))  # at a group's last range: its first
+
+    def span(a: int, b: int) -> int:
+        return ranges[b].offset + ranges[b].length - ranges[a].offset
+
+    gaps = sorted(range(k - 1), key=lambda i: (ranges[i + 1].offset - ranges[i].offset
+                                               - ranges[i].length, i))
+    for i in gaps:  # (the gap between ranges i and i + 1, smallest first)
+        if total <= limit:
+            break
+        a, b = lo[i], hi[i + 1]
+        total += cost(span(a, b)) - cost(span(a, i)) - cost(span(i + 1, b))
+        hi[a], lo[b] = b, a
+    out: list[Range] = []
+    a = 0
+    while a < k:
+        b = hi[a]
+        payload = sum(r.length - r.gap_bytes for r in ranges[a:b + 1])
+        out.append(Range(ranges[a].offset, span(a, b), span(a, b) - payload))
+        a = b + 1
     return out
 
 
@@ -549,7 +597,8 @@ def assemble(
         with ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash") as pool:
             held = _take_held(needs, files, pool, gate, stats)
             todo = [n for n in needs if n.sha256 not in held]
-            stats.ranges = coalesce(((n.bundle_offset, n.length) for n in todo), max_gap)
+            stats.ranges = cap_requests(coalesce(((n.bundle_offset, n.length) for n in todo),
+                                                 max_gap), ix.bundle_length)
             stats.requests = len(stats.ranges)
             stats.gap_bytes = sum(r.gap_bytes for r in stats.ranges)
             _fetch(todo, stats, files, pool, gate, fetcher, url, target)
