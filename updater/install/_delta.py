@@ -80,6 +80,7 @@ from modelward.updater.install._statedir import (
     plain_dir,
     remove_entry,
 )
+from modelward.updater.transport._ranges import RangeAnswerError
 
 logger = logging.getLogger(__name__)
 
@@ -728,7 +729,7 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     settle(0)
     track.done()
     if cur is not None or nxt != len(starts):
-        raise tuf_exc.DownloadError(f"{url}: the ranges ended before every chunk came")
+        raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
 
 
 class _Cover:
@@ -739,7 +740,7 @@ class _Cover:
         self._i, self._pos = 0, ranges[0][0] if ranges else 0
 
     def piece(self, off: int, n: int) -> None:
-        """Raises tuf DownloadError: the piece is not where the next bytes belong."""
+        """Raises RangeAnswerError: the piece is not where the next bytes belong."""
         if n == 0:
             return
         if self._i < len(self._ranges):
@@ -751,14 +752,14 @@ class _Cover:
             if off == self._pos and off + n <= start + length:
                 self._pos += n
                 return
-        raise tuf_exc.DownloadError(f"{self._url}: the transport sent bytes {off}-"
+        raise RangeAnswerError(f"{self._url}: the transport sent bytes {off}-"
                                     f"{off + n - 1}, not the next of the ranges asked for")
 
     def done(self) -> None:
-        """Raises tuf DownloadError: a range did not come whole."""
+        """Raises RangeAnswerError: a range did not come whole."""
         if self._ranges and (self._i != len(self._ranges) - 1 or
                              self._pos != sum(self._ranges[-1])):
-            raise tuf_exc.DownloadError(f"{self._url}: the ranges asked for did not all "
+            raise RangeAnswerError(f"{self._url}: the ranges asked for did not all "
                                         "come")
 
 
@@ -820,6 +821,16 @@ def verified_index(session: IndexSource, release: Release) -> ChunkIndex:
 Fetched = tuple[Stage, Manifest, list[FileEntry]]
 
 
+class DeltaMemory(Protocol):
+    """Where the refusal of a release's delta is remembered (``RejectionStore``: MACed by
+    the TPM, per release, for a day)."""
+
+    def delta_refused(self, target: TargetFile) -> object | None: ...
+
+    def note_delta_refused(self, target: TargetFile, model: str, version: str,
+                           why: str) -> None: ...
+
+
 def fetch_release(
     session: IndexSource,
     fetcher: RangeSource,
@@ -830,42 +841,88 @@ def fetch_release(
     bases: Sequence[tuple[Base, Path]],
     gate: Gate,
     whole: Callable[[], Fetched],
+    *,
+    memory: DeltaMemory | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], ChunkIndex | None, str]:
     """The release's files in ``incoming``: by delta when its signed index can be used,
     else (or when the delta fails for anything but the transport) by ``whole`` (the
     whole-bundle download). Returns the index used (for the slot's hint) and the delta's
     log line ("" on the whole-bundle path).
 
+    The whole bundle comes directly, without the index, when an earlier attempt's whole
+    download of this target can be continued (it was taken because the delta was
+    refused; beginning the delta again would remove it), or when ``memory`` says this
+    release's delta was refused (its index lied, or the origin refused or garbled its
+    ranges): a refused delta is paid for once per release, not at every poll.
+
+    A delta refused for good (an HTTP status that is no transfer failure, an answer that
+    breaks the range protocol, a chunk that is not the signed one, an origin that ignores
+    ranges) is noted in ``memory`` and the whole bundle is taken at once. A transfer
+    failure (no answer, 408, 429, 5xx), of the index or of the ranges, is raised: the next
+    attempt resumes the delta.
+
     Raises:
-        What ``whole`` raises; a transfer failure of the delta (DownloadFailedError) and
-        an interruption (what is written stays for a resume).
+        What ``whole`` raises; a transfer failure of the index or of the delta
+        (DownloadFailedError) and an interruption (what is written stays for a resume).
     """
     from modelward.updater.errors import DownloadFailedError, ModelwardError
     from modelward.updater.install._tuf import convert_tuf_error
 
     what = f"{release.name} {release.version}"
+    if _whole_in_progress(staging, incoming, release.target):
+        logger.info("%s: whole bundle (continuing its download)", what)
+        return (*whole(), None, "")
+    if memory is not None and (hit := memory.delta_refused(release.target)) is not None:
+        logger.info("%s: whole bundle (its delta was refused: %s)", what,
+                    getattr(hit, "detail", hit))
+        return (*whole(), None, "")
     try:
         ix = verified_index(session, release)
+    except DownloadFailedError as e:
+        if _transient(e.status):
+            raise  # (the index did not come: the next attempt tries the delta again)
+        logger.info("%s: whole bundle (%s)", what, e)
+        return (*whole(), None, "")
     except (DeltaUnavailable, ModelwardError) as e:
         logger.info("%s: whole bundle (%s)", what, e)
         return (*whole(), None, "")
     url = session.target_url(release.target)
+
+    def refused(why: BaseException) -> None:
+        logger.warning("%s: delta refused (%s): whole bundle", what, why)
+        if memory is not None:
+            memory.note_delta_refused(release.target, release.name, release.version,
+                                      f"{type(why).__name__}: {why}")
+
     try:
         stage, manifest, entries, stats = assemble(ix, release.target, url, fetcher, staging,
                                                    incoming, bases, gate)
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         err = convert_tuf_error(e, f"download of {url}")
-        if isinstance(err, DownloadFailedError) and _transient(err.status):
+        if isinstance(err, DownloadFailedError) and _transient(err.status) and \
+                not isinstance(e, RangeAnswerError):
             raise err from e  # (the transfer: the next attempt resumes the delta)
-        logger.warning("%s: delta refused (%s): whole bundle", what, err)
+        refused(err)  # (an answer that breaks the protocol is no network error)
         return (*whole(), ix, "")
     except (DeltaUnavailable, DeltaChunkError) as e:
-        logger.warning("%s: delta refused (%s): whole bundle", what, e)
+        refused(e)
         return (*whole(), ix, "")
     line = stats.line()
     logger.info("%s: %s", what, line, extra={"model": release.name,
                                              "version": release.version})
     return stage, manifest, entries, ix, line
+
+
+def _whole_in_progress(staging: Path, incoming: Path, target: TargetFile) -> bool:
+    """An earlier attempt's whole-bundle download of ``target`` can be continued (its
+    stage rebuilds some of the bundle; the delta never writes one)."""
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
+    if not key or not is_plain_dir(staging):
+        return False
+    try:
+        return Stage(staging, incoming, key).resumable(target.length) > 0
+    except (OSError, ValueError, StagingError):
+        return False
 
 
 def _transient(status: int | None) -> bool:
