@@ -91,12 +91,19 @@ def rel(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 class _Memory:
     def __init__(self) -> None:
         self.noted: list[str] = []
+        self.stalls = 0
 
     def delta_refused(self, target):  # type: ignore[no-untyped-def]
         return self.noted[-1] if self.noted else None
 
     def note_delta_refused(self, target, model, version, why):  # type: ignore[no-untyped-def]
         self.noted.append(why)
+
+    def delta_stalls(self, target):  # type: ignore[no-untyped-def]
+        return self.stalls
+
+    def note_delta_stalls(self, target, model, version, n, why):  # type: ignore[no-untyped-def]
+        self.stalls = n
 
 
 def _session(ix, fail_index: int | None = -1):  # type: ignore[no-untyped-def]
@@ -262,3 +269,84 @@ def test_the_store_remembers_a_refused_delta_without_rejecting_the_release(tmp_p
     tampered["rejections"][0]["reason"] = "HealthCheckError"
     (tmp_path / "rejections.json").write_text(json.dumps(tampered))
     assert RejectionStore(tmp_path, tpm, clock=lambda: NOW).entries() == ()
+
+
+class _Resetting(_Origin):
+    """Breaks off every range request after ``good`` bytes (a network error, not a
+    protocol one): an origin or broker that resets only the delta's requests."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        super().__init__(data, None)
+        self.good = good
+
+    def fetch_ranges(self, url, ranges):  # type: ignore[no-untyped-def]
+        from tuf.api import exceptions as tuf_exc
+
+        self.range_calls += 1
+        sent = 0
+        for off, n in ranges:
+            for i in range(off, off + n, 4096):
+                if sent >= self.good:
+                    raise tuf_exc.DownloadError("connection reset by peer")
+                piece = self.data[i:min(i + 4096, off + n)]
+                sent += len(piece)
+                yield i, piece
+        if sent >= self.good:
+            raise tuf_exc.DownloadError("connection reset by peer")
+
+
+def test_ranges_that_always_break_off_before_a_chunk_take_the_whole_bundle(tmp_path,  # type: ignore[no-untyped-def]
+                                                                         rel) -> None:
+    from modelward.updater.errors import DownloadFailedError
+
+    data, ix, tf = rel
+    memory = _Memory()
+    origin = _Resetting(data, 1000)  # (less than any chunk)
+    for i in range(1, _delta.MAX_DELTA_STALLS):
+        with pytest.raises(DownloadFailedError):
+            _poll(tmp_path, data, ix, tf, origin, memory)
+        assert memory.stalls == i and memory.noted == []
+    _, wholes = _poll(tmp_path, data, ix, tf, origin, memory)
+    assert wholes == [1] and len(memory.noted) == 1 and "brought no chunk" in memory.noted[0]
+    _, wholes = _poll(tmp_path, data, ix, tf, origin, memory)
+    assert wholes == [1] and origin.range_calls == _delta.MAX_DELTA_STALLS
+
+
+def test_a_delta_that_progresses_between_breaks_is_kept(tmp_path, rel) -> None:  # type: ignore[no-untyped-def]
+    """(A link that drops now and then: every attempt brings chunks, the count starts
+    again, and the delta completes; no whole bundle.)"""
+    data, ix, tf = rel
+    memory = _Memory()
+    memory.stalls = _delta.MAX_DELTA_STALLS - 1
+    origin = _Resetting(data, 600 << 10)
+    polls = 0
+    while True:
+        polls += 1
+        assert polls < 30
+        try:
+            out, wholes = _poll(tmp_path, data, ix, tf, origin, memory)
+        except Exception:  # noqa: BLE001, S112 - DownloadFailedError: poll again
+            assert memory.stalls == 0
+            continue
+        break
+    assert wholes == [] and out[4].startswith("delta:") and memory.noted == []
+    assert polls >= 3 and memory.stalls == 0, polls
+
+
+def test_the_store_counts_stalls_and_forgets_them(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from modelward.updater.install._rejections import DELTA_STALLED, RejectionStore
+    from tests.unit.test_i13_rejections import NOW, FakeTpm, cand
+
+    tpm = FakeTpm()
+    s = RejectionStore(tmp_path, tpm, clock=lambda: NOW)
+    v2 = cand("2.0.0")
+    assert s.delta_stalls(v2.target) == 0
+    s.note_delta_stalls(v2.target, "classifier", "2.0.0", 2, "reset")
+    again = RejectionStore(tmp_path, tpm, clock=lambda: NOW + 5)
+    assert again.delta_stalls(v2.target) == 2 and again.delta_refused(v2.target) is None
+    assert [r.reason for r in again.load()] == [DELTA_STALLED]
+    assert again.choose([v2], "dev-1", "stable") is not None  # not a rejection
+    again.note_delta_refused(v2.target, "classifier", "2.0.0", "then refused")
+    assert again.delta_refused(v2.target) is not None and again.delta_stalls(v2.target) == 0
+    again.note_delta_stalls(v2.target, "classifier", "2.0.0", 0, "")
+    assert again.delta_refused(v2.target) is not None  # (clearing stalls keeps that)

@@ -93,6 +93,9 @@ MAX_SOURCES = 4
 #: chunks hashed at once: bounds memory whatever the index says.
 BATCH_BYTES = 8 << 20
 HINTS = "chunks"  # state_dir/chunks/<fingerprint>.json
+#: Attempts in a row whose delta failed in transfer before any chunk came, after which
+#: the release's whole bundle is taken (an origin or broker that breaks off only ranges).
+MAX_DELTA_STALLS = 3
 #: Bytes of one request (the MQTT block, ``MqttConfig.block_size``): a delta takes no more
 #: requests of this size than the whole bundle (:func:`cap_requests`).
 REQUEST_BYTES = 1 << 20
@@ -557,6 +560,7 @@ def assemble(
     gate: Gate,
     *,
     max_gap: int = MAX_GAP,
+    progress: DeltaStats | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], DeltaStats]:
     """Assemble the release ``ix`` describes in ``incoming`` (see the module docstring).
 
@@ -572,13 +576,15 @@ def assemble(
             the next attempt to verify again).
         StagingError: the disk refused.
         StateDirError: a directory on the way is not a plain directory.
+
+    ``progress``, if given, is the stats filled in (what came before a failure, too).
     """
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     paths = {MANIFEST, *(f.path for f in ix.files)}
     stage = _prepare(staging, incoming, key, paths)
     have = plain_sizes(incoming)
     needs = plan_needs(ix, have, [b for b, _ in bases])
-    stats = DeltaStats()
+    stats = DeltaStats() if progress is None else progress
     need_room = sum(f.size for f in ix.files) + len(ix.manifest_bytes) - sum(
         min(have.get(p, 0), s) for p, s in
         [(MANIFEST, len(ix.manifest_bytes)), *((f.path, f.size) for f in ix.files)])
@@ -830,6 +836,11 @@ class DeltaMemory(Protocol):
     def note_delta_refused(self, target: TargetFile, model: str, version: str,
                            why: str) -> None: ...
 
+    def delta_stalls(self, target: TargetFile) -> int: ...
+
+    def note_delta_stalls(self, target: TargetFile, model: str, version: str, n: int,
+                          why: str) -> None: ...
+
 
 def fetch_release(
     session: IndexSource,
@@ -894,19 +905,34 @@ def fetch_release(
             memory.note_delta_refused(release.target, release.name, release.version,
                                       f"{type(why).__name__}: {why}")
 
+    progress = DeltaStats()
     try:
         stage, manifest, entries, stats = assemble(ix, release.target, url, fetcher, staging,
-                                                   incoming, bases, gate)
+                                                   incoming, bases, gate, progress=progress)
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         err = convert_tuf_error(e, f"download of {url}")
         if isinstance(err, DownloadFailedError) and _transient(err.status) and \
                 not isinstance(e, RangeAnswerError):
-            raise err from e  # (the transfer: the next attempt resumes the delta)
+            if memory is None:
+                raise err from e  # (the transfer: the next attempt resumes the delta)
+            # (each attempt that brought no chunk counts; MAX_DELTA_STALLS in a row, and
+            # the ranges are taken to be what fails, not the link: the whole bundle)
+            had = memory.delta_stalls(release.target)
+            n = 0 if progress.fetched_chunks else had + 1
+            if n < MAX_DELTA_STALLS:
+                if n != had:
+                    memory.note_delta_stalls(release.target, release.name,
+                                             release.version, n, f"{err}")
+                raise err from e  # (the transfer: the next attempt resumes the delta)
+            err = DownloadFailedError(f"{err} ({n} attempts of the delta in a row brought "
+                                      "no chunk)", url=url, status=err.status)
         refused(err)  # (an answer that breaks the protocol is no network error)
         return (*whole(), ix, "")
     except (DeltaUnavailable, DeltaChunkError) as e:
         refused(e)
         return (*whole(), ix, "")
+    if memory is not None and memory.delta_stalls(release.target):
+        memory.note_delta_stalls(release.target, release.name, release.version, 0, "")
     line = stats.line()
     logger.info("%s: %s", what, line, extra={"model": release.name,
                                              "version": release.version})

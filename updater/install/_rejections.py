@@ -81,6 +81,9 @@ RELEASE_TTL = 24 * 3600.0  # seconds a release that failed stays rejected at mos
 _MAC_DOMAIN = b"modelward rejections v1\n"
 #: The reason of an entry that refuses the release's delta only (module docstring).
 DELTA_REFUSED = "DeltaRefused"
+#: ... and of one that counts its delta's transfers that failed before a chunk came
+#: (the count leads its detail: ``"2: ..."``).
+DELTA_STALLED = "DeltaStalled"
 # Failures of bytes that matched their signed hashes: properties of the release itself.
 REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
@@ -150,7 +153,7 @@ class Rejection:
     @property
     def refuses_release(self) -> bool:
         """Whether it refuses the release (else only its delta, :data:`DELTA_REFUSED`)."""
-        return self.reason != DELTA_REFUSED
+        return self.reason not in (DELTA_REFUSED, DELTA_STALLED)
 
     def live(self, now: float) -> bool:
         """Still in force at ``now``. A time before ``at`` (a clock set back) ends it."""
@@ -238,7 +241,17 @@ def delta_refused(rejections: Sequence[Rejection], target: SignedTarget,
                   now: float) -> Rejection | None:
     """The entry in force that refuses ``target``'s delta, or None."""
     return next((r for r in rejections
-                 if not r.refuses_release and r.live(now) and r.matches(target)), None)
+                 if r.reason == DELTA_REFUSED and r.live(now) and r.matches(target)), None)
+
+
+def delta_stalls(rejections: Sequence[Rejection], target: SignedTarget, now: float) -> int:
+    """How many attempts in a row ``target``'s delta failed before a chunk came."""
+    r = next((r for r in rejections
+              if r.reason == DELTA_STALLED and r.live(now) and r.matches(target)), None)
+    if r is None:
+        return 0
+    head = r.detail.partition(":")[0]
+    return int(head) if head.isdigit() and len(head) < 4 else 0
 
 
 def choose_not_rejected(
@@ -437,6 +450,23 @@ class RejectionStore:
         self._save_logged(add(self.entries(), Rejection(
             target.path, _hashes(target), DELTA_REFUSED, detail, model, version, now,
             now + RELEASE_TTL)))
+
+    def delta_stalls(self, target: SignedTarget) -> int:
+        """How many attempts in a row ``target``'s delta failed before a chunk came."""
+        return delta_stalls(self.entries(), target, self._clock())
+
+    def note_delta_stalls(self, target: SignedTarget, model: str, version: str, n: int,
+                          why: str) -> None:
+        """Store that count (0: forget it); never raises."""
+        now = self._clock()
+        kept = tuple(r for r in self.entries()
+                     if not (r.reason == DELTA_STALLED and r.matches(target)))
+        if n > 0:
+            detail = "".join(c if c.isprintable() else "?" for c in f"{n}: {why}")
+            kept = add(kept, Rejection(target.path, _hashes(target), DELTA_STALLED,
+                                       detail[:MAX_DETAIL], model, version, now,
+                                       now + RELEASE_TTL))
+        self._save_logged(kept)
 
     def _save_logged(self, entries: Sequence[Rejection]) -> None:
         try:
