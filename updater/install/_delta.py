@@ -12,10 +12,12 @@ sha256 and fingerprint) lists every file's chunks. The device:
 2. reads each such candidate, hashes it and writes it into ``staging/incoming`` only when
    its sha256 is the index's (a chunk repeated within the release is written at each of
    its places, fetched once);
-3. fetches what is left as coalesced byte ranges of the bundle (:func:`coalesce`, pure),
-   hashes every chunk as it arrives (a thread pool: hashlib releases the GIL) and writes
-   it only when it matches; a mismatch is a :class:`DeltaChunkError` naming the file and
-   the chunk, and nothing of that chunk is written.
+3. fetches what is left as coalesced byte ranges of the bundle (:func:`coalesce`, pure;
+   merged further until they take no more requests than the whole bundle,
+   :func:`cap_requests`), hashes every chunk as it arrives (a thread pool: hashlib
+   releases the GIL) and writes it only when it matches; a mismatch is a
+   :class:`DeltaChunkError` naming the file and the chunk, and nothing of that chunk is
+   written.
 
 Each received byte is hashed once (the chunk's sha256): no whole-bundle sha256, no
 per-file sha256, no Merkle tree while receiving. The anchor is the installer's next step,
@@ -36,6 +38,13 @@ link, opened without following links (:mod:`updater.install._statedir`).
 
 An interrupted attempt leaves what it wrote in ``staging/incoming``; the next one hashes
 it again and fetches only what is still missing.
+
+A delta refused for good (its index lied, the origin refused, garbled or altered its
+ranges, or its transfers broke off before any chunk :data:`MAX_DELTA_STALLS` times in a
+row) is remembered for the release in the TPM-MACed rejections file (not as a rejection:
+:mod:`updater.install._rejections`), and later attempts take the whole bundle directly;
+so does an attempt that finds the whole bundle's download of that release begun. A
+refused delta costs its bytes once per release, not at every poll.
 """
 
 from __future__ import annotations
