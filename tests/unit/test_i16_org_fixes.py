@@ -230,6 +230,22 @@ def test_an_index_that_does_not_come_for_now_is_tried_again(tmp_path, rel, statu
         assert wholes == [1]
 
 
+def test_an_index_that_never_comes_takes_the_whole_bundle_after_a_few_polls(  # type: ignore[no-untyped-def]
+        tmp_path, rel) -> None:
+    """(A CDN that answers 503 for the index files only, a careless operator's or an
+    attacker's: bounded like ranges that break off, then the whole bundle.)"""
+    from modelward.updater.errors import DownloadFailedError
+
+    data, ix, tf = rel
+    memory, session = _Memory(), _session(ix, fail_index=503)
+    for _ in range(1, _delta.MAX_DELTA_STALLS):
+        with pytest.raises(DownloadFailedError):
+            _poll(tmp_path, data, ix, tf, _Origin(data, None), memory, session)
+    _, wholes = _poll(tmp_path, data, ix, tf, _Origin(data, None), memory, session)
+    assert wholes == [1] and len(memory.noted) == 1
+    assert session.index_fetches == _delta.MAX_DELTA_STALLS
+
+
 def test_a_planted_whole_stage_only_costs_the_whole_bundle(tmp_path, rel) -> None:  # type: ignore[no-untyped-def]
     """(The disk attacker plants a skeleton of the target's key: the whole bundle is
     taken, which verifies every byte; a link or an empty file is not a stage.)"""

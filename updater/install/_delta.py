@@ -896,23 +896,43 @@ def fetch_release(
         logger.info("%s: whole bundle (its delta was refused: %s)", what,
                     getattr(hit, "detail", hit))
         return (*whole(), None, "")
-    try:
-        ix = verified_index(session, release)
-    except DownloadFailedError as e:
-        if _transient(e.status):
-            raise  # (the index did not come: the next attempt tries the delta again)
-        logger.info("%s: whole bundle (%s)", what, e)
-        return (*whole(), None, "")
-    except (DeltaUnavailable, ModelwardError) as e:
-        logger.info("%s: whole bundle (%s)", what, e)
-        return (*whole(), None, "")
-    url = session.target_url(release.target)
 
     def refused(why: BaseException) -> None:
         logger.warning("%s: delta refused (%s): whole bundle", what, why)
         if memory is not None:
             memory.note_delta_refused(release.target, release.name, release.version,
                                       f"{type(why).__name__}: {why}")
+
+    def given_up(err: BaseException, progressed: bool) -> bool:
+        """Count a transfer failure of the delta that brought no chunk (``progressed``
+        starts the count again); True at the MAX_DELTA_STALLS-th in a row (without a
+        memory, never: the next attempt tries the delta again)."""
+        if memory is None:
+            return False
+        had = memory.delta_stalls(release.target)
+        n = 0 if progressed else had + 1
+        if n >= MAX_DELTA_STALLS:
+            return True
+        if n != had:
+            memory.note_delta_stalls(release.target, release.name, release.version, n,
+                                     f"{err}")
+        return False
+
+    try:
+        ix = verified_index(session, release)
+    except DownloadFailedError as e:
+        if not _transient(e.status):
+            logger.info("%s: whole bundle (%s)", what, e)
+            return (*whole(), None, "")
+        if not given_up(e, False):
+            raise  # (the index did not come: the next attempt tries the delta again)
+        refused(DownloadFailedError(f"{e} ({MAX_DELTA_STALLS} attempts in a row)",
+                                    url=e.url, status=e.status))
+        return (*whole(), None, "")
+    except (DeltaUnavailable, ModelwardError) as e:
+        logger.info("%s: whole bundle (%s)", what, e)
+        return (*whole(), None, "")
+    url = session.target_url(release.target)
 
     progress = DeltaStats()
     try:
@@ -922,19 +942,12 @@ def fetch_release(
         err = convert_tuf_error(e, f"download of {url}")
         if isinstance(err, DownloadFailedError) and _transient(err.status) and \
                 not isinstance(e, RangeAnswerError):
-            if memory is None:
-                raise err from e  # (the transfer: the next attempt resumes the delta)
             # (each attempt that brought no chunk counts; MAX_DELTA_STALLS in a row, and
             # the ranges are taken to be what fails, not the link: the whole bundle)
-            had = memory.delta_stalls(release.target)
-            n = 0 if progress.fetched_chunks else had + 1
-            if n < MAX_DELTA_STALLS:
-                if n != had:
-                    memory.note_delta_stalls(release.target, release.name,
-                                             release.version, n, f"{err}")
+            if not given_up(err, progress.fetched_chunks > 0):
                 raise err from e  # (the transfer: the next attempt resumes the delta)
-            err = DownloadFailedError(f"{err} ({n} attempts of the delta in a row brought "
-                                      "no chunk)", url=url, status=err.status)
+            err = DownloadFailedError(f"{err} ({MAX_DELTA_STALLS} attempts of the delta in a "
+                                      "row brought no chunk)", url=url, status=err.status)
         refused(err)  # (an answer that breaks the protocol is no network error)
         return (*whole(), ix, "")
     except (DeltaUnavailable, DeltaChunkError) as e:
