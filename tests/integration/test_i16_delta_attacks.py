@@ -87,6 +87,11 @@ def test_altered_chunk_and_forged_index_on_origin_are_refused_and_nothing_moves(
     assert re.search(rf"chunk \d+ of {re.escape(path)} \(bytes {off}-", log), log
     assert "altered on the origin or in transit" in log
     assert _trusted(world) == before and world.active_version() == "1.0.0"
+    # (fixorg) The refused delta is remembered for the release (the next polls take the
+    # whole bundle directly, test_a16_lying_index); forgotten here, so that the next poll
+    # reads the index again.
+    assert '"DeltaRefused"' in (world.state / "rejections.json").read_text()
+    (world.state / "rejections.json").unlink()
 
     # 2. It also forges an index that matches its altered bundle (same bundle hash and
     # fingerprint, the altered chunk's hash): not the signed target, refused unread.

@@ -78,10 +78,6 @@ def release(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untype
                                                    "classifier/classifier-1.0.0.tar")
 
 
-@pytest.mark.xfail(strict=True, reason="a16org: a refused range answer (_Cover / "
-                   "RangeAnswerError, no HTTP status) counts as transient in "
-                   "_delta.fetch_release (_transient(None)): the delta is retried every poll "
-                   "and the whole bundle, which the origin serves right, is never taken")
 @pytest.mark.parametrize("shape", ["reordered", "outside", "short",
                                    "lying-content-range"])
 def test_an_origin_that_answers_ranges_wrongly_gets_the_whole_bundle_taken(

@@ -56,11 +56,6 @@ class _Counting:
             yield off, self.data[off:off + n]
 
 
-@pytest.mark.xfail(strict=True, reason="a16org: the delta never compares its plan with the "
-                   "whole bundle: one range per chunk (updater/install/_delta.py: assemble, "
-                   "coalesce with MAX_GAP only): 255 MQTT requests paced at 40/s for a 9 MiB "
-                   "bundle the whole path takes in 10 blocks; a 2 GiB one: ~58000 "
-                   "requests, ~24 min")
 def test_a_delta_never_asks_more_requests_than_the_whole_bundle(tmp_path: Path) -> None:
     data, ix, tf = _release()
     fake = _Counting(data)

@@ -90,18 +90,26 @@ def _nested_bundle(tmp: Path) -> Path:
     return bad
 
 
-@pytest.mark.xfail(strict=True, reason="a16org: a manifest with a file below another file "
-                   "passes parse_manifest/parse_index (bundle/_bundle.py); the delta's "
-                   "assemble (_Files.open_out, make_dirs) raises StateDirError, which "
-                   "fetch_release neither turns into the whole bundle nor _rejections "
-                   "remembers: the same failure every poll")
+def _team_index(bundle: Path, sha: str) -> ChunkIndex:
+    """The index a team key holder builds for the bundle (the publisher refuses it now:
+    its build_index parses the manifest with the same rule, so it is built around it)."""
+    from modelward.updater.bundle import _bundle
+
+    real = _bundle._below_a_file  # noqa: SLF001
+    _bundle._below_a_file = lambda paths: None  # type: ignore[assignment]  # noqa: SLF001
+    try:
+        return build_index(bundle, sha)
+    finally:
+        _bundle._below_a_file = real  # noqa: SLF001
+
+
 def test_a_file_below_another_file_is_rejected_as_the_releases_own_fault(
         tmp_path: Path) -> None:
     bundle = _nested_bundle(tmp_path)
     data = bundle.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     tf = TargetFile(len(data), {"sha256": sha}, "classifier/classifier-1.0.0.tar")
-    ix = build_index(bundle, sha)  # (the team's own index: valid, signed)
+    ix = _team_index(bundle, sha)  # (the team's own index: signed)
     st = tmp_path / "state"
     st.mkdir()
     staging, incoming = st / "staging", st / "staging" / "incoming"
@@ -119,3 +127,50 @@ def test_a_file_below_another_file_is_rejected_as_the_releases_own_fault(
     assert isinstance(e.value, REJECTING), repr(e.value)
     assert isinstance(e.value, BundleFormatError | FingerprintMismatchError |
                       HealthCheckError)
+
+
+@pytest.mark.parametrize("paths", [["a", "a/b"], ["a/b", "a"], ["x/a", "x/a/b/c"],
+                                   ["manifest.json/x"], ["a", "a!", "a/b"]])
+def test_parse_manifest_refuses_a_file_below_a_file(paths: list[str]) -> None:
+    """(The cause: parse_manifest; also ``a!`` sorting between ``a`` and ``a/b``, and a
+    file below ``manifest.json``.)"""
+    from modelward.updater.bundle._bundle import parse_manifest
+
+    h = "0" * 64
+    man = {"format": "modelward-bundle/1", "name": "m", "version": "1.0.0",
+           "created": "x", "files": [{"path": p, "size": 1, "sha256": h, "merkle_root": h}
+                                     for p in [*paths, "model.onnx", "v.npz"]],
+           "model": {"format": "onnx", "path": "model.onnx", "opset": 17, "inputs": [],
+                     "outputs": []},
+           "checks": {"vectors": "v.npz", "rtol": 0.0, "atol": 0.0}}
+    with pytest.raises(BundleFormatError, match="is below the file"):
+        parse_manifest(json.dumps(man).encode(), "b")
+
+
+def test_parse_manifest_takes_siblings_and_a_prefix_that_is_not_a_directory() -> None:
+    from modelward.updater.bundle._bundle import FORMAT, parse_manifest
+
+    h = "0" * 64
+    man = {"format": FORMAT, "name": "m", "version": "1.0.0", "created": "x",
+           "files": [{"path": p, "size": 1, "sha256": h, "merkle_root": h}
+                     for p in ["a/b", "a/c", "ab", "a.b/c", "model.onnx", "v.npz"]],
+           "model": {"format": "onnx", "path": "model.onnx", "opset": 17, "inputs": [],
+                     "outputs": []},
+           "checks": {"vectors": "v.npz", "rtol": 0.0, "atol": 0.0}}
+    assert len(parse_manifest(json.dumps(man).encode(), "b").files) == 6
+
+
+def test_parse_index_refuses_it_through_the_manifest(tmp_path: Path) -> None:
+    """An index carrying such a manifest is refused (ChunkIndexError from the manifest's
+    BundleFormatError), and the publisher refuses to build one."""
+    from modelward.updater.bundle._chunkindex import parse_index
+    from modelward.updater.errors import ChunkIndexError
+
+    bundle = _nested_bundle(tmp_path)
+    sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
+    with pytest.raises(BundleFormatError, match="is below the file"):
+        build_index(bundle, sha)
+    ix = _team_index(bundle, sha)
+    with pytest.raises(ChunkIndexError, match="is below the file") as e:
+        parse_index(ix.to_bytes(), "ix")
+    assert isinstance(e.value.__cause__, BundleFormatError)

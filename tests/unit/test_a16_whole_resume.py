@@ -107,11 +107,6 @@ def test_without_an_index_a_broken_whole_download_resumes(tmp_path: Path, releas
     assert second.sent <= len(data) - cut + (128 << 10)
 
 
-@pytest.mark.xfail(strict=True, reason="a16org: with a signed index, every poll begins the "
-                   "delta again, whose _prepare (updater/install/_delta.py) removes the "
-                   "whole-bundle path's partial download from staging; a refused delta then "
-                   "takes the whole bundle from byte 0 each poll (never done on a link that "
-                   "drops before the end)")
 def test_a_refused_delta_does_not_lose_the_whole_bundles_partial_download(
         tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
     data, ix, tf = release

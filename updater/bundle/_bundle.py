@@ -9,6 +9,7 @@ reaches the disk.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -112,6 +113,17 @@ def _spec(d: Any) -> TensorSpec:
     return TensorSpec(str(d["name"]), str(d["dtype"]), shape)
 
 
+def _below_a_file(paths: list[str]) -> tuple[str, str] | None:
+    """A path below another listed file (or ``manifest.json``), e.g. ``a/b`` with ``a``
+    (sorted and bisected: linear in the manifest's size, whatever the paths' depth)."""
+    ordered = sorted(paths)
+    for f in (MANIFEST, *paths):
+        i = bisect.bisect_left(ordered, f + "/")
+        if i < len(ordered) and ordered[i].startswith(f + "/"):
+            return ordered[i], f
+    return None
+
+
 def parse_manifest(data: bytes, bundle: str) -> Manifest:
     """Parse and validate a manifest.
 
@@ -135,6 +147,8 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
         paths = [f.path for f in files]
         if len(set(paths)) != len(paths) or MANIFEST in paths:
             raise ValueError("duplicate file paths")
+        if (below := _below_a_file(paths)) is not None:  # (no directory tree holds both)
+            raise ValueError(f"{below[0]!r} is below the file {below[1]!r}")
         if len(files) > MAX_FILES:
             raise ValueError(f"more than {MAX_FILES} files")
         model, checks = d["model"], d["checks"]

@@ -12,10 +12,12 @@ sha256 and fingerprint) lists every file's chunks. The device:
 2. reads each such candidate, hashes it and writes it into ``staging/incoming`` only when
    its sha256 is the index's (a chunk repeated within the release is written at each of
    its places, fetched once);
-3. fetches what is left as coalesced byte ranges of the bundle (:func:`coalesce`, pure),
-   hashes every chunk as it arrives (a thread pool: hashlib releases the GIL) and writes
-   it only when it matches; a mismatch is a :class:`DeltaChunkError` naming the file and
-   the chunk, and nothing of that chunk is written.
+3. fetches what is left as coalesced byte ranges of the bundle (:func:`coalesce`, pure;
+   merged further until they take no more requests than the whole bundle,
+   :func:`cap_requests`), hashes every chunk as it arrives (a thread pool: hashlib
+   releases the GIL) and writes it only when it matches; a mismatch is a
+   :class:`DeltaChunkError` naming the file and the chunk, and nothing of that chunk is
+   written.
 
 Each received byte is hashed once (the chunk's sha256): no whole-bundle sha256, no
 per-file sha256, no Merkle tree while receiving. The anchor is the installer's next step,
@@ -36,6 +38,13 @@ link, opened without following links (:mod:`updater.install._statedir`).
 
 An interrupted attempt leaves what it wrote in ``staging/incoming``; the next one hashes
 it again and fetches only what is still missing.
+
+A delta refused for good (its index lied, the origin refused, garbled or altered its
+ranges, or its transfers broke off before any chunk :data:`MAX_DELTA_STALLS` times in a
+row) is remembered for the release in the TPM-MACed rejections file (not as a rejection:
+:mod:`updater.install._rejections`), and later attempts take the whole bundle directly;
+so does an attempt that finds the whole bundle's download of that release begun. A
+refused delta costs its bytes once per release, not at every poll.
 """
 
 from __future__ import annotations
@@ -80,6 +89,7 @@ from modelward.updater.install._statedir import (
     plain_dir,
     remove_entry,
 )
+from modelward.updater.transport._ranges import RangeAnswerError
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +102,12 @@ MAX_SOURCES = 4
 #: chunks hashed at once: bounds memory whatever the index says.
 BATCH_BYTES = 8 << 20
 HINTS = "chunks"  # state_dir/chunks/<fingerprint>.json
+#: Attempts in a row whose delta failed in transfer before any chunk came, after which
+#: the release's whole bundle is taken (an origin or broker that breaks off only ranges).
+MAX_DELTA_STALLS = 3
+#: Bytes of one request (the MQTT block, ``MqttConfig.block_size``): a delta takes no more
+#: requests of this size than the whole bundle (:func:`cap_requests`).
+REQUEST_BYTES = 1 << 20
 
 
 class DeltaChunkError(TargetHashError):
@@ -254,6 +270,51 @@ def coalesce(spans: Iterable[tuple[int, int]], max_gap: int = MAX_GAP) -> list[R
                                 last.gap_bytes + off - end)
                 continue
         out.append(Range(off, n))
+    return out
+
+
+def cap_requests(ranges: Sequence[Range], bundle_length: int,
+                 unit: int = REQUEST_BYTES) -> list[Range]:
+    """``ranges`` merged across their smallest gaps until they take no more requests of at
+    most ``unit`` bytes than the whole bundle does (pure).
+
+    The whole bundle takes ``ceil(bundle_length / unit)`` requests (MQTT blocks; HTTPS
+    asks for several ranges at once, so fewer there). An index may scatter its changed
+    chunks (a fine-tune of every other tensor, or a team key holder's index of legal
+    chunk sizes apart by a little more than :data:`MAX_GAP`): one request per chunk would
+    then cost more time than the whole bundle (MQTT paces range requests). Merging keeps
+    the largest gaps out, so the bytes added are the fewest for that count; the result
+    never asks for more bytes than the bundle has (all merged: one range, inside it).
+    """
+    def cost(n: int) -> int:
+        return -(-n // unit)
+
+    limit = max(1, cost(bundle_length))
+    total = sum(cost(r.length) for r in ranges)
+    if total <= limit:
+        return list(ranges)
+    k = len(ranges)
+    hi = list(range(k))  # at a group's first range: its last
+    lo = list(range(k))  # at a group's last range: its first
+
+    def span(a: int, b: int) -> int:
+        return ranges[b].offset + ranges[b].length - ranges[a].offset
+
+    gaps = sorted(range(k - 1), key=lambda i: (ranges[i + 1].offset - ranges[i].offset
+                                               - ranges[i].length, i))
+    for i in gaps:  # (the gap between ranges i and i + 1, smallest first)
+        if total <= limit:
+            break
+        a, b = lo[i], hi[i + 1]
+        total += cost(span(a, b)) - cost(span(a, i)) - cost(span(i + 1, b))
+        hi[a], lo[b] = b, a
+    out: list[Range] = []
+    a = 0
+    while a < k:
+        b = hi[a]
+        payload = sum(r.length - r.gap_bytes for r in ranges[a:b + 1])
+        out.append(Range(ranges[a].offset, span(a, b), span(a, b) - payload))
+        a = b + 1
     return out
 
 
@@ -508,6 +569,7 @@ def assemble(
     gate: Gate,
     *,
     max_gap: int = MAX_GAP,
+    progress: DeltaStats | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], DeltaStats]:
     """Assemble the release ``ix`` describes in ``incoming`` (see the module docstring).
 
@@ -523,13 +585,15 @@ def assemble(
             the next attempt to verify again).
         StagingError: the disk refused.
         StateDirError: a directory on the way is not a plain directory.
+
+    ``progress``, if given, is the stats filled in (what came before a failure, too).
     """
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     paths = {MANIFEST, *(f.path for f in ix.files)}
     stage = _prepare(staging, incoming, key, paths)
     have = plain_sizes(incoming)
     needs = plan_needs(ix, have, [b for b, _ in bases])
-    stats = DeltaStats()
+    stats = DeltaStats() if progress is None else progress
     need_room = sum(f.size for f in ix.files) + len(ix.manifest_bytes) - sum(
         min(have.get(p, 0), s) for p, s in
         [(MANIFEST, len(ix.manifest_bytes)), *((f.path, f.size) for f in ix.files)])
@@ -549,7 +613,8 @@ def assemble(
         with ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash") as pool:
             held = _take_held(needs, files, pool, gate, stats)
             todo = [n for n in needs if n.sha256 not in held]
-            stats.ranges = coalesce(((n.bundle_offset, n.length) for n in todo), max_gap)
+            stats.ranges = cap_requests(coalesce(((n.bundle_offset, n.length) for n in todo),
+                                                 max_gap), ix.bundle_length)
             stats.requests = len(stats.ranges)
             stats.gap_bytes = sum(r.gap_bytes for r in stats.ranges)
             _fetch(todo, stats, files, pool, gate, fetcher, url, target)
@@ -679,7 +744,7 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     settle(0)
     track.done()
     if cur is not None or nxt != len(starts):
-        raise tuf_exc.DownloadError(f"{url}: the ranges ended before every chunk came")
+        raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
 
 
 class _Cover:
@@ -690,7 +755,7 @@ class _Cover:
         self._i, self._pos = 0, ranges[0][0] if ranges else 0
 
     def piece(self, off: int, n: int) -> None:
-        """Raises tuf DownloadError: the piece is not where the next bytes belong."""
+        """Raises RangeAnswerError: the piece is not where the next bytes belong."""
         if n == 0:
             return
         if self._i < len(self._ranges):
@@ -702,14 +767,14 @@ class _Cover:
             if off == self._pos and off + n <= start + length:
                 self._pos += n
                 return
-        raise tuf_exc.DownloadError(f"{self._url}: the transport sent bytes {off}-"
+        raise RangeAnswerError(f"{self._url}: the transport sent bytes {off}-"
                                     f"{off + n - 1}, not the next of the ranges asked for")
 
     def done(self) -> None:
-        """Raises tuf DownloadError: a range did not come whole."""
+        """Raises RangeAnswerError: a range did not come whole."""
         if self._ranges and (self._i != len(self._ranges) - 1 or
                              self._pos != sum(self._ranges[-1])):
-            raise tuf_exc.DownloadError(f"{self._url}: the ranges asked for did not all "
+            raise RangeAnswerError(f"{self._url}: the ranges asked for did not all "
                                         "come")
 
 
@@ -771,6 +836,21 @@ def verified_index(session: IndexSource, release: Release) -> ChunkIndex:
 Fetched = tuple[Stage, Manifest, list[FileEntry]]
 
 
+class DeltaMemory(Protocol):
+    """Where the refusal of a release's delta is remembered (``RejectionStore``: MACed by
+    the TPM, per release, for a day)."""
+
+    def delta_refused(self, target: TargetFile) -> object | None: ...
+
+    def note_delta_refused(self, target: TargetFile, model: str, version: str,
+                           why: str) -> None: ...
+
+    def delta_stalls(self, target: TargetFile) -> int: ...
+
+    def note_delta_stalls(self, target: TargetFile, model: str, version: str, n: int,
+                          why: str) -> None: ...
+
+
 def fetch_release(
     session: IndexSource,
     fetcher: RangeSource,
@@ -781,42 +861,116 @@ def fetch_release(
     bases: Sequence[tuple[Base, Path]],
     gate: Gate,
     whole: Callable[[], Fetched],
+    *,
+    memory: DeltaMemory | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], ChunkIndex | None, str]:
     """The release's files in ``incoming``: by delta when its signed index can be used,
     else (or when the delta fails for anything but the transport) by ``whole`` (the
     whole-bundle download). Returns the index used (for the slot's hint) and the delta's
     log line ("" on the whole-bundle path).
 
+    The whole bundle comes directly, without the index, when an earlier attempt's whole
+    download of this target can be continued (it was taken because the delta was
+    refused; beginning the delta again would remove it), or when ``memory`` says this
+    release's delta was refused (its index lied, or the origin refused or garbled its
+    ranges): a refused delta is paid for once per release, not at every poll.
+
+    A delta refused for good (an HTTP status that is no transfer failure, an answer that
+    breaks the range protocol, a chunk that is not the signed one, an origin that ignores
+    ranges) is noted in ``memory`` and the whole bundle is taken at once. A transfer
+    failure (no answer, 408, 429, 5xx), of the index or of the ranges, is raised: the next
+    attempt resumes the delta.
+
     Raises:
-        What ``whole`` raises; a transfer failure of the delta (DownloadFailedError) and
-        an interruption (what is written stays for a resume).
+        What ``whole`` raises; a transfer failure of the index or of the delta
+        (DownloadFailedError) and an interruption (what is written stays for a resume).
     """
     from modelward.updater.errors import DownloadFailedError, ModelwardError
     from modelward.updater.install._tuf import convert_tuf_error
 
     what = f"{release.name} {release.version}"
+    if _whole_in_progress(staging, incoming, release.target):
+        logger.info("%s: whole bundle (continuing its download)", what)
+        return (*whole(), None, "")
+    if memory is not None and (hit := memory.delta_refused(release.target)) is not None:
+        logger.info("%s: whole bundle (its delta was refused: %s)", what,
+                    getattr(hit, "detail", hit))
+        return (*whole(), None, "")
+
+    def refused(why: BaseException) -> None:
+        logger.warning("%s: delta refused (%s): whole bundle", what, why)
+        if memory is not None:
+            memory.note_delta_refused(release.target, release.name, release.version,
+                                      f"{type(why).__name__}: {why}")
+
+    def given_up(err: BaseException, progressed: bool) -> bool:
+        """Count a transfer failure of the delta that brought no chunk (``progressed``
+        starts the count again); True at the MAX_DELTA_STALLS-th in a row (without a
+        memory, never: the next attempt tries the delta again)."""
+        if memory is None:
+            return False
+        had = memory.delta_stalls(release.target)
+        n = 0 if progressed else had + 1
+        if n >= MAX_DELTA_STALLS:
+            return True
+        if n != had:
+            memory.note_delta_stalls(release.target, release.name, release.version, n,
+                                     f"{err}")
+        return False
+
     try:
         ix = verified_index(session, release)
+    except DownloadFailedError as e:
+        if not _transient(e.status):
+            logger.info("%s: whole bundle (%s)", what, e)
+            return (*whole(), None, "")
+        if not given_up(e, False):
+            raise  # (the index did not come: the next attempt tries the delta again)
+        refused(DownloadFailedError(f"{e} ({MAX_DELTA_STALLS} attempts in a row)",
+                                    url=e.url, status=e.status))
+        return (*whole(), None, "")
     except (DeltaUnavailable, ModelwardError) as e:
         logger.info("%s: whole bundle (%s)", what, e)
         return (*whole(), None, "")
     url = session.target_url(release.target)
+
+    progress = DeltaStats()
     try:
         stage, manifest, entries, stats = assemble(ix, release.target, url, fetcher, staging,
-                                                   incoming, bases, gate)
+                                                   incoming, bases, gate, progress=progress)
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         err = convert_tuf_error(e, f"download of {url}")
-        if isinstance(err, DownloadFailedError) and _transient(err.status):
-            raise err from e  # (the transfer: the next attempt resumes the delta)
-        logger.warning("%s: delta refused (%s): whole bundle", what, err)
+        if isinstance(err, DownloadFailedError) and _transient(err.status) and \
+                not isinstance(e, RangeAnswerError):
+            # (each attempt that brought no chunk counts; MAX_DELTA_STALLS in a row, and
+            # the ranges are taken to be what fails, not the link: the whole bundle)
+            if not given_up(err, progress.fetched_chunks > 0):
+                raise err from e  # (the transfer: the next attempt resumes the delta)
+            err = DownloadFailedError(f"{err} ({MAX_DELTA_STALLS} attempts of the delta in a "
+                                      "row brought no chunk)", url=url, status=err.status)
+        refused(err)  # (an answer that breaks the protocol is no network error)
         return (*whole(), ix, "")
     except (DeltaUnavailable, DeltaChunkError) as e:
-        logger.warning("%s: delta refused (%s): whole bundle", what, e)
+        refused(e)
         return (*whole(), ix, "")
+    if memory is not None and memory.delta_stalls(release.target):
+        memory.note_delta_stalls(release.target, release.name, release.version, 0, "")
     line = stats.line()
     logger.info("%s: %s", what, line, extra={"model": release.name,
                                              "version": release.version})
     return stage, manifest, entries, ix, line
+
+
+def _whole_in_progress(staging: Path, incoming: Path, target: TargetFile) -> bool:
+    """An earlier attempt's whole-bundle download of ``target`` can be continued (its
+    stage rebuilds some of the bundle; the delta never writes one)."""
+    key = target.hashes.get("sha256") or next(iter(target.hashes.values()), "")
+    if not key or not is_plain_dir(staging):
+        return False
+    try:
+        return Stage(staging, incoming, key).resumable(target.length) > 0
+    except (OSError, ValueError, StagingError):
+        return False
 
 
 def _transient(status: int | None) -> bool:

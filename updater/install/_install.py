@@ -523,7 +523,7 @@ def _attempt(
                 (label, ref.slot, ref.fingerprint)
                 for label, ref in (("active", active), ("previous", record.previous))
                 if ref is not None]),
-            gate, whole)
+            gate, whole, memory=rejections)
         if delta:
             fields["detail"] = delta
         step("staged")
@@ -555,6 +555,10 @@ def _attempt(
             logger.warning("%s %s: the delta's files are not the signed ones (%s): whole "
                            "bundle", name, version, e)
             staged.discard()
+            # (not the slot's hint, and not tried again for this release; `staged` is
+            # None meanwhile: a broken-off whole download stays for its resume)
+            staged, index = None, None
+            rejections.note_delta_refused(newest.target, name, version, str(e))
             staged, manifest, entries = whole()
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check")

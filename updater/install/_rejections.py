@@ -41,6 +41,14 @@ With more failing releases signed at once than :data:`MAX_ENTRIES`, the oldest
 rejection is dropped and tried again; every such attempt fails, so the daemon's backoff
 (up to the poll interval) is what bounds the cost then.
 
+An entry of reason :data:`DELTA_REFUSED` refuses a release's *delta*, not the release:
+its chunk index lied (the assembled files failed the seal), or the origin refused, garbled
+or altered its ranges. Later attempts take that release's whole bundle directly instead of
+paying for the delta and then the whole bundle at every poll (the release itself stays a
+candidate). The disk attacker cannot plant one (the MAC); an origin or broker that forges
+a refusal makes the device take the whole bundle of that release for a day, once per
+release: no more than refusing every range costs anyway.
+
 The rules are pure functions over (rejections, candidates, now); :class:`RejectionStore`
 is the thin I/O around them (house style 1).
 """
@@ -71,6 +79,11 @@ MAX_FILE_BYTES = 64 * 1024  # bytes; 32 entries of usual paths need about 25 KiB
 MAX_DETAIL = 300  # characters of the error message kept per entry
 RELEASE_TTL = 24 * 3600.0  # seconds a release that failed stays rejected at most
 _MAC_DOMAIN = b"modelward rejections v1\n"
+#: The reason of an entry that refuses the release's delta only (module docstring).
+DELTA_REFUSED = "DeltaRefused"
+#: ... and of one that counts its delta's transfers that failed before a chunk came
+#: (the count leads its detail: ``"2: ..."``).
+DELTA_STALLED = "DeltaStalled"
 # Failures of bytes that matched their signed hashes: properties of the release itself.
 REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
@@ -137,6 +150,11 @@ class Rejection:
         """Whether ``target`` is this very release: same path, same signed hashes."""
         return target.path == self.path and _hashes(target) == self.hashes
 
+    @property
+    def refuses_release(self) -> bool:
+        """Whether it refuses the release (else only its delta, :data:`DELTA_REFUSED`)."""
+        return self.reason not in (DELTA_REFUSED, DELTA_STALLED)
+
     def live(self, now: float) -> bool:
         """Still in force at ``now``. A time before ``at`` (a clock set back) ends it."""
         return self.at <= now < self.until
@@ -194,7 +212,8 @@ def rejection_for(
 def add(rejections: Sequence[Rejection], new: Rejection,
         max_entries: int = MAX_ENTRIES) -> tuple[Rejection, ...]:
     """``rejections`` with ``new`` (replacing an entry for the same release), bounded."""
-    kept = [r for r in rejections if (r.path, r.hashes) != (new.path, new.hashes)]
+    kept = [r for r in rejections if (r.path, r.hashes, r.refuses_release) !=
+            (new.path, new.hashes, new.refuses_release)]
     kept.append(new)
     kept.sort(key=lambda r: r.at)
     return tuple(kept[-max_entries:])
@@ -214,7 +233,25 @@ def prune(rejections: Sequence[Rejection], targets: Iterable[SignedTarget],
 def rejected(rejections: Sequence[Rejection], target: SignedTarget,
              now: float) -> Rejection | None:
     """The entry in force that refuses ``target``, or None."""
-    return next((r for r in rejections if r.live(now) and r.matches(target)), None)
+    return next((r for r in rejections
+                 if r.refuses_release and r.live(now) and r.matches(target)), None)
+
+
+def delta_refused(rejections: Sequence[Rejection], target: SignedTarget,
+                  now: float) -> Rejection | None:
+    """The entry in force that refuses ``target``'s delta, or None."""
+    return next((r for r in rejections
+                 if r.reason == DELTA_REFUSED and r.live(now) and r.matches(target)), None)
+
+
+def delta_stalls(rejections: Sequence[Rejection], target: SignedTarget, now: float) -> int:
+    """How many attempts in a row ``target``'s delta failed before a chunk came."""
+    r = next((r for r in rejections
+              if r.reason == DELTA_STALLED and r.live(now) and r.matches(target)), None)
+    if r is None:
+        return 0
+    head = r.detail.partition(":")[0]
+    return int(head) if head.isdigit() and len(head) < 4 else 0
 
 
 def choose_not_rejected(
@@ -396,6 +433,40 @@ class RejectionStore:
                        extra={"model": model, "version": version, "target": target.path,
                               "reason": new.reason})
         self._save_logged(add(self.entries(), new))
+
+    def delta_refused(self, target: SignedTarget) -> Rejection | None:
+        """The entry in force that refuses ``target``'s delta (take its whole bundle)."""
+        return delta_refused(self.entries(), target, self._clock())
+
+    def note_delta_refused(self, target: SignedTarget, model: str, version: str,
+                           why: str) -> None:
+        """Remember that ``target``'s delta was refused; never raises."""
+        now = self._clock()
+        detail = "".join(c if c.isprintable() else "?" for c in why[:MAX_DETAIL])
+        logger.warning("remembering that the delta of %r %r (target %r) was refused: %s",
+                       model, version, target.path, detail,
+                       extra={"model": model, "version": version, "target": target.path,
+                              "reason": DELTA_REFUSED})
+        self._save_logged(add(self.entries(), Rejection(
+            target.path, _hashes(target), DELTA_REFUSED, detail, model, version, now,
+            now + RELEASE_TTL)))
+
+    def delta_stalls(self, target: SignedTarget) -> int:
+        """How many attempts in a row ``target``'s delta failed before a chunk came."""
+        return delta_stalls(self.entries(), target, self._clock())
+
+    def note_delta_stalls(self, target: SignedTarget, model: str, version: str, n: int,
+                          why: str) -> None:
+        """Store that count (0: forget it); never raises."""
+        now = self._clock()
+        kept = tuple(r for r in self.entries()
+                     if not (r.reason == DELTA_STALLED and r.matches(target)))
+        if n > 0:
+            detail = "".join(c if c.isprintable() else "?" for c in f"{n}: {why}")
+            kept = add(kept, Rejection(target.path, _hashes(target), DELTA_STALLED,
+                                       detail[:MAX_DETAIL], model, version, now,
+                                       now + RELEASE_TTL))
+        self._save_logged(kept)
 
     def _save_logged(self, entries: Sequence[Rejection]) -> None:
         try:
