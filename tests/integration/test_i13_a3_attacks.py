@@ -108,6 +108,7 @@ def test_a3_nested_announcement_does_not_deafen_the_listener(mqtt_world: MqttWor
 
 
 @pytest.mark.parametrize("role", ["snapshot", "targets"])
+@pytest.mark.xdist_group("machine")
 def test_a3_junk_metadata_of_the_default_max_length_keeps_rss_bounded(
     world: World, role: str,
 ) -> None:

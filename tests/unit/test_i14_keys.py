@@ -79,6 +79,7 @@ def test_new_key_file_is_scrypt_pkcs8_as_openssl_parses_it(tmp_path: Path) -> No
     assert load_signer_at(path, GOOD.encode()).public_key.keyid == key.keyid
 
 
+@pytest.mark.xdist_group("machine")
 def test_key_load_time_stays_well_under_a_second(tmp_path: Path) -> None:
     generate_key_at(tmp_path / "root.pem", GOOD.encode())
     _uncached()

@@ -78,6 +78,7 @@ def _best_of(f: Callable[[], object], n: int = 3) -> float:
 
 
 @pytest.mark.parametrize(("label", "prefix", "unit"), WORST, ids=[w[0] for w in WORST])
+@pytest.mark.xdist_group("machine")
 def test_the_depth_prescan_takes_linear_time_on_64_kib_worst_cases(
         label: str, prefix: str, unit: str) -> None:
     text = _payload(prefix, unit)
