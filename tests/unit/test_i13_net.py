@@ -80,6 +80,7 @@ def test_trickled_range_body_is_a_slow_retrieval_error(
     assert isinstance(err, tuf_exc.SlowRetrievalError), err
 
 
+@pytest.mark.xdist_group("machine")
 def test_slow_body_is_handed_on_at_least_every_second(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:

@@ -387,6 +387,7 @@ def _planted(n: int, r: int = 8, p: int = 1) -> bytes:
 
 
 @pytest.mark.parametrize(("n", "r", "p"), [(2**24, 8, 1), (2**14, 8, 2**20), (2**30, 1, 1)])
+@pytest.mark.xdist_group("machine")
 def test_planted_key_file_with_huge_kdf_cost_is_refused_at_once(
         tmp_path: Path, n: int, r: int, p: int) -> None:
     # the disk, or a key file handed over by a team: without a ceiling the loader spends

@@ -96,6 +96,7 @@ def _refused_or_parsed(data: bytes) -> None:
 
 
 @pytest.mark.parametrize(("label", "prefix", "unit"), WORST[:4], ids=[w[0] for w in WORST[:4]])
+@pytest.mark.xdist_group("machine")
 def test_four_times_the_input_is_at_most_about_four_times_the_time(
         label: str, prefix: str, unit: str) -> None:
     """Quadratic would be 16x; allow noise on a shared machine (bigger sizes: less noise)."""
