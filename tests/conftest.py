@@ -35,6 +35,16 @@ from tests._stock_tuf import changed_repo, stock_refresh  # noqa: E402
 PASSPHRASE = b"modelward test passphrase"  # keys are generated per test, never committed
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``machine`` every test of ``xdist_group("machine")`` (machine-wide state or a
+    time/CPU/RSS budget), so that scripts/test can run them alone: ``-m machine``."""
+    for item in items:
+        g = item.get_closest_marker("xdist_group")
+        if g is not None and (g.args[:1] or (g.kwargs.get("name"),))[0] == "machine":
+            item.add_marker(pytest.mark.machine)
+
+
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[CertPair, CertPair]:
     """A test CA and a server certificate for 127.0.0.1."""

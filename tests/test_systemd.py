@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 UNITS = Path(__file__).resolve().parents[1] / "systemd"
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
-                                reason="systemd-analyze missing (scripts/setup installs it)")
+# systemd-analyze: one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                 reason="systemd-analyze missing (scripts/setup installs it)")]
 
 
 def _installed_copy(tmp_path: Path, name: str) -> Path:

@@ -16,6 +16,8 @@ import statistics
 import threading
 import time
 
+import pytest
+
 from modelward.simulator._flood import Prober, vm_hwm, vm_rss
 from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
 from tests.conftest import MqttWorld
@@ -33,6 +35,7 @@ def _heavy_props(resp_topic: str) -> object:
     return p
 
 
+@pytest.mark.xdist_group("machine")
 def test_a14_user_properties_stall_the_bridge_for_another_device(
     mqtt_world: MqttWorld,
 ) -> None:

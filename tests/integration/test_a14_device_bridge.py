@@ -15,6 +15,8 @@ from __future__ import annotations
 import queue
 import time
 
+import pytest
+
 from modelward.publisher._bridge import MAX_REQUEST_BYTES
 from modelward.updater.transport._mqtt import publish_properties
 from modelward.updater.transport._mqttconn import MqttConnection
@@ -40,6 +42,7 @@ def _block_latency(conn: MqttConnection, got: queue.Queue[bytes], corr: bytes) -
             return time.monotonic() - t
 
 
+@pytest.mark.xdist_group("machine")
 def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world

@@ -24,6 +24,8 @@ import ssl
 import struct
 import time
 
+import pytest
+
 from modelward.publisher._fleet import collect_reports
 from modelward.updater.transport._mqtt import publish_properties
 from modelward.updater.transport._mqttconn import MqttConnection
@@ -118,6 +120,7 @@ def test_one_request_full_of_user_properties_does_not_stall_the_bridge(
     assert latency < max(1.0, 2 * baseline), (baseline, latency)
 
 
+@pytest.mark.xdist_group("machine")
 def test_a_retained_status_full_of_user_properties_does_not_stall_fleet_status(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world

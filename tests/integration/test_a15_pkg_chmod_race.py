@@ -28,8 +28,10 @@ import pytest
 from modelward.trust import _atomic
 from modelward.trust._atomic import write_atomic
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root and setpriv")
+# runs as nobody, in /tmp: one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                 reason="needs root and setpriv")]
 
 # One swap per line read: rename each root-owned temporary file away, put a link to the
 # victim in its place, answer how many it swapped.

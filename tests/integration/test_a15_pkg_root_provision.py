@@ -23,7 +23,9 @@ from modelward.simulator._demo import write_device_config
 from modelward.simulator._swtpm import SwtpmHandle
 from tests.conftest import _new_repo
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="provisions as root")
+# state owned by nobody: one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(os.geteuid() != 0, reason="provisions as root")]
 
 
 def test_root_provision_into_agent_owned_state(

@@ -206,6 +206,7 @@ def test_mix_and_match_of_targets_versions_is_refused(world: World) -> None:
     assert after.metadata["targets.json"] == before.metadata["targets.json"]
 
 
+@pytest.mark.xdist_group("machine")
 def test_slow_retrieval_is_aborted(world: World) -> None:
     _on_v1(world)
     big = world.tmp / "padding.bin"

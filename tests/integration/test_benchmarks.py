@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 
+# benchmarks: one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # Figure (start of the table row) -> how many goals its goal cell judges.

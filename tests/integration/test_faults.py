@@ -132,6 +132,7 @@ def test_broker_down_then_back_daemon_recovers_by_itself(mqtt_world: MqttWorld) 
         _wait(lambda: w.active_version() == "2.0.0", 90, "v2 after the broker is back")
 
 
+@pytest.mark.xdist_group("machine")
 def test_bridge_down_then_back(mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     w.conf_path.write_text(w.conf_path.read_text().replace(

@@ -91,6 +91,7 @@ def _boot_check_passes(w: World) -> None:
 
 
 @pytest.mark.parametrize(("attacker", "header"), [("origin", "big"), ("signed", "small")])
+@pytest.mark.xdist_group("machine")
 def test_i13_pax_header_bundle_of_the_signed_length_is_refused_with_bounded_rss(
     world: World, attacker: str, header: str,
 ) -> None:
@@ -137,6 +138,7 @@ def _flood(w: MqttWorld, stop: threading.Event, sent: list[int]) -> None:
         conn.close()
 
 
+@pytest.mark.xdist_group("machine")
 def test_i13_junk_flood_on_the_response_topic_keeps_rss_bounded(
     mqtt_world: MqttWorld,
 ) -> None:

@@ -24,6 +24,7 @@ def _update(w: World) -> tuple[int, str]:
     return rss, err
 
 
+@pytest.mark.xdist_group("machine")
 def test_i13_busy_file_that_is_no_signal_neither_hangs_nor_blocks_the_update(
     world: World,
 ) -> None:

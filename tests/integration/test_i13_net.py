@@ -8,6 +8,7 @@ device's lowered ``TufConfig`` maxima instead of ngclient's defaults.
 
 from __future__ import annotations
 
+import pytest
 from tuf.api.metadata import Metadata, MetaFile
 
 from modelward.simulator._attacks import RepoAttacker
@@ -49,6 +50,7 @@ def test_published_meta_carries_signed_length_and_hash(world: World) -> None:
     assert a.load("timestamp.json").signed.snapshot_meta.hashes
 
 
+@pytest.mark.xdist_group("machine")
 def test_junk_targets_within_the_device_bound_is_refused_by_the_signed_length(
     world: World,
 ) -> None:
@@ -72,6 +74,7 @@ def test_junk_targets_within_the_device_bound_is_refused_by_the_signed_length(
     assert rss <= normal + 16 * 1024, (normal, rss)
 
 
+@pytest.mark.xdist_group("machine")
 def test_repository_without_signed_lengths_still_updates_and_is_bounded(world: World) -> None:
     """A repository from before signed lengths: the update works; junk over the device's
     lowered bound (3 MB, under ngclient's 5 MB default) is refused before it is parsed."""

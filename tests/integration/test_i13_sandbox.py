@@ -31,6 +31,9 @@ from modelward.updater.install._health import health_policy, memory_limit
 from modelward.updater.install._sandbox import run
 from tests.conftest import World
 
+# peak RSS of the health check child: one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 LIMIT = 512 << 20
 
 

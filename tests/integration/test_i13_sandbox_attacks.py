@@ -21,6 +21,9 @@ from modelward.updater.install._sandbox import Completed, SandboxPolicy, run
 from tests.conftest import World
 from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
 
+# health check children as nobody: one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 
 def _journal_step(w: World) -> str:
     return str(json.loads((w.state / "journal.json").read_bytes()).get("step"))

@@ -16,6 +16,8 @@ import ssl
 import struct
 import time
 
+import pytest
+
 from modelward.publisher._bridge import REQUEST_PACKET_LIMIT
 from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
@@ -57,6 +59,7 @@ def _flood_properties(w: MqttWorld, user: str, n_packets: int) -> int:
     return acks
 
 
+@pytest.mark.xdist_group("machine")
 def test_i14_a_flood_of_property_packed_requests_does_not_stall_the_bridge(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world

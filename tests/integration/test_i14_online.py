@@ -40,9 +40,11 @@ OFFLINE = b"offline passphrase for root+targets"
 PASS = {"snapshot": b"online snapshot passphrase", "timestamp": b"online timestamp passphrase"}
 UID = 64123  # a throwaway uid with no entry anywhere: the refresh user
 WORKTREE = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or
-                                shutil.which("setpriv") is None,
-                                reason="needs root, unshare and setpriv (the CI sandbox)")
+# runs as another uid (setpriv, unshare): one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None or
+                                 shutil.which("setpriv") is None,
+                                 reason="needs root, unshare and setpriv (the CI sandbox)")]
 
 
 class OnlineWorld(World):

@@ -97,6 +97,7 @@ def test_sim_fleet_deep_json_and_out_of_range_offset_leave_the_bridge_serving(
     assert "Traceback" not in log and "RecursionError" not in log
 
 
+@pytest.mark.xdist_group("machine")
 def test_sim_fleet_flood_keeps_the_bridge_bounded_and_the_other_device_fast(
     fleet: Fleet,
 ) -> None:

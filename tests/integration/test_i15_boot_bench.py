@@ -12,6 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+# the boot benchmark: one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 ROOT = Path(__file__).resolve().parents[2]
 _VERDICT = re.compile(r"^<= [^:]+: (met|MISSED by \d+%)$")
 

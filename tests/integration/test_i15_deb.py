@@ -60,7 +60,9 @@ def _why_skip() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
+# installs the .deb into /opt/modelward and the system: one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))]
 
 
 def _run(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -21,6 +21,9 @@ import pytest
 
 from tests.conftest import World
 
+# runs as another uid (setpriv): one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 NOBODY = 65534
 
 

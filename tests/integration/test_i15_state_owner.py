@@ -25,8 +25,10 @@ from modelward.simulator._swtpm import SwtpmHandle
 from modelward.trust._tpmauth import auth_dir_for
 from tests.conftest import World, _new_repo
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
-                                reason="needs root to chown and setpriv")
+# runs as nobody (setpriv), in /tmp: one worker, alone (scripts/test)
+pytestmark = [pytest.mark.xdist_group("machine"),
+              pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None,
+                                 reason="needs root to chown and setpriv")]
 
 
 def _chown_tree(top: Path, uid: int, gid: int) -> None:

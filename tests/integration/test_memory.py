@@ -10,6 +10,9 @@ import pytest
 from tests._helpers import update_peak_rss
 from tests.conftest import World
 
+# peak RSS: one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 
 def _padding(path: Path, mib: int) -> Path:
     block = os.urandom(1 << 20)

@@ -50,6 +50,7 @@ def test_full_update_over_mqtt_only(mqtt_world: MqttWorld) -> None:
     assert w.served_bytes("classifier-2.0.0.tar") > 0
 
 
+@pytest.mark.xdist_group("machine")
 def test_missing_root_version_is_a_404_over_mqtt(mqtt_world: MqttWorld) -> None:
     # TUF probes N+1.root.json on every refresh; the bridge must say "not found", not hang.
     mqtt_world.publish("1.0.0", seed=1)

@@ -98,6 +98,7 @@ def test_a14_refusals_while_nobody_is_served_are_freed(tmp_path: Path) -> None:
         b.close()
 
 
+@pytest.mark.xdist_group("machine")
 def test_a14_decoding_one_request_is_cheap_whatever_its_properties() -> None:
     """~3,800 empty user properties in a 20 KiB request (within the bridge's packet limit):
     paho's own decoder takes 40-90 ms on it (quadratic); the decoder our clients run

@@ -45,6 +45,7 @@ def _time(f: Any) -> float:
     return time.perf_counter() - t
 
 
+@pytest.mark.xdist_group("machine")
 def test_an_unclosed_string_of_escaped_quotes_is_refused_in_linear_time(
         tmp_path: Path) -> None:
     fd, _ = _registry(tmp_path, ["dev-1"])
@@ -57,6 +58,7 @@ def test_an_unclosed_string_of_escaped_quotes_is_refused_in_linear_time(
     assert took < 0.2, f"{took:.2f}s to refuse one {len(payload)}-byte report"
 
 
+@pytest.mark.xdist_group("machine")
 def test_a_bridge_request_of_escaped_quotes_is_refused_in_linear_time() -> None:
     payload = _escaped_quotes(MAX_REQUEST_BYTES)
 
@@ -68,6 +70,7 @@ def test_a_bridge_request_of_escaped_quotes_is_refused_in_linear_time() -> None:
     assert took < 0.05, f"{took:.2f}s for one {len(payload)}-byte request"
 
 
+@pytest.mark.xdist_group("machine")
 def test_the_quadratic_input_is_what_costs_not_its_size() -> None:
     """Control: a closed string of the same size scans in linear time already."""
     payload = b'"' + b"\\\"" * (MAX_REQUEST_BYTES // 2 - 2) + b'"'

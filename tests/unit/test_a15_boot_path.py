@@ -158,6 +158,7 @@ def test_a15_huge_sparse_file_does_not_stall_the_boot_check(tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.xdist_group("machine")
 def test_a15_many_small_files_cost_no_time(tmp_path: Path) -> None:
     slot = _slot(tmp_path)
     for i in range(5000):

@@ -68,6 +68,7 @@ def test_tmpfiles_lines_create_plain_private_directories() -> None:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 @pytest.mark.parametrize("unit", SHIPPED)
+@pytest.mark.xdist_group("machine")
 def test_shipped_unit_exposure(unit: str) -> None:
     argv = ["systemd-analyze", "security", "--offline=yes", "--no-pager", Path(unit).name]
     r = subprocess.run(argv,

@@ -17,6 +17,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 from modelward.simulator._pki import CertPair
 
 MIB = 1 << 20
@@ -145,6 +147,7 @@ def _child_rss(port: int, ca: Path) -> tuple[int, int]:
     return int(hwm.group(1)), int(rss.group(1))
 
 
+@pytest.mark.xdist_group("machine")
 def test_a3_bogus_subacks_do_not_grow_the_listener(pki: tuple[CertPair, CertPair]) -> None:
     codes = 64 * 1024 - 16
     quiet = FakeBroker(pki[1], 0, codes)

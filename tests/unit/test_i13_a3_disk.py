@@ -93,6 +93,7 @@ def _rss(what: str, path: Path) -> int:
     ("index", "k.index"),  # the stage index is read at most 1 MiB
     ("status", "status.json"),
 ])
+@pytest.mark.xdist_group("machine")
 def test_a3_sparse_local_file_keeps_rss_bounded(tmp_path: Path, what: str, name: str) -> None:
     path = tmp_path / name
     path.write_bytes(b"{}")

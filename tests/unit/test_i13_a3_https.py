@@ -112,6 +112,7 @@ def test_a3_trickled_body_is_a_slow_retrieval_error_within_the_window(
     assert isinstance(outcome[0], tuf_exc.SlowRetrievalError | tuf_exc.DownloadError)
 
 
+@pytest.mark.xdist_group("machine")
 def test_a3_silent_origin_hits_read_timeout(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -166,6 +167,7 @@ def _not_found(body: bytes, encoding: str | None) -> Script:
     return script
 
 
+@pytest.mark.xdist_group("machine")
 def test_a3_gzip_bomb_in_a_404_body_keeps_rss_bounded(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -231,6 +233,7 @@ def test_a3_lying_206_is_taken_at_the_asked_offset(
     assert b"".join(chunks) == body
 
 
+@pytest.mark.xdist_group("machine")
 def test_a3_chunked_404_with_a_small_content_length_keeps_rss_bounded(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:

@@ -93,6 +93,7 @@ def test_size_is_checked_first() -> None:
         _loads(b"[" + b"1," * 10 + b"1]", max_bytes=10)
 
 
+@pytest.mark.xdist_group("machine")
 def test_the_scan_is_cheap_on_a_megabyte_of_brackets() -> None:
     flat = b"[" + b"[]," * 340_000 + b"[]]"
     t = time.perf_counter()

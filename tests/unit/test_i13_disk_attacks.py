@@ -98,6 +98,7 @@ def world_readable_tmp() -> Iterator[Path]:
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
                     reason="needs root to chown and setpriv to drop to another uid")
+@pytest.mark.xdist_group("machine")
 def test_a_directory_the_agent_cannot_open_changes_the_fingerprint(
     world_readable_tmp: Path,
 ) -> None:

@@ -275,6 +275,7 @@ def test_heal_never_remacs_the_old_record(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("plant", ["symlink", "directory", "fifo", "huge"])
+@pytest.mark.xdist_group("machine")
 def test_planted_record_entry_is_not_followed_and_heals(tmp_path: Path, plant: str) -> None:
     """A symlink (even to the authentic current record), a directory, a FIFO or a huge
     file at record.json: never followed, never read whole, never blocking; it heals."""

@@ -42,6 +42,7 @@ def _within(seconds: float, fn: Callable[[], object]) -> BaseException | None:
     return out[0]
 
 
+@pytest.mark.xdist_group("machine")
 def test_trickled_status_line_and_headers_end_at_header_timeout(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -79,6 +80,7 @@ def test_trickled_range_body_is_a_slow_retrieval_error(
     assert isinstance(err, tuf_exc.SlowRetrievalError), err
 
 
+@pytest.mark.xdist_group("machine")
 def test_slow_body_is_handed_on_at_least_every_second(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:
@@ -227,6 +229,7 @@ def test_control_packets_over_the_control_bound_end_the_connection(
         assert c._sock_recv(10) == b""  # noqa: SLF001
 
 
+@pytest.mark.xdist_group("machine")
 def test_trickled_tls_handshake_ends_at_header_timeout(
     pki: tuple[CertPair, CertPair], origin: Callable[[Script], Origin],
 ) -> None:

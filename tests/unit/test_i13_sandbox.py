@@ -206,6 +206,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.xdist_group("machine")
 def test_probe_cannot_fork_signal_write_or_allocate_past_the_limit(tmp_path: Path) -> None:
     leak = os.open(tmp_path / "secret", os.O_CREAT | os.O_RDWR)
     os.set_inheritable(leak, True)  # even an inheritable fd of the agent is closed
@@ -234,6 +235,7 @@ def test_probe_cannot_fork_signal_write_or_allocate_past_the_limit(tmp_path: Pat
     assert Path(staged).read_bytes() == b"staged" and Path(staged).stat().st_mode & 0o777
 
 
+@pytest.mark.xdist_group("machine")
 def test_output_time_and_cpu_are_bounded(tmp_path: Path) -> None:
     p = _policy(tmp_path)
     flood = run([sys.executable, "-c", "import sys\nwhile True: sys.stdout.write('x' * 65536)"],

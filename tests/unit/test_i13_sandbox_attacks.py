@@ -43,6 +43,10 @@ from modelward.updater.install._health import health_policy, parse_report, run_h
 from modelward.updater.install._sandbox import Completed, SandboxPolicy, run, spawn
 from modelward.updater.install._sandbox_launch import landlock_abi
 
+# children as nobody and their thread bound (RLIMIT_NPROC counts every task of nobody):
+# one worker, alone (scripts/test)
+pytestmark = pytest.mark.xdist_group("machine")
+
 ROOT = Path(__file__).resolve().parents[2]
 LIMIT = 256 << 20  # the child's RLIMIT_AS in these tests
 

@@ -106,6 +106,7 @@ def test_team_role_not_delivered_keeps_the_operators_pin(tmp_path: Path) -> None
 # -- bounds are typed and keep the top level ---------------------------------------
 
 
+@pytest.mark.xdist_group("machine")
 def test_huge_succinct_delegation_is_a_typed_bound_and_keeps_the_top_level(
     tmp_path: Path
 ) -> None:
@@ -128,6 +129,7 @@ def test_huge_succinct_delegation_is_a_typed_bound_and_keeps_the_top_level(
     assert [c.target.path for c in cands] == ["m/m-1.0.0.tar"]
 
 
+@pytest.mark.xdist_group("machine")
 def test_wide_relevant_delegations_are_bounded_in_time(tmp_path: Path) -> None:
     """20000 delegations that all may match m/ paths, two levels deep: the search ends
     (found or a typed bound) within seconds, and the top-level release is found."""

@@ -472,6 +472,7 @@ def test_i14_one_device_on_many_connections_shares_one_budget(tmp_path: Path) ->
         h.close()
 
 
+@pytest.mark.xdist_group("machine")
 def test_i14_bridge_unit_restarts_on_failure_and_verifies(tmp_path: Path) -> None:
     """serve-mqtt exits 1 when a thread dies; its unit restarts it, and is confined."""
     import re

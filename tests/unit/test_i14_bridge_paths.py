@@ -199,6 +199,7 @@ def test_i14_a_symlinked_served_directory_is_refused_at_start(tmp_path: Path) ->
 
 # --- exception paths: answered, counted, logged at most ~1/s -----------------------
 
+@pytest.mark.xdist_group("machine")
 def test_i14_a_raising_admission_is_cheap_and_its_log_bounded(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:

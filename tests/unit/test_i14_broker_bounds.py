@@ -98,6 +98,7 @@ def test_what_modelward_sends_is_inside_the_bounds_and_decodes_as_paho() -> None
     # integers); uncounted, ~680 of them fit the byte bound
     (b"\xa6\x00\x00\x00\x00\x00" * 600, "multi-byte encoding"),
 ])
+@pytest.mark.xdist_group("machine")
 def test_hostile_property_blocks_are_refused_in_linear_time(props: bytes, why: str) -> None:
     body = _publish(props)
     t = time.perf_counter()
@@ -112,6 +113,7 @@ def test_hostile_property_blocks_are_refused_in_linear_time(props: bytes, why: s
     b"\x7f\x00", b"\x09\x00\x09abc", b"\x26\x00\x01a", b"\x0b\x80\x80\x80\x80\x01",
     b"\x0b\x80\x80", b"\x26\x00\x00\x00\x00" * 5 + b"\x7f" + b"\x26\x00\x00\x00\x00" * 9,
 ])
+@pytest.mark.xdist_group("machine")
 def test_a_malformed_block_inside_the_bounds_is_left_to_paho(props: bytes) -> None:
     """paho decides (as it always did) and its walk stays short: the block is small."""
     body = _publish(props)
@@ -153,6 +155,7 @@ def _client_receiving(body: bytes, qos: int) -> tuple[_pahofast.Client, _Sent, A
 
 
 @pytest.mark.parametrize("qos", [0, 1])
+@pytest.mark.xdist_group("machine")
 def test_the_client_acknowledges_and_drops_a_heavy_publish_and_stays_connected(
         qos: int) -> None:
     body = _publish(b"\x26\x00\x00\x00\x00" * 75_000, qos=qos)

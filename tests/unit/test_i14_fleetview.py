@@ -461,6 +461,7 @@ def test_a_hostile_unknown_field_name_is_escaped_in_the_reason(tmp_path: Path) -
     _assert_table_safe(format_table(rows), ["evil"])
 
 
+@pytest.mark.xdist_group("machine")
 def test_a_64_kib_wall_of_bidi_and_escapes_is_cut_quickly(tmp_path: Path) -> None:
     import time
 

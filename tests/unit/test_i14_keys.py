@@ -79,6 +79,7 @@ def test_new_key_file_is_scrypt_pkcs8_as_openssl_parses_it(tmp_path: Path) -> No
     assert load_signer_at(path, GOOD.encode()).public_key.keyid == key.keyid
 
 
+@pytest.mark.xdist_group("machine")
 def test_key_load_time_stays_well_under_a_second(tmp_path: Path) -> None:
     generate_key_at(tmp_path / "root.pem", GOOD.encode())
     _uncached()
@@ -386,6 +387,7 @@ def _planted(n: int, r: int = 8, p: int = 1) -> bytes:
 
 
 @pytest.mark.parametrize(("n", "r", "p"), [(2**24, 8, 1), (2**14, 8, 2**20), (2**30, 1, 1)])
+@pytest.mark.xdist_group("machine")
 def test_planted_key_file_with_huge_kdf_cost_is_refused_at_once(
         tmp_path: Path, n: int, r: int, p: int) -> None:
     # the disk, or a key file handed over by a team: without a ceiling the loader spends

@@ -257,6 +257,7 @@ def test_gate_refuses_rollback_and_bad_hashes(tmp_path: Path) -> None:
         check_state(lambda n: older if n == "timestamp.json" else read(n), now, read)
 
 
+@pytest.mark.xdist_group("machine")
 def test_gate_is_fast(tmp_path: Path) -> None:
     repo = _repo(tmp_path, root_threshold=1)
     for role in ("root", "targets", "snapshot", "timestamp", "root"):

@@ -78,6 +78,7 @@ def _best_of(f: Callable[[], object], n: int = 3) -> float:
 
 
 @pytest.mark.parametrize(("label", "prefix", "unit"), WORST, ids=[w[0] for w in WORST])
+@pytest.mark.xdist_group("machine")
 def test_the_depth_prescan_takes_linear_time_on_64_kib_worst_cases(
         label: str, prefix: str, unit: str) -> None:
     text = _payload(prefix, unit)
@@ -95,6 +96,7 @@ def _refused_or_parsed(data: bytes) -> None:
 
 
 @pytest.mark.parametrize(("label", "prefix", "unit"), WORST[:4], ids=[w[0] for w in WORST[:4]])
+@pytest.mark.xdist_group("machine")
 def test_four_times_the_input_is_at_most_about_four_times_the_time(
         label: str, prefix: str, unit: str) -> None:
     """Quadratic would be 16x; allow noise on a shared machine (bigger sizes: less noise)."""

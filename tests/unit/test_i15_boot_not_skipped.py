@@ -50,6 +50,7 @@ def _evaluate(unit: str, config: Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
 @pytest.mark.parametrize("unit", ["modelward-bootcheck.service", "modelward-agent.service"])
+@pytest.mark.xdist_group("machine")
 def test_missing_or_empty_config_fails_the_unit_as_systemd_evaluates_it(
     tmp_path: Path, unit: str,
 ) -> None:

@@ -262,6 +262,7 @@ def test_a_symlink_to_a_file_is_fine(d: Path) -> None:
     load_config(d / "agent.toml")
 
 
+@pytest.mark.xdist_group("machine")
 def test_unreadable_ca_file() -> None:
     """A mode-000 ca_file, loaded by an unprivileged user (root reads anything: as root,
     the check runs in a forked child that drops to nobody)."""

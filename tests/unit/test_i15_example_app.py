@@ -248,6 +248,7 @@ def test_http_answers_bad_requests_with_a_json_error(
         server.server_close()
 
 
+@pytest.mark.xdist_group("machine")
 def test_example_unit_verifies_and_exposure_is_low(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze missing")

@@ -24,6 +24,7 @@ def test_i15_no_bundle_is_larger_than_the_file_bound() -> None:
     assert UpdaterConfig.__dataclass_fields__["max_bundle_bytes"].default <= MAX_FILE_BYTES
 
 
+@pytest.mark.xdist_group("machine")
 def test_i15_file_just_over_the_bound_never_matches_and_is_not_read(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:

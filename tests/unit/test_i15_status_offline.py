@@ -136,7 +136,8 @@ def test_combining_marks_never_start_a_row(d: Path, capsys: pytest.CaptureFixtur
     (NOW, 1e300), (-1e300, NOW + 1), (NOW, 1e12), (-1.0, NOW + 1), (NOW, NOW - 1),
     (NOW - 10, NOW - 10 + 86400 * 365), (10**30, 10**30 + 1), (1.7e308, 1.7e308),
     (253402300799.0, 253402300799.0 + 86400),
-])
+], ids=["now-1e300", "-1e300-now", "now-1e12", "-1-now", "now-before-now", "now-a-year",
+        "1e30-1e30+1", "1.7e308", "year-9999"])  # NOW in an id: xdist workers' ids differ
 def test_rejection_times_out_of_range_reported(d: Path, capsys: pytest.CaptureFixture[str],
                                                at: float, until: float) -> None:
     """Times the agent never writes (until = at + 24 h): not shown, named as a problem;
