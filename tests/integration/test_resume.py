@@ -12,6 +12,7 @@ from modelward.updater.errors import TargetHashError
 from modelward.updater.idle import Gate
 from modelward.updater.install._stage import Stage
 from tests.conftest import World
+from tests.integration._i16_delta import drop_index
 
 
 def _bundle_requests(w: World) -> list[tuple[int, int]]:
@@ -25,6 +26,9 @@ def _publish_big(w: World) -> tuple[bytes, str]:
     pad = w.builds / "pad"
     pad.write_bytes(os.urandom(8 << 20))
     served = w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    # (a release from before chunk indexes: these tests are about the whole-bundle stage;
+    # the delta's own resume is in test_i16_delta_attacks and test_a16_disk_kill)
+    drop_index(w.repo, w.repo_dir, "classifier/classifier-1.0.0.tar")
     sha = served.name.split(".", 1)[0]
     return served.read_bytes(), sha
 
