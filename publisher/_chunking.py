@@ -143,8 +143,8 @@ def _index(source: Readable, size: int, sha256: str, what: str) -> ChunkIndex:
         manifest_bytes = b"".join(bytes(v) for v in stream.data())
         try:
             manifest = parse_manifest(manifest_bytes, what)
-        except BundleFormatError:
-            raise layout(f"{what}: {MANIFEST} is not a valid manifest") from None
+        except BundleFormatError as e:
+            raise layout(f"{what}: {MANIFEST} is not a valid manifest ({e})") from e
         order = f"{what}: the members are not the manifest's files in order"
         files: list[IndexedFile] = []
         with ThreadPoolExecutor(hash_workers()) as pool:

@@ -18,22 +18,7 @@ from modelward.updater.errors import ModelwardError
 from modelward.updater.idle import Gate
 from modelward.updater.install import _delta
 from modelward.updater.transport._ranges import Cover, RangeAnswerError
-
-
-class _Session:
-    def __init__(self, ix) -> None:  # type: ignore[no-untyped-def]
-        self.ix = ix
-
-    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
-        data = self.ix.to_bytes()
-        return TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()},
-                          path), "targets"
-
-    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
-        return self.ix.to_bytes()
-
-    def target_url(self, target: TargetFile) -> str:
-        return "https://o/" + target.path
+from tests.unit._delta_fakes import IndexSession as _Session
 
 
 class _Cdn:

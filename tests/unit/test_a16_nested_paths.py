@@ -32,22 +32,7 @@ from modelward.updater.idle import Gate
 from modelward.updater.install import _delta
 from modelward.updater.install._install import download_and_extract
 from modelward.updater.install._rejections import REJECTING
-
-
-class _Session:
-    def __init__(self, ix: ChunkIndex) -> None:
-        self.ix = ix
-
-    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
-        data = self.ix.to_bytes()
-        return TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()},
-                          path), "targets"
-
-    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
-        return self.ix.to_bytes()
-
-    def target_url(self, target: TargetFile) -> str:
-        return "https://o/" + target.path
+from tests.unit._delta_fakes import IndexSession as _Session
 
 
 class _Origin:
@@ -163,13 +148,15 @@ def test_parse_manifest_takes_siblings_and_a_prefix_that_is_not_a_directory() ->
 def test_parse_index_refuses_it_through_the_manifest(tmp_path: Path) -> None:
     """An index carrying such a manifest is refused (ChunkIndexError from the manifest's
     BundleFormatError), and the publisher refuses to build one."""
+    from modelward.publisher.errors import OperatorInputError
     from modelward.updater.bundle._chunkindex import parse_index
     from modelward.updater.errors import ChunkIndexError
 
     bundle = _nested_bundle(tmp_path)
     sha = hashlib.sha256(bundle.read_bytes()).hexdigest()
-    with pytest.raises(BundleFormatError, match="is below the file"):
+    with pytest.raises(OperatorInputError, match="is below the file") as built:
         build_index(bundle, sha)
+    assert isinstance(built.value.__cause__, BundleFormatError)
     ix = _team_index(bundle, sha)
     with pytest.raises(ChunkIndexError, match="is below the file") as e:
         parse_index(ix.to_bytes(), "ix")

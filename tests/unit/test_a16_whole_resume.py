@@ -20,22 +20,7 @@ from modelward.updater.errors import DownloadFailedError
 from modelward.updater.idle import Gate
 from modelward.updater.install import _delta
 from modelward.updater.install._install import download_and_extract
-
-
-class _Session:
-    def __init__(self, ix: ChunkIndex) -> None:
-        self.ix = ix
-
-    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
-        data = self.ix.to_bytes()
-        return TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()},
-                          path), "targets"
-
-    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
-        return self.ix.to_bytes()
-
-    def target_url(self, target: TargetFile) -> str:
-        return "https://o/" + target.path
+from tests.unit._delta_fakes import IndexSession as _Session
 
 
 class _Origin:

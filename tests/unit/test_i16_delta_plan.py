@@ -36,6 +36,7 @@ from modelward.updater.install._delta import (
 )
 from modelward.updater.install._search import Found
 from modelward.updater.install._tuf import _candidate
+from tests.unit._delta_fakes import IndexSession as _Session
 
 
 def _h(i: int) -> bytes:
@@ -405,25 +406,6 @@ def test_a_planted_hint_directory_is_neither_written_through_nor_fatal(
 
 
 # -- fetch_release: when the delta is used, and when the whole bundle comes -------------------
-
-
-class _Session:
-    def __init__(self, ix: ChunkIndex | None, role: str = "targets",
-                 data: bytes | None = None) -> None:
-        self.ix, self.role, self.data = ix, role, data
-
-    def find_target(self, model: str, path: str) -> tuple[TargetFile, str] | None:
-        if self.ix is None:
-            return None
-        data = self.data if self.data is not None else self.ix.to_bytes()
-        return TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()}, path), \
-            self.role
-
-    def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
-        return self.data if self.data is not None else self.ix.to_bytes()  # type: ignore[union-attr]
-
-    def target_url(self, target: TargetFile) -> str:
-        return "https://o/" + target.path
 
 
 def _release(ix: ChunkIndex, tf: TargetFile, role: str = "targets") -> _delta.Release:
