@@ -76,6 +76,7 @@ from modelward.updater.install._statedir import (
     mkdir_exact,
     open_at,
     open_dir,
+    open_root,
     plain_dir,
     plain_stats_at,
     read_at,
@@ -413,7 +414,7 @@ class _Files:
     """The files being assembled in ``incoming``, and the base files read from.
 
     Everything is opened through directory fds taken once (``incoming``'s and each
-    base's, walked from the state directory by :func:`_open_root`): a directory of the
+    base's, walked from the state directory by :func:`open_root`): a directory of the
     state directory swapped for a link afterwards redirects no write and no read.
     """
 
@@ -509,21 +510,6 @@ def _open_plain_at(root: int | None, rel: str) -> int | None:
     return None
 
 
-def _open_root(state_dir: Path, root: Path) -> int:
-    """An fd of the directory ``root``: walked from ``state_dir`` component by component
-    when it lies below it (:func:`open_dir`), else opened ``O_NOFOLLOW``.
-
-    Raises:
-        StateDirError: a directory on the way is not a plain directory.
-        OSError: ``root`` cannot be opened.
-    """
-    try:
-        rel = root.relative_to(state_dir)
-    except ValueError:
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    return open_dir(state_dir, str(rel))
-
-
 def _prepare(staging: Path, incoming: Path, key: str, paths: set[str]) -> Stage:
     """``staging`` with nothing but ``incoming`` (a plain directory with nothing but plain
     files at the release's paths, and the directories on the way)."""
@@ -574,13 +560,13 @@ def assemble(
     paths = {MANIFEST, *(f.path for f in ix.files)}
     stage = _prepare(staging, incoming, key, paths)
     state_dir = staging.parent
-    inc_fd = _open_root(state_dir, incoming)  # (everything below goes through fds)
+    inc_fd = open_root(state_dir, incoming)  # (everything below goes through fds)
     roots: dict[str, int | None] = {}
     try:
         held_stats = plain_stats_at(inc_fd, MAX_ENTRIES) or {}
         for b, root in bases:
             try:
-                roots[b.name] = _open_root(state_dir, root)
+                roots[b.name] = open_root(state_dir, root)
             except (OSError, StagingError) as e:  # (swapped since it was measured)
                 logger.info("not reading chunks from %s: %s", root, e)
                 roots[b.name] = None

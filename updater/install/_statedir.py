@@ -26,6 +26,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from modelward.updater.errors import StateDirError
@@ -510,3 +511,59 @@ def plain_stats_at(dirfd: int, max_entries: int, max_depth: int = 64
     except OSError:
         return None
     return out
+
+
+def open_root(base: Path | None, root: Path) -> int:
+    """An fd of the directory ``root``: walked from ``base`` (the state directory)
+    component by component when ``root`` lies below it (:func:`open_dir`), else (no
+    ``base``, or ``root`` elsewhere) opened ``O_NOFOLLOW | O_DIRECTORY``.
+
+    Raises:
+        StateDirError: a directory on the way is not a plain directory.
+        OSError: ``root`` cannot be opened.
+    """
+    if base is not None:
+        try:
+            rel = root.relative_to(base)
+        except ValueError:
+            pass
+        else:
+            return open_dir(base, str(rel))
+    return os.open(root, _DIR_FLAGS)
+
+
+def walk_at(dirfd: int, max_depth: int = 64) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """:func:`modelward.trust._fingerprint.walk_tree` from the directory fd ``dirfd``:
+    ``(rel, dirs, others, fd)`` top-down, each sub-directory opened ``O_NOFOLLOW`` from
+    ``dirfd`` component by component (one swapped for a link is not entered; a
+    sub-directory that cannot be opened is skipped). ``fd`` is valid until the next step;
+    ``dirs`` may be pruned by the caller.
+    """
+    stack = ["."]
+    while stack:
+        rel = stack.pop()
+        if rel == ".":
+            fd = dirfd
+        else:
+            try:
+                fd = open_at(dirfd, rel, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+        try:
+            depth = 0 if rel == "." else rel.count("/") + 1
+            dirs: list[str] = []
+            others: list[str] = []
+            with os.scandir(fd) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                (dirs if stat.S_ISDIR(st.st_mode) and depth < max_depth else others
+                 ).append(name)
+            yield rel, dirs, others, fd
+        finally:
+            if fd != dirfd:
+                os.close(fd)
+        stack.extend(name if rel == "." else f"{rel}/{name}" for name in reversed(dirs))
