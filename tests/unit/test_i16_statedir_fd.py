@@ -179,3 +179,18 @@ def test_plain_dir_still_creates_with_the_exact_mode(tmp_path: Path) -> None:
     assert p == tmp_path / "x" / "y"
     assert os.stat(tmp_path / "x").st_mode & 0o777 == 0o750
     assert os.stat(p).st_mode & 0o777 == 0o750
+
+
+def test_stage_renames_after_staging_is_swapped_touch_nothing_outside(
+        tmp_path: Path) -> None:
+    v = _victim(tmp_path)
+    staging = tmp_path / "state" / "staging"
+    (staging / "incoming").mkdir(parents=True)
+    (staging / "k.part").write_bytes(b"12345678")
+    stage = Stage(staging, staging / "incoming", "k")
+    _swap(staging, v)  # (the victim has a k.part too)
+    with pytest.raises(StateDirError):
+        stage.mark_done()
+    with pytest.raises((OSError, StagingError)):
+        stage.writer(4)
+    _intact(v)

@@ -439,22 +439,29 @@ class Stage:
             mkdir_exact(self.incoming)  # (whatever the umask; a swapped-in link: refused)
             return StageWriter(self.incoming, self.part, self.index,
                                base=self.staging.parent)
-        if os.path.lexists(self.done):
-            os.replace(self.done, self.part)
-        plan = self._plan(resume_at)
-        if plan.offset != resume_at:
-            raise OSError(f"the stage in {self.staging} changed since it was measured")
-        tmp = self.index.with_suffix(".tmp")
-        remove_entry(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb") as f:
-            f.write(b"".join(_index_line(e.path, e.offset, e.size) for e in plan.kept))
-        os.replace(tmp, self.index)
-        fd = _open_plain(self.part, os.O_WRONLY)
+        # (renamed, written and cut through the fd of staging walked from state_dir: a
+        # staging swapped for a link meanwhile redirects none of it)
+        sfd = open_root(self.staging.parent, self.staging)
         try:
-            os.ftruncate(fd, resume_at)
+            if os.path.lexists(self.done):
+                os.replace(self.done.name, self.part.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            plan = self._plan(resume_at)
+            if plan.offset != resume_at:
+                raise OSError(f"the stage in {self.staging} changed since it was measured")
+            tmp = self.index.with_suffix(".tmp").name
+            remove_at(sfd, tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=sfd)
+            with open(fd, "wb") as f:
+                f.write(b"".join(_index_line(e.path, e.offset, e.size) for e in plan.kept))
+            os.replace(tmp, self.index.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            fd = _open_plain(self.part, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, resume_at)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
+            os.close(sfd)
         _prune(self.incoming, {e.path for e in plan.kept}, self.staging.parent)
         return StageWriter(self.incoming, self.part, self.index, resume_at,
                            {e.path: e for e in plan.kept}, base=self.staging.parent)
@@ -467,8 +474,12 @@ class Stage:
         return stray
 
     def mark_done(self) -> None:
-        """The whole bundle verified: rename the skeleton."""
-        os.replace(self.part, self.done)
+        """The whole bundle verified: rename the skeleton (within the fd of staging)."""
+        sfd = open_root(self.staging.parent, self.staging)
+        try:
+            os.replace(self.part.name, self.done.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+        finally:
+            os.close(sfd)
 
     def discard(self) -> None:
         """Remove skeleton, index and the extracted files (links removed, not followed).
@@ -500,8 +511,14 @@ def _plain_size(path: Path) -> int | None:
 
 
 def _open_plain(path: Path, flags: int = os.O_RDONLY) -> int:
-    """Open a stage file that must be a plain regular file (no link followed)."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    """Open a stage file that must be a plain regular file (no link followed: neither the
+    file nor its directory ``staging``, whose parent is the state directory)."""
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+    finally:
+        os.close(dfd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
