@@ -194,3 +194,16 @@ def test_stage_renames_after_staging_is_swapped_touch_nothing_outside(
     with pytest.raises((OSError, StagingError)):
         stage.writer(4)
     _intact(v)
+
+
+def test_move_back_renames_nothing_in_a_swapped_slots(tmp_path: Path) -> None:
+    v = _victim(tmp_path)
+    (v / "a").mkdir()
+    state = tmp_path / "state"
+    (state / "slots").mkdir(parents=True)
+    _swap(state / "slots", v)
+    with pytest.raises(StateDirError):
+        SlotStore(state).move_back("a", "incoming")
+    assert (v / "a").is_dir()
+    (v / "a").rmdir()
+    _intact(v)

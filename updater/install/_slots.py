@@ -170,17 +170,19 @@ class SlotStore:
             StateDirError: ``slots`` is not a plain directory.
             OSError: a rename failed.
         """
-        plain_dir(self.state_dir, "slots")
-        src, dest, tmp = self.path(found), self.path(slot), self.root / ".swap"
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = open_dir(self.state_dir, "slots")  # (every rename within this fd)
+        at = {"src_dir_fd": fd, "dst_dir_fd": fd}
         try:
-            if not os.path.lexists(dest):
-                os.rename(src, dest)
-            elif not _exchange_at(fd, found, slot):
-                remove_entry(tmp)
-                os.rename(dest, tmp)
-                os.rename(src, dest)
-                os.rename(tmp, src)
+            try:
+                os.lstat(slot, dir_fd=fd)
+            except FileNotFoundError:
+                os.rename(found, slot, **at)
+            else:
+                if not _exchange_at(fd, found, slot):
+                    remove_at(fd, ".swap")
+                    os.rename(slot, ".swap", **at)
+                    os.rename(found, slot, **at)
+                    os.rename(".swap", found, **at)
             os.fsync(fd)
         finally:
             os.close(fd)
