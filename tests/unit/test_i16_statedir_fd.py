@@ -207,3 +207,28 @@ def test_move_back_renames_nothing_in_a_swapped_slots(tmp_path: Path) -> None:
     assert (v / "a").is_dir()
     (v / "a").rmdir()
     _intact(v)
+
+
+def test_move_back_after_slots_is_swapped_mid_way_renames_within_state_dir(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelward.updater.install import _slots
+
+    v = tmp_path / "victim"
+    for d in ("a", "b"):
+        (v / d).mkdir(parents=True)
+        (v / d / "who").write_text(f"victim {d}")
+    state = tmp_path / "state"
+    for d in ("a", "b"):
+        (state / "slots" / d).mkdir(parents=True)
+        (state / "slots" / d / "who").write_text(f"slot {d}")
+
+    def racing(fd: int, a: str, b: str) -> bool:
+        os.rename(state / "slots", state / "aside")  # the disk attacker wins the race here
+        (state / "slots").symlink_to(v)
+        return False  # (no renameat2: the three renames)
+
+    monkeypatch.setattr(_slots, "_exchange_at", racing)
+    SlotStore(state).move_back("a", "b")
+    assert [(v / d / "who").read_text() for d in ("a", "b")] == ["victim a", "victim b"]
+    assert sorted(os.listdir(v)) == ["a", "b"]
+    assert (state / "aside" / "b" / "who").read_text() == "slot a"  # (moved inside)
