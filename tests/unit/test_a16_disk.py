@@ -68,10 +68,6 @@ def _assemble(tmp: Path, ix: ChunkIndex, tf: TargetFile, fake: object,
 # -- chunks/ swapped for a link after it was checked --------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="write_hint checks state_dir/chunks once (plain_dir), "
-                   "then lists and prunes it by name: a chunks/ swapped for a symlink after "
-                   "the check makes the agent delete every file of the directory it points "
-                   "to (outside state_dir)")
 def test_chunks_swapped_for_a_link_during_the_hint_write_deletes_nothing_outside(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _, ix, _ = release
@@ -80,21 +76,18 @@ def test_chunks_swapped_for_a_link_during_the_hint_write_deletes_nothing_outside
     victim = tmp_path / "victim"  # (e.g. /etc, when the agent runs as root)
     victim.mkdir()
     (victim / "passwd").write_bytes(b"root:x:0:0")
-    real = _delta.write_atomic
+    real = _delta.write_at  # (the hint is written through chunks/'s fd, then pruned)
 
-    def racing(path: Path, data: bytes, mode: int) -> None:
-        real(path, data, mode)
+    def racing(fd: int, name: str, data: bytes, mode: int) -> None:
+        real(fd, name, data, mode)
         shutil.rmtree(state / "chunks")  # the disk attacker wins the race here
         (state / "chunks").symlink_to(victim)
 
-    monkeypatch.setattr(_delta, "write_atomic", racing)
+    monkeypatch.setattr(_delta, "write_at", racing)
     write_hint(state, ix, [])
     assert (victim / "passwd").read_bytes() == b"root:x:0:0"
 
 
-@pytest.mark.xfail(strict=True, reason="read_hint checks chunks/ with is_plain_dir, then "
-                   "opens chunks/<fp>.json by name without parent_nofollow: a chunks/ "
-                   "swapped for a link in between is followed outside state_dir")
 def test_chunks_swapped_for_a_link_during_the_hint_read_is_not_followed(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     _, ix, _ = release
@@ -136,11 +129,6 @@ def test_hint_and_incoming_modes_are_not_world_readable(tmp_path: Path, release)
 _Usage = namedtuple("_Usage", "total used free")
 
 
-@pytest.mark.xfail(strict=True, reason="assemble's free-space check counts st_size of the "
-                   "files in staging/incoming as written: an interrupted attempt's files are "
-                   "ftruncated to full size (sparse) by _Files.open_out, so a resume (or a "
-                   "planted sparse file) passes the check with no space and fills the disk "
-                   "to ENOSPC while fetching")
 def test_sparse_incoming_files_do_not_pass_the_free_space_check(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     bundle, ix, tf = release
@@ -212,10 +200,6 @@ def test_a_hint_claiming_every_chunk_is_held_costs_bounded_reads(
     assert read[0] <= MAX_SOURCES * ix.data_bytes  # a few passes, not the sparse TiB
 
 
-@pytest.mark.xfail(strict=True, reason="_Files.open_out opens incoming/<path> with "
-                   "open_below, whose root (state_dir/staging/incoming) is resolved by name: "
-                   "a staging/ swapped for a link after _prepare's check makes the delta "
-                   "truncate and write a file outside state_dir")
 def test_staging_swapped_for_a_link_after_prepare_writes_nothing_outside(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     bundle, ix, tf = release
@@ -237,10 +221,6 @@ def test_staging_swapped_for_a_link_after_prepare_writes_nothing_outside(
     assert (victim / "incoming" / "manifest.json").read_bytes() == b"the other app's data"
 
 
-@pytest.mark.xfail(strict=True, reason="_open_plain_below opens the base slot's root "
-                   "(state_dir/slots/a) by name with O_NOFOLLOW on its last component only: "
-                   "a slots/ swapped for a link after slot_bases' check is followed, and the "
-                   "agent reads (and hashes) files outside state_dir")
 def test_slots_swapped_for_a_link_after_slot_bases_is_not_read_through(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     bundle, ix, tf = release

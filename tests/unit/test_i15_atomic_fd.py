@@ -148,10 +148,11 @@ def test_mode_is_exact_whatever_the_umask(tmp_path: Path, umask: int) -> None:
 def _swap_after_mkdir(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
     real = os.mkdir
 
-    def mkdir(path: str | os.PathLike[str], mode: int = 0o777) -> None:
-        real(path, mode)
-        os.rmdir(path)
-        os.symlink(target, path)  # the directory's owner, between mkdir and chmod
+    def mkdir(path: str | os.PathLike[str], mode: int = 0o777, *,
+              dir_fd: int | None = None) -> None:
+        real(path, mode, dir_fd=dir_fd)
+        os.rmdir(path, dir_fd=dir_fd)
+        os.symlink(target, path, dir_fd=dir_fd)  # the directory's owner, between mkdir and chmod
 
     monkeypatch.setattr(_statedir.os, "mkdir", mkdir)
 

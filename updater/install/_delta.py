@@ -66,14 +66,12 @@ from typing import Protocol
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
-from modelward.trust._atomic import write_atomic
-from modelward.trust._bounded import read_bounded
 from modelward.trust._fingerprint import (
+    MAX_ENTRIES,
     FileEntry,
     MerkleHasher,
     hash_workers,
     slot_fingerprint,
-    walk_tree,
 )
 from modelward.updater.bundle._bundle import MANIFEST, Manifest
 from modelward.updater.bundle._chunkindex import MAX_INDEX_BYTES, ChunkIndex, parse_index
@@ -83,11 +81,17 @@ from modelward.updater.install._stage import WRITE_BEHIND, Stage, _write_behind
 from modelward.updater.install._statedir import (
     FILE_MODE,
     is_plain_dir,
-    make_dirs,
+    make_dirs_at,
     mkdir_exact,
-    open_below,
+    open_at,
+    open_dir,
+    open_root,
     plain_dir,
+    plain_stats_at,
+    read_at,
+    remove_at,
     remove_entry,
+    write_at,
 )
 from modelward.updater.transport._ranges import RangeAnswerError
 
@@ -341,22 +345,20 @@ class DeltaStats:
 
 def plain_sizes(root: Path) -> dict[str, int]:
     """Size of every plain file (regular, one link) below ``root``, reached without
-    following a link; empty if ``root`` is not a plain directory."""
-    out: dict[str, int] = {}
-    if not is_plain_dir(root):
-        return out
+    following a link; empty if ``root`` is not a plain directory or has more entries than
+    a release (:data:`~modelward.trust._fingerprint.MAX_ENTRIES`: not walked further)."""
     try:
-        for rel, _dirs, others, dirfd in walk_tree(root):
-            for name in others:
-                try:
-                    st = os.lstat(name, dir_fd=dirfd)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                    out[name if rel == "." else f"{rel}/{name}"] = st.st_size
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
         return {}
-    return out
+    try:
+        return _sizes(plain_stats_at(fd, MAX_ENTRIES))
+    finally:
+        os.close(fd)
+
+
+def _sizes(stats: Mapping[str, os.stat_result] | None) -> dict[str, int]:
+    return {p: st.st_size for p, st in (stats or {}).items()}
 
 
 def hint_path(state_dir: Path, fingerprint: str) -> Path:
@@ -370,17 +372,23 @@ def read_hint(state_dir: Path, fingerprint: str) -> ChunkIndex | None:
 
     Untrusted: it only says where to look; what it locates is hashed before use.
     """
-    if not _HEX64(fingerprint) or not is_plain_dir(state_dir / HINTS):
+    if not _HEX64(fingerprint):
         return None
     path = hint_path(state_dir, fingerprint)
+    try:  # (through an fd of chunks/ walked from state_dir: a swapped chunks/ is refused)
+        fd = open_dir(state_dir, HINTS)
+    except StagingError:
+        return None
     try:
-        data = read_bounded(path, MAX_INDEX_BYTES, single_link=True)
+        data = read_at(fd, path.name, MAX_INDEX_BYTES)
         if data is None:
             return None
         ix = parse_index(data, str(path))
     except (OSError, ChunkIndexError) as e:
         logger.info("ignoring the chunk hint %s: %s", path, e)
         return None
+    finally:
+        os.close(fd)
     if index_fingerprint(ix) != fingerprint:
         logger.info("ignoring the chunk hint %s: it is of another release", path)
         return None
@@ -397,14 +405,22 @@ def write_hint(state_dir: Path, ix: ChunkIndex, keep: Iterable[str]) -> None:
     logged (the next delta then looks at the same offsets instead)."""
     fp = index_fingerprint(ix)
     wanted = {fp, *keep}
-    try:
-        d = plain_dir(state_dir, HINTS, create=True)
-        write_atomic(hint_path(state_dir, fp), ix.to_bytes(), FILE_MODE)
-        for name in os.listdir(d):
-            if name.removesuffix(".json") not in wanted or not name.endswith(".json"):
-                remove_entry(d / name)
-    except (OSError, StagingError) as e:  # (StateDirError: a link or a file at chunks/)
+    try:  # (written, listed and pruned through one fd of chunks/ walked from state_dir)
+        d = open_dir(state_dir, HINTS, create=True)
+    except StagingError as e:  # (StateDirError: a link or a file at chunks/)
         logger.warning("cannot store the chunk hint of %s: %s", fp, e)
+        return
+    try:
+        write_at(d, f"{fp}.json", ix.to_bytes(), FILE_MODE)
+        with os.scandir(d) as it:
+            names = [e.name for e in it]
+        for name in names:
+            if name.removesuffix(".json") not in wanted or not name.endswith(".json"):
+                remove_at(d, name)
+    except OSError as e:
+        logger.warning("cannot store the chunk hint of %s: %s", fp, e)
+    finally:
+        os.close(d)
 
 
 # -- assembling ----------------------------------------------------------------------------
@@ -456,10 +472,16 @@ def iter_ranges(fetcher: RangeSource, url: str, ranges: Sequence[tuple[int, int]
 
 
 class _Files:
-    """The files being assembled in ``incoming``, and the base files read from."""
+    """The files being assembled in ``incoming``, and the base files read from.
 
-    def __init__(self, incoming: Path, roots: Mapping[str, Path]) -> None:
-        self.incoming, self.roots = incoming, roots
+    Everything is opened through directory fds taken once (``incoming``'s and each
+    base's, walked from the state directory by :func:`open_root`): a directory of the
+    state directory swapped for a link afterwards redirects no write and no read.
+    """
+
+    def __init__(self, incoming: Path, incoming_fd: int, roots: Mapping[str, int | None]
+                 ) -> None:
+        self.incoming, self.incoming_fd, self.roots = incoming, incoming_fd, roots
         self.out: dict[str, int] = {}
         self._in: dict[tuple[str, str], int | None] = {}
         self._lock = threading.Lock()  # (reads run on the hash threads)
@@ -469,13 +491,19 @@ class _Files:
         """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
         parent = path.rpartition("/")[0]
         if parent:
-            make_dirs(self.incoming, parent)
+            make_dirs_at(self.incoming_fd, parent, self.incoming)
         flags = os.O_RDWR | os.O_CREAT | os.O_NONBLOCK
+        what = self.incoming / path
         try:
-            fd = open_below(self.incoming, path, flags)
+            fd = open_at(self.incoming_fd, path, flags, what=what)
         except OSError:  # (a link or something else planted since it was measured)
-            remove_entry(self.incoming / path)
-            fd = open_below(self.incoming, path, flags | os.O_EXCL)
+            pfd = open_at(self.incoming_fd, parent, os.O_RDONLY | os.O_DIRECTORY) \
+                if parent else os.dup(self.incoming_fd)
+            try:
+                remove_at(pfd, path.rpartition("/")[2])
+            finally:
+                os.close(pfd)
+            fd = open_at(self.incoming_fd, path, flags | os.O_EXCL, what=what)
         try:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
@@ -492,7 +520,7 @@ class _Files:
             key = (p.root, p.path)
             with self._lock:
                 if key not in self._in:
-                    self._in[key] = _open_plain_below(self.roots[p.root], p.path)
+                    self._in[key] = _open_plain_at(self.roots[p.root], p.path)
                 fd = self._in[key]
         if fd is None:
             return None
@@ -517,17 +545,21 @@ class _Files:
         self._synced[p.path] = synced
 
     def close(self) -> None:
-        for fd in [*self.out.values(), *self._in.values()]:
+        for fd in [*self.out.values(), *self._in.values(), *self.roots.values(),
+                   self.incoming_fd]:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self.out.clear()
         self._in.clear()
+        self.roots, self.incoming_fd = {}, None  # type: ignore[assignment]
 
 
-def _open_plain_below(root: Path, rel: str) -> int | None:
+def _open_plain_at(root: int | None, rel: str) -> int | None:
+    if root is None:
+        return None
     try:
-        fd = open_below(root, rel, os.O_RDONLY | os.O_NONBLOCK)
+        fd = open_at(root, rel, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return None
     try:
@@ -591,17 +623,37 @@ def assemble(
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     paths = {MANIFEST, *(f.path for f in ix.files)}
     stage = _prepare(staging, incoming, key, paths)
-    have = plain_sizes(incoming)
+    state_dir = staging.parent
+    inc_fd = open_root(state_dir, incoming)  # (everything below goes through fds)
+    roots: dict[str, int | None] = {}
+    try:
+        held_stats = plain_stats_at(inc_fd, MAX_ENTRIES) or {}
+        for b, root in bases:
+            try:
+                roots[b.name] = open_root(state_dir, root)
+            except (OSError, StagingError) as e:  # (swapped since it was measured)
+                logger.info("not reading chunks from %s: %s", root, e)
+                roots[b.name] = None
+    except BaseException:
+        for fd in [inc_fd, *roots.values()]:
+            if fd is not None:
+                os.close(fd)
+        raise
+    files = _Files(incoming, inc_fd, roots)
+    have = _sizes(held_stats)
     needs = plan_needs(ix, have, [b for b, _ in bases])
     stats = DeltaStats() if progress is None else progress
+    # Room: what is held counts by the blocks it has (a sparse file, as an interrupted
+    # attempt's ftruncate-d ones, holds no bytes where nothing was written yet).
+    held_room = {p: st.st_blocks * 512 for p, st in held_stats.items()}
     need_room = sum(f.size for f in ix.files) + len(ix.manifest_bytes) - sum(
-        min(have.get(p, 0), s) for p, s in
+        min(held_room.get(p, 0), s) for p, s in
         [(MANIFEST, len(ix.manifest_bytes)), *((f.path, f.size) for f in ix.files)])
     free = shutil.disk_usage(staging).free
     if free < need_room:
+        files.close()
         raise StagingError(f"not enough space for {target.path}: {free} bytes free in "
                            f"{staging}, {need_room} needed")
-    files = _Files(incoming, {b.name: root for b, root in bases})
     try:
         try:
             files.open_out(MANIFEST, len(ix.manifest_bytes))
@@ -985,9 +1037,14 @@ def slot_bases(state_dir: Path, slots_root: Path,
     active and previous slots that are plain directories, with their hints if usable."""
     out: list[tuple[Base, Path]] = []
     for label, slot, fp in refs:
+        root = slots_root / slot
         try:
-            root = plain_dir(slots_root.parent, f"{slots_root.name}/{slot}")
-        except OSError:
+            fd = open_dir(slots_root.parent, f"{slots_root.name}/{slot}")
+        except (OSError, StagingError):
             continue
-        out.append((Base(label, plain_sizes(root), read_hint(state_dir, fp)), root))
+        try:
+            sizes = _sizes(plain_stats_at(fd, MAX_ENTRIES))
+        finally:
+            os.close(fd)
+        out.append((Base(label, sizes, read_hint(state_dir, fp)), root))
     return out

@@ -21,7 +21,13 @@ from pathlib import Path
 
 from modelward.trust._atomic import fsync_dir, symlink_atomic
 from modelward.updater.errors import StateDirError
-from modelward.updater.install._statedir import is_plain_dir, plain_dir, remove_entry
+from modelward.updater.install._statedir import (
+    is_plain_dir,
+    open_dir,
+    plain_dir,
+    remove_at,
+    remove_entry,
+)
 
 SLOTS = ("a", "b")
 LINKS = {f"slots/{s}": s for s in SLOTS}
@@ -133,17 +139,24 @@ class SlotStore:
         Raises:
             StateDirError: ``slots`` or ``staging`` is not a plain directory.
         """
-        plain_dir(self.state_dir, "staging")
-        plain_dir(self.state_dir, "staging/incoming")
-        plain_dir(self.state_dir, "slots", create=True)
-        dest = self.path(slot)
-        old = self.root / f".old-{slot}"
-        remove_entry(old)
-        if os.path.lexists(dest):
-            os.replace(dest, old)  # (renames a link itself, never what it points at)
-        os.replace(self.incoming, dest)
-        fsync_dir(self.root)
-        remove_entry(old)
+        # (renamed through fds of staging/ and slots/ walked from state_dir: a directory
+        # swapped for a link after these opens moves nothing from or into another place)
+        os.close(open_dir(self.state_dir, "staging/incoming"))
+        src = open_dir(self.state_dir, "staging")
+        try:
+            dst = open_dir(self.state_dir, "slots", create=True)
+            try:
+                old = f".old-{slot}"
+                remove_at(dst, old)
+                with contextlib.suppress(FileNotFoundError):  # (a link: renamed itself)
+                    os.replace(slot, old, src_dir_fd=dst, dst_dir_fd=dst)
+                os.replace(self.incoming.name, slot, src_dir_fd=src, dst_dir_fd=dst)
+                os.fsync(dst)
+                remove_at(dst, old)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     def move_back(self, found: str, slot: str) -> None:
         """Put the directory found at ``slots/<found>`` back at ``slots/<slot>`` by rename.
@@ -157,17 +170,19 @@ class SlotStore:
             StateDirError: ``slots`` is not a plain directory.
             OSError: a rename failed.
         """
-        plain_dir(self.state_dir, "slots")
-        src, dest, tmp = self.path(found), self.path(slot), self.root / ".swap"
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        fd = open_dir(self.state_dir, "slots")  # (every rename within this fd)
+        at = {"src_dir_fd": fd, "dst_dir_fd": fd}
         try:
-            if not os.path.lexists(dest):
-                os.rename(src, dest)
-            elif not _exchange_at(fd, found, slot):
-                remove_entry(tmp)
-                os.rename(dest, tmp)
-                os.rename(src, dest)
-                os.rename(tmp, src)
+            try:
+                os.lstat(slot, dir_fd=fd)
+            except FileNotFoundError:
+                os.rename(found, slot, **at)
+            else:
+                if not _exchange_at(fd, found, slot):
+                    remove_at(fd, ".swap")
+                    os.rename(slot, ".swap", **at)
+                    os.rename(found, slot, **at)
+                    os.rename(".swap", found, **at)
             os.fsync(fd)
         finally:
             os.close(fd)

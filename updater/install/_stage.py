@@ -23,6 +23,7 @@ from ``incoming`` before the health check and the commit on top of this.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -33,16 +34,18 @@ from pathlib import Path
 from typing import cast
 
 from modelward.trust._bounded import loads_bounded, read_bounded
-from modelward.trust._fingerprint import walk_tree
 from modelward.updater.bundle._tarstream import Member, check_member_path
+from modelward.updater.errors import StagingError
 from modelward.updater.install._statedir import (
     is_plain_dir,
-    make_dirs,
+    make_dirs_at,
     mkdir_exact,
-    open_below,
+    open_at,
+    open_root,
     plain_dir,
     remove_at,
     remove_entry,
+    walk_at,
 )
 
 _READ = 1 << 20
@@ -108,19 +111,34 @@ class StageWriter:
     re-hashed, not re-written): skeleton bytes there are skipped, and so is the data of the
     ``kept`` members (path -> data offset), whose files the prefix was rebuilt from; the
     file that was cut short is continued where it ends. Any other member is written whole.
+
+    With ``base`` (the state directory), ``dest`` and the skeleton's directory are walked
+    from ``base`` component by component (``updater.install._statedir.open_root``) and
+    every member is created through the fd of ``dest`` taken once: a ``staging`` swapped
+    for a link during the download redirects no write.
     """
 
     def __init__(self, dest: Path, skeleton: Path | None = None, index: Path | None = None,
-                 resume_at: int = 0, kept: Mapping[str, IndexEntry] | None = None) -> None:
+                 resume_at: int = 0, kept: Mapping[str, IndexEntry] | None = None, *,
+                 base: Path | None = None) -> None:
         self.dest = dest
         self.resume_at = resume_at
         self._kept = dict(kept or {})
+        self._base = base
+        self._dest_fd = -1
         self._skel = -1
         self._index = -1
         if skeleton is not None and index is not None:
-            self._skel = os.open(skeleton, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            self._index = os.open(
-                index, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            sfd = open_root(base, skeleton.parent)
+            try:
+                self._skel = open_at(sfd, skeleton.name, os.O_WRONLY | os.O_CREAT, 0o600)
+                self._index = open_at(sfd, index.name,
+                                      os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            except BaseException:
+                self.close()
+                raise
+            finally:
+                os.close(sfd)
 
     def skeleton(self, pos: int, data: memoryview) -> None:
         """Write non-member bytes at their bundle offset (those below ``resume_at`` are there)."""
@@ -151,18 +169,27 @@ class StageWriter:
                 f"the stage index says {member.name} has {kept.size} bytes at offset "
                 f"{kept.offset}, the bundle {member.size} at {member.data_offset}: the "
                 "stage was not written by this agent")
-        parent = member.name.rpartition("/")[0]
+        parent, _, name = member.name.rpartition("/")
+        if self._dest_fd < 0:
+            self._dest_fd = open_root(self._base, self.dest)
         if parent:
-            make_dirs(self.dest, parent)
+            make_dirs_at(self._dest_fd, parent, self.dest)
+        what = self.dest / member.name
         if skip <= 0 or kept != here:
             if self._index >= 0:
                 os.write(self._index, _index_line(here.path, here.offset, here.size))
-            remove_entry(self.dest / member.name)  # (its parents were just checked)
-            fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            pfd = (open_at(self._dest_fd, parent, os.O_RDONLY | os.O_DIRECTORY) if parent
+                   else self._dest_fd)
+            try:
+                remove_at(pfd, name)  # (through its parent's fd: no link followed)
+                fd = open_at(pfd, name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, what=what)
+            finally:
+                if pfd != self._dest_fd:
+                    os.close(pfd)
             return MemberSink(fd, 0)
         # Resumed inside or after this member: its file holds exactly the bytes rebuilt.
         have = min(skip, member.size)
-        fd = open_below(self.dest, member.name, os.O_WRONLY | os.O_CREAT)
+        fd = open_at(self._dest_fd, member.name, os.O_WRONLY | os.O_CREAT, what=what)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -177,10 +204,10 @@ class StageWriter:
 
     def close(self) -> None:
         """Close the skeleton and index (not fsync'd: a stage is re-verified before use)."""
-        for fd in (self._skel, self._index):
+        for fd in (self._skel, self._index, self._dest_fd):
             if fd >= 0:
                 os.close(fd)
-        self._skel = self._index = -1
+        self._skel = self._index = self._dest_fd = -1
 
 
 class MemberSink:
@@ -340,7 +367,7 @@ class Stage:
         """Observe the stage without following links, then plan (pure) the resume."""
         self._check()
         return plan_resume(_plain_size(self.skeleton), self.entries(),
-                           _plain_files(self.incoming), length)
+                           _plain_files(self.incoming, self.staging.parent), length)
 
     def resumable(self, length: int) -> int:
         """How many leading bytes of the bundle the stage can rebuild (sizes only, no reads).
@@ -368,7 +395,13 @@ class Stage:
         entries = iter(plan.kept)
         pos = 0
         skel = _open_plain(self.skeleton)
-        with open(skel, "rb", buffering=0) as sf:
+        inc = -1
+        try:
+            inc = open_root(self.staging.parent, self.incoming)
+        except BaseException:
+            os.close(skel)
+            raise
+        with open(skel, "rb", buffering=0) as sf, contextlib.closing(_Fd(inc)):
             while pos < upto:
                 e = next(entries, None)
                 gap_end = min(upto, e.offset if e is not None else upto)
@@ -380,7 +413,7 @@ class Stage:
                 n = min(e.size, upto - pos)
                 if n == 0:  # (its file is not read: it may be rewritten meanwhile)
                     continue
-                fd = open_below(self.incoming, e.path, os.O_RDONLY | os.O_NONBLOCK)
+                fd = open_at(inc, e.path, os.O_RDONLY | os.O_NONBLOCK)
                 with open(fd, "rb", buffering=0) as f:
                     st = os.fstat(fd)
                     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
@@ -404,37 +437,49 @@ class Stage:
             self.discard()
             plain_dir(self.staging.parent, self.staging.name, create=True)
             mkdir_exact(self.incoming)  # (whatever the umask; a swapped-in link: refused)
-            return StageWriter(self.incoming, self.part, self.index)
-        if os.path.lexists(self.done):
-            os.replace(self.done, self.part)
-        plan = self._plan(resume_at)
-        if plan.offset != resume_at:
-            raise OSError(f"the stage in {self.staging} changed since it was measured")
-        tmp = self.index.with_suffix(".tmp")
-        remove_entry(tmp)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with open(fd, "wb") as f:
-            f.write(b"".join(_index_line(e.path, e.offset, e.size) for e in plan.kept))
-        os.replace(tmp, self.index)
-        fd = _open_plain(self.part, os.O_WRONLY)
+            return StageWriter(self.incoming, self.part, self.index,
+                               base=self.staging.parent)
+        # (renamed, written and cut through the fd of staging walked from state_dir: a
+        # staging swapped for a link meanwhile redirects none of it)
+        sfd = open_root(self.staging.parent, self.staging)
         try:
-            os.ftruncate(fd, resume_at)
+            if os.path.lexists(self.done):
+                os.replace(self.done.name, self.part.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            plan = self._plan(resume_at)
+            if plan.offset != resume_at:
+                raise OSError(f"the stage in {self.staging} changed since it was measured")
+            tmp = self.index.with_suffix(".tmp").name
+            remove_at(sfd, tmp)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
+                         dir_fd=sfd)
+            with open(fd, "wb") as f:
+                f.write(b"".join(_index_line(e.path, e.offset, e.size) for e in plan.kept))
+            os.replace(tmp, self.index.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+            fd = _open_plain(self.part, os.O_WRONLY)
+            try:
+                os.ftruncate(fd, resume_at)
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-        _prune(self.incoming, {e.path for e in plan.kept})
+            os.close(sfd)
+        _prune(self.incoming, {e.path for e in plan.kept}, self.staging.parent)
         return StageWriter(self.incoming, self.part, self.index, resume_at,
-                           {e.path: e for e in plan.kept})
+                           {e.path: e for e in plan.kept}, base=self.staging.parent)
 
     def drop_strays(self, members: set[str]) -> list[str]:
         """After a verified extraction: remove from ``incoming`` what is not a member (a
         file an index listed but the bundle has not). Returns the paths removed."""
-        stray = sorted(set(_plain_files(self.incoming)) - members)
-        _prune(self.incoming, members)
+        stray = sorted(set(_plain_files(self.incoming, self.staging.parent)) - members)
+        _prune(self.incoming, members, self.staging.parent)
         return stray
 
     def mark_done(self) -> None:
-        """The whole bundle verified: rename the skeleton."""
-        os.replace(self.part, self.done)
+        """The whole bundle verified: rename the skeleton (within the fd of staging)."""
+        sfd = open_root(self.staging.parent, self.staging)
+        try:
+            os.replace(self.part.name, self.done.name, src_dir_fd=sfd, dst_dir_fd=sfd)
+        finally:
+            os.close(sfd)
 
     def discard(self) -> None:
         """Remove skeleton, index and the extracted files (links removed, not followed).
@@ -466,8 +511,14 @@ def _plain_size(path: Path) -> int | None:
 
 
 def _open_plain(path: Path, flags: int = os.O_RDONLY) -> int:
-    """Open a stage file that must be a plain regular file (no link followed)."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)
+    """Open a stage file that must be a plain regular file (no link followed: neither the
+    file nor its directory ``staging``, whose parent is the state directory)."""
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+    finally:
+        os.close(dfd)
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
         os.close(fd)
@@ -475,20 +526,40 @@ def _open_plain(path: Path, flags: int = os.O_RDONLY) -> int:
     return fd
 
 
-def _plain_files(root: Path) -> dict[str, int]:
-    """Size of every plain file below ``root`` reached without following a link, by path."""
+def _plain_files(root: Path, base: Path | None = None) -> dict[str, int]:
+    """Size of every plain file below ``root`` reached without following a link, by path
+    (walked from ``base``, the state directory, when given: ``open_root``)."""
     out: dict[str, int] = {}
     if not is_plain_dir(root):
         return out
-    for rel, _dirs, others, dirfd in walk_tree(root):
-        for name in others:
-            try:
-                st = os.lstat(name, dir_fd=dirfd)
-            except OSError:
-                continue
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                out[name if rel == "." else f"{rel}/{name}"] = st.st_size
+    try:
+        top = open_root(base, root)
+    except (OSError, StagingError):
+        return out
+    try:
+        for rel, _dirs, others, dirfd in walk_at(top):
+            for name in others:
+                try:
+                    st = os.lstat(name, dir_fd=dirfd)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                    out[name if rel == "." else f"{rel}/{name}"] = st.st_size
+    finally:
+        os.close(top)
     return out
+
+
+class _Fd:
+    """Closes an fd (for ``contextlib.closing``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def _read_range(f: object, n: int, path: Path) -> Iterator[memoryview]:
@@ -501,24 +572,29 @@ def _read_range(f: object, n: int, path: Path) -> Iterator[memoryview]:
         yield memoryview(chunk)
 
 
-def _prune(root: Path, keep: set[str]) -> None:
+def _prune(root: Path, keep: set[str], base: Path | None = None) -> None:
     """Remove from ``root`` everything that is not a kept plain file or a directory on the
     way to one (a resumed extraction creates the rest afresh, O_EXCL). Walked through
-    directory fds; a link is removed, never followed."""
+    directory fds from ``base`` (the state directory) when given; a link is removed, never
+    followed."""
     if not is_plain_dir(root):
         remove_entry(root)
         mkdir_exact(root)
     dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
-    for rel, subdirs, others, dirfd in walk_tree(root):
-        for name in others:
-            p = name if rel == "." else f"{rel}/{name}"
-            try:
-                st = os.lstat(name, dir_fd=dirfd)
-            except FileNotFoundError:
-                continue
-            if p not in keep or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-                remove_at(dirfd, name)
-        for name in list(subdirs):
-            if (name if rel == "." else f"{rel}/{name}") not in dirs:
-                remove_at(dirfd, name)
-                subdirs.remove(name)
+    top = open_root(base, root)
+    try:
+        for rel, subdirs, others, dirfd in walk_at(top):
+            for name in others:
+                p = name if rel == "." else f"{rel}/{name}"
+                try:
+                    st = os.lstat(name, dir_fd=dirfd)
+                except FileNotFoundError:
+                    continue
+                if p not in keep or not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                    remove_at(dirfd, name)
+            for name in list(subdirs):
+                if (name if rel == "." else f"{rel}/{name}") not in dirs:
+                    remove_at(dirfd, name)
+                    subdirs.remove(name)
+    finally:
+        os.close(top)

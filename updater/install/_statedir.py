@@ -21,8 +21,12 @@ commit).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import secrets
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from modelward.updater.errors import StateDirError
@@ -48,38 +52,93 @@ def _kind(mode: int) -> str:
 def plain_dir(base: Path, rel: str, *, create: bool = False, mode: int = DIR_MODE) -> Path:
     """``base / rel``, checked to be a real directory all the way down from ``base``.
 
-    Each component below ``base`` is ``lstat``-ed: a symlink (wherever it points), a file
-    or anything else that is not a directory is refused. Missing components are created
-    when ``create`` is set, with mode ``mode`` exactly (set through the new directory's
-    fd, so neither the umask nor a swapped-in link changes it).
+    Each component below ``base`` is opened ``O_NOFOLLOW | O_DIRECTORY`` relative to the
+    one before it (:func:`open_dir`): a symlink (wherever it points), a file or anything
+    else that is not a directory is refused. Missing components are created when
+    ``create`` is set, with mode ``mode`` exactly.
+
+    The path returned is a name: a component swapped after this check is followed by
+    whoever uses the name. Reads, writes and deletes use :func:`open_dir` (or
+    :func:`open_below` from ``base``) and work through the fd instead.
 
     Raises:
         StateDirError: a component is not a plain directory (names it), or is missing and
             ``create`` is not set, or cannot be created.
     """
+    os.close(open_dir(base, rel, create=create, mode=mode))
+    return base.joinpath(*Path(rel).parts)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_dir(base: Path, rel: str, *, create: bool = False, mode: int = DIR_MODE) -> int:
+    """An fd of the directory ``base / rel``, walked from an fd of ``base`` itself.
+
+    ``base`` (the state directory, trusted as configured) is opened ``O_DIRECTORY``; each
+    component of ``rel`` is opened ``O_NOFOLLOW | O_DIRECTORY`` relative to the fd of the
+    one before it, so a component swapped for a symlink at any moment is refused, never
+    followed: what is then read, written, listed or deleted through the fd (``dir_fd=``,
+    ``os.scandir(fd)``) is inside ``base``. Missing components are created when
+    ``create`` is set (``mkdir`` at the parent's fd, mode ``mode`` set through the new
+    directory's own fd).
+
+    Raises:
+        StateDirError: a component is not a plain directory (names it), or is missing and
+            ``create`` is not set, or cannot be created or opened.
+    """
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as e:
+        raise StateDirError(f"cannot open {base}: {e}", path=str(base)) from e
     path = base
-    for part in Path(rel).parts:
-        path = path / part
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            if not create:
-                raise StateDirError(f"{path} is missing", path=str(path)) from None
-            try:
-                st = mkdir_exact(path, mode)
-            except OSError as e:
-                raise StateDirError(f"cannot create {path}: {e}", path=str(path)) from e
-        except OSError as e:
-            raise StateDirError(f"cannot inspect {path}: {e}", path=str(path)) from e
-        if not stat.S_ISDIR(st.st_mode):
-            raise StateDirError(
-                f"{path} is {_kind(st.st_mode)}, not a directory of the state directory: "
-                "nothing is read, written or deleted through it",
-                path=str(path),
-                hint=f"remove {path} (the link itself, not what it points at); the agent "
-                     "creates it again",
-            )
-    return path
+    try:
+        for part in Path(rel).parts:
+            path = path / part
+            nxt = _open_sub(fd, part, path, create, mode)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_sub(fd: int, part: str, path: Path, create: bool, mode: int) -> int:
+    """The sub-directory ``part`` of ``fd`` (``path`` for messages), see :func:`open_dir`."""
+    try:
+        return os.open(part, _DIR_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        if not create:
+            raise StateDirError(f"{path} is missing", path=str(path)) from None
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise StateDirError(f"cannot open {path}: {e}", path=str(path)) from e
+        st = None
+        with contextlib.suppress(OSError):
+            st = os.lstat(part, dir_fd=fd)
+        raise _not_a_dir(path, st.st_mode if st is not None else 0) from e
+    try:
+        os.mkdir(part, 0o700, dir_fd=fd)
+        sub = os.open(part, _DIR_FLAGS, dir_fd=fd)
+    except OSError as e:
+        raise StateDirError(f"cannot create {path}: {e}", path=str(path)) from e
+    try:
+        os.fchmod(sub, mode)
+    except OSError as e:
+        os.close(sub)
+        raise StateDirError(f"cannot create {path}: {e}", path=str(path)) from e
+    return sub
+
+
+def _not_a_dir(path: Path, mode: int) -> StateDirError:
+    return StateDirError(
+        f"{path} is {_kind(mode)}, not a directory of the state directory: "
+        "nothing is read, written or deleted through it",
+        path=str(path),
+        hint=f"remove {path} (the link itself, not what it points at); the agent "
+             "creates it again",
+    )
 
 
 def mkdir_exact(path: Path, mode: int = DIR_MODE) -> os.stat_result:
@@ -189,9 +248,25 @@ def remove_entry(path: Path) -> None:
     Raises:
         OSError: the entry cannot be removed.
     """
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    fd = os.open(path.parent, _DIR_FLAGS)
     try:
         remove_at(fd, path.name)
+    finally:
+        os.close(fd)
+
+
+def remove_below(base: Path, rel: str) -> None:
+    """Remove ``base / rel`` (see :func:`remove_entry`) through the fd of its parent,
+    walked from ``base`` (:func:`open_dir`): a component swapped for a link is refused.
+
+    Raises:
+        StateDirError: a directory on the way is not a plain directory.
+        OSError: the entry cannot be removed.
+    """
+    parent, _, name = rel.rpartition("/")
+    fd = open_dir(base, parent)
+    try:
+        remove_at(fd, name)
     finally:
         os.close(fd)
 
@@ -264,32 +339,231 @@ def make_dirs(base: Path, rel: str) -> Path:
 def open_below(root: Path, rel: str, flags: int, mode: int = FILE_MODE) -> int:
     """Open ``root / rel`` without following a symlink anywhere below ``root``.
 
-    ``root`` itself is opened ``O_NOFOLLOW | O_DIRECTORY``, then each directory of ``rel``
-    relative to the one before it, then the last component with ``flags | O_NOFOLLOW``.
-    With ``O_CREAT`` the file gets mode ``mode`` exactly (``fchmod`` of the opened fd: a
-    new file whatever the umask, and a kept one whatever the disk set; boot-check refuses
-    a slot file with other modes, see ``modelward.trust._fingerprint``).
+    ``root`` itself is opened ``O_NOFOLLOW | O_DIRECTORY``: only its last component is
+    guarded, so callers pass the state directory (or a directory fd, :func:`open_at`) as
+    ``root`` and the whole path below it as ``rel``. Then each directory of ``rel`` is
+    opened relative to the one before it, and the last component with ``flags |
+    O_NOFOLLOW``. With ``O_CREAT`` the file gets mode ``mode`` exactly (``fchmod`` of the
+    opened fd: a new file whatever the umask, and a kept one whatever the disk set;
+    boot-check refuses a slot file with other modes, see ``modelward.trust._fingerprint``).
 
     Raises:
         OSError: a component is a symlink (``ELOOP``/``ENOTDIR``), missing or unreadable.
     """
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        return open_at(fd, rel, flags, mode, what=root / rel)
+    finally:
+        os.close(fd)
+
+
+def open_at(dirfd: int, rel: str, flags: int, mode: int = FILE_MODE, *,
+            what: Path | None = None) -> int:
+    """Open ``rel`` below the directory ``dirfd``, each component ``O_NOFOLLOW`` (see
+    :func:`open_below`; ``what`` names the file in messages).
+
+    Raises:
+        OSError: a component is a symlink (``ELOOP``/``ENOTDIR``), missing or unreadable,
+            or (with ``O_CREAT``) what was opened is not a plain file.
+    """
     parts = Path(rel).parts
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    fd = dirfd
     try:
         for part in parts[:-1]:
-            nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
+            nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            if fd != dirfd:
+                os.close(fd)
             fd = nxt
-        out = os.open(parts[-1], flags | os.O_NOFOLLOW, mode, dir_fd=fd)
+        out = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
         if flags & os.O_CREAT:
             try:
                 st = os.fstat(out)
                 if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (chmod no other name)
-                    raise OSError(f"{root / rel} is not a plain file")
+                    raise OSError(f"{what or rel} is not a plain file")
                 os.fchmod(out, mode)
             except BaseException:
                 os.close(out)
                 raise
         return out
     finally:
+        if fd != dirfd:
+            os.close(fd)
+
+
+def make_dirs_at(dirfd: int, rel: str, what: Path) -> None:
+    """Create the directories ``rel`` below ``dirfd`` (a member's parent), refusing any
+    link on the way (``what`` names ``dirfd`` in messages).
+
+    Raises:
+        StateDirError: a component exists and is not a plain directory, or cannot be made.
+    """
+    fd = os.dup(dirfd)
+    path = what
+    try:
+        for part in Path(rel).parts:
+            path = path / part
+            nxt = _open_sub(fd, part, path, True, DIR_MODE)
+            os.close(fd)
+            fd = nxt
+    finally:
         os.close(fd)
+
+
+def write_at(dirfd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
+    """Replace the file ``name`` of the directory ``dirfd`` by ``data`` atomically: a
+    fresh temporary (``O_EXCL | O_NOFOLLOW``) beside it, written, fsync-ed, renamed over
+    it within ``dirfd`` and the directory fsync-ed. Nothing is written outside ``dirfd``
+    whatever its path names by now.
+
+    Raises:
+        OSError: the disk refused.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(16):
+        tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dirfd)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name for {name}")
+    try:
+        try:
+            os.fchmod(fd, mode)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dirfd)
+        raise
+    os.fsync(dirfd)
+
+
+def read_at(dirfd: int, name: str, limit: int) -> bytes | None:
+    """The bytes of the plain file (regular, one link, not a link) ``name`` of ``dirfd``,
+    at most ``limit``; None when it is missing, not plain or larger.
+
+    Raises:
+        OSError: an I/O error.
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > limit:
+            return None
+        chunks: list[bytes] = []
+        left = limit + 1
+        while left > 0 and (chunk := os.read(fd, left)):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data if len(data) <= limit else None
+
+
+def plain_stats_at(dirfd: int, max_entries: int, max_depth: int = 64
+                   ) -> dict[str, os.stat_result] | None:
+    """The ``lstat`` of every plain file (regular, one link) below the directory
+    ``dirfd``, by path, walked through directory fds (``os.scandir(fd)``, each
+    sub-directory opened ``O_NOFOLLOW`` at its parent's fd, at most two fds at a time);
+    None when the tree has more than ``max_entries`` entries (directories included; a
+    slot or stage has at most that many: the walk stops there, whatever was planted) or
+    cannot be read.
+    """
+    out: dict[str, os.stat_result] = {}
+    seen = 0
+    pending = ["."]
+    try:
+        while pending:
+            rel = pending.pop()
+            fd = dirfd if rel == "." else open_at(dirfd, rel, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                with os.scandir(fd) as it:
+                    for entry in it:
+                        seen += 1
+                        if seen > max_entries:
+                            return None
+                        path = entry.name if rel == "." else f"{rel}/{entry.name}"
+                        st = os.lstat(entry.name, dir_fd=fd)
+                        if stat.S_ISDIR(st.st_mode):
+                            if path.count("/") < max_depth:
+                                pending.append(path)
+                        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                            out[path] = st
+            finally:
+                if fd != dirfd:
+                    os.close(fd)
+    except OSError:
+        return None
+    return out
+
+
+def open_root(base: Path | None, root: Path) -> int:
+    """An fd of the directory ``root``: walked from ``base`` (the state directory)
+    component by component when ``root`` lies below it (:func:`open_dir`), else (no
+    ``base``, or ``root`` elsewhere) opened ``O_NOFOLLOW | O_DIRECTORY``.
+
+    Raises:
+        StateDirError: a directory on the way is not a plain directory.
+        OSError: ``root`` cannot be opened.
+    """
+    if base is not None:
+        try:
+            rel = root.relative_to(base)
+        except ValueError:
+            pass
+        else:
+            return open_dir(base, str(rel))
+    return os.open(root, _DIR_FLAGS)
+
+
+def walk_at(dirfd: int, max_depth: int = 64) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """:func:`modelward.trust._fingerprint.walk_tree` from the directory fd ``dirfd``:
+    ``(rel, dirs, others, fd)`` top-down, each sub-directory opened ``O_NOFOLLOW`` from
+    ``dirfd`` component by component (one swapped for a link is not entered; a
+    sub-directory that cannot be opened is skipped). ``fd`` is valid until the next step;
+    ``dirs`` may be pruned by the caller.
+    """
+    stack = ["."]
+    while stack:
+        rel = stack.pop()
+        if rel == ".":
+            fd = dirfd
+        else:
+            try:
+                fd = open_at(dirfd, rel, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+        try:
+            depth = 0 if rel == "." else rel.count("/") + 1
+            dirs: list[str] = []
+            others: list[str] = []
+            with os.scandir(fd) as it:
+                names = sorted(e.name for e in it)
+            for name in names:
+                try:
+                    st = os.lstat(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                (dirs if stat.S_ISDIR(st.st_mode) and depth < max_depth else others
+                 ).append(name)
+            yield rel, dirs, others, fd
+        finally:
+            if fd != dirfd:
+                os.close(fd)
+        stack.extend(name if rel == "." else f"{rel}/{name}" for name in reversed(dirs))
