@@ -32,6 +32,7 @@ from modelward.updater.idle import Gate
 from modelward.updater.install._install import Outcome
 from modelward.updater.install._stage import Stage
 from tests.conftest import DeviceState, MqttWorld, World
+from tests.integration._i16_delta import drop_index
 
 
 def _status(w: World) -> dict[str, object]:
@@ -258,6 +259,9 @@ def test_disk_full_during_download_then_space_is_freed(
     pad = world.builds / "pad.bin"
     pad.write_bytes(os.urandom(6 << 20))
     served = world.publish("2.0.0", seed=2, extra=[(pad, "pad.bin")])
+    # (a release from before chunk indexes: the whole-bundle stage; a full disk during a
+    # delta is test_a16_disk_kill's)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-2.0.0.tar")
     before = world.snapshot()
     filler: list[Path] = []
     step = "download"

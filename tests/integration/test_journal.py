@@ -60,7 +60,7 @@ def test_staged_bundle_is_reused_not_downloaded_again(world: World) -> None:
                        env={"MODELWARD_TEST_KILL_AT": "staged"})
     assert killed.returncode == -signal.SIGKILL
     log = world.tmp / "origin" / "access.log"
-    gets = lambda: len(re.findall(r"GET /targets/\S+\.tar", log.read_text()))  # noqa: E731
+    gets = lambda: len(re.findall(r"GET /targets/\S+\.tar HTTP", log.read_text()))  # noqa: E731
     before = gets()
     assert world.cli("agent", "update", "--config", str(world.conf_path),
                      "--once").returncode == 0
