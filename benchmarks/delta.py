@@ -677,7 +677,8 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
         f"{fmt_s(whole)}, CPU {cpu:.2f} s",
         f"curl -o (HTTPS, same nginx): {fmt_s(curls)}", f"{share:.2f}x throughput",
         verdict("throughput >= 0.9x curl", share >= 0.9, 1 - share / 0.9,
-                f"the agent's tree used {cpu:.2f} CPU-s (three SHA-256 passes today) on "
+                f"the agent's tree used {cpu:.2f} CPU-s (each chunk hashed as it arrives, "
+                f"written, then the slot re-read and Merkle-hashed by the seal) on "
                 f"{cores} cores shared with nginx's TLS")))
     print(f"\n  full install over HTTPS: download + verify + stage {fmt_s(ours_s)} vs curl "
           f"{fmt_s(curls)}: {share:.2f}x curl's throughput")

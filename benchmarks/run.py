@@ -71,7 +71,8 @@ GOALS = [
      "fixed costs a small model does not amortise: the TPM checks of the record, counter "
      "and anchor (the overhead row) and starting the hash pool"),
     ("HTTPS", "curl", "throughput", 0.8,
-     "three SHA-256 passes (bundle, each file, Merkle leaves) that curl does not do, on two "
+     "SHA-256 work curl does not do (with a chunk index: each chunk as it arrives, then the "
+     "seal's Merkle pass over the slot; without one: bundle, each file, Merkle leaves), on two "
      "cores shared with nginx's TLS, see benchmarks/ablate.py"),
     ("HTTPS", "python-tuf", "speedup", 1.3,
      "both hash the bundle once; ours also extracts, hashes (sha256 and Merkle) and "
