@@ -321,3 +321,25 @@ def test_planted_entries_in_the_previous_slot_only_cost_it_as_a_base(tmp_path: P
     os.mkfifo(state / "slots" / "a" / "fifo")
     bases = slot_bases(state, state / "slots", [("previous", "a", "0" * 64)])
     assert [b.name for b, _ in bases] and bases[0][0].sizes == {}
+
+
+def test_a_planted_deep_chain_is_pruned_without_fd_or_stack_exhaustion(tmp_path: Path
+                                                                      ) -> None:
+    """1000 nested directories in incoming: _prune (walk_at stops at depth 64 and removes
+    the rest as one entry through remove_at) leaves only the kept file (resists)."""
+    from modelward.updater.install._stage import _prune
+
+    state, staging = _state(tmp_path)
+    inc = staging / "incoming"
+    (inc / "keep").write_bytes(b"k")
+    fd = os.open(inc, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(1000):
+        os.mkdir("d", dir_fd=fd)
+        nxt = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = nxt
+    os.close(fd)
+    before = _nfds()
+    _prune(inc, {"keep"}, state)
+    assert os.listdir(inc) == ["keep"]
+    assert _nfds() == before
