@@ -103,8 +103,9 @@ MAX_GAP = 4096
 #: Candidate places read for one chunk at most (each is read and hashed).
 MAX_SOURCES = 4
 #: Bytes of held chunks read and hashed in one batch (on every core), and of fetched
-#: chunks hashed at once: bounds memory whatever the index says.
-BATCH_BYTES = 8 << 20
+#: chunks hashed at once: bounds memory whatever the index says (and keeps the peak RSS
+#: flat from small to large bundles: tests/integration/test_memory.py).
+BATCH_BYTES = 2 << 20  # (24+ chunks: enough to keep every core hashing)
 HINTS = "chunks"  # state_dir/chunks/<fingerprint>.json
 #: Attempts in a row whose delta failed in transfer before any chunk came, after which
 #: the release's whole bundle is taken (an origin or broker that breaks off only ranges).
