@@ -70,3 +70,46 @@ def test_planted_empty_directories_stop_the_walk(tmp_path: Path) -> None:
         assert plain_stats_at(fd, 4, max_depth=16) == {}
     finally:
         os.close(fd)
+
+
+def test_prune_makes_nothing_through_a_linked_staging(tmp_path: Path) -> None:
+    """_prune re-creates a missing incoming through the fd of staging walked from the
+    state directory: a staging that is a link is refused, nothing made where it points."""
+    import contextlib
+
+    from modelward.updater.errors import StateDirError
+    from modelward.updater.install._stage import _prune
+
+    state = tmp_path / "state"
+    state.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, state / "staging")
+    with contextlib.suppress(StateDirError, OSError):
+        _prune(state / "staging" / "incoming", set(), state)
+    assert os.listdir(elsewhere) == []
+
+
+def test_delta_prepare_makes_no_incoming_through_a_swapped_staging(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    import contextlib
+
+    from modelward.updater.errors import StateDirError
+    from modelward.updater.install import _delta
+
+    state = tmp_path / "state"
+    state.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real = _delta.plain_dir
+
+    def check_then_swap(base: Path, rel: str, **kw: bool) -> Path:
+        out = real(base, rel, **kw)
+        os.rename(state / "staging", tmp_path / "moved")
+        os.symlink(elsewhere, state / "staging")
+        return out
+
+    monkeypatch.setattr(_delta, "plain_dir", check_then_swap)
+    with contextlib.suppress(StateDirError, OSError):
+        _delta._prepare(state / "staging", state / "staging" / "incoming", "k", {"x"})
+    assert os.listdir(elsewhere) == []
