@@ -108,10 +108,6 @@ def test_fifo_fresh_member_is_refused_not_waited_on(tmp_path: Path) -> None:
     assert (inc / "m.bin").is_file()
 
 
-@pytest.mark.xfail(strict=True, reason="staging/incoming swapped for a symlink between "
-                   "install_incoming's open_dir check and its rename: the link itself is "
-                   "renamed into slots/<slot> (_slots.py:SlotStore.install_incoming renames "
-                   "by name within the staging fd, not checking it is the directory opened)")
 def test_install_incoming_never_moves_a_link_into_slots(tmp_path: Path, monkeypatch) -> None:
     state, staging = _state(tmp_path)
     (staging / "incoming" / "model.onnx").write_bytes(b"good")

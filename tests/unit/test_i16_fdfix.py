@@ -113,3 +113,36 @@ def test_delta_prepare_makes_no_incoming_through_a_swapped_staging(tmp_path: Pat
     with contextlib.suppress(StateDirError, OSError):
         _delta._prepare(state / "staging", state / "staging" / "incoming", "k", {"x"})
     assert os.listdir(elsewhere) == []
+
+
+def test_install_incoming_swap_after_the_last_check_is_taken_out(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """incoming swapped for a link between the check just before the rename and the
+    rename itself: the link that landed in slots/ is removed, the previous slot put back."""
+    from modelward.updater.errors import StateDirError
+    from modelward.updater.install import _slots
+    from modelward.updater.install._slots import SlotStore
+
+    state = tmp_path / "state"
+    (state / "staging" / "incoming").mkdir(parents=True)
+    (state / "slots" / "b").mkdir(parents=True)
+    (state / "slots" / "b" / "prev").write_bytes(b"previous release")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    real = _slots._identity_at
+    calls: list[str] = []
+
+    def check_then_swap(fd: int, name: str) -> tuple[int, int] | None:
+        out = real(fd, name)
+        if not calls:
+            os.rename(state / "staging" / "incoming", tmp_path / "moved")
+            os.symlink(elsewhere, state / "staging" / "incoming")
+        calls.append(name)
+        return out
+
+    monkeypatch.setattr(_slots, "_identity_at", check_then_swap)
+    with pytest.raises(StateDirError, match="replaced"):
+        SlotStore(state).install_incoming("b")
+    assert not os.path.islink(state / "slots" / "b")
+    assert (state / "slots" / "b" / "prev").read_bytes() == b"previous release"
+    assert sorted(os.listdir(state / "slots")) == ["b"]
