@@ -82,7 +82,7 @@ from modelward.updater.install._statedir import (
     FILE_MODE,
     is_plain_dir,
     make_dirs_at,
-    mkdir_exact,
+    mkdir_exact_at,
     open_at,
     open_dir,
     open_root,
@@ -90,7 +90,6 @@ from modelward.updater.install._statedir import (
     plain_stats_at,
     read_at,
     remove_at,
-    remove_entry,
     write_at,
 )
 from modelward.updater.transport._ranges import RangeAnswerError
@@ -576,13 +575,24 @@ def _prepare(staging: Path, incoming: Path, key: str, paths: set[str]) -> Stage:
     """``staging`` with nothing but ``incoming`` (a plain directory with nothing but plain
     files at the release's paths, and the directories on the way)."""
     plain_dir(staging.parent, staging.name, create=True)
-    for name in os.listdir(staging):
-        if name != incoming.name:
-            remove_entry(staging / name)
-    if os.path.lexists(incoming) and not is_plain_dir(incoming):
-        remove_entry(incoming)
-    if not os.path.lexists(incoming):
-        mkdir_exact(incoming)
+    # (listed, cleared and made through the fd of staging walked from state_dir: a
+    # staging swapped for a link since the check is refused, nothing touched there)
+    sfd = open_root(staging.parent, incoming.parent)
+    try:
+        for name in os.listdir(sfd):
+            if name != incoming.name:
+                remove_at(sfd, name)
+        try:
+            st: os.stat_result | None = os.lstat(incoming.name, dir_fd=sfd)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            remove_at(sfd, incoming.name)
+            st = None
+        if st is None:
+            mkdir_exact_at(sfd, incoming.name)
+    finally:
+        os.close(sfd)
     stage = Stage(staging, incoming, key)
     stray = stage.drop_strays(paths)  # (links, hard links, FIFOs: removed, not followed)
     if stray:

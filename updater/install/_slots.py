@@ -68,6 +68,44 @@ def _exchange_at(dirfd: int, a: str, b: str) -> bool:
     raise OSError(err, os.strerror(err), a)
 
 
+def _identity_at(dirfd: int, name: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of the directory ``name`` of ``dirfd`` (not followed), or None
+    when it is missing or not a directory."""
+    try:
+        st = os.lstat(name, dir_fd=dirfd)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+def _dir_identity(dirfd: int, name: str, path: Path) -> tuple[int, int]:
+    """``(st_dev, st_ino)`` of the directory ``name`` of ``dirfd``, opened ``O_NOFOLLOW |
+    O_DIRECTORY`` (``path`` names it in messages).
+
+    Raises:
+        StateDirError: it is missing, a symlink or not a directory.
+    """
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dirfd)
+    except OSError as e:
+        raise StateDirError(f"{path} is not a plain directory of the state directory: {e}",
+                            path=str(path),
+                            hint=f"remove {path} (the link itself, not what it points "
+                                 "at); the agent creates it again") from e
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return st.st_dev, st.st_ino
+
+
+def _swapped(path: Path) -> StateDirError:
+    return StateDirError(f"{path} was replaced while it was moved into a slot: nothing "
+                         "installed", path=str(path),
+                         hint="something else writes the state directory; stop it")
+
+
 class SlotStore:
     """The model slots under a state directory.
 
@@ -140,17 +178,32 @@ class SlotStore:
             StateDirError: ``slots`` or ``staging`` is not a plain directory.
         """
         # (renamed through fds of staging/ and slots/ walked from state_dir: a directory
-        # swapped for a link after these opens moves nothing from or into another place)
-        os.close(open_dir(self.state_dir, "staging/incoming"))
+        # swapped for a link after these opens moves nothing from or into another place;
+        # the entry renamed is checked, just before and after, to be the directory opened)
         src = open_dir(self.state_dir, "staging")
         try:
+            name = self.incoming.name
+            want = _dir_identity(src, name, self.incoming)
             dst = open_dir(self.state_dir, "slots", create=True)
             try:
                 old = f".old-{slot}"
                 remove_at(dst, old)
+                moved_old = False
                 with contextlib.suppress(FileNotFoundError):  # (a link: renamed itself)
                     os.replace(slot, old, src_dir_fd=dst, dst_dir_fd=dst)
-                os.replace(self.incoming.name, slot, src_dir_fd=src, dst_dir_fd=dst)
+                    moved_old = True
+                try:
+                    if _identity_at(src, name) != want:
+                        raise _swapped(self.incoming)
+                    os.replace(name, slot, src_dir_fd=src, dst_dir_fd=dst)
+                    if _identity_at(dst, slot) != want:  # (swapped in between: take it out)
+                        remove_at(dst, slot)
+                        raise _swapped(self.incoming)
+                except BaseException:
+                    if moved_old and _identity_at(dst, slot) is None:
+                        with contextlib.suppress(OSError):
+                            os.replace(old, slot, src_dir_fd=dst, dst_dir_fd=dst)
+                    raise
                 os.fsync(dst)
                 remove_at(dst, old)
             finally:

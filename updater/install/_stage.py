@@ -39,7 +39,7 @@ from modelward.updater.errors import StagingError
 from modelward.updater.install._statedir import (
     is_plain_dir,
     make_dirs_at,
-    mkdir_exact,
+    mkdir_exact_at,
     open_at,
     open_root,
     plain_dir,
@@ -436,7 +436,13 @@ class Stage:
         if resume_at == 0:
             self.discard()
             plain_dir(self.staging.parent, self.staging.name, create=True)
-            mkdir_exact(self.incoming)  # (whatever the umask; a swapped-in link: refused)
+            # (made through the fd of staging walked from state_dir, whatever the umask:
+            # a staging swapped for a link since the check is refused, nothing made there)
+            sfd = open_root(self.staging.parent, self.incoming.parent)
+            try:
+                mkdir_exact_at(sfd, self.incoming.name)
+            finally:
+                os.close(sfd)
             return StageWriter(self.incoming, self.part, self.index,
                                base=self.staging.parent)
         # (renamed, written and cut through the fd of staging walked from state_dir: a
@@ -577,9 +583,17 @@ def _prune(root: Path, keep: set[str], base: Path | None = None) -> None:
     way to one (a resumed extraction creates the rest afresh, O_EXCL). Walked through
     directory fds from ``base`` (the state directory) when given; a link is removed, never
     followed."""
-    if not is_plain_dir(root):
-        remove_entry(root)
-        mkdir_exact(root)
+    pfd = open_root(base, root.parent)  # (by fd: a parent swapped since is refused)
+    try:
+        try:
+            is_dir = stat.S_ISDIR(os.lstat(root.name, dir_fd=pfd).st_mode)
+        except FileNotFoundError:
+            is_dir = False
+        if not is_dir:
+            remove_at(pfd, root.name)
+            mkdir_exact_at(pfd, root.name)
+    finally:
+        os.close(pfd)
     dirs = {str(p) for k in keep for p in Path(k).parents} - {"."}
     top = open_root(base, root)
     try:

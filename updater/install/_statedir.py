@@ -163,6 +163,22 @@ def mkdir_exact(path: Path, mode: int = DIR_MODE) -> os.stat_result:
         os.close(fd)
 
 
+def mkdir_exact_at(dirfd: int, name: str, mode: int = DIR_MODE) -> os.stat_result:
+    """:func:`mkdir_exact` of the entry ``name`` of the directory ``dirfd``: created
+    through the fd, so a parent swapped for a link after it was opened redirects nothing.
+
+    Raises:
+        OSError: it exists, cannot be made, or was replaced by something else.
+    """
+    os.mkdir(name, 0o700, dir_fd=dirfd)
+    fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
+    try:
+        os.fchmod(fd, mode)
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
+
+
 def check_state_dirs(state_dir: Path, names: tuple[str, ...] = TOP_DIRS) -> None:
     """Refuse a state directory whose ``staging``, ``slots``, ``metadata`` or ``trust``
     (or those of ``names``) is not a plain directory (a missing one is fine: it is
@@ -364,7 +380,8 @@ def open_at(dirfd: int, rel: str, flags: int, mode: int = FILE_MODE, *,
 
     Raises:
         OSError: a component is a symlink (``ELOOP``/``ENOTDIR``), missing or unreadable,
-            or (with ``O_CREAT``) what was opened is not a plain file.
+            or (without ``O_DIRECTORY``) what was opened is not a plain file (regular, one
+            link): a FIFO there never blocks the open, it is refused.
     """
     parts = Path(rel).parts
     fd = dirfd
@@ -374,16 +391,23 @@ def open_at(dirfd: int, rel: str, flags: int, mode: int = FILE_MODE, *,
             if fd != dirfd:
                 os.close(fd)
             fd = nxt
-        out = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
-        if flags & os.O_CREAT:
-            try:
-                st = os.fstat(out)
-                if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (chmod no other name)
-                    raise OSError(f"{what or rel} is not a plain file")
+        if flags & os.O_DIRECTORY:
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=fd)
+        # (a file: opened O_NONBLOCK, so a FIFO planted there fails (ENXIO) or is refused
+        # below instead of blocking the agent until someone opens its other end)
+        out = os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                      | os.O_CLOEXEC, mode, dir_fd=fd)
+        try:
+            st = os.fstat(out)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # (chmod no other name)
+                raise OSError(f"{what or rel} is not a plain file")
+            if flags & os.O_CREAT:
                 os.fchmod(out, mode)
-            except BaseException:
-                os.close(out)
-                raise
+            if not flags & os.O_NONBLOCK:
+                os.set_blocking(out, True)
+        except BaseException:
+            os.close(out)
+            raise
         return out
     finally:
         if fd != dirfd:
@@ -481,12 +505,15 @@ def plain_stats_at(dirfd: int, max_entries: int, max_depth: int = 64
     """The ``lstat`` of every plain file (regular, one link) below the directory
     ``dirfd``, by path, walked through directory fds (``os.scandir(fd)``, each
     sub-directory opened ``O_NOFOLLOW`` at its parent's fd, at most two fds at a time);
-    None when the tree has more than ``max_entries`` entries (directories included; a
-    slot or stage has at most that many: the walk stops there, whatever was planted) or
-    cannot be read.
+    None when the tree has more than ``max_entries`` entries that are not directories
+    (as the fingerprint counts: a slot or stage has at most that many files), or more
+    than ``max_entries * max_depth`` directories (each file of a release brings at most
+    ``max_depth`` directories on its way), or cannot be read: the walk stops there,
+    whatever was planted.
     """
     out: dict[str, os.stat_result] = {}
     seen = 0
+    dirs_seen = 0
     pending = ["."]
     try:
         while pending:
@@ -495,15 +522,18 @@ def plain_stats_at(dirfd: int, max_entries: int, max_depth: int = 64
             try:
                 with os.scandir(fd) as it:
                     for entry in it:
-                        seen += 1
-                        if seen > max_entries:
-                            return None
                         path = entry.name if rel == "." else f"{rel}/{entry.name}"
                         st = os.lstat(entry.name, dir_fd=fd)
-                        if stat.S_ISDIR(st.st_mode):
-                            if path.count("/") < max_depth:
-                                pending.append(path)
-                        elif stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                        if stat.S_ISDIR(st.st_mode) and path.count("/") < max_depth:
+                            dirs_seen += 1
+                            if dirs_seen > max_entries * max_depth:
+                                return None
+                            pending.append(path)
+                            continue
+                        seen += 1  # (a directory too deep is an entry, as fingerprinted)
+                        if seen > max_entries:
+                            return None
+                        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                             out[path] = st
             finally:
                 if fd != dirfd:
