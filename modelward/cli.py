@@ -376,8 +376,11 @@ def _bundle_build(args: argparse.Namespace) -> int:
 
 
 def _bundle_diff(args: argparse.Namespace) -> int:
+    from modelward._inputs import readable_file
     from modelward.publisher._bundlediff import run
 
+    readable_file("OLD", args.old)
+    readable_file("NEW", args.new)
     return run(args)
 
 

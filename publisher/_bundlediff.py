@@ -86,16 +86,12 @@ def diff(old: ChunkIndex, new: ChunkIndex) -> BundleDiff:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The ``bundle diff`` handler.
+    """The ``bundle diff`` handler (the CLI checked that OLD and NEW are readable files:
+    publisher does not import the CLI's input checks, see tests/unit/test_i15_layers.py).
 
     Raises:
-        OperatorInputError: OLD or NEW is not a readable file.
         BundleFormatError: OLD or NEW is not a valid bundle.
     """
-    from modelward._inputs import readable_file
-
-    readable_file("OLD", args.old)
-    readable_file("NEW", args.new)
     d = diff(verified_index(args.old), verified_index(args.new))
     if args.json:
         print(json.dumps(d.to_json(), indent=1))

@@ -30,7 +30,10 @@ def _requested(w: World, since: int) -> list[str]:
 
 
 def _role(name: str) -> str:
-    """``7.chain1.json`` -> ``chain1``; a target file -> ``<target>``."""
+    """``7.chain1.json`` -> ``chain1``; a bundle's chunk index (issue 16, a target file
+    ``<hash>.<bundle>.chunks.json``) -> ``<index>``; another target file -> ``<target>``."""
+    if name.endswith(".chunks.json"):
+        return "<index>"
     parts = name.split(".")
     return parts[1] if name.endswith(".json") and parts[0].isdigit() else (
         name.removesuffix(".json") if name.endswith(".json") else "<target>")
@@ -67,9 +70,13 @@ def test_delegation_search_as_tuf_specifies(world: World) -> None:
     assert r.outcome is Outcome.INSTALLED and world.active_version() == "4.0.0", r.message
     fetched = [_role(n) for n in _requested(world, mark)]
     # Pre-order, in delegation order; `shared` once though two roles delegate to it;
-    # `hidden` (behind a terminating sibling) and `vision` (other paths) never.
+    # `hidden` (behind a terminating sibling) and `vision` (other paths) never. The bundle's
+    # chunk index (issue 16) is looked up by the same search: its path
+    # `classifier/classifier-4.0.0.tar.chunks.json` reaches `shared` through `right`, both
+    # already loaded, so it loads no role; only the index target itself is fetched.
     assert fetched == ["root", "timestamp", "snapshot", "targets", "chain1", "chain2",
-                       "chain3", "term", "left", "shared", "right", "<target>"], fetched
+                       "chain3", "term", "left", "shared", "right", "<index>",
+                       "<target>"], fetched
     md = world.state / "metadata"
     assert sorted(p.name for p in md.glob("*.json")) == sorted(
         f"{n}.json" for n in ("root", "timestamp", "snapshot", "targets", "chain1", "chain2",

@@ -11,6 +11,7 @@ from pathlib import Path
 from modelward.agent._commands import update as agent_update
 from modelward.updater.errors import StagedFilesChangedError
 from tests.conftest import World
+from tests.integration._i16_delta import drop_index
 
 
 def test_what_the_disk_plants_before_the_seal_is_refused_without_reading_it(
@@ -21,6 +22,10 @@ def test_what_the_disk_plants_before_the_seal_is_refused_without_reading_it(
     world.publish("1.0.0", seed=1)
     world.update()
     world.publish("2.0.0", seed=2)
+    # (a release from before chunk indexes: the whole-bundle stage, whose seal refuses; a
+    # delta whose files changed on disk falls back to the whole bundle once, by design:
+    # updater/install/_install.py, the StagedFilesChangedError branch)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-2.0.0.tar")
     model = world.state / "staging" / "incoming" / "model.onnx"
     outside = world.tmp / "outside.onnx"
     before = world.snapshot()
