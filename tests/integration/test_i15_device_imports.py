@@ -26,13 +26,22 @@ import pytest
 
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.simulator._pki import CertPair
+from modelward.updater.bundle._chunkindex import ChunkIndex, parse_index
 from tests._i15_blockvenv import block_venv
 from tests.conftest import MqttWorld, World, _new_repo
+from tests.integration.test_i16_delta import _expected
 
 DEVICE_ABSENT = ("onnx", "rich", "pygments", "pkcs11", "modelward.simulator",
                  "modelward.publisher")
 PARSER_TABLES = ("modelward.simulator", "modelward.publisher", "modelward.simulator._catalogue",
                  "modelward.publisher._fairness")
+
+
+def _served_index(w: MqttWorld, version: str) -> ChunkIndex:
+    """The signed chunk index of ``classifier version`` as the origin serves it."""
+    (path,) = (w.repo_dir / "targets" / "classifier").glob(
+        f"*.classifier-{version}.tar.chunks.json")
+    return parse_index(path.read_bytes(), str(path))
 
 
 def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
@@ -104,7 +113,12 @@ def test_device_commands_without_operator_and_tester_packages(
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0, log.read_text()
         assert "Traceback" not in log.read_text()
-        assert w.served_bytes(v2.name) == v2.stat().st_size  # (fetched over MQTT)
+        # (fetched over MQTT, as a delta from 1.0.0: exactly v2's chunks the device lacks,
+        # plus the gaps between coalesced ranges)
+        chunk_bytes, gap_bytes, _ = _expected(_served_index(w, "1.0.0"),
+                                              _served_index(w, "2.0.0"))
+        assert chunk_bytes < v2.stat().st_size
+        assert w.served_bytes(v2.name) == chunk_bytes + gap_bytes
         assert sorted(p.name for p in markers.iterdir()) == []  # modelward never asked
     finally:
         stop_origin(w.tmp / "origin")

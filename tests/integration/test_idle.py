@@ -16,6 +16,7 @@ from modelward.updater.idle import Gate, IdleSignal
 from modelward.updater.install._install import Outcome, _Pipe
 from modelward.updater.install._stage import Stage
 from tests.conftest import World
+from tests.integration._i16_delta import drop_index
 
 
 def _bundle_gets(w: World) -> list[tuple[int, int]]:
@@ -75,6 +76,9 @@ def test_busy_mid_download_pauses_within_the_pipe_depth_and_resumes(world: World
     pad = world.builds / "pad"
     pad.write_bytes(os.urandom(64 << 20))
     served = world.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    # (a release from before chunk indexes: the whole-bundle stage and pipe; the delta's
+    # pauses are test_i16_reg_idle)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-1.0.0.tar")
     total = served.stat().st_size
     stage = Stage(world.state / "staging", world.state / "staging" / "incoming",
                   served.name.split(".", 1)[0])
@@ -102,6 +106,9 @@ def test_busy_mid_extraction_pauses_and_resumes(world: World) -> None:
     pad = world.builds / "pad"
     pad.write_bytes(os.urandom(64 << 20))
     world.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    # (a release from before chunk indexes: the whole-bundle stage and pipe; the delta's
+    # pauses are test_i16_reg_idle)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-1.0.0.tar")
     incoming = world.state / "staging" / "incoming"
     sig = _Switch(when=lambda: _dir_bytes(incoming) >= 16 << 20)
     gate = Gate([sig], poll=0.05)

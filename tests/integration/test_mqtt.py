@@ -24,6 +24,7 @@ from modelward.updater.install._install import Outcome
 from modelward.updater.install._stage import Stage
 from modelward.updater.transport._mqttconn import MqttConnection
 from tests.conftest import FLEET, MqttWorld
+from tests.integration._i16_delta import drop_index
 
 
 def _wait_for(pred: Any, timeout: float, what: str) -> None:
@@ -157,6 +158,9 @@ def test_broker_restart_mid_download_resumes_from_staged_offset(mqtt_world: Mqtt
     pad = w.builds / "pad"
     pad.write_bytes(os.urandom(48 << 20))
     served = w.publish("1.0.0", seed=1, extra=[(pad, "data/pad.bin")])
+    # (a release from before chunk indexes: this is the whole-bundle stage's resume; the
+    # delta's own resume is test_i16_delta_attacks / test_a16_disk_kill)
+    drop_index(w.repo, w.repo_dir, "classifier/classifier-1.0.0.tar")
     total = served.stat().st_size
     w.stop_bridge()
     bridge = _SlowBridge(w.repo_dir, w.mqtt_cfg("modelward-bridge"))

@@ -18,6 +18,7 @@ from modelward.updater.errors import (
 from modelward.updater.install._install import Outcome
 from tests._helpers import publish_root_v2
 from tests.conftest import PASSPHRASE, World, copytree, tree_digest
+from tests.integration._i16_delta import drop_index
 
 
 def _record(w: World) -> dict[str, object]:
@@ -68,6 +69,9 @@ def test_bundle_altered_on_origin_is_rejected_and_v1_keeps_serving(world: World)
     world.publish("1.0.0", seed=1)
     world.update()
     served = world.publish("2.0.0", seed=2)
+    # (a release from before chunk indexes: TUF's whole-bundle check; the delta's own
+    # check of each chunk is test_i16_delta_attacks / test_i16_reg_attacks)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-2.0.0.tar")
     data = bytearray(served.read_bytes())
     data[len(data) // 2] ^= 0x01
     served.write_bytes(bytes(data))
@@ -92,6 +96,9 @@ def test_bundle_longer_than_signed_length_is_cut_off(world: World) -> None:
     world.publish("1.0.0", seed=1)
     world.update()
     served = world.publish("2.0.0", seed=2)
+    # (a release from before chunk indexes: TUF's whole-bundle check; the delta's own
+    # check of each chunk is test_i16_delta_attacks / test_i16_reg_attacks)
+    drop_index(world.repo, world.repo_dir, "classifier/classifier-2.0.0.tar")
     with open(served, "ab") as f:
         f.write(b"\0" * (1 << 20))  # endless-data style: more bytes than signed
     before = world.snapshot()
