@@ -524,11 +524,29 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
                 rss_mib: list[int] | None = None, touch_mib: int = 1024,
                 raw_paho: Callable[..., None] | None = None,
                 cpu_seconds: Callable[..., float] | None = None) -> list[tuple[str, ...]]:
-    """The delta section: returns the table's rows (figure, ours, reference, ratio, goal)."""
+    """The delta section: returns the table's rows (figure, ours, reference, ratio, goal).
+
+    The device's swtpm is stopped however the section ends (a run that failed half-way
+    used to leave it running)."""
+    work = Path(tempfile.mkdtemp(prefix="delta-", dir=work))
+    dev = Device(env, work)
+    try:
+        rows = _bench_delta(env, work, dev, size_mib, n, zstd_level, rss_mib, touch_mib,
+                            raw_paho, cpu_seconds)
+    finally:
+        dev.stop()
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"  load average {os.getloadavg()[0]:.1f} at the end")
+    return rows
+
+
+def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_level: int,
+                 rss_mib: list[int] | None, touch_mib: int,
+                 raw_paho: Callable[..., None] | None,
+                 cpu_seconds: Callable[..., float] | None) -> list[tuple[str, ...]]:
     from modelward.publisher._bundle_build import build_bundle
     from modelward.updater.bundle._chunkindex import chunk_hashes, fetch_bytes, index_path
 
-    work = Path(tempfile.mkdtemp(prefix="delta-", dir=work))
     cores = os.cpu_count() or 1
     rows: list[tuple[str, ...]] = []
     print(f"\nDelta updates (issue 16), {size_mib} MiB models, {n} rounds, "
@@ -539,7 +557,6 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
           f"({models.v1.stat().st_size / MIB:.1f} MiB), v1 and v2 (a), (b), (c) built "
           f"and loaded in onnxruntime in {time.perf_counter() - t:.1f} s")
     wire = Wire(env)
-    dev = Device(env, work)
 
     def make_bundle(model: Path, version: str) -> Path:
         out = work / f"{MODEL}-{version}.tar"
@@ -775,9 +792,6 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
                      f"{b / 1024:.1f} MiB", f"{a / 1024:.1f} MiB", f"{b / a:.3f}",
                      verdict("<= 100 MiB", top <= 100, top / 100 - 1) + "; "
                      + verdict("ratio <= 1.1", b / a <= 1.1, b / a / 1.1 - 1)))
-    dev.stop()
-    shutil.rmtree(work, ignore_errors=True)
-    print(f"  load average {os.getloadavg()[0]:.1f} at the end")
     return rows
 
 
