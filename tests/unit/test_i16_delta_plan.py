@@ -494,3 +494,22 @@ def test_the_stage_never_writes_into_what_the_disk_linked_there(
     assert victim.read_bytes() == b"v" * 1000 and os.stat(victim).st_nlink == 1
     assert sorted(os.listdir(slot)) == [ix.files[0].path]
     assert os.listdir(staging) == ["incoming"] and not incoming.is_symlink()
+
+
+def test_the_index_is_fetched_and_parsed_within_the_signed_bundles_budget(release) -> None:  # type: ignore[no-untyped-def]
+    """A team's index target may be as long as MAX_INDEX_BYTES; a device reads at most
+    what an index of the bundle it names can need, asked before any byte is fetched."""
+    from modelward.updater.bundle._chunkindex import MAX_INDEX_BYTES, index_budget
+
+    _, ix, tf = release
+    asked: list[int] = []
+
+    class Recording(_Session):
+        def fetch_target_bytes(self, target: TargetFile, max_bytes: int) -> bytes:
+            asked.append(max_bytes)
+            return super().fetch_target_bytes(target, max_bytes)
+
+    got = _delta.verified_index(Recording(ix), _release(ix, tf))
+    assert got == ix
+    assert asked == [min(MAX_INDEX_BYTES, index_budget(tf.length))]
+    assert asked[0] < MAX_INDEX_BYTES  # (a few MiB bundle: far below the module's bound)

@@ -880,7 +880,7 @@ def verified_index(session: IndexSource, release: Release) -> ChunkIndex:
         MetadataError: its bytes are not the signed target (forged or altered).
         DownloadFailedError: the origin did not deliver it.
     """
-    from modelward.updater.bundle._chunkindex import index_path
+    from modelward.updater.bundle._chunkindex import index_budget, index_path
 
     path = index_path(release.target.path)
     found = session.find_target(release.name, path)
@@ -890,8 +890,11 @@ def verified_index(session: IndexSource, release: Release) -> ChunkIndex:
     if role != release.role:
         raise DeltaUnavailable(f"the chunk index {path} is signed by role {role!r}, the "
                                f"release by {release.role!r}")
-    data = session.fetch_target_bytes(target, MAX_INDEX_BYTES)
-    ix = parse_index(data, path)
+    # (bounded by the signed bundle it indexes, before a byte is fetched or parsed: not by
+    # the length the index claims for itself)
+    budget = min(MAX_INDEX_BYTES, index_budget(release.target.length))
+    data = session.fetch_target_bytes(target, budget)
+    ix = parse_index(data, path, bundle_length=release.target.length)
     check_usable(ix, release.target, release.fingerprint, release.name, release.version)
     return ix
 
