@@ -6,8 +6,17 @@ onnxruntime cannot take the agent down. Prints one JSON object
 
 ``FDS_JSON`` maps the bundle's relative paths (the manifest, the model, the vectors) to
 inherited descriptors: sealed in-memory copies of the bytes the agent verified
-(``updater.install._sealed``). Nothing is opened by path: the stage on disk may have changed since,
-and the sandbox hides it anyway.
+(``updater.install._sealed``). Nothing of the stage is opened by path: the stage on disk may
+have changed since, and the sandbox hides it anyway.
+
+The model is handed to onnxruntime as ``/proc/self/fd/N``, the sealed memfd itself (a new
+open of the same sealed inode: no other process can change its bytes, and neither can this
+one): onnxruntime reads it straight from the shared memory instead of from a copy in a
+Python ``bytes`` (0.25 s and 256 MiB of the child's peak for a 256 MiB model on the
+benchmark machine). Only where ``/proc`` cannot open it (no procfs) is the copy used.
+The session options are onnxruntime's defaults but for the threads: the check runs the
+graph as an app that opens the model with defaults does (all graph optimizations, weights
+prepacked), so a model that behaves differently optimized is judged optimized.
 """
 
 from __future__ import annotations
@@ -31,6 +40,22 @@ def _read(fds: dict[str, int], name: str) -> bytes:
         return f.read()
 
 
+def model_source(fds: dict[str, int], name: str) -> str | bytes:
+    """What onnxruntime loads ``name`` from: the path of its sealed memfd in this process
+    when that opens as the same file, else a copy of its bytes."""
+    if name not in fds:
+        raise FileNotFoundError(f"{name} was not handed over")
+    fd = fds[name]
+    path = f"/proc/self/fd/{fd}"
+    try:
+        st, via = os.fstat(fd), os.stat(path)
+    except OSError:
+        return _read(fds, name)
+    if (st.st_dev, st.st_ino) != (via.st_dev, via.st_ino):
+        return _read(fds, name)
+    return path
+
+
 def check(fds: dict[str, int]) -> tuple[bool, str]:
     """Load the model in onnxruntime and reproduce its test vectors, from ``fds``."""
     import numpy as np
@@ -44,7 +69,7 @@ def check(fds: dict[str, int]) -> tuple[bool, str]:
     opts.inter_op_num_threads = 1
     try:
         sess = ort.InferenceSession(
-            _read(fds, manifest.model_path), sess_options=opts,
+            model_source(fds, manifest.model_path), sess_options=opts,
             providers=["CPUExecutionProvider"],
         )
     except Exception as e:  # noqa: BLE001 - onnxruntime raises many unrelated types
