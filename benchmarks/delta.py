@@ -1,7 +1,14 @@
 """Delta updates (issue 16): bytes on the wire and device cost of v1 -> v2 updates.
 
     .venv/bin/python benchmarks/delta.py [--mib 256] [--rounds 3] [--big | --rss-mib 128,512,2048]
-        [--zstd-level 3] [--touch-mib 1024]
+        [--zstd-level 3] [--touch-mib 1024] [--only a,b,c,https,mqtt,rss] [--link-mbit N]
+
+``--only`` runs some sections: the pairs (a), (b), (c), the full install against curl
+(``https``, needs (c)), the MQTT full install (``mqtt``) and the flat-RSS figure (``rss``,
+with ``--rss-mib``/``--big``). ``--link-mbit N`` adds, for each pair run, the same v1 -> v2
+update and full install of v2 against the origin rate-limited to N Mbit/s (nginx
+``limit_rate``, per request: the device fetches over one connection at a time), as over a
+metered cellular link; the loopback rows stay, and the table names each row's link.
 
 Also a section of the one command: ``benchmarks/run.py --only delta --delta-mib 256``.
 
@@ -430,6 +437,11 @@ class Device:
             th.join()
             p.returncode = os.waitstatus_to_exitcode(status)
         text = log.read_text()
+        if os.environ.get("DELTA_BENCH_FILEFRAG") == "1":  # (diagnosis: the slot's layout)
+            model = self.dir / "state" / "current" / "model.onnx"
+            if model.exists():
+                print("      filefrag:", subprocess.run(["filefrag", str(model.resolve())],
+                      capture_output=True, text=True).stdout.strip())
         if p.returncode != 0:
             raise RuntimeError(f"agent update failed ({p.returncode}): {text[-3000:]}")
         marks, delta_logged = {}, False
@@ -440,6 +452,8 @@ class Device:
                 continue
             if "step" in doc:
                 marks[doc["step"]] = doc["ts"]
+            if str(doc.get("msg", "")).startswith("sealed copies") and VERBOSE:
+                print("      " + str(doc["msg"]))
             if str(doc.get("msg", "")).startswith("delta:") or "delta:" in str(doc.get("msg")):
                 delta_logged = True
         from datetime import datetime
@@ -489,16 +503,67 @@ def _touch(mib_: int) -> None:
     del buf
 
 
+SECTIONS = ("a", "b", "c", "https", "mqtt", "rss")
+
+
+def parse_only(text: str) -> frozenset[str]:
+    """``--only``'s sections (all when empty)."""
+    got = frozenset(x.strip() for x in text.split(",") if x.strip()) or frozenset(SECTIONS)
+    bad = sorted(got - set(SECTIONS))
+    if bad:
+        raise SystemExit(f"--only: unknown section(s) {', '.join(bad)} "
+                         f"(known: {', '.join(SECTIONS)})")
+    return got
+
+
+class Link:
+    """The origin rate-limited to ``mbit`` Mbit/s while in use (nginx ``limit_rate``, per
+    request; the device's transfers are sequential on one connection)."""
+
+    def __init__(self, env: Any, mbit: float) -> None:
+        self.conf: Path = env.origin.work / "nginx.conf"
+        self.work: Path = env.origin.work
+        self.rate = int(mbit * 1_000_000 / 8)
+
+    def _reload(self, text: str) -> None:
+        self.conf.write_text(text)
+        nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+        assert nginx
+        subprocess.run([nginx, "-p", str(self.work), "-c", str(self.conf), "-s", "reload"],
+                       check=True, capture_output=True)
+        time.sleep(1.0)  # (the old worker finishes; the new one has the new limit)
+
+    def __enter__(self) -> Link:
+        self.text = self.conf.read_text()
+        marker = "autoindex off;"
+        assert marker in self.text and "limit_rate" not in self.text, "origin conf changed"
+        self._reload(self.text.replace(marker, f"{marker} limit_rate {self.rate};", 1))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._reload(self.text)
+
+
+VERBOSE = os.environ.get("DELTA_BENCH_VERBOSE") == "1"
+SYNC_AFTER_RESTORE = os.environ.get("DELTA_BENCH_NO_SYNC") != "1"
+
+
 def _pair_rounds(dev: Device, wire: Wire, version: str, n: int, touch_mib: int,
-                 curl: Callable[[], None]) -> tuple[list[Run], list[Run], list[float]]:
+                 curl: Callable[[], None] | None) -> tuple[list[Run], list[Run], list[float]]:
     """``n`` rounds, each in random order: the v1 device updates to ``version``, a fresh
-    device installs it, curl fetches its bundle."""
+    device installs it, curl fetches its bundle (unless ``curl`` is None).
+
+    After each restore, ``sync``: a device's slots are on its disk, not dirty pages being
+    written back under the install (the restore's copy of v1's 256 MiB slot otherwise was,
+    and its writeback competed with the seal's reads of the stage)."""
     deltas: list[Run] = []
     fulls: list[Run] = []
     curls: list[float] = []
 
     def device(golden: str, out: list[Run]) -> None:
         dev.restore(golden)
+        if SYNC_AFTER_RESTORE:
+            os.sync()
         _touch(touch_mib)
         r = dev.update(wire)
         if r.version != version:
@@ -506,6 +571,7 @@ def _pair_rounds(dev: Device, wire: Wire, version: str, n: int, touch_mib: int,
         out.append(r)
 
     def do_curl() -> None:
+        assert curl is not None
         _touch(touch_mib)
         t0 = time.perf_counter()
         curl()
@@ -513,7 +579,9 @@ def _pair_rounds(dev: Device, wire: Wire, version: str, n: int, touch_mib: int,
 
     for _ in range(n):
         order: list[Callable[[], None]] = [lambda: device("v1", deltas),
-                                           lambda: device("empty", fulls), do_curl]
+                                           lambda: device("empty", fulls)]
+        if curl is not None:
+            order.append(do_curl)
         random.shuffle(order)
         for case in order:
             case()
@@ -523,7 +591,9 @@ def _pair_rounds(dev: Device, wire: Wire, version: str, n: int, touch_mib: int,
 def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3,
                 rss_mib: list[int] | None = None, touch_mib: int = 1024,
                 raw_paho: Callable[..., None] | None = None,
-                cpu_seconds: Callable[..., float] | None = None) -> list[tuple[str, ...]]:
+                cpu_seconds: Callable[..., float] | None = None, *,
+                only: frozenset[str] = frozenset(SECTIONS),
+                link_mbit: float | None = None) -> list[tuple[str, ...]]:
     """The delta section: returns the table's rows (figure, ours, reference, ratio, goal).
 
     The device's swtpm is stopped however the section ends (a run that failed half-way
@@ -532,7 +602,7 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
     dev = Device(env, work)
     try:
         rows = _bench_delta(env, work, dev, size_mib, n, zstd_level, rss_mib, touch_mib,
-                            raw_paho, cpu_seconds)
+                            raw_paho, cpu_seconds, only, link_mbit)
     finally:
         dev.stop()
     shutil.rmtree(work, ignore_errors=True)
@@ -543,7 +613,8 @@ def bench_delta(env: Any, work: Path, size_mib: int, n: int, zstd_level: int = 3
 def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_level: int,
                  rss_mib: list[int] | None, touch_mib: int,
                  raw_paho: Callable[..., None] | None,
-                 cpu_seconds: Callable[..., float] | None) -> list[tuple[str, ...]]:
+                 cpu_seconds: Callable[..., float] | None, only: frozenset[str],
+                 link_mbit: float | None) -> list[tuple[str, ...]]:
     from modelward.publisher._bundle_build import build_bundle
     from modelward.updater.bundle._chunkindex import chunk_hashes, fetch_bytes, index_path
 
@@ -593,6 +664,11 @@ def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_
     for i, key in enumerate(("a", "b", "c")):
         version = f"{i + 2}.0.0"
         bundle = make_bundle(models.v2[key], version)
+        if key not in only:
+            if key == "c" and "mqtt" in only:  # (the MQTT section installs (c)'s v2)
+                publish(bundle)
+            bundle.unlink()
+            continue
         p = Pair(key, bundle, bundle.stat().st_size)
         tensors, graph = changed_model_bytes(models.v1, models.v2[key])
         m1_raw, f1 = manifest_files(v1_bundle)
@@ -660,28 +736,68 @@ def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_
             goal = verdict("wire <= 1.02x full bundle", ratio <= 1.02, ratio / 1.02 - 1,
                            "the device fetched more than the bundle: requests and framing")
         rows.append((f"{title}: bytes on the wire", ours, ref, f"{ratio:.3f}", goal))
-        tratio = med(wall_d) / med(wall_f)
-        cpu_d, cpu_f = med([r.cpu for r in deltas]), med([r.cpu for r in fulls])
-        tgoal = ""
-        fixed = [r.phases["health check"] for r in fulls if "health check" in r.phases]
-        twhy = (f"CPU {cpu_d:.2f} s against {cpu_f:.2f} s for the full install"
-                + (f", whose health check alone took {med(fixed):.2f} s of {med(wall_f):.2f} s"
-                   if fixed else "")
-                + (", no delta path in this tree: the update is a full install" if not is_delta
-                   else ""))
-        if key == "a":
-            tgoal = verdict("wall <= 0.3x full install", tratio <= 0.3, tratio / 0.3 - 1, twhy)
-        elif key == "c":
-            tgoal = verdict("wall <= 1.05x full install", tratio <= 1.05, tratio / 1.05 - 1, twhy)
-        rows.append((f"{title}: device time", f"{fmt_s(wall_d)}, CPU {cpu_d:.2f} s, RSS "
-                     f"{med([r.hwm_kib for r in deltas]) / 1024:.1f} MiB",
-                     f"full install of v2: {fmt_s(wall_f)}, CPU {cpu_f:.2f} s, wire "
-                     f"{mib(wire_f)}", f"{tratio:.2f}", tgoal))
+        rows.append(_time_row(f"{title}: device time (loopback origin)", key, deltas,
+                              fulls, is_delta))
+        all_runs += _link_rounds(key, title, dev, wire, version, n, touch_mib, link_mbit, env,
+                                 is_delta, rows)
         bundle.unlink()
 
+    if "c" in only and "https" in only:
+        _https_row(full_runs["c"], curl_s["c"], size_mib, cores, rows)
+    if "mqtt" in only:
+        _mqtt_rows(env, dev, wire, n, touch_mib, size_mib, cores, raw_paho, cpu_seconds,
+                   rows, all_runs)
+    _rss_rows(all_runs, size_mib, rss_mib if "rss" in only else None, work, dev, wire,
+              make_bundle, publish, rows)
+    return rows
+
+
+def _time_row(title: str, key: str, deltas: list[Run], fulls: list[Run], is_delta: bool,
+              link: str = "") -> tuple[str, ...]:
+    """The device-time row of a pair (judged for (a) and (c))."""
+    wall_d, wall_f = [r.wall for r in deltas], [r.wall for r in fulls]
+    tratio = med(wall_d) / med(wall_f)
+    cpu_d, cpu_f = med([r.cpu for r in deltas]), med([r.cpu for r in fulls])
+    tgoal = ""
+    fixed = [r.phases["health check"] for r in fulls if "health check" in r.phases]
+    twhy = (f"CPU {cpu_d:.2f} s against {cpu_f:.2f} s for the full install"
+            + (f", whose health check alone took {med(fixed):.2f} s of {med(wall_f):.2f} s"
+               if fixed else "")
+            + (", no delta path in this tree: the update is a full install" if not is_delta
+               else ""))
+    if key == "a":
+        tgoal = verdict(f"wall <= 0.3x full install{link}", tratio <= 0.3, tratio / 0.3 - 1,
+                        twhy)
+    elif key == "c":
+        tgoal = verdict(f"wall <= 1.05x full install{link}", tratio <= 1.05,
+                        tratio / 1.05 - 1, twhy)
+    return (title, f"{fmt_s(wall_d)}, CPU {cpu_d:.2f} s, RSS "
+            f"{med([r.hwm_kib for r in deltas]) / 1024:.1f} MiB",
+            f"full install of v2: {fmt_s(wall_f)}, CPU {cpu_f:.2f} s, wire "
+            f"{mib(med([r.wire for r in fulls]))}", f"{tratio:.2f}", tgoal)
+
+
+def _link_rounds(key: str, title: str, dev: Device, wire: Wire, version: str, n: int,
+                 touch_mib: int, link_mbit: float | None, env: Any, is_delta: bool,
+                 rows: list[tuple[str, ...]]) -> list[Run]:
+    """``--link-mbit``: the pair's update and full install again, over the slow link."""
+    if not link_mbit:
+        return []
+    with Link(env, link_mbit):
+        deltas, fulls, _ = _pair_rounds(dev, wire, version, n, touch_mib, None)
+    for what, runs in (("v1 -> v2", deltas), ("full install", fulls)):
+        print(f"    {link_mbit:g} Mbit/s link, {what}: wall {fmt_s([r.wall for r in runs])}, "
+              f"wire {mib(med([r.wire for r in runs]))}; phases {phases_text(runs)}")
+    rows.append(_time_row(f"{title}: device time over a {link_mbit:g} Mbit/s link (nginx "
+                          "limit_rate)", key, deltas, fulls, is_delta,
+                          f" (on the {link_mbit:g} Mbit/s link)"))
+    return deltas + fulls
+
+
+def _https_row(fulls: list[Run], curls: list[float], size_mib: int, cores: int,
+               rows: list[tuple[str, ...]]) -> None:
     # Full install over HTTPS against curl of the same bundle, same nginx, same rounds
     # (scenario (c)): the agent's download + verify + stage ("downloading" -> "staged").
-    fulls, curls = full_runs["c"], curl_s["c"]
     size = fulls[0].wire  # (the bundle and the metadata, as nginx sent them)
     dl = [r.download for r in fulls if r.download is not None]
     whole = [r.wall for r in fulls]
@@ -700,6 +816,12 @@ def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_
     print(f"\n  full install over HTTPS: download + verify + stage {fmt_s(ours_s)} vs curl "
           f"{fmt_s(curls)}: {share:.2f}x curl's throughput")
 
+
+
+def _mqtt_rows(env: Any, dev: Device, wire: Wire, n: int, touch_mib: int, size_mib: int,
+               cores: int, raw_paho: Callable[..., None] | None,
+               cpu_seconds: Callable[..., float] | None, rows: list[tuple[str, ...]],
+               all_runs: list[Run]) -> None:
     # Over MQTT: the same install against raw paho QoS 1 through the same broker.
     if raw_paho is not None:
         served = next((env.repo_dir / "targets" / MODEL).glob("*.mlp-4.0.0.tar"))
@@ -762,6 +884,11 @@ def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_
         print(f"  full install over MQTT: fetch + verify + stage {fmt_s(ours_s)} vs raw paho "
               f"{fmt_s(paho)}: {share:.2f}x")
 
+
+
+def _rss_rows(all_runs: list[Run], size_mib: int, rss_mib: list[int] | None, work: Path,
+              dev: Device, wire: Wire, make_bundle: Callable[[Path, str], Path],
+              publish: Callable[[Path], Path], rows: list[tuple[str, ...]]) -> None:
     # Peak RSS of the agent process over every run of this section.
     peak = max(r.hwm_kib for r in all_runs) / 1024
     rows.append((f"delta peak RSS of the agent process, {size_mib} MiB models (every run)",
@@ -792,7 +919,6 @@ def _bench_delta(env: Any, work: Path, dev: Device, size_mib: int, n: int, zstd_
                      f"{b / 1024:.1f} MiB", f"{a / 1024:.1f} MiB", f"{b / a:.3f}",
                      verdict("<= 100 MiB", top <= 100, top / 100 - 1) + "; "
                      + verdict("ratio <= 1.1", b / a <= 1.1, b / a / 1.1 - 1)))
-    return rows
 
 
 def main() -> int:
@@ -806,7 +932,11 @@ def main() -> int:
     ap.add_argument("--rss-mib", default="", help="model sizes for the flat-RSS figure")
     ap.add_argument("--big", action="store_true", help="--rss-mib 128,512,2048")
     ap.add_argument("--touch-mib", type=int, default=1024)
+    ap.add_argument("--only", default="", help=f"sections, of {','.join(SECTIONS)} (all)")
+    ap.add_argument("--link-mbit", type=float, default=None,
+                    help="also each pair over an origin limited to N Mbit/s (limit_rate)")
     args = ap.parse_args()
+    only = parse_only(args.only)
     rss = "128,512,2048" if args.big else args.rss_mib
     work = Path(tempfile.mkdtemp(prefix="modelward-bench-"))
     try:
@@ -814,7 +944,8 @@ def main() -> int:
         try:
             rows = bench_delta(env, work, args.mib, args.rounds, args.zstd_level,
                                [int(x) for x in rss.split(",")] if rss else None,
-                               args.touch_mib, run.raw_paho_transfer, run.cpu_seconds)
+                               args.touch_mib, run.raw_paho_transfer, run.cpu_seconds,
+                               only=only, link_mbit=args.link_mbit)
         finally:
             env.close()
     finally:

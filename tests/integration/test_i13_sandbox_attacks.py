@@ -17,6 +17,7 @@ import pytest
 
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
 from modelward.updater.errors import HealthCheckError
+from modelward.updater.install import _install as install_mod
 from modelward.updater.install._sandbox import Completed, SandboxPolicy, run
 from tests.conftest import World
 from tests.unit.test_i13_sandbox_attacks import _abi_launcher, _ext_model, _vectors
@@ -67,6 +68,9 @@ def test_compromised_child_report_crashes_the_update(
         return run([sys.executable, "-c", code], policy, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(health, "run", compromised)
+    # (the child started ahead of the seal would bypass the patched `run`: issue 16's
+    # fixed costs; its own compromised report: tests/unit/test_i16_fixedcost.py)
+    monkeypatch.setattr(install_mod, "start_check", lambda *a, **k: None)
     try:
         with pytest.raises(HealthCheckError):
             world.update()
@@ -109,6 +113,9 @@ def test_child_cannot_alter_what_the_agent_commits_on_landlock_abi2(
             os.chmod(model, mode)
 
     monkeypatch.setattr(health, "run", compromised)
+    # (the child started ahead of the seal would bypass the patched `run`: issue 16's
+    # fixed costs; its own compromised report: tests/unit/test_i16_fixedcost.py)
+    monkeypatch.setattr(install_mod, "start_check", lambda *a, **k: None)
     before = world.snapshot()
     # the seccomp filter refuses O_TRUNC (Landlock ABI 2 has no truncate right); had it not,
     # the slot fingerprint derived again before the commit would refuse the emptied model

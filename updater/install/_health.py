@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -24,17 +25,25 @@ from pathlib import Path
 from modelward.trust._bounded import loads_bounded
 from modelward.updater._config import HealthConfig
 from modelward.updater.bundle._bundle import MANIFEST, parse_manifest
-from modelward.updater.errors import BundleFormatError, HealthCheckError, SandboxError
+from modelward.updater.errors import (
+    BundleFormatError,
+    HealthCheckError,
+    SandboxError,
+    StagingError,
+)
 from modelward.updater.install._sandbox import (
     Completed,
     SandboxPolicy,
     auto_max_memory,
+    kill_group,
     python_read_paths,
     run,
     scrubbed_env,
+    spawn,
+    supervise,
     tpm_devices,
 )
-from modelward.updater.install._sealed import SealedFiles, seal_slot
+from modelward.updater.install._sealed import SealedFiles, is_sealed, new_memfd, seal_slot
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +169,107 @@ def missing_health_package(names: tuple[str, ...] = HEALTH_PACKAGES) -> str | No
     return None
 
 
+def _child_argv(fds: Mapping[str, int], *go: int) -> list[str]:
+    return [sys.executable, "-I", "-m", "modelward.updater.install._healthchild",
+            json.dumps(dict(fds)), *map(str, go)]
+
+
+class PendingCheck:
+    """A health child started before its inputs are sealed, so that its sandbox, Python
+    and ``import onnxruntime`` (0.4 s on the benchmark machine) overlap the seal.
+
+    The child holds empty memfds (:attr:`fds`, which :func:`updater.install._sealed.seal_verified`
+    fills and seals via ``into``) and reads nothing until :meth:`go`: one byte on a pipe
+    that only this agent can write, sent only when every memfd carries all the seals; the
+    child checks the seals again itself (``F_GET_SEALS``) before it reads a byte. Until
+    then it runs only the agent's own code (imports), not the model: no model byte exists
+    in its memfds yet. :meth:`close` kills and reaps it if it was not handed over.
+    """
+
+    def __init__(self, slot: Path, cfg: HealthConfig, names: tuple[str, ...]) -> None:
+        self.cfg = cfg
+        self.policy = child_policy(slot, cfg, os.environ, memory_limit(cfg))
+        self.fds: dict[str, int] = {}
+        self._go = -1
+        self._proc: subprocess.Popen[bytes] | None = None
+        go_r = -1
+        try:
+            for name in names:
+                self.fds[name] = new_memfd(name)
+            go_r, self._go = os.pipe2(os.O_CLOEXEC)
+            self._proc = spawn(_child_argv(self.fds, go_r), self.policy,
+                               pass_fds=(*self.fds.values(), go_r))
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if go_r >= 0:
+                os.close(go_r)
+
+    def go(self, sealed: SealedFiles, heartbeat: Callable[[], None], max_stdout: int,
+           max_stderr: int) -> Completed | None:
+        """Let the child check ``sealed``, and wait for it (``cfg.timeout`` from now).
+
+        Returns:
+            How it ended; None (and the child is gone) if ``sealed`` is not exactly this
+            check's memfds, all sealed: the caller runs a fresh check.
+        """
+        proc, self._proc = self._proc, None
+        if proc is None or set(sealed.fds) != set(self.fds) or not all(
+                is_sealed(self.fds[n]) and _same_file(self.fds[n], fd)
+                for n, fd in sealed.fds.items()):
+            self._proc = proc
+            self.close()
+            return None
+        try:
+            os.write(self._go, b"1")
+        except OSError:  # (it died meanwhile: its end is what supervise reports)
+            pass
+        finally:
+            os.close(self._go)
+            self._go = -1
+        return supervise(proc, timeout=self.cfg.timeout, heartbeat=heartbeat,
+                         max_stdout=max_stdout, max_stderr=max_stderr)
+
+    def close(self) -> None:
+        """Kill the child if it was not handed over; close the memfds and the pipe
+        (idempotent)."""
+        if self._go >= 0:
+            os.close(self._go)  # (end of file: the child ends without reading anything)
+            self._go = -1
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            kill_group(proc)
+            proc.communicate()
+        while self.fds:
+            os.close(self.fds.popitem()[1])
+
+
+def _same_file(a: int, b: int) -> bool:
+    try:
+        sa, sb = os.fstat(a), os.fstat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def start_check(slot: Path, cfg: HealthConfig, names: tuple[str, ...]) -> PendingCheck | None:
+    """A :class:`PendingCheck` of ``slot``'s ``names``, or None where it cannot start (a
+    package missing, no sandbox, no memory): :func:`run_health_check` then starts the child
+    itself as before and reports why, so nothing is lost by trying."""
+    if missing_health_package() is not None:
+        return None
+    try:
+        return PendingCheck(slot, cfg, names)
+    except (SandboxError, StagingError, OSError) as e:
+        logger.debug("health check not started ahead: %s", e)
+        return None
+
+
 def run_health_check(
     slot: Path, model: str, version: str, cfg: HealthConfig,
     heartbeat: Callable[[], None] = lambda: None, *, sealed: SealedFiles | None = None,
+    pending: PendingCheck | None = None,
 ) -> str:
     """Check that the model in ``slot`` loads and reproduces its test vectors.
 
@@ -174,6 +281,9 @@ def run_health_check(
         sealed: sealed copies of the health inputs whose fingerprint the caller verified
             (``updater.install._sealed.seal_verified``); None: copied from ``slot`` here, unverified
             (benchmarks and tests).
+        pending: the child started ahead for ``sealed`` (:func:`start_check`); it runs
+            the check if ``sealed`` are its memfds, sealed; else it is killed and a child
+            is started here as without it. Closed either way.
 
     Returns:
         The child's one-line report.
@@ -183,6 +293,17 @@ def run_health_check(
         SandboxError: the sandbox could not be set up, or a package the check needs is not
             installed (``missing`` names it); the model was not run, so it is no rejection.
     """
+    try:
+        return _run_health_check(slot, model, version, cfg, heartbeat, sealed, pending)
+    finally:
+        if pending is not None:
+            pending.close()
+
+
+def _run_health_check(
+    slot: Path, model: str, version: str, cfg: HealthConfig, heartbeat: Callable[[], None],
+    sealed: SealedFiles | None, pending: PendingCheck | None,
+) -> str:
     absent = missing_health_package()
     if absent is not None:  # the device's fault, never the release's: not remembered
         raise SandboxError(
@@ -205,11 +326,14 @@ def run_health_check(
             names = (MANIFEST,)  # (the child reports what is missing)
         sealed = seal_slot(slot, names)
     try:
-        fds = dict(sealed.fds)
-        done = run([sys.executable, "-I", "-m", "modelward.updater.install._healthchild",
-                    json.dumps(fds)],
-                   policy, timeout=cfg.timeout, heartbeat=heartbeat, max_stdout=MAX_REPORT,
-                   max_stderr=MAX_STDERR, pass_fds=tuple(fds.values()))
+        done = None
+        if pending is not None and not own:
+            done = pending.go(sealed, heartbeat, MAX_REPORT, MAX_STDERR)
+        if done is None:
+            fds = dict(sealed.fds)
+            done = run(_child_argv(fds), policy, timeout=cfg.timeout, heartbeat=heartbeat,
+                       max_stdout=MAX_REPORT, max_stderr=MAX_STDERR,
+                       pass_fds=tuple(fds.values()))
     finally:
         if own:
             sealed.close()

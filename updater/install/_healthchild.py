@@ -1,4 +1,4 @@
-"""Health-check child process: ``python -m modelward.updater.install._healthchild FDS_JSON``.
+"""Health-check child process: ``python -m modelward.updater.install._healthchild FDS_JSON [GO]``.
 
 Runs in its own process so that a model that crashes, hangs or eats memory in
 onnxruntime cannot take the agent down. Prints one JSON object
@@ -8,6 +8,12 @@ onnxruntime cannot take the agent down. Prints one JSON object
 inherited descriptors: sealed in-memory copies of the bytes the agent verified
 (``updater.install._sealed``). Nothing of the stage is opened by path: the stage on disk may
 have changed since, and the sandbox hides it anyway.
+
+With ``GO`` (a pipe's read end), the child was started ahead, while the agent still fills
+and seals the copies (``updater.install._health.PendingCheck``): it imports onnxruntime
+meanwhile, then waits for one byte ``1`` on ``GO``. Only then, and only if every handed
+descriptor carries all the seals (``F_GET_SEALS``: nobody can change its bytes any more),
+does it read anything; end of file (the agent gave up) ends it without a check.
 
 The model is handed to onnxruntime as ``/proc/self/fd/N``, the sealed memfd itself (a new
 open of the same sealed inode: no other process can change its bytes, and neither can this
@@ -21,10 +27,40 @@ prepacked), so a model that behaves differently optimized is judged optimized.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
 from typing import IO, Any
+
+_SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+
+
+class NotSealedError(Exception):
+    """A descriptor handed over does not carry every seal: its bytes could still change."""
+
+
+def wait_for_go(go: int, fds: dict[str, int]) -> bool:
+    """Block until the agent says the copies are sealed (one byte ``1`` on ``go``); False
+    if it gave up (end of file, anything else).
+
+    Raises:
+        NotSealedError: the agent said go, but a copy is not sealed.
+    """
+    try:
+        said = os.read(go, 1)
+    finally:
+        os.close(go)
+    if said != b"1":
+        return False
+    for name, fd in fds.items():
+        try:
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+        except OSError as e:
+            raise NotSealedError(f"{name} is not a sealed copy: {e}") from e
+        if seals & _SEALS != _SEALS:
+            raise NotSealedError(f"{name} is not sealed (seals {seals:#x})")
+    return True
 
 
 def _open(fds: dict[str, int], name: str) -> IO[bytes]:
@@ -111,6 +147,13 @@ def main() -> int:
         if not isinstance(fds, dict) or not all(
                 isinstance(k, str) and type(v) is int for k, v in fds.items()):
             raise ValueError("the argument is not a map of names to descriptors")
+        if len(sys.argv) > 2:  # started ahead: import while the agent seals, then wait
+            import numpy  # noqa: F401
+            import onnxruntime  # noqa: F401
+
+            import modelward.updater.bundle._bundle  # noqa: F401
+            if not wait_for_go(int(sys.argv[2]), fds):
+                return 3  # (the agent gave up before go: nothing was read, nothing said)
         ok, detail = check(fds)
     except Exception as e:  # noqa: BLE001 - report anything as a failed check, never crash silently
         ok, detail = False, f"{type(e).__name__}: {e}"

@@ -44,7 +44,12 @@ from modelward.updater.install._boot import BootResult as BootResult
 from modelward.updater.install._boot import boot_check as boot_check
 from modelward.updater.install._boot import reconcile, slot_matches
 from modelward.updater.install._heal import trusted_record
-from modelward.updater.install._health import health_inputs, run_health_check
+from modelward.updater.install._health import (
+    PendingCheck,
+    health_inputs,
+    run_health_check,
+    start_check,
+)
 from modelward.updater.install._journal import Journal
 from modelward.updater.install._rejections import RejectionStore
 from modelward.updater.install._sealed import SealedFiles, seal_verified
@@ -390,7 +395,8 @@ def _verify_on_disk(incoming: Path, release: Candidate, when: str) -> None:
 
 
 def _seal_on_disk(incoming: Path, release: Candidate, manifest: Manifest,
-                  entries: list[FileEntry], when: str) -> SealedFiles:
+                  entries: list[FileEntry], when: str,
+                  pending: PendingCheck | None = None) -> SealedFiles:
     """Sealed copies of the health check's inputs from ``incoming``, whose fingerprint
     (those copies' bytes and the other files as read) is the signed one.
 
@@ -402,7 +408,8 @@ def _seal_on_disk(incoming: Path, release: Candidate, manifest: Manifest,
     plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
     return seal_verified(incoming, health_inputs(manifest.model_path, manifest.vectors),
                          {e.path: e.size for e in entries}, release.fingerprint,
-                         f"{release.name} {release.version}", when)
+                         f"{release.name} {release.version}", when,
+                         None if pending is None else pending.fds)
 
 
 def _extraction_failed(e: OSError, target: TargetFile, incoming: Path) -> StagingError:
@@ -544,11 +551,18 @@ def _attempt(
         # The health check's inputs, copied once from the files on disk into sealed
         # memory and fingerprinted from those copies: the child loads exactly the bytes
         # verified here (a disk that rewrites the stage afterwards changes nothing it sees).
+        # Its sandboxed child starts first (when the device is idle) and imports
+        # onnxruntime while they are copied; it reads nothing before they are sealed.
+        pending = None if gate.reasons() else start_check(
+            incoming, cfg.health, health_inputs(manifest.model_path, manifest.vectors))
         try:
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
-                                   "before its health check")
-        except StagedFilesChangedError as e:
-            if not delta:
+                                   "before its health check", pending)
+        except BaseException as e:
+            if pending is not None:  # (its copies are not the ones to check)
+                pending.close()
+                pending = None
+            if not delta or not isinstance(e, StagedFilesChangedError):
                 raise
             # (assembled from chunks that matched their signed hashes, yet not the signed
             # files: an index that lies, or a disk that changed them; the whole bundle once)
@@ -563,10 +577,14 @@ def _attempt(
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check")
         with sealed:
-            step("verified")
-            gate.wait_idle("health check")
-            detail = run_health_check(incoming, name, version, cfg.health, gate.heartbeat,
-                                      sealed=sealed)
+            try:
+                step("verified")
+                gate.wait_idle("health check")
+                detail = run_health_check(incoming, name, version, cfg.health,
+                                          gate.heartbeat, sealed=sealed, pending=pending)
+            finally:
+                if pending is not None:  # (not handed over: killed, its copies closed)
+                    pending.close()
         logger.info(
             "health check of %s %s passed: %s", name, version, detail,
             extra={"model": name, "version": version, "fingerprint": fingerprint},

@@ -267,7 +267,15 @@ def run(argv: Sequence[str], policy: SandboxPolicy, *, timeout: float,
     Raises:
         SandboxError: see :func:`spawn`.
     """
-    proc = spawn(argv, policy, pass_fds)
+    return supervise(spawn(argv, policy, pass_fds), timeout=timeout, heartbeat=heartbeat,
+                     max_stdout=max_stdout, max_stderr=max_stderr)
+
+
+def supervise(proc: subprocess.Popen[bytes], *, timeout: float,
+              heartbeat: Callable[[], None] = lambda: None, max_stdout: int = 64 * 1024,
+              max_stderr: int = 64 * 1024) -> Completed:
+    """:func:`run` of a program :func:`spawn` started: to its end, bounded in time (from
+    now) and output; it is killed and reaped whatever happens, and its pipes closed."""
     try:
         return _supervise(proc, timeout, heartbeat, max_stdout, max_stderr)
     except BaseException:  # the agent's own failure (watchdog, Ctrl-C): the child goes too

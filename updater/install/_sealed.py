@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,8 @@ from modelward.updater.errors import StagedFilesChangedError, StagingError
 
 SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 _CHUNK = 1 << 20
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,28 +65,60 @@ class SealedFiles:
         self.close()
 
 
-def copy_sealed(fd: int, size: int, name: str) -> int | None:
+def new_memfd(name: str) -> int:
+    """An empty memfd that can be sealed, for the copy of the staged ``name``.
+
+    Raises:
+        StagingError: memfd refused.
+    """
+    try:
+        return os.memfd_create(f"modelward:{name}"[:240], os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise StagingError(f"cannot make an in-memory copy of the staged {name}: {e}") from e
+
+
+def is_sealed(fd: int) -> bool:
+    """Whether ``fd`` carries every one of :data:`SEALS`."""
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GET_SEALS) & SEALS == SEALS
+    except OSError:
+        return False
+
+
+def copy_sealed(fd: int, size: int, name: str, into: int | None = None) -> int | None:
     """A sealed memfd holding the first ``size`` bytes of ``fd``, or None if ``fd`` has
     fewer (it shrank meanwhile: never matches).
 
+    Args:
+        into: the memfd to fill and seal (empty and unsealed: :func:`new_memfd`; a health
+            child started ahead holds it too) instead of a new one. It stays the caller's
+            (what is returned is a duplicate); after a failure it is never returned.
+
     Raises:
-        StagingError: no memory for the copy (memfd refused).
+        StagingError: no memory for the copy (memfd refused), or ``into`` is not an empty,
+            unsealed memfd.
     """
-    try:
-        mfd = os.memfd_create(f"modelward:{name}"[:240],
-                              os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    except OSError as e:
-        raise StagingError(f"cannot make an in-memory copy of the staged {name}: {e}") from e
+    if into is not None:
+        try:
+            used = os.fstat(into).st_size != 0 or fcntl.fcntl(into, fcntl.F_GET_SEALS) != 0
+        except OSError as e:
+            raise StagingError(f"cannot use the in-memory copy of the staged {name}: {e}") \
+                from e
+        if used:
+            raise StagingError(f"the in-memory copy of the staged {name} is not empty")
+    mfd = new_memfd(name) if into is None else into
     try:
         done = _copy(fd, mfd, size, name)
         fcntl.fcntl(mfd, fcntl.F_ADD_SEALS, SEALS)
         if done != size or os.fstat(mfd).st_size != size:
-            os.close(mfd)
+            if into is None:
+                os.close(mfd)
             return None
     except BaseException:
-        os.close(mfd)
+        if into is None:
+            os.close(mfd)
         raise
-    return mfd
+    return mfd if into is None else os.dup(mfd)
 
 
 def _copy(src: int, dst: int, size: int, name: str) -> int:
@@ -119,7 +155,8 @@ def _copy(src: int, dst: int, size: int, name: str) -> int:
 
 
 def seal_slot(root: Path, names: Collection[str],
-              sizes: Mapping[str, int] | None = None) -> SealedFiles:
+              sizes: Mapping[str, int] | None = None,
+              into: Mapping[str, int] | None = None) -> SealedFiles:
     """Fingerprint ``root`` with sealed copies of ``names`` (see the module docstring).
 
     Args:
@@ -127,6 +164,9 @@ def seal_slot(root: Path, names: Collection[str],
         names: relative paths of the files to copy (the health check's inputs).
         sizes: the verified size of each file; a file of another size is not copied (its
             entry never matches). None: any size (callers that verify nothing).
+        into: relative path -> an empty memfd to copy that file into (one that a health
+            child started ahead holds: ``updater.install._health.PendingCheck``); the
+            copies in the result are duplicates of those descriptors.
 
     Returns:
         The copies and the fingerprint; the caller compares it and closes the copies.
@@ -136,15 +176,20 @@ def seal_slot(root: Path, names: Collection[str],
     """
     sealed = SealedFiles(root)
     wanted = set(names)
+    copied, copy_s, t0, cpu0 = 0, 0.0, time.perf_counter(), time.process_time()
 
     def hook(rel: str, fd: int, st: os.stat_result) -> int | None:
+        nonlocal copied, copy_s
         if rel not in wanted:
             return fd
         if rel in sealed.fds or (sizes is not None and sizes.get(rel) != st.st_size):
             return None
-        mfd = copy_sealed(fd, st.st_size, rel)
+        t = time.perf_counter()
+        mfd = copy_sealed(fd, st.st_size, rel, None if into is None else into.get(rel))
+        copy_s += time.perf_counter() - t
         if mfd is not None:
             sealed.fds[rel] = mfd
+            copied += st.st_size
         return mfd
 
     try:
@@ -152,11 +197,15 @@ def seal_slot(root: Path, names: Collection[str],
     except BaseException:
         sealed.close()
         raise
+    logger.debug("sealed copies of %d file(s), %d bytes, of %s in %.3f s (copying %.3f s, "
+                 "CPU %.3f s)", len(sealed.fds), copied, root, time.perf_counter() - t0,
+                 copy_s, time.process_time() - cpu0)
     return sealed
 
 
 def seal_verified(root: Path, names: Collection[str], sizes: Mapping[str, int],
-                  expected: str, what: str, when: str) -> SealedFiles:
+                  expected: str, what: str, when: str,
+                  into: Mapping[str, int] | None = None) -> SealedFiles:
     """:func:`seal_slot`, refused unless the fingerprint is ``expected`` and every one of
     ``names`` was copied.
 
@@ -168,7 +217,7 @@ def seal_verified(root: Path, names: Collection[str], sizes: Mapping[str, int],
         StagedFilesChangedError: the tree is not the signed one.
         StagingError: no memory for a copy.
     """
-    sealed = seal_slot(root, names, sizes)
+    sealed = seal_slot(root, names, sizes, into)
     if sealed.fingerprint != expected or set(sealed.fds) != set(names):
         sealed.close()
         raise StagedFilesChangedError(
