@@ -276,3 +276,40 @@ def test_i16_a_compromised_report_of_the_child_started_ahead_fails_the_check(
         _health.run_health_check(slot, "m", "1.0.0", HealthConfig(timeout=60), sealed=sealed,
                                  pending=pending)
     assert _gone(pid)
+
+
+def test_i16_the_check_runs_the_graph_as_an_app_with_defaults_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A signed model that behaves differently optimized is judged optimized: the child keeps
+    onnxruntime's default graph optimizations and prepacking (only its threads are set), and
+    loads the sealed memfd by its /proc path. Mutation: lowering the optimization level or
+    disabling prepacking for speed fails it."""
+    import onnxruntime as ort
+
+    from modelward.updater.install import _healthchild
+    from modelward.updater.install._sealed import seal_slot
+
+    slot = _real_slot(tmp_path)
+    seen: list[tuple[object, object, str | None]] = []
+    real = ort.InferenceSession
+
+    def session(src: object, sess_options: ort.SessionOptions, **kw: object) -> object:
+        seen.append((src, sess_options.graph_optimization_level,
+                     sess_options.get_session_config_entry("session.disable_prepacking")
+                     if _has_entry(sess_options, "session.disable_prepacking") else None))
+        return real(src, sess_options=sess_options, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ort, "InferenceSession", session)
+    with seal_slot(slot, NAMES) as sealed:
+        ok, detail = _healthchild.check(dict(sealed.fds))
+        mfd = sealed.fds["model.onnx"]
+    assert ok, detail
+    assert seen == [(f"/proc/self/fd/{mfd}", ort.GraphOptimizationLevel.ORT_ENABLE_ALL, None)]
+
+
+def _has_entry(opts: object, key: str) -> bool:
+    try:
+        opts.get_session_config_entry(key)  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - onnxruntime raises when the entry is not set
+        return False
+    return True
