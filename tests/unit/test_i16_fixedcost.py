@@ -313,3 +313,17 @@ def _has_entry(opts: object, key: str) -> bool:
     except Exception:  # noqa: BLE001 - onnxruntime raises when the entry is not set
         return False
     return True
+
+
+def test_i16_bench_only_names_its_sections() -> None:
+    """benchmarks/delta.py --only: the known sections, all when empty, a typed exit naming
+    the unknown one otherwise."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import delta
+
+    assert delta.parse_only("") == frozenset(delta.SECTIONS)
+    assert delta.parse_only("a, c") == {"a", "c"}
+    with pytest.raises(SystemExit, match="unknown section.*nope"):
+        delta.parse_only("a,nope")
