@@ -483,6 +483,42 @@ def bench_mqtt(env: Env, path: str, served: Path, length: int, n: int) -> None:
            res, "ours: MQTT refresh+fetch+verify+extract", length)
     print(f"  CPU per run (medians): device {cpu['ours']:.2f} s, broker {cpu['broker']:.2f} s, "
           f"bridge {cpu['bridge']:.2f} s; floor on {cores} cores {floor:.2f} s")
+    bench_mqtt_ranges(env, path, served, length, n)
+
+
+def bench_mqtt_ranges(env: Env, path: str, served: Path, length: int, n: int) -> None:
+    """The transport of the delta path's full install (``fetch_ranges`` of the whole file,
+    each piece hashed as it arrives): spans of 8 blocks a request against one block a
+    request (before spans, paced at 40 requests/s), and raw paho paced end to end."""
+    import dataclasses
+    import hashlib
+
+    url = f"{MQTT_TARGETS_URL}{served.relative_to(env.repo_dir / 'targets')}"
+    size = served.stat().st_size
+
+    def ranges(span: int) -> Callable[[], None]:
+        def run() -> None:
+            f = MqttFetcher(dataclasses.replace(env.mqtt("bench-dev"), span_blocks=span))
+            h = hashlib.sha256()
+            got = 0
+            for _, piece in f.fetch_ranges(url, [(0, size)]):
+                h.update(piece)
+                got += len(piece)
+            f.close()
+            assert got == size
+        return run
+
+    spans = CpuMeter(ranges(8), {"broker": lambda: cpu_seconds(env.broker.pid),
+                                 "bridge": lambda: cpu_seconds(env.bridge.pid)})
+    res = rounds({"ours: fetch_ranges, spans of 8 blocks": spans,
+                  "fetch_ranges, one block a request": ranges(1),
+                  "raw paho QoS 1, 1 MiB, paced window 16":
+                      lambda: raw_paho_transfer(env, served, paced=True)}, n)
+    report(f"MQTT fetch_ranges of the whole bundle + sha256, {length >> 20} MiB",
+           res, "ours: fetch_ranges, spans of 8 blocks", length)
+    cpu = spans.medians()
+    print(f"  CPU per run (medians, spans): device {cpu['ours']:.2f} s, broker "
+          f"{cpu['broker']:.2f} s, bridge {cpu['bridge']:.2f} s")
 
 
 class _Cut(Exception):

@@ -399,3 +399,21 @@ def test_a_device_flooding_spans_waits_behind_itself(tmp_path: Path) -> None:
     finally:
         gate.set()
         b.close()
+
+
+def test_a_span_over_the_device_byte_budget_shrinks_and_the_fetch_completes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bridge whose byte burst for the device (4 blocks) is below a span (8): the span is
+    refused 429 however long the device waits; it is asked again in single blocks, the next
+    spans are halved, and the fetch completes."""
+    import modelward.updater.transport._mqtt as m
+
+    monkeypatch.setattr(m, "busy_pause", lambda n: 0.01)
+    f, w, b = _stack(tmp_path, limits=BridgeLimits(bytes_per_s=200 * BS, byte_burst=4 * BS,
+                                                   requests_per_s=1e6, request_burst=10**6))
+    try:
+        assert _get(f, [(0, 60 * BS)]) == DATA[:60 * BS]
+    finally:
+        b.close()
+    assert b.stats.refused > 0
+    assert b.stats.served_bytes == 60 * BS

@@ -497,6 +497,10 @@ class MqttFetcher(RangeFetcher):
         # Requests are paced under the bridge's rate, over which it drops them unanswered
         # (each then waits out block_timeout); a span asks for many blocks in one.
         pace = Pace(cfg.range_requests_per_s, time.monotonic())
+        # Blocks a span asks for now: halved on each busy answer to a span (the bridge's
+        # byte budget for this device may be smaller than a span), one more for each span
+        # answered in full.
+        span = top = self._span_limit()
 
         def send(r: _Ask) -> None:
             r.deadline = time.monotonic() + cfg.block_timeout
@@ -521,7 +525,7 @@ class MqttFetcher(RangeFetcher):
             while upcoming is not None:
                 room = cfg.window - len(waiting) - len(buffered)
                 o, ln = upcoming
-                want = min(self._span_limit(), -(-ln // bs))
+                want = min(span, -(-ln // bs))
                 if room < want or room <= 0:
                     break  # (a span waits for its room: a block at a time would spend
                     # the request rate on single blocks)
@@ -543,10 +547,10 @@ class MqttFetcher(RangeFetcher):
                     continue
                 if r.paused:  # the pause is over: not a retry
                     r.paused = False
-                    if all(waiting.get(b) is r for b in r.blocks):
-                        send(r)
-                    else:
+                    if r.span:  # (a span may be over the device's byte budget for good)
                         singles(r, r.attempts)
+                    else:
+                        send(r)
                 elif r.attempts >= cfg.max_retries:
                     raise tuf_exc.DownloadError(
                         f"mqtt {path}: no answer for offset "
@@ -569,6 +573,7 @@ class MqttFetcher(RangeFetcher):
                 if r.busy < 0:
                     r.busy = 0
                     self._spans = False
+                    span = top = 1
                     logger.warning("the bridge refused a span of %s: asking one block a "
                                    "request", path)
                     singles(r, r.attempts)
@@ -579,6 +584,8 @@ class MqttFetcher(RangeFetcher):
                         f"({r.busy} refusals)")
                 r.deadline = time.monotonic() + busy_pause(r.busy)
                 r.paused = True
+                if r.span:
+                    span = max(1, span // 2)
                 continue
             off, data, total = got
             r = waiting.pop(off)
@@ -586,6 +593,8 @@ class MqttFetcher(RangeFetcher):
             r.deadline = time.monotonic() + cfg.block_timeout  # (progress)
             if not r.left and reqs.get(r.off) is r:
                 del reqs[r.off]
+                if r.span:
+                    span = min(top, span + 1)
             buffered[off] = data
             held += len(data)
             while order and order[0] in buffered:
