@@ -226,7 +226,7 @@ class Bridge:
                          f"{self.formats}", now)
             return
         job = _Job(device, resp_topic, corr, req)
-        parts = -(-req.length // self.max_block) if req.format == 3 else 1
+        parts = -(-req.length // req.block) if req.format == 3 else 1
         refusal = self._sched.offer(device, job, req.length, now, parts)
         if refusal is None:
             logger.debug("queued path=%r offset=%d length=%d format=%d for %s", req.path,
@@ -302,8 +302,8 @@ class Bridge:
         req = job.req
         status, data, size = 400, b"", 0
         fmt = 2 if req.format in (2, 3) and 2 in self.formats else 1
-        offset = req.offset + part * self.max_block
-        length = min(req.length - part * self.max_block, self.max_block) \
+        offset = req.offset + part * req.block
+        length = min(req.length - part * req.block, req.block) \
             if req.format == 3 else req.length
         try:
             size, data = self._read(req.path, offset, length)

@@ -49,6 +49,7 @@ class BlockRequest:
     offset: int
     length: int
     format: int
+    block: int = 0  # format 3: the size of each block answered (0: not a span)
 
 
 def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
@@ -62,8 +63,9 @@ def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
 
 
 def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> BlockRequest:
-    """The request in ``payload``: ``{"path", "offset", "length"[, "format"]}``; ``length``
-    at most ``max_block``, or in format 3 (a span) ``MAX_SPAN_BLOCKS * max_block``.
+    """The request in ``payload``: ``{"path", "offset", "length"[, "format"][, "block"]}``;
+    ``length`` at most ``max_block``, or in format 3 (a span, answered in blocks of
+    ``block`` bytes, at most and by default ``max_block``) ``MAX_SPAN_BLOCKS * block``.
 
     Raises:
         BadRequestError: too large (checked before parsing), too deep, not JSON, not an
@@ -84,9 +86,12 @@ def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> Bloc
     fmt = req.get("format", 1)
     if fmt not in FORMATS or isinstance(fmt, bool) or not isinstance(fmt, int):
         raise BadRequestError(f"format must be one of {FORMATS}")
-    longest = max_block * MAX_SPAN_BLOCKS if fmt == 3 else max_block
+    if fmt != 3:
+        return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
+                            _int_field(req, "length", 1, max_block), fmt)
+    block = _int_field(req, "block", 1, max_block) if "block" in req else max_block
     return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
-                        _int_field(req, "length", 1, longest), fmt)
+                        _int_field(req, "length", 1, MAX_SPAN_BLOCKS * block), fmt, block)
 
 
 class TokenBucket:

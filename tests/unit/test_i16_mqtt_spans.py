@@ -57,6 +57,18 @@ def test_a_span_is_at_most_sixteen_blocks_and_only_in_format_3() -> None:
         parse_request(_req(length=MIB + 1, format=2), MIB, "r")
 
 
+def test_a_span_names_its_block_size_within_the_bridge_s() -> None:
+    r = parse_request(_req(length=16 * 4096, block=4096), MIB, "r")
+    assert (r.length, r.block) == (16 * 4096, 4096)
+    assert parse_request(_req(length=MIB), MIB, "r").block == MIB  # (default: the bridge's)
+    with pytest.raises(BadRequestError, match="length"):  # 16 blocks of the size it names
+        parse_request(_req(length=16 * 4096 + 1, block=4096), MIB, "r")
+    with pytest.raises(BadRequestError, match="block"):
+        parse_request(_req(block=MIB + 1), MIB, "r")
+    with pytest.raises(BadRequestError, match="block"):
+        parse_request(_req(block=0), MIB, "r")
+
+
 def test_every_block_of_a_span_counts_against_the_device_queue() -> None:
     s: Scheduler[str] = Scheduler(BridgeLimits(bytes_per_s=0, device_queue=32))
     assert s.offer("a", "s1", 16 * MIB, 0.0, parts=16) is None
@@ -146,13 +158,13 @@ DATA = random.Random(16).randbytes(200 * BS + 123)
 
 
 def _stack(tmp: Path, mangle: Any = None, bridge_cls: type[Bridge] = Bridge,
-           limits: BridgeLimits | None = None, **cfg: Any,
+           limits: BridgeLimits | None = None, max_block: int = BS, **cfg: Any,
            ) -> tuple[MqttFetcher, _Wire, Bridge]:
     (tmp / "metadata").mkdir(exist_ok=True)
     (tmp / "targets").mkdir(exist_ok=True)
     (tmp / "targets" / "x").write_bytes(DATA)
     b = bridge_cls(tmp, MqttConfig(host="h", port=1, fleet="f", client_name="br"),
-                   max_block=BS, limits=limits or FAST,
+                   max_block=max_block, limits=limits or FAST,
                    connect=False)
     c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
                    range_requests_per_s=0, **cfg)
@@ -186,6 +198,16 @@ def test_a_full_file_comes_in_spans_of_eight_blocks(tmp_path: Path) -> None:
     assert all(r["format"] == 3 for r in w.requests[:-1])
     assert len(w.requests) == -(-len(DATA) // (8 * BS))  # one request per 8 blocks
     assert b.stats.served_bytes == len(DATA) == f.requested_bytes == f.bytes_received
+
+
+def test_a_bridge_with_larger_blocks_answers_in_the_device_s(tmp_path: Path) -> None:
+    f, w, b = _stack(tmp_path, max_block=4 * BS)
+    try:
+        assert _get(f, RANGES) == _want(RANGES)
+    finally:
+        b.close()
+    assert all(r.get("block") == BS for r in w.requests if r["format"] == 3)
+    assert b.stats.served_bytes == sum(n for _, n in RANGES)
 
 
 def test_ranges_come_exactly_in_spans(tmp_path: Path) -> None:

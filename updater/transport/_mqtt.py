@@ -286,7 +286,10 @@ class MqttFetcher(RangeFetcher):
         props.ResponseTopic = self._resp_topic
         props.CorrelationData = _corr(session, off)
         length = self.cfg.block_size if length is None else length
-        body = json.dumps({"path": path, "offset": off, "length": length, "format": fmt})
+        req = {"path": path, "offset": off, "length": length, "format": fmt}
+        if fmt == 3:
+            req["block"] = self.cfg.block_size
+        body = json.dumps(req)
         self.requested_bytes += length
         try:
             conn.publish(self._req_topic, body.encode(), props)
