@@ -80,6 +80,12 @@ def test_every_block_of_a_span_counts_against_the_device_queue() -> None:
     assert s.queued_bytes == 32 * MIB
     with pytest.raises(ValueError):
         s.offer("a", "bad", 3, 0.0, parts=4)  # (more parts than bytes)
+    t: Scheduler[str] = Scheduler(BridgeLimits(bytes_per_s=0, device_queue=32))
+    for i in range(10):
+        assert t.offer("b", f"one{i}", MIB, 0.0) is None
+    assert t.offer("b", "span", 16 * MIB, 0.0, parts=16) is None  # 26 blocks
+    assert t.offer("b", "over", 16 * MIB, 0.0, parts=16) == (
+        429, "26 blocks queued already, 16 more asked")  # 42 > 32, though 12 requests
 
 
 def test_the_byte_bucket_is_charged_for_the_whole_span_at_admission() -> None:
