@@ -91,3 +91,43 @@ def test_a_device_span_past_the_end_of_a_file_gets_only_the_file(
     finally:
         evil.close()
         honest.close()
+
+
+def test_a_hostile_bridge_s_extra_blocks_are_never_taken(mqtt_world: MqttWorld) -> None:
+    """A bridge (or the broker, on the device's response topic) that follows every real
+    block of a span with: the block again with other bytes, the block after the span
+    (not asked for), a block one byte off, and the block with more bytes than asked. The
+    device takes none of them (a taken one would fail its chunk hash and the install):
+    it installs, and the bridge's real answers are exactly what it asked for."""
+    from modelward.publisher._bridge import Bridge
+    from modelward.updater.transport._mqtt import block_header
+
+    class Hostile(Bridge):
+        junk = 0
+
+        def _answer(self, topic: str, corr: bytes, fmt: int, status: int, offset: int,
+                    size: int, data: bytes) -> None:
+            super()._answer(topic, corr, fmt, status, offset, size, data)
+            if status != 200 or fmt != 2 or not data or offset % (2 << 20):
+                return  # (every other block: more would overflow the broker's queue bound
+                # for the device, 16 blocks, and only cost time-outs)
+            props = publish_properties()
+            props.CorrelationData = corr
+            n = len(data)
+            for off, body in ((offset, b"D" * n), (offset + (8 << 20), b"N" * n),
+                              (offset + 1, b"O" * n), (offset, data + b"EXTRA")):
+                self._send(topic, block_header(200, off, size) + body, props)
+                self.junk += 1
+
+    w = mqtt_world
+    bundle, _ = publish(w, "1.0.0")
+    w.stop_bridge()
+    bridge = Hostile(w.repo_dir, w.mqtt_cfg("modelward-bridge"))
+    try:
+        before = w.snapshot()
+        w.update()
+    finally:
+        bridge.close()
+    assert w.active_version() == "1.0.0" and w.snapshot() != before
+    assert bridge.junk > 0
+    assert bridge.stats.served_bytes <= bundle.stat().st_size
