@@ -14,6 +14,7 @@ import json
 import random
 import struct
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from pathlib import Path
@@ -445,3 +446,46 @@ def test_a_span_over_the_device_byte_budget_shrinks_and_the_fetch_completes(
         b.close()
     assert b.stats.refused > 0
     assert b.stats.served_bytes == 60 * BS
+
+
+def test_a_span_is_read_block_by_block_within_the_send_queue(tmp_path: Path) -> None:
+    """The bridge's memory: a 4-block span is read one block at a time, each only while
+    the unacknowledged bytes leave room (2 MiB here): never the span at once."""
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "big").write_bytes(b"B" * (4 * MIB))
+    b = Bridge(tmp_path, MqttConfig(host="h", port=1, fleet="f", client_name="br"),
+               limits=BridgeLimits(send_bytes=2 * MIB + 4096), connect=False)
+
+    class Info:
+        def __init__(self) -> None:
+            self.done = threading.Event()
+
+        def is_published(self) -> bool:
+            return self.done.is_set()
+
+        def wait_for_publish(self, timeout: float) -> None:
+            self.done.wait(timeout)
+
+    infos: list[Info] = []
+
+    def send(topic: str, data: bytes, props: Any) -> None:
+        info = Info()
+        infos.append(info)
+        with b._sent_lock:  # noqa: SLF001
+            b._sent.add(info, len(data), time.monotonic())  # noqa: SLF001
+
+    b._send = send  # type: ignore[method-assign]  # noqa: SLF001
+    try:
+        _ask(b, "d", _req(path="metadata/big", offset=0, length=4 * MIB))
+        threading.Event().wait(0.5)
+        assert len(infos) == 2  # 2 MiB unacknowledged: the span's third block waits
+        assert b._sched.queued("d") == 1  # noqa: SLF001 - (taken, it waits; the 4th queued)
+        infos[0].done.set()
+        deadline = time.monotonic() + 5
+        while len(infos) < 3 and time.monotonic() < deadline:
+            threading.Event().wait(0.01)
+        assert len(infos) == 3
+    finally:
+        for i in infos:
+            i.done.set()
+        b.close()
