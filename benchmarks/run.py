@@ -455,7 +455,21 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
         pub.close()
 
 
+def paho_paced(env: Env, served: Path) -> None:
+    """Raw paho paced end to end (as ``benchmarks/delta.py``'s reference): unpaced, the
+    broker drops QoS 1 messages beyond a client's queue bound whenever the subscriber falls
+    behind on shared cores. Window 16, again at 16 and 8 when messages were lost."""
+    for window in (16, 16, 8):
+        try:
+            raw_paho_transfer(env, served, window=window, paced=True)
+            return
+        except AssertionError as e:
+            print(f"  raw paho (window {window}) lost messages ({e}), again")
+    raise AssertionError("raw paho lost messages at every window")
+
+
 def bench_mqtt(env: Env, path: str, served: Path, length: int, n: int) -> None:
+    bench_mqtt_ranges(env, path, served, length, n)
     def ours_mqtt() -> None:
         env.fetch_once(MqttFetcher(env.mqtt("bench-dev")), MQTT_METADATA_URL,
                        MQTT_TARGETS_URL, path)
@@ -470,7 +484,7 @@ def bench_mqtt(env: Env, path: str, served: Path, length: int, n: int) -> None:
     meter = CpuMeter(ours_mqtt, {"broker": lambda: cpu_seconds(env.broker.pid),
                                  "bridge": lambda: cpu_seconds(env.bridge.pid)})
     res = rounds({"ours: MQTT refresh+fetch+verify+extract": meter,
-                  "raw paho QoS 1, 1 MiB messages": lambda: raw_paho_transfer(env, served),
+                  "raw paho QoS 1, 1 MiB messages, paced": lambda: paho_paced(env, served),
                   "curl -o over plain HTTP": curl_http}, n)
     cpu = meter.medians()
     cores = os.cpu_count() or 1
@@ -483,6 +497,41 @@ def bench_mqtt(env: Env, path: str, served: Path, length: int, n: int) -> None:
            res, "ours: MQTT refresh+fetch+verify+extract", length)
     print(f"  CPU per run (medians): device {cpu['ours']:.2f} s, broker {cpu['broker']:.2f} s, "
           f"bridge {cpu['bridge']:.2f} s; floor on {cores} cores {floor:.2f} s")
+
+
+def bench_mqtt_ranges(env: Env, path: str, served: Path, length: int, n: int) -> None:
+    """The transport of the delta path's full install (``fetch_ranges`` of the whole file,
+    each piece hashed as it arrives): spans of 8 blocks a request against one block a
+    request (before spans, paced at 40 requests/s), and raw paho paced end to end."""
+    import dataclasses
+    import hashlib
+
+    url = f"{MQTT_TARGETS_URL}{served.relative_to(env.repo_dir / 'targets')}"
+    size = served.stat().st_size
+
+    def ranges(span: int) -> Callable[[], None]:
+        def run() -> None:
+            f = MqttFetcher(dataclasses.replace(env.mqtt("bench-dev"), span_blocks=span))
+            h = hashlib.sha256()
+            got = 0
+            for _, piece in f.fetch_ranges(url, [(0, size)]):
+                h.update(piece)
+                got += len(piece)
+            f.close()
+            assert got == size
+        return run
+
+    spans = CpuMeter(ranges(8), {"broker": lambda: cpu_seconds(env.broker.pid),
+                                 "bridge": lambda: cpu_seconds(env.bridge.pid)})
+    res = rounds({"ours: fetch_ranges, spans of 8 blocks": spans,
+                  "fetch_ranges, one block a request": ranges(1),
+                  "raw paho QoS 1, 1 MiB messages, paced": lambda: paho_paced(env, served)},
+                 n)
+    report(f"MQTT ranges: fetch_ranges of the whole bundle + sha256, {length >> 20} MiB",
+           res, "ours: fetch_ranges, spans of 8 blocks", length)
+    cpu = spans.medians()
+    print(f"  CPU per run (medians, spans): device {cpu['ours']:.2f} s, broker "
+          f"{cpu['broker']:.2f} s, bridge {cpu['bridge']:.2f} s")
 
 
 class _Cut(Exception):

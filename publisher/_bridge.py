@@ -94,7 +94,11 @@ class Bridge:
     """Serve ``repo`` over MQTT for ``cfg.fleet``.
 
     Blocks are answered in format 2 (a binary header in the payload) to devices that ask
-    for it, in format 1 (MQTT user properties) to the others.
+    for it, in format 1 (MQTT user properties) to the others. A format 3 request (a span:
+    up to ``MAX_SPAN_BLOCKS`` blocks from one offset, one request instead of one a block)
+    is answered block by block in format 2, on the request's correlation data, each block
+    with its own offset in the header; its blocks count one by one against the device's
+    queue and take their turns with the other devices' blocks.
 
     Args:
         repo: the repository directory (as served over HTTPS).
@@ -106,7 +110,7 @@ class Bridge:
         connect: connect to the broker (False: tests drive :meth:`_on_message`).
     """
 
-    formats: tuple[int, ...] = (1, 2)
+    formats: tuple[int, ...] = (1, 2, 3)
 
     def __init__(self, repo: Path, cfg: MqttConfig, group: str | None = None,
                  max_block: int = 1 << 20, limits: BridgeLimits | None = None,
@@ -217,9 +221,17 @@ class Bridge:
         except BadRequestError as e:  # answered in format 1, which every device reads
             self._refuse(device, resp_topic, corr, 1, 400, str(e), now)
             return
+        if req.format == 3 and 3 not in self.formats:  # (as a bridge from before spans)
+            self._refuse(device, resp_topic, corr, 1, 400, "format must be one of "
+                         f"{self.formats}", now)
+            return
         job = _Job(device, resp_topic, corr, req)
-        refusal = self._sched.offer(device, job, req.length, now)
-        if refusal is not None:
+        parts = -(-req.length // req.block) if req.format == 3 else 1
+        refusal = self._sched.offer(device, job, req.length, now, parts)
+        if refusal is None:
+            logger.debug("queued path=%r offset=%d length=%d format=%d for %s", req.path,
+                         req.offset, req.length, req.format, device)
+        else:
             self._refuse(device, resp_topic, corr, req.format, refusal[0], refusal[1], now,
                          offset=req.offset)
 
@@ -234,7 +246,7 @@ class Bridge:
         if not room:  # as many answers as SENT_ENTRIES await their PUBACK: the device
             self.stats.dropped += 1  # re-asks after its timeout
             return
-        self._answer(resp_topic, corr, 2 if fmt == 2 and 2 in self.formats else 1,
+        self._answer(resp_topic, corr, 2 if fmt in (2, 3) and 2 in self.formats else 1,
                      status, offset, 0, b"")
 
     # --- the worker: round-robin service ----------------------------------------------
@@ -249,16 +261,18 @@ class Bridge:
                     logger.info("connection lost: dropped %d queued requests", dropped)
                 self._stop.wait(0.1)
                 continue
-            job = self._sched.take(0.5)
-            if job is None:  # idle: release what the broker acknowledged meanwhile
+            got = self._sched.take_part(0.5)
+            if got is None:  # idle: release what the broker acknowledged meanwhile
                 with self._sent_lock:
                     self._sent.prune(time.monotonic())
                 continue
+            job, part = got
             self._wait_for_room()
             try:
-                self._serve(job)
+                self._serve(job, part)
             except Exception as e:  # noqa: BLE001 - one request must not end the worker
                 self.stats.errors += 1
+                self._sched.drop_rest(job.device, job)  # (a span: not its other blocks)
                 if self._sched.may_log(job.device, time.monotonic()):  # counted in stats
                     logger.error("bridge: serving %r to %s failed: %s: %r",
                                  job.req.path[:200], job.device, type(e).__name__,
@@ -283,23 +297,36 @@ class Bridge:
             except (RuntimeError, ValueError):  # published while not connected (see
                 self._stop.wait(0.01)  # _published): paho re-sends it on the reconnect
 
-    def _serve(self, job: _Job) -> None:
+    def _serve(self, job: _Job, part: int = 0) -> None:
+        """Answer block ``part`` of ``job`` (a span's parts in turn; else part 0 only)."""
         req = job.req
         status, data, size = 400, b"", 0
-        fmt = 2 if req.format == 2 and 2 in self.formats else 1
+        fmt = 2 if req.format in (2, 3) and 2 in self.formats else 1
+        offset = req.offset + part * req.block
+        length = min(req.length - part * req.block, req.block) \
+            if req.format == 3 else req.length
         try:
-            size, data = self._read(req.path, req.offset, req.length)
-            status = 200 if req.offset <= size else 416
+            size, data = self._read(req.path, offset, length)
+            status = 200 if offset <= size else 416
+            if req.format == 3 and (status != 200 or offset + length >= size):
+                # past the end of the file (or at it): no more parts, whatever was asked
+                self._sched.drop_rest(job.device, job)
+            if status == 416 and part:
+                return  # (the span's first part said so, or the file shrank: nothing more)
         except FileNotFoundError:
             status = 404
+            if req.format == 3:
+                self._sched.drop_rest(job.device, job)
         except (ValueError, OSError) as e:
+            if req.format == 3:
+                self._sched.drop_rest(job.device, job)
             self.stats.refused += 1
             if self._sched.may_log(job.device, time.monotonic()):
                 logger.warning("refusing a request from %s: %r", job.device, str(e)[:200])
-        self._answer(job.resp_topic, job.corr, fmt, status, req.offset, size, data)
+        self._answer(job.resp_topic, job.corr, fmt, status, offset, size, data)
         self.stats.served_bytes += len(data)
         logger.debug("served path=%r status=%d offset=%d bytes=%d to %s", req.path, status,
-                     req.offset, len(data), job.device,
+                     offset, len(data), job.device,
                      extra={"device": job.device, "status": status, "bytes": len(data)})
 
     def _answer(self, topic: str, corr: bytes, fmt: int, status: int, offset: int,

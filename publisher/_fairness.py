@@ -4,13 +4,16 @@ Pure over the time it is given (``now``), so every decision is unit-tested witho
 broker:
 
 * :func:`parse_request` bounds the size before parsing and checks every field's type and
-  range (a path, an offset below 2**63, a length of one block at most, format 1 or 2).
+  range (a path, an offset below 2**63, a length of one block at most in format 1 or 2,
+  of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block).
 * :class:`TokenBucket`: ``rate`` tokens a second, at most ``burst`` saved up.
 * :class:`Scheduler`: per device a request bucket, a byte bucket and a queue of at most
-  ``device_queue`` requests; all queues together ask for at most ``queued_bytes``.
-  :meth:`Scheduler.take` serves the devices round-robin, one request each in turn, and a
-  device whose queue was empty first, so a device that floods waits behind itself,
-  never in front of another device.
+  ``device_queue`` blocks (a span counts every block it will send); all queues together
+  ask for at most ``queued_bytes``. :meth:`Scheduler.take_part` serves the devices
+  round-robin, one block each in turn (a span stays at the front of its device's queue
+  until its last block), and a device whose queue was empty first, so a device that floods
+  (with many requests or with long spans) waits behind itself, never in front of another
+  device.
 * :class:`SendQueue`: the answers handed to the broker and not yet acknowledged, bounded
   by count and bytes; an acknowledged one is released at the next send or prune,
   whoever sends it (a refusal from the network thread, a block from the worker).
@@ -30,7 +33,8 @@ from modelward.trust._bounded import loads_bounded
 MAX_REQUEST_BYTES = 16 * 1024  # a request is one short line of JSON
 MAX_PATH_CHARS = 1024
 MAX_OFFSET = (1 << 63) - 1  # what a file offset (off_t) can be
-FORMATS = (1, 2)
+FORMATS = (1, 2, 3)
+MAX_SPAN_BLOCKS = 16  # blocks one format 3 request may ask for (its length: this many blocks)
 
 
 class BadRequestError(ValueError):
@@ -45,6 +49,7 @@ class BlockRequest:
     offset: int
     length: int
     format: int
+    block: int = 0  # format 3: the size of each block answered (0: not a span)
 
 
 def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
@@ -58,7 +63,9 @@ def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
 
 
 def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> BlockRequest:
-    """The request in ``payload``: ``{"path", "offset", "length"[, "format"]}``.
+    """The request in ``payload``: ``{"path", "offset", "length"[, "format"][, "block"]}``;
+    ``length`` at most ``max_block``, or in format 3 (a span, answered in blocks of
+    ``block`` bytes, at most and by default ``max_block``) ``MAX_SPAN_BLOCKS * block``.
 
     Raises:
         BadRequestError: too large (checked before parsing), too deep, not JSON, not an
@@ -79,8 +86,12 @@ def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> Bloc
     fmt = req.get("format", 1)
     if fmt not in FORMATS or isinstance(fmt, bool) or not isinstance(fmt, int):
         raise BadRequestError(f"format must be one of {FORMATS}")
+    if fmt != 3:
+        return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
+                            _int_field(req, "length", 1, max_block), fmt)
+    block = _int_field(req, "block", 1, max_block) if "block" in req else max_block
     return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
-                        _int_field(req, "length", 1, max_block), fmt)
+                        _int_field(req, "length", 1, MAX_SPAN_BLOCKS * block), fmt, block)
 
 
 class TokenBucket:
@@ -111,8 +122,9 @@ class BridgeLimits:
             unanswered; a device that sends more is not following the protocol).
         bytes_per_s, byte_burst: bytes a device may ask for (beyond: refused with 429,
             and the device backs off). 0: no byte limit.
-        device_queue: requests queued for one device at once (beyond: 429). The device
-            keeps ``MqttConfig.window`` (16) in flight; a few more are its re-requests.
+        device_queue: blocks queued for one device at once, a span counting each block it
+            will send (beyond: 429). The device keeps ``MqttConfig.window`` (16) blocks in
+            flight; a few more are its re-requests.
         queued_bytes: bytes all queued requests ask for together (beyond: 503).
         send_bytes: bytes handed to the broker and not yet acknowledged (the send queue;
             the bridge reads the next block only when there is room).
@@ -138,7 +150,8 @@ class _Device(Generic[J]):
     requests: TokenBucket
     bytes: TokenBucket
     logs: TokenBucket  # refusal log lines: one a second, a few saved
-    queue: deque[tuple[J, int]] = field(default_factory=deque)
+    queue: deque[list[Any]] = field(default_factory=deque)  # [job, cost, parts, next part]
+    parts: int = 0  # blocks queued (what ``device_queue`` bounds)
 
 
 class Scheduler(Generic[J]):
@@ -161,10 +174,10 @@ class Scheduler(Generic[J]):
         return self._queued_bytes
 
     def queued(self, device: str) -> int:
-        """Requests queued for ``device``."""
+        """Blocks queued for ``device`` (a request of one block, or a span's remaining)."""
         with self._cv:
             d = self._devices.get(device)
-            return len(d.queue) if d is not None else 0
+            return d.parts if d is not None else 0
 
     def _device(self, device: str, now: float) -> _Device[J] | None:
         d = self._devices.get(device)
@@ -195,21 +208,27 @@ class Scheduler(Generic[J]):
             d = self._device(device, now)
             return d is not None and d.logs.take(1, now)
 
-    def offer(self, device: str, job: J, cost: int, now: float) -> tuple[int, str] | None:
-        """Queue ``job`` (asking for ``cost`` bytes) for ``device``; None when queued,
-        else the refusal (429 for this device's limits, 503 for the bridge's)."""
+    def offer(self, device: str, job: J, cost: int, now: float,
+              parts: int = 1) -> tuple[int, str] | None:
+        """Queue ``job`` (asking for ``cost`` bytes, sent as ``parts`` blocks) for
+        ``device``; None when queued, else the refusal (429 for this device's limits, 503
+        for the bridge's)."""
         lim = self.limits
+        if parts < 1 or parts > cost:
+            raise ValueError(f"a job of {cost} bytes in {parts} parts")
         with self._cv:
             d = self._device(device, now)
             if d is None:
                 return 503, f"more than {lim.devices} devices have requests queued"
-            if len(d.queue) >= lim.device_queue:
-                return 429, f"{len(d.queue)} requests queued already"
+            if d.parts + parts > lim.device_queue:
+                return 429, (f"{len(d.queue)} requests queued already" if parts == 1 else
+                             f"{d.parts} blocks queued already, {parts} more asked")
             if self._queued_bytes + cost > lim.queued_bytes:
                 return 503, f"the bridge has {self._queued_bytes} bytes queued"
             if not d.bytes.take(cost, now):
                 return 429, f"over {lim.bytes_per_s:.0f} bytes/s"
-            d.queue.append((job, cost))
+            d.queue.append([job, cost, parts, 0])
+            d.parts += parts
             self._queued_bytes += cost
             if device not in self._ready:
                 # A device with nothing queued goes first (a sparse flow: one metadata
@@ -226,23 +245,53 @@ class Scheduler(Generic[J]):
             for d in self._devices.values():
                 n += len(d.queue)
                 d.queue.clear()
+                d.parts = 0
             self._ready.clear()
             self._queued_bytes = 0
             return n
 
     def take(self, timeout: float) -> J | None:
-        """The next job, one device after another; None after ``timeout`` with none."""
+        """The next job's next part (see :meth:`take_part`), without its index."""
+        got = self.take_part(timeout)
+        return None if got is None else got[0]
+
+    def take_part(self, timeout: float) -> tuple[J, int] | None:
+        """The next part to serve, one device after another: (job, index of the part);
+        None after ``timeout`` with none. A job of several parts stays at the front of its
+        device's queue until its last part is taken, the device going to the back of the
+        round after each part."""
         with self._cv:
             if not self._ready and not self._cv.wait_for(lambda: bool(self._ready), timeout):
                 return None
             device = next(iter(self._ready))
             del self._ready[device]
             d = self._devices[device]
-            job, cost = d.queue.popleft()
-            self._queued_bytes -= cost
+            entry = d.queue[0]
+            job, cost, parts, k = entry
+            share = cost // (parts - k)  # (of what is left: the last part takes the rest)
+            entry[1] -= share
+            entry[3] = k + 1
+            if k + 1 == parts:
+                d.queue.popleft()
+            d.parts -= 1
+            self._queued_bytes -= share
             if d.queue:
                 self._ready[device] = None  # to the back of the round
-            return job
+            return job, k
+
+    def drop_rest(self, device: str, job: J) -> int:
+        """Drop the parts of ``job`` not yet taken (it is at the front of ``device``'s
+        queue while it has some: a span that reaches past the end of its file); how many."""
+        with self._cv:
+            d = self._devices.get(device)
+            if d is None or not d.queue or d.queue[0][0] is not job:
+                return 0
+            _, cost, parts, k = d.queue.popleft()
+            d.parts -= parts - k
+            self._queued_bytes -= cost
+            if not d.queue:
+                self._ready.pop(device, None)
+            return int(parts - k)
 
 
 T = TypeVar("T")

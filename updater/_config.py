@@ -125,6 +125,9 @@ class MqttConfig:
         range_requests_per_s: block requests a range fetch sends per second at most, in
             bursts of 0.5 s' worth (the bridge drops what is over its per-device rate, 50/s
             by default, and a dropped block waits out ``block_timeout``); 0: unpaced.
+        span_blocks: blocks one range request asks for at most (format 3, a span the
+            bridge answers block by block; at most ``window`` and the bridge's 16); 1:
+            one request a block (format 2), as to a bridge from before spans.
     """
 
     host: str
@@ -145,6 +148,7 @@ class MqttConfig:
     max_packet_size: int = 0
     queue_bytes: int = 0
     range_requests_per_s: float = 40.0
+    span_blocks: int = 8
 
     def packet_limit(self) -> int:
         """The Maximum Packet Size this client asks for: a block, its header and topic."""

@@ -33,7 +33,8 @@ class _Zeros:
 
 def test_an_mqtt_range_fetch_plans_in_bounded_memory() -> None:
     size = 1 << 30
-    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4)
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
+                   span_blocks=1, window=4)
     f = MqttFetcher(c)
     conn: Any = _FakeConn(f, _Zeros(size), lambda r, corr, a: a)  # type: ignore[arg-type]
     f._conn = conn  # noqa: SLF001
@@ -69,7 +70,8 @@ def test_a_bridge_busy_once_for_every_block_leaves_nothing_behind(
     monkeypatch.setattr(mqtt_mod.logger, "disabled", True)
     n = 2500
     size = n * BS
-    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4,
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
+                   span_blocks=1, window=4,
                    range_requests_per_s=1e9)
     f = MqttFetcher(c)
     refused: set[int] = set()  # (bounded: each offset is dropped on its second answer)

@@ -55,7 +55,7 @@ def _req(**kw: Any) -> bytes:
     _req(length=0),
     _req(length=(1 << 20) + 1),
     _req(length=None),
-    _req(format=3),
+    _req(format=4),  # (3: a span, since issue 16)
     _req(format=True),
     _req(format="2"),
     _req(path=7),

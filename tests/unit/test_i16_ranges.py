@@ -399,7 +399,8 @@ class _FakeConn:
 def _mqtt(mangle: Callable[[dict[str, Any], bytes, list[bytes]], list[bytes]],
           ranges: Sequence[tuple[int, int]], data: bytes = DATA,
           **cfg: Any) -> tuple[bytes, list[tuple[int, int]], _FakeConn, MqttFetcher]:
-    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4,
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
+                   span_blocks=1, window=4,
                    **cfg)
     f = MqttFetcher(c)
     conn = _FakeConn(f, data, mangle)
@@ -430,7 +431,8 @@ def test_mqtt_ranges_survive_duplicated_and_foreign_blocks() -> None:
         return a + a
 
     conn: _FakeConn
-    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=4)
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
+                   span_blocks=1, window=4)
     f = MqttFetcher(c)
     conn = _FakeConn(f, DATA, mangle)
     f._conn = conn  # type: ignore[assignment]  # noqa: SLF001
@@ -449,7 +451,8 @@ def test_mqtt_ranges_survive_reordered_blocks() -> None:
             held.clear()
         return []
 
-    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS, window=3,
+    c = MqttConfig(host="h", port=1, fleet="f", client_name="d", block_size=BS,
+                   span_blocks=1, window=3,
                    block_timeout=0.2)
     f = MqttFetcher(c)
     conn = _FakeConn(f, DATA, mangle)

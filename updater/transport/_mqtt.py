@@ -229,6 +229,7 @@ class MqttFetcher(RangeFetcher):
         self._inbox = Inbox(cfg.queue_limit, cfg.queue_byte_limit())
         self._conn: MqttConnection | None = None
         self.requested_bytes = 0  # what this fetcher asked for (tests, benchmarks)
+        self._spans = True  # False once the bridge refused a span (from before spans)
 
     def _deliver(self, msg: mqtt.MQTTMessage) -> None:
         self._inbox.put(msg)
@@ -280,12 +281,15 @@ class MqttFetcher(RangeFetcher):
                                extra={"dropped": dropped, "dropped_bytes": size})
 
     def _request(self, conn: MqttConnection, session: bytes, path: str, off: int,
-                 length: int | None = None) -> None:
+                 length: int | None = None, fmt: int = 2) -> None:
         props = publish_properties()
         props.ResponseTopic = self._resp_topic
         props.CorrelationData = _corr(session, off)
         length = self.cfg.block_size if length is None else length
-        body = json.dumps({"path": path, "offset": off, "length": length, "format": 2})
+        req = {"path": path, "offset": off, "length": length, "format": fmt}
+        if fmt == 3:
+            req["block"] = self.cfg.block_size
+        body = json.dumps(req)
         self.requested_bytes += length
         try:
             conn.publish(self._req_topic, body.encode(), props)
@@ -440,8 +444,9 @@ class MqttFetcher(RangeFetcher):
     # --- ranges -----------------------------------------------------------------------
 
     def _fetch_ranges(self, url: str, ranges: list[Range]) -> Iterator[Piece]:
-        """Each range in blocks of at most ``block_size`` (offset and length), through the
-        same window of requests as a whole file."""
+        """Each range in blocks of at most ``block_size`` (offset and length), asked for a
+        span of up to ``span_blocks`` blocks a request, through the same window of blocks
+        as a whole file."""
         u = urlparse(url)
         if u.scheme != "mqtt":
             raise tuf_exc.DownloadError(f"{url} is not an mqtt:// URL")
@@ -450,16 +455,13 @@ class MqttFetcher(RangeFetcher):
         except TransportError as e:
             raise tuf_exc.DownloadError(str(e)) from e
         path = u.path.lstrip("/")
-        bs = self.cfg.block_size
-        plan = ((off, min(bs, o + ln - off))  # (lazy: planned as the window moves on)
-                for o, ln in ranges for off in range(o, o + ln, bs))
         self._inbox.start()
         try:
             try:
                 conn.subscribe(self._resp_topic)
             except TransportError as e:
                 raise tuf_exc.DownloadError(f"mqtt {path}: {e}") from e
-            yield from self._range_blocks(conn, path, plan)
+            yield from self._range_blocks(conn, path, iter(ranges))
         finally:
             conn.unsubscribe(self._resp_topic)
             dropped, size = self._inbox.stop()
@@ -468,31 +470,54 @@ class MqttFetcher(RangeFetcher):
                                "of %s: receive queue full", dropped, size, self._resp_topic,
                                path, extra={"dropped": dropped, "dropped_bytes": size})
 
-    def _range_blocks(self, conn: MqttConnection, path: str,
-                      plan: Iterator[tuple[int, int]]) -> Iterator[Piece]:
-        """The blocks of ``plan`` ((offset, length), in order), ``window`` in flight.
+    def _span_limit(self) -> int:
+        if not self._spans:
+            return 1
+        return max(1, min(self.cfg.span_blocks, self.cfg.window, SPAN_BLOCKS))
 
-        Only the blocks asked for and not yet handed on are held (``order``, ``asked``):
-        memory follows the window, not the bytes asked.
+    def _range_blocks(self, conn: MqttConnection, path: str,
+                      ranges: Iterator[Range]) -> Iterator[Piece]:
+        """The blocks of ``ranges`` (in order), at most ``window`` blocks in flight or held.
+
+        Requests: a span of consecutive blocks of one range (format 3), or one block
+        (format 2: a span of one, a block asked again, or a bridge from before spans).
+        A block is accepted only on the correlation data of a request in flight that
+        asked for it, at a block offset it asked for, with exactly the length asked, once:
+        a byte not asked for is never handed on. Only the blocks asked for and not yet
+        handed on are held (``order``, ``asked``, ``waiting``): memory follows the window,
+        not the bytes asked.
         """
-        cfg = self.cfg
+        cfg, bs = self.cfg, self.cfg.block_size
         session = secrets.token_bytes(8)
-        asked: dict[int, int] = {}  # offset -> length, of the blocks in ``order``
-        order: deque[int] = deque()  # offsets asked for and not yet handed on, in order
-        upcoming = next(plan, None)
-        pending: dict[int, tuple[float, int]] = {}  # offset -> (deadline, attempts)
-        busy: dict[int, int] = {}
-        paused: set[int] = set()
+        asked: dict[int, int] = {}  # block offset -> length, of the blocks in ``order``
+        order: deque[int] = deque()  # block offsets asked for, not yet handed on, in order
+        waiting: dict[int, _Ask] = {}  # block offset -> the request it is awaited from
+        reqs: dict[int, _Ask] = {}  # request offset (its correlation) -> request in flight
         buffered: dict[int, memoryview] = {}
         held = 0
         total: int | None = None
-        # Small ranges mean many requests a second: paced under the bridge's rate, over
-        # which it drops them unanswered (each then waits out block_timeout).
+        upcoming: Range | None = next(ranges, None)  # (what is left of the current range)
+        # Requests are paced under the bridge's rate, over which it drops them unanswered
+        # (each then waits out block_timeout); a span asks for many blocks in one.
         pace = Pace(cfg.range_requests_per_s, time.monotonic())
+        # Blocks a span asks for now: halved on each busy answer to a span (the bridge's
+        # byte budget for this device may be smaller than a span), one more for each span
+        # answered in full.
+        span = top = self._span_limit()
 
-        def ask(off: int, attempts: int) -> None:
-            pending[off] = (time.monotonic() + cfg.block_timeout, attempts)
-            self._request(conn, session, path, off, asked[off])
+        def send(r: _Ask) -> None:
+            r.deadline = time.monotonic() + cfg.block_timeout
+            reqs[r.off] = r
+            self._request(conn, session, path, r.off, r.length, 3 if r.span else 2)
+
+        def singles(r: _Ask, attempts: int) -> None:
+            """Ask again for each block of ``r`` still awaited, one request each."""
+            if reqs.get(r.off) is r:
+                del reqs[r.off]
+            for b in [b for b, w in waiting.items() if w is r]:
+                one = _Ask(b, asked[b], [b], attempts)
+                waiting[b] = one
+                send(one)
 
         while order or upcoming is not None:
             if conn.lost.is_set():
@@ -500,57 +525,182 @@ class MqttFetcher(RangeFetcher):
                 raise tuf_exc.DownloadError(f"mqtt {path}: broker connection lost at "
                                             f"offset {at}")
             paced = 0.0
-            while upcoming is not None and len(pending) + len(buffered) < cfg.window:
+            while upcoming is not None:
+                room = cfg.window - len(waiting) - len(buffered)
+                o, ln = upcoming
+                want = min(span, -(-ln // bs))
+                if room < want or room <= 0:
+                    break  # (a span waits for its room: a block at a time would spend
+                    # the request rate on single blocks)
                 if not pace.take(time.monotonic()):
                     paced = pace.wait()
                     break
-                asked[upcoming[0]] = upcoming[1]
-                order.append(upcoming[0])
-                ask(upcoming[0], 0)
-                upcoming = next(plan, None)
+                n = min(want * bs, ln)
+                blocks = list(range(o, o + n, bs))
+                r = _Ask(o, n, blocks, 0)
+                for b in blocks:
+                    asked[b] = min(bs, o + n - b)
+                    order.append(b)
+                    waiting[b] = r
+                send(r)
+                upcoming = (o + n, ln - n) if ln > n else next(ranges, None)
             now = time.monotonic()
-            for off, (deadline, attempts) in list(pending.items()):
-                if deadline <= now and off in paused:
-                    paused.discard(off)
-                    ask(off, attempts)
-                elif deadline <= now:
-                    if attempts >= cfg.max_retries:
-                        raise tuf_exc.DownloadError(
-                            f"mqtt {path}: no answer for offset {off} after "
-                            f"{attempts + 1} requests")
-                    logger.info("re-requesting %s at offset %d", path, off)
-                    ask(off, attempts + 1)
-            wait = max(0.0, min(d for d, _ in pending.values()) - time.monotonic()) \
-                if pending else cfg.block_timeout
+            for r in list(reqs.values()):
+                if r.deadline > now or reqs.get(r.off) is not r:
+                    continue
+                if r.paused:  # the pause is over: not a retry
+                    r.paused = False
+                    if r.span:  # (a span may be over the device's byte budget for good)
+                        singles(r, r.attempts)
+                    else:
+                        send(r)
+                elif r.attempts >= cfg.max_retries:
+                    raise tuf_exc.DownloadError(
+                        f"mqtt {path}: no answer for offset "
+                        f"{min(b for b, w in waiting.items() if w is r)} after "
+                        f"{r.attempts + 1} requests")
+                else:
+                    logger.info("re-requesting %s at offset %d", path, r.off)
+                    singles(r, r.attempts + 1)
+            wait = max(0.0, min(r.deadline for r in reqs.values()) - time.monotonic()) \
+                if reqs else cfg.block_timeout
             try:
                 msg = self._inbox.get(timeout=min(wait, 0.5, paced or 0.5))
             except queue.Empty:
                 continue
-            try:
-                got = self._accept(msg, session, path, pending, total, asked)
-            except _Busy as b:
-                n = busy[b.offset] = busy.get(b.offset, 0) + 1
-                if n > MAX_BUSY:
-                    raise tuf_exc.DownloadError(
-                        f"mqtt {path}: the bridge stayed busy for offset {b.offset} "
-                        f"({n} refusals)") from None
-                pending[b.offset] = (time.monotonic() + busy_pause(n), pending[b.offset][1])
-                paused.add(b.offset)
-                continue
+            got = self._accept_block(msg, session, path, reqs, waiting, asked, total)
             if got is None:
                 continue
+            if isinstance(got, _Ask):  # busy, or a bridge that does not know spans
+                r = got
+                if r.busy < 0:
+                    r.busy = 0
+                    self._spans = False
+                    span = top = 1
+                    logger.warning("the bridge refused a span of %s: asking one block a "
+                                   "request", path)
+                    singles(r, r.attempts)
+                    continue
+                if r.busy > MAX_BUSY:
+                    raise tuf_exc.DownloadError(
+                        f"mqtt {path}: the bridge stayed busy for offset {r.off} "
+                        f"({r.busy} refusals)")
+                r.deadline = time.monotonic() + busy_pause(r.busy)
+                r.paused = True
+                if r.span:
+                    span = max(1, span // 2)
+                continue
             off, data, total = got
-            del pending[off]
-            paused.discard(off)
+            r = waiting.pop(off)
+            r.left -= 1
+            r.deadline = time.monotonic() + cfg.block_timeout  # (progress)
+            if not r.left and reqs.get(r.off) is r:
+                del reqs[r.off]
+                if r.span:
+                    span = min(top, span + 1)
             buffered[off] = data
             held += len(data)
             while order and order[0] in buffered:
                 start = order.popleft()
                 del asked[start]
-                busy.pop(start, None)  # (nothing of a block handed on is kept)
                 chunk = buffered.pop(start)
                 held -= len(chunk)
                 self.bytes_received += len(chunk)
                 self._inbox.hold(held + len(chunk))  # (as in _blocks)
                 yield start, chunk
             self._inbox.hold(held)
+
+    def _accept_block(
+        self,
+        msg: mqtt.MQTTMessage,
+        session: bytes,
+        path: str,
+        reqs: dict[int, _Ask],
+        waiting: dict[int, _Ask],
+        asked: dict[int, int],
+        total: int | None,
+    ) -> tuple[int, memoryview, int] | _Ask | None:
+        """One answer to a range request: (block offset, bytes, file size); the request,
+        its ``busy`` counted, for a busy answer (``busy`` -1: a span refused with 400, by a
+        bridge from before spans); None (and a log line) for anything to ignore.
+
+        Accepted only for a request in flight (its correlation data), at a block offset
+        that request asked for and still awaits, with exactly the length asked.
+        """
+        corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)
+        if not isinstance(corr, bytes) or len(corr) != 16 or corr[:8] != session:
+            logger.warning("ignoring a message on %r with unknown correlation data", msg.topic)
+            return None
+        r = reqs.get(struct.unpack(">Q", corr[8:])[0])
+        if r is None:
+            logger.debug("ignoring an answer of %s to no request in flight", path)
+            return None
+        payload = memoryview(msg.payload)
+        off = r.off
+        up = _user_props(msg) if len(payload) < BLOCK_HEADER.size or \
+            payload[:4] != BLOCK_MAGIC else {}
+        if "status" in up:  # format 1: a refusal, or a bridge from before format 2
+            status = up["status"]
+            try:
+                size = int(up["size"]) if status == "200" else 0
+                if status == "200" and (int(up["offset"]) != off or size < 0 or r.span):
+                    raise ValueError("offset/size")
+            except (KeyError, ValueError):
+                logger.warning("ignoring a malformed block of %s", path)
+                return None
+        elif up == {} and len(payload) >= BLOCK_HEADER.size:
+            _, code, off, size = BLOCK_HEADER.unpack(payload[:BLOCK_HEADER.size])
+            status = str(code)
+            payload = payload[BLOCK_HEADER.size:]
+            if status != "200" and off != r.off:
+                logger.warning("ignoring a malformed refusal of %s", path)
+                return None
+        else:
+            logger.warning("ignoring a block of %s without a valid status", path)
+            return None
+        if status == "404":
+            raise tuf_exc.DownloadHTTPError(f"mqtt {path}: not found", 404)
+        if status in BUSY_STATUSES:
+            r.busy += 1
+            return r
+        if status == "400" and r.span:
+            r.busy = -1
+            return r
+        if status != "200":
+            if _is_status(status):
+                raise tuf_exc.DownloadHTTPError(f"mqtt {path}: status {status}", int(status))
+            logger.warning("ignoring a block of %s without a valid status", path)
+            return None
+        if waiting.get(off) is not r:
+            logger.debug("ignoring a block of %s at %d: not awaited from this request",
+                         path, off)
+            return None
+        if total is not None and size != total:
+            raise tuf_exc.DownloadError(f"mqtt {path}: file size changed during the download")
+        expected = asked[off]
+        if off + expected > size:
+            raise tuf_exc.DownloadError(f"mqtt {path}: the file has {size} bytes, the "
+                                        f"range asked at {off} ends at {off + expected}")
+        if len(payload) != expected:
+            logger.warning("ignoring a block of %s at %d with %d bytes (expected %d)",
+                           path, off, len(payload), expected)
+            return None
+        return off, payload, size
+
+
+SPAN_BLOCKS = 16  # the most a bridge answers for one span (publisher._fairness)
+
+
+class _Ask:
+    """A range request in flight: from ``off``, ``length`` bytes, in ``blocks``."""
+
+    __slots__ = ("attempts", "blocks", "busy", "deadline", "left", "length", "off",
+                 "paused", "span")
+
+    def __init__(self, off: int, length: int, blocks: list[int], attempts: int) -> None:
+        self.off, self.length, self.blocks, self.attempts = off, length, blocks, attempts
+        self.left = len(blocks)
+        self.span = len(blocks) > 1
+        self.deadline = 0.0
+        self.busy = 0
+        self.paused = False
