@@ -112,6 +112,9 @@ MAX_DELTA_STALLS = 3
 #: Bytes of one request (the MQTT block, ``MqttConfig.block_size``): a delta takes no more
 #: requests of this size than the whole bundle (:func:`cap_requests`).
 REQUEST_BYTES = 1 << 20
+#: Bytes of fetched chunks that wait for their hash and write at a time (the receiving
+#: thread goes on meanwhile; bounds memory with the transport's pieces).
+FETCH_INFLIGHT = 8 << 20
 
 
 class DeltaChunkError(TargetHashError):
@@ -486,6 +489,7 @@ class _Files:
         self._in: dict[tuple[str, str], int | None] = {}
         self._lock = threading.Lock()  # (reads run on the hash threads)
         self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
+        self._wlock = threading.Lock()  # (writes run on the hash threads too)
 
     def open_out(self, path: str, size: int) -> None:
         """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
@@ -538,11 +542,13 @@ class _Files:
             view, pos = view[w:], pos + w
         # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
         # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
-        synced = self._synced.get(p.path, 0)
-        while pos - synced >= WRITE_BEHIND:
-            _write_behind(fd, synced)
-            synced += WRITE_BEHIND
-        self._synced[p.path] = synced
+        # (Called from the hash threads: one window is started by one of them.)
+        with self._wlock:
+            synced = self._synced.get(p.path, 0)
+            while pos - synced >= WRITE_BEHIND:
+                _write_behind(fd, synced)
+                synced += WRITE_BEHIND
+            self._synced[p.path] = synced
 
     def close(self) -> None:
         for fd in [*self.out.values(), *self._in.values(), *self.roots.values(),
@@ -745,32 +751,57 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
            gate: Gate, fetcher: RangeSource, url: str, target: TargetFile) -> None:
     """Fetch the chunks ``todo``: hash each as it arrives, write it only if it matches.
 
-    At most :data:`BATCH_BYTES` of received chunks wait for their hash at a time. When the
-    transfer fails or is interrupted, the chunks received and matched so far are written
-    (the next attempt hashes them again in place and fetches the rest).
+    The receiving thread only receives and cuts the pieces into chunks; each chunk is
+    hashed and, only when its sha256 is the index's, written (``pwrite``) by one task of
+    the pool, so that TLS decryption, hashing and writing overlap on every core (hashlib
+    and ``pwrite`` release the GIL). The bytes written are the very bytes hashed: a chunk
+    is a private copy, or a view of a transport's piece that is never changed once
+    handed on (:func:`_stable`).
+
+    At most :data:`FETCH_INFLIGHT` bytes of received chunks wait for their hash at a time.
+    When the transport fails or the attempt is interrupted, the chunks received and
+    matched so far are written (the next attempt hashes them again in place and fetches
+    the rest); a chunk cut short is dropped, never written.
     """
     if not todo:
         return
     by_off = {n.bundle_offset: n for n in todo}
     starts = sorted(by_off)
-    pending: list[tuple[Need, bytearray, Future[bytes]]] = []
+    # One task per piece (not per chunk: a future each cost more than its hash): the
+    # chunks that piece completes, and the bytes the task holds alive (their copies, and
+    # the buffer under the piece when chunks are taken from it uncopied).
+    Batch = list[tuple[Need, bytes | bytearray | memoryview]]
+    pending: collections.deque[tuple[Batch, Future[Need | None], int]] = collections.deque()
     inflight = 0
+    stable = _stable(fetcher)
+
+    def check_write(batch: Batch) -> Need | None:
+        """Hash each chunk, write it only if it matches; the first that did not."""
+        bad: Need | None = None
+        for n, data in batch:
+            if _digest(data) != n.sha256:
+                bad = bad or n
+                continue
+            for d in n.dests:
+                files.write(d, data)
+        return bad
 
     def settle(limit: int) -> None:
         nonlocal inflight
         while pending and inflight > limit:
-            n, buf, fut = pending.pop(0)
-            inflight -= n.length
-            if fut.result() != n.sha256:
-                raise DeltaChunkError(
-                    f"{target.path}: chunk {n.number} of {n.file} (bytes {n.bundle_offset}"
-                    f"-{n.bundle_offset + n.length - 1} of the bundle) does not match the "
-                    "signed chunk index (altered on the origin or in transit); nothing of "
-                    "it was written", target=target.path, file=n.file, chunk=n.number)
-            for d in n.dests:
-                files.write(d, buf)
-            stats.fetched_bytes += n.length
-            stats.fetched_chunks += 1
+            batch, fut, cost = pending.popleft()
+            inflight -= cost
+            bad = fut.result()
+            for n, _ in batch:
+                if n is bad:
+                    raise DeltaChunkError(
+                        f"{target.path}: chunk {n.number} of {n.file} (bytes "
+                        f"{n.bundle_offset}-{n.bundle_offset + n.length - 1} of the bundle) "
+                        "does not match the signed chunk index (altered on the origin or in "
+                        "transit); nothing of it was written", target=target.path,
+                        file=n.file, chunk=n.number)
+                stats.fetched_bytes += n.length
+                stats.fetched_chunks += 1
 
     cur: Need | None = None
     buf = bytearray()
@@ -781,33 +812,60 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
         for off, piece in iter_ranges(fetcher, url, ranges):
             view = memoryview(piece).cast("B")
             track.piece(off, len(view))  # (in order, inside the ranges, or refused)
-            pos = off
-            while view:
+            if not stable:
+                view = memoryview(bytes(view))  # (a private copy: the transport may reuse)
+            batch: Batch = []
+            cost = 0
+            pos, end = off, off + len(view)
+            while pos < end:
                 if cur is None:
-                    if nxt < len(starts) and pos <= starts[nxt] < pos + len(view):
-                        skip = starts[nxt] - pos  # (a gap)
-                        view, pos = view[skip:], starts[nxt]
-                        cur, buf = by_off[starts[nxt]], bytearray()
+                    if nxt < len(starts) and pos <= starts[nxt] < end:
+                        pos = starts[nxt]  # (past a gap)
+                        cur = by_off[pos]
                         nxt += 1
+                        if pos + cur.length <= end:  # (whole in this piece: no copy)
+                            if not cost:
+                                cost = _held_bytes(view)
+                            batch.append((cur, view[pos - off:pos - off + cur.length]))
+                            pos += cur.length
+                            cur = None
+                            continue
+                        buf = bytearray()
                     else:
                         break  # all gap
-                take = min(len(view), cur.length - len(buf))
-                buf += view[:take]
-                view, pos = view[take:], pos + take
+                take = min(end - pos, cur.length - len(buf))
+                buf += view[pos - off:pos - off + take]
+                pos += take
                 if len(buf) == cur.length:
-                    pending.append((cur, buf, pool.submit(_digest, buf)))
-                    inflight += cur.length
+                    batch.append((cur, buf))
+                    cost += cur.length
                     cur = None
-                    settle(BATCH_BYTES)
-                    gate.checkpoint("delta: download")
+            if batch:
+                pending.append((batch, pool.submit(check_write, batch), cost))
+                inflight += cost
+                settle(FETCH_INFLIGHT)
+            gate.checkpoint("delta: download")
     except BaseException:
         with contextlib.suppress(DeltaChunkError):
-            settle(0)  # (what came and matched stays, for the next attempt to verify)
+            settle(-1)  # (what came and matched stays, for the next attempt to verify)
         raise
-    settle(0)
+    settle(-1)
     track.done()
     if cur is not None or nxt != len(starts):
         raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
+
+
+def _held_bytes(view: memoryview) -> int:
+    """Bytes a view keeps alive: the whole object it is a view of."""
+    base = view.obj
+    return memoryview(base).nbytes if base is not None else view.nbytes
+
+
+def _stable(fetcher: RangeSource) -> bool:
+    """The transport promises that a piece it yields is never changed afterwards (a fresh
+    buffer per piece, never written again), so a chunk may be hashed and written from a
+    view of it; else every piece is copied first."""
+    return getattr(fetcher, "stable_pieces", False) is True
 
 
 class _Cover:
@@ -841,7 +899,7 @@ class _Cover:
                                         "come")
 
 
-def _digest(data: bytes | bytearray) -> bytes:
+def _digest(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 
