@@ -54,6 +54,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import stat
 import threading
@@ -490,6 +491,8 @@ class _Files:
         self._lock = threading.Lock()  # (reads run on the hash threads)
         self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
         self._wlock = threading.Lock()  # (writes run on the hash threads too)
+        self._behind: tuple[queue.SimpleQueue[tuple[int, int] | None],
+                            threading.Thread] | None = None
 
     def open_out(self, path: str, size: int) -> None:
         """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
@@ -542,15 +545,36 @@ class _Files:
             view, pos = view[w:], pos + w
         # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
         # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
-        # (Called from the hash threads: one window is started by one of them.)
+        # By a thread of its own: the wait for the window before (disk I/O) holds up
+        # neither the hash threads nor, through them, the receiving one.
         with self._wlock:
             synced = self._synced.get(p.path, 0)
             while pos - synced >= WRITE_BEHIND:
-                _write_behind(fd, synced)
+                self._behind_queue().put((fd, synced))
                 synced += WRITE_BEHIND
             self._synced[p.path] = synced
 
+    def _behind_queue(self) -> queue.SimpleQueue[tuple[int, int] | None]:
+        """The write-behind thread's queue (started at the first full window)."""
+        if self._behind is None:
+            q: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+            t = threading.Thread(target=_behind_loop, args=(q,), name="delta-write-behind",
+                                 daemon=True)
+            t.start()
+            self._behind = (q, t)
+        return self._behind[0]
+
+    def drain(self) -> None:
+        """Wait for the write-behind thread to finish what it was given (before the fds
+        it uses are closed)."""
+        if self._behind is not None:
+            q, t = self._behind
+            q.put(None)
+            t.join()
+            self._behind = None
+
     def close(self) -> None:
+        self.drain()
         for fd in [*self.out.values(), *self._in.values(), *self.roots.values(),
                    self.incoming_fd]:
             if fd is not None:
@@ -559,6 +583,14 @@ class _Files:
         self.out.clear()
         self._in.clear()
         self.roots, self.incoming_fd = {}, None  # type: ignore[assignment]
+
+
+def _behind_loop(q: queue.SimpleQueue[tuple[int, int] | None]) -> None:
+    """Write behind each ``(fd, start)`` window until None (best effort: a failure only
+    leaves more dirty pages for the commit's fsync)."""
+    while (job := q.get()) is not None:
+        with contextlib.suppress(OSError):
+            _write_behind(*job)
 
 
 def _open_plain_at(root: int | None, rel: str) -> int | None:
