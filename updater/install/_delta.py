@@ -783,12 +783,12 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
            gate: Gate, fetcher: RangeSource, url: str, target: TargetFile) -> None:
     """Fetch the chunks ``todo``: hash each as it arrives, write it only if it matches.
 
-    The receiving thread only receives and cuts the pieces into chunks; each chunk is
-    hashed and, only when its sha256 is the index's, written (``pwrite``) by one task of
-    the pool, so that TLS decryption, hashing and writing overlap on every core (hashlib
-    and ``pwrite`` release the GIL). The bytes written are the very bytes hashed: a chunk
-    is a private copy, or a view of a transport's piece that is never changed once
-    handed on (:func:`_stable`).
+    The receiving thread only receives and cuts the pieces into chunks; the chunks each
+    piece completes are hashed by one task of the pool and, in order and only those whose
+    sha256 is the index's, written (``pwrite``) by a writer thread, so that TLS decryption,
+    hashing and writing overlap on every core (hashlib and ``pwrite`` release the GIL).
+    The bytes written are the very bytes hashed: a chunk is a private copy, or a view of
+    a transport's piece that is never changed once handed on (:func:`_stable`).
 
     At most :data:`FETCH_INFLIGHT` bytes of received chunks wait for their hash at a time.
     When the transport fails or the attempt is interrupted, the chunks received and
@@ -806,17 +806,24 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     pending: collections.deque[tuple[Batch, Future[Need | None], int]] = collections.deque()
     inflight = 0
     stable = _stable(fetcher)
+    refused = threading.Event()
 
-    def check_write(batch: Batch) -> Need | None:
-        """Hash each chunk, write it only if it matches; the first that did not."""
-        bad: Need | None = None
-        for n, data in batch:
-            if _digest(data) != n.sha256:
-                bad = bad or n
-                continue
+    def hashed(batch: Batch) -> list[bool]:
+        return [_digest(data) == n.sha256 for n, data in batch]
+
+    def write(batch: Batch, ok: Future[list[bool]]) -> Need | None:
+        """Write the batch's chunks in order up to the first that did not match (which is
+        returned): what is on disk stays a prefix of what came, so that a resume asks for
+        one range where it can."""
+        if refused.is_set():
+            return None  # (after a chunk that did not match: nothing more is written)
+        for (n, data), good in zip(batch, ok.result(), strict=True):
+            if not good:
+                refused.set()
+                return n
             for d in n.dests:
                 files.write(d, data)
-        return bad
+        return None
 
     def settle(limit: int) -> None:
         nonlocal inflight
@@ -840,6 +847,8 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     nxt = 0  # index into starts of the next chunk expected
     ranges = [(r.offset, r.length) for r in stats.ranges]
     track = _Cover(ranges, url)
+    # (hashed on the pool, written in order by one thread; pwrite releases the GIL)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="delta-write")
     try:
         for off, piece in iter_ranges(fetcher, url, ranges):
             view = memoryview(piece).cast("B")
@@ -873,7 +882,8 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
                     cost += cur.length
                     cur = None
             if batch:
-                pending.append((batch, pool.submit(check_write, batch), cost))
+                pending.append((batch, writer.submit(write, batch, pool.submit(hashed, batch)),
+                                cost))
                 inflight += cost
                 settle(FETCH_INFLIGHT)
             gate.checkpoint("delta: download")
@@ -881,6 +891,8 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
         with contextlib.suppress(DeltaChunkError):
             settle(-1)  # (what came and matched stays, for the next attempt to verify)
         raise
+    finally:
+        writer.shutdown(wait=True)
     settle(-1)
     track.done()
     if cur is not None or nxt != len(starts):
