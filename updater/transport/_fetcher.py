@@ -589,6 +589,9 @@ def _body_readinto(resp: requests.Response) -> tuple[Callable[[memoryview], int]
         if not view:
             return 0
         got = buffered.readinto1(view)
+        if not got:  # (as urllib3's IncompleteRead: a transfer cut, not a short answer)
+            raise tuf_exc.DownloadError(f"the connection closed after {stated - left[0]} of "
+                                        f"the {stated} bytes of the body")
         left[0] -= got
         return got
 
