@@ -8,6 +8,8 @@ is missing."""
 from __future__ import annotations
 
 import hashlib
+import time
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -186,3 +188,72 @@ def test_a_connection_cut_mid_chunk_writes_no_partial_chunk_and_resumes_with_the
     assert all(_chunks_on_disk(tmp_path, ix))
     last = chunks[-1][0] + chunks[-1][1]
     assert again.asked == [(chunks[k][0], last - chunks[k][0])]  # one range: the rest
+
+
+class _Buf(bytearray):
+    """A piece's buffer that can be watched (weak references)."""
+
+
+class _Watched(_Stable):
+    """Stable pieces whose buffers are watched: how many are alive at once."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        super().__init__(data, step)
+        self.refs: list[weakref.ref[_Buf]] = []
+        self.peak = 0  # pieces alive at once, at most
+
+    def live(self) -> int:
+        return sum(r() is not None for r in self.refs)
+
+    def fetch_ranges(self, url: str, ranges: Sequence[tuple[int, int]]
+                     ) -> Iterator[tuple[int, memoryview]]:
+        self.asked += list(ranges)
+        for off, n in ranges:
+            for i in range(off, off + n, self.step):
+                buf = _Buf(self.data[i:min(i + self.step, off + n)])
+                self.refs.append(weakref.ref(buf))
+                self.peak = max(self.peak, self.live())
+                yield i, memoryview(buf)
+                del buf
+
+
+@pytest.fixture(scope="module")
+def bigger(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    """A release with 8 MiB more of distinct bytes (many pieces of many chunks)."""
+    import random
+
+    from tests.integration._i16_delta import big_model
+
+    tmp = tmp_path_factory.mktemp("big")
+    blob = tmp / "blob.bin"
+    blob.write_bytes(random.Random(16).randbytes(8 << 20))
+    out = tmp / "classifier-1.0.0.tar"
+    build_bundle(big_model(tmp / "m.onnx"), "classifier", "1.0.0", out,
+                 extra=[(blob, "data/blob.bin")], options=BuildOptions())
+    data = out.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    return data, build_index(out, sha), TargetFile(len(data), {"sha256": sha},
+                                                   "classifier/classifier-1.0.0.tar")
+
+
+def test_pieces_kept_alive_by_uncopied_chunks_stay_bounded(
+        tmp_path: Path, bigger: Release, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk taken uncopied keeps its whole piece alive: the piece is charged to the
+    bytes in flight (also when the piece begins with the end of a chunk begun in the one
+    before, which is copied), so at most FETCH_INFLIGHT of pieces wait, plus a few."""
+    release = bigger
+    data, ix, _ = release
+    step = 500_003  # (never on a chunk boundary: every piece begins mid-chunk)
+    fake = _Watched(data, step)
+    real = _delta._digest  # noqa: SLF001
+
+    def digest(view: bytes | bytearray | memoryview) -> bytes:
+        time.sleep(0.002)  # (slow hashing: the receiving side runs ahead up to the bound)
+        return real(view)
+
+    monkeypatch.setattr(_delta, "_digest", digest)
+    monkeypatch.setattr(_delta, "FETCH_INFLIGHT", 2 * step)
+    _assemble(tmp_path, release, fake)
+    assert all(_chunks_on_disk(tmp_path, ix))
+    assert len(fake.refs) > 12
+    assert 0 < fake.peak <= 2 + 3  # (FETCH_INFLIGHT's pieces, the next, two being worked)

@@ -856,7 +856,7 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
             if not stable:
                 view = memoryview(bytes(view))  # (a private copy: the transport may reuse)
             batch: Batch = []
-            cost = 0
+            cost, pinned = 0, _held_bytes(view)  # (the piece's buffer: charged once)
             pos, end = off, off + len(view)
             while pos < end:
                 if cur is None:
@@ -865,8 +865,8 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
                         cur = by_off[pos]
                         nxt += 1
                         if pos + cur.length <= end:  # (whole in this piece: no copy)
-                            if not cost:
-                                cost = _held_bytes(view)
+                            cost += pinned
+                            pinned = 0
                             batch.append((cur, view[pos - off:pos - off + cur.length]))
                             pos += cur.length
                             cur = None
