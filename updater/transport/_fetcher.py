@@ -360,26 +360,10 @@ class RequestsFetcher(RangeFetcher):
                 yield memoryview(chunk)
             return
         readinto, stated = reader
-        cur = [memoryview(b""), 0]  # the chunk's buffer, the bytes in it
-
-        def start(n: int) -> None:
-            cur[:] = [memoryview(bytearray(n)), 0]
-
-        def read1(n: int) -> int:
-            buf, have = cur
-            assert isinstance(buf, memoryview) and isinstance(have, int)
-            got = readinto(buf[have:have + n])
-            cur[1] = have + got
-            return got
-
-        def gathered(have: int) -> memoryview:
-            buf = cur[0]
-            assert isinstance(buf, memoryview)
-            cur[:] = [memoryview(b""), 0]
-            return buf[:have]
-
+        fill = _Fill(readinto)
         try:
-            yield from self._paced(url, start, read1, gathered, min(limit, stated), False)
+            yield from self._paced(url, fill.start, fill.read1, fill.gathered,
+                                   min(limit, stated), False)
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                 ValueError) as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
@@ -561,6 +545,28 @@ def _content_length(resp: requests.Response) -> int | None:
     if not (value.isascii() and value.isdecimal() and len(value) <= 19):
         raise RangeAnswerError(f"a malformed Content-Length {value[:40]!r}")
     return int(value)
+
+
+class _Fill:
+    """One chunk of :meth:`RequestsFetcher._pieces` at a time: a fresh buffer, filled by
+    ``readinto`` and handed on as a view of the bytes read (never touched again)."""
+
+    def __init__(self, readinto: Callable[[memoryview], int]) -> None:
+        self._readinto = readinto
+        self._buf, self._have = memoryview(b""), 0
+
+    def start(self, n: int) -> None:
+        self._buf, self._have = memoryview(bytearray(n)), 0
+
+    def read1(self, n: int) -> int:
+        got = self._readinto(self._buf[self._have:self._have + n])
+        self._have += got
+        return got
+
+    def gathered(self, have: int) -> memoryview:
+        out = self._buf[:have]
+        self._buf, self._have = memoryview(b""), 0
+        return out
 
 
 def _body_readinto(resp: requests.Response) -> tuple[Callable[[memoryview], int], int] | None:
