@@ -257,3 +257,15 @@ def test_pieces_kept_alive_by_uncopied_chunks_stay_bounded(
     assert all(_chunks_on_disk(tmp_path, ix))
     assert len(fake.refs) > 12
     assert 0 < fake.peak <= 2 + 3  # (FETCH_INFLIGHT's pieces, the next, two being worked)
+
+
+def test_only_the_https_fetcher_claims_stable_pieces() -> None:
+    """The delta hashes and writes uncopied views only of a transport that promises never
+    to change a piece it handed on; the MQTT fetcher and the in-memory one do not claim it
+    (their pieces are copied first)."""
+    from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
+    from modelward.updater.transport._mqtt import MqttFetcher
+
+    assert _delta._stable(RequestsFetcher.__new__(RequestsFetcher))  # noqa: SLF001
+    assert not _delta._stable(MqttFetcher.__new__(MqttFetcher))  # noqa: SLF001
+    assert not _delta._stable(RangeFetcher.__new__(RangeFetcher))  # noqa: SLF001
