@@ -54,6 +54,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import queue
 import shutil
 import stat
 import threading
@@ -112,6 +113,9 @@ MAX_DELTA_STALLS = 3
 #: Bytes of one request (the MQTT block, ``MqttConfig.block_size``): a delta takes no more
 #: requests of this size than the whole bundle (:func:`cap_requests`).
 REQUEST_BYTES = 1 << 20
+#: Bytes of fetched chunks that wait for their hash and write at a time (the receiving
+#: thread goes on meanwhile; bounds memory with the transport's pieces).
+FETCH_INFLIGHT = 8 << 20
 
 
 class DeltaChunkError(TargetHashError):
@@ -486,6 +490,9 @@ class _Files:
         self._in: dict[tuple[str, str], int | None] = {}
         self._lock = threading.Lock()  # (reads run on the hash threads)
         self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
+        self._wlock = threading.Lock()  # (writes run on the hash threads too)
+        self._behind: tuple[queue.SimpleQueue[tuple[int, int] | None],
+                            threading.Thread] | None = None
 
     def open_out(self, path: str, size: int) -> None:
         """Open (create) the file ``path`` in incoming for writing, ``size`` bytes long."""
@@ -538,13 +545,36 @@ class _Files:
             view, pos = view[w:], pos + w
         # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
         # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
-        synced = self._synced.get(p.path, 0)
-        while pos - synced >= WRITE_BEHIND:
-            _write_behind(fd, synced)
-            synced += WRITE_BEHIND
-        self._synced[p.path] = synced
+        # By a thread of its own: the wait for the window before (disk I/O) holds up
+        # neither the hash threads nor, through them, the receiving one.
+        with self._wlock:
+            synced = self._synced.get(p.path, 0)
+            while pos - synced >= WRITE_BEHIND:
+                self._behind_queue().put((fd, synced))
+                synced += WRITE_BEHIND
+            self._synced[p.path] = synced
+
+    def _behind_queue(self) -> queue.SimpleQueue[tuple[int, int] | None]:
+        """The write-behind thread's queue (started at the first full window)."""
+        if self._behind is None:
+            q: queue.SimpleQueue[tuple[int, int] | None] = queue.SimpleQueue()
+            t = threading.Thread(target=_behind_loop, args=(q,), name="delta-write-behind",
+                                 daemon=True)
+            t.start()
+            self._behind = (q, t)
+        return self._behind[0]
+
+    def drain(self) -> None:
+        """Wait for the write-behind thread to finish what it was given (before the fds
+        it uses are closed)."""
+        if self._behind is not None:
+            q, t = self._behind
+            q.put(None)
+            t.join()
+            self._behind = None
 
     def close(self) -> None:
+        self.drain()
         for fd in [*self.out.values(), *self._in.values(), *self.roots.values(),
                    self.incoming_fd]:
             if fd is not None:
@@ -553,6 +583,14 @@ class _Files:
         self.out.clear()
         self._in.clear()
         self.roots, self.incoming_fd = {}, None  # type: ignore[assignment]
+
+
+def _behind_loop(q: queue.SimpleQueue[tuple[int, int] | None]) -> None:
+    """Write behind each ``(fd, start)`` window until None (best effort: a failure only
+    leaves more dirty pages for the commit's fsync)."""
+    while (job := q.get()) is not None:
+        with contextlib.suppress(OSError):
+            _write_behind(*job)
 
 
 def _open_plain_at(root: int | None, rel: str) -> int | None:
@@ -745,69 +783,133 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
            gate: Gate, fetcher: RangeSource, url: str, target: TargetFile) -> None:
     """Fetch the chunks ``todo``: hash each as it arrives, write it only if it matches.
 
-    At most :data:`BATCH_BYTES` of received chunks wait for their hash at a time. When the
-    transfer fails or is interrupted, the chunks received and matched so far are written
-    (the next attempt hashes them again in place and fetches the rest).
+    The receiving thread only receives and cuts the pieces into chunks; the chunks each
+    piece completes are hashed by one task of the pool and, in order and only those whose
+    sha256 is the index's, written (``pwrite``) by a writer thread, so that TLS decryption,
+    hashing and writing overlap on every core (hashlib and ``pwrite`` release the GIL).
+    The bytes written are the very bytes hashed: a chunk is a private copy, or a view of
+    a transport's piece that is never changed once handed on (:func:`_stable`).
+
+    At most :data:`FETCH_INFLIGHT` bytes of received chunks wait for their hash at a time.
+    When the transport fails or the attempt is interrupted, the chunks received and
+    matched so far are written (the next attempt hashes them again in place and fetches
+    the rest); a chunk cut short is dropped, never written.
     """
     if not todo:
         return
     by_off = {n.bundle_offset: n for n in todo}
     starts = sorted(by_off)
-    pending: list[tuple[Need, bytearray, Future[bytes]]] = []
+    # One task per piece (not per chunk: a future each cost more than its hash): the
+    # chunks that piece completes, and the bytes the task holds alive (their copies, and
+    # the buffer under the piece when chunks are taken from it uncopied).
+    Batch = list[tuple[Need, bytes | bytearray | memoryview]]
+    pending: collections.deque[tuple[Batch, Future[Need | None], int]] = collections.deque()
     inflight = 0
+    stable = _stable(fetcher)
+    refused = threading.Event()
+
+    def hashed(batch: Batch) -> list[bool]:
+        return [_digest(data) == n.sha256 for n, data in batch]
+
+    def write(batch: Batch, ok: Future[list[bool]]) -> Need | None:
+        """Write the batch's chunks in order up to the first that did not match (which is
+        returned): what is on disk stays a prefix of what came, so that a resume asks for
+        one range where it can."""
+        if refused.is_set():
+            return None  # (after a chunk that did not match: nothing more is written)
+        for (n, data), good in zip(batch, ok.result(), strict=True):
+            if not good:
+                refused.set()
+                return n
+            for d in n.dests:
+                files.write(d, data)
+        return None
 
     def settle(limit: int) -> None:
         nonlocal inflight
         while pending and inflight > limit:
-            n, buf, fut = pending.pop(0)
-            inflight -= n.length
-            if fut.result() != n.sha256:
-                raise DeltaChunkError(
-                    f"{target.path}: chunk {n.number} of {n.file} (bytes {n.bundle_offset}"
-                    f"-{n.bundle_offset + n.length - 1} of the bundle) does not match the "
-                    "signed chunk index (altered on the origin or in transit); nothing of "
-                    "it was written", target=target.path, file=n.file, chunk=n.number)
-            for d in n.dests:
-                files.write(d, buf)
-            stats.fetched_bytes += n.length
-            stats.fetched_chunks += 1
+            batch, fut, cost = pending.popleft()
+            inflight -= cost
+            bad = fut.result()
+            for n, _ in batch:
+                if n is bad:
+                    raise DeltaChunkError(
+                        f"{target.path}: chunk {n.number} of {n.file} (bytes "
+                        f"{n.bundle_offset}-{n.bundle_offset + n.length - 1} of the bundle) "
+                        "does not match the signed chunk index (altered on the origin or in "
+                        "transit); nothing of it was written", target=target.path,
+                        file=n.file, chunk=n.number)
+                stats.fetched_bytes += n.length
+                stats.fetched_chunks += 1
 
     cur: Need | None = None
     buf = bytearray()
     nxt = 0  # index into starts of the next chunk expected
     ranges = [(r.offset, r.length) for r in stats.ranges]
     track = _Cover(ranges, url)
+    # (hashed on the pool, written in order by one thread; pwrite releases the GIL)
+    writer = ThreadPoolExecutor(1, thread_name_prefix="delta-write")
     try:
         for off, piece in iter_ranges(fetcher, url, ranges):
             view = memoryview(piece).cast("B")
             track.piece(off, len(view))  # (in order, inside the ranges, or refused)
-            pos = off
-            while view:
+            if not stable:
+                view = memoryview(bytes(view))  # (a private copy: the transport may reuse)
+            batch: Batch = []
+            cost, pinned = 0, _held_bytes(view)  # (the piece's buffer: charged once)
+            pos, end = off, off + len(view)
+            while pos < end:
                 if cur is None:
-                    if nxt < len(starts) and pos <= starts[nxt] < pos + len(view):
-                        skip = starts[nxt] - pos  # (a gap)
-                        view, pos = view[skip:], starts[nxt]
-                        cur, buf = by_off[starts[nxt]], bytearray()
+                    if nxt < len(starts) and pos <= starts[nxt] < end:
+                        pos = starts[nxt]  # (past a gap)
+                        cur = by_off[pos]
                         nxt += 1
+                        if pos + cur.length <= end:  # (whole in this piece: no copy)
+                            cost += pinned
+                            pinned = 0
+                            batch.append((cur, view[pos - off:pos - off + cur.length]))
+                            pos += cur.length
+                            cur = None
+                            continue
+                        buf = bytearray()
                     else:
                         break  # all gap
-                take = min(len(view), cur.length - len(buf))
-                buf += view[:take]
-                view, pos = view[take:], pos + take
+                take = min(end - pos, cur.length - len(buf))
+                buf += view[pos - off:pos - off + take]
+                pos += take
                 if len(buf) == cur.length:
-                    pending.append((cur, buf, pool.submit(_digest, buf)))
-                    inflight += cur.length
+                    batch.append((cur, buf))
+                    cost += cur.length
                     cur = None
-                    settle(BATCH_BYTES)
-                    gate.checkpoint("delta: download")
+            if batch:
+                pending.append((batch, writer.submit(write, batch, pool.submit(hashed, batch)),
+                                cost))
+                inflight += cost
+                settle(FETCH_INFLIGHT)
+            gate.checkpoint("delta: download")
     except BaseException:
         with contextlib.suppress(DeltaChunkError):
-            settle(0)  # (what came and matched stays, for the next attempt to verify)
+            settle(-1)  # (what came and matched stays, for the next attempt to verify)
         raise
-    settle(0)
+    finally:
+        writer.shutdown(wait=True)
+    settle(-1)
     track.done()
     if cur is not None or nxt != len(starts):
         raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
+
+
+def _held_bytes(view: memoryview) -> int:
+    """Bytes a view keeps alive: the whole object it is a view of."""
+    base = view.obj
+    return memoryview(base).nbytes if base is not None else view.nbytes
+
+
+def _stable(fetcher: RangeSource) -> bool:
+    """The transport promises that a piece it yields is never changed afterwards (a fresh
+    buffer per piece, never written again), so a chunk may be hashed and written from a
+    view of it; else every piece is copied first."""
+    return getattr(fetcher, "stable_pieces", False) is True
 
 
 class _Cover:
@@ -841,7 +943,7 @@ class _Cover:
                                         "come")
 
 
-def _digest(data: bytes | bytearray) -> bytes:
+def _digest(data: bytes | bytearray | memoryview) -> bytes:
     return hashlib.sha256(data).digest()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import logging
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import requests
 import urllib3
@@ -36,6 +38,8 @@ from modelward.updater.transport._ranges import (
 )
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _FIRST_READ = 64 * 1024
 _SMALLEST_READ = 16 * 1024
@@ -247,7 +251,13 @@ class RequestsFetcher(RangeFetcher):
 
     Raises:
         OperatorInputError: a URL is not https:// or the CA file is missing.
+
+    Attributes:
+        stable_pieces: the pieces :meth:`fetch_ranges` yields are views of buffers never
+            written again (the delta path hashes and writes chunks from them, uncopied).
     """
+
+    stable_pieces: bool = True
 
     def __init__(self, config: HttpsConfig) -> None:
         for url in (config.metadata_url, config.targets_url):
@@ -310,52 +320,97 @@ class RequestsFetcher(RangeFetcher):
             tuf.api.exceptions.SlowRetrievalError: under ``min_speed`` over a window.
             tuf.api.exceptions.DownloadError: the transfer broke off.
         """
-        cfg = self._config
-        size = min(_FIRST_READ, cfg.chunk_size)
-        window_start, window_bytes = time.monotonic(), 0
         raw = resp.raw
-        left = -1 if limit is None else limit  # (-1: no limit)
+        parts: list[bytes] = []
+
+        def read1(n: int) -> int:
+            part = raw.read1(n, decode_content=False)
+            parts.append(part)
+            return len(part)
+
+        def gathered(have: int) -> bytes:
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
+            parts.clear()
+            return out
+
         try:
-            while left:
-                started = now = time.monotonic()
-                parts: list[bytes] = []
-                have = 0
-                while have < size and now - started <= _LONGEST_CHUNK:
-                    want = size - have if left < 0 else min(size - have, left - have)
-                    if not want:
-                        break
-                    part = raw.read1(want, decode_content=False)
-                    if not part:
-                        break
-                    parts.append(part)
-                    have += len(part)
-                    window_bytes += len(part)
-                    now = time.monotonic()
-                    elapsed = now - window_start
-                    if elapsed >= cfg.min_speed_window:
-                        if window_bytes < cfg.min_speed * elapsed:
-                            raise tuf_exc.SlowRetrievalError(
-                                f"{url} sent {window_bytes} bytes in {elapsed:.1f}s, under "
-                                f"the minimum of {cfg.min_speed} bytes/s (slow retrieval)")
-                        window_start, window_bytes = now, 0
-                if not parts:
-                    break
-                took = now - started
-                if have >= size and took < 0.05:
-                    size = min(size * 2, cfg.chunk_size)
-                elif took > 1.0:
-                    size = max(size // 2, _SMALLEST_READ)
-                if count:
-                    self.bytes_received += have
-                if left > 0:
-                    left -= have
-                yield parts[0] if len(parts) == 1 else b"".join(parts)
+            yield from self._paced(url, lambda n: None, read1, gathered, limit, count)
             if limit is not None and raw.length_remaining == 0:
                 raw.read(0, decode_content=False)  # at the end: the connection is reused
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
         finally:
             resp.close()
+
+    def _pieces(self, resp: requests.Response, url: str, limit: int) -> Iterator[memoryview]:
+        """Like :meth:`_chunks` (``count=False``) for a range answer, but each chunk is a
+        view of a fresh buffer filled in place by the socket's own buffered reader (one
+        call per TLS record instead of four layers of urllib3 and http.client, and no
+        copy), never written again once handed on (:attr:`stable_pieces`). At most
+        ``limit`` bytes, and never past the stated ``Content-Length``, are read; the
+        connection is then closed (urllib3 did not count what was read: it must not
+        reuse it).
+
+        A body of no stated length, a chunked one, or one that urllib3 holds otherwise
+        than expected is read by :meth:`_chunks`.
+        """
+        reader = _body_readinto(resp)
+        if reader is None:
+            for chunk in self._chunks(resp, url, limit=limit, count=False):
+                yield memoryview(chunk)
+            return
+        readinto, stated = reader
+        fill = _Fill(readinto)
+        try:
+            yield from self._paced(url, fill.start, fill.read1, fill.gathered,
+                                   min(limit, stated), False)
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                ValueError) as e:
+            raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
+        finally:
+            resp.close()
+
+    def _paced(self, url: str, start: Callable[[int], None], read1: Callable[[int], int],
+               gathered: Callable[[int], _T], limit: int | None,
+               count: bool) -> Iterator[_T]:
+        """The pacing of :meth:`_chunks`, over ``start`` (a chunk of at most that many
+        bytes begins), ``read1`` (read what has arrived into it, at most that many bytes;
+        0 at the end) and ``gathered`` (the chunk of the bytes read)."""
+        cfg = self._config
+        size = min(_FIRST_READ, cfg.chunk_size)
+        window_start, window_bytes = time.monotonic(), 0
+        left = -1 if limit is None else limit  # (-1: no limit)
+        while left:
+            started = now = time.monotonic()
+            want = size if left < 0 else min(size, left)
+            start(want)
+            have = 0
+            while have < want and now - started <= _LONGEST_CHUNK:
+                got = read1(want - have)
+                if not got:
+                    break
+                have += got
+                window_bytes += got
+                now = time.monotonic()
+                elapsed = now - window_start
+                if elapsed >= cfg.min_speed_window:
+                    if window_bytes < cfg.min_speed * elapsed:
+                        raise tuf_exc.SlowRetrievalError(
+                            f"{url} sent {window_bytes} bytes in {elapsed:.1f}s, under "
+                            f"the minimum of {cfg.min_speed} bytes/s (slow retrieval)")
+                    window_start, window_bytes = now, 0
+            if not have:
+                break
+            took = now - started
+            if have >= size and took < 0.05:
+                size = min(size * 2, cfg.chunk_size)
+            elif took > 1.0:
+                size = max(size // 2, _SMALLEST_READ)
+            if count:
+                self.bytes_received += have
+            if left > 0:
+                left -= have
+            yield gathered(have)
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         resp = self._get(url, {"Accept-Encoding": "identity"})
@@ -391,7 +446,7 @@ class RequestsFetcher(RangeFetcher):
             if length is not None and length < cover.last_end:
                 raise RangeAnswerError(f"the origin sends the whole file, of {length} bytes, "
                                        f"and the ranges end at {cover.last_end}")
-            for chunk in self._chunks(resp, url, limit=cover.last_end, count=False):
+            for chunk in self._pieces(resp, url, cover.last_end):
                 yield from self._counted(cover.pieces(pos, memoryview(chunk)))
                 pos += len(chunk)
         finally:
@@ -432,7 +487,7 @@ class RequestsFetcher(RangeFetcher):
             raise RangeAnswerError(f"a Content-Length of {length} for bytes "
                                    f"{cr.first}-{cr.last}")
         pos = cr.first
-        for chunk in self._chunks(resp, url, limit=span, count=False):
+        for chunk in self._pieces(resp, url, span):
             yield from self._counted(cover.pieces(pos, memoryview(chunk)))
             pos += len(chunk)
         self.range_skipped += cover.skipped
@@ -451,8 +506,8 @@ class RequestsFetcher(RangeFetcher):
             raise RangeAnswerError(f"a multipart body of {length} bytes for {asked} bytes "
                                    f"in {len(batch)} ranges (at most {bound})")
         got, before = 0, self.bytes_received
-        for chunk in self._chunks(resp, url, limit=bound if length is None else length,
-                                  count=False):
+        for chunk in self._pieces(resp, url,
+                                  bound if length is None else length):
             got += len(chunk)
             yield from self._counted(reader.feed(chunk))
             if reader.done and length is None:
@@ -490,3 +545,60 @@ def _content_length(resp: requests.Response) -> int | None:
     if not (value.isascii() and value.isdecimal() and len(value) <= 19):
         raise RangeAnswerError(f"a malformed Content-Length {value[:40]!r}")
     return int(value)
+
+
+class _Fill:
+    """One chunk of :meth:`RequestsFetcher._pieces` at a time: a fresh buffer, filled by
+    ``readinto`` and handed on as a view of the bytes read (never touched again)."""
+
+    def __init__(self, readinto: Callable[[memoryview], int]) -> None:
+        self._readinto = readinto
+        self._buf, self._have = memoryview(b""), 0
+
+    def start(self, n: int) -> None:
+        self._buf, self._have = memoryview(bytearray(n)), 0
+
+    def read1(self, n: int) -> int:
+        got = self._readinto(self._buf[self._have:self._have + n])
+        self._have += got
+        return got
+
+    def gathered(self, have: int) -> memoryview:
+        out = self._buf[:have]
+        self._buf, self._have = memoryview(b""), 0
+        return out
+
+
+def _body_readinto(resp: requests.Response) -> tuple[Callable[[memoryview], int], int] | None:
+    """``readinto1`` of the buffered socket reader below urllib3's and http.client's
+    responses, and the body's stated length, when the body is plain (identity, not
+    chunked, a ``Content-Length``) and nothing of it was read yet; else None.
+
+    Reading there bypasses their length accounting: the caller reads at most the stated
+    length, so that nothing past the body (an origin that sends more than it states) is
+    ever read as data, and closes the connection afterwards.
+    """
+    raw = resp.raw
+    fp = getattr(raw, "_fp", None)
+    buffered = getattr(fp, "fp", None)
+    if not isinstance(fp, http.client.HTTPResponse) or not isinstance(
+            buffered, io.BufferedReader) or fp.chunked or fp.length is None or \
+            getattr(raw, "_fp_bytes_read", None) != 0 or \
+            getattr(raw, "length_remaining", None) != fp.length or \
+            "Transfer-Encoding" in resp.headers:
+        return None
+    stated = fp.length
+    left = [stated]
+
+    def readinto(view: memoryview) -> int:
+        view = view[:left[0]]
+        if not view:
+            return 0
+        got = buffered.readinto1(view)
+        if not got:  # (as urllib3's IncompleteRead: a transfer cut, not a short answer)
+            raise tuf_exc.DownloadError(f"the connection closed after {stated - left[0]} of "
+                                        f"the {stated} bytes of the body")
+        left[0] -= got
+        return got
+
+    return readinto, stated
