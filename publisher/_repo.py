@@ -35,6 +35,7 @@ from tuf.api.serialization.json import JSONSerializer
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
+from modelward.publisher._history import delegated_meta, next_role_version
 from modelward.publisher._indexpub import (
     FetchEstimate,
     Resolved,
@@ -727,6 +728,7 @@ class Repository:
             return int(self.current()[2].version)
         now = self._clock()
         listed: dict[str, MetaFile] = {}
+        served = self.metadata_dir / "timestamp.json"  # (the snapshot listing ``listed``)
         if read_file(self.metadata_dir / "timestamp.json") is None:  # `repo init`
             snap_version, ts_version = 1, 1
         else:  # a published state that does not verify is an error, never a fresh start
@@ -734,16 +736,16 @@ class Repository:
             # above the served versions and this side's records: never one devices hold
             snap_version, ts_version = next_versions(self, old_snap.version, old_ts.version)
             listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
+            served = self.metadata_dir / f"{old_snap.version}.snapshot.json"
         restore_head(self, targets_version)  # the served copy, as this tool signed it
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most
         # that many bytes of a team's role and checks them before it parses anything.
         # Only versions that verify through the delegation tree of these targets; a role
         # listed before stays listed (clients refuse a snapshot that drops or lowers one).
-        meta.update(listed)
-        for name, v in self._delegated_versions(self._written_targets(targets_version)).items():
-            if v > (m.version if (m := listed.get(f"{name}.json")) else 0):
-                meta[f"{name}.json"] = self._signed_meta(name, v)
+        meta.update(delegated_meta(  # each from its verified file; the served: floors only
+            listed, self._delegated_versions(self._written_targets(targets_version)),
+            self._signed_meta, served))
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
         ts = Timestamp(
@@ -1030,12 +1032,14 @@ class Repository:
             paths=None if hash_prefixes else paths, path_hash_prefixes=hash_prefixes or None)
         delegating.add_key(key, name)
         if not exists:
-            team = Targets(version=1, expires=self._clock() + self.expiry.targets)
+            team = Targets(version=next_role_version(0, self.current()[1].meta.get(
+                f"{name}.json")), expires=self._clock() + self.expiry.targets)
             self._write_delegated(Metadata(team), name, key_file)
         if parent == TOP:
             self._commit_targets(targets)
         else:
-            delegating.version += 1
+            delegating.version = next_role_version(
+                delegating.version, self.current()[1].meta.get(f"{parent}.json"))
             delegating.expires = self._clock() + self.expiry.targets
             self._write_delegated(parent_md, parent, self.keys / f"delegated-{parent}.pem")
             self._snapshot_and_timestamp(targets.version)
@@ -1087,7 +1091,8 @@ class Repository:
         team.targets[target_path] = tf
         if index is not None:
             team.targets[index.path] = index
-        team.version += 1
+        team.version = next_role_version(team.version,
+                                         self.current()[1].meta.get(f"{role}.json"))
         team.expires = self._clock() + self.expiry.targets
         self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")
         return self._snapshot_and_timestamp(targets.version)
