@@ -333,6 +333,9 @@ def _repo_status(args: argparse.Namespace) -> int:
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
     repo.expiry_warnings()  # the same warnings as log lines
+    for note in repo.waiting():  # pending/staged changes, KEYS' own targets vs served
+        print(f"{note.level}: {escape(note.text, 2000)}",  # (--json: stdout stays JSON)
+              file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps([{"role": r.role, "version": r.version,
                            "expires": r.expires.isoformat(), "threshold": r.threshold,

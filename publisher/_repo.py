@@ -72,6 +72,8 @@ from modelward.publisher._online import (
 )
 from modelward.publisher._online import refresh as _online_refresh
 from modelward.publisher._passphrases import Passphrase, as_provider, check_team_variable
+from modelward.publisher._pending_status import Note
+from modelward.publisher._pending_status import notes as pending_notes
 from modelward.publisher._rootflow import (
     RootNotPublishableError,
     default_uri,
@@ -1327,6 +1329,11 @@ class Repository:
         for w in found:
             logger.warning("%s", w.message())
         return found
+
+    def waiting(self) -> list[Note]:
+        """Changes waiting (pending, staged), each saying whether it still follows what is
+        published, and the offline side's own targets against the served ones."""
+        return pending_notes(self, self._view(strict=False))
 
     def status(self) -> list[RoleStatus]:
         """Version, expiry, threshold and signatures of each top-level and delegated role
