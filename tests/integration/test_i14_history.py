@@ -49,7 +49,7 @@ def test_old_keys_backup_and_pruned_targets_never_bring_a_withdrawn_release_back
     w.publish("1.0.0", seed=1)  # targets v2
     w.update()
     assert w.active_version() == "1.0.0"
-    r = w.cli("publish", *_args(w), str(w.bundle("1.1.0", seed=2)), "--rollout", "0")  # v3
+    r = w.cli("publish", *_args(w), str(w.bundle("1.1.0", seed=2)))  # v3
     assert r.returncode == 0, r.stderr
     backup = w.tmp / "keys-backup"
     shutil.copytree(w.keys, backup)
