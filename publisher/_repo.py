@@ -1044,7 +1044,7 @@ class Repository:
                 delegating.version, self.current()[1].meta.get(f"{parent}.json"))
             delegating.expires = self._clock() + self.expiry.targets
             self._write_delegated(parent_md, parent, self.keys / f"delegated-{parent}.pem")
-            self._snapshot_and_timestamp(targets.version)
+            self._list_with(targets)
         return key_file
 
     def _write_delegated(self, md: Metadata, name: str, key_file: Path) -> None:  # type: ignore[type-arg]
@@ -1097,7 +1097,25 @@ class Repository:
                                          self.current()[1].meta.get(f"{role}.json"))
         team.expires = self._clock() + self.expiry.targets
         self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")
-        return self._snapshot_and_timestamp(targets.version)
+        return self._list_with(targets)
+
+    def _list_with(self, targets: Targets) -> int:
+        """Snapshot and timestamp for a team's change, listing ``targets`` (the top-level
+        ones built on). When no file of that version verifies with that content (numbered
+        above a version the served snapshot names, after a jump: devices that took it
+        refuse a lower one), the operator's targets are signed anew first (the targets
+        key is needed, as for any top-level change); returns the timestamp version."""
+        try:  # this tool's head (its served copy is put back first), or the served file
+            own = own_targets_md(self, f"{targets.version}.targets.json")
+            if own is not None and own.signed.to_dict() == targets.to_dict() or \
+                    self._written_targets(targets.version).to_dict() == targets.to_dict():
+                return self._snapshot_and_timestamp(targets.version)
+        except ServedFileError as e:
+            logger.debug("targets v%d not as built on: %s", targets.version, e)
+        logger.warning("the top-level targets v%d are signed anew, as v%d, for the team's "
+                       "change (the served snapshot names a version no signed file of this "
+                       "tool has)", targets.version, targets.version + 1)
+        return self._commit_targets(targets)
 
     # -- rollouts ---------------------------------------------------------------
     #

@@ -191,3 +191,30 @@ def test_sub_delegation_after_a_version_jump_is_numbered_above_it(
     assert lay.snapshot_meta()["team-a.json"] == 51
     assert lay.snapshot_meta()["team-b.json"] == 1
     stock_client_refresh(lay, tmp_path)
+
+
+@pytest.mark.parametrize("how", ["forged-999", "missing-head-copy"])
+def test_team_publish_after_a_top_level_version_jump_signs_the_targets_anew(
+        lay: Layout, tmp_path: Path, caplog: pytest.LogCaptureFixture, how: str) -> None:
+    """The served snapshot names top-level targets v999 (a forged file): the next
+    top-level targets are numbered v999, a version no signed file has yet. Before: the
+    team's publish listed that version anyway and failed ("998.targets.json is missing")
+    until the operator published once, leaving an unlisted team file behind."""
+    from tests.unit.test_i14_offline_base import forged_targets
+
+    _team(lay)  # targets v2, team-a v2
+    forged_targets(lay, 999, "2.targets.json")
+    point_snapshot_at(lay, MetaFile(version=999))
+    with caplog.at_level(logging.WARNING):
+        single(lay).publish(lay.bundle("1.2.0"), role="team-a")
+    assert "signed anew, as v999" in caplog.text
+    assert lay.snapshot_meta() == {"targets.json": 999, "team-a.json": 3}
+    client = stock_client_refresh(lay, tmp_path)
+    assert client.get_targetinfo(TEAM_NEW) is not None
+    assert client.get_targetinfo(OLD) is not None
+    if how == "missing-head-copy":  # and a sub-delegation right after another jump
+        forged_targets(lay, 2000, "999.targets.json")
+        point_snapshot_at(lay, MetaFile(version=2000), version=600)
+        single(lay).delegate("team-b", ["classifier/classifier-2*"], parent="team-a")
+        assert lay.snapshot_meta()["targets.json"] == 2000
+        stock_client_refresh(lay, tmp_path)
