@@ -146,3 +146,41 @@ def delegated_meta(listed: Mapping[str, MetaFile], verified: Mapping[str, int],
                          "refuse a snapshot that drops a role)", snapshot, name, old.version)
         out[name] = old
     return out
+
+
+class TeamKeyNotTrustedError(RepositoryStateError):
+    """The key in ``KEYS/delegated-<role>.pem`` signs metadata the role's delegator does
+    not accept (another team's key, an old one put back): devices would never see it.
+
+    Attributes:
+        role: the delegated role.
+        key_file: the key file at fault.
+    """
+
+    def __init__(self, role: str, key_file: Path, delegator: str, why: str) -> None:
+        super().__init__(
+            f"{key_file} signs {role!r} metadata that {delegator!r} does not accept ({why}): "
+            "devices would never see the change; nothing was written",
+            hint=f"put {role!r}'s own key back in {key_file}, or have {delegator!r} "
+                 f"delegate to this key (`repo delegate`)")
+        self.role = role
+        self.key_file = key_file
+
+
+def check_team_signature(md: Metadata[Any], role: str, key_file: Path,
+                         delegators: Mapping[str, Any]) -> None:
+    """``md`` (signed for ``role``) meets the threshold of a role in ``delegators`` (role
+    name -> verified Targets) that delegates ``role``.
+
+    Raises:
+        TeamKeyNotTrustedError: no delegator of ``role`` accepts it.
+    """
+    for name, t in delegators.items():
+        if t.delegations is None or not t.delegations.roles or role not in t.delegations.roles:
+            continue
+        try:
+            t.verify_delegate(role, md.signed_bytes, md.signatures)
+            return
+        except (UnsignedMetadataError, ValueError) as e:
+            raise TeamKeyNotTrustedError(role, key_file, name, str(e)) from e
+    raise TeamKeyNotTrustedError(role, key_file, "targets", f"no role delegates {role!r}")

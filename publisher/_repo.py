@@ -35,7 +35,11 @@ from tuf.api.serialization.json import JSONSerializer
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
-from modelward.publisher._history import delegated_meta, next_role_version
+from modelward.publisher._history import (
+    check_team_signature,
+    delegated_meta,
+    next_role_version,
+)
 from modelward.publisher._indexpub import (
     FetchEstimate,
     Resolved,
@@ -1047,11 +1051,13 @@ class Repository:
             self._list_with(targets)
         return key_file
 
-    def _write_delegated(self, md: Metadata, name: str, key_file: Path) -> None:  # type: ignore[type-arg]
+    def _write_delegated(self, md: Metadata, name: str, key_file: Path,  # type: ignore[type-arg]
+                         check: Callable[[Metadata[Any]], None] = lambda _md: None) -> None:
         if not key_file.exists():
             raise TeamMustActError(name, f"signing {name} metadata", key_file)
         md.signatures.clear()
         md.sign(load_signer_at(key_file, self._passphrase, name))
+        check(md)  # (before anything is written)
         write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json",
                      md.to_bytes(_serializer()))
 
@@ -1096,7 +1102,10 @@ class Repository:
         team.version = next_role_version(team.version,
                                          self.current()[1].meta.get(f"{role}.json"))
         team.expires = self._clock() + self.expiry.targets
-        self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")
+        key_file = self.keys / f"delegated-{role}.pem"
+        self._write_delegated(md, role, key_file, check=lambda signed: check_team_signature(
+            signed, role, key_file, {TOP: targets, **{n: m.signed for n, m in
+                                                      self._delegations(targets)[1].items()}}))
         return self._list_with(targets)
 
     def _list_with(self, targets: Targets) -> int:

@@ -218,3 +218,22 @@ def test_team_publish_after_a_top_level_version_jump_signs_the_targets_anew(
         single(lay).delegate("team-b", ["classifier/classifier-2*"], parent="team-a")
         assert lay.snapshot_meta()["targets.json"] == 2000
         stock_client_refresh(lay, tmp_path)
+
+
+def test_team_publish_with_another_teams_key_is_refused_before_anything_is_written(
+        lay: Layout, tmp_path: Path) -> None:
+    """KEYS/delegated-team-a.pem replaced by team-b's key (a wrong file restored, two
+    teams' keys mixed up). Before: exit 0, a 3.team-a.json no delegator accepts, the
+    snapshot still listing v2: the release was never seen by any device, and nothing said
+    so."""
+    from modelward.publisher._history import TeamKeyNotTrustedError
+
+    _team(lay)
+    single(lay).delegate("team-b", ["detector/*"])
+    shutil.copyfile(lay.keys / "delegated-team-b.pem", lay.keys / "delegated-team-a.pem")
+    before = _files(lay)
+    with pytest.raises(TeamKeyNotTrustedError, match="delegated-team-a.pem") as e:
+        single(lay).publish(lay.bundle("1.2.0"), role="team-a")
+    assert e.value.role == "team-a" and "'targets' does not accept" in str(e.value)
+    assert _files(lay) == before
+    stock_client_refresh(lay, tmp_path)
