@@ -1120,6 +1120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_used = fmt
     help_hint = f"see `{getattr(args, 'command_prog', 'modelward')} --help`"
     try:
+        if args.group in ("repo", "publish", "rollout") and args.func is not _repo_status \
+                and isinstance(getattr(args, "repo", None), Path):
+            from modelward.publisher._lock import repository_lock
+
+            with repository_lock(args.repo):  # one repository-changing command at a time
+                return int(args.func(args))
         return int(args.func(args))
     except ModelwardError as e:
         report_error(e, fmt=fmt, hint=e.hint or help_hint, traceback=args.debug)
