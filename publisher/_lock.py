@@ -4,10 +4,9 @@ Every command that changes the repository (``repo`` actions other than ``status`
 ``publish``, ``rollout``, the refresh timer's ``repo refresh``) reads the published state,
 builds on it and writes the next versions. Two at once (two terminals, a CI job, the refresh
 timer during a publish) both build on the same state: one's release is overwritten by the
-other's while both exit 0. They take an exclusive ``flock`` on ``REPO/metadata/.modelward.lock``
-(the directory every writer may write, the online refresh unit included; opened read-only,
-never through a symlink, a regular file only) for the whole command; a second one waits,
-saying so.
+other's. They take an exclusive ``flock`` on the ``REPO/metadata`` directory itself (every
+writer can open it, the online refresh unit included; no file is added to what is served)
+for the whole command; a second one waits, saying so.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ import errno
 import fcntl
 import logging
 import os
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,8 +23,6 @@ from modelward.publisher.errors import RepositoryStateError
 
 logger = logging.getLogger(__name__)
 
-LOCK_FILE = ".modelward.lock"  # in REPO/metadata (no client fetches it)
-
 
 @contextmanager
 def repository_lock(repo_dir: Path) -> Iterator[None]:
@@ -34,31 +30,25 @@ def repository_lock(repo_dir: Path) -> Iterator[None]:
     ``REPO/metadata``.
 
     Raises:
-        RepositoryStateError: the lock path is not a regular file (a symlink, a FIFO).
-        OSError: it cannot be opened (permissions).
+        RepositoryStateError: ``REPO/metadata`` is not a directory.
     """
     metadata = repo_dir / "metadata"
-    if not metadata.is_dir():
-        yield
-        return
-    path = metadata / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                     | os.O_CLOEXEC, 0o644)
+        fd = os.open(metadata, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield  # `repo init`: nothing published yet
+        return
     except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise RepositoryStateError(f"{path} is a symlink, not the repository's lock",
-                                       hint=f"remove {path}") from e
+        if e.errno == errno.ENOTDIR:
+            raise RepositoryStateError(f"{metadata} is not a directory: {e.strerror}",
+                                       hint=f"restore {metadata}") from e
         raise
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RepositoryStateError(f"{path} is not a regular file, not the repository's "
-                                       "lock", hint=f"remove {path}")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             logger.warning("waiting for %s: another repository-changing command is running",
-                           path)
+                           metadata)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
