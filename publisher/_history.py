@@ -58,22 +58,22 @@ class LostTargetsError(RepositoryStateError):
         self.named_by = named_by
 
 
-def _signed_snapshot(md: Metadata[Any], roots: list[Root]) -> bool:
-    for root in reversed(roots):
-        try:
-            root.verify_delegate("snapshot", md.signed_bytes, md.signatures)
-        except UnsignedMetadataError:
-            continue
-        return True
-    return False
+def _signed_snapshot(md: Metadata[Any], root: Root) -> bool:
+    try:
+        root.verify_delegate("snapshot", md.signed_bytes, md.signatures)
+    except UnsignedMetadataError:
+        return False
+    return True
 
 
 def named_targets(metadata_dir: Path, roots: list[Root], served: tuple[int, Path],
                   floor: tuple[int, Path]) -> tuple[int, Path]:
     """The highest top-level targets version named as published, and by which file: the
     served snapshot, ``floor`` (``KEYS/published.json``), or any of the newest
-    ``MAX_CANDIDATES`` ``N.snapshot.json`` the snapshot keys of a root of ``roots`` signed
-    (each bounded, never through a symlink; signatures checked only for a higher claim)."""
+    ``MAX_CANDIDATES`` ``N.snapshot.json`` the snapshot keys of the newest root of
+    ``roots`` signed (each bounded, never through a symlink; signatures checked only for a
+    higher claim). Only the newest root's keys: once a compromised online host's keys are
+    rotated out, the snapshots it signed no longer count."""
     best = max(served, floor, key=lambda x: x[0])
     for tried, v in enumerate(versions(metadata_dir, "snapshot")):
         if tried >= MAX_CANDIDATES:
@@ -85,7 +85,7 @@ def named_targets(metadata_dir: Path, roots: list[Root], served: tuple[int, Path
         meta = got[0].signed.meta.get("targets.json")
         if meta is None or meta.version <= best[0]:
             continue
-        if _signed_snapshot(got[0], roots):
+        if _signed_snapshot(got[0], roots[-1]):
             best = (meta.version, path)
     return best
 

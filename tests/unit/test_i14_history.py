@@ -237,3 +237,20 @@ def test_team_publish_with_another_teams_key_is_refused_before_anything_is_writt
     assert e.value.role == "team-a" and "'targets' does not accept" in str(e.value)
     assert _files(lay) == before
     stock_client_refresh(lay, tmp_path)
+
+
+def test_a_snapshot_not_signed_by_the_newest_roots_snapshot_keys_is_no_evidence(
+        lay: Layout) -> None:
+    """A planted 400.snapshot.json naming targets v9 (9.targets.json absent), signed by a
+    key that is not a snapshot key of the newest root (a rotated-out online key, here the
+    targets key): no lost history, the publish goes on."""
+    from modelward.publisher._keys import load_signer_at
+    from tests.unit.test_i14_online import OFFLINE
+
+    single(lay).publish(lay.bundle("1.0.0"))
+    other = load_signer_at(lay.keys / "targets.pem", OFFLINE, "targets")
+    exp = lay.md("2.targets.json").signed.expires
+    sign_write(lay, Snapshot(version=400, expires=exp,
+                             meta={"targets.json": MetaFile(version=9)}),
+               "400.snapshot.json", other)
+    assert single(lay).publish(lay.bundle("1.1.0")).targets_version == 3
