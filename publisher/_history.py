@@ -29,11 +29,14 @@ from typing import Any
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, MetaFile, Root, Snapshot
 
-from modelward.publisher._online_state import MAX_CANDIDATES, read_or_ignore
+from modelward.publisher._online_state import read_or_ignore
 from modelward.publisher._served import versions
 from modelward.publisher.errors import RepositoryStateError
 
 logger = logging.getLogger(__name__)
+
+HISTORY_SNAPSHOTS = 32  # newest N.snapshot.json files read for lost history, each bounded
+MAX_VERSION = 2**53 - 1  # the largest integer every JSON reader keeps exact
 
 
 class LostTargetsError(RepositoryStateError):
@@ -70,13 +73,13 @@ def named_targets(metadata_dir: Path, roots: list[Root], served: tuple[int, Path
                   floor: tuple[int, Path]) -> tuple[int, Path]:
     """The highest top-level targets version named as published, and by which file: the
     served snapshot, ``floor`` (``KEYS/published.json``), or any of the newest
-    ``MAX_CANDIDATES`` ``N.snapshot.json`` the snapshot keys of the newest root of
+    ``HISTORY_SNAPSHOTS`` ``N.snapshot.json`` the snapshot keys of the newest root of
     ``roots`` signed (each bounded, never through a symlink; signatures checked only for a
     higher claim). Only the newest root's keys: once a compromised online host's keys are
     rotated out, the snapshots it signed no longer count."""
     best = max(served, floor, key=lambda x: x[0])
     for tried, v in enumerate(versions(metadata_dir, "snapshot")):
-        if tried >= MAX_CANDIDATES:
+        if tried >= HISTORY_SNAPSHOTS:
             break
         path = metadata_dir / f"{v}.snapshot.json"
         got = read_or_ignore(path, logger.debug)
@@ -108,8 +111,19 @@ def lost_targets(metadata_dir: Path, base: int, named: tuple[int, Path]) -> None
 
 def next_role_version(verified: int, listed: MetaFile | None) -> int:
     """A team role's next version: above its newest verified file and above the version
-    the served snapshot lists (devices that took that snapshot refuse a lower one)."""
-    return max(verified, listed.version if listed is not None else 0) + 1
+    the served snapshot lists (devices that took that snapshot refuse a lower one).
+
+    Raises:
+        RepositoryStateError: that is beyond what can be published (a snapshot naming a
+            version no JSON reader keeps exact).
+    """
+    out = max(verified, listed.version if listed is not None else 0) + 1
+    if out > MAX_VERSION:
+        raise RepositoryStateError(
+            f"the served snapshot lists a team role at v{out - 1}: no version above it can "
+            f"be published (at most v{MAX_VERSION})",
+            hint="the online host is compromised: rotate the snapshot and timestamp keys")
+    return out
 
 
 def delegated_meta(listed: Mapping[str, MetaFile], verified: Mapping[str, int],

@@ -254,3 +254,14 @@ def test_a_snapshot_not_signed_by_the_newest_roots_snapshot_keys_is_no_evidence(
                              meta={"targets.json": MetaFile(version=9)}),
                "400.snapshot.json", other)
     assert single(lay).publish(lay.bundle("1.1.0")).targets_version == 3
+
+
+def test_team_role_listed_beyond_the_json_bound_is_a_typed_error(lay: Layout) -> None:
+    from modelward.publisher.errors import RepositoryStateError
+
+    _team(lay)
+    _snapshot_listing(lay, MetaFile(version=2**53 - 1))
+    before = _files(lay)
+    with pytest.raises(RepositoryStateError, match="no version above it can be published"):
+        single(lay).publish(lay.bundle("1.2.0"), role="team-a")
+    assert _files(lay) == before
