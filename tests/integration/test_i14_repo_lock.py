@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from modelward.publisher._lock import repository_lock
 from tests._stock_tuf import BASE, LocalFetcher, stock_refresh
 from tests.conftest import PASSPHRASE, _new_repo
 
@@ -45,14 +46,17 @@ def test_concurrent_publishes_and_a_refresh_all_land(
     env = {**os.environ, "MODELWARD_KEY_PASSPHRASE": PASSPHRASE.decode()}
     base = [sys.executable, "-I", "-m", "modelward"]
     where = ["--repo", str(repo_dir), "--keys", str(keys)]
-    procs = [subprocess.Popen([*base, "publish", *where, str(b)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for b in bundles]
-    procs.append(subprocess.Popen([*base, "repo", "refresh", *where], env=env, text=True,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    with repository_lock(repo_dir):  # held until the first command says it waits
+        procs = [subprocess.Popen([*base, "publish", *where, str(b)], env=env, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 for b in bundles]
+        procs.append(subprocess.Popen([*base, "repo", "refresh", *where], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        assert procs[0].stderr is not None
+        first = procs[0].stderr.readline()  # blocks until it writes: the wait warning
+        assert "waiting for" in first and "another repository-changing command" in first
     done = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
     assert [rc for rc, _ in done] == [0] * 3, done
-    assert any("waiting for" in err and "another repository-changing command" in err
-               for _, err in done)
     stock_refresh(repo_dir)
     assert _found(repo_dir, [f"classifier/classifier-1.{i}.0.tar" for i in range(2)]) == \
         [True] * 2
