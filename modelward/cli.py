@@ -333,6 +333,9 @@ def _repo_status(args: argparse.Namespace) -> int:
     repo = Repository(args.repo, args.keys, b"unused: status reads public metadata only")
     rows = repo.status()
     repo.expiry_warnings()  # the same warnings as log lines
+    for note in repo.waiting():  # pending/staged changes, KEYS' own targets vs served
+        print(f"{note.level}: {escape(note.text, 2000)}",  # (--json: stdout stays JSON)
+              file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps([{"role": r.role, "version": r.version,
                            "expires": r.expires.isoformat(), "threshold": r.threshold,
@@ -1117,6 +1120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.log_used = fmt
     help_hint = f"see `{getattr(args, 'command_prog', 'modelward')} --help`"
     try:
+        if args.group in ("repo", "publish", "rollout") and args.func is not _repo_status \
+                and isinstance(getattr(args, "repo", None), Path):
+            from modelward.publisher._lock import repository_lock
+
+            with repository_lock(args.repo):  # one repository-changing command at a time
+                return int(args.func(args))
         return int(args.func(args))
     except ModelwardError as e:
         report_error(e, fmt=fmt, hint=e.hint or help_hint, traceback=args.debug)

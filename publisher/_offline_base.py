@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import Metadata, Root, Targets
 
+from modelward.publisher._history import lost_targets, named_targets
 from modelward.publisher._online import _head, online_elsewhere
 from modelward.publisher._online_state import (
     MAX_CANDIDATES,
@@ -41,6 +42,9 @@ from modelward.publisher._online_state import (
     STATE_FILE,
     load_floor,
     read_or_ignore,
+)
+from modelward.publisher._served import (
+    STATE_FILE as FLOORS_FILE,
 )
 from modelward.publisher._served import (
     ServedFileError,
@@ -235,9 +239,13 @@ def base_targets(repo: Repository, view: View, own: tuple[Metadata[Targets], byt
                        found.version, roots[-1].version)
     out = found or base.signed
     named = view.snapshot.signed.meta["targets.json"].version
+    if named > MAX_TARGETS_VERSION:
+        raise OnlineHostFaultError(snap_path, named)
+    # a newer version devices may hold, gone without a trace: never built over
+    lost_targets(repo.metadata_dir, out.version, named_targets(
+        repo.metadata_dir, roots, (named, snap_path),
+        (load_floors(repo.keys).get("targets", 0), repo.keys / FLOORS_FILE)))
     if named > out.version + 1:  # numbered up to it: devices that took that snapshot follow
-        if named > MAX_TARGETS_VERSION:
-            raise OnlineHostFaultError(snap_path, named)
         logger.warning("numbering the next targets v%d, as %s names (devices that took that "
                        "snapshot refuse any lower version)", named, snap_path)
         out.version = named - 1

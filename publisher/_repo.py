@@ -35,6 +35,11 @@ from tuf.api.serialization.json import JSONSerializer
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
+from modelward.publisher._history import (
+    check_team_signature,
+    delegated_meta,
+    next_role_version,
+)
 from modelward.publisher._indexpub import (
     FetchEstimate,
     Resolved,
@@ -71,6 +76,8 @@ from modelward.publisher._online import (
 )
 from modelward.publisher._online import refresh as _online_refresh
 from modelward.publisher._passphrases import Passphrase, as_provider, check_team_variable
+from modelward.publisher._pending_status import Note
+from modelward.publisher._pending_status import notes as pending_notes
 from modelward.publisher._rootflow import (
     RootNotPublishableError,
     default_uri,
@@ -727,6 +734,7 @@ class Repository:
             return int(self.current()[2].version)
         now = self._clock()
         listed: dict[str, MetaFile] = {}
+        served = self.metadata_dir / "timestamp.json"  # (the snapshot listing ``listed``)
         if read_file(self.metadata_dir / "timestamp.json") is None:  # `repo init`
             snap_version, ts_version = 1, 1
         else:  # a published state that does not verify is an error, never a fresh start
@@ -734,16 +742,16 @@ class Repository:
             # above the served versions and this side's records: never one devices hold
             snap_version, ts_version = next_versions(self, old_snap.version, old_ts.version)
             listed = {k: m for k, m in old_snap.meta.items() if k != "targets.json"}
+            served = self.metadata_dir / f"{old_snap.version}.snapshot.json"
         restore_head(self, targets_version)  # the served copy, as this tool signed it
         meta = {"targets.json": self._signed_meta("targets", targets_version)}
         # Every delegated role too, with its length and hash: a device downloads at most
         # that many bytes of a team's role and checks them before it parses anything.
         # Only versions that verify through the delegation tree of these targets; a role
         # listed before stays listed (clients refuse a snapshot that drops or lowers one).
-        meta.update(listed)
-        for name, v in self._delegated_versions(self._written_targets(targets_version)).items():
-            if v > (m.version if (m := listed.get(f"{name}.json")) else 0):
-                meta[f"{name}.json"] = self._signed_meta(name, v)
+        meta.update(delegated_meta(  # each from its verified file; the served: floors only
+            listed, self._delegated_versions(self._written_targets(targets_version)),
+            self._signed_meta, served))
         snap = Snapshot(version=snap_version, expires=now + self.expiry.snapshot, meta=meta)
         self._write(Metadata(snap), "snapshot", snap_version)
         ts = Timestamp(
@@ -1030,22 +1038,26 @@ class Repository:
             paths=None if hash_prefixes else paths, path_hash_prefixes=hash_prefixes or None)
         delegating.add_key(key, name)
         if not exists:
-            team = Targets(version=1, expires=self._clock() + self.expiry.targets)
+            team = Targets(version=next_role_version(0, self.current()[1].meta.get(
+                f"{name}.json")), expires=self._clock() + self.expiry.targets)
             self._write_delegated(Metadata(team), name, key_file)
         if parent == TOP:
             self._commit_targets(targets)
         else:
-            delegating.version += 1
+            delegating.version = next_role_version(
+                delegating.version, self.current()[1].meta.get(f"{parent}.json"))
             delegating.expires = self._clock() + self.expiry.targets
             self._write_delegated(parent_md, parent, self.keys / f"delegated-{parent}.pem")
-            self._snapshot_and_timestamp(targets.version)
+            self._list_with(targets)
         return key_file
 
-    def _write_delegated(self, md: Metadata, name: str, key_file: Path) -> None:  # type: ignore[type-arg]
+    def _write_delegated(self, md: Metadata, name: str, key_file: Path,  # type: ignore[type-arg]
+                         check: Callable[[Metadata[Any]], None] = lambda _md: None) -> None:
         if not key_file.exists():
             raise TeamMustActError(name, f"signing {name} metadata", key_file)
         md.signatures.clear()
         md.sign(load_signer_at(key_file, self._passphrase, name))
+        check(md)  # (before anything is written)
         write_atomic(self.metadata_dir / f"{md.signed.version}.{name}.json",
                      md.to_bytes(_serializer()))
 
@@ -1087,10 +1099,32 @@ class Repository:
         team.targets[target_path] = tf
         if index is not None:
             team.targets[index.path] = index
-        team.version += 1
+        team.version = next_role_version(team.version,
+                                         self.current()[1].meta.get(f"{role}.json"))
         team.expires = self._clock() + self.expiry.targets
-        self._write_delegated(md, role, self.keys / f"delegated-{role}.pem")
-        return self._snapshot_and_timestamp(targets.version)
+        key_file = self.keys / f"delegated-{role}.pem"
+        self._write_delegated(md, role, key_file, check=lambda signed: check_team_signature(
+            signed, role, key_file, {TOP: targets, **{n: m.signed for n, m in
+                                                      self._delegations(targets)[1].items()}}))
+        return self._list_with(targets)
+
+    def _list_with(self, targets: Targets) -> int:
+        """Snapshot and timestamp for a team's change, listing ``targets`` (the top-level
+        ones built on). When no file of that version verifies with that content (numbered
+        above a version the served snapshot names, after a jump: devices that took it
+        refuse a lower one), the operator's targets are signed anew first (the targets
+        key is needed, as for any top-level change); returns the timestamp version."""
+        try:  # this tool's head (its served copy is put back first), or the served file
+            own = own_targets_md(self, f"{targets.version}.targets.json")
+            if own is not None and own.signed.to_dict() == targets.to_dict() or \
+                    self._written_targets(targets.version).to_dict() == targets.to_dict():
+                return self._snapshot_and_timestamp(targets.version)
+        except ServedFileError as e:
+            logger.debug("targets v%d not as built on: %s", targets.version, e)
+        logger.warning("the top-level targets v%d are signed anew, as v%d, for the team's "
+                       "change (the served snapshot names a version no signed file of this "
+                       "tool has)", targets.version, targets.version + 1)
+        return self._commit_targets(targets)
 
     # -- rollouts ---------------------------------------------------------------
     #
@@ -1322,6 +1356,11 @@ class Repository:
         for w in found:
             logger.warning("%s", w.message())
         return found
+
+    def waiting(self) -> list[Note]:
+        """Changes waiting (pending, staged), each saying whether it still follows what is
+        published, and the offline side's own targets against the served ones."""
+        return pending_notes(self, self._view(strict=False))
 
     def status(self) -> list[RoleStatus]:
         """Version, expiry, threshold and signatures of each top-level and delegated role
