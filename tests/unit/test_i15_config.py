@@ -157,7 +157,6 @@ def test_a_typo_is_reported_before_the_missing_key_it_was_meant_to_be(d: Path) -
     ("idle", 'windows = "02:00-04:00"', "idle.windows", "list of strings"),
     ("activation", 'command = "/bin/reload"', "activation.command", "list of strings"),
     ("activation", 'command = ["/bin/reload", ""]', "activation.command", "non-empty"),
-    ("activation", "restart = 1", "activation.restart", "true or false"),
     ("activation", "timeout = 0", "activation.timeout", "above 0"),
     ("metrics", "textfile = 5", "metrics.textfile", "must be a string"),
 ])
