@@ -21,18 +21,7 @@ from modelward.agent._config_schema import (
 )
 from modelward.agent.errors import ConfigError
 from modelward.trust.errors import OperatorInputError
-
-BASE = """\
-device_id = "d"
-fleet = "f"
-state_dir = "state"
-tcti = "swtpm:port=1"
-model = "m"
-[https]
-metadata_url = "https://o.example/metadata/"
-targets_url = "https://o.example/targets/"
-ca_file = "ca.pem"
-"""
+from tests.unit._configbase import BASE, config_dir
 
 MQTT = """
 [mqtt]
@@ -44,8 +33,7 @@ ca_file = "ca.pem"
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("pem")
-    return tmp_path
+    return config_dir(tmp_path, trust=False)
 
 
 def _err(d: Path, text: str) -> ConfigError:

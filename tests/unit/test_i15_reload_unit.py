@@ -16,7 +16,7 @@ from modelward.agent._config import check_config, load_config
 from modelward.agent._observe import ACTIVATED_FILE, ActivationConfig, notify_activation
 from modelward.agent.errors import ConfigError
 from modelward.trust._record import ModelRef
-from tests.unit.test_i15_config import BASE
+from tests.unit._configbase import BASE
 
 
 def _conf(tmp_path: Path, activation: str) -> Path:
