@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,50 @@ def test_i15_tree_state_is_bounded_and_sees_renames(tmp_path: Path) -> None:
     for i in range(300):
         (many / str(i)).touch()
     assert tree_state(state / "slots", "a") is None
+
+
+# --- the disk during the early hash itself ------------------------------------------------
+
+
+def test_i15_a_file_grown_while_the_early_threads_hash_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two leaves, hashed on two threads; the disk appends while the first is read: the
+    early entries are not used (the tree changed), and the check's own hash sees the
+    grown file, which no longer matches."""
+    from modelward.trust import _fingerprint as fpmod
+
+    state, _ = _device(tmp_path)
+    big = state / "slots" / "a" / "model.onnx"
+    big.write_bytes(b"\x01" * (fpmod.LEAF_SIZE + 1))
+    ref = ModelRef("m", "1.0.0", slot_fingerprint(directory_entries(big.parent)), "a")
+    real, grown = fpmod._read_leaf, threading.Event()
+
+    def grow_once(fd: int, offset: int, length: int, buf: bytearray) -> bytes:
+        if not grown.is_set():
+            grown.set()
+            with open(big, "ab") as f:
+                f.write(b"\x02")
+        return real(fd, offset, length, buf)
+
+    monkeypatch.setattr(fpmod, "_read_leaf", grow_once)
+    early = EarlyFingerprint(state)
+    early.close()
+    monkeypatch.undo()
+    assert grown.is_set()
+    assert early.entries("a") is None
+    ok, fp = slot_matches(SlotStore(state), ref, early)
+    assert not ok and fp == slot_fingerprint(directory_entries(big.parent))
+
+
+def test_i15_a_planted_sparse_giant_is_not_read_early(tmp_path: Path) -> None:
+    from modelward.trust._fingerprint import MAX_FILE_BYTES
+
+    state, ref = _device(tmp_path)
+    with open(state / "slots" / "a" / "giant", "wb") as f:
+        f.truncate(MAX_FILE_BYTES + 1)  # (sparse: no block written)
+    os.chmod(state / "slots" / "a" / "giant", 0o640)
+    early = EarlyFingerprint(state)
+    entries = early.entries("a")
+    assert entries is not None
+    assert [e for e in entries if e.path == "giant"][0].size == -1  # never read, never a match
+    assert not slot_matches(SlotStore(state), ref, early)[0]
