@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,6 +75,8 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
     if (problem := write_activated(state_dir, ref)) is not None:
         ok = False
         details.append(f"activated: {problem}")
+    if cmds:
+        import subprocess  # (here: not on the boot path, issue 15)
     for cmd in cmds:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True,

@@ -29,6 +29,7 @@ FORBIDDEN = (
     "tpm2_pytss.internal.crypto", "cryptography.x509",
     # ... its FAPI bindings and cryptography's key serialization (deferred the same way)
     "tpm2_pytss.FAPI", "cryptography.hazmat.primitives.serialization",
+    "subprocess",  # (the activation command's: run by updates, never at boot)
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
 NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",
