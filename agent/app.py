@@ -39,12 +39,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import MerkleHasher, directory_entries, slot_fingerprint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
 MAX_RECORD = 64 * 1024  # bytes of trust/record.json read
+MAX_MANIFEST = 1 << 20  # bytes of a slot's manifest.json parsed
 
 
 def read_in_slot(dir_fd: int, path: str, size: int) -> bytes:
@@ -86,7 +88,7 @@ def trusted_refs(model_dir: str) -> dict[str, dict[str, str] | None]:
     """
     path = os.path.join(os.path.dirname(model_dir), "trust", "record.json")
     with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
-        record = json.loads(f.read(MAX_RECORD))["record"]
+        record = loads_bounded(f.read(MAX_RECORD + 1), max_bytes=MAX_RECORD, what=path)["record"]
     return {k: record[k] and {f: str(record[k][f]) for f in ("name", "version", "slot",
                                                              "fingerprint")}
             for k in ("active", "previous")}
@@ -134,7 +136,8 @@ def load_verified(model_dir: str) -> VerifiedModel:
         return data
 
     try:
-        manifest = json.loads(read("manifest.json"))
+        manifest = loads_bounded(read("manifest.json"), max_bytes=MAX_MANIFEST,
+                                 what=f"{slot}/manifest.json")
         if (manifest["name"], manifest["version"]) != (ref["name"], ref["version"]):
             raise ValueError(f"the slot holds {manifest['name']} {manifest['version']}, "
                              f"the trust record names {ref['name']} {ref['version']}")
