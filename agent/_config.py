@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -104,7 +105,10 @@ def load_config(path: Path | None = None, *, test_kill_at: str | None = None) ->
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
     path = DEFAULT_CONFIG if path is None else path
-    return build_config(validate(read_document(path), path), test_kill_at=test_kill_at)
+    resolved = validate(read_document(path), path)
+    for notice in resolved.notices:  # (a removed key: ignored, said each time it loads)
+        logging.getLogger("modelward.agent").warning(notice)
+    return build_config(resolved, test_kill_at=test_kill_at)
 
 
 def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig:
@@ -207,8 +211,6 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
     )
     activation = ActivationConfig(
         command=r.get("activation", "command"),
-        reload_unit=r.get("activation", "reload_unit"),
-        restart=r.get("activation", "restart"),
         timeout=r.get("activation", "timeout"),
     )
     return AgentConfig(

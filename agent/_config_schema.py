@@ -128,14 +128,33 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "activation": {
         "command": Key("strs", ActivationConfig.command),
-        "reload_unit": Key("str", ActivationConfig.reload_unit, note="none"),
-        "restart": Key("bool", ActivationConfig.restart),
         "timeout": _secs(ActivationConfig.timeout, hi=86400),
     },
     "metrics": {
         "textfile": Key("path", note="STATE_DIR/metrics.prom"),
     },
 }
+
+#: Keys that were removed: accepted and ignored, with this notice (logged whenever the
+#: config loads, printed by ``check-config``), so an upgraded device with its old config
+#: keeps booting and serving. ``{unit}`` is the configured value without ``.service``.
+REMOVED: dict[tuple[str, str], str] = {
+    ("activation", "reload_unit"): (
+        "removed and ignored: the agent is unprivileged and never ran systemctl; systemd "
+        "reloads the unit itself: `systemctl enable --now modelward-activate@{unit}.path`, "
+        "then delete this key"),
+    ("activation", "restart"): (
+        "removed and ignored (it went with reload_unit: modelward-activate@UNIT.service "
+        "reloads with the unit's ExecReload=, else restarts it); delete this key"),
+}
+
+
+def removed_notice(path: Path, section: str, key: str, value: Any) -> str:
+    """The one-line notice of a removed key (see :data:`REMOVED`)."""
+    unit = value.removesuffix(".service") if isinstance(value, str) and value else "UNIT"
+    return f"{path}: {where(section, key)}: " + REMOVED[section, key].format(
+        unit=escape(unit, 80))
+
 
 _NAME = MODEL_NAME  # (one rule: what `bundle build` and the manifest parser accept)
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
@@ -157,6 +176,7 @@ class Resolved:
         self.present = present  # sections in the file (TOP always)
         self.given = given  # (section, key) set in the file, not defaulted
         self.read: set[tuple[str, str]] = set()
+        self.notices: tuple[str, ...] = ()  # removed keys found (REMOVED), one line each
 
     def get(self, section: str, key: str) -> Any:
         """The resolved value of ``[section] key``."""
@@ -167,6 +187,8 @@ class Resolved:
         """The effective configuration, TOML-like: every key with its value (``# default``
         where it was not set), secrets as ``<set>``."""
         yield f"# effective configuration of {self.path} (defaults included)"
+        for notice in self.notices:
+            yield f"# {notice}"
         for section, keys in SCHEMA.items():
             if section != TOP:
                 yield ""
@@ -326,7 +348,7 @@ def _unknown(doc: dict[str, Any], path: Path) -> None:
             if not isinstance(value, dict):
                 raise _err(path, name, "", "must be a table (a [section] heading)")
             for key in value:
-                if key not in SCHEMA[name]:
+                if key not in SCHEMA[name] and (name, key) not in REMOVED:
                     raise _err(path, name, key, "unknown key" + _elsewhere(key, name))
             continue
         if isinstance(value, dict):
@@ -372,7 +394,11 @@ def validate(doc: dict[str, Any], path: Path) -> Resolved:
                 out[name] = spec.default
         values[section] = out
     order = tuple(s for s in doc if s in SCHEMA and s != TOP)
-    return Resolved(path, values, frozenset(present), frozenset(given), order)
+    r = Resolved(path, values, frozenset(present), frozenset(given), order)
+    r.notices = tuple(removed_notice(path, sec, key, doc[sec][key])
+                      for sec, key in REMOVED if isinstance(doc.get(sec), dict) and
+                      key in doc[sec])
+    return r
 
 
 def _blame(path: Path, section: str, key: str) -> Callable[[str], ConfigError]:

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import stat
-import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,16 +35,14 @@ class ActivationConfig:
     Attributes:
         command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
             MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
-        reload_unit: not run any more: the agent is unprivileged and systemctl would need a
-            polkit rule. ``modelward-activate@UNIT.path`` (systemd) reloads the unit when
-            :data:`ACTIVATED_FILE` changes; a configured value is reported as not done.
-        restart: (with ``reload_unit``) no effect.
         timeout: seconds each may take.
+
+    (``reload_unit`` and ``restart`` were removed: ``modelward-activate@UNIT.path``, run by
+    systemd, reloads the unit when :data:`ACTIVATED_FILE` changes; the config loader
+    ignores them with a notice, ``agent._config_schema.REMOVED``.)
     """
 
     command: tuple[str, ...] = ()
-    reload_unit: str | None = None
-    restart: bool = False
     timeout: float = 30.0
 
 
@@ -78,11 +75,8 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
     if (problem := write_activated(state_dir, ref)) is not None:
         ok = False
         details.append(f"activated: {problem}")
-    if cfg.reload_unit:
-        ok = False
-        details.append(f"reload_unit {cfg.reload_unit}: not run (systemctl needs privileges "
-                       f"the agent does not have); enable "
-                       f"modelward-activate@{cfg.reload_unit.removesuffix('.service')}.path")
+    if cmds:
+        import subprocess  # (here: not on the boot path, issue 15)
     for cmd in cmds:
         try:
             r = subprocess.run(cmd, env=env, capture_output=True, text=True,

@@ -12,7 +12,7 @@ signed in ``KEYS/targets-head.json``. Its next targets are built on the newest o
   by the targets keys of the newest root of the chain from ``KEYS/trusted-root.json`` (the
   operator's key: e.g. ``KEYS`` was restored from an older backup);
 - a newer ``N.targets.json`` in ``metadata/`` those keys signed
-  (:func:`modelward.publisher._online.newest_signed_targets`' rules).
+  (the rules of :func:`modelward.publisher._online._head`).
 
 Whatever the online host (snapshot and timestamp keys, write access to ``metadata/``) does,
 its snapshot can only make the offline side warn: a snapshot naming targets older than the

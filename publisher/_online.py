@@ -51,7 +51,6 @@ from modelward.publisher._served import (
     ServedFileError,
     parse,
     read_file,
-    trusted_chain,
     versions,
     walk_roots,
 )
@@ -655,21 +654,6 @@ def _reusable_snapshot(repo: Repository, prev: Floor, root: Root
         return None
     expires: datetime = md.signed.expires
     return expires, meta_of(prev.snapshot, data)
-
-
-def newest_signed_targets(repo: Repository, published: Targets) -> Targets:
-    """On the offline side of the two-machine layout: the newest targets this machine signed,
-    which the online host may not have put in a snapshot yet (so the next change builds on
-    it, never on an older version). Only targets signed by the targets keys of the newest
-    root that chains (TUF's rules) from the offline anchor (``KEYS/trusted-root.json``,
-    :func:`modelward.publisher._served.trusted_chain`) count: never a retired key (:func:`_head`),
-    never an unchained root.
-
-    Raises:
-        ServedFileError: the anchor is unusable, or a newer root does not chain (named).
-    """
-    roots = [md.signed for md in trusted_chain(repo)]
-    return _head(repo.metadata_dir, roots, published)
 
 
 def _head(metadata_dir: Path, roots: list[Root], published: Targets) -> Targets:

@@ -27,9 +27,12 @@ FORBIDDEN = (
     "modelward.updater.install._health", "modelward.updater.bundle._bundle",
     # tpm2-pytss's software crypto helpers (trust/_tpmimport.py defers them: never called)
     "tpm2_pytss.internal.crypto", "cryptography.x509",
+    # ... its FAPI bindings and cryptography's key serialization (deferred the same way)
+    "tpm2_pytss.FAPI", "cryptography.hazmat.primitives.serialization",
+    "subprocess",  # (the activation command's: run by updates, never at boot)
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
-NEEDED = ("tpm2_pytss", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",
+NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",
           "modelward.trust._store", "modelward.updater.install._slots",
           "modelward.updater.install._boot")
 

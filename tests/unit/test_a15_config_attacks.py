@@ -14,27 +14,14 @@ from modelward.agent._config import check_config, load_config
 from modelward.agent._status_offline import unverified_status
 from modelward.agent.errors import ConfigError
 from modelward.cli import main
-
-BASE = """\
-device_id = "d"
-fleet = "f"
-state_dir = "state"
-tcti = "swtpm:port=1"
-model = "m"
-[https]
-metadata_url = "https://o.example/metadata/"
-targets_url = "https://o.example/targets/"
-ca_file = "ca.pem"
-"""
+from tests.unit._configbase import BASE, config_dir
 
 VERIFIED_LINE = "verified  by the TPM"
 
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("pem")
-    (tmp_path / "state" / "trust").mkdir(parents=True)
-    return tmp_path
+    return config_dir(tmp_path)
 
 
 def _cfg(d: Path, text: str = BASE) -> Path:

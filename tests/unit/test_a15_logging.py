@@ -4,7 +4,6 @@ a local user's environment; a careless operator's --debug."""
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -18,6 +17,7 @@ import pytest
 from modelward import cli
 from modelward.agent import _log
 from modelward.trust.errors import ModelwardError
+from tests.unit._logcapture import captured
 
 SCRIPT = Path(sys.executable).with_name("modelward")
 EVIL = ("target \x1b]0;pwned\x07\x1b[8m\u202eevil\x00\udcff"
@@ -177,16 +177,8 @@ def test_percent_d_with_infinity_does_not_break_the_formatter() -> None:
 
 
 def test_stream_handler_keeps_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    buf = io.StringIO()
-    h = logging.StreamHandler(buf)
-    h.setFormatter(_log.HumanFormatter())
-    log = logging.getLogger("modelward.a15test")
-    log.addHandler(h)
-    log.propagate = False
-    try:
+    with captured(_log.HumanFormatter(), "modelward.a15test") as (log, buf):
         log.warning("from %s: %r", EVIL, EVIL)
-    finally:
-        log.removeHandler(h)
     assert buf.getvalue().count("\n") == 1
 
 

@@ -20,6 +20,7 @@ from modelward.agent._log import (
     setup_logging,
     stream_is_journal,
 )
+from tests.unit._logcapture import journal_stderr, root_logging_kept
 
 # a device id / payload a hostile device (or team key, or origin) could make us log
 HOSTILE = ('dev-9\n{"level": "error", "msg": "update failed on dev-2"}'
@@ -108,20 +109,12 @@ def test_journal_stream_detected_by_device_and_inode(tmp_path: Path) -> None:
 
 @pytest.fixture
 def root_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = saved
-    root.setLevel(level)
+    with root_logging_kept():
+        yield
 
 
 def _journal_stderr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "stderr"
-    f = path.open("w")
-    st = os.fstat(f.fileno())
-    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    monkeypatch.setattr(sys, "stderr", f)
-    return path
+    return journal_stderr(tmp_path / "stderr", monkeypatch)
 
 
 def test_operator_commands_log_json_under_journald(

@@ -21,18 +21,7 @@ from modelward.agent._config_schema import (
 )
 from modelward.agent.errors import ConfigError
 from modelward.trust.errors import OperatorInputError
-
-BASE = """\
-device_id = "d"
-fleet = "f"
-state_dir = "state"
-tcti = "swtpm:port=1"
-model = "m"
-[https]
-metadata_url = "https://o.example/metadata/"
-targets_url = "https://o.example/targets/"
-ca_file = "ca.pem"
-"""
+from tests.unit._configbase import BASE, config_dir
 
 MQTT = """
 [mqtt]
@@ -44,8 +33,7 @@ ca_file = "ca.pem"
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("pem")
-    return tmp_path
+    return config_dir(tmp_path, trust=False)
 
 
 def _err(d: Path, text: str) -> ConfigError:
@@ -157,7 +145,6 @@ def test_a_typo_is_reported_before_the_missing_key_it_was_meant_to_be(d: Path) -
     ("idle", 'windows = "02:00-04:00"', "idle.windows", "list of strings"),
     ("activation", 'command = "/bin/reload"', "activation.command", "list of strings"),
     ("activation", 'command = ["/bin/reload", ""]', "activation.command", "non-empty"),
-    ("activation", "restart = 1", "activation.restart", "true or false"),
     ("activation", "timeout = 0", "activation.timeout", "above 0"),
     ("metrics", "textfile = 5", "metrics.textfile", "must be a string"),
 ])

@@ -14,27 +14,14 @@ import pytest
 from modelward.agent._config import load_config
 from modelward.agent.errors import ConfigError
 from modelward.updater.idle import TimeRange
+from tests.unit._configbase import BASE, config_dir
 
-BASE = """\
-device_id = "d"
-fleet = "f"
-state_dir = "state"
-tcti = "swtpm:port=1"
-model = "m"
-[https]
-metadata_url = "https://o.example/metadata/"
-targets_url = "https://o.example/targets/"
-ca_file = "ca.pem"
-"""
 MQTT = BASE + '[mqtt]\nhost = "b"\nport = 8883\n'
 
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("pem")
-    (tmp_path / "state" / "trust").mkdir(parents=True)
-    os.chmod(tmp_path / "state", 0o750)  # noqa: S103 - as the package makes it
-    return tmp_path
+    return config_dir(tmp_path, state_mode=0o750)  # (as the package makes it)
 
 
 def _load(d: Path, text: str, name: str = "agent.toml") -> object:

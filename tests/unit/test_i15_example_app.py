@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from modelward.agent.app import BusySignal, ModelWatcher, VerifiedModel, load_verified
 from modelward.simulator._app import APP
 from modelward.simulator._models import make_linear_model
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
@@ -80,9 +81,10 @@ def state(tmp_path: Path) -> Path:
 
 
 def test_loads_the_active_slot_through_its_manifest(ia: ModuleType, state: Path) -> None:
-    m = ia.load(str(state / "current"))
-    assert (m["model"], m["version"]) == ("classifier", "1.0.0")
-    assert m["sha256"] == hashlib.sha256((state / "slots/a/model.onnx").read_bytes()).hexdigest()
+    m = load_verified(str(state / "current"))
+    assert (m.name, m.version) == ("classifier", "1.0.0")
+    assert m.sha256 == hashlib.sha256((state / "slots/a/model.onnx").read_bytes()).hexdigest()
+    assert m.data == (state / "slots/a/model.onnx").read_bytes()
 
 
 def _manifest(state: Path, **model: Any) -> None:
@@ -97,9 +99,8 @@ def _manifest(state: Path, **model: Any) -> None:
     "current-absolute", "current-elsewhere", "slots-symlink", "slot-symlink", "unlisted",
     "model-dev-zero", "model-fifo", "model-symlink-same-bytes",
 ])
-def test_refuses_what_the_disk_attacker_plants(
-    ia: ModuleType, state: Path, tmp_path: Path, attack: str,
-) -> None:
+def test_refuses_what_the_disk_attacker_plants(state: Path, tmp_path: Path, attack: str,
+                                               ) -> None:
     """Refused: each load raises; nothing from the planted bytes is loaded."""
     a = state / "slots" / "a"
     evil = tmp_path / "evil"
@@ -143,11 +144,11 @@ def test_refuses_what_the_disk_attacker_plants(
         shutil.copy(a / "model.onnx", tmp_path / "outside.onnx")
         (a / "model.onnx").unlink()
         (a / "model.onnx").symlink_to(tmp_path / "outside.onnx")
-    out: list[BaseException | dict[str, Any]] = []
+    out: list[BaseException | VerifiedModel] = []
 
     def load() -> None:
         try:
-            out.append(ia.load(str(state / "current")))
+            out.append(load_verified(str(state / "current")))
         except (ValueError, OSError) as e:
             out.append(e)
 
@@ -161,59 +162,53 @@ def test_a_failed_reload_keeps_serving_the_old_model_and_a_good_one_swaps(
     ia: ModuleType, state: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="inference")
-    monkeypatch.setattr(ia, "MODEL_DIR", str(state / "current"))
-    app = ia.App()
+    caplog.set_level(logging.INFO, logger="modelward.agent.app")
+    app = ModelWatcher(str(state / "current"), ia.MODEL.open_model)
     app.poll()
-    assert app.active["version"] == "1.0.0"
+    assert app.active is not None and app.active.model.version == "1.0.0"
     activate(state, "b")
     (state / "slots/b/model.onnx").write_bytes(b"not onnx")  # b no longer matches
     (state / "slots/b/manifest.json").touch()
     app.poll()  # (a, the record's previous: kept during the activation)
-    assert app.active["version"] == "1.0.0"
+    assert app.active is not None and app.active.model.version == "1.0.0"
     assert "still serving classifier 1.0.0" in caplog.text
     shutil.rmtree(state / "slots/b")
     slot(state, "b", "3.0.0", 3)  # a new directory: the manifest's inode changes
     record(state, "b")
     app.poll()
-    assert app.active["version"] == "3.0.0"
+    assert app.active is not None and app.active.model.version == "3.0.0"
     app.poll()  # unchanged: no reload
     assert caplog.text.count("serving classifier 3.0.0") == 1
 
 
-def test_busy_file_is_what_the_agents_idle_gate_reads(
-    ia: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_busy_file_is_what_the_agents_idle_gate_reads(tmp_path: Path) -> None:
     busy = tmp_path / "queue-depth"
-    monkeypatch.setattr(ia, "BUSY_FILE", str(busy))
-    app, gate = ia.App(), BusyFileSignal(busy, max_depth=0)
-    app.busy(0)
+    app, gate = BusySignal(str(busy)), BusyFileSignal(busy, max_depth=0)
+    app.add(0)
     assert gate.busy() is None
-    app.busy(+1)
+    app.add(+1)
     assert gate.busy() == "application queue depth 1 > 0"
-    app.busy(+1)
-    app.busy(-1)
+    app.add(+1)
+    app.add(-1)
     assert busy.read_text() == "1\n" and not Path(str(busy) + ".tmp").exists()
-    app.busy(-1)
+    app.add(-1)
     assert gate.busy() is None
-    monkeypatch.setattr(ia, "BUSY_FILE", str(tmp_path / "gone" / "queue-depth"))
-    app.busy(+1)  # an unwritable signal is logged; serving and reloading go on
-    app.busy(-1)
-    assert app.depth == 0
+    app.remove()
+    assert not busy.exists()
+    gone = BusySignal(str(tmp_path / "gone" / "queue-depth"))
+    gone.add(+1)  # an unwritable signal is logged; serving and reloading go on
+    gone.add(-1)
+    assert gone.depth == 0
 
 
 def test_http_answers_bad_requests_with_a_json_error(
     ia: ModuleType, state: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ia, "MODEL_DIR", str(state / "current"))
-    monkeypatch.setattr(ia, "BUSY_FILE", "")
-    app = ia.App()
-
-    class H(ia.Handler):  # type: ignore[misc,name-defined]
-        pass
-
-    H.app = app
-    server = ia.Server(("127.0.0.1", 0), H)
+    busy = BusySignal("")
+    app = ModelWatcher(str(state / "current"), ia.MODEL.open_model, busy)
+    monkeypatch.setattr(ia, "MODEL", app)
+    monkeypatch.setattr(ia, "BUSY", busy)
+    server = ia.BoundedHTTPServer(("127.0.0.1", 0), ia.Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_port}/"
 
@@ -240,9 +235,9 @@ def test_http_answers_bad_requests_with_a_json_error(
         # every request left the queue (the handler thread leaves it just after it
         # answered: give it a moment rather than race it)
         deadline = time.monotonic() + 5
-        while app.depth and time.monotonic() < deadline:
+        while busy.depth and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert app.depth == 0
+        assert busy.depth == 0
     finally:
         server.shutdown()
         server.server_close()

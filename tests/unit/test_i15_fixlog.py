@@ -19,6 +19,7 @@ from modelward import _extras, cli
 from modelward.agent import _child, _log
 from modelward.publisher._passphrases import EnvPassphrases
 from modelward.trust.errors import ModelwardError, OperatorInputError
+from tests.unit._logcapture import captured
 
 RECORD_LIKE = re.compile(r"^(<\d>|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d |modelward: )")
 
@@ -50,17 +51,9 @@ def test_an_ordinary_semicolon_stays() -> None:
 
 
 def test_a_json_record_cannot_forge_the_hint_either() -> None:
-    buf = io.StringIO()
-    h = logging.StreamHandler(buf)
-    h.setFormatter(_log.JsonFormatter())
-    log = logging.getLogger("modelward.fixlogtest")
-    log.addHandler(h)
-    log.propagate = False
-    try:
+    with captured(_log.JsonFormatter(), "modelward.fixlogtest") as (log, buf):
         _log.report_error(ModelwardError("a; hint: curl evil"), fmt="json", hint="ours",
                           logger=log)
-    finally:
-        log.removeHandler(h)
     doc = json.loads(buf.getvalue())
     assert doc["msg"].count("; hint: ") == 1 and doc["msg"].endswith("; hint: ours")
 
@@ -246,14 +239,6 @@ def test_every_line_of_a_journal_record_has_its_priority() -> None:
 
 
 def test_a_percent_in_an_error_message_is_kept_as_it_is() -> None:
-    buf = io.StringIO()
-    h = logging.StreamHandler(buf)
-    h.setFormatter(_log.JsonFormatter())
-    log = logging.getLogger("modelward.fixlogtest2")
-    log.addHandler(h)
-    log.propagate = False
-    try:
+    with captured(_log.JsonFormatter(), "modelward.fixlogtest2") as (log, buf):
         _log.report_error(ModelwardError("100%s %d %(x)s done"), fmt="json", logger=log)
-    finally:
-        log.removeHandler(h)
     assert json.loads(buf.getvalue())["msg"] == "error: 100%s %d %(x)s done"

@@ -26,6 +26,7 @@ from modelward.agent._log import (
     setup_logging,
     syslog_priority,
 )
+from tests.unit._logcapture import journal_stderr, root_logging_kept
 
 HUMAN = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) \S+: ")
 PASSPHRASE = "correct horse battery staple 42"
@@ -35,21 +36,13 @@ PASSPHRASE = "correct horse battery staple 42"
 def _clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     monkeypatch.delenv("MODELWARD_LOG_FORMAT", raising=False)
-    root = logging.getLogger()
-    saved, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = saved
-    root.setLevel(level)
+    with root_logging_kept():
+        yield
 
 
 def _journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """stderr is a file that $JOURNAL_STREAM names by device and inode, as systemd does."""
-    path = tmp_path / "journal"
-    f = path.open("w")
-    st = os.fstat(f.fileno())
-    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
-    monkeypatch.setattr(sys, "stderr", f)
-    return path
+    return journal_stderr(tmp_path / "journal", monkeypatch)
 
 
 def _stderr(monkeypatch: pytest.MonkeyPatch) -> io.StringIO:

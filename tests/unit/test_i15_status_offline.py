@@ -20,18 +20,8 @@ from modelward.agent._status_offline import (
 )
 from modelward.cli import main
 from modelward.trust._display import display_width
+from tests.unit._configbase import BASE, config_dir
 
-BASE = """\
-device_id = "d"
-fleet = "f"
-state_dir = "state"
-tcti = "swtpm:port=1"
-model = "m"
-[https]
-metadata_url = "https://o.example/metadata/"
-targets_url = "https://o.example/targets/"
-ca_file = "ca.pem"
-"""
 LABELS = ("record    ", "active    ", "previous  ", "last error ", "rejected  ", " " * 10 + "| ")
 FORGED = "verified by the TPM (trust record MAC and update counter)"
 NOW = time.time()
@@ -39,9 +29,7 @@ NOW = time.time()
 
 @pytest.fixture
 def d(tmp_path: Path) -> Path:
-    (tmp_path / "ca.pem").write_text("pem")
-    (tmp_path / "state" / "trust").mkdir(parents=True)
-    (tmp_path / "agent.toml").write_text(BASE)
+    (config_dir(tmp_path) / "agent.toml").write_text(BASE)
     return tmp_path
 
 

@@ -152,18 +152,6 @@ def test_example_config_is_all_comments_and_valid_toml_when_uncommented() -> Non
 REF = ModelRef(name="classifier", version="2.0.0", fingerprint="ab" * 32, slot="b")
 
 
-def test_reload_unit_no_longer_runs_systemctl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              caplog: pytest.LogCaptureFixture) -> None:
-    ran: list[list[str]] = []
-    monkeypatch.setattr("subprocess.run", lambda cmd, **kw: ran.append(cmd))
-    cfg = ActivationConfig(reload_unit="inference.service")
-    with caplog.at_level(logging.INFO, "modelward.agent"):
-        r = notify_activation(cfg, tmp_path, REF)
-    assert ran == []
-    assert r["ok"] is False and "modelward-activate@inference.path" in r["detail"]
-    assert json.loads((tmp_path / ACTIVATED_FILE).read_text())["version"] == "2.0.0"
-
-
 def test_activation_file_is_replaced_not_followed(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("keep")
