@@ -33,6 +33,7 @@ instructions under callgrind: 336 -> 251 M for the process):
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 import threading
 import types
@@ -45,6 +46,7 @@ _SERIALIZATION = "cryptography.hazmat.primitives.serialization"
 #: ``.policy``, which this build of tss2 lacks: it raises NotImplementedError).
 _EXPORTS = ("TCTILdr", "TCTI", "types", "constants")
 _lock = threading.Lock()
+logger = logging.getLogger(__name__)
 
 
 class _Deferred(types.ModuleType):
@@ -155,9 +157,26 @@ def import_tpm2_pytss() -> types.ModuleType:
             return sys.modules["tpm2_pytss"]
         if _CRYPTO not in sys.modules:
             sys.modules[_CRYPTO] = _Deferred()
-    pkg = _import_without_init()
+    try:
+        pkg = _import_without_init()
+    except (ImportError, AttributeError, TypeError, ValueError, KeyError) as e:
+        # (a tpm2-pytss whose layout differs: the plain import)
+        _forget_partial()
+        logger.debug("tpm2-pytss's lean import failed (%r): plain import", e)
+        pkg = None
     if pkg is not None:
         return pkg
     import tpm2_pytss
 
     return sys.modules[tpm2_pytss.__name__]
+
+
+def _forget_partial() -> None:
+    """Drop every stand-in and half-set-up module of a lean import that failed, so that
+    the plain import starts from nothing."""
+    with _lock:
+        for name in [n for n in sys.modules if n == "tpm2_pytss" or
+                     n.startswith("tpm2_pytss.")]:
+            del sys.modules[name]
+        if isinstance(sys.modules.get(_SERIALIZATION), _DeferredSerialization):
+            del sys.modules[_SERIALIZATION]

@@ -70,3 +70,24 @@ def test_i15_serialization_imported_first_is_left_alone() -> None:
     r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
                        timeout=60, check=False)
     assert r.returncode == 0, r.stderr
+
+
+BROKEN = """
+import sys, json
+import modelward.trust._tpmimport as ti
+def broken():
+    import tpm2_pytss.TCTI  # (half set up, as a tpm2-pytss of another layout would leave it)
+    raise AttributeError("module 'tpm2_pytss.TCTI' has no attribute 'PyTCTI'")
+ti._import_without_init = broken
+t = ti.import_tpm2_pytss()
+assert t.ESAPI.__name__ == "ESAPI" and hasattr(t, "FAPI"), vars(t).keys()
+import cryptography.hazmat.primitives.serialization as s
+assert not isinstance(s, ti._DeferredSerialization) and hasattr(s, "load_ssh_public_key")
+print(json.dumps(sorted(n for n in vars(t) if not n.startswith("__"))))
+"""
+
+
+def test_i15_a_lean_import_that_fails_falls_back_to_the_plain_import() -> None:
+    """A tpm2-pytss whose layout the lean import does not know (a newer release) must
+    still import: the boot check, and with it inference, depends on it."""
+    assert _names(BROKEN) == _names(FULL)
