@@ -489,3 +489,30 @@ def test_a_span_is_read_block_by_block_within_the_send_queue(tmp_path: Path) -> 
         for i in infos:
             i.done.set()
         b.close()
+
+
+def test_pieces_are_views_of_immutable_payloads_so_the_delta_may_keep_them_uncopied(
+        tmp_path: Path) -> None:
+    """``MqttFetcher.stable_pieces``: the delta path hashes a chunk in one thread and
+    writes it from the same memory in another; a payload buffer reused meanwhile would
+    write bytes that were never verified. Each piece must be a view of a ``bytes`` (the
+    decoder makes one per message)."""
+    from modelward.updater.transport import _pahofast
+
+    assert MqttFetcher.stable_pieces is True
+    f, _, b = _stack(tmp_path)
+    try:
+        for _, piece in f.fetch_ranges("mqtt://repo/targets/x", RANGES):
+            base = piece.obj if isinstance(piece, memoryview) else piece
+            assert type(base) is bytes, type(base)
+    finally:
+        b.close()
+    # (the decoder the connection uses: a PUBLISH's payload is its own bytes object)
+    if _pahofast.decode_publish is not None:
+        from paho.mqtt.enums import MQTTProtocolVersion
+
+        topic, body = b"t/x", bytearray(b"\x00\x00\x00payload")
+        packet = bytearray(len(topic).to_bytes(2, "big") + topic + b"\x00\x01") + body
+        pub = _pahofast.decode_publish(0x32, packet, MQTTProtocolVersion.MQTTv311)
+        packet[-7:] = b"changed"
+        assert type(pub.payload) is bytes and pub.payload.endswith(b"payload")

@@ -220,7 +220,14 @@ class MqttFetcher(RangeFetcher):
 
     URLs look like ``mqtt://repo/metadata/1.root.json``; the path is what the bridge
     serves from the repository directory.
+
+    Attributes:
+        stable_pieces: the pieces :meth:`fetch_ranges` yields are views of each message's
+            payload, an immutable ``bytes`` the decoder made for it alone (never written
+            again: the delta path hashes and writes chunks from them, uncopied).
     """
+
+    stable_pieces: bool = True
 
     def __init__(self, cfg: MqttConfig) -> None:
         self.cfg = cfg
