@@ -1,0 +1,98 @@
+"""Attack 17 on MQTT spans through mosquitto and the real ``serve-mqtt``: one device, with
+only its own credentials, asks for spans of one-byte blocks (``block`` 1). The bridge
+stays up, its memory flat, another device is answered at once; but every request makes
+16 messages of one byte each (the xfail)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from pathlib import Path
+
+import pytest
+
+from modelward.updater.transport._mqtt import BLOCK_HEADER, publish_properties
+from modelward.updater.transport._mqttconn import MqttConnection
+from tests.conftest import FLEET, MqttWorld
+
+
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _flood(w: MqttWorld, n: int = 40) -> dict[str, float]:
+    got: queue.Queue[tuple[bytes, bytes]] = queue.Queue()
+
+    def on_message(msg) -> None:  # type: ignore[no-untyped-def]
+        got.put((bytes(msg.properties.CorrelationData), bytes(msg.payload)))
+
+    assert w.bridge is not None
+    rss0 = _rss(w.bridge.pid)
+    evil = MqttConnection(w.mqtt_cfg("dev-1"), "evil-tiny", [], on_message)
+    honest = MqttConnection(w.mqtt_cfg("dev-2"), "honest-tiny", [], on_message)
+    try:
+        for conn, dev in ((evil, "dev-1"), (honest, "dev-2")):
+            conn.subscribe(f"modelward/{FLEET}/devices/{dev}/repo/resp")
+
+        def ask(conn: MqttConnection, dev: str, corr: bytes, body: dict) -> None:
+            p = publish_properties()
+            p.ResponseTopic = f"modelward/{FLEET}/devices/{dev}/repo/resp"
+            p.CorrelationData = corr
+            conn.publish(f"modelward/{FLEET}/repo/req/{dev}", json.dumps(body).encode(),
+                         p, wait=True)
+
+        for i in range(n):
+            ask(evil, "dev-1", b"E" * 8 + i.to_bytes(8, "big"),
+                {"path": "metadata/1.root.json", "offset": 16 * i, "length": 16,
+                 "format": 3, "block": 1})
+            time.sleep(0.02)  # (within the device's queue of 32 blocks: 2 spans)
+        t0 = time.monotonic()
+        ask(honest, "dev-2", b"H" * 16, {"path": "metadata/1.root.json", "offset": 0,
+                                         "length": 100, "format": 2})
+        honest_after = -1.0
+        blocks = refused = 0
+        end = time.monotonic() + 5
+        while time.monotonic() < end:
+            try:
+                corr, payload = got.get(timeout=0.5)
+            except queue.Empty:
+                if honest_after >= 0:
+                    break
+                continue
+            _, status, _, _ = BLOCK_HEADER.unpack(payload[:BLOCK_HEADER.size])
+            if corr == b"H" * 16:
+                honest_after = time.monotonic() - t0
+            elif status == 200:
+                blocks += 1
+            else:
+                refused += 1
+        alive = w.bridge.poll() is None
+        return {"blocks": blocks, "refused": refused, "requests": n,
+                "honest": honest_after, "alive": float(alive),
+                "rss_growth": _rss(w.bridge.pid) - rss0 if alive else -1}
+    finally:
+        evil.close()
+        honest.close()
+
+
+def test_a_tiny_block_flood_leaves_the_bridge_up_and_another_device_served(
+        mqtt_world: MqttWorld) -> None:
+    r = _flood(mqtt_world)
+    assert r["alive"] == 1.0, r
+    assert 0 <= r["honest"] < 1.0, r
+    assert r["rss_growth"] < 16 << 20, r
+    assert r["blocks"] + r["refused"] >= r["requests"], r  # (each request answered)
+
+
+@pytest.mark.xfail(strict=True, reason="through mosquitto, a span of 16 one-byte blocks "
+                   "is sent as 16 one-byte messages: 40 requests of 16 bytes each make "
+                   "~640 messages; publisher/_fairness.py:parse_request accepts block 1 "
+                   "and Scheduler.offer charges the span's bytes only")
+def test_tiny_block_spans_are_not_sent_as_one_message_a_byte(mqtt_world: MqttWorld) -> None:
+    r = _flood(mqtt_world)
+    asked = 16 * r["requests"]
+    assert r["blocks"] <= r["requests"] + asked // 1024, r
