@@ -353,3 +353,34 @@ def test_a_hostile_bridge_cannot_grow_the_device_s_memory(tmp_path: Path) -> Non
         b.close()
     assert peak <= 16 * BS, peak
     assert json.dumps(w.requests[0])  # (requests were JSON)
+
+
+@pytest.mark.xfail(strict=True, reason="a range fetch counts busy answers per request, "
+                   "not per block: each re-request after a time-out (and each single after "
+                   "a span's pause) starts at 0, so a bridge that answers 429 MAX_BUSY times "
+                   "then stays silent once keeps one block refused (max_retries+1)*MAX_BUSY "
+                   "times (200, ~150 s of pauses at the defaults) before the typed error; "
+                   "the whole-file path (_blocks) stops at MAX_BUSY per block; "
+                   "updater/transport/_mqtt.py:MqttFetcher._range_blocks (singles: _Ask busy=0)")
+def test_busy_answers_are_bounded_per_block_across_re_requests(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import modelward.updater.transport._mqtt as m
+
+    monkeypatch.setattr(m, "busy_pause", lambda n: 0.001)
+    count: dict[int, int] = {}
+
+    def mangle(payload: bytes, corr: bytes) -> list[tuple[bytes, bytes]]:
+        off = struct.unpack(">Q", corr[8:])[0]
+        count[off] = count.get(off, 0) + 1
+        if count[off] % (m.MAX_BUSY + 1) == 0:
+            return []  # silence once: the device re-asks after block_timeout
+        return [(block_header(429, off, 0), corr)]
+
+    f, w, b = _stack(tmp_path, mangle=mangle, block_timeout=0.05)
+    try:
+        with pytest.raises(tuf_exc.DownloadError):
+            _get(f, [(0, BS)])
+    finally:
+        b.close()
+    asked = sum(1 for r in w.requests if r["offset"] == 0)
+    assert asked <= m.MAX_BUSY + f.cfg.max_retries + 2, asked
