@@ -96,3 +96,61 @@ def test_tiny_block_spans_are_not_sent_as_one_message_a_byte(mqtt_world: MqttWor
     r = _flood(mqtt_world)
     asked = 16 * r["requests"]
     assert r["blocks"] <= r["requests"] + asked // 1024, r
+
+
+def test_a_never_acking_subscriber_does_not_hold_the_bridge(mqtt_world: MqttWorld) -> None:
+    """The flooding device subscribes with a Receive Maximum of 1 and never acknowledges
+    what it gets (paho's manual ack, never given), then asks for 60 spans: the broker
+    acknowledges the bridge's answers whatever the subscriber does, so the bridge's send
+    queue drains; another device is answered at once and the bridge stays up."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    w = mqtt_world
+    cfg = w.mqtt_cfg("dev-1")
+    got = {"n": 0}
+
+    def on_message(client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
+        got["n"] += 1  # (never acknowledged)
+
+    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="evil-noack",
+                       protocol=mqtt.MQTTv5, manual_ack=True)
+    evil.tls_set(ca_certs=cfg.ca_file)
+    evil.username_pw_set("dev-1", cfg.password)
+    evil.on_message = on_message
+    cp = Properties(PacketTypes.CONNECT)
+    cp.ReceiveMaximum = 1
+    evil.connect("127.0.0.1", w.broker_port, properties=cp)
+    evil.loop_start()
+    answers: queue.Queue[bytes] = queue.Queue()
+    honest = MqttConnection(w.mqtt_cfg("dev-2"), "honest-noack", [],
+                            lambda m: answers.put(bytes(m.properties.CorrelationData)))
+    try:
+        evil.subscribe(f"modelward/{FLEET}/devices/dev-1/repo/resp", qos=1)
+        honest.subscribe(f"modelward/{FLEET}/devices/dev-2/repo/resp")
+        time.sleep(0.3)
+        assert evil.is_connected()
+        for i in range(60):
+            p = Properties(PacketTypes.PUBLISH)
+            p.ResponseTopic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
+            p.CorrelationData = b"N" * 8 + i.to_bytes(8, "big")
+            evil.publish(f"modelward/{FLEET}/repo/req/dev-1", json.dumps(
+                {"path": "metadata/1.root.json", "offset": 16 * i, "length": 16,
+                 "format": 3, "block": 1}).encode(), qos=1, properties=p).wait_for_publish(5)
+            time.sleep(0.02)
+        p2 = publish_properties()
+        p2.ResponseTopic = f"modelward/{FLEET}/devices/dev-2/repo/resp"
+        p2.CorrelationData = b"H" * 16
+        t0 = time.monotonic()
+        honest.publish(f"modelward/{FLEET}/repo/req/dev-2", json.dumps(
+            {"path": "metadata/1.root.json", "offset": 0, "length": 100,
+             "format": 2}).encode(), p2, wait=True)
+        assert answers.get(timeout=5) == b"H" * 16
+        assert time.monotonic() - t0 < 1.0
+        assert w.bridge is not None and w.bridge.poll() is None
+        assert 1 <= got["n"] <= 2  # (the broker holds the rest for the subscriber, or drops it)
+    finally:
+        evil.loop_stop()
+        evil.disconnect()
+        honest.close()
