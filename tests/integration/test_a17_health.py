@@ -1,0 +1,87 @@
+"""Attack 17 on issue 16's health child started ahead of the seal, through swtpm + nginx +
+onnxruntime: the disk plants a fifo or a symlinked stage just before each seal (the
+delta's and the whole bundle's after it), and the agent is interrupted in the middle of
+the copy. Each time the seal is refused, the child started ahead does not outlive the
+attempt, and nothing trusted moves (record, counter, anchor, current, slots; the TUF
+metadata between refusals); the signed release installs once the disk stops."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from modelward.agent._commands import update as agent_update
+from modelward.updater.install import _health
+from modelward.updater.install import _install as install_mod
+from tests.conftest import World
+from tests.unit.test_a17_health import _wait_dead
+
+pytestmark = pytest.mark.xdist_group("machine")
+
+
+def test_a17_disk_plants_and_an_interrupted_copy_leave_no_child_and_move_nothing(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    world.publish("1.0.0", seed=1)  # (a fresh device: the whole bundle, no delta fallback)
+    incoming = world.state / "staging" / "incoming"
+    children: list[int] = []
+    real_start = install_mod.start_check
+
+    def start(*a: object, **k: object) -> _health.PendingCheck | None:
+        p = real_start(*a, **k)  # type: ignore[arg-type]
+        assert p is not None and p._proc is not None  # (the device is idle: started ahead)
+        children.append(p._proc.pid)
+        return p
+
+    monkeypatch.setattr(install_mod, "start_check", start)
+    real_sendfile = os.sendfile
+    armed: list[bool] = []
+
+    def sendfile(out: int, src: int, offset: int, count: int) -> int:
+        if armed and os.readlink(f"/proc/self/fd/{src}").startswith(str(incoming)):
+            raise KeyboardInterrupt  # (the agent's own interruption, mid-copy)
+        return real_sendfile(out, src, offset, count)
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+
+    def fifo() -> None:
+        (incoming / "vectors.npz").unlink()
+        os.mkfifo(incoming / "vectors.npz")
+
+    def symlinked() -> None:
+        elsewhere = world.root / "elsewhere"
+        shutil.copytree(incoming, elsewhere)
+        shutil.rmtree(incoming)
+        incoming.symlink_to(elsewhere)
+
+    planting: list[object] = []
+    real_seal = install_mod._seal_on_disk
+
+    def seal(*a: object, **k: object) -> object:
+        planting[0]()  # type: ignore[operator]  # (the disk, just before each seal)
+        return real_seal(*a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(install_mod, "_seal_on_disk", seal)
+    before = world.snapshot()
+    metadata = None
+    for plant, raised in ((fifo, Exception), (symlinked, Exception),
+                          (lambda: armed.append(True), KeyboardInterrupt)):
+        planting[:] = [plant]
+        with pytest.raises(raised):
+            agent_update(world.cfg)
+        armed.clear()
+        assert children and _wait_dead(children[-1]), plant
+        after = world.snapshot()
+        assert (after.record, after.counter, after.anchor, after.current, after.slots) == (
+            before.record, before.counter, before.anchor, before.current, before.slots), plant
+        assert metadata in (None, after.metadata), plant
+        metadata = after.metadata
+        assert world.active_version() is None
+        if incoming.is_symlink():
+            incoming.unlink()
+    assert len(children) == 3
+    planting[:] = [lambda: None]
+    world.update()  # the disk stopped: the signed release installs, not rejected
+    assert world.active_version() == "1.0.0"
+    assert all(_wait_dead(pid) for pid in children)
