@@ -39,6 +39,8 @@ def _external_slot(state: Path, name: str, version: str) -> Path:
     (d / "manifest.json").write_text(json.dumps({
         "name": "classifier", "version": version, "model": {"path": "model.onnx"},
         "files": files}))
+    for p in d.iterdir():  # the modes the agent gives a slot's files
+        p.chmod(0o640)
     return d
 
 
