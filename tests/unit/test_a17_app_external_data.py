@@ -1,0 +1,77 @@
+"""``modelward.agent.app`` + the example app against a local user who can write the app's
+working directory. A published model larger than protobuf's 2 GiB limit must keep its
+weights as ONNX external data (a second file of the slot, fingerprinted with it). The app
+verifies ``model.onnx``'s bytes and hands them to ``ort.InferenceSession(bytes)``, which
+resolves the external-data location relative to the process's working directory, not the
+slot: the weights served are whatever file of that name the working directory holds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelward.agent.app import load_verified
+from tests.unit.test_i15_example_app import activate
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+
+def _external_slot(state: Path, name: str, version: str) -> Path:
+    """A slot whose model keeps its weights (all ones) in ``weights.bin`` next to it."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    d = state / "slots" / name
+    d.mkdir(parents=True)
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "W")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save_model(m, str(d / "model.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    files = [{"path": p, "sha256": hashlib.sha256((d / p).read_bytes()).hexdigest()}
+             for p in ("model.onnx", "weights.bin")]
+    (d / "manifest.json").write_text(json.dumps({
+        "name": "classifier", "version": version, "model": {"path": "model.onnx"},
+        "files": files}))
+    for p in d.iterdir():  # the modes the agent gives a slot's files
+        p.chmod(0o640)
+    return d
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent/app.py load_verified verifies only model.onnx's bytes and the example app "
+    "(examples/inference_app.py) builds the session from them: onnxruntime reads the "
+    "model's external data from the working directory, so planted weights are served"))
+def test_a17_external_weights_come_from_the_verified_slot(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    _external_slot(state, "a", "1.0.0")
+    activate(state, "a")
+    cwd = tmp_path / "cwd"  # the app's working directory, writable by the local user
+    cwd.mkdir()
+    np.full((4, 4), 7, np.float32).tofile(cwd / "weights.bin")  # planted
+    monkeypatch.chdir(cwd)
+    try:
+        m = load_verified(str(state / "current"))
+        s = ort.InferenceSession(m.data, providers=["CPUExecutionProvider"])  # as the app
+        y = s.run(None, {"x": np.ones((1, 4), np.float32)})[0]
+    except Exception:  # noqa: BLE001 - refusing such a model is an acceptable answer
+        return
+    assert y.tolist() == [[4.0] * 4]  # the slot's weights (ones), never the planted ones
+
+
+def test_a17_external_weights_are_fingerprinted_in_the_slot(tmp_path: Path) -> None:
+    """A change of the slot's own weights file is seen (it is in the fingerprint)."""
+    state = tmp_path / "state"
+    d = _external_slot(state, "a", "1.0.0")
+    activate(state, "a")
+    with open(d / "weights.bin", "r+b") as f:
+        f.write(b"\xff")
+    with pytest.raises(ValueError, match="fingerprint"):
+        load_verified(str(state / "current"))
