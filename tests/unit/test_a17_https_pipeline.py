@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
@@ -266,3 +267,34 @@ def test_a17_a_byte_changed_after_the_write_is_caught_by_the_seal(
 
 
 MANIFEST_NAME = _delta.MANIFEST
+
+
+# --- a hostile origin hides an altered chunk behind a cut connection --------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="an origin that alters chunk k and cuts the connection "
+                   "right after it gets a transfer failure (DownloadError: resumed, the delta "
+                   "tried again, MAX_DELTA_STALLS polls) instead of DeltaChunkError (refused "
+                   "at once, noted): the except path's settle(-1) suppresses the mismatch it "
+                   "finds (updater/install/_delta._fetch: contextlib.suppress(DeltaChunkError))")
+def test_a17_an_altered_chunk_then_a_cut_is_still_refused_as_altered(
+        tmp_path: Path, release: Release) -> None:
+    data, ix, _ = release
+    chunks = _chunk_list(ix)
+    k = len(chunks) // 2
+    off, n = chunks[k]
+    bad = bytearray(data)
+    bad[off + n // 2] ^= 1
+    # (the piece that completes chunk k is handed on; the connection is cut just after)
+    cut = off + n - chunks[0][0] + 1
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    with pytest.raises(tuf_exc.DownloadError):  # (control: the same cut, honest bytes)
+        _assemble(honest, release, _Stable(data, 1 << 20, cut_at=cut))
+    assert _chunks_on_disk(honest, ix)[k]  # (chunk k came whole before the cut)
+    fake = _Stable(bytes(bad), 1 << 20, cut_at=cut)
+    with pytest.raises(_delta.DeltaChunkError):
+        _assemble(tmp_path, release, fake)
+    assert _no_threads_left()
+    on_disk = _chunks_on_disk(tmp_path, ix)
+    assert not any(on_disk[k:]) and _is_prefix(on_disk)
