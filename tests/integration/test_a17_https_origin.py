@@ -8,16 +8,23 @@ tiny TLS records (memory stays bounded)."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 import tracemalloc
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from tuf.api import exceptions as tuf_exc
+from tuf.api.metadata import TargetFile
 
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.publisher._chunking import build_index
 from modelward.simulator._pki import CertPair
+from modelward.updater.idle import Gate
+from modelward.updater.install import _delta
 from modelward.updater.transport._ranges import RangeAnswerError
 from tests.integration.test_i16_ranges import DATA, _fetch, _https, _Origin
 
@@ -161,3 +168,64 @@ def test_a17_a_body_in_tiny_tls_records_keeps_memory_bounded(
     assert pieces < n // rec // 4  # (records gathered into chunks, not a piece each)
     assert peak < 2 * n + (8 << 20)  # (the received bytes themselves, plus little)
     assert threading.active_count() < 50
+
+
+# --- real TLS, the whole pipeline: an altered chunk hidden behind a cut connection ---------
+
+
+@pytest.mark.xfail(strict=True, reason="through real TLS: the origin alters chunk k and closes "
+                   "the connection right after it; assemble raises a transfer failure "
+                   "(DownloadError, the delta resumed and tried again) instead of "
+                   "DeltaChunkError (refused at once): the mismatch found while winding down "
+                   "is suppressed (updater/install/_delta._fetch)")
+def test_a17_real_tls_altered_chunk_then_close_is_refused_as_altered(
+        origin: _Origin, pki: tuple[CertPair, CertPair], tmp_path: Path) -> None:
+    from tests.integration._i16_delta import big_model
+
+    bundle = tmp_path / "classifier-1.0.0.tar"
+    build_bundle(big_model(tmp_path / "m.onnx"), "classifier", "1.0.0", bundle,
+                 options=BuildOptions())
+    data = bundle.read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    ix = build_index(bundle, sha)
+    tf = TargetFile(len(data), {"sha256": sha}, "classifier/f.tar")
+    chunks = [(c.offset, c.length) for f in ix.files for c in f.chunks]
+    k = len(chunks) // 2
+    off, n = chunks[k]
+    bad = bytearray(data)
+    bad[off + n // 2] ^= 0x40
+    cut = off + n + 1  # (the connection is closed one byte after chunk k)
+
+    def answer(rs: list[tuple[int, int]]) -> tuple[int, dict[str, str], Iterator[bytes]]:
+        assert len(rs) == 1, rs  # (nothing held: one coalesced range)
+        a, ln = rs[0]
+        return 206, {"Content-Range": f"bytes {a}-{a + ln - 1}/{len(data)}",
+                     "Content-Length": str(ln), "Connection": "close"}, \
+            iter([bytes(bad[a:min(a + ln, cut)])])
+
+    origin.answer = answer
+    f = _https(origin.url, pki[0].cert, read_timeout=5)
+    staging = tmp_path / "state" / "staging"
+    staging.parent.mkdir()
+    with pytest.raises(_delta.DeltaChunkError):
+        _delta.assemble(ix, tf, origin.url + "/f.tar", f, staging, staging / "incoming", [],
+                        Gate())
+
+
+def test_a17_multipart_overstating_its_length_then_stalling_fails_typed_and_in_time(
+        origin: _Origin, pki: tuple[CertPair, CertPair]) -> None:
+    from tests.integration.test_i16_ranges import _MP, _honest
+
+    ranges = [(1000, 500), (7_000, 9000)]
+    body = b"".join(_honest(ranges))
+    origin.answer = lambda rs: (206, {**_MP, "Content-Length": str(len(body) + 50)},
+                                _stall(body))
+    f = _https(origin.url, pki[0].cert, read_timeout=1)
+    got = bytearray()
+    t = time.monotonic()
+    with pytest.raises(tuf_exc.DownloadError) as ei:  # (typed: a transfer failure)
+        for p_off, piece in f.fetch_ranges(origin.url + "/x", ranges):
+            assert bytes(piece) == DATA[p_off:p_off + len(piece)]
+            got += piece
+    assert not isinstance(ei.value, RangeAnswerError)  # (resumed, not refused)
+    assert time.monotonic() - t < 4  # (read_timeout, not for ever)
