@@ -26,7 +26,7 @@ from modelward.publisher._bundle_build import BuildOptions, build_bundle
 from modelward.publisher._chunking import build_index
 from modelward.updater.bundle._chunkindex import ChunkIndex
 from modelward.updater.errors import StagedFilesChangedError, StagingError
-from modelward.updater.idle import Gate
+from modelward.updater.idle import Gate, UpdateInterrupted
 from modelward.updater.install import _delta
 from modelward.updater.install._sealed import seal_verified
 from tests.unit.test_i16_fastfetch import _chunk_list, _chunks_on_disk, _Reusing, _Stable
@@ -187,7 +187,7 @@ class _InterruptAt(Gate):
 
 
 @pytest.mark.parametrize("stable", [True, False])
-@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit, UpdateInterrupted])
 def test_a17_interrupt_mid_fetch_leaves_a_verified_prefix_and_no_thread(
         tmp_path: Path, release: Release, stable: bool, exc: type[BaseException]) -> None:
     data, ix, _ = release
