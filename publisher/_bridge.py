@@ -45,6 +45,7 @@ from modelward.publisher._fairness import (
     Scheduler,
     SendQueue,
     TokenBucket,
+    extra_messages,
     parse_request,
 )
 from modelward.publisher.errors import OperatorInputError
@@ -227,7 +228,8 @@ class Bridge:
             return
         job = _Job(device, resp_topic, corr, req)
         parts = -(-req.length // req.block) if req.format == 3 else 1
-        refusal = self._sched.offer(device, job, req.length, now, parts)
+        refusal = self._sched.offer(device, job, req.length, now, parts,
+                                    extra_messages(req.length, parts, self.max_block))
         if refusal is None:
             logger.debug("queued path=%r offset=%d length=%d format=%d for %s", req.path,
                          req.offset, req.length, req.format, device)

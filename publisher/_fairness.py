@@ -8,7 +8,9 @@ broker:
   of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block).
 * :class:`TokenBucket`: ``rate`` tokens a second, at most ``burst`` saved up.
 * :class:`Scheduler`: per device a request bucket, a byte bucket and a queue of at most
-  ``device_queue`` blocks (a span counts every block it will send); all queues together
+  ``device_queue`` blocks (a span counts every block it will send; its blocks beyond those
+  its bytes need at the bridge's block size cost a request token each:
+  :func:`extra_messages`); all queues together
   ask for at most ``queued_bytes``. :meth:`Scheduler.take_part` serves the devices
   round-robin, one block each in turn (a span stays at the front of its device's queue
   until its last block), and a device whose queue was empty first, so a device that floods
@@ -35,6 +37,10 @@ MAX_PATH_CHARS = 1024
 MAX_OFFSET = (1 << 63) - 1  # what a file offset (off_t) can be
 FORMATS = (1, 2, 3)
 MAX_SPAN_BLOCKS = 16  # blocks one format 3 request may ask for (its length: this many blocks)
+# The smallest block a span is answered in (or the bridge's block, if smaller): a span
+# naming a smaller one is answered in blocks of this size (one message for a short span),
+# so a message always carries a block's worth of the bytes the device is charged for.
+MIN_SPAN_BLOCK = 4096
 
 
 class BadRequestError(ValueError):
@@ -65,7 +71,9 @@ def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
 def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> BlockRequest:
     """The request in ``payload``: ``{"path", "offset", "length"[, "format"][, "block"]}``;
     ``length`` at most ``max_block``, or in format 3 (a span, answered in blocks of
-    ``block`` bytes, at most and by default ``max_block``) ``MAX_SPAN_BLOCKS * block``.
+    ``block`` bytes, at most and by default ``max_block``, at least
+    ``min(MIN_SPAN_BLOCK, max_block)``: a smaller one is raised to it)
+    ``MAX_SPAN_BLOCKS * block``.
 
     Raises:
         BadRequestError: too large (checked before parsing), too deep, not JSON, not an
@@ -90,6 +98,7 @@ def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> Bloc
         return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
                             _int_field(req, "length", 1, max_block), fmt)
     block = _int_field(req, "block", 1, max_block) if "block" in req else max_block
+    block = max(block, min(MIN_SPAN_BLOCK, max_block))  # (one-byte blocks: see above)
     return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
                         _int_field(req, "length", 1, MAX_SPAN_BLOCKS * block), fmt, block)
 
@@ -112,6 +121,19 @@ class TokenBucket:
         self.tokens -= n
         return True
 
+    def give(self, n: float) -> None:
+        """Give back ``n`` tokens taken (a request refused after they were)."""
+        self.tokens = min(self.burst, self.tokens + n)
+
+
+def extra_messages(length: int, parts: int, max_block: int) -> int:
+    """The messages a request of ``length`` bytes sent as ``parts`` blocks makes beyond
+    those its bytes need in the bridge's blocks of ``max_block``: each costs the device
+    one more request token, so that a device's messages a second stay within its
+    requests a second plus its bytes a second over ``max_block``, as before spans (one
+    message a request), whatever block size its spans name."""
+    return max(0, parts - -(-length // max_block))
+
 
 @dataclass(frozen=True)
 class BridgeLimits:
@@ -119,7 +141,10 @@ class BridgeLimits:
 
     Args:
         requests_per_s, request_burst: requests a device may send (beyond: dropped
-            unanswered; a device that sends more is not following the protocol).
+            unanswered; a device that sends more is not following the protocol). The
+            blocks of a span beyond those its bytes need at the bridge's block size
+            count as requests too (beyond: 429), so the messages a device makes the
+            bridge send stay bounded whatever block size it names.
         bytes_per_s, byte_burst: bytes a device may ask for (beyond: refused with 429,
             and the device backs off). 0: no byte limit.
         device_queue: blocks queued for one device at once, a span counting each block it
@@ -209,10 +234,11 @@ class Scheduler(Generic[J]):
             return d is not None and d.logs.take(1, now)
 
     def offer(self, device: str, job: J, cost: int, now: float,
-              parts: int = 1) -> tuple[int, str] | None:
+              parts: int = 1, extra: int = 0) -> tuple[int, str] | None:
         """Queue ``job`` (asking for ``cost`` bytes, sent as ``parts`` blocks) for
-        ``device``; None when queued, else the refusal (429 for this device's limits, 503
-        for the bridge's)."""
+        ``device``, taking ``extra`` more tokens from its request bucket (the request's
+        own was taken by :meth:`allow`; see :func:`extra_messages`); None when queued, else
+        the refusal (429 for this device's limits, 503 for the bridge's)."""
         lim = self.limits
         if parts < 1 or parts > cost:
             raise ValueError(f"a job of {cost} bytes in {parts} parts")
@@ -225,7 +251,12 @@ class Scheduler(Generic[J]):
                              f"{d.parts} blocks queued already, {parts} more asked")
             if self._queued_bytes + cost > lim.queued_bytes:
                 return 503, f"the bridge has {self._queued_bytes} bytes queued"
+            if extra and not d.requests.take(extra, now):
+                return 429, (f"over {lim.requests_per_s:g} requests/s ({parts} blocks "
+                             f"count as {extra + 1} requests)")
             if not d.bytes.take(cost, now):
+                if extra:
+                    d.requests.give(extra)
                 return 429, f"over {lim.bytes_per_s:.0f} bytes/s"
             d.queue.append([job, cost, parts, 0])
             d.parts += parts
