@@ -17,8 +17,10 @@ broker:
   (with many requests or with long spans) waits behind itself, never in front of another
   device.
 * :class:`SendQueue`: the answers handed to the broker and not yet acknowledged, bounded
-  by count and bytes; an acknowledged one is released at the next send or prune,
-  whoever sends it (a refusal from the network thread, a block from the worker).
+  by count and bytes, and by count per device (its share: the worker serves another
+  device meanwhile, and a refusal beyond it is not sent); an acknowledged one is
+  released at the next send or prune, whoever sends it (a refusal from the network
+  thread, a block from the worker).
 """
 
 from __future__ import annotations
@@ -286,15 +288,24 @@ class Scheduler(Generic[J]):
         got = self.take_part(timeout)
         return None if got is None else got[0]
 
-    def take_part(self, timeout: float) -> tuple[J, int] | None:
+    def take_part(self, timeout: float,
+                  skip: frozenset[str] | set[str] = frozenset()) -> tuple[J, int] | None:
         """The next part to serve, one device after another: (job, index of the part);
         None after ``timeout`` with none. A job of several parts stays at the front of its
         device's queue until its last part is taken, the device going to the back of the
-        round after each part."""
+        round after each part. The devices in ``skip`` (at their share of the send queue)
+        keep their turn for later."""
+        def first() -> str | None:
+            return next((k for k in self._ready if k not in skip), None)
+
         with self._cv:
-            if not self._ready and not self._cv.wait_for(lambda: bool(self._ready), timeout):
+            device = first()
+            if device is None and not self._cv.wait_for(lambda: first() is not None,
+                                                         timeout):
                 return None
-            device = next(iter(self._ready))
+            device = first()
+            if device is None:
+                return None
             del self._ready[device]
             d = self._devices[device]
             entry = d.queue[0]
@@ -332,17 +343,22 @@ class SendQueue(Generic[T]):
     """Answers handed to the broker, until acknowledged (``done``) or ``timeout`` old.
 
     Bounded: at most ``max_entries`` answers and ``max_bytes`` bytes (one block more
-    when it is empty, so that a block larger than the bound still goes out). A refusal
+    when it is empty, so that a block larger than the bound still goes out), and at most
+    ``max_per_owner`` answers of one device (its share: a device whose answers are many
+    and small, or not acknowledged, cannot hold the whole count that every other device's
+    next answer waits on; an answer added without an owner counts in no share). A refusal
     that finds no room is not sent (:meth:`room_for_refusal`); the device re-asks after
     its timeout.
     Not thread-safe: the bridge holds its lock around every call.
     """
 
     def __init__(self, max_entries: int, max_bytes: int, timeout: float,
-                 done: Callable[[T], bool]) -> None:
+                 done: Callable[[T], bool], max_per_owner: int | None = None) -> None:
         self.max_entries, self.max_bytes, self.timeout = max_entries, max_bytes, timeout
+        self.max_per_owner = max_entries if max_per_owner is None else max_per_owner
         self._done = done
-        self._q: deque[tuple[T, int, float]] = deque()
+        self._q: deque[tuple[T, int, float, str | None]] = deque()
+        self._owned: dict[str, int] = {}  # owner -> answers counted
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -350,36 +366,61 @@ class SendQueue(Generic[T]):
 
     def __iter__(self) -> Iterator[tuple[T, int, float]]:
         """(answer, bytes, sent at) of those still counted."""
-        return iter(list(self._q))
+        return iter([e[:3] for e in self._q])
+
+    def _release(self, e: tuple[T, int, float, str | None]) -> None:
+        self.bytes -= e[1]
+        if e[3] is not None:
+            n = self._owned[e[3]] - 1
+            if n:
+                self._owned[e[3]] = n
+            else:
+                del self._owned[e[3]]
 
     def prune(self, now: float) -> None:
         """Release the acknowledged and the timed-out answers at the front; when the
-        queue is still full, every acknowledged one (an unacknowledged block in front
-        must not keep the acknowledged refusals behind it)."""
+        queue is still full (or a device at its share), every acknowledged one (an
+        unacknowledged block in front must not keep the acknowledged refusals behind it)."""
         q = self._q
         while q and (now - q[0][2] > self.timeout or self._done(q[0][0])):
-            self.bytes -= q.popleft()[1]
-        if len(q) >= self.max_entries:
-            keep = [e for e in q if not self._done(e[0])]
-            self.bytes = sum(e[1] for e in keep)
-            self._q = deque(keep)
+            self._release(q.popleft())
+        if len(q) >= self.max_entries or any(
+                n >= self.max_per_owner for n in self._owned.values()):
+            keep: deque[tuple[T, int, float, str | None]] = deque()
+            for e in q:
+                if self._done(e[0]):
+                    self._release(e)
+                else:
+                    keep.append(e)
+            self._q = keep
 
-    def room(self, n: int, now: float) -> bool:
-        """Whether an answer of ``n`` bytes may be sent now (prunes first)."""
+    def full_owners(self) -> set[str]:
+        """The devices at their share (nothing more of theirs may be sent now)."""
+        return {o for o, n in self._owned.items() if n >= self.max_per_owner}
+
+    def _share(self, owner: str | None) -> bool:
+        return owner is None or self._owned.get(owner, 0) < self.max_per_owner
+
+    def room(self, n: int, now: float, owner: str | None = None) -> bool:
+        """Whether an answer of ``n`` bytes (to ``owner``) may be sent now (prunes first)."""
         self.prune(now)
-        return not self._q or (len(self._q) < self.max_entries and
-                               self.bytes + n <= self.max_bytes)
+        return self._share(owner) and (not self._q or (
+            len(self._q) < self.max_entries and self.bytes + n <= self.max_bytes))
 
-    def room_for_refusal(self, now: float) -> bool:
-        """Whether a refusal (a few dozen bytes) may be sent now: bounded by count only,
-        so that blocks filling the bytes do not silence the refusals (prunes first)."""
+    def room_for_refusal(self, now: float, owner: str | None = None) -> bool:
+        """Whether a refusal (a few dozen bytes) to ``owner`` may be sent now: bounded by
+        count only (the queue's and the device's share), so that blocks filling the bytes
+        do not silence the refusals (prunes first)."""
         self.prune(now)
-        return len(self._q) < self.max_entries
+        return len(self._q) < self.max_entries and self._share(owner)
 
-    def add(self, item: T, n: int, now: float) -> None:
-        """Count ``item`` (``n`` bytes), sent at ``now``, until it is acknowledged."""
-        self._q.append((item, n, now))
+    def add(self, item: T, n: int, now: float, owner: str | None = None) -> None:
+        """Count ``item`` (``n`` bytes, to ``owner``), sent at ``now``, until it is
+        acknowledged."""
+        self._q.append((item, n, now, owner))
         self.bytes += n
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
 
     def oldest(self) -> T | None:
         """The answer sent first of those still counted."""
