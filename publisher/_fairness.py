@@ -5,7 +5,8 @@ broker:
 
 * :func:`parse_request` bounds the size before parsing and checks every field's type and
   range (a path, an offset below 2**63, a length of one block at most in format 1 or 2,
-  of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block).
+  of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block,
+  in blocks of at least :data:`MIN_SPAN_BLOCK`).
 * :class:`TokenBucket`: ``rate`` tokens a second, at most ``burst`` saved up.
 * :class:`Scheduler`: per device a request bucket, a byte bucket and a queue of at most
   ``device_queue`` blocks (a span counts every block it will send; its blocks beyond those
