@@ -45,6 +45,7 @@ from modelward.publisher._fairness import (
     Scheduler,
     SendQueue,
     TokenBucket,
+    extra_messages,
     parse_request,
 )
 from modelward.publisher.errors import OperatorInputError
@@ -67,6 +68,7 @@ SERVED_DIRS = ("metadata", "targets")
 REQUEST_PACKET_LIMIT = MAX_REQUEST_BYTES + 4096  # a request, its topic and properties
 SEND_TIMEOUT = 30.0  # an unacknowledged block stops counting against the send queue
 SENT_ENTRIES = 1024  # answers awaiting their PUBACK (beyond: refusals are not sent)
+DEVICE_SENT_ENTRIES = SENT_ENTRIES // 8  # of them one device's (a window of 16 and more)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -131,7 +133,9 @@ class Bridge:
         self._prefix = cfg.topic("repo/req/")
         self._sched: Scheduler[_Job] = Scheduler(self.limits)
         self._sent: SendQueue[Any] = SendQueue(SENT_ENTRIES, self.limits.send_bytes,
-                                               SEND_TIMEOUT, _published)  # paho's infos
+                                               SEND_TIMEOUT, _published,  # paho's infos
+                                               DEVICE_SENT_ENTRIES)
+        self._resp_prefix, self._resp_suffix = cfg.topic("devices/"), "/repo/resp"
         self._sent_lock = threading.Lock()
         self._errors_log = TokenBucket(1.0, 5, time.monotonic())  # admission failures
         self._stop = threading.Event()
@@ -227,7 +231,8 @@ class Bridge:
             return
         job = _Job(device, resp_topic, corr, req)
         parts = -(-req.length // req.block) if req.format == 3 else 1
-        refusal = self._sched.offer(device, job, req.length, now, parts)
+        refusal = self._sched.offer(device, job, req.length, now, parts,
+                                    extra_messages(req.length, parts, self.max_block))
         if refusal is None:
             logger.debug("queued path=%r offset=%d length=%d format=%d for %s", req.path,
                          req.offset, req.length, req.format, device)
@@ -242,8 +247,9 @@ class Bridge:
             logger.warning("refusing a request from %s: %d %r", device, status, why[:200],
                            extra={"device": device, "status": status})
         with self._sent_lock:
-            room = self._sent.room_for_refusal(now)
-        if not room:  # as many answers as SENT_ENTRIES await their PUBACK: the device
+            room = self._sent.room_for_refusal(now, device)
+        if not room:  # as many answers as SENT_ENTRIES (or as the device's share of
+            # them) await their PUBACK: the device
             self.stats.dropped += 1  # re-asks after its timeout
             return
         self._answer(resp_topic, corr, 2 if fmt in (2, 3) and 2 in self.formats else 1,
@@ -261,10 +267,14 @@ class Bridge:
                     logger.info("connection lost: dropped %d queued requests", dropped)
                 self._stop.wait(0.1)
                 continue
-            got = self._sched.take_part(0.5)
-            if got is None:  # idle: release what the broker acknowledged meanwhile
-                with self._sent_lock:
-                    self._sent.prune(time.monotonic())
+            with self._sent_lock:
+                self._sent.prune(time.monotonic())  # what the broker acknowledged meanwhile
+                full = self._sent.full_owners()
+            # A device at its share of the send queue waits (its turn kept) while the
+            # others are served: its many small or unacknowledged answers are not what
+            # another device's next block waits behind.
+            got = self._sched.take_part(0.02 if full else 0.5, full)
+            if got is None:  # idle, or only devices at their share: wait a little
                 continue
             job, part = got
             self._wait_for_room()
@@ -398,7 +408,13 @@ class Bridge:
         with self._sent_lock:
             now = time.monotonic()
             self._sent.prune(now)  # whoever sends releases what was acknowledged
-            self._sent.add(info, len(data), now)
+            self._sent.add(info, len(data), now, self._owner(topic))
+
+    def _owner(self, topic: str) -> str | None:
+        """The device whose response topic ``topic`` is (its share of the send queue)."""
+        if topic.startswith(self._resp_prefix) and topic.endswith(self._resp_suffix):
+            return topic[len(self._resp_prefix):-len(self._resp_suffix)]
+        return None
 
 
 def _cut(e: BaseException) -> str:

@@ -5,18 +5,23 @@ broker:
 
 * :func:`parse_request` bounds the size before parsing and checks every field's type and
   range (a path, an offset below 2**63, a length of one block at most in format 1 or 2,
-  of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block).
+  of at most :data:`MAX_SPAN_BLOCKS` blocks in format 3: a span, answered block by block,
+  in blocks of at least :data:`MIN_SPAN_BLOCK`).
 * :class:`TokenBucket`: ``rate`` tokens a second, at most ``burst`` saved up.
 * :class:`Scheduler`: per device a request bucket, a byte bucket and a queue of at most
-  ``device_queue`` blocks (a span counts every block it will send); all queues together
+  ``device_queue`` blocks (a span counts every block it will send; its blocks beyond those
+  its bytes need at the bridge's block size cost a request token each:
+  :func:`extra_messages`); all queues together
   ask for at most ``queued_bytes``. :meth:`Scheduler.take_part` serves the devices
   round-robin, one block each in turn (a span stays at the front of its device's queue
   until its last block), and a device whose queue was empty first, so a device that floods
   (with many requests or with long spans) waits behind itself, never in front of another
   device.
 * :class:`SendQueue`: the answers handed to the broker and not yet acknowledged, bounded
-  by count and bytes; an acknowledged one is released at the next send or prune,
-  whoever sends it (a refusal from the network thread, a block from the worker).
+  by count and bytes, and by count per device (its share: the worker serves another
+  device meanwhile, and a refusal beyond it is not sent); an acknowledged one is
+  released at the next send or prune, whoever sends it (a refusal from the network
+  thread, a block from the worker).
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ MAX_PATH_CHARS = 1024
 MAX_OFFSET = (1 << 63) - 1  # what a file offset (off_t) can be
 FORMATS = (1, 2, 3)
 MAX_SPAN_BLOCKS = 16  # blocks one format 3 request may ask for (its length: this many blocks)
+# The smallest block a span is answered in (or the bridge's block, if smaller): a span
+# naming a smaller one is answered in blocks of this size (one message for a short span),
+# so a message always carries a block's worth of the bytes the device is charged for.
+MIN_SPAN_BLOCK = 4096
 
 
 class BadRequestError(ValueError):
@@ -65,7 +74,9 @@ def _int_field(req: dict[str, Any], name: str, low: int, high: int) -> int:
 def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> BlockRequest:
     """The request in ``payload``: ``{"path", "offset", "length"[, "format"][, "block"]}``;
     ``length`` at most ``max_block``, or in format 3 (a span, answered in blocks of
-    ``block`` bytes, at most and by default ``max_block``) ``MAX_SPAN_BLOCKS * block``.
+    ``block`` bytes, at most and by default ``max_block``, at least
+    ``min(MIN_SPAN_BLOCK, max_block)``: a smaller one is raised to it)
+    ``MAX_SPAN_BLOCKS * block``.
 
     Raises:
         BadRequestError: too large (checked before parsing), too deep, not JSON, not an
@@ -90,6 +101,7 @@ def parse_request(payload: bytes | bytearray, max_block: int, what: str) -> Bloc
         return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
                             _int_field(req, "length", 1, max_block), fmt)
     block = _int_field(req, "block", 1, max_block) if "block" in req else max_block
+    block = max(block, min(MIN_SPAN_BLOCK, max_block))  # (one-byte blocks: see above)
     return BlockRequest(path, _int_field(req, "offset", 0, MAX_OFFSET),
                         _int_field(req, "length", 1, MAX_SPAN_BLOCKS * block), fmt, block)
 
@@ -112,6 +124,19 @@ class TokenBucket:
         self.tokens -= n
         return True
 
+    def give(self, n: float) -> None:
+        """Give back ``n`` tokens taken (a request refused after they were)."""
+        self.tokens = min(self.burst, self.tokens + n)
+
+
+def extra_messages(length: int, parts: int, max_block: int) -> int:
+    """The messages a request of ``length`` bytes sent as ``parts`` blocks makes beyond
+    those its bytes need in the bridge's blocks of ``max_block``: each costs the device
+    one more request token, so that a device's messages a second stay within its
+    requests a second plus its bytes a second over ``max_block``, as before spans (one
+    message a request), whatever block size its spans name."""
+    return max(0, parts - -(-length // max_block))
+
 
 @dataclass(frozen=True)
 class BridgeLimits:
@@ -119,7 +144,10 @@ class BridgeLimits:
 
     Args:
         requests_per_s, request_burst: requests a device may send (beyond: dropped
-            unanswered; a device that sends more is not following the protocol).
+            unanswered; a device that sends more is not following the protocol). The
+            blocks of a span beyond those its bytes need at the bridge's block size
+            count as requests too (beyond: 429), so the messages a device makes the
+            bridge send stay bounded whatever block size it names.
         bytes_per_s, byte_burst: bytes a device may ask for (beyond: refused with 429,
             and the device backs off). 0: no byte limit.
         device_queue: blocks queued for one device at once, a span counting each block it
@@ -209,10 +237,11 @@ class Scheduler(Generic[J]):
             return d is not None and d.logs.take(1, now)
 
     def offer(self, device: str, job: J, cost: int, now: float,
-              parts: int = 1) -> tuple[int, str] | None:
+              parts: int = 1, extra: int = 0) -> tuple[int, str] | None:
         """Queue ``job`` (asking for ``cost`` bytes, sent as ``parts`` blocks) for
-        ``device``; None when queued, else the refusal (429 for this device's limits, 503
-        for the bridge's)."""
+        ``device``, taking ``extra`` more tokens from its request bucket (the request's
+        own was taken by :meth:`allow`; see :func:`extra_messages`); None when queued, else
+        the refusal (429 for this device's limits, 503 for the bridge's)."""
         lim = self.limits
         if parts < 1 or parts > cost:
             raise ValueError(f"a job of {cost} bytes in {parts} parts")
@@ -225,7 +254,12 @@ class Scheduler(Generic[J]):
                              f"{d.parts} blocks queued already, {parts} more asked")
             if self._queued_bytes + cost > lim.queued_bytes:
                 return 503, f"the bridge has {self._queued_bytes} bytes queued"
+            if extra and not d.requests.take(extra, now):
+                return 429, (f"over {lim.requests_per_s:g} requests/s ({parts} blocks "
+                             f"count as {extra + 1} requests)")
             if not d.bytes.take(cost, now):
+                if extra:
+                    d.requests.give(extra)
                 return 429, f"over {lim.bytes_per_s:.0f} bytes/s"
             d.queue.append([job, cost, parts, 0])
             d.parts += parts
@@ -255,15 +289,24 @@ class Scheduler(Generic[J]):
         got = self.take_part(timeout)
         return None if got is None else got[0]
 
-    def take_part(self, timeout: float) -> tuple[J, int] | None:
+    def take_part(self, timeout: float,
+                  skip: frozenset[str] | set[str] = frozenset()) -> tuple[J, int] | None:
         """The next part to serve, one device after another: (job, index of the part);
         None after ``timeout`` with none. A job of several parts stays at the front of its
         device's queue until its last part is taken, the device going to the back of the
-        round after each part."""
+        round after each part. The devices in ``skip`` (at their share of the send queue)
+        keep their turn for later."""
+        def first() -> str | None:
+            return next((k for k in self._ready if k not in skip), None)
+
         with self._cv:
-            if not self._ready and not self._cv.wait_for(lambda: bool(self._ready), timeout):
+            device = first()
+            if device is None and not self._cv.wait_for(lambda: first() is not None,
+                                                         timeout):
                 return None
-            device = next(iter(self._ready))
+            device = first()
+            if device is None:
+                return None
             del self._ready[device]
             d = self._devices[device]
             entry = d.queue[0]
@@ -301,17 +344,22 @@ class SendQueue(Generic[T]):
     """Answers handed to the broker, until acknowledged (``done``) or ``timeout`` old.
 
     Bounded: at most ``max_entries`` answers and ``max_bytes`` bytes (one block more
-    when it is empty, so that a block larger than the bound still goes out). A refusal
+    when it is empty, so that a block larger than the bound still goes out), and at most
+    ``max_per_owner`` answers of one device (its share: a device whose answers are many
+    and small, or not acknowledged, cannot hold the whole count that every other device's
+    next answer waits on; an answer added without an owner counts in no share). A refusal
     that finds no room is not sent (:meth:`room_for_refusal`); the device re-asks after
     its timeout.
     Not thread-safe: the bridge holds its lock around every call.
     """
 
     def __init__(self, max_entries: int, max_bytes: int, timeout: float,
-                 done: Callable[[T], bool]) -> None:
+                 done: Callable[[T], bool], max_per_owner: int | None = None) -> None:
         self.max_entries, self.max_bytes, self.timeout = max_entries, max_bytes, timeout
+        self.max_per_owner = max_entries if max_per_owner is None else max_per_owner
         self._done = done
-        self._q: deque[tuple[T, int, float]] = deque()
+        self._q: deque[tuple[T, int, float, str | None]] = deque()
+        self._owned: dict[str, int] = {}  # owner -> answers counted
         self.bytes = 0
 
     def __len__(self) -> int:
@@ -319,36 +367,61 @@ class SendQueue(Generic[T]):
 
     def __iter__(self) -> Iterator[tuple[T, int, float]]:
         """(answer, bytes, sent at) of those still counted."""
-        return iter(list(self._q))
+        return iter([e[:3] for e in self._q])
+
+    def _release(self, e: tuple[T, int, float, str | None]) -> None:
+        self.bytes -= e[1]
+        if e[3] is not None:
+            n = self._owned[e[3]] - 1
+            if n:
+                self._owned[e[3]] = n
+            else:
+                del self._owned[e[3]]
 
     def prune(self, now: float) -> None:
         """Release the acknowledged and the timed-out answers at the front; when the
-        queue is still full, every acknowledged one (an unacknowledged block in front
-        must not keep the acknowledged refusals behind it)."""
+        queue is still full (or a device at its share), every acknowledged one (an
+        unacknowledged block in front must not keep the acknowledged refusals behind it)."""
         q = self._q
         while q and (now - q[0][2] > self.timeout or self._done(q[0][0])):
-            self.bytes -= q.popleft()[1]
-        if len(q) >= self.max_entries:
-            keep = [e for e in q if not self._done(e[0])]
-            self.bytes = sum(e[1] for e in keep)
-            self._q = deque(keep)
+            self._release(q.popleft())
+        if len(q) >= self.max_entries or any(
+                n >= self.max_per_owner for n in self._owned.values()):
+            keep: deque[tuple[T, int, float, str | None]] = deque()
+            for e in q:
+                if self._done(e[0]):
+                    self._release(e)
+                else:
+                    keep.append(e)
+            self._q = keep
 
-    def room(self, n: int, now: float) -> bool:
-        """Whether an answer of ``n`` bytes may be sent now (prunes first)."""
+    def full_owners(self) -> set[str]:
+        """The devices at their share (nothing more of theirs may be sent now)."""
+        return {o for o, n in self._owned.items() if n >= self.max_per_owner}
+
+    def _share(self, owner: str | None) -> bool:
+        return owner is None or self._owned.get(owner, 0) < self.max_per_owner
+
+    def room(self, n: int, now: float, owner: str | None = None) -> bool:
+        """Whether an answer of ``n`` bytes (to ``owner``) may be sent now (prunes first)."""
         self.prune(now)
-        return not self._q or (len(self._q) < self.max_entries and
-                               self.bytes + n <= self.max_bytes)
+        return self._share(owner) and (not self._q or (
+            len(self._q) < self.max_entries and self.bytes + n <= self.max_bytes))
 
-    def room_for_refusal(self, now: float) -> bool:
-        """Whether a refusal (a few dozen bytes) may be sent now: bounded by count only,
-        so that blocks filling the bytes do not silence the refusals (prunes first)."""
+    def room_for_refusal(self, now: float, owner: str | None = None) -> bool:
+        """Whether a refusal (a few dozen bytes) to ``owner`` may be sent now: bounded by
+        count only (the queue's and the device's share), so that blocks filling the bytes
+        do not silence the refusals (prunes first)."""
         self.prune(now)
-        return len(self._q) < self.max_entries
+        return len(self._q) < self.max_entries and self._share(owner)
 
-    def add(self, item: T, n: int, now: float) -> None:
-        """Count ``item`` (``n`` bytes), sent at ``now``, until it is acknowledged."""
-        self._q.append((item, n, now))
+    def add(self, item: T, n: int, now: float, owner: str | None = None) -> None:
+        """Count ``item`` (``n`` bytes, to ``owner``), sent at ``now``, until it is
+        acknowledged."""
+        self._q.append((item, n, now, owner))
         self.bytes += n
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
 
     def oldest(self) -> T | None:
         """The answer sent first of those still counted."""

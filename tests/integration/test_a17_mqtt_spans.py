@@ -1,7 +1,7 @@
 """Attack 17 on MQTT spans through mosquitto and the real ``serve-mqtt``: one device, with
 only its own credentials, asks for spans of one-byte blocks (``block`` 1). The bridge
-stays up, its memory flat, another device is answered at once; but every request makes
-16 messages of one byte each (the xfail)."""
+stays up, its memory flat, another device is answered at once, and each request makes
+one message (a span's blocks are at least ``MIN_SPAN_BLOCK``: its 16 bytes in one)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ import json
 import queue
 import time
 from pathlib import Path
-
-import pytest
 
 from modelward.updater.transport._mqtt import BLOCK_HEADER, publish_properties
 from modelward.updater.transport._mqttconn import MqttConnection
@@ -88,10 +86,6 @@ def test_a_tiny_block_flood_leaves_the_bridge_up_and_another_device_served(
     assert r["blocks"] + r["refused"] >= r["requests"], r  # (each request answered)
 
 
-@pytest.mark.xfail(strict=True, reason="through mosquitto, a span of 16 one-byte blocks "
-                   "is sent as 16 one-byte messages: 40 requests of 16 bytes each make "
-                   "~640 messages; publisher/_fairness.py:parse_request accepts block 1 "
-                   "and Scheduler.offer charges the span's bytes only")
 def test_tiny_block_spans_are_not_sent_as_one_message_a_byte(mqtt_world: MqttWorld) -> None:
     r = _flood(mqtt_world)
     asked = 16 * r["requests"]

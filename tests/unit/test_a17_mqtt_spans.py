@@ -67,12 +67,6 @@ def _wait(pred: Any, timeout: float = 5.0) -> bool:
 # --- (1) a compromised device against the bridge -------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a span of 16 one-byte blocks (block=1) makes the "
-                   "bridge send 16 messages for one request token and 16 bytes of byte "
-                   "budget: at the default 50 requests/s one device gets ~800 broker "
-                   "messages/s (format 2: 50; an honest 1 MiB-block device at its 16 MiB/s: "
-                   "16); publisher/_fairness.py:parse_request accepts any block >= 1 and "
-                   "Scheduler.offer charges only the bytes, nothing per block")
 def test_tiny_block_spans_do_not_multiply_messages_per_request(tmp_path: Path) -> None:
     b = _bridge(tmp_path)  # the default limits
     cap = _Capture(b)
@@ -355,13 +349,6 @@ def test_a_hostile_bridge_cannot_grow_the_device_s_memory(tmp_path: Path) -> Non
     assert json.dumps(w.requests[0])  # (requests were JSON)
 
 
-@pytest.mark.xfail(strict=True, reason="a range fetch counts busy answers per request, "
-                   "not per block: each re-request after a time-out (and each single after "
-                   "a span's pause) starts at 0, so a bridge that answers 429 MAX_BUSY times "
-                   "then stays silent once keeps one block refused (max_retries+1)*MAX_BUSY "
-                   "times (200, ~150 s of pauses at the defaults) before the typed error; "
-                   "the whole-file path (_blocks) stops at MAX_BUSY per block; "
-                   "updater/transport/_mqtt.py:MqttFetcher._range_blocks (singles: _Ask busy=0)")
 def test_busy_answers_are_bounded_per_block_across_re_requests(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import modelward.updater.transport._mqtt as m
@@ -464,12 +451,6 @@ def _honest_latency(tmp: Path, tiny: bool) -> float:
         b.close()
 
 
-@pytest.mark.xfail(strict=True, reason="the send queue bounds unacknowledged answers by "
-                   "bytes (4 MiB) and by count (SENT_ENTRIES 1024) only: spans of one-byte "
-                   "blocks fill it with ~1000 messages, which every other device's block "
-                   "then waits behind on the link (1 ms a message: ~1 s), against ~4 blocks "
-                   "(~0.35 s) under a flood of 1 MiB blocks; publisher/_bridge.py:"
-                   "Bridge._wait_for_room / _fairness.py:SendQueue (no per-device share)")
 def test_tiny_block_spans_do_not_hold_the_send_queue_for_others(tmp_path: Path) -> None:
     full = _honest_latency(tmp_path / "full", tiny=False)
     tiny = _honest_latency(tmp_path / "tiny", tiny=True)

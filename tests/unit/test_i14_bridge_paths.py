@@ -103,15 +103,23 @@ def test_i14_send_queue_releases_acknowledged_answers_and_stays_bounded() -> Non
 # --- the bridge's send queue ------------------------------------------------------
 
 def test_i14_unacknowledged_refusals_are_bounded_by_count(tmp_path: Path) -> None:
-    """A broker that acknowledges nothing (or a device flooding bad requests faster than
-    PUBACKs come): at most SENT_ENTRIES answers are held; the rest are not sent."""
+    """A broker that acknowledges nothing (or devices flooding bad requests faster than
+    PUBACKs come): at most SENT_ENTRIES answers are held, of one device at most its share
+    (DEVICE_SENT_ENTRIES, issue 17); the rest are not sent."""
     b, client = _bridge(tmp_path / "repo", ack=False, requests_per_s=1e9,
                         request_burst=10**9)
+    share = bridge_mod.DEVICE_SENT_ENTRIES
+    devices = -(-SENT_ENTRIES // share) + 1
     try:
         for i in range(SENT_ENTRIES + 500):
-            b._on_message(_msg(b"[", i))
+            b._on_message(_msg(b"[", i))  # (one device: its share)
+        assert len(b._sent) == share == len(client.sent)
+        assert b.stats.dropped == SENT_ENTRIES + 500 - share
+        for d in range(devices):
+            for i in range(share + 10):
+                b._on_message(_msg(b"[", i, device=f"many-{d}"))
         assert len(b._sent) == SENT_ENTRIES == len(client.sent)
-        assert b.stats.dropped == 500 and b.stats.refused == SENT_ENTRIES + 500
+        assert b.stats.refused == SENT_ENTRIES + 500 + devices * (share + 10)
     finally:
         b.close()
 

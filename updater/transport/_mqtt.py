@@ -499,6 +499,9 @@ class MqttFetcher(RangeFetcher):
         asked: dict[int, int] = {}  # block offset -> length, of the blocks in ``order``
         order: deque[int] = deque()  # block offsets asked for, not yet handed on, in order
         waiting: dict[int, _Ask] = {}  # block offset -> the request it is awaited from
+        # block offset -> busy answers for it so far, across its requests (a span, its
+        # singles after a pause or a time-out): bounded per block, as in _blocks
+        refused: dict[int, int] = {}
         reqs: dict[int, _Ask] = {}  # request offset (its correlation) -> request in flight
         buffered: dict[int, memoryview] = {}
         held = 0
@@ -588,17 +591,23 @@ class MqttFetcher(RangeFetcher):
                                    "request", path)
                     singles(r, r.attempts)
                     continue
-                if r.busy > MAX_BUSY:
+                n = 0
+                for b in r.blocks:
+                    if waiting.get(b) is r:
+                        refused[b] = refused.get(b, 0) + 1
+                        n = max(n, refused[b])
+                if n > MAX_BUSY:
                     raise tuf_exc.DownloadError(
                         f"mqtt {path}: the bridge stayed busy for offset {r.off} "
-                        f"({r.busy} refusals)")
-                r.deadline = time.monotonic() + busy_pause(r.busy)
+                        f"({n} refusals)")
+                r.deadline = time.monotonic() + busy_pause(n)
                 r.paused = True
                 if r.span:
                     span = max(1, span // 2)
                 continue
             off, data, total = got
             r = waiting.pop(off)
+            refused.pop(off, None)
             r.left -= 1
             r.deadline = time.monotonic() + cfg.block_timeout  # (progress)
             if not r.left and reqs.get(r.off) is r:
