@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelward.agent._onnxrefs import ExternalDataError
 from modelward.agent.app import load_verified
 from tests.unit.test_i15_example_app import activate
 
@@ -44,10 +45,6 @@ def _external_slot(state: Path, name: str, version: str) -> Path:
     return d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/app.py load_verified verifies only model.onnx's bytes and the example app "
-    "(examples/inference_app.py) builds the session from them: onnxruntime reads the "
-    "model's external data from the working directory, so planted weights are served"))
 def test_a17_external_weights_come_from_the_verified_slot(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
@@ -61,7 +58,8 @@ def test_a17_external_weights_come_from_the_verified_slot(
         m = load_verified(str(state / "current"))
         s = ort.InferenceSession(m.data, providers=["CPUExecutionProvider"])  # as the app
         y = s.run(None, {"x": np.ones((1, 4), np.float32)})[0]
-    except Exception:  # noqa: BLE001 - refusing such a model is an acceptable answer
+    except ExternalDataError as e:  # refusing such a model, naming the file, is the answer
+        assert e.locations == ["weights.bin"] and "weights.bin" in str(e)
         return
     assert y.tolist() == [[4.0] * 4]  # the slot's weights (ones), never the planted ones
 
