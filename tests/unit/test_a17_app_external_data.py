@@ -73,3 +73,28 @@ def test_a17_external_weights_are_fingerprinted_in_the_slot(tmp_path: Path) -> N
         f.write(b"\xff")
     with pytest.raises(ValueError, match="fingerprint"):
         load_verified(str(state / "current"))
+
+
+def test_a17_the_example_app_serves_nothing_of_an_external_data_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ModelWatcher and the example's own session factory (real onnxruntime):
+    the external-data model is never opened, nothing is served, the planted weights are
+    never read."""
+    from modelward.agent.app import ModelWatcher
+
+    state = tmp_path / "state"
+    _external_slot(state, "a", "1.0.0")
+    activate(state, "a")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    np.full((4, 4), 7, np.float32).tofile(cwd / "weights.bin")
+    monkeypatch.chdir(cwd)
+    opened: list[object] = []
+
+    def session(m: object) -> object:
+        opened.append(m)
+        return ort.InferenceSession(m.data, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+
+    w = ModelWatcher(str(state / "current"), session)
+    w.poll()
+    assert w.active is None and opened == []

@@ -114,21 +114,6 @@ def _rewrite_same_tick(state: Path) -> None:
         f.write(b"X")  # right after the early hash (and tree_state's lstat)
 
 
-def _fine_grained_ctime() -> bool:
-    """Whether this kernel gives a write right after a stat a new ctime (multigrain
-    timestamps, Linux 6.13+); with coarse ones a write in the same tick is unseen."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile() as f:
-        for _ in range(50):
-            os.pwrite(f.fileno(), b"A", 0)
-            a = os.fstat(f.fileno()).st_ctime_ns
-            os.pwrite(f.fileno(), b"B", 0)
-            if os.fstat(f.fileno()).st_ctime_ns == a:
-                return False
-    return True
-
-
 @pytest.mark.parametrize("attack", [_utime_back, _swap_and_back, _rewrite_same_tick])
 def test_a17_changes_after_the_early_hash_are_seen(tmp_path: Path, attack: object) -> None:
     """mtime put back with utimensat, the two slots renamed into each other twice, a
