@@ -44,7 +44,7 @@ from modelward.updater.errors import (
     TargetHashError,
     TrustStateLostError,
 )
-from modelward.updater.install._boot import BootResult, EarlyFingerprint, boot_check
+from modelward.updater.install._boot import BootResult, boot_check
 from modelward.updater.install._journal import Journal
 
 if TYPE_CHECKING:  # (imported where used: `agent boot-check` loads neither, issue 15)
@@ -387,8 +387,8 @@ def signed_report(cfg: AgentConfig, state: str,
         tpm.close()
 
 
-def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None] = time.sleep,
-                                early: EarlyFingerprint | None = None) -> BootResult:
+def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None] = time.sleep
+                                ) -> BootResult:
     """Boot-check, retried while the TPM does not answer, for up to ``cfg.tpm_wait`` s.
 
     At boot the TPM may come up late (a driver, a resource manager, a swtpm); without it
@@ -400,7 +400,7 @@ def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None]
         try:
             store = open_store(cfg)
             try:
-                return boot_check(cfg.state_dir, store, early)
+                return boot_check(cfg.state_dir, store)
             finally:
                 store.tpm.close()
         except TpmUnavailableError as e:
@@ -437,18 +437,10 @@ def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore 
 def run_boot_check(cfg: AgentConfig) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
     check_state_owner(cfg.state_dir, "agent boot-check")  # (nothing written: not recorded)
-    early = EarlyFingerprint(cfg.state_dir)  # (hashes while the TPM library loads)
-    try:
-        return _run_boot_check(cfg, early)
-    finally:
-        early.close()  # (no slot file is read once the command returns)
-
-
-def _run_boot_check(cfg: AgentConfig, early: EarlyFingerprint) -> BootResult:
     status = StatusFile(cfg.state_dir)
     try:
         try:
-            result = _boot_check_waiting_for_tpm(cfg, early=early)
+            result = _boot_check_waiting_for_tpm(cfg)
         except (TrustRecordError, RootAnchorError) as e:
             if isinstance(e, TrustFileUnreadableError):
                 raise

@@ -39,6 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from modelward.agent._onnxrefs import ExternalDataError, external_data_locations
 from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import MerkleHasher, directory_entries, slot_fingerprint
 
@@ -107,9 +108,12 @@ class VerifiedModel:
 
 def load_verified(model_dir: str) -> VerifiedModel:
     """The model of the slot the trust record names active, if ``current`` names it and its
-    files (as read) are what the record's fingerprint says.
+    files (as read) are what the record's fingerprint says, and the model holds all of its
+    data in its own (verified) bytes.
 
     Raises:
+        ExternalDataError: the model keeps tensors in external data (names the files).
+        ModelFormatError: the model is no ONNX protobuf.
         ValueError, OSError, KeyError, TypeError: anything else (named in the message).
     """
     ref = trusted_refs(model_dir)["active"]
@@ -149,6 +153,13 @@ def load_verified(model_dir: str) -> VerifiedModel:
     listed = {f["path"]: f["sha256"] for f in manifest["files"]}
     if listed.get(path) != sha:
         raise ValueError(f"{path} has sha256 {sha}, its manifest says {listed.get(path)}")
+    if locations := external_data_locations(data):  # (ModelFormatError: not ONNX)
+        # onnxruntime would read them relative to the working directory, not the slot:
+        # bytes nobody verified. Only the model's own (verified) bytes are served.
+        raise ExternalDataError(
+            f"{slot}/{path} keeps tensors outside its bytes (external data in "
+            f"{sorted(set(locations))[:4]}), which would be loaded unverified: refused",
+            locations)
     return VerifiedModel(str(manifest["name"]), str(manifest["version"]), sha, data, ref)
 
 

@@ -309,6 +309,13 @@ def _open_dir(root: Path, rel: str) -> int:
 #: terabyte would hold the boot check for hours.
 MAX_FILE_BYTES = 8 << 30
 
+#: The files of one slot together are not read past this many bytes: a bundle holds them
+#: all (at most ``Config.max_bundle_bytes``, 8 GiB), so a slot with more never matches,
+#: and a file that would take the total over it is not read (:data:`MAX_ENTRIES` planted
+#: sparse files of :data:`MAX_FILE_BYTES` each would otherwise hold the boot check for
+#: hours).
+MAX_SLOT_BYTES = MAX_FILE_BYTES
+
 
 #: ``directory_entries``'s ``hook``: given a plain file's path, its open fd and ``fstat``,
 #: the fd whose bytes are to be hashed instead (a sealed copy), or None (never matches).
@@ -333,7 +340,9 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
     included: writable only by its owner) whose mode fails :func:`mode_ok`, and a tree of more than
     :data:`MAX_ENTRIES` entries, whose walk stops there (one more, never-matching entry
     ends the list: planted millions cost no time or memory), and a file of more than
-    :data:`MAX_FILE_BYTES` (not read: a planted sparse terabyte costs no time either).
+    :data:`MAX_FILE_BYTES` (not read: a planted sparse terabyte costs no time either), and
+    a file that would take the slot's total past :data:`MAX_SLOT_BYTES` (not read either:
+    the bytes read for one slot are bounded, however many planted files it holds).
 
     With ``hook``, each plain file's entry is computed from the fd ``hook`` returns for it
     (``updater.install._sealed`` hands back a sealed in-memory copy of the bytes, so what was hashed
@@ -353,6 +362,7 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
         entries.append(FileEntry(rel, -1, ""))
 
     pool = _Pool()
+    budget = [MAX_SLOT_BYTES]  # (bytes the rest of the slot may still hold)
     try:
         for rel, dirs, others, dirfd in walk_tree(root, on_error=unopenable,
                                                   max_names=MAX_ENTRIES + 1):
@@ -371,7 +381,7 @@ def directory_entries(root: Path, hook: FileHook | None = None) -> list[FileEntr
                     entries.append(FileEntry(f"{rel}/{name}", -1, ""))
                     return entries  # (the walk stops: never a match)
                 path = name if rel == "." else f"{rel}/{name}"
-                entries.append(_plain_entry(path, name, dirfd, pool, hook))
+                entries.append(_plain_entry(path, name, dirfd, pool, hook, budget))
     finally:
         pool.close()
     return entries
@@ -398,8 +408,10 @@ class _Pool:
 
 
 def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
-                 hook: FileHook | None = None) -> FileEntry:
-    """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1)."""
+                 hook: FileHook | None = None, budget: list[int] | None = None) -> FileEntry:
+    """The entry of ``name`` in ``dirfd`` (anything but a plain file: size -1; so is a
+    file larger than what is left of ``budget``, which is reduced by the size of each file
+    read)."""
     bad = FileEntry(rel, -1, "")
     try:
         st = os.lstat(name, dir_fd=dirfd)
@@ -418,6 +430,10 @@ def _plain_entry(rel: str, name: str, dirfd: int, pool: _Pool,
                 or (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) \
                 or now.st_size > MAX_FILE_BYTES:
             return bad
+        if budget is not None:
+            if now.st_size > budget[0]:
+                return bad  # (the slot holds more than any bundle: not read)
+            budget[0] -= now.st_size
         hashed = fd if hook is None else hook(rel, fd, now)
         if hashed is None:
             return bad

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelward.agent._onnxrefs import ExternalDataError
 from modelward.agent.app import load_verified
 from tests.unit.test_i15_example_app import activate
 
@@ -44,10 +45,6 @@ def _external_slot(state: Path, name: str, version: str) -> Path:
     return d
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/app.py load_verified verifies only model.onnx's bytes and the example app "
-    "(examples/inference_app.py) builds the session from them: onnxruntime reads the "
-    "model's external data from the working directory, so planted weights are served"))
 def test_a17_external_weights_come_from_the_verified_slot(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = tmp_path / "state"
@@ -61,7 +58,8 @@ def test_a17_external_weights_come_from_the_verified_slot(
         m = load_verified(str(state / "current"))
         s = ort.InferenceSession(m.data, providers=["CPUExecutionProvider"])  # as the app
         y = s.run(None, {"x": np.ones((1, 4), np.float32)})[0]
-    except Exception:  # noqa: BLE001 - refusing such a model is an acceptable answer
+    except ExternalDataError as e:  # refusing such a model, naming the file, is the answer
+        assert e.locations == ["weights.bin"] and "weights.bin" in str(e)
         return
     assert y.tolist() == [[4.0] * 4]  # the slot's weights (ones), never the planted ones
 
@@ -75,3 +73,28 @@ def test_a17_external_weights_are_fingerprinted_in_the_slot(tmp_path: Path) -> N
         f.write(b"\xff")
     with pytest.raises(ValueError, match="fingerprint"):
         load_verified(str(state / "current"))
+
+
+def test_a17_the_example_app_serves_nothing_of_an_external_data_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through ModelWatcher and the example's own session factory (real onnxruntime):
+    the external-data model is never opened, nothing is served, the planted weights are
+    never read."""
+    from modelward.agent.app import ModelWatcher
+
+    state = tmp_path / "state"
+    _external_slot(state, "a", "1.0.0")
+    activate(state, "a")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    np.full((4, 4), 7, np.float32).tofile(cwd / "weights.bin")
+    monkeypatch.chdir(cwd)
+    opened: list[object] = []
+
+    def session(m: object) -> object:
+        opened.append(m)
+        return ort.InferenceSession(m.data, providers=["CPUExecutionProvider"])  # type: ignore[attr-defined]
+
+    w = ModelWatcher(str(state / "current"), session)
+    w.poll()
+    assert w.active is None and opened == []

@@ -1,8 +1,10 @@
-"""Attacks on the boot check's early fingerprint (``updater/install/_boot.py``
-``EarlyFingerprint``) by the disk attacker, who writes the state dir at any time, also
-while the boot check runs. The early entries are reused when ``tree_state`` (inode, mode,
-links, size, mtime, ctime) is unchanged, so the question is what changes a file's bytes
-without moving any of those."""
+"""Attacks by the disk attacker, who writes the state dir at any time, also while the boot
+check runs, on a boot check that would reuse an earlier hash of the slot when its
+inodes, modes, links, sizes, mtimes and ctimes are unchanged (issue 15's
+``EarlyFingerprint``, removed in fix 17): a store through a primed shared mapping changes
+a file's bytes without moving any of those, so no timestamp can prove the bytes unchanged.
+The boot check now hashes the slot it checks when it checks it; these tests hold it to
+seeing every such change."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import pytest
 
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 from modelward.trust._record import ModelRef
-from modelward.updater.install._boot import EarlyFingerprint, slot_matches, tree_state
+from modelward.updater.install import _boot
+from modelward.updater.install._boot import slot_matches
 from modelward.updater.install._slots import SlotStore
 
 
@@ -43,21 +46,16 @@ def _primed_map(p: Path) -> tuple[int, mmap.mmap]:
     return fd, m
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a store through a shared mapping primed before the boot check changes the model "
-    "after the early hash without moving mtime/ctime/size/inode: tree_state compares "
-    "equal and EarlyFingerprint.entries reuses the stale hash, so the altered slot matches"))
 def test_a17_mmap_store_after_the_early_hash_is_seen(tmp_path: Path) -> None:
     state, ref = _device(tmp_path)
     model = state / "slots" / "a" / "model.onnx"
     fd, m = _primed_map(model)
     try:
         time.sleep(0.02)  # (a later timestamp tick than the priming write)
-        early = EarlyFingerprint(state)
-        early.close()  # the early hash is done
+        assert slot_matches(SlotStore(state), ref) == (True, ref.fingerprint)  # a boot
         m[0:1] = b"X"  # the attack: no syscall on the file, no fault
         assert model.read_bytes()[:1] == b"X"  # the bytes did change
-        ok, fp = slot_matches(SlotStore(state), ref, early)
+        ok, fp = slot_matches(SlotStore(state), ref)  # the next check
         assert fp == slot_fingerprint(directory_entries(state / "slots" / "a"))
         assert not ok  # what a hash at the time of use gives
     finally:
@@ -65,16 +63,23 @@ def test_a17_mmap_store_after_the_early_hash_is_seen(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def _stats(state: Path) -> list[tuple[int, ...]]:
+    return [(st.st_ino, st.st_mode, st.st_nlink, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            for p in ("slots", "slots/a", "slots/a/model.onnx", "slots/a/manifest.json")
+            for st in [os.lstat(state / p)]]
+
+
 def test_a17_mmap_store_is_invisible_to_tree_state(tmp_path: Path) -> None:
-    """The cause, by itself: the same tree_state before and after the bytes changed."""
+    """The cause, by itself: the same lstat of the slot's tree before and after the bytes
+    changed (why no earlier hash may be reused on the strength of timestamps)."""
     state, _ = _device(tmp_path)
     model = state / "slots" / "a" / "model.onnx"
     fd, m = _primed_map(model)
     try:
         time.sleep(0.02)
-        before = tree_state(state / "slots", "a")
+        before = _stats(state)
         m[0:1] = b"X"
-        assert tree_state(state / "slots", "a") == before
+        assert _stats(state) == before
     finally:
         m.close()
         os.close(fd)
@@ -109,55 +114,38 @@ def _rewrite_same_tick(state: Path) -> None:
         f.write(b"X")  # right after the early hash (and tree_state's lstat)
 
 
-def _fine_grained_ctime() -> bool:
-    """Whether this kernel gives a write right after a stat a new ctime (multigrain
-    timestamps, Linux 6.13+); with coarse ones a write in the same tick is unseen."""
-    import tempfile
-
-    with tempfile.NamedTemporaryFile() as f:
-        for _ in range(50):
-            os.pwrite(f.fileno(), b"A", 0)
-            a = os.fstat(f.fileno()).st_ctime_ns
-            os.pwrite(f.fileno(), b"B", 0)
-            if os.fstat(f.fileno()).st_ctime_ns == a:
-                return False
-    return True
-
-
 @pytest.mark.parametrize("attack", [_utime_back, _swap_and_back, _rewrite_same_tick])
 def test_a17_changes_after_the_early_hash_are_seen(tmp_path: Path, attack: object) -> None:
-    """mtime put back with utimensat (ctime is compared), the two slots renamed into each
-    other twice (inodes back, but slots/'s ctime moved), a rewrite right after the early
-    hash (within one tick: needs fine-grained ctimes): the slot is hashed again."""
-    if attack is _rewrite_same_tick and not _fine_grained_ctime():
-        pytest.skip("coarse timestamps: a write in the same tick keeps ctime (see report)")
+    """mtime put back with utimensat, the two slots renamed into each other twice, a
+    rewrite right after a check (within one timestamp tick): the next check sees it."""
     state, ref = _device(tmp_path)
-    early = EarlyFingerprint(state)
-    early.close()
+    assert slot_matches(SlotStore(state), ref)[0]
     attack(state)  # type: ignore[operator]
     expected = slot_fingerprint(directory_entries(state / "slots" / "a"))
-    ok, fp = slot_matches(SlotStore(state), ref, early)
+    ok, fp = slot_matches(SlotStore(state), ref)
     assert fp == expected
     assert ok is (attack is _swap_and_back)  # (a double swap keeps every byte)
 
 
 def test_a17_current_flipped_and_back_reuses_only_an_unchanged_slot(tmp_path: Path) -> None:
-    """`current` names b and then a again between the early hash and its use: the early
-    entries are a's and a is unchanged, so reusing them is right."""
+    """`current` names b and then a again before the check: a is unchanged and matches."""
     state, ref = _device(tmp_path)
-    early = EarlyFingerprint(state)
-    early.close()
     _current_flipped_and_back(state)
-    assert slot_matches(SlotStore(state), ref, early) == (True, ref.fingerprint)
+    assert slot_matches(SlotStore(state), ref) == (True, ref.fingerprint)
 
 
 def test_a17_current_switched_before_the_early_hash_is_not_reused(tmp_path: Path) -> None:
-    """`current` names b when the early thread starts; the record's slot is a: a is hashed
-    at the check (b's early entries are never taken for a's)."""
+    """`current` names b; the record's slot is a: a is what is hashed (b's bytes are
+    never taken for a's)."""
     state, ref = _device(tmp_path)
     (state / "current").unlink()
     (state / "current").symlink_to("slots/b")
-    early = EarlyFingerprint(state)
-    assert slot_matches(SlotStore(state), ref, early) == (True, ref.fingerprint)
+    assert slot_matches(SlotStore(state), ref) == (True, ref.fingerprint)
     b_ref = ModelRef("m", "1.0.0", ref.fingerprint, "b")
-    assert slot_matches(SlotStore(state), b_ref, early)[0] is False
+    assert slot_matches(SlotStore(state), b_ref)[0] is False
+
+
+def test_a17_no_earlier_hash_is_kept_to_be_reused() -> None:
+    """Nothing in the boot path keeps entries hashed before the check (the class of the
+    bug: a cache whose validity rests on timestamps)."""
+    assert not hasattr(_boot, "EarlyFingerprint") and not hasattr(_boot, "tree_state")

@@ -1,6 +1,7 @@
 """The lean tpm2-pytss import (``trust/_tpmimport.py``) puts a stand-in for cryptography's
-``serialization`` in ``sys.modules`` while ``tpm2_pytss.types`` loads. In ``boot-check``
-the early-fingerprint thread runs during that window: it must import nothing of
+``serialization`` in ``sys.modules`` while ``tpm2_pytss.types`` loads. A hashing thread
+(issue 15's early fingerprint ran one; fix 17 removed it, but the fingerprint's own pool
+may run beside the import in a caller) running during that window must import nothing of
 cryptography (the stand-in is no package, so a submodule import through it would fail),
 and once the import is done every later import gets the real module."""
 
@@ -25,14 +26,17 @@ SCRIPT = textwrap.dedent("""
     for name, size in (("manifest.json", 2), ("model.onnx", 9 << 20)):  # (> 2 leaves: a pool)
         (d / name).write_bytes(os.urandom(size)); os.chmod(d / name, 0o640)
     os.symlink("slots/a", state / "current")
-    from modelward.updater.install._boot import EarlyFingerprint
-    alone = EarlyFingerprint(state)
-    alone.close()
-    assert not [m for m in sys.modules if m.startswith("cryptography")], "early imports crypto"
-    early = EarlyFingerprint(state)  # hashing while the TPM library loads, as boot-check
+    import threading
+    from modelward.trust._fingerprint import directory_entries
+    directory_entries(state / "slots" / "a")
+    assert not [m for m in sys.modules if m.startswith("cryptography")], "hash imports crypto"
+    got = []
+    early = threading.Thread(target=lambda: got.append(directory_entries(state / "slots" / "a")))
+    early.start()  # hashing while the TPM library loads
     from modelward.trust._tpmimport import _SERIALIZATION, import_tpm2_pytss
     t = import_tpm2_pytss()
-    assert early.entries("a") is not None
+    early.join()
+    assert got and all(e.size >= 0 for e in got[0])
     left = sys.modules.get(_SERIALIZATION)
     assert left is None or type(left).__name__ == "module", left  # (no stand-in left)
     from cryptography.hazmat.primitives.serialization import pkcs12  # a submodule: real pkg

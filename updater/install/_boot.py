@@ -12,20 +12,10 @@ uses the same functions after a commit.
 from __future__ import annotations
 
 import logging
-import os
-import stat
-import sys
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from modelward.trust._fingerprint import (
-    MAX_ENTRIES,
-    FileEntry,
-    directory_entries,
-    slot_fingerprint,
-    walk_tree,
-)
+from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
 from modelward.updater.errors import NothingTrustedError
@@ -69,96 +59,8 @@ def roll_forward(slots: SlotStore, active: ModelRef) -> bool:
     return True
 
 
-#: What :func:`tree_state` records of each directory and entry: everything the kernel
-#: changes when a name, inode, mode, link count or byte of it changes (``st_ctime`` moves on
-#: every write, chmod, link, unlink and rename and cannot be set back by a user).
-_Stat = tuple[str, int, int, int, int, int, int, int]
-
-
-def _stat_row(rel: str, st: os.stat_result) -> _Stat:
-    return (rel, st.st_dev, st.st_ino, st.st_mode, st.st_nlink, st.st_size,
-            st.st_mtime_ns, st.st_ctime_ns)
-
-
-def tree_state(slots_dir: Path, slot: str) -> tuple[_Stat, ...] | None:
-    """The ``lstat`` of ``slots_dir``, of its ``slot`` and of everything below that, walked
-    without following a link (``walk_tree``); None when it cannot all be read (missing,
-    a link, more than a slot may hold): then nothing computed earlier is reused."""
-    rows: list[_Stat] = []
-    try:
-        top = os.lstat(slots_dir)
-        if not stat.S_ISDIR(top.st_mode):
-            return None
-        rows.append(_stat_row("", top))
-        for rel, dirs, others, fd in walk_tree(slots_dir / slot, max_names=MAX_ENTRIES + 1):
-            rows.append(_stat_row(rel, os.fstat(fd)))
-            for name in dirs + others:
-                rows.append(_stat_row(f"{rel}/{name}", os.lstat(name, dir_fd=fd)))
-            if len(rows) > MAX_ENTRIES + 2:
-                return None
-    except OSError:
-        return None
-    return tuple(rows)
-
-
-class EarlyFingerprint:
-    """The files of the slot ``current`` names, hashed on a thread from the start of
-    ``agent boot-check`` while the TPM library loads and the record and anchor are
-    verified (issue 15: the interpreter's and the TPM's start-up hide behind the hashing).
-
-    Nothing is trusted from it but what a hash at the time of use would give: the slot's
-    tree (:func:`tree_state`: inodes, sizes, modes, link counts, mtimes and ctimes of
-    ``slots/``, the slot and every entry below it, walked without following a link) is
-    recorded before the files are hashed and compared when the entries are used; any
-    difference, an error, or another slot than the record's makes :meth:`entries` return
-    None and the slot is hashed again, as without it. The walk and the hashing are
-    :func:`directory_entries`'s own (``O_NOFOLLOW``, bounded).
-    """
-
-    #: The interpreter's switch interval while the hashing thread runs: it needs the GIL
-    #: for a moment per 256 KiB read, and the default 5 ms would starve it while the main
-    #: thread imports (pure Python).
-    SWITCH_INTERVAL = 0.0005
-
-    def __init__(self, state_dir: Path) -> None:
-        self._slots = SlotStore(state_dir)
-        self._result: tuple[str, list[FileEntry], tuple[_Stat, ...]] | None = None
-        self._interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._interval, self.SWITCH_INTERVAL))
-        self._thread = threading.Thread(target=self._run, name="early-fingerprint",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            slot = self._slots.current_slot()
-            if slot is None or self._slots.slot_dir(slot) is None:  # (no link followed)
-                return
-            before = tree_state(self._slots.root, slot)
-            if before is None:
-                return
-            self._result = (slot, directory_entries(self._slots.root / slot), before)
-        except Exception:  # noqa: BLE001 - only a lost head start: the check hashes again
-            logger.debug("early fingerprint failed", exc_info=True)
-
-    def close(self) -> None:
-        """Wait for the thread (no file is read after this returns)."""
-        self._thread.join()
-        sys.setswitchinterval(self._interval)
-
-    def entries(self, slot: str) -> list[FileEntry] | None:
-        """The entries of ``slot`` as hashed early, if its tree has not changed since."""
-        self.close()
-        got = self._result
-        if got is None or got[0] != slot or tree_state(self._slots.root, slot) != got[2]:
-            return None
-        return got[1]
-
-
-def slot_matches(slots: SlotStore, ref: ModelRef,
-                 early: EarlyFingerprint | None = None) -> tuple[bool, str]:
-    """Whether the slot's files still have the recorded fingerprint (with ``early``: its
-    entries if they still hold, see :class:`EarlyFingerprint`).
+def slot_matches(slots: SlotStore, ref: ModelRef) -> tuple[bool, str]:
+    """Whether the slot's files still have the recorded fingerprint.
 
     A slot that is a symlink (to a copy, wherever) or not a directory never matches.
 
@@ -168,10 +70,7 @@ def slot_matches(slots: SlotStore, ref: ModelRef,
     path = slots.slot_dir(ref.slot)
     if path is None:
         return False, f"slot {ref.slot} is missing or not a plain directory"
-    entries = early.entries(ref.slot) if early is not None else None
-    if entries is None:
-        entries = directory_entries(path)
-    fp = slot_fingerprint(entries)
+    fp = slot_fingerprint(directory_entries(path))
     return fp == ref.fingerprint, fp
 
 
@@ -212,8 +111,7 @@ def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trus
     return new
 
 
-def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord,
-              early: EarlyFingerprint | None = None) -> TrustRecord:
+def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> TrustRecord:
     """Make ``current`` agree with the trust record after an interruption.
 
     Rolls a committed install forward from ``staging/incoming``, else verifies the recorded
@@ -227,7 +125,7 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord,
     if active is None:
         slots.deactivate()  # whatever `current` names, nothing trusted is there
         raise NothingTrustedError("no model has been installed on this device yet")
-    ok, fp = slot_matches(slots, active, early)
+    ok, fp = slot_matches(slots, active)
     if not ok:
         ok = roll_forward(slots, active)
     if ok:
@@ -259,10 +157,8 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord,
     )
 
 
-def boot_check(state_dir: Path, store: TrustStore,
-               early: EarlyFingerprint | None = None) -> BootResult:
-    """design.md "Boot": verify record and anchor, then the active slot, else fall back
-    (the active slot's entries from ``early`` if they still hold).
+def boot_check(state_dir: Path, store: TrustStore) -> BootResult:
+    """design.md "Boot": verify record and anchor, then the active slot, else fall back.
 
     Raises:
         NothingTrustedError: neither slot matches (or nothing was ever installed);
@@ -276,7 +172,7 @@ def boot_check(state_dir: Path, store: TrustStore,
     slots = SlotStore(state_dir)
     record = store.load()
     store.anchored_root()
-    after = reconcile(slots, store, record, early)
+    after = reconcile(slots, store, record)
     active = after.active
     assert active is not None
     journal = Journal(state_dir / "journal.json")

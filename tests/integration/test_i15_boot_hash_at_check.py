@@ -1,6 +1,7 @@
-"""The boot check's early fingerprint through the real stack (swtpm, nginx): the disk
-changes the active model after it was hashed early and before the record is verified.
-The check must see it (hash again and fall back), never call the altered model verified."""
+"""The boot check through the real stack (swtpm, nginx): the disk changes the active
+model while the check runs, after the record and anchor are verified and before the slot
+is hashed. The check hashes the slot when it checks it (fix 17 removed issue 15's early
+hash), so it sees the change and falls back, never calling the altered model verified."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from modelward.agent._commands import run_boot_check
+from modelward.trust._store import TrustStore
 from modelward.updater.install import _boot
 from tests.conftest import World
 
@@ -25,20 +27,20 @@ def test_i15_model_altered_after_the_early_hash_falls_back(
     world.update()
     world.publish("2.0.0", seed=2)
     world.update()
-    active = world.state / "current"
-    slot = active.resolve()
+    slot = (world.state / "current").resolve()
     before = world.snapshot()
-    run = _boot.EarlyFingerprint._run
-    hashed: list[Path] = []
+    real = TrustStore.anchored_root
+    flipped: list[Path] = []
 
-    def early_then_attack(self: _boot.EarlyFingerprint) -> None:
-        run(self)
-        hashed.append(slot)
-        _flip(slot / "model.onnx")  # after the early hash, before the check uses it
+    def verified_then_attack(self: TrustStore) -> bytes:
+        got = real(self)
+        flipped.append(slot)
+        _flip(slot / "model.onnx")  # after the record is verified, before the hash
+        return got
 
-    monkeypatch.setattr(_boot.EarlyFingerprint, "_run", early_then_attack)
+    monkeypatch.setattr(TrustStore, "anchored_root", verified_then_attack)
     res = run_boot_check(world.cfg)
-    assert hashed == [slot]
+    assert flipped == [slot]
     assert res.fell_back and res.active.version == "1.0.0"
     after = world.snapshot()
     assert after.current != before.current and after.counter == before.counter + 1
@@ -60,5 +62,5 @@ def test_i15_unchanged_slot_is_hashed_once(world: World,
     before = world.snapshot()
     res = run_boot_check(world.cfg)
     assert not res.fell_back and res.active.version == "1.0.0"
-    assert calls == [world.state / "slots" / "a"]  # early only
+    assert calls == [world.state / "slots" / "a"]  # once, at the check
     assert world.snapshot() == before
