@@ -569,7 +569,7 @@ class _Files:
         it uses are closed)."""
         if self._behind is not None:
             q, t = self._behind
-            q.put(None)  # (a drain begun again puts another: the thread ends at the first)
+            q.put(None)
             t.join()
             self._behind = None
 
@@ -660,7 +660,8 @@ def assemble(
         what was held and fetched.
 
     Raises:
-        DeltaChunkError: a fetched chunk is not the signed one (nothing of it written).
+        DeltaChunkError: a fetched chunk is not the signed one (nothing of it written),
+            also when the transfer failed after it.
         DeltaUnavailable: the transport cannot fetch ranges of this bundle.
         tuf.api.exceptions.DownloadError: the transfer failed (what is written stays, for
             the next attempt to verify again).
@@ -803,7 +804,12 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     At most :data:`FETCH_INFLIGHT` bytes of received chunks wait for their hash at a time.
     When the transport fails or the attempt is interrupted, the chunks received and
     matched so far are written (the next attempt hashes them again in place and fetches
-    the rest); a chunk cut short is dropped, never written.
+    the rest); a chunk cut short is dropped, never written. After the first failure of
+    any kind (a chunk that does not match, a write or a hash task that raises, a wind-down
+    interrupted again) nothing after it is written; a chunk that did not match, found
+    while winding down, is raised instead of the transfer failure (the origin's lie, not
+    the network's). The writer is joined before returning or raising, even when the wait
+    is interrupted again (the interrupt is raised after).
     """
     if not todo:
         return
