@@ -259,14 +259,15 @@ def test_pieces_kept_alive_by_uncopied_chunks_stay_bounded(
     assert 0 < fake.peak <= 2 + 3  # (FETCH_INFLIGHT's pieces, the next, two being worked)
 
 
-def test_only_the_https_fetcher_claims_stable_pieces() -> None:
+def test_only_the_network_fetchers_claim_stable_pieces() -> None:
     """The delta hashes and writes uncopied views only of a transport that promises never
-    to change a piece it handed on; the MQTT fetcher and the in-memory one do not claim it
-    (their pieces are copied first)."""
+    to change a piece it handed on: the HTTPS one and the MQTT one (each piece a view of
+    the message's own bytes, since f607ff2); the in-memory one does not claim it (its
+    pieces are copied first)."""
     from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
     from modelward.updater.transport._mqtt import MqttFetcher
 
     # (the classes' attribute, as an instance of each reads it)
     assert _delta._stable(RequestsFetcher)  # type: ignore[arg-type]  # noqa: SLF001
-    assert not _delta._stable(MqttFetcher)  # type: ignore[arg-type]  # noqa: SLF001
+    assert _delta._stable(MqttFetcher)  # type: ignore[arg-type]  # noqa: SLF001
     assert not _delta._stable(RangeFetcher)  # type: ignore[arg-type]  # noqa: SLF001
