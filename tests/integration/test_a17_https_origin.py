@@ -173,11 +173,6 @@ def test_a17_a_body_in_tiny_tls_records_keeps_memory_bounded(
 # --- real TLS, the whole pipeline: an altered chunk hidden behind a cut connection ---------
 
 
-@pytest.mark.xfail(strict=True, reason="through real TLS: the origin alters chunk k and closes "
-                   "the connection right after it; assemble raises a transfer failure "
-                   "(DownloadError, the delta resumed and tried again) instead of "
-                   "DeltaChunkError (refused at once): the mismatch found while winding down "
-                   "is suppressed (updater/install/_delta._fetch)")
 def test_a17_real_tls_altered_chunk_then_close_is_refused_as_altered(
         origin: _Origin, pki: tuple[CertPair, CertPair], tmp_path: Path) -> None:
     from tests.integration._i16_delta import big_model

@@ -107,11 +107,6 @@ def _resume_asks_only_the_rest(tmp: Path, rel: Release) -> None:
 # --- the writer fails (ENOSPC) on one chunk ---------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="after the writer's pwrite of chunk k fails (ENOSPC), "
-                   "the writer thread goes on writing the later batches (refused is set only "
-                   "for a hash mismatch) and settle(-1) in the except path waits for them: "
-                   "incoming is no longer a prefix of what came, the resume asks for several "
-                   "ranges (updater/install/_delta._fetch.write)")
 def test_a17_enospc_on_one_chunk_writes_nothing_after_it(
         tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ix, _ = release
@@ -141,10 +136,6 @@ def test_a17_enospc_on_one_chunk_writes_nothing_after_it(
 # --- a hash task fails ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a hash task that raises (MemoryError on the pool) "
-                   "makes only its own write fail; the writer goes on writing the later "
-                   "batches, so chunks after the failed one are on disk "
-                   "(updater/install/_delta._fetch.write: refused is not set on an exception)")
 def test_a17_a_hash_task_that_fails_writes_nothing_after_it(
         tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ix, _ = release
@@ -201,12 +192,6 @@ def test_a17_interrupt_mid_fetch_leaves_a_verified_prefix_and_no_thread(
     _resume_asks_only_the_rest(tmp_path, release)
 
 
-@pytest.mark.xfail(strict=True, reason="Ctrl-C pressed again while the pipeline winds "
-                   "down interrupts settle(-1), writer.shutdown(wait=True) and the pool's "
-                   "exit (waits not guarded against a second interrupt): assemble raises "
-                   "with pipeline threads still running, the writer's pwrite then races "
-                   "files.close() closing (and the process reusing) its fds "
-                   "(updater/install/_delta._fetch finally, assemble finally)")
 def test_a17_repeated_interrupts_leave_no_pipeline_thread_running(
         tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ix, _ = release
@@ -272,11 +257,6 @@ MANIFEST_NAME = _delta.MANIFEST
 # --- a hostile origin hides an altered chunk behind a cut connection --------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="an origin that alters chunk k and cuts the connection "
-                   "right after it gets a transfer failure (DownloadError: resumed, the delta "
-                   "tried again, MAX_DELTA_STALLS polls) instead of DeltaChunkError (refused "
-                   "at once, noted): the except path's settle(-1) suppresses the mismatch it "
-                   "finds (updater/install/_delta._fetch: contextlib.suppress(DeltaChunkError))")
 def test_a17_an_altered_chunk_then_a_cut_is_still_refused_as_altered(
         tmp_path: Path, release: Release) -> None:
     data, ix, _ = release

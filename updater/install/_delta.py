@@ -660,7 +660,8 @@ def assemble(
         what was held and fetched.
 
     Raises:
-        DeltaChunkError: a fetched chunk is not the signed one (nothing of it written).
+        DeltaChunkError: a fetched chunk is not the signed one (nothing of it written),
+            also when the transfer failed after it.
         DeltaUnavailable: the transport cannot fetch ranges of this bundle.
         tuf.api.exceptions.DownloadError: the transfer failed (what is written stays, for
             the next attempt to verify again).
@@ -711,7 +712,8 @@ def assemble(
                 files.open_out(f.path, f.size)
         except OSError as e:
             raise StagingError(f"cannot write {target.path} into {incoming}: {e}") from e
-        with ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash") as pool:
+        pool = ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash")
+        try:
             held = _take_held(needs, files, pool, gate, stats)
             todo = [n for n in needs if n.sha256 not in held]
             stats.ranges = cap_requests(coalesce(((n.bundle_offset, n.length) for n in todo),
@@ -719,12 +721,21 @@ def assemble(
             stats.requests = len(stats.ranges)
             stats.gap_bytes = sum(r.gap_bytes for r in stats.ranges)
             _fetch(todo, stats, files, pool, gate, fetcher, url, target)
+        finally:
+            # (no hash thread reads a file any more once they are closed, even when the
+            # wait is interrupted again)
+            late = _finish(lambda: pool.shutdown(wait=True, cancel_futures=True))
+        if late is not None:
+            raise late
     except OSError as e:
         if isinstance(e, StagingError):
             raise
         raise StagingError(f"cannot assemble {target.path} in {incoming}: {e}") from e
     finally:
+        late = _finish(files.drain)  # (the write-behind thread ended before the close)
         files.close()
+    if late is not None:
+        raise late
     return stage, ix.manifest, entries_of(ix), stats
 
 
@@ -793,7 +804,12 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     At most :data:`FETCH_INFLIGHT` bytes of received chunks wait for their hash at a time.
     When the transport fails or the attempt is interrupted, the chunks received and
     matched so far are written (the next attempt hashes them again in place and fetches
-    the rest); a chunk cut short is dropped, never written.
+    the rest); a chunk cut short is dropped, never written. After the first failure of
+    any kind (a chunk that does not match, a write or a hash task that raises, a wind-down
+    interrupted again) nothing after it is written; a chunk that did not match, found
+    while winding down, is raised instead of the transfer failure (the origin's lie, not
+    the network's). The writer is joined before returning or raising, even when the wait
+    is interrupted again (the interrupt is raised after).
     """
     if not todo:
         return
@@ -803,44 +819,64 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     # chunks that piece completes, and the bytes the task holds alive (their copies, and
     # the buffer under the piece when chunks are taken from it uncopied).
     Batch = list[tuple[Need, bytes | bytearray | memoryview]]
-    pending: collections.deque[tuple[Batch, Future[Need | None], int]] = collections.deque()
+    pending: collections.deque[tuple[Batch, Future[tuple[int, Need | None]], int]] = \
+        collections.deque()
     inflight = 0
     stable = _stable(fetcher)
-    refused = threading.Event()
+    # Set at the first failure of any kind (a chunk that did not match, a write or a hash
+    # task that raised, the wind-down after an interrupt given up): from then on nothing
+    # more is written, so that what is on disk stays a prefix of what came and matched.
+    stop = threading.Event()
 
     def hashed(batch: Batch) -> list[bool]:
         return [_digest(data) == n.sha256 for n, data in batch]
 
-    def write(batch: Batch, ok: Future[list[bool]]) -> Need | None:
+    def write(batch: Batch, ok: Future[list[bool]]) -> tuple[int, Need | None]:
         """Write the batch's chunks in order up to the first that did not match (which is
-        returned): what is on disk stays a prefix of what came, so that a resume asks for
-        one range where it can."""
-        if refused.is_set():
-            return None  # (after a chunk that did not match: nothing more is written)
-        for (n, data), good in zip(batch, ok.result(), strict=True):
-            if not good:
-                refused.set()
-                return n
-            for d in n.dests:
-                files.write(d, data)
-        return None
+        returned, with how many were written before it): what is on disk stays a prefix
+        of what came, so that a resume asks for one range where it can."""
+        written = 0
+        try:
+            if stop.is_set():
+                return 0, None  # (after a failure before: nothing more is written)
+            for (n, data), good in zip(batch, ok.result(), strict=True):
+                if not good:
+                    stop.set()
+                    return written, n
+                if stop.is_set():
+                    return written, None
+                for d in n.dests:
+                    files.write(d, data)
+                written += 1
+        except BaseException:
+            stop.set()  # (a write or the hash failed: nothing after it is written)
+            raise
+        return written, None
 
     def settle(limit: int) -> None:
         nonlocal inflight
         while pending and inflight > limit:
-            batch, fut, cost = pending.popleft()
+            batch, fut, cost = pending[0]
+            written, bad = fut.result()
+            pending.popleft()
             inflight -= cost
-            bad = fut.result()
-            for n, _ in batch:
-                if n is bad:
-                    raise DeltaChunkError(
-                        f"{target.path}: chunk {n.number} of {n.file} (bytes "
-                        f"{n.bundle_offset}-{n.bundle_offset + n.length - 1} of the bundle) "
-                        "does not match the signed chunk index (altered on the origin or in "
-                        "transit); nothing of it was written", target=target.path,
-                        file=n.file, chunk=n.number)
+            for n, _ in batch[:written]:
                 stats.fetched_bytes += n.length
                 stats.fetched_chunks += 1
+            if bad is not None:
+                raise DeltaChunkError(
+                    f"{target.path}: chunk {bad.number} of {bad.file} (bytes "
+                    f"{bad.bundle_offset}-{bad.bundle_offset + bad.length - 1} of the bundle) "
+                    "does not match the signed chunk index (altered on the origin or in "
+                    "transit); nothing of it was written", target=target.path,
+                    file=bad.file, chunk=bad.number)
+
+    def give_up() -> None:
+        """Write nothing more: what waits is cancelled or, running, skips its writes."""
+        stop.set()
+        for _, fut, _ in pending:
+            fut.cancel()
+        pending.clear()
 
     cur: Need | None = None
     buf = bytearray()
@@ -887,16 +923,46 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
                 inflight += cost
                 settle(FETCH_INFLIGHT)
             gate.checkpoint("delta: download")
-    except BaseException:
-        with contextlib.suppress(DeltaChunkError):
+    except BaseException as e:
+        try:
             settle(-1)  # (what came and matched stays, for the next attempt to verify)
+        except DeltaChunkError as bad:
+            if isinstance(e, Exception) and not isinstance(e, DeltaChunkError):
+                # (a chunk that did not match is the origin's lie, whatever came after it:
+                # refused as altered, not resumed as a transfer failure)
+                raise bad from e
+        except BaseException:  # noqa: BLE001, S110 - the first failure is the one raised
+            pass
+        finally:
+            give_up()
         raise
     finally:
-        writer.shutdown(wait=True)
+        # (every write done or skipped before the files are closed, even when the wait is
+        # interrupted again)
+        late = _finish(lambda: writer.shutdown(wait=True))
+    if late is not None:
+        raise late
     settle(-1)
     track.done()
     if cur is not None or nxt != len(starts):
         raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
+
+
+def _finish(wait: Callable[[], object]) -> BaseException | None:
+    """Run ``wait`` (a wait that may be begun again: a join, a shutdown) to its end, even
+    when an interrupt (Ctrl-C pressed again, a signal handler's exception) comes while it
+    waits; the first such interrupt is returned, for the caller to raise once nothing of
+    the pipeline runs any more."""
+    late: BaseException | None = None
+    while True:
+        try:
+            wait()
+        except Exception:
+            raise
+        except BaseException as e:  # noqa: BLE001 - KeyboardInterrupt, SystemExit
+            late = late or e
+            continue
+        return late
 
 
 def _held_bytes(view: memoryview) -> int:

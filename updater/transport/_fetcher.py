@@ -361,9 +361,16 @@ class RequestsFetcher(RangeFetcher):
             return
         readinto, stated = reader
         fill = _Fill(readinto)
+        want, handed = min(limit, stated), 0
         try:
-            yield from self._paced(url, fill.start, fill.read1, fill.gathered,
-                                   min(limit, stated), False)
+            for piece in self._paced(url, fill.start, fill.read1, fill.gathered, want, False):
+                handed += len(piece)
+                yield piece
+            if handed < want:  # (as urllib3's IncompleteRead: a transfer cut, not a short
+                # answer; raised after the bytes that came were handed on, so that a chunk
+                # altered before the cut is found altered, not taken for the cut's victim)
+                raise tuf_exc.DownloadError(f"the connection closed after {handed} of the "
+                                            f"{stated} bytes of the body of {url}")
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                 ValueError) as e:
             raise tuf_exc.DownloadError(f"Transfer of {url} broke off: {e}") from e
@@ -594,10 +601,9 @@ def _body_readinto(resp: requests.Response) -> tuple[Callable[[memoryview], int]
         view = view[:left[0]]
         if not view:
             return 0
+        # (0: the connection closed before the stated length; the caller hands on what
+        # came before it, then raises the transfer failure)
         got = buffered.readinto1(view)
-        if not got:  # (as urllib3's IncompleteRead: a transfer cut, not a short answer)
-            raise tuf_exc.DownloadError(f"the connection closed after {stated - left[0]} of "
-                                        f"the {stated} bytes of the body")
         left[0] -= got
         return got
 
