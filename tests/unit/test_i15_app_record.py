@@ -11,6 +11,7 @@ from types import ModuleType
 
 import pytest
 
+from modelward.agent import app as lib
 from modelward.trust import _fingerprint as fp
 from tests.unit.test_i15_example_app import activate, ia, record, slot  # noqa: F401
 
@@ -29,7 +30,7 @@ def state(tmp_path: Path) -> Path:
 
 def _refused(ia: ModuleType, state: Path, needle: str) -> None:
     with pytest.raises(ValueError, match=needle):
-        ia.load(str(state / "current"))
+        lib.load_verified(str(state / "current"))
 
 
 def test_i15_the_record_s_previous_slot_is_never_loaded(ia: ModuleType, state: Path) -> None:
@@ -62,7 +63,7 @@ def test_i15_bytes_changed_after_the_fingerprint_are_refused(
 ) -> None:
     """The model swapped (same size) between the fingerprint walk and the read."""
     model = state / "slots/b/model.onnx"
-    real = ia.directory_entries
+    real = lib.directory_entries
 
     def then_swap(root: Path) -> list[fp.FileEntry]:
         entries = real(root)
@@ -71,7 +72,7 @@ def test_i15_bytes_changed_after_the_fingerprint_are_refused(
         model.write_bytes(bytes(data))
         return entries
 
-    monkeypatch.setattr(ia, "directory_entries", then_swap)
+    monkeypatch.setattr(lib, "directory_entries", then_swap)
     _refused(ia, state, "changed since it was fingerprinted")
 
 
@@ -91,7 +92,7 @@ def test_i15_a_symlinked_directory_is_refused_even_if_the_record_names_the_tree(
     dir_fd = os.open(b, os.O_RDONLY | os.O_DIRECTORY)
     try:  # and the reader itself follows no directory link
         with pytest.raises(OSError):
-            ia._read(dir_fd, "lnk/model.onnx", 10)
+            lib.read_in_slot(dir_fd, "lnk/model.onnx", 10)
     finally:
         os.close(dir_fd)
 
@@ -100,10 +101,9 @@ def test_i15_a_symlinked_directory_is_refused_even_if_the_record_names_the_tree(
 def test_i15_no_believable_record_stops_the_running_app(
     ia: ModuleType, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str,
 ) -> None:
-    monkeypatch.setattr(ia, "MODEL_DIR", str(state / "current"))
-    app = ia.App()
+    app = lib.ModelWatcher(str(state / "current"), ia.MODEL.open_model)
     app.poll()
-    assert app.active["version"] == "2.0.0"
+    assert app.active is not None and app.active.model.version == "2.0.0"
     rec = state / "trust/record.json"
     if how == "removed":
         rec.unlink()
@@ -123,14 +123,13 @@ def test_i15_no_believable_record_stops_the_running_app(
 def test_i15_current_replaced_by_a_directory_never_serves_it(
     ia: ModuleType, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(ia, "MODEL_DIR", str(state / "current"))
-    app = ia.App()
+    app = lib.ModelWatcher(str(state / "current"), ia.MODEL.open_model)
     app.poll()
     evil = slot(tmp_path / "x", "b", "6.6.6", 666)
     (state / "current").unlink()
     shutil.copytree(evil, state / "current")  # (not a link: readlink fails, the watch goes on)
     app.poll()
-    assert app.active["version"] == "2.0.0"  # (what the record still names)
-    fresh = ia.App()
+    assert app.active is not None and app.active.model.version == "2.0.0"  # (the record's)
+    fresh = lib.ModelWatcher(str(state / "current"), ia.MODEL.open_model)
     fresh.poll()
     assert fresh.active is None
