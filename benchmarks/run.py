@@ -469,7 +469,7 @@ def bench_https_indexed(env: Env, mib: int, n: int) -> None:
     WHY["HTTPS full install by chunk index"] = (
         f"ours {cpu['ours']:.2f} CPU-s (TLS, one SHA-256 pass on the hash threads, the "
         f"writes and their write-behind) and nginx {cpu['nginx']:.2f} CPU-s on "
-        f"{os.cpu_count()} cores; curl {ccpu['curl']:.2f} CPU-s")
+        f"{os.cpu_count()} cores, curl {ccpu['curl']:.2f} CPU-s")
     report(f"HTTPS full install by chunk index, {length >> 20} MiB bundle of distinct bytes "
            "(nginx, loopback)", res, "ours: refresh+index+fetch chunks+verify+stage", length)
     print(f"  {lines[-1]}\n  CPU per run (medians): ours {cpu['ours']:.2f} s, nginx "

@@ -24,6 +24,7 @@ GOALS = {
     "Boot check": 1,  # vs openssl (the other references carry no goal)
     "boot-check overhead": 1,
     "HTTPS download": 2,  # vs curl, vs plain python-tuf
+    "HTTPS full install by chunk index": 1,  # vs curl (issue 16)
     "MQTT fetch": 1,  # vs curl over HTTP
     "resume after interruption, HTTPS": 1,
     "resume after interruption, MQTT": 1,
