@@ -42,8 +42,10 @@ def test_f17_a_child_stopped_or_killed_before_go_is_no_verdict(
     try:
         os.kill(pid, sig)
         if sig == signal.SIGSTOP:
-            assert any(_health._state(pid) == "T" for _ in range(100)
-                       if not os.sched_yield())
+            end = time.monotonic() + 10
+            while _health._state(pid) != "T" and time.monotonic() < end:
+                time.sleep(0.01)
+            assert _health._state(pid) == "T"
         with seal_verified(slot, NAMES, sizes, want, "m 1.0.0", "now", pending.fds) as sealed:
             assert "match" in _health.run_health_check(slot, "m", "1.0.0", CFG,
                                                        sealed=sealed, pending=pending)
@@ -144,3 +146,26 @@ def test_f17_a_root_agents_child_runs_under_a_uid_of_its_own(tmp_path: Path) -> 
     finally:
         pending.close()
     assert _wait_dead(pid)
+
+
+def test_f17_a_go_without_its_limit_is_no_go() -> None:
+    """``1`` and end of file (an old agent, a cut pipe): no limit came, so nothing is read;
+    a whole go sets the limit, soft and hard, before the seals are even looked at."""
+    import resource
+    import subprocess
+    import sys
+
+    from modelward.updater.install._health import go_message
+    from modelward.updater.install._healthchild import wait_for_go
+
+    r, w = os.pipe()
+    os.write(w, b"1")
+    os.close(w)
+    assert wait_for_go(r, {}) is False
+    code = ("import os, resource, sys\nfrom modelward.updater.install._healthchild import "
+            "wait_for_go\nr, w = os.pipe()\nos.write(w, bytes.fromhex(sys.argv[1]))\n"
+            "print(wait_for_go(r, {}), resource.getrlimit(resource.RLIMIT_AS))\n")
+    got = subprocess.run([sys.executable, "-c", code, go_message(300 << 20).hex()],
+                         capture_output=True, text=True, timeout=30, check=True)
+    assert got.stdout.split(None, 1) == ["True", f"({300 << 20}, {300 << 20})\n"], got
+    assert resource.getrlimit(resource.RLIMIT_AS) != (300 << 20, 300 << 20)
