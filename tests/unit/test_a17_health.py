@@ -281,12 +281,6 @@ def _as_limit(pid: int) -> int:
     raise AssertionError("no address-space limit")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the child started ahead keeps the RLIMIT_AS computed before the seal "
-    "(_health.PendingCheck.__init__: memory_limit(cfg) at start): the sealed copies of a "
-    "large signed bundle (and anything the device took while the agent waited for idle) are "
-    "not subtracted, so the model gets more than half of what is free when it runs, and "
-    "the HealthCheckError names another limit than the one it ran under"))
 def test_a17_early_child_memory_bound_is_half_of_what_is_free_when_it_runs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """MemAvailable as the kernel would show it: 1 GiB minus the bytes sealed into the
@@ -367,11 +361,6 @@ def test_a17_agent_killed_while_the_child_waits_leaves_no_sandbox_child(
             agent.wait()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "_health._run_health_check names child_policy(memory_limit(cfg)) computed after the "
-    "seal in the HealthCheckError (and the rejection it earns), while the child started "
-    "ahead ran under PendingCheck.policy, computed before: a device short of memory when "
-    "the child started gets a good signed release rejected under a limit it never had"))
 def test_a17_a_failure_of_the_early_child_names_the_limit_it_ran_under(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """96 MiB available when the child starts (48 MiB for it: too little to import
@@ -386,7 +375,7 @@ def test_a17_a_failure_of_the_early_child_names_the_limit_it_ran_under(
     monkeypatch.setattr(_health, "_cgroup_memory", lambda: (None, None))
     pending, pid = _pending(slot)
     ran_under = _as_limit(pid)
-    assert ran_under == 48 << 20
+    assert ran_under <= 48 << 20  # (less the copies it waits for: see PendingCheck)
     avail[0] = 2 << 30
     try:
         with seal_verified(slot, NAMES, sizes, want, "m 1.0.0", "now", pending.fds) as sealed:
@@ -431,11 +420,6 @@ AS_NOBODY = ("import os, signal, sys, threading, time\n"  # (nobody cannot read 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a root agent's child runs as nobody")
-@pytest.mark.xfail(strict=True, reason=(
-    "another uid-65534 process may signal a root agent's health child (_sandbox.TASK_UID "
-    "is shared with every daemon running as nobody): SIGSTOP while it waits for go makes "
-    "_health.PendingCheck.go's supervise time out, a HealthCheckError (the release's own "
-    "failure, remembered) though the model never ran"))
 def test_a17_a_nobody_process_stopping_the_early_child_is_no_verdict_on_the_release(
         tmp_path: Path) -> None:
     slot = _real_slot(tmp_path)
@@ -443,9 +427,11 @@ def test_a17_a_nobody_process_stopping_the_early_child_is_no_verdict_on_the_rele
     cfg = HealthConfig(timeout=3)
     pending, pid = _pending(slot, cfg)
     try:
-        subprocess.run([sys.executable, "-I", "-c", AS_NOBODY +
-                        "os.kill(int(sys.argv[1]), signal.SIGSTOP)\n", str(pid)],
-                       check=True, timeout=30)
+        got = subprocess.run([sys.executable, "-I", "-c", AS_NOBODY +
+                              "try:\n    os.kill(int(sys.argv[1]), signal.SIGSTOP)\n"
+                              "except PermissionError:\n    print('refused')\n", str(pid)],
+                             check=True, timeout=30, capture_output=True, text=True)
+        assert got.stdout.strip() == "refused"  # (the child's uid is its own, not nobody's)
         with seal_verified(slot, NAMES, sizes, want, "m 1.0.0", "now", pending.fds) as sealed:
             try:
                 _health.run_health_check(slot, "m", "1.0.0", cfg, sealed=sealed,

@@ -132,6 +132,7 @@ def test_i16_the_child_started_ahead_checks_the_sealed_bytes_not_the_disk(
 def test_i16_the_child_refuses_copies_that_are_not_sealed(tmp_path: Path) -> None:
     """A child told "go" over descriptors that are not all sealed reads nothing: its bytes
     could still change under it. Mutation: skipping the F_GET_SEALS check fails it."""
+    from modelward.updater.install._health import go_message
     from modelward.updater.install._healthchild import NotSealedError, wait_for_go
     from modelward.updater.install._sealed import new_memfd
 
@@ -139,7 +140,7 @@ def test_i16_the_child_refuses_copies_that_are_not_sealed(tmp_path: Path) -> Non
     r, w = os.pipe()
     try:
         os.write(mfd, b"unsealed")
-        os.write(w, b"1")
+        os.write(w, go_message(0))
         with pytest.raises(NotSealedError, match="model.onnx is not sealed"):
             wait_for_go(r, {"model.onnx": mfd})
     finally:

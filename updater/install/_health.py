@@ -14,8 +14,10 @@ import importlib.util
 import json
 import logging
 import math
+import mmap
 import os
 import signal
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -77,12 +79,34 @@ def child_policy(slot: Path, cfg: HealthConfig, environ: Mapping[str, str],
     return replace(policy, read_only=(), must_deny=(*policy.read_only, *policy.must_deny))
 
 
-def memory_limit(cfg: HealthConfig) -> int:
-    """``cfg.max_memory``, or the default from what the device has free now."""
+def memory_limit(cfg: HealthConfig, reserve: int = 0) -> int:
+    """``cfg.max_memory``, or the default from what the device has free now, less
+    ``reserve`` bytes about to be taken (the sealed copies a child started ahead waits for)."""
     if cfg.max_memory is not None:
         return cfg.max_memory
     return auto_max_memory(_read("/proc/meminfo") or "", *_cgroup_memory(),
-                           cap=HealthConfig.DEFAULT_MEMORY_CAP)
+                           cap=HealthConfig.DEFAULT_MEMORY_CAP, reserve=reserve)
+
+
+def _sizes(slot: Path, names: tuple[str, ...]) -> int:
+    """The bytes of ``names`` in ``slot`` (an estimate: the memfds they are copied into;
+    nothing is followed, a missing or odd file counts 0)."""
+    total = 0
+    try:
+        d = os.open(slot, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return 0
+    try:
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=d, follow_symlinks=False)
+            except (OSError, ValueError):
+                continue
+            if stat.S_ISREG(st.st_mode):  # (a memfd takes whole pages)
+                total += -(-st.st_size // mmap.PAGESIZE) * mmap.PAGESIZE
+    finally:
+        os.close(d)
+    return total
 
 
 def _read(path: str) -> str | None:
@@ -169,6 +193,12 @@ def missing_health_package(names: tuple[str, ...] = HEALTH_PACKAGES) -> str | No
     return None
 
 
+def go_message(max_memory: int) -> bytes:
+    """What the agent writes on the go pipe: ``1`` and the address-space limit the child
+    sets before reading anything (8 bytes, little-endian; 0: keep its own)."""
+    return b"1" + max_memory.to_bytes(8, "little")
+
+
 def _child_argv(fds: Mapping[str, int], *go: int) -> list[str]:
     return [sys.executable, "-I", "-m", "modelward.updater.install._healthchild",
             json.dumps(dict(fds)), *map(str, go)]
@@ -179,8 +209,9 @@ class PendingCheck:
     and ``import onnxruntime`` (0.4 s on the benchmark machine) overlap the seal.
 
     The child holds empty memfds (:attr:`fds`, which :func:`updater.install._sealed.seal_verified`
-    fills and seals via ``into``) and reads nothing until :meth:`go`: one byte on a pipe
-    that only this agent can write, sent only when every memfd carries all the seals; the
+    fills and seals via ``into``) and reads nothing until :meth:`go`: ``1`` and the memory
+    limit of now (:func:`go_message`) on a pipe that only this agent can write, sent only
+    when every memfd carries all the seals; the
     child checks the seals again itself (``F_GET_SEALS``) before it reads a byte. Until
     then it runs only the agent's own code (imports), not the model: no model byte exists
     in its memfds yet. :meth:`close` kills and reaps it if it was not handed over.
@@ -188,7 +219,10 @@ class PendingCheck:
 
     def __init__(self, slot: Path, cfg: HealthConfig, names: tuple[str, ...]) -> None:
         self.cfg = cfg
-        self.policy = child_policy(slot, cfg, os.environ, memory_limit(cfg))
+        # (what will be free once its copies are made; :meth:`go` lowers it to what is free
+        # then: the limit it runs the model under)
+        self.policy = child_policy(slot, cfg, os.environ,
+                                   memory_limit(cfg, _sizes(slot, names)))
         self.fds: dict[str, int] = {}
         self._go = -1
         self._proc: subprocess.Popen[bytes] | None = None
@@ -217,19 +251,39 @@ class PendingCheck:
         proc, self._proc = self._proc, None
         if proc is None or set(sealed.fds) != set(self.fds) or not all(
                 is_sealed(self.fds[n]) and _same_file(self.fds[n], fd)
-                for n, fd in sealed.fds.items()):
+                for n, fd in sealed.fds.items()) or (limit := self._bound(proc)) is None:
             self._proc = proc
             self.close()
             return None
         try:
-            os.write(self._go, b"1")
-        except OSError:  # (it died meanwhile: its end is what supervise reports)
-            pass
+            os.write(self._go, go_message(limit))
+        except OSError:  # (it died before reading go: it ran nothing, no verdict)
+            self._proc = proc
+            self.close()
+            return None
         finally:
-            os.close(self._go)
-            self._go = -1
+            if self._go >= 0:
+                os.close(self._go)
+                self._go = -1
         return supervise(proc, timeout=self.cfg.timeout, heartbeat=heartbeat,
                          max_stdout=max_stdout, max_stderr=max_stderr)
+
+    def _bound(self, proc: subprocess.Popen[bytes]) -> int | None:
+        """The address-space limit ``proc``, waiting for go, runs the check under: the one
+        of now (:func:`memory_limit`, its copies made), kept in :attr:`policy`; 0: the one
+        it has. The child sets it (soft and hard: it cannot raise it back) before it reads
+        a byte. None (a fresh child runs the check) if it ended or was stopped before go
+        (by a signal from outside: it never stops itself), or if much more is free now
+        than when it started."""
+        if proc.poll() is not None or _state(proc.pid) not in ("R", "S", "D"):
+            return None
+        now, early = memory_limit(self.cfg), self.policy.max_memory
+        if now > early + early // 8:
+            return None  # (started short of memory: a fresh child gets what is free now)
+        if now >= early:
+            return 0
+        self.policy = replace(self.policy, max_memory=now)
+        return now
 
     def close(self) -> None:
         """Kill the child if it was not handed over; close the memfds and the pipe
@@ -243,6 +297,13 @@ class PendingCheck:
             proc.communicate()
         while self.fds:
             os.close(self.fds.popitem()[1])
+
+
+def _state(pid: int) -> str:
+    """The state letter of ``pid`` in ``/proc/<pid>/stat`` ("" if unknown)."""
+    text = _read(f"/proc/{pid}/stat") or ""
+    fields = text.rsplit(")", 1)[-1].split()
+    return fields[0] if fields and ")" in text else ""
 
 
 def _same_file(a: int, b: int) -> bool:
@@ -316,7 +377,6 @@ def _run_health_check(
             "health check of %s %s runs WITHOUT its sandbox ([health] unsafe_no_sandbox): "
             "the model's code can reach the network, the TPM and the agent's files",
             model, version, extra={"model": model, "version": version})
-    policy = child_policy(slot, cfg, os.environ, memory_limit(cfg))
     own = sealed is None
     if sealed is None:
         try:
@@ -329,7 +389,10 @@ def _run_health_check(
         done = None
         if pending is not None and not own:
             done = pending.go(sealed, heartbeat, MAX_REPORT, MAX_STDERR)
+            policy = pending.policy  # (the limits it ran under, set at go)
         if done is None:
+            # (the limits of now: its copies are made, in memory)
+            policy = child_policy(slot, cfg, os.environ, memory_limit(cfg))
             fds = dict(sealed.fds)
             done = run(_child_argv(fds), policy, timeout=cfg.timeout, heartbeat=heartbeat,
                        max_stdout=MAX_REPORT, max_stderr=MAX_STDERR,

@@ -11,7 +11,8 @@ have changed since, and the sandbox hides it anyway.
 
 With ``GO`` (a pipe's read end), the child was started ahead, while the agent still fills
 and seals the copies (``updater.install._health.PendingCheck``): it imports onnxruntime
-meanwhile, then waits for one byte ``1`` on ``GO``. Only then, and only if every handed
+meanwhile, then waits for ``1`` on ``GO`` (with the memory limit of now, which it sets
+first, soft and hard). Only then, and only if every handed
 descriptor carries all the seals (``F_GET_SEALS``: nobody can change its bytes any more),
 does it read anything; end of file (the agent gave up) ends it without a check.
 
@@ -30,9 +31,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import resource
 import sys
 from typing import IO, Any
 
+GO_BYTES = 9  # ``1``, then the address-space limit (little-endian; 0: keep the one it has)
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -41,18 +44,27 @@ class NotSealedError(Exception):
 
 
 def wait_for_go(go: int, fds: dict[str, int]) -> bool:
-    """Block until the agent says the copies are sealed (one byte ``1`` on ``go``); False
-    if it gave up (end of file, anything else).
+    """Block until the agent says the copies are sealed (``1`` and a memory limit on
+    ``go``, which it sets before reading anything); False if it gave up (end of file,
+    anything else).
 
     Raises:
         NotSealedError: the agent said go, but a copy is not sealed.
     """
+    said = b""
     try:
-        said = os.read(go, 1)
+        while len(said) < GO_BYTES:
+            got = os.read(go, GO_BYTES - len(said))
+            if not got:
+                break
+            said += got
     finally:
         os.close(go)
-    if said != b"1":
+    if len(said) != GO_BYTES or said[:1] != b"1":
         return False
+    limit = int.from_bytes(said[1:], "little")
+    if limit:  # (the agent's limit of now; lowering the hard limit too: never raised back)
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     for name, fd in fds.items():
         try:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)

@@ -576,10 +576,14 @@ def _attempt(
             staged, manifest, entries = whole()
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check")
+        if pending is not None and gate.reasons():  # (busy now: no child waits it out)
+            pending.close()
+            pending = None
         with sealed:
             try:
                 step("verified")
-                gate.wait_idle("health check")
+                if pending is None:  # (else the gate said idle just now, after the seal)
+                    gate.wait_idle("health check")
                 detail = run_health_check(incoming, name, version, cfg.health,
                                           gate.heartbeat, sealed=sealed, pending=pending)
             finally:

@@ -32,7 +32,11 @@ from modelward.updater.errors import SandboxError
 
 LAUNCHER = Path(__file__).with_name("_sandbox_launch.py")
 EXIT_SANDBOX = 121  # the launcher's exit status when it refused to run the program
-TASK_UID = 65534   # "nobody": the real uid of a root agent's child (RLIMIT_NPROC, see below)
+# The real uid a root agent's child moves to (RLIMIT_NPROC, see below): reserved for it. Not
+# "nobody" (65534), which many daemons share and any of them could signal the child; a fixed
+# uid above the ranges systemd and the distributions hand out (system, dynamic, homed and the
+# container range 524288..1879048191), which no passwd entry names and nothing else runs as.
+TASK_UID = 2_000_000_000
 
 # Read-only, executable: the system's libraries and Python. Nothing under them is a secret.
 SYSTEM_READ = ("/usr", "/lib", "/lib64", "/lib32", "/bin", "/sbin", "/etc/ld.so.cache",
@@ -132,8 +136,9 @@ def scrubbed_env(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def auto_max_memory(meminfo: str, cgroup_max: str | None, cgroup_current: str | None,
-                    cap: int) -> int:
-    """Default address-space limit: half of what is free now, and at most ``cap``.
+                    cap: int, reserve: int = 0) -> int:
+    """Default address-space limit: half of what is free now (less ``reserve`` bytes about
+    to be taken, e.g. the sealed copies still to be made), and at most ``cap``.
 
     Args:
         meminfo: ``/proc/meminfo``.
@@ -141,6 +146,7 @@ def auto_max_memory(meminfo: str, cgroup_max: str | None, cgroup_current: str | 
             (cgroup v2; None if unknown). The unit's ``MemoryMax`` leaves less than the
             device has.
         cap: the largest default, bytes.
+        reserve: bytes to count as taken already.
     """
     free = cap * 2
     for line in meminfo.splitlines():
@@ -149,7 +155,7 @@ def auto_max_memory(meminfo: str, cgroup_max: str | None, cgroup_current: str | 
     if cgroup_max and cgroup_current and cgroup_max.strip().isdigit() and \
             cgroup_current.strip().isdigit():
         free = min(free, max(0, int(cgroup_max) - int(cgroup_current)))
-    return min(cap, free // 2)
+    return min(cap, max(0, free - reserve) // 2)
 
 
 def policy_problem(policy: SandboxPolicy) -> str:

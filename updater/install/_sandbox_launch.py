@@ -13,10 +13,11 @@ What it sets up (all of it, or the program never runs):
   see below for the one a root agent's child keeps);
 * a bound on its tasks (threads): ``RLIMIT_NPROC``, set to what its real uid runs now plus
   ``max_tasks``. The kernel never applies it to real uid 0, so a root agent's child moves
-  to ``task_uid`` (nobody) for good, keeping only ``CAP_DAC_READ_SEARCH`` to read the paths
-  Landlock allows (as root without capabilities could); an unprivileged agent's child keeps
-  the agent's uid, and threads the agent starts meanwhile come out of its budget (a
-  health check then fails: closed). A pids cgroup would need systemd delegation;
+  to ``task_uid`` (a uid of its own, not nobody's) for good, keeping only
+  ``CAP_DAC_READ_SEARCH`` to read the paths Landlock allows (as root without capabilities
+  could); an unprivileged agent's child keeps the agent's uid, and threads the agent
+  starts meanwhile come out of its budget (a health check then fails: closed). A pids
+  cgroup would need systemd delegation;
 * Landlock: the file system is read-only, and only the listed paths are visible at all (no
   state dir, no trust record, no credentials, no ``/dev/tpm*``); TCP bind/connect denied
   (ABI >= 4); abstract UNIX sockets and signals to processes outside the sandbox denied
