@@ -433,20 +433,10 @@ class MqttFetcher(RangeFetcher):
                 raise tuf_exc.DownloadHTTPError(f"mqtt {path}: status {status}", int(status))
             logger.warning("ignoring a block of %s without a valid status", path)
             return None
-        if total is not None and size != total:
-            raise tuf_exc.DownloadError(f"mqtt {path}: file size changed during the download")
         if asked is None:
-            expected = max(0, min(self.cfg.block_size, size - off))
-        else:
-            expected = asked[off]
-            if off + expected > size:
-                raise tuf_exc.DownloadError(f"mqtt {path}: the file has {size} bytes, the "
-                                            f"range asked at {off} ends at {off + expected}")
-        if len(payload) != expected:
-            logger.warning("ignoring a block of %s at %d with %d bytes (expected %d)",
-                           path, off, len(payload), expected)
-            return None
-        return off, payload, size
+            return _sized(path, off, payload, size, total,
+                          max(0, min(self.cfg.block_size, size - off)), ranged=False)
+        return _sized(path, off, payload, size, total, asked[off], ranged=True)
 
     # --- ranges -----------------------------------------------------------------------
 
@@ -691,17 +681,27 @@ class MqttFetcher(RangeFetcher):
             logger.debug("ignoring a block of %s at %d: not awaited from this request",
                          path, off)
             return None
-        if total is not None and size != total:
-            raise tuf_exc.DownloadError(f"mqtt {path}: file size changed during the download")
-        expected = asked[off]
-        if off + expected > size:
-            raise tuf_exc.DownloadError(f"mqtt {path}: the file has {size} bytes, the "
-                                        f"range asked at {off} ends at {off + expected}")
-        if len(payload) != expected:
-            logger.warning("ignoring a block of %s at %d with %d bytes (expected %d)",
-                           path, off, len(payload), expected)
-            return None
-        return off, payload, size
+        return _sized(path, off, payload, size, total, asked[off], ranged=True)
+
+
+def _sized(path: str, off: int, payload: memoryview, size: int, total: int | None,
+           expected: int, *, ranged: bool) -> tuple[int, memoryview, int] | None:
+    """An answered block at ``off`` of a file of ``size`` bytes, if it has the ``expected``
+    length (else None: logged, ignored); ``ranged``: ``expected`` is what was asked.
+
+    Raises:
+        DownloadError: the file's size changed meanwhile, or a range asked ends past it.
+    """
+    if total is not None and size != total:
+        raise tuf_exc.DownloadError(f"mqtt {path}: file size changed during the download")
+    if ranged and off + expected > size:
+        raise tuf_exc.DownloadError(f"mqtt {path}: the file has {size} bytes, the range "
+                                    f"asked at {off} ends at {off + expected}")
+    if len(payload) != expected:
+        logger.warning("ignoring a block of %s at %d with %d bytes (expected %d)",
+                       path, off, len(payload), expected)
+        return None
+    return off, payload, size
 
 
 SPAN_BLOCKS = 16  # the most a bridge answers for one span (publisher._fairness)
