@@ -107,7 +107,8 @@ def test_default_memory_limit_is_below_what_is_free_and_below_3gib() -> None:
     assert memory_limit(HealthConfig(max_memory=5 << 30)) == 5 << 30
 
 
-def test_policy_hides_the_state_dir_and_secrets(tmp_path: Path) -> None:
+def test_policy_hides_the_state_dir_and_secrets(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     p = _policy(tmp_path)
     state = str((tmp_path / "state").resolve())
     assert state in p.must_deny and str(tmp_path.resolve()) in p.must_deny
@@ -123,9 +124,10 @@ def test_policy_hides_the_state_dir_and_secrets(tmp_path: Path) -> None:
                         "PYTHONPATH": "/p", "LANG": "C", "AWS_SECRET": "y"})
     assert set(env) == {"LANG", "PATH", "HOME", "PYTHONDONTWRITEBYTECODE",
                         "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"}
-    assert all(not r.startswith(state) for r in python_read_paths(os.environ))
+    assert all(not r.startswith(state) for r in python_read_paths())
     # the child runs -I: a PYTHONPATH pointing anywhere (the state dir) grants nothing
-    assert state not in python_read_paths({**os.environ, "PYTHONPATH": state})
+    monkeypatch.setenv("PYTHONPATH", state)
+    assert state not in python_read_paths()
 
 
 # --- the launcher, for real ----------------------------------------------------------------

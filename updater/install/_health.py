@@ -60,7 +60,7 @@ def health_policy(slot: Path, cfg: HealthConfig, environ: Mapping[str, str],
     slot = Path(os.path.realpath(slot))
     hidden = [str(p) for p in slot.parents if p != Path("/")]  # state dir, staging, ...
     return SandboxPolicy(
-        read_exec=python_read_paths(environ),
+        read_exec=python_read_paths(),
         read_only=(str(slot),),
         must_deny=(*hidden, *tpm_devices()),
         max_memory=max_memory,

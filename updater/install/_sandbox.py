@@ -111,7 +111,7 @@ def _package_roots() -> list[str]:
     return [str(top.parent), *(str(p.resolve()) for p in top.iterdir() if p.is_symlink())]
 
 
-def python_read_paths(environ: Mapping[str, str]) -> tuple[str, ...]:
+def python_read_paths() -> tuple[str, ...]:
     """The system paths plus what this Python needs: prefixes, stdlib, site-packages, and
     the code this agent runs from (the ``modelward`` package's root). ``PYTHONPATH`` is not
     among them: the child runs ``python -I``, which ignores it."""
