@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import getpass
 import json
 import os
 import sys
@@ -39,6 +38,8 @@ def _secrets(what: str) -> str:
     """securesystemslib's secret prompts: the HSM PIN from the environment or a prompt."""
     value = os.environ.get(HSM_PIN_ENV) if what == "pin" else None
     if value is None:
+        import getpass
+
         value = getpass.getpass(f"{what}: ")
     return value
 
@@ -82,6 +83,8 @@ def _passphrase(confirm: bool | Callable[[str], bool], *, new: bool = False,
                 fallback: PassphraseProvider | None = None) -> PassphraseProvider:
     """Passphrases per role: MODELWARD_KEY_PASSPHRASE_<ROLE>, MODELWARD_KEY_PASSPHRASE, or a
     prompt per role on a terminal (``new``: ``repo rekey``'s MODELWARD_NEW_KEY_PASSPHRASE*)."""
+    import getpass
+
     from modelward.publisher._passphrases import NEW_PASSPHRASE_ENV, EnvPassphrases
 
     prompt = getpass.getpass if sys.stdin.isatty() else None
@@ -1076,6 +1079,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _end_process(code: int) -> None:
+    """End the process now with ``code``, without the interpreter's teardown (a third of
+    what the boot unit waits for on a small model: freeing every module of the TPM library
+    and ours, 14-18 ms). Only once everything is written: the log handlers closed,
+    stdout and stderr flushed; returns instead (the usual exit follows) while another
+    thread runs or if a stream cannot be flushed, for the interpreter to report it."""
+    import logging
+    import threading
+
+    if threading.active_count() > 1:
+        return
+    logging.shutdown()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # (a closed pipe or stream: the usual exit says so)
+        return
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code.
 
@@ -1090,6 +1113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     from modelward._inputs import mark_commands
 
+    from_entry_point = argv is None
     argv = sys.argv[1:] if argv is None else argv
     parser = mark_commands(_parser_for(argv))
     import contextlib
@@ -1126,7 +1150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             with repository_lock(args.repo):  # one repository-changing command at a time
                 return int(args.func(args))
-        return int(args.func(args))
+        code = int(args.func(args))
+        if from_entry_point and args.func is _agent_boot_check:
+            _end_process(code)
+        return code
     except ModelwardError as e:
         report_error(e, fmt=fmt, hint=e.hint or help_hint, traceback=args.debug)
         return EXIT_ERROR

@@ -1,0 +1,91 @@
+"""Issue 15: ``agent boot-check`` run from the entry point ends without the interpreter's
+teardown (``modelward.cli._end_process``), and loses nothing the caller reads: every byte
+written to stdout, every log record, the exit code.
+
+The real command's outputs and exit codes (verified 0, fell back 0, nothing trusted 3, TPM
+down 1) are asserted through swtpm by tests/integration/test_i15_boot_imports.py, which runs
+it the same way (``python -I -m modelward``, ``argv`` None).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from modelward import cli
+
+_PRELUDE = """
+import atexit, logging, sys
+from modelward.cli import _end_process
+atexit.register(lambda: open(sys.argv[1], "w").write("teardown ran"))
+h = logging.StreamHandler(sys.stderr)
+logging.getLogger("t").addHandler(h)
+logging.getLogger("t").warning("the log record")
+sys.stdout.write("x" * 200_000)  # (buffered: more than one pipe's worth)
+"""
+
+
+def _run(tmp_path: Path, body: str) -> tuple[subprocess.CompletedProcess[str], Path]:
+    marker = tmp_path / "marker"
+    r = subprocess.run([sys.executable, "-I", "-c", _PRELUDE + textwrap.dedent(body),
+                        str(marker)], capture_output=True, text=True, timeout=60,
+                       check=False, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    return r, marker
+
+
+def test_ends_now_with_everything_written(tmp_path: Path) -> None:
+    r, marker = _run(tmp_path, "_end_process(3)\nprint('not reached')\n")
+    assert r.returncode == 3, r.stderr
+    assert r.stdout == "x" * 200_000
+    assert r.stderr == "the log record\n"
+    assert not marker.exists()  # (no teardown: the point)
+
+
+def test_returns_while_another_thread_runs(tmp_path: Path) -> None:
+    r, marker = _run(tmp_path, """
+        import threading
+        stop = threading.Event()
+        t = threading.Thread(target=stop.wait)
+        t.start()
+        _end_process(3)
+        print("returned")
+        stop.set()
+    """)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "x" * 200_000 + "returned\n"
+    assert marker.read_text() == "teardown ran"  # (the usual exit: threads joined)
+
+
+def test_returns_when_stdout_cannot_be_flushed(tmp_path: Path) -> None:
+    r, marker = _run(tmp_path, """
+        sys.stdout.close()
+        _end_process(3)
+        sys.stderr.write("returned")
+    """)
+    assert r.returncode == 0
+    assert r.stderr.endswith("returned")
+    assert marker.read_text() == "teardown ran"
+
+
+def test_only_the_entry_points_boot_check_ends_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Called with arguments (tests, embedders), main returns boot-check's code; from the
+    entry point (``argv`` None) it ends the process with it."""
+    ended: list[int] = []
+    monkeypatch.setattr(cli, "_end_process", ended.append)
+    monkeypatch.setattr(cli, "_agent_boot_check", lambda _args: 3)
+    argv = ["agent", "boot-check", "--config", "/nonexistent"]
+    assert cli.main(argv) == 3
+    assert ended == []
+    monkeypatch.setattr(sys, "argv", ["modelward", *argv])
+    assert cli.main() == 3  # (_end_process stubbed: it returned)
+    assert ended == [3]
+    monkeypatch.setattr(sys, "argv", ["modelward", "--version"])
+    with pytest.raises(SystemExit):
+        raise SystemExit(cli.main())
+    assert ended == [3]  # (any other command: the usual exit)
