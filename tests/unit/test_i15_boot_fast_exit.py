@@ -89,3 +89,27 @@ def test_only_the_entry_points_boot_check_ends_the_process(
     with pytest.raises(SystemExit):
         raise SystemExit(cli.main())
     assert ended == [3]  # (any other command: the usual exit)
+
+
+def test_boot_check_runs_without_cycle_collection(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No cyclic collection while boot-check runs, and it is back on after (also after an
+    error); other commands run with it as it was."""
+    import gc
+
+    seen: list[bool] = []
+
+    def boot(_args: object) -> int:
+        seen.append(gc.isenabled())
+        if len(seen) == 2:
+            raise OSError("the disk")
+        return 0
+
+    monkeypatch.setattr(cli, "_agent_boot_check", boot)
+    assert gc.isenabled()
+    argv = ["agent", "boot-check", "--config", "/nonexistent"]
+    assert cli.main(argv) == 0
+    assert cli.main(argv) == cli.EXIT_ERROR
+    assert seen == [False, False] and gc.isenabled()
+    monkeypatch.setattr(cli, "_agent_check_config", lambda _args: seen.append(gc.isenabled()) or 0)
+    cli.main(["agent", "check-config", "--config", "/nonexistent"])
+    assert seen == [False, False, True] and gc.isenabled()
