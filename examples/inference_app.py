@@ -1,16 +1,11 @@
-"""Example inference app: serves the model modelward activated, on loopback HTTP.
+"""Example inference app: serves the model modelward activated on loopback HTTP. What is
+security-relevant is in ``modelward.agent.app``: it loads only the model the trust record names
+active (its bytes checked against the record's fingerprint), reloads when it changes (each
+second, or on SIGHUP), and writes the queue depth the agent's idle gate reads.
 
   MODEL_DIR=/var/lib/modelward/current BUSY_FILE=/run/inference/busy python3 inference_app.py
-  curl -d '{"input": [[0, 1, 2, 3, 4, 5, 6, 7]]}' http://127.0.0.1:8470/
-
-POST {"input": [[...]]} -> {"output": [[...]], "model", "version", "sha256"}; GET -> the same
-without output. ``modelward.agent.app`` does what is security-relevant: it loads only the
-model the trust record names active (``current`` read without following links, the bytes
-checked against the record's fingerprint), reloads when it changes (each second, or on
-SIGHUP), and writes the queue depth the agent's idle gate reads (``[idle] busy_file``).
+  curl -d '{"input": [[0, 1, 2, 3, 4, 5, 6, 7]]}' http://127.0.0.1:8470/  # output, model, sha256
 """
-
-from __future__ import annotations
 
 import json
 import logging
@@ -23,7 +18,6 @@ import onnxruntime as ort
 
 from modelward.agent.app import BoundedHTTPServer, BusySignal, JsonHandler, ModelWatcher
 
-MAX_OUTPUT_VALUES = 1 << 15
 BUSY = BusySignal(os.environ.get("BUSY_FILE", ""))
 MODEL = ModelWatcher(os.environ.get("MODEL_DIR", "/var/lib/modelward/current"),
                      lambda m: ort.InferenceSession(m.data, providers=["CPUExecutionProvider"]),
@@ -47,17 +41,16 @@ class Handler(JsonHandler):
                 y = m.runtime.run(None, {m.runtime.get_inputs()[0].name: x})[0]
             except Exception as e:  # noqa: BLE001 - bad JSON, or input the model refuses
                 return self.reply(400, {"error": str(e)})
-            if y.size > MAX_OUTPUT_VALUES:
+            if y.size > 1 << 15:  # (a bounded answer)
                 return self.reply(500, {"error": f"an output of {y.size} values"})
             return self.reply(200, {"output": y.tolist(), **m.describe()})
         finally:
             BUSY.add(-1)
 
 
-def main() -> None:
+if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="inference: %(message)s")
-    BUSY.add(0)
-    MODEL.poll()
+    BUSY.add(0), MODEL.poll()
     server = BoundedHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "8470"))), Handler)
     signal.signal(signal.SIGHUP, lambda *_: MODEL.request_reload())  # ExecReload=kill -HUP
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
@@ -65,7 +58,3 @@ def main() -> None:
     print(f"serving on http://127.0.0.1:{server.server_port}", flush=True)
     server.serve_forever()
     BUSY.remove()
-
-
-if __name__ == "__main__":
-    main()
