@@ -12,7 +12,8 @@ import sys, json
 from modelward.trust._tpmimport import import_tpm2_pytss
 t = import_tpm2_pytss()
 for m in ("tpm2_pytss.FAPI", "cryptography.hazmat.primitives.serialization",
-          "cryptography.hazmat.primitives.serialization.ssh", "cryptography.x509"):
+          "cryptography.hazmat.primitives.serialization.ssh", "cryptography.x509",
+          "cryptography.hazmat.primitives._serialization", "cryptography.hazmat.bindings"):
     assert m not in sys.modules, m
 assert sys.modules["tpm2_pytss"] is t and t.ESAPI.__name__ == "ESAPI"
 names = sorted(n for n in vars(t) if not n.startswith("__"))
@@ -91,3 +92,41 @@ def test_i15_a_lean_import_that_fails_falls_back_to_the_plain_import() -> None:
     """A tpm2-pytss whose layout the lean import does not know (a newer release) must
     still import: the boot check, and with it inference, depends on it."""
     assert _names(BROKEN) == _names(FULL)
+
+
+#: A private key through ``TPMT_SENSITIVE``: ``to_pem``/``to_der`` use the default format
+#: argument of ``_serialize`` (a pending member while the lean import loads ``types``).
+SENSITIVE = """
+import json, sys
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization as s
+t = LOAD
+key = ec.derive_private_key(7, ec.SECP256R1())
+pem = key.private_bytes(s.Encoding.PEM, s.PrivateFormat.TraditionalOpenSSL, s.NoEncryption())
+sens, pub = t.types.TPMT_SENSITIVE.from_pem(pem), t.types.TPMT_PUBLIC.from_pem(pem)
+assert sens.to_pem(pub) == pem
+print(json.dumps([sens.to_pem(pub).hex(), sens.to_der(pub).hex(), sens.to_ssh(pub)[:36].hex(),
+                  repr(t.types.TPMT_SENSITIVE._serialize.__defaults__
+                       if not hasattr(t.types.TPMT_SENSITIVE._serialize, "__wrapped__") else
+                       t.types.TPMT_SENSITIVE._serialize.__wrapped__.__defaults__)]))
+"""
+
+
+def test_i15_pending_default_is_the_real_format_when_called() -> None:
+    """Imported first (cryptography not yet loaded, as at boot): the same keys, the same
+    default as the plain import, resolved on the first call."""
+    lean = SENSITIVE.replace("from cryptography.hazmat.primitives.asymmetric import ec\n"
+                             "from cryptography.hazmat.primitives import serialization as s\n"
+                             "t = LOAD", "from modelward.trust._tpmimport import "
+                             "import_tpm2_pytss\nt = import_tpm2_pytss()\n"
+                             "from cryptography.hazmat.primitives.asymmetric import ec\n"
+                             "from cryptography.hazmat.primitives import serialization as s")
+    full = SENSITIVE.replace("t = LOAD", "import tpm2_pytss as t")
+    out = []
+    for code in (lean, full):
+        r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                           timeout=60, check=False)
+        assert r.returncode == 0, r.stderr
+        out.append(r.stdout)
+    assert out[0] == out[1]
+    assert "PrivateFormat.TraditionalOpenSSL" in out[0]
