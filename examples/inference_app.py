@@ -50,7 +50,8 @@ class Handler(JsonHandler):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="inference: %(message)s")
-    BUSY.add(0), MODEL.poll()
+    BUSY.add(0)  # (not busy; the file exists)
+    MODEL.poll()
     server = BoundedHTTPServer(("127.0.0.1", int(os.environ.get("PORT", "8470"))), Handler)
     signal.signal(signal.SIGHUP, lambda *_: MODEL.request_reload())  # ExecReload=kill -HUP
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
