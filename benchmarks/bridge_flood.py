@@ -67,8 +67,7 @@ class Env:
         with open(repo / FILE, "wb") as f:
             f.write(os.urandom(64 * MIB))
         self.bc = write_broker_config("bench", ["bench-dev", "bench-evil"], work / "bc")
-        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.passwords,
-                                   self.bc.acl)
+        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.conf)
         self.bridge = subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(repo),
              "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),

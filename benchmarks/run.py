@@ -265,8 +265,7 @@ class Env:
                                    unsafe_plain_http_port=self.http_port)
         self.url = self.origin.url
         self.bc = write_broker_config("bench", ["bench-dev"], work / "bc")
-        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.passwords,
-                                   self.bc.acl)
+        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.conf)
         self.bridge = subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(self.repo_dir),
              "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),

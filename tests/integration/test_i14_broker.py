@@ -53,7 +53,7 @@ class Broker:
 def _broker(d: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
     ca, server = pki
     bc = write_broker_config(FLEET, ["dev-1", "dev-2"], d / "broker-config")
-    h = start_broker(d / "broker", server, ca.cert, bc.passwords, bc.acl)
+    h = start_broker(d / "broker", server, ca.cert, bc.conf)
     try:
         yield Broker(h, ca.cert, bc.credentials)
     finally:

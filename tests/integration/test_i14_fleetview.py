@@ -96,7 +96,7 @@ class Fleet:
 def fleet(tmp_path: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Fleet]:
     ca, server = pki
     bc = write_broker_config(FLEET, DEVICES, tmp_path / "broker-config")
-    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.passwords, bc.acl)
+    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.conf)
     try:
         yield Fleet(tmp_path, broker.port, ca.cert, bc.credentials, tmp_path / "fleet")
     finally:

@@ -365,13 +365,16 @@ def test_broker_config_cli(tmp_path: Path) -> None:
                         "f9", "--devices", "a,b", "-o", str(tmp_path)], capture_output=True,
                        text=True, check=False)
     assert r.returncode == 0, r.stderr
-    acl = (tmp_path / "acl").read_text()
-    assert "pattern write modelward/f9/repo/req/%u" in acl
+    dynsec = json.loads((tmp_path / "dynamic-security.json").read_text())
+    fetcher = next(c for c in dynsec["clients"] if c["username"] == "a:fetch")
+    assert fetcher["clientid"] == "a-fetch"
     assert (tmp_path / "credentials" / "a").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "dynamic-security.json").stat().st_mode & 0o077 == 0
     settings = (tmp_path / "modelward.conf").read_text().splitlines()
     assert "set_tcp_nodelay true" in settings and "allow_anonymous false" in settings
-    assert f"acl_file {(tmp_path / 'acl').resolve()}" in settings
-    assert f"password_file {(tmp_path / 'passwords').resolve()}" in settings
+    assert (f"plugin_opt_config_file {(tmp_path / 'dynamic-security.json').resolve()}"
+            in settings)
+    assert not any(s.startswith(("acl_file", "password_file")) for s in settings)
     bad = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config",
                           "--fleet", "f9", "--devices", "a/#", "-o", str(tmp_path / "x")],
                          capture_output=True, text=True, check=False)
