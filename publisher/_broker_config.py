@@ -93,9 +93,10 @@ def roles(fleet: str, devices: list[str]) -> list[dict[str, object]]:
     """
     f = f"modelward/{check_id('fleet', fleet)}"
     out: list[dict[str, object]] = [
-        # Bridges answer block requests, read in their (secret) shared group.
+        # Bridges answer block requests, read in their (secret) shared group (or alone:
+        # the bridge's credential may read every request anyway).
         {"rolename": BRIDGE_USER,
-         "acls": [*_reads(f"$share/+/{f}/repo/req/+"),
+         "acls": [*_reads(f"$share/+/{f}/repo/req/+"), *_reads(f"{f}/repo/req/+"),
                   _acl("publishClientSend", f"{f}/devices/+/repo/resp")]},
         # The operator announces and watches the fleet.
         {"rolename": OPERATOR_USER,
