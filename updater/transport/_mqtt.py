@@ -39,6 +39,7 @@ from modelward.updater.transport._fetcher import RangeFetcher
 from modelward.updater.transport._mqttconn import (
     AnnouncementListener,
     MqttConnection,
+    device_connection,
     parse_broker_url,
     publish_properties,
 )
@@ -245,10 +246,8 @@ class MqttFetcher(RangeFetcher):
         if self._conn is None or self._conn.lost.is_set():
             if self._conn is not None:
                 self._conn.close()
-            self._conn = MqttConnection(
-                self.cfg, f"{self.cfg.client_name}-fetch-{secrets.token_hex(4)}",
-                [], self._deliver,
-            )
+            # the device's fetcher identity, bound to one client id by the broker
+            self._conn = device_connection(self.cfg, "fetch", [], self._deliver)
         return self._conn
 
     def close(self) -> None:
