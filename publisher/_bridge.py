@@ -53,6 +53,8 @@ from modelward.trust import _display as display
 from modelward.trust._bounded import loads_bounded, read_bounded
 from modelward.updater.bundle._tarstream import check_member_path
 from modelward.updater.transport._mqtt import (
+    BLOCK_HEADER,
+    BLOCK_MAGIC,
     MqttConfig,
     MqttConnection,
     block_header,
@@ -408,13 +410,24 @@ class Bridge:
         with self._sent_lock:
             now = time.monotonic()
             self._sent.prune(now)  # whoever sends releases what was acknowledged
-            self._sent.add(info, len(data), now, self._owner(topic))
+            self._sent.add(info, _block_bytes(data), now, self._owner(topic))
 
     def _owner(self, topic: str) -> str | None:
         """The device whose response topic ``topic`` is (its share of the send queue)."""
         if topic.startswith(self._resp_prefix) and topic.endswith(self._resp_suffix):
             return topic[len(self._resp_prefix):-len(self._resp_suffix)]
         return None
+
+
+def _block_bytes(payload: bytes | bytearray | memoryview) -> int:
+    """The bytes of a block an answer carries, which the send queue counts: its format 2
+    header left out (22 bytes, bounded by the count of answers), so that
+    ``send_bytes`` of 4 MiB holds 4 blocks of 1 MiB, not 3 (with 3, the worker waited
+    for a PUBACK before each block: 10-15 % of a 256 MiB transfer)."""
+    n = len(payload)
+    if n >= BLOCK_HEADER.size and payload[:4] == BLOCK_MAGIC:
+        return n - BLOCK_HEADER.size
+    return n
 
 
 def _cut(e: BaseException) -> str:

@@ -154,8 +154,9 @@ class BridgeLimits:
             will send (beyond: 429). The device keeps ``MqttConfig.window`` (16) blocks in
             flight; a few more are its re-requests.
         queued_bytes: bytes all queued requests ask for together (beyond: 503).
-        send_bytes: bytes handed to the broker and not yet acknowledged (the send queue;
-            the bridge reads the next block only when there is room).
+        send_bytes: bytes of blocks handed to the broker and not yet acknowledged (the
+            send queue; the bridge reads the next block only when there is room; each
+            answer's 22-byte header is not counted, the number of answers bounds those).
         devices: devices whose buckets are remembered (the least recently seen idle one
             is forgotten first).
     """
