@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
 import time
 from pathlib import Path
@@ -390,6 +391,47 @@ def test_the_send_queue_holds_as_many_blocks_as_its_bytes(tmp_path: Path) -> Non
         for i in infos:
             i.done.set()
         b.close()
+
+
+def test_a_block_is_answered_from_the_buffer_it_was_read_into(tmp_path: Path) -> None:
+    """Format 2: the block is read behind room for its header and that buffer is the
+    payload (no header + block concatenation), the last block of a file as short as the
+    file; format 1 carries the same bytes and its user properties."""
+    data = random.Random(14).randbytes((2 << 20) + 777)
+    (tmp_path / "metadata").mkdir()
+    (tmp_path / "metadata" / "big").write_bytes(data)
+    b = Bridge(tmp_path, MqttConfig(host="h", port=1, fleet="f", client_name="br"),
+               connect=False)
+    sent: list[tuple[Any, Any]] = []
+    got = threading.Event()
+
+    def publish(topic: str, payload: Any, qos: int, properties: Any) -> Any:
+        sent.append((payload, properties))
+        if len(sent) == 3:
+            got.set()
+        return SimpleNamespace(rc=mqtt.MQTT_ERR_SUCCESS, is_published=lambda: True)
+
+    b._conn = SimpleNamespace(  # type: ignore[assignment]  # noqa: SLF001
+        lost=threading.Event(), client=SimpleNamespace(publish=publish), close=lambda: None)
+    try:
+        for corr, fmt, off in ((b"a", 2, 0), (b"b", 2, 2 << 20), (b"c", 1, 0)):
+            msg = mqtt.MQTTMessage(topic=b"modelward/f/repo/req/d")
+            msg.payload = _req(path="metadata/big", offset=off, length=1 << 20, format=fmt)
+            msg.properties = SimpleNamespace(  # type: ignore[assignment]
+                CorrelationData=corr, ResponseTopic=RESP.format("d"))
+            b._on_message(msg)  # noqa: SLF001
+        assert got.wait(5)
+    finally:
+        b.close()
+    by = {p.CorrelationData: (payload, p) for payload, p in sent}
+    first, _ = by[b"a"]
+    assert isinstance(first, bytearray)
+    assert first == block_header(200, 0, len(data)) + data[:1 << 20]
+    assert by[b"b"][0] == block_header(200, 2 << 20, len(data)) + data[2 << 20:]
+    legacy, props = by[b"c"]
+    assert type(legacy) is bytes and legacy == data[:1 << 20]
+    assert dict(props.UserProperty) == {"status": "200", "offset": "0",
+                                        "size": str(len(data))}
 
 
 def test_i14_healthy_reports_a_dead_network_thread(tmp_path: Path) -> None:

@@ -151,8 +151,10 @@ class _Wire:
             CorrelationData=props.CorrelationData, ResponseTopic=props.ResponseTopic)
         self.bridge._on_message(msg)  # noqa: SLF001
 
-    def _answer(self, topic: str, data: bytes, props: Any) -> None:
-        for payload, corr in self.mangle(data, props.CorrelationData):
+    def _answer(self, topic: str, data: bytes | bytearray, props: Any) -> None:
+        # (bytes: what the device's decoder makes of each message; the bridge's own
+        # buffer never reaches a device)
+        for payload, corr in self.mangle(bytes(data), props.CorrelationData):
             msg = mqtt.MQTTMessage(topic=topic.encode())
             msg.payload = payload
             msg.properties = SimpleNamespace(  # type: ignore[assignment]
