@@ -442,8 +442,8 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-queue", type=int, default=d.device_queue, metavar="N",
                    help=f"requests queued per device (default {d.device_queue})")
     g.add_argument("--send-queue-mib", type=float, default=d.send_bytes / (1 << 20),
-                   metavar="MIB", help="MiB handed to the broker and not yet acknowledged "
-                   f"(default {d.send_bytes / (1 << 20):g})")
+                   metavar="MIB", help="MiB of blocks handed to the broker and not yet "
+                   f"acknowledged (default {d.send_bytes / (1 << 20):g}: as many 1 MiB blocks)")
 
 
 def limits_from_args(args: argparse.Namespace) -> BridgeLimits:
