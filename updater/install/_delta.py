@@ -548,7 +548,7 @@ def write_hint(state_dir: Path, ix: ChunkIndex, keep: Iterable[str]) -> None:
         logger.warning("cannot store the chunk hint of %s: %s", fp, e)
         return
     try:
-        write_at(d, f"{fp}.json", ix.to_bytes(), FILE_MODE)
+        write_at(d, f"{fp}.json", ix.iter_bytes(), FILE_MODE)  # (not all at once)
         with os.scandir(d) as it:
             names = [e.name for e in it]
         for name in names:
