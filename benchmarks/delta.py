@@ -404,6 +404,9 @@ class TreeSampler:
         self.hwm: dict[str, int] = dict.fromkeys(ROLES, 0)  # KiB
         self.roles: dict[int, str] = {}
         self.tree_kib = self.memfd_kib = 0
+        self.series: list[tuple[float, int]] = []  # (s, the agent's RssAnon KiB), 4 a second
+        self._t0 = time.monotonic()
+        self.jumps: list[tuple[float, int]] = []  # (s, the agent's VmHWM KiB) as it rose
         self._done = threading.Event()
         self._th = threading.Thread(target=self._run, daemon=True)
         self._th.start()
@@ -427,6 +430,11 @@ class TreeSampler:
             if not st:
                 continue
             role = self.roles.setdefault(pid, _role(pid, self.root))
+            t = time.monotonic() - self._t0
+            if pid == self.root and (not self.series or t - self.series[-1][0] >= 0.25):
+                self.series.append((t, st.get("RssAnon", 0)))
+            if pid == self.root and st.get("VmHWM", 0) > self.hwm[role] + 256:
+                self.jumps.append((time.monotonic() - self._t0, st["VmHWM"]))
             self.hwm[role] = max(self.hwm[role], st.get("VmHWM", 0))
             anon += st.get("RssAnon", 0)
             if memfds:
@@ -525,6 +533,11 @@ class Device:
             _, status, ru = os.wait4(p.pid, 0)
             wall = time.perf_counter() - t0
             tree.stop()
+            if VERBOSE:
+                print("      agent RssAnon MiB over time: " + " ".join(
+                    f"{t:.1f}s:{k / 1024:.0f}" for t, k in tree.series[::4]))
+                print("      agent VmHWM rose: " + " ".join(
+                    f"{t:.2f}s:{k / 1024:.1f}" for t, k in tree.jumps))
             p.returncode = os.waitstatus_to_exitcode(status)
         text = log.read_text()
         if os.environ.get("DELTA_BENCH_FILEFRAG") == "1":  # (diagnosis: the slot's layout)
