@@ -30,8 +30,18 @@ device (swtpm, the nginx HTTPS origin, ``modelward agent update`` as a whole pro
 the bytes nginx sent (``$bytes_sent``, headers included, every request of the run:
 metadata, index, bundle) for the v1 -> v2 update and for a full install of v2 on a fresh
 device in the same rounds, with each process tree's wall time, CPU (user + sys, health
-check child included: ``wait4``) and the agent process's own peak RSS (VmHWM, sampled
-from ``/proc`` every 5 ms; the health check child's peak is printed apart).
+check child included: ``wait4``) and its memory, sampled from ``/proc`` every 5 ms
+(:class:`TreeSampler`): the agent process's own peak RSS (VmHWM: the goal's figure), the
+health check child's apart (onnxruntime parses the model there: its peak is about twice
+the model, by design), an attempt child's if any (the daemon's; ``agent update --once``
+runs the attempt in the agent process), and the tree's peak as an operator counts it: the
+anonymous memory of every process at once plus the sealed in-memory copies of the
+health check's inputs (memfds the agent holds: in no VmRSS unless mapped, yet RAM).
+
+``--rss-mib``/``--big``: for each model size, a full install over HTTPS and over MQTT on
+a fresh device and the v1 -> v2 update (v2 a fine-tune of v1, as (a)) over each, with
+``[health] max_memory`` raised to what onnxruntime needs for that model (the default, at
+most 2 GiB of address space, refused the 2 GiB model: std::bad_alloc).
 
 **Bytes that changed** of a pair, exactly: the raw data of every initializer of v2 that
 v1 does not have under the same name with the same bytes; plus, when the model's
@@ -1039,8 +1049,8 @@ def _flat_rss(rss_mib: list[int], work: Path, dev: Device, wire: Wire,
         v2l = v1l[:nl - k] + [Layer(f"l{i}", "dense", (10, i)) for i in range(nl - k, nl)]
         model = write_mlp(work / f"rss-{s}.onnx", d, v1l)
         size = model.stat().st_size
-        # (onnxruntime maps the sealed copy and parses it: the default limit of the
-        # check's address space, 2 GiB at most, refuses a model of 1 GiB or more)
+        # (onnxruntime reads the sealed copy and parses it, ~2x the model: the default
+        # limit of the check's address space, 2 GiB at most, refused the 2 GiB model)
         dev.health_memory = max(2 << 30, 4 * size + (1 << 30))
         v1, v2 = f"{10 + 2 * j}.0.0", f"{11 + 2 * j}.0.0"
         bundle = make_bundle(model, v1)
