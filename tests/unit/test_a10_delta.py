@@ -30,7 +30,7 @@ from modelward.updater.bundle._chunkindex import (
 from modelward.updater.errors import ChunkIndexError, StagingError
 from modelward.updater.idle import Gate
 from modelward.updater.install import _delta
-from modelward.updater.install._delta import DeltaChunkError, DeltaUnavailable
+from modelward.updater.install._delta import Base, DeltaChunkError, DeltaUnavailable, plan_needs
 
 
 @pytest.fixture
@@ -280,3 +280,48 @@ def test_a10_hint_swapped_or_torn_while_written_in_pieces_is_never_trusted(
         # (what the disk put there was renamed in place: refused, not followed)
         assert h.is_symlink() or not h.is_file() or h.read_bytes() == before
         assert _delta.read_hint(state, fp) is None or h.read_bytes() == before
+
+
+class _CountingKeys:
+    """A hint's sorted keys that count the items iteration goes through (bisect uses
+    indexing: not counted)."""
+
+    def __init__(self, keys: Sequence[int]) -> None:
+        self.keys, self.walked = keys, 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, i: int) -> int:
+        return self.keys[i]
+
+    def __iter__(self) -> Iterator[int]:
+        for k in self.keys:
+            self.walked += 1
+            yield k
+
+
+@pytest.mark.xfail(strict=True, reason="_HintLookup.places (28c7749) reads the candidates "
+                   "with itertools.islice(self.keys, k, k + _HINT_SCAN), which walks the "
+                   "hint's keys from the first one to k: each lookup costs the position of "
+                   "its sha256 in the hint, the plan's sources cost O(chunks * hint chunks) "
+                   "(26,000 chunks, two bases: ~11 CPU-s; 131,072: minutes)")
+def test_a10_hint_lookups_cost_a_bounded_scan_each() -> None:
+    from tests.unit.test_i16_plan_memory import _h, _index
+
+    n = 8_000  # (a 2 GiB release has ~26,000: kept small, the count is what is asserted)
+    old = _index([_h(0, i) for i in range(n)])
+    new = _index([_h(0, i) if i % 2 else _h(1, i) for i in range(n)])  # (half held)
+    plan = plan_needs(new, {}, [Base("active", {"model.onnx": 1 << 40}, old),
+                                Base("previous", {"model.onnx": 1 << 40}, old)])
+    counters = []
+    for lookup in plan._hints:
+        assert lookup is not None
+        c = _CountingKeys(lookup.keys)
+        lookup.keys = c  # type: ignore[assignment]
+        counters.append(c)
+    held = sum(1 for need in plan if need.sources)
+    assert held == n // 2
+    walked = sum(c.walked for c in counters)
+    # (each lookup looks at no more than _HINT_SCAN entries of the same prefix)
+    assert walked <= 2 * n * _delta._HINT_SCAN, f"{walked} keys walked for {n} chunks"
