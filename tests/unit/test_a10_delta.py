@@ -325,3 +325,39 @@ def test_a10_hint_lookups_cost_a_bounded_scan_each() -> None:
     walked = sum(c.walked for c in counters)
     # (each lookup looks at no more than _HINT_SCAN entries of the same prefix)
     assert walked <= 2 * n * _delta._HINT_SCAN, f"{walked} keys walked for {n} chunks"
+
+
+class _OnePiece(_Origin):
+    """Each range in one piece: a piece completes many chunks (one batch, one run)."""
+
+    def fetch_ranges(self, url: str, ranges: Sequence[tuple[int, int]]
+                     ) -> Iterator[tuple[int, bytes]]:
+        for off, n in ranges:
+            yield off, self.data[off:off + n]
+
+
+def test_a10_a_run_is_never_written_past_its_first_altered_chunk(
+        tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
+    """The origin alters one chunk in the middle of a piece that completes many chunks
+    following each other (cf511c6: one pwritev per run): the chunks before it are
+    written, it and every chunk after it (in this run and the next pieces) are not."""
+    data, ix, tf = release
+    fi = _biggest_file(ix)
+    f = ix.files[fi]
+    k = len(f.chunks) // 2
+    bad = f.chunks[k]
+    altered = bytearray(data)
+    altered[bad.offset + bad.length // 2] ^= 0x55
+    with pytest.raises(DeltaChunkError) as e:
+        _assemble(tmp_path, ix, tf, _OnePiece(bytes(altered)))
+    assert (e.value.file, e.value.chunk) == (f.path, k)
+    incoming = tmp_path / "state" / "staging" / "incoming"
+    for g in ix.files:
+        got = (incoming / g.path).read_bytes()
+        assert len(got) == g.size
+        for j, c in enumerate(g.chunks):
+            part = got[g.file_offset(c):g.file_offset(c) + c.length]
+            if c.offset < bad.offset:
+                assert part == data[c.offset:c.offset + c.length], (g.path, j)
+            else:
+                assert part == b"\0" * c.length, (g.path, j)
