@@ -361,3 +361,47 @@ def test_a10_a_run_is_never_written_past_its_first_altered_chunk(
                 assert part == data[c.offset:c.offset + c.length], (g.path, j)
             else:
                 assert part == b"\0" * c.length, (g.path, j)
+
+
+def test_a10_one_chunk_at_3000_places_crosses_iov_max_with_short_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chunk that maps to 3,000 places in a row (a zero tensor): one run of more than
+    _IOV_MAX buffers, on a disk that takes an odd number of bytes per call: every place
+    gets the chunk, nothing is written past the file."""
+    from modelward.updater.install._delta import Place, _Files
+    from modelward.updater.install._statedir import open_root
+
+    inc = tmp_path / "state" / "incoming"
+    inc.mkdir(parents=True)
+    fd = open_root(tmp_path / "state", inc)
+    files = _Files(inc, fd, {})
+    n, size = 3000, 16 * 1024
+    chunk = bytes(range(256)) * (size // 256)
+    real_pwritev = os.pwritev
+    calls = 0
+
+    def short(fd_: int, bufs: list[memoryview], off: int) -> int:
+        nonlocal calls
+        calls += 1
+        assert len(bufs) <= 1024
+        # (at most 100,003 bytes a call: ends inside a buffer)
+        out, left = [], 100_003
+        for b in bufs:
+            if left <= 0:
+                break
+            out.append(b[:left])
+            left -= len(out[-1])
+        return real_pwritev(fd_, out, off)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    try:
+        files.open_out("model.onnx", n * size)
+        files.write_all((Place("incoming", "model.onnx", i * size), memoryview(chunk))
+                        for i in range(n))
+    finally:
+        monkeypatch.undo()
+        files.close()
+    got = (inc / "model.onnx").read_bytes()
+    assert len(got) == n * size
+    assert got == chunk * n
+    assert calls >= n * size // 100_003
