@@ -8,7 +8,9 @@ not be written is never a silent 0).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -74,3 +76,38 @@ def test_a10_unwritable_stdout_is_never_a_silent_success(world: World) -> None:
         os.close(wfd)
     assert r.returncode not in (0, 3), (r.returncode, r.stderr)
     assert "internal error" not in r.stderr, r.stderr
+
+
+def test_a10_fallback_under_journal_stream_loses_no_write(world: World) -> None:
+    """Resisted: a fallback through the entry point (os._exit, no teardown) with stderr as
+    the journal stream ($JOURNAL_STREAM names the pipe: JSON records behind a priority
+    prefix) leaves every record whole on stderr, status.json and metrics.prom written with
+    the fallback counted, and nothing half-written beside them."""
+    world.publish("1.0.0", seed=1)
+    world.update()
+    world.publish("2.0.0", seed=2)
+    world.update()
+    _flip(world)
+    before = {p.name for p in world.state.iterdir()}
+    rfd, wfd = os.pipe()
+    st = os.fstat(wfd)
+    env = {**os.environ, "TSS2_LOG": "all+NONE", "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
+    env.pop("MODELWARD_LOG_FORMAT", None)
+    with os.fdopen(rfd, "rb") as err:
+        p = subprocess.Popen([sys.executable, "-I", "-m", "modelward", "agent", "boot-check",
+                              "--config", str(world.conf_path)], stdout=subprocess.PIPE,
+                             stderr=wfd, env=env)
+        os.close(wfd)
+        out = p.stdout.read() if p.stdout else b""
+        text = err.read().decode()
+        code = p.wait(120)
+    assert code == 0, text
+    assert b"fell back to classifier 1.0.0" in out
+    records = [json.loads(re.sub(r"^<\d>", "", line)) for line in text.splitlines()]
+    assert any(r.get("fallback") is True for r in records), records
+    assert world.active_version() == "1.0.0"
+    status = json.loads((world.state / "status.json").read_bytes())
+    assert status["last_error"]["type"] == "ActiveModelAltered"
+    prom = (world.cfg.metrics_textfile or world.state / "metrics.prom").read_text()
+    assert re.search(r"fallbacks\S* 1(\.0)?$", prom, re.M), prom
+    assert {p.name for p in world.state.iterdir()} - before <= {"metrics.prom"}
