@@ -89,6 +89,7 @@ def test_a10_fallback_under_journal_stream_loses_no_write(world: World) -> None:
     world.update()
     _flip(world)
     before = {p.name for p in world.state.iterdir()}
+    trust_before = {p.name for p in (world.state / "trust").iterdir()}
     rfd, wfd = os.pipe()
     st = os.fstat(wfd)
     env = {**os.environ, "TSS2_LOG": "all+NONE", "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
@@ -111,3 +112,4 @@ def test_a10_fallback_under_journal_stream_loses_no_write(world: World) -> None:
     prom = (world.cfg.metrics_textfile or world.state / "metrics.prom").read_text()
     assert re.search(r"fallbacks\S* 1(\.0)?$", prom, re.M), prom
     assert {p.name for p in world.state.iterdir()} - before <= {"metrics.prom"}
+    assert {p.name for p in (world.state / "trust").iterdir()} == trust_before
