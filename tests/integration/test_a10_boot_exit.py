@@ -113,3 +113,16 @@ def test_a10_fallback_under_journal_stream_loses_no_write(world: World) -> None:
     assert re.search(r"fallbacks\S* 1(\.0)?$", prom, re.M), prom
     assert {p.name for p in world.state.iterdir()} - before <= {"metrics.prom"}
     assert {p.name for p in (world.state / "trust").iterdir()} == trust_before
+
+
+@pytest.mark.xfail(strict=True, reason="a10boot: with fd 1 closed, _end_process's "
+                   "sys.stdout.flush() on None raises AttributeError (modelward/cli.py:1112): "
+                   "nothing trusted (exit 3) becomes an internal error, exit 70")
+def test_a10_closed_stdout_nothing_trusted_stays_exit_3(world: World) -> None:
+    world.publish("1.0.0", seed=1)
+    world.update()
+    _flip(world)
+    r = _run(world, ">&-")
+    assert "no trusted previous model" in r.stderr, r.stderr
+    assert "internal error" not in r.stderr, r.stderr
+    assert r.returncode == 3, r.stderr
