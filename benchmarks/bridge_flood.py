@@ -47,7 +47,10 @@ from modelward.simulator._broker import start_broker, stop_broker  # noqa: E402
 from modelward.simulator._flood import Flooder, Prober, vm_hwm, vm_rss  # noqa: E402
 from modelward.simulator._pki import issue_cert, make_ca
 from modelward.updater._config import MqttConfig  # noqa: E402
-from modelward.updater.transport._mqttconn import MqttConnection  # noqa: E402
+from modelward.updater.transport._mqttconn import (  # noqa: E402
+    MqttConnection,
+    device_connection,
+)
 
 MIB = 1 << 20
 FILE = "targets/flood.bin"
@@ -67,8 +70,7 @@ class Env:
         with open(repo / FILE, "wb") as f:
             f.write(os.urandom(64 * MIB))
         self.bc = write_broker_config("bench", ["bench-dev", "bench-evil"], work / "bc")
-        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.passwords,
-                                   self.bc.acl)
+        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.conf)
         self.bridge = subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(repo),
              "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),
@@ -94,8 +96,7 @@ def raw_block_latencies(env: Env, n: int) -> list[float]:
     bridge's request handling)."""
     topic = "modelward/bench/devices/bench-dev/repo/resp"
     got = threading.Event()
-    sub = MqttConnection(env.mqtt("bench-dev"), f"raw-sub-{secrets.token_hex(3)}", [topic],
-                         lambda _m: got.set())
+    sub = device_connection(env.mqtt("bench-dev"), "fetch", [topic], lambda _m: got.set())
     pub = MqttConnection(env.mqtt("modelward-bridge"), f"raw-pub-{secrets.token_hex(3)}", [])
     block = os.urandom(MIB)
     out: list[float] = []

@@ -67,7 +67,7 @@ def measure_idle(seconds: float) -> tuple[float, int, int]:
         repo.publish(work / "b.tar")
         origin = start_origin(work / "repo", work / "origin", server)
         bc = write_broker_config("bench", ["idle-dev"], work / "bc")
-        broker = start_broker(work / "broker", server, ca.cert, bc.passwords, bc.acl)
+        broker = start_broker(work / "broker", server, ca.cert, bc.conf)
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(work / "repo"),
              "--broker", broker.url, "--fleet", "bench", "--tls-ca", str(ca.cert),

@@ -265,8 +265,7 @@ class Env:
                                    unsafe_plain_http_port=self.http_port)
         self.url = self.origin.url
         self.bc = write_broker_config("bench", ["bench-dev"], work / "bc")
-        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.passwords,
-                                   self.bc.acl)
+        self.broker = start_broker(work / "broker", server, self.ca.cert, self.bc.conf)
         self.bridge = subprocess.Popen(
             [sys.executable, "-m", "modelward", "serve-mqtt", "--repo", str(self.repo_dir),
              "--broker", self.broker.url, "--fleet", "bench", "--tls-ca", str(self.ca.cert),
@@ -490,7 +489,7 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
     subscriber that falls behind never overflows its bounded queue at the broker."""
     import paho.mqtt.client as mqtt
 
-    from modelward.updater.transport._mqttconn import MqttConnection
+    from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 
     topic = "modelward/bench/devices/bench-dev/repo/resp"
     total = data_path.stat().st_size
@@ -502,7 +501,7 @@ def raw_paho_transfer(env: Env, data_path: Path, block: int = 1 << 20,
         if got[0] >= total:
             done.set()
 
-    sub = MqttConnection(env.mqtt("bench-dev"), f"bench-sub-{time.monotonic_ns()}", [topic])
+    sub = device_connection(env.mqtt("bench-dev"), "fetch", [topic])
     sub.client.on_message = on_message
     pub = MqttConnection(env.mqtt("modelward-bridge"), f"bench-pub-{time.monotonic_ns()}", [])
     try:

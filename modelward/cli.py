@@ -519,10 +519,10 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     from modelward.publisher._broker_config import write_broker_config
 
     devices = [d for d in args.devices.split(",") if d]
-    bc = write_broker_config(args.fleet, devices, args.output)
-    print(f"wrote {bc.acl} and {bc.passwords} (mosquitto acl_file / password_file)")
-    print(f"wrote {args.output / 'modelward.conf'}: include it from mosquitto.conf (those two "
-          "files, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
+    bc = write_broker_config(args.fleet, devices, args.output, plugin=args.dynsec_plugin)
+    print(f"wrote {bc.dynsec} (mosquitto dynamic security: clients, client ids, ACLs; 0600)")
+    print(f"wrote {bc.conf}: include it from mosquitto.conf (the dynamic-security plugin and "
+          "that file, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
           "queued messages, session expiry; docs/brokers.md has EMQX and HiveMQ equivalents)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
     return EXIT_OK
@@ -976,11 +976,14 @@ def build_parser() -> argparse.ArgumentParser:
     fleet = sub.add_parser("fleet", help="operator: fleet and broker set-up")
     fsub = fleet.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     f = fsub.add_parser("broker-config",
-                        help="mosquitto ACL, password file, settings fragment and per-device "
-                        "credentials")
+                        help="mosquitto dynamic-security file, settings fragment and "
+                        "per-device credentials")
     f.add_argument("--fleet", required=True)
     f.add_argument("--devices", required=True, help="comma-separated device ids")
     f.add_argument("-o", "--output", type=Path, required=True)
+    f.add_argument("--dynsec-plugin", type=Path, default=None,
+                   help="path of mosquitto_dynamic_security.so on the broker host "
+                   "(default: the one installed here)")
     f.set_defaults(func=_fleet_broker_config)
     f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key")
     f.add_argument("--fleet-dir", type=Path, required=True, help="the operator's fleet registry")

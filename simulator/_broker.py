@@ -1,4 +1,5 @@
-"""mosquitto on loopback with TLS, a password file and an ACL."""
+"""mosquitto on loopback with TLS and the settings `fleet broker-config` wrote (dynamic
+security: passwords, client ids and ACLs)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from modelward.publisher._broker_config import settings_text
 from modelward.simulator._pki import CertPair
 from modelward.simulator._proc import free_port, read_pid, stop_pid, wait_for_port
 from modelward.simulator.errors import ServiceError
@@ -47,9 +47,11 @@ class BrokerHandle:
 
 
 def start_broker(
-    work: Path, tls: CertPair, ca: Path, passwords: Path, acl: Path, port: int | None = None
+    work: Path, tls: CertPair, ca: Path, conf: Path, port: int | None = None
 ) -> BrokerHandle:
-    """Start mosquitto (daemonised) with TLS on 127.0.0.1, passwords and an ACL.
+    """Start mosquitto (daemonised) with TLS on 127.0.0.1 and ``conf``, the
+    ``modelward.conf`` that :func:`~modelward.publisher._broker_config.write_broker_config`
+    wrote (settings, dynamic-security plugin and its file).
 
     Raises:
         ServiceError: mosquitto is missing or did not come up.
@@ -62,12 +64,11 @@ def start_broker(
     port = port or free_port()
     # As root mosquitto would drop to user `mosquitto`, which cannot read private test dirs.
     user = "user root" if os.geteuid() == 0 else ""
-    conf = work / "mosquitto.conf"
-    # the very fragment `fleet broker-config` writes to modelward.conf (settings, files)
-    settings = settings_text(acl.resolve(), passwords.resolve())
-    conf.write_text(_CONF.format(user=user, work=work, port=port, ca=ca, cert=tls.cert,
-                                 key=tls.key, settings=settings))
-    proc = subprocess.run([exe, "-c", str(conf), "-d"], capture_output=True, text=True,
+    main = work / "mosquitto.conf"
+    # the very fragment `fleet broker-config` wrote to modelward.conf
+    main.write_text(_CONF.format(user=user, work=work, port=port, ca=ca, cert=tls.cert,
+                                 key=tls.key, settings=conf.read_text()))
+    proc = subprocess.run([exe, "-c", str(main), "-d"], capture_output=True, text=True,
                           check=False)
     if proc.returncode != 0 or not wait_for_port(port):
         log = work / "mosquitto.log"

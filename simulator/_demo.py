@@ -186,7 +186,7 @@ def run_demo(work: Path) -> int:
              "-o", str(work / "broker-config"))
         creds = work / "broker-config" / "credentials"
         broker = start_broker(work / "broker", server, ca.cert,
-                              work / "broker-config" / "passwords", work / "broker-config" / "acl")
+                              work / "broker-config" / "modelward.conf")
         print(f"  mosquitto {broker.url} (pid {broker.pid})")
         mqtt_args = ["--broker", broker.url, "--fleet", "demo", "--tls-ca", str(ca.cert)]
         bridge = _spawn(children, work / "bridge.log", "serve-mqtt", "--repo", str(repo),

@@ -234,8 +234,8 @@ class Fleet:
 
     def start_broker(self) -> None:
         bc = self.dir / "broker-config"
-        start_broker(self.dir / "broker", self.server_cert(), self.ca(), bc / "passwords",
-                     bc / "acl", port=self.broker_port)
+        start_broker(self.dir / "broker", self.server_cert(), self.ca(), bc / "modelward.conf",
+                     port=self.broker_port)
 
     def stop_broker(self) -> None:
         stop_broker(self.dir / "broker")
@@ -313,7 +313,7 @@ def fleet_up(directory: Path, devices: int, *, poll_interval: float = 10.0,
         say(f"nginx origin {origin.url} (pid {origin.pid})")
         bc = directory / "broker-config"
         broker = start_broker(directory / "broker", fleet.server_cert(), ca.cert,
-                              bc / "passwords", bc / "acl")
+                              bc / "modelward.conf")
         fleet.broker_port = broker.port
         say(f"mosquitto {broker.url} (pid {broker.pid})")
         fleet.save()

@@ -27,7 +27,7 @@ import paho.mqtt.client as mqtt
 
 from modelward.updater._config import MqttConfig
 from modelward.updater.transport._mqtt import BLOCK_HEADER
-from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqttconn import device_connection, publish_properties
 
 
 def vm_hwm(pid: int) -> int:
@@ -83,8 +83,8 @@ class Flooder:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self.conn = MqttConnection(cfg, f"{cfg.client_name}-flood-{secrets.token_hex(3)}",
-                                   [self.resp_topic], self._on_message)
+        # its fetcher identity: the only one that may ask (one session, its bound client id)
+        self.conn = device_connection(cfg, "fetch", [self.resp_topic], self._on_message)
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         payload = msg.payload
@@ -142,8 +142,7 @@ class Prober:
         self._got = threading.Event()
         self._want: bytes = b""
         self._status = 0
-        self.conn = MqttConnection(cfg, f"{cfg.client_name}-probe-{secrets.token_hex(3)}",
-                                   [self.resp_topic], self._on_message)
+        self.conn = device_connection(cfg, "fetch", [self.resp_topic], self._on_message)
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         corr = getattr(getattr(msg, "properties", None), "CorrelationData", None)

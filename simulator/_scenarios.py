@@ -645,7 +645,7 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         from modelward.agent._commands import enroll, signed_report
         from modelward.agent._config import load_config
         from modelward.publisher._fleet import add_device
-        from modelward.updater.transport._mqttconn import MqttConnection
+        from modelward.updater.transport._mqttconn import device_connection
 
         registry = fleet.dir / "registry"
         for d in fleet.devices:
@@ -657,7 +657,9 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         time.sleep(2)  # the daemons' reports after the update
         _fleet_status(fleet, registry)  # the newest seq seen
         for d in fleet.devices:  # the attacker holds the password, not the TPM key
-            conn = MqttConnection(fleet.mqtt(d.id), f"{d.id}-attacker", [])
+            # as the device's listener (the identity that writes its status; this takes
+            # the daemon's session's place until its listener reconnects)
+            conn = device_connection(fleet.mqtt(d.id), "listen", [])
             try:
                 conn.publish(f"modelward/sim/devices/{d.id}/status", old[d.id], retain=True,
                              wait=True)

@@ -300,7 +300,7 @@ def mqtt_world(
     ca, server = pki
     repo_dir, keys, builds, repo, root = _new_repo(tmp_path, monkeypatch)
     bc = write_broker_config(FLEET, ["dev-1", "dev-2"], tmp_path / "broker-config")
-    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.passwords, bc.acl)
+    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.conf)
     w: MqttWorld | None = None
     try:
         conf = write_device_config(

@@ -99,6 +99,27 @@ class TufConfig:
 PACKET_OVERHEAD = 16 * 1024
 
 
+# A device's two broker identities (``fleet broker-config`` binds each to its client id):
+# the daemon's announcement listener logs in as the device id, the update child's fetcher
+# as ``<id>:fetch`` (no device id contains ':', so no device can be another's fetcher).
+FETCH_USER_SUFFIX = ":fetch"
+
+
+def listen_client_id(device: str) -> str:
+    """The one client id a device's listener identity may connect with."""
+    return f"{device}-listen"
+
+
+def fetch_username(device: str) -> str:
+    """The username of a device's fetcher identity (same password as the device)."""
+    return device + FETCH_USER_SUFFIX
+
+
+def fetch_client_id(device: str) -> str:
+    """The one client id a device's fetcher identity may connect with."""
+    return f"{device}-fetch"
+
+
 @dataclass(frozen=True)
 class MqttConfig:
     """How to reach the broker, and the fetcher's bounds.

@@ -19,7 +19,10 @@ import time
 import pytest
 
 from modelward.simulator._flood import Prober, vm_hwm, vm_rss
-from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqttconn import (
+    device_connection,
+    publish_properties,
+)
 from tests.conftest import MqttWorld
 
 FLOOD_FILE = "targets/flood.bin"
@@ -45,7 +48,7 @@ def test_a14_user_properties_stall_the_bridge_for_another_device(
         f.truncate(4 * MIB)
     honest = Prober(w.mqtt_cfg("dev-1"), FLOOD_FILE)
     cfg = w.mqtt_cfg("dev-2")
-    evil = MqttConnection(cfg, "dev-2-props", [])
+    evil = device_connection(cfg, "fetch", [])
     req = cfg.topic("repo/req/dev-2")
     props = _heavy_props(cfg.topic("devices/dev-2/repo/resp"))
     stop = threading.Event()

@@ -13,7 +13,10 @@ from __future__ import annotations
 import secrets
 import time
 
-from modelward.updater.transport._mqttconn import MqttConnection, publish_properties
+from modelward.updater.transport._mqttconn import (
+    device_connection,
+    publish_properties,
+)
 from tests.conftest import MqttWorld
 
 
@@ -24,7 +27,7 @@ def test_a14_acknowledged_refusals_do_not_accumulate(mqtt_world: MqttWorld) -> N
     w.stop_bridge()
     bridge = Bridge(w.repo_dir, w.mqtt_cfg("modelward-bridge"))
     cfg = w.mqtt_cfg("dev-2")
-    evil = MqttConnection(cfg, "dev-2-bad", [])
+    evil = device_connection(cfg, "fetch", [])
     req = cfg.topic("repo/req/dev-2")
     try:
         t = time.monotonic()

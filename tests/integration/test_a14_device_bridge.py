@@ -18,8 +18,9 @@ import time
 import pytest
 
 from modelward.publisher._bridge import MAX_REQUEST_BYTES
+from modelward.updater._config import fetch_client_id, fetch_username
 from modelward.updater.transport._mqtt import publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 from tests.conftest import FLEET, MqttWorld
 
 N_SLOW = 12
@@ -47,10 +48,10 @@ def test_one_device_cannot_stall_the_bridge_with_slow_to_parse_requests(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
-    dev1 = MqttConnection(w.mqtt_cfg("dev-1"), "dev-1-slow", [])
+    dev1 = device_connection(w.mqtt_cfg("dev-1"), "fetch", [])
     try:
         baseline = min(_block_latency(dev2, got, b"base%d" % i) for i in range(3))
         slow = b'"' + b'\\"' * ((MAX_REQUEST_BYTES - 1) // 2)
@@ -72,14 +73,14 @@ def test_one_device_in_the_bridges_share_group_loses_no_request_of_another(
 
     w = mqtt_world
     assert w.creds is not None
-    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1-thief",
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=fetch_client_id("dev-1"),
                         protocol=mqtt.MQTTv5)
-    thief.username_pw_set("dev-1", w.creds["dev-1"].read_text().strip())
+    thief.username_pw_set(fetch_username("dev-1"), w.creds["dev-1"].read_text().strip())
     thief.tls_set(ca_certs=str(w.ca.cert))
     thief.connect("127.0.0.1", w.broker_port, 30)
     thief.loop_start()
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
     answered = 0
@@ -111,7 +112,7 @@ def test_a_retained_slow_request_does_not_reach_a_restarted_bridge(
     handed it first, even after dev-1 is gone or its credentials revoked; with the
     property-heavy PUBLISH of test_a14_device_props that is a minute per start."""
     w = mqtt_world
-    dev1 = MqttConnection(w.mqtt_cfg("dev-1"), "dev-1-retainer", [])
+    dev1 = device_connection(w.mqtt_cfg("dev-1"), "fetch", [])
     slow = b'"' + b'\\"' * ((MAX_REQUEST_BYTES - 1) // 2)
     try:
         dev1.publish(f"modelward/{FLEET}/repo/req/dev-1", slow, _props("dev-1", b"ret"),
@@ -122,7 +123,7 @@ def test_a_retained_slow_request_does_not_reach_a_restarted_bridge(
     w.stop_bridge()
     w.start_bridge()
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-after-restart",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
     try:

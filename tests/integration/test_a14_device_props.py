@@ -27,8 +27,9 @@ import time
 import pytest
 
 from modelward.publisher._fleet import collect_reports
+from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
 from modelward.updater.transport._mqtt import publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 from tests.conftest import FLEET, MqttWorld
 
 N_PROPS = 75_000
@@ -64,16 +65,19 @@ def _recv_packet(sock: ssl.SSLSocket) -> bytes:
 
 def publish_heavy(w: MqttWorld, user: str, topic: str, *, retain: bool,
                   payload: bytes = b"{}") -> None:
-    """Raw MQTT 5: CONNECT as ``user``, one QoS 1 PUBLISH with N_PROPS empty user
+    """Raw MQTT 5: CONNECT as ``user`` (its fetcher for a request topic, else its
+    listener, each with its bound client id), one QoS 1 PUBLISH with N_PROPS empty user
     properties, wait for the PUBACK (the broker took it), DISCONNECT."""
     assert w.creds is not None
+    login, cid = ((fetch_username(user), fetch_client_id(user)) if "/repo/req/" in topic
+                  else (user, listen_client_id(user)))
     ctx = ssl.create_default_context(cafile=str(w.ca.cert))
     raw = socket.create_connection(("127.0.0.1", w.broker_port), timeout=20)
     sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     try:
         pw = w.creds[user].read_text().strip().encode()
         body = (_s(b"MQTT") + bytes([5, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
-                + b"\x00" + _s(f"{user}-heavy".encode()) + _s(user.encode()) + _s(pw))
+                + b"\x00" + _s(cid.encode()) + _s(login.encode()) + _s(pw))
         sock.sendall(b"\x10" + _varint(len(body)) + body)
         connack = _recv_packet(sock)
         assert connack[0] == 0x20 and connack[2] == 0, connack
@@ -108,7 +112,7 @@ def test_one_request_full_of_user_properties_does_not_stall_the_bridge(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
     try:
@@ -124,7 +128,7 @@ def test_one_request_full_of_user_properties_does_not_stall_the_bridge(
 def test_a_retained_status_full_of_user_properties_does_not_stall_fleet_status(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world
-    honest = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-status", [])
+    honest = device_connection(w.mqtt_cfg("dev-2"), "listen", [])
     try:
         honest.publish(f"modelward/{FLEET}/devices/dev-2/status", b'{"x": 1}', retain=True,
                        wait=True)

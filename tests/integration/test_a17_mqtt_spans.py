@@ -10,8 +10,9 @@ import queue
 import time
 from pathlib import Path
 
+from modelward.updater._config import fetch_client_id, fetch_username
 from modelward.updater.transport._mqtt import BLOCK_HEADER, publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 from tests.conftest import FLEET, MqttWorld
 
 
@@ -30,8 +31,8 @@ def _flood(w: MqttWorld, n: int = 40) -> dict[str, float]:
 
     assert w.bridge is not None
     rss0 = _rss(w.bridge.pid)
-    evil = MqttConnection(w.mqtt_cfg("dev-1"), "evil-tiny", [], on_message)
-    honest = MqttConnection(w.mqtt_cfg("dev-2"), "honest-tiny", [], on_message)
+    evil = device_connection(w.mqtt_cfg("dev-1"), "fetch", [], on_message)
+    honest = device_connection(w.mqtt_cfg("dev-2"), "fetch", [], on_message)
     try:
         for conn, dev in ((evil, "dev-1"), (honest, "dev-2")):
             conn.subscribe(f"modelward/{FLEET}/devices/{dev}/repo/resp")
@@ -108,17 +109,17 @@ def test_a_never_acking_subscriber_does_not_hold_the_bridge(mqtt_world: MqttWorl
     def on_message(client, userdata, msg) -> None:  # type: ignore[no-untyped-def]
         got["n"] += 1  # (never acknowledged)
 
-    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="evil-noack",
+    evil = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=fetch_client_id("dev-1"),
                        protocol=mqtt.MQTTv5, manual_ack=True)
     evil.tls_set(ca_certs=cfg.ca_file)
-    evil.username_pw_set("dev-1", cfg.password)
+    evil.username_pw_set(fetch_username("dev-1"), cfg.password)
     evil.on_message = on_message
     cp = Properties(PacketTypes.CONNECT)
     cp.ReceiveMaximum = 1
     evil.connect("127.0.0.1", w.broker_port, properties=cp)
     evil.loop_start()
     answers: queue.Queue[bytes] = queue.Queue()
-    honest = MqttConnection(w.mqtt_cfg("dev-2"), "honest-noack", [],
+    honest = device_connection(w.mqtt_cfg("dev-2"), "fetch", [],
                             lambda m: answers.put(bytes(m.properties.CorrelationData)))
     try:
         evil.subscribe(f"modelward/{FLEET}/devices/dev-1/repo/resp", qos=1)

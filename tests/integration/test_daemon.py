@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from modelward.simulator._origin import start_origin, stop_origin
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import FLEET, MqttWorld
 
 
@@ -93,7 +93,7 @@ def test_daemon_end_to_end_with_signed_status(mqtt_world: MqttWorld,
         assert w.cli("fleet", "add-device", "--fleet-dir", str(fleet_dir), "--device", "dev-2",
                      "--key", str(w.tmp / "dev-2.pem")).returncode == 0
         forged = _forged_report("dev-2")
-        conn = MqttConnection(w.mqtt_cfg("dev-2"), "forger", [])
+        conn = device_connection(w.mqtt_cfg("dev-2"), "listen", [])
         conn.publish(f"modelward/{FLEET}/devices/dev-2/status", forged, retain=True, wait=True)
         conn.close()
         rows = _fleet_status(w, fleet_dir)

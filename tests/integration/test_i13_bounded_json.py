@@ -6,7 +6,6 @@ nothing trusted moves. The parser itself: tests/unit/test_i13_bounded_json.py.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from modelward.agent._commands import enroll
 from modelward.publisher._fleet import add_device
 from modelward.updater.errors import BundleFormatError
 from modelward.updater.transport._mqtt import publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import FLEET, DeviceState, MqttWorld, World
 
 
@@ -74,7 +73,7 @@ def test_nested_status_report_is_a_rejected_row_in_fleet_status(
     device, pem = enroll(w.cfg)
     add_device(fleet_dir, device, pem)
     before = w.snapshot()
-    conn = MqttConnection(w.mqtt_cfg("dev-1"), "dev-1-attacker", [])
+    conn = device_connection(w.mqtt_cfg("dev-1"), "listen", [])
     try:
         conn.publish(f"modelward/{FLEET}/devices/dev-1/status", b"[" * 5000, retain=True,
                      wait=True)
@@ -97,7 +96,7 @@ def test_nested_block_request_does_not_deafen_the_bridge(mqtt_world: MqttWorld) 
     before = w.snapshot()
     resp = f"modelward/{FLEET}/devices/dev-1/repo/resp"
     got: list[Any] = []
-    conn = MqttConnection(w.mqtt_cfg("dev-1"), f"dev-1-attacker-{os.getpid()}", [resp],
+    conn = device_connection(w.mqtt_cfg("dev-1"), "fetch", [resp],
                           got.append)
     try:
         p = publish_properties()

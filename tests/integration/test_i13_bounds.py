@@ -29,7 +29,7 @@ import pytest
 from modelward.simulator._attacks import RepoAttacker, pax_record
 from modelward.updater.bundle._tarstream import BLOCK
 from modelward.updater.transport._mqtt import publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 from tests._helpers import update_peak_rss
 from tests.conftest import FLEET, PASSPHRASE, DeviceState, MqttWorld, World
 
@@ -176,7 +176,7 @@ def test_i13_broker_honours_the_maximum_packet_size_asked_for(mqtt_world: MqttWo
     w = mqtt_world
     topic = f"modelward/{FLEET}/devices/dev-1/repo/resp"
     got: list[int] = []
-    dev = MqttConnection(w.mqtt_cfg("dev-1"), "i13-small", [topic],
+    dev = device_connection(w.mqtt_cfg("dev-1"), "fetch", [topic],
                          lambda m: got.append(len(m.payload)), max_packet_size=64 * 1024)
     bridge = MqttConnection(w.mqtt_cfg("modelward-bridge"), "i13-bridge", [])
     try:

@@ -19,7 +19,7 @@ from typing import Any
 from modelward.agent._commands import enroll, signed_report
 from modelward.agent._observe import SEQUENCE_FILE
 from modelward.publisher._fleet import add_device
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import FLEET, MqttWorld
 
 POLL = 3600.0  # mqtt_world's agent poll_interval
@@ -34,7 +34,7 @@ def _enrol(w: MqttWorld) -> Path:
 
 def _publish_as_device(w: MqttWorld, payload: bytes, device: str = "dev-1") -> None:
     """Retained, on the device's status topic, with that device's own credentials."""
-    conn = MqttConnection(w.mqtt_cfg(device), f"{device}-attacker", [])
+    conn = device_connection(w.mqtt_cfg(device), "listen", [])  # the status writer
     try:
         conn.publish(f"modelward/{FLEET}/devices/{device}/status", payload, retain=True,
                      wait=True)

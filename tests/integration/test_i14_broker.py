@@ -24,12 +24,13 @@ import pytest
 from modelward.publisher._broker_config import MAX_PACKET, MAX_QUEUED_BYTES, write_broker_config
 from modelward.simulator._broker import BrokerHandle, start_broker, stop_broker
 from modelward.simulator._pki import CertPair
-from modelward.updater._config import MqttConfig
+from modelward.updater._config import MqttConfig, fetch_client_id, fetch_username
 from modelward.updater.transport._mqtt import block_header
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 
 FLEET = "f14"
 MiB = 1 << 20
+GROUP = "test-bridges-0123456789abcdef"  # a bridge subscribes in a shared group only
 
 
 @dataclass
@@ -53,7 +54,7 @@ class Broker:
 def _broker(d: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
     ca, server = pki
     bc = write_broker_config(FLEET, ["dev-1", "dev-2"], d / "broker-config")
-    h = start_broker(d / "broker", server, ca.cert, bc.passwords, bc.acl)
+    h = start_broker(d / "broker", server, ca.cert, bc.conf)
     try:
         yield Broker(h, ca.cert, bc.credentials)
     finally:
@@ -88,13 +89,15 @@ def _s(b: bytes) -> bytes:
 class RawClient:
     """A hostile MQTT 3.1.1 client: exactly the bytes it is told to send."""
 
-    def __init__(self, b: Broker, user: str, client_id: str) -> None:
+    def __init__(self, b: Broker, user: str, client_id: str,
+                 username: str | None = None) -> None:
         ctx = ssl.create_default_context(cafile=str(b.ca))
         raw = socket.create_connection(("127.0.0.1", b.handle.port), timeout=10)
         self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
         pw = b.creds[user].read_text().strip().encode()
+        login = (username or user).encode()
         body = (_s(b"MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
-                + _s(client_id.encode()) + _s(user.encode()) + _s(pw))
+                + _s(client_id.encode()) + _s(login) + _s(pw))
         self.sock.sendall(b"\x10" + _varint(len(body)) + body)
         assert self.sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK refused"
         self.sent = 0  # payload bytes the broker took before it ended the connection
@@ -146,12 +149,12 @@ def test_config_in_use_bounds_bytes(broker: Broker) -> None:
 def test_200mib_retained_status_is_refused_and_not_retained(broker: Broker) -> None:
     topic = f"modelward/{FLEET}/devices/dev-1/status"
     old = b'{"report": "old"}'
-    dev = MqttConnection(broker.cfg("dev-1"), "dev-1-status", [])
+    dev = device_connection(broker.cfg("dev-1"), "listen", [])
     try:
         dev.publish(topic, old, retain=True, wait=True)
     finally:
         dev.close()
-    evil = RawClient(broker, "dev-1", "dev-1-evil")
+    evil = RawClient(broker, "dev-1", "dev-1-listen")
     accepted = evil.publish(topic, 200 * MiB, retain=True)
     seen: list[bytes] = []
     op = MqttConnection(broker.cfg("modelward-operator"), "op-1", [topic],
@@ -176,21 +179,22 @@ def test_100mib_request_never_reaches_the_bridge(broker: Broker) -> None:
             seen.append(len(m.payload))
 
     bridge = MqttConnection(broker.cfg("modelward-bridge"), "bridge-1",
-                            [f"modelward/{FLEET}/repo/req/+"], got, max_packet_size=255 * MiB)
+                            [f"$share/{GROUP}/modelward/{FLEET}/repo/req/+"], got,
+                            max_packet_size=255 * MiB)
     dev = None
     try:
-        accepted = RawClient(broker, "dev-2", "dev-2-evil").publish(req, 100 * MiB,
-                                                                    retain=False)
-        dev = MqttConnection(broker.cfg("dev-2"), "dev-2-ok", [
+        accepted = RawClient(broker, "dev-2", fetch_client_id("dev-2"),
+                             fetch_username("dev-2")).publish(req, 100 * MiB, retain=False)
+        dev = device_connection(broker.cfg("dev-2"), "fetch", [
             f"modelward/{FLEET}/devices/dev-2/repo/resp"])
         dev.publish(req, b'{"path": "metadata/1.root.json", "offset": 0}', wait=True)
         assert _wait(lambda: seen, 5)
         # a full block answer (the largest legitimate packet) still passes the bound
         answers: list[int] = []
         dev.close()
-        dev = MqttConnection(broker.cfg("dev-2"), "dev-2-ok",
-                             [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
-                             lambda m: answers.append(len(m.payload)))
+        dev = device_connection(broker.cfg("dev-2"), "fetch",
+                                [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
+                                lambda m: answers.append(len(m.payload)))
         block = block_header(200, 0, MiB) + bytes(MiB)
         bridge.publish(f"modelward/{FLEET}/devices/dev-2/repo/resp", block, wait=True)
         assert _wait(lambda: answers, 5) and answers == [len(block)]
@@ -210,9 +214,9 @@ def test_a_subscriber_asking_for_small_packets_never_gets_a_large_one(broker: Br
     req = f"modelward/{FLEET}/repo/req/dev-1"
     seen: list[int] = []
     bridge = MqttConnection(broker.cfg("modelward-bridge"), "bridge-small",
-                            [f"modelward/{FLEET}/repo/req/+"],
+                            [f"$share/{GROUP}/modelward/{FLEET}/repo/req/+"],
                             lambda m: seen.append(len(m.payload)), max_packet_size=4096)
-    dev = MqttConnection(broker.cfg("dev-1"), "dev-1-big", [])
+    dev = device_connection(broker.cfg("dev-1"), "fetch", [])
     try:
         dev.publish(req, bytes(512 * 1024), wait=True)  # accepted by the broker...
         dev.publish(req, b'{"path": "x", "offset": 0, "length": 1}', wait=True)
@@ -224,51 +228,67 @@ def test_a_subscriber_asking_for_small_packets_never_gets_a_large_one(broker: Br
     assert seen == [len(b'{"path": "x", "offset": 0, "length": 1}')]  # ...never delivered
 
 
-def _park_sessions(b: Broker, topic: str, n: int) -> None:
-    """``n`` offline persistent sessions of dev-1, each subscribed at QoS 1 to ``topic``."""
+RESP = f"modelward/{FLEET}/devices/dev-1/repo/resp"
+
+
+def _park_sessions(b: Broker, n: int) -> None:
+    """``n`` times an offline persistent session of dev-1's fetcher, subscribed at QoS 1
+    to its response topic (the only topic it reads that carries blocks). Its client id is
+    bound (dynamic security), so each one takes the place of the one before; with any
+    other client id the CONNECT is refused."""
     for i in range(n):
-        sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"dev-1-parked-{i}",
-                          clean_session=False, protocol=mqtt.MQTTv311)
-        sub.tls_set_context(ssl.create_default_context(cafile=str(b.ca)))
-        sub.username_pw_set("dev-1", b.cfg("dev-1").password)
-        sub.connect("127.0.0.1", b.handle.port)
-        sub.loop_start()
-        try:
-            done = threading.Event()
-            sub.on_subscribe = lambda *_a, ev=done: ev.set()
-            assert sub.subscribe(topic, qos=1)[0] == mqtt.MQTT_ERR_SUCCESS
-            assert done.wait(5)
-        finally:
-            sub.disconnect()
-            sub.loop_stop()
+        for cid in (f"dev-1-parked-{i}", fetch_client_id("dev-1")):
+            sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid,
+                              clean_session=False, protocol=mqtt.MQTTv311)
+            sub.tls_set_context(ssl.create_default_context(cafile=str(b.ca)))
+            sub.username_pw_set(fetch_username("dev-1"), b.cfg("dev-1").password)
+            connected: list[int] = []
+            up = threading.Event()
+            sub.on_connect = lambda *a, ev=up, rc=connected: (rc.append(int(a[3].value)),
+                                                              ev.set())
+            sub.connect("127.0.0.1", b.handle.port)
+            sub.loop_start()
+            try:
+                assert up.wait(5)
+                if cid != fetch_client_id("dev-1"):
+                    assert connected[0] != 0, f"{cid}: CONNECT accepted"
+                    continue
+                assert connected == [0]
+                done = threading.Event()
+                sub.on_subscribe = lambda *_a, ev=done: ev.set()
+                assert sub.subscribe(RESP, qos=1)[0] == mqtt.MQTT_ERR_SUCCESS
+                assert done.wait(5)
+            finally:
+                sub.disconnect()
+                sub.loop_stop()
 
 
-def _fill(b: Broker, topic: str, mib: int) -> int:
-    """Publish ``mib`` packets of almost the largest size as dev-1; the broker's growth."""
+def _fill(b: Broker, mib: int) -> int:
+    """The bridge sends ``mib`` answers of almost the largest size to dev-1 (what a device
+    makes the broker queue for itself: answers to its own requests); the broker's growth."""
     before = b.rss()
-    pub = MqttConnection(b.cfg("dev-1"), "dev-1-filler", [])
+    pub = MqttConnection(b.cfg("modelward-bridge"), "bridge-filler", [])
     payload = bytes(MAX_PACKET - 4096)
     try:
         for _ in range(mib):
-            pub.publish(topic, payload, wait=True)
+            pub.publish(RESP, payload, wait=True)
     finally:
         pub.close()
     return b.rss() - before
 
 
 def test_offline_qos1_session_does_not_grow_the_broker(fresh_broker: Broker) -> None:
-    topic = f"modelward/{FLEET}/devices/dev-1/status"
-    _park_sessions(fresh_broker, topic, 1)
-    grown = _fill(fresh_broker, topic, 160)  # ~160 MiB aimed at the parked session's queue
+    _park_sessions(fresh_broker, 1)
+    grown = _fill(fresh_broker, 160)  # ~160 MiB aimed at the parked session's queue
     print(f"broker VmRSS grew by {grown / MiB:.1f} MiB")
     assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB"
 
 
 def test_many_parked_sessions_of_one_device_do_not_multiply_it(fresh_broker: Broker) -> None:
-    """Attack: the device parks several sessions (client ids are its choice)."""
-    topic = f"modelward/{FLEET}/devices/dev-1/status"
-    _park_sessions(fresh_broker, topic, 4)
-    grown = _fill(fresh_broker, topic, 160)
+    """Attack: the device parks several sessions (other client ids are refused, the
+    bound one replaces its own session)."""
+    _park_sessions(fresh_broker, 4)
+    grown = _fill(fresh_broker, 160)
     assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB"
 
 
@@ -278,21 +298,23 @@ def test_a_subscriber_that_never_reads_does_not_grow_the_broker(
 ) -> None:
     """Attack: connected, subscribed at QoS 1, and never reading or acknowledging (on
     several connections: each holds its own serialized in-flight packets)."""
-    topic = f"modelward/{FLEET}/devices/dev-1/status"
-    stuck = [RawClient(fresh_broker, "dev-1", f"dev-1-stuck-{i}") for i in range(connections)]
-    body = struct.pack(">H", 7) + _s(topic.encode()) + b"\x01"
-    for c in stuck:
+    stuck = []
+    body = struct.pack(">H", 7) + _s(RESP.encode()) + b"\x01"
+    for _ in range(connections):  # each with the one client id its credential allows
+        c = RawClient(fresh_broker, "dev-1", fetch_client_id("dev-1"), fetch_username("dev-1"))
         c.sock.sendall(b"\x82" + _varint(len(body)) + body)
         assert c.sock.recv(5) == b"\x90\x03\x00\x07\x01"
+        stuck.append(c)
     try:
-        grown = _fill(fresh_broker, topic, 160)
+        grown = _fill(fresh_broker, 160)
     finally:
         for c in stuck:
             c.sock.close()
     print(f"{connections} stuck: broker VmRSS grew by {grown / MiB:.1f} MiB")
-    # bounded per connection (mosquitto 2.0 cannot limit a user's connections, see
-    # docs/brokers.md); without the byte bounds one connection alone held all 160 MiB
-    assert grown < connections * 32 * MiB + 32 * MiB, f"broker grew by {grown >> 20} MiB"
+    # one connection's worth whatever the count (dynamic security binds the client id:
+    # each new connection took the last one's place); without the byte bounds one
+    # connection alone held all 160 MiB
+    assert grown < 64 * MiB, f"broker grew by {grown >> 20} MiB"
 
 
 def test_an_oversized_connect_needs_no_credentials_to_be_refused(broker: Broker) -> None:
@@ -315,14 +337,14 @@ def test_an_oversized_connect_needs_no_credentials_to_be_refused(broker: Broker)
         sock.close()
     assert sent < 32 * MiB, f"the broker read {sent >> 20} MiB of a CONNECT"
     # and it still serves everyone else
-    ok = MqttConnection(broker.cfg("dev-2"), "dev-2-after", [])
+    ok = device_connection(broker.cfg("dev-2"), "listen", [])
     ok.close()
 
 
 def test_status_of_a_normal_size_is_still_retained(broker: Broker) -> None:
     topic = f"modelward/{FLEET}/devices/dev-2/status"
     report = os.urandom(60 * 1024)  # about modelward.trust._report.MAX_REPORT_BYTES
-    dev = MqttConnection(broker.cfg("dev-2"), "dev-2-st", [])
+    dev = device_connection(broker.cfg("dev-2"), "listen", [])
     try:
         dev.publish(topic, report, retain=True, wait=True)
     finally:

@@ -19,7 +19,8 @@ import time
 import pytest
 
 from modelward.publisher._bridge import REQUEST_PACKET_LIMIT
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater._config import fetch_client_id, fetch_username
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import FLEET, MqttWorld
 from tests.integration.test_a14_device_props import (
     _block_latency,
@@ -41,7 +42,7 @@ def _flood_properties(w: MqttWorld, user: str, n_packets: int) -> int:
                            server_hostname="127.0.0.1")
     pw = w.creds[user].read_text().strip().encode()
     body = (_s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00"
-            + _s(f"{user}-props".encode()) + _s(user.encode()) + _s(pw))
+            + _s(fetch_client_id(user).encode()) + _s(fetch_username(user).encode()) + _s(pw))
     topic = f"modelward/{FLEET}/repo/req/{user}".encode()
     props = b"\x26\x00\x00\x00\x00" * ((REQUEST_PACKET_LIMIT - 200 - len(topic)) // 5)
     acks = 0
@@ -64,7 +65,7 @@ def test_i14_a_flood_of_property_packed_requests_does_not_stall_the_bridge(
         mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
     try:
@@ -93,16 +94,16 @@ def test_i14_a_device_in_share_groups_of_its_own_takes_no_request_of_another(
     w = mqtt_world
     assert w.creds is not None
     assert share_group(w.mqtt_cfg("modelward-bridge")) != "modelward-bridges"
-    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="dev-1-groups",
+    thief = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=fetch_client_id("dev-1"),
                         protocol=mqtt.MQTTv5)
-    thief.username_pw_set("dev-1", w.creds["dev-1"].read_text().strip())
+    thief.username_pw_set(fetch_username("dev-1"), w.creds["dev-1"].read_text().strip())
     thief.tls_set(ca_certs=str(w.ca.cert))
     stolen: list[str] = []
     thief.on_message = lambda _c, _u, m: stolen.append(m.topic)
     thief.connect("127.0.0.1", w.broker_port, 30)
     thief.loop_start()
     got: queue.Queue[bytes] = queue.Queue()
-    dev2 = MqttConnection(w.mqtt_cfg("dev-2"), "dev-2-honest",
+    dev2 = device_connection(w.mqtt_cfg("dev-2"), "fetch",
                           [f"modelward/{FLEET}/devices/dev-2/repo/resp"],
                           lambda m: got.put(bytes(m.properties.CorrelationData)))
     try:

@@ -34,7 +34,7 @@ from modelward.simulator._swtpm import SwtpmHandle
 from modelward.trust._report import sign_report
 from modelward.trust._tpm import Tpm
 from modelward.updater._config import MqttConfig
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import tree_digest
 from tests.unit.test_i14_fleetview import (
     FORGED_ROW,
@@ -75,7 +75,7 @@ class Fleet:
 
     def publish_as(self, device: str, payload: bytes) -> None:
         """Retained, on the device's own status topic, with its own credentials."""
-        conn = MqttConnection(self.cfg(device), f"{device}-pub", [])
+        conn = device_connection(self.cfg(device), "listen", [])
         try:
             conn.publish(f"modelward/{FLEET}/devices/{device}/status", payload, retain=True,
                          wait=True)
@@ -96,7 +96,7 @@ class Fleet:
 def fleet(tmp_path: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Fleet]:
     ca, server = pki
     bc = write_broker_config(FLEET, DEVICES, tmp_path / "broker-config")
-    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.passwords, bc.acl)
+    broker = start_broker(tmp_path / "broker", server, ca.cert, bc.conf)
     try:
         yield Fleet(tmp_path, broker.port, ca.cert, bc.credentials, tmp_path / "fleet")
     finally:

@@ -8,7 +8,7 @@ import re
 import time
 
 from modelward.updater.transport._mqtt import publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import device_connection
 from tests.conftest import FLEET, MqttWorld
 
 FORGED = "served metadata/2.root.json status=200 offset=0 bytes=9999999 to dev-2"
@@ -19,7 +19,7 @@ def test_a_request_cannot_forge_bridge_log_lines(mqtt_world: MqttWorld) -> None:
     before = w.snapshot()
     req = (b'{"path": "metadata/1.root.json",\n"offset": 0, "length": 1024, "format": 2}\n'
            + FORGED.encode() + b"\r\n\x1b[8m\x1b]0;pwned\x07\xe2\x80\xae")
-    dev = MqttConnection(w.mqtt_cfg("dev-1"), "dev-1-forger",
+    dev = device_connection(w.mqtt_cfg("dev-1"), "fetch",
                          [f"modelward/{FLEET}/devices/dev-1/repo/resp"])
     try:
         p = publish_properties()

@@ -27,6 +27,7 @@ import pytest
 
 from modelward.simulator._fleet import Fleet
 from modelward.simulator._flood import Flooder, Prober, vm_hwm
+from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
 from modelward.updater.transport._mqttconn import MqttConnection
 from tests.integration.test_i14_broker import Broker, RawClient
 
@@ -127,8 +128,9 @@ def test_sim_fleet_flood_keeps_the_bridge_bounded_and_the_other_device_fast(
 def test_sim_fleet_broker_refuses_a_200mib_status_and_a_100mib_request(fleet: Fleet) -> None:
     broker = _as_broker(fleet)
     status = fleet.mqtt("dev-002").topic("devices/dev-002/status")
-    accepted = RawClient(broker, "dev-002", "dev-002-evil").publish(status, 200 * MIB,
-                                                                     retain=True)
+    # as dev-002's listener (the identity that writes its status, its bound client id)
+    accepted = RawClient(broker, "dev-002", listen_client_id("dev-002")).publish(
+        status, 200 * MIB, retain=True)
     assert not accepted, "the fleet's broker acknowledged a 200 MiB status"
     req = fleet.mqtt("dev-002").topic("repo/req/dev-002")
     seen: list[int] = []
@@ -143,7 +145,7 @@ def test_sim_fleet_broker_refuses_a_200mib_status_and_a_100mib_request(fleet: Fl
                          [fleet.mqtt("modelward-bridge").topic("repo/req/+")], got,
                          max_packet_size=255 * MIB)
     try:
-        raw = RawClient(broker, "dev-002", "dev-002-evil2")
+        raw = RawClient(broker, "dev-002", fetch_client_id("dev-002"), fetch_username("dev-002"))
         accepted = raw.publish(req, 100 * MIB, retain=False)
         time.sleep(0.5)
     finally:

@@ -11,7 +11,7 @@ import queue
 import re
 
 from modelward.updater.transport._mqtt import BLOCK_HEADER, publish_properties
-from modelward.updater.transport._mqttconn import MqttConnection
+from modelward.updater.transport._mqttconn import MqttConnection, device_connection
 from tests.conftest import FLEET, MqttWorld
 from tests.integration._i16_delta import publish
 
@@ -54,8 +54,8 @@ def test_a_device_span_past_the_end_of_a_file_gets_only_the_file(
     def on_message(msg) -> None:  # type: ignore[no-untyped-def]
         got.put((bytes(msg.properties.CorrelationData), bytes(msg.payload)))
 
-    evil = MqttConnection(w.mqtt_cfg("dev-1"), "evil-span", [], on_message)
-    honest = MqttConnection(w.mqtt_cfg("dev-2"), "honest", [], on_message)
+    evil = device_connection(w.mqtt_cfg("dev-1"), "fetch", [], on_message)
+    honest = device_connection(w.mqtt_cfg("dev-2"), "fetch", [], on_message)
     try:
         for conn, dev in ((evil, "dev-1"), (honest, "dev-2")):
             conn.subscribe(f"modelward/{FLEET}/devices/{dev}/repo/resp")
@@ -115,7 +115,7 @@ def test_a_hostile_bridge_s_extra_blocks_are_never_taken(mqtt_world: MqttWorld) 
             props.CorrelationData = corr
             n = len(data)
             for off, body in ((offset, b"D" * n), (offset + (8 << 20), b"N" * n),
-                              (offset + 1, b"O" * n), (offset, data + b"EXTRA")):
+                              (offset + 1, b"O" * n), (offset, bytes(data) + b"EXTRA")):
                 self._send(topic, block_header(200, off, size) + body, props)
                 self.junk += 1
 

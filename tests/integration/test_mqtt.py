@@ -252,14 +252,18 @@ def test_garbage_on_the_response_topic_is_ignored(
     assert any("unknown correlation data" in r.getMessage() for r in caplog.records)
 
 
-def _client(w: MqttWorld, user: str) -> tuple[mqtt.Client, dict[Any, Any], list[str]]:
+def _client(w: MqttWorld, user: str,
+            identity: str) -> tuple[mqtt.Client, dict[Any, Any], list[str]]:
+    from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
+
     got: list[str] = []
     res: dict[Any, Any] = {}
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"{user}-acl",
-                    protocol=mqtt.MQTTv5)
+    login, cid = ((fetch_username(user), fetch_client_id(user)) if identity == "fetch"
+                  else (user, listen_client_id(user)))
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv5)
     c.tls_set(ca_certs=str(w.ca.cert))
     assert w.creds is not None
-    c.username_pw_set(user, w.creds[user].read_text().strip())
+    c.username_pw_set(login, w.creds[user].read_text().strip())
     c.on_publish = lambda _c, _u, mid, rc, _p: res.__setitem__(mid, rc)
     c.on_message = lambda _c, _u, m: got.append(m.topic)
     c.connect("127.0.0.1", w.broker_port)
@@ -270,39 +274,47 @@ def _client(w: MqttWorld, user: str) -> tuple[mqtt.Client, dict[Any, Any], list[
 def test_acl_keeps_devices_to_their_own_topics(mqtt_world: MqttWorld) -> None:
     w = mqtt_world
     f = f"modelward/{FLEET}"
-    b, bres, bgot = _client(w, "dev-2")
-    a, ares, agot = _client(w, "dev-1")
+    bl, blres, blgot = _client(w, "dev-2", "listen")
+    bf, bfres, bfgot = _client(w, "dev-2", "fetch")
+    attacker = [_client(w, "dev-1", "listen"), _client(w, "dev-1", "fetch")]
     try:
         time.sleep(0.5)
         # B publishes its retained status; A tries to read B's status and responses.
-        info = b.publish(f"{f}/devices/dev-2/status", b"{}", qos=1, retain=True)
+        info = bl.publish(f"{f}/devices/dev-2/status", b"{}", qos=1, retain=True)
         info.wait_for_publish(5)
-        assert not bres[info.mid].is_failure
-        a.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1),
-                     (f"{f}/devices/+/status", 1), (f"{f}/#", 1)])
-        b.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1)])
+        assert not blres[info.mid].is_failure
+        for a, _, _ in attacker:
+            a.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1),
+                         (f"{f}/devices/+/status", 1), (f"{f}/#", 1)])
+        for b in (bl, bf):
+            b.subscribe([(f"{f}/devices/dev-2/status", 1), (f"{f}/devices/dev-2/repo/resp", 1)])
         # A publishing its request as B, and announcing, are refused by the broker.
-        for topic in (f"{f}/repo/req/dev-2", f"{f}/announce", f"{f}/devices/dev-2/status",
-                      f"{f}/devices/dev-1/repo/resp"):
-            info = a.publish(topic, b"{}", qos=1)
-            info.wait_for_publish(5)
-            assert ares[info.mid].is_failure, topic
-            assert ares[info.mid].getName() == "Not authorized"
-        # B gets a response the bridge sends for a request of its own.
-        info = b.publish(f"{f}/repo/req/dev-2",
-                         json.dumps({"path": "metadata/1.root.json", "offset": 0,
-                                     "length": 100}).encode(), qos=1,
-                         properties=_props_for("dev-2"))
+        for a, ares, _ in attacker:
+            for topic in (f"{f}/repo/req/dev-2", f"{f}/announce", f"{f}/devices/dev-2/status",
+                          f"{f}/devices/dev-1/repo/resp"):
+                info = a.publish(topic, b"{}", qos=1)
+                info.wait_for_publish(5)
+                assert ares[info.mid].is_failure, topic
+                assert ares[info.mid].getName() == "Not authorized"
+        # B's listener may not ask; its fetcher gets a response to a request of its own.
+        body = json.dumps({"path": "metadata/1.root.json", "offset": 0,
+                           "length": 100}).encode()
+        info = bl.publish(f"{f}/repo/req/dev-2", body, qos=1, properties=_props_for("dev-2"))
+        info.wait_for_publish(5)
+        assert blres[info.mid].getName() == "Not authorized"
+        info = bf.publish(f"{f}/repo/req/dev-2", body, qos=1, properties=_props_for("dev-2"))
         info.wait_for_publish(5)
         time.sleep(1.5)
-        assert f"{f}/devices/dev-2/repo/resp" in bgot  # the control: B reads its answer
+        assert f"{f}/devices/dev-2/repo/resp" in bfgot  # the control: B reads its answer
+        assert f"{f}/devices/dev-2/repo/resp" not in blgot  # ... on its fetcher only
         # ... but not its own status: a device reads no topic it writes (issue 14: else
         # it fills its own parked sessions with whatever it publishes)
-        assert f"{f}/devices/dev-2/status" not in bgot, bgot
-        assert not [t for t in agot if "dev-2" in t], agot  # A saw nothing of B's
+        assert f"{f}/devices/dev-2/status" not in bfgot + blgot
+        for _, _, agot in attacker:
+            assert not [t for t in agot if "dev-2" in t], agot  # A saw nothing of B's
     finally:
-        a.loop_stop()
-        b.loop_stop()
+        for c in (bl, bf, *(a for a, _, _ in attacker)):
+            c.loop_stop()
 
 
 def _props_for(device: str) -> Any:
@@ -365,13 +377,16 @@ def test_broker_config_cli(tmp_path: Path) -> None:
                         "f9", "--devices", "a,b", "-o", str(tmp_path)], capture_output=True,
                        text=True, check=False)
     assert r.returncode == 0, r.stderr
-    acl = (tmp_path / "acl").read_text()
-    assert "pattern write modelward/f9/repo/req/%u" in acl
+    dynsec = json.loads((tmp_path / "dynamic-security.json").read_text())
+    fetcher = next(c for c in dynsec["clients"] if c["username"] == "a:fetch")
+    assert fetcher["clientid"] == "a-fetch"
     assert (tmp_path / "credentials" / "a").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "dynamic-security.json").stat().st_mode & 0o077 == 0
     settings = (tmp_path / "modelward.conf").read_text().splitlines()
     assert "set_tcp_nodelay true" in settings and "allow_anonymous false" in settings
-    assert f"acl_file {(tmp_path / 'acl').resolve()}" in settings
-    assert f"password_file {(tmp_path / 'passwords').resolve()}" in settings
+    assert (f"plugin_opt_config_file {(tmp_path / 'dynamic-security.json').resolve()}"
+            in settings)
+    assert not any(s.startswith(("acl_file", "password_file")) for s in settings)
     bad = subprocess.run([sys.executable, "-m", "modelward", "fleet", "broker-config",
                           "--fleet", "f9", "--devices", "a/#", "-o", str(tmp_path / "x")],
                          capture_output=True, text=True, check=False)

@@ -12,6 +12,7 @@ from modelward.publisher._broker_config import (
     MAX_INFLIGHT_BYTES,
     MAX_PACKET,
     MAX_QUEUED_BYTES,
+    find_dynsec_plugin,
     settings_text,
     write_broker_config,
 )
@@ -75,5 +76,5 @@ def test_written_fragment_carries_the_bounds(tmp_path: Path) -> None:
     write_broker_config("f", ["a"], tmp_path)
     text = (tmp_path / "modelward.conf").read_text()
     assert BROKER_SETTINGS in text
-    assert text == settings_text((tmp_path / "acl").resolve(),
-                                 (tmp_path / "passwords").resolve())
+    assert text == settings_text((tmp_path / "dynamic-security.json").resolve(),
+                                 find_dynsec_plugin())

@@ -26,8 +26,8 @@ from modelward.publisher._broker_config import (
     BROKER_SETTINGS,
     MAX_QUEUED_MESSAGES,
     WINDOW,
-    acl_text,
     queued_messages,
+    roles,
     write_broker_config,
 )
 from modelward.publisher.errors import OperatorInputError
@@ -241,11 +241,12 @@ def test_queued_messages_hold_a_window_not_thousands() -> None:
 
 
 def test_a_device_reads_no_topic_it_writes() -> None:
-    lines = [ln.split() for ln in acl_text("f").splitlines()
-             if ln.startswith("pattern ")]
-    reads = {t for _, mode, t in lines if "read" in mode}
-    writes = {t for _, mode, t in lines if "write" in mode}
-    assert reads and writes and not reads & writes
+    for role in roles("f", ["d"])[2:]:  # the device's listener and fetcher roles
+        acls = role["acls"]
+        assert isinstance(acls, list)
+        reads = {a["topic"] for a in acls if a["acltype"] != "publishClientSend"}
+        writes = {a["topic"] for a in acls if a["acltype"] == "publishClientSend"}
+        assert reads and writes and not reads & writes, role
 
 
 def test_a_large_fleet_gets_room_for_every_retained_status(tmp_path: Path) -> None:

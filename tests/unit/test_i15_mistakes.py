@@ -195,6 +195,8 @@ CASES: list[Case] = [
      "{under_file}"),
     ("fleet broker-config", ["--fleet", "f", "--devices", "a", "-o", "{garbage}"],
      "{garbage}"),
+    ("fleet broker-config", ["--fleet", "f", "--devices", "a", "-o", "{tmp}/bc",
+                             "--dynsec-plugin", "{missing}"], "{missing}"),
     ("fleet add-device", ["--fleet-dir", "{tmp}/fd", "--device", "d", "--key", "{missing}"],
      "{missing}"),
     ("fleet add-device", ["--fleet-dir", "{tmp}/fd", "--device", "d", "--key", "{garbage}"],

@@ -39,6 +39,7 @@ from modelward.updater.transport._fetcher import RangeFetcher
 from modelward.updater.transport._mqttconn import (
     AnnouncementListener,
     MqttConnection,
+    device_connection,
     parse_broker_url,
     publish_properties,
 )
@@ -245,10 +246,8 @@ class MqttFetcher(RangeFetcher):
         if self._conn is None or self._conn.lost.is_set():
             if self._conn is not None:
                 self._conn.close()
-            self._conn = MqttConnection(
-                self.cfg, f"{self.cfg.client_name}-fetch-{secrets.token_hex(4)}",
-                [], self._deliver,
-            )
+            # the device's fetcher identity, bound to one client id by the broker
+            self._conn = device_connection(self.cfg, "fetch", [], self._deliver)
         return self._conn
 
     def close(self) -> None:
@@ -259,6 +258,17 @@ class MqttFetcher(RangeFetcher):
 
     def _fetch(self, url: str) -> Iterator[bytes]:
         return (bytes(chunk) for chunk in self._fetch_from(url, 0)[0])  # metadata: small
+
+    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
+        """Fetch ``url`` from byte ``offset`` (0 too): the blocks as views of each
+        message's payload, uncopied (:meth:`fetch` copies each into ``bytes``, as TUF's
+        metadata path wants; a whole bundle went through that copy too).
+
+        Raises:
+            tuf.api.exceptions.DownloadError: the transfer failed.
+        """
+        self.last_url = url
+        return self._fetch_from(url, offset)
 
     def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         u = urlparse(url)

@@ -6,7 +6,6 @@ Only paho here: the idle daemon imports this without the TUF or TPM stacks.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import ssl
 import threading
@@ -19,7 +18,12 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from modelward.trust._bounded import loads_bounded
-from modelward.updater._config import MqttConfig
+from modelward.updater._config import (
+    MqttConfig,
+    fetch_client_id,
+    fetch_username,
+    listen_client_id,
+)
 from modelward.updater.errors import TransportError
 from modelward.updater.transport import _pahofast
 
@@ -76,6 +80,8 @@ class MqttConnection:
         max_packet_size: the Maximum Packet Size sent on CONNECT (default
             ``cfg.packet_limit()``): the broker sends no larger packet, and a larger
             one ends the connection before it is buffered.
+        username: the MQTT username (default ``cfg.client_name``; a device's fetcher
+            logs in as :func:`~modelward.updater._config.fetch_username`).
 
     Raises:
         TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
@@ -88,8 +94,10 @@ class MqttConnection:
         subscriptions: list[str],
         on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
         max_packet_size: int | None = None,
+        username: str | None = None,
     ) -> None:
         self.cfg = cfg
+        self.username = username or cfg.client_name
         self.max_packet_size = max_packet_size or cfg.packet_limit()
         self.connected = threading.Event()
         self.lost = threading.Event()
@@ -107,7 +115,7 @@ class MqttConnection:
         if cfg.cert_file:
             ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
         c.tls_set_context(ctx)
-        c.username_pw_set(cfg.client_name, cfg.password)
+        c.username_pw_set(self.username, cfg.password)
         c.max_inflight_messages_set(64)
         c.max_incoming_packet = self.max_packet_size
         # every callback guarded: an exception would end paho's network thread (deaf client)
@@ -134,7 +142,8 @@ class MqttConnection:
         if not self.connected.wait(cfg.connect_timeout) or self._error:
             self.close()
             raise TransportError(
-                f"broker {where} refused {cfg.client_name!r}: {self._error or 'no answer'}",
+                f"broker {where} refused {self.username!r} as {client_id!r}: "
+                f"{self._error or 'no answer'}",
                 hint="check the username/password or client certificate and the broker ACL",
             )
         if subscriptions and not self._subscribed.wait(cfg.connect_timeout):
@@ -267,6 +276,31 @@ class MqttConnection:
             self.client.loop_stop()
 
 
+def device_connection(
+    cfg: MqttConfig,
+    identity: str,
+    subscriptions: list[str],
+    on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
+    max_packet_size: int | None = None,
+) -> MqttConnection:
+    """A connection as one of the device ``cfg.client_name``'s two broker identities:
+    ``"listen"`` (reads the announcement, writes the status) or ``"fetch"`` (writes its
+    requests, reads its responses), each with the one client id the broker allows it; a
+    second connection of the same identity takes the first one's place.
+
+    Raises:
+        TransportError: as :class:`MqttConnection`; an unknown ``identity``.
+    """
+    name = cfg.client_name
+    if identity == "listen":
+        return MqttConnection(cfg, listen_client_id(name), subscriptions, on_message,
+                              max_packet_size)
+    if identity == "fetch":
+        return MqttConnection(cfg, fetch_client_id(name), subscriptions, on_message,
+                              max_packet_size, username=fetch_username(name))
+    raise TransportError(f"no device identity {identity!r} (listen or fetch)")
+
+
 _MAX_REASONS = 8  # reason codes of one SUBACK looked at
 _MAX_EARLY_ACKS = 16  # SUBACKs kept for subscribe() calls about to wait (one per thread)
 _RECENT_MIDS = 64  # how far back a packet id may be for an early SUBACK
@@ -315,10 +349,8 @@ class AnnouncementListener:
 
     def __init__(self, cfg: MqttConfig, on_announce: Callable[[int], None]) -> None:
         self._cb = on_announce
-        self._conn = MqttConnection(
-            cfg, f"{cfg.client_name}-listen-{secrets.token_hex(4)}", [cfg.topic("announce")],
-            self._on_message, max_packet_size=ANNOUNCE_MAX_PACKET,
-        )
+        self._conn = device_connection(cfg, "listen", [cfg.topic("announce")],
+                                       self._on_message, max_packet_size=ANNOUNCE_MAX_PACKET)
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         try:
