@@ -18,8 +18,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 _SCRIPT = textwrap.dedent("""
     import sys, threading
     from modelward.trust._tpmimport import import_tpm2_pytss
@@ -70,10 +68,6 @@ _SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, reason="a10boot: _DeferredSerialization.PrivateFormat is a "
-                   "_PendingEnum while tpm2_pytss.types loads (trust/_tpmimport.py:114); a "
-                   "concurrent import of serialization binds it, PrivateFormat.PKCS8 is a "
-                   "_PendingMember and private_bytes raises TypeError")
 def test_a10_concurrent_serialization_import_gets_the_real_private_format() -> None:
     r = subprocess.run([sys.executable, "-I", "-c", _SCRIPT], capture_output=True, text=True,
                        timeout=120, check=False,

@@ -16,8 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 _USE = """
 import sys
 sys.path.insert(0, {where!r})
@@ -58,10 +56,6 @@ def _run(code: str) -> subprocess.CompletedProcess[str]:
                           timeout=60, check=False)
 
 
-@pytest.mark.xfail(strict=True, reason="a10boot: _DeferredSerialization.PrivateFormat is a "
-                   "_PendingEnum (trust/_tpmimport.py:114); only function defaults are "
-                   "settled (trust/_tpmimport.py:125-143), a module-level read keeps the "
-                   "_PendingMember and TPMT_SENSITIVE.to_pem raises TypeError")
 def test_a10_lean_import_of_another_layout_keeps_private_format_real(tmp_path: Path) -> None:
     where = str(_refactored(tmp_path))
     plain = _run(_USE.format(where=where).replace("LOAD", "import tpm2_pytss as t"))
