@@ -10,6 +10,7 @@ payload's first four bytes.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -159,3 +160,80 @@ def test_a10_a_format1_block_that_starts_with_the_magic_counts_in_full(
         b.close()
     assert len(held) == 1 and bytes(held[0]) == content[64:64 + 4096]
     assert counted == 4096
+
+
+# --- the origin side: the served file changes while the bridge reads it -----------------
+
+def _truncate(p: Path, n: int) -> None:
+    with open(p, "r+b") as f:
+        f.truncate(n)
+
+
+def _grow(p: Path, n: int) -> None:
+    with open(p, "ab") as f:
+        f.write(b"G" * n)
+
+
+def _replace(p: Path, n: int) -> None:
+    tmp = p.with_name("new")
+    tmp.write_bytes(b"N" * n)
+    os.replace(tmp, p)  # (the open descriptor keeps the old file)
+
+
+def _fifo(p: Path, n: int) -> None:
+    p.unlink()
+    os.mkfifo(p)
+
+
+@pytest.mark.parametrize(("change", "ignored"), [
+    (lambda p: _truncate(p, 3 * MIB + 10), True),  # a short read, not at fstat's size
+    (lambda p: _truncate(p, 0), True),  # nothing at all where fstat said 3.5 MiB
+    (lambda p: _grow(p, 2 * MIB), True),  # more than fstat said
+    (lambda p: _replace(p, 10), False),  # (the descriptor's file: as it was)
+    (lambda p: _fifo(p, 0), False),
+], ids=["truncated", "emptied", "grown", "replaced", "fifo"])
+def test_a10_a_file_changed_during_preadv_gives_no_block_the_device_takes_as_good(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Any, ignored: bool) -> None:
+    """Between the bridge's ``fstat`` and its ``preadv`` the served file is truncated,
+    grown, replaced or swapped for a FIFO. The bridge still answers (no 500, its worker
+    alive), and the device (``MqttFetcher._accept``) either ignores the block (and asks
+    again) or takes one whose bytes agree with the size it says (the bundle's signed hash
+    decides the rest)."""
+    from modelward.updater.transport._mqtt import MqttFetcher
+    from tests.unit.test_i13_a3_mqtt import _msg
+
+    content = b"O" * (3 * MIB + (512 << 10))  # the last block: half of one
+    b, held, infos = _bridge(tmp_path, content, 4 * MIB)
+    path = tmp_path / "metadata" / "f.bin"
+    real = os.preadv
+    fired: list[int] = []
+
+    def racing(fd: int, bufs: Any, offset: int, *a: Any) -> int:
+        if not fired:
+            fired.append(1)
+            change(path)
+        return real(fd, bufs, offset, *a)
+
+    monkeypatch.setattr(os, "preadv", racing)
+    session = b"S" * 8
+    try:
+        _ask(b, session + (3 * MIB).to_bytes(8, "big"), 3 * MIB, MIB)
+        _settle(held, 1)
+        assert b._worker.is_alive() and b.stats.errors == 0  # noqa: SLF001
+    finally:
+        for i in infos:
+            i.done.set()
+        b.close()
+    assert fired and len(held) == 1
+    payload = bytes(held[0])
+    _, status, off, size = BLOCK_HEADER.unpack(payload[:BLOCK_HEADER.size])
+    assert status == 200 and off == 3 * MIB
+    f = MqttFetcher(MqttConfig(host="h", port=1, fleet="f", client_name="d"))
+    got = f._accept(  # noqa: SLF001
+        _msg(payload, session + (3 * MIB).to_bytes(8, "big")), session, "metadata/f.bin",
+        {3 * MIB: (0.0, 0)}, None)
+    assert (got is None) == ignored
+    if got is not None:
+        g_off, data, g_size = got
+        assert bytes(data) == content[3 * MIB:]
+        assert g_size == size and len(data) == min(MIB, size - g_off)
