@@ -401,16 +401,27 @@ class Bridge:
     def _read(self, path: str, offset: int, length: int) -> tuple[int, bytes | memoryview]:
         """Size of the file and up to ``length`` bytes from ``offset``: a view of a buffer
         with room for the block's format 2 header in front (:func:`_framed`), so that the
-        answer is the buffer itself, not the header and the block copied together."""
+        answer is the buffer itself, not the header and the block copied together.
+
+        The buffer is sized for what the read can return, not for ``length``: paho keeps
+        it until the broker's PUBACK and the send queue counts only the bytes read, so a
+        file's last block holds no more than it counts. That is ``length``, or, nearer the
+        end, what ``fstat`` leaves from ``offset`` plus one byte: a file grown since then
+        reads as more than the size the answer gives, an answer the device ignores (and
+        asks again). A read shorter than that (the file shrank meanwhile) is copied into
+        a buffer of its size."""
         fd = self._open(path)
         try:
             size = os.fstat(fd).st_size
             if offset > size:
                 return size, b""
-            buf = _Framed(BLOCK_HEADER.size + length)
+            want = min(length, size - offset + 1)
+            buf = _Framed(BLOCK_HEADER.size + want)
             with memoryview(buf) as whole, whole[BLOCK_HEADER.size:] as tail:
                 n = os.preadv(fd, [tail], offset)
-            if n < length:  # (the end of the file)
+                if n + 1 < want:  # (shrunk since fstat: no buffer kept mostly unused)
+                    buf = _Framed(whole[:BLOCK_HEADER.size + n])
+            if n + 1 == want:  # (the end of the file, where fstat said: one byte kept)
                 del buf[BLOCK_HEADER.size + n:]
             return size, memoryview(buf)[BLOCK_HEADER.size:]
         finally:

@@ -82,11 +82,6 @@ def _settle(held: list[Any], n: int) -> None:
     time.sleep(0.3)  # (and no more than that)
 
 
-@pytest.mark.xfail(strict=True, reason="a10bridge: Bridge._read allocates the requested "
-                   "length and `del buf[22 + n:]` is a minor downsize (CPython keeps the "
-                   "allocation when at least half is used): a block of 512 KiB + 1 read for "
-                   "a 1 MiB request keeps 1 MiB resident while the send queue counts "
-                   "512 KiB + 1, so unacknowledged answers hold ~2x send_bytes")
 def test_a10_unacknowledged_answers_hold_no_more_than_the_send_queue_counts(
         tmp_path: Path) -> None:
     """One device asks, again and again, for a 1 MiB block at an offset that leaves
