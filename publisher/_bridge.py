@@ -57,7 +57,6 @@ from modelward.updater.transport._mqtt import (
     BLOCK_MAGIC,
     MqttConfig,
     MqttConnection,
-    block_header,
     publish_properties,
 )
 
@@ -352,8 +351,10 @@ class Bridge:
             if framed is not None:  # read behind room for its header: no copy
                 BLOCK_HEADER.pack_into(framed, 0, BLOCK_MAGIC, status, offset, size)
                 payload = framed
-            else:
-                payload = block_header(status, offset, size) + data
+            else:  # (a block from elsewhere, or none: a refusal)
+                payload = _Framed(BLOCK_HEADER.size + len(data))
+                BLOCK_HEADER.pack_into(payload, 0, BLOCK_MAGIC, status, offset, size)
+                payload[BLOCK_HEADER.size:] = data
         else:
             payload = bytes(data)
             out.UserProperty = [("status", str(status)), ("offset", str(offset)),
@@ -447,8 +448,11 @@ class Bridge:
 
 
 class _Framed(bytearray):
-    """A block read behind :data:`BLOCK_HEADER`'s room (only :meth:`Bridge._read` makes
-    one, handing on the view after the room)."""
+    """A format 2 answer: :data:`BLOCK_HEADER`'s room, then the block. :meth:`Bridge._read`
+    reads a block into one (handing on the view after the room), :meth:`Bridge._answer`
+    packs the header into it (or builds one for a block from elsewhere) and sends it;
+    nothing else is one, so the send queue knows a payload's header by its type
+    (:func:`_block_bytes`), not by what its bytes look like."""
 
 
 def _framed(data: bytes | memoryview) -> _Framed | None:
@@ -463,11 +467,14 @@ def _block_bytes(payload: bytes | bytearray) -> int:
     """The bytes of a block an answer carries, which the send queue counts: its format 2
     header left out (22 bytes, bounded by the count of answers), so that
     ``send_bytes`` of 4 MiB holds 4 blocks of 1 MiB, not 3 (with 3, the worker waited
-    for a PUBACK before each block: 10-15 % of a 256 MiB transfer)."""
-    n = len(payload)
-    if n >= BLOCK_HEADER.size and payload[:4] == BLOCK_MAGIC:
-        return n - BLOCK_HEADER.size
-    return n
+    for a PUBACK before each block: 10-15 % of a 256 MiB transfer).
+
+    The header is known from what :meth:`Bridge._answer` built (a :class:`_Framed` in
+    format 2), never guessed from the payload's bytes: a format 1 answer is the file's
+    bytes, whatever they are, and counts in full (as does anything else sent)."""
+    if isinstance(payload, _Framed):
+        return len(payload) - BLOCK_HEADER.size
+    return len(payload)
 
 
 def _cut(e: BaseException) -> str:

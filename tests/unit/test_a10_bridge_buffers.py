@@ -134,10 +134,6 @@ def test_a10_short_read_payload_is_exactly_the_bytes_read(tmp_path: Path) -> Non
     assert sys.getsizeof(first) < 64 * 1024 and sys.getsizeof(second) < 64 * 1024
 
 
-@pytest.mark.xfail(strict=True, reason="a10bridge: _block_bytes (publisher/_bridge.py) "
-                   "decides a format 2 header by the payload's first 4 bytes, so a format 1 "
-                   "answer (raw file bytes) at an offset where the file holds b'MWB2' is "
-                   "counted 22 bytes short in the send queue")
 def test_a10_a_format1_block_that_starts_with_the_magic_counts_in_full(
         tmp_path: Path) -> None:
     """Format 1 carries no header in its payload: whatever the file holds at the asked
