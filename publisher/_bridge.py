@@ -57,7 +57,6 @@ from modelward.updater.transport._mqtt import (
     BLOCK_MAGIC,
     MqttConfig,
     MqttConnection,
-    block_header,
     publish_properties,
 )
 
@@ -352,8 +351,10 @@ class Bridge:
             if framed is not None:  # read behind room for its header: no copy
                 BLOCK_HEADER.pack_into(framed, 0, BLOCK_MAGIC, status, offset, size)
                 payload = framed
-            else:
-                payload = block_header(status, offset, size) + data
+            else:  # (a block from elsewhere, or none: a refusal)
+                payload = _Framed(BLOCK_HEADER.size + len(data))
+                BLOCK_HEADER.pack_into(payload, 0, BLOCK_MAGIC, status, offset, size)
+                payload[BLOCK_HEADER.size:] = data
         else:
             payload = bytes(data)
             out.UserProperty = [("status", str(status)), ("offset", str(offset)),
@@ -401,16 +402,27 @@ class Bridge:
     def _read(self, path: str, offset: int, length: int) -> tuple[int, bytes | memoryview]:
         """Size of the file and up to ``length`` bytes from ``offset``: a view of a buffer
         with room for the block's format 2 header in front (:func:`_framed`), so that the
-        answer is the buffer itself, not the header and the block copied together."""
+        answer is the buffer itself, not the header and the block copied together.
+
+        The buffer is sized for what the read can return, not for ``length``: paho keeps
+        it until the broker's PUBACK and the send queue counts only the bytes read, so a
+        file's last block holds no more than it counts. That is ``length``, or, nearer the
+        end, what ``fstat`` leaves from ``offset`` plus one byte: a file grown since then
+        reads as more than the size the answer gives, an answer the device ignores (and
+        asks again). A read shorter than that (the file shrank meanwhile) is copied into
+        a buffer of its size."""
         fd = self._open(path)
         try:
             size = os.fstat(fd).st_size
             if offset > size:
                 return size, b""
-            buf = _Framed(BLOCK_HEADER.size + length)
+            want = min(length, size - offset + 1)
+            buf = _Framed(BLOCK_HEADER.size + want)
             with memoryview(buf) as whole, whole[BLOCK_HEADER.size:] as tail:
                 n = os.preadv(fd, [tail], offset)
-            if n < length:  # (the end of the file)
+                if n + 1 < want:  # (shrunk since fstat: no buffer kept mostly unused)
+                    buf = _Framed(whole[:BLOCK_HEADER.size + n])
+            if n + 1 == want:  # (the end of the file, where fstat said: one byte kept)
                 del buf[BLOCK_HEADER.size + n:]
             return size, memoryview(buf)[BLOCK_HEADER.size:]
         finally:
@@ -436,8 +448,11 @@ class Bridge:
 
 
 class _Framed(bytearray):
-    """A block read behind :data:`BLOCK_HEADER`'s room (only :meth:`Bridge._read` makes
-    one, handing on the view after the room)."""
+    """A format 2 answer: :data:`BLOCK_HEADER`'s room, then the block. :meth:`Bridge._read`
+    reads a block into one (handing on the view after the room), :meth:`Bridge._answer`
+    packs the header into it (or builds one for a block from elsewhere) and sends it;
+    nothing else is one, so the send queue knows a payload's header by its type
+    (:func:`_block_bytes`), not by what its bytes look like."""
 
 
 def _framed(data: bytes | memoryview) -> _Framed | None:
@@ -452,11 +467,14 @@ def _block_bytes(payload: bytes | bytearray) -> int:
     """The bytes of a block an answer carries, which the send queue counts: its format 2
     header left out (22 bytes, bounded by the count of answers), so that
     ``send_bytes`` of 4 MiB holds 4 blocks of 1 MiB, not 3 (with 3, the worker waited
-    for a PUBACK before each block: 10-15 % of a 256 MiB transfer)."""
-    n = len(payload)
-    if n >= BLOCK_HEADER.size and payload[:4] == BLOCK_MAGIC:
-        return n - BLOCK_HEADER.size
-    return n
+    for a PUBACK before each block: 10-15 % of a 256 MiB transfer).
+
+    The header is known from what :meth:`Bridge._answer` built (a :class:`_Framed` in
+    format 2), never guessed from the payload's bytes: a format 1 answer is the file's
+    bytes, whatever they are, and counts in full (as does anything else sent)."""
+    if isinstance(payload, _Framed):
+        return len(payload) - BLOCK_HEADER.size
+    return len(payload)
 
 
 def _cut(e: BaseException) -> str:

@@ -101,7 +101,20 @@ def test_missing_active_slot_falls_back(world: World) -> None:
 def test_fresh_device_boot_check_says_nothing_installed(world: World) -> None:
     r = world.cli("agent", "boot-check", "--config", str(world.conf_path))
     assert r.returncode == 3
-    assert "no model has been installed" in r.stderr
+    assert "no trusted model is active: none was installed yet" in r.stderr
+
+
+def test_boot_after_nothing_trusted_does_not_claim_nothing_was_installed(world: World) -> None:
+    """The boot after one that found the only model altered: still exit 3, and the message
+    says a model may have been found altered, not only "none was installed"."""
+    world.publish("1.0.0", seed=1)
+    world.update()
+    (world.state / "current" / "model.onnx").write_bytes(b"junk")
+    first = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert first.returncode == 3 and "was altered" in first.stderr
+    second = world.cli("agent", "boot-check", "--config", str(world.conf_path))
+    assert second.returncode == 3
+    assert "or the last one was found altered" in second.stderr
 
 
 def test_edited_trust_record_is_detected(world: World) -> None:

@@ -124,7 +124,10 @@ def reconcile(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trust
     active = record.active
     if active is None:
         slots.deactivate()  # whatever `current` names, nothing trusted is there
-        raise NothingTrustedError("no model has been installed on this device yet")
+        raise NothingTrustedError(
+            "no trusted model is active: none was installed yet, or the last one was found "
+            "altered at an earlier boot (the journal says which); the next update installs "
+            "the newest release")
     ok, fp = slot_matches(slots, active)
     if not ok:
         ok = roll_forward(slots, active)
