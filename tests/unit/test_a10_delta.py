@@ -301,11 +301,6 @@ class _CountingKeys:
             yield k
 
 
-@pytest.mark.xfail(strict=True, reason="_HintLookup.places (28c7749) reads the candidates "
-                   "with itertools.islice(self.keys, k, k + _HINT_SCAN), which walks the "
-                   "hint's keys from the first one to k: each lookup costs the position of "
-                   "its sha256 in the hint, the plan's sources cost O(chunks * hint chunks) "
-                   "(26,000 chunks, two bases: ~11 CPU-s; 131,072: minutes)")
 def test_a10_hint_lookups_cost_a_bounded_scan_each() -> None:
     from tests.unit.test_i16_plan_memory import _h, _index
 

@@ -263,17 +263,21 @@ class _HintLookup:
         self.name, self.chunks = base.name, _Chunks(hint)
         self.keys = array("Q", self.chunks.keys())
 
-    def places(self, sha: bytes) -> list[Place]:
-        """At most two places of ``sha`` in the hint, first first."""
+    def places(self, sha: bytes, length: int) -> list[Place]:
+        """At most two places of ``sha`` (a chunk ``length`` bytes long) in the hint, first
+        first. Looks at :data:`_HINT_SCAN` keys at most, by index from the bisection's
+        answer (never walking the keys before it)."""
         gbits = self.chunks.gbits
         p = _prefix(sha, 64 - gbits)
-        k = bisect.bisect_left(self.keys, p << gbits)
+        keys = self.keys
+        k = bisect.bisect_left(keys, p << gbits)
         out: list[Place] = []
-        for key in itertools.islice(self.keys, k, k + _HINT_SCAN):
+        for i in range(k, min(k + _HINT_SCAN, len(keys))):
+            key = keys[i]
             if key >> gbits != p:
                 break
             f, _, c = self.chunks.at(key & ((1 << gbits) - 1))
-            if c.sha256 == sha:
+            if c.sha256 == sha and c.length == length:
                 out.append(Place(self.name, f.path, f.file_offset(c)))
                 if len(out) == 2:
                     break
@@ -358,7 +362,7 @@ class Plan(Sequence[Need]):
             length = c.length
             found = [p for p in places if self._incoming.get(p.path, -1) >= p.offset + length]
             for b, hint in zip(self._bases, self._hints, strict=True):
-                cands = hint.places(c.sha256) if hint is not None else \
+                cands = hint.places(c.sha256, length) if hint is not None else \
                     [Place(b.name, p.path, p.offset) for p in places]
                 found += [p for p in cands if b.sizes.get(p.path, -1) >= p.offset + length]
             srcs = tuple(list(dict.fromkeys(found))[:MAX_SOURCES])
