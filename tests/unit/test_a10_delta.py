@@ -92,11 +92,6 @@ def _one_sha_many_lengths(ix: ChunkIndex) -> tuple[ChunkIndex, int]:
                       ix.manifest_bytes, files, ix.chunking), longest.length
 
 
-@pytest.mark.xfail(strict=True, reason="Plan groups chunks by sha256 alone and each Need "
-                   "has its first occurrence's length: a signed index whose chunks share "
-                   "a sha256 with other lengths gets that chunk's bytes written past the "
-                   "places it claims (into the next chunks' bytes, and past the file's "
-                   "signed size), never hashed as theirs; writes amplified up to 64x")
 def test_a10_one_sha256_of_two_lengths_is_written_only_within_each_place(
         tmp_path: Path, release) -> None:  # type: ignore[no-untyped-def]
     data, ix, tf = release

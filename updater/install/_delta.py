@@ -285,7 +285,8 @@ class _HintLookup:
 
 
 class Plan(Sequence[Need]):
-    """:func:`plan_needs`' answer: one :class:`Need` per distinct sha256 of the release, in
+    """:func:`plan_needs`' answer: one :class:`Need` per distinct sha256 (and length: an
+    index claiming one sha256 at two lengths gets two needs) of the release, in
     the order of first occurrence, each made only when asked for. Held as arrays (8 bytes
     a chunk, and 8 a chunk of each base's hint), not as objects: a 2 GiB release has some
     26,000 chunks, and objects for each (their places, sources) made the agent's peak RSS
@@ -308,16 +309,19 @@ class Plan(Sequence[Need]):
                 j += 1
             if j == i + 1:
                 first[keys[i] & ((1 << gbits) - 1)] = 1
-            else:  # (equal prefixes: grouped by the whole sha256, in order of number)
-                last: dict[bytes, int] = {}
+            else:  # (equal prefixes: grouped by the whole sha256 and the length, in
+                # order of number: one sha256 at two lengths - no honest index has it - is
+                # two needs, each written only at places of its own length)
+                last: dict[tuple[bytes, int], int] = {}
                 for key in keys[i:j]:
                     g = key & ((1 << gbits) - 1)
-                    sha = ch.at(g)[2].sha256
-                    if sha in last:
-                        self._next[last[sha]] = g
+                    c = ch.at(g)[2]
+                    same = (c.sha256, c.length)
+                    if same in last:
+                        self._next[last[same]] = g
                     else:
                         first[g] = 1
-                    last[sha] = g
+                    last[same] = g
             i = j
         del keys
         self._reps = array("I", itertools.compress(range(n), first))
@@ -379,7 +383,7 @@ def plan_needs(new: ChunkIndex, incoming: Mapping[str, int],
         bases: the active and previous slots.
 
     Returns:
-        One :class:`Need` per distinct sha256, in the order of first occurrence (a
+        One :class:`Need` per distinct sha256 and length, in the order of first occurrence (a
         :class:`Plan`: made as they are asked for). Sources, best first: the chunk's own
         place in ``incoming`` (nothing to write), another of its places there, then each
         base: where its hint has that sha256 (its first two places) or, without a hint,
