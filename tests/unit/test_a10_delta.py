@@ -126,10 +126,6 @@ def test_a10_one_sha256_of_two_lengths_is_written_only_within_each_place(
             written, forged.data_bytes)
 
 
-@pytest.mark.xfail(strict=True, reason="_Files.write_run (cf511c6) retries a pwritev/pwrite "
-                   "that accepted 0 bytes forever at the same offset: a disk (FUSE, NFS) "
-                   "that takes no byte spins the writer thread at 100% CPU, the install "
-                   "never ends and no StagingError is raised")
 def test_a10_a_disk_that_takes_no_byte_fails_the_assembly(
         tmp_path: Path, release, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     data, ix, tf = release
@@ -395,3 +391,22 @@ def test_a10_one_chunk_at_3000_places_crosses_iov_max_with_short_writes(
     assert len(got) == n * size
     assert got == chunk * n
     assert calls >= n * size // 100_003
+
+
+def test_a10_no_write_goes_past_the_file_whatever_the_plan_says(tmp_path: Path) -> None:
+    """The writer's own bound (not the plan's): a run that would end past the file's size
+    as opened is a StagingError naming the file, and nothing of it is written."""
+    from modelward.updater.install._delta import Place, _Files
+    from modelward.updater.install._statedir import open_root
+
+    inc = tmp_path / "state" / "incoming"
+    inc.mkdir(parents=True)
+    files = _Files(inc, open_root(tmp_path / "state", inc), {})
+    try:
+        files.open_out("model.onnx", 1000)
+        with pytest.raises(StagingError, match="model.onnx"):
+            files.write_run(Place("incoming", "model.onnx", 600), [b"a" * 300, b"b" * 200])
+        files.write_run(Place("incoming", "model.onnx", 500), [b"c" * 500])  # (to the end)
+    finally:
+        files.close()
+    assert (inc / "model.onnx").read_bytes() == b"\0" * 500 + b"c" * 500

@@ -629,6 +629,7 @@ class _Files:
                  ) -> None:
         self.incoming, self.incoming_fd, self.roots = incoming, incoming_fd, roots
         self.out: dict[str, int] = {}
+        self.size: dict[str, int] = {}  # each output file's signed size (nothing past it)
         self._in: dict[tuple[str, str], int | None] = {}
         self._lock = threading.Lock()  # (reads run on the hash threads)
         self._synced: dict[str, int] = {}  # where each file's next write-behind window starts
@@ -660,6 +661,7 @@ class _Files:
             os.close(fd)
             raise
         self.out[path] = fd
+        self.size[path] = size
 
     def read(self, p: Place, n: int) -> bytes | None:
         """``n`` bytes at ``p``, or None (missing, not a plain file, short)."""
@@ -687,15 +689,30 @@ class _Files:
         """Write ``parts`` one after the other from ``p`` (in incoming): one ``pwritev``
         for chunks that follow each other in a file, not one ``pwrite`` each (a chunk
         ends mid-page: two writes into the same page cache page, a third less CPU for the
-        writes of a full install)."""
+        writes of a full install).
+
+        Raises:
+            StagingError: the run would end past the file's size as opened (whatever an
+                index says, nothing is written there; nothing of the run is written), or
+                the disk took no byte of a write (as ENOSPC: never retried forever).
+        """
         fd = self.out[p.path]
-        views = [memoryview(d).cast("B") for d in parts]
+        views = [v for v in (memoryview(d).cast("B") for d in parts) if v.nbytes]
         pos = p.offset
+        end = pos + sum(v.nbytes for v in views)
+        size = self.size[p.path]
+        if pos < 0 or end > size:
+            raise StagingError(f"{self.incoming / p.path}: a write of bytes {pos}-{end - 1} "
+                               f"goes past its size ({size} bytes); nothing of it written")
         for i in range(0, len(views), _IOV_MAX):
             group = views[i:i + _IOV_MAX]
             while group:
                 w = os.pwritev(fd, group, pos) if len(group) > 1 else \
                     os.pwrite(fd, group[0], pos)
+                if w <= 0:  # (no errno, no byte: the disk refused as ENOSPC does)
+                    raise StagingError(f"{self.incoming / p.path}: the disk took no byte "
+                                       f"of a write at {pos} ({end - pos} bytes left to "
+                                       "write)")
                 pos += w
                 while group and w >= len(group[0]):  # (a short write: the rest again)
                     w -= len(group[0])
