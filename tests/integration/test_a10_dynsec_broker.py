@@ -201,3 +201,34 @@ def test_a10_every_identity_broker_config_writes_can_log_in(
             assert _accepted(ack), (dev, ack.hex())
     finally:
         stop_broker(tmp_path / "broker")
+
+
+@pytest.mark.parametrize("identity", ["listen", "fetch"])
+def test_a10_control_commands_over_mqtt_311_change_nothing(fresh_broker: Broker,
+                                                           identity: str) -> None:
+    """MQTT 3.1.1 has no refusal codes: a denied PUBLISH is acknowledged and dropped. A
+    device's ``createClient`` on ``$CONTROL/dynamic-security/v1`` (QoS 0, 1, retained)
+    must still create nothing."""
+    b = fresh_broker
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    login, cid = (b"dev-1", b"dev-1-listen") if identity == "listen" else \
+        (b"dev-1:fetch", b"dev-1-fetch")
+    s, ack = _connect(b, login, pw, cid)
+    assert _accepted(ack)
+    try:
+        for n, (qos, retain) in enumerate([(0, False), (1, False), (1, True)]):
+            user = f"evil{n}".encode()
+            cmd = (b'{"commands": [{"command": "createClient", "username": "' + user
+                   + b'", "password": "evil", "roles": [{"rolename": "modelward-bridge"}]}]}')
+            var = _s(b"$CONTROL/dynamic-security/v1") \
+                + (struct.pack(">H", n + 1) if qos else b"") + cmd
+            s.sendall(bytes([0x30 | qos << 1 | int(retain)]) + _varint(len(var)) + var)
+            if qos:
+                assert _recv_packet(s)[:1] == b"\x40"  # PUBACK (3.1.1: dropped silently)
+        time.sleep(0.3)
+    finally:
+        s.close()
+    for n in range(3):
+        e, ack = _connect(b, f"evil{n}".encode(), b"evil", f"evil{n}".encode())
+        e.close()
+        assert not _accepted(ack), n
