@@ -19,7 +19,11 @@ Resisted (passing tests, coverage):
 * 3,000 SUBSCRIBE/UNSUBSCRIBE pairs of the listener's own announcement filter: no growth;
 * mosquitto never writes the dynamic-security file back (it would on a ``$CONTROL``
   command, which no client may send): after a refused ``createClient`` and a shutdown
-  the file is byte for byte the one broker-config wrote, still 0600.
+  the file is byte for byte the one broker-config wrote, still 0600;
+* ``createClient`` on ``$CONTROL/dynamic-security/v1`` over MQTT 3.1.1 (QoS 0, 1,
+  retained; 3.1.1 has no refusal code, the PUBACK comes anyway): no client is created;
+* the listener's retained will on the admin topic, its own fetcher's request topic or the
+  announcement is never published (the same will on its own status is: the control).
 """
 
 from __future__ import annotations
@@ -232,3 +236,50 @@ def test_a10_control_commands_over_mqtt_311_change_nothing(fresh_broker: Broker,
         e, ack = _connect(b, f"evil{n}".encode(), b"evil", f"evil{n}".encode())
         e.close()
         assert not _accepted(ack), n
+
+
+@pytest.mark.parametrize("topic", ["$CONTROL/dynamic-security/v1", f"{T}/repo/req/dev-1",
+                                   f"{T}/announce", f"{T}/devices/dev-1/status"])
+def test_a10_the_listeners_will_crosses_no_identity(fresh_broker: Broker, topic: str) -> None:
+    """dev-1's listener sets a retained QoS 1 will on a topic only another identity may
+    write (the broker's admin topic: a ``createClient`` with the bridge's role; its own
+    fetcher's request topic; the operator's announcement) and drops the connection: the
+    will is never published (nothing retained, no client created). The control: the same
+    will on its own status topic is published and retained."""
+    b = fresh_broker
+    pw = b.creds["dev-1"].read_text().strip().encode()
+    will = (b'{"commands": [{"command": "createClient", "username": "evil", '
+            b'"password": "evil", "roles": [{"rolename": "modelward-bridge"}]}]}')
+    ctx = ssl.create_default_context(cafile=str(b.ca))
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", b.handle.port), 10),
+                        server_hostname="127.0.0.1")
+    flags = 0x80 | 0x40 | 0x20 | 0x08 | 0x04 | 0x02  # user, pw, will retain+QoS 1, clean
+    body = (_s(b"MQTT") + bytes([4, flags]) + struct.pack(">H", 60) + _s(b"dev-1-listen")
+            + _s(topic.encode()) + _s(will) + _s(b"dev-1") + _s(pw))
+    try:
+        s.sendall(b"\x10" + _varint(len(body)) + body)
+        ack = _recv_packet(s)
+    except (OSError, IndexError):
+        ack = b""
+    s.close()  # no DISCONNECT: the will is due now
+    time.sleep(0.5)
+    e, eack = _connect(b, b"evil", b"evil", b"evil")
+    e.close()
+    assert not _accepted(eack)
+    if topic.startswith("$"):
+        return
+    # what a new subscriber of the topic finds retained: nothing
+    from modelward.updater.transport._mqttconn import MqttConnection
+
+    got: list[bytes] = []
+    user = {"repo": "modelward-bridge", "devi": "modelward-operator"}.get(
+        topic.split("/")[2][:4], "dev-2")
+    reader = (MqttConnection(b.cfg(user), "a10-reader", [topic],
+                             lambda m: got.append(bytes(m.payload)))
+              if user != "dev-2" else
+              device_connection(b.cfg(user), "listen", [topic],
+                                lambda m: got.append(bytes(m.payload))))
+    time.sleep(0.5)
+    reader.close()
+    assert _accepted(ack) or ack == b""
+    assert got == ([will] if topic.endswith("dev-1/status") else []), got
