@@ -1103,20 +1103,35 @@ def _end_process(code: int) -> None:
     """End the process now with ``code``, without the interpreter's teardown (a third of
     what the boot unit waits for on a small model: freeing every module of the TPM library
     and ours, 14-18 ms). Only once everything is written: the log handlers closed,
-    stdout and stderr flushed; returns instead (the usual exit follows) while another
-    thread runs or if a stream cannot be flushed, for the interpreter to report it."""
+    stdout and stderr flushed (a stream that is None, its descriptor closed at start, has
+    nothing to flush); returns instead (the usual exit follows) while another thread runs
+    or if anything fails while flushing, for the interpreter to report it (never as the
+    command's error: an output problem is no internal error)."""
     import logging
     import threading
 
     if threading.active_count() > 1:
         return
-    logging.shutdown()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # (a closed pipe or stream: the usual exit says so)
-        return
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            # (None: the descriptor was closed when Python started; print wrote nothing to
+            # it, so there is nothing to lose and the code stays the command's)
+            if stream is not None:
+                stream.flush()
+    except Exception:  # noqa: BLE001 - (a closed pipe, a full device, a stream replaced by
+        return  # a broken one: an output problem, never the command's; the usual exit says so)
     os._exit(code)
+
+
+def _null_for_closed_streams() -> None:
+    """``sys.stdout`` or ``sys.stderr`` that is None (its descriptor was closed when Python
+    started, e.g. ``>&-`` or a service's closed descriptor) writes to /dev/null instead,
+    as a closed stream discards: every write and flush of the command works, so a boot
+    check still checks, falls back and ends with its own code, not an AttributeError."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - (for the process)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1131,6 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     # The TSS libraries print their own warnings to stderr; our errors say it better.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
+    _null_for_closed_streams()
     from modelward._inputs import mark_commands
 
     from_entry_point = argv is None

@@ -19,14 +19,15 @@ Two more loads are moved the same way (together a third of what the import costs
 instructions under callgrind: 336 -> 251 M for the process):
 
 - ``tpm2_pytss.types`` imports ``cryptography.hazmat.primitives.serialization`` (with its
-  SSH key code) for ``to_pem``/``to_der``/``to_ssh``; while it loads, a stand-in answers
-  the one name it reads when its classes are defined (``PrivateFormat.TraditionalOpenSSL``,
-  a default argument of ``TPMT_SENSITIVE._serialize``) with a pending member, and forwards
-  every other name to the real module, imported on first use. The function with that
-  default gets the real member as its default on its first call (:func:`_settle_defaults`),
-  so nothing of cryptography but its package ``__init__`` files loads at boot (its Rust
-  bindings and OpenSSL: 3 ms of CPU, 6 MiB of peak RSS). The stand-in is out of ``sys.modules`` once
-  tpm2-pytss is loaded: any later import of ``serialization`` gets the real module.
+  SSH key code) for ``to_pem``/``to_der``/``to_ssh``; while it loads, a stand-in holds the
+  two enums it reads when its classes are defined (the real ``PrivateFormat`` and
+  ``Encoding``) and forwards every other name to the real module, imported on first use.
+  The stand-in is out of ``sys.modules`` once tpm2-pytss is loaded: any later import of
+  ``serialization`` gets the real module. (Those enums are cryptography's real ones, which
+  loads its Rust bindings: 3 ms of CPU and 6 MiB of peak RSS at boot. A placeholder enum
+  resolved later saved that but was removed (attack a10boot): a thread importing
+  ``serialization`` while ``types`` loads, or a tpm2-pytss reading the enum other than as
+  one method's default, kept the placeholder for good, and ``private_bytes`` failed.)
 - The package's ``__init__`` imports the FAPI bindings (``tpm2_pytss.FAPI``: tempfile,
   shutil, json), which modelward never uses; the package is set up from its spec without
   running ``__init__``, and its namespace filled with what ``__init__`` would put there
@@ -35,7 +36,6 @@ instructions under callgrind: 336 -> 251 M for the process):
 
 from __future__ import annotations
 
-import functools
 import importlib
 import logging
 import sys
@@ -82,36 +82,16 @@ class _Deferred(types.ModuleType):
         return forward
 
 
-class _PendingMember:
-    """``PrivateFormat.<name>`` of cryptography's serialization, named while
-    ``tpm2_pytss.types`` defines its classes and looked up when first called for
-    (:func:`_settle_defaults`): reading it does not import cryptography."""
-
-    def __init__(self, enum: str, name: str) -> None:
-        self.enum, self.name = enum, name
-
-    def resolve(self) -> Any:
-        return getattr(getattr(importlib.import_module(_SERIALIZATION), self.enum), self.name)
-
-
-class _PendingEnum:
-    def __init__(self, enum: str) -> None:
-        self._enum = enum
-
-    def __getattr__(self, name: str) -> _PendingMember:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return _PendingMember(self._enum, name)
-
-
 class _DeferredSerialization(types.ModuleType):
     """Stands in for ``cryptography.hazmat.primitives.serialization`` while
     ``tpm2_pytss.types`` loads, and stays its ``serialization`` (see module)."""
 
     def __init__(self) -> None:
         super().__init__(_SERIALIZATION, "(loaded on first use: modelward.trust._tpmimport)")
-        # (read by a default argument while types loads; dropped once it is loaded)
-        self.PrivateFormat = _PendingEnum("PrivateFormat")
+        from cryptography.hazmat.primitives import _serialization
+
+        self.PrivateFormat = _serialization.PrivateFormat  # (read by a default argument)
+        self.Encoding = _serialization.Encoding
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
@@ -120,27 +100,6 @@ class _DeferredSerialization(types.ModuleType):
             if sys.modules.get(_SERIALIZATION) is self:
                 del sys.modules[_SERIALIZATION]
         return getattr(importlib.import_module(_SERIALIZATION), name)
-
-
-def _settle_defaults(module: types.ModuleType) -> None:
-    """Every function of ``module``'s classes with a :class:`_PendingMember` default gets
-    the real member as its default when it is first called (through a wrapper that then
-    only calls it), so cryptography is imported then, not when ``module`` is."""
-    for cls in [v for v in vars(module).values() if isinstance(v, type)]:
-        for name, fn in list(vars(cls).items()):
-            defaults = getattr(fn, "__defaults__", None)
-            if not isinstance(fn, types.FunctionType) or not defaults or not any(
-                    isinstance(d, _PendingMember) for d in defaults):
-                continue
-
-            def call(*args: Any, _fn: types.FunctionType = fn, _pending: tuple[Any, ...] =
-                     defaults, **kwargs: Any) -> Any:
-                if _fn.__defaults__ is _pending:  # (first call: the real members)
-                    _fn.__defaults__ = tuple(d.resolve() if isinstance(d, _PendingMember)
-                                             else d for d in _pending)
-                return _fn(*args, **kwargs)
-
-            setattr(cls, name, functools.wraps(fn)(call))
 
 
 def _public(module: types.ModuleType) -> dict[str, Any]:
@@ -182,12 +141,8 @@ def _import_without_init() -> types.ModuleType | None:
             del sys.modules[name]
         raise
     finally:
-        if stand_in is not None:
-            del stand_in.PrivateFormat  # (from now on: the real module's, on first use)
-            if sys.modules.get(_SERIALIZATION) is stand_in:
-                del sys.modules[_SERIALIZATION]
-    if stand_in is not None:
-        _settle_defaults(types_)
+        if stand_in is not None and sys.modules.get(_SERIALIZATION) is stand_in:
+            del sys.modules[_SERIALIZATION]
     space = vars(pkg)
     space.update(lib=lib, ESAPI=esapi)
     for name in _EXPORTS:

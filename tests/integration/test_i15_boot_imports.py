@@ -29,8 +29,6 @@ FORBIDDEN = (
     "tpm2_pytss.internal.crypto", "cryptography.x509",
     # ... its FAPI bindings and cryptography's key serialization (deferred the same way)
     "tpm2_pytss.FAPI", "cryptography.hazmat.primitives.serialization",
-    # ... and all of cryptography but its package __init__s (the Rust bindings, OpenSSL)
-    "cryptography.hazmat.primitives._serialization", "cryptography.hazmat.bindings",
     "subprocess",  # (the activation command's: run by updates, never at boot)
 )
 #: ... and what it does need (so an empty list of imports cannot pass).

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import signal
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -107,21 +109,32 @@ def _resume_asks_only_the_rest(tmp: Path, rel: Release) -> None:
 # --- the writer fails (ENOSPC) on one chunk ---------------------------------------------
 
 
+def fail_write_of(monkeypatch: pytest.MonkeyPatch, ix: ChunkIndex, k: int) -> list[int]:
+    """The disk is full at chunk ``k``: the chunks of its run before it are written, then
+    the write fails (ENOSPC). Returns a list that gets an entry when it failed."""
+    path, at, _ = _place_of(ix, k)
+    real = _delta._Files.write_run
+    failed: list[int] = []
+
+    def write_run(self: _delta._Files, p: _delta.Place,
+                  parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        ends = list(itertools.accumulate((len(d) for d in parts), initial=p.offset))
+        if p.root == "incoming" and p.path == path and at in ends[:-1] and not failed:
+            failed.append(1)
+            if ends.index(at):
+                real(self, p, parts[:ends.index(at)])
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        real(self, p, parts)
+
+    monkeypatch.setattr(_delta._Files, "write_run", write_run)
+    return failed
+
+
 def test_a17_enospc_on_one_chunk_writes_nothing_after_it(
         tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ix, _ = release
     k = len(_chunk_list(ix)) // 3
-    path, at, _ = _place_of(ix, k)
-    real = _delta._Files.write
-    failed = []
-
-    def write(self: _delta._Files, p: _delta.Place, d: bytes | bytearray | memoryview) -> None:
-        if p.root == "incoming" and p.path == path and p.offset == at and not failed:
-            failed.append(1)
-            raise OSError(errno.ENOSPC, "No space left on device (test)")
-        real(self, p, d)
-
-    monkeypatch.setattr(_delta._Files, "write", write)
+    failed = fail_write_of(monkeypatch, ix, k)
     with pytest.raises(StagingError):
         _assemble(tmp_path, release, _Stable(data, 1 << 20))
     assert failed
@@ -129,7 +142,7 @@ def test_a17_enospc_on_one_chunk_writes_nothing_after_it(
     on_disk = _chunks_on_disk(tmp_path, ix)
     assert not on_disk[k]
     assert _is_prefix(on_disk)  # nothing written after the chunk whose write failed
-    monkeypatch.setattr(_delta._Files, "write", real)
+    monkeypatch.undo()
     _resume_asks_only_the_rest(tmp_path, release)
 
 

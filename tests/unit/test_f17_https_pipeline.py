@@ -9,7 +9,6 @@ one that names the fault, and no pipeline thread is left running."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from tuf.api.metadata import TargetFile
 
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
 from modelward.publisher._chunking import build_index
-from modelward.updater.bundle._chunkindex import ChunkIndex
 from modelward.updater.errors import StagingError
 from modelward.updater.install import _delta
 from tests.unit.test_a17_https_pipeline import (
@@ -28,8 +26,8 @@ from tests.unit.test_a17_https_pipeline import (
     _InterruptAt,
     _is_prefix,
     _no_threads_left,
-    _place_of,
     _resume_asks_only_the_rest,
+    fail_write_of,
 )
 from tests.unit.test_i16_fastfetch import _chunk_list, _chunks_on_disk, _Stable
 
@@ -48,21 +46,6 @@ def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
                                                    "classifier/classifier-1.0.0.tar")
 
 
-def _fail_write_of(monkeypatch: pytest.MonkeyPatch, ix: ChunkIndex, k: int) -> list[int]:
-    path, at, _ = _place_of(ix, k)
-    real = _delta._Files.write
-    failed: list[int] = []
-
-    def write(self: _delta._Files, p: _delta.Place, d: bytes | bytearray | memoryview) -> None:
-        if p.root == "incoming" and p.path == path and p.offset == at and not failed:
-            failed.append(1)
-            raise OSError(errno.ENOSPC, "No space left on device (test)")
-        real(self, p, d)
-
-    monkeypatch.setattr(_delta._Files, "write", write)
-    return failed
-
-
 def test_f17_enospc_while_winding_down_a_cut_keeps_a_prefix(
         tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
     data, ix, _ = release
@@ -70,7 +53,7 @@ def test_f17_enospc_while_winding_down_a_cut_keeps_a_prefix(
     k = len(chunks) // 4
     cut = chunks[len(chunks) // 2][0] - chunks[0][0]  # (k and more still wait at the cut)
     monkeypatch.setattr(_delta, "FETCH_INFLIGHT", len(data) * 2)
-    failed = _fail_write_of(monkeypatch, ix, k)
+    failed = fail_write_of(monkeypatch, ix, k)
     with pytest.raises((tuf_exc.DownloadError, StagingError)):
         _assemble(tmp_path, release, _Stable(data, 100_000, cut_at=cut))
     assert failed
@@ -109,7 +92,7 @@ def test_f17_a_write_failure_before_an_altered_chunk_behind_a_cut(
     bad = bytearray(data)
     bad[off + n // 2] ^= 1
     monkeypatch.setattr(_delta, "FETCH_INFLIGHT", len(data) * 2)
-    failed = _fail_write_of(monkeypatch, ix, j)
+    failed = fail_write_of(monkeypatch, ix, j)
     with pytest.raises((tuf_exc.DownloadError, StagingError)):
         _assemble(tmp_path, release,
                   _Stable(bytes(bad), 100_000, cut_at=off + n - chunks[0][0] + 1))

@@ -72,6 +72,43 @@ def test_returns_when_stdout_cannot_be_flushed(tmp_path: Path) -> None:
     assert marker.read_text() == "teardown ran"
 
 
+def test_a_stream_that_is_none_has_nothing_to_lose(tmp_path: Path) -> None:
+    """fd 1 or 2 closed when Python started: that stream is None (print writes nothing);
+    the process still ends now, with the command's code (a10boot)."""
+    for which in ("stdout", "stderr"):
+        r, marker = _run(tmp_path, f"""
+            sys.stdout.flush()
+            sys.{which} = None
+            _end_process(3)
+            sys.__stderr__.write("not reached")
+        """)
+        assert r.returncode == 3, (which, r.stderr)
+        assert "not reached" not in r.stderr and "Error" not in r.stderr, r.stderr
+        assert not marker.exists()
+
+
+def test_returns_when_a_stream_is_broken_in_any_way(tmp_path: Path) -> None:
+    """A stream replaced by one whose flush fails with something other than OSError or
+    ValueError: _end_process returns (no exception of its own), the usual exit follows."""
+    for error in ("AttributeError('flush')", "RuntimeError('reentrant')"):
+        r, marker = _run(tmp_path, f"""
+            sys.stdout.flush()
+            class Broken:
+                def write(self, text):
+                    return len(text)
+                def flush(self):
+                    raise {error}
+            sys.stdout = Broken()
+            _end_process(3)
+            sys.stderr.write("returned")
+        """)
+        assert "the log record\nreturned" in r.stderr, (error, r.stderr)
+        assert marker.read_text() == "teardown ran"
+        # (the usual exit could not flush stdout either: it says so, exit 120)
+        assert error.split("(")[0] in r.stderr.split("returned", 1)[1], r.stderr
+        assert r.returncode == 120, r.stderr
+
+
 def test_only_the_entry_points_boot_check_ends_the_process(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Called with arguments (tests, embedders), main returns boot-check's code; from the
