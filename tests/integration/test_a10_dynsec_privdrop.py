@@ -1,7 +1,7 @@
 """a10-dynsec, a careless operator: the generated files with mosquitto as Debian runs it
 (started as root, it drops to user ``mosquitto`` before it loads the plugin's file).
 
-Worked (strict xfail): ``broker-config`` writes ``dynamic-security.json`` 0600, owned by
+Worked (fixed): ``broker-config`` writes ``dynamic-security.json`` 0600, owned by
 whoever ran it (``publisher/_broker_config.py``, ``write_atomic(dynsec, ..., mode=0o600)``),
 and nothing says the broker's user must own it. mosquitto 2.0.11 then logs "Error loading
 Dynamic security plugin config: File is not readable", starts anyway ("running"), and
@@ -44,8 +44,6 @@ def _has_mosquitto_user() -> bool:
 @pytest.mark.skipif(os.geteuid() != 0 or not _has_mosquitto_user()
                     or shutil.which("mosquitto") is None,
                     reason="needs root (mosquitto drops to user mosquitto) and mosquitto")
-@pytest.mark.xfail(strict=True, reason="a10-dynsec: a dynamic-security.json the broker's "
-                   "user cannot read: mosquitto runs and refuses every client, silently")
 def test_a10_generated_config_works_with_a_broker_that_drops_privileges() -> None:
     # a directory the broker's user may traverse, as /etc/mosquitto (pytest's are 0700):
     # only the file's own mode stands between mosquitto and it

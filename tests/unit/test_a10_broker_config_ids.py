@@ -1,6 +1,6 @@
 """a10-dynsec, a careless operator: the device ids `fleet broker-config` accepts.
 
-Worked (strict xfail): ``check_id`` (``publisher/_broker_config.py`` ``_ID``) ends its
+Worked (fixed: fullmatch): ``check_id`` (``publisher/_broker_config.py`` ``_ID``) ends its
 pattern with ``$``, which also matches before a trailing newline: ``"dev-1\\n"`` (and a
 65-character id ending in one) passes as a device id or fleet name. ``broker-config``
 then writes a dynamic-security client ``dev-1\\n`` next to ``dev-1`` (the duplicate check
@@ -11,7 +11,7 @@ CONNECT as ``dev-1\\n`` with its own password ends in a protocol error), so that
 never connect and, with such a fleet name, no device of the fleet can subscribe its
 announcement: a configuration that strands devices, written without an error.
 
-Worked (strict xfail): ids that differ only in case (``Dev-1``, ``dev-1``) are two
+Worked (fixed: refused as duplicates): ids that differ only in case (``Dev-1``, ``dev-1``) are two
 devices for mosquitto but one credential file on a case-insensitive filesystem (macOS,
 Windows, the FAT/exFAT stick a credential is carried on): the second file written
 replaces the first, so the device installed from ``credentials/Dev-1`` holds ``dev-1``'s
@@ -29,8 +29,6 @@ from modelward.publisher._broker_config import check_id, write_broker_config
 from modelward.publisher.errors import OperatorInputError
 
 
-@pytest.mark.xfail(strict=True, reason="a10-dynsec: check_id's `$` accepts a trailing "
-                   "newline; broker-config writes identities mosquitto can never accept")
 @pytest.mark.parametrize("fleet,devices", [("f1", ["dev-1", "dev-1\n"]),
                                            ("f1\n", ["dev-1"]),
                                            ("f1", ["d" * 64 + "\n"])])
@@ -41,16 +39,12 @@ def test_a10_broker_config_refuses_an_id_with_a_trailing_newline(
     assert not (tmp_path / "bc" / "dynamic-security.json").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="a10-dynsec: check_id's `$` accepts a trailing "
-                   "newline")
 @pytest.mark.parametrize("value", ["dev-1\n", "f1\n"])
 def test_a10_check_id_refuses_a_trailing_newline(value: str) -> None:
     with pytest.raises(OperatorInputError):
         check_id("device id", value)
 
 
-@pytest.mark.xfail(strict=True, reason="a10-dynsec: device ids differing only in case are "
-                   "accepted: one credential file on a case-insensitive filesystem")
 def test_a10_broker_config_refuses_device_ids_differing_only_in_case(tmp_path: Path) -> None:
     with pytest.raises(OperatorInputError, match="duplicate"):
         write_broker_config("f1", ["Dev-1", "dev-1"], tmp_path / "bc")
