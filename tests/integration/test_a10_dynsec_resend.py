@@ -95,7 +95,9 @@ def _cpu(pid: int) -> float:
 @pytest.mark.xdist_group("machine")
 @pytest.mark.xfail(strict=True, reason="a10-dynsec: a device resuming its persistent "
                    "fetcher session with its bound id makes mosquitto resend every queued "
-                   "block each time: unbounded egress/CPU for one window the bridge sent")
+                   "block each time; answering at QoS 0 (which ends it) lets one connected "
+                   "unread fetcher hold max_queued_messages blocks instead "
+                   "(test_a10_dynsec_stuck_fetcher.py, docs/brokers.md 'Resumed sessions')")
 @pytest.mark.parametrize("level", [5, 4], ids=["mqtt5", "mqtt311"])
 def test_a10_resuming_a_parked_fetcher_session_does_not_resend_blocks_without_bound(
         mqtt_world: MqttWorld, level: int) -> None:
