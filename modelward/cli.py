@@ -519,12 +519,24 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     from modelward.publisher._broker_config import write_broker_config
 
     devices = [d for d in args.devices.split(",") if d]
-    bc = write_broker_config(args.fleet, devices, args.output, plugin=args.dynsec_plugin)
-    print(f"wrote {bc.dynsec} (mosquitto dynamic security: clients, client ids, ACLs; 0600)")
+    rotate = True if args.rotate == "*" else [u for u in (args.rotate or "").split(",") if u]
+    bc = write_broker_config(args.fleet, devices, args.output, plugin=args.dynsec_plugin,
+                             rotate=rotate, broker_group=args.broker_group)
+    mode = (f"0640, group {bc.dynsec_group}" if bc.dynsec_group is not None else "0600")
+    print(f"wrote {bc.dynsec} (mosquitto dynamic security: clients, client ids, ACLs; {mode})")
     print(f"wrote {bc.conf}: include it from mosquitto.conf (the dynamic-security plugin and "
           "that file, no anonymous access, TCP_NODELAY, byte bounds on packets, in-flight and "
           "queued messages, session expiry; docs/brokers.md has EMQX and HiveMQ equivalents)")
     print(f"credentials for {len(bc.credentials)} identities in {args.output / 'credentials'}")
+    for what, users in (("new (install their credential)", bc.created),
+                        ("rotated (install their new credential)", bc.rotated),
+                        ("removed (credential file deleted)", bc.removed),
+                        ("unchanged (password kept)", bc.kept)):
+        if users:
+            print(f"  {what}: {', '.join(users)}")
+    if bc.note:
+        print(f"note: {bc.note}")
+    print("restart mosquitto to apply (its plugin reads the file at start)")
     return EXIT_OK
 
 
@@ -984,6 +996,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--dynsec-plugin", type=Path, default=None,
                    help="path of mosquitto_dynamic_security.so on the broker host "
                    "(default: the one installed here)")
+    f.add_argument("--rotate", nargs="?", const="*", default=None, metavar="USERS",
+                   help="new passwords for these comma-separated identities (device ids, "
+                   "modelward-bridge, modelward-operator), or for all if none are given; "
+                   "otherwise existing credentials in the output directory are kept")
+    f.add_argument("--broker-group", default=None, metavar="GROUP",
+                   help="the group that may read dynamic-security.json (mode 0640); "
+                   "default: mosquitto, if it exists and may be given")
     f.set_defaults(func=_fleet_broker_config)
     f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key")
     f.add_argument("--fleet-dir", type=Path, required=True, help="the operator's fleet registry")

@@ -69,6 +69,13 @@ SERVED_DIRS = ("metadata", "targets")
 REQUEST_PACKET_LIMIT = MAX_REQUEST_BYTES + 4096  # a request, its topic and properties
 SEND_TIMEOUT = 30.0  # an unacknowledged block stops counting against the send queue
 SENT_ENTRIES = 1024  # answers awaiting their PUBACK (beyond: refusals are not sent)
+# Answers go out at QoS 1. QoS 0 was measured (a10-dynsec, docs/brokers.md "Resumed
+# sessions"): mosquitto queues no QoS 0 message for an offline session, so a device that
+# resumes a parked persistent session is no longer re-sent its window on every CONNECT,
+# but it holds QoS 0 packets for a connected client that never reads up to
+# ``max_queued_messages`` (a count, no byte bound: 68 MiB for one fetcher at 64, and that
+# count grows with the fleet), past the per-device bound QoS 1 keeps (40 MiB measured).
+ANSWER_QOS = 1
 DEVICE_SENT_ENTRIES = SENT_ENTRIES // 8  # of them one device's (a window of 16 and more)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -431,7 +438,7 @@ class Bridge:
     def _send(self, topic: str, data: bytes | bytearray, props: Any) -> None:
         if self._conn is None:
             return
-        info = self._conn.client.publish(topic, data, qos=1, properties=props)
+        info = self._conn.client.publish(topic, data, qos=ANSWER_QOS, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             logger.warning("publishing to %s: %s (paho keeps it queued)", topic,
                            mqtt.error_string(info.rc))

@@ -29,12 +29,16 @@ ignores retained requests (``modelward.publisher._bridge``).
 from __future__ import annotations
 
 import base64
+import errno
+import grp
 import hashlib
 import json
 import os
 import re
 import secrets
-from dataclasses import dataclass
+import stat
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from modelward.publisher.errors import OperatorInputError
@@ -46,7 +50,7 @@ from modelward.updater._config import (
     listen_client_id,
 )
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # fullmatch: `$` would allow a "\n"
 BRIDGE_USER = "modelward-bridge"
 OPERATOR_USER = "modelward-operator"
 DYNSEC_FILE = "dynamic-security.json"
@@ -63,11 +67,29 @@ def check_id(kind: str, value: str) -> str:
     Raises:
         OperatorInputError: empty, too long, or with MQTT wildcard/separator characters.
     """
-    if not _ID.match(value):
+    if not isinstance(value, str) or not _ID.fullmatch(value):
         raise OperatorInputError(
             f"{kind} {value!r} must be 1-64 of A-Z a-z 0-9 . _ - (no '/', '+', '#')"
         )
     return value
+
+
+def check_distinct(users: list[str]) -> None:
+    """No two of ``users`` are the same id, even ignoring case: ``Dev-1`` and ``dev-1`` are
+    two identities to mosquitto but one credential file on a case-insensitive filesystem
+    (macOS, Windows, a FAT stick), where the second written would replace the first.
+
+    Raises:
+        OperatorInputError: naming both ids.
+    """
+    seen: dict[str, str] = {}
+    for u in users:
+        other = seen.get(u.lower())
+        if other is not None:
+            why = "" if other == u else " (they differ only in case: one credential file " \
+                "on a case-insensitive filesystem)"
+            raise OperatorInputError(f"duplicate ids {other!r} and {u!r}{why}")
+        seen[u.lower()] = u
 
 
 def _acl(acltype: str, topic: str) -> dict[str, object]:
@@ -259,54 +281,223 @@ def settings_text(dynsec: Path, plugin: Path, devices: int = 0) -> str:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    """Files written by :func:`write_broker_config`."""
+    """Files written by :func:`write_broker_config`, and what changed in them."""
 
     dynsec: Path
     conf: Path
     credentials: dict[str, Path]
+    created: list[str] = field(default_factory=list)  # identities new to this directory
+    kept: list[str] = field(default_factory=list)  # their existing password kept
+    rotated: list[str] = field(default_factory=list)  # a new password, by request
+    removed: list[str] = field(default_factory=list)  # no longer listed: file deleted
+    dynsec_group: str | None = None  # the group that may read ``dynsec`` (mode 0640)
+    note: str | None = None  # what the operator must still do for the broker to read it
 
 
 # Files of the mosquitto password_file/acl_file configuration written before dynsec: a
 # stale copy next to the new one would be a second, unchecked truth.
 OLD_FILES = ("acl", "passwords")
+# The group a packaged mosquitto drops to (Debian, Ubuntu, Fedora: user and group
+# ``mosquitto``); dynamic-security.json is given to it when it exists (0640 root:GROUP).
+DEFAULT_BROKER_GROUP = "mosquitto"
+# A credential file as broker-config writes it: one secrets.token_urlsafe(24) and "\n".
+_CREDENTIAL = re.compile(rb"[A-Za-z0-9_-]{32}\n")
+_MAX_CREDENTIAL = 64
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def _read_credential(dfd: int, where: Path, user: str) -> str | None:
+    """The password in ``credentials/<user>`` (None: no such file), read as untrusted
+    input: never through a link, a regular file, at most :data:`_MAX_CREDENTIAL` bytes,
+    exactly the format broker-config writes.
+
+    Raises:
+        OperatorInputError: the file is anything else (naming it).
+    """
+    path = where / user
+    hint = (f"remove {path} (a new password is made) or pass --rotate {user}; "
+            "then install the new credential on that device or host")
+    try:
+        fd = os.open(user, _FILE_FLAGS, dir_fd=dfd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        what = "is a symbolic link" if e.errno == errno.ELOOP else f"cannot be read ({e})"
+        raise OperatorInputError(f"credential file {path} {what}", hint=hint) from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OperatorInputError(f"credential file {path} is not a regular file",
+                                     hint=hint)
+        data = os.read(fd, _MAX_CREDENTIAL + 1)
+    finally:
+        os.close(fd)
+    if not _CREDENTIAL.fullmatch(data):
+        raise OperatorInputError(
+            f"credential file {path} is not one broker-config wrote (one line of 32 "
+            "URL-safe base64 characters)", hint=hint)
+    return data[:-1].decode()
+
+
+def _existing(out: Path, users: list[str], rotate: set[str]
+              ) -> tuple[dict[str, str], set[str], list[str]]:
+    """The kept passwords of ``users`` (those with a credential file in ``out``, less
+    ``rotate``), those of ``rotate`` that had one, and the files of identities no longer
+    listed (ids only: nothing else in the directory is broker-config's)."""
+    creds = out / "credentials"
+    try:
+        dfd = os.open(creds, _DIR_FLAGS)
+    except FileNotFoundError:
+        return {}, set(), []
+    except OSError as e:
+        raise OperatorInputError(f"{creds} is no directory broker-config wrote ({e})",
+                                 hint="remove it, or choose another --output") from e
+    try:
+        kept, replaced = {}, set()
+        for u in users:
+            if u in rotate:  # whatever the file is, it is replaced, never read
+                if _lexists(dfd, u):
+                    replaced.add(u)
+                continue
+            pw = _read_credential(dfd, creds, u)
+            if pw is not None:
+                kept[u] = pw
+        listed = {u.lower() for u in users}
+        gone = []
+        for name in sorted(os.listdir(dfd)):
+            if not _ID.fullmatch(name) or name.lower() in listed:
+                continue
+            mode = os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode
+            if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+                gone.append(name)
+        return kept, replaced, gone
+    finally:
+        os.close(dfd)
+
+
+def _lexists(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _broker_gid(group: str | None) -> tuple[int | None, str | None]:
+    """The gid and name of the group that may read dynamic-security.json: ``group``, or
+    :data:`DEFAULT_BROKER_GROUP` if it exists here and this process may give files to it
+    (root, or a member); (None, None) otherwise.
+
+    Raises:
+        OperatorInputError: ``group`` is given but unknown, or may not be given.
+    """
+    name = group if group is not None else DEFAULT_BROKER_GROUP
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        if group is None:
+            return None, None
+        raise OperatorInputError(f"--broker-group {group}: no such group here",
+                                 hint="the group mosquitto runs as (Debian: mosquitto)"
+                                 ) from None
+    if os.geteuid() != 0 and gid != os.getegid() and gid not in os.getgroups():
+        if group is None:
+            return None, None
+        raise OperatorInputError(
+            f"--broker-group {group}: only root or a member of {group} may give it a file",
+            hint="run broker-config as root (sudo)")
+    return gid, name
+
+
+def _unreadable_note(dynsec: Path) -> str:
+    try:
+        grp.getgrnam(DEFAULT_BROKER_GROUP)
+        group = DEFAULT_BROKER_GROUP
+    except KeyError:
+        group = "<the broker's group>"
+    return (f"{dynsec} is 0600, readable only by you: unless mosquitto runs as you, run "
+            f"`sudo chown root:{group} {dynsec} && sudo chmod 0640 {dynsec}` "
+            "(or rerun broker-config as root, with --broker-group GROUP)")
 
 
 def write_broker_config(fleet: str, devices: list[str], out: Path,
                         plugin: Path | None = None,
-                        iterations: int = DYNSEC_ITERATIONS) -> BrokerConfig:
-    """Write ``dynamic-security.json`` (0600), ``modelward.conf`` (the broker settings
+                        iterations: int = DYNSEC_ITERATIONS,
+                        rotate: bool | Collection[str] = False,
+                        broker_group: str | None = None) -> BrokerConfig:
+    """Write ``dynamic-security.json``, ``modelward.conf`` (the broker settings
     modelward relies on, :data:`BROKER_SETTINGS`, and the plugin lines) and one
     ``credentials/<user>`` file per identity; remove :data:`OLD_FILES`.
 
-    Passwords are random; each plaintext goes only into its own 0600 credential file,
-    to be installed on that device (or the bridge/operator host). A device's listener
-    and fetcher identities share its password.
+    Each identity keeps the password of its existing ``credentials/<user>`` file in
+    ``out`` (a rerun that adds a device strands none already installed), unless named
+    in ``rotate`` (True: every identity); new identities get a random one, and the files
+    of identities no longer listed are deleted. Each plaintext goes only into its own
+    0600 credential file, to be installed on that device (or the bridge/operator host).
+    A device's listener and fetcher identities share its password.
+
+    ``dynamic-security.json`` is mode 0640, group ``broker_group`` (default
+    :data:`DEFAULT_BROKER_GROUP` when it exists and may be given), so a broker that drops
+    privileges to that group's user can read it; else 0600 and :attr:`BrokerConfig.note`
+    says what to run.
 
     Raises:
-        OperatorInputError: a bad id, a device id that collides with a service user, or
-            no dynamic-security plugin (:func:`find_dynsec_plugin`).
+        OperatorInputError: a bad or duplicate id (also one differing only in case), a
+            device id that collides with a service user, a ``rotate`` name that is no
+            identity, an existing credential file that is not broker-config's, an
+            unknown ``broker_group``, or no dynamic-security plugin
+            (:func:`find_dynsec_plugin`). Nothing is written then.
     """
+    fleet = check_id("fleet", fleet)
     users = [check_id("device id", d) for d in devices]
-    if len(set(users)) != len(users):
-        raise OperatorInputError("duplicate device ids")
     if {BRIDGE_USER, OPERATOR_USER} & set(users):
         raise OperatorInputError(f"device ids may not be {BRIDGE_USER} or {OPERATOR_USER}")
+    identities = [BRIDGE_USER, OPERATOR_USER, *users]
+    check_distinct(identities)
+    if rotate is True:
+        rotating = set(identities)
+    elif rotate is False:
+        rotating = set()
+    else:
+        rotating = {check_id("--rotate user", u) for u in rotate}
+        unknown = sorted(rotating - set(identities))
+        if unknown:
+            raise OperatorInputError(
+                f"--rotate {','.join(unknown)}: no such identity in this fleet",
+                hint=f"one of {BRIDGE_USER}, {OPERATOR_USER} or a listed device id")
     if not 1 <= iterations <= 10_000_000:
         raise OperatorInputError(f"PBKDF2 iterations must be 1 to 10000000, not {iterations}")
     plugin = find_dynsec_plugin(plugin)
+    gid, group = _broker_gid(broker_group)
+    kept, replaced, gone = _existing(out, identities, rotating)
     out.mkdir(parents=True, exist_ok=True)
     creds_dir = out / "credentials"
     creds_dir.mkdir(exist_ok=True, mode=0o700)
-    passwords, creds = {}, {}
-    for user in [BRIDGE_USER, OPERATOR_USER, *users]:
-        passwords[user] = secrets.token_urlsafe(24)
+    passwords: dict[str, str] = {}
+    creds: dict[str, Path] = {}
+    created: list[str] = []
+    rotated: list[str] = []
+    for user in identities:
         creds[user] = creds_dir / user
+        if user in kept:
+            passwords[user] = kept[user]
+            continue
+        passwords[user] = _new_password()
         write_atomic(creds[user], passwords[user].encode() + b"\n", mode=0o600)
+        (rotated if user in replaced else created).append(user)
     dynsec = out / DYNSEC_FILE
-    doc = dynsec_document(fleet, passwords, iterations)
-    write_atomic(dynsec, (json.dumps(doc, indent=1) + "\n").encode(), mode=0o600)
+    doc = (json.dumps(dynsec_document(fleet, passwords, iterations), indent=1) + "\n")
+    write_atomic(dynsec, doc.encode(), mode=0o600 if gid is None else 0o640, gid=gid)
     conf = out / "modelward.conf"
     write_atomic(conf, settings_text(dynsec.resolve(), plugin, len(users)).encode())
     for name in OLD_FILES:
         (out / name).unlink(missing_ok=True)
-    return BrokerConfig(dynsec, conf, creds)
+    for name in gone:
+        (creds_dir / name).unlink(missing_ok=True)
+    return BrokerConfig(dynsec, conf, creds, created=created, kept=list(kept),
+                        rotated=rotated, removed=gone, dynsec_group=group,
+                        note=None if gid is not None else _unreadable_note(dynsec))

@@ -20,7 +20,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, gid: int | None = None) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file.
 
     Every step after the directory is opened works through descriptors, never a name
@@ -36,11 +36,14 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
         path: the file to replace.
         data: its new contents.
         mode: permission bits of the new file (exactly: the umask does not apply).
+        gid: the new file's group (``fchown`` before its mode is set), or None: the
+            writer's.
 
     Raises:
-        OSError: the directory is not writable or the disk is full; ``path`` is unchanged.
+        OSError: the directory is not writable, the disk is full, or ``gid`` may not be
+            given; ``path`` is unchanged.
     """
-    with _temp_beside(path, mode) as f:
+    with _temp_beside(path, mode, gid) as f:
         f.write(data)
 
 
@@ -58,7 +61,7 @@ _COPY_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
-def _temp_beside(path: Path, mode: int) -> Iterator[BinaryIO]:
+def _temp_beside(path: Path, mode: int, gid: int | None = None) -> Iterator[BinaryIO]:
     """A new file next to ``path`` (mode ``mode``), renamed over ``path`` once the body
     has written it and it is on disk; removed (the name, not followed) if the body or the
     rename fails."""
@@ -68,6 +71,8 @@ def _temp_beside(path: Path, mode: int) -> Iterator[BinaryIO]:
         name, fd = _create_at(dfd, path)
         try:
             with os.fdopen(fd, "wb") as f:
+                if gid is not None:
+                    os.fchown(f.fileno(), -1, gid)
                 os.fchmod(f.fileno(), mode)  # (the open file: a swapped-in link is not followed)
                 yield f
                 f.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
@@ -381,7 +382,9 @@ def test_broker_config_cli(tmp_path: Path) -> None:
     fetcher = next(c for c in dynsec["clients"] if c["username"] == "a:fetch")
     assert fetcher["clientid"] == "a-fetch"
     assert (tmp_path / "credentials" / "a").stat().st_mode & 0o077 == 0
-    assert (tmp_path / "dynamic-security.json").stat().st_mode & 0o077 == 0
+    st = (tmp_path / "dynamic-security.json").stat()  # 0600, or 0640 for mosquitto's group
+    assert st.st_mode & 0o777 == 0o600 or (
+        st.st_mode & 0o777 == 0o640 and st.st_gid == grp.getgrnam("mosquitto").gr_gid)
     settings = (tmp_path / "modelward.conf").read_text().splitlines()
     assert "set_tcp_nodelay true" in settings and "allow_anonymous false" in settings
     assert (f"plugin_opt_config_file {(tmp_path / 'dynamic-security.json').resolve()}"
