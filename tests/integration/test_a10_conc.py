@@ -27,7 +27,8 @@ import pytest
 from tests.conftest import MqttWorld, World
 
 # The real CLI, held after journaling the steps named in MODELWARD_A10_HOLD (comma list)
-# and, with "increment" among them, right before the TPM update counter's increment.
+# and, with "increment" ("incremented") among them, right before (after) the TPM update
+# counter's increment.
 _HOLDER = """
 import os, sys, time, runpy
 from pathlib import Path
@@ -50,7 +51,9 @@ import modelward.trust._tpm as t
 inc0 = t.Tpm.increment_counter
 def increment(self):
     wait("increment")
-    return inc0(self)
+    out = inc0(self)
+    wait("incremented")
+    return out
 t.Tpm.increment_counter = increment
 sys.argv = ["modelward", *sys.argv[1:]]
 runpy.run_module("modelward", run_name="__main__")
@@ -202,18 +205,20 @@ def test_a10_two_updates_committing_at_once_move_the_counter_once(on_v1: World) 
     _consistent(w, "2.0.0", counter + 1)
 
 
-@pytest.mark.xfail(strict=True, reason="TrustStore.plan() unlinks a record.json.next it "
-                   "does not promote: a read-only `agent status` (or boot-check, or a "
-                   "repeated provision) run while an update is between writing it and "
-                   "the NV increment deletes it; the counter then moves, the rename "
-                   "fails, and the device trusts nothing until a heal")
+@pytest.mark.xfail(strict=True, reason="TrustStore.plan() acts on another process's "
+                   "commit: a read-only `agent status` (or boot-check, or a repeated "
+                   "provision) run before the NV increment unlinks record.json.next (the "
+                   "counter then moves, the rename fails: nothing trusted until a heal); "
+                   "run after it, promotes it (the update's own rename fails: exit 1 "
+                   "after its commit landed, the slot never moved)")
 @pytest.mark.parametrize("command", ["status", "boot-check", "provision"])
+@pytest.mark.parametrize("hold", ["increment", "incremented"])
 def test_a10_status_bootcheck_provision_during_a_commit_leave_it_whole(
-        on_v1: World, command: str) -> None:
+        on_v1: World, command: str, hold: str) -> None:
     w = on_v1
     counter = w.snapshot().counter
-    a = _update(w, "a", ["increment"])
-    a.at("increment")
+    a = _update(w, "a", [hold])
+    a.at(hold)
     extra = (["--root", str(w.repo_dir / "metadata" / "1.root.json")]
              if command == "provision" else [])
     other = Held(w, command, [], "agent", command, "--config", str(w.conf_path), *extra)
@@ -222,7 +227,7 @@ def test_a10_status_bootcheck_provision_during_a_commit_leave_it_whole(
         assert r.returncode == 0 or _refused(r), r.stderr
     except subprocess.TimeoutExpired:
         pass  # (waits for the update)
-    a.go("increment")
+    a.go(hold)
     ra = a.finish()
     assert ra.returncode == 0, ra.stderr
     if other.p.poll() is None:
