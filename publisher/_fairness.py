@@ -154,8 +154,9 @@ class BridgeLimits:
             will send (beyond: 429). The device keeps ``MqttConfig.window`` (16) blocks in
             flight; a few more are its re-requests.
         queued_bytes: bytes all queued requests ask for together (beyond: 503).
-        send_bytes: bytes handed to the broker and not yet acknowledged (the send queue;
-            the bridge reads the next block only when there is room).
+        send_bytes: bytes of blocks handed to the broker and not yet acknowledged (the
+            send queue; the bridge reads the next block only when there is room; each
+            answer's 22-byte header is not counted, the number of answers bounds those).
         devices: devices whose buckets are remembered (the least recently seen idle one
             is forgotten first).
     """
@@ -441,8 +442,8 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-queue", type=int, default=d.device_queue, metavar="N",
                    help=f"requests queued per device (default {d.device_queue})")
     g.add_argument("--send-queue-mib", type=float, default=d.send_bytes / (1 << 20),
-                   metavar="MIB", help="MiB handed to the broker and not yet acknowledged "
-                   f"(default {d.send_bytes / (1 << 20):g})")
+                   metavar="MIB", help="MiB of blocks handed to the broker and not yet "
+                   f"acknowledged (default {d.send_bytes / (1 << 20):g}: as many 1 MiB blocks)")
 
 
 def limits_from_args(args: argparse.Namespace) -> BridgeLimits:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import logging
 import threading
 
@@ -32,17 +33,22 @@ def test_a17_enospc_mid_fetch_moves_nothing_and_the_resume_fetches_only_the_rest
     path, off, n, _ = new[len(new) // 2]
     f = next(x for x in ix2.files if x.path == path)
     at = off - f.data_offset
-    real = _delta._Files.write
+    real = _delta._Files.write_run
     failed = []
 
-    def write(self: _delta._Files, p: _delta.Place, d: bytes | bytearray | memoryview) -> None:
-        if p.root == "incoming" and p.path == path and p.offset == at and not failed:
+    def write_run(self: _delta._Files, p: _delta.Place,
+                  parts: list[bytes | bytearray | memoryview]) -> None:
+        # (the chunks of a run before the one at ``at`` are written, then the disk is full)
+        ends = list(itertools.accumulate((len(d) for d in parts), initial=p.offset))
+        if p.root == "incoming" and p.path == path and at in ends[:-1] and not failed:
             failed.append(1)
+            if ends.index(at):
+                real(self, p, parts[:ends.index(at)])
             raise OSError(errno.ENOSPC, "No space left on device (test)")
-        real(self, p, d)
+        real(self, p, parts)
 
     before = _trusted(world)
-    monkeypatch.setattr(_delta._Files, "write", write)
+    monkeypatch.setattr(_delta._Files, "write_run", write_run)
     with pytest.raises(Exception) as ei:  # noqa: PT011 - the installer's own type
         world.update()
     assert failed, ei.value
@@ -57,7 +63,7 @@ def test_a17_enospc_mid_fetch_moves_nothing_and_the_resume_fetches_only_the_rest
                 fh.seek(o - fx.data_offset)
                 have += ln if hashlib.sha256(fh.read(ln)).digest() == sha else 0
     assert 0 < have < sum(ln for _, _, ln, _ in new)
-    monkeypatch.setattr(_delta._Files, "write", real)
+    monkeypatch.setattr(_delta._Files, "write_run", real)
     world.update()
     assert world.active_version() == "2.0.0"
     _, fetched = _fetched(world)

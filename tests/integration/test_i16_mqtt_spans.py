@@ -115,7 +115,7 @@ def test_a_hostile_bridge_s_extra_blocks_are_never_taken(mqtt_world: MqttWorld) 
             props.CorrelationData = corr
             n = len(data)
             for off, body in ((offset, b"D" * n), (offset + (8 << 20), b"N" * n),
-                              (offset + 1, b"O" * n), (offset, data + b"EXTRA")):
+                              (offset + 1, b"O" * n), (offset, bytes(data) + b"EXTRA")):
                 self._send(topic, block_header(200, off, size) + body, props)
                 self.junk += 1
 

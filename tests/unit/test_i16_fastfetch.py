@@ -271,3 +271,32 @@ def test_only_the_fetchers_that_promise_it_claim_stable_pieces() -> None:
     assert _delta._stable(RequestsFetcher)  # type: ignore[arg-type]  # noqa: SLF001
     assert _delta._stable(MqttFetcher)  # type: ignore[arg-type]  # noqa: SLF001
     assert not _delta._stable(RangeFetcher)  # type: ignore[arg-type]  # noqa: SLF001
+
+
+def test_chunks_that_follow_each_other_go_in_one_write_even_when_the_disk_takes_less(
+        tmp_path: Path, release: Release, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matched chunks of a piece that follow each other in a file are written by one
+    ``pwritev``; a disk that takes only a few KiB per call (a short write, as POSIX
+    allows) still gets every byte, each at its place."""
+    import os
+
+    data, ix, _ = release
+    real = os.pwrite
+    calls: list[int] = []
+
+    def short(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
+        calls.append(len(buffers))
+        return real(fd, b"".join(bytes(b) for b in buffers)[:5000], offset)
+
+    def short1(fd: int, buffer: bytes | memoryview, offset: int) -> int:
+        calls.append(1)
+        return real(fd, bytes(buffer)[:5000], offset)
+
+    monkeypatch.setattr(os, "pwritev", short)
+    monkeypatch.setattr(os, "pwrite", short1)
+    stats = _assemble(tmp_path, release, _Stable(data, 1 << 20))
+    monkeypatch.undo()
+    assert all(_chunks_on_disk(tmp_path, ix))
+    assert stats.fetched_chunks == len({c.sha256 for f in ix.files for c in f.chunks})
+    assert max(calls) > 1  # (several chunks in one call)
+    assert sum(calls) > len(calls)

@@ -151,8 +151,10 @@ class _Wire:
             CorrelationData=props.CorrelationData, ResponseTopic=props.ResponseTopic)
         self.bridge._on_message(msg)  # noqa: SLF001
 
-    def _answer(self, topic: str, data: bytes, props: Any) -> None:
-        for payload, corr in self.mangle(data, props.CorrelationData):
+    def _answer(self, topic: str, data: bytes | bytearray, props: Any) -> None:
+        # (bytes: what the device's decoder makes of each message; the bridge's own
+        # buffer never reaches a device)
+        for payload, corr in self.mangle(bytes(data), props.CorrelationData):
             msg = mqtt.MQTTMessage(topic=topic.encode())
             msg.payload = payload
             msg.properties = SimpleNamespace(  # type: ignore[assignment]
@@ -516,3 +518,29 @@ def test_pieces_are_views_of_immutable_payloads_so_the_delta_may_keep_them_uncop
         pub = _pahofast.decode_publish(0x32, packet, MQTTProtocolVersion.MQTTv311)
         packet[-7:] = b"changed"
         assert type(pub.payload) is bytes and pub.payload.endswith(b"payload")
+
+
+def test_a_whole_file_from_offset_0_comes_uncopied(tmp_path: Path) -> None:
+    """``fetch_from(url, 0)`` (a bundle without a chunk index, from its start) hands on
+    each block as a view of its message's payload, as from any other offset: it went
+    through ``fetch``, which copies every block into ``bytes`` for TUF's metadata path
+    (256 MiB copied once more per install). ``fetch`` still yields ``bytes``."""
+    sent: list[bytes] = []
+
+    def keep(payload: bytes, corr: bytes) -> list[tuple[bytes, bytes]]:
+        sent.append(payload)
+        return [(payload, corr)]
+
+    f, w, b = _stack(tmp_path, mangle=keep)
+    try:
+        chunks, start = f.fetch_from("mqtt://repo/targets/x", 0)
+        got = list(chunks)
+        assert start == 0 and b"".join(got) == DATA
+        assert all(isinstance(c, memoryview) for c in got)
+        payloads = {id(p) for p in sent}
+        assert all(id(c.obj) in payloads for c in got if isinstance(c, memoryview))
+        assert f.last_url == "mqtt://repo/targets/x"
+        meta = list(f.fetch("mqtt://repo/targets/x"))
+        assert b"".join(meta) == DATA and all(type(c) is bytes for c in meta)
+    finally:
+        b.close()

@@ -137,3 +137,52 @@ def test_queued_packets_reach_the_socket_whole_through_partial_writes(step: int)
     while c._out_packet:  # noqa: SLF001
         c._packet_write()  # noqa: SLF001
     assert sock.sent == b"".join(packets)
+
+
+class _Records:
+    """A non-blocking TLS socket's reads: each item a record's bytes, or an exception
+    (SSLWantReadError: nothing more there yet), or b"" (the end of the stream)."""
+
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.calls = 0
+
+    def recv_into(self, view: memoryview, n: int) -> int:
+        self.calls += 1
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        k = min(n, len(item))
+        view[:k] = item[:k]
+        if k < len(item):
+            self.items.insert(0, item[k:])
+        return k
+
+
+def test_a_large_read_takes_every_record_there_in_one_call() -> None:
+    """The rest of a block's PUBLISH: the records already there come in one call (paho
+    looped once per 16 KiB record), no more than asked for; then what paho expects of a
+    read: BlockingIOError when nothing is there, b"" at the end of the stream (after the
+    bytes before it)."""
+    import ssl
+
+    want_write: list[int] = []
+    recs = [b"a" * 16384, b"b" * 16384, b"c" * 100, ssl.SSLWantReadError()]
+    sock = _Records(list(recs))
+    got = _pahofast._read_available(sock, bytearray(1 << 20), 1 << 20, lambda: want_write.append(1))  # type: ignore[arg-type]
+    assert got == b"a" * 16384 + b"b" * 16384 + b"c" * 100 and sock.calls == 4
+    sock = _Records([b"x" * 70000, b"y" * 10])  # no more than asked for: the rest waits
+    assert _pahofast._read_available(sock, bytearray(1 << 20), 65536, lambda: None) == b"x" * 65536  # type: ignore[arg-type]
+    assert sock.items == [b"x" * (70000 - 65536), b"y" * 10]
+    sock = _Records([b"w" * 300])  # no more than the buffer holds
+    assert _pahofast._read_available(sock, bytearray(256), 1 << 20, lambda: None) == b"w" * 256  # type: ignore[arg-type]
+    with pytest.raises(BlockingIOError):
+        _pahofast._read_available(_Records([ssl.SSLWantReadError()]), bytearray(99), 1 << 20,  # type: ignore[arg-type]
+                                  lambda: None)
+    with pytest.raises(BlockingIOError):
+        _pahofast._read_available(_Records([ssl.SSLWantWriteError()]), bytearray(99), 1 << 20,  # type: ignore[arg-type]
+                                  lambda: want_write.append(1))
+    assert want_write == [1]
+    sock = _Records([b"z" * 5, b"", b""])  # closed: its last bytes, then b""
+    assert _pahofast._read_available(sock, bytearray(99), 1 << 20, lambda: None) == b"z" * 5  # type: ignore[arg-type]
+    assert _pahofast._read_available(sock, bytearray(99), 1 << 20, lambda: None) == b""  # type: ignore[arg-type]

@@ -49,20 +49,23 @@ refused delta costs its bytes once per release, not at every poll.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import queue
 import shutil
 import stat
 import threading
+from array import array
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, overload
 
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
@@ -75,7 +78,13 @@ from modelward.trust._fingerprint import (
     slot_fingerprint,
 )
 from modelward.updater.bundle._bundle import MANIFEST, Manifest
-from modelward.updater.bundle._chunkindex import MAX_INDEX_BYTES, ChunkIndex, parse_index
+from modelward.updater.bundle._chunkindex import (
+    MAX_INDEX_BYTES,
+    Chunk,
+    ChunkIndex,
+    IndexedFile,
+    parse_index,
+)
 from modelward.updater.errors import ChunkIndexError, StagingError, TargetHashError
 from modelward.updater.idle import Gate
 from modelward.updater.install._stage import WRITE_BEHIND, Stage, _write_behind
@@ -116,6 +125,7 @@ REQUEST_BYTES = 1 << 20
 #: Bytes of fetched chunks that wait for their hash and write at a time (the receiving
 #: thread goes on meanwhile; bounds memory with the transport's pieces).
 FETCH_INFLIGHT = 8 << 20
+_IOV_MAX = 1024  # buffers in one pwritev at most (Linux's UIO_MAXIOV)
 
 
 class DeltaChunkError(TargetHashError):
@@ -201,8 +211,162 @@ class Base:
     hint: ChunkIndex | None = None
 
 
+_NONE = 0xFFFFFFFF  # (in Plan's arrays: no further place)
+
+
+def _bits(n: int) -> int:
+    return max(1, n.bit_length())
+
+
+def _prefix(sha: bytes, bits: int) -> int:
+    """The first ``bits`` (at most 64) bits of ``sha``."""
+    return int.from_bytes(sha[:8], "big") >> (64 - bits)
+
+
+class _Chunks:
+    """The chunks of an index's files numbered in order, each made only when asked for."""
+
+    def __init__(self, ix: ChunkIndex) -> None:
+        self.files = ix.files
+        self.starts = [0]
+        for f in ix.files:
+            self.starts.append(self.starts[-1] + len(f.chunks))
+        self.count = self.starts[-1]
+        self.gbits = _bits(self.count)
+
+    def at(self, g: int) -> tuple[IndexedFile, int, Chunk]:
+        fi = bisect.bisect_right(self.starts, g) - 1
+        f = self.files[fi]
+        j = g - self.starts[fi]
+        return f, j, f.chunks[j]
+
+    def keys(self) -> list[int]:
+        """Each chunk's sha256 prefix and number in one int, sorted (a transient list: an
+        int a chunk, no object kept)."""
+        pbits = 64 - self.gbits
+        out = [(_prefix(c.sha256, pbits) << self.gbits) | g for g, c in
+               enumerate(itertools.chain.from_iterable(f.chunks for f in self.files))]
+        out.sort()
+        return out
+
+
+#: Entries of a hint with the same sha256 prefix looked at for one chunk at most (a hint
+#: is untrusted: one crafted with many equal prefixes costs no more than this a chunk).
+_HINT_SCAN = 64
+
+
+class _HintLookup:
+    """Where a base's hint has a sha256: sorted keys (8 bytes a chunk, :meth:`_Chunks.keys`),
+    looked up by bisection, each candidate's full sha256 compared."""
+
+    def __init__(self, base: Base, hint: ChunkIndex) -> None:
+        self.name, self.chunks = base.name, _Chunks(hint)
+        self.keys = array("Q", self.chunks.keys())
+
+    def places(self, sha: bytes) -> list[Place]:
+        """At most two places of ``sha`` in the hint, first first."""
+        gbits = self.chunks.gbits
+        p = _prefix(sha, 64 - gbits)
+        k = bisect.bisect_left(self.keys, p << gbits)
+        out: list[Place] = []
+        for key in itertools.islice(self.keys, k, k + _HINT_SCAN):
+            if key >> gbits != p:
+                break
+            f, _, c = self.chunks.at(key & ((1 << gbits) - 1))
+            if c.sha256 == sha:
+                out.append(Place(self.name, f.path, f.file_offset(c)))
+                if len(out) == 2:
+                    break
+        return out
+
+
+class Plan(Sequence[Need]):
+    """:func:`plan_needs`' answer: one :class:`Need` per distinct sha256 of the release, in
+    the order of first occurrence, each made only when asked for. Held as arrays (8 bytes
+    a chunk, and 8 a chunk of each base's hint), not as objects: a 2 GiB release has some
+    26,000 chunks, and objects for each (their places, sources) made the agent's peak RSS
+    grow with the bundle (~1 KiB a chunk)."""
+
+    def __init__(self, new: ChunkIndex, incoming: Mapping[str, int],
+                 bases: Sequence[Base]) -> None:
+        self._chunks = ch = _Chunks(new)
+        self._incoming, self._bases = dict(incoming), list(bases)
+        self._hints = [None if b.hint is None else _HintLookup(b, b.hint) for b in bases]
+        n, gbits = ch.count, ch.gbits
+        #: the next place of the same sha256 (in incoming), or _NONE
+        self._next = array("I", [_NONE]) * n
+        first = bytearray(n)
+        keys = ch.keys()
+        i = 0
+        while i < n:
+            j, p = i + 1, keys[i] >> gbits
+            while j < n and keys[j] >> gbits == p:
+                j += 1
+            if j == i + 1:
+                first[keys[i] & ((1 << gbits) - 1)] = 1
+            else:  # (equal prefixes: grouped by the whole sha256, in order of number)
+                last: dict[bytes, int] = {}
+                for key in keys[i:j]:
+                    g = key & ((1 << gbits) - 1)
+                    sha = ch.at(g)[2].sha256
+                    if sha in last:
+                        self._next[last[sha]] = g
+                    else:
+                        first[g] = 1
+                    last[sha] = g
+            i = j
+        del keys
+        self._reps = array("I", itertools.compress(range(n), first))
+        #: whether first occurrences come in bundle order (a parsed index's always do)
+        self.in_order = all(a.bundle_offset < b.bundle_offset for a, b in
+                            itertools.pairwise(self.iter_needs(sources=False)))
+
+    def __len__(self) -> int:
+        return len(self._reps)
+
+    @overload
+    def __getitem__(self, i: int) -> Need: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Need]: ...
+    def __getitem__(self, i: int | slice) -> Need | list[Need]:
+        if isinstance(i, slice):
+            return [self._need(self._reps[k], True) for k in range(*i.indices(len(self)))]
+        return self._need(self._reps[i], True)
+
+    def __iter__(self) -> Iterator[Need]:
+        return self.iter_needs()
+
+    def iter_needs(self, skip: bytes | bytearray | None = None, *,
+                   sources: bool = True) -> Iterator[Need]:
+        """The needs in order, but those whose position is set in ``skip``; without their
+        sources when ``sources`` is false (what is fetched needs none)."""
+        for k, g in enumerate(self._reps):
+            if skip is None or not skip[k]:
+                yield self._need(g, sources)
+
+    def _need(self, g: int, with_sources: bool) -> Need:
+        ch = self._chunks
+        f, j, c = ch.at(g)
+        places: list[Place] = []
+        h = g
+        while h != _NONE:
+            fh, _, ck = ch.at(h)
+            places.append(Place("incoming", fh.path, fh.file_offset(ck)))
+            h = self._next[h]
+        srcs: tuple[Place, ...] = ()
+        if with_sources:
+            length = c.length
+            found = [p for p in places if self._incoming.get(p.path, -1) >= p.offset + length]
+            for b, hint in zip(self._bases, self._hints, strict=True):
+                cands = hint.places(c.sha256) if hint is not None else \
+                    [Place(b.name, p.path, p.offset) for p in places]
+                found += [p for p in cands if b.sizes.get(p.path, -1) >= p.offset + length]
+            srcs = tuple(list(dict.fromkeys(found))[:MAX_SOURCES])
+        return Need(c.sha256, c.length, c.offset, f.path, j, tuple(places), srcs)
+
+
 def plan_needs(new: ChunkIndex, incoming: Mapping[str, int],
-               bases: Sequence[Base]) -> list[Need]:
+               bases: Sequence[Base]) -> Plan:
     """Every distinct chunk of ``new`` with the places it may be held (pure).
 
     Args:
@@ -211,50 +375,17 @@ def plan_needs(new: ChunkIndex, incoming: Mapping[str, int],
         bases: the active and previous slots.
 
     Returns:
-        One :class:`Need` per distinct sha256, in the order of first occurrence. Sources,
-        best first: the chunk's own place in ``incoming`` (nothing to write), another of its
-        places there, then each base: where its hint has that sha256 or, without a hint,
+        One :class:`Need` per distinct sha256, in the order of first occurrence (a
+        :class:`Plan`: made as they are asked for). Sources, best first: the chunk's own
+        place in ``incoming`` (nothing to write), another of its places there, then each
+        base: where its hint has that sha256 (its first two places) or, without a hint,
         the same path at the same file offset. At most :data:`MAX_SOURCES`; only places
         inside the file as measured.
     """
-    hinted: list[dict[bytes, list[Place]]] = []
-    for b in bases:
-        where: dict[bytes, list[Place]] = {}
-        if b.hint is not None:
-            for f in b.hint.files:
-                for c in f.chunks:
-                    spots = where.setdefault(c.sha256, [])
-                    if len(spots) < 2:
-                        spots.append(Place(b.name, f.path, f.file_offset(c)))
-        hinted.append(where)
-    order: list[bytes] = []
-    dests: dict[bytes, list[Place]] = {}
-    first: dict[bytes, tuple[int, int, str, int]] = {}
-    for f in new.files:
-        for j, c in enumerate(f.chunks):
-            if c.sha256 not in dests:
-                order.append(c.sha256)
-                dests[c.sha256] = []
-                first[c.sha256] = (c.length, c.offset, f.path, j)
-            dests[c.sha256].append(Place("incoming", f.path, f.file_offset(c)))
-    out: list[Need] = []
-    for sha in order:
-        length, offset, file, number = first[sha]
-        places = dests[sha]
-        sources: list[Place] = [p for p in places
-                                if incoming.get(p.path, -1) >= p.offset + length]
-        for b, where in zip(bases, hinted, strict=True):
-            if b.hint is not None:
-                cands = where.get(sha, [])
-            else:
-                cands = [Place(b.name, p.path, p.offset) for p in places]
-            sources += [p for p in cands if b.sizes.get(p.path, -1) >= p.offset + length]
-        uniq = list(dict.fromkeys(sources))[:MAX_SOURCES]
-        out.append(Need(sha, length, offset, file, number, tuple(places), tuple(uniq)))
-    return out
+    return Plan(new, incoming, bases)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Range:
     """A byte range of the bundle to fetch, and how many of its bytes are gaps."""
 
@@ -263,11 +394,14 @@ class Range:
     gap_bytes: int = 0
 
 
-def coalesce(spans: Iterable[tuple[int, int]], max_gap: int = MAX_GAP) -> list[Range]:
+def coalesce(spans: Iterable[tuple[int, int]], max_gap: int = MAX_GAP, *,
+             presorted: bool = False) -> list[Range]:
     """Merge ``(offset, length)`` spans of the bundle into ranges (pure): adjacent ones,
-    and ones apart by at most ``max_gap`` bytes (counted as gap bytes: fetched, unused)."""
+    and ones apart by at most ``max_gap`` bytes (counted as gap bytes: fetched, unused).
+    ``presorted``: the spans come in order (not sorted first: not held all at once); one
+    out of order raises ValueError as an overlap does."""
     out: list[Range] = []
-    for off, n in sorted(spans):
+    for off, n in (spans if presorted else sorted(spans)):
         if out:
             last = out[-1]
             end = last.offset + last.length
@@ -415,7 +549,7 @@ def write_hint(state_dir: Path, ix: ChunkIndex, keep: Iterable[str]) -> None:
         logger.warning("cannot store the chunk hint of %s: %s", fp, e)
         return
     try:
-        write_at(d, f"{fp}.json", ix.to_bytes(), FILE_MODE)
+        write_at(d, f"{fp}.json", ix.iter_bytes(), FILE_MODE)  # (not all at once)
         with os.scandir(d) as it:
             names = [e.name for e in it]
         for name in names:
@@ -538,11 +672,28 @@ class _Files:
         return data if len(data) == n else None
 
     def write(self, p: Place, data: bytes | bytearray | memoryview) -> None:
+        """Write ``data`` at ``p`` (in incoming)."""
+        self.write_run(p, [data])
+
+    def write_run(self, p: Place, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Write ``parts`` one after the other from ``p`` (in incoming): one ``pwritev``
+        for chunks that follow each other in a file, not one ``pwrite`` each (a chunk
+        ends mid-page: two writes into the same page cache page, a third less CPU for the
+        writes of a full install)."""
         fd = self.out[p.path]
-        view, pos = memoryview(data), p.offset
-        while view:
-            w = os.pwrite(fd, view, pos)
-            view, pos = view[w:], pos + w
+        views = [memoryview(d).cast("B") for d in parts]
+        pos = p.offset
+        for i in range(0, len(views), _IOV_MAX):
+            group = views[i:i + _IOV_MAX]
+            while group:
+                w = os.pwritev(fd, group, pos) if len(group) > 1 else \
+                    os.pwrite(fd, group[0], pos)
+                pos += w
+                while group and w >= len(group[0]):  # (a short write: the rest again)
+                    w -= len(group[0])
+                    group.pop(0)
+                if group and w:
+                    group[0] = group[0][w:]
         # Written behind, as the whole-bundle path does (updater.install._stage.MemberSink):
         # chunks mostly come in file order, so few dirty pages wait for the commit's fsync.
         # By a thread of its own: the wait for the window before (disk I/O) holds up
@@ -553,6 +704,24 @@ class _Files:
                 self._behind_queue().put((fd, synced))
                 synced += WRITE_BEHIND
             self._synced[p.path] = synced
+
+    def write_all(self, items: Iterable[tuple[Place, bytes | bytearray | memoryview]]
+                  ) -> None:
+        """Write each ``(place, data)`` in order: those that follow each other in a file
+        in one :meth:`write_run`."""
+        run: list[bytes | bytearray | memoryview] = []
+        start: Place | None = None
+        end = 0
+        for p, data in items:
+            if start is not None and (p.path != start.path or p.offset != end):
+                self.write_run(start, run)
+                start = None
+            if start is None:
+                start, run, end = p, [], p.offset
+            run.append(data)
+            end += len(data)
+        if start is not None:
+            self.write_run(start, run)
 
     def _behind_queue(self) -> queue.SimpleQueue[tuple[int, int] | None]:
         """The write-behind thread's queue (started at the first full window)."""
@@ -715,9 +884,9 @@ def assemble(
         pool = ThreadPoolExecutor(hash_workers(), thread_name_prefix="delta-hash")
         try:
             held = _take_held(needs, files, pool, gate, stats)
-            todo = [n for n in needs if n.sha256 not in held]
-            stats.ranges = cap_requests(coalesce(((n.bundle_offset, n.length) for n in todo),
-                                                 max_gap), ix.bundle_length)
+            todo = _todo(needs, held)
+            stats.ranges = cap_requests(coalesce(((n.bundle_offset, n.length) for n in todo()),
+                                                 max_gap, presorted=True), ix.bundle_length)
             stats.requests = len(stats.ranges)
             stats.gap_bytes = sum(r.gap_bytes for r in stats.ranges)
             _fetch(todo, stats, files, pool, gate, fetcher, url, target)
@@ -739,9 +908,19 @@ def assemble(
     return stage, ix.manifest, entries_of(ix), stats
 
 
+def _todo(needs: Plan, held: bytearray) -> Callable[[], Iterator[Need]]:
+    """The chunks to fetch, in bundle order, made again each time they are gone through
+    (not kept: an object each)."""
+    if needs.in_order:  # (a parsed index's always are)
+        return lambda: needs.iter_needs(held, sources=False)
+    kept = sorted(needs.iter_needs(held, sources=False), key=lambda n: n.bundle_offset)
+    return kept.__iter__
+
+
 def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, gate: Gate,
-               stats: DeltaStats) -> set[bytes]:
-    """Read, hash and write the chunks the device holds; the sha256s found."""
+               stats: DeltaStats) -> bytearray:
+    """Read, hash and write the chunks the device holds; which were found (a byte per
+    need, 1 where found: not a set of their sha256s, ~100 bytes each)."""
 
     def look(n: Need) -> tuple[Place, bytes] | None:
         for src in n.sources:
@@ -750,15 +929,15 @@ def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, g
                 return src, data
         return None
 
-    held: set[bytes] = set()
-    pending: collections.deque[tuple[Need, Future[tuple[Place, bytes] | None]]] = \
+    held = bytearray(len(needs))
+    pending: collections.deque[tuple[int, Need, Future[tuple[Place, bytes] | None]]] = \
         collections.deque()
     inflight = since = 0
 
     def take(limit: int) -> None:
         nonlocal inflight, since
         while pending and inflight > limit:
-            n, fut = pending.popleft()
+            k, n, fut = pending.popleft()
             inflight -= n.length
             got = fut.result()
             if got is not None:
@@ -768,7 +947,7 @@ def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, g
                         files.write(d, data)
                     else:
                         stats.in_place_bytes += n.length
-                held.add(n.sha256)
+                held[k] = 1
                 stats.held_bytes += n.length
                 stats.held_chunks += 1
             since += n.length
@@ -777,21 +956,22 @@ def _take_held(needs: Sequence[Need], files: _Files, pool: ThreadPoolExecutor, g
                 since = 0
 
     try:
-        for n in needs:
+        for k, n in enumerate(needs):
             if n.sources:  # (read and hashed on the pool while earlier ones are written)
-                pending.append((n, pool.submit(look, n)))
+                pending.append((k, n, pool.submit(look, n)))
                 inflight += n.length
                 take(BATCH_BYTES)
         take(0)
     finally:
-        for _, fut in pending:
+        for _, _, fut in pending:
             fut.cancel()
     gate.checkpoint("delta: local chunks")
     return held
 
 
-def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadPoolExecutor,
-           gate: Gate, fetcher: RangeSource, url: str, target: TargetFile) -> None:
+def _fetch(todo: Callable[[], Iterator[Need]], stats: DeltaStats, files: _Files,
+           pool: ThreadPoolExecutor, gate: Gate, fetcher: RangeSource, url: str,
+           target: TargetFile) -> None:
     """Fetch the chunks ``todo``: hash each as it arrives, write it only if it matches.
 
     The receiving thread only receives and cuts the pieces into chunks; the chunks each
@@ -811,10 +991,10 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
     the network's). The writer is joined before returning or raising, even when the wait
     is interrupted again (the interrupt is raised after).
     """
-    if not todo:
+    chunks = todo()  # (in bundle order, one at a time: no object kept for each)
+    upcoming = next(chunks, None)
+    if upcoming is None:
         return
-    by_off = {n.bundle_offset: n for n in todo}
-    starts = sorted(by_off)
     # One task per piece (not per chunk: a future each cost more than its hash): the
     # chunks that piece completes, and the bytes the task holds alive (their copies, and
     # the buffer under the piece when chunks are taken from it uncopied).
@@ -839,15 +1019,20 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
         try:
             if stop.is_set():
                 return 0, None  # (after a failure before: nothing more is written)
-            for (n, data), good in zip(batch, ok.result(), strict=True):
+            bad = None
+            for (n, _), good in zip(batch, ok.result(), strict=True):
                 if not good:
-                    stop.set()
-                    return written, n
-                if stop.is_set():
-                    return written, None
-                for d in n.dests:
-                    files.write(d, data)
+                    bad = n
+                    break
                 written += 1
+            if stop.is_set():
+                return 0, None
+            # (the matching chunks before the first that did not, in one pwritev per run
+            # of them that follow each other in a file)
+            files.write_all((d, data) for n, data in batch[:written] for d in n.dests)
+            if bad is not None:
+                stop.set()
+                return written, bad
         except BaseException:
             stop.set()  # (a write or the hash failed: nothing after it is written)
             raise
@@ -880,7 +1065,6 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
 
     cur: Need | None = None
     buf = bytearray()
-    nxt = 0  # index into starts of the next chunk expected
     ranges = [(r.offset, r.length) for r in stats.ranges]
     track = _Cover(ranges, url)
     # (hashed on the pool, written in order by one thread; pwrite releases the GIL)
@@ -896,10 +1080,9 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
             pos, end = off, off + len(view)
             while pos < end:
                 if cur is None:
-                    if nxt < len(starts) and pos <= starts[nxt] < end:
-                        pos = starts[nxt]  # (past a gap)
-                        cur = by_off[pos]
-                        nxt += 1
+                    if upcoming is not None and pos <= upcoming.bundle_offset < end:
+                        pos = upcoming.bundle_offset  # (past a gap)
+                        cur, upcoming = upcoming, next(chunks, None)
                         if pos + cur.length <= end:  # (whole in this piece: no copy)
                             cost += pinned
                             pinned = 0
@@ -944,7 +1127,7 @@ def _fetch(todo: Sequence[Need], stats: DeltaStats, files: _Files, pool: ThreadP
         raise late
     settle(-1)
     track.done()
-    if cur is not None or nxt != len(starts):
+    if cur is not None or upcoming is not None:
         raise RangeAnswerError(f"{url}: the ranges ended before every chunk came")
 
 

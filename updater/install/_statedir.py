@@ -26,7 +26,7 @@ import errno
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from modelward.updater.errors import StateDirError
@@ -433,8 +433,10 @@ def make_dirs_at(dirfd: int, rel: str, what: Path) -> None:
         os.close(fd)
 
 
-def write_at(dirfd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
-    """Replace the file ``name`` of the directory ``dirfd`` by ``data`` atomically: a
+def write_at(dirfd: int, name: str, data: bytes | Iterable[bytes],
+             mode: int = FILE_MODE) -> None:
+    """Replace the file ``name`` of the directory ``dirfd`` by ``data`` (bytes, or pieces
+    written one after the other) atomically: a
     fresh temporary (``O_EXCL | O_NOFOLLOW``) beside it, written, fsync-ed, renamed over
     it within ``dirfd`` and the directory fsync-ed. Nothing is written outside ``dirfd``
     whatever its path names by now.
@@ -455,9 +457,10 @@ def write_at(dirfd: int, name: str, data: bytes, mode: int = FILE_MODE) -> None:
     try:
         try:
             os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for piece in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -259,6 +259,17 @@ class MqttFetcher(RangeFetcher):
     def _fetch(self, url: str) -> Iterator[bytes]:
         return (bytes(chunk) for chunk in self._fetch_from(url, 0)[0])  # metadata: small
 
+    def fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
+        """Fetch ``url`` from byte ``offset`` (0 too): the blocks as views of each
+        message's payload, uncopied (:meth:`fetch` copies each into ``bytes``, as TUF's
+        metadata path wants; a whole bundle went through that copy too).
+
+        Raises:
+            tuf.api.exceptions.DownloadError: the transfer failed.
+        """
+        self.last_url = url
+        return self._fetch_from(url, offset)
+
     def _fetch_from(self, url: str, offset: int) -> tuple[Iterator[bytes | memoryview], int]:
         u = urlparse(url)
         if u.scheme != "mqtt":

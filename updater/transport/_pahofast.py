@@ -32,7 +32,9 @@ paho as it is when the internals are not the expected ones.
 from __future__ import annotations
 
 import logging
+import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -226,6 +228,7 @@ class Client(mqtt.Client):
     """
 
     max_incoming_packet: int = 0
+    _batch: bytearray | None = None  # what large reads are read into (_read_available)
 
     def _handle_publish(self) -> Any:
         # modelward subscribes at QoS 1 only, so a QoS 2 PUBLISH breaks the protocol; paho
@@ -276,12 +279,54 @@ class Client(mqtt.Client):
                 logger.warning("the broker sent a packet of %d bytes, more than the %d this "
                                "client accepts: disconnecting", size, limit)
                 raise PacketTooLarge(f"packet of {size} bytes > maximum {limit}")
-        return super()._sock_recv(bufsize)
+        sock = getattr(self, "_sock", None)
+        if bufsize < BATCH_READ or not isinstance(sock, ssl.SSLSocket) or \
+                sock.gettimeout() != 0.0:
+            return super()._sock_recv(bufsize)
+        if self._batch is None:
+            self._batch = bytearray(BATCH_BUFFER)
+        # (a view: paho only measures it and appends it to the packet)
+        return _read_available(  # type: ignore[return-value]
+            sock, self._batch, bufsize, self._call_socket_register_write)
 
     def _packet_queue(self, command: int, packet: bytes | bytearray, mid: int, qos: int,
                       info: Any = None) -> Any:
         return super()._packet_queue(command, memoryview(packet), mid, qos,  # type: ignore[arg-type]
                                      info)
+
+
+# A read of at least this much (the rest of a block's PUBLISH) takes every TLS record
+# already there in one call (:func:`_read_available`): paho's loop around each 16 KiB
+# record (two Python calls, a lock, a clock read, a bytearray append) ran 64 times a block.
+BATCH_READ = 64 * 1024
+BATCH_BUFFER = 256 * 1024  # the most one such call reads (a buffer kept per client)
+
+
+def _read_available(sock: ssl.SSLSocket, buf: bytearray, bufsize: int,
+                    want_write: Callable[[], object]) -> bytes | memoryview:
+    """Up to ``bufsize`` bytes (and ``len(buf)``) of what the non-blocking ``sock`` has
+    now, record after record, read into ``buf``: a view of them, valid until the next
+    call (paho appends it to its packet at once). As paho's ``_sock_recv``: ``b""`` at the
+    end of the stream, ``BlockingIOError`` when nothing is there yet."""
+    size = min(bufsize, len(buf))
+    got = 0
+    view = memoryview(buf)
+    while got < size:
+        try:
+            n = sock.recv_into(view[got:size], size - got)
+        except ssl.SSLWantReadError as e:
+            if got:
+                break
+            raise BlockingIOError from e
+        except ssl.SSLWantWriteError as e:  # (a renegotiation): as paho does
+            if got:
+                break
+            want_write()
+            raise BlockingIOError from e
+        if n == 0:  # the end of the stream: what came before it, then b"" next time
+            break
+        got += n
+    return view[:got] if got else b""
 
 
 def install() -> bool:
