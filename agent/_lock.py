@@ -18,7 +18,10 @@ lock for its whole run, before it stages, connects or writes the TPM:
   the disk cannot block every command for good. After locking, the holder checks the
   name still is the file it locked (else it locks again).
 - The holder writes ``pid N: COMMAND`` into the file; whoever finds it locked reads at
-  most :data:`HOLDER_MAX` bytes of it, as untrusted text, escaped, to name it.
+  most :data:`HOLDER_MAX` bytes of it, as untrusted text, escaped, to name it. The
+  holder removes the file as it lets go (still locked; a command that opened it just
+  before finds, once it has the lock, that the name no longer is its file, and starts
+  again), so a finished or refused command leaves the state directory as it was.
 - What a second command does (README "Device commands"): ``agent update`` and ``agent
   provision`` are refused (:class:`DeviceBusyError`, one line naming the holder, exit
   75); ``agent boot-check`` waits up to :data:`BOOT_WAIT` seconds (saying so once), then
@@ -226,8 +229,9 @@ def device_lock(state_dir: Path, command: str, *, wait: float = 0.0,
         return
     try:
         fd = _acquire(dirfd, path, command, wait, clock, sleep)
-    finally:
+    except BaseException:
         os.close(dirfd)
+        raise
     _held[key] = fd
     try:
         os.ftruncate(fd, 0)
@@ -238,9 +242,11 @@ def device_lock(state_dir: Path, command: str, *, wait: float = 0.0,
         yield
     finally:
         del _held[key]
-        with contextlib.suppress(OSError):
-            os.ftruncate(fd, 0)
+        with contextlib.suppress(OSError):  # (still locked: whoever opened it retries)
+            if _still_named(dirfd, fd):
+                os.unlink(LOCK_NAME, dir_fd=dirfd)
         os.close(fd)  # (releases the lock)
+        os.close(dirfd)
 
 
 def _acquire(dirfd: int, path: Path, command: str, wait: float,
