@@ -15,18 +15,27 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modelward.agent._config import AgentConfig
 
 os.environ.setdefault("TSS2_LOG", "all+NONE")
+
+#: Exit code of an attempt not started: another device command holds the device lock
+#: (``agent._lock``); the daemon tries again later, without a backoff.
+EXIT_BUSY = 75
 
 
 def main(argv: list[str]) -> int:
     """Entry point; ``argv`` is ``[config_path]``."""
-    from modelward.agent._commands import make_gate, signed_report, update
     from modelward.agent._config import load_config
+    from modelward.agent._lock import device_lock
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, setup_logging
     from modelward.agent._malloc import tune_malloc
-    from modelward.updater.install._journal import Journal
+    from modelward.agent.errors import DeviceBusyError
     from modelward.updater.install._statedir import touch_plain
 
     tune_malloc()
@@ -50,6 +59,22 @@ def main(argv: list[str]) -> int:
         if now - last[0] >= 1.0:
             last[0] = now
             touch_plain(beat_file)
+
+    try:
+        # the device lock for the attempt and its report (its sequence number is state)
+        with device_lock(cfg.state_dir, "agent run (update attempt)"):
+            return _attempt(cfg, stop, heartbeat, fmt, log)
+    except DeviceBusyError:
+        return EXIT_BUSY  # nothing touched: the daemon says so, once, and tries again later
+    except Exception as e:  # noqa: BLE001 - the lock file cannot be made: one record
+        _report(e, fmt, "update failed", log)
+        return 1
+
+
+def _attempt(cfg: AgentConfig, stop: threading.Event, heartbeat: Callable[[], None],
+             fmt: str, log: logging.Logger) -> int:
+    from modelward.agent._commands import make_gate, signed_report, update
+    from modelward.updater.install._journal import Journal
 
     code = 0
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelward.agent._config import AgentConfig
+from modelward.agent._lock import BOOT_WAIT, device_lock, holder
 from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
 from modelward.agent._owner import check_state_owner
 from modelward.agent._status import (
@@ -144,11 +145,12 @@ def provision(cfg: AgentConfig, root: Path, *, keep_identity: bool = False) -> P
     except OSError as e:
         raise OperatorInputError(f"cannot read root metadata {root}: {e}") from e
     cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-    store = open_store(cfg)
-    try:
-        report = store.provision(root_bytes, str(root), keep_identity=keep_identity)
-    finally:
-        store.tpm.close()
+    with device_lock(cfg.state_dir, "agent provision"):  # refused while another runs
+        store = open_store(cfg)
+        try:
+            report = store.provision(root_bytes, str(root), keep_identity=keep_identity)
+        finally:
+            store.tpm.close()
     logger.info(
         "provisioned TPM at %s", cfg.tcti,
         extra={"tcti": cfg.tcti, "srk_created": report.srk_created,
@@ -162,11 +164,20 @@ def update(cfg: AgentConfig, gate: Gate | None = None,
     """``agent update --once``: one update attempt.
 
     The outcome, the counters and the activation notice go to status.json and the
-    Prometheus textfile.
+    Prometheus textfile. The whole attempt holds the device lock (``agent._lock``).
+
+    Raises:
+        DeviceBusyError: another device command is running; nothing was touched.
     """
+    check_state_owner(cfg.state_dir, "agent update")
+    with device_lock(cfg.state_dir, "agent update"):
+        return _update_locked(cfg, gate, on_step)
+
+
+def _update_locked(cfg: AgentConfig, gate: Gate | None,
+                   on_step: Callable[[str], None]) -> UpdateResult:
     from modelward.updater.install._install import Outcome
 
-    check_state_owner(cfg.state_dir, "agent update")
     status = StatusFile(cfg.state_dir)
     doc: dict[str, Any] = {}
     metrics = Metrics()
@@ -299,7 +310,20 @@ def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:
     """``agent status``: active and previous model (verified), the last error and the
     releases this device rejected (``rejected``; ``rejections_problem`` when that file
     cannot be believed). Without a TPM (none at ``cfg.tcti``, or not ``use_tpm``): the
-    files as they are on disk, marked unverified (``agent/_status_offline.py``)."""
+    files as they are on disk, marked unverified (``agent/_status_offline.py``).
+
+    Read-only, and without the device lock: it works while an update runs, changes no
+    file (a pending record is left to the commit it belongs to) and then says so
+    (``in_progress``: the running command and its pid, as its lock file says; the key
+    is there only while one runs)."""
+    doc = _status(cfg, use_tpm=use_tpm)
+    running = holder(cfg.state_dir)
+    if running is not None:
+        doc["in_progress"] = {"command": running.command, "pid": running.pid}
+    return doc
+
+
+def _status(cfg: AgentConfig, *, use_tpm: bool) -> dict[str, Any]:
     from modelward.agent._status_offline import unverified_status
 
     if not use_tpm:
@@ -309,7 +333,7 @@ def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:
     except TpmUnavailableError as e:
         return unverified_status(cfg, str(e))
     try:
-        record = store.load()
+        record = store.load(repair=False)
         rejected, problem = _rejections(cfg, store)
         last_error = StatusFile(cfg.state_dir).read(store.tpm).get("last_error")
     finally:
@@ -434,9 +458,21 @@ def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore 
         store.tpm.close()
 
 
-def run_boot_check(cfg: AgentConfig) -> BootResult:
-    """``agent boot-check``: verify ``current`` or fall back (design.md "Boot")."""
+def run_boot_check(cfg: AgentConfig, wait: float = BOOT_WAIT) -> BootResult:
+    """``agent boot-check``: verify ``current`` or fall back (design.md "Boot").
+
+    It waits up to ``wait`` s for a device command that is running (an update mid-commit
+    finishes first; then its result is what is checked).
+
+    Raises:
+        DeviceBusyError: that command still runs after ``wait`` s; nothing was touched.
+    """
     check_state_owner(cfg.state_dir, "agent boot-check")  # (nothing written: not recorded)
+    with device_lock(cfg.state_dir, "agent boot-check", wait=wait):
+        return _boot_check_locked(cfg)
+
+
+def _boot_check_locked(cfg: AgentConfig) -> BootResult:
     status = StatusFile(cfg.state_dir)
     try:
         try:

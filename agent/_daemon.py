@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
+from modelward.agent._child import EXIT_BUSY
 from modelward.agent._config import AgentConfig
 from modelward.agent._notify import Notifier
 from modelward.agent._schedule import Schedule
@@ -80,6 +81,7 @@ class Daemon:
         self._lock = threading.Lock()  # the schedule, between the loop and MQTT's thread
         self._listener: AnnouncementListener | None = None
         self._child: subprocess.Popen[str] | None = None
+        self._busy_told = False  # the skips for another command's lock were logged
 
     def _on_announce(self, version: int) -> None:
         with self._lock:
@@ -170,6 +172,18 @@ class Daemon:
             return f"last attempt failed: {err['type']}"[:200]
         return str((doc.get("last_result") or {}).get("message") or "idle")[:200]
 
+    def _skipped(self, wait: float) -> None:
+        """Say (once while it lasts) that the attempt was skipped for another command."""
+        from modelward.agent._lock import holder
+
+        h = holder(self.cfg.state_dir)
+        what = h.describe() if h is not None else "another device command"
+        self.notifier.status(f"update skipped: {what} is running"[:200])
+        if not self._busy_told:
+            self._busy_told = True
+            logger.info("update attempt skipped: %s is running; trying again every %.0fs "
+                        "until it ends", what, wait)
+
     def publish_status(self, report: bytes) -> None:
         """Publish the child's signed status report, retained."""
         mq = self.cfg.updater.mqtt
@@ -202,6 +216,12 @@ class Daemon:
                 logger.exception("cannot publish the status report")
             # The timer carries jitter so a fleet does not refresh in lockstep.
             jitter = random.uniform(0.9, 1.1)  # noqa: S311
+            if code == EXIT_BUSY:  # another device command runs: skipped, not failed
+                with self._lock:
+                    wait = self.schedule.skipped(time.monotonic(), jitter)
+                self._skipped(wait)
+                continue
+            self._busy_told = False
             with self._lock:
                 wait = self.schedule.finished(code == 0, time.monotonic(), jitter)
             if code == 0:

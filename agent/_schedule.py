@@ -16,7 +16,11 @@ tested without sleeping (house style 1 and 11). The rules:
   failure in a row, up to ``poll_interval``. Announcements do not cut it short: they
   can only make the attempt due at the end of the backoff (instead of at the next poll).
   A broker, or anyone who can publish there, so cannot make a failing device hammer the
-  origin, nor reset its backoff by a flood. A success ends the backoff.
+  origin, nor reset its backoff by a flood. A success ends the backoff;
+* an attempt that could not start (another device command holds the device lock, such
+  as a manual ``agent update``) is neither: the next one is :data:`BUSY_RETRY` seconds
+  later (at most ``poll_interval``), the backoff unchanged, and the announcements it
+  would have answered stay pending.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 BACKOFF_FLOOR = 5.0  # seconds after the first failure in a row
 BURST = 10  # announcement-triggered attempts in a row before they are spaced out
 REFILL = 30.0  # seconds to earn one more announcement-triggered attempt
+BUSY_RETRY = 30.0  # seconds after an attempt skipped because another command ran
 
 
 @dataclass
@@ -99,4 +104,15 @@ class Schedule:
             self._not_before = now + wait
         self._running = None
         self._next_poll = now + wait
+        return wait
+
+    def skipped(self, now: float, jitter: float = 1.0) -> float:
+        """The attempt did not start (another command held the device lock); returns
+        the seconds until the next one."""
+        if self._running is not None:
+            self._pending = max(self._pending or self._running, self._running)
+        self._running = None
+        wait = min(BUSY_RETRY, self.poll_interval) * jitter
+        self._next_poll = now + wait
+        self._not_before = max(self._not_before, now + wait)
         return wait

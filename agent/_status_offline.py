@@ -228,6 +228,13 @@ def status_lines(doc: dict[str, Any], width: int = ROW) -> list[str]:
         out.append(str(doc.get("unverified", UNVERIFIED)))
         if doc.get("record_problem"):
             out += rows("record", str(doc["record_problem"]))
+    running = doc.get("in_progress")
+    if running:  # (the holder's own words from its lock file: escaped, bounded)
+        what = "an update" if running.get("command") == "agent update" else \
+            f"`{_text(running.get('command') or 'a device command')}`"
+        pid = running.get("pid")
+        out += rows("running", f"{what} is in progress" +
+                    (f" (pid {pid})" if isinstance(pid, int) else ""))
     for key in ("active", "previous"):
         m = doc[key]
         out += rows(key, f"{ident(m['name'])} {ident(m['version'])}  "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelward.trust.errors import ModelwardError, OperatorInputError
 
-__all__ = ["ConfigError", "ModelwardError", "StateOwnerError"]
+__all__ = ["ConfigError", "DeviceBusyError", "ModelwardError", "StateOwnerError"]
 
 
 class ConfigError(OperatorInputError):
@@ -35,3 +35,20 @@ class StateOwnerError(OperatorInputError):
                  hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.path, self.owner, self.uid = path, owner, uid
+
+
+class DeviceBusyError(ModelwardError):
+    """Another state-changing device command holds the device lock
+    (``modelward.agent._lock``): this one was refused before it touched anything
+    (exit 75, ``EX_TEMPFAIL``: run it again later).
+
+    Attributes:
+        path: the lock file.
+        holder: what its holder wrote (escaped, bounded, not verified).
+        pid: the holder's pid as written there, or None.
+    """
+
+    def __init__(self, message: str, *, path: str, holder: str, pid: int | None,
+                 hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path, self.holder, self.pid = path, holder, pid

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from modelward.updater._config import MqttConfig
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NOTHING_TRUSTED, EXIT_BUG = 0, 1, 2, 3, 70
+EXIT_BUSY = 75  # EX_TEMPFAIL: another device command holds the device lock (agent/_lock.py)
 PASSPHRASE_ENV = "MODELWARD_KEY_PASSPHRASE"  # noqa: S105 - a variable name, not a secret
 HSM_PIN_ENV = "MODELWARD_HSM_PIN"
 
@@ -1186,6 +1187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     sys.stderr.write(usage.getvalue())
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
+    from modelward.agent.errors import DeviceBusyError
     from modelward.trust.errors import ModelwardError, OperatorInputError
 
     args.log_format = args.log_format or os.environ.get(LOG_FORMAT_ENV) or "auto"
@@ -1211,6 +1213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if from_entry_point and boot:
                 _end_process(code)
         return code
+    except DeviceBusyError as e:  # refused before it touched anything: run it again later
+        report_error(e, fmt=fmt, hint=e.hint, traceback=args.debug, one_line=True)
+        return EXIT_BUSY
     except ModelwardError as e:
         report_error(e, fmt=fmt, hint=e.hint or help_hint, traceback=args.debug)
         return EXIT_ERROR

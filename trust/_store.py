@@ -207,24 +207,30 @@ class TrustStore:
 
     # -- trust record ---------------------------------------------------------
 
-    def load(self) -> TrustRecord:
-        """The authentic, current trust record (repairing a crash window).
+    def load(self, *, repair: bool = True) -> TrustRecord:
+        """The authentic, current trust record (repairing a crash window; not with
+        ``repair`` false, see :meth:`plan`).
 
         Raises:
             TrustRecordError: missing or altered record.
             TrustRecordRollbackError: an older record was put back.
             TpmError: the TPM failed.
         """
-        plan = self.plan()
+        plan = self.plan(repair=repair)
         if isinstance(plan, Heal):
             raise plan.reason
         return plan.record
 
-    def plan(self) -> UseRecord | Heal:
+    def plan(self, *, repair: bool = True) -> UseRecord | Heal:
         """Read the record files and the counter and decide (``plan_record``).
 
         A :class:`UseRecord` plan is carried out at once (a crash window repaired); a
         :class:`Heal` plan changes nothing: :meth:`heal` carries it out.
+
+        With ``repair`` false nothing is renamed or deleted (``agent status``, which holds
+        no device lock: a pending record may be a running update's commit, between its
+        write and its NV increment, or between the increment and its rename); the plan's
+        record is the one in force all the same.
 
         Raises:
             TrustFileUnreadableError: a record file exists but cannot be read.
@@ -245,6 +251,8 @@ class TrustStore:
                 reason = TrustRecordError(f"trust record {self.record_path} {bad}",
                                           path=str(self.record_path), hint=HEAL_HINT)
                 return Heal(reason, plan.targets_floor)
+            return plan
+        if not repair:
             return plan
         if bad or bad_pending:
             self._writable_dir()  # else the next commit's renames could not land
@@ -312,9 +320,14 @@ class TrustStore:
         """
         nv = self.tpm.read_counter()
         if record.counter != nv + 1:
+            moved = record.counter <= nv
             raise TrustRecordError(
-                f"record counter {record.counter} does not follow TPM counter {nv}",
+                f"trust record not committed: it was made for TPM update counter value "
+                f"{record.counter}, but the counter is at {nv} "
+                + ("(another commit moved it since this one read it; nothing was changed)"
+                   if moved else "(the record skips counter values; nothing was changed)"),
                 path=str(self.record_path),
+                hint="run the command again: it starts from the record now in force",
             )
         write_atomic(self.pending_path, encode_record(record, self.tpm.mac(record.digest())))
         self.tpm.increment_counter()
