@@ -4,6 +4,7 @@ iterations, a holder killed -9, hostile holder text read by ``agent status``."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -111,3 +112,40 @@ def test_status_reads_a_hostile_holder_text_escaped_and_bounded(tmp_path: Path) 
         assert len(h.describe()) < 200
     finally:
         os.close(fd)
+
+
+_IN_OPEN, _IN_DELETE_SELF = 0x20, 0x400
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "agent/_lock.py _open_lock: the name is opened O_RDWR before anything checks what it "
+    "is (_FILE_FLAGS has O_NOFOLLOW, O_NONBLOCK, O_NOCTTY but nothing against a device "
+    "node): a character device the disk planted as agent.lock, mode 0666, is opened for "
+    "writing by a hand-run agent update/provision (no DevicePolicy there) - a watchdog "
+    "node (10,130) is armed by that open - and only then replaced"))
+def test_a_planted_device_node_is_never_opened(tmp_path: Path) -> None:
+    import ctypes
+
+    lock = tmp_path / LOCK_NAME
+    try:
+        os.mknod(lock, 0o20666, os.makedev(1, 3))  # (/dev/null's numbers: harmless here)
+    except PermissionError:
+        pytest.skip("mknod needs CAP_MKNOD")
+    libc = ctypes.CDLL(None, use_errno=True)
+    ino = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    assert ino >= 0
+    try:
+        assert libc.inotify_add_watch(ino, str(lock).encode(), _IN_OPEN | _IN_DELETE_SELF) >= 0
+        with device_lock(tmp_path, "agent update"):
+            assert lock.is_file()
+        events = b""
+        with contextlib.suppress(BlockingIOError):
+            events = os.read(ino, 4096)
+        masks, off = [], 0
+        while off + 16 <= len(events):  # struct inotify_event: wd, mask, cookie, len, name
+            _, mask, _, size = struct.unpack_from("iIII", events, off)
+            masks.append(mask)
+            off += 16 + size
+        assert not any(m & _IN_OPEN for m in masks), "the device node was opened"
+    finally:
+        os.close(ino)
