@@ -122,8 +122,10 @@ _IN_OPEN, _IN_DELETE_SELF = 0x20, 0x400
     "is (_FILE_FLAGS has O_NOFOLLOW, O_NONBLOCK, O_NOCTTY but nothing against a device "
     "node): a character device the disk planted as agent.lock, mode 0666, is opened for "
     "writing by a hand-run agent update/provision (no DevicePolicy there) - a watchdog "
-    "node (10,130) is armed by that open - and only then replaced"))
-def test_a_planted_device_node_is_never_opened(tmp_path: Path) -> None:
+    "node (10,130) is armed by that open - and only then replaced; agent/_lock.py "
+    "holder() (agent status) opens it O_RDONLY the same way before its fstat"))
+@pytest.mark.parametrize("command", ["agent update", "agent status"])
+def test_a_planted_device_node_is_never_opened(tmp_path: Path, command: str) -> None:
     import ctypes
 
     lock = tmp_path / LOCK_NAME
@@ -136,8 +138,11 @@ def test_a_planted_device_node_is_never_opened(tmp_path: Path) -> None:
     assert ino >= 0
     try:
         assert libc.inotify_add_watch(ino, str(lock).encode(), _IN_OPEN | _IN_DELETE_SELF) >= 0
-        with device_lock(tmp_path, "agent update"):
-            assert lock.is_file()
+        if command == "agent status":  # (holder(): O_RDONLY | O_NONBLOCK, then fstat)
+            assert holder(tmp_path) is None
+        else:
+            with device_lock(tmp_path, command):
+                assert lock.is_file()
         events = b""
         with contextlib.suppress(BlockingIOError):
             events = os.read(ino, 4096)
