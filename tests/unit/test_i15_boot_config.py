@@ -73,10 +73,11 @@ def test_boot_loader_keeps_what_booting_uses(tmp_path: Path) -> None:
     assert full.updater.mqtt is not None and full.updater.mqtt.password == "secret"
 
 
-def test_boot_loader_imports_no_transport_or_full_config() -> None:
+def test_boot_path_imports_no_transport_config_nor_release_choice() -> None:
     code = ("import sys; import modelward.agent._config_rules, modelward.agent._commands; "
             "print(' '.join(sorted(sys.modules)))")
     mods = set(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True).stdout.split())
     assert "modelward.agent._config_rules" in mods
-    assert {"modelward.updater._config", "modelward.agent._config"} & mods == set()
+    assert {"modelward.updater._config", "modelward.agent._config",  # (update path's:)
+            "modelward.updater.rollout", "modelward.updater.bundle._semver"} & mods == set()
