@@ -25,7 +25,7 @@ from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
-from modelward.trust._tpm import ProvisionReport, Tpm, TpmInterface
+from modelward.trust._tpm import Tpm, TpmInterface
 from modelward.trust.errors import (
     ModelwardError,
     OperatorInputError,
@@ -49,6 +49,7 @@ from modelward.updater.install._journal import Journal
 if TYPE_CHECKING:  # (imported where used: `agent boot-check` loads neither, issue 15)
     from modelward.agent._config import AgentConfig
     from modelward.agent._config_rules import BootConfig
+    from modelward.trust._provision import ProvisionReport
     from modelward.updater.idle import Gate
     from modelward.updater.install._install import UpdateResult
 

@@ -9,15 +9,33 @@ from pathlib import Path
 
 from modelward.agent._config_rules import check_rules
 from modelward.agent._config_schema import (
+    ACTIVATION_TIMEOUT,
     DEFAULT_CONFIG,
     TOP,
     Resolved,
     read_document,
     validate,
 )
-from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """``[activation]``: how to tell the inference application about a new model.
+
+    Attributes:
+        command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
+            MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
+        timeout: seconds each may take.
+
+    (``reload_unit`` and ``restart`` were removed: ``modelward-activate@UNIT.path``, run by
+    systemd, reloads the unit when ``_observe.ACTIVATED_FILE`` changes; the config loader
+    ignores them with a notice, ``agent._config_schema.REMOVED``.)
+    """
+
+    command: tuple[str, ...] = ()
+    timeout: float = ACTIVATION_TIMEOUT
 
 
 @dataclass(frozen=True)

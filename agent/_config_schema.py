@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.trust._display import escape
 from modelward.updater import _defaults as d
@@ -33,6 +32,7 @@ MAX_SECRET_BYTES = 4096  # a password file
 HINT = "see README \"Configuration\" for every key, or run `modelward agent check-config`"
 
 TOP = ""  # the section name of top-level keys
+ACTIVATION_TIMEOUT = 30.0  # seconds each activation command may take (ActivationConfig)
 _SECONDS_MAX = 1e7  # ~115 days: more is a typo (ms for s), not a setting
 
 
@@ -127,8 +127,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "poll": _secs(1.0, hi=3600),
     },
     "activation": {
-        "command": Key("strs", ActivationConfig.command),
-        "timeout": _secs(ActivationConfig.timeout, hi=86400),
+        "command": Key("strs", ()),
+        "timeout": _secs(ACTIVATION_TIMEOUT, hi=86400),
     },
     "metrics": {
         "textfile": Key("path", note="STATE_DIR/metrics.prom"),

@@ -80,4 +80,5 @@ def test_boot_path_imports_no_transport_config_nor_release_choice() -> None:
                               check=True).stdout.split())
     assert "modelward.agent._config_rules" in mods
     assert {"modelward.updater._config", "modelward.agent._config",  # (update path's:)
-            "modelward.updater.rollout", "modelward.updater.bundle._semver"} & mods == set()
+            "modelward.updater.rollout", "modelward.updater.bundle._semver",
+            "modelward.trust._provision"} & mods == set()
