@@ -12,7 +12,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelward.agent._config import AgentConfig
 from modelward.agent._lock import BOOT_WAIT, device_lock, holder
 from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
 from modelward.agent._owner import check_state_owner
@@ -27,7 +26,7 @@ from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
-from modelward.trust._tpm import ProvisionReport, Tpm, TpmInterface
+from modelward.trust._tpm import Tpm, TpmInterface
 from modelward.trust.errors import (
     ModelwardError,
     OperatorInputError,
@@ -49,6 +48,9 @@ from modelward.updater.install._boot import BootResult, boot_check
 from modelward.updater.install._journal import Journal
 
 if TYPE_CHECKING:  # (imported where used: `agent boot-check` loads neither, issue 15)
+    from modelward.agent._config import AgentConfig
+    from modelward.agent._config_rules import BootConfig
+    from modelward.trust._provision import ProvisionReport
     from modelward.updater.idle import Gate
     from modelward.updater.install._install import UpdateResult
 
@@ -132,7 +134,7 @@ def _note(doc: dict[str, Any], *, error: ModelwardError | None, result: str | No
         doc["last_error"] = None
 
 
-def open_store(cfg: AgentConfig) -> TrustStore:
+def open_store(cfg: AgentConfig | BootConfig) -> TrustStore:
     """The device trust store on its TPM."""
     return TrustStore(cfg.state_dir, Tpm(cfg.tcti))
 
@@ -236,7 +238,7 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
 _REJECTED = (TargetHashError, BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
 
-def _save(cfg: AgentConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics,
+def _save(cfg: AgentConfig | BootConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics,
           store: TrustStore | None) -> None:
     """Write status.json (MACed if the TPM answers) and the metrics; what was written is
     this process's own status (:data:`_own_status`)."""
@@ -411,8 +413,8 @@ def signed_report(cfg: AgentConfig, state: str,
         tpm.close()
 
 
-def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None] = time.sleep
-                                ) -> BootResult:
+def _boot_check_waiting_for_tpm(cfg: AgentConfig | BootConfig,
+                                sleep: Callable[[float], None] = time.sleep) -> BootResult:
     """Boot-check, retried while the TPM does not answer, for up to ``cfg.tpm_wait`` s.
 
     At boot the TPM may come up late (a driver, a resource manager, a swtpm); without it
@@ -439,7 +441,8 @@ def _boot_check_waiting_for_tpm(cfg: AgentConfig, sleep: Callable[[float], None]
 
 
 @contextlib.contextmanager
-def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore | None]:
+def _store_or_none(cfg: AgentConfig | BootConfig,
+                   skip: bool = False) -> Iterator[TrustStore | None]:
     """The trust store for a status write after boot-check, or None if the TPM does not
     answer (or ``skip``: it just did not); the status is then written without a MAC, and
     not believed later."""
@@ -458,7 +461,7 @@ def _store_or_none(cfg: AgentConfig, skip: bool = False) -> Iterator[TrustStore 
         store.tpm.close()
 
 
-def run_boot_check(cfg: AgentConfig, wait: float = BOOT_WAIT) -> BootResult:
+def run_boot_check(cfg: AgentConfig | BootConfig, wait: float = BOOT_WAIT) -> BootResult:
     """``agent boot-check``: verify ``current`` or fall back (design.md "Boot").
 
     It waits up to ``wait`` s for a device command that is running (an update mid-commit
@@ -472,7 +475,7 @@ def run_boot_check(cfg: AgentConfig, wait: float = BOOT_WAIT) -> BootResult:
         return _boot_check_locked(cfg)
 
 
-def _boot_check_locked(cfg: AgentConfig) -> BootResult:
+def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
     status = StatusFile(cfg.state_dir)
     try:
         try:

@@ -7,18 +7,35 @@ import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from modelward.agent._config_rules import check_rules
 from modelward.agent._config_schema import (
+    ACTIVATION_TIMEOUT,
     DEFAULT_CONFIG,
-    HINT,
     TOP,
     Resolved,
     read_document,
-    read_secret,
     validate,
 )
-from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """``[activation]``: how to tell the inference application about a new model.
+
+    Attributes:
+        command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
+            MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
+        timeout: seconds each may take.
+
+    (``reload_unit`` and ``restart`` were removed: ``modelward-activate@UNIT.path``, run by
+    systemd, reloads the unit when ``_observe.ACTIVATED_FILE`` changes; the config loader
+    ignores them with a notice, ``agent._config_schema.REMOVED``.)
+    """
+
+    command: tuple[str, ...] = ()
+    timeout: float = ACTIVATION_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -118,9 +135,7 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
         ConfigError: a rule across keys (no transport section, a transport that is not
             configured, both ``password`` and ``password_file``; ``_config_places``).
     """
-    from modelward.agent._config_places import check_places
-
-    check_places(r)  # across keys, and the places they name (before a secret is read)
+    order, password = check_rules(r)
     path = r.path
     device_id: str = r.get(TOP, "device_id")
     fleet: str = r.get(TOP, "fleet")
@@ -137,19 +152,7 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
             metadata_timeout=r.get("https", "metadata_timeout"),
         )
     if "mqtt" in r.present:
-        password: str | None = r.get("mqtt", "password")
-        pw_file: Path | None = r.get("mqtt", "password_file")
-        if pw_file is not None:
-            if password is not None:
-                raise ConfigError(f"{path}: [mqtt] password_file: set password or "
-                                  "password_file, not both", path=str(path),
-                                  key="mqtt.password_file")
-            password = read_secret(pw_file, "mqtt", "password_file", path)
         cert, key = r.get("mqtt", "cert_file"), r.get("mqtt", "key_file")
-        if (cert is None) != (key is None):
-            missing = "key_file" if key is None else "cert_file"
-            raise ConfigError(f"{path}: [mqtt] {missing}: missing (cert_file and key_file "
-                              "go together)", path=str(path), key=f"mqtt.{missing}")
         mq_ca = r.get("mqtt", "ca_file")
         mqtt_cfg = MqttConfig(
             host=r.get("mqtt", "host"),
@@ -164,23 +167,6 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
             block_timeout=r.get("mqtt", "block_timeout"),
             max_retries=r.get("mqtt", "max_retries"),
         )
-    configured = [k for k in ("https", "mqtt") if k in r.present]
-    if not configured:
-        raise ConfigError(f"{path}: configure [https], [mqtt] or both", path=str(path),
-                          key="https", hint=HINT)
-    if "https" in configured and "mqtt" in configured and \
-            r.section_order.index("mqtt") < r.section_order.index("https"):
-        configured.reverse()  # "auto" tries them in file order
-    transport: str = r.get(TOP, "transport")
-    if transport == "auto":
-        order = tuple(configured)
-    elif transport in configured:
-        order = (transport,)
-    else:
-        raise ConfigError(
-            f"{path}: transport: {transport!r} is not configured (configured: "
-            f"{', '.join(f'[{c}]' for c in configured)}; or \"auto\")", path=str(path),
-            key="transport")
     health = HealthConfig(
         timeout=r.get("health", "timeout"),
         max_memory=r.get("health", "max_memory"),

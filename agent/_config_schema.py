@@ -21,10 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelward.agent._observe import ActivationConfig
 from modelward.agent.errors import ConfigError
 from modelward.trust._display import escape
-from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig
+from modelward.updater import _defaults as d
 from modelward.updater.bundle._names import MODEL_NAME
 
 DEFAULT_CONFIG = Path("/etc/modelward/agent.toml")
@@ -33,6 +32,7 @@ MAX_SECRET_BYTES = 4096  # a password file
 HINT = "see README \"Configuration\" for every key, or run `modelward agent check-config`"
 
 TOP = ""  # the section name of top-level keys
+ACTIVATION_TIMEOUT = 30.0  # seconds each activation command may take (ActivationConfig)
 _SECONDS_MAX = 1e7  # ~115 days: more is a typo (ms for s), not a setting
 
 
@@ -90,10 +90,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "metadata_url": Key("url", required=True),
         "targets_url": Key("url", required=True),
         "ca_file": Key("file", note="the system CA store"),
-        "min_speed": Key("int", HttpsConfig.min_speed, lo=1, hi=1 << 30),
-        "min_speed_window": _secs(HttpsConfig.min_speed_window, hi=86400),
-        "header_timeout": _secs(HttpsConfig.header_timeout, hi=86400),
-        "metadata_timeout": _secs(HttpsConfig.metadata_timeout, hi=86400),
+        "min_speed": Key("int", d.HTTPS_MIN_SPEED, lo=1, hi=1 << 30),
+        "min_speed_window": _secs(d.HTTPS_MIN_SPEED_WINDOW, hi=86400),
+        "header_timeout": _secs(d.HTTPS_HEADER_TIMEOUT, hi=86400),
+        "metadata_timeout": _secs(d.HTTPS_METADATA_TIMEOUT, hi=86400),
     },
     "mqtt": {
         "host": Key("host", required=True),
@@ -104,16 +104,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "username": Key("str", note="device_id"),
         "password": Key("str", secret=True, note="no password"),
         "password_file": Key("file", note="no password"),
-        "connect_timeout": _secs(MqttConfig.connect_timeout, hi=86400),
-        "block_timeout": _secs(MqttConfig.block_timeout, hi=86400),
-        "max_retries": Key("int", MqttConfig.max_retries, lo=1, hi=1000),
+        "connect_timeout": _secs(d.MQTT_CONNECT_TIMEOUT, hi=86400),
+        "block_timeout": _secs(d.MQTT_BLOCK_TIMEOUT, hi=86400),
+        "max_retries": Key("int", d.MQTT_MAX_RETRIES, lo=1, hi=1000),
     },
     "health": {
-        "timeout": _secs(HealthConfig.timeout, hi=1e6),
+        "timeout": _secs(d.HEALTH_TIMEOUT, hi=1e6),
         "max_memory": Key("size", note="half the available memory, at most 2G"),
         "max_cpu_seconds": _secs(None, hi=1e6, note="timeout"),
-        "nice": Key("int", HealthConfig.nice, lo=0, hi=19),
-        "unsafe_no_sandbox": Key("bool", HealthConfig.unsafe_no_sandbox),
+        "nice": Key("int", d.HEALTH_NICE, lo=0, hi=19),
+        "unsafe_no_sandbox": Key("bool", d.HEALTH_UNSAFE_NO_SANDBOX),
     },
     "idle": {
         "busy_file": Key("path", note="no busy signal"),
@@ -127,8 +127,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "poll": _secs(1.0, hi=3600),
     },
     "activation": {
-        "command": Key("strs", ActivationConfig.command),
-        "timeout": _secs(ActivationConfig.timeout, hi=86400),
+        "command": Key("strs", ()),
+        "timeout": _secs(ACTIVATION_TIMEOUT, hi=86400),
     },
     "metrics": {
         "textfile": Key("path", note="STATE_DIR/metrics.prom"),

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelward.agent._status import COUNTERS as COUNTERS
 from modelward.agent._status import clean_status
@@ -24,26 +24,10 @@ from modelward.trust._report_seq import (
     sequence_believable,
 )
 
+if TYPE_CHECKING:
+    from modelward.agent._config import ActivationConfig
+
 logger = logging.getLogger("modelward.agent")
-
-
-
-@dataclass(frozen=True)
-class ActivationConfig:
-    """``[activation]``: how to tell the inference application about a new model.
-
-    Attributes:
-        command: run after each switch, with MODELWARD_MODEL_DIR, MODELWARD_MODEL,
-            MODELWARD_VERSION and MODELWARD_FINGERPRINT in its environment.
-        timeout: seconds each may take.
-
-    (``reload_unit`` and ``restart`` were removed: ``modelward-activate@UNIT.path``, run by
-    systemd, reloads the unit when :data:`ACTIVATED_FILE` changes; the config loader
-    ignores them with a notice, ``agent._config_schema.REMOVED``.)
-    """
-
-    command: tuple[str, ...] = ()
-    timeout: float = 30.0
 
 
 ACTIVATED_FILE = "activated"

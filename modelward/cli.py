@@ -642,9 +642,10 @@ def _agent_check_config(args: argparse.Namespace) -> int:
 
 def _agent_boot_check(args: argparse.Namespace) -> int:
     from modelward.agent._commands import run_boot_check
+    from modelward.agent._config_rules import load_boot_config
     from modelward.updater.errors import NothingTrustedError
 
-    cfg = _load(args)
+    cfg = load_boot_config(args.config)  # (validated in full, only booting's part built)
     if args.tpm_wait is not None:
         cfg = replace(cfg, tpm_wait=args.tpm_wait)
     try:

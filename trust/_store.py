@@ -21,6 +21,7 @@ import shutil
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelward.trust._atomic import rename_atomic, write_atomic
 from modelward.trust._bounded import UnsafeFileError, loads_bounded, read_bounded
@@ -38,7 +39,7 @@ from modelward.trust._record import (
     genesis,
     plan_record,
 )
-from modelward.trust._tpm import LegacyObjects, ProvisionReport, TpmInterface
+from modelward.trust._tpm import LegacyObjects, TpmInterface
 from modelward.trust._tpmauth import auth_dir_for, ensure_auth
 from modelward.trust.errors import (
     OperatorInputError,
@@ -47,6 +48,9 @@ from modelward.trust.errors import (
     TrustFileUnreadableError,
     TrustRecordError,
 )
+
+if TYPE_CHECKING:
+    from modelward.trust._provision import ProvisionReport
 
 logger = logging.getLogger(__name__)
 

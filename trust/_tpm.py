@@ -19,9 +19,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from modelward.trust._tpmimport import import_tpm2_pytss
 from modelward.trust.errors import (
@@ -60,22 +59,10 @@ _RC_TCTI_IO = 0xA000A
 _RC_BAD_AUTH = 0x9A2  # wrong authValue on a noDA object
 _RC_AUTH_FAIL = 0x98E  # wrong authValue on a DA-protected object (counts toward lockout)
 
+if TYPE_CHECKING:  # (built by provision only: not a class made at every boot, issue 15)
+    from modelward.trust._provision import ProvisionReport
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ProvisionReport:
-    """What provisioning created (True) or found in place (False)."""
-
-    srk_created: bool
-    identity_created: bool
-    anchor_defined: bool
-    counter_defined: bool
-    identity_public_pem: bytes
-    mac_key_created: bool = False
-    migrated: bool = False  # the open objects of an older provisioning were found
-    identity_replaced: bool = False  # migration made a new identity key: re-enrol it
-    record_heals: bool = False  # migration found no believable record: the next update heals
 
 
 class LegacyObjects(abc.ABC):
@@ -417,6 +404,8 @@ class Tpm(TpmInterface):
         self._provision_nv(FLOOR_INDEX, 8, counter=False)  # (devices from before: added)
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
+        from modelward.trust._provision import ProvisionReport
+
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
                                ipub.to_pem(), mac_key_created, migrated,
                                identity_created and had_legacy_identity and not keep_identity)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from modelward.updater import _defaults as d
+
 
 @dataclass(frozen=True)
 class HttpsConfig:
@@ -37,10 +39,10 @@ class HttpsConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     chunk_size: int = 1024 * 1024
-    min_speed: int = 1024
-    min_speed_window: float = 60.0
-    header_timeout: float = 30.0
-    metadata_timeout: float = 120.0
+    min_speed: int = d.HTTPS_MIN_SPEED
+    min_speed_window: float = d.HTTPS_MIN_SPEED_WINDOW
+    header_timeout: float = d.HTTPS_HEADER_TIMEOUT
+    metadata_timeout: float = d.HTTPS_METADATA_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,11 @@ class HealthConfig:
 
     DEFAULT_MEMORY_CAP: ClassVar[int] = 2 << 30  # bytes
 
-    timeout: float = 120.0
+    timeout: float = d.HEALTH_TIMEOUT
     max_memory: int | None = None
     max_cpu_seconds: float | None = None
-    nice: int = 10
-    unsafe_no_sandbox: bool = False
+    nice: int = d.HEALTH_NICE
+    unsafe_no_sandbox: bool = d.HEALTH_UNSAFE_NO_SANDBOX
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,11 @@ class MqttConfig:
     key_file: str | None = None
     password: str | None = None
     keepalive: int = 30
-    connect_timeout: float = 10.0
+    connect_timeout: float = d.MQTT_CONNECT_TIMEOUT
     block_size: int = 1024 * 1024
     window: int = 16
-    block_timeout: float = 5.0
-    max_retries: int = 4
+    block_timeout: float = d.MQTT_BLOCK_TIMEOUT
+    max_retries: int = d.MQTT_MAX_RETRIES
     queue_limit: int = 256
     max_packet_size: int = 0
     queue_bytes: int = 0

@@ -7,10 +7,13 @@ Which release a device takes among those signed for it is :mod:`modelward.update
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from modelward.trust._record import ModelRef, TrustRecord
-from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import RollbackError
-from modelward.updater.rollout import Choice
+
+if TYPE_CHECKING:  # (the update path's: `agent boot-check` needs boot_outcome only, issue 15)
+    from modelward.updater.rollout import Choice
 
 
 def should_install(choice: Choice | None, active: ModelRef | None) -> bool:
@@ -19,6 +22,8 @@ def should_install(choice: Choice | None, active: ModelRef | None) -> bool:
         return False
     if active is None:
         return True
+    from modelward.updater.bundle._semver import SemVer
+
     current = SemVer.parse(active.version)
     if choice.pinned:
         return choice.release.version != current

@@ -30,6 +30,9 @@ FORBIDDEN = (
     # ... its FAPI bindings and cryptography's key serialization (deferred the same way)
     "tpm2_pytss.FAPI", "cryptography.hazmat.primitives.serialization",
     "subprocess",  # (the activation command's: run by updates, never at boot)
+    # the full config loader and the transports' dataclasses (agent/_config_rules.py
+    # validates the whole file and builds only booting's part)
+    "modelward.agent._config", "modelward.updater._config",
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
 NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from modelward.agent._config import check_config, load_config
-from modelward.agent._observe import ACTIVATED_FILE, ActivationConfig, notify_activation
+from modelward.agent._config import ActivationConfig, check_config, load_config
+from modelward.agent._observe import ACTIVATED_FILE, notify_activation
 from modelward.agent.errors import ConfigError
 from modelward.trust._record import ModelRef
 from tests.unit._configbase import BASE

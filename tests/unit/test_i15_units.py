@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from modelward.agent._config import ActivationConfig
 from modelward.agent._observe import (
     ACTIVATED_FILE,
-    ActivationConfig,
     Metrics,
     notify_activation,
     write_activated,
