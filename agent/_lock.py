@@ -13,10 +13,14 @@ lock for its whole run, before it stages, connects or writes the TPM:
   does not inherit it), mode 0600, owned by the user running the command (who owns the
   state directory: ``modelward.agent._owner``). The kernel drops it when its holder
   exits, however it exits: a crashed holder leaves no stale lock.
-- An entry there that is not a plain file of this user (a symlink, a directory, a FIFO,
-  a hard link, another user's file: the disk's doing) is removed and a new file made, so
-  the disk cannot block every command for good. After locking, the holder checks the
-  name still is the file it locked (else it locks again).
+- An entry there that is not a plain file of this user with mode 0600 (a symlink, a
+  directory, a FIFO, a device node, a hard link, another user's file, a file readable by
+  others: the disk's doing) is removed and a new file made, so the disk cannot block
+  every command for good. What is there is looked at (``fstatat``, no follow) before
+  anything is opened, and only a plain file is opened: a planted device node is never
+  opened. A file of another mode is replaced, never chmodded and reused: another
+  process may have opened it while its mode allowed, and hold a lock on it. After
+  locking, the holder checks the name still is the file it locked (else it locks again).
 - The holder writes ``pid N: COMMAND`` into the file; whoever finds it locked reads at
   most :data:`HOLDER_MAX` bytes of it, as untrusted text, escaped, to name it. The
   holder removes the file as it lets go (still locked; a command that opened it just
@@ -62,7 +66,7 @@ _POLL = 0.1
 # struct flock (the C layout of this platform; "0q": padded to the alignment of off_t)
 _FLOCK = "@hhqqi0q"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+_FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
 
 #: The state directories this process holds the lock of (re-entrance), and their fds.
 _held: dict[Path, int] = {}
@@ -125,15 +129,36 @@ def _plain_own(st: os.stat_result) -> bool:
 
 
 def _open_lock(dirfd: int, path: Path) -> int:
-    """The lock file's fd, a plain file of this user (module docstring: anything else
-    there is replaced).
+    """The lock file's fd, a plain file of this user, mode 0600 (module docstring:
+    anything else there is replaced, never opened).
+
+    What is at the name is looked at first (``fstatat``, never following a link): only a
+    plain file of this user with mode 0600 is opened (without ``O_CREAT``), and the fd is
+    then checked to be that same inode; a missing name is made afresh (``O_EXCL``). A
+    device node, FIFO or socket planted there is never opened. A file of another mode is
+    replaced, not chmodded in place: whoever opened it while its mode allowed may hold an
+    fd and a lock on it.
 
     Raises:
         StateDirError: it cannot be opened, made or replaced.
     """
     for _ in range(8):
         try:
-            fd = os.open(LOCK_NAME, _FILE_FLAGS, LOCK_MODE, dir_fd=dirfd)
+            seen: os.stat_result | None = os.stat(LOCK_NAME, dir_fd=dirfd,
+                                                  follow_symlinks=False)
+        except FileNotFoundError:
+            seen = None
+        except OSError as e:
+            raise StateDirError(f"cannot inspect the lock file {path}: {e.strerror}",
+                                path=str(path)) from e
+        if seen is not None and not _usable(seen):
+            _replace(dirfd, path, seen)
+            continue
+        flags = _FILE_FLAGS if seen is not None else _FILE_FLAGS | os.O_CREAT | os.O_EXCL
+        try:
+            fd = os.open(LOCK_NAME, flags, LOCK_MODE, dir_fd=dirfd)
+        except (FileNotFoundError, FileExistsError):
+            continue  # (removed or made meanwhile: look again)
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES,
                                errno.EPERM, errno.ENOTDIR):
@@ -141,16 +166,31 @@ def _open_lock(dirfd: int, path: Path) -> int:
                                     path=str(path)) from e
             _replace(dirfd, path, None)
             continue
-        st = os.fstat(fd)
-        if _plain_own(st):
-            if stat.S_IMODE(st.st_mode) != LOCK_MODE:
+        try:
+            st = os.fstat(fd)
+            if seen is None and _plain_own(st):  # (made just now: umask-proof mode)
                 os.fchmod(fd, LOCK_MODE)
+                st = os.fstat(fd)
+        except OSError as e:
+            os.close(fd)
+            raise StateDirError(f"cannot inspect the lock file {path}: {e.strerror}",
+                                path=str(path)) from e
+        if _usable(st) and (seen is None or _same(st, seen)):
             os.set_blocking(fd, True)
             return fd
         os.close(fd)
-        _replace(dirfd, path, st)
+        if not _usable(st):
+            _replace(dirfd, path, st)
     raise StateDirError(f"cannot make the lock file {path}: it keeps being replaced",
                         path=str(path))
+
+
+def _usable(st: os.stat_result) -> bool:
+    return _plain_own(st) and stat.S_IMODE(st.st_mode) == LOCK_MODE
+
+
+def _same(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 def _replace(dirfd: int, path: Path, seen: os.stat_result | None) -> None:
@@ -283,7 +323,10 @@ def holder(state_dir: Path) -> Holder | None:
         dirfd = os.open(state_dir, _DIR_FLAGS)
     except OSError:
         return None
-    try:
+    try:  # (looked at first, never followed: only a plain file is opened)
+        seen = os.stat(LOCK_NAME, dir_fd=dirfd, follow_symlinks=False)
+        if not stat.S_ISREG(seen.st_mode):
+            return None
         fd = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
                      | os.O_NOCTTY, dir_fd=dirfd)
     except OSError:
@@ -291,7 +334,8 @@ def holder(state_dir: Path) -> Holder | None:
     finally:
         os.close(dirfd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode) or not _locked_by_other(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or not _same(st, seen) or not _locked_by_other(fd):
             return None
         return _read_holder(fd)
     except OSError:

@@ -28,11 +28,6 @@ sys.stdin.read()
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/_lock.py _open_lock: a lock file of this user with another mode is fchmod'ed "
-    "to 0600 and used, not replaced: an fd another user opened while it was 0644 keeps "
-    "an OFD read lock on it, and every update/provision is refused (exit 75) and "
-    "boot-check waits 120 s then is refused, for as long as that process lives"))
 def test_a_foreign_read_lock_on_a_once_readable_file_blocks_nothing(tmp_path: Path) -> None:
     lock = tmp_path / LOCK_NAME
     lock.write_bytes(b"")
@@ -117,13 +112,6 @@ def test_status_reads_a_hostile_holder_text_escaped_and_bounded(tmp_path: Path) 
 _IN_OPEN, _IN_DELETE_SELF = 0x20, 0x400
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/_lock.py _open_lock: the name is opened O_RDWR before anything checks what it "
-    "is (_FILE_FLAGS has O_NOFOLLOW, O_NONBLOCK, O_NOCTTY but nothing against a device "
-    "node): a character device the disk planted as agent.lock, mode 0666, is opened for "
-    "writing by a hand-run agent update/provision (no DevicePolicy there) - a watchdog "
-    "node (10,130) is armed by that open - and only then replaced; agent/_lock.py "
-    "holder() (agent status) opens it O_RDONLY the same way before its fstat"))
 @pytest.mark.parametrize("command", ["agent update", "agent status"])
 def test_a_planted_device_node_is_never_opened(tmp_path: Path, command: str) -> None:
     import ctypes
