@@ -26,6 +26,10 @@ lock for its whole run, before it stages, connects or writes the TPM:
   holder removes the file as it lets go (still locked; a command that opened it just
   before finds, once it has the lock, that the name no longer is its file, and starts
   again), so a finished or refused command leaves the state directory as it was.
+- A missing state directory is made (mode 0750) and locked at once, before the command
+  does anything else: a command started on a fresh device, before ``agent provision``
+  made the directory, never runs unlocked beside one started after (the provision is
+  then refused while it runs; it makes the directory the same way, then locks).
 - What a second command does (README "Device commands"): ``agent update`` and ``agent
   provision`` are refused (:class:`DeviceBusyError`, one line naming the holder, exit
   75); ``agent boot-check`` waits up to :data:`BOOT_WAIT` seconds (saying so once), then
@@ -235,6 +239,20 @@ def _open_state_dir(state_dir: Path) -> int:
                             path=str(state_dir)) from e
 
 
+def _make_state_dir(state_dir: Path) -> None:
+    """Create the missing state directory (mode 0750, as ``agent provision`` does), so
+    that its lock is taken before anything else is put there.
+
+    Raises:
+        StateDirError: it cannot be made.
+    """
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+    except OSError as e:
+        raise StateDirError(f"cannot create the state directory {state_dir}: {e.strerror}",
+                            path=str(state_dir)) from e
+
+
 def _refusal(command: str, path: Path, h: Holder) -> DeviceBusyError:
     return DeviceBusyError(
         f"`{command}` not started: {h.describe()} is running on this device "
@@ -249,8 +267,10 @@ def device_lock(state_dir: Path, command: str, *, wait: float = 0.0,
     """Hold the device lock of ``state_dir`` while the block runs (module docstring).
 
     Args:
-        state_dir: the state directory (missing: no lock, nothing there to protect; the
-            command then fails on it, or creates it after taking no lock).
+        state_dir: the state directory. Missing, it is made here (mode 0750, parents as
+            needed) and locked at once: every command that locks may create it (an
+            update heals a lost one, provision makes it), and one started before the
+            directory exists must not run unlocked once another has made it.
         command: what is running, written for others to see ("agent update").
         wait: seconds to wait for a running command before refusing (0: refuse at once).
 
@@ -264,9 +284,12 @@ def device_lock(state_dir: Path, command: str, *, wait: float = 0.0,
         return
     path = state_dir / LOCK_NAME
     dirfd = _open_state_dir(state_dir)
-    if dirfd < 0:  # no state directory yet: nothing there to share (the command says so)
-        yield
-        return
+    if dirfd < 0:  # no state directory yet: made here, then locked before it is used
+        _make_state_dir(state_dir)
+        dirfd = _open_state_dir(state_dir)
+        if dirfd < 0:
+            raise StateDirError(f"cannot create the state directory {state_dir}: it was "
+                                "removed as it was made", path=str(state_dir))
     try:
         fd = _acquire(dirfd, path, command, wait, clock, sleep)
     except BaseException:

@@ -142,3 +142,22 @@ def test_a_planted_device_node_is_never_opened(tmp_path: Path, command: str) -> 
         assert not any(m & _IN_OPEN for m in masks), "the device node was opened"
     finally:
         os.close(ino)
+
+
+def test_a_missing_state_dir_is_made_and_locked_at_once(tmp_path: Path) -> None:
+    from modelward.agent.errors import DeviceBusyError
+
+    state = tmp_path / "var" / "state"
+    p = subprocess.Popen([sys.executable, "-c", _HOLD, str(state)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == "held\n"
+        assert state.is_dir() and state.stat().st_mode & 0o007 == 0  # (0750, umask-less)
+        h = holder(state)
+        assert h is not None and h.command == "agent update"
+        with pytest.raises(DeviceBusyError, match="agent update"), \
+                device_lock(state, "agent update"):
+            pytest.fail("ran beside the holder")
+    finally:
+        p.communicate("")
+    assert os.listdir(state) == []
