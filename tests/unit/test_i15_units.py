@@ -101,6 +101,15 @@ def test_boot_check_waits_for_the_tpm_and_fails_clearly_without_one() -> None:
     assert "/dev/tpmrm0" not in " ".join(d.get("ConditionPathExists", []))
     # a oneshot never waits for ever
     assert re.fullmatch(r"\d+", d["TimeoutStartSec"][0])
+    # ... but long enough for its own waits (the device lock, then the TPM) and at least
+    # 600 s to hash the active and the previous model: killed sooner, a large model
+    # never boots after a late TPM
+    from modelward.agent._config import AgentConfig
+    from modelward.agent._lock import BOOT_WAIT
+
+    tpm_wait = AgentConfig.__dataclass_fields__["tpm_wait"].default
+    assert isinstance(tpm_wait, float)
+    assert int(d["TimeoutStartSec"][0]) >= BOOT_WAIT + tpm_wait + 600
 
 
 def test_inference_dropin_reads_the_model_as_group_modelward() -> None:
