@@ -65,17 +65,22 @@ def test_a10_boot_and_full_loader_agree(tmp_path: Path, text: str) -> None:
 def _planted(d: Path, what: str) -> Path:
     if what == "fifo":
         os.mkfifo(d / "pw")
+    elif what == "sparse":  # 64 GiB of holes: only the bounded prefix may be read
+        with open(d / "pw", "wb") as f:
+            f.truncate(64 << 30)
+        os.chmod(d / "pw", 0o600)
     else:
         (d / "pw").symlink_to(what)
     return d / "pw"
 
 
-@pytest.mark.parametrize("what", ["fifo", "/dev/zero", "/dev/urandom"])
+@pytest.mark.parametrize("what", ["fifo", "/dev/zero", "/dev/urandom", "sparse"])
 @pytest.mark.parametrize("as_config", [False, True])
 def test_a10_boot_check_does_not_hang_on_a_planted_file(tmp_path: Path, what: str,
                                                         as_config: bool) -> None:
-    """The real CLI, at once: a FIFO or an endless device as the config itself or as its
-    password_file is refused (exit 1, naming it), never read until the unit's timeout."""
+    """The real CLI, at once: a FIFO, an endless device or a sparse giant as the config
+    itself or as its password_file is refused (exit 1, naming it), never read until the
+    unit's timeout."""
     d = config_dir(tmp_path)
     pw = _planted(d, what)
     p = d / "agent.toml"
@@ -86,4 +91,4 @@ def test_a10_boot_check_does_not_hang_on_a_planted_file(tmp_path: Path, what: st
         r = subprocess.run([str(exe), "agent", cmd, "--config", str(pw if as_config else p)],
                            capture_output=True, text=True, timeout=30, cwd=d)
         assert r.returncode == 1, r.stderr
-        assert "not a regular file" in r.stderr
+        assert ("larger than" if what == "sparse" else "not a regular file") in r.stderr
