@@ -137,7 +137,15 @@ def _config_file(r: Resolved) -> None:
 
 
 def _cross(r: Resolved, state: Path) -> None:
+    if state.name in ("", ".."):  # (the TPM auth directory is named after the last part)
+        raise _fail(r, TOP, "state_dir", f"{state} ends in '..': the TPM auth directory "
+                    "beside it would be named after '..' and could lie inside it",
+                    hint="write the state directory's path so that it ends in its own name")
     auth = auth_dir_for(state)
+    if _inside(auth, state) or _inside(state, auth):
+        raise _fail(r, TOP, "state_dir", f"the TPM auth directory {auth} and the state "
+                    f"directory {state} overlap", hint="write the state directory's plain "
+                    "path (the auth directory is <state_dir>-tpm beside it)")
     trust = state / "trust"
     places = ((state, "state_dir", "whoever writes the state directory"),
               (auth, "state_dir's TPM auth directory", "whoever writes it"))

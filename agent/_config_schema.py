@@ -434,8 +434,8 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
                 except ValueError as e:
                     raise err(f"{quoted(w)} is not HH:MM-HH:MM: {e}") from e
         return tuple(v)
-    if not isinstance(v, str):
-        raise err(f"must be a string, not {_show(v)}")
+    if not isinstance(v, str):  # (a secret's value is never shown, only its type)
+        raise err(f"must be a string, not {type(v).__name__ if spec.secret else _show(v)}")
     if not v or any(ord(c) < 0x20 or ord(c) == 0x7f for c in v):
         raise err("must be a non-empty string without control characters")
     if kind == "name" and not _NAME.fullmatch(v):
@@ -448,7 +448,7 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
         return _host(v, err)
     if kind == "url":
         return _url(v, err)
-    if v.startswith("~"):  # the agent runs as its own user: whose home would it be?
+    if kind in ("path", "file") and v.startswith("~"):  # (whose home would it be?)
         raise err(f"{quoted(v)}: '~' is not expanded; write the absolute path")
     if kind == "path":
         return base / v

@@ -11,15 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.unit._configbase import BASE, config_dir
 
 SECRET = "~Sup3r-s3cret-pw"
 
 
-@pytest.mark.xfail(strict=True, reason="the '~' path rule runs on [mqtt] password: a valid "
-                   "password is refused and its value is printed (_config_schema.py:451)")
 def test_a10_password_starting_with_tilde_is_a_password(tmp_path: Path) -> None:
     d = config_dir(tmp_path)
     p = d / "agent.toml"
