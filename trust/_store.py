@@ -240,12 +240,16 @@ class TrustStore:
             TrustFileUnreadableError: a record file exists but cannot be read.
             TpmError: the TPM failed.
         """
-        current, bad = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
-        pending, bad_pending = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+        if repair:  # (under the device lock: no commit runs beside this read)
+            current, bad = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
+            pending, bad_pending = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+            counter = self.tpm.read_counter()
+        else:
+            current, bad, pending, bad_pending, counter = self._read_consistent()
         plan = plan_record(
             current,
             pending,
-            self.tpm.read_counter(),
+            counter,
             self.tpm.mac_ok,
             current_path=str(self.record_path),
             pending_path=str(self.pending_path),
@@ -266,6 +270,23 @@ class TrustStore:
         elif pending is not None:
             self.pending_path.unlink()
         return plan
+
+    def _read_consistent(self) -> tuple[bytes | None, str, bytes | None, str, int]:
+        """The record files and the counter as of one moment, without the device lock.
+
+        A commit beside this read writes the pending file, increments the counter, then
+        renames: reading the pending file before the record, between two reads of the
+        counter that agree, sees either the commit's start (pending, old counter), its
+        middle (pending, new counter) or its end (the new record), never the old record
+        with the new counter (which would look like a rolled-back record)."""
+        for _ in range(_CONSISTENT_TRIES):
+            before = self.tpm.read_counter()
+            pending, bad_pending = _read_file(self.dir, self.pending_path.name, _RECORD_MAX)
+            current, bad = _read_file(self.dir, self.record_path.name, _RECORD_MAX)
+            counter = self.tpm.read_counter()
+            if counter == before:
+                break
+        return current, bad, pending, bad_pending, counter
 
     def heal(self, plan: Heal, root_version: int) -> TrustRecord:
         """Discard the record that cannot be believed: commit a genesis record.
@@ -433,6 +454,9 @@ class TrustStore:
 
 _RECORD_MAX = RECORD_MAX_BYTES
 _ROOT_MAX = 512_000  # bytes, as ngclient's root_max_length
+
+
+_CONSISTENT_TRIES = 5  # commits beside a lock-free read (each one is a TPM NV increment)
 
 
 def _read_file(directory: Path, name: str, limit: int) -> tuple[bytes | None, str]:
