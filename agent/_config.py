@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from modelward.agent._config_rules import check_rules
+from modelward.agent._config_rules import check_rules, resolve
 from modelward.agent._config_schema import (
     ACTIVATION_TIMEOUT,
     DEFAULT_CONFIG,
@@ -121,11 +120,7 @@ def load_config(path: Path | None = None, *, test_kill_at: str | None = None) ->
     Raises:
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
-    path = DEFAULT_CONFIG if path is None else path
-    resolved = validate(read_document(path), path)
-    for notice in resolved.notices:  # (a removed key: ignored, said each time it loads)
-        logging.getLogger("modelward.agent").warning(notice)
-    return build_config(resolved, test_kill_at=test_kill_at)
+    return build_config(resolve(path), test_kill_at=test_kill_at)
 
 
 def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig:

@@ -91,6 +91,20 @@ class BootConfig:
     metrics_textfile: Path | None
 
 
+def resolve(path: Path | None) -> Resolved:
+    """Read and validate the file at ``path`` (default ``/etc/modelward/agent.toml``), and
+    log its notices (a removed key: ignored, said each time it loads).
+
+    Raises:
+        ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
+    """
+    path = DEFAULT_CONFIG if path is None else path
+    r = validate(read_document(path), path)
+    for notice in r.notices:
+        logging.getLogger("modelward.agent").warning(notice)
+    return r
+
+
 def load_boot_config(path: Path | None = None) -> BootConfig:
     """Read and validate a configuration exactly as ``load_config`` does (every key, the
     rules across keys, the password file read), keeping what booting uses.
@@ -98,10 +112,7 @@ def load_boot_config(path: Path | None = None) -> BootConfig:
     Raises:
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
-    path = DEFAULT_CONFIG if path is None else path
-    r = validate(read_document(path), path)
-    for notice in r.notices:  # (a removed key: ignored, said each time it loads)
-        logging.getLogger("modelward.agent").warning(notice)
+    r = resolve(path)
     check_rules(r)
     return BootConfig(path=r.path, state_dir=r.get(TOP, "state_dir"), tcti=r.get(TOP, "tcti"),
                       tpm_wait=r.get("agent", "tpm_wait"),
