@@ -9,9 +9,12 @@ naming the package and what to install (:func:`missing_package_line`, used by
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (not imported: a boot check's error path parses no arguments)
+    import argparse
 
 # import name -> (distribution, its extra); extra None: the command's role decides (both the
 # device and the operator extra pull it), "": a core dependency of every install

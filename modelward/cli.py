@@ -11,19 +11,21 @@ Exit codes:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from modelward import __version__
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (argparse: imported where a parser is built; not by `agent boot-check`)
+    import argparse
+
     from modelward.agent._config import AgentConfig
     from modelward.publisher._passphrases import PassphraseProvider
     from modelward.publisher._repo import Repository
@@ -751,6 +753,8 @@ def _sim_demo(args: argparse.Namespace) -> int:
 
 def _top_parser() -> argparse.ArgumentParser:
     """The top-level parser and its global options, without the commands."""
+    import argparse
+
     from modelward._inputs import OneLineParser
 
     p = OneLineParser(
@@ -778,11 +782,54 @@ def _add_config_option(a: argparse.ArgumentParser) -> None:
                    help="the agent configuration (default: /etc/modelward/agent.toml)")
 
 
+MAX_TPM_WAIT = 86400  # (s: `agent boot-check --tpm-wait`)
+BOOT_CHECK_PROG = "modelward agent boot-check"
+
+
+def _boot_unit_args(argv: Sequence[str]) -> argparse.Namespace | None:
+    """The arguments of ``argv`` if it is the boot unit's plain command line, read without
+    an argument parser; else None, and the parser reads it (help, errors, every other form).
+
+    Plain: ``agent boot-check`` then ``--config PATH`` or ``--tpm-wait SECONDS`` pairs
+    (the last of each counts, as with the parser), each value one that the parser takes
+    as it is: not empty, not starting with ``-``, a wait a number in range. For those,
+    the result is what the parser gives; anything else, a global option included, goes to
+    the parser. argparse and the parser's construction (with shutil, locale, gettext)
+    cost the boot unit several ms on every boot (issue 15).
+    """
+    if len(argv) % 2 or list(argv[:2]) != ["agent", "boot-check"]:
+        return None
+    config: Path | None = None
+    tpm_wait: float | None = None
+    for i in range(2, len(argv), 2):
+        option, value = argv[i], argv[i + 1]
+        if not value or value.startswith("-"):
+            return None
+        if option == "--config":
+            config = Path(value)
+        elif option == "--tpm-wait":
+            try:
+                wait = float(value)  # (as _inputs.number: the parser's type)
+            except ValueError:
+                return None
+            if not (math.isfinite(wait) and 0 <= wait <= MAX_TPM_WAIT):
+                return None
+            tpm_wait = wait
+        else:
+            return None
+    from types import SimpleNamespace
+
+    return cast("argparse.Namespace", SimpleNamespace(
+        verbose=0, log_format=None, debug=False, group="agent", cmd="boot-check",
+        config=config, tpm_wait=tpm_wait, func=_agent_boot_check,
+        command_prog=BOOT_CHECK_PROG))
+
+
 def _add_boot_check(asub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from modelward._inputs import number
 
     a = asub.add_parser("boot-check", help="verify the active model at boot, else fall back")
-    a.add_argument("--tpm-wait", type=number(0, 86400), metavar="SECONDS",
+    a.add_argument("--tpm-wait", type=number(0, MAX_TPM_WAIT), metavar="SECONDS",
                    help="how long to wait for a TPM that does not answer yet "
                         "(default: [agent] tpm_wait, 120)")
     a.set_defaults(func=_agent_boot_check)
@@ -820,6 +867,8 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
+    import argparse
+
     from modelward._inputs import number, whole
 
     p = _top_parser()
@@ -1155,6 +1204,28 @@ def _null_for_closed_streams() -> None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))  # noqa: SIM115 - (for the process)
 
 
+def _parse(argv: Sequence[str]) -> argparse.Namespace | int:
+    """``argv`` parsed, or the exit code of a usage error (one line), --help or --version,
+    once what the parser wrote is reported."""
+    import io
+
+    from modelward._inputs import mark_commands
+
+    parser = mark_commands(_parser_for(argv))
+    usage = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(usage):
+            args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (one line), --help, --version
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE
+        from modelward.agent._log import report_usage
+
+        report_usage(usage.getvalue(), argv, error=code != 0)
+        return code
+    sys.stderr.write(usage.getvalue())
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code.
 
@@ -1168,25 +1239,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The TSS libraries print their own warnings to stderr; our errors say it better.
     os.environ.setdefault("TSS2_LOG", "all+NONE")
     _null_for_closed_streams()
-    from modelward._inputs import mark_commands
-
     from_entry_point = argv is None
     argv = sys.argv[1:] if argv is None else argv
-    parser = mark_commands(_parser_for(argv))
-    import contextlib
-    import io
-
-    usage = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(usage):
-            args = parser.parse_args(argv)
-    except SystemExit as e:  # a usage error (one line), --help, --version
-        code = e.code if isinstance(e.code, int) else EXIT_USAGE
-        from modelward.agent._log import report_usage
-
-        report_usage(usage.getvalue(), argv, error=code != 0)
-        return code
-    sys.stderr.write(usage.getvalue())
+    plain = _boot_unit_args(argv)  # (the boot unit's command line: no parser, issue 15)
+    parsed = plain if plain is not None else _parse(argv)
+    if isinstance(parsed, int):
+        return parsed
+    args = parsed
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
     from modelward.agent.errors import DeviceBusyError
     from modelward.trust.errors import ModelwardError, OperatorInputError

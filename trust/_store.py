@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import stat
 from dataclasses import replace
 from pathlib import Path
@@ -447,6 +446,8 @@ class TrustStore:
                 continue
             logger.warning("removing %s: not a regular file", path)
             if stat.S_ISDIR(mode):
+                import shutil  # (3 ms: only here, not on the boot path, issue 15)
+
                 shutil.rmtree(path)  # does not follow links inside
             else:
                 path.unlink()

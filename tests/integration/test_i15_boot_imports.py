@@ -33,6 +33,10 @@ FORBIDDEN = (
     # the full config loader and the transports' dataclasses (agent/_config_rules.py
     # validates the whole file and builds only booting's part)
     "modelward.agent._config", "modelward.updater._config",
+    # the argument parser (cli._boot_unit_args reads the boot unit's command line; argparse
+    # formatting imports shutil, with bz2 and lzma, and gettext, with locale) and shutil
+    # otherwise (trust/_atomic.py, trust/_store.py import it where they copy or remove)
+    "argparse", "gettext", "shutil", "modelward._inputs",
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
 NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward.trust._fingerprint", "modelward.trust._record",
