@@ -17,6 +17,7 @@ from modelward.agent._config_schema import (
 )
 from modelward.agent.errors import ConfigError
 from modelward.updater._config import HealthConfig, HttpsConfig, MqttConfig, UpdaterConfig
+from modelward.updater._defaults import ANNOUNCE_SPREAD as DEFAULT_ANNOUNCE_SPREAD
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,8 @@ class AgentConfig:
         tcti: TPM TCTI string.
         updater: what the updater needs.
         poll_interval: seconds between two refreshes without announcements.
+        announce_spread: the most seconds an announcement's refresh waits (a random
+            share of it), so a fleet does not refresh at one instant.
         tpm_wait: seconds boot-check waits for a TPM that does not answer (yet) before it
             gives up; the model is never served unverified meanwhile.
     """
@@ -84,6 +87,7 @@ class AgentConfig:
     tcti: str
     updater: UpdaterConfig
     poll_interval: float = 3600.0
+    announce_spread: float = DEFAULT_ANNOUNCE_SPREAD
     tpm_wait: float = 120.0
     idle: IdleConfig = field(default_factory=lambda: IdleConfig())
     activation: ActivationConfig = field(default_factory=lambda: ActivationConfig())
@@ -201,6 +205,7 @@ def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig
         tcti=r.get(TOP, "tcti"),
         updater=updater,
         poll_interval=r.get("agent", "poll_interval"),
+        announce_spread=r.get("agent", "announce_spread"),
         tpm_wait=r.get("agent", "tpm_wait"),
         idle=idle,
         activation=activation,

@@ -84,6 +84,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     },
     "agent": {
         "poll_interval": _secs(3600.0),
+        "announce_spread": _secs(d.ANNOUNCE_SPREAD, lo_open=False, hi=86400),
         "tpm_wait": _secs(120.0, lo_open=False),
     },
     "https": {

@@ -5,7 +5,9 @@ reports; each update attempt runs in a child process (``modelward.agent._child``
 daemon stays small and gets all memory back after every attempt.
 
 Announcements are untrusted hints: each well-formed one wakes the loop for a TUF refresh
-(at most one per ``min_refresh_interval``), never more. Failures back off exponentially up
+(at most one per ``min_refresh_interval``), never more, after a random delay within
+``announce_spread`` (a fleet does not hit the origin at one instant); one of a timestamp
+version the device already trusts wakes nothing. Failures back off exponentially up
 to the poll interval, and announcements or reconnects do not cut a backoff short
 (``modelward.agent._schedule`` has the rules). The last good model keeps serving throughout.
 """
@@ -77,17 +79,42 @@ class Daemon:
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.min_refresh_interval = min_refresh_interval
-        self.schedule = Schedule(cfg.poll_interval, min_refresh_interval)
+        self.schedule = Schedule(cfg.poll_interval, min_refresh_interval,
+                                 spread=cfg.announce_spread)
         self._lock = threading.Lock()  # the schedule, between the loop and MQTT's thread
         self._listener: AnnouncementListener | None = None
         self._child: subprocess.Popen[str] | None = None
         self._busy_told = False  # the skips for another command's lock were logged
+        self._told_handled: int | None = None  # the handled version last logged
 
     def _on_announce(self, version: int) -> None:
+        share = random.random()  # noqa: S311 - a spread, not a secret
         with self._lock:
-            look = self.schedule.announce(version)
+            look = self.schedule.announce(version, time.monotonic(), share)
+            handled = not look and self.schedule.is_handled(version)
         if look:
+            logger.info("announcement of timestamp version %d: refreshing after %.1fs "
+                        "(a random share of announce_spread %.0fs)", version,
+                        share * self.cfg.announce_spread, self.cfg.announce_spread)
             self.wake.set()
+        elif handled and version != self._told_handled:  # (once a version: no log flood)
+            self._told_handled = version
+            logger.info("announcement of timestamp version %d ignored: already trusted",
+                        version)
+
+    def _trusted_version(self) -> int | None:
+        """The timestamp version the last successful attempt trusted (its TUF metadata
+        cache, just written by the child), or None. A hint for skipping announcements
+        only: the child verifies everything itself on every attempt."""
+        try:
+            doc = read_json_file(self.cfg.state_dir / "metadata" / "timestamp.json",
+                                 self.cfg.updater.tuf.timestamp_max_length,
+                                 max_depth=8)
+        except (OSError, ValueError):  # UnsafeFileError, UntrustedJsonError
+            return None
+        signed = doc.get("signed") if isinstance(doc, dict) else None
+        v = signed.get("version") if isinstance(signed, dict) else None
+        return v if type(v) is int and 0 < v < 1 << 63 else None
 
     def _ensure_listener(self) -> None:
         mq = self.cfg.updater.mqtt
@@ -209,6 +236,9 @@ class Daemon:
                 continue
             with self._lock:
                 self.schedule.started(time.monotonic())
+                answers = self.schedule.running
+            if answers is not None:
+                logger.info("update attempt for announced timestamp version %d", answers)
             code, report = self.attempt()
             try:
                 self.publish_status(report)
@@ -222,8 +252,9 @@ class Daemon:
                 self._skipped(wait)
                 continue
             self._busy_told = False
+            trusted = self._trusted_version() if code == 0 else None
             with self._lock:
-                wait = self.schedule.finished(code == 0, time.monotonic(), jitter)
+                wait = self.schedule.finished(code == 0, time.monotonic(), jitter, trusted)
             if code == 0:
                 self.notifier.status(self._result_line())
             else:

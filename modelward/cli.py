@@ -691,7 +691,8 @@ def _sim_fleet(args: argparse.Namespace) -> int:
     if args.action != "up":
         existing_dir("--dir", args.dir)
     if args.action == "up":
-        fleet = fleet_up(args.dir, args.devices, poll_interval=args.poll, say=_say)
+        fleet = fleet_up(args.dir, args.devices, poll_interval=args.poll,
+                         announce_spread=args.announce_spread, say=_say)
         print(f"fleet of {len(fleet.devices)} up in {fleet.dir}")
     elif args.action == "down":
         stopped = fleet_down(args.dir)
@@ -1122,6 +1123,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--devices", type=whole(1, 1000), default=3)
     f.add_argument("--poll", type=number(0, above=True), default=10.0,
                    help="agents' poll interval in seconds (default: 10)")
+    f.add_argument("--announce-spread", type=number(0, hi=86400), default=0.0,
+                   help="agents' [agent] announce_spread in seconds: each answers an "
+                        "announcement after a random delay up to this (default: 0, at once)")
     f = flsub.add_parser("down", help="stop everything by pid")
     f = flsub.add_parser("publish", help="build, publish and announce the next good release")
     f.add_argument("--version", help="default: the next major version")

@@ -38,6 +38,7 @@ def write_device_config(
     mqtt: dict[str, object] | None = None,
     transport: str | None = None,
     poll_interval: float | None = None,
+    announce_spread: float | None = 0.0,
     https: dict[str, object] | None = None,
     idle: dict[str, object] | None = None,
 ) -> Path:
@@ -49,8 +50,11 @@ def write_device_config(
     ]
     if transport:
         lines.append(f'transport = "{transport}"')
-    if poll_interval is not None:
-        lines += ["", "[agent]", f"poll_interval = {poll_interval}"]
+    agent = [f"{k} = {v}" for k, v in (("poll_interval", poll_interval),
+                                        ("announce_spread", announce_spread))
+             if v is not None]
+    if agent:  # (a simulated device answers an announcement at once, unless told)
+        lines += ["", "[agent]", *agent]
     if origin_url is not None:
         lines += ["", "[https]", f'metadata_url = "{origin_url}/metadata/"',
                   f'targets_url = "{origin_url}/targets/"']

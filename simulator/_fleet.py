@@ -277,7 +277,7 @@ class Fleet:
 
 
 def fleet_up(directory: Path, devices: int, *, poll_interval: float = 10.0,
-             say: Callable[[str], None] = lambda s: None) -> Fleet:
+             announce_spread: float = 0.0, say: Callable[[str], None] = lambda s: None) -> Fleet:
     """Create and start a fleet of ``devices`` in ``directory`` (which must not hold one).
 
     Raises:
@@ -326,7 +326,7 @@ def fleet_up(directory: Path, devices: int, *, poll_interval: float = 10.0,
             write_device_config(
                 d.conf, device_id=d.id, fleet=FLEET, state=d.state, tcti=tpm.tcti,
                 origin_url=origin.url, ca=ca.cert, transport=d.transport,
-                poll_interval=poll_interval,
+                poll_interval=poll_interval, announce_spread=announce_spread,
                 mqtt={"host": "127.0.0.1", "port": broker.port, "ca_file": str(ca.cert),
                       "password_file": str(fleet.creds / d.id)},
             )

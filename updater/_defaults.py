@@ -16,3 +16,8 @@ MQTT_MAX_RETRIES = 4  # requests of one block
 HEALTH_TIMEOUT = 120.0  # seconds (wall clock) the health check's child may run
 HEALTH_NICE = 10  # niceness added to the child
 HEALTH_UNSAFE_NO_SANDBOX = False
+
+# The most seconds an announcement's refresh waits, a random share of it per device: a
+# retained announcement reaching 10,000 devices at once starts ~33 refreshes a second
+# over 5 minutes, not 10,000 in the same second. 0 for a lab or a single device.
+ANNOUNCE_SPREAD = 300.0

@@ -67,7 +67,7 @@ def test_i15_config_mistakes_are_caught_at_load_and_nothing_moves(world: World) 
             "[https] ca_file: cannot read /nonexistent/ca.pem",
         good.replace('metadata_url = "https://', 'metadata_url = "http://'):
             "[https] metadata_url: ",
-        good + "\n[agent]\npoll_intervall = 5\n":
+        good.replace("[agent]\n", "[agent]\npoll_intervall = 5\n", 1):
             "[agent] poll_intervall: unknown key; did you mean poll_interval?",
     }
     for text, want in cases.items():
