@@ -157,6 +157,7 @@ def removed_notice(path: Path, section: str, key: str, value: Any) -> str:
         unit=escape(unit, 80))
 
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # (a URL where a path goes)
 _NAME = MODEL_NAME  # (one rule: what `bundle build` and the manifest parser accept)
 _HOST = re.compile(r"[A-Za-z0-9._:\[\]-]{1,253}")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
@@ -451,6 +452,8 @@ def _check(spec: Key, v: Any, base: Path, err: Callable[[str], ConfigError]) -> 
         return _url(v, err)
     if kind in ("path", "file") and v.startswith("~"):  # (whose home would it be?)
         raise err(f"{quoted(v)}: '~' is not expanded; write the absolute path")
+    if kind in ("path", "file") and (m := _URL_SCHEME.match(v)):
+        raise err(f"{quoted(v)} is a {m.group()} URL; this key takes a local path")
     if kind == "path":
         return base / v
     if kind == "file":

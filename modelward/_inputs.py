@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +33,29 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 # --- argument types (argparse turns ArgumentTypeError into a one-line usage error) --
+
+#: ``scheme://`` at the start of an argument: a URL given where a local path is expected
+#: (``repo init --repo s3://bucket/repo`` made a directory named ``s3:``, issue 17)
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def url_scheme(text: str) -> str | None:
+    """The scheme of ``text`` if it starts like a URL (``s3://``, ``https://``), else None."""
+    m = _URL_SCHEME.match(text)
+    return m.group()[:-3] if m else None
+
+
+def local_path(text: str) -> Path:
+    """An argparse type: a local path, never a URL (a ``scheme://`` prefix is refused)."""
+    scheme = url_scheme(text)
+    if scheme is not None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is a {scheme}:// URL, not a local path"
+            + ("; for a bucket, keep the repository in a local directory and upload it "
+               "(targets and versioned metadata first, timestamp.json last)"
+               if scheme.lower() in ("s3", "gs", "az") else ""))
+    return Path(text)
+
 
 
 def number(lo: float, hi: float = math.inf, *, integer: bool = False,

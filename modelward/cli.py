@@ -441,14 +441,16 @@ def _broker_config(args: argparse.Namespace, default_user: str) -> MqttConfig:
 
 
 def _add_broker_options(p: argparse.ArgumentParser, required: bool) -> None:
+    from modelward._inputs import local_path
+
     g = p.add_argument_group("MQTT broker")
     g.add_argument("--broker", required=required, help="mqtts://HOST:PORT")
     g.add_argument("--fleet", required=required, help="fleet name (topic prefix)")
-    g.add_argument("--tls-ca", type=Path, help="CA of the broker's certificate (pinned)")
-    g.add_argument("--cert", type=Path, help="client certificate")
-    g.add_argument("--key", type=Path, help="client key")
+    g.add_argument("--tls-ca", type=local_path, help="CA of the broker's certificate (pinned)")
+    g.add_argument("--cert", type=local_path, help="client certificate")
+    g.add_argument("--key", type=local_path, help="client key")
     g.add_argument("--username", help="MQTT username (default: the service's own)")
-    g.add_argument("--password-file", type=Path, help="file holding the MQTT password")
+    g.add_argument("--password-file", type=local_path, help="file holding the MQTT password")
 
 
 def _serve_mqtt(args: argparse.Namespace) -> int:
@@ -779,7 +781,9 @@ AGENT_HELP = "device: provision, update, status, boot check"
 
 
 def _add_config_option(a: argparse.ArgumentParser) -> None:
-    a.add_argument("--config", type=Path, metavar="PATH",
+    from modelward._inputs import local_path
+
+    a.add_argument("--config", type=local_path, metavar="PATH",
                    help="the agent configuration (default: /etc/modelward/agent.toml)")
 
 
@@ -793,7 +797,7 @@ def _boot_unit_args(argv: Sequence[str]) -> argparse.Namespace | None:
 
     Plain: ``agent boot-check`` then ``--config PATH`` or ``--tpm-wait SECONDS`` pairs
     (the last of each counts, as with the parser), each value one that the parser takes
-    as it is: not empty, not starting with ``-``, a wait a number in range. For those,
+    as it is: not empty, not starting with ``-``, no URL, a wait a number in range. For those,
     the result is what the parser gives; anything else, a global option included, goes to
     the parser. argparse and the parser's construction (with shutil, locale, gettext)
     cost the boot unit several ms on every boot (issue 15).
@@ -807,6 +811,8 @@ def _boot_unit_args(argv: Sequence[str]) -> argparse.Namespace | None:
         if not value or value.startswith("-"):
             return None
         if option == "--config":
+            if "://" in value:  # (a URL: the parser's local_path refuses it)
+                return None
             config = Path(value)
         elif option == "--tpm-wait":
             try:
@@ -870,7 +876,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     import argparse
 
-    from modelward._inputs import number, whole
+    from modelward._inputs import local_path, number, whole
 
     p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
@@ -881,9 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Create the role keys and version 1 of the metadata.",
                         epilog=_OFFLINE_ADVICE,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("--repo", type=Path, required=True,
+    r.add_argument("--repo", type=local_path, required=True,
                    help="served directory (metadata/, targets/)")
-    r.add_argument("--keys", type=Path, required=True, help="key directory, outside --repo")
+    r.add_argument("--keys", type=local_path, required=True, help="key directory, outside --repo")
     r.add_argument("--threshold", action="append", metavar="ROLE=N",
                    help="signatures a role needs (default 1; repeatable)")
     r.add_argument("--keys-per-role", action="append", metavar="ROLE=N",
@@ -891,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--expiry", action="append", metavar="ROLE=DURATION",
                    help="metadata lifetime, e.g. timestamp=1d, root=365d (repeatable; "
                         "kept in KEYS/expiry.json, see `repo set-expiry`)")
-    r.add_argument("--online-dir", type=Path, metavar="DIR",
+    r.add_argument("--online-dir", type=local_path, metavar="DIR",
                    help="put the snapshot and timestamp keys here, apart from --keys (the "
                         "online host's directory; passphrases MODELWARD_KEY_PASSPHRASE_SNAPSHOT "
                         "and _TIMESTAMP)")
@@ -904,8 +910,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the delegating role: top-level targets, or a team whose key is here")
     r.add_argument("--non-terminating", action="store_true",
                    help="let TUF's search go on to later roles for these paths")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_delegate)
     r = rsub.add_parser("sign", help="add a signature to metadata waiting for its threshold")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
@@ -913,23 +919,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encfile:NAME.pem, hsm:N?label=L, or another securesystemslib URI")
     r.add_argument("--yes", action="store_true",
                    help="sign without asking (the change summary is still printed)")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_sign)
     r = rsub.add_parser("add-key", help="add an HSM, KMS or envvar: key to a role")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--hsm-keyid", type=int, help="CKA_ID of the key on the token")
     r.add_argument("--token-label", help="PKCS#11 token label")
     r.add_argument("--uri", help="any other signer URI: envvar:NAME, gcpkms:…, awskms:…, …")
-    r.add_argument("--public-key", type=Path, help="PEM public key of the --uri key")
+    r.add_argument("--public-key", type=local_path, help="PEM public key of the --uri key")
     r.add_argument("--threshold", type=whole(1), help="the role's new threshold")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_add_key)
     r = rsub.add_parser("rotate", help="replace a role's key (root: chained, devices re-anchor)")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_rotate)
     r = rsub.add_parser("rekey", help="re-encrypt key files with scrypt (and new passphrases)",
                         description="Rewrite every encrypted key file under KEYS (or those "
@@ -941,18 +947,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="top-level roles or team names (default: every key file)")
     r.add_argument("--new-passphrase", action="store_true",
                    help="prompt for a new passphrase per role")
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_rekey)
     r = rsub.add_parser("refresh", help="re-sign timestamp (and snapshot when due); for a timer")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, help="key directory (single-machine layout)")
-    r.add_argument("--online-dir", type=Path, metavar="DIR",
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, help="key directory (single-machine layout)")
+    r.add_argument("--online-dir", type=local_path, metavar="DIR",
                    help="the online keys only (the online host; KEYS is never opened)")
     r.set_defaults(func=_repo_refresh)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
     r.add_argument("--json", action="store_true", help="one JSON array of the rows")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_status)
     r = rsub.add_parser("set-expiry", help="change metadata lifetimes and expiry warnings")
     r.add_argument("lifetimes", nargs="*", metavar="ROLE=DURATION",
@@ -960,35 +966,35 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warn", action="append", metavar="ROLE=DURATION",
                    help="warn this long before ROLE expires (defaults: root and targets "
                         "30d, snapshot 1d, timestamp 6h)")
-    r.add_argument("--repo", type=Path, required=True)
-    r.add_argument("--keys", type=Path, required=True)
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_set_expiry)
 
     bundle = sub.add_parser("bundle", help="operator: build model bundles")
     bsub = bundle.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     b = bsub.add_parser("build", help="write a v1 bundle from an ONNX model")
-    b.add_argument("model", type=Path, help="the .onnx file")
+    b.add_argument("model", type=local_path, help="the .onnx file")
     b.add_argument("--name", required=True)
     b.add_argument("--version", required=True, help="semantic version")
-    b.add_argument("--vectors", type=Path,
+    b.add_argument("--vectors", type=local_path,
                    help=".npz with input:<name>/output:<name> arrays; "
                    "generated with onnxruntime if absent")
     b.add_argument("--extra", action="append", metavar="SRC:PATH", help="add a file (repeatable)")
     b.add_argument("--rtol", type=number(0), default=1e-4)
     b.add_argument("--atol", type=number(0), default=1e-5)
     b.add_argument("--seed", type=int, default=0, help="seed of generated test inputs")
-    b.add_argument("-o", "--output", type=Path, required=True)
+    b.add_argument("-o", "--output", type=local_path, required=True)
     b.set_defaults(func=_bundle_build)
     d = bsub.add_parser("diff", help="bytes a device on OLD fetches for NEW (chunk index)")
-    d.add_argument("old", type=Path, metavar="OLD", help="the earlier bundle file")
-    d.add_argument("new", type=Path, metavar="NEW", help="the new bundle file")
+    d.add_argument("old", type=local_path, metavar="OLD", help="the earlier bundle file")
+    d.add_argument("new", type=local_path, metavar="NEW", help="the new bundle file")
     d.add_argument("--json", action="store_true", help="one JSON object")
     d.set_defaults(func=_bundle_diff)
 
     pub = sub.add_parser("publish", help="operator: sign and publish a bundle")
-    pub.add_argument("--repo", type=Path, required=True)
-    pub.add_argument("--keys", type=Path, required=True)
-    pub.add_argument("bundle", type=Path)
+    pub.add_argument("--repo", type=local_path, required=True)
+    pub.add_argument("--keys", type=local_path, required=True)
+    pub.add_argument("bundle", type=local_path)
     pub.add_argument("--channel", default="stable", help="release channel (default: stable)")
     pub.add_argument("--role", help="publish as this delegated (team) role, with its key")
     pub.add_argument("--sign-with", action="append", metavar="URI",
@@ -1018,17 +1024,17 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("name")
     x.add_argument("version")
     for x in rosub.choices.values():
-        x.add_argument("--repo", type=Path, required=True)
-        x.add_argument("--keys", type=Path, required=True)
+        x.add_argument("--repo", type=local_path, required=True)
+        x.add_argument("--keys", type=local_path, required=True)
     ro.set_defaults(func=_rollout)
 
     ann = sub.add_parser("announce", help="operator: publish the retained MQTT update hint")
-    ann.add_argument("--repo", type=Path, required=True)
+    ann.add_argument("--repo", type=local_path, required=True)
     _add_broker_options(ann, required=True)
     ann.set_defaults(func=_announce)
 
     srv = sub.add_parser("serve-mqtt", help="operator: answer device block requests over MQTT")
-    srv.add_argument("--repo", type=Path, required=True)
+    srv.add_argument("--repo", type=local_path, required=True)
     srv.add_argument("--group", help="shared-subscription group, a secret of at least 20 "
                      "characters (default: derived from the bridge's password or key)")
     from modelward.publisher._fairness import add_limit_options
@@ -1044,8 +1050,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-device credentials")
     f.add_argument("--fleet", required=True)
     f.add_argument("--devices", required=True, help="comma-separated device ids")
-    f.add_argument("-o", "--output", type=Path, required=True)
-    f.add_argument("--dynsec-plugin", type=Path, default=None,
+    f.add_argument("-o", "--output", type=local_path, required=True)
+    f.add_argument("--dynsec-plugin", type=local_path, default=None,
                    help="path of mosquitto_dynamic_security.so on the broker host "
                    "(default: the one installed here)")
     f.add_argument("--rotate", nargs="?", const="*", default=None, metavar="USERS",
@@ -1057,13 +1063,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: mosquitto, if it exists and may be given")
     f.set_defaults(func=_fleet_broker_config)
     f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key")
-    f.add_argument("--fleet-dir", type=Path, required=True, help="the operator's fleet registry")
+    f.add_argument("--fleet-dir", type=local_path, required=True,
+                   help="the operator's fleet registry")
     f.add_argument("--device", required=True)
-    f.add_argument("--key", type=Path, required=True, help="PEM from `agent enroll`")
+    f.add_argument("--key", type=local_path, required=True, help="PEM from `agent enroll`")
     f.set_defaults(func=_fleet_add_device)
     f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
                         "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
-    f.add_argument("--fleet-dir", type=Path, required=True)
+    f.add_argument("--fleet-dir", type=local_path, required=True)
     f.add_argument("--wait", type=number(0, 3600), default=2.0,
                    help="seconds to collect reports")
     f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
@@ -1076,7 +1083,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
     a = asub.add_parser("provision", help="create the TPM trust store and anchor the root")
-    a.add_argument("--root", type=Path, required=True, help="the repository's root.json")
+    a.add_argument("--root", type=local_path, required=True, help="the repository's root.json")
     a.add_argument("--keep-identity", action="store_true",
                    help="migrating an older device: keep its enrolled identity key pair "
                    "(see README \"TPM\" for the risk) instead of making a new one")
@@ -1111,11 +1118,11 @@ def build_parser() -> argparse.ArgumentParser:
     tpm = ssub.add_parser("tpm", help="software TPM (swtpm)")
     tsub = tpm.add_subparsers(dest="tpm_cmd", required=True, metavar="ACTION")
     t = tsub.add_parser("start", help="manufacture (first time) and start; prints the TCTI")
-    t.add_argument("--state", type=Path, required=True)
+    t.add_argument("--state", type=local_path, required=True)
     t.add_argument("--port", type=whole(1, 65534), help="server port (control port is +1)")
     t.set_defaults(func=_sim_tpm_start)
     t = tsub.add_parser("stop", help="stop by pid")
-    t.add_argument("--state", type=Path, required=True)
+    t.add_argument("--state", type=local_path, required=True)
     t.set_defaults(func=_sim_tpm_stop)
     fl = ssub.add_parser("fleet", help="a simulated fleet: mosquitto, nginx, bridge, N agents")
     flsub = fl.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -1132,14 +1139,14 @@ def build_parser() -> argparse.ArgumentParser:
     f = flsub.add_parser("status", help="what each device runs")
     f.add_argument("--json", action="store_true")
     for f in flsub.choices.values():
-        f.add_argument("--dir", type=Path, required=True, help="the fleet's directory")
+        f.add_argument("--dir", type=local_path, required=True, help="the fleet's directory")
     fl.set_defaults(func=_sim_fleet)
     for kind, names in (("attack", ATTACK_NAMES), ("fault", FAULT_NAMES)):
         sc = ssub.add_parser(kind, help=f"apply one {kind} to the running fleet and report "
                              "what each device did" + (", then clear it and await recovery"
                                                        if kind == "fault" else ""))
         sc.add_argument("name", choices=names)
-        sc.add_argument("--dir", type=Path, required=True, help="the fleet's directory")
+        sc.add_argument("--dir", type=local_path, required=True, help="the fleet's directory")
         sc.add_argument("--timeout", type=number(0, above=True), default=150.0,
                         help="seconds to wait for the devices (default: 150)")
         sc.add_argument("--json", action="store_true")
@@ -1147,11 +1154,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = ssub.add_parser("report", help="start a fleet, run every attack and fault, print "
                          "the table (exit 1 if any scenario did not behave)")
     rp.add_argument("--devices", type=whole(1, 1000), default=3)
-    rp.add_argument("--dir", type=Path, default=Path("fleet-report"), help="work directory")
-    rp.add_argument("-o", "--output", type=Path, help="also write the table here")
+    rp.add_argument("--dir", type=local_path, default=Path("fleet-report"), help="work directory")
+    rp.add_argument("-o", "--output", type=local_path, help="also write the table here")
     rp.set_defaults(func=_sim_report)
     d = ssub.add_parser("demo", help="the end-to-end demo on loopback (swtpm + nginx)")
-    d.add_argument("--dir", type=Path, default=Path("demo-run"), help="work directory")
+    d.add_argument("--dir", type=local_path, default=Path("demo-run"), help="work directory")
     d.set_defaults(func=_sim_demo)
     return p
 

@@ -104,6 +104,7 @@ def test_plain_boot_command_line_reads_as_the_full_parser(argv: list[str]) -> No
     ["agent", "boot-check", "--config"],  # (a value missing)
     ["agent", "boot-check", "--config", "-x"],  # (argparse: an option, not a value)
     ["agent", "boot-check", "--config", ""],
+    ["agent", "boot-check", "--config", "https://a/agent.toml"],  # (a URL: refused there)
     ["agent", "boot-check", "--config=a.toml"],
     ["agent", "boot-check", "--conf", "a.toml"],  # (an abbreviation: the parser's business)
     ["agent", "boot-check", "--tpm-wait", "-1"],
@@ -135,6 +136,7 @@ ENTRY_ARGVS = [
     ["agent", "boot-check", "--config", "/nonexistent/agent.toml"],
     ["agent", "boot-check", "--config", "/nonexistent/agent.toml", "--tpm-wait", "5"],
     ["agent", "boot-check", "--config=/nonexistent/agent.toml"],
+    ["agent", "boot-check", "--config", "s3://bucket/agent.toml"],
     ["--log-format", "json", "agent", "boot-check", "--bogus"],
 ]
 #: ``modelward ARGV`` through the full CLI: every command's parser, no plain reading.
