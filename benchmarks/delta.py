@@ -338,11 +338,13 @@ class Wire:
 
 
 # Phases of an install, between the agent's step marks (its log, `-v`).
-PHASES = (("refresh + pick", "checking", "downloading"),
+PHASES = (("start", "(process start)", "checking"),  # interpreter, imports, TPM, record
+          ("refresh + pick", "checking", "downloading"),
           ("download + verify + stage", "downloading", "staged"),
           ("seal + verify", "staged", "verified"),
           ("health check", "verified", "health-checked"),
-          ("commit", "health-checked", "active"))
+          ("commit", "health-checked", "active"),
+          ("exit", "active", "(process end)"))  # the hint, the exit
 
 
 def phases_text(runs: list[Run]) -> str:
@@ -536,7 +538,7 @@ class Device:
                 str(self.conf)]
         mark = wire.mark()
         with open(log, "w") as err:
-            t0 = time.perf_counter()
+            t0, epoch0 = time.perf_counter(), time.time()
             p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
                                  env={**os.environ, "TSS2_LOG": "all+NONE"})
             tree = TreeSampler(p.pid)
@@ -572,6 +574,7 @@ class Device:
         from datetime import datetime
 
         at = {k: datetime.fromisoformat(v).timestamp() for k, v in marks.items()}
+        at["(process start)"], at["(process end)"] = epoch0, epoch0 + wall
         phases = {name: at[b] - at[a] for name, a, b in PHASES if a in at and b in at}
         download = phases.get("download + verify + stage")
         reqs = wire.since(mark)

@@ -150,3 +150,55 @@ def test_boot_check_runs_without_cycle_collection(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(cli, "_agent_check_config", lambda _args: seen.append(gc.isenabled()) or 0)
     cli.main(["agent", "check-config", "--config", "/nonexistent"])
     assert seen == [False, False, True] and gc.isenabled()
+
+
+def test_the_entry_points_agent_update_ends_the_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 16: ``agent update`` from the entry point ends the same way once it returned
+    (40-80 ms of teardown per install); called with arguments, main returns its code; an
+    update that failed takes the usual exit (its error line is written by main)."""
+    ended: list[int] = []
+    monkeypatch.setattr(cli, "_end_process", ended.append)
+    monkeypatch.setattr(cli, "_agent_update", lambda _args: 0)
+    argv = ["agent", "update", "--once", "--config", "/nonexistent"]
+    assert cli.main(argv) == 0
+    assert ended == []
+    monkeypatch.setattr(sys, "argv", ["modelward", *argv])
+    assert cli.main() == 0
+    assert ended == [0]
+
+    def fails(_args: object) -> int:
+        raise OSError("the disk")
+
+    monkeypatch.setattr(cli, "_agent_update", fails)
+    assert cli.main() == cli.EXIT_ERROR
+    assert ended == [0]  # (not ended early: main reported the error and returned)
+
+
+def test_imports_are_made_without_cycle_collection_and_frozen() -> None:
+    """Issue 16: what a command imports inside ``_imports_frozen`` is made with the
+    collector off and is frozen after (never walked again); the collector is on again
+    after, also after an error, and one that was off stays off."""
+    import gc
+
+    seen: list[bool] = []
+    before = gc.get_freeze_count()
+    try:
+        with cli._imports_frozen():
+            seen.append(gc.isenabled())
+            kept = [[i] for i in range(1000)]  # (objects the collector tracks)
+        assert seen == [False] and gc.isenabled()
+        assert gc.get_freeze_count() >= before + len(kept)
+        with pytest.raises(OSError), cli._imports_frozen():
+            raise OSError("an import failed")
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            with cli._imports_frozen():
+                seen.append(gc.isenabled())
+            assert not gc.isenabled()
+        finally:
+            gc.enable()
+        assert seen == [False, False]
+    finally:
+        gc.unfreeze()

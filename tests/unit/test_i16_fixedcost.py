@@ -328,3 +328,26 @@ def test_i16_bench_only_names_its_sections() -> None:
     assert delta.parse_only("a, c") == {"a", "c"}
     with pytest.raises(SystemExit, match="unknown section.*nope"):
         delta.parse_only("a,nope")
+
+
+def test_i16_the_health_child_ends_with_its_verdict_written_and_no_teardown(
+        tmp_path: Path) -> None:
+    """The child's ``end``: the whole verdict (more than a pipe holds) and the code reach
+    the agent, without the interpreter's teardown (atexit never runs). Mutation: ending
+    with ``os._exit`` before the flush loses the verdict; ``sys.exit`` runs the teardown."""
+    import subprocess
+    import sys
+
+    marker = tmp_path / "teardown"
+    code = ("import atexit, sys\n"
+            "from modelward.updater.install._healthchild import end\n"
+            f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+            "sys.stdout.write('v' * 200_000)\n"
+            "end(1)\n"
+            "print('not reached')\n")
+    r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True,
+                       timeout=60, check=False,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 1, r.stderr
+    assert r.stdout == "v" * 200_000
+    assert not marker.exists()
