@@ -84,6 +84,13 @@ ANSWER_QOS = 0
 # all it holds here (at QoS 1 it was until the broker's PUBACK). No time-out then: a
 # packet paho still holds is memory, however long ago it was handed over.
 SEND_TIMEOUT = 30.0 if ANSWER_QOS else float("inf")
+# Requests are read at QoS 0 (delivered at min(0, the device's QoS 1)): mosquitto drops a
+# QoS 1 delivery beyond a client's in-flight window (64) and ``max_queued_messages`` (24),
+# and a fleet asking at once after an announcement is such a burst (1,000 requests from
+# one connection: 234-656 reached a reading subscriber at QoS 1, all at QoS 0, which
+# mosquitto writes out as the socket takes them, bounded by the count only while this
+# bridge does not read).
+REQUEST_QOS = 0
 SENT_ENTRIES = 1024  # answers not yet written out (beyond: refusals are not sent)
 DEVICE_SENT_ENTRIES = SENT_ENTRIES // 8  # of them one device's (a window of 16 and more)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -166,6 +173,7 @@ class Bridge:
                     [f"$share/{share_group(cfg, group)}/{cfg.topic('repo/req/+')}"],
                     self._on_message,
                     max_packet_size=REQUEST_PACKET_LIMIT,
+                    qos=REQUEST_QOS,
                 )
             except BaseException:
                 self._stop.set()
