@@ -1074,7 +1074,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
     f.add_argument("--fleet-dir", type=local_path, required=True)
     f.add_argument("--wait", type=number(0, 3600), default=2.0,
-                   help="seconds to collect reports")
+                   help="seconds the broker may take for each batch of 16 devices' "
+                   "reports (at least the connect timeout)")
     f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
                    help="poll interval (s) of devices whose reports do not carry one; a "
                    "report older than 3 of them is STALE")

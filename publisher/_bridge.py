@@ -13,8 +13,9 @@ left: dropped unanswered), parses the bounded request (:func:`parse_request`: ev
 field's type and range) and queues it for that device, within the device's byte bucket
 and queue and the bridge's bounds (else a small 429/503 answer, after which the device
 backs off and asks again). One worker thread serves the queues round-robin and reads the
-next block only while the send queue (bytes handed to the broker, not yet acknowledged)
-has room, so memory stays bounded and a flooding device waits behind itself. Whatever a
+next block only while the send queue (bytes handed to paho, not yet written to the
+socket: answers go out at QoS 0, see :data:`ANSWER_QOS`) has room, so memory stays
+bounded and a flooding device waits behind itself. Whatever a
 handler raises is logged as one line and answered 500; :meth:`Bridge.healthy` is False
 once the network thread or the worker has ended, and ``serve-mqtt`` then exits non-zero
 so that systemd restarts it.
@@ -67,15 +68,30 @@ logger = logging.getLogger(__name__)
 
 SERVED_DIRS = ("metadata", "targets")
 REQUEST_PACKET_LIMIT = MAX_REQUEST_BYTES + 4096  # a request, its topic and properties
-SEND_TIMEOUT = 30.0  # an unacknowledged block stops counting against the send queue
-SENT_ENTRIES = 1024  # answers awaiting their PUBACK (beyond: refusals are not sent)
-# Answers go out at QoS 1. QoS 0 was measured (a10-dynsec, docs/brokers.md "Resumed
-# sessions"): mosquitto queues no QoS 0 message for an offline session, so a device that
-# resumes a parked persistent session is no longer re-sent its window on every CONNECT,
-# but it holds QoS 0 packets for a connected client that never reads up to
-# ``max_queued_messages`` (a count, no byte bound: 68 MiB for one fetcher at 64, and that
-# count grows with the fleet), past the per-device bound QoS 1 keeps (40 MiB measured).
-ANSWER_QOS = 1
+# Answers go out at QoS 0 (a10-dynsec, docs/brokers.md "Resumed sessions"). At QoS 1
+# mosquitto queued them for a parked persistent session of the device's fetcher and sent
+# the whole unacknowledged window again on every CONNECT that resumed it (~16-20 MiB per
+# 200-byte CONNECT, none of it charged to the device here). mosquitto queues no QoS 0
+# message for an offline session (``queue_qos0_messages false``, which broker-config
+# writes) and so re-sends none; the delivered QoS is min(publish, subscription), so a
+# device subscribed at QoS 1 gets QoS 0 too, and asks again for a block lost on the way
+# (``block_timeout``). For a connected client that never reads, mosquitto holds QoS 0
+# packets up to ``max_queued_messages`` (a count), which broker-config keeps small
+# (``MAX_QUEUED_MESSAGES``, 24: ~24 MiB of blocks).
+ANSWER_QOS = 0
+# An answer counts against the send queue until paho has written it to the socket (QoS 0:
+# its on_publish, ``is_published``) or the connection it was queued on is lost: that is
+# all it holds here (at QoS 1 it was until the broker's PUBACK). No time-out then: a
+# packet paho still holds is memory, however long ago it was handed over.
+SEND_TIMEOUT = 30.0 if ANSWER_QOS else float("inf")
+# Requests are read at QoS 0 (delivered at min(0, the device's QoS 1)): mosquitto drops a
+# QoS 1 delivery beyond a client's in-flight window (64) and ``max_queued_messages`` (24),
+# and a fleet asking at once after an announcement is such a burst (1,000 requests from
+# one connection: 234-656 reached a reading subscriber at QoS 1, all at QoS 0, which
+# mosquitto writes out as the socket takes them, bounded by the count only while this
+# bridge does not read).
+REQUEST_QOS = 0
+SENT_ENTRIES = 1024  # answers not yet written out (beyond: refusals are not sent)
 DEVICE_SENT_ENTRIES = SENT_ENTRIES // 8  # of them one device's (a window of 16 and more)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
@@ -157,6 +173,7 @@ class Bridge:
                     [f"$share/{share_group(cfg, group)}/{cfg.topic('repo/req/+')}"],
                     self._on_message,
                     max_packet_size=REQUEST_PACKET_LIMIT,
+                    qos=REQUEST_QOS,
                 )
             except BaseException:
                 self._stop.set()
@@ -257,7 +274,7 @@ class Bridge:
         with self._sent_lock:
             room = self._sent.room_for_refusal(now, device)
         if not room:  # as many answers as SENT_ENTRIES (or as the device's share of
-            # them) await their PUBACK: the device
+            # them) are not written out yet: the device
             self.stats.dropped += 1  # re-asks after its timeout
             return
         self._answer(resp_topic, corr, 2 if fmt in (2, 3) and 2 in self.formats else 1,
@@ -276,7 +293,7 @@ class Bridge:
                 self._stop.wait(0.1)
                 continue
             with self._sent_lock:
-                self._sent.prune(time.monotonic())  # what the broker acknowledged meanwhile
+                self._sent.prune(time.monotonic())  # what paho wrote out meanwhile
                 full = self._sent.full_owners()
             # A device at its share of the send queue waits (its turn kept) while the
             # others are served: its many small or unacknowledged answers are not what
@@ -312,8 +329,8 @@ class Bridge:
                 return
             try:
                 oldest.wait_for_publish(0.05)
-            except (RuntimeError, ValueError):  # published while not connected (see
-                self._stop.wait(0.01)  # _published): paho re-sends it on the reconnect
+            except (RuntimeError, ValueError):  # published while not connected, or lost
+                self._stop.wait(0.01)  # with the connection (see _published)
 
     def _serve(self, job: _Job, part: int = 0) -> None:
         """Answer block ``part`` of ``job`` (a span's parts in turn; else part 0 only)."""
@@ -412,7 +429,7 @@ class Bridge:
         answer is the buffer itself, not the header and the block copied together.
 
         The buffer is sized for what the read can return, not for ``length``: paho keeps
-        it until the broker's PUBACK and the send queue counts only the bytes read, so a
+        it until it is written to the socket and the send queue counts only the bytes read, so a
         file's last block holds no more than it counts. That is ``length``, or, nearer the
         end, what ``fstat`` leaves from ``offset`` plus one byte: a file grown since then
         reads as more than the size the answer gives, an answer the device ignores (and
@@ -440,11 +457,11 @@ class Bridge:
             return
         info = self._conn.client.publish(topic, data, qos=ANSWER_QOS, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            logger.warning("publishing to %s: %s (paho keeps it queued)", topic,
+            logger.warning("publishing to %s: %s (dropped: the device asks again)", topic,
                            mqtt.error_string(info.rc))
         with self._sent_lock:
             now = time.monotonic()
-            self._sent.prune(now)  # whoever sends releases what was acknowledged
+            self._sent.prune(now)  # whoever sends releases what was written out
             self._sent.add(info, _block_bytes(data), now, self._owner(topic))
 
     def _owner(self, topic: str) -> str | None:
@@ -474,7 +491,7 @@ def _block_bytes(payload: bytes | bytearray) -> int:
     """The bytes of a block an answer carries, which the send queue counts: its format 2
     header left out (22 bytes, bounded by the count of answers), so that
     ``send_bytes`` of 4 MiB holds 4 blocks of 1 MiB, not 3 (with 3, the worker waited
-    for a PUBACK before each block: 10-15 % of a 256 MiB transfer).
+    for room before each block: 10-15 % of a 256 MiB transfer, measured at QoS 1).
 
     The header is known from what :meth:`Bridge._answer` built (a :class:`_Framed` in
     format 2), never guessed from the payload's bytes: a format 1 answer is the file's
@@ -532,9 +549,15 @@ def share_group(cfg: MqttConfig, group: str | None = None) -> str:
 
 
 def _published(info: Any) -> bool:
-    """Whether the broker acknowledged the message of ``info``. A message published while
-    the connection was down keeps ``rc`` NO_CONN, on which ``is_published`` raises even
-    after paho re-sent it on the reconnect and the broker acknowledged it."""
+    """Whether paho holds the message of ``info`` no more: at QoS 0, written to the socket
+    (paho sets it published then), dropped with a lost connection (rc CONN_LOST, set
+    published too), or never queued (rc NO_CONN: paho drops a QoS 0 publish made while
+    disconnected); at QoS 1, acknowledged by the broker (a message published while the
+    connection was down keeps ``rc`` NO_CONN, on which ``is_published`` raises even after
+    paho re-sent it on the reconnect and the broker acknowledged it)."""
+    if ANSWER_QOS == 0 and getattr(info, "rc", mqtt.MQTT_ERR_SUCCESS) not in (
+            mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN):
+        return True
     try:
         return bool(info.is_published())
     except (RuntimeError, ValueError):

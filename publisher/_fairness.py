@@ -17,9 +17,10 @@ broker:
   until its last block), and a device whose queue was empty first, so a device that floods
   (with many requests or with long spans) waits behind itself, never in front of another
   device.
-* :class:`SendQueue`: the answers handed to the broker and not yet acknowledged, bounded
+* :class:`SendQueue`: the answers handed to the MQTT client and not yet done (the bridge:
+  written to the socket), bounded
   by count and bytes, and by count per device (its share: the worker serves another
-  device meanwhile, and a refusal beyond it is not sent); an acknowledged one is
+  device meanwhile, and a refusal beyond it is not sent); a done one is
   released at the next send or prune, whoever sends it (a refusal from the network
   thread, a block from the worker).
 """
@@ -154,9 +155,10 @@ class BridgeLimits:
             will send (beyond: 429). The device keeps ``MqttConfig.window`` (16) blocks in
             flight; a few more are its re-requests.
         queued_bytes: bytes all queued requests ask for together (beyond: 503).
-        send_bytes: bytes of blocks handed to the broker and not yet acknowledged (the
-            send queue; the bridge reads the next block only when there is room; each
-            answer's 22-byte header is not counted, the number of answers bounds those).
+        send_bytes: bytes of blocks handed to paho and not yet written to the broker
+            (the send queue: the bridge answers at QoS 0; it reads the next block only
+            when there is room; each answer's 22-byte header is not counted, the
+            number of answers bounds those).
         devices: devices whose buckets are remembered (the least recently seen idle one
             is forgotten first).
     """
@@ -442,8 +444,9 @@ def add_limit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device-queue", type=int, default=d.device_queue, metavar="N",
                    help=f"requests queued per device (default {d.device_queue})")
     g.add_argument("--send-queue-mib", type=float, default=d.send_bytes / (1 << 20),
-                   metavar="MIB", help="MiB of blocks handed to the broker and not yet "
-                   f"acknowledged (default {d.send_bytes / (1 << 20):g}: as many 1 MiB blocks)")
+                   metavar="MIB", help="MiB of blocks handed to the MQTT client and "
+                   f"not yet written out (default {d.send_bytes / (1 << 20):g}: as many "
+                   "1 MiB blocks)")
 
 
 def limits_from_args(args: argparse.Namespace) -> BridgeLimits:

@@ -35,7 +35,7 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from modelward.publisher._broker_config import check_id
+from modelward.publisher._broker_config import STATUS_BATCH, check_id
 from modelward.publisher._report_schema import ReportSchemaError, check_report
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._atomic import write_atomic
@@ -48,7 +48,9 @@ from modelward.trust._report import (
     report_digest,
     verify_report,
 )
+from modelward.updater.errors import TransportError
 from modelward.updater.transport._mqtt import MqttConfig, MqttConnection
+from modelward.updater.transport._mqttconn import guarded
 
 
 def add_device(fleet_dir: Path, device_id: str, public_pem: bytes, source: str = "") -> Path:
@@ -271,11 +273,33 @@ def enrolled_devices(fleet_dir: Path) -> list[str]:
     return sorted(p.name[:-len(".pem")] for p in d.glob("*.pem")) if d.is_dir() else []
 
 
-def collect_reports(cfg: MqttConfig, wait: float = 2.0) -> dict[str, bytes]:
-    """The retained status payloads of the fleet, by device id (the last one received)."""
+def collect_reports(cfg: MqttConfig, devices: list[str], wait: float = 2.0,
+                    batch: int = STATUS_BATCH) -> dict[str, bytes]:
+    """The retained status payloads of ``devices``, by device id.
+
+    The broker holds few messages for one client (``max_queued_messages``, 24: see
+    :data:`~modelward.publisher._broker_config.MAX_QUEUED_MESSAGES`), so the statuses are
+    not asked for with one wildcard (every device's report at once), but by topic, at most
+    ``batch`` at a time: one SUBSCRIBE of a batch's topics and at once an UNSUBSCRIBE of
+    them. mosquitto handles a client's packets in order: it sends the SUBACK and then that
+    batch's retained reports (at most ``batch`` of 64 KiB, all in flight at once: within
+    the receive maximum and ``max_inflight_bytes``, none queued), then the UNSUBACK, which
+    marks the batch's end; only then is the next batch asked for. So the broker never
+    holds more than one batch for this client, whatever the fleet's size.
+
+    Only ``devices`` are asked for (the enrolled ones: ``fleet status`` can verify no
+    other's report). A device the broker knows but the fleet registry does not is not
+    listed: ``fleet add-device`` it, or compare the registry with ``broker-config``'s
+    device list.
+
+    Raises:
+        TransportError: the broker is unreachable, refuses the operator, refuses a
+            subscription, or does not end a batch within ``max(wait, connect_timeout)``.
+    """
     prefix = cfg.topic("devices/")
     got: dict[str, bytes] = {}
     lock = threading.Lock()
+    asked: dict[int, tuple[threading.Event, list[str]]] = {}  # packet id -> done, refusals
 
     def on_message(msg: mqtt.MQTTMessage) -> None:
         if msg.topic.startswith(prefix) and msg.topic.endswith("/status"):
@@ -284,10 +308,54 @@ def collect_reports(cfg: MqttConfig, wait: float = 2.0) -> dict[str, bytes]:
                 got[msg.topic[len(prefix):-len("/status")]] = bytes(
                     msg.payload[:MAX_REPORT_BYTES + 1])
 
+    topics = [cfg.topic(f"devices/{check_id('device id', d)}/status") for d in devices]
+    if not topics:
+        return {}
     conn = MqttConnection(cfg, f"{cfg.client_name}-status-{time.monotonic_ns() % 10**6}",
-                          [cfg.topic("devices/+/status")], on_message)
+                          [], on_message)
+    c = conn.client
+    own_suback: Any = c.on_subscribe  # (MqttConnection's, guarded)
+
+    def on_subscribe(client: Any, u: Any, mid: int, rcs: list[Any], p: Any) -> None:
+        with lock:
+            waiter = asked.get(mid)
+            if waiter is not None:
+                waiter[1].extend(str(r) for r in rcs[:8] if r.is_failure)
+                return
+        if own_suback is not None:
+            own_suback(client, u, mid, rcs, p)
+
+    def on_unsubscribe(_c: Any, _u: Any, mid: int, _rcs: Any, _p: Any) -> None:
+        with lock:
+            waiter = asked.pop(mid, None)
+        if waiter is not None:
+            waiter[0].set()
+
+    c.on_subscribe = guarded(on_subscribe)
+    c.on_unsubscribe = guarded(on_unsubscribe)
+    timeout = max(wait, cfg.connect_timeout)
     try:
-        time.sleep(wait)
+        for i in range(0, len(topics), batch):
+            part = topics[i:i + batch]
+            done, refused = threading.Event(), list[str]()
+            with lock:  # (the SUBACK and UNSUBACK may come before the ids are noted)
+                rc, sub_mid = c.subscribe([(t, 1) for t in part])
+                rc2, unsub_mid = c.unsubscribe(part)
+                if rc or rc2 or sub_mid is None or unsub_mid is None:
+                    raise TransportError(f"cannot ask broker {cfg.host}:{cfg.port} for "
+                                         f"status reports: {mqtt.error_string(rc or rc2)}")
+                asked[sub_mid] = (threading.Event(), refused)
+                asked[unsub_mid] = (done, refused)
+            if not done.wait(timeout):
+                raise TransportError(f"broker {cfg.host}:{cfg.port} did not answer for the "
+                                     f"status reports of {part[0][len(prefix):-7]!r} and "
+                                     f"{len(part) - 1} more within {timeout:g} s")
+            with lock:
+                asked.pop(sub_mid, None)
+            if refused:
+                raise TransportError(f"broker {cfg.host}:{cfg.port} refused the operator's "
+                                     f"subscription to {part[0]}: {refused[0]}",
+                                     hint="check the broker ACL for modelward-operator")
     finally:
         conn.close()
     with lock:
@@ -363,10 +431,14 @@ def collect_status(cfg: MqttConfig, fleet_dir: Path, wait: float = 2.0,
     device gets a row, ``MISSING`` when it has no report.
 
     Raises:
-        OperatorInputError: the operator's fleet state is damaged.
+        OperatorInputError: no registry at ``fleet_dir``, or its fleet state is damaged.
+        TransportError: as :func:`collect_reports`.
     """
-    return judge_fleet(collect_reports(cfg, wait), fleet_dir, cfg.fleet, clock(),
-                       default_poll)
+    if not fleet_dir.is_dir():  # (before the broker is asked: judge_fleet says so too)
+        raise OperatorInputError(f"no fleet registry at {fleet_dir}",
+                                 hint="enrol devices there with `fleet add-device`")
+    return judge_fleet(collect_reports(cfg, enrolled_devices(fleet_dir), wait), fleet_dir,
+                       cfg.fleet, clock(), default_poll)
 
 
 _SPACES = re.compile(" {2,}")

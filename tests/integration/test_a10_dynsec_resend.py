@@ -1,22 +1,21 @@
 """a10-dynsec: one device's fetcher identity, its one bound client id, a persistent session
 (real mosquitto with the generated dynamic-security config + ``modelward serve-mqtt``).
 
-Worked (strict xfail): dynamic security bounds a device to one session per identity, but
-not how often that session is resumed. dev-2's fetcher connects with its bound client id
-and a persistent session (MQTT 5, clean start 0, session expiry 1 h: mosquitto keeps it
-for ``persistent_client_expiration``), subscribes its response topic at QoS 1, asks the
-bridge for one window of blocks (16 x 1 MiB, inside its budget) and disconnects. The
-bridge answers once (QoS 1, ``publisher/_bridge.py`` ``_send``); mosquitto queues the
-answers for the offline session. Each later CONNECT with the same id and clean start 0
-(about 200 bytes; MQTT 5 or 3.1.1 clean session 0, the same) makes mosquitto send every
-queued and in-flight block again, as long as the device never acknowledges: 20 reconnects
-received ~320 MiB from the broker for the 16 MiB the bridge sent, ~15 ms of broker CPU
-per CONNECT (a plain CONNECT costs 0.7 ms, docs/brokers.md), none of it charged to
-dev-2's budget at the bridge. The bridge's per-device fairness is bypassed: the broker
-amplifies a device's reconnects into TLS egress and CPU it spends for no one else,
-without bound. (Cause: the answers are QoS 1, so mosquitto queues them for a parked
-session and re-sends unacknowledged ones on every resumption; nothing in
-``BROKER_SETTINGS`` or the dynamic-security roles refuses a persistent session.)
+Dynamic security bounds a device to one session per identity, but not how often that
+session is resumed. dev-2's fetcher connects with its bound client id and a persistent
+session (MQTT 5, clean start 0, session expiry 1 h: mosquitto keeps it for
+``persistent_client_expiration``), subscribes its response topic at QoS 1, asks the
+bridge for one window of blocks (16 x 1 MiB, inside its budget) and disconnects; then it
+resumes the session again and again (about 200 bytes a CONNECT; MQTT 5 or 3.1.1 clean
+session 0), acknowledging nothing.
+
+Worked while the bridge answered at QoS 1: mosquitto queued the answers for the offline
+session and sent every queued and in-flight block again on each CONNECT: 20 reconnects
+received ~320 MiB for the 16 MiB the bridge sent, ~15 ms of broker CPU each (a plain
+CONNECT: 0.7 ms), none of it charged to dev-2 at the bridge. Fixed: the bridge answers at
+QoS 0 (``publisher/_bridge.py`` ``ANSWER_QOS``; delivered at min(0, subscription QoS) =
+0) and broker-config writes ``queue_qos0_messages false``, so mosquitto queues nothing
+for the parked session and re-sends nothing on resumption.
 """
 
 from __future__ import annotations
@@ -93,11 +92,6 @@ def _cpu(pid: int) -> float:
 
 
 @pytest.mark.xdist_group("machine")
-@pytest.mark.xfail(strict=True, reason="a10-dynsec: a device resuming its persistent "
-                   "fetcher session with its bound id makes mosquitto resend every queued "
-                   "block each time; answering at QoS 0 (which ends it) lets one connected "
-                   "unread fetcher hold max_queued_messages blocks instead "
-                   "(test_a10_dynsec_stuck_fetcher.py, docs/brokers.md 'Resumed sessions')")
 @pytest.mark.parametrize("level", [5, 4], ids=["mqtt5", "mqtt311"])
 def test_a10_resuming_a_parked_fetcher_session_does_not_resend_blocks_without_bound(
         mqtt_world: MqttWorld, level: int) -> None:

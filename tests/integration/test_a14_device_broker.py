@@ -21,14 +21,15 @@ the ACL at SUBSCRIBE: mosquitto's ``acl_file`` granted (SUBACK 0) any filter, ev
 one connection grew it by ~12 MiB, linearly.
 
 Fixed (issue 14, f14-broker): the bridges' group is now a secret derived from the bridge's
-credential (``publisher._bridge.share_group``; this file's bridge client uses it, dev-1 the
-old constant); a device reads no topic it writes, and ``max_queued_messages`` is
-``max(64, devices + 16)``. Fixed (dynsec): ``broker-config`` configures mosquitto's
-dynamic-security plugin: every SUBSCRIBE is checked (default deny; a device's listener may
-subscribe only the announcement, its fetcher only its own response topic), so a filter
-outside them is refused in the SUBACK and costs nothing kept; each device identity may
-connect with one client id only (not another device's, not a bridge's); no device may
-subscribe ``$share/...`` or ``$CONTROL/#`` or publish on ``$CONTROL/dynamic-security/...``.
+credential (``publisher._bridge.share_group``; this file's bridge client uses it, dev-1
+the old constant); a device reads no topic it writes, and ``max_queued_messages`` is 24
+(it was ``max(64, devices + 16)``; a10-dynsec made it a constant). Fixed (dynsec):
+``broker-config`` configures mosquitto's dynamic-security plugin: every SUBSCRIBE is
+checked (default deny; a device's listener may subscribe only the announcement, its
+fetcher only its own response topic), so a filter outside them is refused in the SUBACK
+and costs nothing kept; each device identity may connect with one client id only (not
+another device's, not a bridge's); no device may subscribe ``$share/...`` or
+``$CONTROL/#`` or publish on ``$CONTROL/dynamic-security/...``.
 
 Resisted (passing tests, coverage):
 

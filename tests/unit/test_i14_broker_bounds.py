@@ -21,12 +21,12 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from modelward.publisher._bridge import Bridge, share_group
+from modelward.publisher._bridge import ANSWER_QOS, Bridge, share_group
 from modelward.publisher._broker_config import (
     BROKER_SETTINGS,
     MAX_QUEUED_MESSAGES,
+    STATUS_BATCH,
     WINDOW,
-    queued_messages,
     roles,
     write_broker_config,
 )
@@ -236,8 +236,18 @@ def test_the_bridge_ignores_a_retained_request(tmp_path: Path) -> None:
 
 
 def test_queued_messages_hold_a_window_not_thousands() -> None:
-    assert WINDOW <= MAX_QUEUED_MESSAGES <= 64
+    assert WINDOW < MAX_QUEUED_MESSAGES <= WINDOW + 8  # one window of QoS 0 answers + a few
     assert f"max_queued_messages {MAX_QUEUED_MESSAGES}\n" in BROKER_SETTINGS
+    # a batch of fleet status's topics (and its SUBACK, UNSUBACK) fits the count
+    assert STATUS_BATCH + 2 <= MAX_QUEUED_MESSAGES
+
+
+def test_no_qos0_message_is_queued_for_an_offline_session() -> None:
+    """The bridge answers at QoS 0 so that a resumed session is re-sent nothing: only
+    while mosquitto queues no QoS 0 message for it (a10-dynsec resend)."""
+    assert ANSWER_QOS == 0
+    assert "queue_qos0_messages false\n" in BROKER_SETTINGS
+    assert "queue_qos0_messages true" not in BROKER_SETTINGS
 
 
 def test_a_device_reads_no_topic_it_writes() -> None:
@@ -249,9 +259,27 @@ def test_a_device_reads_no_topic_it_writes() -> None:
         assert reads and writes and not reads & writes, role
 
 
-def test_a_large_fleet_gets_room_for_every_retained_status(tmp_path: Path) -> None:
-    assert queued_messages(3) == MAX_QUEUED_MESSAGES
-    assert queued_messages(1000) == 1000 + WINDOW
+def test_the_queue_bound_does_not_grow_with_the_fleet(tmp_path: Path) -> None:
     write_broker_config("f", [f"d{i}" for i in range(200)], tmp_path)
     text = (tmp_path / "modelward.conf").read_text()
-    assert f"max_queued_messages {200 + WINDOW}\n" in text and "4096" not in text
+    assert f"max_queued_messages {MAX_QUEUED_MESSAGES}\n" in text and "4096" not in text
+    assert "queue_qos0_messages false\n" in text
+
+
+def test_a_qos0_answer_counts_until_paho_has_written_it() -> None:
+    """At QoS 0 no PUBACK comes: the send queue releases an answer when paho has written
+    it to the socket (or dropped it: not connected, connection lost), never before."""
+    from modelward.publisher._bridge import _published
+
+    queued = mqtt.MQTTMessageInfo(1)
+    queued.rc = mqtt.MQTT_ERR_SUCCESS
+    assert not _published(queued)  # still in paho's out queue: counted
+    queued._set_as_published()  # what paho does once the packet is written
+    assert _published(queued)
+    never = mqtt.MQTTMessageInfo(2)
+    never.rc = mqtt.MQTT_ERR_NO_CONN  # paho dropped it at once: nothing held
+    assert _published(never)
+    lost = mqtt.MQTTMessageInfo(3)
+    lost.rc = mqtt.MQTT_ERR_CONN_LOST
+    lost._set_as_published()
+    assert _published(lost)

@@ -74,7 +74,7 @@ class MqttConnection:
     Args:
         cfg: connection settings.
         client_id: MQTT client id (unique per connection).
-        subscriptions: topics (re)subscribed on every (re)connect, QoS 1 (more with
+        subscriptions: topics (re)subscribed on every (re)connect, at ``qos`` (more with
             :meth:`subscribe`, fewer with :meth:`unsubscribe`).
         on_message: called in paho's thread for every message.
         max_packet_size: the Maximum Packet Size sent on CONNECT (default
@@ -82,10 +82,15 @@ class MqttConnection:
             one ends the connection before it is buffered.
         username: the MQTT username (default ``cfg.client_name``; a device's fetcher
             logs in as :func:`~modelward.updater._config.fetch_username`).
+        qos: the subscriptions' QoS (1; the bridge reads requests at 0: a burst of QoS 1
+            deliveries beyond the broker's in-flight window and ``max_queued_messages``
+            is dropped, QoS 0 ones only when this client's socket is backed up).
 
     Raises:
         TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
     """
+
+    qos: int = 1  # of the subscriptions (see ``qos`` above)
 
     def __init__(
         self,
@@ -95,8 +100,10 @@ class MqttConnection:
         on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
         max_packet_size: int | None = None,
         username: str | None = None,
+        qos: int = 1,
     ) -> None:
         self.cfg = cfg
+        self.qos = qos
         self.username = username or cfg.client_name
         self.max_packet_size = max_packet_size or cfg.packet_limit()
         self.connected = threading.Event()
@@ -151,7 +158,8 @@ class MqttConnection:
             raise TransportError(f"broker {where} did not confirm the subscriptions")
 
     def subscribe(self, topic: str) -> None:
-        """Subscribe to ``topic`` (QoS 1) until :meth:`unsubscribe`; waits for the SUBACK.
+        """Subscribe to ``topic`` (at ``qos``) until :meth:`unsubscribe`; waits for the
+        SUBACK.
 
         Raises:
             TransportError: not connected, refused, or no SUBACK in time.
@@ -161,7 +169,7 @@ class MqttConnection:
         with self._lock:
             if topic not in self._subs:
                 self._subs.append(topic)
-        rc, mid = self.client.subscribe([(topic, 1)])  # (not under the lock: paho's own)
+        rc, mid = self.client.subscribe([(topic, self.qos)])  # (not under the lock: paho's own)
         if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
             with self._lock:  # the SUBACK may have come already
                 early = self._early_acks.pop(mid, None)
@@ -206,7 +214,7 @@ class MqttConnection:
         with self._lock:
             subs = list(self._subs)
         if subs:
-            self._initial_mid = c.subscribe([(t, 1) for t in subs])[1]
+            self._initial_mid = c.subscribe([(t, self.qos) for t in subs])[1]
         self.connected.set()
 
     def _on_subscribe(self, c: Any, _u: Any, mid: int, rcs: list[Any], _p: Any) -> None:
