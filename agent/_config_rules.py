@@ -11,9 +11,9 @@ health or idle dataclasses are built or imported (issue 15: the boot unit's time
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
+from modelward._plain import Frozen
 from modelward.agent._config_places import check_places
 from modelward.agent._config_schema import (
     DEFAULT_CONFIG,
@@ -72,8 +72,7 @@ def check_rules(r: Resolved) -> tuple[tuple[str, ...], str | None]:
         key="transport")
 
 
-@dataclass(frozen=True)
-class BootConfig:
+class BootConfig(Frozen):
     """What ``agent boot-check`` uses of a configuration that loaded in full.
 
     Attributes:
@@ -84,11 +83,16 @@ class BootConfig:
         metrics_textfile: ``[metrics] textfile`` (None: ``STATE_DIR/metrics.prom``).
     """
 
+    __slots__ = ("path", "state_dir", "tcti", "tpm_wait", "metrics_textfile")
     path: Path
     state_dir: Path
     tcti: str
     tpm_wait: float
     metrics_textfile: Path | None
+
+    def __init__(self, path: Path, state_dir: Path, tcti: str, tpm_wait: float,
+                 metrics_textfile: Path | None) -> None:
+        self._set(path, state_dir, tcti, tpm_wait, metrics_textfile)
 
 
 def resolve(path: Path | None) -> Resolved:

@@ -17,10 +17,10 @@ import re
 import stat
 import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelward._plain import Frozen
 from modelward.agent.errors import ConfigError
 from modelward.trust._display import escape
 from modelward.updater import _defaults as d
@@ -36,8 +36,7 @@ ACTIVATION_TIMEOUT = 30.0  # seconds each activation command may take (Activatio
 _SECONDS_MAX = 1e7  # ~115 days: more is a typo (ms for s), not a setting
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(Frozen):
     """One setting.
 
     Attributes:
@@ -54,15 +53,22 @@ class Key:
         note: what a default of None means, for ``check-config``.
     """
 
+    __slots__ = ("kind", "default", "required", "lo", "hi", "lo_open", "choices", "secret",
+                 "note")
     kind: str
-    default: Any = None
-    required: bool = False
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    choices: tuple[str, ...] = ()
-    secret: bool = False
-    note: str = ""
+    default: Any
+    required: bool
+    lo: float | None
+    hi: float | None
+    lo_open: bool
+    choices: tuple[str, ...]
+    secret: bool
+    note: str
+
+    def __init__(self, kind: str, default: Any = None, required: bool = False,
+                 lo: float | None = None, hi: float | None = None, lo_open: bool = False,
+                 choices: tuple[str, ...] = (), secret: bool = False, note: str = "") -> None:
+        self._set(kind, default, required, lo, hi, lo_open, choices, secret, note)
 
 
 def _secs(default: float | None, lo: float = 0.0, lo_open: bool = True, hi: float = _SECONDS_MAX,

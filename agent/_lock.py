@@ -52,9 +52,9 @@ import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
+from modelward._plain import Frozen
 from modelward.agent.errors import DeviceBusyError
 from modelward.trust._display import escape
 from modelward.updater.errors import StateDirError
@@ -76,13 +76,16 @@ _FILE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NO
 _held: dict[Path, int] = {}
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(Frozen):
     """Who holds the lock, as its file says (escaped, bounded; not to be believed
     beyond display)."""
 
+    __slots__ = ("pid", "command")
     pid: int | None
     command: str
+
+    def __init__(self, pid: int | None, command: str) -> None:
+        self._set(pid, command)
 
     def describe(self) -> str:
         who = self.command or "another device command"

@@ -8,11 +8,11 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelward._plain import Plain
 from modelward.agent._status import COUNTERS as COUNTERS
 from modelward.agent._status import clean_status
 from modelward.trust._atomic import write_atomic
@@ -79,13 +79,16 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
     return result
 
 
-@dataclass
-class Metrics:
+class Metrics(Plain):
     """Counters and gauges, persisted in status.json so they survive restarts."""
 
-    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
-    last_success: float = 0.0
-    verification_seconds: float = 0.0
+    __slots__ = ("counters", "last_success", "verification_seconds")
+
+    def __init__(self, counters: dict[str, int] | None = None, last_success: float = 0.0,
+                 verification_seconds: float = 0.0) -> None:
+        self.counters = dict.fromkeys(COUNTERS, 0) if counters is None else counters
+        self.last_success = last_success
+        self.verification_seconds = verification_seconds
 
     @classmethod
     def from_status(cls, doc: dict[str, Any]) -> Metrics:

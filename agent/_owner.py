@@ -30,15 +30,14 @@ from __future__ import annotations
 
 import os
 import pwd
-from dataclasses import dataclass
 from pathlib import Path
 
+from modelward._plain import Frozen
 from modelward.agent.errors import StateOwnerError
 from modelward.trust._tpmauth import auth_dir_for
 
 
-@dataclass(frozen=True)
-class DirOwner:
+class DirOwner(Frozen):
     """Who owns a directory a command writes in (or, when it is missing, the nearest
     existing directory above it, where it would be created).
 
@@ -48,9 +47,13 @@ class DirOwner:
         uid: the owner of ``found``.
     """
 
+    __slots__ = ("wanted", "found", "uid")
     wanted: Path
     found: Path
     uid: int
+
+    def __init__(self, wanted: Path, found: Path, uid: int) -> None:
+        self._set(wanted, found, uid)
 
     @property
     def exists(self) -> bool:

@@ -17,7 +17,6 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -653,7 +652,7 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
 
     cfg = load_boot_config(args.config)  # (validated in full, only booting's part built)
     if args.tpm_wait is not None:
-        cfg = replace(cfg, tpm_wait=args.tpm_wait)
+        cfg = cfg.replace(tpm_wait=args.tpm_wait)
     try:
         result = run_boot_check(cfg)
     except NothingTrustedError as e:

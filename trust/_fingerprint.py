@@ -15,9 +15,10 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from modelward._plain import Frozen
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor
@@ -194,13 +195,16 @@ def _striped_leaves(fd: int, size: int, pool: ThreadPoolExecutor | None) -> list
     return leaves
 
 
-@dataclass(frozen=True)
-class FileEntry:
+class FileEntry(Frozen):
     """One file of a slot or bundle: relative path, size in bytes, Merkle root (hex)."""
 
+    __slots__ = ("path", "size", "merkle_root")
     path: str
     size: int
     merkle_root: str
+
+    def __init__(self, path: str, size: int, merkle_root: str) -> None:
+        self._set(path, size, merkle_root)
 
 
 def slot_fingerprint(entries: Iterable[FileEntry]) -> str:

@@ -11,9 +11,9 @@ import enum
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from modelward._plain import Frozen
 from modelward.trust._bounded import loads_bounded
 from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 
@@ -25,14 +25,17 @@ HEAL_HINT = ("the next `modelward agent update` heals the device from the TPM-an
              "(no operator step); until then nothing is served")
 
 
-@dataclass(frozen=True)
-class ModelRef:
+class ModelRef(Frozen):
     """A model installed in a slot, as recorded when it was verified."""
 
+    __slots__ = ("name", "version", "fingerprint", "slot")
     name: str
     version: str
     fingerprint: str
     slot: str
+
+    def __init__(self, name: str, version: str, fingerprint: str, slot: str) -> None:
+        self._set(name, version, fingerprint, slot)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelRef:
@@ -43,18 +46,22 @@ class ModelRef:
         return ref
 
 
-@dataclass(frozen=True)
-class TrustRecord:
+class TrustRecord(Frozen):
     """What the device trusts, bound to the TPM update counter.
 
     ``active`` is None on a device that was provisioned and never installed a model.
     """
 
+    __slots__ = ("counter", "root_version", "targets_version", "active", "previous")
     counter: int
     root_version: int
     targets_version: int
     active: ModelRef | None
     previous: ModelRef | None
+
+    def __init__(self, counter: int, root_version: int, targets_version: int,
+                 active: ModelRef | None, previous: ModelRef | None) -> None:
+        self._set(counter, root_version, targets_version, active, previous)
 
     def to_json(self) -> dict[str, Any]:
         """The record's canonical fields."""
@@ -62,8 +69,8 @@ class TrustRecord:
             "counter": self.counter,
             "root_version": self.root_version,
             "targets_version": self.targets_version,
-            "active": asdict(self.active) if self.active else None,
-            "previous": asdict(self.previous) if self.previous else None,
+            "active": self.active.asdict() if self.active else None,
+            "previous": self.previous.asdict() if self.previous else None,
         }
 
     def digest(self) -> bytes:
@@ -73,7 +80,7 @@ class TrustRecord:
 
     def successor(self, **changes: Any) -> TrustRecord:
         """The next record: ``counter + 1`` and the given field changes."""
-        return replace(self, counter=self.counter + 1, **changes)
+        return self.replace(counter=self.counter + 1, **changes)
 
 
 def encode_record(record: TrustRecord, mac: bytes) -> bytes:
@@ -171,16 +178,18 @@ def choose_record(
 # --- healing ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class UseRecord:
+class UseRecord(Frozen):
     """The record is authentic and current: use it (after ``resolution`` on the files)."""
 
+    __slots__ = ("record", "resolution")
     record: TrustRecord
     resolution: Resolution
 
+    def __init__(self, record: TrustRecord, resolution: Resolution) -> None:
+        self._set(record, resolution)
 
-@dataclass(frozen=True)
-class Heal:
+
+class Heal(Frozen):
     """The record cannot be believed: start again from the TPM-anchored root.
 
     Nothing in the old record is accepted: not its models, slots, or counter. The
@@ -195,8 +204,12 @@ class Heal:
             authentic: the disk's rollback floor is then lost (design.md "Healing").
     """
 
+    __slots__ = ("reason", "targets_floor")
     reason: TrustRecordError
     targets_floor: int
+
+    def __init__(self, reason: TrustRecordError, targets_floor: int) -> None:
+        self._set(reason, targets_floor)
 
 
 def plan_record(

@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import stat
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -143,6 +142,8 @@ class TrustStore:
                 # heals on its next update, from the anchored root (finding 7).
                 logger.warning("migration: the trust record is not believable (%s); the "
                                "next update heals it", e)
+                from dataclasses import replace  # (provisioning's report; not at boot)
+
                 report = replace(report, record_heals=True)
         elif not self.record_path.exists() and not self.pending_path.exists():
             first = TrustRecord(
@@ -202,7 +203,7 @@ class TrustStore:
     def _remac(self, old: TrustRecord) -> None:
         """Bind the migrated record to the new counter and MAC key."""
         counter = self.tpm.read_counter()
-        record = replace(old, counter=counter)
+        record = old.replace(counter=counter)
         write_atomic(self.record_path, encode_record(record, self.tpm.mac(record.digest())))
         self.pending_path.unlink(missing_ok=True)
         logger.warning("trust record migrated to the authorized TPM objects (counter %d -> %d)",

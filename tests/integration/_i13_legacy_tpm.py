@@ -7,7 +7,6 @@ a public label. This helper keeps those definitions so migration can be tested.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +82,7 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
         h = e.load(srk, priv, pub)
         e.evict_control(t.ESYS_TR.OWNER, h, LEGACY_IDENTITY_HANDLE)
         e.flush_context(h)
-        old = replace(record, counter=counter)
+        old = record.replace(counter=counter)
         (state_dir / "trust" / "record.json").write_bytes(
             encode_record(old, old_mac(e, t, old.digest())))
     finally:

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -107,8 +106,8 @@ def test_second_tpm_client_cannot_move_counter_anchor_or_forge_record_mac(
     # 3. the record MAC: the agent's key refuses to HMAC without its auth value ...
     rec, _ = decode_record(before.record, "record.json")
     assert rec.active is not None
-    forged_rec = replace(rec, active=replace(rec.active, version="9.9.9"),
-                         targets_version=rec.targets_version + 100)
+    forged_rec = rec.replace(active=rec.active.replace(version="9.9.9"),
+                             targets_version=rec.targets_version + 100)
     (work / "digest").write_bytes(forged_rec.digest())
     _refused(_tools(world, "tpm2_hmac", "-c", f"{MAC_KEY_HANDLE:#x}", "-g", "sha256",
                     "-o", "mac", "digest", cwd=work))
@@ -228,7 +227,7 @@ def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: 
     migrated = world.snapshot()
     rec, _ = decode_record(migrated.record, "record.json")
     old, _ = decode_record(legacy_record, "record.json")
-    assert replace(rec, counter=old.counter) == old  # same content, new counter
+    assert rec.replace(counter=old.counter) == old  # same content, new counter
     assert rec.counter == migrated.counter
     assert migrated.counter >= 1 and old.counter == old_counter
     assert _boot_check(world).returncode == 0
@@ -416,7 +415,7 @@ def test_migration_interrupted_at_each_step_completes_on_the_next_run(
     agent_provision(world.cfg, root)  # the operator runs it again
     after = world.snapshot()
     rec, _ = decode_record(after.record, "r")
-    assert replace(rec, counter=old.counter) == old and rec.counter == after.counter
+    assert rec.replace(counter=old.counter) == old and rec.counter == after.counter
     assert _boot_check(world).returncode == 0
     assert world.active_version() == "1.0.0"
     tpm = Tpm(world.tpm.tcti)

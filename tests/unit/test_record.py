@@ -87,6 +87,4 @@ def test_digest_covers_every_field() -> None:
         {"counter": 7}, {"root_version": 2}, {"targets_version": 4}, {"previous": None},
         {"active": ModelRef("m", "2.0.0", "f2" * 32, "a")},
     ):
-        from dataclasses import replace
-
-        assert replace(R2, **change).digest() != base
+        assert R2.replace(**change).digest() != base

@@ -12,9 +12,9 @@ uses the same functions after a commit.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
 from pathlib import Path
 
+from modelward._plain import Frozen
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
@@ -27,13 +27,16 @@ from modelward.updater.plan import boot_outcome
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class BootResult:
+class BootResult(Frozen):
     """Result of :func:`boot_check`."""
 
+    __slots__ = ("active", "fell_back", "message")
     active: ModelRef
     fell_back: bool
     message: str
+
+    def __init__(self, active: ModelRef, fell_back: bool, message: str) -> None:
+        self._set(active, fell_back, message)
 
 
 def _fields(ref: ModelRef) -> dict[str, str]:
@@ -87,7 +90,7 @@ def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trus
     active = record.active
     assert active is not None
     other = SlotStore.other(active.slot)
-    if not slot_matches(slots, replace(active, slot=other))[0]:
+    if not slot_matches(slots, active.replace(slot=other))[0]:
         return None
     try:
         slots.move_back(other, active.slot)
@@ -102,10 +105,10 @@ def _relocated(slots: SlotStore, store: TrustStore, record: TrustRecord) -> Trus
         return record
     prev = record.previous
     if prev is not None:
-        prev = replace(prev, slot=active.slot)
+        prev = prev.replace(slot=active.slot)
         if not slot_matches(slots, prev)[0]:
             prev = None
-    new = record.successor(active=replace(active, slot=other), previous=prev)
+    new = record.successor(active=active.replace(slot=other), previous=prev)
     store.commit(new)
     slots.activate(other)
     return new

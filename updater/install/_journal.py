@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from modelward._plain import Frozen
 from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
 from modelward.updater.install._statedir import clear_for_file
@@ -33,17 +33,21 @@ RESTING = ("idle", "active", "failed")
 MAX_JOURNAL_BYTES = 64 * 1024  # an entry is a few hundred bytes
 
 
-@dataclass(frozen=True)
-class JournalEntry:
+class JournalEntry(Frozen):
     """One journaled state."""
 
+    __slots__ = ("step", "model", "version", "fingerprint", "target", "detail", "at")
     step: str
-    model: str = ""
-    version: str = ""
-    fingerprint: str = ""
-    target: str = ""
-    detail: str = ""
-    at: str = ""
+    model: str
+    version: str
+    fingerprint: str
+    target: str
+    detail: str
+    at: str
+
+    def __init__(self, step: str, model: str = "", version: str = "", fingerprint: str = "",
+                 target: str = "", detail: str = "", at: str = "") -> None:
+        self._set(step, model, version, fingerprint, target, detail, at)
 
 
 class Journal:
@@ -68,7 +72,7 @@ class Journal:
         if not isinstance(doc, dict) or not isinstance(doc.get("step"), str):
             return JournalEntry("idle")
         return JournalEntry(**{k: v for k, v in doc.items()
-                               if k in JournalEntry.__dataclass_fields__ and isinstance(v, str)})
+                               if k in JournalEntry.__slots__ and isinstance(v, str)})
 
     def enter(self, step: str, **fields: str) -> None:
         """Record ``step`` durably (temp file, fsync, rename, fsync dir).
@@ -85,7 +89,7 @@ class Journal:
         entry = JournalEntry(step, at=datetime.now(UTC).isoformat(timespec="milliseconds"),
                              **fields)
         clear_for_file(self.path)
-        write_atomic(self.path, json.dumps(asdict(entry), sort_keys=True).encode())
+        write_atomic(self.path, json.dumps(entry.asdict(), sort_keys=True).encode())
         if self.kill_at == step:
             import signal
 
