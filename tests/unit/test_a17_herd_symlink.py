@@ -54,3 +54,19 @@ def test_a17_herd_trusted_version_is_not_read_through_a_symlinked_metadata_dir(
     assert json.loads((elsewhere / "timestamp.json").read_text())["signed"]["version"] \
         == 2**62  # (only read)
     assert got is None, got
+
+
+@pytest.mark.xfail(strict=True, reason="a17 herd: _trusted_version reads a hard link to a "
+                   "file outside state_dir (no single_link)")
+def test_a17_herd_trusted_version_is_not_read_through_a_hard_link(tmp_path: Path) -> None:
+    """Tried: ``metadata/timestamp.json`` as a second hard link to a file outside
+    ``state_dir``. What happened: read, its version returned (``read_json_file`` without
+    ``single_link``; ``read_bounded`` documents that a hard link can name such a file)."""
+    d = _daemon(tmp_path)
+    _ts(tmp_path / "elsewhere", 2**62)
+    meta = tmp_path / "s" / "metadata"
+    meta.mkdir(parents=True)
+    (meta / "timestamp.json").hardlink_to(tmp_path / "elsewhere" / "timestamp.json")
+    got = d._trusted_version()
+    assert (tmp_path / "elsewhere" / "timestamp.json").stat().st_nlink == 2  # (only read)
+    assert got is None, got
