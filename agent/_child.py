@@ -71,6 +71,11 @@ def main(argv: list[str]) -> int:
         return 1
 
 
+#: the line before the report that names the timestamp version the attempt verified (the
+#: daemon's only source for it: never a file in the state directory, never an announcement)
+TIMESTAMP_LINE = "verified timestamp version "
+
+
 def _attempt(cfg: AgentConfig, stop: threading.Event, heartbeat: Callable[[], None],
              fmt: str, log: logging.Logger) -> int:
     from modelward.agent._commands import make_gate, signed_report, update
@@ -79,8 +84,10 @@ def _attempt(cfg: AgentConfig, stop: threading.Event, heartbeat: Callable[[], No
     code = 0
     try:
         heartbeat()
-        update(cfg, make_gate(cfg, stop=stop, heartbeat=heartbeat),
-               on_step=lambda _s: heartbeat())
+        result = update(cfg, make_gate(cfg, stop=stop, heartbeat=heartbeat),
+                        on_step=lambda _s: heartbeat())
+        if result.timestamp_version is not None:  # (what announcements it answered)
+            sys.stdout.write(f"{TIMESTAMP_LINE}{result.timestamp_version}\n")
     except Exception as e:  # noqa: BLE001 - each error is one record on the journal
         code = 1  # a ModelwardError is recorded in status.json by update(); reported here
         _report(e, fmt, "update failed", log)

@@ -26,7 +26,7 @@ import time
 from collections.abc import Mapping
 from types import FrameType
 
-from modelward.agent._child import EXIT_BUSY
+from modelward.agent._child import EXIT_BUSY, TIMESTAMP_LINE
 from modelward.agent._config import AgentConfig
 from modelward.agent._notify import Notifier
 from modelward.agent._schedule import Schedule
@@ -60,6 +60,20 @@ def lower_priority() -> None:
         logger.debug("cannot lower I/O priority: errno %d", ctypes.get_errno())
 
 
+def verified_timestamp(lines: list[str]) -> int | None:
+    """The timestamp version an attempt child says it verified (its line before the
+    report, ``agent._child.TIMESTAMP_LINE``); None if it said none, or not as a version.
+    The child's output is its own: the health check and the activation command write
+    to pipes of their own."""
+    for line in lines:
+        if line.startswith(TIMESTAMP_LINE):
+            digits = line[len(TIMESTAMP_LINE):].strip()
+            if digits.isascii() and digits.isdigit() and len(digits) <= 19:
+                v = int(digits)
+                return v if 0 < v < 1 << 63 else None
+    return None
+
+
 class Daemon:
     """The long-running agent loop.
 
@@ -86,35 +100,25 @@ class Daemon:
         self._child: subprocess.Popen[str] | None = None
         self._busy_told = False  # the skips for another command's lock were logged
         self._told_handled: int | None = None  # the handled version last logged
+        self.verified: int | None = None  # the timestamp version the last attempt verified
 
     def _on_announce(self, version: int) -> None:
         share = random.random()  # noqa: S311 - a spread, not a secret
         with self._lock:
             look = self.schedule.announce(version, time.monotonic(), share)
-            handled = not look and self.schedule.is_handled(version)
+            # (one line for the version the device verified, once: older ones and
+            # repeats, however a broker alternates them, are not logged)
+            told = not look and version == self.schedule.handled_version and \
+                version != self._told_handled
         if look:
             logger.info("announcement of timestamp version %d: refreshing after %.1fs "
                         "(a random share of announce_spread %.0fs)", version,
                         share * self.cfg.announce_spread, self.cfg.announce_spread)
             self.wake.set()
-        elif handled and version != self._told_handled:  # (once a version: no log flood)
+        elif told:
             self._told_handled = version
             logger.info("announcement of timestamp version %d ignored: already trusted",
                         version)
-
-    def _trusted_version(self) -> int | None:
-        """The timestamp version the last successful attempt trusted (its TUF metadata
-        cache, just written by the child), or None. A hint for skipping announcements
-        only: the child verifies everything itself on every attempt."""
-        try:
-            doc = read_json_file(self.cfg.state_dir / "metadata" / "timestamp.json",
-                                 self.cfg.updater.tuf.timestamp_max_length,
-                                 max_depth=8)
-        except (OSError, ValueError):  # UnsafeFileError, UntrustedJsonError
-            return None
-        signed = doc.get("signed") if isinstance(doc, dict) else None
-        v = signed.get("version") if isinstance(signed, dict) else None
-        return v if type(v) is int and 0 < v < 1 << 63 else None
 
     def _ensure_listener(self) -> None:
         mq = self.cfg.updater.mqtt
@@ -145,7 +149,8 @@ class Daemon:
             event.wait(min(step, left))
 
     def attempt(self) -> tuple[int, bytes]:
-        """Run one update attempt in a child; returns (exit code, signed report)."""
+        """Run one update attempt in a child; returns (exit code, signed report).
+        :attr:`verified` is then the timestamp version it verified (None: not said)."""
         beat_file = self.cfg.state_dir / ".heartbeat"
         self.notifier.status("update: checking")
         child = subprocess.Popen(
@@ -178,6 +183,7 @@ class Daemon:
         reader.join(5)
         self._child = None
         report = out[-1].strip().encode() if out and out[-1].startswith("{") else b""
+        self.verified = verified_timestamp(out)
         return code, report
 
     def _journal_line(self) -> str:
@@ -252,9 +258,9 @@ class Daemon:
                 self._skipped(wait)
                 continue
             self._busy_told = False
-            trusted = self._trusted_version() if code == 0 else None
             with self._lock:
-                wait = self.schedule.finished(code == 0, time.monotonic(), jitter, trusted)
+                wait = self.schedule.finished(code == 0, time.monotonic(), jitter,
+                                              self.verified if code == 0 else None)
             if code == 0:
                 self.notifier.status(self._result_line())
             else:

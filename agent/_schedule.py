@@ -14,8 +14,10 @@ tested without sleeping (house style 1 and 11). The rules:
   caller draws it): a retained announcement reaching a whole fleet at once does not make
   every device hit the origin in the same second;
 * an announcement of a timestamp version this device has already handled (at most the
-  version its last successful attempt trusted, or one announced before it: the broker
-  re-delivering a retained message on every reconnect, or after a restart) wakes nothing;
+  version its last successful attempt verified: the broker re-delivering a retained
+  message on every reconnect, or after a restart) wakes nothing. Only a verified version
+  counts, never an announced one (a forged announcement of version 2**62 must not make
+  every real one after it look handled);
 * after a failed attempt, the next one waits ``backoff`` seconds: 5 s, doubling on each
   failure in a row, up to ``poll_interval``. Announcements do not cut it short: they
   can only make the attempt due at the end of the backoff (instead of at the next poll).
@@ -59,7 +61,7 @@ class Schedule:
     _last_start: float = -math.inf
     _pending: int | None = None  # the newest version announced since the last start
     _running: int | None = None  # the announced version the running attempt answers
-    _done: int | None = None  # the newest version handled (announced or trusted) by a success
+    _done: int | None = None  # the newest timestamp version a successful attempt verified
     _spread_until: float = -math.inf  # the pending announcement's attempt not before this
     _tokens: float = BURST  # announcement-triggered attempts available now...
     _tokens_at: float = -math.inf  # ...as of this time
@@ -86,6 +88,11 @@ class Schedule:
     def is_handled(self, version: int) -> bool:
         """``version`` is one announcements of wake nothing (already trusted)."""
         return self._done is not None and version <= self._done
+
+    @property
+    def handled_version(self) -> int | None:
+        """The newest timestamp version a successful attempt verified (None: none yet)."""
+        return self._done
 
     @property
     def running(self) -> int | None:
@@ -123,15 +130,16 @@ class Schedule:
             ok: the attempt succeeded (installed, or found nothing to do).
             now: monotonic seconds.
             jitter: factor on the wait (0.9-1.1), so a fleet does not move in lockstep.
-            trusted: the timestamp version the attempt trusted, if known: announcements
-                up to it (also one that came in while the attempt ran) are handled.
+            trusted: the timestamp version the attempt verified, if known: announcements
+                up to it (also one that came in while the attempt ran) are handled. The
+                announced version itself never is: an announcement is an untrusted hint,
+                and one forged far ahead must not make the real next one look handled.
         """
         if ok:
             self.backoff = 0.0
             self._not_before = now
-            for v in (self._running, trusted):
-                if v is not None:
-                    self.handled(v)
+            if trusted is not None:  # (never the announced number: anyone may announce)
+                self.handled(trusted)
             if self._pending is not None and self._done is not None and \
                     self._pending <= self._done:
                 self._pending = None

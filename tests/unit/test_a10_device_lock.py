@@ -105,5 +105,5 @@ def test_a_skipped_attempt_retries_soon_without_a_backoff() -> None:
     assert wait == BUSY_RETRY and s.backoff == 0.0
     assert s.due() == pytest.approx(1.0 + BUSY_RETRY)
     s.started(40.0)  # the announcement is still answered by the retry
-    assert s.finished(True, 41.0) == 600.0
+    assert s.finished(True, 41.0, trusted=7) == 600.0  # (it verified timestamp v7)
     assert not s.announce(7)

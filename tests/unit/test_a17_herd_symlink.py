@@ -1,17 +1,10 @@
-"""Attack on issue 17 (7e2525c), the disk: ``state_dir/metadata`` replaced by a symlink to
-a directory outside ``state_dir`` (in the moment between an attempt's child exiting and
-the daemon reading its timestamp; the child itself refuses such a state directory).
-
-Tried: ``Daemon._trusted_version`` on that state directory (the real method, on a
-:class:`~modelward.agent._daemon.Daemon` built from a real config; no TPM or broker is
-needed for this read). What happened: it opens ``metadata/timestamp.json`` through the
-link and returns the version found outside ``state_dir``, which ``Schedule.finished``
-then takes as the handled floor. The cause: it calls ``read_json_file`` without
-``parent_nofollow`` (``O_NOFOLLOW`` covers the last component only), against the design's
-"never open a path in state_dir through a symlink" and "make the agent touch anything
-outside state_dir". What stays unchanged: the file outside is only read, and the regular
-``metadata/`` directory still gives its own version (asserted).
-"""
+"""Attack on issue 17 (7e2525c), the disk: ``state_dir/metadata/timestamp.json`` replaced
+by a symlinked directory, a hard link to a file outside ``state_dir``, or an unsigned
+document of version 2**62. The daemon took that file's version as the handled floor
+(``Daemon._trusted_version``), so every real announcement after it was ignored until the
+poll timer. Fixed by its cause: the daemon reads no version from the state directory at
+all. The only source is the attempt child's line naming the timestamp version its TUF
+refresh verified (``agent._child.TIMESTAMP_LINE``), parsed strictly here."""
 
 from __future__ import annotations
 
@@ -20,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from modelward.agent._child import TIMESTAMP_LINE
 from modelward.agent._config import load_config
-from modelward.agent._daemon import Daemon
+from modelward.agent._daemon import Daemon, verified_timestamp
 
 
 def _daemon(tmp_path: Path) -> Daemon:
@@ -32,41 +26,29 @@ def _daemon(tmp_path: Path) -> Daemon:
     return Daemon(load_config(p), {})
 
 
-def _ts(directory: Path, version: int) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "timestamp.json").write_text(json.dumps(
-        {"signed": {"_type": "timestamp", "version": version}, "signatures": []}))
-
-
-@pytest.mark.xfail(strict=True, reason="a17 herd: _trusted_version follows a symlinked "
-                   "metadata/ out of state_dir (no parent_nofollow)")
-def test_a17_herd_trusted_version_is_not_read_through_a_symlinked_metadata_dir(
-        tmp_path: Path) -> None:
+def test_a17_herd_the_daemon_reads_no_version_from_the_state_dir(tmp_path: Path) -> None:
     d = _daemon(tmp_path)
-    meta = tmp_path / "s" / "metadata"
-    _ts(meta, 5)
-    assert d._trusted_version() == 5  # (a plain directory is read: the hint works)
-    elsewhere = tmp_path / "elsewhere"
-    _ts(elsewhere, 2**62)
-    meta.rename(tmp_path / "s" / "metadata.old")
-    meta.symlink_to(elsewhere, target_is_directory=True)
-    got = d._trusted_version()
-    assert json.loads((elsewhere / "timestamp.json").read_text())["signed"]["version"] \
-        == 2**62  # (only read)
-    assert got is None, got
-
-
-@pytest.mark.xfail(strict=True, reason="a17 herd: _trusted_version reads a hard link to a "
-                   "file outside state_dir (no single_link)")
-def test_a17_herd_trusted_version_is_not_read_through_a_hard_link(tmp_path: Path) -> None:
-    """Tried: ``metadata/timestamp.json`` as a second hard link to a file outside
-    ``state_dir``. What happened: read, its version returned (``read_json_file`` without
-    ``single_link``; ``read_bounded`` documents that a hard link can name such a file)."""
-    d = _daemon(tmp_path)
-    _ts(tmp_path / "elsewhere", 2**62)
     meta = tmp_path / "s" / "metadata"
     meta.mkdir(parents=True)
-    (meta / "timestamp.json").hardlink_to(tmp_path / "elsewhere" / "timestamp.json")
-    got = d._trusted_version()
-    assert (tmp_path / "elsewhere" / "timestamp.json").stat().st_nlink == 2  # (only read)
-    assert got is None, got
+    (meta / "timestamp.json").write_text(json.dumps(
+        {"signed": {"_type": "timestamp", "version": 2**62}, "signatures": []}))
+    assert not hasattr(d, "_trusted_version")
+    assert d.verified is None
+    assert verified_timestamp(['{"report": 1}\n']) is None  # a child that said nothing
+
+
+@pytest.mark.parametrize(("lines", "want"), [
+    ([f"{TIMESTAMP_LINE}7\n", "{}\n"], 7),
+    ([f"{TIMESTAMP_LINE}9223372036854775807\n"], 2**63 - 1),
+    ([f"{TIMESTAMP_LINE}9223372036854775808\n"], None),  # 2**63
+    ([f"{TIMESTAMP_LINE}{'9' * 4000}\n"], None),
+    ([f"{TIMESTAMP_LINE}0\n"], None),
+    ([f"{TIMESTAMP_LINE}-3\n"], None),
+    ([f"{TIMESTAMP_LINE}\u0661\u0662\n"], None),  # (non-ASCII digits)
+    ([f"{TIMESTAMP_LINE}7 8\n"], None),
+    ([f"x{TIMESTAMP_LINE}7\n"], None),
+    ([], None),
+])
+def test_a17_herd_the_childs_version_line_is_parsed_strictly(lines: list[str],
+                                                              want: int | None) -> None:
+    assert verified_timestamp(lines) == want

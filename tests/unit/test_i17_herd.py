@@ -106,3 +106,23 @@ def test_the_spread_is_a_checked_key_with_a_fleet_sized_default(tmp_path: Path) 
             load_config(_conf(tmp_path, f"announce_spread = {bad}"))
     with pytest.raises(ConfigError, match="did you mean announce_spread"):
         load_config(_conf(tmp_path, "anounce_spread = 5"))
+
+
+def test_a_forged_announcement_never_raises_the_handled_floor() -> None:
+    """(a17 herd) Announced far ahead of what the refresh verified: the real next
+    version still wakes the device; only a verified version is handled."""
+    for forged in (6, 2**62):
+        s = Schedule(POLL, spread=0.0)
+        run(s, 0, True, trusted=5)
+        assert s.announce(forged)
+        run(s, 5, True, trusted=5)  # the repository has no such version: nothing new
+        assert s.handled_version == 5
+        assert s.announce(6)  # the real one (also when 6 was the forged number)
+        assert s.due() <= 7
+
+
+def test_a_success_that_verified_nothing_handles_nothing() -> None:
+    s = Schedule(POLL)
+    run(s, 0, True, trusted=None)
+    assert s.handled_version is None
+    assert s.announce(1)

@@ -111,6 +111,7 @@ class UpdateResult:
     outcome: Outcome
     message: str
     active: ModelRef | None
+    timestamp_version: int | None = None  # the timestamp this attempt verified
 
 
 
@@ -497,7 +498,7 @@ def _attempt(
         msg = (f"nothing to do: {what} is active and no newer {cfg.model} is published "
                f"for this device on channel {cfg.channel}")
         journal.enter("active" if active else "idle", **_ref_fields(active))
-        return UpdateResult(Outcome.UP_TO_DATE, msg, active)
+        return UpdateResult(Outcome.UP_TO_DATE, msg, active, session.timestamp_version)
     if choice is not None and choice.pinned and active is not None and \
             newest.version < SemVer.parse(active.version):
         logger.warning("the operator pinned %s %s: moving down from %s", newest.name,
@@ -635,7 +636,8 @@ def _attempt(
     step("active")
     if index is not None:  # where the next delta finds this slot's chunks (a hint only)
         _delta.write_hint(cfg.state_dir, index, [active.fingerprint] if active else [])
-    return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref)
+    return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref,
+                        session.timestamp_version)
 
 
 def _check_moved(slots: SlotStore, store: TrustStore, ref: ModelRef, staged: Stage) -> None:

@@ -208,6 +208,11 @@ class TufSession:
         """Version of the trusted top-level targets metadata."""
         return int(self._trusted().targets.version)
 
+    @property
+    def timestamp_version(self) -> int:
+        """Version of the trusted timestamp metadata (verified by this refresh)."""
+        return int(self._trusted().timestamp.version)
+
     def target_url(self, target: TargetFile) -> str:
         """Download URL of a target, hash-prefixed under consistent snapshots."""
         path = target.path

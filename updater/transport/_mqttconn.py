@@ -365,13 +365,16 @@ class AnnouncementListener:
             doc = loads_bounded(msg.payload, max_bytes=ANNOUNCE_MAX_PACKET, max_depth=2,
                                 what=f"the announcement on {msg.topic}")
             version = doc["timestamp_version"]
-            if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            if not isinstance(version, int) or isinstance(version, bool) or \
+                    not 0 < version < 1 << 63:  # (TUF versions a JSON reader keeps exact)
                 raise ValueError("timestamp_version")
         except (ValueError, KeyError, TypeError) as e:
             logger.warning("ignoring a malformed announcement on %r: %s", msg.topic, e)
             return
-        logger.info("announcement: timestamp version %d", version,
-                    extra={"timestamp_version": version})
+        # (debug: the daemon says at info what it does with one, once; a broker that
+        # repeats announcements must not fill the journal)
+        logger.debug("announcement: timestamp version %d", version,
+                     extra={"timestamp_version": version})
         self._cb(version)
 
     def publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
