@@ -181,3 +181,16 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile([3.0], 95) == 3.0
     assert percentile([float(i) for i in range(1, 101)], 95) == 95.0
     assert percentile([1.0, 2.0], 50) == 1.0
+
+
+@pytest.mark.parametrize("extra", [["--repo", "{tmp}"], ["--summary", "--repo", "{tmp}"]])
+def test_repo_goes_with_summary_and_keys(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         extra: list[str]) -> None:
+    from tests.unit.test_i15_mistakes import B, run_main
+
+    argv = ["fleet", "status", "--fleet-dir", str(tmp_path / "fd"), *B,
+            *(a.replace("{tmp}", str(tmp_path)) for a in extra)]
+    code, out, err = run_main(argv, capsys)
+    assert code == 1 and out == "" and "--repo goes with --summary and --keys" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "hint: " in err
+    assert not (tmp_path / "fd").exists()  # nothing created, nothing asked of the broker
