@@ -169,21 +169,28 @@ def _s(v: object) -> str:
     return NONE if v is None else f"{v:.3f}s"
 
 
+def _q(text: object) -> str:
+    """A device-supplied name for the terminal: escaped, cut and in double quotes (a quote
+    in it is ``\\"``; :func:`escape` doubles backslashes), so no name can read as more
+    entries or counts (``stable 100, beta``) or start a line."""
+    return '"' + escape(text, 64).replace('"', '\\"') + '"'
+
+
 def format_summary(summary: dict[str, Any]) -> str:
-    """``--summary`` for people; every device-supplied string escaped and cut (one line per
-    entry: a name cannot start a line of its own)."""
+    """``--summary`` for people; every device-supplied name escaped, cut and quoted
+    (:func:`_q`)."""
     out = [f"devices: {summary['devices']} ({summary['believed']} with a believed report)",
            "states: " + ", ".join(f"{s} {n}" for s, n in summary["states"].items() if n)]
-    out.append("models: " + (", ".join(f"{escape(m, 64)} {n}"
+    out.append("models: " + (", ".join(f"{_q(m)} {n}"
                                        for m, n in summary["models"].items()) or NONE))
-    out.append("channels: " + (", ".join(f"{escape(c, 64)} {n}"
+    out.append("channels: " + (", ".join(f"{_q(c)} {n}"
                                          for c, n in summary["channels"].items()) or NONE))
     out.append("versions:")
-    out += [f"  {escape(v['model'], 64)} {escape(v['version'], 64)}: {v['devices']}"
+    out += [f"  {_q(v['model'])} {_q(v['version'])}: {v['devices']}"
             for v in summary["versions"]] or ["  -"]
     out.append("rollouts (eligible / installed / failed):")
-    out += [f"  {escape(r['model'], 64)} {escape(r['version'], 64)} on "
-            f"{escape(r['channel'], 64)} at {r['percent']:g}%"
+    out += [f"  {_q(r['model'])} {_q(r['version'])} on {_q(r['channel'])} at "
+            f"{r['percent']:g}%"
             f"{' HALTED' if r['halted'] else ''}: {r['eligible']} / {r['installed']} / "
             f"{r['failed']} of {r['devices']} on its model and channel"
             for r in summary["rollouts"]] or ["  - (give --repo and --keys)"]
@@ -191,7 +198,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     out.append(f"fallback rate: {fb['rate']:.1%} ({fb['fell_back']} of {fb['of']} devices "
                f"fell back; {fb['ever']} ever did)")
     out.append("failure reasons (devices, attempts):")
-    out += [f"  {escape(k, 64)}: {v['devices']}, {v['attempts']}"
+    out += [f"  {_q(k)}: {v['devices']}, {v['attempts']}"
             for k, v in summary["failure_reasons"].items()] or ["  -"]
     for name, d in summary["durations"].items():
         out.append(f"{name}: p50 {_s(d['p50'])}, p95 {_s(d['p95'])} ({d['samples']} devices)")

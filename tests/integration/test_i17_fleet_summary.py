@@ -139,7 +139,7 @@ def test_new_fields_arrive_signed_and_the_summary_counts_them(
                                                   "samples": 1}
         text = _status(w, fleet_dir, "--summary", "--repo", str(w.repo_dir),
                        "--keys", str(w.keys))
-        assert "classifier 2.0.0 on stable at 30%: 2 / 1 / 0 of 2" in text
+        assert '"classifier" "2.0.0" on "stable" at 30%: 2 / 1 / 0 of 2' in text
         assert "fallback rate: 50.0%" in text and "\x1b" not in text
     finally:
         stop_origin(w.tmp / "origin")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,7 @@ def test_rollout_eligible_installed_failed(tmp_path: Path) -> None:
                  "percent": 30.0, "halted": False, "devices": on,
                  "eligible": len([d for d in inside if reports[d]["channel"] == "stable"]),
                  "installed": 1, "failed": 1}
-    assert "2.0.0 on stable at 30%" in format_summary(s)
+    assert '"classifier" "2.0.0" on "stable" at 30%' in format_summary(s)
 
 
 def test_a_device_cannot_claim_eligibility_or_another_device(tmp_path: Path) -> None:
@@ -162,7 +163,8 @@ def test_failure_reasons_count_devices_and_stay_bounded(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("evil", ["\nd9  ok  classifier 6.6.6", "\x1b]0;pwned\x07",
-                                  "\u202eevil", "a" * 256])
+                                  "\u202eevil", "a" * 256, 'stable" 100, "beta',
+                                  'x\\" 9, "y'])
 def test_device_strings_cannot_forge_a_summary_line(tmp_path: Path, evil: str) -> None:
     rows = _rows(tmp_path, {"d1": _rep("d1", channel=evil, model=evil,
                                        active={**MODEL, "name": evil, "version": evil})})
@@ -173,6 +175,10 @@ def test_device_strings_cannot_forge_a_summary_line(tmp_path: Path, evil: str) -
         _rows(tmp_path / "honest", {"d1": _rep("d1")}),
         [RolloutRelease("classifier", "1.0.0", "stable", 100.0)])).splitlines())
     assert all(c.isprintable() for c in text.replace("\n", ""))
+    # one quoted name per entry: the count after it is the real one
+    channels = next(line for line in lines if line.startswith("channels: "))
+    entry = re.fullmatch(r'channels: "((?:[^"\\]|\\.)*)" (\d+)', channels)
+    assert entry is not None and entry.group(2) == "1", channels
     assert _strict(summary_json(s))["channels"] == {evil: 1}  # exact in JSON
 
 
