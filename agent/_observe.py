@@ -223,7 +223,10 @@ def write_boot_seconds(state_dir: Path, seconds: float) -> None:
     """Record the boot-check's duration (atomically; a failure is one warning: it is
     telemetry, never a reason for boot-check to fail)."""
     try:
-        write_atomic(state_dir / BOOT_SECONDS_FILE, f"{seconds:.3f}\n".encode(), mode=0o640)
+        # (not durable: two fsyncs would add ~10 ms to every boot; a power loss leaves
+        # the old value, or an empty or missing file, which reads as none)
+        write_atomic(state_dir / BOOT_SECONDS_FILE, f"{seconds:.3f}\n".encode(), mode=0o640,
+                     durable=False)
     except OSError as e:
         logger.warning("cannot record the boot-check time in %s: %s",
                        state_dir / BOOT_SECONDS_FILE, e)
