@@ -117,7 +117,7 @@ class Metrics:
         if not is_reason(reason) or (reason not in self.failure_reasons
                                      and len(self.failure_reasons) >= MAX_REASONS - 1):
             reason = OTHER_REASON
-        self.failure_reasons[reason] = self.failure_reasons.get(reason, 0) + 1
+        self.failure_reasons[reason] = min(self.failure_reasons.get(reason, 0) + 1, MAX_SEQ)
 
     def to_status(self) -> dict[str, Any]:
         """What goes into status.json."""
@@ -188,12 +188,7 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         model, channel: the model and release channel this device follows (its config).
         boot_check_s: how long the last boot-check took (:func:`read_boot_seconds`).
     """
-    extra: dict[str, Any] = {}
-    if model is not None:
-        extra["model"] = model
-    if channel is not None:
-        extra["channel"] = channel
-    return {**extra,
+    report: dict[str, Any] = {
         "device_id": device_id,
         "fleet": fleet,
         "seq": seq,
@@ -209,6 +204,11 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         "at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "uptime_s": round(time.monotonic()),
     }
+    if model is not None:
+        report["model"] = model
+    if channel is not None:
+        report["channel"] = channel
+    return report
 
 
 BOOT_SECONDS_FILE = "boot-check-seconds"
