@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from modelward.agent._lock import BOOT_WAIT, device_lock, holder
-from modelward.agent._observe import Metrics, advance_sequence, build_report, notify_activation
+from modelward.agent._observe import (
+    Metrics,
+    advance_sequence,
+    build_report,
+    notify_activation,
+    read_boot_seconds,
+    write_boot_seconds,
+)
 from modelward.agent._owner import check_state_owner
 from modelward.agent._status import (
     MAX_STATUS_BYTES,
@@ -205,6 +212,7 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
             # not logged here: the caller that handles it reports it, once (the CLI's
             # error line, the daemon child's "update failed" record)
             metrics.counters["failures"] += 1
+            metrics.note_failure(type(e).__name__)
             if isinstance(e, MetadataError):
                 metrics.counters["signature_failures"] += 1
             elif isinstance(e, _REJECTED):
@@ -226,6 +234,8 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
             if "staged" in marks and "health-checked" in marks:
                 metrics.verification_seconds = round(
                     marks["health-checked"] - marks["staged"], 3)
+            if "downloading" in marks and "health-checked" in marks:
+                metrics.verify_s = round(marks["health-checked"] - marks["downloading"], 3)
             doc["last_activation"] = notify_activation(cfg.activation, cfg.state_dir,
                                                        result.active)
         _save(cfg, status, doc, metrics, store)
@@ -405,7 +415,9 @@ def signed_report(cfg: AgentConfig, state: str,
             own = StatusFile(cfg.state_dir).read(tpm)
         report = build_report(cfg.device_id, cfg.fleet, record, state, own,
                               seq=advance_sequence(cfg.state_dir, now), now=now,
-                              poll_interval=cfg.poll_interval)
+                              poll_interval=cfg.poll_interval, model=cfg.updater.model,
+                              channel=cfg.updater.channel,
+                              boot_check_s=read_boot_seconds(cfg.state_dir))
         from modelward.trust._report import sign_report  # (the crypto stack: not at boot)
 
         return sign_report(report, tpm)
@@ -477,9 +489,12 @@ def run_boot_check(cfg: AgentConfig | BootConfig, wait: float = BOOT_WAIT) -> Bo
 
 def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
     status = StatusFile(cfg.state_dir)
+    started = time.monotonic()
     try:
         try:
             result = _boot_check_waiting_for_tpm(cfg)
+            # (the boot latency it added, TPM wait included; telemetry for the next report)
+            write_boot_seconds(cfg.state_dir, time.monotonic() - started)
         except (TrustRecordError, RootAnchorError) as e:
             if isinstance(e, TrustFileUnreadableError):
                 raise

@@ -17,6 +17,12 @@ from modelward.agent._status import COUNTERS as COUNTERS
 from modelward.agent._status import clean_status
 from modelward.trust._atomic import write_atomic
 from modelward.trust._record import ModelRef, TrustRecord
+from modelward.trust._report_fields import (
+    MAX_DURATION,
+    MAX_REASONS,
+    OTHER_REASON,
+    is_reason,
+)
 from modelward.trust._report_seq import (
     MAX_SEQ,
     ReportSequenceError,
@@ -82,13 +88,19 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
 class Metrics(Plain):
     """Counters and gauges, persisted in status.json so they survive restarts."""
 
-    __slots__ = ("counters", "last_success", "verification_seconds")
+    __slots__ = ("counters", "last_success", "verification_seconds", "verify_s",
+                 "failure_reasons")
 
     def __init__(self, counters: dict[str, int] | None = None, last_success: float = 0.0,
-                 verification_seconds: float = 0.0) -> None:
+                 verification_seconds: float = 0.0, verify_s: float | None = None,
+                 failure_reasons: dict[str, int] | None = None) -> None:
         self.counters = dict.fromkeys(COUNTERS, 0) if counters is None else counters
         self.last_success = last_success
         self.verification_seconds = verification_seconds
+        #: download and verification of the last install that passed its health check (s)
+        self.verify_s = verify_s
+        #: failed attempts by the error's type name (at most MAX_REASONS names)
+        self.failure_reasons = {} if failure_reasons is None else failure_reasons
 
     @classmethod
     def from_status(cls, doc: dict[str, Any]) -> Metrics:
@@ -99,12 +111,27 @@ class Metrics(Plain):
             m.counters[k] = v
         m.last_success = float(doc.get("last_success", 0.0))
         m.verification_seconds = float(doc.get("verification_seconds", 0.0))
+        if "verify_s" in doc:
+            m.verify_s = float(doc["verify_s"])
+        m.failure_reasons = dict(doc.get("failure_reasons", {}))
         return m
+
+    def note_failure(self, reason: str) -> None:
+        """Count one failed attempt under ``reason`` (an error's type name); a name that is
+        not an identifier, or a new one once MAX_REASONS are held, counts as ``other``."""
+        if not is_reason(reason) or (reason not in self.failure_reasons
+                                     and len(self.failure_reasons) >= MAX_REASONS - 1):
+            reason = OTHER_REASON
+        self.failure_reasons[reason] = min(self.failure_reasons.get(reason, 0) + 1, MAX_SEQ)
 
     def to_status(self) -> dict[str, Any]:
         """What goes into status.json."""
-        return {"counters": self.counters, "last_success": self.last_success,
-                "verification_seconds": self.verification_seconds}
+        doc: dict[str, Any] = {"counters": self.counters, "last_success": self.last_success,
+                               "verification_seconds": self.verification_seconds,
+                               "failure_reasons": self.failure_reasons}
+        if self.verify_s is not None:
+            doc["verify_s"] = self.verify_s
+        return doc
 
     def prometheus(self) -> str:
         """Text exposition format."""
@@ -154,7 +181,8 @@ def _ref(r: ModelRef | None) -> dict[str, str] | None:
 
 def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: str,
                  status: dict[str, Any], *, seq: int, now: float,
-                 poll_interval: float) -> dict[str, Any]:
+                 poll_interval: float, model: str | None = None, channel: str | None = None,
+                 boot_check_s: float | None = None) -> dict[str, Any]:
     """The status report a device publishes (then signs).
 
     Args:
@@ -162,8 +190,10 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         now: when it is signed (seconds since the epoch).
         poll_interval: the device's poll interval in seconds: the operator calls a report
             older than three of them stale.
+        model, channel: the model and release channel this device follows (its config).
+        boot_check_s: how long the last boot-check took (:func:`read_boot_seconds`).
     """
-    return {
+    report: dict[str, Any] = {
         "device_id": device_id,
         "fleet": fleet,
         "seq": seq,
@@ -174,9 +204,60 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         "last_error": status.get("last_error"),
         "last_activation": status.get("last_activation"),
         "counters": status.get("counters", {}),
+        "failure_reasons": status.get("failure_reasons", {}),
+        "durations": {"verify_s": status.get("verify_s"), "boot_check_s": boot_check_s},
         "at": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
         "uptime_s": round(time.monotonic()),
     }
+    if model is not None:
+        report["model"] = model
+    if channel is not None:
+        report["channel"] = channel
+    return report
+
+
+BOOT_SECONDS_FILE = "boot-check-seconds"
+"""``state_dir/boot-check-seconds``: how long the last boot-check took ("0.123\\n"), for the
+next status report. Not MACed (it costs no TPM command at boot): the device's disk can
+make this device report any boot time up to MAX_DURATION, which says nothing about any
+other device."""
+_BOOT_READ_BYTES = 32
+
+
+def write_boot_seconds(state_dir: Path, seconds: float) -> None:
+    """Record the boot-check's duration (atomically; a failure is one warning: it is
+    telemetry, never a reason for boot-check to fail)."""
+    try:
+        # (not durable: two fsyncs would add ~10 ms to every boot; a power loss leaves
+        # the old value, or an empty or missing file, which reads as none)
+        write_atomic(state_dir / BOOT_SECONDS_FILE, f"{seconds:.3f}\n".encode(), mode=0o640,
+                     durable=False)
+    except OSError as e:
+        logger.warning("cannot record the boot-check time in %s: %s",
+                       state_dir / BOOT_SECONDS_FILE, e)
+
+
+def read_boot_seconds(state_dir: Path) -> float | None:
+    """The last boot-check's duration, or None if absent or not a plain number of
+    seconds in [0, MAX_DURATION) (never follows a link, never blocks, reads a few bytes)."""
+    path = state_dir / BOOT_SECONDS_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = os.read(fd, _BOOT_READ_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    text = data.strip()
+    if len(data) > _BOOT_READ_BYTES or not text.replace(b".", b"", 1).isdigit():
+        return None  # (digits and one dot: no "nan", "inf", "1e9", sign or space)
+    value = float(text)
+    return value if value < MAX_DURATION else None
 
 
 SEQUENCE_FILE = "report-seq"

@@ -26,6 +26,7 @@ from typing import Any
 
 from modelward.trust._bounded import read_json_file
 from modelward.trust._report_fields import COUNTERS as COUNTERS
+from modelward.trust._report_fields import MAX_DURATION, MAX_REASONS, is_reason
 from modelward.trust._report_fields import MAX_TEXT as MAX_TEXT
 
 logger = logging.getLogger("modelward.agent")
@@ -44,8 +45,6 @@ def _text(v: object) -> bool:
 
 def _cut(v: str | None) -> str | None:
     return v[:MAX_TEXT] if v is not None else None
-
-
 
 
 def clean_status(doc: object) -> dict[str, Any]:
@@ -74,6 +73,13 @@ def clean_status(doc: object) -> dict[str, Any]:
     for k in ("last_success", "verification_seconds"):
         if _finite(doc.get(k)):
             out[k] = doc[k]
+    if _finite(doc.get("verify_s")) and doc["verify_s"] < MAX_DURATION:
+        out["verify_s"] = doc["verify_s"]
+    reasons = doc.get("failure_reasons")
+    if isinstance(reasons, dict):  # (bounded: at most MAX_REASONS names, in name order)
+        out["failure_reasons"] = dict(sorted(
+            (k, v) for k, v in reasons.items() if is_reason(k)
+            and isinstance(v, int) and not isinstance(v, bool) and v >= 0)[:MAX_REASONS])
     return out
 
 

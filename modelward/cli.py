@@ -508,8 +508,32 @@ def _fleet_status(args: argparse.Namespace) -> int:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
     if not 0 <= args.wait <= 3600:  # also NaN
         raise OperatorInputError(f"--wait must be 0 to 3600 seconds, not {args.wait}")
+    if args.repo is not None:
+        if not args.summary or args.keys is None:
+            raise OperatorInputError("--repo goes with --summary and --keys",
+                                     hint="--keys: the key directory whose trusted root "
+                                     "verifies --repo (as for `repo status`)")
+        from modelward._inputs import existing_dir
+
+        existing_dir("--repo", args.repo)
+        existing_dir("--keys", args.keys)
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
+    if args.summary:
+        from modelward.publisher._fleet_summary import (
+            format_summary,
+            model_names,
+            repository_releases,
+            summarize,
+            summary_json,
+        )
+
+        releases = [] if args.repo is None else repository_releases(
+            args.repo, args.keys, model_names(rows))
+        summary = summarize(rows, releases)
+        text = summary_json(summary) if args.json else format_summary(summary)
+        print(for_encoding(text, getattr(sys.stdout, "encoding", None)))
+        return EXIT_OK
     if args.json:
         print(rows_json(rows))  # strict JSON; the table escapes every device string
     else:
@@ -1079,6 +1103,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="poll interval (s) of devices whose reports do not carry one; a "
                    "report older than 3 of them is STALE")
     f.add_argument("--json", action="store_true")
+    f.add_argument("--summary", action="store_true",
+                   help="counts per model, version, channel and state, rollouts, fallback "
+                   "rate, failure reasons, p50/p95 durations (README \"Fleet summary\")")
+    f.add_argument("--repo", type=local_path,
+                   help="with --summary: the repository whose releases' rollouts to show")
+    f.add_argument("--keys", type=local_path,
+                   help="with --repo: the key directory holding its trusted root")
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
 

@@ -8,6 +8,13 @@ intervals ago. Otherwise the row is flagged ``REPLAYED``, ``STALE``, ``FUTURE`` 
 the operator never saw (sent and overwritten between two runs) is newer than anything it
 knows, so only its age can give it away (``STALE``).
 
+Each row has one fleet **state** (:func:`device_state`, issue 17), from its flags and
+then from the verified report: ``REJECTED``, ``MISSING``, ``STALE`` (and the other
+freshness flags) as above; otherwise ``updating`` (the report's journal step is one of an
+install in progress), ``fell back`` (its last error is a boot-check's fallback to the
+previous model, not yet cleared by a successful attempt), ``failed`` (its last error is
+any other: the last attempt failed after the last success, which clears it) or ``ok``.
+
 Device data is hostile even when it is signed (issue 14 finding 6): a report is cut at
 :data:`~modelward.trust._report.MAX_REPORT_BYTES` as it arrives, parsed only with a size and depth
 bound, verified, then schema-checked (:func:`modelward.publisher._report_schema.check_report`); a
@@ -48,7 +55,10 @@ from modelward.trust._report import (
     report_digest,
     verify_report,
 )
+from modelward.trust._report_fields import FALLBACK_ERROR
 from modelward.updater.errors import TransportError
+from modelward.updater.install._journal import RESTING
+from modelward.updater.install._journal import STEPS as JOURNAL_STEPS
 from modelward.updater.transport._mqtt import MqttConfig, MqttConnection
 from modelward.updater.transport._mqttconn import guarded
 
@@ -87,6 +97,14 @@ OTHER_FLEET = "OTHER_FLEET"
 REPLAYED = "REPLAYED"
 FUTURE = "FUTURE"
 STALE = "STALE"
+UPDATING = "updating"
+FELL_BACK = "fell back"
+FAILED = "failed"
+#: the fleet states, in the order ``--summary`` lists them
+STATES = (OK, UPDATING, FELL_BACK, FAILED, STALE, MISSING, REJECTED, REPLAYED, FUTURE,
+          OTHER_FLEET)
+#: journal steps of an install in progress (the resting ones are idle, active, failed)
+IN_PROGRESS = frozenset(JOURNAL_STEPS) - frozenset(RESTING)
 
 
 @dataclass(frozen=True)
@@ -228,6 +246,25 @@ class DeviceRow:
     def status(self) -> str:
         """The first flag, or ``ok``."""
         return self.flags[0] if self.flags else OK
+
+    @property
+    def state(self) -> str:
+        """The fleet state (:func:`device_state`)."""
+        return device_state(self.flags, self.report if self.verified else {})
+
+
+def device_state(flags: tuple[str, ...], report: dict[str, Any]) -> str:
+    """One of :data:`STATES` for a row's flags and its verified, schema-checked report
+    (pure; module docstring). A report that is not current (any flag) says nothing about
+    the device now, so the first flag is its state."""
+    if flags:
+        return flags[0]
+    if report.get("state") in IN_PROGRESS:
+        return UPDATING
+    err = report.get("last_error")
+    if isinstance(err, dict):
+        return FELL_BACK if err.get("type") == FALLBACK_ERROR else FAILED
+    return OK
 
 
 def _seen_path(fleet_dir: Path, device: str) -> Path:
@@ -459,8 +496,8 @@ def format_table(rows: list[DeviceRow]) -> str:
         return f"{escape(m['name'], 64)} {escape(m['version'], 64)}" \
             if isinstance(m, dict) else "-"
 
-    head = ("DEVICE", "SIGNATURE", "REPORT", "ACTIVE", "PREVIOUS", "STATE", "LAST ERROR",
-            "AT", "SEQ")
+    head = ("DEVICE", "STATE", "SIGNATURE", "REPORT", "ACTIVE", "PREVIOUS", "CHANNEL", "STEP",
+            "LAST ERROR", "AT", "SEQ")
     lines = [head]
     for r in rows:
         rep = r.report if r.verified else {}
@@ -476,10 +513,12 @@ def format_table(rows: list[DeviceRow]) -> str:
             freshness += f": {escape(r.problem)}"
         lines.append((
             escape_id(r.device_id),
+            r.state,
             signature,
             freshness,
             model(rep.get("active")),
             model(rep.get("previous")),
+            escape(rep.get("channel", "-"), 64),
             escape(rep.get("state", "-"), 64),
             escape(err.get("type", "-"), 64),
             escape(rep.get("at", "-"), 64),
@@ -495,7 +534,8 @@ def format_table(rows: list[DeviceRow]) -> str:
 
 def row_json(r: DeviceRow) -> dict[str, Any]:
     """One row of ``fleet status --json``."""
-    return {"device": r.device_id, "status": r.status, "flags": list(r.flags),
+    return {"device": r.device_id, "state": r.state, "status": r.status,
+            "flags": list(r.flags),
             "verified": r.verified, "problem": r.problem, "report": r.report}
 
 

@@ -12,6 +12,10 @@ status`` then shows one ``REJECTED`` row.
 
 Optional fields (``seq``, ``fleet``, ``at``, ``poll_interval``, ...) may be absent: the
 freshness judgement flags a report without them. When present they must be well typed.
+``model``, ``channel``, ``durations`` and ``failure_reasons`` (issue 17) are optional too,
+so a device of an older version is still shown: ``durations`` holds ``verify_s`` and
+``boot_check_s`` (null or finite seconds in [0, MAX_DURATION)), ``failure_reasons`` at
+most MAX_REASONS identifier names, each an integer count.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from typing import Any
 
 from modelward.trust._report import MAX_SEQ
 from modelward.trust._report_fields import COUNTERS as _AGENT_COUNTERS
-from modelward.trust._report_fields import MAX_TEXT
+from modelward.trust._report_fields import DURATIONS, MAX_DURATION, MAX_REASONS, MAX_TEXT, is_reason
 from modelward.trust.errors import UntrustedRemoteError
 
 MAX_ID = 64  # device ids and fleet names (modelward.publisher._broker_config.check_id)
@@ -129,6 +133,30 @@ def _counters(v: object) -> None:
         _integer(f"counters.{k}", c[k])
 
 
+def _durations(v: object) -> None:
+    d = _object("durations", v, frozenset(DURATIONS))
+    for k in sorted(d):
+        x = d[k]
+        if x is None:
+            continue
+        if not isinstance(x, int | float) or isinstance(x, bool):
+            raise ReportSchemaError(f"durations.{k}", f"is {_type_name(x)}, not a number")
+        if not (math.isfinite(x) and 0 <= x < MAX_DURATION):
+            raise ReportSchemaError(f"durations.{k}", f"is out of range (0 to {MAX_DURATION})")
+
+
+def _failure_reasons(v: object) -> None:
+    if not isinstance(v, dict):
+        raise ReportSchemaError("failure_reasons", f"is {_type_name(v)}, not an object")
+    if len(v) > MAX_REASONS:
+        raise ReportSchemaError("failure_reasons", f"has over {MAX_REASONS} reasons")
+    for k in sorted(v):
+        if not is_reason(k):  # (named only by position: the name itself is the attack)
+            raise ReportSchemaError("failure_reasons", "has a reason that is not an "
+                                    "identifier (letters, digits, _; at most 64)")
+        _integer(f"failure_reasons.{k}", v[k])
+
+
 _FIELDS: dict[str, Callable[[object], None]] = {
     "device_id": lambda v: _string("device_id", v, MAX_ID),
     "fleet": lambda v: _string("fleet", v, MAX_ID),
@@ -142,6 +170,10 @@ _FIELDS: dict[str, Callable[[object], None]] = {
     "counters": _counters,
     "at": lambda v: _string("at", v, MAX_SHORT),
     "uptime_s": lambda v: _integer("uptime_s", v),
+    "model": lambda v: _string("model", v, MAX_SHORT),
+    "channel": lambda v: _string("channel", v, MAX_SHORT),
+    "durations": _durations,
+    "failure_reasons": _failure_reasons,
 }
 FIELDS = frozenset(_FIELDS)
 

@@ -19,7 +19,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, mode: int = 0o644, gid: int | None = None) -> None:
+def write_atomic(path: Path, data: bytes, mode: int = 0o644, gid: int | None = None,
+                 *, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves the old or the new file.
 
     Every step after the directory is opened works through descriptors, never a name
@@ -37,12 +38,15 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644, gid: int | None = N
         mode: permission bits of the new file (exactly: the umask does not apply).
         gid: the new file's group (``fchown`` before its mode is set), or None: the
             writer's.
+        durable: False: no fsync (readers see the old or the new file, but after a power
+            loss the file may be old, empty or missing): only for telemetry whose reader
+            checks what it reads, on a path where the ~10 ms of two fsyncs count (boot).
 
     Raises:
         OSError: the directory is not writable, the disk is full, or ``gid`` may not be
             given; ``path`` is unchanged.
     """
-    with _temp_beside(path, mode, gid) as f:
+    with _temp_beside(path, mode, gid, durable=durable) as f:
         f.write(data)
 
 
@@ -62,7 +66,8 @@ _COPY_CHUNK = 1 << 20
 
 
 @contextlib.contextmanager
-def _temp_beside(path: Path, mode: int, gid: int | None = None) -> Iterator[BinaryIO]:
+def _temp_beside(path: Path, mode: int, gid: int | None = None, *,
+                 durable: bool = True) -> Iterator[BinaryIO]:
     """A new file next to ``path`` (mode ``mode``), renamed over ``path`` once the body
     has written it and it is on disk; removed (the name, not followed) if the body or the
     rename fails."""
@@ -77,13 +82,15 @@ def _temp_beside(path: Path, mode: int, gid: int | None = None) -> Iterator[Bina
                 os.fchmod(f.fileno(), mode)  # (the open file: a swapped-in link is not followed)
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    os.fsync(f.fileno())
             os.replace(name, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(name, dir_fd=dfd)
             raise
-        os.fsync(dfd)
+        if durable:
+            os.fsync(dfd)
     finally:
         os.close(dfd)
 

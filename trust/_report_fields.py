@@ -6,3 +6,28 @@
 COUNTERS = ("attempts", "installed", "failures", "fallbacks", "bytes_fetched",
             "signature_failures", "verification_failures")
 MAX_TEXT = 4096  # characters of a message kept (the signed report copies it)
+
+#: ``failure_reasons``: failed update attempts by the error's type name. At most
+#: MAX_REASONS keys (a device's own map, and the operator's sum over the fleet, stay
+#: bounded); a new reason once the map is full counts under OTHER_REASON.
+MAX_REASONS = 16
+OTHER_REASON = "other"
+#: a reason is an identifier (a Python class name): letters, digits, "_", at most 64
+REASON_MAX_LEN = 64
+REASON_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
+
+#: ``durations``: seconds, measured on the device where the work happens. ``verify_s``:
+#: download and verification (hash, extraction, fingerprint, health check) of the last
+#: install attempt that passed its health check; ``boot_check_s``: the last boot-check.
+DURATIONS = ("verify_s", "boot_check_s")
+MAX_DURATION = 10**6  # s (11.6 days): anything longer is not a measurement
+
+#: ``last_error.type`` of a boot-check that fell back to the previous model (kept until the
+#: next successful attempt clears it): the fleet view's ``fell back`` state.
+FALLBACK_ERROR = "ActiveModelAltered"
+
+
+def is_reason(name: object) -> bool:
+    """Whether ``name`` may be a key of ``failure_reasons``."""
+    return (isinstance(name, str) and 0 < len(name) <= REASON_MAX_LEN
+            and not name[0].isdigit() and all(c in REASON_CHARS for c in name))

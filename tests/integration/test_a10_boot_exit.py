@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 
+from modelward.agent._observe import BOOT_SECONDS_FILE
 from tests.conftest import World
 
 
@@ -105,7 +106,10 @@ def test_a10_fallback_under_journal_stream_loses_no_write(world: World) -> None:
     assert status["last_error"]["type"] == "ActiveModelAltered"
     prom = (world.cfg.metrics_textfile or world.state / "metrics.prom").read_text()
     assert re.search(r"fallbacks\S* 1(\.0)?$", prom, re.M), prom
-    assert {p.name for p in world.state.iterdir()} - before <= {"metrics.prom"}
+    # (issue 17: the boot-check's duration, for the next status report, whole)
+    assert {p.name for p in world.state.iterdir()} - before <= {"metrics.prom",
+                                                                BOOT_SECONDS_FILE}
+    assert float((world.state / BOOT_SECONDS_FILE).read_text()) >= 0
     assert {p.name for p in (world.state / "trust").iterdir()} == trust_before
 
 

@@ -145,9 +145,10 @@ def test_hostile_signed_reports_are_rejected_rows_escaped_and_strict_json_and_ex
     rows = {line.split(" ")[0]: line for line in lines[1:]}
     tty = rows[TTY]
     for d in HONEST:
-        assert rows[d].split()[1:5] == ["ok", "ok", "classifier", "1.0.0"], rows[d]
+        # (issue 17: the fleet state first; FetchError is their last error: failed)
+        assert rows[d].split()[1:6] == ["failed", "ok", "ok", "classifier", "1.0.0"], rows[d]
         assert "FetchError" in rows[d] and "REJECTED" not in rows[d], rows[d]
-    assert tty.split()[1:3] == ["ok", "ok"]  # right shape, strings escaped
+    assert tty.split()[2:4] == ["ok", "ok"]  # right shape, strings escaped
     for d in [*SHAPES, *WIRES]:
         assert f"{d}  " in rows[d] and "REJECTED: " in rows[d], rows[d]
     assert "REJECTED: signed, but report field active.name is missing" in rows["evil-noname"]

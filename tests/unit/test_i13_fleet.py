@@ -259,8 +259,9 @@ def test_fleet_view_replay_missing_cleared_and_unenrolled(tmp_path: Path) -> Non
     table = format_table(list(rows.values()))
     assert "REPLAYED: seq 5 is older than seq 6" in table
     assert "MISSING: no status report" in table and "REJECTED: " in table
-    assert table.splitlines()[0].split() == ["DEVICE", "SIGNATURE", "REPORT", "ACTIVE",
-                                             "PREVIOUS", "STATE", "LAST", "ERROR", "AT", "SEQ"]
+    assert table.splitlines()[0].split() == ["DEVICE", "STATE", "SIGNATURE", "REPORT",
+                                             "ACTIVE", "PREVIOUS", "CHANNEL", "STEP", "LAST",
+                                             "ERROR", "AT", "SEQ"]
 
 
 def test_damaged_operator_state_is_named(tmp_path: Path) -> None:

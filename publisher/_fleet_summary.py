@@ -1,0 +1,244 @@
+"""``fleet status --summary``: the fleet in figures (issue 17), computed from the judged rows
+of :mod:`modelward.publisher._fleet` and, with ``--repo``, the releases the repository
+signs.
+
+Every device has one row, so it has one share of every figure and can lie only about
+itself: counts are of devices, never sums of what a device says (a device that reports
+2^53 fallbacks is one device that fell back); the figures a device's numbers enter
+(durations) are one sample per device, already finite and bounded by the schema
+(:mod:`modelward.publisher._report_schema`), and percentiles are nearest-rank over those
+samples, so one device moves a p95 by at most one rank and never to NaN or infinity.
+
+What is counted:
+
+* ``states``: every row (enrolled or not), by :func:`~modelward.publisher._fleet.device_state`.
+* ``models``, ``versions``, ``channels``: the *believed* rows: verified and with no flag
+  but ``STALE`` (a stale report is the device's last signed word; a replayed, future or
+  other-fleet one is not believed at all). Keyed by the active model's name and version
+  (``-`` when none) and the channel the device says it follows (``-`` for a device that
+  does not say: an older agent).
+* ``rollouts``: per release the repository signs (the newest of each model and channel,
+  not withdrawn): ``eligible`` = believed devices on that model and channel whose rollout
+  position (:func:`modelward.updater.rollout.rollout_bucket`, from the enrolled id, so a
+  device cannot move it) is below the release's percent; ``installed`` = believed devices
+  whose active model is that release; ``failed`` = eligible devices that do not run it and
+  whose state is ``failed``.
+* ``fallback``: ``rate`` = believed devices in state ``fell back`` / believed devices
+  (the share of the fleet running its previous model after a boot-check fallback now);
+  ``ever`` = believed devices whose ``fallbacks`` counter is above 0.
+* ``failure_reasons``: per error type, the believed devices that count it (``devices``)
+  and the sum of their counts (``attempts``, capped at 2^53-1); the
+  :data:`MAX_SHOWN_REASONS` reasons with the most devices, the rest summed under ``other``.
+* ``durations``: p50 and p95 (nearest rank) and the number of samples of ``verify_s``
+  and ``boot_check_s`` over the believed devices that report one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelward.publisher._fleet import FAILED, FELL_BACK, STALE, STATES, DeviceRow
+from modelward.trust._display import escape
+from modelward.trust._report import MAX_SEQ
+from modelward.trust._report_fields import DURATIONS, OTHER_REASON
+from modelward.updater.rollout import rollout_bucket
+
+MAX_SHOWN_REASONS = 32
+NONE = "-"
+
+
+@dataclass(frozen=True)
+class RolloutRelease:
+    """A release the repository signs, as the fleet view needs it.
+
+    Attributes:
+        name, version, channel: from its signed ``modelward`` fields.
+        percent: its rollout share, 0 to 100.
+        halted: the operator halted it.
+    """
+
+    name: str
+    version: str
+    channel: str
+    percent: float
+    halted: bool = False
+
+
+def believed(row: DeviceRow) -> bool:
+    """Whether the row's report is believed as what the device last said (module doc)."""
+    return row.verified and set(row.flags) <= {STALE}
+
+
+def _active(report: dict[str, Any]) -> tuple[str, str]:
+    a = report.get("active")
+    return (a["name"], a["version"]) if isinstance(a, dict) else (NONE, NONE)
+
+
+def _model(report: dict[str, Any]) -> str:
+    m = report.get("model")
+    return m if isinstance(m, str) else _active(report)[0]
+
+
+def percentile(samples: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (pure); None without samples."""
+    if not samples:
+        return None
+    s = sorted(samples)
+    return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
+
+
+def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
+              ) -> dict[str, Any]:
+    """The figures of ``--summary`` (pure; module doc); JSON-ready, every number finite."""
+    rows = list(rows)
+    good = [r for r in rows if believed(r)]
+    states = Counter(r.state for r in rows)
+    versions = Counter(_active(r.report) for r in good)
+    models = Counter(_active(r.report)[0] for r in good)
+    channels = Counter(str(r.report.get("channel", NONE)) for r in good)
+    fell = sum(1 for r in good if r.state == FELL_BACK)
+    ever = sum(1 for r in good if (r.report.get("counters") or {}).get("fallbacks", 0) > 0)
+
+    devices: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()
+    for r in good:
+        for reason, n in (r.report.get("failure_reasons") or {}).items():
+            devices[reason] += 1
+            attempts[reason] += n
+    shown = sorted(devices, key=lambda k: (-devices[k], k))
+    reasons = {k: {"devices": devices[k], "attempts": min(attempts[k], MAX_SEQ)}
+               for k in shown[:MAX_SHOWN_REASONS]}
+    if len(shown) > MAX_SHOWN_REASONS:
+        rest = shown[MAX_SHOWN_REASONS:]
+        other = reasons.setdefault(OTHER_REASON, {"devices": 0, "attempts": 0})
+        # (a device may count under several of the rest: devices is a sum of shares here)
+        other["devices"] += sum(devices[k] for k in rest)
+        other["attempts"] = min(other["attempts"] + sum(attempts[k] for k in rest), MAX_SEQ)
+
+    durations: dict[str, dict[str, Any]] = {}
+    for name in DURATIONS:
+        samples = [float(v) for r in good
+                   if isinstance(v := (r.report.get("durations") or {}).get(name), int | float)
+                   and math.isfinite(v)]
+        durations[name] = {"p50": percentile(samples, 50), "p95": percentile(samples, 95),
+                           "samples": len(samples)}
+
+    rollouts = []
+    for rel in releases:
+        on = [r for r in good if _model(r.report) == rel.name
+              and r.report.get("channel") == rel.channel]
+        eligible = [r for r in on
+                    if rollout_bucket(r.device_id, rel.name, rel.version) < rel.percent]
+        runs = [r for r in good if _active(r.report) == (rel.name, rel.version)]
+        failed = [r for r in eligible if r.state == FAILED
+                  and _active(r.report) != (rel.name, rel.version)]
+        rollouts.append({"model": rel.name, "version": rel.version, "channel": rel.channel,
+                         "percent": rel.percent, "halted": rel.halted,
+                         "devices": len(on), "eligible": len(eligible),
+                         "installed": len(runs), "failed": len(failed)})
+
+    return {
+        "devices": len(rows),
+        "believed": len(good),
+        "states": {s: states.get(s, 0) for s in STATES},
+        "models": dict(sorted(models.items())),
+        "versions": [{"model": m, "version": v, "devices": n}
+                     for (m, v), n in sorted(versions.items())],
+        "channels": dict(sorted(channels.items())),
+        "rollouts": rollouts,
+        "fallback": {"fell_back": fell, "ever": ever, "of": len(good),
+                     "rate": fell / len(good) if good else 0.0},
+        "failure_reasons": reasons,
+        "durations": durations,
+    }
+
+
+def summary_json(summary: dict[str, Any]) -> str:
+    """``--summary --json``: strict JSON (no NaN or Infinity; ASCII)."""
+    return json.dumps(summary, allow_nan=False, sort_keys=False)
+
+
+def _s(v: object) -> str:
+    """A seconds figure for people."""
+    return NONE if v is None else f"{v:.3f}s"
+
+
+def _q(text: object) -> str:
+    """A device-supplied name for the terminal: escaped, cut and in double quotes (a quote
+    in it is ``\\"``; :func:`escape` doubles backslashes), so no name can read as more
+    entries or counts (``stable 100, beta``) or start a line."""
+    return '"' + escape(text, 64).replace('"', '\\"') + '"'
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """``--summary`` for people; every device-supplied name escaped, cut and quoted
+    (:func:`_q`)."""
+    out = [f"devices: {summary['devices']} ({summary['believed']} with a believed report)",
+           "states: " + ", ".join(f"{s} {n}" for s, n in summary["states"].items() if n)]
+    out.append("models: " + (", ".join(f"{_q(m)} {n}"
+                                       for m, n in summary["models"].items()) or NONE))
+    out.append("channels: " + (", ".join(f"{_q(c)} {n}"
+                                         for c, n in summary["channels"].items()) or NONE))
+    out.append("versions:")
+    out += [f"  {_q(v['model'])} {_q(v['version'])}: {v['devices']}"
+            for v in summary["versions"]] or ["  -"]
+    out.append("rollouts (eligible / installed / failed):")
+    out += [f"  {_q(r['model'])} {_q(r['version'])} on {_q(r['channel'])} at "
+            f"{r['percent']:g}%"
+            f"{' HALTED' if r['halted'] else ''}: {r['eligible']} / {r['installed']} / "
+            f"{r['failed']} of {r['devices']} on its model and channel"
+            for r in summary["rollouts"]] or ["  - (give --repo and --keys)"]
+    fb = summary["fallback"]
+    out.append(f"fallback rate: {fb['rate']:.1%} ({fb['fell_back']} of {fb['of']} devices "
+               f"fell back; {fb['ever']} ever did)")
+    out.append("failure reasons (devices, attempts):")
+    out += [f"  {_q(k)}: {v['devices']}, {v['attempts']}"
+            for k, v in summary["failure_reasons"].items()] or ["  -"]
+    for name, d in summary["durations"].items():
+        out.append(f"{name}: p50 {_s(d['p50'])}, p95 {_s(d['p95'])} ({d['samples']} devices)")
+    return "\n".join(out)
+
+
+def repository_releases(repo_dir: Path, keys: Path, names: Iterable[str]
+                        ) -> list[RolloutRelease]:
+    """The newest release of each model in ``names`` per channel, as devices find it in
+    the repository at ``repo_dir`` (verified from the root anchored in ``keys``), not
+    withdrawn; the operator's own entry for a version wins over a team's.
+
+    Raises:
+        RepositoryStateError: the repository does not verify (naming the file).
+    """
+    from modelward.publisher._repo import Repository
+    from modelward.updater.bundle._fields import Fields, modelward_field, read_fields
+    from modelward.updater.install._search import TOP
+
+    repo = Repository(repo_dir, keys, b"unused: the fleet view reads public metadata only")
+    targets = repo.current()[0]
+    newest: dict[tuple[str, str], Fields] = {}
+    for name in sorted(set(names)):
+        read: list[tuple[Fields, str]] = []
+        for f in repo.releases(name, targets):
+            try:  # the device's own reading of the signed fields
+                read.append((read_fields(modelward_field(f.target.custom) or {}), f.role))
+            except (KeyError, ValueError, TypeError, AttributeError):
+                continue  # (a target devices ignore)
+        top = {fl.version for fl, role in read if role == TOP}
+        for fl, role in read:
+            if fl.withdrawn or fl.name != name or (fl.version in top and role != TOP):
+                continue
+            key = (name, fl.channel)
+            if key not in newest or newest[key].version < fl.version:
+                newest[key] = fl
+    return [RolloutRelease(name, str(fl.version), channel, fl.percent, fl.halted)
+            for (name, channel), fl in sorted(newest.items())]
+
+
+def model_names(rows: Iterable[DeviceRow]) -> list[str]:
+    """The models the believed rows follow (what ``--repo`` looks up)."""
+    return sorted({_model(r.report) for r in rows if believed(r)} - {NONE})
