@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import World
+from tests.conftest import MqttWorld, World
 
 _WRAPPER = r"""
 import atexit, json, sys, threading, weakref
@@ -148,3 +148,21 @@ def test_update_with_unbuffered_stdout_a_closed_pipe_names_stdout(world: World) 
     r = _closed_stdout_update(world, fast=True, unbuffered=True)
     assert world.active_version() == "1.0.0"  # (installed: this holds today)
     assert r.returncode != 1 and "stdout" in r.stderr, r.stderr
+
+
+def test_update_over_mqtt_fast_exit_leaves_no_thread(mqtt_world: MqttWorld,
+                                                     tmp_path: Path) -> None:
+    """The same over MQTT (mosquitto and the bridge): paho's network thread is stopped
+    before the end, so the fast exit is taken with nothing pending, and the install and
+    its files are all there."""
+    w = mqtt_world
+    w.publish("1.0.0", seed=1)
+    out = tmp_path / "probe"
+    r = _run(w, out)
+    assert r.returncode == 0, r.stderr
+    spy = json.loads(Path(str(out) + ".spy").read_text())
+    assert spy["threads"] == ["MainThread"], spy
+    assert not Path(str(out) + ".teardown").exists()
+    assert spy["finalizers_atexit"] == [], spy
+    assert w.active_version() == "1.0.0"
+    assert json.loads((w.state / "journal.json").read_bytes())["step"] == "active"
