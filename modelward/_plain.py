@@ -17,9 +17,11 @@ annotations, checked by mypy), and these bases give what ``@dataclass`` (``eq=Tr
   :meth:`Plain.asdict` for ``dataclasses.replace`` / ``asdict`` (shallow: where a record
   holds records, as ``TrustRecord`` its ``ModelRef``, its ``to_json`` nests them itself).
 
-Not given (no caller uses them): ``__match_args__``, ordering, fields inherited by a
-subclass that names its own ``__slots__``. ``tests/unit/test_i15_plain_records.py`` holds
-each class against a ``@dataclass`` reference of the same fields.
+Not given (no caller uses them): ``__match_args__``, ordering; a subclass that names
+``__slots__`` of its own below a class with fields is refused (its fields would hide the
+parent's), and :meth:`Frozen._set` sets the fields once only.
+``tests/unit/test_i15_plain_records.py`` holds each class against a ``@dataclass``
+reference of the same fields.
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ class Plain:
 
     __slots__: tuple[str, ...] = ()
     # (defining __eq__ makes Python set __hash__ = None here: unhashable, as @dataclass)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass's own __slots__ would hide its parent's fields from ==, hash, repr,
+        # asdict and a record's digest (two records of different models alike): refused.
+        super().__init_subclass__(**kwargs)
+        inherited = [k for base in cls.__mro__[1:] for k in base.__dict__.get("__slots__", ())]
+        if cls.__dict__.get("__slots__") and inherited:
+            raise TypeError(f"{cls.__qualname__} names __slots__ of its own below "
+                            f"{cls.__mro__[1].__qualname__}, which has fields: the fields "
+                            "of a record are declared in one class")
 
     def astuple(self) -> tuple[Any, ...]:
         """The fields' values, in ``__slots__`` order (``dataclasses.astuple``, shallow)."""
@@ -65,8 +77,12 @@ class Frozen(Plain):
     __slots__: tuple[str, ...] = ()
 
     def _set(self, *values: Any) -> None:
-        """Set every field, in ``__slots__`` order (only from ``__init__``)."""
-        for k, v in zip(self.__slots__, values, strict=True):
+        """Set every field, in ``__slots__`` order, once (from ``__init__``): on a record
+        whose fields are set it raises :class:`FrozenFieldError` and changes nothing."""
+        fields = self.__slots__
+        if fields and hasattr(self, fields[0]):
+            raise FrozenFieldError(f"{type(self).__qualname__} is frozen: its fields are set")
+        for k, v in zip(fields, values, strict=True):
             object.__setattr__(self, k, v)
 
     def replace(self, **changes: Any) -> Self:

@@ -608,7 +608,7 @@ def _agent_provision(args: argparse.Namespace) -> int:
 
 
 def _agent_update(args: argparse.Namespace) -> int:
-    with _imports_frozen():
+    with _no_cycle_collection(freeze=True):
         from modelward.agent._commands import update
         from modelward.agent._malloc import tune_malloc
         from modelward.updater.install import _install  # noqa: F401 - (imported here, frozen)
@@ -618,8 +618,27 @@ def _agent_update(args: argparse.Namespace) -> int:
     if args.transport:
         cfg = cfg.with_transport(args.transport)
     result = update(cfg)
-    print(result.message)
+    _print_done(result.message)
     return EXIT_OK
+
+
+def _print_done(message: str) -> None:
+    """Print what a device command did, once it is done: a stdout whose reader is gone
+    (EPIPE; a closed pipe under a service manager) is one warning naming stdout, not a
+    failed command (the update or boot check itself is complete), and stdout goes to
+    /dev/null so that the exit's flush does not fail again."""
+    try:
+        print(message, flush=True)
+    except OSError as e:
+        import logging
+
+        logging.getLogger("modelward").warning(
+            "cannot write to stdout (%s); the command itself is done: %s",
+            e.strerror or e, message)
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fd = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(fd, sys.stdout.fileno())
+            os.close(fd)
 
 
 def _agent_enroll(args: argparse.Namespace) -> int:
@@ -685,7 +704,7 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
         report_error(e, fmt=args.log_used, prefix="modelward: boot check",
                      traceback=args.debug)
         return EXIT_NOTHING_TRUSTED
-    print(result.message)
+    _print_done(result.message)
     return EXIT_OK
 
 
@@ -1197,10 +1216,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _no_cycle_collection(on: bool) -> Iterator[None]:
-    """If ``on``, no cyclic garbage collection inside (as it was after). For boot-check:
-    a short process whose memory goes at its exit; the collector walked the objects the
-    TPM library's import makes, 5 ms of the boot unit's time on a small model (issue 15)."""
+def _no_cycle_collection(on: bool = True, *, freeze: bool = False) -> Iterator[None]:
+    """If ``on``, no cyclic garbage collection inside (as it was after); ``freeze``: what
+    was made inside is frozen after (``gc.freeze``: never walked by a later collection,
+    nor at the exit).
+
+    For boot-check (``on``): a short process whose memory goes at its exit; the collector
+    walked the objects the TPM library's import makes, 5 ms of the boot unit's time on a
+    small model (issue 15). Around a command's imports (``freeze``): imports make
+    long-lived objects only, yet the collector walked all of them again and again as they
+    grew: for ``agent update`` (TUF, securesystemslib's signers, requests, paho, ours:
+    0.25 s of imports) 70-100 ms of a process's start and teardown (issue 16,
+    benchmarks/README.md); the collector is on again for the command itself (a
+    transfer's cycles are collected as before: the peak RSS stays flat)."""
     import gc
 
     if not on or not gc.isenabled():
@@ -1210,28 +1238,8 @@ def _no_cycle_collection(on: bool) -> Iterator[None]:
     try:
         yield
     finally:
-        gc.enable()
-
-
-@contextlib.contextmanager
-def _imports_frozen() -> Iterator[None]:
-    """No cyclic garbage collection while the modules of a command are imported inside,
-    and what they made frozen after (``gc.freeze``: never walked by a later collection,
-    nor at the exit). Imports make long-lived objects only, yet the collector walked all of
-    them again and again as they grew: for ``agent update`` (TUF, securesystemslib's
-    signers, requests, paho, ours: 0.25 s of imports) 70-100 ms of a process's start and
-    teardown (issue 16, benchmarks/README.md). The collector is on again for the command
-    itself (a transfer's cycles are collected as before: the peak RSS stays flat)."""
-    import gc
-
-    if not gc.isenabled():
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
+        if freeze:
+            gc.freeze()
         gc.enable()
 
 

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from modelward.updater.bundle._semver import SemVer
 
@@ -99,3 +99,36 @@ class Clock:
 
     def __call__(self) -> datetime:
         return self.now
+
+
+def mqtt_varint(n: int) -> bytes:
+    """MQTT's variable byte integer (remaining length, property lengths)."""
+    out = bytearray()
+    while True:
+        n, b = divmod(n, 128)
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def mqtt_str(b: bytes) -> bytes:
+    """An MQTT UTF-8 string or binary data field: two-byte length, then the bytes."""
+    return len(b).to_bytes(2, "big") + b
+
+
+def state_status(state: Path) -> dict[str, Any]:
+    """A device's ``status.json`` as it is on disk ({} when unreadable): for tests that
+    watch a daemon's attempts without the TPM."""
+    import json
+
+    try:
+        doc = json.loads((state / "status.json").read_bytes())
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def state_attempts(state: Path) -> int:
+    """The attempts counter of a device's ``status.json`` (0 when there is none)."""
+    c = state_status(state).get("counters")
+    return int(c.get("attempts", 0)) if isinstance(c, dict) else 0

@@ -27,10 +27,7 @@ import pytest
 
 from modelward.publisher._broker_config import write_broker_config
 from modelward.simulator._proc import free_port, wait_for_port
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
+from tests._helpers import mqtt_str
 
 
 def _has_mosquitto_user() -> bool:
@@ -69,8 +66,8 @@ def _run(d: Path) -> None:
             assert proc.poll() is not None  # did not come up: a loud failure, fine
             return
         pw = bc.credentials["dev-1"].read_text().strip().encode()
-        body = (_s(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 60) + _s(b"dev-1-listen")
-                + _s(b"dev-1") + _s(pw))
+        body = (mqtt_str(b"MQTT") + bytes([4, 0xC2]) + struct.pack(">H", 60)
+                + mqtt_str(b"dev-1-listen") + mqtt_str(b"dev-1") + mqtt_str(pw))
         with socket.create_connection(("127.0.0.1", port), 5) as s:
             s.sendall(b"\x10" + bytes([len(body)]) + body)
             ack = s.recv(4)

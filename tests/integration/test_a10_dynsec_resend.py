@@ -33,25 +33,13 @@ from paho.mqtt.properties import Properties
 
 from modelward.simulator._flood import _props
 from modelward.updater._config import fetch_client_id, fetch_username
+from tests._helpers import mqtt_str, mqtt_varint
 from tests.conftest import MqttWorld
 
 FLOOD_FILE = "targets/flood.bin"
 MIB = 1 << 20
 WINDOW = 16
 RECONNECTS = 20
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _resume_and_read(w: MqttWorld, password: bytes, seconds: float, level: int) -> int:
@@ -62,13 +50,13 @@ def _resume_and_read(w: MqttWorld, password: bytes, seconds: float, level: int) 
     sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", w.broker_port), 10),
                            server_hostname="127.0.0.1")
     props = b"\x11" + struct.pack(">I", 3600)  # Session Expiry Interval
-    body = (_s(b"MQTT") + bytes([level, 0xC0]) + struct.pack(">H", 60)
-            + (_varint(len(props)) + props if level == 5 else b"")
-            + _s(fetch_client_id("dev-2").encode())
-            + _s(fetch_username("dev-2").encode()) + _s(password))
+    body = (mqtt_str(b"MQTT") + bytes([level, 0xC0]) + struct.pack(">H", 60)
+            + (mqtt_varint(len(props)) + props if level == 5 else b"")
+            + mqtt_str(fetch_client_id("dev-2").encode())
+            + mqtt_str(fetch_username("dev-2").encode()) + mqtt_str(password))
     got = 0
     try:
-        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        sock.sendall(b"\x10" + mqtt_varint(len(body)) + body)
         sock.settimeout(seconds)
         end = time.monotonic() + seconds
         while time.monotonic() < end:

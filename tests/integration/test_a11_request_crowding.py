@@ -51,6 +51,7 @@ from modelward.simulator._flood import Prober
 from modelward.simulator._pki import CertPair
 from modelward.updater._config import MqttConfig, fetch_client_id, fetch_username
 from modelward.updater.install._install import Outcome
+from tests._helpers import mqtt_str, mqtt_varint
 from tests.conftest import FLEET as WORLD_FLEET
 from tests.conftest import MqttWorld
 
@@ -61,19 +62,6 @@ RATE = 10_000  # dev-2's requests a second
 PROBES = 10
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
-
-
 class _RawFlooder:
     """dev-2's fetcher identity writing pre-built MQTT 5 QoS 0 requests at ``rate``."""
 
@@ -82,21 +70,22 @@ class _RawFlooder:
         ctx = ssl.create_default_context(cafile=str(ca))
         self.sock = ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
                                     server_hostname="127.0.0.1")
-        body = (_s(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00"
-                + _s(fetch_client_id("dev-2").encode()) + _s(fetch_username("dev-2").encode())
-                + _s(password.encode()))
-        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        body = (mqtt_str(b"MQTT") + bytes([5, 0xC2]) + struct.pack(">H", 60) + b"\x00"
+                + mqtt_str(fetch_client_id("dev-2").encode())
+                + mqtt_str(fetch_username("dev-2").encode())
+                + mqtt_str(password.encode()))
+        self.sock.sendall(b"\x10" + mqtt_varint(len(body)) + body)
         ack = self.sock.recv(64)
         assert ack[:1] == b"\x20" and ack[3] == 0, ack
         topic = f"modelward/{fleet}/repo/req/dev-2".encode()
         resp = f"modelward/{fleet}/devices/dev-2/repo/resp".encode()
         packets = []
         for i in range(50):
-            props = b"\x08" + _s(resp) + b"\x09" + _s(secrets.token_bytes(16))
+            props = b"\x08" + mqtt_str(resp) + b"\x09" + mqtt_str(secrets.token_bytes(16))
             payload = json.dumps({"path": FILE, "offset": (i % 64) * MIB, "length": MIB,
                                   "format": 2}).encode()
-            var = _s(topic) + _varint(len(props)) + props
-            packets.append(b"\x30" + _varint(len(var) + len(payload)) + var + payload)
+            var = mqtt_str(topic) + mqtt_varint(len(props)) + props
+            packets.append(b"\x30" + mqtt_varint(len(var) + len(payload)) + var + payload)
         self.chunk, self.per_chunk, self.rate = b"".join(packets), len(packets), rate
         self.sent = 0
         self._stop = threading.Event()

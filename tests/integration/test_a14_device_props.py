@@ -30,22 +30,10 @@ from modelward.publisher._fleet import collect_reports
 from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
 from modelward.updater.transport._mqtt import publish_properties
 from modelward.updater.transport._mqttconn import MqttConnection, device_connection
+from tests._helpers import mqtt_str, mqtt_varint
 from tests.conftest import FLEET, MqttWorld
 
 N_PROPS = 75_000
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
 
 
 def _recv_packet(sock: ssl.SSLSocket) -> bytes:
@@ -76,14 +64,14 @@ def publish_heavy(w: MqttWorld, user: str, topic: str, *, retain: bool,
     sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     try:
         pw = w.creds[user].read_text().strip().encode()
-        body = (_s(b"MQTT") + bytes([5, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
-                + b"\x00" + _s(cid.encode()) + _s(login.encode()) + _s(pw))
-        sock.sendall(b"\x10" + _varint(len(body)) + body)
+        body = (mqtt_str(b"MQTT") + bytes([5, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
+                + b"\x00" + mqtt_str(cid.encode()) + mqtt_str(login.encode()) + mqtt_str(pw))
+        sock.sendall(b"\x10" + mqtt_varint(len(body)) + body)
         connack = _recv_packet(sock)
         assert connack[0] == 0x20 and connack[2] == 0, connack
         props = b"\x26\x00\x00\x00\x00" * N_PROPS
-        var = _s(topic.encode()) + struct.pack(">H", 1) + _varint(len(props)) + props
-        sock.sendall(bytes([0x32 | int(retain)]) + _varint(len(var) + len(payload))
+        var = mqtt_str(topic.encode()) + struct.pack(">H", 1) + mqtt_varint(len(props)) + props
+        sock.sendall(bytes([0x32 | int(retain)]) + mqtt_varint(len(var) + len(payload))
                      + var + payload)
         puback = _recv_packet(sock)
         assert puback[0] == 0x40 and (len(puback) < 4 or puback[3] < 0x80), puback

@@ -50,6 +50,7 @@ from pathlib import Path
 import pytest
 
 from modelward.updater.transport._mqttconn import MqttConnection
+from tests._helpers import state_attempts, state_status
 from tests.conftest import FLEET, MqttWorld
 
 pytestmark = pytest.mark.xdist_group("machine")
@@ -65,16 +66,11 @@ def _wait(pred: Callable[[], bool], timeout: float) -> bool:
 
 
 def _status(w: MqttWorld) -> dict[str, object]:
-    try:
-        doc = json.loads((w.state / "status.json").read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return state_status(w.state)
 
 
 def _attempts(w: MqttWorld) -> int:
-    c = _status(w).get("counters")
-    return int(c.get("attempts", 0)) if isinstance(c, dict) else 0
+    return state_attempts(w.state)
 
 
 def _trusted_ts(w: MqttWorld) -> int:

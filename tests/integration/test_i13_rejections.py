@@ -18,6 +18,7 @@ import pytest
 from modelward.simulator._broker import stop_broker
 from modelward.simulator._proc import wait_for_port
 from modelward.updater.transport._mqttconn import MqttConnection
+from tests._helpers import state_attempts, state_status
 from tests.conftest import FLEET, DeviceState, MqttWorld
 
 
@@ -29,15 +30,11 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str) -> None:
 
 
 def _status(w: MqttWorld) -> dict[str, Any]:
-    try:
-        doc = json.loads((w.state / "status.json").read_bytes())
-    except (OSError, ValueError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    return state_status(w.state)
 
 
 def _attempts(w: MqttWorld) -> int:
-    return int((_status(w).get("counters") or {}).get("attempts", 0))
+    return state_attempts(w.state)
 
 
 def _announce(w: MqttWorld, version: int) -> None:

@@ -27,6 +27,7 @@ from modelward.simulator._pki import CertPair
 from modelward.updater._config import MqttConfig, fetch_client_id, fetch_username
 from modelward.updater.transport._mqtt import block_header
 from modelward.updater.transport._mqttconn import MqttConnection, device_connection
+from tests._helpers import mqtt_str, mqtt_varint
 
 FLEET = "f14"
 MiB = 1 << 20
@@ -73,19 +74,6 @@ def fresh_broker(tmp_path: Path, pki: tuple[CertPair, CertPair]) -> Iterator[Bro
     yield from _broker(tmp_path, pki)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _s(b: bytes) -> bytes:
-    return struct.pack(">H", len(b)) + b
-
-
 class RawClient:
     """A hostile MQTT 3.1.1 client: exactly the bytes it is told to send."""
 
@@ -96,9 +84,9 @@ class RawClient:
         self.sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
         pw = b.creds[user].read_text().strip().encode()
         login = (username or user).encode()
-        body = (_s(b"MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
-                + _s(client_id.encode()) + _s(login) + _s(pw))
-        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        body = (mqtt_str(b"MQTT") + bytes([4, 0x80 | 0x40 | 0x02]) + struct.pack(">H", 60)
+                + mqtt_str(client_id.encode()) + mqtt_str(login) + mqtt_str(pw))
+        self.sock.sendall(b"\x10" + mqtt_varint(len(body)) + body)
         assert self.sock.recv(4) == b"\x20\x02\x00\x00", "CONNACK refused"
         self.sent = 0  # payload bytes the broker took before it ended the connection
 
@@ -106,8 +94,8 @@ class RawClient:
         """PUBLISH QoS 1 with a ``size``-byte payload of zeros, streamed; True when the
         broker acknowledged it, False when it ended the connection instead."""
         self.sent = 0
-        var = _s(topic.encode()) + struct.pack(">H", 1)
-        head = bytes([0x32 | int(retain)]) + _varint(len(var) + size) + var
+        var = mqtt_str(topic.encode()) + struct.pack(">H", 1)
+        head = bytes([0x32 | int(retain)]) + mqtt_varint(len(var) + size) + var
         try:
             self.sock.sendall(head)
             zeros, left = bytes(chunk), size
@@ -299,10 +287,10 @@ def test_a_subscriber_that_never_reads_does_not_grow_the_broker(
     """Attack: connected, subscribed at QoS 1, and never reading or acknowledging (on
     several connections: each holds its own serialized in-flight packets)."""
     stuck = []
-    body = struct.pack(">H", 7) + _s(RESP.encode()) + b"\x01"
+    body = struct.pack(">H", 7) + mqtt_str(RESP.encode()) + b"\x01"
     for _ in range(connections):  # each with the one client id its credential allows
         c = RawClient(fresh_broker, "dev-1", fetch_client_id("dev-1"), fetch_username("dev-1"))
-        c.sock.sendall(b"\x82" + _varint(len(body)) + body)
+        c.sock.sendall(b"\x82" + mqtt_varint(len(body)) + body)
         assert c.sock.recv(5) == b"\x90\x03\x00\x07\x01"
         stuck.append(c)
     try:
@@ -324,7 +312,7 @@ def test_an_oversized_connect_needs_no_credentials_to_be_refused(broker: Broker)
     sock = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
     sent, zeros = 0, bytes(MiB)
     body_len = 200 * MiB
-    head = (b"\x10" + _varint(body_len) + _s(b"MQTT") + bytes([4, 0x02])
+    head = (b"\x10" + mqtt_varint(body_len) + mqtt_str(b"MQTT") + bytes([4, 0x02])
             + struct.pack(">H", 60) + struct.pack(">H", 0xFFFF))
     try:
         sock.sendall(head)

@@ -74,8 +74,6 @@ def _unsynced(lines: list[str], state: Path) -> list[str]:
 
 
 @pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
-@pytest.mark.xfail(strict=True, reason="TUF's metadata is persisted without fsync (python-tuf "
-                   "Updater._persist_metadata), and STATE/metadata is never fsynced")
 def test_every_file_an_update_renames_into_place_is_fsynced(world: World,
                                                              tmp_path: Path) -> None:
     """Happened: every file of ours is fsynced (journal, record, status, metrics,

@@ -20,22 +20,14 @@ from pathlib import Path
 import pytest
 
 from modelward.simulator._pki import CertPair
+from tests._helpers import mqtt_varint
 
 MIB = 1 << 20
 FLOOD = 20
 
 
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        b, n = n % 128, n // 128
-        out += bytes([b | (0x80 if n else 0)])
-        if not n:
-            return out
-
-
 def _packet(kind: int, body: bytes) -> bytes:
-    return bytes([kind]) + _varint(len(body)) + body
+    return bytes([kind]) + mqtt_varint(len(body)) + body
 
 
 def _read_packet(conn: ssl.SSLSocket) -> tuple[int, bytes]:

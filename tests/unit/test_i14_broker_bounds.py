@@ -40,24 +40,16 @@ from modelward.updater.transport._pahofast import (
     PropertiesTooLarge,
     check_properties,
 )
+from tests._helpers import mqtt_varint
 
 V5 = MQTTProtocolVersion.MQTTv5
 TOPIC = b"modelward/f/repo/req/dev-1"
 
 
-def _vb(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, b = divmod(n, 128)
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _publish(props: bytes, qos: int = 1, payload: bytes = b"{}") -> bytes:
     """A PUBLISH after its fixed header, with a raw property block."""
     return (struct.pack("!H", len(TOPIC)) + TOPIC + (b"\x00\x07" if qos else b"")
-            + _vb(len(props)) + props + payload)
+            + mqtt_varint(len(props)) + props + payload)
 
 
 def _honest_props() -> bytes:

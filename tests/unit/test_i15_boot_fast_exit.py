@@ -176,25 +176,25 @@ def test_the_entry_points_agent_update_ends_the_process(
 
 
 def test_imports_are_made_without_cycle_collection_and_frozen() -> None:
-    """Issue 16: what a command imports inside ``_imports_frozen`` is made with the
-    collector off and is frozen after (never walked again); the collector is on again
-    after, also after an error, and one that was off stays off."""
+    """Issue 16: what a command imports inside ``_no_cycle_collection(freeze=True)`` is
+    made with the collector off and is frozen after (never walked again); the collector
+    is on again after, also after an error, and one that was off stays off."""
     import gc
 
     seen: list[bool] = []
     before = gc.get_freeze_count()
     try:
-        with cli._imports_frozen():
+        with cli._no_cycle_collection(freeze=True):
             seen.append(gc.isenabled())
             kept = [[i] for i in range(1000)]  # (objects the collector tracks)
         assert seen == [False] and gc.isenabled()
         assert gc.get_freeze_count() >= before + len(kept)
-        with pytest.raises(OSError), cli._imports_frozen():
+        with pytest.raises(OSError), cli._no_cycle_collection(freeze=True):
             raise OSError("an import failed")
         assert gc.isenabled()
         gc.disable()
         try:
-            with cli._imports_frozen():
+            with cli._no_cycle_collection(freeze=True):
                 seen.append(gc.isenabled())
             assert not gc.isenabled()
         finally:

@@ -21,6 +21,7 @@ from tuf.api.metadata import TargetFile, Targets, Timestamp
 from tuf.ngclient import Updater
 from tuf.ngclient import UpdaterConfig as NgConfig
 
+from modelward.trust._atomic import write_atomic
 from modelward.updater._config import TufConfig
 from modelward.updater.bundle._chunkindex import is_index_path
 from modelward.updater.bundle._fields import modelward_field, read_fields
@@ -68,6 +69,13 @@ class _AnchoredUpdater(Updater):
             super()._persist_root(version, data)
         if version >= self.latest_root_version:
             self.latest_root, self.latest_root_version = data, version
+
+    def _persist_file(self, filename: str, data: bytes) -> None:
+        # ngclient's is atomic but not durable (no fsync of the file or the directory): a
+        # power cut after a refresh could leave an empty or an older timestamp/snapshot
+        # and so lower the floor TUF's rollback checks compare with (r11). Ours fsyncs
+        # both; 0600 as ngclient's temporary file made it.
+        write_atomic(Path(filename), data, mode=0o600)
 
     def _update_root_symlink(self) -> None:
         link = Path(self._dir, "root.json")
