@@ -623,10 +623,11 @@ def _agent_update(args: argparse.Namespace) -> int:
 
 
 def _print_done(message: str) -> None:
-    """Print what a device command did, once it is done: a stdout whose reader is gone
+    """Print what ``agent update`` did, once it is done: a stdout whose reader is gone
     (EPIPE; a closed pipe under a service manager) is one warning naming stdout, not a
-    failed command (the update or boot check itself is complete), and stdout goes to
-    /dev/null so that the exit's flush does not fail again."""
+    failed command (the update itself is complete and committed: a script must not read
+    it as a failed install), and stdout goes to /dev/null so that the exit's flush does
+    not fail again."""
     try:
         print(message, flush=True)
     except OSError as e:
@@ -704,7 +705,9 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
         report_error(e, fmt=args.log_used, prefix="modelward: boot check",
                      traceback=args.debug)
         return EXIT_NOTHING_TRUSTED
-    _print_done(result.message)
+    # (plain print: a boot check whose result line cannot be written is never an exit 0,
+    # a10-boot; the flush at the end fails and the exit says so)
+    print(result.message)
     return EXIT_OK
 
 
