@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from modelward._plain import Frozen
 from modelward.agent._config_places import check_places
 from modelward.agent._config_schema import (
     DEFAULT_CONFIG,
@@ -25,6 +24,7 @@ from modelward.agent._config_schema import (
     validate,
 )
 from modelward.agent.errors import ConfigError
+from modelward.trust._plain import Frozen
 
 
 def check_rules(r: Resolved) -> tuple[tuple[str, ...], str | None]:

@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from modelward._plain import Frozen
 from modelward.agent.errors import ConfigError
 from modelward.trust._display import escape
+from modelward.trust._plain import Frozen
 from modelward.updater import _defaults as d
 from modelward.updater.bundle._names import MODEL_NAME
 

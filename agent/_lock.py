@@ -54,9 +54,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from modelward._plain import Frozen
 from modelward.agent.errors import DeviceBusyError
 from modelward.trust._display import escape
+from modelward.trust._plain import Frozen
 from modelward.updater.errors import StateDirError
 
 logger = logging.getLogger("modelward.agent")

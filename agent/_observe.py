@@ -12,10 +12,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelward._plain import Plain
 from modelward.agent._status import COUNTERS as COUNTERS
 from modelward.agent._status import clean_status
 from modelward.trust._atomic import write_atomic
+from modelward.trust._plain import Plain
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._report_fields import (
     MAX_DURATION,

@@ -32,8 +32,8 @@ import os
 import pwd
 from pathlib import Path
 
-from modelward._plain import Frozen
 from modelward.agent.errors import StateOwnerError
+from modelward.trust._plain import Frozen
 from modelward.trust._tpmauth import auth_dir_for
 
 

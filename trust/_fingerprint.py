@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelward._plain import Frozen
+from modelward.trust._plain import Frozen
 
 if TYPE_CHECKING:
     from concurrent.futures import ThreadPoolExecutor

@@ -13,8 +13,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from modelward._plain import Frozen
 from modelward.trust._bounded import loads_bounded
+from modelward.trust._plain import Frozen
 from modelward.trust.errors import RootAnchorError, TrustRecordError, TrustRecordRollbackError
 
 RECORD_MAX_BYTES = 64 * 1024  # bytes; a record is about 1 kB

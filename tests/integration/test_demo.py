@@ -18,7 +18,7 @@ def test_demo_runs_and_every_step_behaves(tmp_path: Path) -> None:
     for line in (
         "installed classifier 1.0.0",
         "ok: v1 installed over HTTPS",
-        "agent log: announcement: timestamp version 3",
+        "agent log: announcement of timestamp version 3: refreshing after",
         "ok: v2 installed over MQTT",
         "nothing to do",
         "fell back to classifier 1.0.0",

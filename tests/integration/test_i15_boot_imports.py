@@ -38,12 +38,12 @@ FORBIDDEN = (
     # otherwise (trust/_atomic.py, trust/_store.py import it where they copy or remove)
     "argparse", "gettext", "shutil", "modelward._inputs",
     # dataclasses (it imports inspect, with ast and dis; every @dataclass exec()s its
-    # methods): the boot path's records are modelward._plain classes. (tokenize stays:
+    # methods): the boot path's records are modelward.trust._plain classes. (tokenize stays:
     # logging imports it, through traceback and linecache.)
     "dataclasses", "inspect", "ast", "dis",
 )
 #: ... and what it does need (so an empty list of imports cannot pass).
-NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward._plain", "modelward.trust._fingerprint",
+NEEDED = ("tpm2_pytss.ESAPI", "hashlib", "modelward.trust._plain", "modelward.trust._fingerprint",
           "modelward.trust._record", "modelward.trust._store", "modelward.updater.install._slots",
           "modelward.updater.install._boot")
 

@@ -1,4 +1,4 @@
-"""Issue 15, boot without ``dataclasses``: the boot path's records (modelward/_plain.py)
+"""Issue 15, boot without ``dataclasses``: the boot path's records (trust/_plain.py)
 behave as the ``@dataclass`` classes they replace did.
 
 Each class is compared with a reference ``@dataclass`` of the same name and fields, built
@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from modelward._plain import Frozen, FrozenFieldError, Plain
 from modelward.agent._config_rules import BootConfig
 from modelward.agent._config_schema import Key
 from modelward.agent._lock import Holder
 from modelward.agent._observe import COUNTERS, Metrics
 from modelward.agent._owner import DirOwner
 from modelward.trust._fingerprint import FileEntry
+from modelward.trust._plain import Frozen, FrozenFieldError, Plain
 from modelward.trust._record import Heal, ModelRef, TrustRecord, UseRecord
 from modelward.updater.install._boot import BootResult
 from modelward.updater.install._journal import JournalEntry

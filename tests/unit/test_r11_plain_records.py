@@ -1,4 +1,4 @@
-"""Review r11 of issue 15 (boot4, a07360c): the boot path's records on ``modelward._plain``
+"""Review r11 of issue 15 (boot4, a07360c): the boot path's records on ``modelward.trust._plain``
 attacked as a careless code change.
 
 Held (passing): the record digest the TPM MACs and the record file are byte-identical to

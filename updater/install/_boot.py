@@ -14,8 +14,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from modelward._plain import Frozen
 from modelward.trust._fingerprint import directory_entries, slot_fingerprint
+from modelward.trust._plain import Frozen
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
 from modelward.updater.errors import NothingTrustedError

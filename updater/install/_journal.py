@@ -13,9 +13,9 @@ import os
 from datetime import UTC, datetime
 from pathlib import Path
 
-from modelward._plain import Frozen
 from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import read_json_file
+from modelward.trust._plain import Frozen
 from modelward.updater.install._statedir import clear_for_file
 
 # In order. "idle" is the resting state between attempts.
