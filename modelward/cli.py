@@ -517,6 +517,13 @@ def _fleet_status(args: argparse.Namespace) -> int:
 
         existing_dir("--repo", args.repo)
         existing_dir("--keys", args.keys)
+        from modelward.publisher._served import TRUSTED_ROOT_FILE
+
+        if not (args.keys / TRUSTED_ROOT_FILE).is_file():  # (read-only: never adopted here)
+            raise OperatorInputError(
+                f"--keys {args.keys} holds no {TRUSTED_ROOT_FILE}: the summary verifies "
+                "--repo only from a root the key directory already trusts",
+                hint="give the key directory of `repo init` for --repo")
     rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
     if args.summary:

@@ -20,17 +20,30 @@ What is counted:
 * ``rollouts``: per release the repository signs (the newest of each model and channel,
   not withdrawn): ``eligible`` = believed devices on that model and channel whose rollout
   position (:func:`modelward.updater.rollout.rollout_bucket`, from the enrolled id, so a
-  device cannot move it) is below the release's percent; ``installed`` = believed devices
+  device cannot move it) is below the release's percent; ``installed`` = eligible devices
   whose active model is that release; ``failed`` = eligible devices that do not run it and
-  whose state is ``failed``.
+  whose state is ``failed``; ``outside`` = believed devices that run it but are not
+  eligible (another channel, above the percent): shown apart, so a device outside the
+  rollout moves none of its figures.
 * ``fallback``: ``rate`` = believed devices in state ``fell back`` / believed devices
-  (the share of the fleet running its previous model after a boot-check fallback now);
+  (the share of the fleet running its previous model after a boot-check fallback now;
+  None, ``n/a``, when no report is believed: no figure from no report);
   ``ever`` = believed devices whose ``fallbacks`` counter is above 0.
-* ``failure_reasons``: per error type, the believed devices that count it (``devices``)
-  and the sum of their counts (``attempts``, capped at 2^53-1); the
-  :data:`MAX_SHOWN_REASONS` reasons with the most devices, the rest summed under ``other``.
+* ``failure_reasons`` (:func:`failure_reasons`): per error type, the believed devices
+  that count it (``devices``) and the sum of their counts, each device's capped at
+  :data:`MAX_ATTEMPTS_PER_DEVICE` (``attempts``: one device moves it by at most that);
+  the :data:`MAX_SHOWN_REASONS` reasons with the most devices (at a tie, the one with
+  more weight first: a device naming k reasons adds 1/k to each, so all of one device's
+  names weigh one device; then by name),
+  and ``other``: the devices (each once) that count any of the rest, or ``other`` itself.
 * ``durations``: p50 and p95 (nearest rank) and the number of samples of ``verify_s``
-  and ``boot_check_s`` over the believed devices that report one.
+  and ``boot_check_s`` over the believed devices that report one (``-0.0`` is 0.0).
+
+Names a device supplies print escaped, quoted and ASCII only (:func:`_q`): a look-alike
+channel, model or version prints with ``\\u`` escapes, never as a second ``"stable"``.
+
+With a repository, its releases are read from the trusted root already in the key
+directory, and nothing is written there (:func:`repository_releases`).
 """
 
 from __future__ import annotations
@@ -44,12 +57,16 @@ from pathlib import Path
 from typing import Any
 
 from modelward.publisher._fleet import FAILED, FELL_BACK, STALE, STATES, DeviceRow
-from modelward.trust._display import escape
+from modelward.trust._display import escape_ascii
 from modelward.trust._report import MAX_SEQ
-from modelward.trust._report_fields import DURATIONS, OTHER_REASON
+from modelward.trust._report_fields import DURATIONS, MAX_REASONS, OTHER_REASON
 from modelward.updater.rollout import rollout_bucket
 
 MAX_SHOWN_REASONS = 32
+#: the most failed attempts of one reason (or of ``other``) one device adds to a figure:
+#: a device's count is its own claim, so a device that counts more counts this many
+MAX_ATTEMPTS_PER_DEVICE = 100
+_ONE_DEVICE = math.lcm(*range(1, MAX_REASONS + 1))  # a device's weight, split into k
 NONE = "-"
 
 
@@ -93,6 +110,37 @@ def percentile(samples: list[float], p: float) -> float | None:
     return s[max(0, math.ceil(p / 100 * len(s)) - 1)]
 
 
+def failure_reasons(good: list[DeviceRow]) -> dict[str, dict[str, int]]:
+    """``failure_reasons`` of the summary over the believed rows (pure; module doc).
+
+    Each device is one share: it adds 1 to the ``devices`` of each reason it names and at
+    most :data:`MAX_ATTEMPTS_PER_DEVICE` to its ``attempts``; the shown reasons are ranked
+    by devices, then by weight (a device naming k reasons adds 1/k to each, so all of one
+    device's names together weigh one device and lose a tie to a reason a device reports
+    alone), then by name; ``other`` counts each device once, however many of the rest
+    (or a reason the device itself reported as ``other``) it names.
+    """
+    named: list[dict[str, int]] = [r.report.get("failure_reasons") or {} for r in good]
+    devices: Counter[str] = Counter()
+    attempts: Counter[str] = Counter()
+    weight: Counter[str] = Counter()  # in 1/_ONE_DEVICE of a device: exact integers
+    for reasons in named:
+        for reason, n in reasons.items():
+            devices[reason] += 1
+            attempts[reason] += min(n, MAX_ATTEMPTS_PER_DEVICE)
+            weight[reason] += _ONE_DEVICE // len(reasons)
+    ranked = sorted((k for k in devices if k != OTHER_REASON),
+                    key=lambda k: (-devices[k], -weight[k], k))
+    shown = ranked[:MAX_SHOWN_REASONS]
+    out = {k: {"devices": devices[k], "attempts": min(attempts[k], MAX_SEQ)} for k in shown}
+    rest = set(ranked[MAX_SHOWN_REASONS:]) | {OTHER_REASON}
+    other = [min(sum(n for k, n in reasons.items() if k in rest), MAX_ATTEMPTS_PER_DEVICE)
+             for reasons in named if rest & reasons.keys()]
+    if other:
+        out[OTHER_REASON] = {"devices": len(other), "attempts": min(sum(other), MAX_SEQ)}
+    return out
+
+
 def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
               ) -> dict[str, Any]:
     """The figures of ``--summary`` (pure; module doc); JSON-ready, every number finite."""
@@ -105,25 +153,11 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
     fell = sum(1 for r in good if r.state == FELL_BACK)
     ever = sum(1 for r in good if (r.report.get("counters") or {}).get("fallbacks", 0) > 0)
 
-    devices: Counter[str] = Counter()
-    attempts: Counter[str] = Counter()
-    for r in good:
-        for reason, n in (r.report.get("failure_reasons") or {}).items():
-            devices[reason] += 1
-            attempts[reason] += n
-    shown = sorted(devices, key=lambda k: (-devices[k], k))
-    reasons = {k: {"devices": devices[k], "attempts": min(attempts[k], MAX_SEQ)}
-               for k in shown[:MAX_SHOWN_REASONS]}
-    if len(shown) > MAX_SHOWN_REASONS:
-        rest = shown[MAX_SHOWN_REASONS:]
-        other = reasons.setdefault(OTHER_REASON, {"devices": 0, "attempts": 0})
-        # (a device may count under several of the rest: devices is a sum of shares here)
-        other["devices"] += sum(devices[k] for k in rest)
-        other["attempts"] = min(other["attempts"] + sum(attempts[k] for k in rest), MAX_SEQ)
+    reasons = failure_reasons(good)
 
     durations: dict[str, dict[str, Any]] = {}
     for name in DURATIONS:
-        samples = [float(v) for r in good
+        samples = [float(v) + 0.0 for r in good  # (+ 0.0: -0.0 is 0.0)
                    if isinstance(v := (r.report.get("durations") or {}).get(name), int | float)
                    and math.isfinite(v)]
         durations[name] = {"p50": percentile(samples, 50), "p95": percentile(samples, 95),
@@ -135,13 +169,17 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
               and r.report.get("channel") == rel.channel]
         eligible = [r for r in on
                     if rollout_bucket(r.device_id, rel.name, rel.version) < rel.percent]
-        runs = [r for r in good if _active(r.report) == (rel.name, rel.version)]
-        failed = [r for r in eligible if r.state == FAILED
-                  and _active(r.report) != (rel.name, rel.version)]
+        # installed and failed are of the eligible devices only: a device outside the
+        # rollout (another channel, above the percent) moves no figure of it but its own
+        # count of running it anyway
+        runs = {r.device_id for r in good if _active(r.report) == (rel.name, rel.version)}
+        installed = [r for r in eligible if r.device_id in runs]
+        failed = [r for r in eligible if r.state == FAILED and r.device_id not in runs]
         rollouts.append({"model": rel.name, "version": rel.version, "channel": rel.channel,
                          "percent": rel.percent, "halted": rel.halted,
                          "devices": len(on), "eligible": len(eligible),
-                         "installed": len(runs), "failed": len(failed)})
+                         "installed": len(installed), "failed": len(failed),
+                         "outside": len(runs) - len(installed)})
 
     return {
         "devices": len(rows),
@@ -153,7 +191,7 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
         "channels": dict(sorted(channels.items())),
         "rollouts": rollouts,
         "fallback": {"fell_back": fell, "ever": ever, "of": len(good),
-                     "rate": fell / len(good) if good else 0.0},
+                     "rate": fell / len(good) if good else None},  # (no report: n/a)
         "failure_reasons": reasons,
         "durations": durations,
     }
@@ -171,9 +209,10 @@ def _s(v: object) -> str:
 
 def _q(text: object) -> str:
     """A device-supplied name for the terminal: escaped, cut and in double quotes (a quote
-    in it is ``\\"``; :func:`escape` doubles backslashes), so no name can read as more
-    entries or counts (``stable 100, beta``) or start a line."""
-    return '"' + escape(text, 64).replace('"', '\\"') + '"'
+    in it is ``\\"``; :func:`escape_ascii` doubles backslashes), so no name can read as
+    more entries or counts (``stable 100, beta``) or start a line, and ASCII only (a
+    look-alike letter prints as its ``\\u`` escape: no second ``"stable"``)."""
+    return '"' + escape_ascii(text, 64).replace('"', '\\"') + '"'
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -193,9 +232,11 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"{r['percent']:g}%"
             f"{' HALTED' if r['halted'] else ''}: {r['eligible']} / {r['installed']} / "
             f"{r['failed']} of {r['devices']} on its model and channel"
+            + (f"; {r['outside']} outside the rollout run it" if r["outside"] else "")
             for r in summary["rollouts"]] or ["  - (give --repo and --keys)"]
     fb = summary["fallback"]
-    out.append(f"fallback rate: {fb['rate']:.1%} ({fb['fell_back']} of {fb['of']} devices "
+    rate = "n/a" if fb["rate"] is None else f"{fb['rate']:.1%}"
+    out.append(f"fallback rate: {rate} ({fb['fell_back']} of {fb['of']} devices "
                f"fell back; {fb['ever']} ever did)")
     out.append("failure reasons (devices, attempts):")
     out += [f"  {_q(k)}: {v['devices']}, {v['attempts']}"
@@ -209,9 +250,12 @@ def repository_releases(repo_dir: Path, keys: Path, names: Iterable[str]
                         ) -> list[RolloutRelease]:
     """The newest release of each model in ``names`` per channel, as devices find it in
     the repository at ``repo_dir`` (verified from the root anchored in ``keys``), not
-    withdrawn; the operator's own entry for a version wins over a team's.
+    withdrawn; the operator's own entry for a version wins over a team's. Read-only:
+    ``keys`` must hold its ``trusted-root.json`` already (never the served root adopted
+    on first use, which would write the anchor there and believe any root served).
 
     Raises:
+        MissingAnchorError: ``keys`` holds no trusted root (nothing is written).
         RepositoryStateError: the repository does not verify (naming the file).
     """
     from modelward.publisher._repo import Repository
@@ -219,6 +263,7 @@ def repository_releases(repo_dir: Path, keys: Path, names: Iterable[str]
     from modelward.updater.install._search import TOP
 
     repo = Repository(repo_dir, keys, b"unused: the fleet view reads public metadata only")
+    repo.adopt_anchor = False
     targets = repo.current()[0]
     newest: dict[tuple[str, str], Fields] = {}
     for name in sorted(set(names)):

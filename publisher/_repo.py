@@ -237,9 +237,15 @@ class Repository:
 
     ``online`` (set by :func:`publisher._online.attach`): the directory of the snapshot and
     timestamp keys, apart from ``keys`` (README "Production layout").
+
+    ``adopt_anchor``: a repository made before ``KEYS/trusted-root.json`` existed has its
+    served ``1.root.json`` adopted as the anchor once (with a warning); a reader that
+    must write nothing and trust only an anchor it holds (the fleet view) sets it False,
+    and a missing anchor is then a :class:`~modelward.publisher._served.MissingAnchorError`.
     """
 
     online: OnlineKeys | None = None
+    adopt_anchor = True
     signed_now = 0  # the targets version this command wrote (its snapshot is to follow)
 
     def __init__(

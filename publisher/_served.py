@@ -76,6 +76,21 @@ class ServedFileError(StockClientWouldRejectError):
         self.path, self.filename = path, path.name
 
 
+class MissingAnchorError(RepositoryStateError):
+    """The key directory holds no trust anchor and the command may not adopt the served
+    root (:attr:`modelward.publisher._repo.Repository.adopt_anchor`).
+
+    Attributes:
+        path: the anchor that is missing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is missing: no trusted root to verify the repository from",
+                         hint="give the key directory of `repo init` (it holds "
+                              "trusted-root.json)")
+        self.path = path
+
+
 def read_file(path: Path, limit: int = MAX_METADATA) -> bytes | None:
     """The bytes of a regular file, at most ``limit`` (:func:`trust._bounded.read_bounded`:
     no symlink followed, a FIFO does not block, at most ``limit + 1`` bytes read).
@@ -221,6 +236,8 @@ def _anchor(repo: Repository) -> Metadata[Root]:
         return online_anchor(repo.online.dir)
     path = anchor_path(repo)
     data = read_file(path)
+    if data is None and not repo.adopt_anchor:
+        raise MissingAnchorError(path)
     if data is None:
         first = repo.metadata_dir / "1.root.json"
         logger.warning("%s is missing (a repository made before it existed): trusting %s "

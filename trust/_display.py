@@ -115,6 +115,17 @@ def escape_id(text: object, limit: int | None = 64) -> str:
     return _cut((_id_char(c) for c in s), limit)
 
 
+def escape_ascii(text: object, limit: int | None = DEFAULT_LIMIT) -> str:
+    """``text`` as :func:`escape` prints it, and every character outside ASCII escaped too
+    (``\\u0430``), cut to about ``limit`` characters of the output (pure): for names a
+    device chooses that people compare by eye (a channel, model or version), so
+    ``st\\u0430ble`` with a Cyrillic ``а`` never reads as ``stable``. Printable ASCII,
+    the space included, prints unchanged; the output is ASCII."""
+    s = text if isinstance(text, str) else str(text)
+    return _cut((p if p.isascii() else "".join(_hex(c) for c in p) for p in _pieces(s)),
+                limit)
+
+
 def display_width(text: str) -> int:
     """The terminal columns ``text`` takes (pure; for text :func:`escape` has made
     printable): East Asian wide and fullwidth characters two, combining marks none,

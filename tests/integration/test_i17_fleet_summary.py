@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from modelward.agent._observe import BOOT_SECONDS_FILE
+from modelward.publisher._fleet_summary import MAX_ATTEMPTS_PER_DEVICE
 from modelward.simulator._origin import start_origin, stop_origin
 from modelward.trust._report import MAX_SEQ, sign_report
 from modelward.updater.rollout import rollout_bucket
@@ -130,9 +131,11 @@ def test_new_fields_arrive_signed_and_the_summary_counts_them(
         assert s["rollouts"] == [{"model": "classifier", "version": "2.0.0",
                                   "channel": "stable", "percent": 30.0, "halted": False,
                                   "devices": 2, "eligible": 2, "installed": 1,
-                                  "failed": 0}]
+                                  "failed": 0, "outside": 0}]
         assert s["fallback"] == {"fell_back": 1, "ever": 1, "of": 2, "rate": 0.5}
-        assert s["failure_reasons"] == {"FetchError": {"devices": 1, "attempts": MAX_SEQ}}
+        # (the liar's 2^53-1 is one device's share: MAX_ATTEMPTS_PER_DEVICE)
+        assert s["failure_reasons"] == {
+            "FetchError": {"devices": 1, "attempts": MAX_ATTEMPTS_PER_DEVICE}}
         assert s["durations"]["verify_s"] == {"p50": verify_s, "p95": 999_999.0,
                                               "samples": 2}
         assert s["durations"]["boot_check_s"] == {"p50": boot_s, "p95": boot_s,

@@ -4,8 +4,8 @@ any report it likes with its own enrolled key, and a careless operator.
 Every report here is signed with the device's key and goes through the real
 ``judge_fleet`` (signature against the enrolled key, the closed report schema, the
 freshness judgement) before :func:`summarize`; the operator cases go through the real
-``Repository`` and ``modelward.cli.main``. Strict xfails: the assertions say what should
-happen; each docstring says what was tried, what happened and the cause.
+``Repository`` and ``modelward.cli.main``. Each docstring says what was tried, what
+happened, the cause and how it was fixed; the assertions say what should happen.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from modelward.publisher._fleet_summary import (
+    MAX_ATTEMPTS_PER_DEVICE,
     MAX_SHOWN_REASONS,
     RolloutRelease,
     format_summary,
@@ -30,7 +31,6 @@ from modelward.updater.rollout import rollout_bucket
 from tests.unit.test_i17_fleet_summary import _rep, _rows
 
 
-@pytest.mark.xfail(strict=True, reason="a18: one device counts as 16 devices under 'other'")
 def test_one_device_is_sixteen_devices_under_other(tmp_path: Path) -> None:
     """Tried: 64 honest devices fill the 32 shown reasons (2 devices each); one liar
     reports 16 reason names of its own (the schema's MAX_REASONS), 1 attempt each.
@@ -41,6 +41,8 @@ def test_one_device_is_sixteen_devices_under_other(tmp_path: Path) -> None:
     Cause: ``summarize`` adds up ``devices[k]`` over every reason past the 32 shown (the
     code's comment: "devices is a sum of shares here"), so a device with n of the rest
     counts n times; the module doc says counts are of devices.
+
+    Fixed: ``other`` counts the distinct devices naming any of the rest (each once).
     """
     reports: dict[str, Any] = {}
     for i in range(MAX_SHOWN_REASONS):
@@ -56,8 +58,6 @@ def test_one_device_is_sixteen_devices_under_other(tmp_path: Path) -> None:
     assert fr["other"]["devices"] <= 1  # one device: one share
 
 
-@pytest.mark.xfail(strict=True, reason="a18: one device's count hides every other "
-                   "device's attempts of that reason")
 def test_one_device_hides_the_others_attempts(tmp_path: Path) -> None:
     """Tried: 10 honest devices count 5 ``FetchError`` attempts each; one liar reports
     ``FetchError: 2**53-1`` (the schema's bound).
@@ -69,6 +69,8 @@ def test_one_device_hides_the_others_attempts(tmp_path: Path) -> None:
     Cause: ``attempts`` is the sum of what devices say, capped at MAX_SEQ; one device's
     share of a sum is unbounded (the module doc's "counts are of devices, never sums of
     what a device says" is not true of this figure).
+
+    Fixed: each device adds at most MAX_ATTEMPTS_PER_DEVICE (100) to a reason's attempts.
     """
     liar = {"liar": _rep("liar", failure_reasons={"FetchError": MAX_SEQ})}
     honest = {f"h{i}": _rep(f"h{i}", failure_reasons={"FetchError": 5}) for i in range(10)}
@@ -79,8 +81,6 @@ def test_one_device_hides_the_others_attempts(tmp_path: Path) -> None:
     assert both["FetchError"]["attempts"] != alone["attempts"]
 
 
-@pytest.mark.xfail(strict=True, reason="a18: 'installed' counts a device neither eligible "
-                   "nor on the release's channel")
 def test_installed_counts_a_device_outside_the_rollout(tmp_path: Path) -> None:
     """Tried: a 30 % rollout of classifier 2.0.0 on ``stable``; one device whose enrolled
     id puts it outside the 30 % and that says it follows ``beta`` claims to run 2.0.0.
@@ -92,6 +92,8 @@ def test_installed_counts_a_device_outside_the_rollout(tmp_path: Path) -> None:
     Cause: ``installed`` is every believed device whose ``active`` is that name and
     version: neither the channel nor the rollout position (from the enrolled id) is
     checked, unlike ``eligible`` and ``failed``.
+
+    Fixed: ``installed`` is of the eligible devices; the rest that run it are ``outside``.
     """
     ids = [f"d{i:02}" for i in range(20)]
     out = next(d for d in ids if rollout_bucket(d, "classifier", "2.0.0") >= 30.0)
@@ -104,8 +106,6 @@ def test_installed_counts_a_device_outside_the_rollout(tmp_path: Path) -> None:
     assert r["installed"] == honest["installed"] == 0
 
 
-@pytest.mark.xfail(strict=True, reason="a18: a duration of -0.0 passes the schema and "
-                   "prints as a negative p50/p95")
 def test_negative_zero_duration_prints_negative(tmp_path: Path) -> None:
     """Tried: one device reports ``verify_s: -0.0`` and ``boot_check_s: -0.0``.
 
@@ -114,6 +114,8 @@ def test_negative_zero_duration_prints_negative(tmp_path: Path) -> None:
 
     Cause: ``-0.0 >= 0`` is true, so ``_durations`` in ``_report_schema`` keeps the sign;
     ``summarize`` takes ``float(v)`` and ``_s`` formats it with its sign.
+
+    Fixed: ``summarize`` takes ``float(v) + 0.0`` (a -0.0 sample is 0.0).
     """
     s = summarize(_rows(tmp_path, {"a": _rep("a", verify=-0.0, boot=-0.0)}))
     text = format_summary(s)
@@ -123,8 +125,6 @@ def test_negative_zero_duration_prints_negative(tmp_path: Path) -> None:
     assert '"p50": -0.0' not in summary_json(s)
 
 
-@pytest.mark.xfail(strict=True, reason="a18: a homoglyph channel prints as a second "
-                   "'stable' entry")
 def test_lookalike_channel_is_a_second_stable(tmp_path: Path) -> None:
     """Tried: one device says it follows ``st\\u0430ble`` (Cyrillic a), next to honest
     ``stable`` devices.
@@ -136,6 +136,8 @@ def test_lookalike_channel_is_a_second_stable(tmp_path: Path) -> None:
     Cause: ``_q`` uses :func:`escape` (controls, format characters, odd spaces) but not
     the enrolled-id alphabet that :func:`escape_id` applies to device ids for exactly this
     (``d\\u0435v-1`` vs ``dev-1``); the channel in the schema is any text of 256.
+
+    Fixed: ``_q`` uses ``escape_ascii``: every non-ASCII character prints as its escape.
     """
     reports = {f"h{i}": _rep(f"h{i}") for i in range(3)}
     reports["liar"] = _rep("liar", channel="st\u0430ble")
@@ -145,8 +147,6 @@ def test_lookalike_channel_is_a_second_stable(tmp_path: Path) -> None:
     assert "\u0430" not in line  # the look-alike must not print as itself
 
 
-@pytest.mark.xfail(strict=True, reason="a18: --summary --repo with a --keys that holds no "
-                   "anchor trusts the served root and writes trusted-root.json there")
 def test_summary_with_keys_without_anchor_writes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -165,6 +165,9 @@ def test_summary_with_keys_without_anchor_writes_nothing(
     served root when the anchor is missing; the fleet view does not check that ``--keys``
     holds an anchor (``existing_dir`` only) and says it is "verified from the root
     anchored in keys".
+
+    Fixed: the CLI refuses a --keys without trusted-root.json, before the broker; the
+    fleet view opens the repository with ``adopt_anchor = False`` (MissingAnchorError).
     """
     from modelward.publisher._keyfile import ScryptParams
     from modelward.publisher._repo import Repository
@@ -183,10 +186,37 @@ def test_summary_with_keys_without_anchor_writes_nothing(
                                "--keys", str(wrong)], capsys)
     assert os.listdir(wrong) == []  # nothing written into the operator's directory
     assert code == 1 and out == "" and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and f"--keys {wrong} holds no" in err
 
 
-@pytest.mark.xfail(strict=True, reason="a18: one device's reason names win the tie at the "
-                   "cut and push other devices' reasons into 'other'")
+def test_fleet_view_never_adopts_the_served_root(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """a18 (keys without an anchor), below the CLI's check: ``repository_releases`` itself
+    refuses a key directory without ``trusted-root.json`` and writes nothing, where the
+    repository's first-use migration would adopt the served root."""
+    from modelward.publisher._fleet_summary import repository_releases
+    from modelward.publisher._keyfile import ScryptParams
+    from modelward.publisher._repo import Repository
+    from modelward.publisher._served import TRUSTED_ROOT_FILE, MissingAnchorError
+    from tests.conftest import PASSPHRASE
+
+    monkeypatch.setattr("modelward.publisher._keyfile.DEFAULT_SCRYPT",
+                        ScryptParams(2**10, 8, 1))
+    Repository(tmp_path / "repo", tmp_path / "keys", PASSPHRASE).init()
+    served = sorted(os.listdir(tmp_path / "repo" / "metadata"))
+    wrong = tmp_path / "wrong-keys"
+    wrong.mkdir()
+    with pytest.raises(MissingAnchorError) as e:
+        repository_releases(tmp_path / "repo", wrong, ["classifier"])
+    assert e.value.path == wrong / TRUSTED_ROOT_FILE
+    assert os.listdir(wrong) == []
+    assert sorted(os.listdir(tmp_path / "repo" / "metadata")) == served
+    # (the right key directory still works, and holds its anchor unchanged)
+    anchor = (tmp_path / "keys" / TRUSTED_ROOT_FILE).read_bytes()
+    assert repository_releases(tmp_path / "repo", tmp_path / "keys", ["classifier"]) == []
+    assert (tmp_path / "keys" / TRUSTED_ROOT_FILE).read_bytes() == anchor
+
+
 def test_one_device_pushes_honest_reasons_out_of_the_shown(tmp_path: Path) -> None:
     """Tried: 20 honest devices, each the only one with its reason (``Err00`` .. ``Err19``,
     all shown: 20 of 32); one liar adds 16 reasons named ``A00`` .. ``A15``, 1 attempt each.
@@ -197,6 +227,9 @@ def test_one_device_pushes_honest_reasons_out_of_the_shown(tmp_path: Path) -> No
     Cause: the shown reasons are ranked by devices, ties broken by name, so at a tie a
     device picks names that sort first and its 16 rows outrank others' of the same count;
     one device has 16 rows of the 32 (MAX_REASONS of them) to spend.
+
+    Fixed: ties on devices go to the higher weight (a device naming k reasons adds 1/k
+    to each: all of one device's names weigh one device), then to the name.
     """
     reports = {f"h{i:02}": _rep(f"h{i:02}", failure_reasons={f"Err{i:02}": 1})
                for i in range(20)}
@@ -205,10 +238,60 @@ def test_one_device_pushes_honest_reasons_out_of_the_shown(tmp_path: Path) -> No
     reports["liar"] = _rep("liar", failure_reasons={f"A{j:02}": 1 for j in range(MAX_REASONS)})
     fr = summarize(_rows(tmp_path / "b", reports))["failure_reasons"]
     assert all(fr.get(k) == v for k, v in honest.items())  # others' rows unchanged
+    assert fr["other"] == {"devices": 1, "attempts": 4}  # the liar's 4 cut names, once
 
 
-@pytest.mark.xfail(strict=True, reason="a18: a fleet with no believed report shows a "
-                   "fallback rate of 0.0%")
+def test_a_device_s_own_other_counts_it_once(tmp_path: Path) -> None:
+    """a18 (one device is 16 under ``other``), variant: a device that reports ``other``
+    itself (its own overflow) and names of the rest is one device of ``other``, not a
+    shown reason plus more shares, and its attempts there are capped once."""
+    reports: dict[str, Any] = {}
+    for i in range(MAX_SHOWN_REASONS):
+        for j in range(2):
+            d = f"h{i:02}{j}"
+            reports[d] = _rep(d, failure_reasons={f"Err{i:02}": 1})
+    reports["liar"] = _rep("liar", failure_reasons={
+        "other": MAX_SEQ, **{f"Z{j:02}": MAX_SEQ for j in range(MAX_REASONS - 1)}})
+    reports["solo"] = _rep("solo", failure_reasons={"other": 3})
+    fr = summarize(_rows(tmp_path, reports))["failure_reasons"]
+    assert all(fr[f"Err{i:02}"] == {"devices": 2, "attempts": 2}
+               for i in range(MAX_SHOWN_REASONS))
+    assert fr["other"] == {"devices": 2, "attempts": MAX_ATTEMPTS_PER_DEVICE + 3}
+
+
+def test_outside_the_rollout_is_shown_apart(tmp_path: Path) -> None:
+    """a18 (installed outside the rollout): a device above the percent that runs the
+    release counts under ``outside``, and the terminal says so; the rollout's own figures
+    stay those of the honest fleet."""
+    ids = [f"d{i:02}" for i in range(20)]
+    out = next(d for d in ids if rollout_bucket(d, "classifier", "2.0.0") >= 30.0)
+    rel = RolloutRelease("classifier", "2.0.0", "stable", 30.0)
+    reports = {d: _rep(d) for d in ids}
+    honest = summarize(_rows(tmp_path / "a", reports), [rel])["rollouts"][0]
+    reports[out] = _rep(out, "2.0.0")  # same channel, above the 30 %
+    s = summarize(_rows(tmp_path / "b", reports), [rel])
+    [r] = s["rollouts"]
+    assert {k: v for k, v in r.items() if k != "outside"} == \
+        {k: v for k, v in honest.items() if k != "outside"}
+    assert (honest["outside"], r["outside"]) == (0, 1)
+    assert "; 1 outside the rollout run it" in format_summary(s)
+
+
+def test_lookalike_model_and_version_print_escaped(tmp_path: Path) -> None:
+    """a18 (look-alike names), for the model and the version: ASCII on the terminal, with
+    the look-alike as its escape; exact in JSON."""
+    name, version = "cl\u0430ssifier", "1.0.\u0660"  # Cyrillic a, Arabic-Indic zero
+    reports = {"h": _rep("h"), "liar": _rep("liar", model=name,
+                                            active={**_rep("h")["active"], "name": name,
+                                                    "version": version})}
+    s = summarize(_rows(tmp_path, reports))
+    text = format_summary(s)
+    assert text.isascii()
+    assert '"cl\\u0430ssifier" "1.0.\\u0660": 1' in text
+    assert {(v["model"], v["version"]) for v in s["versions"]} == \
+        {("classifier", "1.0.0"), (name, version)}
+
+
 def test_all_missing_fleet_has_no_fallback_rate(tmp_path: Path) -> None:
     """Tried (careless operator): ``--summary`` when every enrolled device is MISSING
     (the broker lost the retained reports, or the wrong ``--fleet``).
@@ -218,6 +301,8 @@ def test_all_missing_fleet_has_no_fallback_rate(tmp_path: Path) -> None:
     durations, by contrast, say ``-`` with 0 samples; ``states:`` is an empty line).
 
     Cause: ``summarize`` writes ``fell / len(good) if good else 0.0``.
+
+    Fixed: ``rate`` is None (terminal ``n/a``) when no report is believed.
     """
     rows = _rows(tmp_path, {"d1": None, "d2": None, "d3": None})
     s = summarize(rows)

@@ -14,6 +14,7 @@ import pytest
 
 from modelward.publisher._fleet import judge_fleet
 from modelward.publisher._fleet_summary import (
+    MAX_ATTEMPTS_PER_DEVICE,
     MAX_SHOWN_REASONS,
     RolloutRelease,
     format_summary,
@@ -96,7 +97,7 @@ def test_rollout_eligible_installed_failed(tmp_path: Path) -> None:
     assert r == {"model": "classifier", "version": "2.0.0", "channel": "stable",
                  "percent": 30.0, "halted": False, "devices": on,
                  "eligible": len([d for d in inside if reports[d]["channel"] == "stable"]),
-                 "installed": 1, "failed": 1}
+                 "installed": 1, "failed": 1, "outside": 0}
     assert '"classifier" "2.0.0" on "stable" at 30%' in format_summary(s)
 
 
@@ -156,9 +157,12 @@ def test_failure_reasons_count_devices_and_stay_bounded(tmp_path: Path) -> None:
     s = summarize(_rows(tmp_path, reports))
     fr = s["failure_reasons"]
     assert fr["HealthCheckError"] == {"devices": 2, "attempts": 4}
-    assert fr["FetchError"] == {"devices": 2, "attempts": MAX_SEQ}  # capped, exact
+    # the liar's count is capped at its own share: 1 + MAX_ATTEMPTS_PER_DEVICE
+    assert fr["FetchError"] == {"devices": 2, "attempts": 1 + MAX_ATTEMPTS_PER_DEVICE}
     assert len(fr) <= MAX_SHOWN_REASONS + 1 and "other" in fr
-    assert sum(v["devices"] for v in fr.values()) == 4 + 3 * MAX_REASONS
+    # shown: the two shared reasons, then 30 of the 48 single-device names (by name);
+    # other: n1 (2 of the rest) and n2 (16 of them), each device once
+    assert fr["other"] == {"devices": 2, "attempts": 2 + MAX_REASONS}
     _strict(summary_json(s))
 
 
