@@ -590,11 +590,7 @@ def _fleet_exporter(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     print(f"serving fleet {args.fleet} metrics on http://{args.listen}/metrics, refreshed "
           f"every {args.interval:g}s", flush=True)
-    try:
-        serve(compute, host, port, args.interval, stop)
-    except OSError as e:
-        raise OperatorInputError(f"--listen {args.listen}: {e.strerror or e}",
-                                 hint="an address of this machine and a free port") from e
+    serve(compute, host, port, args.interval, stop)
     return EXIT_OK
 
 

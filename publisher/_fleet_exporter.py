@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from modelward.trust.errors import ModelwardError
+from modelward.trust.errors import ModelwardError, OperatorInputError
 
 logger = logging.getLogger("modelward.fleet-exporter")
 
@@ -172,16 +172,20 @@ def serve(compute: Callable[[], dict[str, Any]], host: str, port: int, interval:
     """Refresh every ``interval`` s and serve on ``host:port`` until ``stop`` is set.
 
     Raises:
-        OSError: the address cannot be bound.
+        OperatorInputError: the address cannot be bound (before the broker is asked).
     """
     from prometheus_client import start_http_server
 
     collector = FleetCollector(compute)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
-    collector.refresh()  # (the first figures before the first scrape)
-    server, thread = start_http_server(port, addr=host, registry=registry)
     try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as e:
+        raise OperatorInputError(f"--listen {host}:{port}: {e.strerror or e}",
+                                 hint="an address of this machine and a free port") from e
+    try:
+        collector.refresh()  # (until it is done a scrape has refresh_success 0)
         while not stop.wait(interval):
             collector.refresh()
     finally:
