@@ -293,7 +293,11 @@ class Metrics(Plain):
         directory, a full disk) is one warning, never an error: metrics are not part of an
         install. ``lean``: without prometheus_client (the boot path). Returns whether it
         was written."""
-        text = self.prometheus_lean(info) if lean else self.prometheus(info)
+        try:
+            text = self.prometheus_lean(info) if lean else self.prometheus(info)
+        except ImportError as e:  # (a device installed without [device]: the same text)
+            logger.warning("metrics textfile written without prometheus_client: %s", e)
+            text = self.prometheus_lean(info)
         try:
             write_atomic(path, text.encode())
         except OSError as e:

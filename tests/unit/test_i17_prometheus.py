@@ -249,3 +249,36 @@ def test_a_failed_refresh_keeps_the_last_figures_and_says_so() -> None:
     assert f["modelward_fleet_refresh_success"].samples[0].value == 0
     assert f["modelward_fleet_last_refresh_timestamp_seconds"].samples[0].value == 42.0
     assert f["modelward_fleet_devices"].samples[0].value == 4  # unchanged
+
+
+def test_without_prometheus_client_the_textfile_is_still_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    m = _metrics()
+    info = model_info(ModelRef("classifier", "1.0.0", "ab" * 32, "a"), None)
+    expected = m.prometheus(info)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # (import raises)
+    with pytest.raises(ImportError):
+        m.prometheus(info)
+    assert m.write_textfile(tmp_path / "metrics.prom", info)  # a warning, the same bytes
+    assert (tmp_path / "metrics.prom").read_text() == expected
+
+
+def test_the_grafana_dashboards_query_only_metrics_that_exist() -> None:
+    import re
+
+    root = Path(__file__).resolve().parents[2] / "docs" / "grafana"
+    m = _metrics()
+    device = m.prometheus(model_info(ModelRef("c", "1", "f", "a"), "stable"))
+    fleet = _render(_summary({"stable": 3}))
+    names = {n for text in (device, fleet) for f in text_string_to_metric_families(text)
+             for n in (f.name, *(s.name for s in f.samples))}
+    for path, prefix in ((root / "modelward-device.json", "modelward_"),
+                         (root / "modelward-fleet.json", "modelward_fleet_")):
+        doc = json.loads(path.read_text())
+        exprs = [t["expr"] for p in doc["panels"] for t in p["targets"]]
+        exprs += [v["query"] for v in doc["templating"]["list"] if v["type"] == "query"]
+        used = {n for e in exprs for n in re.findall(r"modelward_[a-z_]+", e)}
+        assert used and all(n.startswith(prefix) for n in used), path
+        assert used - names == set(), path
