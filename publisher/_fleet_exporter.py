@@ -18,8 +18,8 @@ Metrics (gauges: a summary is a snapshot of the fleet, not a count since start):
   ``modelward_fleet_rollout_ratio`` (its percent / 100), ``modelward_fleet_rollout_halted``;
 * ``modelward_fleet_fallback_ratio``, ``..._fell_back_devices``, ``..._fallback_ever_devices``;
 * ``modelward_fleet_failure_reason_devices{reason}``, ``..._failure_reason_attempts{reason}``;
-* ``modelward_fleet_{verification,boot_check}_duration_seconds{quantile="0.5"|"0.95"}``
-  (nearest rank over one sample per device) and ``..._duration_samples``;
+* ``modelward_fleet_{verification,boot_check}_duration_{p50,p95}_seconds`` (nearest rank
+  over one sample per device; no series without samples) and ``..._duration_samples``;
 * ``modelward_fleet_refresh_success`` (1: the last refresh reached the broker) and
   ``modelward_fleet_last_refresh_timestamp_seconds`` (of the figures served).
 """
@@ -121,13 +121,13 @@ def summary_metrics(summary: dict[str, Any], ok: bool, at: float) -> Iterator[Me
                   ("reason",), {(k,): v["attempts"] for k, v in reasons.items()})
     for key, name in _DURATIONS.items():
         d = summary.get("durations", {}).get(key, {})
-        q = GaugeMetricFamily(f"{p}{name}_duration_seconds",
-                              f"{name.replace('_', '-')} time over the fleet, nearest rank "
-                              "(one sample per believed device).", labels=["quantile"])
-        for label, k in (("0.5", "p50"), ("0.95", "p95")):
+        for k in ("p50", "p95"):  # (gauges: a "quantile" label is a summary's, with a _sum)
+            g = GaugeMetricFamily(f"{p}{name}_duration_{k}_seconds",
+                                  f"{k} of the {name.replace('_', '-')} time over the fleet, "
+                                  "nearest rank (one sample per believed device).")
             if d.get(k) is not None:
-                q.add_metric([label], d[k])
-        yield q
+                g.add_metric([], d[k])
+            yield g
         yield GaugeMetricFamily(f"{p}{name}_duration_samples",
                                 "Believed devices reporting the duration.",
                                 value=d.get("samples", 0))
