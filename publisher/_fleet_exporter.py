@@ -149,10 +149,11 @@ class FleetCollector(Collector):
 
     def refresh(self) -> bool:
         """Compute the summary; on an error (the broker unreachable, the repository not
-        verifying) keep the last figures, served with refresh_success 0."""
+        verifying, the fleet directory unreadable) keep the last figures, served with
+        refresh_success 0."""
         try:
             summary = self._compute()
-        except ModelwardError as e:
+        except (ModelwardError, OSError) as e:  # (OSError: the fleet directory, say)
             logger.warning("fleet summary not refreshed: %s", e)
             with self._lock:
                 self._state = (self._state[0], False, self._state[2])

@@ -235,16 +235,19 @@ def test_ten_thousand_hostile_channels_stay_bounded_and_escaped(tmp_path: Path) 
 
 
 def test_a_failed_refresh_keeps_the_last_figures_and_says_so() -> None:
-    calls = [_summary({"stable": 3})]
+    calls: list[Any] = [PermissionError(13, "Permission denied"),
+                        TransportError("broker 127.0.0.1:1: connection refused"),
+                        _summary({"stable": 3})]
 
     def compute() -> dict[str, Any]:
-        if not calls:
-            raise TransportError("broker 127.0.0.1:1: connection refused")
-        return calls.pop()
+        got = calls.pop()
+        if isinstance(got, Exception):
+            raise got
+        return dict(got)
 
     c = FleetCollector(compute, clock=lambda: 42.0)
     assert c.refresh() is True
-    assert c.refresh() is False
+    assert c.refresh() is False and c.refresh() is False
     f = {fam.name: fam for fam in c.collect()}
     assert f["modelward_fleet_refresh_success"].samples[0].value == 0
     assert f["modelward_fleet_last_refresh_timestamp_seconds"].samples[0].value == 42.0
