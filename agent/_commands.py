@@ -17,7 +17,9 @@ from modelward.agent._observe import (
     Metrics,
     advance_sequence,
     build_report,
+    model_info,
     notify_activation,
+    read_boot_sample,
     read_boot_seconds,
     write_boot_seconds,
 )
@@ -205,6 +207,7 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
             doc = status.read(store.tpm)
             metrics = Metrics.from_status(doc)
             metrics.counters["attempts"] += 1
+            metrics.note_boot_check(read_boot_sample(cfg.state_dir))
             result = _update_with_fallback(cfg, store, gate, step, fetched)
         except ModelwardError as e:
             if store is None:
@@ -220,7 +223,7 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
             metrics.counters["bytes_fetched"] += sum(fetched)
             _note(doc, error=e, result=None)
             try:
-                _save(cfg, status, doc, metrics, store)
+                _save(cfg, status, doc, metrics, store, _active_or_none(store))
             except OSError as se:  # a full disk must not hide the reason
                 logger.error("cannot write status.json: %s", se)
             raise
@@ -236,9 +239,10 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
                     marks["health-checked"] - marks["staged"], 3)
             if "downloading" in marks and "health-checked" in marks:
                 metrics.verify_s = round(marks["health-checked"] - marks["downloading"], 3)
+                metrics.observe("verification_duration_seconds", metrics.verify_s)
             doc["last_activation"] = notify_activation(cfg.activation, cfg.state_dir,
                                                        result.active)
-        _save(cfg, status, doc, metrics, store)
+        _save(cfg, status, doc, metrics, store, result.active)
         return result
     finally:
         if store is not None:
@@ -248,10 +252,22 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
 _REJECTED = (TargetHashError, BundleFormatError, FingerprintMismatchError, HealthCheckError)
 
 
+def _active_or_none(store: TrustStore | None) -> ModelRef | None:
+    """The trusted record's active model, for the metrics' model_info (None if there is
+    none, or the record does not load: the error being reported says why)."""
+    if store is None:
+        return None
+    try:
+        return store.load(repair=False).active
+    except ModelwardError:
+        return None
+
+
 def _save(cfg: AgentConfig | BootConfig, status: StatusFile, doc: dict[str, Any], metrics: Metrics,
-          store: TrustStore | None) -> None:
-    """Write status.json (MACed if the TPM answers) and the metrics; what was written is
-    this process's own status (:data:`_own_status`)."""
+          store: TrustStore | None, active: ModelRef | None = None, lean: bool = False) -> None:
+    """Write status.json (MACed if the TPM answers) and the metrics (``active``: the model
+    for modelward_model_info; ``lean``: without prometheus_client, the boot path); what was
+    written is this process's own status (:data:`_own_status`)."""
     doc.update(metrics.to_status())
     _own_status[cfg.state_dir] = clean_status(doc)
     tpm = store.tpm if store is not None else None
@@ -262,7 +278,9 @@ def _save(cfg: AgentConfig | BootConfig, status: StatusFile, doc: dict[str, Any]
             raise
         logger.error("cannot MAC status.json, written without: %s", e)
         status.write(doc)
-    metrics.write_textfile(cfg.metrics_textfile or cfg.state_dir / "metrics.prom")
+    updater = getattr(cfg, "updater", None)  # (BootConfig has no channel: "")
+    metrics.write_textfile(cfg.metrics_textfile or cfg.state_dir / "metrics.prom",
+                           model_info(active, getattr(updater, "channel", None)), lean=lean)
 
 
 def make_gate(cfg: AgentConfig, stop: threading.Event | None = None,
@@ -518,7 +536,7 @@ def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
             metrics = Metrics.from_status(doc)
             metrics.counters["fallbacks"] += 1
             _note(doc, error=None, result=result.message, error_type="ActiveModelAltered")
-            _save(cfg, status, doc, metrics, store)
+            _save(cfg, status, doc, metrics, store, result.active, lean=True)
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result

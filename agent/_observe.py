@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from modelward.agent._status import BUCKETS, HISTOGRAMS, MAX_COUNT, MAX_SUM, clean_status
 from modelward.agent._status import COUNTERS as COUNTERS
-from modelward.agent._status import clean_status
 from modelward.trust._atomic import write_atomic
 from modelward.trust._plain import Plain
 from modelward.trust._record import ModelRef, TrustRecord
@@ -31,6 +31,8 @@ from modelward.trust._report_seq import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from modelward.agent._config import ActivationConfig
 
 logger = logging.getLogger("modelward.agent")
@@ -85,15 +87,62 @@ def notify_activation(cfg: ActivationConfig, state_dir: Path, ref: ModelRef) -> 
     return result
 
 
+#: the counters' metric names (``_total`` appended), help texts and status.json keys
+_COUNTER_ROWS = (
+    ("modelward_update_attempts", "Update attempts.", "attempts"),
+    ("modelward_updates_installed", "Models installed.", "installed"),
+    ("modelward_update_failures", "Failed update attempts.", "failures"),
+    ("modelward_signature_failures", "TUF metadata that failed verification.",
+     "signature_failures"),
+    ("modelward_verification_failures",
+     "Bundles rejected (hash, format, fingerprint, health check).", "verification_failures"),
+    ("modelward_fallbacks", "Boot-time fallbacks to the previous model.", "fallbacks"),
+    ("modelward_bytes_fetched", "Bytes fetched from origin or broker.", "bytes_fetched"),
+)
+_HISTOGRAM_HELP = {
+    "verification_duration_seconds":
+        "Download and verification of each install that passed its health check.",
+    "boot_check_duration_seconds": "Each boot-check (TPM wait included).",
+}
+INFO_LABELS = ("model", "version", "fingerprint", "channel", "slot")
+MAX_LABEL = 256  # characters of one label value (a model name or version is far shorter)
+
+
+def model_info(ref: ModelRef | None, channel: str | None) -> dict[str, str] | None:
+    """The ``modelward_model_info`` labels of the active model (None: nothing active)."""
+    if ref is None:
+        return None
+    values = (ref.name, ref.version, ref.fingerprint, channel or "", ref.slot)
+    return {k: v[:MAX_LABEL] for k, v in zip(INFO_LABELS, values, strict=True)}
+
+
+def _go_float(v: float) -> str:
+    """A sample value as prometheus_client writes it (utils.floatToGoString)."""
+    d = float(v)
+    s = repr(d)
+    dot = s.find(".")
+    if d > 0 and dot > 6:
+        mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return s
+
+
+def _label(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
 class Metrics(Plain):
-    """Counters and gauges, persisted in status.json so they survive restarts."""
+    """Counters, gauges and duration histograms, persisted in status.json so they survive
+    restarts."""
 
     __slots__ = ("counters", "last_success", "verification_seconds", "verify_s",
-                 "failure_reasons")
+                 "failure_reasons", "histograms", "boot_check_mark")
 
     def __init__(self, counters: dict[str, int] | None = None, last_success: float = 0.0,
                  verification_seconds: float = 0.0, verify_s: float | None = None,
-                 failure_reasons: dict[str, int] | None = None) -> None:
+                 failure_reasons: dict[str, int] | None = None,
+                 histograms: dict[str, dict[str, Any]] | None = None,
+                 boot_check_mark: int | None = None) -> None:
         self.counters = dict.fromkeys(COUNTERS, 0) if counters is None else counters
         self.last_success = last_success
         self.verification_seconds = verification_seconds
@@ -101,6 +150,10 @@ class Metrics(Plain):
         self.verify_s = verify_s
         #: failed attempts by the error's type name (at most MAX_REASONS names)
         self.failure_reasons = {} if failure_reasons is None else failure_reasons
+        #: per name of HISTOGRAMS: {"counts": per bucket and +Inf, "sum": seconds}
+        self.histograms = {} if histograms is None else histograms
+        #: the st_mtime_ns of the boot-check time last observed (each boot counts once)
+        self.boot_check_mark = boot_check_mark
 
     @classmethod
     def from_status(cls, doc: dict[str, Any]) -> Metrics:
@@ -114,6 +167,9 @@ class Metrics(Plain):
         if "verify_s" in doc:
             m.verify_s = float(doc["verify_s"])
         m.failure_reasons = dict(doc.get("failure_reasons", {}))
+        m.histograms = {k: {"counts": list(h["counts"]), "sum": float(h["sum"])}
+                        for k, h in doc.get("histograms", {}).items()}
+        m.boot_check_mark = doc.get("boot_check_mark")
         return m
 
     def note_failure(self, reason: str) -> None:
@@ -124,50 +180,126 @@ class Metrics(Plain):
             reason = OTHER_REASON
         self.failure_reasons[reason] = min(self.failure_reasons.get(reason, 0) + 1, MAX_SEQ)
 
+    def observe(self, name: str, seconds: float) -> None:
+        """Add one duration (s, finite, >= 0; else ignored) to the histogram ``name``."""
+        if name not in HISTOGRAMS or not 0 <= seconds < MAX_DURATION:  # (also NaN)
+            return
+        h = self.histograms.setdefault(name, {"counts": [0] * (len(BUCKETS) + 1), "sum": 0.0})
+        i = next((i for i, le in enumerate(BUCKETS) if seconds <= le), len(BUCKETS))
+        h["counts"][i] = min(h["counts"][i] + 1, MAX_COUNT)
+        h["sum"] = min(h["sum"] + seconds, MAX_SUM)
+
+    def note_boot_check(self, sample: tuple[float, int] | None) -> None:
+        """Observe the last boot-check's duration (:func:`read_boot_sample`) once: a sample
+        whose file time is the one last observed was counted already."""
+        if sample is None or sample[1] == self.boot_check_mark:
+            return
+        self.observe("boot_check_duration_seconds", sample[0])
+        self.boot_check_mark = sample[1]
+
     def to_status(self) -> dict[str, Any]:
         """What goes into status.json."""
         doc: dict[str, Any] = {"counters": self.counters, "last_success": self.last_success,
                                "verification_seconds": self.verification_seconds,
-                               "failure_reasons": self.failure_reasons}
+                               "failure_reasons": self.failure_reasons,
+                               "histograms": self.histograms}
         if self.verify_s is not None:
             doc["verify_s"] = self.verify_s
+        if self.boot_check_mark is not None:
+            doc["boot_check_mark"] = self.boot_check_mark
         return doc
 
-    def prometheus(self) -> str:
-        """Text exposition format."""
-        c = self.counters
-        rows = [
-            ("modelward_update_attempts_total", "counter", "Update attempts.", c["attempts"]),
-            ("modelward_updates_installed_total", "counter", "Models installed.",
-             c["installed"]),
-            ("modelward_update_failures_total", "counter", "Failed update attempts.",
-             c["failures"]),
-            ("modelward_signature_failures_total", "counter",
-             "TUF metadata that failed verification.", c["signature_failures"]),
-            ("modelward_verification_failures_total", "counter",
-             "Bundles rejected (hash, format, fingerprint, health check).",
-             c["verification_failures"]),
-            ("modelward_fallbacks_total", "counter", "Boot-time fallbacks to the previous model.",
-             c["fallbacks"]),
-            ("modelward_bytes_fetched_total", "counter", "Bytes fetched from origin or broker.",
-             c["bytes_fetched"]),
-            ("modelward_last_success_timestamp_seconds", "gauge",
-             "Unix time of the last successful update attempt.", self.last_success),
-            ("modelward_verification_seconds", "gauge",
-             "Extraction, fingerprint and health check of the last install.",
-             self.verification_seconds),
-        ]
-        out = []
-        for name, kind, help_, value in rows:
-            out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"]
+    def _buckets(self, name: str) -> tuple[list[tuple[str, int]], int, float]:
+        h = self.histograms.get(name) or {"counts": [0] * (len(BUCKETS) + 1), "sum": 0.0}
+        cumulative, out = 0, []
+        for le, n in zip((*map(_go_float, BUCKETS), "+Inf"), h["counts"], strict=True):
+            cumulative += n
+            out.append((le, cumulative))
+        return out, cumulative, float(h["sum"])
+
+    def prometheus(self, info: dict[str, str] | None = None) -> str:
+        """Text exposition format (0.0.4), by prometheus_client from a registry of its own.
+
+        ``info``: the labels of ``modelward_model_info`` (:func:`model_info`); escaped by
+        prometheus_client.
+        """
+        from prometheus_client import CollectorRegistry, generate_latest  # (~0.1 s: here)
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+            InfoMetricFamily,
+            Metric,
+        )
+
+        metrics = self
+
+        class _Collector:
+            def collect(self) -> Iterator[Metric]:
+                for name, help_, key in _COUNTER_ROWS:
+                    yield CounterMetricFamily(f"{name}_total", help_,
+                                              value=metrics.counters.get(key, 0))
+                yield GaugeMetricFamily("modelward_last_success_timestamp_seconds",
+                                        "Unix time of the last successful update attempt.",
+                                        value=metrics.last_success)
+                yield GaugeMetricFamily(
+                    "modelward_verification_seconds",
+                    "Extraction, fingerprint and health check of the last install.",
+                    value=metrics.verification_seconds)
+                for h in HISTOGRAMS:
+                    buckets, _, total = metrics._buckets(h)
+                    yield HistogramMetricFamily(f"modelward_{h}", _HISTOGRAM_HELP[h],
+                                                buckets=buckets, sum_value=total)
+                if info is not None:
+                    yield InfoMetricFamily("modelward_model", "The active model.",
+                                           value=info)
+
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector())
+        return generate_latest(registry).decode()
+
+    def prometheus_lean(self, info: dict[str, str] | None = None) -> str:
+        """The same text as :meth:`prometheus`, without prometheus_client (it imports
+        inspect, ast and shutil): for the boot path (issue 15). A test holds the two equal."""
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str, samples: list[str]) -> None:
+            out.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", *samples])
+
+        for name, help_, key in _COUNTER_ROWS:
+            family(f"{name}_total", "counter", help_,
+                   [f"{name}_total {_go_float(self.counters.get(key, 0))}"])
+        family("modelward_last_success_timestamp_seconds", "gauge",
+               "Unix time of the last successful update attempt.",
+               [f"modelward_last_success_timestamp_seconds {_go_float(self.last_success)}"])
+        family("modelward_verification_seconds", "gauge",
+               "Extraction, fingerprint and health check of the last install.",
+               [f"modelward_verification_seconds {_go_float(self.verification_seconds)}"])
+        for h in HISTOGRAMS:
+            n = f"modelward_{h}"
+            buckets, count, total = self._buckets(h)
+            family(n, "histogram", _HISTOGRAM_HELP[h],
+                   [f'{n}_bucket{{le="{le}"}} {_go_float(c)}' for le, c in buckets]
+                   + [f"{n}_count {_go_float(count)}", f"{n}_sum {_go_float(total)}"])
+        if info is not None:
+            labels = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(info.items()))
+            family("modelward_model_info", "gauge", "The active model.",
+                   [f"modelward_model_info{{{labels}}} 1.0"])
         return "\n".join(out) + "\n"
 
-    def write_textfile(self, path: Path) -> bool:
+    def write_textfile(self, path: Path, info: dict[str, str] | None = None,
+                       lean: bool = False) -> bool:
         """Atomically replace the node_exporter textfile; a failure (a read-only or missing
         directory, a full disk) is one warning, never an error: metrics are not part of an
-        install. Returns whether it was written."""
+        install. ``lean``: without prometheus_client (the boot path). Returns whether it
+        was written."""
         try:
-            write_atomic(path, self.prometheus().encode())
+            text = self.prometheus_lean(info) if lean else self.prometheus(info)
+        except ImportError as e:  # (a device installed without [device]: the same text)
+            logger.warning("metrics textfile written without prometheus_client: %s", e)
+            text = self.prometheus_lean(info)
+        try:
+            write_atomic(path, text.encode())
         except OSError as e:
             logger.warning("cannot write the metrics textfile %s: %s", path, e,
                            extra={"metrics_textfile": str(path), "problem": str(e)})
@@ -237,8 +369,9 @@ def write_boot_seconds(state_dir: Path, seconds: float) -> None:
                        state_dir / BOOT_SECONDS_FILE, e)
 
 
-def read_boot_seconds(state_dir: Path) -> float | None:
-    """The last boot-check's duration, or None if absent or not a plain number of
+def read_boot_sample(state_dir: Path) -> tuple[float, int] | None:
+    """The last boot-check's duration and its file's st_mtime_ns (each boot-check replaces
+    the file: a new time is a new boot), or None if absent or not a plain number of
     seconds in [0, MAX_DURATION) (never follows a link, never blocks, reads a few bytes)."""
     path = state_dir / BOOT_SECONDS_FILE
     try:
@@ -246,7 +379,8 @@ def read_boot_seconds(state_dir: Path) -> float | None:
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
         data = os.read(fd, _BOOT_READ_BYTES + 1)
     except OSError:
@@ -257,7 +391,13 @@ def read_boot_seconds(state_dir: Path) -> float | None:
     if len(data) > _BOOT_READ_BYTES or not text.replace(b".", b"", 1).isdigit():
         return None  # (digits and one dot: no "nan", "inf", "1e9", sign or space)
     value = float(text)
-    return value if value < MAX_DURATION else None
+    return (value, st.st_mtime_ns) if value < MAX_DURATION else None
+
+
+def read_boot_seconds(state_dir: Path) -> float | None:
+    """The last boot-check's duration (:func:`read_boot_sample`), or None."""
+    sample = read_boot_sample(state_dir)
+    return None if sample is None else sample[0]
 
 
 SEQUENCE_FILE = "report-seq"

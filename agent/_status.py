@@ -33,6 +33,16 @@ logger = logging.getLogger("modelward.agent")
 
 MAX_STATUS_BYTES = 64 * 1024  # status.json is about 1 kB
 
+#: the duration histograms' upper bounds (s), for edge devices: a boot-check of a small
+#: model takes tens of ms, a download and verification on a slow link minutes
+BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: the histograms status.json keeps (``histograms``: per name ``{"counts": [one count per
+#: bucket and one for +Inf, not cumulative], "sum": seconds}``), so they span process runs
+HISTOGRAMS = ("verification_duration_seconds", "boot_check_duration_seconds")
+MAX_COUNT = 2**53 - 1  # (trust._report_seq.MAX_SEQ: exact in every JSON reader)
+MAX_SUM = float(MAX_DURATION) * MAX_COUNT
+MAX_MARK = 2**63 - 1  # boot_check_mark: the st_mtime_ns of the boot-check time observed
+
 
 def _finite(v: object) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
@@ -45,6 +55,17 @@ def _text(v: object) -> bool:
 
 def _cut(v: str | None) -> str | None:
     return v[:MAX_TEXT] if v is not None else None
+
+
+def _histogram(v: object) -> dict[str, Any] | None:
+    if not isinstance(v, dict):
+        return None
+    counts, total = v.get("counts"), v.get("sum")
+    if not (isinstance(counts, list) and len(counts) == len(BUCKETS) + 1
+            and all(type(c) is int and 0 <= c <= MAX_COUNT for c in counts)
+            and _finite(total) and total <= MAX_SUM):  # type: ignore[operator]
+        return None
+    return {"counts": list(counts), "sum": total}
 
 
 def clean_status(doc: object) -> dict[str, Any]:
@@ -80,6 +101,14 @@ def clean_status(doc: object) -> dict[str, Any]:
         out["failure_reasons"] = dict(sorted(
             (k, v) for k, v in reasons.items() if is_reason(k)
             and isinstance(v, int) and not isinstance(v, bool) and v >= 0)[:MAX_REASONS])
+    hists = doc.get("histograms")
+    if isinstance(hists, dict):  # (only the names of HISTOGRAMS, each of the right shape)
+        kept = {k: h for k in HISTOGRAMS if (h := _histogram(hists.get(k))) is not None}
+        if kept:
+            out["histograms"] = kept
+    mark = doc.get("boot_check_mark")
+    if type(mark) is int and 0 <= mark <= MAX_MARK:
+        out["boot_check_mark"] = mark
     return out
 
 

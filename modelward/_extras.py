@@ -29,6 +29,7 @@ PACKAGES: dict[str, tuple[str, str | None]] = {
     "tpm2_pytss": ("tpm2-pytss", "device"),
     "onnxruntime": ("onnxruntime", None),
     "numpy": ("numpy", None),
+    "prometheus_client": ("prometheus_client", None),
     "tuf": ("tuf", ""),
     "securesystemslib": ("securesystemslib", ""),
     "cryptography": ("cryptography", ""),

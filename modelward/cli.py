@@ -18,7 +18,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from modelward import __version__
 
@@ -547,6 +547,57 @@ def _fleet_status(args: argparse.Namespace) -> int:
         text = format_table(rows) if rows else "no enrolled devices and no status reports"
         # under LANG=C / ISO-8859-1 one device's CJK state must not end the command
         print(for_encoding(text, getattr(sys.stdout, "encoding", None)))
+    return EXIT_OK
+
+
+def _listen_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--listen``."""
+    from modelward.trust.errors import OperatorInputError
+
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise OperatorInputError(f"--listen {text!r} is not HOST:PORT",
+                                 hint="e.g. 127.0.0.1:9817 (an address of this machine)")
+    return host, int(port)
+
+
+def _fleet_exporter(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from modelward.publisher._fleet import collect_status
+    from modelward.publisher._fleet_exporter import serve
+    from modelward.publisher._fleet_summary import model_names, repository_releases, summarize
+    from modelward.trust.errors import OperatorInputError
+
+    host, port = _listen_address(args.listen)
+    if not args.poll_interval > 0:
+        raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
+    if (args.repo is None) != (args.keys is None):
+        raise OperatorInputError("--repo and --keys go together",
+                                 hint="--keys: the key directory whose trusted root "
+                                 "verifies --repo (as for `repo status`)")
+    if args.repo is not None:
+        from modelward._inputs import existing_dir
+
+        existing_dir("--repo", args.repo)
+        existing_dir("--keys", args.keys)
+    cfg = _broker_config(args, "modelward-operator")
+
+    def compute() -> dict[str, Any]:
+        rows = collect_status(cfg, args.fleet_dir, wait=args.wait,
+                              default_poll=args.poll_interval)
+        releases = [] if args.repo is None else repository_releases(
+            args.repo, args.keys, model_names(rows))
+        return summarize(rows, releases)
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    print(f"serving fleet {args.fleet} metrics on http://{args.listen}/metrics, refreshed "
+          f"every {args.interval:g}s", flush=True)
+    serve(compute, host, port, args.interval, stop)
     return EXIT_OK
 
 
@@ -1141,6 +1192,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --repo: the key directory holding its trusted root")
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
+    f = fsub.add_parser("exporter", help="serve the fleet summary as Prometheus metrics "
+                        "(README \"Prometheus\")")
+    f.add_argument("--listen", required=True, metavar="HOST:PORT",
+                   help="the one address to serve /metrics on (e.g. 127.0.0.1:9817)")
+    f.add_argument("--interval", type=number(1, 86400), default=60.0,
+                   help="seconds between refreshes of the summary")
+    f.add_argument("--fleet-dir", type=local_path, required=True)
+    f.add_argument("--wait", type=number(0, 3600), default=2.0,
+                   help="as for `fleet status`")
+    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
+                   help="as for `fleet status`")
+    f.add_argument("--repo", type=local_path,
+                   help="the repository whose releases' rollouts to export")
+    f.add_argument("--keys", type=local_path,
+                   help="with --repo: the key directory holding its trusted root")
+    _add_broker_options(f, required=True)
+    f.set_defaults(func=_fleet_exporter)
 
     agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")

@@ -209,6 +209,17 @@ CASES: list[Case] = [
     ("fleet status", ["--fleet-dir", "{tmp}/fd", "--broker", "mqtts://:1", "--fleet", "f"],
      "mqtts://:1"),
     ("fleet status", ["--fleet-dir", "{tmp}/fd", *B, "--tls-ca", "{missing}"], "{missing}"),
+    ("fleet exporter", ["--listen", "nowhere", "--fleet-dir", "{tmp}/fd", *B], "nowhere"),
+    ("fleet exporter", ["--listen", "127.0.0.1:99999", "--fleet-dir", "{tmp}/fd", *B],
+     "127.0.0.1:99999"),
+    ("fleet exporter", ["--listen", "127.0.0.1:9", "--interval", "0", "--fleet-dir",
+                        "{tmp}/fd", *B], "--interval"),
+    ("fleet exporter", ["--listen", "127.0.0.1:9", "--fleet-dir", "{tmp}/fd", "--repo",
+                        "{adir}", *B], "--keys"),
+    ("fleet exporter", ["--listen", "192.0.2.1:9817", "--fleet-dir", "{tmp}/fd", *B],
+     "192.0.2.1:9817"),  # (not this machine's: cannot be bound)
+    ("fleet exporter", ["--listen", "127.0.0.1:9", "--fleet-dir", "{tmp}/fd", "--broker",
+                        "mqtts://:1", "--fleet", "f"], "mqtts://:1"),
     # agent
     *[(f"agent {cmd}", ["--config", p, *more], p)
       for cmd, more in (("provision", ["--root", "{garbage}"]), ("update", []),

@@ -108,12 +108,15 @@ def test_metrics_is_its_mutable_dataclass() -> None:
     m.counters["attempts"] += 1
     m.last_success = 5.0
     assert m != n and n.counters["attempts"] == 0
-    values = ({"attempts": 1}, 5.0, 2.5, 1.5, {"TargetHashError": 2})
+    hist = {"boot_check_duration_seconds": {"counts": [1] + [0] * 12, "sum": 0.01}}
+    values = ({"attempts": 1}, 5.0, 2.5, 1.5, {"TargetHashError": 2}, hist, 7)
     assert Metrics(*values) == Metrics(counters={"attempts": 1}, last_success=5.0,
                                        verification_seconds=2.5, verify_s=1.5,
-                                       failure_reasons={"TargetHashError": 2})
+                                       failure_reasons={"TargetHashError": 2},
+                                       histograms=hist, boot_check_mark=7)
     assert Metrics().verify_s is None and Metrics().failure_reasons == {}
     assert Metrics().failure_reasons is not Metrics().failure_reasons
+    assert Metrics().histograms is not Metrics().histograms
     assert repr(Metrics(*values)) == repr(ref(*values))
     assert Metrics(*values).asdict() == dataclasses.asdict(ref(*values))
     with pytest.raises(TypeError, match="unhashable"):
