@@ -45,8 +45,10 @@ from modelward.simulator._broker import start_broker, stop_broker
 from modelward.simulator._pki import CertPair
 from modelward.updater.errors import TransportError
 from modelward.updater.transport._mqttconn import device_connection
+from tests._helpers import mqtt_str as _s
+from tests._helpers import mqtt_varint as _varint
 from tests.integration.test_a14_device_props import _recv_packet
-from tests.integration.test_i14_broker import FLEET, Broker, MiB, _broker, _s, _varint
+from tests.integration.test_i14_broker import FLEET, Broker, MiB, _broker
 
 T = f"modelward/{FLEET}"
 

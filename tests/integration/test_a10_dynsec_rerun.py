@@ -27,8 +27,9 @@ from modelward.publisher._broker_config import write_broker_config
 from modelward.simulator._broker import start_broker, stop_broker
 from modelward.simulator._pki import CertPair
 from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
+from tests._helpers import mqtt_str as _s
+from tests._helpers import mqtt_varint as _varint
 from tests.integration.test_a14_device_props import _recv_packet
-from tests.integration.test_i14_broker import _s, _varint
 
 FLEET = "f10"
 

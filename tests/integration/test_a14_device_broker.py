@@ -60,6 +60,8 @@ from modelward.simulator._pki import CertPair
 from modelward.updater._config import fetch_client_id, fetch_username, listen_client_id
 from modelward.updater.errors import TransportError
 from modelward.updater.transport._mqttconn import MqttConnection, device_connection
+from tests._helpers import mqtt_str as _s
+from tests._helpers import mqtt_varint as _varint
 from tests.integration.test_a14_device_props import _recv_packet
 from tests.integration.test_i14_broker import (
     FLEET,
@@ -67,8 +69,6 @@ from tests.integration.test_i14_broker import (
     MiB,
     _broker,
     _park_sessions,
-    _s,
-    _varint,
 )
 
 T = f"modelward/{FLEET}"

@@ -21,13 +21,13 @@ import pytest
 from modelward.publisher._bridge import REQUEST_PACKET_LIMIT
 from modelward.updater._config import fetch_client_id, fetch_username
 from modelward.updater.transport._mqttconn import device_connection
+from tests._helpers import mqtt_str as _s
+from tests._helpers import mqtt_varint as _varint
 from tests.conftest import FLEET, MqttWorld
 from tests.integration.test_a14_device_props import (
     _block_latency,
     _props,
     _recv_packet,
-    _s,
-    _varint,
 )
 
 N_PACKETS = 40
