@@ -44,9 +44,13 @@ MAX_SUM = float(MAX_DURATION) * MAX_COUNT
 MAX_MARK = 2**63 - 1  # boot_check_mark: the st_mtime_ns of the boot-check time observed
 
 
+MAX_NUMBER = 1e300  # any stored seconds or sum: a float holds it (a19: a 400-digit JSON
+# integer made math.isfinite, and a later float(), raise OverflowError on every update)
+
+
 def _finite(v: object) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
-        and v >= 0
+    return isinstance(v, int | float) and not isinstance(v, bool) and \
+        (isinstance(v, int) or math.isfinite(v)) and 0 <= v < MAX_NUMBER
 
 
 def _text(v: object) -> bool:

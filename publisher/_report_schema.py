@@ -83,7 +83,9 @@ def _integer(field: str, v: object, limit: int = MAX_INT) -> None:
 def _number(field: str, v: object, low: float, high: float) -> None:
     if not isinstance(v, int | float) or isinstance(v, bool):
         raise ReportSchemaError(field, f"is {_type_name(v)}, not a number")
-    if not (math.isfinite(v) and low < v < high):
+    # (an int is compared exactly: math.isfinite raises OverflowError on a JSON integer
+    # of hundreds of digits, a19)
+    if not ((isinstance(v, int) or math.isfinite(v)) and low < v < high):
         raise ReportSchemaError(field, f"is out of range ({low:g} to {high:g})")
 
 
@@ -141,7 +143,7 @@ def _durations(v: object) -> None:
             continue
         if not isinstance(x, int | float) or isinstance(x, bool):
             raise ReportSchemaError(f"durations.{k}", f"is {_type_name(x)}, not a number")
-        if not (math.isfinite(x) and 0 <= x < MAX_DURATION):
+        if not ((isinstance(x, int) or math.isfinite(x)) and 0 <= x < MAX_DURATION):
             raise ReportSchemaError(f"durations.{k}", f"is out of range (0 to {MAX_DURATION})")
 
 
