@@ -91,6 +91,10 @@ SEND_TIMEOUT = 30.0 if ANSWER_QOS else float("inf")
 # mosquitto writes out as the socket takes them, bounded by the count only while this
 # bridge does not read).
 REQUEST_QOS = 0
+# Packets read per turn of paho's loop while more are there (paho: one): a flood of
+# requests from one device is read and dropped as fast as it comes (:meth:`_within_rate`),
+# so that the other devices' requests behind it in the socket are not kept waiting.
+READ_PACKETS = 256
 SENT_ENTRIES = 1024  # answers not yet written out (beyond: refusals are not sent)
 DEVICE_SENT_ENTRIES = SENT_ENTRIES // 8  # of them one device's (a window of 16 and more)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -155,6 +159,7 @@ class Bridge:
         self.limits = limits or BridgeLimits()
         self.stats = BridgeStats()
         self._prefix = cfg.topic("repo/req/")
+        self._prefix_bytes = self._prefix.encode()
         self._sched: Scheduler[_Job] = Scheduler(self.limits)
         self._sent: SendQueue[Any] = SendQueue(SENT_ENTRIES, self.limits.send_bytes,
                                                SEND_TIMEOUT, _published,  # paho's infos
@@ -171,9 +176,11 @@ class Bridge:
                 self._conn = MqttConnection(
                     cfg, f"{cfg.client_name}-{os.getpid()}-{threading.get_ident() % 10000}",
                     [f"$share/{share_group(cfg, group)}/{cfg.topic('repo/req/+')}"],
-                    self._on_message,
+                    self._on_admitted,
                     max_packet_size=REQUEST_PACKET_LIMIT,
                     qos=REQUEST_QOS,
+                    publish_filter=self._within_rate,
+                    read_packets=READ_PACKETS,
                 )
             except BaseException:
                 self._stop.set()
@@ -198,9 +205,41 @@ class Bridge:
 
     # --- the network thread: admission only ---------------------------------------
 
-    def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+    def _within_rate(self, topic: bytes, retain: bool) -> bool:
+        """Whether a request on ``topic`` is within its device's request rate (a token
+        taken), before paho decodes it: one over the rate is dropped here, unanswered,
+        for the price of a dictionary lookup (a flooding device's requests must cost the
+        network thread less than they cost the device to send: while that thread falls
+        behind, every device's requests wait in the one socket behind the flood). Any
+        other message (retained, or on a topic that names no device) is passed on to
+        :meth:`_admit`, which ignores it and says so."""
+        if retain or not topic.startswith(self._prefix_bytes):
+            return True
         try:
-            self._admit(msg)
+            device = topic[len(self._prefix_bytes):].decode()
+            check_id("device id", device)
+        except (UnicodeDecodeError, OperatorInputError):
+            return True
+        now = time.monotonic()
+        if self._sched.allow(device, now):
+            return True
+        self._over_rate(device, now)
+        return False
+
+    def _over_rate(self, device: str, now: float) -> None:
+        self.stats.dropped += 1
+        if self._sched.may_log(device, now):
+            logger.warning("dropping requests from %s: over %g requests/s", device,
+                           self.limits.requests_per_s,
+                           extra={"device": device, "dropped": self.stats.dropped})
+
+    def _on_admitted(self, msg: mqtt.MQTTMessage) -> None:
+        """A request from the connection: :meth:`_within_rate` took its token."""
+        self._on_message(msg, counted=True)
+
+    def _on_message(self, msg: mqtt.MQTTMessage, counted: bool = False) -> None:
+        try:
+            self._admit(msg, counted)
         except Exception as e:  # noqa: BLE001 - one request must not end the thread
             self.stats.errors += 1
             with self._sent_lock:
@@ -212,7 +251,8 @@ class Bridge:
                          raw[:200] if isinstance(raw, bytes) else "?", type(e).__name__,
                          _cut(e))
 
-    def _admit(self, msg: mqtt.MQTTMessage) -> None:
+    def _admit(self, msg: mqtt.MQTTMessage, counted: bool = False) -> None:
+        """Admit ``msg``; ``counted``: its token was taken already (:meth:`_within_rate`)."""
         topic = msg.topic
         if msg.retain:
             # A request a device retained on its own topic would be handed to every bridge
@@ -227,12 +267,8 @@ class Bridge:
             logger.warning("ignoring a request on %r", topic[:200])
             return
         now = time.monotonic()
-        if not self._sched.allow(device, now):
-            self.stats.dropped += 1
-            if self._sched.may_log(device, now):
-                logger.warning("dropping requests from %s: over %g requests/s", device,
-                               self.limits.requests_per_s,
-                               extra={"device": device, "dropped": self.stats.dropped})
+        if not counted and not self._sched.allow(device, now):
+            self._over_rate(device, now)
             return
         resp_topic = self.cfg.topic(f"devices/{device}/repo/resp")
         props: Any = getattr(msg, "properties", None)

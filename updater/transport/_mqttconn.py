@@ -85,6 +85,11 @@ class MqttConnection:
         qos: the subscriptions' QoS (1; the bridge reads requests at 0: a burst of QoS 1
             deliveries beyond the broker's in-flight window and ``max_queued_messages``
             is dropped, QoS 0 ones only when this client's socket is backed up).
+        publish_filter: called in paho's thread with the topic and retain flag of every
+            PUBLISH before it is decoded; False drops it (see
+            :attr:`~modelward.updater.transport._pahofast.Client.publish_filter`).
+        read_packets: the most packets read per turn of paho's loop (see
+            :attr:`~modelward.updater.transport._pahofast.Client.read_packets`).
 
     Raises:
         TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
@@ -101,6 +106,8 @@ class MqttConnection:
         max_packet_size: int | None = None,
         username: str | None = None,
         qos: int = 1,
+        publish_filter: Callable[[bytes, bool], bool] | None = None,
+        read_packets: int = 1,
     ) -> None:
         self.cfg = cfg
         self.qos = qos
@@ -125,6 +132,8 @@ class MqttConnection:
         c.username_pw_set(self.username, cfg.password)
         c.max_inflight_messages_set(64)
         c.max_incoming_packet = self.max_packet_size
+        c.publish_filter = publish_filter
+        c.read_packets = read_packets
         # every callback guarded: an exception would end paho's network thread (deaf client)
         c.on_connect = guarded(self._on_connect)
         c.on_disconnect = guarded(self._on_disconnect)

@@ -229,6 +229,15 @@ class Client(mqtt.Client):
 
     max_incoming_packet: int = 0
     _batch: bytearray | None = None  # what large reads are read into (_read_available)
+    # Called with the topic and retain flag of every PUBLISH before it is decoded; False
+    # drops it there (acknowledged at QoS 1), so that a message its receiver would drop
+    # anyway (the bridge: a device over its request rate) costs no properties, message
+    # object or callback. An exception it raises keeps the message (and is logged).
+    publish_filter: Callable[[bytes, bool], bool] | None = None
+    # The most packets one turn of the network loop reads while more are there (paho
+    # reads one a turn unless QoS 1 messages are in flight: a select() and a write pass
+    # per packet, too slow for a subscriber of many small messages, the bridge's requests).
+    read_packets: int = 1
 
     def _handle_publish(self) -> Any:
         # modelward subscribes at QoS 1 only, so a QoS 2 PUBLISH breaks the protocol; paho
@@ -238,9 +247,17 @@ class Client(mqtt.Client):
             logger.warning("the broker sent a QoS 2 message, above every subscription's "
                            "QoS 1: disconnecting")
             return mqtt.MQTT_ERR_PROTOCOL
-        if isinstance(pkt, dict) and self._protocol == mqtt.MQTTv5:
-            header = int(pkt.get("command", 0))
-            with memoryview(pkt.get("packet", b"")) as view:
+        if not isinstance(pkt, dict):
+            return super()._handle_publish()
+        header = int(pkt.get("command", 0))
+        with memoryview(pkt.get("packet", b"")) as view:
+            # the filter first (a topic is read in the same bounds paho reads it in): a
+            # message dropped costs no walk of its properties either
+            end = 2 + ((view[0] << 8) | view[1]) if len(view) >= 2 else 0
+            if self.publish_filter is not None and 2 <= end <= len(view) and \
+                    not self._keep(bytes(view[2:end]), bool(header & 0x01)):
+                return self._ack_dropped(header, view)
+            if self._protocol == mqtt.MQTTv5:
                 try:
                     start = _properties_start(view, header)
                 except MalformedPacket:  # paho's own decoding refuses it as it would
@@ -252,6 +269,33 @@ class Client(mqtt.Client):
                         return self._drop_publish(header, view, e)
         return super()._handle_publish()
 
+    def _keep(self, topic: bytes, retain: bool) -> bool:
+        """:attr:`publish_filter`'s verdict; True when it raised."""
+        assert self.publish_filter is not None
+        try:
+            return bool(self.publish_filter(topic, retain))
+        except Exception as e:  # noqa: BLE001 - the network thread must live on
+            logger.error("the PUBLISH filter failed: %s: %s", type(e).__name__, str(e)[:200])
+            return True
+
+    def loop_read(self, max_packets: int = 1) -> Any:
+        """paho's ``loop_read``, reading up to :attr:`read_packets` packets while there
+        are more (paho's own reads one, or as many as QoS 1 messages are in flight)."""
+        if self.read_packets <= 1:
+            return super().loop_read(max_packets)
+        if self._sock is None:
+            return mqtt.MQTT_ERR_NO_CONN
+        for _ in range(max(self.read_packets, len(self._out_messages) + len(
+                self._in_messages))):
+            if self._sock is None:
+                return mqtt.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == mqtt.MQTT_ERR_AGAIN:
+                break
+        return mqtt.MQTT_ERR_SUCCESS
+
     _last_drop_log = 0.0
 
     def _drop_publish(self, header: int, view: memoryview, why: MalformedPacket) -> Any:
@@ -262,6 +306,10 @@ class Client(mqtt.Client):
         if now - self._last_drop_log > 10.0:  # a flood of them: one line per 10 s
             self._last_drop_log = now
             logger.warning("dropping a PUBLISH from the broker: %s", why)
+        return self._ack_dropped(header, view)
+
+    def _ack_dropped(self, header: int, view: memoryview) -> Any:
+        """Acknowledge a dropped PUBLISH at QoS 1 (nothing to do at QoS 0)."""
         if (header & 0x06) >> 1 == 1 and len(view) >= 2:
             pos = 2 + ((view[0] << 8) | view[1])
             if pos + 2 <= len(view):
