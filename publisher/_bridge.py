@@ -160,6 +160,7 @@ class Bridge:
         self.stats = BridgeStats()
         self._prefix = cfg.topic("repo/req/")
         self._prefix_bytes = self._prefix.encode()
+        self._token_for: str | None = None  # see _within_rate
         self._sched: Scheduler[_Job] = Scheduler(self.limits)
         self._sent: SendQueue[Any] = SendQueue(SENT_ENTRIES, self.limits.send_bytes,
                                                SEND_TIMEOUT, _published,  # paho's infos
@@ -212,7 +213,10 @@ class Bridge:
         network thread less than they cost the device to send: while that thread falls
         behind, every device's requests wait in the one socket behind the flood). Any
         other message (retained, or on a topic that names no device) is passed on to
-        :meth:`_admit`, which ignores it and says so."""
+        :meth:`_admit`, which ignores it and says so (or, if its decoded topic names a
+        device after all, takes that device's token there: only the token taken here for
+        the very device is not taken again)."""
+        self._token_for = None
         if retain or not topic.startswith(self._prefix_bytes):
             return True
         try:
@@ -222,6 +226,7 @@ class Bridge:
             return True
         now = time.monotonic()
         if self._sched.allow(device, now):
+            self._token_for = device  # (paho's thread: the message comes next, or none)
             return True
         self._over_rate(device, now)
         return False
@@ -234,12 +239,13 @@ class Bridge:
                            extra={"device": device, "dropped": self.stats.dropped})
 
     def _on_admitted(self, msg: mqtt.MQTTMessage) -> None:
-        """A request from the connection: :meth:`_within_rate` took its token."""
-        self._on_message(msg, counted=True)
+        """A message from the connection, after :meth:`_within_rate` saw its topic."""
+        token_for, self._token_for = self._token_for, None
+        self._on_message(msg, token_for)
 
-    def _on_message(self, msg: mqtt.MQTTMessage, counted: bool = False) -> None:
+    def _on_message(self, msg: mqtt.MQTTMessage, token_for: str | None = None) -> None:
         try:
-            self._admit(msg, counted)
+            self._admit(msg, token_for)
         except Exception as e:  # noqa: BLE001 - one request must not end the thread
             self.stats.errors += 1
             with self._sent_lock:
@@ -251,8 +257,9 @@ class Bridge:
                          raw[:200] if isinstance(raw, bytes) else "?", type(e).__name__,
                          _cut(e))
 
-    def _admit(self, msg: mqtt.MQTTMessage, counted: bool = False) -> None:
-        """Admit ``msg``; ``counted``: its token was taken already (:meth:`_within_rate`)."""
+    def _admit(self, msg: mqtt.MQTTMessage, token_for: str | None = None) -> None:
+        """Admit ``msg``; ``token_for``: the device whose token :meth:`_within_rate` took
+        for it (not taken again for that device)."""
         topic = msg.topic
         if msg.retain:
             # A request a device retained on its own topic would be handed to every bridge
@@ -267,7 +274,7 @@ class Bridge:
             logger.warning("ignoring a request on %r", topic[:200])
             return
         now = time.monotonic()
-        if not counted and not self._sched.allow(device, now):
+        if token_for != device and not self._sched.allow(device, now):
             self._over_rate(device, now)
             return
         resp_topic = self.cfg.topic(f"devices/{device}/repo/resp")

@@ -147,3 +147,19 @@ def test_a11_a_filter_that_raises_keeps_the_message_and_the_thread(tmp_path: Pat
         assert _statuses(sent, 2) == {1: 200, 2: 200}
     finally:
         b.close()
+
+
+def test_a11_a_message_whose_token_the_filter_did_not_take_is_charged_at_admission(
+        tmp_path: Path) -> None:
+    """Only the token the filter took for that very device is not taken again: a message
+    it passed untaken (here: it saw another topic than paho decoded) still pays."""
+    b, sent = _bridge(tmp_path / "repo", requests_per_s=0.001, request_burst=2)
+    (tmp_path / "repo" / "targets" / "a.bin").write_bytes(b"m" * 1000)
+    try:
+        c = _client(b, b"".join(_publish("dev-2", i) for i in range(5)))
+        c.publish_filter = lambda _t, _r: True  # passes every message, takes no token
+        c.loop_read()
+        assert _statuses(sent, 2) == {0: 200, 1: 200}
+        assert (b.stats.requests, b.stats.dropped) == (2, 3)
+    finally:
+        b.close()
