@@ -607,7 +607,15 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
     devices = [d for d in args.devices.split(",") if d]
     rotate = True if args.rotate == "*" else [u for u in (args.rotate or "").split(",") if u]
     bc = write_broker_config(args.fleet, devices, args.output, plugin=args.dynsec_plugin,
-                             rotate=rotate, broker_group=args.broker_group)
+                             rotate=rotate, broker_group=args.broker_group, fmt=args.format)
+    if args.format == "emqx":
+        print(f"wrote {bc.dynsec.parent}: users.json (built-in database users, 0600), "
+              "authz-rules.json (their rules), modelward.hocon (authentication, "
+              "authorization with no_match = deny, byte bounds; the import commands at "
+              "its top; docs/brokers.md \"EMQX 5\")")
+        print(f"credentials for {len(bc.credentials)} identities in "
+              f"{args.output / 'credentials'} (the same files work with mosquitto)")
+        return EXIT_OK
     mode = (f"0640, group {bc.dynsec_group}" if bc.dynsec_group is not None else "0600")
     print(f"wrote {bc.dynsec} (mosquitto dynamic security: clients, client ids, ACLs; {mode})")
     print(f"wrote {bc.conf}: include it from mosquitto.conf (the dynamic-security plugin and "
@@ -1163,6 +1171,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="new passwords for these comma-separated identities (device ids, "
                    "modelward-bridge, modelward-operator), or for all if none are given; "
                    "otherwise existing credentials in the output directory are kept")
+    f.add_argument("--format", choices=("mosquitto", "emqx"), default="mosquitto",
+                   help="mosquitto: dynamic-security.json and modelward.conf; emqx: "
+                   "emqx/users.json, emqx/authz-rules.json, emqx/modelward.hocon for an "
+                   "EMQX 5 cluster (same identities, passwords and ACL)")
     f.add_argument("--broker-group", default=None, metavar="GROUP",
                    help="the group that may read dynamic-security.json (mode 0640); "
                    "default: mosquitto, if it exists and may be given")

@@ -302,6 +302,7 @@ class BrokerConfig:
 # Files of the mosquitto password_file/acl_file configuration written before dynsec: a
 # stale copy next to the new one would be a second, unchecked truth.
 OLD_FILES = ("acl", "passwords")
+FORMATS = ("mosquitto", "emqx")  # what ``fleet broker-config --format`` writes
 # The group a packaged mosquitto drops to (Debian, Ubuntu, Fedora: user and group
 # ``mosquitto``); dynamic-security.json is given to it when it exists (0640 root:GROUP).
 DEFAULT_BROKER_GROUP = "mosquitto"
@@ -433,7 +434,8 @@ def write_broker_config(fleet: str, devices: list[str], out: Path,
                         plugin: Path | None = None,
                         iterations: int = DYNSEC_ITERATIONS,
                         rotate: bool | Collection[str] = False,
-                        broker_group: str | None = None) -> BrokerConfig:
+                        broker_group: str | None = None,
+                        fmt: str = "mosquitto") -> BrokerConfig:
     """Write ``dynamic-security.json``, ``modelward.conf`` (the broker settings
     modelward relies on, :data:`BROKER_SETTINGS`, and the plugin lines) and one
     ``credentials/<user>`` file per identity; remove :data:`OLD_FILES`.
@@ -449,6 +451,10 @@ def write_broker_config(fleet: str, devices: list[str], out: Path,
     :data:`DEFAULT_BROKER_GROUP` when it exists and may be given), so a broker that drops
     privileges to that group's user can read it; else 0600 and :attr:`BrokerConfig.note`
     says what to run.
+
+    ``fmt`` ``"emqx"``: the same identities, passwords and ACL for an EMQX 5 cluster in
+    ``emqx/`` instead (:mod:`modelward.publisher._broker_emqx`; no plugin is looked
+    for, :attr:`BrokerConfig.dynsec` is its ``users.json``, ``conf`` its settings).
 
     Raises:
         OperatorInputError: a bad or duplicate id (also one differing only in case), a
@@ -476,7 +482,10 @@ def write_broker_config(fleet: str, devices: list[str], out: Path,
                 hint=f"one of {BRIDGE_USER}, {OPERATOR_USER} or a listed device id")
     if not 1 <= iterations <= 10_000_000:
         raise OperatorInputError(f"PBKDF2 iterations must be 1 to 10000000, not {iterations}")
-    plugin = find_dynsec_plugin(plugin)
+    if fmt not in FORMATS:
+        raise OperatorInputError(f"--format {fmt!r}: one of {', '.join(FORMATS)}")
+    if fmt == "mosquitto":
+        plugin = find_dynsec_plugin(plugin)
     gid, group = _broker_gid(broker_group)
     kept, replaced, gone = _existing(out, identities, rotating)
     out.mkdir(parents=True, exist_ok=True)
@@ -494,6 +503,19 @@ def write_broker_config(fleet: str, devices: list[str], out: Path,
         passwords[user] = _new_password()
         write_atomic(creds[user], passwords[user].encode() + b"\n", mode=0o600)
         (rotated if user in replaced else created).append(user)
+    if fmt == "emqx":
+        from modelward.publisher import _broker_emqx as emqx
+
+        (out / "emqx").mkdir(exist_ok=True, mode=0o750)
+        for name, data in emqx.documents(fleet, users, passwords, iterations).items():
+            write_atomic(out / "emqx" / name, data, mode=0o600 if name == emqx.USERS_FILE
+                         else 0o644)
+        for name in gone:
+            (creds_dir / name).unlink(missing_ok=True)
+        return BrokerConfig(out / "emqx" / emqx.USERS_FILE, out / "emqx" / emqx.SETTINGS_FILE,
+                            creds, created=created, kept=list(kept), rotated=rotated,
+                            removed=gone)
+    assert plugin is not None
     dynsec = out / DYNSEC_FILE
     doc = (json.dumps(dynsec_document(fleet, passwords, iterations), indent=1) + "\n")
     write_atomic(dynsec, doc.encode(), mode=0o600 if gid is None else 0o640, gid=gid)
