@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,20 @@ def manufacture(state: Path) -> bool:
     return True
 
 
+_START_ATTEMPTS = 4
+
+
+def _log_tail(log: Path, limit: int = 400) -> str:
+    """The last ``limit`` characters of swtpm's log, or "" when there is none."""
+    try:
+        with log.open("rb") as f:
+            f.seek(0, 2)
+            f.seek(max(0, f.tell() - limit))
+            return f.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
 def start_swtpm(state: Path, port: int | None = None) -> SwtpmHandle:
     """Start swtpm on 127.0.0.1 (server ``port``, control ``port+1``); manufacture first.
 
@@ -73,22 +88,33 @@ def start_swtpm(state: Path, port: int | None = None) -> SwtpmHandle:
     pid = read_pid(pid_file)
     if pid is not None and port_file.exists():
         return SwtpmHandle(state, int(port_file.read_text()), pid)
-    port = port or free_port(2)
     log = state / "swtpm.log"
-    proc = subprocess.run(
-        [
-            _need("swtpm"), "socket", "--tpm2",
-            "--tpmstate", f"dir={state}",
-            "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
-            "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-            "--flags", "not-need-init,startup-clear",
-            "--daemon", "--pid", f"file={pid_file}", "--log", f"file={log},level=1",
-        ],
-        capture_output=True, text=True, check=False,
-    )
-    if proc.returncode != 0 or not wait_for_port(port):
+    # A port can be briefly unavailable (another test's connection holding it as its
+    # source port, the previous swtpm still releasing it): try again, on the same port
+    # when the caller named one (its devices are configured with it), else on a new one.
+    chosen = port
+    reason = ""
+    for attempt in range(_START_ATTEMPTS):
+        port = chosen or free_port(2)
+        proc = subprocess.run(
+            [
+                _need("swtpm"), "socket", "--tpm2",
+                "--tpmstate", f"dir={state}",
+                "--server", f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl", f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                "--flags", "not-need-init,startup-clear",
+                "--daemon", "--pid", f"file={pid_file}", "--log", f"file={log},level=1",
+            ],
+            capture_output=True, text=True, check=False,
+        )
+        if proc.returncode == 0 and wait_for_port(port):
+            break
+        stop_pid(pid_file)
+        reason = proc.stderr.strip() or _log_tail(log) or f"exit code {proc.returncode}"
+        time.sleep(0.5 * (attempt + 1))
+    else:
         raise ServiceError(
-            f"swtpm did not start on port {port}: {proc.stderr.strip()}",
+            f"swtpm did not start on port {port} after {_START_ATTEMPTS} tries: {reason}",
             service="swtpm", log=str(log),
         )
     port_file.write_text(str(port))
