@@ -556,7 +556,8 @@ def _listen_address(text: str) -> tuple[str, int]:
 
     host, sep, port = text.rpartition(":")
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not sep or not host or not port.isascii() or not port.isdigit()
+            or not 0 < int(port) < 65536):  # (isascii: int() takes other scripts' digits)
         raise OperatorInputError(f"--listen {text!r} is not HOST:PORT",
                                  hint="e.g. 127.0.0.1:9817 (an address of this machine)")
     return host, int(port)
@@ -572,6 +573,13 @@ def _fleet_exporter(args: argparse.Namespace) -> int:
     from modelward.trust.errors import OperatorInputError
 
     host, port = _listen_address(args.listen)
+    from modelward.publisher._metrics_http import is_wildcard
+
+    if is_wildcard(host):
+        print(f"warning: --listen {args.listen} serves the fleet's figures (device names, "
+              "versions, failure reasons) to every network this machine is on; the exporter "
+              "has no authentication: prefer 127.0.0.1 or one interface's address behind "
+              "a firewall", file=sys.stderr, flush=True)
     if not args.poll_interval > 0:
         raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
     if (args.repo is None) != (args.keys is None):

@@ -1,6 +1,7 @@
 """``fleet exporter``: the fleet summary (:mod:`modelward.publisher._fleet_summary`) as
-Prometheus metrics, refreshed every few seconds, served by prometheus_client's HTTP server
-on the one address given.
+Prometheus metrics, refreshed every few seconds, served on the one address given by
+prometheus_client's handler in a server that bounds idle and slow clients
+(:mod:`modelward.publisher._metrics_http`).
 
 Device-supplied label values (model, version, channel, failure reason: a verified report
 says what its device chooses) are bounded before they become labels: each is cut to
@@ -100,12 +101,24 @@ def summary_metrics(summary: dict[str, Any], ok: bool, at: float) -> Iterator[Me
                         ("failed", "Eligible devices failing without the release.")):
         yield _family(f"{p}rollout_{what}_devices", help_, rl,
                       {(r["model"], r["version"], r["channel"]): r[what] for r in rollouts})
-    yield _family(p + "rollout_ratio", "The release's rollout share (0 to 1).", rl,
-                  {(r["model"], r["version"], r["channel"]): r["percent"] / 100
-                   for r in rollouts})
-    yield _family(p + "rollout_halted", "1: the operator halted the release.", rl,
-                  {(r["model"], r["version"], r["channel"]): float(r["halted"])
-                   for r in rollouts})
+    # A share or a flag is no count: never summed under "other" nor over label values that
+    # cutting made equal; the series kept are those the eligible count keeps.
+    kept = set(bounded({(r["model"], r["version"], r["channel"]): r["eligible"]
+                        for r in rollouts})) - {(OTHER,) * 3}
+    for name, help_, value in (
+            ("rollout_ratio", "The release's rollout share (0 to 1).",
+             lambda r: r["percent"] / 100),
+            ("rollout_halted", "1: the operator halted the release.",
+             lambda r: float(r["halted"]))):
+        g = GaugeMetricFamily(p + name, help_, labels=list(rl))
+        per: dict[tuple[str, ...], float] = {}
+        for r in rollouts:
+            series = tuple(_cut(r[k]) for k in rl)
+            if series in kept:
+                per[series] = max(per.get(series, 0.0), value(r))
+        for series, v in sorted(per.items()):
+            g.add_metric(list(series), v)
+        yield g
     fb = summary.get("fallback", {})
     yield GaugeMetricFamily(p + "fallback_ratio",
                             "Believed devices running their previous model after a fallback, "
@@ -175,13 +188,13 @@ def serve(compute: Callable[[], dict[str, Any]], host: str, port: int, interval:
     Raises:
         OperatorInputError: the address cannot be bound (before the broker is asked).
     """
-    from prometheus_client import start_http_server
+    from modelward.publisher import _metrics_http
 
     collector = FleetCollector(compute)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server, thread = _metrics_http.start(host, port, registry)
     except OSError as e:
         raise OperatorInputError(f"--listen {host}:{port}: {e.strerror or e}",
                                  hint="an address of this machine and a free port") from e

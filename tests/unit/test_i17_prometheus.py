@@ -285,3 +285,28 @@ def test_the_grafana_dashboards_query_only_metrics_that_exist() -> None:
         used = {n for e in exprs for n in re.findall(r"modelward_[a-z0-9_]+", e)}
         assert used and all(n.startswith(prefix) for n in used), path
         assert used - names == set(), path
+
+
+def test_rollout_shares_are_never_summed(tmp_path: Path) -> None:
+    """Attack a19: a device names 200 releases, or versions equal once cut; before, the
+    ratio and halted gauges summed under ``other`` (a share of 60, a flag of 200)."""
+    s = _summary({"stable": 10})
+    long = "9" * (MAX_LABEL_CHARS + 10)
+    s["rollouts"] = [{"model": "classifier", "version": f"{long}{i}", "channel": "stable",
+                      "percent": 30.0, "halted": True, "devices": 10, "eligible": 3,
+                      "installed": 1, "failed": 0} for i in range(2)]
+    s["rollouts"] += [{"model": "m", "version": f"{i}", "channel": "stable",
+                       "percent": 50.0, "halted": True, "devices": 10, "eligible": 1,
+                       "installed": 0, "failed": 0} for i in range(200)]
+    text = _render(s)
+    promtool_ok(text, tmp_path)
+    f = families(text)
+    for name, most in (("modelward_fleet_rollout_ratio", 0.5),
+                       ("modelward_fleet_rollout_halted", 1.0)):
+        samples = f[name].samples
+        assert 0 < len(samples) < MAX_LABEL_VALUES
+        assert all(0 <= x.value <= most for x in samples), name
+        assert all(x.labels["version"] != "other" for x in samples)
+    eligible = {(x.labels["version"]): x.value
+                for x in f["modelward_fleet_rollout_eligible_devices"].samples}
+    assert eligible[long[:MAX_LABEL_CHARS]] == 6  # (counts do add up over cut labels)
