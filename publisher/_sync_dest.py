@@ -246,10 +246,11 @@ class DirDestination:
                     os.fsync(fd)
                     nfd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):  # (O_DIRECTORY on a link)
+                        link = stat.S_ISLNK(os.stat(part, dir_fd=fd,
+                                                    follow_symlinks=False).st_mode)
                         raise self._refuse("/".join(parts[:i + 1]),
-                                           "a symlink" if e.errno == errno.ELOOP
-                                           else "not a directory") from e
+                                           "a symlink" if link else "not a directory") from e
                     raise
                 os.close(fd)
                 fd = nfd
