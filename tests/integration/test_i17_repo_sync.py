@@ -225,7 +225,10 @@ def test_directory_sync_then_device_updates_and_interrupted_sync_keeps_it_consis
         w.publish("2.0.0", seed=2)
         plan = _planned(w.repo_dir, "--to", str(www))
         _assert_consistent_order(plan)
-        for k in (1, len(plan) - 1):  # killed after the first write, then all but the last
+        for first in (True, False):  # killed after the first write, then all but the last
+            left = _planned(w.repo_dir, "--to", str(www))  # (what the kill left, the 2nd time)
+            assert left == (plan if first else plan[1:])
+            k = 1 if first else len(left) - 1
             r = _sync(w.repo_dir, "--to", str(www), MODELWARD_SYNC_FAIL_AFTER=str(k))
             assert r.returncode == -9, (r.returncode, r.stderr)
             assert (www / "metadata" / "timestamp.json").read_bytes() == old_ts
