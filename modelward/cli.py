@@ -274,6 +274,53 @@ def _repo_rotate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+SYNC_FAIL_AFTER_ENV = "MODELWARD_SYNC_FAIL_AFTER"  # test hook: SIGKILL after N writes
+
+
+def _repo_sync(args: argparse.Namespace) -> int:
+    """``repo sync --to DEST``: the served repository to an S3 prefix or a directory,
+    targets and versioned metadata first, timestamp.json last (publisher/_sync.py)."""
+    import logging
+    import signal
+
+    from modelward._inputs import existing_dir
+    from modelward.publisher import _sync
+    from modelward.publisher._sync_dest import destination
+    from modelward.trust.errors import OperatorInputError
+
+    existing_dir("--repo", args.repo)
+    # botocore logs request headers (the access key id, signatures) at DEBUG: never
+    # shown, whatever -v asks for
+    for name in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    fail_after: int | None = None
+    raw = os.environ.get(SYNC_FAIL_AFTER_ENV)
+    if raw:  # a fault hook for tests: the process dies as a crash or a kill would
+        if not raw.isdigit():
+            raise OperatorInputError(f"{SYNC_FAIL_AFTER_ENV}={raw!r}: not a whole number",
+                                     hint="unset it (a test hook)")
+        fail_after = int(raw)
+    dest = destination(args.to, args.repo, args.endpoint_url, args.region)
+    plan = _sync.plan(args.repo, dest, _sync.SyncConfig())
+    if args.dry_run:
+        for up in plan.uploads:
+            print(f"would put {up.file.key} ({up.file.size} bytes, {up.cache_control})")
+        print(f"{dest.describe()}: {len(plan.uploads)} to upload, "
+              f"{len(plan.unchanged)} unchanged (dry run: nothing written)")
+        return EXIT_OK
+    with _progress("sync", plan.upload_bytes) as advance:
+        def after(n: int, up: _sync.Upload) -> None:
+            advance(up.file.size)
+            if fail_after is not None and n >= fail_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        result = _sync.run(plan, dest, after)
+    last = f"; {result.uploaded[-1]} last" if result.uploaded else ""
+    print(f"synced {args.repo} to {dest.describe()}: {len(result.uploaded)} uploaded "
+          f"({result.uploaded_bytes} bytes), {len(result.unchanged)} unchanged{last}")
+    return EXIT_OK
+
+
 def _repo_refresh(args: argparse.Namespace) -> int:
     from modelward.publisher._online import (
         ONLINE_DIR_ENV,
@@ -1076,6 +1123,25 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--online-dir", type=local_path, metavar="DIR",
                    help="the online keys only (the online host; KEYS is never opened)")
     r.set_defaults(func=_repo_refresh)
+    r = rsub.add_parser(
+        "sync", help="upload the repository to s3://BUCKET/PREFIX or a directory (a CDN "
+        "origin): targets and versioned metadata first, timestamp.json last",
+        description="Upload what devices fetch (metadata/, targets/) in the order that "
+        "keeps every device consistent: targets, versioned metadata, then timestamp.json "
+        "last; only new or changed files (size and sha256). Versioned and hash-prefixed "
+        "files get 'Cache-Control: public, max-age=31536000, immutable', timestamp.json "
+        "'no-cache'. Nothing is deleted. S3 credentials come from boto3's usual chain "
+        "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, an instance role).")
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--to", required=True, metavar="DEST",
+                   help="s3://BUCKET/PREFIX, or a local directory (written atomically per "
+                        "file, symlinks refused)")
+    r.add_argument("--endpoint-url", metavar="URL",
+                   help="an S3-compatible endpoint (MinIO, Ceph, R2, moto), path-style")
+    r.add_argument("--region", help="the bucket's region (default: boto3's configuration)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print what would be uploaded, in order; write nothing")
+    r.set_defaults(func=_repo_sync)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
     r.add_argument("--json", action="store_true", help="one JSON array of the rows")
     r.add_argument("--repo", type=local_path, required=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from modelward.trust.errors import ModelwardError, OperatorInputError
+from modelward.trust.errors import ModelwardError, OperatorInputError, TransportError
 
-__all__ = ["KeyError_", "ModelwardError", "OperatorInputError", "RepositoryStateError"]
+__all__ = ["KeyError_", "ModelwardError", "OperatorInputError", "RepositoryStateError",
+           "SyncDestinationError", "SyncSourceError", "SyncTransportError"]
 
 
 class KeyError_(OperatorInputError):  # noqa: N801 - not the builtin KeyError
@@ -21,3 +22,50 @@ class KeyError_(OperatorInputError):  # noqa: N801 - not the builtin KeyError
 
 class RepositoryStateError(OperatorInputError):
     """The repository directory is missing, incomplete, or refuses the requested change."""
+
+
+class SyncSourceError(RepositoryStateError):
+    """``repo sync`` refuses a file of the repository directory (a symlink, a name that
+    would not stay under the destination's prefix, unreadable or malformed metadata).
+
+    Attributes:
+        path: the file at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
+class SyncDestinationError(OperatorInputError):
+    """``repo sync --to`` names an unusable destination (a URL of another scheme, a prefix
+    with ``..``, credentials in a URL), or the destination holds a symlink or a non-file
+    where a file goes: nothing is written through it.
+
+    Attributes:
+        destination: the destination as given (credentials never included).
+        key: the key or relative path at fault, or "".
+    """
+
+    def __init__(self, message: str, *, destination: str, key: str = "",
+                 hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.destination = destination
+        self.key = key
+
+
+class SyncTransportError(TransportError):
+    """The S3-compatible endpoint could not be reached or refused a request.
+
+    Attributes:
+        destination: the ``s3://bucket/prefix`` being synced.
+        key: the object key of the failed request, or "" (a listing).
+        code: the service's error code (``NoSuchBucket``, ``AccessDenied``), or "".
+    """
+
+    def __init__(self, message: str, *, destination: str, key: str = "", code: str = "",
+                 hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.destination = destination
+        self.key = key
+        self.code = code
