@@ -16,7 +16,8 @@ What is counted:
   but ``STALE`` (a stale report is the device's last signed word; a replayed, future or
   other-fleet one is not believed at all). Keyed by the active model's name and version
   (``-`` when none) and the channel the device says it follows (``-`` for a device that
-  does not say: an older agent).
+  does not say: an older agent). ``channel_versions``: the same rows per channel, model
+  and version (what runs on each channel).
 * ``rollouts``: per release the repository signs (the newest of each model and channel,
   not withdrawn): ``eligible`` = believed devices on that model and channel whose rollout
   position (:func:`modelward.updater.rollout.rollout_bucket`, from the enrolled id, so a
@@ -174,6 +175,7 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
     versions = Counter(_active(r.report) for r in good)
     models = Counter(_active(r.report)[0] for r in good)
     channels = Counter(str(r.report.get("channel", NONE)) for r in good)
+    per_channel = Counter((str(r.report.get("channel", NONE)), *_active(r.report)) for r in good)
     fell = sum(1 for r in good if r.state == FELL_BACK)
     ever = sum(1 for r in good if (r.report.get("counters") or {}).get("fallbacks", 0) > 0)
 
@@ -217,6 +219,8 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
         "versions": [{"model": m, "version": v, "devices": n}
                      for (m, v), n in sorted(versions.items())],
         "channels": dict(sorted(channels.items())),
+        "channel_versions": [{"channel": c, "model": m, "version": v, "devices": n}
+                             for (c, m, v), n in sorted(per_channel.items())],
         "rollouts": rollouts,
         "fallback": {"fell_back": fell, "ever": ever, "of": len(good),
                      "rate": fell / len(good) if good else None},  # (no report: n/a)
