@@ -183,7 +183,7 @@ def _histogram_chart(name: str, label: str, hist: dict[str, Any],
                      durations: dict[str, Any]) -> str:
     counts, bounds = hist.get("counts", []), hist.get("le", [])
     labels = [f"&lt;={b:g}s" for b in bounds] + [f"&gt;{bounds[-1]:g}s" if bounds else "all"]
-    left, top, plot_h, col = 40, 10, 160, 56
+    left, top, plot_h, col = 40, 20, 160, 56
     peak = max([*counts, 1])
     body = [f'<line x1="{left}" y1="{top + plot_h}" x2="{left + col * len(counts)}" '
             f'y2="{top + plot_h}" stroke="#888"/>']
