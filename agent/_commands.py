@@ -21,6 +21,7 @@ from modelward.agent._observe import (
     notify_activation,
     read_boot_sample,
     read_boot_seconds,
+    rejected_releases,
     write_boot_seconds,
 )
 from modelward.agent._owner import check_state_owner
@@ -431,11 +432,16 @@ def signed_report(cfg: AgentConfig, state: str,
         own = _own_status.get(cfg.state_dir)
         if own is None:
             own = StatusFile(cfg.state_dir).read(tpm)
+        from modelward.updater.install._rejections import RejectionStore
+
+        # (MAC-verified by the TPM; a file that cannot be believed counts as empty)
+        rejected = rejected_releases(RejectionStore(cfg.state_dir, tpm).entries(), now)
         report = build_report(cfg.device_id, cfg.fleet, record, state, own,
                               seq=advance_sequence(cfg.state_dir, now), now=now,
                               poll_interval=cfg.poll_interval, model=cfg.updater.model,
                               channel=cfg.updater.channel,
-                              boot_check_s=read_boot_seconds(cfg.state_dir))
+                              boot_check_s=read_boot_seconds(cfg.state_dir),
+                              rejected=rejected)
         from modelward.trust._report import sign_report  # (the crypto stack: not at boot)
 
         return sign_report(report, tpm)

@@ -20,6 +20,8 @@ from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._report_fields import (
     MAX_DURATION,
     MAX_REASONS,
+    MAX_REJECTED,
+    MAX_REJECTED_TEXT,
     OTHER_REASON,
     is_reason,
 )
@@ -31,7 +33,7 @@ from modelward.trust._report_seq import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from modelward.agent._config import ActivationConfig
 
@@ -314,7 +316,8 @@ def _ref(r: ModelRef | None) -> dict[str, str] | None:
 def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: str,
                  status: dict[str, Any], *, seq: int, now: float,
                  poll_interval: float, model: str | None = None, channel: str | None = None,
-                 boot_check_s: float | None = None) -> dict[str, Any]:
+                 boot_check_s: float | None = None,
+                 rejected: list[dict[str, str]] | None = None) -> dict[str, Any]:
     """The status report a device publishes (then signs).
 
     Args:
@@ -324,6 +327,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
             older than three of them stale.
         model, channel: the model and release channel this device follows (its config).
         boot_check_s: how long the last boot-check took (:func:`read_boot_seconds`).
+        rejected: the releases this device refuses now (:func:`rejected_releases`);
+            None: the field is left out (an older report).
     """
     report: dict[str, Any] = {
         "device_id": device_id,
@@ -345,7 +350,25 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         report["model"] = model
     if channel is not None:
         report["channel"] = channel
+    if rejected is not None:
+        report["rejected"] = rejected[:MAX_REJECTED]
     return report
+
+
+def rejected_releases(entries: Iterable[Any], now: float) -> list[dict[str, str]]:
+    """``rejected`` of the report (pure): the releases the remembered rejections
+    (``modelward.updater.install._rejections.Rejection``) refuse at ``now``, newest first,
+    each once, at most MAX_REJECTED, names and versions cut to MAX_REJECTED_TEXT."""
+    out: list[dict[str, str]] = []
+    for r in sorted(entries, key=lambda r: -r.at):
+        if not (r.refuses_release and r.live(now)):
+            continue
+        item = {"model": r.model[:MAX_REJECTED_TEXT], "version": r.version[:MAX_REJECTED_TEXT]}
+        if item not in out:
+            out.append(item)
+        if len(out) == MAX_REJECTED:
+            break
+    return out
 
 
 BOOT_SECONDS_FILE = "boot-check-seconds"

@@ -26,16 +26,15 @@ from typing import Any
 
 from modelward.trust._bounded import read_json_file
 from modelward.trust._report_fields import COUNTERS as COUNTERS
-from modelward.trust._report_fields import MAX_DURATION, MAX_REASONS, is_reason
+from modelward.trust._report_fields import DURATION_BUCKETS, MAX_DURATION, MAX_REASONS, is_reason
 from modelward.trust._report_fields import MAX_TEXT as MAX_TEXT
 
 logger = logging.getLogger("modelward.agent")
 
 MAX_STATUS_BYTES = 64 * 1024  # status.json is about 1 kB
 
-#: the duration histograms' upper bounds (s), for edge devices: a boot-check of a small
-#: model takes tens of ms, a download and verification on a slow link minutes
-BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+#: the duration histograms' upper bounds (s): ``trust._report_fields.DURATION_BUCKETS``
+BUCKETS = DURATION_BUCKETS
 #: the histograms status.json keeps (``histograms``: per name ``{"counts": [one count per
 #: bucket and one for +Inf, not cumulative], "sum": seconds}``), so they span process runs
 HISTOGRAMS = ("verification_duration_seconds", "boot_check_duration_seconds")

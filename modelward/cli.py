@@ -546,9 +546,9 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _fleet_status(args: argparse.Namespace) -> int:
-    from modelward.publisher._fleet import collect_status, format_table, rows_json
-    from modelward.trust._display import for_encoding
+def _fleet_rows(args: argparse.Namespace, *, summary: bool) -> list[Any]:
+    """The judged rows of ``fleet status`` / ``fleet report`` (their shared options)."""
+    from modelward.publisher._fleet import collect_status
     from modelward.trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
@@ -556,7 +556,7 @@ def _fleet_status(args: argparse.Namespace) -> int:
     if not 0 <= args.wait <= 3600:  # also NaN
         raise OperatorInputError(f"--wait must be 0 to 3600 seconds, not {args.wait}")
     if args.repo is not None:
-        if not args.summary or args.keys is None:
+        if not summary or args.keys is None:
             raise OperatorInputError("--repo goes with --summary and --keys",
                                      hint="--keys: the key directory whose trusted root "
                                      "verifies --repo (as for `repo status`)")
@@ -571,20 +571,49 @@ def _fleet_status(args: argparse.Namespace) -> int:
                 f"--keys {args.keys} holds no {TRUSTED_ROOT_FILE}: the summary verifies "
                 "--repo only from a root the key directory already trusts",
                 hint="give the key directory of `repo init` for --repo")
-    rows = collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
+    return collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
                           wait=args.wait, default_poll=args.poll_interval)
-    if args.summary:
-        from modelward.publisher._fleet_summary import (
-            format_summary,
-            model_names,
-            repository_releases,
-            summarize,
-            summary_json,
-        )
 
-        releases = [] if args.repo is None else repository_releases(
-            args.repo, args.keys, model_names(rows))
-        summary = summarize(rows, releases)
+
+def _fleet_summary(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
+    from modelward.publisher._fleet_summary import model_names, repository_releases, summarize
+
+    releases = [] if args.repo is None else repository_releases(
+        args.repo, args.keys, model_names(rows))
+    return summarize(rows, releases)
+
+
+def _fleet_report(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from modelward._inputs import creatable_dir
+    from modelward.publisher._fleet_report import render_report
+    from modelward.trust._atomic import write_atomic
+    from modelward.trust.errors import OperatorInputError
+
+    creatable_dir("-o", args.output.parent).mkdir(parents=True, exist_ok=True)
+    if args.output.is_dir():
+        raise OperatorInputError(f"-o {args.output} is a directory, not the HTML file to write",
+                                 hint="e.g. -o fleet.html")
+    summary = _fleet_summary(args, _fleet_rows(args, summary=True))
+    page = render_report(summary, fleet=args.fleet,
+                         generated=datetime.now(UTC).isoformat(timespec="seconds"))
+    write_atomic(args.output, page.encode("utf-8"), 0o644)
+    s = summary["states"]
+    print(f"wrote {args.output}: {summary['devices']} devices, "
+          + ", ".join(f"{k} {n}" for k, n in s.items() if n))
+    return EXIT_OK
+
+
+def _fleet_status(args: argparse.Namespace) -> int:
+    from modelward.publisher._fleet import format_table, rows_json
+    from modelward.trust._display import for_encoding
+
+    rows = _fleet_rows(args, summary=args.summary)
+    if args.summary:
+        from modelward.publisher._fleet_summary import format_summary, summary_json
+
+        summary = _fleet_summary(args, rows)
         text = summary_json(summary) if args.json else format_summary(summary)
         print(for_encoding(text, getattr(sys.stdout, "encoding", None)))
         return EXIT_OK
@@ -1278,6 +1307,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --repo: the key directory holding its trusted root")
     _add_broker_options(f, required=True)
     f.set_defaults(func=_fleet_status)
+    f = fsub.add_parser("report", help="write the fleet summary as one self-contained HTML "
+                        "page of charts (README \"Fleet report\")")
+    f.add_argument("-o", "--output", type=local_path, required=True, metavar="FILE",
+                   help="the HTML file to write (replaced atomically)")
+    f.add_argument("--fleet-dir", type=local_path, required=True)
+    f.add_argument("--wait", type=number(0, 3600), default=2.0,
+                   help="as for `fleet status`")
+    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
+                   help="as for `fleet status`")
+    f.add_argument("--repo", type=local_path,
+                   help="the repository whose releases' rollouts to show")
+    f.add_argument("--keys", type=local_path,
+                   help="with --repo: the key directory holding its trusted root")
+    _add_broker_options(f, required=True)
+    f.set_defaults(func=_fleet_report)
     f = fsub.add_parser("exporter", help="serve the fleet summary as Prometheus metrics "
                         "(README \"Prometheus\")")
     f.add_argument("--listen", required=True, metavar="HOST:PORT",

@@ -13,7 +13,10 @@ then from the verified report: ``REJECTED``, ``MISSING``, ``STALE`` (and the oth
 freshness flags) as above; otherwise ``updating`` (the report's journal step is one of an
 install in progress), ``fell back`` (its last error is a boot-check's fallback to the
 previous model, not yet cleared by a successful attempt), ``failed`` (its last error is
-any other: the last attempt failed after the last success, which clears it) or ``ok``.
+any other: the last attempt failed after the last success, which clears it; or the report's
+``rejected`` list names a release of its active model newer than the one it runs: it
+refused the upgrade it is offered, and its next attempt, which skips that release, clears
+the error but not the refusal) or ``ok``.
 
 Device data is hostile even when it is signed (issue 14 finding 6): a report is cut at
 :data:`~modelward.trust._report.MAX_REPORT_BYTES` as it arrives, parsed only with a size and depth
@@ -264,7 +267,31 @@ def device_state(flags: tuple[str, ...], report: dict[str, Any]) -> str:
     err = report.get("last_error")
     if isinstance(err, dict):
         return FELL_BACK if err.get("type") == FALLBACK_ERROR else FAILED
-    return OK
+    return FAILED if refuses_upgrade(report) else OK
+
+
+def refuses_upgrade(report: dict[str, Any]) -> bool:
+    """Whether the schema-checked ``report``'s ``rejected`` list names a release of the
+    model it runs (or follows, with none active) newer than the active one (pure). A
+    version that is not semver says nothing; the list is bounded by the schema."""
+    from modelward.updater.bundle._semver import SemVer
+
+    active = report.get("active")
+    model = active["name"] if isinstance(active, dict) else report.get("model")
+    try:
+        running = SemVer.parse(active["version"]) if isinstance(active, dict) else None
+    except ValueError:
+        return False
+    for r in report.get("rejected") or ():
+        if r.get("model") != model:
+            continue
+        try:
+            v = SemVer.parse(r.get("version", ""))
+        except ValueError:
+            continue
+        if running is None or running < v:
+            return True
+    return False
 
 
 def _seen_path(fleet_dir: Path, device: str) -> Path:

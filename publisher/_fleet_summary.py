@@ -16,13 +16,16 @@ What is counted:
   but ``STALE`` (a stale report is the device's last signed word; a replayed, future or
   other-fleet one is not believed at all). Keyed by the active model's name and version
   (``-`` when none) and the channel the device says it follows (``-`` for a device that
-  does not say: an older agent).
+  does not say: an older agent). ``channel_versions``: the same rows per channel, model
+  and version (what runs on each channel).
 * ``rollouts``: per release the repository signs (the newest of each model and channel,
   not withdrawn): ``eligible`` = believed devices on that model and channel whose rollout
   position (:func:`modelward.updater.rollout.rollout_bucket`, from the enrolled id, so a
   device cannot move it) is below the release's percent; ``installed`` = eligible devices
   whose active model is that release; ``failed`` = eligible devices that do not run it and
-  whose state is ``failed``; ``outside`` = believed devices that run it but are not
+  whose state is ``failed`` or whose report lists that release as ``rejected`` (a device
+  that refused it reports ``ok`` on its old model at its next attempt: the refusal stays
+  until it expires or the release changes); ``outside`` = believed devices that run it but are not
   eligible (another channel, above the percent): shown apart, so a device outside the
   rollout moves none of its figures.
 * ``fallback``: ``rate`` = believed devices in state ``fell back`` / believed devices
@@ -38,6 +41,12 @@ What is counted:
   and ``other``: the devices (each once) that count any of the rest, or ``other`` itself.
 * ``durations``: p50 and p95 (nearest rank) and the number of samples of ``verify_s``
   and ``boot_check_s`` over the believed devices that report one (``-0.0`` is 0.0).
+* ``histograms``: per duration, ``le`` (the fixed upper bounds
+  :data:`~modelward.trust._report_fields.DURATION_BUCKETS`, seconds) and ``counts``: the
+  same samples per bucket, not cumulative, the last one above the highest bound.
+* ``silent``: the devices in state ``STALE`` or ``MISSING`` (``device``, ``state``, ``at``:
+  the signing time of a stale report, "" without), sorted by id, at most
+  :data:`MAX_SILENT_LISTED`; ``silent_total`` counts them all.
 
 Names a device supplies print escaped, quoted and ASCII only (:func:`_q`): a look-alike
 channel, model or version prints with ``\\u`` escapes, never as a second ``"stable"``.
@@ -56,10 +65,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from modelward.publisher._fleet import FAILED, FELL_BACK, STALE, STATES, DeviceRow
+from modelward.publisher._fleet import FAILED, FELL_BACK, MISSING, STALE, STATES, DeviceRow
 from modelward.trust._display import escape_ascii
 from modelward.trust._report import MAX_SEQ
-from modelward.trust._report_fields import DURATIONS, MAX_REASONS, OTHER_REASON
+from modelward.trust._report_fields import DURATION_BUCKETS, DURATIONS, MAX_REASONS, OTHER_REASON
 from modelward.updater.rollout import rollout_bucket
 
 MAX_SHOWN_REASONS = 32
@@ -68,6 +77,7 @@ MAX_SHOWN_REASONS = 32
 MAX_ATTEMPTS_PER_DEVICE = 100
 _ONE_DEVICE = math.lcm(*range(1, MAX_REASONS + 1))  # a device's weight, split into k
 NONE = "-"
+MAX_SILENT_LISTED = 500  # devices named in ``silent`` (the count is of all)
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,21 @@ def failure_reasons(good: list[DeviceRow]) -> dict[str, dict[str, int]]:
     return out
 
 
+def histogram(samples: list[float]) -> list[int]:
+    """Counts of ``samples`` per bucket of :data:`DURATION_BUCKETS` (``<= le``), then one
+    above the highest bound (pure)."""
+    counts = [0] * (len(DURATION_BUCKETS) + 1)
+    for v in samples:
+        counts[next((i for i, le in enumerate(DURATION_BUCKETS) if v <= le),
+                    len(DURATION_BUCKETS))] += 1
+    return counts
+
+
+def _rejects(report: dict[str, Any], rel: RolloutRelease) -> bool:
+    return any(r.get("model") == rel.name and r.get("version") == rel.version
+               for r in report.get("rejected") or ())
+
+
 def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
               ) -> dict[str, Any]:
     """The figures of ``--summary`` (pure; module doc); JSON-ready, every number finite."""
@@ -150,18 +175,22 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
     versions = Counter(_active(r.report) for r in good)
     models = Counter(_active(r.report)[0] for r in good)
     channels = Counter(str(r.report.get("channel", NONE)) for r in good)
+    per_channel = Counter((str(r.report.get("channel", NONE)), *_active(r.report)) for r in good)
     fell = sum(1 for r in good if r.state == FELL_BACK)
     ever = sum(1 for r in good if (r.report.get("counters") or {}).get("fallbacks", 0) > 0)
 
     reasons = failure_reasons(good)
+    silent = sorted((r for r in rows if r.state in (STALE, MISSING)), key=lambda r: r.device_id)
 
     durations: dict[str, dict[str, Any]] = {}
+    histograms: dict[str, dict[str, Any]] = {}
     for name in DURATIONS:
         samples = [float(v) + 0.0 for r in good  # (+ 0.0: -0.0 is 0.0)
                    if isinstance(v := (r.report.get("durations") or {}).get(name), int | float)
                    and math.isfinite(v)]
         durations[name] = {"p50": percentile(samples, 50), "p95": percentile(samples, 95),
                            "samples": len(samples)}
+        histograms[name] = {"le": list(DURATION_BUCKETS), "counts": histogram(samples)}
 
     rollouts = []
     for rel in releases:
@@ -174,7 +203,8 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
         # count of running it anyway
         runs = {r.device_id for r in good if _active(r.report) == (rel.name, rel.version)}
         installed = [r for r in eligible if r.device_id in runs]
-        failed = [r for r in eligible if r.state == FAILED and r.device_id not in runs]
+        failed = [r for r in eligible if r.device_id not in runs
+                  and (r.state == FAILED or _rejects(r.report, rel))]
         rollouts.append({"model": rel.name, "version": rel.version, "channel": rel.channel,
                          "percent": rel.percent, "halted": rel.halted,
                          "devices": len(on), "eligible": len(eligible),
@@ -189,11 +219,18 @@ def summarize(rows: Iterable[DeviceRow], releases: Iterable[RolloutRelease] = ()
         "versions": [{"model": m, "version": v, "devices": n}
                      for (m, v), n in sorted(versions.items())],
         "channels": dict(sorted(channels.items())),
+        "channel_versions": [{"channel": c, "model": m, "version": v, "devices": n}
+                             for (c, m, v), n in sorted(per_channel.items())],
         "rollouts": rollouts,
         "fallback": {"fell_back": fell, "ever": ever, "of": len(good),
                      "rate": fell / len(good) if good else None},  # (no report: n/a)
         "failure_reasons": reasons,
         "durations": durations,
+        "histograms": histograms,
+        "silent": [{"device": r.device_id, "state": r.state,
+                    "at": str(r.report.get("at", "")) if r.verified else ""}
+                   for r in silent[:MAX_SILENT_LISTED]],
+        "silent_total": len(silent),
     }
 
 

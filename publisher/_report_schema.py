@@ -15,7 +15,9 @@ freshness judgement flags a report without them. When present they must be well 
 ``model``, ``channel``, ``durations`` and ``failure_reasons`` (issue 17) are optional too,
 so a device of an older version is still shown: ``durations`` holds ``verify_s`` and
 ``boot_check_s`` (null or finite seconds in [0, MAX_DURATION)), ``failure_reasons`` at
-most MAX_REASONS identifier names, each an integer count.
+most MAX_REASONS identifier names, each an integer count. ``rejected`` (issue 17) is a
+list of at most MAX_REJECTED ``{model, version}`` objects of strings, each at most
+MAX_REJECTED_TEXT characters: the releases the device refuses now.
 """
 
 from __future__ import annotations
@@ -26,7 +28,15 @@ from typing import Any
 
 from modelward.trust._report import MAX_SEQ
 from modelward.trust._report_fields import COUNTERS as _AGENT_COUNTERS
-from modelward.trust._report_fields import DURATIONS, MAX_DURATION, MAX_REASONS, MAX_TEXT, is_reason
+from modelward.trust._report_fields import (
+    DURATIONS,
+    MAX_DURATION,
+    MAX_REASONS,
+    MAX_REJECTED,
+    MAX_REJECTED_TEXT,
+    MAX_TEXT,
+    is_reason,
+)
 from modelward.trust.errors import UntrustedRemoteError
 
 MAX_ID = 64  # device ids and fleet names (modelward.publisher._broker_config.check_id)
@@ -159,6 +169,20 @@ def _failure_reasons(v: object) -> None:
         _integer(f"failure_reasons.{k}", v[k])
 
 
+_REJECTED_KEYS = frozenset({"model", "version"})
+
+
+def _rejected(v: object) -> None:
+    if not isinstance(v, list):
+        raise ReportSchemaError("rejected", f"is {_type_name(v)}, not a list")
+    if len(v) > MAX_REJECTED:
+        raise ReportSchemaError("rejected", f"has over {MAX_REJECTED} releases")
+    for i, item in enumerate(v):
+        r = _object(f"rejected[{i}]", item, _REJECTED_KEYS, required=_REJECTED_KEYS)
+        for k in sorted(_REJECTED_KEYS):
+            _string(f"rejected[{i}].{k}", r[k], MAX_REJECTED_TEXT)
+
+
 _FIELDS: dict[str, Callable[[object], None]] = {
     "device_id": lambda v: _string("device_id", v, MAX_ID),
     "fleet": lambda v: _string("fleet", v, MAX_ID),
@@ -176,6 +200,7 @@ _FIELDS: dict[str, Callable[[object], None]] = {
     "channel": lambda v: _string("channel", v, MAX_SHORT),
     "durations": _durations,
     "failure_reasons": _failure_reasons,
+    "rejected": _rejected,
 }
 FIELDS = frozenset(_FIELDS)
 

@@ -180,14 +180,15 @@ class RepoAttacker:
         ts.sign(signers["timestamp"])
         self.serve(self.metadata / "timestamp.json", _serialize(ts))
 
-    def sign_raw(self, data: bytes, name: str, version: str, fingerprint: str) -> str:
-        """Sign arbitrary bytes as release ``name`` ``version`` with the operator's own
-        (stolen) online keys: what a compromised build pipeline gets signed. Devices must
-        still refuse a malformed bundle. Returns the target path."""
+    def sign_raw(self, data: bytes, name: str, version: str, fingerprint: str,
+                 channel: str = "stable") -> str:
+        """Sign arbitrary bytes as release ``name`` ``version`` on ``channel`` with the
+        operator's own (stolen) online keys: what a compromised build pipeline gets signed.
+        Devices must still refuse a malformed bundle. Returns the target path."""
         target_path = f"{name}/{name}-{version}.tar"
         tf = TargetFile(len(data), {"sha256": hashlib.sha256(data).hexdigest()}, target_path)
         tf.unrecognized_fields["custom"] = {"modelward": {
-            "name": name, "version": version, "fingerprint": fingerprint, "channel": "stable",
+            "name": name, "version": version, "fingerprint": fingerprint, "channel": channel,
             "rollout": {"basis_points": 10000, "halted": False}, "pinned": False}}
         self.serve(self.repo / "targets" / name /
                    f"{tf.hashes['sha256']}.{name}-{version}.tar", data)
