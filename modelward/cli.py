@@ -667,6 +667,7 @@ def _agent_provision(args: argparse.Namespace) -> int:
     print(f"  storage root key 0x81000001: {word(rep.srk_created)}")
     print(f"  identity key     0x81000102: {word(rep.identity_created)}")
     print(f"  record-MAC key   0x81000103: {word(rep.mac_key_created)}")
+    print(f"  attestation key  0x81000104: {word(rep.ak_created)}")
     print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
     print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
     if rep.migrated:
