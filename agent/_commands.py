@@ -408,6 +408,69 @@ def enroll(cfg: AgentConfig) -> tuple[str, bytes]:
         tpm.close()
 
 
+def enrollment(cfg: AgentConfig) -> dict[str, Any]:
+    """``agent enroll --json``: the device id, identity key, AK, EK (and certificate) and
+    the AK's certification of the identity key (docs/attestation.md "Enrollment").
+
+    Raises:
+        TpmNotProvisionedError: no attestation key yet (run `agent provision`).
+        TpmError: the TPM failed or an object is not modelward's.
+    """
+    from modelward.trust import _ak
+    from modelward.trust._tpmauth import auth_dir_for
+
+    tpm = Tpm(cfg.tcti)
+    tpm.use_auth_dir(auth_dir_for(cfg.state_dir))
+    try:
+        return _ak.enrollment(tpm, cfg.device_id)
+    finally:
+        tpm.close()
+
+
+def activate_credential(cfg: AgentConfig, challenge: bytes) -> bytes:
+    """``agent activate-credential``: the response to the operator's challenge.
+
+    Raises:
+        OperatorInputError: the challenge is malformed or for another device.
+        TpmError: the TPM cannot recover the secret (the challenge was not made for this
+            TPM's EK and AK, or was altered).
+    """
+    import base64
+    import binascii
+
+    from modelward.trust import _ak
+    from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+    from modelward.trust._tpmauth import auth_dir_for
+
+    try:
+        doc = loads_bounded(challenge, max_bytes=8192, what="the challenge", max_depth=2)
+    except UntrustedJsonError as e:
+        raise OperatorInputError(f"--challenge: {e}") from e
+    if not isinstance(doc, dict) or doc.get("format") != _ak.CHALLENGE_FORMAT:
+        raise OperatorInputError(f"--challenge is not a {_ak.CHALLENGE_FORMAT!r} document",
+                                 hint="give the file `fleet add-device --challenge` wrote")
+    if doc.get("device_id") != cfg.device_id:
+        raise OperatorInputError(
+            f"--challenge is for device {str(doc.get('device_id'))[:64]!r}, not this one "
+            f"({cfg.device_id})", hint="answer it on the device it was made for")
+    try:
+        blob = base64.b64decode(str(doc.get("credential_blob")), validate=True)
+        secret = base64.b64decode(str(doc.get("encrypted_secret")), validate=True)
+        ak_name = bytes.fromhex(str(doc.get("ak_name")))
+    except (binascii.Error, ValueError) as e:
+        raise OperatorInputError(f"--challenge: a field is not base64/hex: {e}") from e
+    tpm = Tpm(cfg.tcti)
+    tpm.use_auth_dir(auth_dir_for(cfg.state_dir))
+    try:
+        out = _ak.activate_credential(tpm, blob, secret, ak_name)
+    finally:
+        tpm.close()
+    logger.info("answered the enrollment challenge for AK %s", ak_name.hex()[:16])
+    return json.dumps({"format": _ak.RESPONSE_FORMAT, "device_id": cfg.device_id,
+                       "ak_name": ak_name.hex(),
+                       "secret": base64.b64encode(out).decode()}).encode() + b"\n"
+
+
 def signed_report(cfg: AgentConfig, state: str,
                   clock: Callable[[], float] = time.time) -> bytes:
     """This device's status report, signed by its TPM identity key.

@@ -536,13 +536,48 @@ def _announce(args: argparse.Namespace) -> int:
 
 
 def _fleet_add_device(args: argparse.Namespace) -> int:
-    from modelward._inputs import creatable_dir, read_file
-    from modelward.publisher._fleet import add_device
+    from modelward._inputs import creatable_dir, output_file, read_file
+    from modelward.trust.errors import OperatorInputError
 
-    pem = read_file("--key", args.key)
     creatable_dir("--fleet-dir", args.fleet_dir)
-    path = add_device(args.fleet_dir, args.device, pem, source=f"--key {args.key}")
-    print(f"enrolled {args.device}: {path}")
+    if args.key is not None:
+        if args.challenge or args.ek_ca:
+            raise OperatorInputError("--challenge and --ek-ca go with --enrollment, not --key")
+        from modelward.publisher._fleet import add_device
+
+        pem = read_file("--key", args.key)
+        path = add_device(args.fleet_dir, args.device, pem, source=f"--key {args.key}")
+        print(f"enrolled {args.device}: {path}")
+        return EXIT_OK
+    from modelward.publisher import _enroll
+
+    if args.response is not None:
+        if args.challenge or args.ek_ca:
+            raise OperatorInputError("--challenge and --ek-ca go with --enrollment, not "
+                                     "--response")
+        data = read_file("--response", args.response, _enroll.MAX_RESPONSE_BYTES)
+        pem_path, ak_path = _enroll.finish_enrollment(args.fleet_dir, args.device, data)
+        print(f"enrolled {args.device} (its TPM answered the credential challenge): "
+              f"{pem_path}, {ak_path}")
+        return EXIT_OK
+    if args.challenge is None:
+        raise OperatorInputError("--enrollment needs --challenge OUT (where to write the "
+                                 "challenge for the device)")
+    output_file("--challenge", args.challenge)
+    enrollment = read_file("--enrollment", args.enrollment, _enroll.MAX_ENROLLMENT_BYTES)
+    ca = None
+    if args.ek_ca is not None:
+        ca = _enroll.load_ek_ca(read_file("--ek-ca", args.ek_ca), f"--ek-ca {args.ek_ca}")
+    enr = _enroll.begin_enrollment(args.fleet_dir, args.device, enrollment, ca,
+                                   args.challenge)
+    if not enr.ek_certified:
+        print("warning: the EK is not checked against a TPM manufacturer's CA (no --ek-ca): "
+              "the challenge proves the AK shares a TPM with this EK, not that the EK is a "
+              "real TPM's", file=sys.stderr)
+    print(f"challenge for {args.device} written to {args.challenge} (expires in "
+          f"{int(_enroll.CHALLENGE_TTL // 60)} min): on the device run `modelward agent "
+          f"activate-credential --challenge FILE --response OUT`, then `fleet add-device "
+          f"--device {args.device} --response OUT`")
     return EXIT_OK
 
 
@@ -743,6 +778,7 @@ def _agent_provision(args: argparse.Namespace) -> int:
     print(f"  storage root key 0x81000001: {word(rep.srk_created)}")
     print(f"  identity key     0x81000102: {word(rep.identity_created)}")
     print(f"  record-MAC key   0x81000103: {word(rep.mac_key_created)}")
+    print(f"  attestation key  0x81000104: {word(rep.ak_created)}")
     print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
     print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
     if rep.migrated:
@@ -793,14 +829,29 @@ def _print_done(message: str) -> None:
 
 
 def _agent_enroll(args: argparse.Namespace) -> int:
-    from modelward.agent._commands import enroll
+    from modelward.agent._commands import enroll, enrollment
 
-    device, pem = enroll(_load(args))
+    cfg = _load(args)
     if args.json:
-        print(json.dumps({"device_id": device, "public_key": pem.decode()}))
-    else:
-        print(f"device_id {device}")
-        print(pem.decode(), end="")
+        print(json.dumps(enrollment(cfg)))
+        return EXIT_OK
+    device, pem = enroll(cfg)
+    print(f"device_id {device}")
+    print(pem.decode(), end="")
+    return EXIT_OK
+
+
+def _agent_activate_credential(args: argparse.Namespace) -> int:
+    from modelward._inputs import output_file, read_file
+    from modelward.agent._commands import activate_credential
+    from modelward.trust._atomic import write_atomic
+
+    cfg = _load(args)
+    output_file("--response", args.response)
+    response = activate_credential(cfg, read_file("--challenge", args.challenge, 8192))
+    write_atomic(args.response, response)
+    print(f"response written to {args.response}: give it to `fleet add-device --device "
+          f"{cfg.device_id} --response FILE`")
     return EXIT_OK
 
 
@@ -865,10 +916,13 @@ def _agent_boot_check(args: argparse.Namespace) -> int:
 
 
 def _sim_tpm_start(args: argparse.Namespace) -> int:
-    from modelward.simulator._swtpm import start_swtpm
+    from modelward.simulator._swtpm import ek_ca_bundle, start_swtpm
 
-    h = start_swtpm(args.state, args.port)
+    h = start_swtpm(args.state, args.port, args.ek_ca)
     print(h.tcti)
+    if args.ek_ca is not None:
+        print(f"EK CA certificates (for `fleet add-device --ek-ca`): {ek_ca_bundle(args.ek_ca)}",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -1282,11 +1336,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the group that may read dynamic-security.json (mode 0640); "
                    "default: mosquitto, if it exists and may be given")
     f.set_defaults(func=_fleet_broker_config)
-    f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key")
+    f = fsub.add_parser("add-device", help="record a device's enrolled TPM identity key: "
+                        "from its PEM (--key), or by credential activation (--enrollment "
+                        "FILE --challenge OUT, then --response R; docs/attestation.md)")
     f.add_argument("--fleet-dir", type=local_path, required=True,
                    help="the operator's fleet registry")
     f.add_argument("--device", required=True)
-    f.add_argument("--key", type=local_path, required=True, help="PEM from `agent enroll`")
+    how = f.add_mutually_exclusive_group(required=True)
+    how.add_argument("--key", type=local_path, help="PEM from `agent enroll`")
+    how.add_argument("--enrollment", type=local_path,
+                     help="the output of `agent enroll --json`: verify it and write a "
+                     "credential challenge to --challenge")
+    how.add_argument("--response", type=local_path,
+                     help="the output of `agent activate-credential`: record the device")
+    f.add_argument("--challenge", type=local_path, metavar="OUT",
+                   help="with --enrollment: where to write the challenge for the device")
+    f.add_argument("--ek-ca", type=local_path, metavar="PEM",
+                   help="with --enrollment: CA certificates the EK certificate must be "
+                   "issued by (the TPM manufacturer's)")
     f.set_defaults(func=_fleet_add_device)
     f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
                         "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
@@ -1357,6 +1424,13 @@ def build_parser() -> argparse.ArgumentParser:
     a = asub.add_parser("enroll", help="print the device id and its TPM identity public key")
     a.add_argument("--json", action="store_true")
     a.set_defaults(func=_agent_enroll)
+    a = asub.add_parser("activate-credential", help="answer the operator's enrollment "
+                        "challenge with this TPM (ActivateCredential with the AK and EK)")
+    a.add_argument("--challenge", type=local_path, required=True,
+                   help="the file `fleet add-device --challenge` wrote")
+    a.add_argument("--response", type=local_path, required=True, metavar="OUT",
+                   help="where to write the response for `fleet add-device --response`")
+    a.set_defaults(func=_agent_activate_credential)
     a = asub.add_parser("run", help="the daemon: update on a poll timer and on announcements")
     a.set_defaults(func=_agent_run)
     a = asub.add_parser("status", help="show the active and previous model and the last error")
@@ -1380,6 +1454,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = tsub.add_parser("start", help="manufacture (first time) and start; prints the TCTI")
     t.add_argument("--state", type=local_path, required=True)
     t.add_argument("--port", type=whole(1, 65534), help="server port (control port is +1)")
+    t.add_argument("--ek-ca", type=local_path, metavar="DIR",
+                   help="on first start: issue EK and platform certificates from a local CA "
+                   "kept in DIR (created if needed), as a TPM manufacturer does")
     t.set_defaults(func=_sim_tpm_start)
     t = tsub.add_parser("stop", help="stop by pid")
     t.add_argument("--state", type=local_path, required=True)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from modelward.trust.errors import ModelwardError, OperatorInputError, TransportError
+from modelward.trust.errors import (
+    ModelwardError,
+    OperatorInputError,
+    TransportError,
+    UntrustedRemoteError,
+)
 
-__all__ = ["KeyError_", "ModelwardError", "OperatorInputError", "RepositoryStateError",
-           "SyncDestinationError", "SyncSourceError", "SyncTransportError"]
+__all__ = ["ChallengeError", "EnrollmentError", "KeyError_", "ModelwardError",
+           "OperatorInputError", "RepositoryStateError", "SyncDestinationError",
+           "SyncSourceError", "SyncTransportError", "UntrustedRemoteError"]
 
 
 class KeyError_(OperatorInputError):  # noqa: N801 - not the builtin KeyError
@@ -69,3 +75,33 @@ class SyncTransportError(TransportError):
         self.destination = destination
         self.key = key
         self.code = code
+
+
+class EnrollmentError(UntrustedRemoteError):
+    """A device's enrollment file (``agent enroll --json``) is malformed or does not verify.
+
+    Attributes:
+        device: the device id it was given for.
+        field: the enrollment field at fault (``ak_public``, ``ek_certificate`` ...).
+    """
+
+    def __init__(self, message: str, *, device: str, field: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.device = device
+        self.field = field
+
+
+class ChallengeError(UntrustedRemoteError):
+    """A credential-activation response is refused: no pending challenge, expired, for
+    another device or AK, or a wrong secret.
+
+    Attributes:
+        device: the device id given with ``--device``.
+        reason: one of ``no-challenge``, ``expired``, ``other-device``, ``other-ak``,
+            ``wrong-secret``, ``malformed``.
+    """
+
+    def __init__(self, message: str, *, device: str, reason: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.device = device
+        self.reason = reason

@@ -36,22 +36,69 @@ def _need(tool: str) -> str:
     return path
 
 
-def manufacture(state: Path) -> bool:
+EK_CA_BUNDLE = "ek-ca.pem"
+
+
+def _ek_ca_config(ca_dir: Path) -> Path:
+    """swtpm_setup and swtpm_localca configuration for a local EK CA kept in ``ca_dir``
+    (swtpm_localca creates its root CA and issuer there on first use)."""
+    ca_dir = ca_dir.absolute()
+    ca_dir.mkdir(parents=True, exist_ok=True)
+    localca = ca_dir / "swtpm-localca.conf"
+    localca.write_text(f"statedir = {ca_dir}\nsigningkey = {ca_dir}/signkey.pem\n"
+                       f"issuercert = {ca_dir}/issuercert.pem\n"
+                       f"certserial = {ca_dir}/certserial\n")
+    options = ca_dir / "swtpm-localca.options"
+    options.write_text("--platform-manufacturer modelward\n--platform-version 2.1\n"
+                       "--platform-model simulator\n")
+    setup = ca_dir / "swtpm_setup.conf"
+    setup.write_text(f"create_certs_tool = {_need('swtpm_localca')}\n"
+                     f"create_certs_tool_config = {localca}\n"
+                     f"create_certs_tool_options = {options}\n"
+                     "active_pcr_banks = sha256\n")
+    return setup
+
+
+def ek_ca_bundle(ca_dir: Path) -> Path:
+    """The CA certificates (root and issuer) of the local EK CA in ``ca_dir``, for
+    ``fleet add-device --ek-ca``; written next to them.
+
+    Raises:
+        ServiceError: no swtpm was manufactured with this CA yet.
+    """
+    try:
+        pem = (ca_dir / "swtpm-localca-rootca-cert.pem").read_bytes() + \
+            (ca_dir / "issuercert.pem").read_bytes()
+    except OSError as e:
+        raise ServiceError(f"no EK CA in {ca_dir}: {e}", service="swtpm",
+                           hint="manufacture a TPM with it first (`sim tpm start "
+                           "--ek-ca DIR`)") from e
+    out = ca_dir / EK_CA_BUNDLE
+    out.write_bytes(pem)
+    return out
+
+
+def manufacture(state: Path, ek_ca: Path | None = None) -> bool:
     """Create the TPM state (EK) with swtpm_setup unless it exists; True if created.
 
     The storage root key is left to ``modelward agent provision``, which creates the
     TCG ECC P-256 SRK design.md names (swtpm_setup's ``--create-spk`` makes P-384).
+
+    Args:
+        state: the swtpm state directory.
+        ek_ca: a directory for a local EK CA: the EK (and platform) certificates are
+            issued from it and stored in the TPM's NV (0x01c00002 for the RSA EK), as a
+            TPM manufacturer does; :func:`ek_ca_bundle` gives its certificates.
     """
     state.mkdir(parents=True, exist_ok=True)
     if (state / "tpm2-00.permall").exists():
         return False
-    proc = subprocess.run(
-        [
-            _need("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--createek",
-            "--pcr-banks", "sha256", "--not-overwrite",
-        ],
-        capture_output=True, text=True, check=False,
-    )
+    cmd = [_need("swtpm_setup"), "--tpm2", "--tpmstate", str(state), "--createek",
+           "--pcr-banks", "sha256", "--not-overwrite"]
+    if ek_ca is not None:
+        cmd += ["--create-ek-cert", "--create-platform-cert",
+                "--config", str(_ek_ca_config(ek_ca))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise ServiceError(
             f"swtpm_setup failed for {state}: {proc.stderr.strip() or proc.stdout.strip()}",
@@ -74,15 +121,16 @@ def _log_tail(log: Path, limit: int = 400) -> str:
         return ""
 
 
-def start_swtpm(state: Path, port: int | None = None) -> SwtpmHandle:
-    """Start swtpm on 127.0.0.1 (server ``port``, control ``port+1``); manufacture first.
+def start_swtpm(state: Path, port: int | None = None, ek_ca: Path | None = None) -> SwtpmHandle:
+    """Start swtpm on 127.0.0.1 (server ``port``, control ``port+1``); manufacture first
+    (with EK certificates from the local CA ``ek_ca``, see :func:`manufacture`).
 
     Idempotent: a swtpm already running for ``state`` is returned as it is.
 
     Raises:
         ServiceError: swtpm is missing or did not come up.
     """
-    manufacture(state)
+    manufacture(state, ek_ca)
     pid_file = state / "swtpm.pid"
     port_file = state / "swtpm.port"
     pid = read_pid(pid_file)

@@ -19,3 +19,4 @@ class ProvisionReport:
     migrated: bool = False  # the open objects of an older provisioning were found
     identity_replaced: bool = False  # migration made a new identity key: re-enrol it
     record_heals: bool = False  # migration found no believable record: the next update heals
+    ak_created: bool = False  # the attestation key 0x81000104 (issue 18)

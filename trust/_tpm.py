@@ -402,13 +402,17 @@ class Tpm(TpmInterface):
         anchor_defined = self._provision_nv(ANCHOR_INDEX, 32, counter=False)
         counter_defined = self._provision_nv(COUNTER_INDEX, 8, counter=True)
         self._provision_nv(FLOOR_INDEX, 8, counter=False)  # (devices from before: added)
+        from modelward.trust._ak import provision_ak
+
+        ak_created = provision_ak(self, srk)  # (devices from before issue 18: added)
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
         from modelward.trust._provision import ProvisionReport
 
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
                                ipub.to_pem(), mac_key_created, migrated,
-                               identity_created and had_legacy_identity and not keep_identity)
+                               identity_created and had_legacy_identity and not keep_identity,
+                               ak_created=ak_created)
 
     def _provision_srk(self) -> tuple[Any, bool]:
         t = self._types()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modelward.trust._ak import AK_HANDLE
 from modelward.trust._record import encode_record
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import (
@@ -65,7 +66,7 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
             e.nv_undefine_space(e.tr_from_tpmpublic(index), t.ESYS_TR.OWNER)
         # (an old-style device never had the targets-floor index)
         e.nv_undefine_space(e.tr_from_tpmpublic(FLOOR_INDEX), t.ESYS_TR.OWNER)
-        for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE):
+        for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE, AK_HANDLE):  # (none before issue 18)
             e.evict_control(t.ESYS_TR.OWNER, e.tr_from_tpmpublic(handle), handle)
         nv = _old_nv(e, t, LEGACY_ANCHOR_INDEX, 32, counter=False)
         e.nv_write(nv, anchor, 0, t.ESYS_TR.OWNER)

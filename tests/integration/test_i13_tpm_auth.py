@@ -236,7 +236,7 @@ def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: 
     # provisioning again is a no-op
     r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("already present") == 5 and "migrated" not in r.stdout
+    assert r.stdout.count("already present") == 6 and "migrated" not in r.stdout
     assert world.snapshot() == migrated
 
     # the old record, put back, no longer verifies; the migrated device updates
