@@ -33,10 +33,12 @@ test: ``tests/integration/test_benchmarks.py`` runs it with 20 devices.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import re
 import secrets
 import shutil
 import statistics
@@ -93,6 +95,9 @@ class Figures:
     servers_hwm: list[float] = field(default_factory=list)  # MiB, the largest server
     busy: list[float] = field(default_factory=list)
     retries: list[float] = field(default_factory=list)
+    broker_hwm: list[float] = field(default_factory=list)  # MiB, during the round
+    log_lines: list[float] = field(default_factory=list)  # servers' log lines
+    wasted: list[float] = field(default_factory=list)  # MiB sent beyond those verified
     failures: dict[str, int] = field(default_factory=dict)
     first_failure: str = ""
     delivered: float = 0.0  # MiB over all rounds
@@ -115,6 +120,7 @@ class Env:
         self.broker: BrokerHandle = start_broker(work / "broker", server, self.ca.cert,
                                                  self.bc.conf)
         self.group = "load-ref-" + secrets.token_hex(16)
+        self.logs: list[Path] = []  # the servers' stderr, one file each
 
     def common(self) -> list[str]:
         return ["--broker", self.broker.url, "--tls-ca", str(self.ca.cert),
@@ -134,7 +140,11 @@ class Env:
                        str(self.repo), "--password-file",
                        str(self.bc.credentials["modelward-bridge"]), "--group", self.group]
                 ready = "responding"
-            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+            log = open(self.work / f"{kind}-{len(self.logs)}.log", "w")  # noqa: SIM115
+            self.logs.append(Path(log.name))
+            p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True,
+                                 cwd=ROOT)
+            log.close()
             procs.append(p)
             assert p.stdout is not None
             line = p.stdout.readline()
@@ -147,35 +157,52 @@ class Env:
         stop_broker(self.work / "broker")
 
 
-def stop_servers(procs: list[subprocess.Popen[str]]) -> None:
+def stop_servers(procs: list[subprocess.Popen[str]]) -> int:
+    """Stop them; the bytes of blocks they say they sent (their last line)."""
     for p in procs:
         p.terminate()
+    sent = 0
     for p in procs:
         try:
-            p.wait(15)
+            out, _ = p.communicate(timeout=15)
         except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+            out, _ = p.communicate()
+        m = re.search(r"stopped: \d+ (?:requests|answers), (\d+) bytes", out or "")
+        sent += int(m.group(1)) if m else 0
+    return sent
+
+
+def reset_peak(pid: int) -> None:
+    """Start ``pid``'s VmHWM again from its RSS now (``clear_refs`` 5: its owner or root)."""
+    with contextlib.suppress(OSError):
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 def one_round(env: Env, kind: str, a: argparse.Namespace, seed: int, figs: Figures) -> str:
     """Start the servers of ``kind``, run the fetchers once, stop them; one line of
     figures."""
     servers = env.start_servers(kind, a.bridges)
+    logs = env.logs[-a.bridges:]
+    sent = 0
     try:
+        reset_peak(env.broker.pid)
         broker0 = cpu_s(env.broker.pid)
         servers0 = sum(cpu_s(p.pid) for p in servers)
         r = subprocess.run(
             [*LOADGEN, "fetch", *env.common(), "--path", FILE, "--credentials",
              str(env.bc.credentials["modelward-bridge"].parent), "--file",
              str(env.repo / FILE), "--devices", str(a.devices), "--prefix", PREFIX,
-             "--spread", str(a.spread), "--rounds", "1", "--seed", str(seed)],
+             "--spread", str(a.spread), "--rounds", "1", "--seed", str(seed),
+             *(["--push"] if kind == "reference" else [])],
             cwd=ROOT, capture_output=True, text=True, check=False)
         broker1 = cpu_s(env.broker.pid)
         servers1 = sum(cpu_s(p.pid) for p in servers)
         hwm = max(vm_hwm(p.pid) for p in servers) / MIB
+        broker_hwm = vm_hwm(env.broker.pid) / MIB
     finally:
-        stop_servers(servers)
+        sent = stop_servers(servers)
+    log_lines = sum(len(p.read_text().splitlines()) for p in logs)
     if r.returncode != 0:
         raise RuntimeError(f"the load generator failed: {r.stderr[-2000:]}")
     out: dict[str, Any] = json.loads(r.stdout)
@@ -197,6 +224,9 @@ def one_round(env: Env, kind: str, a: argparse.Namespace, seed: int, figs: Figur
     figs.servers_hwm.append(hwm)
     figs.busy.append(rd["busy"])
     figs.retries.append(rd["retries"])
+    figs.broker_hwm.append(broker_hwm)
+    figs.log_lines.append(log_lines)
+    figs.wasted.append(max(0, sent - rd["bytes"]) / MIB)
     for k, v in rd["failures"].items():
         figs.failures[k] = figs.failures.get(k, 0) + v
     figs.first_failure = figs.first_failure or rd["first_failure"]
@@ -204,6 +234,7 @@ def one_round(env: Env, kind: str, a: argparse.Namespace, seed: int, figs: Figur
             f"p50 {figs.p50[-1] if comp else 0:.2f} s, p99 {figs.p99[-1] if comp else 0:.2f} s,"
             f" broker {figs.broker_cpu[-1]:.2f} CPU-s, servers {figs.servers_cpu[-1]:.2f}, "
             f"fetchers {out['cpu_s']:.2f}, busy {rd['busy']}, retries {rd['retries']}, "
+            f"sent beyond verified {figs.wasted[-1]:.0f} MiB, log lines {log_lines}, "
             f"failures {rd['failures'] or 0}")
 
 
@@ -249,7 +280,6 @@ def main() -> int:
                 for kind in kinds:
                     print(f"round {i + 1}: " + one_round(env, kind, a, seed, figs[kind]),
                           flush=True)
-            broker_hwm = vm_hwm(env.broker.pid) / MIB
         finally:
             env.close()
     finally:
@@ -259,8 +289,8 @@ def main() -> int:
     print(f"\n{a.devices} devices, each fetching {a.bundle_mib:g} MiB in 1 MiB blocks "
           f"({demand:.0f} MiB a round), starting within {a.spread:g} s; {a.rounds} rounds;"
           f" {a.bridges} servers on one shared subscription.\n")
-    print(f"| figure | {a.bridges} bridges (serve-mqtt) | {a.bridges} trivial responders "
-          "(reference) | bridges/reference |")
+    print(f"| figure | {a.bridges} bridges (serve-mqtt) | {a.bridges} ideal responders "
+          "(reference: pushed, round-robin) | bridges/reference |")
     print("| --- | --- | --- | --- |")
     rows = [
         ("throughput, MiB/s of verified blocks", b.throughput, r.throughput, " MiB/s", 1),
@@ -274,8 +304,12 @@ def main() -> int:
         ("servers' CPU a round (all of them)", b.servers_cpu, r.servers_cpu, " s", 2),
         ("fetchers' CPU a round (one process)", b.loadgen_cpu, r.loadgen_cpu, " s", 2),
         ("servers' peak RSS (VmHWM, largest)", b.servers_hwm, r.servers_hwm, " MiB", 1),
+        ("broker peak RSS (VmHWM) during the round", b.broker_hwm, r.broker_hwm, " MiB", 1),
+        ("block bytes sent beyond those verified (duplicates)", b.wasted, r.wasted,
+         " MiB", 0),
         ("busy answers (429/503) waited out a round", b.busy, r.busy, "", 0),
         ("blocks asked for again a round", b.retries, r.retries, "", 0),
+        ("servers' log lines a round", b.log_lines, r.log_lines, "", 0),
     ]
     for name, xb, xr, unit, d in rows:
         print(f"| {name} | {fmt(xb, unit, d)} | {fmt(xr, unit, d)} | {ratio(xb, xr)} |")
@@ -286,7 +320,7 @@ def main() -> int:
     nb, nr = sum(b.failures.values()), sum(r.failures.values())
     print(f"| failed devices (all rounds) | {nb} {b.failures or ''} | {nr} "
           f"{r.failures or ''} | |")
-    print(f"\nbroker peak RSS (VmHWM, whole run): {broker_hwm:.1f} MiB")
+    print()
     if b.first_failure or r.first_failure:
         print(f"first failure: bridges: {b.first_failure or '-'}; reference: "
               f"{r.first_failure or '-'}")

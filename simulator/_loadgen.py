@@ -67,6 +67,8 @@ class LoadConfig:
         block_timeout: seconds before a block is asked for again.
         max_retries: times one block is asked for again before the device gives up.
         connect_timeout: seconds for TLS, CONNACK and SUBACK.
+        push: ask once for offset 0 and take every block as it comes (the reference's
+            responder pushes the whole file), instead of a window of requests.
     """
 
     host: str
@@ -79,6 +81,7 @@ class LoadConfig:
     block_timeout: float = MQTT_BLOCK_TIMEOUT
     max_retries: int = MQTT_MAX_RETRIES
     connect_timeout: float = 10.0
+    push: bool = False
 
     def topic(self, suffix: str) -> str:
         """``modelward/<fleet>/<suffix>``."""
@@ -179,7 +182,9 @@ _FIRST: dict[str, str] = {}  # the first failure's message of a round (for the r
 async def _blocks(cfg: LoadConfig, client: RawClient, device: str, blocks: Blocks,
                   inbox: asyncio.Queue[Publish], res: DeviceResult) -> None:
     """The device's window of block requests until every block verified (see
-    ``MqttFetcher._blocks``); raises :class:`_Failed`."""
+    ``MqttFetcher._blocks``); with ``cfg.push``, one request for offset 0 and every
+    block taken as it comes (asked again after ``block_timeout`` without one). Raises
+    :class:`_Failed`."""
     loop = asyncio.get_running_loop()
     session = secrets.token_bytes(8)
     req_topic = cfg.topic(f"repo/req/{device}")
@@ -203,7 +208,7 @@ async def _blocks(cfg: LoadConfig, client: RawClient, device: str, blocks: Block
     while total is None or len(done) * cfg.block_size < total:
         if client.closed.is_set():
             raise _Failed("lost", f"connection lost: {client.error}")
-        if total is not None:
+        if total is not None and not cfg.push:
             while next_off < total and len(pending) < cfg.window:
                 ask(next_off, 0)
                 next_off += cfg.block_size
@@ -230,13 +235,13 @@ async def _blocks(cfg: LoadConfig, client: RawClient, device: str, blocks: Block
         if corr is None or len(corr) != 16 or corr[:8] != session:
             continue
         off = struct.unpack(">Q", corr[8:])[0]
-        if off not in pending:
+        if off in done or (off not in pending and not cfg.push):
             continue  # a duplicate
         payload = msg.payload
         if len(payload) < BLOCK_HEADER.size or payload[:4] != BLOCK_MAGIC:
             raise _Failed("malformed", f"an answer at {off} without a format 2 header")
         _, status, block_off, size = BLOCK_HEADER.unpack(payload[:BLOCK_HEADER.size])
-        if status in (429, 503):
+        if status in (429, 503) and off in pending:
             n = busy[off] = busy.get(off, 0) + 1
             res.busy += 1
             if n > MAX_BUSY:
@@ -248,16 +253,20 @@ async def _blocks(cfg: LoadConfig, client: RawClient, device: str, blocks: Block
         if status != 200:
             raise _Failed(f"status {status}", f"status {status} at offset {off}")
         data = payload[BLOCK_HEADER.size:]
-        if block_off != off or size != blocks.size or \
+        if block_off != off or size != blocks.size or off % cfg.block_size or \
                 len(data) != min(cfg.block_size, size - off) or \
                 hashlib.sha256(data).digest() != blocks.digests[off // cfg.block_size]:
             raise _Failed("hash", f"block at {off} ({len(data)} bytes of a file of {size})"
                           " does not match its trusted hash")
         total = size
-        del pending[off]
-        paused.discard(off)
         done.add(off)
         res.bytes += len(data)
+        if cfg.push:  # progress: the time-out of the one request starts again
+            pending[0] = (loop.time() + cfg.block_timeout, pending[0][1] if 0 in pending
+                          else 0)
+        else:
+            del pending[off]
+            paused.discard(off)
 
 
 async def run_round(cfg: LoadConfig, creds: list[tuple[str, str]], blocks: Blocks,
@@ -282,50 +291,63 @@ async def run_round(cfg: LoadConfig, creds: list[tuple[str, str]], blocks: Block
         first_failure=_FIRST.get("failure", ""))
 
 
-# --- the trivial responder -------------------------------------------------------------
+# --- the reference: an ideal responder ------------------------------------------------
 
 
 async def respond(cfg: LoadConfig, password: str, group: str, data: bytes, client_id: str,
-                  stop: asyncio.Event) -> int:
-    """Answer every format 2 request for ``cfg.path`` from ``data`` until ``stop``;
-    returns the answers sent."""
-    queue: asyncio.Queue[Publish] = asyncio.Queue()
-    client = await RawClient.open(cfg.host, cfg.port, _tls(cfg.ca_file), client_id,
-                                  "modelward-bridge", password, queue.put_nowait,
-                                  max_packet=64 * 1024, timeout=cfg.connect_timeout)
+                  stop: asyncio.Event) -> tuple[int, int]:
+    """Push the whole of ``data`` to every device that asks for its offset 0, round-robin
+    over the devices (one block each in turn), until ``stop``; returns (answers, bytes)
+    sent. No file read, no bounds, no request per block (the fetchers run with
+    ``LoadConfig.push``): what the broker, TLS and the fetchers can do at best."""
+    todo: dict[str, tuple[bytes, int]] = {}  # device -> (session, next offset): in turn
+    wake = asyncio.Event()
     prefix = cfg.topic("repo/req/")
+
+    def on_request(msg: Publish) -> None:
+        device = msg.topic[len(prefix):]
+        try:
+            req = json.loads(bytes(msg.payload))
+        except ValueError:
+            return
+        corr = msg.correlation
+        if isinstance(req, dict) and req.get("path") == cfg.path and \
+                req.get("offset") == 0 and corr is not None and len(corr) == 16:
+            todo.pop(device, None)
+            todo[device] = (corr[:8], 0)  # (asked again: from the start, at the end)
+            wake.set()
+
+    client = await RawClient.open(cfg.host, cfg.port, _tls(cfg.ca_file), client_id,
+                                  "modelward-bridge", password, on_request,
+                                  max_packet=64 * 1024, timeout=cfg.connect_timeout)
     await client.subscribe(f"$share/{group}/{prefix}+", 0, cfg.connect_timeout)
     print("responding", flush=True)
     view = memoryview(data)
-    sent = 0
+    sent = sent_bytes = 0
     waiter = asyncio.create_task(stop.wait())
     try:
         while not stop.is_set() and not client.closed.is_set():
-            getter = asyncio.create_task(queue.get())
-            await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-                break
-            msg = getter.result()
-            device = msg.topic[len(prefix):]
-            try:
-                req = json.loads(bytes(msg.payload))
-                off, length = int(req["offset"]), int(req["length"])
-            except (ValueError, KeyError, TypeError):
+            if not todo:
+                wake.clear()
+                woken = asyncio.create_task(wake.wait())
+                await asyncio.wait({woken, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                woken.cancel()
                 continue
-            if req.get("path") != cfg.path or msg.correlation is None:
-                continue
-            block = view[off:off + length]
-            header = BLOCK_HEADER.pack(BLOCK_MAGIC, 200 if off <= len(data) else 416, off,
-                                       len(data))
+            device = next(iter(todo))
+            session, off = todo.pop(device)
+            if off + cfg.block_size < len(data):
+                todo[device] = (session, off + cfg.block_size)
+            block = view[off:off + cfg.block_size]
             client.publish(cfg.topic(f"devices/{device}/repo/resp"), block, qos=0,
-                           correlation=msg.correlation, header=header)
+                           correlation=session + struct.pack(">Q", off),
+                           header=BLOCK_HEADER.pack(BLOCK_MAGIC, 200, off, len(data)))
             sent += 1
+            sent_bytes += len(block)
             await client.drain()
     finally:
         waiter.cancel()
         await client.close()
-    return sent
+    return sent, sent_bytes
 
 
 # --- the entry point ------------------------------------------------------------------
@@ -338,7 +360,8 @@ def _cpu_s() -> float:
 
 def _config(a: argparse.Namespace) -> LoadConfig:
     host, port = parse_broker_url(a.broker)
-    return LoadConfig(host, port, str(a.tls_ca), a.fleet, a.path, window=a.window)
+    return LoadConfig(host, port, str(a.tls_ca), a.fleet, a.path, window=a.window,
+                      push=getattr(a, "push", False))
 
 
 def device_ids(prefix: str, n: int) -> list[str]:
@@ -360,7 +383,7 @@ async def _fetch_main(a: argparse.Namespace) -> dict[str, object]:
             "rounds": rounds, "cpu_s": _cpu_s() - cpu0}
 
 
-async def _respond_main(a: argparse.Namespace) -> int:
+async def _respond_main(a: argparse.Namespace) -> tuple[int, int]:
     cfg = _config(a)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -393,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds over which the devices start (0: all at once)")
     f.add_argument("--rounds", type=int, default=1)
     f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--push", action="store_true",
+                   help="ask once and take the blocks as pushed (against `respond`)")
     r = sub.choices["respond"]
     r.add_argument("--repo", type=Path, required=True)
     r.add_argument("--password-file", type=Path, required=True)
@@ -406,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         return 0
     with contextlib.suppress(KeyboardInterrupt):
-        sent = asyncio.run(_respond_main(a))
-        print(f"stopped: {sent} answers", flush=True)
+        sent, sent_bytes = asyncio.run(_respond_main(a))
+        print(f"stopped: {sent} answers, {sent_bytes} bytes", flush=True)
     return 0
 
 
