@@ -3,7 +3,7 @@ shared subscription; throughput, per-device fairness and broker CPU, against the
 fetchers served by trivial responders in the same run.
 
     .venv/bin/python benchmarks/bridge_load.py [--devices 1000] [--spread 0] [--rounds 3]
-        [--bundle-mib 4] [--bridges 2]
+        [--bundle-mib 2] [--bridges 2] [--block-timeout 5]
 
 Starts mosquitto with the configuration ``fleet broker-config`` writes for the N devices
 (dynamic security, TLS, as the tests run it) and, in random order each round:
@@ -58,6 +58,7 @@ from modelward.simulator._broker import BrokerHandle, start_broker, stop_broker
 from modelward.simulator._flood import vm_hwm
 from modelward.simulator._loadgen import device_ids
 from modelward.simulator._pki import issue_cert, make_ca
+from modelward.updater._defaults import MQTT_BLOCK_TIMEOUT
 
 MIB = 1 << 20
 FLEET = "load"
@@ -194,6 +195,7 @@ def one_round(env: Env, kind: str, a: argparse.Namespace, seed: int, figs: Figur
              str(env.bc.credentials["modelward-bridge"].parent), "--file",
              str(env.repo / FILE), "--devices", str(a.devices), "--prefix", PREFIX,
              "--spread", str(a.spread), "--rounds", "1", "--seed", str(seed),
+             "--block-timeout", str(a.block_timeout),
              *(["--push"] if kind == "reference" else [])],
             cwd=ROOT, capture_output=True, text=True, check=False)
         broker1 = cpu_s(env.broker.pid)
@@ -259,7 +261,10 @@ def main() -> int:
     ap.add_argument("--spread", type=float, default=0.0,
                     help="seconds over which the devices start (0: all at once)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--bundle-mib", type=float, default=4.0,
+    ap.add_argument("--block-timeout", type=float, default=MQTT_BLOCK_TIMEOUT,
+                    help="the fetchers' time-out before a block is asked for again (s; "
+                    "the device's default)")
+    ap.add_argument("--bundle-mib", type=float, default=2.0,
                     help="size of the file every device fetches (MiB)")
     ap.add_argument("--bridges", type=int, default=2)
     ap.add_argument("--seed", type=int, default=None)
@@ -288,7 +293,9 @@ def main() -> int:
     demand = a.devices * bundle / MIB
     print(f"\n{a.devices} devices, each fetching {a.bundle_mib:g} MiB in 1 MiB blocks "
           f"({demand:.0f} MiB a round), starting within {a.spread:g} s; {a.rounds} rounds;"
-          f" {a.bridges} servers on one shared subscription.\n")
+          f" {a.bridges} servers on one shared subscription; the bridges' fetchers ask again "
+          f"for a block after {a.block_timeout:g} s (the reference's are pushed every block "
+          "and never ask again).\n")
     print(f"| figure | {a.bridges} bridges (serve-mqtt) | {a.bridges} ideal responders "
           "(reference: pushed, round-robin) | bridges/reference |")
     print("| --- | --- | --- | --- |")

@@ -51,6 +51,7 @@ from modelward.updater.transport._mqttconn import parse_broker_url
 
 MIB = 1 << 20
 PACKET_OVERHEAD = 4096  # topic, properties and header of a block answer, at most
+PUSH_TIMEOUT = 600.0  # seconds without a pushed block before a reference fetcher fails
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ class LoadConfig:
         max_retries: times one block is asked for again before the device gives up.
         connect_timeout: seconds for TLS, CONNACK and SUBACK.
         push: ask once for offset 0 and take every block as it comes (the reference's
-            responder pushes the whole file), instead of a window of requests.
+            responder pushes the whole file), instead of a window of requests; nothing is
+            asked again before ``block_timeout`` without a block.
     """
 
     host: str
@@ -360,8 +362,12 @@ def _cpu_s() -> float:
 
 def _config(a: argparse.Namespace) -> LoadConfig:
     host, port = parse_broker_url(a.broker)
+    push = getattr(a, "push", False)
+    # Pushed blocks come in the responder's turn, however long: the reference measures
+    # the bytes the broker can move, not the device's time-outs (nothing is asked again).
+    timeout = PUSH_TIMEOUT if push else getattr(a, "block_timeout", MQTT_BLOCK_TIMEOUT)
     return LoadConfig(host, port, str(a.tls_ca), a.fleet, a.path, window=a.window,
-                      push=getattr(a, "push", False))
+                      block_timeout=timeout, push=push)
 
 
 def device_ids(prefix: str, n: int) -> list[str]:
@@ -416,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds over which the devices start (0: all at once)")
     f.add_argument("--rounds", type=int, default=1)
     f.add_argument("--seed", type=int, default=None)
+    f.add_argument("--block-timeout", type=float, default=MQTT_BLOCK_TIMEOUT,
+                   help="seconds before a block is asked for again (the device's default)")
     f.add_argument("--push", action="store_true",
                    help="ask once and take the blocks as pushed (against `respond`)")
     r = sub.choices["respond"]
