@@ -112,6 +112,7 @@ class DeviceResult:
     device: str
     ok: bool = False
     reason: str = ""  # why it failed ("" when ok)
+    detail: str = ""  # what happened, in words
     connect_s: float = 0.0
     completion_s: float = 0.0
     bytes: int = 0
@@ -169,16 +170,12 @@ async def fetch_device(cfg: LoadConfig, tls: ssl.SSLContext, device: str, passwo
         res.ok = True
         res.completion_s = loop.time() - start_at
     except _Failed as e:
-        res.reason = e.reason
+        res.reason, res.detail = e.reason, str(e)
         res.completion_s = loop.time() - start_at
-        _FIRST.setdefault("failure", f"{device}: {e}")
     finally:
         if client is not None:
             await client.close()
     return res
-
-
-_FIRST: dict[str, str] = {}  # the first failure's message of a round (for the report)
 
 
 async def _blocks(cfg: LoadConfig, client: RawClient, device: str, blocks: Blocks,
@@ -276,7 +273,6 @@ async def run_round(cfg: LoadConfig, creds: list[tuple[str, str]], blocks: Block
     """Every device fetching once, each starting within ``spread`` seconds."""
     loop = asyncio.get_running_loop()
     tls = _tls(cfg.ca_file)
-    _FIRST.clear()
     t0 = loop.time() + 0.05
     tasks = [asyncio.create_task(fetch_device(cfg, tls, dev, pw, blocks,
                                               t0 + rng.uniform(0.0, spread)))
@@ -290,7 +286,7 @@ async def run_round(cfg: LoadConfig, creds: list[tuple[str, str]], blocks: Block
         retries=sum(r.retries for r in results),
         completion_s=sorted(r.completion_s for r in results if r.ok),
         connect_s=sorted(r.connect_s for r in results if r.connect_s),
-        first_failure=_FIRST.get("failure", ""))
+        first_failure=next((f"{r.device}: {r.detail}" for r in results if not r.ok), ""))
 
 
 # --- the reference: an ideal responder ------------------------------------------------
