@@ -71,3 +71,41 @@ def test_benchmark_command_judges_every_goal(tmp_path: Path) -> None:
     assert judged == GOALS, r.stdout[-3000:]
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith("modelward-")]
     assert not left, f"the benchmark left its work directories behind: {left}"
+
+
+# Rows of benchmarks/bridge_load.py's table (issue 17), each with a figure per configuration.
+BRIDGE_LOAD_ROWS = (
+    "throughput, MiB/s of verified blocks", "completion p50", "completion p99",
+    "fairness p99/p50", "broker CPU a round", "servers' CPU a round (all of them)",
+    "servers' peak RSS (VmHWM, largest)", "failed devices (all rounds)",
+)
+
+
+def test_bridge_load_benchmark_prints_its_figures(tmp_path: Path) -> None:
+    """20 simulated fetchers against 2 bridges and against the reference, one round: every
+    device verified every block (no failure, the bytes of the whole round delivered), and
+    the table holds a figure of each kind for both (never a time or a ratio judged)."""
+    r = subprocess.run(
+        [sys.executable, "benchmarks/bridge_load.py", "--devices", "20", "--rounds", "1",
+         "--bundle-mib", "2", "--seed", "7"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "failures: bridges 0, reference 0" in r.stdout, r.stdout[-3000:]
+    rounds = [line for line in r.stdout.splitlines() if line.startswith("round 1:")]
+    assert len(rounds) == 2 and all("20/20 ok" in line for line in rounds), rounds
+    rows = {cells[0]: cells[1:] for line in r.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith(("| figure", "| ---"))
+            for cells in [[c.strip() for c in line.strip("|").split(" | ")]]}
+    for name in BRIDGE_LOAD_ROWS:
+        assert name in rows, (name, r.stdout[-3000:])
+        bridges, reference = rows[name][0], rows[name][1]
+        assert re.match(r"^\d+(\.\d+)?", bridges) and re.match(r"^\d+(\.\d+)?", reference), \
+            (name, rows[name])
+    for cell in rows["throughput, MiB/s of verified blocks"][:2]:
+        assert float(cell.split()[0]) > 0
+    for cell in rows["fairness p99/p50"][:2]:
+        assert float(cell) >= 1.0
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("modelward-bload-")]
+    assert not left, f"the benchmark left its work directory behind: {left}"
