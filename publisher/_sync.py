@@ -412,8 +412,8 @@ def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | 
     """The root version after which ``timestamp.json`` goes up: the lowest, from the newest
     root the destination already serves (its chain from ``1.root.json`` among ``served``,
     the keys unchanged there), such that the keys of it and of every newer root verify the
-    captured timestamp, the snapshot it names and that snapshot's targets; None when the
-    destination serves none of the roots (timestamp after every root).
+    captured timestamp, the snapshot it names and that snapshot's targets; None when no
+    root goes up, or the destination serves none of them (timestamp after every root).
 
     Raises:
         SyncSourceError: the newest root's keys do not verify them (a root change
@@ -428,8 +428,9 @@ def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | 
                    if (m := _VERSIONED.fullmatch(f.key.removeprefix("metadata/")))
                    and m.group(2) == "root")
     ts_file = by_key.get("metadata/timestamp.json")
-    if not roots or ts_file is None:
-        return None
+    have = set(served)
+    if ts_file is None or all(f"metadata/{v}.root.json" in have for v in roots):
+        return None  # no root goes up: the order among them does not matter (nothing read)
     where = "metadata/timestamp.json"
     try:
         ts = Metadata[Timestamp].from_bytes(_bytes(ts_file))
@@ -458,7 +459,6 @@ def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | 
                 "metadata being synced (a root change half-written?); nothing uploaded",
                 path=where, hint="run the sync again once the root change completes; "
                 "`repo status` shows the roles")
-        have = set(served)
         newest = 0
         while f"metadata/{newest + 1}.root.json" in have and newest + 1 in roots:
             newest += 1

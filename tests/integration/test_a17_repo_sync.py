@@ -94,3 +94,26 @@ def test_a_root_change_landing_while_the_sync_reads_is_not_half_uploaded(
     _sync_dir(repo_dir, www)  # the next sync brings the rotation
     _verifies(www)
     assert (www / "metadata" / "2.root.json").is_file()
+
+
+def test_a_root_whose_keys_do_not_verify_the_timestamp_is_refused_and_nothing_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelward.publisher.errors import SyncSourceError
+
+    repo_dir, _keys, _builds, repo, _root = _new_repo(tmp_path, monkeypatch)
+    www = tmp_path / "www"
+    _sync_dir(repo_dir, www)
+    before = sorted((p.relative_to(www).as_posix(), p.read_bytes()) for p in www.rglob("*")
+                    if p.is_file())
+    old = tmp_path / "old-metadata"
+    shutil.copytree(repo_dir / "metadata", old)
+    repo.rotate("timestamp")
+    # a root change half-written: root 2 is there, the timestamp still the old key's alone
+    new_root = (repo_dir / "metadata" / "2.root.json").read_bytes()
+    shutil.rmtree(repo_dir / "metadata")
+    shutil.copytree(old, repo_dir / "metadata")
+    (repo_dir / "metadata" / "2.root.json").write_bytes(new_root)
+    with pytest.raises(SyncSourceError, match=r"2\.root\.json.*do not verify"):
+        _sync_dir(repo_dir, www)
+    assert sorted((p.relative_to(www).as_posix(), p.read_bytes()) for p in www.rglob("*")
+                  if p.is_file()) == before
