@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from modelward.publisher.errors import SyncSourceError
+from modelward.publisher.errors import SyncDestinationError, SyncSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -125,10 +125,17 @@ class Upload:
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """The uploads in their order, and the keys left as they are."""
+    """The uploads in their order, and the keys left as they are.
+
+    Attributes:
+        conflicts: versioned metadata the destination holds with other bytes (its sha256
+            known): another repository synced there, or this one made anew. Such a name
+            never changes in one repository; :func:`plan` refuses.
+    """
 
     uploads: tuple[Upload, ...]
     unchanged: tuple[str, ...]
+    conflicts: tuple[str, ...] = ()
 
     @property
     def upload_bytes(self) -> int:
@@ -148,6 +155,9 @@ class Destination(Protocol):
 
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """Write one file so that a reader sees the old or the new bytes, never a part."""
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The bytes under ``key`` (None: absent, or more than ``limit``)."""
 
 
 def phase(key: str) -> int:
@@ -205,15 +215,21 @@ def plan_sync(files: Sequence[LocalFile], remote: Mapping[str, Remote], config: 
     ``compare_cache``)."""
     uploads: list[Upload] = []
     unchanged: list[str] = []
+    conflicts: list[str] = []
     for f in sorted(files, key=lambda f: _sort_key(f.key, timestamp_after)):
         cc = cache_control(f.key, config)
         have = remote.get(f.key)
         if (have is not None and have.size == f.size and have.sha256 == f.sha256
                 and (not compare_cache or have.cache_control == cc)):
             unchanged.append(f.key)
-        else:
-            uploads.append(Upload(f, cc, content_type(f.key)))
-    return SyncPlan(tuple(uploads), tuple(unchanged))
+            continue
+        if (have is not None and have.sha256 is not None and have.sha256 != f.sha256
+                and f.key.startswith("metadata/")
+                and _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))):
+            conflicts.append(f.key)  # (a hash-prefixed target that differs is damaged:
+            # replacing it repairs it)
+        uploads.append(Upload(f, cc, content_type(f.key)))
+    return SyncPlan(tuple(uploads), tuple(unchanged), tuple(conflicts))
 
 
 # --- the repository side ----------------------------------------------------------
@@ -487,8 +503,64 @@ def plan(repo_dir: Path, dest: Destination, config: SyncConfig) -> SyncPlan:
     files = scan_repo(repo_dir)
     remote = dest.existing([f.key for f in files])
     first = plan_sync(files, remote, config, compare_cache=dest.stores_cache_control)
+    if first.conflicts:
+        key = first.conflicts[0]
+        raise SyncDestinationError(
+            f"{dest.describe()}: {key} there holds other bytes than {repo_dir}/{key}"
+            f"{f' (and {len(first.conflicts) - 1} more)' if len(first.conflicts) > 1 else ''}"
+            ": another repository was synced there, or this one was made anew; versioned "
+            "metadata never changes, and devices trust what is there (nothing uploaded)",
+            destination=dest.describe(), key=key,
+            hint="check --repo and --to; a new repository goes to a new prefix or directory")
+    if any(u.file.key == "metadata/timestamp.json" for u in first.uploads):
+        _refuse_rollback(files, dest)
     return plan_sync(files, remote, config, compare_cache=dest.stores_cache_control,
                      timestamp_after=timestamp_place(files, first.unchanged))
+
+
+def _refuse_rollback(files: Sequence[LocalFile], dest: Destination) -> None:
+    """Refuse a timestamp older than the one at the destination, when the repository's
+    own roots verify that one (a backup restored, an old copy): every device holding the
+    newer one would refuse the origin. A timestamp there that they do not verify
+    (damaged, planted) is replaced.
+
+    Raises:
+        SyncDestinationError: naming both versions.
+    """
+    from tuf.api.exceptions import UnsignedMetadataError
+    from tuf.api.metadata import Metadata, Root, Timestamp
+    from tuf.api.serialization import DeserializationError
+
+    by_key = {f.key: f for f in files}
+    data = dest.read("metadata/timestamp.json", MAX_METADATA_BYTES)
+    if data is None:
+        return
+    try:
+        there = Metadata[Timestamp].from_bytes(data)
+        here = Metadata[Timestamp].from_bytes(_bytes(by_key["metadata/timestamp.json"]))
+    except (DeserializationError, ValueError, TypeError) as e:
+        logger.info("the destination's timestamp.json is unreadable (%s): replaced", e)
+        return
+    if there.signed.version <= here.signed.version:
+        return
+    for f in files:
+        m = _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))
+        if m is None or m.group(2) != "root":
+            continue
+        try:
+            Metadata[Root].from_bytes(_bytes(f)).verify_delegate("timestamp", there)
+        except (UnsignedMetadataError, DeserializationError, ValueError, TypeError):
+            continue
+        raise SyncDestinationError(
+            f"{dest.describe()}: metadata/timestamp.json there is v{there.signed.version}, "
+            f"signed by this repository's keys; the repository's is v{here.signed.version}, "
+            "older: devices holding the newer one would refuse the origin (nothing uploaded)",
+            destination=dest.describe(), key="metadata/timestamp.json",
+            hint="is --repo an old copy or a restored backup? sync the current repository; "
+            "a restored one needs `repo refresh` until its timestamp passes "
+            f"v{there.signed.version}")
+    logger.warning("the destination's timestamp.json v%d is not signed by this repository's "
+                   "keys: replaced", there.signed.version)
 
 
 def run(sync_plan: SyncPlan, dest: Destination,

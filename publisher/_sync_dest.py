@@ -153,6 +153,28 @@ class S3Destination:
             out[rel] = Remote(size, meta.get(SHA256_META), head.get("CacheControl"))
         return out
 
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The object ``key`` (None: absent or above ``limit`` bytes), read to ``limit``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._url.key(key)
+        try:
+            obj = self._client.get_object(Bucket=self._url.bucket, Key=full)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                return None
+            raise self._error(e, full, "GET of") from e
+        except BotoCoreError as e:
+            raise self._error(e, full, "GET of") from e
+        body = obj["Body"]
+        try:
+            data: bytes = body.read(limit + 1)
+        except (BotoCoreError, OSError) as e:
+            raise self._error(e, full, "GET of") from e
+        finally:
+            body.close()
+        return None if len(data) > limit else data
+
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """One object (multipart above boto3's threshold); S3 makes it visible whole."""
         from boto3.exceptions import S3UploadFailedError
@@ -285,6 +307,26 @@ class DirDestination:
                         size += len(chunk)
                 out[rel] = Remote(size, h.hexdigest())
         return out
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The file ``key`` (None: absent or above ``limit`` bytes), never through a link."""
+        with self._parent(key, create=False) as dfd:
+            if dfd is None:
+                return None
+            try:
+                fd = os.open(key.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise self._refuse(key, "a symlink") from e
+                raise
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise self._refuse(key, "not a regular file")
+                data = f.read(limit + 1)
+        return None if len(data) > limit else data
 
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """Temp file beside it (``O_EXCL|O_NOFOLLOW``), fsync, rename, fsync the dir."""

@@ -117,3 +117,54 @@ def test_a_root_whose_keys_do_not_verify_the_timestamp_is_refused_and_nothing_wr
         _sync_dir(repo_dir, www)
     assert sorted((p.relative_to(www).as_posix(), p.read_bytes()) for p in www.rglob("*")
                   if p.is_file()) == before
+
+
+def _files(www: Path) -> list[tuple[str, bytes]]:
+    return sorted((p.relative_to(www).as_posix(), p.read_bytes()) for p in www.rglob("*")
+                  if p.is_file())
+
+
+def test_syncing_another_repository_over_the_destination_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The careless operator's wrong ``--repo`` (a staging repository, one made anew):
+    its ``1.root.json`` and ``timestamp.json`` would replace production's, and every device
+    would refuse the origin from then on."""
+    from modelward.publisher.errors import SyncDestinationError
+
+    (tmp_path / "prod").mkdir()
+    (tmp_path / "staging").mkdir()
+    prod, *_ = _new_repo(tmp_path / "prod", monkeypatch)
+    staging, *_ = _new_repo(tmp_path / "staging", monkeypatch)
+    www = tmp_path / "www"
+    _sync_dir(prod, www)
+    before = _files(www)
+    with pytest.raises(SyncDestinationError, match=r"metadata/1\.[a-z]+\.json"):
+        _sync_dir(staging, www)
+    assert _files(www) == before
+    _verifies(www)
+
+
+def test_syncing_an_older_copy_of_the_repository_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A repository restored from a backup (or an old checkout): its timestamp is older
+    than the one devices hold, so all of them would refuse the origin (a rollback)."""
+    from modelward.publisher.errors import SyncDestinationError
+
+    repo_dir, _keys, _builds, repo, _root = _new_repo(tmp_path, monkeypatch)
+    backup = tmp_path / "backup"
+    shutil.copytree(repo_dir, backup)
+    repo.refresh()
+    repo.refresh()
+    www = tmp_path / "www"
+    _sync_dir(repo_dir, www)
+    before = _files(www)
+    with pytest.raises(SyncDestinationError, match=r"timestamp\.json.*older"):
+        _sync_dir(backup, www)
+    assert _files(www) == before
+    # a timestamp there that the repository's keys never signed is no reason to refuse
+    ts = www / "metadata" / "timestamp.json"
+    planted = ts.read_bytes().replace(b'"version": 3', b'"version": 99')
+    assert planted != ts.read_bytes()
+    ts.write_bytes(planted)
+    _sync_dir(repo_dir, www)
+    assert ts.read_bytes() == (repo_dir / "metadata" / "timestamp.json").read_bytes()
