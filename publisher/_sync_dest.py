@@ -35,6 +35,8 @@ SHA256_META = "sha256"  # S3 user metadata (x-amz-meta-sha256) the compare reads
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _BAD_PREFIX_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f\\%?#]")
 _COPY_CHUNK = 1 << 20
+#: a listing of more pages (1000 keys each) is an endpoint that never ends it
+MAX_LIST_PAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,18 @@ class S3Destination:
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self._url.bucket, Prefix=self._url.prefix)
-            for page in pages:
+            for n, page in enumerate(pages, 1):
                 for obj in page.get("Contents", []):
                     if obj["Key"] in wanted:
                         sizes[wanted[obj["Key"]]] = int(obj["Size"])
+                if len(sizes) == len(wanted):
+                    break  # every key seen: the rest of the prefix does not matter
+                if n >= MAX_LIST_PAGES:
+                    raise SyncTransportError(
+                        f"{self._url}: the listing goes on past {n} pages ({n * 1000} "
+                        "objects?): stopped, nothing uploaded", destination=str(self._url),
+                        hint="check --endpoint-url (an S3-compatible server that ends its "
+                        "listings), or sync to a prefix of its own")
         except (BotoCoreError, ClientError) as e:
             raise self._error(e, "", "listing") from e
         out: dict[str, Remote] = {}
