@@ -7,17 +7,25 @@ up, in this order (:func:`phase`):
 
 1. everything under ``targets/`` (bundles, chunk indexes: hash-prefixed names);
 2. delegated ``N.<team>.json``, then ``N.targets.json``, then ``N.snapshot.json``;
-3. ``N.root.json``, oldest first (the chain a device walks);
-4. ``snapshot.json`` if the repository has an unversioned one;
-5. ``timestamp.json``, last: until it lands devices see the older, complete set.
+3. ``N.root.json``, oldest first (the chain a device walks), and ``timestamp.json`` (after
+   an unversioned ``snapshot.json``, if the repository has one) among them where every
+   state a device can see on the way verifies (:func:`timestamp_place`): after the roots
+   its keys do not sign for, before those they do. A root change re-signs the timestamp
+   (and what it names) by the keys of both roots before it writes ``N+1.root.json``; the
+   sync keeps that order, so a device sees the old root with a timestamp it verifies, or
+   the new one. Otherwise (nothing changes root, a first sync) ``timestamp.json`` is last:
+   until it lands devices see the older, complete set.
 
-The set is captured before anything is listed: ``timestamp.json`` (and the snapshot it
-names) are read into memory first and uploaded from those bytes, so a ``repo refresh`` or
-``publish`` running meanwhile cannot make the sync upload a timestamp that names files it
-did not upload. Versioned metadata above what that snapshot names (an orphan of a refused
-write, which the repository may still replace) is left out: it would be cached as
+The set is captured before anything is listed: the names of the roots, then
+``timestamp.json`` (and the snapshot it names) read into memory and uploaded from those
+bytes, so a ``repo refresh``, ``publish`` or root change running meanwhile cannot make the
+sync upload a timestamp that names files it did not upload, or a root written after the
+timestamp it uploads. Versioned metadata above what that snapshot names (an orphan of a
+refused write, which the repository may still replace) is left out: it would be cached as
 immutable. Files are read without following symlinks; a symlink in the repository, or a
-name that is not a plain path under the prefix, is refused before anything is uploaded.
+name that is not a plain path under the prefix, is refused before anything is uploaded; so
+is a timestamp, snapshot or targets metadata the newest root's keys do not verify (a root
+change half-written: run the sync again once it completes).
 
 The decisions (order, caching, what is unchanged) are :func:`plan_sync`, pure; the I/O is
 :mod:`modelward.publisher._sync_dest`.
@@ -33,9 +41,9 @@ import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
-from modelward.publisher.errors import SyncSourceError
+from modelward.publisher.errors import SyncDestinationError, SyncSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +125,17 @@ class Upload:
 
 @dataclass(frozen=True)
 class SyncPlan:
-    """The uploads in their order, and the keys left as they are."""
+    """The uploads in their order, and the keys left as they are.
+
+    Attributes:
+        conflicts: versioned metadata the destination holds with other bytes (its sha256
+            known): another repository synced there, or this one made anew. Such a name
+            never changes in one repository; :func:`plan` refuses.
+    """
 
     uploads: tuple[Upload, ...]
     unchanged: tuple[str, ...]
+    conflicts: tuple[str, ...] = ()
 
     @property
     def upload_bytes(self) -> int:
@@ -141,11 +156,14 @@ class Destination(Protocol):
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """Write one file so that a reader sees the old or the new bytes, never a part."""
 
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The bytes under ``key`` (None: absent, or more than ``limit``)."""
+
 
 def phase(key: str) -> int:
     """The upload rank of ``key`` (module docstring): targets 0, delegated 1, targets
-    metadata 2, snapshots 3, roots 4, other unversioned metadata 5, ``snapshot.json`` 6,
-    ``timestamp.json`` 7."""
+    metadata 2, snapshots 3, other unversioned metadata 4, roots 5, ``snapshot.json`` 6,
+    ``timestamp.json`` 7 (the last three interleaved by :func:`_sort_key`)."""
     if key.startswith("targets/"):
         return 0
     name = key.removeprefix("metadata/")
@@ -155,13 +173,21 @@ def phase(key: str) -> int:
         return 6
     m = _VERSIONED.fullmatch(name)
     if m is None:
-        return 5
-    return {"targets": 2, "snapshot": 3, "root": 4}.get(m.group(2), 1)
+        return 4
+    return {"targets": 2, "snapshot": 3, "root": 5}.get(m.group(2), 1)
 
 
-def _sort_key(key: str) -> tuple[int, int, str]:
+_LAST = 1 << 64  # after every root
+
+
+def _sort_key(key: str, timestamp_after: int | None) -> tuple[int, int, int, str]:
+    """Ranks, then versions (roots: the chain in numeric order); ``snapshot.json`` and
+    ``timestamp.json`` right after root ``timestamp_after`` (None: after every root)."""
+    p = phase(key)
+    if p >= 6:
+        return 5, _LAST if timestamp_after is None else timestamp_after, p - 5, key
     m = _VERSIONED.fullmatch(key.removeprefix("metadata/"))
-    return phase(key), int(m.group(1)) if m else 0, key  # roots: the chain in order
+    return min(p, 5), int(m.group(1)) if m else 0, 0, key
 
 
 def cache_control(key: str, config: SyncConfig) -> str:
@@ -182,21 +208,28 @@ def content_type(key: str) -> str:
 
 
 def plan_sync(files: Sequence[LocalFile], remote: Mapping[str, Remote], config: SyncConfig,
-              *, compare_cache: bool) -> SyncPlan:
-    """The uploads in a consistent order (:func:`phase`), skipping what the destination
-    already holds with the same size and sha256 (and ``Cache-Control``, where
+              *, compare_cache: bool, timestamp_after: int | None = None) -> SyncPlan:
+    """The uploads in a consistent order (:func:`phase`; ``timestamp.json`` right after
+    root version ``timestamp_after``, or after every root when None), skipping what the
+    destination already holds with the same size and sha256 (and ``Cache-Control``, where
     ``compare_cache``)."""
     uploads: list[Upload] = []
     unchanged: list[str] = []
-    for f in sorted(files, key=lambda f: _sort_key(f.key)):
+    conflicts: list[str] = []
+    for f in sorted(files, key=lambda f: _sort_key(f.key, timestamp_after)):
         cc = cache_control(f.key, config)
         have = remote.get(f.key)
         if (have is not None and have.size == f.size and have.sha256 == f.sha256
                 and (not compare_cache or have.cache_control == cc)):
             unchanged.append(f.key)
-        else:
-            uploads.append(Upload(f, cc, content_type(f.key)))
-    return SyncPlan(tuple(uploads), tuple(unchanged))
+            continue
+        if (have is not None and have.sha256 is not None and have.sha256 != f.sha256
+                and f.key.startswith("metadata/")
+                and _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))):
+            conflicts.append(f.key)  # (a hash-prefixed target that differs is damaged:
+            # replacing it repairs it)
+        uploads.append(Upload(f, cc, content_type(f.key)))
+    return SyncPlan(tuple(uploads), tuple(unchanged), tuple(conflicts))
 
 
 # --- the repository side ----------------------------------------------------------
@@ -332,7 +365,11 @@ def scan_repo(repo_dir: Path) -> list[LocalFile]:
         raise SyncSourceError(f"{metadata_dir}: not a directory (a symlink?)",
                               path=str(metadata_dir),
                               hint="give the repository of `repo init` as --repo")
-    files, _snap_v, named = _served_versions(metadata_dir)  # before anything is listed
+    # the roots first: one written after the timestamp read below (a root change running
+    # meanwhile) may re-key it; it waits for the next sync
+    roots = {e.name for e in os.scandir(metadata_dir)
+             if (m := _VERSIONED.fullmatch(e.name)) is not None and m.group(2) == "root"}
+    files, _snap_v, named = _served_versions(metadata_dir)  # before the rest is listed
     for entry in sorted(os.scandir(metadata_dir), key=lambda e: e.name):
         p = Path(entry.path)
         m = _VERSIONED.fullmatch(entry.name)
@@ -345,6 +382,9 @@ def scan_repo(repo_dir: Path) -> list[LocalFile]:
             logger.warning("skipped %s: not TUF metadata devices fetch", p)
             continue
         version, role = int(m.group(1)), m.group(2)
+        if role == "root" and entry.name not in roots:
+            logger.info("skipped %s: written after timestamp.json was read", p)
+            continue
         if role != "root" and version > named.get(role, 0):
             logger.info("skipped %s: the snapshot names %s", p,
                         f"version {named[role]}" if role in named else "no such role")
@@ -377,16 +417,150 @@ def _body(f: LocalFile) -> BinaryIO:
     return os.fdopen(_open_file(f.path), "rb")
 
 
-def plan(repo_dir: Path, dest: Destination, config: SyncConfig) -> SyncPlan:
-    """:func:`plan_sync` of ``repo_dir`` against what ``dest`` holds now.
+def _bytes(f: LocalFile) -> bytes:
+    if f.data is not None:
+        return f.data
+    assert f.path is not None
+    return _capture(f.path)
+
+
+def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | None:
+    """The root version after which ``timestamp.json`` goes up: the lowest, from the newest
+    root the destination already serves (its chain from ``1.root.json`` among ``served``,
+    the keys unchanged there), such that the keys of it and of every newer root verify the
+    captured timestamp, the snapshot it names and that snapshot's targets; None when no
+    root goes up, or the destination serves none of them (timestamp after every root).
 
     Raises:
-        SyncSourceError: as :func:`scan_repo`.
+        SyncSourceError: the newest root's keys do not verify them (a root change
+            half-written, or metadata unreadable).
+    """
+    from tuf.api.exceptions import UnsignedMetadataError
+    from tuf.api.metadata import Metadata, Root, Snapshot, Timestamp
+    from tuf.api.serialization import DeserializationError
+
+    by_key = {f.key: f for f in files}
+    roots = sorted(int(m.group(1)) for f in files
+                   if (m := _VERSIONED.fullmatch(f.key.removeprefix("metadata/")))
+                   and m.group(2) == "root")
+    ts_file = by_key.get("metadata/timestamp.json")
+    have = set(served)
+    if ts_file is None or all(f"metadata/{v}.root.json" in have for v in roots):
+        return None  # no root goes up: the order among them does not matter (nothing read)
+    where = "metadata/timestamp.json"
+    try:
+        ts = Metadata[Timestamp].from_bytes(_bytes(ts_file))
+        snap_key = ("metadata/snapshot.json" if "metadata/snapshot.json" in by_key
+                    else f"metadata/{ts.signed.snapshot_meta.version}.snapshot.json")
+        where = snap_key
+        snap = Metadata[Snapshot].from_bytes(_bytes(by_key[snap_key]))
+        where = f"metadata/{snap.signed.meta['targets.json'].version}.targets.json"
+        targets = Metadata.from_bytes(_bytes(by_key[where]))
+        signed: dict[str, Metadata[Any]] = {"timestamp": ts, "snapshot": snap,
+                                            "targets": targets}
+
+        def verifies(version: int) -> bool:
+            root = Metadata[Root].from_bytes(_bytes(by_key[f"metadata/{version}.root.json"]))
+            try:
+                for role, md in signed.items():
+                    root.verify_delegate(role, md)
+            except UnsignedMetadataError:
+                return False
+            return True
+
+        where = f"metadata/{roots[-1]}.root.json"
+        if not verifies(roots[-1]):
+            raise SyncSourceError(
+                f"{where}: its keys do not verify the timestamp, snapshot and targets "
+                "metadata being synced (a root change half-written?); nothing uploaded",
+                path=where, hint="run the sync again once the root change completes; "
+                "`repo status` shows the roles")
+        newest = 0
+        while f"metadata/{newest + 1}.root.json" in have and newest + 1 in roots:
+            newest += 1
+        if newest == 0:
+            return None
+        place = roots[-1]
+        for v in reversed([v for v in roots if v >= newest]):
+            where = f"metadata/{v}.root.json"
+            if not verifies(v):
+                break
+            place = v
+        return place
+    except (DeserializationError, ValueError, TypeError, KeyError) as e:
+        raise SyncSourceError(f"{where}: unreadable or missing ({e})", path=where,
+                              hint="run `repo status`: the repository must verify") from e
+
+
+def plan(repo_dir: Path, dest: Destination, config: SyncConfig) -> SyncPlan:
+    """:func:`plan_sync` of ``repo_dir`` against what ``dest`` holds now, the timestamp
+    placed among the roots by :func:`timestamp_place`.
+
+    Raises:
+        SyncSourceError: as :func:`scan_repo` and :func:`timestamp_place`.
         SyncDestinationError, SyncTransportError: from ``dest``.
     """
     files = scan_repo(repo_dir)
     remote = dest.existing([f.key for f in files])
-    return plan_sync(files, remote, config, compare_cache=dest.stores_cache_control)
+    first = plan_sync(files, remote, config, compare_cache=dest.stores_cache_control)
+    if first.conflicts:
+        key = first.conflicts[0]
+        raise SyncDestinationError(
+            f"{dest.describe()}: {key} there holds other bytes than {repo_dir}/{key}"
+            f"{f' (and {len(first.conflicts) - 1} more)' if len(first.conflicts) > 1 else ''}"
+            ": another repository was synced there, or this one was made anew; versioned "
+            "metadata never changes, and devices trust what is there (nothing uploaded)",
+            destination=dest.describe(), key=key,
+            hint="check --repo and --to; a new repository goes to a new prefix or directory")
+    if any(u.file.key == "metadata/timestamp.json" for u in first.uploads):
+        _refuse_rollback(files, dest)
+    return plan_sync(files, remote, config, compare_cache=dest.stores_cache_control,
+                     timestamp_after=timestamp_place(files, first.unchanged))
+
+
+def _refuse_rollback(files: Sequence[LocalFile], dest: Destination) -> None:
+    """Refuse a timestamp older than the one at the destination, when the repository's
+    own roots verify that one (a backup restored, an old copy): every device holding the
+    newer one would refuse the origin. A timestamp there that they do not verify
+    (damaged, planted) is replaced.
+
+    Raises:
+        SyncDestinationError: naming both versions.
+    """
+    from tuf.api.exceptions import UnsignedMetadataError
+    from tuf.api.metadata import Metadata, Root, Timestamp
+    from tuf.api.serialization import DeserializationError
+
+    by_key = {f.key: f for f in files}
+    data = dest.read("metadata/timestamp.json", MAX_METADATA_BYTES)
+    if data is None:
+        return
+    try:
+        there = Metadata[Timestamp].from_bytes(data)
+        here = Metadata[Timestamp].from_bytes(_bytes(by_key["metadata/timestamp.json"]))
+    except (DeserializationError, ValueError, TypeError) as e:
+        logger.info("the destination's timestamp.json is unreadable (%s): replaced", e)
+        return
+    if there.signed.version <= here.signed.version:
+        return
+    for f in files:
+        m = _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))
+        if m is None or m.group(2) != "root":
+            continue
+        try:
+            Metadata[Root].from_bytes(_bytes(f)).verify_delegate("timestamp", there)
+        except (UnsignedMetadataError, DeserializationError, ValueError, TypeError):
+            continue
+        raise SyncDestinationError(
+            f"{dest.describe()}: metadata/timestamp.json there is v{there.signed.version}, "
+            f"signed by this repository's keys; the repository's is v{here.signed.version}, "
+            "older: devices holding the newer one would refuse the origin (nothing uploaded)",
+            destination=dest.describe(), key="metadata/timestamp.json",
+            hint="is --repo an old copy or a restored backup? sync the current repository; "
+            "a restored one needs `repo refresh` until its timestamp passes "
+            f"v{there.signed.version}")
+    logger.warning("the destination's timestamp.json v%d is not signed by this repository's "
+                   "keys: replaced", there.signed.version)
 
 
 def run(sync_plan: SyncPlan, dest: Destination,

@@ -35,6 +35,8 @@ SHA256_META = "sha256"  # S3 user metadata (x-amz-meta-sha256) the compare reads
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _BAD_PREFIX_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f\\%?#]")
 _COPY_CHUNK = 1 << 20
+#: a listing of more pages (1000 keys each) is an endpoint that never ends it
+MAX_LIST_PAGES = 10_000
 
 
 @dataclass(frozen=True)
@@ -136,10 +138,18 @@ class S3Destination:
         try:
             pages = self._client.get_paginator("list_objects_v2").paginate(
                 Bucket=self._url.bucket, Prefix=self._url.prefix)
-            for page in pages:
+            for n, page in enumerate(pages, 1):
                 for obj in page.get("Contents", []):
                     if obj["Key"] in wanted:
                         sizes[wanted[obj["Key"]]] = int(obj["Size"])
+                if len(sizes) == len(wanted):
+                    break  # every key seen: the rest of the prefix does not matter
+                if n >= MAX_LIST_PAGES:
+                    raise SyncTransportError(
+                        f"{self._url}: the listing goes on past {n} pages ({n * 1000} "
+                        "objects?): stopped, nothing uploaded", destination=str(self._url),
+                        hint="check --endpoint-url (an S3-compatible server that ends its "
+                        "listings), or sync to a prefix of its own")
         except (BotoCoreError, ClientError) as e:
             raise self._error(e, "", "listing") from e
         out: dict[str, Remote] = {}
@@ -152,6 +162,28 @@ class S3Destination:
             meta = {k.lower(): v for k, v in head.get("Metadata", {}).items()}
             out[rel] = Remote(size, meta.get(SHA256_META), head.get("CacheControl"))
         return out
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The object ``key`` (None: absent or above ``limit`` bytes), read to ``limit``."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._url.key(key)
+        try:
+            obj = self._client.get_object(Bucket=self._url.bucket, Key=full)
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("NoSuchKey", "404"):
+                return None
+            raise self._error(e, full, "GET of") from e
+        except BotoCoreError as e:
+            raise self._error(e, full, "GET of") from e
+        body = obj["Body"]
+        try:
+            data: bytes = body.read(limit + 1)
+        except (BotoCoreError, OSError) as e:
+            raise self._error(e, full, "GET of") from e
+        finally:
+            body.close()
+        return None if len(data) > limit else data
 
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """One object (multipart above boto3's threshold); S3 makes it visible whole."""
@@ -285,6 +317,26 @@ class DirDestination:
                         size += len(chunk)
                 out[rel] = Remote(size, h.hexdigest())
         return out
+
+    def read(self, key: str, limit: int) -> bytes | None:
+        """The file ``key`` (None: absent or above ``limit`` bytes), never through a link."""
+        with self._parent(key, create=False) as dfd:
+            if dfd is None:
+                return None
+            try:
+                fd = os.open(key.rsplit("/", 1)[-1], os.O_RDONLY | os.O_NOFOLLOW
+                             | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise self._refuse(key, "a symlink") from e
+                raise
+            with os.fdopen(fd, "rb") as f:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise self._refuse(key, "not a regular file")
+                data = f.read(limit + 1)
+        return None if len(data) > limit else data
 
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """Temp file beside it (``O_EXCL|O_NOFOLLOW``), fsync, rename, fsync the dir."""
