@@ -11,7 +11,10 @@ report's time) is hostile: it is cut and escaped as the terminal view escapes it
 (:func:`~modelward.trust._display.escape_ascii`: control, format and non-ASCII characters
 as ``\\x``/``\\u`` escapes, so a look-alike ``stable`` stays visibly different), then
 HTML-escaped with quotes (:func:`html.escape`) wherever it goes: element text, SVG
-``<text>``, ``<title>`` and attribute values alike. Device ids print in the enrolled-id
+``<text>``, ``<title>`` and attribute values alike; a space a browser would not draw
+(leading, trailing, doubled) is written ``\\x20``, so ``" stable"`` is not drawn as a
+second ``stable``, and a chart's label column is as wide as its longest label, so no label
+is cut off at the chart's left edge. Device ids print in the enrolled-id
 alphabet (:func:`~modelward.trust._display.escape_id`). What is drawn is bounded whatever
 the fleet claims: at most :data:`MAX_CHANNELS` channels and :data:`MAX_VERSION_COLOURS`
 versions with a colour of their own (the rest: ``other``), :data:`MAX_ROLLOUTS`
@@ -22,6 +25,8 @@ rollouts, the summary's own bound on the silent list and the failure reasons, an
 from __future__ import annotations
 
 import html
+import math
+import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -32,6 +37,9 @@ MAX_LABEL = 48  # characters of a device-supplied label (before HTML escaping)
 MAX_CHANNELS = 20  # channels drawn (those with the most devices)
 MAX_VERSION_COLOURS = 8  # versions with a colour of their own; the rest are "other"
 MAX_ROLLOUTS = 30  # releases drawn
+#: px of one character of a chart's label (12 px monospace is 7.2 px: DejaVu Sans Mono,
+#: Liberation Mono, Courier), with a margin for the font a browser picks
+CHAR_WIDTH = 8.0
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#17becf", "#bcbd22", "#8c564b", "#e377c2",
@@ -57,8 +65,21 @@ svg text{font:12px ui-monospace,monospace;fill:#222}
 
 
 def _t(text: object, limit: int = MAX_LABEL) -> str:
-    """A device-supplied string, safe as HTML text or a quoted attribute (module doc)."""
-    return html.escape(escape_ascii(text, limit), quote=True)
+    """A device-supplied string, safe as HTML text or a quoted attribute (module doc),
+    with every space a browser would not draw (:func:`_spaces`) as ``\\x20``."""
+    return html.escape(_spaces(escape_ascii(text, limit)), quote=True)
+
+
+_HIDDEN_SPACES = re.compile(r"^ +| +$|(?<= ) +")
+
+
+def _spaces(text: str) -> str:
+    """``text`` with the spaces HTML and SVG text collapse (leading, trailing, and all but
+    the first of a run) written ``\\x20`` (pure): a browser draws ``" stable"``,
+    ``"stable  "`` and ``"stable"`` alike, so a device's look-alike channel or version
+    would read as a second ``stable`` row or legend entry. :func:`escape_ascii` doubles a
+    device's own backslashes, so the escape is never the device's."""
+    return _HIDDEN_SPACES.sub(lambda m: "\\x20" * len(m.group()), text)
 
 
 def _id(text: object) -> str:
@@ -93,8 +114,11 @@ def _legend(items: Iterable[tuple[str, str]]) -> str:
 def _stacked(name: str, label: str, rows: list[tuple[str, list[tuple[float, str, str]]]],
              scale: float) -> str:
     """Horizontal stacked bars: per row a label and (value, colour, tooltip) segments,
-    ``scale`` the value of a full bar."""
-    left, width, bar, gap = 300, 560, 18, 8
+    ``scale`` the value of a full bar. The label column is as wide as the longest label
+    (at :data:`CHAR_WIDTH` a character): a label drawn to the left of the SVG is cut off
+    there, and a device's ``us-west-1-...`` would read as the cut ``eu-west-1-...``."""
+    longest = max((len(html.unescape(text)) for text, _ in rows), default=0)
+    left, width, bar, gap = max(300, 16 + math.ceil(CHAR_WIDTH * longest)), 560, 18, 8
     body, y = [], 4.0
     for text, segments in rows:
         body.append(_text(left - 8, y + bar - 5, text, "end"))
