@@ -19,11 +19,13 @@ alphabet (:func:`~modelward.trust._display.escape_id`). What is drawn is bounded
 the fleet claims: at most :data:`MAX_CHANNELS` channels and :data:`MAX_VERSION_COLOURS`
 versions with a colour of their own (the rest: ``other``), :data:`MAX_ROLLOUTS`
 rollouts, the summary's own bound on the silent list and the failure reasons, and
-:data:`MAX_LABEL` characters of any label.
+:data:`MAX_LABEL` characters of any label (a cut one ends in a digest of the whole name,
+so names that share the part shown still draw different labels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
 import math
 import re
@@ -66,8 +68,23 @@ svg text{font:12px ui-monospace,monospace;fill:#222}
 
 def _t(text: object, limit: int = MAX_LABEL) -> str:
     """A device-supplied string, safe as HTML text or a quoted attribute (module doc),
-    with every space a browser would not draw (:func:`_spaces`) as ``\\x20``."""
-    return html.escape(_spaces(escape_ascii(text, limit)), quote=True)
+    with every space a browser would not draw (:func:`_spaces`) as ``\\x20``; cut to
+    ``limit``, it ends in ``...#`` and 16 hex digits of a digest of the whole string
+    (:func:`_cut_mark`)."""
+    s = text if isinstance(text, str) else str(text)
+    shown = escape_ascii(s, limit)
+    if shown != escape_ascii(s, None):
+        shown += _cut_mark(s)
+    return html.escape(_spaces(shown), quote=True)
+
+
+def _cut_mark(text: str) -> str:
+    """``#`` and 64 bits of BLAKE2b over the whole of a cut ``text`` (pure): two names
+    that share the part shown (a device's ``production-eu-west-1-...-evil`` beside the
+    real ``production-eu-west-1-...``) draw different labels; a name short enough to be
+    shown whole is never cut, so it never looks like a cut one."""
+    data = text.encode("utf-8", "surrogatepass")
+    return "#" + hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
 _HIDDEN_SPACES = re.compile(r"^ +| +$|(?<= ) +")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from modelward.publisher._fleet_report import _spaces, render_report
+from modelward.publisher._fleet_report import MAX_LABEL, _spaces, _t, render_report
 from modelward.publisher._fleet_summary import summarize
 from tests.unit.test_i17_fleet_summary import _rep, _rows
 
@@ -42,3 +42,29 @@ def test_only_the_spaces_a_browser_drops_are_escaped() -> None:
     assert _spaces("sta ble") == "sta ble"
     assert _spaces(" a  b ") == "\\x20a \\x20b\\x20"
     assert _spaces("   ") == "\\x20" * 3
+
+
+LONG_REAL = "production-eu-west-1-canary-group-alpha-2026-wave-1"  # 51 characters
+
+
+def test_long_names_cut_alike_are_told_apart(tmp_path: Path) -> None:
+    """A label over MAX_LABEL characters is cut; a device's channel or version that
+    shares the cut prefix of a real one drew the very same label (a second row of the
+    real channel, a second legend entry of the real version). A cut label now ends in a
+    64-bit digest of the whole name; a name short enough is never cut, so never looks
+    cut."""
+    fake = LONG_REAL[:MAX_LABEL] + "-evil"
+    long_version = "1.0.0-rc.1+build." + "a" * 40
+    rows = _rows(tmp_path, {
+        "d1": _rep("d1", channel=LONG_REAL, version=long_version),
+        "d2": _rep("d2", channel=fake, version=long_version[:-1] + "b"),
+        "d3": _rep("d3", channel=LONG_REAL[:MAX_LABEL] + "...")})  # (as a cut one looks)
+    page = render_report(summarize(rows), fleet="f", generated="now")
+    chart = page[page.index('data-chart="versions"'):page.index("</svg>")]
+    labels = re.findall(r'text-anchor="end">([^<]*)</text>', chart)
+    assert len(labels) == 3 and len(set(labels)) == 3, labels
+    assert all(len(x) <= MAX_LABEL + 3 + 17 for x in labels)
+    legend = page[page.index('<p class="legend">'):]
+    entries = re.findall(r"</i>([^<]*)</span>", legend[:legend.index("</p>")])
+    assert len(entries) == 3 and len(set(entries)) == 3, entries
+    assert _t("stable") == "stable" and _t("x" * MAX_LABEL) == "x" * MAX_LABEL
