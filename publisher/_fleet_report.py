@@ -11,9 +11,11 @@ report's time) is hostile: it is cut and escaped as the terminal view escapes it
 (:func:`~modelward.trust._display.escape_ascii`: control, format and non-ASCII characters
 as ``\\x``/``\\u`` escapes, so a look-alike ``stable`` stays visibly different), then
 HTML-escaped with quotes (:func:`html.escape`) wherever it goes: element text, SVG
-``<text>``, ``<title>`` and attribute values alike; a space a browser would not draw
-(leading, trailing, doubled) is written ``\\x20``, so ``" stable"`` is not drawn as a
-second ``stable``, and a chart's label column is as wide as its longest label, so no label
+``<text>``, ``<title>`` and attribute values alike; every space in it is written
+``\\x20`` (and an empty one ``\\"\\"``), so ``" stable"`` is not drawn as a second
+``stable`` (a browser draws no leading, trailing or doubled space) and the page's own
+spaces are the only separators of a label's parts (``model version``), and a
+chart's label column is as wide as its longest label, so no label
 is cut off at the chart's left edge. Device ids print in the enrolled-id
 alphabet (:func:`~modelward.trust._display.escape_id`). What is drawn is bounded whatever
 the fleet claims: at most :data:`MAX_CHANNELS` channels and :data:`MAX_VERSION_COLOURS`
@@ -28,7 +30,6 @@ from __future__ import annotations
 import hashlib
 import html
 import math
-import re
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -47,6 +48,8 @@ CSP = "default-src 'none'; style-src 'unsafe-inline'"
 _PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#17becf", "#bcbd22", "#8c564b", "#e377c2",
             "#7f7f7f")
 OTHER_COLOUR = "#c7c7c7"
+#: the grey legend entry: two spaces, where a device's ``model version`` has one
+OTHER_VERSIONS = "all other versions"
 INSTALLED = "#2ca02c"
 FAILED = "#d62728"
 PENDING = "#aec7e8"
@@ -68,7 +71,7 @@ svg text{font:12px ui-monospace,monospace;fill:#222}
 
 def _t(text: object, limit: int = MAX_LABEL) -> str:
     """A device-supplied string, safe as HTML text or a quoted attribute (module doc),
-    with every space a browser would not draw (:func:`_spaces`) as ``\\x20``; cut to
+    with every space as ``\\x20`` (:func:`_spaces`); cut to
     ``limit``, it ends in ``...#`` and 16 hex digits of a digest of the whole string
     (:func:`_cut_mark`)."""
     s = text if isinstance(text, str) else str(text)
@@ -87,16 +90,18 @@ def _cut_mark(text: str) -> str:
     return "#" + hashlib.blake2b(data, digest_size=8).hexdigest()
 
 
-_HIDDEN_SPACES = re.compile(r"^ +| +$|(?<= ) +")
+EMPTY = '\\"\\"'  # an empty device string: no escape_ascii output is exactly this
 
 
 def _spaces(text: str) -> str:
-    """``text`` with the spaces HTML and SVG text collapse (leading, trailing, and all but
-    the first of a run) written ``\\x20`` (pure): a browser draws ``" stable"``,
-    ``"stable  "`` and ``"stable"`` alike, so a device's look-alike channel or version
-    would read as a second ``stable`` row or legend entry. :func:`escape_ascii` doubles a
-    device's own backslashes, so the escape is never the device's."""
-    return _HIDDEN_SPACES.sub(lambda m: "\\x20" * len(m.group()), text)
+    """``text`` (escaped by :func:`escape_ascii`) with every space written ``\\x20``, and
+    ``\\"\\"`` when it is empty (pure). A browser does not draw leading, trailing or
+    doubled spaces (``" stable"`` drew as ``stable``), and with no space left in a
+    device's string the page's own separators tell the parts of a label apart: the
+    legend's ``model version`` of ``classifier 1.0.0`` and ``""`` was the real
+    ``classifier`` ``1.0.0``. :func:`escape_ascii` doubles a device's own backslashes,
+    so neither escape is ever the device's."""
+    return text.replace(" ", "\\x20") if text else EMPTY
 
 
 def _id(text: object) -> str:
@@ -171,12 +176,12 @@ def _versions_chart(summary: dict[str, Any]) -> str:
             for m, v in top if (n := counts.get((ch, m, v), 0))]
         other = by_channel[ch] - sum(n for n, _, _ in segments)
         if other:
-            segments.append((other, OTHER_COLOUR, f"{_t(ch)}: other versions: {other} devices"))
+            segments.append((other, OTHER_COLOUR, f"{_t(ch)}: {OTHER_VERSIONS}: {other} devices"))
         rows.append((_t(ch), segments))
     more = len(by_channel) - len(channels)
     legend = [(f"{_t(m)} {_t(v)}", colour[(m, v)]) for m, v in top]
     if len(by_version) > len(top):
-        legend.append(("other versions", OTHER_COLOUR))
+        legend.append((OTHER_VERSIONS, OTHER_COLOUR))
     return (_stacked("versions", "versions per channel", rows, max(by_channel.values()))
             + _legend(legend)
             + (f'<p class="meta">and {more} more channels</p>' if more > 0 else ""))

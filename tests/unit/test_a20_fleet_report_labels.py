@@ -38,10 +38,10 @@ def test_channels_and_versions_differing_in_spaces_are_drawn_differently(
     assert entries.count("classifier 1.0.0") == 1 and len(set(entries)) == 2, entries
 
 
-def test_only_the_spaces_a_browser_drops_are_escaped() -> None:
-    assert _spaces("sta ble") == "sta ble"
-    assert _spaces(" a  b ") == "\\x20a \\x20b\\x20"
-    assert _spaces("   ") == "\\x20" * 3
+def test_every_space_and_the_empty_string_are_escaped() -> None:
+    assert _spaces("sta ble") == "sta\\x20ble"
+    assert _spaces(" a  b ") == "\\x20a\\x20\\x20b\\x20"
+    assert _spaces("") == '\\"\\"' and _t("") == "\\&quot;\\&quot;"
 
 
 LONG_REAL = "production-eu-west-1-canary-group-alpha-2026-wave-1"  # 51 characters
@@ -68,3 +68,29 @@ def test_long_names_cut_alike_are_told_apart(tmp_path: Path) -> None:
     entries = re.findall(r"</i>([^<]*)</span>", legend[:legend.index("</p>")])
     assert len(entries) == 3 and len(set(entries)) == 3, entries
     assert _t("stable") == "stable" and _t("x" * MAX_LABEL) == "x" * MAX_LABEL
+
+
+def test_model_and_version_pairs_draw_different_labels(tmp_path: Path) -> None:
+    """A legend entry is ``model version``: a device whose model holds a space (or whose
+    version is empty) drew the very label of a real pair (``classifier 1.0.0`` and ``""``
+    beside ``classifier`` and ``1.0.0``), and ``other`` ``versions`` drew the page's own
+    grey ``other versions`` entry in a colour of its own. Every space of a device's
+    string is now ``\\x20`` and an empty one ``\\"\\"``, so only the page's separators are
+    spaces, and the page's own entry has two of them (no pair has)."""
+    pairs = [("classifier", "1.0.0"), ("classifier 1.0.0", ""), ("classifier", "1.0.0 "),
+             ("a b", "c"), ("a", "b c"), ("x", ""), ("", "x"), ("other", "versions")]
+    reports = {f"d{i}{k}": _rep(f"d{i}{k}", active={"name": m, "version": v,
+                                                    "fingerprint": "f"})
+               for i, (m, v) in enumerate(pairs) for k in "ab"}  # (two each: coloured)
+    reports.update({f"e{i}": _rep(f"e{i}", version=f"9.{i}.0") for i in range(3)})
+    page = render_report(summarize(_rows(tmp_path, reports)), fleet="f", generated="now")
+    legend = page[page.index('<p class="legend">'):]
+    legend = legend[:legend.index("</p>")]
+    entries = [_drawn(t) for t in re.findall(r"</i>([^<]*)</span>", legend)]
+    assert len(entries) == len(pairs) + 1
+    assert len(entries) == len(set(entries)), entries
+    assert entries.count("classifier 1.0.0") == 1
+    grey = re.findall(r'<i style="background:#c7c7c7"></i>([^<]*)</span>', legend)
+    assert len(grey) == 1 and entries.count(_drawn(grey[0])) == 1
+    titles = [_drawn(t) for t in re.findall(r"<title>([^<]*)</title>", page)]
+    assert len(titles) == len(set(titles)), titles  # (every bar's tooltip its own)
