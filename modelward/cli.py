@@ -630,6 +630,12 @@ def _fleet_report(args: argparse.Namespace) -> int:
     if args.output.is_dir():
         raise OperatorInputError(f"-o {args.output} is a directory, not the HTML file to write",
                                  hint="e.g. -o fleet.html")
+    if args.output.exists() and not args.output.is_file():
+        # (the page replaces -o by a rename: /dev/null, /dev/stdout or a named pipe would
+        # be replaced by a file of HTML, not written to)
+        raise OperatorInputError(f"-o {args.output} is not a regular file (a device, pipe or "
+                                 "socket): the page replaces the file at -o",
+                                 hint="give the path of an HTML file, e.g. -o fleet.html")
     summary = _fleet_summary(args, _fleet_rows(args, summary=True))
     page = render_report(summary, fleet=args.fleet,
                          generated=datetime.now(UTC).isoformat(timespec="seconds"))

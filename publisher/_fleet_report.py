@@ -11,17 +11,25 @@ report's time) is hostile: it is cut and escaped as the terminal view escapes it
 (:func:`~modelward.trust._display.escape_ascii`: control, format and non-ASCII characters
 as ``\\x``/``\\u`` escapes, so a look-alike ``stable`` stays visibly different), then
 HTML-escaped with quotes (:func:`html.escape`) wherever it goes: element text, SVG
-``<text>``, ``<title>`` and attribute values alike. Device ids print in the enrolled-id
+``<text>``, ``<title>`` and attribute values alike; every space in it is written
+``\\x20`` (and an empty one ``\\"\\"``), so ``" stable"`` is not drawn as a second
+``stable`` (a browser draws no leading, trailing or doubled space) and the page's own
+spaces are the only separators of a label's parts (``model version``), and a
+chart's label column is as wide as its longest label, so no label
+is cut off at the chart's left edge. Device ids print in the enrolled-id
 alphabet (:func:`~modelward.trust._display.escape_id`). What is drawn is bounded whatever
 the fleet claims: at most :data:`MAX_CHANNELS` channels and :data:`MAX_VERSION_COLOURS`
 versions with a colour of their own (the rest: ``other``), :data:`MAX_ROLLOUTS`
 rollouts, the summary's own bound on the silent list and the failure reasons, and
-:data:`MAX_LABEL` characters of any label.
+:data:`MAX_LABEL` characters of any label (a cut one ends in a digest of the whole name,
+so names that share the part shown still draw different labels).
 """
 
 from __future__ import annotations
 
+import hashlib
 import html
+import math
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -32,11 +40,16 @@ MAX_LABEL = 48  # characters of a device-supplied label (before HTML escaping)
 MAX_CHANNELS = 20  # channels drawn (those with the most devices)
 MAX_VERSION_COLOURS = 8  # versions with a colour of their own; the rest are "other"
 MAX_ROLLOUTS = 30  # releases drawn
+#: px of one character of a chart's label (12 px monospace is 7.2 px: DejaVu Sans Mono,
+#: Liberation Mono, Courier), with a margin for the font a browser picks
+CHAR_WIDTH = 8.0
 CSP = "default-src 'none'; style-src 'unsafe-inline'"
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#9467bd", "#17becf", "#bcbd22", "#8c564b", "#e377c2",
             "#7f7f7f")
 OTHER_COLOUR = "#c7c7c7"
+#: the grey legend entry: two spaces, where a device's ``model version`` has one
+OTHER_VERSIONS = "all other versions"
 INSTALLED = "#2ca02c"
 FAILED = "#d62728"
 PENDING = "#aec7e8"
@@ -57,8 +70,38 @@ svg text{font:12px ui-monospace,monospace;fill:#222}
 
 
 def _t(text: object, limit: int = MAX_LABEL) -> str:
-    """A device-supplied string, safe as HTML text or a quoted attribute (module doc)."""
-    return html.escape(escape_ascii(text, limit), quote=True)
+    """A device-supplied string, safe as HTML text or a quoted attribute (module doc),
+    with every space as ``\\x20`` (:func:`_spaces`); cut to
+    ``limit``, it ends in ``...#`` and 16 hex digits of a digest of the whole string
+    (:func:`_cut_mark`)."""
+    s = text if isinstance(text, str) else str(text)
+    shown = escape_ascii(s, limit)
+    if shown != escape_ascii(s, None):
+        shown += _cut_mark(s)
+    return html.escape(_spaces(shown), quote=True)
+
+
+def _cut_mark(text: str) -> str:
+    """``#`` and 64 bits of BLAKE2b over the whole of a cut ``text`` (pure): two names
+    that share the part shown (a device's ``production-eu-west-1-...-evil`` beside the
+    real ``production-eu-west-1-...``) draw different labels; a name short enough to be
+    shown whole is never cut, so it never looks like a cut one."""
+    data = text.encode("utf-8", "surrogatepass")
+    return "#" + hashlib.blake2b(data, digest_size=8).hexdigest()
+
+
+EMPTY = '\\"\\"'  # an empty device string: no escape_ascii output is exactly this
+
+
+def _spaces(text: str) -> str:
+    """``text`` (escaped by :func:`escape_ascii`) with every space written ``\\x20``, and
+    ``\\"\\"`` when it is empty (pure). A browser does not draw leading, trailing or
+    doubled spaces (``" stable"`` drew as ``stable``), and with no space left in a
+    device's string the page's own separators tell the parts of a label apart: the
+    legend's ``model version`` of ``classifier 1.0.0`` and ``""`` was the real
+    ``classifier`` ``1.0.0``. :func:`escape_ascii` doubles a device's own backslashes,
+    so neither escape is ever the device's."""
+    return text.replace(" ", "\\x20") if text else EMPTY
 
 
 def _id(text: object) -> str:
@@ -93,8 +136,11 @@ def _legend(items: Iterable[tuple[str, str]]) -> str:
 def _stacked(name: str, label: str, rows: list[tuple[str, list[tuple[float, str, str]]]],
              scale: float) -> str:
     """Horizontal stacked bars: per row a label and (value, colour, tooltip) segments,
-    ``scale`` the value of a full bar."""
-    left, width, bar, gap = 300, 560, 18, 8
+    ``scale`` the value of a full bar. The label column is as wide as the longest label
+    (at :data:`CHAR_WIDTH` a character): a label drawn to the left of the SVG is cut off
+    there, and a device's ``us-west-1-...`` would read as the cut ``eu-west-1-...``."""
+    longest = max((len(html.unescape(text)) for text, _ in rows), default=0)
+    left, width, bar, gap = max(300, 16 + math.ceil(CHAR_WIDTH * longest)), 560, 18, 8
     body, y = [], 4.0
     for text, segments in rows:
         body.append(_text(left - 8, y + bar - 5, text, "end"))
@@ -130,12 +176,12 @@ def _versions_chart(summary: dict[str, Any]) -> str:
             for m, v in top if (n := counts.get((ch, m, v), 0))]
         other = by_channel[ch] - sum(n for n, _, _ in segments)
         if other:
-            segments.append((other, OTHER_COLOUR, f"{_t(ch)}: other versions: {other} devices"))
+            segments.append((other, OTHER_COLOUR, f"{_t(ch)}: {OTHER_VERSIONS}: {other} devices"))
         rows.append((_t(ch), segments))
     more = len(by_channel) - len(channels)
     legend = [(f"{_t(m)} {_t(v)}", colour[(m, v)]) for m, v in top]
     if len(by_version) > len(top):
-        legend.append(("other versions", OTHER_COLOUR))
+        legend.append((OTHER_VERSIONS, OTHER_COLOUR))
     return (_stacked("versions", "versions per channel", rows, max(by_channel.values()))
             + _legend(legend)
             + (f'<p class="meta">and {more} more channels</p>' if more > 0 else ""))
