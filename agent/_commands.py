@@ -427,7 +427,8 @@ def enrollment(cfg: AgentConfig) -> dict[str, Any]:
         tpm.close()
 
 
-def activate_credential(cfg: AgentConfig, challenge: bytes) -> bytes:
+def activate_credential(cfg: AgentConfig, challenge: bytes,
+                        source: str = "--challenge") -> bytes:
     """``agent activate-credential``: the response to the operator's challenge.
 
     Raises:
@@ -445,20 +446,20 @@ def activate_credential(cfg: AgentConfig, challenge: bytes) -> bytes:
     try:
         doc = loads_bounded(challenge, max_bytes=8192, what="the challenge", max_depth=2)
     except UntrustedJsonError as e:
-        raise OperatorInputError(f"--challenge: {e}") from e
+        raise OperatorInputError(f"{source}: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != _ak.CHALLENGE_FORMAT:
-        raise OperatorInputError(f"--challenge is not a {_ak.CHALLENGE_FORMAT!r} document",
+        raise OperatorInputError(f"{source} is not a {_ak.CHALLENGE_FORMAT!r} document",
                                  hint="give the file `fleet add-device --challenge` wrote")
     if doc.get("device_id") != cfg.device_id:
         raise OperatorInputError(
-            f"--challenge is for device {str(doc.get('device_id'))[:64]!r}, not this one "
+            f"{source} is for device {str(doc.get('device_id'))[:64]!r}, not this one "
             f"({cfg.device_id})", hint="answer it on the device it was made for")
     try:
         blob = base64.b64decode(str(doc.get("credential_blob")), validate=True)
         secret = base64.b64decode(str(doc.get("encrypted_secret")), validate=True)
         ak_name = bytes.fromhex(str(doc.get("ak_name")))
     except (binascii.Error, ValueError) as e:
-        raise OperatorInputError(f"--challenge: a field is not base64/hex: {e}") from e
+        raise OperatorInputError(f"{source}: a field is not base64/hex: {e}") from e
     tpm = Tpm(cfg.tcti)
     tpm.use_auth_dir(auth_dir_for(cfg.state_dir))
     try:

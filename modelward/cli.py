@@ -854,7 +854,8 @@ def _agent_activate_credential(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     output_file("--response", args.response)
-    response = activate_credential(cfg, read_file("--challenge", args.challenge, 8192))
+    response = activate_credential(cfg, read_file("--challenge", args.challenge, 8192),
+                                   source=f"--challenge {args.challenge}")
     write_atomic(args.response, response)
     print(f"response written to {args.response}: give it to `fleet add-device --device "
           f"{cfg.device_id} --response FILE`")
@@ -1612,6 +1613,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(parsed, int):
         return parsed
     args = parsed
+    if getattr(getattr(args, "func", None), "__name__", "").startswith("_agent_"):
+        # securesystemslib.signer (imported with tuf) imports boto3 for its AWS KMS signer
+        # when boto3 is installed (beside the operator extra: `repo sync`): +150-260 ms,
+        # and multiprocessing's atexit hook, for every agent command; no device command
+        # signs with a cloud key, so there it stays unimported.
+        sys.modules.setdefault("boto3", None)  # type: ignore[arg-type]
     from modelward.agent._log import LOG_FORMAT_ENV, LOG_FORMATS, report_error, setup_logging
     from modelward.agent.errors import DeviceBusyError
     from modelward.trust.errors import ModelwardError, OperatorInputError

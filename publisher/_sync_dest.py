@@ -31,6 +31,8 @@ from urllib.parse import urlsplit
 from modelward.publisher._sync import Remote, Upload
 from modelward.publisher.errors import SyncDestinationError, SyncTransportError
 
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # (a URL's start)
+
 SHA256_META = "sha256"  # S3 user metadata (x-amz-meta-sha256) the compare reads back
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 _BAD_PREFIX_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f\\%?#]")
@@ -379,9 +381,8 @@ def destination(to: str, repo_dir: Path, endpoint_url: str | None,
         SyncDestinationError: another URL scheme, a bad S3 URL or endpoint, a directory
             that is or is inside the repository (or holds it), a symlink.
     """
-    from modelward._inputs import url_scheme
-
-    scheme = url_scheme(to)
+    m = _URL_SCHEME.match(to)  # (as modelward._inputs.url_scheme: publisher imports
+    scheme = m.group()[:-3] if m else None  # only updater and trust, issue 15's layers)
     if scheme is not None and scheme.lower() == "s3":
         url = parse_s3_url(to)
         return s3_destination(url, check_endpoint(endpoint_url) if endpoint_url else None,
