@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from modelward.simulator._mqttraw import Publish, RawClient, RawMqttError
+from modelward.trust._bounded import UntrustedJsonError, loads_bounded
 from modelward.updater._config import fetch_client_id, fetch_username
 from modelward.updater._defaults import MQTT_BLOCK_TIMEOUT, MQTT_MAX_RETRIES
 from modelward.updater.transport._mqtt import BLOCK_HEADER, BLOCK_MAGIC, MAX_BUSY, busy_pause
@@ -305,8 +306,9 @@ async def respond(cfg: LoadConfig, password: str, group: str, data: bytes, clien
     def on_request(msg: Publish) -> None:
         device = msg.topic[len(prefix):]
         try:
-            req = json.loads(bytes(msg.payload))
-        except ValueError:
+            req = loads_bounded(bytes(msg.payload), max_bytes=4096, what="a request",
+                                max_depth=2)
+        except UntrustedJsonError:
             return
         corr = msg.correlation
         if isinstance(req, dict) and req.get("path") == cfg.path and \
