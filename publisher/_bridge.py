@@ -300,8 +300,7 @@ class Bridge:
         job = _Job(device, resp_topic, corr, req)
         parts = -(-req.length // req.block) if req.format == 3 else 1
         refusal = self._sched.offer(device, job, req.length, now, parts,
-                                    extra_messages(req.length, parts, self.max_block),
-                                    coalesce=True)
+                                    extra_messages(req.length, parts, self.max_block))
         if refusal is None:
             logger.debug("queued path=%r offset=%d length=%d format=%d for %s", req.path,
                          req.offset, req.length, req.format, device)

@@ -198,8 +198,6 @@ class Scheduler(Generic[J]):
         self._ready: OrderedDict[str, None] = OrderedDict()  # devices with queued jobs
         self._queued_bytes = 0
         self._cv = threading.Condition()
-        #: requests that were a queued job's twin (see :meth:`offer`)
-        self.coalesced = 0
 
     @property
     def queued_bytes(self) -> int:
@@ -242,17 +240,11 @@ class Scheduler(Generic[J]):
             return d is not None and d.logs.take(1, now)
 
     def offer(self, device: str, job: J, cost: int, now: float,
-              parts: int = 1, extra: int = 0, coalesce: bool = False
-              ) -> tuple[int, str] | None:
+              parts: int = 1, extra: int = 0) -> tuple[int, str] | None:
         """Queue ``job`` (asking for ``cost`` bytes, sent as ``parts`` blocks) for
         ``device``, taking ``extra`` more tokens from its request bucket (the request's
         own was taken by :meth:`allow`; see :func:`extra_messages`); None when queued, else
-        the refusal (429 for this device's limits, 503 for the bridge's).
-
-        ``coalesce``: a job equal to one of ``device``'s still queued and not yet begun
-        is that job (None, nothing more queued or charged; counted in :attr:`coalesced`):
-        a device that timed out waiting asks again with the same correlation data, and
-        one answer serves both asks."""
+        the refusal (429 for this device's limits, 503 for the bridge's)."""
         lim = self.limits
         if parts < 1 or parts > cost:
             raise ValueError(f"a job of {cost} bytes in {parts} parts")
@@ -260,9 +252,6 @@ class Scheduler(Generic[J]):
             d = self._device(device, now)
             if d is None:
                 return 503, f"more than {lim.devices} devices have requests queued"
-            if coalesce and any(e[3] == 0 and e[0] == job for e in d.queue):
-                self.coalesced += 1
-                return None
             if d.parts + parts > lim.device_queue:
                 return 429, (f"{len(d.queue)} requests queued already" if parts == 1 else
                              f"{d.parts} blocks queued already, {parts} more asked")
