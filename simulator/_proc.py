@@ -4,29 +4,52 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import time
 from pathlib import Path
 
+_FIRST_PORT = 20000  # (below: well-known and registered services)
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out as a connection's source port."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
 
 def free_port(count: int = 1) -> int:
-    """A loopback port ``p`` such that ``p .. p+count-1`` were all free just now."""
+    """A loopback port ``p`` such that ``p .. p+count-1`` were all free just now.
+
+    Chosen below the kernel's ephemeral range where there is room: a service restarted on
+    its port (swtpm in the fault tests) must not find it taken by some other test's
+    connection that the kernel gave it as a source port (seen in CI: "Address already in
+    use" for seconds).
+    """
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    if low > _FIRST_PORT + 1000:
+        for _ in range(200):
+            base = rng.randrange(_FIRST_PORT, low - count)
+            if all(_bindable(p) for p in range(base, base + count)):
+                return base
     for _ in range(100):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             base = int(s.getsockname()[1])
-        if base + count > 65535:
-            continue
-        ok = True
-        for p in range(base + 1, base + count):
-            with socket.socket() as s2:
-                try:
-                    s2.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
+        if base + count <= 65535 and all(_bindable(p) for p in range(base + 1, base + count)):
             return base
     raise OSError("no free loopback port range found")
 
