@@ -581,9 +581,35 @@ def _fleet_add_device(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _add_fleet_view_options(f: argparse.ArgumentParser, repo_help: str) -> None:
+    """The options of ``fleet status``, ``report`` and ``exporter``: where the devices'
+    reports come from and the repository whose rollouts to show."""
+    from modelward._inputs import local_path, number
+
+    f.add_argument("--fleet-dir", type=local_path, required=True)
+    f.add_argument("--wait", type=number(0, 3600), default=2.0,
+                   help="seconds the broker may take for each batch of 16 devices' "
+                   "reports (at least the connect timeout)")
+    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
+                   help="poll interval (s) of devices whose reports do not carry one; a "
+                   "report older than 3 of them is STALE")
+    f.add_argument("--repo", type=local_path, help=repo_help)
+    f.add_argument("--keys", type=local_path,
+                   help="with --repo: the key directory holding its trusted root")
+    _add_broker_options(f, required=True)
+
+
 def _fleet_rows(args: argparse.Namespace, *, summary: bool) -> list[Any]:
     """The judged rows of ``fleet status`` / ``fleet report`` (their shared options)."""
     from modelward.publisher._fleet import collect_status
+
+    _check_fleet_view(args, summary=summary)
+    return collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
+                          wait=args.wait, default_poll=args.poll_interval)
+
+
+def _check_fleet_view(args: argparse.Namespace, *, summary: bool) -> None:
+    """The options of :func:`_add_fleet_view_options`, checked before the broker is asked."""
     from modelward.trust.errors import OperatorInputError
 
     if not args.poll_interval > 0:
@@ -606,8 +632,6 @@ def _fleet_rows(args: argparse.Namespace, *, summary: bool) -> list[Any]:
                 f"--keys {args.keys} holds no {TRUSTED_ROOT_FILE}: the summary verifies "
                 "--repo only from a root the key directory already trusts",
                 hint="give the key directory of `repo init` for --repo")
-    return collect_status(_broker_config(args, "modelward-operator"), args.fleet_dir,
-                          wait=args.wait, default_poll=args.poll_interval)
 
 
 def _fleet_summary(args: argparse.Namespace, rows: list[Any]) -> dict[str, Any]:
@@ -686,8 +710,6 @@ def _fleet_exporter(args: argparse.Namespace) -> int:
 
     from modelward.publisher._fleet import collect_status
     from modelward.publisher._fleet_exporter import serve
-    from modelward.publisher._fleet_summary import model_names, repository_releases, summarize
-    from modelward.trust.errors import OperatorInputError
 
     host, port = _listen_address(args.listen)
     from modelward.publisher._metrics_http import is_wildcard
@@ -697,25 +719,12 @@ def _fleet_exporter(args: argparse.Namespace) -> int:
               "versions, failure reasons) to every network this machine is on; the exporter "
               "has no authentication: prefer 127.0.0.1 or one interface's address behind "
               "a firewall", file=sys.stderr, flush=True)
-    if not args.poll_interval > 0:
-        raise OperatorInputError(f"--poll-interval must be positive, not {args.poll_interval}")
-    if (args.repo is None) != (args.keys is None):
-        raise OperatorInputError("--repo and --keys go together",
-                                 hint="--keys: the key directory whose trusted root "
-                                 "verifies --repo (as for `repo status`)")
-    if args.repo is not None:
-        from modelward._inputs import existing_dir
-
-        existing_dir("--repo", args.repo)
-        existing_dir("--keys", args.keys)
+    _check_fleet_view(args, summary=True)
     cfg = _broker_config(args, "modelward-operator")
 
     def compute() -> dict[str, Any]:
-        rows = collect_status(cfg, args.fleet_dir, wait=args.wait,
-                              default_poll=args.poll_interval)
-        releases = [] if args.repo is None else repository_releases(
-            args.repo, args.keys, model_names(rows))
-        return summarize(rows, releases)
+        return _fleet_summary(args, collect_status(cfg, args.fleet_dir, wait=args.wait,
+                                                   default_poll=args.poll_interval))
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -1364,37 +1373,18 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_fleet_add_device)
     f = fsub.add_parser("status", help="every enrolled device and its signed status report: "
                         "verified, flagged REPLAYED, STALE, FUTURE, OTHER_FLEET or MISSING")
-    f.add_argument("--fleet-dir", type=local_path, required=True)
-    f.add_argument("--wait", type=number(0, 3600), default=2.0,
-                   help="seconds the broker may take for each batch of 16 devices' "
-                   "reports (at least the connect timeout)")
-    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
-                   help="poll interval (s) of devices whose reports do not carry one; a "
-                   "report older than 3 of them is STALE")
     f.add_argument("--json", action="store_true")
     f.add_argument("--summary", action="store_true",
                    help="counts per model, version, channel and state, rollouts, fallback "
                    "rate, failure reasons, p50/p95 durations (README \"Fleet summary\")")
-    f.add_argument("--repo", type=local_path,
-                   help="with --summary: the repository whose releases' rollouts to show")
-    f.add_argument("--keys", type=local_path,
-                   help="with --repo: the key directory holding its trusted root")
-    _add_broker_options(f, required=True)
+    _add_fleet_view_options(f, "with --summary: the repository whose releases' rollouts "
+                            "to show")
     f.set_defaults(func=_fleet_status)
     f = fsub.add_parser("report", help="write the fleet summary as one self-contained HTML "
                         "page of charts (README \"Fleet report\")")
     f.add_argument("-o", "--output", type=local_path, required=True, metavar="FILE",
                    help="the HTML file to write (replaced atomically)")
-    f.add_argument("--fleet-dir", type=local_path, required=True)
-    f.add_argument("--wait", type=number(0, 3600), default=2.0,
-                   help="as for `fleet status`")
-    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
-                   help="as for `fleet status`")
-    f.add_argument("--repo", type=local_path,
-                   help="the repository whose releases' rollouts to show")
-    f.add_argument("--keys", type=local_path,
-                   help="with --repo: the key directory holding its trusted root")
-    _add_broker_options(f, required=True)
+    _add_fleet_view_options(f, "the repository whose releases' rollouts to show")
     f.set_defaults(func=_fleet_report)
     f = fsub.add_parser("exporter", help="serve the fleet summary as Prometheus metrics "
                         "(README \"Prometheus\")")
@@ -1402,16 +1392,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the one address to serve /metrics on (e.g. 127.0.0.1:9817)")
     f.add_argument("--interval", type=number(1, 86400), default=60.0,
                    help="seconds between refreshes of the summary")
-    f.add_argument("--fleet-dir", type=local_path, required=True)
-    f.add_argument("--wait", type=number(0, 3600), default=2.0,
-                   help="as for `fleet status`")
-    f.add_argument("--poll-interval", type=number(0, above=True), default=3600.0,
-                   help="as for `fleet status`")
-    f.add_argument("--repo", type=local_path,
-                   help="the repository whose releases' rollouts to export")
-    f.add_argument("--keys", type=local_path,
-                   help="with --repo: the key directory holding its trusted root")
-    _add_broker_options(f, required=True)
+    _add_fleet_view_options(f, "the repository whose releases' rollouts to export")
     f.set_defaults(func=_fleet_exporter)
 
     agent = sub.add_parser("agent", help=AGENT_HELP)
