@@ -126,3 +126,33 @@ class RootAnchorError(LocalDeviceError):
     def __init__(self, message: str, *, path: str, hint: str = "") -> None:
         super().__init__(message, hint=hint)
         self.path = path
+
+
+class AuditError(UntrustedRemoteError):
+    """An audit log (or its checkpoint or signed head) does not verify.
+
+    Attributes:
+        seq: the sequence number the first bad entry has or should have had (None when
+            the fault is not one entry's: the checkpoint, the head).
+        line: its 1-based line in the segment (0: the checkpoint or the head).
+        reason: a short identifier of the fault (``edited``, ``seq-gap``, ``truncated``,
+            ``checkpoint-signature``, ``head-mismatch``, ``malformed``, ``too-large``,
+            ``unsigned-tail``).
+    """
+
+    def __init__(self, message: str, *, seq: int | None, line: int, reason: str) -> None:
+        super().__init__(message)
+        self.seq, self.line, self.reason = seq, line, reason
+
+
+class AuditLogError(LocalDeviceError):
+    """The device cannot append to or read its own audit log (a symlink, a full disk, a
+    damaged tail).
+
+    Attributes:
+        path: the file or directory at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
