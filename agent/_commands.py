@@ -33,6 +33,7 @@ from modelward.agent._status import (
     verified_status,
 )
 from modelward.trust._atomic import write_atomic
+from modelward.trust._auditchain import FALLBACK, NOTHING_TRUSTED
 from modelward.trust._bounded import read_json_file
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
@@ -51,9 +52,11 @@ from modelward.updater.errors import (
     FingerprintMismatchError,
     HealthCheckError,
     MetadataError,
+    NothingTrustedError,
     TargetHashError,
     TrustStateLostError,
 )
+from modelward.updater.install import _events as events
 from modelward.updater.install._boot import BootResult, boot_check
 from modelward.updater.install._journal import Journal
 
@@ -505,12 +508,23 @@ def signed_report(cfg: AgentConfig, state: str,
                               poll_interval=cfg.poll_interval, model=cfg.updater.model,
                               channel=cfg.updater.channel,
                               boot_check_s=read_boot_seconds(cfg.state_dir),
-                              rejected=rejected)
+                              rejected=rejected, audit=_audit_head(cfg.state_dir))
         from modelward.trust._report import sign_report  # (the crypto stack: not at boot)
 
         return sign_report(report, tpm)
     finally:
         tpm.close()
+
+
+def _audit_head(state_dir: Path) -> dict[str, Any] | None:
+    """The audit log's head for the signed report (None, logged, if it cannot be read)."""
+    from modelward.trust._audit import AuditLog
+
+    try:
+        return AuditLog(state_dir).head().to_json()
+    except ModelwardError as e:
+        logger.error("status report without the audit head: %s", e)
+        return None
 
 
 def _boot_check_waiting_for_tpm(cfg: AgentConfig | BootConfig,
@@ -596,6 +610,9 @@ def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
         try:
             with _store_or_none(cfg, skip=isinstance(e, TpmUnavailableError)) as store:
                 status.record(error=e, result=None, tpm=store.tpm if store else None)
+                if isinstance(e, NothingTrustedError):
+                    events.record(cfg.state_dir, store.tpm if store else None,
+                                  NOTHING_TRUSTED, reason=events.reason(e))
         except (OSError, ModelwardError) as se:  # the reason must not be hidden
             logger.error("cannot write status.json: %s", se)
         raise
@@ -607,6 +624,8 @@ def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
             metrics.counters["fallbacks"] += 1
             _note(doc, error=None, result=result.message, error_type="ActiveModelAltered")
             _save(cfg, status, doc, metrics, store, result.active, lean=True)
+            events.record(cfg.state_dir, store.tpm if store else None, FALLBACK,
+                          **events.ref_fields(result.active), reason=result.message)
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result

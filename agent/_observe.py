@@ -317,7 +317,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
                  status: dict[str, Any], *, seq: int, now: float,
                  poll_interval: float, model: str | None = None, channel: str | None = None,
                  boot_check_s: float | None = None,
-                 rejected: list[dict[str, str]] | None = None) -> dict[str, Any]:
+                 rejected: list[dict[str, str]] | None = None,
+                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status report a device publishes (then signs).
 
     Args:
@@ -329,6 +330,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         boot_check_s: how long the last boot-check took (:func:`read_boot_seconds`).
         rejected: the releases this device refuses now (:func:`rejected_releases`);
             None: the field is left out (an older report).
+        audit: the audit log's head ``{seq, hash}`` (``modelward.trust._audit``), so the
+            signature binds it; None: left out (the log cannot be read).
     """
     report: dict[str, Any] = {
         "device_id": device_id,
@@ -352,6 +355,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         report["channel"] = channel
     if rejected is not None:
         report["rejected"] = rejected[:MAX_REJECTED]
+    if audit is not None:
+        report["audit"] = audit
     return report
 
 

@@ -17,7 +17,9 @@ so a device of an older version is still shown: ``durations`` holds ``verify_s``
 ``boot_check_s`` (null or finite seconds in [0, MAX_DURATION)), ``failure_reasons`` at
 most MAX_REASONS identifier names, each an integer count. ``rejected`` (issue 17) is a
 list of at most MAX_REJECTED ``{model, version}`` objects of strings, each at most
-MAX_REJECTED_TEXT characters: the releases the device refuses now.
+MAX_REJECTED_TEXT characters: the releases the device refuses now. ``audit`` (issue 18)
+is ``{seq, hash}``: the head of the device's audit log (an integer and 64 lowercase hex
+digits), bound by the report's signature; ``fleet audit`` checks the log against it.
 """
 
 from __future__ import annotations
@@ -183,6 +185,17 @@ def _rejected(v: object) -> None:
             _string(f"rejected[{i}].{k}", r[k], MAX_REJECTED_TEXT)
 
 
+_AUDIT_KEYS = frozenset({"seq", "hash"})
+
+
+def _audit(v: object) -> None:
+    a = _object("audit", v, _AUDIT_KEYS, required=_AUDIT_KEYS)
+    _integer("audit.seq", a["seq"])
+    h = a["hash"]
+    if not (isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h)):
+        raise ReportSchemaError("audit.hash", "is not 64 lowercase hex digits")
+
+
 _FIELDS: dict[str, Callable[[object], None]] = {
     "device_id": lambda v: _string("device_id", v, MAX_ID),
     "fleet": lambda v: _string("fleet", v, MAX_ID),
@@ -201,6 +214,7 @@ _FIELDS: dict[str, Callable[[object], None]] = {
     "durations": _durations,
     "failure_reasons": _failure_reasons,
     "rejected": _rejected,
+    "audit": _audit,
 }
 FIELDS = frozenset(_FIELDS)
 

@@ -31,7 +31,6 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +49,7 @@ from modelward.trust._auditchain import (
     sha256_hex,
     signed_checkpoint,
 )
+from modelward.trust._plain import Frozen
 from modelward.trust.errors import AuditError, AuditLogError, ModelwardError
 
 logger = logging.getLogger(__name__)
@@ -66,8 +66,7 @@ MAX_CHUNK_BYTES = 64 * 1024  # bytes of entries in one answer (the checkpoint co
 Signer = Callable[[bytes], bytes]
 
 
-@dataclass(frozen=True)
-class AuditConfig:
+class AuditConfig(Frozen):
     """Bounds of the audit log.
 
     Attributes:
@@ -76,9 +75,14 @@ class AuditConfig:
         durable: fsync every append (off only for tests that append thousands).
     """
 
-    max_entries: int = 1000
-    max_bytes: int = 256 * 1024
-    durable: bool = True
+    __slots__ = ("max_entries", "max_bytes", "durable")
+    max_entries: int
+    max_bytes: int  # bytes
+    durable: bool
+
+    def __init__(self, max_entries: int = 1000, max_bytes: int = 256 * 1024,
+                 durable: bool = True) -> None:
+        self._set(max(1, max_entries), max(MAX_LINE_BYTES + 1, max_bytes), durable)
 
 
 def _iso(now: float) -> str:

@@ -24,15 +24,14 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from typing import TYPE_CHECKING, Any
 
 from modelward.trust._bounded import loads_bounded
+from modelward.trust._plain import Frozen
 from modelward.trust.errors import AuditError
+
+if TYPE_CHECKING:  # (the crypto stack only where a signature is checked: not at boot)
+    from cryptography.hazmat.primitives.asymmetric import ec
 
 GENESIS = "0" * 64
 ALG = "ecdsa-p256-sha256"
@@ -73,12 +72,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-@dataclass(frozen=True)
-class Head:
+class Head(Frozen):
     """The newest entry of a log (or the checkpoint when no entry follows it)."""
 
+    __slots__ = ("seq", "hash")
     seq: int
     hash: str
+
+    def __init__(self, seq: int, hash: str) -> None:  # noqa: A002 - the field's name
+        self._set(seq, hash)
 
     def to_json(self) -> dict[str, Any]:
         """The report's ``audit`` field."""
@@ -99,10 +101,10 @@ class Head:
         return cls(doc["seq"], doc["hash"])
 
 
-@dataclass(frozen=True)
-class Entry:
+class Entry(Frozen):
     """One verified entry: its fields, its hash and its 1-based line in the segment."""
 
+    __slots__ = ("seq", "prev", "time", "kind", "fields", "hash", "line")
     seq: int
     prev: str
     time: str
@@ -110,6 +112,13 @@ class Entry:
     fields: dict[str, str]
     hash: str
     line: int
+
+    def __init__(self, seq: int, prev: str, time: str, kind: str, fields: dict[str, str],
+                 hash: str, line: int) -> None:  # noqa: A002
+        self._set(seq, prev, time, kind, fields, hash, line)
+
+    def __hash__(self) -> int:  # (fields is a dict)
+        return hash((self.seq, self.hash, self.line))
 
 
 def clean_fields(fields: Mapping[str, object]) -> dict[str, str]:
@@ -225,6 +234,9 @@ def parse_checkpoint(data: bytes) -> tuple[dict[str, Any], bytes]:
 
 
 def _verifier(identity_pem: bytes) -> ec.EllipticCurvePublicKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     try:
         key = serialization.load_pem_public_key(identity_pem)
     except ValueError as e:
@@ -242,6 +254,10 @@ def check_checkpoint(data: bytes, identity_pem: bytes) -> dict[str, Any]:
     Raises:
         AuditError: malformed, or not signed by this device's TPM identity key.
     """
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
     body, sig = parse_checkpoint(data)
     try:
         _verifier(identity_pem).verify(sig, checkpoint_digest(body),
@@ -255,8 +271,7 @@ def check_checkpoint(data: bytes, identity_pem: bytes) -> dict[str, Any]:
 
 # --- verification -------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AuditHistory:
+class AuditHistory(Frozen):
     """A verified audit history.
 
     Attributes:
@@ -270,6 +285,8 @@ class AuditHistory:
         unsigned: entries after the signed head (only when they were allowed).
     """
 
+    __slots__ = ("dropped_count", "dropped_head_hash", "checkpoint_time", "entries", "head",
+                 "signed", "unsigned")
     dropped_count: int
     dropped_head_hash: str
     checkpoint_time: str
@@ -277,6 +294,12 @@ class AuditHistory:
     head: Head
     signed: int | None
     unsigned: int
+
+    def __init__(self, dropped_count: int, dropped_head_hash: str, checkpoint_time: str,
+                 entries: tuple[Entry, ...], head: Head, signed: int | None,
+                 unsigned: int) -> None:
+        self._set(dropped_count, dropped_head_hash, checkpoint_time, entries, head, signed,
+                  unsigned)
 
 
 def split_lines(data: bytes) -> list[bytes]:

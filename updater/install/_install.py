@@ -23,6 +23,7 @@ from pathlib import Path
 from tuf.api import exceptions as tuf_exc
 from tuf.api.metadata import TargetFile
 
+from modelward.trust import _auditchain as _audit
 from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
 from modelward.trust._record import ModelRef
 from modelward.trust._store import TrustStore
@@ -40,6 +41,7 @@ from modelward.updater.errors import (
 )
 from modelward.updater.idle import Gate
 from modelward.updater.install import _delta
+from modelward.updater.install import _events as events
 from modelward.updater.install._boot import BootResult as BootResult
 from modelward.updater.install._boot import boot_check as boot_check
 from modelward.updater.install._boot import reconcile, slot_matches
@@ -455,6 +457,12 @@ def update_once(
         return _attempt(cfg, store, source, dev, journal, gate, step, fields)
     except ModelwardError as e:
         last = journal.read()
+        kind = events.refusal_kind(e)
+        if kind is not None:
+            # (the release this attempt chose, if it got that far)
+            events.record(cfg.state_dir, store.tpm, kind, model=fields.get("model", cfg.model),
+                          version=fields.get("version"), fingerprint=fields.get("fingerprint"),
+                          target=fields.get("target"), reason=events.reason(e))
         try:
             journal.enter("failed", model=last.model, version=last.version,
                           fingerprint=last.fingerprint, target=last.target,
@@ -485,7 +493,10 @@ def _attempt(
     session.refresh()
     if session.root_version > record.root_version:
         logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
+        old_root = record.root_version
         store.rotate_root(session.root_bytes)
+        events.record(cfg.state_dir, store.tpm, _audit.ROOT_ROTATION,
+                      root_version=str(session.root_version), previous=str(old_root))
     check_metadata_not_rolled_back(record, session.targets_version, store.targets_floor())
     # Decided only here, on the refresh and delegation search that verified as a whole
     # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
@@ -628,10 +639,14 @@ def _attempt(
         )
     )
     step("committed")
+    events.record(cfg.state_dir, store.tpm, _audit.INSTALL, **events.ref_fields(new_ref),
+                  previous=active.version if active else "", target=newest.target.path)
     dev.slots.install_incoming(slot)
     assert staged is not None
     _check_moved(dev.slots, store, new_ref, staged)  # (bytes changed since the check above)
     dev.slots.activate(slot)
+    events.record(cfg.state_dir, store.tpm, _audit.ACTIVATION, **events.ref_fields(new_ref),
+                  reason="installed")
     staged.forget()
     step("active")
     if index is not None:  # where the next delta finds this slot's chunks (a hint only)
