@@ -63,6 +63,7 @@ from modelward.updater.install._journal import Journal
 if TYPE_CHECKING:  # (imported where used: `agent boot-check` loads neither, issue 15)
     from modelward.agent._config import AgentConfig
     from modelward.agent._config_rules import BootConfig
+    from modelward.trust._auditchain import AuditHistory
     from modelward.trust._provision import ProvisionReport
     from modelward.updater.idle import Gate
     from modelward.updater.install._install import UpdateResult
@@ -629,3 +630,24 @@ def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
     else:
         logger.info(result.message, extra=_model_extra(result.active))
     return result
+
+
+def audit_history(cfg: AgentConfig) -> AuditHistory:
+    """``agent audit``: this device's audit log, its chain and checkpoint verified with the
+    TPM identity key (nothing signed vouches for its end here: that is ``fleet audit``).
+
+    Raises:
+        AuditLogError: the audit directory or a file in it is a symlink, or damaged.
+        AuditError: the log on disk does not verify (the first bad entry named).
+    """
+    from modelward.trust._audit import AuditLog
+    from modelward.trust._auditchain import verify_audit
+
+    lines, checkpoint = AuditLog(cfg.state_dir).segment()
+    tpm = Tpm(cfg.tcti)
+    try:
+        TrustStore(cfg.state_dir, tpm)  # (the objects' auth value, as every command)
+        pem = tpm.identity_public_pem()
+    finally:
+        tpm.close()
+    return verify_audit(lines, checkpoint, None, pem, allow_tail=True)

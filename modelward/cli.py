@@ -691,6 +691,17 @@ def _fleet_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _fleet_audit(args: argparse.Namespace) -> int:
+    from modelward.publisher._audit import audit_device, history_text
+    from modelward.trust._display import for_encoding
+
+    h = audit_device(args.fleet_dir, args.device, args.log, checkpoint=args.checkpoint,
+                     status=args.status, allow_tail=args.allow_unsigned_tail)
+    print(for_encoding(history_text(args.device, h, args.json),
+                       getattr(sys.stdout, "encoding", None)))
+    return EXIT_OK
+
+
 def _listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--listen``."""
     from modelward.trust.errors import OperatorInputError
@@ -879,6 +890,17 @@ def _agent_run(args: argparse.Namespace) -> int:
     # the same verbosity (main's: the agent's default is one more)
     run_daemon(_load(args), {**os.environ, LOG_FORMAT_ENV: args.log_format,
                              "MODELWARD_VERBOSITY": str(args.verbose + 1)})
+    return EXIT_OK
+
+
+def _agent_audit(args: argparse.Namespace) -> int:
+    from modelward.agent._commands import audit_history
+    from modelward.trust._auditview import history_text
+    from modelward.trust._display import for_encoding
+
+    cfg = _load(args)
+    print(for_encoding(history_text(cfg.device_id, audit_history(cfg), args.json),
+                       getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
 
 
@@ -1380,6 +1402,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fleet_view_options(f, "with --summary: the repository whose releases' rollouts "
                             "to show")
     f.set_defaults(func=_fleet_status)
+    f = fsub.add_parser("audit", help="verify a device's exported audit log against the head "
+                        "its newest signed status report holds; names the first bad entry")
+    f.add_argument("--fleet-dir", type=local_path, required=True)
+    f.add_argument("--device", required=True)
+    f.add_argument("--log", type=local_path, required=True, metavar="FILE|DIR",
+                   help="a copy of the device's state_dir/audit (or its live.jsonl)")
+    f.add_argument("--checkpoint", type=local_path, help="the segment's checkpoint.json "
+                   "(default: the one in --log's directory)")
+    f.add_argument("--status", type=local_path, help="a signed status report to take the "
+                   "head from (default: the newest `fleet status` kept)")
+    f.add_argument("--allow-unsigned-tail", action="store_true", help="accept entries after "
+                   "the signed head (appended since that report), marked so")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=_fleet_audit)
     f = fsub.add_parser("report", help="write the fleet summary as one self-contained HTML "
                         "page of charts (README \"Fleet report\")")
     f.add_argument("-o", "--output", type=local_path, required=True, metavar="FILE",
@@ -1426,6 +1462,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--no-tpm", action="store_true", help="do not use the TPM: show the "
                    "files on disk, marked UNVERIFIED (also what happens when it is absent)")
     a.set_defaults(func=_agent_status)
+    a = asub.add_parser("audit", help="print this device's audit log (chain and checkpoint "
+                        "verified with the TPM identity key)")
+    a.add_argument("--json", action="store_true", help="one JSON object")
+    a.set_defaults(func=_agent_audit)
     _add_boot_check(asub)
     a = asub.add_parser("check-config", help="validate the config and print every setting "
                         "with its effective value (secrets as <set>)")

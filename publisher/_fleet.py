@@ -483,6 +483,9 @@ def _judge_device(device: str, payload: bytes, enrolled: bool, fleet_dir: Path, 
                      default_poll=default_poll)
     if j.seen is not None and j.seen != seen:
         write_seen(fleet_dir, device, j.seen)
+        from modelward.publisher._audit import keep_report
+
+        keep_report(fleet_dir, device, payload)  # (its audit head, for `fleet audit`)
     return DeviceRow(device, True, j.detail, report, j.flags)
 
 

@@ -373,6 +373,23 @@ class AuditLog:
                 out["checkpoint"] = None
         return out
 
+    def segment(self) -> tuple[list[bytes], bytes | None]:
+        """The live segment's lines and its checkpoint (bounded as :meth:`chunk`).
+
+        Raises:
+            AuditLogError: a symlink, or a damaged or oversized segment.
+        """
+        lines: list[bytes] = []
+        offset: int | None = 0
+        checkpoint: bytes | None = None
+        while offset is not None:
+            c = self.chunk(offset)
+            if offset == 0 and c.get("checkpoint"):
+                checkpoint = str(c["checkpoint"]).encode()
+            lines += [e.encode() for e in c["entries"]]
+            offset = c["next"]
+        return lines, checkpoint
+
 
 def audit_chunk(state_dir: Path, offset: int, limit: int = MAX_CHUNK_ENTRIES) -> dict[str, Any]:
     """One bounded piece of the live segment, for the operator's ``fleet audit``.
