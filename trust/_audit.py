@@ -416,7 +416,8 @@ def append_event(state_dir: Path, kind: str, fields: Mapping[str, object] | None
     """
     try:
         head = AuditLog(state_dir, config, signer=signer).append(kind, fields or {})
-    except (ModelwardError, OSError) as e:  # (TpmError from the signer, AuditLogError)
+    except (ModelwardError, OSError, ValueError) as e:  # (TpmError, AuditLogError; an
+        # unknown kind is a bug, but it must not stop the model serving either)
         logger.error("audit event %s not recorded: %s", kind, e,
                      extra={"audit_kind": kind, **{k: str(v) for k, v in (fields or {}).items()
                                                   if k in ("model", "version", "fingerprint")}})
