@@ -195,8 +195,6 @@ def test_rollback_refused_is_recorded(world: World) -> None:
     assert e["kind"] == "rollback-refused" and "RollbackError" in e["fields"]["reason"]  # type: ignore[index]
 
 
-@pytest.mark.xdist_group("machine")
-@pytest.mark.machine
 def test_ten_thousand_events_stay_bounded_with_tpm_signed_checkpoints(world: World) -> None:
     w = world
     store = w.store()  # (the device's TPM, with its objects' auth value)
