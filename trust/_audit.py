@@ -298,15 +298,21 @@ class AuditLog:
                 line = make_entry(head.seq + 1, head.hash, _iso(self._clock()), kind, fields)
                 c = self.config
                 if count >= c.max_entries or size + len(line) + 1 > c.max_bytes:
+                    rotated = False
                     if self._signer is not None:
-                        self._rotate(dfd, base, head)
+                        try:
+                            self._rotate(dfd, base, head)
+                            rotated = True
+                        except ModelwardError as e:  # (the TPM did not sign: grow for now)
+                            logger.warning("audit log %s not rotated: %s", self.path, e)
+                    if rotated:
                         head, size = Head(head.seq, self._base(dfd)[0].hash), 0
                         line = make_entry(head.seq + 1, head.hash, _iso(self._clock()),
                                           kind, fields)
-                    elif count >= 2 * c.max_entries or size > 2 * c.max_bytes:
+                    elif count >= 2 * c.max_entries or size + len(line) + 1 > 2 * c.max_bytes:
                         raise AuditLogError(
-                            f"audit log {self.path} is full and no TPM is at hand to sign a "
-                            "checkpoint; event not recorded", path=str(self.path))
+                            f"audit log {self.path} is full and no TPM signed a checkpoint; "
+                            "event not recorded", path=str(self.path))
                 fd = self._open(dfd, LIVE, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
                 try:
                     data = line + b"\n"
@@ -356,6 +362,8 @@ class AuditLog:
                         budget -= len(raw)
                         if not raw or budget < 0:
                             break
+                        if not raw.endswith(b"\n") and len(raw) <= MAX_LINE_BYTES:
+                            break  # (an append in progress, or a torn line the next cuts)
                         if not raw.endswith(b"\n"):
                             raise AuditLogError(f"{self.path / LIVE} line {index + 1} is over "
                                                 f"{MAX_LINE_BYTES} bytes",

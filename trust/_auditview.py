@@ -28,7 +28,8 @@ def format_history(device: str, h: AuditHistory) -> str:
                    f"{escape(h.checkpoint_time, 40)}: verifiable as a count and the hash "
                    f"{h.dropped_head_hash}")
     for e in h.entries:
-        fields = " ".join(f"{k}={escape_ascii(v, 80)}" for k, v in sorted(e.fields.items()))
+        fields = " ".join(f"{escape_ascii(k, 32)}={escape_ascii(v, 80)}"
+                          for k, v in sorted(e.fields.items()))
         out.append(f"  {e.seq:>8} {escape(e.time, 40)} {escape(e.kind, 24)} {fields}")
     if h.unsigned:
         out.append(f"  WARNING: the last {h.unsigned} entries come after the signed head "

@@ -283,6 +283,31 @@ def test_without_a_signer_the_segment_grows_to_twice_then_refuses(tmp_path: Path
     assert len(split_lines((tmp_path / "audit" / "live.jsonl").read_bytes())) == 20
 
 
+def test_a_tpm_that_does_not_sign_does_not_lose_events(tmp_path: Path, key: Key) -> None:
+    from modelward.trust.errors import TpmUnavailableError
+
+    def broken(digest: bytes) -> bytes:
+        raise TpmUnavailableError("swtpm gone", tcti="swtpm:")
+
+    log, _ = _fill(tmp_path, 10, key, AuditConfig(max_entries=10, durable=False))
+    down = AuditLog(tmp_path, AuditConfig(max_entries=10, durable=False), signer=broken)
+    assert append_event(tmp_path, "fallback", {"model": "m"}, signer=broken,
+                        config=AuditConfig(max_entries=10, durable=False))
+    head = down.append("install", {})
+    assert head.seq == 12 and not (tmp_path / "audit" / "checkpoint.json").exists()
+    head = log.append("install", {})  # the TPM is back: it rotates now
+    lines, cp = _segment(tmp_path)
+    assert cp is not None and verify_audit(lines, cp, head, key.pem).dropped_count == 12
+
+
+def test_chunk_stops_before_a_line_being_written(tmp_path: Path, key: Key) -> None:
+    _, head = _fill(tmp_path, 3, key)
+    with open(tmp_path / "audit" / "live.jsonl", "ab") as f:
+        f.write(b'{"seq":4,')
+    c = audit_chunk(tmp_path, 0)
+    assert len(c["entries"]) == 3 and c["next"] is None
+
+
 # --- the device's files ----------------------------------------------------------------
 
 def test_symlinked_audit_dir_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture
@@ -382,3 +407,15 @@ def test_append_is_one_write_with_o_append(tmp_path: Path, monkeypatch: pytest.M
     AuditLog(tmp_path).append("install", {})
     w = [f for f in flags if f & os.O_WRONLY]
     assert w and all(f & os.O_APPEND and f & os.O_NOFOLLOW for f in w)
+
+
+def test_history_prints_device_strings_escaped(tmp_path: Path, key: Key) -> None:
+    from modelward.trust._auditview import format_history, history_json
+
+    raw = canonical({"seq": 1, "prev": GENESIS, "time": "\x1b[2Jnow", "kind": "install",
+                     "fields": {"model\n": "a\x1b]0;pwned\x07", "version": "1.0\u202e"}})
+    h = verify_audit([raw], None, Head(1, sha256_hex(raw)), key.pem)
+    text = format_history("dev-1", h)
+    assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
+    assert len(text.splitlines()) == 2  # the header and one entry: no injected line
+    assert json.loads(json.dumps(history_json("dev-1", h)))["entries"][0]["kind"] == "install"
