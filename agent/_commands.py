@@ -641,13 +641,13 @@ def audit_history(cfg: AgentConfig) -> AuditHistory:
         AuditError: the log on disk does not verify (the first bad entry named).
     """
     from modelward.trust._audit import AuditLog
-    from modelward.trust._auditchain import verify_audit
+    from modelward.trust._auditchain import verify_segments
 
-    lines, checkpoint = AuditLog(cfg.state_dir).segment()
+    segments = AuditLog(cfg.state_dir).segments()
     tpm = Tpm(cfg.tcti)
     try:
         TrustStore(cfg.state_dir, tpm)  # (the objects' auth value, as every command)
         pem = tpm.identity_public_pem()
     finally:
         tpm.close()
-    return verify_audit(lines, checkpoint, None, pem, allow_tail=True)
+    return verify_segments(segments, None, pem, allow_tail=True)

@@ -27,6 +27,7 @@ from modelward.trust._auditchain import (
     AuditHistory,
     Head,
     split_lines,
+    verify_segments,
 )
 from modelward.trust._auditchain import verify_audit as verify_audit
 from modelward.trust._auditview import format_history as format_history
@@ -91,22 +92,32 @@ def signed_head(fleet_dir: Path, device: str, status: Path | None = None) -> tup
     return Head.from_json(report["audit"]), str(report.get("at", ""))
 
 
-def read_exported(log: Path, checkpoint: Path | None = None) -> tuple[list[bytes], bytes | None]:
-    """The lines and the checkpoint of an exported log: ``log`` is a copy of the audit
-    directory (``live.jsonl`` and ``checkpoint.json`` in it) or a ``live.jsonl`` file.
+def read_exported(log: Path, checkpoint: Path | None = None
+                  ) -> list[tuple[list[bytes], bytes | None, str]]:
+    """The segments of an exported log, oldest first, each ``(lines, checkpoint, name)``:
+    ``log`` is a copy of the audit directory (``old.jsonl`` with ``old-checkpoint.json``
+    if the device kept an older segment, then ``live.jsonl`` with ``checkpoint.json``) or
+    one ``live.jsonl`` file (its checkpoint given with ``checkpoint``).
 
     Raises:
         OperatorInputError: missing, a symlink, or over the bounds.
     """
     if log.is_dir() and not log.is_symlink():
+        out: list[tuple[list[bytes], bytes | None, str]] = []
+        old = log / "old.jsonl"
+        if old.exists() and checkpoint is None:
+            old_cp = log / "old-checkpoint.json"
+            out.append((split_lines(_read(old, MAX_LOG_BYTES, "audit log")),
+                        _read(old_cp, MAX_CHECKPOINT_BYTES, "audit checkpoint")
+                        if old_cp.exists() else None, "old.jsonl"))
         live = log / "live.jsonl"
         data = _read(live, MAX_LOG_BYTES, "audit log") if live.exists() else b""
         cp = checkpoint or (log / "checkpoint.json")
         cp_data = _read(cp, MAX_CHECKPOINT_BYTES, "audit checkpoint") if cp.exists() else None
-        return split_lines(data), cp_data
+        return [*out, (split_lines(data), cp_data, "")]
     data = _read(log, MAX_LOG_BYTES, "audit log")
     cp_data = _read(checkpoint, MAX_CHECKPOINT_BYTES, "audit checkpoint") if checkpoint else None
-    return split_lines(data), cp_data
+    return [(split_lines(data), cp_data, "")]
 
 
 def audit_device(fleet_dir: Path, device: str, log: Path, *, checkpoint: Path | None = None,
@@ -118,6 +129,6 @@ def audit_device(fleet_dir: Path, device: str, log: Path, *, checkpoint: Path | 
         AuditError: the log does not verify (the first bad entry named).
     """
     head, _at = signed_head(fleet_dir, device, status)
-    lines, cp = read_exported(log, checkpoint)
+    segments = read_exported(log, checkpoint)
     pem = _read(fleet_dir / "devices" / f"{device}.pem", 16 * 1024, "enrolled key")
-    return verify_audit(lines, cp, head, pem, allow_tail=allow_tail)
+    return verify_segments(segments, head, pem, allow_tail=allow_tail)

@@ -40,6 +40,7 @@ from modelward.trust._auditchain import (
     MAX_CHECKPOINT_BYTES,
     MAX_LINE_BYTES,
     Head,
+    chain,
     checkpoint_body,
     checkpoint_digest,
     checkpoint_hash,
@@ -48,6 +49,7 @@ from modelward.trust._auditchain import (
     parse_entry,
     sha256_hex,
     signed_checkpoint,
+    split_lines,
 )
 from modelward.trust._plain import Frozen
 from modelward.trust.errors import AuditError, AuditLogError, ModelwardError
@@ -329,7 +331,22 @@ class AuditLog:
         return Head(head.seq + 1, sha256_hex(line))
 
     def _rotate(self, dfd: int, base: Head, head: Head) -> None:
+        """Sign a checkpoint over the live segment and start a new one, only if the
+        segment chains from its checkpoint to ``head``: a checkpoint must never vouch for
+        entries edited on disk (they stay in the live segment, as evidence, and the
+        segment grows to twice its bound, then appends are refused)."""
         assert self._signer is not None
+        data = self._read_small(dfd, LIVE, 2 * self.config.max_bytes + MAX_LINE_BYTES + 1)
+        try:
+            entries = chain(split_lines(data or b""), base)
+        except AuditError as e:
+            raise AuditLogError(f"the live segment {self.path / LIVE} does not verify, so no "
+                                f"checkpoint is signed over it: {e}",
+                                path=str(self.path / LIVE)) from e
+        last = Head(entries[-1].seq, entries[-1].hash) if entries else base
+        if last != head:
+            raise AuditLogError(f"the live segment {self.path / LIVE} changed while it was "
+                                "rotated", path=str(self.path / LIVE))
         body = checkpoint_body(head.seq, head.hash, head.seq, _iso(self._clock()), base.hash)
         sig = self._signer(checkpoint_digest(body))
         self._write_small(dfd, NEXT, signed_checkpoint(body, sig))
@@ -397,6 +414,25 @@ class AuditLog:
             lines += [e.encode() for e in c["entries"]]
             offset = c["next"]
         return lines, checkpoint
+
+    def segments(self) -> list[tuple[list[bytes], bytes | None, str]]:
+        """The kept older segment (if any) and the live one, oldest first, as
+        :func:`~modelward.trust._auditchain.verify_segments` takes them.
+
+        Raises:
+            AuditLogError: a symlink, or a damaged or oversized segment.
+        """
+        out: list[tuple[list[bytes], bytes | None, str]] = []
+        try:
+            with self._dir(create=False) as dfd:
+                old = self._read_small(dfd, OLD, 2 * self.config.max_bytes + MAX_LINE_BYTES)
+                if old is not None:
+                    out.append((split_lines(old), self._read_small(
+                        dfd, OLD_CHECKPOINT, MAX_CHECKPOINT_BYTES), OLD))
+        except FileNotFoundError:
+            pass
+        lines, checkpoint = self.segment()
+        return [*out, (lines, checkpoint, "")]
 
 
 def audit_chunk(state_dir: Path, offset: int, limit: int = MAX_CHUNK_ENTRIES) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from modelward.trust._bounded import loads_bounded
@@ -146,32 +146,34 @@ def make_entry(seq: int, prev: str, time: str, kind: str,
                       "fields": clean_fields(fields)})
 
 
-def _bad(line: int, seq: int | None, reason: str, message: str) -> AuditError:
-    where = f"entry seq {seq} (line {line})" if seq is not None else f"line {line}"
+def _bad(line: int, seq: int | None, reason: str, message: str, name: str = "") -> AuditError:
+    at = f"{name} line {line}" if name else f"line {line}"
+    where = f"entry seq {seq} ({at})" if seq is not None else at
     return AuditError(f"audit log: {where}: {message}", seq=seq, line=line, reason=reason)
 
 
-def parse_entry(raw: bytes, line: int, expected_seq: int) -> Entry:
-    """One line of a segment, checked for shape and canonical form (not yet the chain).
+def parse_entry(raw: bytes, line: int, expected_seq: int, name: str = "") -> Entry:
+    """One line of a segment (file ``name``, for the messages), checked for shape and
+    canonical form (not yet the chain).
 
     Raises:
         AuditError: too long, not JSON, not the entry shape, or not canonical (edited).
     """
     if len(raw) > MAX_LINE_BYTES:
-        raise _bad(line, expected_seq, "too-large", f"over {MAX_LINE_BYTES} bytes")
+        raise _bad(line, expected_seq, "too-large", f"over {MAX_LINE_BYTES} bytes", name)
     try:
         doc = loads_bounded(raw, max_bytes=MAX_LINE_BYTES, max_depth=2, what="an audit entry")
     except ValueError as e:
-        raise _bad(line, expected_seq, "malformed", f"not an entry ({e})") from e
+        raise _bad(line, expected_seq, "malformed", f"not an entry ({e})", name) from e
     if not (isinstance(doc, dict) and set(doc) == _ENTRY_KEYS
             and type(doc["seq"]) is int and 1 <= doc["seq"] <= MAX_SEQ
             and isinstance(doc["prev"], str) and _HEX64.fullmatch(doc["prev"])
             and isinstance(doc["time"], str) and doc["kind"] in KINDS
             and isinstance(doc["fields"], dict)
             and all(isinstance(v, str) for v in doc["fields"].values())):
-        raise _bad(line, expected_seq, "malformed", "not the shape of an audit entry")
+        raise _bad(line, expected_seq, "malformed", "not the shape of an audit entry", name)
     if canonical(doc) != raw:
-        raise _bad(line, doc["seq"], "edited", "not in canonical form (altered)")
+        raise _bad(line, doc["seq"], "edited", "not in canonical form (altered)", name)
     return Entry(doc["seq"], doc["prev"], doc["time"], doc["kind"], dict(doc["fields"]),
                  sha256_hex(raw), line)
 
@@ -310,6 +312,45 @@ def split_lines(data: bytes) -> list[bytes]:
     return lines
 
 
+def chain(lines: Iterable[bytes], base: Head, name: str = "") -> list[Entry]:
+    """The entries of ``lines`` when each one is well formed and chains from the one
+    before it (the first from ``base``: the segment's checkpoint, or seq 0 and
+    :data:`GENESIS`). The device checks this before it signs a checkpoint over a segment;
+    the operator before it compares the head.
+
+    Args:
+        name: the segment's file name, for the messages ("" for the live segment).
+
+    Raises:
+        AuditError: the first bad entry (size, shape, canonical form, ``seq`` not
+            continuing by one, ``prev`` not the previous entry's hash).
+    """
+    entries: list[Entry] = []
+    prev = base
+    for i, raw in enumerate(lines, start=1):
+        if i > MAX_VERIFY_ENTRIES:
+            raise _bad(i, prev.seq + 1, "too-large", f"over {MAX_VERIFY_ENTRIES} entries",
+                       name)
+        e = parse_entry(raw, i, prev.seq + 1, name)
+        if e.seq != prev.seq + 1:
+            what = ("deleted: seq " + (f"{prev.seq + 1}" if e.seq == prev.seq + 2 else
+                                       f"{prev.seq + 1} to {e.seq - 1}") + " missing"
+                    if e.seq > prev.seq + 1 else
+                    f"reordered or duplicated: seq {e.seq} after seq {prev.seq}")
+            raise _bad(i, prev.seq + 1, "deleted" if e.seq > prev.seq else "reordered",
+                       f"expected seq {prev.seq + 1}, found {e.seq} ({what})", name)
+        if e.prev != prev.hash:
+            if entries:  # (the previous entry's bytes, or this one's prev, were altered)
+                raise _bad(i - 1, prev.seq, "edited",
+                           f"its hash is not what seq {e.seq} chains from (edited)", name)
+            raise _bad(i, e.seq, "edited",
+                       "does not chain from the checkpoint (edited, or from another log)",
+                       name)
+        entries.append(e)
+        prev = Head(e.seq, e.hash)
+    return entries
+
+
 def verify_audit(lines: Iterable[bytes], checkpoint: bytes | None, signed_head: Head | None,
                  identity_pem: bytes, *, allow_tail: bool = False) -> AuditHistory:
     """Verify a segment against its checkpoint and the head the device signed.
@@ -332,34 +373,64 @@ def verify_audit(lines: Iterable[bytes], checkpoint: bytes | None, signed_head: 
     Raises:
         AuditError: the first fault, with its ``seq``, ``line`` and ``reason``.
     """
-    if checkpoint is not None:
-        body = check_checkpoint(checkpoint, identity_pem)
-        base = Head(body["seq"], checkpoint_hash(body))
-        dropped, dropped_hash, cp_time = body["seq"], body["dropped_head_hash"], body["time"]
-    else:
-        base, dropped, dropped_hash, cp_time = Head(0, GENESIS), 0, GENESIS, ""
+    return verify_segments([(lines, checkpoint, "")], signed_head, identity_pem,
+                           allow_tail=allow_tail)
+
+
+def verify_segments(segments: Sequence[tuple[Iterable[bytes], bytes | None, str]],
+                    signed_head: Head | None, identity_pem: bytes, *,
+                    allow_tail: bool = False) -> AuditHistory:
+    """:func:`verify_audit` over consecutive segments, oldest first (the kept
+    ``old.jsonl`` with ``old-checkpoint.json``, then the live one with its checkpoint).
+
+    Each later segment's checkpoint must be signed and stand for exactly the segment
+    before it: its ``seq`` and ``dropped_head_hash`` that segment's last entry, its
+    ``prev_checkpoint`` that segment's checkpoint. So a head the device signed before its
+    last rotation is checked in the older segment, where it lies.
+
+    Args:
+        segments: ``(lines, checkpoint, name)`` each; ``name`` labels the messages.
+
+    Raises:
+        AuditError: the first fault (a checkpoint that does not follow the segment before
+            it: ``checkpoint-mismatch``).
+    """
     entries: list[Entry] = []
-    prev = base
-    for i, raw in enumerate(lines, start=1):
-        if i > MAX_VERIFY_ENTRIES:
-            raise _bad(i, prev.seq + 1, "too-large", f"over {MAX_VERIFY_ENTRIES} entries")
-        e = parse_entry(raw, i, prev.seq + 1)
-        if e.seq != prev.seq + 1:
-            what = ("deleted: seq " + (f"{prev.seq + 1}" if e.seq == prev.seq + 2 else
-                                       f"{prev.seq + 1} to {e.seq - 1}") + " missing"
-                    if e.seq > prev.seq + 1 else
-                    f"reordered or duplicated: seq {e.seq} after seq {prev.seq}")
-            raise _bad(i, prev.seq + 1, "deleted" if e.seq > prev.seq else "reordered",
-                       f"expected seq {prev.seq + 1}, found {e.seq} ({what})")
-        if e.prev != prev.hash:
-            if entries:  # (the previous entry's bytes, or this one's prev, were altered)
-                raise _bad(i - 1, prev.seq, "edited",
-                           f"its hash is not what seq {e.seq} chains from (edited)")
-            raise _bad(i, e.seq, "edited",
-                       "does not chain from the checkpoint (edited, or from another log)")
-        entries.append(e)
-        prev = Head(e.seq, e.hash)
-    head, n = prev, len(entries)
+    first: Head | None = None
+    dropped, dropped_hash, cp_time = 0, GENESIS, ""
+    prev_base, prev_head = Head(0, GENESIS), Head(0, GENESIS)
+    names: list[str] = []  # each entry's segment, for the messages
+    last_name, last_len = "", 0
+    for k, (lines, checkpoint, name) in enumerate(segments):
+        if checkpoint is not None:
+            body = check_checkpoint(checkpoint, identity_pem)
+            base = Head(body["seq"], checkpoint_hash(body))
+            if k and (body["seq"] != prev_head.seq
+                      or body["dropped_head_hash"] != prev_head.hash
+                      or body["prev_checkpoint"] != prev_base.hash):
+                raise AuditError(
+                    f"audit log: the checkpoint of {name or 'the live segment'} (seq "
+                    f"{body['seq']}) does not stand for the segment before it (which ends "
+                    f"at seq {prev_head.seq}): a segment replaced or rewritten",
+                    seq=prev_head.seq, line=0, reason="checkpoint-mismatch")
+        elif k:
+            raise AuditError(f"audit log: {name or 'the live segment'} has no checkpoint "
+                             "but follows an older segment", seq=None, line=0,
+                             reason="checkpoint-mismatch")
+        else:
+            base, body = Head(0, GENESIS), None
+        if first is None:
+            first = base
+            if body is not None:
+                dropped, dropped_hash, cp_time = (body["seq"], body["dropped_head_hash"],
+                                                  body["time"])
+        seg = chain(lines, base, name)
+        entries += seg
+        names += [name] * len(seg)
+        last_name, last_len = name, len(seg)
+        prev_base, prev_head = base, (Head(seg[-1].seq, seg[-1].hash) if seg else base)
+    base = first or Head(0, GENESIS)
+    head, n = prev_head, len(entries)
     if signed_head is None:
         return AuditHistory(dropped, dropped_hash, cp_time, tuple(entries), head, None, n)
     if signed_head.seq < base.seq or (signed_head.seq == base.seq
@@ -369,19 +440,21 @@ def verify_audit(lines: Iterable[bytes], checkpoint: bytes | None, signed_head: 
             f"checkpoint (seq {base.seq}) and is not it: an older status report, or a "
             "rewritten history", seq=signed_head.seq, line=0, reason="head-mismatch")
     if signed_head.seq > head.seq:
-        raise _bad(n + 1, head.seq + 1, "truncated",
+        raise _bad(last_len + 1, head.seq + 1, "truncated",
                    f"missing: the log ends at seq {head.seq}, the device signed seq "
-                   f"{signed_head.seq} as its head (truncated)")
+                   f"{signed_head.seq} as its head (truncated)", last_name)
     at = signed_head.seq - base.seq  # entries up to the signed head
+    # (a checkpoint between segments is not an entry: the signed head names an entry, or
+    # the first segment's checkpoint)
     signed_hash = entries[at - 1].hash if at else base.hash
     if signed_hash != signed_head.hash:
         line = entries[at - 1].line if at else 0
         raise _bad(line, signed_head.seq, "head-mismatch",
                    "differs from the head the device signed (edited, or the log was "
-                   "rewritten before it)")
+                   "rewritten before it)", names[at - 1] if at else "")
     if at < n and not allow_tail:
         raise _bad(entries[at].line, entries[at].seq, "unsigned-tail",
                    f"comes after the signed head (seq {signed_head.seq}): no signed report "
-                   "vouches for it")
+                   "vouches for it", names[at])
     return AuditHistory(dropped, dropped_hash, cp_time, tuple(entries), head,
                         signed_head.seq, n - at)

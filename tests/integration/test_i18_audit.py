@@ -18,7 +18,7 @@ from modelward.agent._commands import signed_report
 from modelward.publisher._fleet import add_device, judge_fleet
 from modelward.simulator._attacks import RepoAttacker
 from modelward.trust._audit import AuditConfig, AuditLog
-from modelward.trust._auditchain import Head, split_lines, verify_audit
+from modelward.trust._auditchain import Head, split_lines, verify_audit, verify_segments
 from modelward.trust._tpm import Tpm
 from modelward.trust.errors import AuditError
 from modelward.updater.errors import HealthCheckError, RollbackError, TargetHashError
@@ -227,6 +227,13 @@ def test_ten_thousand_events_stay_bounded_with_tpm_signed_checkpoints(world: Wor
                        (a / "old-checkpoint.json").read_bytes(),
                        Head(h.dropped_count, h.dropped_head_hash), pem)
     assert old.head.seq == h.dropped_count
+    # a head the device signed before its last rotation: checked in the older segment,
+    # across the TPM-signed checkpoint between the two (what `fleet audit DIR` reads)
+    earlier = old.entries[len(old.entries) // 2]
+    both = verify_segments(AuditLog(w.state).segments(), Head(earlier.seq, earlier.hash),
+                           pem, allow_tail=True)
+    assert both.signed == earlier.seq and both.head == head
+    assert len(both.entries) == len(old.entries) + len(h.entries)
     forged = (a / "checkpoint.json").read_bytes().replace(b'"seq":', b'"seq":1', 1)
     with pytest.raises(AuditError):
         verify_audit(split_lines((a / "live.jsonl").read_bytes()), forged, head, pem)

@@ -36,6 +36,7 @@ from modelward.trust._auditchain import (
     signed_checkpoint,
     split_lines,
     verify_audit,
+    verify_segments,
 )
 from modelward.trust.errors import AuditError, AuditLogError
 
@@ -419,3 +420,81 @@ def test_history_prints_device_strings_escaped(tmp_path: Path, key: Key) -> None
     assert "\x1b" not in text and "\x07" not in text and "\u202e" not in text
     assert len(text.splitlines()) == 2  # the header and one entry: no injected line
     assert json.loads(json.dumps(history_json("dev-1", h)))["entries"][0]["kind"] == "install"
+
+
+# --- rotation and the kept older segment ---------------------------------------------------
+
+def _both(state: Path) -> list[tuple[list[bytes], bytes | None, str]]:
+    return AuditLog(state).segments()
+
+
+def test_no_checkpoint_is_signed_over_an_edited_segment(tmp_path: Path, key: Key) -> None:
+    """Root on the disk edits an entry before the segment rotates: the device does not
+    launder the edit into a signed checkpoint; the edited segment stays as evidence."""
+    cfg = AuditConfig(max_entries=5, durable=False)
+    log, head = _fill(tmp_path, 5, key, cfg)
+    live = tmp_path / "audit" / "live.jsonl"
+    lines = split_lines(live.read_bytes())
+    doc = json.loads(lines[1])
+    doc["fields"]["version"] = "6.6.6"
+    lines[1] = _reline(doc)
+    live.write_bytes(b"".join(x + b"\n" for x in lines))
+    log.append("install", {"model": "classifier"})  # would rotate: refused, appended
+    assert not (tmp_path / "audit" / "checkpoint.json").exists()
+    assert not (tmp_path / "audit" / "old.jsonl").exists()
+    kept = split_lines(live.read_bytes())
+    assert kept[1] == lines[1] and len(kept) == 6  # the evidence is still there
+    e = _fails(kept, None, head, key)
+    assert (e.seq, e.line, e.reason) == (2, 2, "edited")
+
+
+def test_head_signed_before_the_last_rotation_is_found_in_the_older_segment(
+        tmp_path: Path, key: Key) -> None:
+    cfg = AuditConfig(max_entries=5, durable=False)
+    log, _ = _fill(tmp_path, 4, key, cfg)
+    signed = log.head()  # the device's last report before the rotation
+    _, head = _fill(tmp_path, 3, key, cfg)  # seq 5..7: rotates at seq 5
+    segs = _both(tmp_path)
+    assert [s[2] for s in segs] == ["old.jsonl", ""]
+    h = verify_segments(segs, signed, key.pem, allow_tail=True)
+    assert (h.signed, h.unsigned, h.head) == (4, 3, head)
+    assert [e.seq for e in h.entries] == [1, 2, 3, 4, 5, 6, 7]
+    with pytest.raises(AuditError) as ei:
+        verify_segments(segs, signed, key.pem)
+    assert (ei.value.seq, ei.value.line, ei.value.reason) == (5, 5, "unsigned-tail")
+    assert "old.jsonl line 5" in str(ei.value)
+    # only the live segment: that head lies before its checkpoint
+    with pytest.raises(AuditError, match="before the checkpoint"):
+        verify_segments(segs[1:], signed, key.pem, allow_tail=True)
+
+
+def test_edited_or_replaced_older_segment_is_named(tmp_path: Path, key: Key) -> None:
+    cfg = AuditConfig(max_entries=5, durable=False)
+    _, head = _fill(tmp_path, 8, key, cfg)
+    (old_lines, old_cp, name), live = _both(tmp_path)
+    doc = json.loads(old_lines[2])
+    doc["kind"] = "activation"
+    edited = [*old_lines[:2], _reline(doc), *old_lines[3:]]
+    with pytest.raises(AuditError) as ei:
+        verify_segments([(edited, old_cp, name), live], head, key.pem)
+    assert (ei.value.seq, ei.value.line, ei.value.reason) == (3, 3, "edited")
+    assert "old.jsonl line 3" in str(ei.value)
+    # the older segment cut short (consistently): the live checkpoint does not follow it
+    with pytest.raises(AuditError) as ei:
+        verify_segments([(old_lines[:3], old_cp, name), live], head, key.pem)
+    assert ei.value.reason == "checkpoint-mismatch"
+    # an older segment without the live checkpoint after it
+    with pytest.raises(AuditError, match="no checkpoint"):
+        verify_segments([(old_lines, old_cp, name), (live[0], None, "")], head, key.pem)
+
+
+def test_fleet_audit_reads_the_older_segment_of_an_exported_dir(tmp_path: Path,
+                                                                key: Key) -> None:
+    from modelward.publisher._audit import read_exported
+
+    _fill(tmp_path, 8, key, AuditConfig(max_entries=5, durable=False))
+    assert read_exported(tmp_path / "audit") == _both(tmp_path)
+    assert [s[2] for s in read_exported(tmp_path / "audit")] == ["old.jsonl", ""]
+    only_live = read_exported(tmp_path / "audit" / "live.jsonl",
+                              tmp_path / "audit" / "checkpoint.json")
+    assert only_live == _both(tmp_path)[1:]

@@ -14,7 +14,7 @@ from modelward.trust._auditchain import (
 )
 from modelward.trust._record import ModelRef
 from modelward.trust._tpm import TpmInterface
-from modelward.trust.errors import ModelwardError, UntrustedRemoteError
+from modelward.trust.errors import UntrustedRemoteError
 from modelward.updater.errors import HealthCheckError, RollbackError, StagedFilesChangedError
 
 
@@ -44,11 +44,4 @@ def reason(e: BaseException) -> str:
 
 def record(state_dir: Path, tpm: TpmInterface | None, kind: str, **fields: object) -> bool:
     """Append one event; the TPM identity key signs a checkpoint if the log rotates."""
-    signer = None
-    if tpm is not None:
-        def signer(digest: bytes) -> bytes:
-            return tpm.sign(digest)
-    try:
-        return append_event(state_dir, kind, fields, signer=signer)
-    except ModelwardError:  # pragma: no cover - append_event logs and returns False
-        return False
+    return append_event(state_dir, kind, fields, signer=tpm.sign if tpm is not None else None)
