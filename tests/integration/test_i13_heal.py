@@ -47,11 +47,14 @@ def _record(w: World) -> dict[str, object]:
 
 
 def _files(root: Path) -> dict[str, bytes | str]:
-    """Every file (bytes) and symlink (target) under ``root``, for "nothing moved"."""
+    """Every file (bytes) and symlink (target) under ``root``, for "nothing moved" (the
+    audit trail excepted: a refusal is recorded there, :func:`_audited`)."""
     out: dict[str, bytes | str] = {}
     if root.exists():
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
+            if rel == "audit" or rel.startswith("audit/"):
+                continue
             if p.is_symlink():
                 out[rel] = str(p.readlink())
             elif p.is_file() and rel not in ("status.json", "journal.json"):
@@ -70,6 +73,13 @@ def _boot_check_refuses(w: World, cause: type[Exception]) -> None:
         run_boot_check(w.cfg)
     assert isinstance(ei.value.__cause__, cause)
     assert (_files(w.state), _counter(w), _anchor(w)) == (before, counter, anchor)
+    assert _audited(w) == ("nothing-trusted", "TrustStateLostError")
+
+
+def _audited(w: World) -> tuple[str, str]:
+    """The newest audit entry's kind and the error type its reason names."""
+    last = json.loads((w.state / "audit" / "live.jsonl").read_bytes().splitlines()[-1])
+    return last["kind"], last["fields"]["reason"].split(":")[0]
 
 
 def _heals_to(w: World, version: str) -> None:
