@@ -29,12 +29,14 @@ from types import FrameType
 from modelward.agent._child import EXIT_BUSY, TIMESTAMP_LINE
 from modelward.agent._config import AgentConfig
 from modelward.agent._notify import Notifier
+from modelward.agent._rpc import Handler, RpcServer, child_handler
 from modelward.agent._schedule import Schedule
 from modelward.agent._status import read_status
 from modelward.trust._bounded import read_json_file
 from modelward.trust.errors import TransportError
 from modelward.updater.install._journal import MAX_JOURNAL_BYTES
 from modelward.updater.transport._mqttconn import AnnouncementListener
+from modelward.updater.transport._rpc import req_topic, resp_topic
 
 logger = logging.getLogger("modelward.agent")
 
@@ -101,6 +103,9 @@ class Daemon:
         self._busy_told = False  # the skips for another command's lock were logged
         self._told_handled: int | None = None  # the handled version last logged
         self.verified: int | None = None  # the timestamp version the last attempt verified
+        #: kind -> handler of operator requests (None: ``agent._rpc.child_handler``)
+        self.rpc_handlers: Mapping[str, Handler] | None = None
+        self.rpc: RpcServer | None = None
 
     def _on_announce(self, version: int) -> None:
         share = random.random()  # noqa: S311 - a spread, not a secret
@@ -124,10 +129,38 @@ class Daemon:
         mq = self.cfg.updater.mqtt
         if mq is None or self._listener is not None:
             return
+        rpc = self._ensure_rpc()
         try:
-            self._listener = AnnouncementListener(mq, self._on_announce)
+            self._listener = AnnouncementListener(mq, self._on_announce, rpc.on_message,
+                                                  rpc.topic)
         except TransportError as e:
             logger.warning("cannot listen for announcements yet: %s", e)
+
+    def _ensure_rpc(self) -> RpcServer:
+        """The server of operator requests (attest, audit), answering on this device's own
+        response topic through the listener connection."""
+        if self.rpc is not None:
+            return self.rpc
+        mq = self.cfg.updater.mqtt
+        assert mq is not None
+        prefix = mq.topic("").rstrip("/")
+        resp = resp_topic(prefix, self.cfg.device_id)
+
+        def send(payload: bytes, correlation: bytes) -> None:
+            listener = self._listener
+            if listener is None:
+                return
+            try:
+                listener.answer(resp, payload, correlation)
+            except TransportError as e:
+                logger.warning("cannot answer the operator: %s", e)
+
+        handlers = self.rpc_handlers
+        if handlers is None:
+            h = child_handler(self.cfg.path, self.env)
+            handlers = {"attest": h, "audit": h}
+        self.rpc = RpcServer(req_topic(prefix, self.cfg.device_id), send, handlers)
+        return self.rpc
 
     def request_stop(self, signum: int = 0, _frame: FrameType | None = None) -> None:
         """Stop after the current step (SIGTERM/SIGINT handler)."""
@@ -271,6 +304,8 @@ class Daemon:
         self.notifier.stopping()
         if self._listener is not None:
             self._listener.close()
+        if self.rpc is not None:
+            self.rpc.close()
 
 
 def run_daemon(cfg: AgentConfig, env: Mapping[str, str]) -> None:

@@ -16,7 +16,10 @@ Topics (design.md "Transports"), under ``modelward/<fleet>/``:
   check) is what binds a request to its sender: the bridge answers only on
   ``devices/<device>/repo/resp``, and the ACL lets a device write only its own id;
 * ``devices/<device>/repo/resp`` - the bridges write, that device reads;
-* ``devices/<device>/status`` - that device writes (retained), the operator reads.
+* ``devices/<device>/status`` - that device writes (retained), the operator reads;
+* ``devices/<device>/rpc/req`` - the operator writes (attest and audit requests), that
+  device's listener reads; ``devices/<device>/rpc/resp`` - that listener writes its
+  answers, the operator reads (``modelward.updater.transport._rpc``).
 
 A device may read no topic it may write: nothing it publishes comes back to one of its
 own sessions, so it cannot fill a parked session of its own with whatever it sends
@@ -123,16 +126,31 @@ def roles(fleet: str, devices: list[str]) -> list[dict[str, object]]:
         # The operator announces and watches the fleet.
         {"rolename": OPERATOR_USER,
          "acls": [_acl("publishClientSend", f"{f}/announce"),
-                  *_reads(f"{f}/devices/+/status")]},
+                  *_reads(f"{f}/devices/+/status"), *operator_rpc_acls(f)]},
     ]
     for d in devices:
         out.append({"rolename": listen_role(d),
                     "acls": [*_reads(f"{f}/announce"),
-                             _acl("publishClientSend", f"{f}/devices/{d}/status")]})
+                             _acl("publishClientSend", f"{f}/devices/{d}/status"),
+                             *device_rpc_acls(f, d)]})
         out.append({"rolename": fetch_role(d),
                     "acls": [_acl("publishClientSend", f"{f}/repo/req/{d}"),
                              *_reads(f"{f}/devices/{d}/repo/resp")]})
     return out
+
+
+def operator_rpc_acls(prefix: str) -> list[dict[str, object]]:
+    """The operator's side of the request channel (``modelward.updater.transport._rpc``):
+    it writes any device's ``rpc/req`` and reads every ``rpc/resp``, never a request."""
+    return [_acl("publishClientSend", f"{prefix}/devices/+/rpc/req"),
+            *_reads(f"{prefix}/devices/+/rpc/resp")]
+
+
+def device_rpc_acls(prefix: str, device: str) -> list[dict[str, object]]:
+    """A device listener's side of the request channel: it reads only its own
+    ``rpc/req`` and writes only its own ``rpc/resp`` (it reads no topic it writes)."""
+    return [*_reads(f"{prefix}/devices/{device}/rpc/req"),
+            _acl("publishClientSend", f"{prefix}/devices/{device}/rpc/resp")]
 
 
 def listen_role(device: str) -> str:

@@ -354,7 +354,9 @@ def publish_properties() -> Properties:
     return Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
 
 
-ANNOUNCE_MAX_PACKET = 64 * 1024  # an announcement is a line of JSON
+ANNOUNCE_MAX_PACKET = 64 * 1024  # an announcement is a line of JSON (or an operator request)
+#: (topic, payload, retained, correlation data) of a PUBLISH on the request topic.
+RequestCallback = Callable[[str, bytes, bool, "bytes | None"], None]
 
 
 class AnnouncementListener:
@@ -364,12 +366,26 @@ class AnnouncementListener:
     sooner; TUF decides what, if anything, is new.
     """
 
-    def __init__(self, cfg: MqttConfig, on_announce: Callable[[int], None]) -> None:
+    def __init__(self, cfg: MqttConfig, on_announce: Callable[[int], None],
+                 on_request: RequestCallback | None = None,
+                 request_topic: str | None = None) -> None:
         self._cb = on_announce
-        self._conn = device_connection(cfg, "listen", [cfg.topic("announce")],
-                                       self._on_message, max_packet_size=ANNOUNCE_MAX_PACKET)
+        self._announce = cfg.topic("announce")
+        self._on_request = on_request
+        subs = [self._announce]
+        if on_request is not None and request_topic:
+            subs.append(request_topic)  # (a broker whose ACL predates it refuses: logged)
+        self._conn = device_connection(cfg, "listen", subs, self._on_message,
+                                       max_packet_size=ANNOUNCE_MAX_PACKET)
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
+        if msg.topic != self._announce:
+            if self._on_request is not None:  # (it checks the topic and the bounds)
+                props = getattr(msg, "properties", None)
+                corr = getattr(props, "CorrelationData", None) if props is not None else None
+                self._on_request(msg.topic, bytes(msg.payload), bool(msg.retain),
+                                 corr if isinstance(corr, bytes) else None)
+            return
         try:
             doc = loads_bounded(msg.payload, max_bytes=ANNOUNCE_MAX_PACKET, max_depth=2,
                                 what=f"the announcement on {msg.topic}")
@@ -393,6 +409,16 @@ class AnnouncementListener:
             TransportError: refused or not acknowledged.
         """
         self._conn.publish(topic, payload, retain=retain, wait=True)
+
+    def answer(self, topic: str, payload: bytes, correlation: bytes) -> None:
+        """Publish an answer chunk with its request's correlation data (not retained).
+
+        Raises:
+            TransportError: refused or not acknowledged.
+        """
+        props = publish_properties()
+        props.CorrelationData = correlation
+        self._conn.publish(topic, payload, props=props, wait=True)
 
     def close(self) -> None:
         """Disconnect."""
