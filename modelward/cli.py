@@ -702,6 +702,149 @@ def _fleet_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+def _add_attest_parsers(fsub: Any) -> None:
+    """``fleet attest`` and ``fleet audit`` (the request channel to devices)."""
+    from modelward._inputs import number
+
+    f = fsub.add_parser("attest", help="ask devices for a TPM-signed answer over MQTT and "
+                        "verify which model each runs (docs/attestation.md)")
+    which = f.add_mutually_exclusive_group(required=True)
+    which.add_argument("--device", action="append", metavar="ID",
+                       help="a device to attest (repeatable)")
+    which.add_argument("--all", action="store_true", help="every enrolled device")
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--timeout", type=number(0, 600, above=True), default=10.0,
+                   help="seconds each device may take to answer")
+    _add_fleet_view_options(f, "the repository whose signed releases name the attested "
+                            "fingerprints (required)")
+    f.set_defaults(func=_fleet_attest)
+    f = fsub.add_parser("audit", help="fetch a device's audit log over MQTT (chunked, "
+                        "bounded) and verify it")
+    f.add_argument("--device", required=True, metavar="ID")
+    f.add_argument("--json", action="store_true")
+    f.add_argument("--timeout", type=number(0, 600, above=True), default=10.0,
+                   help="seconds the device may take for each chunk")
+    _add_fleet_view_options(f, "unused by audit")
+    f.set_defaults(func=_fleet_audit)
+
+
+def _attest_targets(args: argparse.Namespace) -> list[str]:
+    from modelward.publisher._broker_config import check_id
+    from modelward.publisher._fleet import enrolled_devices
+    from modelward.trust.errors import OperatorInputError
+
+    known = enrolled_devices(args.fleet_dir)
+    if args.all:
+        if not known:
+            raise OperatorInputError(f"--fleet-dir {args.fleet_dir} has no enrolled devices")
+        return known
+    out: list[str] = []
+    for d in args.device:
+        check_id("--device", d)
+        if d not in known:
+            raise OperatorInputError(f"--device {d}: not enrolled in {args.fleet_dir}",
+                                     hint="fleet add-device it first")
+        if d not in out:
+            out.append(d)
+    return out
+
+
+def _attest_line(row: Any) -> str:
+    from modelward.trust._display import escape
+
+    if row.attested is None:
+        detail = f" ({escape(row.detail)[:300]})" if row.detail and \
+            row.detail != row.reason else ""
+        return f"{row.device}: FAILED: {row.reason}{detail}"
+    a = row.attested
+    fp = str(getattr(a, "fingerprint", "?"))
+    since = getattr(a, "since", None)
+    reason = getattr(a, "reason", None)
+    if isinstance(since, dict):
+        reason, since = since.get("reason", reason), since.get("at", since.get("time"))
+    when = f", since {escape(str(reason or 'event'))} at {escape(str(since))}" \
+        if since is not None else ""
+    return (f"{row.device}: attested: {escape(str(getattr(a, 'name', '?')))} "
+            f"{escape(str(getattr(a, 'version', '?')))} (fingerprint {escape(fp[:16])}…, "
+            f"slot {escape(str(getattr(a, 'slot', '?')))}{when})")
+
+
+def _attested_json(a: Any) -> Any:
+    import dataclasses
+
+    if a is None:
+        return None
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return {k: v for k, v in dataclasses.asdict(a).items()
+                if isinstance(v, str | int | float | bool | type(None) | dict | list)}
+    return a if isinstance(a, dict) else str(a)
+
+
+def _fleet_attest(args: argparse.Namespace) -> int:
+    import json
+
+    from modelward.publisher._devrpc import RpcClient, attest_devices, percentile, release_index
+    from modelward.trust.errors import OperatorInputError
+
+    if args.repo is None or args.keys is None:
+        raise OperatorInputError("fleet attest needs --repo and --keys: the signed releases "
+                                 "name the attested fingerprints")
+    _check_fleet_view(args, summary=True)
+    devices = _attest_targets(args)
+    releases = release_index(args.repo, args.keys)
+    client = RpcClient(_broker_config(args, "modelward-operator"))
+    try:
+        rows = attest_devices(client, args.fleet_dir, devices, args.timeout, releases)
+    finally:
+        client.close()
+    lat = [r.latency_s * 1000 for r in rows if r.latency_s is not None]
+    ver = [r.verify_s * 1000 for r in rows if r.verify_s is not None]
+    ok = sum(r.attested is not None for r in rows)
+    lat_q = {"p50": percentile(lat, 0.5), "p95": percentile(lat, 0.95)}
+    ver_q = {"p50": percentile(ver, 0.5), "p95": percentile(ver, 0.95)}
+    summary = {"devices": len(rows), "attested": ok, "failed": len(rows) - ok,
+               "stale_answers": client.stale, "malformed_answers": client.malformed,
+               "latency_ms": lat_q, "verify_ms": ver_q}
+    if args.json:
+        print(json.dumps({"devices": [
+            {"device": r.device, "attested": r.attested is not None,
+             "release": _attested_json(r.attested), "reason": r.reason, "detail": r.detail,
+             "latency_ms": None if r.latency_s is None else r.latency_s * 1000,
+             "verify_ms": None if r.verify_s is None else r.verify_s * 1000}
+            for r in rows], "summary": summary}, indent=1, sort_keys=True))
+    else:
+        for r in rows:
+            print(_attest_line(r))
+
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v:.1f} ms"
+
+        print(f"{ok} of {len(rows)} attested; latency p50 {ms(lat_q['p50'])} "
+              f"p95 {ms(lat_q['p95'])}; verify p50 {ms(ver_q['p50'])} p95 {ms(ver_q['p95'])}; "
+              f"{client.stale} stale answers ignored")
+    return EXIT_OK if ok == len(rows) else EXIT_ERROR
+
+
+def _fleet_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from modelward.publisher._devrpc import RpcClient, fetch_audit, verify_fetched_audit
+
+    _check_fleet_view(args, summary=True)
+    args.all = False
+    (device,) = _attest_targets(argparse.Namespace(**{**vars(args), "device": [args.device]}))
+    client = RpcClient(_broker_config(args, "modelward-operator"))
+    try:
+        chunks = fetch_audit(client, device, args.timeout)
+    finally:
+        client.close()
+    print(f"fetched {len(chunks)} audit chunk(s) from {device}", file=sys.stderr)
+    history = verify_fetched_audit(chunks, args.fleet_dir, device)
+    print(json.dumps(history, indent=1, sort_keys=True, default=str) if args.json
+          else str(history))
+    return EXIT_OK
+
 def _listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--listen``."""
     from modelward.trust.errors import OperatorInputError
@@ -1430,6 +1573,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds between refreshes of the summary")
     _add_fleet_view_options(f, "the repository whose releases' rollouts to export")
     f.set_defaults(func=_fleet_exporter)
+    _add_attest_parsers(fsub)
 
     agent = sub.add_parser("agent", help=AGENT_HELP)
     asub = agent.add_subparsers(dest="cmd", required=True, metavar="ACTION")
