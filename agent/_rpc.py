@@ -20,6 +20,7 @@ kernel's resource manager keeps their contexts apart, swtpm takes both connectio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import subprocess
@@ -194,10 +195,8 @@ class RpcServer:
                 self._queue.get_nowait()
             except queue.Empty:
                 break
-        try:
+        with contextlib.suppress(queue.Full):  # (just emptied)
             self._queue.put_nowait(None)
-        except queue.Full:  # pragma: no cover - just emptied
-            pass
         self._worker.join(5)
 
 
