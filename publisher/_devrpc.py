@@ -52,6 +52,7 @@ logger = logging.getLogger(__name__)
 WINDOW = 16  # requests outstanding at once (answers queued for the operator: 24 at most)
 NONCE_BYTES = 32
 MAX_AUDIT_CHUNKS = 64  # audit requests per device (64 x 256 entries)
+AUDIT_PACE = 0.3  # seconds between two audit requests (the device admits 4/s, burst 4)
 
 
 @dataclass
@@ -290,10 +291,12 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
 
 
 def fetch_audit(client: RpcClient, device: str, timeout: float,
-                max_chunks: int = MAX_AUDIT_CHUNKS) -> list[dict[str, Any]]:
+                max_chunks: int = MAX_AUDIT_CHUNKS, pace: float = AUDIT_PACE,
+                sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
     """Every audit chunk of ``device``, asked for in turn (``offset``, ``limit`` of
     :data:`~modelward.updater.transport._rpc.MAX_AUDIT_LIMIT` entries) until a chunk
-    names no ``next`` offset beyond its own, at most ``max_chunks``.
+    names no ``next`` offset beyond its own, at most ``max_chunks``; a request at most
+    every ``pace`` seconds (the device drops requests beyond 4 a second).
 
     Raises:
         UntrustedRemoteError: no answer, an error answer, a ``next`` that does not move
@@ -301,7 +304,11 @@ def fetch_audit(client: RpcClient, device: str, timeout: float,
     """
     chunks: list[dict[str, Any]] = []
     offset = 0
+    last: float | None = None
     while True:
+        if last is not None:
+            sleep(max(0.0, last + pace - time.monotonic()))
+        last = time.monotonic()
         if len(chunks) >= max_chunks:
             raise UntrustedRemoteError(f"{device}'s audit log needs more than {max_chunks} "
                                        "chunks: refused (bounded total)")

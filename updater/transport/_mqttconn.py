@@ -90,6 +90,10 @@ class MqttConnection:
             :attr:`~modelward.updater.transport._pahofast.Client.publish_filter`).
         read_packets: the most packets read per turn of paho's loop (see
             :attr:`~modelward.updater.transport._pahofast.Client.read_packets`).
+        qos_of: the QoS of some of ``subscriptions``, if not ``qos`` (the listener reads
+            operator requests at 0: a flood of them, beyond the broker's queue for this
+            session, is dropped by the broker instead of crowding out announcements, and
+            none is kept for a parked session).
 
     Raises:
         TransportError: TLS, refused credentials, or no CONNACK/SUBACK in time.
@@ -108,9 +112,11 @@ class MqttConnection:
         qos: int = 1,
         publish_filter: Callable[[bytes, bool], bool] | None = None,
         read_packets: int = 1,
+        qos_of: dict[str, int] | None = None,
     ) -> None:
         self.cfg = cfg
         self.qos = qos
+        self.qos_of = dict(qos_of or {})  # a subscription's own QoS, if not ``qos``
         self.username = username or cfg.client_name
         self.max_packet_size = max_packet_size or cfg.packet_limit()
         self.connected = threading.Event()
@@ -223,7 +229,8 @@ class MqttConnection:
         with self._lock:
             subs = list(self._subs)
         if subs:
-            self._initial_mid = c.subscribe([(t, self.qos) for t in subs])[1]
+            self._initial_mid = c.subscribe([(t, self.qos_of.get(t, self.qos))
+                                             for t in subs])[1]
         self.connected.set()
 
     def _on_subscribe(self, c: Any, _u: Any, mid: int, rcs: list[Any], _p: Any) -> None:
@@ -299,6 +306,7 @@ def device_connection(
     subscriptions: list[str],
     on_message: Callable[[mqtt.MQTTMessage], None] | None = None,
     max_packet_size: int | None = None,
+    qos_of: dict[str, int] | None = None,
 ) -> MqttConnection:
     """A connection as one of the device ``cfg.client_name``'s two broker identities:
     ``"listen"`` (reads the announcement, writes the status) or ``"fetch"`` (writes its
@@ -311,7 +319,7 @@ def device_connection(
     name = cfg.client_name
     if identity == "listen":
         return MqttConnection(cfg, listen_client_id(name), subscriptions, on_message,
-                              max_packet_size)
+                              max_packet_size, qos_of=qos_of)
     if identity == "fetch":
         return MqttConnection(cfg, fetch_client_id(name), subscriptions, on_message,
                               max_packet_size, username=fetch_username(name))
@@ -376,7 +384,8 @@ class AnnouncementListener:
         if on_request is not None and request_topic:
             subs.append(request_topic)  # (a broker whose ACL predates it refuses: logged)
         self._conn = device_connection(cfg, "listen", subs, self._on_message,
-                                       max_packet_size=ANNOUNCE_MAX_PACKET)
+                                       max_packet_size=ANNOUNCE_MAX_PACKET,
+                                       qos_of=dict.fromkeys(subs[1:], 0))
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
         if msg.topic != self._announce:
