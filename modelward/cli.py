@@ -832,8 +832,8 @@ def _fleet_audit(args: argparse.Namespace) -> int:
     from modelward.publisher._devrpc import RpcClient, fetch_audit, verify_fetched_audit
 
     _check_fleet_view(args, summary=True)
-    args.all = False
-    (device,) = _attest_targets(argparse.Namespace(**{**vars(args), "device": [args.device]}))
+    args.all, args.device = False, [args.device]
+    (device,) = _attest_targets(args)
     client = RpcClient(_broker_config(args, "modelward-operator"))
     try:
         chunks = fetch_audit(client, device, args.timeout)

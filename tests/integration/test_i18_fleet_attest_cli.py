@@ -1,0 +1,148 @@
+"""Issue 18 step 2c: ``modelward fleet attest`` and ``fleet audit`` as the operator runs
+them (the CLI in-process, real mosquitto, the placeholder answer makers and verifier of
+``test_i18_rpc_channel``: the TPM-signed ones come with steps 2a/2b)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from modelward.cli import main
+from modelward.publisher import _devrpc
+from modelward.publisher._served import TRUSTED_ROOT_FILE
+from modelward.simulator._pki import CertPair
+from modelward.updater.transport._rpc import Request
+from tests.integration.test_i14_broker import FLEET, Broker, _broker
+from tests.integration.test_i18_rpc_channel import (
+    OP,
+    Dev,
+    PlaceholderAttestError,
+    placeholder_attest,
+)
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory: pytest.TempPathFactory,
+           pki: tuple[CertPair, CertPair]) -> Iterator[Broker]:
+    yield from _broker(tmp_path_factory.mktemp("i18cli"), pki)
+
+
+@dataclass(frozen=True)
+class Attested:
+    name: str
+    version: str
+    fingerprint: str
+    slot: str
+    since: str
+    reason: str
+
+
+def _verify(doc: dict[str, Any], device: str, ak: Path, nonce: bytes, releases: Any
+            ) -> Attested:
+    if doc.get("nonce") != nonce.hex():
+        raise PlaceholderAttestError("stale nonce")
+    if doc.get("device") != device:
+        raise PlaceholderAttestError("wrong key")
+    rel = releases("cd" * 32)
+    if rel is None:
+        raise PlaceholderAttestError("unknown fingerprint")
+    return Attested(rel.name, rel.version, "cd" * 32, "b", "2026-12-03T10:00:00Z",
+                    "boot-check")
+
+
+@pytest.fixture
+def op(tmp_path: Path, broker: Broker, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    fleet = tmp_path / "fleet"
+    (fleet / "devices").mkdir(parents=True)
+    for d in ("dev-1", "dev-2"):
+        (fleet / "devices" / f"{d}.pem").write_text("placeholder\n")
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / TRUSTED_ROOT_FILE).write_text("{}")
+    monkeypatch.setitem(_devrpc.VERIFIERS, "attest", _verify)
+    index = {"cd" * 32: _devrpc.SignedRelease("classifier", "2.0.0", "stable", False)}
+    monkeypatch.setattr(_devrpc, "release_index", lambda repo, keys: index.get)
+    return ["--fleet-dir", str(fleet), "--repo", str(tmp_path / "repo"), "--keys",
+            str(tmp_path / "keys"), "--broker", f"mqtts://127.0.0.1:{broker.handle.port}",
+            "--fleet", FLEET, "--tls-ca", str(broker.ca), "--username", OP,
+            "--password-file", str(broker.creds[OP])]
+
+
+def test_fleet_attest_all_prints_each_devices_release_and_the_latency_summary(
+        broker: Broker, op: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    devs = [Dev(broker, d, {"attest": placeholder_attest(d)}) for d in ("dev-1", "dev-2")]
+    try:
+        assert main(["fleet", "attest", "--all", *op]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[:2] == [
+            f"{d}: attested: classifier 2.0.0 (fingerprint {'cd' * 8}…, slot b, since "
+            "boot-check at 2026-12-03T10:00:00Z)" for d in ("dev-1", "dev-2")]
+        assert out[2].startswith("2 of 2 attested; latency p50 ") and " p95 " in out[2]
+        assert out[2].endswith("0 stale answers ignored")
+        assert main(["fleet", "attest", "--device", "dev-2", "--json", *op]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        (row,) = doc["devices"]
+        assert row["device"] == "dev-2" and row["attested"] is True
+        assert row["release"]["version"] == "2.0.0" and row["release"]["slot"] == "b"
+        assert row["latency_ms"] >= row["verify_ms"] >= 0
+        assert doc["summary"]["attested"] == 1 and doc["summary"]["verify_ms"]["p95"] >= 0
+        print(f"fleet attest: latency p95 {doc['summary']['latency_ms']['p95']:.1f} ms, "
+              f"verify p95 {doc['summary']['verify_ms']['p95']:.2f} ms")
+    finally:
+        for d in devs:
+            d.close()
+
+
+def test_fleet_attest_exits_nonzero_naming_each_failure(
+        broker: Broker, op: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    # dev-1 answers with a document that is not its own; dev-2 does not answer at all
+    dev1 = Dev(broker, "dev-1", {"attest": placeholder_attest("dev-9")})
+    try:
+        assert main(["fleet", "attest", "--all", "--timeout", "2", *op]) == 1
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("dev-1: FAILED: wrong key")
+        assert out[1] == "dev-2: FAILED: no answer"
+        assert out[2].startswith("0 of 2 attested")
+    finally:
+        dev1.close()
+
+
+def test_fleet_attest_refuses_unknown_devices_before_asking(
+        op: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fleet", "attest", "--device", "dev-7", *op]) == 1
+    assert "--device dev-7: not enrolled" in capsys.readouterr().err
+    assert main(["fleet", "attest", "--device", "dev/+", *op]) == 1
+    no_repo = [a for i, a in enumerate(op) if a != "--repo" and op[i - 1] != "--repo"]
+    assert main(["fleet", "attest", "--all", *no_repo]) == 1
+    assert "needs --repo and --keys" in capsys.readouterr().err
+
+
+def test_fleet_audit_fetches_every_chunk_and_hands_them_to_the_verifier(
+        broker: Broker, op: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    entries = [{"seq": i, "pad": "y" * 300} for i in range(300)]
+
+    def audit(req: Request) -> dict[str, Any]:
+        part = entries[req.offset:req.offset + req.limit]
+        nxt = req.offset + len(part)
+        return {"entries": part, "next": nxt if nxt < len(entries) else None}
+
+    seen: list[Any] = []
+
+    def verify(chunks: list[dict[str, Any]], fleet_dir: Path, device: str) -> dict[str, Any]:
+        seen.append((device, [e for c in chunks for e in c["entries"]]))
+        return {"entries": len(seen[0][1]), "head": "ok"}
+
+    monkeypatch.setitem(_devrpc.VERIFIERS, "audit", verify)
+    dev1 = Dev(broker, "dev-1", {"audit": audit})
+    try:
+        assert main(["fleet", "audit", "--device", "dev-1", "--json", *op]) == 0
+        assert seen == [("dev-1", entries)]
+        assert json.loads(capsys.readouterr().out) == {"entries": 300, "head": "ok"}
+    finally:
+        dev1.close()
