@@ -267,7 +267,11 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
                    releases: Callable[[str], Any]) -> list[AttestRow]:
     """Attest ``devices`` concurrently: one fresh nonce each, every answer verified as it
     arrives against ``fleet_dir/devices/<id>.ak.json``; rows in ``devices`` order."""
-    verify = verifier("attest")
+    try:
+        verify: Callable[..., Any] | None = verifier("attest")
+        missing = ""
+    except UntrustedRemoteError as e:  # (every answer then fails, saying so)
+        verify, missing = None, str(e)
     reqs = [(d, Request("attest", make_nonce())) for d in devices]
     rows: dict[str, AttestRow] = {}
     for a in client.ask(reqs, timeout):
@@ -276,6 +280,10 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
         if a.document is None:
             row.reason = "no answer" if a.error == "no answer" else "device error"
             row.detail = a.error
+            row.latency_s = a.latency_s  # (the device's error answer came this fast)
+            continue
+        if verify is None:
+            row.reason, row.detail, row.latency_s = "no verifier", missing, a.latency_s
             continue
         t0 = time.perf_counter()
         try:

@@ -164,6 +164,40 @@ class Fleet:
                           client_name=user, ca_file=str(self.ca()),
                           password=(self.creds / user).read_text().strip())
 
+    @property
+    def operator_dir(self) -> Path:
+        """The operator's fleet registry (``fleet add-device``), made by :meth:`enroll`."""
+        return self.dir / "operator"
+
+    def operator_args(self) -> list[str]:
+        """The broker options of the operator's fleet commands (``fleet attest`` ...)."""
+        return ["--broker", f"mqtts://127.0.0.1:{self.broker_port}", "--fleet", FLEET,
+                "--tls-ca", str(self.ca()), "--username", "modelward-operator",
+                "--password-file", str(self.creds / "modelward-operator")]
+
+    def enroll(self, devices: list[Device] | None = None) -> Path:
+        """Enroll ``devices`` (default: all) in :attr:`operator_dir` by credential
+        activation (docs/attestation.md), as an operator does with ``agent enroll``,
+        ``fleet add-device --enrollment``, ``agent activate-credential`` and ``fleet
+        add-device --response``; the registry's path.
+
+        Raises:
+            ModelwardError: a step of the enrollment failed.
+        """
+        from modelward.agent._commands import activate_credential, enrollment
+        from modelward.agent._config import load_config
+        from modelward.publisher._enroll import begin_enrollment, finish_enrollment
+
+        self.operator_dir.mkdir(exist_ok=True)
+        for d in devices or self.devices:
+            cfg = load_config(d.conf)
+            challenge = d.dir / "challenge.json"
+            begin_enrollment(self.operator_dir, d.id, json.dumps(enrollment(cfg)).encode(),
+                             None, challenge)
+            finish_enrollment(self.operator_dir, d.id,
+                              activate_credential(cfg, challenge.read_bytes()))
+        return self.operator_dir
+
     def build(self, version: str, seed: int, *, vectors_from: int | None = None) -> Path:
         """A bundle of a fresh linear model (optionally with another model's vectors)."""
         from modelward.publisher._bundle_build import build_bundle

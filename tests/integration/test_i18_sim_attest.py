@@ -1,0 +1,69 @@
+"""Issue 18 must-show 2 through the real stack: a 10-device ``sim fleet`` (each device its
+own swtpm and ``agent run`` daemon, mosquitto with the generated ACL), every device
+enrolled by credential activation, then ``modelward fleet attest --all --json``.
+
+With issue 18's answer maker and verifier present (steps 2a/2b: ``trust._measure``,
+``publisher._attest``) every device must be attested with the release it activated, and
+the operator-side p95 verification time must be at most 200 ms (CPU-light: the only
+timed assertion). Without them, every daemon must still answer over its own topics, each
+with the error its request child gave (``no attest support``): the channel, the ACL and
+the daemon's worker and child are the same either way.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from modelward.simulator._fleet import MODEL, Fleet, fleet_down, fleet_up, wait_for
+
+HAVE_ATTEST = all(importlib.util.find_spec(m) is not None for m in
+                  ("modelward.trust._measure", "modelward.publisher._attest"))
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    d = tmp_path_factory.mktemp("attestfleet") / "fleet"
+    try:
+        yield fleet_up(d, 10, poll_interval=600)
+    finally:
+        fleet_down(d)
+
+
+@pytest.mark.machine
+@pytest.mark.xdist_group("machine")
+def test_fleet_attest_all_on_a_10_device_sim_fleet(fleet: Fleet) -> None:
+    version = fleet.publish()
+    assert wait_for(lambda: all(d.active() == version for d in fleet.devices), 600, 1.0), \
+        {d.id: (d.active(), d.last_error()) for d in fleet.devices}
+    operator = fleet.enroll()
+    r = subprocess.run(
+        [sys.executable, "-m", "modelward", "fleet", "attest", "--all", "--json",
+         "--timeout", "60", "--fleet-dir", str(operator), "--repo", str(fleet.repo),
+         "--keys", str(fleet.keys), *fleet.operator_args()],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert r.stdout, r.stderr
+    doc = json.loads(r.stdout)
+    rows = {row["device"]: row for row in doc["devices"]}
+    assert sorted(rows) == sorted(d.id for d in fleet.devices)
+    s = doc["summary"]
+    print(f"fleet attest, 10 devices: latency p50 {s['latency_ms']['p50']} ms, p95 "
+          f"{s['latency_ms']['p95']} ms; operator-side verify p50 {s['verify_ms']['p50']} "
+          f"ms, p95 {s['verify_ms']['p95']} ms; stale {s['stale_answers']}")
+    if HAVE_ATTEST:
+        assert r.returncode == 0, r.stdout + r.stderr
+        for row in rows.values():
+            assert row["attested"] and row["reason"] is None, row
+            assert (row["release"]["name"], row["release"]["version"]) == (MODEL, version)
+        assert s["verify_ms"]["p95"] <= 200
+    else:
+        assert r.returncode == 1
+        for row in rows.values():  # each daemon answered, through its worker and child
+            assert row["reason"] == "device error", row
+            assert "no attest support" in row["detail"], row
+            assert row["latency_ms"] is not None
