@@ -371,16 +371,20 @@ class AnnouncementListener:
     """Calls ``on_announce(timestamp_version)`` for every well-formed announcement.
 
     The announcement is an untrusted hint: it can only make the device refresh
-    sooner; TUF decides what, if anything, is new.
+    sooner; TUF decides what, if anything, is new. With ``on_request``, PUBLISHes on
+    ``request_topic`` (the operator's requests, read at QoS 0) go to it instead.
     """
+
+    _on_request: RequestCallback | None = None
+    _request_topic: str | None = None
 
     def __init__(self, cfg: MqttConfig, on_announce: Callable[[int], None],
                  on_request: RequestCallback | None = None,
                  request_topic: str | None = None) -> None:
         self._cb = on_announce
-        self._announce = cfg.topic("announce")
         self._on_request = on_request
-        subs = [self._announce]
+        self._request_topic = request_topic
+        subs = [cfg.topic("announce")]
         if on_request is not None and request_topic:
             subs.append(request_topic)  # (a broker whose ACL predates it refuses: logged)
         self._conn = device_connection(cfg, "listen", subs, self._on_message,
@@ -388,12 +392,11 @@ class AnnouncementListener:
                                        qos_of=dict.fromkeys(subs[1:], 0))
 
     def _on_message(self, msg: mqtt.MQTTMessage) -> None:
-        if msg.topic != self._announce:
-            if self._on_request is not None:  # (it checks the topic and the bounds)
-                props = getattr(msg, "properties", None)
-                corr = getattr(props, "CorrelationData", None) if props is not None else None
-                self._on_request(msg.topic, bytes(msg.payload), bool(msg.retain),
-                                 corr if isinstance(corr, bytes) else None)
+        if self._on_request is not None and msg.topic == self._request_topic:
+            props = getattr(msg, "properties", None)  # (the callback checks the bounds)
+            corr = getattr(props, "CorrelationData", None) if props is not None else None
+            self._on_request(msg.topic, bytes(msg.payload), bool(msg.retain),
+                             corr if isinstance(corr, bytes) else None)
             return
         try:
             doc = loads_bounded(msg.payload, max_bytes=ANNOUNCE_MAX_PACKET, max_depth=2,
