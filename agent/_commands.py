@@ -35,6 +35,10 @@ from modelward.agent._status import (
 from modelward.trust._atomic import write_atomic
 from modelward.trust._auditchain import FALLBACK, NOTHING_TRUSTED
 from modelward.trust._bounded import read_json_file
+from modelward.trust._measure import BOOT_CHECK as MEASURED_BOOT_CHECK
+from modelward.trust._measure import FALLBACK as MEASURED_FALLBACK
+from modelward.trust._measure import NOTHING_TRUSTED as MEASURED_NOTHING
+from modelward.trust._measure import measure
 from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import Tpm, TpmInterface
@@ -431,6 +435,26 @@ def enrollment(cfg: AgentConfig) -> dict[str, Any]:
         tpm.close()
 
 
+def attest(cfg: AgentConfig, nonce_hex: str) -> dict[str, Any]:
+    """``agent attest --nonce HEX``: the answer ``fleet attest`` gets over MQTT (the AK's
+    certification of the measurement register over the nonce, and this boot's events).
+
+    Raises:
+        OperatorInputError: the nonce is not 16..64 bytes of hex.
+        TpmNotProvisionedError: no register or AK (run `agent provision`).
+        LocalDeviceError: nothing measured since the TPM restarted.
+    """
+    from modelward.trust._measure import attest_hex
+    from modelward.trust._tpmauth import auth_dir_for
+
+    tpm = Tpm(cfg.tcti)
+    tpm.use_auth_dir(auth_dir_for(cfg.state_dir))
+    try:
+        return attest_hex(tpm, cfg.state_dir, nonce_hex, cfg.device_id)
+    finally:
+        tpm.close()
+
+
 def activate_credential(cfg: AgentConfig, challenge: bytes,
                         source: str = "--challenge") -> bytes:
     """``agent activate-credential``: the response to the operator's challenge.
@@ -541,7 +565,11 @@ def _boot_check_waiting_for_tpm(cfg: AgentConfig | BootConfig,
         try:
             store = open_store(cfg)
             try:
-                return boot_check(cfg.state_dir, store)
+                result = boot_check(cfg.state_dir, store)
+                # (the TPM's word of what this boot verified: `fleet attest`)
+                measure(store.tpm, cfg.state_dir, MEASURED_FALLBACK if result.fell_back
+                        else MEASURED_BOOT_CHECK, result.active, result.message)
+                return result
             finally:
                 store.tpm.close()
         except TpmUnavailableError as e:
@@ -614,6 +642,9 @@ def _boot_check_locked(cfg: AgentConfig | BootConfig) -> BootResult:
                 if isinstance(e, NothingTrustedError):
                     events.record(cfg.state_dir, store.tpm if store else None,
                                   NOTHING_TRUSTED, reason=events.reason(e))
+                    if store is not None:
+                        measure(store.tpm, cfg.state_dir, MEASURED_NOTHING, None,
+                                events.reason(e))
         except (OSError, ModelwardError) as se:  # the reason must not be hidden
             logger.error("cannot write status.json: %s", se)
         raise

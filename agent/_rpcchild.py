@@ -50,7 +50,7 @@ def answer(config_path: Path, payload: bytes) -> dict[str, Any]:
     tpm = Tpm(cfg.tcti)
     try:
         tpm.use_auth_dir(auth_dir_for(cfg.state_dir))
-        return dict(fn(tpm, cfg.state_dir, req.nonce))
+        return dict(fn(tpm, cfg.state_dir, req.nonce, cfg.device_id))
     finally:
         tpm.close()
 

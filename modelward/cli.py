@@ -694,13 +694,31 @@ def _fleet_status(args: argparse.Namespace) -> int:
 def _fleet_audit(args: argparse.Namespace) -> int:
     from modelward.publisher._audit import audit_device, history_text
     from modelward.trust._display import for_encoding
+    from modelward.trust.errors import OperatorInputError
 
-    h = audit_device(args.fleet_dir, args.device, args.log, checkpoint=args.checkpoint,
-                     status=args.status, allow_tail=args.allow_unsigned_tail)
+    if args.log is not None:
+        h = audit_device(args.fleet_dir, args.device, args.log, checkpoint=args.checkpoint,
+                         status=args.status, allow_tail=args.allow_unsigned_tail)
+    else:
+        if args.checkpoint is not None:
+            raise OperatorInputError("--checkpoint goes with --log (over MQTT the device "
+                                     "sends its own)")
+        from modelward.publisher._devrpc import RpcClient, fetch_audit, verify_fetched_audit
+
+        args.all, devices = False, args.device
+        args.device = [devices]
+        (device,) = _attest_targets(args)
+        args.device = devices
+        client = RpcClient(_broker_config(args, "modelward-operator"))
+        try:
+            chunks = fetch_audit(client, device, args.timeout)
+        finally:
+            client.close()
+        h = verify_fetched_audit(chunks, args.fleet_dir, device, status=args.status,
+                                 allow_tail=args.allow_unsigned_tail)
     print(for_encoding(history_text(args.device, h, args.json),
                        getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
-
 
 
 def _add_attest_parsers(fsub: Any) -> None:
@@ -719,14 +737,6 @@ def _add_attest_parsers(fsub: Any) -> None:
     _add_fleet_view_options(f, "the repository whose signed releases name the attested "
                             "fingerprints (required)")
     f.set_defaults(func=_fleet_attest)
-    f = fsub.add_parser("audit", help="fetch a device's audit log over MQTT (chunked, "
-                        "bounded) and verify it")
-    f.add_argument("--device", required=True, metavar="ID")
-    f.add_argument("--json", action="store_true")
-    f.add_argument("--timeout", type=number(0, 600, above=True), default=10.0,
-                   help="seconds the device may take for each chunk")
-    _add_fleet_view_options(f, "unused by audit")
-    f.set_defaults(func=_fleet_audit)
 
 
 def _attest_targets(args: argparse.Namespace) -> list[str]:
@@ -825,25 +835,6 @@ def _fleet_attest(args: argparse.Namespace) -> int:
               f"{client.stale} stale answers ignored")
     return EXIT_OK if ok == len(rows) else EXIT_ERROR
 
-
-def _fleet_audit(args: argparse.Namespace) -> int:
-    import json
-
-    from modelward.publisher._devrpc import RpcClient, fetch_audit, verify_fetched_audit
-
-    _check_fleet_view(args, summary=True)
-    args.all, args.device = False, [args.device]
-    (device,) = _attest_targets(args)
-    client = RpcClient(_broker_config(args, "modelward-operator"))
-    try:
-        chunks = fetch_audit(client, device, args.timeout)
-    finally:
-        client.close()
-    print(f"fetched {len(chunks)} audit chunk(s) from {device}", file=sys.stderr)
-    history = verify_fetched_audit(chunks, args.fleet_dir, device)
-    print(json.dumps(history, indent=1, sort_keys=True, default=str) if args.json
-          else str(history))
-    return EXIT_OK
 
 def _listen_address(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:PORT`` for IPv6) for ``--listen``."""
@@ -950,6 +941,7 @@ def _agent_provision(args: argparse.Namespace) -> int:
     print(f"  attestation key  0x81000104: {word(rep.ak_created)}")
     print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
     print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
+    print(f"  measurement reg. 0x01000131: {word(rep.register_defined)}")
     if rep.migrated:
         print("  migrated from the unauthorized objects of an older provisioning "
               "(0x81000101, 0x01000100, 0x01000110 removed)")
@@ -1044,6 +1036,32 @@ def _agent_audit(args: argparse.Namespace) -> int:
     cfg = _load(args)
     print(for_encoding(history_text(cfg.device_id, audit_history(cfg), args.json),
                        getattr(sys.stdout, "encoding", None)))
+    return EXIT_OK
+
+
+def _agent_attest(args: argparse.Namespace) -> int:
+    import json
+
+    from modelward.agent._commands import attest
+
+    cfg = _load(args)
+    doc = attest(cfg, args.nonce)
+    if args.json:
+        print(json.dumps(doc, sort_keys=True))
+        return EXIT_OK
+    print(f"{cfg.device_id}: measurement register {doc['register']} certified by the "
+          f"attestation key over nonce {args.nonce[:16]}…; {len(doc['events'])} event(s) "
+          "this boot:")
+    from modelward.trust._display import escape, for_encoding
+    from modelward.trust._measure import event_json
+
+    for line in doc["events"]:
+        ev = event_json(line.encode()) or {}
+        what = (f"{ev.get('model')} {ev.get('version')} slot {ev.get('slot')} "
+                f"(fingerprint {str(ev.get('fingerprint'))[:16]}…)"
+                if "fingerprint" in ev else str(ev.get("reason", ""))[:120])
+        print(for_encoding(f"  {ev.get('seq')}: {ev.get('time')} {ev.get('kind')}: "
+                           f"{escape(what)}", getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
 
 
@@ -1545,12 +1563,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fleet_view_options(f, "with --summary: the repository whose releases' rollouts "
                             "to show")
     f.set_defaults(func=_fleet_status)
-    f = fsub.add_parser("audit", help="verify a device's exported audit log against the head "
-                        "its newest signed status report holds; names the first bad entry")
+    f = fsub.add_parser("audit", help="fetch a device's audit log over MQTT (chunked, "
+                        "bounded), or read an exported copy (--log), and verify it against "
+                        "the head its newest signed status report holds; names the first "
+                        "bad entry")
     f.add_argument("--fleet-dir", type=local_path, required=True)
     f.add_argument("--device", required=True)
-    f.add_argument("--log", type=local_path, required=True, metavar="FILE|DIR",
-                   help="a copy of the device's state_dir/audit (or its live.jsonl)")
+    f.add_argument("--log", type=local_path, metavar="FILE|DIR",
+                   help="verify a copy of the device's state_dir/audit (or its live.jsonl) "
+                   "instead of fetching it over MQTT")
+    f.add_argument("--timeout", type=number(0, 600, above=True), default=10.0,
+                   help="seconds the device may take for each chunk (over MQTT)")
     f.add_argument("--checkpoint", type=local_path, help="the segment's checkpoint.json "
                    "(default: the one in --log's directory)")
     f.add_argument("--status", type=local_path, help="a signed status report to take the "
@@ -1558,6 +1581,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--allow-unsigned-tail", action="store_true", help="accept entries after "
                    "the signed head (appended since that report), marked so")
     f.add_argument("--json", action="store_true")
+    _add_broker_options(f, required=False)
     f.set_defaults(func=_fleet_audit)
     f = fsub.add_parser("report", help="write the fleet summary as one self-contained HTML "
                         "page of charts (README \"Fleet report\")")
@@ -1610,6 +1634,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "verified with the TPM identity key)")
     a.add_argument("--json", action="store_true", help="one JSON object")
     a.set_defaults(func=_agent_audit)
+    a = asub.add_parser("attest", help="certify the TPM measurement register over a nonce "
+                        "with the attestation key and print it with this boot's events (what "
+                        "`fleet attest` asks for over MQTT)")
+    a.add_argument("--nonce", required=True, metavar="HEX", help="16 to 64 bytes, as hex")
+    a.add_argument("--json", action="store_true", help="the answer document")
+    a.set_defaults(func=_agent_attest)
     _add_boot_check(asub)
     a = asub.add_parser("check-config", help="validate the config and print every setting "
                         "with its effective value (secrets as <set>)")

@@ -72,8 +72,7 @@ def signed_head(fleet_dir: Path, device: str, status: Path | None = None) -> tup
         OperatorInputError: the device is not enrolled, or no report is kept.
         AuditError: the report does not verify, or carries no audit head.
     """
-    pem_path = fleet_dir / "devices" / f"{device}.pem"
-    pem = _read(pem_path, 16 * 1024, "enrolled key")
+    pem = enrolled_pem(fleet_dir, device)
     path = status or _report_path(fleet_dir, device)
     if status is None and not path.exists():
         raise OperatorInputError(f"no signed status report of {device} is kept in {fleet_dir}",
@@ -130,5 +129,14 @@ def audit_device(fleet_dir: Path, device: str, log: Path, *, checkpoint: Path | 
     """
     head, _at = signed_head(fleet_dir, device, status)
     segments = read_exported(log, checkpoint)
-    pem = _read(fleet_dir / "devices" / f"{device}.pem", 16 * 1024, "enrolled key")
-    return verify_segments(segments, head, pem, allow_tail=allow_tail)
+    return verify_segments(segments, head, enrolled_pem(fleet_dir, device),
+                           allow_tail=allow_tail)
+
+
+def enrolled_pem(fleet_dir: Path, device: str) -> bytes:
+    """The device's enrolled identity key (PEM).
+
+    Raises:
+        OperatorInputError: not enrolled, or unreadable.
+    """
+    return _read(fleet_dir / "devices" / f"{device}.pem", 16 * 1024, "enrolled key")

@@ -17,7 +17,6 @@ AK, nonce, event-log replay, fingerprint -> signed release); ``audit`` is
 
 from __future__ import annotations
 
-import importlib
 import logging
 import queue
 import secrets
@@ -210,27 +209,21 @@ class RpcClient:
 
 # -- verification -----------------------------------------------------------------
 
-#: kind -> (module, function) verifying that kind's answer (by name: issue 18's steps
-#: 2a/2b build them; tests may put another callable in :data:`VERIFIERS`).
-VERIFIER_NAMES = {"attest": ("modelward.publisher._attest", "verify_answer"),
-                  "audit": ("modelward.publisher._audit", "verify_audit")}
+#: Tests may put another callable here for a kind (``attest``: ``verify_answer``'s
+#: arguments; ``audit``: :func:`verify_fetched_audit`'s).
 VERIFIERS: dict[str, Callable[..., Any]] = {}
 
 
 def verifier(kind: str) -> Callable[..., Any]:
-    """The verifier of ``kind``.
-
-    Raises:
-        UntrustedRemoteError: this modelward has none yet.
-    """
+    """The verifier of ``kind`` (``attest``, ``audit``)."""
     fn = VERIFIERS.get(kind)
     if fn is not None:
         return fn
-    module, name = VERIFIER_NAMES[kind]
-    try:
-        return getattr(importlib.import_module(module), name)  # type: ignore[no-any-return]
-    except (ImportError, AttributeError) as e:
-        raise UntrustedRemoteError(f"no {kind} verifier in this modelward ({module})") from e
+    if kind == "attest":
+        from modelward.publisher._attest import verify_answer
+
+        return verify_answer
+    return verify_fetched_audit
 
 
 @dataclass
@@ -255,23 +248,17 @@ class AttestRow:
 
 
 def make_nonce() -> bytes:
-    """A fresh nonce (``publisher._attest.make_nonce`` when it exists)."""
-    try:
-        mod = importlib.import_module("modelward.publisher._attest")
-        return bytes(mod.make_nonce())
-    except (ImportError, AttributeError):
-        return secrets.token_bytes(NONCE_BYTES)
+    """A fresh nonce (:func:`modelward.publisher._attest.make_nonce`)."""
+    from modelward.publisher._attest import make_nonce as fresh
+
+    return fresh()
 
 
 def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeout: float,
                    releases: Callable[[str], Any]) -> list[AttestRow]:
     """Attest ``devices`` concurrently: one fresh nonce each, every answer verified as it
     arrives against ``fleet_dir/devices/<id>.ak.json``; rows in ``devices`` order."""
-    try:
-        verify: Callable[..., Any] | None = verifier("attest")
-        missing = ""
-    except UntrustedRemoteError as e:  # (every answer then fails, saying so)
-        verify, missing = None, str(e)
+    verify = verifier("attest")
     reqs = [(d, Request("attest", make_nonce())) for d in devices]
     rows: dict[str, AttestRow] = {}
     for a in client.ask(reqs, timeout):
@@ -281,9 +268,6 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
             row.reason = "no answer" if a.error == "no answer" else "device error"
             row.detail = a.error
             row.latency_s = a.latency_s  # (the device's error answer came this fast)
-            continue
-        if verify is None:
-            row.reason, row.detail, row.latency_s = "no verifier", missing, a.latency_s
             continue
         t0 = time.perf_counter()
         try:
@@ -400,11 +384,45 @@ def release_index(repo_dir: Path, keys: Path) -> Callable[[str], SignedRelease |
     return lambda fp: index[fp][1] if fp in index else None
 
 
-def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: str) -> Any:
-    """Verify the audit chunks fetched from ``device`` with ``verify_audit`` (issue 18
-    step 2b) against what ``fleet_dir`` holds for it (identity key, signed head).
+def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: str, *,
+                         status: Path | None = None, allow_tail: bool = False) -> Any:
+    """The history in the audit chunks fetched from ``device``, its chain and checkpoint
+    verified with the enrolled identity key, and its end with the head of the newest
+    signed status report kept (or ``status``).
 
     Raises:
-        UntrustedRemoteError: no verifier in this modelward yet, or what it raises.
+        AuditError: the chunks do not join up (``malformed``), or the log does not verify
+            (the first bad entry named).
+        OperatorInputError: the device is not enrolled, or no report is kept.
     """
-    return verifier("audit")(chunks, fleet_dir, device)  # (merge: the verifier's arguments)
+    from modelward.publisher._audit import enrolled_pem, signed_head
+    from modelward.trust._auditchain import (
+        MAX_CHECKPOINT_BYTES,
+        MAX_LINE_BYTES,
+        verify_segments,
+    )
+    from modelward.trust.errors import AuditError
+
+    def bad(what: str) -> AuditError:
+        return AuditError(f"{device}'s audit chunks: {what}", seq=None, line=0,
+                          reason="malformed")
+
+    lines: list[bytes] = []
+    checkpoint: bytes | None = None
+    for k, c in enumerate(chunks):
+        entries = c.get("entries")
+        if c.get("offset") != len(lines) or not isinstance(entries, list):
+            raise bad(f"chunk {k} does not start where the one before it ended")
+        for e in entries:
+            if not isinstance(e, str) or len(e) > MAX_LINE_BYTES or not e.isascii():
+                raise bad(f"chunk {k} holds an entry that is not a line of at most "
+                          f"{MAX_LINE_BYTES} ASCII characters")
+            lines.append(e.encode())
+        if k == 0:
+            cp = c.get("checkpoint")
+            if cp is not None and (not isinstance(cp, str) or len(cp) > MAX_CHECKPOINT_BYTES):
+                raise bad("the checkpoint is not a string within its bound")
+            checkpoint = cp.encode() if cp is not None else None
+    head, _at = signed_head(fleet_dir, device, status)
+    return verify_segments([(lines, checkpoint, "")], head, enrolled_pem(fleet_dir, device),
+                           allow_tail=allow_tail)

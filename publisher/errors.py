@@ -9,7 +9,8 @@ from modelward.trust.errors import (
     UntrustedRemoteError,
 )
 
-__all__ = ["ChallengeError", "EnrollmentError", "KeyError_", "ModelwardError",
+__all__ = ["ATTEST_REASONS", "AttestationError", "ChallengeError", "EnrollmentError",
+           "KeyError_", "ModelwardError",
            "OperatorInputError", "RepositoryStateError", "SyncDestinationError",
            "SyncSourceError", "SyncTransportError", "UntrustedRemoteError"]
 
@@ -105,3 +106,23 @@ class ChallengeError(UntrustedRemoteError):
         super().__init__(message, hint=hint)
         self.device = device
         self.reason = reason
+
+
+class AttestationError(UntrustedRemoteError):
+    """A device's attestation answer is refused.
+
+    Attributes:
+        device: the device whose answer it is.
+        reason: why, one of :data:`ATTEST_REASONS`.
+    """
+
+    def __init__(self, message: str, *, device: str, reason: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.device = device
+        self.reason = reason
+
+
+#: The reasons of :class:`AttestationError` (``fleet attest`` prints them per device).
+ATTEST_REASONS = ("malformed", "not enrolled", "wrong key", "stale nonce",
+                  "not certified register", "log mismatch", "log overflow",
+                  "nothing trusted", "unknown fingerprint")

@@ -25,10 +25,8 @@ stop the model serving or break the journal; it is logged.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
-import stat
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -52,6 +50,7 @@ from modelward.trust._auditchain import (
     split_lines,
 )
 from modelward.trust._plain import Frozen
+from modelward.trust._subdir import open_at, open_subdir, read_at
 from modelward.trust.errors import AuditError, AuditLogError, ModelwardError
 
 logger = logging.getLogger(__name__)
@@ -112,59 +111,14 @@ class AuditLog:
 
     @contextlib.contextmanager
     def _dir(self, create: bool) -> Iterator[int]:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            if not create:
-                raise
-            try:
-                os.mkdir(self.path, 0o700)  # (fails on a planted symlink: it exists)
-            except OSError as e:
-                raise AuditLogError(f"cannot create the audit directory {self.path}: {e}",
-                                    path=str(self.path)) from e
-            st = os.lstat(self.path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise AuditLogError(f"{self.path} is not a directory (a symlink or a file "
-                                "planted there); refusing to follow it", path=str(self.path),
-                                hint="remove it: the agent creates the audit directory")
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as e:
-            raise AuditLogError(f"cannot open the audit directory {self.path}: {e}",
-                                path=str(self.path)) from e
-        try:
+        with open_subdir(self.path, create, "audit directory", AuditLogError) as fd:
             yield fd
-        finally:
-            os.close(fd)
 
     def _open(self, dfd: int, name: str, flags: int) -> int:
-        try:
-            fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
-        except OSError as e:
-            if e.errno == errno.ENOENT and not flags & os.O_CREAT:
-                raise
-            why = "a symlink, refused" if e.errno == errno.ELOOP else str(e)
-            raise AuditLogError(f"cannot open {self.path / name}: {why}",
-                                path=str(self.path / name)) from e
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise AuditLogError(f"{self.path / name} is not a regular file",
-                                path=str(self.path / name))
-        return fd
+        return open_at(dfd, self.path, name, flags, AuditLogError)
 
     def _read_small(self, dfd: int, name: str, limit: int) -> bytes | None:
-        try:
-            fd = self._open(dfd, name, os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            data = os.read(fd, limit + 1)
-        finally:
-            os.close(fd)
-        if len(data) > limit:
-            raise AuditLogError(f"{self.path / name} is over {limit} bytes",
-                                path=str(self.path / name))
-        return data
+        return read_at(dfd, self.path, name, limit, AuditLogError)
 
     def _write_small(self, dfd: int, name: str, data: bytes) -> None:
         tmp = f".{name}.tmp"

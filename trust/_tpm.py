@@ -405,6 +405,9 @@ class Tpm(TpmInterface):
         from modelward.trust._ak import provision_ak
 
         ak_created = provision_ak(self, srk)  # (devices from before issue 18: added)
+        from modelward.trust._measure import provision_register
+
+        register_defined = provision_register(self)  # (issue 18: added likewise)
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
         from modelward.trust._provision import ProvisionReport
@@ -412,7 +415,7 @@ class Tpm(TpmInterface):
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
                                ipub.to_pem(), mac_key_created, migrated,
                                identity_created and had_legacy_identity and not keep_identity,
-                               ak_created=ak_created)
+                               ak_created=ak_created, register_defined=register_defined)
 
     def _provision_srk(self) -> tuple[Any, bool]:
         t = self._types()
@@ -508,10 +511,11 @@ class Tpm(TpmInterface):
         self._persist(srk, priv, pub, MAC_KEY_HANDLE, "record-MAC key")
         return True
 
-    def _provision_nv(self, index: int, size: int, *, counter: bool) -> bool:
+    def _provision_nv(self, index: int, size: int, *, counter: bool,
+                      attrs: int | None = None) -> bool:
         t = self._types()
         e = self._esys
-        attrs = self._nv_attrs(counter=counter)
+        attrs = self._nv_attrs(counter=counter) if attrs is None else attrs
         defined = False
         if not self._exists(index):
             pub = t.TPM2B_NV_PUBLIC(

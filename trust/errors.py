@@ -145,6 +145,19 @@ class AuditError(UntrustedRemoteError):
         self.seq, self.line, self.reason = seq, line, reason
 
 
+class MeasureLogError(LocalDeviceError):
+    """The device cannot read or write its measurement event log (a symlink, a full disk,
+    over its bound).
+
+    Attributes:
+        path: the file or directory at fault.
+    """
+
+    def __init__(self, message: str, *, path: str, hint: str = "") -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
+
+
 class AuditLogError(LocalDeviceError):
     """The device cannot append to or read its own audit log (a symlink, a full disk, a
     damaged tail).

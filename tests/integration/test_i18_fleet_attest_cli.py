@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from modelward.cli import main
-from modelward.publisher import _devrpc
+from modelward.publisher import _audit, _devrpc
 from modelward.publisher._served import TRUSTED_ROOT_FILE
 from modelward.simulator._pki import CertPair
+from modelward.trust._audit import AuditLog, audit_chunk
 from modelward.updater.transport._rpc import Request
 from tests.integration.test_i14_broker import FLEET, Broker, _broker
 from tests.integration.test_i18_rpc_channel import (
@@ -122,27 +123,41 @@ def test_fleet_attest_refuses_unknown_devices_before_asking(
     assert "needs --repo and --keys" in capsys.readouterr().err
 
 
-def test_fleet_audit_fetches_every_chunk_and_hands_them_to_the_verifier(
+def test_fleet_audit_fetches_every_chunk_and_verifies_the_joined_log(
         broker: Broker, op: list[str], monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
-    entries = [{"seq": i, "pad": "y" * 300} for i in range(300)]
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """300 real audit entries (3 chunks) fetched over MQTT, joined, and verified
+    against the head (here given: the signed one is tested in test_i18_sim_attest)."""
+    (tmp_path / "state").mkdir()
+    log = AuditLog(tmp_path / "state")
+    for i in range(300):
+        head = log.append("install", {"version": f"{i}.0.0", "pad": "y" * 300})
+    offsets: list[int] = []
 
     def audit(req: Request) -> dict[str, Any]:
-        part = entries[req.offset:req.offset + req.limit]
-        nxt = req.offset + len(part)
-        return {"entries": part, "next": nxt if nxt < len(entries) else None}
+        offsets.append(req.offset)
+        return audit_chunk(tmp_path / "state", req.offset, req.limit)
 
-    seen: list[Any] = []
-
-    def verify(chunks: list[dict[str, Any]], fleet_dir: Path, device: str) -> dict[str, Any]:
-        seen.append((device, [e for c in chunks for e in c["entries"]]))
-        return {"entries": len(seen[0][1]), "head": "ok"}
-
-    monkeypatch.setitem(_devrpc.VERIFIERS, "audit", verify)
+    monkeypatch.setattr(_audit, "signed_head", lambda fleet, dev, status=None: (head, ""))
+    monkeypatch.setattr(_audit, "enrolled_pem", lambda fleet, dev: b"unused: no checkpoint")
+    no_repo = [a for i, a in enumerate(op) if a not in ("--repo", "--keys")
+               and op[i - 1] not in ("--repo", "--keys")]
     dev1 = Dev(broker, "dev-1", {"audit": audit})
     try:
-        assert main(["fleet", "audit", "--device", "dev-1", "--json", *op]) == 0
-        assert seen == [("dev-1", entries)]
-        assert json.loads(capsys.readouterr().out) == {"entries": 300, "head": "ok"}
+        assert main(["fleet", "audit", "--device", "dev-1", "--json", *no_repo]) == 0
+        assert offsets == [0, 150, 299]  # (each chunk within 64 KiB: 150 entries of ~430 B)
+        out = json.loads(capsys.readouterr().out)
+        assert [e["seq"] for e in out["entries"]] == list(range(1, 301))
+        # a device that sends a chunk out of place is refused, naming it
+        entries = audit_chunk(tmp_path / "state", 0, 256)
+
+        def skipping(req: Request) -> dict[str, Any]:
+            return {**audit_chunk(tmp_path / "state", req.offset + 1, req.limit),
+                    "offset": req.offset} if req.offset else entries
+        dev1.close()
+        dev1 = Dev(broker, "dev-1", {"audit": skipping})
+        assert main(["fleet", "audit", "--device", "dev-1", *no_repo]) == 1
+        err = capsys.readouterr().err
+        assert "entry seq 151 (line 151)" in err and "deleted" in err, err
     finally:
         dev1.close()

@@ -25,6 +25,8 @@ from tuf.api.metadata import TargetFile
 
 from modelward.trust import _auditchain as _audit
 from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
+from modelward.trust._measure import ACTIVATION as MEASURED_ACTIVATION
+from modelward.trust._measure import measure
 from modelward.trust._record import ModelRef
 from modelward.trust._store import TrustStore
 from modelward.updater._config import UpdaterConfig
@@ -645,6 +647,7 @@ def _attempt(
     assert staged is not None
     _check_moved(dev.slots, store, new_ref, staged)  # (bytes changed since the check above)
     dev.slots.activate(slot)
+    measure(store.tpm, cfg.state_dir, MEASURED_ACTIVATION, new_ref, "installed")
     events.record(cfg.state_dir, store.tpm, _audit.ACTIVATION, **events.ref_fields(new_ref),
                   reason="installed")
     staged.forget()
