@@ -85,6 +85,25 @@ class Device:
         return str(err.get("type")) if isinstance(err, dict) else None
 
 
+def enroll_device(operator_dir: Path, conf: Path, challenge: Path) -> str:
+    """Enroll the device of config ``conf`` in ``operator_dir`` by credential activation
+    (``agent enroll``, ``fleet add-device --enrollment``, ``agent activate-credential``,
+    ``fleet add-device --response``, as library calls); its id.
+
+    Raises:
+        ModelwardError: a step of the enrollment failed.
+    """
+    from modelward.agent._commands import activate_credential, enrollment
+    from modelward.agent._config import load_config
+    from modelward.publisher._enroll import begin_enrollment, finish_enrollment
+
+    cfg = load_config(conf)
+    begin_enrollment(operator_dir, cfg.device_id, json.dumps(enrollment(cfg)).encode(), None,
+                     challenge)
+    finish_enrollment(operator_dir, cfg.device_id, activate_credential(cfg, challenge.read_bytes()))
+    return cfg.device_id
+
+
 @dataclass
 class Fleet:
     """A running simulated fleet, as described by ``DIR/fleet.json``."""
@@ -184,18 +203,9 @@ class Fleet:
         Raises:
             ModelwardError: a step of the enrollment failed.
         """
-        from modelward.agent._commands import activate_credential, enrollment
-        from modelward.agent._config import load_config
-        from modelward.publisher._enroll import begin_enrollment, finish_enrollment
-
         self.operator_dir.mkdir(exist_ok=True)
         for d in devices or self.devices:
-            cfg = load_config(d.conf)
-            challenge = d.dir / "challenge.json"
-            begin_enrollment(self.operator_dir, d.id, json.dumps(enrollment(cfg)).encode(),
-                             None, challenge)
-            finish_enrollment(self.operator_dir, d.id,
-                              activate_credential(cfg, challenge.read_bytes()))
+            enroll_device(self.operator_dir, d.conf, d.dir / "challenge.json")
         return self.operator_dir
 
     def build(self, version: str, seed: int, *, vectors_from: int | None = None) -> Path:
