@@ -942,6 +942,11 @@ def _agent_provision(args: argparse.Namespace) -> int:
     print(f"  root anchor      0x01000101: {word(rep.anchor_defined)}")
     print(f"  update counter   0x01000111: {word(rep.counter_defined)}")
     print(f"  measurement reg. 0x01000131: {word(rep.register_defined)}")
+    if rep.owner_auth_set is False:
+        print("warning: the TPM owner hierarchy has no password: any process on this device "
+              "can undefine modelward's NV indexes (the measurement register's history, the "
+              "anchor); set one (tpm2_changeauth -c owner) and give it to `agent provision` "
+              "in MODELWARD_TPM_OWNER_AUTH (docs/attestation.md)", file=sys.stderr)
     if rep.migrated:
         print("  migrated from the unauthorized objects of an older provisioning "
               "(0x81000101, 0x01000100, 0x01000110 removed)")

@@ -25,6 +25,8 @@ from __future__ import annotations
 import base64
 import binascii
 import hmac
+import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,6 +54,8 @@ from modelward.trust._measure import (
 )
 from modelward.trust._tpmimport import import_tpm2_pytss
 
+logger = logging.getLogger(__name__)
+
 NONCE_BYTES = 32
 MAX_AK_FILE = 16 * 1024
 _MAX_B64 = {"attest": 1024, "signature": 512}
@@ -74,6 +78,9 @@ class Attested:
         events: events measured this boot.
         claimed: the model name and version the device wrote in the event (may differ
             from the signed release's only if the device lies: the release is believed).
+        epoch: the TPM's reset and restart counts (as the AK's certification shows them:
+            obfuscated per key, but equal within one boot); :func:`check_history`.
+        lines: the events, for :func:`check_history` (not printed).
     """
 
     name: str
@@ -86,6 +93,8 @@ class Attested:
     since: str
     events: int
     claimed: str
+    epoch: str = ""
+    lines: tuple[bytes, ...] = ()
 
 
 def _fail(device: str, reason: str, what: str) -> AttestationError:
@@ -206,6 +215,49 @@ def verify_answer(doc: object, device: str, ak_path: Path, nonce: bytes,
         raise _fail(device, "unknown fingerprint", f"fingerprint {fp[:16]}… (claimed "
                     f"{str(last.get('model'))[:64]} {str(last.get('version'))[:32]}) is in "
                     "no release the repository signs")
+    clock = info.clockInfo
     return Attested(rel.name, rel.version, rel.channel, rel.withdrawn, fp,
                     str(last.get("slot", "?")), str(last["kind"]), str(last.get("time", "")),
-                    len(parsed), f"{last.get('model')} {last.get('version')}")
+                    len(parsed), f"{last.get('model')} {last.get('version')}",
+                    f"{int(clock.resetCount)}:{int(clock.restartCount)}", tuple(lines))
+
+
+HISTORY_FORMAT = "modelward-attest-history/1"
+
+
+def check_history(fleet_dir: Path, device: str, a: Attested) -> None:
+    """Refuse an attestation that erased what an earlier one showed in the same boot,
+    then remember this one (``fleet_dir/attest/<id>.json``).
+
+    Only a TPM Reset or Restart clears the register, and it changes the TPM's reset or
+    restart count. An owner who undefines the register and a root who defines it again
+    (same attributes, same TPM name) erase its history without one: within the same
+    epoch, the events seen before must still be the first ones.
+
+    Raises:
+        AttestationError: ``register reset``.
+    """
+    from modelward.trust._atomic import write_atomic
+
+    path = fleet_dir / "attest" / f"{device}.json"
+    try:
+        seen = read_json_file(path, 4096, what="attestation history")
+    except FileNotFoundError:
+        seen = None
+    except (OSError, UntrustedJsonError):
+        seen = None  # (the operator's own file, damaged: start again from this answer)
+    if isinstance(seen, dict) and seen.get("format") == HISTORY_FORMAT \
+            and seen.get("epoch") == a.epoch and isinstance(seen.get("events"), int):
+        n = int(seen["events"])
+        if n > len(a.lines) or replay(a.lines[:n]).hex() != seen.get("head"):
+            raise _fail(device, "register reset", f"in the same TPM boot ({a.epoch}) the "
+                        f"register no longer holds the {n} event(s) attested before: it was "
+                        "undefined and defined again (TPM owner access on the device)")
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        write_atomic(path, json.dumps({"format": HISTORY_FORMAT, "epoch": a.epoch,
+                                       "events": len(a.lines),
+                                       "head": replay(a.lines).hex()}).encode() + b"\n",
+                     mode=0o600)
+    except OSError as e:  # (the answer verified; only the next check is weaker)
+        logger.warning("cannot keep %s's attestation history in %s: %s", device, path, e)

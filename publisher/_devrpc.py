@@ -29,6 +29,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from modelward.publisher._attest import Attested, check_history
 from modelward.publisher._broker_config import check_id
 from modelward.trust._bounded import loads_bounded
 from modelward.trust.errors import ModelwardError, UntrustedRemoteError
@@ -274,7 +275,10 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
             row.attested = verify(a.document, a.device,
                                   fleet_dir / "devices" / f"{a.device}.ak.json",
                                   a.request.nonce, releases)
+            if isinstance(row.attested, Attested):
+                check_history(fleet_dir, a.device, row.attested)
         except ModelwardError as e:
+            row.attested = None
             row.reason = str(getattr(e, "reason", None) or type(e).__name__)
             row.detail = str(e)
         row.verify_s = time.perf_counter() - t0

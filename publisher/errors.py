@@ -125,4 +125,4 @@ class AttestationError(UntrustedRemoteError):
 #: The reasons of :class:`AttestationError` (``fleet attest`` prints them per device).
 ATTEST_REASONS = ("malformed", "not enrolled", "wrong key", "stale nonce",
                   "not certified register", "log mismatch", "log overflow",
-                  "nothing trusted", "unknown fingerprint")
+                  "nothing trusted", "unknown fingerprint", "register reset")

@@ -148,6 +148,7 @@ class EventLog:
 
     def __init__(self, state_dir: Path) -> None:
         self.path = state_dir / MEASURE_DIR
+        self.torn = False  # the last read found bytes after the last newline
 
     def read(self) -> list[bytes]:
         """This boot's complete lines (none when there is no log yet).
@@ -162,8 +163,10 @@ class EventLog:
                                MeasureLogError)
         except FileNotFoundError:
             return []
+        data = data or b""
+        self.torn = bool(data) and not data.endswith(b"\n")
         try:
-            return split_log(data or b"")
+            return split_log(data)
         except ValueError as e:
             raise MeasureLogError(f"{self.path / EVENTS}: {e}", path=str(self.path / EVENTS)
                                   ) from e
@@ -192,7 +195,9 @@ class EventLog:
             fd = open_at(dfd, self.path, EVENTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
                          MeasureLogError)
             try:
-                os.write(fd, line + b"\n")
+                data = memoryview(line + b"\n")
+                while data:  # (a short write on a full disk: the rest, or ENOSPC)
+                    data = data[os.write(fd, data):]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -282,6 +287,8 @@ def _measure(tpm: Tpm, log: EventLog, kind: str, ref: ModelRef | None, reason: s
             logger.error("measurement log unreadable (%s): extending regardless; this "
                          "device cannot be attested until it reboots", e)
             lines = []
+        if log.torn:  # a torn append (power cut mid-write): never extended, cut it
+            log.cut_to(len(lines), lines)
         if replay(lines) != value:
             if lines and replay(lines[:-1]) == value:
                 log.cut_to(len(lines) - 1, lines)  # (appended, never extended: power cut)

@@ -56,12 +56,15 @@ def open_at(dfd: int, path: Path, name: str, flags: int, err: ErrorClass) -> int
         FileNotFoundError: it does not exist and ``flags`` has no ``O_CREAT``.
         err: a symlink, not a regular file, or another OS error.
     """
-    try:
-        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+    try:  # (O_NONBLOCK: a FIFO planted there must not block the open; none on files)
+        fd = os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o600,
+                     dir_fd=dfd)
     except OSError as e:
         if e.errno == errno.ENOENT and not flags & os.O_CREAT:
             raise
-        why = "a symlink, refused" if e.errno == errno.ELOOP else str(e)
+        why = ("a symlink, refused" if e.errno == errno.ELOOP
+               else "not a regular file (a FIFO with no reader)" if e.errno == errno.ENXIO
+               else str(e))
         raise err(f"cannot open {path / name}: {why}", path=str(path / name)) from e
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)

@@ -408,6 +408,7 @@ class Tpm(TpmInterface):
         from modelward.trust._measure import provision_register
 
         register_defined = provision_register(self)  # (issue 18: added likewise)
+        owner_auth_set = self._owner_auth_set()
         ipub, _, _ = self._call("read identity key",
                                 lambda: self._esys.read_public(self._obj(IDENTITY_HANDLE)))
         from modelward.trust._provision import ProvisionReport
@@ -415,7 +416,22 @@ class Tpm(TpmInterface):
         return ProvisionReport(srk_created, identity_created, anchor_defined, counter_defined,
                                ipub.to_pem(), mac_key_created, migrated,
                                identity_created and had_legacy_identity and not keep_identity,
-                               ak_created=ak_created, register_defined=register_defined)
+                               ak_created=ak_created, register_defined=register_defined,
+                               owner_auth_set=owner_auth_set)
+
+    def _owner_auth_set(self) -> bool | None:
+        """Whether the TPM's owner hierarchy has a password (None: cannot tell). Without
+        one, any local process can undefine modelward's NV indexes (docs/attestation.md)."""
+        t = self._types()
+        try:
+            _, data = self._esys.get_capability(t.TPM2_CAP.TPM_PROPERTIES,
+                                                t.TPM2_PT.PERMANENT, 1)
+            prop = data.data.tpmProperties[0]
+        except (self._exc, IndexError):
+            return None
+        if prop.property != t.TPM2_PT.PERMANENT:
+            return None
+        return bool(int(prop.value) & int(t.TPMA_PERMANENT.OWNERAUTHSET))
 
     def _provision_srk(self) -> tuple[Any, bool]:
         t = self._types()

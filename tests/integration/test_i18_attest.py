@@ -295,3 +295,83 @@ def test_provision_adds_the_register_once_and_refuses_a_wrong_one(world: World) 
 def measure_raises(t: Tpm, state: Path) -> None:
     _measure._measure(t, EventLog(state), "boot-check", None, "x", 0.0)
 
+
+
+def test_fifo_or_torn_log_neither_hangs_nor_breaks_the_register(world: World,
+                                                                op: Operator) -> None:
+    """A disk attacker's FIFO at the log: typed refusals within seconds (no open blocks);
+    a power cut mid-append (a torn line, or a NUL tail): the next measurement cuts it."""
+    w = world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    log = w.state / "measure" / "events.jsonl"
+    honest = log.read_bytes()
+    log.unlink()
+    os.mkfifo(log)
+    import subprocess
+    import sys
+
+    for argv in (("agent", "boot-check"), ("agent", "attest", "--nonce", "ab" * 16)):
+        r = subprocess.run([sys.executable, "-m", "modelward", *argv, "--config",
+                            str(w.conf_path)], capture_output=True, text=True, timeout=60,
+                           check=False)
+        assert "Traceback" not in r.stderr
+    assert r.returncode != 0 and "not a regular file" in r.stderr, r.stderr
+    log.unlink()
+    log.write_bytes(honest)
+    nonce, doc = op.ask()
+    assert op.refused(doc, nonce) == "log mismatch"  # the boot-check extended regardless
+    # reboot, then the two kinds of torn append
+    stop_swtpm(w.tpm.state)
+    start_swtpm(w.tpm.state, port=w.tpm.port)
+    assert _boot_check(w) == 0
+    for tail in (_measure.event_line(1, "boot-check", None, "torn", 0.0)[:40], b"\0" * 100):
+        with open(log, "ab") as f:
+            f.write(tail)
+        assert _boot_check(w) == 0
+        assert not log.read_bytes().endswith(tail)
+        nonce, doc = op.ask()
+        assert op.verify(doc, nonce).reason == "boot-check"
+
+
+def test_register_reset_within_a_boot_is_refused(world: World, op: Operator) -> None:
+    """Root with the TPM owner's (empty) password undefines the register and defines it
+    again, same attributes and name: a clean history. The operator who attested before
+    in the same TPM boot refuses it; after a real TPM restart a short history is fine."""
+    from modelward.publisher._attest import check_history
+
+    w = world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    w.publish("2.0.0", seed=2)
+    w.update()
+    _flip(w.state / "current" / "model.onnx")
+    assert _boot_check(w) == 0  # falls back to 1.0.0: the history shows it
+    nonce, doc = op.ask()
+    a = op.verify(doc, nonce)
+    assert (a.version, a.reason) == ("1.0.0", "fallback")
+    check_history(op.fleet, "dev-1", a)
+    two = next(json.loads(x) for x in doc["events"] if json.loads(x)["version"] == "2.0.0")
+    t = _tpm(w)
+    try:
+        t._undefine(_measure.REGISTER_INDEX)
+        t._handles.clear()
+        assert _measure.provision_register(t)
+        (w.state / "measure" / "events.jsonl").unlink()
+        assert measure(t, w.state, "boot-check",
+                       ModelRef("classifier", "2.0.0", two["fingerprint"], two["slot"]), "x")
+    finally:
+        t.close()
+    nonce, doc = op.ask()
+    forged = op.verify(doc, nonce)  # each answer alone verifies ...
+    assert (forged.version, forged.events) == ("2.0.0", 1)
+    with pytest.raises(AttestationError) as ei:  # ... but not after what was seen
+        check_history(op.fleet, "dev-1", forged)
+    assert ei.value.reason == "register reset"
+    stop_swtpm(w.tpm.state)  # a real reboot: a new epoch, a fresh history is believed
+    start_swtpm(w.tpm.state, port=w.tpm.port)
+    assert _boot_check(w) == 0
+    nonce, doc = op.ask()
+    fresh = op.verify(doc, nonce)
+    assert fresh.epoch != a.epoch and fresh.events == 1
+    check_history(op.fleet, "dev-1", fresh)
