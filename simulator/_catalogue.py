@@ -7,5 +7,7 @@ ATTACK_NAMES = ("tampered-bundle", "forged-metadata", "rollback-metadata", "endl
                 # issue 13
                 "team-other-model", "planted-stage", "current-outside", "symlinked-staging",
                 "pax-bundle", "mqtt-junk-flood", "replayed-status", "state-rollback",
-                "tpm-second-client", "memory-hog", "busy-fifo")
+                "tpm-second-client", "memory-hog", "busy-fifo",
+                # issue 18
+                "swapped-model", "edited-audit-log", "replayed-attestation")
 FAULT_NAMES = ("origin-down", "broker-down", "bridge-down", "tpm-down")

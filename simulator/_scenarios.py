@@ -42,8 +42,9 @@ class Scenario:
         outcome: what an aimed device must do: ``refuse`` (report one of ``errors`` and
             keep its model), ``ignore`` (make an attempt, report no error, keep its model),
             ``install`` (install the release ``apply`` returned, reporting none of
-            the errors, or one of ``errors`` when ``observe`` labels it) or, with
-            ``boot``, come up on a verified model.
+            the errors, or one of ``errors`` when ``observe`` labels it), ``keep`` (no
+            update is involved: keep its model, and ``observe`` labels what the operator's
+            side saw, one of ``errors``) or, with ``boot``, come up on a verified model.
         observe: what to record as a device's "error" instead of its ``status.json``
             (a label the scenario computed: a boot-check exit code, a flag in
             ``fleet status``, the outcome of a TPM command).
@@ -97,7 +98,7 @@ class ScenarioResult:
                 o.error is None and not sc.errors))
         if sc.outcome == "ignore":
             return o.error is None and o.during == o.before
-        return o.error in sc.errors and o.during == o.before
+        return o.error in sc.errors and o.during == o.before  # refuse, keep
 
     @property
     def affected(self) -> list[DeviceOutcome]:
@@ -194,7 +195,7 @@ def run(fleet: Fleet, sc: Scenario, *, timeout: float = 150.0,
     goal = target
 
     def reacted(d: Device) -> bool:
-        if sc.boot:
+        if sc.boot or sc.outcome == "keep":  # (apply did all there is to wait for)
             return True
         if sc.outcome == "install":
             return d.active() == goal and _settled(d)
@@ -391,6 +392,7 @@ def _scenarios() -> dict[str, Scenario]:
     fault("tpm-down", "every swtpm stopped: devices keep their model, nothing commits",
           {"TpmUnavailableError"}, tpm_stop, tpm_start, lambda d: True)
     _i13_scenarios(out)
+    _i18_scenarios(out)
     return out
 
 
@@ -883,6 +885,315 @@ def _hog_bundle(fleet: Fleet, version: str) -> Path:
     out = builds / f"classifier-{version}.tar"
     build_bundle(path, MODEL, version, out, vectors=vectors)
     return out
+
+
+# --- issue 18: attestation and the audit trail, seen from the operator's side -----------
+
+
+def _operator(fleet: Fleet) -> Path:
+    """The operator's registry with every device enrolled by credential activation
+    (:meth:`Fleet.enroll`), enrolling only the ones not enrolled yet."""
+    todo = [d for d in fleet.devices
+            if not (fleet.operator_dir / "devices" / f"{d.id}.ak.json").exists()]
+    if todo:
+        fleet.enroll(todo)
+    return fleet.operator_dir
+
+
+def _attest(fleet: Fleet, devices: list[Device], timeout: float = 10.0
+            ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """``fleet attest --device ... --json`` (the real command, over MQTT): each device's
+    row, and the summary (``{"error": ...}`` when the command printed no JSON)."""
+    argv = [sys.executable, "-I", "-m", "modelward", "fleet", "attest", "--json",
+            "--timeout", f"{timeout:g}", "--fleet-dir", str(fleet.operator_dir),
+            "--repo", str(fleet.repo), "--keys", str(fleet.keys), *fleet.operator_args()]
+    for d in devices:
+        argv += ["--device", d.id]
+    r = subprocess.run(argv, capture_output=True, text=True, check=False,
+                       timeout=timeout * len(devices) + 120)
+    try:
+        doc = loads_bounded(r.stdout, max_bytes=16 << 20, what="fleet attest --json")
+        return {row["device"]: row for row in doc["devices"]}, doc["summary"]
+    except (ValueError, KeyError, TypeError):
+        return {}, {"error": f"exit {r.returncode}: {r.stderr.strip()[-300:]}"}
+
+
+def _attest_answered(fleet: Fleet, devices: list[Device], tries: int = 6
+                     ) -> dict[str, dict[str, Any]]:
+    """:func:`_attest`, asked again for the devices that did not answer: a daemon just
+    started may not be subscribed yet (requests are QoS 0 and kept for nobody)."""
+    rows: dict[str, dict[str, Any]] = {}
+    todo = list(devices)
+    for _ in range(tries):
+        got, _ = _attest(fleet, todo, timeout=5.0)
+        rows.update(got)
+        todo = [d for d in todo if (got.get(d.id) or {}).get("reason") in ("no answer", None)]
+        if not todo:
+            break
+    return rows
+
+
+def _attested(row: dict[str, Any] | None) -> str:
+    """One ``fleet attest`` row in a few words: ``VERSION (REASON)`` or the failure."""
+    if not row:
+        return "no row"
+    if not row.get("attested"):
+        return f"refused: {row.get('reason')}"
+    rel = row.get("release") or {}
+    return f"{rel.get('version')} ({rel.get('reason')})"
+
+
+def _fleet_audit(fleet: Fleet, d: Device, timeout: float = 10.0) -> tuple[int, str]:
+    """``fleet audit --device ID`` over MQTT (no ``--log``): exit code and output."""
+    r = subprocess.run(
+        [sys.executable, "-I", "-m", "modelward", "fleet", "audit", "--device", d.id,
+         "--timeout", f"{timeout:g}", "--fleet-dir", str(fleet.operator_dir),
+         *fleet.operator_args()], capture_output=True, text=True, check=False, timeout=180)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+def _audit_kinds(d: Device) -> list[str]:
+    """The kinds in the device's audit log, as ``agent audit`` verifies it locally."""
+    r = subprocess.run([sys.executable, "-I", "-m", "modelward", "agent", "audit", "--config",
+                        str(d.conf), "--json"], capture_output=True, text=True, check=False,
+                       timeout=120)
+    try:
+        doc = loads_bounded(r.stdout, max_bytes=16 << 20, what="agent audit --json")
+        return [str(e["kind"]) for e in doc["entries"]]
+    except (ValueError, KeyError, TypeError):
+        return [f"agent audit exit {r.returncode}"]
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _reboot(fleet: Fleet, d: Device) -> int:
+    """The device reboots: its daemon stops, boot-check runs, the daemon starts."""
+    fleet.stop_agent(d)
+    rc = _boot_check(d)
+    fleet.start_agent(d)
+    return rc
+
+
+SWAP_OK = {0: "fallback attested and audited", 3: "nothing trusted attested and audited"}
+AUDIT_OK = "fleet audit named the edited entry"
+REPLAY_OK = "refused as stale nonce; the verbatim copy ignored as stale"
+
+
+def _i18_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catalogue
+    # 1. the active model swapped on disk after boot-check, no reboot ------------------
+    swapped: dict[str, str | None] = {}
+
+    def swap_label(d: Device, verified: dict[str, Any] | None, swap: dict[str, Any] | None,
+                   rc: int, booted: dict[str, Any] | None, kinds: list[str]) -> str:
+        rel = (verified or {}).get("release") or {}
+        if not (verified or {}).get("attested") or rel.get("reason") != "boot-check":
+            return f"NOT ATTESTED AT BOOT-CHECK: {_attested(verified)}"
+        if not (swap or {}).get("attested") or (swap or {}).get("release") != rel:
+            return f"AFTER THE SWAP: {_attested(swap)}, boot-check verified {_attested(verified)}"
+        if rc == 0:
+            after = (booted or {}).get("release") or {}
+            ok = ((booted or {}).get("attested") and after.get("reason") == "fallback"
+                  and after.get("version") == d.active()
+                  and after.get("fingerprint") != rel.get("fingerprint"))
+            audited = kinds[-1:] == ["fallback"]
+        elif rc == 3:
+            ok = (booted or {}).get("reason") == "nothing trusted"
+            audited = kinds[-1:] == ["nothing-trusted"]
+        else:
+            return f"boot-check exit {rc}"
+        if not ok:
+            return f"AFTER BOOT-CHECK EXIT {rc}: {_attested(booted)}"
+        return SWAP_OK[rc] if audited else f"AUDIT ENDS {kinds[-1:]}"
+
+    def swap_apply(fleet: Fleet) -> str:
+        _operator(fleet)
+        devices = fleet.devices
+        for d in devices:  # a reboot: boot-check verifies the active model, measured
+            _reboot(fleet, d)
+        verified = _attest_answered(fleet, devices)
+        for d in devices:  # the swap, while the daemon runs: no reboot
+            _flip(d.state / "current" / "model.onnx")
+        swap, _ = _attest(fleet, devices)
+        # The next boot with the origin and bridge down: the daemon, started after
+        # boot-check, cannot heal before the operator has seen what boot-check did.
+        fleet.stop_origin()
+        fleet.stop_bridge()
+        try:
+            rcs = {d.id: _reboot(fleet, d) for d in devices}
+            booted = _attest_answered(fleet, devices)
+        except BaseException:
+            fleet.start_origin()
+            fleet.start_bridge()
+            raise
+        for d in devices:
+            swapped[d.id] = swap_label(d, verified.get(d.id), swap.get(d.id), rcs[d.id],
+                                       booted.get(d.id), _audit_kinds(d))
+        return _newest(fleet)
+
+    def swap_clear(fleet: Fleet) -> None:  # online again: the daemons reinstall
+        fleet.start_origin()
+        fleet.start_bridge()
+        fleet.announce()
+
+    out["swapped-model"] = Scenario(
+        "swapped-model", "attack", "each active model altered on disk after boot-check, no "
+        "reboot: `fleet attest` still names the release boot-check verified (the TPM's "
+        "register); the next boot-check (origin down: no heal yet) falls back, and `fleet "
+        "attest` and the audit log then say fallback; the daemon reinstalls",
+        frozenset(SWAP_OK.values()), swap_apply, swap_clear, boot=True,
+        observe=_labels(swapped),
+        says="attested what boot-check verified until the next boot-check showed the swap")
+
+    # 2. an audit log entry edited on the device's disk ---------------------------------
+    edits: dict[str, tuple[Path, bytes, bytes]] = {}
+    edited: dict[str, str | None] = {}
+
+    def edit_apply(fleet: Fleet) -> str:
+        from modelward.trust._auditchain import canonical
+
+        operator = _operator(fleet)
+        for d in fleet.devices:
+            rc, text = 1, ""
+            for _ in range(4):  # (entries since the newest report: the next one signs them)
+                _fleet_status(fleet, operator)  # keeps each device's newest signed report
+                rc, text = _fleet_audit(fleet, d)
+                if rc == 0 or "after the signed head" not in text:
+                    break
+                time.sleep(5.0)
+            if rc != 0:
+                edited[d.id] = f"NOT VERIFYING BEFORE THE EDIT: exit {rc}: {text[-160:]}"
+                continue
+            log = d.state / "audit" / "live.jsonl"
+            lines = log.read_bytes().split(b"\n")
+            # the newest entry naming a version, not the last one (what chains from it
+            # shows the edit): the attacker makes the log say another version was installed
+            k = max(i for i, raw in enumerate(lines[:-2])
+                    if raw and "version" in json.loads(raw)["fields"])
+            doc = json.loads(lines[k])
+            doc["fields"]["version"] = "99.0.0"
+            old, lines[k] = lines[k], canonical(doc)  # re-canonicalised: it still parses
+            log.write_bytes(b"\n".join(lines))
+            edits[d.id] = (log, old, lines[k])
+            rc, text = _fleet_audit(fleet, d)
+            seq = doc["seq"]
+            edited[d.id] = (AUDIT_OK if rc != 0 and f"entry seq {seq} " in text
+                            and "edited" in text else
+                            f"FLEET AUDIT EXIT {rc} (seq {seq} edited): {text[-160:]}")
+        return _newest(fleet)
+
+    def edit_clear(fleet: Fleet) -> None:  # the entry put back as the device wrote it
+        for log, old, new in edits.values():
+            data = log.read_bytes()
+            log.write_bytes(data.replace(new, old, 1))
+        edits.clear()
+
+    out["edited-audit-log"] = Scenario(
+        "edited-audit-log", "attack", "an entry of each device's audit log edited on disk "
+        "(another version, re-canonicalised so it parses): `fleet audit` over MQTT fails "
+        "naming that entry (edited); the model keeps serving",
+        frozenset({AUDIT_OK}), edit_apply, edit_clear, outcome="keep",
+        observe=_labels(edited), says="kept their model; the edit was found")
+
+    # 3. an earlier attestation answer replayed to a new request ------------------------
+    replayed: dict[str, str | None] = {}
+
+    def replay_one(fleet: Fleet, d: Device, prefix: str) -> str:
+        import queue
+        import secrets
+
+        from modelward.updater.transport._mqttconn import (
+            MqttConnection,
+            device_connection,
+            publish_properties,
+        )
+        from modelward.updater.transport._rpc import (
+            Assembly,
+            answer_chunks,
+            parse_chunk,
+            parse_request,
+            req_topic,
+            resp_topic,
+        )
+
+        # The attacker records a real answer off the broker: a subscriber to the response
+        # topics (the operator's identity stands in for the broker's own view here).
+        heard: queue.Queue[bytes] = queue.Queue()
+        mine = resp_topic(prefix, d.id)
+        sniff = MqttConnection(fleet.mqtt("modelward-operator"),
+                               f"sniff-{secrets.token_hex(4)}", [resp_topic(prefix, "+")],
+                               lambda m: heard.put(bytes(m.payload)) if m.topic == mine
+                               else None)
+        try:
+            rows = _attest_answered(fleet, [d])
+        finally:
+            sniff.close()
+        if not (rows.get(d.id) or {}).get("attested"):
+            return f"NOT ATTESTED BEFORE: {_attested(rows.get(d.id))}"
+        recorded: list[bytes] = []
+        while not heard.empty():
+            recorded.append(heard.get())
+        body = None
+        assembly = Assembly()
+        for c in recorded:
+            body = assembly.add(parse_chunk(c, "a recorded answer"), "a recorded answer")
+        if body is None:
+            return f"NOTHING RECORDED ({len(recorded)} chunks)"
+        old_doc = json.loads(body)
+        # The device is offline; a client with its MQTT credentials (its listener
+        # identity: reads its requests, writes its answers) answers in its place, with
+        # each new request's correlation data: the recorded chunks verbatim, then the
+        # recorded document framed anew under the new request's nonce.
+        mode = {"reframe": False}
+
+        def answer(m: Any) -> None:
+            corr = getattr(m.properties, "CorrelationData", None)
+            req = parse_request(bytes(m.payload), "a request")
+            chunks = answer_chunks(req, old_doc) if mode["reframe"] else recorded
+            for c in chunks:
+                p = publish_properties()
+                p.CorrelationData = corr
+                attacker.publish(mine, c, p)
+
+        fleet.stop_agent(d)
+        attacker = device_connection(fleet.mqtt(d.id), "listen", [req_topic(prefix, d.id)],
+                                     answer)
+        try:
+            verbatim, vsum = _attest(fleet, [d], timeout=5.0)
+            mode["reframe"] = True
+            reframed, _ = _attest(fleet, [d], timeout=10.0)
+        finally:
+            attacker.close()
+            fleet.start_agent(d)
+        v, r = verbatim.get(d.id) or {}, reframed.get(d.id) or {}
+        if v.get("attested") or r.get("attested"):
+            return f"REPLAY ATTESTED: {_attested(v)}, {_attested(r)}"
+        if v.get("reason") != "no answer" or not vsum.get("stale_answers"):
+            return f"VERBATIM COPY: {_attested(v)}, {vsum.get('stale_answers')} stale"
+        if r.get("reason") != "stale nonce":
+            return f"REFRAMED COPY: {_attested(r)}"
+        back = _attest_answered(fleet, [d]).get(d.id)  # the device itself, online again
+        if not (back or {}).get("attested"):
+            return f"NOT ATTESTED AFTER: {_attested(back)}"
+        return REPLAY_OK
+
+    def replay_apply(fleet: Fleet) -> str:
+        _operator(fleet)
+        prefix = fleet.mqtt("modelward-operator").topic("").rstrip("/")
+        for d in fleet.devices:
+            replayed[d.id] = replay_one(fleet, d, prefix)
+        return _newest(fleet)
+
+    out["replayed-attestation"] = Scenario(
+        "replayed-attestation", "attack", "a real attestation answer recorded off the broker, "
+        "replayed to a new `fleet attest` request with the device's own MQTT credentials "
+        "and the request's correlation data (verbatim, then framed under the new nonce): "
+        "ignored as stale, then refused as stale nonce; never attested",
+        frozenset({REPLAY_OK}), replay_apply, outcome="keep", observe=_labels(replayed),
+        says="never attested from a replay")
 
 
 SCENARIOS = _scenarios()
