@@ -1158,6 +1158,15 @@ def _sim_fleet(args: argparse.Namespace) -> int:
         fleet = Fleet.load(args.dir)
         version = fleet.publish(args.version)
         print(f"published and announced classifier {version}")
+    elif args.action == "enroll":
+        import shlex
+
+        fleet = Fleet.load(args.dir)
+        registry = fleet.enroll()
+        print(f"enrolled {len(fleet.devices)} devices by credential activation in {registry}")
+        print("attest them with:\n  " + shlex.join([
+            "modelward", "fleet", "attest", "--all", "--fleet-dir", str(registry), "--repo",
+            str(fleet.repo), "--keys", str(fleet.keys), *fleet.operator_args()]))
     else:
         fleet = Fleet.load(args.dir)
         from modelward.trust._display import escape, escape_id
@@ -1680,6 +1689,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = flsub.add_parser("down", help="stop everything by pid")
     f = flsub.add_parser("publish", help="build, publish and announce the next good release")
     f.add_argument("--version", help="default: the next major version")
+    flsub.add_parser("enroll", help="enroll every device in DIR/operator by credential "
+                     "activation and print the `fleet attest` command for the fleet")
     f = flsub.add_parser("status", help="what each device runs")
     f.add_argument("--json", action="store_true")
     for f in flsub.choices.values():

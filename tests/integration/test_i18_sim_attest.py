@@ -11,6 +11,7 @@ signed release), and the operator-side p95 verification time must be at most 200
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -35,12 +36,14 @@ def test_fleet_attest_all_on_a_10_device_sim_fleet(fleet: Fleet) -> None:
     version = fleet.publish()
     assert wait_for(lambda: all(d.active() == version for d in fleet.devices), 600, 1.0), \
         {d.id: (d.active(), d.last_error()) for d in fleet.devices}
-    operator = fleet.enroll()
-    r = subprocess.run(
-        [sys.executable, "-m", "modelward", "fleet", "attest", "--all", "--json",
-         "--timeout", "60", "--fleet-dir", str(operator), "--repo", str(fleet.repo),
-         "--keys", str(fleet.keys), *fleet.operator_args()],
-        capture_output=True, text=True, timeout=300, check=False)
+    r = subprocess.run([sys.executable, "-m", "modelward", "sim", "fleet", "enroll", "--dir",
+                        str(fleet.dir)], capture_output=True, text=True, timeout=300,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    command = shlex.split(r.stdout.splitlines()[-1])  # the `fleet attest` it prints
+    assert command[:4] == ["modelward", "fleet", "attest", "--all"], r.stdout
+    r = subprocess.run([sys.executable, "-m", *command, "--json", "--timeout", "60"],
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.stdout, r.stderr
     doc = json.loads(r.stdout)
     rows = {row["device"]: row for row in doc["devices"]}

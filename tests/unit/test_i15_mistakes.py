@@ -262,6 +262,7 @@ CASES: list[Case] = [
     ("sim fleet down", ["--dir", "{missing}"], "{missing}"),
     ("sim fleet publish", ["--dir", "{fleet}"], "{fleet}"),
     ("sim fleet status", ["--dir", "{under_file}"], "{under_file}"),
+    ("sim fleet enroll", ["--dir", "{missing}"], "{missing}"),
     ("sim attack", ["rollback-metadata", "--dir", "{fleet}"], "{fleet}"),
     ("sim attack", ["rollback-metadata", "--dir", "{fleet}", "--timeout", "nan"], "--timeout"),
     ("sim fault", ["origin-down", "--dir", "{missing}"], "{missing}"),
