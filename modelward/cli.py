@@ -696,9 +696,16 @@ def _fleet_audit(args: argparse.Namespace) -> int:
     from modelward.trust._display import for_encoding
     from modelward.trust.errors import OperatorInputError
 
+    head = None
+    if args.head is not None:
+        from modelward.publisher._audit import parse_head
+
+        if args.status is not None:
+            raise OperatorInputError("--head and --status both name the head: give one")
+        head = parse_head(args.head)
     if args.log is not None:
         h = audit_device(args.fleet_dir, args.device, args.log, checkpoint=args.checkpoint,
-                         status=args.status, allow_tail=args.allow_unsigned_tail)
+                         status=args.status, allow_tail=args.allow_unsigned_tail, head=head)
     else:
         if args.checkpoint is not None:
             raise OperatorInputError("--checkpoint goes with --log (over MQTT the device "
@@ -715,7 +722,7 @@ def _fleet_audit(args: argparse.Namespace) -> int:
         finally:
             client.close()
         h = verify_fetched_audit(chunks, args.fleet_dir, device, status=args.status,
-                                 allow_tail=args.allow_unsigned_tail)
+                                 allow_tail=args.allow_unsigned_tail, head=head)
     print(for_encoding(history_text(args.device, h, args.json),
                        getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
@@ -1592,6 +1599,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the one in --log's directory)")
     f.add_argument("--status", type=local_path, help="a signed status report to take the "
                    "head from (default: the newest `fleet status` kept)")
+    f.add_argument("--head", metavar="SEQ:HASH", help="verify up to this head instead: the "
+                   "`audit` of the device's release in `fleet attest --json` (the TPM "
+                   "measured it with that event)")
     f.add_argument("--allow-unsigned-tail", action="store_true", help="accept entries after "
                    "the signed head (appended since that report), marked so")
     f.add_argument("--json", action="store_true")

@@ -81,6 +81,8 @@ class Attested:
         epoch: the TPM's reset and restart counts (as the AK's certification shows them:
             obfuscated per key, but equal within one boot); :func:`check_history`.
         lines: the events, for :func:`check_history` (not printed).
+        audit: the device's audit trail head (``SEQ:HASH``) when that event was
+            measured: the TPM vouches for the history up to it (``fleet audit``).
     """
 
     name: str
@@ -95,6 +97,7 @@ class Attested:
     claimed: str
     epoch: str = ""
     lines: tuple[bytes, ...] = ()
+    audit: str | None = None
 
 
 def _fail(device: str, reason: str, what: str) -> AttestationError:
@@ -219,7 +222,8 @@ def verify_answer(doc: object, device: str, ak_path: Path, nonce: bytes,
     return Attested(rel.name, rel.version, rel.channel, rel.withdrawn, fp,
                     str(last.get("slot", "?")), str(last["kind"]), str(last.get("time", "")),
                     len(parsed), f"{last.get('model')} {last.get('version')}",
-                    f"{int(clock.resetCount)}:{int(clock.restartCount)}", tuple(lines))
+                    f"{int(clock.resetCount)}:{int(clock.restartCount)}", tuple(lines),
+                    last.get("audit") if isinstance(last.get("audit"), str) else None)
 
 
 HISTORY_FORMAT = "modelward-attest-history/1"

@@ -119,15 +119,33 @@ def read_exported(log: Path, checkpoint: Path | None = None
     return [(split_lines(data), cp_data, "")]
 
 
+def parse_head(text: str) -> Head:
+    """``--head SEQ:HASH`` (the ``audit`` of a verified ``fleet attest --json`` answer).
+
+    Raises:
+        OperatorInputError: not a sequence number and 64 hex digits.
+    """
+    seq, _, digest = text.partition(":")
+    try:
+        return Head.from_json({"seq": int(seq) if seq.isascii() and seq.isdigit() else None,
+                               "hash": digest})
+    except AuditError as e:
+        raise OperatorInputError(f"--head {text[:100]!r} is not SEQ:HASH (64 hex digits)",
+                                 hint="take it from `fleet attest --json` (release.audit)"
+                                 ) from e
+
+
 def audit_device(fleet_dir: Path, device: str, log: Path, *, checkpoint: Path | None = None,
-                 status: Path | None = None, allow_tail: bool = False) -> AuditHistory:
+                 status: Path | None = None, allow_tail: bool = False,
+                 head: Head | None = None) -> AuditHistory:
     """``fleet audit --device ID --log FILE``: the verified history.
 
     Raises:
         OperatorInputError: missing or unreadable inputs.
         AuditError: the log does not verify (the first bad entry named).
     """
-    head, _at = signed_head(fleet_dir, device, status)
+    if head is None:
+        head, _at = signed_head(fleet_dir, device, status)
     segments = read_exported(log, checkpoint)
     return verify_segments(segments, head, enrolled_pem(fleet_dir, device),
                            allow_tail=allow_tail)

@@ -389,7 +389,8 @@ def release_index(repo_dir: Path, keys: Path) -> Callable[[str], SignedRelease |
 
 
 def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: str, *,
-                         status: Path | None = None, allow_tail: bool = False) -> Any:
+                         status: Path | None = None, allow_tail: bool = False,
+                         head: Any = None) -> Any:
     """The history in the audit chunks fetched from ``device``, its chain and checkpoint
     verified with the enrolled identity key, and its end with the head of the newest
     signed status report kept (or ``status``).
@@ -427,6 +428,7 @@ def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: 
             if cp is not None and (not isinstance(cp, str) or len(cp) > MAX_CHECKPOINT_BYTES):
                 raise bad("the checkpoint is not a string within its bound")
             checkpoint = cp.encode() if cp is not None else None
-    head, _at = signed_head(fleet_dir, device, status)
+    if head is None:
+        head, _at = signed_head(fleet_dir, device, status)
     return verify_segments([(lines, checkpoint, "")], head, enrolled_pem(fleet_dir, device),
                            allow_tail=allow_tail)

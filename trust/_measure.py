@@ -103,8 +103,10 @@ def attest_qualifier(device_id: str, nonce: bytes) -> bytes:
                           + nonce).digest()
 
 
-def event_line(seq: int, kind: str, ref: ModelRef | None, reason: str, at: float) -> bytes:
-    """One event as canonical JSON (sorted keys, no spaces, ASCII), without newline."""
+def event_line(seq: int, kind: str, ref: ModelRef | None, reason: str, at: float,
+               audit: str | None = None) -> bytes:
+    """One event as canonical JSON (sorted keys, no spaces, ASCII), without newline;
+    ``audit``: the audit trail's head then (``SEQ:HASH``), so the TPM vouches for it."""
     def cut(v: object) -> str:
         return str(v)[:_FIELD_CHARS]
 
@@ -114,7 +116,21 @@ def event_line(seq: int, kind: str, ref: ModelRef | None, reason: str, at: float
     if ref is not None:
         doc.update(model=cut(ref.name), version=cut(ref.version),
                    fingerprint=cut(ref.fingerprint), slot=cut(ref.slot))
+    if audit is not None:
+        doc["audit"] = cut(audit)
     return canonical(doc)
+
+
+def audit_head(state_dir: Path) -> str | None:
+    """The audit trail's head as ``SEQ:HASH`` (None: unreadable, logged by its writer)."""
+    from modelward.trust._audit import AuditLog
+    from modelward.trust.errors import AuditLogError
+
+    try:
+        h = AuditLog(state_dir).head()
+    except (AuditLogError, OSError, ValueError):
+        return None
+    return f"{h.seq}:{h.hash}"
 
 
 def canonical(doc: object) -> bytes:
@@ -302,7 +318,7 @@ def _measure(tpm: Tpm, log: EventLog, kind: str, ref: ModelRef | None, reason: s
         return False
     if len(lines) == MAX_EVENTS - 1:
         kind, ref, reason = OVERFLOW, None, f"more than {MAX_EVENTS} events this boot"
-    line = event_line(len(lines), kind, ref, reason, at)
+    line = event_line(len(lines), kind, ref, reason, at, audit_head(log.path.parent))
     logged = True
     try:
         log.append(line)

@@ -28,6 +28,7 @@ from modelward.simulator._demo import write_device_config
 from modelward.simulator._fleet import enroll_device
 from modelward.simulator._swtpm import SwtpmHandle, start_swtpm, stop_swtpm
 from modelward.trust import _measure
+from modelward.trust._audit import AuditLog
 from modelward.trust._measure import EventLog, attest_answer, measure
 from modelward.trust._record import ModelRef
 from modelward.trust._tpm import Tpm
@@ -100,6 +101,23 @@ def test_attested_release_follows_activation_boot_check_and_fallback(
     nonce, doc = op.ask()
     a = op.verify(doc, nonce)
     assert (a.name, a.version, a.reason, a.events) == ("classifier", "1.0.0", "activation", 1)
+    # the audit trail's head then is measured with the event: fleet audit verifies to it
+    head = AuditLog(w.state).head()
+    assert a.audit == f"{head.seq}:{head.hash}" and head.seq == 2  # install, activation
+    r = w.cli("fleet", "audit", "--fleet-dir", str(op.fleet), "--device", "dev-1", "--log",
+              str(w.state / "audit"), "--head", a.audit)
+    assert r.returncode == 0, r.stderr
+    assert "activation" in r.stdout
+    export = w.tmp / "audit-copy"
+    shutil.copytree(w.state / "audit", export)
+    live = export / "live.jsonl"
+    lines = live.read_bytes().split(b"\n")
+    ev = json.loads(lines[0])
+    ev["fields"]["version"] = "0.0.1"
+    live.write_bytes(b"\n".join([_measure.canonical(ev), *lines[1:]]))
+    r = w.cli("fleet", "audit", "--fleet-dir", str(op.fleet), "--device", "dev-1", "--log",
+              str(export), "--head", a.audit)
+    assert r.returncode == 1 and "entry seq 1 (line 1)" in r.stderr, r.stderr
     w.publish("2.0.0", seed=2)
     w.update()
     assert _boot_check(w) == 0

@@ -210,6 +210,8 @@ CASES: list[Case] = [
     ("fleet audit", ["--fleet-dir", "{tmp}/fd", "--device", "d", "--log", "{missing}"],
      "{tmp}/fd/devices/d.pem"),
     ("fleet audit", ["--fleet-dir", "{tmp}/fd", "--device", "d", *B], "not enrolled"),
+    ("fleet audit", ["--fleet-dir", "{tmp}/fd", "--device", "d", "--head", "7:zz", *B],
+     "--head"),
     ("agent audit", ["--config", "{missing}"], "{missing}"),
     ("agent attest", ["--config", "{missing}", "--nonce", "00" * 16], "{missing}"),
     ("fleet attest", ["--fleet-dir", "{tmp}/fd", "--all", *B], "--repo and --keys"),

@@ -647,9 +647,9 @@ def _attempt(
     assert staged is not None
     _check_moved(dev.slots, store, new_ref, staged)  # (bytes changed since the check above)
     dev.slots.activate(slot)
-    measure(store.tpm, cfg.state_dir, MEASURED_ACTIVATION, new_ref, "installed")
     events.record(cfg.state_dir, store.tpm, _audit.ACTIVATION, **events.ref_fields(new_ref),
                   reason="installed")
+    measure(store.tpm, cfg.state_dir, MEASURED_ACTIVATION, new_ref, "installed")
     staged.forget()
     step("active")
     if index is not None:  # where the next delta finds this slot's chunks (a hint only)
