@@ -812,6 +812,11 @@ def _i13_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
         says="installed the release past the FIFO")
 
 
+def _entry(raw: bytes) -> Any:
+    """An audit entry the scenario reads back from a device's disk."""
+    return loads_bounded(raw, max_bytes=4096, what="an audit entry")
+
+
 def _restart_and_announce(fleet: Fleet) -> None:
     _start_agents(fleet)
     fleet.announce()
@@ -1072,8 +1077,8 @@ def _i18_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
             # the newest entry naming a version, not the last one (what chains from it
             # shows the edit): the attacker makes the log say another version was installed
             k = max(i for i, raw in enumerate(lines[:-2])
-                    if raw and "version" in json.loads(raw)["fields"])
-            doc = json.loads(lines[k])
+                    if raw and "version" in _entry(raw)["fields"])
+            doc = _entry(lines[k])
             doc["fields"]["version"] = "99.0.0"
             old, lines[k] = lines[k], canonical(doc)  # re-canonicalised: it still parses
             log.write_bytes(b"\n".join(lines))
@@ -1142,7 +1147,7 @@ def _i18_scenarios(out: dict[str, Scenario]) -> None:  # noqa: PLR0915 - a catal
             body = assembly.add(parse_chunk(c, "a recorded answer"), "a recorded answer")
         if body is None:
             return f"NOTHING RECORDED ({len(recorded)} chunks)"
-        old_doc = json.loads(body)
+        old_doc = loads_bounded(body, max_bytes=len(body), what="a recorded answer")
         # The device is offline; a client with its MQTT credentials (its listener
         # identity: reads its requests, writes its answers) answers in its place, with
         # each new request's correlation data: the recorded chunks verbatim, then the

@@ -72,6 +72,7 @@ KINDS = (BOOT_CHECK, FALLBACK, ACTIVATION, NOTHING_TRUSTED, OVERFLOW)
 _FIELD_CHARS = 256  # each string field of an event is cut to this
 _RC_NV_UNINITIALIZED = 0x14A
 ZERO = bytes(REGISTER_SIZE)
+MIN_NONCE, MAX_NONCE = 16, 64  # bytes of an operator's nonce (the request channel's too)
 
 
 def register_attributes() -> int:
@@ -375,7 +376,6 @@ def attest_hex(tpm: Tpm, state_dir: Path, nonce_hex: str, device_id: str) -> dic
         OperatorInputError: the nonce is not 16..64 bytes of hex.
     """
     from modelward.trust.errors import OperatorInputError
-    from modelward.updater.transport._rpc import MAX_NONCE, MIN_NONCE
 
     try:
         nonce = bytes.fromhex(nonce_hex)

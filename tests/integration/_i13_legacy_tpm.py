@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from modelward.trust._ak import AK_HANDLE
+from modelward.trust._measure import REGISTER_INDEX
 from modelward.trust._record import encode_record
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import (
@@ -64,8 +65,10 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
     try:
         for index in (ANCHOR_INDEX, COUNTER_INDEX):
             e.nv_undefine_space(e.tr_from_tpmpublic(index), t.ESYS_TR.OWNER)
-        # (an old-style device never had the targets-floor index)
-        e.nv_undefine_space(e.tr_from_tpmpublic(FLOOR_INDEX), t.ESYS_TR.OWNER)
+        # (an old-style device never had the targets-floor index, nor the measurement
+        # register of issue 18)
+        for index in (FLOOR_INDEX, REGISTER_INDEX):
+            e.nv_undefine_space(e.tr_from_tpmpublic(index), t.ESYS_TR.OWNER)
         for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE, AK_HANDLE):  # (none before issue 18)
             e.evict_control(t.ESYS_TR.OWNER, e.tr_from_tpmpublic(handle), handle)
         nv = _old_nv(e, t, LEGACY_ANCHOR_INDEX, 32, counter=False)

@@ -48,12 +48,13 @@ def _record(w: World) -> dict[str, object]:
 
 def _files(root: Path) -> dict[str, bytes | str]:
     """Every file (bytes) and symlink (target) under ``root``, for "nothing moved" (the
-    audit trail excepted: a refusal is recorded there, :func:`_audited`)."""
+    audit trail and the measurement log excepted: a refusal is recorded there,
+    :func:`_audited`, and boot-check measures what it found)."""
     out: dict[str, bytes | str] = {}
     if root.exists():
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root).as_posix()
-            if rel == "audit" or rel.startswith("audit/"):
+            if rel in ("audit", "measure") or rel.startswith(("audit/", "measure/")):
                 continue
             if p.is_symlink():
                 out[rel] = str(p.readlink())

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from modelward.simulator._swtpm import SwtpmHandle
+from modelward.trust._measure import REGISTER_INDEX
 from modelward.trust._record import decode_record, encode_record
 from modelward.trust._store import TrustStore
 from modelward.trust._tpm import (
@@ -209,7 +210,7 @@ def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: 
         assert (tpm.identity_public_pem() == old_pem) is keep_identity
     finally:
         tpm.close()
-    assert {ANCHOR_INDEX, COUNTER_INDEX} <= nv
+    assert {ANCHOR_INDEX, COUNTER_INDEX, REGISTER_INDEX} <= nv  # (the register added)
     assert not {LEGACY_ANCHOR_INDEX, LEGACY_COUNTER_INDEX} & nv
     assert LEGACY_IDENTITY_HANDLE not in persistent
     assert {IDENTITY_HANDLE, MAC_KEY_HANDLE} <= persistent
@@ -236,7 +237,7 @@ def test_old_style_device_migrates_with_agent_provision(world: World, tmp_path: 
     # provisioning again is a no-op
     r = world.cli("agent", "provision", "--config", str(world.conf_path), "--root", str(root))
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("already present") == 6 and "migrated" not in r.stdout
+    assert r.stdout.count("already present") == 7 and "migrated" not in r.stdout
     assert world.snapshot() == migrated
 
     # the old record, put back, no longer verifies; the migrated device updates

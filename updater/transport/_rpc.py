@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from modelward.trust._bounded import loads_bounded
+from modelward.trust._measure import MAX_NONCE, MIN_NONCE  # (bytes of a nonce)
 from modelward.trust.errors import UntrustedRemoteError
 
 KINDS = ("attest", "audit")
 MAX_REQUEST = 1024  # bytes of a request payload (a nonce of 64 bytes is 128 hex digits)
-MIN_NONCE, MAX_NONCE = 16, 64  # bytes of a nonce
 MAX_CORRELATION = 64  # bytes of correlation data (the operator sends 16)
 MAX_AUDIT_LIMIT = 256  # entries an audit request may ask for at once
 CHUNK_BYTES = 48 * 1024  # document bytes per answer packet (inside a 64 KiB packet)
