@@ -140,6 +140,11 @@ def enrolled_ak(ak_path: Path, device: str) -> Any:
         raise AttestationError(f"{device}: no attestation key is enrolled ({ak_path}: {e})",
                                device=device, reason="not enrolled",
                                hint="enroll it with `fleet add-device --enrollment`") from e
+    if doc is None:
+        raise AttestationError(f"{device}: no attestation key is enrolled (no {ak_path})",
+                               device=device, reason="not enrolled",
+                               hint="enroll it with `fleet add-device --enrollment` (a device "
+                               "added with --key has no AK)")
     if not isinstance(doc, dict) or doc.get("device_id") != device \
             or not isinstance(doc.get("ak_public"), str):
         raise _fail(device, "not enrolled", f"{ak_path} is not the AK record of {device}")
@@ -246,12 +251,18 @@ def check_history(fleet_dir: Path, device: str, a: Attested) -> None:
     path = fleet_dir / "attest" / f"{device}.json"
     try:
         seen = read_json_file(path, 4096, what="attestation history")
-    except FileNotFoundError:
-        seen = None
-    except (OSError, UntrustedJsonError):
-        seen = None  # (the operator's own file, damaged: start again from this answer)
-    if isinstance(seen, dict) and seen.get("format") == HISTORY_FORMAT \
-            and seen.get("epoch") == a.epoch and isinstance(seen.get("events"), int):
+    except (OSError, UntrustedJsonError) as e:  # (a symlink, a FIFO, too big, not JSON)
+        seen = e
+    if seen is not None and not (isinstance(seen, dict)
+                                 and seen.get("format") == HISTORY_FORMAT
+                                 and isinstance(seen.get("epoch"), str)
+                                 and isinstance(seen.get("events"), int)
+                                 and isinstance(seen.get("head"), str)):
+        raise AttestationError(f"{device}: the attestation history {path} is damaged, so a "
+                               "register reset cannot be ruled out", device=device,
+                               reason="history unreadable", hint=f"inspect {path}; remove it "
+                               "to start the history again from the next answer")
+    if isinstance(seen, dict) and seen["epoch"] == a.epoch:
         n = int(seen["events"])
         if n > len(a.lines) or replay(a.lines[:n]).hex() != seen.get("head"):
             raise _fail(device, "register reset", f"in the same TPM boot ({a.epoch}) the "

@@ -31,6 +31,7 @@ import paho.mqtt.client as mqtt
 
 from modelward.publisher._attest import Attested, check_history
 from modelward.publisher._broker_config import check_id
+from modelward.trust._audit import MAX_CHUNK_BYTES
 from modelward.trust._bounded import loads_bounded
 from modelward.trust.errors import ModelwardError, UntrustedRemoteError
 from modelward.updater._config import MqttConfig
@@ -53,6 +54,7 @@ WINDOW = 16  # requests outstanding at once (answers queued for the operator: 24
 NONCE_BYTES = 32
 MAX_AUDIT_CHUNKS = 64  # audit requests per device (64 x 256 entries)
 AUDIT_PACE = 0.3  # seconds between two audit requests (the device admits 4/s, burst 4)
+FLOOD_SLACK = 8  # messages a device may send beyond MAX_PARTS per request (stale answers)
 
 
 @dataclass
@@ -102,9 +104,19 @@ class RpcClient:
         self._done: queue.Queue[Answer] = queue.Queue()
         self.stale = 0  # answers for no outstanding request (correlation, nonce, device)
         self.malformed = 0
+        # Each device's response topic is subscribed only while it has a request out, and
+        # each may send at most MAX_PARTS packets a request (+ slack): the broker queues a
+        # bounded number of messages for this client, so one device flooding its own topic
+        # would make it drop the others' answers. A device over its allowance is cut off
+        # (unsubscribed, its request failed as "flooding"), and the requests that went
+        # unanswered meanwhile are asked once more.
+        self._subscribed: set[str] = set()
+        self._received: dict[str, int] = {}  # messages on a device's topic
+        self._allowed: dict[str, int] = {}  # MAX_PARTS per request sent (+ slack)
+        self.flooding: set[str] = set()
+        self._cut: set[str] = set()
         self._conn = MqttConnection(
-            cfg, f"{cfg.client_name}-rpc-{secrets.token_hex(4)}",
-            [resp_topic(self.prefix, "+")], self._on_message)
+            cfg, f"{cfg.client_name}-rpc-{secrets.token_hex(4)}", [], self._on_message)
 
     def _device_of(self, topic: str) -> str | None:
         head, tail = f"{self.prefix}/devices/", "/rpc/resp"
@@ -118,6 +130,13 @@ class RpcClient:
         props = getattr(msg, "properties", None)
         corr = getattr(props, "CorrelationData", None) if props is not None else None
         what = f"an answer on {msg.topic[:200]!r}"
+        if device is not None:
+            with self._lock:
+                self._received[device] = n = self._received.get(device, 0) + 1
+                if n > self._allowed.get(device, 0) and device not in self.flooding:
+                    self.flooding.add(device)  # (cut off by ask(), in its own thread)
+                if device in self.flooding:
+                    return
         if device is None or not isinstance(corr, bytes) or msg.retain:
             self.stale += 1
             return
@@ -164,8 +183,37 @@ class RpcClient:
         props.ResponseTopic = resp_topic(self.prefix, device)
         props.CorrelationData = corr
         with self._lock:
+            self._allowed[device] = self._allowed.get(device, FLOOD_SLACK) + MAX_PARTS
+        if device not in self._subscribed:
+            self._conn.subscribe(resp_topic(self.prefix, device))
+            self._subscribed.add(device)
+        with self._lock:
             self._pending[corr] = _Pending(device, req, self._clock())
         self._conn.publish(req_topic(self.prefix, device), req.to_bytes(), props=props)
+
+    def _release(self, device: str) -> None:
+        """Unsubscribe ``device``'s topic once nothing is asked of it (main thread)."""
+        with self._lock:
+            busy = any(p.device == device for p in self._pending.values())
+        if not busy and device in self._subscribed:
+            self._subscribed.discard(device)
+            self._conn.unsubscribe(resp_topic(self.prefix, device))
+
+    def _cut_flooders(self) -> list[Answer]:
+        """Cut off the devices over their allowance: their requests fail as "flooding"."""
+        with self._lock:
+            new = self.flooding - self._cut
+            gone = [(c, p) for c, p in self._pending.items() if p.device in new]
+            for c, _ in gone:
+                del self._pending[c]
+        for d in sorted(new):
+            self._cut.add(d)
+            logger.warning("%s sent more than %d messages on its response topic: cut off "
+                           "(its answers are not read; ask it again later)", d,
+                           self._allowed.get(d, 0))
+            self._release(d)
+        return [Answer(p.device, p.request, error="flooding: more messages than its "
+                       "answers can have") for _, p in gone]
 
     def ask(self, requests: Iterable[tuple[str, Request]], timeout: float,
             window: int = WINDOW) -> Iterable[Answer]:
@@ -180,26 +228,38 @@ class RpcClient:
         for device, _ in todo:
             check_id("device id", device)
         left = len(todo)
+        retried: set[str] = set()
         while left:
             with self._lock:
                 room = window - len(self._pending)
             while todo and room > 0:
                 self._send(*todo.pop(0))
                 room -= 1
+            for a in self._cut_flooders():
+                left -= 1
+                yield a
             with self._lock:
                 oldest = min((p.sent for p in self._pending.values()), default=None)
             wait = 0.05 if oldest is None else max(0.0, oldest + timeout - self._clock())
             try:
-                yield self._done.get(timeout=min(wait, 0.5) if wait > 0 else 0.001)
-                left -= 1
-                continue
+                a = self._done.get(timeout=min(wait, 0.5) if wait > 0 else 0.001)
             except queue.Empty:
                 pass
+            else:
+                self._release(a.device)
+                left -= 1
+                yield a
+                continue
             now = self._clock()
             with self._lock:
                 late = [c for c, p in self._pending.items() if now - p.sent >= timeout]
                 gone = [self._pending.pop(c) for c in late]
             for p in gone:
+                self._release(p.device)
+                if self._cut and p.device not in retried and p.device not in self._cut:
+                    retried.add(p.device)  # (its answer may have been dropped for a flood)
+                    todo.append((p.device, p.request))
+                    continue
                 left -= 1
                 yield Answer(p.device, p.request, error="no answer")
 
@@ -313,13 +373,24 @@ def fetch_audit(client: RpcClient, device: str, timeout: float,
         if a.document is None:
             raise UntrustedRemoteError(f"{device} sent no audit chunk at offset {offset}: "
                                        f"{a.error}")
-        chunks.append(a.document)
-        nxt = a.document.get("next")
+        doc = a.document
+        entries = doc.get("entries")
+        if doc.get("offset") != offset or not isinstance(entries, list) \
+                or len(entries) > MAX_AUDIT_LIMIT or sum(
+                    len(e) + 1 if isinstance(e, str) else MAX_CHUNK_BYTES for e in entries
+                ) > MAX_CHUNK_BYTES:
+            raise UntrustedRemoteError(
+                f"{device}'s audit chunk at offset {offset} is not the one asked for (its "
+                f"offset, or more than {MAX_AUDIT_LIMIT} entries or {MAX_CHUNK_BYTES} bytes)")
+        chunks.append(doc)
+        nxt = doc.get("next")
         if nxt is None:
             return chunks
-        if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt <= offset:
+        if not isinstance(nxt, int) or isinstance(nxt, bool) or nxt != offset + len(entries) \
+                or not entries:
             raise UntrustedRemoteError(f"{device}'s audit chunk at offset {offset} names "
-                                       f"next offset {nxt!r}, which does not move forward")
+                                       f"next offset {str(nxt)[:40]!r}, not the entry after "
+                                       "its last")
         offset = nxt
 
 

@@ -125,4 +125,5 @@ class AttestationError(UntrustedRemoteError):
 #: The reasons of :class:`AttestationError` (``fleet attest`` prints them per device).
 ATTEST_REASONS = ("malformed", "not enrolled", "wrong key", "stale nonce",
                   "not certified register", "log mismatch", "log overflow",
-                  "nothing trusted", "unknown fingerprint", "register reset")
+                  "nothing trusted", "unknown fingerprint", "register reset",
+                  "history unreadable")

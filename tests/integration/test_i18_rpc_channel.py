@@ -21,6 +21,7 @@ from modelward.agent._rpc import RpcConfig, RpcServer
 from modelward.publisher import _devrpc
 from modelward.publisher._devrpc import RpcClient, attest_devices, fetch_audit
 from modelward.simulator._pki import CertPair
+from modelward.trust._audit import AuditLog, audit_chunk
 from modelward.trust.errors import UntrustedRemoteError
 from modelward.updater.errors import TransportError
 from modelward.updater.transport._mqttconn import (
@@ -243,13 +244,15 @@ def test_a_flood_of_requests_is_bounded_and_starves_neither_announcements_nor_at
         dev1.close()
 
 
-def test_audit_answers_come_in_chunks_and_are_fetched_whole(broker: Broker) -> None:
-    entries = [{"seq": i, "pad": "x" * 600} for i in range(600)]  # ~400 KiB in all
+def test_audit_answers_come_in_chunks_and_are_fetched_whole(broker: Broker,
+                                                            tmp_path: Path) -> None:
+    log = AuditLog(tmp_path)
+    for i in range(600):  # ~260 KiB in all: chunks of 64 KiB, each of 2 packets
+        log.append("install", {"version": f"{i}.0.0", "pad": "x" * 600})
+    lines = (tmp_path / "audit" / "live.jsonl").read_bytes().decode().splitlines()
 
     def audit(req: Request) -> dict[str, Any]:
-        part = entries[req.offset:req.offset + req.limit]
-        nxt = req.offset + len(part)
-        return {"entries": part, "next": nxt if nxt < len(entries) else None}
+        return audit_chunk(tmp_path, req.offset, req.limit)
 
     chunks_seen: list[int] = []
     dev1 = Dev(broker, "dev-1", {"audit": audit})
@@ -259,11 +262,86 @@ def test_audit_answers_come_in_chunks_and_are_fetched_whole(broker: Broker) -> N
                                                                     "w").parts))
     try:
         docs = fetch_audit(client, "dev-1", 10.0)
-        assert [e for d in docs for e in d["entries"]] == entries
-        assert len(docs) == 3 and max(chunks_seen) > 1  # each answer of several packets
+        assert [e for d in docs for e in d["entries"]] == lines
+        assert len(docs) >= 4 and max(chunks_seen) > 1  # each answer of several packets
         with pytest.raises(UntrustedRemoteError, match="more than 2 chunks"):
             fetch_audit(client, "dev-1", 10.0, max_chunks=2)  # bounded total
     finally:
         watch.close()
+        client.close()
+        dev1.close()
+
+
+@pytest.mark.parametrize("lie", ["too many entries", "too many bytes", "other offset",
+                                 "next skips", "next back"])
+def test_an_audit_chunk_that_is_not_the_one_asked_for_is_refused(
+        broker: Broker, tmp_path: Path, lie: str) -> None:
+    """A hostile device's chunks: bounded before they are kept (the operator's memory)."""
+    def audit(req: Request) -> dict[str, Any]:
+        n = {"too many entries": 300_000, "too many bytes": 200}.get(lie, 10)
+        size = 1000 if lie == "too many bytes" else 2
+        doc = {"offset": req.offset + (lie == "other offset"), "entries": ["x" * size] * n,
+               "next": req.offset + n}
+        if lie == "next skips":
+            doc["next"] = req.offset + n + 5
+        if lie == "next back":
+            doc["next"] = 0 if req.offset else n - 1
+        return doc
+
+    dev1 = Dev(broker, "dev-1", {"audit": audit})
+    client = RpcClient(broker.cfg(OP))
+    try:
+        with pytest.raises(UntrustedRemoteError, match="audit chunk at offset 0"):
+            fetch_audit(client, "dev-1", 10.0)
+    finally:
+        client.close()
+        dev1.close()
+
+
+def _flood(b: Broker, stop: threading.Event, sent: list[int]) -> None:
+    """dev-2, with its own credentials, floods its own response topic with 900 KB junk."""
+    c = device_connection(b.cfg("dev-2"), "listen", [])
+    props = publish_properties()
+    props.CorrelationData = b"x" * 16
+    try:
+        while not stop.is_set():
+            c.client.publish(resp_topic(P, "dev-2"), b"z" * 900_000, qos=0, properties=props)
+            sent[0] += 1
+            if sent[0] % 20 == 0:
+                time.sleep(0.001)
+    finally:
+        c.close()
+
+
+def test_one_device_flooding_its_response_topic_does_not_starve_the_others(
+        broker: Broker, placeholder_verifier: None, tmp_path: Path) -> None:
+    """Found by attacking: the broker queues a bounded number of messages for the
+    operator, so dev-2's flood made it drop dev-1's answer chunks ("no answer"). Now a
+    device's topic is read only while it is asked, and a device over its allowance is cut
+    off; the requests unanswered meanwhile are asked once more."""
+    pad = {"pad": "p" * (20 * 48 * 1024)}  # dev-1's answer: ~20 packets
+
+    def attest(req: Request) -> dict[str, Any]:
+        return {**placeholder_attest("dev-1")(req), **pad}
+
+    dev1 = Dev(broker, "dev-1", {"attest": attest})
+    client = RpcClient(broker.cfg(OP))
+    stop, sent = threading.Event(), [0]
+    t = threading.Thread(target=_flood, args=(broker, stop, sent), daemon=True)
+    try:
+        t.start()
+        assert _wait(lambda: sent[0] > 50)
+        for _ in range(3):  # dev-2 not asked: its flood never reaches the operator
+            (row,) = attest_devices(client, tmp_path, ["dev-1"], 10.0, lambda fp: None)
+            assert row.reason is None, row
+        # both asked: dev-2 is cut off as flooding, dev-1 still verified
+        rows = attest_devices(client, tmp_path, ["dev-1", "dev-2"], 10.0, lambda fp: None)
+        by = {r.device: r for r in rows}
+        assert by["dev-1"].reason is None, by["dev-1"]
+        assert by["dev-2"].attested is None and "flooding" in str(by["dev-2"].detail)
+        assert "dev-2" in client.flooding
+    finally:
+        stop.set()
+        t.join(10)
         client.close()
         dev1.close()

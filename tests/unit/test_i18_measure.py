@@ -13,7 +13,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from modelward.publisher._attest import verify_answer
+from modelward.publisher._attest import Attested, check_history, verify_answer
 from modelward.publisher.errors import AttestationError
 from modelward.trust import _measure as m
 from modelward.trust._record import ModelRef
@@ -125,3 +125,43 @@ def test_verifier_refuses_malformed_answers_before_any_crypto(ak_file: Path,
                 {**good, "attest": base64.b64encode(b"\x00\x05abc").decode()},
                 {**good, "attest": 7}):
         assert _reason(bad, ak_file) == "malformed", bad
+
+
+def _attested(lines: list[bytes], epoch: str = "1:0") -> Attested:
+    return Attested("classifier", "2.0.0", "stable", False, "ab" * 32, "b", "boot-check",
+                    "", len(lines), "classifier 2.0.0", epoch, tuple(lines))
+
+
+def test_history_refuses_a_register_reset_within_an_epoch(tmp_path: Path) -> None:
+    check_history(tmp_path, "dev-1", _attested([b"a", b"b"]))
+    check_history(tmp_path, "dev-1", _attested([b"a", b"b", b"c"]))  # grew: fine
+    for erased in ([b"a"], [b"x", b"b", b"c"], []):
+        with pytest.raises(AttestationError) as ei:
+            check_history(tmp_path, "dev-1", _attested(erased))
+        assert ei.value.reason == "register reset"
+    check_history(tmp_path, "dev-1", _attested([b"z"], epoch="2:0"))  # a reboot: fresh
+    check_history(tmp_path, "dev-2", _attested([]))  # another device: its own history
+
+
+def test_a_damaged_history_is_refused_never_taken_as_absent(tmp_path: Path) -> None:
+    hist = tmp_path / "attest" / "dev-1.json"
+    hist.parent.mkdir()
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"format": "modelward-attest-history/1", "epoch": "1:0",
+                                   "events": 0, "head": ""}))
+    cases: list[tuple[str, object]] = [("garbage", b"{"), ("wrong types", json.dumps(
+        {"format": "modelward-attest-history/1", "epoch": 1, "events": "2", "head": 3})),
+        ("huge", b" " * 10_000), ("symlink", None), ("fifo", None)]
+    for name, data in cases:
+        if hist.exists() or hist.is_symlink():
+            hist.unlink()
+        if name == "symlink":
+            os.symlink(outside, hist)
+        elif name == "fifo":
+            os.mkfifo(hist)
+        else:
+            hist.write_bytes(data if isinstance(data, bytes) else str(data).encode())
+        with pytest.raises(AttestationError) as ei:
+            check_history(tmp_path, "dev-1", _attested([b"a"]))
+        assert ei.value.reason == "history unreadable", name
+    assert json.loads(outside.read_text())["events"] == 0  # nothing written through it
