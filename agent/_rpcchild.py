@@ -43,7 +43,7 @@ def answer(config_path: Path, payload: bytes) -> dict[str, Any]:
     except (ImportError, AttributeError) as e:
         raise LocalDeviceError(f"this device's modelward has no {req.kind} support") from e
     if req.kind == "audit":
-        return dict(fn(cfg.state_dir, req.offset, req.limit))
+        return dict(fn(cfg.state_dir, req.offset, req.limit, old=req.segment == "old"))
     from modelward.trust._tpm import Tpm
     from modelward.trust._tpmauth import auth_dir_for
 

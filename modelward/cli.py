@@ -719,10 +719,14 @@ def _fleet_audit(args: argparse.Namespace) -> int:
         client = RpcClient(_broker_config(args, "modelward-operator"))
         try:
             chunks = fetch_audit(client, device, args.timeout)
+            # rotated: the kept older segment too (a head signed before the rotation lies
+            # there, and the live checkpoint must stand for exactly it)
+            old = fetch_audit(client, device, args.timeout, segment="old") \
+                if chunks and chunks[0].get("checkpoint") is not None else None
         finally:
             client.close()
         h = verify_fetched_audit(chunks, args.fleet_dir, device, status=args.status,
-                                 allow_tail=args.allow_unsigned_tail, head=head)
+                                 allow_tail=args.allow_unsigned_tail, head=head, old=old)
     print(for_encoding(history_text(args.device, h, args.json),
                        getattr(sys.stdout, "encoding", None)))
     return EXIT_OK

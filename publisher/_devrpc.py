@@ -348,7 +348,8 @@ def attest_devices(client: RpcClient, fleet_dir: Path, devices: list[str], timeo
 
 def fetch_audit(client: RpcClient, device: str, timeout: float,
                 max_chunks: int = MAX_AUDIT_CHUNKS, pace: float = AUDIT_PACE,
-                sleep: Callable[[float], None] = time.sleep) -> list[dict[str, Any]]:
+                sleep: Callable[[float], None] = time.sleep,
+                segment: str = "live") -> list[dict[str, Any]]:
     """Every audit chunk of ``device``, asked for in turn (``offset``, ``limit`` of
     :data:`~modelward.updater.transport._rpc.MAX_AUDIT_LIMIT` entries) until a chunk
     names no ``next`` offset beyond its own, at most ``max_chunks``; a request at most
@@ -368,7 +369,7 @@ def fetch_audit(client: RpcClient, device: str, timeout: float,
         if len(chunks) >= max_chunks:
             raise UntrustedRemoteError(f"{device}'s audit log needs more than {max_chunks} "
                                        "chunks: refused (bounded total)")
-        req = Request("audit", make_nonce(), offset, MAX_AUDIT_LIMIT)
+        req = Request("audit", make_nonce(), offset, MAX_AUDIT_LIMIT, segment)
         (a,) = list(client.ask([(device, req)], timeout, window=1))
         if a.document is None:
             raise UntrustedRemoteError(f"{device} sent no audit chunk at offset {offset}: "
@@ -461,7 +462,7 @@ def release_index(repo_dir: Path, keys: Path) -> Callable[[str], SignedRelease |
 
 def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: str, *,
                          status: Path | None = None, allow_tail: bool = False,
-                         head: Any = None) -> Any:
+                         head: Any = None, old: list[dict[str, Any]] | None = None) -> Any:
     """The history in the audit chunks fetched from ``device``, its chain and checkpoint
     verified with the enrolled identity key, and its end with the head of the newest
     signed status report kept (or ``status``).
@@ -483,23 +484,33 @@ def verify_fetched_audit(chunks: list[dict[str, Any]], fleet_dir: Path, device: 
         return AuditError(f"{device}'s audit chunks: {what}", seq=None, line=0,
                           reason="malformed")
 
-    lines: list[bytes] = []
-    checkpoint: bytes | None = None
-    for k, c in enumerate(chunks):
-        entries = c.get("entries")
-        if c.get("offset") != len(lines) or not isinstance(entries, list):
-            raise bad(f"chunk {k} does not start where the one before it ended")
-        for e in entries:
-            if not isinstance(e, str) or len(e) > MAX_LINE_BYTES or not e.isascii():
-                raise bad(f"chunk {k} holds an entry that is not a line of at most "
-                          f"{MAX_LINE_BYTES} ASCII characters")
-            lines.append(e.encode())
-        if k == 0:
-            cp = c.get("checkpoint")
-            if cp is not None and (not isinstance(cp, str) or len(cp) > MAX_CHECKPOINT_BYTES):
-                raise bad("the checkpoint is not a string within its bound")
-            checkpoint = cp.encode() if cp is not None else None
+    def joined(chunks: list[dict[str, Any]]) -> tuple[list[bytes], bytes | None]:
+        lines: list[bytes] = []
+        checkpoint: bytes | None = None
+        for k, c in enumerate(chunks):
+            entries = c.get("entries")
+            if c.get("offset") != len(lines) or not isinstance(entries, list):
+                raise bad(f"chunk {k} does not start where the one before it ended")
+            for e in entries:
+                if not isinstance(e, str) or len(e) > MAX_LINE_BYTES or not e.isascii():
+                    raise bad(f"chunk {k} holds an entry that is not a line of at most "
+                              f"{MAX_LINE_BYTES} ASCII characters")
+                lines.append(e.encode())
+            if k == 0:
+                cp = c.get("checkpoint")
+                if cp is not None and (not isinstance(cp, str)
+                                       or len(cp) > MAX_CHECKPOINT_BYTES):
+                    raise bad("the checkpoint is not a string within its bound")
+                checkpoint = cp.encode() if cp is not None else None
+        return lines, checkpoint
+
+    segments: list[tuple[list[bytes], bytes | None, str]] = []
+    if old:
+        old_lines, old_cp = joined(old)
+        if old_lines:  # (none kept: the live segment's checkpoint stands alone)
+            segments.append((old_lines, old_cp, "old.jsonl"))
+    segments.append((*joined(chunks), ""))
     if head is None:
         head, _at = signed_head(fleet_dir, device, status)
-    return verify_segments([(lines, checkpoint, "")], head, enrolled_pem(fleet_dir, device),
+    return verify_segments(segments, head, enrolled_pem(fleet_dir, device),
                            allow_tail=allow_tail)

@@ -307,8 +307,10 @@ class AuditLog:
         self._swap(dfd)
         logger.info("audit log %s rotated at seq %d (signed checkpoint)", self.path, head.seq)
 
-    def chunk(self, offset: int, limit: int = MAX_CHUNK_ENTRIES) -> dict[str, Any]:
-        """Entries ``offset`` .. of the live segment, bounded (see :func:`audit_chunk`).
+    def chunk(self, offset: int, limit: int = MAX_CHUNK_ENTRIES, *,
+              old: bool = False) -> dict[str, Any]:
+        """Entries ``offset`` .. of the live segment (``old``: the kept older one), bounded
+        (see :func:`audit_chunk`).
 
         Raises:
             AuditLogError: a symlink, or a damaged or oversized segment.
@@ -316,13 +318,14 @@ class AuditLog:
         limit = max(0, min(limit, MAX_CHUNK_ENTRIES))
         offset = max(0, offset)
         out: dict[str, Any] = {"offset": offset, "entries": [], "next": None}
+        log, checkpoint = (OLD, OLD_CHECKPOINT) if old else (LIVE, CHECKPOINT)
         try:
             with self._dir(create=False) as dfd:
                 if offset == 0:
-                    cp = self._read_small(dfd, CHECKPOINT, MAX_CHECKPOINT_BYTES)
+                    cp = self._read_small(dfd, checkpoint, MAX_CHECKPOINT_BYTES)
                     out["checkpoint"] = cp.decode("ascii", "replace") if cp else None
                 try:
-                    fd = self._open(dfd, LIVE, os.O_RDONLY)
+                    fd = self._open(dfd, log, os.O_RDONLY)
                 except FileNotFoundError:
                     return out
                 with os.fdopen(fd, "rb") as f:
@@ -336,9 +339,9 @@ class AuditLog:
                         if not raw.endswith(b"\n") and len(raw) <= MAX_LINE_BYTES:
                             break  # (an append in progress, or a torn line the next cuts)
                         if not raw.endswith(b"\n"):
-                            raise AuditLogError(f"{self.path / LIVE} line {index + 1} is over "
+                            raise AuditLogError(f"{self.path / log} line {index + 1} is over "
                                                 f"{MAX_LINE_BYTES} bytes",
-                                                path=str(self.path / LIVE))
+                                                path=str(self.path / log))
                         if index >= offset:
                             if len(out["entries"]) >= limit or \
                                     used + len(raw) > MAX_CHUNK_BYTES:
@@ -389,8 +392,10 @@ class AuditLog:
         return [*out, (lines, checkpoint, "")]
 
 
-def audit_chunk(state_dir: Path, offset: int, limit: int = MAX_CHUNK_ENTRIES) -> dict[str, Any]:
-    """One bounded piece of the live segment, for the operator's ``fleet audit``.
+def audit_chunk(state_dir: Path, offset: int, limit: int = MAX_CHUNK_ENTRIES, *,
+                old: bool = False) -> dict[str, Any]:
+    """One bounded piece of the live segment (``old``: the kept older one, ``old.jsonl``
+    with ``old-checkpoint.json``), for the operator's ``fleet audit``.
 
     At most :data:`MAX_CHUNK_ENTRIES` entries and :data:`MAX_CHUNK_BYTES` bytes of them;
     the first chunk (``offset`` 0) also carries the signed checkpoint (or None).
@@ -402,7 +407,7 @@ def audit_chunk(state_dir: Path, offset: int, limit: int = MAX_CHUNK_ENTRIES) ->
     Raises:
         AuditLogError: the audit directory or a file in it is a symlink, or damaged.
     """
-    return AuditLog(state_dir).chunk(offset, limit)
+    return AuditLog(state_dir).chunk(offset, limit, old=old)
 
 
 def append_event(state_dir: Path, kind: str, fields: Mapping[str, object] | None = None, *,

@@ -140,6 +140,9 @@ class AuditError(UntrustedRemoteError):
             ``unsigned-tail``).
     """
 
+    hint = ("the history from that entry on cannot be believed (edited on the device, or an "
+            "incomplete copy); `fleet attest` tells what the device's TPM says it runs")
+
     def __init__(self, message: str, *, seq: int | None, line: int, reason: str) -> None:
         super().__init__(message)
         self.seq, self.line, self.reason = seq, line, reason

@@ -161,3 +161,58 @@ def test_fleet_audit_fetches_every_chunk_and_verifies_the_joined_log(
         assert "entry seq 151 (line 151)" in err and "deleted" in err, err
     finally:
         dev1.close()
+
+
+def test_fleet_audit_over_mqtt_verifies_a_head_signed_before_the_last_rotation(
+        broker: Broker, op: list[str], monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """The device rotated after its last report: the signed head lies in the kept older
+    segment, which `fleet audit` now fetches too (segment "old") and checks against the
+    live checkpoint; an edit in the older segment is named there."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, utils
+
+    from modelward.trust._audit import AuditConfig
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    state = tmp_path / "state"
+    state.mkdir()
+    log = AuditLog(state, AuditConfig(max_entries=10, durable=False),
+                   signer=lambda d: key.sign(d, ec.ECDSA(utils.Prehashed(hashes.SHA256()))))
+    signed = None
+    for i in range(25):
+        head = log.append("install", {"version": f"{i}.0.0"})
+        if i == 14:
+            signed = head  # (the head the last report carried: before the rotation at 20)
+    assert signed is not None and (state / "audit" / "old.jsonl").exists()
+    segments: list[str] = []
+
+    def audit(req: Request) -> dict[str, Any]:
+        segments.append(req.segment)
+        return audit_chunk(state, req.offset, req.limit, old=req.segment == "old")
+
+    monkeypatch.setattr(_audit, "signed_head", lambda fleet, dev, status=None: (signed, ""))
+    monkeypatch.setattr(_audit, "enrolled_pem", lambda fleet, dev: pem)
+    no_repo = [a for i, a in enumerate(op) if a not in ("--repo", "--keys")
+               and op[i - 1] not in ("--repo", "--keys")]
+    dev1 = Dev(broker, "dev-1", {"audit": audit})
+    try:
+        assert main(["fleet", "audit", "--device", "dev-1", "--json", "--allow-unsigned-tail",
+                     *no_repo]) == 0, capsys.readouterr().err
+        out = json.loads(capsys.readouterr().out)
+        assert segments == ["live", "old"]
+        assert out["signed_through"] == 15 and out["head"]["seq"] == 25
+        old = state / "audit" / "old.jsonl"
+        lines = old.read_bytes().split(b"\n")
+        doc = json.loads(lines[2])
+        doc["fields"]["version"] = "99.0.0"
+        old.write_bytes(b"\n".join([*lines[:2], json.dumps(doc, sort_keys=True, separators=(
+            ",", ":")).encode(), *lines[3:]]))
+        assert main(["fleet", "audit", "--device", "dev-1", "--allow-unsigned-tail",
+                     *no_repo]) == 1
+        err = capsys.readouterr().err
+        assert "old.jsonl" in err and "edited" in err, err
+    finally:
+        dev1.close()

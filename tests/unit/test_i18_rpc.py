@@ -41,6 +41,8 @@ def test_a_request_parses_back() -> None:
     assert parse_request(_req(), "r") == Request("attest", NONCE)
     a = Request("audit", NONCE, 512, 256)
     assert parse_request(a.to_bytes(), "r") == a
+    old = Request("audit", NONCE, 0, 256, "old")  # the kept older segment
+    assert parse_request(old.to_bytes(), "r") == old and b"segment" not in a.to_bytes()
 
 
 @pytest.mark.parametrize("payload", [
@@ -55,6 +57,8 @@ def test_a_request_parses_back() -> None:
     json.dumps({"kind": "audit", "nonce": NONCE.hex(), "limit": 257}).encode(),
     json.dumps({"kind": "audit", "nonce": NONCE.hex(), "offset": -1}).encode(),
     json.dumps({"kind": "audit", "nonce": NONCE.hex(), "offset": True}).encode(),
+    json.dumps({"kind": "audit", "nonce": NONCE.hex(), "segment": "../x"}).encode(),
+    _req(segment="old"),  # an audit key on an attest request
     _req(nonce=[NONCE.hex()]),  # depth 2
     b"[" * 5000,
     b"{" + b" " * 2000 + b"}",  # over MAX_REQUEST

@@ -33,6 +33,7 @@ from modelward.trust._measure import MAX_NONCE, MIN_NONCE  # (bytes of a nonce)
 from modelward.trust.errors import UntrustedRemoteError
 
 KINDS = ("attest", "audit")
+SEGMENTS = ("live", "old")  # of the audit trail: the live one, the kept older one
 MAX_REQUEST = 1024  # bytes of a request payload (a nonce of 64 bytes is 128 hex digits)
 MAX_CORRELATION = 64  # bytes of correlation data (the operator sends 16)
 MAX_AUDIT_LIMIT = 256  # entries an audit request may ask for at once
@@ -73,12 +74,15 @@ class Request:
     nonce: bytes
     offset: int = 0
     limit: int = 0
+    segment: str = "live"  # (audit) or "old": the kept older segment
 
     def to_bytes(self) -> bytes:
         """The request's payload."""
         doc: dict[str, Any] = {"kind": self.kind, "nonce": self.nonce.hex()}
         if self.kind == "audit":
             doc.update(offset=self.offset, limit=self.limit)
+            if self.segment != "live":
+                doc["segment"] = self.segment
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -107,7 +111,8 @@ def parse_request(payload: bytes, what: str) -> Request:
     kind = doc.get("kind")
     if kind not in KINDS:
         raise RpcFormatError(f"kind must be one of {', '.join(KINDS)}", what=what)
-    allowed = {"kind", "nonce"} | ({"offset", "limit"} if kind == "audit" else set())
+    allowed = {"kind", "nonce"} | ({"offset", "limit", "segment"} if kind == "audit"
+                                   else set())
     extra = sorted(set(doc) - allowed)
     if extra:
         raise RpcFormatError(f"unknown key {extra[0][:40]!r}", what=what)
@@ -117,8 +122,11 @@ def parse_request(payload: bytes, what: str) -> Request:
         raise RpcFormatError(f"nonce must be {MIN_NONCE}..{MAX_NONCE} bytes of lowercase hex",
                              what=what)
     if kind == "audit":
+        segment = doc.get("segment", "live")
+        if segment not in SEGMENTS:
+            raise RpcFormatError(f"segment must be one of {', '.join(SEGMENTS)}", what=what)
         return Request(kind, bytes.fromhex(nonce), _count(doc, "offset", 1 << 62, what),
-                       _count(doc, "limit", MAX_AUDIT_LIMIT, what))
+                       _count(doc, "limit", MAX_AUDIT_LIMIT, what), segment)
     return Request(kind, bytes.fromhex(nonce))
 
 
