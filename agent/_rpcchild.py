@@ -64,7 +64,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         doc = answer(Path(argv[0]), sys.stdin.buffer.read(4096))
-    except ModelwardError as e:
+    except (ModelwardError, OSError) as e:  # (a diagnosis line, never a traceback)
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         return 1
     sys.stdout.write(json.dumps(doc, sort_keys=True, separators=(",", ":")) + "\n")

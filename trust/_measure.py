@@ -41,7 +41,6 @@ from modelward.trust._subdir import open_at, open_subdir, read_at
 from modelward.trust.errors import (
     LocalDeviceError,
     MeasureLogError,
-    ModelwardError,
     TpmError,
     TpmNotProvisionedError,
 )
@@ -119,7 +118,11 @@ def event_line(seq: int, kind: str, ref: ModelRef | None, reason: str, at: float
                    fingerprint=cut(ref.fingerprint), slot=cut(ref.slot))
     if audit is not None:
         doc["audit"] = cut(audit)
-    return canonical(doc)
+    line = canonical(doc)
+    while len(line) > MAX_EVENT_BYTES and doc["reason"]:  # (escaped non-ASCII grows 6x)
+        doc["reason"] = str(doc["reason"])[:len(str(doc["reason"])) // 2]
+        line = canonical(doc)
+    return line
 
 
 def audit_head(state_dir: Path) -> str | None:
@@ -285,7 +288,7 @@ def measure(tpm: TpmInterface, state_dir: Path, kind: str, ref: ModelRef | None,
     try:
         return _measure(tpm, EventLog(state_dir), kind, ref, reason,
                         time.time() if clock is None else clock)
-    except (ModelwardError, OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - the boot path: never raises (a raw TSS error too)
         logger.error("measurement of %s not made: %s", kind, e,
                      extra={"measure_kind": kind, "error": type(e).__name__})
         return False
@@ -295,37 +298,41 @@ def _measure(tpm: Tpm, log: EventLog, kind: str, ref: ModelRef | None, reason: s
              at: float) -> bool:
     value = _read_register(tpm)
     lines: list[bytes] = []
-    if value is None:
-        log.new_boot()
-    else:
-        try:
+    consistent = True  # the log (after recovery) replays to the register
+    try:
+        if value is None:
+            log.new_boot()
+        else:
             lines = log.read()
-        except MeasureLogError as e:
-            logger.error("measurement log unreadable (%s): extending regardless; this "
-                         "device cannot be attested until it reboots", e)
-            lines = []
-        if log.torn:  # a torn append (power cut mid-write): never extended, cut it
-            log.cut_to(len(lines), lines)
-        if replay(lines) != value:
-            if lines and replay(lines[:-1]) == value:
-                log.cut_to(len(lines) - 1, lines)  # (appended, never extended: power cut)
-                lines.pop()
-            else:
-                logger.error("measurement log does not replay to the register (edited, or "
-                             "lost): extending regardless; attestation fails until reboot")
-    if lines and len(lines) >= MAX_EVENTS:
+            if log.torn:  # a torn append (power cut mid-write): never extended, cut it
+                log.cut_to(len(lines), lines)
+            if replay(lines) != value:
+                if lines and replay(lines[:-1]) == value:
+                    log.cut_to(len(lines) - 1, lines)  # (appended, never extended)
+                    lines.pop()
+                else:
+                    consistent = False
+                    logger.error("measurement log does not replay to the register (edited, "
+                                 "or lost): extending regardless; attestation fails until "
+                                 "reboot")
+    except (MeasureLogError, OSError) as e:  # (whatever the disk does, the extend happens)
+        consistent = False
+        logger.error("measurement log unusable (%s): extending regardless; this device "
+                     "cannot be attested until it reboots", e)
+    if consistent and len(lines) >= MAX_EVENTS:
         logger.error("measurement log full (%d events this boot): %s not measured; "
                      "attestation fails closed until reboot", len(lines), kind)
         return False
     if len(lines) == MAX_EVENTS - 1:
         kind, ref, reason = OVERFLOW, None, f"more than {MAX_EVENTS} events this boot"
     line = event_line(len(lines), kind, ref, reason, at, audit_head(log.path.parent))
-    logged = True
-    try:
-        log.append(line)
-    except (MeasureLogError, OSError) as e:
-        logged = False
-        logger.error("measurement log not written (%s): extending regardless", e)
+    logged = consistent
+    if consistent:
+        try:
+            log.append(line)
+        except (MeasureLogError, OSError) as e:
+            logged = False
+            logger.error("measurement log not written (%s): extending regardless", e)
     _extend(tpm, line)
     return logged
 
@@ -347,7 +354,6 @@ def attest_answer(tpm: Tpm, state_dir: Path, nonce: bytes, device_id: str) -> di
         raise LocalDeviceError("nothing measured since the TPM last restarted",
                                hint="run `modelward agent boot-check` (the service does "
                                "at every start)")
-    lines = EventLog(state_dir).read()
     nv = tpm._obj(REGISTER_INDEX)
     if not tpm._exists(AK_HANDLE):
         raise TpmNotProvisionedError("no attestation key", tcti=tpm.tcti,
@@ -358,6 +364,8 @@ def attest_answer(tpm: Tpm, state_dir: Path, nonce: bytes, device_id: str) -> di
         lambda: tpm._esys.nv_certify(tpm._obj(AK_HANDLE), nv,
                                      attest_qualifier(device_id, nonce), scheme,
                                      REGISTER_SIZE, 0, auth_handle=nv))
+    # (read after the certification: an event measured meanwhile is one line more, left out)
+    lines = EventLog(state_dir).read()
     info, _ = t.TPMS_ATTEST.unmarshal(bytes(attest))
     certified = bytes(info.attested.nv.nvContents)
     if replay(lines) != certified and lines and replay(lines[:-1]) == certified:

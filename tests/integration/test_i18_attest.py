@@ -393,3 +393,23 @@ def test_register_reset_within_a_boot_is_refused(world: World, op: Operator) -> 
     fresh = op.verify(doc, nonce)
     assert fresh.epoch != a.epoch and fresh.events == 1
     check_history(op.fleet, "dev-1", fresh)
+
+
+def test_a_log_padded_to_its_bound_does_not_stop_the_register(world: World,
+                                                             op: Operator) -> None:
+    """Found by review: a disk attacker padded the log to 1024 lines, so every later
+    measurement was refused as 'log full' without an extend; with the real log put back,
+    the device was attested with the model it had before. A log that does not replay is
+    no reason to skip the extend."""
+    w = world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    log = w.state / "measure" / "events.jsonl"
+    honest = log.read_bytes()
+    log.write_bytes(b"x\n" * _measure.MAX_EVENTS)
+    w.publish("2.0.0", seed=2)
+    w.update()  # activation of 2.0.0: measured although the log is padded
+    assert w.active_version() == "2.0.0"
+    log.write_bytes(honest)  # the attacker puts the log of 1.0.0 back
+    nonce, doc = op.ask()
+    assert op.refused(doc, nonce) == "log mismatch"  # never "attested: 1.0.0"

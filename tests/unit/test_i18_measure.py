@@ -165,3 +165,11 @@ def test_a_damaged_history_is_refused_never_taken_as_absent(tmp_path: Path) -> N
             check_history(tmp_path, "dev-1", _attested([b"a"]))
         assert ei.value.reason == "history unreadable", name
     assert json.loads(outside.read_text())["events"] == 0  # nothing written through it
+
+
+def test_an_event_stays_within_its_bound_whatever_the_reason() -> None:
+    """Found by review: fields were cut before JSON escaping, so 256 non-ASCII characters
+    made a 1.9 KB line that broke every later read of the log."""
+    for reason in ("é" * 256, "\x00" * 5000, "😀" * 300):
+        line = m.event_line(7, m.FALLBACK, REF, reason, 0.0, "3:" + "ab" * 32)
+        assert len(line) <= m.MAX_EVENT_BYTES and m.event_json(line) is not None

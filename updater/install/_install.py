@@ -26,8 +26,10 @@ from tuf.api.metadata import TargetFile
 from modelward.trust import _auditchain as _audit
 from modelward.trust._fingerprint import FileEntry, directory_entries, slot_fingerprint
 from modelward.trust._measure import ACTIVATION as MEASURED_ACTIVATION
+from modelward.trust._measure import FALLBACK as MEASURED_FALLBACK
+from modelward.trust._measure import NOTHING_TRUSTED as MEASURED_NOTHING
 from modelward.trust._measure import measure
-from modelward.trust._record import ModelRef
+from modelward.trust._record import ModelRef, TrustRecord
 from modelward.trust._store import TrustStore
 from modelward.updater._config import UpdaterConfig
 from modelward.updater.bundle._bundle import Manifest, extract_bundle, fsync_tree
@@ -486,7 +488,7 @@ def _attempt(
 ) -> UpdateResult:
     record, root = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
     if record.active and dev.slots.current_slot() != record.active.slot:
-        record = reconcile(dev.slots, store, record)
+        record = _reconcile_measured(cfg.state_dir, dev.slots, store, record)
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
@@ -645,7 +647,7 @@ def _attempt(
                   previous=active.version if active else "", target=newest.target.path)
     dev.slots.install_incoming(slot)
     assert staged is not None
-    _check_moved(dev.slots, store, new_ref, staged)  # (bytes changed since the check above)
+    _check_moved(cfg.state_dir, dev.slots, store, new_ref, staged)  # (changed since then)
     dev.slots.activate(slot)
     events.record(cfg.state_dir, store.tpm, _audit.ACTIVATION, **events.ref_fields(new_ref),
                   reason="installed")
@@ -658,7 +660,27 @@ def _attempt(
                         session.timestamp_version)
 
 
-def _check_moved(slots: SlotStore, store: TrustStore, ref: ModelRef, staged: Stage) -> None:
+def _reconcile_measured(state_dir: Path, slots: SlotStore, store: TrustStore,
+                        record: TrustRecord) -> TrustRecord:
+    """:func:`reconcile`, and what it then serves measured (``fleet attest``): an
+    interrupted update rolled forward or back activates a slot outside boot-check.
+
+    Raises:
+        NothingTrustedError: as ``reconcile`` (measured as nothing trusted).
+    """
+    try:
+        after = reconcile(slots, store, record)
+    except NothingTrustedError as e:
+        measure(store.tpm, state_dir, MEASURED_NOTHING, None, str(e))
+        raise
+    kind = MEASURED_ACTIVATION if after.active == record.active else MEASURED_FALLBACK
+    measure(store.tpm, state_dir, kind, after.active, "reconciled (an interrupted update, "
+            "or files changed)")
+    return after
+
+
+def _check_moved(state_dir: Path, slots: SlotStore, store: TrustStore, ref: ModelRef,
+                 staged: Stage) -> None:
     """The committed slot, re-derived from its files after the move, before ``current``
     names it: bytes changed after the pre-commit check are never served. If they did
     change, the record names a slot that does not match, so it is reconciled as at boot
@@ -671,7 +693,7 @@ def _check_moved(slots: SlotStore, store: TrustStore, ref: ModelRef, staged: Sta
     if ok:
         return
     with contextlib.suppress(NothingTrustedError):  # (then no model is served: recorded)
-        reconcile(slots, store, store.load())
+        _reconcile_measured(state_dir, slots, store, store.load())
     staged.discard()
     raise StagedFilesChangedError(
         f"{ref.name} {ref.version}: slot {ref.slot} has fingerprint {fp} after the move, "
