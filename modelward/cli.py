@@ -1076,8 +1076,10 @@ def _agent_attest(args: argparse.Namespace) -> int:
         what = (f"{ev.get('model')} {ev.get('version')} slot {ev.get('slot')} "
                 f"(fingerprint {str(ev.get('fingerprint'))[:16]}…)"
                 if "fingerprint" in ev else str(ev.get("reason", ""))[:120])
-        print(for_encoding(f"  {ev.get('seq')}: {ev.get('time')} {ev.get('kind')}: "
-                           f"{escape(what)}", getattr(sys.stdout, "encoding", None)))
+        # (every field came off the disk: escaped, as the operator's tools do)
+        print(for_encoding(f"  {ev.get('seq')}: {escape(str(ev.get('time')))} "
+                           f"{ev.get('kind')}: {escape(what)}",
+                           getattr(sys.stdout, "encoding", None)))
     return EXIT_OK
 
 

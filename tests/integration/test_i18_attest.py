@@ -145,6 +145,15 @@ def test_attested_release_follows_activation_boot_check_and_fallback(
     r = w.cli("agent", "attest", "--config", str(w.conf_path), "--nonce", "ab" * 16)
     assert r.returncode == 0, r.stderr
     assert "3: " in r.stdout and "fallback" in r.stdout and "1.0.0" in r.stdout
+    # a disk attacker's terminal escapes in the log are printed escaped, never raw
+    log = w.state / "measure" / "events.jsonl"
+    lines = log.read_bytes().split(b"\n")
+    ev = json.loads(lines[0])
+    ev["time"], ev["model"] = "\x1b]0;owned\x07", "\x1b[8mhidden"
+    log.write_bytes(b"\n".join([_measure.canonical(ev), *lines[1:]]))
+    r = w.cli("agent", "attest", "--config", str(w.conf_path), "--nonce", "ab" * 16)
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "owned" in r.stdout and "hidden" in r.stdout
 
 
 def test_forged_answers_are_refused_with_the_reason(world: World, op: Operator,
@@ -413,3 +422,26 @@ def test_a_log_padded_to_its_bound_does_not_stop_the_register(world: World,
     log.write_bytes(honest)  # the attacker puts the log of 1.0.0 back
     nonce, doc = op.ask()
     assert op.refused(doc, nonce) == "log mismatch"  # never "attested: 1.0.0"
+
+
+def test_an_update_that_rolls_an_interrupted_install_forward_is_attested(
+        world: World, op: Operator) -> None:
+    """Found by review: an update killed after its commit is rolled forward by the next
+    update (no boot-check between), which activated 2.0.0 unmeasured: the register still
+    named 1.0.0 while 2.0.0 served."""
+    import signal
+
+    w = world
+    w.publish("1.0.0", seed=1)
+    w.update()
+    w.publish("2.0.0", seed=2)
+    killed = w.cli("agent", "update", "--config", str(w.conf_path), "--once",
+                   env={"MODELWARD_TEST_KILL_AT": "committed"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    again = w.cli("agent", "update", "--config", str(w.conf_path), "--once")
+    assert again.returncode == 0, again.stderr
+    assert w.active_version() == "2.0.0"
+    nonce, doc = op.ask()
+    a = op.verify(doc, nonce)
+    assert (a.version, a.reason) == ("2.0.0", "activation")
+    assert "reconciled" in json.loads(doc["events"][-1])["reason"]
