@@ -170,8 +170,11 @@ def test_fleet_attest_over_mosquitto_verifies_each_answer_and_ignores_stale_ones
         assert devs["dev-1"].listener is not None
         devs["dev-1"].listener._conn.publish(resp_topic(P, "dev-1"), old, props=props,
                                              wait=True)
-        time.sleep(0.5)  # not read at all: a device's topic is read only while it is asked
-        assert client.stale == 0
+        # Either not read at all (a device's topic is read only while it is asked), or, if
+        # the broker had not yet handled the unsubscribe (not waited for: CI under load),
+        # read and ignored as stale: never taken as an answer.
+        time.sleep(0.5)
+        assert client.stale in (0, 1)
         # ...and the next run is not disturbed by it
         rows = attest_devices(client, tmp_path, ["dev-1"], 10.0, lambda fp: None)
         assert rows[0].attested is not None
