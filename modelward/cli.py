@@ -264,6 +264,46 @@ def _repo_add_key(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repo_policy_set(args: argparse.Namespace) -> int:
+    from modelward._inputs import read_file
+    from modelward.publisher._policy import set_policy
+    from modelward.publisher._rootstage import outcome
+
+    repo = _repository(args)
+    v, sha256 = set_policy(repo, read_file("POLICY", args.policy, 1 << 18),
+                           args.policy.parent)
+    print(f"provenance policy {sha256[:16]} pinned by root v{v}; {outcome(repo, v)}")
+    return EXIT_OK
+
+
+def _repo_policy_show(args: argparse.Namespace) -> int:
+    from modelward.publisher._policy import published_policy
+    from modelward.trust._display import escape
+
+    found = published_policy(_repository(args))
+    if found is None:
+        if args.json:
+            print(json.dumps({"policy": None}))
+        else:
+            print("no provenance policy: devices install models without a model signature")
+        return EXIT_OK
+    policy, sha256 = found
+    if args.json:
+        print(json.dumps({"sha256": sha256, "policy": json.loads(policy.to_bytes())},
+                         indent=1))
+        return EXIT_OK
+    print(f"provenance policy {sha256} (pinned by root)")
+    for rule in policy.rules:
+        print(f"rule {escape(rule.name, 128)}: models {escape(', '.join(rule.models), 512)}")
+        for signer in rule.signers:
+            if signer.public_key:
+                what = "EC public key"
+            else:
+                what = f"certificate for {escape(signer.identity, 256)}"
+            print(f"  signer {escape(signer.name, 128)}: {what}")
+    return EXIT_OK
+
+
 def _repo_rotate(args: argparse.Namespace) -> int:
 
     repo = _repository(args)
@@ -410,12 +450,15 @@ def _bundle_build(args: argparse.Namespace) -> int:
     readable_file("MODEL", args.model)
     if args.vectors is not None:
         readable_file("--vectors", args.vectors)
+    if args.provenance is not None:
+        readable_file("--provenance", args.provenance)
     extra = []
     for spec in args.extra or []:
         src, sep, arc = spec.partition(":")
         if not sep:
             raise OperatorInputError(f"--extra {spec!r}: expected SRC:PATH_IN_BUNDLE")
         extra.append((readable_file("--extra", Path(src)), arc))
+    signers = _build_signers(args)
     output_file("-o", args.output)
     size = sum(p.stat().st_size for p in [args.model, *(src for src, _ in extra)]
                if p.is_file())
@@ -423,10 +466,96 @@ def _bundle_build(args: argparse.Namespace) -> int:
         m = build_bundle(
             args.model, args.name, args.version, args.output, vectors=args.vectors,
             extra=extra, progress=advance, options=BuildOptions(
-                rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True),
+                rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True,
+                model_signature=args.model_signature, signers=signers,
+                provenance_attestation=args.provenance),
         )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")
+    return EXIT_OK
+
+
+def _build_signers(args: argparse.Namespace) -> tuple[Any, ...]:
+    """The model signers ``bundle build`` verifies ``--model-signature`` against."""
+    from modelward._inputs import read_file, readable_file
+    from modelward.trust.errors import OperatorInputError
+    from modelward.updater.bundle._provenance import parse_policy
+    from modelward.updater.errors import PolicyFormatError
+
+    if args.model_signature is None:
+        if args.signer_key or args.signer_chain or args.policy:
+            raise OperatorInputError("--signer-key, --signer-chain and --policy verify "
+                                     "--model-signature, which is not given")
+        return ()
+    readable_file("--model-signature", args.model_signature)
+    if bool(args.signer_chain) != bool(args.signer_identity):
+        raise OperatorInputError("--signer-chain and --signer-identity go together")
+    signers: list[dict[str, str]] = []
+    for i, key in enumerate(args.signer_key or []):
+        signers.append({"name": f"key-{i + 1}", "public_key":
+                        read_file("--signer-key", key, 1 << 16).decode(errors="replace")})
+    if args.signer_chain is not None:
+        signers.append({"name": "chain", "identity": args.signer_identity, "certificate_chain":
+                        read_file("--signer-chain", args.signer_chain, 1 << 16)
+                        .decode(errors="replace")})
+    try:
+        if args.policy is not None:
+            policy = parse_policy(read_file("--policy", args.policy, 1 << 18),
+                                  str(args.policy), base=args.policy.parent)
+            rule = policy.rule_for(args.name)
+            if rule is None:
+                raise OperatorInputError(f"--policy {args.policy}: no rule covers {args.name!r}")
+            found = list(rule.signers)
+        else:
+            found = []
+    except PolicyFormatError as e:
+        raise OperatorInputError(str(e)) from e
+    flags = [f"--signer-key {k}" for k in args.signer_key or []] + (
+        [f"--signer-chain {args.signer_chain}"] if args.signer_chain else [])
+    for flag, signer in zip(flags, signers, strict=True):
+        doc = {"format": "modelward-provenance-policy/1", "rules": [
+            {"name": "given", "models": ["*"], "signers": [signer]}]}
+        try:
+            found += parse_policy(json.dumps(doc).encode(), flag).rules[0].signers
+        except PolicyFormatError as e:
+            raise OperatorInputError(f"{flag}: not an EC public key or CA certificate PEM",
+                                     hint="the training team's public key (model-signing "
+                                     "signs with EC keys), or its CA's certificates") from e
+    return tuple(found)
+
+
+def _bundle_inspect(args: argparse.Namespace) -> int:
+    from modelward._inputs import readable_file
+    from modelward.publisher._inspect import inspect
+
+    readable_file("BUNDLE", args.bundle)
+    return inspect(args.bundle, as_json=args.json)
+
+
+def _provenance_sign(args: argparse.Namespace) -> int:
+    from modelward._inputs import output_file, read_file, readable_file
+    from modelward.publisher._attestation import make_attestation
+    from modelward.trust._atomic import write_atomic
+    from modelward.trust.errors import OperatorInputError
+
+    readable_file("MODEL", args.model)
+    output_file("-o", args.output)
+    datasets, params = [], {}
+    for spec in args.dataset or []:
+        name, sep, digest = spec.rpartition("=sha256:")
+        if not sep or not name:
+            raise OperatorInputError(f"--dataset {spec!r}: expected NAME=sha256:HEX")
+        datasets.append((name, digest))
+    for spec in args.param or []:
+        k, sep, val = spec.partition("=")
+        if not sep or not k:
+            raise OperatorInputError(f"--param {spec!r}: expected KEY=VALUE")
+        params[k] = val
+    data = make_attestation(args.model, read_file("--key", args.key, 1 << 16),
+                            args.builder_id, datasets=datasets, source=args.source or "",
+                            parameters=params)
+    write_atomic(args.output, data)
+    print(f"wrote {args.output}: SLSA provenance of {args.model.name} by {args.builder_id}")
     return EXIT_OK
 
 
@@ -1409,6 +1538,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", type=local_path, required=True)
     r.add_argument("--keys", type=local_path, required=True)
     r.set_defaults(func=_repo_add_key)
+    r = rsub.add_parser("policy", help="the provenance policy: which model signers each "
+                        "model needs (pinned by root)")
+    psub = r.add_subparsers(dest="policy_cmd", required=True, metavar="ACTION")
+    pp = psub.add_parser("set", help="publish a policy file and stage the root that pins it")
+    pp.add_argument("policy", type=local_path, metavar="POLICY",
+                   help="JSON: format, rules (name, models, signers); key files may be "
+                   "named by public_key_file / certificate_chain_file")
+    pp.add_argument("--repo", type=local_path, required=True)
+    pp.add_argument("--keys", type=local_path, required=True)
+    pp.set_defaults(func=_repo_policy_set)
+    pp = psub.add_parser("show", help="print the policy the published root pins")
+    pp.add_argument("--json", action="store_true", help="one JSON object")
+    pp.add_argument("--repo", type=local_path, required=True)
+    pp.add_argument("--keys", type=local_path, required=True)
+    pp.set_defaults(func=_repo_policy_show)
     r = rsub.add_parser("rotate", help="replace a role's key (root: chained, devices re-anchor)")
     r.add_argument("role", choices=["root", "targets", "snapshot", "timestamp"])
     r.add_argument("--repo", type=local_path, required=True)
@@ -1479,13 +1623,51 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rtol", type=number(0), default=1e-4)
     b.add_argument("--atol", type=number(0), default=1e-5)
     b.add_argument("--seed", type=int, default=0, help="seed of generated test inputs")
+    b.add_argument("--model-signature", type=local_path, metavar="FILE",
+                   help="the training team's model-signing signature of the model file "
+                   "(carried as model.sig; verified against --signer-key, --signer-chain "
+                   "or --policy)")
+    b.add_argument("--signer-key", type=local_path, action="append", metavar="PEM",
+                   help="a trusted model signer's EC public key (repeatable)")
+    b.add_argument("--signer-chain", type=local_path, metavar="PEM",
+                   help="CA certificate(s) a certificate-signed model chains to")
+    b.add_argument("--signer-identity", metavar="ID",
+                   help="with --signer-chain: the e-mail, URI or DNS name the signing "
+                   "certificate must carry")
+    b.add_argument("--policy", type=local_path, metavar="FILE",
+                   help="verify against the signers this provenance policy gives the model")
+    b.add_argument("--provenance", type=local_path, metavar="FILE",
+                   help="a signed SLSA provenance attestation of the model file (`modelward "
+                   "provenance sign`), carried as provenance.dsse.json")
     b.add_argument("-o", "--output", type=local_path, required=True)
     b.set_defaults(func=_bundle_build)
+    b = bsub.add_parser("inspect", help="print a bundle's manifest, model signature and "
+                        "provenance (verifies the bundle's own hashes, nobody's signature)")
+    b.add_argument("bundle", type=local_path, metavar="BUNDLE")
+    b.add_argument("--json", action="store_true", help="one JSON object")
+    b.set_defaults(func=_bundle_inspect)
     d = bsub.add_parser("diff", help="bytes a device on OLD fetches for NEW (chunk index)")
     d.add_argument("old", type=local_path, metavar="OLD", help="the earlier bundle file")
     d.add_argument("new", type=local_path, metavar="NEW", help="the new bundle file")
     d.add_argument("--json", action="store_true", help="one JSON object")
     d.set_defaults(func=_bundle_diff)
+
+    prov = sub.add_parser("provenance", help="training side: attest how a model was built")
+    prsub = prov.add_subparsers(dest="cmd", required=True, metavar="ACTION")
+    pr = prsub.add_parser("sign", help="write a signed SLSA v1 provenance attestation (in-toto "
+                          "statement, DSSE) of a model file")
+    pr.add_argument("model", type=local_path, metavar="MODEL", help="the model file")
+    pr.add_argument("--key", type=local_path, required=True,
+                    help="the builder's EC private key (PEM, unencrypted)")
+    pr.add_argument("--builder-id", required=True, metavar="URI",
+                    help="the SLSA builder id (what the policy's builders name)")
+    pr.add_argument("--dataset", action="append", metavar="NAME=sha256:HEX",
+                    help="a training dataset and its digest (repeatable)")
+    pr.add_argument("--source", metavar="URI", help="the training code, e.g. git+https://…@COMMIT")
+    pr.add_argument("--param", action="append", metavar="KEY=VALUE",
+                    help="a training parameter (repeatable)")
+    pr.add_argument("-o", "--output", type=local_path, required=True)
+    pr.set_defaults(func=_provenance_sign)
 
     pub = sub.add_parser("publish", help="operator: sign and publish a bundle")
     pub.add_argument("--repo", type=local_path, required=True)

@@ -17,8 +17,20 @@ from modelward.publisher.errors import OperatorInputError
 from modelward.trust._fingerprint import FileChangedError, file_merkle_root
 from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
 from modelward.updater.bundle._names import check_model_name
+from modelward.updater.bundle._provenance import (
+    MAX_PROVENANCE_BYTES,
+    MAX_SIGNATURE_BYTES,
+    PROVENANCE_NAME,
+    SIGNATURE_NAME,
+    Policy,
+    Rule,
+    TrustedSigner,
+    check_model,
+    parse_attestation,
+)
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import check_member_path
+from modelward.updater.errors import ProvenanceRefusedError
 
 MODEL_NAME = "model.onnx"
 VECTORS_NAME = "vectors.npz"
@@ -35,6 +47,13 @@ class BuildOptions:
         provenance: free-form provenance recorded in the manifest.
         check_vectors: given vectors must pass the device's health check here (what
             `bundle build` does; tests that build bad bundles on purpose leave it off).
+        model_signature: a ``model-signing`` signature of the model file, carried as
+            ``model.sig``; verified here against ``signers`` (one of them made it).
+        signers: the model signers to verify ``model_signature`` against.
+        verify_signature: off only in tests that build refused bundles on purpose.
+        provenance_attestation: a signed SLSA provenance attestation of the model
+            (``modelward provenance sign``), carried as ``provenance.dsse.json``; its
+            subject must be the model file (its builder is checked at publish).
     """
 
     rtol: float = 1e-4
@@ -42,6 +61,10 @@ class BuildOptions:
     seed: int = 0
     provenance: dict[str, Any] | None = None
     check_vectors: bool = False
+    model_signature: Path | None = None
+    signers: tuple[TrustedSigner, ...] = ()
+    verify_signature: bool = True
+    provenance_attestation: Path | None = None
 
 
 Progress = Callable[[int], None]  # called with a byte count as work advances
@@ -167,6 +190,54 @@ def check_vectors(model_path: Path, vectors: Path, inputs: Sequence[TensorSpec],
                                      "leave --vectors out")
 
 
+def _check_signature(path: Path, listed: BundleFile, name: str, model_sha256: str,
+                     signers: Sequence[TrustedSigner]) -> None:
+    """``--model-signature``: one of ``signers`` signed exactly the model's bytes.
+
+    Raises:
+        OperatorInputError: naming the signature file and what is wrong.
+    """
+    where = f"--model-signature {path}"
+    if not signers:
+        raise OperatorInputError(f"{where}: nothing to verify it against",
+                                 hint="give --signer-key PEM, or --signer-chain PEM with "
+                                 "--signer-identity, or --policy FILE")
+    if listed.size > MAX_SIGNATURE_BYTES:
+        raise OperatorInputError(f"{where}: over {MAX_SIGNATURE_BYTES} bytes; not a "
+                                 "model-signing signature")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != listed.sha256:
+        raise OperatorInputError(f"{where} changed while the bundle was built")
+    try:
+        check_model(Policy((Rule("build", ("*",), tuple(signers)),)), name, data,
+                    model_sha256)
+    except ProvenanceRefusedError as e:
+        raise OperatorInputError(f"{where}: {e.reason}",
+                                 hint="sign the model file itself with `model_signing "
+                                 "sign key` or `sign certificate`") from e
+
+
+def _check_attestation(path: Path, listed: BundleFile, model_sha256: str) -> None:
+    """``--provenance``: a well-formed attestation whose subject is the model file.
+
+    Raises:
+        OperatorInputError: naming the file and what is wrong.
+    """
+    where = f"--provenance {path}"
+    if listed.size > MAX_PROVENANCE_BYTES:
+        raise OperatorInputError(f"{where}: over {MAX_PROVENANCE_BYTES} bytes")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != listed.sha256:
+        raise OperatorInputError(f"{where} changed while the bundle was built")
+    try:
+        att = parse_attestation(data)
+    except ValueError as e:
+        raise OperatorInputError(f"{where}: {e}") from e
+    if model_sha256 not in {sha for _, sha in att.subjects}:
+        raise OperatorInputError(f"{where}: its subject is not this model file",
+                                 hint="attest the model file the bundle carries")
+
+
 def build_bundle(
     model: Path,
     name: str,
@@ -211,10 +282,19 @@ def build_bundle(
         elif opts.check_vectors:  # what the device will check, before it is published
             check_vectors(model, vectors, inputs, outputs, opts.rtol, opts.atol)
         sources = [(model, MODEL_NAME), (vectors, VECTORS_NAME), *extra]
+        if opts.model_signature is not None:
+            sources.append((opts.model_signature, SIGNATURE_NAME))
+        if opts.provenance_attestation is not None:
+            sources.append((opts.provenance_attestation, PROVENANCE_NAME))
         arcs = [a for _, a in sources]
         if len(set(arcs)) != len(arcs) or MANIFEST in arcs:
             raise OperatorInputError(f"duplicate or reserved file names in the bundle: {arcs}")
         files = tuple(_hash_file(src, arc, progress) for src, arc in sources)
+        if opts.model_signature is not None and opts.verify_signature:
+            _check_signature(opts.model_signature, files[2 + len(extra)], name,
+                             files[0].sha256, opts.signers)
+        if opts.provenance_attestation is not None and opts.verify_signature:
+            _check_attestation(opts.provenance_attestation, files[-1], files[0].sha256)
         manifest = Manifest(
             name=name,
             version=version,
@@ -229,6 +309,9 @@ def build_bundle(
             atol=opts.atol,
             provenance=opts.provenance or {},
             requires={"agent": "0.1.0", "execution_providers": ["CPUExecutionProvider"]},
+            model_signature=SIGNATURE_NAME if opts.model_signature is not None else "",
+            provenance_attestation=(PROVENANCE_NAME if opts.provenance_attestation is not None
+                                    else ""),
         )
         raw = manifest.to_bytes()
         tmp_out = out.with_name(out.name + ".tmp")

@@ -46,6 +46,7 @@ from modelward.updater.bundle._chunkindex import (
     parse_index,
 )
 from modelward.updater.bundle._names import check_model_name
+from modelward.updater.bundle._provenance import RESERVED_DIR
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import check_member_path
 from modelward.updater.errors import ChunkIndexError
@@ -147,9 +148,9 @@ def served_name(targets_dir: Path, tf: TargetFile) -> Path:
     """Where the served directory holds a target (consistent snapshots: hash-prefixed).
 
     Only a path ``<model>/<file>`` (a model name as :func:`check_model_name` accepts it,
-    one safe component) with a hex sha256 has a place there: whatever else a signed
-    target names (a team's metadata, a manifest's name) never leads out of
-    ``targets_dir``.
+    or ``_modelward``, which no model name can be; one safe component) with a hex sha256
+    has a place there: whatever else a signed target names (a team's metadata, a
+    manifest's name) never leads out of ``targets_dir``.
 
     Raises:
         RepositoryStateError: the target has no such place (names it, escaped).
@@ -157,7 +158,8 @@ def served_name(targets_dir: Path, tf: TargetFile) -> Path:
     d, _, base = tf.path.partition("/")
     sha = tf.hashes.get("sha256", "")
     try:
-        check_model_name(d)
+        if d != RESERVED_DIR:  # (modelward's own targets: the provenance policy)
+            check_model_name(d)
         check_member_path(base)
         if "/" in base or not _HEX64.fullmatch(sha):
             raise ValueError("not <model>/<file> with a sha256")

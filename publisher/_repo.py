@@ -32,6 +32,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization import DeserializationError
 from tuf.api.serialization.json import JSONSerializer
 
+from modelward.publisher import _policy
 from modelward.publisher import _rootstage as rootstage
 from modelward.publisher._expiry import Expiry as Expiry
 from modelward.publisher._expiry import ExpiryWarning, expiry_warnings, load_expiry, save_expiry
@@ -796,6 +797,7 @@ class Repository:
             manifest, entries = extract_bundle(cast(IO[bytes], verified), None, str(bundle))
             verified.finish()
         SemVer.parse(manifest.version)
+        _policy.check_bundle(self, bundle, manifest)  # (the training side signed it)
         if not 0.0 <= rollout <= 100.0:
             raise RepositoryStateError(f"rollout {rollout} is not a percentage (0-100)")
         fingerprint = slot_fingerprint(entries)

@@ -20,6 +20,8 @@ __all__ = [
     "ModelwardError",
     "NothingTrustedError",
     "OperatorInputError",
+    "PolicyFormatError",
+    "ProvenanceRefusedError",
     "RollbackError",
     "SandboxError",
     "RootRecoveryError",
@@ -191,3 +193,21 @@ class TrustStateLostError(NothingTrustedError):
     """The trust record or root.json on disk cannot be believed (older copy, altered,
     deleted): nothing is served until the next update heals the device from its TPM
     anchor."""
+
+
+class PolicyFormatError(UntrustedRemoteError):
+    """A provenance policy document is malformed (names the field at fault)."""
+
+
+class ProvenanceRefusedError(UntrustedRemoteError):
+    """The provenance policy refuses a model.
+
+    Attributes:
+        model: the model name.
+        rule: the policy rule that refused it ("" if no rule covers the model).
+        reason: what the rule wanted and did not get.
+    """
+
+    def __init__(self, message: str, *, model: str, rule: str, reason: str) -> None:
+        super().__init__(message)
+        self.model, self.rule, self.reason = model, rule, reason

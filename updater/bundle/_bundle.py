@@ -73,6 +73,13 @@ class Manifest:
     atol: float
     provenance: dict[str, Any] = field(default_factory=dict)
     requires: dict[str, Any] = field(default_factory=dict)
+    model_signature: str = ""  # the listed file holding the model signature, if any
+    provenance_attestation: str = ""  # ... the provenance attestation (DSSE), if any
+
+    @property
+    def signed_files(self) -> tuple[str, ...]:
+        """The provenance files it lists: model signature, provenance attestation."""
+        return tuple(f for f in (self.model_signature, self.provenance_attestation) if f)
 
     def to_json(self) -> dict[str, Any]:
         """The manifest document."""
@@ -99,7 +106,9 @@ class Manifest:
             "checks": {"vectors": self.vectors, "rtol": self.rtol, "atol": self.atol},
             "provenance": self.provenance,
             "requires": self.requires,
-        }
+        } | ({"model_signature": self.model_signature} if self.model_signature else {}) | (
+            {"provenance_attestation": self.provenance_attestation}
+            if self.provenance_attestation else {})
 
     def to_bytes(self) -> bytes:
         """Serialised manifest (sorted keys, so it is reproducible)."""
@@ -168,8 +177,10 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
             atol=float(checks["atol"]),
             provenance=dict(d.get("provenance") or {}),
             requires=dict(d.get("requires") or {}),
+            model_signature=str(d.get("model_signature") or ""),
+            provenance_attestation=str(d.get("provenance_attestation") or ""),
         )
-        for needed in (m.model_path, m.vectors):
+        for needed in (m.model_path, m.vectors, *m.signed_files):
             if needed not in paths:
                 raise ValueError(f"{needed!r} is referenced but not listed in files")
     except (ValueError, KeyError, TypeError, AttributeError) as e:

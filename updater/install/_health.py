@@ -173,9 +173,12 @@ def _printable(text: str) -> str:
     return clean[:MAX_DETAIL] + ("..." if len(clean) > MAX_DETAIL else "")
 
 
-def health_inputs(manifest_model_path: str, manifest_vectors: str) -> tuple[str, ...]:
-    """The files of a bundle the health child reads (handed over sealed)."""
-    return tuple(dict.fromkeys((MANIFEST, manifest_model_path, manifest_vectors)))
+def health_inputs(manifest_model_path: str, manifest_vectors: str,
+                  *signed: str) -> tuple[str, ...]:
+    """The files of a bundle the health child reads (handed over sealed), and ``signed``:
+    files the agent itself checks from the same sealed copies (the model signature)."""
+    return tuple(dict.fromkeys((MANIFEST, manifest_model_path, manifest_vectors,
+                                *filter(None, signed))))
 
 
 # what the child imports to run the model: the device extra's (modelward[device])

@@ -57,6 +57,7 @@ from modelward.updater.install._health import (
     start_check,
 )
 from modelward.updater.install._journal import Journal
+from modelward.updater.install._provenance import check_sealed, load_policy
 from modelward.updater.install._rejections import RejectionStore
 from modelward.updater.install._sealed import SealedFiles, seal_verified
 from modelward.updater.install._slots import SlotStore
@@ -413,7 +414,8 @@ def _seal_on_disk(incoming: Path, release: Candidate, manifest: Manifest,
         StagingError: no memory for the copies.
     """
     plain_dir(incoming.parent.parent, f"{incoming.parent.name}/{incoming.name}")
-    return seal_verified(incoming, health_inputs(manifest.model_path, manifest.vectors),
+    return seal_verified(incoming, health_inputs(manifest.model_path, manifest.vectors,
+                                                 *manifest.signed_files),
                          {e.path: e.size for e in entries}, release.fingerprint,
                          f"{release.name} {release.version}", when,
                          None if pending is None else pending.fds)
@@ -526,6 +528,7 @@ def _attempt(
     )
     fields.update(model=name, version=version, fingerprint=newest.fingerprint,
                   target=newest.target.path)
+    policy = load_policy(session)  # (before the download: no policy, no install)
     gate.wait_idle("download")
     step("downloading")
     slot = SlotStore.other(active.slot if active else None)
@@ -570,7 +573,8 @@ def _attempt(
         # Its sandboxed child starts first (when the device is idle) and imports
         # onnxruntime while they are copied; it reads nothing before they are sealed.
         pending = None if gate.reasons() else start_check(
-            incoming, cfg.health, health_inputs(manifest.model_path, manifest.vectors))
+            incoming, cfg.health, health_inputs(manifest.model_path, manifest.vectors,
+                                                *manifest.signed_files))
         try:
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check", pending)
@@ -597,6 +601,8 @@ def _attempt(
             pending = None
         with sealed:
             try:
+                if policy is not None:  # the training side's signature, on the sealed bytes
+                    check_sealed(policy, manifest, sealed)
                 step("verified")
                 if pending is None:  # (else the gate said idle just now, after the seal)
                     gate.wait_idle("health check")

@@ -68,7 +68,12 @@ from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import UnsafeFileError, loads_bounded
 from modelward.trust._bounded import read_bounded as read_bounded_file
 from modelward.trust.errors import LocalDeviceError, ModelwardError
-from modelward.updater.errors import BundleFormatError, FingerprintMismatchError, HealthCheckError
+from modelward.updater.errors import (
+    BundleFormatError,
+    FingerprintMismatchError,
+    HealthCheckError,
+    ProvenanceRefusedError,
+)
 from modelward.updater.rollout import Choice, Release, choose_release
 
 logger = logging.getLogger(__name__)
@@ -85,7 +90,8 @@ DELTA_REFUSED = "DeltaRefused"
 #: (the count leads its detail: ``"2: ..."``).
 DELTA_STALLED = "DeltaStalled"
 # Failures of bytes that matched their signed hashes: properties of the release itself.
-REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError)
+REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError,
+             ProvenanceRefusedError)
 
 
 class RejectionsFileError(LocalDeviceError):

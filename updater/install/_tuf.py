@@ -212,6 +212,17 @@ class TufSession:
         return self._updater._trusted_set  # noqa: SLF001 - see module docstring
 
     @property
+    def root_fields(self) -> dict[str, Any]:
+        """The newest trusted root's fields TUF does not define (e.g. the policy pin)."""
+        return dict(self._trusted().root.unrecognized_fields)
+
+    def top_level_target(self, path: str) -> TargetFile | None:
+        """The target at ``path`` in the trusted top-level targets only (never a delegated
+        role's), or None."""
+        target: TargetFile | None = self._trusted().targets.targets.get(path)
+        return target
+
+    @property
     def targets_version(self) -> int:
         """Version of the trusted top-level targets metadata."""
         return int(self._trusted().targets.version)

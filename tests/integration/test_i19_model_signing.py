@@ -1,0 +1,232 @@
+"""Issue 19: model signatures from the training side, a provenance policy pinned by root,
+enforced at publish and on the device (real swtpm, nginx origin, model-signing, CLI).
+
+Attackers tried: an operator (or a stolen targets key) publishing a bundle whose model
+signature is missing, made by an untrusted key or over other bytes; the same bundle forced
+onto the origin with the operator's TUF keys; a targets key that publishes its own policy
+target or drops the pinned one; a certificate for another identity under the trusted CA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from tuf.api.metadata import TargetFile
+
+from modelward.publisher import _policy
+from modelward.publisher._bundle_build import BuildOptions, build_bundle
+from modelward.simulator._models import make_linear_model
+from modelward.updater.bundle._provenance import RESERVED_DIR, parse_policy, policy_path
+from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
+from tests._helpers import repo_cli_ok
+from tests._modelsig import SignerFiles, cert_signer, key_signer, policy_doc, sign_model
+from tests.conftest import World, stock_refresh
+
+
+def _bundle(w: World, version: str, seed: int, signer: SignerFiles | None, *,
+            signed_seed: int | None = None) -> Path:
+    """A bundle of model ``seed`` carrying a signature by ``signer`` of model
+    ``signed_seed`` (default: the same model), built without checking it."""
+    model = make_linear_model(w.builds / f"m-{version}.onnx", seed)
+    sig = None
+    if signer is not None:
+        signed = model if signed_seed is None else make_linear_model(
+            w.builds / f"s-{version}.onnx", signed_seed)
+        sig = sign_model(signed, w.builds / f"{version}.sig", signer)
+    out = w.builds / f"classifier-{version}.tar"
+    build_bundle(model, "classifier", version, out, options=BuildOptions(
+        model_signature=sig, verify_signature=False))
+    return out
+
+
+def _state(w: World) -> tuple[object, ...]:
+    s = w.snapshot()
+    return s.record, s.counter, s.anchor, s.current, s.slots
+
+
+def _targets(w: World) -> bytes:
+    return (w.repo_dir / "metadata" / "targets.json").read_bytes() if (
+        w.repo_dir / "metadata" / "targets.json").exists() else json.dumps(
+        sorted(p.name for p in (w.repo_dir / "metadata").glob("*.targets.json"))).encode()
+
+
+def test_policy_enforced_at_publish_and_on_the_device(world: World,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    w = world
+    team, thief = key_signer(w.tmp / "team"), key_signer(w.tmp / "thief")
+    policy = w.tmp / "policy.json"
+    policy.write_bytes(policy_doc([("classifiers", ["classifier*"], [team])]))
+    out = repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    assert "pinned by root v2" in out and "root is now version 2" in out
+    shown = repo_cli_ok(w, "repo", "policy", "show")
+    assert "rule classifiers: models classifier*" in shown and "EC public key" in shown
+
+    # the training team signs 1.0.0; `bundle build` verifies it; publish and install
+    model = make_linear_model(w.builds / "good.onnx", 1)
+    sig = sign_model(model, w.builds / "good.sig", team)
+    good = w.builds / "good.tar"
+    r = w.cli("bundle", "build", str(model), "--name", "classifier", "--version", "1.0.0",
+              "--model-signature", str(sig), "--signer-key", str(thief.public_key),
+              "-o", str(good))
+    assert r.returncode == 1 and "not by a signer it trusts" in r.stderr, r.stderr
+    assert not good.exists()
+    r = w.cli("bundle", "build", str(model), "--name", "classifier", "--version", "1.0.0",
+              "--model-signature", str(sig), "--policy", str(policy), "-o", str(good))
+    assert r.returncode == 0, r.stderr
+    repo_cli_ok(w, "publish", str(good))
+    assert w.update().active is not None and w.active_version() == "1.0.0"
+
+    # refused at publish, naming the rule; the repository's targets do not move
+    bad = {"missing": _bundle(w, "2.0.0", 2, None),
+           "untrusted": _bundle(w, "2.0.1", 3, thief),
+           "other bytes": _bundle(w, "2.0.2", 4, team, signed_seed=1)}
+    want = {"missing": "signature is missing", "untrusted": "not by a signer it trusts",
+            "other bytes": "covers different bytes"}
+    before = _targets(w)
+    for case, bundle in bad.items():
+        r = w.cli("publish", str(bundle), "--repo", str(w.repo_dir), "--keys", str(w.keys))
+        assert r.returncode == 1, (case, r.stdout)
+        assert "rule 'classifiers'" in r.stderr and want[case] in r.stderr, (case, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert _targets(w) == before
+
+    # forced onto the origin with the operator's TUF keys: every device refuses it
+    monkeypatch.setattr(_policy, "check_bundle", lambda *a: None)
+    for case, bundle in bad.items():
+        kept = _state(w)
+        w.repo.publish(bundle)
+        stock_refresh(w.repo_dir)  # (a stock TUF client takes it: only the policy refuses)
+        with pytest.raises(ProvenanceRefusedError) as e:
+            w.update()
+        assert e.value.rule == "classifiers" and want[case] in str(e.value), case
+        assert _state(w) == kept and w.active_version() == "1.0.0", case
+        assert not any((w.state / "staging" / "incoming").iterdir()) if (
+            w.state / "staging" / "incoming").exists() else True
+    status = json.loads(w.cli("agent", "status", "--json", "--config",
+                              str(w.conf_path)).stdout)
+    assert "provenance policy refuses" in json.dumps(status)
+
+    # a targets key alone cannot change the policy: its own policy target is not pinned
+    forged = w.tmp / "forged.json"
+    forged.write_bytes(policy_doc([("classifiers", ["classifier*"], [thief])]))
+    data = parse_policy(forged.read_bytes(), "forged", base=w.tmp).to_bytes()
+    tf = TargetFile.from_data(policy_path(hashlib.sha256(data).hexdigest()), data, ["sha256"])
+    (w.repo_dir / "targets" / RESERVED_DIR / f"{tf.hashes['sha256']}.{Path(tf.path).name}"
+     ).write_bytes(data)
+    targets, _, _ = w.repo.current()
+    targets.targets[tf.path] = tf
+    w.repo._commit_targets(targets)  # noqa: SLF001 - the stolen targets key's own change
+    kept = _state(w)
+    w.repo.publish(_bundle(w, "3.0.0", 5, thief))
+    with pytest.raises(ProvenanceRefusedError):
+        w.update()
+    assert _state(w) == kept
+    # ... nor drop the pinned one: then nothing installs, not even a well-signed release
+    targets, _, _ = w.repo.current()
+    for path in [p for p in targets.targets if p.startswith(RESERVED_DIR)]:
+        del targets.targets[path]
+    w.repo._commit_targets(targets)  # noqa: SLF001
+    model = make_linear_model(w.builds / "good4.onnx", 6)
+    w.repo.publish(_bundle(w, "4.0.0", 6, team))
+    with pytest.raises(PolicyFormatError, match="do not list it"):
+        w.update()
+    assert _state(w) == kept and w.active_version() == "1.0.0"
+
+
+def test_certificate_identity_and_untouched_devices_without_policy(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    w = world
+    w.publish("1.0.0", seed=1)  # no policy yet: unsigned models install as before
+    assert w.update().active is not None
+    ci = cert_signer(w.tmp / "ci", "train@ml.example")
+    intern = cert_signer(w.tmp / "intern", "intern@ml.example", "intern",
+                         ca=ci.ca)
+    policy = w.tmp / "policy.json"
+    policy.write_bytes(policy_doc([("all", ["*"], [ci])]))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    w.update()  # (nothing new: the device re-anchors root v2, which pins the policy)
+    kept = _state(w)
+    with pytest.raises(ProvenanceRefusedError, match="not 'train@ml.example'"):
+        w.repo.publish(_bundle(w, "2.0.0", 2, intern))  # same CA, another identity
+    with monkeypatch.context() as m:  # forced onto the origin
+        m.setattr(_policy, "check_bundle", lambda *a: None)
+        w.repo.publish(_bundle(w, "2.0.0", 2, intern))
+    with pytest.raises(ProvenanceRefusedError, match="not 'train@ml.example'"):
+        w.update()
+    assert _state(w) == kept
+    w.repo.publish(_bundle(w, "2.1.0", 3, ci))
+    assert w.update().active is not None and w.active_version() == "2.1.0"
+
+
+
+def _provenance_policy(w: World, team: SignerFiles, builder_x: SignerFiles) -> Path:
+    policy = w.tmp / "policy.json"
+    doc = json.loads(policy_doc([("classifiers", ["classifier*"], [team])]))
+    doc["rules"][0]["provenance"] = {"builders": [
+        {"id": "https://ci.example/train-x", "public_key_file": str(builder_x.public_key)}],
+        "dataset_digests": True}
+    policy.write_text(json.dumps(doc))
+    return policy
+
+
+def test_policy_requires_builder_x(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rule that requires provenance from builder X: Y's (even naming X) is refused at
+    publish and on the device; X's without dataset digests too; X's with them installs;
+    `bundle inspect` prints what the attestation says."""
+    w = world
+    team = key_signer(w.tmp / "team")
+    x, y = key_signer(w.tmp / "x", "x"), key_signer(w.tmp / "y", "y")
+    repo_cli_ok(w, "repo", "policy", "set", str(_provenance_policy(w, team, x)))
+    w.update()  # (root v2 re-anchored: the state compared below)
+
+    def build(version: str, seed: int, key: SignerFiles, builder: str,
+              datasets: bool = True) -> Path:
+        model = make_linear_model(w.builds / f"p-{version}.onnx", seed)
+        sig = sign_model(model, w.builds / f"p-{version}.sig", team)
+        att = w.builds / f"p-{version}.dsse.json"
+        argv = ["provenance", "sign", str(model), "--key", str(key.private_key),
+                "--builder-id", builder, "--source", "git+https://git.example/ml@abc123",
+                "--param", "epochs=3", "-o", str(att)]
+        if datasets:
+            argv += ["--dataset", f"imagenet-mini=sha256:{'ab' * 32}"]
+        r = w.cli(*argv)
+        assert r.returncode == 0, r.stderr
+        out = w.builds / f"p-{version}.tar"
+        r = w.cli("bundle", "build", str(model), "--name", "classifier", "--version", version,
+                  "--model-signature", str(sig), "--signer-key", str(team.public_key),
+                  "--provenance", str(att), "-o", str(out))
+        assert r.returncode == 0, r.stderr
+        return out
+
+    by_y = build("1.0.0", 1, y, "https://ci.example/train-y")
+    forged = build("1.0.1", 2, y, "https://ci.example/train-x")  # Y's key, X's name
+    bare = build("1.0.2", 3, x, "https://ci.example/train-x", datasets=False)
+    want = {by_y: "not by a builder it trusts", forged: "not signed by builder",
+            bare: "no dataset digests"}
+    for bundle, reason in want.items():
+        r = w.cli("publish", str(bundle), "--repo", str(w.repo_dir), "--keys", str(w.keys))
+        assert r.returncode == 1 and "rule 'classifiers'" in r.stderr, r.stderr
+        assert reason in r.stderr, (reason, r.stderr)
+    kept = _state(w)
+    with monkeypatch.context() as m:  # forced onto the origin: the device refuses each
+        m.setattr(_policy, "check_bundle", lambda *a: None)
+        for bundle, reason in want.items():
+            w.repo.publish(bundle)
+            with pytest.raises(ProvenanceRefusedError, match=reason):
+                w.update()
+            assert _state(w) == kept
+    good = build("2.0.0", 4, x, "https://ci.example/train-x")
+    repo_cli_ok(w, "publish", str(good))
+    assert w.update().active is not None and w.active_version() == "2.0.0"
+
+    shown = w.cli("bundle", "inspect", str(good))
+    assert shown.returncode == 0, shown.stderr
+    assert "builder: https://ci.example/train-x" in shown.stdout
+    assert f"from: imagenet-mini sha256:{'ab' * 32}" in shown.stdout
+    assert "parameter: epochs" in shown.stdout
+    d = json.loads(w.cli("bundle", "inspect", "--json", str(good)).stdout)
+    assert d["provenance"]["digest"].startswith("sha256:")
+    assert d["model_signature"]["kind"] == "key"

@@ -1,0 +1,499 @@
+"""Provenance policy: which model signers (the training side's keys or certificate
+identities) a model needs, checked at publish and on the device before the health check.
+
+The TUF chain proves that the *fleet operator* published a bundle; the policy makes a
+second role necessary: a model signature made with the OpenSSF ``model-signing`` package
+(``bundle build --model-signature``; a sigstore bundle holding a DSSE-signed in-toto
+statement whose one resource is the model file's sha256).
+
+Where the policy lives (design note, "Provenance policy"): a top-level TUF target
+``_modelward/provenance-policy-<sha256>.json`` (model names cannot start with ``_``, so it
+never sits in a model's namespace), *pinned by root*: root carries the unrecognized field
+``x-modelward-provenance-policy`` = ``{"sha256", "length"}``. A targets key alone can
+therefore neither change nor drop the policy (root's threshold signs a change: ``repo
+policy set`` stages root N+1 through the usual root flow), and a device takes exactly the
+pinned bytes. A root without the field means no policy (the behaviour before it).
+
+Semantics: the first rule whose ``models`` pattern (``fnmatch``, case-sensitive) matches the
+model name applies; a model no rule covers is refused (a compromised targets key cannot
+dodge the policy with a new name). A rule needs a signature by one of its ``signers``
+over exactly the model file's bytes. Certificate signers are checked by
+``model-signing`` (chain to the rule's CA, key usage code signing, at the leaf's
+not-before time: there is no trusted timestamp, so a leaf's expiry or revocation is not
+seen) and here (the leaf's subject alternative names hold the rule's ``identity``).
+
+Everything read here is bounded before it is parsed: a policy at most
+:data:`MAX_POLICY_BYTES`, a signature at most :data:`MAX_SIGNATURE_BYTES`, each nested to
+at most 32 levels.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
+
+POLICY_FORMAT = "modelward-provenance-policy/1"
+#: root's unrecognized field that pins the policy (its sha256 and length)
+PIN_FIELD = "x-modelward-provenance-policy"
+RESERVED_DIR = "_modelward"  # no model name starts with "_": never a model's namespace
+MAX_POLICY_BYTES = 256 << 10
+MAX_SIGNATURE_BYTES = 64 << 10
+MAX_RULES, MAX_SIGNERS, MAX_PATTERNS, MAX_PEM = 64, 16, 64, 32 << 10
+SIGNATURE_NAME = "model.sig"  # the model signature's file in a bundle
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:/+-]{0,127}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class TrustedSigner:
+    """A model signer a rule trusts: a public key (PEM), or a CA chain (PEM) and the
+    identity (a subject alternative name: e-mail, URI or DNS name) its leaf must carry."""
+
+    name: str
+    public_key: str = ""
+    certificate_chain: str = ""
+    identity: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        if self.public_key:
+            return {"name": self.name, "public_key": self.public_key}
+        return {"name": self.name, "certificate_chain": self.certificate_chain,
+                "identity": self.identity}
+
+
+@dataclass(frozen=True)
+class Builder:
+    """A trusted builder: its SLSA builder id and the EC public key (PEM) that signs its
+    provenance attestations."""
+
+    id: str
+    public_key: str
+
+
+@dataclass(frozen=True)
+class ProvenanceRule:
+    """What a rule asks of the provenance attestation: signed by one of ``builders``
+    (whose id the attestation names), and, if ``dataset_digests``, dataset digests among
+    its resolved dependencies."""
+
+    builders: tuple[Builder, ...]
+    dataset_digests: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"builders": [{"id": b.id, "public_key": b.public_key} for b in self.builders],
+                "dataset_digests": self.dataset_digests}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: the models it covers, the signers one of which must sign them, and what
+    their provenance attestation must show (None: none is required)."""
+
+    name: str
+    models: tuple[str, ...]
+    signers: tuple[TrustedSigner, ...]
+    provenance: ProvenanceRule | None = None
+
+    def covers(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, p) for p in self.models)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "models": list(self.models),
+                "signers": [s.to_json() for s in self.signers]} | (
+                    {"provenance": self.provenance.to_json()} if self.provenance else {})
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed provenance policy."""
+
+    rules: tuple[Rule, ...]
+
+    def rule_for(self, model: str) -> Rule | None:
+        """The rule that applies to ``model`` (the first that covers it), or None."""
+        return next((r for r in self.rules if r.covers(model)), None)
+
+    def to_bytes(self) -> bytes:
+        """The canonical document (sorted keys): what is published and pinned."""
+        doc = {"format": POLICY_FORMAT, "rules": [r.to_json() for r in self.rules]}
+        return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a policy check found: the rule and the signer that signed the model."""
+
+    rule: str
+    signer: str
+    builder: str = ""  # the builder whose provenance the rule verified ("": not required)
+
+
+def _str(d: Mapping[str, Any], key: str, where: str, *, limit: int = 128) -> str:
+    v = d.get(key)
+    if not isinstance(v, str) or not v or len(v) > limit:
+        raise ValueError(f"{where}: {key!r} must be a non-empty string of at most {limit} "
+                         "characters")
+    return v
+
+
+def _pem(v: str, kind: str, where: str) -> str:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    if len(v) > MAX_PEM:
+        raise ValueError(f"{where}: {kind} is over {MAX_PEM} bytes")
+    try:
+        if kind == "public_key":
+            if not isinstance(load_pem_public_key(v.encode()), ec.EllipticCurvePublicKey):
+                raise ValueError("not an elliptic-curve key (what model-signing signs with)")
+        elif not x509.load_pem_x509_certificates(v.encode()):
+            raise ValueError("no certificate")
+    except ValueError as e:
+        raise ValueError(f"{where}: {kind} is not a PEM {kind.replace('_', ' ')}: {e}") from e
+    return v
+
+
+def _signer(d: Any, where: str, base: Path | None) -> TrustedSigner:
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: a signer must be an object")
+    name = _str(d, "name", where)
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"{where}: signer name {name!r} has characters outside "
+                         "[A-Za-z0-9._@:/+-]")
+    where = f"{where} (signer {name!r})"
+    for key in ("public_key", "certificate_chain"):
+        if f"{key}_file" in d:  # (the operator's input only: inlined before publishing)
+            if base is None:
+                raise ValueError(f"{where}: {key}_file in a published policy")
+            try:
+                d = {**d, key: (base / _str(d, f"{key}_file", where, limit=4096)).read_text()}
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: cannot read {key}_file: {e}") from e
+    extra = set(d) - {"name", "public_key", "certificate_chain", "identity",
+                      "public_key_file", "certificate_chain_file"}
+    if extra:
+        raise ValueError(f"{where}: unknown fields {sorted(extra)}")
+    if ("public_key" in d) == ("certificate_chain" in d):
+        raise ValueError(f"{where}: give exactly one of public_key and certificate_chain")
+    if "public_key" in d:
+        if "identity" in d:
+            raise ValueError(f"{where}: identity goes with certificate_chain, not public_key")
+        return TrustedSigner(name, public_key=_pem(_str(d, "public_key", where, limit=MAX_PEM),
+                                                   "public_key", where))
+    chain = _pem(_str(d, "certificate_chain", where, limit=MAX_PEM), "certificate_chain",
+                 where)
+    return TrustedSigner(name, certificate_chain=chain,
+                         identity=_str(d, "identity", where, limit=256))
+
+
+def _provenance_rule(d: Any, where: str, base: Path | None) -> ProvenanceRule:
+    where = f"{where} (provenance)"
+    if not isinstance(d, dict) or set(d) - {"builders", "dataset_digests"}:
+        raise ValueError(f"{where}: an object of builders and dataset_digests")
+    builders = d.get("builders")
+    if not isinstance(builders, list) or not 1 <= len(builders) <= MAX_SIGNERS:
+        raise ValueError(f"{where}: builders must be a list of 1 to {MAX_SIGNERS} builders")
+    out: list[Builder] = []
+    for b in builders:
+        if not isinstance(b, dict) or set(b) - {"id", "public_key", "public_key_file"}:
+            raise ValueError(f"{where}: a builder is an object of id and public_key")
+        if "public_key_file" in b:
+            if base is None:
+                raise ValueError(f"{where}: public_key_file in a published policy")
+            try:
+                b = {**b, "public_key": (base / _str(b, "public_key_file", where, limit=4096)
+                                         ).read_text()}
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where}: cannot read public_key_file: {e}") from e
+        out.append(Builder(_str(b, "id", where, limit=512), _pem(
+            _str(b, "public_key", where, limit=MAX_PEM), "public_key", where)))
+    digests = d.get("dataset_digests", False)
+    if not isinstance(digests, bool):
+        raise ValueError(f"{where}: dataset_digests must be true or false")
+    return ProvenanceRule(tuple(out), digests)
+
+
+def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
+    """Parse and validate a provenance policy.
+
+    Args:
+        data: the document.
+        what: names it in errors.
+        base: the operator's input may name key files (``public_key_file``,
+            ``certificate_chain_file``) relative to ``base``; a published policy may not.
+
+    Raises:
+        PolicyFormatError: not a valid policy (names the rule and field at fault).
+    """
+    try:
+        d = loads_bounded(data, max_bytes=MAX_POLICY_BYTES, what=what, max_depth=8)
+        if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
+            raise ValueError(f"format must be {POLICY_FORMAT!r}")
+        if set(d) - {"format", "rules"}:
+            raise ValueError(f"unknown fields {sorted(set(d) - {'format', 'rules'})}")
+        raw_rules = d.get("rules")
+        if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= MAX_RULES:
+            raise ValueError(f"rules must be a list of 1 to {MAX_RULES} rules")
+        rules: list[Rule] = []
+        for i, r in enumerate(raw_rules):
+            if not isinstance(r, dict):
+                raise ValueError(f"rule {i} must be an object")
+            name = _str(r, "name", f"rule {i}")
+            where = f"rule {name!r}"
+            if not _NAME.fullmatch(name) or name in {x.name for x in rules}:
+                raise ValueError(f"{where}: a duplicate name, or characters outside "
+                                 "[A-Za-z0-9._@:/+-]")
+            if unknown := set(r) - {"name", "models", "signers", "provenance"}:
+                raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+            models = r.get("models")
+            if not isinstance(models, list) or not 1 <= len(models) <= MAX_PATTERNS or not all(
+                    isinstance(p, str) and 0 < len(p) <= 128 for p in models):
+                raise ValueError(f"{where}: models must be 1 to {MAX_PATTERNS} name patterns")
+            signers = r.get("signers")
+            if not isinstance(signers, list) or not 1 <= len(signers) <= MAX_SIGNERS:
+                raise ValueError(f"{where}: signers must be a list of 1 to {MAX_SIGNERS} "
+                                 "signers")
+            parsed = tuple(_signer(s, where, base) for s in signers)
+            if len({s.name for s in parsed}) != len(parsed):
+                raise ValueError(f"{where}: two signers have the same name")
+            rules.append(Rule(name, tuple(models), parsed,
+                              None if "provenance" not in r else
+                              _provenance_rule(r["provenance"], where, base)))
+    except (UntrustedJsonError, ValueError) as e:
+        raise PolicyFormatError(f"provenance policy {what}: {e}") from e
+    return Policy(tuple(rules))
+
+
+def policy_pin(data: bytes) -> dict[str, Any]:
+    """Root's pin of the policy ``data``."""
+    return {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
+
+
+def read_pin(root_fields: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(sha256, length) of the policy a root pins, or None when it pins none.
+
+    Raises:
+        PolicyFormatError: the field is there but malformed (a root that verified says
+            something this device does not understand: refuse, never ignore a policy).
+    """
+    pin = root_fields.get(PIN_FIELD)
+    if pin is None:
+        return None
+    if not isinstance(pin, dict) or set(pin) != {"sha256", "length"} or not isinstance(
+            pin["sha256"], str) or not _HEX64.fullmatch(pin["sha256"]) or not isinstance(
+            pin["length"], int) or isinstance(pin["length"], bool) or not \
+            0 < pin["length"] <= MAX_POLICY_BYTES:
+        raise PolicyFormatError(f"root's {PIN_FIELD} is malformed: {str(pin)[:200]!r}")
+    return pin["sha256"], pin["length"]
+
+
+def policy_path(sha256: str) -> str:
+    """The target path of the policy with that digest."""
+    return f"{RESERVED_DIR}/provenance-policy-{sha256}.json"
+
+
+def _san_values(cert: Any) -> set[str]:
+    from cryptography import x509
+
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    values: set[str] = set()
+    for kind in (x509.RFC822Name, x509.UniformResourceIdentifier, x509.DNSName):
+        values.update(str(v) for v in san.get_values_for_type(kind))
+    return values
+
+
+def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]:
+    """(digest algorithm, hex digest) of the one file ``sig`` signs, if ``signer`` made it.
+
+    Raises:
+        ValueError: not made by ``signer`` (any failure of the library counts as that).
+    """
+    from cryptography import x509
+    from model_signing._signing import sign_certificate, sign_ec_key, sign_sigstore_pb
+
+    path = tmp / "model.sig"
+    path.write_bytes(sig)
+    try:
+        signature = sign_sigstore_pb.Signature.read(path)
+        verifier: Any
+        if signer.public_key:
+            (tmp / "key.pem").write_text(signer.public_key)
+            verifier = sign_ec_key.Verifier(tmp / "key.pem")
+        else:
+            (tmp / "chain.pem").write_text(signer.certificate_chain)
+            verifier = sign_certificate.Verifier([tmp / "chain.pem"])
+        manifest = verifier.verify(signature)
+        if signer.certificate_chain:  # (the chain verified: the leaf's names count)
+            chain = signature.bundle.verification_material.x509_certificate_chain
+            if chain is None or not chain.certificates:
+                raise ValueError("no signing certificate")
+            leaf = x509.load_der_x509_certificate(chain.certificates[0].raw_bytes)
+            names = _san_values(leaf)
+            if signer.identity not in names:
+                raise ValueError(f"the certificate is for {sorted(names)[:4]}, not "
+                                 f"{signer.identity!r}")
+        resources = list(manifest.resource_descriptors())
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 - model-signing, pydantic, OpenSSL raise their own
+        raise ValueError(f"{type(e).__name__}: {e}") from e
+    if len(resources) != 1:
+        raise ValueError(f"it signs {len(resources)} files, not exactly the model file")
+    return resources[0].digest.algorithm, resources[0].digest.digest_hex
+
+
+def check_model(policy: Policy, model: str, signature: bytes | None,
+                model_sha256: str, provenance: bytes | None = None) -> Verdict:
+    """The policy's verdict on ``model`` whose model file has ``model_sha256``, carrying
+    the model ``signature`` and the ``provenance`` attestation (None: absent).
+
+    Raises:
+        ProvenanceRefusedError: naming the rule and what it missed.
+    """
+    rule = policy.rule_for(model)
+
+    def refuse(rule_name: str, reason: str) -> ProvenanceRefusedError:
+        where = f"rule {rule_name!r}" if rule_name else "no rule"
+        return ProvenanceRefusedError(
+            f"{model}: the provenance policy refuses it ({where}): {reason}",
+            model=model, rule=rule_name, reason=reason)
+
+    if rule is None:
+        raise refuse("", "no rule of the provenance policy covers this model name")
+    if signature is None:
+        raise refuse(rule.name, "the model signature is missing (bundle build "
+                     "--model-signature)")
+    if len(signature) > MAX_SIGNATURE_BYTES:
+        raise refuse(rule.name, f"the model signature is over {MAX_SIGNATURE_BYTES} bytes")
+    try:  # (bounded before model-signing parses it, with json's unbounded recursion)
+        loads_bounded(signature, max_bytes=MAX_SIGNATURE_BYTES, what="model signature",
+                      max_depth=32)
+    except UntrustedJsonError as e:
+        raise refuse(rule.name, f"the model signature is not a sigstore bundle: {e}") from e
+    tried: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="modelward-sig-") as tmp:
+        for signer in rule.signers:
+            try:
+                alg, digest = _verify_one(signature, signer, Path(tmp))
+            except ValueError as e:
+                tried.append(f"{signer.name}: {str(e)[:200]}")
+                continue
+            if alg != "sha256" or digest != model_sha256:
+                raise refuse(rule.name, f"the signature by {signer.name!r} covers different "
+                             f"bytes ({alg} {digest[:16]}..., the model file is sha256 "
+                             f"{model_sha256[:16]}...)")
+            builder = ""
+            if rule.provenance is not None:
+                try:
+                    builder = check_provenance(rule.provenance, provenance, model_sha256)
+                except ValueError as e:
+                    raise refuse(rule.name, str(e)) from e
+            return Verdict(rule.name, signer.name, builder)
+    raise refuse(rule.name, "the model signature is not by a signer it trusts ("
+                 + "; ".join(tried) + ")")
+
+
+PROVENANCE_NAME = "provenance.dsse.json"  # the provenance attestation's file in a bundle
+MAX_PROVENANCE_BYTES = 256 << 10
+SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
+IN_TOTO_PAYLOAD = "application/vnd.in-toto+json"
+
+
+@dataclass(frozen=True)
+class Attestation:
+    """A parsed (not yet verified) provenance attestation."""
+
+    envelope: Any  # securesystemslib.dsse.Envelope
+    subjects: tuple[tuple[str, str], ...]  # (name, sha256)
+    builder_id: str
+    dependencies: tuple[tuple[str, str], ...]  # (name or uri, "alg:hex" of its digests)
+    parameters: dict[str, Any]
+
+
+def parse_attestation(data: bytes) -> Attestation:
+    """Parse a DSSE envelope holding an in-toto v1 statement of SLSA v1 provenance
+    (bounded, then strictly through the in-toto-attestation protobufs).
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    import binascii
+
+    from google.protobuf import json_format
+    from in_toto_attestation.predicates.provenance.v1 import provenance_pb2
+    from in_toto_attestation.v1 import statement_pb2
+    from in_toto_attestation.v1.statement import Statement
+    from securesystemslib.dsse import Envelope
+
+    try:
+        doc = loads_bounded(data, max_bytes=MAX_PROVENANCE_BYTES, what="the provenance "
+                            "attestation", max_depth=32)
+        envelope = Envelope.from_dict(doc)
+        if envelope.payload_type != IN_TOTO_PAYLOAD:
+            raise ValueError(f"payload type {envelope.payload_type[:80]!r}, not "
+                             f"{IN_TOTO_PAYLOAD}")
+        statement = loads_bounded(envelope.payload, max_bytes=MAX_PROVENANCE_BYTES,
+                                  what="its statement", max_depth=32)
+        pb = json_format.ParseDict(statement, statement_pb2.Statement())
+        Statement.copy_from_pb(pb).validate()
+        if pb.predicate_type != SLSA_PROVENANCE:
+            raise ValueError(f"predicate type {pb.predicate_type[:80]!r}, not "
+                             f"{SLSA_PROVENANCE}")
+        prov = json_format.ParseDict(statement["predicate"], provenance_pb2.Provenance())
+    except (UntrustedJsonError, ValueError, KeyError, TypeError, binascii.Error,
+            json_format.ParseError) as e:
+        raise ValueError(f"the provenance attestation is malformed: {str(e)[:300]}") from e
+    subjects = tuple((s.name, s.digest.get("sha256", "")) for s in pb.subject)
+    deps = tuple((d.name or d.uri, ",".join(f"{k}:{v}" for k, v in sorted(d.digest.items())))
+                 for d in prov.build_definition.resolved_dependencies)
+    return Attestation(envelope, subjects, prov.run_details.builder.id, deps,
+                       json_format.MessageToDict(prov.build_definition.external_parameters))
+
+
+def check_provenance(rule: ProvenanceRule, data: bytes | None, model_sha256: str) -> str:
+    """The id of the builder whose attestation of the model file ``rule`` accepts.
+
+    Raises:
+        ValueError: what the rule missed (absent, malformed, another subject, a builder
+            it does not trust, not signed by that builder's key, no dataset digests).
+    """
+    from securesystemslib.exceptions import VerificationError
+    from securesystemslib.signer import SSlibKey
+
+    if data is None:
+        raise ValueError("the provenance attestation is missing (bundle build --provenance)")
+    att = parse_attestation(data)
+    if model_sha256 not in {sha for _, sha in att.subjects}:
+        raise ValueError("the provenance attestation is about other bytes, not the model "
+                         f"file (sha256 {model_sha256[:16]}...)")
+    builders = [b for b in rule.builders if b.id == att.builder_id]
+    if not builders:
+        raise ValueError(f"built by {att.builder_id[:200]!r}, not by a builder it trusts "
+                         f"({', '.join(repr(b.id) for b in rule.builders)})")
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    keys = [SSlibKey.from_crypto(load_pem_public_key(b.public_key.encode()))
+            for b in builders]
+    try:
+        att.envelope.verify(keys, 1)
+    except VerificationError as e:
+        raise ValueError(f"the provenance attestation is not signed by builder "
+                         f"{att.builder_id[:200]!r}'s key ({e})") from e
+    if rule.dataset_digests and not any(d for _, d in att.dependencies):
+        raise ValueError("the provenance attestation names no dataset digests (resolved "
+                         "dependencies with a digest)")
+    return att.builder_id
