@@ -228,5 +228,7 @@ def check_config(path: Path | None = None) -> list[str]:
     """
     path = DEFAULT_CONFIG if path is None else path
     r = validate(read_document(path), path)
-    cfg = build_config(r)
-    return [*r.lines(), "", f"# transports in order: {', '.join(cfg.updater.transports)}"]
+    cfg = build_config(r, need_transport=False)
+    order = ", ".join(cfg.updater.transports) or \
+        "none (updates only from media: agent update --once --from DIR)"
+    return [*r.lines(), "", f"# transports in order: {order}"]

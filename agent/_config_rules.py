@@ -123,7 +123,7 @@ def load_boot_config(path: Path | None = None) -> BootConfig:
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
     r = resolve(path)
-    check_rules(r)
+    check_rules(r, need_transport=False)  # (a device updated from media only boots too)
     return BootConfig(path=r.path, state_dir=r.get(TOP, "state_dir"), tcti=r.get(TOP, "tcti"),
                       tpm_wait=r.get("agent", "tpm_wait"),
                       metrics_textfile=r.get("metrics", "textfile"))
