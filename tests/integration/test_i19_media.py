@@ -232,3 +232,19 @@ def test_grace_is_refused_on_the_network_path(world: World) -> None:
                   "--expired-grace", "7d")
     assert r.returncode != 0 and "--from" in r.stderr, r.stderr
     assert not (world.state / "current").exists()
+
+
+def test_a_delegated_release_is_exported_and_installed_from_the_medium(world: World) -> None:
+    from modelward.simulator._teams import team_sign
+    from tests._helpers import repo_cli_ok
+
+    world.publish("1.0.0", seed=1)
+    repo_cli_ok(world, "repo", "delegate", "cls-team", "--paths", "classifier/*")
+    team_sign(world.repo, "cls-team", world.bundle("3.0.0", seed=3))
+    medium = world.tmp / "usb"
+    _export(world, medium)
+    doc = json.loads((medium / "modelward-export.json").read_bytes())
+    assert "cls-team" in doc["versions"]
+    assert (medium / "metadata" / f"{doc['versions']['cls-team']}.cls-team.json").is_file()
+    _update_from(world, medium)
+    assert world.active_version() == "3.0.0"
