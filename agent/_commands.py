@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -180,22 +180,34 @@ def provision(cfg: AgentConfig, root: Path, *, keep_identity: bool = False) -> P
 
 
 def update(cfg: AgentConfig, gate: Gate | None = None,
-           on_step: Callable[[str], None] = lambda s: None) -> UpdateResult:
+           on_step: Callable[[str], None] = lambda s: None, *,
+           source_dir: Path | None = None,
+           expired_grace: timedelta | None = None) -> UpdateResult:
     """``agent update --once``: one update attempt.
 
     The outcome, the counters and the activation notice go to status.json and the
     Prometheus textfile. The whole attempt holds the device lock (``agent._lock``).
 
+    ``source_dir`` (``--from DIR``): the repository snapshot on a medium
+    (``repo export``) instead of the configured transports, verified the same way; no
+    network is used. ``expired_grace`` (``--expired-grace``, only with ``source_dir``):
+    metadata expired less than that long ago is accepted.
+
     Raises:
         DeviceBusyError: another device command is running; nothing was touched.
     """
     check_state_owner(cfg.state_dir, "agent update")
+    if expired_grace is not None and source_dir is None:
+        raise OperatorInputError("--expired-grace goes with --from DIR (a medium) only",
+                                 hint="over the network, expired metadata is always "
+                                 "refused")
     with device_lock(cfg.state_dir, "agent update"):
-        return _update_locked(cfg, gate, on_step)
+        return _update_locked(cfg, gate, on_step, source_dir, expired_grace)
 
 
-def _update_locked(cfg: AgentConfig, gate: Gate | None,
-                   on_step: Callable[[str], None]) -> UpdateResult:
+def _update_locked(cfg: AgentConfig, gate: Gate | None, on_step: Callable[[str], None],
+                   source_dir: Path | None = None,
+                   expired_grace: timedelta | None = None) -> UpdateResult:
     from modelward.updater.install._install import Outcome
 
     status = StatusFile(cfg.state_dir)
@@ -217,7 +229,11 @@ def _update_locked(cfg: AgentConfig, gate: Gate | None,
             metrics = Metrics.from_status(doc)
             metrics.counters["attempts"] += 1
             metrics.note_boot_check(read_boot_sample(cfg.state_dir))
-            result = _update_with_fallback(cfg, store, gate, step, fetched)
+            if source_dir is not None:
+                result = _update_from(cfg, store, gate, step, fetched, source_dir,
+                                      expired_grace)
+            else:
+                result = _update_with_fallback(cfg, store, gate, step, fetched)
         except ModelwardError as e:
             if store is None:
                 metrics.counters["attempts"] += 1
@@ -343,6 +359,25 @@ def _update_with_fallback(cfg: AgentConfig, store: TrustStore, gate: Gate | None
             fetched.append(source.fetcher.bytes_received)
             source.close()
     raise AssertionError("no transport configured")  # load_config guarantees one
+
+
+def _update_from(cfg: AgentConfig, store: TrustStore, gate: Gate | None,
+                 on_step: Callable[[str], None], fetched: list[int], source_dir: Path,
+                 expired_grace: timedelta | None) -> UpdateResult:
+    """One attempt from the repository snapshot at ``source_dir`` (no transport)."""
+    from modelward.updater.install._install import open_local_source, update_once
+
+    source = open_local_source(source_dir, expired_grace)
+    logger.info("updating from the medium at %s", source_dir,
+                extra={"transport": source.name})
+    try:
+        return update_once(cfg.updater, store, source,
+                           journal=Journal(cfg.state_dir / "journal.json",
+                                           kill_at=cfg.test_kill_at),
+                           gate=gate or make_gate(cfg), on_step=on_step)
+    finally:
+        fetched.append(source.fetcher.bytes_received)
+        source.close()
 
 
 def status(cfg: AgentConfig, *, use_tpm: bool = True) -> dict[str, Any]:

@@ -111,7 +111,8 @@ class AgentConfig:
         return self.updater.state_dir
 
 
-def load_config(path: Path | None = None, *, test_kill_at: str | None = None) -> AgentConfig:
+def load_config(path: Path | None = None, *, test_kill_at: str | None = None,
+                need_transport: bool = True) -> AgentConfig:
     """Read and validate an agent configuration file (default ``/etc/modelward/agent.toml``).
 
     Every key is checked when it loads (``_config_schema.SCHEMA``): an unknown key or
@@ -120,21 +121,24 @@ def load_config(path: Path | None = None, *, test_kill_at: str | None = None) ->
 
     ``test_kill_at`` is the test hook of the journal (the CLI passes
     ``MODELWARD_TEST_KILL_AT``): SIGKILL the agent right after journaling that step.
+    ``need_transport=False``: no ``[https]``/``[mqtt]`` is needed (``--from DIR``).
 
     Raises:
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
-    return build_config(resolve(path), test_kill_at=test_kill_at)
+    return build_config(resolve(path), test_kill_at=test_kill_at,
+                        need_transport=need_transport)
 
 
-def build_config(r: Resolved, *, test_kill_at: str | None = None) -> AgentConfig:
+def build_config(r: Resolved, *, test_kill_at: str | None = None,
+                 need_transport: bool = True) -> AgentConfig:
     """The configuration from validated values (every key read through ``r.get``).
 
     Raises:
         ConfigError: a rule across keys (no transport section, a transport that is not
             configured, both ``password`` and ``password_file``; ``_config_places``).
     """
-    order, password = check_rules(r)
+    order, password = check_rules(r, need_transport=need_transport)
     path = r.path
     device_id: str = r.get(TOP, "device_id")
     fleet: str = r.get(TOP, "fleet")
@@ -224,5 +228,7 @@ def check_config(path: Path | None = None) -> list[str]:
     """
     path = DEFAULT_CONFIG if path is None else path
     r = validate(read_document(path), path)
-    cfg = build_config(r)
-    return [*r.lines(), "", f"# transports in order: {', '.join(cfg.updater.transports)}"]
+    cfg = build_config(r, need_transport=False)
+    order = ", ".join(cfg.updater.transports) or \
+        "none (updates only from media: agent update --once --from DIR)"
+    return [*r.lines(), "", f"# transports in order: {order}"]

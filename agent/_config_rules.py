@@ -27,9 +27,13 @@ from modelward.agent.errors import ConfigError
 from modelward.trust._plain import Frozen
 
 
-def check_rules(r: Resolved) -> tuple[tuple[str, ...], str | None]:
+def check_rules(r: Resolved, *, need_transport: bool = True
+                ) -> tuple[tuple[str, ...], str | None]:
     """The rules across keys of a validated configuration: (the transports in the order
     they are tried, the MQTT password if any, read from ``password_file`` if set).
+
+    ``need_transport=False`` (``agent update --from DIR``: local media): a file without
+    ``[https]`` or ``[mqtt]`` is valid, and gives no transports.
 
     Raises:
         ConfigError: a place at fault (``check_places``), both ``password`` and
@@ -55,6 +59,8 @@ def check_rules(r: Resolved) -> tuple[tuple[str, ...], str | None]:
             raise ConfigError(f"{path}: [mqtt] {missing}: missing (cert_file and key_file "
                               "go together)", path=str(path), key=f"mqtt.{missing}")
     configured = [k for k in ("https", "mqtt") if k in r.present]
+    if not configured and not need_transport:
+        return (), password
     if not configured:
         raise ConfigError(f"{path}: configure [https], [mqtt] or both", path=str(path),
                           key="https", hint=HINT)
@@ -117,7 +123,7 @@ def load_boot_config(path: Path | None = None) -> BootConfig:
         ConfigError: unreadable file, bad TOML, unknown, missing or invalid setting.
     """
     r = resolve(path)
-    check_rules(r)
+    check_rules(r, need_transport=False)  # (a device updated from media only boots too)
     return BootConfig(path=r.path, state_dir=r.get(TOP, "state_dir"), tcti=r.get(TOP, "tcti"),
                       tpm_wait=r.get("agent", "tpm_wait"),
                       metrics_textfile=r.get("metrics", "textfile"))

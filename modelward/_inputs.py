@@ -15,6 +15,7 @@ import os
 import re
 import stat
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import NoReturn
 
@@ -88,6 +89,28 @@ def whole(lo: int, hi: int | None = None) -> Callable[[str], int]:
         return int(inner(text))
 
     parse.__name__ = "integer"
+    return parse
+
+
+_DURATION = re.compile(r"(?:[0-9]{1,6}[wdhms]){1,5}")  # (as repo set-expiry's)
+_UNIT = {"w": 604800, "d": 86400, "h": 3600, "m": 60, "s": 1}
+
+
+def duration(hi: timedelta) -> Callable[[str], timedelta]:
+    """An argparse type: ``30d``, ``12h``, ``1w2d``, ``90m``, ``3600s``, at most ``hi``."""
+
+    def parse(text: str) -> timedelta:
+        if len(text) > 40 or not _DURATION.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r} is not a duration such as 30d, 12h or 1w2d "
+                "(units w, d, h, m, s)")
+        value = timedelta(seconds=sum(int(n) * _UNIT[u]
+                                      for n, u in re.findall(r"([0-9]+)([wdhms])", text)))
+        if value > hi:
+            raise argparse.ArgumentTypeError(f"{text!r} is over {hi.days} days")
+        return value
+
+    parse.__name__ = "duration"
     return parse
 
 

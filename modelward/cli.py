@@ -361,6 +361,27 @@ def _repo_sync(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _repo_export(args: argparse.Namespace) -> int:
+    """``repo export --to DIR``: a self-contained repository snapshot on local media for
+    ``agent update --once --from DIR`` (publisher/_export.py)."""
+    from modelward._inputs import existing_dir
+    from modelward.publisher import _export
+
+    existing_dir("--repo", args.repo)
+    models = args.model or None
+    planned = _export.plan(args.repo, args.to, models)
+    with _progress("export", planned[0].upload_bytes) as advance:
+        result = _export.run(args.repo, args.to, models,
+                             lambda _n, up: advance(up.file.size), planned=planned)
+    v = result.selection.versions
+    print(f"exported {args.repo} to {args.to}: {len(result.selection.targets)} targets "
+          f"({', '.join(models) if models else 'all models'}), root v{v.get('root')}, "
+          f"timestamp v{v.get('timestamp')}, targets v{v.get('targets')}; "
+          f"{len(result.written)} files written ({result.written_bytes} bytes), "
+          f"{len(result.unchanged)} unchanged; {_export.MANIFEST} last")
+    return EXIT_OK
+
+
 def _repo_refresh(args: argparse.Namespace) -> int:
     from modelward.publisher._online import (
         ONLINE_DIR_ENV,
@@ -1056,11 +1077,15 @@ def _fleet_broker_config(args: argparse.Namespace) -> int:
 # --- device -----------------------------------------------------------------
 
 
-def _load(args: argparse.Namespace) -> AgentConfig:
+def _load(args: argparse.Namespace, *, need_transport: bool = False) -> AgentConfig:
+    """The agent configuration; ``need_transport``: it must configure [https] or [mqtt]
+    (the daemon, a network update); the local commands also run on a device that is only
+    ever updated from media (``agent update --from DIR``)."""
     from modelward.agent._config import load_config
 
     # The journal's test hook: SIGKILL the agent right after journaling this step.
-    return load_config(args.config, test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"))
+    return load_config(args.config, test_kill_at=os.environ.get("MODELWARD_TEST_KILL_AT"),
+                       need_transport=need_transport)
 
 
 def _agent_provision(args: argparse.Namespace) -> int:
@@ -1106,10 +1131,18 @@ def _agent_update(args: argparse.Namespace) -> int:
         from modelward.updater.install import _install  # noqa: F401 - (imported here, frozen)
 
     tune_malloc()  # a short-lived process: see agent/_malloc.py
-    cfg = _load(args)
+    medium = args.source_dir
+    if medium is not None and args.transport:
+        from modelward.trust.errors import OperatorInputError
+
+        raise OperatorInputError("--from DIR and --transport: one or the other",
+                                 hint="--from reads the medium, no transport is used")
+    # (with --from, no [https] or [mqtt] is needed: device id, state dir, model, health
+    # and idle settings still apply)
+    cfg = _load(args, need_transport=medium is None)
     if args.transport:
         cfg = cfg.with_transport(args.transport)
-    result = update(cfg)
+    result = update(cfg, source_dir=medium, expired_grace=args.expired_grace)
     _print_done(result.message)
     return EXIT_OK
 
@@ -1168,8 +1201,9 @@ def _agent_run(args: argparse.Namespace) -> int:
 
     # the attempt processes log in the same format (auto: they share this stderr) and at
     # the same verbosity (main's: the agent's default is one more)
-    run_daemon(_load(args), {**os.environ, LOG_FORMAT_ENV: args.log_format,
-                             "MODELWARD_VERBOSITY": str(args.verbose + 1)})
+    cfg = _load(args, need_transport=True)
+    run_daemon(cfg, {**os.environ, LOG_FORMAT_ENV: args.log_format,
+                     "MODELWARD_VERBOSITY": str(args.verbose + 1)})
     return EXIT_OK
 
 
@@ -1481,8 +1515,9 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     import argparse
+    from datetime import timedelta
 
-    from modelward._inputs import local_path, number, whole
+    from modelward._inputs import duration, local_path, number, whole
 
     p = _top_parser()
     sub = p.add_subparsers(dest="group", required=True, metavar="COMMAND")
@@ -1595,6 +1630,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true",
                    help="print what would be uploaded, in order; write nothing")
     r.set_defaults(func=_repo_sync)
+    r = rsub.add_parser(
+        "export", help="write a self-contained repository snapshot to local media (a USB "
+        "stick) for `agent update --once --from DIR`",
+        description="Copy what is published (as `repo sync` decides it) onto a medium: "
+        "every N.root.json, timestamp.json, the snapshot and the targets metadata it "
+        "names (top-level and delegated) under the names devices fetch, and the targets "
+        "of the chosen models (their releases and chunk indexes) plus every top-level "
+        "_modelward/ target, hash-prefixed. Each file is written to a temporary name and "
+        "renamed, never through a symlink; timestamp.json last, then modelward-export.json "
+        "(informational). A medium holding an earlier export of this repository gets what "
+        "changed.")
+    r.add_argument("--repo", type=local_path, required=True)
+    r.add_argument("--to", type=local_path, required=True, metavar="DIR",
+                   help="the medium's directory (made if absent; its parent must exist)")
+    r.add_argument("--model", action="append", metavar="NAME",
+                   help="export this model's releases only (repeatable; default: all)")
+    r.set_defaults(func=_repo_export)
     r = rsub.add_parser("status", help="version, expiry, threshold and signatures per role")
     r.add_argument("--json", action="store_true", help="one JSON array of the rows")
     r.add_argument("--repo", type=local_path, required=True)
@@ -1824,6 +1876,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one attempt, then exit (what this command always does)")
     a.add_argument("--transport", choices=["https", "mqtt"],
                    help="use only this configured transport for this run")
+    a.add_argument("--from", dest="source_dir", type=local_path, metavar="DIR",
+                   help="install from the repository snapshot `repo export` wrote to DIR "
+                   "(a mounted USB stick or SD card) instead of the network: verified "
+                   "exactly as over HTTPS (TPM-anchored root, rollback floor, expiry, "
+                   "fingerprint, health check); the config needs no [https] or [mqtt]")
+    # (365 days: _install.MAX_EXPIRED_GRACE, not imported by the parser)
+    a.add_argument("--expired-grace", type=duration(timedelta(days=365)),
+                   metavar="DURATION", help="with --from only, for a device without a "
+                   "trustworthy clock: accept metadata that expired less than DURATION "
+                   "ago (e.g. 30d; at most 365d; default: none, expired metadata is "
+                   "refused); signatures and rollback checks still apply")
     a.set_defaults(func=_agent_update)
     a = asub.add_parser("enroll", help="print the device id and its TPM identity public key")
     a.add_argument("--json", action="store_true")

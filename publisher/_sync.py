@@ -57,7 +57,7 @@ SHORT = "public, max-age=60"
 MAX_METADATA_BYTES = 16 << 20  # a timestamp or snapshot read to capture the set
 _READ_CHUNK = 1 << 20
 
-_VERSIONED = re.compile(r"([1-9][0-9]{0,18})\.([^/]+)\.json")
+VERSIONED = re.compile(r"([1-9][0-9]{0,18})\.([^/]+)\.json")
 _HASH_PREFIXED = re.compile(r"[0-9a-f]{64}\.[^/]+")
 #: what a key component may hold: printable, no backslash, nothing a URL or CDN rewrites
 _BAD_CHARS = re.compile(r"[\x00-\x20\x7f-\x9f\\%?#]")
@@ -171,7 +171,7 @@ def phase(key: str) -> int:
         return 7
     if name == "snapshot.json":
         return 6
-    m = _VERSIONED.fullmatch(name)
+    m = VERSIONED.fullmatch(name)
     if m is None:
         return 4
     return {"targets": 2, "snapshot": 3, "root": 5}.get(m.group(2), 1)
@@ -186,7 +186,7 @@ def _sort_key(key: str, timestamp_after: int | None) -> tuple[int, int, int, str
     p = phase(key)
     if p >= 6:
         return 5, _LAST if timestamp_after is None else timestamp_after, p - 5, key
-    m = _VERSIONED.fullmatch(key.removeprefix("metadata/"))
+    m = VERSIONED.fullmatch(key.removeprefix("metadata/"))
     return min(p, 5), int(m.group(1)) if m else 0, 0, key
 
 
@@ -198,7 +198,7 @@ def cache_control(key: str, config: SyncConfig) -> str:
         return config.immutable_cache if _HASH_PREFIXED.fullmatch(base) else config.other_cache
     if phase(key) >= 6:
         return config.timestamp_cache
-    return config.immutable_cache if _VERSIONED.fullmatch(base) else config.other_cache
+    return config.immutable_cache if VERSIONED.fullmatch(base) else config.other_cache
 
 
 def content_type(key: str) -> str:
@@ -225,7 +225,7 @@ def plan_sync(files: Sequence[LocalFile], remote: Mapping[str, Remote], config: 
             continue
         if (have is not None and have.sha256 is not None and have.sha256 != f.sha256
                 and f.key.startswith("metadata/")
-                and _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))):
+                and VERSIONED.fullmatch(f.key.removeprefix("metadata/"))):
             conflicts.append(f.key)  # (a hash-prefixed target that differs is damaged:
             # replacing it repairs it)
         uploads.append(Upload(f, cc, content_type(f.key)))
@@ -293,7 +293,7 @@ def _capture(path: Path) -> bytes:
     return data
 
 
-def _captured(key: str, data: bytes) -> LocalFile:
+def captured_file(key: str, data: bytes) -> LocalFile:
     return LocalFile(key, len(data), hashlib.sha256(data).hexdigest(), data=data)
 
 
@@ -319,9 +319,9 @@ def _served_versions(metadata_dir: Path) -> tuple[list[LocalFile], int, dict[str
         raise SyncSourceError(f"{metadata_dir}: timestamp or snapshot metadata unreadable "
                               f"({e})", path=str(ts_path),
                               hint="run `repo status`: the repository must verify") from e
-    captured = [_captured("metadata/timestamp.json", ts_bytes)]
+    captured = [captured_file("metadata/timestamp.json", ts_bytes)]
     if snap_path.name == "snapshot.json":
-        captured.append(_captured("metadata/snapshot.json", snap_bytes))
+        captured.append(captured_file("metadata/snapshot.json", snap_bytes))
     names = {n.removesuffix(".json"): m.version for n, m in snap.meta.items()}
     names["snapshot"] = snap_v
     return captured, snap_v, names
@@ -368,11 +368,11 @@ def scan_repo(repo_dir: Path) -> list[LocalFile]:
     # the roots first: one written after the timestamp read below (a root change running
     # meanwhile) may re-key it; it waits for the next sync
     roots = {e.name for e in os.scandir(metadata_dir)
-             if (m := _VERSIONED.fullmatch(e.name)) is not None and m.group(2) == "root"}
+             if (m := VERSIONED.fullmatch(e.name)) is not None and m.group(2) == "root"}
     files, _snap_v, named = _served_versions(metadata_dir)  # before the rest is listed
     for entry in sorted(os.scandir(metadata_dir), key=lambda e: e.name):
         p = Path(entry.path)
-        m = _VERSIONED.fullmatch(entry.name)
+        m = VERSIONED.fullmatch(entry.name)
         if entry.name in ("timestamp.json", "snapshot.json") or entry.name.startswith("."):
             continue
         if entry.is_dir(follow_symlinks=False):  # staged/: a name no client fetches
@@ -417,7 +417,7 @@ def _body(f: LocalFile) -> BinaryIO:
     return os.fdopen(_open_file(f.path), "rb")
 
 
-def _bytes(f: LocalFile) -> bytes:
+def file_bytes(f: LocalFile) -> bytes:
     if f.data is not None:
         return f.data
     assert f.path is not None
@@ -441,7 +441,7 @@ def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | 
 
     by_key = {f.key: f for f in files}
     roots = sorted(int(m.group(1)) for f in files
-                   if (m := _VERSIONED.fullmatch(f.key.removeprefix("metadata/")))
+                   if (m := VERSIONED.fullmatch(f.key.removeprefix("metadata/")))
                    and m.group(2) == "root")
     ts_file = by_key.get("metadata/timestamp.json")
     have = set(served)
@@ -449,18 +449,18 @@ def timestamp_place(files: Sequence[LocalFile], served: Sequence[str]) -> int | 
         return None  # no root goes up: the order among them does not matter (nothing read)
     where = "metadata/timestamp.json"
     try:
-        ts = Metadata[Timestamp].from_bytes(_bytes(ts_file))
+        ts = Metadata[Timestamp].from_bytes(file_bytes(ts_file))
         snap_key = ("metadata/snapshot.json" if "metadata/snapshot.json" in by_key
                     else f"metadata/{ts.signed.snapshot_meta.version}.snapshot.json")
         where = snap_key
-        snap = Metadata[Snapshot].from_bytes(_bytes(by_key[snap_key]))
+        snap = Metadata[Snapshot].from_bytes(file_bytes(by_key[snap_key]))
         where = f"metadata/{snap.signed.meta['targets.json'].version}.targets.json"
-        targets = Metadata.from_bytes(_bytes(by_key[where]))
+        targets = Metadata.from_bytes(file_bytes(by_key[where]))
         signed: dict[str, Metadata[Any]] = {"timestamp": ts, "snapshot": snap,
                                             "targets": targets}
 
         def verifies(version: int) -> bool:
-            root = Metadata[Root].from_bytes(_bytes(by_key[f"metadata/{version}.root.json"]))
+            root = Metadata[Root].from_bytes(file_bytes(by_key[f"metadata/{version}.root.json"]))
             try:
                 for role, md in signed.items():
                     root.verify_delegate(role, md)
@@ -513,12 +513,12 @@ def plan(repo_dir: Path, dest: Destination, config: SyncConfig) -> SyncPlan:
             destination=dest.describe(), key=key,
             hint="check --repo and --to; a new repository goes to a new prefix or directory")
     if any(u.file.key == "metadata/timestamp.json" for u in first.uploads):
-        _refuse_rollback(files, dest)
+        refuse_rollback(files, dest)
     return plan_sync(files, remote, config, compare_cache=dest.stores_cache_control,
                      timestamp_after=timestamp_place(files, first.unchanged))
 
 
-def _refuse_rollback(files: Sequence[LocalFile], dest: Destination) -> None:
+def refuse_rollback(files: Sequence[LocalFile], dest: Destination) -> None:
     """Refuse a timestamp older than the one at the destination, when the repository's
     own roots verify that one (a backup restored, an old copy): every device holding the
     newer one would refuse the origin. A timestamp there that they do not verify
@@ -537,18 +537,18 @@ def _refuse_rollback(files: Sequence[LocalFile], dest: Destination) -> None:
         return
     try:
         there = Metadata[Timestamp].from_bytes(data)
-        here = Metadata[Timestamp].from_bytes(_bytes(by_key["metadata/timestamp.json"]))
+        here = Metadata[Timestamp].from_bytes(file_bytes(by_key["metadata/timestamp.json"]))
     except (DeserializationError, ValueError, TypeError) as e:
         logger.info("the destination's timestamp.json is unreadable (%s): replaced", e)
         return
     if there.signed.version <= here.signed.version:
         return
     for f in files:
-        m = _VERSIONED.fullmatch(f.key.removeprefix("metadata/"))
+        m = VERSIONED.fullmatch(f.key.removeprefix("metadata/"))
         if m is None or m.group(2) != "root":
             continue
         try:
-            Metadata[Root].from_bytes(_bytes(f)).verify_delegate("timestamp", there)
+            Metadata[Root].from_bytes(file_bytes(f)).verify_delegate("timestamp", there)
         except (UnsignedMetadataError, DeserializationError, ValueError, TypeError):
             continue
         raise SyncDestinationError(

@@ -15,7 +15,7 @@ from tuf.api.exceptions import DownloadHTTPError
 from tuf.ngclient import FetcherInterface, Updater
 
 BASE = "http://stock-client.invalid/metadata/"
-READ_ONLY = {"status", "--help", "-h"}  # `repo` actions that change nothing
+READ_ONLY = {"status", "export", "--help", "-h"}  # `repo` actions that change nothing
 
 
 class LocalFetcher(FetcherInterface):

@@ -133,3 +133,51 @@ def test_refresh_unit_view_model_catches_a_widened_unit() -> None:
     text = "\n".join(ln for ln in UNIT.read_text().splitlines()
                      if not ln.startswith("TemporaryFileSystem="))
     assert view("/var/lib/modelward-keys", directives(text)) == "ro"
+
+
+# --- updates from local media (issue 19): udev rule, mount and service examples --------
+
+MEDIA = UNITS / "examples" / "media"
+
+
+def test_media_units_verify(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "modelward"
+    for name in ("media-modelward.mount", "modelward-media-update.service"):
+        (tmp_path / name).write_text(
+            (MEDIA / name).read_text().replace("/usr/bin/modelward", str(exe)))
+    for name in ("media-modelward.mount", "modelward-media-update.service"):
+        r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / name)],
+                           capture_output=True, text=True, check=False)
+        assert r.returncode == 0, r.stderr
+        assert r.stderr.strip() == "", r.stderr
+
+
+def test_media_service_exposure_is_at_most_2_5_and_it_has_no_network() -> None:
+    unit = MEDIA / "modelward-media-update.service"
+    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", str(unit)],
+                       capture_output=True, text=True, check=False)
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout + r.stderr
+    assert float(m.group(1)) <= 2.5, r.stdout
+    text = unit.read_text()
+    for line in ("PrivateNetwork=yes", "IPAddressDeny=any", "User=modelward",
+                 "BindsTo=media-modelward.mount", "ReadOnlyPaths=/media/modelward"):
+        assert line in text
+
+
+def test_media_rule_mount_and_service_name_the_same_label_path_and_command() -> None:
+    from modelward.cli import build_parser
+
+    rule = (MEDIA / "90-modelward-media.rules").read_text()
+    mount = (MEDIA / "media-modelward.mount").read_text()
+    service = (MEDIA / "modelward-media-update.service").read_text()
+    assert 'ENV{ID_FS_LABEL}=="MODELWARD"' in rule
+    assert 'SYSTEMD_WANTS}+="modelward-media-update.service"' in rule
+    assert "What=/dev/disk/by-label/MODELWARD" in mount
+    assert "Where=/media/modelward" in mount  # (the unit's name is its escaped path)
+    assert re.search(r"^Options=ro,nosuid,nodev,noexec$", mount, re.M)
+    exec_start = re.search(r"^ExecStart=(\S+) (.*)$", service, re.M)
+    assert exec_start and exec_start.group(1) == "/usr/bin/modelward"
+    args = build_parser().parse_args(exec_start.group(2).split())
+    assert args.source_dir == Path("/media/modelward") and args.once
+    assert args.expired_grace is None  # off by default

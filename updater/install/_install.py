@@ -18,6 +18,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from tuf.api import exceptions as tuf_exc
@@ -66,6 +67,7 @@ from modelward.updater.install._statedir import check_state_dirs, plain_dir
 from modelward.updater.install._tuf import Candidate, TufSession, convert_tuf_error
 from modelward.updater.plan import check_metadata_not_rolled_back, should_install
 from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
+from modelward.updater.transport._local import LOCAL_METADATA_URL, LOCAL_TARGETS_URL, LocalFetcher
 from modelward.updater.transport._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher
 
 logger = logging.getLogger(__name__)
@@ -74,14 +76,25 @@ _HEX = re.compile(r"[0-9a-f]{32,128}")
 _HASHES = {"sha256", "sha384", "sha512", "sha3_256", "sha3_512", "blake2b"}
 
 
+#: the longest ``--expired-grace`` a medium may be given
+MAX_EXPIRED_GRACE = timedelta(days=365)
+
+
 @dataclass
 class Source:
-    """One way to reach the repository: a transport and its base URLs."""
+    """One way to reach the repository: a transport and its base URLs.
+
+    Attributes:
+        expired_grace: metadata that expired less than this long ago still verifies
+            (None: none, the default). Only :func:`open_local_source` sets it: a device
+            without a trustworthy clock updating from a medium; never a network source.
+    """
 
     name: str
     fetcher: RangeFetcher
     metadata_url: str
     targets_url: str
+    expired_grace: timedelta | None = None
 
     def close(self) -> None:
         """Release connections."""
@@ -102,6 +115,22 @@ def open_source(cfg: UpdaterConfig, name: str) -> Source:
     if name == "mqtt" and cfg.mqtt is not None:
         return Source("mqtt", MqttFetcher(cfg.mqtt), MQTT_METADATA_URL, MQTT_TARGETS_URL)
     raise OperatorInputError(f"transport {name!r} is not configured")
+
+
+def open_local_source(root: Path, expired_grace: timedelta | None = None) -> Source:
+    """The repository snapshot on a medium at ``root`` (``repo export``): verified
+    exactly as over the network; ``expired_grace`` as :attr:`Source.expired_grace`.
+
+    Raises:
+        OperatorInputError: ``expired_grace`` is negative or over
+            :data:`MAX_EXPIRED_GRACE`.
+    """
+    if expired_grace is not None and not timedelta(0) <= expired_grace <= MAX_EXPIRED_GRACE:
+        raise OperatorInputError(
+            f"--expired-grace {expired_grace}: at most {MAX_EXPIRED_GRACE.days} days",
+            hint="give a duration such as 30d (or none: expired metadata is refused)")
+    return Source("medium", LocalFetcher(root), LOCAL_METADATA_URL, LOCAL_TARGETS_URL,
+                  expired_grace or None)
 
 
 class Outcome(enum.Enum):
@@ -494,7 +523,8 @@ def _attempt(
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
-        dev.metadata, source.metadata_url, source.targets_url, fetcher, root, cfg.tuf
+        dev.metadata, source.metadata_url, source.targets_url, fetcher, root, cfg.tuf,
+        expired_grace=source.expired_grace,
     )
     session.refresh()
     if session.root_version > record.root_version:

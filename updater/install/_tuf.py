@@ -13,6 +13,7 @@ import logging
 import os
 import urllib.parse
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,11 @@ class TufSession:
         fetcher: the transport.
         anchored_root: root.json bytes that the TPM anchors.
         limits: bounds of the metadata downloads (what has no signed length).
+        expired_grace: metadata that expired less than this long ago is accepted (None:
+            none). TUF's expiry checks (spec 5.3.10, 5.4.4, 5.5.6, 5.6.7) compare with
+            ngclient's reference time, taken once for the whole refresh; with a grace it
+            is moved back by that much. Nothing else changes: signatures, thresholds,
+            versions (rollback) and hashes are checked as ever.
     """
 
     def __init__(
@@ -156,6 +162,8 @@ class TufSession:
         fetcher: RangeFetcher,
         anchored_root: bytes,
         limits: TufConfig | None = None,
+        *,
+        expired_grace: timedelta | None = None,
     ) -> None:
         metadata_dir.mkdir(parents=True, exist_ok=True)
         lim = limits or TufConfig()
@@ -180,6 +188,12 @@ class TufSession:
             raise MetadataError(f"anchored root cannot be loaded: {e}") from e
         except OSError as e:
             raise _unwritable(metadata_dir, e) from e
+        if expired_grace:
+            # (TrustedMetadataSet.reference_time is the instant every is_expired() of the
+            # set compares with; ngclient sets it to now once, in the constructor)
+            self._trusted().reference_time = datetime.now(UTC) - expired_grace
+            logger.warning("accepting metadata expired less than %s ago (--expired-grace: "
+                           "a device without a trustworthy clock)", expired_grace)
 
     def refresh(self) -> None:
         """Refresh top-level metadata (root chain, timestamp, snapshot, targets).
