@@ -230,3 +230,35 @@ def test_policy_requires_builder_x(world: World, monkeypatch: pytest.MonkeyPatch
     d = json.loads(w.cli("bundle", "inspect", "--json", str(good)).stdout)
     assert d["provenance"]["digest"].startswith("sha256:")
     assert d["model_signature"]["kind"] == "key"
+
+
+def test_policy_travels_on_local_media(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`repo export` carries the pinned policy; `agent update --from` enforces it with no
+    network: an unsigned release on the medium is refused, the signed one installs."""
+    from modelward.agent._commands import update as agent_update
+    from modelward.agent._config import load_config
+    from modelward.simulator._demo import write_device_config
+
+    w = world
+    team = key_signer(w.tmp / "team")
+    policy = w.tmp / "policy.json"
+    policy.write_bytes(policy_doc([("classifiers", ["classifier*"], [team])]))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    with monkeypatch.context() as m:
+        m.setattr(_policy, "check_bundle", lambda *a: None)
+        w.repo.publish(_bundle(w, "1.0.0", 1, None))  # forced: unsigned
+    medium = w.tmp / "usb"
+    r = w.cli("repo", "export", "--repo", str(w.repo_dir), "--to", str(medium))
+    assert r.returncode == 0, r.stderr
+    assert list((medium / "targets" / RESERVED_DIR).glob("*.provenance-policy-*.json"))
+    conf = write_device_config(w.tmp / "offline.toml", device_id="dev-1", state=w.state,
+                               tcti=w.tpm.tcti)
+    cfg = load_config(conf, need_transport=False)
+    with pytest.raises(ProvenanceRefusedError, match="signature is missing"):
+        agent_update(cfg, source_dir=medium)
+    assert w.active_version() is None
+    w.repo.publish(_bundle(w, "1.1.0", 2, team))
+    r = w.cli("repo", "export", "--repo", str(w.repo_dir), "--to", str(medium))
+    assert r.returncode == 0, r.stderr
+    assert agent_update(cfg, source_dir=medium).active is not None
+    assert w.active_version() == "1.1.0"
