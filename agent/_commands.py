@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from modelward.agent._lock import BOOT_WAIT, device_lock, holder
 from modelward.agent._observe import (
     Metrics,
+    active_provenance,
     advance_sequence,
     build_report,
     model_info,
@@ -568,7 +569,8 @@ def signed_report(cfg: AgentConfig, state: str,
                               poll_interval=cfg.poll_interval, model=cfg.updater.model,
                               channel=cfg.updater.channel,
                               boot_check_s=read_boot_seconds(cfg.state_dir),
-                              rejected=rejected, audit=_audit_head(cfg.state_dir))
+                              rejected=rejected, audit=_audit_head(cfg.state_dir),
+                              provenance=active_provenance(cfg.state_dir, record))
         from modelward.trust._report import sign_report  # (the crypto stack: not at boot)
 
         return sign_report(report, tpm)

@@ -318,7 +318,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
                  poll_interval: float, model: str | None = None, channel: str | None = None,
                  boot_check_s: float | None = None,
                  rejected: list[dict[str, str]] | None = None,
-                 audit: dict[str, Any] | None = None) -> dict[str, Any]:
+                 audit: dict[str, Any] | None = None,
+                 provenance: str | None = None) -> dict[str, Any]:
     """The status report a device publishes (then signs).
 
     Args:
@@ -332,6 +333,8 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
             None: the field is left out (an older report).
         audit: the audit log's head ``{seq, hash}`` (``modelward.trust._audit``), so the
             signature binds it; None: left out (the log cannot be read).
+        provenance: ``sha256:<hex>`` of the active model's provenance attestation
+            (:func:`active_provenance`); None: left out (none, or no model).
     """
     report: dict[str, Any] = {
         "device_id": device_id,
@@ -357,7 +360,34 @@ def build_report(device_id: str, fleet: str, record: TrustRecord | None, state: 
         report["rejected"] = rejected[:MAX_REJECTED]
     if audit is not None:
         report["audit"] = audit
+    if provenance is not None:
+        report["provenance"] = {"digest": provenance}
     return report
+
+
+def active_provenance(state_dir: Path, record: TrustRecord | None) -> str | None:
+    """``sha256:<hex>`` of the provenance attestation the active slot's manifest lists
+    (the manifest the slot fingerprint covers, which boot-check verifies), or None: no
+    active model, no attestation, or a manifest that cannot be read plainly."""
+    from modelward.trust._bounded import read_bounded
+    from modelward.trust.errors import ModelwardError
+    from modelward.updater.bundle._bundle import MANIFEST, MAX_MANIFEST_BYTES, parse_manifest
+    from modelward.updater.install._statedir import plain_dir
+
+    if record is None or record.active is None:
+        return None
+    try:
+        slot = plain_dir(state_dir, f"slots/{record.active.slot}")
+        data = read_bounded(slot / MANIFEST, MAX_MANIFEST_BYTES, single_link=True,
+                            parent_nofollow=True)
+        if data is None:
+            return None
+        m = parse_manifest(data, str(slot))
+    except (OSError, ValueError, ModelwardError) as e:  # (a report goes out regardless)
+        logger.warning("status report without the provenance digest: %s", e)
+        return None
+    sha = next((f.sha256 for f in m.files if f.path == m.provenance_attestation), None)
+    return f"sha256:{sha}" if m.provenance_attestation and sha else None
 
 
 def rejected_releases(entries: Iterable[Any], now: float) -> list[dict[str, str]]:

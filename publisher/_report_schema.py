@@ -196,6 +196,15 @@ def _audit(v: object) -> None:
         raise ReportSchemaError("audit.hash", "is not 64 lowercase hex digits")
 
 
+def _provenance(v: object) -> None:
+    p = _object("provenance", v, frozenset({"digest"}), required=frozenset({"digest"}))
+    d = p["digest"]
+    if not (isinstance(d, str) and len(d) == 71 and d.startswith("sha256:")
+            and all(c in "0123456789abcdef" for c in d[7:])):
+        raise ReportSchemaError("provenance.digest", "is not sha256: and 64 lowercase hex "
+                                "digits")
+
+
 _FIELDS: dict[str, Callable[[object], None]] = {
     "device_id": lambda v: _string("device_id", v, MAX_ID),
     "fleet": lambda v: _string("fleet", v, MAX_ID),
@@ -215,6 +224,7 @@ _FIELDS: dict[str, Callable[[object], None]] = {
     "failure_reasons": _failure_reasons,
     "rejected": _rejected,
     "audit": _audit,
+    "provenance": _provenance,
 }
 FIELDS = frozenset(_FIELDS)
 

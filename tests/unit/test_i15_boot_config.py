@@ -32,7 +32,6 @@ MQTT = '[mqtt]\nhost = "broker"\nport = 8883\n'
         BASE + MQTT + 'cert_file = "ca.pem"\n',  # without key_file
         BASE + MQTT + 'password_file = "loose"\n',  # readable by others
         BASE.replace('model = "m"', 'model = "m"\ntransport = "mqtt"'),  # not configured
-        BASE.split("[https]")[0],  # no transport at all
         BASE + "[health]\nnice = 99\n",
         BASE + '[idle]\nwindows = ["25:00-26:00"]\n',
         BASE + "[idel]\n",  # unknown section
@@ -55,6 +54,19 @@ def test_boot_loader_refuses_what_the_full_loader_refuses(tmp_path: Path, text: 
         load_boot_config(p)
     assert (str(boot.value), boot.value.key) == (str(full.value), full.value.key)
     assert str(p) in str(boot.value)
+
+
+def test_a_device_without_a_transport_boots(tmp_path: Path) -> None:
+    """Issue 19: a device updated only from local media has no [https] or [mqtt]: it
+    boots (and `agent update --from` runs), the network commands refuse that config."""
+    d = config_dir(tmp_path)
+    p = d / "agent.toml"
+    p.write_text(BASE.split("[https]")[0])
+    os.chmod(p, 0o600)
+    with pytest.raises(ConfigError, match=r"configure \[https\], \[mqtt\]"):
+        load_config(p)
+    assert load_config(p, need_transport=False).updater.transports == ()
+    assert load_boot_config(p).state_dir == load_config(p, need_transport=False).state_dir
 
 
 def test_boot_loader_keeps_what_booting_uses(tmp_path: Path) -> None:
