@@ -128,3 +128,30 @@ def test_root_pin_is_strict() -> None:
                 {"sha256": "0" * 64}, "x", {"sha256": "0" * 64, "length": True}):
         with pytest.raises(PolicyFormatError):
             read_pin({PIN_FIELD: bad})
+
+
+def test_policy_change_waits_for_roots_threshold(tmp_path: Path) -> None:
+    """A careless operator (or one holding one root key) sets a policy in a repository
+    whose root needs 2 signatures: the policy target is published, the pinning root is
+    parked and the published policy stays the old one until a second root key signs."""
+    from modelward.publisher import _policy
+    from modelward.publisher._repo import Repository
+    from modelward.publisher._rootflow import RootNotPublishableError
+    from tests._stock_tuf import stock_refresh
+
+    pw = b"a passphrase for tests 123"
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", pw)
+    repo.init({"root": 2}, {"root": 2})
+    team = key_signer(tmp_path / "team")
+    doc = policy_doc([("all", ["*"], [team])])
+    with pytest.raises(RootNotPublishableError):
+        _policy.set_policy(repo, doc, tmp_path)
+    assert repo.latest_root_version() == 1 and _policy.published_policy(repo) is None
+    assert stock_refresh(repo.repo) == 1  # (what devices see: still root 1, no pin)
+    repo.sign_pending("root", "encfile:root-2.pem")
+    assert repo.latest_root_version() == 2
+    found = _policy.published_policy(repo)
+    assert found is not None and found[0].rules[0].name == "all"
+    assert stock_refresh(repo.repo) == 2
+    # setting the same policy again changes nothing
+    assert _policy.set_policy(repo, doc, tmp_path)[0] == 2
