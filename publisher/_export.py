@@ -203,7 +203,7 @@ def plan(repo_dir: Path, to: Path, models: Sequence[str] | None
     files = _sync.scan_repo(repo_dir)
     sel = select(files, None if not models else check_models(models), _sync.file_bytes)
     _sync.timestamp_place(list(sel.files), [])  # the newest root verifies what is exported
-    remote = dest.existing([f.key for f in sel.files])
+    remote = dest.existing([f.key for f in sel.files], {f.key: f.size for f in sel.files})
     p = _sync.plan_sync(sel.files, remote, SyncConfig(), compare_cache=False)
     if p.conflicts:
         raise SyncDestinationError(
@@ -221,7 +221,7 @@ def manifest(repo_dir: Path, sel: Selection, models: Sequence[str] | None,
     """``modelward-export.json``: which repository, versions and targets (for people)."""
     doc: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
-        "repository": str(repo_dir.resolve()),
+        "repository": repo_dir.resolve().name,  # (the name only: no operator path)
         "exported_at": now.astimezone(UTC).isoformat(timespec="seconds"),
         "models": list(models) if models else None,
         "versions": sel.versions,

@@ -150,8 +150,10 @@ class Destination(Protocol):
     def describe(self) -> str:
         """The destination for messages (never with credentials)."""
 
-    def existing(self, keys: Sequence[str]) -> Mapping[str, Remote]:
-        """What the destination holds of ``keys`` (absent keys are left out)."""
+    def existing(self, keys: Sequence[str],
+                 sizes: Mapping[str, int] | None = None) -> Mapping[str, Remote]:
+        """What the destination holds of ``keys`` (absent keys are left out); a file whose
+        size differs from ``sizes`` need not be read (its sha256 is then "")."""
 
     def put(self, upload: Upload, body: BinaryIO) -> None:
         """Write one file so that a reader sees the old or the new bytes, never a part."""
@@ -501,7 +503,7 @@ def plan(repo_dir: Path, dest: Destination, config: SyncConfig) -> SyncPlan:
         SyncDestinationError, SyncTransportError: from ``dest``.
     """
     files = scan_repo(repo_dir)
-    remote = dest.existing([f.key for f in files])
+    remote = dest.existing([f.key for f in files], {f.key: f.size for f in files})
     first = plan_sync(files, remote, config, compare_cache=dest.stores_cache_control)
     if first.conflicts:
         key = first.conflicts[0]

@@ -130,9 +130,11 @@ class S3Destination:
         return SyncTransportError(f"{self._url}: {what}{' ' + key if key else ''} failed: {why}",
                                   destination=str(self._url), key=key, code=code, hint=hint)
 
-    def existing(self, keys: Sequence[str]) -> Mapping[str, Remote]:
+    def existing(self, keys: Sequence[str],
+                 local_sizes: Mapping[str, int] | None = None) -> Mapping[str, Remote]:
         """Objects under the prefix that ``keys`` name: sizes from one listing, sha256 and
-        Cache-Control from a HEAD of those whose size matches a local file's."""
+        Cache-Control from a HEAD of those whose size matches a local file's
+        (``local_sizes``: unused, a listing costs nothing per byte)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         wanted = {self._url.key(k): k for k in keys}
@@ -293,8 +295,12 @@ class DirDestination:
             if fd >= 0:
                 os.close(fd)
 
-    def existing(self, keys: Sequence[str]) -> Mapping[str, Remote]:
-        """Files already there (hashed); a link or non-file on a key's way is refused."""
+    def existing(self, keys: Sequence[str],
+                 sizes: Mapping[str, int] | None = None) -> Mapping[str, Remote]:
+        """Files already there (hashed); a link or non-file on a key's way is refused.
+
+        A file whose size is not the one ``sizes`` gives for its key is not read (its
+        digest is unknown: other bytes): a sparse giant planted there costs nothing."""
         out: dict[str, Remote] = {}
         for rel in keys:
             with self._parent(rel, create=False) as dfd:
@@ -311,10 +317,15 @@ class DirDestination:
                         raise self._refuse(rel, "a symlink") from e
                     raise
                 with os.fdopen(fd, "rb") as f:
-                    if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    st = os.fstat(fd)
+                    if not stat.S_ISREG(st.st_mode):
                         raise self._refuse(rel, "not a regular file")
+                    if sizes is not None and sizes.get(rel) != st.st_size:
+                        out[rel] = Remote(st.st_size, "")  # (not None: other bytes)
+                        continue
                     h, size = hashlib.sha256(), 0
-                    while chunk := f.read(_COPY_CHUNK):
+                    limit = st.st_size + 1  # (a file growing meanwhile: read no further)
+                    while size < limit and (chunk := f.read(min(_COPY_CHUNK, limit - size))):
                         h.update(chunk)
                         size += len(chunk)
                 out[rel] = Remote(size, h.hexdigest())

@@ -176,6 +176,8 @@ def test_media_rule_mount_and_service_name_the_same_label_path_and_command() -> 
     assert "What=/dev/disk/by-label/MODELWARD" in mount
     assert "Where=/media/modelward" in mount  # (the unit's name is its escaped path)
     assert re.search(r"^Options=ro,nosuid,nodev,noexec$", mount, re.M)
+    assert re.search(r"^Type=vfat$", mount, re.M)  # (only that driver parses the medium)
+    assert 'ENV{ID_BUS}=="usb|mmc"' in rule and 'ENV{ID_FS_TYPE}=="vfat|exfat"' in rule
     exec_start = re.search(r"^ExecStart=(\S+) (.*)$", service, re.M)
     assert exec_start and exec_start.group(1) == "/usr/bin/modelward"
     args = build_parser().parse_args(exec_start.group(2).split())

@@ -206,6 +206,28 @@ def test_export_refuses_to_write_through_a_symlink(world: World) -> None:
     assert list(elsewhere.iterdir()) == []
 
 
+def test_a_planted_sparse_giant_does_not_stall_the_export(world: World) -> None:
+    """Attack: 1 TiB sparse files on the stick under names the export writes. They are
+    not read (their size differs): a versioned root there is another repository's
+    (refused, nothing written), a target there is replaced."""
+    world.publish("1.0.0", seed=1)
+    medium = world.tmp / "usb"
+    (medium / "metadata").mkdir(parents=True)
+    with open(medium / "metadata" / "1.root.json", "wb") as f:
+        f.truncate(1 << 40)
+    r = world.cli("repo", "export", "--repo", str(world.repo_dir), "--to", str(medium))
+    assert r.returncode != 0 and "1.root.json there holds other bytes" in r.stderr, r.stderr
+    assert not (medium / "metadata" / "timestamp.json").exists()
+    (medium / "metadata" / "1.root.json").unlink()
+    bundle = next((world.repo_dir / "targets" / "classifier").glob("*.tar"))
+    planted = medium / "targets" / "classifier" / bundle.name
+    planted.parent.mkdir(parents=True)
+    with open(planted, "wb") as f:
+        f.truncate(1 << 40)
+    _export(world, medium)
+    assert planted.read_bytes() == bundle.read_bytes()
+
+
 @pytest.mark.parametrize("grace", [None, "1d", "7d"])
 def test_expired_metadata_needs_the_grace_option(world: World, grace: str | None) -> None:
     short = Expiry(targets=timedelta(hours=1), snapshot=timedelta(hours=1),

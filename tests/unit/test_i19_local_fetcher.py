@@ -94,6 +94,21 @@ def test_non_regular_files_are_refused_without_blocking(medium: Path) -> None:
         LocalFetcher(medium).download_bytes(MD + "targets.json", 1000)
 
 
+def test_a_fifo_on_the_medium_is_never_opened(medium: Path) -> None:
+    """A writer waiting on a FIFO (or a device node's driver) sees no open: the type is
+    looked at first. A non-blocking writer's open fails with ENXIO while no reader has it
+    open, which is what it still does after the refusal."""
+    import errno
+
+    fifo = medium / "metadata" / "snapshot.json"
+    os.mkfifo(fifo)
+    with pytest.raises(LocalFileRefusedError, match="not a regular file"):
+        LocalFetcher(medium).download_bytes(MD + "snapshot.json", 1000)
+    with pytest.raises(OSError) as e:
+        os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    assert e.value.errno == errno.ENXIO
+
+
 def test_oversized_metadata_is_refused_unread(medium: Path) -> None:
     with pytest.raises(tuf_exc.DownloadLengthMismatchError, match="timestamp.json"):
         LocalFetcher(medium).download_bytes(MD + "timestamp.json", 99)

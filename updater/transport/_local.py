@@ -4,9 +4,11 @@ card) that holds a repository snapshot written by ``modelward repo export``.
 The medium is as untrusted as the origin: TUF verifies whatever is read, exactly as over
 HTTPS (the same :class:`~modelward.updater.install._tuf.TufSession`, TPM-anchored root,
 rollback floor and health check). This module only keeps the reading itself safe from
-what a medium can hold: every path component is opened relative to its parent with
-``O_NOFOLLOW`` (a symlink anywhere on the way is refused, never followed off the medium),
-only regular files are read (a FIFO or a device node is opened non-blocking and refused),
+what a medium can hold: every path component below ``DIR`` is opened relative to its
+parent with ``O_NOFOLLOW`` (a symlink there is refused, never followed off the medium;
+``DIR`` itself and its parents are the technician's, resolved as given: the medium's
+mount point), only regular files are read (the type is looked at before the open, so a
+FIFO or a device node is never opened; a file swapped in between is refused),
 a read never goes past the length asked for nor past the size the file had when opened (a
 file that grows while it is read is cut there), and only plain relative names under the
 two base URLs map to files (no ``..``, no absolute path, no hidden or escaped names).
@@ -130,7 +132,10 @@ class LocalFetcher(RangeFetcher):
                                         dir_fd=fd, name=part) from e
                 os.close(fd)
                 fd = nfd
-            try:
+            try:  # (a FIFO or a device node is never opened: its driver's open runs)
+                before = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISREG(before.st_mode) and not stat.S_ISLNK(before.st_mode):
+                    raise LocalFileRefusedError(where, "not a regular file")
                 ffd = os.open(parts[-1], _FILE_FLAGS, dir_fd=fd)
             except OSError as e:
                 raise self._refused(where, e, dir_fd=fd, name=parts[-1]) from e
@@ -138,8 +143,10 @@ class LocalFetcher(RangeFetcher):
             os.close(fd)
         try:
             st = os.fstat(ffd)
-            if not stat.S_ISREG(st.st_mode):
-                raise LocalFileRefusedError(where, "not a regular file")
+            if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (
+                    before.st_dev, before.st_ino):
+                raise LocalFileRefusedError(where, "not a regular file (or swapped while "
+                                            "it was opened)")
         except BaseException:
             os.close(ffd)
             raise
