@@ -45,8 +45,9 @@ def key_signer(d: Path, name: str = "team") -> SignerFiles:
 
 
 def cert_signer(d: Path, identity: str, name: str = "ci",
-                ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None
-                ) -> SignerFiles:
+                ca: tuple[ec.EllipticCurvePrivateKey, x509.Certificate] | None = None, *,
+                eku: list[Any] | None = None, leaf_is_ca: bool = False,
+                san: list[Any] | None = None) -> SignerFiles:
     """A CA (or the given one) and a code-signing leaf for ``identity`` (an e-mail)."""
     d.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
@@ -68,11 +69,13 @@ def cert_signer(d: Path, identity: str, name: str = "ci",
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(x509.KeyUsage(True, False, False, False, False, False, False,
-                                         False, False), True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CODE_SIGNING]), False)
-            .add_extension(x509.SubjectAlternativeName([x509.RFC822Name(identity)]), False)
+            .add_extension(x509.BasicConstraints(ca=leaf_is_ca, path_length=None), True)
+            .add_extension(x509.KeyUsage(True, False, False, False, False, leaf_is_ca,
+                                         leaf_is_ca, False, False), True)
+            .add_extension(x509.ExtendedKeyUsage(
+                eku or [ExtendedKeyUsageOID.CODE_SIGNING]), False)
+            .add_extension(x509.SubjectAlternativeName(
+                san or [x509.RFC822Name(identity)]), False)
             .sign(ca_key, hashes.SHA256()))
     priv, pub = d / f"{name}.key", d / f"{name}.pub"
     _write_key(key, priv)

@@ -155,3 +155,34 @@ def test_policy_change_waits_for_roots_threshold(tmp_path: Path) -> None:
     assert stock_refresh(repo.repo) == 2
     # setting the same policy again changes nothing
     assert _policy.set_policy(repo, doc, tmp_path)[0] == 2
+
+
+@pytest.mark.parametrize("leaf", ["tls", "ca", "uri_for_email"])
+def test_certificate_leaf_must_be_a_code_signing_leaf_for_the_identity(
+        side: dict, tmp_path: Path, leaf: str) -> None:  # type: ignore[type-arg]
+    """Found by attack: model-signing takes a TLS certificate (digital-signature key usage
+    alone), a leaf that is a CA, and the identity was matched across SAN kinds."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ci = side["ci"]
+    kw: dict = {  # type: ignore[type-arg]
+        "tls": {"eku": [ExtendedKeyUsageOID.SERVER_AUTH]},
+        "ca": {"leaf_is_ca": True},
+        "uri_for_email": {"san": [x509.UniformResourceIdentifier("train@ml.example")]},
+    }[leaf]
+    other = cert_signer(tmp_path, "train@ml.example", "x", ca=ci.ca, **kw)
+    sig = sign_model(side["model"], tmp_path / "x.sig", other).read_bytes()
+    p = _policy(side["d"], [("all", ["*"], [ci])])
+    with pytest.raises(ProvenanceRefusedError, match="not by a signer it trusts"):
+        check_model(p, "m", sig, side["sha"])
+    assert check_model(p, "m", side["ci_sig"], side["sha"]).signer == "all-0"
+
+
+def test_model_signing_warnings_stay_off_stdout(side: dict,  # type: ignore[type-arg]
+                                               capfd: pytest.CaptureFixture[str]) -> None:
+    sig = json.loads(side["team_sig"])
+    sig["verificationMaterial"]["publicKey"]["hint"] = ""
+    p = _policy(side["d"], [("all", ["*"], [side["team"]])])
+    check_model(p, "m", json.dumps(sig).encode(), side["sha"])
+    assert capfd.readouterr().out == ""

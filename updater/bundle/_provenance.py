@@ -29,8 +29,10 @@ at most 32 levels.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
+import io
 import json
 import re
 import tempfile
@@ -303,17 +305,39 @@ def policy_path(sha256: str) -> str:
     return f"{RESERVED_DIR}/provenance-policy-{sha256}.json"
 
 
-def _san_values(cert: Any) -> set[str]:
+def _san_values(cert: Any, identity: str) -> set[str]:
+    """The leaf's subject alternative names of the kind ``identity`` is: a URI (it has
+    ``://``), an e-mail (``@``), else a DNS name (an e-mail never matches a URI SAN)."""
     from cryptography import x509
 
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set()
-    values: set[str] = set()
-    for kind in (x509.RFC822Name, x509.UniformResourceIdentifier, x509.DNSName):
-        values.update(str(v) for v in san.get_values_for_type(kind))
-    return values
+    kind: Any = (x509.UniformResourceIdentifier if "://" in identity else
+                 x509.RFC822Name if "@" in identity else x509.DNSName)
+    return {str(v) for v in san.get_values_for_type(kind)}
+
+
+def _check_leaf(cert: Any) -> None:
+    """A code-signing leaf: not a CA, with the code-signing extended key usage
+    (model-signing also takes a digital-signature key usage alone: a TLS certificate)."""
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise ValueError("the signing certificate is a CA certificate")
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        raise ValueError("the signing certificate has no code-signing extended key "
+                         "usage") from None
+    if ExtendedKeyUsageOID.CODE_SIGNING not in eku:
+        raise ValueError("the signing certificate is not for code signing (extended key "
+                         "usage)")
 
 
 def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]:
@@ -336,13 +360,15 @@ def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]
         else:
             (tmp / "chain.pem").write_text(signer.certificate_chain)
             verifier = sign_certificate.Verifier([tmp / "chain.pem"])
-        manifest = verifier.verify(signature)
+        with contextlib.redirect_stdout(io.StringIO()):  # (the library print()s warnings:
+            manifest = verifier.verify(signature)  # stdout is the caller's --json channel)
         if signer.certificate_chain:  # (the chain verified: the leaf's names count)
             chain = signature.bundle.verification_material.x509_certificate_chain
             if chain is None or not chain.certificates:
                 raise ValueError("no signing certificate")
             leaf = x509.load_der_x509_certificate(chain.certificates[0].raw_bytes)
-            names = _san_values(leaf)
+            _check_leaf(leaf)
+            names = _san_values(leaf, signer.identity)
             if signer.identity not in names:
                 raise ValueError(f"the certificate is for {sorted(names)[:4]}, not "
                                  f"{signer.identity!r}")
