@@ -527,7 +527,7 @@ def format_table(rows: list[DeviceRow]) -> str:
             if isinstance(m, dict) else "-"
 
     head = ("DEVICE", "STATE", "SIGNATURE", "REPORT", "ACTIVE", "PREVIOUS", "CHANNEL", "STEP",
-            "LAST ERROR", "AT", "SEQ", "PROVENANCE")
+            "LAST ERROR", "AT", "SEQ")
     lines = [head]
     for r in rows:
         rep = r.report if r.verified else {}
@@ -553,7 +553,6 @@ def format_table(rows: list[DeviceRow]) -> str:
             escape(err.get("type", "-"), 64),
             escape(rep.get("at", "-"), 64),
             escape(rep.get("seq", "-"), 64),
-            escape((rep.get("provenance") or {}).get("digest", "")[:23], 32),
         ))
     # padded by terminal columns, not characters: a fullwidth name (two columns each) or
     # kept combining marks (none) must not move the rest of a row out of its columns

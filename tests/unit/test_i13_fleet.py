@@ -261,7 +261,7 @@ def test_fleet_view_replay_missing_cleared_and_unenrolled(tmp_path: Path) -> Non
     assert "MISSING: no status report" in table and "REJECTED: " in table
     assert table.splitlines()[0].split() == ["DEVICE", "STATE", "SIGNATURE", "REPORT",
                                              "ACTIVE", "PREVIOUS", "CHANNEL", "STEP", "LAST",
-                                             "ERROR", "AT", "SEQ", "PROVENANCE"]
+                                             "ERROR", "AT", "SEQ"]
 
 
 def test_damaged_operator_state_is_named(tmp_path: Path) -> None:
