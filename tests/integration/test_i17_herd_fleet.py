@@ -80,6 +80,10 @@ def test_an_announcement_is_answered_over_the_spread_and_a_reconnect_retriggers_
     assert max(draws) - min(draws) >= 3.0, draws  # (10 draws within 3 of 12 s: p < 1e-5)
     assert max(starts) - min(starts) >= 2.0, starts  # not all within 1 s
     assert min(starts) >= int(t0)
+    # the agent switches ``current`` before it writes the finished attempt to status.json:
+    # the snapshot waits for every device's announced attempt (its second) to be counted
+    assert wait_for(lambda: all(d.attempts() >= 2 for d in fleet.devices), 30), [
+        (d.id, d.attempts()) for d in fleet.devices]
     attempts = {d.id: d.attempts() for d in fleet.devices}
 
     # the broker restarts (no persistence here: its retained announcement is gone), the
