@@ -481,6 +481,22 @@ def _bundle_build(args: argparse.Namespace) -> int:
         extra.append((readable_file("--extra", Path(src)), arc))
     signers = _build_signers(args)
     output_file("-o", args.output)
+    encryption = None
+    if args.encrypt_for is not None:
+        from modelward._inputs import existing_dir
+        from modelward.publisher._encrypt import content_key, recipients_of
+
+        if args.fleet_dir is None:
+            raise OperatorInputError("--encrypt-for needs --fleet-dir (where the devices' "
+                                     "decryption keys and the content keys are)")
+        existing_dir("--fleet-dir", args.fleet_dir)
+        encryption = content_key(args.fleet_dir, args.name, recipients_of(args.encrypt_for))
+        state = ("new: the recipients changed or it is the first" if encryption.rotated
+                 else "kept: the same recipients")
+        print(f"content key {encryption.key.key_id} of {args.name} ({state}), wrapped for "
+              f"{len(encryption.recipients)} device(s)", file=sys.stderr)
+    elif args.fleet_dir is not None:
+        raise OperatorInputError("--fleet-dir goes with --encrypt-for")
     size = sum(p.stat().st_size for p in [args.model, *(src for src, _ in extra)]
                if p.is_file())
     with _progress("building", 2 * size) as advance:
@@ -489,7 +505,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
             extra=extra, progress=advance, options=BuildOptions(
                 rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True,
                 model_signature=args.model_signature, signers=signers,
-                provenance_attestation=args.provenance),
+                provenance_attestation=args.provenance, encryption=encryption),
         )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")
@@ -1691,6 +1707,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--provenance", type=local_path, metavar="FILE",
                    help="a signed SLSA provenance attestation of the model file (`modelward "
                    "provenance sign`), carried as provenance.dsse.json")
+    b.add_argument("--encrypt-for", metavar="DEVICE[,DEVICE...]",
+                   help="encrypt the model files for these enrolled devices (their TPM "
+                   "decryption keys); the model's content key is kept in --fleet-dir and "
+                   "replaced when the recipients change")
+    b.add_argument("--fleet-dir", type=local_path, metavar="DIR",
+                   help="with --encrypt-for: the fleet directory of `fleet enroll`")
     b.add_argument("-o", "--output", type=local_path, required=True)
     b.set_defaults(func=_bundle_build)
     b = bsub.add_parser("inspect", help="print a bundle's manifest, model signature and "

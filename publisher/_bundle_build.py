@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import tarfile
@@ -13,9 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from modelward.publisher._encrypt import Encryption, encrypt_file
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._fingerprint import FileChangedError, file_merkle_root
 from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, TensorSpec
+from modelward.updater.bundle._encryption import TABLE_NAME, Header, table_bytes
 from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._provenance import (
     MAX_PROVENANCE_BYTES,
@@ -54,6 +57,9 @@ class BuildOptions:
         provenance_attestation: a signed SLSA provenance attestation of the model
             (``modelward provenance sign``), carried as ``provenance.dsse.json``; its
             subject must be the model file (its builder is checked at publish).
+        encryption: encrypt the files (all but the manifest, the table and the provenance
+            files) with this content key, wrapped for its recipients
+            (``publisher._encrypt.content_key``).
     """
 
     rtol: float = 1e-4
@@ -65,6 +71,7 @@ class BuildOptions:
     signers: tuple[TrustedSigner, ...] = ()
     verify_signature: bool = True
     provenance_attestation: Path | None = None
+    encryption: Encryption | None = None
 
 
 Progress = Callable[[int], None]  # called with a byte count as work advances
@@ -313,16 +320,47 @@ def build_bundle(
             provenance_attestation=(PROVENANCE_NAME if opts.provenance_attestation is not None
                                     else ""),
         )
+        if opts.encryption is not None:
+            manifest, sources = _encrypted(manifest, sources, opts.encryption, Path(tmp),
+                                           progress)
         raw = manifest.to_bytes()
         tmp_out = out.with_name(out.name + ".tmp")
         with tarfile.open(tmp_out, "w", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(_info(MANIFEST, len(raw)), io.BytesIO(raw))
-            for (src, arc), bf in zip(sources, files, strict=True):
+            for (src, arc), bf in zip(sources, manifest.files, strict=True):
                 with open(src, "rb") as f:
                     tar.addfile(_info(arc, bf.size), f)
                 progress(bf.size)
         tmp_out.replace(out)
     return manifest
+
+
+def _encrypted(manifest: Manifest, sources: list[tuple[Path, str]], enc: Encryption,
+               tmp: Path, progress: Progress) -> tuple[Manifest, list[tuple[Path, str]]]:
+    """The manifest and sources of the encrypted bundle: the table first (the chunk index
+    cuts the encrypted files where they were encrypted), then each file, encrypted but
+    for the provenance files."""
+    plain = set(manifest.signed_files)
+    out: list[tuple[Path, str]] = []
+    table: dict[str, list[tuple[int, bytes]]] = {}
+    shas: dict[str, str] = {}
+    for i, (src, arc) in enumerate(sources):
+        if arc in plain:
+            out.append((src, arc))
+            continue
+        ef = encrypt_file(enc.key, src, tmp / f"enc-{i}")
+        table[arc], shas[arc] = ef.chunks, ef.sha256
+        out.append((ef.path, arc))
+        progress(0)
+    if TABLE_NAME in {a for _, a in sources}:
+        raise OperatorInputError(f"{TABLE_NAME} is reserved in an encrypted bundle")
+    table_path = tmp / TABLE_NAME
+    table_path.write_bytes(table_bytes(enc.key.key_id, table))
+    header = Header(enc.key.key_id, tuple(a for _, a in sources if a in table), shas,
+                    TABLE_NAME, enc.recipients)
+    files = (_hash_file(table_path, TABLE_NAME, lambda _n: None), *manifest.files)
+    return (dataclasses.replace(manifest, files=files, encryption=header),
+            [(table_path, TABLE_NAME), *out])
 
 
 def _info(name: str, size: int) -> tarfile.TarInfo:

@@ -35,6 +35,7 @@ from modelward.updater.bundle._chunkindex import (
     IndexedFile,
     make_index,
 )
+from modelward.updater.bundle._encryption import EncryptionFormatError, parse_table
 from modelward.updater.bundle._tarstream import Member, Readable, TarFormatError, TarStream
 from modelward.updater.errors import BundleFormatError
 
@@ -108,6 +109,36 @@ def _cut_member(stream: TarStream, member: Member, pool: ThreadPoolExecutor) -> 
     return out
 
 
+def _cut_at(stream: TarStream, member: Member, lengths: list[int],
+            pool: ThreadPoolExecutor) -> list[Chunk]:
+    """The pending member's data cut at ``lengths`` (which cover it), hashed."""
+    out: list[Chunk] = []
+    buf, base, i = bytearray(), member.data_offset, 0
+    pending: list[tuple[int, bytes]] = []
+
+    def flush() -> None:
+        digests = pool.map(lambda p: hashlib.sha256(p[1]).digest(), pending)
+        out.extend(Chunk(off, len(data), d) for (off, data), d in
+                   zip(pending, digests, strict=True))
+        pending.clear()
+
+    at = 0  # (of buf: what is not cut yet starts there)
+    for piece in stream.data():
+        buf += piece
+        while i < len(lengths) and len(buf) - at >= lengths[i]:
+            n = lengths[i]
+            pending.append((base, bytes(buf[at:at + n])))
+            at, base, i = at + n, base + n, i + 1
+        del buf[:at]
+        at = 0
+        if len(pending) >= 64:
+            flush()
+    flush()
+    if buf or i != len(lengths):  # (the bundle changed since it was verified)
+        raise OperatorInputError(f"{member.name}: its data is not the table's chunks")
+    return out
+
+
 def build_index(bundle: Path, sha256: str) -> ChunkIndex:
     """The chunk index of a bundle that ``extract_bundle`` has verified (sha256 given).
 
@@ -147,13 +178,32 @@ def _index(source: Readable, size: int, sha256: str, what: str) -> ChunkIndex:
             raise layout(f"{what}: {MANIFEST} is not a valid manifest ({e})") from e
         order = f"{what}: the members are not the manifest's files in order"
         files: list[IndexedFile] = []
+        enc = manifest.encryption
+        table: dict[str, list[tuple[int, bytes]]] | None = None
         with ThreadPoolExecutor(hash_workers()) as pool:
             for mf in manifest.files:
                 m = stream.next()
                 if m is None or m.name != mf.path:
                     raise layout(order)
+                if enc is not None and mf.path == enc.table:
+                    data = b"".join(bytes(v) for v in stream.data())
+                    chunks = cut(memoryview(data), m.data_offset, pool) if data else []
+                    try:
+                        table = parse_table(data, enc, {f.path: f.size for f in
+                                                        manifest.files})
+                    except EncryptionFormatError as e:
+                        raise layout(f"{what}: {e}") from e
+                elif enc is not None and mf.path in enc.ciphertext_sha256:
+                    if table is None:
+                        raise layout(f"{what}: {mf.path} is encrypted and comes before the "
+                                     f"table {enc.table}")
+                    # (cut where it was encrypted: an unchanged chunk of the plaintext is
+                    # the same ciphertext chunk, so the index finds it in the next release)
+                    chunks = _cut_at(stream, m, [n for n, _ in table[mf.path]], pool)
+                else:
+                    chunks = _cut_member(stream, m, pool)
                 files.append(IndexedFile(mf.path, mf.size, mf.sha256, mf.merkle_root,
-                                         m.data_offset, tuple(_cut_member(stream, m, pool))))
+                                         m.data_offset, tuple(chunks)))
         if stream.next() is not None:
             raise layout(order)
         stream.drain()

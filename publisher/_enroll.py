@@ -51,7 +51,7 @@ MAX_PENDING_BYTES = 8192
 CHALLENGE_TTL = 3600.0  # s a challenge may be answered in
 PENDING_FORMAT = "modelward-pending-enrollment/1"
 # Decoded sizes of each base64 field (bytes).
-_LIMITS = {"identity_public": 512, "ak_public": 512, "ek_public": 1024,
+_LIMITS = {"identity_public": 512, "ak_public": 512, "decrypt_public": 512, "ek_public": 1024,
            "attest": 1024, "signature": 512, "ek_certificate": MAX_EK_CERT_BYTES,
            "credential_blob": 512, "encrypted_secret": 1024, "secret": 64}
 _MAX_PEM = 1024
@@ -76,6 +76,7 @@ class VerifiedEnrollment:
     ak_name: bytes
     ek_public: bytes
     ek_certified: bool
+    decrypt_pem: bytes | None = None  # its TPM decryption key (certified by the AK)
 
 
 def _bad(device: str, field: str, what: str) -> EnrollmentError:
@@ -202,17 +203,18 @@ def _check_ek_cert(der: bytes, ek_key: Any, ca: list[x509.Certificate] | None,
     raise _bad(device, "ek_certificate", "is not issued by any certificate in --ek-ca")
 
 
-def _check_certify(doc: dict[str, Any], ident: Any, ak_key: Any, device: str) -> None:
+def _check_certify(doc: dict[str, Any], ident: Any, ak_key: Any, device: str, *,
+                   name: str = "identity", qualifier: bytes | None = None) -> None:
     t = import_tpm2_pytss()
-    cert = doc.get("identity_certify")
+    cert = doc.get(f"{name}_certify")
     if not isinstance(cert, dict):
-        raise _bad(device, "identity_certify", "is missing or not an object")
-    field = "identity_certify.attest"
+        raise _bad(device, f"{name}_certify", "is missing or not an object")
+    field = f"{name}_certify.attest"
     attest2b = _unmarshal(t.TPM2B_ATTEST, _b64(cert, field, device, key="attest"),
                           field, device)
     attest_bytes = bytes(attest2b)
     attest = _unmarshal(t.TPMS_ATTEST, attest_bytes, field, device)
-    sfield = "identity_certify.signature"
+    sfield = f"{name}_certify.signature"
     sig = _unmarshal(t.TPMT_SIGNATURE, _b64(cert, sfield, device, key="signature"),
                      sfield, device)
     if sig.sigAlg != t.TPM2_ALG.ECDSA or sig.signature.ecdsa.hash != t.TPM2_ALG.SHA256:
@@ -225,10 +227,11 @@ def _check_certify(doc: dict[str, Any], ident: Any, ak_key: Any, device: str) ->
         raise _bad(device, sfield, "does not verify with ak_public") from e
     if attest.magic != t.TPM2_GENERATED.VALUE or attest.type != t.TPM2_ST.ATTEST_CERTIFY:
         raise _bad(device, field, "is not a TPM-generated certification")
-    if not hmac.compare_digest(bytes(attest.extraData), certify_qualifier(device)):
-        raise _bad(device, field, "was made for another device id")
+    want = certify_qualifier(device) if qualifier is None else qualifier
+    if not hmac.compare_digest(bytes(attest.extraData), want):
+        raise _bad(device, field, "was made for another device id or key")
     if bytes(attest.attested.certify.name) != bytes(ident.get_name()):
-        raise _bad(device, field, "certifies another key than identity_public")
+        raise _bad(device, field, f"certifies another key than {name}_public")
 
 
 def parse_json(data: bytes, what: str, limit: int, device: str) -> dict[str, Any]:
@@ -299,7 +302,35 @@ def verify_enrollment(data: bytes, device_id: str, ek_ca: list[x509.Certificate]
     _check_certify(doc, ident, _key_of(ak, "ak_public", device_id), device_id)
     identity_pem = ident_key.public_bytes(serialization.Encoding.PEM,
                                           serialization.PublicFormat.SubjectPublicKeyInfo)
-    return VerifiedEnrollment(device_id, identity_pem, ak_raw, name, ek_raw, certified)
+    decrypt_pem = _decrypt_key(doc, _key_of(ak, "ak_public", device_id), device_id)
+    return VerifiedEnrollment(device_id, identity_pem, ak_raw, name, ek_raw, certified,
+                              decrypt_pem)
+
+
+def _decrypt_key(doc: dict[str, Any], ak_key: Any, device_id: str) -> bytes | None:
+    """The PEM of the device's TPM decryption key (issue 19), certified by the AK: a
+    P-256 decryption-only key made in and bound to that TPM. None for a device whose TPM
+    has none (provisioned before; not a recipient of encrypted bundles)."""
+    from modelward.trust._deckey import certify_qualifier as decrypt_qualifier
+
+    if doc.get("decrypt_public") is None:
+        return None
+    t = import_tpm2_pytss()
+    pub = _unmarshal(t.TPM2B_PUBLIC, _b64(doc, "decrypt_public", device_id),
+                     "decrypt_public", device_id)
+    attrs = int(pub.publicArea.objectAttributes)
+    if not _has(attrs, "DECRYPT", "FIXEDTPM", "FIXEDPARENT", "SENSITIVEDATAORIGIN") \
+            or _has(attrs, "SIGN_ENCRYPT") or _has(attrs, "RESTRICTED") \
+            or pub.publicArea.type != t.TPM2_ALG.ECC \
+            or pub.publicArea.parameters.eccDetail.curveID != t.TPM2_ECC.NIST_P256:
+        raise _bad(device_id, "decrypt_public", f"has attributes {attrs:#x}, not a TPM-made "
+                   "P-256 decryption key (decrypt, fixedTPM, fixedParent, "
+                   "sensitiveDataOrigin; not sign, not restricted)")
+    _check_certify(doc, pub, ak_key, device_id, name="decrypt",
+                   qualifier=decrypt_qualifier(device_id))
+    key = _key_of(pub, "decrypt_public", device_id)
+    return bytes(key.public_bytes(serialization.Encoding.PEM,
+                                  serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
 def make_challenge(enr: VerifiedEnrollment, now: float,
@@ -326,7 +357,8 @@ def make_challenge(enr: VerifiedEnrollment, now: float,
                "identity_pem": enr.identity_pem.decode(),
                "ak_public": base64.b64encode(enr.ak_public).decode(),
                "ek_public_sha256": hashlib.sha256(enr.ek_public).hexdigest(),
-               "ek_certified": enr.ek_certified}
+               "ek_certified": enr.ek_certified,
+               "decrypt_pem": enr.decrypt_pem.decode() if enr.decrypt_pem else None}
     return (json.dumps(challenge, indent=1).encode() + b"\n",
             json.dumps(pending, indent=1).encode() + b"\n")
 
@@ -431,6 +463,11 @@ def finish_enrollment(fleet_dir: Path, device_id: str, response: bytes,
     pem_path = devices / f"{device_id}.pem"
     write_atomic(ak_path, json.dumps(ak_doc, indent=1).encode() + b"\n")
     write_atomic(pem_path, str(pending["identity_pem"]).encode())
+    decrypt_path = devices / f"{device_id}.decrypt.pem"
+    if isinstance(pending.get("decrypt_pem"), str):  # (a recipient of encrypted bundles)
+        write_atomic(decrypt_path, str(pending["decrypt_pem"]).encode())
+    else:  # (re-enrolled without one: an old key is no recipient any more)
+        decrypt_path.unlink(missing_ok=True)
     path.unlink()  # used up: a replayed response finds nothing pending
     fsync_dir(path.parent)
     return pem_path, ak_path

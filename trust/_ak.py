@@ -240,7 +240,17 @@ def enrollment(tpm: Tpm, device_id: str) -> dict[str, Any]:
     ek, h, transient = endorsement_key(tpm)
     if transient:
         e.flush_context(h)
-    return {
+    from modelward.trust._deckey import DECRYPT_HANDLE, check_decrypt_key
+    from modelward.trust._deckey import certify_qualifier as decrypt_qualifier
+
+    decrypt: dict[str, Any] = {}
+    if tpm._exists(DECRYPT_HANDLE):  # (a TPM provisioned before issue 19 has none)
+        dpub = check_decrypt_key(tpm)
+        dattest, dsig = _certify(tpm, DECRYPT_HANDLE, decrypt_qualifier(device_id))
+        decrypt = {"decrypt_public": _b64(dpub.marshal()),
+                   "decrypt_certify": {"attest": _b64(dattest.marshal()),
+                                       "signature": _b64(dsig.marshal())}}
+    return decrypt | {
         "format": ENROLLMENT_FORMAT,
         "device_id": device_id,
         "public_key": bytes(ident_pub.to_pem()).decode(),

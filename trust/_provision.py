@@ -22,3 +22,4 @@ class ProvisionReport:
     ak_created: bool = False  # the attestation key 0x81000104 (issue 18)
     register_defined: bool = False  # the measurement register 0x01000131 (issue 18)
     owner_auth_set: bool | None = None  # the TPM owner hierarchy has a password
+    decrypt_created: bool = False  # the decryption key 0x81000105 (issue 19)

@@ -130,6 +130,12 @@ class TpmInterface(abc.ABC):
         """Whether ``mac`` is this TPM's MAC of ``digest`` (constant time)."""
         return _hmac.compare_digest(self.mac(digest), mac)
 
+    def shared_x(self, point: bytes) -> bytes:
+        """The x coordinate of the device decryption key's ECDH with ``point`` (an
+        uncompressed P-256 point), computed in the TPM (issue 19, encrypted bundles)."""
+        raise TpmError("this TPM has no decryption key", tcti=self.tcti,
+                       hint="run `agent provision` (it adds the key), then enroll again")
+
     def read_targets_floor(self) -> int:
         """The highest targets version installed, kept in the TPM (0: none or no index).
 
@@ -377,6 +383,13 @@ class Tpm(TpmInterface):
             sensitive=t.TPMS_SENSITIVE_CREATE(userAuth=t.TPM2B_AUTH(self._secret()))
         )
 
+    def shared_x(self, point: bytes) -> bytes:
+        from modelward.trust._deckey import DECRYPT_HANDLE, shared_x
+
+        if not self._exists(DECRYPT_HANDLE):
+            return super().shared_x(point)
+        return shared_x(self, point)
+
     # -- provisioning -----------------------------------------------------
 
     def provision(self, *, keep_identity: bool = False) -> ProvisionReport:
@@ -405,6 +418,9 @@ class Tpm(TpmInterface):
         from modelward.trust._ak import provision_ak
 
         ak_created = provision_ak(self, srk)  # (devices from before issue 18: added)
+        from modelward.trust._deckey import provision_decrypt_key
+
+        decrypt_created = provision_decrypt_key(self, srk)  # (issue 19: added likewise)
         from modelward.trust._measure import provision_register
 
         register_defined = provision_register(self)  # (issue 18: added likewise)
@@ -417,7 +433,8 @@ class Tpm(TpmInterface):
                                ipub.to_pem(), mac_key_created, migrated,
                                identity_created and had_legacy_identity and not keep_identity,
                                ak_created=ak_created, register_defined=register_defined,
-                               owner_auth_set=owner_auth_set)
+                               owner_auth_set=owner_auth_set,
+                               decrypt_created=decrypt_created)
 
     def _owner_auth_set(self) -> bool | None:
         """Whether the TPM's owner hierarchy has a password (None: cannot tell). Without

@@ -13,11 +13,13 @@ from modelward.trust.errors import (
 __all__ = [
     "BundleFormatError",
     "DownloadFailedError",
+    "EncryptionRefusedError",
     "FingerprintMismatchError",
     "HealthCheckError",
     "LocalDeviceError",
     "MetadataError",
     "ModelwardError",
+    "NotARecipientError",
     "NothingTrustedError",
     "OperatorInputError",
     "PolicyFormatError",
@@ -211,3 +213,22 @@ class ProvenanceRefusedError(UntrustedRemoteError):
     def __init__(self, message: str, *, model: str, rule: str, reason: str) -> None:
         super().__init__(message)
         self.model, self.rule, self.reason = model, rule, reason
+
+
+class EncryptionRefusedError(UntrustedRemoteError):
+    """An encrypted bundle that this device cannot or must not decrypt: its content key is
+    not wrapped for this device's TPM key, does not open with it, or a chunk does not
+    decrypt to what was sealed.
+
+    Attributes:
+        model: the model name.
+        version: the release.
+    """
+
+    def __init__(self, message: str, *, model: str, version: str) -> None:
+        super().__init__(message)
+        self.model, self.version = model, version
+
+
+class NotARecipientError(EncryptionRefusedError):
+    """The bundle is encrypted for other devices, not this one."""

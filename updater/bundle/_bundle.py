@@ -19,6 +19,7 @@ from typing import Any
 
 from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import FileEntry, MerkleHasher
+from modelward.updater.bundle._encryption import Header, parse_header
 from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import (
@@ -75,6 +76,7 @@ class Manifest:
     requires: dict[str, Any] = field(default_factory=dict)
     model_signature: str = ""  # the listed file holding the model signature, if any
     provenance_attestation: str = ""  # ... the provenance attestation (DSSE), if any
+    encryption: Header | None = None  # an encrypted bundle's header (issue 19)
 
     @property
     def signed_files(self) -> tuple[str, ...]:
@@ -108,7 +110,8 @@ class Manifest:
             "requires": self.requires,
         } | ({"model_signature": self.model_signature} if self.model_signature else {}) | (
             {"provenance_attestation": self.provenance_attestation}
-            if self.provenance_attestation else {})
+            if self.provenance_attestation else {}) | (
+            {"encryption": self.encryption.to_json()} if self.encryption else {})
 
     def to_bytes(self) -> bytes:
         """Serialised manifest (sorted keys, so it is reproducible)."""
@@ -179,10 +182,18 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
             requires=dict(d.get("requires") or {}),
             model_signature=str(d.get("model_signature") or ""),
             provenance_attestation=str(d.get("provenance_attestation") or ""),
+            encryption=None if d.get("encryption") is None else parse_header(
+                d["encryption"]),
         )
         for needed in (m.model_path, m.vectors, *m.signed_files):
             if needed not in paths:
                 raise ValueError(f"{needed!r} is referenced but not listed in files")
+        if m.encryption is not None:
+            for needed in (m.encryption.table, *m.encryption.files):
+                if needed not in paths:
+                    raise ValueError(f"encryption names {needed!r}, not listed in files")
+            if set(m.signed_files) & set(m.encryption.files):
+                raise ValueError("the provenance files are never encrypted")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleFormatError(
             f"bundle {bundle}: invalid manifest: {e}", bundle=bundle, member=MANIFEST
@@ -212,7 +223,7 @@ def fsync_tree(root: Path) -> None:
 
 def _copy_member(
     tar: TarStream, member: Member, writer: StageWriter | None, expected: BundleFile,
-    bundle: str,
+    bundle: str, ciphertext_sha256: str | None = None,
 ) -> FileEntry:
     sha = hashlib.sha256()
     merkle = MerkleHasher()
@@ -226,6 +237,13 @@ def _copy_member(
     finally:
         if sink is not None:
             sink.close()
+    if ciphertext_sha256 is not None:  # (an encrypted file: its plaintext, the Merkle
+        # root, is re-derived from disk once it is decrypted; here its ciphertext's sha256)
+        if sha.hexdigest() != ciphertext_sha256:
+            raise BundleFormatError(
+                f"bundle {bundle}: {expected.path} does not match the sha256 of its "
+                "ciphertext in the manifest", bundle=bundle, member=expected.path)
+        return FileEntry(expected.path, expected.size, expected.merkle_root)
     if sha.hexdigest() != expected.sha256:
         raise BundleFormatError(
             f"bundle {bundle}: {expected.path} does not match its manifest sha256",
@@ -291,6 +309,7 @@ def extract_bundle(
         mf_merkle.update(raw)
         entries = [FileEntry(MANIFEST, len(raw), mf_merkle.hexdigest())]
         listed = {f.path: f for f in manifest.files}
+        encrypted = dict(manifest.encryption.ciphertext_sha256) if manifest.encryption else {}
         seen: set[str] = set()
         while (member := tar.next()) is not None:
             name = member.name
@@ -308,7 +327,8 @@ def extract_bundle(
                 raise bad(f"member {name!r} has size {member.size}, manifest says "
                           f"{listed[name].size}", name)
             seen.add(name)
-            entries.append(_copy_member(tar, member, writer, listed[name], bundle))
+            entries.append(_copy_member(tar, member, writer, listed[name], bundle,
+                                        encrypted.get(name)))
         if writer is not None:
             tar.drain()  # what follows the archive belongs to the skeleton too
     except TarFormatError as e:

@@ -85,6 +85,7 @@ from modelward.updater.bundle._chunkindex import (
     IndexedFile,
     parse_index,
 )
+from modelward.updater.bundle._encryption import ContentKey
 from modelward.updater.errors import ChunkIndexError, StagingError, TargetHashError
 from modelward.updater.idle import Gate
 from modelward.updater.install._stage import WRITE_BEHIND, Stage, _write_behind
@@ -625,9 +626,12 @@ class _Files:
     state directory swapped for a link afterwards redirects no write and no read.
     """
 
-    def __init__(self, incoming: Path, incoming_fd: int, roots: Mapping[str, int | None]
-                 ) -> None:
+    def __init__(self, incoming: Path, incoming_fd: int, roots: Mapping[str, int | None],
+                 seal: Callable[[str, bytes], bytes] | None = None) -> None:
         self.incoming, self.incoming_fd, self.roots = incoming, incoming_fd, roots
+        #: an encrypted release: a base's plaintext chunk of a file, as the release's
+        #: ciphertext of it (its hash is then the index's, if the chunk is unchanged)
+        self.seal = seal
         self.out: dict[str, int] = {}
         self.size: dict[str, int] = {}  # each output file's signed size (nothing past it)
         self._in: dict[tuple[str, str], int | None] = {}
@@ -679,7 +683,11 @@ class _Files:
             data = os.pread(fd, n, p.offset)
         except OSError:
             return None
-        return data if len(data) == n else None
+        if len(data) != n:
+            return None
+        if self.seal is not None and p.root != "incoming":  # (incoming: ciphertext already)
+            return self.seal(p.path, data)
+        return data
 
     def write(self, p: Place, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` at ``p`` (in incoming)."""
@@ -845,6 +853,7 @@ def assemble(
     *,
     max_gap: int = MAX_GAP,
     progress: DeltaStats | None = None,
+    content_key: ContentKey | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], DeltaStats]:
     """Assemble the release ``ix`` describes in ``incoming`` (see the module docstring).
 
@@ -863,6 +872,8 @@ def assemble(
         StateDirError: a directory on the way is not a plain directory.
 
     ``progress``, if given, is the stats filled in (what came before a failure, too).
+    ``content_key``: the content key of an encrypted release (``updater.install._decrypt``): the
+    files are assembled as ciphertext, and the bases' chunks re-encrypted to be found.
     """
     key = target.hashes.get("sha256") or next(iter(target.hashes.values()))
     paths = {MANIFEST, *(f.path for f in ix.files)}
@@ -883,7 +894,13 @@ def assemble(
             if fd is not None:
                 os.close(fd)
         raise
-    files = _Files(incoming, inc_fd, roots)
+    seal = None
+    if content_key is not None and ix.manifest.encryption is not None:
+        encrypted, ck = set(ix.manifest.encryption.files), content_key
+
+        def seal(path: str, data: bytes) -> bytes:
+            return ck.seal(data)[1] if path in encrypted else data
+    files = _Files(incoming, inc_fd, roots, seal)
     have = _sizes(held_stats)
     needs = plan_needs(ix, have, [b for b, _ in bases])
     stats = DeltaStats() if progress is None else progress
@@ -1305,6 +1322,7 @@ def fetch_release(
     whole: Callable[[], Fetched],
     *,
     memory: DeltaMemory | None = None,
+    unlock: Callable[[Manifest], ContentKey | None] | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry], ChunkIndex | None, str]:
     """The release's files in ``incoming``: by delta when its signed index can be used,
     else (or when the delta fails for anything but the transport) by ``whole`` (the
@@ -1375,11 +1393,15 @@ def fetch_release(
         logger.info("%s: whole bundle (%s)", what, e)
         return (*whole(), None, "")
     url = session.target_url(release.target)
+    # (an encrypted release: its key before any chunk is fetched; a device it is not for
+    # is refused here, and the refusal is the release's, not the delta's)
+    key = unlock(ix.manifest) if unlock is not None else None
 
     progress = DeltaStats()
     try:
         stage, manifest, entries, stats = assemble(ix, release.target, url, fetcher, staging,
-                                                   incoming, bases, gate, progress=progress)
+                                                   incoming, bases, gate, progress=progress,
+                                                   content_key=key)
     except (tuf_exc.DownloadError, tuf_exc.RepositoryError) as e:
         err = convert_tuf_error(e, f"download of {url}")
         if isinstance(err, DownloadFailedError) and _transient(err.status) and \

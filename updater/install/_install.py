@@ -50,6 +50,7 @@ from modelward.updater.install import _events as events
 from modelward.updater.install._boot import BootResult as BootResult
 from modelward.updater.install._boot import boot_check as boot_check
 from modelward.updater.install._boot import reconcile, slot_matches
+from modelward.updater.install._decrypt import Unlocker, decrypt_incoming
 from modelward.updater.install._heal import trusted_record
 from modelward.updater.install._health import (
     PendingCheck,
@@ -559,6 +560,7 @@ def _attempt(
     fields.update(model=name, version=version, fingerprint=newest.fingerprint,
                   target=newest.target.path)
     policy = load_policy(session)  # (before the download: no policy, no install)
+    unlocker = Unlocker(cfg.device_id, store.tpm.shared_x)
     gate.wait_idle("download")
     step("downloading")
     slot = SlotStore.other(active.slot if active else None)
@@ -579,7 +581,8 @@ def _attempt(
                 (label, ref.slot, ref.fingerprint)
                 for label, ref in (("active", active), ("previous", record.previous))
                 if ref is not None]),
-            gate, whole, memory=rejections)
+            gate, whole, memory=rejections, unlock=unlocker.unlock)
+        _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker)
         if delta:
             fields["detail"] = delta
         step("staged")
@@ -624,6 +627,7 @@ def _attempt(
             staged, index = None, None
             rejections.note_delta_refused(newest.target, name, version, str(e))
             staged, manifest, entries = whole()
+            _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker)
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check")
         if pending is not None and gate.reasons():  # (busy now: no child waits it out)
@@ -694,6 +698,14 @@ def _attempt(
         _delta.write_hint(cfg.state_dir, index, [active.fingerprint] if active else [])
     return UpdateResult(Outcome.INSTALLED, f"installed {name} {version} into slot {slot}", new_ref,
                         session.timestamp_version)
+
+
+def _decrypt_staged(state_dir: Path, incoming: Path, manifest: Manifest,
+                    unlocker: Unlocker) -> None:
+    """Decrypt an encrypted release's verified ciphertext in ``incoming`` (in place)."""
+    key = unlocker.unlock(manifest)
+    if key is not None:
+        decrypt_incoming(state_dir, incoming, manifest, key)
 
 
 def _reconcile_measured(state_dir: Path, slots: SlotStore, store: TrustStore,

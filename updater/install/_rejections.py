@@ -70,6 +70,7 @@ from modelward.trust._bounded import read_bounded as read_bounded_file
 from modelward.trust.errors import LocalDeviceError, ModelwardError
 from modelward.updater.errors import (
     BundleFormatError,
+    EncryptionRefusedError,
     FingerprintMismatchError,
     HealthCheckError,
     ProvenanceRefusedError,
@@ -91,7 +92,7 @@ DELTA_REFUSED = "DeltaRefused"
 DELTA_STALLED = "DeltaStalled"
 # Failures of bytes that matched their signed hashes: properties of the release itself.
 REJECTING = (BundleFormatError, FingerprintMismatchError, HealthCheckError,
-             ProvenanceRefusedError)
+             ProvenanceRefusedError, EncryptionRefusedError)
 
 
 class RejectionsFileError(LocalDeviceError):
