@@ -66,6 +66,10 @@ def describe(bundle: Path) -> dict[str, Any]:
         "model": {"path": manifest.model_path, "sha256": _sha(manifest, manifest.model_path),
                   "opset": manifest.opset},
         "model_signature": None, "provenance": None,
+        "encryption": None if manifest.encryption is None else {
+            "scheme": "modelward-siv-cdc/1", "key_id": manifest.encryption.key_id,
+            "files": list(manifest.encryption.files),
+            "recipients": [r.id for r in manifest.encryption.recipients]},
     }
     if manifest.model_signature:
         sig = member_bytes(bundle, manifest, manifest.model_signature, MAX_SIGNATURE_BYTES)
@@ -112,6 +116,10 @@ def inspect(bundle: Path, *, as_json: bool) -> int:
     else:
         print(f"model signature: {e(sig['file'])}, {e(sig['kind'])} "
               f"{e(sig.get('key_hint') or sig.get('error', ''))} (not verified here)")
+    enc = d["encryption"]
+    if enc is not None:
+        print(f"encrypted: {e(', '.join(enc['files']))} with content key {enc['key_id']} for "
+              f"{len(enc['recipients'])} device(s): {e(', '.join(enc['recipients'][:20]))}")
     prov = d["provenance"]
     if prov is None:
         print("provenance: none")

@@ -28,7 +28,7 @@ from modelward.simulator._fleet import enroll_device
 from modelward.updater.errors import NotARecipientError
 from modelward.updater.install import _install
 from tests.conftest import World
-from tests.integration._i16_delta import IN_DIM, OUT_DIM, big_model
+from tests.integration._i16_delta import IN_DIM, OUT_DIM, big_model, drop_index
 
 
 def _pattern(seed: int = 1) -> bytes:
@@ -133,3 +133,32 @@ def test_encrypted_bundles_install_only_on_recipients_and_delta_moves_changed_ch
     assert (w.state / "current" / "model.onnx").read_bytes() == (
         w.builds / "big-1.1.0.onnx").read_bytes()
     assert not _holds(w.repo_dir, needle)
+
+
+def test_an_encrypted_release_without_its_index_installs_by_the_whole_bundle(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The whole-bundle path (no chunk index: an origin that lost it, or a refused delta):
+    each encrypted member is checked against its signed ciphertext sha256 as it streams,
+    written as ciphertext, and decrypted once the bundle verified."""
+    w = world
+    fleet = w.tmp / "fleet"
+    fleet.mkdir()
+    enroll_device(fleet, w.conf_path, w.tmp / "challenge.json")
+    r = w.repo.publish(_build(w, fleet, "1.0.0", ["dev-1"]))
+    drop_index(w.repo, w.repo_dir, r.target_path)
+    seen: list[list[str]] = []
+    real = _install.decrypt_incoming
+
+    def spy(state_dir: Path, incoming: Path, *a: object) -> None:
+        seen.append(_holds(state_dir / "staging", _pattern()))
+        real(state_dir, incoming, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_install, "decrypt_incoming", spy)
+    w.update()
+    assert w.active_version() == "1.0.0"
+    assert seen == [[]]
+    assert (w.state / "current" / "model.onnx").read_bytes() == (
+        w.builds / "big-1.0.0.onnx").read_bytes()
+    gets = re.findall(r'"GET (/targets/\S+\.tar) HTTP/1\.1" (\d+)',
+                      (w.tmp / "origin" / "access.log").read_text())
+    assert [s for _, s in gets] == ["200"]  # one whole download
