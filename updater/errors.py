@@ -204,10 +204,12 @@ class ProvenanceRefusedError(UntrustedRemoteError):
 
     Attributes:
         model: the model name.
+        version: the version the bundle claims ("" where none is known).
         rule: the policy rule that refused it ("" if no rule covers the model).
         reason: what the rule wanted and did not get.
     """
 
-    def __init__(self, message: str, *, model: str, rule: str, reason: str) -> None:
+    def __init__(self, message: str, *, model: str, rule: str, reason: str,
+                 version: str = "") -> None:
         super().__init__(message)
-        self.model, self.rule, self.reason = model, rule, reason
+        self.model, self.version, self.rule, self.reason = model, version, rule, reason

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from tuf.api.metadata import TargetFile
@@ -27,17 +29,20 @@ from tests.conftest import World, stock_refresh
 
 
 def _bundle(w: World, version: str, seed: int, signer: SignerFiles | None, *,
-            signed_seed: int | None = None) -> Path:
-    """A bundle of model ``seed`` carrying a signature by ``signer`` of model
-    ``signed_seed`` (default: the same model), built without checking it."""
-    model = make_linear_model(w.builds / f"m-{version}.onnx", seed)
+            signed_seed: int | None = None, signed_for: tuple[str, str] | None = None,
+            name: str = "classifier") -> Path:
+    """A bundle of model ``seed`` released as ``name`` ``version``, carrying a signature
+    by ``signer`` of model ``signed_seed`` (default: the same model) for the release
+    ``signed_for`` (default: this one), built without checking it."""
+    model = make_linear_model(w.builds / f"m-{name}-{version}.onnx", seed)
     sig = None
     if signer is not None:
         signed = model if signed_seed is None else make_linear_model(
-            w.builds / f"s-{version}.onnx", signed_seed)
-        sig = sign_model(signed, w.builds / f"{version}.sig", signer)
-    out = w.builds / f"classifier-{version}.tar"
-    build_bundle(model, "classifier", version, out, options=BuildOptions(
+            w.builds / f"s-{name}-{version}.onnx", signed_seed)
+        sig = sign_model(signed, w.builds / f"{name}-{version}.sig", signer,
+                         *(signed_for or (name, version)))
+    out = w.builds / f"{name}-{version}.tar"
+    build_bundle(model, name, version, out, options=BuildOptions(
         model_signature=sig, verify_signature=False))
     return out
 
@@ -45,6 +50,19 @@ def _bundle(w: World, version: str, seed: int, signer: SignerFiles | None, *,
 def _state(w: World) -> tuple[object, ...]:
     s = w.snapshot()
     return s.record, s.counter, s.anchor, s.current, s.slots
+
+
+def _audit(w: World) -> list[dict[str, Any]]:
+    """The device's audit trail (its live segment), oldest first."""
+    from modelward.trust._auditchain import split_lines
+
+    p = w.state / "audit" / "live.jsonl"
+    return [json.loads(x) for x in split_lines(p.read_bytes())] if p.exists() else []
+
+
+def _incoming_empty(w: World) -> bool:
+    incoming = w.state / "staging" / "incoming"
+    return not incoming.exists() or not any(incoming.iterdir())
 
 
 def _targets(w: World) -> bytes:
@@ -66,7 +84,7 @@ def test_policy_enforced_at_publish_and_on_the_device(world: World,
 
     # the training team signs 1.0.0; `bundle build` verifies it; publish and install
     model = make_linear_model(w.builds / "good.onnx", 1)
-    sig = sign_model(model, w.builds / "good.sig", team)
+    sig = sign_model(model, w.builds / "good.sig", team, "classifier", "1.0.0")
     good = w.builds / "good.tar"
     r = w.cli("bundle", "build", str(model), "--name", "classifier", "--version", "1.0.0",
               "--model-signature", str(sig), "--signer-key", str(thief.public_key),
@@ -185,7 +203,7 @@ def test_policy_requires_builder_x(world: World, monkeypatch: pytest.MonkeyPatch
     def build(version: str, seed: int, key: SignerFiles, builder: str,
               datasets: bool = True) -> Path:
         model = make_linear_model(w.builds / f"p-{version}.onnx", seed)
-        sig = sign_model(model, w.builds / f"p-{version}.sig", team)
+        sig = sign_model(model, w.builds / f"p-{version}.sig", team, "classifier", version)
         att = w.builds / f"p-{version}.dsse.json"
         argv = ["provenance", "sign", str(model), "--key", str(key.private_key),
                 "--builder-id", builder, "--source", "git+https://git.example/ml@abc123",
@@ -277,3 +295,107 @@ def test_policy_travels_on_local_media(world: World, monkeypatch: pytest.MonkeyP
     assert r.returncode == 0, r.stderr
     assert agent_update(cfg, source_dir=medium).active is not None
     assert w.active_version() == "1.1.0"
+
+
+def test_replayed_model_signature_is_refused_on_the_device(
+        world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finding 1 (replay): a thief of the targets key takes what the training team
+    genuinely signed, straight from the origin's bundles: the known-bad classifier 1.0.0
+    republished as 9.0.0, and the team's classifier-lite 3.0.0 (another model the same
+    rule and signer cover) published as classifier 9.1.0. `bundle build` and `publish`
+    refuse both; forced onto the origin with the operator's TUF keys, the device (real
+    swtpm, nginx) refuses each naming the rule and both releases, and nothing trusted,
+    active or on disk moves; the genuine next release still installs."""
+    w = world
+    team = key_signer(w.tmp / "team")
+    policy = w.tmp / "policy.json"
+    policy.write_bytes(policy_doc([("classifiers", ["classifier*"], [team])]))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
+        repo_cli_ok(w, "publish", str(_bundle(w, version, seed, team)))
+        assert w.update().active is not None and w.active_version() == version
+    lite = _bundle(w, "3.0.0", 7, team, name="classifier-lite")  # (signed for its own name)
+
+    def take(bundle: Path, where: Path) -> tuple[Path, Path]:
+        """The model file and model signature a bundle carries (what the thief reuses)."""
+        where.mkdir()
+        with tarfile.open(bundle) as tar:
+            for member in ("model.onnx", "model.sig"):
+                f = tar.extractfile(member)
+                assert f is not None
+                (where / member).write_bytes(f.read())
+        return where / "model.onnx", where / "model.sig"
+
+    served_v1 = next((w.repo_dir / "targets" / "classifier").glob("*.classifier-1.0.0.tar"))
+    replays = {"9.0.0": (take(served_v1, w.tmp / "v1"), "classifier 1.0.0"),
+               "9.1.0": (take(lite, w.tmp / "lite"), "classifier-lite 3.0.0")}
+    bundles = {}
+    for version, ((model, sig), signed_for) in replays.items():
+        r = w.cli("bundle", "build", str(model), "--name", "classifier", "--version",
+                  version, "--model-signature", str(sig), "--policy", str(policy),
+                  "-o", str(w.builds / f"replay-{version}.tar"))
+        assert r.returncode == 1 and f"is for {signed_for}" in r.stderr, r.stderr
+        assert f"claims classifier {version}" in r.stderr and "Traceback" not in r.stderr
+        bundles[version] = w.builds / f"replay-{version}.tar"
+        build_bundle(model, "classifier", version, bundles[version], options=BuildOptions(
+            model_signature=sig, verify_signature=False))
+        before = _targets(w)
+        r = w.cli("publish", str(bundles[version]), "--repo", str(w.repo_dir), "--keys",
+                  str(w.keys))
+        assert r.returncode == 1 and "rule 'classifiers'" in r.stderr, r.stderr
+        assert f"is for {signed_for}" in r.stderr and _targets(w) == before
+
+    with monkeypatch.context() as m:  # the thief's publish, with the operator's keys
+        m.setattr(_policy, "check_bundle", lambda *a: None)
+        for version, (_, signed_for) in replays.items():
+            kept, audited = _state(w), len(_audit(w))
+            w.repo.publish(bundles[version])
+            stock_refresh(w.repo_dir)  # (TUF alone takes it: only the policy refuses)
+            with pytest.raises(ProvenanceRefusedError) as e:
+                w.update()
+            assert (e.value.rule, e.value.model, e.value.version) == (
+                "classifiers", "classifier", version)
+            assert f"is for {signed_for}" in e.value.reason
+            assert f"the bundle claims classifier {version}" in e.value.reason
+            assert _state(w) == kept and w.active_version() == "2.0.0" and _incoming_empty(w)
+            new = _audit(w)[audited:]
+            assert [x["kind"] for x in new] == ["download-refused"], new
+            assert new[0]["fields"]["version"] == version
+            assert "ProvenanceRefusedError" in new[0]["fields"]["reason"]
+    repo_cli_ok(w, "publish", str(_bundle(w, "9.2.0", 3, team)))
+    assert w.update().active is not None and w.active_version() == "9.2.0"
+
+
+def test_bind_digest_opt_out_is_named_and_warned(world: World,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A careless operator opts out (`"bind": "digest"`): `repo policy set` and `repo
+    policy show` say what that opens, and the replay it allows (classifier 1.0.0's
+    signed bytes as 9.0.0) is published and installed with a warning naming the rule and
+    what the signature was for. A typo in `bind` is refused, never read as the opt-out."""
+    import logging
+
+    w = world
+    team = key_signer(w.tmp / "team")
+    policy = w.tmp / "policy.json"
+    doc = json.loads(policy_doc([("classifiers", ["classifier*"], [team])]))
+    doc["rules"][0]["bind"] = "Digest"
+    policy.write_text(json.dumps(doc))
+    r = w.cli("repo", "policy", "set", str(policy), "--repo", str(w.repo_dir), "--keys",
+              str(w.keys))
+    assert r.returncode == 1 and "bind must be 'name-version'" in r.stderr, r.stderr
+    doc["rules"][0]["bind"] = "digest"
+    policy.write_text(json.dumps(doc))
+    r = w.cli("repo", "policy", "set", str(policy), "--repo", str(w.repo_dir), "--keys",
+              str(w.keys))
+    assert r.returncode == 0, r.stderr
+    assert "'classifiers' binds the model signature to the file's bytes only" in r.stderr
+    shown = repo_cli_ok(w, "repo", "policy", "show")
+    assert "UNSAFE: it binds the model signature to the file's bytes only" in shown
+    replay = _bundle(w, "9.0.0", 1, team, signed_for=("classifier", "1.0.0"))
+    r = w.cli("publish", str(replay), "--repo", str(w.repo_dir), "--keys", str(w.keys))
+    assert r.returncode == 0, r.stderr
+    assert "the signature is for 'classifier-1.0.0.onnx'" in r.stderr, r.stderr
+    with caplog.at_level(logging.WARNING, "modelward.updater.install._provenance"):
+        assert w.update().active is not None and w.active_version() == "9.0.0"
+    assert "rule 'classifiers' binds the model signature to the file's bytes only" in \
+        caplog.text and "'classifier-1.0.0.onnx'" in caplog.text

@@ -17,9 +17,16 @@ from modelward.updater.bundle._provenance import (
     parse_policy,
     policy_pin,
     read_pin,
+    signed_release,
 )
 from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
-from tests._modelsig import SignerFiles, cert_signer, key_signer, policy_doc, sign_model
+from tests._modelsig import (
+    SignerFiles,
+    cert_signer,
+    key_signer,
+    policy_doc,
+    sign_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +37,12 @@ def side(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     team, other = key_signer(d / "team"), key_signer(d / "other")
     ci = cert_signer(d / "ci", "train@ml.example")
     return {"d": d, "model": model, "sha": hashlib.sha256(model.read_bytes()).hexdigest(),
-            "team": team, "other": other, "ci": ci,
-            "team_sig": sign_model(model, d / "team.sig", team).read_bytes(),
-            "ci_sig": sign_model(model, d / "ci.sig", ci).read_bytes()}
+            "team": team, "other": other, "ci": ci,  # (signed as resnet50 1.0.0)
+            "team_sig": sign_model(model, d / "team.sig", team, *R).read_bytes(),
+            "ci_sig": sign_model(model, d / "ci.sig", ci, *R).read_bytes()}
+
+
+R = ("resnet50", "1.0.0")  # the release the fixture's signatures are for
 
 
 def _policy(d: Path, rules: list[tuple[str, list[str], list[SignerFiles]]]):  # type: ignore[no-untyped-def]
@@ -42,9 +52,10 @@ def _policy(d: Path, rules: list[tuple[str, list[str], list[SignerFiles]]]):  # 
 def test_key_and_certificate_signers_verify(side: dict) -> None:  # type: ignore[type-arg]
     p = _policy(side["d"], [("vision", ["resnet*"], [side["team"]]),
                             ("all", ["*"], [side["ci"]])])
-    v = check_model(p, "resnet50", side["team_sig"], side["sha"])
-    assert (v.rule, v.signer) == ("vision", "vision-0")
-    v = check_model(p, "bert", side["ci_sig"], side["sha"])
+    v = check_model(p, *R, side["team_sig"], side["sha"])
+    assert (v.rule, v.signer, v.signed_as) == ("vision", "vision-0", "resnet50-1.0.0.onnx")
+    bert = sign_model(side["model"], side["d"] / "bert.sig", side["ci"], "bert", "0.1.0")
+    v = check_model(p, "bert", "0.1.0", bert.read_bytes(), side["sha"])
     assert (v.rule, v.signer) == ("all", "all-0")
     # the canonical form round-trips (what is published and pinned), key files inlined
     again = parse_policy(p.to_bytes(), "published")
@@ -62,7 +73,7 @@ def test_refused_naming_the_rule(side: dict, case: str, tmp_path: Path) -> None:
     if case == "missing":
         sig, want = None, "signature is missing"
     elif case == "untrusted":
-        sig = sign_model(side["model"], tmp_path / "o.sig", side["other"]).read_bytes()
+        sig = sign_model(side["model"], tmp_path / "o.sig", side["other"], *R).read_bytes()
     elif case == "other_bytes":
         sha, want = hashlib.sha256(b"evil").hexdigest(), "covers different bytes"
     elif case == "no_rule":
@@ -90,7 +101,7 @@ def test_refused_naming_the_rule(side: dict, case: str, tmp_path: Path) -> None:
         sig = side["ci_sig"]  # a valid certificate signature, not by the rule's key
     p = _policy(d, rules)
     with pytest.raises(ProvenanceRefusedError) as e:
-        check_model(p, name, sig, sha)
+        check_model(p, name, "1.0.0", sig, sha)
     assert want in str(e.value)
     assert e.value.rule == ("" if case == "no_rule" else "vision")
     assert e.value.model == name
@@ -100,9 +111,10 @@ def test_first_matching_rule_decides(side: dict) -> None:  # type: ignore[type-a
     p = _policy(side["d"], [("strict", ["resnet50"], [side["other"]]),
                             ("loose", ["resnet*"], [side["team"]])])
     with pytest.raises(ProvenanceRefusedError) as e:
-        check_model(p, "resnet50", side["team_sig"], side["sha"])
+        check_model(p, *R, side["team_sig"], side["sha"])
     assert e.value.rule == "strict"
-    assert check_model(p, "resnet18", side["team_sig"], side["sha"]).rule == "loose"
+    r18 = sign_model(side["model"], side["d"] / "r18.sig", side["team"], "resnet18", "1.0.0")
+    assert check_model(p, "resnet18", "1.0.0", r18.read_bytes(), side["sha"]).rule == "loose"
 
 
 @pytest.mark.parametrize("doc", [
@@ -172,11 +184,11 @@ def test_certificate_leaf_must_be_a_code_signing_leaf_for_the_identity(
         "uri_for_email": {"san": [x509.UniformResourceIdentifier("train@ml.example")]},
     }[leaf]
     other = cert_signer(tmp_path, "train@ml.example", "x", ca=ci.ca, **kw)
-    sig = sign_model(side["model"], tmp_path / "x.sig", other).read_bytes()
+    sig = sign_model(side["model"], tmp_path / "x.sig", other, *R).read_bytes()
     p = _policy(side["d"], [("all", ["*"], [ci])])
     with pytest.raises(ProvenanceRefusedError, match="not by a signer it trusts"):
-        check_model(p, "m", sig, side["sha"])
-    assert check_model(p, "m", side["ci_sig"], side["sha"]).signer == "all-0"
+        check_model(p, *R, sig, side["sha"])
+    assert check_model(p, *R, side["ci_sig"], side["sha"]).signer == "all-0"
 
 
 def test_model_signing_warnings_stay_off_stdout(side: dict,  # type: ignore[type-arg]
@@ -184,5 +196,134 @@ def test_model_signing_warnings_stay_off_stdout(side: dict,  # type: ignore[type
     sig = json.loads(side["team_sig"])
     sig["verificationMaterial"]["publicKey"]["hint"] = ""
     p = _policy(side["d"], [("all", ["*"], [side["team"]])])
-    check_model(p, "m", json.dumps(sig).encode(), side["sha"])
+    check_model(p, *R, json.dumps(sig).encode(), side["sha"])
     assert capfd.readouterr().out == ""
+
+
+# --- the signature is for one release (bind name-version) --------------------------------
+
+@pytest.mark.parametrize(("signed", "release"), [
+    ("detector-2.1.0.onnx", ("detector", "2.1.0")),
+    ("detector-2.1.0", ("detector", "2.1.0")),
+    ("face-det-1.2.3.onnx", ("face-det", "1.2.3")),
+    ("yolo-v8-10.0.1.pt", ("yolo-v8", "10.0.1")),
+    # one reading only: a last part starting with a letter is the extension
+    ("detector-2.1.0-rc.1.onnx", ("detector", "2.1.0-rc.1")),
+    ("detector-2.1.0+build.7.onnx", ("detector", "2.1.0+build.7")),
+    ("detector-2.1.0-rc.1", ("detector", "2.1.0-rc.1")),
+    # ... and the name ends at the first '-' a version follows
+    ("x-1.0.0-1.0.0.onnx", ("x", "1.0.0-1.0.0")),
+    ("model.onnx", None), ("detector.onnx", None), ("detector-2.1.onnx", None),
+    ("detector-2.1.0.tar.gz", None), ("detector-02.1.0.onnx", None),
+    ("-1.0.0.onnx", None), (".hidden-1.0.0.onnx", None), ("detector-1.0.0.onnx\n", None),
+    ("compat-undefined-not-present", None),  # (model-signing v0.2 signatures name none)
+    ("a" * 300 + "-1.0.0.onnx", None),
+])
+def test_signed_release_reads_one_release(signed: str,
+                                          release: tuple[str, str] | None) -> None:
+    assert signed_release(signed) == release
+
+
+@pytest.mark.parametrize("case", ["newer_version", "other_name", "pre_release_suffix",
+                                  "unnamed_file"])
+def test_replayed_signature_is_refused_naming_the_release(
+        side: dict, case: str, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """A thief of the targets key repackages the bytes the training team signed as
+    resnet50 1.0.0 (say a known-bad release) as a newer version, or as another model the
+    same signer's rule covers: the signature's digest matches, its release does not."""
+    p = _policy(side["d"], [("vision", ["resnet*"], [side["team"]])])
+    sig, name, version = side["team_sig"], *R
+    if case == "newer_version":
+        version = "9.0.0"
+    elif case == "other_name":
+        name = "resnet101"
+    elif case == "pre_release_suffix":  # (the one ambiguity a file name has: read once)
+        sig = sign_model(side["model"], tmp_path / "rc.sig", side["team"], "resnet50",
+                         "2.0.0-rc.1").read_bytes()
+        version = "2.0.0-rc.1.onnx"
+    else:  # the training team signed a file called model.onnx
+        sig = sign_model(side["model"], tmp_path / "m.sig", side["team"], *R,
+                         signed_as="model.onnx").read_bytes()
+    with pytest.raises(ProvenanceRefusedError) as e:
+        check_model(p, name, version, sig, side["sha"])
+    assert e.value.rule == "vision" and (e.value.model, e.value.version) == (name, version)
+    assert f"the bundle claims {name} {version}" in e.value.reason
+    assert "rule 'vision'" in str(e.value) and "bind name-version" in str(e.value)
+    if case == "unnamed_file":
+        assert "'model.onnx', which names no release" in e.value.reason
+    else:
+        signed = "2.0.0-rc.1" if case == "pre_release_suffix" else "1.0.0"
+        assert f"the signature by 'vision-0' is for resnet50 {signed}" in e.value.reason
+    # the release it was signed for is admitted
+    signed_version = "2.0.0-rc.1" if case == "pre_release_suffix" else "1.0.0"
+    if case != "unnamed_file":
+        assert check_model(p, "resnet50", signed_version, sig, side["sha"]).rule == "vision"
+
+
+def test_bind_digest_is_an_explicit_opt_out(side: dict) -> None:  # type: ignore[type-arg]
+    """``bind: digest`` admits the signature for any release the rule covers (the old
+    behaviour), is kept in the canonical policy, and is named in the verdict; without it
+    the canonical bytes have no ``bind`` (existing pins stay valid)."""
+    doc = json.loads(policy_doc([("vision", ["resnet*"], [side["team"]])]))
+    plain = parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+    assert b"bind" not in plain.to_bytes() and plain.digest_bound() == ()
+    doc["rules"][0]["bind"] = "digest"
+    p = parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+    assert b'"bind": "digest"' in p.to_bytes() and parse_policy(p.to_bytes(), "pub") == p
+    assert p.digest_bound() == ("vision",)
+    v = check_model(p, "resnet101", "9.0.0", side["team_sig"], side["sha"])
+    assert (v.bind, v.signed_as) == ("digest", "resnet50-1.0.0.onnx")
+    with pytest.raises(ProvenanceRefusedError, match="covers different bytes"):
+        check_model(p, *R, side["team_sig"], hashlib.sha256(b"x").hexdigest())
+
+
+@pytest.mark.parametrize("bind", ["Digest", "name", "", "none", 1, None, ["digest"]])
+def test_bind_takes_two_values_only(side: dict, bind: object) -> None:  # type: ignore[type-arg]
+    doc = json.loads(policy_doc([("vision", ["resnet*"], [side["team"]])]))
+    doc["rules"][0]["bind"] = bind
+    with pytest.raises(PolicyFormatError, match="bind must be"):
+        parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+
+
+def test_replay_refused_at_bundle_build_and_publish(side: dict, tmp_path: Path) -> None:  # type: ignore[type-arg]
+    """Through the real publisher: the signed bytes of classifier 1.0.0 built into a
+    bundle claiming 9.0.0, or claiming classifier-lite (same rule, same signer): `bundle
+    build` refuses them, and so does `publish` (bundles built without the check); the
+    repository's targets do not move; the genuine release publishes."""
+    from modelward.publisher import _policy
+    from modelward.publisher._bundle_build import BuildOptions, build_bundle
+    from modelward.publisher._repo import Repository
+    from modelward.simulator._models import make_linear_model
+    from modelward.trust.errors import OperatorInputError
+
+    repo = Repository(tmp_path / "repo", tmp_path / "keys", b"a passphrase for tests 123")
+    repo.init()
+    team = side["team"]
+    _policy.set_policy(repo, policy_doc([("classifiers", ["classifier*"], [team])]),
+                       tmp_path)
+    rule = _policy.published_policy(repo)[0].rules[0]  # type: ignore[index]
+    model = make_linear_model(tmp_path / "m.onnx", 1)
+    sig = sign_model(model, tmp_path / "m.sig", team, "classifier", "1.0.0")
+    for name, version in (("classifier", "9.0.0"), ("classifier-lite", "1.0.0")):
+        with pytest.raises(OperatorInputError, match=f"claims {name} {version}"):
+            build_bundle(model, name, version, tmp_path / "x.tar", options=BuildOptions(
+                model_signature=sig, signers=rule.signers))
+    def published() -> tuple[int, list[str]]:
+        targets = repo.current()[0]
+        return targets.version, sorted(targets.targets)
+
+    before = published()
+    for name, version in (("classifier", "9.0.0"), ("classifier-lite", "1.0.0")):
+        out = tmp_path / f"{name}-{version}.tar"
+        build_bundle(model, name, version, out, options=BuildOptions(
+            model_signature=sig, verify_signature=False))
+        with pytest.raises(ProvenanceRefusedError) as e:
+            repo.publish(out)
+        assert e.value.rule == "classifiers" and e.value.version == version
+        assert "is for classifier 1.0.0" in e.value.reason
+    assert published() == before
+    good = tmp_path / "good.tar"
+    build_bundle(model, "classifier", "1.0.0", good, options=BuildOptions(
+        model_signature=sig, signers=rule.signers))
+    repo.publish(good)
+    assert "classifier/classifier-1.0.0.tar" in published()[1]

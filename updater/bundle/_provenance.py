@@ -17,10 +17,17 @@ pinned bytes. A root without the field means no policy (the behaviour before it)
 Semantics: the first rule whose ``models`` pattern (``fnmatch``, case-sensitive) matches the
 model name applies; a model no rule covers is refused (a compromised targets key cannot
 dodge the policy with a new name). A rule needs a signature by one of its ``signers``
-over exactly the model file's bytes. Certificate signers are checked by
-``model-signing`` (chain to the rule's CA, key usage code signing, at the leaf's
-not-before time: there is no trusted timestamp, so a leaf's expiry or revocation is not
-seen) and here (the leaf's subject alternative names hold the rule's ``identity``).
+over exactly the model file's bytes, and (``bind``, by default ``name-version``) for
+exactly the release the bundle claims: the file the training team signed is named
+``<name>-<version>`` with at most one extension (what ``model-signing`` records as the
+signed model's name, inside the signed statement), so a stolen targets key cannot take a
+genuinely signed old model and publish it as a newer version or under another name the
+same signer is trusted for. ``bind: digest`` drops that (the signature covers the bytes
+only); it is named in the policy and warned about wherever it admits a model.
+Certificate signers are checked by ``model-signing`` (chain to the rule's CA, key usage
+code signing, at the leaf's not-before time: there is no trusted timestamp, so a leaf's
+expiry or revocation is not seen) and here (the leaf's subject alternative names hold the
+rule's ``identity``).
 
 Everything read here is bounded before it is parsed: a policy at most
 :data:`MAX_POLICY_BYTES`, a signature at most :data:`MAX_SIGNATURE_BYTES`, each nested to
@@ -42,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+from modelward.updater.bundle._names import MODEL_NAME
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
 
 POLICY_FORMAT = "modelward-provenance-policy/1"
@@ -54,6 +63,15 @@ MAX_RULES, MAX_SIGNERS, MAX_PATTERNS, MAX_PEM = 64, 16, 64, 32 << 10
 SIGNATURE_NAME = "model.sig"  # the model signature's file in a bundle
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:/+-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: a rule's ``bind``: the signature is for one release (the default), or for bytes only
+BIND_NAME_VERSION, BIND_DIGEST = "name-version", "digest"
+BINDS = (BIND_NAME_VERSION, BIND_DIGEST)
+#: what is logged wherever a ``bind: digest`` rule admits a model
+DIGEST_BIND_RISK = ("binds the model signature to the file's bytes only (bind digest): "
+                    "a stolen targets key can publish any model this signer signed, as any "
+                    "newer version and under any model name the rule covers")
+_EXTENSION = re.compile(r"(.+)\.([A-Za-z][A-Za-z0-9]{0,15})")
+MAX_SIGNED_NAME = 256  # characters of a signed model name shown or parsed
 
 
 @dataclass(frozen=True)
@@ -105,14 +123,18 @@ class Rule:
     models: tuple[str, ...]
     signers: tuple[TrustedSigner, ...]
     provenance: ProvenanceRule | None = None
+    bind: str = BIND_NAME_VERSION  # what the signature must be for (BINDS)
 
     def covers(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.models)
 
     def to_json(self) -> dict[str, Any]:
+        # (the default is left out: a policy that does not opt out keeps its canonical
+        # bytes, and so its pin, and an older agent still takes it)
         return {"name": self.name, "models": list(self.models),
                 "signers": [s.to_json() for s in self.signers]} | (
-                    {"provenance": self.provenance.to_json()} if self.provenance else {})
+                    {"provenance": self.provenance.to_json()} if self.provenance else {}) | (
+                    {"bind": self.bind} if self.bind != BIND_NAME_VERSION else {})
 
 
 @dataclass(frozen=True)
@@ -124,6 +146,10 @@ class Policy:
     def rule_for(self, model: str) -> Rule | None:
         """The rule that applies to ``model`` (the first that covers it), or None."""
         return next((r for r in self.rules if r.covers(model)), None)
+
+    def digest_bound(self) -> tuple[str, ...]:
+        """The names of the rules that opt out of the release binding (``bind: digest``)."""
+        return tuple(r.name for r in self.rules if r.bind == BIND_DIGEST)
 
     def to_bytes(self) -> bytes:
         """The canonical document (sorted keys): what is published and pinned."""
@@ -138,6 +164,8 @@ class Verdict:
     rule: str
     signer: str
     builder: str = ""  # the builder whose provenance the rule verified ("": not required)
+    signed_as: str = ""  # the model name inside the signature (the file it signed)
+    bind: str = BIND_NAME_VERSION  # the rule's binding (BIND_DIGEST: bytes only)
 
 
 def _str(d: Mapping[str, Any], key: str, where: str, *, limit: int = 128) -> str:
@@ -256,8 +284,12 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
             if not _NAME.fullmatch(name) or name in {x.name for x in rules}:
                 raise ValueError(f"{where}: a duplicate name, or characters outside "
                                  "[A-Za-z0-9._@:/+-]")
-            if unknown := set(r) - {"name", "models", "signers", "provenance"}:
+            if unknown := set(r) - {"name", "models", "signers", "provenance", "bind"}:
                 raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+            bind = r.get("bind", BIND_NAME_VERSION)
+            if bind not in BINDS:  # (strict: a typo never weakens the rule)
+                raise ValueError(f"{where}: bind must be {BIND_NAME_VERSION!r} (the "
+                                 f"default) or {BIND_DIGEST!r}, not {str(bind)[:40]!r}")
             models = r.get("models")
             if not isinstance(models, list) or not 1 <= len(models) <= MAX_PATTERNS or not all(
                     isinstance(p, str) and 0 < len(p) <= 128 for p in models):
@@ -271,7 +303,7 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
                 raise ValueError(f"{where}: two signers have the same name")
             rules.append(Rule(name, tuple(models), parsed,
                               None if "provenance" not in r else
-                              _provenance_rule(r["provenance"], where, base)))
+                              _provenance_rule(r["provenance"], where, base), bind))
     except (UntrustedJsonError, ValueError) as e:
         raise PolicyFormatError(f"provenance policy {what}: {e}") from e
     return Policy(tuple(rules))
@@ -340,8 +372,50 @@ def _check_leaf(cert: Any) -> None:
                          "usage)")
 
 
-def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]:
-    """(digest algorithm, hex digest) of the one file ``sig`` signs, if ``signer`` made it.
+def signed_release(signed_name: str) -> tuple[str, str] | None:
+    """The release (model name, version) a signature is for, read from the model name
+    ``model-signing`` put in the signed statement (the name of the file it signed), or
+    None when it names none.
+
+    The name is ``<name>-<version>`` and at most one extension; one reading only, so a
+    signature is for exactly one release: a last ``.part`` that starts with a letter is
+    the extension (``detector-2.1.0-rc.1.onnx`` is detector 2.1.0-rc.1), and the name
+    ends at the first ``-`` that a valid semantic version follows.
+    """
+    if len(signed_name) > MAX_SIGNED_NAME:
+        return None
+    m = _EXTENSION.fullmatch(signed_name)
+    for stem in ([m.group(1)] if m else []) + [signed_name]:
+        for i, c in enumerate(stem):
+            if c != "-" or not MODEL_NAME.fullmatch(stem[:i]):
+                continue
+            try:
+                SemVer.parse(stem[i + 1:])
+            except ValueError:
+                continue
+            return stem[:i], stem[i + 1:]
+    return None
+
+
+def _binding_refusal(signer: str, signed_name: str, model: str, version: str) -> str:
+    """Why a signature for ``signed_name`` is not for ``model`` ``version``; "" if it is."""
+    release = signed_release(signed_name)
+    if release == (model, version):
+        return ""
+    shown = ascii(signed_name[:MAX_SIGNED_NAME])
+    claims = (f"the bundle claims {model} {version} (bind {BIND_NAME_VERSION}: the "
+              f"training team signs the model file named as the release, e.g. "
+              f"{model}-{version}.onnx)")
+    if release is None:
+        return (f"the signature by {signer!r} is for the file {shown}, which names no "
+                f"release NAME-VERSION[.EXT]; {claims}")
+    return (f"the signature by {signer!r} is for {release[0]} {release[1]} (it signs the "
+            f"file {shown}); {claims}")
+
+
+def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str, str]:
+    """(digest algorithm, hex digest) of the one file ``sig`` signs and the model name
+    the signed statement gives it, if ``signer`` made it.
 
     Raises:
         ValueError: not made by ``signer`` (any failure of the library counts as that).
@@ -379,13 +453,15 @@ def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]
         raise ValueError(f"{type(e).__name__}: {e}") from e
     if len(resources) != 1:
         raise ValueError(f"it signs {len(resources)} files, not exactly the model file")
-    return resources[0].digest.algorithm, resources[0].digest.digest_hex
+    return (resources[0].digest.algorithm, resources[0].digest.digest_hex,
+            str(manifest.model_name))
 
 
-def check_model(policy: Policy, model: str, signature: bytes | None,
+def check_model(policy: Policy, model: str, version: str, signature: bytes | None,
                 model_sha256: str, provenance: bytes | None = None) -> Verdict:
-    """The policy's verdict on ``model`` whose model file has ``model_sha256``, carrying
-    the model ``signature`` and the ``provenance`` attestation (None: absent).
+    """The policy's verdict on release ``model`` ``version`` (as its bundle's manifest
+    says) whose model file has ``model_sha256``, carrying the model ``signature`` and the
+    ``provenance`` attestation (None: absent).
 
     Raises:
         ProvenanceRefusedError: naming the rule and what it missed.
@@ -395,8 +471,8 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
     def refuse(rule_name: str, reason: str) -> ProvenanceRefusedError:
         where = f"rule {rule_name!r}" if rule_name else "no rule"
         return ProvenanceRefusedError(
-            f"{model}: the provenance policy refuses it ({where}): {reason}",
-            model=model, rule=rule_name, reason=reason)
+            f"{model} {version}: the provenance policy refuses it ({where}): {reason}",
+            model=model, version=version, rule=rule_name, reason=reason)
 
     if rule is None:
         raise refuse("", "no rule of the provenance policy covers this model name")
@@ -414,7 +490,7 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
     with tempfile.TemporaryDirectory(prefix="modelward-sig-") as tmp:
         for signer in rule.signers:
             try:
-                alg, digest = _verify_one(signature, signer, Path(tmp))
+                alg, digest, signed_name = _verify_one(signature, signer, Path(tmp))
             except ValueError as e:
                 tried.append(f"{signer.name}: {str(e)[:200]}")
                 continue
@@ -422,13 +498,17 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
                 raise refuse(rule.name, f"the signature by {signer.name!r} covers different "
                              f"bytes ({alg} {digest[:16]}..., the model file is sha256 "
                              f"{model_sha256[:16]}...)")
+            if rule.bind == BIND_NAME_VERSION and (
+                    why := _binding_refusal(signer.name, signed_name, model, version)):
+                raise refuse(rule.name, why)
             builder = ""
             if rule.provenance is not None:
                 try:
                     builder = check_provenance(rule.provenance, provenance, model_sha256)
                 except ValueError as e:
                     raise refuse(rule.name, str(e)) from e
-            return Verdict(rule.name, signer.name, builder)
+            return Verdict(rule.name, signer.name, builder, signed_name[:MAX_SIGNED_NAME],
+                           rule.bind)
     raise refuse(rule.name, "the model signature is not by a signer it trusts ("
                  + "; ".join(tried) + ")")
 

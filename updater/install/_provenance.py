@@ -5,7 +5,9 @@ top-level targets only (a delegated team never speaks for it), within the pinned
 and checks its bytes against the pin before it parses them. Before the health check it
 verifies the model signature from the *sealed* copies (:mod:`updater.install._sealed`),
 hashing the sealed model itself: the manifest's sha256 is not used (a delta assembles the
-model from chunks and never computes it, and a targets key writes the manifest).
+model from chunks and never computes it, and a targets key writes the manifest). The
+release the signature must be for is the manifest's name and version, which the install
+has checked against the signed target's before (a bundle claims what its target claims).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import os
 
 from modelward.updater.bundle._bundle import Manifest
 from modelward.updater.bundle._provenance import (
+    BIND_DIGEST,
+    DIGEST_BIND_RISK,
     MAX_PROVENANCE_BYTES,
     MAX_SIGNATURE_BYTES,
     Policy,
@@ -85,11 +89,16 @@ def check_sealed(policy: Policy, manifest: Manifest, sealed: SealedFiles) -> Ver
         data = _read_sealed(sealed.fds[name], most)
         return b"\0" * (most + 1) if data is None else data  # (refused as over the bound)
 
-    verdict = check_model(policy, manifest.name,
+    verdict = check_model(policy, manifest.name, manifest.version,
                           read(manifest.model_signature, MAX_SIGNATURE_BYTES),
                           _sha256_sealed(sealed.fds[manifest.model_path]),
                           read(manifest.provenance_attestation, MAX_PROVENANCE_BYTES))
-    logger.info("%s %s: model signature by %r verified (provenance rule %r)", manifest.name,
-                manifest.version, verdict.signer, verdict.rule,
-                extra={"model": manifest.name, "version": manifest.version})
+    logger.info("%s %s: model signature by %r of %r verified (provenance rule %r)",
+                manifest.name, manifest.version, verdict.signer, verdict.signed_as,
+                verdict.rule, extra={"model": manifest.name, "version": manifest.version})
+    if verdict.bind == BIND_DIGEST:
+        logger.warning("%s %s: provenance rule %r %s; the signature is for %r",
+                       manifest.name, manifest.version, verdict.rule, DIGEST_BIND_RISK,
+                       verdict.signed_as,
+                       extra={"model": manifest.name, "version": manifest.version})
     return verdict
