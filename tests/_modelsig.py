@@ -126,3 +126,30 @@ def policy_doc(rules: list[tuple[str, list[str], list[SignerFiles]]]) -> bytes:
         out.append({"name": name, "models": models, "signers": entries})
     return json.dumps({"format": "modelward-provenance-policy/1", "rules": out}).encode()
 
+
+def attestation(model: Path, builder: SignerFiles, builder_id: str,
+                dependencies: list[dict[str, Any]]) -> bytes:
+    """A provenance attestation of ``model`` with exactly these resolved dependencies
+    (as a builder could write them, not only as ``provenance sign`` does), DSSE-signed by
+    ``builder``'s key."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import CryptoSigner
+
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": model.name,
+                     "digest": {"sha256": hashlib.sha256(model.read_bytes()).hexdigest()}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {"buildDefinition": {"buildType": "https://modelward.dev/training/v1",
+                                          "externalParameters": {},
+                                          "resolvedDependencies": dependencies},
+                      "runDetails": {"builder": {"id": builder_id}}},
+    }
+    key = load_pem_private_key(builder.private_key.read_bytes(), password=None)
+    envelope = Envelope(json.dumps(statement, sort_keys=True).encode(),
+                        "application/vnd.in-toto+json", {})
+    envelope.sign(CryptoSigner(key))  # type: ignore[arg-type]
+    return json.dumps(envelope.to_dict()).encode()

@@ -22,6 +22,7 @@ from modelward.updater.bundle._provenance import (
 from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
 from tests._modelsig import (
     SignerFiles,
+    attestation,
     cert_signer,
     key_signer,
     policy_doc,
@@ -327,3 +328,67 @@ def test_replay_refused_at_bundle_build_and_publish(side: dict, tmp_path: Path) 
         model_signature=sig, signers=rule.signers))
     repo.publish(good)
     assert "classifier/classifier-1.0.0.tar" in published()[1]
+
+
+# --- dataset_digests: a dependency marked as a dataset, with a sha256 --------------------
+
+_HEX = "ab" * 32
+
+
+@pytest.mark.parametrize(("deps", "admitted"), [
+    ([{"name": "imagenet-mini", "digest": {"sha256": _HEX},
+       "annotations": {"kind": "dataset"}}], True),
+    # a dataset among others (provenance sign's source: a uri, no digest)
+    ([{"uri": "git+https://git.example/ml@abc", "annotations": {"kind": "source"}},
+      {"name": "d", "digest": {"sha256": _HEX, "md5": "0" * 32},
+       "annotations": {"kind": "dataset", "note": "x"}}], True),
+    ([], False),
+    ([{"uri": "git+https://git.example/ml@abc", "annotations": {"kind": "source"}}], False),
+    ([{"uri": "git+https://git.example/ml@abc", "digest": {"gitCommit": "abc123"},
+       "annotations": {"kind": "source"}}], False),  # a digest, but of the source
+    ([{"name": "d", "digest": {"sha256": _HEX}}], False),  # not marked a dataset
+    ([{"name": "d", "digest": {"sha256": _HEX}, "annotations": {"kind": "Dataset"}}], False),
+    ([{"name": "d", "digest": {"sha256": _HEX}, "annotations": {"kind": ["dataset"]}}],
+     False),
+    ([{"name": "d", "digest": {"sha256": ""}, "annotations": {"kind": "dataset"}}], False),
+    ([{"name": "d", "digest": {"sha256": "ab" * 16}, "annotations": {"kind": "dataset"}}],
+     False),
+    ([{"name": "d", "digest": {"sha256": _HEX.upper()}, "annotations": {"kind": "dataset"}}],
+     False),
+    ([{"name": "d", "digest": {"sha256": "zz" * 32}, "annotations": {"kind": "dataset"}}],
+     False),
+    ([{"name": "d", "digest": {"sha512": "ab" * 64}, "annotations": {"kind": "dataset"}}],
+     False),
+    ([{"name": "d", "annotations": {"kind": "dataset"}}], False),  # no digest at all
+])
+def test_dataset_digests_needs_a_dataset_with_a_sha256(
+        side: dict, tmp_path: Path, deps: list[dict], admitted: bool) -> None:  # type: ignore[type-arg]
+    from modelward.updater.bundle._provenance import Builder, ProvenanceRule, check_provenance
+
+    builder = key_signer(tmp_path / "b", "builder")
+    rule = ProvenanceRule((Builder("https://ci.example/train",
+                                   builder.public_key.read_text()),), dataset_digests=True)
+    att = attestation(side["model"], builder, "https://ci.example/train", deps)
+    if admitted:
+        assert check_provenance(rule, att, side["sha"]) == "https://ci.example/train"
+    else:
+        with pytest.raises(ValueError, match="names no dataset digests"):
+            check_provenance(rule, att, side["sha"])
+    # a rule that does not ask for datasets takes it either way
+    assert check_provenance(ProvenanceRule(rule.builders), att, side["sha"])
+
+
+def test_provenance_sign_marks_datasets_as_the_rule_reads_them(side: dict,  # type: ignore[type-arg]
+                                                               tmp_path: Path) -> None:
+    from modelward.publisher._attestation import make_attestation
+    from modelward.updater.bundle._provenance import parse_attestation
+
+    builder = key_signer(tmp_path / "b", "builder")
+    data = make_attestation(side["model"], builder.private_key.read_bytes(), "b",
+                            datasets=[("imagenet-mini", _HEX)], source="git+https://x@1")
+    att = parse_attestation(data)
+    assert att.datasets == (("imagenet-mini", _HEX),)
+    assert len(att.dependencies) == 2  # (the source too, but not as a dataset)
+    only_source = make_attestation(side["model"], builder.private_key.read_bytes(), "b",
+                                   source="git+https://x@1")
+    assert parse_attestation(only_source).datasets == ()

@@ -103,8 +103,8 @@ class Builder:
 @dataclass(frozen=True)
 class ProvenanceRule:
     """What a rule asks of the provenance attestation: signed by one of ``builders``
-    (whose id the attestation names), and, if ``dataset_digests``, dataset digests among
-    its resolved dependencies."""
+    (whose id the attestation names), and, if ``dataset_digests``, a dataset among its
+    resolved dependencies (annotated ``kind: dataset``, with a sha256 digest)."""
 
     builders: tuple[Builder, ...]
     dataset_digests: bool = False
@@ -517,6 +517,8 @@ PROVENANCE_NAME = "provenance.dsse.json"  # the provenance attestation's file in
 MAX_PROVENANCE_BYTES = 256 << 10
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 IN_TOTO_PAYLOAD = "application/vnd.in-toto+json"
+#: how an attestation marks a training dataset among its resolved dependencies
+KIND_ANNOTATION, DATASET_KIND = "kind", "dataset"
 
 
 @dataclass(frozen=True)
@@ -528,6 +530,10 @@ class Attestation:
     builder_id: str
     dependencies: tuple[tuple[str, str], ...]  # (name or uri, "alg:hex" of its digests)
     parameters: dict[str, Any]
+    #: (name, sha256) of the resolved dependencies marked as datasets (annotation
+    #: ``kind: dataset``, as ``modelward provenance sign --dataset`` writes them) whose
+    #: sha256 is 64 lowercase hex digits
+    datasets: tuple[tuple[str, str], ...] = ()
 
 
 def parse_attestation(data: bytes) -> Attestation:
@@ -564,10 +570,21 @@ def parse_attestation(data: bytes) -> Attestation:
             json_format.ParseError) as e:
         raise ValueError(f"the provenance attestation is malformed: {str(e)[:300]}") from e
     subjects = tuple((s.name, s.digest.get("sha256", "")) for s in pb.subject)
+    resolved = prov.build_definition.resolved_dependencies
     deps = tuple((d.name or d.uri, ",".join(f"{k}:{v}" for k, v in sorted(d.digest.items())))
-                 for d in prov.build_definition.resolved_dependencies)
+                 for d in resolved)
+    datasets = tuple((d.name or d.uri, d.digest["sha256"]) for d in resolved
+                     if _is_dataset(d) and _HEX64.fullmatch(d.digest.get("sha256", "")))
     return Attestation(envelope, subjects, prov.run_details.builder.id, deps,
-                       json_format.MessageToDict(prov.build_definition.external_parameters))
+                       json_format.MessageToDict(prov.build_definition.external_parameters),
+                       datasets)
+
+
+def _is_dataset(dependency: Any) -> bool:
+    """A resolved dependency (ResourceDescriptor protobuf) annotated ``kind: dataset``."""
+    kind = dependency.annotations.fields.get(KIND_ANNOTATION)
+    return kind is not None and kind.WhichOneof("kind") == "string_value" and \
+        kind.string_value == DATASET_KIND
 
 
 def check_provenance(rule: ProvenanceRule, data: bytes | None, model_sha256: str) -> str:
@@ -599,7 +616,8 @@ def check_provenance(rule: ProvenanceRule, data: bytes | None, model_sha256: str
     except VerificationError as e:
         raise ValueError(f"the provenance attestation is not signed by builder "
                          f"{att.builder_id[:200]!r}'s key ({e})") from e
-    if rule.dataset_digests and not any(d for _, d in att.dependencies):
-        raise ValueError("the provenance attestation names no dataset digests (resolved "
-                         "dependencies with a digest)")
+    if rule.dataset_digests and not att.datasets:
+        raise ValueError("the provenance attestation names no dataset digests (a resolved "
+                         f"dependency annotated {KIND_ANNOTATION}: {DATASET_KIND} with a sha256 "
+                         "of 64 hex digits)")
     return att.builder_id
