@@ -21,6 +21,7 @@ __all__ = [
     "NothingTrustedError",
     "OperatorInputError",
     "PolicyFormatError",
+    "PolicyUnavailableError",
     "ProvenanceRefusedError",
     "RollbackError",
     "SandboxError",
@@ -197,6 +198,24 @@ class TrustStateLostError(NothingTrustedError):
 
 class PolicyFormatError(UntrustedRemoteError):
     """A provenance policy document is malformed (names the field at fault)."""
+
+
+class PolicyUnavailableError(UntrustedRemoteError):
+    """The device cannot take the provenance policy its trusted root pins (root's pin is
+    malformed, the top-level targets do not list the pinned policy, the origin serves
+    other bytes for it, or they do not parse). Nothing is installed, and no release is
+    refused for it: the fault is the policy's (the audit trail records
+    ``policy-fetch-failed``, not a refusal of the release). The origin not delivering it
+    at all is a :class:`DownloadFailedError`, as for any download.
+
+    Attributes:
+        path: the pinned policy's target path ("" if the pin itself is malformed).
+        cause: the class name of the error underneath (e.g. ``MetadataError``).
+    """
+
+    def __init__(self, message: str, *, path: str, cause: str) -> None:
+        super().__init__(message)
+        self.path, self.cause = path, cause
 
 
 class ProvenanceRefusedError(UntrustedRemoteError):

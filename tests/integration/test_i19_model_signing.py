@@ -22,7 +22,11 @@ from modelward.publisher import _policy
 from modelward.publisher._bundle_build import BuildOptions, build_bundle
 from modelward.simulator._models import make_linear_model
 from modelward.updater.bundle._provenance import RESERVED_DIR, parse_policy, policy_path
-from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
+from modelward.updater.errors import (
+    DownloadFailedError,
+    PolicyUnavailableError,
+    ProvenanceRefusedError,
+)
 from tests._helpers import repo_cli_ok
 from tests._modelsig import SignerFiles, cert_signer, key_signer, policy_doc, sign_model
 from tests.conftest import World, stock_refresh
@@ -149,9 +153,12 @@ def test_policy_enforced_at_publish_and_on_the_device(world: World,
     w.repo._commit_targets(targets)  # noqa: SLF001
     model = make_linear_model(w.builds / "good4.onnx", 6)
     w.repo.publish(_bundle(w, "4.0.0", 6, team))
-    with pytest.raises(PolicyFormatError, match="do not list it"):
+    with pytest.raises(PolicyUnavailableError, match="do not list it") as pe:
         w.update()
+    assert pe.value.cause == "PolicyFormatError"
     assert _state(w) == kept and w.active_version() == "1.0.0"
+    last = _audit(w)[-1]  # (the policy's failure, not a refusal of 4.0.0)
+    assert last["kind"] == "policy-fetch-failed" and "version" not in last["fields"]
 
 
 def test_certificate_identity_and_untouched_devices_without_policy(
@@ -297,6 +304,11 @@ def test_policy_travels_on_local_media(world: World, monkeypatch: pytest.MonkeyP
     assert w.active_version() == "1.1.0"
 
 
+def _served_policy(w: World) -> Path:
+    (found,) = (w.repo_dir / "targets" / RESERVED_DIR).glob("*.provenance-policy-*.json")
+    return found
+
+
 def test_replayed_model_signature_is_refused_on_the_device(
         world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     """Finding 1 (replay): a thief of the targets key takes what the training team
@@ -399,3 +411,47 @@ def test_bind_digest_opt_out_is_named_and_warned(world: World,
         assert w.update().active is not None and w.active_version() == "9.0.0"
     assert "rule 'classifiers' binds the model signature to the file's bytes only" in \
         caplog.text and "'classifier-1.0.0.onnx'" in caplog.text
+
+
+def test_policy_fetch_failure_is_no_refusal_of_the_release(world: World) -> None:
+    """Finding 3: the origin serving other bytes for the pinned policy is the policy's
+    failure: the audit trail records `policy-fetch-failed` naming the policy's target (no
+    release version), not `download-refused` of the release, and the release is not
+    remembered as refused: once the origin serves the policy again, it installs. The
+    origin not serving the policy at all is a transport error, recorded nowhere (as for
+    any download)."""
+    w = world
+    team = key_signer(w.tmp / "team")
+    policy = w.tmp / "policy.json"
+    policy.write_bytes(policy_doc([("classifiers", ["classifier*"], [team])]))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    w.update()  # (nothing to install: root v2, which pins the policy, is anchored)
+    repo_cli_ok(w, "publish", str(_bundle(w, "1.0.0", 1, team)))
+    served = _served_policy(w)
+    good = served.read_bytes()
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0x20  # (same length: TUF's hash check refuses it)
+    served.write_bytes(bytes(bad))
+    kept, audited = _state(w), len(_audit(w))
+    with pytest.raises(PolicyUnavailableError) as e:
+        w.update()
+    assert e.value.cause == "MetadataError" and e.value.path.startswith(RESERVED_DIR)
+    assert _state(w) == kept and w.active_version() is None
+    new = _audit(w)[audited:]
+    assert [x["kind"] for x in new] == ["policy-fetch-failed"], new
+    assert new[0]["fields"]["target"] == e.value.path
+    assert {"version", "fingerprint"}.isdisjoint(new[0]["fields"])
+    assert "PolicyUnavailableError" in new[0]["fields"]["reason"]
+    rejections = w.state / "rejections.json"
+    assert not rejections.exists() or b"classifier-1.0.0" not in rejections.read_bytes()
+
+    served.unlink()  # the origin does not deliver it: transport, not recorded
+    with pytest.raises(DownloadFailedError):
+        w.update()
+    assert len(_audit(w)) == audited + 1 and _state(w) == kept
+
+    served.write_bytes(good)
+    assert w.update().active is not None and w.active_version() == "1.0.0"
+    r = w.cli("agent", "audit", "--config", str(w.conf_path), "--json")
+    assert r.returncode == 0, r.stderr  # (the new kind verifies as any other)
+    assert "policy-fetch-failed" in [x["kind"] for x in json.loads(r.stdout)["entries"]]

@@ -392,3 +392,78 @@ def test_provenance_sign_marks_datasets_as_the_rule_reads_them(side: dict,  # ty
     only_source = make_attestation(side["model"], builder.private_key.read_bytes(), "b",
                                    source="git+https://x@1")
     assert parse_attestation(only_source).datasets == ()
+
+
+# --- a policy the device cannot take is the policy's failure, not the release's ----------
+
+class _Session:
+    """What load_policy reads of a TUF session: root's fields, the top-level targets and
+    one download (which may fail as ``fails``)."""
+
+    def __init__(self, data: bytes, fails: Exception | None = None, *,
+                 listed: bool = True) -> None:
+        from tuf.api.metadata import TargetFile
+
+        from modelward.updater.bundle._provenance import policy_path
+
+        self.data, self.fails = data, fails
+        self.root_fields = {PIN_FIELD: policy_pin(data)}
+        path = policy_path(hashlib.sha256(data).hexdigest())
+        self.target = TargetFile.from_data(path, data, ["sha256"]) if listed else None
+
+    def top_level_target(self, path: str) -> object:
+        return self.target if self.target is not None and self.target.path == path else None
+
+    def fetch_target_bytes(self, target: object, most: int) -> bytes:
+        if self.fails is not None:
+            raise self.fails
+        return self.data
+
+
+@pytest.mark.parametrize("case", ["other_bytes", "hash", "not_listed", "malformed",
+                                  "bad_pin", "no_origin"])
+def test_policy_fetch_failure_is_recorded_as_the_policys(side: dict, case: str) -> None:  # type: ignore[type-arg]
+    from modelward.trust._auditchain import DOWNLOAD_REFUSED, POLICY_FETCH_FAILED
+    from modelward.updater.bundle._provenance import policy_path
+    from modelward.updater.errors import (
+        DownloadFailedError,
+        MetadataError,
+        PolicyUnavailableError,
+        TargetHashError,
+    )
+    from modelward.updater.install import _events
+    from modelward.updater.install._provenance import load_policy
+
+    data = _policy(side["d"], [("vision", ["resnet*"], [side["team"]])]).to_bytes()
+    session = {
+        "other_bytes": _Session(data, MetadataError("the origin served other bytes")),
+        "hash": _Session(data, TargetHashError("not hex", target="t")),
+        "not_listed": _Session(data, listed=False),
+        "malformed": _Session(b'{"format": "x"}'),
+        "no_origin": _Session(data, DownloadFailedError("down", url="u")),
+    }.get(case)
+    if case == "bad_pin":
+        session = _Session(data)
+        session.root_fields = {PIN_FIELD: {"sha256": "ab"}}
+    assert session is not None
+    with pytest.raises((PolicyUnavailableError, DownloadFailedError)) as e:
+        load_policy(session)  # type: ignore[arg-type]
+    release = {"model": "resnet50", "version": "2.0.0", "fingerprint": "f" * 64,
+               "target": "resnet50/resnet50-2.0.0.tar"}
+    fields = _events.failure_fields(e.value, release, "resnet50")
+    if case == "no_origin":  # (transport: not recorded, as for any download)
+        assert isinstance(e.value, DownloadFailedError)
+        assert _events.refusal_kind(e.value) is None
+        return
+    assert isinstance(e.value, PolicyUnavailableError)
+    assert e.value.cause == {"other_bytes": "MetadataError", "hash": "TargetHashError"}.get(
+        case, "PolicyFormatError")
+    assert _events.refusal_kind(e.value) == POLICY_FETCH_FAILED
+    assert fields["model"] == "resnet50" and "version" not in fields
+    assert fields["target"] == (None if case == "bad_pin" else policy_path(
+        hashlib.sha256(session.data).hexdigest()))
+    # a refusal of the release itself still names the release
+    refused = ProvenanceRefusedError("x", model="resnet50", version="2.0.0", rule="r",
+                                     reason="y")
+    assert _events.refusal_kind(refused) == DOWNLOAD_REFUSED
+    assert _events.failure_fields(refused, release, "resnet50")["version"] == "2.0.0"

@@ -494,10 +494,8 @@ def update_once(
         last = journal.read()
         kind = events.refusal_kind(e)
         if kind is not None:
-            # (the release this attempt chose, if it got that far)
-            events.record(cfg.state_dir, store.tpm, kind, model=fields.get("model", cfg.model),
-                          version=fields.get("version"), fingerprint=fields.get("fingerprint"),
-                          target=fields.get("target"), reason=events.reason(e))
+            events.record(cfg.state_dir, store.tpm, kind,
+                          **events.failure_fields(e, fields, cfg.model))
         try:
             journal.enter("failed", model=last.model, version=last.version,
                           fingerprint=last.fingerprint, target=last.target,
