@@ -305,6 +305,9 @@ def _repo_policy_show(args: argparse.Namespace) -> int:
             else:
                 what = f"certificate for {escape(signer.identity, 256)}"
             print(f"  signer {escape(signer.name, 128)}: {what}")
+    for r in policy.revoked:
+        print(f"revoked model file sha256 {r.sha256}"
+              + (f": {escape(r.note, 256)}" if r.note else ""))
     return EXIT_OK
 
 

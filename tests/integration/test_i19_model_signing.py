@@ -378,6 +378,42 @@ def test_replayed_model_signature_is_refused_on_the_device(
     assert w.update().active is not None and w.active_version() == "9.2.0"
 
 
+def test_revoked_release_is_refused_even_when_pinned(world: World) -> None:
+    """Found by attack on the release binding: a thief of the targets key needs no
+    replay under another version to bring back the known-bad 1.0.0: a pin moves devices
+    down to it (shown first). Once root's threshold revokes its model file in the
+    policy, the same pin is refused on the device (real swtpm, nginx), nothing trusted
+    or on disk moves, and `repo policy show` lists the revocation."""
+    w = world
+    team = key_signer(w.tmp / "team")
+    policy = w.tmp / "policy.json"
+    doc = json.loads(policy_doc([("classifiers", ["classifier*"], [team])]))
+    policy.write_text(json.dumps(doc))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))
+    for version, seed in (("1.0.0", 1), ("2.0.0", 2)):
+        repo_cli_ok(w, "publish", str(_bundle(w, version, seed, team)))
+        assert w.update().active is not None and w.active_version() == version
+    w.repo.pin("classifier", "1.0.0")  # the thief's targets signature
+    assert w.update().active is not None and w.active_version() == "1.0.0"
+    w.repo.pin("classifier", None)
+    assert w.update().active is not None and w.active_version() == "2.0.0"
+
+    bad = hashlib.sha256((w.builds / "m-classifier-1.0.0.onnx").read_bytes()).hexdigest()
+    doc["revoked"] = [{"sha256": bad, "note": "classifier 1.0.0: known-bad"}]
+    policy.write_text(json.dumps(doc))
+    repo_cli_ok(w, "repo", "policy", "set", str(policy))  # (root's keys)
+    assert f"revoked model file sha256 {bad}: classifier 1.0.0: known-bad" in repo_cli_ok(
+        w, "repo", "policy", "show")
+    w.update()  # (nothing new: root v3, which pins the new policy, is anchored)
+    kept, audited = _state(w), len(_audit(w))
+    w.repo.pin("classifier", "1.0.0")
+    with pytest.raises(ProvenanceRefusedError, match="is revoked by the policy") as e:
+        w.update()
+    assert e.value.version == "1.0.0" and e.value.rule == "classifiers"
+    assert _state(w) == kept and w.active_version() == "2.0.0" and _incoming_empty(w)
+    assert [x["kind"] for x in _audit(w)[audited:]] == ["download-refused"]
+
+
 def test_bind_digest_opt_out_is_named_and_warned(world: World,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     """A careless operator opts out (`"bind": "digest"`): `repo policy set` and `repo

@@ -330,6 +330,48 @@ def test_replay_refused_at_bundle_build_and_publish(side: dict, tmp_path: Path) 
     assert "classifier/classifier-1.0.0.tar" in published()[1]
 
 
+def test_revoked_model_file_is_refused_under_any_name_version_or_binding(
+        side: dict) -> None:  # type: ignore[type-arg]
+    """Found by attack: the release binding leaves a thief of the targets key the
+    genuinely signed release itself (published again, or pinned: devices move down to a
+    pin). The root-pinned policy's ``revoked`` list refuses that model file whatever
+    release it claims, whatever rule covers it, even one with ``bind: digest``."""
+    doc = json.loads(policy_doc([("vision", ["resnet*"], [side["team"]])]))
+    doc["revoked"] = [{"sha256": side["sha"], "note": "known-bad 1.0.0\x1b[2J"}]
+    p = parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+    assert parse_policy(p.to_bytes(), "published") == p
+    for name, version in (R, ("resnet50", "9.0.0"), ("resnet101", "1.0.0")):
+        with pytest.raises(ProvenanceRefusedError) as e:
+            check_model(p, name, version, side["team_sig"], side["sha"])
+        assert "is revoked by the policy: known-bad 1.0.0\\x1b[2J" in e.value.reason
+        assert e.value.rule == "vision"
+    doc["rules"][0]["bind"] = "digest"
+    p = parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+    with pytest.raises(ProvenanceRefusedError, match="revoked"):
+        check_model(p, "resnet7", "2.0.0", side["team_sig"], side["sha"])
+    with pytest.raises(ProvenanceRefusedError, match="revoked") as e:  # (no rule covers it)
+        check_model(p, "bert", "1.0.0", side["team_sig"], side["sha"])
+    assert e.value.rule == ""
+    # another model file is not affected; a policy without revocations keeps its bytes
+    other = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(ProvenanceRefusedError, match="covers different bytes"):
+        check_model(p, *R, side["team_sig"], other)
+    assert b"revoked" not in _policy(side["d"], [("v", ["*"], [side["team"]])]).to_bytes()
+
+
+@pytest.mark.parametrize("revoked", [
+    "x", [{"sha256": "AB" * 32}], [{"sha256": "ab" * 31}], [{"sha256": "ab" * 32, "x": 1}],
+    [{"sha256": "ab" * 32, "note": 5}], [{"sha256": "ab" * 32, "note": "n" * 257}],
+    [{"sha256": "ab" * 32}, {"sha256": "ab" * 32}], [{"sha256": f"{i:064x}"} for i in range(513)],
+    ["ab" * 32],
+])
+def test_malformed_revocations_are_refused(side: dict, revoked: object) -> None:  # type: ignore[type-arg]
+    doc = json.loads(policy_doc([("vision", ["resnet*"], [side["team"]])]))
+    doc["revoked"] = revoked
+    with pytest.raises(PolicyFormatError, match="revoked"):
+        parse_policy(json.dumps(doc).encode(), "test", base=side["d"])
+
+
 # --- dataset_digests: a dependency marked as a dataset, with a sha256 --------------------
 
 _HEX = "ab" * 32

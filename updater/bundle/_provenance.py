@@ -23,7 +23,10 @@ exactly the release the bundle claims: the file the training team signed is name
 signed model's name, inside the signed statement), so a stolen targets key cannot take a
 genuinely signed old model and publish it as a newer version or under another name the
 same signer is trusted for. ``bind: digest`` drops that (the signature covers the bytes
-only); it is named in the policy and warned about wherever it admits a model.
+only); it is named in the policy and warned about wherever it admits a model. A signature
+cannot be taken back, and a targets key can publish a signed release again as itself or
+pin devices down to it: the policy's ``revoked`` list names model files (by sha256) no
+rule admits, under any name or version.
 Certificate signers are checked by ``model-signing`` (chain to the rule's CA, key usage
 code signing, at the leaf's not-before time: there is no trusted timestamp, so a leaf's
 expiry or revocation is not seen) and here (the leaf's subject alternative names hold the
@@ -60,6 +63,7 @@ RESERVED_DIR = "_modelward"  # no model name starts with "_": never a model's na
 MAX_POLICY_BYTES = 256 << 10
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_RULES, MAX_SIGNERS, MAX_PATTERNS, MAX_PEM = 64, 16, 64, 32 << 10
+MAX_REVOKED = 512  # revoked model files one policy lists (~100 bytes each)
 SIGNATURE_NAME = "model.sig"  # the model signature's file in a bundle
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:/+-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -138,10 +142,26 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """A model file no rule admits (a known-bad release the training team had signed)."""
+
+    sha256: str
+    note: str = ""  # the operator's words: which release, why
+
+    def to_json(self) -> dict[str, str]:
+        return {"sha256": self.sha256} | ({"note": self.note} if self.note else {})
+
+
+@dataclass(frozen=True)
 class Policy:
     """A parsed provenance policy."""
 
     rules: tuple[Rule, ...]
+    revoked: tuple[Revocation, ...] = ()
+
+    def revocation(self, model_sha256: str) -> Revocation | None:
+        """The revocation of the model file with ``model_sha256``, or None."""
+        return next((r for r in self.revoked if r.sha256 == model_sha256), None)
 
     def rule_for(self, model: str) -> Rule | None:
         """The rule that applies to ``model`` (the first that covers it), or None."""
@@ -153,7 +173,10 @@ class Policy:
 
     def to_bytes(self) -> bytes:
         """The canonical document (sorted keys): what is published and pinned."""
-        doc = {"format": POLICY_FORMAT, "rules": [r.to_json() for r in self.rules]}
+        doc: dict[str, Any] = {"format": POLICY_FORMAT,
+                               "rules": [r.to_json() for r in self.rules]}
+        if self.revoked:  # (left out when empty: a policy without it keeps its pin)
+            doc["revoked"] = [r.to_json() for r in self.revoked]
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
 
 
@@ -270,8 +293,9 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
         d = loads_bounded(data, max_bytes=MAX_POLICY_BYTES, what=what, max_depth=8)
         if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
             raise ValueError(f"format must be {POLICY_FORMAT!r}")
-        if set(d) - {"format", "rules"}:
-            raise ValueError(f"unknown fields {sorted(set(d) - {'format', 'rules'})}")
+        if unknown := set(d) - {"format", "rules", "revoked"}:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        revoked = _revoked(d.get("revoked", []))
         raw_rules = d.get("rules")
         if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= MAX_RULES:
             raise ValueError(f"rules must be a list of 1 to {MAX_RULES} rules")
@@ -306,7 +330,27 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
                               _provenance_rule(r["provenance"], where, base), bind))
     except (UntrustedJsonError, ValueError) as e:
         raise PolicyFormatError(f"provenance policy {what}: {e}") from e
-    return Policy(tuple(rules))
+    return Policy(tuple(rules), revoked)
+
+
+def _revoked(v: Any) -> tuple[Revocation, ...]:
+    """The policy's ``revoked`` list: ``{"sha256": HEX, "note": TEXT}`` objects."""
+    if not isinstance(v, list) or len(v) > MAX_REVOKED:
+        raise ValueError(f"revoked must be a list of at most {MAX_REVOKED} model files")
+    out: list[Revocation] = []
+    for i, r in enumerate(v):
+        where = f"revoked[{i}]"
+        if not isinstance(r, dict) or not set(r) <= {"sha256", "note"} or not isinstance(
+                r.get("sha256"), str) or not _HEX64.fullmatch(r["sha256"]):
+            raise ValueError(f"{where}: an object of sha256 (the model file's, 64 lowercase "
+                             "hex digits) and an optional note")
+        note = r.get("note", "")
+        if not isinstance(note, str) or len(note) > 256:
+            raise ValueError(f"{where}: note must be a string of at most 256 characters")
+        if r["sha256"] in {x.sha256 for x in out}:
+            raise ValueError(f"{where}: {r['sha256'][:16]}... is listed twice")
+        out.append(Revocation(r["sha256"], note))
+    return tuple(out)
 
 
 def policy_pin(data: bytes) -> dict[str, Any]:
@@ -474,6 +518,10 @@ def check_model(policy: Policy, model: str, version: str, signature: bytes | Non
             f"{model} {version}: the provenance policy refuses it ({where}): {reason}",
             model=model, version=version, rule=rule_name, reason=reason)
 
+    if (revoked := policy.revocation(model_sha256)) is not None:  # (whatever signed it)
+        note = f": {ascii(revoked.note)[1:-1]}" if revoked.note else ""
+        raise refuse(rule.name if rule else "", f"the model file (sha256 "
+                     f"{model_sha256[:16]}...) is revoked by the policy{note}")
     if rule is None:
         raise refuse("", "no rule of the provenance policy covers this model name")
     if signature is None:
