@@ -29,7 +29,7 @@ from modelward.updater.errors import (
 )
 from tests._helpers import repo_cli_ok
 from tests._modelsig import SignerFiles, cert_signer, key_signer, policy_doc, sign_model
-from tests.conftest import World, stock_refresh
+from tests.conftest import PASSPHRASE, World, stock_refresh
 
 
 def _bundle(w: World, version: str, seed: int, signer: SignerFiles | None, *,
@@ -374,6 +374,20 @@ def test_replayed_model_signature_is_refused_on_the_device(
             assert [x["kind"] for x in new] == ["download-refused"], new
             assert new[0]["fields"]["version"] == version
             assert "ProvenanceRefusedError" in new[0]["fields"]["reason"]
+    # ... nor can its signed target call the genuine 1.0.0 bundle 9.0.1: the signature is
+    # checked against the manifest's release, and that must be the target's
+    from modelward.simulator._attacks import RepoAttacker
+    from modelward.updater.errors import FingerprintMismatchError
+
+    kept = _state(w)
+    v1 = w.repo.current()[0].targets["classifier/classifier-1.0.0.tar"]
+    RepoAttacker(w.repo_dir, w.keys, PASSPHRASE).sign_raw(
+        served_v1.read_bytes(), "classifier", "9.0.1",
+        v1.unrecognized_fields["custom"]["modelward"]["fingerprint"])
+    with pytest.raises(FingerprintMismatchError, match="bundle says classifier 1.0.0, its "
+                       "signed target says classifier 9.0.1"):
+        w.update()
+    assert _state(w) == kept and w.active_version() == "2.0.0" and _incoming_empty(w)
     repo_cli_ok(w, "publish", str(_bundle(w, "9.2.0", 3, team)))
     assert w.update().active is not None and w.active_version() == "9.2.0"
 
