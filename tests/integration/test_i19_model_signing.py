@@ -252,9 +252,12 @@ def test_policy_requires_builder_x(world: World, monkeypatch: pytest.MonkeyPatch
     assert "builder: https://ci.example/train-x" in shown.stdout
     assert f"from: imagenet-mini sha256:{'ab' * 32}" in shown.stdout
     assert "parameter: epochs" in shown.stdout
+    assert "signed as: classifier-2.0.0.onnx, for classifier 2.0.0 (this bundle's " \
+        "release)" in shown.stdout
     d = json.loads(w.cli("bundle", "inspect", "--json", str(good)).stdout)
     assert d["provenance"]["digest"].startswith("sha256:")
     assert d["model_signature"]["kind"] == "key"
+    assert d["model_signature"]["release"] == {"name": "classifier", "version": "2.0.0"}
 
     # the TPM-signed status report names the active model's provenance digest, and the
     # operator's schema and fleet table take it
@@ -454,6 +457,9 @@ def test_bind_digest_opt_out_is_named_and_warned(world: World,
     shown = repo_cli_ok(w, "repo", "policy", "show")
     assert "UNSAFE: it binds the model signature to the file's bytes only" in shown
     replay = _bundle(w, "9.0.0", 1, team, signed_for=("classifier", "1.0.0"))
+    shown = w.cli("bundle", "inspect", str(replay)).stdout
+    assert "signed as: classifier-1.0.0.onnx, for classifier 1.0.0 (not this bundle's " \
+        "release" in shown, shown
     r = w.cli("publish", str(replay), "--repo", str(w.repo_dir), "--keys", str(w.keys))
     assert r.returncode == 0, r.stderr
     assert "the signature is for 'classifier-1.0.0.onnx'" in r.stderr, r.stderr

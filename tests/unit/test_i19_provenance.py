@@ -509,3 +509,21 @@ def test_policy_fetch_failure_is_recorded_as_the_policys(side: dict, case: str) 
                                      reason="y")
     assert _events.refusal_kind(refused) == DOWNLOAD_REFUSED
     assert _events.failure_fields(refused, release, "resnet50")["version"] == "2.0.0"
+
+
+@pytest.mark.parametrize("payload", ["not base64!", "", "W10=", "e30=", "eyJzdWJqZWN0IjogNX0=",
+                                     "eyJzdWJqZWN0IjogW3sibmFtZSI6IDV9XX0=",
+                                     "WwAAAA==", None])
+def test_inspect_reads_a_signatures_release_from_untrusted_bytes(
+        side: dict, payload: str | None) -> None:  # type: ignore[type-arg]
+    """`bundle inspect` shows what release a signature is for before anything verifies
+    it: a payload that is no statement shows none and raises nothing."""
+    from modelward.publisher._inspect import _signature_info
+
+    good = _signature_info(side["team_sig"])
+    assert (good["signed_as"], good["release"]) == ("resnet50-1.0.0.onnx", {
+        "name": "resnet50", "version": "1.0.0"})
+    doc = json.loads(side["team_sig"])
+    doc["dsseEnvelope"]["payload"] = payload
+    info = _signature_info(json.dumps(doc).encode())
+    assert info["kind"] == "key" and "signed_as" not in info
