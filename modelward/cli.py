@@ -292,15 +292,22 @@ def _repo_policy_show(args: argparse.Namespace) -> int:
         print(json.dumps({"sha256": sha256, "policy": json.loads(policy.to_bytes())},
                          indent=1))
         return EXIT_OK
+    from modelward.updater.bundle._provenance import BIND_DIGEST, DIGEST_BIND_RISK
+
     print(f"provenance policy {sha256} (pinned by root)")
     for rule in policy.rules:
         print(f"rule {escape(rule.name, 128)}: models {escape(', '.join(rule.models), 512)}")
+        if rule.bind == BIND_DIGEST:
+            print(f"  UNSAFE: it {DIGEST_BIND_RISK}")
         for signer in rule.signers:
             if signer.public_key:
                 what = "EC public key"
             else:
                 what = f"certificate for {escape(signer.identity, 256)}"
             print(f"  signer {escape(signer.name, 128)}: {what}")
+    for r in policy.revoked:
+        print(f"revoked model file sha256 {r.sha256}"
+              + (f": {escape(r.note, 256)}" if r.note else ""))
     return EXIT_OK
 
 
@@ -479,7 +486,7 @@ def _bundle_build(args: argparse.Namespace) -> int:
         if not sep:
             raise OperatorInputError(f"--extra {spec!r}: expected SRC:PATH_IN_BUNDLE")
         extra.append((readable_file("--extra", Path(src)), arc))
-    signers = _build_signers(args)
+    signers, bind = _build_signers(args)
     output_file("-o", args.output)
     encryption = None
     if args.encrypt_for is not None:
@@ -505,25 +512,34 @@ def _bundle_build(args: argparse.Namespace) -> int:
             extra=extra, progress=advance, options=BuildOptions(
                 rtol=args.rtol, atol=args.atol, seed=args.seed, check_vectors=True,
                 model_signature=args.model_signature, signers=signers,
-                provenance_attestation=args.provenance, encryption=encryption),
+                signature_bind=bind, provenance_attestation=args.provenance,
+                encryption=encryption),
         )
     size = args.output.stat().st_size
     print(f"wrote {args.output}: {m.name} {m.version}, {len(m.files)} files, {size} bytes")
     return EXIT_OK
 
 
-def _build_signers(args: argparse.Namespace) -> tuple[Any, ...]:
-    """The model signers ``bundle build`` verifies ``--model-signature`` against."""
+def _build_signers(args: argparse.Namespace) -> tuple[tuple[Any, ...], str]:
+    """The model signers ``bundle build`` verifies ``--model-signature`` against, and what
+    the signature must be for: this release (name and version), unless ``--policy``'s rule
+    for the model opts out (``bind: digest``)."""
     from modelward._inputs import read_file, readable_file
     from modelward.trust.errors import OperatorInputError
-    from modelward.updater.bundle._provenance import parse_policy
+    from modelward.updater.bundle._provenance import (
+        BIND_DIGEST,
+        BIND_NAME_VERSION,
+        DIGEST_BIND_RISK,
+        parse_policy,
+    )
     from modelward.updater.errors import PolicyFormatError
 
+    bind = BIND_NAME_VERSION
     if args.model_signature is None:
         if args.signer_key or args.signer_chain or args.policy:
             raise OperatorInputError("--signer-key, --signer-chain and --policy verify "
                                      "--model-signature, which is not given")
-        return ()
+        return (), bind
     readable_file("--model-signature", args.model_signature)
     if bool(args.signer_chain) != bool(args.signer_identity):
         raise OperatorInputError("--signer-chain and --signer-identity go together")
@@ -543,6 +559,12 @@ def _build_signers(args: argparse.Namespace) -> tuple[Any, ...]:
             if rule is None:
                 raise OperatorInputError(f"--policy {args.policy}: no rule covers {args.name!r}")
             found = list(rule.signers)
+            if rule.bind == BIND_DIGEST:  # (the rule's explicit opt-out)
+                bind = BIND_DIGEST
+                import logging
+
+                logging.getLogger("modelward").warning(
+                    "--policy rule %r %s", rule.name, DIGEST_BIND_RISK)
         else:
             found = []
     except PolicyFormatError as e:
@@ -558,7 +580,7 @@ def _build_signers(args: argparse.Namespace) -> tuple[Any, ...]:
             raise OperatorInputError(f"{flag}: not an EC public key or CA certificate PEM",
                                      hint="the training team's public key (model-signing "
                                      "signs with EC keys), or its CA's certificates") from e
-    return tuple(found)
+    return tuple(found), bind
 
 
 def _bundle_inspect(args: argparse.Namespace) -> int:

@@ -12,7 +12,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from modelward.publisher.errors import OperatorInputError
-from modelward.updater.bundle._provenance import IN_TOTO_PAYLOAD, SLSA_PROVENANCE
+from modelward.updater.bundle._provenance import (
+    DATASET_KIND,
+    IN_TOTO_PAYLOAD,
+    KIND_ANNOTATION,
+    SLSA_PROVENANCE,
+)
 
 BUILD_TYPE = "https://modelward.dev/training/v1"
 
@@ -61,9 +66,9 @@ def make_attestation(model: Path, key_pem: bytes, builder_id: str, *,
             raise OperatorInputError(f"--dataset {name}: {digest!r} is not a sha256 hex digest")
         deps.append(json_format.MessageToDict(ResourceDescriptor(
             name=name, digest={"sha256": digest},
-            annotations={"kind": "dataset"}).pb))
+            annotations={KIND_ANNOTATION: DATASET_KIND}).pb))
     if source:
-        deps.append({"uri": source, "annotations": {"kind": "source"}})
+        deps.append({"uri": source, "annotations": {KIND_ANNOTATION: "source"}})
     predicate = {
         "buildDefinition": {"buildType": BUILD_TYPE,
                             "externalParameters": dict(parameters or {}),

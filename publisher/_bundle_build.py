@@ -21,6 +21,7 @@ from modelward.updater.bundle._bundle import MANIFEST, BundleFile, Manifest, Ten
 from modelward.updater.bundle._encryption import TABLE_NAME, Header, table_bytes
 from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._provenance import (
+    BIND_NAME_VERSION,
     MAX_PROVENANCE_BYTES,
     MAX_SIGNATURE_BYTES,
     PROVENANCE_NAME,
@@ -53,6 +54,8 @@ class BuildOptions:
         model_signature: a ``model-signing`` signature of the model file, carried as
             ``model.sig``; verified here against ``signers`` (one of them made it).
         signers: the model signers to verify ``model_signature`` against.
+        signature_bind: what the signature must be for (the policy rule's ``bind``):
+            this release's name and version (the default), or the bytes only.
         verify_signature: off only in tests that build refused bundles on purpose.
         provenance_attestation: a signed SLSA provenance attestation of the model
             (``modelward provenance sign``), carried as ``provenance.dsse.json``; its
@@ -69,6 +72,7 @@ class BuildOptions:
     check_vectors: bool = False
     model_signature: Path | None = None
     signers: tuple[TrustedSigner, ...] = ()
+    signature_bind: str = BIND_NAME_VERSION
     verify_signature: bool = True
     provenance_attestation: Path | None = None
     encryption: Encryption | None = None
@@ -197,9 +201,10 @@ def check_vectors(model_path: Path, vectors: Path, inputs: Sequence[TensorSpec],
                                      "leave --vectors out")
 
 
-def _check_signature(path: Path, listed: BundleFile, name: str, model_sha256: str,
-                     signers: Sequence[TrustedSigner]) -> None:
-    """``--model-signature``: one of ``signers`` signed exactly the model's bytes.
+def _check_signature(path: Path, listed: BundleFile, name: str, version: str,
+                     model_sha256: str, signers: Sequence[TrustedSigner], bind: str) -> None:
+    """``--model-signature``: one of ``signers`` signed exactly the model's bytes (and,
+    as ``bind`` says, for this release).
 
     Raises:
         OperatorInputError: naming the signature file and what is wrong.
@@ -216,8 +221,8 @@ def _check_signature(path: Path, listed: BundleFile, name: str, model_sha256: st
     if hashlib.sha256(data).hexdigest() != listed.sha256:
         raise OperatorInputError(f"{where} changed while the bundle was built")
     try:
-        check_model(Policy((Rule("build", ("*",), tuple(signers)),)), name, data,
-                    model_sha256)
+        check_model(Policy((Rule("build", ("*",), tuple(signers), bind=bind),)), name,
+                    version, data, model_sha256)
     except ProvenanceRefusedError as e:
         raise OperatorInputError(f"{where}: {e.reason}",
                                  hint="sign the model file itself with `model_signing "
@@ -298,8 +303,8 @@ def build_bundle(
             raise OperatorInputError(f"duplicate or reserved file names in the bundle: {arcs}")
         files = tuple(_hash_file(src, arc, progress) for src, arc in sources)
         if opts.model_signature is not None and opts.verify_signature:
-            _check_signature(opts.model_signature, files[2 + len(extra)], name,
-                             files[0].sha256, opts.signers)
+            _check_signature(opts.model_signature, files[2 + len(extra)], name, version,
+                             files[0].sha256, opts.signers, opts.signature_bind)
         if opts.provenance_attestation is not None and opts.verify_signature:
             _check_attestation(opts.provenance_attestation, files[-1], files[0].sha256)
         manifest = Manifest(

@@ -16,12 +16,37 @@ from modelward.updater.bundle._bundle import Manifest, extract_bundle
 from modelward.updater.bundle._provenance import (
     MAX_PROVENANCE_BYTES,
     MAX_SIGNATURE_BYTES,
+    MAX_SIGNED_NAME,
     parse_attestation,
+    signed_release,
 )
 
 
+def _signed_as(doc: Any) -> dict[str, Any]:
+    """The file name a model signature's statement says it signed, and the release that
+    names (what the policy's ``bind`` holds the bundle to; not verified here)."""
+    import base64
+    import binascii
+
+    from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+
+    try:
+        statement = loads_bounded(base64.b64decode(doc["dsseEnvelope"]["payload"]),
+                                  max_bytes=MAX_SIGNATURE_BYTES, what="its statement",
+                                  max_depth=32)
+        name = statement["subject"][0]["name"]
+    except (UntrustedJsonError, KeyError, TypeError, IndexError, ValueError, binascii.Error):
+        return {}
+    if not isinstance(name, str):
+        return {}
+    release = signed_release(name)
+    return {"signed_as": name[:MAX_SIGNED_NAME],
+            "release": None if release is None else {"name": release[0],
+                                                     "version": release[1]}}
+
+
 def _signature_info(data: bytes) -> dict[str, Any]:
-    """Who a model signature says signed it (not verified here)."""
+    """Who a model signature says signed it, and for which release (not verified here)."""
     from cryptography import x509
 
     from modelward.trust._bounded import UntrustedJsonError, loads_bounded
@@ -29,6 +54,7 @@ def _signature_info(data: bytes) -> dict[str, Any]:
     try:
         doc = loads_bounded(data, max_bytes=MAX_SIGNATURE_BYTES, what="model signature",
                             max_depth=32)
+        signed = _signed_as(doc)
         material = doc["verificationMaterial"]
         chain = material.get("x509CertificateChain")
         if chain:
@@ -44,9 +70,9 @@ def _signature_info(data: bytes) -> dict[str, Any]:
             except x509.ExtensionNotFound:
                 names = []
             return {"kind": "certificate", "identities": names,
-                    "issuer": leaf.issuer.rfc4514_string()}
+                    "issuer": leaf.issuer.rfc4514_string()} | signed
         return {"kind": "key", "key_hint": str((material.get("publicKey") or {}).get(
-            "hint", ""))}
+            "hint", ""))} | signed
     except (UntrustedJsonError, KeyError, TypeError, ValueError, IndexError) as e:
         return {"kind": "unreadable", "error": str(e)[:200]}
 
@@ -116,6 +142,14 @@ def inspect(bundle: Path, *, as_json: bool) -> int:
     else:
         print(f"model signature: {e(sig['file'])}, {e(sig['kind'])} "
               f"{e(sig.get('key_hint') or sig.get('error', ''))} (not verified here)")
+    if sig is not None and "signed_as" in sig:
+        rel = sig["release"]
+        mine = rel == {"name": d["name"], "version": d["version"]}
+        print(f"  signed as: {e(sig['signed_as'])}, "
+              + (f"for {e(rel['name'])} {e(rel['version'])}" if rel else "for no release")
+              + (" (this bundle's release)" if mine else
+                 " (not this bundle's release: refused unless the rule binds the digest"
+                 " only)"))
     enc = d["encryption"]
     if enc is not None:
         print(f"encrypted: {e(', '.join(enc['files']))} with content key {enc['key_id']} for "

@@ -25,6 +25,8 @@ from modelward.publisher.errors import RepositoryStateError
 from modelward.trust._atomic import write_atomic
 from modelward.updater.bundle._bundle import Manifest
 from modelward.updater.bundle._provenance import (
+    BIND_DIGEST,
+    DIGEST_BIND_RISK,
     MAX_POLICY_BYTES,
     MAX_PROVENANCE_BYTES,
     MAX_SIGNATURE_BYTES,
@@ -83,7 +85,10 @@ def set_policy(repo: Repository, document: bytes, base: Path) -> tuple[int, str]
         ThresholdNotMetError: the targets listing it waits for signatures.
         RootNotPublishableError: root N+1 waits for more root signatures.
     """
-    data = parse_policy(document, "(the file given)", base=base).to_bytes()
+    policy = parse_policy(document, "(the file given)", base=base)
+    for rule in policy.digest_bound():  # (the operator's explicit, named opt-out)
+        logger.warning("provenance policy rule %r %s", rule, DIGEST_BIND_RISK)
+    data = policy.to_bytes()
     pin = policy_pin(data)
     repo.complete_root_change()
     version = repo.latest_root_version()
@@ -124,7 +129,8 @@ def member_bytes(bundle: Path, manifest: Manifest, name: str, most: int) -> byte
 
 
 def check_bundle(repo: Repository, bundle: Path, manifest: Manifest) -> Verdict | None:
-    """The published policy's verdict on a verified bundle (None: no policy).
+    """The published policy's verdict on a verified bundle (None: no policy): the model
+    signature must be for the release the manifest claims (its name and version).
 
     Raises:
         ProvenanceRefusedError: naming the rule that refuses it.
@@ -138,4 +144,10 @@ def check_bundle(repo: Repository, bundle: Path, manifest: Manifest) -> Verdict 
     attestation = (member_bytes(bundle, manifest, manifest.provenance_attestation,
                            MAX_PROVENANCE_BYTES) if manifest.provenance_attestation else None)
     model_sha256 = next(f.sha256 for f in manifest.files if f.path == manifest.model_path)
-    return check_model(policy, manifest.name, signature, model_sha256, attestation)
+    verdict = check_model(policy, manifest.name, manifest.version, signature, model_sha256,
+                          attestation)
+    if verdict.bind == BIND_DIGEST:
+        logger.warning("%s %s: provenance rule %r %s; the signature is for %r",
+                       manifest.name, manifest.version, verdict.rule, DIGEST_BIND_RISK,
+                       verdict.signed_as)
+    return verdict

@@ -87,8 +87,14 @@ def cert_signer(d: Path, identity: str, name: str = "ci",
     return SignerFiles(priv, pub, cert, chain, identity, (ca_key, ca_cert))
 
 
-def sign_model(model: Path, sig: Path, signer: SignerFiles) -> Path:
-    """Sign the model file with ``model_signing`` (its key or certificate method)."""
+def sign_model(model: Path, sig: Path, signer: SignerFiles, name: str, version: str, *,
+               signed_as: str | None = None) -> Path:
+    """Sign the model file's bytes with ``model_signing`` (its key or certificate method)
+    as the training team does for release ``name`` ``version``: the file it signs is
+    named ``<name>-<version><model's suffix>`` (the signed model name the provenance
+    policy binds), or ``signed_as`` verbatim (tests of that binding)."""
+    import tempfile
+
     from model_signing import signing
 
     cfg = signing.Config()
@@ -99,7 +105,10 @@ def sign_model(model: Path, sig: Path, signer: SignerFiles) -> Path:
                                    certificate_chain=[signer.chain])
     else:
         cfg.use_elliptic_key_signer(private_key=signer.private_key)
-    cfg.sign(model, sig)
+    with tempfile.TemporaryDirectory(dir=sig.parent) as tmp:
+        named = Path(tmp) / (signed_as or f"{name}-{version}{model.suffix}")
+        named.write_bytes(model.read_bytes())
+        cfg.sign(named, sig)
     return sig
 
 
@@ -116,3 +125,31 @@ def policy_doc(rules: list[tuple[str, list[str], list[SignerFiles]]]) -> bytes:
                 entries.append({"name": f"{name}-{i}", "public_key_file": str(s.public_key)})
         out.append({"name": name, "models": models, "signers": entries})
     return json.dumps({"format": "modelward-provenance-policy/1", "rules": out}).encode()
+
+
+def attestation(model: Path, builder: SignerFiles, builder_id: str,
+                dependencies: list[dict[str, Any]]) -> bytes:
+    """A provenance attestation of ``model`` with exactly these resolved dependencies
+    (as a builder could write them, not only as ``provenance sign`` does), DSSE-signed by
+    ``builder``'s key."""
+    import hashlib
+
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import CryptoSigner
+
+    statement = {
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": model.name,
+                     "digest": {"sha256": hashlib.sha256(model.read_bytes()).hexdigest()}}],
+        "predicateType": "https://slsa.dev/provenance/v1",
+        "predicate": {"buildDefinition": {"buildType": "https://modelward.dev/training/v1",
+                                          "externalParameters": {},
+                                          "resolvedDependencies": dependencies},
+                      "runDetails": {"builder": {"id": builder_id}}},
+    }
+    key = load_pem_private_key(builder.private_key.read_bytes(), password=None)
+    envelope = Envelope(json.dumps(statement, sort_keys=True).encode(),
+                        "application/vnd.in-toto+json", {})
+    envelope.sign(CryptoSigner(key))  # type: ignore[arg-type]
+    return json.dumps(envelope.to_dict()).encode()

@@ -54,8 +54,10 @@ FALLBACK = "fallback"
 ROLLBACK_REFUSED = "rollback-refused"
 NOTHING_TRUSTED = "nothing-trusted"
 ROOT_ROTATION = "root-rotation"
+#: the provenance policy root pins could not be taken (its fault, not a release's)
+POLICY_FETCH_FAILED = "policy-fetch-failed"
 KINDS = frozenset({DOWNLOAD_REFUSED, HEALTH_CHECK_FAILED, INSTALL, ACTIVATION, FALLBACK,
-                   ROLLBACK_REFUSED, NOTHING_TRUSTED, ROOT_ROTATION})
+                   ROLLBACK_REFUSED, NOTHING_TRUSTED, ROOT_ROTATION, POLICY_FETCH_FAILED})
 _ENTRY_KEYS = frozenset({"seq", "prev", "time", "kind", "fields"})
 _CHECKPOINT_KEYS = frozenset({"dropped_count", "dropped_head_hash", "seq", "time",
                               "prev_checkpoint"})

@@ -408,17 +408,20 @@ class TrustStore:
                                    path=str(self.root_path)) from e
         logger.warning("restored the TPM-anchored root %s", self.root_path)
 
-    def rotate_root(self, new_root: bytes) -> None:
-        """Anchor a newer root that TUF has already verified to chain from the anchored one.
+    def rotate_root(self, new_root: bytes) -> bool:
+        """Anchor a newer root that TUF has already verified to chain from the anchored one;
+        whether it was not anchored already (the record names the root version only from
+        the next commit on, so an attempt that installs nothing finds it anchored).
 
         A crash between the steps leaves either the old anchor with the old file or
         the new anchor with ``root.json.next``; :meth:`anchored_root` resolves both.
         """
         if _read_file(self.dir, self.root_path.name, _ROOT_MAX)[0] == new_root:
-            return
+            return False
         write_atomic(self.root_pending_path, new_root)
         self.tpm.write_anchor(hashlib.sha256(new_root).digest())
         rename_atomic(self.root_pending_path, self.root_path)
+        return True
 
 
     def _writable_dir(self) -> None:

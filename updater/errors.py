@@ -23,6 +23,7 @@ __all__ = [
     "NothingTrustedError",
     "OperatorInputError",
     "PolicyFormatError",
+    "PolicyUnavailableError",
     "ProvenanceRefusedError",
     "RollbackError",
     "SandboxError",
@@ -201,18 +202,38 @@ class PolicyFormatError(UntrustedRemoteError):
     """A provenance policy document is malformed (names the field at fault)."""
 
 
+class PolicyUnavailableError(UntrustedRemoteError):
+    """The device cannot take the provenance policy its trusted root pins (root's pin is
+    malformed, the top-level targets do not list the pinned policy, the origin serves
+    other bytes for it, or they do not parse). Nothing is installed, and no release is
+    refused for it: the fault is the policy's (the audit trail records
+    ``policy-fetch-failed``, not a refusal of the release). The origin not delivering it
+    at all is a :class:`DownloadFailedError`, as for any download.
+
+    Attributes:
+        path: the pinned policy's target path ("" if the pin itself is malformed).
+        cause: the class name of the error underneath (e.g. ``MetadataError``).
+    """
+
+    def __init__(self, message: str, *, path: str, cause: str) -> None:
+        super().__init__(message)
+        self.path, self.cause = path, cause
+
+
 class ProvenanceRefusedError(UntrustedRemoteError):
     """The provenance policy refuses a model.
 
     Attributes:
         model: the model name.
+        version: the version the bundle claims ("" where none is known).
         rule: the policy rule that refused it ("" if no rule covers the model).
         reason: what the rule wanted and did not get.
     """
 
-    def __init__(self, message: str, *, model: str, rule: str, reason: str) -> None:
+    def __init__(self, message: str, *, model: str, rule: str, reason: str,
+                 version: str = "") -> None:
         super().__init__(message)
-        self.model, self.rule, self.reason = model, rule, reason
+        self.model, self.version, self.rule, self.reason = model, version, rule, reason
 
 
 class EncryptionRefusedError(UntrustedRemoteError):

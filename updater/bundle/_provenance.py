@@ -17,10 +17,20 @@ pinned bytes. A root without the field means no policy (the behaviour before it)
 Semantics: the first rule whose ``models`` pattern (``fnmatch``, case-sensitive) matches the
 model name applies; a model no rule covers is refused (a compromised targets key cannot
 dodge the policy with a new name). A rule needs a signature by one of its ``signers``
-over exactly the model file's bytes. Certificate signers are checked by
-``model-signing`` (chain to the rule's CA, key usage code signing, at the leaf's
-not-before time: there is no trusted timestamp, so a leaf's expiry or revocation is not
-seen) and here (the leaf's subject alternative names hold the rule's ``identity``).
+over exactly the model file's bytes, and (``bind``, by default ``name-version``) for
+exactly the release the bundle claims: the file the training team signed is named
+``<name>-<version>`` with at most one extension (what ``model-signing`` records as the
+signed model's name, inside the signed statement), so a stolen targets key cannot take a
+genuinely signed old model and publish it as a newer version or under another name the
+same signer is trusted for. ``bind: digest`` drops that (the signature covers the bytes
+only); it is named in the policy and warned about wherever it admits a model. A signature
+cannot be taken back, and a targets key can publish a signed release again as itself or
+pin devices down to it: the policy's ``revoked`` list names model files (by sha256) no
+rule admits, under any name or version.
+Certificate signers are checked by ``model-signing`` (chain to the rule's CA, key usage
+code signing, at the leaf's not-before time: there is no trusted timestamp, so a leaf's
+expiry or revocation is not seen) and here (the leaf's subject alternative names hold the
+rule's ``identity``).
 
 Everything read here is bounded before it is parsed: a policy at most
 :data:`MAX_POLICY_BYTES`, a signature at most :data:`MAX_SIGNATURE_BYTES`, each nested to
@@ -42,6 +52,8 @@ from pathlib import Path
 from typing import Any
 
 from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+from modelward.updater.bundle._names import MODEL_NAME
+from modelward.updater.bundle._semver import SemVer
 from modelward.updater.errors import PolicyFormatError, ProvenanceRefusedError
 
 POLICY_FORMAT = "modelward-provenance-policy/1"
@@ -51,9 +63,19 @@ RESERVED_DIR = "_modelward"  # no model name starts with "_": never a model's na
 MAX_POLICY_BYTES = 256 << 10
 MAX_SIGNATURE_BYTES = 64 << 10
 MAX_RULES, MAX_SIGNERS, MAX_PATTERNS, MAX_PEM = 64, 16, 64, 32 << 10
+MAX_REVOKED = 512  # revoked model files one policy lists (~100 bytes each)
 SIGNATURE_NAME = "model.sig"  # the model signature's file in a bundle
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@:/+-]{0,127}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+#: a rule's ``bind``: the signature is for one release (the default), or for bytes only
+BIND_NAME_VERSION, BIND_DIGEST = "name-version", "digest"
+BINDS = (BIND_NAME_VERSION, BIND_DIGEST)
+#: what is logged wherever a ``bind: digest`` rule admits a model
+DIGEST_BIND_RISK = ("binds the model signature to the file's bytes only (bind digest): "
+                    "a stolen targets key can publish any model this signer signed, as any "
+                    "newer version and under any model name the rule covers")
+_EXTENSION = re.compile(r"(.+)\.([A-Za-z][A-Za-z0-9]{0,15})")
+MAX_SIGNED_NAME = 256  # characters of a signed model name shown or parsed
 
 
 @dataclass(frozen=True)
@@ -85,8 +107,8 @@ class Builder:
 @dataclass(frozen=True)
 class ProvenanceRule:
     """What a rule asks of the provenance attestation: signed by one of ``builders``
-    (whose id the attestation names), and, if ``dataset_digests``, dataset digests among
-    its resolved dependencies."""
+    (whose id the attestation names), and, if ``dataset_digests``, a dataset among its
+    resolved dependencies (annotated ``kind: dataset``, with a sha256 digest)."""
 
     builders: tuple[Builder, ...]
     dataset_digests: bool = False
@@ -105,14 +127,29 @@ class Rule:
     models: tuple[str, ...]
     signers: tuple[TrustedSigner, ...]
     provenance: ProvenanceRule | None = None
+    bind: str = BIND_NAME_VERSION  # what the signature must be for (BINDS)
 
     def covers(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, p) for p in self.models)
 
     def to_json(self) -> dict[str, Any]:
+        # (the default is left out: a policy that does not opt out keeps its canonical
+        # bytes, and so its pin, and an older agent still takes it)
         return {"name": self.name, "models": list(self.models),
                 "signers": [s.to_json() for s in self.signers]} | (
-                    {"provenance": self.provenance.to_json()} if self.provenance else {})
+                    {"provenance": self.provenance.to_json()} if self.provenance else {}) | (
+                    {"bind": self.bind} if self.bind != BIND_NAME_VERSION else {})
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A model file no rule admits (a known-bad release the training team had signed)."""
+
+    sha256: str
+    note: str = ""  # the operator's words: which release, why
+
+    def to_json(self) -> dict[str, str]:
+        return {"sha256": self.sha256} | ({"note": self.note} if self.note else {})
 
 
 @dataclass(frozen=True)
@@ -120,14 +157,26 @@ class Policy:
     """A parsed provenance policy."""
 
     rules: tuple[Rule, ...]
+    revoked: tuple[Revocation, ...] = ()
+
+    def revocation(self, model_sha256: str) -> Revocation | None:
+        """The revocation of the model file with ``model_sha256``, or None."""
+        return next((r for r in self.revoked if r.sha256 == model_sha256), None)
 
     def rule_for(self, model: str) -> Rule | None:
         """The rule that applies to ``model`` (the first that covers it), or None."""
         return next((r for r in self.rules if r.covers(model)), None)
 
+    def digest_bound(self) -> tuple[str, ...]:
+        """The names of the rules that opt out of the release binding (``bind: digest``)."""
+        return tuple(r.name for r in self.rules if r.bind == BIND_DIGEST)
+
     def to_bytes(self) -> bytes:
         """The canonical document (sorted keys): what is published and pinned."""
-        doc = {"format": POLICY_FORMAT, "rules": [r.to_json() for r in self.rules]}
+        doc: dict[str, Any] = {"format": POLICY_FORMAT,
+                               "rules": [r.to_json() for r in self.rules]}
+        if self.revoked:  # (left out when empty: a policy without it keeps its pin)
+            doc["revoked"] = [r.to_json() for r in self.revoked]
         return json.dumps(doc, sort_keys=True, indent=1).encode() + b"\n"
 
 
@@ -138,6 +187,8 @@ class Verdict:
     rule: str
     signer: str
     builder: str = ""  # the builder whose provenance the rule verified ("": not required)
+    signed_as: str = ""  # the model name inside the signature (the file it signed)
+    bind: str = BIND_NAME_VERSION  # the rule's binding (BIND_DIGEST: bytes only)
 
 
 def _str(d: Mapping[str, Any], key: str, where: str, *, limit: int = 128) -> str:
@@ -242,8 +293,9 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
         d = loads_bounded(data, max_bytes=MAX_POLICY_BYTES, what=what, max_depth=8)
         if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT:
             raise ValueError(f"format must be {POLICY_FORMAT!r}")
-        if set(d) - {"format", "rules"}:
-            raise ValueError(f"unknown fields {sorted(set(d) - {'format', 'rules'})}")
+        if unknown := set(d) - {"format", "rules", "revoked"}:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        revoked = _revoked(d.get("revoked", []))
         raw_rules = d.get("rules")
         if not isinstance(raw_rules, list) or not 1 <= len(raw_rules) <= MAX_RULES:
             raise ValueError(f"rules must be a list of 1 to {MAX_RULES} rules")
@@ -256,8 +308,12 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
             if not _NAME.fullmatch(name) or name in {x.name for x in rules}:
                 raise ValueError(f"{where}: a duplicate name, or characters outside "
                                  "[A-Za-z0-9._@:/+-]")
-            if unknown := set(r) - {"name", "models", "signers", "provenance"}:
+            if unknown := set(r) - {"name", "models", "signers", "provenance", "bind"}:
                 raise ValueError(f"{where}: unknown fields {sorted(unknown)}")
+            bind = r.get("bind", BIND_NAME_VERSION)
+            if bind not in BINDS:  # (strict: a typo never weakens the rule)
+                raise ValueError(f"{where}: bind must be {BIND_NAME_VERSION!r} (the "
+                                 f"default) or {BIND_DIGEST!r}, not {str(bind)[:40]!r}")
             models = r.get("models")
             if not isinstance(models, list) or not 1 <= len(models) <= MAX_PATTERNS or not all(
                     isinstance(p, str) and 0 < len(p) <= 128 for p in models):
@@ -271,10 +327,30 @@ def parse_policy(data: bytes, what: str, *, base: Path | None = None) -> Policy:
                 raise ValueError(f"{where}: two signers have the same name")
             rules.append(Rule(name, tuple(models), parsed,
                               None if "provenance" not in r else
-                              _provenance_rule(r["provenance"], where, base)))
+                              _provenance_rule(r["provenance"], where, base), bind))
     except (UntrustedJsonError, ValueError) as e:
         raise PolicyFormatError(f"provenance policy {what}: {e}") from e
-    return Policy(tuple(rules))
+    return Policy(tuple(rules), revoked)
+
+
+def _revoked(v: Any) -> tuple[Revocation, ...]:
+    """The policy's ``revoked`` list: ``{"sha256": HEX, "note": TEXT}`` objects."""
+    if not isinstance(v, list) or len(v) > MAX_REVOKED:
+        raise ValueError(f"revoked must be a list of at most {MAX_REVOKED} model files")
+    out: list[Revocation] = []
+    for i, r in enumerate(v):
+        where = f"revoked[{i}]"
+        if not isinstance(r, dict) or not set(r) <= {"sha256", "note"} or not isinstance(
+                r.get("sha256"), str) or not _HEX64.fullmatch(r["sha256"]):
+            raise ValueError(f"{where}: an object of sha256 (the model file's, 64 lowercase "
+                             "hex digits) and an optional note")
+        note = r.get("note", "")
+        if not isinstance(note, str) or len(note) > 256:
+            raise ValueError(f"{where}: note must be a string of at most 256 characters")
+        if r["sha256"] in {x.sha256 for x in out}:
+            raise ValueError(f"{where}: {r['sha256'][:16]}... is listed twice")
+        out.append(Revocation(r["sha256"], note))
+    return tuple(out)
 
 
 def policy_pin(data: bytes) -> dict[str, Any]:
@@ -340,8 +416,50 @@ def _check_leaf(cert: Any) -> None:
                          "usage)")
 
 
-def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]:
-    """(digest algorithm, hex digest) of the one file ``sig`` signs, if ``signer`` made it.
+def signed_release(signed_name: str) -> tuple[str, str] | None:
+    """The release (model name, version) a signature is for, read from the model name
+    ``model-signing`` put in the signed statement (the name of the file it signed), or
+    None when it names none.
+
+    The name is ``<name>-<version>`` and at most one extension; one reading only, so a
+    signature is for exactly one release: a last ``.part`` that starts with a letter is
+    the extension (``detector-2.1.0-rc.1.onnx`` is detector 2.1.0-rc.1), and the name
+    ends at the first ``-`` that a valid semantic version follows.
+    """
+    if len(signed_name) > MAX_SIGNED_NAME:
+        return None
+    m = _EXTENSION.fullmatch(signed_name)
+    for stem in ([m.group(1)] if m else []) + [signed_name]:
+        for i, c in enumerate(stem):
+            if c != "-" or not MODEL_NAME.fullmatch(stem[:i]):
+                continue
+            try:
+                SemVer.parse(stem[i + 1:])
+            except ValueError:
+                continue
+            return stem[:i], stem[i + 1:]
+    return None
+
+
+def _binding_refusal(signer: str, signed_name: str, model: str, version: str) -> str:
+    """Why a signature for ``signed_name`` is not for ``model`` ``version``; "" if it is."""
+    release = signed_release(signed_name)
+    if release == (model, version):
+        return ""
+    shown = ascii(signed_name[:MAX_SIGNED_NAME])
+    claims = (f"the bundle claims {model} {version} (bind {BIND_NAME_VERSION}: the "
+              f"training team signs the model file named as the release, e.g. "
+              f"{model}-{version}.onnx)")
+    if release is None:
+        return (f"the signature by {signer!r} is for the file {shown}, which names no "
+                f"release NAME-VERSION[.EXT]; {claims}")
+    return (f"the signature by {signer!r} is for {release[0]} {release[1]} (it signs the "
+            f"file {shown}); {claims}")
+
+
+def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str, str]:
+    """(digest algorithm, hex digest) of the one file ``sig`` signs and the model name
+    the signed statement gives it, if ``signer`` made it.
 
     Raises:
         ValueError: not made by ``signer`` (any failure of the library counts as that).
@@ -379,13 +497,15 @@ def _verify_one(sig: bytes, signer: TrustedSigner, tmp: Path) -> tuple[str, str]
         raise ValueError(f"{type(e).__name__}: {e}") from e
     if len(resources) != 1:
         raise ValueError(f"it signs {len(resources)} files, not exactly the model file")
-    return resources[0].digest.algorithm, resources[0].digest.digest_hex
+    return (resources[0].digest.algorithm, resources[0].digest.digest_hex,
+            str(manifest.model_name))
 
 
-def check_model(policy: Policy, model: str, signature: bytes | None,
+def check_model(policy: Policy, model: str, version: str, signature: bytes | None,
                 model_sha256: str, provenance: bytes | None = None) -> Verdict:
-    """The policy's verdict on ``model`` whose model file has ``model_sha256``, carrying
-    the model ``signature`` and the ``provenance`` attestation (None: absent).
+    """The policy's verdict on release ``model`` ``version`` (as its bundle's manifest
+    says) whose model file has ``model_sha256``, carrying the model ``signature`` and the
+    ``provenance`` attestation (None: absent).
 
     Raises:
         ProvenanceRefusedError: naming the rule and what it missed.
@@ -395,9 +515,13 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
     def refuse(rule_name: str, reason: str) -> ProvenanceRefusedError:
         where = f"rule {rule_name!r}" if rule_name else "no rule"
         return ProvenanceRefusedError(
-            f"{model}: the provenance policy refuses it ({where}): {reason}",
-            model=model, rule=rule_name, reason=reason)
+            f"{model} {version}: the provenance policy refuses it ({where}): {reason}",
+            model=model, version=version, rule=rule_name, reason=reason)
 
+    if (revoked := policy.revocation(model_sha256)) is not None:  # (whatever signed it)
+        note = f": {ascii(revoked.note)[1:-1]}" if revoked.note else ""
+        raise refuse(rule.name if rule else "", f"the model file (sha256 "
+                     f"{model_sha256[:16]}...) is revoked by the policy{note}")
     if rule is None:
         raise refuse("", "no rule of the provenance policy covers this model name")
     if signature is None:
@@ -414,7 +538,7 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
     with tempfile.TemporaryDirectory(prefix="modelward-sig-") as tmp:
         for signer in rule.signers:
             try:
-                alg, digest = _verify_one(signature, signer, Path(tmp))
+                alg, digest, signed_name = _verify_one(signature, signer, Path(tmp))
             except ValueError as e:
                 tried.append(f"{signer.name}: {str(e)[:200]}")
                 continue
@@ -422,13 +546,17 @@ def check_model(policy: Policy, model: str, signature: bytes | None,
                 raise refuse(rule.name, f"the signature by {signer.name!r} covers different "
                              f"bytes ({alg} {digest[:16]}..., the model file is sha256 "
                              f"{model_sha256[:16]}...)")
+            if rule.bind == BIND_NAME_VERSION and (
+                    why := _binding_refusal(signer.name, signed_name, model, version)):
+                raise refuse(rule.name, why)
             builder = ""
             if rule.provenance is not None:
                 try:
                     builder = check_provenance(rule.provenance, provenance, model_sha256)
                 except ValueError as e:
                     raise refuse(rule.name, str(e)) from e
-            return Verdict(rule.name, signer.name, builder)
+            return Verdict(rule.name, signer.name, builder, signed_name[:MAX_SIGNED_NAME],
+                           rule.bind)
     raise refuse(rule.name, "the model signature is not by a signer it trusts ("
                  + "; ".join(tried) + ")")
 
@@ -437,6 +565,8 @@ PROVENANCE_NAME = "provenance.dsse.json"  # the provenance attestation's file in
 MAX_PROVENANCE_BYTES = 256 << 10
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 IN_TOTO_PAYLOAD = "application/vnd.in-toto+json"
+#: how an attestation marks a training dataset among its resolved dependencies
+KIND_ANNOTATION, DATASET_KIND = "kind", "dataset"
 
 
 @dataclass(frozen=True)
@@ -448,6 +578,10 @@ class Attestation:
     builder_id: str
     dependencies: tuple[tuple[str, str], ...]  # (name or uri, "alg:hex" of its digests)
     parameters: dict[str, Any]
+    #: (name, sha256) of the resolved dependencies marked as datasets (annotation
+    #: ``kind: dataset``, as ``modelward provenance sign --dataset`` writes them) whose
+    #: sha256 is 64 lowercase hex digits
+    datasets: tuple[tuple[str, str], ...] = ()
 
 
 def parse_attestation(data: bytes) -> Attestation:
@@ -484,10 +618,21 @@ def parse_attestation(data: bytes) -> Attestation:
             json_format.ParseError) as e:
         raise ValueError(f"the provenance attestation is malformed: {str(e)[:300]}") from e
     subjects = tuple((s.name, s.digest.get("sha256", "")) for s in pb.subject)
+    resolved = prov.build_definition.resolved_dependencies
     deps = tuple((d.name or d.uri, ",".join(f"{k}:{v}" for k, v in sorted(d.digest.items())))
-                 for d in prov.build_definition.resolved_dependencies)
+                 for d in resolved)
+    datasets = tuple((d.name or d.uri, d.digest["sha256"]) for d in resolved
+                     if _is_dataset(d) and _HEX64.fullmatch(d.digest.get("sha256", "")))
     return Attestation(envelope, subjects, prov.run_details.builder.id, deps,
-                       json_format.MessageToDict(prov.build_definition.external_parameters))
+                       json_format.MessageToDict(prov.build_definition.external_parameters),
+                       datasets)
+
+
+def _is_dataset(dependency: Any) -> bool:
+    """A resolved dependency (ResourceDescriptor protobuf) annotated ``kind: dataset``."""
+    kind = dependency.annotations.fields.get(KIND_ANNOTATION)
+    return kind is not None and kind.WhichOneof("kind") == "string_value" and \
+        kind.string_value == DATASET_KIND
 
 
 def check_provenance(rule: ProvenanceRule, data: bytes | None, model_sha256: str) -> str:
@@ -519,7 +664,8 @@ def check_provenance(rule: ProvenanceRule, data: bytes | None, model_sha256: str
     except VerificationError as e:
         raise ValueError(f"the provenance attestation is not signed by builder "
                          f"{att.builder_id[:200]!r}'s key ({e})") from e
-    if rule.dataset_digests and not any(d for _, d in att.dependencies):
-        raise ValueError("the provenance attestation names no dataset digests (resolved "
-                         "dependencies with a digest)")
+    if rule.dataset_digests and not att.datasets:
+        raise ValueError("the provenance attestation names no dataset digests (a resolved "
+                         f"dependency annotated {KIND_ANNOTATION}: {DATASET_KIND} with a sha256 "
+                         "of 64 hex digits)")
     return att.builder_id

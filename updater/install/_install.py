@@ -495,10 +495,8 @@ def update_once(
         last = journal.read()
         kind = events.refusal_kind(e)
         if kind is not None:
-            # (the release this attempt chose, if it got that far)
-            events.record(cfg.state_dir, store.tpm, kind, model=fields.get("model", cfg.model),
-                          version=fields.get("version"), fingerprint=fields.get("fingerprint"),
-                          target=fields.get("target"), reason=events.reason(e))
+            events.record(cfg.state_dir, store.tpm, kind,
+                          **events.failure_fields(e, fields, cfg.model))
         try:
             journal.enter("failed", model=last.model, version=last.version,
                           fingerprint=last.fingerprint, target=last.target,
@@ -528,12 +526,13 @@ def _attempt(
         expired_grace=source.expired_grace,
     )
     session.refresh()
-    if session.root_version > record.root_version:
-        logger.info("root rotated to version %d: re-anchoring in the TPM", session.root_version)
-        old_root = record.root_version
-        store.rotate_root(session.root_bytes)
+    if session.root_version > record.root_version and store.rotate_root(session.root_bytes):
+        # (once: the record names the new root from the next commit on, and until then
+        # every attempt finds it anchored already)
+        logger.info("root rotated to version %d: re-anchored in the TPM", session.root_version)
         events.record(cfg.state_dir, store.tpm, _audit.ROOT_ROTATION,
-                      root_version=str(session.root_version), previous=str(old_root))
+                      root_version=str(session.root_version),
+                      previous=str(record.root_version))
     check_metadata_not_rolled_back(record, session.targets_version, store.targets_floor())
     # Decided only here, on the refresh and delegation search that verified as a whole
     # in memory (ngclient persisted each role as it verified, as TUF's workflow says).
