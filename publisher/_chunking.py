@@ -35,7 +35,12 @@ from modelward.updater.bundle._chunkindex import (
     IndexedFile,
     make_index,
 )
-from modelward.updater.bundle._encryption import EncryptionFormatError, parse_table
+from modelward.updater.bundle._encryption import (
+    Chunks,
+    EncryptionFormatError,
+    parse_table,
+    table_budget,
+)
 from modelward.updater.bundle._tarstream import Member, Readable, TarFormatError, TarStream
 from modelward.updater.errors import BundleFormatError
 
@@ -179,13 +184,17 @@ def _index(source: Readable, size: int, sha256: str, what: str) -> ChunkIndex:
         order = f"{what}: the members are not the manifest's files in order"
         files: list[IndexedFile] = []
         enc = manifest.encryption
-        table: dict[str, list[tuple[int, bytes]]] | None = None
+        table: dict[str, Chunks] | None = None
         with ThreadPoolExecutor(hash_workers()) as pool:
             for mf in manifest.files:
                 m = stream.next()
                 if m is None or m.name != mf.path:
                     raise layout(order)
                 if enc is not None and mf.path == enc.table:
+                    budget = table_budget({f.path: f.size for f in manifest.files}, enc)
+                    if m.size > budget:  # (before a byte of it is read)
+                        raise layout(f"{what}: the table {mf.path} is {m.size} bytes, over "
+                                     f"the {budget} its files can need")
                     data = b"".join(bytes(v) for v in stream.data())
                     chunks = cut(memoryview(data), m.data_offset, pool) if data else []
                     try:

@@ -134,25 +134,29 @@ def _table_header(files: dict[str, int]) -> Header:
 
 
 def test_the_table_must_cover_each_encrypted_file_exactly() -> None:
-    h = _table_header({"model.onnx": 100})
-    good = table_bytes(h.key_id, {"model.onnx": [(60, b"\0" * 16), (40, b"\1" * 16)]})
-    assert [n for n, _ in parse_table(good, h, {"model.onnx": 100})["model.onnx"]] == [60, 40]
-    for chunks in ([(60, b"\0" * 16)], [(0, b"\0" * 16), (100, b"\0" * 16)],
-                   [(100 + (1 << 20), b"\0" * 16)]):
-        with pytest.raises(EncryptionFormatError, match="cover"):
-            parse_table(table_bytes(h.key_id, {"model.onnx": chunks}), h, {"model.onnx": 100})
+    size = 100_000
+    h = _table_header({"model.onnx": size})
+    sizes = {"model.onnx": size}
+    good = table_bytes(h.key_id, {"model.onnx": [(60_000, b"\0" * 16), (40_000, b"\1" * 16)]})
+    assert [n for n, _ in parse_table(good, h, sizes)["model.onnx"]] == [60_000, 40_000]
+    for chunks, why in (([(60_000, b"\0" * 16)], "cover"),
+                        ([(0, b"\0" * 16), (size, b"\0" * 16)], "chunk 0"),
+                        ([(10, b"\0" * 16), (size - 10, b"\0" * 16)], "at least"),
+                        ([(size + (1 << 20), b"\0" * 16)], "chunk 0"),
+                        ([(1, b"\0" * 16)] * 100, "more chunks"),
+                        ([(1, b"\0" * 16)] * size, "over the")):
+        with pytest.raises(EncryptionFormatError, match=why):
+            parse_table(table_bytes(h.key_id, {"model.onnx": chunks}), h, sizes)
     with pytest.raises(EncryptionFormatError, match="another content key"):
-        parse_table(table_bytes("f" * 32, {"model.onnx": [(100, b"\0" * 16)]}), h,
-                    {"model.onnx": 100})
+        parse_table(table_bytes("f" * 32, {"model.onnx": [(size, b"\0" * 16)]}), h, sizes)
     with pytest.raises(EncryptionFormatError, match="exactly the encrypted files"):
-        parse_table(table_bytes(h.key_id, {"other": [(100, b"\0" * 16)]}), h,
-                    {"model.onnx": 100})
+        parse_table(table_bytes(h.key_id, {"other": [(size, b"\0" * 16)]}), h, sizes)
     doc = json.loads(good)
     doc["files"]["model.onnx"] = base64.b64encode(b"\0" * 7).decode()
     with pytest.raises(EncryptionFormatError, match="whole entries"):
-        parse_table(json.dumps(doc).encode(), h, {"model.onnx": 100})
+        parse_table(json.dumps(doc).encode(), h, sizes)
     with pytest.raises(EncryptionFormatError):
-        parse_table(b"[" * 100_000, h, {"model.onnx": 100})
+        parse_table(b"[" * 100_000, h, sizes)
 
 
 def _enrolled(fleet: Path, *ids: str) -> dict[str, ec.EllipticCurvePrivateKey]:

@@ -13,13 +13,14 @@ import bisect
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from modelward.trust._bounded import loads_bounded
 from modelward.trust._fingerprint import FileEntry, MerkleHasher
-from modelward.updater.bundle._encryption import Header, parse_header
+from modelward.updater.bundle._encryption import Header, parse_header, table_budget
 from modelward.updater.bundle._names import check_model_name
 from modelward.updater.bundle._semver import SemVer
 from modelward.updater.bundle._tarstream import (
@@ -194,6 +195,11 @@ def parse_manifest(data: bytes, bundle: str) -> Manifest:
                     raise ValueError(f"encryption names {needed!r}, not listed in files")
             if set(m.signed_files) & set(m.encryption.files):
                 raise ValueError("the provenance files are never encrypted")
+            sizes = {f.path: f.size for f in files}
+            if sizes[m.encryption.table] > (budget := table_budget(sizes, m.encryption)):
+                raise ValueError(f"the table {m.encryption.table!r} is "
+                                 f"{sizes[m.encryption.table]} bytes, over the {budget} "
+                                 "its files can need")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise BundleFormatError(
             f"bundle {bundle}: invalid manifest: {e}", bundle=bundle, member=MANIFEST
@@ -262,6 +268,7 @@ def _copy_member(
 
 def extract_bundle(
     fileobj: Readable, dest: Path | None, bundle: str, *, writer: StageWriter | None = None,
+    on_manifest: Callable[[Manifest], object] | None = None,
 ) -> tuple[Manifest, list[FileEntry]]:
     """Extract a bundle stream into the empty directory ``dest``, refusing anything unsafe.
 
@@ -273,6 +280,8 @@ def extract_bundle(
         bundle: name for error messages.
         writer: how to write (the installer's stage: skeleton, index, resume); by
             default plain files in ``dest``.
+        on_manifest: called with the manifest before any member is read (the installer
+            refuses an encrypted release for another device there).
 
     Returns:
         The manifest and the entries (manifest.json included) for the slot fingerprint.
@@ -305,6 +314,8 @@ def extract_bundle(
             if sink is not None:
                 sink.close()
         manifest = parse_manifest(raw, bundle)
+        if on_manifest is not None:  # (what it raises ends the extraction, and the download)
+            on_manifest(manifest)
         mf_merkle = MerkleHasher()
         mf_merkle.update(raw)
         entries = [FileEntry(MANIFEST, len(raw), mf_merkle.hexdigest())]

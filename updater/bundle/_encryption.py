@@ -41,7 +41,7 @@ import hmac
 import os
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -232,6 +232,17 @@ def parse_header(d: Any, what: str = "encryption") -> Header:
 # -- wrapping ---------------------------------------------------------------------------
 
 
+def on_curve(point: bytes) -> bool:
+    """Whether ``point`` is an uncompressed point of P-256 (not the identity)."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP256R1(), point)
+    except ValueError:
+        return False
+    return len(point) == POINT_BYTES
+
+
 def _kek(shared: bytes, epk: bytes, key_id: str, recipient: str, model: str) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -288,6 +299,27 @@ def unwrap(rec: Recipient, key_id: str, model: str,
 # -- the table ---------------------------------------------------------------------------
 
 Table = Mapping[str, Sequence[tuple[int, bytes]]]  # path -> [(chunk length, iv)]
+#: As the chunk index (``_chunkindex.MIN_CHUNK_BYTES``): every chunk of a file but its last
+#: is at least this long, so a file of ``n`` bytes has at most ``n // MIN_CHUNK + 1``.
+MIN_CHUNK = 16 * 1024
+
+
+class Chunks(Sequence[tuple[int, bytes]]):
+    """One file's table entries, kept packed (20 bytes each), unpacked when read."""
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+
+    def __len__(self) -> int:
+        return len(self._raw) // _ENTRY.size
+
+    def __getitem__(self, i: int) -> tuple[int, bytes]:  # type: ignore[override]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return _ENTRY.unpack_from(self._raw, (i % len(self)) * _ENTRY.size)
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        return _ENTRY.iter_unpack(self._raw)
 
 
 def table_bytes(key_id: str, table: Table) -> bytes:
@@ -300,19 +332,33 @@ def table_bytes(key_id: str, table: Table) -> bytes:
                       sort_keys=True, indent=1).encode() + b"\n"
 
 
+def table_budget(sizes: Mapping[str, int], header: Header) -> int:
+    """The most bytes a table of ``header``'s files (of ``sizes``) may have: what its
+    entries take in base64 at the most chunks a file may have, and a fixed part."""
+    entries = sum(sizes.get(p, 0) // MIN_CHUNK + 1 for p in header.files)
+    return min(MAX_TABLE_BYTES, (64 << 10) + 300 * len(header.files)
+               + (entries * _ENTRY.size * 4) // 3 + 4)
+
+
 def parse_table(data: bytes, header: Header, sizes: Mapping[str, int],
-                what: str = TABLE_NAME) -> dict[str, list[tuple[int, bytes]]]:
+                what: str = TABLE_NAME) -> dict[str, Chunks]:
     """The table of the encrypted files ``header`` names, each of the size ``sizes``
     gives (the manifest's): chunks that cover each file exactly, none empty or longer
-    than :data:`MAX_CHUNK`.
+    than :data:`MAX_CHUNK`, all but a file's last at least :data:`MIN_CHUNK` (so at most
+    ``size // MIN_CHUNK + 1`` of them, as the chunk index allows). Bounded by
+    :func:`table_budget` before it is parsed.
 
     Raises:
         EncryptionFormatError: naming what is at fault.
     """
     from modelward.trust._bounded import UntrustedJsonError, loads_bounded
 
+    budget = table_budget(sizes, header)
+    if len(data) > budget:
+        raise EncryptionFormatError(f"{what} is {len(data)} bytes, over the {budget} its "
+                                    "files can need")
     try:
-        d = loads_bounded(data, max_bytes=MAX_TABLE_BYTES, what=what, max_depth=4)
+        d = loads_bounded(data, max_bytes=budget, what=what, max_depth=4)
     except UntrustedJsonError as e:
         raise EncryptionFormatError(str(e)) from e
     if not isinstance(d, dict) or d.get("format") != TABLE_FORMAT:
@@ -322,16 +368,28 @@ def parse_table(data: bytes, header: Header, sizes: Mapping[str, int],
     files = d.get("files")
     if not isinstance(files, dict) or set(files) != set(header.files):
         raise EncryptionFormatError(f"{what} does not list exactly the encrypted files")
-    out: dict[str, list[tuple[int, bytes]]] = {}
+    out: dict[str, Chunks] = {}
     for path in header.files:
-        raw = _unb64(files[path], f"{what}: {path}", limit=MAX_TABLE_BYTES)
-        if len(raw) % _ENTRY.size:
-            raise EncryptionFormatError(f"{what}: {path}: not whole entries")
-        chunks = [(n, iv) for n, iv in _ENTRY.iter_unpack(raw)]
         size = sizes.get(path)
         if size is None:
             raise EncryptionFormatError(f"{what}: {path} is not a file of the manifest")
-        if any(not 0 < n <= MAX_CHUNK for n, _ in chunks) or sum(n for n, _ in chunks) != size:
+        most = size // MIN_CHUNK + 1
+        v = files[path]
+        if isinstance(v, str) and len(v) > (most * _ENTRY.size * 4) // 3 + 4:
+            raise EncryptionFormatError(f"{what}: {path}: more chunks than its {size} bytes "
+                                        f"can have ({most})")
+        raw = _unb64(v, f"{what}: {path}", limit=MAX_TABLE_BYTES)
+        if len(raw) % _ENTRY.size:
+            raise EncryptionFormatError(f"{what}: {path}: not whole entries")
+        chunks = Chunks(raw)
+        total, last = 0, len(chunks) - 1
+        for i, (n, _) in enumerate(chunks):
+            if not 0 < n <= MAX_CHUNK or (n < MIN_CHUNK and i != last):
+                raise EncryptionFormatError(
+                    f"{what}: {path}: chunk {i} is {n} bytes (each 1 to {MAX_CHUNK}, all "
+                    f"but the last at least {MIN_CHUNK})")
+            total += n
+        if total != size:
             raise EncryptionFormatError(f"{what}: {path}: the chunks do not cover its "
                                         f"{size} bytes exactly")
         out[path] = chunks

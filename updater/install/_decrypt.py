@@ -16,6 +16,7 @@ where the inference app needs it in the clear.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -24,9 +25,11 @@ from typing import TYPE_CHECKING
 
 from modelward.updater.bundle._encryption import (
     MAX_TABLE_BYTES,
+    Chunks,
     ContentKey,
     DecryptionError,
     EncryptionFormatError,
+    on_curve,
     parse_table,
     unwrap,
 )
@@ -34,6 +37,7 @@ from modelward.updater.errors import (
     BundleFormatError,
     EncryptionRefusedError,
     NotARecipientError,
+    StagedFilesChangedError,
     StagingError,
 )
 from modelward.updater.install._statedir import open_at, open_root
@@ -73,6 +77,10 @@ class Unlocker:
         memo = (h.key_id, manifest.name, rec.epk.hex())
         if (key := self._keys.get(memo)) is not None:
             return key
+        if not on_curve(rec.epk):  # (the TPM would refuse it too, but as its own fault)
+            raise EncryptionRefusedError(
+                f"{what}: the ephemeral key wrapped for {self._id} is not a P-256 point",
+                model=manifest.name, version=manifest.version)
         try:
             key = unwrap(rec, h.key_id, manifest.name, self._shared_x)
         except DecryptionError as e:
@@ -97,9 +105,14 @@ def decrypt_incoming(state_dir: Path, incoming: Path, manifest: Manifest,
     assert h is not None
     what = f"{manifest.name} {manifest.version}"
     sizes = {f.path: f.size for f in manifest.files}
+    listed = {f.path: f for f in manifest.files}
     root = open_root(state_dir, incoming)
     try:
         data = _read_all(root, h.table, incoming, min(sizes.get(h.table, 0), MAX_TABLE_BYTES))
+        # What is read back from the disk is checked against what was signed before a
+        # failure is blamed on the release: the disk's changes are no rejection.
+        if hashlib.sha256(data).hexdigest() != listed[h.table].sha256:
+            raise _changed(incoming, h.table)
         try:
             table = parse_table(data, h, sizes, what=f"{what}: {h.table}")
         except EncryptionFormatError as e:
@@ -110,26 +123,47 @@ def decrypt_incoming(state_dir: Path, incoming: Path, manifest: Manifest,
             except OSError as e:
                 raise StagingError(f"cannot open {incoming / path} to decrypt it: {e}") from e
             try:
-                off = 0
-                for n, iv in table[path]:
-                    ct = os.pread(fd, n, off)
-                    if len(ct) != n:
-                        raise StagingError(f"{incoming / path} is shorter than signed")
-                    try:
-                        pt = key.open(iv, ct)
-                    except DecryptionError as e:
-                        raise EncryptionRefusedError(
-                            f"{what}: {path} at offset {off}: {e}", model=manifest.name,
-                            version=manifest.version) from e
-                    if os.pwrite(fd, pt, off) != n:
-                        raise StagingError(f"short write decrypting {incoming / path}")
-                    off += n
+                _decrypt_file(fd, table[path], key, incoming / path, h.ciphertext_sha256[path],
+                              f"{what}: {path}", manifest)
             except OSError as e:
                 raise StagingError(f"cannot decrypt {incoming / path}: {e}") from e
             finally:
                 os.close(fd)
     finally:
         os.close(root)
+
+
+def _changed(incoming: Path, path: str) -> StagedFilesChangedError:
+    return StagedFilesChangedError(
+        f"{incoming / path} changed on disk after it was verified (not decrypted)",
+        path=str(incoming), expected="", actual="")
+
+
+def _decrypt_file(fd: int, chunks: Chunks, key: ContentKey, where: Path, ct_sha256: str,
+                  what: str, manifest: Manifest) -> None:
+    """Decrypt one file in place. Its ciphertext is hashed as it is read: a chunk that does
+    not decrypt is the release's fault only if the file is still the signed ciphertext."""
+    sha = hashlib.sha256()
+    off = 0
+    for n, iv in chunks:
+        ct = os.pread(fd, n, off)
+        if len(ct) != n:
+            raise StagingError(f"{where} is shorter than signed")
+        sha.update(ct)
+        try:
+            pt = key.open(iv, ct)
+        except DecryptionError as e:
+            rest = off + n
+            while piece := os.pread(fd, 1 << 20, rest):
+                sha.update(piece)
+                rest += len(piece)
+            if sha.hexdigest() != ct_sha256:
+                raise _changed(where.parent, where.name) from e
+            raise EncryptionRefusedError(f"{what} at offset {off}: {e}", model=manifest.name,
+                                         version=manifest.version) from e
+        if os.pwrite(fd, pt, off) != n:
+            raise StagingError(f"short write decrypting {where}")
+        off += n
 
 
 def _read_all(root: int, path: str, incoming: Path, limit: int) -> bytes:

@@ -276,6 +276,7 @@ def download_and_extract(
     max_bytes: int,
     *,
     gate: Gate | None = None,
+    on_manifest: Callable[[Manifest], object] | None = None,
 ) -> tuple[Stage, Manifest, list[FileEntry]]:
     """Download a target and extract it into ``incoming`` in one pass, writing it once.
 
@@ -333,7 +334,8 @@ def download_and_extract(
 
     def extract() -> None:
         try:
-            result.append(extract_bundle(pipe, incoming, target.path, writer=writer))
+            result.append(extract_bundle(pipe, incoming, target.path, writer=writer,
+                                         on_manifest=on_manifest))
         except BaseException as e:  # noqa: BLE001 - handed to the download thread
             error.append(e)
         finally:
@@ -570,7 +572,8 @@ def _attempt(
 
         def whole() -> tuple[Stage, Manifest, list[FileEntry]]:
             return download_and_extract(session, fetcher, newest.target, dev.staging,
-                                        incoming, cfg.max_bundle_bytes, gate=gate)
+                                        incoming, cfg.max_bundle_bytes, gate=gate,
+                                        on_manifest=unlocker.unlock)
 
         staged, manifest, entries, index, delta = _delta.fetch_release(
             session, fetcher, _delta.Release(newest.target, name, version,
@@ -581,7 +584,7 @@ def _attempt(
                 for label, ref in (("active", active), ("previous", record.previous))
                 if ref is not None]),
             gate, whole, memory=rejections, unlock=unlocker.unlock)
-        _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker)
+        _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker, staged)
         if delta:
             fields["detail"] = delta
         step("staged")
@@ -626,7 +629,7 @@ def _attempt(
             staged, index = None, None
             rejections.note_delta_refused(newest.target, name, version, str(e))
             staged, manifest, entries = whole()
-            _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker)
+            _decrypt_staged(cfg.state_dir, incoming, manifest, unlocker, staged)
             sealed = _seal_on_disk(incoming, newest, manifest, entries,
                                    "before its health check")
         if pending is not None and gate.reasons():  # (busy now: no child waits it out)
@@ -700,10 +703,16 @@ def _attempt(
 
 
 def _decrypt_staged(state_dir: Path, incoming: Path, manifest: Manifest,
-                    unlocker: Unlocker) -> None:
-    """Decrypt an encrypted release's verified ciphertext in ``incoming`` (in place)."""
+                    unlocker: Unlocker, staged: Stage) -> None:
+    """Decrypt an encrypted release's verified ciphertext in ``incoming`` (in place).
+
+    The stage's resume data goes first: a whole download interrupted from here on is
+    never rebuilt from files that are (partly) plaintext now, which would hash as an
+    altered bundle (the next attempt finds the ciphertext chunks again by the index, or
+    downloads anew)."""
     key = unlocker.unlock(manifest)
     if key is not None:
+        staged.forget()
         decrypt_incoming(state_dir, incoming, manifest, key)
 
 
