@@ -12,7 +12,7 @@ half:
   taken off the list cannot open the next release with the key it unwrapped before. The
   first release under a new key is a full download on every device.
 - **Recipients** are enrolled devices: their TPM decryption key's public half
-  (``FLEET_DIR/devices/<id>.decrypt.pem``, written by ``fleet add-device`` once the AK
+  (``FLEET_DIR/devices/<id>.decrypt.pub``, written by ``fleet add-device`` once the AK
   certified it).
 """
 
@@ -48,7 +48,7 @@ KEY_FORMAT = "modelward-content-key/1"
 
 def decrypt_key_path(fleet_dir: Path, device_id: str) -> Path:
     """Where ``fleet add-device`` keeps a device's decryption public key."""
-    return fleet_dir / "devices" / f"{device_id}.decrypt.pem"
+    return fleet_dir / "devices" / f"{device_id}.decrypt.pub"
 
 
 @dataclass(frozen=True)

@@ -463,7 +463,7 @@ def finish_enrollment(fleet_dir: Path, device_id: str, response: bytes,
     pem_path = devices / f"{device_id}.pem"
     write_atomic(ak_path, json.dumps(ak_doc, indent=1).encode() + b"\n")
     write_atomic(pem_path, str(pending["identity_pem"]).encode())
-    decrypt_path = devices / f"{device_id}.decrypt.pem"
+    decrypt_path = devices / f"{device_id}.decrypt.pub"
     if isinstance(pending.get("decrypt_pem"), str):  # (a recipient of encrypted bundles)
         write_atomic(decrypt_path, str(pending["decrypt_pem"]).encode())
     else:  # (re-enrolled without one: an old key is no recipient any more)

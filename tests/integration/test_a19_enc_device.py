@@ -337,7 +337,7 @@ def test_revoked_device_with_its_old_key_opens_nothing_new(world: World) -> None
 def test_a_replaced_device_s_old_tpm_opens_releases_after_the_replacement(
         world: World) -> None:
     """dev-1 (this real TPM) is stolen; the operator enrolls its replacement as dev-1
-    (``fleet add-device`` writes the new devices/dev-1.decrypt.pem) and keeps building
+    (``fleet add-device`` writes the new devices/dev-1.decrypt.pub) and keeps building
     for the same ids. The content key is kept (the ids did not change), so the stolen
     TPM, having unwrapped it from 1.0.0, decrypts 1.1.0 straight off the origin."""
     w = world

@@ -154,12 +154,18 @@ def test_another_tpms_ak_with_this_devices_ek_is_refused(lab: Lab) -> None:
     from modelward.trust._tpmauth import auth_dir_for
 
     tpm.use_auth_dir(auth_dir_for(lab.devs["dev-2"].cfg.state_dir))
+    from modelward.trust import _deckey
+
     try:
         attest, sig = _ak._certify(tpm, IDENTITY_HANDLE, _ak.certify_qualifier("dev-1"))
+        dattest, dsig = _ak._certify(tpm, _deckey.DECRYPT_HANDLE,  # (its decryption key too)
+                                     _deckey.certify_qualifier("dev-1"))
     finally:
         tpm.close()
     forged["identity_certify"] = {"attest": base64.b64encode(attest.marshal()).decode(),
                                   "signature": base64.b64encode(sig.marshal()).decode()}
+    forged["decrypt_certify"] = {"attest": base64.b64encode(dattest.marshal()).decode(),
+                                 "signature": base64.b64encode(dsig.marshal()).decode()}
     chal = json.loads(_challenge(lab, "dev-1", forged))
     before = lab.fleet_files()
     # dev-2's TPM holds the AK but not the EK the secret is sealed to

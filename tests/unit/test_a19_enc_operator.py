@@ -188,7 +188,7 @@ def test_revoked_device_cannot_open_the_next_release_nor_later_ones(tmp_path: Pa
 
 def test_a_device_re_enrolled_under_its_id_gets_a_new_content_key(tmp_path: Path) -> None:
     """A device stolen (or sold, or RMA'd) is replaced, and the replacement enrolled
-    under the same id: ``fleet add-device`` overwrites devices/<id>.decrypt.pem. The
+    under the same id: ``fleet add-device`` overwrites devices/<id>.decrypt.pub. The
     recipients' *ids* did not change, so the content key is kept, and the old TPM (in
     the thief's hands), which unwrapped it from any earlier release, opens every new
     release copied off the origin. The key must change when a recipient's key does."""
