@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +56,7 @@ from modelward.updater.transport._fetcher import RangeFetcher, RequestsFetcher
 from modelward.updater.transport._mqtt import MQTT_METADATA_URL, MQTT_TARGETS_URL, MqttFetcher  # noqa: E402
 
 PASS = b"benchmark passphrase"
+T = TypeVar("T")
 # The in-process figures (ours and plain python-tuf alike) run under the allocator tuning
 # the agent's attempt process applies (agent/_malloc.py).
 from modelward.agent._malloc import tune_malloc  # noqa: E402
@@ -133,14 +134,19 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
-def rounds(cases: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
-    out: dict[str, list[float]] = {k: [] for k in cases}
+def interleaved(cases: dict[str, Callable[[], T]], n: int) -> dict[str, list[T]]:
+    """``n`` rounds of every case, each round in random order: what each call returned."""
+    out: dict[str, list[T]] = {k: [] for k in cases}
     for _ in range(n):
         order = list(cases)
         random.shuffle(order)
         for k in order:
-            out[k].append(timed(cases[k]))
+            out[k].append(cases[k]())
     return out
+
+
+def rounds(cases: dict[str, Callable[[], object]], n: int) -> dict[str, list[float]]:
+    return interleaved({k: lambda fn=fn: timed(fn) for k, fn in cases.items()}, n)
 
 
 def cpu_seconds(pid: int, children: bool = False) -> float:
@@ -312,6 +318,20 @@ class Env:
         assert slot_fingerprint(entries) == t.custom["modelward"]["fingerprint"]
         f.close()
         shutil.rmtree(d)
+
+
+def in_env(body: Callable[[Env, Path], T]) -> T:
+    """``body(env, work)`` with a fresh work directory and :class:`Env` in it (a section
+    script's own run), both closed and removed however it ends."""
+    work = Path(tempfile.mkdtemp(prefix="modelward-bench-"))
+    try:
+        env = Env(work)
+        try:
+            return body(env, work)
+        finally:
+            env.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- sections -------------------------------------------------------------------------------

@@ -52,8 +52,19 @@ def test_benchmark_command_judges_every_goal(tmp_path: Path) -> None:
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    rows = [line.strip("|").split(" | ") for line in r.stdout.splitlines()
+    assert _judged(r.stdout, GOALS, ("peak RSS", "idle", "resume", "boot-check")) == GOALS, \
+        r.stdout[-3000:]
+    left = [p.name for p in tmp_path.iterdir() if p.name.startswith("modelward-")]
+    assert not left, f"the benchmark left its work directories behind: {left}"
+
+
+def _judged(stdout: str, goals: dict[str, int], absolute: tuple[str, ...]) -> dict[str, int]:
+    """How many goals the printed table judges for each figure of ``goals`` (by the start
+    of its row); every goal "what: met" or "what: MISSED by N% (why)", the why left out
+    only by the figures starting with one of ``absolute`` (absolute bounds)."""
+    rows = [line.strip("|").split(" | ") for line in stdout.splitlines()
             if line.startswith("| ") and not line.startswith(("| figure", "| ---"))]
+    assert rows, f"no table: {stdout[-3000:]}"
     judged: dict[str, int] = {}
     for row in rows:
         figure, goal = row[0].strip(), row[-1].strip()
@@ -63,14 +74,46 @@ def test_benchmark_command_judges_every_goal(tmp_path: Path) -> None:
         for part in parts:  # "what: met" or "what: MISSED by N% (why)"
             assert _VERDICT.match(part), (figure, part)
             if part.split(": ", 1)[1].startswith("MISSED") and not figure.startswith(
-                    ("peak RSS", "idle", "resume", "boot-check")):  # absolute bounds
+                    absolute):
                 assert part.endswith(")"), f"a ratio goal missed without a reason: {part}"
-        key = next((k for k in GOALS if figure.startswith(k)), None)
+        key = next((k for k in goals if figure.startswith(k)), None)
         assert key is not None, f"a judged figure the test does not know: {figure}"
         judged[key] = judged.get(key, 0) + len(parts)
-    assert judged == GOALS, r.stdout[-3000:]
+    return judged
+
+
+# Figures of benchmarks/encrypted.py's table (issue 19) -> how many goals each judges.
+ENCRYPTED_GOALS = {
+    "encryption's extra build time": 1,  # vs openssl enc + dgst -hmac
+    "encrypted bundle build (operator): peak RSS": 1,  # vs the plain build
+    "encrypted full install (device), ": 1,  # whole process vs the plain release
+    "encrypted full install (device): peak RSS": 2,  # <= 100 MiB; vs the plain release
+    "encrypted delta, bytes on the wire": 1,  # vs the plain delta
+    "encrypted delta, device time": 1,  # vs the plain delta
+}
+# ... and its figures without a goal (ratios printed only).
+ENCRYPTED_UNJUDGED = ("encrypted bundle build (operator), ",
+                      "encrypted full install (device) against curl")
+
+
+def test_encrypted_benchmark_judges_its_figures(tmp_path: Path) -> None:
+    """benchmarks/encrypted.py with a 2 MiB model and one round (about 10 s): the build,
+    the full install and the delta, plain against encrypted, each figure in the table and
+    each goal judged (never a time or a ratio asserted)."""
+    r = subprocess.run(
+        [sys.executable, "benchmarks/encrypted.py", "--mib", "2", "--rounds", "1",
+         "--touch-mib", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert _judged(r.stdout, ENCRYPTED_GOALS, ()) == ENCRYPTED_GOALS, r.stdout[-3000:]
+    for figure in ENCRYPTED_UNJUDGED:
+        assert f"| {figure}" in r.stdout, (figure, r.stdout[-3000:])
+    # (both updates took the delta path: encrypted chunks are recognised)
+    assert "v1 -> v2, plain (delta)" in r.stdout and "v1 -> v2, encrypted (delta)" in r.stdout
     left = [p.name for p in tmp_path.iterdir() if p.name.startswith("modelward-")]
-    assert not left, f"the benchmark left its work directories behind: {left}"
+    assert not left, f"the benchmark left its work directory behind: {left}"
 
 
 # Rows of benchmarks/bridge_load.py's table (issue 17), each with a figure per configuration.
