@@ -8,10 +8,11 @@ what the snapshot names), narrowed to what a device walking TUF's client workflo
 - every ``N.root.json`` (1..N: a device anchored on an old root walks the chain);
 - ``timestamp.json``, the snapshot it names, and the version of each targets role
   (top-level and delegated) that snapshot names, under the names devices fetch;
-- the targets of the chosen models (``--model``, default all): every target path in the
-  model's namespace ``NAME/`` listed by any of those roles (the releases and their chunk
-  indexes), and every top-level target under ``_modelward/`` (repository-wide policy),
-  each under its consistent-snapshot name ``DIR/<sha256>.<file>``.
+- the targets of the chosen models (``--model``, default all): every target at
+  ``NAME/<file>`` that TUF's delegation search finds, as a device runs it (the releases
+  and their chunk indexes; a role listing a path outside its delegation is ignored, as
+  devices ignore it), and every top-level target under ``_modelward/`` (repository-wide
+  policy), each under its consistent-snapshot name ``DIR/<sha256>.<file>``.
 
 A target file whose size or sha256 is not the signed one is refused (a damaged
 repository: the devices would refuse it too). The newest root's keys must verify the
@@ -31,16 +32,19 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from modelward.publisher import _sync
 from modelward.publisher._sync import LocalFile, SyncConfig, Upload
 from modelward.publisher._sync_dest import DirDestination, destination
 from modelward.publisher.errors import SyncDestinationError, SyncSourceError
+
+if TYPE_CHECKING:
+    from tuf.api.metadata import TargetFile, Targets
 
 logger = logging.getLogger(__name__)
 
@@ -108,18 +112,19 @@ def select(files: Sequence[LocalFile], models: Sequence[str] | None,
         snap = Metadata[Snapshot].from_bytes(read(by_key[where])).signed
         keep[where] = by_key[where]
         versions["snapshot"] = snap.version
-        chosen: list[str] = []
+        roles: dict[str, Targets] = {}
         for name, meta in sorted(snap.meta.items()):
             role = name.removesuffix(".json")
             where = f"metadata/{meta.version}.{role}.json"
-            md = Metadata[Targets].from_bytes(read(by_key[where]))
+            roles[role] = Metadata[Targets].from_bytes(read(by_key[where])).signed
             keep[where] = by_key[where]
             versions[role] = meta.version
-            for path, target in sorted(md.signed.targets.items()):
-                if _wanted(path, role, models):
-                    chosen.append(path)
-                    for f in _target_files(by_key, path, target.hashes, target.length):
-                        keep[f.key] = f
+        where = "metadata/snapshot.json"
+        chosen: list[str] = []
+        for path, target in _device_targets(roles, models):
+            chosen.append(path)
+            for f in _target_files(by_key, path, target.hashes, target.length):
+                keep[f.key] = f
     except KeyError as e:
         raise SyncSourceError(f"{where}: not in the repository (named by the snapshot or "
                               "the timestamp)", path=where,
@@ -133,6 +138,46 @@ def select(files: Sequence[LocalFile], models: Sequence[str] | None,
                                   f"v{versions.get('targets', 0)} or its delegations",
                                   path=m, hint="`repo status` lists the releases")
     return Selection(tuple(keep.values()), tuple(dict.fromkeys(chosen)), versions)
+
+
+class _NotListed(Exception):
+    """A delegated role the snapshot does not name (a device cannot load it either)."""
+
+
+def _device_targets(roles: Mapping[str, Targets], models: Sequence[str] | None
+                    ) -> list[tuple[str, TargetFile]]:
+    """The targets a device takes from ``roles`` for ``models`` (None: every namespace
+    listed): the top-level ``_modelward/`` targets, and per model what TUF's delegation
+    search finds (:func:`modelward.updater.install._search.find_releases`, the device's
+    own). A role listing a path outside its delegation is not where a device looks, so
+    its listing is not exported (nor can it fail the export of a model it may not speak
+    for)."""
+    from modelward.updater.install._search import TOP, find_releases
+
+    top = roles.get(TOP)
+    if top is None:
+        raise KeyError(TOP)
+    out = [(p, t) for p, t in sorted(top.targets.items())
+           if p.startswith(POLICY_PREFIX) and _wanted(p, TOP, models)]
+    names = dict.fromkeys(models) if models else dict.fromkeys(sorted(
+        p.split("/", 1)[0] for role, md in roles.items() for p in md.targets
+        if "/" in p and _wanted(p, role, models) and not p.startswith(POLICY_PREFIX)))
+
+    def load(role: str, _delegator: str) -> Targets:
+        if role not in roles:
+            raise _NotListed(role)
+        return roles[role]
+
+    for name in names:
+        found, reach = find_releases(name, load, skip=(_NotListed,))
+        for role in sorted({r for _, r in reach.failed}):
+            logger.warning("%s/: delegated role %s is not in the snapshot: its releases "
+                           "are not exported (devices cannot load it either)", name, role)
+        if reach.truncated:
+            logger.warning("%s/: the delegation search stopped at its bound; the releases "
+                           "it did not reach are not exported (nor taken by devices)", name)
+        out.extend((f.path, f.target) for f in found)
+    return out
 
 
 def _versioned(key: str, role: str) -> bool:
