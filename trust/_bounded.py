@@ -3,8 +3,10 @@ nobody has verified yet (network payloads, files under ``state_dir``, a child's 
 
 * :func:`loads_bounded` checks the size and the nesting depth with a cheap scan before
   ``json.loads`` (whose recursion would otherwise raise ``RecursionError``, a
-  ``RuntimeError`` that ``except ValueError`` lets through), refuses ``NaN``/``Infinity``
-  and non-finite numbers, and turns every way the parse can fail into
+  ``RuntimeError`` that ``except ValueError`` lets through), refuses ``NaN``/``Infinity``,
+  non-finite numbers and an object with the same key twice (which ``json.loads`` would
+  resolve to the last one, and another parser to the first: a signed document two tools
+  read differently), and turns every way the parse can fail into
   :class:`UntrustedJsonError`, a ``ValueError``: the caller converts it into its own typed
   error naming the thing at fault.
 * :func:`read_bounded` opens a file without following a link or blocking (a FIFO), checks
@@ -106,6 +108,17 @@ def _finite_float(text: str) -> float:
     return f
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"key {key[:40]!r} appears twice in one object")
+            seen.add(key)
+    return obj
+
+
 def loads_bounded(data: bytes | bytearray | str, *, max_bytes: int, what: str,
                   max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """``json.loads(data)`` for bytes nobody has verified yet.
@@ -118,7 +131,8 @@ def loads_bounded(data: bytes | bytearray | str, *, max_bytes: int, what: str,
 
     Raises:
         UntrustedJsonError: over ``max_bytes``, nested deeper than ``max_depth``, not JSON,
-            not decodable, ``NaN``/``Infinity``, a number out of range or too many digits.
+            not decodable, ``NaN``/``Infinity``, a number out of range or too many digits,
+            a key twice in one object.
     """
     if len(data) > max_bytes:
         raise UntrustedJsonError(f"{what} is over {max_bytes} bytes", what=what)
@@ -130,7 +144,8 @@ def loads_bounded(data: bytes | bytearray | str, *, max_bytes: int, what: str,
     if json_depth(data, max_depth) > max_depth:
         raise UntrustedJsonError(f"{what} is nested deeper than {max_depth}", what=what)
     try:
-        return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float,
+                          object_pairs_hook=_unique_keys)
     except (ValueError, RecursionError, TypeError) as e:  # UnicodeDecodeError: ValueError
         raise UntrustedJsonError(f"{what} is not valid JSON: {str(e)[:200]}",
                                  what=what) from e

@@ -77,6 +77,16 @@ def test_anything_else_that_is_not_plain_json_is_one_error(doc: bytes) -> None:
         _loads(doc)
 
 
+@pytest.mark.parametrize("doc", [b'{"a": 1, "a": 2}', b'[{"x": {"k": 1, "k": 1}}]',
+                                 '{"\u00e9": 1, "\u00e9": 2}'.encode()])
+def test_a_key_twice_in_one_object_is_refused(doc: bytes) -> None:
+    """Two parsers resolve a repeated key differently (last wins, first wins): a signed
+    document must mean one thing."""
+    with pytest.raises(UntrustedJsonError, match="appears twice"):
+        _loads(doc)
+    assert _loads(b'{"a": {"k": 1}, "b": {"k": 2}}') == {"a": {"k": 1}, "b": {"k": 2}}
+
+
 def test_only_utf8_bytes() -> None:
     """UTF-16/32 (which json.loads would detect) could hide brackets from the scan."""
     with pytest.raises(UntrustedJsonError, match="not UTF-8"):

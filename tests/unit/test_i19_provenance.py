@@ -436,6 +436,27 @@ def test_provenance_sign_marks_datasets_as_the_rule_reads_them(side: dict,  # ty
     assert parse_attestation(only_source).datasets == ()
 
 
+def test_an_envelope_with_a_key_twice_is_malformed(side: dict,  # type: ignore[type-arg]
+                                                   tmp_path: Path) -> None:
+    """A DSSE envelope with ``payload`` twice (found by attack): ``json.loads`` takes the
+    last, another tool the first, so one signed file would read as two statements. It is
+    refused, and so is a statement with a key twice."""
+    import base64
+
+    from modelward.publisher._attestation import make_attestation
+    from modelward.updater.bundle._provenance import parse_attestation
+
+    builder = key_signer(tmp_path / "b", "builder")
+    good = make_attestation(side["model"], builder.private_key.read_bytes(), "b",
+                            source="git+https://x@1")
+    parse_attestation(good)  # (the genuine envelope parses)
+    decoy = base64.b64encode(b'{"_type": "decoy"}').decode()
+    twice = good.replace(b'"payload"', b'"payload": "' + decoy.encode() + b'", "payload"', 1)
+    assert twice != good and twice.count(b'"payload"') == 2
+    with pytest.raises(ValueError, match="malformed: .*'payload' appears twice"):
+        parse_attestation(twice)
+
+
 # --- a policy the device cannot take is the policy's failure, not the release's ----------
 
 class _Session:
