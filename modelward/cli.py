@@ -638,7 +638,8 @@ def _publish(args: argparse.Namespace) -> int:
     size = args.bundle.stat().st_size if args.bundle.is_file() else 0
     with _progress("publishing", 3 * size) as advance:
         r = repo.publish(args.bundle, channel=args.channel, rollout=args.rollout,
-                         sign_with=args.sign_with, role=args.role, progress=advance)
+                         sign_with=args.sign_with, role=args.role, progress=advance,
+                         unsafe_plaintext=args.unsafe_plaintext)
     print("\n".join(publish_lines(r)))  # (escaped; and what earlier releases fetch)
     if mqtt is not None:
         v = announce(args.repo, mqtt)
@@ -1777,6 +1778,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="share of the channel's devices eligible at first (default: 100)")
     pub.add_argument("--announce", action="store_true",
                      help="announce the new timestamp over MQTT afterwards")
+    pub.add_argument("--unsafe-plaintext", action="store_true",
+                     help="publish a bundle that is not encrypted although the model's "
+                     "newest release is (its weights then reach the origin in the clear)")
     _add_broker_options(pub, required=False)
     pub.set_defaults(func=_publish)
 

@@ -29,11 +29,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelward.publisher._broker_config import check_id
 from modelward.publisher.errors import OperatorInputError
 from modelward.trust._atomic import write_atomic
 from modelward.trust._bounded import UntrustedJsonError, loads_bounded
+from modelward.trust.errors import ModelwardError
 from modelward.updater.bundle._encryption import (
     ContentKey,
     Recipient,
@@ -41,6 +43,9 @@ from modelward.updater.bundle._encryption import (
     wrap,
 )
 from modelward.updater.bundle._names import check_model_name
+
+if TYPE_CHECKING:
+    from modelward.updater.bundle._bundle import Manifest
 
 KEYS_DIR = "content-keys"
 KEY_FORMAT = "modelward-content-key/1"
@@ -213,5 +218,29 @@ def encrypt_file(key: ContentKey, src: Path, out: Path) -> EncryptedFile:
     return EncryptedFile(out, chunks, sha.hexdigest())
 
 
+class _ManifestRead(Exception):
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+
+
+def served_encryption(bundle: Path) -> bool | None:
+    """Whether the published bundle ``bundle`` (a file in the served directory) is
+    encrypted, from its manifest (the tar's first member, nothing after it is read); None
+    if it cannot be read as a bundle."""
+    from modelward.updater.bundle._bundle import extract_bundle
+
+    def stop(m: Manifest) -> None:
+        raise _ManifestRead(m)
+
+    try:
+        with open(bundle, "rb") as f:
+            extract_bundle(f, None, str(bundle), on_manifest=stop)
+    except _ManifestRead as got:
+        return got.manifest.encryption is not None
+    except (OSError, ModelwardError):
+        return None
+    return None  # (not reached: a bundle has a manifest)
+
+
 __all__ = ["Encryption", "content_key", "decrypt_key_path", "encrypt_file", "key_id_of",
-           "recipients_of"]
+           "recipients_of", "served_encryption"]

@@ -773,7 +773,8 @@ class Repository:
 
     def publish(self, bundle: Path, *, channel: str = "stable", rollout: float = 100.0,
                 sign_with: list[str] | None = None, role: str | None = None,
-                progress: Callable[[int], None] = lambda _n: None) -> PublishResult:
+                progress: Callable[[int], None] = lambda _n: None,
+                unsafe_plaintext: bool = False) -> PublishResult:
         """Verify a bundle, add it as a signed target and publish new metadata.
 
         Args:
@@ -784,13 +785,15 @@ class Repository:
                 key). Short of the threshold, the metadata waits for `repo sign`.
             role: a delegated role (a team) to publish as, with its own key.
             progress: called with byte counts (verifying, hashing, copying: 3x the size).
+            unsafe_plaintext: publish a bundle that is not encrypted although the model's
+                newest release is (its weights reach the origin in the clear; warned).
 
         Raises:
             ThresholdNotMetError: the targets threshold is not met yet.
-
-        Raises:
             BundleFormatError: the bundle is malformed.
-            RepositoryStateError: this model version is published already.
+            RepositoryStateError: this model version is published already, or the bundle
+                is not encrypted and the model's newest release is (without
+                ``unsafe_plaintext``).
         """
         with open(bundle, "rb") as f:  # (hashing the bytes verified: the index is cut from them)
             verified = VerifiedStream(_Counting(f, progress))
@@ -810,6 +813,8 @@ class Repository:
                     f"role {found.role!r}{', withdrawn' if field.get('withdrawn') else ''})",
                     hint="publish a new version: devices only move forward",
                 )
+        if manifest.encryption is None:
+            self._check_not_decrypted(manifest.name, targets, unsafe_plaintext)
         target_path = f"{manifest.name}/{manifest.name}-{manifest.version}.tar"
         if role is not None:  # refuse before anything reaches the served directory
             self._check_delegation(targets, role, target_path)
@@ -859,6 +864,38 @@ class Repository:
             target_path, manifest.name, manifest.version, fingerprint, tf.length,
             targets.version, ts_version, ipath, views,
         )
+
+    def _check_not_decrypted(self, name: str, targets: Targets, unsafe: bool) -> None:
+        """A plaintext bundle of ``name`` is refused when the model's newest release is
+        encrypted: a build that forgot ``--encrypt-for`` would hand the next model to the
+        origin, the CDN and the broker in the clear.
+
+        Raises:
+            RepositoryStateError: refused (``unsafe`` False).
+        """
+        newest: tuple[SemVer, Found] | None = None
+        for found in self.releases(name, targets):
+            try:
+                v = SemVer.parse(str(_fields(found.target).get("version")))
+            except ValueError:
+                continue
+            if newest is None or v > newest[0]:
+                newest = (v, found)
+        if newest is None:
+            return
+        from modelward.publisher._encrypt import served_encryption
+        from modelward.publisher._indexpub import served_name
+
+        if not served_encryption(served_name(self.targets_dir, newest[1].target)):
+            return
+        what = f"{name} {newest[0]} ({newest[1].path}) is encrypted; this bundle is not"
+        if not unsafe:
+            raise RepositoryStateError(
+                f"{what}: its weights would reach the origin in the clear",
+                hint="build it with `bundle build --encrypt-for ... --fleet-dir ...`, or "
+                "publish with --unsafe-plaintext if the model is to be public from now on")
+        logger.warning("%s: publishing it in the clear (--unsafe-plaintext)", what,
+                       extra={"model": name})
 
     def _commit_targets(self, targets: Targets) -> int:
         """Sign the next targets version, then snapshot and timestamp; returns timestamp v."""

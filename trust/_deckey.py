@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from modelward.trust._tpm import Tpm
 
 DECRYPT_HANDLE = 0x81000105
+#: P-256's base point (uncompressed): a TPM2_ECDH_ZGen with it proves the key takes the
+#: auth value, and reveals only the key's public point.
+_GENERATOR = bytes.fromhex(
+    "04"
+    "6b17d1f2e12c4247f8bce6e563a440f277037d812deb33a0f4a13945d898c296"
+    "4fe342e2fe1a7f9b8ee7eb4a7c0f9e162bce33576b315ececbb6406837bf51f5")
 
 
 def certify_qualifier(device_id: str) -> bytes:
@@ -52,6 +58,9 @@ def provision_decrypt_key(tpm: Tpm, srk: Any) -> bool:
     e = tpm._esys
     if tpm._exists(DECRYPT_HANDLE):
         check_decrypt_key(tpm)
+        # (a key planted there by another TPM client has modelward's attributes but not
+        # its auth value: the agent could never use it, its planter could)
+        shared_x(tpm, _GENERATOR)
         return False
     tmpl = t.TPM2B_PUBLIC.parse("ecc256:ecdh", objectAttributes=decrypt_attributes())
     tmpl.publicArea.parameters.eccDetail.symmetric.algorithm = t.TPM2_ALG.NULL

@@ -63,7 +63,7 @@ from modelward.updater.install._provenance import check_sealed, load_policy
 from modelward.updater.install._rejections import RejectionStore
 from modelward.updater.install._sealed import SealedFiles, seal_verified
 from modelward.updater.install._slots import SlotStore
-from modelward.updater.install._stage import Stage
+from modelward.updater.install._stage import Stage, drop_decrypted
 from modelward.updater.install._statedir import check_state_dirs, plain_dir
 from modelward.updater.install._tuf import Candidate, TufSession, convert_tuf_error
 from modelward.updater.plan import check_metadata_not_rolled_back, should_install
@@ -521,6 +521,10 @@ def _attempt(
     record, root = trusted_record(store, source.fetcher, source.metadata_url, cfg.state_dir)
     if record.active and dev.slots.current_slot() != record.active.slot:
         record = _reconcile_measured(cfg.state_dir, dev.slots, store, record)
+    # (after the roll-forward: what an interrupted attempt decrypted and did not commit)
+    if drop_decrypted(dev.staging, dev.slots.incoming):
+        logger.warning("removed the decrypted files an interrupted attempt left in %s",
+                       dev.slots.incoming)
     step("checking")
     fetcher = source.fetcher
     session = TufSession(
@@ -713,6 +717,7 @@ def _decrypt_staged(state_dir: Path, incoming: Path, manifest: Manifest,
     key = unlocker.unlock(manifest)
     if key is not None:
         staged.forget()
+        staged.mark_decrypted()  # (what an interruption leaves is plaintext: dropped)
         decrypt_incoming(state_dir, incoming, manifest, key)
 
 

@@ -502,6 +502,7 @@ class Stage:
         self._check()
         for p in (self.part, self.done, self.index, self.incoming):
             remove_entry(p)
+        remove_entry(self.staging / DECRYPTED_MARK)  # (after the files it is about)
 
     def forget(self) -> None:
         """Remove skeleton and index only (the files moved on into a slot, or are discarded
@@ -509,6 +510,43 @@ class Stage:
         self._check()
         for p in (self.part, self.done, self.index):
             remove_entry(p)
+        remove_entry(self.staging / DECRYPTED_MARK)
+
+    def mark_decrypted(self) -> None:
+        """Note durably, before they are decrypted, that the files in ``incoming`` are
+        (about to be) plaintext: an attempt interrupted from then on leaves them to
+        :func:`drop_decrypted`, not to whichever later attempt reuses ``incoming``.
+
+        Raises:
+            StateDirError: ``staging`` is a symlink or not a directory.
+            OSError: the mark cannot be written.
+        """
+        from modelward.trust._atomic import write_atomic
+
+        self._check()
+        write_atomic(self.staging / DECRYPTED_MARK, b"", mode=0o600)
+
+
+#: In ``staging``: the files in ``incoming`` were decrypted in place (:meth:`Stage.mark_decrypted`).
+DECRYPTED_MARK = "decrypted"
+
+
+def drop_decrypted(staging: Path, incoming: Path) -> bool:
+    """Remove ``incoming`` if an interrupted attempt decrypted it there (an encrypted
+    release's plaintext, never installed: it is no slot's, and stays on the disk no
+    longer than the attempt did). Run after a committed install was rolled forward. True
+    if something was removed.
+
+    Raises:
+        StateDirError: ``staging`` is a symlink or not a directory.
+    """
+    mark = staging / DECRYPTED_MARK
+    if not os.path.lexists(mark):
+        return False
+    plain_dir(staging.parent, staging.name)
+    remove_entry(incoming)
+    remove_entry(mark)  # (last: a crash in between removes the rest next time)
+    return True
 
 
 def _plain_size(path: Path) -> int | None:
