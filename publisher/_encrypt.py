@@ -80,6 +80,13 @@ def _public_key(fleet_dir: Path, device_id: str) -> tuple[object, str]:
     a device re-enrolled under its id with another TPM is another recipient)."""
     from cryptography.hazmat.primitives import serialization
 
+    identity = fleet_dir / "devices" / f"{device_id}.pem"
+    if not identity.is_file():  # (a device taken out of the fleet by hand: no recipient)
+        raise OperatorInputError(
+            f"--encrypt-for {device_id}: the device is not enrolled in this fleet "
+            f"({identity} does not exist)",
+            hint="enroll it with `fleet add-device`; a leftover "
+                 f"{decrypt_key_path(fleet_dir, device_id).name} alone makes no recipient")
     path = decrypt_key_path(fleet_dir, device_id)
     try:
         pem = path.read_bytes()[: 1 << 14]
@@ -151,7 +158,8 @@ def content_key(fleet_dir: Path, model: str, device_ids: Sequence[str]) -> Encry
     any of their keys changed), wrapped for each device's decryption key.
 
     Raises:
-        OperatorInputError: a bad model name, a device without a decryption key here, or
+        OperatorInputError: a bad model name, a device not enrolled here (no
+            ``devices/<id>.pem``) or without a decryption key, or
             a key file that is unreadable, of another model, a link or readable by others.
     """
     try:

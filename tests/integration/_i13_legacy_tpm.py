@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from modelward.trust._ak import AK_HANDLE
+from modelward.trust._deckey import DECRYPT_HANDLE
 from modelward.trust._measure import REGISTER_INDEX
 from modelward.trust._record import encode_record
 from modelward.trust._store import TrustStore
@@ -69,7 +70,8 @@ def make_legacy(tcti: str, state_dir: Path) -> int:
         # register of issue 18)
         for index in (FLOOR_INDEX, REGISTER_INDEX):
             e.nv_undefine_space(e.tr_from_tpmpublic(index), t.ESYS_TR.OWNER)
-        for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE, AK_HANDLE):  # (none before issue 18)
+        # (no AK before issue 18, no decryption key before issue 19)
+        for handle in (IDENTITY_HANDLE, MAC_KEY_HANDLE, AK_HANDLE, DECRYPT_HANDLE):
             e.evict_control(t.ESYS_TR.OWNER, e.tr_from_tpmpublic(handle), handle)
         nv = _old_nv(e, t, LEGACY_ANCHOR_INDEX, 32, counter=False)
         e.nv_write(nv, anchor, 0, t.ESYS_TR.OWNER)

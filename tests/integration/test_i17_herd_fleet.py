@@ -95,7 +95,9 @@ def test_an_announcement_is_answered_over_the_spread_and_a_reconnect_retriggers_
     def all_ignored() -> bool:
         return all(f"announcement of timestamp version {v} ignored: already trusted"
                    in _log(d) for d in fleet.devices)
-    assert wait_for(all_ignored, 90), [d.id for d in fleet.devices
+    # (paho's reconnect backoff doubles up to 120 s while the broker is away: under load
+    # a device can wait that long before it is back; 90 s was seen too short in CI)
+    assert wait_for(all_ignored, 200), [d.id for d in fleet.devices
                                        if "ignored: already trusted" not in _log(d)]
     time.sleep(2.0)
     assert all(len(_starts(d, v)) == 1 for d in fleet.devices)

@@ -85,6 +85,7 @@ def test_encrypted_bundles_install_only_on_recipients_and_delta_moves_changed_ch
     other = ec.generate_private_key(ec.SECP256R1())  # another device's key
     decrypt_key_path(fleet, "dev-2").write_bytes(other.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    (fleet / "devices" / "dev-2.pem").write_bytes(b"(dev-2's identity key)")
     needle = _pattern()
     assert needle in big_model(w.tmp / "plain.onnx").read_bytes()  # (the test can fail)
 

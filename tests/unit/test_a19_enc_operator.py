@@ -39,6 +39,20 @@ def _key_file(fleet: Path, model: str = "classifier") -> Path:
     return fleet / "content-keys" / f"{model}.json"
 
 
+def test_a_decryption_key_left_without_its_enrollment_is_no_recipient(tmp_path: Path) -> None:
+    """A device taken out of the fleet by removing its identity key by hand (there is no
+    remove-device): the decryption key it left behind makes it no recipient (found by
+    attack: --encrypt-for read only devices/<id>.decrypt.pub)."""
+    fleet = tmp_path / "fleet"
+    enroll_soft(fleet, "dev-1", "dev-2")
+    (fleet / "devices" / "dev-2.pem").unlink()
+    assert decrypt_key_path(fleet, "dev-2").exists()
+    with pytest.raises(OperatorInputError, match="dev-2: the device is not enrolled"):
+        content_key(fleet, "classifier", ["dev-1", "dev-2"])
+    assert not _key_file(fleet).exists()
+    assert content_key(fleet, "classifier", ["dev-1"]).recipients
+
+
 def test_wrong_fleet_dir_or_unknown_device_writes_nothing(tmp_path: Path) -> None:
     fleet = tmp_path / "fleet"
     enroll_soft(fleet, "dev-1")
@@ -50,6 +64,8 @@ def test_wrong_fleet_dir_or_unknown_device_writes_nothing(tmp_path: Path) -> Non
     with pytest.raises(OperatorInputError, match="dev-9"):
         content_key(fleet, "classifier", ["dev-1", "dev-9"])
     assert not _key_file(fleet).exists()
+    (fleet / "devices" / "dev-2.pem").write_bytes(b"(identity)")
+    (fleet / "devices" / "dev-3.pem").write_bytes(b"(identity)")
     decrypt_key_path(fleet, "dev-2").write_bytes(b"-----BEGIN PUBLIC KEY-----\ngarbage\n")
     with pytest.raises(OperatorInputError, match="not a PEM public key"):
         content_key(fleet, "classifier", ["dev-1", "dev-2"])

@@ -164,8 +164,10 @@ def _enrolled(fleet: Path, *ids: str) -> dict[str, ec.EllipticCurvePrivateKey]:
     (fleet / "devices").mkdir(parents=True, exist_ok=True)
     for i in ids:
         keys[i] = ec.generate_private_key(ec.SECP256R1())
-        decrypt_key_path(fleet, i).write_bytes(keys[i].public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+        pem = keys[i].public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        decrypt_key_path(fleet, i).write_bytes(pem)
+        (fleet / "devices" / f"{i}.pem").write_bytes(pem)  # (stands for its identity key)
     return keys
 
 
