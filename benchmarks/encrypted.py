@@ -120,7 +120,7 @@ def time_row(figure: str, enc: list[Run], plain: list[Run], against: str, bar: f
     """The row of a device time, encrypted against plain (medians of the whole process)."""
     ratio = med([r.wall for r in enc]) / med([r.wall for r in plain])
     return (figure, run_text(enc), f"{against}: {run_text(plain)}", f"{ratio:.2f}",
-            versus(ratio, bar, f"{why}; CPU {med([r.cpu for r in enc]):.2f} s against "
+            versus(ratio, bar, f"{why}, CPU {med([r.cpu for r in enc]):.2f} s against "
                    f"{med([r.cpu for r in plain]):.2f} s"))
 
 
