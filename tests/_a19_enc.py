@@ -193,3 +193,27 @@ def with_entries(doc: dict[str, Any], path: str, entries: list[tuple[int, bytes]
     d["files"][path] = base64.b64encode(b"".join(struct.pack(">I16s", n, iv)
                                                  for n, iv in entries)).decode()
     return json.dumps(d, sort_keys=True, indent=1).encode() + b"\n"
+
+
+def plain_pattern(seed: int = 1) -> bytes:
+    """256 bytes of a weight row of :func:`tests.integration._i16_delta.big_model` (seed):
+    found in a file only if it holds that model's plaintext."""
+    import numpy as np
+
+    from tests.integration._i16_delta import IN_DIM, OUT_DIM
+
+    w = np.random.default_rng(seed).standard_normal((IN_DIM, OUT_DIM)).astype(np.float32)
+    return bytes(w[IN_DIM // 2].tobytes()[:256])
+
+
+def holds(root: Path, pattern: bytes) -> list[str]:
+    """The regular files under ``root`` (links not followed) holding ``pattern``."""
+    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
+            and pattern in p.read_bytes()]
+
+
+def trusted(w: Any) -> tuple[object, ...]:
+    """What a rejection must leave as it was: record, counter, anchor, current, slots
+    (``w``: a :class:`tests.conftest.World`)."""
+    s = w.snapshot()
+    return s.record, s.counter, s.anchor, s.current, s.slots

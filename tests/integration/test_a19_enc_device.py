@@ -40,31 +40,17 @@ from tests._a19_enc import (
     edit,
     enroll_soft,
     entries_of,
+    holds,
     members,
     open_bundle,
+    plain_pattern,
     sign_raw,
     table_doc,
+    trusted,
     with_entries,
 )
 from tests.conftest import PASSPHRASE, World
-from tests.integration._i16_delta import IN_DIM, OUT_DIM, big_model, drop_index
-
-
-def _needle(seed: int = 1) -> bytes:
-    import numpy as np
-
-    w = np.random.default_rng(seed).standard_normal((IN_DIM, OUT_DIM)).astype(np.float32)
-    return bytes(w[IN_DIM // 2].tobytes()[:256])
-
-
-def _holds(root: Path, needle: bytes) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-            and needle in p.read_bytes()]
-
-
-def _trusted(w: World) -> tuple[object, ...]:
-    s = w.snapshot()
-    return s.record, s.counter, s.anchor, s.current, s.slots
+from tests.integration._i16_delta import big_model, drop_index
 
 
 def _rejections(w: World) -> list[tuple[str, str]]:
@@ -159,13 +145,13 @@ def test_disk_change_before_decryption_does_not_reject_a_good_release(
     r = w.repo.publish(_build(w, fleet, "1.0.0", ["dev-1"]))
     if path == "whole":
         drop_index(w.repo, w.repo_dir, r.target_path)
-    before = _trusted(w)
+    before = trusted(w)
     with pytest.MonkeyPatch.context() as mp:
         _before_decrypt(mp, act)
         with pytest.raises(Exception) as ei:
             w.update()
     first = f"{type(ei.value).__name__}: {ei.value}"
-    assert _trusted(w) == before
+    assert trusted(w) == before
     rejected = _rejections(w)
     result = w.update()
     assert w.active_version() == "1.0.0", (
@@ -185,7 +171,7 @@ def test_staged_file_swapped_for_a_hard_link_before_decryption(
     slot_model = (w.state / "current" / "model.onnx").resolve()
     plain = slot_model.read_bytes()
     w.repo.publish(_build(w, fleet, "1.1.0", ["dev-1"], changed_rows=16))
-    before = _trusted(w)
+    before = trusted(w)
 
     def link(incoming: Path) -> None:
         import os
@@ -199,7 +185,7 @@ def test_staged_file_swapped_for_a_hard_link_before_decryption(
         _before_decrypt(mp, link)
         with pytest.raises(StagingError):
             w.update()
-    assert slot_model.read_bytes() == plain and _trusted(w) == before
+    assert slot_model.read_bytes() == plain and trusted(w) == before
     assert _rejections(w) == []
     w.update()
     assert w.active_version() == "1.1.0"
@@ -230,7 +216,7 @@ def test_an_attempt_killed_after_decryption_is_not_retried_forever(
         mp.setattr(Stage, "discard", lambda self: None)
         with pytest.raises(KeyboardInterrupt):
             w.update()
-    leftover = _holds(w.state / "staging", _needle())
+    leftover = holds(w.state / "staging", plain_pattern())
     outcomes = []
     for _ in range(2):
         try:
@@ -258,7 +244,7 @@ def test_a_non_recipient_is_refused_before_the_bundle_is_fetched_even_without_in
     w.repo.publish(_build(w, fleet, "1.0.0", ["dev-2"]))
     for p in (w.repo_dir / "targets" / "classifier").glob("*.chunks*"):
         p.unlink()  # (the origin "lost" it)
-    before = _trusted(w)
+    before = trusted(w)
     copied: list[str] = []
     real = _bundle_mod._copy_member
 
@@ -269,7 +255,7 @@ def test_a_non_recipient_is_refused_before_the_bundle_is_fetched_even_without_in
     monkeypatch.setattr(_bundle_mod, "_copy_member", spy)
     with pytest.raises(NotARecipientError):
         w.update()
-    assert _trusted(w) == before
+    assert trusted(w) == before
     assert _bundle_gets(w, "1.0.0") <= 1
     assert copied == []  # refused at the manifest: no member read
 
@@ -311,17 +297,17 @@ def test_revoked_device_with_its_old_key_opens_nothing_new(world: World) -> None
     w.repo.publish(b1)
     w.update()
     assert w.active_version() == "1.0.0"
-    needle = _needle()
+    needle = plain_pattern()
     for d in ("chunks", "staging"):
-        assert not _holds(w.state / d, needle), d
-    assert not _holds(w.repo_dir, needle)
+        assert not holds(w.state / d, needle), d
+    assert not holds(w.repo_dir, needle)
     old = _real_unlock(w, b1)
     b2 = _build(w, fleet, "1.1.0", ["dev-2"], changed_rows=16)
     w.repo.publish(b2)
-    before = _trusted(w)
+    before = trusted(w)
     with pytest.raises(NotARecipientError):
         w.update()
-    assert _trusted(w) == before and w.active_version() == "1.0.0"
+    assert trusted(w) == before and w.active_version() == "1.0.0"
     served = next((w.repo_dir / "targets" / "classifier").glob("*.classifier-1.1.0.tar"))
     with pytest.raises(DecryptionError):
         open_bundle(served, old)
@@ -387,14 +373,14 @@ def test_an_ephemeral_key_off_the_curve_is_the_release_s_fault(
     b = _build(w, fleet, "1.0.0", ["dev-1"])
     data = edit(b, manifest=mutate)
     sign_raw(w.repo_dir, w.keys, PASSPHRASE, data, "1.0.0", index=index)
-    before = _trusted(w)
+    before = trusted(w)
     errors = []
     for _ in range(2):
         try:
             w.update()
         except Exception as e:  # noqa: BLE001 - recorded
             errors.append(e)
-    assert _trusted(w) == before
+    assert trusted(w) == before
     first = errors[0] if errors else None
     gets = _bundle_gets(w, "1.0.0")
     assert isinstance(first, EncryptionRefusedError | BundleFormatError) and \
@@ -416,14 +402,14 @@ def test_a_signed_table_over_32_mib_is_refused_once_not_at_every_poll(world: Wor
     padded = raw[:-1] + b" " * (MAX_TABLE_BYTES + 10 - len(raw)) + b"}"
     data = edit(b, files={"encryption.json": padded})
     sign_raw(w.repo_dir, w.keys, PASSPHRASE, data, "1.0.0")
-    before = _trusted(w)
+    before = trusted(w)
     errors = []
     for _ in range(2):
         try:
             w.update()
         except Exception as e:  # noqa: BLE001
             errors.append(f"{type(e).__name__}: {e}")
-    assert _trusted(w) == before
+    assert trusted(w) == before
     assert _bundle_gets(w, "1.0.0") == 1 and _rejections(w), (
         f"{_bundle_gets(w, '1.0.0')} whole downloads of a 32 MiB+ bundle in 2 polls; "
         f"errors {errors}; remembered {_rejections(w)}")
@@ -511,15 +497,15 @@ def test_a_thief_s_signed_bundle_is_refused_typed_with_state_unchanged(
             orig = next(d for i, d in members(b) if i.name == "encryption.json")
             mp.setattr(ch, "parse_table", lambda _d, *a, **k: real(orig, *a, **k))
         sign_raw(w.repo_dir, w.keys, PASSPHRASE, data, "1.0.0", index=index)
-    before = _trusted(w)
+    before = trusted(w)
     if want is None:
         w.update()
         assert w.active_version() == "1.0.0"
         return
     with pytest.raises(want):
         w.update()
-    assert _trusted(w) == before
-    assert not _holds(w.state / "slots", _needle())
+    assert trusted(w) == before
+    assert not holds(w.state / "slots", plain_pattern())
     assert not (w.state / "staging").exists() or not list((w.state / "staging").iterdir())
 
 
@@ -533,14 +519,14 @@ def test_a_delta_from_held_plaintext_chunks_stages_only_ciphertext(world: World)
     w.repo.publish(_build(w, fleet, "1.0.0", ["dev-1"]))
     w.update()
     w.repo.publish(_build(w, fleet, "1.1.0", ["dev-1"], changed_rows=16))
-    needle = _needle()
+    needle = plain_pattern()
     seen: list[list[str]] = []
     with pytest.MonkeyPatch.context() as mp:
-        _before_decrypt(mp, lambda inc: seen.append(_holds(w.state / "staging", needle)))
+        _before_decrypt(mp, lambda inc: seen.append(holds(w.state / "staging", needle)))
         w.update()
     assert w.active_version() == "1.1.0"
     assert seen == [[]]
     assert (w.state / "current" / "model.onnx").read_bytes() == (
         w.builds / "big-1.1.0.onnx").read_bytes()
-    assert not _holds(w.state / "chunks", needle)
-    assert not _holds(w.repo_dir, needle)
+    assert not holds(w.state / "chunks", needle)
+    assert not holds(w.repo_dir, needle)

@@ -14,26 +14,9 @@ from modelward.publisher._encrypt import content_key
 from modelward.simulator._fleet import enroll_device
 from modelward.updater.errors import NotARecipientError
 from modelward.updater.install import _install
-from tests._a19_enc import build_enc, enroll_soft
+from tests._a19_enc import build_enc, enroll_soft, holds, plain_pattern, trusted
 from tests.conftest import World
-from tests.integration._i16_delta import IN_DIM, OUT_DIM, big_model, drop_index
-
-
-def _needle(seed: int = 1) -> bytes:
-    import numpy as np
-
-    w = np.random.default_rng(seed).standard_normal((IN_DIM, OUT_DIM)).astype(np.float32)
-    return bytes(w[IN_DIM // 2].tobytes()[:256])
-
-
-def _holds(root: Path, needle: bytes) -> list[str]:
-    return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink()
-            and needle in p.read_bytes()]
-
-
-def _trusted(w: World) -> tuple[object, ...]:
-    s = w.snapshot()
-    return s.record, s.counter, s.anchor, s.current, s.slots
+from tests.integration._i16_delta import big_model, drop_index
 
 
 def _crash_after_decryption(w: World) -> None:
@@ -73,20 +56,20 @@ def test_plaintext_of_a_crashed_attempt_goes_when_the_device_is_revoked(
     if path == "whole":
         drop_index(w.repo, w.repo_dir, r.target_path)
     _crash_after_decryption(w)
-    assert _holds(w.state / "staging", _needle())  # (the precondition: plaintext there)
-    before = _trusted(w)
+    assert holds(w.state / "staging", plain_pattern())  # (the precondition: plaintext there)
+    before = trusted(w)
     w.repo.publish(build_enc(big_model(w.builds / "big-2.onnx", changed_rows=16),
                              w.builds / "c-2.tar", content_key(fleet, "classifier",
                                                                ["dev-2"]), "1.1.0"))
     with pytest.raises(NotARecipientError):
         w.update()
-    assert _trusted(w) == before
-    assert not _holds(w.state / "staging", _needle())
+    assert trusted(w) == before
+    assert not holds(w.state / "staging", plain_pattern())
     # (1.1.0 remembered as refused, the device takes 1.0.0, still signed for it: what it
     # was sent before the revocation stays its own; downloaded again, not from staging/)
     w.update()
     assert w.active_version() == "1.0.0"
-    assert not _holds(w.state / "staging", _needle())
+    assert not holds(w.state / "staging", plain_pattern())
 
 
 def test_an_attempt_after_a_crash_after_decryption_still_installs(
@@ -102,4 +85,4 @@ def test_an_attempt_after_a_crash_after_decryption_still_installs(
     _crash_after_decryption(w)
     w.update()
     assert w.active_version() == "1.0.0"
-    assert not _holds(w.state / "staging", _needle())
+    assert not holds(w.state / "staging", plain_pattern())
